@@ -1,0 +1,153 @@
+/**
+ * Opening an image together with its backing chain. Each backing name is resolved against the
+ * image that names it; the format an image records for its backing file is used as given (never
+ * probed over); chains that loop or run deeper than a limit are refused.
+ */
+import type { BlockDevice, CreateOptions, OpenOptions } from '../core/block-device.js';
+import { QcowError, withFile } from '../core/errors.js';
+import type { FormatRegistry } from '../core/registry.js';
+import type { ByteStore, StoreOpener } from '../storage/types.js';
+
+export interface OpenImageOptions {
+  /** The format to open it as; probed from the first bytes when absent. */
+  format?: string;
+  readOnly?: boolean;
+  /** Password for an encrypted image (also tried for encrypted backing images). */
+  password?: string;
+  /** Open an internal snapshot (qcow2), read-only. */
+  snapshot?: string;
+  /** Do not open backing files: unallocated ranges read as zeros (qemu-img's -u / `backing: null`). */
+  noBacking?: boolean;
+  /** Longest chain accepted, counting the top image. */
+  maxDepth?: number;
+  /** Refuse backing and data files outside the folder of the image that names them. */
+  confineToFolder?: boolean;
+  /**
+   * When an image does not record its backing file's format (always so in qcow v1), QEMU probes
+   * it, and so do we by default. Set this for untrusted images: such backing files are then opened
+   * as raw, so bytes a guest wrote can never be taken for an image header that names other files.
+   */
+  rawUnnamedBackingFormats?: boolean;
+  cacheBytes?: number;
+  inspectOnly?: boolean;
+  opener: StoreOpener;
+  formats: FormatRegistry;
+}
+
+export const DEFAULT_MAX_CHAIN_DEPTH = 64;
+
+export async function openImage(name: string, options: OpenImageOptions): Promise<BlockDevice> {
+  return openLayer(name, options, options.format, 0, new Set());
+}
+
+async function openLayer(name: string, options: OpenImageOptions, format: string | undefined, depth: number, seen: Set<string>): Promise<BlockDevice> {
+  const maxDepth = options.maxDepth ?? DEFAULT_MAX_CHAIN_DEPTH;
+  if (depth >= maxDepth) throw new QcowError('QCOW_UNSUPPORTED', `backing chain is deeper than ${maxDepth} images`, { file: name });
+  if (seen.has(name)) throw new QcowError('QCOW_CORRUPT', 'backing chain loops back to this image', { file: name });
+  seen.add(name);
+  const readOnly = depth > 0 || (options.readOnly ?? false) || options.snapshot !== undefined;
+  const store = await options.opener.open(name, { readOnly });
+  try {
+    const fmt = format !== undefined ? options.formats.get(format) : await probeFormat(store, options, depth);
+    const openOptions: OpenOptions = {
+      readOnly,
+      password: options.password,
+      snapshot: depth === 0 ? options.snapshot : undefined,
+      cacheBytes: options.cacheBytes,
+      inspectOnly: options.inspectOnly,
+      openFile: (fileName, o) => options.opener.open(resolveNamed(fileName, name, options), o),
+    };
+    if (!options.noBacking) {
+      openOptions.openBacking = (backingName, backingFormat) =>
+        openLayer(resolveNamed(backingName, name, options), options, backingFormat, depth + 1, seen).catch((e) => {
+          throw backingError(e, name, backingName);
+        });
+    }
+    return await fmt.open(store, openOptions);
+  } catch (e) {
+    await store.close().catch(() => undefined);
+    throw withFile(e, name);
+  }
+}
+
+async function probeFormat(store: ByteStore, options: OpenImageOptions, depth: number) {
+  const head = new Uint8Array(512);
+  await store.read(0, head);
+  const fmt = options.formats.probe(head);
+  // A backing file with no recorded format could be a raw disk whose guest wrote an image header;
+  // taking it for an image would let the guest make us open any file it names.
+  if (depth > 0 && fmt.name !== 'raw' && options.rawUnnamedBackingFormats) return options.formats.get('raw');
+  return fmt;
+}
+
+function resolveNamed(name: string, relativeTo: string, options: OpenImageOptions): string {
+  const resolved = options.opener.resolve(name, relativeTo);
+  if (options.confineToFolder) {
+    const folder = options.opener.resolve('.', relativeTo);
+    const prefix = folder.endsWith('/') ? folder : folder + '/';
+    if (!resolved.startsWith(prefix)) {
+      throw new QcowError('QCOW_UNSUPPORTED', `refusing '${name}': it is outside the image's folder`, { file: relativeTo });
+    }
+  }
+  return resolved;
+}
+
+function backingError(e: unknown, image: string, backingName: string): unknown {
+  if (e instanceof QcowError && e.code === 'QCOW_NOT_FOUND') {
+    return new QcowError('QCOW_NOT_FOUND', `Could not open backing file '${backingName}': No such file or directory`, { file: image, cause: e });
+  }
+  return e;
+}
+
+/** The devices of a chain, top first. */
+export function chainOf(dev: BlockDevice): BlockDevice[] {
+  const out: BlockDevice[] = [];
+  for (let d: BlockDevice | null = dev; d; d = d.backing) out.push(d);
+  return out;
+}
+
+export interface CreateImageOptions extends Omit<CreateOptions, 'backing' | 'openFile'> {
+  format: string;
+  opener: StoreOpener;
+  formats: FormatRegistry;
+  /** Do not open the backing file to check it (qemu-img create -u); the size must then be given. */
+  unsafe?: boolean;
+  /** Size may be 0 here when a backing file gives it. */
+}
+
+/** Create an empty image; with a backing file, check that it opens and take its size when none is given. */
+export async function createImage(name: string, options: CreateImageOptions): Promise<void> {
+  const fmt = options.formats.get(options.format);
+  let backing: BlockDevice | undefined;
+  try {
+    if (options.backingFile && !options.unsafe) {
+      if (!options.backingFormat) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Backing file specified without backing format (use -F)');
+      backing = await openImage(options.opener.resolve(options.backingFile, name), {
+        format: options.backingFormat,
+        readOnly: true,
+        opener: options.opener,
+        formats: options.formats,
+        password: options.password,
+      }).catch((e) => {
+        throw new QcowError('QCOW_NOT_FOUND', `Could not open backing image '${options.backingFile}': ${(e as Error).message}`, { cause: e });
+      });
+    }
+    const size = options.size > 0 || !backing ? options.size : backing.size;
+    const store = await options.opener.open(name, { readOnly: false, create: true });
+    try {
+      await fmt.create(store, {
+        ...options,
+        size,
+        backing,
+        openFile: (fileName, o) => options.opener.open(options.opener.resolve(fileName, name), o),
+      });
+      await store.flush();
+    } finally {
+      await store.close();
+    }
+  } catch (e) {
+    throw withFile(e, name);
+  } finally {
+    await backing?.close();
+  }
+}

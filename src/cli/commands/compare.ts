@@ -1,0 +1,46 @@
+import type { BlockDevice } from '../../core/block-device.js';
+import { compareImages } from '../../ops/compare.js';
+import { errorLine, openForCli, progressBar } from '../common.js';
+
+interface Flags {
+  format?: string;
+  secondFormat?: string;
+  strict?: boolean;
+  progress?: boolean;
+  quiet?: boolean;
+  passwordFile?: string;
+  secondPasswordFile?: string;
+}
+
+/** Exit 0: identical; 1: different; 2: error (qemu-img's codes). */
+export async function run(a: string, b: string, flags: Flags): Promise<number> {
+  let da: BlockDevice | undefined;
+  let db: BlockDevice | undefined;
+  try {
+    da = await openForCli(a, { format: flags.format, passwordFile: flags.passwordFile }, { readOnly: true });
+    db = await openForCli(b, { format: flags.secondFormat, passwordFile: flags.secondPasswordFile ?? flags.passwordFile }, { readOnly: true });
+    const bar = progressBar(!!flags.progress && !flags.quiet);
+    const r = await compareImages(da, db, { strict: flags.strict, onProgress: bar });
+    bar.finish();
+    const say = (s: string) => {
+      if (!flags.quiet) process.stdout.write(s + '\n');
+    };
+    if (r.identical) {
+      if (r.sizeMismatch) say('Warning: Image size mismatch!');
+      say('Images are identical.');
+      return 0;
+    }
+    if (r.reason === 'size') say('Strict mode: Image size mismatch!');
+    else {
+      if (r.sizeMismatch) say('Warning: Image size mismatch!');
+      say(r.reason === 'allocation' ? `Strict mode: Offset ${r.offset} block status mismatch!` : `Content mismatch at offset ${r.offset}!`);
+    }
+    return 1;
+  } catch (e) {
+    process.stderr.write(errorLine(e) + '\n');
+    return 2;
+  } finally {
+    await da?.close();
+    await db?.close();
+  }
+}

@@ -1,0 +1,131 @@
+#!/usr/bin/env node
+/**
+ * `qcow`: a qemu-img-like command line. Each command's code is imported only when it runs, so
+ * start-up stays light. Every failure ends as one line on stderr and a non-zero exit status.
+ */
+import { Command, CommanderError, Option } from 'commander';
+import { collect, errorLine, exitCodeFor } from './common.js';
+
+const program = new Command();
+program
+  .name('qcow')
+  .description('QCOW/QCOW2 disk image tool: a TypeScript qemu-img and qemu-nbd')
+  .version(process.env.npm_package_version ?? '0.1.0')
+  .showHelpAfterError(false)
+  .exitOverride()
+  .configureOutput({ outputError: () => undefined });
+
+const lazy =
+  (mod: string) =>
+  async (...args: unknown[]): Promise<void> => {
+    const m = (await import(`./commands/${mod}.js`)) as { run: (...a: unknown[]) => Promise<number | void> };
+    const code = await m.run(...args);
+    if (typeof code === 'number') process.exitCode = code;
+  };
+
+const fmt = () => new Option('-f, --format <fmt>', 'image format (probed when not given)');
+const pw = () => new Option('--password-file <file>', 'file holding the password of an encrypted image');
+const out = () => new Option('--output <fmt>', 'output format: human or json').default('human');
+
+program
+  .command('info')
+  .description('show what an image is')
+  .addOption(fmt())
+  .addOption(pw())
+  .addOption(out())
+  .option('--backing-chain', 'show every image of the backing chain')
+  .option('-U, --force-share', 'accepted for qemu-img compatibility')
+  .argument('<file>')
+  .action(lazy('info'));
+
+program
+  .command('create')
+  .description('create an image')
+  .requiredOption('-f, --format <fmt>', 'image format')
+  .option('-o, --options <list>', 'format options, key=value[,key=value...]', collect)
+  .option('-b, --backing <file>', 'backing file')
+  .option('-F, --backing-format <fmt>', 'backing file format (required with -b)')
+  .option('-u, --unsafe', 'do not open the backing file (the size must be given)')
+  .option('-q, --quiet', 'print nothing')
+  .addOption(pw())
+  .argument('<file>')
+  .argument('[size]')
+  .action(lazy('create'));
+
+program
+  .command('convert')
+  .description('convert images to another format (several sources are concatenated)')
+  .addOption(fmt())
+  .option('-O, --output-format <fmt>', 'target format', 'raw')
+  .option('-o, --options <list>', 'target format options', collect)
+  .option('-B, --backing <file>', 'target backing file: write only what differs from it')
+  .option('-F, --backing-format <fmt>', 'format of the target backing file')
+  .option('-c, --compress', 'compress the target clusters')
+  .option('-n, --no-create', 'write into an existing target')
+  .option('-S, --sparse-size <size>', 'shortest run of zeros kept sparse (0: allocate everything)', '4k')
+  .option('-l, --snapshot <name>', 'read an internal snapshot of the source (NAME or snapshot.name=NAME)')
+  .option('-p, --progress', 'show progress')
+  .option('-q, --quiet', 'print nothing')
+  .option('-m, --parallel <n>', 'chunks in flight at once', '8')
+  .option('-W', 'accepted for qemu-img compatibility (writes may always complete out of order)')
+  .option('-U, --force-share', 'accepted for qemu-img compatibility')
+  .addOption(pw())
+  .option('--target-password-file <file>', 'password for an encrypted target')
+  .argument('<files...>', 'sources, then the target')
+  .action(lazy('convert'));
+
+program
+  .command('compare')
+  .description('compare the guest content of two images (exit 0 same, 1 different, 2 error)')
+  .option('-f, --format <fmt>', 'format of the first image')
+  .option('-F, --second-format <fmt>', 'format of the second image')
+  .option('-s, --strict', 'fail on size or allocation differences')
+  .option('-p, --progress', 'show progress')
+  .option('-q, --quiet', 'print nothing')
+  .option('-U, --force-share', 'accepted for qemu-img compatibility')
+  .addOption(pw())
+  .option('--second-password-file <file>', 'password of the second image')
+  .argument('<a>')
+  .argument('<b>')
+  .action(lazy('compare'));
+
+program
+  .command('map')
+  .description('show the allocation of an image and its backing chain')
+  .addOption(fmt())
+  .addOption(pw())
+  .addOption(out())
+  .option('--start-offset <offset>', 'first byte to map')
+  .option('--max-length <len>', 'bytes to map')
+  .option('-U, --force-share', 'accepted for qemu-img compatibility')
+  .argument('<file>')
+  .action(lazy('map'));
+
+program
+  .command('io')
+  .description('run qemu-io style commands on an image: read, write, discard, flush, map')
+  .addOption(fmt())
+  .addOption(pw())
+  .option('-c, --cmd <command>', 'a command (repeatable, run in order)', collect)
+  .option('-r, --read-only', 'open read-only')
+  .option('-U, --force-share', 'accepted for qemu-io compatibility')
+  .argument('<file>')
+  .action(lazy('io'));
+
+async function main(): Promise<void> {
+  try {
+    await program.parseAsync(process.argv);
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return;
+      process.stderr.write(`qcow: ${e.message.replace(/^error: /, '')}\n`);
+      process.exitCode = 1;
+      return;
+    }
+    process.stderr.write(errorLine(e) + '\n');
+    if (process.env.QCOW_DEBUG) process.stderr.write(String((e as Error)?.stack) + '\n');
+    process.exitCode = exitCodeFor(e);
+  }
+}
+
+await main();

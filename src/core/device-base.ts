@@ -1,0 +1,147 @@
+/**
+ * Shared behaviour of every format driver: argument checks, read-only enforcement, reads that
+ * fall through to a (possibly shorter) backing device, and disposal. Formats extend it and fill in
+ * the `do*` methods; the public methods stay uniform.
+ */
+import type { BlockDevice, BlockExtent, ImageDescription, WriteOptions, ZeroOptions } from './block-device.js';
+import type { ByteStore } from '../storage/types.js';
+import { QcowError } from './errors.js';
+
+const ZERO_CHUNK = 1 << 20;
+
+export abstract class DeviceBase implements BlockDevice {
+  abstract readonly format: string;
+  abstract readonly clusterSize: number;
+  readonly filename: string;
+  readonly store: ByteStore;
+  size: number;
+  readOnly: boolean;
+  backing: BlockDevice | null = null;
+  private closed = false;
+
+  protected constructor(store: ByteStore, size: number, readOnly: boolean) {
+    this.store = store;
+    this.filename = store.name;
+    this.size = size;
+    this.readOnly = readOnly;
+  }
+
+  protected abstract doRead(offset: number, into: Uint8Array): Promise<void>;
+  protected abstract doWrite(offset: number, data: Uint8Array, options: WriteOptions): Promise<void>;
+  protected abstract doBlockStatus(offset: number, length: number): Promise<BlockExtent[]>;
+  abstract describe(): Promise<ImageDescription>;
+  abstract flush(): Promise<void>;
+  /** Release what the format holds (caches, its store). The backing device is closed by close(). */
+  protected abstract doClose(): Promise<void>;
+
+  /** Default: write zero-filled buffers. Formats with zero flags or holes override it. */
+  protected async doWriteZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
+    if (options.fastOnly) throw new QcowError('QCOW_UNSUPPORTED', `${this.format}: fast zeroing is not supported`);
+    const zeros = new Uint8Array(Math.min(length, ZERO_CHUNK));
+    for (let done = 0; done < length; ) {
+      const n = Math.min(zeros.length, length - done);
+      await this.doWrite(offset + done, n === zeros.length ? zeros : zeros.subarray(0, n), options);
+      done += n;
+    }
+  }
+
+  /** Default: discard is only a hint, so doing nothing is correct. */
+  protected async doDiscard(_offset: number, _length: number): Promise<void> {}
+
+  async read(offset: number, into: Uint8Array): Promise<void> {
+    this.checkRequest(offset, into.length);
+    if (into.length === 0) return;
+    await this.doRead(offset, into);
+  }
+
+  async write(offset: number, data: Uint8Array, options: WriteOptions = {}): Promise<void> {
+    this.checkWritable();
+    this.checkRequest(offset, data.length);
+    if (data.length === 0) return;
+    await this.doWrite(offset, data, options);
+    if (options.fua) await this.flush();
+  }
+
+  async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
+    this.checkWritable();
+    this.checkRequest(offset, length);
+    if (length === 0) return;
+    await this.doWriteZeroes(offset, length, options);
+    if (options.fua) await this.flush();
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkWritable();
+    this.checkRequest(offset, length);
+    if (length === 0) return;
+    await this.doDiscard(offset, length);
+  }
+
+  async blockStatus(offset: number, length: number): Promise<BlockExtent[]> {
+    this.checkRequest(offset, length);
+    if (length === 0) return [];
+    return mergeExtents(await this.doBlockStatus(offset, length));
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      await this.doClose();
+    } finally {
+      await this.backing?.close();
+    }
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+
+  /** Read guest bytes from the backing device; past its end (or without one) they are zeros. */
+  protected async readBacking(offset: number, into: Uint8Array): Promise<void> {
+    const b = this.backing;
+    const n = b ? Math.max(0, Math.min(into.length, b.size - offset)) : 0;
+    if (n > 0) await b!.read(offset, n === into.length ? into : into.subarray(0, n));
+    if (n < into.length) into.fill(0, n);
+  }
+
+  protected checkWritable(): void {
+    if (this.readOnly) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.filename });
+  }
+
+  protected checkRequest(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid request: offset ${offset}, length ${length}`, { file: this.filename });
+    }
+    if (offset + length > this.size) {
+      throw new QcowError('QCOW_OUT_OF_RANGE', `request [${offset}, +${length}) is beyond the end of the device (${this.size} bytes)`, {
+        file: this.filename,
+      });
+    }
+  }
+}
+
+/** Join neighbouring extents whose state is the same and whose host offsets run on. */
+export function mergeExtents(list: BlockExtent[]): BlockExtent[] {
+  const out: BlockExtent[] = [];
+  for (const e of list) {
+    if (e.length === 0) continue;
+    const last = out[out.length - 1];
+    if (
+      last &&
+      last.offset + last.length === e.offset &&
+      last.allocated === e.allocated &&
+      last.zero === e.zero &&
+      last.data === e.data &&
+      !!last.compressed === !!e.compressed &&
+      last.hostFile === e.hostFile &&
+      (last.hostOffset === undefined) === (e.hostOffset === undefined) &&
+      (last.hostOffset === undefined || last.hostOffset + last.length === e.hostOffset)
+    ) {
+      last.length += e.length;
+    } else {
+      out.push({ ...e });
+    }
+  }
+  return out;
+}

@@ -1,0 +1,60 @@
+/**
+ * One error class for everything the library reports on purpose. `code` is stable and meant for
+ * programs; `message` is one line meant for people. The CLI prints `qcow: <file>: <message>` and
+ * maps the code to an exit status, so nothing user-facing ever needs a stack trace.
+ */
+export type QcowErrorCode =
+  | 'QCOW_BAD_MAGIC' // not an image of the expected format
+  | 'QCOW_CORRUPT' // the image contradicts its own format
+  | 'QCOW_UNSUPPORTED' // valid, but uses something we do not implement or QEMU refuses too
+  | 'QCOW_NEED_PASSWORD' // encrypted image opened without a password
+  | 'QCOW_BAD_PASSWORD' // the password does not unlock the image
+  | 'QCOW_READ_ONLY' // a write to something opened or exported read-only
+  | 'QCOW_OUT_OF_RANGE' // a request past the end of the device
+  | 'QCOW_INVALID_ARGUMENT' // the caller asked for something malformed
+  | 'QCOW_NOT_FOUND' // a file (image, backing file, data file) does not exist
+  | 'QCOW_LOCKED' // another writer holds the image
+  | 'QCOW_ABORTED' // an AbortSignal fired
+  | 'QCOW_IO'; // the underlying storage failed
+
+export interface QcowErrorOptions {
+  cause?: unknown;
+  /** The image (path or URL) the error is about, when known. */
+  file?: string;
+}
+
+export class QcowError extends Error {
+  override readonly name = 'QcowError';
+  readonly code: QcowErrorCode;
+  file: string | undefined;
+
+  constructor(code: QcowErrorCode, message: string, options: QcowErrorOptions = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.code = code;
+    this.file = options.file;
+  }
+}
+
+export const isQcowError = (e: unknown): e is QcowError => e instanceof QcowError;
+
+/** Shorthands: the throw sites read as the rule they enforce. */
+export function corrupt(message: string, file?: string): QcowError {
+  return new QcowError('QCOW_CORRUPT', message, { file });
+}
+export function unsupported(message: string, file?: string): QcowError {
+  return new QcowError('QCOW_UNSUPPORTED', message, { file });
+}
+export function invalidArgument(message: string): QcowError {
+  return new QcowError('QCOW_INVALID_ARGUMENT', message);
+}
+
+/** Attach a file name to a QcowError that does not have one yet, and pass anything else through. */
+export function withFile(e: unknown, file: string): unknown {
+  if (e instanceof QcowError && e.file === undefined) e.file = file;
+  return e;
+}
+
+/** Throw QCOW_ABORTED if the signal has fired. Long loops call this between steps. */
+export function throwIfAborted(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw new QcowError('QCOW_ABORTED', 'operation aborted', { cause: signal.reason });
+}

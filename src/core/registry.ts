@@ -1,0 +1,38 @@
+/** The formats a program knows, found by name or by probing an image's first bytes. */
+import type { ImageFormat } from './block-device.js';
+import { QcowError } from './errors.js';
+
+export class FormatRegistry {
+  private readonly byName = new Map<string, ImageFormat>();
+
+  constructor(formats: ImageFormat[]) {
+    for (const f of formats) this.byName.set(f.name, f);
+  }
+
+  names(): string[] {
+    return [...this.byName.keys()];
+  }
+
+  get(name: string): ImageFormat {
+    const f = this.byName.get(name);
+    if (!f) throw new QcowError('QCOW_INVALID_ARGUMENT', `Unknown file format '${name}' (known: ${this.names().join(', ')})`);
+    return f;
+  }
+
+  /**
+   * The format whose magic matches `head` best; `fallback` (raw) when none does. Raw never claims
+   * an image by itself, so a format is only ever guessed from positive evidence.
+   */
+  probe(head: Uint8Array, fallback = 'raw'): ImageFormat {
+    let best: ImageFormat | undefined;
+    let bestScore = 0;
+    for (const f of this.byName.values()) {
+      const s = f.probe(head);
+      if (s > bestScore) {
+        best = f;
+        bestScore = s;
+      }
+    }
+    return best ?? this.get(fallback);
+  }
+}

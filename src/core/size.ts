@@ -1,0 +1,36 @@
+/** Sizes as qemu-img writes them: a number with an optional k/M/G/T/P/E suffix (powers of 1024). */
+import { invalidArgument } from './errors.js';
+
+const UNITS: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
+
+export function parseSize(text: string, what = 'size'): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([bkmgtpe]?)(?:i?b)?\s*$/i.exec(text);
+  if (!m) throw invalidArgument(`invalid ${what} '${text}': expected a number with an optional k, M, G, T suffix`);
+  const value = Number(m[1]) * UNITS[m[2]!.toLowerCase()]!;
+  if (!Number.isSafeInteger(value)) throw invalidArgument(`invalid ${what} '${text}': not a whole number of bytes below 2^53`);
+  return value;
+}
+
+/** Offsets in the qemu-io language: decimal, 0x-hex, or with a size suffix. */
+export function parseOffset(text: string, what = 'offset'): number {
+  if (/^0x[0-9a-f]+$/i.test(text)) {
+    const v = Number.parseInt(text, 16);
+    if (!Number.isSafeInteger(v)) throw invalidArgument(`invalid ${what} '${text}'`);
+    return v;
+  }
+  return parseSize(text, what);
+}
+
+/** Human form as qemu-img prints it ("4 MiB", "1.5 GiB", "512 B"). */
+export function formatSize(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
+  let i = 0;
+  let v = bytes;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  if (i === 0) return `${bytes} B`;
+  const s = v.toFixed(3).replace(/\.?0+$/, '');
+  return `${s} ${units[i]}`;
+}

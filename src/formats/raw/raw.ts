@@ -1,0 +1,78 @@
+/** Raw images: guest offset = file offset. The file's length is the virtual size. */
+import type { BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, WriteOptions, ZeroOptions } from '../../core/block-device.js';
+import { DeviceBase } from '../../core/device-base.js';
+import { QcowError, unsupported } from '../../core/errors.js';
+import type { ByteStore } from '../../storage/types.js';
+
+export class RawDevice extends DeviceBase {
+  readonly format = 'raw';
+  readonly clusterSize = 512;
+
+  constructor(store: ByteStore, size: number, readOnly: boolean) {
+    super(store, size, readOnly);
+  }
+
+  protected async doRead(offset: number, into: Uint8Array): Promise<void> {
+    await this.store.read(offset, into);
+  }
+
+  protected async doWrite(offset: number, data: Uint8Array, _options: WriteOptions): Promise<void> {
+    await this.store.write(offset, data);
+  }
+
+  protected override async doWriteZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
+    await super.doWriteZeroes(offset, length, options);
+  }
+
+  /** Every byte of a raw image is data at its own offset (we cannot see a file's holes from Node). */
+  protected async doBlockStatus(offset: number, length: number): Promise<BlockExtent[]> {
+    return [{ offset, length, allocated: true, zero: false, data: true, hostOffset: offset }];
+  }
+
+  async describe(): Promise<ImageDescription> {
+    return { format: 'raw', virtualSize: this.size };
+  }
+
+  async flush(): Promise<void> {
+    if (!this.readOnly) await this.store.flush();
+  }
+
+  async resize(size: number, options: { shrink?: boolean } = {}): Promise<void> {
+    this.checkWritable();
+    if (size < this.size && !options.shrink) {
+      throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use the --shrink option to perform a shrink operation.', { file: this.filename });
+    }
+    await this.store.truncate(size);
+    this.size = size;
+  }
+
+  protected async doClose(): Promise<void> {
+    await this.store.close();
+  }
+}
+
+export const rawFormat: ImageFormat = {
+  name: 'raw',
+  probe: () => 1, // the fallback: anything is a raw image, with the least confidence
+  async open(store: ByteStore, options: OpenOptions = {}) {
+    return new RawDevice(store, await store.size(), options.readOnly ?? store.readOnly);
+  },
+  async create(store: ByteStore, options: CreateOptions) {
+    if (options.backingFile) throw unsupported("raw images cannot have a backing file ('backing_file' is not an option of raw)");
+    for (const key of Object.keys(options.options ?? {})) {
+      if (key !== 'size' && key !== 'preallocation') throw new QcowError('QCOW_INVALID_ARGUMENT', `Invalid parameter '${key}' for format raw`);
+    }
+    const prealloc = options.options?.preallocation ?? 'off';
+    if (!['off', 'full', 'falloc'].includes(prealloc)) throw new QcowError('QCOW_INVALID_ARGUMENT', `Invalid preallocation mode: '${prealloc}'`);
+    await store.truncate(0);
+    if (prealloc === 'off' || prealloc === 'falloc') {
+      await store.truncate(options.size);
+    } else {
+      const chunk = new Uint8Array(Math.min(options.size, 1 << 20));
+      for (let off = 0; off < options.size; off += chunk.length) {
+        await store.write(off, chunk.subarray(0, Math.min(chunk.length, options.size - off)));
+      }
+    }
+  },
+  createOptions: { size: 'Virtual disk size', preallocation: 'Preallocation mode (allowed values: off, falloc, full)' },
+};

@@ -1,0 +1,14 @@
+/** The browser-safe core: interfaces, formats, chains and operations. Node-only parts: `qcow/node`. */
+export type { BlockDevice, BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, SnapshotInfo, WriteOptions, ZeroOptions } from './core/block-device.js';
+export { DeviceBase, mergeExtents } from './core/device-base.js';
+export { QcowError, isQcowError, type QcowErrorCode } from './core/errors.js';
+export { FormatRegistry } from './core/registry.js';
+export { parseSize, formatSize } from './core/size.js';
+export type { ByteStore, StoreOpener } from './storage/types.js';
+export { MemoryStore } from './storage/memory.js';
+export { openImage as openImageWith, createImage as createImageWith, chainOf, type OpenImageOptions, type CreateImageOptions } from './chain/open.js';
+export { builtinFormats, rawFormat } from './formats/index.js';
+export { convert, type ConvertOptions } from './ops/convert.js';
+export { compareImages, type CompareOptions, type CompareResult } from './ops/compare.js';
+export { mapChain, mapJson, mapHuman, type ChainExtent } from './ops/map.js';
+export { imageInfo, chainInfo, infoHuman, type ImageInfoJson } from './ops/info.js';

@@ -1,0 +1,106 @@
+/**
+ * Allocation across a whole backing chain, as `qemu-img map` reports it: for each range, the
+ * depth of the first layer that decides its content, whether anything in the chain does
+ * (present), and whether it reads as zeros. Layers are queried in windows and their answers kept
+ * until passed, so walking a large sparse image costs a handful of calls per layer.
+ */
+import type { BlockDevice, BlockExtent } from '../core/block-device.js';
+import { chainOf } from '../chain/open.js';
+
+export interface ChainExtent {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  offset?: number;
+  /** The file that `offset` points into. */
+  filename?: string;
+  compressed?: boolean;
+}
+
+const WINDOW = 2 ** 30;
+
+class LayerCursor {
+  private cache: BlockExtent[] = [];
+  constructor(readonly dev: BlockDevice) {}
+
+  async at(offset: number): Promise<BlockExtent> {
+    let hit = this.find(offset);
+    if (!hit) {
+      const len = Math.min(WINDOW, this.dev.size - offset);
+      this.cache = await this.dev.blockStatus(offset, len);
+      hit = this.find(offset);
+      if (!hit) throw new Error(`block status of ${this.dev.filename} did not cover offset ${offset}`);
+    }
+    return hit;
+  }
+
+  private find(offset: number): BlockExtent | undefined {
+    // Extents come in order and callers move forward, so drop what is behind.
+    while (this.cache.length && this.cache[0]!.offset + this.cache[0]!.length <= offset) this.cache.shift();
+    const e = this.cache[0];
+    return e && e.offset <= offset ? e : undefined;
+  }
+}
+
+export class ChainStatus {
+  private readonly layers: LayerCursor[];
+  readonly size: number;
+
+  constructor(top: BlockDevice) {
+    this.layers = chainOf(top).map((d) => new LayerCursor(d));
+    this.size = top.size;
+  }
+
+  /** The status of the longest run starting at `offset`, at most `maxLength` bytes. */
+  async at(offset: number, maxLength: number): Promise<ChainExtent> {
+    let length = Math.min(maxLength, this.size - offset);
+    for (let depth = 0; depth < this.layers.length; depth++) {
+      const layer = this.layers[depth]!;
+      if (offset >= layer.dev.size) {
+        return { start: offset, length, depth: depth - 1, present: false, zero: true, data: false };
+      }
+      // The backing layer only covers up to its own size.
+      length = Math.min(length, layer.dev.size - offset);
+      const e = await layer.at(offset);
+      length = Math.min(length, e.offset + e.length - offset);
+      if (e.allocated) {
+        const out: ChainExtent = { start: offset, length, depth, present: true, zero: e.zero, data: e.data };
+        if (e.hostOffset !== undefined) {
+          out.offset = e.hostOffset + (offset - e.offset);
+          out.filename = e.hostFile ?? layer.dev.filename;
+        }
+        if (e.compressed) out.compressed = true;
+        return out;
+      }
+    }
+    return { start: offset, length, depth: this.layers.length - 1, present: false, zero: true, data: false };
+  }
+}
+
+/** Every extent of the chain from `start` to `end`, merged as qemu-img map merges them. */
+export async function* mapChain(top: BlockDevice, start = 0, end = top.size, signal?: AbortSignal): AsyncGenerator<ChainExtent> {
+  const status = new ChainStatus(top);
+  let pending: ChainExtent | undefined;
+  for (let off = start; off < end; ) {
+    signal?.throwIfAborted();
+    const e = await status.at(off, end - off);
+    off += e.length;
+    if (pending && canMerge(pending, e)) {
+      pending.length += e.length;
+      continue;
+    }
+    if (pending) yield pending;
+    pending = e;
+  }
+  if (pending) yield pending;
+}
+
+function canMerge(a: ChainExtent, b: ChainExtent): boolean {
+  if (a.depth !== b.depth || a.present !== b.present || a.zero !== b.zero || a.data !== b.data) return false;
+  if ((a.offset === undefined) !== (b.offset === undefined)) return false;
+  if (!!a.compressed !== !!b.compressed) return false;
+  return a.offset === undefined || (a.offset + a.length === b.offset && a.filename === b.filename);
+}

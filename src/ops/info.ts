@@ -1,0 +1,121 @@
+/** `qemu-img info`: what an image is, with qemu-img's JSON keys and its human layout. */
+import type { BlockDevice, SnapshotInfo } from '../core/block-device.js';
+import { chainOf } from '../chain/open.js';
+import { formatSize } from '../core/size.js';
+
+export interface ImageInfoJson {
+  filename: string;
+  format: string;
+  'virtual-size': number;
+  'actual-size'?: number;
+  'cluster-size'?: number;
+  encrypted?: boolean;
+  'backing-filename'?: string;
+  'full-backing-filename'?: string;
+  'backing-filename-format'?: string;
+  snapshots?: Record<string, unknown>[];
+  'format-specific'?: { type: string; data: Record<string, unknown> };
+  'dirty-flag': boolean;
+}
+
+export async function imageInfo(dev: BlockDevice): Promise<ImageInfoJson> {
+  const d = await dev.describe();
+  const info: ImageInfoJson = { filename: dev.filename, format: d.format, 'virtual-size': d.virtualSize, 'dirty-flag': d.dirty ?? false };
+  const actual = dev.store.allocatedSize ? await dev.store.allocatedSize() : undefined;
+  if (actual !== undefined) info['actual-size'] = actual;
+  if (d.clusterSize !== undefined) info['cluster-size'] = d.clusterSize;
+  if (d.encrypted) info.encrypted = true;
+  if (d.backingFilename !== undefined) {
+    info['backing-filename'] = d.backingFilename;
+    if (dev.backing) info['full-backing-filename'] = dev.backing.filename;
+    if (d.backingFormat !== undefined) info['backing-filename-format'] = d.backingFormat;
+  }
+  if (d.snapshots?.length) info.snapshots = d.snapshots.map(snapshotJson);
+  if (d.formatSpecific) info['format-specific'] = d.formatSpecific;
+  return info;
+}
+
+export async function chainInfo(dev: BlockDevice): Promise<ImageInfoJson[]> {
+  const out: ImageInfoJson[] = [];
+  for (const layer of chainOf(dev)) out.push(await imageInfo(layer));
+  return out;
+}
+
+function snapshotJson(s: SnapshotInfo): Record<string, unknown> {
+  const o: Record<string, unknown> = {
+    id: s.id,
+    name: s.name,
+    'vm-state-size': s.vmStateSize,
+    'date-sec': s.dateSec,
+    'date-nsec': s.dateNsec,
+    'vm-clock-sec': Math.floor(s.vmClockNsec / 1e9),
+    'vm-clock-nsec': s.vmClockNsec % 1e9,
+  };
+  if (s.icount !== undefined) o.icount = s.icount;
+  return o;
+}
+
+/** qemu-img's human layout. */
+export function infoHuman(info: ImageInfoJson): string {
+  const lines = [
+    `image: ${info.filename}`,
+    `file format: ${info.format}`,
+    `virtual size: ${formatSize(info['virtual-size'])} (${info['virtual-size']} bytes)`,
+  ];
+  if (info['actual-size'] !== undefined) lines.push(`disk size: ${formatSize(info['actual-size']).replace(/(\.\d)\d+/, '$1')}`);
+  if (info.encrypted) lines.push('encrypted: yes');
+  if (info['cluster-size'] !== undefined) lines.push(`cluster_size: ${info['cluster-size']}`);
+  if (info['backing-filename'] !== undefined) {
+    const full = info['full-backing-filename'];
+    lines.push(`backing file: ${info['backing-filename']}${full && full !== info['backing-filename'] ? ` (actual path: ${full})` : ''}`);
+    if (info['backing-filename-format']) lines.push(`backing file format: ${info['backing-filename-format']}`);
+  }
+  if (info.snapshots?.length) {
+    lines.push('Snapshot list:');
+    lines.push(snapshotTable(info.snapshots));
+  }
+  if (info['format-specific']) {
+    lines.push('Format specific information:');
+    lines.push(...nested(info['format-specific'].data, 1));
+  }
+  return lines.join('\n') + '\n';
+}
+
+export function snapshotTable(snaps: Record<string, unknown>[]): string {
+  const rows = ['ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT'];
+  for (const s of snaps) {
+    const date = new Date(Number(s['date-sec']) * 1000);
+    const p2 = (n: number) => String(n).padStart(2, '0');
+    const dateStr = `${date.getFullYear()}-${p2(date.getMonth() + 1)}-${p2(date.getDate())} ${p2(date.getHours())}:${p2(date.getMinutes())}:${p2(date.getSeconds())}`;
+    const clockNs = Number(s['vm-clock-sec']) * 1e9 + Number(s['vm-clock-nsec']);
+    const secs = Math.floor(clockNs / 1e9);
+    const clock = `${p2(Math.floor(secs / 3600))}:${p2(Math.floor(secs / 60) % 60)}:${p2(secs % 60)}.${String(Math.floor((clockNs % 1e9) / 1e6)).padStart(3, '0')}`;
+    const icount = s.icount === undefined ? '' : String(s.icount);
+    rows.push(
+      `${String(s.id).padEnd(10)}${String(s.name).padEnd(18)}${formatSize(Number(s['vm-state-size'])).padStart(7)}${dateStr.padStart(29)}${clock.padStart(13)}${icount.padStart(11)}`,
+    );
+  }
+  return rows.join('\n');
+}
+
+function nested(data: Record<string, unknown>, level: number): string[] {
+  const out: string[] = [];
+  const ind = '    '.repeat(level);
+  for (const [k, v] of Object.entries(data)) {
+    const key = k.replace(/-/g, ' ');
+    if (v !== null && typeof v === 'object' && !Array.isArray(v)) {
+      out.push(`${ind}${key}:`);
+      out.push(...nested(v as Record<string, unknown>, level + 1));
+    } else if (Array.isArray(v)) {
+      out.push(`${ind}${key}:`);
+      for (const item of v) {
+        if (item !== null && typeof item === 'object') {
+          const sub = nested(item as Record<string, unknown>, level + 2);
+          sub[0] = `${'    '.repeat(level + 1)}[${v.indexOf(item)}]:\n${sub[0]}`;
+          out.push(...sub);
+        } else out.push(`${ind}    [${v.indexOf(item)}]: ${String(item)}`);
+      }
+    } else out.push(`${ind}${key}: ${String(v)}`);
+  }
+  return out;
+}

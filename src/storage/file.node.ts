@@ -1,0 +1,101 @@
+/** A local file through node:fs/promises, with positional reads and writes. */
+import { open, stat, type FileHandle } from 'node:fs/promises';
+import { isAbsolute } from 'node:path';
+import type { ByteStore, StoreOpener } from './types.js';
+import { QcowError } from '../core/errors.js';
+
+export class FileStore implements ByteStore {
+  readonly name: string;
+  readonly readOnly: boolean;
+  private readonly fh: FileHandle;
+  private closed = false;
+
+  private constructor(name: string, fh: FileHandle, readOnly: boolean) {
+    this.name = name;
+    this.fh = fh;
+    this.readOnly = readOnly;
+  }
+
+  static async open(path: string, options: { readOnly?: boolean; create?: boolean } = {}): Promise<FileStore> {
+    const readOnly = options.readOnly ?? false;
+    const flags = options.create ? 'w+' : readOnly ? 'r' : 'r+';
+    try {
+      return new FileStore(path, await open(path, flags), readOnly);
+    } catch (e) {
+      throw fsError(e, path);
+    }
+  }
+
+  async size(): Promise<number> {
+    return (await this.fh.stat()).size;
+  }
+
+  async allocatedSize(): Promise<number> {
+    const st = await this.fh.stat();
+    return st.blocks * 512;
+  }
+
+  async read(offset: number, into: Uint8Array): Promise<number> {
+    let done = 0;
+    while (done < into.length) {
+      const { bytesRead } = await this.fh.read(into, done, into.length - done, offset + done);
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    if (done < into.length) into.fill(0, done);
+    return done;
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    if (this.readOnly) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.name });
+    let done = 0;
+    while (done < data.length) {
+      const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done);
+      done += bytesWritten;
+    }
+  }
+
+  async truncate(size: number): Promise<void> {
+    if (this.readOnly) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.name });
+    await this.fh.truncate(size);
+  }
+
+  async flush(): Promise<void> {
+    if (!this.readOnly) await this.fh.datasync();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.fh.close();
+  }
+}
+
+/** Turn an fs error into one line a user can act on. */
+export function fsError(e: unknown, path: string): QcowError {
+  const code = (e as NodeJS.ErrnoException).code;
+  if (code === 'ENOENT') return new QcowError('QCOW_NOT_FOUND', 'No such file or directory', { file: path, cause: e });
+  if (code === 'EACCES' || code === 'EPERM') return new QcowError('QCOW_IO', 'Permission denied', { file: path, cause: e });
+  if (code === 'EISDIR') return new QcowError('QCOW_INVALID_ARGUMENT', 'Is a directory', { file: path, cause: e });
+  return new QcowError('QCOW_IO', (e as Error).message ?? String(e), { file: path, cause: e });
+}
+
+/** Opens files named by images, relative to the naming image's folder. */
+export const fileOpener: StoreOpener = {
+  open: (name, options) => FileStore.open(name, options),
+  // As QEMU's path_combine: keep the naming image's folder as it was written ("a/top.qcow2" names
+  // "base" as "a/base"), so messages and info show the same paths qemu-img does.
+  resolve: (name, relativeTo) => {
+    if (isAbsolute(name)) return name;
+    const slash = relativeTo.lastIndexOf('/');
+    return slash < 0 ? name : relativeTo.slice(0, slash + 1) + name;
+  },
+  exists: async (name) => {
+    try {
+      await stat(name);
+      return true;
+    } catch {
+      return false;
+    }
+  },
+};

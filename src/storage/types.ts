@@ -1,0 +1,32 @@
+/**
+ * A byte store is where an image's bytes live: a local file, memory, or an HTTP resource.
+ * Formats see only this interface, so every format works on every store.
+ */
+export interface ByteStore {
+  /** What to call this store in messages: a path or URL. */
+  readonly name: string;
+  readonly readOnly: boolean;
+  /** Current length in bytes. */
+  size(): Promise<number>;
+  /**
+   * Fill `into` from `offset`. Returns how many bytes came from the store; at end of store the
+   * rest of `into` is set to zero (holes and truncated images read as zeros, as in QEMU).
+   */
+  read(offset: number, into: Uint8Array): Promise<number>;
+  write(offset: number, data: Uint8Array): Promise<void>;
+  /** Set the length, growing with zeros or cutting. */
+  truncate(size: number): Promise<void>;
+  /** Make every completed write durable. */
+  flush(): Promise<void>;
+  /** Bytes the store really occupies (a sparse file's allocated blocks); size() where unknown. */
+  allocatedSize?(): Promise<number>;
+  close(): Promise<void>;
+}
+
+/** Opens the stores an image names (backing files, external data files) relative to itself. */
+export interface StoreOpener {
+  open(name: string, options: { readOnly: boolean; create?: boolean }): Promise<ByteStore>;
+  /** Resolve `name` as written in the image against the store that names it. */
+  resolve(name: string, relativeTo: string): string;
+  exists?(name: string): Promise<boolean>;
+}
