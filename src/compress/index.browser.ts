@@ -1,0 +1,34 @@
+/** Browser: fflate (pure JS) for deflate; zstd through WebAssembly as in Node. */
+import { deflateSync, Inflate } from 'fflate';
+import { corrupt } from '../core/errors.js';
+import type { ClusterCodec } from './types.js';
+import { zstdCompress, zstdDecompress } from './zstd.js';
+
+export async function inflateRaw(data: Uint8Array, outSize: number): Promise<Uint8Array> {
+  const out = new Uint8Array(outSize);
+  let filled = 0;
+  let overflow = false;
+  const inf = new Inflate((chunk) => {
+    const n = Math.min(chunk.length, outSize - filled);
+    out.set(chunk.subarray(0, n), filled);
+    filled += n;
+    if (n < chunk.length) overflow = true;
+  });
+  try {
+    inf.push(data, true);
+  } catch (e) {
+    // Trailing garbage after a complete stream is allowed (QEMU ignores it); a broken stream is not.
+    if (filled < outSize) throw corrupt(`bad deflate data in compressed cluster: ${(e as Error).message}`);
+  }
+  if (overflow) throw corrupt(`compressed cluster inflates to more than ${outSize} bytes`);
+  if (filled !== outSize) throw corrupt(`compressed cluster inflated to ${filled} bytes, expected ${outSize}`);
+  return out;
+}
+
+export async function deflateRaw(data: Uint8Array): Promise<Uint8Array> {
+  return deflateSync(data, { level: 6, mem: 9 });
+}
+
+export { zstdCompress, zstdDecompress };
+
+export const codec: ClusterCodec = { inflateRaw, deflateRaw, zstdCompress, zstdDecompress };

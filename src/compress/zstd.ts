@@ -1,0 +1,64 @@
+/**
+ * zstd through WebAssembly (works in Node 20, which has no zstd in node:zlib, and in browsers).
+ * The module is initialised once, on first use.
+ */
+import { init, compress, decompress } from '@bokuweb/zstd-wasm';
+import { corrupt } from '../core/errors.js';
+
+let ready: Promise<void> | undefined;
+const loaded = () => (ready ??= init());
+
+/** zstd frame header: the frame's content size, when the compressor recorded it. */
+export async function zstdDecompress(data: Uint8Array, outSize: number): Promise<Uint8Array> {
+  await loaded();
+  if (data.length < 4 || data[0] !== 0x28 || data[1] !== 0xb5 || data[2] !== 0x2f || data[3] !== 0xfd) {
+    throw corrupt('compressed cluster is not a zstd frame');
+  }
+  let out: Uint8Array;
+  try {
+    out = decompress(frameOnly(data));
+  } catch (e) {
+    throw corrupt(`bad zstd data in compressed cluster: ${(e as Error).message ?? e}`);
+  }
+  if (out.length < outSize) throw corrupt(`zstd cluster decompressed to ${out.length} bytes, expected ${outSize}`);
+  return out.length === outSize ? out : out.subarray(0, outSize);
+}
+
+export async function zstdCompress(data: Uint8Array): Promise<Uint8Array> {
+  await loaded();
+  return compress(data, 3);
+}
+
+/**
+ * The bytes of the first zstd frame in `data`: the compressed cluster is followed by whatever
+ * comes next in the file (often the next cluster's frame), which must not be decoded.
+ */
+export function frameOnly(data: Uint8Array): Uint8Array {
+  const dv = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  let p = 4;
+  const fhd = data[p++];
+  if (fhd === undefined) throw corrupt('truncated zstd frame');
+  const dictIdFlag = fhd & 3;
+  const singleSegment = (fhd >> 5) & 1;
+  const checksum = (fhd >> 2) & 1;
+  const fcsFlag = fhd >> 6;
+  if (!singleSegment) p += 1; // window descriptor
+  p += [0, 1, 2, 4][dictIdFlag]!;
+  p += fcsFlag === 0 ? (singleSegment ? 1 : 0) : [1, 2, 4, 8][fcsFlag]!;
+  for (;;) {
+    if (p + 3 > data.length) throw corrupt('truncated zstd frame');
+    const hdr = data[p]! | (data[p + 1]! << 8) | (data[p + 2]! << 16);
+    p += 3;
+    const last = hdr & 1;
+    const type = (hdr >> 1) & 3;
+    const size = hdr >>> 3;
+    if (type === 3) throw corrupt('reserved zstd block type');
+    p += type === 1 ? 1 : size; // RLE blocks store one byte
+    if (p > data.length) throw corrupt('truncated zstd frame');
+    if (last) break;
+  }
+  if (checksum) p += 4;
+  if (p > data.length) throw corrupt('truncated zstd frame');
+  void dv;
+  return data.subarray(0, p);
+}
