@@ -1,0 +1,118 @@
+/**
+ * QCOW2 refcounts on disk: the refcount table (u64 offsets of refcount blocks) and the refcount
+ * blocks (one cluster of `refcount_bits`-wide counters, one per host cluster).
+ *
+ * Entry layout inside a block (qcow2-pitfalls §6, checked against qemu 7.2):
+ *   - widths 1, 2, 4: packed into bytes, the FIRST entry in the LEAST significant bits of a byte;
+ *   - widths 8..64: one big-endian integer per entry.
+ * 64-bit counters above 2^53 cannot be exact in a number; reading one is reported as corruption.
+ */
+import { corrupt, invalidArgument } from '../../core/errors.js';
+import { view } from '../../core/bytes.js';
+
+/** Bits 9..63 of a refcount table entry: the block's offset. Bits 0..8 are reserved (zero). */
+export const REFTABLE_OFFSET_MASK = 0xffff_ffff_ffff_fe00n;
+
+export const REFCOUNT_WIDTHS = [1, 2, 4, 8, 16, 32, 64] as const;
+
+export function checkRefcountBits(bits: number): void {
+  if (!(REFCOUNT_WIDTHS as readonly number[]).includes(bits)) {
+    throw invalidArgument('Refcount width must be a power of two and may not exceed 64 bits');
+  }
+}
+
+/** The largest counter a width can hold (64-bit counters are capped at what a number holds exactly). */
+export function maxRefcount(bits: number): number {
+  return bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** bits - 1;
+}
+
+/** How many clusters one refcount block describes. */
+export function entriesPerBlock(clusterSize: number, refcountBits: number): number {
+  return (clusterSize * 8) / refcountBits;
+}
+
+/** Read entry `index` of a refcount block. */
+export function getRefcount(block: Uint8Array, index: number, bits: number): number {
+  switch (bits) {
+    case 1:
+    case 2:
+    case 4: {
+      const perByte = 8 / bits;
+      const shift = (index % perByte) * bits;
+      return (block[Math.floor(index / perByte)]! >> shift) & ((1 << bits) - 1);
+    }
+    case 8:
+      return block[index]!;
+    case 16:
+      return (block[index * 2]! << 8) | block[index * 2 + 1]!;
+    case 32:
+      return view(block).getUint32(index * 4);
+    case 64: {
+      const v = view(block).getBigUint64(index * 8);
+      if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw corrupt(`refcount 0x${v.toString(16)} is too large`);
+      return Number(v);
+    }
+    default:
+      throw invalidArgument(`refcount width ${bits} is not supported`);
+  }
+}
+
+/** Store `value` into entry `index` of a refcount block. The caller checks it fits (maxRefcount). */
+export function setRefcount(block: Uint8Array, index: number, bits: number, value: number): void {
+  if (!Number.isSafeInteger(value) || value < 0 || value > maxRefcount(bits)) {
+    throw invalidArgument(`refcount ${value} does not fit in ${bits} bits`);
+  }
+  switch (bits) {
+    case 1:
+    case 2:
+    case 4: {
+      const perByte = 8 / bits;
+      const shift = (index % perByte) * bits;
+      const mask = ((1 << bits) - 1) << shift;
+      const i = Math.floor(index / perByte);
+      block[i] = (block[i]! & ~mask) | (value << shift);
+      return;
+    }
+    case 8:
+      block[index] = value;
+      return;
+    case 16:
+      block[index * 2] = value >>> 8;
+      block[index * 2 + 1] = value & 0xff;
+      return;
+    case 32:
+      view(block).setUint32(index * 4, value);
+      return;
+    case 64:
+      view(block).setBigUint64(index * 8, BigInt(value));
+      return;
+    default:
+      throw invalidArgument(`refcount width ${bits} is not supported`);
+  }
+}
+
+/**
+ * Decode a refcount table: the block offset of every entry (0 = no block). Offsets must be
+ * cluster aligned and have the reserved low bits clear; anything else is corruption.
+ */
+export function decodeRefcountTable(buf: Uint8Array, entries: number, clusterSize: number): number[] {
+  const dv = view(buf);
+  const out = new Array<number>(entries);
+  for (let i = 0; i < entries; i++) {
+    const raw = dv.getBigUint64(i * 8);
+    const off = raw & REFTABLE_OFFSET_MASK;
+    if (off !== raw) throw corrupt(`refcount table entry ${i} (0x${raw.toString(16)}) has reserved bits set`);
+    if (off > BigInt(Number.MAX_SAFE_INTEGER)) throw corrupt(`refcount table entry ${i} (0x${raw.toString(16)}) is too large`);
+    const n = Number(off);
+    if (n % clusterSize !== 0) throw corrupt(`refcount block offset 0x${n.toString(16)} (table entry ${i}) is not cluster aligned`);
+    out[i] = n;
+  }
+  return out;
+}
+
+/** Encode refcount table entries into `buf` (which may be longer: the rest stays as it is). */
+export function encodeRefcountTable(offsets: readonly number[], buf: Uint8Array = new Uint8Array(offsets.length * 8)): Uint8Array {
+  const dv = view(buf);
+  for (let i = 0; i < offsets.length; i++) dv.setBigUint64(i * 8, BigInt(offsets[i]!));
+  return buf;
+}
