@@ -3,12 +3,14 @@ import { open, stat, type FileHandle } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
 import type { ByteStore, StoreOpener } from './types.js';
 import { QcowError } from '../core/errors.js';
+import { acquireWriteLock, type WriteLock } from './lock.node.js';
 
 export class FileStore implements ByteStore {
   readonly name: string;
   readonly readOnly: boolean;
-  private readonly fh: FileHandle;
+  private fh: FileHandle;
   private closed = false;
+  private lock: WriteLock | undefined;
 
   private constructor(name: string, fh: FileHandle, readOnly: boolean) {
     this.name = name;
@@ -16,14 +18,31 @@ export class FileStore implements ByteStore {
     this.readOnly = readOnly;
   }
 
-  static async open(path: string, options: { readOnly?: boolean; create?: boolean } = {}): Promise<FileStore> {
+  /**
+   * Open a file. Writers take the image's write lock (see lock.node.ts) and fail with QCOW_LOCKED
+   * while another process writes it; `create` truncates only after the lock is held.
+   */
+  static async open(path: string, options: { readOnly?: boolean; create?: boolean; noLock?: boolean } = {}): Promise<FileStore> {
     const readOnly = options.readOnly ?? false;
-    const flags = options.create ? 'w+' : readOnly ? 'r' : 'r+';
+    let fh: FileHandle;
     try {
-      return new FileStore(path, await open(path, flags), readOnly);
+      fh = await open(path, options.create ? 'a+' : readOnly ? 'r' : 'r+');
     } catch (e) {
       throw fsError(e, path);
     }
+    const store = new FileStore(path, fh, readOnly);
+    try {
+      if (!readOnly && !options.noLock) store.lock = await acquireWriteLock(fh, path);
+      if (options.create) {
+        // 'a+' would append every write; reopen positional read-write now that the lock is ours.
+        await fh.close();
+        store.fh = await open(path, 'w+');
+      }
+    } catch (e) {
+      await store.fh.close().catch(() => undefined);
+      throw e instanceof QcowError ? e : fsError(e, path);
+    }
+    return store;
   }
 
   async size(): Promise<number> {
@@ -67,7 +86,11 @@ export class FileStore implements ByteStore {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.fh.close();
+    try {
+      await this.fh.close();
+    } finally {
+      await this.lock?.release();
+    }
   }
 }
 

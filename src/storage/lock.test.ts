@@ -1,0 +1,51 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { writeFile, readdir, symlink } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { FileStore } from './file.node.js';
+import { qcow, scratch } from '../test-support/qemu.js';
+import { QcowError } from '../core/errors.js';
+
+test('a second writer is refused while one holds the image; readers may share', async (t) => {
+  const dir = await scratch(t);
+  const img = join(dir, 'disk.raw');
+  await writeFile(img, new Uint8Array(65536));
+  const writer = await FileStore.open(img, { readOnly: false });
+  try {
+    // Another process (our CLI) is refused with one clear line...
+    const r = await qcow(['io', '-f', 'raw', '-c', 'write -P 1 0 512', img]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /^qcow: .*disk\.raw: Failed to get "write" lock: the image is open for writing by process \d+\n$/);
+    // ...even through another spelling of the same file,
+    await symlink(img, join(dir, 'alias.raw'));
+    await assert.rejects(FileStore.open(join(dir, 'alias.raw'), { readOnly: false }), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_LOCKED');
+    // ...while readers are not.
+    const read = await qcow(['io', '-f', 'raw', '-r', '-c', 'read -P 0 0 512', img]);
+    assert.equal(read.code, 0, read.stderr);
+  } finally {
+    await writer.close();
+  }
+  // Released on close: the next writer gets it.
+  const again = await qcow(['io', '-f', 'raw', '-c', 'write -P 1 0 512', img]);
+  assert.equal(again.code, 0, again.stderr);
+});
+
+test('a lock left by a process that died is taken over', async (t) => {
+  const dir = await scratch(t);
+  const img = join(dir, 'disk.raw');
+  await writeFile(img, new Uint8Array(4096));
+  // Hold the lock from a child that is then killed without releasing it.
+  const holder = await FileStore.open(img, { readOnly: false });
+  const lockFiles = (await readdir(join(tmpdir(), 'qcow-locks'))).filter((f) => f.endsWith('.lock'));
+  assert.ok(lockFiles.length > 0);
+  // Pretend the owner is a pid that cannot exist.
+  for (const f of lockFiles) {
+    const p = join(tmpdir(), 'qcow-locks', f);
+    const { readFile } = await import('node:fs/promises');
+    if ((await readFile(p, 'utf8')) === String(process.pid)) await writeFile(p, '4194999');
+  }
+  const next = await FileStore.open(img, { readOnly: false });
+  await next.close();
+  await holder.close().catch(() => undefined);
+});
