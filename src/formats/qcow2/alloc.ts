@@ -1,0 +1,375 @@
+/**
+ * The host-cluster allocator of a QCOW2 image: refcounts in memory (table + the blocks touched so
+ * far), free-space search, growth of the refcount table and blocks, and write-back.
+ *
+ * Crash safety is split between this module and its caller (the device), and rests on two rules:
+ *   1. A refcount on disk is never lower than the number of on-disk references to its cluster.
+ *      Increments are written back BEFORE the L2/L1 entries that use them (the caller writes us
+ *      back first, with a barrier); decrements are only *recorded* (`free`) and applied by
+ *      `applyPendingFrees()`, which the caller runs AFTER the tables that dropped the references
+ *      are on disk. A freed cluster stays allocated in memory until then, so it cannot be handed
+ *      out again while an on-disk table still points at it.
+ *   2. On-disk pointers only ever point at written structures: a new refcount block is written
+ *      (and flushed) before the table entry naming it; a relocated table is written whole and
+ *      flushed before the header names it, and the old one is only freed afterwards.
+ * A kill between any two writes therefore leaves at most clusters whose refcount is too high
+ * (leaks), which `qemu-img check` reports as leaks and never as corruption.
+ */
+import { QcowError, corrupt } from '../../core/errors.js';
+import { setU32, setU64 } from '../../core/bytes.js';
+import type { ByteStore } from '../../storage/types.js';
+import { decodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcount.js';
+
+/** Where the header keeps the refcount table's location (offset u64 at 48, clusters u32 at 56). */
+const HEADER_REFTABLE_FIELDS = 48;
+/** qemu's limit on the refcount table (8 MiB). */
+const MAX_REFTABLE_BYTES = 8 * 2 ** 20;
+
+export interface RefcountsParams {
+  clusterSize: number;
+  refcountBits: number;
+  tableOffset: number;
+  tableClusters: number;
+}
+
+export interface AllocatorHooks {
+  /** Clusters the allocator must treat as in use although their refcount says 0 (repair). */
+  inUse?: (clusterIndex: number) => boolean;
+}
+
+export class Refcounts {
+  readonly clusterSize: number;
+  readonly refcountBits: number;
+  readonly maxRefcount: number;
+  /** Clusters one refcount block describes. */
+  readonly perBlock: number;
+  tableOffset: number;
+  tableClusters: number;
+  /** Block offset per table entry (0 = none). */
+  private table: number[];
+  private readonly blocks = new Map<number, Uint8Array>();
+  private readonly dirtyBlocks = new Set<number>();
+  /** Blocks never written yet: the table entry naming them must wait for a barrier. */
+  private readonly newBlocks = new Set<number>();
+  private readonly dirtyTableEntries = new Set<number>();
+  /** Set when the table moved: the old location, freed once the header names the new one. */
+  private movedFrom: { offset: number; clusters: number } | null = null;
+  /** Byte ranges whose references are gone from memory but maybe not yet from disk. */
+  private pendingFrees: Array<[number, number]> = [];
+  private readonly reserved: Array<[number, number]> = [];
+  /** Lowest cluster index that may be free. */
+  private freeHint = 0;
+  /** One past the highest cluster known to be used or present in the file. */
+  private endCluster: number;
+  /** Where the next compressed cluster goes (0: start a new host cluster). */
+  private freeByteOffset = 0;
+  hooks: AllocatorHooks = {};
+
+  private constructor(
+    private readonly store: ByteStore,
+    p: RefcountsParams,
+    table: number[],
+    fileSize: number,
+  ) {
+    this.clusterSize = p.clusterSize;
+    this.refcountBits = p.refcountBits;
+    this.maxRefcount = maxRefcount(p.refcountBits);
+    this.perBlock = entriesPerBlock(p.clusterSize, p.refcountBits);
+    this.tableOffset = p.tableOffset;
+    this.tableClusters = p.tableClusters;
+    this.table = table;
+    this.endCluster = Math.ceil(fileSize / p.clusterSize);
+  }
+
+  static async load(store: ByteStore, p: RefcountsParams): Promise<Refcounts> {
+    const bytes = p.tableClusters * p.clusterSize;
+    if (bytes > MAX_REFTABLE_BYTES * 4) throw corrupt(`refcount table of ${p.tableClusters} clusters is too large`);
+    const buf = new Uint8Array(bytes);
+    await store.read(p.tableOffset, buf);
+    const table = decodeRefcountTable(buf, bytes / 8, p.clusterSize);
+    return new Refcounts(store, p, table, await store.size());
+  }
+
+  /** True while something is waiting to be written back. */
+  get dirty(): boolean {
+    return this.dirtyBlocks.size > 0 || this.dirtyTableEntries.size > 0 || this.movedFrom !== null;
+  }
+
+  get hasPendingFrees(): boolean {
+    return this.pendingFrees.length > 0;
+  }
+
+  /** Offsets of every refcount block (index = table entry). */
+  blockOffsets(): readonly number[] {
+    return this.table;
+  }
+
+  async get(cluster: number): Promise<number> {
+    const b = Math.floor(cluster / this.perBlock);
+    if (b >= this.table.length || this.table[b] === 0) return 0;
+    const block = await this.loadBlock(b);
+    return getRefcount(block, cluster % this.perBlock, this.refcountBits);
+  }
+
+  /** Set a cluster's refcount, creating its block when needed (repair, rebuild). */
+  async set(cluster: number, value: number): Promise<void> {
+    if (value === 0 && (await this.get(cluster)) === 0) return;
+    const b = Math.floor(cluster / this.perBlock);
+    const block = await this.ensureBlock(b);
+    setRefcount(block, cluster % this.perBlock, this.refcountBits, value);
+    this.dirtyBlocks.add(b);
+    if (value === 0) this.noteFreed(cluster);
+    else this.noteUsed(cluster, 1);
+  }
+
+  /** Add `delta` (may be negative: only for repair and rollback) to every cluster touching [offset, offset+length). */
+  async update(offset: number, length: number, delta: number): Promise<void> {
+    const first = Math.floor(offset / this.clusterSize);
+    const last = Math.floor((offset + length - 1) / this.clusterSize);
+    for (let c = first; c <= last; c++) {
+      const b = Math.floor(c / this.perBlock);
+      const block = await this.ensureBlock(b);
+      const i = c % this.perBlock;
+      const v = getRefcount(block, i, this.refcountBits) + delta;
+      if (v < 0) throw corrupt(`refcount of cluster 0x${(c * this.clusterSize).toString(16)} would drop below zero`);
+      if (v > this.maxRefcount) throw new QcowError('QCOW_UNSUPPORTED', `Refcount overflow on cluster 0x${(c * this.clusterSize).toString(16)} (refcount_bits=${this.refcountBits})`);
+      setRefcount(block, i, this.refcountBits, v);
+      this.dirtyBlocks.add(b);
+      if (v === 0) this.noteFreed(c);
+      else this.noteUsed(c, 1);
+    }
+  }
+
+  /** Allocate `n` contiguous free clusters with refcount 1; returns the host offset. */
+  async allocClusters(n: number): Promise<number> {
+    const start = await this.findFree(n);
+    await this.claim(start, n);
+    return start * this.clusterSize;
+  }
+
+  /** Allocate exactly [offset, offset + n clusters) if all of it is free; false otherwise. */
+  async allocClustersAt(offset: number, n: number): Promise<boolean> {
+    const start = offset / this.clusterSize;
+    for (let c = start; c < start + n; c++) if (!(await this.isFree(c))) return false;
+    await this.claim(start, n);
+    return true;
+  }
+
+  /**
+   * Room for one compressed cluster of `size` bytes, packed after the previous one at byte
+   * granularity as qemu packs them. Every host cluster the bytes touch gets one more reference.
+   */
+  async allocBytes(size: number): Promise<number> {
+    const cs = this.clusterSize;
+    if (size <= 0 || size > cs) throw new QcowError('QCOW_INVALID_ARGUMENT', `compressed size ${size} is not in 1..${cs}`);
+    let off = this.freeByteOffset;
+    if (off !== 0) {
+      const cluster = Math.floor(off / cs);
+      const endCluster = Math.floor((off + size - 1) / cs);
+      // Share the current host cluster unless its counter is full or the next one is taken.
+      const ok = (await this.get(cluster)) < this.maxRefcount && (endCluster === cluster || (await this.allocClustersAt(endCluster * cs, 1)));
+      if (ok) await this.update(cluster * cs, 1, 1);
+      else off = 0;
+    }
+    if (off === 0) off = await this.allocClusters(1);
+    this.freeByteOffset = (off + size) % cs === 0 ? 0 : off + size;
+    return off;
+  }
+
+  /**
+   * Record that the references to the clusters touching [offset, offset+length) are gone. The
+   * counts drop when the caller has written the tables that dropped them (applyPendingFrees).
+   */
+  free(offset: number, length: number): void {
+    if (length > 0) this.pendingFrees.push([offset, length]);
+  }
+
+  /** Apply recorded frees to the in-memory counts. Returns true when any were applied. */
+  async applyPendingFrees(): Promise<boolean> {
+    if (this.pendingFrees.length === 0) return false;
+    const list = this.pendingFrees;
+    this.pendingFrees = [];
+    for (const [off, len] of list) await this.update(off, len, -1);
+    return true;
+  }
+
+  /**
+   * Write dirty blocks and table changes. `barrier` makes earlier writes durable; it runs only
+   * where a later write would otherwise point at data that might not be on disk yet.
+   */
+  async writeBack(barrier: () => Promise<void>): Promise<boolean> {
+    if (!this.dirty) return false;
+    const cs = this.clusterSize;
+    for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) {
+      await this.store.write(this.table[b]!, this.blocks.get(b)!);
+    }
+    const hadNew = this.newBlocks.size > 0;
+    this.dirtyBlocks.clear();
+    this.newBlocks.clear();
+    if (this.movedFrom) {
+      if (hadNew) await barrier();
+      await this.store.write(this.tableOffset, this.encodeTable(0, this.table.length));
+      await barrier();
+      const fields = new Uint8Array(12);
+      setU64(fields, 0, this.tableOffset);
+      setU32(fields, 8, this.tableClusters);
+      await this.store.write(HEADER_REFTABLE_FIELDS, fields);
+      const old = this.movedFrom;
+      this.movedFrom = null;
+      this.dirtyTableEntries.clear();
+      // The old table is unreferenced once the header write lands; free it after a barrier.
+      await barrier();
+      await this.update(old.offset, old.clusters * cs, -1);
+      for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.store.write(this.table[b]!, this.blocks.get(b)!);
+      this.dirtyBlocks.clear();
+    } else if (this.dirtyTableEntries.size > 0) {
+      if (hadNew) await barrier();
+      const entries = [...this.dirtyTableEntries].sort((x, y) => x - y);
+      // Write runs of neighbouring entries in one call each.
+      for (let i = 0; i < entries.length; ) {
+        let j = i;
+        while (j + 1 < entries.length && entries[j + 1] === entries[j]! + 1) j++;
+        await this.store.write(this.tableOffset + entries[i]! * 8, this.encodeTable(entries[i]!, entries[j]! + 1));
+        i = j + 1;
+      }
+      this.dirtyTableEntries.clear();
+    }
+    return true;
+  }
+
+  /** First cluster index at or above every allocation (used to place new structures at the end). */
+  get end(): number {
+    return this.endCluster;
+  }
+
+  // --- internals -------------------------------------------------------------------------------
+
+  private encodeTable(from: number, to: number): Uint8Array {
+    const out = new Uint8Array((to - from) * 8);
+    for (let i = from; i < to; i++) setU64(out, (i - from) * 8, this.table[i]!);
+    return out;
+  }
+
+  private async loadBlock(b: number): Promise<Uint8Array> {
+    let block = this.blocks.get(b);
+    if (!block) {
+      block = new Uint8Array(this.clusterSize);
+      const off = this.table[b]!;
+      if (off === 0) throw new Error('loadBlock without a block');
+      await this.store.read(off, block);
+      this.blocks.set(b, block);
+    }
+    return block;
+  }
+
+  private isReserved(c: number): boolean {
+    for (const [s, e] of this.reserved) if (c >= s && c < e) return true;
+    return false;
+  }
+
+  private async isFree(c: number): Promise<boolean> {
+    if (c === 0 || this.isReserved(c) || this.hooks.inUse?.(c)) return false;
+    return (await this.get(c)) === 0;
+  }
+
+  /** The first run of `n` free clusters at or after the hint. Cluster 0 (the header) is never free. */
+  private async findFree(n: number): Promise<number> {
+    let start = Math.max(this.freeHint, 1);
+    let c = start;
+    while (c < start + n) {
+      const b = Math.floor(c / this.perBlock);
+      if (!this.isReserved(c) && !this.hooks.inUse?.(c) && (b >= this.table.length || this.table[b] === 0)) {
+        c++;
+        continue;
+      }
+      if (await this.isFree(c)) c++;
+      else start = c = c + 1;
+    }
+    if (!Number.isSafeInteger((start + n) * this.clusterSize)) throw new QcowError('QCOW_UNSUPPORTED', 'image file would grow beyond 2^53 bytes');
+    return start;
+  }
+
+  /** Give [start, start+n) refcount 1, creating refcount blocks (and table room) as needed. */
+  private async claim(start: number, n: number): Promise<void> {
+    this.reserved.push([start, start + n]);
+    try {
+      for (let b = Math.floor(start / this.perBlock); b <= Math.floor((start + n - 1) / this.perBlock); b++) await this.ensureBlock(b);
+    } finally {
+      this.reserved.splice(this.reserved.findIndex(([s]) => s === start), 1);
+    }
+    await this.update(start * this.clusterSize, n * this.clusterSize, 1);
+    if (start <= Math.max(this.freeHint, 1)) this.freeHint = start + n;
+  }
+
+  /**
+   * The block for table entry `b`, made if missing. A new block lives in the first free cluster;
+   * if that cluster is one the block describes, the block counts itself.
+   */
+  private async ensureBlock(b: number): Promise<Uint8Array> {
+    if (b < this.table.length && this.table[b] !== 0) return this.loadBlock(b);
+    if (b >= this.table.length) await this.growTable(b);
+    const loc = await this.findFree(1);
+    const lb = Math.floor(loc / this.perBlock);
+    const block = new Uint8Array(this.clusterSize);
+    if (lb === b) {
+      setRefcount(block, loc % this.perBlock, this.refcountBits, 1);
+    } else {
+      this.reserved.push([loc, loc + 1]);
+      try {
+        const other = await this.ensureBlock(lb);
+        setRefcount(other, loc % this.perBlock, this.refcountBits, getRefcount(other, loc % this.perBlock, this.refcountBits) + 1);
+        this.dirtyBlocks.add(lb);
+      } finally {
+        this.reserved.splice(this.reserved.findIndex(([s]) => s === loc), 1);
+      }
+    }
+    this.noteUsed(loc, 1);
+    if (loc === this.freeHint) this.freeHint = loc + 1;
+    this.table[b] = loc * this.clusterSize;
+    this.blocks.set(b, block);
+    this.dirtyBlocks.add(b);
+    this.newBlocks.add(b);
+    this.dirtyTableEntries.add(b);
+    return block;
+  }
+
+  /**
+   * Move the table to the end of the file with room for entry `b` and for the blocks that will
+   * describe the new table itself. The new table is written by writeBack.
+   */
+  private async growTable(b: number): Promise<void> {
+    const cs = this.clusterSize;
+    const perCluster = cs / 8;
+    const at = Math.max(this.endCluster, this.freeHint, 1);
+    let clusters = Math.max(Math.ceil((b + 1) / perCluster), Math.ceil(this.tableClusters * 1.5), this.tableClusters + 1);
+    // The new table's own clusters, plus a couple of new blocks after them, must be describable.
+    while (Math.floor((at + clusters + 2) / this.perBlock) >= clusters * perCluster) clusters++;
+    if (clusters * cs > MAX_REFTABLE_BYTES) throw new QcowError('QCOW_UNSUPPORTED', 'refcount table would exceed 8 MiB: the image is too large for its cluster size');
+    const old = this.movedFrom ?? { offset: this.tableOffset, clusters: this.tableClusters };
+    this.table = this.table.concat(new Array<number>(clusters * perCluster - this.table.length).fill(0));
+    // Claim the table's clusters (ensureBlock may place blocks right after them).
+    this.reserved.push([at, at + clusters]);
+    try {
+      for (let bb = Math.floor(at / this.perBlock); bb <= Math.floor((at + clusters - 1) / this.perBlock); bb++) await this.ensureBlock(bb);
+    } finally {
+      this.reserved.splice(this.reserved.findIndex(([s]) => s === at), 1);
+    }
+    await this.update(at * cs, clusters * cs, 1);
+    if (this.movedFrom) {
+      // A table that moved twice before one write-back was never on disk: just drop its clusters.
+      await this.update(this.tableOffset, this.tableClusters * cs, -1);
+    }
+    this.movedFrom = old;
+    this.tableOffset = at * cs;
+    this.tableClusters = clusters;
+  }
+
+  private noteUsed(c: number, n: number): void {
+    if (c + n > this.endCluster) this.endCluster = c + n;
+  }
+
+  private noteFreed(c: number): void {
+    if (c < this.freeHint) this.freeHint = c;
+    if (this.freeByteOffset !== 0 && Math.floor(this.freeByteOffset / this.clusterSize) === c) this.freeByteOffset = 0;
+  }
+}
