@@ -1,0 +1,184 @@
+/**
+ * The HTTP plumbing under HttpStore: one request with bounded retries, Content-Range parsing and
+ * body reading with a size cap. Only global `fetch`, so it runs in Node 20 and in browsers.
+ */
+import { QcowError } from '../core/errors.js';
+
+export interface RetryPolicy {
+  /** How many times a transient failure is retried before giving up (so attempts = retries + 1). */
+  retries: number;
+  /** The first wait; it doubles on every retry, up to maxDelayMs. */
+  baseDelayMs: number;
+  maxDelayMs: number;
+}
+
+/** A failure worth trying again: the network, a 5xx other than 501, 408, 425 or 429. */
+export class TransientHttpError extends Error {
+  constructor(
+    message: string,
+    /** What the server asked us to wait (Retry-After), in milliseconds. */
+    readonly retryAfterMs?: number,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+const TRANSIENT_STATUSES = new Set([408, 425, 429]);
+
+export function isTransientStatus(status: number): boolean {
+  return TRANSIENT_STATUSES.has(status) || (status >= 500 && status !== 501 && status !== 505);
+}
+
+/** The error for a reply we cannot use and should not retry. */
+export function statusError(res: Response, url: string): QcowError {
+  const what = `HTTP ${res.status}${res.statusText ? ' ' + res.statusText : ''}`;
+  if (res.status === 404 || res.status === 410) return new QcowError('QCOW_NOT_FOUND', `No such file or directory (${what})`, { file: url });
+  return new QcowError('QCOW_IO', what, { file: url });
+}
+
+/** Drop a reply's body we will not read, so the connection can be reused. */
+export function discardBody(res: Response): void {
+  res.body?.cancel().catch(() => undefined);
+}
+
+/** Retry-After in milliseconds (seconds or an HTTP date), when present and sensible. */
+export function retryAfterMs(res: Response): number | undefined {
+  const v = res.headers.get('retry-after');
+  if (!v) return undefined;
+  const seconds = Number(v);
+  if (Number.isFinite(seconds) && seconds >= 0) return seconds * 1000;
+  const at = Date.parse(v);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - Date.now());
+}
+
+/**
+ * Run `attempt` until it succeeds, fails for good, or has failed transiently `retries + 1` times.
+ * Waits double each time (Retry-After wins when larger, within maxDelayMs). An aborted `signal`
+ * ends everything at once with QCOW_ABORTED.
+ */
+export async function withRetries<T>(attempt: () => Promise<T>, policy: RetryPolicy, url: string, signal: AbortSignal): Promise<T> {
+  for (let n = 0; ; n++) {
+    try {
+      return await attempt();
+    } catch (e) {
+      if (signal.aborted) throw abortedError(signal, url);
+      if (!(e instanceof TransientHttpError)) throw e;
+      if (n >= policy.retries) {
+        throw new QcowError('QCOW_IO', `${e.message} (gave up after ${n + 1} attempts)`, { file: url, cause: e.cause ?? e });
+      }
+      const backoff = Math.min(policy.maxDelayMs, policy.baseDelayMs * 2 ** n);
+      await sleep(Math.min(policy.maxDelayMs, Math.max(backoff, e.retryAfterMs ?? 0)), signal).catch(() => {
+        throw abortedError(signal, url);
+      });
+    }
+  }
+}
+
+export function abortedError(signal: AbortSignal, url: string): QcowError {
+  const reason: unknown = signal.reason;
+  // close() aborts with a QcowError of its own; a caller's signal gives QCOW_ABORTED.
+  if (reason instanceof QcowError) return reason;
+  return new QcowError('QCOW_ABORTED', 'operation aborted', { file: url, cause: reason });
+}
+
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal.aborted) return reject(signal.reason);
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal.reason);
+    };
+    const timer = setTimeout(() => {
+      signal.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+/** fetch, with network failures marked transient. */
+export async function fetchOnce(fetchFn: typeof fetch, url: string, init: RequestInit): Promise<Response> {
+  let res: Response;
+  try {
+    res = await fetchFn(url, init);
+  } catch (e) {
+    if (init.signal?.aborted) throw e;
+    throw new TransientHttpError(`network error: ${(e as Error).message ?? e}${causeText(e)}`, undefined, { cause: e });
+  }
+  if (isTransientStatus(res.status)) {
+    discardBody(res);
+    throw new TransientHttpError(`HTTP ${res.status}${res.statusText ? ' ' + res.statusText : ''}`, retryAfterMs(res));
+  }
+  return res;
+}
+
+function causeText(e: unknown): string {
+  const cause = (e as { cause?: { code?: string; message?: string } }).cause;
+  return cause ? ` (${cause.code ?? cause.message ?? String(cause)})` : '';
+}
+
+export interface ContentRange {
+  start: number;
+  /** Inclusive, as written on the wire. */
+  end: number;
+  /** The whole resource's length; undefined when the server wrote `*`. */
+  total: number | undefined;
+}
+
+/** `bytes 0-499/1234`, `bytes 0-499/*` or (for 416) `bytes *\/1234` (start = end = -1). */
+export function parseContentRange(value: string | null): ContentRange | undefined {
+  if (!value) return undefined;
+  const m = /^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*\/\s*(\d+|\*)\s*$/i.exec(value);
+  if (!m) return undefined;
+  const total = m[3] === '*' ? undefined : Number(m[3]);
+  if (m[1] === undefined) return { start: -1, end: -1, total };
+  const start = Number(m[1]);
+  const end = Number(m[2]);
+  if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || end < start) return undefined;
+  if (total !== undefined && (!Number.isSafeInteger(total) || end >= total)) return undefined;
+  return { start, end, total };
+}
+
+/**
+ * The whole body, refusing (before reading it when Content-Length tells) one longer than `limit`:
+ * a server that ignores Range sends the whole image, which must not fill the memory.
+ */
+export async function readBodyCapped(res: Response, limit: number, tooLarge: (length: number) => QcowError): Promise<Uint8Array> {
+  const declared = res.headers.get('content-length');
+  // Content-Length counts encoded bytes when the body is compressed; only trust it when it is not.
+  if (declared !== null && !res.headers.get('content-encoding') && Number(declared) > limit) {
+    discardBody(res);
+    throw tooLarge(Number(declared));
+  }
+  if (!res.body) return new Uint8Array(0);
+  const reader = res.body.getReader();
+  const parts: Uint8Array[] = [];
+  let length = 0;
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      length += value.length;
+      if (length > limit) {
+        await reader.cancel().catch(() => undefined);
+        throw tooLarge(length);
+      }
+      parts.push(value);
+    }
+  } catch (e) {
+    if (e instanceof QcowError) throw e;
+    // The connection broke mid-body: worth another try.
+    throw new TransientHttpError(`connection lost while reading the body: ${(e as Error).message ?? e}`, undefined, { cause: e });
+  } finally {
+    reader.releaseLock();
+  }
+  if (parts.length === 1) return parts[0]!;
+  const out = new Uint8Array(length);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}

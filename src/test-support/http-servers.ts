@@ -1,0 +1,204 @@
+/**
+ * HTTP servers on loopback for the HTTP store and browser tests: Debian's nginx (a real server
+ * that honours ranges), and small Node servers that misbehave on purpose (ignore Range, fail
+ * transiently). Each is stopped when the test ends.
+ */
+import { spawn } from 'node:child_process';
+import { createReadStream } from 'node:fs';
+import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import { connect, type AddressInfo } from 'node:net';
+import { join, normalize } from 'node:path';
+import { hasTool } from './qemu.js';
+
+interface After {
+  after(fn: () => Promise<void> | void): void;
+}
+
+/** Where nginx is: Debian puts it in /usr/sbin, which is not always on PATH. */
+export function nginxPath(): string | undefined {
+  if (hasTool('nginx')) return 'nginx';
+  return hasTool('/usr/sbin/nginx') ? '/usr/sbin/nginx' : undefined;
+}
+
+/** `{ skip }` when nginx is missing outside CI (as needs() does for other tools). */
+export function needsNginx(): { skip?: string } {
+  if (nginxPath() || process.env.CI === 'true') return {};
+  return { skip: 'missing nginx (apt-get install nginx-light)' };
+}
+
+export interface Nginx {
+  /** Base URL, ending in '/'. */
+  url: string;
+  /** One entry per request served so far: method, status, body bytes sent, Range asked. */
+  accessLog(): Promise<{ method: string; path: string; status: number; bytes: number; range: string }[]>;
+}
+
+/** nginx serving `root` on a free loopback port, in the foreground, with every file it writes in `work`. */
+export async function startNginx(t: After, root: string, work: string): Promise<Nginx> {
+  const bin = nginxPath();
+  if (!bin) throw new Error('nginx is not installed (apt-get install nginx-light)');
+  const port = await freePort();
+  await mkdir(join(work, 'tmp'), { recursive: true });
+  const log = join(work, 'access.log');
+  const conf = join(work, 'nginx.conf');
+  await writeFile(
+    conf,
+    `daemon off;
+master_process off;
+worker_processes 1;
+pid ${join(work, 'nginx.pid')};
+error_log ${join(work, 'error.log')} warn;
+events { worker_connections 128; }
+http {
+  log_format ranges '$request_method\\t$uri\\t$status\\t$body_bytes_sent\\t$http_range';
+  access_log ${log} ranges;
+  client_body_temp_path ${join(work, 'tmp')};
+  proxy_temp_path ${join(work, 'tmp')};
+  fastcgi_temp_path ${join(work, 'tmp')};
+  uwsgi_temp_path ${join(work, 'tmp')};
+  scgi_temp_path ${join(work, 'tmp')};
+  types { text/html html; text/javascript js mjs; application/wasm wasm; }
+  default_type application/octet-stream;
+  server {
+    listen 127.0.0.1:${port};
+    root ${root};
+  }
+}
+`,
+  );
+  const child = spawn(bin, ['-e', join(work, 'error.log'), '-p', work, '-c', conf], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  t.after(async () => {
+    if (child.exitCode === null) child.kill('SIGTERM');
+    await exited;
+  });
+  await waitForPort(port, () => (child.exitCode !== null ? `nginx exited ${child.exitCode}: ${stderr}` : undefined));
+  return {
+    url: `http://127.0.0.1:${port}/`,
+    accessLog: async () =>
+      (await readFile(log, 'utf8').catch(() => ''))
+        .split('\n')
+        .filter((l) => l !== '')
+        .map((l) => {
+          const [method, path, status, bytes, range] = l.split('\t');
+          return { method: method!, path: path!, status: Number(status), bytes: Number(bytes), range: range === '-' ? '' : range! };
+        }),
+  };
+}
+
+async function freePort(): Promise<number> {
+  const srv = createServer();
+  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
+  const port = (srv.address() as AddressInfo).port;
+  await new Promise<void>((resolve) => srv.close(() => resolve()));
+  return port;
+}
+
+/** Poll until something accepts connections on `port` (at most ~10 s), or `failed()` says why not. */
+async function waitForPort(port: number, failed: () => string | undefined): Promise<void> {
+  for (let i = 0; i < 200; i++) {
+    const why = failed();
+    if (why) throw new Error(why);
+    const ok = await new Promise<boolean>((resolve) => {
+      const s = connect(port, '127.0.0.1');
+      s.once('connect', () => {
+        s.destroy();
+        resolve(true);
+      });
+      s.once('error', () => resolve(false));
+    });
+    if (ok) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`nothing listens on port ${port}`);
+}
+
+export interface NodeServer {
+  url: string;
+  /** Requests received so far. */
+  requests: { method: string; path: string; range: string | undefined }[];
+}
+
+type Handler = (req: IncomingMessage, res: ServerResponse, file: string | undefined) => void | Promise<void>;
+
+/** A Node HTTP server serving files of `root` through `handler`, closed when the test ends. */
+export async function startNodeServer(t: After, root: string, handler: Handler): Promise<NodeServer> {
+  const requests: NodeServer['requests'] = [];
+  const srv = createServer((req, res) => {
+    const path = decodeURIComponent(new URL(req.url ?? '/', 'http://x').pathname);
+    requests.push({ method: req.method ?? '', path, range: req.headers.range });
+    const file = normalize(join(root, path));
+    Promise.resolve(handler(req, res, file.startsWith(root) ? file : undefined)).catch(() => {
+      res.statusCode = 500;
+      res.end();
+    });
+  });
+  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
+  t.after(
+    () =>
+      new Promise<void>((resolve) => {
+        srv.closeAllConnections();
+        srv.close(() => resolve());
+      }),
+  );
+  return { url: `http://127.0.0.1:${(srv.address() as AddressInfo).port}/`, requests };
+}
+
+async function fileSize(file: string | undefined): Promise<number | undefined> {
+  if (!file) return undefined;
+  try {
+    const st = await stat(file);
+    return st.isFile() ? st.size : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Answer with the whole file and 200, whatever Range says (as some static hosts do). */
+export const ignoreRange: Handler = async (req, res, file) => {
+  const size = await fileSize(file);
+  if (size === undefined) {
+    res.writeHead(404).end();
+    return;
+  }
+  res.writeHead(200, { 'Content-Length': size, 'Content-Type': 'application/octet-stream' });
+  if (req.method === 'HEAD') res.end();
+  else createReadStream(file!).pipe(res);
+};
+
+/** Honour a single `bytes=a-b` range (206) as a conforming server does. */
+export const honourRange: Handler = async (req, res, file) => {
+  const size = await fileSize(file);
+  if (size === undefined) {
+    res.writeHead(404).end();
+    return;
+  }
+  const m = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range ?? '');
+  if (!m) return ignoreRange(req, res, file);
+  const start = Number(m[1]);
+  const end = Math.min(m[2] ? Number(m[2]) : size - 1, size - 1);
+  if (start >= size) {
+    res.writeHead(416, { 'Content-Range': `bytes */${size}` }).end();
+    return;
+  }
+  res.writeHead(206, { 'Content-Length': end - start + 1, 'Content-Range': `bytes ${start}-${end}/${size}`, 'Accept-Ranges': 'bytes' });
+  if (req.method === 'HEAD') res.end();
+  else createReadStream(file!, { start, end }).pipe(res);
+};
+
+/**
+ * Fail the first `failures` requests (alternately 503 with Retry-After: 0 and a dropped
+ * connection), then behave as `then`.
+ */
+export function failFirst(failures: number, then: Handler): Handler {
+  let seen = 0;
+  return (req, res, file) => {
+    seen++;
+    if (seen > failures) return then(req, res, file);
+    if (seen % 2 === 1) res.writeHead(503, { 'Retry-After': '0' }).end();
+    else req.socket.destroy();
+  };
+}
