@@ -1,0 +1,256 @@
+/**
+ * `npm run bench`: our CLI against qemu-img (and qemu-nbd) on the same images in one run.
+ * Each workload runs ours and theirs alternately, several times; we print the median time, the
+ * throughput, the ratio ours/theirs (lower is better) and the peak RSS of each, and write the
+ * same as JSON to bench-results/latest.json.
+ *
+ *   npm run bench -- [--reps N] [--scale F] [--only name,name] [--dir DIR] [--keep]
+ *
+ * --scale shrinks the image sizes (0.25 = a quarter) for a quick look; the published figures use 1.
+ */
+import { spawn } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { mkdir, open, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const CLI = fileURLToPath(new URL('../cli/main.js', import.meta.url));
+const MiB = 2 ** 20;
+const GiB = 2 ** 30;
+
+interface Args {
+  reps: number;
+  scale: number;
+  only?: Set<string>;
+  dir: string;
+  keep: boolean;
+}
+
+function parseArgs(argv: string[]): Args {
+  const a: Args = { reps: 3, scale: 1, dir: '', keep: false };
+  for (let i = 0; i < argv.length; i++) {
+    const k = argv[i];
+    const v = () => {
+      const x = argv[++i];
+      if (x === undefined) throw new Error(`${k} needs a value`);
+      return x;
+    };
+    if (k === '--reps') a.reps = Number(v());
+    else if (k === '--scale') a.scale = Number(v());
+    else if (k === '--only') a.only = new Set(v().split(','));
+    else if (k === '--dir') a.dir = v();
+    else if (k === '--keep') a.keep = true;
+    else throw new Error(`unknown option ${k}`);
+  }
+  if (!(a.reps >= 1) || !(a.scale > 0)) throw new Error('--reps must be >= 1 and --scale > 0');
+  // Images are kept between runs (they take a while to make), one set per scale.
+  a.dir ||= join(tmpdir(), `qcow-bench-${a.scale}`);
+  return a;
+}
+
+interface Sample {
+  seconds: number;
+  rssKiB: number;
+}
+
+/** Run a command, timing it and reading its peak RSS (GNU time when present, else /proc polling). */
+function measure(cmd: string, args: string[], okCodes = [0]): Promise<Sample> {
+  const useTime = existsSync('/usr/bin/time');
+  return new Promise((resolve, reject) => {
+    const t0 = process.hrtime.bigint();
+    const child = useTime
+      ? spawn('/usr/bin/time', ['-f', '__RSS__%M', cmd, ...args], { stdio: ['ignore', 'ignore', 'pipe'] })
+      : spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    child.on('error', reject);
+    child.on('exit', (code) => {
+      const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+      const m = /__RSS__(\d+)/.exec(err);
+      if (code !== null && !okCodes.includes(code)) reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.replace(/__RSS__\d+\s*/, '').trim()}`));
+      else resolve({ seconds, rssKiB: m ? Number(m[1]) : 0 });
+    });
+  });
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = s.length >> 1;
+  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
+};
+
+async function sh(cmd: string, args: string[], okCodes = [0]): Promise<void> {
+  await measure(cmd, args, okCodes);
+}
+
+/** Write `size` bytes: `randomPart` of them incompressible, the rest compressible text-like data. */
+async function makeRaw(path: string, size: number, randomFraction: number): Promise<void> {
+  const fh = await open(path, 'w');
+  const chunk = Buffer.alloc(4 * MiB);
+  const text = Buffer.from('The quick brown fox jumps over the lazy dog; qcow bench data 0123456789.\n');
+  try {
+    for (let off = 0, i = 0; off < size; off += chunk.length, i++) {
+      const n = Math.min(chunk.length, size - off);
+      // Alternate random and compressible chunks so both kinds are spread over the image.
+      if ((i * randomFraction) % 1 < randomFraction && randomFraction > 0) randomFillSync(chunk, 0, n);
+      else for (let p = 0; p < n; p += text.length) text.copy(chunk, p, 0, Math.min(text.length, n - p));
+      await fh.write(chunk, 0, n, off);
+    }
+  } finally {
+    await fh.close();
+  }
+}
+
+interface Workload {
+  name: string;
+  description: string;
+  bytes: number;
+  ours: { cmd: string; args: string[]; okCodes?: number[] };
+  theirs: { cmd: string; args: string[]; okCodes?: number[] };
+  cleanup?: string[];
+}
+
+interface Result {
+  name: string;
+  description: string;
+  bytes: number;
+  ours: { median: number; rssMiB: number; runs: number[] };
+  theirs: { median: number; rssMiB: number; runs: number[] };
+  ratio: number;
+}
+
+async function main(): Promise<void> {
+  const args = parseArgs(process.argv.slice(2));
+  const dir = args.dir;
+  await mkdir(dir, { recursive: true });
+  const s = (n: number) => Math.max(MiB, Math.round((n * args.scale) / MiB) * MiB);
+  const want = (name: string) => !args.only || [...args.only].some((o) => name.startsWith(o));
+  const p = (f: string) => join(dir, f);
+  const node = process.execPath;
+  const ours = (...a: string[]) => ({ cmd: node, args: [CLI, ...a] });
+  const qimg = (...a: string[]) => ({ cmd: 'qemu-img', args: a });
+
+  console.log(`# qcow bench — ${new Date().toISOString()} — reps ${args.reps}, scale ${args.scale}`);
+  console.log('preparing images with qemu-img ...');
+  const allocSize = s(GiB);
+  const mixedSize = s(512 * MiB);
+  if (!existsSync(p('alloc.raw'))) await makeRaw(p('alloc.raw'), allocSize, 1);
+  if (!existsSync(p('alloc.qcow2'))) await sh('qemu-img', ['convert', '-O', 'qcow2', p('alloc.raw'), p('alloc.qcow2')]);
+  if (!existsSync(p('mixed.raw'))) await makeRaw(p('mixed.raw'), mixedSize, 0.5);
+  if (!existsSync(p('zlib.qcow2'))) await sh('qemu-img', ['convert', '-c', '-O', 'qcow2', p('mixed.raw'), p('zlib.qcow2')]);
+  if (!existsSync(p('zstd.qcow2'))) await sh('qemu-img', ['convert', '-c', '-O', 'qcow2', '-o', 'compression_type=zstd', p('mixed.raw'), p('zstd.qcow2')]);
+  if (!existsSync(p('sparse.qcow2'))) {
+    await sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('sparse.qcow2'), '4T']);
+    await sh('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 1M', '-c', 'write -P 0x22 1T 2M', '-c', 'write -P 0x33 3T 1M', '-c', 'write -P 0x44 4095G 1M', p('sparse.qcow2')]);
+  }
+  if (!existsSync(p('alloc.qcow'))) await sh('qemu-img', ['convert', '-O', 'qcow', p('alloc.raw'), p('alloc.qcow')]);
+  // qemu 7.2's convert -c -O qcow exits 1 after writing a correct image (spec/qcow1.md §9).
+  if (!existsSync(p('zlib.qcow'))) await sh('qemu-img', ['convert', '-c', '-O', 'qcow', p('mixed.raw'), p('zlib.qcow')], [0, 1]);
+  if (!existsSync(p('bench.qcow2'))) await sh('qemu-img', ['convert', '-O', 'qcow2', p('alloc.raw'), p('bench.qcow2')]);
+
+  const out = (n: string) => p(`out-${n}`);
+  const workloads: Workload[] = [
+    { name: '0-raw-copy', description: 'cp of the 1 GiB raw file (the machine limit for workload 1)', bytes: allocSize, ours: { cmd: 'cp', args: [p('alloc.raw'), out('cp-a')] }, theirs: { cmd: 'cp', args: [p('alloc.raw'), out('cp-b')] } },
+    { name: '1-qcow2-to-raw', description: 'convert 1 GiB allocated qcow2 (64k clusters, random) -> raw', bytes: allocSize, ours: ours('convert', '-f', 'qcow2', '-O', 'raw', p('alloc.qcow2'), out('1a')), theirs: qimg('convert', '-f', 'qcow2', '-O', 'raw', p('alloc.qcow2'), out('1b')) },
+    { name: '2-zlib-to-raw', description: 'convert 512 MiB zlib-compressed qcow2 (mixed) -> raw', bytes: mixedSize, ours: ours('convert', '-f', 'qcow2', '-O', 'raw', p('zlib.qcow2'), out('2a')), theirs: qimg('convert', '-f', 'qcow2', '-O', 'raw', p('zlib.qcow2'), out('2b')) },
+    { name: '2-zstd-to-raw', description: 'convert 512 MiB zstd-compressed qcow2 (mixed) -> raw', bytes: mixedSize, ours: ours('convert', '-f', 'qcow2', '-O', 'raw', p('zstd.qcow2'), out('2c')), theirs: qimg('convert', '-f', 'qcow2', '-O', 'raw', p('zstd.qcow2'), out('2d')) },
+    { name: '3-raw-to-qcow2', description: 'convert 512 MiB raw (mixed) -> qcow2', bytes: mixedSize, ours: ours('convert', '-f', 'raw', '-O', 'qcow2', p('mixed.raw'), out('3a')), theirs: qimg('convert', '-f', 'raw', '-O', 'qcow2', p('mixed.raw'), out('3b')) },
+    { name: '3-raw-to-qcow2-c', description: 'convert 512 MiB raw (mixed) -> compressed qcow2 (-c)', bytes: mixedSize, ours: ours('convert', '-c', '-f', 'raw', '-O', 'qcow2', p('mixed.raw'), out('3c')), theirs: qimg('convert', '-c', '-f', 'raw', '-O', 'qcow2', p('mixed.raw'), out('3d')) },
+    { name: '4-sparse-to-raw', description: 'convert 4 TiB sparse qcow2 (5 MiB written) -> sparse raw', bytes: 5 * MiB, ours: ours('convert', '-f', 'qcow2', '-O', 'raw', p('sparse.qcow2'), out('4a')), theirs: qimg('convert', '-f', 'qcow2', '-O', 'raw', p('sparse.qcow2'), out('4b')) },
+    { name: '4-sparse-to-qcow2', description: 'convert 4 TiB sparse qcow2 -> qcow2', bytes: 5 * MiB, ours: ours('convert', '-f', 'qcow2', '-O', 'qcow2', p('sparse.qcow2'), out('4c')), theirs: qimg('convert', '-f', 'qcow2', '-O', 'qcow2', p('sparse.qcow2'), out('4d')) },
+    { name: '6-qcow-to-raw', description: 'convert 1 GiB allocated qcow v1 -> raw', bytes: allocSize, ours: ours('convert', '-f', 'qcow', '-O', 'raw', p('alloc.qcow'), out('6a')), theirs: qimg('convert', '-f', 'qcow', '-O', 'raw', p('alloc.qcow'), out('6b')) },
+    { name: '6-qcow-zlib-to-raw', description: 'convert 512 MiB compressed qcow v1 -> raw', bytes: mixedSize, ours: ours('convert', '-f', 'qcow', '-O', 'raw', p('zlib.qcow'), out('6c')), theirs: qimg('convert', '-f', 'qcow', '-O', 'raw', p('zlib.qcow'), out('6d')) },
+  ];
+  for (const [label, extra] of [
+    ['read-4k-d1', ['-s', '4k', '-d', '1', '-c', '20000']],
+    ['read-4k-d32', ['-s', '4k', '-d', '32', '-c', '100000']],
+    ['read-64k-d1', ['-s', '64k', '-d', '1', '-c', '8000']],
+    ['read-64k-d32', ['-s', '64k', '-d', '32', '-c', '16000']],
+    ['write-4k-d1', ['-w', '-s', '4k', '-d', '1', '-c', '20000']],
+    ['write-64k-d32', ['-w', '-s', '64k', '-d', '32', '-c', '16000']],
+  ] as const) {
+    const count = Number(extra[extra.indexOf('-c') + 1]);
+    const size = (extra as readonly string[]).includes('4k') ? 4096 : 65536;
+    workloads.push({
+      name: `5-bench-${label}`,
+      description: `bench ${extra.join(' ')} on an allocated qcow2`,
+      bytes: count * size,
+      ours: ours('bench', '-f', 'qcow2', ...extra, p('bench.qcow2')),
+      theirs: qimg('bench', '-f', 'qcow2', ...extra, p('bench.qcow2')),
+    });
+  }
+  workloads.push({
+    name: '5-bench-alloc-write-64k-d32',
+    description: 'bench -w -s 64k -d 32 on an empty qcow2 (allocating writes)',
+    bytes: 8000 * 65536,
+    ours: ours('bench', '-f', 'qcow2', '-w', '-s', '64k', '-d', '32', '-c', '8000', p('empty-a.qcow2')),
+    theirs: qimg('bench', '-f', 'qcow2', '-w', '-s', '64k', '-d', '32', '-c', '8000', p('empty-b.qcow2')),
+  });
+
+  const results: Result[] = [];
+  for (const w of workloads) {
+    if (!want(w.name)) continue;
+    const ourRuns: Sample[] = [];
+    const theirRuns: Sample[] = [];
+    try {
+      for (let r = 0; r < args.reps; r++) {
+        if (w.name.includes('alloc-write')) {
+          for (const f of ['empty-a.qcow2', 'empty-b.qcow2']) await sh('qemu-img', ['create', '-q', '-f', 'qcow2', p(f), '1G']);
+        }
+        // Alternate who goes first so caches and disk state favour neither.
+        const order = r % 2 === 0 ? (['ours', 'theirs'] as const) : (['theirs', 'ours'] as const);
+        for (const who of order) {
+          const spec = w[who];
+          const sample = await measure(spec.cmd, spec.args, spec.okCodes);
+          (who === 'ours' ? ourRuns : theirRuns).push(sample);
+        }
+        for (const f of ['a', 'b', 'c', 'd']) await rm(out(`${w.name.split('-')[0]}${f}`), { force: true });
+      }
+    } catch (e) {
+      console.log(`${w.name.padEnd(30)} FAILED: ${(e as Error).message.split('\n')[0]}`);
+      continue;
+    }
+    const om = median(ourRuns.map((x) => x.seconds));
+    const tm = median(theirRuns.map((x) => x.seconds));
+    const res: Result = {
+      name: w.name,
+      description: w.description,
+      bytes: w.bytes,
+      ours: { median: om, rssMiB: Math.max(...ourRuns.map((x) => x.rssKiB)) / 1024, runs: ourRuns.map((x) => x.seconds) },
+      theirs: { median: tm, rssMiB: Math.max(...theirRuns.map((x) => x.rssKiB)) / 1024, runs: theirRuns.map((x) => x.seconds) },
+      ratio: om / tm,
+    };
+    results.push(res);
+    const mbps = (sec: number) => `${(w.bytes / MiB / sec).toFixed(0)} MiB/s`;
+    console.log(
+      `${w.name.padEnd(30)} ours ${om.toFixed(3)}s (${mbps(om)}, ${res.ours.rssMiB.toFixed(0)} MiB RSS)  qemu ${tm.toFixed(3)}s (${mbps(tm)}, ${res.theirs.rssMiB.toFixed(0)} MiB RSS)  ratio ${res.ratio.toFixed(2)}`,
+    );
+  }
+  if (want('7-nbd')) {
+    try {
+      // Loaded by path at run time: the NBD benchmark is optional.
+      const nbdModule = '../nbd/bench.js';
+      const nbd = (await import(nbdModule).catch(() => undefined)) as { runNbdBench?: (image: string, reps: number) => Promise<unknown> } | undefined;
+      if (nbd?.runNbdBench) {
+        const r = await nbd.runNbdBench(p('bench.qcow2'), args.reps);
+        console.log(`7-nbd                          ${JSON.stringify(r)}`);
+        (results as unknown[]).push({ name: '7-nbd', result: r });
+      } else console.log('7-nbd                          not available (src/nbd/bench.ts missing)');
+    } catch (e) {
+      console.log(`7-nbd                          FAILED: ${(e as Error).message.split('\n')[0]}`);
+    }
+  }
+  await mkdir('bench-results', { recursive: true });
+  await writeFile('bench-results/latest.json', JSON.stringify({ date: new Date().toISOString(), reps: args.reps, scale: args.scale, results }, null, 2) + '\n');
+  console.log('results written to bench-results/latest.json');
+  if (!args.keep) {
+    for (const f of ['empty-a.qcow2', 'empty-b.qcow2']) await rm(p(f), { force: true });
+  }
+}
+
+main().catch((e) => {
+  console.error(`bench: ${(e as Error).message}`);
+  process.exitCode = 1;
+});
