@@ -1,0 +1,562 @@
+/**
+ * A qcow (version 1) image as a BlockDevice.
+ *
+ * Reads look each guest cluster up through L1 -> L2, join clusters whose host bytes run on into one
+ * file read, send unallocated ranges to the backing image, inflate compressed clusters (never
+ * decrypted, as in QEMU) and decrypt AES sectors.
+ *
+ * Writes run one at a time under a mutex (reads do not wait). Clusters that already hold normal
+ * data are written in place. Every other touched cluster gets a new cluster at the end of the
+ * file, filled with what the guest saw there before (the backing image, the inflated compressed
+ * cluster, or zeros) and the new bytes; L2 tables are allocated at the end of the file too, in the
+ * order QEMU allocates them. Crash safety comes from ordering: the new clusters and any new L2
+ * tables are written and flushed first; only then are L2 entries in existing tables and L1
+ * entries for new tables written. A crash can leak space, never leave an entry that points at
+ * bytes not yet written.
+ */
+import type { BlockExtent, ImageDescription, OpenOptions, WriteOptions, ZeroOptions } from '../../core/block-device.js';
+import { DeviceBase } from '../../core/device-base.js';
+import { QcowError, corrupt, invalidArgument, unsupported } from '../../core/errors.js';
+import { Mutex } from '../../core/mutex.js';
+import { alignDown, alignUp, utf8, view } from '../../core/bytes.js';
+import type { ByteStore } from '../../storage/types.js';
+import type { SectorCipher } from '../../crypto/types.js';
+import { legacyAesCipher } from '../../crypto/legacy-aes.js';
+import { deflateRaw, inflateRaw } from '#compress';
+import { CRYPT_AES, HEADER_SIZE, decodeHeader, l1SizeOf, virtualSizeOf, type QcowHeader } from './header.js';
+import { compressedEntry, decodeEntry, normalEntry, type ClusterEntry } from './l2-entry.js';
+import { L2Cache } from './l2-cache.js';
+
+const SECTOR = 512;
+/** Default memory for cached L2 tables. */
+export const DEFAULT_L2_CACHE_BYTES = 1 << 20;
+/** Writes are carried out in pieces of at most this many bytes (whole clusters). */
+const WRITE_PIECE = 4 << 20;
+
+/** A run of guest bytes with one kind of mapping. Normal runs have contiguous host bytes. */
+interface Piece {
+  guest: number;
+  length: number;
+  entry: ClusterEntry;
+  /** Normal clusters: the host offset of `guest`. */
+  host?: number;
+}
+
+/** One cluster touched by a write. */
+interface Touch {
+  index: number;
+  inCluster: number;
+  length: number;
+  /** Where the bytes come from in the caller's buffer. */
+  dataOffset: number;
+  entry: ClusterEntry;
+}
+
+/** What a write has allocated but not yet linked into the image. */
+interface Batch {
+  /** Bytes to write before the flush: new clusters and new L2 tables. */
+  writes: { host: number; bytes: Uint8Array }[];
+  /** L2 entries to set, by L1 index. */
+  entries: Map<number, { index: number; value: bigint }[]>;
+  /** L2 tables allocated by this batch, by L1 index. */
+  newTables: Map<number, { offset: number; table: BigUint64Array }>;
+}
+
+export class Qcow1Device extends DeviceBase {
+  readonly format = 'qcow';
+  readonly clusterSize: number;
+  readonly header: QcowHeader;
+  /** The backing file name as stored (no format is stored in qcow v1). */
+  readonly backingName: string | undefined;
+  private readonly clusterBits: number;
+  private readonly l2Entries: number;
+  private readonly l2Bytes: number;
+  /** The L1 table as on disk (big-endian), kept whole in memory. */
+  private readonly l1: Uint8Array;
+  private readonly l1View: DataView;
+  private readonly l2Cache: L2Cache;
+  private readonly mutex = new Mutex();
+  private readonly cipher: SectorCipher | null;
+  /** Where the next allocation goes from: the file's length as we have grown it. */
+  private eof: number;
+  private lastInflated: { entry: bigint; data: Uint8Array } | null = null;
+
+  private constructor(store: ByteStore, readOnly: boolean, header: QcowHeader, l1: Uint8Array, backingName: string | undefined, cipher: SectorCipher | null, eof: number, cacheBytes: number) {
+    super(store, virtualSizeOf(header), readOnly);
+    this.header = header;
+    this.clusterBits = header.clusterBits;
+    this.clusterSize = 2 ** header.clusterBits;
+    this.l2Entries = 2 ** header.l2Bits;
+    this.l2Bytes = 8 * this.l2Entries;
+    this.l1 = l1;
+    this.l1View = view(l1);
+    this.backingName = backingName;
+    this.cipher = cipher;
+    this.eof = eof;
+    this.l2Cache = new L2Cache(this.l2Bytes, cacheBytes);
+  }
+
+  static async open(store: ByteStore, options: OpenOptions = {}): Promise<Qcow1Device> {
+    const fileSize = await store.size();
+    const head = new Uint8Array(HEADER_SIZE);
+    await store.read(0, head);
+    const header = decodeHeader(head, fileSize);
+
+    let backingName: string | undefined;
+    if (header.backingFileSize > 0) {
+      const raw = new Uint8Array(header.backingFileSize);
+      await store.read(header.backingFileOffset, raw);
+      // QEMU holds the name as a C string: a NUL ends it early.
+      const nul = raw.indexOf(0);
+      const name = utf8(nul < 0 ? raw : raw.subarray(0, nul));
+      if (name !== '') backingName = name;
+    }
+
+    let cipher: SectorCipher | null = null;
+    if (header.cryptMethod === CRYPT_AES) {
+      if (options.password !== undefined) cipher = await legacyAesCipher(options.password);
+      else if (!options.inspectOnly) throw new QcowError('QCOW_NEED_PASSWORD', 'image is encrypted (AES): a password is needed (--password-file FILE)');
+    }
+
+    const l1 = new Uint8Array(8 * l1SizeOf(header));
+    await store.read(header.l1TableOffset, l1);
+
+    const readOnly = options.readOnly ?? store.readOnly;
+    const dev = new Qcow1Device(store, readOnly, header, l1, backingName, cipher, fileSize, options.cacheBytes ?? DEFAULT_L2_CACHE_BYTES);
+    if (backingName !== undefined && options.openBacking) {
+      // The format of the backing file is not recorded in qcow v1: the opener probes it.
+      dev.backing = await options.openBacking(backingName, undefined);
+    }
+    return dev;
+  }
+
+  get encrypted(): boolean {
+    return this.header.cryptMethod === CRYPT_AES;
+  }
+
+  // ---------------------------------------------------------------- lookup
+
+  /** The L2 table offset in L1 entry `i`, or 0. */
+  private l1Entry(i: number): number {
+    const v = this.l1View.getBigUint64(8 * i);
+    if (v === 0n) return 0;
+    if (v > BigInt(Number.MAX_SAFE_INTEGER - this.l2Bytes)) throw corrupt(`L1 entry ${i}: L2 table offset 0x${v.toString(16)} is too large`, this.filename);
+    return Number(v);
+  }
+
+  private l2Table(offset: number): Promise<BigUint64Array> {
+    return this.l2Cache.get(offset, async (off) => {
+      // Bytes past the end of the file read as zeros, as in QEMU (entries there are unallocated).
+      const raw = new Uint8Array(this.l2Bytes);
+      await this.store.read(off, raw);
+      const dv = view(raw);
+      const table = new BigUint64Array(this.l2Entries);
+      for (let i = 0; i < table.length; i++) table[i] = dv.getBigUint64(8 * i);
+      return table;
+    });
+  }
+
+  private decode(raw: bigint, index: number): ClusterEntry {
+    try {
+      return decodeEntry(raw, this.clusterBits);
+    } catch (e) {
+      if (e instanceof QcowError) {
+        e.message = `guest cluster ${index}: ${e.message}`;
+        e.file ??= this.filename;
+      }
+      throw e;
+    }
+  }
+
+  /** Calls `each` for every cluster of [offset, offset+length) in order, with its entry. */
+  private async forEachCluster(offset: number, length: number, each: (index: number, inCluster: number, n: number, entry: ClusterEntry) => void): Promise<void> {
+    const cs = this.clusterSize;
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      let index = Math.floor(pos / cs);
+      const l1i = Math.floor(index / this.l2Entries);
+      const l2Offset = this.l1Entry(l1i);
+      const table = l2Offset ? await this.l2Table(l2Offset) : null;
+      const tableEnd = Math.min(end, (l1i + 1) * this.l2Entries * cs);
+      while (pos < tableEnd) {
+        const inCluster = pos - index * cs;
+        const n = Math.min(cs - inCluster, tableEnd - pos);
+        const raw = table ? table[index % this.l2Entries]! : 0n;
+        each(index, inCluster, n, raw === 0n ? UNALLOCATED : this.decode(raw, index));
+        pos += n;
+        index++;
+      }
+    }
+  }
+
+  private async entryOf(index: number): Promise<ClusterEntry> {
+    const l2Offset = this.l1Entry(Math.floor(index / this.l2Entries));
+    if (!l2Offset) return UNALLOCATED;
+    const raw = (await this.l2Table(l2Offset))[index % this.l2Entries]!;
+    return raw === 0n ? UNALLOCATED : this.decode(raw, index);
+  }
+
+  /** The mapping of a guest range as runs: unallocated runs and host-contiguous normal runs joined. */
+  private async pieces(offset: number, length: number): Promise<Piece[]> {
+    const out: Piece[] = [];
+    const cs = this.clusterSize;
+    await this.forEachCluster(offset, length, (index, inCluster, n, entry) => {
+      const guest = index * cs + inCluster;
+      const last = out[out.length - 1];
+      if (entry.kind === 'normal') {
+        const host = entry.hostOffset + inCluster;
+        if (last?.entry.kind === 'normal' && last.host! + last.length === host) last.length += n;
+        else out.push({ guest, length: n, entry, host });
+      } else if (entry.kind === 'unallocated' && last?.entry.kind === 'unallocated') {
+        last.length += n;
+      } else {
+        out.push({ guest, length: n, entry });
+      }
+    });
+    return out;
+  }
+
+  // ---------------------------------------------------------------- read
+
+  protected async doRead(offset: number, into: Uint8Array): Promise<void> {
+    for (const p of await this.pieces(offset, into.length)) {
+      const part = into.subarray(p.guest - offset, p.guest - offset + p.length);
+      switch (p.entry.kind) {
+        case 'unallocated':
+          await this.readBacking(p.guest, part);
+          break;
+        case 'normal':
+          await this.readNormal(p.host!, p.guest, part);
+          break;
+        case 'compressed': {
+          const cluster = await this.inflate(p.entry);
+          const inCluster = p.guest % this.clusterSize;
+          part.set(cluster.subarray(inCluster, inCluster + p.length));
+          break;
+        }
+      }
+    }
+  }
+
+  private async readNormal(host: number, guest: number, into: Uint8Array): Promise<void> {
+    if (!this.encrypted) {
+      await this.store.read(host, into);
+      return;
+    }
+    const cipher = this.requireCipher();
+    // Whole sectors: each is enciphered on its own with its guest sector number as IV.
+    const start = alignDown(guest, SECTOR);
+    const end = alignUp(guest + into.length, SECTOR);
+    const sealed = new Uint8Array(end - start);
+    await this.store.read(host - (guest - start), sealed);
+    const plain = await cipher.decrypt(sealed, start / SECTOR);
+    into.set(plain.subarray(guest - start, guest - start + into.length));
+  }
+
+  /** A compressed cluster, inflated (the most recent one is kept, as QEMU does). */
+  private async inflate(entry: Extract<ClusterEntry, { kind: 'compressed' }>): Promise<Uint8Array> {
+    const last = this.lastInflated;
+    if (last && last.entry === entry.raw) return last.data;
+    const packed = new Uint8Array(entry.compressedSize);
+    await this.store.read(entry.hostOffset, packed);
+    let data: Uint8Array;
+    try {
+      data = await inflateRaw(packed, this.clusterSize);
+    } catch (e) {
+      if (e instanceof QcowError) {
+        e.message = `compressed cluster at 0x${entry.hostOffset.toString(16)} (${entry.compressedSize} bytes): ${e.message}`;
+        e.file ??= this.filename;
+      }
+      throw e;
+    }
+    this.lastInflated = { entry: entry.raw, data };
+    return data;
+  }
+
+  private requireCipher(): SectorCipher {
+    if (!this.cipher) throw new QcowError('QCOW_NEED_PASSWORD', 'image is encrypted (AES): a password is needed to read or write its data', { file: this.filename });
+    return this.cipher;
+  }
+
+  // ---------------------------------------------------------------- write
+
+  protected async doWrite(offset: number, data: Uint8Array, _options: WriteOptions): Promise<void> {
+    if (this.encrypted) this.requireCipher();
+    await this.mutex.run(() => this.writeLocked(offset, data));
+  }
+
+  private async writeLocked(offset: number, data: Uint8Array): Promise<void> {
+    // Pieces of whole clusters, so a huge request never needs a huge buffer at once.
+    for (let done = 0; done < data.length; ) {
+      const pos = offset + done;
+      const n = Math.min(data.length - done, alignDown(pos + WRITE_PIECE, this.clusterSize) - pos);
+      await this.writePiece(pos, data.subarray(done, done + n));
+      done += n;
+    }
+  }
+
+  private async writePiece(offset: number, data: Uint8Array): Promise<void> {
+    const cs = this.clusterSize;
+    const touches: Touch[] = [];
+    await this.forEachCluster(offset, data.length, (index, inCluster, length, entry) => {
+      touches.push({ index, inCluster, length, dataOffset: index * cs + inCluster - offset, entry });
+    });
+
+    // Clusters that hold normal data take the bytes in place; host neighbours are written together.
+    const inPlace: { host: number; guest: number; start: number; end: number }[] = [];
+    const batch = newBatch();
+    for (const t of touches) {
+      if (t.entry.kind === 'normal') {
+        this.checkWritableCluster(t.entry.hostOffset, t.index);
+        const host = t.entry.hostOffset + t.inCluster;
+        const last = inPlace[inPlace.length - 1];
+        if (last && last.end === t.dataOffset && last.host + (last.end - last.start) === host) last.end += t.length;
+        else inPlace.push({ host, guest: t.index * cs + t.inCluster, start: t.dataOffset, end: t.dataOffset + t.length });
+        continue;
+      }
+      // A new cluster: what the guest saw there before, with the new bytes over it.
+      const bytes = await this.newClusterContent(t, data.subarray(t.dataOffset, t.dataOffset + t.length));
+      await this.allocate(batch, t.index, bytes, 'normal');
+    }
+    for (const r of inPlace) await this.writeInPlace(r.host, r.guest, data.subarray(r.start, r.end));
+    await this.commit(batch);
+  }
+
+  /** A full cluster for `t`: its old content (backing, inflated, or zeros), the new bytes, enciphered. */
+  private async newClusterContent(t: Touch, part: Uint8Array): Promise<Uint8Array> {
+    const cs = this.clusterSize;
+    const guest = t.index * cs;
+    let cluster: Uint8Array;
+    if (t.inCluster === 0 && t.length === cs) cluster = part.slice();
+    else {
+      if (t.entry.kind === 'compressed') cluster = (await this.inflate(t.entry)).slice();
+      else {
+        cluster = new Uint8Array(cs);
+        // QEMU leaves the rest of the cluster zero here (it never copies from the backing file);
+        // that would hide the backing image's bytes, so they are copied in (qcow1.md §6.3).
+        if (this.backing) await this.readBacking(guest, cluster.subarray(0, Math.min(cs, this.size - guest)));
+      }
+      cluster.set(part, t.inCluster);
+    }
+    return this.cipher ? this.cipher.encrypt(cluster, guest / SECTOR) : cluster;
+  }
+
+  private async writeInPlace(host: number, guest: number, part: Uint8Array): Promise<void> {
+    if (!this.cipher) {
+      await this.store.write(host, part);
+      return;
+    }
+    const start = alignDown(guest, SECTOR);
+    const end = alignUp(guest + part.length, SECTOR);
+    let plain: Uint8Array;
+    if (start === guest && end === guest + part.length) plain = part;
+    else {
+      // A sector is the unit of encryption: merge the new bytes into the old sector contents.
+      const sealed = new Uint8Array(end - start);
+      await this.store.read(host - (guest - start), sealed);
+      plain = await this.cipher.decrypt(sealed, start / SECTOR);
+      plain.set(part, guest - start);
+    }
+    await this.store.write(host - (guest - start), await this.cipher.encrypt(plain, start / SECTOR));
+  }
+
+  /** An in-place write must land in the file's data area, never on the header or L1 table. */
+  private checkWritableCluster(host: number, index: number): void {
+    const metadataEnd = this.header.l1TableOffset + this.l1.length;
+    if (host < metadataEnd || host > this.eof) {
+      throw corrupt(`guest cluster ${index}: L2 entry points at 0x${host.toString(16)}, outside the data area (0x${metadataEnd.toString(16)}..0x${this.eof.toString(16)}); refusing to write`, this.filename);
+    }
+    if (host + this.clusterSize > this.eof) this.eof = host + this.clusterSize;
+  }
+
+  /** The L2 table that will hold the entry for L1 index `l1i`: existing, or new in this batch. */
+  private async tableForWrite(batch: Batch, l1i: number): Promise<void> {
+    if (batch.newTables.has(l1i)) return;
+    const existing = this.l1Entry(l1i);
+    if (existing) {
+      if (existing < this.header.l1TableOffset + this.l1.length || existing + this.l2Bytes > this.eof) {
+        throw corrupt(`L1 entry ${l1i}: L2 table at 0x${existing.toString(16)} is outside the file's data area; refusing to write`, this.filename);
+      }
+      return;
+    }
+    // QEMU puts a new L2 table at the end of the file, cluster-aligned, before the cluster that needed it.
+    const offset = alignUp(this.eof, this.clusterSize);
+    this.eof = offset + this.l2Bytes;
+    batch.newTables.set(l1i, { offset, table: new BigUint64Array(this.l2Entries) });
+  }
+
+  /** Reserve space at the end of the file for a cluster's bytes and record its new entry. */
+  private async allocate(batch: Batch, index: number, bytes: Uint8Array, kind: 'normal' | 'compressed'): Promise<void> {
+    const l1i = Math.floor(index / this.l2Entries);
+    await this.tableForWrite(batch, l1i);
+    let host: number;
+    let value: bigint;
+    if (kind === 'normal') {
+      host = alignUp(this.eof, this.clusterSize);
+      this.eof = host + this.clusterSize;
+      value = normalEntry(host);
+    } else {
+      // Compressed clusters go right after the last byte, on a sector boundary, as QEMU puts them.
+      host = alignUp(this.eof, SECTOR);
+      this.eof = host + bytes.length;
+      value = compressedEntry(host, bytes.length, this.clusterBits);
+    }
+    batch.writes.push({ host, bytes });
+    let list = batch.entries.get(l1i);
+    if (!list) batch.entries.set(l1i, (list = []));
+    list.push({ index: index % this.l2Entries, value });
+  }
+
+  /** Write the batch's data and new tables, flush, then link them in (L2 entries, then L1 entries). */
+  private async commit(batch: Batch): Promise<void> {
+    if (batch.writes.length === 0) return;
+    for (const [l1i, { offset, table }] of batch.newTables) {
+      for (const e of batch.entries.get(l1i) ?? []) table[e.index] = e.value;
+      batch.writes.push({ host: offset, bytes: encodeTable(table) });
+    }
+    batch.writes.sort((a, b) => a.host - b.host);
+    for (let i = 0; i < batch.writes.length; ) {
+      // Neighbouring writes go out as one.
+      let j = i + 1;
+      let end = batch.writes[i]!.host + batch.writes[i]!.bytes.length;
+      while (j < batch.writes.length && batch.writes[j]!.host === end) end += batch.writes[j++]!.bytes.length;
+      await this.store.write(batch.writes[i]!.host, j === i + 1 ? batch.writes[i]!.bytes : concat(batch.writes.slice(i, j).map((w) => w.bytes)));
+      i = j;
+    }
+    await this.store.flush();
+
+    for (const [l1i, list] of batch.entries) {
+      if (batch.newTables.has(l1i)) continue;
+      const offset = this.l1Entry(l1i);
+      const table = await this.l2Table(offset);
+      let lo = Infinity;
+      let hi = -1;
+      for (const e of list) {
+        table[e.index] = e.value;
+        lo = Math.min(lo, e.index);
+        hi = Math.max(hi, e.index);
+      }
+      await this.store.write(offset + 8 * lo, encodeTable(table.subarray(lo, hi + 1)));
+      this.l2Cache.put(offset, table); // it may have been evicted while we held it
+    }
+    let lo = Infinity;
+    let hi = -1;
+    for (const [l1i, { offset, table }] of batch.newTables) {
+      this.l2Cache.put(offset, table);
+      this.l1View.setBigUint64(8 * l1i, BigInt(offset));
+      lo = Math.min(lo, l1i);
+      hi = Math.max(hi, l1i);
+    }
+    if (hi >= 0) await this.store.write(this.header.l1TableOffset + 8 * lo, this.l1.subarray(8 * lo, 8 * (hi + 1)));
+  }
+
+  /**
+   * Store one cluster compressed (`offset` cluster-aligned; `data` a whole cluster, or the image's
+   * last partial cluster). A cluster that does not shrink is stored as normal data. A cluster that
+   * already holds normal data is overwritten in place, uncompressed: its space is in use anyway,
+   * and QEMU 7.2's in-place compressed overwrite leaves the guest reading deflate bytes.
+   */
+  async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    this.checkWritable();
+    this.checkRequest(offset, data.length);
+    const cs = this.clusterSize;
+    if (offset % cs !== 0 || data.length === 0 || data.length > cs || (data.length < cs && offset + data.length !== this.size)) {
+      throw invalidArgument(`compressed writes must cover exactly one cluster (${cs} bytes, cluster-aligned; the last one may be short): got [${offset}, +${data.length})`);
+    }
+    if (this.encrypted) throw unsupported('Compression and encryption not supported at the same time (QEMU would store the cluster unencrypted)', this.filename);
+    const cluster = new Uint8Array(cs);
+    cluster.set(data);
+    // Deflate outside the lock: parallel writers compress at the same time.
+    const packed = await deflateRaw(cluster);
+    await this.mutex.run(async () => {
+      const index = offset / cs;
+      if (packed.length >= cs || (await this.entryOf(index)).kind === 'normal') {
+        await this.writePiece(offset, data);
+        return;
+      }
+      const batch = newBatch();
+      await this.allocate(batch, index, packed, 'compressed');
+      await this.commit(batch);
+    });
+  }
+
+  /** Zeros need no writing where the image already reads as zeros (unallocated, no backing file). */
+  protected override async doWriteZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
+    await this.mutex.run(async () => {
+      const todo = this.backing ? [{ guest: offset, length }] : (await this.pieces(offset, length)).filter((p) => p.entry.kind !== 'unallocated');
+      if (todo.length > 0 && options.fastOnly) throw unsupported('qcow: fast zeroing is not supported (there is no zero flag)', this.filename);
+      for (const p of todo) {
+        const zeros = new Uint8Array(Math.min(p.length, WRITE_PIECE));
+        for (let done = 0; done < p.length; done += zeros.length) {
+          const n = Math.min(zeros.length, p.length - done);
+          await this.writeLocked(p.guest + done, zeros.subarray(0, n));
+        }
+      }
+    });
+  }
+
+  // ---------------------------------------------------------------- the rest
+
+  protected async doBlockStatus(offset: number, length: number): Promise<BlockExtent[]> {
+    return (await this.pieces(offset, length)).map((p): BlockExtent => {
+      switch (p.entry.kind) {
+        case 'unallocated':
+          return { offset: p.guest, length: p.length, allocated: false, zero: !this.backing, data: false };
+        case 'compressed':
+          return { offset: p.guest, length: p.length, allocated: true, zero: false, data: true, compressed: true };
+        case 'normal': {
+          const e: BlockExtent = { offset: p.guest, length: p.length, allocated: true, zero: false, data: true };
+          // As QEMU: enciphered bytes are not the guest's bytes, so no host offset is given.
+          if (!this.encrypted) e.hostOffset = p.host!;
+          return e;
+        }
+      }
+    });
+  }
+
+  async describe(): Promise<ImageDescription> {
+    const d: ImageDescription = { format: 'qcow', virtualSize: this.size, clusterSize: this.clusterSize };
+    if (this.encrypted) d.encrypted = true;
+    if (this.backingName !== undefined) d.backingFilename = this.backingName;
+    return d;
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    await this.mutex.run(() => this.store.flush());
+  }
+
+  protected async doClose(): Promise<void> {
+    // Every write is complete when its promise resolves; wait for those still running.
+    await this.mutex.run(async () => {
+      if (!this.readOnly) await this.store.flush();
+    });
+    this.l2Cache.clear();
+    this.lastInflated = null;
+    await this.store.close();
+  }
+}
+
+const UNALLOCATED: ClusterEntry = { kind: 'unallocated' };
+
+function newBatch(): Batch {
+  return { writes: [], entries: new Map(), newTables: new Map() };
+}
+
+function encodeTable(entries: BigUint64Array): Uint8Array {
+  const out = new Uint8Array(8 * entries.length);
+  const dv = view(out);
+  for (let i = 0; i < entries.length; i++) dv.setBigUint64(8 * i, entries[i]!);
+  return out;
+}
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}
