@@ -1,0 +1,81 @@
+/**
+ * `qcow serve`: export an image over NBD, as qemu-nbd does. Quiet on success; errors are one
+ * line. --pid-file is written once the socket is listening, so scripts know when to connect.
+ * SIGINT/SIGTERM stop accepting, finish running requests, flush and close the image, exit 0.
+ */
+import { lstat, rm, writeFile } from 'node:fs/promises';
+import { QcowError } from '../../core/errors.js';
+import { NbdServer, type ListenAddress } from '../../nbd/server.js';
+import { openForCli } from '../common.js';
+
+interface Flags {
+  format?: string;
+  passwordFile?: string;
+  port?: string;
+  bind?: string;
+  socket?: string;
+  readOnly?: boolean;
+  exportName?: string;
+  description?: string;
+  persistent?: boolean;
+  shared?: string;
+  pidFile?: string;
+}
+
+export async function run(file: string, flags: Flags): Promise<number> {
+  const address = listenAddress(flags);
+  const maxClients = flags.shared === undefined ? 1 : positiveInt(flags.shared, '-e/--shared');
+  const dev = await openForCli(file, flags, { readOnly: !!flags.readOnly });
+  let server: NbdServer | undefined;
+  try {
+    server = new NbdServer({
+      exp: { name: flags.exportName ?? '', description: flags.description ?? '', device: dev, readOnly: !!flags.readOnly },
+      maxClients,
+      persistent: !!flags.persistent,
+      onError: (e) => process.stderr.write(`qcow: ${file}: connection dropped: ${e instanceof Error ? e.message : String(e)}\n`),
+    });
+    if ('path' in address) await removeStaleSocket(address.path);
+    await server.listen(address).catch((e: NodeJS.ErrnoException) => {
+      const where = 'path' in address ? address.path : `${address.host}:${address.port}`;
+      throw new QcowError('QCOW_IO', `cannot listen on ${where}: ${e.code ?? e.message}`, { cause: e });
+    });
+    if (flags.pidFile) await writeFile(flags.pidFile, `${process.pid}\n`);
+
+    const stop = () => void server!.close();
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+    await server.stopped;
+    process.off('SIGINT', stop);
+    process.off('SIGTERM', stop);
+    if (!dev.readOnly) await dev.flush();
+  } finally {
+    await dev.close();
+    if ('path' in address && server) await rm(address.path, { force: true });
+    if (flags.pidFile && server) await rm(flags.pidFile, { force: true });
+  }
+  return 0;
+}
+
+function listenAddress(flags: Flags): ListenAddress {
+  if (flags.socket !== undefined) {
+    if (flags.port !== undefined || flags.bind !== undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', '-k cannot be combined with -p or -b');
+    return { path: flags.socket };
+  }
+  const port = flags.port === undefined ? 10809 : Number(flags.port);
+  if (!Number.isInteger(port) || port < 0 || port > 65535) throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid port '${flags.port}'`);
+  return { port, host: flags.bind ?? '127.0.0.1' };
+}
+
+function positiveInt(text: string, what: string): number {
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < 1) throw new QcowError('QCOW_INVALID_ARGUMENT', `${what} must be a positive integer, not '${text}'`);
+  return n;
+}
+
+/** As qemu-nbd, reuse a socket path left by an earlier server; refuse to delete anything else. */
+async function removeStaleSocket(path: string): Promise<void> {
+  const st = await lstat(path).catch(() => undefined);
+  if (!st) return;
+  if (!st.isSocket()) throw new QcowError('QCOW_INVALID_ARGUMENT', `${path} exists and is not a socket`);
+  await rm(path);
+}
