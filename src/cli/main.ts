@@ -112,6 +112,23 @@ program
   .argument('<file>')
   .action(lazy('io'));
 
+program
+  .command('serve')
+  .description('export an image over NBD, as qemu-nbd (TCP 127.0.0.1:10809 unless told otherwise)')
+  .addOption(fmt())
+  .addOption(pw())
+  .option('-p, --port <port>', 'TCP port (default 10809)')
+  .option('-b, --bind <addr>', 'address to listen on (default 127.0.0.1)')
+  .option('-k, --socket <path>', 'listen on a Unix socket instead of TCP')
+  .option('-r, --read-only', 'export read-only')
+  .option('-x, --export-name <name>', "export name (default '')")
+  .option('-D, --description <text>', 'export description shown to clients')
+  .option('-t, --persistent', "keep serving after the last client disconnects")
+  .option('-e, --shared <n>', 'clients served at once (default 1)')
+  .option('--pid-file <file>', 'write the process id here once listening')
+  .argument('<file>')
+  .action(lazy('serve'));
+
 async function main(): Promise<void> {
   try {
     await program.parseAsync(process.argv);
