@@ -4,13 +4,13 @@
  */
 import { cbc, ecb } from '@noble/ciphers/aes.js';
 import { sha1 } from '@noble/hashes/legacy.js';
-import { sha256, sha512 } from '@noble/hashes/sha2.js';
+import { sha224, sha256, sha384, sha512 } from '@noble/hashes/sha2.js';
 import { pbkdf2Async } from '@noble/hashes/pbkdf2.js';
 import type { CryptoPrimitives, HashAlg } from './primitives.js';
 
 const SECTOR = 512;
 const BLOCK = 16;
-const HASHES = { sha1, sha256, sha512 } as const;
+const HASHES = { sha1, sha224, sha256, sha384, sha512 } as const;
 
 function cbcSectors(key: Uint8Array, ivs: Uint8Array, data: Uint8Array, encrypt: boolean): Uint8Array {
   const out = new Uint8Array(data.length);

@@ -7,9 +7,11 @@
  * The block operations work on batches of 512-byte sectors with one 16-byte IV (or XTS tweak) per
  * sector, so an implementation can amortise per-call setup over a whole cluster.
  */
-export type HashAlg = 'sha1' | 'sha256' | 'sha512';
+export type HashAlg = 'sha1' | 'sha224' | 'sha256' | 'sha384' | 'sha512';
 
-export const HASH_LENGTH: Readonly<Record<HashAlg, number>> = { sha1: 20, sha256: 32, sha512: 64 };
+export const HASH_LENGTH: Readonly<Record<HashAlg, number>> = { sha1: 20, sha224: 28, sha256: 32, sha384: 48, sha512: 64 };
+
+export const isHashAlg = (name: string): name is HashAlg => Object.hasOwn(HASH_LENGTH, name);
 
 export interface CryptoPrimitives {
   /**
