@@ -2,6 +2,7 @@
 import { FormatRegistry } from '../core/registry.js';
 import { rawFormat } from './raw/raw.js';
 import { qcowFormat } from './qcow1/index.js';
+import { qcow2Format } from './qcow2/format.js';
 
-export const builtinFormats = (): FormatRegistry => new FormatRegistry([rawFormat, qcowFormat]);
-export { rawFormat, qcowFormat };
+export const builtinFormats = (): FormatRegistry => new FormatRegistry([rawFormat, qcowFormat, qcow2Format]);
+export { rawFormat, qcowFormat, qcow2Format };

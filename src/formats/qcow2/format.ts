@@ -1,0 +1,27 @@
+/**
+ * The qcow2 ImageFormat: probing and opening. Creating images belongs to the writer (create.ts);
+ * until it lands, `create` refuses with QCOW_UNSUPPORTED.
+ */
+import type { CreateOptions, ImageFormat, OpenOptions } from '../../core/block-device.js';
+import { unsupported } from '../../core/errors.js';
+import type { ByteStore } from '../../storage/types.js';
+import { QCOW2_MAGIC } from './header.js';
+import { Qcow2Device } from './qcow2.js';
+
+export const qcow2Format: ImageFormat = {
+  name: 'qcow2',
+  /** Same magic as qcow v1: only versions 2 and 3 are ours. */
+  probe(head: Uint8Array): number {
+    if (head.length < 8) return 0;
+    const dv = new DataView(head.buffer, head.byteOffset, head.byteLength);
+    if (dv.getUint32(0) !== QCOW2_MAGIC) return 0;
+    const v = dv.getUint32(4);
+    return v === 2 || v === 3 ? 100 : 0;
+  },
+  open(store: ByteStore, options?: OpenOptions) {
+    return Qcow2Device.open(store, options);
+  },
+  async create(_store: ByteStore, _options: CreateOptions) {
+    throw unsupported('creating qcow2 images is not implemented yet');
+  },
+};

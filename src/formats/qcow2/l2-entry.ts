@@ -1,0 +1,97 @@
+/**
+ * L2 entries as pure data: decode one entry of an L2 table (standard 8-byte or extended 16-byte)
+ * into a `ClusterDescriptor`, and ask what one subcluster of it holds. No I/O here.
+ *
+ * API (the writer reuses it):
+ *   - `readL2Entry(table, index, ctx)` -> ClusterDescriptor
+ *   - `subclusterKind(desc, i)` -> SubclusterKind (i = 0 without extended L2)
+ *   - `compressedDescriptor(hi, lo, clusterBits)` -> { hostOffset, bound }
+ *
+ * Kinds follow qemu's names: ZERO_PLAIN is "reads zeros, no host cluster", ZERO_ALLOC "reads
+ * zeros, host cluster kept", UNALLOCATED_ALLOC (extended L2 only) "host cluster allocated but this
+ * subcluster falls through to the backing file".
+ */
+import { corrupt } from '../../core/errors.js';
+import { entryOffset } from './layout.js';
+
+export type SubclusterKind = 'unallocated' | 'unallocated-alloc' | 'zero-plain' | 'zero-alloc' | 'normal' | 'compressed';
+
+export interface L2Context {
+  clusterBits: number;
+  extendedL2: boolean;
+  /** An external data file: host offset 0 is a real offset there, told apart by the COPIED bit. */
+  externalDataFile: boolean;
+}
+
+export interface ClusterDescriptor {
+  /** The standard entry's kind; with extended L2, per-subcluster kinds come from the bitmap. */
+  kind: 'unallocated' | 'zero-plain' | 'zero-alloc' | 'normal' | 'compressed';
+  /** Host byte offset: the cluster (normal / zero-alloc) or the compressed stream (any byte). */
+  hostOffset: number;
+  /** Compressed only: bytes to read from hostOffset (an upper bound of the stream's length). */
+  compressedBound: number;
+  /** Extended L2 only: bits 0-31 allocated, 32-63 reads-as-zero, as two numbers. */
+  allocBitmap: number;
+  zeroBitmap: number;
+  /** The raw entry halves, for writers that need the flags (COPIED etc.). */
+  hi: number;
+  lo: number;
+}
+
+const COMPRESSED_BIT_HI = 0x40000000;
+const COPIED_BIT_HI = 0x80000000;
+
+export function readL2Entry(table: Uint8Array, index: number, ctx: L2Context): ClusterDescriptor {
+  const size = ctx.extendedL2 ? 16 : 8;
+  const dv = new DataView(table.buffer, table.byteOffset + index * size, size);
+  const hi = dv.getUint32(0);
+  const lo = dv.getUint32(4);
+  const desc: ClusterDescriptor = { kind: 'unallocated', hostOffset: 0, compressedBound: 0, allocBitmap: 0, zeroBitmap: 0, hi, lo };
+  if (ctx.extendedL2) {
+    // Bitmap word: high half = zero bits (32..63), low half = allocated bits (0..31).
+    desc.zeroBitmap = dv.getUint32(8);
+    desc.allocBitmap = dv.getUint32(12);
+  }
+  // The compressed flag comes first: bit 0 of a compressed descriptor is part of its offset.
+  if (hi & COMPRESSED_BIT_HI) {
+    const c = compressedDescriptor(hi, lo, ctx.clusterBits);
+    desc.kind = 'compressed';
+    desc.hostOffset = c.hostOffset;
+    desc.compressedBound = c.bound;
+    return desc;
+  }
+  const host = entryOffset(hi, lo, 'L2 entry');
+  if (host % 2 ** ctx.clusterBits !== 0) throw corrupt(`L2 entry 0x${hex(hi, lo)}: cluster offset 0x${host.toString(16)} is not cluster aligned`);
+  const hasHost = host !== 0 || (ctx.externalDataFile && (hi & COPIED_BIT_HI) !== 0);
+  desc.hostOffset = host;
+  if (!ctx.extendedL2 && lo & 1) desc.kind = host !== 0 ? 'zero-alloc' : 'zero-plain';
+  else desc.kind = hasHost ? 'normal' : 'unallocated';
+  return desc;
+}
+
+/** What subcluster `i` (0..31; always 0 without extended L2) of a cluster reads from. */
+export function subclusterKind(d: ClusterDescriptor, i: number, extendedL2: boolean): SubclusterKind {
+  if (!extendedL2 || d.kind === 'compressed') return d.kind;
+  const alloc = (d.allocBitmap >>> i) & 1;
+  const zero = (d.zeroBitmap >>> i) & 1;
+  if (alloc && zero) throw corrupt(`extended L2 entry: subcluster ${i} is marked both allocated and zero`);
+  if (d.kind === 'normal') return alloc ? 'normal' : zero ? 'zero-alloc' : 'unallocated-alloc';
+  if (alloc) throw corrupt(`extended L2 entry: subcluster ${i} is allocated but the cluster has no host offset`);
+  return zero ? 'zero-plain' : 'unallocated';
+}
+
+/**
+ * A compressed descriptor (bits 0..61): the low x = 62 - (cluster_bits - 8) bits are the host byte
+ * offset, the next cluster_bits - 8 bits the number of 512-byte sectors beyond the first.
+ */
+export function compressedDescriptor(hi: number, lo: number, clusterBits: number): { hostOffset: number; bound: number } {
+  const e = (BigInt(hi & 0x3fffffff) << 32n) | BigInt(lo >>> 0);
+  const x = BigInt(62 - (clusterBits - 8));
+  const off = e & ((1n << x) - 1n);
+  const nsec = ((e >> x) & ((1n << BigInt(clusterBits - 8)) - 1n)) + 1n;
+  if (off > BigInt(Number.MAX_SAFE_INTEGER) - nsec * 512n) throw corrupt(`compressed cluster descriptor 0x${hex(hi, lo)}: offset is too large`);
+  const hostOffset = Number(off);
+  return { hostOffset, bound: Number(nsec) * 512 - (hostOffset % 512) };
+}
+
+const hex = (hi: number, lo: number) => (hi >>> 0).toString(16).padStart(8, '0') + (lo >>> 0).toString(16).padStart(8, '0');

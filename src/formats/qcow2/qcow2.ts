@@ -1,0 +1,381 @@
+/**
+ * The QCOW2 block device (v2 and v3): opening (header, features, L1, snapshots, data file,
+ * encryption), reading through L1/L2 with a bounded L2 cache, and allocation status.
+ *
+ * Reading is split so the writer can reuse it:
+ *   - `mapRuns(offset, length)`: guest range -> runs of one subcluster kind each (`GuestRun`),
+ *     contiguous host ranges already merged, so each `normal` run is one store read.
+ *   - `readRun(run, into)`: fills `into` with the run's guest bytes (data, zeros, backing or a
+ *     decompressed cluster).
+ *   - `l2TableFor(guestOffset)`: the cached L2 table (a `CachedTable` from l2-cache.ts, with its
+ *     dirty flag) or null when the L1 entry is empty.
+ * Write methods throw QCOW_UNSUPPORTED until the writer adds them.
+ */
+import type { BlockExtent, ImageDescription, OpenOptions, WriteOptions } from '../../core/block-device.js';
+import { DeviceBase } from '../../core/device-base.js';
+import { QcowError, corrupt, unsupported } from '../../core/errors.js';
+import type { ByteStore } from '../../storage/types.js';
+import { HEADER_PROBE_BYTES, COMPRESSION_ZSTD, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
+import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, AUTOCLEAR_DATA_FILE_RAW, checkIncompatibleFeatures, hasFeature } from './features.js';
+import { MAX_L1_BYTES, entryOffset, l1EntriesFor, qcow2Geometry, type Qcow2Geometry } from './layout.js';
+import { readL2Entry, subclusterKind, type ClusterDescriptor, type L2Context, type SubclusterKind } from './l2-entry.js';
+import { TableCache, type CachedTable } from './l2-cache.js';
+import { findSnapshot, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
+import { decompressCluster } from './compressed.js';
+import { describeQcow2 } from './describe.js';
+import { openEncryption, type Qcow2Encryption } from './encryption.js';
+
+/** Default L2 cache budget: 32 MiB of tables maps 128 GiB with 64 KiB clusters. */
+export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
+
+/** A guest range whose every byte has the same kind in this layer. */
+export interface GuestRun {
+  offset: number;
+  length: number;
+  kind: SubclusterKind;
+  /** Host offset of the run's first byte, for normal / zero-alloc / unallocated-alloc runs. */
+  hostOffset?: number;
+  /** Compressed runs (never merged across clusters): the cluster's descriptor and guest start. */
+  descriptor?: ClusterDescriptor;
+  clusterStart?: number;
+}
+
+export interface Qcow2OpenState {
+  store: ByteStore;
+  header: Qcow2Header;
+  fileSize: number;
+  readOnly: boolean;
+  options: OpenOptions;
+}
+
+export class Qcow2Device extends DeviceBase {
+  readonly format = 'qcow2';
+  readonly clusterSize: number;
+  header: Qcow2Header;
+  readonly geometry: Qcow2Geometry;
+  /** Current length of the image file; the writer keeps it up to date as it allocates. */
+  fileSize: number;
+  /** The L1 table in use (active, or the opened snapshot's), as raw big-endian bytes. */
+  l1: Uint8Array;
+  l1Entries: number;
+  readonly l2Cache: TableCache;
+  readonly l2Context: L2Context;
+  /** Where guest data lives: the image itself, or the external data file. */
+  dataStore: ByteStore;
+  snapshots: Qcow2Snapshot[] = [];
+  /** The snapshot opened with OpenOptions.snapshot, if any (then the device is read-only). */
+  openedSnapshot: Qcow2Snapshot | undefined;
+  encryption: Qcow2Encryption | null = null;
+  /** The last decompressed cluster, by descriptor host offset: small sequential reads hit it. */
+  private lastCompressed: { hostOffset: number; data: Uint8Array } | null = null;
+
+  protected constructor(s: Qcow2OpenState) {
+    super(s.store, s.header.size, s.readOnly);
+    this.header = s.header;
+    this.fileSize = s.fileSize;
+    this.geometry = qcow2Geometry(s.header.clusterBits, hasFeature(s.header.incompatibleFeatures, INCOMPAT_EXTL2));
+    this.clusterSize = this.geometry.clusterSize;
+    this.l1 = new Uint8Array(0);
+    this.l1Entries = 0;
+    this.dataStore = s.store;
+    this.l2Context = {
+      clusterBits: s.header.clusterBits,
+      extendedL2: this.geometry.extendedL2,
+      externalDataFile: hasFeature(s.header.incompatibleFeatures, INCOMPAT_DATA_FILE),
+    };
+    this.l2Cache = new TableCache({
+      tableBytes: this.clusterSize,
+      budgetBytes: s.options.cacheBytes ?? DEFAULT_L2_CACHE_BYTES,
+      load: (off, into) => this.loadTable(off, into, 'L2 table'),
+      writeBack: (off, data) => this.writeTable(off, data),
+    });
+  }
+
+  static async open(store: ByteStore, options: OpenOptions = {}): Promise<Qcow2Device> {
+    const fileSize = await store.size();
+    const head = new Uint8Array(Math.min(HEADER_PROBE_BYTES, fileSize));
+    await store.read(0, head);
+    const clusterBits = peekClusterBits(head);
+    const first = new Uint8Array(Math.min(2 ** clusterBits, fileSize));
+    await store.read(0, first);
+    const header = decodeHeader(first);
+    checkIncompatibleFeatures(header);
+    const readOnly = (options.readOnly ?? store.readOnly) || options.snapshot !== undefined;
+    if (hasFeature(header.incompatibleFeatures, INCOMPAT_CORRUPT) && !readOnly) {
+      throw corrupt('Image is corrupt; cannot be opened read/write');
+    }
+    const dev = new Qcow2Device({ store, header, fileSize, readOnly, options });
+    try {
+      await dev.init(options);
+    } catch (e) {
+      await dev.releaseOpened();
+      throw e;
+    }
+    return dev;
+  }
+
+  /** Everything after the header: validation, L1, snapshots, data file, encryption, backing. */
+  protected async init(options: OpenOptions): Promise<void> {
+    const h = this.header;
+    const g = this.geometry;
+    if (g.extendedL2 && h.clusterBits < 14) throw corrupt('extended L2 entries need a cluster size of at least 16 KiB');
+    if (h.cryptMethod > 2) throw unsupported(`qcow2 header: unknown encryption method ${h.cryptMethod}`);
+    if (h.version === 2 && h.refcountOrder !== 4) throw corrupt('qcow2 v2 header: refcount_order must be 4');
+    this.checkAligned(h.l1TableOffset, 'L1 table offset');
+    this.checkAligned(h.refcountTableOffset, 'refcount table offset');
+
+    if (options.snapshot !== undefined || h.nbSnapshots > 0) {
+      this.snapshots = await readSnapshotTable(this.store, h.nbSnapshots, h.snapshotsOffset, this.fileSize);
+    }
+    if (options.snapshot !== undefined) {
+      const snap = findSnapshot(this.snapshots, options.snapshot);
+      this.openedSnapshot = snap;
+      if (snap.diskSize !== undefined) this.size = snap.diskSize;
+      this.l1 = await this.readL1(snap.l1TableOffset, snap.l1Size, `snapshot '${snap.name}' L1 table`);
+      this.l1Entries = snap.l1Size;
+    } else {
+      this.l1 = await this.readL1(h.l1TableOffset, h.l1Size, 'L1 table');
+      this.l1Entries = h.l1Size;
+    }
+    if (this.l1Entries < l1EntriesFor(this.size, g)) {
+      throw corrupt(`L1 table is too small: ${this.l1Entries} entries for a ${this.size}-byte image`);
+    }
+
+    if (hasFeature(h.incompatibleFeatures, INCOMPAT_DATA_FILE)) {
+      if (h.dataFile === undefined) throw unsupported("'data-file' is required for this image (it has no data file name)");
+      if (!options.openFile) throw unsupported(`cannot open external data file '${h.dataFile}' (no file opener)`);
+      this.dataStore = await options.openFile(h.dataFile, { readOnly: this.readOnly });
+    }
+    if (h.cryptMethod !== 0) {
+      this.encryption = await openEncryption(this.store, h, this.fileSize, options);
+    }
+    if (h.backingFile !== undefined && options.openBacking) {
+      this.backing = await options.openBacking(h.backingFile, h.backingFormat);
+    }
+  }
+
+  /** Close what init() opened, after it failed. */
+  private async releaseOpened(): Promise<void> {
+    if (this.dataStore !== this.store) await this.dataStore.close().catch(() => undefined);
+    await this.backing?.close().catch(() => undefined);
+  }
+
+  private checkAligned(offset: number, what: string): void {
+    if (offset % this.clusterSize !== 0) throw corrupt(`${what} 0x${offset.toString(16)} is not cluster aligned`);
+  }
+
+  /** An L1 table as raw bytes (at most qemu's 32 MiB), bounds-checked against the file. */
+  private async readL1(offset: number, entries: number, what: string): Promise<Uint8Array> {
+    const bytes = entries * 8;
+    if (bytes > MAX_L1_BYTES) throw corrupt(`${what}: ${entries} entries is more than qemu's limit of ${MAX_L1_BYTES / 8}`);
+    if (entries === 0) return new Uint8Array(0);
+    this.checkAligned(offset, what);
+    if (offset === 0 || offset + bytes > this.fileSize) {
+      throw corrupt(`${what} [0x${offset.toString(16)}, +0x${bytes.toString(16)}) lies outside the file (${this.fileSize} bytes)`);
+    }
+    const l1 = new Uint8Array(bytes);
+    await this.store.read(offset, l1);
+    return l1;
+  }
+
+  private async loadTable(offset: number, into: Uint8Array, what: string): Promise<void> {
+    if (offset + into.length > this.fileSize) {
+      throw corrupt(`${what} at 0x${offset.toString(16)} lies beyond the end of the file (${this.fileSize} bytes)`);
+    }
+    await this.store.read(offset, into);
+  }
+
+  /** Write-back hook of the L2 cache; reading never dirties a table. */
+  protected async writeTable(offset: number, data: Uint8Array): Promise<void> {
+    await this.store.write(offset, data);
+  }
+
+  /** The L2 table covering `guestOffset`, or null when its L1 entry is empty. */
+  async l2TableFor(guestOffset: number): Promise<CachedTable | null> {
+    const i = Math.floor(guestOffset / this.geometry.l2Coverage);
+    if (i >= this.l1Entries) return null;
+    const dv = new DataView(this.l1.buffer, this.l1.byteOffset + i * 8, 8);
+    const l2Offset = entryOffset(dv.getUint32(0), dv.getUint32(4), 'L1 entry');
+    if (l2Offset === 0) return null;
+    if (l2Offset % this.clusterSize !== 0) throw corrupt(`L1 entry ${i}: L2 table offset 0x${l2Offset.toString(16)} is not cluster aligned`);
+    return this.l2Cache.get(l2Offset);
+  }
+
+  /** The runs of [offset, offset+length), in order, merged where kind and host offsets run on. */
+  async mapRuns(offset: number, length: number): Promise<GuestRun[]> {
+    const g = this.geometry;
+    const runs: GuestRun[] = [];
+    const push = (r: GuestRun) => {
+      const last = runs[runs.length - 1];
+      if (
+        last &&
+        last.kind === r.kind &&
+        r.kind !== 'compressed' &&
+        last.offset + last.length === r.offset &&
+        (last.hostOffset === undefined) === (r.hostOffset === undefined) &&
+        (last.hostOffset === undefined || last.hostOffset + last.length === r.hostOffset)
+      ) {
+        last.length += r.length;
+      } else {
+        runs.push(r);
+      }
+    };
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const tableEnd = Math.min(end, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
+      const table = await this.l2TableFor(pos);
+      if (!table) {
+        push({ offset: pos, length: tableEnd - pos, kind: 'unallocated' });
+        pos = tableEnd;
+        continue;
+      }
+      while (pos < tableEnd) {
+        const clusterStart = pos - (pos % g.clusterSize);
+        const clusterEnd = Math.min(tableEnd, clusterStart + g.clusterSize);
+        const index = (clusterStart % g.l2Coverage) / g.clusterSize;
+        const d = readL2Entry(table.data, index, this.l2Context);
+        this.checkHostOffset(d, clusterStart);
+        if (d.kind === 'compressed') {
+          push({ offset: pos, length: clusterEnd - pos, kind: 'compressed', descriptor: d, clusterStart });
+          pos = clusterEnd;
+          continue;
+        }
+        while (pos < clusterEnd) {
+          const sub = Math.floor((pos - clusterStart) / g.subclusterSize);
+          const subEnd = Math.min(clusterEnd, clusterStart + (sub + 1) * g.subclusterSize);
+          const kind = subclusterKind(d, sub, g.extendedL2);
+          const hasHost = kind === 'normal' || kind === 'zero-alloc' || kind === 'unallocated-alloc';
+          push({ offset: pos, length: subEnd - pos, kind, hostOffset: hasHost ? d.hostOffset + (pos - clusterStart) : undefined });
+          pos = subEnd;
+        }
+      }
+    }
+    return runs;
+  }
+
+  /** Data clusters must start inside their file (external data files may be shorter: reads past them are zeros). */
+  private checkHostOffset(d: ClusterDescriptor, guest: number): void {
+    if (d.kind === 'unallocated' || d.kind === 'zero-plain') return;
+    if (this.dataStore !== this.store && d.kind !== 'compressed') return;
+    if (d.hostOffset >= this.fileSize) {
+      throw corrupt(`L2 entry for guest offset 0x${guest.toString(16)} points at 0x${d.hostOffset.toString(16)}, beyond the end of the file (${this.fileSize} bytes)`);
+    }
+  }
+
+  protected async doRead(offset: number, into: Uint8Array): Promise<void> {
+    const runs = await this.mapRuns(offset, into.length);
+    // Runs are independent; issue them together so the store can overlap them.
+    await Promise.all(runs.map((r) => this.readRun(r, into.subarray(r.offset - offset, r.offset - offset + r.length))));
+  }
+
+  /** Fill `into` (exactly run.length bytes) with the run's guest content. */
+  async readRun(r: GuestRun, into: Uint8Array): Promise<void> {
+    switch (r.kind) {
+      case 'zero-plain':
+      case 'zero-alloc':
+        into.fill(0);
+        return;
+      case 'unallocated':
+      case 'unallocated-alloc':
+        await this.readBacking(r.offset, into);
+        return;
+      case 'compressed': {
+        const data = await this.compressedCluster(r.descriptor!);
+        const from = r.offset - r.clusterStart!;
+        into.set(data.subarray(from, from + into.length));
+        return;
+      }
+      case 'normal':
+        await this.readData(r.offset, r.hostOffset!, into);
+    }
+  }
+
+  /** Guest bytes stored at `hostOffset` in the data store, decrypted when the image is encrypted. */
+  async readData(guestOffset: number, hostOffset: number, into: Uint8Array): Promise<void> {
+    const enc = this.encryption;
+    if (!enc) {
+      await this.dataStore.read(hostOffset, into);
+      return;
+    }
+    // Encryption works on whole 512-byte sectors; clusters and subclusters are sector aligned,
+    // so widening the range to sectors stays inside the same (sub)cluster.
+    const lead = guestOffset % 512;
+    const total = Math.ceil((lead + into.length) / 512) * 512;
+    const buf = new Uint8Array(total);
+    await this.dataStore.read(hostOffset - lead, buf);
+    const plain = await enc.cipher().decrypt(buf, (enc.ivFromHostSector ? hostOffset - lead : guestOffset - lead) / 512);
+    into.set(plain.subarray(lead, lead + into.length));
+  }
+
+  /** One compressed cluster, decompressed (never encrypted, even in encrypted images). */
+  async compressedCluster(d: ClusterDescriptor): Promise<Uint8Array> {
+    const hit = this.lastCompressed;
+    if (hit && hit.hostOffset === d.hostOffset) return hit.data;
+    // The stored length is an upper bound that may run past EOF: read what exists.
+    const n = Math.min(d.compressedBound, this.fileSize - d.hostOffset);
+    if (n <= 0) throw corrupt(`compressed cluster at 0x${d.hostOffset.toString(16)} lies beyond the end of the file`);
+    const raw = new Uint8Array(n);
+    await this.store.read(d.hostOffset, raw);
+    const data = await decompressCluster(raw, this.clusterSize, this.header.compressionType === COMPRESSION_ZSTD ? 'zstd' : 'zlib', d.hostOffset);
+    this.lastCompressed = { hostOffset: d.hostOffset, data };
+    return data;
+  }
+
+  protected async doBlockStatus(offset: number, length: number): Promise<BlockExtent[]> {
+    const runs = await this.mapRuns(offset, length);
+    const external = this.dataStore !== this.store ? this.dataStore.name : undefined;
+    // qemu reports no host offsets for encrypted images (the bytes there are not the guest's).
+    const showOffsets = this.encryption === null;
+    return runs.map((r) => {
+      const e: BlockExtent = {
+        offset: r.offset,
+        length: r.length,
+        allocated: r.kind === 'normal' || r.kind === 'compressed' || r.kind === 'zero-plain' || r.kind === 'zero-alloc',
+        zero: r.kind === 'zero-plain' || r.kind === 'zero-alloc',
+        data: r.kind === 'normal' || r.kind === 'compressed',
+      };
+      if (r.kind === 'compressed') e.compressed = true;
+      if (r.hostOffset !== undefined && showOffsets) {
+        e.hostOffset = r.hostOffset;
+        if (external !== undefined) e.hostFile = external;
+      }
+      return e;
+    });
+  }
+
+  async describe(): Promise<ImageDescription> {
+    return describeQcow2(this);
+  }
+
+  /** Incompatible bit 0: refcounts may be stale (lazy refcounts and no clean close). */
+  get dirty(): boolean {
+    return hasFeature(this.header.incompatibleFeatures, INCOMPAT_DIRTY);
+  }
+
+  get dataFileRaw(): boolean {
+    return hasFeature(this.header.autoclearFeatures, AUTOCLEAR_DATA_FILE_RAW);
+  }
+
+  protected async doWrite(_offset: number, _data: Uint8Array, _options: WriteOptions): Promise<void> {
+    throw new QcowError('QCOW_UNSUPPORTED', 'qcow2 writing is not implemented yet', { file: this.filename });
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    await this.l2Cache.flush();
+    await this.store.flush();
+    if (this.dataStore !== this.store) await this.dataStore.flush();
+  }
+
+  protected async doClose(): Promise<void> {
+    try {
+      if (!this.readOnly) await this.flush();
+    } finally {
+      this.l2Cache.clear();
+      this.lastCompressed = null;
+      if (this.dataStore !== this.store) await this.dataStore.close();
+      await this.store.close();
+    }
+  }
+}
