@@ -5,10 +5,11 @@
  * fail with QCOW_NEED_PASSWORD.
  */
 import type { OpenOptions } from '../../core/block-device.js';
-import { QcowError, unsupported } from '../../core/errors.js';
+import { QcowError, corrupt } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
 import type { SectorCipher } from '../../crypto/types.js';
 import { legacyAesCipher } from '../../crypto/legacy-aes.js';
+import { luksEncryptInfo, parseLuksHeader, unlockLuks } from '../../crypto/luks.js';
 import type { Qcow2Header } from './header.js';
 
 export interface Qcow2Encryption {
@@ -21,7 +22,10 @@ export interface Qcow2Encryption {
   cipher(): SectorCipher;
 }
 
-export async function openEncryption(_store: ByteStore, h: Qcow2Header, _fileSize: number, options: OpenOptions): Promise<Qcow2Encryption> {
+/** The LUKS header is 592 bytes; read the first 4 KiB of the area to parse it. */
+const LUKS_HEADER_READ = 4096;
+
+export async function openEncryption(store: ByteStore, h: Qcow2Header, fileSize: number, options: OpenOptions): Promise<Qcow2Encryption> {
   if (options.password === undefined && !options.inspectOnly) {
     throw new QcowError('QCOW_NEED_PASSWORD', 'image is encrypted: a password is required (--password-file)');
   }
@@ -32,5 +36,23 @@ export async function openEncryption(_store: ByteStore, h: Qcow2Header, _fileSiz
     const c = options.password !== undefined ? await legacyAesCipher(options.password) : undefined;
     return { format: 'aes', ivFromHostSector: false, info: { format: 'aes' }, cipher: () => c ?? locked() };
   }
-  throw unsupported('LUKS encryption (crypt_method 2) is not available yet');
+  // crypt_method 2: LUKS1 in the area the full-disk-encryption extension points at.
+  const fde = h.fde;
+  if (!fde) throw corrupt('LUKS-encrypted image has no full disk encryption header extension');
+  if (fde.offset % 2 ** h.clusterBits !== 0 || fde.offset === 0 || fde.offset + fde.length > fileSize || fde.length === 0) {
+    throw corrupt(`LUKS header area [0x${fde.offset.toString(16)}, +0x${fde.length.toString(16)}) is misaligned or outside the file`);
+  }
+  const head = new Uint8Array(Math.min(LUKS_HEADER_READ, fde.length));
+  await store.read(fde.offset, head);
+  const luks = parseLuksHeader(head, fde.length);
+  const info = luksEncryptInfo(luks) as unknown as Record<string, unknown>;
+  if (options.password === undefined) return { format: 'luks', ivFromHostSector: true, info, cipher: locked };
+  const readArea = async (offset: number, length: number) => {
+    if (offset + length > fde.length) throw corrupt('LUKS key material lies outside the LUKS header area');
+    const b = new Uint8Array(length);
+    await store.read(fde.offset + offset, b);
+    return b;
+  };
+  const { cipher } = await unlockLuks(luks, readArea, options.password);
+  return { format: 'luks', ivFromHostSector: true, info, cipher: () => cipher };
 }
