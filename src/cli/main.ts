@@ -113,6 +113,16 @@ program
   .action(lazy('io'));
 
 program
+  .command('snapshot')
+  .description('list the internal snapshots of an image (qcow2)')
+  .addOption(fmt())
+  .addOption(pw())
+  .option('-l, --list', 'list the snapshots (the default)')
+  .option('-U, --force-share', 'accepted for qemu-img compatibility')
+  .argument('<file>')
+  .action(lazy('snapshot'));
+
+program
   .command('serve')
   .description('export an image over NBD, as qemu-nbd (TCP 127.0.0.1:10809 unless told otherwise)')
   .addOption(fmt())

@@ -92,7 +92,7 @@ export function snapshotTable(snaps: Record<string, unknown>[]): string {
     const clock = `${p2(Math.floor(secs / 3600))}:${p2(Math.floor(secs / 60) % 60)}:${p2(secs % 60)}.${String(Math.floor((clockNs % 1e9) / 1e6)).padStart(3, '0')}`;
     const icount = s.icount === undefined ? '' : String(s.icount);
     rows.push(
-      `${String(s.id).padEnd(10)}${String(s.name).padEnd(18)}${formatSize(Number(s['vm-state-size'])).padStart(7)}${dateStr.padStart(29)}${clock.padStart(13)}${icount.padStart(11)}`,
+      `${String(s.id).padEnd(10)}${String(s.name).padEnd(18)}${formatSize(Number(s['vm-state-size'])).padStart(7)}${dateStr.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}`,
     );
   }
   return rows.join('\n');
