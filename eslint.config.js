@@ -16,7 +16,7 @@ export default tseslint.config(
     },
   },
   {
-    files: ['src/core/**/*.ts', 'src/storage/**/*.ts', 'src/formats/**/*.ts', 'src/crypto/**/*.ts', 'src/compress/**/*.ts', 'src/chain/**/*.ts', 'src/ops/**/*.ts', 'src/browser/**/*.ts'],
+    files: ['src/core/**/*.ts', 'src/storage/**/*.ts', 'src/formats/**/*.ts', 'src/crypto/**/*.ts', 'src/compress/**/*.ts', 'src/chain/**/*.ts', 'src/ops/**/*.ts', 'src/browser/**/*.ts', 'src/overlay/**/*.ts'],
     ignores: ['**/*.node.ts', '**/*.test.ts'],
     rules: {
       'no-restricted-imports': ['error', { patterns: [{ group: ['node:*'], message: 'The core must run in a browser: put Node-only code in a *.node.ts file.' }] }],

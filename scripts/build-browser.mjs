@@ -1,0 +1,49 @@
+#!/usr/bin/env node
+// Bundle the browser entry (dist/browser/index.js, built by tsc first) into one ES module,
+// dist/browser/qcow.js, with the zstd WebAssembly file beside it.
+//
+// The package's "imports" (#compress, #crypto) pick their browser files through the "browser" /
+// "default" conditions; "node" is never set here, so a node: import anywhere in the graph makes
+// esbuild fail instead of shipping a bundle that breaks in the page.
+//
+// Usage: node scripts/build-browser.mjs [--outdir DIR] [--no-minify]
+import { build } from 'esbuild';
+import { copyFile, mkdir } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
+import process from 'node:process';
+import { fileURLToPath } from 'node:url';
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+
+export async function buildBrowser({ outdir = join(root, 'dist', 'browser'), minify = true } = {}) {
+  await mkdir(outdir, { recursive: true });
+  const result = await build({
+    entryPoints: [join(root, 'dist', 'browser', 'index.js')],
+    outfile: join(outdir, 'qcow.js'),
+    absWorkingDir: root,
+    bundle: true,
+    format: 'esm',
+    platform: 'browser',
+    target: 'es2022',
+    conditions: ['browser'],
+    minify,
+    sourcemap: true,
+    metafile: true,
+    logLevel: 'warning',
+  });
+  const nodeInputs = Object.keys(result.metafile.inputs).filter((p) => p.startsWith('node:'));
+  if (nodeInputs.length > 0) throw new Error(`the browser bundle pulls in Node modules: ${nodeInputs.join(', ')}`);
+  // @bokuweb/zstd-wasm's browser build loads ./zstd.wasm relative to the module that runs it, so
+  // the file goes beside the bundle (taken from the folder of the zstd module that was bundled).
+  const zstdModule = Object.keys(result.metafile.inputs).find((p) => /@bokuweb[/\\]zstd-wasm[/\\].*index\.web\.js$/.test(p));
+  if (zstdModule) await copyFile(join(root, dirname(zstdModule), 'zstd.wasm'), join(outdir, 'zstd.wasm'));
+  return { outfile: join(outdir, 'qcow.js'), bytes: result.metafile.outputs[Object.keys(result.metafile.outputs).find((k) => k.endsWith('qcow.js'))].bytes };
+}
+
+if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  const args = process.argv.slice(2);
+  const at = args.indexOf('--outdir');
+  const outdir = at >= 0 ? resolve(args[at + 1]) : undefined;
+  const { outfile, bytes } = await buildBrowser({ outdir, minify: !args.includes('--no-minify') });
+  process.stdout.write(`browser bundle: ${outfile} (${bytes} bytes)\n`);
+}
