@@ -24,6 +24,7 @@ import { findSnapshot, readSnapshotTable, type Qcow2Snapshot } from './snapshot-
 import { decompressCluster } from './compressed.js';
 import { describeQcow2 } from './describe.js';
 import { openEncryption, type Qcow2Encryption } from './encryption.js';
+import { detectMetadataPreallocation, holeRuns } from './prealloc.js';
 
 /** Default L2 cache budget: 32 MiB of tables maps 128 GiB with 64 KiB clusters. */
 export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
@@ -68,6 +69,8 @@ export class Qcow2Device extends DeviceBase {
   encryption: Qcow2Encryption | null = null;
   /** The last decompressed cluster, by descriptor host offset: small sequential reads hit it. */
   private lastCompressed: { hostOffset: number; data: Uint8Array } | null = null;
+  /** Decided on the first blockStatus, as qemu does (see prealloc.ts). */
+  private metadataPreallocation: Promise<boolean> | undefined;
 
   protected constructor(s: Qcow2OpenState) {
     super(s.store, s.header.size, s.readOnly);
@@ -327,7 +330,10 @@ export class Qcow2Device extends DeviceBase {
     const external = this.dataStore !== this.store ? this.dataStore.name : undefined;
     // qemu reports no host offsets for encrypted images (the bytes there are not the guest's).
     const showOffsets = this.encryption === null;
-    return runs.map((r) => {
+    this.metadataPreallocation ??= external !== undefined ? Promise.resolve(false) : detectMetadataPreallocation(this.store, this.header, this.fileSize);
+    const prealloc = await this.metadataPreallocation;
+    const out: BlockExtent[] = [];
+    for (const r of runs) {
       const e: BlockExtent = {
         offset: r.offset,
         length: r.length,
@@ -340,8 +346,16 @@ export class Qcow2Device extends DeviceBase {
         e.hostOffset = r.hostOffset;
         if (external !== undefined) e.hostFile = external;
       }
-      return e;
-    });
+      if (prealloc && r.kind === 'normal' && showOffsets) {
+        // Like qemu: data in a metadata-preallocated image is also "zero" where the file has a hole.
+        for (const h of await holeRuns(this.store, r.hostOffset!, r.length)) {
+          out.push({ ...e, offset: r.offset + h.offset, length: h.length, zero: h.zero, hostOffset: r.hostOffset! + h.offset });
+        }
+        continue;
+      }
+      out.push(e);
+    }
+    return out;
   }
 
   async describe(): Promise<ImageDescription> {

@@ -1,0 +1,66 @@
+/**
+ * Metadata preallocation, as `qemu-img map` sees it. An image made with preallocation=metadata
+ * maps every cluster, but the data clusters are holes in the file; qemu then asks the file
+ * whether each data range is a hole and reports it as `zero: true, data: true`.
+ *
+ * Detection follows qemu: the image counts as metadata-preallocated when noticeably more
+ * clusters have a refcount than the file really occupies (allocated blocks). Node cannot ask a
+ * file for its holes (no SEEK_HOLE), so a range counts as a hole when it reads as zeros; this
+ * differs from qemu only for zeros really written into such an image.
+ */
+import { isZero } from '../../core/bytes.js';
+import type { ByteStore } from '../../storage/types.js';
+import { decodeRefcountTable, entriesPerBlock, getRefcount } from './refcount.js';
+import { MAX_REFCOUNT_TABLE_BYTES } from './layout.js';
+import type { Qcow2Header } from './header.js';
+
+export async function detectMetadataPreallocation(store: ByteStore, h: Qcow2Header, fileSize: number): Promise<boolean> {
+  if (!store.allocatedSize) return false;
+  const cs = 2 ** h.clusterBits;
+  const realClusters = Math.floor((await store.allocatedSize()) / cs);
+  let threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+  const tableBytes = h.refcountTableClusters * cs;
+  if (tableBytes > MAX_REFCOUNT_TABLE_BYTES || h.refcountTableOffset + tableBytes > fileSize) return false;
+  const table = new Uint8Array(tableBytes);
+  await store.read(h.refcountTableOffset, table);
+  const blocks = decodeRefcountTable(table, tableBytes / 8, cs);
+  const bits = 2 ** h.refcountOrder;
+  const perBlock = entriesPerBlock(cs, bits);
+  const nbClusters = Math.ceil(fileSize / cs);
+  const block = new Uint8Array(cs);
+  for (let b = 0; b * perBlock < nbClusters && b < blocks.length; b++) {
+    const off = blocks[b]!;
+    if (off === 0 || off + cs > fileSize) continue;
+    await store.read(off, block);
+    const n = Math.min(perBlock, nbClusters - b * perBlock);
+    for (let i = 0; i < n; i++) {
+      if (getRefcount(block, i, bits) > 0 && --threshold === 0) return true;
+    }
+  }
+  return false;
+}
+
+/** File-system block size used to look for holes. */
+export const HOLE_GRANULARITY = 4096;
+
+/** Split [hostOffset, +length) into runs that read as zeros (holes) or not, at HOLE_GRANULARITY. */
+export async function holeRuns(store: ByteStore, hostOffset: number, length: number): Promise<{ offset: number; length: number; zero: boolean }[]> {
+  const out: { offset: number; length: number; zero: boolean }[] = [];
+  const chunk = new Uint8Array(Math.min(length, 1 << 20));
+  for (let done = 0; done < length; ) {
+    const n = Math.min(chunk.length, length - done);
+    const buf = chunk.subarray(0, n);
+    await store.read(hostOffset + done, buf);
+    for (let i = 0; i < n; ) {
+      const at = hostOffset + done + i;
+      const step = Math.min(n - i, HOLE_GRANULARITY - (at % HOLE_GRANULARITY));
+      const zero = isZero(buf.subarray(i, i + step));
+      const last = out[out.length - 1];
+      if (last && last.zero === zero) last.length += step;
+      else out.push({ offset: done + i, length: step, zero });
+      i += step;
+    }
+    done += n;
+  }
+  return out;
+}
