@@ -67,14 +67,32 @@ export async function createQcow1(store: ByteStore, options: CreateOptions): Pro
   // qemu-img would write such an image, then refuse to open it.
   if (l1Size > MAX_L1_SIZE) throw invalidArgument(`Image too large: at most ${MAX_L1_SIZE * 2 ** (geometry.clusterBits + geometry.l2Bits)} bytes for qcow`);
 
+  await writeEmptyImage(store, { size, ...geometry, backingName: name, encrypted });
+}
+
+export interface EmptyImageLayout extends Qcow1Geometry {
+  /** Bytes, a multiple of 512 (QEMU rounds the header's size down to one). */
+  size: number;
+  backingName?: Uint8Array;
+  encrypted?: boolean;
+}
+
+/**
+ * Write an image with no data: header, name, zeroed L1 table. Any geometry QEMU opens is allowed
+ * (cluster_bits 9..16, l2_bits 6..13); qemu-img itself only makes the two of geometryFor().
+ */
+export async function writeEmptyImage(store: ByteStore, layout: EmptyImageLayout): Promise<void> {
+  const name = layout.backingName ?? new Uint8Array(0);
+  const l1Size = l1SizeOf(layout);
   const l1TableOffset = alignUp(HEADER_SIZE + name.length, 8);
   const header: QcowHeader = {
     backingFileOffset: name.length > 0 ? HEADER_SIZE : 0,
     backingFileSize: name.length,
     mtime: 0,
-    size,
-    ...geometry,
-    cryptMethod: encrypted ? CRYPT_AES : CRYPT_NONE,
+    size: layout.size,
+    clusterBits: layout.clusterBits,
+    l2Bits: layout.l2Bits,
+    cryptMethod: layout.encrypted ? CRYPT_AES : CRYPT_NONE,
     l1TableOffset,
   };
   const fileSize = l1TableOffset + alignUp(8 * l1Size, 512);

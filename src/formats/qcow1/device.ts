@@ -32,6 +32,8 @@ const SECTOR = 512;
 export const DEFAULT_L2_CACHE_BYTES = 1 << 20;
 /** Writes are carried out in pieces of at most this many bytes (whole clusters). */
 const WRITE_PIECE = 4 << 20;
+/** Gaps remembered for compressed clusters. */
+const MAX_GAPS = 1024;
 
 /** A run of guest bytes with one kind of mapping. Normal runs have contiguous host bytes. */
 interface Piece {
@@ -80,6 +82,12 @@ export class Qcow1Device extends DeviceBase {
   /** Where the next allocation goes from: the file's length as we have grown it. */
   private eof: number;
   private lastInflated: { entry: bigint; data: Uint8Array } | null = null;
+  /**
+   * Unused space this process skipped to cluster-align an allocation (after a compressed cluster).
+   * Compressed clusters need no alignment, so later ones are put there: with parallel writers
+   * (convert -c) compressed and normal clusters interleave, and the padding would otherwise add up.
+   */
+  private gaps: { start: number; end: number }[] = [];
 
   private constructor(store: ByteStore, readOnly: boolean, header: QcowHeader, l1: Uint8Array, backingName: string | undefined, cipher: SectorCipher | null, eof: number, cacheBytes: number) {
     super(store, virtualSizeOf(header), readOnly);
@@ -361,13 +369,19 @@ export class Qcow1Device extends DeviceBase {
     await this.store.write(host - (guest - start), await this.cipher.encrypt(plain, start / SECTOR));
   }
 
-  /** An in-place write must land in the file's data area, never on the header or L1 table. */
+  /**
+   * An in-place write must land inside the file's data area: never on the header or L1 table, and
+   * never past the end of the file, where new clusters are allocated (an entry there is left by a
+   * crash of a writer that links clusters before writing them, or by a hostile image).
+   */
   private checkWritableCluster(host: number, index: number): void {
     const metadataEnd = this.header.l1TableOffset + this.l1.length;
-    if (host < metadataEnd || host > this.eof) {
-      throw corrupt(`guest cluster ${index}: L2 entry points at 0x${host.toString(16)}, outside the data area (0x${metadataEnd.toString(16)}..0x${this.eof.toString(16)}); refusing to write`, this.filename);
+    if (host < metadataEnd || host + this.clusterSize > this.eof) {
+      throw corrupt(
+        `guest cluster ${index}: L2 entry points at 0x${host.toString(16)}, outside the data area (0x${metadataEnd.toString(16)}..0x${this.eof.toString(16)}); refusing to write`,
+        this.filename,
+      );
     }
-    if (host + this.clusterSize > this.eof) this.eof = host + this.clusterSize;
   }
 
   /** The L2 table that will hold the entry for L1 index `l1i`: existing, or new in this batch. */
@@ -381,7 +395,7 @@ export class Qcow1Device extends DeviceBase {
       return;
     }
     // QEMU puts a new L2 table at the end of the file, cluster-aligned, before the cluster that needed it.
-    const offset = alignUp(this.eof, this.clusterSize);
+    const offset = this.alignedEnd();
     this.eof = offset + this.l2Bytes;
     batch.newTables.set(l1i, { offset, table: new BigUint64Array(this.l2Entries) });
   }
@@ -393,19 +407,43 @@ export class Qcow1Device extends DeviceBase {
     let host: number;
     let value: bigint;
     if (kind === 'normal') {
-      host = alignUp(this.eof, this.clusterSize);
+      host = this.alignedEnd();
       this.eof = host + this.clusterSize;
       value = normalEntry(host);
     } else {
+      host = this.takeGap(bytes.length) ?? alignUp(this.eof, SECTOR);
       // Compressed clusters go right after the last byte, on a sector boundary, as QEMU puts them.
-      host = alignUp(this.eof, SECTOR);
-      this.eof = host + bytes.length;
+      if (host >= this.eof) this.eof = host + bytes.length;
       value = compressedEntry(host, bytes.length, this.clusterBits);
     }
     batch.writes.push({ host, bytes });
     let list = batch.entries.get(l1i);
     if (!list) batch.entries.set(l1i, (list = []));
     list.push({ index: index % this.l2Entries, value });
+  }
+
+  /** The cluster-aligned end of the file, remembering the skipped bytes as a gap. */
+  private alignedEnd(): number {
+    const start = alignUp(this.eof, SECTOR);
+    const end = alignUp(this.eof, this.clusterSize);
+    if (end > start) {
+      this.gaps.push({ start, end });
+      if (this.gaps.length > MAX_GAPS) this.gaps.shift();
+    }
+    return end;
+  }
+
+  /** A sector-aligned place for `length` bytes in a gap, or undefined. */
+  private takeGap(length: number): number | undefined {
+    for (let i = 0; i < this.gaps.length; i++) {
+      const g = this.gaps[i]!;
+      if (g.start + length > g.end) continue;
+      const at = g.start;
+      g.start = alignUp(at + length, SECTOR);
+      if (g.start >= g.end) this.gaps.splice(i, 1);
+      return at;
+    }
+    return undefined;
   }
 
   /** Write the batch's data and new tables, flush, then link them in (L2 entries, then L1 entries). */
