@@ -9,7 +9,7 @@ import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import { connect, type AddressInfo } from 'node:net';
 import { join, normalize } from 'node:path';
-import { hasTool } from './qemu.js';
+import { hasTool, randomBytes, run, runOk } from './qemu.js';
 
 interface After {
   after(fn: () => Promise<void> | void): void;
@@ -201,4 +201,53 @@ export function failFirst(failures: number, then: Handler): Handler {
     if (seen % 2 === 1) res.writeHead(503, { 'Retry-After': '0' }).end();
     else req.socket.destroy();
   };
+}
+
+export interface SiteImage {
+  /** Path under the site root, as it goes into a URL. */
+  path: string;
+  format: string;
+  /** qemu-img arguments that open the same image from the file system. */
+  qemuArgs: string[];
+}
+
+/**
+ * Test images made by qemu-img under `www`, from a 4 MiB source with patterns, zeros and an
+ * incompressible MiB (as in the spec's recipes): plain, zlib- and zstd-compressed qcow2, a chain
+ * whose backing files are named relative to the naming image (one in a sibling folder, '..'),
+ * and qcow v1 plain and compressed.
+ */
+export async function buildImageSite(www: string): Promise<SiteImage[]> {
+  const MiB = 2 ** 20;
+  const src = new Uint8Array(4 * MiB);
+  src.fill(0xab, 0, MiB);
+  src.fill(0xcd, 2 * MiB, 2 * MiB + 64 * 1024);
+  src.set(randomBytes(MiB, 11), 3 * MiB);
+  await mkdir(join(www, 'images'), { recursive: true });
+  await mkdir(join(www, 'bases'), { recursive: true });
+  await writeFile(join(www, 'src.raw'), src);
+  const img = (...args: string[]) => runOk('qemu-img', args, { cwd: www });
+  await img('convert', '-O', 'qcow2', 'src.raw', 'plain.qcow2');
+  await img('convert', '-c', '-O', 'qcow2', 'src.raw', 'zlib.qcow2');
+  await img('convert', '-c', '-O', 'qcow2', '-o', 'compression_type=zstd', 'src.raw', 'zstd.qcow2');
+  // bases/base.qcow2 -> bases/src.raw ; images/top.qcow2 -> ../bases/base.qcow2
+  await writeFile(join(www, 'bases', 'src.raw'), src);
+  await img('create', '-q', '-f', 'qcow2', '-b', 'src.raw', '-F', 'raw', 'bases/base.qcow2');
+  await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 512k 256k', 'bases/base.qcow2'], { cwd: www });
+  await img('create', '-q', '-f', 'qcow2', '-b', '../bases/base.qcow2', '-F', 'qcow2', 'images/top.qcow2');
+  await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5e 1536k 128k', '-c', 'write -z 3M 64k', 'images/top.qcow2'], { cwd: www });
+  await img('convert', '-O', 'qcow', 'src.raw', 'v1.qcow');
+  // qemu 7.2's "convert -c -O qcow" exits 1 after writing everything (see the spec); check it.
+  await run('qemu-img', ['convert', '-c', '-O', 'qcow', 'src.raw', 'v1-comp.qcow'], { cwd: www });
+  await img('compare', '-f', 'raw', '-F', 'qcow', 'src.raw', 'v1-comp.qcow');
+  const at = (p: string) => join(www, p);
+  return [
+    { path: 'src.raw', format: 'raw', qemuArgs: ['-f', 'raw', at('src.raw')] },
+    { path: 'plain.qcow2', format: 'qcow2', qemuArgs: ['-f', 'qcow2', at('plain.qcow2')] },
+    { path: 'zlib.qcow2', format: 'qcow2', qemuArgs: ['-f', 'qcow2', at('zlib.qcow2')] },
+    { path: 'zstd.qcow2', format: 'qcow2', qemuArgs: ['-f', 'qcow2', at('zstd.qcow2')] },
+    { path: 'images/top.qcow2', format: 'qcow2', qemuArgs: ['-f', 'qcow2', at('images/top.qcow2')] },
+    { path: 'v1.qcow', format: 'qcow', qemuArgs: ['-f', 'qcow', at('v1.qcow')] },
+    { path: 'v1-comp.qcow', format: 'qcow', qemuArgs: ['-f', 'qcow', at('v1-comp.qcow')] },
+  ];
 }
