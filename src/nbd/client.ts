@@ -130,6 +130,8 @@ export class NbdClient {
   private readonly pending = new Map<bigint, Pending>();
   private nextCookie = 1n;
   private replyLoop: Promise<void> | undefined;
+  /** Why the connection can no longer carry requests. */
+  private broken: Error | undefined;
 
   private constructor(
     readonly socket: Socket,
@@ -197,6 +199,7 @@ export class NbdClient {
 
   /** Send one request; resolves with its reply (never rejects on an NBD error, only on a broken connection). */
   request(type: number, flags: number, offset: number, length: number, payload?: Uint8Array): Promise<Reply> {
+    if (this.broken) return Promise.reject(this.broken);
     const cookie = this.nextCookie++;
     const header = new Writer(28).u32(NBD_REQUEST_MAGIC).u16(flags).u16(type).u64(cookie).u64(offset).u32(length).bytes;
     this.socket.write(header);
@@ -252,6 +255,7 @@ export class NbdClient {
         else throw new NbdProtocolError('NBD_BAD_REPLY', `bad reply magic 0x${magic.toString(16)}`);
       }
     } catch (e) {
+      this.broken = e as Error;
       for (const p of this.pending.values()) p.reject(e as Error);
       this.pending.clear();
     }

@@ -202,6 +202,8 @@ export class NbdConnection {
     if (this.socketClosed) return;
     this.state = 'draining';
     this.socket.end();
+    // Keep reading (and ignoring) so the peer's end of the stream is seen and the socket closes.
+    this.socket.resume();
     // A peer that never closes its side must not keep us waiting forever.
     setTimeout(() => this.socket.destroy(), 5000).unref();
   }
