@@ -88,6 +88,8 @@ export class Qcow1Device extends DeviceBase {
    * (convert -c) compressed and normal clusters interleave, and the padding would otherwise add up.
    */
   private gaps: { start: number; end: number }[] = [];
+  /** Offsets of every L2 table, sorted: in-place writes must never land on one. */
+  private readonly l2Offsets: number[] = [];
 
   private constructor(store: ByteStore, readOnly: boolean, header: QcowHeader, l1: Uint8Array, backingName: string | undefined, cipher: SectorCipher | null, eof: number, cacheBytes: number) {
     super(store, virtualSizeOf(header), readOnly);
@@ -102,6 +104,11 @@ export class Qcow1Device extends DeviceBase {
     this.cipher = cipher;
     this.eof = eof;
     this.l2Cache = new L2Cache(this.l2Bytes, cacheBytes);
+    for (let i = 0; i < l1.length / 8; i++) {
+      const v = this.l1View.getBigUint64(8 * i);
+      if (v !== 0n && v <= BigInt(Number.MAX_SAFE_INTEGER)) this.l2Offsets.push(Number(v));
+    }
+    this.l2Offsets.sort((a, b) => a - b);
   }
 
   static async open(store: ByteStore, options: OpenOptions = {}): Promise<Qcow1Device> {
@@ -382,6 +389,11 @@ export class Qcow1Device extends DeviceBase {
         this.filename,
       );
     }
+    // The last table starting before the cluster's end is the only one that can overlap it.
+    const t = this.l2Offsets[upperBound(this.l2Offsets, host + this.clusterSize - 1) - 1];
+    if (t !== undefined && t + this.l2Bytes > host) {
+      throw corrupt(`guest cluster ${index}: L2 entry 0x${host.toString(16)} overlaps the L2 table at 0x${t.toString(16)}; refusing to write`, this.filename);
+    }
   }
 
   /** The L2 table that will hold the entry for L1 index `l1i`: existing, or new in this batch. */
@@ -483,6 +495,7 @@ export class Qcow1Device extends DeviceBase {
     for (const [l1i, { offset, table }] of batch.newTables) {
       this.l2Cache.put(offset, table);
       this.l1View.setBigUint64(8 * l1i, BigInt(offset));
+      this.l2Offsets.splice(upperBound(this.l2Offsets, offset), 0, offset);
       lo = Math.min(lo, l1i);
       hi = Math.max(hi, l1i);
     }
@@ -577,6 +590,18 @@ export class Qcow1Device extends DeviceBase {
 }
 
 const UNALLOCATED: ClusterEntry = { kind: 'unallocated' };
+
+/** The number of sorted values <= v. */
+function upperBound(sorted: number[], v: number): number {
+  let lo = 0;
+  let hi = sorted.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (sorted[mid]! <= v) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
 
 function newBatch(): Batch {
   return { writes: [], entries: new Map(), newTables: new Map() };
