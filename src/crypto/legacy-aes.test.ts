@@ -4,9 +4,6 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createDecipheriv } from 'node:crypto';
 import { legacyAesCipher, legacyAesKey } from './legacy-aes.js';
-import { primitives as nodePrimitives } from './index.node.js';
-import { primitives as browserPrimitives } from './index.browser.js';
-import { plain64Ivs } from './iv.js';
 import { needs, qemuImg, qemuIo, randomBytes, scratch } from '../test-support/qemu.js';
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
@@ -30,20 +27,6 @@ test('each sector is AES-128-CBC with a plain64 IV of its own sector number', as
     assert.equal(hex(sector), hex(plain.subarray(i * 512, i * 512 + 512)), `sector ${i}`);
   }
   assert.deepEqual(await cipher.decrypt(enc, first), plain);
-});
-
-test('the Node and browser primitives give identical CBC bytes both ways', () => {
-  const key = randomBytes(16, 3);
-  const data = randomBytes(8 * 512, 4);
-  const ivs = plain64Ivs(12345, 8);
-  const encNode = nodePrimitives.cbcSectors(key, ivs, data, true);
-  assert.deepEqual(browserPrimitives.cbcSectors(key, ivs, data, true), encNode);
-  assert.deepEqual(nodePrimitives.cbcSectors(key, ivs, encNode, false), data);
-  assert.deepEqual(browserPrimitives.cbcSectors(key, ivs, encNode, false), data);
-  // Unaligned views must work too (the Node decryptor uses 32-bit words internally).
-  const shifted = new Uint8Array(encNode.length + 1).fill(0);
-  shifted.set(encNode, 1);
-  assert.deepEqual(nodePrimitives.cbcSectors(key, ivs, shifted.subarray(1), false), data);
 });
 
 test('input that is not whole sectors is refused', async () => {

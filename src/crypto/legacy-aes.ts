@@ -9,6 +9,7 @@
 import { primitives } from '#crypto';
 import { encodeUtf8 } from '../core/bytes.js';
 import { plain64Ivs } from './iv.js';
+import { cbcDecryptSectors, cbcEncryptSectors } from './modes.js';
 import { checkWholeSectors } from './sectors.js';
 import type { SectorCipher } from './types.js';
 
@@ -24,10 +25,10 @@ export function legacyAesKey(password: string): Uint8Array {
 
 /** A SectorCipher for legacy AES; pass the guest sector number (guest offset / 512). */
 export async function legacyAesCipher(password: string): Promise<SectorCipher> {
-  const key = legacyAesKey(password);
+  const ecb = primitives.aesEcb(legacyAesKey(password));
   const run = (data: Uint8Array, firstSector: number, encrypt: boolean): Uint8Array => {
-    const count = checkWholeSectors(data);
-    return primitives.cbcSectors(key, plain64Ivs(firstSector, count), data, encrypt);
+    const ivs = plain64Ivs(firstSector, checkWholeSectors(data));
+    return encrypt ? cbcEncryptSectors(ecb, ivs, data) : cbcDecryptSectors(ecb, ivs, data);
   };
   return {
     encrypt: async (data, firstSector) => run(data, firstSector, true),

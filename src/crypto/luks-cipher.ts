@@ -7,6 +7,7 @@ import { plain64Ivs, plainIvs } from './iv.js';
 import type { CryptoPrimitives } from './primitives.js';
 import type { LuksCipherSpec } from './luks-header.js';
 import { checkWholeSectors } from './sectors.js';
+import { cbcDecryptSectors, cbcEncryptSectors, xtsSectors } from './modes.js';
 import type { SectorCipher } from './types.js';
 
 /** A SectorCipher with synchronous twins, for key material handled inside this module. */
@@ -16,20 +17,28 @@ export interface LuksSectorCipher extends SectorCipher {
 }
 
 export function luksSectorCipher(prims: CryptoPrimitives, spec: LuksCipherSpec, key: Uint8Array): LuksSectorCipher {
-  const keyCopy = key.slice();
   let ivs: (first: number, count: number) => Uint8Array;
   if (spec.ivGen === 'plain64') ivs = plain64Ivs;
   else if (spec.ivGen === 'plain') ivs = plainIvs;
   else {
     // ESSIV: IV = AES_{hash(key)}(plain64 sector number); the AES size follows the digest size.
-    const essivKey = prims.hash(spec.ivGenHash!, keyCopy);
-    ivs = (first, count) => prims.ecbEncrypt(essivKey, plain64Ivs(first, count));
+    const essiv = prims.aesEcb(prims.hash(spec.ivGenHash!, key));
+    ivs = (first, count) => essiv.encrypt(plain64Ivs(first, count));
   }
-  const block = spec.cipherMode === 'xts' ? prims.xtsSectors : prims.cbcSectors;
-  const run = (data: Uint8Array, firstSector: number, encrypt: boolean): Uint8Array => {
-    const count = checkWholeSectors(data);
-    return block(keyCopy, ivs(firstSector, count), data, encrypt);
-  };
+  let run: (data: Uint8Array, firstSector: number, encrypt: boolean) => Uint8Array;
+  if (spec.cipherMode === 'xts') {
+    // The XTS key is two AES keys: the first enciphers data, the second the tweak.
+    const half = key.length / 2;
+    const dataEcb = prims.aesEcb(key.subarray(0, half));
+    const tweakEcb = prims.aesEcb(key.subarray(half));
+    run = (data, firstSector, encrypt) => xtsSectors(dataEcb, tweakEcb, ivs(firstSector, checkWholeSectors(data)), data, encrypt);
+  } else {
+    const ecb = prims.aesEcb(key);
+    run = (data, firstSector, encrypt) => {
+      const sectorIvs = ivs(firstSector, checkWholeSectors(data));
+      return encrypt ? cbcEncryptSectors(ecb, sectorIvs, data) : cbcDecryptSectors(ecb, sectorIvs, data);
+    };
+  }
   return {
     encryptSync: (data, firstSector) => run(data, firstSector, true),
     decryptSync: (data, firstSector) => run(data, firstSector, false),

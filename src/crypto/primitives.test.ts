@@ -1,6 +1,7 @@
 /**
- * The Node (OpenSSL) and browser (@noble, hand-built XTS) primitives must produce identical bytes:
- * images written in one runtime are read in the other. OpenSSL is the reference here.
+ * The Node (OpenSSL) and browser (@noble) primitives must produce identical bytes: images written
+ * in one runtime are read in the other. OpenSSL's native CBC and XTS are the reference for the
+ * sector modes that modes.ts builds over either platform's AES-ECB.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -8,6 +9,8 @@ import { primitives as nodePrimitives } from './index.node.js';
 import { primitives as browserPrimitives } from './index.browser.js';
 import { plain64Ivs, plainIvs } from './iv.js';
 import { afMerge, afSplit } from './af-split.js';
+import { cbcDecryptSectors, cbcEncryptSectors, xtsSectors } from './modes.js';
+import { createCipheriv, createDecipheriv } from 'node:crypto';
 import type { HashAlg } from './primitives.js';
 import { randomBytes } from '../test-support/qemu.js';
 
@@ -20,29 +23,60 @@ test('plain64 IVs are the LE u64 sector number; plain IVs cut it to 32 bits', ()
   assert.throws(() => plain64Ivs(-1, 1), { code: 'QCOW_INVALID_ARGUMENT' });
 });
 
+/** OpenSSL's own XTS/CBC, one cipher object per sector: the reference our shared modes must match. */
+function opensslSectors(mode: 'xts' | 'cbc', key: Uint8Array, ivs: Uint8Array, data: Uint8Array, encrypt: boolean): Uint8Array {
+  const name = `aes-${(mode === 'xts' ? key.length / 2 : key.length) * 8}-${mode}`;
+  const out = new Uint8Array(data.length);
+  for (let i = 0; i * 512 < data.length; i++) {
+    const iv = ivs.subarray(i * 16, i * 16 + 16);
+    const c = encrypt ? createCipheriv(name, key, iv) : createDecipheriv(name, key, iv);
+    c.setAutoPadding(false);
+    out.set(Buffer.concat([c.update(data.subarray(i * 512, i * 512 + 512)), c.final()]), i * 512);
+  }
+  return out;
+}
+
+const both = [
+  ['node', nodePrimitives],
+  ['browser', browserPrimitives],
+] as const;
+
 for (const keyLength of [32, 64]) {
-  test(`AES-${keyLength * 4}-XTS: browser XTS over ECB equals OpenSSL, both directions`, () => {
+  test(`AES-${keyLength * 4}-XTS over each platform's ECB equals OpenSSL's XTS, both directions`, () => {
     const key = randomBytes(keyLength, keyLength);
     const data = randomBytes(16 * 512, 5);
     const tweaks = plain64Ivs(0x7fff_fff0, 16);
-    const enc = nodePrimitives.xtsSectors(key, tweaks, data, true);
-    assert.notDeepEqual(enc, data);
-    assert.deepEqual(browserPrimitives.xtsSectors(key, tweaks, data, true), enc);
-    assert.deepEqual(browserPrimitives.xtsSectors(key, tweaks, enc, false), data);
-    assert.deepEqual(nodePrimitives.xtsSectors(key, tweaks, enc, false), data);
+    const reference = opensslSectors('xts', key, tweaks, data, true);
+    for (const [name, prims] of both) {
+      const dataEcb = prims.aesEcb(key.subarray(0, keyLength / 2));
+      const tweakEcb = prims.aesEcb(key.subarray(keyLength / 2));
+      assert.deepEqual(xtsSectors(dataEcb, tweakEcb, tweaks, data, true), reference, name);
+      assert.deepEqual(xtsSectors(dataEcb, tweakEcb, tweaks, reference, false), data, name);
+      // Unaligned views work too (the modes use 32-bit words internally).
+      const shifted = new Uint8Array(data.length + 1);
+      shifted.set(reference, 1);
+      assert.deepEqual(xtsSectors(dataEcb, tweakEcb, tweaks, shifted.subarray(1), false), data, `${name} unaligned`);
+    }
   });
 }
 
 for (const keyLength of [16, 24, 32]) {
-  test(`AES-${keyLength * 8}-CBC per sector and ECB: identical in both implementations`, () => {
+  test(`AES-${keyLength * 8}-CBC per sector over each platform's ECB equals OpenSSL's CBC, both directions`, () => {
     const key = randomBytes(keyLength, 9);
-    const data = randomBytes(4 * 512, 10);
-    const ivs = randomBytes(4 * 16, 11);
-    const enc = nodePrimitives.cbcSectors(key, ivs, data, true);
-    assert.deepEqual(browserPrimitives.cbcSectors(key, ivs, data, true), enc);
-    assert.deepEqual(nodePrimitives.cbcSectors(key, ivs, enc, false), data);
-    assert.deepEqual(browserPrimitives.cbcSectors(key, ivs, enc, false), data);
-    assert.deepEqual(browserPrimitives.ecbEncrypt(key, data), nodePrimitives.ecbEncrypt(key, data));
+    const data = randomBytes(5 * 512, 10);
+    const ivs = randomBytes(5 * 16, 11);
+    const reference = opensslSectors('cbc', key, ivs, data, true);
+    for (const [name, prims] of both) {
+      const ecb = prims.aesEcb(key);
+      assert.deepEqual(cbcEncryptSectors(ecb, ivs, data), reference, name);
+      assert.deepEqual(cbcDecryptSectors(ecb, ivs, reference), data, name);
+      const shifted = new Uint8Array(data.length + 3);
+      shifted.set(reference, 3);
+      assert.deepEqual(cbcDecryptSectors(ecb, ivs.slice(), shifted.subarray(3)), data, `${name} unaligned`);
+      // The ECB contexts carry no state from one call to the next.
+      assert.deepEqual(cbcEncryptSectors(ecb, ivs, data), reference, `${name} again`);
+    }
+    assert.deepEqual(browserPrimitives.aesEcb(key).encrypt(data), nodePrimitives.aesEcb(key).encrypt(data));
   });
 }
 
