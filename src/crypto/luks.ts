@@ -11,7 +11,7 @@
  *   xts; plain, plain64, essiv:sha256; sha1/224/256/384/512), active key material inside the area,
  *   PBKDF2 iterations ≤ MAX_PBKDF2_ITERATIONS (100 million) so hostile headers cannot stall us.
  *   Errors: QcowError QCOW_CORRUPT (contradicts LUKS) or QCOW_UNSUPPORTED.
- * - unlockLuks(header, readArea, password) → { cipher, masterKey, slot }. Tries every active slot
+ * - unlockLuks(header, readArea, password, { primitives? }) → { cipher, masterKey, slot }. Tries every active slot
  *   (PBKDF2 → decrypt key material → AF-merge → check the master-key digest). A wrong password
  *   throws QcowError('QCOW_BAD_PASSWORD', 'Invalid password, cannot unlock any keyslot').
  * - createLuks(password, options) → { area, header, cipher, masterKey }: a new area laid out as
