@@ -43,8 +43,9 @@ export async function openImage(name: string, options: OpenImageOptions): Promis
 async function openLayer(name: string, options: OpenImageOptions, format: string | undefined, depth: number, seen: Set<string>): Promise<BlockDevice> {
   const maxDepth = options.maxDepth ?? DEFAULT_MAX_CHAIN_DEPTH;
   if (depth >= maxDepth) throw new QcowError('QCOW_UNSUPPORTED', `backing chain is deeper than ${maxDepth} images`, { file: name });
-  if (seen.has(name)) throw new QcowError('QCOW_CORRUPT', 'backing chain loops back to this image', { file: name });
-  seen.add(name);
+  const key = normalizeName(name);
+  if (seen.has(key)) throw new QcowError('QCOW_CORRUPT', 'backing chain loops back to this image', { file: name });
+  seen.add(key);
   const readOnly = depth > 0 || (options.readOnly ?? false) || options.snapshot !== undefined;
   const store = await options.opener.open(name, { readOnly });
   try {
@@ -80,12 +81,24 @@ async function probeFormat(store: ByteStore, options: OpenImageOptions, depth: n
   return fmt;
 }
 
+/** "a/./b" and "a/x/../b" are "a/b": one image, however the chain spells it. */
+export function normalizeName(name: string): string {
+  const scheme = /^[a-z][a-z0-9+.-]*:\/\/[^/]*/i.exec(name)?.[0] ?? '';
+  const parts: string[] = [];
+  for (const part of name.slice(scheme.length).split('/')) {
+    if (part === '.' || (part === '' && parts.length > 0)) continue;
+    if (part === '..' && parts.length > 0 && parts[parts.length - 1] !== '..' && parts[parts.length - 1] !== '') parts.pop();
+    else parts.push(part);
+  }
+  return scheme + parts.join('/');
+}
+
 function resolveNamed(name: string, relativeTo: string, options: OpenImageOptions): string {
   const resolved = options.opener.resolve(name, relativeTo);
   if (options.confineToFolder) {
-    const folder = options.opener.resolve('.', relativeTo);
+    const folder = normalizeName(options.opener.resolve('.', relativeTo));
     const prefix = folder.endsWith('/') ? folder : folder + '/';
-    if (!resolved.startsWith(prefix)) {
+    if (!normalizeName(resolved).startsWith(prefix)) {
       throw new QcowError('QCOW_UNSUPPORTED', `refusing '${name}': it is outside the image's folder`, { file: relativeTo });
     }
   }
