@@ -1,0 +1,58 @@
+/** L2 entries decode as qemu 7.2 wrote them (values from spec/qcow2-pitfalls §3-5). */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { compressedDescriptor, readL2Entry, subclusterKind } from './l2-entry.js';
+
+const table = (...entries: bigint[]) => {
+  const b = new Uint8Array(entries.length * 8);
+  entries.forEach((e, i) => new DataView(b.buffer).setBigUint64(i * 8, e));
+  return b;
+};
+const split = (e: bigint): [number, number] => [Number(e >> 32n), Number(e & 0xffffffffn)];
+const std = { clusterBits: 16, extendedL2: false, externalDataFile: false };
+
+test('standard entries: normal, ZERO_PLAIN, ZERO_ALLOC, unallocated; COPIED is ignored', () => {
+  const t = table(0x8000000000050000n, 0x1n, 0x8000000000050001n, 0n, 0x0000000000050000n);
+  assert.deepEqual([0, 1, 2, 3, 4].map((i) => readL2Entry(t, i, std).kind), ['normal', 'zero-plain', 'zero-alloc', 'unallocated', 'normal']);
+  assert.equal(readL2Entry(t, 2, std).hostOffset, 0x50000);
+});
+
+test('external data file: offset 0 with COPIED is a real cluster; with the zero flag it reads zeros', () => {
+  const ctx = { ...std, externalDataFile: true };
+  const t = table(0x8000000000000000n, 0x8000000000000001n, 0n);
+  assert.deepEqual([0, 1, 2].map((i) => readL2Entry(t, i, ctx).kind), ['normal', 'zero-plain', 'unallocated']);
+});
+
+test('compressed descriptors split by cluster_bits (pitfalls §4 table)', () => {
+  const cases: [bigint, number, number, number][] = [
+    [0x6000000000000b88n, 9, 0xb88, 1],
+    [0x4c00000000005547n, 12, 0x5547, 3],
+    [0x498000000005009en, 16, 0x5009e, 38],
+    [0x4974000000a00000n, 21, 0xa00000, 1210],
+  ];
+  for (const [e, cb, off, extra] of cases) {
+    const d = compressedDescriptor(...split(e), cb);
+    assert.equal(d.hostOffset, off);
+    assert.equal(d.bound, (extra + 1) * 512 - (off % 512));
+  }
+  // The compressed flag wins over bit 0 (which belongs to the offset).
+  assert.equal(readL2Entry(table(0x4000000000050001n), 0, std).kind, 'compressed');
+});
+
+test('extended L2: allocated / zero bitmaps decide each subcluster (pitfalls §5)', () => {
+  const ctx = { ...std, extendedL2: true };
+  const t = table(0x8000000000050000n, 0x4n, 0n, 0x0000000300000000n, 0x8000000000060000n, 0x00000001fffffffen);
+  const a = readL2Entry(t, 0, ctx);
+  assert.deepEqual([0, 1, 2, 3].map((i) => subclusterKind(a, i, true)), ['unallocated-alloc', 'unallocated-alloc', 'normal', 'unallocated-alloc']);
+  const b = readL2Entry(t, 1, ctx);
+  assert.deepEqual([0, 1, 2].map((i) => subclusterKind(b, i, true)), ['zero-plain', 'zero-plain', 'unallocated']);
+  const c = readL2Entry(t, 2, ctx);
+  assert.deepEqual([0, 1, 31].map((i) => subclusterKind(c, i, true)), ['zero-alloc', 'normal', 'normal']);
+  // Both bits set, or allocated without a host cluster: corruption.
+  assert.throws(() => subclusterKind(readL2Entry(table(0x8000000000050000n, 0x0000000100000001n), 0, ctx), 0, true), /both allocated and zero/);
+  assert.throws(() => subclusterKind(readL2Entry(table(0n, 1n), 0, ctx), 0, true), /no host offset/);
+});
+
+test('host offsets at or above 2^53 are corruption, not rounded numbers', () => {
+  assert.throws(() => readL2Entry(table(0x80f0000000000000n), 0, std), /2\^53/);
+});

@@ -1,0 +1,58 @@
+/**
+ * A 4 TiB sparse qcow2 image opens at once and reads with bounded memory: the L1 table stays a
+ * byte array (64 KiB here), L2 tables are loaded on demand into a bounded cache.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { openImage } from '../../node.js';
+import { mapChain } from '../../ops/map.js';
+import { needs, qemuImg, qemuIo, scratch } from '../../test-support/qemu.js';
+import type { Qcow2Device } from './qcow2.js';
+
+const TiB = 2 ** 40;
+
+test('a 4 TiB sparse image opens, maps and reads with bounded memory', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const path = join(dir, 'big.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', path, '4T']);
+  // Data near the start, in the middle and at the very end.
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 0x11 0 64k', '-c', 'write -P 0x22 2T 64k', '-c', `write -P 0x33 ${4 * TiB - 65536} 64k`, path]);
+
+  global.gc?.();
+  const rssBefore = process.memoryUsage().rss;
+  // A 1 MiB table budget: 16 tables of 64 KiB.
+  const dev = (await openImage(path, { readOnly: true, cacheBytes: 1 << 20 })) as Qcow2Device;
+  try {
+    assert.equal(dev.size, 4 * TiB);
+    const buf = new Uint8Array(65536);
+    for (const [off, byte] of [
+      [0, 0x11],
+      [2 * TiB, 0x22],
+      [4 * TiB - 65536, 0x33],
+      [TiB + 12345, 0],
+    ] as const) {
+      await dev.read(off, buf);
+      assert.ok(buf.every((b) => b === byte), `content at ${off}`);
+    }
+    // Touch many distinct L2 regions (one L2 table maps 512 MiB): the cache must stay within budget.
+    for (let off = 0; off < 4 * TiB; off += 64 * 2 ** 30) await dev.read(off, buf.subarray(0, 512));
+    assert.ok(dev.l2Cache.size <= 16, `cached tables: ${dev.l2Cache.size}`);
+
+    // Walking the whole device's allocation visits each L1 entry once, not each cluster.
+    const extents = [];
+    for await (const e of mapChain(dev)) extents.push(e);
+    assert.deepEqual(
+      extents.filter((e) => e.data).map((e) => [e.start, e.length]),
+      [
+        [0, 65536],
+        [2 * TiB, 65536],
+        [4 * TiB - 65536, 65536],
+      ],
+    );
+    const growth = process.memoryUsage().rss - rssBefore;
+    assert.ok(growth < 64 * 2 ** 20, `rss grew by ${growth} bytes`);
+  } finally {
+    await dev.close();
+  }
+});
