@@ -2,12 +2,14 @@
 // the CLI takes URLs wherever it takes a source image.
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { setTimeout as delay } from 'node:timers/promises';
 import { join } from 'node:path';
 import { openImage } from '../node.js';
 import { httpOpener, type HttpStore } from './http.js';
 import { builtinFormats } from '../formats/index.js';
-import { deviceSha256, needs, qcow, qcowOk, qemuGuestSha256, qemuImg, randomBytes, scratch, sha256 } from '../test-support/qemu.js';
+import { CLI, deviceSha256, needs, qcow, qcowOk, qemuGuestSha256, qemuImg, randomBytes, runOk, scratch, sha256 } from '../test-support/qemu.js';
 import { buildImageSite, needsNginx, startNginx, type Nginx, type SiteImage } from '../test-support/http-servers.js';
 
 const MiB = 2 ** 20;
@@ -106,4 +108,27 @@ test('writing to a URL is refused with a clear message; a missing URL says so', 
   const missing = await qcow(['info', nginx.url + 'nope.qcow2']);
   assert.equal(missing.code, 1);
   assert.match(missing.stderr, /nope\.qcow2: No such file or directory \(HTTP 404/);
+});
+
+test('qcow serve -r exports a remote image over NBD', { ...interop, ...needs('nbdcopy') }, async (t) => {
+  const { www, nginx } = await getSite();
+  const dir = await scratch(t);
+  const sock = join(dir, 'nbd.sock');
+  const pidFile = join(dir, 'serve.pid');
+  const server = spawn(process.execPath, [CLI, 'serve', '-r', '-k', sock, '--pid-file', pidFile, nginx.url + 'images/top.qcow2'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  server.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise((resolve) => server.once('exit', resolve));
+  t.after(async () => {
+    if (server.exitCode === null) server.kill('SIGTERM');
+    await exited;
+  });
+  // --pid-file appears once the socket listens; give up after ~10 s.
+  for (let i = 0; i < 200 && (await readFile(pidFile).catch(() => undefined)) === undefined; i++) {
+    assert.equal(server.exitCode, null, `qcow serve exited: ${stderr}`);
+    await delay(50);
+  }
+  // One connection: the server serves one client at a time (-e 1).
+  await runOk('nbdcopy', ['--connections=1', `nbd+unix:///?socket=${sock}`, join(dir, 'out.raw')]);
+  assert.equal(sha256(await readFile(join(dir, 'out.raw'))), await qemuGuestSha256(['-f', 'qcow2', join(www, 'images/top.qcow2')]));
 });

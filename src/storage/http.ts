@@ -329,7 +329,7 @@ export function resolveUrl(name: string, relativeTo: string): string {
 export function httpOpener(options: HttpStoreOptions = {}): StoreOpener {
   return {
     open: (name, o) => {
-      if (!o.readOnly || o.create) return Promise.reject(new QcowError('QCOW_READ_ONLY', 'HTTP images can only be opened read-only', { file: name }));
+      if (!o.readOnly || o.create) return Promise.reject(new QcowError('QCOW_READ_ONLY', 'HTTP images can only be opened read-only (open with -r, or put an overlay over the image)', { file: name }));
       return HttpStore.open(name, options);
     },
     resolve: resolveUrl,
