@@ -124,7 +124,7 @@ test('...but not when the whole body is larger than maxWholeBodyBytes', async (t
   });
 });
 
-test('transient failures (503, dropped connections) are retried, then reads succeed', async (t) => {
+test('transient failures (503, dropped connections, 429) are retried, then reads succeed', async (t) => {
   const { www, data } = await site(t);
   const srv = await startNodeServer(t, www, failFirst(3, honourRange));
   const store = await HttpStore.open(srv.url + 'disk.raw', { chunkSize: CHUNK, retryDelayMs: 1 });
@@ -133,6 +133,26 @@ test('transient failures (503, dropped connections) are retried, then reads succ
   await store.read(2 * MiB, buf);
   assert.deepEqual(buf, data.subarray(2 * MiB, 2 * MiB + 100));
   assert.equal(store.stats.retries, 3);
+});
+
+test('a server that gives no total in Content-Range: the size comes from HEAD', async (t) => {
+  const { www, data } = await site(t);
+  const srv = await startNodeServer(t, www, (req, res, file) => {
+    const writeHead = res.writeHead.bind(res) as (status: number, headers?: Record<string, string | number>) => typeof res;
+    res.writeHead = ((status: number, headers?: Record<string, string | number>) =>
+      writeHead(status, headers && typeof headers['Content-Range'] === 'string' ? { ...headers, 'Content-Range': headers['Content-Range'].replace(/\/\d+$/, '/*') } : headers)) as typeof res.writeHead;
+    return honourRange(req, res, file);
+  });
+  const store = await HttpStore.open(srv.url + 'disk.raw', { chunkSize: CHUNK });
+  t.after(() => store.close());
+  assert.equal(await store.size(), data.length);
+  assert.deepEqual(
+    srv.requests.map((r) => r.method),
+    ['GET', 'HEAD'],
+  );
+  const buf = new Uint8Array(100);
+  await store.read(data.length - 50, buf);
+  assert.deepEqual(buf.subarray(0, 50), data.subarray(data.length - 50));
 });
 
 test('after the last retry, a clear QCOW_IO error', async (t) => {

@@ -190,16 +190,17 @@ export const honourRange: Handler = async (req, res, file) => {
 };
 
 /**
- * Fail the first `failures` requests (alternately 503 with Retry-After: 0 and a dropped
- * connection), then behave as `then`.
+ * Fail the first `failures` requests (in turn: 503 with Retry-After: 0, a dropped connection,
+ * 429), then behave as `then`.
  */
 export function failFirst(failures: number, then: Handler): Handler {
   let seen = 0;
   return (req, res, file) => {
     seen++;
     if (seen > failures) return then(req, res, file);
-    if (seen % 2 === 1) res.writeHead(503, { 'Retry-After': '0' }).end();
-    else req.socket.destroy();
+    if (seen % 3 === 1) res.writeHead(503, { 'Retry-After': '0' }).end();
+    else if (seen % 3 === 2) req.socket.destroy();
+    else res.writeHead(429).end();
   };
 }
 
