@@ -87,6 +87,20 @@ async function exercise(path: string, seed: Seed, probe: boolean): Promise<void>
   }
 }
 
+/** Writing to a damaged image must also end cleanly (it may refuse, but never throw anything else). */
+async function exerciseWrites(path: string, seed: Seed): Promise<void> {
+  const dev = await openImage(path, { format: seed.format, confineToFolder: true, password: seed.password });
+  try {
+    const data = new Uint8Array(70 * 1024).fill(0x5c);
+    await dev.write(0, data.subarray(0, Math.min(data.length, dev.size)));
+    if (dev.size > data.length) await dev.write(Math.floor((dev.size - data.length) / 2), data);
+    await dev.writeZeroes(0, Math.min(dev.size, 8192));
+    await dev.flush();
+  } finally {
+    await dev.close();
+  }
+}
+
 const RUNS = Number(process.env.QCOW_FUZZ_RUNS ?? 300);
 const SEED = Number(process.env.QCOW_FUZZ_SEED ?? 20261124);
 
@@ -94,7 +108,8 @@ test(`${RUNS} mutated images each give a clean result or a QcowError`, { ...need
   const dir = await scratch(t);
   const seeds = await makeSeeds(dir);
   const originals = new Map<string, Uint8Array>();
-  for (const s of seeds) originals.set(s.file, await readFile(join(dir, s.file)));
+  // A plain Uint8Array copy: Buffer.slice() would share memory and let mutations pile up.
+  for (const s of seeds) originals.set(s.file, new Uint8Array(await readFile(join(dir, s.file))));
   // The unmutated seeds must open cleanly: otherwise the fuzzer would only test the error path.
   for (const s of seeds) await exercise(join(dir, s.file), s, false);
 
@@ -110,9 +125,13 @@ test(`${RUNS} mutated images each give a clean result or a QcowError`, { ...need
     await writeFile(path, mutant);
     try {
       await exercise(path, seed, i % 5 === 0);
+      if (i % 3 === 0) await exerciseWrites(path, seed);
       kinds.set('ok', (kinds.get('ok') ?? 0) + 1);
     } catch (e) {
-      if (e instanceof QcowError) kinds.set(e.code, (kinds.get(e.code) ?? 0) + 1);
+      if (e instanceof QcowError) {
+        kinds.set(e.code, (kinds.get(e.code) ?? 0) + 1);
+        if (process.env.QCOW_FUZZ_VERBOSE) t.diagnostic(`case ${i} ${seed.file} ${m.describe}: ${e.code} ${e.message}`);
+      }
       else failures.push(`case ${i} (${seed.file}: ${m.describe}): ${(e as Error)?.stack ?? e}`);
     }
     rssPeak = Math.max(rssPeak, process.memoryUsage().rss);
