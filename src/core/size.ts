@@ -21,16 +21,16 @@ export function parseOffset(text: string, what = 'offset'): number {
   return parseSize(text, what);
 }
 
-/** Human form as qemu-img prints it ("4 MiB", "1.5 GiB", "512 B"). */
+/**
+ * Human form as qemu-img prints it: three significant digits, moving to the next unit once the
+ * number would reach 1000 ("0.977 KiB" for 1000 bytes, "2.58 MiB", "196 KiB", "512 B").
+ */
 export function formatSize(bytes: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
-  let i = 0;
-  let v = bytes;
-  while (v >= 1024 && i < units.length - 1) {
-    v /= 1024;
-    i++;
-  }
-  if (i === 0) return `${bytes} B`;
-  const s = v.toFixed(3).replace(/\.?0+$/, '');
+  const exp = bytes > 0 ? Math.floor(Math.log2(bytes * 1.024)) : 0;
+  const i = Math.max(0, Math.min(units.length - 1, Math.trunc(exp / 10)));
+  const v = bytes / 2 ** (i * 10);
+  let s = v.toPrecision(3);
+  if (s.includes('.') && !s.includes('e')) s = s.replace(/0+$/, '').replace(/\.$/, '');
   return `${s} ${units[i]}`;
 }

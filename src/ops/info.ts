@@ -62,7 +62,7 @@ export function infoHuman(info: ImageInfoJson): string {
     `file format: ${info.format}`,
     `virtual size: ${formatSize(info['virtual-size'])} (${info['virtual-size']} bytes)`,
   ];
-  if (info['actual-size'] !== undefined) lines.push(`disk size: ${formatSize(info['actual-size']).replace(/(\.\d)\d+/, '$1')}`);
+  if (info['actual-size'] !== undefined) lines.push(`disk size: ${formatSize(info['actual-size'])}`);
   if (info.encrypted) lines.push('encrypted: yes');
   if (info['cluster-size'] !== undefined) lines.push(`cluster_size: ${info['cluster-size']}`);
   if (info['backing-filename'] !== undefined) {
