@@ -307,7 +307,11 @@ export class Refcounts {
    */
   private async ensureBlock(b: number): Promise<Uint8Array> {
     if (b < this.table.length && this.table[b] !== 0) return this.loadBlock(b);
-    if (b >= this.table.length) await this.growTable(b);
+    if (b >= this.table.length) {
+      await this.growTable(b);
+      // Growing may itself have made block b (for the new table's own clusters).
+      if (this.table[b] !== 0) return this.loadBlock(b);
+    }
     const loc = await this.findFree(1);
     const lb = Math.floor(loc / this.perBlock);
     const block = new Uint8Array(this.clusterSize);
@@ -340,7 +344,7 @@ export class Refcounts {
   private async growTable(b: number): Promise<void> {
     const cs = this.clusterSize;
     const perCluster = cs / 8;
-    const at = Math.max(this.endCluster, this.freeHint, 1);
+    const at = Math.max(this.endCluster, this.freeHint, 1, ...this.reserved.map(([, e]) => e));
     let clusters = Math.max(Math.ceil((b + 1) / perCluster), Math.ceil(this.tableClusters * 1.5), this.tableClusters + 1);
     // The new table's own clusters, plus a couple of new blocks after them, must be describable.
     while (Math.floor((at + clusters + 2) / this.perBlock) >= clusters * perCluster) clusters++;

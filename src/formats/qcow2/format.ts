@@ -1,12 +1,11 @@
 /**
- * The qcow2 ImageFormat: probing and opening. Creating images belongs to the writer (create.ts);
- * until it lands, `create` refuses with QCOW_UNSUPPORTED.
+ * The qcow2 ImageFormat: probing and opening here; creating images is create.ts.
  */
 import type { CreateOptions, ImageFormat, OpenOptions } from '../../core/block-device.js';
-import { unsupported } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
 import { QCOW2_MAGIC } from './header.js';
 import { Qcow2Device } from './qcow2.js';
+import { QCOW2_CREATE_OPTIONS, createQcow2 } from './create.js';
 
 export const qcow2Format: ImageFormat = {
   name: 'qcow2',
@@ -21,7 +20,8 @@ export const qcow2Format: ImageFormat = {
   open(store: ByteStore, options?: OpenOptions) {
     return Qcow2Device.open(store, options);
   },
-  async create(_store: ByteStore, _options: CreateOptions) {
-    throw unsupported('creating qcow2 images is not implemented yet');
+  create(store: ByteStore, options: CreateOptions) {
+    return createQcow2(store, options);
   },
+  createOptions: QCOW2_CREATE_OPTIONS,
 };

@@ -1,0 +1,265 @@
+/**
+ * `create` for qcow2: the -o options qemu-img 7.2 takes, its defaults and its checks (with its
+ * messages), and its layout: header in cluster 0, a one-cluster refcount table in cluster 1, the
+ * first refcount block in cluster 2, then the L1 table (not padded to a whole cluster), then the
+ * LUKS area, then (preallocation) each L2 table followed by the data clusters it maps.
+ */
+import type { CreateOptions } from '../../core/block-device.js';
+import { QcowError, invalidArgument } from '../../core/errors.js';
+import { isPowerOfTwo, setU64 } from '../../core/bytes.js';
+import { parseSize } from '../../core/size.js';
+import type { ByteStore } from '../../storage/types.js';
+import { createLuks } from '../../crypto/luks.js';
+import { COMPRESSION_ZLIB, COMPRESSION_ZSTD, QEMU_FEATURE_NAMES, V2_HEADER_LENGTH, V3_HEADER_LENGTH, encodeHeader, type Qcow2Header } from './header.js';
+import { AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2 } from './features.js';
+import { MAX_L1_BYTES, l1EntriesFor, qcow2Geometry } from './layout.js';
+import { checkRefcountBits, setRefcount } from './refcount.js';
+import { Refcounts } from './alloc.js';
+
+export const QCOW2_CREATE_OPTIONS: Record<string, string> = {
+  size: 'Virtual disk size',
+  compat: 'Compatibility level (v2 [0.10], v3 [1.1])',
+  backing_file: 'File name of a base image',
+  backing_fmt: 'Image format of the base image',
+  data_file: 'File name of an external data file',
+  data_file_raw: 'The external data file must stay valid as a raw image',
+  encryption: 'Encrypt the image with format "aes" (deprecated spelling of encrypt.format=aes)',
+  'encrypt.format': 'Encrypt the image, format choices: "aes", "luks"',
+  'encrypt.key-secret': 'accepted for qemu-img compatibility: the password comes from --password-file',
+  'encrypt.iter-time': 'LUKS: milliseconds of PBKDF2 per key slot unlock (default 2000)',
+  'encrypt.cipher-alg': 'LUKS: aes-128 or aes-256 (default)',
+  'encrypt.cipher-mode': 'LUKS: xts (default) or cbc',
+  'encrypt.ivgen-alg': 'LUKS: plain64 (default) or essiv',
+  'encrypt.hash-alg': 'LUKS: sha256 (default), sha1, sha512',
+  cluster_size: 'qcow2 cluster size (default 64k)',
+  preallocation: 'Preallocation mode (allowed values: off, metadata, falloc, full)',
+  lazy_refcounts: 'Postpone refcount updates',
+  refcount_bits: 'Width of a reference count entry in bits (default 16)',
+  compression_type: 'Compression method used for image cluster compression (zlib, zstd)',
+  extended_l2: 'Extended L2 tables (32 subclusters per cluster)',
+};
+
+export interface Qcow2CreateSettings {
+  version: 2 | 3;
+  clusterBits: number;
+  refcountBits: number;
+  lazyRefcounts: boolean;
+  extendedL2: boolean;
+  compressionType: number;
+  preallocation: 'off' | 'metadata' | 'falloc' | 'full';
+  encryption?: 'aes' | 'luks';
+  luks: { iterTimeMs?: number; cipherAlg?: 'aes-128' | 'aes-256'; cipherMode?: 'xts' | 'cbc'; ivGen?: 'plain64' | 'essiv'; hashAlg?: 'sha256' | 'sha1' | 'sha512' };
+  dataFile?: string;
+  dataFileRaw: boolean;
+}
+
+const onOff = (key: string, v: string | undefined): boolean => {
+  if (v === undefined || v === 'off' || v === 'false') return false;
+  if (v === 'on' || v === 'true') return true;
+  throw invalidArgument(`Parameter '${key}' expects 'on' or 'off'`);
+};
+
+/** Validate -o options the way qemu-img does, with its defaults. */
+export function parseCreateOptions(o: Record<string, string>, hasBacking: boolean): Qcow2CreateSettings {
+  for (const k of Object.keys(o)) if (!(k in QCOW2_CREATE_OPTIONS)) throw invalidArgument(`Invalid parameter '${k}'`);
+  const compat = o.compat ?? '1.1';
+  let version: 2 | 3;
+  if (compat === '0.10' || compat === 'v2') version = 2;
+  else if (compat === '1.1' || compat === 'v3') version = 3;
+  else throw invalidArgument(`Parameter 'version' does not accept value '${compat}'`);
+  const clusterSize = o.cluster_size !== undefined ? parseSize(o.cluster_size, 'cluster_size') : 65536;
+  if (!isPowerOfTwo(clusterSize) || clusterSize < 512 || clusterSize > 2 * 1024 * 1024) throw invalidArgument('Cluster size must be a power of two between 512 and 2048k');
+  const refcountBits = o.refcount_bits !== undefined ? Number(o.refcount_bits) : 16;
+  checkRefcountBits(refcountBits);
+  const lazyRefcounts = onOff('lazy_refcounts', o.lazy_refcounts);
+  const extendedL2 = onOff('extended_l2', o.extended_l2);
+  const ctype = o.compression_type ?? 'zlib';
+  if (ctype !== 'zlib' && ctype !== 'zstd') throw invalidArgument(`Parameter 'compression-type' does not accept value '${ctype}'`);
+  const prealloc = o.preallocation ?? 'off';
+  if (prealloc !== 'off' && prealloc !== 'metadata' && prealloc !== 'falloc' && prealloc !== 'full') throw invalidArgument(`Parameter 'preallocation' does not accept value '${prealloc}'`);
+  if (o.encryption !== undefined && o['encrypt.format'] !== undefined) throw invalidArgument("'encrypt.format' and its alias 'encryption' can't be used at the same time");
+  let encryption: 'aes' | 'luks' | undefined;
+  if (onOff('encryption', o.encryption)) encryption = 'aes';
+  if (o['encrypt.format'] !== undefined) {
+    const f = o['encrypt.format'];
+    if (f !== 'aes' && f !== 'luks') throw invalidArgument(`Parameter 'encrypt.format' does not accept value '${f}'`);
+    encryption = f;
+  }
+  const dataFileRaw = onOff('data_file_raw', o.data_file_raw);
+  const v3 = '(use version=v3 or greater)';
+  if (version === 2) {
+    if (lazyRefcounts) throw invalidArgument(`Lazy refcounts only supported with compatibility level 1.1 and above ${v3}`);
+    if (refcountBits !== 16) throw invalidArgument(`Different refcount widths than 16 bits require compatibility level 1.1 or above ${v3}`);
+    if (extendedL2) throw invalidArgument(`Extended L2 entries are only supported with compatibility level 1.1 and above ${v3}`);
+    if (ctype !== 'zlib') throw invalidArgument(`Non-zlib compression type is only supported with compatibility level 1.1 and above ${v3}`);
+    if (o.data_file !== undefined) throw invalidArgument(`External data files are only supported with compatibility level 1.1 and above ${v3}`);
+  }
+  if (extendedL2 && clusterSize < 16384) throw invalidArgument('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
+  if (dataFileRaw && o.data_file === undefined) throw invalidArgument('data-file-raw requires data-file');
+  if (dataFileRaw && hasBacking) throw invalidArgument('Backing file and data-file-raw cannot be used at the same time');
+  const iter = o['encrypt.iter-time'];
+  const luks: Qcow2CreateSettings['luks'] = {};
+  if (iter !== undefined) {
+    luks.iterTimeMs = Number(iter);
+    if (!Number.isSafeInteger(luks.iterTimeMs) || luks.iterTimeMs <= 0) throw invalidArgument(`Parameter 'encrypt.iter-time' expects a positive number, not '${iter}'`);
+  }
+  if (o['encrypt.cipher-alg'] !== undefined) luks.cipherAlg = o['encrypt.cipher-alg'] as 'aes-128' | 'aes-256';
+  if (o['encrypt.cipher-mode'] !== undefined) luks.cipherMode = o['encrypt.cipher-mode'] as 'xts' | 'cbc';
+  if (o['encrypt.ivgen-alg'] !== undefined) luks.ivGen = o['encrypt.ivgen-alg'] as 'plain64' | 'essiv';
+  if (o['encrypt.hash-alg'] !== undefined) luks.hashAlg = o['encrypt.hash-alg'] as 'sha256' | 'sha1' | 'sha512';
+  return {
+    version,
+    clusterBits: Math.log2(clusterSize),
+    refcountBits,
+    lazyRefcounts,
+    extendedL2,
+    compressionType: ctype === 'zstd' ? COMPRESSION_ZSTD : COMPRESSION_ZLIB,
+    preallocation: prealloc,
+    encryption,
+    luks,
+    dataFile: o.data_file,
+    dataFileRaw,
+  };
+}
+
+/** The header of a new image, before the L1 and encryption are placed. */
+export function newHeader(s: Qcow2CreateSettings, size: number, backingFile?: string, backingFormat?: string): Qcow2Header {
+  const cs = 2 ** s.clusterBits;
+  let incompat = 0n;
+  if (s.compressionType !== COMPRESSION_ZLIB) incompat |= INCOMPAT_COMPRESSION;
+  if (s.extendedL2) incompat |= INCOMPAT_EXTL2;
+  if (s.dataFile !== undefined) incompat |= INCOMPAT_DATA_FILE;
+  return {
+    version: s.version,
+    backingFileOffset: 0,
+    backingFileSize: 0,
+    clusterBits: s.clusterBits,
+    size,
+    cryptMethod: s.encryption === 'aes' ? 1 : s.encryption === 'luks' ? 2 : 0,
+    l1Size: 0,
+    l1TableOffset: 0,
+    refcountTableOffset: cs,
+    refcountTableClusters: 1,
+    nbSnapshots: 0,
+    snapshotsOffset: 0,
+    incompatibleFeatures: incompat,
+    compatibleFeatures: s.lazyRefcounts ? COMPAT_LAZY_REFCOUNTS : 0n,
+    autoclearFeatures: s.dataFileRaw ? AUTOCLEAR_DATA_FILE_RAW : 0n,
+    refcountOrder: Math.log2(s.refcountBits),
+    headerLength: s.version === 2 ? V2_HEADER_LENGTH : V3_HEADER_LENGTH,
+    compressionType: s.compressionType,
+    backingFile,
+    backingFormat,
+    // qemu 7.2 leaves the table out of images with clusters of 4 KiB or less (checked: 512..4k none, 8k on).
+    featureNames: s.version === 3 && s.clusterBits > 12 ? [...QEMU_FEATURE_NAMES] : [],
+    dataFile: s.dataFile,
+    unknownExtensions: [],
+  };
+}
+
+export async function createQcow2(store: ByteStore, options: CreateOptions): Promise<void> {
+  const o = { ...(options.options ?? {}) };
+  delete o.size;
+  const s = parseCreateOptions(o, options.backingFile !== undefined);
+  const size = options.size;
+  if (!Number.isSafeInteger(size) || size < 0) throw invalidArgument(`invalid image size ${size}`);
+  if (s.encryption && options.password === undefined) throw invalidArgument("Parameter 'encrypt.key-secret' is required for cipher (give --password-file)");
+  const cs = 2 ** s.clusterBits;
+  const g = qcow2Geometry(s.clusterBits, s.extendedL2);
+  const l1Size = l1EntriesFor(size, g);
+  if (l1Size * 8 > MAX_L1_BYTES) throw new QcowError('QCOW_INVALID_ARGUMENT', "The image size is too large for file format 'qcow2' (try using a larger cluster size)");
+  const h = newHeader(s, size, options.backingFile, options.backingFile !== undefined ? options.backingFormat : undefined);
+  if (s.dataFile !== undefined) {
+    if (!options.openFile) throw new QcowError('QCOW_UNSUPPORTED', `cannot create data file '${s.dataFile}' (no file opener)`);
+    const df = await options.openFile(s.dataFile, { readOnly: false, create: true });
+    try {
+      await df.truncate(s.dataFileRaw || s.preallocation === 'full' ? size : 0);
+      if (s.preallocation === 'full') await writeZeros(df, 0, size);
+      await df.flush();
+    } finally {
+      await df.close();
+    }
+  }
+
+  // Clusters 0..2: header, refcount table (one entry: the block at cluster 2), the block.
+  await store.truncate(0);
+  const table = new Uint8Array(cs);
+  setU64(table, 0, 2 * cs);
+  const block = new Uint8Array(cs);
+  for (let i = 0; i < 3; i++) setRefcount(block, i, s.refcountBits, 1);
+  await store.write(0, encodeHeader(h, cs));
+  await store.write(cs, table);
+  await store.write(2 * cs, block);
+  const rc = await Refcounts.load(store, { clusterSize: cs, refcountBits: s.refcountBits, tableOffset: cs, tableClusters: 1 });
+
+  // The L1 table (qemu leaves its last cluster short at the end of the file).
+  const l1 = new Uint8Array(l1Size * 8);
+  if (l1Size > 0) {
+    h.l1TableOffset = await rc.allocClusters(Math.ceil(l1.length / cs));
+    h.l1Size = l1Size;
+  }
+
+  if (s.encryption === 'luks') {
+    const luks = await createLuks(options.password!, s.luks);
+    const at = await rc.allocClusters(Math.ceil(luks.area.length / cs));
+    await store.write(at, luks.area);
+    h.fde = { offset: at, length: luks.area.length };
+  }
+
+  let dataEnd = 0;
+  if (s.preallocation === 'metadata' || s.preallocation === 'full' || s.preallocation === 'falloc' || s.dataFileRaw) {
+    dataEnd = await preallocate(store, rc, l1, g, s, size);
+  }
+  await rc.writeBack(async () => undefined);
+  if (l1Size > 0) await store.write(h.l1TableOffset, l1);
+  // Metadata is written; the header goes last so a failed create never looks like a valid image.
+  h.refcountTableOffset = rc.tableOffset;
+  h.refcountTableClusters = rc.tableClusters;
+  await store.write(0, encodeHeader(h, cs));
+  const end = Math.max(await store.size(), dataEnd);
+  if (end > (await store.size())) await store.truncate(end);
+}
+
+/**
+ * Allocate every L2 table and data cluster as qemu does (table, then the clusters it maps). With
+ * an external data file the data lives there at guest offset = host offset and needs no refcount.
+ */
+async function preallocate(
+  store: ByteStore,
+  rc: Refcounts,
+  l1: Uint8Array,
+  g: ReturnType<typeof qcow2Geometry>,
+  s: Qcow2CreateSettings,
+  size: number,
+): Promise<number> {
+  const cs = g.clusterSize;
+  const clusters = Math.ceil(size / cs);
+  const dv = new DataView(l1.buffer);
+  const external = s.dataFile !== undefined;
+  let end = 0;
+  for (let i = 0; i * g.l2Entries < clusters; i++) {
+    const n = Math.min(g.l2Entries, clusters - i * g.l2Entries);
+    const l2Offset = await rc.allocClusters(1);
+    const data = external ? i * g.l2Coverage : await rc.allocClusters(n);
+    const l2 = new Uint8Array(cs);
+    const l2v = new DataView(l2.buffer);
+    for (let j = 0; j < n; j++) {
+      l2v.setBigUint64(j * g.l2EntryBytes, (1n << 63n) | BigInt(data + j * cs));
+    }
+    await store.write(l2Offset, l2);
+    dv.setBigUint64(i * 8, (1n << 63n) | BigInt(l2Offset));
+    if (!external) {
+      if (s.preallocation === 'full') await writeZeros(store, data, n * cs);
+      end = Math.max(end, data + n * cs);
+    }
+  }
+  return end;
+}
+
+async function writeZeros(store: ByteStore, offset: number, length: number): Promise<void> {
+  const chunk = new Uint8Array(Math.min(length, 1 << 20));
+  for (let done = 0; done < length; done += chunk.length) {
+    const n = Math.min(chunk.length, length - done);
+    await store.write(offset + done, chunk.subarray(0, n));
+  }
+}
