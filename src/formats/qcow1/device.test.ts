@@ -58,6 +58,7 @@ test('a write allocates L2 table and clusters at the end of the file, as in spec
   await createQcow1(store, { size: 1 * MiB });
   const dev = await Qcow1Device.open(store);
   await dev.write(128 * KiB, new Uint8Array(64 * KiB).fill(0xab));
+  await dev.flush();
   const b = store.bytes();
   assert.equal(b.length, 73728);
   assert.equal(u64At(b, 0x30), 0x1000n); // L1[0]
@@ -182,6 +183,7 @@ test('compressed writes must be whole aligned clusters', async () => {
 test('AES: the bytes on disk are those of spec §10.4 and read back as plaintext', async () => {
   const { dev, store, reopen } = await memImage({ size: 1 * MiB, password: 'hunter2' });
   await dev.write(128 * KiB, new Uint8Array(64 * KiB).fill(0xab));
+  await dev.flush();
   const b = store.bytes();
   assert.equal(Buffer.from(b.subarray(0x2000, 0x2010)).toString('hex'), '4b7b9750174fb8803455041eb1f2559c');
   const plain = await readAll(dev);
@@ -191,6 +193,7 @@ test('AES: the bytes on disk are those of spec §10.4 and read back as plaintext
   // the new cluster holds enciphered zeros, as QEMU writes it.
   await dev.write(128 * KiB + 5, new Uint8Array([1, 2, 3]));
   await dev.write(300 * KiB + 700, new Uint8Array([9]));
+  await dev.flush();
   const again = await readAll(await reopen());
   const expect = new Uint8Array(1 * MiB);
   expect.fill(0xab, 128 * KiB, 192 * KiB);
@@ -204,6 +207,7 @@ test('AES: the bytes on disk are those of spec §10.4 and read back as plaintext
 test('AES sectors are AES-128-CBC with key = password bytes and IV = little-endian guest sector', async () => {
   const { dev, store } = await memImage({ size: 64 * KiB, password: 'hunter2' });
   await dev.write(4096 + 512, new Uint8Array(512).fill(0x5c));
+  await dev.flush();
   const host = Number(u64At(store.bytes(), 0x30)) + 4096; // L2 table is one cluster, then the data
   const key = Buffer.from('hunter2\0\0\0\0\0\0\0\0\0', 'latin1');
   const decrypt = (sector: number, bytes: Uint8Array) => {
@@ -228,6 +232,7 @@ test('AES without a password: open fails, except for inspection, which cannot re
   assert.deepEqual(await dev.describe(), { format: 'qcow', virtualSize: 64 * KiB, clusterSize: 4096, encrypted: true });
   const withData = await memImage({ size: 64 * KiB, password: 'x' });
   await withData.dev.write(0, new Uint8Array(512).fill(1));
+  await withData.dev.flush();
   const inspect = await Qcow1Device.open(withData.store, { inspectOnly: true, readOnly: true });
   await assert.rejects(inspect.read(0, new Uint8Array(512)), isCode('QCOW_NEED_PASSWORD'));
   // compressed clusters would be stored unencrypted, so they are refused
@@ -243,28 +248,43 @@ test('a wrong password is not detectable (no check value): it reads garbage, as 
   assert.ok(!b.every((x) => x === 7));
 });
 
-test('crash ordering: data and new L2 tables are flushed before anything links to them', async () => {
+test('crash ordering: data and new L2 tables reach the disk, flushed, before anything links to them', async () => {
   let rec!: RecordingStore;
   const { dev } = await memImage({ size: 4 * MiB, wrap: (s) => (rec = new RecordingStore(s)) });
   const l1 = { lo: 48, hi: 48 + 8 * 2 };
-  const check = (label: string, linkRanges: { lo: number; hi: number }[]) => {
-    const log = rec.log.splice(0);
+  const l2 = { lo: 4096, hi: 8192 }; // the first table, allocated by the first write
+  const check = async (label: string, write: () => Promise<void>, linkRanges = [l1, l2]) => {
     const isLink = (o: { offset: number; length: number }) => linkRanges.some((r) => o.offset < r.hi && o.offset + o.length > r.lo);
+    rec.log.length = 0;
+    await write();
+    assert.ok(!rec.log.some((o) => o.kind === 'write' && isLink(o)), `${label}: no link before flush()`);
+    await dev.flush();
+    const log = rec.log;
     const firstLink = log.findIndex((o) => o.kind === 'write' && isLink(o));
     const lastData = log.findLastIndex((o) => o.kind === 'write' && !isLink(o));
     assert.ok(firstLink > 0, `${label}: a link was written`);
     assert.ok(lastData < firstLink, `${label}: all data before the first link`);
     assert.ok(log.slice(lastData + 1, firstLink).some((o) => o.kind === 'flush'), `${label}: a flush between data and links`);
+    assert.equal(log[log.length - 1]!.kind, 'flush', `${label}: flush() ends with the links durable`);
   };
-  // New L2 table + clusters, in two tables at once: only the L1 entries link them.
-  await dev.write(2 * MiB - 4096, new Uint8Array(8192).fill(1));
-  check('new tables', [l1]);
-  // Existing tables: the L2 entries are the links.
-  await dev.write(8192, new Uint8Array(100).fill(2));
-  const l2 = { lo: 4096, hi: 8192 };
-  check('existing table', [l1, l2]);
-  await dev.writeCompressed!(16384, new Uint8Array(4096).fill(3));
-  check('compressed', [l1, l2]);
+  // New L2 tables + clusters, two tables at once: only the L1 entries link them.
+  await check('new tables', () => dev.write(2 * MiB - 4096, new Uint8Array(8192).fill(1)), [l1]);
+  // Existing table: the L2 entries are the links.
+  await check('existing table', () => dev.write(8192, new Uint8Array(100).fill(2)));
+  await check('compressed', () => dev.writeCompressed!(16384, new Uint8Array(4096).fill(3)));
+});
+
+test('links are written in groups: many small writes, one flush', async () => {
+  let rec!: RecordingStore;
+  const { dev, reopen } = await memImage({ size: 4 * MiB, wrap: (s) => (rec = new RecordingStore(s)) });
+  for (let i = 0; i < 100; i++) await dev.writeCompressed!(i * 4096, new Uint8Array(4096).fill(i + 1));
+  assert.equal(rec.log.filter((o) => o.kind === 'flush').length, 0);
+  await dev.close();
+  assert.equal(rec.log.filter((o) => o.kind === 'flush').length, 2, 'one before the links, one after');
+  const again = await reopen();
+  const b = new Uint8Array(4096);
+  await again.read(99 * 4096, b);
+  assert.ok(b.every((x) => x === 100));
 });
 
 test('concurrent writes and reads: every write lands, readers see old or new bytes', async () => {

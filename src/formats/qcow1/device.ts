@@ -9,10 +9,10 @@
  * data are written in place. Every other touched cluster gets a new cluster at the end of the
  * file, filled with what the guest saw there before (the backing image, the inflated compressed
  * cluster, or zeros) and the new bytes; L2 tables are allocated at the end of the file too, in the
- * order QEMU allocates them. Crash safety comes from ordering: the new clusters and any new L2
- * tables are written and flushed first; only then are L2 entries in existing tables and L1
- * entries for new tables written. A crash can leak space, never leave an entry that points at
- * bytes not yet written.
+ * order QEMU allocates them. Crash safety comes from ordering: new clusters and new L2 tables
+ * (already holding their entries) are written first; L2 entries in existing tables and L1 entries
+ * for new tables are written only after a flush (on flush(), close(), or every 32 MiB), so a
+ * crash can lose unflushed writes and leak space, never leave an entry pointing at unwritten bytes.
  */
 import type { BlockExtent, ImageDescription, OpenOptions, WriteOptions, ZeroOptions } from '../../core/block-device.js';
 import { DeviceBase } from '../../core/device-base.js';
@@ -32,6 +32,9 @@ const SECTOR = 512;
 export const DEFAULT_L2_CACHE_BYTES = 1 << 20;
 /** Writes are carried out in pieces of at most this many bytes (whole clusters). */
 const WRITE_PIECE = 4 << 20;
+/** syncLinks() runs once this much data waits for its links, or this many L2 tables do. */
+const MAX_UNSYNCED_BYTES = 32 << 20;
+const MAX_PINNED_TABLES = 64;
 /** Gaps remembered for compressed clusters. */
 const MAX_GAPS = 1024;
 
@@ -90,6 +93,11 @@ export class Qcow1Device extends DeviceBase {
   private gaps: { start: number; end: number }[] = [];
   /** Offsets of every L2 table, sorted: in-place writes must never land on one. */
   private readonly l2Offsets: number[] = [];
+  /** Links set in memory but not yet on disk: index ranges of L2 tables (by offset) and of L1. */
+  private readonly pendingL2 = new Map<number, { lo: number; hi: number }>();
+  private pendingL1 = { lo: Infinity, hi: -1 };
+  /** Bytes written since the last syncLinks(). */
+  private unsyncedBytes = 0;
 
   private constructor(store: ByteStore, readOnly: boolean, header: QcowHeader, l1: Uint8Array, backingName: string | undefined, cipher: SectorCipher | null, eof: number, cacheBytes: number) {
     super(store, virtualSizeOf(header), readOnly);
@@ -458,7 +466,12 @@ export class Qcow1Device extends DeviceBase {
     return undefined;
   }
 
-  /** Write the batch's data and new tables, flush, then link them in (L2 entries, then L1 entries). */
+  /**
+   * Write the batch's data and new tables, then link them in. In memory the links take effect at
+   * once (this process reads the bytes it has written); on disk they wait for syncLinks(), which
+   * flushes first, so many writes share one flush and no link ever reaches the disk before the
+   * bytes it points at.
+   */
   private async commit(batch: Batch): Promise<void> {
     if (batch.writes.length === 0) return;
     for (const [l1i, { offset, table }] of batch.newTables) {
@@ -472,34 +485,47 @@ export class Qcow1Device extends DeviceBase {
       let end = batch.writes[i]!.host + batch.writes[i]!.bytes.length;
       while (j < batch.writes.length && batch.writes[j]!.host === end) end += batch.writes[j++]!.bytes.length;
       await this.store.write(batch.writes[i]!.host, j === i + 1 ? batch.writes[i]!.bytes : concat(batch.writes.slice(i, j).map((w) => w.bytes)));
+      this.unsyncedBytes += end - batch.writes[i]!.host;
       i = j;
     }
-    await this.store.flush();
 
     for (const [l1i, list] of batch.entries) {
       if (batch.newTables.has(l1i)) continue;
       const offset = this.l1Entry(l1i);
       const table = await this.l2Table(offset);
-      let lo = Infinity;
-      let hi = -1;
+      const range = this.pendingL2.get(offset) ?? { lo: Infinity, hi: -1 };
       for (const e of list) {
         table[e.index] = e.value;
-        lo = Math.min(lo, e.index);
-        hi = Math.max(hi, e.index);
+        range.lo = Math.min(range.lo, e.index);
+        range.hi = Math.max(range.hi, e.index);
       }
-      await this.store.write(offset + 8 * lo, encodeTable(table.subarray(lo, hi + 1)));
-      this.l2Cache.put(offset, table); // it may have been evicted while we held it
+      this.pendingL2.set(offset, range);
+      this.l2Cache.put(offset, table, true); // pinned: the disk copy is behind until syncLinks()
     }
-    let lo = Infinity;
-    let hi = -1;
     for (const [l1i, { offset, table }] of batch.newTables) {
-      this.l2Cache.put(offset, table);
+      this.l2Cache.put(offset, table); // written whole above: the disk copy is current
       this.l1View.setBigUint64(8 * l1i, BigInt(offset));
       this.l2Offsets.splice(upperBound(this.l2Offsets, offset), 0, offset);
-      lo = Math.min(lo, l1i);
-      hi = Math.max(hi, l1i);
+      this.pendingL1.lo = Math.min(this.pendingL1.lo, l1i);
+      this.pendingL1.hi = Math.max(this.pendingL1.hi, l1i);
     }
+    if (this.unsyncedBytes >= MAX_UNSYNCED_BYTES || this.l2Cache.pinnedCount >= MAX_PINNED_TABLES) await this.syncLinks();
+  }
+
+  /** Flush the data written so far, then write the L2 and L1 entries that point at it. Under the mutex. */
+  private async syncLinks(): Promise<void> {
+    if (this.pendingL2.size === 0 && this.pendingL1.hi < 0) return;
+    await this.store.flush();
+    for (const [offset, { lo, hi }] of this.pendingL2) {
+      const table = await this.l2Table(offset); // pinned, so this is the in-memory copy
+      await this.store.write(offset + 8 * lo, encodeTable(table.subarray(lo, hi + 1)));
+    }
+    const { lo, hi } = this.pendingL1;
     if (hi >= 0) await this.store.write(this.header.l1TableOffset + 8 * lo, this.l1.subarray(8 * lo, 8 * (hi + 1)));
+    this.pendingL2.clear();
+    this.pendingL1 = { lo: Infinity, hi: -1 };
+    this.unsyncedBytes = 0;
+    this.l2Cache.unpinAll();
   }
 
   /**
@@ -575,14 +601,15 @@ export class Qcow1Device extends DeviceBase {
 
   async flush(): Promise<void> {
     if (this.readOnly) return;
-    await this.mutex.run(() => this.store.flush());
+    await this.mutex.run(async () => {
+      await this.syncLinks();
+      await this.store.flush();
+    });
   }
 
   protected async doClose(): Promise<void> {
-    // Every write is complete when its promise resolves; wait for those still running.
-    await this.mutex.run(async () => {
-      if (!this.readOnly) await this.store.flush();
-    });
+    // Waits for writes still running, then puts every link on disk.
+    await this.flush();
     this.l2Cache.clear();
     this.lastInflated = null;
     await this.store.close();

@@ -13,7 +13,11 @@ import { qcowFormat } from './index.js';
 async function image(size = 1 << 20, fill?: (dev: Qcow1Device) => Promise<void>): Promise<Uint8Array> {
   const store = new MemoryStore();
   await createQcow1(store, { size });
-  if (fill) await fill(await Qcow1Device.open(store));
+  if (fill) {
+    const dev = await Qcow1Device.open(store);
+    await fill(dev);
+    await dev.close();
+  }
   return store.bytes();
 }
 

@@ -1,11 +1,13 @@
 /**
- * A bounded cache of L2 tables, keyed by host offset, least recently used first out. Tables are
- * written through by the device (the cache never holds unwritten changes), so eviction is just
- * forgetting. Concurrent misses for one table share one load.
+ * A bounded cache of L2 tables, keyed by host offset, least recently used first out. A table
+ * whose changes are not on disk yet is pinned by the device and never evicted until unpinned;
+ * every other table matches the disk, so eviction is just forgetting. Concurrent misses for one
+ * table share one load.
  */
 export class L2Cache {
   private readonly tables = new Map<number, BigUint64Array>();
   private readonly loading = new Map<number, Promise<BigUint64Array>>();
+  private readonly pinned = new Set<number>();
   readonly capacity: number;
 
   /** `budgetBytes` is the memory allowed; at least one table is always kept. */
@@ -48,17 +50,34 @@ export class L2Cache {
     return pending;
   }
 
-  /** Insert or refresh a table (a writer's authoritative copy). */
-  put(offset: number, table: BigUint64Array): void {
+  /** Insert or refresh a table (a writer's authoritative copy); `pin` keeps it until unpinAll(). */
+  put(offset: number, table: BigUint64Array, pin = false): void {
     this.tables.delete(offset);
     this.tables.set(offset, table);
-    while (this.tables.size > this.capacity) {
-      const oldest = this.tables.keys().next().value as number;
-      this.tables.delete(oldest);
+    if (pin) this.pinned.add(offset);
+    this.trim();
+  }
+
+  /** Forget the least recently used unpinned tables until the cache is within its capacity. */
+  private trim(): void {
+    if (this.tables.size <= this.capacity) return;
+    for (const key of this.tables.keys()) {
+      if (this.tables.size <= this.capacity) break;
+      if (!this.pinned.has(key)) this.tables.delete(key);
     }
+  }
+
+  get pinnedCount(): number {
+    return this.pinned.size;
+  }
+
+  unpinAll(): void {
+    this.pinned.clear();
+    this.trim();
   }
 
   clear(): void {
     this.tables.clear();
+    this.pinned.clear();
   }
 }
