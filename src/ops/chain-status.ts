@@ -57,15 +57,26 @@ export class ChainStatus {
   /** The status of the longest run starting at `offset`, at most `maxLength` bytes. */
   async at(offset: number, maxLength: number): Promise<ChainExtent> {
     let length = Math.min(maxLength, this.size - offset);
+    // Where nothing in the chain decides a range, qemu-img still shows the host offset the
+    // deepest layer reported (e.g. an extended-L2 cluster whose subclusters are unallocated).
+    let deepest: { e: BlockExtent; dev: BlockDevice } | undefined;
+    const absent = (depth: number): ChainExtent => {
+      const out: ChainExtent = { start: offset, length, depth, present: false, zero: true, data: false };
+      // `deepest` is always the layer at `depth`: the walk stops right below it.
+      if (deepest && deepest.e.hostOffset !== undefined) {
+        out.offset = deepest.e.hostOffset + (offset - deepest.e.offset);
+        out.filename = deepest.e.hostFile ?? deepest.dev.filename;
+      }
+      return out;
+    };
     for (let depth = 0; depth < this.layers.length; depth++) {
       const layer = this.layers[depth]!;
-      if (offset >= layer.dev.size) {
-        return { start: offset, length, depth: depth - 1, present: false, zero: true, data: false };
-      }
+      if (offset >= layer.dev.size) return absent(depth - 1);
       // The backing layer only covers up to its own size.
       length = Math.min(length, layer.dev.size - offset);
       const e = await layer.at(offset);
       length = Math.min(length, e.offset + e.length - offset);
+      deepest = { e, dev: layer.dev };
       if (e.allocated) {
         const out: ChainExtent = { start: offset, length, depth, present: true, zero: e.zero, data: e.data };
         if (e.hostOffset !== undefined) {
@@ -76,7 +87,7 @@ export class ChainStatus {
         return out;
       }
     }
-    return { start: offset, length, depth: this.layers.length - 1, present: false, zero: true, data: false };
+    return absent(this.layers.length - 1);
   }
 }
 

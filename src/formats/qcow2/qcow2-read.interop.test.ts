@@ -168,7 +168,7 @@ test('map --output=json equals qemu-img map for images whose chain is all qcow2'
       await dev.close();
     }
   }
-  await t.test('extended L2 subclusters with a host cluster but no data map like qemu', { todo: 'ops/chain-status drops the host offset of unallocated ranges at the bottom of the chain' }, async () => {
+  await t.test('extended L2 subclusters with a host cluster but no data map like qemu', async () => {
     const dev = await open('v3-xl2');
     try {
       assert.equal(await mapJson(dev), (await runOk('qemu-img', ['map', '--output=json', join(dir, 'v3-xl2.qcow2')])).stdout);
