@@ -9,9 +9,9 @@
  *     decompressed cluster).
  *   - `l2TableFor(guestOffset)`: the cached L2 table (a `CachedTable` from l2-cache.ts, with its
  *     dirty flag) or null when the L1 entry is empty.
- * Write methods throw QCOW_UNSUPPORTED until the writer adds them.
+ * Writes go through `writer` (write.ts), attached when the image is opened read-write.
  */
-import type { BlockExtent, ImageDescription, OpenOptions, WriteOptions } from '../../core/block-device.js';
+import type { BlockExtent, ImageDescription, OpenOptions, WriteOptions, ZeroOptions } from '../../core/block-device.js';
 import { DeviceBase } from '../../core/device-base.js';
 import { QcowError, corrupt, unsupported } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
@@ -24,6 +24,7 @@ import { findSnapshot, readSnapshotTable, type Qcow2Snapshot } from './snapshot-
 import { decompressCluster } from './compressed.js';
 import { describeQcow2 } from './describe.js';
 import { openEncryption, type Qcow2Encryption } from './encryption.js';
+import { Qcow2Writer } from './write.js';
 import { detectMetadataPreallocation, holeRuns } from './prealloc.js';
 
 /** Default L2 cache budget: 32 MiB of tables maps 128 GiB with 64 KiB clusters. */
@@ -68,7 +69,9 @@ export class Qcow2Device extends DeviceBase {
   openedSnapshot: Qcow2Snapshot | undefined;
   encryption: Qcow2Encryption | null = null;
   /** The last decompressed cluster, by descriptor host offset: small sequential reads hit it. */
-  private lastCompressed: { hostOffset: number; data: Uint8Array } | null = null;
+  lastCompressed: { hostOffset: number; data: Uint8Array } | null = null;
+  /** The write path (write.ts), present when the image is open read-write. */
+  writer: Qcow2Writer | null = null;
   /** Decided on the first blockStatus, as qemu does (see prealloc.ts). */
   private metadataPreallocation: Promise<boolean> | undefined;
 
@@ -110,6 +113,7 @@ export class Qcow2Device extends DeviceBase {
     const dev = new Qcow2Device({ store, header, fileSize, readOnly, options });
     try {
       await dev.init(options);
+      if (!readOnly) dev.writer = await Qcow2Writer.attach(dev);
     } catch (e) {
       await dev.releaseOpened();
       throw e;
@@ -190,6 +194,8 @@ export class Qcow2Device extends DeviceBase {
 
   /** Write-back hook of the L2 cache; reading never dirties a table. */
   protected async writeTable(offset: number, data: Uint8Array): Promise<void> {
+    // Refcounts first: an on-disk L2 entry must never reference a cluster with no count on disk.
+    await this.writer?.beforeL2Write();
     await this.store.write(offset, data);
   }
 
@@ -371,12 +377,36 @@ export class Qcow2Device extends DeviceBase {
     return hasFeature(this.header.autoclearFeatures, AUTOCLEAR_DATA_FILE_RAW);
   }
 
-  protected async doWrite(_offset: number, _data: Uint8Array, _options: WriteOptions): Promise<void> {
-    throw new QcowError('QCOW_UNSUPPORTED', 'qcow2 writing is not implemented yet', { file: this.filename });
+  protected async doWrite(offset: number, data: Uint8Array, _options: WriteOptions): Promise<void> {
+    await this.writerOrThrow().write(offset, data);
+  }
+
+  protected override async doWriteZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
+    await this.writerOrThrow().writeZeroes(offset, length, options);
+  }
+
+  protected override async doDiscard(offset: number, length: number): Promise<void> {
+    await this.writerOrThrow().discard(offset, length);
+  }
+
+  async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    this.checkWritable();
+    this.checkRequest(offset, data.length);
+    if (data.length > 0) await this.writerOrThrow().writeCompressed(offset, data);
+  }
+
+  private writerOrThrow(): Qcow2Writer {
+    if (!this.writer) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.filename });
+    return this.writer;
   }
 
   async flush(): Promise<void> {
     if (this.readOnly) return;
+    if (this.writer) {
+      await this.writer.flush();
+      if (this.dataStore !== this.store) await this.dataStore.flush();
+      return;
+    }
     await this.l2Cache.flush();
     await this.store.flush();
     if (this.dataStore !== this.store) await this.dataStore.flush();
@@ -384,7 +414,8 @@ export class Qcow2Device extends DeviceBase {
 
   protected async doClose(): Promise<void> {
     try {
-      if (!this.readOnly) await this.flush();
+      if (this.writer) await this.writer.close();
+      else if (!this.readOnly) await this.flush();
     } finally {
       this.l2Cache.clear();
       this.lastCompressed = null;

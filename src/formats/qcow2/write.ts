@@ -1,0 +1,531 @@
+/**
+ * The write path of a QCOW2 device: cluster allocation, copy-on-write, zero clusters, discard,
+ * compressed clusters, and write-back of metadata in a crash-safe order.
+ *
+ * Ordering argument (what a kill -9 or a power cut at any instant can leave behind):
+ *   - Guest data is written to its host clusters before any L2 entry that points at them is
+ *     changed, so an on-disk L2 entry never points at clusters whose data was never written.
+ *     (Without a flush, a power cut may still lose the data itself, which is allowed: the guest
+ *     did not flush. Process kills never reorder writes that completed.)
+ *   - Refcount increments (Refcounts) are written, then a barrier, then L2 tables, a barrier,
+ *     then L1 entries, a barrier. Every on-disk reference therefore has its refcount on disk.
+ *     An L2 table evicted from the cache between flushes goes through the same gate
+ *     (`beforeL2Write`).
+ *   - Decrements wait in Refcounts until all tables are written (applyPendingFrees), so a count
+ *     on disk is never below the references on disk, and a freed cluster cannot be reused while
+ *     an on-disk table might still point at it.
+ *   - A kill therefore leaves at most leaked clusters. With lazy_refcounts the dirty bit is set
+ *     (and flushed) before the first change, refcount barriers are skipped, and the bit is
+ *     cleared on clean close; a dirty image is repaired when it is next opened for writing.
+ * Only `flush()` issues fsyncs (plus the rare cache eviction); writes themselves do not.
+ */
+import type { ZeroOptions } from '../../core/block-device.js';
+import { QcowError, corrupt, unsupported } from '../../core/errors.js';
+import { Mutex } from '../../core/mutex.js';
+import { deflateRaw, zstdCompress } from '#compress';
+import { COMPRESSION_ZSTD, encodeHeader } from './header.js';
+import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
+import { readL2Entry, type ClusterDescriptor } from './l2-entry.js';
+import type { CachedTable } from './l2-cache.js';
+import { Refcounts } from './alloc.js';
+import type { Qcow2Device } from './qcow2.js';
+
+const COPIED = 1n << 63n;
+const COMPRESSED = 1n << 62n;
+const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
+const ALL_SUBCLUSTERS = 0xffff_ffffn;
+
+/** One cluster's share of a write: where its bytes go and what its entry becomes. */
+interface Piece {
+  index: number;
+  clusterGuest: number;
+  /** The bytes to write, in guest offsets: the request clipped to the cluster, widened for COW. */
+  ws: number;
+  we: number;
+  alloc: boolean;
+  /** Host offset of the cluster (filled in for allocations). */
+  host: number;
+  old: ClusterDescriptor;
+  /** Extended L2: subclusters that become allocated. */
+  subMask: bigint;
+}
+
+export class Qcow2Writer {
+  private readonly lock = new Mutex();
+  private readonly l1Dirty = new Set<number>();
+  private l2Written = false;
+  private dirtyBitSet = false;
+  private readonly cs: number;
+
+  private constructor(
+    private readonly dev: Qcow2Device,
+    readonly refcounts: Refcounts,
+  ) {
+    this.cs = dev.clusterSize;
+  }
+
+  static async attach(dev: Qcow2Device): Promise<Qcow2Writer> {
+    const h = dev.header;
+    const rc = await Refcounts.load(dev.store, {
+      clusterSize: dev.clusterSize,
+      refcountBits: 2 ** h.refcountOrder,
+      tableOffset: h.refcountTableOffset,
+      tableClusters: h.refcountTableClusters,
+    });
+    const w = new Qcow2Writer(dev, rc);
+    // qemu clears autoclear bits it does not know the first time it opens an image read-write.
+    if ((h.autoclearFeatures & ~AUTOCLEAR_KNOWN) !== 0n) {
+      h.autoclearFeatures &= AUTOCLEAR_KNOWN;
+      await w.writeHeader();
+      await dev.store.flush();
+    }
+    return w;
+  }
+
+  get lazyRefcounts(): boolean {
+    return hasFeature(this.dev.header.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
+  }
+
+  private get external(): boolean {
+    return this.dev.dataStore !== this.dev.store;
+  }
+
+  private barrier = (): Promise<void> => this.dev.store.flush();
+
+  // --- public operations (each runs under the writer's lock) ------------------------------------
+
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return this.lock.run(() => this.writeLocked(offset, data));
+  }
+
+  writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
+    return this.lock.run(() => this.zeroLocked(offset, length, options, false));
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.lock.run(() => this.zeroLocked(offset, length, { mayUnmap: true }, true));
+  }
+
+  writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    return this.lock.run(() => this.compressedLocked(offset, data));
+  }
+
+  flush(): Promise<void> {
+    return this.lock.run(() => this.flushLocked());
+  }
+
+  /** Run `fn` with the metadata written back and the lock held (snapshots, resize, amend). */
+  exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    return this.lock.run(async () => {
+      await this.flushLocked();
+      const r = await fn();
+      await this.flushLocked();
+      return r;
+    });
+  }
+
+  /** Flush everything and clear the dirty bit (lazy refcounts). */
+  close(): Promise<void> {
+    return this.lock.run(async () => {
+      await this.flushLocked();
+      if (this.dirtyBitSet) {
+        this.dev.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+        await this.writeHeader();
+        await this.dev.store.flush();
+        this.dirtyBitSet = false;
+      }
+    });
+  }
+
+  /** The L2 cache calls this before writing a table back (eviction or flush). */
+  async beforeL2Write(): Promise<void> {
+    if (await this.writeRefcounts()) {
+      if (!this.lazyRefcounts) await this.barrier();
+    }
+    this.l2Written = true;
+  }
+
+  // --- metadata write-back -----------------------------------------------------------------------
+
+  async flushLocked(): Promise<void> {
+    const dev = this.dev;
+    if (this.external) await dev.dataStore.flush();
+    if (await this.writeRefcounts()) {
+      if (!this.lazyRefcounts) await this.barrier();
+    }
+    this.l2Written = false;
+    await dev.l2Cache.flush();
+    if (this.l2Written) await this.barrier();
+    if (await this.writeL1()) await this.barrier();
+    // References are gone from disk now: the counts may drop.
+    if (await this.refcounts.applyPendingFrees()) await this.writeRefcounts();
+    await dev.store.flush();
+  }
+
+  private async writeRefcounts(): Promise<boolean> {
+    const wrote = await this.refcounts.writeBack(this.barrier);
+    // writeBack rewrites the header's table fields when the table moved; keep our copy in step.
+    this.dev.header.refcountTableOffset = this.refcounts.tableOffset;
+    this.dev.header.refcountTableClusters = this.refcounts.tableClusters;
+    return wrote;
+  }
+
+  private async writeL1(): Promise<boolean> {
+    if (this.l1Dirty.size === 0) return false;
+    const idx = [...this.l1Dirty].sort((a, b) => a - b);
+    this.l1Dirty.clear();
+    const base = this.dev.header.l1TableOffset;
+    for (let i = 0; i < idx.length; ) {
+      let j = i;
+      while (j + 1 < idx.length && idx[j + 1] === idx[j]! + 1) j++;
+      await this.dev.store.write(base + idx[i]! * 8, this.dev.l1.subarray(idx[i]! * 8, (idx[j]! + 1) * 8));
+      i = j + 1;
+    }
+    return true;
+  }
+
+  async writeHeader(): Promise<void> {
+    await this.dev.store.write(0, encodeHeader(this.dev.header, this.cs));
+  }
+
+  /** Lazy refcounts: the dirty bit must be on disk before the first refcount goes stale. */
+  private async beforeMetadataChange(): Promise<void> {
+    if (this.dirtyBitSet || !this.lazyRefcounts) return;
+    this.dev.header.incompatibleFeatures |= INCOMPAT_DIRTY;
+    await this.writeHeader();
+    await this.dev.store.flush();
+    this.dirtyBitSet = true;
+  }
+
+  private noteGrowth(): void {
+    const end = this.refcounts.end * this.cs;
+    if (end > this.dev.fileSize) this.dev.fileSize = end;
+  }
+
+  // --- L1 / L2 -----------------------------------------------------------------------------------
+
+  l1Entry(i: number): bigint {
+    return new DataView(this.dev.l1.buffer, this.dev.l1.byteOffset + i * 8, 8).getBigUint64(0);
+  }
+
+  setL1Entry(i: number, v: bigint): void {
+    new DataView(this.dev.l1.buffer, this.dev.l1.byteOffset + i * 8, 8).setBigUint64(0, v);
+    this.l1Dirty.add(i);
+  }
+
+  /**
+   * The active L2 table for `guest`, writable: allocated when missing, copied when shared with a
+   * snapshot (L1 entry without COPIED). `create` false: null instead of allocating.
+   */
+  private async l2ForWrite(guest: number, create = true): Promise<CachedTable | null> {
+    const g = this.dev.geometry;
+    const i = Math.floor(guest / g.l2Coverage);
+    if (i >= this.dev.l1Entries) throw corrupt(`guest offset 0x${guest.toString(16)} is beyond the L1 table`);
+    const e = this.l1Entry(i);
+    const off = Number(e & OFFSET_MASK);
+    if (off === 0) {
+      if (!create) return null;
+      const at = await this.refcounts.allocClusters(1);
+      this.noteGrowth();
+      this.setL1Entry(i, COPIED | BigInt(at));
+      return this.dev.l2Cache.put(at, new Uint8Array(this.cs), true);
+    }
+    if (off % this.cs !== 0 || off >= this.dev.fileSize) throw corrupt(`L1 entry ${i}: L2 table offset 0x${off.toString(16)} is invalid`);
+    const table = await this.dev.l2Cache.get(off);
+    if (e & COPIED) return table;
+    const copy = table.data.slice();
+    const at = await this.refcounts.allocClusters(1);
+    this.noteGrowth();
+    this.refcounts.free(off, this.cs);
+    this.dev.l2Cache.drop(off);
+    this.setL1Entry(i, COPIED | BigInt(at));
+    return this.dev.l2Cache.put(at, copy, true);
+  }
+
+  private entry(t: CachedTable, i: number): ClusterDescriptor {
+    return readL2Entry(t.data, i, this.dev.l2Context);
+  }
+
+  private setEntry(t: CachedTable, i: number, v: bigint, bitmap?: bigint): void {
+    const size = this.dev.geometry.l2EntryBytes;
+    const dv = new DataView(t.data.buffer, t.data.byteOffset + i * size, size);
+    dv.setBigUint64(0, v);
+    if (bitmap !== undefined && size === 16) dv.setBigUint64(8, bitmap);
+  }
+
+  private bitmapOf(d: ClusterDescriptor): bigint {
+    return (BigInt(d.zeroBitmap >>> 0) << 32n) | BigInt(d.allocBitmap >>> 0);
+  }
+
+  private copied(d: ClusterDescriptor): boolean {
+    return (d.hi & 0x80000000) !== 0;
+  }
+
+  /** Drop the reference an entry holds (deferred until its table is on disk). */
+  private release(d: ClusterDescriptor): void {
+    if (d.kind === 'compressed') this.refcounts.free(d.hostOffset, d.compressedBound);
+    else if ((d.kind === 'normal' || d.kind === 'zero-alloc') && !this.external) this.refcounts.free(d.hostOffset, this.cs);
+  }
+
+  // --- guest writes ------------------------------------------------------------------------------
+
+  private async writeLocked(offset: number, data: Uint8Array): Promise<void> {
+    await this.beforeMetadataChange();
+    const g = this.dev.geometry;
+    const end = offset + data.length;
+    for (let pos = offset; pos < end; ) {
+      const tableEnd = Math.min(end, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
+      const table = (await this.l2ForWrite(pos))!;
+      await this.writeInTable(table, pos, data.subarray(pos - offset, tableEnd - offset));
+      pos = tableEnd;
+    }
+  }
+
+  private async writeInTable(table: CachedTable, start: number, data: Uint8Array): Promise<void> {
+    const g = this.dev.geometry;
+    const cs = this.cs;
+    const end = start + data.length;
+    const align = this.dev.encryption ? 512 : 1;
+    const pieces: Piece[] = [];
+    for (let c = start - (start % cs); c < end; c += cs) {
+      const index = (c % g.l2Coverage) / cs;
+      const old = this.entry(table, index);
+      const s = Math.max(start, c);
+      const e = Math.min(end, c + cs);
+      const p: Piece = { index, clusterGuest: c, ws: s, we: e, alloc: false, host: 0, old, subMask: 0n };
+      const ownHost = old.kind === 'normal' || old.kind === 'zero-alloc';
+      if (ownHost && (this.copied(old) || this.external)) {
+        p.host = old.hostOffset;
+        if (old.kind === 'zero-alloc') {
+          p.ws = c;
+          p.we = c + cs;
+        } else {
+          p.ws = s - ((s - c) % align);
+          p.we = Math.min(c + cs, e + ((align - ((e - c) % align)) % align));
+        }
+      } else {
+        p.alloc = true;
+        // With subclusters, a fresh cluster only needs the touched subclusters; otherwise (and
+        // when replacing compressed or shared data) the whole cluster is written.
+        if (g.extendedL2 && (old.kind === 'unallocated' || old.kind === 'zero-plain')) {
+          p.ws = s - ((s - c) % g.subclusterSize);
+          p.we = Math.min(c + cs, e + ((g.subclusterSize - ((e - c) % g.subclusterSize)) % g.subclusterSize));
+        } else {
+          p.ws = c;
+          p.we = c + cs;
+        }
+      }
+      if (g.extendedL2 && old.kind !== 'compressed') {
+        const first = Math.floor((p.ws - c) / g.subclusterSize);
+        const last = Math.floor((p.we - 1 - c) / g.subclusterSize);
+        // An in-place write into a subcluster that is not allocated yet copies the rest of it.
+        if (!p.alloc) {
+          const alloc = old.allocBitmap >>> 0;
+          if (!((alloc >>> first) & 1)) p.ws = c + first * g.subclusterSize;
+          if (!((alloc >>> last) & 1)) p.we = c + (last + 1) * g.subclusterSize;
+        }
+        for (let k = first; k <= last; k++) p.subMask |= 1n << BigInt(k);
+      }
+      pieces.push(p);
+    }
+    // Allocate runs of neighbouring clusters together so sequential writes stay contiguous.
+    for (let i = 0; i < pieces.length; ) {
+      if (!pieces[i]!.alloc) {
+        i++;
+        continue;
+      }
+      let j = i;
+      while (j + 1 < pieces.length && pieces[j + 1]!.alloc) j++;
+      const n = j - i + 1;
+      const base = this.external ? pieces[i]!.clusterGuest : await this.refcounts.allocClusters(n);
+      for (let k = i; k <= j; k++) pieces[k]!.host = base + (k - i) * cs;
+      i = j + 1;
+    }
+    this.noteGrowth();
+    // Write runs whose guest windows and host clusters both continue, one store write each.
+    for (let i = 0; i < pieces.length; ) {
+      let j = i;
+      while (
+        j + 1 < pieces.length &&
+        pieces[j]!.we === pieces[j + 1]!.ws &&
+        pieces[j]!.host + (pieces[j]!.we - pieces[j]!.clusterGuest) === pieces[j + 1]!.host + (pieces[j + 1]!.ws - pieces[j + 1]!.clusterGuest)
+      )
+        j++;
+      await this.writeRun(pieces.slice(i, j + 1), start, data);
+      i = j + 1;
+    }
+    // Data is written: point the entries at it.
+    for (const p of pieces) {
+      const old = p.old;
+      if (g.extendedL2) {
+        let bitmap: bigint;
+        if (!p.alloc) bitmap = (this.bitmapOf(old) | p.subMask) & ~(p.subMask << 32n);
+        else if (old.kind === 'unallocated' || old.kind === 'zero-plain') bitmap = (this.bitmapOf(old) & ~(p.subMask << 32n)) | p.subMask;
+        else bitmap = ALL_SUBCLUSTERS;
+        this.setEntry(table, p.index, COPIED | BigInt(p.host), bitmap);
+      } else {
+        this.setEntry(table, p.index, COPIED | BigInt(p.host));
+      }
+      if (p.alloc) this.release(old);
+    }
+    await this.dev.l2Cache.put(table.offset, table.data, true);
+    this.dev.lastCompressed = null;
+  }
+
+  /** Write one run of pieces: the request's bytes plus, around them, the current guest content. */
+  private async writeRun(run: Piece[], start: number, data: Uint8Array): Promise<void> {
+    const ws = run[0]!.ws;
+    const we = run[run.length - 1]!.we;
+    const buf = new Uint8Array(we - ws);
+    const ds = Math.max(ws, start);
+    const de = Math.min(we, start + data.length);
+    if (ws < ds) await this.readCurrent(ws, buf.subarray(0, ds - ws));
+    if (de < we) await this.readCurrent(de, buf.subarray(de - ws));
+    buf.set(data.subarray(ds - start, de - start), ds - ws);
+    const host = run[0]!.host + (ws - run[0]!.clusterGuest);
+    await this.writeData(ws, host, buf);
+    // A fresh cluster must exist in the file to its end even where we wrote only a part.
+    const last = run[run.length - 1]!;
+    const clusterEnd = last.host + this.cs;
+    if (!this.external && last.alloc && clusterEnd > (await this.dev.store.size())) await this.dev.store.truncate(clusterEnd);
+  }
+
+  /** Guest bytes as they read now, through this layer (used to fill copy-on-write gaps). */
+  private async readCurrent(offset: number, into: Uint8Array): Promise<void> {
+    const runs = await this.dev.mapRuns(offset, into.length);
+    for (const r of runs) await this.dev.readRun(r, into.subarray(r.offset - offset, r.offset - offset + r.length));
+  }
+
+  /** Plain guest bytes to a host offset, encrypted when the image is. */
+  private async writeData(guest: number, host: number, plain: Uint8Array): Promise<void> {
+    const enc = this.dev.encryption;
+    if (!enc) {
+      await this.dev.dataStore.write(host, plain);
+      return;
+    }
+    const sector = (enc.ivFromHostSector ? host : guest) / 512;
+    await this.dev.dataStore.write(host, await enc.cipher().encrypt(plain, sector));
+  }
+
+  // --- zeroes and discard ------------------------------------------------------------------------
+
+  private async zeroLocked(offset: number, length: number, options: ZeroOptions, isDiscard: boolean): Promise<void> {
+    const cs = this.cs;
+    const dev = this.dev;
+    const v3 = dev.header.version === 3;
+    const hasBacking = dev.backing !== null || dev.header.backingFile !== undefined;
+    const first = Math.ceil(offset / cs) * cs;
+    const last = Math.floor((offset + length) / cs) * cs;
+    const whole = first < last;
+    // What whole clusters turn into: v3 zero flags; v2 deallocation when nothing shows through.
+    const canFlag = v3 || !hasBacking;
+    if (isDiscard) {
+      if (!whole || !canFlag) return;
+      await this.beforeMetadataChange();
+      await this.zeroClusters(first, last, true, isDiscard);
+      return;
+    }
+    if (options.fastOnly && (!canFlag || !whole || first !== offset || last !== offset + length)) {
+      throw unsupported('qcow2: this zero write cannot be done without writing data');
+    }
+    if (!whole || !canFlag) {
+      await this.writeLocked(offset, new Uint8Array(length));
+      return;
+    }
+    if (offset < first) await this.writeLocked(offset, new Uint8Array(first - offset));
+    await this.beforeMetadataChange();
+    await this.zeroClusters(first, last, options.mayUnmap ?? false, false);
+    if (last < offset + length) await this.writeLocked(last, new Uint8Array(offset + length - last));
+  }
+
+  /** Make whole clusters [from, to) read as zeros through metadata alone. */
+  private async zeroClusters(from: number, to: number, unmap: boolean, isDiscard: boolean): Promise<void> {
+    const g = this.dev.geometry;
+    const cs = this.cs;
+    const v3 = this.dev.header.version === 3;
+    const hasBacking = this.dev.backing !== null || this.dev.header.backingFile !== undefined;
+    for (let pos = from; pos < to; ) {
+      const tableEnd = Math.min(to, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
+      // Without a backing file, a missing table already reads as zeros: nothing to record.
+      const table = await this.l2ForWrite(pos, hasBacking || (v3 && !isDiscard));
+      if (!table) {
+        pos = tableEnd;
+        continue;
+      }
+      for (let c = pos; c < tableEnd; c += cs) {
+        const index = (c % g.l2Coverage) / cs;
+        const d = this.entry(table, index);
+        if (this.external) {
+          // Data-file clusters keep their mapping; the zero flag hides the bytes there.
+          if (d.kind === 'normal' || d.kind === 'zero-alloc') {
+            this.setEntry(table, index, COPIED | BigInt(d.hostOffset) | (g.extendedL2 ? 0n : 1n), g.extendedL2 ? ALL_SUBCLUSTERS << 32n : undefined);
+            if (this.dev.dataFileRaw) await this.dev.dataStore.write(c, new Uint8Array(cs));
+          } else {
+            this.setEntry(table, index, g.extendedL2 ? 0n : 1n, g.extendedL2 ? ALL_SUBCLUSTERS << 32n : undefined);
+          }
+          continue;
+        }
+        const keepHost = !unmap && (d.kind === 'normal' || d.kind === 'zero-alloc') && this.copied(d);
+        if (!v3) {
+          // v2 (only reached without a backing file): the cluster is deallocated.
+          this.setEntry(table, index, 0n);
+          this.release(d);
+        } else if (g.extendedL2) {
+          if (keepHost) this.setEntry(table, index, COPIED | BigInt(d.hostOffset), ALL_SUBCLUSTERS << 32n);
+          else {
+            this.setEntry(table, index, 0n, ALL_SUBCLUSTERS << 32n);
+            this.release(d);
+          }
+        } else if (keepHost) {
+          this.setEntry(table, index, COPIED | BigInt(d.hostOffset) | 1n);
+        } else {
+          this.setEntry(table, index, 1n);
+          this.release(d);
+        }
+      }
+      await this.dev.l2Cache.put(table.offset, table.data, true);
+      pos = tableEnd;
+    }
+  }
+
+  // --- compressed clusters -------------------------------------------------------------------------
+
+  private async compressedLocked(offset: number, data: Uint8Array): Promise<void> {
+    const cs = this.cs;
+    const dev = this.dev;
+    if (offset % cs !== 0) throw new QcowError('QCOW_INVALID_ARGUMENT', 'compressed writes must start at a cluster boundary');
+    if (data.length % cs !== 0 && offset + data.length !== dev.size) throw new QcowError('QCOW_INVALID_ARGUMENT', 'compressed writes must cover whole clusters');
+    if (this.external) throw unsupported('Operation not supported: compression with an external data file');
+    await this.beforeMetadataChange();
+    const zstd = dev.header.compressionType === COMPRESSION_ZSTD;
+    const g = dev.geometry;
+    for (let done = 0; done < data.length; done += cs) {
+      const guest = offset + done;
+      const chunk = data.subarray(done, Math.min(data.length, done + cs));
+      const full = chunk.length === cs ? chunk : (() => {
+        const b = new Uint8Array(cs);
+        b.set(chunk);
+        return b;
+      })();
+      const packed = zstd ? await zstdCompress(full) : await deflateRaw(full);
+      if (packed.length >= cs) {
+        // As qemu: data that does not shrink is stored as a normal cluster.
+        await this.writeLocked(guest, chunk);
+        continue;
+      }
+      const host = await this.refcounts.allocBytes(packed.length);
+      this.noteGrowth();
+      await dev.store.write(host, packed);
+      const sectors = Math.floor((host + packed.length - 1) / 512) - Math.floor(host / 512);
+      const x = BigInt(62 - (g.clusterBits - 8));
+      const entry = COMPRESSED | (BigInt(sectors) << x) | BigInt(host);
+      const table = (await this.l2ForWrite(guest))!;
+      const index = (guest % g.l2Coverage) / cs;
+      const old = this.entry(table, index);
+      this.setEntry(table, index, entry, 0n);
+      this.release(old);
+      await dev.l2Cache.put(table.offset, table.data, true);
+    }
+    dev.lastCompressed = null;
+  }
+}
