@@ -139,6 +139,17 @@ program
   .argument('<file>')
   .action(lazy('serve'));
 
+program
+  .command('check')
+  .description('check an image for leaks and corruption (qcow2), optionally repairing it')
+  .addOption(fmt())
+  .addOption(out())
+  .option('-r, --repair <what>', 'repair leaks, or all problems: leaks | all')
+  .option('-q, --quiet', 'print nothing')
+  .option('-U, --force-share', 'accepted for qemu-img compatibility')
+  .argument('<file>')
+  .action(lazy('check'));
+
 async function main(): Promise<void> {
   try {
     await program.parseAsync(process.argv);

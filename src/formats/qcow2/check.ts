@@ -1,0 +1,405 @@
+/**
+ * `check` for qcow2, as `qemu-img check` does it: count the references every cluster of the file
+ * receives (header, L1/L2 tables and data of the active image and of every snapshot, snapshot
+ * table, refcount table and blocks, LUKS area, bitmap directory and tables), compare them with the
+ * stored refcounts, and check the COPIED flags of the active tables.
+ *   - stored > referenced: a leak (wasted space, harmless);
+ *   - stored < referenced: a corruption (a write could reuse a live cluster);
+ *   - COPIED set where the refcount is not 1, or missing where it is: a corruption;
+ *   - table entries that are misaligned or point outside the file: corruptions.
+ * Repair (`leaks` or `all`) writes the counts found (and, for `all`, the right COPIED flags), then
+ * checks again; the result reports what was fixed and what is left, with qemu-img's keys.
+ * Works on the store directly, so images the device refuses to open (corrupt bit) can be checked.
+ */
+import { QcowError } from '../../core/errors.js';
+import { u64big } from '../../core/bytes.js';
+import type { ByteStore } from '../../storage/types.js';
+import { HEADER_PROBE_BYTES, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
+import { INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, hasFeature } from './features.js';
+import { qcow2Geometry, type Qcow2Geometry } from './layout.js';
+import { readL2Entry, type L2Context } from './l2-entry.js';
+import { encodeSnapshotTable, readSnapshotTable } from './snapshot-table.js';
+import { Refcounts } from './alloc.js';
+import { encodeHeader } from './header.js';
+
+const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
+const COPIED = 1n << 63n;
+
+export type RepairMode = 'leaks' | 'all';
+
+export interface CheckResult {
+  corruptions: number;
+  leaks: number;
+  checkErrors: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  imageEndOffset: number;
+  totalClusters: number;
+  allocatedClusters: number;
+  fragmentedClusters: number;
+  compressedClusters: number;
+  /** One line per finding, worded as qemu-img words them (it prints them on stderr). */
+  messages: string[];
+}
+
+interface Walk {
+  h: Qcow2Header;
+  g: Qcow2Geometry;
+  ctx: L2Context;
+  cs: number;
+  fileSize: number;
+  refs: Map<number, number>;
+  res: CheckResult;
+  /** Active-table entries whose COPIED flag is wrong: [table offset, byte offset in table, entry]. */
+  badCopied: Array<{ table: number; at: number; entry: bigint; want: boolean }>;
+  external: boolean;
+}
+
+/** Check (and optionally repair) the image in `store`. Throws only when the header is unreadable. */
+export async function checkQcow2(store: ByteStore, options: { repair?: RepairMode } = {}): Promise<CheckResult> {
+  const first = await scan(store);
+  if (!options.repair) return first.res;
+  const fixable = first.res.leaks > 0 || (options.repair === 'all' && first.res.corruptions > 0);
+  if (!fixable) return first.res;
+  const fixed = await repair(store, first, options.repair);
+  const again = await scan(store);
+  again.res.leaksFixed = fixed.leaks;
+  again.res.corruptionsFixed = fixed.corruptions;
+  again.res.messages = [...first.res.messages, ...fixed.messages, ...again.res.messages];
+  return again.res;
+}
+
+async function readHeader(store: ByteStore): Promise<{ h: Qcow2Header; fileSize: number }> {
+  const fileSize = await store.size();
+  const head = new Uint8Array(Math.min(HEADER_PROBE_BYTES, fileSize));
+  await store.read(0, head);
+  const bits = peekClusterBits(head);
+  const firstCluster = new Uint8Array(Math.min(2 ** bits, fileSize));
+  await store.read(0, firstCluster);
+  return { h: decodeHeader(firstCluster), fileSize };
+}
+
+async function scan(store: ByteStore): Promise<Walk & { rc: Refcounts | null }> {
+  const { h, fileSize } = await readHeader(store);
+  const g = qcow2Geometry(h.clusterBits, hasFeature(h.incompatibleFeatures, INCOMPAT_EXTL2));
+  const cs = g.clusterSize;
+  const external = hasFeature(h.incompatibleFeatures, INCOMPAT_DATA_FILE);
+  const res: CheckResult = {
+    corruptions: 0,
+    leaks: 0,
+    checkErrors: 0,
+    corruptionsFixed: 0,
+    leaksFixed: 0,
+    imageEndOffset: 0,
+    totalClusters: Math.ceil(h.size / cs),
+    allocatedClusters: 0,
+    fragmentedClusters: 0,
+    compressedClusters: 0,
+    messages: [],
+  };
+  const w: Walk = { h, g, ctx: { clusterBits: h.clusterBits, extendedL2: g.extendedL2, externalDataFile: external }, cs, fileSize, refs: new Map(), res, badCopied: [], external };
+  const error = (m: string) => {
+    res.corruptions++;
+    res.messages.push(m);
+  };
+
+  ref(w, 0, cs);
+  // Refcount structures, read through the allocator's codec.
+  let rc: Refcounts | null = null;
+  try {
+    rc = await Refcounts.load(store, { clusterSize: cs, refcountBits: 2 ** h.refcountOrder, tableOffset: h.refcountTableOffset, tableClusters: h.refcountTableClusters });
+    ref(w, h.refcountTableOffset, h.refcountTableClusters * cs);
+    rc.blockOffsets().forEach((off, i) => {
+      if (off === 0) return;
+      if (off >= fileSize) error(`ERROR refcount block ${i} is outside image`);
+      else ref(w, off, cs);
+    });
+  } catch (e) {
+    error(`ERROR refcount table: ${(e as Error).message}`);
+  }
+
+  // Active L1 (with fragmentation statistics and COPIED checks), then every snapshot.
+  const state = { next: 0 };
+  await walkL1(store, w, h.l1TableOffset, h.l1Size, true, state, error);
+  if (h.nbSnapshots > 0) {
+    try {
+      const snaps = await readSnapshotTable(store, h.nbSnapshots, h.snapshotsOffset, fileSize);
+      ref(w, h.snapshotsOffset, encodeSnapshotTable(snaps).length);
+      for (const s of snaps) await walkL1(store, w, s.l1TableOffset, s.l1Size, false, state, error);
+    } catch (e) {
+      error(`ERROR snapshot table: ${(e as Error).message}`);
+    }
+  }
+  if (h.fde) ref(w, h.fde.offset, h.fde.length);
+  if (h.bitmaps && h.bitmaps.nbBitmaps > 0) await walkBitmaps(store, w, error);
+
+  // Compare stored counts with references.
+  if (rc) {
+    const lastStored = rc.blockOffsets().reduce((m, off, i) => (off !== 0 ? (i + 1) * rc!.perBlock : m), 0);
+    const limit = Math.max(Math.ceil(fileSize / cs), lastStored, ...[...w.refs.keys()].map((k) => k + 1));
+    for (let c = 0; c < limit; c++) {
+      const b = Math.floor(c / rc.perBlock);
+      const boff = rc.blockOffsets()[b] ?? 0;
+      if (boff === 0 && !w.refs.has(c)) {
+        c = (b + 1) * rc.perBlock - 1;
+        continue;
+      }
+      let stored = 0;
+      if (boff !== 0 && boff < fileSize) stored = await rc.get(c);
+      const found = w.refs.get(c) ?? 0;
+      if (stored === found) continue;
+      if (stored < found) error(`ERROR cluster ${c} refcount=${stored} reference=${found}`);
+      else {
+        res.leaks++;
+        res.messages.push(`Leaked cluster ${c} refcount=${stored} reference=${found}`);
+      }
+    }
+    // COPIED flags (need the stored counts): checked on the active tables only.
+    await checkCopied(store, w, rc, error);
+  }
+  const highest = Math.max(-1, ...w.refs.keys());
+  res.imageEndOffset = (highest + 1) * cs;
+  return { ...w, rc };
+}
+
+function ref(w: Walk, offset: number, length: number): void {
+  if (length <= 0) return;
+  const first = Math.floor(offset / w.cs);
+  const last = Math.floor((offset + length - 1) / w.cs);
+  for (let c = first; c <= last; c++) w.refs.set(c, (w.refs.get(c) ?? 0) + 1);
+}
+
+async function readL1(store: ByteStore, w: Walk, offset: number, entries: number): Promise<Uint8Array | null> {
+  if (entries === 0) return new Uint8Array(0);
+  if (offset % w.cs !== 0 || offset + entries * 8 > w.fileSize) return null;
+  const b = new Uint8Array(entries * 8);
+  await store.read(offset, b);
+  return b;
+}
+
+async function walkL1(store: ByteStore, w: Walk, l1Offset: number, l1Size: number, active: boolean, state: { next: number }, error: (m: string) => void): Promise<void> {
+  const l1 = await readL1(store, w, l1Offset, l1Size);
+  if (!l1) {
+    error(`ERROR: L1 table at 0x${l1Offset.toString(16)} (${l1Size} entries) is invalid or outside the image`);
+    return;
+  }
+  ref(w, l1Offset, l1Size * 8);
+  const dv = new DataView(l1.buffer);
+  const l2 = new Uint8Array(w.cs);
+  for (let i = 0; i < l1Size; i++) {
+    const e = dv.getBigUint64(i * 8);
+    const off = Number(e & OFFSET_MASK);
+    if (off === 0) continue;
+    if (off % w.cs !== 0) {
+      error(`ERROR l2_offset=${off.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
+      continue;
+    }
+    if (off + w.cs > w.fileSize) {
+      error(`ERROR l2_offset=${off.toString(16)}: L2 table is outside the image`);
+      continue;
+    }
+    ref(w, off, w.cs);
+    await store.read(off, l2);
+    for (let j = 0; j < w.g.l2Entries; j++) {
+      let d;
+      try {
+        d = readL2Entry(l2, j, w.ctx);
+      } catch (err) {
+        error(`ERROR L2 entry ${j} of table 0x${off.toString(16)}: ${(err as Error).message}`);
+        continue;
+      }
+      if (d.kind === 'compressed') {
+        if (d.hostOffset >= w.fileSize) error(`ERROR compressed cluster at 0x${d.hostOffset.toString(16)} is outside the image`);
+        else ref(w, d.hostOffset, d.compressedBound);
+        if (active) {
+          w.res.allocatedClusters++;
+          w.res.compressedClusters++;
+          w.res.fragmentedClusters++;
+        }
+        continue;
+      }
+      if (d.kind !== 'normal' && d.kind !== 'zero-alloc') continue;
+      if (active) {
+        w.res.allocatedClusters++;
+        if (state.next !== 0 && d.hostOffset !== state.next) w.res.fragmentedClusters++;
+        state.next = d.hostOffset + w.cs;
+      }
+      if (w.external) continue;
+      if (d.hostOffset + w.cs > w.fileSize && d.hostOffset >= w.fileSize) {
+        error(`ERROR offset=${d.hostOffset.toString(16)}: Cluster is outside the image (L2 table 0x${off.toString(16)}, entry ${j})`);
+        continue;
+      }
+      ref(w, d.hostOffset, w.cs);
+    }
+  }
+}
+
+/** COPIED must be set exactly where the stored refcount is 1, in the active L1 and its L2 tables. */
+async function checkCopied(store: ByteStore, w: Walk, rc: Refcounts, error: (m: string) => void): Promise<void> {
+  const l1 = await readL1(store, w, w.h.l1TableOffset, w.h.l1Size);
+  if (!l1) return;
+  const dv = new DataView(l1.buffer);
+  const l2 = new Uint8Array(w.cs);
+  for (let i = 0; i < w.h.l1Size; i++) {
+    const e = dv.getBigUint64(i * 8);
+    const off = Number(e & OFFSET_MASK);
+    if (off === 0 || off % w.cs !== 0 || off + w.cs > w.fileSize) continue;
+    const rcount = await rc.get(off / w.cs);
+    if ((rcount === 1) !== ((e & COPIED) !== 0n)) {
+      error(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${e.toString(16)} refcount=${rcount}`);
+      w.badCopied.push({ table: w.h.l1TableOffset, at: i * 8, entry: e, want: rcount === 1 });
+    }
+    await store.read(off, l2);
+    const ldv = new DataView(l2.buffer);
+    for (let j = 0; j < w.g.l2Entries; j++) {
+      let d;
+      try {
+        d = readL2Entry(l2, j, w.ctx);
+      } catch {
+        continue;
+      }
+      if ((d.kind !== 'normal' && d.kind !== 'zero-alloc') || w.external) continue;
+      const entry = ldv.getBigUint64(j * w.g.l2EntryBytes);
+      const r = await rc.get(d.hostOffset / w.cs);
+      if ((r === 1) !== ((entry & COPIED) !== 0n)) {
+        error(`ERROR OFLAG_COPIED data cluster: l2_entry=${entry.toString(16)} refcount=${r}`);
+        w.badCopied.push({ table: off, at: j * w.g.l2EntryBytes, entry, want: r === 1 });
+      }
+    }
+  }
+}
+
+/** Bitmap directory and each bitmap's table and data clusters. */
+async function walkBitmaps(store: ByteStore, w: Walk, error: (m: string) => void): Promise<void> {
+  const ext = w.h.bitmaps!;
+  if (ext.directoryOffset + ext.directorySize > w.fileSize) {
+    error('ERROR bitmap directory is outside the image');
+    return;
+  }
+  ref(w, ext.directoryOffset, ext.directorySize);
+  const dir = new Uint8Array(ext.directorySize);
+  await store.read(ext.directoryOffset, dir);
+  const dv = new DataView(dir.buffer);
+  let pos = 0;
+  for (let i = 0; i < ext.nbBitmaps && pos + 24 <= dir.length; i++) {
+    const tableOffset = Number(dv.getBigUint64(pos));
+    const tableSize = dv.getUint32(pos + 8);
+    const nameSize = dv.getUint16(pos + 18);
+    const extra = dv.getUint32(pos + 20);
+    if (tableOffset !== 0 && tableOffset + tableSize * 8 <= w.fileSize) {
+      ref(w, tableOffset, tableSize * 8);
+      const t = new Uint8Array(tableSize * 8);
+      await store.read(tableOffset, t);
+      for (let k = 0; k < tableSize; k++) {
+        const off = Number(u64big(t, k * 8) & OFFSET_MASK);
+        if (off !== 0) ref(w, off, w.cs);
+      }
+    }
+    pos += Math.ceil((24 + extra + nameSize) / 8) * 8;
+  }
+}
+
+/** Write the counts found (leaks: only lowering; all: raising too) and fix COPIED flags. */
+async function repair(store: ByteStore, w: Walk & { rc: Refcounts | null }, mode: RepairMode): Promise<{ leaks: number; corruptions: number; messages: string[] }> {
+  const rc = w.rc;
+  if (!rc) throw new QcowError('QCOW_CORRUPT', 'the refcount table is unreadable; it cannot be repaired');
+  if (store.readOnly) throw new QcowError('QCOW_READ_ONLY', 'cannot repair an image opened read-only');
+  const out = { leaks: 0, corruptions: 0, messages: [] as string[] };
+  // New refcount blocks must not land on clusters something references.
+  rc.hooks.inUse = (c) => (w.refs.get(c) ?? 0) > 0;
+  const limit = Math.max(Math.ceil(w.fileSize / w.cs), ...[...w.refs.keys()].map((k) => k + 1));
+  // Raise first (so no referenced cluster is ever counted free), then lower.
+  for (const phase of ['raise', 'lower'] as const) {
+    if (phase === 'raise' && mode !== 'all') continue;
+    for (let c = 0; c < limit; c++) {
+      const found = w.refs.get(c) ?? 0;
+      const b = Math.floor(c / rc.perBlock);
+      if ((rc.blockOffsets()[b] ?? 0) === 0 && found === 0) continue;
+      const stored = await rc.get(c);
+      if (phase === 'raise' && stored < found) {
+        out.messages.push(`Repairing cluster ${c} refcount=${stored} reference=${found}`);
+        await rc.set(c, found);
+        out.corruptions++;
+      } else if (phase === 'lower' && stored > found) {
+        out.messages.push(`Repairing cluster ${c} refcount=${stored} reference=${found}`);
+        await rc.set(c, found);
+        out.leaks++;
+      }
+    }
+    await rc.writeBack(() => store.flush());
+    await store.flush();
+  }
+  if (rc.tableOffset !== w.h.refcountTableOffset) {
+    w.h.refcountTableOffset = rc.tableOffset;
+    w.h.refcountTableClusters = rc.tableClusters;
+    await store.write(0, encodeHeader(w.h, w.cs));
+  }
+  if (mode === 'all') {
+    // The counts are right now: recompute which COPIED flags are wrong and fix them.
+    const again = await scan(store);
+    const byTable = new Map<number, Array<{ at: number; entry: bigint; want: boolean }>>();
+    for (const b of again.badCopied) {
+      const list = byTable.get(b.table) ?? [];
+      list.push(b);
+      byTable.set(b.table, list);
+    }
+    for (const [table, list] of byTable) {
+      for (const b of list) {
+        const v = b.want ? b.entry | COPIED : b.entry & ~COPIED;
+        const buf = new Uint8Array(8);
+        new DataView(buf.buffer).setBigUint64(0, v);
+        await store.write(table + b.at, buf);
+        out.corruptions++;
+        out.messages.push(`Repairing OFLAG_COPIED ${table === w.h.l1TableOffset ? 'L2 cluster' : 'data cluster'}: entry=${b.entry.toString(16)}`);
+      }
+    }
+  }
+  await store.flush();
+  // What repair cannot fix (entries pointing outside the image...) shows up in the second scan.
+  return out;
+}
+
+/** qemu-img check's JSON object, keys in its order, optional counts only when non-zero. */
+export function checkJson(r: CheckResult, filename: string): Record<string, unknown> {
+  const o: Record<string, unknown> = { 'image-end-offset': r.imageEndOffset };
+  if (r.compressedClusters) o['compressed-clusters'] = r.compressedClusters;
+  o['total-clusters'] = r.totalClusters;
+  if (r.corruptions) o.corruptions = r.corruptions;
+  if (r.corruptionsFixed) o['corruptions-fixed'] = r.corruptionsFixed;
+  o['check-errors'] = r.checkErrors;
+  if (r.leaks) o.leaks = r.leaks;
+  if (r.leaksFixed) o['leaks-fixed'] = r.leaksFixed;
+  if (r.allocatedClusters) o['allocated-clusters'] = r.allocatedClusters;
+  o.filename = filename;
+  o.format = 'qcow2';
+  if (r.fragmentedClusters) o['fragmented-clusters'] = r.fragmentedClusters;
+  return o;
+}
+
+/** qemu-img check's human summary (stdout). */
+export function checkHuman(r: CheckResult): string {
+  const lines: string[] = [];
+  if (r.leaksFixed || r.corruptionsFixed) {
+    lines.push('The following inconsistencies were found and repaired:', '');
+    lines.push(`    ${r.leaksFixed} leaked clusters`, `    ${r.corruptionsFixed} corruptions`, '', 'Double checking the fixed image now...');
+  }
+  if (!r.corruptions && !r.leaks && !r.checkErrors) lines.push('No errors were found on the image.');
+  if (r.corruptions) lines.push('', `${r.corruptions} errors were found on the image.`, 'Data may be corrupted, or further writes to the image may corrupt it.');
+  if (r.leaks) lines.push('', `${r.leaks} leaked clusters were found on the image.`, 'This means waste of disk space, but no harm to data.');
+  if (r.totalClusters && r.allocatedClusters) {
+    const pct = (n: number, d: number) => ((n * 100) / d).toFixed(2);
+    lines.push(
+      `${r.allocatedClusters}/${r.totalClusters} = ${pct(r.allocatedClusters, r.totalClusters)}% allocated, ${pct(r.fragmentedClusters, r.allocatedClusters)}% fragmented, ${pct(r.compressedClusters, r.allocatedClusters)}% compressed clusters`,
+    );
+  }
+  lines.push(`Image end offset: ${r.imageEndOffset}`);
+  return lines.join('\n') + '\n';
+}
+
+/** qemu-img's exit status: 0 clean, 2 corruptions left, 3 only leaks left. */
+export function checkExitCode(r: CheckResult): number {
+  if (r.checkErrors) return 1;
+  if (r.corruptions) return 2;
+  if (r.leaks) return 3;
+  return 0;
+}
