@@ -35,6 +35,8 @@ const WRITE_PIECE = 4 << 20;
 /** syncLinks() runs once this much data waits for its links, or this many L2 tables do. */
 const MAX_UNSYNCED_BYTES = 32 << 20;
 const MAX_PINNED_TABLES = 64;
+/** Compressed bytes gathered before they are written. */
+const TAIL_BYTES = 1 << 20;
 /** Gaps remembered for compressed clusters. */
 const MAX_GAPS = 1024;
 
@@ -91,6 +93,8 @@ export class Qcow1Device extends DeviceBase {
    * (convert -c) compressed and normal clusters interleave, and the padding would otherwise add up.
    */
   private gaps: { start: number; end: number }[] = [];
+  /** Compressed clusters allocated at the end of the file and not written yet (see appendTail). */
+  private tail: { start: number; length: number; buf: Uint8Array } | null = null;
   /** Offsets of every L2 table, sorted: in-place writes must never land on one. */
   private readonly l2Offsets: number[] = [];
   /** Links set in memory but not yet on disk: index ranges of L2 tables (by offset) and of L1. */
@@ -282,7 +286,11 @@ export class Qcow1Device extends DeviceBase {
     const last = this.lastInflated;
     if (last && last.entry === entry.raw) return last.data;
     const packed = new Uint8Array(entry.compressedSize);
-    await this.store.read(entry.hostOffset, packed);
+    const t = this.tail;
+    // Checked before reading the file: a tail leaves memory only once it is in the file.
+    if (t && entry.hostOffset >= t.start && entry.hostOffset + packed.length <= t.start + t.length) {
+      packed.set(t.buf.subarray(entry.hostOffset - t.start, entry.hostOffset - t.start + packed.length));
+    } else await this.store.read(entry.hostOffset, packed);
     let data: Uint8Array;
     try {
       data = await inflateRaw(packed, this.clusterSize);
@@ -430,16 +438,47 @@ export class Qcow1Device extends DeviceBase {
       host = this.alignedEnd();
       this.eof = host + this.clusterSize;
       value = normalEntry(host);
+      batch.writes.push({ host, bytes });
     } else {
-      host = this.takeGap(bytes.length) ?? alignUp(this.eof, SECTOR);
-      // Compressed clusters go right after the last byte, on a sector boundary, as QEMU puts them.
-      if (host >= this.eof) this.eof = host + bytes.length;
+      const gap = this.takeGap(bytes.length);
+      if (gap !== undefined) {
+        host = gap;
+        batch.writes.push({ host, bytes });
+      } else {
+        // Compressed clusters go right after the last byte, on a sector boundary, as QEMU puts them.
+        host = alignUp(this.eof, SECTOR);
+        this.eof = host + bytes.length;
+        await this.appendTail(host, bytes);
+      }
       value = compressedEntry(host, bytes.length, this.clusterBits);
     }
-    batch.writes.push({ host, bytes });
     let list = batch.entries.get(l1i);
     if (!list) batch.entries.set(l1i, (list = []));
     list.push({ index: index % this.l2Entries, value });
+  }
+
+  /**
+   * Compressed clusters at the end of the file are gathered in memory and written in one go
+   * (a few hundred bytes each: one write per cluster costs more than compressing it).
+   */
+  private async appendTail(host: number, bytes: Uint8Array): Promise<void> {
+    let t = this.tail;
+    // Only bytes that follow on (up to a sector's padding) join the tail: it must never span
+    // space allocated to anything else.
+    if (!t || host !== alignUp(t.start + t.length, SECTOR) || host - t.start + bytes.length > t.buf.length) {
+      await this.writeTail();
+      t = this.tail = { start: host, length: 0, buf: new Uint8Array(Math.max(TAIL_BYTES, bytes.length)) };
+    }
+    t.buf.set(bytes, host - t.start);
+    t.length = host - t.start + bytes.length;
+  }
+
+  private async writeTail(): Promise<void> {
+    const t = this.tail;
+    if (!t) return;
+    await this.store.write(t.start, t.buf.subarray(0, t.length));
+    this.unsyncedBytes += t.length;
+    this.tail = null; // only now: readers take the bytes from memory until they are in the file
   }
 
   /** The cluster-aligned end of the file, remembering the skipped bytes as a gap. */
@@ -473,7 +512,7 @@ export class Qcow1Device extends DeviceBase {
    * bytes it points at.
    */
   private async commit(batch: Batch): Promise<void> {
-    if (batch.writes.length === 0) return;
+    if (batch.entries.size === 0) return;
     for (const [l1i, { offset, table }] of batch.newTables) {
       for (const e of batch.entries.get(l1i) ?? []) table[e.index] = e.value;
       batch.writes.push({ host: offset, bytes: encodeTable(table) });
@@ -514,6 +553,7 @@ export class Qcow1Device extends DeviceBase {
 
   /** Flush the data written so far, then write the L2 and L1 entries that point at it. Under the mutex. */
   private async syncLinks(): Promise<void> {
+    await this.writeTail();
     if (this.pendingL2.size === 0 && this.pendingL1.hi < 0) return;
     await this.store.flush();
     for (const [offset, { lo, hi }] of this.pendingL2) {
