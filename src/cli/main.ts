@@ -114,10 +114,14 @@ program
 
 program
   .command('snapshot')
-  .description('list the internal snapshots of an image (qcow2)')
+  .description('list, create, apply or delete the internal snapshots of an image (qcow2)')
   .addOption(fmt())
   .addOption(pw())
   .option('-l, --list', 'list the snapshots (the default)')
+  .option('-c, --create <name>', 'create a snapshot of the current state')
+  .option('-a, --apply <name>', 'revert the image to a snapshot')
+  .option('-d, --delete <name>', 'delete a snapshot')
+  .option('-q, --quiet', 'print nothing')
   .option('-U, --force-share', 'accepted for qemu-img compatibility')
   .argument('<file>')
   .action(lazy('snapshot'));

@@ -1,18 +1,41 @@
 /**
- * `qcow snapshot [-l] FILE`: list an image's internal snapshots in qemu-img's layout (listing is
- * also what qemu-img does when no action is given). Images without snapshots, and formats that
- * have none, print nothing.
+ * `qcow snapshot [-l | -c NAME | -a NAME | -d NAME] FILE`: list an image's internal snapshots in
+ * qemu-img's layout (listing is also what qemu-img does when no action is given), or create,
+ * apply (revert to) or delete one. Images without snapshots, and formats that have none, list
+ * nothing; changing snapshots needs a qcow2 image.
  */
+import { QcowError } from '../../core/errors.js';
 import { imageInfo, snapshotTable } from '../../ops/info.js';
+import { Qcow2Device } from '../../formats/qcow2/qcow2.js';
+import { applySnapshot, createSnapshot, deleteSnapshot } from '../../formats/qcow2/snapshot-write.js';
 import { openForCli } from '../common.js';
 
 interface Flags {
   format?: string;
   passwordFile?: string;
   list?: boolean;
+  create?: string;
+  apply?: string;
+  delete?: string;
 }
 
 export async function run(file: string, flags: Flags): Promise<void> {
+  const actions = [flags.create, flags.apply, flags.delete].filter((a) => a !== undefined).length + (flags.list ? 1 : 0);
+  if (actions > 1) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot mix snapshot actions (-l, -c, -a, -d)');
+  if (flags.create === undefined && flags.apply === undefined && flags.delete === undefined) return list(file, flags);
+  // Snapshots concern this image only: its backing file is not needed, nor (for metadata) a password.
+  const dev = await openForCli(file, flags, { readOnly: false, noBacking: true, inspectOnly: true });
+  try {
+    if (!(dev instanceof Qcow2Device)) throw new QcowError('QCOW_UNSUPPORTED', `Could not ${flags.create !== undefined ? 'create' : flags.apply !== undefined ? 'apply' : 'delete'} snapshot: Operation not supported (format ${dev.format})`);
+    if (flags.create !== undefined) await createSnapshot(dev, flags.create);
+    else if (flags.apply !== undefined) await applySnapshot(dev, flags.apply);
+    else await deleteSnapshot(dev, flags.delete!);
+  } finally {
+    await dev.close();
+  }
+}
+
+async function list(file: string, flags: Flags): Promise<void> {
   // Listing reads only metadata: no backing files, no password needed for encrypted images.
   const dev = await openForCli(file, flags, { readOnly: true, inspectOnly: true, noBacking: true });
   try {

@@ -162,7 +162,8 @@ export class Qcow2Writer {
     await dev.store.flush();
   }
 
-  private async writeRefcounts(): Promise<boolean> {
+  /** Write refcounts back and keep the header copy of the table location in step. */
+  async writeRefcounts(): Promise<boolean> {
     const wrote = await this.refcounts.writeBack(this.barrier);
     // writeBack rewrites the header's table fields when the table moved; keep our copy in step.
     this.dev.header.refcountTableOffset = this.refcounts.tableOffset;

@@ -1,0 +1,188 @@
+/**
+ * Internal snapshots, written: create (copy the active L1, +1 on everything it reaches), apply
+ * (+1 on the snapshot's tree, the active L1 becomes a copy of the snapshot's, -1 on the old tree)
+ * and delete (drop the entry, -1 on its tree). Afterwards the active tables' COPIED flags are
+ * recomputed from the new counts.
+ *
+ * Crash-safety order, as for guest writes: increments are written (and flushed) before anything
+ * on disk references them; the snapshot table is written whole before the header names it; a
+ * table or tree is decremented only after nothing on disk references it any more. A kill at any
+ * point leaves leaks at worst.
+ */
+import { QcowError, unsupported } from '../../core/errors.js';
+import { encodeSnapshotTable, findSnapshot, type Qcow2Snapshot } from './snapshot-table.js';
+import { readL2Entry } from './l2-entry.js';
+import { MAX_SNAPSHOTS } from './layout.js';
+import type { Qcow2Device } from './qcow2.js';
+import type { Qcow2Writer } from './write.js';
+
+const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
+const COPIED = 1n << 63n;
+
+function writerOf(dev: Qcow2Device): Qcow2Writer {
+  if (!dev.writer) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: dev.filename });
+  if (dev.dataStore !== dev.store) throw unsupported('Operation not supported: internal snapshots with an external data file');
+  return dev.writer;
+}
+
+export async function createSnapshot(dev: Qcow2Device, name: string): Promise<Qcow2Snapshot> {
+  const w = writerOf(dev);
+  return w.exclusive(async () => {
+    if (dev.snapshots.some((s) => s.name === name)) throw new QcowError('QCOW_INVALID_ARGUMENT', `Snapshot with name '${name}' already exists`);
+    if (dev.snapshots.length >= MAX_SNAPSHOTS) throw unsupported('too many snapshots');
+    const rc = w.refcounts;
+    const cs = dev.clusterSize;
+    await adjustTree(dev, dev.l1, dev.l1Entries, 1);
+    // The snapshot's own copy of the L1 table.
+    const l1Copy = dev.l1.slice();
+    const l1At = l1Copy.length > 0 ? await rc.allocClusters(Math.ceil(l1Copy.length / cs)) : 0;
+    if (l1Copy.length > 0) await dev.store.write(l1At, l1Copy);
+    const now = Date.now();
+    const id = String(dev.snapshots.reduce((m, s) => Math.max(m, Number.parseInt(s.id, 10) || 0), 0) + 1);
+    const snap: Qcow2Snapshot = {
+      l1TableOffset: l1At,
+      l1Size: dev.l1Entries,
+      id,
+      name,
+      dateSec: Math.floor(now / 1000),
+      dateNsec: (now % 1000) * 1e6,
+      vmClockNsec: 0,
+      vmStateSize: 0,
+      diskSize: dev.size,
+      icount: 0n,
+      extraUnknown: new Uint8Array(0),
+    };
+    await replaceSnapshotTable(dev, w, [...dev.snapshots, snap]);
+    await refreshCopied(dev, w);
+    return snap;
+  });
+}
+
+export async function deleteSnapshot(dev: Qcow2Device, spec: string): Promise<void> {
+  const w = writerOf(dev);
+  await w.exclusive(async () => {
+    const snap = findSnapshot(dev.snapshots, spec);
+    await replaceSnapshotTable(dev, w, dev.snapshots.filter((s) => s !== snap));
+    const l1 = await readTable(dev, snap.l1TableOffset, snap.l1Size);
+    await adjustTree(dev, l1, snap.l1Size, -1);
+    if (snap.l1Size > 0) await w.refcounts.update(snap.l1TableOffset, snap.l1Size * 8, -1);
+    await w.writeRefcounts();
+    await refreshCopied(dev, w);
+  });
+}
+
+export async function applySnapshot(dev: Qcow2Device, spec: string): Promise<void> {
+  const w = writerOf(dev);
+  await w.exclusive(async () => {
+    const snap = findSnapshot(dev.snapshots, spec);
+    const rc = w.refcounts;
+    const cs = dev.clusterSize;
+    const snapL1 = await readTable(dev, snap.l1TableOffset, snap.l1Size);
+    await adjustTree(dev, snapL1, snap.l1Size, 1);
+    await w.writeRefcounts();
+    await dev.store.flush();
+    const oldL1 = dev.l1.slice();
+    const oldEntries = dev.l1Entries;
+    const oldOffset = dev.header.l1TableOffset;
+    // The active L1 becomes the snapshot's; a bigger one needs a new place.
+    let l1: Uint8Array;
+    if (snap.l1Size > oldEntries) {
+      l1 = snapL1.slice();
+      dev.header.l1TableOffset = await rc.allocClusters(Math.ceil(l1.length / cs));
+      dev.header.l1Size = snap.l1Size;
+      await w.writeRefcounts();
+    } else {
+      l1 = new Uint8Array(oldL1.length);
+      l1.set(snapL1);
+    }
+    await dev.store.write(dev.header.l1TableOffset, l1);
+    await dev.store.flush();
+    dev.l1 = l1;
+    dev.l1Entries = l1.length / 8;
+    if (snap.diskSize !== undefined) {
+      dev.size = snap.diskSize;
+      dev.header.size = snap.diskSize;
+    }
+    await w.writeHeader();
+    await dev.store.flush();
+    // Nothing on disk references the old tree through the active L1 any more.
+    dev.l2Cache.clear();
+    await adjustTree(dev, oldL1, oldEntries, -1);
+    if (dev.header.l1TableOffset !== oldOffset && oldEntries > 0) await rc.update(oldOffset, oldEntries * 8, -1);
+    await w.writeRefcounts();
+    await refreshCopied(dev, w);
+  });
+}
+
+async function readTable(dev: Qcow2Device, offset: number, entries: number): Promise<Uint8Array> {
+  const b = new Uint8Array(entries * 8);
+  if (entries > 0) await dev.store.read(offset, b);
+  return b;
+}
+
+/** Add `delta` to the count of every L2 table and data cluster an L1 table reaches. */
+async function adjustTree(dev: Qcow2Device, l1: Uint8Array, entries: number, delta: number): Promise<void> {
+  const rc = dev.writer!.refcounts;
+  const cs = dev.clusterSize;
+  const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+  const l2 = new Uint8Array(cs);
+  for (let i = 0; i < entries; i++) {
+    const off = Number(dv.getBigUint64(i * 8) & OFFSET_MASK);
+    if (off === 0) continue;
+    await rc.update(off, cs, delta);
+    await dev.store.read(off, l2);
+    for (let j = 0; j < dev.geometry.l2Entries; j++) {
+      const d = readL2Entry(l2, j, dev.l2Context);
+      if (d.kind === 'compressed') await rc.update(d.hostOffset, d.compressedBound, delta);
+      else if (d.kind === 'normal' || d.kind === 'zero-alloc') await rc.update(d.hostOffset, cs, delta);
+    }
+  }
+}
+
+/** COPIED exactly where the count is 1, in the active L1 and the L2 tables it names. */
+async function refreshCopied(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
+  const rc = w.refcounts;
+  const cs = dev.clusterSize;
+  const size = dev.geometry.l2EntryBytes;
+  for (let i = 0; i < dev.l1Entries; i++) {
+    const e = w.l1Entry(i);
+    const off = Number(e & OFFSET_MASK);
+    if (off === 0) continue;
+    const one = (await rc.get(off / cs)) === 1;
+    if (one !== ((e & COPIED) !== 0n)) w.setL1Entry(i, one ? e | COPIED : e & ~COPIED);
+    const table = await dev.l2Cache.get(off);
+    const tdv = new DataView(table.data.buffer, table.data.byteOffset, table.data.byteLength);
+    let changed = false;
+    for (let j = 0; j < dev.geometry.l2Entries; j++) {
+      const d = readL2Entry(table.data, j, dev.l2Context);
+      if (d.kind !== 'normal' && d.kind !== 'zero-alloc') continue;
+      const entry = tdv.getBigUint64(j * size);
+      const single = (await rc.get(d.hostOffset / cs)) === 1;
+      if (single !== ((entry & COPIED) !== 0n)) {
+        tdv.setBigUint64(j * size, single ? entry | COPIED : entry & ~COPIED);
+        changed = true;
+      }
+    }
+    if (changed) await dev.l2Cache.put(off, table.data, true);
+  }
+}
+
+/** Write a new snapshot table, point the header at it, then free the old one. */
+async function replaceSnapshotTable(dev: Qcow2Device, w: Qcow2Writer, snaps: Qcow2Snapshot[]): Promise<void> {
+  const rc = w.refcounts;
+  const cs = dev.clusterSize;
+  const bytes = encodeSnapshotTable(snaps);
+  const at = bytes.length > 0 ? await rc.allocClusters(Math.ceil(bytes.length / cs)) : 0;
+  if (bytes.length > 0) await dev.store.write(at, bytes);
+  await w.writeRefcounts();
+  await dev.store.flush();
+  const oldOffset = dev.header.snapshotsOffset;
+  const oldLength = encodeSnapshotTable(dev.snapshots).length;
+  dev.header.nbSnapshots = snaps.length;
+  dev.header.snapshotsOffset = at;
+  await w.writeHeader();
+  await dev.store.flush();
+  dev.snapshots = snaps;
+  if (oldLength > 0 && oldOffset !== 0) await rc.update(oldOffset, oldLength, -1);
+  await w.writeRefcounts();
+}
