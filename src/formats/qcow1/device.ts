@@ -35,6 +35,8 @@ const WRITE_PIECE = 4 << 20;
 /** syncLinks() runs once this much data waits for its links, or this many L2 tables do. */
 const MAX_UNSYNCED_BYTES = 32 << 20;
 const MAX_PINNED_TABLES = 64;
+/** Separate file reads in flight for one read request. */
+const READ_PARALLEL = 8;
 /** Compressed bytes gathered before they are written. */
 const TAIL_BYTES = 1 << 20;
 /** Gaps remembered for compressed clusters. */
@@ -247,21 +249,29 @@ export class Qcow1Device extends DeviceBase {
   // ---------------------------------------------------------------- read
 
   protected async doRead(offset: number, into: Uint8Array): Promise<void> {
-    for (const p of await this.pieces(offset, into.length)) {
-      const part = into.subarray(p.guest - offset, p.guest - offset + p.length);
-      switch (p.entry.kind) {
-        case 'unallocated':
-          await this.readBacking(p.guest, part);
-          break;
-        case 'normal':
-          await this.readNormal(p.host!, p.guest, part);
-          break;
-        case 'compressed': {
-          const cluster = await this.inflate(p.entry);
-          const inCluster = p.guest % this.clusterSize;
-          part.set(cluster.subarray(inCluster, inCluster + p.length));
-          break;
-        }
+    const list = await this.pieces(offset, into.length);
+    // Pieces that are not neighbours in the file are read several at a time.
+    let next = 0;
+    const worker = async () => {
+      while (next < list.length) await this.readPiece(list[next++]!, offset, into);
+    };
+    await Promise.all(Array.from({ length: Math.min(READ_PARALLEL, list.length) }, worker));
+  }
+
+  private async readPiece(p: Piece, offset: number, into: Uint8Array): Promise<void> {
+    const part = into.subarray(p.guest - offset, p.guest - offset + p.length);
+    switch (p.entry.kind) {
+      case 'unallocated':
+        await this.readBacking(p.guest, part);
+        break;
+      case 'normal':
+        await this.readNormal(p.host!, p.guest, part);
+        break;
+      case 'compressed': {
+        const cluster = await this.inflate(p.entry);
+        const inCluster = p.guest % this.clusterSize;
+        part.set(cluster.subarray(inCluster, inCluster + p.length));
+        break;
       }
     }
   }
