@@ -4,6 +4,9 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { qcow, scratch } from '../../test-support/qemu.js';
 import { QcowError } from '../../core/errors.js';
 import { MemoryStore } from '../../storage/memory.js';
 import { createQcow1 } from './create.js';
@@ -79,4 +82,17 @@ test('writes through entries that point outside the data area are refused', asyn
   await dev.read(0, b);
   assert.ok(b.every((x) => x === 0));
   await expectError(farL2, 'QCOW_CORRUPT', /L1 entry 0: L2 table at 0x100000000000 is outside/, write);
+});
+
+test('the CLI reports a broken image in one line with exit status 3', async (t) => {
+  const dir = await scratch(t);
+  const bad = await image();
+  bad[32] = 30; // cluster_bits
+  await writeFile(join(dir, 'bad.qcow'), bad);
+  for (const args of [['info', 'bad.qcow'], ['map', 'bad.qcow'], ['io', '-c', 'read 0 512', 'bad.qcow'], ['convert', '-O', 'raw', 'bad.qcow', 'out.raw']]) {
+    const r = await qcow(args, { cwd: dir });
+    assert.equal(r.code, 3, args.join(' '));
+    assert.equal(r.stderr, 'qcow: bad.qcow: header cluster_bits 30 is out of range: the cluster size must be between 512 and 64k\n', args.join(' '));
+  }
+  assert.deepEqual(new Uint8Array(await readFile(join(dir, 'bad.qcow'))), bad);
 });
