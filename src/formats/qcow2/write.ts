@@ -23,7 +23,8 @@ import type { ZeroOptions } from '../../core/block-device.js';
 import { QcowError, corrupt, unsupported } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
 import { deflateRaw, zstdCompress } from '#compress';
-import { COMPRESSION_ZSTD, encodeHeader } from './header.js';
+import { COMPRESSION_ZSTD, decodeHeader, encodeHeader } from './header.js';
+import { checkQcow2 } from './check.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
 import { readL2Entry, type ClusterDescriptor } from './l2-entry.js';
 import type { CachedTable } from './l2-cache.js';
@@ -50,6 +51,25 @@ interface Piece {
   subMask: bigint;
 }
 
+/**
+ * A lazy-refcounts image left dirty (not closed cleanly): its refcounts cannot be trusted, so they
+ * are recounted from the tables and written before anything is allocated (qemu does the same).
+ */
+async function repairDirty(dev: Qcow2Device): Promise<void> {
+  await checkQcow2(dev.store, { repair: 'all' });
+  const head = new Uint8Array(Math.min(dev.clusterSize, dev.fileSize));
+  await dev.store.read(0, head);
+  const fresh = decodeHeader(head);
+  dev.header.refcountTableOffset = fresh.refcountTableOffset;
+  dev.header.refcountTableClusters = fresh.refcountTableClusters;
+  if (dev.openedSnapshot === undefined && dev.l1.length > 0) await dev.store.read(dev.header.l1TableOffset, dev.l1);
+  dev.l2Cache.clear();
+  dev.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+  await dev.store.write(0, encodeHeader(dev.header, dev.clusterSize));
+  await dev.store.flush();
+  dev.fileSize = await dev.store.size();
+}
+
 export class Qcow2Writer {
   private readonly lock = new Mutex();
   private readonly l1Dirty = new Set<number>();
@@ -66,6 +86,7 @@ export class Qcow2Writer {
 
   static async attach(dev: Qcow2Device): Promise<Qcow2Writer> {
     const h = dev.header;
+    if (hasFeature(h.incompatibleFeatures, INCOMPAT_DIRTY)) await repairDirty(dev);
     const rc = await Refcounts.load(dev.store, {
       clusterSize: dev.clusterSize,
       refcountBits: 2 ** h.refcountOrder,
