@@ -26,6 +26,8 @@ export interface NbdExport {
   device: BlockDevice;
   /** Refuse writes (NBD_FLAG_READ_ONLY); implied when the device is read-only. */
   readOnly: boolean;
+  /** Clients may spread requests over several connections (the server takes more than one at once). */
+  multiConn?: boolean;
 }
 
 export function isReadOnly(exp: NbdExport): boolean {
@@ -33,20 +35,17 @@ export function isReadOnly(exp: NbdExport): boolean {
 }
 
 /**
- * Transmission flags. Every connection shares one device (and its caches), so a flush on one
- * covers writes made through all of them: CAN_MULTI_CONN is true. DF needs structured replies.
+ * Transmission flags, as qemu-nbd sets them. Every connection shares one device (and its caches),
+ * so a flush on one covers writes made through all of them; but CAN_MULTI_CONN is only offered
+ * when the server takes several clients at once, or a client such as nbdcopy would open
+ * connections that wait for a slot that never frees. Read-only exports do not offer the write
+ * commands (which they would refuse with EPERM anyway). DF needs structured replies.
  */
 export function transmissionFlags(exp: NbdExport, structuredReplies: boolean): number {
-  let flags =
-    NBD_FLAG_HAS_FLAGS |
-    NBD_FLAG_SEND_FLUSH |
-    NBD_FLAG_SEND_FUA |
-    NBD_FLAG_SEND_TRIM |
-    NBD_FLAG_SEND_WRITE_ZEROES |
-    NBD_FLAG_SEND_FAST_ZERO |
-    NBD_FLAG_SEND_CACHE |
-    NBD_FLAG_CAN_MULTI_CONN;
+  let flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_CACHE;
   if (isReadOnly(exp)) flags |= NBD_FLAG_READ_ONLY;
+  else flags |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
+  if (exp.multiConn) flags |= NBD_FLAG_CAN_MULTI_CONN;
   if (structuredReplies) flags |= NBD_FLAG_SEND_DF;
   return flags;
 }

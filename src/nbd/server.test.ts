@@ -45,6 +45,7 @@ describe('negotiation', () => {
       assert.ok(f & flag, `flag 0x${flag.toString(16)}`);
     }
     assert.equal(f & C.NBD_FLAG_READ_ONLY, 0);
+    assert.ok(f & C.NBD_FLAG_CAN_MULTI_CONN, 'several clients allowed at once');
     await c.disconnect();
   });
 
@@ -53,6 +54,14 @@ describe('negotiation', () => {
     const c = await NbdClient.connect(address);
     assert.equal(c.transmissionFlags & C.NBD_FLAG_SEND_DF, 0);
     assert.ok(c.transmissionFlags & C.NBD_FLAG_READ_ONLY);
+    assert.equal(c.transmissionFlags & (C.NBD_FLAG_SEND_TRIM | C.NBD_FLAG_SEND_WRITE_ZEROES), 0);
+    await c.disconnect();
+  });
+
+  test('with one client at a time, multi-conn is not offered (nbdcopy would wait for a second slot)', async (t) => {
+    const { address } = await serve(t, { maxClients: 1 });
+    const c = await NbdClient.connect(address);
+    assert.equal(c.transmissionFlags & C.NBD_FLAG_CAN_MULTI_CONN, 0);
     await c.disconnect();
   });
 

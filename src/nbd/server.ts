@@ -91,7 +91,8 @@ export class NbdServer {
   }
 
   private serve(socket: Socket): void {
-    const conn = new NbdConnection(socket, { exp: this.options.exp, maxInFlight: this.options.maxInFlight, limits: this.options.limits, onError: this.options.onError });
+    const exp = { ...this.options.exp, multiConn: (this.options.maxClients ?? 1) > 1 };
+    const conn = new NbdConnection(socket, { exp, maxInFlight: this.options.maxInFlight, limits: this.options.limits, onError: this.options.onError });
     this.active.add(conn);
     this.servedAny = true;
     void conn.closed.then(() => {
