@@ -120,9 +120,34 @@ async function readTable(dev: Qcow2Device, offset: number, entries: number): Pro
   return b;
 }
 
-/** Add `delta` to the count of every L2 table and data cluster an L1 table reaches. */
+/**
+ * Add `delta` to the count of every L2 table and data cluster an L1 table reaches. All or
+ * nothing: if a counter would overflow (narrow refcount_bits), what was added is taken back.
+ */
 async function adjustTree(dev: Qcow2Device, l1: Uint8Array, entries: number, delta: number): Promise<void> {
-  const rc = dev.writer!.refcounts;
+  const done: Array<[number, number]> = [];
+  const writer = dev.writer!;
+  const rc = {
+    update: async (off: number, len: number, d: number) => {
+      await writer.refcounts.update(off, len, d);
+      done.push([off, len]);
+    },
+  };
+  try {
+    await adjustTreeSteps(dev, rc, l1, entries, delta);
+  } catch (e) {
+    for (const [off, len] of done.reverse()) await writer.refcounts.update(off, len, -delta);
+    throw e;
+  }
+}
+
+async function adjustTreeSteps(
+  dev: Qcow2Device,
+  rc: { update(off: number, len: number, d: number): Promise<void> },
+  l1: Uint8Array,
+  entries: number,
+  delta: number,
+): Promise<void> {
   const cs = dev.clusterSize;
   const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
   const l2 = new Uint8Array(cs);
