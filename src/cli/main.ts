@@ -154,6 +154,17 @@ program
   .argument('<file>')
   .action(lazy('check'));
 
+program
+  .command('resize')
+  .description('change the virtual size of an image ([+|-]SIZE)')
+  .addOption(fmt())
+  .addOption(pw())
+  .option('--shrink', 'allow making the image smaller')
+  .option('-q, --quiet', 'print nothing')
+  .argument('<file>')
+  .argument('<size>')
+  .action(lazy('resize'));
+
 async function main(): Promise<void> {
   try {
     await program.parseAsync(process.argv);

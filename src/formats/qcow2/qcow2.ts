@@ -395,6 +395,12 @@ export class Qcow2Device extends DeviceBase {
     if (data.length > 0) await this.writerOrThrow().writeCompressed(offset, data);
   }
 
+  async resize(size: number, options: { shrink?: boolean } = {}): Promise<void> {
+    this.checkWritable();
+    if (!Number.isSafeInteger(size) || size < 0) throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid size ${size}`);
+    await this.writerOrThrow().resize(size, options.shrink ?? false);
+  }
+
   private writerOrThrow(): Qcow2Writer {
     if (!this.writer) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.filename });
     return this.writer;

@@ -208,3 +208,19 @@ test('a dirty lazy-refcounts image is repaired when we open it for writing', nee
   await qemuCheckClean(f);
   await qemuIo(['-f', 'qcow2', '-c', 'read -P 0x5a 0 64k', '-c', 'read -P 1 64k 64k', f]);
 });
+
+test('resize grows the image (moving the L1 table when it must grow) and refuses to shrink without --shrink', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const f = join(dir, 'rz.qcow2');
+  await qcowOk(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512', f, '1M']);
+  await qcowOk(['io', '-c', 'write -P 1 0 64k', f]);
+  await qcowOk(['resize', f, '+7M']);
+  await qcowOk(['io', '-c', 'write -P 2 7M 64k', f]);
+  await qemuCheckClean(f);
+  const info = JSON.parse((await qemuImg(['info', '--output=json', f])).stdout) as { 'virtual-size': number };
+  assert.equal(info['virtual-size'], 8 * 2 ** 20);
+  await qemuIo(['-f', 'qcow2', '-c', 'read -P 1 0 64k', '-c', 'read -P 0 64k 6M', '-c', 'read -P 2 7M 64k', f]);
+  const r = await qcow(['resize', f, '1M']);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /--shrink/);
+});

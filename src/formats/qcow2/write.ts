@@ -145,6 +145,45 @@ export class Qcow2Writer {
     });
   }
 
+  /**
+   * Grow the virtual size (a larger L1 table is written elsewhere first, then the header names
+   * it, then the old one is freed). Shrinking is refused unless `shrink`, and is not implemented.
+   */
+  resize(size: number, shrink: boolean): Promise<void> {
+    return this.exclusive(async () => {
+      const dev = this.dev;
+      if (size < dev.size) {
+        if (!shrink) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use the --shrink option to perform a shrink operation.');
+        throw unsupported('shrinking qcow2 images is not implemented');
+      }
+      if (dev.openedSnapshot) throw unsupported('cannot resize a snapshot');
+      const need = Math.ceil(size / dev.geometry.l2Coverage);
+      if (need * 8 > 32 * 1024 * 1024) throw new QcowError('QCOW_INVALID_ARGUMENT', "The image size is too large for file format 'qcow2' (try using a larger cluster size)");
+      const h = dev.header;
+      const oldOffset = h.l1TableOffset;
+      const oldEntries = dev.l1Entries;
+      if (need > oldEntries) {
+        const l1 = new Uint8Array(need * 8);
+        l1.set(dev.l1);
+        const at = await this.refcounts.allocClusters(Math.ceil(l1.length / this.cs));
+        await dev.store.write(at, l1);
+        await this.writeRefcounts();
+        await dev.store.flush();
+        dev.l1 = l1;
+        dev.l1Entries = need;
+        h.l1TableOffset = at;
+        h.l1Size = need;
+        this.l1Dirty.clear();
+      }
+      h.size = size;
+      await this.writeHeader();
+      await dev.store.flush();
+      dev.size = size;
+      if (need > oldEntries && oldEntries > 0) await this.refcounts.update(oldOffset, oldEntries * 8, -1);
+      this.noteGrowth();
+    });
+  }
+
   /** Flush everything and clear the dirty bit (lazy refcounts). */
   close(): Promise<void> {
     return this.lock.run(async () => {
