@@ -118,9 +118,11 @@ export class Qcow1Device extends DeviceBase {
     this.cipher = cipher;
     this.eof = eof;
     this.l2Cache = new L2Cache(this.l2Bytes, cacheBytes);
-    for (let i = 0; i < l1.length / 8; i++) {
-      const v = this.l1View.getBigUint64(8 * i);
-      if (v !== 0n && v <= BigInt(Number.MAX_SAFE_INTEGER)) this.l2Offsets.push(Number(v));
+    for (let i = 0; i < l1.length; i += 8) {
+      const hi = this.l1View.getUint32(i);
+      const lo = this.l1View.getUint32(i + 4);
+      // (offsets too large to be exact are refused when used)
+      if ((hi !== 0 || lo !== 0) && hi < 2 ** 21) this.l2Offsets.push(hi * 2 ** 32 + lo);
     }
     this.l2Offsets.sort((a, b) => a - b);
   }
@@ -197,8 +199,16 @@ export class Qcow1Device extends DeviceBase {
     }
   }
 
-  /** Calls `each` for every cluster of [offset, offset+length) in order, with its entry. */
-  private async forEachCluster(offset: number, length: number, each: (index: number, inCluster: number, n: number, entry: ClusterEntry) => void): Promise<void> {
+  /**
+   * Calls `each` for every cluster of [offset, offset+length) in order, with its entry. With
+   * `coarse`, a range without an L2 table comes as one call (n may then span many clusters).
+   */
+  private async forEachCluster(
+    offset: number,
+    length: number,
+    each: (index: number, inCluster: number, n: number, entry: ClusterEntry) => void,
+    coarse = false,
+  ): Promise<void> {
     const cs = this.clusterSize;
     const end = offset + length;
     let pos = offset;
@@ -208,6 +218,11 @@ export class Qcow1Device extends DeviceBase {
       const l2Offset = this.l1Entry(l1i);
       const table = l2Offset ? await this.l2Table(l2Offset) : null;
       const tableEnd = Math.min(end, (l1i + 1) * this.l2Entries * cs);
+      if (!table && coarse) {
+        each(index, pos - index * cs, tableEnd - pos, UNALLOCATED);
+        pos = tableEnd;
+        continue;
+      }
       while (pos < tableEnd) {
         const inCluster = pos - index * cs;
         const n = Math.min(cs - inCluster, tableEnd - pos);
@@ -242,7 +257,7 @@ export class Qcow1Device extends DeviceBase {
       } else {
         out.push({ guest, length: n, entry });
       }
-    });
+    }, true);
     return out;
   }
 
