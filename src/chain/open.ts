@@ -12,6 +12,11 @@ export interface OpenImageOptions {
   /** The format to open it as; probed from the first bytes when absent. */
   format?: string;
   readOnly?: boolean;
+  /**
+   * Backing images are opened read-only, except those this says yes to (by resolved name and
+   * depth, 1 = the top image's backing file): commit writes into one of them.
+   */
+  writableBacking?: (name: string, depth: number) => boolean;
   /** Password for an encrypted image (also tried for encrypted backing images). */
   password?: string;
   /** Open an internal snapshot (qcow2), read-only. */
@@ -46,7 +51,8 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
   const key = normalizeName(name);
   if (seen.has(key)) throw new QcowError('QCOW_CORRUPT', 'backing chain loops back to this image', { file: name });
   seen.add(key);
-  const readOnly = depth > 0 || (options.readOnly ?? false) || options.snapshot !== undefined;
+  const readOnly =
+    (depth > 0 ? !(options.writableBacking?.(name, depth) ?? false) : (options.readOnly ?? false)) || options.snapshot !== undefined;
   const store = await options.opener.open(name, { readOnly });
   try {
     const fmt = format !== undefined ? options.formats.get(format) : await probeFormat(store, options, depth);

@@ -86,6 +86,17 @@ export interface BlockDevice {
   describe(): Promise<ImageDescription>;
   /** Change the virtual size. Absent where the format cannot. */
   resize?(size: number, options?: { shrink?: boolean }): Promise<void>;
+  /**
+   * Rewrite the backing file name and format recorded in the header (null: no backing file), as
+   * `qemu-img rebase` does. Only the header changes: no data is copied and `backing` is not
+   * reopened. Absent where the format has no backing files.
+   */
+  setBacking?(name: string | null, format: string | null): Promise<void>;
+  /**
+   * Deallocate every cluster of the active layer so that all of it reads from the backing image
+   * again (`qemu-img commit` empties the overlay this way). Unlike discard, never leaves zero flags.
+   */
+  makeEmpty?(): Promise<void>;
   close(): Promise<void>;
   [Symbol.asyncDispose](): Promise<void>;
 }

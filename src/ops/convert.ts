@@ -1,14 +1,28 @@
 /**
  * `qemu-img convert`: copy the guest content of one or more images (concatenated) into a target.
- * Ranges the source chain reports as zero are skipped without reading; data is read in large
- * chunks, several in flight, and runs of zeros at least `sparseSize` long are left unwritten on a
- * fresh target (or zeroed cheaply on an existing one). With a target backing image, only what
- * differs from it is written. With `compress`, whole clusters go through writeCompressed.
+ *
+ * How it stays fast and small:
+ * - A planner walks the sources' chain status once, front to back, and cuts the guest range into
+ *   work items: chunks with data (at most `chunkSize`, aligned in the target so compressed
+ *   clusters never straddle two items) and zero runs of any length. Zero runs are never read.
+ * - `parallel` workers take items in order; each owns one buffer, reused for every item, so memory
+ *   is `parallel x chunkSize` whatever the image size (a 4 TiB sparse disk costs what a small one
+ *   does). Reads of later items overlap the write of earlier ones.
+ * - Writes land in guest order (as qemu-img without -W), so the target's layout is the same on
+ *   every run; with `outOfOrder` (qemu-img -W) or compression they may finish in any order, which
+ *   lets compression run on several threads (node:zlib works on the libuv pool).
+ *
+ * What is written where (qemu-img's rules):
+ * - Fresh target without backing (`targetIsZero`): zero runs and all-zero blocks of `sparseSize`
+ *   bytes are left alone. `sparseSize` 0 disables that: every byte is written (fully allocated).
+ * - Existing target (-n): zero runs are written as zeros (unmapped where the format can).
+ * - Target with a backing file (-B): only what differs from the backing file's content is written.
  */
 import type { BlockDevice } from '../core/block-device.js';
 import { QcowError, throwIfAborted } from '../core/errors.js';
-import { isZero } from '../core/bytes.js';
 import { ChainStatus } from './chain-status.js';
+import { ConcatSource } from './concat.js';
+import { allZero, sameBytes } from './zero-scan.js';
 
 export interface ConvertOptions {
   /** Write clusters compressed (the target must support it). */
@@ -17,141 +31,266 @@ export interface ConvertOptions {
   sparseSize?: number;
   /** The target already reads as zeros everywhere (a freshly created image without backing). */
   targetIsZero?: boolean;
-  /** Bytes in flight at once: chunks of `chunkSize`, this many at a time. */
+  /** Work items in flight at once (each holds one buffer of `chunkSize`). Default 8. */
   parallel?: number;
+  /** Largest work item with data, in bytes. Default 2 MiB. */
   chunkSize?: number;
+  /** Let writes complete in any order (qemu-img -W). */
+  outOfOrder?: boolean;
   signal?: AbortSignal;
   onProgress?: (done: number, total: number) => void;
 }
 
+/** A range the planner hands to the workers, in target (= concatenated source) offsets. */
+type WorkItem =
+  | { kind: 'zero'; offset: number; length: number }
+  | { kind: 'data'; offset: number; length: number; spans: { offset: number; length: number; zero: boolean }[] };
+
+/** Zero runs are handed out in pieces of at most this, so progress moves on huge sparse images. */
+const ZERO_ITEM_MAX = 2 ** 30;
+
 export async function convert(sources: BlockDevice[], target: BlockDevice, options: ConvertOptions = {}): Promise<void> {
-  const total = sources.reduce((n, s) => n + s.size, 0);
+  const src = new ConcatSource(sources);
+  const total = src.size;
   if (total > target.size) {
-    throw new QcowError('QCOW_INVALID_ARGUMENT', `target is smaller (${target.size} bytes) than the source (${total} bytes)`);
+    throw new QcowError('QCOW_INVALID_ARGUMENT', `output file is smaller than input file (${target.size} < ${total} bytes)`, { file: target.filename });
   }
   if (options.compress && !target.writeCompressed) {
-    throw new QcowError('QCOW_UNSUPPORTED', `the ${target.format} format does not support compression`);
+    throw new QcowError('QCOW_UNSUPPORTED', 'Compression not supported for this file format', { file: target.filename });
   }
   const sparse = options.sparseSize ?? 4096;
+  if (!Number.isSafeInteger(sparse) || sparse < 0 || sparse % 512 !== 0) {
+    throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid sparse size ${sparse}: a multiple of 512, or 0`);
+  }
   const cluster = Math.max(target.clusterSize, 512);
   let chunk = options.chunkSize ?? 2 * 1024 * 1024;
   chunk = Math.max(cluster, chunk - (chunk % cluster));
-  const parallel = Math.max(1, options.parallel ?? 8);
-  const targetBacking = target.backing;
-
-  // Work items in order: [source, source offset, target offset, length], never crossing a source.
-  type Item = { src: BlockDevice; status: ChainStatus; srcOff: number; dstOff: number; len: number };
-  const items: Item[] = [];
-  let base = 0;
-  for (const src of sources) {
-    const status = new ChainStatus(src);
-    for (let off = 0; off < src.size; off += chunk) items.push({ src, status, srcOff: off, dstOff: base + off, len: Math.min(chunk, src.size - off) });
-    base += src.size;
-  }
+  const parallel = Math.max(1, Math.min(64, options.parallel ?? 8));
+  const ordered = !options.outOfOrder && !options.compress;
+  const backing = target.backing;
+  const skipZeros = !!options.targetIsZero && !backing && sparse > 0;
+  const ctx: WriteContext = {
+    target,
+    compress: !!options.compress,
+    sparse,
+    cluster,
+    targetIsZero: !!options.targetIsZero && !backing,
+    backing,
+  };
 
   let done = 0;
-  let next = 0;
-  // ChainStatus is a forward cursor: items of one source are taken in order, so queries stay sorted.
-  const statusLock = new Map<ChainStatus, Promise<unknown>>();
-  const spans = async (it: Item) => {
-    const prev = statusLock.get(it.status) ?? Promise.resolve();
-    const p = prev.then(async () => {
-      const out: { off: number; len: number; zero: boolean }[] = [];
-      for (let o = it.srcOff; o < it.srcOff + it.len; ) {
-        const e = await it.status.at(o, it.srcOff + it.len - o);
-        out.push({ off: o, len: e.length, zero: !e.present || e.zero });
-        o += e.length;
+  const progress = (n: number) => {
+    done += n;
+    options.onProgress?.(done, total);
+  };
+
+  // --- the planner: one pass over the chain status, in order ---
+  // It works on a grid of `chunk`-sized cells (aligned in the target, so clusters never straddle
+  // two items): a cell with any data is one item; whole cells of zeros join into one zero run.
+  async function* plan(): AsyncGenerator<WorkItem> {
+    let zeroStart = -1;
+    let zeroEnd = -1;
+    for (let cell = 0; cell < total; ) {
+      throwIfAborted(options.signal);
+      const cellEnd = Math.min(total, cell + chunk);
+      const first = await src.status(cell, total - cell);
+      const firstZero = !first.present || first.zero;
+      if (firstZero && cell + first.length >= cellEnd) {
+        const end = cell + first.length >= total ? total : cell + Math.floor(first.length / chunk) * chunk;
+        if (zeroStart < 0) zeroStart = cell;
+        zeroEnd = end;
+        cell = end;
+        continue;
       }
-      return out;
+      if (zeroStart >= 0) {
+        yield* zeroRun(zeroStart, zeroEnd);
+        zeroStart = -1;
+      }
+      const item: Extract<WorkItem, { kind: 'data' }> = { kind: 'data', offset: cell, length: cellEnd - cell, spans: [] };
+      let e = first;
+      for (let off = cell; off < cellEnd; ) {
+        const len = Math.min(e.length, cellEnd - off);
+        item.spans.push({ offset: off, length: len, zero: !e.present || e.zero });
+        off += len;
+        if (off < cellEnd) e = await src.status(off, cellEnd - off);
+      }
+      yield item;
+      cell = cellEnd;
+    }
+    if (zeroStart >= 0) yield* zeroRun(zeroStart, zeroEnd);
+  }
+  function* zeroRun(start: number, end: number): Generator<WorkItem> {
+    if (skipZeros) {
+      progress(end - start);
+      return;
+    }
+    for (let off = start; off < end; off += ZERO_ITEM_MAX) yield { kind: 'zero', offset: off, length: Math.min(ZERO_ITEM_MAX, end - off) };
+  }
+
+  // --- handing items out, each with its place in the write order ---
+  const planner = plan();
+  let pulling: Promise<unknown> = Promise.resolve();
+  let writeTail: Promise<void> = Promise.resolve();
+  type Ticket = { item: WorkItem; turn: Promise<void>; release: () => void };
+  const take = (): Promise<Ticket | undefined> => {
+    const p = pulling.then(async () => {
+      const r = await planner.next();
+      if (r.done) return undefined;
+      const turn = writeTail;
+      let release!: () => void;
+      writeTail = new Promise<void>((resolve) => (release = resolve));
+      return { item: r.value, turn, release };
     });
-    statusLock.set(it.status, p.catch(() => undefined));
+    pulling = p.catch(() => undefined);
     return p;
   };
 
+  let failure: unknown;
   const worker = async () => {
     const buf = new Uint8Array(chunk);
-    const backBuf = targetBacking ? new Uint8Array(chunk) : undefined;
-    while (next < items.length) {
-      throwIfAborted(options.signal);
-      const it = items[next++]!;
-      const list = await spans(it);
-      const data = buf.subarray(0, it.len);
-      let anyData = false;
-      for (const s of list) {
-        const view = data.subarray(s.off - it.srcOff, s.off - it.srcOff + s.len);
-        if (s.zero) view.fill(0);
-        else {
-          await it.src.read(s.off, view);
-          anyData = true;
+    const before = backing ? new Uint8Array(chunk) : undefined;
+    for (;;) {
+      if (failure !== undefined) return;
+      const t = await take();
+      if (!t) return;
+      try {
+        throwIfAborted(options.signal);
+        if (t.item.kind === 'zero') {
+          if (ordered) await t.turn;
+          await writeZeroRun(ctx, t.item.offset, t.item.length, buf, before, options.signal);
+        } else {
+          const data = buf.subarray(0, t.item.length);
+          let anyData = false;
+          for (const s of t.item.spans) {
+            const view = data.subarray(s.offset - t.item.offset, s.offset - t.item.offset + s.length);
+            if (s.zero) view.fill(0);
+            else {
+              await src.read(s.offset, view);
+              anyData = true;
+            }
+          }
+          if (ordered) await t.turn;
+          throwIfAborted(options.signal);
+          await writeChunk(ctx, t.item.offset, data, anyData, before);
         }
+        progress(t.item.length);
+      } finally {
+        t.release();
       }
-      await writeChunk(target, it.dstOff, data, anyData, {
-        compress: !!options.compress,
-        sparse,
-        cluster,
-        targetIsZero: !!options.targetIsZero && !targetBacking,
-        backing: targetBacking,
-        backBuf,
-      });
-      done += it.len;
-      options.onProgress?.(done, total);
     }
   };
-  await Promise.all(Array.from({ length: Math.min(parallel, items.length) }, worker));
+  const workers = Array.from({ length: parallel }, () =>
+    worker().catch((e: unknown) => {
+      failure ??= e;
+    }),
+  );
+  await Promise.all(workers);
+  if (failure !== undefined) {
+    await planner.return(undefined).catch(() => undefined);
+    throw failure;
+  }
 }
 
-interface ChunkContext {
+interface WriteContext {
+  target: BlockDevice;
   compress: boolean;
   sparse: number;
   cluster: number;
+  /** Nothing was ever written to the target and it has no backing: unwritten ranges read zero. */
   targetIsZero: boolean;
   backing: BlockDevice | null;
-  backBuf: Uint8Array | undefined;
 }
 
-async function writeChunk(target: BlockDevice, dstOff: number, data: Uint8Array, anyData: boolean, cx: ChunkContext): Promise<void> {
-  // What the target reads before we write: zeros, or its backing image.
+/** The source reads zeros over [offset, +length): make the target read zeros there too. */
+async function writeZeroRun(cx: WriteContext, offset: number, length: number, buf: Uint8Array, before: Uint8Array | undefined, signal: AbortSignal | undefined) {
+  if (!cx.backing) {
+    if (cx.targetIsZero && cx.sparse > 0) return;
+    // -S 0 asks for a fully allocated target: no unmapping.
+    await cx.target.writeZeroes(offset, length, { mayUnmap: cx.sparse > 0 });
+    return;
+  }
+  // With a backing file, only where the backing file is not zero does anything need writing.
+  // Workers reach zero runs in any order, and a status cursor only moves forward: one per run.
+  const status = new ChainStatus(cx.backing);
+  for (let off = offset; off < offset + length; ) {
+    throwIfAborted(signal);
+    const e = off < cx.backing.size ? await status.at(off, Math.min(offset + length, cx.backing.size) - off) : undefined;
+    const n = e ? e.length : offset + length - off;
+    if (e && e.present && !e.zero) {
+      for (let o = off; o < off + n; o += buf.length) {
+        const m = Math.min(buf.length, off + n - o);
+        const data = buf.subarray(0, m);
+        data.fill(0);
+        await writeChunk(cx, o, data, false, before);
+      }
+    }
+    off += n;
+  }
+}
+
+/**
+ * Write one chunk of guest data at `dstOff`. Compared in blocks (the -S size, or the cluster when
+ * compressing): blocks that already read the same in the target are skipped, the rest written in
+ * runs as large as possible.
+ */
+async function writeChunk(cx: WriteContext, dstOff: number, data: Uint8Array, anyData: boolean, beforeBuf: Uint8Array | undefined): Promise<void> {
+  // What the target reads before we write: its backing image, or zeros when it is fresh.
   let before: Uint8Array | undefined;
   if (cx.backing) {
-    before = cx.backBuf!.subarray(0, data.length);
+    before = beforeBuf!.subarray(0, data.length);
     const n = Math.max(0, Math.min(data.length, cx.backing.size - dstOff));
     if (n > 0) await cx.backing.read(dstOff, before.subarray(0, n));
     before.fill(0, n);
-  }
-  if (!anyData && (cx.targetIsZero || (before && isZero(before)))) return;
+    if (sameBytes(data, before)) return;
+  } else if (!anyData && cx.targetIsZero && cx.sparse > 0) return;
 
-  const unit = cx.compress ? cx.cluster : cx.sparse > 0 ? gcdUnit(cx.sparse, cx.cluster) : data.length;
+  if (cx.compress) {
+    // Every cluster on its own, all at once: the format compresses them in parallel.
+    const writes: Promise<void>[] = [];
+    for (let o = 0; o < data.length; o += cx.cluster) {
+      const block = data.subarray(o, Math.min(o + cx.cluster, data.length));
+      if (before ? sameBytes(block, before.subarray(o, o + block.length)) : cx.targetIsZero && allZero(block)) continue;
+      writes.push(cx.target.writeCompressed!(dstOff + o, block));
+    }
+    await settleAll(writes);
+    return;
+  }
+  if (cx.sparse === 0) {
+    // Fully allocated output: every byte is written.
+    if (!before || !sameBytes(data, before)) await cx.target.write(dstOff, data);
+    return;
+  }
+
+  const unit = Math.max(512, Math.min(cx.sparse, data.length));
   let runStart = -1;
   const flushRun = async (end: number) => {
     if (runStart < 0) return;
-    const slice = data.subarray(runStart, end);
-    if (cx.compress) {
-      for (let o = 0; o < slice.length; o += cx.cluster) await target.writeCompressed!(dstOff + runStart + o, slice.subarray(o, o + cx.cluster));
-    } else await target.write(dstOff + runStart, slice);
+    await cx.target.write(dstOff + runStart, data.subarray(runStart, end));
     runStart = -1;
   };
   for (let o = 0; o < data.length; o += unit) {
-    const block = data.subarray(o, Math.min(o + unit, data.length));
-    const same = before ? equal(block, before.subarray(o, o + block.length)) : cx.targetIsZero && isZero(block);
-    const zeroNeeded = !same && !before && isZero(block);
-    if (same) {
-      await flushRun(o);
-    } else if (zeroNeeded) {
+    const end = Math.min(o + unit, data.length);
+    const block = data.subarray(o, end);
+    let skip: boolean;
+    let zeroNeeded = false;
+    if (before) skip = sameBytes(block, before.subarray(o, end));
+    else if (allZero(block)) {
+      skip = cx.targetIsZero;
+      zeroNeeded = !skip;
+    } else skip = false;
+    if (skip) await flushRun(o);
+    else if (zeroNeeded) {
       // Existing target: make the range read as zeros without writing data where the format can.
       await flushRun(o);
-      await target.writeZeroes(dstOff + o, block.length, { mayUnmap: true });
+      await cx.target.writeZeroes(dstOff + o, block.length, { mayUnmap: true });
     } else if (runStart < 0) runStart = o;
   }
   await flushRun(data.length);
 }
 
-function gcdUnit(sparse: number, cluster: number): number {
-  // Judge zeros in blocks of the -S size, but never finer than 512 bytes.
-  return Math.max(512, Math.min(sparse, cluster * 16));
-}
-
-function equal(a: Uint8Array, b: Uint8Array): boolean {
-  if (a.length !== b.length) return false;
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
-  return true;
+/** Wait for every promise, then throw the first failure (never leave writes running behind a throw). */
+async function settleAll(list: Promise<void>[]): Promise<void> {
+  const results = await Promise.allSettled(list);
+  const bad = results.find((r) => r.status === 'rejected');
+  if (bad) throw (bad as PromiseRejectedResult).reason;
 }
