@@ -152,6 +152,7 @@ export async function createImage(name: string, options: CreateImageOptions): Pr
       });
     }
     const size = options.size > 0 || !backing ? options.size : backing.size;
+    const existed = (await options.opener.exists?.(name)) ?? true;
     const store = await options.opener.open(name, { readOnly: false, create: true });
     try {
       await fmt.create(store, {
@@ -161,9 +162,13 @@ export async function createImage(name: string, options: CreateImageOptions): Pr
         openFile: (fileName, o) => options.opener.open(options.opener.resolve(fileName, name), o),
       });
       await store.flush();
-    } finally {
-      await store.close();
+    } catch (e) {
+      await store.close().catch(() => undefined);
+      // Do not leave a half-made image behind (but never delete a file that was there before).
+      if (!existed) await options.opener.remove?.(name).catch(() => undefined);
+      throw e;
     }
+    await store.close();
   } catch (e) {
     throw withFile(e, name);
   } finally {

@@ -85,3 +85,33 @@ test('bad input gives one line on stderr and a non-zero exit, never a stack trac
     assert.doesNotMatch(r.stderr, /\n\s+at /);
   }
 });
+
+test('a create that fails leaves no file behind, and never removes one that existed', async (t) => {
+  const dir = await scratch(t);
+  const img = join(dir, 'bad.qcow2');
+  const r = await qcow(['create', '-q', '-f', 'qcow2', '-o', 'bogus=1', img, '1M']);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /bogus/);
+  await assert.rejects(stat(img));
+  const kept = join(dir, 'kept.raw');
+  await writeFile(kept, 'x');
+  assert.equal((await qcow(['create', '-q', '-f', 'qcow2', '-o', 'bogus=1', kept, '1M'])).code, 1);
+  await stat(kept);
+});
+
+test('create -o help lists the options of the format', async () => {
+  const r = await qcowOk(['create', '-f', 'qcow2', '-o', 'help', 'unused', '1M']);
+  assert.match(r.stdout, /compat/);
+  assert.match(r.stdout, /cluster_size/);
+});
+
+test('info shows where the backing file is without opening it, like qemu-img', needs('qemu-img'), async (t) => {
+  const dir = await scratch(t);
+  await qemuImg(['create', '-q', '-f', 'raw', join(dir, 'base.raw'), '1M']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.raw', '-F', 'raw', join(dir, 'top.qcow2')]);
+  const ours = JSON.parse((await qcowOk(['info', '--output=json', join(dir, 'top.qcow2')])).stdout);
+  const theirs = JSON.parse((await qemuImg(['info', '--output=json', join(dir, 'top.qcow2')])).stdout);
+  for (const key of ['backing-filename', 'full-backing-filename', 'backing-filename-format', 'virtual-size', 'cluster-size', 'format-specific']) {
+    assert.deepEqual(ours[key], theirs[key], key);
+  }
+});

@@ -6,6 +6,12 @@
 import { Command, CommanderError, Option } from 'commander';
 import { collect, errorLine, exitCodeFor } from './common.js';
 
+// `qcow map x | head`: a closed pipe ends the output, not the program with a stack trace.
+process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+  if (e.code === 'EPIPE') process.exit(0);
+  throw e;
+});
+
 const program = new Command();
 program
   .name('qcow')

@@ -24,6 +24,8 @@ const WINDOW = 2 ** 30;
 
 class LayerCursor {
   private cache: BlockExtent[] = [];
+  /** Index of the first cached extent not yet passed: callers move forward, so this only grows. */
+  private pos = 0;
   constructor(readonly dev: BlockDevice) {}
 
   async at(offset: number): Promise<BlockExtent> {
@@ -31,6 +33,7 @@ class LayerCursor {
     if (!hit) {
       const len = Math.min(WINDOW, this.dev.size - offset);
       this.cache = await this.dev.blockStatus(offset, len);
+      this.pos = 0;
       hit = this.find(offset);
       if (!hit) throw new Error(`block status of ${this.dev.filename} did not cover offset ${offset}`);
     }
@@ -38,9 +41,8 @@ class LayerCursor {
   }
 
   private find(offset: number): BlockExtent | undefined {
-    // Extents come in order and callers move forward, so drop what is behind.
-    while (this.cache.length && this.cache[0]!.offset + this.cache[0]!.length <= offset) this.cache.shift();
-    const e = this.cache[0];
+    while (this.pos < this.cache.length && this.cache[this.pos]!.offset + this.cache[this.pos]!.length <= offset) this.pos++;
+    const e = this.cache[this.pos];
     return e && e.offset <= offset ? e : undefined;
   }
 }

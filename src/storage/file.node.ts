@@ -1,5 +1,5 @@
 /** A local file through node:fs/promises, with positional reads and writes. */
-import { open, stat, type FileHandle } from 'node:fs/promises';
+import { open, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
 import type { ByteStore, StoreOpener } from './types.js';
 import { QcowError } from '../core/errors.js';
@@ -113,6 +113,7 @@ export const fileOpener: StoreOpener = {
     const slash = relativeTo.lastIndexOf('/');
     return slash < 0 ? name : relativeTo.slice(0, slash + 1) + name;
   },
+  remove: (name) => unlink(name),
   exists: async (name) => {
     try {
       await stat(name);

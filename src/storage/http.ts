@@ -352,5 +352,9 @@ export function withHttp(local: StoreOpener, options: HttpStoreOptions = {}): St
         throw e;
       }
     },
+    remove: async (name) => {
+      if (isHttpUrl(name)) throw new QcowError('QCOW_READ_ONLY', 'remote images are read-only', { file: name });
+      await local.remove?.(name);
+    },
   };
 }

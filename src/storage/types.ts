@@ -29,4 +29,6 @@ export interface StoreOpener {
   /** Resolve `name` as written in the image against the store that names it. */
   resolve(name: string, relativeTo: string): string;
   exists?(name: string): Promise<boolean>;
+  /** Delete a file (a half-made image after a failed create). */
+  remove?(name: string): Promise<void>;
 }

@@ -1,6 +1,6 @@
 import { QcowError } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
-import { createImage } from '../../node.js';
+import { builtinFormats, createImage } from '../../node.js';
 import { parseOptionList, readPasswordFile } from '../common.js';
 
 interface Flags {
@@ -15,6 +15,13 @@ interface Flags {
 
 export async function run(file: string, sizeText: string | undefined, flags: Flags): Promise<void> {
   const options = parseOptionList(flags.options);
+  if (options.help !== undefined) {
+    // qemu-img's `-o help`: the options this format takes at create.
+    const fmt = builtinFormats().get(flags.format);
+    process.stdout.write(`Supported options:\n`);
+    for (const [k, v] of Object.entries(fmt.createOptions ?? { size: 'Virtual disk size' })) process.stdout.write(`  ${k.padEnd(24)}- ${v}\n`);
+    return;
+  }
   // qemu-img also takes these as -o options.
   const backingFile = flags.backing ?? options.backing_file;
   const backingFormat = flags.backingFormat ?? options.backing_fmt;

@@ -1,4 +1,6 @@
 import { chainInfo, imageInfo, infoHuman } from '../../ops/info.js';
+import { defaultOpener } from '../../node.js';
+import type { ImageInfoJson } from '../../ops/info.js';
 import { checkOutputFormat, openForCli, printJson } from '../common.js';
 
 interface Flags {
@@ -18,11 +20,22 @@ export async function run(file: string, flags: Flags): Promise<void> {
       if (output === 'json') printJson(infos);
       else process.stdout.write(infos.map(infoHuman).join('\n'));
     } else {
-      const info = await imageInfo(dev);
+      const info = withFullBackingName(await imageInfo(dev), file);
       if (output === 'json') printJson(info);
       else process.stdout.write(infoHuman(info));
     }
   } finally {
     await dev.close();
   }
+}
+
+/** qemu-img prints where the backing file is even when it does not open it; so do we. */
+function withFullBackingName(info: ImageInfoJson, file: string): ImageInfoJson {
+  const name = info['backing-filename'];
+  if (name !== undefined && info['full-backing-filename'] === undefined) {
+    const ordered: ImageInfoJson = { ...info };
+    ordered['full-backing-filename'] = defaultOpener.resolve(name, file);
+    return ordered;
+  }
+  return info;
 }
