@@ -4,7 +4,7 @@
  * start-up stays light. Every failure ends as one line on stderr and a non-zero exit status.
  */
 import { Command, CommanderError, Option } from 'commander';
-import { collect, errorLine, exitCodeFor } from './common.js';
+import { collect, errorLine, exitCodeFor, openPolicy } from './common.js';
 
 // `qcow map x | head`: a closed pipe ends the output, not the program with a stack trace.
 process.stdout.on('error', (e: NodeJS.ErrnoException) => {
@@ -73,7 +73,7 @@ program
   .option('-p, --progress', 'show progress')
   .option('-q, --quiet', 'print nothing')
   .option('-m, --parallel <n>', 'chunks in flight at once', '8')
-  .option('-W', 'accepted for qemu-img compatibility (writes may always complete out of order)')
+  .option('-W', 'let writes complete out of order (the target layout may then differ run to run)')
   .option('-U, --force-share', 'accepted for qemu-img compatibility')
   .addOption(pw())
   .option('--target-password-file <file>', 'password for an encrypted target')
@@ -170,6 +170,89 @@ program
   .argument('<file>')
   .argument('<size>')
   .action(lazy('resize'));
+
+/**
+ * Safety options for untrusted images, on every command that opens images (create only opens the
+ * backing file it is given, with its format): --confine refuses backing and data files outside
+ * the folder of the image naming them; --no-probe-backing opens backing files whose format the
+ * image does not record as raw instead of probing them (QEMU probes, and so do we by default).
+ */
+const NO_SAFETY_OPTIONS = new Set(['create']);
+for (const cmd of program.commands) {
+  if (NO_SAFETY_OPTIONS.has(cmd.name())) continue;
+  cmd
+    .option('--confine', "refuse backing/data files outside the folder of the image that names them")
+    .option('--no-probe-backing', 'open backing files of unrecorded format as raw (safe for untrusted images)');
+}
+program.hook('preAction', (_program, action) => {
+  const o = action.opts<{ confine?: boolean; probeBacking?: boolean }>();
+  openPolicy.confine = o.confine === true;
+  openPolicy.probeBacking = o.probeBacking !== false;
+});
+
+program
+  .command('commit')
+  .description("write an overlay's data into its backing file (or BASE further down) and empty the overlay")
+  .addOption(fmt())
+  .addOption(pw())
+  .option('-b, --base <base>', 'the image of the backing chain to commit into (implies -d)')
+  .option('-d, --drop', 'do not empty the overlay afterwards')
+  .option('-p, --progress', 'show progress')
+  .option('-q, --quiet', 'print nothing')
+  .option('-t, --cache <mode>', 'accepted for qemu-img compatibility')
+  .argument('<file>')
+  .action(lazy('commit'));
+
+program
+  .command('rebase')
+  .description('change the backing file of an image (safe mode keeps the guest content unchanged)')
+  .addOption(fmt())
+  .addOption(pw())
+  .option('-b, --backing <file>', 'the new backing file ("" for none)')
+  .option('-F, --backing-format <fmt>', 'format of the new backing file')
+  .option('-u, --unsafe', 'only rewrite the backing file name; copy nothing')
+  .option('-p, --progress', 'show progress')
+  .option('-q, --quiet', 'print nothing')
+  .option('-t, --cache <mode>', 'accepted for qemu-img compatibility')
+  .option('-U, --force-share', 'accepted for qemu-img compatibility')
+  .argument('<file>')
+  .action(lazy('rebase'));
+
+program
+  .command('measure')
+  .description('how large an image file would be, for a size or for a copy of an image')
+  .addOption(fmt())
+  .addOption(pw())
+  .addOption(out())
+  .option('-O, --output-format <fmt>', 'target format', 'raw')
+  .option('-o, --options <list>', 'target format options', collect)
+  .option('--size <size>', 'virtual size of the image to measure')
+  .option('-l, --snapshot <name>', 'measure an internal snapshot of the source')
+  .option('-U, --force-share', 'accepted for qemu-img compatibility')
+  .argument('[file]')
+  .action(lazy('measure'));
+
+program
+  .command('bench')
+  .description('run a simple I/O benchmark on an image, as qemu-img bench')
+  .addOption(fmt())
+  .addOption(pw())
+  .option('-c, --count <n>', 'number of requests (default 75000)')
+  .option('-d, --depth <n>', 'requests in flight at once (default 64)')
+  .option('-s, --size <bytes>', 'bytes per request (default 4096)')
+  .option('-S, --step <bytes>', 'distance between request offsets (default: the request size)')
+  .option('-o, --offset <offset>', 'offset of the first request')
+  .option('-w, --write', 'write instead of read')
+  .option('--pattern <byte>', 'byte written by write requests (default 0)')
+  .option('--flush-interval <n>', 'flush after every N requests (write tests)')
+  .option('--no-drain', 'do not wait for requests in flight before a flush')
+  .option('-q, --quiet', 'accepted for qemu-img compatibility (bench always reports)')
+  .option('-n, --nocache', 'accepted for qemu-img compatibility')
+  .option('-t, --cache <mode>', 'accepted for qemu-img compatibility')
+  .option('-i, --aio <mode>', 'accepted for qemu-img compatibility')
+  .option('-U, --force-share', 'accepted for qemu-img compatibility')
+  .argument('<file>')
+  .action(lazy('bench'));
 
 async function main(): Promise<void> {
   try {
