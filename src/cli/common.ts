@@ -9,6 +9,10 @@ export interface ImageFlags {
   passwordFile?: string;
   /** -U / --force-share is accepted for qemu-img compatibility; opening read-only never locks out others. */
   forceShare?: boolean;
+  /** --confine: refuse backing and data files outside the folder of the image naming them. */
+  confine?: boolean;
+  /** false for --no-probe-backing: backing files of unrecorded format are opened as raw. */
+  probeBacking?: boolean;
 }
 
 export async function readPasswordFile(path: string | undefined): Promise<string | undefined> {
@@ -25,8 +29,22 @@ export async function readPasswordFile(path: string | undefined): Promise<string
   return text.replace(/\r?\n$/, '');
 }
 
+/**
+ * The safety rules asked for on the command line (`--confine`, `--no-probe-backing`), set by
+ * main.ts for the command that runs, so every image a command opens follows them.
+ */
+export const openPolicy: { confine?: boolean; probeBacking?: boolean } = {};
+
 export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpenOptions = {}): Promise<BlockDevice> {
-  return openImage(file, { format: flags.format, password: await readPasswordFile(flags.passwordFile), ...extra });
+  const confine = flags.confine ?? openPolicy.confine ?? false;
+  const probeBacking = flags.probeBacking ?? openPolicy.probeBacking ?? true;
+  return openImage(file, {
+    format: flags.format,
+    password: await readPasswordFile(flags.passwordFile),
+    confineToFolder: confine,
+    rawUnnamedBackingFormats: !probeBacking,
+    ...extra,
+  });
 }
 
 /** qemu-img's -o syntax: key=value pairs separated by commas; ",," is a literal comma. */
