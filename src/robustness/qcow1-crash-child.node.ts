@@ -1,0 +1,35 @@
+/**
+ * Child process of the qcow v1 crash test (qcow1-crash.test.ts): writes pseudo-random data at
+ * pseudo-random offsets into a qcow v1 image forever, flushing now and then, until it is killed.
+ * Protocol on stdout, one line each, written BEFORE the write starts / AFTER the flush completes:
+ *   w <offset> <length> <seed>      a write is about to start (its data: randomBytes(length, seed))
+ *   f                               every write announced so far is durable
+ * Usage: node qcow1-crash-child.node.js IMAGE SEED
+ */
+import { writeSync } from 'node:fs';
+import { openImage } from '../node.js';
+import { randomBytes } from '../test-support/qemu.js';
+
+const [image, seedText] = process.argv.slice(2);
+let x = Number(seedText) >>> 0 || 1;
+const rand = (n: number): number => {
+  x ^= x << 13;
+  x ^= x >>> 17;
+  x ^= x << 5;
+  return (x >>> 0) % n;
+};
+
+const dev = await openImage(image!, { format: 'qcow' });
+const say = (line: string) => writeSync(1, line + '\n');
+for (let i = 0; ; i++) {
+  // Small unaligned writes (partial clusters: read-modify-write) and larger runs of whole sectors.
+  const len = rand(3) === 0 ? 1 + rand(4096) : 512 * (1 + rand(256));
+  const off = rand(dev.size - len);
+  const seed = (Number(seedText) * 100003 + i) >>> 0 || 1;
+  say(`w ${off} ${len} ${seed}`);
+  await dev.write(off, randomBytes(len, seed));
+  if (rand(8) === 0) {
+    await dev.flush();
+    say('f');
+  }
+}
