@@ -36,3 +36,46 @@ for (const [name, c] of [
     await assert.rejects(c.zstdDecompress(randomBytes(100, 5), 4096), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT');
   });
 }
+
+test('node worker pool: many clusters at once round-trip, in order, both codecs', async () => {
+  const { CodecPool } = await import('./pool.node.js');
+  const pool = new CodecPool(2);
+  await pool.warm();
+  assert.equal(pool.workers, 2);
+  const clusters = Array.from({ length: 40 }, (_, i) => {
+    const c = randomBytes(65536, i);
+    c.fill(i, 0, 20000 + i * 100); // compressible, and different from each other
+    return c;
+  });
+  for (const [pack, unpack] of [['deflate', 'inflate'], ['zstd-compress', 'zstd-decompress']] as const) {
+    const packed = await Promise.all(clusters.map((c) => pool.run(pack, c, 0)));
+    const back = await Promise.all(packed.map((z) => pool.run(unpack, z, 65536)));
+    back.forEach((b, i) => assert.deepEqual(b, clusters[i]));
+  }
+});
+
+test('node worker pool: the caller keeps its buffer, and errors come back as QCOW_CORRUPT', async () => {
+  const { CodecPool } = await import('./pool.node.js');
+  const pool = new CodecPool(1);
+  await pool.warm();
+  const big = new Uint8Array(4 * 65536).fill(3);
+  const view = big.subarray(65536, 2 * 65536);
+  const z = await pool.run('deflate', view, 0);
+  assert.equal(big.length, 4 * 65536, 'the source buffer is not detached');
+  assert.deepEqual(await pool.run('inflate', z, 65536), view);
+  await assert.rejects(pool.run('inflate', randomBytes(9000, 7), 65536), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT');
+  await assert.rejects(pool.run('inflate', z, 2 * 65536), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT');
+});
+
+test('node: large compressed inputs (pool path) keep the codec contract', async () => {
+  const { CodecPool } = await import('./pool.node.js');
+  await new CodecPool(1).warm();
+  const noisy = randomBytes(65536, 11).map((b, i) => (i % 3 === 0 ? 0 : b));
+  const z = await nodeCodec.deflateRaw(noisy);
+  assert.ok(z.length > 4096);
+  const padded = new Uint8Array(z.length + 512).fill(0xaa);
+  padded.set(z);
+  assert.deepEqual(await nodeCodec.inflateRaw(padded, 65536), noisy);
+  const zs = await nodeCodec.zstdCompress(noisy);
+  assert.deepEqual(await nodeCodec.zstdDecompress(zs, 65536), noisy);
+});

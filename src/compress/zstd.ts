@@ -6,11 +6,21 @@ import { init, compress, decompress } from '@bokuweb/zstd-wasm';
 import { corrupt } from '../core/errors.js';
 
 let ready: Promise<void> | undefined;
-const loaded = () => (ready ??= init());
+/** Resolves once the WebAssembly module is ready; the *Loaded functions need it. */
+export const zstdReady = () => (ready ??= init());
 
-/** zstd frame header: the frame's content size, when the compressor recorded it. */
 export async function zstdDecompress(data: Uint8Array, outSize: number): Promise<Uint8Array> {
-  await loaded();
+  await zstdReady();
+  return zstdDecompressLoaded(data, outSize);
+}
+
+export async function zstdCompress(data: Uint8Array): Promise<Uint8Array> {
+  await zstdReady();
+  return zstdCompressLoaded(data);
+}
+
+/** One cluster's frame, decoded synchronously (after zstdReady()). */
+export function zstdDecompressLoaded(data: Uint8Array, outSize: number): Uint8Array {
   if (data.length < 4 || data[0] !== 0x28 || data[1] !== 0xb5 || data[2] !== 0x2f || data[3] !== 0xfd) {
     throw corrupt('compressed cluster is not a zstd frame');
   }
@@ -24,8 +34,8 @@ export async function zstdDecompress(data: Uint8Array, outSize: number): Promise
   return out.length === outSize ? out : out.subarray(0, outSize);
 }
 
-export async function zstdCompress(data: Uint8Array): Promise<Uint8Array> {
-  await loaded();
+/** QEMU's level (3), synchronously (after zstdReady()). */
+export function zstdCompressLoaded(data: Uint8Array): Uint8Array {
   return compress(data, 3);
 }
 

@@ -1,0 +1,31 @@
+/** A codec worker (see pool.node.ts): runs batches of cluster jobs and sends the results back. */
+import { parentPort } from 'node:worker_threads';
+import { runNow } from './kernels.node.js';
+import { zstdReady } from './zstd.js';
+import type { JobMessage, ResultMessage } from './pool.node.js';
+
+const port = parentPort!;
+// Batches are handled one after another (a zstd batch may first wait for the module to load).
+let chain: Promise<void> = Promise.resolve();
+
+port.on('message', (jobs: JobMessage[]) => {
+  chain = chain.then(async () => {
+    if (jobs.some((j) => j.op.startsWith('zstd'))) await zstdReady();
+    const results: ResultMessage[] = [];
+    const transfer: ArrayBuffer[] = [];
+    for (const j of jobs) {
+      try {
+        let out = runNow(j.op, j.data, j.outSize);
+        // Transfer only a buffer the result owns whole (zlib may hand back a slice of a larger one).
+        if (out.byteOffset !== 0 || out.byteLength !== out.buffer.byteLength) out = out.slice();
+        results.push({ id: j.id, data: out });
+        transfer.push(out.buffer as ArrayBuffer);
+      } catch (e) {
+        const err = e as { code?: unknown; message?: unknown };
+        results.push({ id: j.id, error: { code: typeof err.code === 'string' && err.code.startsWith('QCOW_') ? err.code : 'QCOW_CORRUPT', message: String(err.message ?? e) } });
+      }
+    }
+    port.postMessage(results, transfer);
+  });
+});
+port.postMessage('ready');
