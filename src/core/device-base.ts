@@ -5,7 +5,7 @@
  */
 import type { BlockDevice, BlockExtent, ImageDescription, WriteOptions, ZeroOptions } from './block-device.js';
 import type { ByteStore } from '../storage/types.js';
-import { QcowError } from './errors.js';
+import { QcowError, withFile } from './errors.js';
 
 const ZERO_CHUNK = 1 << 20;
 
@@ -51,14 +51,14 @@ export abstract class DeviceBase implements BlockDevice {
   async read(offset: number, into: Uint8Array): Promise<void> {
     this.checkRequest(offset, into.length);
     if (into.length === 0) return;
-    await this.doRead(offset, into);
+    await this.doRead(offset, into).catch(this.nameTheImage);
   }
 
   async write(offset: number, data: Uint8Array, options: WriteOptions = {}): Promise<void> {
     this.checkWritable();
     this.checkRequest(offset, data.length);
     if (data.length === 0) return;
-    await this.doWrite(offset, data, options);
+    await this.doWrite(offset, data, options).catch(this.nameTheImage);
     if (options.fua) await this.flush();
   }
 
@@ -66,7 +66,7 @@ export abstract class DeviceBase implements BlockDevice {
     this.checkWritable();
     this.checkRequest(offset, length);
     if (length === 0) return;
-    await this.doWriteZeroes(offset, length, options);
+    await this.doWriteZeroes(offset, length, options).catch(this.nameTheImage);
     if (options.fua) await this.flush();
   }
 
@@ -74,13 +74,13 @@ export abstract class DeviceBase implements BlockDevice {
     this.checkWritable();
     this.checkRequest(offset, length);
     if (length === 0) return;
-    await this.doDiscard(offset, length);
+    await this.doDiscard(offset, length).catch(this.nameTheImage);
   }
 
   async blockStatus(offset: number, length: number): Promise<BlockExtent[]> {
     this.checkRequest(offset, length);
     if (length === 0) return [];
-    return mergeExtents(await this.doBlockStatus(offset, length));
+    return mergeExtents(await this.doBlockStatus(offset, length).catch(this.nameTheImage));
   }
 
   async close(): Promise<void> {
@@ -104,6 +104,11 @@ export abstract class DeviceBase implements BlockDevice {
     if (n > 0) await b!.read(offset, n === into.length ? into : into.subarray(0, n));
     if (n < into.length) into.fill(0, n);
   }
+
+  /** Errors found while reading or writing name the image (a backing file's own errors keep its name). */
+  private readonly nameTheImage = (e: unknown): never => {
+    throw withFile(e, this.filename);
+  };
 
   protected checkWritable(): void {
     if (this.readOnly) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.filename });
