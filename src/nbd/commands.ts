@@ -30,6 +30,8 @@ import { isReadOnly, type NbdExport } from './export.js';
 import type { Request } from './messages.js';
 import type { RequestOrder } from './order.js';
 import * as out from './serializer.js';
+import { SIMPLE_REPLY_SIZE } from './constants.js';
+import { replyBuffers } from './reply-buffers.js';
 
 /** What a command needs to know about its connection. */
 export interface CommandContext {
@@ -134,10 +136,20 @@ async function run(ctx: CommandContext, req: Request): Promise<Uint8Array[]> {
   }
 }
 
+/**
+ * Read replies are one buffer each, header and data together (one socket write), taken from
+ * replyBuffers; the connection gives them back once the socket is done with them.
+ */
 async function simpleRead(ctx: CommandContext, req: Request): Promise<Uint8Array[]> {
-  const data = new Uint8Array(req.length);
-  await ctx.exp.device.read(req.offset, data);
-  return [out.simpleReply(req.cookie, 0), data];
+  const buf = replyBuffers.take(SIMPLE_REPLY_SIZE + req.length);
+  try {
+    await ctx.exp.device.read(req.offset, buf.subarray(SIMPLE_REPLY_SIZE));
+  } catch (e) {
+    replyBuffers.give(buf);
+    throw e;
+  }
+  out.simpleReplyInto(buf, req.cookie, 0);
+  return [buf];
 }
 
 /**
@@ -148,17 +160,21 @@ async function structuredRead(ctx: CommandContext, req: Request): Promise<Uint8A
   const dev = ctx.exp.device;
   if (req.length === 0) return [out.noneChunk(req.cookie)];
   const extents = req.flags & NBD_CMD_FLAG_DF ? [{ offset: req.offset, length: req.length, flags: 0 }] : await allocationExtents(dev, req.offset, req.length);
-  const parts: Uint8Array[] = [];
-  for (let i = 0; i < extents.length; i++) {
-    const e = extents[i]!;
+  // Data extents are read at once, each into its own reply buffer.
+  const parts = extents.map((e, i) => {
     const last = i === extents.length - 1;
-    if (e.flags & NBD_STATE_ZERO) {
-      parts.push(out.holeChunk(req.cookie, e.offset, e.length, last));
-    } else {
-      const data = new Uint8Array(e.length);
-      await dev.read(e.offset, data);
-      parts.push(out.dataChunkHeader(req.cookie, e.offset, e.length, last), data);
-    }
+    if (e.flags & NBD_STATE_ZERO) return out.holeChunk(req.cookie, e.offset, e.length, last);
+    const buf = replyBuffers.take(out.DATA_CHUNK_HEADER_SIZE + e.length);
+    out.dataChunkHeaderInto(buf, req.cookie, e.offset, last);
+    return buf;
+  });
+  const reads = await Promise.allSettled(
+    extents.map((e, i) => (e.flags & NBD_STATE_ZERO ? undefined : dev.read(e.offset, parts[i]!.subarray(out.DATA_CHUNK_HEADER_SIZE)))),
+  );
+  const failed = reads.find((r) => r.status === 'rejected');
+  if (failed) {
+    for (const p of parts) replyBuffers.give(p);
+    throw (failed as PromiseRejectedResult).reason;
   }
   return parts;
 }

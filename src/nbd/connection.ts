@@ -20,6 +20,7 @@ import { BASE_ALLOCATION_ID, baseAllocationSelected, handleOption, newNegotiatio
 import { RequestOrder } from './order.js';
 import { ClientParser, type ParserLimits } from './parser.js';
 import * as out from './serializer.js';
+import { replyBuffers } from './reply-buffers.js';
 
 export interface ConnectionOptions {
   exp: NbdExport;
@@ -177,10 +178,22 @@ export class NbdConnection {
       });
   }
 
-  /** Write a reply's buffers back to back (one reply's chunks are never split by another's). */
+  /**
+   * Write a reply's buffers back to back (one reply's chunks are never split by another's), corked
+   * so several chunks leave in one writev. Reply buffers go back to their pool once written.
+   */
   private send(parts: Uint8Array[]): void {
-    if (this.socketClosed || this.socket.destroyed || this.socket.writableEnded) return;
-    for (const p of parts) this.socket.write(p);
+    if (this.socketClosed || this.socket.destroyed || this.socket.writableEnded) {
+      for (const p of parts) replyBuffers.give(p);
+      return;
+    }
+    const corked = parts.length > 1;
+    if (corked) this.socket.cork();
+    for (const p of parts) {
+      if (replyBuffers.owns(p)) this.socket.write(p, () => replyBuffers.give(p));
+      else this.socket.write(p);
+    }
+    if (corked) this.socket.uncork();
   }
 
   /** Wait while too many reply bytes are queued for a client that is not reading them. */

@@ -91,6 +91,11 @@ export function simpleReply(cookie: Uint8Array, error: number): Uint8Array {
   return new Writer(SIMPLE_REPLY_SIZE).u32(NBD_SIMPLE_REPLY_MAGIC).u32(error).raw(cookie).bytes;
 }
 
+/** The same header written at the start of `into` (a read reply whose data follows in place). */
+export function simpleReplyInto(into: Uint8Array, cookie: Uint8Array, error: number): void {
+  new Writer(into).u32(NBD_SIMPLE_REPLY_MAGIC).u32(error).raw(cookie);
+}
+
 function chunkHeader(w: Writer, cookie: Uint8Array, flags: number, type: number, length: number): Writer {
   return w.u32(NBD_STRUCTURED_REPLY_MAGIC).u16(flags).u16(type).raw(cookie).u32(length);
 }
@@ -104,6 +109,14 @@ export function noneChunk(cookie: Uint8Array): Uint8Array {
 /** Header of an OFFSET_DATA chunk (with its offset field); the `dataLength` bytes follow it. */
 export function dataChunkHeader(cookie: Uint8Array, offset: number, dataLength: number, last: boolean): Uint8Array {
   return chunkHeader(new Writer(STRUCTURED_HEADER_SIZE + 8), cookie, done(last), NBD_REPLY_TYPE_OFFSET_DATA, 8 + dataLength).u64(offset).bytes;
+}
+
+/** Bytes before the data in an OFFSET_DATA chunk. */
+export const DATA_CHUNK_HEADER_SIZE = STRUCTURED_HEADER_SIZE + 8;
+
+/** The OFFSET_DATA header written at the start of `into`, whose data follows it in place. */
+export function dataChunkHeaderInto(into: Uint8Array, cookie: Uint8Array, offset: number, last: boolean): void {
+  chunkHeader(new Writer(into), cookie, done(last), NBD_REPLY_TYPE_OFFSET_DATA, into.length - STRUCTURED_HEADER_SIZE).u64(offset);
 }
 
 export function holeChunk(cookie: Uint8Array, offset: number, length: number, last: boolean): Uint8Array {
