@@ -138,14 +138,8 @@ test('broken-image corpus: one clean error line, bounded time and memory, nothin
   assert.ok(cases.length >= 100 && runs >= 200, `${cases.length} cases, ${runs} runs`);
 });
 
-/**
- * Known bug (owner: qcow2 engineer, src/formats/qcow2/check.ts): `qcow check` walks the tables
- * without validating the header, so an image with an unknown encryption method or unknown
- * incompatible feature bits, which nothing else opens (and qemu-img check refuses with exit 1),
- * is reported clean (exit 0). Kept as a todo until the fix lands: checkQcow2 should decode the
- * header with the same validation the device's open uses and throw its QcowError.
- */
-test('qcow check refuses images whose header the qcow2 driver refuses', { ...needs('qemu-img'), todo: 'qcow check does not validate the header yet (owner: qcow2)' }, async (t) => {
+/** `qcow check` refuses what opening refuses (qemu-img check exits 1 on these too). */
+test('qcow check refuses images whose header the qcow2 driver refuses', needs('qemu-img'), async (t) => {
   const dir = await scratch(t);
   const base = join(dir, 'base.qcow2');
   await qemuImg(['create', '-q', '-f', 'qcow2', base, '1M']);

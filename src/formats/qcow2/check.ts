@@ -11,11 +11,11 @@
  * checks again; the result reports what was fixed and what is left, with qemu-img's keys.
  * Works on the store directly, so images the device refuses to open (corrupt bit) can be checked.
  */
-import { QcowError } from '../../core/errors.js';
+import { QcowError, corrupt, unsupported } from '../../core/errors.js';
 import { u64big } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
 import { HEADER_PROBE_BYTES, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
-import { INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, hasFeature } from './features.js';
+import { INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeature } from './features.js';
 import { qcow2Geometry, type Qcow2Geometry } from './layout.js';
 import { readL2Entry, type L2Context } from './l2-entry.js';
 import { encodeSnapshotTable, readSnapshotTable } from './snapshot-table.js';
@@ -76,7 +76,13 @@ async function readHeader(store: ByteStore): Promise<{ h: Qcow2Header; fileSize:
   const bits = peekClusterBits(head);
   const firstCluster = new Uint8Array(Math.min(2 ** bits, fileSize));
   await store.read(0, firstCluster);
-  return { h: decodeHeader(firstCluster), fileSize };
+  const h = decodeHeader(firstCluster);
+  // Refuse what opening refuses, as qemu-img check does: a check cannot judge an image whose
+  // features it does not understand.
+  checkIncompatibleFeatures(h);
+  if (h.cryptMethod > 2) throw unsupported(`qcow2 header: unknown encryption method ${h.cryptMethod}`);
+  if (h.version === 2 && h.refcountOrder !== 4) throw corrupt('qcow2 v2 header: refcount_order must be 4');
+  return { h, fileSize };
 }
 
 async function scan(store: ByteStore): Promise<Walk & { rc: Refcounts | null }> {
