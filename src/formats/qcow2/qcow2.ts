@@ -30,6 +30,11 @@ import { detectMetadataPreallocation, holeRuns } from './prealloc.js';
 /** Default L2 cache budget: 32 MiB of tables maps 128 GiB with 64 KiB clusters. */
 export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
 
+/** Compressed clusters further apart than this in the file are read separately. */
+const COMPRESSED_GAP_MAX = 4096;
+/** Largest host span read at once for a group of compressed clusters. */
+const COMPRESSED_GROUP_MAX = 4 * 1024 * 1024;
+
 /** A guest range whose every byte has the same kind in this layer. */
 export interface GuestRun {
   offset: number;
@@ -274,8 +279,80 @@ export class Qcow2Device extends DeviceBase {
 
   protected async doRead(offset: number, into: Uint8Array): Promise<void> {
     const runs = await this.mapRuns(offset, into.length);
+    const view = (r: GuestRun) => into.subarray(r.offset - offset, r.offset - offset + r.length);
     // Runs are independent; issue them together so the store can overlap them.
-    await Promise.all(runs.map((r) => this.readRun(r, into.subarray(r.offset - offset, r.offset - offset + r.length))));
+    const jobs: Promise<void>[] = [];
+    for (let i = 0; i < runs.length; ) {
+      const group = this.compressedGroup(runs, i);
+      if (group > 1) {
+        jobs.push(this.readCompressedGroup(runs.slice(i, i + group), view));
+        i += group;
+      } else {
+        jobs.push(this.readRun(runs[i]!, view(runs[i]!)));
+        i++;
+      }
+    }
+    await Promise.all(jobs);
+  }
+
+  /** Host bytes to read for a compressed cluster: its bound, clipped to the file. */
+  private compressedSpan(d: ClusterDescriptor): number {
+    return Math.min(d.compressedBound, this.fileSize - d.hostOffset);
+  }
+
+  /**
+   * How many runs from `i` on are compressed clusters lying one after another in the file (as
+   * a compressing writer leaves them): those are read with one store read instead of one each,
+   * a few hundred bytes apiece for well-compressed data.
+   */
+  private compressedGroup(runs: GuestRun[], i: number): number {
+    const first = runs[i]!;
+    if (first.kind !== 'compressed') return 1;
+    const start = first.descriptor!.hostOffset;
+    let end = start + this.compressedSpan(first.descriptor!);
+    let n = 1;
+    for (let j = i + 1; j < runs.length; j++, n++) {
+      const d = runs[j]!.descriptor;
+      if (runs[j]!.kind !== 'compressed' || !d) break;
+      // Next in the file (streams share sectors, so it may start inside the previous bound).
+      if (d.hostOffset < start || d.hostOffset > end + COMPRESSED_GAP_MAX) break;
+      const e = d.hostOffset + this.compressedSpan(d);
+      if (e - start > COMPRESSED_GROUP_MAX) break;
+      end = Math.max(end, e);
+    }
+    return n;
+  }
+
+  /** Compressed runs from compressedGroup(): one read of their host span, then each decompressed. */
+  private async readCompressedGroup(runs: GuestRun[], view: (r: GuestRun) => Uint8Array): Promise<void> {
+    let start = Infinity;
+    let end = 0;
+    for (const r of runs) {
+      const d = r.descriptor!;
+      const n = this.compressedSpan(d);
+      if (n <= 0) throw corrupt(`compressed cluster at 0x${d.hostOffset.toString(16)} lies beyond the end of the file`);
+      start = Math.min(start, d.hostOffset);
+      end = Math.max(end, d.hostOffset + n);
+    }
+    const raw = new Uint8Array(end - start);
+    await this.store.read(start, raw);
+    const kind = this.header.compressionType === COMPRESSION_ZSTD ? 'zstd' : 'zlib';
+    await Promise.all(
+      runs.map(async (r) => {
+        const d = r.descriptor!;
+        const hit = this.lastCompressed;
+        let data: Uint8Array;
+        if (hit && hit.hostOffset === d.hostOffset) data = hit.data;
+        else {
+          const from = d.hostOffset - start;
+          data = await decompressCluster(raw.subarray(from, from + this.compressedSpan(d)), this.clusterSize, kind, d.hostOffset);
+          this.lastCompressed = { hostOffset: d.hostOffset, data };
+        }
+        const into = view(r);
+        const at = r.offset - r.clusterStart!;
+        into.set(data.subarray(at, at + into.length));
+      }),
+    );
   }
 
   /** Fill `into` (exactly run.length bytes) with the run's guest content. */
