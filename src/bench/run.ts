@@ -229,24 +229,64 @@ async function main(): Promise<void> {
     );
   }
   if (want('7-nbd')) {
-    try {
-      // Loaded by path at run time: the NBD benchmark is optional.
-      const nbdModule = '../nbd/bench.js';
-      const nbd = (await import(nbdModule).catch(() => undefined)) as { runNbdBench?: (image: string, reps: number) => Promise<unknown> } | undefined;
-      if (nbd?.runNbdBench) {
-        const r = await nbd.runNbdBench(p('bench.qcow2'), args.reps);
-        console.log(`7-nbd                          ${JSON.stringify(r)}`);
-        (results as unknown[]).push({ name: '7-nbd', result: r });
-      } else console.log('7-nbd                          not available (src/nbd/bench.ts missing)');
-    } catch (e) {
-      console.log(`7-nbd                          FAILED: ${(e as Error).message.split('\n')[0]}`);
+    // Served by `qcow serve` and qemu-nbd on copies of the same image, read and written whole with
+    // nbdcopy (src/nbd/bench.ts keeps the best of `reps` runs of each).
+    const { benchNbd } = await import('../nbd/bench.js');
+    for (const format of ['qcow2', 'raw']) {
+      try {
+        const r = await benchNbd({ format, sizeMiB: Math.max(16, Math.round(256 * args.scale)), runs: args.reps });
+        for (const [kind, c] of [['read', r.read], ['write', r.write]] as const) {
+          if (!c) continue;
+          const res: Result = {
+            name: `7-nbd-${format}-${kind}`,
+            description: `nbdcopy ${kind === 'read' ? 'reads the whole export' : 'writes a whole raw file into the export'} (${format}, ${(r.sizeBytes / MiB).toFixed(0)} MiB, best of ${args.reps})`,
+            bytes: r.sizeBytes,
+            ours: { median: c.ours.seconds, rssMiB: 0, runs: [c.ours.seconds] },
+            theirs: { median: c.qemu.seconds, rssMiB: 0, runs: [c.qemu.seconds] },
+            ratio: c.ours.seconds / c.qemu.seconds,
+          };
+          results.push(res);
+          console.log(`${res.name.padEnd(30)} ours ${c.ours.seconds.toFixed(3)}s (${c.ours.mibPerSec.toFixed(0)} MiB/s)  qemu-nbd ${c.qemu.seconds.toFixed(3)}s (${c.qemu.mibPerSec.toFixed(0)} MiB/s)  ratio ${res.ratio.toFixed(2)}`);
+        }
+      } catch (e) {
+        console.log(`${`7-nbd-${format}`.padEnd(30)} FAILED: ${(e as Error).message.split('\n')[0]}`);
+      }
     }
   }
+  printSummary(results);
   await mkdir('bench-results', { recursive: true });
   await writeFile('bench-results/latest.json', JSON.stringify({ date: new Date().toISOString(), reps: args.reps, scale: args.scale, results }, null, 2) + '\n');
   console.log('results written to bench-results/latest.json');
   if (!args.keep) {
     for (const f of ['empty-a.qcow2', 'empty-b.qcow2']) await rm(p(f), { force: true });
+  }
+}
+
+/** The issue's targets, each ratio ours/qemu (lower is better); RSS in MiB. */
+function target(name: string): number | undefined {
+  if (/^[1246]-/.test(name) || name.startsWith('3-')) return 1.0;
+  if (/^5-bench-.*-d32$/.test(name)) return 1.1;
+  if (/^5-bench-.*-d1$/.test(name)) return 1.3;
+  return undefined;
+}
+
+/** One line per result with its target, and the lines the issue asks for besides the ratios. */
+function printSummary(results: Result[]): void {
+  if (results.length === 0) return;
+  console.log('\n# summary (ratio = ours / qemu time, lower is better)');
+  for (const r of results) {
+    const t = target(r.name);
+    const rssLimit = r.name.startsWith('4-') ? 200 : 300;
+    const rss = r.ours.rssMiB > 0 ? `  RSS ${r.ours.rssMiB.toFixed(0)} MiB ${r.ours.rssMiB < rssLimit ? 'ok' : `OVER ${rssLimit}`}` : '';
+    console.log(`${r.name.padEnd(30)} ${r.ratio.toFixed(2).padStart(6)}${t === undefined ? '' : `  target <= ${t.toFixed(1)} ${r.ratio <= t ? 'met' : 'MISSED'}`}${rss}`);
+  }
+  const raw = results.find((r) => r.name === '0-raw-copy');
+  const w1 = results.find((r) => r.name === '1-qcow2-to-raw');
+  if (raw && w1) {
+    // Both halves of workload 0 are cp: the machine's own limit is their median.
+    const limit = median([...raw.ours.runs, ...raw.theirs.runs]);
+    const x = w1.ours.median / limit;
+    console.log(`${'workload 1 vs raw copy'.padEnd(30)} ${x.toFixed(2).padStart(6)}  target <= 1.5 ${x <= 1.5 ? 'met' : 'MISSED'}  (ours ${w1.ours.median.toFixed(3)}s, cp ${limit.toFixed(3)}s)`);
   }
 }
 
