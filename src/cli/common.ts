@@ -115,19 +115,61 @@ export function checkOutputFormat(output: string | undefined): 'json' | 'human' 
   return o;
 }
 
-/** A progress bar on stderr, drawn only on a terminal unless forced. */
-export function progressBar(enabled: boolean): ((done: number, total: number) => void) & { finish(): void } {
+/**
+ * Progress for -p, on stderr in qemu-img's form ("    (12.34/100%)" redrawn with a carriage
+ * return). It is drawn when asked for (-p) and stderr is a terminal; when stderr is a file or a
+ * pipe it stays hidden unless QCOW_PROGRESS=always asks for it there too. Redrawn only when the
+ * value moves by 0.01% and at most every 50 ms, so huge copies do not flood the terminal.
+ */
+export function progressBar(
+  asked: boolean,
+  out: { isTTY?: boolean; write(s: string): unknown } = process.stderr,
+): ((done: number, total: number) => void) & { finish(): void; clear(): void } {
+  const enabled = asked && (!!out.isTTY || process.env.QCOW_PROGRESS === 'always');
   let last = -1;
+  let lastAt = 0;
+  let drawn = false;
   const draw = (done: number, total: number) => {
     if (!enabled) return;
     const pct = total > 0 ? Math.floor((done / total) * 10000) / 100 : 100;
-    if (pct === last) return;
+    const t = Date.now();
+    if (pct === last || (t - lastAt < 50 && pct < 100)) return;
     last = pct;
-    process.stderr.write(`    (${pct.toFixed(2)}/100%)\r`);
+    lastAt = t;
+    drawn = true;
+    out.write(`    (${pct.toFixed(2)}/100%)\r`);
   };
   return Object.assign(draw, {
+    /** The operation completed: show 100% and end the line. */
     finish() {
-      if (enabled) process.stderr.write(`    (100.00/100%)\n`);
+      if (enabled) out.write(`    (100.00/100%)\n`);
+    },
+    /** The operation stopped early: end the line so the error message starts on its own. */
+    clear() {
+      if (enabled && drawn) out.write('\n');
     },
   });
+}
+
+/**
+ * An AbortSignal that fires on Ctrl-C (SIGINT) or SIGTERM while a long operation runs, so it can
+ * stop between steps and the command can still close (and so flush) its images. A second Ctrl-C
+ * is left to Node's default: exit at once.
+ */
+export function interruptSignal(): { signal: AbortSignal; dispose(): void } {
+  const ac = new AbortController();
+  const onSignal = (name: NodeJS.Signals) => {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    ac.abort(new Error(`interrupted (${name})`));
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  return {
+    signal: ac.signal,
+    dispose() {
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    },
+  };
 }

@@ -6,7 +6,7 @@
  */
 import type { BlockDevice } from '../core/block-device.js';
 import { throwIfAborted } from '../core/errors.js';
-import { ChainStatus } from './chain-status.js';
+import { ChainStatus, type ChainExtent } from './chain-status.js';
 
 export interface CompareOptions {
   /** Fail on a size difference or an allocation difference (qemu-img -s). */
@@ -32,12 +32,20 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, options: Com
   const bufB = new Uint8Array(CHUNK);
   for (let off = 0; off < common; ) {
     throwIfAborted(options.signal);
-    const ea = await sa.at(off, Math.min(CHUNK, common - off));
-    const eb = await sb.at(off, ea.length);
-    const len = Math.min(ea.length, eb.length);
+    // Ask for whole runs (zero runs are then skipped in one step); reads are cut to CHUNK below.
+    const ea = await sa.at(off, common - off);
+    // Strict mode compares the two runs whole (the sizes are equal then), otherwise b's run only
+    // matters as far as a's goes.
+    const eb = await sb.at(off, options.strict ? common - off : ea.length);
     const zeroA = !ea.present || ea.zero;
     const zeroB = !eb.present || eb.zero;
-    if (options.strict && ea.present !== eb.present) return { identical: false, sizeMismatch, offset: off, reason: 'allocation' };
+    // Strict mode, as qemu-img: the block status itself must agree (allocated, zero, data,
+    // whether a host offset is known, and even whether the run reaches the end of the image), not
+    // only the bytes.
+    if (options.strict && (!sameStatus(ea, eb) || (ea.start + ea.length === common) !== (eb.start + eb.length === common))) {
+      return { identical: false, sizeMismatch, offset: off, reason: 'allocation' };
+    }
+    const len = zeroA && zeroB ? Math.min(ea.length, eb.length) : Math.min(ea.length, eb.length, CHUNK);
     if (!(zeroA && zeroB)) {
       const da = bufA.subarray(0, len);
       const db = bufB.subarray(0, len);
@@ -76,6 +84,9 @@ export async function firstNonZero(dev: BlockDevice, start: number, end: number,
 }
 
 const sectorOf = (byte: number) => byte - (byte % 512);
+
+const sameStatus = (a: ChainExtent, b: ChainExtent): boolean =>
+  a.present === b.present && a.zero === b.zero && a.data === b.data && (a.offset === undefined) === (b.offset === undefined);
 
 function firstDifference(a: Uint8Array, b: Uint8Array): number {
   // Compare 8 bytes at a time while equal, then find the byte.

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { convert } from './convert.js';
 import { compareImages } from './compare.js';
 import { QcowError } from '../core/errors.js';
-import { dataBytes, fill, memQcow2, memRaw, readAll } from './test-devices.test-helpers.js';
+import { dataBytes, fill, memQcow2, memRaw, readAll } from './devices.test-helpers.js';
 import { randomBytes } from '../test-support/qemu.js';
 
 const MiB = 1024 * 1024;

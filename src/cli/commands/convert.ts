@@ -1,9 +1,10 @@
+import { unlink } from 'node:fs/promises';
 import type { BlockDevice } from '../../core/block-device.js';
 import { QcowError } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
 import { createImage, openImage } from '../../node.js';
 import { convert } from '../../ops/convert.js';
-import { openForCli, parseOptionList, progressBar, readPasswordFile } from '../common.js';
+import { interruptSignal, openForCli, parseOptionList, progressBar, readPasswordFile } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -18,6 +19,7 @@ interface Flags {
   progress?: boolean;
   quiet?: boolean;
   parallel: string;
+  W?: boolean;
   passwordFile?: string;
   targetPasswordFile?: string;
 }
@@ -29,55 +31,72 @@ function snapshotName(text: string | undefined): string | undefined {
   return m ? m[2] : text;
 }
 
+/** qemu-img's -S: a multiple of 512 up to 16 MiB; 0 turns sparse detection off. */
+function sparseSize(text: string): number {
+  const v = parseSize(text, 'buffer size for sparse output');
+  if (v % 512 !== 0 || v > 16 * 1024 * 1024) {
+    throw new QcowError(
+      'QCOW_INVALID_ARGUMENT',
+      'Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).',
+    );
+  }
+  return v;
+}
+
 export async function run(files: string[], flags: Flags): Promise<void> {
   if (files.length < 2) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Expecting one or more source images and a target (convert SRC... DST)');
   const target = files[files.length - 1]!;
   const sourceNames = files.slice(0, -1);
   const parallel = Number(flags.parallel);
-  if (!Number.isInteger(parallel) || parallel < 1 || parallel > 64) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Invalid number of in-flight chunks (-m 1..64)');
-  const sparseSize = parseSize(flags.sparseSize, 'sparse size');
+  if (!Number.isInteger(parallel) || parallel < 1 || parallel > 16) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Invalid number of coroutines. Allowed number of coroutines is between 1 and 16');
+  const sparse = sparseSize(flags.sparseSize);
   if (flags.backing && !flags.create) throw new QcowError('QCOW_INVALID_ARGUMENT', '-B cannot be used with -n');
   const snapshot = snapshotName(flags.snapshot);
   if (snapshot !== undefined && sourceNames.length > 1) throw new QcowError('QCOW_INVALID_ARGUMENT', 'No support for concatenating multiple snapshot');
+  const options = parseOptionList(flags.options);
+  const backingFile = flags.backing ?? options.backing_file;
+  const backingFormat = flags.backingFormat ?? options.backing_fmt;
+  delete options.backing_file;
+  delete options.backing_fmt;
+  if (backingFile && !backingFormat) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use of backing file requires explicit backing format');
 
   const sources: BlockDevice[] = [];
   let dst: BlockDevice | undefined;
-  const abort = new AbortController();
-  const onSignal = () => abort.abort(new Error('interrupted'));
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
+  let created = false;
+  const interrupt = interruptSignal();
+  const bar = progressBar(!!flags.progress && !flags.quiet);
   try {
     for (const name of sourceNames) sources.push(await openForCli(name, flags, { readOnly: true, snapshot }));
     const total = sources.reduce((n, s) => n + s.size, 0);
-    const options = parseOptionList(flags.options);
     const targetPassword = await readPasswordFile(flags.targetPasswordFile ?? flags.passwordFile);
     if (flags.create) {
-      const backingFormat = flags.backingFormat ?? options.backing_fmt;
-      if (flags.backing && !backingFormat) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Backing file specified without backing format (use -F FMT)');
-      await createImage(target, {
-        format: flags.outputFormat,
-        size: total,
-        backingFile: flags.backing,
-        backingFormat,
-        options,
-        password: targetPassword,
-      });
+      await createImage(target, { format: flags.outputFormat, size: total, backingFile, backingFormat, options, password: targetPassword });
+      created = true;
     }
-    dst = await openImage(target, { format: flags.create ? flags.outputFormat : flags.outputFormat, password: targetPassword });
-    const bar = progressBar(!!flags.progress && !flags.quiet);
+    dst = await openImage(target, { format: flags.outputFormat, password: targetPassword });
+    if (flags.compress && !dst.writeCompressed) throw new QcowError('QCOW_UNSUPPORTED', 'Compression not supported for this file format');
     await convert(sources, dst, {
       compress: flags.compress,
-      sparseSize,
-      targetIsZero: flags.create,
+      sparseSize: sparse,
+      targetIsZero: flags.create && !backingFile,
       parallel,
-      signal: abort.signal,
+      outOfOrder: !!flags.W,
+      signal: interrupt.signal,
       onProgress: bar,
     });
     await dst.flush();
     bar.finish();
+  } catch (e) {
+    bar.clear();
+    // A target we made for a conversion that could not even start is removed, as qemu-img never creates it.
+    if (created && dst && !dst.writeCompressed && flags.compress) {
+      await dst.close();
+      dst = undefined;
+      await unlink(target).catch(() => undefined);
+    }
+    throw e;
   } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
+    interrupt.dispose();
     // Closing writes back cached metadata, so an interrupted target is still a consistent image.
     await dst?.close();
     for (const s of sources) await s.close();

@@ -1,0 +1,55 @@
+import { resolve } from 'node:path';
+import { QcowError } from '../../core/errors.js';
+import { chainOf } from '../../chain/open.js';
+import { commit } from '../../ops/commit.js';
+import { interruptSignal, openForCli, progressBar } from '../common.js';
+
+interface Flags {
+  format?: string;
+  passwordFile?: string;
+  base?: string;
+  drop?: boolean;
+  progress?: boolean;
+  quiet?: boolean;
+}
+
+/**
+ * `qcow commit [-b BASE] [-d] [-p] FILE`. The chain is opened once read-only to find the base
+ * (by the name an image records for it, or by path), then again with the top image and the base
+ * writable. As qemu-img, -b implies -d: the images between would no longer make sense.
+ */
+export async function run(file: string, flags: Flags): Promise<void> {
+  const depth = await baseDepth(file, flags);
+  const interrupt = interruptSignal();
+  const bar = progressBar(!!flags.progress && !flags.quiet);
+  const drop = !!flags.drop || flags.base !== undefined;
+  const top = await openForCli(file, flags, { readOnly: drop, writableBacking: (_name, d) => d === depth });
+  try {
+    const base = chainOf(top)[depth]!;
+    await commit(top, { base, drop, signal: interrupt.signal, onProgress: bar });
+    bar.finish();
+  } catch (e) {
+    bar.clear();
+    throw e;
+  } finally {
+    interrupt.dispose();
+    await top.close();
+  }
+  if (!flags.quiet) process.stdout.write('Image committed.\n');
+}
+
+async function baseDepth(file: string, flags: Flags): Promise<number> {
+  const top = await openForCli(file, flags, { readOnly: true });
+  try {
+    const chain = chainOf(top);
+    if (chain.length < 2) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Image does not have a backing file', { file });
+    if (flags.base === undefined) return 1;
+    for (let d = 1; d < chain.length; d++) {
+      const named = (await chain[d - 1]!.describe()).backingFilename;
+      if (named === flags.base || resolve(chain[d]!.filename) === resolve(flags.base)) return d;
+    }
+    throw new QcowError('QCOW_INVALID_ARGUMENT', `Did not find '${flags.base}' in the backing chain of '${file}'`);
+  } finally {
+    await top.close();
+  }
+}

@@ -1,0 +1,42 @@
+import type { BlockDevice } from '../../core/block-device.js';
+import { QcowError } from '../../core/errors.js';
+import { parseSize } from '../../core/size.js';
+import { builtinFormats } from '../../formats/index.js';
+import { measure, type MeasureResult } from '../../ops/measure.js';
+import { checkOutputFormat, openForCli, parseOptionList, printJson } from '../common.js';
+
+interface Flags {
+  format?: string;
+  outputFormat?: string;
+  options?: string[];
+  size?: string;
+  snapshot?: string;
+  output?: string;
+  passwordFile?: string;
+}
+
+/** `qcow measure [-O FMT] [-o ...] (--size SIZE | [-f FMT] [-l SNAPSHOT] SRC)`, qemu-img's output. */
+export async function run(file: string | undefined, flags: Flags): Promise<void> {
+  const output = checkOutputFormat(flags.output);
+  if (flags.size !== undefined && file !== undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', '--size N cannot be used together with a filename.');
+  if (flags.size === undefined && file === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Either --size N or one filename must be specified.');
+  const size = flags.size === undefined ? undefined : parseSize(flags.size, 'image size');
+  const formats = builtinFormats();
+  const target = formats.get(flags.outputFormat ?? 'raw');
+  const options = parseOptionList(flags.options);
+  // --size wins over -o size, as in qemu-img.
+  if (size !== undefined) delete options.size;
+  let src: BlockDevice | undefined;
+  let r: MeasureResult;
+  try {
+    if (file !== undefined) src = await openForCli(file, flags, { readOnly: true, snapshot: flags.snapshot });
+    r = await measure({ format: target.name, options, knownOptions: target.createOptions, size, source: src });
+  } finally {
+    await src?.close();
+  }
+  if (output === 'json') printJson(r);
+  else {
+    process.stdout.write(`required size: ${r.required}\nfully allocated size: ${r['fully-allocated']}\n`);
+    if (r.bitmaps !== undefined) process.stdout.write(`bitmaps size: ${r.bitmaps}\n`);
+  }
+}

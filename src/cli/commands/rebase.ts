@@ -1,0 +1,51 @@
+import type { BlockDevice } from '../../core/block-device.js';
+import { QcowError } from '../../core/errors.js';
+import { defaultOpener, openImage } from '../../node.js';
+import { rebase } from '../../ops/rebase.js';
+import { interruptSignal, openForCli, progressBar, readPasswordFile } from '../common.js';
+
+interface Flags {
+  format?: string;
+  passwordFile?: string;
+  backing?: string;
+  backingFormat?: string;
+  unsafe?: boolean;
+  progress?: boolean;
+  quiet?: boolean;
+}
+
+/**
+ * `qcow rebase [-u] -b NEW [-F FMT] FILE`. The new backing name is resolved against the image's
+ * folder, as it will be when the image is opened later; `-b ""` removes the backing file.
+ * Safe mode opens the image with its old chain and the new chain read-only and copies what
+ * differs; -u opens neither chain and only rewrites the header.
+ */
+export async function run(file: string, flags: Flags): Promise<void> {
+  if (flags.backing === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Expecting a backing file name (-b NEW, or -b "" to remove it)');
+  const name = flags.backing === '' ? null : flags.backing;
+  let format = name === null ? null : (flags.backingFormat ?? null);
+  const password = await readPasswordFile(flags.passwordFile);
+  let newBacking: BlockDevice | null = null;
+  const interrupt = interruptSignal();
+  const bar = progressBar(!!flags.progress && !flags.quiet);
+  const image = await openForCli(file, flags, { noBacking: !!flags.unsafe });
+  try {
+    if (name !== null && !flags.unsafe) {
+      const path = defaultOpener.resolve(name, file);
+      newBacking = await openImage(path, { format: format ?? undefined, readOnly: true, password }).catch((e: unknown) => {
+        throw new QcowError('QCOW_NOT_FOUND', `Could not open new backing file '${path}': ${(e as Error).message}`, { file, cause: e });
+      });
+      // Without -F, record the format the new backing file was found to be (never left to probing later).
+      format ??= newBacking.format;
+    }
+    await rebase(image, { newBacking, backingName: name, backingFormat: format, unsafe: flags.unsafe, signal: interrupt.signal, onProgress: bar });
+    bar.finish();
+  } catch (e) {
+    bar.clear();
+    throw e;
+  } finally {
+    interrupt.dispose();
+    await newBacking?.close();
+    await image.close();
+  }
+}

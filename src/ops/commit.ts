@@ -1,0 +1,89 @@
+/**
+ * `qemu-img commit`: write what an overlay (and any images between it and the base) holds into a
+ * base image of its backing chain, then empty the overlay so it reads through to the base again.
+ *
+ * qemu-img's rules, kept here:
+ * - The base defaults to the overlay's backing file; with another base further down, the images in
+ *   between no longer describe anything sensible afterwards, so the overlay is kept as it is (its
+ *   content is still right) rather than emptied: committing deeper implies `drop`.
+ * - A base smaller than the overlay grows to the overlay's size (never shrinks).
+ * - Ranges a layer above the base marks as zero become zeros in the base; ranges nothing above
+ *   the base allocates are left alone (never read).
+ * - Emptying is the format's own operation (`makeEmpty`): a qcow2 overlay has its clusters
+ *   deallocated, a qcow v1 overlay its tables cleared and file cut back, as QEMU does.
+ */
+import type { BlockDevice } from '../core/block-device.js';
+import { QcowError, throwIfAborted } from '../core/errors.js';
+import { chainOf } from '../chain/open.js';
+import { ChainStatus } from './chain-status.js';
+import { forEachPiece, type Range } from './copy-pool.js';
+
+export interface CommitOptions {
+  /** The image of the chain to write into (one of `chainOf(top)` below the top). Default: top.backing. */
+  base?: BlockDevice;
+  /** Leave the overlay as it is instead of emptying it (qemu-img -d). */
+  drop?: boolean;
+  chunkSize?: number;
+  parallel?: number;
+  signal?: AbortSignal;
+  onProgress?: (done: number, total: number) => void;
+}
+
+export async function commit(top: BlockDevice, options: CommitOptions = {}): Promise<void> {
+  const chain = chainOf(top);
+  const base = options.base ?? top.backing;
+  if (!base) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Image does not have a backing file', { file: top.filename });
+  const baseDepth = chain.indexOf(base);
+  if (baseDepth <= 0) throw new QcowError('QCOW_INVALID_ARGUMENT', `'${base.filename}' is not in the backing chain of '${top.filename}'`);
+  const drop = !!options.drop || baseDepth > 1;
+  if (base.readOnly) throw new QcowError('QCOW_READ_ONLY', 'the base image is opened read-only', { file: base.filename });
+  if (!drop) {
+    if (!top.makeEmpty) throw new QcowError('QCOW_UNSUPPORTED', `the ${top.format} format cannot empty an image after commit (use -d)`, { file: top.filename });
+    if (top.readOnly) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: top.filename });
+  }
+  if (base.size < top.size) {
+    if (!base.resize) throw new QcowError('QCOW_UNSUPPORTED', `the ${base.format} format cannot grow the base image to the overlay's size`, { file: base.filename });
+    await base.resize(top.size);
+  }
+
+  const total = top.size;
+  let done = 0;
+  const progress = (n: number) => {
+    done += n;
+    options.onProgress?.(done, total);
+  };
+  const status = new ChainStatus(top);
+  // Walk the chain's allocation once: zero ranges are written at once (no buffer), data ranges
+  // handed to the pool.
+  async function* dataRanges(): AsyncGenerator<Range> {
+    for (let off = 0; off < total; ) {
+      throwIfAborted(options.signal);
+      const e = await status.at(off, total - off);
+      const above = e.present && e.depth < baseDepth;
+      if (above && e.zero) {
+        await base!.writeZeroes(off, e.length);
+        progress(e.length);
+      } else if (above) yield { offset: off, length: e.length };
+      else progress(e.length);
+      off += e.length;
+    }
+  }
+  await forEachPiece(
+    dataRanges(),
+    options.chunkSize ?? 2 * 1024 * 1024,
+    options.parallel ?? 4,
+    async (piece, buffer) => {
+      const buf = buffer.subarray(0, piece.length);
+      await top.read(piece.offset, buf);
+      throwIfAborted(options.signal);
+      await base.write(piece.offset, buf);
+      progress(piece.length);
+    },
+    options.signal,
+  );
+  await base.flush();
+  if (!drop) {
+    await top.makeEmpty!();
+    await top.flush();
+  }
+}

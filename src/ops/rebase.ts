@@ -1,0 +1,123 @@
+/**
+ * `qemu-img rebase`: make an image name another backing file (or none) without changing what the
+ * guest reads (safe mode), or only rewrite the name (unsafe, -u).
+ *
+ * Safe mode compares, everywhere the image itself does not decide the content, what the old
+ * backing chain reads with what the new one reads, and writes the old bytes into the image where
+ * they differ, in runs of whole 512-byte sectors as qemu-img does. Ranges both chains read as
+ * zeros are never read; when the new backing file is itself part of the old chain, ranges that
+ * nothing above it allocates are the same in both and skipped too. Only then is the header
+ * rewritten, so an interrupted rebase leaves the image naming its old backing file, with content
+ * unchanged.
+ */
+import type { BlockDevice } from '../core/block-device.js';
+import { QcowError, throwIfAborted } from '../core/errors.js';
+import { chainOf } from '../chain/open.js';
+import { ChainStatus } from './chain-status.js';
+import { forEachPiece, type Range } from './copy-pool.js';
+import { allZero, sameBytes } from './zero-scan.js';
+
+export interface RebaseOptions {
+  /** The new backing chain, opened read-only (null: none, the image becomes self-contained). Unused with `unsafe`. */
+  newBacking: BlockDevice | null;
+  /** What the header will say: the name as the user wrote it (relative to the image), and its format. */
+  backingName: string | null;
+  backingFormat: string | null;
+  /** Only rewrite the header (qemu-img -u). */
+  unsafe?: boolean;
+  chunkSize?: number;
+  parallel?: number;
+  signal?: AbortSignal;
+  onProgress?: (done: number, total: number) => void;
+}
+
+const SECTOR = 512;
+
+export async function rebase(image: BlockDevice, options: RebaseOptions): Promise<void> {
+  if (!image.setBacking) throw new QcowError('QCOW_UNSUPPORTED', `the ${image.format} format cannot change its backing file`, { file: image.filename });
+  if (image.readOnly) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: image.filename });
+  if (!options.unsafe) await copyDifferences(image, options);
+  await image.setBacking(options.backingName, options.backingFormat);
+  await image.flush();
+  options.onProgress?.(image.size, image.size);
+}
+
+async function copyDifferences(image: BlockDevice, options: RebaseOptions): Promise<void> {
+  const oldChain = image.backing;
+  const newChain = options.newBacking;
+  const total = image.size;
+  let done = 0;
+  const progress = (n: number) => {
+    done += n;
+    options.onProgress?.(done, total);
+  };
+  // Where the new backing file sits in the old chain, if it does: below that depth both agree.
+  const shared = oldChain && newChain ? chainOf(oldChain).findIndex((d) => d.filename === newChain.filename) : -1;
+
+  const topStatus = new ChainStatus(image);
+  const oldStatus = oldChain ? new ChainStatus(oldChain) : undefined;
+  const newStatus = newChain ? new ChainStatus(newChain) : undefined;
+  /** Does a chain read zeros over [off, +len) for sure? Returns the length that answer holds for. */
+  const zeroRun = async (status: ChainStatus | undefined, dev: BlockDevice | null, off: number, len: number) => {
+    if (!status || !dev || off >= dev.size) return { zero: true, length: len, depth: -1 };
+    const e = await status.at(off, Math.min(len, dev.size - off));
+    return { zero: !e.present || e.zero, length: e.length, depth: e.present ? e.depth : -1 };
+  };
+
+  async function* candidates(): AsyncGenerator<Range> {
+    for (let off = 0; off < total; ) {
+      throwIfAborted(options.signal);
+      const t = await topStatus.at(off, total - off);
+      if (t.present && t.depth === 0) {
+        // The image decides these bytes itself: nothing to carry over.
+        progress(t.length);
+        off += t.length;
+        continue;
+      }
+      const o = await zeroRun(oldStatus, oldChain, off, t.length);
+      const n = await zeroRun(newStatus, newChain, off, o.length);
+      const len = n.length;
+      // Same content when both read zeros, or when the old chain's deciding layer is the new
+      // backing file or one below it (the new chain is that tail of the old one).
+      const same = (o.zero && n.zero) || (shared >= 0 && o.depth >= shared);
+      if (same) progress(len);
+      else yield { offset: off, length: len };
+      off += len;
+    }
+  }
+
+  const chunk = options.chunkSize ?? 2 * 1024 * 1024;
+  await forEachPiece(
+    candidates(),
+    chunk,
+    options.parallel ?? 4,
+    async (piece, buffer) => {
+      const oldBuf = buffer.subarray(0, piece.length);
+      const newBuf = buffer.subarray(chunk, chunk + piece.length);
+      await Promise.all([readChain(oldChain, piece.offset, oldBuf), readChain(newChain, piece.offset, newBuf)]);
+      throwIfAborted(options.signal);
+      // Write back the old bytes in runs of differing sectors.
+      let runStart = -1;
+      for (let s = 0; s <= piece.length; s += SECTOR) {
+        const differs = s < piece.length && !sameBytes(oldBuf.subarray(s, s + SECTOR), newBuf.subarray(s, s + SECTOR));
+        if (differs && runStart < 0) runStart = s;
+        else if (!differs && runStart >= 0) {
+          const run = oldBuf.subarray(runStart, Math.min(s, piece.length));
+          if (allZero(run)) await image.writeZeroes(piece.offset + runStart, run.length);
+          else await image.write(piece.offset + runStart, run);
+          runStart = -1;
+        }
+      }
+      progress(piece.length);
+    },
+    options.signal,
+    2 * chunk,
+  );
+}
+
+/** Guest bytes of a chain, zeros past its end or without one. */
+async function readChain(dev: BlockDevice | null, offset: number, into: Uint8Array): Promise<void> {
+  const n = dev ? Math.max(0, Math.min(into.length, dev.size - offset)) : 0;
+  if (n > 0) await dev!.read(offset, into.subarray(0, n));
+  into.fill(0, n);
+}
