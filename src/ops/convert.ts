@@ -110,7 +110,11 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
       let e = first;
       for (let off = cell; off < cellEnd; ) {
         const len = Math.min(e.length, cellEnd - off);
-        item.spans.push({ offset: off, length: len, zero: !e.present || e.zero });
+        const zero = !e.present || e.zero;
+        // Neighbouring spans of the same kind become one: one read for a run of data clusters.
+        const last = item.spans[item.spans.length - 1];
+        if (last && last.zero === zero) last.length += len;
+        else item.spans.push({ offset: off, length: len, zero });
         off += len;
         if (off < cellEnd) e = await src.status(off, cellEnd - off);
       }

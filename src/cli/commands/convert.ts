@@ -2,7 +2,8 @@ import { unlink } from 'node:fs/promises';
 import type { BlockDevice } from '../../core/block-device.js';
 import { QcowError } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
-import { createImage, openImage } from '../../node.js';
+import { createImage, defaultOpener, openImage } from '../../node.js';
+import type { ByteStore, StoreOpener } from '../../storage/types.js';
 import { convert } from '../../ops/convert.js';
 import { interruptSignal, openForCli, parseOptionList, progressBar, readPasswordFile } from '../common.js';
 
@@ -20,6 +21,7 @@ interface Flags {
   quiet?: boolean;
   parallel: string;
   W?: boolean;
+  cache: string;
   passwordFile?: string;
   targetPasswordFile?: string;
 }
@@ -43,6 +45,29 @@ function sparseSize(text: string): number {
   return v;
 }
 
+/**
+ * qemu-img convert writes its target with cache=unsafe unless told otherwise: flushes are skipped
+ * (the data reaches the disk when the kernel writes it back). Our default is the same; the other
+ * modes make every flush real.
+ */
+function targetOpener(cache: string): StoreOpener {
+  const modes = ['unsafe', 'writeback', 'writethrough', 'none', 'directsync'];
+  if (!modes.includes(cache)) throw new QcowError('QCOW_INVALID_ARGUMENT', `Invalid cache option: ${cache}`);
+  if (cache !== 'unsafe') return defaultOpener;
+  const noSync = (s: ByteStore): ByteStore => ({
+    name: s.name,
+    readOnly: s.readOnly,
+    size: () => s.size(),
+    read: (offset, into) => s.read(offset, into),
+    write: (offset, data) => s.write(offset, data),
+    truncate: (size) => s.truncate(size),
+    flush: async () => undefined,
+    allocatedSize: s.allocatedSize ? () => s.allocatedSize!() : undefined,
+    close: () => s.close(),
+  });
+  return { ...defaultOpener, open: async (name, options) => noSync(await defaultOpener.open(name, options)) };
+}
+
 export async function run(files: string[], flags: Flags): Promise<void> {
   if (files.length < 2) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Expecting one or more source images and a target (convert SRC... DST)');
   const target = files[files.length - 1]!;
@@ -60,6 +85,7 @@ export async function run(files: string[], flags: Flags): Promise<void> {
   delete options.backing_fmt;
   if (backingFile && !backingFormat) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use of backing file requires explicit backing format');
 
+  const opener = targetOpener(flags.cache);
   const sources: BlockDevice[] = [];
   let dst: BlockDevice | undefined;
   let created = false;
@@ -70,10 +96,10 @@ export async function run(files: string[], flags: Flags): Promise<void> {
     const total = sources.reduce((n, s) => n + s.size, 0);
     const targetPassword = await readPasswordFile(flags.targetPasswordFile ?? flags.passwordFile);
     if (flags.create) {
-      await createImage(target, { format: flags.outputFormat, size: total, backingFile, backingFormat, options, password: targetPassword });
+      await createImage(target, { format: flags.outputFormat, size: total, backingFile, backingFormat, options, password: targetPassword, opener });
       created = true;
     }
-    dst = await openImage(target, { format: flags.outputFormat, password: targetPassword });
+    dst = await openImage(target, { format: flags.outputFormat, password: targetPassword, opener });
     if (flags.compress && !dst.writeCompressed) throw new QcowError('QCOW_UNSUPPORTED', 'Compression not supported for this file format');
     await convert(sources, dst, {
       compress: flags.compress,
