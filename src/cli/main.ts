@@ -74,6 +74,7 @@ program
   .option('-q, --quiet', 'print nothing')
   .option('-m, --parallel <n>', 'chunks in flight at once', '8')
   .option('-W', 'let writes complete out of order (the target layout may then differ run to run)')
+  .option('-t, --cache <mode>', 'target cache mode: unsafe (default, as qemu-img convert: no flushes), writeback, none, ...', 'unsafe')
   .option('-U, --force-share', 'accepted for qemu-img compatibility')
   .addOption(pw())
   .option('--target-password-file <file>', 'password for an encrypted target')
