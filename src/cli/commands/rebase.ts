@@ -23,7 +23,9 @@ interface Flags {
 export async function run(file: string, flags: Flags): Promise<void> {
   if (flags.backing === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Expecting a backing file name (-b NEW, or -b "" to remove it)');
   const name = flags.backing === '' ? null : flags.backing;
-  let format = name === null ? null : (flags.backingFormat ?? null);
+  const format = name === null ? null : (flags.backingFormat ?? null);
+  // As qemu-img: the new backing format is never guessed.
+  if (name !== null && format === null) throw new QcowError('QCOW_INVALID_ARGUMENT', `Could not change the backing file to '${name}': backing format must be specified`, { file });
   const password = await readPasswordFile(flags.passwordFile);
   let newBacking: BlockDevice | null = null;
   const interrupt = interruptSignal();
@@ -32,11 +34,9 @@ export async function run(file: string, flags: Flags): Promise<void> {
   try {
     if (name !== null && !flags.unsafe) {
       const path = defaultOpener.resolve(name, file);
-      newBacking = await openImage(path, { format: format ?? undefined, readOnly: true, password }).catch((e: unknown) => {
-        throw new QcowError('QCOW_NOT_FOUND', `Could not open new backing file '${path}': ${(e as Error).message}`, { file, cause: e });
+      newBacking = await openImage(path, { format: format!, readOnly: true, password }).catch((e: unknown) => {
+        throw new QcowError('QCOW_NOT_FOUND', `Could not open new backing file '${name}': ${(e as Error).message}`, { file, cause: e });
       });
-      // Without -F, record the format the new backing file was found to be (never left to probing later).
-      format ??= newBacking.format;
     }
     await rebase(image, { newBacking, backingName: name, backingFormat: format, unsafe: flags.unsafe, signal: interrupt.signal, onProgress: bar });
     bar.finish();
