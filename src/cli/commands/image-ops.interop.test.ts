@@ -234,7 +234,7 @@ test('measure gives qemu-img numbers and JSON for sizes, options and qcow2 sourc
       // qemu's LUKS set-up times PBKDF2 and now and then fails to ("Unable to get accurate CPU usage"): retry.
       for (let i = 0; i < 6 && theirs.code !== 0 && qemuArgs !== args; i++) theirs = await run('qemu-img', ['measure', `--output=${output}`, ...qemuArgs]);
       assert.equal(ours.code, 0, `${args.join(' ')}: ${ours.stderr}`);
-      assert.equal(ours.stdout, theirs.stdout, args.join(' '));
+      assert.equal(ours.stdout, theirs.stdout, `${args.join(' ')}\nqemu-img said: ${theirs.stderr}`);
     }
   }
   for (const args of [
