@@ -1,4 +1,5 @@
 /** A local file through node:fs/promises, with positional reads and writes. */
+import { read as fsRead, write as fsWrite } from 'node:fs';
 import { open, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
 import type { ByteStore, StoreOpener } from './types.js';
@@ -54,24 +55,43 @@ export class FileStore implements ByteStore {
     return st.blocks * 512;
   }
 
-  async read(offset: number, into: Uint8Array): Promise<number> {
-    let done = 0;
-    while (done < into.length) {
-      const { bytesRead } = await this.fh.read(into, done, into.length - done, offset + done);
-      if (bytesRead === 0) break;
-      done += bytesRead;
-    }
-    if (done < into.length) into.fill(0, done);
-    return done;
+  // Reads and writes use fs.read/fs.write with callbacks on the FileHandle's fd: FileHandle.read
+  // and .write cost noticeably more per call (an extra promise layer, a result object and handle
+  // bookkeeping), which showed at a few µs per 4 KiB request. The handle still owns the fd.
+  read(offset: number, into: Uint8Array): Promise<number> {
+    const fd = this.fh.fd;
+    return new Promise((resolve, reject) => {
+      let done = 0;
+      const step = (): void => {
+        fsRead(fd, into, done, into.length - done, offset + done, (err, n) => {
+          if (err) return reject(err);
+          done += n;
+          if (n > 0 && done < into.length) return step();
+          if (done < into.length) into.fill(0, done);
+          resolve(done);
+        });
+      };
+      if (into.length === 0) resolve(0);
+      else step();
+    });
   }
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.name });
-    let done = 0;
-    while (done < data.length) {
-      const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done);
-      done += bytesWritten;
-    }
+  write(offset: number, data: Uint8Array): Promise<void> {
+    if (this.readOnly) return Promise.reject(new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.name }));
+    const fd = this.fh.fd;
+    return new Promise((resolve, reject) => {
+      let done = 0;
+      const step = (): void => {
+        fsWrite(fd, data, done, data.length - done, offset + done, (err, n) => {
+          if (err) return reject(err);
+          done += n;
+          if (done < data.length) step();
+          else resolve();
+        });
+      };
+      if (data.length === 0) resolve();
+      else step();
+    });
   }
 
   async truncate(size: number): Promise<void> {

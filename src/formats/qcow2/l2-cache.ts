@@ -35,6 +35,19 @@ export class TableCache {
     return this.tables.size;
   }
 
+  /**
+   * The table if it is cached (marked recently used), else undefined: lets hot paths stay
+   * synchronous when the table is there, instead of a promise per lookup.
+   */
+  peek(offset: number): CachedTable | undefined {
+    const hit = this.tables.get(offset);
+    if (hit) {
+      this.tables.delete(offset);
+      this.tables.set(offset, hit);
+    }
+    return hit;
+  }
+
   async get(offset: number): Promise<CachedTable> {
     const hit = this.tables.get(offset);
     if (hit) {

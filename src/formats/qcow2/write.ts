@@ -74,6 +74,10 @@ export class Qcow2Writer {
   private readonly lock = new Mutex();
   private readonly l1Dirty = new Set<number>();
   private l2Written = false;
+  /** In-place data writes started under the lock and still running (see write()). */
+  private readonly inFlight = new Set<Promise<void>>();
+  /** A lower bound of the image file's length (see writeRun). */
+  private knownFileEnd = 0;
   private dirtyBitSet = false;
   private readonly cs: number;
 
@@ -115,8 +119,54 @@ export class Qcow2Writer {
 
   // --- public operations (each runs under the writer's lock) ------------------------------------
 
-  write(offset: number, data: Uint8Array): Promise<void> {
-    return this.lock.run(() => this.writeLocked(offset, data));
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    // Overwrites of clusters we own change no metadata: decide under the lock, then write the
+    // data outside it so requests at queue depth > 1 overlap their I/O (the lock otherwise
+    // serialises every write). See inPlaceWrites for why this stays safe.
+    let inPlace: Promise<void> | undefined;
+    await this.lock.run(async () => {
+      const jobs = await this.inPlaceWrites(offset, data);
+      if (!jobs) return this.writeLocked(offset, data);
+      const p = Promise.all(jobs).then(() => undefined);
+      const tracked = p.catch(() => undefined).finally(() => this.inFlight.delete(tracked));
+      this.inFlight.add(tracked);
+      inPlace = p;
+    });
+    if (inPlace) await inPlace;
+  }
+
+  /**
+   * The store writes of a request that lands entirely in clusters this image owns outright
+   * (normal, COPIED entries in a COPIED L2 table, no encryption or subclusters), already started;
+   * null when the request needs the full path. Started under the lock, finished outside it: the
+   * clusters cannot be freed and reused meanwhile because frees only take effect in flushLocked,
+   * which (like exclusive(), snapshots, close) first waits for every write in flight.
+   */
+  private async inPlaceWrites(offset: number, data: Uint8Array): Promise<Promise<void>[] | null> {
+    const dev = this.dev;
+    const g = dev.geometry;
+    if (dev.encryption || g.extendedL2 || data.length === 0) return null;
+    const i = Math.floor(offset / g.l2Coverage);
+    if (i !== Math.floor((offset + data.length - 1) / g.l2Coverage) || i >= dev.l1Entries) return null;
+    const e = this.l1Entry(i);
+    const l2 = Number(e & OFFSET_MASK);
+    if (!(e & COPIED) || l2 === 0) return null;
+    const table = dev.l2Cache.peek(l2) ?? (await this.dev.l2TableFor(offset));
+    if (!table) return null;
+    const cs = this.cs;
+    const end = offset + data.length;
+    const runs: Array<[number, number, number]> = [];
+    for (let c = offset - (offset % cs); c < end; c += cs) {
+      const d = readL2Entry(table.data, (c % g.l2Coverage) / cs, dev.l2Context);
+      if (d.kind !== 'normal' || !this.copied(d)) return null;
+      const s = Math.max(offset, c);
+      const host = d.hostOffset + (s - c);
+      const len = Math.min(end, c + cs) - s;
+      const last = runs[runs.length - 1];
+      if (last && last[0] + last[2] === host) last[2] += len;
+      else runs.push([host, s - offset, len]);
+    }
+    return runs.map(([host, from, len]) => dev.dataStore.write(host, data.subarray(from, from + len)));
   }
 
   writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
@@ -127,8 +177,23 @@ export class Qcow2Writer {
     return this.lock.run(() => this.zeroLocked(offset, length, { mayUnmap: true }, true));
   }
 
-  writeCompressed(offset: number, data: Uint8Array): Promise<void> {
-    return this.lock.run(() => this.compressedLocked(offset, data));
+  async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    // Compress before taking the lock: the lock serialises allocation, and compression done under
+    // it would run one cluster at a time while the codec pool could do several at once.
+    const cs = this.cs;
+    const zstd = this.dev.header.compressionType === COMPRESSION_ZSTD;
+    const packed: Promise<Uint8Array>[] = [];
+    for (let done = 0; done < data.length; done += cs) {
+      const chunk = data.subarray(done, Math.min(data.length, done + cs));
+      const full = chunk.length === cs ? chunk : (() => {
+        const b = new Uint8Array(cs);
+        b.set(chunk);
+        return b;
+      })();
+      packed.push(zstd ? zstdCompress(full) : deflateRaw(full));
+    }
+    const results = await Promise.all(packed);
+    return this.lock.run(() => this.compressedLocked(offset, data, results, zstd));
   }
 
   flush(): Promise<void> {
@@ -140,6 +205,8 @@ export class Qcow2Writer {
     return this.lock.run(async () => {
       await this.flushLocked();
       const r = await fn();
+      // fn may have shrunk the file (shrink, amend): forget what we knew of its length.
+      this.knownFileEnd = 0;
       await this.flushLocked();
       return r;
     });
@@ -209,6 +276,8 @@ export class Qcow2Writer {
 
   async flushLocked(): Promise<void> {
     const dev = this.dev;
+    // Writes in flight first: a flush covers them, and no cluster may be freed under them.
+    while (this.inFlight.size > 0) await Promise.all(this.inFlight);
     if (this.external) await dev.dataStore.flush();
     if (await this.writeRefcounts()) {
       if (!this.lazyRefcounts) await this.barrier();
@@ -445,10 +514,17 @@ export class Qcow2Writer {
     buf.set(data.subarray(ds - start, de - start), ds - ws);
     const host = run[0]!.host + (ws - run[0]!.clusterGuest);
     await this.writeData(ws, host, buf);
+    if (this.external) return;
     // A fresh cluster must exist in the file to its end even where we wrote only a part.
+    // `knownFileEnd` is a lower bound of the file's length (it only grows while we hold the
+    // image), so the common case, a whole cluster just written, needs no fstat per request.
+    this.knownFileEnd = Math.max(this.knownFileEnd, host + buf.length);
     const last = run[run.length - 1]!;
     const clusterEnd = last.host + this.cs;
-    if (!this.external && last.alloc && clusterEnd > (await this.dev.store.size())) await this.dev.store.truncate(clusterEnd);
+    if (!last.alloc || clusterEnd <= this.knownFileEnd) return;
+    const size = await this.dev.store.size();
+    if (clusterEnd > size) await this.dev.store.truncate(clusterEnd);
+    this.knownFileEnd = Math.max(size, clusterEnd);
   }
 
   /** Guest bytes as they read now, through this layer (used to fill copy-on-write gaps). */
@@ -551,24 +627,21 @@ export class Qcow2Writer {
 
   // --- compressed clusters -------------------------------------------------------------------------
 
-  private async compressedLocked(offset: number, data: Uint8Array): Promise<void> {
+  private async compressedLocked(offset: number, data: Uint8Array, packedClusters: Uint8Array[], zstd: boolean): Promise<void> {
     const cs = this.cs;
     const dev = this.dev;
     if (offset % cs !== 0) throw new QcowError('QCOW_INVALID_ARGUMENT', 'compressed writes must start at a cluster boundary');
     if (data.length % cs !== 0 && offset + data.length !== dev.size) throw new QcowError('QCOW_INVALID_ARGUMENT', 'compressed writes must cover whole clusters');
     if (this.external) throw unsupported('Operation not supported: compression with an external data file');
     await this.beforeMetadataChange();
-    const zstd = dev.header.compressionType === COMPRESSION_ZSTD;
+    // The image's compression type cannot change while a write waits for the lock (amend runs
+    // under it too), but say so loudly if it ever does.
+    if (zstd !== (dev.header.compressionType === COMPRESSION_ZSTD)) throw new QcowError('QCOW_INVALID_ARGUMENT', 'compression type changed during a compressed write');
     const g = dev.geometry;
     for (let done = 0; done < data.length; done += cs) {
       const guest = offset + done;
       const chunk = data.subarray(done, Math.min(data.length, done + cs));
-      const full = chunk.length === cs ? chunk : (() => {
-        const b = new Uint8Array(cs);
-        b.set(chunk);
-        return b;
-      })();
-      const packed = zstd ? await zstdCompress(full) : await deflateRaw(full);
+      const packed = packedClusters[done / cs]!;
       if (packed.length >= cs) {
         // As qemu: data that does not shrink is stored as a normal cluster.
         await this.writeLocked(guest, chunk);
