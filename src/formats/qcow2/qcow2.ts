@@ -478,6 +478,16 @@ export class Qcow2Device extends DeviceBase {
     await this.writerOrThrow().resize(size, options.shrink ?? false);
   }
 
+  async setBacking(name: string | null, format: string | null): Promise<void> {
+    this.checkWritable();
+    await this.writerOrThrow().setBacking(name, format);
+  }
+
+  async makeEmpty(): Promise<void> {
+    this.checkWritable();
+    await this.writerOrThrow().makeEmpty();
+  }
+
   private writerOrThrow(): Qcow2Writer {
     if (!this.writer) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.filename });
     return this.writer;

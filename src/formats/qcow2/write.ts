@@ -397,6 +397,61 @@ export class Qcow2Writer {
     else if ((d.kind === 'normal' || d.kind === 'zero-alloc') && !this.external) this.refcounts.free(d.hostOffset, this.cs);
   }
 
+  // --- backing file and emptying (rebase, commit) ---------------------------------------------------
+
+  /**
+   * Point the image at another backing file (or none) by rewriting the header in place, as
+   * qemu-img rebase does; nothing else changes. The header stays one cluster: a name that does
+   * not fit is refused before anything is written.
+   */
+  setBacking(name: string | null, format: string | null): Promise<void> {
+    return this.lock.run(async () => {
+      const h = this.dev.header;
+      if (name !== null && this.dev.dataFileRaw) throw unsupported('qcow2: an image with a raw external data file cannot have a backing file');
+      const before = { file: h.backingFile, format: h.backingFormat };
+      h.backingFile = name ?? undefined;
+      h.backingFormat = name === null ? undefined : (format ?? undefined);
+      try {
+        await this.writeHeader();
+      } catch (e) {
+        h.backingFile = before.file;
+        h.backingFormat = before.format;
+        throw e;
+      }
+      await this.dev.store.flush();
+    });
+  }
+
+  /**
+   * Deallocate every cluster of the active image so all of it reads from the backing image again
+   * (qemu-img commit empties the overlay this way). Entries become 0, never zero flags, which
+   * would hide the backing data; references are dropped through the usual deferred path, so the
+   * crash-safety order of write-back still holds.
+   */
+  makeEmpty(): Promise<void> {
+    return this.lock.run(async () => {
+      if (this.external) throw unsupported('qcow2: cannot empty an image with an external data file');
+      await this.beforeMetadataChange();
+      const g = this.dev.geometry;
+      const entries = this.cs / g.l2EntryBytes;
+      for (let i = 0; i < this.dev.l1Entries; i++) {
+        if ((this.l1Entry(i) & OFFSET_MASK) === 0n) continue;
+        const table = (await this.l2ForWrite(i * g.l2Coverage, false))!;
+        const raw = new DataView(table.data.buffer, table.data.byteOffset, table.data.byteLength);
+        let changed = false;
+        for (let k = 0; k < entries; k++) {
+          const at = k * g.l2EntryBytes;
+          if (raw.getBigUint64(at) === 0n && (g.l2EntryBytes === 8 || raw.getBigUint64(at + 8) === 0n)) continue;
+          const d = this.entry(table, k);
+          this.setEntry(table, k, 0n, g.extendedL2 ? 0n : undefined);
+          this.release(d);
+          changed = true;
+        }
+        if (changed) await this.dev.l2Cache.put(table.offset, table.data, true);
+      }
+    });
+  }
+
   // --- guest writes ------------------------------------------------------------------------------
 
   private async writeLocked(offset: number, data: Uint8Array): Promise<void> {
