@@ -2,12 +2,23 @@
  * zstd through WebAssembly (works in Node 20, which has no zstd in node:zlib, and in browsers).
  * The module is initialised once, on first use.
  */
-import { init, compress, decompress } from '@bokuweb/zstd-wasm';
 import { corrupt } from '../core/errors.js';
 
+type ZstdWasm = typeof import('@bokuweb/zstd-wasm');
+/** The package, once loaded: it is imported on first use, not at start-up (~12 ms of loading). */
+let wasm: ZstdWasm | undefined;
 let ready: Promise<void> | undefined;
 /** Resolves once the WebAssembly module is ready; the *Loaded functions need it. */
-export const zstdReady = () => (ready ??= init());
+export const zstdReady = () =>
+  (ready ??= import('@bokuweb/zstd-wasm').then(async (m) => {
+    await m.init();
+    wasm = m;
+  }));
+
+function loaded(): ZstdWasm {
+  if (!wasm) throw new Error('zstd used before zstdReady() resolved');
+  return wasm;
+}
 
 export async function zstdDecompress(data: Uint8Array, outSize: number): Promise<Uint8Array> {
   await zstdReady();
@@ -26,7 +37,7 @@ export function zstdDecompressLoaded(data: Uint8Array, outSize: number): Uint8Ar
   }
   let out: Uint8Array;
   try {
-    out = decompress(frameOnly(data));
+    out = loaded().decompress(frameOnly(data));
   } catch (e) {
     throw corrupt(`bad zstd data in compressed cluster: ${(e as Error).message ?? e}`);
   }
@@ -36,7 +47,7 @@ export function zstdDecompressLoaded(data: Uint8Array, outSize: number): Uint8Ar
 
 /** QEMU's level (3), synchronously (after zstdReady()). */
 export function zstdCompressLoaded(data: Uint8Array): Uint8Array {
-  return compress(data, 3);
+  return loaded().compress(data, 3);
 }
 
 /**

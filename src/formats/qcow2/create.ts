@@ -9,7 +9,6 @@ import { QcowError, invalidArgument } from '../../core/errors.js';
 import { isPowerOfTwo, setU64 } from '../../core/bytes.js';
 import { parseSize } from '../../core/size.js';
 import type { ByteStore } from '../../storage/types.js';
-import { createLuks } from '../../crypto/luks.js';
 import { COMPRESSION_ZLIB, COMPRESSION_ZSTD, QEMU_FEATURE_NAMES, V2_HEADER_LENGTH, V3_HEADER_LENGTH, encodeHeader, type Qcow2Header } from './header.js';
 import { AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2 } from './features.js';
 import { MAX_L1_BYTES, l1EntriesFor, qcow2Geometry } from './layout.js';
@@ -200,6 +199,8 @@ export async function createQcow2(store: ByteStore, options: CreateOptions): Pro
   }
 
   if (s.encryption === 'luks') {
+    // Loaded here only: the LUKS code is not needed to start the CLI or for plain images.
+    const { createLuks } = await import('../../crypto/luks.js');
     const luks = await createLuks(options.password!, s.luks);
     const at = await rc.allocClusters(Math.ceil(luks.area.length / cs));
     await store.write(at, luks.area);

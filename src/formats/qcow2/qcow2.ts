@@ -23,7 +23,8 @@ import { TableCache, type CachedTable } from './l2-cache.js';
 import { findSnapshot, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
 import { decompressCluster } from './compressed.js';
 import { describeQcow2 } from './describe.js';
-import { openEncryption, type Qcow2Encryption } from './encryption.js';
+// Type only: the cipher code (LUKS, AES) loads when an encrypted image is opened (start-up time).
+import type { Qcow2Encryption } from './encryption.js';
 import { Qcow2Writer } from './write.js';
 import { detectMetadataPreallocation, holeRuns } from './prealloc.js';
 
@@ -159,6 +160,7 @@ export class Qcow2Device extends DeviceBase {
       this.dataStore = await options.openFile(h.dataFile, { readOnly: this.readOnly });
     }
     if (h.cryptMethod !== 0) {
+      const { openEncryption } = await import('./encryption.js');
       this.encryption = await openEncryption(this.store, h, this.fileSize, options);
     }
     if (h.backingFile !== undefined && options.openBacking) {
@@ -278,6 +280,11 @@ export class Qcow2Device extends DeviceBase {
   }
 
   protected async doRead(offset: number, into: Uint8Array): Promise<void> {
+    const host = this.contiguousHost(offset, into.length);
+    if (host >= 0) {
+      await this.dataStore.read(host, into);
+      return;
+    }
     const runs = await this.mapRuns(offset, into.length);
     const view = (r: GuestRun) => into.subarray(r.offset - offset, r.offset - offset + r.length);
     // Runs are independent; issue them together so the store can overlap them.
@@ -293,6 +300,37 @@ export class Qcow2Device extends DeviceBase {
       }
     }
     await Promise.all(jobs);
+  }
+
+  /**
+   * The common request, worked out synchronously: [offset, +length) inside one L2 table that is
+   * cached, every cluster normal and the host clusters contiguous. Returns the host offset, or -1
+   * when the general path (mapRuns) must decide. Saves the run objects and promise chain per
+   * request that dominated small reads (about half of a 4 KiB read's CPU time).
+   */
+  private contiguousHost(offset: number, length: number): number {
+    const g = this.geometry;
+    if (this.encryption || g.extendedL2) return -1;
+    const i = Math.floor(offset / g.l2Coverage);
+    if (i >= this.l1Entries || i !== Math.floor((offset + length - 1) / g.l2Coverage)) return -1;
+    const l1 = this.l1;
+    const b = i * 8;
+    const hi = ((l1[b]! << 24) | (l1[b + 1]! << 16) | (l1[b + 2]! << 8) | l1[b + 3]!) >>> 0;
+    const lo = ((l1[b + 4]! << 24) | (l1[b + 5]! << 16) | (l1[b + 6]! << 8) | l1[b + 7]!) >>> 0;
+    const l2Offset = entryOffset(hi, lo, 'L1 entry');
+    // Not cached (or not aligned: never a cache key) -> the general path loads and checks it.
+    const table = l2Offset === 0 ? undefined : this.l2Cache.peek(l2Offset);
+    if (!table) return -1;
+    const cs = this.clusterSize;
+    let host = -1;
+    for (let c = offset - (offset % cs); c < offset + length; c += cs) {
+      const d = readL2Entry(table.data, (c % g.l2Coverage) / cs, this.l2Context);
+      if (d.kind !== 'normal') return -1;
+      this.checkHostOffset(d, c);
+      if (host < 0) host = d.hostOffset + (offset - c);
+      else if (d.hostOffset !== host + (c - offset)) return -1;
+    }
+    return host;
   }
 
   /** Host bytes to read for a compressed cluster: its bound, clipped to the file. */

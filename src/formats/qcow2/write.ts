@@ -29,6 +29,7 @@ import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, AUTOCLEAR_KNOWN, hasFeature } fr
 import { readL2Entry, type ClusterDescriptor } from './l2-entry.js';
 import type { CachedTable } from './l2-cache.js';
 import { Refcounts } from './alloc.js';
+import { shrinkLocked } from './shrink.js';
 import type { Qcow2Device } from './qcow2.js';
 
 const COPIED = 1n << 63n;
@@ -83,7 +84,8 @@ export class Qcow2Writer {
 
   private constructor(
     private readonly dev: Qcow2Device,
-    readonly refcounts: Refcounts,
+    /** Replaced (reloaded) when amend rewrites the refcount structures. */
+    public refcounts: Refcounts,
   ) {
     this.cs = dev.clusterSize;
   }
@@ -125,14 +127,26 @@ export class Qcow2Writer {
     // serialises every write). See inPlaceWrites for why this stays safe.
     let inPlace: Promise<void> | undefined;
     await this.lock.run(async () => {
-      const jobs = await this.inPlaceWrites(offset, data);
-      if (!jobs) return this.writeLocked(offset, data);
-      const p = Promise.all(jobs).then(() => undefined);
-      const tracked = p.catch(() => undefined).finally(() => this.inFlight.delete(tracked));
-      this.inFlight.add(tracked);
-      inPlace = p;
+      let jobs = await this.inPlaceWrites(offset, data);
+      if (!jobs) {
+        jobs = [];
+        await this.writeLocked(offset, data, jobs);
+      }
+      if (jobs.length > 0) inPlace = Promise.all(jobs).then(() => undefined);
     });
     if (inPlace) await inPlace;
+  }
+
+  /** Note a data write running outside the lock; flushes and L2 write-backs wait for it. */
+  private track(p: Promise<void>): Promise<void> {
+    const tracked = p.catch(() => undefined).finally(() => this.inFlight.delete(tracked));
+    this.inFlight.add(tracked);
+    return p;
+  }
+
+  /** Wait for every data write running outside the lock. */
+  private async drainInFlight(): Promise<void> {
+    while (this.inFlight.size > 0) await Promise.all(this.inFlight);
   }
 
   /**
@@ -166,7 +180,7 @@ export class Qcow2Writer {
       if (last && last[0] + last[2] === host) last[2] += len;
       else runs.push([host, s - offset, len]);
     }
-    return runs.map(([host, from, len]) => dev.dataStore.write(host, data.subarray(from, from + len)));
+    return runs.map(([host, from, len]) => this.track(dev.dataStore.write(host, data.subarray(from, from + len))));
   }
 
   writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
@@ -214,14 +228,16 @@ export class Qcow2Writer {
 
   /**
    * Grow the virtual size (a larger L1 table is written elsewhere first, then the header names
-   * it, then the old one is freed). Shrinking is refused unless `shrink`, and is not implemented.
+   * it, then the old one is freed). Shrinking is refused unless `shrink` (see shrink.ts).
    */
   resize(size: number, shrink: boolean): Promise<void> {
     return this.exclusive(async () => {
       const dev = this.dev;
       if (size < dev.size) {
         if (!shrink) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use the --shrink option to perform a shrink operation.');
-        throw unsupported('shrinking qcow2 images is not implemented');
+        if (dev.openedSnapshot) throw unsupported('cannot resize a snapshot');
+        await shrinkLocked(dev, this, size);
+        return;
       }
       if (dev.openedSnapshot) throw unsupported('cannot resize a snapshot');
       const need = Math.ceil(size / dev.geometry.l2Coverage);
@@ -266,6 +282,8 @@ export class Qcow2Writer {
 
   /** The L2 cache calls this before writing a table back (eviction or flush). */
   async beforeL2Write(): Promise<void> {
+    // Data before the L2 entries that point at it: fresh clusters may still be being written.
+    await this.drainInFlight();
     if (await this.writeRefcounts()) {
       if (!this.lazyRefcounts) await this.barrier();
     }
@@ -277,7 +295,7 @@ export class Qcow2Writer {
   async flushLocked(): Promise<void> {
     const dev = this.dev;
     // Writes in flight first: a flush covers them, and no cluster may be freed under them.
-    while (this.inFlight.size > 0) await Promise.all(this.inFlight);
+    await this.drainInFlight();
     if (this.external) await dev.dataStore.flush();
     if (await this.writeRefcounts()) {
       if (!this.lazyRefcounts) await this.barrier();
@@ -347,7 +365,7 @@ export class Qcow2Writer {
    * The active L2 table for `guest`, writable: allocated when missing, copied when shared with a
    * snapshot (L1 entry without COPIED). `create` false: null instead of allocating.
    */
-  private async l2ForWrite(guest: number, create = true): Promise<CachedTable | null> {
+  async l2ForWrite(guest: number, create = true): Promise<CachedTable | null> {
     const g = this.dev.geometry;
     const i = Math.floor(guest / g.l2Coverage);
     if (i >= this.dev.l1Entries) throw corrupt(`guest offset 0x${guest.toString(16)} is beyond the L1 table`);
@@ -376,7 +394,7 @@ export class Qcow2Writer {
     return readL2Entry(t.data, i, this.dev.l2Context);
   }
 
-  private setEntry(t: CachedTable, i: number, v: bigint, bitmap?: bigint): void {
+  setEntry(t: CachedTable, i: number, v: bigint, bitmap?: bigint): void {
     const size = this.dev.geometry.l2EntryBytes;
     const dv = new DataView(t.data.buffer, t.data.byteOffset + i * size, size);
     dv.setBigUint64(0, v);
@@ -392,7 +410,7 @@ export class Qcow2Writer {
   }
 
   /** Drop the reference an entry holds (deferred until its table is on disk). */
-  private release(d: ClusterDescriptor): void {
+  release(d: ClusterDescriptor): void {
     if (d.kind === 'compressed') this.refcounts.free(d.hostOffset, d.compressedBound);
     else if ((d.kind === 'normal' || d.kind === 'zero-alloc') && !this.external) this.refcounts.free(d.hostOffset, this.cs);
   }
@@ -454,19 +472,27 @@ export class Qcow2Writer {
 
   // --- guest writes ------------------------------------------------------------------------------
 
-  private async writeLocked(offset: number, data: Uint8Array): Promise<void> {
+  /**
+   * `deferred`: when given, data writes that need nothing after them but the L2 entry (whole fresh
+   * clusters, no copy-on-write, no encryption or subclusters) are started and pushed there instead
+   * of awaited, so the caller can release the lock while they run. Their entries are set at once:
+   * every L2 write-back (flush, eviction: beforeL2Write) first waits for them, which keeps "data
+   * before the entry that points at it" on disk; a concurrent request to the same cluster sees a
+   * COPIED normal entry and writes in place, any order of two overlapping requests being valid.
+   */
+  private async writeLocked(offset: number, data: Uint8Array, deferred?: Promise<void>[]): Promise<void> {
     await this.beforeMetadataChange();
     const g = this.dev.geometry;
     const end = offset + data.length;
     for (let pos = offset; pos < end; ) {
       const tableEnd = Math.min(end, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
       const table = (await this.l2ForWrite(pos))!;
-      await this.writeInTable(table, pos, data.subarray(pos - offset, tableEnd - offset));
+      await this.writeInTable(table, pos, data.subarray(pos - offset, tableEnd - offset), deferred);
       pos = tableEnd;
     }
   }
 
-  private async writeInTable(table: CachedTable, start: number, data: Uint8Array): Promise<void> {
+  private async writeInTable(table: CachedTable, start: number, data: Uint8Array, deferred?: Promise<void>[]): Promise<void> {
     const g = this.dev.geometry;
     const cs = this.cs;
     const end = start + data.length;
@@ -536,7 +562,10 @@ export class Qcow2Writer {
         pieces[j]!.host + (pieces[j]!.we - pieces[j]!.clusterGuest) === pieces[j + 1]!.host + (pieces[j + 1]!.ws - pieces[j + 1]!.clusterGuest)
       )
         j++;
-      await this.writeRun(pieces.slice(i, j + 1), start, data);
+      const run = pieces.slice(i, j + 1);
+      const plain = deferred && !this.dev.encryption && !g.extendedL2 && run[0]!.ws >= start && run[run.length - 1]!.we <= end;
+      if (plain) deferred.push(this.track(this.writeRun(run, start, data)));
+      else await this.writeRun(run, start, data);
       i = j + 1;
     }
     // Data is written: point the entries at it.
@@ -561,12 +590,15 @@ export class Qcow2Writer {
   private async writeRun(run: Piece[], start: number, data: Uint8Array): Promise<void> {
     const ws = run[0]!.ws;
     const we = run[run.length - 1]!.we;
-    const buf = new Uint8Array(we - ws);
+    // Nothing to merge around the request's bytes: write them from the caller's buffer, no copy.
+    // (Encrypted images keep the copy: the cipher must not touch the caller's buffer.)
+    const direct = !this.dev.encryption && ws >= start && we <= start + data.length;
+    const buf = direct ? data.subarray(ws - start, we - start) : new Uint8Array(we - ws);
     const ds = Math.max(ws, start);
     const de = Math.min(we, start + data.length);
     if (ws < ds) await this.readCurrent(ws, buf.subarray(0, ds - ws));
     if (de < we) await this.readCurrent(de, buf.subarray(de - ws));
-    buf.set(data.subarray(ds - start, de - start), ds - ws);
+    if (!direct) buf.set(data.subarray(ds - start, de - start), ds - ws);
     const host = run[0]!.host + (ws - run[0]!.clusterGuest);
     await this.writeData(ws, host, buf);
     if (this.external) return;
