@@ -172,6 +172,17 @@ program
   .argument('<size>')
   .action(lazy('resize'));
 
+program
+  .command('amend')
+  .description('change options of an existing image in place (qcow2: compat, lazy_refcounts, refcount_bits, size)')
+  .addOption(fmt())
+  .addOption(pw())
+  .option('-o, --options <list>', 'options to change, key=value[,key=value...] (-o help lists them)', collect)
+  .option('-q, --quiet', 'print nothing')
+  .option('-p, --progress', 'accepted for qemu-img compatibility')
+  .argument('<file>')
+  .action(lazy('amend'));
+
 /**
  * Safety options for untrusted images, on every command that opens images (create only opens the
  * backing file it is given, with its format): --confine refuses backing and data files outside

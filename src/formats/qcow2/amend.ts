@@ -1,0 +1,321 @@
+/**
+ * `amend` for qcow2, as qemu-img amend does it: change what can change in place.
+ *   - compat=0.10|1.1 (v2|v3): upgrading rewrites the header; downgrading first turns v3 zero
+ *     clusters into what v2 can express (ZERO_ALLOC -> a normal cluster holding zeros;
+ *     ZERO_PLAIN -> unallocated without a backing file, a fresh zero cluster with one), then
+ *     writes the v2 header. Refused as qemu refuses: extended L2 (or any other incompatible
+ *     feature), an external data file, refcount_bits != 16, lazy_refcounts=on, zstd with
+ *     compressed clusters, persistent bitmaps.
+ *   - lazy_refcounts=on|off (v3 only).
+ *   - refcount_bits=N: new refcount blocks and table are built in free space at the end of the
+ *     file, flushed, and only then does the header name them (with the new refcount_order); the
+ *     old structures become free space.
+ *   - size=SIZE: resize (shrinking allowed, as qemu-img amend allows it).
+ *   - backing_file / backing_fmt: only their current values (qemu 7.2 says "Cannot amend the
+ *     backing file"; qemu-img rebase changes them).
+ * Every other option is refused with qemu's wording.
+ *
+ * Crash safety: each step leaves a valid image of the old or the new kind. Zero clusters are
+ * expanded by writing data first, then refcounts (flushed), then the L2 tables (flushed), then the
+ * old references are dropped; the v2 header is written last. A kill leaves leaks at most.
+ *
+ * Differs from qemu 7.2 on purpose: qemu's downgrade writes zeros into a ZERO_ALLOC cluster even
+ * when an internal snapshot shares it (checked: the snapshot then reads zeros and `qemu-img check`
+ * reports OFLAG_COPIED errors). Here a shared cluster is never overwritten: the entry gets a fresh
+ * cluster (or none, without a backing file).
+ */
+import { QcowError, invalidArgument, unsupported } from '../../core/errors.js';
+import { parseSize } from '../../core/size.js';
+import { COMPRESSION_ZLIB, QEMU_FEATURE_NAMES, V3_HEADER_LENGTH } from './header.js';
+import { AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasFeature } from './features.js';
+import { Refcounts } from './alloc.js';
+import { checkRefcountBits, encodeRefcountTable, entriesPerBlock, maxRefcount, setRefcount } from './refcount.js';
+import { readL2Entry } from './l2-entry.js';
+import { readSnapshotTable } from './snapshot-table.js';
+import type { Qcow2Device } from './qcow2.js';
+import type { Qcow2Writer } from './write.js';
+
+const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
+const COPIED = 1n << 63n;
+const COMPRESSED = 1n << 62n;
+
+/** What `-o help` lists (qemu-img amend's options for qcow2 that we implement). */
+export const AMEND_OPTIONS: Record<string, string> = {
+  backing_file: 'File name of a base image (only its current value: use rebase to change it)',
+  backing_fmt: 'Image format of the base image (only its current value)',
+  compat: 'Compatibility level (v2 [0.10] or v3 [1.1])',
+  lazy_refcounts: 'Postpone refcount updates',
+  refcount_bits: 'Width of a reference count entry in bits',
+  size: 'Virtual disk size',
+};
+
+/** Options qemu-img only takes when creating an image. */
+const CREATE_ONLY = new Set([
+  'cluster_size',
+  'preallocation',
+  'compression_type',
+  'extended_l2',
+  'encryption',
+  'encrypt.format',
+  'encrypt.key-secret',
+  'encrypt.cipher-alg',
+  'encrypt.cipher-mode',
+  'encrypt.ivgen-alg',
+  'encrypt.ivgen-hash-alg',
+  'encrypt.hash-alg',
+]);
+
+export interface AmendPlan {
+  version?: 2 | 3;
+  lazyRefcounts?: boolean;
+  refcountBits?: number;
+  size?: number;
+}
+
+/** Validate `options` against the image's header; nothing is written. */
+export function planAmend(dev: Qcow2Device, options: Record<string, string>): AmendPlan {
+  const h = dev.header;
+  const plan: AmendPlan = {};
+  if (Object.keys(options).length === 0) throw invalidArgument('Must specify options (-o)');
+  for (const [k, v] of Object.entries(options)) {
+    switch (k) {
+      case 'compat':
+        if (v === '0.10' || v === 'v2') plan.version = 2;
+        else if (v === '1.1' || v === 'v3') plan.version = 3;
+        else throw invalidArgument(`Unknown compatibility level ${v}`);
+        break;
+      case 'lazy_refcounts':
+        if (v !== 'on' && v !== 'off') throw invalidArgument("Parameter 'lazy_refcounts' expects 'on' or 'off'");
+        plan.lazyRefcounts = v === 'on';
+        break;
+      case 'refcount_bits': {
+        const n = /^\d+$/.test(v) ? Number(v) : NaN;
+        checkRefcountBits(n);
+        plan.refcountBits = n;
+        break;
+      }
+      case 'size':
+        plan.size = parseSize(v);
+        break;
+      case 'backing_file':
+      case 'backing_fmt':
+        break;
+      case 'data_file':
+        if (!hasFeature(h.incompatibleFeatures, INCOMPAT_DATA_FILE)) throw invalidArgument('data-file can only be set for images that use an external data file');
+        if (v !== h.dataFile) throw unsupported('Changing the external data file name is not supported');
+        break;
+      case 'data_file_raw':
+      case 'encrypt.iter-time':
+      case 'encrypt.keyslot':
+      case 'encrypt.new-secret':
+      case 'encrypt.old-secret':
+      case 'encrypt.state':
+        throw unsupported(`Amending '${k}' is not supported`);
+      default:
+        if (CREATE_ONLY.has(k)) throw invalidArgument(`Invalid parameter '${k}': this option is only supported for image creation`);
+        throw invalidArgument(`Invalid parameter '${k}'`);
+    }
+  }
+  if ('backing_file' in options || 'backing_fmt' in options) {
+    if (options.backing_file !== h.backingFile || options.backing_fmt !== h.backingFormat) {
+      throw unsupported("Cannot amend the backing file. You can use 'qemu-img rebase' instead.");
+    }
+  }
+  const finalVersion = plan.version ?? h.version;
+  const lazyNow = hasFeature(h.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
+  if (finalVersion === 2) {
+    if (plan.lazyRefcounts === true || (lazyNow && plan.version === undefined)) {
+      throw invalidArgument('Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)');
+    }
+    if (plan.refcountBits !== undefined && plan.refcountBits !== 16) {
+      throw invalidArgument('Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)');
+    }
+  }
+  if (plan.version === 2 && h.version === 3) {
+    if (hasFeature(h.incompatibleFeatures, INCOMPAT_DATA_FILE)) throw unsupported('Cannot downgrade an image with a data file');
+    const other = h.incompatibleFeatures & ~(INCOMPAT_DIRTY | INCOMPAT_COMPRESSION);
+    if (other !== 0n) throw unsupported(`Cannot downgrade an image with incompatible features 0x${other.toString(16)} set`);
+    if ((plan.refcountBits ?? 2 ** h.refcountOrder) !== 16) throw unsupported('compat=0.10 requires refcount_bits=16');
+    if (h.bitmaps || hasFeature(h.autoclearFeatures, AUTOCLEAR_BITMAPS)) throw unsupported('Cannot downgrade an image with persistent bitmaps');
+    // A downgrade turns lazy refcounts off unless they were asked for (refused above).
+    plan.lazyRefcounts = false;
+  }
+  if (dev.openedSnapshot) throw unsupported('cannot amend a snapshot');
+  return plan;
+}
+
+/** Apply `options` to an image opened read-write. */
+export async function amendQcow2(dev: Qcow2Device, options: Record<string, string>): Promise<void> {
+  const plan = planAmend(dev, options);
+  const w = dev.writer;
+  if (!w) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: dev.filename });
+  const h = dev.header;
+  await w.exclusive(async () => {
+    if (plan.version === 3 && h.version === 2) {
+      h.version = 3;
+      h.headerLength = V3_HEADER_LENGTH;
+      h.featureNames = [...QEMU_FEATURE_NAMES];
+      await w.writeHeader();
+      await dev.store.flush();
+    }
+    if (plan.refcountBits !== undefined && plan.refcountBits !== 2 ** h.refcountOrder) await changeRefcountWidth(dev, w, plan.refcountBits);
+    if (plan.lazyRefcounts !== undefined && plan.lazyRefcounts !== hasFeature(h.compatibleFeatures, COMPAT_LAZY_REFCOUNTS)) {
+      // Refcounts were written back by exclusive(): turning lazy refcounts off needs no repair.
+      if (plan.lazyRefcounts) h.compatibleFeatures |= COMPAT_LAZY_REFCOUNTS;
+      else {
+        h.compatibleFeatures &= ~COMPAT_LAZY_REFCOUNTS;
+        h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+      }
+      await w.writeHeader();
+      await dev.store.flush();
+    }
+  });
+  if (plan.size !== undefined && plan.size !== dev.size) await dev.resize(plan.size, { shrink: true });
+  if (plan.version === 2 && h.version === 3) {
+    await w.exclusive(async () => {
+      await downgrade(dev, w);
+    });
+  }
+}
+
+/** The v3 -> v2 step: zero clusters expanded (all L1 tables), then the v2 header. */
+async function downgrade(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
+  const h = dev.header;
+  const cs = dev.clusterSize;
+  const g = dev.geometry;
+  const rc = w.refcounts;
+  const hasBacking = h.backingFile !== undefined;
+  const snaps = h.nbSnapshots > 0 ? await readSnapshotTable(dev.store, h.nbSnapshots, h.snapshotsOffset, dev.fileSize) : [];
+  const l1s: Uint8Array[] = [dev.l1.slice(0, dev.l1Entries * 8)];
+  for (const s of snaps) {
+    const b = new Uint8Array(s.l1Size * 8);
+    if (b.length) await dev.store.read(s.l1TableOffset, b);
+    l1s.push(b);
+  }
+  const zstd = h.compressionType !== COMPRESSION_ZLIB;
+  const seen = new Set<number>();
+  const changed: Array<[number, Uint8Array]> = [];
+  for (const l1 of l1s) {
+    const l1v = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+    for (let i = 0; i < l1.length / 8; i++) {
+      const off = Number(l1v.getBigUint64(i * 8) & OFFSET_MASK);
+      if (off === 0 || seen.has(off)) continue;
+      seen.add(off);
+      const table = new Uint8Array(cs);
+      await dev.store.read(off, table);
+      const tv = new DataView(table.buffer);
+      // Every path to this table is a reference to each cluster it names.
+      const paths = await rc.get(off / cs);
+      let dirty = false;
+      for (let j = 0; j < g.l2Entries; j++) {
+        const e = tv.getBigUint64(j * 8);
+        if (e & COMPRESSED) {
+          if (zstd) throw unsupported('Cannot downgrade an image with zstd compression type and existing compressed clusters');
+          continue;
+        }
+        if ((e & 1n) === 0n) continue;
+        const d = readL2Entry(table, j, dev.l2Context);
+        const guest = i * g.l2Coverage + j * cs;
+        let next: bigint;
+        if (d.kind === 'zero-alloc' && (await rc.get(d.hostOffset / cs)) === paths) {
+          // Only this table reaches the cluster: zeros in place, same entry without the flag.
+          await writeZeros(dev, guest, d.hostOffset);
+          next = e & ~1n;
+        } else {
+          if (d.kind === 'zero-alloc') for (let p = 0; p < paths; p++) rc.free(d.hostOffset, cs);
+          if (!hasBacking) next = 0n;
+          else {
+            const at = await rc.allocClusters(1);
+            if (paths > 1) await rc.update(at, cs, paths - 1);
+            await writeZeros(dev, guest, at);
+            next = BigInt(at) | (paths === 1 ? COPIED : 0n);
+          }
+        }
+        tv.setBigUint64(j * 8, next);
+        dirty = true;
+      }
+      if (dirty) changed.push([off, table]);
+    }
+  }
+  // Zeros are written; counts for new clusters next, then the tables, then old references drop.
+  await w.writeRefcounts();
+  await dev.store.flush();
+  for (const [off, table] of changed) await dev.store.write(off, table);
+  await dev.store.flush();
+  dev.l2Cache.clear();
+  if (dev.l1Entries > 0) await dev.store.read(h.l1TableOffset, dev.l1.subarray(0, dev.l1Entries * 8));
+  await w.flushLocked();
+
+  h.version = 2;
+  h.compressionType = COMPRESSION_ZLIB;
+  h.incompatibleFeatures = 0n;
+  h.compatibleFeatures = 0n;
+  h.autoclearFeatures = 0n;
+  h.featureNames = [];
+  h.headerLength = 72;
+  await w.writeHeader();
+  await dev.store.flush();
+}
+
+async function writeZeros(dev: Qcow2Device, guest: number, host: number): Promise<void> {
+  const zeros = new Uint8Array(dev.clusterSize);
+  const enc = dev.encryption;
+  if (!enc) {
+    await dev.store.write(host, zeros);
+    return;
+  }
+  await dev.store.write(host, await enc.cipher().encrypt(zeros, (enc.ivFromHostSector ? host : guest) / 512));
+}
+
+/**
+ * New refcount structures of `bits`-wide entries, built after the end of the file from the current
+ * counts, flushed, then named by the header; the old table and blocks are free afterwards.
+ */
+async function changeRefcountWidth(dev: Qcow2Device, w: Qcow2Writer, bits: number): Promise<void> {
+  const cs = dev.clusterSize;
+  const old = w.refcounts;
+  const end = Math.max(old.end, Math.ceil((await dev.store.size()) / cs));
+  const counts = new Float64Array(end);
+  for (let c = 0; c < end; c++) counts[c] = await old.get(c);
+  // The old structures are not carried over.
+  for (let c = old.tableOffset / cs; c < old.tableOffset / cs + old.tableClusters; c++) counts[c] -= 1;
+  for (const b of old.blockOffsets()) if (b !== 0) counts[b / cs] -= 1;
+  const max = maxRefcount(bits);
+  for (let c = 0; c < end; c++) {
+    if (counts[c]! > max) throw invalidArgument(`Cannot decrease refcount entry width to ${bits} bits: Cluster at offset 0x${(c * cs).toString(16)} has a refcount of ${counts[c]}`);
+  }
+  const perBlock = entriesPerBlock(cs, bits);
+  let blocks = 0;
+  let tableClusters = 0;
+  for (;;) {
+    const total = end + blocks + tableClusters;
+    const nb = Math.ceil(total / perBlock);
+    const nt = Math.max(1, Math.ceil((nb * 8) / cs));
+    if (nb === blocks && nt === tableClusters) break;
+    blocks = nb;
+    tableClusters = nt;
+  }
+  const blockAt = (b: number) => (end + b) * cs;
+  const tableAt = (end + blocks) * cs;
+  const total = end + blocks + tableClusters;
+  const image = new Uint8Array(blocks * cs);
+  for (let c = 0; c < total; c++) {
+    const v = c < end ? counts[c]! : 1;
+    if (v === 0) continue;
+    const b = Math.floor(c / perBlock);
+    setRefcount(image.subarray(b * cs, (b + 1) * cs), c % perBlock, bits, v);
+  }
+  const table = new Uint8Array(tableClusters * cs);
+  encodeRefcountTable(Array.from({ length: blocks }, (_, b) => blockAt(b)), table);
+  await dev.store.write(blockAt(0), image);
+  await dev.store.write(tableAt, table);
+  await dev.store.flush();
+  const h = dev.header;
+  h.refcountOrder = Math.log2(bits);
+  h.refcountTableOffset = tableAt;
+  h.refcountTableClusters = tableClusters;
+  await w.writeHeader();
+  await dev.store.flush();
+  dev.fileSize = total * cs;
+  w.refcounts = await Refcounts.load(dev.store, { clusterSize: cs, refcountBits: bits, tableOffset: tableAt, tableClusters });
+}
