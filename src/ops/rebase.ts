@@ -87,32 +87,48 @@ async function copyDifferences(image: BlockDevice, options: RebaseOptions): Prom
   }
 
   const chunk = options.chunkSize ?? 2 * 1024 * 1024;
+  // Pieces are read in parallel but written in guest order, one after another, as qemu-img
+  // rebase writes them: the clusters the image allocates then land in the same order every run.
+  let lastWrite: Promise<void> = Promise.resolve();
   await forEachPiece(
     candidates(),
     chunk,
     options.parallel ?? 4,
     async (piece, buffer) => {
-      const oldBuf = buffer.subarray(0, piece.length);
-      const newBuf = buffer.subarray(chunk, chunk + piece.length);
-      await Promise.all([readChain(oldChain, piece.offset, oldBuf), readChain(newChain, piece.offset, newBuf)]);
-      throwIfAborted(options.signal);
-      // Write back the old bytes in runs of differing sectors.
-      let runStart = -1;
-      for (let s = 0; s <= piece.length; s += SECTOR) {
-        const differs = s < piece.length && !sameBytes(oldBuf.subarray(s, s + SECTOR), newBuf.subarray(s, s + SECTOR));
-        if (differs && runStart < 0) runStart = s;
-        else if (!differs && runStart >= 0) {
-          const run = oldBuf.subarray(runStart, Math.min(s, piece.length));
-          if (allZero(run)) await image.writeZeroes(piece.offset + runStart, run.length);
-          else await image.write(piece.offset + runStart, run);
-          runStart = -1;
-        }
+      // Steps start in piece order (forEachPiece hands pieces out in order), so this is our turn.
+      const previous = lastWrite;
+      let done!: () => void;
+      lastWrite = new Promise<void>((resolve) => (done = resolve));
+      try {
+        await writePiece(piece, buffer, previous);
+      } finally {
+        done();
       }
-      progress(piece.length);
     },
     options.signal,
     2 * chunk,
   );
+
+  async function writePiece(piece: Range, buffer: Uint8Array, turn: Promise<void>): Promise<void> {
+    const oldBuf = buffer.subarray(0, piece.length);
+    const newBuf = buffer.subarray(chunk, chunk + piece.length);
+    await Promise.all([readChain(oldChain, piece.offset, oldBuf), readChain(newChain, piece.offset, newBuf)]);
+    await turn;
+    throwIfAborted(options.signal);
+    // Write back the old bytes in runs of differing sectors.
+    let runStart = -1;
+    for (let s = 0; s <= piece.length; s += SECTOR) {
+      const differs = s < piece.length && !sameBytes(oldBuf.subarray(s, s + SECTOR), newBuf.subarray(s, s + SECTOR));
+      if (differs && runStart < 0) runStart = s;
+      else if (!differs && runStart >= 0) {
+        const run = oldBuf.subarray(runStart, Math.min(s, piece.length));
+        if (allZero(run)) await image.writeZeroes(piece.offset + runStart, run.length);
+        else await image.write(piece.offset + runStart, run);
+        runStart = -1;
+      }
+    }
+    progress(piece.length);
+  }
 }
 
 /** Guest bytes of a chain, zeros past its end or without one. */

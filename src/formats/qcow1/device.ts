@@ -657,6 +657,29 @@ export class Qcow1Device extends DeviceBase {
     });
   }
 
+  /**
+   * Drop every cluster so the whole image reads from its backing file again (qemu-img commit
+   * empties a qcow overlay this way). The zeroed L1 table reaches the disk first, then the file is
+   * cut back to the end of the L1 table: a crash in between leaves only unreferenced space.
+   */
+  async makeEmpty(): Promise<void> {
+    this.checkWritable();
+    await this.mutex.run(async () => {
+      await this.syncLinks();
+      this.l1.fill(0);
+      await this.store.write(this.header.l1TableOffset, this.l1);
+      await this.store.flush();
+      const end = this.header.l1TableOffset + this.l1.length; // where qemu cuts it too
+      await this.store.truncate(end);
+      this.eof = end;
+      this.l2Cache.clear();
+      this.l2Offsets.length = 0;
+      this.gaps = [];
+      this.tail = null;
+      this.lastInflated = null;
+    });
+  }
+
   async describe(): Promise<ImageDescription> {
     const d: ImageDescription = { format: 'qcow', virtualSize: this.size, clusterSize: this.clusterSize };
     if (this.encrypted) d.encrypted = true;
