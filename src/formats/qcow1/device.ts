@@ -21,8 +21,7 @@ import { Mutex } from '../../core/mutex.js';
 import { alignDown, alignUp, utf8, view } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
 import type { SectorCipher } from '../../crypto/types.js';
-import { legacyAesCipher } from '../../crypto/legacy-aes.js';
-import { deflateRaw, inflateRaw } from '#compress';
+import { deflateRaw, inflateRaw } from '../../compress/lazy.js';
 import { CRYPT_AES, HEADER_SIZE, decodeHeader, l1SizeOf, virtualSizeOf, type QcowHeader } from './header.js';
 import { compressedEntry, decodeEntry, normalEntry, type ClusterEntry } from './l2-entry.js';
 import { L2Cache } from './l2-cache.js';
@@ -145,7 +144,10 @@ export class Qcow1Device extends DeviceBase {
 
     let cipher: SectorCipher | null = null;
     if (header.cryptMethod === CRYPT_AES) {
-      if (options.password !== undefined) cipher = await legacyAesCipher(options.password);
+      if (options.password !== undefined) {
+        const { legacyAesCipher } = await import('../../crypto/legacy-aes.js');
+        cipher = await legacyAesCipher(options.password);
+      }
       else if (!options.inspectOnly) throw new QcowError('QCOW_NEED_PASSWORD', 'image is encrypted (AES): a password is needed (--password-file FILE)');
     }
 

@@ -3,7 +3,7 @@
  * The stream is read up to the descriptor's bound, which may include the start of the next
  * compressed cluster; the decompressors stop after `clusterSize` bytes and ignore what follows.
  */
-import { inflateRaw, zstdDecompress } from '#compress';
+import { inflateRaw, zstdDecompress } from '../../compress/lazy.js';
 import { QcowError, corrupt } from '../../core/errors.js';
 
 export type CompressionKind = 'zlib' | 'zstd';

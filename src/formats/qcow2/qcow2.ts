@@ -22,7 +22,6 @@ import { readL2Entry, subclusterKind, type ClusterDescriptor, type L2Context, ty
 import { TableCache, type CachedTable } from './l2-cache.js';
 import { findSnapshot, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
 import { decompressCluster } from './compressed.js';
-import { describeQcow2 } from './describe.js';
 // Type only: the cipher code (LUKS, AES) loads when an encrypted image is opened (start-up time).
 import type { Qcow2Encryption } from './encryption.js';
 import { Qcow2Writer } from './write.js';
@@ -480,6 +479,8 @@ export class Qcow2Device extends DeviceBase {
   }
 
   async describe(): Promise<ImageDescription> {
+    // Loaded when asked for (info, measure): it brings the bitmap directory reader with it.
+    const { describeQcow2 } = await import('./describe.js');
     return describeQcow2(this);
   }
 

@@ -22,14 +22,12 @@
 import type { ZeroOptions } from '../../core/block-device.js';
 import { QcowError, corrupt, unsupported } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
-import { deflateRaw, zstdCompress } from '#compress';
+import { deflateRaw, zstdCompress } from '../../compress/lazy.js';
 import { COMPRESSION_ZSTD, decodeHeader, encodeHeader } from './header.js';
-import { checkQcow2 } from './check.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
 import { readL2Entry, type ClusterDescriptor } from './l2-entry.js';
 import type { CachedTable } from './l2-cache.js';
 import { Refcounts } from './alloc.js';
-import { shrinkLocked } from './shrink.js';
 import type { Qcow2Device } from './qcow2.js';
 
 const COPIED = 1n << 63n;
@@ -57,6 +55,8 @@ interface Piece {
  * are recounted from the tables and written before anything is allocated (qemu does the same).
  */
 async function repairDirty(dev: Qcow2Device): Promise<void> {
+  // Loaded only here (and for shrinking): the checker is not needed by ordinary writes.
+  const { checkQcow2 } = await import('./check.js');
   await checkQcow2(dev.store, { repair: 'all' });
   const head = new Uint8Array(Math.min(dev.clusterSize, dev.fileSize));
   await dev.store.read(0, head);
@@ -236,6 +236,7 @@ export class Qcow2Writer {
       if (size < dev.size) {
         if (!shrink) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use the --shrink option to perform a shrink operation.');
         if (dev.openedSnapshot) throw unsupported('cannot resize a snapshot');
+        const { shrinkLocked } = await import('./shrink.js');
         await shrinkLocked(dev, this, size);
         return;
       }
