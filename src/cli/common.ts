@@ -2,9 +2,9 @@
 import { readFile } from 'node:fs/promises';
 import type { BlockDevice } from '../core/block-device.js';
 import { QcowError } from '../core/errors.js';
-// Type only: node.js pulls in every format, HTTP, overlay and codecs; it is loaded when an image
-// is opened (openForCli), so `--help`, `--version` and argument errors start fast.
-import type { NodeOpenOptions } from '../node.js';
+// Type only: node-open.js pulls in every format; it is loaded when an image is opened
+// (openForCli), so `--help`, `--version` and argument errors start fast.
+import type { NodeOpenOptions } from '../node-open.js';
 
 export interface ImageFlags {
   format?: string;
@@ -40,7 +40,7 @@ export const openPolicy: { confine?: boolean; probeBacking?: boolean } = {};
 export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpenOptions = {}): Promise<BlockDevice> {
   const confine = flags.confine ?? openPolicy.confine ?? false;
   const probeBacking = flags.probeBacking ?? openPolicy.probeBacking ?? true;
-  const { openImage } = await import('../node.js');
+  const { openImage } = await import('../node-open.js');
   return openImage(file, {
     format: flags.format,
     password: await readPasswordFile(flags.passwordFile),

@@ -22,6 +22,9 @@ import {
   type RetryPolicy,
 } from './http-request.js';
 import type { ByteStore, StoreOpener } from './types.js';
+import { isHttpUrl, resolveUrl } from './url.js';
+
+export { isHttpUrl, resolveUrl };
 
 export interface HttpStoreOptions {
   /** Bytes per request; reads are widened to whole aligned chunks. Default 4 MiB (see below). */
@@ -311,18 +314,6 @@ export class HttpStore implements ByteStore {
   private readOnlyError(): QcowError {
     return new QcowError('QCOW_READ_ONLY', 'HTTP images are read-only (put an overlay over the image to write)', { file: this.name });
   }
-}
-
-export function isHttpUrl(name: string): boolean {
-  return /^https?:\/\//i.test(name);
-}
-
-/** Resolve a name an image at `relativeTo` (a URL) gives for its backing file: as a browser would resolve a link. */
-export function resolveUrl(name: string, relativeTo: string): string {
-  const url = new URL(name, relativeTo).href;
-  // An image from the network must not make us read local files (file:, data: ...).
-  if (!isHttpUrl(url)) throw new QcowError('QCOW_UNSUPPORTED', `refusing '${name}': a remote image may only name http(s) files`, { file: relativeTo });
-  return url;
 }
 
 /** Opens images by URL, read-only; names inside them resolve relative to the naming image's URL. */

@@ -2,7 +2,7 @@ import { unlink } from 'node:fs/promises';
 import type { BlockDevice } from '../../core/block-device.js';
 import { QcowError } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
-import { createImage, defaultOpener, openImage } from '../../node.js';
+import { createImage, defaultOpener, openImage } from '../../node-open.js';
 import type { ByteStore, StoreOpener } from '../../storage/types.js';
 import { convert } from '../../ops/convert.js';
 import { interruptSignal, openForCli, parseOptionList, progressBar, readPasswordFile } from '../common.js';

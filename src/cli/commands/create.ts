@@ -1,6 +1,7 @@
 import { QcowError } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
-import { builtinFormats, createImage } from '../../node.js';
+import { builtinFormats } from '../../formats/index.js';
+import { createImage } from '../../node-open.js';
 import { parseOptionList, readPasswordFile } from '../common.js';
 
 interface Flags {

@@ -1,5 +1,5 @@
 import { chainInfo, imageInfo, infoHuman } from '../../ops/info.js';
-import { defaultOpener } from '../../node.js';
+import { defaultOpener } from '../../node-open.js';
 import type { ImageInfoJson } from '../../ops/info.js';
 import { checkOutputFormat, openForCli, printJson } from '../common.js';
 

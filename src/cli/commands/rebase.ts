@@ -1,6 +1,6 @@
 import type { BlockDevice } from '../../core/block-device.js';
 import { QcowError } from '../../core/errors.js';
-import { defaultOpener, openImage } from '../../node.js';
+import { defaultOpener, openImage } from '../../node-open.js';
 import { rebase } from '../../ops/rebase.js';
 import { interruptSignal, openForCli, progressBar, readPasswordFile } from '../common.js';
 

@@ -1,0 +1,14 @@
+/** http(s) names: told apart from local paths, and resolved the way a browser resolves a link. No I/O. */
+import { QcowError } from '../core/errors.js';
+
+export function isHttpUrl(name: string): boolean {
+  return /^https?:\/\//i.test(name);
+}
+
+/** Resolve a name an image at `relativeTo` (a URL) gives for its backing file: as a browser would resolve a link. */
+export function resolveUrl(name: string, relativeTo: string): string {
+  const url = new URL(name, relativeTo).href;
+  // An image from the network must not make us read local files (file:, data: ...).
+  if (!isHttpUrl(url)) throw new QcowError('QCOW_UNSUPPORTED', `refusing '${name}': a remote image may only name http(s) files`, { file: relativeTo });
+  return url;
+}
