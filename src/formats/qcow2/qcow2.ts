@@ -55,6 +55,12 @@ export interface Qcow2OpenState {
   options: OpenOptions;
 }
 
+/** Every byte of L2 entry `index` is zero: an unallocated cluster (all subclusters unallocated). */
+function zeroEntry(table: Uint8Array, index: number, entryBytes: number): boolean {
+  for (let o = index * entryBytes, e = o + entryBytes; o < e; o++) if (table[o] !== 0) return false;
+  return true;
+}
+
 export class Qcow2Device extends DeviceBase {
   readonly format = 'qcow2';
   readonly clusterSize: number;
@@ -249,6 +255,15 @@ export class Qcow2Device extends DeviceBase {
         const clusterStart = pos - (pos % g.clusterSize);
         const clusterEnd = Math.min(tableEnd, clusterStart + g.clusterSize);
         const index = (clusterStart % g.l2Coverage) / g.clusterSize;
+        // A run of all-zero entries (unallocated clusters, most of a sparse table) in one step,
+        // without decoding each: it reads exactly as the entries one by one would.
+        if (zeroEntry(table.data, index, g.l2EntryBytes)) {
+          let runEnd = clusterEnd;
+          while (runEnd < tableEnd && zeroEntry(table.data, (runEnd % g.l2Coverage) / g.clusterSize, g.l2EntryBytes)) runEnd = Math.min(tableEnd, runEnd + g.clusterSize);
+          push({ offset: pos, length: runEnd - pos, kind: 'unallocated' });
+          pos = runEnd;
+          continue;
+        }
         const d = readL2Entry(table.data, index, this.l2Context);
         this.checkHostOffset(d, clusterStart);
         if (d.kind === 'compressed') {
