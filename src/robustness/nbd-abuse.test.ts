@@ -15,7 +15,7 @@ import { readFile, stat, writeFile } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { CLI, needs, qemuGuestSha256, qemuImg, randomBytes, run, scratch, sha256 } from '../test-support/qemu.js';
-import { openImage } from '../node.js';
+import { readGuest } from '../test-support/crash.js';
 import { NbdClient } from '../nbd/client.js';
 import * as C from '../nbd/constants.js';
 import { Writer } from '../nbd/wire.js';
@@ -79,17 +79,6 @@ async function qemuCheckCorruptions(file: string): Promise<number> {
   return (JSON.parse(r.stdout) as { corruptions?: number }).corruptions ?? 0;
 }
 
-async function readOurs(file: string): Promise<Uint8Array> {
-  const dev = await openImage(file, { format: 'qcow2', readOnly: true });
-  try {
-    const buf = new Uint8Array(dev.size);
-    await dev.read(0, buf);
-    return buf;
-  } finally {
-    await dev.close();
-  }
-}
-
 const ROUNDS = Number(process.env.QCOW_CRASH_ROUNDS ?? 3);
 
 test(`qcow serve SIGKILLed while two clients write: no corruption, flushed data survives (${ROUNDS} rounds)`, needs('qemu-img', 'qemu-io'), async (t) => {
@@ -142,7 +131,7 @@ test(`qcow serve SIGKILLed while two clients write: no corruption, flushed data 
     assert.equal(await qemuCheckCorruptions(file), 0, `round ${round}: qemu-img check found corruption`);
     const maybe = new Uint8Array(SIZE);
     for (const [o, d] of pending) maybe.fill(1, o, o + d.length);
-    const ours = await readOurs(file);
+    const ours = await readGuest(file, 'qcow2');
     const out = join(dir, 'qemu.raw');
     await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', file, out]);
     const theirs = new Uint8Array(await readFile(out));

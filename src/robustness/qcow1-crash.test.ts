@@ -1,56 +1,24 @@
 /**
  * Crash safety of the qcow v1 writer: a child process writes random data at random offsets
- * (qcow1-crash-child.node.ts) and is killed with SIGKILL at a random moment, QCOW_CRASH_ROUNDS
+ * (test-support/crash-writer.node.ts) and is killed with SIGKILL at a random moment, QCOW_CRASH_ROUNDS
  * times (default 6) on the same image. After every kill QEMU must still open the image (qemu-img
  * convert and qemu-io read it) and every byte that no write after the last completed flush
  * touched must read back as written, through our reader and through QEMU's.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { needs, qcowOk, randomBytes, run, runOk, scratch } from '../test-support/qemu.js';
-import { openImage } from '../node.js';
+import { crashRound, readGuest } from '../test-support/crash.js';
 
-const CHILD = fileURLToPath(new URL('./qcow1-crash-child.node.js', import.meta.url));
 const ROUNDS = Number(process.env.QCOW_CRASH_ROUNDS ?? 6);
 const SIZE = 8 * 2 ** 20;
-
-async function readOurs(file: string): Promise<Uint8Array> {
-  const dev = await openImage(file, { format: 'qcow', readOnly: true });
-  try {
-    const buf = new Uint8Array(dev.size);
-    await dev.read(0, buf);
-    return buf;
-  } finally {
-    await dev.close();
-  }
-}
 
 async function readQemu(file: string, dir: string): Promise<Uint8Array> {
   const out = join(dir, 'qemu.raw');
   await runOk('qemu-img', ['convert', '-f', 'qcow', '-O', 'raw', file, out]);
   return new Uint8Array(await readFile(out));
-}
-
-/** Run the child for `ms` milliseconds, kill it, and return what it announced. */
-function crashRound(file: string, seed: number, ms: number): Promise<string[]> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CHILD, file, String(seed)], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), ms);
-    child.on('error', reject);
-    child.on('close', (code, signal) => {
-      clearTimeout(timer);
-      if (signal !== 'SIGKILL') reject(new Error(`child ended by itself (code ${code}): ${err}`));
-      else resolve(out.split('\n').filter(Boolean));
-    });
-  });
 }
 
 test(`qcow v1: a writer killed at random moments leaves an image QEMU opens, with flushed data intact (${ROUNDS} rounds)`, needs('qemu-img', 'qemu-io'), async (t) => {
@@ -63,7 +31,7 @@ test(`qcow v1: a writer killed at random moments leaves an image QEMU opens, wit
   let x = 4242;
   for (let round = 0; round < ROUNDS; round++) {
     x = (x * 1103515245 + 12345) >>> 0;
-    const lines = await crashRound(file, round + 1, 200 + (x % 700));
+    const lines = await crashRound(file, 'qcow', round + 1, 200 + (x % 700));
     const lastFlush = lines.lastIndexOf('f');
     flushes += lines.filter((l) => l === 'f').length;
     writes += lines.length;
@@ -80,7 +48,7 @@ test(`qcow v1: a writer killed at random moments leaves an image QEMU opens, wit
     const io = await run('qemu-io', ['-f', 'qcow', '-r', '-c', `read 0 ${SIZE}`, file]);
     assert.equal(io.code, 0, `round ${round}: qemu-io: ${io.stderr}${io.stdout}`);
     assert.doesNotMatch(io.stdout + io.stderr, /error|failed/i, `round ${round}`);
-    const ours = await readOurs(file);
+    const ours = await readGuest(file, 'qcow');
     const theirs = await readQemu(file, dir);
     for (let i = 0; i < SIZE; i++) {
       if (maybe[i]) continue;

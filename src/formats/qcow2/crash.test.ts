@@ -1,49 +1,17 @@
 /**
- * Crash safety: a child process writes random data at random offsets (crash-child.node.ts) and is
+ * Crash safety: a child process writes random data at random offsets (test-support/crash-writer.node.ts) and is
  * killed with SIGKILL at a random moment, QCOW_CRASH_ROUNDS times (default 8) on the same image.
  * After every kill, `qemu-img check` must find no corruption (leaks are allowed), and every byte
  * that no write after the last completed flush touched must read back as it was written.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { needs, qcowOk, randomBytes, run, scratch } from '../../test-support/qemu.js';
-import { openImage } from '../../node.js';
+import { crashRound, readGuest } from '../../test-support/crash.js';
 
-const CHILD = fileURLToPath(new URL('./crash-child.node.js', import.meta.url));
 const ROUNDS = Number(process.env.QCOW_CRASH_ROUNDS ?? 8);
 const SIZE = 16 * 2 ** 20;
-
-async function readAll(file: string): Promise<Uint8Array> {
-  const dev = await openImage(file, { format: 'qcow2', readOnly: true });
-  try {
-    const buf = new Uint8Array(dev.size);
-    await dev.read(0, buf);
-    return buf;
-  } finally {
-    await dev.close();
-  }
-}
-
-/** Run the child for `ms` milliseconds, kill it, and return what it announced. */
-function crashRound(file: string, seed: number, ms: number): Promise<string[]> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CHILD, file, String(seed)], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), ms);
-    child.on('error', reject);
-    child.on('close', (code, signal) => {
-      clearTimeout(timer);
-      if (signal !== 'SIGKILL') reject(new Error(`child ended by itself (code ${code}): ${err}`));
-      else resolve(out.split('\n').filter(Boolean));
-    });
-  });
-}
 
 test(`a writer killed at random moments leaves no corruption and keeps flushed data (${ROUNDS} rounds)`, needs('qemu-img'), async (t) => {
   const dir = await scratch(t);
@@ -56,7 +24,7 @@ test(`a writer killed at random moments leaves no corruption and keeps flushed d
   let x = 12345;
   for (let round = 0; round < ROUNDS; round++) {
     x = (x * 1103515245 + 12345) >>> 0;
-    const lines = await crashRound(file, round + 1, 150 + (x % 600));
+    const lines = await crashRound(file, 'qcow2', round + 1, 150 + (x % 600));
     const check = await run('qemu-img', ['check', '--output=json', file]);
     assert.ok(check.code === 0 || check.code === 3, `round ${round}: qemu-img check exit ${check.code}\n${check.stdout}${check.stderr}`);
     assert.equal(JSON.parse(check.stdout).corruptions ?? 0, 0);
@@ -71,7 +39,7 @@ test(`a writer killed at random moments leaves no corruption and keeps flushed d
       if (i < lastFlush) model.set(randomBytes(len, seed), off);
       else maybe.fill(1, off, off + len);
     });
-    const actual = await readAll(file);
+    const actual = await readGuest(file, 'qcow2');
     for (let i = 0; i < SIZE; i++) {
       if (!maybe[i] && actual[i] !== model[i]) assert.fail(`round ${round}: byte ${i} is ${actual[i]}, expected ${model[i]} (last flush after ${lastFlush} lines)`);
     }

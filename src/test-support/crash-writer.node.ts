@@ -1,16 +1,16 @@
 /**
- * Child process of the crash test (crash.test.ts): writes pseudo-random data at pseudo-random
- * offsets into a qcow2 image forever, flushing now and then, until it is killed. Protocol on
- * stdout, one line each, written BEFORE the write starts / AFTER the flush completes:
+ * Child process of the crash tests: writes pseudo-random data at pseudo-random offsets into an
+ * image forever, flushing now and then, until it is killed. Protocol on stdout, one line each,
+ * written BEFORE the write starts / AFTER the flush completes:
  *   w <offset> <length> <seed>      a write is about to start (its data: randomBytes(length, seed))
  *   f                               every write announced so far is durable
- * Usage: node crash-child.node.js IMAGE SEED
+ * Usage: node crash-writer.node.js IMAGE FORMAT SEED
  */
 import { writeSync } from 'node:fs';
-import { openImage } from '../../node.js';
-import { randomBytes } from '../../test-support/qemu.js';
+import { openImage } from '../node.js';
+import { randomBytes } from './qemu.js';
 
-const [image, seedText] = process.argv.slice(2);
+const [image, format, seedText] = process.argv.slice(2);
 let x = Number(seedText) >>> 0 || 1;
 const rand = (n: number): number => {
   x ^= x << 13;
@@ -19,10 +19,11 @@ const rand = (n: number): number => {
   return (x >>> 0) % n;
 };
 
-const dev = await openImage(image!, { format: 'qcow2' });
+const dev = await openImage(image!, { format });
 const say = (line: string) => writeSync(1, line + '\n');
 for (let i = 0; ; i++) {
-  const len = 1 + rand(3) === 1 ? 1 + rand(4096) : 512 * (1 + rand(256));
+  // Small unaligned writes (partial clusters: read-modify-write) and larger runs of whole sectors.
+  const len = rand(3) === 0 ? 1 + rand(4096) : 512 * (1 + rand(256));
   const off = rand(dev.size - len);
   const seed = (Number(seedText) * 100003 + i) >>> 0 || 1;
   say(`w ${off} ${len} ${seed}`);

@@ -1,0 +1,36 @@
+/** Shared pieces of the crash tests: a writer child killed at a chosen moment, and whole-image reads. */
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { openImage } from '../node.js';
+
+const WRITER = fileURLToPath(new URL('./crash-writer.node.js', import.meta.url));
+
+/** The whole guest content of an image, as our reader sees it. */
+export async function readGuest(file: string, format: string): Promise<Uint8Array> {
+  const dev = await openImage(file, { format, readOnly: true });
+  try {
+    const buf = new Uint8Array(dev.size);
+    await dev.read(0, buf);
+    return buf;
+  } finally {
+    await dev.close();
+  }
+}
+
+/** Run the writer child on `file` for `ms` milliseconds, SIGKILL it, and return what it announced. */
+export function crashRound(file: string, format: string, seed: number, ms: number): Promise<string[]> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [WRITER, file, format, String(seed)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    const timer = setTimeout(() => child.kill('SIGKILL'), ms);
+    child.on('error', reject);
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      if (signal !== 'SIGKILL') reject(new Error(`child ended by itself (code ${code}): ${err}`));
+      else resolve(out.split('\n').filter(Boolean));
+    });
+  });
+}
