@@ -6,7 +6,7 @@
  * unless `drainOnFlush` is off). A failed request ends the run with its error.
  */
 import type { BlockDevice } from '../core/block-device.js';
-import { QcowError, throwIfAborted } from '../core/errors.js';
+import { QcowError } from '../core/errors.js';
 
 export interface BenchOptions {
   count?: number;
@@ -75,50 +75,78 @@ export function benchHeader(p: BenchPlan): string {
 
 export const benchFooter = (seconds: number): string => `Run completed in ${seconds.toFixed(3)} seconds.`;
 
-/** Run the workload; resolves with the elapsed time in seconds. */
+/**
+ * Run the workload; resolves with the elapsed time in seconds. Completions drive the loop: each
+ * finished request frees its buffer and starts the next one, so the cost per request stays
+ * constant whatever the depth (racing all in-flight promises each time would be O(depth)).
+ */
 export async function bench(dev: BlockDevice, plan: BenchPlan, options: { signal?: AbortSignal; now?: () => number } = {}): Promise<number> {
   const now = options.now ?? (() => performance.now());
-  const buffers = Array.from({ length: Math.min(plan.depth, Math.max(plan.count, 1)) }, () => new Uint8Array(plan.bufferSize).fill(plan.write ? plan.pattern : 0));
-  const free = buffers.slice();
+  const free = Array.from({ length: Math.min(plan.depth, Math.max(plan.count, 1)) }, () => new Uint8Array(plan.bufferSize).fill(plan.write ? plan.pattern : 0));
   const size = dev.size;
   let offset = plan.offset;
   let submitted = 0;
+  let inFlight = 0;
+  let flushing = false;
   let failure: unknown;
-  const inFlight = new Set<Promise<void>>();
 
   const start = now();
-  while (submitted < plan.count && failure === undefined) {
-    throwIfAborted(options.signal);
-    if (inFlight.size >= plan.depth || free.length === 0) {
-      await Promise.race(inFlight);
-      continue;
-    }
-    const buf = free.pop()!;
-    const at = offset;
-    offset = size > 0 ? (offset + plan.step) % size : 0;
-    const req: Promise<void> = (plan.write ? dev.write(at, buf) : dev.read(at, buf))
-      .catch((e: unknown) => {
-        failure ??= e;
-      })
-      .finally(() => {
-        inFlight.delete(req);
-        free.push(buf);
-      });
-    inFlight.add(req);
-    submitted++;
-    if (plan.flushInterval && submitted % plan.flushInterval === 0) {
-      if (plan.drainOnFlush) await Promise.all(inFlight);
-      const f: Promise<void> = dev
-        .flush()
-        .catch((e: unknown) => {
-          failure ??= e;
-        })
-        .finally(() => inFlight.delete(f));
-      inFlight.add(f);
-      if (plan.drainOnFlush) await f;
-    }
-  }
-  await Promise.all(inFlight);
+  await new Promise<void>((resolve) => {
+    const fail = (e: unknown): void => {
+      failure ??= e;
+    };
+    const finished = (buf: (typeof free)[number] | undefined): void => {
+      inFlight--;
+      if (buf) free.push(buf);
+      pump();
+    };
+    const startFlush = (): void => {
+      inFlight++;
+      dev.flush().then(
+        () => {
+          flushing = false;
+          finished(undefined);
+        },
+        (e: unknown) => {
+          fail(e);
+          flushing = false;
+          finished(undefined);
+        },
+      );
+    };
+    const pump = (): void => {
+      if (failure === undefined && options.signal?.aborted) fail(new QcowError('QCOW_ABORTED', 'operation aborted', { cause: options.signal.reason }));
+      // A draining flush waits for every request before it, and holds back the ones after it.
+      if (flushing && plan.drainOnFlush) {
+        if (inFlight === 0 && failure === undefined) startFlush();
+        else if (inFlight === 0) flushing = false;
+        if (flushing || inFlight > 0) return;
+      }
+      while (failure === undefined && !flushing && submitted < plan.count && inFlight < plan.depth && free.length > 0) {
+        const buf = free.pop()!;
+        const at = offset;
+        offset = size > 0 ? (offset + plan.step) % size : 0;
+        inFlight++;
+        submitted++;
+        (plan.write ? dev.write(at, buf) : dev.read(at, buf)).then(
+          () => finished(buf),
+          (e: unknown) => {
+            fail(e);
+            finished(buf);
+          },
+        );
+        if (plan.flushInterval && submitted % plan.flushInterval === 0) {
+          flushing = true;
+          if (!plan.drainOnFlush) {
+            flushing = false;
+            startFlush();
+          } else if (inFlight === 0) startFlush();
+        }
+      }
+      if (inFlight === 0 && !flushing) resolve();
+    };
+    pump();
+  });
   if (failure !== undefined) throw failure;
   return (now() - start) / 1000;
 }

@@ -1,5 +1,15 @@
-/** A local file through node:fs/promises, with positional reads and writes. */
-import { read as fsRead, write as fsWrite } from 'node:fs';
+/**
+ * A local file through node:fs, with positional reads and writes.
+ *
+ * Small requests are done synchronously, large ones on libuv's thread pool. Handing a request to
+ * the pool and back costs 20-40 µs of thread wake-ups (measured on a 2-core VM: 37 µs for an async
+ * 4 KiB read against 1.8 µs for readSync, and 6 µs for a 64 KiB readSync), which is most of the cost
+ * of a small guest request served from the page cache, where image files mostly live. Large
+ * requests gain from the pool: the copy runs on another core while JavaScript goes on, and several
+ * overlap. The price of the sync path is that a small read that misses the page cache holds the
+ * event loop for one disk access; `syncMax: 0` sends everything to the pool.
+ */
+import { read as fsRead, readSync, write as fsWrite, writeSync } from 'node:fs';
 import { open, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
 import type { ByteStore, StoreOpener } from './types.js';
@@ -12,18 +22,21 @@ export class FileStore implements ByteStore {
   private fh: FileHandle;
   private closed = false;
   private lock: WriteLock | undefined;
+  /** Requests of at most this many bytes are served synchronously (see above). */
+  private readonly syncMax: number;
 
-  private constructor(name: string, fh: FileHandle, readOnly: boolean) {
+  private constructor(name: string, fh: FileHandle, readOnly: boolean, syncMax: number) {
     this.name = name;
     this.fh = fh;
     this.readOnly = readOnly;
+    this.syncMax = syncMax;
   }
 
   /**
    * Open a file. Writers take the image's write lock (see lock.node.ts) and fail with QCOW_LOCKED
    * while another process writes it; `create` truncates only after the lock is held.
    */
-  static async open(path: string, options: { readOnly?: boolean; create?: boolean; noLock?: boolean } = {}): Promise<FileStore> {
+  static async open(path: string, options: FileStoreOptions = {}): Promise<FileStore> {
     const readOnly = options.readOnly ?? false;
     let fh: FileHandle;
     try {
@@ -31,7 +44,7 @@ export class FileStore implements ByteStore {
     } catch (e) {
       throw fsError(e, path);
     }
-    const store = new FileStore(path, fh, readOnly);
+    const store = new FileStore(path, fh, readOnly, options.syncMax ?? DEFAULT_SYNC_MAX);
     try {
       if (!readOnly && !options.noLock) store.lock = await acquireWriteLock(fh, path);
       if (options.create) {
@@ -60,6 +73,13 @@ export class FileStore implements ByteStore {
   // bookkeeping), which showed at a few µs per 4 KiB request. The handle still owns the fd.
   read(offset: number, into: Uint8Array): Promise<number> {
     const fd = this.fh.fd;
+    if (into.length <= this.syncMax) {
+      try {
+        return Promise.resolve(readFully(fd, into, offset));
+      } catch (e) {
+        return Promise.reject(e as Error);
+      }
+    }
     return new Promise((resolve, reject) => {
       let done = 0;
       const step = (): void => {
@@ -79,6 +99,14 @@ export class FileStore implements ByteStore {
   write(offset: number, data: Uint8Array): Promise<void> {
     if (this.readOnly) return Promise.reject(new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.name }));
     const fd = this.fh.fd;
+    if (data.length <= this.syncMax) {
+      try {
+        for (let done = 0; done < data.length; ) done += writeSync(fd, data, done, data.length - done, offset + done);
+        return Promise.resolve();
+      } catch (e) {
+        return Promise.reject(e as Error);
+      }
+    }
     return new Promise((resolve, reject) => {
       let done = 0;
       const step = (): void => {
@@ -112,6 +140,28 @@ export class FileStore implements ByteStore {
       await this.lock?.release();
     }
   }
+}
+
+export interface FileStoreOptions {
+  readOnly?: boolean;
+  create?: boolean;
+  noLock?: boolean;
+  /** Largest request served synchronously; 0: all on the thread pool. Default 64 KiB. */
+  syncMax?: number;
+}
+
+const DEFAULT_SYNC_MAX = 64 * 1024;
+
+/** Read `into.length` bytes at `offset`, zero-filling past the end of the file. */
+function readFully(fd: number, into: Uint8Array, offset: number): number {
+  let done = 0;
+  while (done < into.length) {
+    const n = readSync(fd, into, done, into.length - done, offset + done);
+    if (n === 0) break;
+    done += n;
+  }
+  if (done < into.length) into.fill(0, done);
+  return done;
 }
 
 /** Turn an fs error into one line a user can act on. */
