@@ -173,9 +173,15 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
               anyData = true;
             }
           }
+          const ops = await chunkWrites(ctx, t.item.offset, data, anyData, before);
           if (ordered) await t.turn;
           throwIfAborted(options.signal);
-          await writeChunk(ctx, t.item.offset, data, anyData, before);
+          // Issued in turn, finished in parallel: the target takes its allocation decisions in
+          // the order of the calls (qcow2 and qcow queue them on a FIFO lock), so the layout
+          // stays that of guest order while the data of several chunks is written at once.
+          const writing = issueWrites(ctx, ops);
+          t.release();
+          await settleAll(writing);
         }
         progress(t.item.length);
       } finally {
@@ -225,19 +231,22 @@ async function writeZeroRun(cx: WriteContext, offset: number, length: number, bu
         const m = Math.min(buf.length, off + n - o);
         const data = buf.subarray(0, m);
         data.fill(0);
-        await writeChunk(cx, o, data, false, before);
+        await settleAll(issueWrites(cx, await chunkWrites(cx, o, data, false, before)));
       }
     }
     off += n;
   }
 }
 
+/** One store operation of a chunk, worked out before the chunk's turn to write comes. */
+type ChunkWrite = { kind: 'data'; offset: number; data: Uint8Array } | { kind: 'compressed'; offset: number; data: Uint8Array } | { kind: 'zero'; offset: number; length: number };
+
 /**
- * Write one chunk of guest data at `dstOff`. Compared in blocks (the -S size, or the cluster when
- * compressing): blocks that already read the same in the target are skipped, the rest written in
- * runs as large as possible.
+ * The writes that put one chunk of guest data at `dstOff`. Compared in blocks (the -S size, or the
+ * cluster when compressing): blocks that already read the same in the target are skipped, the
+ * rest written in runs as large as possible.
  */
-async function writeChunk(cx: WriteContext, dstOff: number, data: Uint8Array, anyData: boolean, beforeBuf: Uint8Array | undefined): Promise<void> {
+async function chunkWrites(cx: WriteContext, dstOff: number, data: Uint8Array, anyData: boolean, beforeBuf: Uint8Array | undefined): Promise<ChunkWrite[]> {
   // What the target reads before we write: its backing image, or zeros when it is fresh.
   let before: Uint8Array | undefined;
   if (cx.backing) {
@@ -245,31 +254,30 @@ async function writeChunk(cx: WriteContext, dstOff: number, data: Uint8Array, an
     const n = Math.max(0, Math.min(data.length, cx.backing.size - dstOff));
     if (n > 0) await cx.backing.read(dstOff, before.subarray(0, n));
     before.fill(0, n);
-    if (sameBytes(data, before)) return;
-  } else if (!anyData && cx.targetIsZero && cx.sparse > 0) return;
+    if (sameBytes(data, before)) return [];
+  } else if (!anyData && cx.targetIsZero && cx.sparse > 0) return [];
 
+  const ops: ChunkWrite[] = [];
   if (cx.compress) {
-    // Every cluster on its own, all at once: the format compresses them in parallel.
-    const writes: Promise<void>[] = [];
+    // Every cluster on its own: the format compresses them in parallel.
     for (let o = 0; o < data.length; o += cx.cluster) {
       const block = data.subarray(o, Math.min(o + cx.cluster, data.length));
       if (before ? sameBytes(block, before.subarray(o, o + block.length)) : cx.targetIsZero && allZero(block)) continue;
-      writes.push(cx.target.writeCompressed!(dstOff + o, block));
+      ops.push({ kind: 'compressed', offset: dstOff + o, data: block });
     }
-    await settleAll(writes);
-    return;
+    return ops;
   }
   if (cx.sparse === 0) {
     // Fully allocated output: every byte is written.
-    if (!before || !sameBytes(data, before)) await cx.target.write(dstOff, data);
-    return;
+    if (!before || !sameBytes(data, before)) ops.push({ kind: 'data', offset: dstOff, data });
+    return ops;
   }
 
   const unit = Math.max(512, Math.min(cx.sparse, data.length));
   let runStart = -1;
-  const flushRun = async (end: number) => {
+  const endRun = (end: number) => {
     if (runStart < 0) return;
-    await cx.target.write(dstOff + runStart, data.subarray(runStart, end));
+    ops.push({ kind: 'data', offset: dstOff + runStart, data: data.subarray(runStart, end) });
     runStart = -1;
   };
   for (let o = 0; o < data.length; o += unit) {
@@ -282,14 +290,26 @@ async function writeChunk(cx: WriteContext, dstOff: number, data: Uint8Array, an
       skip = cx.targetIsZero;
       zeroNeeded = !skip;
     } else skip = false;
-    if (skip) await flushRun(o);
+    if (skip) endRun(o);
     else if (zeroNeeded) {
       // Existing target: make the range read as zeros without writing data where the format can.
-      await flushRun(o);
-      await cx.target.writeZeroes(dstOff + o, block.length, { mayUnmap: true });
+      endRun(o);
+      const last = ops[ops.length - 1];
+      if (last?.kind === 'zero' && last.offset + last.length === dstOff + o) last.length += block.length;
+      else ops.push({ kind: 'zero', offset: dstOff + o, length: block.length });
     } else if (runStart < 0) runStart = o;
   }
-  await flushRun(data.length);
+  endRun(data.length);
+  return ops;
+}
+
+/** Start a chunk's writes, all at once and in order; the caller waits for them. */
+function issueWrites(cx: WriteContext, ops: ChunkWrite[]): Promise<void>[] {
+  return ops.map((op) => {
+    if (op.kind === 'data') return cx.target.write(op.offset, op.data);
+    if (op.kind === 'compressed') return cx.target.writeCompressed!(op.offset, op.data);
+    return cx.target.writeZeroes(op.offset, op.length, { mayUnmap: true });
+  });
 }
 
 /** Wait for every promise, then throw the first failure (never leave writes running behind a throw). */
