@@ -46,7 +46,7 @@ export interface NbdBenchResult {
   write?: NbdBenchCase;
 }
 
-const CLI = fileURLToPath(new URL('../cli/main.js', import.meta.url));
+const CLI = fileURLToPath(new URL('../../bin/qcow.cjs', import.meta.url));
 
 export async function benchNbd(options: NbdBenchOptions = {}): Promise<NbdBenchResult> {
   const dir = await mkdtemp(join(tmpdir(), 'qcow-nbd-bench-'));

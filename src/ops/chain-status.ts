@@ -20,19 +20,28 @@ export interface ChainExtent {
   compressed?: boolean;
 }
 
+/**
+ * How much of a layer one blockStatus call asks about. The window starts at 1 GiB and grows while
+ * the answers stay short (a sparse image: 4 TiB in a few calls, not 4096), and falls back as soon
+ * as an answer is long, so the extents held stay few whatever the image.
+ */
 const WINDOW = 2 ** 30;
+const MAX_WINDOW = 2 ** 44;
+const SHORT_ANSWER = 64;
 
 class LayerCursor {
   private cache: BlockExtent[] = [];
   /** Index of the first cached extent not yet passed: callers move forward, so this only grows. */
   private pos = 0;
+  private window = WINDOW;
   constructor(readonly dev: BlockDevice) {}
 
   async at(offset: number): Promise<BlockExtent> {
     let hit = this.find(offset);
     if (!hit) {
-      const len = Math.min(WINDOW, this.dev.size - offset);
+      const len = Math.min(this.window, this.dev.size - offset);
       this.cache = await this.dev.blockStatus(offset, len);
+      this.window = this.cache.length <= SHORT_ANSWER ? Math.min(MAX_WINDOW, this.window * 4) : WINDOW;
       this.pos = 0;
       hit = this.find(offset);
       if (!hit) throw new Error(`block status of ${this.dev.filename} did not cover offset ${offset}`);

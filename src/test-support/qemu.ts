@@ -64,8 +64,8 @@ export async function runOk(cmd: string, args: string[], options: { cwd?: string
 export const qemuImg = (args: string[], cwd?: string) => runOk('qemu-img', args, { cwd });
 export const qemuIo = (args: string[], cwd?: string) => runOk('qemu-io', args, { cwd });
 
-/** The built CLI (dist/cli/main.js), run as a user would. */
-export const CLI = fileURLToPath(new URL('../cli/main.js', import.meta.url));
+/** The built CLI as installed (bin/qcow.cjs, running the bundle of dist/cli), run as a user would. */
+export const CLI = fileURLToPath(new URL('../../bin/qcow.cjs', import.meta.url));
 export const qcow = (args: string[], options: { cwd?: string; input?: string; timeoutMs?: number } = {}) => run(process.execPath, [CLI, ...args], options);
 export async function qcowOk(args: string[], options: { cwd?: string } = {}): Promise<RunResult> {
   const r = await qcow(args, options);

@@ -275,7 +275,7 @@ test('an external data file is found next to the image, whatever the current dir
 });
 
 test('CLI: snapshot -l prints qemu-img snapshot -l; convert -l snapshot.name= extracts a snapshot', ready, async () => {
-  const cli = (args: string[]) => run(process.execPath, [join(import.meta.dirname, '../../cli/main.js'), ...args], { cwd: dir });
+  const cli = (args: string[]) => run(process.execPath, [join(import.meta.dirname, '../../../bin/qcow.cjs'), ...args], { cwd: dir });
   for (const name of ['v3-snap', 'v2-snap', 'v3']) {
     const ours = await cli(['snapshot', '-l', `${name}.qcow2`]);
     const theirs = await runOk('qemu-img', ['snapshot', '-U', '-l', `${name}.qcow2`], { cwd: dir });
