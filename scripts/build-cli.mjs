@@ -60,6 +60,9 @@ export async function buildCli() {
     metafile: true,
     logLevel: 'warning',
   });
+  // First line: the bundle's identity, which the code cache must carry too (see warmCache).
+  const body = await readFile(BUNDLE, 'utf8');
+  await writeFile(BUNDLE, `// qcow-bundle ${createHash('sha256').update(body).digest('hex')}\n${body}`);
   const bytes = result.metafile.outputs[relative(root, BUNDLE).split('\\').join('/')]?.bytes;
   if (/\bimport\(/.test(await readFile(BUNDLE, 'utf8'))) throw new Error(`${BUNDLE}: a dynamic import() was left in the bundle`);
   return { outfile: BUNDLE, bytes };
@@ -107,10 +110,11 @@ export async function warmCache() {
     process.exitCode = 0;
     await rm(dir, { recursive: true, force: true });
   }
-  // The cache is stored with the SHA-256 of the bundle it was made from: bin/qcow.cjs uses it only
-  // for that exact bundle (V8's own check compares lengths, not content).
-  const digest = createHash('sha256').update(source).digest();
-  await writeFile(CACHE, Buffer.concat([digest, script.createCachedData()]));
+  // The cache starts with the bundle's first line, which holds the SHA-256 of its content (see
+  // buildCli): bin/qcow.cjs uses the cache only with that very bundle, without hashing at start-up
+  // (loading node:crypto alone costs ~6 ms). V8's own check compares lengths, not content.
+  const idLine = source.slice(0, source.indexOf('\n') + 1);
+  await writeFile(CACHE, Buffer.concat([Buffer.from(idLine), script.createCachedData()]));
 }
 
 if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {

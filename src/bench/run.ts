@@ -203,6 +203,9 @@ async function main(): Promise<void> {
         const order = r % 2 === 0 ? (['ours', 'theirs'] as const) : (['theirs', 'ours'] as const);
         for (const who of order) {
           const spec = w[who];
+          // Dirty pages left by the run before would be written back during this one, slowing
+          // whichever comes next at random: start every run with none (not timed).
+          await sh('sync', []);
           const sample = await measure(spec.cmd, spec.args, spec.okCodes);
           (who === 'ours' ? ourRuns : theirRuns).push(sample);
         }
