@@ -119,6 +119,8 @@ interface Result {
   ours: { median: number; rssMiB: number; runs: number[] };
   theirs: { median: number; rssMiB: number; runs: number[] };
   ratio: number;
+  /** Best run against best run: on a shared VM, noise (writeback, neighbours) only adds time. */
+  bestRatio: number;
 }
 
 async function main(): Promise<void> {
@@ -224,6 +226,7 @@ async function main(): Promise<void> {
       ours: { median: om, rssMiB: Math.max(...ourRuns.map((x) => x.rssKiB)) / 1024, runs: ourRuns.map((x) => x.seconds) },
       theirs: { median: tm, rssMiB: Math.max(...theirRuns.map((x) => x.rssKiB)) / 1024, runs: theirRuns.map((x) => x.seconds) },
       ratio: om / tm,
+      bestRatio: Math.min(...ourRuns.map((x) => x.seconds)) / Math.min(...theirRuns.map((x) => x.seconds)),
     };
     results.push(res);
     const mbps = (sec: number) => `${(w.bytes / MiB / sec).toFixed(0)} MiB/s`;
@@ -247,6 +250,7 @@ async function main(): Promise<void> {
             ours: { median: c.ours.seconds, rssMiB: 0, runs: [c.ours.seconds] },
             theirs: { median: c.qemu.seconds, rssMiB: 0, runs: [c.qemu.seconds] },
             ratio: c.ours.seconds / c.qemu.seconds,
+            bestRatio: c.ours.seconds / c.qemu.seconds,
           };
           results.push(res);
           console.log(`${res.name.padEnd(30)} ours ${c.ours.seconds.toFixed(3)}s (${c.ours.mibPerSec.toFixed(0)} MiB/s)  qemu-nbd ${c.qemu.seconds.toFixed(3)}s (${c.qemu.mibPerSec.toFixed(0)} MiB/s)  ratio ${res.ratio.toFixed(2)}`);
@@ -276,12 +280,12 @@ function target(name: string): number | undefined {
 /** One line per result with its target, and the lines the issue asks for besides the ratios. */
 function printSummary(results: Result[]): void {
   if (results.length === 0) return;
-  console.log('\n# summary (ratio = ours / qemu time, lower is better)');
+  console.log('\n# summary (ratio = ours / qemu time of the medians, lower is better; best = fastest run against fastest run)');
   for (const r of results) {
     const t = target(r.name);
     const rssLimit = r.name.startsWith('4-') ? 200 : 300;
     const rss = r.ours.rssMiB > 0 ? `  RSS ${r.ours.rssMiB.toFixed(0)} MiB ${r.ours.rssMiB < rssLimit ? 'ok' : `OVER ${rssLimit}`}` : '';
-    console.log(`${r.name.padEnd(30)} ${r.ratio.toFixed(2).padStart(6)}${t === undefined ? '' : `  target <= ${t.toFixed(1)} ${r.ratio <= t ? 'met' : 'MISSED'}`}${rss}`);
+    console.log(`${r.name.padEnd(30)} ${r.ratio.toFixed(2).padStart(6)}  best ${r.bestRatio.toFixed(2).padStart(5)}${t === undefined ? '' : `  target <= ${t.toFixed(1)} ${r.ratio <= t ? 'met' : 'MISSED'}`}${rss}`);
   }
   const raw = results.find((r) => r.name === '0-raw-copy');
   const w1 = results.find((r) => r.name === '1-qcow2-to-raw');
