@@ -43,4 +43,9 @@ function loadBundle() {
 
 const bundle = loadBundle();
 if (bundle) bundle.main(process.argv);
-else import('../dist/cli/main.js');
+else {
+  import('../dist/cli/main.js').catch((e) => {
+    process.stderr.write(`qcow: the command line is not built (npm run build): ${e && e.message ? e.message.split('\n')[0] : e}\n`);
+    process.exitCode = 1;
+  });
+}

@@ -4,13 +4,15 @@
  * written BEFORE the write starts / AFTER the flush completes:
  *   w <offset> <length> <seed>      a write is about to start (its data: randomBytes(length, seed))
  *   f                               every write announced so far is durable
- * Usage: node crash-writer.node.js IMAGE FORMAT SEED
+ * Usage: node crash-writer.node.js IMAGE FORMAT SEED [CACHE_BYTES [FLUSH_ONE_IN]]
  */
 import { writeSync } from 'node:fs';
 import { openImage } from '../node.js';
 import { randomBytes } from './qemu.js';
 
-const [image, format, seedText] = process.argv.slice(2);
+const [image, format, seedText, cacheText, flushText] = process.argv.slice(2);
+/** A flush after about one write in this many. */
+const flushOneIn = Number(flushText) || 8;
 let x = Number(seedText) >>> 0 || 1;
 const rand = (n: number): number => {
   x ^= x << 13;
@@ -19,7 +21,7 @@ const rand = (n: number): number => {
   return (x >>> 0) % n;
 };
 
-const dev = await openImage(image!, { format });
+const dev = await openImage(image!, { format, ...(cacheText ? { cacheBytes: Number(cacheText) } : {}) });
 const say = (line: string) => writeSync(1, line + '\n');
 for (let i = 0; ; i++) {
   // Small unaligned writes (partial clusters: read-modify-write) and larger runs of whole sectors.
@@ -28,7 +30,7 @@ for (let i = 0; ; i++) {
   const seed = (Number(seedText) * 100003 + i) >>> 0 || 1;
   say(`w ${off} ${len} ${seed}`);
   await dev.write(off, randomBytes(len, seed));
-  if (rand(8) === 0) {
+  if (rand(flushOneIn) === 0) {
     await dev.flush();
     say('f');
   }

@@ -17,10 +17,15 @@ export async function readGuest(file: string, format: string): Promise<Uint8Arra
   }
 }
 
-/** Run the writer child on `file` for `ms` milliseconds, SIGKILL it, and return what it announced. */
-export function crashRound(file: string, format: string, seed: number, ms: number): Promise<string[]> {
+/**
+ * Run the writer child on `file` for `ms` milliseconds, SIGKILL it, and return what it announced.
+ * `cacheBytes`: the writer's metadata cache budget (small ones make it evict and spill tables);
+ * `flushOneIn`: it flushes after about one write in this many (default 8).
+ */
+export function crashRound(file: string, format: string, seed: number, ms: number, options: { cacheBytes?: number; flushOneIn?: number } = {}): Promise<string[]> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [WRITER, file, format, String(seed)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const args = [WRITER, file, format, String(seed), String(options.cacheBytes ?? 0), String(options.flushOneIn ?? 8)];
+    const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
     child.stdout.on('data', (d: Buffer) => (out += d.toString()));

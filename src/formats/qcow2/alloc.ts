@@ -30,7 +30,11 @@ export interface RefcountsParams {
   refcountBits: number;
   tableOffset: number;
   tableClusters: number;
+  /** Budget for cached refcount blocks (default 8 MiB, at least 8 blocks; see trimCache). */
+  cacheBytes?: number;
 }
+
+const DEFAULT_REFCOUNT_CACHE_BYTES = 8 * 1024 * 1024;
 
 export interface AllocatorHooks {
   /** Clusters the allocator must treat as in use although their refcount says 0 (repair). */
@@ -47,7 +51,9 @@ export class Refcounts {
   tableClusters: number;
   /** Block offset per table entry (0 = none). */
   private table: number[];
+  /** Cached blocks by table index; Map order is recency order (first = least recently used). */
   private readonly blocks = new Map<number, Uint8Array>();
+  private readonly maxBlocks: number;
   private readonly dirtyBlocks = new Set<number>();
   /** Blocks never written yet: the table entry naming them must wait for a barrier. */
   private readonly newBlocks = new Set<number>();
@@ -79,6 +85,7 @@ export class Refcounts {
     this.tableClusters = p.tableClusters;
     this.table = table;
     this.endCluster = Math.ceil(fileSize / p.clusterSize);
+    this.maxBlocks = Math.max(8, Math.floor((p.cacheBytes ?? DEFAULT_REFCOUNT_CACHE_BYTES) / p.clusterSize));
   }
 
   static async load(store: ByteStore, p: RefcountsParams): Promise<Refcounts> {
@@ -142,6 +149,7 @@ export class Refcounts {
 
   /** Allocate `n` contiguous free clusters with refcount 1; returns the host offset. */
   async allocClusters(n: number): Promise<number> {
+    await this.spillDirtyBlocks();
     const start = await this.findFree(n);
     await this.claim(start, n);
     return start * this.clusterSize;
@@ -234,7 +242,41 @@ export class Refcounts {
       }
       this.dirtyTableEntries.clear();
     }
+    this.trimCache();
     return true;
+  }
+
+  /** Blocks held in memory now (for tests of the budget). */
+  get cachedBlocks(): number {
+    return this.blocks.size;
+  }
+
+  /**
+   * Keep the cache within its budget while a long run of allocations dirties block after block
+   * (only writeBack, at a flush, would otherwise clean them): write the dirty blocks' data, then
+   * drop the least recently used. Writing a block early is always safe: its in-memory counts are
+   * never below what the tables on disk reference (decrements wait for applyPendingFrees, after
+   * the tables), so at worst clusters leak. Table entries of new blocks still wait for writeBack
+   * and its barrier. Called only at the start of an allocation, where no block is held.
+   */
+  private async spillDirtyBlocks(): Promise<void> {
+    if (this.dirtyBlocks.size <= this.maxBlocks) return;
+    for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.store.write(this.table[b]!, this.blocks.get(b)!);
+    this.dirtyBlocks.clear();
+    this.trimCache();
+  }
+
+  /**
+   * Drop least recently used clean blocks beyond the budget (dirty ones stay until written, and
+   * `keep`, the block being handed out). Synchronous, and every caller changes a block in the same
+   * synchronous step that obtained it, so a block cannot be dropped between the two.
+   */
+  private trimCache(keep = -1): void {
+    if (this.blocks.size <= this.maxBlocks) return;
+    for (const b of this.blocks.keys()) {
+      if (this.blocks.size <= this.maxBlocks) break;
+      if (b !== keep && !this.dirtyBlocks.has(b)) this.blocks.delete(b);
+    }
   }
 
   /** First cluster index at or above every allocation (used to place new structures at the end). */
@@ -251,14 +293,22 @@ export class Refcounts {
   }
 
   private async loadBlock(b: number): Promise<Uint8Array> {
-    let block = this.blocks.get(b);
-    if (!block) {
-      block = new Uint8Array(this.clusterSize);
-      const off = this.table[b]!;
-      if (off === 0) throw new Error('loadBlock without a block');
-      await this.store.read(off, block);
-      this.blocks.set(b, block);
+    const hit = this.blocks.get(b);
+    if (hit) {
+      // Most recently used now.
+      this.blocks.delete(b);
+      this.blocks.set(b, hit);
+      return hit;
     }
+    const block = new Uint8Array(this.clusterSize);
+    const off = this.table[b]!;
+    if (off === 0) throw new Error('loadBlock without a block');
+    await this.store.read(off, block);
+    // Another caller may have loaded (and changed) it meanwhile: theirs is the one to keep.
+    const loaded = this.blocks.get(b);
+    if (loaded) return loaded;
+    this.blocks.set(b, block);
+    this.trimCache(b);
     return block;
   }
 
@@ -349,6 +399,7 @@ export class Refcounts {
     this.dirtyBlocks.add(b);
     this.newBlocks.add(b);
     this.dirtyTableEntries.add(b);
+    this.trimCache(b);
     return block;
   }
 

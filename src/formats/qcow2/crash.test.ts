@@ -13,40 +13,47 @@ import { crashRound, readGuest } from '../../test-support/crash.js';
 const ROUNDS = Number(process.env.QCOW_CRASH_ROUNDS ?? 8);
 const SIZE = 16 * 2 ** 20;
 
-test(`a writer killed at random moments leaves no corruption and keeps flushed data (${ROUNDS} rounds)`, needs('qemu-img'), async (t) => {
-  const dir = await scratch(t);
-  const file = join(dir, 'crash.qcow2');
-  // Small clusters: refcount blocks and L2 tables fill up and grow during the run.
-  await qcowOk(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', file, String(SIZE)]);
-  let model: Uint8Array = new Uint8Array(SIZE);
-  let flushes = 0;
-  let writes = 0;
-  let x = 12345;
-  for (let round = 0; round < ROUNDS; round++) {
-    x = (x * 1103515245 + 12345) >>> 0;
-    const lines = await crashRound(file, 'qcow2', round + 1, 150 + (x % 600));
-    const check = await run('qemu-img', ['check', '--output=json', file]);
-    assert.ok(check.code === 0 || check.code === 3, `round ${round}: qemu-img check exit ${check.code}\n${check.stdout}${check.stderr}`);
-    assert.equal(JSON.parse(check.stdout).corruptions ?? 0, 0);
-    // Writes up to the last completed flush are durable; later ones may or may not have landed.
-    const lastFlush = lines.lastIndexOf('f');
-    flushes += lines.filter((l) => l === 'f').length;
-    writes += lines.length;
-    const maybe = new Uint8Array(SIZE);
-    lines.forEach((l, i) => {
-      if (!l.startsWith('w ')) return;
-      const [, off, len, seed] = l.split(' ').map(Number) as [number, number, number, number];
-      if (i < lastFlush) model.set(randomBytes(len, seed), off);
-      else maybe.fill(1, off, off + len);
-    });
-    const actual = await readGuest(file, 'qcow2');
-    for (let i = 0; i < SIZE; i++) {
-      if (!maybe[i] && actual[i] !== model[i]) assert.fail(`round ${round}: byte ${i} is ${actual[i]}, expected ${model[i]} (last flush after ${lastFlush} lines)`);
+// Small clusters: refcount blocks and L2 tables fill up and grow during the run. With 512-byte
+// clusters, a 16 KiB metadata budget and rare flushes, L2 tables are evicted between flushes all
+// the time (each eviction writing the refcount blocks ahead of the table).
+for (const { clusterSize, cacheBytes, flushOneIn } of [
+  { clusterSize: '4k', cacheBytes: undefined, flushOneIn: 8 },
+  { clusterSize: '512', cacheBytes: 16 * 1024, flushOneIn: 64 },
+]) {
+  test(`a writer killed at random moments leaves no corruption and keeps flushed data (${ROUNDS} rounds, ${clusterSize} clusters${cacheBytes ? `, ${cacheBytes}-byte cache` : ''})`, needs('qemu-img'), async (t) => {
+    const dir = await scratch(t);
+    const file = join(dir, 'crash.qcow2');
+    await qcowOk(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${clusterSize}`, file, String(SIZE)]);
+    let model: Uint8Array = new Uint8Array(SIZE);
+    let flushes = 0;
+    let writes = 0;
+    let x = 12345;
+    for (let round = 0; round < ROUNDS; round++) {
+      x = (x * 1103515245 + 12345) >>> 0;
+      const lines = await crashRound(file, 'qcow2', round + 1, 150 + (x % 600), { cacheBytes, flushOneIn });
+      const check = await run('qemu-img', ['check', '--output=json', file]);
+      assert.ok(check.code === 0 || check.code === 3, `round ${round}: qemu-img check exit ${check.code}\n${check.stdout}${check.stderr}`);
+      assert.equal(JSON.parse(check.stdout).corruptions ?? 0, 0);
+      // Writes up to the last completed flush are durable; later ones may or may not have landed.
+      const lastFlush = lines.lastIndexOf('f');
+      flushes += lines.filter((l) => l === 'f').length;
+      writes += lines.length;
+      const maybe = new Uint8Array(SIZE);
+      lines.forEach((l, i) => {
+        if (!l.startsWith('w ')) return;
+        const [, off, len, seed] = l.split(' ').map(Number) as [number, number, number, number];
+        if (i < lastFlush) model.set(randomBytes(len, seed), off);
+        else maybe.fill(1, off, off + len);
+      });
+      const actual = await readGuest(file, 'qcow2');
+      for (let i = 0; i < SIZE; i++) {
+        if (!maybe[i] && actual[i] !== model[i]) assert.fail(`round ${round}: byte ${i} is ${actual[i]}, expected ${model[i]} (last flush after ${lastFlush} lines)`);
+      }
+      // What the image holds now is the starting point of the next round.
+      model = actual;
     }
-    // What the image holds now is the starting point of the next round.
-    model = actual;
-  }
-  // The rounds must have exercised something: writes, and flushes between them.
-  assert.ok(flushes > 0 && writes > flushes, `only ${writes} writes and ${flushes} flushes in ${ROUNDS} rounds`);
-  t.diagnostic(`${writes - flushes} writes, ${flushes} flushes`);
-});
+    // The rounds must have exercised something: writes, and flushes between them.
+    assert.ok(flushes > 0 && writes > flushes, `only ${writes} writes and ${flushes} flushes in ${ROUNDS} rounds`);
+    t.diagnostic(`${writes - flushes} writes, ${flushes} flushes`);
+  });
+}

@@ -72,6 +72,8 @@ export class Qcow2Device extends DeviceBase {
   l1: Uint8Array;
   l1Entries: number;
   readonly l2Cache: TableCache;
+  /** Metadata cache budget: all of it for L2 tables, a quarter more for refcount blocks. */
+  readonly cacheBytes: number;
   readonly l2Context: L2Context;
   /** Where guest data lives: the image itself, or the external data file. */
   dataStore: ByteStore;
@@ -100,9 +102,10 @@ export class Qcow2Device extends DeviceBase {
       extendedL2: this.geometry.extendedL2,
       externalDataFile: hasFeature(s.header.incompatibleFeatures, INCOMPAT_DATA_FILE),
     };
+    this.cacheBytes = s.options.cacheBytes ?? DEFAULT_L2_CACHE_BYTES;
     this.l2Cache = new TableCache({
       tableBytes: this.clusterSize,
-      budgetBytes: s.options.cacheBytes ?? DEFAULT_L2_CACHE_BYTES,
+      budgetBytes: this.cacheBytes,
       load: (off, into) => this.loadTable(off, into, 'L2 table'),
       writeBack: (off, data) => this.writeTable(off, data),
     });

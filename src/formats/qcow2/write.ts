@@ -98,6 +98,8 @@ export class Qcow2Writer {
       refcountBits: 2 ** h.refcountOrder,
       tableOffset: h.refcountTableOffset,
       tableClusters: h.refcountTableClusters,
+      // As qemu sizes its refcount cache: a quarter of the L2 cache.
+      cacheBytes: dev.cacheBytes / 4,
     });
     const w = new Qcow2Writer(dev, rc);
     // qemu clears autoclear bits it does not know the first time it opens an image read-write.
