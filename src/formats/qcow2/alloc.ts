@@ -133,17 +133,21 @@ export class Refcounts {
   async update(offset: number, length: number, delta: number): Promise<void> {
     const first = Math.floor(offset / this.clusterSize);
     const last = Math.floor((offset + length - 1) / this.clusterSize);
-    for (let c = first; c <= last; c++) {
+    for (let c = first; c <= last; ) {
+      // One block at a time: obtained once, then its clusters changed in one synchronous step.
       const b = Math.floor(c / this.perBlock);
       const block = await this.ensureBlock(b);
-      const i = c % this.perBlock;
-      const v = getRefcount(block, i, this.refcountBits) + delta;
-      if (v < 0) throw corrupt(`refcount of cluster 0x${(c * this.clusterSize).toString(16)} would drop below zero`);
-      if (v > this.maxRefcount) throw new QcowError('QCOW_UNSUPPORTED', `Refcount overflow on cluster 0x${(c * this.clusterSize).toString(16)} (refcount_bits=${this.refcountBits})`);
-      setRefcount(block, i, this.refcountBits, v);
+      const blockEnd = Math.min(last + 1, (b + 1) * this.perBlock);
       this.dirtyBlocks.add(b);
-      if (v === 0) this.noteFreed(c);
-      else this.noteUsed(c, 1);
+      for (; c < blockEnd; c++) {
+        const i = c % this.perBlock;
+        const v = getRefcount(block, i, this.refcountBits) + delta;
+        if (v < 0) throw corrupt(`refcount of cluster 0x${(c * this.clusterSize).toString(16)} would drop below zero`);
+        if (v > this.maxRefcount) throw new QcowError('QCOW_UNSUPPORTED', `Refcount overflow on cluster 0x${(c * this.clusterSize).toString(16)} (refcount_bits=${this.refcountBits})`);
+        setRefcount(block, i, this.refcountBits, v);
+        if (v === 0) this.noteFreed(c);
+        else this.noteUsed(c, 1);
+      }
     }
   }
 
@@ -331,6 +335,9 @@ export class Refcounts {
     // rescanned every cluster allocated before it (quadratic: 8000 appends took 13 s). Reserved
     // and hook-protected clusters stop the advance (they may still turn out free).
     let advancing = true;
+    // The block of the cluster being looked at, loaded once for all its clusters (read only).
+    let blockIndex = -1;
+    let block: Uint8Array | undefined;
     while (c < start + n) {
       const b = Math.floor(c / this.perBlock);
       const plain = !this.isReserved(c) && !this.hooks.inUse?.(c);
@@ -339,7 +346,11 @@ export class Refcounts {
         c++;
         continue;
       }
-      if (plain && (await this.get(c)) !== 0) {
+      if (plain && b !== blockIndex) {
+        block = await this.loadBlock(b);
+        blockIndex = b;
+      }
+      if (plain && getRefcount(block!, c % this.perBlock, this.refcountBits) !== 0) {
         if (advancing) this.freeHint = c + 1;
         start = c = c + 1;
       } else if (plain) {
