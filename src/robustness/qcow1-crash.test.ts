@@ -9,8 +9,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { needs, qcowOk, randomBytes, run, runOk, scratch } from '../test-support/qemu.js';
-import { crashRound, readGuest } from '../test-support/crash.js';
+import { needs, qcowOk, run, runOk, scratch } from '../test-support/qemu.js';
+import { applyAnnounced, crashRound, readGuest } from '../test-support/crash.js';
 
 const ROUNDS = Number(process.env.QCOW_CRASH_ROUNDS ?? 6);
 const SIZE = 8 * 2 ** 20;
@@ -32,18 +32,11 @@ test(`qcow v1: a writer killed at random moments leaves an image QEMU opens, wit
   for (let round = 0; round < ROUNDS; round++) {
     x = (x * 1103515245 + 12345) >>> 0;
     const lines = await crashRound(file, 'qcow', round + 1, 200 + (x % 700));
-    const lastFlush = lines.lastIndexOf('f');
-    flushes += lines.filter((l) => l === 'f').length;
-    writes += lines.length;
     // Bytes a write after the last completed flush touched may hold old or new data (or, for a
     // cluster first allocated then, anything that write may have left): they are not checked.
-    const maybe = new Uint8Array(SIZE);
-    lines.forEach((l, i) => {
-      if (!l.startsWith('w ')) return;
-      const [, off, len, seed] = l.split(' ').map(Number) as [number, number, number, number];
-      if (i < lastFlush) model.set(randomBytes(len, seed), off);
-      else maybe.fill(1, off, off + len);
-    });
+    const { maybe, lastFlush, flushes: f } = applyAnnounced(lines, model);
+    flushes += f;
+    writes += lines.length;
     // QEMU opens it: qemu-io reads the whole disk, qemu-img converts it.
     const io = await run('qemu-io', ['-f', 'qcow', '-r', '-c', `read 0 ${SIZE}`, file]);
     assert.equal(io.code, 0, `round ${round}: qemu-io: ${io.stderr}${io.stdout}`);

@@ -2,6 +2,7 @@
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { openImage } from '../node.js';
+import { randomBytes } from './qemu.js';
 
 const WRITER = fileURLToPath(new URL('./crash-writer.node.js', import.meta.url));
 
@@ -38,4 +39,21 @@ export function crashRound(file: string, format: string, seed: number, ms: numbe
       else resolve(out.split('\n').filter(Boolean));
     });
   });
+}
+
+/**
+ * Apply what a killed writer announced (see crash-writer.node.ts) to `model`, the expected guest
+ * content: writes before its last completed flush are durable and go into the model; bytes that
+ * later writes touched may hold old or new data and are marked in `maybe` (1 = not checked).
+ */
+export function applyAnnounced(lines: string[], model: Uint8Array): { maybe: Uint8Array; lastFlush: number; flushes: number } {
+  const lastFlush = lines.lastIndexOf('f');
+  const maybe = new Uint8Array(model.length);
+  lines.forEach((l, i) => {
+    if (!l.startsWith('w ')) return;
+    const [, off, len, seed] = l.split(' ').map(Number) as [number, number, number, number];
+    if (i < lastFlush) model.set(randomBytes(len, seed), off);
+    else maybe.fill(1, off, off + len);
+  });
+  return { maybe, lastFlush, flushes: lines.filter((l) => l === 'f').length };
 }

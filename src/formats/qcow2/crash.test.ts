@@ -7,8 +7,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { needs, qcowOk, randomBytes, run, scratch } from '../../test-support/qemu.js';
-import { crashRound, readGuest } from '../../test-support/crash.js';
+import { needs, qcowOk, run, scratch } from '../../test-support/qemu.js';
+import { applyAnnounced, crashRound, readGuest } from '../../test-support/crash.js';
 
 const ROUNDS = Number(process.env.QCOW_CRASH_ROUNDS ?? 8);
 const SIZE = 16 * 2 ** 20;
@@ -35,16 +35,9 @@ for (const { clusterSize, cacheBytes, flushOneIn } of [
       assert.ok(check.code === 0 || check.code === 3, `round ${round}: qemu-img check exit ${check.code}\n${check.stdout}${check.stderr}`);
       assert.equal(JSON.parse(check.stdout).corruptions ?? 0, 0);
       // Writes up to the last completed flush are durable; later ones may or may not have landed.
-      const lastFlush = lines.lastIndexOf('f');
-      flushes += lines.filter((l) => l === 'f').length;
+      const { maybe, lastFlush, flushes: f } = applyAnnounced(lines, model);
+      flushes += f;
       writes += lines.length;
-      const maybe = new Uint8Array(SIZE);
-      lines.forEach((l, i) => {
-        if (!l.startsWith('w ')) return;
-        const [, off, len, seed] = l.split(' ').map(Number) as [number, number, number, number];
-        if (i < lastFlush) model.set(randomBytes(len, seed), off);
-        else maybe.fill(1, off, off + len);
-      });
       const actual = await readGuest(file, 'qcow2');
       for (let i = 0; i < SIZE; i++) {
         if (!maybe[i] && actual[i] !== model[i]) assert.fail(`round ${round}: byte ${i} is ${actual[i]}, expected ${model[i]} (last flush after ${lastFlush} lines)`);
