@@ -214,12 +214,23 @@ export class Qcow2Device extends DeviceBase {
     await this.store.write(offset, data);
   }
 
+  /** Whether L1 entry `i` names no L2 table (past the table, or host offset bits 9-55 all 0). */
+  private l1EntryEmpty(i: number): boolean {
+    if (i >= this.l1Entries) return true;
+    const l1 = this.l1;
+    const b = i * 8;
+    return (l1[b + 1]! | l1[b + 2]! | l1[b + 3]! | l1[b + 4]! | l1[b + 5]! | (l1[b + 6]! & 0xfe)) === 0;
+  }
+
   /** The L2 table covering `guestOffset`, or null when its L1 entry is empty. */
   async l2TableFor(guestOffset: number): Promise<CachedTable | null> {
     const i = Math.floor(guestOffset / this.geometry.l2Coverage);
     if (i >= this.l1Entries) return null;
-    const dv = new DataView(this.l1.buffer, this.l1.byteOffset + i * 8, 8);
-    const l2Offset = entryOffset(dv.getUint32(0), dv.getUint32(4), 'L1 entry');
+    const l1 = this.l1;
+    const b = i * 8;
+    const hi = ((l1[b]! << 24) | (l1[b + 1]! << 16) | (l1[b + 2]! << 8) | l1[b + 3]!) >>> 0;
+    const lo = ((l1[b + 4]! << 24) | (l1[b + 5]! << 16) | (l1[b + 6]! << 8) | l1[b + 7]!) >>> 0;
+    const l2Offset = entryOffset(hi, lo, 'L1 entry');
     if (l2Offset === 0) return null;
     if (l2Offset % this.clusterSize !== 0) throw corrupt(`L1 entry ${i}: L2 table offset 0x${l2Offset.toString(16)} is not cluster aligned`);
     return this.l2Cache.get(l2Offset);
@@ -250,8 +261,11 @@ export class Qcow2Device extends DeviceBase {
       const tableEnd = Math.min(end, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
       const table = await this.l2TableFor(pos);
       if (!table) {
-        push({ offset: pos, length: tableEnd - pos, kind: 'unallocated' });
-        pos = tableEnd;
+        // The next tables may be missing too (most of a large sparse image): one run for all.
+        let runEnd = tableEnd;
+        while (runEnd < end && this.l1EntryEmpty(Math.floor(runEnd / g.l2Coverage))) runEnd = Math.min(end, runEnd + g.l2Coverage);
+        push({ offset: pos, length: runEnd - pos, kind: 'unallocated' });
+        pos = runEnd;
         continue;
       }
       while (pos < tableEnd) {
