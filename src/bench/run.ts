@@ -151,9 +151,12 @@ async function main(): Promise<void> {
   // qemu 7.2's convert -c -O qcow exits 1 after writing a correct image (spec/qcow1.md §9).
   if (!existsSync(p('zlib.qcow'))) await sh('qemu-img', ['convert', '-c', '-O', 'qcow', p('mixed.raw'), p('zlib.qcow')], [0, 1]);
   if (!existsSync(p('bench.qcow2'))) await sh('qemu-img', ['convert', '-O', 'qcow2', p('alloc.raw'), p('bench.qcow2')]);
+  if (!existsSync(p('tiny.qcow2'))) await sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('tiny.qcow2'), '1M']);
 
   const out = (n: string) => p(`out-${n}`);
   const workloads: Workload[] = [
+    // The fixed cost of a command, which every short workload pays (no target: information).
+    { name: '0-start-up', description: 'info on a 1 MiB qcow2: process start-up and one image open', bytes: MiB, ours: ours('info', p('tiny.qcow2')), theirs: qimg('info', p('tiny.qcow2')) },
     { name: '0-raw-copy', description: 'cp of the 1 GiB raw file (the machine limit for workload 1)', bytes: allocSize, ours: { cmd: 'cp', args: [p('alloc.raw'), out('cp-a')] }, theirs: { cmd: 'cp', args: [p('alloc.raw'), out('cp-b')] } },
     { name: '1-qcow2-to-raw', description: 'convert 1 GiB allocated qcow2 (64k clusters, random) -> raw', bytes: allocSize, ours: ours('convert', '-f', 'qcow2', '-O', 'raw', p('alloc.qcow2'), out('1a')), theirs: qimg('convert', '-f', 'qcow2', '-O', 'raw', p('alloc.qcow2'), out('1b')) },
     { name: '2-zlib-to-raw', description: 'convert 512 MiB zlib-compressed qcow2 (mixed) -> raw', bytes: mixedSize, ours: ours('convert', '-f', 'qcow2', '-O', 'raw', p('zlib.qcow2'), out('2a')), theirs: qimg('convert', '-f', 'qcow2', '-O', 'raw', p('zlib.qcow2'), out('2b')) },
