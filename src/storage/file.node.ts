@@ -68,6 +68,7 @@ export class FileStore implements ByteStore {
     return st.blocks * 512;
   }
 
+  // Failures become QcowError QCOW_IO naming the file (EIO, ENOSPC, EFBIG: one line for the user).
   // Reads and writes use fs.read/fs.write with callbacks on the FileHandle's fd: FileHandle.read
   // and .write cost noticeably more per call (an extra promise layer, a result object and handle
   // bookkeeping), which showed at a few µs per 4 KiB request. The handle still owns the fd.
@@ -77,14 +78,14 @@ export class FileStore implements ByteStore {
       try {
         return Promise.resolve(readFully(fd, into, offset));
       } catch (e) {
-        return Promise.reject(e as Error);
+        return Promise.reject(fsError(e, this.name));
       }
     }
     return new Promise((resolve, reject) => {
       let done = 0;
       const step = (): void => {
         fsRead(fd, into, done, into.length - done, offset + done, (err, n) => {
-          if (err) return reject(err);
+          if (err) return reject(fsError(err, this.name));
           done += n;
           if (n > 0 && done < into.length) return step();
           if (done < into.length) into.fill(0, done);
@@ -104,14 +105,14 @@ export class FileStore implements ByteStore {
         for (let done = 0; done < data.length; ) done += writeSync(fd, data, done, data.length - done, offset + done);
         return Promise.resolve();
       } catch (e) {
-        return Promise.reject(e as Error);
+        return Promise.reject(fsError(e, this.name));
       }
     }
     return new Promise((resolve, reject) => {
       let done = 0;
       const step = (): void => {
         fsWrite(fd, data, done, data.length - done, offset + done, (err, n) => {
-          if (err) return reject(err);
+          if (err) return reject(fsError(err, this.name));
           done += n;
           if (done < data.length) step();
           else resolve();
@@ -124,11 +125,17 @@ export class FileStore implements ByteStore {
 
   async truncate(size: number): Promise<void> {
     if (this.readOnly) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.name });
-    await this.fh.truncate(size);
+    await this.fh.truncate(size).catch((e: unknown) => {
+      throw fsError(e, this.name);
+    });
   }
 
   async flush(): Promise<void> {
-    if (!this.readOnly) await this.fh.datasync();
+    if (!this.readOnly) {
+      await this.fh.datasync().catch((e: unknown) => {
+        throw fsError(e, this.name);
+      });
+    }
   }
 
   async close(): Promise<void> {

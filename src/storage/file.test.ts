@@ -62,3 +62,15 @@ test('a read-only store refuses writes on both paths, as a rejected promise', as
     await store.close();
   }
 });
+
+test('a failing write is a QcowError naming the file, on either I/O path (/dev/full: ENOSPC)', { skip: process.platform !== 'linux' }, async () => {
+  const store = await FileStore.open('/dev/full', { noLock: true });
+  try {
+    for (const size of [512, 1 << 20]) {
+      await assert.rejects(store.write(0, new Uint8Array(size)), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_IO' && e.file === '/dev/full');
+    }
+    await assert.rejects(store.truncate(0), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_IO');
+  } finally {
+    await store.close();
+  }
+});

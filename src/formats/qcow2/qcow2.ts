@@ -27,6 +27,9 @@ import type { Qcow2Encryption } from './encryption.js';
 import { Qcow2Writer } from './write.js';
 import { detectMetadataPreallocation, holeRuns } from './prealloc.js';
 
+/** L2 slice size of read-only opens (see Qcow2Device.slice). */
+export const L2_SLICE_BYTES = 4096;
+
 /** Default L2 cache budget: 32 MiB of tables maps 128 GiB with 64 KiB clusters. */
 export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
 
@@ -72,6 +75,13 @@ export class Qcow2Device extends DeviceBase {
   l1: Uint8Array;
   l1Entries: number;
   readonly l2Cache: TableCache;
+  /**
+   * The unit the L2 cache holds: a slice of a table. Read-only opens cache slices of at most
+   * L2_SLICE_BYTES (a 2 MiB-cluster image then costs 4 KiB, not 2 MiB, per table touched, and a
+   * cold random read loads 4 KiB of metadata); writable opens cache whole tables (slice = table),
+   * which the write path relies on.
+   */
+  readonly slice: { entries: number; bytes: number; coverage: number };
   /** Metadata cache budget: all of it for L2 tables, a quarter more for refcount blocks. */
   readonly cacheBytes: number;
   readonly l2Context: L2Context;
@@ -103,8 +113,11 @@ export class Qcow2Device extends DeviceBase {
       externalDataFile: hasFeature(s.header.incompatibleFeatures, INCOMPAT_DATA_FILE),
     };
     this.cacheBytes = s.options.cacheBytes ?? DEFAULT_L2_CACHE_BYTES;
+    const sliceBytes = s.readOnly ? Math.min(this.clusterSize, L2_SLICE_BYTES) : this.clusterSize;
+    const sliceEntries = sliceBytes / this.geometry.l2EntryBytes;
+    this.slice = { entries: sliceEntries, bytes: sliceBytes, coverage: sliceEntries * this.clusterSize };
     this.l2Cache = new TableCache({
-      tableBytes: this.clusterSize,
+      tableBytes: sliceBytes,
       budgetBytes: this.cacheBytes,
       load: (off, into) => this.loadTable(off, into, 'L2 table'),
       writeBack: (off, data) => this.writeTable(off, data),
@@ -222,7 +235,10 @@ export class Qcow2Device extends DeviceBase {
     return (l1[b + 1]! | l1[b + 2]! | l1[b + 3]! | l1[b + 4]! | l1[b + 5]! | (l1[b + 6]! & 0xfe)) === 0;
   }
 
-  /** The L2 table covering `guestOffset`, or null when its L1 entry is empty. */
+  /**
+   * The L2 slice covering `guestOffset` (the whole table when the image is writable; its first
+   * entry is that of the slice's first cluster), or null when the L1 entry is empty.
+   */
   async l2TableFor(guestOffset: number): Promise<CachedTable | null> {
     const i = Math.floor(guestOffset / this.geometry.l2Coverage);
     if (i >= this.l1Entries) return null;
@@ -233,7 +249,7 @@ export class Qcow2Device extends DeviceBase {
     const l2Offset = entryOffset(hi, lo, 'L1 entry');
     if (l2Offset === 0) return null;
     if (l2Offset % this.clusterSize !== 0) throw corrupt(`L1 entry ${i}: L2 table offset 0x${l2Offset.toString(16)} is not cluster aligned`);
-    return this.l2Cache.get(l2Offset);
+    return this.l2Cache.get(l2Offset + Math.floor((guestOffset % this.geometry.l2Coverage) / this.slice.coverage) * this.slice.bytes);
   }
 
   /** The runs of [offset, offset+length), in order, merged where kind and host offsets run on. */
@@ -257,12 +273,14 @@ export class Qcow2Device extends DeviceBase {
     };
     const end = offset + length;
     let pos = offset;
+    const sc = this.slice.coverage;
     while (pos < end) {
-      const tableEnd = Math.min(end, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
+      const tableEnd = Math.min(end, (Math.floor(pos / sc) + 1) * sc);
       const table = await this.l2TableFor(pos);
       if (!table) {
-        // The next tables may be missing too (most of a large sparse image): one run for all.
-        let runEnd = tableEnd;
+        // The rest of the table, and the next tables if missing too (most of a large sparse
+        // image), in one run.
+        let runEnd = Math.min(end, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
         while (runEnd < end && this.l1EntryEmpty(Math.floor(runEnd / g.l2Coverage))) runEnd = Math.min(end, runEnd + g.l2Coverage);
         push({ offset: pos, length: runEnd - pos, kind: 'unallocated' });
         pos = runEnd;
@@ -271,12 +289,12 @@ export class Qcow2Device extends DeviceBase {
       while (pos < tableEnd) {
         const clusterStart = pos - (pos % g.clusterSize);
         const clusterEnd = Math.min(tableEnd, clusterStart + g.clusterSize);
-        const index = (clusterStart % g.l2Coverage) / g.clusterSize;
+        const index = (clusterStart % sc) / g.clusterSize;
         // A run of all-zero entries (unallocated clusters, most of a sparse table) in one step,
         // without decoding each: it reads exactly as the entries one by one would.
         if (zeroEntry(table.data, index, g.l2EntryBytes)) {
           let runEnd = clusterEnd;
-          while (runEnd < tableEnd && zeroEntry(table.data, (runEnd % g.l2Coverage) / g.clusterSize, g.l2EntryBytes)) runEnd = Math.min(tableEnd, runEnd + g.clusterSize);
+          while (runEnd < tableEnd && zeroEntry(table.data, (runEnd % sc) / g.clusterSize, g.l2EntryBytes)) runEnd = Math.min(tableEnd, runEnd + g.clusterSize);
           push({ offset: pos, length: runEnd - pos, kind: 'unallocated' });
           pos = runEnd;
           continue;
@@ -342,20 +360,24 @@ export class Qcow2Device extends DeviceBase {
   private contiguousHost(offset: number, length: number): number {
     const g = this.geometry;
     if (this.encryption || g.extendedL2) return -1;
+    const sc = this.slice.coverage;
+    // One slice (and so one table) only.
+    if (Math.floor(offset / sc) !== Math.floor((offset + length - 1) / sc)) return -1;
     const i = Math.floor(offset / g.l2Coverage);
-    if (i >= this.l1Entries || i !== Math.floor((offset + length - 1) / g.l2Coverage)) return -1;
+    if (i >= this.l1Entries) return -1;
     const l1 = this.l1;
     const b = i * 8;
     const hi = ((l1[b]! << 24) | (l1[b + 1]! << 16) | (l1[b + 2]! << 8) | l1[b + 3]!) >>> 0;
     const lo = ((l1[b + 4]! << 24) | (l1[b + 5]! << 16) | (l1[b + 6]! << 8) | l1[b + 7]!) >>> 0;
     const l2Offset = entryOffset(hi, lo, 'L1 entry');
-    // Not cached (or not aligned: never a cache key) -> the general path loads and checks it.
-    const table = l2Offset === 0 ? undefined : this.l2Cache.peek(l2Offset);
-    if (!table) return -1;
     const cs = this.clusterSize;
+    // Empty, misaligned (the general path reports it) or not cached: the general path decides.
+    if (l2Offset === 0 || l2Offset % cs !== 0) return -1;
+    const table = this.l2Cache.peek(l2Offset + Math.floor((offset % g.l2Coverage) / sc) * this.slice.bytes);
+    if (!table) return -1;
     let host = -1;
     for (let c = offset - (offset % cs); c < offset + length; c += cs) {
-      const d = readL2Entry(table.data, (c % g.l2Coverage) / cs, this.l2Context);
+      const d = readL2Entry(table.data, (c % sc) / cs, this.l2Context);
       if (d.kind !== 'normal') return -1;
       this.checkHostOffset(d, c);
       if (host < 0) host = d.hostOffset + (offset - c);
