@@ -23,12 +23,15 @@ export async function detectMetadataPreallocation(store: ByteStore, h: Qcow2Head
   let threshold = Math.max(realClusters * 2, realClusters + 16);
   const tableBytes = h.refcountTableClusters * cs;
   if (tableBytes > MAX_REFCOUNT_TABLE_BYTES || h.refcountTableOffset + tableBytes > fileSize) return false;
-  const table = new Uint8Array(tableBytes);
-  await store.read(h.refcountTableOffset, table);
-  const blocks = decodeRefcountTable(table, tableBytes / 8, cs);
   const bits = 2 ** h.refcountOrder;
   const perBlock = entriesPerBlock(cs, bits);
   const nbClusters = Math.ceil(fileSize / cs);
+  // Only the entries whose blocks describe clusters of the file (qemu sizes the table for growth:
+  // a 4 TiB image's table has tens of thousands of entries for a few used ones).
+  const entries = Math.min(tableBytes / 8, Math.ceil(nbClusters / perBlock));
+  const table = new Uint8Array(entries * 8);
+  await store.read(h.refcountTableOffset, table);
+  const blocks = decodeRefcountTable(table, entries, cs);
   const block = new Uint8Array(cs);
   for (let b = 0; b * perBlock < nbClusters && b < blocks.length; b++) {
     const off = blocks[b]!;
