@@ -39,6 +39,20 @@ const moduleUrls = {
   },
 };
 
+// commander requires node:child_process at load (for executable subcommands, which we do not
+// use); loading it pulls in net, dgram and streams: ~2 ms of every start. It gets a stand-in that
+// loads the real module on first use.
+const lazyChildProcess = {
+  name: 'lazy-child-process',
+  setup(b) {
+    b.onResolve({ filter: /^(node:)?child_process$/ }, (args) => (/[\\/]commander[\\/]/.test(args.importer) ? { path: 'lazy-child-process', namespace: 'qcow-lazy' } : undefined));
+    b.onLoad({ filter: /.*/, namespace: 'qcow-lazy' }, () => ({
+      contents: "let real; module.exports = new Proxy({}, { get: (_, key) => (real ??= require('node:child_process'))[key] });",
+      loader: 'js',
+    }));
+  },
+};
+
 export async function buildCli() {
   const result = await build({
     entryPoints: [join(root, 'dist', 'cli', 'program.js')],
@@ -56,7 +70,7 @@ export async function buildCli() {
     // dynamic import becomes a require (all that is left outside the bundle is CommonJS).
     supported: { 'dynamic-import': false },
     banner: { js: "const __qcowModuleUrl = (rel) => require('node:url').pathToFileURL(require('node:path').join(__dirname, rel)).href;" },
-    plugins: [moduleUrls],
+    plugins: [moduleUrls, lazyChildProcess],
     metafile: true,
     logLevel: 'warning',
   });
