@@ -133,7 +133,17 @@ export async function warmCache() {
 
 if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
   const { bytes } = await buildCli();
-  if (!process.argv.includes('--no-cache')) await warmCache();
+  // No cache is slower, not wrong (bin/qcow.cjs compiles the bundle from source): a machine where
+  // the warm-up cannot run (no writable temp folder, say) still gets a working install.
+  await rm(CACHE, { force: true });
+  if (!process.argv.includes('--no-cache')) {
+    try {
+      await warmCache();
+    } catch (e) {
+      await rm(CACHE, { force: true });
+      console.warn(`cli bundle: no code cache (${e instanceof Error ? e.message : e}); start-up will be slower`);
+    }
+  }
   console.log(`cli bundle: ${BUNDLE} (${bytes} bytes)`);
   // Worker pools and handles opened by the commands would keep the process alive.
   process.exit(0);
