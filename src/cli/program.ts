@@ -28,8 +28,8 @@ const COMMANDS: Record<string, () => Promise<CommandModule>> = {
   snapshot: () => import('./commands/snapshot.js'),
 };
 
-/** The command-line program; a fresh one per run (commander keeps parsed options on it). */
-function buildProgram(): Command {
+/** The command-line program for `argv`; a fresh one per run (commander keeps parsed options on it). */
+function buildProgram(argv: string[]): Command {
   const program = new Command();
   program
     .name('qcow')
@@ -51,155 +51,242 @@ function buildProgram(): Command {
   const pw = () => new Option('--password-file <file>', 'file holding the password of an encrypted image');
   const out = () => new Option('--output <fmt>', 'output format: human or json').default('human');
 
-  program
-    .command('info')
-    .description('show what an image is')
-    .addOption(fmt())
-    .addOption(pw())
-    .addOption(out())
-    .option('--backing-chain', 'show every image of the backing chain')
-    .option('-U, --force-share', 'accepted for qemu-img compatibility')
-    .argument('<file>')
-    .action(lazy('info'));
-
-  program
-    .command('create')
-    .description('create an image')
-    .requiredOption('-f, --format <fmt>', 'image format')
-    .option('-o, --options <list>', 'format options, key=value[,key=value...]', collect)
-    .option('-b, --backing <file>', 'backing file')
-    .option('-F, --backing-format <fmt>', 'backing file format (required with -b)')
-    .option('-u, --unsafe', 'do not open the backing file (the size must be given)')
-    .option('-q, --quiet', 'print nothing')
-    .addOption(pw())
-    .argument('<file>')
-    .argument('[size]')
-    .action(lazy('create'));
-
-  program
-    .command('convert')
-    .description('convert images to another format (several sources are concatenated)')
-    .addOption(fmt())
-    .option('-O, --output-format <fmt>', 'target format', 'raw')
-    .option('-o, --options <list>', 'target format options', collect)
-    .option('-B, --backing <file>', 'target backing file: write only what differs from it')
-    .option('-F, --backing-format <fmt>', 'format of the target backing file')
-    .option('-c, --compress', 'compress the target clusters')
-    .option('-n, --no-create', 'write into an existing target')
-    .option('-S, --sparse-size <size>', 'shortest run of zeros kept sparse (0: allocate everything)', '4k')
-    .option('-l, --snapshot <name>', 'read an internal snapshot of the source (NAME or snapshot.name=NAME)')
-    .option('-p, --progress', 'show progress')
-    .option('-q, --quiet', 'print nothing')
-    .option('-m, --parallel <n>', 'chunks in flight at once', '8')
-    .option('-W', 'let writes complete out of order (the target layout may then differ run to run)')
-    .option('-t, --cache <mode>', 'target cache mode: unsafe (default, as qemu-img convert: no flushes), writeback, none, ...', 'unsafe')
-    .option('-U, --force-share', 'accepted for qemu-img compatibility')
-    .addOption(pw())
-    .option('--target-password-file <file>', 'password for an encrypted target')
-    .argument('<files...>', 'sources, then the target')
-    .action(lazy('convert'));
-
-  program
-    .command('compare')
-    .description('compare the guest content of two images (exit 0 same, 1 different, 2 error)')
-    .option('-f, --format <fmt>', 'format of the first image')
-    .option('-F, --second-format <fmt>', 'format of the second image')
-    .option('-s, --strict', 'fail on size or allocation differences')
-    .option('-p, --progress', 'show progress')
-    .option('-q, --quiet', 'print nothing')
-    .option('-U, --force-share', 'accepted for qemu-img compatibility')
-    .addOption(pw())
-    .option('--second-password-file <file>', 'password of the second image')
-    .argument('<a>')
-    .argument('<b>')
-    .action(lazy('compare'));
-
-  program
-    .command('map')
-    .description('show the allocation of an image and its backing chain')
-    .addOption(fmt())
-    .addOption(pw())
-    .addOption(out())
-    .option('--start-offset <offset>', 'first byte to map')
-    .option('--max-length <len>', 'bytes to map')
-    .option('-U, --force-share', 'accepted for qemu-img compatibility')
-    .argument('<file>')
-    .action(lazy('map'));
-
-  program
-    .command('io')
-    .description('run qemu-io style commands on an image: read, write, discard, flush, map')
-    .addOption(fmt())
-    .addOption(pw())
-    .option('-c, --cmd <command>', 'a command (repeatable, run in order)', collect)
-    .option('-r, --read-only', 'open read-only')
-    .option('-U, --force-share', 'accepted for qemu-io compatibility')
-    .argument('<file>')
-    .action(lazy('io'));
-
-  program
-    .command('snapshot')
-    .description('list, create, apply or delete the internal snapshots of an image (qcow2)')
-    .addOption(fmt())
-    .addOption(pw())
-    .option('-l, --list', 'list the snapshots (the default)')
-    .option('-c, --create <name>', 'create a snapshot of the current state')
-    .option('-a, --apply <name>', 'revert the image to a snapshot')
-    .option('-d, --delete <name>', 'delete a snapshot')
-    .option('-q, --quiet', 'print nothing')
-    .option('-U, --force-share', 'accepted for qemu-img compatibility')
-    .argument('<file>')
-    .action(lazy('snapshot'));
-
-  program
-    .command('serve')
-    .description('export an image over NBD, as qemu-nbd (TCP 127.0.0.1:10809 unless told otherwise)')
-    .addOption(fmt())
-    .addOption(pw())
-    .option('-p, --port <port>', 'TCP port (default 10809)')
-    .option('-b, --bind <addr>', 'address to listen on (default 127.0.0.1)')
-    .option('-k, --socket <path>', 'listen on a Unix socket instead of TCP')
-    .option('-r, --read-only', 'export read-only')
-    .option('-x, --export-name <name>', "export name (default '')")
-    .option('-D, --description <text>', 'export description shown to clients')
-    .option('-t, --persistent', "keep serving after the last client disconnects")
-    .option('-e, --shared <n>', 'clients served at once (default 1)')
-    .option('--pid-file <file>', 'write the process id here once listening')
-    .argument('<file>')
-    .action(lazy('serve'));
-
-  program
-    .command('check')
-    .description('check an image for leaks and corruption (qcow2), optionally repairing it')
-    .addOption(fmt())
-    .addOption(out())
-    .option('-r, --repair <what>', 'repair leaks, or all problems: leaks | all')
-    .option('-q, --quiet', 'print nothing')
-    .option('-U, --force-share', 'accepted for qemu-img compatibility')
-    .argument('<file>')
-    .action(lazy('check'));
-
-  program
-    .command('resize')
-    .description('change the virtual size of an image ([+|-]SIZE)')
-    .addOption(fmt())
-    .addOption(pw())
-    .option('--shrink', 'allow making the image smaller')
-    .option('-q, --quiet', 'print nothing')
-    .argument('<file>')
-    .argument('<size>')
-    .action(lazy('resize'));
-
-  program
-    .command('amend')
-    .description('change options of an existing image in place (qcow2: compat, lazy_refcounts, refcount_bits, size)')
-    .addOption(fmt())
-    .addOption(pw())
-    .option('-o, --options <list>', 'options to change, key=value[,key=value...] (-o help lists them)', collect)
-    .option('-q, --quiet', 'print nothing')
-    .option('-p, --progress', 'accepted for qemu-img compatibility')
-    .argument('<file>')
-    .action(lazy('amend'));
+  // Only the command being run is defined: commander builds every option of every command it
+  // is given, which is start-up time. Help, and a name that is no command, define them all.
+  const definers: Record<string, () => void> = {
+    info: () => {
+      program
+        .command('info')
+        .description('show what an image is')
+        .addOption(fmt())
+        .addOption(pw())
+        .addOption(out())
+        .option('--backing-chain', 'show every image of the backing chain')
+        .option('-U, --force-share', 'accepted for qemu-img compatibility')
+        .argument('<file>')
+        .action(lazy('info'));
+    },
+    create: () => {
+      program
+        .command('create')
+        .description('create an image')
+        .requiredOption('-f, --format <fmt>', 'image format')
+        .option('-o, --options <list>', 'format options, key=value[,key=value...]', collect)
+        .option('-b, --backing <file>', 'backing file')
+        .option('-F, --backing-format <fmt>', 'backing file format (required with -b)')
+        .option('-u, --unsafe', 'do not open the backing file (the size must be given)')
+        .option('-q, --quiet', 'print nothing')
+        .addOption(pw())
+        .argument('<file>')
+        .argument('[size]')
+        .action(lazy('create'));
+    },
+    convert: () => {
+      program
+        .command('convert')
+        .description('convert images to another format (several sources are concatenated)')
+        .addOption(fmt())
+        .option('-O, --output-format <fmt>', 'target format', 'raw')
+        .option('-o, --options <list>', 'target format options', collect)
+        .option('-B, --backing <file>', 'target backing file: write only what differs from it')
+        .option('-F, --backing-format <fmt>', 'format of the target backing file')
+        .option('-c, --compress', 'compress the target clusters')
+        .option('-n, --no-create', 'write into an existing target')
+        .option('-S, --sparse-size <size>', 'shortest run of zeros kept sparse (0: allocate everything)', '4k')
+        .option('-l, --snapshot <name>', 'read an internal snapshot of the source (NAME or snapshot.name=NAME)')
+        .option('-p, --progress', 'show progress')
+        .option('-q, --quiet', 'print nothing')
+        .option('-m, --parallel <n>', 'chunks in flight at once', '8')
+        .option('-W', 'let writes complete out of order (the target layout may then differ run to run)')
+        .option('-t, --cache <mode>', 'target cache mode: unsafe (default, as qemu-img convert: no flushes), writeback, none, ...', 'unsafe')
+        .option('-U, --force-share', 'accepted for qemu-img compatibility')
+        .addOption(pw())
+        .option('--target-password-file <file>', 'password for an encrypted target')
+        .argument('<files...>', 'sources, then the target')
+        .action(lazy('convert'));
+    },
+    compare: () => {
+      program
+        .command('compare')
+        .description('compare the guest content of two images (exit 0 same, 1 different, 2 error)')
+        .option('-f, --format <fmt>', 'format of the first image')
+        .option('-F, --second-format <fmt>', 'format of the second image')
+        .option('-s, --strict', 'fail on size or allocation differences')
+        .option('-p, --progress', 'show progress')
+        .option('-q, --quiet', 'print nothing')
+        .option('-U, --force-share', 'accepted for qemu-img compatibility')
+        .addOption(pw())
+        .option('--second-password-file <file>', 'password of the second image')
+        .argument('<a>')
+        .argument('<b>')
+        .action(lazy('compare'));
+    },
+    map: () => {
+      program
+        .command('map')
+        .description('show the allocation of an image and its backing chain')
+        .addOption(fmt())
+        .addOption(pw())
+        .addOption(out())
+        .option('--start-offset <offset>', 'first byte to map')
+        .option('--max-length <len>', 'bytes to map')
+        .option('-U, --force-share', 'accepted for qemu-img compatibility')
+        .argument('<file>')
+        .action(lazy('map'));
+    },
+    io: () => {
+      program
+        .command('io')
+        .description('run qemu-io style commands on an image: read, write, discard, flush, map')
+        .addOption(fmt())
+        .addOption(pw())
+        .option('-c, --cmd <command>', 'a command (repeatable, run in order)', collect)
+        .option('-r, --read-only', 'open read-only')
+        .option('-U, --force-share', 'accepted for qemu-io compatibility')
+        .argument('<file>')
+        .action(lazy('io'));
+    },
+    snapshot: () => {
+      program
+        .command('snapshot')
+        .description('list, create, apply or delete the internal snapshots of an image (qcow2)')
+        .addOption(fmt())
+        .addOption(pw())
+        .option('-l, --list', 'list the snapshots (the default)')
+        .option('-c, --create <name>', 'create a snapshot of the current state')
+        .option('-a, --apply <name>', 'revert the image to a snapshot')
+        .option('-d, --delete <name>', 'delete a snapshot')
+        .option('-q, --quiet', 'print nothing')
+        .option('-U, --force-share', 'accepted for qemu-img compatibility')
+        .argument('<file>')
+        .action(lazy('snapshot'));
+    },
+    serve: () => {
+      program
+        .command('serve')
+        .description('export an image over NBD, as qemu-nbd (TCP 127.0.0.1:10809 unless told otherwise)')
+        .addOption(fmt())
+        .addOption(pw())
+        .option('-p, --port <port>', 'TCP port (default 10809)')
+        .option('-b, --bind <addr>', 'address to listen on (default 127.0.0.1)')
+        .option('-k, --socket <path>', 'listen on a Unix socket instead of TCP')
+        .option('-r, --read-only', 'export read-only')
+        .option('-x, --export-name <name>', "export name (default '')")
+        .option('-D, --description <text>', 'export description shown to clients')
+        .option('-t, --persistent', "keep serving after the last client disconnects")
+        .option('-e, --shared <n>', 'clients served at once (default 1)')
+        .option('--pid-file <file>', 'write the process id here once listening')
+        .argument('<file>')
+        .action(lazy('serve'));
+    },
+    check: () => {
+      program
+        .command('check')
+        .description('check an image for leaks and corruption (qcow2), optionally repairing it')
+        .addOption(fmt())
+        .addOption(out())
+        .option('-r, --repair <what>', 'repair leaks, or all problems: leaks | all')
+        .option('-q, --quiet', 'print nothing')
+        .option('-U, --force-share', 'accepted for qemu-img compatibility')
+        .argument('<file>')
+        .action(lazy('check'));
+    },
+    resize: () => {
+      program
+        .command('resize')
+        .description('change the virtual size of an image ([+|-]SIZE)')
+        .addOption(fmt())
+        .addOption(pw())
+        .option('--shrink', 'allow making the image smaller')
+        .option('-q, --quiet', 'print nothing')
+        .argument('<file>')
+        .argument('<size>')
+        .action(lazy('resize'));
+    },
+    amend: () => {
+      program
+        .command('amend')
+        .description('change options of an existing image in place (qcow2: compat, lazy_refcounts, refcount_bits, size)')
+        .addOption(fmt())
+        .addOption(pw())
+        .option('-o, --options <list>', 'options to change, key=value[,key=value...] (-o help lists them)', collect)
+        .option('-q, --quiet', 'print nothing')
+        .option('-p, --progress', 'accepted for qemu-img compatibility')
+        .argument('<file>')
+        .action(lazy('amend'));
+    },
+    commit: () => {
+      program
+        .command('commit')
+        .description("write an overlay's data into its backing file (or BASE further down) and empty the overlay")
+        .addOption(fmt())
+        .addOption(pw())
+        .option('-b, --base <base>', 'the image of the backing chain to commit into (implies -d)')
+        .option('-d, --drop', 'do not empty the overlay afterwards')
+        .option('-p, --progress', 'show progress')
+        .option('-q, --quiet', 'print nothing')
+        .option('-t, --cache <mode>', 'accepted for qemu-img compatibility')
+        .argument('<file>')
+        .action(lazy('commit'));
+    },
+    rebase: () => {
+      program
+        .command('rebase')
+        .description('change the backing file of an image (safe mode keeps the guest content unchanged)')
+        .addOption(fmt())
+        .addOption(pw())
+        .option('-b, --backing <file>', 'the new backing file ("" for none)')
+        .option('-F, --backing-format <fmt>', 'format of the new backing file')
+        .option('-u, --unsafe', 'only rewrite the backing file name; copy nothing')
+        .option('-p, --progress', 'show progress')
+        .option('-q, --quiet', 'print nothing')
+        .option('-t, --cache <mode>', 'accepted for qemu-img compatibility')
+        .option('-U, --force-share', 'accepted for qemu-img compatibility')
+        .argument('<file>')
+        .action(lazy('rebase'));
+    },
+    measure: () => {
+      program
+        .command('measure')
+        .description('how large an image file would be, for a size or for a copy of an image')
+        .addOption(fmt())
+        .addOption(pw())
+        .addOption(out())
+        .option('-O, --output-format <fmt>', 'target format', 'raw')
+        .option('-o, --options <list>', 'target format options', collect)
+        .option('--size <size>', 'virtual size of the image to measure')
+        .option('-l, --snapshot <name>', 'measure an internal snapshot of the source')
+        .option('-U, --force-share', 'accepted for qemu-img compatibility')
+        .argument('[file]')
+        .action(lazy('measure'));
+    },
+    bench: () => {
+      program
+        .command('bench')
+        .description('run a simple I/O benchmark on an image, as qemu-img bench')
+        .addOption(fmt())
+        .addOption(pw())
+        .option('-c, --count <n>', 'number of requests (default 75000)')
+        .option('-d, --depth <n>', 'requests in flight at once (default 64)')
+        .option('-s, --size <bytes>', 'bytes per request (default 4096)')
+        .option('-S, --step <bytes>', 'distance between request offsets (default: the request size)')
+        .option('-o, --offset <offset>', 'offset of the first request')
+        .option('-w, --write', 'write instead of read')
+        .option('--pattern <byte>', 'byte written by write requests (default 0)')
+        .option('--flush-interval <n>', 'flush after every N requests (write tests)')
+        .option('--no-drain', 'do not wait for requests in flight before a flush')
+        .option('-q, --quiet', 'accepted for qemu-img compatibility (bench always reports)')
+        .option('-n, --nocache', 'accepted for qemu-img compatibility')
+        .option('-t, --cache <mode>', 'accepted for qemu-img compatibility')
+        .option('-i, --aio <mode>', 'accepted for qemu-img compatibility')
+        .option('-U, --force-share', 'accepted for qemu-img compatibility')
+        .argument('<file>')
+        .action(lazy('bench'));
+    },
+  };
+  const only = Object.hasOwn(definers, argv[2] ?? '') ? definers[argv[2]!] : undefined;
+  if (only) only();
+  else for (const define of Object.values(definers)) define();
 
   /**
    * Safety options for untrusted images, on every command that opens images (create only opens the
@@ -220,70 +307,6 @@ function buildProgram(): Command {
     openPolicy.probeBacking = o.probeBacking !== false;
   });
 
-  program
-    .command('commit')
-    .description("write an overlay's data into its backing file (or BASE further down) and empty the overlay")
-    .addOption(fmt())
-    .addOption(pw())
-    .option('-b, --base <base>', 'the image of the backing chain to commit into (implies -d)')
-    .option('-d, --drop', 'do not empty the overlay afterwards')
-    .option('-p, --progress', 'show progress')
-    .option('-q, --quiet', 'print nothing')
-    .option('-t, --cache <mode>', 'accepted for qemu-img compatibility')
-    .argument('<file>')
-    .action(lazy('commit'));
-
-  program
-    .command('rebase')
-    .description('change the backing file of an image (safe mode keeps the guest content unchanged)')
-    .addOption(fmt())
-    .addOption(pw())
-    .option('-b, --backing <file>', 'the new backing file ("" for none)')
-    .option('-F, --backing-format <fmt>', 'format of the new backing file')
-    .option('-u, --unsafe', 'only rewrite the backing file name; copy nothing')
-    .option('-p, --progress', 'show progress')
-    .option('-q, --quiet', 'print nothing')
-    .option('-t, --cache <mode>', 'accepted for qemu-img compatibility')
-    .option('-U, --force-share', 'accepted for qemu-img compatibility')
-    .argument('<file>')
-    .action(lazy('rebase'));
-
-  program
-    .command('measure')
-    .description('how large an image file would be, for a size or for a copy of an image')
-    .addOption(fmt())
-    .addOption(pw())
-    .addOption(out())
-    .option('-O, --output-format <fmt>', 'target format', 'raw')
-    .option('-o, --options <list>', 'target format options', collect)
-    .option('--size <size>', 'virtual size of the image to measure')
-    .option('-l, --snapshot <name>', 'measure an internal snapshot of the source')
-    .option('-U, --force-share', 'accepted for qemu-img compatibility')
-    .argument('[file]')
-    .action(lazy('measure'));
-
-  program
-    .command('bench')
-    .description('run a simple I/O benchmark on an image, as qemu-img bench')
-    .addOption(fmt())
-    .addOption(pw())
-    .option('-c, --count <n>', 'number of requests (default 75000)')
-    .option('-d, --depth <n>', 'requests in flight at once (default 64)')
-    .option('-s, --size <bytes>', 'bytes per request (default 4096)')
-    .option('-S, --step <bytes>', 'distance between request offsets (default: the request size)')
-    .option('-o, --offset <offset>', 'offset of the first request')
-    .option('-w, --write', 'write instead of read')
-    .option('--pattern <byte>', 'byte written by write requests (default 0)')
-    .option('--flush-interval <n>', 'flush after every N requests (write tests)')
-    .option('--no-drain', 'do not wait for requests in flight before a flush')
-    .option('-q, --quiet', 'accepted for qemu-img compatibility (bench always reports)')
-    .option('-n, --nocache', 'accepted for qemu-img compatibility')
-    .option('-t, --cache <mode>', 'accepted for qemu-img compatibility')
-    .option('-i, --aio <mode>', 'accepted for qemu-img compatibility')
-    .option('-U, --force-share', 'accepted for qemu-img compatibility')
-    .argument('<file>')
-    .action(lazy('bench'));
-
   return program;
 }
 
@@ -300,7 +323,7 @@ export async function main(argv: string[]): Promise<void> {
     });
   }
   try {
-    await buildProgram().parseAsync(argv);
+    await buildProgram(argv).parseAsync(argv);
   } catch (e) {
     if (e instanceof CommanderError) {
       if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return;

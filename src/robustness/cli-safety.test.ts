@@ -19,6 +19,8 @@ function chainCommands(img: string, dir: string): [string, string[]][] {
     ['convert', ['convert', '-O', 'raw', img, join(dir, 'out.raw')]],
     ['compare', ['compare', img, img]],
     ['io', ['io', '-r', '-c', 'read 0 4k', img]],
+    ['measure', ['measure', '-O', 'qcow2', img]],
+    ['bench', ['bench', '-c', '16', img]],
   ];
 }
 
@@ -44,6 +46,14 @@ test('--confine: a backing file outside the image folder is refused by every com
       assert.equal(ok.code, 0, `${name} without --confine: ${ok.stderr}`);
     }
     assert.deepEqual(await readFile(img), before, 'the image is unchanged');
+  }
+  // Commands that write refuse before writing anything.
+  for (const args of [['commit'], ['rebase', '-b', '', '-F', 'raw']]) {
+    const before = await readFile(byAbsolute);
+    const r = await qcow([args[0]!, '--confine', ...args.slice(1), byAbsolute]);
+    assert.notEqual(r.code, 0, `${args[0]} --confine must refuse`);
+    assert.match(r.stderr, /^qcow: .*outside the image's folder\n$/, args[0]);
+    assert.deepEqual(await readFile(byAbsolute), before, `${args[0]}: the image is unchanged`);
   }
   // What lies inside the folder is still followed with --confine, also through "..".
   const base = join(dir, 'inner', 'base.raw');
