@@ -5,7 +5,7 @@
  * from one bundled file (dist/cli/qcow.bundle.cjs, made by scripts/build-cli.mjs) compiled with
  * V8's code cache (dist/cli/qcow.bundle.cache): ~40 ms less than loading the ES modules of
  * dist/ one by one. The cache is used only when it was made from this very bundle: both start with
- * the same line, the SHA-256 of the bundle's content. V8 rejects a cache made by another Node
+ * the same comment, the SHA-256 of the bundle's content. V8 rejects a cache made by another Node
  * version by itself.
  * Without the bundle, or when tsc has rebuilt dist/ since it was made (a developer's `tsc` without
  * `npm run build`: tsc rewrites every output file), the unbundled CLI runs instead.
@@ -29,8 +29,8 @@ function loadBundle() {
   let cachedData;
   try {
     const cache = readFileSync(join(dir, 'qcow.bundle.cache'));
-    const id = Buffer.from(source.slice(0, source.indexOf('\n') + 1));
-    if (id.length > 20 && cache.length > id.length && id.equals(cache.subarray(0, id.length))) cachedData = cache.subarray(id.length);
+    const id = Buffer.from(source.startsWith('/* qcow-bundle ') ? source.slice(0, source.indexOf('*/') + 2) : '');
+    if (id.length > 0 && cache.length > id.length && id.equals(cache.subarray(0, id.length))) cachedData = cache.subarray(id.length);
   } catch {
     // No cache: compile from source.
   }

@@ -71,12 +71,17 @@ export async function buildCli() {
     supported: { 'dynamic-import': false },
     banner: { js: "const __qcowModuleUrl = (rel) => require('node:url').pathToFileURL(require('node:path').join(__dirname, rel)).href;" },
     plugins: [moduleUrls, lazyChildProcess],
+    // Half the bytes to read at every start (~3 ms). Names are kept for stack traces (QCOW_DEBUG);
+    // to debug with the real sources, run the unbundled dist/cli/main.js.
+    minify: true,
+    keepNames: true,
     metafile: true,
     logLevel: 'warning',
   });
-  // First line: the bundle's identity, which the code cache must carry too (see warmCache).
+  // The bundle's identity, which the code cache must carry too (see warmCache).
   const body = await readFile(BUNDLE, 'utf8');
-  await writeFile(BUNDLE, `// qcow-bundle ${createHash('sha256').update(body).digest('hex')}\n${body}`);
+  // A comment on the bundle's first line, not a line of its own, so the source map still fits.
+  await writeFile(BUNDLE, `/* qcow-bundle ${createHash('sha256').update(body).digest('hex')} */${body}`);
   const bytes = result.metafile.outputs[relative(root, BUNDLE).split('\\').join('/')]?.bytes;
   if (/\bimport\(/.test(await readFile(BUNDLE, 'utf8'))) throw new Error(`${BUNDLE}: a dynamic import() was left in the bundle`);
   return { outfile: BUNDLE, bytes };
@@ -124,11 +129,11 @@ export async function warmCache() {
     process.exitCode = 0;
     await rm(dir, { recursive: true, force: true });
   }
-  // The cache starts with the bundle's first line, which holds the SHA-256 of its content (see
+  // The cache starts with the bundle's identity comment, the SHA-256 of its content (see
   // buildCli): bin/qcow.cjs uses the cache only with that very bundle, without hashing at start-up
   // (loading node:crypto alone costs ~6 ms). V8's own check compares lengths, not content.
-  const idLine = source.slice(0, source.indexOf('\n') + 1);
-  await writeFile(CACHE, Buffer.concat([Buffer.from(idLine), script.createCachedData()]));
+  const id = source.slice(0, source.indexOf('*/') + 2);
+  await writeFile(CACHE, Buffer.concat([Buffer.from(id), script.createCachedData()]));
 }
 
 if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {

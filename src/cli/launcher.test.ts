@@ -15,13 +15,13 @@ const dir = import.meta.dirname;
 const bundlePath = join(dir, 'qcow.bundle.cjs');
 const launcher = join(dir, '..', '..', 'bin', 'qcow.cjs');
 
-test('the bundle and its code cache carry the same identity line, and V8 accepts the cache', () => {
+test('the bundle and its code cache carry the same identity comment, and V8 accepts the cache', () => {
   const source = readFileSync(bundlePath, 'utf8');
   const cache = readFileSync(join(dir, 'qcow.bundle.cache'));
-  const idLine = source.slice(0, source.indexOf('\n') + 1);
-  assert.match(idLine, /^\/\/ qcow-bundle [0-9a-f]{64}\n$/);
-  assert.equal(cache.subarray(0, idLine.length).toString(), idLine);
-  const script = new Script(Module.wrap(source), { filename: bundlePath, cachedData: cache.subarray(idLine.length) });
+  const id = source.slice(0, source.indexOf('*/') + 2);
+  assert.match(id, /^\/\* qcow-bundle [0-9a-f]{64} \*\/$/);
+  assert.equal(cache.subarray(0, id.length).toString(), id);
+  const script = new Script(Module.wrap(source), { filename: bundlePath, cachedData: cache.subarray(id.length) });
   assert.equal(script.cachedDataRejected, false);
 });
 
