@@ -73,54 +73,37 @@ export class FileStore implements ByteStore {
   // and .write cost noticeably more per call (an extra promise layer, a result object and handle
   // bookkeeping), which showed at a few µs per 4 KiB request. The handle still owns the fd.
   read(offset: number, into: Uint8Array): Promise<number> {
-    const fd = this.fh.fd;
     if (into.length <= this.syncMax) {
       try {
-        return Promise.resolve(readFully(fd, into, offset));
+        return Promise.resolve(zeroTail(into, syncLoop(readSync, this.fh.fd, into, offset)));
       } catch (e) {
         return Promise.reject(fsError(e, this.name));
       }
     }
-    return new Promise((resolve, reject) => {
-      let done = 0;
-      const step = (): void => {
-        fsRead(fd, into, done, into.length - done, offset + done, (err, n) => {
-          if (err) return reject(fsError(err, this.name));
-          done += n;
-          if (n > 0 && done < into.length) return step();
-          if (done < into.length) into.fill(0, done);
-          resolve(done);
-        });
-      };
-      if (into.length === 0) resolve(0);
-      else step();
-    });
+    return asyncLoop(fsRead, this.fh.fd, into, offset).then(
+      (n) => zeroTail(into, n),
+      (e: unknown) => Promise.reject(fsError(e, this.name)),
+    );
   }
 
   write(offset: number, data: Uint8Array): Promise<void> {
     if (this.readOnly) return Promise.reject(new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.name }));
-    const fd = this.fh.fd;
     if (data.length <= this.syncMax) {
       try {
-        for (let done = 0; done < data.length; ) done += writeSync(fd, data, done, data.length - done, offset + done);
-        return Promise.resolve();
+        return Promise.resolve(this.whole(data, offset, syncLoop(writeSync, this.fh.fd, data, offset)));
       } catch (e) {
-        return Promise.reject(fsError(e, this.name));
+        return Promise.reject(e instanceof QcowError ? e : fsError(e, this.name));
       }
     }
-    return new Promise((resolve, reject) => {
-      let done = 0;
-      const step = (): void => {
-        fsWrite(fd, data, done, data.length - done, offset + done, (err, n) => {
-          if (err) return reject(fsError(err, this.name));
-          done += n;
-          if (done < data.length) step();
-          else resolve();
-        });
-      };
-      if (data.length === 0) resolve();
-      else step();
-    });
+    return asyncLoop(fsWrite, this.fh.fd, data, offset).then(
+      (n) => this.whole(data, offset, n),
+      (e: unknown) => Promise.reject(fsError(e, this.name)),
+    );
+  }
+
+  /** A write that moved fewer bytes than asked (the OS wrote nothing more) is an I/O error. */
+  private whole(data: Uint8Array, offset: number, moved: number): void {
+    if (moved < data.length) throw new QcowError('QCOW_IO', `short write: ${moved} of ${data.length} bytes at ${offset}`, { file: this.name });
   }
 
   async truncate(size: number): Promise<void> {
@@ -149,6 +132,42 @@ export class FileStore implements ByteStore {
   }
 }
 
+// Positional reads and writes in as many calls as the OS needs, synchronously (small requests)
+// or on libuv's pool (large ones): the count of bytes moved, short only at the end of the file.
+type SyncIo = (fd: number, buf: Uint8Array, offset: number, length: number, position: number) => number;
+type AsyncIo = (fd: number, buf: Uint8Array, offset: number, length: number, position: number, cb: (err: NodeJS.ErrnoException | null, n: number) => void) => void;
+
+function syncLoop(op: SyncIo, fd: number, buf: Uint8Array, position: number): number {
+  let done = 0;
+  while (done < buf.length) {
+    const n = op(fd, buf, done, buf.length - done, position + done);
+    if (n === 0) break;
+    done += n;
+  }
+  return done;
+}
+
+function asyncLoop(op: AsyncIo, fd: number, buf: Uint8Array, position: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    let done = 0;
+    const step = (): void => {
+      op(fd, buf, done, buf.length - done, position + done, (err, n) => {
+        if (err) return reject(err);
+        done += n;
+        if (n > 0 && done < buf.length) step();
+        else resolve(done);
+      });
+    };
+    step();
+  });
+}
+
+/** Past the end of the file the image reads as zeros. */
+function zeroTail(buf: Uint8Array, n: number): number {
+  if (n < buf.length) buf.fill(0, n);
+  return n;
+}
+
 export interface FileStoreOptions {
   readOnly?: boolean;
   create?: boolean;
@@ -158,18 +177,6 @@ export interface FileStoreOptions {
 }
 
 const DEFAULT_SYNC_MAX = 64 * 1024;
-
-/** Read `into.length` bytes at `offset`, zero-filling past the end of the file. */
-function readFully(fd: number, into: Uint8Array, offset: number): number {
-  let done = 0;
-  while (done < into.length) {
-    const n = readSync(fd, into, done, into.length - done, offset + done);
-    if (n === 0) break;
-    done += n;
-  }
-  if (done < into.length) into.fill(0, done);
-  return done;
-}
 
 /** Turn an fs error into one line a user can act on. */
 export function fsError(e: unknown, path: string): QcowError {
