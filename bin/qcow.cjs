@@ -11,6 +11,10 @@
  * `npm run build`: tsc rewrites every output file), the unbundled CLI runs instead.
  */
 const { readFileSync, statSync } = require('node:fs');
+
+// bin/qcow moved NODE_EXTRA_CA_CERTS out of Node's start-up (see there): this process loads the
+// file when it first needs it, and processes it starts get the variable back as it was.
+if (process.env.QCOW_DEFERRED_CA_CERTS && !process.env.NODE_EXTRA_CA_CERTS) process.env.NODE_EXTRA_CA_CERTS = process.env.QCOW_DEFERRED_CA_CERTS;
 const Module = require('node:module');
 const { join } = require('node:path');
 const { Script } = require('node:vm');

@@ -63,8 +63,10 @@ export async function buildCli() {
     platform: 'node',
     target: 'node20',
     conditions: ['node'],
-    // Loads its .wasm file from beside its own module: left in node_modules.
-    external: ['@bokuweb/zstd-wasm'],
+    // zstd-wasm loads its .wasm file from beside its own module: left in node_modules.
+    // undici: only for https with deferred CA certificates (src/storage/deferred-ca.node.ts), so
+    // it is required from node_modules then rather than parsed at every start.
+    external: ['@bokuweb/zstd-wasm', 'undici'],
     // import() inside code run by vm.Script needs an import callback, which Node 20 only has as an
     // experimental feature (a warning on stderr) and which code from the cache loses: every
     // dynamic import becomes a require (all that is left outside the bundle is CommonJS).

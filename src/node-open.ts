@@ -6,6 +6,7 @@
 import type { BlockDevice } from './core/block-device.js';
 import { openImage as openChain, createImage as createChain, type OpenImageOptions, type CreateImageOptions } from './chain/open.js';
 import { builtinFormats } from './formats/index.js';
+import { deferredCaFetch } from './storage/deferred-ca.node.js';
 import { fileOpener } from './storage/file.node.js';
 import type { StoreOpener } from './storage/types.js';
 import { isHttpUrl, resolveUrl } from './storage/url.js';
@@ -13,7 +14,7 @@ import { isHttpUrl, resolveUrl } from './storage/url.js';
 /** `withHttp(local)` from storage/http.ts, with the HTTP code loaded on the first http(s) name. */
 function withLazyHttp(local: StoreOpener): StoreOpener {
   let both: Promise<StoreOpener> | undefined;
-  const http = (): Promise<StoreOpener> => (both ??= import('./storage/http.js').then((m) => m.withHttp(local)));
+  const http = (): Promise<StoreOpener> => (both ??= import('./storage/http.js').then((m) => m.withHttp(local, { fetch: deferredCaFetch() })));
   return {
     open: async (name, o) => (isHttpUrl(name) ? (await http()).open(name, o) : local.open(name, o)),
     resolve: (name, relativeTo) => (isHttpUrl(relativeTo) ? resolveUrl(name, relativeTo) : isHttpUrl(name) ? name : local.resolve(name, relativeTo)),

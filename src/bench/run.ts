@@ -16,7 +16,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-const CLI = fileURLToPath(new URL('../../bin/qcow.cjs', import.meta.url));
+/** The `qcow` command as npm installs it (the shell launcher, which runs bin/qcow.cjs under node). */
+const CLI = fileURLToPath(new URL('../../bin/qcow', import.meta.url));
 const MiB = 2 ** 20;
 const GiB = 2 ** 30;
 
@@ -130,8 +131,7 @@ async function main(): Promise<void> {
   const s = (n: number) => Math.max(MiB, Math.round((n * args.scale) / MiB) * MiB);
   const want = (name: string) => !args.only || [...args.only].some((o) => name.startsWith(o));
   const p = (f: string) => join(dir, f);
-  const node = process.execPath;
-  const ours = (...a: string[]) => ({ cmd: node, args: [CLI, ...a] });
+  const ours = (...a: string[]) => ({ cmd: CLI, args: a });
   const qimg = (...a: string[]) => ({ cmd: 'qemu-img', args: a });
 
   console.log(`# qcow bench — ${new Date().toISOString()} — reps ${args.reps}, scale ${args.scale}`);

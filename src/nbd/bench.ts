@@ -46,7 +46,8 @@ export interface NbdBenchResult {
   write?: NbdBenchCase;
 }
 
-const CLI = fileURLToPath(new URL('../../bin/qcow.cjs', import.meta.url));
+/** The `qcow` command as npm installs it. */
+const CLI = fileURLToPath(new URL('../../bin/qcow', import.meta.url));
 
 export async function benchNbd(options: NbdBenchOptions = {}): Promise<NbdBenchResult> {
   const dir = await mkdtemp(join(tmpdir(), 'qcow-nbd-bench-'));
@@ -59,7 +60,7 @@ export async function benchNbd(options: NbdBenchOptions = {}): Promise<NbdBenchR
     const sizeBytes = (await stat(source)).size;
     const runs = options.runs ?? 3;
 
-    const ours = await start(stops, dir, 'ours-ro', process.execPath, [CLI, 'serve', '-t', '-r', '-f', format], image);
+    const ours = await start(stops, dir, 'ours-ro', CLI, ['serve', '-t', '-r', '-f', format], image);
     const qemu = await start(stops, dir, 'qemu-ro', 'qemu-nbd', ['-t', '-r', '-f', format], image);
     const read = compare(sizeBytes, await best(runs, () => exec('nbdcopy', ['--', ours, 'null:'])), await best(runs, () => exec('nbdcopy', ['--', qemu, 'null:'])));
 
@@ -69,7 +70,7 @@ export async function benchNbd(options: NbdBenchOptions = {}): Promise<NbdBenchR
       const qemuCopy = join(dir, `qemu.${format}`);
       await copyFile(image, oursCopy);
       await copyFile(image, qemuCopy);
-      const oursRw = await start(stops, dir, 'ours-rw', process.execPath, [CLI, 'serve', '-t', '-f', format], oursCopy);
+      const oursRw = await start(stops, dir, 'ours-rw', CLI, ['serve', '-t', '-f', format], oursCopy);
       const qemuRw = await start(stops, dir, 'qemu-rw', 'qemu-nbd', ['-t', '-f', format], qemuCopy);
       write = compare(sizeBytes, await best(runs, () => exec('nbdcopy', ['--', source, oursRw])), await best(runs, () => exec('nbdcopy', ['--', source, qemuRw])));
     }

@@ -104,6 +104,11 @@ export async function fetchOnce(fetchFn: typeof fetch, url: string, init: Reques
     res = await fetchFn(url, init);
   } catch (e) {
     if (init.signal?.aborted) throw e;
+    // A certificate we do not trust stays untrusted: say so at once instead of retrying it.
+    const code = (e as { cause?: { code?: unknown } }).cause?.code;
+    if (typeof code === 'string' && TLS_TRUST_CODES.test(code)) {
+      throw new QcowError('QCOW_IO', `TLS: the server's certificate is not trusted (${code}); NODE_EXTRA_CA_CERTS can name a CA to trust`, { file: url, cause: e });
+    }
     throw new TransientHttpError(`network error: ${(e as Error).message ?? e}${causeText(e)}`, undefined, { cause: e });
   }
   if (isTransientStatus(res.status)) {
@@ -112,6 +117,9 @@ export async function fetchOnce(fetchFn: typeof fetch, url: string, init: Reques
   }
   return res;
 }
+
+/** OpenSSL's and Node's codes for a certificate that cannot be verified (never transient). */
+const TLS_TRUST_CODES = /^(ERR_TLS_CERT_ALTNAME_INVALID|CERT_|UNABLE_TO_|SELF_SIGNED_CERT|DEPTH_ZERO_SELF_SIGNED_CERT|CERT_HAS_EXPIRED|HOSTNAME_MISMATCH)/;
 
 function causeText(e: unknown): string {
   const cause = (e as { cause?: { code?: string; message?: string } }).cause;

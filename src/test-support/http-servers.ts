@@ -7,6 +7,7 @@ import { spawn } from 'node:child_process';
 import { createReadStream } from 'node:fs';
 import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 import { connect, type AddressInfo } from 'node:net';
 import { join, normalize } from 'node:path';
 import { hasTool, randomBytes, run, runOk } from './qemu.js';
@@ -124,10 +125,13 @@ export interface NodeServer {
 
 type Handler = (req: IncomingMessage, res: ServerResponse, file: string | undefined) => void | Promise<void>;
 
-/** A Node HTTP server serving files of `root` through `handler`, closed when the test ends. */
-export async function startNodeServer(t: After, root: string, handler: Handler): Promise<NodeServer> {
+/**
+ * A Node HTTP server serving files of `root` through `handler`, closed when the test ends; with
+ * `tls`, an HTTPS server presenting that certificate.
+ */
+export async function startNodeServer(t: After, root: string, handler: Handler, tls?: { cert: string; key: string }): Promise<NodeServer> {
   const requests: NodeServer['requests'] = [];
-  const srv = createServer((req, res) => {
+  const serve = (req: IncomingMessage, res: ServerResponse) => {
     const path = decodeURIComponent(new URL(req.url ?? '/', 'http://x').pathname);
     requests.push({ method: req.method ?? '', path, range: req.headers.range });
     const file = normalize(join(root, path));
@@ -135,7 +139,8 @@ export async function startNodeServer(t: After, root: string, handler: Handler):
       res.statusCode = 500;
       res.end();
     });
-  });
+  };
+  const srv = tls ? createHttpsServer(tls, serve) : createServer(serve);
   await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
   t.after(
     () =>
@@ -144,7 +149,7 @@ export async function startNodeServer(t: After, root: string, handler: Handler):
         srv.close(() => resolve());
       }),
   );
-  return { url: `http://127.0.0.1:${(srv.address() as AddressInfo).port}/`, requests };
+  return { url: `${tls ? 'https' : 'http'}://127.0.0.1:${(srv.address() as AddressInfo).port}/`, requests };
 }
 
 async function fileSize(file: string | undefined): Promise<number | undefined> {

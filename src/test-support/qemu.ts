@@ -64,9 +64,12 @@ export async function runOk(cmd: string, args: string[], options: { cwd?: string
 export const qemuImg = (args: string[], cwd?: string) => runOk('qemu-img', args, { cwd });
 export const qemuIo = (args: string[], cwd?: string) => runOk('qemu-io', args, { cwd });
 
-/** The built CLI as installed (bin/qcow.cjs, running the bundle of dist/cli), run as a user would. */
+/** The CLI's node entry (bin/qcow.cjs, running the bundle of dist/cli), for `node CLI ...`. */
 export const CLI = fileURLToPath(new URL('../../bin/qcow.cjs', import.meta.url));
-export const qcow = (args: string[], options: { cwd?: string; input?: string; timeoutMs?: number } = {}) => run(process.execPath, [CLI, ...args], options);
+/** The `qcow` command as npm installs it: the shell launcher bin/qcow, which runs CLI under node. */
+export const QCOW_BIN = fileURLToPath(new URL('../../bin/qcow', import.meta.url));
+/** Run the `qcow` command, as a user would. */
+export const qcow = (args: string[], options: { cwd?: string; input?: string; timeoutMs?: number } = {}) => run(QCOW_BIN, args, options);
 export async function qcowOk(args: string[], options: { cwd?: string } = {}): Promise<RunResult> {
   const r = await qcow(args, options);
   if (r.code !== 0) throw new Error(`qcow ${args.join(' ')} exited ${r.code}\n${r.stderr}${r.stdout}`);
