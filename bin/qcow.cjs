@@ -15,6 +15,12 @@ const { readFileSync, statSync } = require('node:fs');
 // bin/qcow moved NODE_EXTRA_CA_CERTS out of Node's start-up (see there): this process loads the
 // file when it first needs it, and processes it starts get the variable back as it was.
 if (process.env.QCOW_DEFERRED_CA_CERTS && !process.env.NODE_EXTRA_CA_CERTS) process.env.NODE_EXTRA_CA_CERTS = process.env.QCOW_DEFERRED_CA_CERTS;
+
+// libuv's file-I/O pool has 4 threads. On a 2-core machine 4 threads copying 2 MiB buffers, plus
+// the main thread, only take the cores from each other: converting 1 GiB qcow2 to raw took 0.48 s
+// with 4 and 0.39 s with 2 (qemu-img: 0.30 s). One thread per core, 2 to 4 (the default beyond);
+// a UV_THREADPOOL_SIZE of the user's own wins. libuv reads it when the pool first starts, later.
+if (!process.env.UV_THREADPOOL_SIZE) process.env.UV_THREADPOOL_SIZE = String(Math.max(2, Math.min(4, require('node:os').availableParallelism())));
 const Module = require('node:module');
 const { join } = require('node:path');
 const { Script } = require('node:vm');
