@@ -22,7 +22,7 @@ import type { BlockDevice } from '../core/block-device.js';
 import { QcowError, throwIfAborted } from '../core/errors.js';
 import { ChainStatus } from './chain-status.js';
 import { ConcatSource } from './concat.js';
-import { allZero, sameBytes } from './zero-scan.js';
+import { allZero, sameBytes, wordsOf, zeroRange } from './zero-scan.js';
 
 export interface ConvertOptions {
   /** Write clusters compressed (the target must support it). */
@@ -280,13 +280,13 @@ async function chunkWrites(cx: WriteContext, dstOff: number, data: Uint8Array, a
     ops.push({ kind: 'data', offset: dstOff + runStart, data: data.subarray(runStart, end) });
     runStart = -1;
   };
+  const words = before ? undefined : wordsOf(data);
   for (let o = 0; o < data.length; o += unit) {
     const end = Math.min(o + unit, data.length);
-    const block = data.subarray(o, end);
     let skip: boolean;
     let zeroNeeded = false;
-    if (before) skip = sameBytes(block, before.subarray(o, end));
-    else if (allZero(block)) {
+    if (before) skip = sameBytes(data.subarray(o, end), before.subarray(o, end));
+    else if (zeroRange(data, words, o, end)) {
       skip = cx.targetIsZero;
       zeroNeeded = !skip;
     } else skip = false;
@@ -295,8 +295,8 @@ async function chunkWrites(cx: WriteContext, dstOff: number, data: Uint8Array, a
       // Existing target: make the range read as zeros without writing data where the format can.
       endRun(o);
       const last = ops[ops.length - 1];
-      if (last?.kind === 'zero' && last.offset + last.length === dstOff + o) last.length += block.length;
-      else ops.push({ kind: 'zero', offset: dstOff + o, length: block.length });
+      if (last?.kind === 'zero' && last.offset + last.length === dstOff + o) last.length += end - o;
+      else ops.push({ kind: 'zero', offset: dstOff + o, length: end - o });
     } else if (runStart < 0) runStart = o;
   }
   endRun(data.length);
