@@ -8,25 +8,50 @@ import { corrupt } from './errors.js';
 export const view = (b: Uint8Array): DataView => new DataView(b.buffer, b.byteOffset, b.byteLength);
 
 export const u8 = (b: Uint8Array, off: number): number => b[off]!;
-export const u16 = (b: Uint8Array, off: number): number => view(b).getUint16(off);
-export const u32 = (b: Uint8Array, off: number): number => view(b).getUint32(off);
+// Fields are read and written byte by byte rather than through a DataView made per call: the
+// table walks call these for every entry, and each view was garbage. Out-of-range offsets still
+// throw RangeError, as DataView did, so a short buffer never reads as zeros.
+export function u16(b: Uint8Array, off: number): number {
+  inBounds(b, off, 2);
+  return (b[off]! << 8) | b[off + 1]!;
+}
+export function u32(b: Uint8Array, off: number): number {
+  inBounds(b, off, 4);
+  return ((b[off]! << 24) | (b[off + 1]! << 16) | (b[off + 2]! << 8) | b[off + 3]!) >>> 0;
+}
 export const u64big = (b: Uint8Array, off: number): bigint => view(b).getBigUint64(off);
 
 /** A u64 field as a number; throws QCOW_CORRUPT naming the field if it is not exact. */
 export function u64(b: Uint8Array, off: number, field = 'field'): number {
-  const v = view(b).getBigUint64(off);
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw corrupt(`${field} 0x${v.toString(16)} is too large`);
-  return Number(v);
+  const hi = u32(b, off);
+  const lo = u32(b, off + 4);
+  if (hi >= 0x200000) throw corrupt(`${field} 0x${hi.toString(16)}${lo.toString(16).padStart(8, '0')} is too large`);
+  return hi * 0x100000000 + lo;
 }
 
 export function setU16(b: Uint8Array, off: number, v: number): void {
-  view(b).setUint16(off, v);
+  inBounds(b, off, 2);
+  b[off] = v >>> 8;
+  b[off + 1] = v;
 }
 export function setU32(b: Uint8Array, off: number, v: number): void {
-  view(b).setUint32(off, v >>> 0);
+  inBounds(b, off, 4);
+  b[off] = v >>> 24;
+  b[off + 1] = v >>> 16;
+  b[off + 2] = v >>> 8;
+  b[off + 3] = v;
 }
 export function setU64(b: Uint8Array, off: number, v: number | bigint): void {
-  view(b).setBigUint64(off, typeof v === 'bigint' ? v : BigInt(v));
+  if (typeof v === 'bigint' || !Number.isSafeInteger(v) || v < 0) {
+    view(b).setBigUint64(off, typeof v === 'bigint' ? v : BigInt(v));
+    return;
+  }
+  setU32(b, off, Math.floor(v / 0x100000000));
+  setU32(b, off + 4, v % 0x100000000);
+}
+
+function inBounds(b: Uint8Array, off: number, size: number): void {
+  if (!(off >= 0 && off + size <= b.length)) throw new RangeError(`Offset ${off} is outside the bounds of the buffer`);
 }
 
 /** True when every byte of `b` is zero. Checks 8 bytes at a time where the buffer is aligned. */

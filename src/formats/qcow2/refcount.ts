@@ -20,7 +20,8 @@ export function checkRefcountBits(bits: number): void {
 
 /** The largest counter a width can hold (64-bit counters are capped at what a number holds exactly). */
 export function maxRefcount(bits: number): number {
-  return bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** bits - 1;
+  // Shifts, not 2 ** bits: this runs for every counter set, and V8 calls pow() for a variable exponent.
+  return bits >= 53 ? Number.MAX_SAFE_INTEGER : bits === 32 ? 0xffffffff : (1 << bits) - 1;
 }
 
 /** How many clusters one refcount block describes. */

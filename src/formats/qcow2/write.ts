@@ -22,6 +22,7 @@
 import type { ZeroOptions } from '../../core/block-device.js';
 import { QcowError, corrupt, unsupported } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
+import { setU32, u32 } from '../../core/bytes.js';
 import { deflateRaw, zstdCompress } from '../../compress/lazy.js';
 import { COMPRESSION_ZSTD, decodeHeader, encodeHeader } from './header.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
@@ -372,8 +373,9 @@ export class Qcow2Writer {
     const g = this.dev.geometry;
     const i = Math.floor(guest / g.l2Coverage);
     if (i >= this.dev.l1Entries) throw corrupt(`guest offset 0x${guest.toString(16)} is beyond the L1 table`);
-    const e = this.l1Entry(i);
-    const off = Number(e & OFFSET_MASK);
+    // The entry as two words (no BigInt: this runs for every guest write).
+    const hi = u32(this.dev.l1, i * 8);
+    const off = (hi & 0x00ffffff) * 0x100000000 + ((u32(this.dev.l1, i * 8 + 4) & 0xfffffe00) >>> 0);
     if (off === 0) {
       if (!create) return null;
       const at = await this.refcounts.allocClusters(1);
@@ -383,7 +385,7 @@ export class Qcow2Writer {
     }
     if (off % this.cs !== 0 || off >= this.dev.fileSize) throw corrupt(`L1 entry ${i}: L2 table offset 0x${off.toString(16)} is invalid`);
     const table = await this.dev.l2Cache.get(off);
-    if (e & COPIED) return table;
+    if (hi & 0x80000000) return table;
     const copy = table.data.slice();
     const at = await this.refcounts.allocClusters(1);
     this.noteGrowth();
@@ -581,7 +583,9 @@ export class Qcow2Writer {
         else bitmap = ALL_SUBCLUSTERS;
         this.setEntry(table, p.index, COPIED | BigInt(p.host), bitmap);
       } else {
-        this.setEntry(table, p.index, COPIED | BigInt(p.host));
+        // COPIED | host, written as two words (the common case: no BigInt per cluster).
+        setU32(table.data, p.index * 8, (0x80000000 | Math.floor(p.host / 0x100000000)) >>> 0);
+        setU32(table.data, p.index * 8 + 4, p.host % 0x100000000);
       }
       if (p.alloc) this.release(old);
     }
