@@ -11,9 +11,9 @@
  *
  * Writes of 1 MiB and more go to the pool one at a time per file. Linux serialises buffered writes
  * to one file on the inode's lock, so a second write in flight gains nothing; worse, its thread
- * spins on the lock while the first copies (perf: 34% of a 1 GiB convert in rwsem_spin_on_owner),
- * and on a 2-core machine that spinning takes the core the copy needed: such runs took 2.5 s
- * instead of 0.4. qemu-img convert writes in order, one request at a time, too. Smaller writes
+ * spins on the lock while the first copies (perf: 34% of a slow 1 GiB convert in
+ * rwsem_spin_on_owner), and on a 2-core machine that spinning takes the core the copy needed.
+ * qemu-img convert writes in order, one request at a time, too. Smaller writes
  * stay parallel: waiting for each one's completion to reach JavaScript before starting the next
  * (a round trip of ~50 us here) cost more than the spinning, and made 64 KiB writes 2x slower.
  */
