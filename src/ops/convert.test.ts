@@ -146,3 +146,21 @@ test('a 4 TiB sparse source is walked by block status, never read', async () => 
   assert.ok(buf.every((b) => b === 0x42));
   assert.equal(await dataBytes(dst), 2 * MiB); // the one cluster holding data
 });
+
+test('a reused copy buffer never leaks one chunk\'s data into the zero ranges of the next', async () => {
+  // One worker, so one buffer: chunk 0 is all data, chunk 1 has data only in its middle, chunk 2
+  // is shorter than the others (the end of the disk), chunk 3 starts past what chunk 0 dirtied.
+  // Every zero range must come out as zeros, in a target that is written in full (-S 0) and in
+  // an existing, non-zero target (where zeros must be written, not skipped).
+  const size = 3 * 256 * 1024 + 100 * 1024;
+  const src = await memQcow2(size, { opts: { cluster_size: '4096' } });
+  await fill(src, 0, 256 * 1024, 0x11);
+  await fill(src, 256 * 1024 + 64 * 1024, 32 * 1024, 0x22);
+  await fill(src, 2 * 256 * 1024 + 8192, 4096, 0x33);
+  const expected = await readAll(src);
+  for (const options of [{ sparseSize: 0 }, { targetIsZero: false }]) {
+    const dst = await memRaw(new Uint8Array(size).fill(0xee));
+    await convert([src], dst, { ...options, chunkSize: 256 * 1024, parallel: 1 });
+    assert.deepEqual(await readAll(dst), expected, JSON.stringify(options));
+  }
+});

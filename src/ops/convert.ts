@@ -153,6 +153,11 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
   const worker = async () => {
     const buf = new Uint8Array(chunk);
     const before = backing ? new Uint8Array(chunk) : undefined;
+    // The ranges of `buf` that may hold non-zero bytes. A fresh buffer is all zeros, its pages not
+    // even touched yet, so a zero span needs filling only where an earlier item read data there:
+    // filling every zero span touched up to 2 MiB of fresh pages per item of a sparse image (page
+    // faults cost ~0.6 ms a MiB on our VM) to write zeros over zeros.
+    let dirty: [number, number][] = [];
     for (;;) {
       if (failure !== undefined) return;
       const t = await take();
@@ -165,14 +170,21 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
         } else {
           const data = buf.subarray(0, t.item.length);
           let anyData = false;
+          const fresh: [number, number][] = [];
           for (const s of t.item.spans) {
-            const view = data.subarray(s.offset - t.item.offset, s.offset - t.item.offset + s.length);
-            if (s.zero) view.fill(0);
-            else {
-              await src.read(s.offset, view);
+            const from = s.offset - t.item.offset;
+            const to = from + s.length;
+            if (s.zero) {
+              for (const [x, y] of dirty) if (Math.max(from, x) < Math.min(to, y)) data.fill(0, Math.max(from, x), Math.min(to, y));
+            } else {
+              fresh.push([from, to]);
+              await src.read(s.offset, data.subarray(from, to));
               anyData = true;
             }
           }
+          // Now possibly non-zero: this item's data, and older data beyond this item's end.
+          for (const [x, y] of dirty) if (y > data.length) fresh.push([Math.max(x, data.length), y]);
+          dirty = fresh;
           const ops = await chunkWrites(ctx, t.item.offset, data, anyData, before);
           if (ordered) await t.turn;
           throwIfAborted(options.signal);
