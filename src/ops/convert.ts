@@ -270,7 +270,7 @@ async function chunkWrites(
 ): Promise<ChunkWrite[]> {
   // Blocks inside a range the source reported as zero are zero without looking: scanning them
   // cost most of a convert of sparse data (64 KiB every 2 MiB: 1 GiB of zeros scanned in JS).
-  const inKnownZero = knownZeroCursor(knownZero);
+  const knownZeroEnd = knownZeroCursor(knownZero);
   // What the target reads before we write: its backing image, or zeros when it is fresh.
   let before: Uint8Array | undefined;
   if (cx.backing) {
@@ -286,7 +286,7 @@ async function chunkWrites(
     // Every cluster on its own: the format compresses them in parallel.
     for (let o = 0; o < data.length; o += cx.cluster) {
       const block = data.subarray(o, Math.min(o + cx.cluster, data.length));
-      if (before ? sameBytes(block, before.subarray(o, o + block.length)) : cx.targetIsZero && (inKnownZero(o, o + block.length) || allZero(block))) continue;
+      if (before ? sameBytes(block, before.subarray(o, o + block.length)) : cx.targetIsZero && (knownZeroEnd(o, o + block.length) >= 0 || allZero(block))) continue;
       ops.push({ kind: 'compressed', offset: dstOff + o, data: block });
     }
     return ops;
@@ -305,12 +305,15 @@ async function chunkWrites(
     runStart = -1;
   };
   const words = before ? undefined : wordsOf(data);
-  for (let o = 0; o < data.length; o += unit) {
-    const end = Math.min(o + unit, data.length);
+  for (let o = 0, end = 0; o < data.length; o = end) {
+    end = Math.min(o + unit, data.length);
     let skip: boolean;
     let zeroNeeded = false;
+    // A known-zero range is taken whole (in whole blocks), not block by block.
+    const zeroEnd = before ? -1 : knownZeroEnd(o, end);
+    if (zeroEnd >= 0) end = zeroEnd >= data.length ? data.length : Math.max(end, o + Math.floor((zeroEnd - o) / unit) * unit);
     if (before) skip = sameBytes(data.subarray(o, end), before.subarray(o, end));
-    else if (inKnownZero(o, end) || zeroRange(data, words, o, end)) {
+    else if (zeroEnd >= 0 || zeroRange(data, words, o, end)) {
       skip = cx.targetIsZero;
       zeroNeeded = !skip;
     } else skip = false;
@@ -328,14 +331,14 @@ async function chunkWrites(
 }
 
 /**
- * For blocks visited in increasing order: does [from, to) lie wholly inside one of `ranges`
- * (sorted, not overlapping)?
+ * For blocks visited in increasing order: when [from, to) lies wholly inside one of `ranges`
+ * (sorted, not overlapping), the end of that range; otherwise -1.
  */
-function knownZeroCursor(ranges: [number, number][]): (from: number, to: number) => boolean {
+function knownZeroCursor(ranges: [number, number][]): (from: number, to: number) => number {
   let i = 0;
   return (from, to) => {
     while (i < ranges.length && ranges[i]![1] <= from) i++;
-    return i < ranges.length && ranges[i]![0] <= from && to <= ranges[i]![1];
+    return i < ranges.length && ranges[i]![0] <= from && to <= ranges[i]![1] ? ranges[i]![1] : -1;
   };
 }
 
