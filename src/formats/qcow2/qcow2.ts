@@ -15,6 +15,7 @@ import type { BlockExtent, ImageDescription, OpenOptions, WriteOptions, ZeroOpti
 import { DeviceBase } from '../../core/device-base.js';
 import { QcowError, corrupt, unsupported } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
+import { firstNonZero } from '../../core/bytes.js';
 import { HEADER_PROBE_BYTES, COMPRESSION_ZSTD, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, AUTOCLEAR_DATA_FILE_RAW, checkIncompatibleFeatures, hasFeature } from './features.js';
 import { MAX_L1_BYTES, entryOffset, l1EntriesFor, qcow2Geometry, type Qcow2Geometry } from './layout.js';
@@ -59,11 +60,6 @@ export interface Qcow2OpenState {
 }
 
 /** Every byte of L2 entry `index` is zero: an unallocated cluster (all subclusters unallocated). */
-function zeroEntry(table: Uint8Array, index: number, entryBytes: number): boolean {
-  for (let o = index * entryBytes, e = o + entryBytes; o < e; o++) if (table[o] !== 0) return false;
-  return true;
-}
-
 export class Qcow2Device extends DeviceBase {
   readonly format = 'qcow2';
   readonly clusterSize: number;
@@ -281,7 +277,15 @@ export class Qcow2Device extends DeviceBase {
         // The rest of the table, and the next tables if missing too (most of a large sparse
         // image), in one run.
         let runEnd = Math.min(end, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
-        while (runEnd < end && this.l1EntryEmpty(Math.floor(runEnd / g.l2Coverage))) runEnd = Math.min(end, runEnd + g.l2Coverage);
+        while (runEnd < end) {
+          const i = Math.floor(runEnd / g.l2Coverage);
+          if (!this.l1EntryEmpty(i)) break;
+          // Skip the all-zero entries that follow in one scan; the first non-zero one is then
+          // looked at on its own (an entry with only flag bits set still names no table).
+          const scanTo = Math.min(this.l1.length, Math.ceil(end / g.l2Coverage) * 8);
+          const next = Math.floor(firstNonZero(this.l1, Math.min((i + 1) * 8, scanTo), scanTo) / 8);
+          runEnd = Math.min(end, Math.max(i + 1, next) * g.l2Coverage);
+        }
         push({ offset: pos, length: runEnd - pos, kind: 'unallocated' });
         pos = runEnd;
         continue;
@@ -292,9 +296,12 @@ export class Qcow2Device extends DeviceBase {
         const index = (clusterStart % sc) / g.clusterSize;
         // A run of all-zero entries (unallocated clusters, most of a sparse table) in one step,
         // without decoding each: it reads exactly as the entries one by one would.
-        if (zeroEntry(table.data, index, g.l2EntryBytes)) {
-          let runEnd = clusterEnd;
-          while (runEnd < tableEnd && zeroEntry(table.data, (runEnd % sc) / g.clusterSize, g.l2EntryBytes)) runEnd = Math.min(tableEnd, runEnd + g.clusterSize);
+        const entryStart = index * g.l2EntryBytes;
+        const scanEnd = Math.ceil((tableEnd - (clusterStart - (clusterStart % sc))) / g.clusterSize) * g.l2EntryBytes;
+        const nonZero = firstNonZero(table.data, entryStart, scanEnd);
+        if (nonZero >= entryStart + g.l2EntryBytes) {
+          const sliceStart = clusterStart - (clusterStart % sc);
+          const runEnd = Math.min(tableEnd, sliceStart + Math.floor(nonZero / g.l2EntryBytes) * g.clusterSize);
           push({ offset: pos, length: runEnd - pos, kind: 'unallocated' });
           pos = runEnd;
           continue;
