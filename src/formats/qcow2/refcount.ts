@@ -101,15 +101,17 @@ export function decodeRefcountTable(buf: Uint8Array, entries: number, clusterSiz
   for (let i = 0; i < entries; i++) {
     const hi = dv.getUint32(i * 8);
     const lo = dv.getUint32(i * 8 + 4);
-    const raw = () => ((BigInt(hi) << 32n) | BigInt(lo)).toString(16);
-    if ((lo & 0x1ff) !== 0) throw corrupt(`refcount table entry ${i} (0x${raw()}) has reserved bits set`);
-    if (hi > 0x1fffff) throw corrupt(`refcount table entry ${i} (0x${raw()}) is too large`);
+    if ((lo & 0x1ff) !== 0) throw corrupt(`refcount table entry ${i} (0x${hex64(hi, lo)}) has reserved bits set`);
+    if (hi > 0x1fffff) throw corrupt(`refcount table entry ${i} (0x${hex64(hi, lo)}) is too large`);
     const n = hi * 2 ** 32 + lo;
     if (n % clusterSize !== 0) throw corrupt(`refcount block offset 0x${n.toString(16)} (table entry ${i}) is not cluster aligned`);
     out[i] = n;
   }
   return out;
 }
+
+/** A 64-bit value from its two halves, in hex (for error messages). */
+const hex64 = (hi: number, lo: number): string => ((BigInt(hi) << 32n) | BigInt(lo)).toString(16);
 
 /** Encode refcount table entries into `buf` (which may be longer: the rest stays as it is). */
 export function encodeRefcountTable(offsets: readonly number[], buf: Uint8Array = new Uint8Array(offsets.length * 8)): Uint8Array {
