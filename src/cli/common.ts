@@ -108,8 +108,27 @@ export function errorMessage(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
+let stdoutGuarded = false;
+
+/**
+ * Write to stdout. Node makes the stream on first use, and making it loads node:stream (~3 ms of
+ * a start); convert, the commonest command, prints nothing, so nothing touches it before this.
+ * A closed pipe (`qcow map x | head`) ends the output, not the program with a stack trace.
+ */
+export function writeOut(text: string): void {
+  const out = process.stdout;
+  if (!stdoutGuarded) {
+    stdoutGuarded = true;
+    out.on('error', (e: NodeJS.ErrnoException) => {
+      if (e.code === 'EPIPE') process.exit(0);
+      throw e;
+    });
+  }
+  out.write(text);
+}
+
 export function printJson(value: unknown): void {
-  process.stdout.write(JSON.stringify(value, null, 4) + '\n');
+  writeOut(JSON.stringify(value, null, 4) + '\n');
 }
 
 export function checkOutputFormat(output: string | undefined): 'json' | 'human' {

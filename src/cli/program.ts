@@ -4,7 +4,7 @@
  * main.ts runs it; bin/qcow.cjs runs the same code from one bundled file (see there).
  */
 import { Command, CommanderError, Option } from 'commander';
-import { collect, errorLine, exitCodeFor, openPolicy } from './common.js';
+import { collect, errorLine, exitCodeFor, openPolicy, writeOut } from './common.js';
 
 /** A command's module: `run` takes commander's action arguments (operands, then the flags). */
 type CommandModule = { run: (...a: never[]) => Promise<number | void> };
@@ -37,7 +37,7 @@ function buildProgram(argv: string[]): Command {
     .version(process.env.npm_package_version ?? '0.1.0')
     .showHelpAfterError(false)
     .exitOverride()
-    .configureOutput({ outputError: () => undefined });
+    .configureOutput({ outputError: () => undefined, writeOut });
 
   const lazy =
     (mod: string) =>
@@ -310,18 +310,8 @@ function buildProgram(argv: string[]): Command {
   return program;
 }
 
-let pipeGuard = false;
-
 /** Run one command line (`argv` as process.argv: node, script, arguments); sets process.exitCode. */
 export async function main(argv: string[]): Promise<void> {
-  if (!pipeGuard) {
-    pipeGuard = true;
-    // `qcow map x | head`: a closed pipe ends the output, not the program with a stack trace.
-    process.stdout.on('error', (e: NodeJS.ErrnoException) => {
-      if (e.code === 'EPIPE') process.exit(0);
-      throw e;
-    });
-  }
   try {
     await buildProgram(argv).parseAsync(argv);
   } catch (e) {

@@ -6,7 +6,7 @@
 import { QcowError } from '../../core/errors.js';
 import { AMEND_OPTIONS, amendQcow2 } from '../../formats/qcow2/amend.js';
 import type { Qcow2Device } from '../../formats/qcow2/qcow2.js';
-import { openForCli, parseOptionList } from '../common.js';
+import { openForCli, parseOptionList, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -18,8 +18,8 @@ interface Flags {
 export async function run(file: string, flags: Flags): Promise<void> {
   const options = parseOptionList(flags.options);
   if (options.help !== undefined) {
-    process.stdout.write("Amend options for 'qcow2':\n");
-    for (const [k, v] of Object.entries(AMEND_OPTIONS)) process.stdout.write(`  ${k.padEnd(22)} - ${v}\n`);
+    writeOut("Amend options for 'qcow2':\n");
+    for (const [k, v] of Object.entries(AMEND_OPTIONS)) writeOut(`  ${k.padEnd(22)} - ${v}\n`);
     return;
   }
   if (flags.options === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Must specify options (-o)');

@@ -1,7 +1,7 @@
 import { QcowError } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
 import { bench, benchFooter, benchHeader, benchPlan } from '../../ops/bench.js';
-import { interruptSignal, openForCli } from '../common.js';
+import { interruptSignal, openForCli, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -51,9 +51,9 @@ export async function run(file: string, flags: Flags): Promise<void> {
   const dev = await openForCli(file, flags, { readOnly: !plan.write });
   const interrupt = interruptSignal();
   try {
-    process.stdout.write(benchHeader(plan) + '\n');
+    writeOut(benchHeader(plan) + '\n');
     const seconds = await bench(dev, plan, { signal: interrupt.signal });
-    process.stdout.write(benchFooter(seconds) + '\n');
+    writeOut(benchFooter(seconds) + '\n');
   } catch (e) {
     // qemu-img names a failed request this way.
     if (e instanceof QcowError && (e.code === 'QCOW_OUT_OF_RANGE' || e.code === 'QCOW_IO')) {

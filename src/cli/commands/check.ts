@@ -6,7 +6,7 @@
 import { QcowError } from '../../core/errors.js';
 import { FileStore } from '../../storage/file.node.js';
 import { checkExitCode, checkHuman, checkJson, checkQcow2, type RepairMode } from '../../formats/qcow2/check.js';
-import { checkOutputFormat, printJson } from '../common.js';
+import { checkOutputFormat, printJson, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -30,7 +30,7 @@ export async function run(file: string, flags: Flags): Promise<number> {
     const r = await checkQcow2(store, { repair });
     for (const m of r.messages) process.stderr.write(m + '\n');
     if (output === 'json') printJson(checkJson(r, file));
-    else process.stdout.write(checkHuman(r));
+    else writeOut(checkHuman(r));
     return checkExitCode(r);
   } finally {
     await store.close();

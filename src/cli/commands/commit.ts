@@ -2,7 +2,7 @@ import { resolve } from 'node:path';
 import { QcowError } from '../../core/errors.js';
 import { chainOf } from '../../chain/open.js';
 import { commit } from '../../ops/commit.js';
-import { interruptSignal, openForCli, progressBar } from '../common.js';
+import { interruptSignal, openForCli, progressBar, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -35,7 +35,7 @@ export async function run(file: string, flags: Flags): Promise<void> {
     interrupt.dispose();
     await top.close();
   }
-  if (!flags.quiet) process.stdout.write('Image committed.\n');
+  if (!flags.quiet) writeOut('Image committed.\n');
 }
 
 async function baseDepth(file: string, flags: Flags): Promise<number> {

@@ -1,6 +1,6 @@
 import type { BlockDevice } from '../../core/block-device.js';
 import { compareImages } from '../../ops/compare.js';
-import { errorLine, openForCli, progressBar } from '../common.js';
+import { errorLine, openForCli, progressBar, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -23,7 +23,7 @@ export async function run(a: string, b: string, flags: Flags): Promise<number> {
     const r = await compareImages(da, db, { strict: flags.strict, onProgress: bar });
     bar.finish();
     const say = (s: string) => {
-      if (!flags.quiet) process.stdout.write(s + '\n');
+      if (!flags.quiet) writeOut(s + '\n');
     };
     if (r.identical) {
       if (r.sizeMismatch) say('Warning: Image size mismatch!');

@@ -2,7 +2,7 @@ import { QcowError } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
 import { builtinFormats } from '../../formats/index.js';
 import { createImage } from '../../node-open.js';
-import { parseOptionList, readPasswordFile } from '../common.js';
+import { parseOptionList, readPasswordFile, writeOut } from '../common.js';
 
 interface Flags {
   format: string;
@@ -19,8 +19,8 @@ export async function run(file: string, sizeText: string | undefined, flags: Fla
   if (options.help !== undefined) {
     // qemu-img's `-o help`: the options this format takes at create.
     const fmt = builtinFormats().get(flags.format);
-    process.stdout.write(`Supported options:\n`);
-    for (const [k, v] of Object.entries(fmt.createOptions ?? { size: 'Virtual disk size' })) process.stdout.write(`  ${k.padEnd(24)}- ${v}\n`);
+    writeOut(`Supported options:\n`);
+    for (const [k, v] of Object.entries(fmt.createOptions ?? { size: 'Virtual disk size' })) writeOut(`  ${k.padEnd(24)}- ${v}\n`);
     return;
   }
   // qemu-img also takes these as -o options.
@@ -39,7 +39,7 @@ export async function run(file: string, sizeText: string | undefined, flags: Fla
     const extra = Object.entries(options)
       .map(([k, v]) => ` ${k}=${v}`)
       .join('');
-    process.stdout.write(`Formatting '${file}', fmt=${flags.format}${size ? ` size=${size}` : ''}${backingFile ? ` backing_file=${backingFile}` : ''}${extra}\n`);
+    writeOut(`Formatting '${file}', fmt=${flags.format}${size ? ` size=${size}` : ''}${backingFile ? ` backing_file=${backingFile}` : ''}${extra}\n`);
   }
   await createImage(file, {
     format: flags.format,

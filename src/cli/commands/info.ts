@@ -1,7 +1,7 @@
 import { chainInfo, imageInfo, infoHuman } from '../../ops/info.js';
 import { defaultOpener } from '../../node-open.js';
 import type { ImageInfoJson } from '../../ops/info.js';
-import { checkOutputFormat, openForCli, printJson } from '../common.js';
+import { checkOutputFormat, openForCli, printJson, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -18,11 +18,11 @@ export async function run(file: string, flags: Flags): Promise<void> {
     if (flags.backingChain) {
       const infos = await chainInfo(dev);
       if (output === 'json') printJson(infos);
-      else process.stdout.write(infos.map(infoHuman).join('\n'));
+      else writeOut(infos.map(infoHuman).join('\n'));
     } else {
       const info = withFullBackingName(await imageInfo(dev), file);
       if (output === 'json') printJson(info);
-      else process.stdout.write(infoHuman(info));
+      else writeOut(infoHuman(info));
     }
   } finally {
     await dev.close();

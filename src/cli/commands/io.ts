@@ -1,4 +1,4 @@
-import { errorMessage, openForCli } from '../common.js';
+import { errorMessage, openForCli, writeOut } from '../common.js';
 import { runIoCommand } from '../io-commands.js';
 
 interface Flags {
@@ -16,7 +16,7 @@ export async function run(file: string, flags: Flags): Promise<number> {
     for (const line of flags.cmd ?? []) {
       try {
         const r = await runIoCommand(dev, line);
-        process.stdout.write(r.output);
+        writeOut(r.output);
         if (!r.ok) failed = true;
       } catch (e) {
         process.stderr.write(`qcow: ${file}: ${line.trim().split(/\s+/)[0]} failed: ${errorMessage(e)}\n`);

@@ -1,6 +1,6 @@
 import { parseSize } from '../../core/size.js';
 import { mapHuman, mapJson } from '../../ops/map.js';
-import { checkOutputFormat, openForCli } from '../common.js';
+import { checkOutputFormat, openForCli, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -16,7 +16,7 @@ export async function run(file: string, flags: Flags): Promise<void> {
   try {
     const start = Math.min(dev.size, flags.startOffset ? parseSize(flags.startOffset, 'offset') : 0);
     const end = flags.maxLength ? Math.min(dev.size, start + parseSize(flags.maxLength, 'length')) : dev.size;
-    process.stdout.write(output === 'json' ? await mapJson(dev, start, end) : await mapHuman(dev, start, end));
+    writeOut(output === 'json' ? await mapJson(dev, start, end) : await mapHuman(dev, start, end));
   } finally {
     await dev.close();
   }

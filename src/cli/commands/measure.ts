@@ -3,7 +3,7 @@ import { QcowError } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
 import { builtinFormats } from '../../formats/index.js';
 import { measure, type MeasureResult } from '../../ops/measure.js';
-import { checkOutputFormat, openForCli, parseOptionList, printJson } from '../common.js';
+import { checkOutputFormat, openForCli, parseOptionList, printJson, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -36,7 +36,7 @@ export async function run(file: string | undefined, flags: Flags): Promise<void>
   }
   if (output === 'json') printJson(r);
   else {
-    process.stdout.write(`required size: ${r.required}\nfully allocated size: ${r['fully-allocated']}\n`);
-    if (r.bitmaps !== undefined) process.stdout.write(`bitmaps size: ${r.bitmaps}\n`);
+    writeOut(`required size: ${r.required}\nfully allocated size: ${r['fully-allocated']}\n`);
+    if (r.bitmaps !== undefined) writeOut(`bitmaps size: ${r.bitmaps}\n`);
   }
 }

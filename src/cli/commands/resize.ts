@@ -4,7 +4,7 @@
  */
 import { QcowError } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
-import { openForCli } from '../common.js';
+import { openForCli, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -25,5 +25,5 @@ export async function run(file: string, sizeText: string, flags: Flags): Promise
   } finally {
     await dev.close();
   }
-  if (!flags.quiet) process.stdout.write('Image resized.\n');
+  if (!flags.quiet) writeOut('Image resized.\n');
 }

@@ -8,7 +8,7 @@ import { QcowError } from '../../core/errors.js';
 import { imageInfo, snapshotTable } from '../../ops/info.js';
 import { Qcow2Device } from '../../formats/qcow2/qcow2.js';
 import { applySnapshot, createSnapshot, deleteSnapshot } from '../../formats/qcow2/snapshot-write.js';
-import { openForCli } from '../common.js';
+import { openForCli, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -40,7 +40,7 @@ async function list(file: string, flags: Flags): Promise<void> {
   const dev = await openForCli(file, flags, { readOnly: true, inspectOnly: true, noBacking: true });
   try {
     const info = await imageInfo(dev);
-    if (info.snapshots?.length) process.stdout.write(`Snapshot list:\n${snapshotTable(info.snapshots)}\n`);
+    if (info.snapshots?.length) writeOut(`Snapshot list:\n${snapshotTable(info.snapshots)}\n`);
   } finally {
     await dev.close();
   }
