@@ -145,8 +145,10 @@ export function checkOutputFormat(output: string | undefined): 'json' | 'human' 
  */
 export function progressBar(
   asked: boolean,
-  out: { isTTY?: boolean; write(s: string): unknown } = process.stderr,
+  stream?: { isTTY?: boolean; write(s: string): unknown },
 ): ((done: number, total: number) => void) & { finish(): void; clear(): void } {
+  // process.stderr only when asked: Node makes the stream on first use, loading node:stream.
+  const out = asked ? (stream ?? process.stderr) : { write: () => undefined };
   const enabled = asked && (!!out.isTTY || process.env.QCOW_PROGRESS === 'always');
   let last = -1;
   let lastAt = 0;
