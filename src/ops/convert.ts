@@ -19,10 +19,11 @@
  * - Target with a backing file (-B): only what differs from the backing file's content is written.
  */
 import type { BlockDevice } from '../core/block-device.js';
+import { alignedBuffers } from '../core/aligned.js';
 import { QcowError, throwIfAborted } from '../core/errors.js';
 import { ChainStatus } from './chain-status.js';
 import { ConcatSource } from './concat.js';
-import { allZero, sameBytes, wordsOf, zeroRange } from './zero-scan.js';
+import { allZero, sameBytes, scanViewOf, zeroRange } from './zero-scan.js';
 
 export interface ConvertOptions {
   /** Write clusters compressed (the target must support it). */
@@ -150,9 +151,11 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
   };
 
   let failure: unknown;
-  const worker = async () => {
-    const buf = new Uint8Array(chunk);
-    const before = backing ? new Uint8Array(chunk) : undefined;
+  // Page-aligned copy buffers: the kernel copies into and out of them faster (core/aligned.ts).
+  const buffers = alignedBuffers(backing ? 2 * parallel : parallel, chunk);
+  const worker = async (w: number) => {
+    const buf = buffers[w]!;
+    const before = backing ? buffers[parallel + w] : undefined;
     // The ranges of `buf` that may hold non-zero bytes. A fresh buffer is all zeros, its pages not
     // even touched yet, so a zero span needs filling only where an earlier item read data there:
     // filling every zero span touched up to 2 MiB of fresh pages per item of a sparse image (page
@@ -203,8 +206,8 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
       }
     }
   };
-  const workers = Array.from({ length: parallel }, () =>
-    worker().catch((e: unknown) => {
+  const workers = Array.from({ length: parallel }, (_, w) =>
+    worker(w).catch((e: unknown) => {
       failure ??= e;
     }),
   );
@@ -304,7 +307,7 @@ async function chunkWrites(
     ops.push({ kind: 'data', offset: dstOff + runStart, data: data.subarray(runStart, end) });
     runStart = -1;
   };
-  const words = before ? undefined : wordsOf(data);
+  const view = before ? undefined : scanViewOf(data);
   for (let o = 0, end = 0; o < data.length; o = end) {
     end = Math.min(o + unit, data.length);
     let skip: boolean;
@@ -313,7 +316,7 @@ async function chunkWrites(
     const zeroEnd = before ? -1 : knownZeroEnd(o, end);
     if (zeroEnd >= 0) end = zeroEnd >= data.length ? data.length : Math.max(end, o + Math.floor((zeroEnd - o) / unit) * unit);
     if (before) skip = sameBytes(data.subarray(o, end), before.subarray(o, end));
-    else if (zeroEnd >= 0 || zeroRange(data, words, o, end)) {
+    else if (zeroEnd >= 0 || zeroRange(view!, o, end)) {
       skip = cx.targetIsZero;
       zeroNeeded = !skip;
     } else skip = false;

@@ -2,7 +2,7 @@
 // word-at-a-time where the buffer allows, byte-exact at every edge.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { allZero, firstDifference, sameBytes, wordsOf, zeroRange } from './zero-scan.js';
+import { allZero, firstDifference, sameBytes, scanViewOf, zeroRange, type ScanView } from './zero-scan.js';
 
 test('allZero finds a single set byte anywhere, in aligned and unaligned views', () => {
   const backing = new Uint8Array(4096 + 8);
@@ -18,21 +18,35 @@ test('allZero finds a single set byte anywhere, in aligned and unaligned views',
   assert.equal(allZero(new Uint8Array(0)), true);
 });
 
-test('zeroRange looks at its range only, whatever the alignment of its ends', () => {
+/** The same buffer as the browser path sees it: 32-bit words, or bytes only when unaligned. */
+function wordView(b: Uint8Array): ScanView {
+  return { bytes: b, words: (b.byteOffset & 3) === 0 ? new Uint32Array(b.buffer, b.byteOffset, b.byteLength >>> 2) : undefined };
+}
+
+test('zeroRange looks at its range only, whatever the alignment of its ends, on both paths', () => {
   const b = new Uint8Array(8192);
-  const words = wordsOf(b);
-  assert.ok(words);
   b[4096] = 1;
-  assert.equal(zeroRange(b, words, 0, 4096), true);
-  assert.equal(zeroRange(b, words, 4097, 8192), true);
-  assert.equal(zeroRange(b, words, 4096, 8192), false);
-  assert.equal(zeroRange(b, words, 4095, 4097), false);
-  assert.equal(zeroRange(b, words, 4001, 4096), true);
-  assert.equal(zeroRange(b, words, 4001, 4099), false);
-  // Without words (an unaligned buffer) the answers are the same.
-  assert.equal(zeroRange(b, undefined, 0, 4096), true);
-  assert.equal(zeroRange(b, undefined, 4000, 4100), false);
-  assert.equal(wordsOf(b.subarray(1)), undefined);
+  const views: [string, ScanView][] = [
+    ['native', scanViewOf(b)],
+    ['words', wordView(b)],
+    ['bytes', { bytes: b }],
+  ];
+  for (const [name, v] of views) {
+    assert.equal(zeroRange(v, 0, 4096), true, name);
+    assert.equal(zeroRange(v, 4097, 8192), true, name);
+    assert.equal(zeroRange(v, 4096, 8192), false, name);
+    assert.equal(zeroRange(v, 4095, 4097), false, name);
+    assert.equal(zeroRange(v, 4001, 4096), true, name);
+    assert.equal(zeroRange(v, 4001, 4099), false, name);
+    // Past the first 16 bytes, and past the first 64 KiB piece of the native path.
+    assert.equal(zeroRange(v, 3000, 4097), false, name);
+  }
+  const big = new Uint8Array(200 * 1024);
+  big[150 * 1024 + 3] = 9;
+  assert.equal(zeroRange(scanViewOf(big), 0, 150 * 1024), true);
+  assert.equal(zeroRange(scanViewOf(big), 0, big.length), false);
+  assert.equal(zeroRange(scanViewOf(big.subarray(1)), 0, big.length - 1), false, 'unaligned views too');
+  assert.equal(wordView(b.subarray(1)).words, undefined);
 });
 
 test('firstDifference and sameBytes report the first differing byte', () => {
@@ -46,4 +60,26 @@ test('firstDifference and sameBytes report the first differing byte', () => {
   assert.equal(firstDifference(a, c), 37);
   assert.equal(sameBytes(a, c), false);
   assert.equal(sameBytes(a, a.subarray(0, 999)), false);
+});
+
+test('firstDifference narrows a difference to its byte in large buffers, at any offset', () => {
+  const size = 3 * 1024 * 1024 + 5;
+  const a = new Uint8Array(size).fill(0x5a);
+  const b = a.slice();
+  assert.equal(firstDifference(a, b), -1);
+  for (const at of [0, 255, 256, 4095, 4096, 2 * 1024 * 1024 + 17, size - 1]) {
+    b[at] = 0;
+    assert.equal(firstDifference(a, b), at, `byte ${at}`);
+    assert.equal(sameBytes(a, b), false);
+    // A later difference does not hide this one.
+    b[size - 1] = 1;
+    assert.equal(firstDifference(a, b), at);
+    b[size - 1] = 0x5a;
+    b[at] = 0x5a;
+  }
+  // Views that start at odd offsets compare their own bytes.
+  assert.equal(firstDifference(a.subarray(3), b.subarray(3)), -1);
+  b[1000] = 1;
+  assert.equal(firstDifference(a.subarray(3), b.subarray(3)), 997);
+  assert.equal(sameBytes(a.subarray(3), b.subarray(3)), false);
 });
