@@ -12,7 +12,7 @@
  * Works on the store directly, so images the device refuses to open (corrupt bit) can be checked.
  */
 import { QcowError, corrupt, unsupported } from '../../core/errors.js';
-import { u64big } from '../../core/bytes.js';
+import { firstNonZero, isZero, u64big } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
 import { HEADER_PROBE_BYTES, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
 import { INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeature } from './features.js';
@@ -20,6 +20,8 @@ import { qcow2Geometry, type Qcow2Geometry } from './layout.js';
 import { readL2Entry, type L2Context } from './l2-entry.js';
 import { encodeSnapshotTable, readSnapshotTable } from './snapshot-table.js';
 import { Refcounts } from './alloc.js';
+import { ClusterRefs } from './cluster-refs.js';
+import { getRefcount } from './refcount.js';
 import { encodeHeader } from './header.js';
 
 const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
@@ -48,7 +50,7 @@ interface Walk {
   ctx: L2Context;
   cs: number;
   fileSize: number;
-  refs: Map<number, number>;
+  refs: ClusterRefs;
   res: CheckResult;
   /** Active-table entries whose COPIED flag is wrong: [table offset, byte offset in table, entry]. */
   badCopied: Array<{ table: number; at: number; entry: bigint; want: boolean }>;
@@ -103,7 +105,7 @@ async function scan(store: ByteStore): Promise<Walk & { rc: Refcounts | null }> 
     compressedClusters: 0,
     messages: [],
   };
-  const w: Walk = { h, g, ctx: { clusterBits: h.clusterBits, extendedL2: g.extendedL2, externalDataFile: external }, cs, fileSize, refs: new Map(), res, badCopied: [], external };
+  const w: Walk = { h, g, ctx: { clusterBits: h.clusterBits, extendedL2: g.extendedL2, externalDataFile: external }, cs, fileSize, refs: new ClusterRefs(Math.ceil(fileSize / cs)), res, badCopied: [], external };
   const error = (m: string) => {
     res.corruptions++;
     res.messages.push(m);
@@ -125,13 +127,12 @@ async function scan(store: ByteStore): Promise<Walk & { rc: Refcounts | null }> 
   }
 
   // Active L1 (with fragmentation statistics and COPIED checks), then every snapshot.
-  const state = { next: 0 };
-  await walkL1(store, w, h.l1TableOffset, h.l1Size, true, state, error);
+  await walkL1(store, w, h.l1TableOffset, h.l1Size, true, error);
   if (h.nbSnapshots > 0) {
     try {
       const snaps = await readSnapshotTable(store, h.nbSnapshots, h.snapshotsOffset, fileSize);
       ref(w, h.snapshotsOffset, encodeSnapshotTable(snaps).length);
-      for (const s of snaps) await walkL1(store, w, s.l1TableOffset, s.l1Size, false, state, error);
+      for (const s of snaps) await walkL1(store, w, s.l1TableOffset, s.l1Size, false, error);
     } catch (e) {
       error(`ERROR snapshot table: ${(e as Error).message}`);
     }
@@ -139,40 +140,65 @@ async function scan(store: ByteStore): Promise<Walk & { rc: Refcounts | null }> 
   if (h.fde) ref(w, h.fde.offset, h.fde.length);
   if (h.bitmaps && h.bitmaps.nbBitmaps > 0) await walkBitmaps(store, w, error);
 
-  // Compare stored counts with references.
+  // Compare stored counts with references, one refcount block at a time.
   if (rc) {
-    const lastStored = rc.blockOffsets().reduce((m, off, i) => (off !== 0 ? (i + 1) * rc!.perBlock : m), 0);
-    const limit = Math.max(Math.ceil(fileSize / cs), lastStored, ...[...w.refs.keys()].map((k) => k + 1));
-    for (let c = 0; c < limit; c++) {
-      const b = Math.floor(c / rc.perBlock);
-      const boff = rc.blockOffsets()[b] ?? 0;
-      if (boff === 0 && !w.refs.has(c)) {
-        c = (b + 1) * rc.perBlock - 1;
-        continue;
-      }
-      let stored = 0;
-      if (boff !== 0 && boff < fileSize) stored = await rc.get(c);
-      const found = w.refs.get(c) ?? 0;
-      if (stored === found) continue;
-      if (stored < found) error(`ERROR cluster ${c} refcount=${stored} reference=${found}`);
-      else {
-        res.leaks++;
-        res.messages.push(`Leaked cluster ${c} refcount=${stored} reference=${found}`);
-      }
-    }
+    const stored = await compareCounts(store, w, rc, error);
     // COPIED flags (need the stored counts): checked on the active tables only.
-    await checkCopied(store, w, rc, error);
+    await checkCopied(store, w, stored, error);
   }
-  const highest = Math.max(-1, ...w.refs.keys());
-  res.imageEndOffset = (highest + 1) * cs;
+  res.imageEndOffset = (w.refs.highest + 1) * cs;
   return { ...w, rc };
+}
+
+/**
+ * Stored counts against references, for every cluster of the file or referenced. Returns each file cluster's stored count as 0, 1 or 2 (= more), which the COPIED
+ * check needs.
+ */
+async function compareCounts(store: ByteStore, w: Walk, rc: Refcounts, error: (m: string) => void): Promise<Uint8Array> {
+  const { cs, fileSize, refs, res } = w;
+  const fileClusters = Math.ceil(fileSize / cs);
+  const storedState = new Uint8Array(fileClusters);
+  const offsets = rc.blockOffsets();
+  // The clusters of the file and whatever is referenced beyond it, as qemu-img counts: counts
+  // stored for clusters past both (the rest of the last refcount block) are not looked at.
+  const limit = Math.max(fileClusters, refs.highest + 1);
+  const bits = rc.refcountBits;
+  const block = new Uint8Array(cs);
+  const report = (c: number, stored: number, found: number) => {
+    if (stored < found) error(`ERROR cluster ${c} refcount=${stored} reference=${found}`);
+    else {
+      res.leaks++;
+      res.messages.push(`Leaked cluster ${c} refcount=${stored} reference=${found}`);
+    }
+  };
+  for (let b = 0; b * rc.perBlock < limit; b++) {
+    const first = b * rc.perBlock;
+    const end = Math.min(limit, first + rc.perBlock);
+    const boff = offsets[b] ?? 0;
+    if (boff === 0 || boff >= fileSize) {
+      // No block (or one outside the file): every count here reads 0.
+      if (!refs.anyIn(first, end)) continue;
+      for (let c = first; c < end; c++) {
+        const found = refs.get(c);
+        if (found !== 0) report(c, 0, found);
+      }
+      continue;
+    }
+    await store.read(boff, block.subarray(0, Math.min(cs, fileSize - boff)));
+    if (boff + cs > fileSize) block.fill(0, fileSize - boff);
+    for (let c = first; c < end; c++) {
+      const stored = getRefcount(block, c - first, bits);
+      if (c < fileClusters) storedState[c] = stored > 2 ? 2 : stored;
+      const found = refs.get(c);
+      if (stored !== found) report(c, stored, found);
+    }
+  }
+  return storedState;
 }
 
 function ref(w: Walk, offset: number, length: number): void {
   if (length <= 0) return;
-  const first = Math.floor(offset / w.cs);
-  const last = Math.floor((offset + length - 1) / w.cs);
-  for (let c = first; c <= last; c++) w.refs.set(c, (w.refs.get(c) ?? 0) + 1);
+  w.refs.addRange(Math.floor(offset / w.cs), Math.floor((offset + length - 1) / w.cs));
 }
 
 async function readL1(store: ByteStore, w: Walk, offset: number, entries: number): Promise<Uint8Array | null> {
@@ -183,7 +209,7 @@ async function readL1(store: ByteStore, w: Walk, offset: number, entries: number
   return b;
 }
 
-async function walkL1(store: ByteStore, w: Walk, l1Offset: number, l1Size: number, active: boolean, state: { next: number }, error: (m: string) => void): Promise<void> {
+async function walkL1(store: ByteStore, w: Walk, l1Offset: number, l1Size: number, active: boolean, error: (m: string) => void): Promise<void> {
   const l1 = await readL1(store, w, l1Offset, l1Size);
   if (!l1) {
     error(`ERROR: L1 table at 0x${l1Offset.toString(16)} (${l1Size} entries) is invalid or outside the image`);
@@ -206,7 +232,13 @@ async function walkL1(store: ByteStore, w: Walk, l1Offset: number, l1Size: numbe
     }
     ref(w, off, w.cs);
     await store.read(off, l2);
+    // Fragmentation counts within each L2 table, as qemu-img counts it: a table's first data
+    // cluster is not fragmented for being away from the previous table's last.
+    let next = 0;
+    const eb = w.g.l2EntryBytes;
     for (let j = 0; j < w.g.l2Entries; j++) {
+      // All-zero entries (unallocated, most of a sparse table) reference nothing.
+      if (l2[j * eb] === 0 && isZero(l2.subarray(j * eb, (j + 1) * eb))) continue;
       let d;
       try {
         d = readL2Entry(l2, j, w.ctx);
@@ -227,8 +259,8 @@ async function walkL1(store: ByteStore, w: Walk, l1Offset: number, l1Size: numbe
       if (d.kind !== 'normal' && d.kind !== 'zero-alloc') continue;
       if (active) {
         w.res.allocatedClusters++;
-        if (state.next !== 0 && d.hostOffset !== state.next) w.res.fragmentedClusters++;
-        state.next = d.hostOffset + w.cs;
+        if (next !== 0 && d.hostOffset !== next) w.res.fragmentedClusters++;
+        next = d.hostOffset + w.cs;
       }
       if (w.external) continue;
       if (d.hostOffset + w.cs > w.fileSize && d.hostOffset >= w.fileSize) {
@@ -240,24 +272,30 @@ async function walkL1(store: ByteStore, w: Walk, l1Offset: number, l1Size: numbe
   }
 }
 
-/** COPIED must be set exactly where the stored refcount is 1, in the active L1 and its L2 tables. */
-async function checkCopied(store: ByteStore, w: Walk, rc: Refcounts, error: (m: string) => void): Promise<void> {
+/**
+ * COPIED must be set exactly where the stored refcount is 1, in the active L1 and its L2 tables.
+ * `stored` is each file cluster's stored count as 0, 1 or 2+ (tables and data clusters past the
+ * end of the file were reported already).
+ */
+async function checkCopied(store: ByteStore, w: Walk, stored: Uint8Array, error: (m: string) => void): Promise<void> {
   const l1 = await readL1(store, w, w.h.l1TableOffset, w.h.l1Size);
   if (!l1) return;
-  const dv = new DataView(l1.buffer);
   const l2 = new Uint8Array(w.cs);
+  const eb = w.g.l2EntryBytes;
   for (let i = 0; i < w.h.l1Size; i++) {
-    const e = dv.getBigUint64(i * 8);
-    const off = Number(e & OFFSET_MASK);
+    const off = Number(u64big(l1, i * 8) & OFFSET_MASK);
     if (off === 0 || off % w.cs !== 0 || off + w.cs > w.fileSize) continue;
-    const rcount = await rc.get(off / w.cs);
-    if ((rcount === 1) !== ((e & COPIED) !== 0n)) {
+    const rcount = stored[off / w.cs]!;
+    // COPIED is bit 63: the top bit of the entry's first byte.
+    if ((rcount === 1) !== ((l1[i * 8]! & 0x80) !== 0)) {
+      const e = u64big(l1, i * 8);
       error(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${e.toString(16)} refcount=${rcount}`);
       w.badCopied.push({ table: w.h.l1TableOffset, at: i * 8, entry: e, want: rcount === 1 });
     }
     await store.read(off, l2);
-    const ldv = new DataView(l2.buffer);
-    for (let j = 0; j < w.g.l2Entries; j++) {
+    for (let j = Math.floor(firstNonZero(l2) / eb); j < w.g.l2Entries; j++) {
+      // Unallocated entries (all zero), most of a sparse table, have no COPIED flag to check.
+      if (l2[j * eb] === 0 && isZero(l2.subarray(j * eb, j * eb + 8))) continue;
       let d;
       try {
         d = readL2Entry(l2, j, w.ctx);
@@ -265,11 +303,13 @@ async function checkCopied(store: ByteStore, w: Walk, rc: Refcounts, error: (m: 
         continue;
       }
       if ((d.kind !== 'normal' && d.kind !== 'zero-alloc') || w.external) continue;
-      const entry = ldv.getBigUint64(j * w.g.l2EntryBytes);
-      const r = await rc.get(d.hostOffset / w.cs);
-      if ((r === 1) !== ((entry & COPIED) !== 0n)) {
+      const c = d.hostOffset / w.cs;
+      if (c >= stored.length) continue;
+      const r = stored[c]!;
+      if ((r === 1) !== ((l2[j * eb]! & 0x80) !== 0)) {
+        const entry = u64big(l2, j * eb);
         error(`ERROR OFLAG_COPIED data cluster: l2_entry=${entry.toString(16)} refcount=${r}`);
-        w.badCopied.push({ table: off, at: j * w.g.l2EntryBytes, entry, want: r === 1 });
+        w.badCopied.push({ table: off, at: j * eb, entry, want: r === 1 });
       }
     }
   }
@@ -312,13 +352,13 @@ async function repair(store: ByteStore, w: Walk & { rc: Refcounts | null }, mode
   if (store.readOnly) throw new QcowError('QCOW_READ_ONLY', 'cannot repair an image opened read-only');
   const out = { leaks: 0, corruptions: 0, messages: [] as string[] };
   // New refcount blocks must not land on clusters something references.
-  rc.hooks.inUse = (c) => (w.refs.get(c) ?? 0) > 0;
-  const limit = Math.max(Math.ceil(w.fileSize / w.cs), ...[...w.refs.keys()].map((k) => k + 1));
+  rc.hooks.inUse = (c) => w.refs.get(c) > 0;
+  const limit = Math.max(Math.ceil(w.fileSize / w.cs), w.refs.highest + 1);
   // Raise first (so no referenced cluster is ever counted free), then lower.
   for (const phase of ['raise', 'lower'] as const) {
     if (phase === 'raise' && mode !== 'all') continue;
     for (let c = 0; c < limit; c++) {
-      const found = w.refs.get(c) ?? 0;
+      const found = w.refs.get(c);
       const b = Math.floor(c / rc.perBlock);
       if ((rc.blockOffsets()[b] ?? 0) === 0 && found === 0) continue;
       const stored = await rc.get(c);

@@ -1,0 +1,60 @@
+/**
+ * How many references each cluster of an image file receives, as `check` counts them.
+ *
+ * One 16-bit counter per cluster of the file, as qemu-img check keeps them: a Map entry per
+ * cluster cost ~20x the memory and most of a check's time in garbage collection, and the spread
+ * of its keys into Math.max failed ("Maximum call stack size exceeded") past ~120 000 clusters.
+ * Counts that do not fit, and clusters past the end of the file (a compressed cluster's last
+ * sectors may reach beyond it; corrupt tables point anywhere), are kept in a Map on the side.
+ */
+export class ClusterRefs {
+  private readonly counts: Uint16Array;
+  private readonly extra = new Map<number, number>();
+  private top = -1;
+
+  /** `clusters`: the clusters the file holds (the counters kept in the array). */
+  constructor(clusters: number) {
+    this.counts = new Uint16Array(Math.max(0, clusters));
+  }
+
+  /** One more reference to every cluster of [first, last]. */
+  addRange(first: number, last: number): void {
+    for (let c = first; c <= last; c++) this.add(c);
+    if (last > this.top) this.top = last;
+  }
+
+  private add(c: number): void {
+    const counts = this.counts;
+    if (c < counts.length && counts[c]! < 0xffff) {
+      counts[c]!++;
+      if (counts[c] === 0xffff) {
+        // From here on the Map holds this cluster's count.
+        this.extra.set(c, 0xffff);
+      }
+      return;
+    }
+    this.extra.set(c, (this.extra.get(c) ?? 0) + 1);
+  }
+
+  /** References to cluster `c`. */
+  get(c: number): number {
+    if (c < this.counts.length) {
+      const n = this.counts[c]!;
+      return n === 0xffff ? this.extra.get(c)! : n;
+    }
+    return this.extra.get(c) ?? 0;
+  }
+
+  /** The highest cluster with a reference, or -1. */
+  get highest(): number {
+    return this.top;
+  }
+
+  /** Whether any cluster of [first, end) has a reference. */
+  anyIn(first: number, end: number): boolean {
+    const counts = this.counts;
+    for (let c = first; c < Math.min(end, counts.length); c++) if (counts[c] !== 0) return true;
+    if (end > counts.length) for (const c of this.extra.keys()) if (c >= first && c < end) return true;
+    return false;
+  }
+}
