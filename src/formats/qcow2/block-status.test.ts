@@ -23,6 +23,8 @@ async function sparseImage(options: Record<string, string>, size: number): Promi
   const data = new Uint8Array(cluster).fill(0x5a);
   // Clusters at the start and end of tables, in the middle, neighbours, and a zeroed one.
   for (const at of [0, cluster, 7 * cluster, coverage - cluster, 2 * coverage + 3 * cluster, size - cluster]) await dev.write(at, data);
+  // Neighbours in the table that are not neighbours in the file (written last to first).
+  for (const at of [5 * cluster, 4 * cluster, 3 * cluster]) await dev.write(at, data);
   await dev.writeZeroes(2 * coverage + 5 * cluster, cluster, { mayUnmap: false });
   await dev.close();
   return store;
@@ -54,7 +56,8 @@ for (const options of OPTION_SETS) {
     let seed = 7;
     const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31), seed % n);
     for (let i = 0; i < 200; i++) {
-      const start = rand(size - 1);
+      // Half the ranges start near the interesting clusters, half anywhere.
+      const start = i % 2 ? Math.max(0, probes[rand(probes.length)]! - rand(4 * cluster)) : rand(size - 1);
       // Short ranges, ranges to the end of the disk (across many empty tables), and in between.
       const length = i % 3 === 0 ? 1 + rand(Math.min(size - start, 8 * cluster)) : i % 3 === 1 ? size - start : 1 + rand(size - start);
       const list = await dev.blockStatus(start, length);
