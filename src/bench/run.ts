@@ -203,6 +203,10 @@ async function main(): Promise<void> {
     // Not in the list (no target): sparse data spread over the whole disk, as in images of
     // installed systems, where most chunks hold a little data and many zeros.
     { name: '8-scattered-to-raw', description: 'convert 1 GiB qcow2 with 64 KiB written every 2 MiB -> raw', bytes: s(GiB) / 32, ours: ours('convert', '-f', 'qcow2', '-O', 'raw', p('scattered.qcow2'), out('8a')), theirs: qimg('convert', '-f', 'qcow2', '-O', 'raw', p('scattered.qcow2'), out('8b')) },
+    // Also without targets: the commands scripts run after a convert. compare reads both images
+    // whole; check walks every table and refcount of the image.
+    { name: '9-compare', description: 'compare 1 GiB allocated qcow2 with its raw (identical)', bytes: allocSize, ours: ours('compare', p('alloc.qcow2'), p('alloc.raw')), theirs: qimg('compare', p('alloc.qcow2'), p('alloc.raw')) },
+    { name: '9-check', description: 'check a 1 GiB allocated qcow2 (16384 clusters)', bytes: allocSize, ours: ours('check', p('alloc.qcow2')), theirs: qimg('check', p('alloc.qcow2')) },
     { name: '6-qcow-to-raw', description: 'convert 1 GiB allocated qcow v1 -> raw', bytes: allocSize, ours: ours('convert', '-f', 'qcow', '-O', 'raw', p('alloc.qcow'), out('6a')), theirs: qimg('convert', '-f', 'qcow', '-O', 'raw', p('alloc.qcow'), out('6b')) },
     { name: '6-qcow-zlib-to-raw', description: 'convert 512 MiB compressed qcow v1 -> raw', bytes: mixedSize, ours: ours('convert', '-f', 'qcow', '-O', 'raw', p('zlib.qcow'), out('6c')), theirs: qimg('convert', '-f', 'qcow', '-O', 'raw', p('zlib.qcow'), out('6d')) },
   ];
