@@ -36,6 +36,11 @@ class LayerCursor {
   private window = WINDOW;
   constructor(readonly dev: BlockDevice) {}
 
+  /** The cached extent covering `offset`, if the last answer covers it (no await: most calls). */
+  peek(offset: number): BlockExtent | undefined {
+    return this.find(offset);
+  }
+
   async at(offset: number): Promise<BlockExtent> {
     let hit = this.find(offset);
     if (!hit) {
@@ -70,24 +75,19 @@ export class ChainStatus {
     let length = Math.min(maxLength, this.size - offset);
     // Where nothing in the chain decides a range, qemu-img still shows the host offset the
     // deepest layer reported (e.g. an extended-L2 cluster whose subclusters are unallocated).
-    let deepest: { e: BlockExtent; dev: BlockDevice } | undefined;
-    const absent = (depth: number): ChainExtent => {
-      const out: ChainExtent = { start: offset, length, depth, present: false, zero: true, data: false };
-      // `deepest` is always the layer at `depth`: the walk stops right below it.
-      if (deepest && deepest.e.hostOffset !== undefined) {
-        out.offset = deepest.e.hostOffset + (offset - deepest.e.offset);
-        out.filename = deepest.e.hostFile ?? deepest.dev.filename;
-      }
-      return out;
-    };
+    let deepest: BlockExtent | undefined;
+    let deepestDev: BlockDevice | undefined;
     for (let depth = 0; depth < this.layers.length; depth++) {
       const layer = this.layers[depth]!;
-      if (offset >= layer.dev.size) return absent(depth - 1);
+      if (offset >= layer.dev.size) return absent(offset, length, depth - 1, deepest, deepestDev);
       // The backing layer only covers up to its own size.
       length = Math.min(length, layer.dev.size - offset);
-      const e = await layer.at(offset);
+      // Walking a large image asks this thousands of times, mostly answered from the cursor's
+      // cache: no await then (each costs microseconds in code V8 has not optimised yet).
+      const e = layer.peek(offset) ?? (await layer.at(offset));
       length = Math.min(length, e.offset + e.length - offset);
-      deepest = { e, dev: layer.dev };
+      deepest = e;
+      deepestDev = layer.dev;
       if (e.allocated) {
         const out: ChainExtent = { start: offset, length, depth, present: true, zero: e.zero, data: e.data };
         if (e.hostOffset !== undefined) {
@@ -98,8 +98,18 @@ export class ChainStatus {
         return out;
       }
     }
-    return absent(this.layers.length - 1);
+    return absent(offset, length, this.layers.length - 1, deepest, deepestDev);
   }
+}
+
+/** A run no layer above `depth` decides; `deepest` is the extent the layer at `depth` reported. */
+function absent(offset: number, length: number, depth: number, deepest: BlockExtent | undefined, dev: BlockDevice | undefined): ChainExtent {
+  const out: ChainExtent = { start: offset, length, depth, present: false, zero: true, data: false };
+  if (deepest && deepest.hostOffset !== undefined) {
+    out.offset = deepest.hostOffset + (offset - deepest.offset);
+    out.filename = deepest.hostFile ?? dev!.filename;
+  }
+  return out;
 }
 
 /** Every extent of the chain from `start` to `end`, merged as qemu-img map merges them. */

@@ -33,7 +33,9 @@ export class ConcatSource {
     const p = this.partAt(offset);
     const local = offset - p.start;
     const e = await p.status.at(local, Math.min(maxLength, p.dev.size - local));
-    return { ...e, start: offset };
+    // A fresh object per call: it can take the concatenated offset itself.
+    e.start = offset;
+    return e;
   }
 
   async read(offset: number, into: Uint8Array): Promise<void> {
