@@ -65,8 +65,15 @@ export class ChainStatus {
   private readonly layers: LayerCursor[];
   readonly size: number;
 
-  constructor(top: BlockDevice) {
-    this.layers = chainOf(top).map((d) => new LayerCursor(d));
+  /**
+   * `layers`: how many images of the chain, from the top, to ask (default: all). A range none of
+   * them allocates reads as absent, whatever the images below hold: commit asks only the layers
+   * above its base, and walking the base's own tables would be wasted work.
+   */
+  constructor(top: BlockDevice, layers?: number) {
+    this.layers = chainOf(top)
+      .slice(0, layers)
+      .map((d) => new LayerCursor(d));
     this.size = top.size;
   }
 

@@ -52,7 +52,8 @@ export async function commit(top: BlockDevice, options: CommitOptions = {}): Pro
     done += n;
     options.onProgress?.(done, total);
   };
-  const status = new ChainStatus(top);
+  // Only the layers above the base decide what is copied: the base's own allocation is not asked.
+  const status = new ChainStatus(top, baseDepth);
   // Walk the chain's allocation once: zero ranges are written at once (no buffer), data ranges
   // handed to the pool.
   async function* dataRanges(): AsyncGenerator<Range> {

@@ -54,7 +54,8 @@ async function copyDifferences(image: BlockDevice, options: RebaseOptions): Prom
   // Where the new backing file sits in the old chain, if it does: below that depth both agree.
   const shared = oldChain && newChain ? chainOf(oldChain).findIndex((d) => d.filename === newChain.filename) : -1;
 
-  const topStatus = new ChainStatus(image);
+  // The image's own allocation only (its backing chain is asked through oldStatus below).
+  const topStatus = new ChainStatus(image, 1);
   const oldStatus = oldChain ? new ChainStatus(oldChain) : undefined;
   const newStatus = newChain ? new ChainStatus(newChain) : undefined;
   /** Does a chain read zeros over [off, +len) for sure? Returns the length that answer holds for. */
