@@ -111,6 +111,14 @@ export class Refcounts {
     return this.table;
   }
 
+  /** A cluster's refcount when its block is cached (or absent: 0); undefined when it must be read. */
+  peek(cluster: number): number | undefined {
+    const b = Math.floor(cluster / this.perBlock);
+    if (b >= this.table.length || this.table[b] === 0) return 0;
+    const block = this.blocks.get(b);
+    return block ? getRefcount(block, cluster % this.perBlock, this.refcountBits) : undefined;
+  }
+
   async get(cluster: number): Promise<number> {
     const b = Math.floor(cluster / this.perBlock);
     if (b >= this.table.length || this.table[b] === 0) return 0;
@@ -133,20 +141,27 @@ export class Refcounts {
   async update(offset: number, length: number, delta: number): Promise<void> {
     const first = Math.floor(offset / this.clusterSize);
     const last = Math.floor((offset + length - 1) / this.clusterSize);
-    for (let c = first; c <= last; ) {
-      // One block at a time: obtained once, then its clusters changed in one synchronous step.
-      const b = Math.floor(c / this.perBlock);
-      const block = await this.ensureBlock(b);
-      const blockEnd = Math.min(last + 1, (b + 1) * this.perBlock);
-      this.dirtyBlocks.add(b);
-      for (; c < blockEnd; c++) {
-        const i = c % this.perBlock;
-        const v = getRefcount(block, i, this.refcountBits) + delta;
-        if (v < 0) throw corrupt(`refcount of cluster 0x${(c * this.clusterSize).toString(16)} would drop below zero`);
-        if (v > this.maxRefcount) throw new QcowError('QCOW_UNSUPPORTED', `Refcount overflow on cluster 0x${(c * this.clusterSize).toString(16)} (refcount_bits=${this.refcountBits})`);
-        setRefcount(block, i, this.refcountBits, v);
-        if (v === 0) this.noteFreed(c);
-        else this.noteUsed(c, 1);
+    // Checked whole before anything changes: a range that would overflow (or drop below zero)
+    // anywhere changes nothing, so callers can undo what they did before it, range by range.
+    for (const apply of [false, true]) {
+      for (let c = first; c <= last; ) {
+        // One block at a time: obtained once, then its clusters looked at in one synchronous step.
+        const b = Math.floor(c / this.perBlock);
+        const block = await this.ensureBlock(b);
+        const blockEnd = Math.min(last + 1, (b + 1) * this.perBlock);
+        if (apply) this.dirtyBlocks.add(b);
+        for (; c < blockEnd; c++) {
+          const i = c % this.perBlock;
+          const v = getRefcount(block, i, this.refcountBits) + delta;
+          if (!apply) {
+            if (v < 0) throw corrupt(`refcount of cluster 0x${(c * this.clusterSize).toString(16)} would drop below zero`);
+            if (v > this.maxRefcount) throw new QcowError('QCOW_UNSUPPORTED', `Refcount overflow on cluster 0x${(c * this.clusterSize).toString(16)} (refcount_bits=${this.refcountBits})`);
+            continue;
+          }
+          setRefcount(block, i, this.refcountBits, v);
+          if (v === 0) this.noteFreed(c);
+          else this.noteUsed(c, 1);
+        }
       }
     }
   }

@@ -209,6 +209,31 @@ test('check counts like qemu-img on an image of 143 360 clusters over 2 240 L2 t
   await qemuCheckClean(img);
 });
 
+test('a snapshot that would overflow 2-bit refcounts fails and leaves the image as it was', needs('qemu-img', 'qemu-io'), async (t) => {
+  // Counts are changed in runs of host-contiguous clusters: whatever overflows, what was added
+  // before it is taken back and qemu-img finds the image clean.
+  const dir = await scratch(t);
+  const img = join(dir, 'narrow.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'refcount_bits=2,cluster_size=4k', img, '8M']);
+  await qemuIo(['-c', 'write -P 0x11 0 2M', '-c', 'write -P 0x22 4M 1M', img]);
+  for (const name of ['s1', 's2']) assert.equal((await qcow(['snapshot', '-c', name, img])).code, 0);
+  // A third snapshot would count 4 for every data cluster: refcount_bits=2 holds 3.
+  const before = await readFile(img);
+  const r = await qcow(['snapshot', '-c', 's3', img]);
+  assert.notEqual(r.code, 0);
+  assert.match(r.stderr, /Refcount overflow/);
+  await qemuCheckClean(img);
+  assert.deepEqual(JSON.parse((await run('qemu-img', ['check', '--output=json', img])).stdout)['leaks'] ?? 0, 0);
+  assert.equal((await readFile(img)).length, before.length);
+  const list = (await qcow(['snapshot', '-l', img])).stdout;
+  assert.match(list, /s1/);
+  assert.match(list, /s2/);
+  assert.doesNotMatch(list, /s3/);
+  // Deleting both takes the counts back down; qemu agrees the image is clean.
+  for (const name of ['s2', 's1']) assert.equal((await qcow(['snapshot', '-d', name, img])).code, 0);
+  await qemuCheckClean(img);
+});
+
 test('snapshots we create are listed and applied by qemu-img; qemu-made ones by us', needs('qemu-img', 'qemu-io'), async (t) => {
   const dir = await scratch(t);
   for (const compat of ['1.1', '0.10']) {
