@@ -53,6 +53,28 @@ test('allocation never hands out cluster 0 and appends after the used clusters',
   assert.equal(await rc.allocClusters(1), 3 * cs, 'freed space is reused');
 });
 
+test('a refcount range update that would overflow anywhere changes nothing', async () => {
+  // The same hand-made layout as above: clusters 0..2 counted 1, 1 and 3.
+  const cs = 512;
+  const img = new Uint8Array(3 * cs);
+  img.set([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 2], 0);
+  img[23] = 9;
+  img[54] = 0x02;
+  img[59] = 1;
+  img[cs + 6] = 0x04;
+  img[2 * cs + 1] = 1;
+  img[2 * cs + 3] = 1;
+  img[2 * cs + 5] = 3;
+  const rc = await openRefcounts(new MemoryStore(img));
+  // +65533 fits cluster 1 (65534) but not cluster 2 (65536 > 16-bit maximum).
+  await assert.rejects(rc.update(cs, 2 * cs, 0xffff - 2), /Refcount overflow/);
+  assert.deepEqual([await rc.get(0), await rc.get(1), await rc.get(2)], [1, 1, 3], 'cluster 1 was not changed before cluster 2 failed');
+  await assert.rejects(rc.update(0, 3 * cs, -2), /would drop below zero/);
+  assert.deepEqual([await rc.get(0), await rc.get(1), await rc.get(2)], [1, 1, 3]);
+  await rc.update(cs, 2 * cs, 1);
+  assert.deepEqual([await rc.get(1), await rc.get(2)], [2, 4]);
+});
+
 for (const bits of [1, 16, 64]) {
   test(`growing past the refcount table keeps qemu-img check clean but for our leaks (refcount_bits=${bits})`, needs('qemu-img'), async (t) => {
     const dir = await scratch(t);
