@@ -151,8 +151,8 @@ async function scan(store: ByteStore): Promise<Walk & { rc: Refcounts | null }> 
 }
 
 /**
- * Stored counts against references, for every cluster of the file or referenced. Returns each file cluster's stored count as 0, 1 or 2 (= more), which the COPIED
- * check needs.
+ * Stored counts against references, for every cluster of the file or referenced. Returns each
+ * file cluster's stored count as 0, 1 or 2 (= more), which the COPIED check needs.
  */
 async function compareCounts(store: ByteStore, w: Walk, rc: Refcounts, error: (m: string) => void): Promise<Uint8Array> {
   const { cs, fileSize, refs, res } = w;
@@ -171,9 +171,12 @@ async function compareCounts(store: ByteStore, w: Walk, rc: Refcounts, error: (m
       res.messages.push(`Leaked cluster ${c} refcount=${stored} reference=${found}`);
     }
   };
-  for (let b = 0; b * rc.perBlock < limit; b++) {
+  // Past the refcount table there are no stored counts: only references, few and kept apart
+  // (a corrupt entry may point anywhere: no block-by-block walk up to it).
+  const tableEnd = Math.min(limit, offsets.length * rc.perBlock);
+  for (let b = 0; b * rc.perBlock < tableEnd; b++) {
     const first = b * rc.perBlock;
-    const end = Math.min(limit, first + rc.perBlock);
+    const end = Math.min(tableEnd, first + rc.perBlock);
     const boff = offsets[b] ?? 0;
     if (boff === 0 || boff >= fileSize) {
       // No block (or one outside the file): every count here reads 0.
@@ -193,11 +196,26 @@ async function compareCounts(store: ByteStore, w: Walk, rc: Refcounts, error: (m
       if (stored !== found) report(c, stored, found);
     }
   }
+  for (const [c, found] of refs.countsFrom(tableEnd)) report(c, 0, found);
   return storedState;
 }
 
-function ref(w: Walk, offset: number, length: number): void {
+/**
+ * One more reference to every cluster of [offset, +length). As qemu-img check, a region reaching
+ * a whole cluster or more past the end of the file is a corruption and is not counted (so the
+ * counts stay bounded by the file, whatever a corrupt table says).
+ */
+function ref(w: Walk, offset: number, length: number, error?: (m: string) => void): void {
   if (length <= 0) return;
+  if (offset + length - w.fileSize >= w.cs) {
+    const m = `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offset.toString(16)} size 0x${length.toString(16)}`;
+    if (error) error(m);
+    else {
+      w.res.corruptions++;
+      w.res.messages.push(m);
+    }
+    return;
+  }
   w.refs.addRange(Math.floor(offset / w.cs), Math.floor((offset + length - 1) / w.cs));
 }
 
@@ -337,8 +355,12 @@ async function walkBitmaps(store: ByteStore, w: Walk, error: (m: string) => void
       const t = new Uint8Array(tableSize * 8);
       await store.read(tableOffset, t);
       for (let k = 0; k < tableSize; k++) {
-        const off = Number(u64big(t, k * 8) & OFFSET_MASK);
-        if (off !== 0) ref(w, off, w.cs);
+        const entry = u64big(t, k * 8) & OFFSET_MASK;
+        if (entry === 0n) continue;
+        // ref()'s rule (a cluster starting at or past the end of the file), in BigInt: past 2^53
+        // a number is not exact, and the message shows the entry's own value.
+        if (entry >= BigInt(w.fileSize)) error(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${entry.toString(16)} size 0x${w.cs.toString(16)}`);
+        else ref(w, Number(entry), w.cs);
       }
     }
     pos += Math.ceil((24 + extra + nameSize) / 8) * 8;

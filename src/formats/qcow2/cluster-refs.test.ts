@@ -24,3 +24,21 @@ test('ClusterRefs keeps counting past 65 535 references to one cluster', () => {
   assert.equal(refs.get(1), 0);
   assert.equal(refs.get(3), 0);
 });
+
+test('ClusterRefs lists the referenced clusters from a point on, in order', () => {
+  const refs = new ClusterRefs(10);
+  refs.addRange(12, 12);
+  refs.addRange(3, 4);
+  refs.addRange(2 ** 40, 2 ** 40); // a corrupt entry far past the file
+  refs.addRange(9, 9);
+  assert.deepEqual(refs.countsFrom(4), [
+    [4, 1],
+    [9, 1],
+    [12, 1],
+    [2 ** 40, 1],
+  ]);
+  assert.deepEqual(refs.countsFrom(11), [
+    [12, 1],
+    [2 ** 40, 1],
+  ]);
+});

@@ -50,6 +50,14 @@ export class ClusterRefs {
     return this.top;
   }
 
+  /** [cluster, references] of every referenced cluster at or past `start`, in order. */
+  countsFrom(start: number): Array<[number, number]> {
+    const out: Array<[number, number]> = [];
+    for (let c = start; c < this.counts.length; c++) if (this.counts[c] !== 0) out.push([c, this.get(c)]);
+    for (const [c, n] of this.extra) if (c >= Math.max(start, this.counts.length)) out.push([c, n]);
+    return out.sort((a, b) => a[0] - b[0]);
+  }
+
   /** Whether any cluster of [first, end) has a reference. */
   anyIn(first: number, end: number): boolean {
     const counts = this.counts;

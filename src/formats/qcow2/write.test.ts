@@ -209,6 +209,30 @@ test('check counts like qemu-img on an image of 143 360 clusters over 2 240 L2 t
   await qemuCheckClean(img);
 });
 
+test('check on a bitmap table entry far past the end of the file: reported as qemu-img reports it, not counted', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const img = join(dir, 'bitmap.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', img, '64M']);
+  await qemuIo(['-c', 'write 0 1M', img]);
+  await qemuImg(['bitmap', '--add', img, 'bm0']);
+  const bytes = new Uint8Array(await readFile(img));
+  const dv = new DataView(bytes.buffer);
+  // Find the bitmaps header extension, its directory, and the first bitmap's table.
+  let ext = dv.getUint32(100);
+  while (dv.getUint32(ext) !== 0x23852875) ext += 8 + Math.ceil(dv.getUint32(ext + 4) / 8) * 8;
+  const directory = Number(dv.getBigUint64(ext + 24));
+  const table = Number(dv.getBigUint64(directory));
+  // A cluster-aligned offset beyond 2^53 (not exact as a JavaScript number).
+  dv.setBigUint64(table, 0x00ff_ffff_fff0_0000n);
+  await writeFile(img, bytes);
+  const q = await run('qemu-img', ['check', '--output=json', img]);
+  const o = await qcow(['check', '--output=json', img]);
+  assert.equal(o.code, q.code);
+  assert.equal(o.code, 2);
+  assert.deepEqual(JSON.parse(o.stdout), JSON.parse(q.stdout));
+  assert.equal(o.stderr, q.stderr);
+});
+
 test('a snapshot that would overflow 2-bit refcounts fails and leaves the image as it was', needs('qemu-img', 'qemu-io'), async (t) => {
   // Counts are changed in runs of host-contiguous clusters: whatever overflows, what was added
   // before it is taken back and qemu-img finds the image clean.
