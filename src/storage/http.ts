@@ -270,7 +270,7 @@ export class HttpStore implements ByteStore {
 
   private async body(res: Response, expected: number): Promise<Uint8Array> {
     // A few bytes of slack: a server that sends more than asked is caught by the length check.
-    const body = await readBodyCapped(res, expected + 1, (n) => new QcowError('QCOW_IO', `reply of ${n} bytes to a ${expected}-byte range request`, { file: this.name }));
+    const body = await readBodyCapped(res, expected + 1, (n) => new QcowError('QCOW_IO', `reply of ${n} bytes to a ${expected}-byte range request`, { file: this.name }), expected);
     this.stats.bytesFetched += body.length;
     return body;
   }
