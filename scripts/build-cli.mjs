@@ -64,7 +64,7 @@ export async function buildCli() {
     target: 'node20',
     conditions: ['node'],
     // zstd-wasm loads its .wasm file from beside its own module: left in node_modules.
-    // undici: only for https with deferred CA certificates (src/storage/deferred-ca.node.ts), so
+    // undici: only for http(s) images (src/storage/node-fetch.node.ts, deferred-ca.node.ts), so
     // it is required from node_modules then rather than parsed at every start.
     external: ['@bokuweb/zstd-wasm', 'undici'],
     // import() inside code run by vm.Script needs an import callback, which Node 20 only has as an

@@ -6,7 +6,8 @@
 import type { BlockDevice } from './core/block-device.js';
 import { openImage as openChain, createImage as createChain, type OpenImageOptions, type CreateImageOptions } from './chain/open.js';
 import { builtinFormats } from './formats/index.js';
-import { deferredCaFetch } from './storage/deferred-ca.node.js';
+import { deferredCaAgent } from './storage/deferred-ca.node.js';
+import { nodeFetch } from './storage/node-fetch.node.js';
 import { fileOpener } from './storage/file.node.js';
 import type { StoreOpener } from './storage/types.js';
 import { isHttpUrl, resolveUrl } from './storage/url.js';
@@ -14,7 +15,7 @@ import { isHttpUrl, resolveUrl } from './storage/url.js';
 /** `withHttp(local)` from storage/http.ts, with the HTTP code loaded on the first http(s) name. */
 function withLazyHttp(local: StoreOpener): StoreOpener {
   let both: Promise<StoreOpener> | undefined;
-  const http = (): Promise<StoreOpener> => (both ??= import('./storage/http.js').then((m) => m.withHttp(local, { fetch: deferredCaFetch() })));
+  const http = (): Promise<StoreOpener> => (both ??= import('./storage/http.js').then((m) => m.withHttp(local, { fetch: nodeFetch(deferredCaAgent()) })));
   return {
     open: async (name, o) => (isHttpUrl(name) ? (await http()).open(name, o) : local.open(name, o)),
     resolve: (name, relativeTo) => (isHttpUrl(relativeTo) ? resolveUrl(name, relativeTo) : isHttpUrl(name) ? name : local.resolve(name, relativeTo)),

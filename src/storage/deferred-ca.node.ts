@@ -9,17 +9,18 @@
  * Node would have trusted: Node's own root store plus that file.
  */
 import { readFileSync } from 'node:fs';
+import type { Agent } from 'undici';
 
 export const DEFERRED_CA_ENV = 'QCOW_DEFERRED_CA_CERTS';
 
 /**
- * A fetch that trusts the deferred certificates, or undefined when none were deferred (then the
- * global fetch already trusts whatever Node loaded at start-up).
+ * An undici Agent that trusts the deferred certificates (made on the first call), or undefined
+ * when none were deferred (then undici's default already trusts whatever Node loaded at start-up).
  */
-export function deferredCaFetch(env: NodeJS.ProcessEnv = process.env, warn: (line: string) => void = (l) => process.stderr.write(l + '\n')): typeof fetch | undefined {
+export function deferredCaAgent(env: NodeJS.ProcessEnv = process.env, warn: (line: string) => void = (l) => process.stderr.write(l + '\n')): (() => Promise<Agent>) | undefined {
   const file = env[DEFERRED_CA_ENV];
   if (!file) return undefined;
-  let client: Promise<{ fetch: typeof fetch; dispatcher: unknown }> | undefined;
+  let agent: Promise<Agent> | undefined;
   const load = async () => {
     // node:tls costs ~6 ms to load: only now, when an https request is to be made.
     const { rootCertificates } = await import('node:tls');
@@ -32,10 +33,21 @@ export function deferredCaFetch(env: NodeJS.ProcessEnv = process.env, warn: (lin
     }
     // undici is the client inside Node's own fetch; only it takes a CA list per connection.
     const undici = await import('undici');
-    return { fetch: undici.fetch as unknown as typeof fetch, dispatcher: new undici.Agent({ connect: { ca } }) };
+    return new undici.Agent({ connect: { ca } });
   };
+  return () => (agent ??= load());
+}
+
+/**
+ * A fetch that trusts the deferred certificates, or undefined when none were deferred (then the
+ * global fetch already trusts whatever Node loaded at start-up).
+ */
+export function deferredCaFetch(env: NodeJS.ProcessEnv = process.env, warn: (line: string) => void = (l) => process.stderr.write(l + '\n')): typeof fetch | undefined {
+  const agent = deferredCaAgent(env, warn);
+  if (!agent) return undefined;
   return async (input, init) => {
-    const c = await (client ??= load());
-    return c.fetch(input, { ...init, dispatcher: c.dispatcher } as RequestInit);
+    const dispatcher = await agent();
+    const undici = await import('undici');
+    return undici.fetch(input as string, { ...init, dispatcher } as Parameters<typeof undici.fetch>[1]) as unknown as Response;
   };
 }

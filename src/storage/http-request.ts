@@ -161,7 +161,16 @@ export async function readBodyCapped(res: Response, limit: number, tooLarge: (le
     throw tooLarge(Number(declared));
   }
   if (!res.body) return new Uint8Array(0);
-  const reader = res.body.getReader();
+  // On Node (node-fetch.node.ts) the body is also a Node stream: read it without WHATWG streams.
+  const nodeBody = (res as { nodeBody?: AsyncIterable<Uint8Array> & { destroy(): void } }).nodeBody;
+  const reader = nodeBody ? undefined : res.body.getReader();
+  const pieces: AsyncIterator<Uint8Array> | undefined = nodeBody?.[Symbol.asyncIterator]();
+  const next = (): Promise<ReadableStreamReadResult<Uint8Array>> =>
+    pieces ? (pieces.next() as Promise<ReadableStreamReadResult<Uint8Array>>) : reader!.read();
+  const cancel = async (): Promise<void> => {
+    if (nodeBody) nodeBody.destroy();
+    else await reader!.cancel().catch(() => undefined);
+  };
   const parts: Uint8Array[] = [];
   let length = 0;
   // When the length is known (a range reply), bytes go straight into the result as they come:
@@ -169,7 +178,7 @@ export async function readBodyCapped(res: Response, limit: number, tooLarge: (le
   let direct = expected !== undefined && expected <= limit ? new Uint8Array(expected) : undefined;
   try {
     for (;;) {
-      const { done, value } = await reader.read();
+      const { done, value } = await next();
       if (done) break;
       if (direct) {
         if (length + value.length <= direct.length) {
@@ -183,7 +192,7 @@ export async function readBodyCapped(res: Response, limit: number, tooLarge: (le
       }
       length += value.length;
       if (length > limit) {
-        await reader.cancel().catch(() => undefined);
+        await cancel();
         throw tooLarge(length);
       }
       parts.push(value);
@@ -193,7 +202,7 @@ export async function readBodyCapped(res: Response, limit: number, tooLarge: (le
     // The connection broke mid-body: worth another try.
     throw new TransientHttpError(`connection lost while reading the body: ${(e as Error).message ?? e}`, undefined, { cause: e });
   } finally {
-    reader.releaseLock();
+    reader?.releaseLock();
   }
   if (direct) return length === direct.length ? direct : direct.subarray(0, length);
   if (parts.length === 1) return parts[0]!;
