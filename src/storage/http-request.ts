@@ -161,56 +161,115 @@ export async function readBodyCapped(res: Response, limit: number, tooLarge: (le
     throw tooLarge(Number(declared));
   }
   if (!res.body) return new Uint8Array(0);
-  // On Node (node-fetch.node.ts) the body is also a Node stream: read it without WHATWG streams.
-  const nodeBody = (res as { nodeBody?: AsyncIterable<Uint8Array> & { destroy(): void } }).nodeBody;
-  const reader = nodeBody ? undefined : res.body.getReader();
-  const pieces: AsyncIterator<Uint8Array> | undefined = nodeBody?.[Symbol.asyncIterator]();
-  const next = (): Promise<ReadableStreamReadResult<Uint8Array>> =>
-    pieces ? (pieces.next() as Promise<ReadableStreamReadResult<Uint8Array>>) : reader!.read();
-  const cancel = async (): Promise<void> => {
-    if (nodeBody) nodeBody.destroy();
-    else await reader!.cancel().catch(() => undefined);
-  };
-  const parts: Uint8Array[] = [];
-  let length = 0;
-  // When the length is known (a range reply), bytes go straight into the result as they come:
-  // keeping every piece until the end made most of the garbage of a 1 GiB convert over HTTP.
-  let direct = expected !== undefined && expected <= limit ? new Uint8Array(expected) : undefined;
+  const body = new BodyCollector(limit, tooLarge, expected);
+  // On Node (node-fetch.node.ts) the body is also a Node stream: its pieces are taken as events,
+  // not one promise per ~64 KiB piece as a reader (or an async iterator) needs.
+  const nodeBody = (res as { nodeBody?: NodeBody }).nodeBody;
+  if (nodeBody) return readNodeBody(nodeBody, body);
+  const reader = res.body.getReader();
   try {
     for (;;) {
-      const { done, value } = await next();
+      const { done, value } = await reader.read();
       if (done) break;
-      if (direct) {
-        if (length + value.length <= direct.length) {
-          direct.set(value, length);
-          length += value.length;
-          continue;
-        }
-        // More than announced: on with a list of pieces (the caller's length check decides).
-        parts.push(direct.subarray(0, length));
-        direct = undefined;
+      if (!body.add(value)) {
+        await reader.cancel().catch(() => undefined);
+        throw tooLarge(body.length);
       }
-      length += value.length;
-      if (length > limit) {
-        await cancel();
-        throw tooLarge(length);
-      }
-      parts.push(value);
     }
   } catch (e) {
-    if (e instanceof QcowError) throw e;
-    // The connection broke mid-body: worth another try.
-    throw new TransientHttpError(`connection lost while reading the body: ${(e as Error).message ?? e}`, undefined, { cause: e });
+    throw connectionLost(e);
   } finally {
-    reader?.releaseLock();
+    reader.releaseLock();
   }
-  if (direct) return length === direct.length ? direct : direct.subarray(0, length);
-  if (parts.length === 1) return parts[0]!;
-  const out = new Uint8Array(length);
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
+  return body.result();
+}
+
+interface NodeBody {
+  on(event: 'data', listener: (piece: Uint8Array) => void): unknown;
+  on(event: 'end' | 'close', listener: () => void): unknown;
+  on(event: 'error', listener: (e: unknown) => void): unknown;
+  destroy(): void;
+  readableEnded?: boolean;
+}
+
+function readNodeBody(stream: NodeBody, body: BodyCollector): Promise<Uint8Array> {
+  return new Promise((resolve, reject) => {
+    let settled = false;
+    const fail = (e: unknown) => {
+      if (settled) return;
+      settled = true;
+      stream.destroy();
+      reject(connectionLost(e));
+    };
+    stream.on('data', (piece) => {
+      if (!settled && !body.add(piece)) fail(body.tooLargeError());
+    });
+    stream.on('end', () => {
+      if (settled) return;
+      settled = true;
+      resolve(body.result());
+    });
+    stream.on('error', fail);
+    // Destroyed before its end (an abort, a lost connection): not a whole body.
+    stream.on('close', () => fail(new Error('the connection closed before the end of the body')));
+  });
+}
+
+/** A QcowError as it is; anything else (the connection broke mid-body) is worth another try. */
+function connectionLost(e: unknown): Error {
+  if (e instanceof QcowError) return e;
+  return new TransientHttpError(`connection lost while reading the body: ${(e as Error).message ?? e}`, undefined, { cause: e });
+}
+
+/**
+ * The pieces of a body, joined. When the length is known (a range reply), they go straight into
+ * the result as they come: keeping every piece until the end made most of the garbage of a 1 GiB
+ * convert over HTTP.
+ */
+class BodyCollector {
+  length = 0;
+  private readonly parts: Uint8Array[] = [];
+  private direct: Uint8Array | undefined;
+
+  constructor(
+    private readonly limit: number,
+    private readonly tooLarge: (length: number) => QcowError,
+    expected: number | undefined,
+  ) {
+    this.direct = expected !== undefined && expected <= limit ? new Uint8Array(expected) : undefined;
   }
-  return out;
+
+  /** Take a piece; false when the body is now longer than the limit. */
+  add(piece: Uint8Array): boolean {
+    if (this.direct) {
+      if (this.length + piece.length <= this.direct.length) {
+        this.direct.set(piece, this.length);
+        this.length += piece.length;
+        return true;
+      }
+      // More than announced: on with a list of pieces (the caller's length check decides).
+      this.parts.push(this.direct.subarray(0, this.length));
+      this.direct = undefined;
+    }
+    this.length += piece.length;
+    if (this.length > this.limit) return false;
+    this.parts.push(piece);
+    return true;
+  }
+
+  tooLargeError(): QcowError {
+    return this.tooLarge(this.length);
+  }
+
+  result(): Uint8Array {
+    if (this.direct) return this.length === this.direct.length ? this.direct : this.direct.subarray(0, this.length);
+    if (this.parts.length === 1) return this.parts[0]!;
+    const out = new Uint8Array(this.length);
+    let at = 0;
+    for (const p of this.parts) {
+      out.set(p, at);
+      at += p.length;
+    }
+    return out;
+  }
 }
