@@ -7,6 +7,7 @@ import { fileOpener, FileStore } from './storage/file.node.js';
 export * from './index.js';
 export { FileStore, fileOpener };
 export { HttpStore, httpOpener, withHttp, type HttpStoreOptions, type HttpStats } from './storage/http.js';
+export { nodeFetch } from './storage/node-fetch.node.js';
 export { OverlayDevice, type OverlayOptions } from './overlay/overlay.js';
 // Opening and creating by path (node-open.ts, which the CLI imports on its own to start faster).
 export { defaultOpener, openImage, createImage, type NodeOpenOptions, type NodeCreateOptions } from './node-open.js';
