@@ -9,8 +9,7 @@
  * directly. Like fetch, it follows redirects and reports network failures as a TypeError whose
  * cause is the error.
  */
-import { STATUS_CODES } from 'node:http';
-import { Readable } from 'node:stream';
+import type { Readable } from 'node:stream';
 import type { Agent } from 'undici';
 
 /** A Response as HttpStore reads it, with the body also as a Node stream. */
@@ -23,8 +22,8 @@ export type NodeResponse = Response & { nodeBody?: Readable };
 export function nodeFetch(agent?: () => Promise<Agent>): typeof fetch {
   let undici: ReturnType<typeof loadUndici> | undefined;
   return (async (input: string | URL | Request, init?: RequestInit): Promise<Response> => {
-    // Loaded on the first request: only commands on http(s) images pay for it.
-    const { request } = await (undici ??= loadUndici());
+    // Loaded on the first request: only commands on http(s) images pay for them.
+    const { request, STATUS_CODES, Readable } = await (undici ??= loadUndici());
     const signal = init?.signal ?? undefined;
     let res: Awaited<ReturnType<typeof request>>;
     try {
@@ -40,13 +39,16 @@ export function nodeFetch(agent?: () => Promise<Agent>): typeof fetch {
       if (signal?.aborted) throw signal.reason;
       throw new TypeError('fetch failed', { cause: e });
     }
-    return replyOf(res.statusCode, res.headers, res.body as unknown as Readable);
+    return replyOf(res.statusCode, STATUS_CODES[res.statusCode] ?? '', res.headers, res.body as unknown as Readable, Readable);
   }) as typeof fetch;
 }
 
-const loadUndici = () => import('undici');
+const loadUndici = async () => {
+  const [undici, http, stream] = await Promise.all([import('undici'), import('node:http'), import('node:stream')]);
+  return { request: undici.request, STATUS_CODES: http.STATUS_CODES, Readable: stream.Readable };
+};
 
-function replyOf(status: number, raw: Record<string, string | string[] | undefined>, body: Readable): NodeResponse {
+function replyOf(status: number, statusText: string, raw: Record<string, string | string[] | undefined>, body: Readable, streams: typeof Readable): NodeResponse {
   const headers = new Headers();
   for (const [name, value] of Object.entries(raw)) {
     if (value === undefined) continue;
@@ -56,7 +58,7 @@ function replyOf(status: number, raw: Record<string, string | string[] | undefin
   body.on('error', () => undefined);
   const reply = {
     status,
-    statusText: STATUS_CODES[status] ?? '',
+    statusText,
     ok: status >= 200 && status < 300,
     headers,
     nodeBody: body,
@@ -64,7 +66,7 @@ function replyOf(status: number, raw: Record<string, string | string[] | undefin
       cancel: async () => {
         body.destroy();
       },
-      getReader: () => (Readable.toWeb(body) as ReadableStream<Uint8Array>).getReader(),
+      getReader: () => (streams.toWeb(body) as ReadableStream<Uint8Array>).getReader(),
     },
   };
   return reply as unknown as NodeResponse;
