@@ -19,6 +19,14 @@ const CHUNK = MiB;
 const isCode = (code: string) => (e: unknown) => e instanceof QcowError && e.code === code;
 const open = (url: string, o: HttpStoreOptions = {}) => HttpStore.open(url, { chunkSize: CHUNK, retryDelayMs: 1, ...o, fetch: nodeFetch() });
 
+/** `www` served through `handler`, and a store on its disk.raw (closed when the test ends). */
+async function serve(t: Parameters<typeof scratch>[0], www: string, handler: Parameters<typeof startNodeServer>[2], o: HttpStoreOptions = {}) {
+  const srv = await startNodeServer(t, www, handler);
+  const store = await open(srv.url + 'disk.raw', o);
+  t.after(() => store.close());
+  return { srv, store };
+}
+
 async function site(t: Parameters<typeof scratch>[0]) {
   const dir = await scratch(t);
   const www = join(dir, 'www');
@@ -30,9 +38,7 @@ async function site(t: Parameters<typeof scratch>[0]) {
 
 test('node client: ranged reads across chunks and past the end, over a server that honours Range', async (t) => {
   const { www, data } = await site(t);
-  const srv = await startNodeServer(t, www, honourRange);
-  const store = await open(srv.url + 'disk.raw');
-  t.after(() => store.close());
+  const { store } = await serve(t, www, honourRange);
   assert.equal(store.rangeRequests, true);
   assert.equal(await store.size(), data.length);
   const all = new Uint8Array(data.length + 1000).fill(0xee);
@@ -43,18 +49,14 @@ test('node client: ranged reads across chunks and past the end, over a server th
 
 test('node client: a server that ignores Range, transient failures, and a size from HEAD', async (t) => {
   const { www, data } = await site(t);
-  const whole = await startNodeServer(t, www, ignoreRange);
-  const a = await open(whole.url + 'disk.raw');
-  t.after(() => a.close());
+  const { store: a } = await serve(t, www, ignoreRange);
   assert.equal(a.rangeRequests, false);
   const buf = new Uint8Array(1000);
   await a.read(3 * MiB + 1, buf);
   assert.deepEqual(buf, data.subarray(3 * MiB + 1, 3 * MiB + 1001));
 
   // 503, a dropped connection, 429: each retried.
-  const flaky = await startNodeServer(t, www, failFirst(3, honourRange));
-  const b = await open(flaky.url + 'disk.raw');
-  t.after(() => b.close());
+  const { store: b } = await serve(t, www, failFirst(3, honourRange));
   await b.read(2 * MiB, buf);
   assert.deepEqual(buf, data.subarray(2 * MiB, 2 * MiB + 1000));
   assert.equal(b.stats.retries, 3);
