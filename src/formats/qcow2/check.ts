@@ -372,6 +372,16 @@ async function repair(store: ByteStore, w: Walk & { rc: Refcounts | null }, mode
   const rc = w.rc;
   if (!rc) throw new QcowError('QCOW_CORRUPT', 'the refcount table is unreadable; it cannot be repaired');
   if (store.readOnly) throw new QcowError('QCOW_READ_ONLY', 'cannot repair an image opened read-only');
+  // Repairs write counts into the refcount blocks the table names: one outside the file would be
+  // written there (a sparse file of terabytes, from a corrupt entry). qemu-img rebuilds the whole
+  // refcount structure then; we do not, and refuse before writing anything.
+  if (w.h.refcountTableOffset + w.h.refcountTableClusters * w.cs > w.fileSize) {
+    throw new QcowError('QCOW_UNSUPPORTED', 'the refcount table lies outside the image; rebuilding the refcount structure is not supported');
+  }
+  const outside = rc.blockOffsets().findIndex((off) => off !== 0 && off + w.cs > w.fileSize);
+  if (outside >= 0) {
+    throw new QcowError('QCOW_UNSUPPORTED', `refcount block ${outside} lies outside the image; rebuilding the refcount structure is not supported`);
+  }
   const out = { leaks: 0, corruptions: 0, messages: [] as string[] };
   // New refcount blocks must not land on clusters something references.
   rc.hooks.inUse = (c) => w.refs.get(c) > 0;

@@ -233,6 +233,31 @@ test('check on a bitmap table entry far past the end of the file: reported as qe
   assert.equal(o.stderr, q.stderr);
 });
 
+test('check -r refuses, before writing anything, a refcount table or block outside the file', needs('qemu-img', 'qemu-io'), async (t) => {
+  // Repairing would write counts at the offset the corrupt entry names: terabytes into the file.
+  const dir = await scratch(t);
+  const good = join(dir, 'good.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', good, '8M']);
+  await qemuIo(['-c', 'write -P 0x11 0 1M', good]);
+  const bytes = new Uint8Array(await readFile(good));
+  const dv = new DataView(bytes.buffer);
+  const tableOffset = Number(dv.getBigUint64(48));
+  const cases: Array<[string, (v: DataView) => void]> = [
+    ['block', (v) => v.setBigUint64(tableOffset, 0x0000_db28_0000_0000n)],
+    ['table', (v) => v.setBigUint64(48, 0x0000_db28_0000_0000n)],
+  ];
+  for (const [name, corrupt] of cases) {
+    const f = join(dir, `${name}.qcow2`);
+    const copy = bytes.slice();
+    corrupt(new DataView(copy.buffer));
+    await writeFile(f, copy);
+    const r = await qcow(['check', '-r', 'all', f]);
+    assert.notEqual(r.code, 0, name);
+    assert.match(r.stderr, /lies outside the image; rebuilding the refcount structure is not supported/, name);
+    assert.deepEqual(new Uint8Array(await readFile(f)), copy, `${name}: the file is as it was`);
+  }
+});
+
 test('a snapshot that would overflow 2-bit refcounts fails and leaves the image as it was', needs('qemu-img', 'qemu-io'), async (t) => {
   // Counts are changed in runs of host-contiguous clusters: whatever overflows, what was added
   // before it is taken back and qemu-img finds the image clean.
