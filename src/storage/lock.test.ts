@@ -49,3 +49,29 @@ test('a lock left by a process that died is taken over', async (t) => {
   await next.close();
   await holder.close().catch(() => undefined);
 });
+
+test('a lock naming a live process that does not have the image open is stale (pids are reused)', async (t) => {
+  const dir = await scratch(t);
+  const img = join(dir, 'disk.raw');
+  await writeFile(img, new Uint8Array(4096));
+  const { stat, readFile } = await import('node:fs/promises');
+  const st = await stat(img);
+  const lockFile = join(tmpdir(), 'qcow-locks', `${st.dev}-${st.ino}.lock`);
+  // A lock file left behind for this inode, naming a process that is alive but is not using the
+  // image: our parent (the test runner), as a recycled pid would.
+  const holder = await FileStore.open(img, { readOnly: false });
+  await holder.close();
+  await writeFile(lockFile, String(process.ppid));
+  const r = await qcow(['io', '-f', 'raw', '-c', 'write -P 7 0 512', img]);
+  assert.equal(r.code, 0, r.stderr);
+  // While this process really holds the image open, another writer is still refused.
+  const writer = await FileStore.open(img, { readOnly: false });
+  try {
+    assert.equal((await readFile(lockFile, 'utf8')).trim(), String(process.pid));
+    const refused = await qcow(['io', '-f', 'raw', '-c', 'write -P 8 0 512', img]);
+    assert.equal(refused.code, 1);
+    assert.match(refused.stderr, /Failed to get "write" lock: the image is open for writing by process \d+/);
+  } finally {
+    await writer.close();
+  }
+});
