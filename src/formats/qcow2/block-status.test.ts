@@ -85,3 +85,48 @@ test('an L1 entry with flag bits but no table offset counts as empty, and the wa
   assert.deepEqual(await flagged.blockStatus(coverage, 2 * coverage), expected);
   await flagged.close();
 });
+
+test('host runs are followed across the 2^31 and 2^32 byte marks of the file, and broken where only the low word runs on', async (t) => {
+  const { scratch } = await import('../../test-support/qemu.js');
+  const { FileStore } = await import('../../storage/file.node.js');
+  const { join } = await import('node:path');
+  const path = join(await scratch(t), 'far.qcow2');
+  const store = await FileStore.open(path, { create: true });
+  await createQcow2(store, { size: 64 * MiB, options: { cluster_size: '4k' } });
+  const dev = await Qcow2Device.open(store, {});
+  await dev.write(0, new Uint8Array(4 * KiB).fill(1)); // gives guest range 0 an L2 table
+  const l1Offset = dev.header.l1TableOffset;
+  await dev.close();
+  // Table entries, COPIED normal clusters: 16 running over 2^31, 16 running over 2^32, then 16
+  // whose low word runs on over 2^32 but whose high word does not follow (not contiguous there).
+  const table = new DataView(new ArrayBuffer(48 * 8));
+  const put = (i: number, host: number) => table.setBigUint64(i * 8, (1n << 63n) | BigInt(host));
+  for (let k = 0; k < 16; k++) put(k, 2 ** 31 - 8 * 4096 + k * 4096);
+  for (let k = 0; k < 16; k++) put(16 + k, 2 ** 32 - 8 * 4096 + k * 4096);
+  for (let k = 0; k < 16; k++) put(32 + k, k < 8 ? 2 ** 33 - 8 * 4096 + k * 4096 : 2 ** 32 + (k - 8) * 4096);
+  const rw = await FileStore.open(path, {});
+  const l2 = Number(new DataView((await readAt(rw, l1Offset, 8)).buffer).getBigUint64(0) & 0x00fffffffffffe00n);
+  assert.ok(l2 > 0);
+  await rw.write(l2, new Uint8Array(table.buffer));
+  await rw.truncate(2 ** 33 + 64 * KiB); // sparse: every named host offset lies inside the file
+  await rw.close();
+
+  const ro = await Qcow2Device.open(await FileStore.open(path, { readOnly: true }), { readOnly: true });
+  try {
+    const runs = (await ro.blockStatus(0, 48 * 4 * KiB)).map((e) => [e.offset / (4 * KiB), e.length / (4 * KiB), e.hostOffset]);
+    assert.deepEqual(runs, [
+      [0, 16, 2 ** 31 - 8 * 4096],
+      [16, 16, 2 ** 32 - 8 * 4096],
+      [32, 8, 2 ** 33 - 8 * 4096],
+      [40, 8, 2 ** 32],
+    ]);
+  } finally {
+    await ro.close();
+  }
+});
+
+async function readAt(store: { read(o: number, b: Uint8Array): Promise<number> }, offset: number, n: number): Promise<Uint8Array> {
+  const b = new Uint8Array(n);
+  await store.read(offset, b);
+  return b;
+}

@@ -26,6 +26,9 @@ export async function detectMetadataPreallocation(store: ByteStore, h: Qcow2Head
   const bits = 2 ** h.refcountOrder;
   const perBlock = entriesPerBlock(cs, bits);
   const nbClusters = Math.ceil(fileSize / cs);
+  // Only the file's clusters are counted: when they are too few to reach the threshold (a file
+  // with few or no holes, the common case), the answer is no without reading a refcount block.
+  if (nbClusters < threshold) return false;
   // Only the entries whose blocks describe clusters of the file (qemu sizes the table for growth:
   // a 4 TiB image's table has tens of thousands of entries for a few used ones).
   const entries = Math.min(tableBytes / 8, Math.ceil(nbClusters / perBlock));
