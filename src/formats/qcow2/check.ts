@@ -17,7 +17,7 @@ import type { ByteStore } from '../../storage/types.js';
 import { HEADER_PROBE_BYTES, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
 import { INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeature } from './features.js';
 import { qcow2Geometry, type Qcow2Geometry } from './layout.js';
-import { readL2Entry, type L2Context } from './l2-entry.js';
+import { decodeL2Entry, readL2Entry, type L2Context } from './l2-entry.js';
 import { encodeSnapshotTable, readSnapshotTable } from './snapshot-table.js';
 import { Refcounts } from './alloc.js';
 import { ClusterRefs } from './cluster-refs.js';
@@ -236,6 +236,7 @@ async function walkL1(store: ByteStore, w: Walk, l1Offset: number, l1Size: numbe
   ref(w, l1Offset, l1Size * 8);
   const dv = new DataView(l1.buffer);
   const l2 = new Uint8Array(w.cs);
+  const scratch = readL2Entry(new Uint8Array(16), 0, w.ctx); // reused for every entry
   for (let i = 0; i < l1Size; i++) {
     const e = dv.getBigUint64(i * 8);
     const off = Number(e & OFFSET_MASK);
@@ -259,7 +260,7 @@ async function walkL1(store: ByteStore, w: Walk, l1Offset: number, l1Size: numbe
       if (l2[j * eb] === 0 && isZero(l2.subarray(j * eb, (j + 1) * eb))) continue;
       let d;
       try {
-        d = readL2Entry(l2, j, w.ctx);
+        d = decodeL2Entry(l2, j, w.ctx, scratch);
       } catch (err) {
         error(`ERROR L2 entry ${j} of table 0x${off.toString(16)}: ${(err as Error).message}`);
         continue;
@@ -299,6 +300,7 @@ async function checkCopied(store: ByteStore, w: Walk, stored: Uint8Array, error:
   const l1 = await readL1(store, w, w.h.l1TableOffset, w.h.l1Size);
   if (!l1) return;
   const l2 = new Uint8Array(w.cs);
+  const scratch = readL2Entry(new Uint8Array(16), 0, w.ctx); // reused for every entry
   const eb = w.g.l2EntryBytes;
   for (let i = 0; i < w.h.l1Size; i++) {
     const off = Number(u64big(l1, i * 8) & OFFSET_MASK);
@@ -316,7 +318,7 @@ async function checkCopied(store: ByteStore, w: Walk, stored: Uint8Array, error:
       if (l2[j * eb] === 0 && isZero(l2.subarray(j * eb, j * eb + 8))) continue;
       let d;
       try {
-        d = readL2Entry(l2, j, w.ctx);
+        d = decodeL2Entry(l2, j, w.ctx, scratch);
       } catch {
         continue;
       }

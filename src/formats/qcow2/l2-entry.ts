@@ -33,7 +33,8 @@ export interface ClusterDescriptor {
   /** Extended L2 only: bits 0-31 allocated, 32-63 reads-as-zero, as two numbers. */
   allocBitmap: number;
   zeroBitmap: number;
-  /** The raw entry halves, for writers that need the flags (COPIED etc.). */
+  /** The raw entry halves as signed 32-bit words (`>>> 0` for the unsigned value), for writers
+   *  that need the flags (COPIED etc.). */
   hi: number;
   lo: number;
 }
@@ -42,16 +43,30 @@ const COMPRESSED_BIT_HI = 0x40000000;
 const COPIED_BIT_HI = 0x80000000;
 
 export function readL2Entry(table: Uint8Array, index: number, ctx: L2Context): ClusterDescriptor {
+  return decodeL2Entry(table, index, ctx, { kind: 'unallocated', hostOffset: 0, compressedBound: 0, allocBitmap: 0, zeroBitmap: 0, hi: 0, lo: 0 });
+}
+
+/**
+ * readL2Entry into a descriptor the caller owns and reuses: walks over every entry of an image
+ * (check) would otherwise make ~90 bytes of garbage per cluster.
+ */
+export function decodeL2Entry(table: Uint8Array, index: number, ctx: L2Context, desc: ClusterDescriptor): ClusterDescriptor {
   // Plain byte reads, no DataView or BigInt: readers decode an entry for every cluster they touch
   // (an NBD read of 1 GiB decodes 16384), and a view per entry was garbage for the collector.
   const o = index * (ctx.extendedL2 ? 16 : 8);
-  const hi = u32(table, o);
-  const lo = u32(table, o + 4);
-  const desc: ClusterDescriptor = { kind: 'unallocated', hostOffset: 0, compressedBound: 0, allocBitmap: 0, zeroBitmap: 0, hi, lo };
+  const hi = s32(table, o);
+  const lo = s32(table, o + 4);
+  desc.kind = 'unallocated';
+  desc.hostOffset = 0;
+  desc.compressedBound = 0;
+  desc.allocBitmap = 0;
+  desc.zeroBitmap = 0;
+  desc.hi = hi;
+  desc.lo = lo;
   if (ctx.extendedL2) {
     // Bitmap word: high half = zero bits (32..63), low half = allocated bits (0..31).
-    desc.zeroBitmap = u32(table, o + 8);
-    desc.allocBitmap = u32(table, o + 12);
+    desc.zeroBitmap = s32(table, o + 8);
+    desc.allocBitmap = s32(table, o + 12);
   }
   // The compressed flag comes first: bit 0 of a compressed descriptor is part of its offset.
   if (hi & COMPRESSED_BIT_HI) {
@@ -98,9 +113,13 @@ export function compressedDescriptor(hi: number, lo: number, clusterBits: number
   return { hostOffset, bound: nsec * 512 - (hostOffset % 512) };
 }
 
-/** Big-endian 32-bit word at `at`. */
-function u32(b: Uint8Array, at: number): number {
-  return ((b[at]! << 24) | (b[at + 1]! << 16) | (b[at + 2]! << 8) | b[at + 3]!) >>> 0;
+/**
+ * Big-endian 32-bit word at `at`, signed: every entry decodes one or more, and an unsigned word of
+ * 2^31 or more (any entry with COPIED set) is a heap-allocated number wherever V8 has not yet
+ * optimised the caller, which in a short-lived command is most places.
+ */
+function s32(b: Uint8Array, at: number): number {
+  return (b[at]! << 24) | (b[at + 1]! << 16) | (b[at + 2]! << 8) | b[at + 3]!;
 }
 
 const hex = (hi: number, lo: number) => (hi >>> 0).toString(16).padStart(8, '0') + (lo >>> 0).toString(16).padStart(8, '0');
