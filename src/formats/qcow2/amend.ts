@@ -276,7 +276,8 @@ async function changeRefcountWidth(dev: Qcow2Device, w: Qcow2Writer, bits: numbe
   const old = w.refcounts;
   const end = Math.max(old.end, Math.ceil((await dev.store.size()) / cs));
   const counts = new Float64Array(end);
-  for (let c = 0; c < end; c++) counts[c] = await old.get(c);
+  // A block's counts are read without an await once it is cached: one load per block, not per cluster.
+  for (let c = 0; c < end; c++) counts[c] = old.peek(c) ?? (await old.get(c));
   // The old structures are not carried over.
   for (let c = old.tableOffset / cs; c < old.tableOffset / cs + old.tableClusters; c++) counts[c] -= 1;
   for (const b of old.blockOffsets()) if (b !== 0) counts[b / cs] -= 1;
@@ -299,11 +300,11 @@ async function changeRefcountWidth(dev: Qcow2Device, w: Qcow2Writer, bits: numbe
   const tableAt = (end + blocks) * cs;
   const total = end + blocks + tableClusters;
   const image = new Uint8Array(blocks * cs);
+  // The new blocks lie back to back, each holding the next perBlock counts: entry c of the whole
+  // run is entry c % perBlock of block c / perBlock, so one index into the run addresses it.
   for (let c = 0; c < total; c++) {
     const v = c < end ? counts[c]! : 1;
-    if (v === 0) continue;
-    const b = Math.floor(c / perBlock);
-    setRefcount(image.subarray(b * cs, (b + 1) * cs), c % perBlock, bits, v);
+    if (v !== 0) setRefcount(image, c, bits, v);
   }
   const table = new Uint8Array(tableClusters * cs);
   encodeRefcountTable(Array.from({ length: blocks }, (_, b) => blockAt(b)), table);
