@@ -19,7 +19,7 @@ import { firstNonZero } from '../../core/bytes.js';
 import { HEADER_PROBE_BYTES, COMPRESSION_ZSTD, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, AUTOCLEAR_DATA_FILE_RAW, checkIncompatibleFeatures, hasFeature } from './features.js';
 import { MAX_L1_BYTES, entryOffset, l1EntriesFor, qcow2Geometry, type Qcow2Geometry } from './layout.js';
-import { readL2Entry, subclusterKind, type ClusterDescriptor, type L2Context, type SubclusterKind } from './l2-entry.js';
+import { decodeL2Entry, readL2Entry, subclusterKind, type ClusterDescriptor, type L2Context, type SubclusterKind } from './l2-entry.js';
 import { TableCache, type CachedTable } from './l2-cache.js';
 import { findSnapshot, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
 import { decompressCluster } from './compressed.js';
@@ -81,6 +81,8 @@ export class Qcow2Device extends DeviceBase {
   /** Metadata cache budget: all of it for L2 tables, a quarter more for refcount blocks. */
   readonly cacheBytes: number;
   readonly l2Context: L2Context;
+  /** A descriptor reused by loops that decode an entry per cluster and keep none of them. */
+  private readonly scratchEntry = readL2Entry(new Uint8Array(16), 0, { clusterBits: 9, extendedL2: false, externalDataFile: false });
   /** Where guest data lives: the image itself, or the external data file. */
   dataStore: ByteStore;
   snapshots: Qcow2Snapshot[] = [];
@@ -416,8 +418,10 @@ export class Qcow2Device extends DeviceBase {
     if (i >= this.l1Entries) return -1;
     const l1 = this.l1;
     const b = i * 8;
-    const hi = ((l1[b]! << 24) | (l1[b + 1]! << 16) | (l1[b + 2]! << 8) | l1[b + 3]!) >>> 0;
-    const lo = ((l1[b + 4]! << 24) | (l1[b + 5]! << 16) | (l1[b + 6]! << 8) | l1[b + 7]!) >>> 0;
+    // Signed words: entryOffset masks them, and unsigned ones of 2^31 or more (COPIED set) are
+    // heap numbers until this is optimised.
+    const hi = (l1[b]! << 24) | (l1[b + 1]! << 16) | (l1[b + 2]! << 8) | l1[b + 3]!;
+    const lo = (l1[b + 4]! << 24) | (l1[b + 5]! << 16) | (l1[b + 6]! << 8) | l1[b + 7]!;
     const l2Offset = entryOffset(hi, lo, 'L1 entry');
     const cs = this.clusterSize;
     // Empty, misaligned (the general path reports it) or not cached: the general path decides.
@@ -425,8 +429,9 @@ export class Qcow2Device extends DeviceBase {
     const table = this.l2Cache.peek(l2Offset + Math.floor((offset % g.l2Coverage) / sc) * this.slice.bytes);
     if (!table) return -1;
     let host = -1;
+    const d = this.scratchEntry; // looked at within each step only
     for (let c = offset - (offset % cs); c < offset + length; c += cs) {
-      const d = readL2Entry(table.data, (c % sc) / cs, this.l2Context);
+      decodeL2Entry(table.data, (c % sc) / cs, this.l2Context, d);
       if (d.kind !== 'normal') return -1;
       this.checkHostOffset(d, c);
       if (host < 0) host = d.hostOffset + (offset - c);

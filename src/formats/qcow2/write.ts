@@ -26,7 +26,7 @@ import { setU32, u32 } from '../../core/bytes.js';
 import { deflateRaw, zstdCompress } from '../../compress/lazy.js';
 import { COMPRESSION_ZSTD, decodeHeader, encodeHeader } from './header.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
-import { readL2Entry, type ClusterDescriptor } from './l2-entry.js';
+import { decodeL2Entry, readL2Entry, type ClusterDescriptor } from './l2-entry.js';
 import type { CachedTable } from './l2-cache.js';
 import { Refcounts } from './alloc.js';
 import type { Qcow2Device } from './qcow2.js';
@@ -78,6 +78,8 @@ export class Qcow2Writer {
   private l2Written = false;
   /** In-place data writes started under the lock and still running (see write()). */
   private readonly inFlight = new Set<Promise<void>>();
+  /** A descriptor reused by loops that decode an entry per cluster and keep none of them. */
+  private readonly scratchEntry = readL2Entry(new Uint8Array(16), 0, { clusterBits: 9, extendedL2: false, externalDataFile: false });
   /** A lower bound of the image file's length (see writeRun). */
   private knownFileEnd = 0;
   private dirtyBitSet = false;
@@ -173,8 +175,9 @@ export class Qcow2Writer {
     const cs = this.cs;
     const end = offset + data.length;
     const runs: Array<[number, number, number]> = [];
+    const d = this.scratchEntry; // looked at within each step only
     for (let c = offset - (offset % cs); c < end; c += cs) {
-      const d = readL2Entry(table.data, (c % g.l2Coverage) / cs, dev.l2Context);
+      decodeL2Entry(table.data, (c % g.l2Coverage) / cs, dev.l2Context, d);
       if (d.kind !== 'normal' || !this.copied(d)) return null;
       const s = Math.max(offset, c);
       const host = d.hostOffset + (s - c);
