@@ -12,7 +12,7 @@
  * open for as long as it holds the lock, so where /proc shows the owner's open files (Linux), the
  * owner counts only while one of them is this very file (device and inode).
  */
-import { closeSync, fstatSync, mkdirSync, openSync, readdirSync, readFileSync, statSync, unlinkSync, writeSync } from 'node:fs';
+import { chmodSync, closeSync, fstatSync, mkdirSync, openSync, readdirSync, readFileSync, statSync, unlinkSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { QcowError } from '../core/errors.js';
@@ -61,7 +61,9 @@ export function acquireWriteLock(fd: number, name: string): WriteLock {
   const st = fstatSync(fd);
   const dir = lockDir();
   try {
-    mkdirSync(dir, { recursive: true, mode: 0o1777 });
+    // The folder is shared by every user's qcow processes, like /tmp itself: the umask must not
+    // narrow it (with 022 it came out 1755, and other users' writers then ran unlocked).
+    if (mkdirSync(dir, { recursive: true, mode: 0o1777 }) !== undefined) chmodSync(dir, 0o1777);
   } catch {
     // Reported below, when the lock file cannot be made either.
   }

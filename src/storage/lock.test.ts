@@ -75,3 +75,18 @@ test('a lock naming a live process that does not have the image open is stale (p
     await writer.close();
   }
 });
+
+test('the shared lock folder is made writable by every user (sticky, like /tmp), whatever the umask', async (t) => {
+  const { run, QCOW_BIN } = await import('../test-support/qemu.js');
+  const { stat } = await import('node:fs/promises');
+  const dir = await scratch(t);
+  const img = join(dir, 'disk.raw');
+  await writeFile(img, new Uint8Array(4096));
+  // A fresh temp dir for the child, so it makes the folder itself; sh applies umask 022 first.
+  const tmp = join(dir, 'tmp');
+  const { mkdir } = await import('node:fs/promises');
+  await mkdir(tmp);
+  const r = await run('sh', ['-c', `umask 022; exec "$0" "$@"`, QCOW_BIN, 'io', '-f', 'raw', '-c', 'write -P 3 0 512', img], { env: { ...process.env, TMPDIR: tmp } });
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal((await stat(join(tmp, 'qcow-locks'))).mode & 0o7777, 0o1777);
+});
