@@ -24,8 +24,7 @@
  * that wait for the disk (fdatasync, truncate, closing a written file) or move data in bulk go to
  * the pool.
  */
-import { close as fsClose, constants, fdatasync, fstatSync, ftruncate, ftruncateSync, openSync, closeSync, read as fsRead, readSync, statSync, write as fsWrite, writeSync } from 'node:fs';
-import { unlink } from 'node:fs/promises';
+import { close as fsClose, constants, fdatasync, fstatSync, ftruncate, ftruncateSync, openSync, closeSync, read as fsRead, readSync, statSync, unlinkSync, write as fsWrite, writeSync } from 'node:fs';
 import { isAbsolute } from 'node:path';
 import type { ByteStore, StoreOpener } from './types.js';
 import { QcowError } from '../core/errors.js';
@@ -225,6 +224,6 @@ export const fileOpener: StoreOpener = {
     const slash = relativeTo.lastIndexOf('/');
     return slash < 0 ? name : relativeTo.slice(0, slash + 1) + name;
   },
-  remove: (name) => unlink(name),
+  remove: async (name) => unlinkSync(name),
   exists: async (name) => statSync(name, { throwIfNoEntry: false }) !== undefined,
 };

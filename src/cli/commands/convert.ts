@@ -1,4 +1,4 @@
-import { unlink } from 'node:fs/promises';
+import { unlinkSync } from 'node:fs';
 import type { BlockDevice } from '../../core/block-device.js';
 import { QcowError } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
@@ -118,7 +118,11 @@ export async function run(files: string[], flags: Flags): Promise<void> {
     if (created && dst && !dst.writeCompressed && flags.compress) {
       await dst.close();
       dst = undefined;
-      await unlink(target).catch(() => undefined);
+      try {
+        unlinkSync(target);
+      } catch {
+        // Already gone: nothing to clean up.
+      }
     }
     throw e;
   } finally {

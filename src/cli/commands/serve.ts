@@ -3,7 +3,7 @@
  * line. --pid-file is written once the socket is listening, so scripts know when to connect.
  * SIGINT/SIGTERM stop accepting, finish running requests, flush and close the image, exit 0.
  */
-import { lstat, rm, writeFile } from 'node:fs/promises';
+import { lstatSync, rmSync, writeFileSync } from 'node:fs';
 import { QcowError } from '../../core/errors.js';
 import { NbdServer, type ListenAddress } from '../../nbd/server.js';
 import { openForCli } from '../common.js';
@@ -39,7 +39,7 @@ export async function run(file: string, flags: Flags): Promise<number> {
       const where = 'path' in address ? address.path : `${address.host}:${address.port}`;
       throw new QcowError('QCOW_IO', `cannot listen on ${where}: ${e.code ?? e.message}`, { cause: e });
     });
-    if (flags.pidFile) await writeFile(flags.pidFile, `${process.pid}\n`);
+    if (flags.pidFile) writeFileSync(flags.pidFile, `${process.pid}\n`);
 
     const stop = () => void server!.close();
     process.once('SIGINT', stop);
@@ -50,8 +50,8 @@ export async function run(file: string, flags: Flags): Promise<number> {
     if (!dev.readOnly) await dev.flush();
   } finally {
     await dev.close();
-    if ('path' in address && server) await rm(address.path, { force: true });
-    if (flags.pidFile && server) await rm(flags.pidFile, { force: true });
+    if ('path' in address && server) rmSync(address.path, { force: true });
+    if (flags.pidFile && server) rmSync(flags.pidFile, { force: true });
   }
   return 0;
 }
@@ -74,8 +74,8 @@ function positiveInt(text: string, what: string): number {
 
 /** As qemu-nbd, reuse a socket path left by an earlier server; refuse to delete anything else. */
 async function removeStaleSocket(path: string): Promise<void> {
-  const st = await lstat(path).catch(() => undefined);
+  const st = lstatSync(path, { throwIfNoEntry: false });
   if (!st) return;
   if (!st.isSocket()) throw new QcowError('QCOW_INVALID_ARGUMENT', `${path} exists and is not a socket`);
-  await rm(path);
+  rmSync(path);
 }
