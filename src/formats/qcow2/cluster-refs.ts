@@ -19,7 +19,16 @@ export class ClusterRefs {
 
   /** One more reference to every cluster of [first, last]. */
   addRange(first: number, last: number): void {
-    for (let c = first; c <= last; c++) this.add(c);
+    // Counts well below the cap, the usual case, are bumped in place; the rest go through add().
+    const counts = this.counts;
+    const inArray = Math.min(last + 1, counts.length);
+    let c = first;
+    for (; c < inArray; c++) {
+      const n = counts[c]!;
+      if (n < 0xfffe) counts[c] = n + 1;
+      else this.add(c);
+    }
+    for (; c <= last; c++) this.add(c);
     if (last > this.top) this.top = last;
   }
 

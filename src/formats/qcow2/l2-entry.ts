@@ -85,6 +85,33 @@ export function decodeL2Entry(table: Uint8Array, index: number, ctx: L2Context, 
   return desc;
 }
 
+/**
+ * The end (exclusive index) of the run of standard (8-byte) entries from `index` that continue
+ * entry `index` cluster by cluster: each is the one before plus `clusterSize` in host offset, with
+ * the same flags, so each decodes as entry `index` does, one cluster further on. At most `max`
+ * entries. Readers (map, reads) and check take such a run in one step instead of decoding each.
+ */
+export function contiguousEntries(t: Uint8Array, index: number, max: number, clusterSize: number): number {
+  // Signed 32-bit words throughout: an unsigned word above 2^31 is a heap-allocated number until
+  // V8 optimises the loop, which in a short process it mostly never does (a `map` of a 1 GiB
+  // image with 4 KiB clusters made ~16 MB of garbage here: 7 ms of collection).
+  const b = index * 8;
+  let wantHi = (t[b]! << 24) | (t[b + 1]! << 16) | (t[b + 2]! << 8) | t[b + 3]!;
+  let wantLo = (t[b + 4]! << 24) | (t[b + 5]! << 16) | (t[b + 6]! << 8) | t[b + 7]!;
+  let k = 1;
+  for (; k < max; k++) {
+    // The previous entry's offset plus one cluster, the carry taken into the high word: the low
+    // word wrapped past 2^32 exactly when it goes from "negative" to not.
+    const next = (wantLo + clusterSize) | 0;
+    if (wantLo < 0 && next >= 0) wantHi = (wantHi + 1) | 0;
+    wantLo = next;
+    const e = b + k * 8;
+    if (((t[e + 4]! << 24) | (t[e + 5]! << 16) | (t[e + 6]! << 8) | t[e + 7]!) !== wantLo) break;
+    if (((t[e]! << 24) | (t[e + 1]! << 16) | (t[e + 2]! << 8) | t[e + 3]!) !== wantHi) break;
+  }
+  return index + k;
+}
+
 /** What subcluster `i` (0..31; always 0 without extended L2) of a cluster reads from. */
 export function subclusterKind(d: ClusterDescriptor, i: number, extendedL2: boolean): SubclusterKind {
   if (!extendedL2 || d.kind === 'compressed') return d.kind;

@@ -76,5 +76,8 @@ const TWO_32 = 2 ** 32;
 export function entryOffset(hi: number, lo: number, what = 'table entry'): number {
   const high = hi & 0x00ffffff;
   if (high >= 2 ** 21) throw corrupt(`${what}: host offset is beyond 2^53`);
+  // Below 4 GiB without the multiply: a small integer stays one (no heap number per entry
+  // while the caller runs unoptimised).
+  if (high === 0) return (lo & 0xfffffe00) >>> 0;
   return high * TWO_32 + ((lo & 0xfffffe00) >>> 0);
 }

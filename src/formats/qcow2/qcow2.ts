@@ -19,7 +19,7 @@ import { firstNonZero } from '../../core/bytes.js';
 import { HEADER_PROBE_BYTES, COMPRESSION_ZSTD, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, AUTOCLEAR_DATA_FILE_RAW, checkIncompatibleFeatures, hasFeature } from './features.js';
 import { MAX_L1_BYTES, entryOffset, l1EntriesFor, qcow2Geometry, type Qcow2Geometry } from './layout.js';
-import { decodeL2Entry, readL2Entry, subclusterKind, type ClusterDescriptor, type L2Context, type SubclusterKind } from './l2-entry.js';
+import { contiguousEntries, decodeL2Entry, readL2Entry, subclusterKind, type ClusterDescriptor, type L2Context, type SubclusterKind } from './l2-entry.js';
 import { TableCache, type CachedTable } from './l2-cache.js';
 import { findSnapshot, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
 import { decompressCluster } from './compressed.js';
@@ -323,7 +323,7 @@ export class Qcow2Device extends DeviceBase {
           // The clusters that follow in the table and in the file (a fully allocated image is one
           // such run per table) in one step: their entries are this one plus k clusters, flags
           // alike, so they decode alike; only the last one's offset needs its bounds check.
-          const runEnd = this.contiguousEnd(table.data, index, (tableEnd - clusterStart) / g.clusterSize);
+          const runEnd = contiguousEntries(table.data, index, (tableEnd - clusterStart) / g.clusterSize, g.clusterSize);
           const last = clusterStart + (runEnd - index - 1) * g.clusterSize;
           if (runEnd - index > 1) this.checkHostOffset({ ...d, hostOffset: d.hostOffset + (last - clusterStart) }, last);
           const end = Math.min(tableEnd, last + g.clusterSize);
@@ -348,28 +348,6 @@ export class Qcow2Device extends DeviceBase {
    * The index past the run of standard L2 entries that starts at `index` where each entry is the
    * previous one plus one cluster (the same flags, the next host cluster), at most `max` entries.
    */
-  private contiguousEnd(t: Uint8Array, index: number, max: number): number {
-    // Signed 32-bit words throughout: an unsigned word above 2^31 is a heap-allocated number
-    // until V8 optimises the loop, which in a short process it mostly never does (a `map` of a
-    // 1 GiB image with 4 KiB clusters made ~16 MB of garbage here: 7 ms of collection).
-    const b = index * 8;
-    let wantHi = (t[b]! << 24) | (t[b + 1]! << 16) | (t[b + 2]! << 8) | t[b + 3]!;
-    let wantLo = (t[b + 4]! << 24) | (t[b + 5]! << 16) | (t[b + 6]! << 8) | t[b + 7]!;
-    const cs = this.clusterSize;
-    let k = 1;
-    for (; k < max; k++) {
-      // The previous entry's offset plus one cluster, the carry taken into the high word: the
-      // low word wrapped past 2^32 exactly when it goes from "negative" to not.
-      const next = (wantLo + cs) | 0;
-      if (wantLo < 0 && next >= 0) wantHi = (wantHi + 1) | 0;
-      wantLo = next;
-      const e = b + k * 8;
-      if (((t[e + 4]! << 24) | (t[e + 5]! << 16) | (t[e + 6]! << 8) | t[e + 7]!) !== wantLo) break;
-      if (((t[e]! << 24) | (t[e + 1]! << 16) | (t[e + 2]! << 8) | t[e + 3]!) !== wantHi) break;
-    }
-    return index + k;
-  }
-
   /** Data clusters must start inside their file (external data files may be shorter: reads past them are zeros). */
   private checkHostOffset(d: ClusterDescriptor, guest: number): void {
     if (d.kind === 'unallocated' || d.kind === 'zero-plain') return;

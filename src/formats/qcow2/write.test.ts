@@ -5,7 +5,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { needs, qemuGuestSha256, qemuImg, qemuIo, qcow, qcowOk, run, scratch, sha256 } from '../../test-support/qemu.js';
 
@@ -231,6 +231,26 @@ test('check on a bitmap table entry far past the end of the file: reported as qe
   assert.equal(o.code, 2);
   assert.deepEqual(JSON.parse(o.stdout), JSON.parse(q.stdout));
   assert.equal(o.stderr, q.stderr);
+});
+
+test('check of a file cut short inside a run of data clusters: JSON, messages and exit code as qemu-img', needs('qemu-img', 'qemu-io'), async (t) => {
+  // Check takes a run of contiguous data clusters in one step; the run must stop at the end of
+  // the file, and each cluster past it be reported (and not counted) as qemu-img does.
+  const dir = await scratch(t);
+  const img = join(dir, 'cut.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', img, '8M']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 7 0 2M', img]);
+  const size = (await stat(img)).size;
+  await truncate(img, size - 3 * 4096 - 100);
+  for (const extra of [[], ['--output=json']]) {
+    const q = await run('qemu-img', ['check', ...extra, img]);
+    const o = await qcow(['check', ...extra, img]);
+    assert.equal(o.code, 2);
+    assert.equal(o.code, q.code);
+    assert.equal(o.stdout, q.stdout);
+    assert.equal(o.stderr, q.stderr);
+    assert.match(o.stderr, /^ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x202000 size 0x1000$/m);
+  }
 });
 
 test('check -r refuses, before writing anything, a refcount table or block outside the file', needs('qemu-img', 'qemu-io'), async (t) => {
