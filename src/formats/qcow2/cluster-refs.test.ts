@@ -42,3 +42,27 @@ test('ClusterRefs lists the referenced clusters from a point on, in order', () =
     [2 ** 40, 1],
   ]);
 });
+
+test('ClusterRefs gives the cluster-by-cluster counts for long, overlapping and file-crossing ranges', () => {
+  const clusters = 3000;
+  const refs = new ClusterRefs(clusters);
+  const model = new Map<number, number>();
+  let seed = 11;
+  const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31), seed % n);
+  const ranges: Array<[number, number]> = [
+    [0, 999], // first reference to a long range
+    [500, 1499], // half of it again
+    [2990, 3020], // across the end of the file
+    [1000, 1000],
+  ];
+  for (let i = 0; i < 200; i++) {
+    const first = rand(clusters + 50);
+    ranges.push([first, first + (i % 4 === 0 ? rand(600) : rand(20))]);
+  }
+  for (const [first, last] of ranges) {
+    refs.addRange(first, last);
+    for (let c = first; c <= last; c++) model.set(c, (model.get(c) ?? 0) + 1);
+  }
+  for (let c = 0; c < clusters + 700; c++) assert.equal(refs.get(c), model.get(c) ?? 0, `cluster ${c}`);
+  assert.equal(refs.highest, Math.max(...ranges.map((r) => r[1])));
+});
