@@ -144,7 +144,7 @@ async function scan(store: ByteStore): Promise<Walk & { rc: Refcounts | null }> 
   if (rc) {
     const stored = await compareCounts(store, w, rc, error);
     // COPIED flags (need the stored counts): checked on the active tables only.
-    await checkCopied(store, w, stored, error);
+    await checkCopied(store, w, stored, rc, error);
   }
   res.imageEndOffset = (w.refs.highest + 1) * cs;
   return { ...w, rc };
@@ -312,7 +312,7 @@ async function walkL1(store: ByteStore, w: Walk, l1Offset: number, l1Size: numbe
  * `stored` is each file cluster's stored count as 0, 1 or 2+ (tables and data clusters past the
  * end of the file were reported already).
  */
-async function checkCopied(store: ByteStore, w: Walk, stored: Uint8Array, error: (m: string) => void): Promise<void> {
+async function checkCopied(store: ByteStore, w: Walk, stored: Uint8Array, rc: Refcounts, error: (m: string) => void): Promise<void> {
   const l1 = await readL1(store, w, w.h.l1TableOffset, w.h.l1Size);
   if (!l1) return;
   const l2 = new Uint8Array(w.cs);
@@ -340,7 +340,23 @@ async function checkCopied(store: ByteStore, w: Walk, stored: Uint8Array, error:
       }
       if ((d.kind !== 'normal' && d.kind !== 'zero-alloc') || w.external) continue;
       const c = d.hostOffset / w.cs;
-      if (c >= stored.length) continue;
+      if (c >= stored.length) {
+        // A cluster past the end of the file (reported already): qemu-img still checks its flag
+        // against the count the refcount structure gives it (0 past the table), unless that
+        // count cannot be read.
+        let r: number;
+        try {
+          r = rc.peek(c) ?? (await rc.get(c));
+        } catch {
+          continue;
+        }
+        if ((r === 1) !== ((l2[j * eb]! & 0x80) !== 0)) {
+          const entry = u64big(l2, j * eb);
+          error(`ERROR OFLAG_COPIED data cluster: l2_entry=${entry.toString(16)} refcount=${r}`);
+          w.badCopied.push({ table: off, at: j * eb, entry, want: r === 1 });
+        }
+        continue;
+      }
       // A run of entries continuing this one shares its flags: each is checked against its own
       // cluster's count without being decoded again.
       const n = d.kind === 'normal' && eb === 8 ? contiguousEntries(l2, j, Math.min(w.g.l2Entries - j, stored.length - c), w.cs) - j : 1;

@@ -253,6 +253,39 @@ test('check of a file cut short inside a run of data clusters: JSON, messages an
   }
 });
 
+test('check of a data cluster past the end of the file still checks its COPIED flag, as qemu-img; -r all repairs it alike', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const img = join(dir, 'far.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', img, '8M']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 7 0 64k', img]);
+  // Point the fifth L2 entry (COPIED set) 1 GiB away: far past the end of the file.
+  const bytes = new Uint8Array(await readFile(img));
+  const dv = new DataView(bytes.buffer);
+  const l1 = Number(dv.getBigUint64(40));
+  const l2 = Number(dv.getBigUint64(l1) & 0x00fffffffffffe00n);
+  dv.setBigUint64(l2 + 4 * 8, (1n << 63n) | 0x4140_0000n);
+  await writeFile(img, bytes);
+  for (const extra of [[], ['--output=json']]) {
+    const q = await run('qemu-img', ['check', ...extra, img]);
+    const o = await qcow(['check', ...extra, img]);
+    assert.equal(o.code, q.code);
+    assert.equal(o.stdout, q.stdout);
+    assert.equal(o.stderr, q.stderr);
+  }
+  assert.match((await qcow(['check', img])).stderr, /OFLAG_COPIED data cluster: l2_entry=8000000041400000 refcount=0/);
+  // Repaired by each tool, the two images check the same with qemu-img (the cluster itself stays
+  // out of reach: one error left in both).
+  const theirs = join(dir, 'theirs.qcow2');
+  await writeFile(theirs, bytes);
+  await run('qemu-img', ['check', '-r', 'all', theirs]);
+  await qcow(['check', '-r', 'all', img]);
+  const a = await run('qemu-img', ['check', '--output=json', img]);
+  const b = await run('qemu-img', ['check', '--output=json', theirs]);
+  assert.equal(a.code, b.code);
+  assert.deepEqual({ ...JSON.parse(a.stdout), filename: '' }, { ...JSON.parse(b.stdout), filename: '' });
+  assert.equal(a.stderr, b.stderr);
+});
+
 test('check -r refuses, before writing anything, a refcount table or block outside the file', needs('qemu-img', 'qemu-io'), async (t) => {
   // Repairing would write counts at the offset the corrupt entry names: terabytes into the file.
   const dir = await scratch(t);
