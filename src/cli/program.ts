@@ -310,8 +310,32 @@ function buildProgram(argv: string[]): Command {
   return program;
 }
 
+/**
+ * QEMU's programs that qcow stands in for (compat/qemu-img, compat/qemu-io): each its own front
+ * end with QEMU's options, output and messages, loaded only when asked for.
+ */
+const PERSONAS: Record<string, () => Promise<{ main: (argv: string[]) => Promise<void> }>> = {
+  'qemu-img': () => import('../compat/qemu-img/main.js'),
+  'qemu-io': () => import('../compat/qemu-io/main.js'),
+};
+
 /** Run one command line (`argv` as process.argv: node, script, arguments); sets process.exitCode. */
 export async function main(argv: string[]): Promise<void> {
+  const persona = argv[2]?.startsWith('--persona=') ? argv[2].slice('--persona='.length) : undefined;
+  if (persona !== undefined) {
+    const load = Object.hasOwn(PERSONAS, persona) ? PERSONAS[persona] : undefined;
+    if (!load) {
+      process.stderr.write(`qcow: unknown persona '${persona}'\n`);
+      process.exitCode = 1;
+      return;
+    }
+    return (await load()).main([argv[0]!, persona, ...argv.slice(3)]);
+  }
+  await runQcow(argv);
+}
+
+/** The `qcow` command itself. */
+export async function runQcow(argv: string[]): Promise<void> {
   try {
     await buildProgram(argv).parseAsync(argv);
   } catch (e) {

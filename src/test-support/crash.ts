@@ -29,9 +29,15 @@ export function crashRound(file: string, format: string, seed: number, ms: numbe
     const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
-    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    // The clock starts at the child's first announcement, not at spawn: Node's start-up takes
+    // 50 ms on a quiet machine and several hundred on a loaded one, and a round killed before it
+    // wrote anything tests nothing.
+    let timer: NodeJS.Timeout | undefined;
+    child.stdout.on('data', (d: Buffer) => {
+      out += d.toString();
+      timer ??= setTimeout(() => child.kill('SIGKILL'), ms);
+    });
     child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), ms);
     child.on('error', reject);
     child.on('close', (code, signal) => {
       clearTimeout(timer);

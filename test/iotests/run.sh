@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# QEMU's own test suite (tests/qemu-iotests) through qcow's drop-in programs.
+#
+# QEMU's tests are GPL and are never committed here: this script downloads Debian's qemu source
+# package with apt (adding a deb-src entry for the machine's suites when there is none), extracts
+# only tests/qemu-iotests, and runs QEMU's `./check` twice per configuration on the tests in
+# targets.txt: first with QEMU's real qemu-img/qemu-io (the baseline: a failure there is an
+# environment problem, not ours), then with QEMU_IMG_PROG/QEMU_IO_PROG set to compat/qemu-img and
+# compat/qemu-io. It fails when a test listed in passing.txt fails through qcow.
+#
+# Usage: test/iotests/run.sh [--config qcow2|qcow2-v2|qcow]... [--no-baseline] [TEST...]
+#   QCOW_IOTESTS_DIR  where the extracted tests live (default: .cache/iotests in the repo)
+#   QCOW_IOTESTS_JOBS parallel tests per run (default 2)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+dir=${QCOW_IOTESTS_DIR:-$root/.cache/iotests}
+jobs=${QCOW_IOTESTS_JOBS:-2}
+
+configs=()
+baseline=1
+only=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --config) configs+=("$2"); shift 2 ;;
+    --no-baseline) baseline=0; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -*) echo "iotests: unknown option $1" >&2; exit 2 ;;
+    *) only+=("$1"); shift ;;
+  esac
+done
+[ ${#configs[@]} -gt 0 ] || configs=(qcow2 qcow2-v2 qcow)
+
+# --- the tests: Debian's qemu source, tests/qemu-iotests only ---------------------------------
+fetch_tests() {
+  local iot=$dir/qemu-iotests
+  [ -x "$iot/check" ] && return 0
+  command -v apt-get >/dev/null || { echo "iotests: apt-get is needed to download QEMU's tests" >&2; exit 1; }
+  if ! apt-get source --help >/dev/null 2>&1 || ! grep -rqs '^Types:.*deb-src\|^deb-src' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    # A deb-src twin of every deb entry of the machine's own sources (same mirror, suites, keys).
+    local f
+    for f in /etc/apt/sources.list.d/*.sources; do
+      [ -f "$f" ] || continue
+      grep -q '^Types: deb$' "$f" || continue
+      sed 's/^Types: deb$/Types: deb-src/' "$f" > "/etc/apt/sources.list.d/qcow-src-$(basename "$f")"
+    done
+    if [ -f /etc/apt/sources.list ] && grep -q '^deb ' /etc/apt/sources.list; then
+      sed -n 's/^deb /deb-src /p' /etc/apt/sources.list > /etc/apt/sources.list.d/qcow-src.list
+    fi
+    apt-get update -qq
+  fi
+  local tmp
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get source --download-only qemu >/dev/null 2>&1) || { echo "iotests: apt-get source qemu failed" >&2; exit 1; }
+  local tarball
+  tarball=$(ls "$tmp"/qemu_*.orig.tar.* | head -n 1)
+  mkdir -p "$dir"
+  tar -xf "$tarball" -C "$tmp" --wildcards '*/tests/qemu-iotests/*'
+  rm -rf "$iot"
+  mv "$tmp"/qemu-*/tests/qemu-iotests "$iot"
+  rm -rf "$tmp"
+}
+fetch_tests
+iot=$dir/qemu-iotests
+
+# These tests never start a VM or a storage daemon, but ./check insists that the programs exist.
+stub=$dir/no-vm
+printf '#!/bin/sh\nexit 0\n' > "$stub"
+chmod +x "$stub"
+
+read -r -a targets <<< "$(grep -v '^#' "$here/targets.txt" | tr '\n' ' ')"
+[ ${#only[@]} -gt 0 ] && targets=("${only[@]}")
+
+passing_for() { sed -n "s/^$1:\(.*\)$/\1/p" "$here/passing.txt"; }
+
+# run_check LABEL IMG_PROG IO_PROG CHECK_ARGS... -> prints the targets that did not pass
+run_check() {
+  local label=$1 img=$2 io=$3
+  shift 3
+  local log=$dir/$label.log
+  (cd "$iot" && QEMU_PROG=$stub QSD_PROG=$stub QEMU_IMG_PROG=$img QEMU_IO_PROG=$io \
+      QEMU_NBD_PROG=$(command -v qemu-nbd) ./check -j "$jobs" "$@" "${targets[@]}") > "$log" 2>&1 || true
+  # A test passed only if ./check printed "NNN  pass" for it (failed, not run, or a crash of
+  # ./check itself all count as not passed).
+  local t out=()
+  for t in "${targets[@]}"; do
+    grep -Eq "^$t +pass( |$)" "$log" || out+=("$t")
+  done
+  echo "${out[*]:-}"
+}
+
+status=0
+total_pass=0
+total_fail=0
+for config in "${configs[@]}"; do
+  case $config in
+    qcow2) args=(-qcow2) ;;
+    qcow2-v2) args=(-qcow2 -o compat=0.10) ;;
+    qcow) args=(-qcow) ;;
+    *) echo "iotests: unknown config $config" >&2; exit 2 ;;
+  esac
+  if [ $baseline = 1 ]; then
+    base_failed=$(run_check "$config-qemu" "$(command -v qemu-img)" "$(command -v qemu-io)" "${args[@]}")
+    if [ -n "${base_failed// /}" ]; then
+      echo "iotests $config: QEMU's own programs fail or skip: $base_failed (environment problem; see $dir/$config-qemu.log)" >&2
+      status=1
+      continue
+    fi
+  fi
+  ours_failed=" $(run_check "$config-qcow" "$root/compat/qemu-img" "$root/compat/qemu-io" "${args[@]}") "
+  pass=()
+  fail=()
+  for t in "${targets[@]}"; do
+    case $ours_failed in *" $t "*) fail+=("$t") ;; *) pass+=("$t") ;; esac
+  done
+  regressions=()
+  for t in $(passing_for "$config"); do
+    case " ${fail[*]} " in *" $t "*) regressions+=("$t") ;; esac
+  done
+  newly=()
+  for t in "${pass[@]}"; do
+    case " $(passing_for "$config") " in *" $t "*) ;; *) newly+=("$t") ;; esac
+  done
+  echo "iotests $config: ${#pass[@]} of ${#targets[@]} pass through qcow (QEMU's programs: ${baseline/1/all pass})"
+  echo "  passing: ${pass[*]:-none}"
+  echo "  failing: ${fail[*]:-none}"
+  [ ${#newly[@]} -eq 0 ] || echo "  passing but not yet in passing.txt: ${newly[*]}"
+  if [ ${#regressions[@]} -gt 0 ]; then
+    echo "  REGRESSIONS (listed in passing.txt): ${regressions[*]} (see $dir/$config-qcow.log and $iot/scratch/*.out.bad)" >&2
+    status=1
+  fi
+  total_pass=$((total_pass + ${#pass[@]} - ${#newly[@]}))
+  total_fail=$((total_fail + ${#regressions[@]}))
+done
+# The gate: tests of passing.txt that passed, and those that regressed.
+echo "iotests: $total_pass passed, $total_fail failed"
+exit $status
