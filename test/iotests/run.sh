@@ -73,20 +73,23 @@ read -r -a targets <<< "$(grep -v '^#' "$here/targets.txt" | tr '\n' ' ')"
 
 passing_for() { sed -n "s/^$1:\(.*\)$/\1/p" "$here/passing.txt"; }
 
-# run_check LABEL IMG_PROG IO_PROG CHECK_ARGS... -> prints the targets that did not pass
+# run_check LABEL IMG_PROG IO_PROG CHECK_ARGS...
+# Sets NOTRUN (tests ./check skipped as not suitable for this configuration) and FAILED (every
+# other target that ./check did not print as "NNN  pass", a crash of ./check itself included).
 run_check() {
   local label=$1 img=$2 io=$3
   shift 3
   local log=$dir/$label.log
   (cd "$iot" && QEMU_PROG=$stub QSD_PROG=$stub QEMU_IMG_PROG=$img QEMU_IO_PROG=$io \
       QEMU_NBD_PROG=$(command -v qemu-nbd) ./check -j "$jobs" "$@" "${targets[@]}") > "$log" 2>&1 || true
-  # A test passed only if ./check printed "NNN  pass" for it (failed, not run, or a crash of
-  # ./check itself all count as not passed).
-  local t out=()
+  local t
+  NOTRUN=()
+  FAILED=()
   for t in "${targets[@]}"; do
-    grep -Eq "^$t +pass( |$)" "$log" || out+=("$t")
+    if grep -Eq "^$t +pass( |$)" "$log"; then :
+    elif grep -Eq "^$t +not run " "$log"; then NOTRUN+=("$t")
+    else FAILED+=("$t"); fi
   done
-  echo "${out[*]:-}"
 }
 
 status=0
@@ -99,29 +102,36 @@ for config in "${configs[@]}"; do
     qcow) args=(-qcow) ;;
     *) echo "iotests: unknown config $config" >&2; exit 2 ;;
   esac
+  # Tests that declare themselves unsuitable for a configuration (a format or an option they do
+  # not support) are not counted. With the baseline, that is what QEMU's run says.
+  skip=()
   if [ $baseline = 1 ]; then
-    base_failed=$(run_check "$config-qemu" "$(command -v qemu-img)" "$(command -v qemu-io)" "${args[@]}")
-    if [ -n "${base_failed// /}" ]; then
-      echo "iotests $config: QEMU's own programs fail or skip: $base_failed (environment problem; see $dir/$config-qemu.log)" >&2
+    run_check "$config-qemu" "$(command -v qemu-img)" "$(command -v qemu-io)" "${args[@]}"
+    if [ ${#FAILED[@]} -gt 0 ]; then
+      echo "iotests $config: QEMU's own programs fail ${FAILED[*]} (an environment problem; see $dir/$config-qemu.log)" >&2
       status=1
       continue
     fi
+    skip=("${NOTRUN[@]}")
   fi
-  ours_failed=" $(run_check "$config-qcow" "$root/compat/qemu-img" "$root/compat/qemu-io" "${args[@]}") "
+  run_check "$config-qcow" "$root/compat/qemu-img" "$root/compat/qemu-io" "${args[@]}"
+  [ $baseline = 1 ] || skip=("${NOTRUN[@]}")
   pass=()
   fail=()
   for t in "${targets[@]}"; do
-    case $ours_failed in *" $t "*) fail+=("$t") ;; *) pass+=("$t") ;; esac
+    case " ${skip[*]} " in *" $t "*) continue ;; esac
+    case " ${FAILED[*]} ${NOTRUN[*]} " in *" $t "*) fail+=("$t") ;; *) pass+=("$t") ;; esac
   done
+  listed=" $(passing_for "$config") "
   regressions=()
-  for t in $(passing_for "$config"); do
-    case " ${fail[*]} " in *" $t "*) regressions+=("$t") ;; esac
+  for t in "${fail[@]}"; do
+    case $listed in *" $t "*) regressions+=("$t") ;; esac
   done
   newly=()
   for t in "${pass[@]}"; do
-    case " $(passing_for "$config") " in *" $t "*) ;; *) newly+=("$t") ;; esac
+    case $listed in *" $t "*) ;; *) newly+=("$t") ;; esac
   done
-  echo "iotests $config: ${#pass[@]} of ${#targets[@]} pass through qcow (QEMU's programs: ${baseline/1/all pass})"
+  echo "iotests $config: $(( ${#pass[@]} )) of $(( ${#pass[@]} + ${#fail[@]} )) pass through qcow${skip:+ (not suitable for this configuration: ${skip[*]})}"
   echo "  passing: ${pass[*]:-none}"
   echo "  failing: ${fail[*]:-none}"
   [ ${#newly[@]} -eq 0 ] || echo "  passing but not yet in passing.txt: ${newly[*]}"
