@@ -25,7 +25,8 @@ import { Mutex } from '../../core/mutex.js';
 import { setU32, u32 } from '../../core/bytes.js';
 import { deflateRaw, zstdCompress } from '../../compress/lazy.js';
 import { COMPRESSION_ZSTD, decodeHeader, encodeHeader } from './header.js';
-import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
+import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
+import { markEnabledBitmapsInUse } from './bitmaps.js';
 import { decodeL2Entry, readL2Entry, type ClusterDescriptor } from './l2-entry.js';
 import type { CachedTable } from './l2-cache.js';
 import { Refcounts } from './alloc.js';
@@ -105,6 +106,9 @@ export class Qcow2Writer {
       cacheBytes: dev.cacheBytes / 4,
     });
     const w = new Qcow2Writer(dev, rc);
+    // Enabled dirty bitmaps would go stale under our writes: mark them in use first (see there).
+    // Bitmaps whose autoclear bit is clear are already inconsistent by the spec's rule.
+    if (h.bitmaps && hasFeature(h.autoclearFeatures, AUTOCLEAR_BITMAPS)) await markEnabledBitmapsInUse(dev.store, h.bitmaps, dev.fileSize);
     // qemu clears autoclear bits it does not know the first time it opens an image read-write.
     if ((h.autoclearFeatures & ~AUTOCLEAR_KNOWN) !== 0n) {
       h.autoclearFeatures &= AUTOCLEAR_KNOWN;
