@@ -1,0 +1,188 @@
+/**
+ * Differential check: qemu-made images, broken in seeded ways, checked by qemu-img and by qcow.
+ * For each mutant both tools run `check --output=json` (JSON fields and exit code compared), then
+ * `check -r all` on copies of it (JSON of the repair and exit code compared), then qemu-img checks
+ * both repaired files (results compared) and reads their guest content (hashes compared).
+ *
+ * Every difference is classified (phase and field); a class not in ALLOWED fails the test. The
+ * allow-list is the documented set of deliberate differences, each with its reason.
+ *
+ * QCOW_CHECK_DIFF_RUNS (default 60) and QCOW_CHECK_DIFF_SEED explore further;
+ * QCOW_CHECK_DIFF_VERBOSE=1 prints each difference.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFile, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { randomMutation, seededRandom } from './mutate.js';
+import { CLI, needs, qemuImg, qemuIo, randomBytes, run, scratch, sha256 } from '../test-support/qemu.js';
+
+interface Seed {
+  file: string;
+  headerSize: number;
+}
+
+async function makeSeeds(dir: string): Promise<Seed[]> {
+  const src = join(dir, 'src.raw');
+  const data = new Uint8Array(512 * 1024);
+  data.fill(0xab, 0, 64 * 1024);
+  data.set(randomBytes(48 * 1024, 5), 200 * 1024);
+  data.fill(0x11, 400 * 1024, 420 * 1024);
+  await writeFile(src, data);
+  const q = (args: string[]) => qemuImg(args, dir);
+  const conv = (opts: string, out: string, extra: string[] = []) => q(['convert', ...extra, '-O', 'qcow2', '-o', opts, 'src.raw', out]);
+  await conv('cluster_size=4k', 'c4k.qcow2');
+  await conv('cluster_size=64k', 'c64k.qcow2');
+  await conv('cluster_size=512', 'c512.qcow2');
+  await conv('compat=0.10,cluster_size=4k', 'v2.qcow2');
+  await conv('cluster_size=4k', 'zlib.qcow2', ['-c']);
+  await conv('cluster_size=4k,refcount_bits=1', 'rc1.qcow2');
+  await conv('cluster_size=4k,refcount_bits=64', 'rc64.qcow2');
+  await conv('cluster_size=4k,refcount_bits=8', 'rc8.qcow2');
+  await conv('extended_l2=on,cluster_size=16k', 'xl2.qcow2');
+  await conv('cluster_size=4k', 'snap.qcow2');
+  await q(['snapshot', '-c', 's1', 'snap.qcow2']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 0x44 0 20k', '-c', 'write -P 0x45 300k 8k', 'snap.qcow2'], dir);
+  await conv('cluster_size=4k,compat=0.10', 'snapv2.qcow2');
+  await q(['snapshot', '-c', 's1', 'snapv2.qcow2']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 0x46 4k 8k', 'snapv2.qcow2'], dir);
+  const v3 = 112;
+  return [
+    { file: 'c4k.qcow2', headerSize: v3 },
+    { file: 'c64k.qcow2', headerSize: v3 },
+    { file: 'c512.qcow2', headerSize: v3 },
+    { file: 'v2.qcow2', headerSize: 72 },
+    { file: 'zlib.qcow2', headerSize: v3 },
+    { file: 'rc1.qcow2', headerSize: v3 },
+    { file: 'rc64.qcow2', headerSize: v3 },
+    { file: 'rc8.qcow2', headerSize: v3 },
+    { file: 'xl2.qcow2', headerSize: v3 },
+    { file: 'snap.qcow2', headerSize: v3 },
+    { file: 'snapv2.qcow2', headerSize: 72 },
+  ];
+}
+
+interface Outcome {
+  code: number;
+  json: Record<string, unknown> | null;
+  stderr: string;
+}
+
+const JSON_KEYS = ['image-end-offset', 'total-clusters', 'allocated-clusters', 'fragmented-clusters', 'compressed-clusters', 'corruptions', 'leaks', 'check-errors', 'corruptions-fixed', 'leaks-fixed'] as const;
+
+function parse(r: { code: number; stdout: string; stderr: string }): Outcome {
+  let json: Record<string, unknown> | null = null;
+  try {
+    json = JSON.parse(r.stdout) as Record<string, unknown>;
+  } catch {
+    json = null;
+  }
+  return { code: r.code, json, stderr: r.stderr };
+}
+
+const qemuCheck = async (dir: string, file: string, repair?: string) => parse(await run('qemu-img', ['check', '-f', 'qcow2', '--output=json', ...(repair ? ['-r', repair] : []), file], { cwd: dir }));
+const qcowCheck = async (dir: string, file: string, repair?: string) => parse(await run(process.execPath, [CLI, 'check', '--output=json', ...(repair ? ['-r', repair] : []), file], { cwd: dir }));
+
+/** One difference: where (phase), what (field, or 'exit', 'json', 'content'), and both values. */
+export interface Difference {
+  phase: 'check' | 'repair' | 'recheck' | 'content';
+  field: string;
+  qemu: unknown;
+  qcow: unknown;
+}
+
+/** Fields in which two outcomes differ (exit code, whether there is JSON at all, each JSON key). */
+function differences(phase: Difference['phase'], a: Outcome, b: Outcome): Difference[] {
+  const out: Difference[] = [];
+  if (a.code !== b.code) out.push({ phase, field: 'exit', qemu: a.code, qcow: b.code });
+  if (!a.json || !b.json) {
+    if (!!a.json !== !!b.json) out.push({ phase, field: 'json', qemu: a.json ? 'json' : a.stderr.trim().slice(0, 200), qcow: b.json ? 'json' : b.stderr.trim().slice(0, 200) });
+    return out;
+  }
+  for (const k of JSON_KEYS) {
+    const x = a.json[k] ?? 0;
+    const y = b.json[k] ?? 0;
+    if (x !== y) out.push({ phase, field: k, qemu: x, qcow: y });
+  }
+  return out;
+}
+
+interface Case {
+  seed: string;
+  mutation: string;
+  qemu: Outcome;
+  qcow: Outcome;
+}
+
+/**
+ * Deliberate differences. Each entry names the class it covers, why we differ, and a predicate
+ * narrow enough that an unrelated difference in the same field still fails.
+ */
+export const ALLOWED: Array<{ name: string; reason: string; covers(d: Difference, c: Case): boolean }> = [];
+
+async function guestHash(dir: string, file: string): Promise<string | null> {
+  const out = join(dir, `${file}.raw`);
+  const r = await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', file, out], { cwd: dir });
+  try {
+    return r.code === 0 ? sha256(await readFile(out)) : `unreadable: ${r.stderr.trim().split('\n')[0]}`;
+  } finally {
+    await rm(out, { force: true });
+  }
+}
+
+const RUNS = Number(process.env.QCOW_CHECK_DIFF_RUNS ?? 60);
+const SEED = Number(process.env.QCOW_CHECK_DIFF_SEED ?? 20261205);
+
+test(`check and check -r all agree with qemu-img on ${RUNS} mutated images`, { ...needs('qemu-img', 'qemu-io'), timeout: 1_800_000 }, async (t) => {
+  const dir = await scratch(t);
+  const seeds = await makeSeeds(dir);
+  const originals = new Map<string, Uint8Array>();
+  for (const s of seeds) originals.set(s.file, new Uint8Array(await readFile(join(dir, s.file))));
+  // The seeds themselves must check clean with both tools.
+  for (const s of seeds) {
+    const a = await qemuCheck(dir, s.file);
+    const b = await qcowCheck(dir, s.file);
+    assert.equal(a.code, 0, `${s.file}: qemu-img ${a.stderr}`);
+    assert.deepEqual(differences('check', a, b), [], s.file);
+  }
+
+  const r = seededRandom(SEED);
+  const classes = new Map<string, number>();
+  const unexplained: string[] = [];
+  let differing = 0;
+  for (let i = 0; i < RUNS; i++) {
+    const seed = seeds[i % seeds.length]!;
+    const m = randomMutation(r, seed.headerSize);
+    const mutant = m.apply(originals.get(seed.file)!);
+    const name = `m${i}.qcow2`;
+    await writeFile(join(dir, name), mutant);
+    const qemu = await qemuCheck(dir, name);
+    const qcow = await qcowCheck(dir, name);
+    const c: Case = { seed: seed.file, mutation: m.describe, qemu, qcow };
+    const diffs = differences('check', qemu, qcow);
+    // Repair when qemu-img could check the image and found something to repair.
+    if (qemu.json && qemu.code !== 0 && qemu.code !== 1) {
+      await writeFile(join(dir, 'rq.qcow2'), mutant);
+      await writeFile(join(dir, 'rc.qcow2'), mutant);
+      const rq = await qemuCheck(dir, 'rq.qcow2', 'all');
+      const rc = await qcowCheck(dir, 'rc.qcow2', 'all');
+      diffs.push(...differences('repair', rq, rc));
+      diffs.push(...differences('recheck', await qemuCheck(dir, 'rq.qcow2'), await qemuCheck(dir, 'rc.qcow2')));
+      const [hq, hc] = [await guestHash(dir, 'rq.qcow2'), await guestHash(dir, 'rc.qcow2')];
+      if (hq !== hc) diffs.push({ phase: 'content', field: 'sha256', qemu: hq, qcow: hc });
+    }
+    await rm(join(dir, name), { force: true });
+    if (diffs.length === 0) continue;
+    differing++;
+    for (const d of diffs) {
+      const allowed = ALLOWED.find((a) => a.covers(d, c));
+      const cls = `${d.phase}:${d.field}${allowed ? ` (allowed: ${allowed.name})` : ''}`;
+      classes.set(cls, (classes.get(cls) ?? 0) + 1);
+      const line = `case ${i} ${seed.file} (${m.describe}): ${d.phase} ${d.field} qemu=${JSON.stringify(d.qemu)} qcow=${JSON.stringify(d.qcow)}`;
+      if (process.env.QCOW_CHECK_DIFF_VERBOSE) t.diagnostic(line + (allowed ? ' [allowed]' : ''));
+      if (!allowed) unexplained.push(line);
+    }
+  }
+  t.diagnostic(`${RUNS} mutants, ${differing} with differences; by class: ${JSON.stringify(Object.fromEntries([...classes].sort()))}`);
+  assert.deepEqual(unexplained, []);
+});
