@@ -51,6 +51,8 @@ const TWO32 = 2 ** 32;
 /** QEMU's limits on what it reads for a check: an L1 table of 32 MiB, a refcount table of 8 MiB. */
 const MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
 const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;
+/** Clusters past the end of the file kept out of a rebuild's way, at most. */
+const MAX_BEYOND = 1 << 20;
 /** Refcount blocks kept in memory while checking. */
 const BLOCK_CACHE = 64;
 
@@ -96,6 +98,14 @@ interface Pass {
   incomplete: string | null;
   fix: RepairMode | null;
   blocks: Map<number, Uint8Array>;
+  /**
+   * Clusters just past the end of the file that tables point to but that were not counted (the
+   * region reached a cluster or more past the end). A rebuild must not put its blocks there: the
+   * file would grow over them, and a guest would read refcounts as its data.
+   */
+  beyond: Set<number>;
+  /** How far past the end of the file `beyond` looks: what a rebuild could append. */
+  beyondLimit: number;
 }
 
 /** Check (and optionally repair) the image in `store`. Throws only when the header is unreadable. */
@@ -181,6 +191,10 @@ async function openPass(store: ByteStore, fix: RepairMode | null): Promise<Pass>
     incomplete: null,
     fix,
     blocks: new Map(),
+    beyond: new Set(),
+    // Far enough that what a rebuild appends (blocks and a table for the file and for these
+    // clusters themselves) never reaches past it.
+    beyondLimit: 2 * fileClusters + MAX_BEYOND + 64,
   };
 }
 
@@ -199,6 +213,12 @@ function ref(p: Pass, offset: Off, length: number): void {
   if (length <= 0) return;
   if (typeof offset === 'bigint' || offset + length - p.fileSize >= p.cs) {
     error(p, `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hex(offset)} size 0x${length.toString(16)}`);
+    if (typeof offset === 'number' && offset < p.beyondLimit * p.cs) {
+      const fileClusters = Math.ceil(p.fileSize / p.cs);
+      const last = Math.min(p.beyondLimit - 1, Math.floor((offset + length - 1) / p.cs));
+      for (let c = Math.max(fileClusters, Math.floor(offset / p.cs)); c <= last && p.beyond.size < MAX_BEYOND; c++) p.beyond.add(c);
+      if (p.beyond.size >= MAX_BEYOND) p.incomplete = 'too many clusters are referenced past the end of the file';
+    }
     return;
   }
   const first = Math.floor(offset / p.cs);
@@ -514,13 +534,16 @@ async function rebuildRefcounts(store: ByteStore, p: Pass): Promise<void> {
   const counts: number[] = new Array<number>(nb).fill(0);
   for (let c = 0; c < nb; c++) counts[c] = p.refs.get(c);
   const countAt = (c: number) => counts[c] ?? 0;
-  /** First run of `n` free clusters at or after *from, growing past the end when needed. */
+  // Clusters tables point to past the end of the file are never handed out (the guest would read
+  // refcounts as its data); those the grown file comes to hold are counted as used.
+  const free = (c: number) => countAt(c) === 0 && !p.beyond.has(c);
+  /** First run of `n` free clusters at or after from.c (qemu's first fit), growing past the end when needed. */
   const alloc = (n: number, from: { c: number }): number => {
     let run = 0;
     let c = from.c;
     let firstGap = true;
-    for (; c < nb && run < n; c++) {
-      if (countAt(c) === 0) {
+    for (; run < n; c++) {
+      if (free(c)) {
         run++;
         if (firstGap) {
           from.c = c;
@@ -528,51 +551,57 @@ async function rebuildRefcounts(store: ByteStore, p: Pass): Promise<void> {
         }
       } else run = 0;
     }
-    if (run < n) nb = c + n - run;
     const start = c - run;
     for (let k = 0; k < n; k++) counts[start + k] = 1;
+    if (start + n > nb) nb = start + n;
     return start;
   };
+  // Plan first, in memory: blocks for every block range holding a count, a table for them; each
+  // allocation may need another block or a bigger table, so repeat until nothing changes.
   const table: number[] = [];
   let tableEntries = 0;
-  const writeBlocks = async (firstCluster: number, endCluster: number): Promise<boolean> => {
-    let grown = false;
-    const from = { c: 0 };
-    for (let c = firstCluster; c < endCluster; c++) {
-      if (countAt(c) === 0) continue;
-      const bi = Math.floor(c / perBlock);
-      const start = bi * perBlock;
-      let blockCluster = bi < tableEntries ? (table[bi] ?? 0) / cs : 0;
-      if (blockCluster === 0) {
-        if (from.c < start) from.c = start;
-        blockCluster = alloc(1, from);
-        if (blockCluster >= endCluster) endCluster = blockCluster + 1;
-        if (tableEntries <= bi) {
-          tableEntries = Math.ceil(((bi + 1) * 8) / cs) * (cs / 8);
-          grown = true;
-        }
-        table[bi] = blockCluster * cs;
+  let tableCluster = -1;
+  let tableClusters = 0;
+  for (let changed = true; changed; ) {
+    changed = false;
+    for (const c of p.beyond) {
+      if (c < nb && counts[c] === 0) {
+        counts[c] = 1;
+        changed = true;
       }
-      const block = new Uint8Array(cs);
-      for (let k = 0; k < perBlock; k++) {
-        const v = countAt(start + k);
-        if (v !== 0) setRefcount(block, k, rbits, Math.min(v, p.rmax));
-      }
-      await store.write(blockCluster * cs, block);
-      c = start + perBlock - 1;
     }
-    return grown;
-  };
-  await writeBlocks(0, nb);
-  let tableCluster: number;
-  let tableClusters: number;
-  for (;;) {
-    tableClusters = Math.ceil((tableEntries * 8) / cs);
-    tableCluster = alloc(tableClusters, { c: 0 });
-    if (!(await writeBlocks(tableCluster, tableCluster + tableClusters))) break;
+    const from = { c: 0 };
+    for (let bi = 0; bi * perBlock < nb; bi++) {
+      if ((table[bi] ?? 0) !== 0) continue;
+      let any = false;
+      for (let c = bi * perBlock; c < Math.min(nb, (bi + 1) * perBlock) && !any; c++) any = countAt(c) !== 0;
+      if (!any) continue;
+      if (from.c < bi * perBlock) from.c = bi * perBlock;
+      table[bi] = alloc(1, from) * cs;
+      changed = true;
+    }
+    const need = Math.ceil((table.length * 8) / cs) * (cs / 8);
+    if (need > tableEntries || tableCluster < 0) {
+      tableEntries = Math.max(need, cs / 8);
+      tableClusters = (tableEntries * 8) / cs;
+      // A table outgrown is left behind (it is not named anywhere; the check after counts it free).
+      tableCluster = alloc(tableClusters, { c: 0 });
+      changed = true;
+    }
+  }
+  for (let bi = 0; bi < table.length; bi++) {
+    const off = table[bi] ?? 0;
+    if (off === 0) continue;
+    const block = new Uint8Array(cs);
+    const start = bi * perBlock;
+    for (let k = 0; k < perBlock; k++) {
+      const v = countAt(start + k);
+      if (v !== 0) setRefcount(block, k, rbits, Math.min(v, p.rmax));
+    }
+    await store.write(off, block);
   }
   const buf = new Uint8Array(tableEntries * 8);
-  for (let i = 0; i < tableEntries; i++) setU64(buf, i * 8, table[i] ?? 0);
+  for (let i = 0; i < table.length; i++) setU64(buf, i * 8, table[i] ?? 0);
   await store.write(tableCluster * cs, buf);
   // Everything the new table names is on disk before the header names it.
   await store.flush();
