@@ -18,7 +18,7 @@ import { HEADER_PROBE_BYTES, decodeHeader, peekClusterBits, type Qcow2Header } f
 import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeature } from './features.js';
 import { qcow2Geometry } from './layout.js';
 import { contiguousEntries } from './l2-entry.js';
-import { encodeSnapshotTable, readSnapshotTable } from './snapshot-table.js';
+import { encodeSnapshotTable, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
 import { ClusterRefs } from './cluster-refs.js';
 import { entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcount.js';
 
@@ -106,6 +106,7 @@ interface Pass {
   beyond: Set<number>;
   /** How far past the end of the file `beyond` looks: what a rebuild could append. */
   beyondLimit: number;
+  snapshots: Qcow2Snapshot[];
 }
 
 /** Check (and optionally repair) the image in `store`. Throws only when the header is unreadable. */
@@ -136,6 +137,14 @@ async function readHeader(store: ByteStore): Promise<{ h: Qcow2Header; fileSize:
   checkIncompatibleFeatures(h);
   if (h.cryptMethod > 2) throw unsupported(`qcow2 header: unknown encryption method ${h.cryptMethod}`);
   if (h.version === 2 && h.refcountOrder !== 4) throw corrupt('qcow2 v2 header: refcount_order must be 4');
+  // What qemu-img refuses to open, it refuses to check: the tables' places and sizes.
+  const cs = 2 ** h.clusterBits;
+  if (h.refcountTableClusters > MAX_REFTABLE_BYTES / cs) throw corrupt('Reference count table too large');
+  if (h.refcountTableOffset % cs !== 0) throw corrupt('Reference count table offset invalid');
+  if (h.l1Size > MAX_L1_ENTRIES) throw corrupt('Active L1 table too large');
+  if (h.l1TableOffset % cs !== 0) throw corrupt('Active L1 table offset invalid');
+  const g = qcow2Geometry(h.clusterBits, hasFeature(h.incompatibleFeatures, INCOMPAT_EXTL2));
+  if (h.l1Size < Math.ceil(h.size / (g.l2Entries * cs))) throw corrupt('L1 table is too small');
   return { h, fileSize };
 }
 
@@ -181,7 +190,8 @@ async function openPass(store: ByteStore, fix: RepairMode | null): Promise<Pass>
       corruptionsFixed: 0,
       leaksFixed: 0,
       imageEndOffset: 0,
-      totalClusters: Math.ceil(h.size / cs),
+      // Of the virtual size in whole sectors, as qemu counts it.
+      totalClusters: Math.ceil((Math.floor(h.size / 512) * 512) / cs),
       allocatedClusters: 0,
       fragmentedClusters: 0,
       compressedClusters: 0,
@@ -195,6 +205,7 @@ async function openPass(store: ByteStore, fix: RepairMode | null): Promise<Pass>
     // Far enough that what a rebuild appends (blocks and a table for the file and for these
     // clusters themselves) never reaches past it.
     beyondLimit: 2 * fileClusters + MAX_BEYOND + 64,
+    snapshots: await readSnapshots(store, h, cs, fileSize),
   };
 }
 
@@ -243,31 +254,45 @@ function ref(p: Pass, offset: Off, length: number): void {
   if (last + 1 > p.nb) p.nb = last + 1;
 }
 
+/**
+ * The snapshot table, checked first as qemu-img does: a table it cannot read (an offset not
+ * aligned to a cluster, more entries than allowed, entries it cannot parse) ends the check with
+ * an error rather than a count.
+ */
+async function readSnapshots(store: ByteStore, h: Qcow2Header, cs: number, fileSize: number): Promise<Qcow2Snapshot[]> {
+  if (h.nbSnapshots > 65536) throw corrupt(`ERROR snapshot table: ${h.nbSnapshots} snapshots is more than the limit of 65536`);
+  if (h.snapshotsOffset % cs !== 0) throw corrupt('ERROR snapshot table offset invalid');
+  try {
+    // Read as qemu reads it: past the end of the file come zeros (a truncated table shows up as
+    // incomplete entries and a region past the end, not as an unreadable table).
+    void fileSize;
+    return await readSnapshotTable(store, h.nbSnapshots, h.snapshotsOffset, Number.MAX_SAFE_INTEGER);
+  } catch (e) {
+    if (!(e instanceof QcowError)) throw e;
+    throw corrupt(`ERROR failed to read the snapshot table: ${e.message}`);
+  }
+}
+
 /** Count every reference of the image (qemu's calculate_refcounts), checking tables on the way. */
 async function calculate(store: ByteStore, p: Pass): Promise<void> {
   ref(p, 0, p.cs);
   await walkL1(store, p, p.h.l1TableOffset, p.h.l1Size, true);
   if (p.h.nbSnapshots > 0) {
     if (p.external) error(p, `ERROR ${p.h.nbSnapshots} snapshots in image with data file`);
-    try {
-      const snaps = await readSnapshotTable(store, p.h.nbSnapshots, p.h.snapshotsOffset, p.fileSize);
-      for (const s of snaps) {
-        if (s.l1TableOffset % p.cs !== 0) {
-          error(p, `ERROR snapshot ${s.id} (${s.name}) l1_offset=0x${hex(s.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
-          continue;
-        }
-        if (s.l1Size > MAX_L1_ENTRIES) {
-          error(p, `ERROR snapshot ${s.id} (${s.name}) l1_size=0x${s.l1Size.toString(16)}: L1 table is too large; snapshot table entry corrupted`);
-          continue;
-        }
-        await walkL1(store, p, s.l1TableOffset, s.l1Size, false);
+    // Version 3 entries carry at least the 16 bytes of extra data that hold the sizes.
+    if (p.h.version >= 3) p.snapshots.forEach((s, i) => s.diskSize === undefined && error(p, `ERROR snapshot table entry ${i} is incomplete`));
+    for (const s of p.snapshots) {
+      if (s.l1TableOffset % p.cs !== 0) {
+        error(p, `ERROR snapshot ${s.id} (${s.name}) l1_offset=0x${hex(s.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+        continue;
       }
-      ref(p, p.h.snapshotsOffset, encodeSnapshotTable(snaps).length);
-    } catch (e) {
-      if (!(e instanceof QcowError)) throw e;
-      error(p, `ERROR snapshot table: ${e.message}`);
-      p.incomplete = 'the snapshot table is unreadable';
+      if (s.l1Size > MAX_L1_ENTRIES) {
+        error(p, `ERROR snapshot ${s.id} (${s.name}) l1_size=0x${s.l1Size.toString(16)}: L1 table is too large; snapshot table entry corrupted`);
+        continue;
+      }
+      await walkL1(store, p, s.l1TableOffset, s.l1Size, false);
     }
+    ref(p, p.h.snapshotsOffset, encodeSnapshotTable(p.snapshots).length);
   }
   ref(p, p.h.refcountTableOffset, p.reftableEntries * 8);
   if (p.h.fde) ref(p, p.h.fde.offset, p.h.fde.length);
