@@ -205,7 +205,7 @@ async function openPass(store: ByteStore, fix: RepairMode | null): Promise<Pass>
     // Far enough that what a rebuild appends (blocks and a table for the file and for these
     // clusters themselves) never reaches past it.
     beyondLimit: 2 * fileClusters + MAX_BEYOND + 64,
-    snapshots: await readSnapshots(store, h, cs, fileSize),
+    snapshots: await readSnapshots(store, h, cs),
   };
 }
 
@@ -259,13 +259,12 @@ function ref(p: Pass, offset: Off, length: number): void {
  * aligned to a cluster, more entries than allowed, entries it cannot parse) ends the check with
  * an error rather than a count.
  */
-async function readSnapshots(store: ByteStore, h: Qcow2Header, cs: number, fileSize: number): Promise<Qcow2Snapshot[]> {
+async function readSnapshots(store: ByteStore, h: Qcow2Header, cs: number): Promise<Qcow2Snapshot[]> {
   if (h.nbSnapshots > 65536) throw corrupt(`ERROR snapshot table: ${h.nbSnapshots} snapshots is more than the limit of 65536`);
   if (h.snapshotsOffset % cs !== 0) throw corrupt('ERROR snapshot table offset invalid');
   try {
     // Read as qemu reads it: past the end of the file come zeros (a truncated table shows up as
     // incomplete entries and a region past the end, not as an unreadable table).
-    void fileSize;
     return await readSnapshotTable(store, h.nbSnapshots, h.snapshotsOffset, Number.MAX_SAFE_INTEGER);
   } catch (e) {
     if (!(e instanceof QcowError)) throw e;
