@@ -301,6 +301,10 @@ async function calculate(store: ByteStore, p: Pass): Promise<void> {
 
 async function walkL1(store: ByteStore, p: Pass, l1Offset: number, l1Size: number, active: boolean): Promise<void> {
   if (l1Size === 0) return;
+  // An active L1 table that runs a cluster or more past the end of the file (a corrupt size) reads
+  // whatever follows it as L2 pointers: its "tables" may be guest data, so nothing is written on
+  // their word (no COPIED repair, no rebuild from the counts they give).
+  if (active && l1Offset + l1Size * 8 - p.fileSize >= p.cs) p.incomplete = 'the active L1 table runs past the end of the file';
   ref(p, l1Offset, l1Size * 8);
   const l1 = new Uint8Array(l1Size * 8);
   await readAt(store, p, l1Offset, l1);
@@ -379,7 +383,7 @@ async function walkL2(store: ByteStore, p: Pass, l2Offset: Off, t: Uint8Array, a
       const hasData = extl2 ? ab !== 0 : !zeroFlag;
       if (!hasData) {
         res.messages.push(`${p.fix === 'all' ? 'Repairing' : 'ERROR'} offset=${hex(off)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
-        if (p.fix === 'all' && typeof l2Offset === 'number' && l2Offset % cs === 0 && l2Offset + cs <= p.fileSize) {
+        if (p.fix === 'all' && !p.incomplete && typeof l2Offset === 'number' && l2Offset % cs === 0 && l2Offset + cs <= p.fileSize) {
           // Made a zero cluster with no host offset (the cluster reads zeros either way).
           const e = new Uint8Array(eb);
           if (extl2) {
@@ -708,6 +712,9 @@ async function checkCopied(store: ByteStore, p: Pass, repair: boolean): Promise<
 async function checkPass(store: ByteStore, fix: RepairMode | null): Promise<CheckResult> {
   let p = await openPass(store, fix);
   await calculate(store, p);
+  // Tables that may be guest data (an active L1 past the end of the file) are never written on
+  // their word: the repair stops before writing anything.
+  if (fix && p.incomplete?.startsWith('the active L1')) throw new QcowError('QCOW_CORRUPT', `${p.incomplete}; the image cannot be repaired safely`);
   const pre = { ...p.res, messages: [...p.res.messages] };
   let highest = await compare(store, p, null);
   if (p.rebuild && fix === 'all') {
@@ -739,7 +746,7 @@ async function checkPass(store: ByteStore, fix: RepairMode | null): Promise<Chec
       highest = await compare(store, p, fix);
     }
   }
-  const repair = fix === 'all' || (fix === 'leaks' && !p.res.checkErrors && !p.res.corruptions && !p.res.leaks);
+  const repair = !p.incomplete && (fix === 'all' || (fix === 'leaks' && !p.res.checkErrors && !p.res.corruptions && !p.res.leaks));
   await checkCopied(store, p, repair);
   p.res.imageEndOffset = (highest + 1) * p.cs;
   if (fix && p.res.checkErrors === 0 && p.res.corruptions === 0) await markClean(store, p.h);
