@@ -71,9 +71,12 @@ export async function buildCorpus(dir: string): Promise<CorpusCase[]> {
 
   // Cut in the header or before the end of the L1 table: nothing opens it. Cut in the L2 table or
   // the data: it opens, but reading (and checking) fails. QEMU reads past the end as zeros there.
-  for (const at of [0, 3, 50, 71, 103, 4095, QCOW2.refcountTable + 4, QCOW2.refcountBlock + 10, QCOW2.l1 + 4]) await q2case(`truncated at ${at}`, (b) => b.slice(0, at), ALL);
+  // Cut just inside the refcount block, qemu-img check finds the image clean (what lies past the
+  // end reads as zeros and is within one cluster of it), and so does ours.
+  for (const at of [0, 3, 50, 71, 103, 4095, QCOW2.refcountTable + 4, QCOW2.refcountBlock + 10, QCOW2.l1 + 4]) await q2case(`truncated at ${at}`, (b) => b.slice(0, at), at === QCOW2.refcountBlock + 10 ? ALL.filter((c) => c !== 'check') : ALL);
   await q2case(`truncated at ${QCOW2.l2 + 16} (in L2)`, (b) => b.slice(0, QCOW2.l2 + 16), ['convert', 'map', 'check']);
-  await q2case(`truncated at ${QCOW2.data + 100} (in data)`, (b) => b.slice(0, QCOW2.data + 100), ['convert', 'check']);
+  // check passes it, as qemu-img's does: a last cluster partly past the end of the file is allowed.
+  await q2case(`truncated at ${QCOW2.data + 100} (in data)`, (b) => b.slice(0, QCOW2.data + 100), ['convert']);
   await q2case(`truncated at ${QCOW2.compressed + 20} (in compressed data)`, (b) => b.slice(0, QCOW2.compressed + 20), READS);
 
   // Header fields at extreme values: [name, offset, width, values that must make opening fail, values that may pass].

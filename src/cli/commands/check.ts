@@ -1,12 +1,12 @@
 /**
  * `qcow check [-f FMT] [-r leaks|all] [--output=json] FILE`: qemu-img check for qcow2. Findings go
  * to stderr one per line, the summary to stdout (or the JSON object); exit 0 clean, 2 corruptions,
- * 3 leaks only, 63 for formats without checks, as qemu-img.
+ * 3 leaks only, 1 when the check cannot run, 63 for formats without checks, as qemu-img.
  */
 import { QcowError } from '../../core/errors.js';
 import { FileStore } from '../../storage/file.node.js';
 import { checkExitCode, checkHuman, checkJson, checkQcow2, type RepairMode } from '../../formats/qcow2/check.js';
-import { checkOutputFormat, printJson, writeOut } from '../common.js';
+import { checkOutputFormat, errorLine, printJson, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -23,11 +23,22 @@ export async function run(file: string, flags: Flags): Promise<number> {
   }
   const store = await FileStore.open(file, { readOnly: repair === undefined });
   try {
+    if (flags.format === 'qcow2' && !(await isQcow2(store))) {
+      process.stderr.write(`qcow: ${file}: Image is not in qcow2 format\n`);
+      return 1;
+    }
     if (!(await isQcow2(store)) || (flags.format !== undefined && flags.format !== 'qcow2')) {
       process.stderr.write('qcow: This image format does not support checks\n');
       return 63;
     }
-    const r = await checkQcow2(store, { repair });
+    let r;
+    try {
+      r = await checkQcow2(store, { repair });
+    } catch (e) {
+      // A check that cannot run exits 1, as qemu-img's does: 3 would say "leaks only".
+      process.stderr.write(errorLine(e) + '\n');
+      return 1;
+    }
     for (const m of r.messages) process.stderr.write(m + '\n');
     if (output === 'json') printJson(checkJson(r, file));
     else writeOut(checkHuman(r));

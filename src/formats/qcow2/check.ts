@@ -12,20 +12,15 @@
  * Works on the store directly, so images the device refuses to open (corrupt bit) can be checked.
  */
 import { QcowError, corrupt, unsupported } from '../../core/errors.js';
-import { firstNonZero, isZero, u64big } from '../../core/bytes.js';
+import { isZero, setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
 import { HEADER_PROBE_BYTES, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
-import { INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeature } from './features.js';
-import { qcow2Geometry, type Qcow2Geometry } from './layout.js';
-import { contiguousEntries, decodeL2Entry, readL2Entry, type L2Context } from './l2-entry.js';
-import { encodeSnapshotTable, readSnapshotTable } from './snapshot-table.js';
-import { Refcounts } from './alloc.js';
+import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeature } from './features.js';
+import { qcow2Geometry } from './layout.js';
+import { contiguousEntries } from './l2-entry.js';
+import { encodeSnapshotTable, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
 import { ClusterRefs } from './cluster-refs.js';
-import { getRefcount } from './refcount.js';
-import { encodeHeader } from './header.js';
-
-const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
-const COPIED = 1n << 63n;
+import { entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcount.js';
 
 export type RepairMode = 'leaks' | 'all';
 
@@ -40,35 +35,93 @@ export interface CheckResult {
   allocatedClusters: number;
   fragmentedClusters: number;
   compressedClusters: number;
-  /** One line per finding, worded as qemu-img words them (it prints them on stderr). */
+  /** One line per finding, in the spirit of qemu-img's wording (it prints them on stderr). */
   messages: string[];
 }
 
-interface Walk {
+/**
+ * A host offset: a number below 2^53, a bigint from there (table entries hold 56 bits; past 2^53 a
+ * number is not exact, and two different corrupt offsets must not compare equal). Always
+ * normalised, so `===` compares offsets of either kind.
+ */
+type Off = number | bigint;
+const EXACT = 2 ** 53;
+const TWO32 = 2 ** 32;
+
+/** QEMU's limits on what it reads for a check: an L1 table of 32 MiB, a refcount table of 8 MiB. */
+const MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
+const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;
+/** Clusters past the end of the file kept out of a rebuild's way, at most. */
+const MAX_BEYOND = 1 << 20;
+/** Refcount blocks kept in memory while checking. */
+const BLOCK_CACHE = 64;
+
+function offsetOf(hi: number, lo: number): Off {
+  // hi: the bits above 32 (already masked by the caller), lo: the low word (masked), both unsigned.
+  if (hi < 0x200000) return hi * TWO32 + lo;
+  return (BigInt(hi) << 32n) | BigInt(lo);
+}
+function addOff(off: Off, n: number): Off {
+  if (typeof off === 'number' && off + n < EXACT) return off + n;
+  const v = BigInt(off) + BigInt(n);
+  return v < BigInt(EXACT) ? Number(v) : v;
+}
+const misaligned = (off: Off, cs: number): boolean => (typeof off === 'number' ? off % cs !== 0 : off % BigInt(cs) !== 0n);
+const clusterOf = (off: Off, cs: number): number => (typeof off === 'number' ? Math.floor(off / cs) : Number(off / BigInt(cs)));
+const hex = (v: Off | number): string => v.toString(16);
+const u32 = (b: Uint8Array, o: number): number => ((b[o]! << 24) | (b[o + 1]! << 16) | (b[o + 2]! << 8) | b[o + 3]!) >>> 0;
+const entryHex = (hi: number, lo: number): string => ((BigInt(hi) << 32n) | BigInt(lo)).toString(16);
+
+interface Pass {
   h: Qcow2Header;
-  g: Qcow2Geometry;
-  ctx: L2Context;
   cs: number;
-  fileSize: number;
-  refs: ClusterRefs;
-  res: CheckResult;
-  /** Active-table entries whose COPIED flag is wrong: [table offset, byte offset in table, entry]. */
-  badCopied: Array<{ table: number; at: number; entry: bigint; want: boolean }>;
+  clusterBits: number;
+  /** Bytes per L2 entry (8, or 16 with extended L2) and entries per table. */
+  eb: number;
+  l2Entries: number;
+  extl2: boolean;
   external: boolean;
+  fileSize: number;
+  rbits: number;
+  rmax: number;
+  perBlock: number;
+  /** The refcount table as stored (raw entries: reserved bits matter). */
+  reftable: Uint8Array;
+  reftableEntries: number;
+  refs: ClusterRefs;
+  /** Clusters compared: the file's, and any referenced just past its end. */
+  nb: number;
+  res: CheckResult;
+  /** The refcount structure is broken beyond fixing counts in place. */
+  rebuild: boolean;
+  /** Something that holds references could not be walked: rebuilding would free what it uses. */
+  incomplete: string | null;
+  fix: RepairMode | null;
+  blocks: Map<number, Uint8Array>;
+  /**
+   * Clusters just past the end of the file that tables point to but that were not counted (the
+   * region reached a cluster or more past the end). A rebuild must not put its blocks there: the
+   * file would grow over them, and a guest would read refcounts as its data.
+   */
+  beyond: Set<number>;
+  /** How far past the end of the file `beyond` looks: what a rebuild could append. */
+  beyondLimit: number;
+  snapshots: Qcow2Snapshot[];
 }
 
 /** Check (and optionally repair) the image in `store`. Throws only when the header is unreadable. */
 export async function checkQcow2(store: ByteStore, options: { repair?: RepairMode } = {}): Promise<CheckResult> {
-  const first = await scan(store);
-  if (!options.repair) return first.res;
-  const fixable = first.res.leaks > 0 || (options.repair === 'all' && first.res.corruptions > 0);
-  if (!fixable) return first.res;
-  const fixed = await repair(store, first, options.repair);
-  const again = await scan(store);
-  again.res.leaksFixed = fixed.leaks;
-  again.res.corruptionsFixed = fixed.corruptions;
-  again.res.messages = [...first.res.messages, ...fixed.messages, ...again.res.messages];
-  return again.res;
+  const fix = options.repair ?? null;
+  if (fix && store.readOnly) throw new QcowError('QCOW_READ_ONLY', 'cannot repair an image opened read-only');
+  const first = await checkPass(store, fix);
+  if (!fix || (first.corruptionsFixed === 0 && first.leaksFixed === 0)) return first;
+  // As qemu-img: when something was repaired, the image is checked again and that result is
+  // reported, with the counts of what was fixed.
+  const again = await checkPass(store, null);
+  again.corruptionsFixed = first.corruptionsFixed;
+  again.leaksFixed = first.leaksFixed;
+  again.messages = [...first.messages, ...again.messages];
+  return again;
 }
 
 async function readHeader(store: ByteStore): Promise<{ h: Qcow2Header; fileSize: number }> {
@@ -84,304 +137,642 @@ async function readHeader(store: ByteStore): Promise<{ h: Qcow2Header; fileSize:
   checkIncompatibleFeatures(h);
   if (h.cryptMethod > 2) throw unsupported(`qcow2 header: unknown encryption method ${h.cryptMethod}`);
   if (h.version === 2 && h.refcountOrder !== 4) throw corrupt('qcow2 v2 header: refcount_order must be 4');
+  // What qemu-img refuses to open, it refuses to check: the tables' places and sizes.
+  const cs = 2 ** h.clusterBits;
+  if (h.refcountTableClusters > MAX_REFTABLE_BYTES / cs) throw corrupt('Reference count table too large');
+  if (h.refcountTableOffset % cs !== 0) throw corrupt('Reference count table offset invalid');
+  if (h.l1Size > MAX_L1_ENTRIES) throw corrupt('Active L1 table too large');
+  if (h.l1TableOffset % cs !== 0) throw corrupt('Active L1 table offset invalid');
+  const g = qcow2Geometry(h.clusterBits, hasFeature(h.incompatibleFeatures, INCOMPAT_EXTL2));
+  if (h.l1Size < Math.ceil(h.size / (g.l2Entries * cs))) throw corrupt('L1 table is too small');
   return { h, fileSize };
 }
 
-async function scan(store: ByteStore): Promise<Walk & { rc: Refcounts | null }> {
+/** Bytes at `off` (zeros past the end of the file, as QEMU reads them). */
+async function readAt(store: ByteStore, p: { fileSize: number }, off: Off, into: Uint8Array): Promise<void> {
+  if (typeof off === 'bigint' || off >= p.fileSize) {
+    into.fill(0);
+    return;
+  }
+  await store.read(off, into);
+}
+
+async function openPass(store: ByteStore, fix: RepairMode | null): Promise<Pass> {
   const { h, fileSize } = await readHeader(store);
   const g = qcow2Geometry(h.clusterBits, hasFeature(h.incompatibleFeatures, INCOMPAT_EXTL2));
   const cs = g.clusterSize;
-  const external = hasFeature(h.incompatibleFeatures, INCOMPAT_DATA_FILE);
-  const res: CheckResult = {
-    corruptions: 0,
-    leaks: 0,
-    checkErrors: 0,
-    corruptionsFixed: 0,
-    leaksFixed: 0,
-    imageEndOffset: 0,
-    totalClusters: Math.ceil(h.size / cs),
-    allocatedClusters: 0,
-    fragmentedClusters: 0,
-    compressedClusters: 0,
-    messages: [],
+  const rbits = 2 ** h.refcountOrder;
+  const tableBytes = h.refcountTableClusters * cs;
+  if (tableBytes > MAX_REFTABLE_BYTES) throw corrupt(`refcount table of ${h.refcountTableClusters} clusters is too large`);
+  const reftable = new Uint8Array(tableBytes);
+  await readAt(store, { fileSize }, h.refcountTableOffset, reftable);
+  const fileClusters = Math.ceil(fileSize / cs);
+  return {
+    h,
+    cs,
+    clusterBits: h.clusterBits,
+    eb: g.l2EntryBytes,
+    l2Entries: g.l2Entries,
+    extl2: g.extendedL2,
+    external: hasFeature(h.incompatibleFeatures, INCOMPAT_DATA_FILE),
+    fileSize,
+    rbits,
+    rmax: maxRefcount(rbits),
+    perBlock: entriesPerBlock(cs, rbits),
+    reftable,
+    reftableEntries: tableBytes / 8,
+    refs: new ClusterRefs(fileClusters),
+    nb: fileClusters,
+    res: {
+      corruptions: 0,
+      leaks: 0,
+      checkErrors: 0,
+      corruptionsFixed: 0,
+      leaksFixed: 0,
+      imageEndOffset: 0,
+      // Of the virtual size in whole sectors, as qemu counts it.
+      totalClusters: Math.ceil((Math.floor(h.size / 512) * 512) / cs),
+      allocatedClusters: 0,
+      fragmentedClusters: 0,
+      compressedClusters: 0,
+      messages: [],
+    },
+    rebuild: false,
+    incomplete: null,
+    fix,
+    blocks: new Map(),
+    beyond: new Set(),
+    // Far enough that what a rebuild appends (blocks and a table for the file and for these
+    // clusters themselves) never reaches past it.
+    beyondLimit: 2 * fileClusters + MAX_BEYOND + 64,
+    snapshots: await readSnapshots(store, h, cs),
   };
-  const w: Walk = { h, g, ctx: { clusterBits: h.clusterBits, extendedL2: g.extendedL2, externalDataFile: external }, cs, fileSize, refs: new ClusterRefs(Math.ceil(fileSize / cs)), res, badCopied: [], external };
-  const error = (m: string) => {
-    res.corruptions++;
-    res.messages.push(m);
-  };
-
-  ref(w, 0, cs);
-  // Refcount structures, read through the allocator's codec.
-  let rc: Refcounts | null = null;
-  try {
-    rc = await Refcounts.load(store, { clusterSize: cs, refcountBits: 2 ** h.refcountOrder, tableOffset: h.refcountTableOffset, tableClusters: h.refcountTableClusters });
-    ref(w, h.refcountTableOffset, h.refcountTableClusters * cs);
-    rc.blockOffsets().forEach((off, i) => {
-      if (off === 0) return;
-      if (off >= fileSize) error(`ERROR refcount block ${i} is outside image`);
-      else ref(w, off, cs);
-    });
-  } catch (e) {
-    error(`ERROR refcount table: ${(e as Error).message}`);
-  }
-
-  // Active L1 (with fragmentation statistics and COPIED checks), then every snapshot.
-  await walkL1(store, w, h.l1TableOffset, h.l1Size, true, error);
-  if (h.nbSnapshots > 0) {
-    try {
-      const snaps = await readSnapshotTable(store, h.nbSnapshots, h.snapshotsOffset, fileSize);
-      ref(w, h.snapshotsOffset, encodeSnapshotTable(snaps).length);
-      for (const s of snaps) await walkL1(store, w, s.l1TableOffset, s.l1Size, false, error);
-    } catch (e) {
-      error(`ERROR snapshot table: ${(e as Error).message}`);
-    }
-  }
-  if (h.fde) ref(w, h.fde.offset, h.fde.length);
-  if (h.bitmaps && h.bitmaps.nbBitmaps > 0) await walkBitmaps(store, w, error);
-
-  // Compare stored counts with references, one refcount block at a time.
-  if (rc) {
-    const stored = await compareCounts(store, w, rc, error);
-    // COPIED flags (need the stored counts): checked on the active tables only.
-    await checkCopied(store, w, stored, rc, error);
-  }
-  res.imageEndOffset = (w.refs.highest + 1) * cs;
-  return { ...w, rc };
 }
 
-/**
- * Stored counts against references, for every cluster of the file or referenced. Returns each
- * file cluster's stored count as 0, 1 or 2 (= more), which the COPIED check needs.
- */
-async function compareCounts(store: ByteStore, w: Walk, rc: Refcounts, error: (m: string) => void): Promise<Uint8Array> {
-  const { cs, fileSize, refs, res } = w;
-  const fileClusters = Math.ceil(fileSize / cs);
-  const storedState = new Uint8Array(fileClusters);
-  const offsets = rc.blockOffsets();
-  // The clusters of the file and whatever is referenced beyond it, as qemu-img counts: counts
-  // stored for clusters past both (the rest of the last refcount block) are not looked at.
-  const limit = Math.max(fileClusters, refs.highest + 1);
-  const bits = rc.refcountBits;
-  const block = new Uint8Array(cs);
-  const report = (c: number, stored: number, found: number) => {
-    if (stored < found) error(`ERROR cluster ${c} refcount=${stored} reference=${found}`);
-    else {
-      res.leaks++;
-      res.messages.push(`Leaked cluster ${c} refcount=${stored} reference=${found}`);
-    }
-  };
-  // Past the refcount table there are no stored counts: only references, few and kept apart
-  // (a corrupt entry may point anywhere: no block-by-block walk up to it).
-  const tableEnd = Math.min(limit, offsets.length * rc.perBlock);
-  for (let b = 0; b * rc.perBlock < tableEnd; b++) {
-    const first = b * rc.perBlock;
-    const end = Math.min(tableEnd, first + rc.perBlock);
-    const boff = offsets[b] ?? 0;
-    if (boff === 0 || boff >= fileSize) {
-      // No block (or one outside the file): every count here reads 0.
-      if (!refs.anyIn(first, end)) continue;
-      for (let c = first; c < end; c++) {
-        const found = refs.get(c);
-        if (found !== 0) report(c, 0, found);
-      }
-      continue;
-    }
-    await store.read(boff, block.subarray(0, Math.min(cs, fileSize - boff)));
-    if (boff + cs > fileSize) block.fill(0, fileSize - boff);
-    // The default width, read as byte pairs in place (a call per cluster otherwise: every
-    // cluster of the image passes here).
-    const wide = bits === 16;
-    for (let c = first; c < end; c++) {
-      const i = c - first;
-      const stored = wide ? (block[2 * i]! << 8) | block[2 * i + 1]! : getRefcount(block, i, bits);
-      if (c < fileClusters) storedState[c] = stored > 2 ? 2 : stored;
-      const found = refs.get(c);
-      if (stored !== found) report(c, stored, found);
-    }
-  }
-  for (const [c, found] of refs.countsFrom(tableEnd)) report(c, 0, found);
-  return storedState;
+function error(p: Pass, m: string): void {
+  p.res.corruptions++;
+  p.res.messages.push(m);
 }
 
 /**
  * One more reference to every cluster of [offset, +length). As qemu-img check, a region reaching
  * a whole cluster or more past the end of the file is a corruption and is not counted (so the
- * counts stay bounded by the file, whatever a corrupt table says).
+ * counts stay bounded by the file, whatever a corrupt table says), and a count that would pass the
+ * refcount width's maximum is a corruption too.
  */
-function ref(w: Walk, offset: number, length: number, error?: (m: string) => void): void {
+function ref(p: Pass, offset: Off, length: number): void {
   if (length <= 0) return;
-  if (offset + length - w.fileSize >= w.cs) {
-    const m = `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offset.toString(16)} size 0x${length.toString(16)}`;
-    if (error) error(m);
-    else {
-      w.res.corruptions++;
-      w.res.messages.push(m);
+  if (typeof offset === 'bigint' || offset + length - p.fileSize >= p.cs) {
+    error(p, `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hex(offset)} size 0x${length.toString(16)}`);
+    if (typeof offset === 'number' && offset < p.beyondLimit * p.cs) {
+      const fileClusters = Math.ceil(p.fileSize / p.cs);
+      const last = Math.min(p.beyondLimit - 1, Math.floor((offset + length - 1) / p.cs));
+      for (let c = Math.max(fileClusters, Math.floor(offset / p.cs)); c <= last && p.beyond.size < MAX_BEYOND; c++) p.beyond.add(c);
+      if (p.beyond.size >= MAX_BEYOND) p.incomplete = 'too many clusters are referenced past the end of the file';
     }
     return;
   }
-  w.refs.addRange(Math.floor(offset / w.cs), Math.floor((offset + length - 1) / w.cs));
-}
-
-async function readL1(store: ByteStore, w: Walk, offset: number, entries: number): Promise<Uint8Array | null> {
-  if (entries === 0) return new Uint8Array(0);
-  if (offset % w.cs !== 0 || offset + entries * 8 > w.fileSize) return null;
-  const b = new Uint8Array(entries * 8);
-  await store.read(offset, b);
-  return b;
-}
-
-async function walkL1(store: ByteStore, w: Walk, l1Offset: number, l1Size: number, active: boolean, error: (m: string) => void): Promise<void> {
-  const l1 = await readL1(store, w, l1Offset, l1Size);
-  if (!l1) {
-    error(`ERROR: L1 table at 0x${l1Offset.toString(16)} (${l1Size} entries) is invalid or outside the image`);
-    return;
-  }
-  ref(w, l1Offset, l1Size * 8);
-  const dv = new DataView(l1.buffer);
-  const l2 = new Uint8Array(w.cs);
-  const scratch = readL2Entry(new Uint8Array(16), 0, w.ctx); // reused for every entry
-  for (let i = 0; i < l1Size; i++) {
-    const e = dv.getBigUint64(i * 8);
-    const off = Number(e & OFFSET_MASK);
-    if (off === 0) continue;
-    if (off % w.cs !== 0) {
-      error(`ERROR l2_offset=${off.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
-      continue;
-    }
-    if (off + w.cs > w.fileSize) {
-      error(`ERROR l2_offset=${off.toString(16)}: L2 table is outside the image`);
-      continue;
-    }
-    ref(w, off, w.cs);
-    await store.read(off, l2);
-    // Fragmentation counts within each L2 table, as qemu-img counts it: a table's first data
-    // cluster is not fragmented for being away from the previous table's last.
-    let next = 0;
-    const eb = w.g.l2EntryBytes;
-    for (let j = 0; j < w.g.l2Entries; j++) {
-      // All-zero entries (unallocated, most of a sparse table) reference nothing.
-      if (l2[j * eb] === 0 && isZero(l2.subarray(j * eb, (j + 1) * eb))) continue;
-      let d;
-      try {
-        d = decodeL2Entry(l2, j, w.ctx, scratch);
-      } catch (err) {
-        error(`ERROR L2 entry ${j} of table 0x${off.toString(16)}: ${(err as Error).message}`);
-        continue;
-      }
-      if (d.kind === 'compressed') {
-        if (d.hostOffset >= w.fileSize) error(`ERROR compressed cluster at 0x${d.hostOffset.toString(16)} is outside the image`);
-        else ref(w, d.hostOffset, d.compressedBound);
-        if (active) {
-          w.res.allocatedClusters++;
-          w.res.compressedClusters++;
-          w.res.fragmentedClusters++;
-        }
-        continue;
-      }
-      if (d.kind !== 'normal' && d.kind !== 'zero-alloc') continue;
-      if (d.kind === 'normal' && eb === 8 && !w.external && d.hostOffset < w.fileSize) {
-        // The entries after this one that continue it in the file (an allocated image is one such
-        // run per table), taken in one step: each would count as allocated, not fragmented, and
-        // one reference to its cluster. Only those inside the file: the rest are reported one by one.
-        const inFile = Math.ceil((w.fileSize - d.hostOffset) / w.cs);
-        const n = contiguousEntries(l2, j, Math.min(w.g.l2Entries - j, inFile), w.cs) - j;
-        if (active) {
-          w.res.allocatedClusters += n;
-          if (next !== 0 && d.hostOffset !== next) w.res.fragmentedClusters++;
-          next = d.hostOffset + n * w.cs;
-        }
-        ref(w, d.hostOffset, n * w.cs);
-        j += n - 1;
-        continue;
-      }
-      if (active) {
-        w.res.allocatedClusters++;
-        if (next !== 0 && d.hostOffset !== next) w.res.fragmentedClusters++;
-        next = d.hostOffset + w.cs;
-      }
-      if (w.external) continue;
-      // A cluster past the end of the file gets qemu-img's message from ref(), and no count.
-      ref(w, d.hostOffset, w.cs);
+  const first = Math.floor(offset / p.cs);
+  const last = Math.floor((offset + length - 1) / p.cs);
+  if (p.rmax >= 0xffff && last - first > 0) {
+    // A run: bumped in one step unless a count is near the cap (then cluster by cluster below).
+    let near = false;
+    for (let c = first; c <= last && !near; c++) if (p.refs.get(c) >= Math.min(p.rmax, 0xfff0)) near = true;
+    if (!near) {
+      p.refs.addRange(first, last);
+      if (last + 1 > p.nb) p.nb = last + 1;
+      return;
     }
   }
+  for (let c = first; c <= last; c++) {
+    if (p.refs.get(c) >= p.rmax) {
+      error(p, `ERROR: overflow cluster offset=0x${(c * p.cs).toString(16)}`);
+      continue;
+    }
+    p.refs.addRange(c, c);
+  }
+  if (last + 1 > p.nb) p.nb = last + 1;
 }
 
 /**
- * COPIED must be set exactly where the stored refcount is 1, in the active L1 and its L2 tables.
- * `stored` is each file cluster's stored count as 0, 1 or 2+ (tables and data clusters past the
- * end of the file were reported already).
+ * The snapshot table, checked first as qemu-img does: a table it cannot read (an offset not
+ * aligned to a cluster, more entries than allowed, entries it cannot parse) ends the check with
+ * an error rather than a count.
  */
-async function checkCopied(store: ByteStore, w: Walk, stored: Uint8Array, rc: Refcounts, error: (m: string) => void): Promise<void> {
-  const l1 = await readL1(store, w, w.h.l1TableOffset, w.h.l1Size);
-  if (!l1) return;
-  const l2 = new Uint8Array(w.cs);
-  const scratch = readL2Entry(new Uint8Array(16), 0, w.ctx); // reused for every entry
-  const eb = w.g.l2EntryBytes;
-  for (let i = 0; i < w.h.l1Size; i++) {
-    const off = Number(u64big(l1, i * 8) & OFFSET_MASK);
-    if (off === 0 || off % w.cs !== 0 || off + w.cs > w.fileSize) continue;
-    const rcount = stored[off / w.cs]!;
-    // COPIED is bit 63: the top bit of the entry's first byte.
-    if ((rcount === 1) !== ((l1[i * 8]! & 0x80) !== 0)) {
-      const e = u64big(l1, i * 8);
-      error(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${e.toString(16)} refcount=${rcount}`);
-      w.badCopied.push({ table: w.h.l1TableOffset, at: i * 8, entry: e, want: rcount === 1 });
-    }
-    await store.read(off, l2);
-    for (let j = Math.floor(firstNonZero(l2) / eb); j < w.g.l2Entries; j++) {
-      // Unallocated entries (all zero), most of a sparse table, have no COPIED flag to check.
-      if (l2[j * eb] === 0 && isZero(l2.subarray(j * eb, j * eb + 8))) continue;
-      let d;
-      try {
-        d = decodeL2Entry(l2, j, w.ctx, scratch);
-      } catch {
+async function readSnapshots(store: ByteStore, h: Qcow2Header, cs: number): Promise<Qcow2Snapshot[]> {
+  if (h.nbSnapshots > 65536) throw corrupt(`ERROR snapshot table: ${h.nbSnapshots} snapshots is more than the limit of 65536`);
+  if (h.snapshotsOffset % cs !== 0) throw corrupt('ERROR snapshot table offset invalid');
+  try {
+    // Read as qemu reads it: past the end of the file come zeros (a truncated table shows up as
+    // incomplete entries and a region past the end, not as an unreadable table).
+    return await readSnapshotTable(store, h.nbSnapshots, h.snapshotsOffset, Number.MAX_SAFE_INTEGER);
+  } catch (e) {
+    if (!(e instanceof QcowError)) throw e;
+    throw corrupt(`ERROR failed to read the snapshot table: ${e.message}`);
+  }
+}
+
+/** Count every reference of the image (qemu's calculate_refcounts), checking tables on the way. */
+async function calculate(store: ByteStore, p: Pass): Promise<void> {
+  ref(p, 0, p.cs);
+  await walkL1(store, p, p.h.l1TableOffset, p.h.l1Size, true);
+  if (p.h.nbSnapshots > 0) {
+    if (p.external) error(p, `ERROR ${p.h.nbSnapshots} snapshots in image with data file`);
+    // Version 3 entries carry at least the 16 bytes of extra data that hold the sizes.
+    if (p.h.version >= 3) p.snapshots.forEach((s, i) => s.diskSize === undefined && error(p, `ERROR snapshot table entry ${i} is incomplete`));
+    for (const s of p.snapshots) {
+      if (s.l1TableOffset % p.cs !== 0) {
+        error(p, `ERROR snapshot ${s.id} (${s.name}) l1_offset=0x${hex(s.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
         continue;
       }
-      if ((d.kind !== 'normal' && d.kind !== 'zero-alloc') || w.external) continue;
-      const c = d.hostOffset / w.cs;
-      if (c >= stored.length) {
-        // A cluster past the end of the file (reported already): qemu-img still checks its flag
-        // against the count the refcount structure gives it (0 past the table), unless that
-        // count cannot be read.
-        let r: number;
-        try {
-          r = rc.peek(c) ?? (await rc.get(c));
-        } catch {
+      if (s.l1Size > MAX_L1_ENTRIES) {
+        error(p, `ERROR snapshot ${s.id} (${s.name}) l1_size=0x${s.l1Size.toString(16)}: L1 table is too large; snapshot table entry corrupted`);
+        continue;
+      }
+      await walkL1(store, p, s.l1TableOffset, s.l1Size, false);
+    }
+    ref(p, p.h.snapshotsOffset, encodeSnapshotTable(p.snapshots).length);
+  }
+  ref(p, p.h.refcountTableOffset, p.reftableEntries * 8);
+  if (p.h.fde) ref(p, p.h.fde.offset, p.h.fde.length);
+  if (p.h.bitmaps && p.h.bitmaps.nbBitmaps > 0) await walkBitmaps(store, p);
+  checkRefblocks(p);
+}
+
+async function walkL1(store: ByteStore, p: Pass, l1Offset: number, l1Size: number, active: boolean): Promise<void> {
+  if (l1Size === 0) return;
+  // An active L1 table that runs a cluster or more past the end of the file (a corrupt size) reads
+  // whatever follows it as L2 pointers: its "tables" may be guest data, so nothing is written on
+  // their word (no COPIED repair, no rebuild from the counts they give).
+  if (active && l1Offset + l1Size * 8 - p.fileSize >= p.cs) p.incomplete = 'the active L1 table runs past the end of the file';
+  ref(p, l1Offset, l1Size * 8);
+  const l1 = new Uint8Array(l1Size * 8);
+  await readAt(store, p, l1Offset, l1);
+  const l2 = new Uint8Array(p.cs);
+  for (let i = 0; i < l1Size; i++) {
+    const hi = u32(l1, i * 8);
+    const lo = u32(l1, i * 8 + 4);
+    if (hi === 0 && lo === 0) continue;
+    if (hi & 0x7f000000 || lo & 0x1ff) error(p, `ERROR found L1 entry with reserved bits set: ${entryHex(hi, lo)}`);
+    const l2Offset = offsetOf(hi & 0x00ffffff, (lo & 0xfffffe00) >>> 0);
+    ref(p, l2Offset, p.cs);
+    if (misaligned(l2Offset, p.cs)) error(p, `ERROR l2_offset=${hex(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
+    await walkL2(store, p, l2Offset, l2, active);
+  }
+}
+
+async function walkL2(store: ByteStore, p: Pass, l2Offset: Off, t: Uint8Array, active: boolean): Promise<void> {
+  await readAt(store, p, l2Offset, t);
+  const { cs, eb, extl2, external } = p;
+  const res = p.res;
+  let next: Off = 0;
+  for (let j = 0; j < p.l2Entries; j++) {
+    const o = j * eb;
+    // All-zero entries (unallocated, most of a sparse table) reference nothing.
+    if (t[o] === 0 && isZero(t.subarray(o, o + eb))) continue;
+    const hi = u32(t, o);
+    const lo = u32(t, o + 4);
+    const zb = extl2 ? u32(t, o + 8) : 0;
+    const ab = extl2 ? u32(t, o + 12) : 0;
+    if (hi & 0x40000000) {
+      if (hi & 0x80000000) error(p, `ERROR: L2 entry ${entryHex(hi, lo)}: copied flag must never be set for compressed clusters`);
+      if (external) {
+        error(p, `ERROR compressed cluster ${j} with data file, entry=0x${entryHex(hi, lo)}`);
+        continue;
+      }
+      if (zb || ab) {
+        error(p, `ERROR compressed cluster ${j} with non-zero subcluster allocation bitmap, entry=0x${entryHex(hi, lo)}`);
+        continue;
+      }
+      const { offset, size } = compressedRange(hi, lo, p.clusterBits);
+      ref(p, offset, size);
+      if (active) {
+        res.allocatedClusters++;
+        res.compressedClusters++;
+        // Compressed clusters count as fragmented, as qemu-img counts them.
+        res.fragmentedClusters++;
+      }
+      continue;
+    }
+    if (hi & 0x3f000000 || lo & 0x1fe) error(p, `ERROR found l2 entry with reserved bits set: ${entryHex(hi, lo)}`);
+    const off = offsetOf(hi & 0x00ffffff, (lo & 0xfffffe00) >>> 0);
+    // The common case, a normal entry inside the file, with the entries after it that continue it
+    // in the file, taken in one step: each counts as allocated, not fragmented, one reference each.
+    if (!extl2 && !external && typeof off === 'number' && off !== 0 && (hi & 0x3f000000) === 0 && (lo & 0x1ff) === 0 && off % cs === 0 && off + cs <= p.fileSize) {
+      const inFile = Math.floor((p.fileSize - off) / cs);
+      const n = contiguousEntries(t, j, Math.min(p.l2Entries - j, inFile), cs) - j;
+      if (active) {
+        res.allocatedClusters += n;
+        if (next !== 0 && off !== next) res.fragmentedClusters++;
+        next = off + n * cs;
+      }
+      ref(p, off, n * cs);
+      j += n - 1;
+      continue;
+    }
+    const zeroFlag = !extl2 && (lo & 1) !== 0;
+    const normal = off !== 0 || (external && (hi & 0x80000000) !== 0 && !zeroFlag);
+    if (!normal) {
+      // Unallocated or a plain zero cluster.
+      if (!zeroFlag && ab) error(p, 'ERROR: Unallocated cluster has non-zero subcluster allocation map');
+      continue;
+    }
+    if (zb & ab) error(p, `ERROR offset=${hex(off)}: Allocated cluster has corrupted subcluster allocation bitmap`);
+    if (misaligned(off, cs)) {
+      res.corruptions++;
+      const hasData = extl2 ? ab !== 0 : !zeroFlag;
+      if (!hasData) {
+        res.messages.push(`${p.fix === 'all' ? 'Repairing' : 'ERROR'} offset=${hex(off)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
+        if (p.fix === 'all' && !p.incomplete && typeof l2Offset === 'number' && l2Offset % cs === 0 && l2Offset + cs <= p.fileSize) {
+          // Made a zero cluster with no host offset (the cluster reads zeros either way).
+          const e = new Uint8Array(eb);
+          if (extl2) {
+            const zeros = (zb | ab) >>> 0;
+            e[8] = zeros >>> 24;
+            e[9] = (zeros >>> 16) & 0xff;
+            e[10] = (zeros >>> 8) & 0xff;
+            e[11] = zeros & 0xff;
+          } else e[7] = 1;
+          await store.write(l2Offset + o, e);
+          await store.flush();
+          res.corruptions--;
+          res.corruptionsFixed++;
           continue;
         }
-        if ((r === 1) !== ((l2[j * eb]! & 0x80) !== 0)) {
-          const entry = u64big(l2, j * eb);
-          error(`ERROR OFLAG_COPIED data cluster: l2_entry=${entry.toString(16)} refcount=${r}`);
-          w.badCopied.push({ table: off, at: j * eb, entry, want: r === 1 });
-        }
-        continue;
-      }
-      // A run of entries continuing this one shares its flags: each is checked against its own
-      // cluster's count without being decoded again.
-      const n = d.kind === 'normal' && eb === 8 ? contiguousEntries(l2, j, Math.min(w.g.l2Entries - j, stored.length - c), w.cs) - j : 1;
-      const copied = (l2[j * eb]! & 0x80) !== 0;
-      for (let k = 0; k < n; k++) {
-        const r = stored[c + k]!;
-        if ((r === 1) !== copied) {
-          const entry = u64big(l2, (j + k) * eb);
-          error(`ERROR OFLAG_COPIED data cluster: l2_entry=${entry.toString(16)} refcount=${r}`);
-          w.badCopied.push({ table: off, at: (j + k) * eb, entry, want: r === 1 });
-        }
-      }
-      j += n - 1;
+      } else res.messages.push(`ERROR offset=${hex(off)}: Data cluster is not properly aligned; L2 entry corrupted.`);
+    }
+    if (active) {
+      res.allocatedClusters++;
+      if (next !== 0 && off !== next) res.fragmentedClusters++;
+      next = addOff(off, cs);
+    }
+    if (!external) ref(p, off, cs);
+  }
+}
+
+/** A compressed cluster's host range (start and length in bytes), from its descriptor words. */
+function compressedRange(hi: number, lo: number, clusterBits: number): { offset: Off; size: number } {
+  // The offset takes the low (62 - (cluster_bits - 8)) bits, the sector count the bits above.
+  const hiBits = 62 - (clusterBits - 8) - 32;
+  const hiPart = hi & ((1 << hiBits) - 1);
+  const sectors = ((hi >>> hiBits) & ((1 << (clusterBits - 8)) - 1)) + 1;
+  const offset = offsetOf(hiPart, lo);
+  return { offset, size: sectors * 512 - (lo & 511) };
+}
+
+/** Refcount blocks: each must be in the file, aligned, and counted exactly once (qemu's check_refblocks). */
+function checkRefblocks(p: Pass): void {
+  for (let i = 0; i < p.reftableEntries; i++) {
+    const hi = u32(p.reftable, i * 8);
+    const lo = u32(p.reftable, i * 8 + 4);
+    if (lo & 0x1ff) {
+      error(p, `ERROR refcount table entry ${i} has reserved bits set`);
+      p.rebuild = true;
+      continue;
+    }
+    const off = offsetOf(hi, lo);
+    if (off === 0) continue;
+    if (misaligned(off, p.cs)) {
+      error(p, `ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
+      p.rebuild = true;
+      continue;
+    }
+    const c = clusterOf(off, p.cs);
+    if (c >= p.nb) {
+      // qemu-img -r all grows the file to reach such a block; we rebuild the structure instead
+      // (a corrupt entry may name any offset below 2^64: the file would grow that far).
+      error(p, `${p.fix === 'all' ? 'Repairing' : 'ERROR'} refcount block ${i} is outside image`);
+      if (p.fix === 'all') p.rebuild = true;
+      continue;
+    }
+    ref(p, off, p.cs);
+    const n = p.refs.get(c);
+    if (n !== 1) {
+      error(p, `ERROR refcount block ${i} refcount=${n}`);
+      p.rebuild = true;
     }
   }
 }
 
+/** The stored refcount block for table index `b`: null when there is none (all counts 0), 'bad' when unreadable. */
+async function storedBlock(store: ByteStore, p: Pass, b: number): Promise<Uint8Array | null | 'bad'> {
+  if (b >= p.reftableEntries) return null;
+  const hi = u32(p.reftable, b * 8);
+  const lo = (u32(p.reftable, b * 8 + 4) & 0xfffffe00) >>> 0;
+  const off = offsetOf(hi, lo);
+  if (off === 0) return null;
+  if (misaligned(off, p.cs)) return 'bad';
+  let block = p.blocks.get(b);
+  if (!block) {
+    block = new Uint8Array(p.cs);
+    await readAt(store, p, off, block);
+    if (p.blocks.size >= BLOCK_CACHE) p.blocks.delete(p.blocks.keys().next().value as number);
+    p.blocks.set(b, block);
+  }
+  return block;
+}
+
+function countIn(block: Uint8Array, i: number, bits: number): number {
+  if (bits === 16) return (block[2 * i]! << 8) | block[2 * i + 1]!;
+  try {
+    return getRefcount(block, i, bits);
+  } catch {
+    return Number.MAX_SAFE_INTEGER; // a 64-bit count past 2^53: certainly not the one found
+  }
+}
+
+/** A cluster's stored refcount, or null when it cannot be read. */
+async function storedCount(store: ByteStore, p: Pass, c: number): Promise<number | null> {
+  const block = await storedBlock(store, p, Math.floor(c / p.perBlock));
+  if (block === 'bad') return null;
+  return block ? countIn(block, c % p.perBlock, p.rbits) : 0;
+}
+
+/**
+ * Stored counts against references for every cluster of [0, nb) (qemu's compare_refcounts).
+ * With `fix`, mismatches that can be corrected in place are (raising counts before lowering any),
+ * and counted as fixed. Returns the highest cluster in use by either count.
+ */
+async function compare(store: ByteStore, p: Pass, fix: RepairMode | null): Promise<number> {
+  const { res, refs, perBlock, rbits } = p;
+  let highest = 0;
+  const changes: Array<{ b: number; i: number; value: number; raise: boolean }> = [];
+  for (let b = 0; b * perBlock < p.nb; b++) {
+    const first = b * perBlock;
+    const end = Math.min(p.nb, first + perBlock);
+    const block = await storedBlock(store, p, b);
+    if (block === 'bad') {
+      for (let c = first; c < end; c++) {
+        res.checkErrors++;
+        res.messages.push(`Can't get refcount for cluster ${c}: Input/output error`);
+      }
+      continue;
+    }
+    if (!block && !refs.anyIn(first, end)) continue;
+    for (let c = first; c < end; c++) {
+      const stored = block ? countIn(block, c - first, rbits) : 0;
+      const found = refs.get(c);
+      if (stored === 0 && found === 0) continue;
+      highest = c;
+      if (stored === found) continue;
+      let fixed = false;
+      if (stored === 0) p.rebuild = true;
+      else if (stored > found && fix) fixed = true;
+      else if (stored < found && fix === 'all') fixed = true;
+      res.messages.push(`${fixed ? 'Repairing' : stored < found ? 'ERROR' : 'Leaked'} cluster ${c} refcount=${stored} reference=${found}`);
+      if (fixed) {
+        changes.push({ b, i: c - first, value: found, raise: stored < found });
+        if (stored > found) res.leaksFixed++;
+        else res.corruptionsFixed++;
+      } else if (stored < found) res.corruptions++;
+      else res.leaks++;
+    }
+  }
+  if (changes.length > 0) {
+    // Raise first (no referenced cluster is ever counted free, whatever a crash leaves), then lower.
+    for (const raise of [true, false]) {
+      const touched = new Set<number>();
+      for (const ch of changes) {
+        if (ch.raise !== raise) continue;
+        const block = await storedBlock(store, p, ch.b);
+        if (!block || block === 'bad') continue;
+        setRefcount(block, ch.i, rbits, ch.value);
+        touched.add(ch.b);
+      }
+      for (const b of touched) {
+        const off = Number(offsetOf(u32(p.reftable, b * 8), (u32(p.reftable, b * 8 + 4) & 0xfffffe00) >>> 0));
+        await store.write(off, p.blocks.get(b)!);
+      }
+      if (touched.size > 0) await store.flush();
+    }
+  }
+  return highest;
+}
+
+/**
+ * A new refcount structure from the counts found (qemu's rebuild_refcount_structure, in our own
+ * code): blocks and table go into clusters nothing references, first fit from the start of the
+ * file, as qemu places them; the header is switched to the new table only once all of it is on
+ * disk. Until then the old structure is untouched, so a crash leaves the image as it was.
+ */
+async function rebuildRefcounts(store: ByteStore, p: Pass): Promise<void> {
+  if (p.incomplete) throw new QcowError('QCOW_CORRUPT', `${p.incomplete}; the refcount structure cannot be rebuilt safely`);
+  const { cs, perBlock, rbits } = p;
+  let nb = p.nb;
+  const counts: number[] = new Array<number>(nb).fill(0);
+  for (let c = 0; c < nb; c++) counts[c] = p.refs.get(c);
+  const countAt = (c: number) => counts[c] ?? 0;
+  // Clusters tables point to past the end of the file are never handed out (the guest would read
+  // refcounts as its data); those the grown file comes to hold are counted as used.
+  const free = (c: number) => countAt(c) === 0 && !p.beyond.has(c);
+  /** First run of `n` free clusters at or after from.c (qemu's first fit), growing past the end when needed. */
+  const alloc = (n: number, from: { c: number }): number => {
+    let run = 0;
+    let c = from.c;
+    let firstGap = true;
+    for (; run < n; c++) {
+      if (free(c)) {
+        run++;
+        if (firstGap) {
+          from.c = c;
+          firstGap = false;
+        }
+      } else run = 0;
+    }
+    const start = c - run;
+    for (let k = 0; k < n; k++) counts[start + k] = 1;
+    if (start + n > nb) nb = start + n;
+    return start;
+  };
+  // Plan first, in memory: blocks for every block range holding a count, a table for them; each
+  // allocation may need another block or a bigger table, so repeat until nothing changes.
+  const table: number[] = [];
+  let tableEntries = 0;
+  let tableCluster = -1;
+  let tableClusters = 0;
+  for (let changed = true; changed; ) {
+    changed = false;
+    for (const c of p.beyond) {
+      if (c < nb && counts[c] === 0) {
+        counts[c] = 1;
+        changed = true;
+      }
+    }
+    const from = { c: 0 };
+    for (let bi = 0; bi * perBlock < nb; bi++) {
+      if ((table[bi] ?? 0) !== 0) continue;
+      let any = false;
+      for (let c = bi * perBlock; c < Math.min(nb, (bi + 1) * perBlock) && !any; c++) any = countAt(c) !== 0;
+      if (!any) continue;
+      if (from.c < bi * perBlock) from.c = bi * perBlock;
+      table[bi] = alloc(1, from) * cs;
+      changed = true;
+    }
+    const need = Math.ceil((table.length * 8) / cs) * (cs / 8);
+    if (need > tableEntries || tableCluster < 0) {
+      tableEntries = Math.max(need, cs / 8);
+      tableClusters = (tableEntries * 8) / cs;
+      // A table outgrown is left behind (it is not named anywhere; the check after counts it free).
+      tableCluster = alloc(tableClusters, { c: 0 });
+      changed = true;
+    }
+  }
+  for (let bi = 0; bi < table.length; bi++) {
+    const off = table[bi] ?? 0;
+    if (off === 0) continue;
+    const block = new Uint8Array(cs);
+    const start = bi * perBlock;
+    for (let k = 0; k < perBlock; k++) {
+      const v = countAt(start + k);
+      if (v !== 0) setRefcount(block, k, rbits, Math.min(v, p.rmax));
+    }
+    await store.write(off, block);
+  }
+  const buf = new Uint8Array(tableEntries * 8);
+  for (let i = 0; i < table.length; i++) setU64(buf, i * 8, table[i] ?? 0);
+  await store.write(tableCluster * cs, buf);
+  // Everything the new table names is on disk before the header names it.
+  await store.flush();
+  const hdr = new Uint8Array(12);
+  setU64(hdr, 0, tableCluster * cs);
+  setU32(hdr, 8, tableClusters);
+  await store.write(48, hdr);
+  await store.flush();
+}
+
+/**
+ * COPIED must be set exactly where the stored refcount is 1, in the active L1 and its L2 tables
+ * (qemu's check_oflag_copied). With `repair`, wrong flags are corrected.
+ */
+async function checkCopied(store: ByteStore, p: Pass, repair: boolean): Promise<void> {
+  const { h, cs, eb, extl2, external, res } = p;
+  if (h.l1Size === 0) return;
+  const l1 = new Uint8Array(h.l1Size * 8);
+  await readAt(store, p, h.l1TableOffset, l1);
+  const t = new Uint8Array(cs);
+  for (let i = 0; i < h.l1Size; i++) {
+    const hi = u32(l1, i * 8);
+    const lo = u32(l1, i * 8 + 4);
+    const l2Offset = offsetOf(hi & 0x00ffffff, (lo & 0xfffffe00) >>> 0);
+    if (l2Offset === 0) continue;
+    const r = await storedCount(store, p, clusterOf(l2Offset, cs));
+    if (r === null) continue;
+    if ((r === 1) !== ((hi & 0x80000000) !== 0)) {
+      res.corruptions++;
+      res.messages.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${entryHex(hi, lo)} refcount=${r}`);
+      if (repair) {
+        const e = l1.subarray(i * 8, i * 8 + 8);
+        e[0] = r === 1 ? e[0]! | 0x80 : e[0]! & 0x7f;
+        await store.write(h.l1TableOffset + i * 8, e.slice());
+        await store.flush();
+        res.corruptions--;
+        res.corruptionsFixed++;
+      }
+    }
+    await readAt(store, p, l2Offset, t);
+    let dirty = 0;
+    for (let j = 0; j < p.l2Entries; j++) {
+      const o = j * eb;
+      if (t[o] === 0 && isZero(t.subarray(o, o + 8))) continue;
+      const ehi = u32(t, o);
+      const elo = u32(t, o + 4);
+      if (ehi & 0x40000000) continue;
+      const off = offsetOf(ehi & 0x00ffffff, (elo & 0xfffffe00) >>> 0);
+      const zeroFlag = !extl2 && (elo & 1) !== 0;
+      if (off === 0 && !(external && (ehi & 0x80000000) !== 0 && !zeroFlag)) continue;
+      let rc: number | null;
+      if (external) rc = 1;
+      else rc = await storedCount(store, p, clusterOf(off, cs));
+      if (rc === null) continue;
+      if ((rc === 1) !== ((ehi & 0x80000000) !== 0)) {
+        res.corruptions++;
+        res.messages.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${entryHex(ehi, elo)} refcount=${rc}`);
+        if (repair) {
+          t[o] = rc === 1 ? t[o]! | 0x80 : t[o]! & 0x7f;
+          dirty++;
+        }
+      }
+    }
+    if (dirty > 0) {
+      // Written back only where a table can be: aligned, inside the file.
+      if (typeof l2Offset === 'number' && l2Offset % cs === 0 && l2Offset + cs <= p.fileSize) {
+        await store.write(l2Offset, t);
+        await store.flush();
+        res.corruptions -= dirty;
+        res.corruptionsFixed += dirty;
+      } else {
+        res.checkErrors++;
+        res.messages.push(`ERROR: Could not write L2 table at 0x${hex(l2Offset)}`);
+      }
+    }
+  }
+}
+
+/** One check, as qemu's qcow2 driver runs it (qcow2_check_refcounts and what follows). */
+async function checkPass(store: ByteStore, fix: RepairMode | null): Promise<CheckResult> {
+  let p = await openPass(store, fix);
+  await calculate(store, p);
+  // Tables that may be guest data (an active L1 past the end of the file) are never written on
+  // their word: the repair stops before writing anything.
+  if (fix && p.incomplete?.startsWith('the active L1')) throw new QcowError('QCOW_CORRUPT', `${p.incomplete}; the image cannot be repaired safely`);
+  const pre = { ...p.res, messages: [...p.res.messages] };
+  let highest = await compare(store, p, null);
+  if (p.rebuild && fix === 'all') {
+    const old = { corruptions: p.res.corruptions, leaks: p.res.leaks, corruptionsFixed: p.res.corruptionsFixed, leaksFixed: p.res.leaksFixed };
+    const messages = [...p.res.messages, 'Rebuilding refcount structure'];
+    await rebuildRefcounts(store, p);
+    // Counted again against the new structure; what the old one used shows as leaks, fixed here.
+    p = await openPass(store, null);
+    await calculate(store, p);
+    const saved = { ...p.res };
+    p.res.corruptions = 0;
+    p.res.leaks = 0;
+    highest = await compare(store, p, 'leaks');
+    const freshLeaks = p.res.leaks;
+    if (p.rebuild) messages.push('ERROR rebuilt refcount structure is still broken');
+    p.res = { ...saved, messages: [...messages, ...saved.messages, ...p.res.messages] };
+    p.res.corruptionsFixed = old.corruptionsFixed + Math.max(0, old.corruptions - p.res.corruptions);
+    p.res.leaksFixed = old.leaksFixed + Math.max(0, old.leaks - p.res.leaks);
+    p.res.leaks += freshLeaks;
+    p.fix = fix;
+  } else if (fix) {
+    if (p.rebuild) {
+      p.res.messages.push('ERROR need to rebuild refcount structures');
+      p.res.checkErrors++;
+      return p.res;
+    }
+    if (p.res.leaks || p.res.corruptions) {
+      p.res = { ...pre, messages: pre.messages };
+      highest = await compare(store, p, fix);
+    }
+  }
+  const repair = !p.incomplete && (fix === 'all' || (fix === 'leaks' && !p.res.checkErrors && !p.res.corruptions && !p.res.leaks));
+  await checkCopied(store, p, repair);
+  p.res.imageEndOffset = (highest + 1) * p.cs;
+  if (fix && p.res.checkErrors === 0 && p.res.corruptions === 0) await markClean(store, p.h);
+  return p.res;
+}
+
+/** After a successful repair: the dirty and corrupt bits are cleared, as qemu-img does. */
+async function markClean(store: ByteStore, h: Qcow2Header): Promise<void> {
+  if (h.version < 3) return;
+  const bits = INCOMPAT_DIRTY | INCOMPAT_CORRUPT;
+  if ((h.incompatibleFeatures & bits) === 0n) return;
+  const b = new Uint8Array(8);
+  setU64(b, 0, h.incompatibleFeatures & ~bits);
+  await store.write(72, b);
+  await store.flush();
+}
+
 /** Bitmap directory and each bitmap's table and data clusters. */
-async function walkBitmaps(store: ByteStore, w: Walk, error: (m: string) => void): Promise<void> {
-  const ext = w.h.bitmaps!;
-  if (ext.directoryOffset + ext.directorySize > w.fileSize) {
-    error('ERROR bitmap directory is outside the image');
+async function walkBitmaps(store: ByteStore, p: Pass): Promise<void> {
+  const ext = p.h.bitmaps!;
+  if (ext.directoryOffset + ext.directorySize > p.fileSize) {
+    error(p, 'ERROR bitmap directory is outside the image');
+    p.incomplete = 'the bitmap directory is unreadable';
     return;
   }
-  ref(w, ext.directoryOffset, ext.directorySize);
+  ref(p, ext.directoryOffset, ext.directorySize);
   const dir = new Uint8Array(ext.directorySize);
   await store.read(ext.directoryOffset, dir);
   const dv = new DataView(dir.buffer);
@@ -391,91 +782,17 @@ async function walkBitmaps(store: ByteStore, w: Walk, error: (m: string) => void
     const tableSize = dv.getUint32(pos + 8);
     const nameSize = dv.getUint16(pos + 18);
     const extra = dv.getUint32(pos + 20);
-    if (tableOffset !== 0 && tableOffset + tableSize * 8 <= w.fileSize) {
-      ref(w, tableOffset, tableSize * 8);
+    if (tableOffset !== 0 && tableOffset + tableSize * 8 <= p.fileSize) {
+      ref(p, tableOffset, tableSize * 8);
       const t = new Uint8Array(tableSize * 8);
       await store.read(tableOffset, t);
       for (let k = 0; k < tableSize; k++) {
-        const entry = u64big(t, k * 8) & OFFSET_MASK;
-        if (entry === 0n) continue;
-        // ref()'s rule (a cluster starting at or past the end of the file), in BigInt: past 2^53
-        // a number is not exact, and the message shows the entry's own value.
-        if (entry >= BigInt(w.fileSize)) error(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${entry.toString(16)} size 0x${w.cs.toString(16)}`);
-        else ref(w, Number(entry), w.cs);
+        const off = offsetOf(u32(t, k * 8) & 0x00ffffff, (u32(t, k * 8 + 4) & 0xfffffe00) >>> 0);
+        if (off !== 0) ref(p, off, p.cs);
       }
     }
     pos += Math.ceil((24 + extra + nameSize) / 8) * 8;
   }
-}
-
-/** Write the counts found (leaks: only lowering; all: raising too) and fix COPIED flags. */
-async function repair(store: ByteStore, w: Walk & { rc: Refcounts | null }, mode: RepairMode): Promise<{ leaks: number; corruptions: number; messages: string[] }> {
-  const rc = w.rc;
-  if (!rc) throw new QcowError('QCOW_CORRUPT', 'the refcount table is unreadable; it cannot be repaired');
-  if (store.readOnly) throw new QcowError('QCOW_READ_ONLY', 'cannot repair an image opened read-only');
-  // Repairs write counts into the refcount blocks the table names: one outside the file would be
-  // written there (a sparse file of terabytes, from a corrupt entry). qemu-img rebuilds the whole
-  // refcount structure then; we do not, and refuse before writing anything.
-  if (w.h.refcountTableOffset + w.h.refcountTableClusters * w.cs > w.fileSize) {
-    throw new QcowError('QCOW_UNSUPPORTED', 'the refcount table lies outside the image; rebuilding the refcount structure is not supported');
-  }
-  const outside = rc.blockOffsets().findIndex((off) => off !== 0 && off + w.cs > w.fileSize);
-  if (outside >= 0) {
-    throw new QcowError('QCOW_UNSUPPORTED', `refcount block ${outside} lies outside the image; rebuilding the refcount structure is not supported`);
-  }
-  const out = { leaks: 0, corruptions: 0, messages: [] as string[] };
-  // New refcount blocks must not land on clusters something references.
-  rc.hooks.inUse = (c) => w.refs.get(c) > 0;
-  const limit = Math.max(Math.ceil(w.fileSize / w.cs), w.refs.highest + 1);
-  // Raise first (so no referenced cluster is ever counted free), then lower.
-  for (const phase of ['raise', 'lower'] as const) {
-    if (phase === 'raise' && mode !== 'all') continue;
-    for (let c = 0; c < limit; c++) {
-      const found = w.refs.get(c);
-      const b = Math.floor(c / rc.perBlock);
-      if ((rc.blockOffsets()[b] ?? 0) === 0 && found === 0) continue;
-      const stored = await rc.get(c);
-      if (phase === 'raise' && stored < found) {
-        out.messages.push(`Repairing cluster ${c} refcount=${stored} reference=${found}`);
-        await rc.set(c, found);
-        out.corruptions++;
-      } else if (phase === 'lower' && stored > found) {
-        out.messages.push(`Repairing cluster ${c} refcount=${stored} reference=${found}`);
-        await rc.set(c, found);
-        out.leaks++;
-      }
-    }
-    await rc.writeBack(() => store.flush());
-    await store.flush();
-  }
-  if (rc.tableOffset !== w.h.refcountTableOffset) {
-    w.h.refcountTableOffset = rc.tableOffset;
-    w.h.refcountTableClusters = rc.tableClusters;
-    await store.write(0, encodeHeader(w.h, w.cs));
-  }
-  if (mode === 'all') {
-    // The counts are right now: recompute which COPIED flags are wrong and fix them.
-    const again = await scan(store);
-    const byTable = new Map<number, Array<{ at: number; entry: bigint; want: boolean }>>();
-    for (const b of again.badCopied) {
-      const list = byTable.get(b.table) ?? [];
-      list.push(b);
-      byTable.set(b.table, list);
-    }
-    for (const [table, list] of byTable) {
-      for (const b of list) {
-        const v = b.want ? b.entry | COPIED : b.entry & ~COPIED;
-        const buf = new Uint8Array(8);
-        new DataView(buf.buffer).setBigUint64(0, v);
-        await store.write(table + b.at, buf);
-        out.corruptions++;
-        out.messages.push(`Repairing OFLAG_COPIED ${table === w.h.l1TableOffset ? 'L2 cluster' : 'data cluster'}: entry=${b.entry.toString(16)}`);
-      }
-    }
-  }
-  await store.flush();
-  // What repair cannot fix (entries pointing outside the image...) shows up in the second scan.
-  return out;
 }
 
 /** qemu-img check's JSON object, keys in its order, optional counts only when non-zero. */
