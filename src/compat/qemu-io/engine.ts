@@ -305,11 +305,24 @@ const now = () => performance.now() / 1000;
 /** The text after `can't open device X: ` for a failure to open, in QEMU's words where we know them. */
 export function openErrorText(e: unknown, name: string | undefined): string {
   const code = (e as NodeJS.ErrnoException | undefined)?.code;
-  if (code === 'ENOENT' || (e instanceof QcowError && e.code === 'QCOW_NOT_FOUND' && name !== undefined && e.file === name)) {
-    return `Could not open '${name}': No such file or directory`;
-  }
   if (code === 'EACCES') return `Could not open '${name}': Permission denied`;
-  return e instanceof Error ? e.message : String(e);
+  if (!(e instanceof QcowError)) return e instanceof Error ? e.message : String(e);
+  // The chain wraps a missing backing file; other failures of a backing image carry its name.
+  const cause = e.cause;
+  if (e.code === 'QCOW_NOT_FOUND' && cause instanceof QcowError && /^Could not open backing file/.test(e.message)) {
+    return `Could not open backing file: ${layerText(cause, cause.file)}`;
+  }
+  if (name !== undefined && e.file !== undefined && e.file !== name && !e.file.endsWith('/' + name.replace(/^\.\//, ''))) {
+    return `Could not open backing file: ${layerText(e, e.file)}`;
+  }
+  return layerText(e, name);
+}
+
+function layerText(e: QcowError, file: string | undefined): string {
+  if (e.code === 'QCOW_NOT_FOUND') return `Could not open '${file}': No such file or directory`;
+  const unknown = /^Unknown file format '([^']*)'/.exec(e.message);
+  if (unknown) return `Unknown driver '${unknown[1]}'`;
+  return e.message;
 }
 
 function verify(buf: Uint8Array, pattern: number): boolean {

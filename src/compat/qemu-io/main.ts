@@ -7,6 +7,7 @@
 import { fstatSync, readFileSync, writeSync } from 'node:fs';
 import type { BlockDevice } from '../../core/block-device.js';
 import { getopt, type LongOption } from './getopt.js';
+import { parseNumber } from './text.js';
 import { QemuIo, parseOpts, type IoOutput, type Opener, type OpenRequest } from './engine.js';
 
 const LONG: LongOption[] = [
@@ -150,6 +151,53 @@ function parseObject(text: string, secrets: Map<string, string>, output: IoOutpu
   return true;
 }
 
+/**
+ * qemu's qcow2 cache options (cache-size, l2-cache-size, refcount-cache-size, l2-cache-entry-size)
+ * are checked as qemu checks them when it opens the image; qcow sizes its caches itself, so valid
+ * ones change nothing. The device is closed when they are refused.
+ */
+async function checked(dev: BlockDevice, o: Record<string, string>): Promise<BlockDevice> {
+  const problem = dev.format === 'qcow2' ? qcow2CacheProblem(o, dev.clusterSize, dev.size) : undefined;
+  if (problem === undefined) return dev;
+  await dev.close();
+  const { QcowError } = await import('../../core/errors.js');
+  throw new QcowError('QCOW_INVALID_ARGUMENT', problem);
+}
+
+/** Why qemu would refuse these qcow2 cache options, or undefined. */
+export function qcow2CacheProblem(o: Record<string, string>, clusterSize: number, size: number): string | undefined {
+  const num = (k: string, dflt: number): number => {
+    if (o[k] === undefined) return dflt;
+    const n = parseNumber(o[k]!);
+    return 'value' in n ? n.value : dflt;
+  };
+  const combinedSet = o['cache-size'] !== undefined;
+  const l2Set = o['l2-cache-size'] !== undefined;
+  const rcSet = o['refcount-cache-size'] !== undefined;
+  const entrySet = o['l2-cache-entry-size'] !== undefined;
+  const maxL2 = Math.ceil((Math.ceil(size / clusterSize) * 8) / clusterSize) * clusterSize;
+  const combined = num('cache-size', 0);
+  const l2Setting = num('l2-cache-size', 32 * 1024 * 1024);
+  let rc = num('refcount-cache-size', 0);
+  let entry = num('l2-cache-entry-size', clusterSize);
+  let l2 = Math.min(maxL2, l2Setting);
+  if (combinedSet) {
+    if (l2Set && rcSet) return 'cache-size, l2-cache-size and refcount-cache-size may not be set at the same time';
+    if (l2Set && l2Setting > combined) return 'l2-cache-size may not exceed cache-size';
+    if (rc > combined) return 'refcount-cache-size may not exceed cache-size';
+    const minRc = 4 * clusterSize;
+    if (l2Set) rc = combined - l2;
+    else if (rcSet) l2 = combined - rc;
+    else if (combined >= maxL2 + minRc) l2 = maxL2;
+    else l2 = combined - Math.min(combined, minRc);
+  }
+  if (l2 < maxL2 && !entrySet) entry = Math.min(clusterSize, 4096);
+  if (entry < 512 || entry > clusterSize || (entry & (entry - 1)) !== 0) {
+    return `L2 cache entry size must be a power of two between 512 and the cluster size (${clusterSize})`;
+  }
+  return undefined;
+}
+
 /** Opens images for the engine: -o/--image-opts keys, secrets, -s overlays. */
 export class NodeOpener implements Opener {
   private readonly overlays = new WeakMap<BlockDevice, string>();
@@ -162,7 +210,7 @@ export class NodeOpener implements Opener {
     const { openImage, createImage } = await import('../../node-open.js');
     const { QcowError } = await import('../../core/errors.js');
     const o = req.options;
-    const name = req.name ?? o['file.filename'] ?? o.filename ?? o.file;
+    const name = req.name ?? o['file.filename'] ?? o.filename ?? o.file ?? o['file.file.filename'];
     if (name === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', "A block device must be specified for \"file\"");
     let format = o.driver ?? this.format;
     if (format === 'file') format = 'raw';
@@ -174,12 +222,27 @@ export class NodeOpener implements Opener {
     } else if (this.secrets.size === 1) password = [...this.secrets.values()][0];
     const readOnly = req.readOnly || o['read-only'] === 'on';
     const noBacking = o.backing === 'null' || o.backing === '';
-    if (!req.snapshot) return openImage(name, { format, readOnly, password, noBacking });
+    const backingFormat = o['backing.driver'];
+    const fileDriver = o['file.driver'];
+    if (fileDriver !== undefined && fileDriver !== 'file') {
+      // A nested image: the image's bytes are the guest content of another image.
+      const innerName = o['file.file.filename'] ?? name;
+      const inner = await openImage(innerName, { format: fileDriver === 'file' ? 'raw' : fileDriver, readOnly, password });
+      const { defaultOpener } = await import('../../node-open.js');
+      const { openerWith } = await import('./device-store.js');
+      try {
+        return checked(await openImage(innerName, { format, readOnly, password, noBacking, backingFormat, opener: openerWith(defaultOpener, innerName, inner) }), o);
+      } catch (e) {
+        await inner.close().catch(() => undefined);
+        throw e;
+      }
+    }
+    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, noBacking, backingFormat }), o);
     // -s: a temporary qcow2 overlay over the image takes the writes and goes with close().
     const { tmpdir } = await import('node:os');
     const { join, resolve } = await import('node:path');
     const { mkdtemp } = await import('node:fs/promises');
-    const base = await openImage(name, { format, readOnly: true, password, noBacking });
+    const base = await openImage(name, { format, readOnly: true, password, noBacking, backingFormat });
     const baseFormat = base.format;
     await base.close();
     const dir = await mkdtemp(join(tmpdir(), 'qemu-io-snapshot-'));

@@ -67,8 +67,18 @@ export function numberError(n: Num & { error: string }, arg: string): string {
     : `Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- ${arg}\n`;
 }
 
-/** C's "%.Nf". */
-function fixed(v: number, digits: number): string {
+/**
+ * C's "%.Nf": the exact value rounded, ties to even. toFixed rounds the exact value too but sends
+ * ties up (1.0625 gives "1.063" where printf gives "1.062"); a tie is exact only when the scaled
+ * value is, so it can be caught and sent to the even neighbour.
+ */
+export function fixed(v: number, digits: number): string {
+  const scale = 10 ** digits;
+  const scaled = v * scale;
+  if (Number.isFinite(scaled) && Math.abs(scaled) < 2 ** 52 && scaled - Math.floor(scaled) === 0.5 && scaled / scale === v) {
+    const lo = Math.floor(scaled);
+    return ((lo % 2 === 0 ? lo : lo + 1) / scale).toFixed(digits);
+  }
   return v.toFixed(digits);
 }
 
