@@ -1227,7 +1227,7 @@ const helpCmd: Command = {
   args: '[command]',
   oneline: 'help for one or all commands',
   async run(io, argv) {
-    const line = (name: string, ct: Command) => `${name} ${ct.args ? ct.args + ' ' : ''}-- ${ct.oneline}\n`;
+    const line = (name: string, ct: Command) => `${name} ${ct.args !== undefined ? ct.args + ' ' : ''}-- ${ct.oneline}\n`;
     if (argv.length < 2) {
       io.output.out(COMMANDS.map((ct) => line(ct.name, ct)).join('') + "\nUse 'help commandname' for extended help.\n");
       return 0;

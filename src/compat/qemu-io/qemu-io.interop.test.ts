@@ -80,5 +80,6 @@ test('read-only opens, bad options and unknown files fail as qemu-io does', need
     const ours = await run(OURS, args);
     assert.equal(ours.code, theirs.code, args.join(' '));
     assert.equal(ours.stderr, theirs.stderr, args.join(' '));
+    if (args[0] === '-c') assert.equal(ours.stdout, theirs.stdout);
   }
 });
