@@ -21,6 +21,8 @@ export interface OpenImageOptions {
   password?: string;
   /** Open an internal snapshot (qcow2), read-only. */
   snapshot?: string;
+  /** Open the top image's backing file as this format, whatever the image records (qemu's `backing.driver`). */
+  backingFormat?: string;
   /** Do not open backing files: unallocated ranges read as zeros (qemu-img's -u / `backing: null`). */
   noBacking?: boolean;
   /** Longest chain accepted, counting the top image. */
@@ -66,7 +68,7 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
     };
     if (!options.noBacking) {
       openOptions.openBacking = (backingName, backingFormat) =>
-        openLayer(resolveNamed(backingName, name, options), options, backingFormat, depth + 1, seen).catch((e) => {
+        openLayer(resolveNamed(backingName, name, options), options, depth === 0 ? (options.backingFormat ?? backingFormat) : backingFormat, depth + 1, seen).catch((e) => {
           throw backingError(e, name, backingName);
         });
     }

@@ -137,7 +137,7 @@ function buildProgram(argv: string[]): Command {
     io: () => {
       program
         .command('io')
-        .description('run qemu-io style commands on an image: read, write, discard, flush, map')
+        .description('run qemu-io commands on an image (read, write, aio_write, discard, alloc, map, ...; -c help lists them)')
         .addOption(fmt())
         .addOption(pw())
         .option('-c, --cmd <command>', 'a command (repeatable, run in order)', collect)

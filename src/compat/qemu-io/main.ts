@@ -1,15 +1,402 @@
 /**
- * `qemu-io` as qcow (compat/qemu-io): QEMU's options, command language, output and exit codes.
- * For now `qcow io` with qemu-io's cache and AIO options dropped; the compatible front end grows here.
+ * `qemu-io` as qcow (compat/qemu-io): QEMU 7.2's options, command language, output and exit codes.
+ * Commands come from -c (in order) or, without -c, from standard input line by line after a
+ * `qemu-io> ` prompt (printed whether or not stdin is a terminal, as qemu-io does). The exit
+ * status is 1 when the last failing command failed (any command failing), else 0.
  */
-import { runQcow } from '../../cli/program.js';
+import { fstatSync, readFileSync, writeSync } from 'node:fs';
+import type { BlockDevice } from '../../core/block-device.js';
+import { getopt, type LongOption } from './getopt.js';
+import { parseNumber } from './text.js';
+import { QemuIo, parseOpts, type IoOutput, type Opener, type OpenRequest } from './engine.js';
+
+const LONG: LongOption[] = [
+  { name: 'help', hasArg: false, key: 'h' },
+  { name: 'version', hasArg: false, key: 'V' },
+  { name: 'cmd', hasArg: true, key: 'c' },
+  { name: 'format', hasArg: true, key: 'f' },
+  { name: 'read-only', hasArg: false, key: 'r' },
+  { name: 'snapshot', hasArg: false, key: 's' },
+  { name: 'nocache', hasArg: false, key: 'n' },
+  { name: 'copy-on-read', hasArg: false, key: 'C' },
+  { name: 'misalign', hasArg: false, key: 'm' },
+  { name: 'native-aio', hasArg: false, key: 'k' },
+  { name: 'aio', hasArg: true, key: 'i' },
+  { name: 'discard', hasArg: true, key: 'd' },
+  { name: 'cache', hasArg: true, key: 't' },
+  { name: 'trace', hasArg: true, key: 'T' },
+  { name: 'object', hasArg: true, key: 'object' },
+  { name: 'image-opts', hasArg: false, key: 'image-opts' },
+  { name: 'force-share', hasArg: false, key: 'U' },
+];
+
+function usage(name: string): string {
+  return `Usage: ${name} [OPTIONS]... [-c STRING]... [file]
+QEMU Disk exerciser (qcow)
+
+  --object OBJECTDEF   define an object such as 'secret' for
+                       passwords and/or encryption keys
+  --image-opts         treat file as option string
+  -c, --cmd STRING     execute command with its arguments
+                       from the given string
+  -f, --format FMT     specifies the block driver to use
+  -r, --read-only      export read-only
+  -s, --snapshot       use snapshot file
+  -n, --nocache        disable host cache, short for -t none
+  -C, --copy-on-read   enable copy-on-read
+  -m, --misalign       misalign allocations for O_DIRECT
+  -k, --native-aio     use kernel AIO implementation
+                       (Linux only, prefer use of -i)
+  -i, --aio=MODE       use AIO mode (threads, native or io_uring)
+  -t, --cache=MODE     use the given cache mode for the image
+  -d, --discard=MODE   use the given discard mode for the image
+  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
+                       specify tracing options
+  -U, --force-share    force shared permissions
+  -h, --help           display this help and exit
+  -V, --version        output version information and exit
+
+See '${name} -c help' for information on available commands.
+`;
+}
+
+/**
+ * stdout as C's stdio keeps it: line-buffered on a terminal, otherwise fully buffered in 4 KiB
+ * blocks and written when full, on fflush and at exit. stderr is written at once. Keeping this
+ * matters: with both on one pipe, an error line lands before the results printed ahead of it,
+ * exactly where qemu-io's lands.
+ */
+export class StdioOutput implements IoOutput {
+  private buf = '';
+  private readonly tty: boolean;
+  constructor(
+    private readonly write: (fd: number, text: string) => void = writeFd,
+    tty?: boolean,
+    private readonly block = 4096,
+  ) {
+    this.tty = tty ?? isTty(1);
+  }
+  out(text: string): void {
+    this.buf += text;
+    if (this.tty) {
+      const nl = this.buf.lastIndexOf('\n');
+      if (nl >= 0) {
+        this.write(1, this.buf.slice(0, nl + 1));
+        this.buf = this.buf.slice(nl + 1);
+      }
+    } else if (Buffer.byteLength(this.buf) >= this.block) {
+      const bytes = Buffer.from(this.buf);
+      const n = bytes.length - (bytes.length % this.block);
+      this.write(1, bytes.subarray(0, n).toString());
+      this.buf = bytes.subarray(n).toString();
+    }
+  }
+  err(text: string): void {
+    this.write(2, text);
+  }
+  flush(): void {
+    if (this.buf) this.write(1, this.buf);
+    this.buf = '';
+  }
+  discard(): void {
+    this.buf = '';
+  }
+}
+
+function isTty(fd: number): boolean {
+  try {
+    return fstatSync(fd).isCharacterDevice();
+  } catch {
+    return false;
+  }
+}
+
+function writeFd(fd: number, text: string): void {
+  const bytes = Buffer.from(text);
+  for (let done = 0; done < bytes.length; ) {
+    try {
+      done += writeSync(fd, bytes, done, bytes.length - done);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'EPIPE') return;
+      if (code !== 'EAGAIN') throw e;
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 1);
+    }
+  }
+}
+
+/** --object secret,id=ID,data=TEXT|file=PATH: the secrets encrypted images name by id. */
+function parseObject(text: string, secrets: Map<string, string>, output: IoOutput): boolean {
+  const o = parseOpts(text, 'qom-type');
+  if (o['qom-type'] !== 'secret') {
+    output.err(`qemu-io: Invalid object type '${o['qom-type'] ?? ''}'\n`);
+    return false;
+  }
+  if (!o.id) {
+    output.err(`qemu-io: Parameter 'id' is missing\n`);
+    return false;
+  }
+  if (o.data !== undefined) secrets.set(o.id, o.data);
+  else if (o.file !== undefined) {
+    try {
+      secrets.set(o.id, readFileSync(o.file, 'utf8'));
+    } catch {
+      output.err(`qemu-io: Unable to read ${o.file}: No such file or directory\n`);
+      return false;
+    }
+  } else {
+    output.err("qemu-io: Either 'data' or 'file' must be provided\n");
+    return false;
+  }
+  return true;
+}
+
+/**
+ * qemu's qcow2 cache options (cache-size, l2-cache-size, refcount-cache-size, l2-cache-entry-size)
+ * are checked as qemu checks them when it opens the image; qcow sizes its caches itself, so valid
+ * ones change nothing. The device is closed when they are refused.
+ */
+async function checked(dev: BlockDevice, o: Record<string, string>): Promise<BlockDevice> {
+  const problem = dev.format === 'qcow2' ? qcow2CacheProblem(o, dev.clusterSize, dev.size) : undefined;
+  if (problem === undefined) return dev;
+  await dev.close();
+  const { QcowError } = await import('../../core/errors.js');
+  throw new QcowError('QCOW_INVALID_ARGUMENT', problem);
+}
+
+/** Why qemu would refuse these qcow2 cache options, or undefined. */
+export function qcow2CacheProblem(o: Record<string, string>, clusterSize: number, size: number): string | undefined {
+  const num = (k: string, dflt: number): number => {
+    if (o[k] === undefined) return dflt;
+    const n = parseNumber(o[k]!);
+    return 'value' in n ? n.value : dflt;
+  };
+  const combinedSet = o['cache-size'] !== undefined;
+  const l2Set = o['l2-cache-size'] !== undefined;
+  const rcSet = o['refcount-cache-size'] !== undefined;
+  const entrySet = o['l2-cache-entry-size'] !== undefined;
+  const maxL2 = Math.ceil((Math.ceil(size / clusterSize) * 8) / clusterSize) * clusterSize;
+  const combined = num('cache-size', 0);
+  const l2Setting = num('l2-cache-size', 32 * 1024 * 1024);
+  let rc = num('refcount-cache-size', 0);
+  let entry = num('l2-cache-entry-size', clusterSize);
+  let l2 = Math.min(maxL2, l2Setting);
+  if (combinedSet) {
+    if (l2Set && rcSet) return 'cache-size, l2-cache-size and refcount-cache-size may not be set at the same time';
+    if (l2Set && l2Setting > combined) return 'l2-cache-size may not exceed cache-size';
+    if (rc > combined) return 'refcount-cache-size may not exceed cache-size';
+    const minRc = 4 * clusterSize;
+    if (l2Set) rc = combined - l2;
+    else if (rcSet) l2 = combined - rc;
+    else if (combined >= maxL2 + minRc) l2 = maxL2;
+    else l2 = combined - Math.min(combined, minRc);
+  }
+  if (l2 < maxL2 && !entrySet) entry = Math.min(clusterSize, 4096);
+  if (entry < 512 || entry > clusterSize || (entry & (entry - 1)) !== 0) {
+    return `L2 cache entry size must be a power of two between 512 and the cluster size (${clusterSize})`;
+  }
+  return undefined;
+}
+
+/** Opens images for the engine: -o/--image-opts keys, secrets, -s overlays. */
+export class NodeOpener implements Opener {
+  private readonly overlays = new WeakMap<BlockDevice, string>();
+  constructor(
+    private readonly secrets: Map<string, string>,
+    private readonly format?: string,
+  ) {}
+
+  async open(req: OpenRequest): Promise<BlockDevice> {
+    const { openImage, createImage } = await import('../../node-open.js');
+    const { QcowError } = await import('../../core/errors.js');
+    const o = req.options;
+    const name = req.name ?? o['file.filename'] ?? o.filename ?? o.file ?? o['file.file.filename'];
+    if (name === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', "A block device must be specified for \"file\"");
+    let format = o.driver ?? this.format;
+    if (format === 'file') format = 'raw';
+    const secretId = o['encrypt.key-secret'] ?? o['encryption.key-secret'];
+    let password: string | undefined;
+    if (secretId !== undefined) {
+      password = this.secrets.get(secretId);
+      if (password === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', `No secret with id '${secretId}'`);
+    } else if (this.secrets.size === 1) password = [...this.secrets.values()][0];
+    const readOnly = req.readOnly || o['read-only'] === 'on';
+    const noBacking = o.backing === 'null' || o.backing === '';
+    const backingFormat = o['backing.driver'];
+    const fileDriver = o['file.driver'];
+    if (fileDriver !== undefined && fileDriver !== 'file') {
+      // A nested image: the image's bytes are the guest content of another image.
+      const innerName = o['file.file.filename'] ?? name;
+      const inner = await openImage(innerName, { format: fileDriver === 'file' ? 'raw' : fileDriver, readOnly, password });
+      const { defaultOpener } = await import('../../node-open.js');
+      const { openerWith } = await import('./device-store.js');
+      try {
+        return checked(await openImage(innerName, { format, readOnly, password, noBacking, backingFormat, opener: openerWith(defaultOpener, innerName, inner) }), o);
+      } catch (e) {
+        await inner.close().catch(() => undefined);
+        throw e;
+      }
+    }
+    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, noBacking, backingFormat }), o);
+    // -s: a temporary qcow2 overlay over the image takes the writes and goes with close().
+    const { tmpdir } = await import('node:os');
+    const { join, resolve } = await import('node:path');
+    const { mkdtemp } = await import('node:fs/promises');
+    const base = await openImage(name, { format, readOnly: true, password, noBacking, backingFormat });
+    const baseFormat = base.format;
+    await base.close();
+    const dir = await mkdtemp(join(tmpdir(), 'qemu-io-snapshot-'));
+    const tmp = join(dir, 'overlay.qcow2');
+    await createImage(tmp, { format: 'qcow2', backingFile: resolve(name), backingFormat: baseFormat, password });
+    const dev = await openImage(tmp, { readOnly, password });
+    this.overlays.set(dev, dir);
+    return dev;
+  }
+
+  async close(dev: BlockDevice): Promise<void> {
+    try {
+      await dev.close();
+    } finally {
+      const dir = this.overlays.get(dev);
+      if (dir) {
+        const { rm } = await import('node:fs/promises');
+        await rm(dir, { recursive: true, force: true });
+      }
+    }
+  }
+}
+
+const CACHE_MODES = ['none', 'off', 'writeback', 'writethrough', 'directsync', 'unsafe'];
+
+/** Read stdin a line at a time (qemu-io's fgets loop), the prompt printed before each. */
+async function* stdinLines(): AsyncGenerator<string> {
+  const { createReadStream } = await import('node:fs');
+  const stream = createReadStream('', { fd: 0, autoClose: false });
+  let pending = '';
+  for await (const chunk of stream as AsyncIterable<Buffer>) {
+    pending += chunk.toString('utf8');
+    let nl: number;
+    while ((nl = pending.indexOf('\n')) >= 0) {
+      yield pending.slice(0, nl);
+      pending = pending.slice(nl + 1);
+    }
+  }
+  if (pending) yield pending;
+}
 
 export async function main(argv: string[]): Promise<void> {
-  const rest: string[] = [];
-  for (let i = 2; i < argv.length; i++) {
-    const a = argv[i]!;
-    if (a === '--cache' || a === '-t' || a === '--aio' || a === '-i') i++;
-    else if (!a.startsWith('--cache=') && !a.startsWith('--aio=')) rest.push(a);
+  const prog = 'qemu-io';
+  const output = new StdioOutput();
+  const fail = (text: string) => {
+    output.err(text);
+    output.flush();
+    process.exitCode = 1;
+  };
+  const parsed = getopt(prog, argv.slice(2), 'hVc:d:f:rsnCmki:t:T:U', LONG, (l) => output.err(l));
+  if (!parsed) {
+    output.out(usage(prog));
+    output.flush();
+    process.exitCode = 1;
+    return;
   }
-  await runQcow([argv[0]!, argv[1]!, 'io', ...rest]);
+  const cmds: string[] = [];
+  const secrets = new Map<string, string>();
+  let format: string | undefined;
+  let readOnly = false;
+  let snapshot = false;
+  let forceShare = false;
+  let imageOpts = false;
+  for (const { key, arg } of parsed.options) {
+    switch (key) {
+      case 'c':
+        cmds.push(arg!);
+        break;
+      case 'f':
+        format = arg;
+        break;
+      case 'r':
+        readOnly = true;
+        break;
+      case 's':
+        snapshot = true;
+        break;
+      case 'U':
+        forceShare = true;
+        break;
+      case 'image-opts':
+        imageOpts = true;
+        break;
+      case 'object':
+        if (!parseObject(arg!, secrets, output)) return fail('');
+        break;
+      case 't':
+        if (!CACHE_MODES.includes(arg!)) return fail(`${prog}: Invalid cache option: ${arg}\n`);
+        break;
+      case 'd':
+        if (!['ignore', 'off', 'unmap', 'on'].includes(arg!)) return fail(`${prog}: Invalid discard option: ${arg}\n`);
+        break;
+      case 'i':
+        if (!['threads', 'native', 'io_uring'].includes(arg!)) return fail(`${prog}: Invalid aio option: ${arg}\n`);
+        break;
+      case 'V':
+        output.out(`${prog} version 7.2.0 (qcow ${process.env.npm_package_version ?? '0.1.0'})\n`);
+        output.flush();
+        return;
+      case 'h':
+        output.out(usage(prog));
+        output.flush();
+        return;
+      default:
+        // -n, -C, -m, -k, -T: caching, copy-on-read, misalignment, AIO and tracing change nothing here.
+        break;
+    }
+  }
+  if (parsed.operands.length > 1) {
+    output.out(usage(prog));
+    output.flush();
+    process.exitCode = 1;
+    return;
+  }
+  if (format !== undefined && imageOpts) return fail(`${prog}: --image-opts and -f are mutually exclusive\n`);
+
+  const io = new QemuIo(output, new NodeOpener(secrets, format), imageOpts, prog);
+  if (parsed.operands.length === 1) {
+    const operand = parsed.operands[0]!;
+    const req: OpenRequest = imageOpts
+      ? { options: parseOpts(operand, 'file'), readOnly, snapshot, forceShare }
+      : { name: operand, options: {}, readOnly, snapshot, forceShare };
+    if (await io.openImage(req)) {
+      output.flush();
+      process.exitCode = 1;
+      return;
+    }
+  }
+
+  let lastError = 0;
+  const run = async (line: string) => {
+    const r = await io.command(line);
+    if (r < 0) lastError = r;
+  };
+  if (cmds.length > 0) {
+    for (const c of cmds) {
+      if (io.quit) break;
+      await run(c);
+    }
+  } else {
+    const lines = stdinLines();
+    while (!io.quit) {
+      output.out(`${prog}> `);
+      output.flush();
+      const next = await lines.next();
+      if (next.done) break;
+      await run(next.value);
+    }
+  }
+  try {
+    await io.closeImage();
+  } catch (e) {
+    output.err(`${prog}: ${e instanceof Error ? e.message : String(e)}\n`);
+  }
+  output.flush();
+  process.exitCode = lastError < 0 ? 1 : 0;
 }

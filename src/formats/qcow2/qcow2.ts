@@ -600,7 +600,13 @@ export class Qcow2Device extends DeviceBase {
   async resize(size: number, options: { shrink?: boolean } = {}): Promise<void> {
     this.checkWritable();
     if (!Number.isSafeInteger(size) || size < 0) throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid size ${size}`);
+    const old = this.size;
     await this.writerOrThrow().resize(size, options.shrink ?? false);
+    // Growing over a backing image that reaches past the old end: the new range reads as zeros,
+    // not as the backing image's bytes there, as QEMU makes it (bdrv_co_truncate's zero write).
+    // Opened without its backing image (qemu-img resize's way here), its length is unknown: zero.
+    const backingReaches = this.backing ? this.backing.size > old : this.header.backingFile !== undefined;
+    if (size > old && backingReaches) await this.writeZeroes(old, size - old);
   }
 
   async setBacking(name: string | null, format: string | null): Promise<void> {

@@ -55,3 +55,17 @@ test('shrinking keeps internal snapshots readable and the image clean', needs('q
   assert.equal((await run('qemu-img', ['check', f])).code, 0);
   assert.equal(await qemuGuestSha256(['-f', 'qcow2', f]), snap);
 });
+
+test('growing over a longer backing image reads zeros in the new range, not the backing bytes (as qemu)', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const base = join(dir, 'b.qcow2');
+  const top = join(dir, 't.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', base, '1M']);
+  await qemuIo(['-c', 'write -P 0x11 0 1M', base]);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top, '1M']);
+  await qemuIo(['-c', 'write -P 0x22 0 1M', top]);
+  await qcowOk(['resize', '--shrink', top, '520k']);
+  await qcowOk(['resize', top, '567k']);
+  await qemuIo(['-c', 'read -P 0x22 0 520k', '-c', 'read -P 0 520k 47k', top]);
+  assert.equal((await run('qemu-img', ['check', top])).code, 0);
+});
