@@ -4,7 +4,7 @@
  * main.ts runs it; bin/qcow.cjs runs the same code from one bundled file (see there).
  */
 import { Command, CommanderError, Option } from 'commander';
-import { collect, errorLine, exitCodeFor, openPolicy, writeOut } from './common.js';
+import { collect, errorLine, jsonStyle, exitCodeFor, openPolicy, writeOut } from './common.js';
 
 /** A command's module: `run` takes commander's action arguments (operands, then the flags). */
 type CommandModule = { run: (...a: never[]) => Promise<number | void> };
@@ -343,10 +343,13 @@ export interface FailureStyle {
   program: string;
   /** The whole text for a failure (ending in a newline). */
   errorText(e: unknown): string;
+  /** JSON output laid out the persona's way. */
+  json?: (value: unknown) => string;
 }
 
 /** The `qcow` command itself (or a persona running its commands with its own failure style). */
 export async function runQcow(argv: string[], style?: FailureStyle): Promise<void> {
+  if (style?.json) jsonStyle.stringify = style.json;
   try {
     await buildProgram(argv).parseAsync(argv);
   } catch (e) {

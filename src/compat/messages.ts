@@ -35,6 +35,8 @@ interface Row {
 const noFile = (msg: string) => msg.replace(/^(?:file|cannot open|could not open)[^:]*:\s*/i, '');
 
 const ROWS: Row[] = [
+  // A virtual size past what can be addressed.
+  { match: /^size 0x[0-9a-f]+ is too large/, text: (e, c) => `Could not open '${c.file ?? e.file}': Image is too big` },
   // A backing chain that comes back to an image it already holds.
   { code: 'QCOW_CORRUPT', match: /loops back/, text: (e, c) => `Backing file '${e.file ?? c.file}' creates an infinite loop.` },
   // create: the backing file could not be opened (QEMU adds a hint line).
@@ -76,7 +78,8 @@ export function qemuMessage(e: unknown, ctx: MessageContext): string {
     }
     return row.text(e, ctx, m);
   }
-  return e.file ? `${e.file}: ${e.message}` : e.message;
+  // QEMU's messages after opening rarely name the image; ours that need it say it themselves.
+  return e.message;
 }
 
 /** Lines for stderr: the program's prefix on the first line only, as QEMU's error_report and hints. */

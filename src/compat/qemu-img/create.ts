@@ -140,7 +140,8 @@ async function make(file: string, fmt: string, s: Settings): Promise<void> {
     options[k] = v;
   }
   if (values.has('encrypt.key-secret') && s.password === undefined) throw new CreateError(`No secret with id '${values.get('encrypt.key-secret')}'`);
-  await createImage(file, { format: fmt, size: Number(size), backingFile: backing, backingFormat: backingFmt, options, unsafe: s.unsafe, password: s.password });
+  // QEMU's file protocol prefix names a plain file.
+  await createImage(file.startsWith('file:') ? file.slice(5) : file, { format: fmt, size: Number(size), backingFile: backing, backingFormat: backingFmt, options, unsafe: s.unsafe, password: s.password });
 }
 
 /** The message is already out. */

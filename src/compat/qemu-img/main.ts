@@ -10,6 +10,7 @@ import { QcowError } from '../../core/errors.js';
 import { runQcow, type FailureStyle } from '../../cli/program.js';
 import { writeOut } from '../../cli/common.js';
 import { getopt, GetoptError, type LongOption, type Parsed } from '../getopt.js';
+import { qemuJson } from '../qemu-json.js';
 import { qemuErrorLines, type ErrorContext } from '../messages.js';
 
 const PROGRAM = 'qemu-img';
@@ -148,11 +149,14 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   const imageOpts = parsed.options.some((o) => o.key === 'image-opts');
   let operands = parsed.operands;
   if (imageOpts) operands = operands.map((x) => fromImageOpts(x, out));
+  // QEMU's file protocol prefix names a plain file.
+  operands = operands.map((x) => (x.startsWith('file:') ? x.slice(5) : x));
   if (cmd === 'resize' && resizeSize !== undefined) operands = [...operands, resizeSize];
   const file = operands[0];
   const style: FailureStyle = {
     program: PROGRAM,
     errorText: (e) => qemuErrorLines(PROGRAM, e, { op: contextOf(e), file: (e as QcowError)?.file ?? file }),
+    json: qemuJson,
   };
   const argv = [process.argv[0]!, PROGRAM, cmd, ...out, '--', ...operands];
   process.exitCode = undefined;
