@@ -129,8 +129,11 @@ export function writeOut(text: string): void {
   }
 }
 
+/** How JSON output is laid out: ours by default; a persona (compat/qemu-img) may set QEMU's. */
+export const jsonStyle: { stringify?: (value: unknown) => string } = {};
+
 export function printJson(value: unknown): void {
-  writeOut(JSON.stringify(value, null, 4) + '\n');
+  writeOut((jsonStyle.stringify ?? ((v: unknown) => JSON.stringify(v, null, 4)))(value) + '\n');
 }
 
 export function checkOutputFormat(output: string | undefined): 'json' | 'human' {

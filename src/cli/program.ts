@@ -4,7 +4,7 @@
  * main.ts runs it; bin/qcow.cjs runs the same code from one bundled file (see there).
  */
 import { Command, CommanderError, Option } from 'commander';
-import { collect, errorLine, exitCodeFor, openPolicy, writeOut } from './common.js';
+import { collect, errorLine, jsonStyle, exitCodeFor, openPolicy, writeOut } from './common.js';
 
 /** A command's module: `run` takes commander's action arguments (operands, then the flags). */
 type CommandModule = { run: (...a: never[]) => Promise<number | void> };
@@ -334,18 +334,32 @@ export async function main(argv: string[]): Promise<void> {
   await runQcow(argv);
 }
 
-/** The `qcow` command itself. */
-export async function runQcow(argv: string[]): Promise<void> {
+/**
+ * How a front end that runs the qcow commands under another name reports failures (the compat
+ * personas put QEMU's wording here); the `qcow` command's own style otherwise.
+ */
+export interface FailureStyle {
+  /** The program name that starts argument-error lines. */
+  program: string;
+  /** The whole text for a failure (ending in a newline). */
+  errorText(e: unknown): string;
+  /** JSON output laid out the persona's way. */
+  json?: (value: unknown) => string;
+}
+
+/** The `qcow` command itself (or a persona running its commands with its own failure style). */
+export async function runQcow(argv: string[], style?: FailureStyle): Promise<void> {
+  if (style?.json) jsonStyle.stringify = style.json;
   try {
     await buildProgram(argv).parseAsync(argv);
   } catch (e) {
     if (e instanceof CommanderError) {
       if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return;
-      process.stderr.write(`qcow: ${e.message.replace(/^error: /, '')}\n`);
+      process.stderr.write(`${style?.program ?? 'qcow'}: ${e.message.replace(/^error: /, '')}\n`);
       process.exitCode = 1;
       return;
     }
-    process.stderr.write(errorLine(e) + '\n');
+    process.stderr.write(style ? style.errorText(e) : errorLine(e) + '\n');
     if (process.env.QCOW_DEBUG) process.stderr.write(String((e as Error)?.stack) + '\n');
     process.exitCode = exitCodeFor(e);
   }

@@ -1,9 +1,189 @@
 /**
- * `qemu-img` as qcow (compat/qemu-img): QEMU's options, output, messages and exit codes.
- * For now the qcow program under QEMU's name; the compatible front end grows here.
+ * `qemu-img` as qcow (compat/qemu-img): QEMU 7.2's command line, output, messages and exit codes
+ * over qcow's own commands. Arguments are scanned as QEMU scans them (its option letters per
+ * command, mixed options and operands, `--object`, `--image-opts`, `-T`, cache modes accepted),
+ * then each command either runs here (create: QEMU's "Formatting" line) or is handed to the qcow
+ * command of the same name with the options that mean the same thing. Every failure is worded by
+ * ../messages.ts.
  */
-import { runQcow } from '../../cli/program.js';
+import { QcowError } from '../../core/errors.js';
+import { runQcow, type FailureStyle } from '../../cli/program.js';
+import { writeOut } from '../../cli/common.js';
+import { getopt, GetoptError, type LongOption, type Parsed } from '../getopt.js';
+import { qemuJson } from '../qemu-json.js';
+import { qemuErrorLines, type ErrorContext } from '../messages.js';
+
+const PROGRAM = 'qemu-img';
+const VERSION = 'qemu-img version 7.2.0 (qcow compat)\nCopyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers\n';
+
+const long = (name: string, arg: boolean, key = name): LongOption => ({ name, arg, key });
+const COMMON: LongOption[] = [long('help', false, 'h'), long('object', true), long('image-opts', false), long('force-share', false, 'U')];
+
+/** Each command: QEMU's option letters and long options. */
+const SPECS: Record<string, { short: string; longs: LongOption[] }> = {
+  create: { short: ':F:b:f:ho:qu', longs: [long('help', false, 'h'), long('object', true)] },
+  check: { short: ':hf:r:T:qU', longs: [...COMMON, long('format', true, 'f'), long('repair', true, 'r'), long('output', true)] },
+  commit: { short: ':f:ht:b:dpqr:', longs: COMMON },
+  compare: { short: ':hf:F:T:pqsU', longs: COMMON },
+  convert: {
+    short: ':hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:',
+    longs: [...COMMON, long('target-image-opts', false), long('salvage', false), long('target-is-zero', false), long('bitmaps', false), long('skip-broken-bitmaps', false)],
+  },
+  info: { short: ':f:hU', longs: [...COMMON, long('format', true, 'f'), long('output', true), long('backing-chain', false)] },
+  map: { short: ':f:s:l:hU', longs: [...COMMON, long('format', true, 'f'), long('output', true), long('start-offset', true, 's'), long('max-length', true, 'l')] },
+  snapshot: { short: ':la:c:d:f:hqU', longs: COMMON },
+  rebase: { short: ':hf:F:b:upt:T:qU', longs: COMMON },
+  resize: { short: ':f:hq', longs: [...COMMON, long('preallocation', true), long('shrink', false)] },
+  amend: { short: ':ho:f:t:pq', longs: [...COMMON, long('force', false)] },
+  measure: { short: 'hf:O:o:l:U', longs: [...COMMON, long('output', true), long('size', true)] },
+  bench: {
+    short: ':hc:d:f:ni:o:qs:S:t:wU',
+    longs: [long('help', false, 'h'), long('flush-interval', true), long('image-opts', false), long('pattern', true), long('no-drain', false), long('force-share', false, 'U')],
+  },
+};
+
+/** qemu-img's error_exit: the message, then where to look for help; exit 1. */
+class UsageError extends Error {}
 
 export async function main(argv: string[]): Promise<void> {
-  await runQcow(argv);
+  const args = argv.slice(2);
+  try {
+    process.exitCode = await dispatch(args);
+  } catch (e) {
+    if (e instanceof UsageError || e instanceof GetoptError) {
+      process.stderr.write(`${PROGRAM}: ${e.message}\nTry '${PROGRAM} --help' for more information\n`);
+    } else {
+      process.stderr.write(qemuErrorLines(PROGRAM, e, { op: contextOf(e), file: (e as QcowError).file }));
+    }
+    process.exitCode = 1;
+  }
+}
+
+async function dispatch(args: string[]): Promise<number> {
+  // Global options before the command: -V/--version, -h/--help, -T/--trace.
+  while (args.length > 0 && args[0]!.startsWith('-')) {
+    const a = args.shift()!;
+    if (a === '-V' || a === '--version') {
+      writeOut(VERSION);
+      return 0;
+    }
+    if (a === '-h' || a === '--help') {
+      writeOut(`usage: ${PROGRAM} [standard options] command [command options]\nQEMU disk image utility (qcow compat)\n`);
+      return 0;
+    }
+    if (a === '-T' || a === '--trace') args.shift();
+    else if (!a.startsWith('-T') && !a.startsWith('--trace=')) throw new UsageError(`unrecognized option '${a}'`);
+  }
+  const cmd = args.shift();
+  if (cmd === undefined) throw new UsageError('Not enough arguments');
+  const spec = Object.hasOwn(SPECS, cmd) ? SPECS[cmd] : undefined;
+  if (!spec) throw new UsageError(`Command not found: ${cmd}`);
+  // resize: the size is the last word, taken before scanning so "-1G" is not an option.
+  let resizeSize: string | undefined;
+  if (cmd === 'resize') {
+    if (args.length < 1) throw new UsageError('Not enough arguments');
+    resizeSize = args.pop();
+  }
+  const parsed = getopt(args, spec.short, spec.longs);
+  if (parsed.options.some((o) => o.key === 'h')) {
+    writeOut(`usage: ${PROGRAM} ${cmd} ...\n`);
+    return 0;
+  }
+  if (cmd === 'create') {
+    const { create } = await import('./create.js');
+    return create(parsed);
+  }
+  return delegate(cmd, parsed, resizeSize);
+}
+
+/** The qcow options each QEMU option becomes (undefined: accepted and ignored). */
+function translate(cmd: string, key: string, value: string | undefined): string[] | undefined {
+  const v = value ?? '';
+  switch (key) {
+    case 'object':
+    case 'T':
+    case 'image-opts':
+    case 'target-image-opts':
+    case 'C':
+    case 'r' as string:
+      if (key === 'r' && cmd === 'check') return ['-r', v];
+      return undefined;
+    case 'U':
+      return cmd === 'commit' || cmd === 'resize' || cmd === 'amend' ? undefined : ['-U'];
+    case 't':
+      return cmd === 'commit' || cmd === 'rebase' || cmd === 'convert' ? ['-t', v] : undefined;
+    case 'output':
+      return [`--output=${v}`];
+    case 'backing-chain':
+    case 'shrink':
+      return [`--${key}`];
+    case 'size':
+      return ['--size', v];
+    case 'force':
+    case 'salvage':
+    case 'target-is-zero':
+    case 'bitmaps':
+    case 'skip-broken-bitmaps':
+    case 'preallocation':
+      return undefined;
+    case 's':
+      if (cmd === 'map') return ['--start-offset', v];
+      return ['-s'];
+    case 'l':
+      if (cmd === 'map') return ['--max-length', v];
+      if (cmd === 'snapshot') return ['-l'];
+      return ['-l', v];
+    case 'flush-interval':
+    case 'pattern':
+      return [`--${key}`, v];
+    case 'no-drain':
+      return ['--no-drain'];
+    default:
+      return value === undefined ? [`-${key}`] : [`-${key}`, value];
+  }
+}
+
+async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefined): Promise<number> {
+  const out: string[] = [];
+  for (const o of parsed.options) out.push(...(translate(cmd, o.key, o.value) ?? []));
+  const imageOpts = parsed.options.some((o) => o.key === 'image-opts');
+  let operands = parsed.operands;
+  if (imageOpts) operands = operands.map((x) => fromImageOpts(x, out));
+  // QEMU's file protocol prefix names a plain file.
+  operands = operands.map((x) => (x.startsWith('file:') ? x.slice(5) : x));
+  if (cmd === 'resize' && resizeSize !== undefined) operands = [...operands, resizeSize];
+  const file = operands[0];
+  const style: FailureStyle = {
+    program: PROGRAM,
+    errorText: (e) => qemuErrorLines(PROGRAM, e, { op: contextOf(e), file: (e as QcowError)?.file ?? file }),
+    json: qemuJson,
+  };
+  const argv = [process.argv[0]!, PROGRAM, cmd, ...out, '--', ...operands];
+  process.exitCode = undefined;
+  await runQcow(argv, style);
+  return typeof process.exitCode === 'number' ? process.exitCode : 0;
+}
+
+/** `--image-opts`: `driver=FMT,file.filename=PATH,...` gives the format and the file. */
+function fromImageOpts(text: string, out: string[]): string {
+  const kv = new Map(text.split(',').map((p) => [p.slice(0, p.indexOf('=')), p.slice(p.indexOf('=') + 1)] as const));
+  const driver = kv.get('driver');
+  if (driver && driver !== 'file') out.push('-f', driver);
+  return kv.get('file.filename') ?? kv.get('filename') ?? text;
+}
+
+/** Whether a failure happened while opening the image (QEMU then says "Could not open"). */
+export function contextOf(e: unknown): ErrorContext {
+  if (!(e instanceof QcowError)) return 'run';
+  switch (e.code) {
+    case 'QCOW_NOT_FOUND':
+    case 'QCOW_BAD_MAGIC':
+    case 'QCOW_UNSUPPORTED':
+    case 'QCOW_NEED_PASSWORD':
+    case 'QCOW_BAD_PASSWORD':
+    case 'QCOW_LOCKED':
+      return 'open';
+    default:
+      return 'run';
+  }
 }

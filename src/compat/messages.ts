@@ -1,0 +1,89 @@
+/**
+ * Our errors in QEMU's words, for the compat front ends (compat/qemu-img, compat/qemu-io). The
+ * formats and the `qcow` command keep their own wording; this table is the one place that turns a
+ * QcowError (its code, what it is about, and where the front end met it) into the sentence QEMU's
+ * programs print for the same failure. The first matching row wins; add rows, not special cases.
+ */
+import { QcowError } from '../core/errors.js';
+
+/** Where the front end met the error. */
+export type ErrorContext =
+  /** opening the image a command works on (`file`) */
+  | 'open'
+  /** create: opening the backing file (`file` is the new image, `backing` the resolved name) */
+  | 'create-backing'
+  /** anything else a command does once its images are open */
+  | 'run';
+
+export interface MessageContext {
+  op: ErrorContext;
+  /** The image the command was given. */
+  file?: string;
+  /** create: the backing file name as resolved against the new image. */
+  backing?: string;
+}
+
+interface Row {
+  code?: QcowError['code'] | 'ANY';
+  op?: ErrorContext;
+  /** A pattern on our own message, for codes that cover several failures. */
+  match?: RegExp;
+  /** QEMU's text, possibly several lines (the first gets the program prefix). */
+  text: (e: QcowError, ctx: MessageContext, m: RegExpExecArray | null) => string;
+}
+
+const noFile = (msg: string) => msg.replace(/^(?:file|cannot open|could not open)[^:]*:\s*/i, '');
+
+const ROWS: Row[] = [
+  // A virtual size past what can be addressed.
+  { match: /^size 0x[0-9a-f]+ is too large/, text: (e, c) => `Could not open '${c.file ?? e.file}': Image is too big` },
+  // A backing chain that comes back to an image it already holds.
+  { code: 'QCOW_CORRUPT', match: /loops back/, text: (e, c) => `Backing file '${e.file ?? c.file}' creates an infinite loop.` },
+  // create: the backing file could not be opened (QEMU adds a hint line).
+  {
+    op: 'create-backing',
+    code: 'QCOW_NOT_FOUND',
+    text: (_e, c) => `${c.file}: Could not open '${c.backing}': No such file or directory\nCould not open backing image.`,
+  },
+  { op: 'create-backing', text: (e, c) => `${c.file}: Could not open '${c.backing}': ${noFile(e.message)}\nCould not open backing image.` },
+  // Opening: a backing file that is missing.
+  {
+    op: 'open',
+    code: 'QCOW_NOT_FOUND',
+    match: /^Could not open backing file '(.*)': (.*)$/,
+    text: (_e, c, m) => `Could not open '${c.file}': Could not open backing file: Could not open '${m![1]}': ${m![2]}`,
+  },
+  // The format layer and the file layer below it each name the file.
+  { op: 'open', code: 'QCOW_NOT_FOUND', text: (e, c) => `Could not open '${c.file ?? e.file}': Could not open '${c.file ?? e.file}': No such file or directory` },
+  { op: 'open', code: 'QCOW_NEED_PASSWORD', text: (_e, c) => `Could not open '${c.file}': Parameter 'encrypt.key-secret' is required for cipher` },
+  { op: 'open', code: 'QCOW_BAD_PASSWORD', text: (_e, c) => `Could not open '${c.file}': Invalid password, cannot unlock any keyslot` },
+  { op: 'open', code: 'QCOW_LOCKED', text: (_e, c) => `Could not open '${c.file}': Failed to get "write" lock\nIs another process using the image [${c.file}]?` },
+  { op: 'open', code: 'ANY', text: (e, c) => `Could not open '${c.file ?? e.file}': ${e.message}` },
+];
+
+/** QEMU's text for `e` (without the program prefix). Errors that are not ours keep their message. */
+export function qemuMessage(e: unknown, ctx: MessageContext): string {
+  if (!(e instanceof QcowError)) {
+    const err = e as NodeJS.ErrnoException;
+    if (err?.code === 'ENOENT' && ctx.file) return `Could not open '${ctx.file}': No such file or directory`;
+    return err && typeof err.message === 'string' ? err.message : String(e);
+  }
+  for (const row of ROWS) {
+    if (row.op !== undefined && row.op !== ctx.op) continue;
+    if (row.code !== undefined && row.code !== 'ANY' && row.code !== e.code) continue;
+    let m: RegExpExecArray | null = null;
+    if (row.match) {
+      m = row.match.exec(e.message);
+      if (!m) continue;
+    }
+    return row.text(e, ctx, m);
+  }
+  // QEMU's messages after opening rarely name the image; ours that need it say it themselves.
+  return e.message;
+}
+
+/** Lines for stderr: the program's prefix on the first line only, as QEMU's error_report and hints. */
+export function qemuErrorLines(program: string, e: unknown, ctx: MessageContext): string {
+  const [first, ...rest] = qemuMessage(e, ctx).split('\n');
+  return [`${program}: ${first}`, ...rest].join('\n') + '\n';
+}

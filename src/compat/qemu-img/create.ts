@@ -1,0 +1,148 @@
+/**
+ * `qemu-img create [-f FMT] [-b BACKING] [-F BACKING_FMT] [-u] [-o OPTIONS] [-q] FILE [SIZE]`,
+ * in QEMU's order of checks: options, size, backing file (opened to learn its size and that it
+ * exists, unless -u), then the "Formatting" line, then the image.
+ */
+import { writeOut } from '../../cli/common.js';
+import type { Parsed } from '../getopt.js';
+import { qemuErrorLines } from '../messages.js';
+import { createOptionNames, formattingLine, optionKind } from './formatting.js';
+import { qemuSizeExact, secretsOf, SizeError, splitOptions } from './options.js';
+
+const PROGRAM = 'qemu-img';
+
+/** A failure reported as `qemu-img: FILE: message` (plus hint lines), exit 1. */
+class CreateError extends Error {}
+
+export async function create(parsed: Parsed): Promise<number> {
+  let fmt = 'raw';
+  let backing: string | undefined;
+  let backingFmt: string | undefined;
+  let quiet = false;
+  let unsafe = false;
+  const optionTexts: string[] = [];
+  for (const o of parsed.options) {
+    if (o.key === 'f') fmt = o.value!;
+    else if (o.key === 'b') backing = o.value;
+    else if (o.key === 'F') backingFmt = o.value;
+    else if (o.key === 'o') optionTexts.push(o.value!);
+    else if (o.key === 'q') quiet = true;
+    else if (o.key === 'u') unsafe = true;
+  }
+  const secrets = secretsOf(parsed);
+  const [file, sizeText, extra] = parsed.operands;
+  const given = splitOptions(optionTexts.join(','));
+  if (given.has('help') || given.has('?')) {
+    const names = createOptionNames(fmt) ?? [];
+    writeOut(`Supported ${fmt} options:\n${names.map((n) => `  ${n}\n`).join('')}\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n`);
+    return 0;
+  }
+  if (file === undefined) {
+    process.stderr.write(`${PROGRAM}: Expecting image file name\nTry '${PROGRAM} --help' for more information\n`);
+    return 1;
+  }
+  let size: bigint | undefined;
+  try {
+    if (sizeText !== undefined) size = qemuSizeExact(sizeText);
+  } catch (e) {
+    if (!(e instanceof SizeError)) throw e;
+    process.stderr.write(e.lines('image size').map((l) => `${PROGRAM}: ${l}\n`).join(''));
+    return 1;
+  }
+  if (extra !== undefined) {
+    process.stderr.write(`${PROGRAM}: Unexpected argument: ${extra}\nTry '${PROGRAM} --help' for more information\n`);
+    return 1;
+  }
+  try {
+    await make(file, fmt, { size, backing, backingFmt, unsafe, quiet, given, password: secrets.get(given.get('encrypt.key-secret') ?? '') });
+    return 0;
+  } catch (e) {
+    if (e instanceof Handled) return 1;
+    // A hint QEMU appends ends without a newline, as QEMU prints it.
+    if (e instanceof CreateError) process.stderr.write(`${PROGRAM}: ${file}: ${e.message}${e.message.includes('\n') ? '' : '\n'}`);
+    else process.stderr.write(qemuErrorLines(PROGRAM, e, { op: 'run', file }).replace(`${PROGRAM}: `, `${PROGRAM}: ${file}: `).replace(`${file}: ${file}: `, `${file}: `));
+    return 1;
+  }
+}
+
+interface Settings {
+  size: bigint | undefined;
+  backing: string | undefined;
+  backingFmt: string | undefined;
+  unsafe: boolean;
+  quiet: boolean;
+  given: Map<string, string>;
+  password: string | undefined;
+}
+
+async function make(file: string, fmt: string, s: Settings): Promise<void> {
+  const { builtinFormats } = await import('../../formats/index.js');
+  const { createImage, openImage, defaultOpener } = await import('../../node-open.js');
+  if (!builtinFormats().names().includes(fmt)) throw new CreateError(`Unknown file format '${fmt}'`);
+  const names = createOptionNames(fmt) ?? [];
+  const values = new Map<string, string>();
+  for (const [k, v] of s.given) {
+    if (!names.includes(k)) throw new CreateError(`Invalid parameter '${k}'`);
+    const kind = optionKind(fmt, k);
+    if (kind === 'size' || kind === 'number') {
+      try {
+        values.set(k, String(kind === 'size' ? qemuSizeExact(v) : BigInt(v)));
+      } catch {
+        throw new CreateError(`Parameter '${k}' expects a non-negative number below 2^64`);
+      }
+    } else values.set(k, v);
+  }
+  let size = s.size;
+  if (values.has('size')) {
+    if (size !== undefined) throw new CreateError('The image size must be specified only once');
+    size = BigInt(values.get('size')!);
+  }
+  if (s.backing !== undefined) {
+    if (!names.includes('backing_file')) throw new CreateError(`Backing file not supported for file format '${fmt}'`);
+    values.set('backing_file', s.backing);
+  }
+  if (s.backingFmt !== undefined) {
+    if (!names.includes('backing_fmt')) throw new CreateError(`Backing file format not supported for file format '${fmt}'`);
+    values.set('backing_fmt', s.backingFmt);
+  }
+  const backing = values.get('backing_file');
+  const backingFmt = values.get('backing_fmt');
+  if (backing !== undefined) {
+    if (backing === file) throw new CreateError('Error: Trying to create an image with the same filename as the backing file');
+    if (backing === '') throw new CreateError('Expected backing file name, got empty string');
+  }
+  if (backing !== undefined && !s.unsafe) {
+    const full = defaultOpener.resolve(backing, file);
+    let dev;
+    try {
+      dev = await openImage(full, { format: backingFmt, readOnly: true, inspectOnly: true, noBacking: true });
+    } catch (e) {
+      process.stderr.write(qemuErrorLines(PROGRAM, e, { op: 'create-backing', file, backing: full }));
+      throw new Handled();
+    }
+    try {
+      if (backingFmt === undefined) throw new CreateError(`Backing file specified without backing format\nDetected format of ${dev.format ?? 'raw'}.`);
+      size ??= BigInt(dev.size);
+    } finally {
+      await dev.close();
+    }
+  } else if (backing !== undefined && backingFmt === undefined) throw new CreateError('Backing file specified without backing format');
+  if (size === undefined) throw new CreateError('Image creation needs a size parameter');
+  values.set('size', String(size));
+  if (!s.quiet) writeOut(formattingLine(file, fmt, values) + '\n');
+  if (size > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new CreateError(`The image size is too large for file format '${fmt}'${optionKind(fmt, 'cluster_size') ? ' (try using a larger cluster size)' : ''}`);
+  }
+  // What our formats take: everything but what create settles itself and the file protocol's tuning.
+  const options: Record<string, string> = {};
+  for (const [k, v] of s.given) {
+    if (['size', 'backing_file', 'backing_fmt', 'nocow', 'extent_size_hint', 'encrypt.key-secret'].includes(k)) continue;
+    options[k] = v;
+  }
+  if (values.has('encrypt.key-secret') && s.password === undefined) throw new CreateError(`No secret with id '${values.get('encrypt.key-secret')}'`);
+  // QEMU's file protocol prefix names a plain file.
+  await createImage(file.startsWith('file:') ? file.slice(5) : file, { format: fmt, size: Number(size), backingFile: backing, backingFormat: backingFmt, options, unsafe: s.unsafe, password: s.password });
+}
+
+/** The message is already out. */
+class Handled extends CreateError {}
