@@ -41,6 +41,8 @@ export interface OpenImageOptions {
    * even while one writes. Without it, every file takes the locks QEMU would (storage/permissions.ts).
    */
   forceShare?: boolean;
+  /** The image is exported at a fixed size (qcow serve): others may not resize it (as qemu-nbd). */
+  fixedSize?: boolean;
   opener: StoreOpener;
   formats: FormatRegistry;
 }
@@ -60,16 +62,16 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
   const readOnly =
     (depth > 0 ? !(options.writableBacking?.(name, depth) ?? false) : (options.readOnly ?? false)) || options.snapshot !== undefined;
   const role = depth > 0 ? 'backing' : 'image';
-  const forceShare = options.forceShare;
+  const { forceShare, fixedSize } = options;
   // The locks depend on the format (raw shares what an image's metadata file does not): with the
   // format unknown, none are taken until the probe (a read of the header) has named it, as in QEMU.
   const store = await options.opener.open(name, {
     readOnly,
-    permissions: format !== undefined ? permissionsFor({ writable: !readOnly, format, role, forceShare }) : NO_PERMISSIONS,
+    permissions: format !== undefined ? permissionsFor({ writable: !readOnly, format, role, forceShare, fixedSize }) : NO_PERMISSIONS,
   });
   try {
     const fmt = format !== undefined ? options.formats.get(format) : await probeFormat(store, options, depth);
-    if (format === undefined) store.setPermissions?.(permissionsFor({ writable: !readOnly, format: fmt.name, role, forceShare }));
+    if (format === undefined) store.setPermissions?.(permissionsFor({ writable: !readOnly, format: fmt.name, role, forceShare, fixedSize }));
     const openOptions: OpenOptions = {
       readOnly,
       password: options.password,

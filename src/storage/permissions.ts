@@ -12,7 +12,8 @@
  *
  * Which permissions QEMU takes, measured with its 7.2 tools (/proc/locks) and matching block.c:
  * - the program's own view of the image (qemu-img, qemu-io, qemu-nbd): consistent read, plus write
- *   when it opens for writing; it shares everything (-U / force-share shares everything too).
+ *   when it opens for writing; it shares everything (-U / force-share shares everything too),
+ *   except that qemu-nbd does not share resize (its export has a fixed size).
  * - a file holding an image format's metadata (qcow, qcow2, ...): also write and resize when
  *   writable; never shares write or resize: one writer, and no reader beside a writer, unless -U.
  * - a raw image: exactly the program's view (raw passes it through): readers and writers mix.
@@ -51,6 +52,11 @@ export interface FileUse {
   role: 'image' | 'backing' | 'data';
   /** qemu-img -U / force-share (read-only opens only, as in QEMU): share everything. */
   forceShare?: boolean;
+  /**
+   * The image is exported at a fixed size (an NBD server, as qemu-nbd): the program's view does
+   * not let others resize the top image (a raw one too).
+   */
+  fixedSize?: boolean;
 }
 
 /** The permissions QEMU takes on a file used so (see the top). */
@@ -59,7 +65,7 @@ export function permissionsFor(use: FileUse): Permissions {
   // read through the image above it, which shares everything too; it is writable only while an
   // image is committed into it.
   let perm = PERM_CONSISTENT_READ | (use.writable ? PERM_WRITE : 0);
-  let shared = PERM_ALL;
+  let shared = PERM_ALL & ~(use.fixedSize && use.role !== 'backing' ? PERM_RESIZE : 0);
   if (use.role === 'data') {
     // The format keeps the data file's size in its metadata, and writing may grow it.
     shared &= ~PERM_RESIZE;
