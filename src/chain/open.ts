@@ -7,6 +7,7 @@ import type { BlockDevice, CreateOptions, OpenOptions } from '../core/block-devi
 import { QcowError, withFile } from '../core/errors.js';
 import type { FormatRegistry } from '../core/registry.js';
 import type { ByteStore, StoreOpener } from '../storage/types.js';
+import { NO_PERMISSIONS, permissionsFor } from '../storage/permissions.js';
 
 export interface OpenImageOptions {
   /** The format to open it as; probed from the first bytes when absent. */
@@ -37,6 +38,13 @@ export interface OpenImageOptions {
   rawUnnamedBackingFormats?: boolean;
   cacheBytes?: number;
   inspectOnly?: boolean;
+  /**
+   * qemu-img -U: read-only images (and backing and data files) lock out no writer, and are opened
+   * even while one writes. Without it, every file takes the locks QEMU would (storage/permissions.ts).
+   */
+  forceShare?: boolean;
+  /** The image is exported at a fixed size (qcow serve): others may not resize it (as qemu-nbd). */
+  fixedSize?: boolean;
   opener: StoreOpener;
   formats: FormatRegistry;
 }
@@ -55,16 +63,25 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
   seen.add(key);
   const readOnly =
     (depth > 0 ? !(options.writableBacking?.(name, depth) ?? false) : (options.readOnly ?? false)) || options.snapshot !== undefined;
-  const store = await options.opener.open(name, { readOnly });
+  const role = depth > 0 ? 'backing' : 'image';
+  const { forceShare, fixedSize } = options;
+  // The locks depend on the format (raw shares what an image's metadata file does not): with the
+  // format unknown, none are taken until the probe (a read of the header) has named it, as in QEMU.
+  const store = await options.opener.open(name, {
+    readOnly,
+    permissions: format !== undefined ? permissionsFor({ writable: !readOnly, format, role, forceShare, fixedSize }) : NO_PERMISSIONS,
+  });
   try {
     const fmt = format !== undefined ? options.formats.get(format) : await probeFormat(store, options, depth);
+    if (format === undefined) store.setPermissions?.(permissionsFor({ writable: !readOnly, format: fmt.name, role, forceShare, fixedSize }));
     const openOptions: OpenOptions = {
       readOnly,
       password: options.password,
       snapshot: depth === 0 ? options.snapshot : undefined,
       cacheBytes: options.cacheBytes,
       inspectOnly: options.inspectOnly,
-      openFile: (fileName, o) => options.opener.open(resolveNamed(fileName, name, options), o),
+      openFile: (fileName, o) =>
+        options.opener.open(resolveNamed(fileName, name, options), { ...o, permissions: permissionsFor({ writable: !o.readOnly, format: 'raw', role: 'data', forceShare }) }),
     };
     if (!options.noBacking) {
       openOptions.openBacking = (backingName, backingFormat) =>
@@ -161,7 +178,8 @@ export async function createImage(name: string, options: CreateImageOptions): Pr
         ...options,
         size,
         backing,
-        openFile: (fileName, o) => options.opener.open(options.opener.resolve(fileName, name), o),
+        openFile: (fileName, o) =>
+          options.opener.open(options.opener.resolve(fileName, name), { ...o, permissions: permissionsFor({ writable: !o.readOnly, format: 'raw', role: 'data' }) }),
       });
       await store.flush();
     } catch (e) {

@@ -9,7 +9,7 @@ import type { NodeOpenOptions } from '../node-open.js';
 export interface ImageFlags {
   format?: string;
   passwordFile?: string;
-  /** -U / --force-share is accepted for qemu-img compatibility; opening read-only never locks out others. */
+  /** -U / --force-share: read-only opens share the image with writers, as qemu-img -U (see chain/open.ts). */
   forceShare?: boolean;
   /** --confine: refuse backing and data files outside the folder of the image naming them. */
   confine?: boolean;
@@ -46,6 +46,7 @@ export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpe
     password: await readPasswordFile(flags.passwordFile),
     confineToFolder: confine,
     rawUnnamedBackingFormats: !probeBacking,
+    forceShare: flags.forceShare,
     ...extra,
   });
 }

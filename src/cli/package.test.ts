@@ -14,7 +14,7 @@ test('npm pack ships the launchers and the library, and no tests, harnesses or m
   const r = await run('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: root });
   assert.equal(r.code, 0, r.stderr);
   const files = (JSON.parse(r.stdout) as { files: { path: string }[] }[])[0]!.files.map((f) => f.path);
-  for (const must of ['bin/qcow', 'bin/qcow.cjs', 'compat/qemu-img', 'compat/qemu-io', 'dist/index.js', 'dist/node.js', 'dist/cli/qcow.bundle.cjs']) {
+  for (const must of ['bin/qcow', 'bin/qcow.cjs', 'compat/qemu-img', 'compat/qemu-io', 'dist/index.js', 'dist/node.js', 'dist/cli/qcow.bundle.cjs', 'binding.gyp', 'native/qcow_host.c', 'native/install.mjs']) {
     assert.ok(files.includes(must), `${must} is not packed`);
   }
   const tooling = files.filter((f) => /\.test\.|test-helpers|\.map$|^dist\/(test-support|bench|fuzz|robustness)\/|^dist\/nbd\/(bench|client)\./.test(f));

@@ -5,6 +5,7 @@
  */
 import { Command, CommanderError, Option } from 'commander';
 import { collect, errorLine, jsonStyle, exitCodeFor, openPolicy, writeOut } from './common.js';
+import { lockingKind } from '../storage/lock.node.js';
 
 /** A command's module: `run` takes commander's action arguments (operands, then the flags). */
 type CommandModule = { run: (...a: never[]) => Promise<number | void> };
@@ -28,13 +29,16 @@ const COMMANDS: Record<string, () => Promise<CommandModule>> = {
   snapshot: () => import('./commands/snapshot.js'),
 };
 
+const VERSION = process.env.npm_package_version ?? '0.1.0';
+
 /** The command-line program for `argv`; a fresh one per run (commander keeps parsed options on it). */
 function buildProgram(argv: string[]): Command {
   const program = new Command();
   program
     .name('qcow')
     .description('QCOW/QCOW2 disk image tool: a TypeScript qemu-img and qemu-nbd')
-    .version(process.env.npm_package_version ?? '0.1.0')
+    // The version line also says which image locking is in use (loading the host addon to tell).
+    .version(argv.includes('-V') || argv.includes('--version') ? `${VERSION}\nimage locking: ${lockingKind()}` : VERSION)
     .showHelpAfterError(false)
     .exitOverride()
     .configureOutput({ outputError: () => undefined, writeOut });

@@ -28,14 +28,15 @@ import { close as fsClose, constants, fdatasync, fstatSync, ftruncate, ftruncate
 import { isAbsolute } from 'node:path';
 import type { ByteStore, StoreOpener } from './types.js';
 import { QcowError } from '../core/errors.js';
-import { acquireWriteLock, type WriteLock } from './lock.node.js';
+import { openImageLock, type ImageLock } from './lock.node.js';
+import { permissionsFor, type Permissions } from './permissions.js';
 
 export class FileStore implements ByteStore {
   readonly name: string;
   readonly readOnly: boolean;
   private readonly fd: number;
   private closed = false;
-  private lock: WriteLock | undefined;
+  private lock: ImageLock | undefined;
   /** Requests of at most this many bytes are served synchronously (see above). */
   private readonly syncMax: number;
   /** The last write of SERIAL_WRITE_MIN or more handed to the pool: the next starts when it ends. */
@@ -49,8 +50,11 @@ export class FileStore implements ByteStore {
   }
 
   /**
-   * Open a file. Writers take the image's write lock (see lock.node.ts) and fail with QCOW_LOCKED
-   * while another process writes it; `create` truncates only after the lock is held.
+   * Open a file and lock it as QEMU would (see lock.node.ts and permissions.ts): by default as an
+   * image file holding metadata (qcow2's rules: a writer excludes every other user, a reader
+   * excludes writers); `permissions` says otherwise, and `setPermissions` changes them once the
+   * file's format and role are known. A conflict fails with QCOW_LOCKED; `create` truncates only
+   * after the locks are held.
    */
   static async open(path: string, options: FileStoreOptions = {}): Promise<FileStore> {
     const readOnly = options.readOnly ?? false;
@@ -63,7 +67,7 @@ export class FileStore implements ByteStore {
     }
     const store = new FileStore(path, fd, readOnly, options.syncMax ?? DEFAULT_SYNC_MAX);
     try {
-      if (!readOnly && !options.noLock) store.lock = acquireWriteLock(fd, path);
+      if (!options.noLock) store.lock = openImageLock(fd, path, options.permissions ?? permissionsFor({ writable: !readOnly, format: 'qcow2', role: 'image' }));
       if (options.create) ftruncateSync(fd, 0);
     } catch (e) {
       store.lock?.release();
@@ -71,6 +75,11 @@ export class FileStore implements ByteStore {
       throw e instanceof QcowError ? e : fsError(e, path);
     }
     return store;
+  }
+
+  /** Take other permissions (QCOW_LOCKED when another user conflicts; the old ones then stay). */
+  setPermissions(p: Permissions): void {
+    this.lock?.set(p);
   }
 
   async size(): Promise<number> {
@@ -143,6 +152,8 @@ export class FileStore implements ByteStore {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // Before the close: once closed, the descriptor's number may already name another file.
+    this.lock?.release();
     try {
       // A file we wrote may make close() wait for the file system (NFS writes back on close): on
       // the pool. One only read has nothing to write back, and a read-only command (info, map,
@@ -151,8 +162,6 @@ export class FileStore implements ByteStore {
       else await new Promise<void>((resolve, reject) => fsClose(this.fd, (e) => (e ? reject(fsError(e, this.name)) : resolve())));
     } catch (e) {
       throw e instanceof QcowError ? e : fsError(e, this.name);
-    } finally {
-      this.lock?.release();
     }
   }
 }
@@ -196,7 +205,10 @@ function zeroTail(buf: Uint8Array, n: number): number {
 export interface FileStoreOptions {
   readOnly?: boolean;
   create?: boolean;
+  /** Take no lock at all (devices such as /dev/full). */
   noLock?: boolean;
+  /** The locks to take (see permissions.ts); default: an image file holding metadata. */
+  permissions?: Permissions;
   /** Largest request served synchronously; 0: all on the thread pool. Default 64 KiB. */
   syncMax?: number;
 }

@@ -1,6 +1,14 @@
 /**
- * Advisory write locks between qcow processes, so two writers never open one image at once (two
- * writers each caching metadata corrupt an image in seconds). Node has no fcntl/flock, so the lock
+ * Image locks. Two kinds:
+ *
+ * - QEMU's (with the host addon, src/host/native.node.ts): open-file-description byte-range locks
+ *   on the image file itself, byte for byte as QEMU 7.2 takes them (see permissions.ts), so a VM,
+ *   qemu-img, qemu-io or qemu-nbd and qcow see each other's use of an image. The kernel drops them
+ *   when the file is closed or the process dies: nothing goes stale.
+ * - The fallback (no addon: no compiler at install time, not Linux, QCOW_NO_NATIVE=1): our own
+ *   write-lock file, below, which keeps qcow writers apart but is invisible to QEMU.
+ *
+ * The fallback lock file: Node has no fcntl/flock, so the lock
  * is a file named after the image's device and inode (the same image however it is spelled:
  * relative path, symlink, hard link) in a shared folder under the temp dir, holding the owner's
  * pid. A lock whose owner is gone (crash, SIGKILL) is stale and taken over. Readers take no lock:
@@ -16,6 +24,145 @@ import { chmodSync, closeSync, fstatSync, mkdirSync, openSync, readdirSync, read
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { QcowError } from '../core/errors.js';
+import { EXCLUSIVE, hostAddon, hostAddonStatus, SHARED, UNLOCK, type HostAddon } from '../host/native.node.js';
+import { LOCK_PERM_BASE, LOCK_SHARED_BASE, PERM_COUNT, PERM_WRITE, permissionNames, type Permissions } from './permissions.js';
+
+/** The locks one open file holds. */
+export interface ImageLock {
+  /**
+   * Change to these permissions (taking new locks first, then checking nobody conflicts, then
+   * dropping the ones no longer needed, as QEMU does). On a conflict the old locks stay and a
+   * QcowError QCOW_LOCKED says which permission could not be had.
+   */
+  set(p: Permissions): void;
+  /** Drop every lock. Call before closing the file (OFD locks go with the close anyway). */
+  release(): void;
+}
+
+/** Which kind of lock qcow takes, for `qcow --version`. */
+export function lockingKind(): string {
+  return hostAddon() ? 'QEMU-compatible (OFD byte-range locks)' : `qcow lock files, not seen by QEMU (host addon ${hostAddonStatus()})`;
+}
+
+/** The locks of the file open as `fd` (named `name` in messages), starting with `p`. */
+export function openImageLock(fd: number, name: string, p: Permissions): ImageLock {
+  const addon = hostAddon();
+  const lock: ImageLock = addon ? new OfdLock(addon, fd, name) : new LockFileLock(fd, name);
+  lock.set(p);
+  return lock;
+}
+
+/** Lock errors that mean "this file system has no such locks": fall back to the lock file. */
+const UNSUPPORTED = new Set(['ENOLCK', 'EOPNOTSUPP', 'EINVAL', 'ENOSYS']);
+
+class OfdLock implements ImageLock {
+  /** Bits whose byte 100 + i, and 200 + i, we hold. */
+  private lockedPerm = 0;
+  private lockedUnshared = 0;
+  private fallback: LockFileLock | undefined;
+
+  constructor(
+    private readonly addon: HostAddon,
+    private readonly fd: number,
+    private readonly name: string,
+  ) {}
+
+  set(p: Permissions): void {
+    if (this.fallback) return this.fallback.set(p);
+    const unshared = ~p.shared;
+    const oldPerm = this.lockedPerm;
+    const oldUnshared = this.lockedUnshared;
+    try {
+      // Publish what we take and what we refuse, keeping the old locks until the new ones hold.
+      this.apply(oldPerm | p.perm, oldUnshared | unshared, false);
+      this.check(p.perm, p.shared);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code !== undefined && UNSUPPORTED.has(code)) {
+        // A file system without these locks (some FUSE and network ones): our own lock file.
+        this.apply(0, 0, true);
+        this.fallback = new LockFileLock(this.fd, this.name);
+        return this.fallback.set(p);
+      }
+      this.apply(oldPerm, oldUnshared, true);
+      throw e instanceof QcowError ? e : new QcowError('QCOW_IO', `Failed to lock the image: ${(e as Error).message}`, { file: this.name, cause: e });
+    }
+    this.apply(p.perm, unshared, true);
+  }
+
+  release(): void {
+    if (this.fallback) return this.fallback.release();
+    try {
+      this.apply(0, 0, true);
+    } catch {
+      // Closing the file drops them anyway.
+    }
+  }
+
+  /** Hold bytes for `perm` and `unshared`; with `unlock`, also let go of the others. */
+  private apply(perm: number, unshared: number, unlock: boolean): void {
+    for (const [base, want, field] of [
+      [LOCK_PERM_BASE, perm, 'lockedPerm'],
+      [LOCK_SHARED_BASE, unshared, 'lockedUnshared'],
+    ] as const) {
+      for (let i = 0; i < PERM_COUNT; i++) {
+        const bit = 1 << i;
+        const held = (this[field] & bit) !== 0;
+        if (want & bit && !held) {
+          if (!this.addon.ofdLock(this.fd, base + i, 1, SHARED)) {
+            // Only an exclusive lock conflicts with a shared one; QEMU takes none, so this is
+            // another program: report it as QEMU does.
+            throw new QcowError('QCOW_LOCKED', `Failed to lock byte ${base + i}`, { file: this.name });
+          }
+          this[field] |= bit;
+        } else if (unlock && held && !(want & bit)) {
+          this.addon.ofdLock(this.fd, base + i, 1, UNLOCK);
+          this[field] &= ~bit;
+        }
+      }
+    }
+  }
+
+  /** Does another user refuse to share what we take, or already use what we refuse to share? */
+  private check(perm: number, shared: number): void {
+    for (let i = 0; i < PERM_COUNT; i++) {
+      const bit = 1 << i;
+      if (perm & bit && this.addon.ofdTest(this.fd, LOCK_SHARED_BASE + i, 1, EXCLUSIVE) !== UNLOCK) {
+        throw lockedError(`Failed to get "${permissionNames(bit)}" lock`, this.name);
+      }
+    }
+    for (let i = 0; i < PERM_COUNT; i++) {
+      const bit = 1 << i;
+      if (!(shared & bit) && this.addon.ofdTest(this.fd, LOCK_PERM_BASE + i, 1, EXCLUSIVE) !== UNLOCK) {
+        throw lockedError(`Failed to get shared "${permissionNames(bit)}" lock`, this.name);
+      }
+    }
+  }
+}
+
+function lockedError(what: string, name: string): QcowError {
+  return new QcowError('QCOW_LOCKED', `${what}: is another process using the image?`, { file: name });
+}
+
+/** The fallback: a lock file while the permissions include writing (see the top). */
+class LockFileLock implements ImageLock {
+  private lock: WriteLock | undefined;
+
+  constructor(
+    private readonly fd: number,
+    private readonly name: string,
+  ) {}
+
+  set(p: Permissions): void {
+    if (p.perm & PERM_WRITE) this.lock ??= acquireWriteLock(this.fd, this.name);
+    else this.release();
+  }
+
+  release(): void {
+    this.lock?.release();
+    this.lock = undefined;
+  }
+}
 
 export interface WriteLock {
   release(): void;

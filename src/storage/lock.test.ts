@@ -7,6 +7,11 @@ import { FileStore } from './file.node.js';
 import { qcow, scratch } from '../test-support/qemu.js';
 import { QcowError } from '../core/errors.js';
 
+// These tests are about the fallback lock file (no host addon), for this process and the qcow
+// processes it starts; QEMU-compatible locks are tested in qemu-lock.test.ts. The addon is loaded
+// on first use, after this line.
+process.env.QCOW_NO_NATIVE = '1';
+
 test('a second writer is refused while one holds the image; readers may share', async (t) => {
   const dir = await scratch(t);
   const img = join(dir, 'disk.raw');

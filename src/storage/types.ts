@@ -1,3 +1,5 @@
+import type { Permissions } from './permissions.js';
+
 /**
  * A byte store is where an image's bytes live: a local file, memory, or an HTTP resource.
  * Formats see only this interface, so every format works on every store.
@@ -20,12 +22,18 @@ export interface ByteStore {
   flush(): Promise<void>;
   /** Bytes the store really occupies (a sparse file's allocated blocks); size() where unknown. */
   allocatedSize?(): Promise<number>;
+  /**
+   * Publish these permissions (QEMU's image locks, see permissions.ts) in place of those taken at
+   * open; QCOW_LOCKED when another program's use conflicts. Stores without locks lack it.
+   */
+  setPermissions?(p: Permissions): void;
   close(): Promise<void>;
 }
 
 /** Opens the stores an image names (backing files, external data files) relative to itself. */
 export interface StoreOpener {
-  open(name: string, options: { readOnly: boolean; create?: boolean }): Promise<ByteStore>;
+  /** `permissions`: the locks to take at open (default: those of an image file holding metadata). */
+  open(name: string, options: { readOnly: boolean; create?: boolean; permissions?: Permissions }): Promise<ByteStore>;
   /** Resolve `name` as written in the image against the store that names it. */
   resolve(name: string, relativeTo: string): string;
   exists?(name: string): Promise<boolean>;

@@ -25,7 +25,8 @@ interface Flags {
 export async function run(file: string, flags: Flags): Promise<number> {
   const address = listenAddress(flags);
   const maxClients = flags.shared === undefined ? 1 : positiveInt(flags.shared, '-e/--shared');
-  const dev = await openForCli(file, flags, { readOnly: !!flags.readOnly });
+  // fixedSize: the export's size does not change, so others may not resize the image (qemu-nbd's locks).
+  const dev = await openForCli(file, flags, { readOnly: !!flags.readOnly, fixedSize: true });
   let server: NbdServer | undefined;
   try {
     server = new NbdServer({

@@ -1,0 +1,11 @@
+{
+  "targets": [
+    {
+      "target_name": "qcow_host",
+      "sources": ["native/qcow_host.c"],
+      "conditions": [["OS!='linux'", {"type": "none"}]],
+      "cflags": ["-O2", "-Wall", "-Wextra"],
+      "defines": ["NAPI_VERSION=8"]
+    }
+  ]
+}

@@ -1,0 +1,154 @@
+/*
+ * qcow's host layer: the few system calls Node's fs module lacks, as a small N-API addon.
+ *
+ *   ofdLock(fd, start, length, type)  F_OFD_SETLK: type 0 unlock, 1 shared (read), 2 exclusive
+ *                                     (write). Returns true, or false when another open file
+ *                                     description holds a conflicting lock (EAGAIN/EACCES).
+ *   ofdTest(fd, start, length, type)  F_OFD_GETLK: 0 when a lock of `type` could be taken, else
+ *                                     the type of a conflicting lock (1 or 2).
+ *   seekData(fd, offset)              lseek SEEK_DATA; -1 when there is no data past offset (ENXIO).
+ *   seekHole(fd, offset)              lseek SEEK_HOLE.
+ *   fallocate(fd, mode, offset, len)  fallocate(2); mode is the FALLOC_FL_* bits.
+ *
+ * Other failures throw an Error with `code` (the errno name, as node:fs does) and `errno`.
+ * Everything here is synchronous: each call is a single non-blocking system call (fallocate can
+ * take longer on some file systems; callers decide where to run it).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <node_api.h>
+
+#define CHECK(call)                                                                                \
+  do {                                                                                             \
+    if ((call) != napi_ok) return NULL;                                                            \
+  } while (0)
+
+static napi_value throw_errno(napi_env env, int err, const char *syscall) {
+  const char *name = "EIO";
+  switch (err) {
+    case EBADF: name = "EBADF"; break;
+    case EINVAL: name = "EINVAL"; break;
+    case ENOLCK: name = "ENOLCK"; break;
+    case EOPNOTSUPP: name = "EOPNOTSUPP"; break;
+    case ENOSPC: name = "ENOSPC"; break;
+    case EFBIG: name = "EFBIG"; break;
+    case ENODEV: name = "ENODEV"; break;
+    case ESPIPE: name = "ESPIPE"; break;
+    case ENXIO: name = "ENXIO"; break;
+    case EPERM: name = "EPERM"; break;
+    case EINTR: name = "EINTR"; break;
+    case EDEADLK: name = "EDEADLK"; break;
+    default: break;
+  }
+  char msg[160];
+  snprintf(msg, sizeof msg, "%s, %s", name, strerror(err));
+  napi_value code, message, error, errnum, sys;
+  CHECK(napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code));
+  CHECK(napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &message));
+  CHECK(napi_create_error(env, code, message, &error));
+  CHECK(napi_create_int32(env, -err, &errnum));
+  CHECK(napi_set_named_property(env, error, "errno", errnum));
+  CHECK(napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &sys));
+  CHECK(napi_set_named_property(env, error, "syscall", sys));
+  napi_throw(env, error);
+  return NULL;
+}
+
+/* Read `n` numeric arguments (int32 for the first, exact integers as doubles for the rest). */
+static int get_args(napi_env env, napi_callback_info info, size_t n, double *out) {
+  napi_value argv[4];
+  size_t argc = 4;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return 0;
+  if (argc < n) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "missing arguments");
+    return 0;
+  }
+  for (size_t i = 0; i < n; i++) {
+    if (napi_get_value_double(env, argv[i], &out[i]) != napi_ok || out[i] != (double)(long long)out[i]) {
+      napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "arguments must be integers");
+      return 0;
+    }
+  }
+  return 1;
+}
+
+static short lock_type(double t) { return t == 2 ? F_WRLCK : t == 1 ? F_RDLCK : F_UNLCK; }
+
+static napi_value ofd_lock(napi_env env, napi_callback_info info) {
+  double a[4];
+  if (!get_args(env, info, 4, a)) return NULL;
+  struct flock fl;
+  memset(&fl, 0, sizeof fl);
+  fl.l_type = lock_type(a[3]);
+  fl.l_whence = SEEK_SET;
+  fl.l_start = (off_t)a[1];
+  fl.l_len = (off_t)a[2];
+  int r;
+  do r = fcntl((int)a[0], F_OFD_SETLK, &fl);
+  while (r == -1 && errno == EINTR);
+  if (r == -1 && errno != EAGAIN && errno != EACCES) return throw_errno(env, errno, "fcntl");
+  napi_value result;
+  CHECK(napi_get_boolean(env, r == 0, &result));
+  return result;
+}
+
+static napi_value ofd_test(napi_env env, napi_callback_info info) {
+  double a[4];
+  if (!get_args(env, info, 4, a)) return NULL;
+  struct flock fl;
+  memset(&fl, 0, sizeof fl);
+  fl.l_type = lock_type(a[3]);
+  fl.l_whence = SEEK_SET;
+  fl.l_start = (off_t)a[1];
+  fl.l_len = (off_t)a[2];
+  if (fcntl((int)a[0], F_OFD_GETLK, &fl) == -1) return throw_errno(env, errno, "fcntl");
+  napi_value result;
+  CHECK(napi_create_int32(env, fl.l_type == F_UNLCK ? 0 : fl.l_type == F_RDLCK ? 1 : 2, &result));
+  return result;
+}
+
+static napi_value seek(napi_env env, napi_callback_info info, int whence) {
+  double a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  off_t r = lseek((int)a[0], (off_t)a[1], whence);
+  if (r == (off_t)-1 && errno != ENXIO) return throw_errno(env, errno, "lseek");
+  napi_value result;
+  CHECK(napi_create_double(env, r == (off_t)-1 ? -1 : (double)r, &result));
+  return result;
+}
+
+static napi_value seek_data(napi_env env, napi_callback_info info) { return seek(env, info, SEEK_DATA); }
+static napi_value seek_hole(napi_env env, napi_callback_info info) { return seek(env, info, SEEK_HOLE); }
+
+static napi_value do_fallocate(napi_env env, napi_callback_info info) {
+  double a[4];
+  if (!get_args(env, info, 4, a)) return NULL;
+  int r;
+  do r = fallocate((int)a[0], (int)a[1], (off_t)a[2], (off_t)a[3]);
+  while (r == -1 && errno == EINTR);
+  if (r == -1) return throw_errno(env, errno, "fallocate");
+  napi_value result;
+  CHECK(napi_get_undefined(env, &result));
+  return result;
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+    {"ofdLock", NULL, ofd_lock, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"ofdTest", NULL, ofd_test, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
+  napi_value version;
+  CHECK(napi_create_int32(env, 1, &version));
+  CHECK(napi_set_named_property(env, exports, "version", version));
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

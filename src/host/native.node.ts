@@ -1,0 +1,59 @@
+/**
+ * The host layer: system calls Node's fs module lacks (OFD byte-range locks, SEEK_DATA/SEEK_HOLE,
+ * fallocate), from our own N-API addon (native/qcow_host.c, built by node-gyp when the package is
+ * installed). `hostAddon()` gives the addon, or undefined when it is not there (no compiler at
+ * install time, not Linux, a browser bundle) or is turned off with QCOW_NO_NATIVE=1; every user
+ * has a pure TypeScript fallback.
+ */
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+
+/** Lock types, as the addon takes and reports them. */
+export const UNLOCK = 0;
+export const SHARED = 1;
+export const EXCLUSIVE = 2;
+export type LockType = typeof UNLOCK | typeof SHARED | typeof EXCLUSIVE;
+
+export interface HostAddon {
+  /** F_OFD_SETLK on [start, start + length): true when taken, false when another holder conflicts. */
+  ofdLock(fd: number, start: number, length: number, type: LockType): boolean;
+  /** F_OFD_GETLK: 0 when `type` could be taken on the range, else the conflicting lock's type. */
+  ofdTest(fd: number, start: number, length: number, type: typeof SHARED | typeof EXCLUSIVE): LockType;
+  /** lseek SEEK_DATA: the next data at or after `offset`, -1 when none. */
+  seekData(fd: number, offset: number): number;
+  /** lseek SEEK_HOLE: the next hole at or after `offset` (the end of the file at worst). */
+  seekHole(fd: number, offset: number): number;
+  /** fallocate(2) with FALLOC_FL_* `mode` bits. */
+  fallocate(fd: number, mode: number, offset: number, length: number): void;
+  readonly version: number;
+}
+
+/** FALLOC_FL_* bits for `fallocate`. */
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+let loaded: { addon: HostAddon | undefined; why: string } | undefined;
+
+function load(): { addon: HostAddon | undefined; why: string } {
+  if (process.env.QCOW_NO_NATIVE === '1') return { addon: undefined, why: 'disabled by QCOW_NO_NATIVE=1' };
+  // dist/host/native.node.js -> the package root's build/Release (node-gyp's output).
+  const path = fileURLToPath(new URL('../../build/Release/qcow_host.node', import.meta.url));
+  try {
+    const addon = createRequire(import.meta.url)(path) as HostAddon;
+    return { addon, why: 'loaded' };
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    return { addon: undefined, why: code === 'MODULE_NOT_FOUND' ? 'not built' : `not loadable: ${(e as Error).message.split('\n')[0]}` };
+  }
+}
+
+/** The addon, or undefined (see the top). Loaded once. */
+export function hostAddon(): HostAddon | undefined {
+  return (loaded ??= load()).addon;
+}
+
+/** Why the addon is or is not in use, for `qcow --version`. */
+export function hostAddonStatus(): string {
+  return (loaded ??= load()).why;
+}
