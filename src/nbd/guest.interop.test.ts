@@ -6,6 +6,10 @@
  * and powers off; the image is then checked by qemu-img and read by both tools, and later boots
  * find the files intact. A second test SIGKILLs `qcow serve` while the guest writes and syncs
  * numbered files, and checks that every file the guest saw synced is there after a restart.
+ *
+ * Knobs: QCOW_CRASH_ROUNDS (kill rounds, default 3), QCOW_GUEST_OVERLAY_OPTIONS (`qcow create -o`
+ * of the overlays, e.g. `extended_l2=on`), QCOW_GUEST_LOG=1 (print the crash rounds' consoles).
+ * The kernel and its cache: test-support/guest.ts.
  */
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -25,6 +29,8 @@ const E2FSCK = sbin('e2fsck');
 const MKE2FS = sbin('mke2fs');
 /** Kill-and-restart rounds of the crash test (each one boot, seconds). */
 const CRASH_ROUNDS = Number(process.env.QCOW_CRASH_ROUNDS ?? 3);
+/** Creation options of the overlays (qcow create -o), to try others: extended_l2=on, ... */
+const OVERLAY_OPTIONS = process.env.QCOW_GUEST_OVERLAY_OPTIONS;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 /** Resolves with `value` after `ms`, without keeping the process alive. */
@@ -165,7 +171,7 @@ umount /mnt
 
   // Boot 2, on an overlay with smaller clusters than the base: read the base files through it,
   // add files, patch a base file, delete the other, trim, read everything back from the disk.
-  await qcowOk(['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', '-o', 'cluster_size=16384', top]);
+  await qcowOk(['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', '-o', OVERLAY_OPTIONS ?? 'cluster_size=16384', top]);
   const r2 = await bootOn(
     t,
     dir,
@@ -222,7 +228,7 @@ test('qcow serve SIGKILLed while a guest writes: the image is consistent and eve
   const raw = join(dir, 'base.raw');
   await runOk(MKE2FS, ['-q', '-F', '-t', 'ext4', '-b', '4096', raw, '64M']);
   await qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', raw, base]);
-  await qcowOk(['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
+  await qcowOk(['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', ...(OVERLAY_OPTIONS ? ['-o', OVERLAY_OPTIONS] : []), top]);
   const k = await kernel();
 
   // Each round boots on the image the last one left. The guest first prints every numbered
