@@ -127,6 +127,16 @@ async function checkImage(dir: string, image: string, options: { allowLeaks?: bo
   return b;
 }
 
+/** How many 4 KiB blocks hold data in `before` and only zeros in `after`. */
+function zeroedBlocks(before: Buffer, after: Buffer): number {
+  const zero = Buffer.alloc(4096);
+  let n = 0;
+  for (let off = 0; off + 4096 <= before.length; off += 4096) {
+    if (!before.subarray(off, off + 4096).equals(zero) && after.subarray(off, off + 4096).equals(zero)) n++;
+  }
+  return n;
+}
+
 /** Unmount, drop the guest's caches and mount again, so what follows reads the disk. */
 const REMOUNT = `cd /
 umount /mnt
@@ -202,7 +212,13 @@ umount /mnt
   const topRaw = await checkImage(dir, top, { fsck: true });
   // The base was only read.
   assert.ok((await checkImage(dir, base)).equals(baseRaw), 'the base changed under the overlay');
-  assert.ok(!topRaw.equals(baseRaw));
+  // The trim reached the image: blocks that held data in the base (the deleted p2 among them)
+  // now read as zeros through the overlay.
+  const zeroed = zeroedBlocks(baseRaw, topRaw);
+  t.diagnostic(`4 KiB blocks with data in the base that read as zeros through the trimmed overlay: ${zeroed}`);
+  // (With other overlay layouts, large clusters may leave partial-cluster discards undone, as
+  // QEMU does.)
+  if (!OVERLAY_OPTIONS) assert.ok(zeroed >= p2.length / 4096 / 2, `only ${zeroed} blocks of the base were trimmed away in the overlay`);
 
   // Boot 3, on the same overlay: everything is still there, and nothing changed the image.
   const r3 = await bootOn(
