@@ -76,8 +76,9 @@ export async function buildCli() {
     // Half the bytes to read at every start (~3 ms). Function names are not kept: esbuild keeps
     // them by a defineProperty call each time a named closure is made, which cost 16 ms of a
     // 4 TiB qcow2 convert (a closure per refcount table entry). QCOW_DEBUG stack traces show
-    // minified names; to debug with the real ones, run the unbundled dist/cli/main.js.
-    minify: true,
+    // minified names; to debug with the real ones, run the unbundled dist/cli/main.js, or build
+    // with QCOW_BUNDLE_NO_MINIFY=1 (for --cpu-prof profiles of the bundle as users run it).
+    minify: !process.env.QCOW_BUNDLE_NO_MINIFY,
     metafile: true,
     logLevel: 'warning',
   });

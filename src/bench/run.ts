@@ -2,7 +2,9 @@
  * `npm run bench`: our CLI against qemu-img (and qemu-nbd) on the same images in one run.
  * Each workload runs ours and theirs alternately, several times; we print the median time, the
  * throughput, the ratio ours/theirs (lower is better) and the peak RSS of each, and write the
- * same as JSON to bench-results/latest.json.
+ * same as JSON to bench-results/latest.json. Beside wall time it takes each run's CPU time (user +
+ * sys of the process and every process it waited for, from GNU time's wait4 rusage), because on
+ * a 2-core VM shared with other jobs the CPU seconds are the steadier comparison.
  *
  *   npm run bench -- [--reps N] [--scale F] [--only name,name] [--dir DIR] [--keep]
  *
@@ -53,6 +55,8 @@ function parseArgs(argv: string[]): Args {
 
 interface Sample {
   seconds: number;
+  /** User + system CPU seconds of the process tree (0 without GNU time). */
+  cpu: number;
   rssKiB: number;
 }
 
@@ -62,16 +66,16 @@ function measure(cmd: string, args: string[], okCodes = [0]): Promise<Sample> {
   return new Promise((resolve, reject) => {
     const t0 = process.hrtime.bigint();
     const child = useTime
-      ? spawn('/usr/bin/time', ['-f', '__RSS__%M', cmd, ...args], { stdio: ['ignore', 'ignore', 'pipe'] })
+      ? spawn('/usr/bin/time', ['-f', '__RSS__%M __CPU__%U %S', cmd, ...args], { stdio: ['ignore', 'ignore', 'pipe'] })
       : spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
     let err = '';
     child.stderr.on('data', (d: Buffer) => (err += d.toString()));
     child.on('error', reject);
     child.on('exit', (code) => {
       const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-      const m = /__RSS__(\d+)/.exec(err);
-      if (code !== null && !okCodes.includes(code)) reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.replace(/__RSS__\d+\s*/, '').trim()}`));
-      else resolve({ seconds, rssKiB: m ? Number(m[1]) : 0 });
+      const m = /__RSS__(\d+) __CPU__([\d.]+) ([\d.]+)/.exec(err);
+      if (code !== null && !okCodes.includes(code)) reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.replace(/__RSS__.*\s*/, '').trim()}`));
+      else resolve({ seconds, cpu: m ? Number(m[2]) + Number(m[3]) : 0, rssKiB: m ? Number(m[1]) : 0 });
     });
   });
 }
@@ -101,9 +105,9 @@ async function warm(files: string[]): Promise<void> {
 }
 
 /** Write `size` bytes: `randomPart` of them incompressible, the rest compressible text-like data. */
-async function makeRaw(path: string, size: number, randomFraction: number): Promise<void> {
+async function makeRaw(path: string, size: number, randomFraction: number, piece = 4 * MiB): Promise<void> {
   const fh = await open(path, 'w');
-  const chunk = Buffer.alloc(4 * MiB);
+  const chunk = Buffer.alloc(piece);
   const text = Buffer.from('The quick brown fox jumps over the lazy dog; qcow bench data 0123456789.\n');
   try {
     for (let off = 0, i = 0; off < size; off += chunk.length, i++) {
@@ -131,9 +135,13 @@ interface Result {
   name: string;
   description: string;
   bytes: number;
-  ours: { median: number; rssMiB: number; runs: number[] };
-  theirs: { median: number; rssMiB: number; runs: number[] };
+  ours: { median: number; rssMiB: number; runs: number[]; cpuMedian?: number; cpuRuns?: number[] };
+  theirs: { median: number; rssMiB: number; runs: number[]; cpuMedian?: number; cpuRuns?: number[] };
   ratio: number;
+  /** Median over the rounds of (our CPU seconds / theirs), the two runs of a round side by side. */
+  cpuRatio?: number;
+  /** The same for wall time. */
+  pairRatio?: number;
   /** Best run against best run: on a shared VM, noise (writeback, neighbours) only adds time. */
   bestRatio: number;
 }
@@ -187,6 +195,33 @@ async function main(): Promise<void> {
   if (!existsSync(p('zlib.qcow'))) await sh('qemu-img', ['convert', '-c', '-O', 'qcow', p('mixed.raw'), p('zlib.qcow')], [0, 1]);
   if (!existsSync(p('bench.qcow2'))) await sh('qemu-img', ['convert', '-O', 'qcow2', p('alloc.raw'), p('bench.qcow2')]);
   if (!existsSync(p('tiny.qcow2'))) await sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('tiny.qcow2'), '1M']);
+  // Round two (issue 21): the shapes real images have besides the plain ones above.
+  // Mixed: plain clusters (incompressible data stays uncompressed), compressed and zero clusters.
+  if (!existsSync(p('mix.qcow2'))) {
+    await sh('qemu-img', ['convert', '-c', '-O', 'qcow2', p('mixed.raw'), p('mix.qcow2')]);
+    const zeros: string[] = [];
+    for (let off = 0; off + 6 * MiB <= mixedSize; off += 32 * MiB) zeros.push('-c', `write -z ${off + 2 * MiB} 4M`);
+    await sh('qemu-io', ['-f', 'qcow2', ...zeros, p('mix.qcow2')]);
+  }
+  if (!existsSync(p('c4k.qcow2'))) await sh('qemu-img', ['convert', '-O', 'qcow2', '-o', 'cluster_size=4096', p('mixed.raw'), p('c4k.qcow2')]);
+  if (!existsSync(p('c2m.qcow2'))) await sh('qemu-img', ['convert', '-O', 'qcow2', '-o', 'cluster_size=2M', p('mixed.raw'), p('c2m.qcow2')]);
+  // A small compressed image: the fixed costs (start-up, codec set-up) are most of its convert.
+  if (!existsSync(p('small.raw'))) await makeRaw(p('small.raw'), 3 * MiB, 0.5, 256 * 1024);
+  if (!existsSync(p('small-zlib.qcow2'))) await sh('qemu-img', ['convert', '-c', '-O', 'qcow2', p('small.raw'), p('small-zlib.qcow2')]);
+  if (!existsSync(p('small-zstd.qcow2'))) await sh('qemu-img', ['convert', '-c', '-O', 'qcow2', '-o', 'compression_type=zstd', p('small.raw'), p('small-zstd.qcow2')]);
+  // A chain of three: base (the mixed data), then two overlays each rewriting a part of it.
+  if (!existsSync(p('chain-top.qcow2'))) {
+    await sh('qemu-img', ['convert', '-O', 'qcow2', p('mixed.raw'), p('chain-base.qcow2')]);
+    await sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', p('chain-base.qcow2'), '-F', 'qcow2', p('chain-mid.qcow2')]);
+    await sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', p('chain-mid.qcow2'), '-F', 'qcow2', p('chain-top.qcow2')]);
+    const layer = (pattern: number, from: number): string[] => {
+      const w: string[] = [];
+      for (let off = from; off + MiB <= mixedSize; off += 8 * MiB) w.push('-c', `write -P ${pattern} ${off} 1M`);
+      return w;
+    };
+    await sh('qemu-io', ['-f', 'qcow2', ...layer(0x61, 0), p('chain-mid.qcow2')]);
+    await sh('qemu-io', ['-f', 'qcow2', ...layer(0x62, 4 * MiB), p('chain-top.qcow2')]);
+  }
 
   const out = (n: string) => p(`out-${n}`);
   const workloads: Workload[] = [
@@ -208,6 +243,12 @@ async function main(): Promise<void> {
     { name: '9-compare', description: 'compare 1 GiB allocated qcow2 with its raw (identical)', bytes: allocSize, ours: ours('compare', p('alloc.qcow2'), p('alloc.raw')), theirs: qimg('compare', p('alloc.qcow2'), p('alloc.raw')) },
     { name: '9-check', description: 'check a 1 GiB allocated qcow2 (16384 clusters)', bytes: allocSize, ours: ours('check', p('alloc.qcow2')), theirs: qimg('check', p('alloc.qcow2')) },
     { name: '6-qcow-to-raw', description: 'convert 1 GiB allocated qcow v1 -> raw', bytes: allocSize, ours: ours('convert', '-f', 'qcow', '-O', 'raw', p('alloc.qcow'), out('6a')), theirs: qimg('convert', '-f', 'qcow', '-O', 'raw', p('alloc.qcow'), out('6b')) },
+    { name: '10-mixed-to-raw', description: 'convert 512 MiB qcow2 of plain, zlib and zero clusters -> raw', bytes: mixedSize, ours: ours('convert', '-f', 'qcow2', '-O', 'raw', p('mix.qcow2'), out('10a')), theirs: qimg('convert', '-f', 'qcow2', '-O', 'raw', p('mix.qcow2'), out('10b')) },
+    { name: '11-4k-clusters-to-raw', description: 'convert 512 MiB qcow2 with 4 KiB clusters -> raw', bytes: mixedSize, ours: ours('convert', '-f', 'qcow2', '-O', 'raw', p('c4k.qcow2'), out('11a')), theirs: qimg('convert', '-f', 'qcow2', '-O', 'raw', p('c4k.qcow2'), out('11b')) },
+    { name: '11-2m-clusters-to-raw', description: 'convert 512 MiB qcow2 with 2 MiB clusters -> raw', bytes: mixedSize, ours: ours('convert', '-f', 'qcow2', '-O', 'raw', p('c2m.qcow2'), out('11c')), theirs: qimg('convert', '-f', 'qcow2', '-O', 'raw', p('c2m.qcow2'), out('11d')) },
+    { name: '12-small-zlib-to-raw', description: 'convert 3 MiB zlib qcow2 -> raw (fixed costs)', bytes: 3 * MiB, ours: ours('convert', '-f', 'qcow2', '-O', 'raw', p('small-zlib.qcow2'), out('12a')), theirs: qimg('convert', '-f', 'qcow2', '-O', 'raw', p('small-zlib.qcow2'), out('12b')) },
+    { name: '12-small-zstd-to-raw', description: 'convert 3 MiB zstd qcow2 -> raw (fixed costs)', bytes: 3 * MiB, ours: ours('convert', '-f', 'qcow2', '-O', 'raw', p('small-zstd.qcow2'), out('12c')), theirs: qimg('convert', '-f', 'qcow2', '-O', 'raw', p('small-zstd.qcow2'), out('12d')) },
+    { name: '13-chain3-to-raw', description: 'convert the top of a 3-image qcow2 chain (512 MiB) -> raw', bytes: mixedSize, ours: ours('convert', '-f', 'qcow2', '-O', 'raw', p('chain-top.qcow2'), out('13a')), theirs: qimg('convert', '-f', 'qcow2', '-O', 'raw', p('chain-top.qcow2'), out('13b')) },
     { name: '6-qcow-zlib-to-raw', description: 'convert 512 MiB compressed qcow v1 -> raw', bytes: mixedSize, ours: ours('convert', '-f', 'qcow', '-O', 'raw', p('zlib.qcow'), out('6c')), theirs: qimg('convert', '-f', 'qcow', '-O', 'raw', p('zlib.qcow'), out('6d')) },
   ];
   for (const [label, extra] of [
@@ -272,19 +313,24 @@ async function main(): Promise<void> {
     }
     const om = median(ourRuns.map((x) => x.seconds));
     const tm = median(theirRuns.map((x) => x.seconds));
+    const oc = median(ourRuns.map((x) => x.cpu));
+    const tc = median(theirRuns.map((x) => x.cpu));
+    const pairs = (f: (x: Sample) => number) => median(ourRuns.map((x, i) => f(x) / f(theirRuns[i]!)));
     const res: Result = {
       name: w.name,
       description: w.description,
       bytes: w.bytes,
-      ours: { median: om, rssMiB: Math.max(...ourRuns.map((x) => x.rssKiB)) / 1024, runs: ourRuns.map((x) => x.seconds) },
-      theirs: { median: tm, rssMiB: Math.max(...theirRuns.map((x) => x.rssKiB)) / 1024, runs: theirRuns.map((x) => x.seconds) },
+      ours: { median: om, rssMiB: Math.max(...ourRuns.map((x) => x.rssKiB)) / 1024, runs: ourRuns.map((x) => x.seconds), cpuMedian: oc, cpuRuns: ourRuns.map((x) => x.cpu) },
+      theirs: { median: tm, rssMiB: Math.max(...theirRuns.map((x) => x.rssKiB)) / 1024, runs: theirRuns.map((x) => x.seconds), cpuMedian: tc, cpuRuns: theirRuns.map((x) => x.cpu) },
       ratio: om / tm,
+      pairRatio: pairs((x) => x.seconds),
+      cpuRatio: tc > 0 ? pairs((x) => x.cpu) : undefined,
       bestRatio: Math.min(...ourRuns.map((x) => x.seconds)) / Math.min(...theirRuns.map((x) => x.seconds)),
     };
     results.push(res);
     const mbps = (sec: number) => `${(w.bytes / MiB / sec).toFixed(0)} MiB/s`;
     console.log(
-      `${w.name.padEnd(30)} ours ${om.toFixed(3)}s (${mbps(om)}, ${res.ours.rssMiB.toFixed(0)} MiB RSS)  qemu ${tm.toFixed(3)}s (${mbps(tm)}, ${res.theirs.rssMiB.toFixed(0)} MiB RSS)  ratio ${res.ratio.toFixed(2)}`,
+      `${w.name.padEnd(30)} ours ${om.toFixed(3)}s cpu ${oc.toFixed(3)}s (${mbps(om)}, ${res.ours.rssMiB.toFixed(0)} MiB RSS)  qemu ${tm.toFixed(3)}s cpu ${tc.toFixed(3)}s (${mbps(tm)}, ${res.theirs.rssMiB.toFixed(0)} MiB RSS)  ratio ${res.ratio.toFixed(2)}${res.cpuRatio === undefined ? '' : ` cpu ${res.cpuRatio.toFixed(2)}`}`,
     );
   }
   if (want('7-nbd')) {
@@ -333,12 +379,12 @@ function target(name: string): number | undefined {
 /** One line per result with its target, and the lines the issue asks for besides the ratios. */
 function printSummary(results: Result[]): void {
   if (results.length === 0) return;
-  console.log('\n# summary (ratio = ours / qemu time of the medians, lower is better; best = fastest run against fastest run)');
+  console.log('\n# summary (ratio = ours / qemu time of the medians, lower is better; best = fastest run against fastest run; cpu = median of the rounds\' CPU-second ratios)');
   for (const r of results) {
     const t = target(r.name);
     const rssLimit = r.name.startsWith('4-') ? 200 : 300;
     const rss = r.ours.rssMiB > 0 ? `  RSS ${r.ours.rssMiB.toFixed(0)} MiB ${r.ours.rssMiB < rssLimit ? 'ok' : `OVER ${rssLimit}`}` : '';
-    console.log(`${r.name.padEnd(30)} ${r.ratio.toFixed(2).padStart(6)}  best ${r.bestRatio.toFixed(2).padStart(5)}${t === undefined ? '' : `  target <= ${t.toFixed(1)} ${r.ratio <= t ? 'met' : 'MISSED'}`}${rss}`);
+    console.log(`${r.name.padEnd(30)} ${r.ratio.toFixed(2).padStart(6)}  best ${r.bestRatio.toFixed(2).padStart(5)}${r.cpuRatio === undefined ? '' : `  cpu ${r.cpuRatio.toFixed(2).padStart(5)}`}${t === undefined ? '' : `  target <= ${t.toFixed(1)} ${r.ratio <= t ? 'met' : 'MISSED'}`}${rss}`);
   }
   const raw = results.find((r) => r.name === '0-raw-copy');
   const w1 = results.find((r) => r.name === '1-qcow2-to-raw');

@@ -79,3 +79,19 @@ test('node: large compressed inputs (pool path) keep the codec contract', async 
   const zs = await nodeCodec.zstdCompress(noisy);
   assert.deepEqual(await nodeCodec.zstdDecompress(zs, 65536), noisy);
 });
+
+test('node worker pool: workers start only once the work done here has paid for them', async () => {
+  const { CodecPool } = await import('./pool.node.js');
+  const cluster = randomBytes(65536, 21).map((b, i) => (i % 4 === 0 ? 0 : b));
+  const z = await nodeCodec.deflateRaw(cluster);
+  // A budget no job reaches: everything runs here, no worker is started.
+  const never = new CodecPool(2, Number.POSITIVE_INFINITY);
+  for (let i = 0; i < 20; i++) assert.deepEqual(await never.run('inflate', z, 65536), cluster);
+  assert.equal(never.workers, 0);
+  // No budget: the first job starts them (and still runs here while they boot).
+  const at = new CodecPool(1, 0);
+  assert.deepEqual(await at.run('inflate', z, 65536), cluster);
+  assert.equal(at.workers, 1);
+  await at.warm();
+  assert.deepEqual(await at.run('inflate', z, 65536), cluster);
+});

@@ -8,8 +8,8 @@
  */
 import type { ClusterCodec } from './types.js';
 import { codecPool } from './pool.node.js';
-import { inflateRawNow, deflateRawNow } from './kernels.node.js';
-import { zstdReady, zstdDecompressLoaded } from './zstd.js';
+import { inflateRawNow, deflateRawNow, zstdReadyHere } from './kernels.node.js';
+import { zstdDecompressLoaded } from './zstd.js';
 
 /** Compressed inputs up to this size are decompressed on the calling thread. */
 const INLINE_INPUT_MAX = 4096;
@@ -28,7 +28,7 @@ export async function deflateRaw(data: Uint8Array): Promise<Uint8Array> {
 
 export async function zstdDecompress(data: Uint8Array, outSize: number): Promise<Uint8Array> {
   if (data.length <= INLINE_INPUT_MAX) {
-    await zstdReady();
+    await zstdReadyHere();
     return zstdDecompressLoaded(data, outSize);
   }
   return codecPool.run('zstd-decompress', data, outSize);

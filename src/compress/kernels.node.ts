@@ -5,7 +5,31 @@
  */
 import { constants, deflateRawSync, inflateRawSync } from 'node:zlib';
 import { corrupt } from '../core/errors.js';
-import { zstdCompressLoaded, zstdDecompressLoaded } from './zstd.js';
+import { setFlagsFromString } from 'node:v8';
+import { zstdCompressLoaded, zstdDecompressLoaded, zstdReady } from './zstd.js';
+
+/**
+ * zstd's WebAssembly module, made ready for this process. V8 first compiles it with its baseline
+ * compiler and re-compiles a function with its optimising one once it has run "hot" enough (the
+ * tiering budget); for the 250 KB zstd module that re-compilation took ~110 ms of CPU on a
+ * background thread, which the main thread then waited for before exiting (Node drains background
+ * tasks when the event loop empties): a 3 MiB zstd image took 230 ms to convert against 127 ms
+ * for the same image in zlib. A budget 50 times V8's default (1.8 M) leaves short jobs on the
+ * baseline code and still optimises long ones (512 MiB decoded: no slower within noise). The flag
+ * is process-wide and read when a module is compiled, so it is set before the first one.
+ */
+let tuned = false;
+export function zstdReadyHere(): Promise<void> {
+  if (!tuned) {
+    tuned = true;
+    try {
+      setFlagsFromString('--wasm-tiering-budget=90000000');
+    } catch {
+      // An engine without the flag: default tiering.
+    }
+  }
+  return zstdReady();
+}
 
 export type CodecOp = 'inflate' | 'deflate' | 'zstd-decompress' | 'zstd-compress';
 

@@ -7,8 +7,13 @@
  * thread pool is the one file reads and writes wait on too. Measured per 64 KiB cluster on this
  * project's machine: async inflate ~230 µs of overhead, a worker round trip ~40 µs, batched less.
  *
- * - Workers start on the first job, all at once. Until one has said it is ready (tens of ms), and
- *   if workers cannot start at all, jobs run on the calling thread: nothing waits on a boot.
+ * - Workers start only once the work has shown it will pay for them. A worker costs about what a
+ *   whole Node process costs to start (85-120 ms of CPU on our 2-core VM, measured from
+ *   `new Worker` to its first message), so a short job (a 3 MiB compressed image) is cheaper done
+ *   entirely on the calling thread. Jobs run here, timed, until they have taken START_AFTER_MS
+ *   of this thread (the rent-or-buy rule: by then the job has spent on itself what a worker
+ *   costs); then all workers start at once. Until one has said it is ready, and if workers cannot
+ *   start at all, jobs keep running here: nothing waits on a boot.
  * - Jobs queue in order; an idle worker takes a batch (the queue shared among the idle workers,
  *   at most BATCH_MAX), each worker holds at most two batches so it never waits for the main
  *   thread between them.
@@ -19,15 +24,21 @@
  * QCOW_CODEC_THREADS=n overrides the size; 0 runs every job on the calling thread.
  */
 import { availableParallelism } from 'node:os';
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
+import { createRequire } from 'node:module';
 import { QcowError, type QcowErrorCode } from '../core/errors.js';
-import { runNow, type CodecOp } from './kernels.node.js';
-import { zstdReady } from './zstd.js';
+import { runNow, type CodecOp, zstdReadyHere } from './kernels.node.js';
 
 /** Most jobs handed to one worker in one message: amortises the message cost, keeps others fed. */
 const BATCH_MAX = 16;
 /** Batches a worker may hold at once. */
 const BATCHES_PER_WORKER = 2;
+/**
+ * Codec time spent on the calling thread before the workers start (see above), in ms;
+ * QCOW_CODEC_START_MS overrides it (0: start on the first job, as before).
+ */
+const envStart = Number(process.env.QCOW_CODEC_START_MS);
+const START_AFTER_MS = process.env.QCOW_CODEC_START_MS !== undefined && Number.isFinite(envStart) && envStart >= 0 ? envStart : 60;
 
 export interface JobMessage {
   id: number;
@@ -59,14 +70,22 @@ export class CodecPool {
   private broken = false;
   private waiters: (() => void)[] = [];
 
-  constructor(size: number) {
+  /** Codec time spent on this thread so far, in ms (until the workers start). */
+  private hereMs = 0;
+  private readonly startAfterMs: number;
+
+  constructor(size: number, startAfterMs = START_AFTER_MS) {
     this.size = size;
+    this.startAfterMs = startAfterMs;
   }
 
   /** Run `op` on `data`; on a worker when one is ready, else here and now. */
   async run(op: CodecOp, data: Uint8Array, outSize: number): Promise<Uint8Array> {
     if (this.size <= 0 || this.broken) return this.runHere(op, data, outSize);
-    if (this.slots.length === 0) this.start();
+    if (this.slots.length === 0) {
+      if (this.hereMs < this.startAfterMs) return this.runTimed(op, data, outSize);
+      this.start();
+    }
     if (!this.slots.some((s) => s.ready)) return this.runHere(op, data, outSize);
     return new Promise<Uint8Array>((resolve, reject) => {
       // new Uint8Array(view) copies (Buffer#slice would not): the copy is ours to transfer.
@@ -88,16 +107,36 @@ export class CodecPool {
     return this.slots.length;
   }
 
+  /** Run here, counting the time against the workers' start (see START_AFTER_MS). */
+  private async runTimed(op: CodecOp, data: Uint8Array, outSize: number): Promise<Uint8Array> {
+    if (op === 'zstd-compress' || op === 'zstd-decompress') await zstdReadyHere();
+    const t0 = performance.now();
+    try {
+      return runNow(op, data, outSize);
+    } finally {
+      this.hereMs += performance.now() - t0;
+    }
+  }
+
   private async runHere(op: CodecOp, data: Uint8Array, outSize: number): Promise<Uint8Array> {
-    if (op === 'zstd-compress' || op === 'zstd-decompress') await zstdReady();
+    if (op === 'zstd-compress' || op === 'zstd-decompress') await zstdReadyHere();
     return runNow(op, data, outSize);
   }
 
   private start(): void {
+    let Ctor: typeof Worker;
+    try {
+      // Loaded here, not at start-up: most processes never start a worker.
+      Ctor = (createRequire(import.meta.url)('node:worker_threads') as typeof import('node:worker_threads')).Worker;
+    } catch {
+      this.broken = true;
+      for (const w of this.waiters.splice(0)) w();
+      return;
+    }
     for (let i = 0; i < this.size; i++) {
       let worker: Worker;
       try {
-        worker = new Worker(new URL('./worker.node.js', import.meta.url));
+        worker = new Ctor(new URL('./worker.node.js', import.meta.url));
       } catch {
         this.broken = true;
         for (const w of this.waiters.splice(0)) w();

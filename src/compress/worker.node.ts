@@ -1,7 +1,6 @@
 /** A codec worker (see pool.node.ts): runs batches of cluster jobs and sends the results back. */
 import { parentPort } from 'node:worker_threads';
-import { runNow } from './kernels.node.js';
-import { zstdReady } from './zstd.js';
+import { runNow, zstdReadyHere } from './kernels.node.js';
 import type { JobMessage, ResultMessage } from './pool.node.js';
 
 const port = parentPort!;
@@ -10,7 +9,7 @@ let chain: Promise<void> = Promise.resolve();
 
 port.on('message', (jobs: JobMessage[]) => {
   chain = chain.then(async () => {
-    if (jobs.some((j) => j.op.startsWith('zstd'))) await zstdReady();
+    if (jobs.some((j) => j.op.startsWith('zstd'))) await zstdReadyHere();
     const results: ResultMessage[] = [];
     const transfer: ArrayBuffer[] = [];
     for (const j of jobs) {
