@@ -32,7 +32,7 @@ test('the bundle has no import() left: code run by vm.Script has no import callb
 test('bin/qcow.cjs runs commands through the bundle with nothing extra on stderr', async () => {
   const version = await run(process.execPath, [launcher, '--version']);
   assert.equal(version.code, 0);
-  assert.match(version.stdout, /^\d+\.\d+\.\d+\n$/);
+  assert.match(version.stdout, /^\d+\.\d+\.\d+\nimage locking: [^\n]+\n$/);
   assert.equal(version.stderr, '');
   const bad = await run(process.execPath, [launcher, 'info', '--output', 'yaml', 'x']);
   assert.equal(bad.code, 1);

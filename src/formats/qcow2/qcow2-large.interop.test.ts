@@ -64,7 +64,8 @@ test('read-only opens cache L2 slices: 4 KiB per table touched, whatever the clu
     await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, path, '64G']);
     // Data in several slices of one table and in several tables, with holes and a zero cluster.
     await qemuIo(['-f', 'qcow2', '-c', 'write -P 0x11 0 64k', '-c', 'write -P 0x22 40M 4k', '-c', 'write -P 0x33 3G 2M', '-c', 'write -z 3G 64k', '-c', 'write -P 0x44 63G 1M', path]);
-    const ro = (await openImage(path, { readOnly: true })) as Qcow2Device;
+    // The read-only open shares writing (as qemu-img -U), or the writer's QEMU lock would refuse it.
+    const ro = (await openImage(path, { readOnly: true, forceShare: true })) as Qcow2Device;
     const rw = (await openImage(path)) as Qcow2Device;
     try {
       assert.equal(ro.slice.bytes, 4096);
