@@ -29,7 +29,9 @@ async function qemuImgRetrying(args: string[]): Promise<void> {
   for (let attempt = 1; ; attempt++) {
     const r = await run('qemu-img', args);
     if (r.code === 0) return;
-    if (!r.stderr.includes('Unable to get accurate CPU usage') || attempt === 5) throw new Error(`qemu-img ${args.join(' ')} exited ${r.code}\n${r.stderr}`);
+    if (!r.stderr.includes('Unable to get accurate CPU usage') || attempt === 20) throw new Error(`qemu-img ${args.join(' ')} exited ${r.code}\n${r.stderr}`);
+    // Five quick retries all failed on a machine loaded by parallel test runs: wait for a calmer moment.
+    await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
   }
 }
 
