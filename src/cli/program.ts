@@ -131,11 +131,13 @@ function buildProgram(argv: string[]): Command {
         .description('show the allocation of an image and its backing chain')
         .addOption(fmt())
         .addOption(pw())
-        .addOption(out())
+        .addOption(new Option('--output <fmt>', 'output format: human, json, svg or html').default('human'))
         .option('--start-offset <offset>', 'first byte to map')
         .option('--max-length <len>', 'bytes to map')
+        .option('--cells <n>', 'with --output=svg or html: cells per row (default 512)')
         .option('-U, --force-share', 'accepted for qemu-img compatibility')
         .argument('<file>')
+        .addHelpText('after', '\n--output=svg draws the layout of every layer of the chain (data, compressed, zero, unallocated) and\nwhat the guest reads; --output=html adds a legend and byte totals.\n\nExamples:\n  qcow map --output=json disk.qcow2\n  qcow map --output=svg top.qcow2 > layout.svg\n  qcow map --output=html --cells 1024 top.qcow2 > layout.html')
         .action(lazy('map'));
     },
     io: () => {
