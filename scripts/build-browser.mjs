@@ -40,10 +40,37 @@ export async function buildBrowser({ outdir = join(root, 'dist', 'browser'), min
   return { outfile: join(outdir, 'qcow.js'), bytes: result.metafile.outputs[Object.keys(result.metafile.outputs).find((k) => k.endsWith('qcow.js'))].bytes };
 }
 
+// The image viewer page (src/web): its script bundled the same way into dist/web/app.js, with its
+// HTML and the zstd WebAssembly file beside it, so dist/web can be served by any static server.
+export async function buildViewer({ outdir = join(root, 'dist', 'web'), minify = true } = {}) {
+  await mkdir(outdir, { recursive: true });
+  const result = await build({
+    entryPoints: [join(root, 'dist', 'web', 'page.js')],
+    outfile: join(outdir, 'app.js'),
+    absWorkingDir: root,
+    bundle: true,
+    format: 'esm',
+    platform: 'browser',
+    target: 'es2022',
+    conditions: ['browser'],
+    minify,
+    metafile: true,
+    logLevel: 'warning',
+  });
+  const nodeInputs = Object.keys(result.metafile.inputs).filter((p) => p.startsWith('node:'));
+  if (nodeInputs.length > 0) throw new Error(`the viewer bundle pulls in Node modules: ${nodeInputs.join(', ')}`);
+  const zstdModule = Object.keys(result.metafile.inputs).find((p) => /@bokuweb[/\\]zstd-wasm[/\\].*index\.web\.js$/.test(p));
+  if (zstdModule) await copyFile(join(root, dirname(zstdModule), 'zstd.wasm'), join(outdir, 'zstd.wasm'));
+  await copyFile(join(root, 'src', 'web', 'index.html'), join(outdir, 'index.html'));
+  return { outfile: join(outdir, 'app.js') };
+}
+
 if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
   const args = process.argv.slice(2);
   const at = args.indexOf('--outdir');
   const outdir = at >= 0 ? resolve(args[at + 1]) : undefined;
   const { outfile, bytes } = await buildBrowser({ outdir, minify: !args.includes('--no-minify') });
   process.stdout.write(`browser bundle: ${outfile} (${bytes} bytes)\n`);
+  // The viewer is part of the package's build (npm run build), not of a test's --outdir bundle.
+  if (at < 0) process.stdout.write(`viewer page: ${(await buildViewer({ minify: !args.includes('--no-minify') })).outfile}\n`);
 }
