@@ -6,6 +6,7 @@
 import { Command, CommanderError, Option } from 'commander';
 import { collect, errorLine, jsonStyle, exitCodeFor, openPolicy, writeOut } from './common.js';
 import { lockingKind } from '../storage/lock.node.js';
+import { helpExamples } from './help-examples.js';
 
 /** A command's module: `run` takes commander's action arguments (operands, then the flags). */
 type CommandModule = { run: (...a: never[]) => Promise<number | void> };
@@ -32,7 +33,7 @@ const COMMANDS: Record<string, () => Promise<CommandModule>> = {
 const VERSION = process.env.npm_package_version ?? '0.1.0';
 
 /** The command-line program for `argv`; a fresh one per run (commander keeps parsed options on it). */
-function buildProgram(argv: string[]): Command {
+export function buildProgram(argv: string[]): Command {
   const program = new Command();
   program
     .name('qcow')
@@ -137,7 +138,7 @@ function buildProgram(argv: string[]): Command {
         .option('--cells <n>', 'with --output=svg or html: cells per row (default 512)')
         .option('-U, --force-share', 'accepted for qemu-img compatibility')
         .argument('<file>')
-        .addHelpText('after', '\n--output=svg draws the layout of every layer of the chain (data, compressed, zero, unallocated) and\nwhat the guest reads; --output=html adds a legend and byte totals.\n\nExamples:\n  qcow map --output=json disk.qcow2\n  qcow map --output=svg top.qcow2 > layout.svg\n  qcow map --output=html --cells 1024 top.qcow2 > layout.html')
+        .addHelpText('after', '\n--output=svg draws the layout of every layer of the chain (data, compressed, zero, unallocated) and\nwhat the guest reads; --output=html adds a legend and byte totals.')
         .action(lazy('map'));
     },
     io: () => {
@@ -302,6 +303,8 @@ function buildProgram(argv: string[]): Command {
    */
   const NO_SAFETY_OPTIONS = new Set(['create']);
   for (const cmd of program.commands) {
+    const examples = helpExamples(cmd.name());
+    if (examples) cmd.addHelpText('after', examples);
     if (NO_SAFETY_OPTIONS.has(cmd.name())) continue;
     cmd
       .option('--confine', "refuse backing/data files outside the folder of the image that names them")
