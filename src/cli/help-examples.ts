@@ -42,6 +42,7 @@ export const HELP_EXAMPLES: Readonly<Record<string, readonly (readonly [string, 
   serve: [
     ['qcow serve -r -k /tmp/disk.sock disk.qcow2', 'export read-only on a Unix socket (nbdinfo "nbd+unix:///?socket=/tmp/disk.sock")'],
     ['qcow serve -p 10810 -e 4 -t top.qcow2', 'writable on TCP 127.0.0.1:10810, up to 4 clients, kept running'],
+    ['qcow serve -r -A -k /tmp/top.sock top.qcow2', 'with qemu:allocation-depth (nbdinfo --map=qemu:allocation-depth)'],
   ],
   check: [
     ['qcow check disk.qcow2', "qemu-img check's report and exit code (0 clean, 2 corrupt, 3 leaks)"],

@@ -183,6 +183,7 @@ export function buildProgram(argv: string[]): Command {
         .option('-t, --persistent', "keep serving after the last client disconnects")
         .option('-e, --shared <n>', 'clients served at once (default 1)')
         .option('--pid-file <file>', 'write the process id here once listening')
+        .option('-A, --allocation-depth', 'also offer the qemu:allocation-depth metadata context (which layer of the chain holds each range)')
         .argument('<file>')
         .action(lazy('serve'));
     },

@@ -1,5 +1,5 @@
 /**
- * The base:allocation view of an export: for each run of guest bytes, whether the chain stores
+ * The allocation views of an export. base:allocation: for each run of guest bytes, whether the chain stores
  * data for it (NBD_STATE_HOLE when not) and whether it reads as zeros (NBD_STATE_ZERO). These are
  * the same two bits qemu-nbd derives from its block status (HOLE = not "data", ZERO = "zero"), so
  * `nbdinfo --map` on our export agrees with `qemu-img map` / `qcow map` on the image.
@@ -9,7 +9,7 @@
  * of the request: no layer is asked about bytes the client did not ask for.
  */
 import type { BlockDevice, BlockExtent, ImageDescription, WriteOptions, ZeroOptions } from '../core/block-device.js';
-import { ChainStatus } from '../ops/chain-status.js';
+import { ChainStatus, type ChainExtent } from '../ops/chain-status.js';
 import type { ByteStore } from '../storage/types.js';
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from './constants.js';
 
@@ -24,13 +24,27 @@ export interface AllocationExtent {
  * Extents covering [offset, offset + length), neighbours with equal flags merged, at most
  * `maxExtents` of them (then they cover a prefix of the range; the spec allows a short answer).
  */
-export async function allocationExtents(dev: BlockDevice, offset: number, length: number, maxExtents = Number.MAX_SAFE_INTEGER): Promise<AllocationExtent[]> {
+export function allocationExtents(dev: BlockDevice, offset: number, length: number, maxExtents = Number.MAX_SAFE_INTEGER): Promise<AllocationExtent[]> {
+  return chainExtents(dev, offset, length, maxExtents, (e) => (e.data ? 0 : NBD_STATE_HOLE) | (e.zero ? NBD_STATE_ZERO : 0));
+}
+
+/**
+ * The qemu:allocation-depth view: 0 where no image of the chain allocates the range, 1 where the
+ * top image does, n where the n-th image down does (as qemu-nbd -A reports it). Past the end of a
+ * shorter backing image QEMU reports that image's depth (it "allocates" the zeros read there).
+ */
+export function allocationDepthExtents(dev: BlockDevice, offset: number, length: number, maxExtents = Number.MAX_SAFE_INTEGER): Promise<AllocationExtent[]> {
+  return chainExtents(dev, offset, length, maxExtents, (e) => (e.present ? e.depth + 1 : e.pastBackingEnd ? e.depth + 2 : 0));
+}
+
+/** Extents of the chain's status over the range, each given the value `flagsOf` finds for it. */
+async function chainExtents(dev: BlockDevice, offset: number, length: number, maxExtents: number, flagsOf: (e: ChainExtent) => number): Promise<AllocationExtent[]> {
   const end = offset + length;
   const status = new ChainStatus(new ClippedDevice(dev, end));
   const out: AllocationExtent[] = [];
   for (let pos = offset; pos < end; ) {
     const e = await status.at(pos, end - pos);
-    const flags = (e.data ? 0 : NBD_STATE_HOLE) | (e.zero ? NBD_STATE_ZERO : 0);
+    const flags = flagsOf(e);
     const last = out[out.length - 1];
     if (last && last.flags === flags) last.length += e.length;
     else {

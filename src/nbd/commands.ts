@@ -5,6 +5,7 @@
  */
 import { QcowError } from '../core/errors.js';
 import { allocationExtents } from './allocation.js';
+import type { MetaContext } from './contexts.js';
 import {
   MAX_PAYLOAD,
   NBD_CMD_BLOCK_STATUS,
@@ -37,8 +38,8 @@ import { replyBuffers } from './reply-buffers.js';
 export interface CommandContext {
   exp: NbdExport;
   structuredReplies: boolean;
-  /** The id of base:allocation when the client selected it. */
-  baseAllocationId?: number;
+  /** The metadata contexts the client selected, with their ids (none: block status is refused). */
+  contexts: readonly { id: number; context: MetaContext }[];
   order: RequestOrder;
 }
 
@@ -97,7 +98,7 @@ function check(ctx: CommandContext, req: Request): void {
   if (req.type === NBD_CMD_WRITE && req.payload === undefined) throw new CommandError(NBD_EINVAL, `write of ${req.length} bytes is larger than the ${MAX_PAYLOAD}-byte limit`);
   if (req.type === NBD_CMD_READ && req.length > MAX_PAYLOAD) throw new CommandError(NBD_EINVAL, `read of ${req.length} bytes is larger than the ${MAX_PAYLOAD}-byte limit`);
   if (req.type === NBD_CMD_BLOCK_STATUS) {
-    if (ctx.baseAllocationId === undefined) throw new CommandError(NBD_EINVAL, 'no metadata context was selected');
+    if (ctx.contexts.length === 0) throw new CommandError(NBD_EINVAL, 'no metadata context was selected');
     if (req.length === 0) throw new CommandError(NBD_EINVAL, 'block status of an empty range');
   }
 }
@@ -181,8 +182,13 @@ async function structuredRead(ctx: CommandContext, req: Request): Promise<Uint8A
 
 async function blockStatus(ctx: CommandContext, req: Request): Promise<Uint8Array[]> {
   const one = (req.flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
-  const extents = await allocationExtents(ctx.exp.device, req.offset, req.length, one ? 1 : MAX_EXTENTS);
-  return [out.blockStatusChunk(req.cookie, ctx.baseAllocationId!, extents, true)];
+  // One chunk per selected context, the last one ending the reply.
+  const chunks: Uint8Array[] = [];
+  for (const [i, { id, context }] of ctx.contexts.entries()) {
+    const extents = await context.extents(ctx.exp.device, req.offset, req.length, one ? 1 : MAX_EXTENTS);
+    chunks.push(out.blockStatusChunk(req.cookie, id, extents, i === ctx.contexts.length - 1));
+  }
+  return chunks;
 }
 
 /** CACHE: read the range so the format's metadata caches (and the OS page cache) hold it. */

@@ -17,6 +17,7 @@ import {
   NBD_FLAG_SEND_WRITE_ZEROES,
 } from './constants.js';
 import type { BlockSizes } from './serializer.js';
+import { baseAllocationContext, type MetaContext } from './contexts.js';
 
 export interface NbdExport {
   /** What clients ask for; '' is the default export. */
@@ -28,7 +29,16 @@ export interface NbdExport {
   readOnly: boolean;
   /** Clients may spread requests over several connections (the server takes more than one at once). */
   multiConn?: boolean;
+  /** Metadata contexts offered to block status (default: base:allocation alone). */
+  contexts?: readonly MetaContext[];
 }
+
+/** The export's metadata contexts. */
+export function contextsOf(exp: NbdExport): readonly MetaContext[] {
+  return exp.contexts ?? DEFAULT_CONTEXTS;
+}
+
+const DEFAULT_CONTEXTS: readonly MetaContext[] = [baseAllocationContext];
 
 export function isReadOnly(exp: NbdExport): boolean {
   return exp.readOnly || exp.device.readOnly;

@@ -3,7 +3,6 @@
  * and what happens next. No sockets here; the connection writes the replies and switches phase.
  */
 import {
-  BASE_ALLOCATION,
   NBD_INFO_DESCRIPTION,
   NBD_INFO_NAME,
   NBD_OPT_ABORT,
@@ -23,20 +22,26 @@ import {
   NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP,
 } from './constants.js';
-import { blockSizes, transmissionFlags, type NbdExport } from './export.js';
+import { blockSizes, contextsOf, transmissionFlags, type NbdExport } from './export.js';
+import { matchContexts, type MetaContext } from './contexts.js';
 import { decodeInfoRequest, decodeMetaContextRequest, type ClientOption } from './messages.js';
 import * as out from './serializer.js';
 import { decodeUtf8 } from './wire.js';
 
-/** The id we give base:allocation in NBD_REP_META_CONTEXT (any value unique per connection works). */
-export const BASE_ALLOCATION_ID = 1;
+/**
+ * The id a context gets in NBD_REP_META_CONTEXT: its place in the export's list, plus one (any
+ * values unique per connection work; these stay the same whatever a client selects).
+ */
+export function contextId(exp: NbdExport, ctx: MetaContext): number {
+  return contextsOf(exp).indexOf(ctx) + 1;
+}
 
 export interface NegotiationState {
   /** The client asked for NBD_FLAG_C_NO_ZEROES. */
   noZeroes: boolean;
   structuredReplies: boolean;
-  /** The last NBD_OPT_SET_META_CONTEXT: for which export, and whether it selected base:allocation. */
-  metaContext?: { exportName: string; baseAllocation: boolean };
+  /** The last NBD_OPT_SET_META_CONTEXT: for which export, and the contexts it selected. */
+  metaContext?: { exportName: string; selected: MetaContext[] };
 }
 
 export interface OptionOutcome {
@@ -49,9 +54,10 @@ export function newNegotiationState(noZeroes: boolean): NegotiationState {
   return { noZeroes, structuredReplies: false };
 }
 
-/** What the connection needs in transmission: whether base:allocation is active for this export. */
-export function baseAllocationSelected(state: NegotiationState, exp: NbdExport): boolean {
-  return !!state.metaContext && state.metaContext.baseAllocation && state.metaContext.exportName === exp.name && state.structuredReplies;
+/** What the connection needs in transmission: the contexts active for this export, with their ids. */
+export function selectedContexts(state: NegotiationState, exp: NbdExport): { id: number; context: MetaContext }[] {
+  if (!state.metaContext || state.metaContext.exportName !== exp.name || !state.structuredReplies) return [];
+  return state.metaContext.selected.map((context) => ({ id: contextId(exp, context), context }));
 }
 
 export function handleOption(state: NegotiationState, opt: ClientOption, exp: NbdExport, shuttingDown = false): OptionOutcome {
@@ -117,14 +123,10 @@ function metaContext(state: NegotiationState, option: number, data: Uint8Array, 
   if (!req.ok) return fail(NBD_REP_ERR_INVALID, req.reason);
   if (req.value.name !== exp.name) return fail(NBD_REP_ERR_UNKNOWN, `export '${req.value.name}' not present`);
 
-  let selected: boolean;
-  if (set) selected = req.value.queries.includes(BASE_ALLOCATION);
-  // Listing: no query lists everything; 'base:' is the namespace wildcard.
-  else selected = req.value.queries.length === 0 || req.value.queries.some((q) => q === BASE_ALLOCATION || q === 'base:');
-
-  const replies: Uint8Array[] = [];
-  if (selected) replies.push(out.metaContextReply(option, set ? BASE_ALLOCATION_ID : 0, BASE_ALLOCATION));
+  const selected = matchContexts(contextsOf(exp), req.value.queries, !set);
+  // Listing replies carry id 0; a selection gives each context its id for block status replies.
+  const replies = selected.map((c) => out.metaContextReply(option, set ? contextId(exp, c) : 0, c.name));
   replies.push(out.optionReply(option, NBD_REP_ACK));
-  if (set) state.metaContext = { exportName: exp.name, baseAllocation: selected };
+  if (set) state.metaContext = { exportName: exp.name, selected };
   return { replies, next: 'continue' };
 }

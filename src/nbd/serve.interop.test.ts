@@ -56,18 +56,18 @@ async function serve(t: TestContext, dir: string, args: string[], name = ''): Pr
 }
 
 /** Start qemu-nbd read-only on the same kind of socket, for reference answers. */
-async function qemuNbd(t: TestContext, dir: string, format: string, file: string): Promise<string> {
+async function qemuNbd(t: TestContext, dir: string, format: string, file: string, extra: string[] = []): Promise<string> {
   const sock = join(dir, `qemu-${Math.random().toString(36).slice(2)}.sock`);
   const pidFile = `${sock}.pid`;
-  const child = spawn('qemu-nbd', ['-t', '-r', '-f', format, '-k', sock, '--pid-file', pidFile, file], { stdio: 'ignore' });
+  const child = spawn('qemu-nbd', ['-t', '-r', '-f', format, '-k', sock, '--pid-file', pidFile, ...extra, file], { stdio: 'ignore' });
   t.after(() => void child.kill('SIGTERM'));
   for (let i = 0; i < 400 && !(await stat(pidFile).catch(() => undefined)); i++) await sleep(25);
   return `nbd+unix:///?socket=${sock}`;
 }
 
-/** nbdinfo --map as [start, length, flags] with equal neighbours merged. */
-async function nbdMap(uri: string): Promise<number[][]> {
-  const { stdout } = await runOk('nbdinfo', ['--map', uri]);
+/** nbdinfo --map (of base:allocation, or of `context`) as [start, length, flags] with equal neighbours merged. */
+async function nbdMap(uri: string, context?: string): Promise<number[][]> {
+  const { stdout } = await runOk('nbdinfo', [context ? `--map=${context}` : '--map', uri]);
   const rows = stdout
     .trim()
     .split('\n')
@@ -185,6 +185,29 @@ test('qcow2 chain: read through the backing file over NBD, same map as qemu-nbd'
   assert.equal(await nbdcopySha(s.uri), await qemuGuestSha256(['-f', 'qcow2', top]));
   assert.deepEqual(await nbdMap(s.uri), await qcowMapAsNbd(top, 'qcow2'));
   assert.deepEqual(await nbdMap(s.uri), await nbdMap(await qemuNbd(t, dir, 'qcow2', top)));
+});
+
+test('serve -A: qemu:allocation-depth over a chain of three equals qemu-nbd -A, beside base:allocation', needs('nbdinfo', 'qemu-img', 'qemu-io', 'qemu-nbd'), async (t) => {
+  const dir = await scratch(t);
+  const base = await makeImage(dir, 'qcow2');
+  const mid = join(dir, 'mid.qcow2');
+  const top = join(dir, 'top.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', mid, '6M']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 0xb1 512k 256k', '-c', 'write -z 2M 32k', mid]);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', mid, '-F', 'qcow2', top]);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 0xa1 1M 128k', '-c', 'write -z 3M 64k', '-c', 'write -P 0xa2 5M 4k', top]);
+  const s = await serve(t, dir, ['-t', '-r', '-A', '-f', 'qcow2', top]);
+  const q = await qemuNbd(t, dir, 'qcow2', top, ['-A']);
+  const depth = await nbdMap(s.uri, 'qemu:allocation-depth');
+  assert.deepEqual(depth, await nbdMap(q, 'qemu:allocation-depth'));
+  // Every depth shows up: unallocated (0), top (1), mid (2), base (3).
+  assert.deepEqual([...new Set(depth.map((r) => r[2]))].sort(), [0, 1, 2, 3]);
+  assert.deepEqual(await nbdMap(s.uri), await nbdMap(q));
+  const contexts = async (uri: string) => (JSON.parse((await runOk('nbdinfo', ['--json', uri])).stdout) as { exports: { contexts: string[] }[] }).exports[0]!.contexts.sort();
+  assert.deepEqual(await contexts(s.uri), await contexts(q));
+  // Without -A only base:allocation is offered.
+  const plain = await serve(t, dir, ['-t', '-r', '-f', 'qcow2', top]);
+  assert.deepEqual(await contexts(plain.uri), ['base:allocation']);
 });
 
 test('a read-only export: qemu-io sees it read-only, a write gets EPERM, reads go on', needs('qemu-io'), async (t) => {

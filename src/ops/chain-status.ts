@@ -18,6 +18,11 @@ export interface ChainExtent {
   /** The file that `offset` points into. */
   filename?: string;
   compressed?: boolean;
+  /**
+   * Absent because the image below `depth` ends before this range. It reads as zeros; QEMU's
+   * allocation-depth counts it as allocated in that shorter image (qemu-nbd -A).
+   */
+  pastBackingEnd?: boolean;
 }
 
 /**
@@ -86,7 +91,7 @@ export class ChainStatus {
     let deepestDev: BlockDevice | undefined;
     for (let depth = 0; depth < this.layers.length; depth++) {
       const layer = this.layers[depth]!;
-      if (offset >= layer.dev.size) return absent(offset, length, depth - 1, deepest, deepestDev);
+      if (offset >= layer.dev.size) return { ...absent(offset, length, depth - 1, deepest, deepestDev), pastBackingEnd: true };
       // The backing layer only covers up to its own size.
       length = Math.min(length, layer.dev.size - offset);
       // Walking a large image asks this thousands of times, mostly answered from the cursor's

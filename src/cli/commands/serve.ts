@@ -6,6 +6,7 @@
 import { lstatSync, rmSync, writeFileSync } from 'node:fs';
 import { QcowError } from '../../core/errors.js';
 import { NbdServer, type ListenAddress } from '../../nbd/server.js';
+import { allocationDepthContext, baseAllocationContext } from '../../nbd/contexts.js';
 import { openForCli } from '../common.js';
 
 interface Flags {
@@ -20,6 +21,7 @@ interface Flags {
   persistent?: boolean;
   shared?: string;
   pidFile?: string;
+  allocationDepth?: boolean;
 }
 
 export async function run(file: string, flags: Flags): Promise<number> {
@@ -30,7 +32,13 @@ export async function run(file: string, flags: Flags): Promise<number> {
   let server: NbdServer | undefined;
   try {
     server = new NbdServer({
-      exp: { name: flags.exportName ?? '', description: flags.description ?? '', device: dev, readOnly: !!flags.readOnly },
+      exp: {
+        name: flags.exportName ?? '',
+        description: flags.description ?? '',
+        device: dev,
+        readOnly: !!flags.readOnly,
+        contexts: flags.allocationDepth ? [baseAllocationContext, allocationDepthContext] : [baseAllocationContext],
+      },
       maxClients,
       persistent: !!flags.persistent,
       onError: (e) => process.stderr.write(`qcow: ${file}: connection dropped: ${e instanceof Error ? e.message : String(e)}\n`),
