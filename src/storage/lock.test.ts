@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFile, readdir, symlink } from 'node:fs/promises';
+import { writeFile, symlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { FileStore } from './file.node.js';
@@ -42,14 +42,13 @@ test('a lock left by a process that died is taken over', async (t) => {
   await writeFile(img, new Uint8Array(4096));
   // Hold the lock from a child that is then killed without releasing it.
   const holder = await FileStore.open(img, { readOnly: false });
-  const lockFiles = (await readdir(join(tmpdir(), 'qcow-locks'))).filter((f) => f.endsWith('.lock'));
-  assert.ok(lockFiles.length > 0);
-  // Pretend the owner is a pid that cannot exist.
-  for (const f of lockFiles) {
-    const p = join(tmpdir(), 'qcow-locks', f);
-    const { readFile } = await import('node:fs/promises');
-    if ((await readFile(p, 'utf8')) === String(process.pid)) await writeFile(p, '4194999');
-  }
+  // This image's lock file (the folder is shared with every other qcow process on the machine:
+  // only this one is ours to touch). Pretend its owner is a pid that cannot exist.
+  const { stat, readFile } = await import('node:fs/promises');
+  const st = await stat(img);
+  const lockFile = join(tmpdir(), 'qcow-locks', `${st.dev}-${st.ino}.lock`);
+  assert.equal(await readFile(lockFile, 'utf8'), String(process.pid));
+  await writeFile(lockFile, '4194999');
   const next = await FileStore.open(img, { readOnly: false });
   await next.close();
   await holder.close().catch(() => undefined);
