@@ -191,7 +191,7 @@ async function main(): Promise<void> {
     await sh('qemu-io', ['-f', 'qcow2', ...writes, p('scattered.qcow2')]);
   }
   if (!existsSync(p('alloc.qcow'))) await sh('qemu-img', ['convert', '-O', 'qcow', p('alloc.raw'), p('alloc.qcow')]);
-  // qemu 7.2's convert -c -O qcow exits 1 after writing a correct image (spec/qcow1.md §9).
+  // qemu 7.2's convert -c -O qcow exits 1 after writing a correct image (docs/notes/qcow1.md §9).
   if (!existsSync(p('zlib.qcow'))) await sh('qemu-img', ['convert', '-c', '-O', 'qcow', p('mixed.raw'), p('zlib.qcow')], [0, 1]);
   if (!existsSync(p('bench.qcow2'))) await sh('qemu-img', ['convert', '-O', 'qcow2', p('alloc.raw'), p('bench.qcow2')]);
   if (!existsSync(p('tiny.qcow2'))) await sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('tiny.qcow2'), '1M']);

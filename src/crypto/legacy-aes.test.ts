@@ -40,7 +40,7 @@ test('decrypts a sector of a qemu-made AES qcow v1 image, and re-encrypts it to 
   await qemuImg(['create', '-q', '-f', 'qcow', '--object', 'secret,id=sec0,data=hunter2', '-o', 'encrypt.format=aes,encrypt.key-secret=sec0', img, '1M']);
   await qemuIo(['--object', 'secret,id=sec0,data=hunter2', '--image-opts', `driver=qcow,file.filename=${img},encrypt.key-secret=sec0`, '-c', 'write -P 0xab 128k 64k']);
   const file = await readFile(img);
-  // Layout from spec/qcow1.md §10.4: header, L1, one L2 at 0x1000, then the first data cluster
+  // Layout from docs/notes/qcow1.md §10.4: header, L1, one L2 at 0x1000, then the first data cluster
   // (guest 128 KiB = guest sector 256) at 0x2000; 4 KiB clusters = 8 sectors.
   const ciphertext = new Uint8Array(file.subarray(0x2000, 0x3000));
   const cipher = await legacyAesCipher('hunter2');

@@ -4,7 +4,7 @@
  * AES-128-CBC with no padding, each 512-byte sector enciphered on its own with a "plain64" IV of
  * the GUEST sector number. The key is the password's UTF-8 bytes cut or zero-padded to 16 bytes:
  * no KDF, no salt, and no check value, so a wrong password is not detected and yields garbage
- * (as in QEMU). qcow2.txt claims 256-bit keys; qemu 7.2 really uses 128 (spec/qcow2-pitfalls §9.1).
+ * (as in QEMU). qcow2.txt claims 256-bit keys; qemu 7.2 really uses 128 (docs/notes/qcow2-pitfalls.md §9.1).
  */
 import { primitives } from '#crypto';
 import { encodeUtf8 } from '../core/bytes.js';

@@ -1,5 +1,5 @@
 /**
- * Images made by qemu-img and qemu-io (the recipes of spec/commands.md §2) read by us: guest
+ * Images made by qemu-img and qemu-io (the recipes of docs/notes/commands.md §2) read by us: guest
  * content with the SHA-256 qemu gives, `qcow info` and `qcow map` as qemu-img prints them.
  */
 import { test } from 'node:test';
@@ -40,7 +40,7 @@ qemu-io --object secret,id=sec0,data=hunter2 --image-opts driver=qcow,file.filen
 qemu-img create -q -f qcow --object secret,id=sec0,data=hunter2 -o encryption=on,encrypt.key-secret=sec0 v1-aes-legacyopt.qcow 1M
 `;
 
-/** spec/commands.md §6 */
+/** docs/notes/commands.md §6 */
 const EXPECTED: Record<string, string> = {
   'v1-plain.qcow': '3449fc8defcdac38d3d064f170e041e25a4c67fd3a238679edb601ae9890a8ee',
   'v1-conv.qcow': '90d40fd268e7c7243a568dc7f395082bc62d0fd19baa692da3a96cef61dd79c2',

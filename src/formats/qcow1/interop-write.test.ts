@@ -111,7 +111,7 @@ test('images we make are read by qemu', needs('qemu-img', 'qemu-io'), async (t) 
     const cmds = ['write -P 0xab 128k 64k', 'write -P 0xcd 1536 1024', 'write -P 0x77 5000 3', 'write -P 0x78 2093056 8192'];
     await qcowOk(['io', '--password-file', 'pw', ...ioArgs(cmds), 'enc.qcow'], { cwd: dir });
     assert.equal(await qemuGuestSha256(aesOpts('enc.qcow'), dir), sha256(applyWrites(new Uint8Array(4 * MiB), cmds)));
-    // the spec/commands.md v1-aes content, made by us
+    // the docs/notes/commands.md v1-aes content, made by us
     await qcowOk(['create', '-q', '-f', 'qcow', '-o', 'encrypt.format=aes', '--password-file', 'pw', 'v1-aes.qcow', '4M'], { cwd: dir });
     await qcowOk(['io', '--password-file', 'pw', '-c', 'write -P 0xab 128k 64k', '-c', 'write -P 0xcd 1536 1024', 'v1-aes.qcow'], { cwd: dir });
     assert.equal(await qemuGuestSha256(aesOpts('v1-aes.qcow'), dir), 'ff2e770fa9a5590a5e3aeb4c95f73b5300c2007f4b97ddd8c65fddae077406c5');

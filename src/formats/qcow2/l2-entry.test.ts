@@ -1,4 +1,4 @@
-/** L2 entries decode as qemu 7.2 wrote them (values from spec/qcow2-pitfalls §3-5). */
+/** L2 entries decode as qemu 7.2 wrote them (values from docs/notes/qcow2-pitfalls.md §3-5). */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { compressedDescriptor, readL2Entry, subclusterKind } from './l2-entry.js';
@@ -23,7 +23,7 @@ test('external data file: offset 0 with COPIED is a real cluster; with the zero 
   assert.deepEqual([0, 1, 2].map((i) => readL2Entry(t, i, ctx).kind), ['normal', 'zero-plain', 'unallocated']);
 });
 
-test('compressed descriptors split by cluster_bits (pitfalls §4 table)', () => {
+test('compressed descriptors split by cluster_bits (docs/notes/qcow2-pitfalls.md §4 table)', () => {
   const cases: [bigint, number, number, number][] = [
     [0x6000000000000b88n, 9, 0xb88, 1],
     [0x4c00000000005547n, 12, 0x5547, 3],
@@ -75,7 +75,7 @@ test('compressed descriptors decode as the 62-bit arithmetic of the spec says, f
   }
 });
 
-test('extended L2: allocated / zero bitmaps decide each subcluster (pitfalls §5)', () => {
+test('extended L2: allocated / zero bitmaps decide each subcluster (docs/notes/qcow2-pitfalls.md §5)', () => {
   const ctx = { ...std, extendedL2: true };
   const t = table(0x8000000000050000n, 0x4n, 0n, 0x0000000300000000n, 0x8000000000060000n, 0x00000001fffffffen);
   const a = readL2Entry(t, 0, ctx);

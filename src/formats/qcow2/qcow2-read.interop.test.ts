@@ -1,5 +1,5 @@
 /**
- * Reading every kind of qcow2 image qemu 7.2 makes (spec/commands.md §3): our guest content is
+ * Reading every kind of qcow2 image qemu 7.2 makes (docs/notes/commands.md §3): our guest content is
  * byte-identical to qemu's (the SHA-256s of commands.md §6), `map --output=json` and
  * `info --output=json` agree with qemu-img's, snapshots read as qemu reads them.
  */

@@ -2,7 +2,7 @@
  * QCOW2 refcounts on disk: the refcount table (u64 offsets of refcount blocks) and the refcount
  * blocks (one cluster of `refcount_bits`-wide counters, one per host cluster).
  *
- * Entry layout inside a block (qcow2-pitfalls §6, checked against qemu 7.2):
+ * Entry layout inside a block (docs/notes/qcow2-pitfalls.md §6, checked against qemu 7.2):
  *   - widths 1, 2, 4: packed into bytes, the FIRST entry in the LEAST significant bits of a byte;
  *   - widths 8..64: one big-endian integer per entry.
  * 64-bit counters above 2^53 cannot be exact in a number; reading one is reported as corruption.
