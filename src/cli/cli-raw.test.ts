@@ -3,6 +3,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFile, writeFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { hostAddon } from '../host/native.node.js';
 import { needs, qcow, qcowOk, qemuGuestSha256, qemuImg, qemuIo, randomBytes, scratch, sha256 } from '../test-support/qemu.js';
 
 test('create, io write/read with patterns, info and map on a raw image', async (t) => {
@@ -20,7 +21,11 @@ test('create, io write/read with patterns, info and map on a raw image', async (
   assert.equal(info.format, 'raw');
   assert.equal(info['virtual-size'], 1048576);
   const map = JSON.parse((await qcowOk(['map', '--output=json', '-f', 'raw', img])).stdout);
-  assert.deepEqual(map, [{ start: 0, length: 1048576, depth: 0, present: true, zero: false, data: true, offset: 0 }]);
+  // With the host addon the file's holes show as zeros, as qemu-img maps them (the write made
+  // the first 4 KiB block data); without it every byte counts as data.
+  const written = { start: 0, length: 4096, depth: 0, present: true, zero: false, data: true, offset: 0 };
+  const hole = { start: 4096, length: 1048576 - 4096, depth: 0, present: true, zero: true, data: false, offset: 4096 };
+  assert.deepEqual(map, hostAddon() ? [written, hole] : [{ ...written, length: 1048576 }]);
 });
 
 test('raw to raw convert gives the same bytes, and qemu-img agrees', needs('qemu-img'), async (t) => {

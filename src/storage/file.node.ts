@@ -26,7 +26,9 @@
  */
 import { close as fsClose, constants, fdatasync, fstatSync, ftruncate, ftruncateSync, openSync, closeSync, read as fsRead, readSync, statSync, unlinkSync, write as fsWrite, writeSync } from 'node:fs';
 import { isAbsolute } from 'node:path';
-import type { ByteStore, StoreOpener } from './types.js';
+import type { ByteStore, DataRun, StoreOpener } from './types.js';
+import { hostAddon } from '../host/native.node.js';
+import * as sparse from '../host/sparse.node.js';
 import { QcowError } from '../core/errors.js';
 import { openImageLock, type ImageLock } from './lock.node.js';
 import { permissionsFor, type Permissions } from './permissions.js';
@@ -42,11 +44,39 @@ export class FileStore implements ByteStore {
   /** The last write of SERIAL_WRITE_MIN or more handed to the pool: the next starts when it ends. */
   private writeTail: Promise<unknown> = Promise.resolve();
 
+  /** Sparse-file calls, present only where the host addon is loaded (see ByteStore). */
+  readonly dataRuns?: (offset: number, length: number) => Promise<DataRun[]>;
+  readonly punchHole?: (offset: number, length: number) => Promise<void>;
+  readonly zeroRange?: (offset: number, length: number) => Promise<void>;
+  readonly allocate?: (offset: number, length: number) => Promise<void>;
+
   private constructor(name: string, fd: number, readOnly: boolean, syncMax: number) {
     this.name = name;
     this.fd = fd;
     this.readOnly = readOnly;
     this.syncMax = syncMax;
+    const addon = hostAddon();
+    if (!addon) return;
+    // Each is one system call that does not wait on data (lseek; fallocate updates extents only),
+    // so it runs inline like the small reads above.
+    this.dataRuns = (offset, length) => this.sync(() => sparse.dataRuns(addon, this.fd, this.stat().size, offset, length));
+    if (readOnly) return;
+    this.punchHole = (offset, length) => this.sync(() => sparse.punchHole(addon, this.fd, offset, length));
+    this.zeroRange = (offset, length) => this.sync(() => sparse.zeroRange(addon, this.fd, offset, length));
+    this.allocate = (offset, length) => this.sync(() => sparse.allocate(addon, this.fd, offset, length));
+  }
+
+  /**
+   * Run a host call; its failure becomes a QcowError naming the file. A filesystem without the
+   * operation (EOPNOTSUPP) gives QCOW_UNSUPPORTED, on which callers fall back to writing zeros.
+   */
+  private sync<T>(call: () => T): Promise<T> {
+    try {
+      return Promise.resolve(call());
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EOPNOTSUPP') return Promise.reject(new QcowError('QCOW_UNSUPPORTED', 'the filesystem does not support this operation', { file: this.name, cause: e }));
+      return Promise.reject(e instanceof QcowError ? e : fsError(e, this.name));
+    }
   }
 
   /**

@@ -23,6 +23,18 @@ export interface ByteStore {
   /** Bytes the store really occupies (a sparse file's allocated blocks); size() where unknown. */
   allocatedSize?(): Promise<number>;
   /**
+   * Which parts of [offset, offset + length) hold data and which are holes (a sparse file's
+   * unallocated ranges, which read as zeros), in order and covering the range. Absent where the
+   * store cannot tell: everything then counts as data.
+   */
+  dataRuns?(offset: number, length: number): Promise<DataRun[]>;
+  /** Give the host blocks of [offset, offset + length) back; the range then reads as zeros. The size is unchanged. */
+  punchHole?(offset: number, length: number): Promise<void>;
+  /** Make [offset, offset + length) read as zeros without writing them; the blocks stay reserved. */
+  zeroRange?(offset: number, length: number): Promise<void>;
+  /** Reserve host blocks for [offset, offset + length), growing the store when that is past its end. */
+  allocate?(offset: number, length: number): Promise<void>;
+  /**
    * Publish these permissions (QEMU's image locks, see permissions.ts) in place of those taken at
    * open; QCOW_LOCKED when another program's use conflicts. Stores without locks lack it.
    */
@@ -31,6 +43,13 @@ export interface ByteStore {
 }
 
 /** Opens the stores an image names (backing files, external data files) relative to itself. */
+/** A run of a store's bytes that holds data, or is a hole (reads as zeros, occupies nothing). */
+export interface DataRun {
+  offset: number;
+  length: number;
+  data: boolean;
+}
+
 export interface StoreOpener {
   /** `permissions`: the locks to take at open (default: those of an image file holding metadata). */
   open(name: string, options: { readOnly: boolean; create?: boolean; permissions?: Permissions }): Promise<ByteStore>;

@@ -211,14 +211,28 @@ export class Refcounts {
     if (length > 0) this.pendingFrees.push([offset, length]);
   }
 
-  /** Apply recorded frees to the in-memory counts. Returns true when any were applied. */
+  /**
+   * Apply recorded frees to the in-memory counts. Returns true when any were applied. The clusters
+   * whose count reached zero are left in `freedRuns` (as [offset, length] runs) until the next
+   * call, for the caller to give their host blocks back before anything can reuse them.
+   */
   async applyPendingFrees(): Promise<boolean> {
+    this.freedRuns = [];
     if (this.pendingFrees.length === 0) return false;
     const list = this.pendingFrees;
     this.pendingFrees = [];
-    for (const [off, len] of list) await this.update(off, len, -1);
+    this.collectFreed = true;
+    try {
+      for (const [off, len] of list) await this.update(off, len, -1);
+    } finally {
+      this.collectFreed = false;
+    }
     return true;
   }
+
+  /** Clusters freed by the last applyPendingFrees, merged into [offset, length] runs. */
+  freedRuns: Array<[number, number]> = [];
+  private collectFreed = false;
 
   /**
    * Write dirty blocks and table changes. `barrier` makes earlier writes durable; it runs only
@@ -465,6 +479,12 @@ export class Refcounts {
   }
 
   private noteFreed(c: number): void {
+    if (this.collectFreed) {
+      const last = this.freedRuns[this.freedRuns.length - 1];
+      const offset = c * this.clusterSize;
+      if (last && last[0] + last[1] === offset) last[1] += this.clusterSize;
+      else this.freedRuns.push([offset, this.clusterSize]);
+    }
     if (c < this.freeHint) this.freeHint = c;
     if (this.freeByteOffset !== 0 && Math.floor(this.freeByteOffset / this.clusterSize) === c) this.freeByteOffset = 0;
   }

@@ -316,8 +316,32 @@ export class Qcow2Writer {
     if (this.l2Written) await this.barrier();
     if (await this.writeL1()) await this.barrier();
     // References are gone from disk now: the counts may drop.
-    if (await this.refcounts.applyPendingFrees()) await this.writeRefcounts();
+    if (await this.refcounts.applyPendingFrees()) {
+      await this.punchFreed();
+      await this.writeRefcounts();
+    }
     await dev.store.flush();
+  }
+
+  /**
+   * Give the host blocks of clusters nothing references any more back to the filesystem, so the
+   * file stops occupying them (as QEMU passes discards down when a cluster's refcount reaches 0).
+   * Safe here: no on-disk table points at them, and the lock keeps them from being reused until
+   * this returns. A crash after the punch leaves leaked clusters that read as zeros. Images with an
+   * external data file are left alone (the freed clusters' bytes may live in either file).
+   */
+  private async punchFreed(): Promise<void> {
+    const store = this.dev.store;
+    if (!store.punchHole || this.external) return;
+    for (const [offset, length] of this.refcounts.freedRuns) {
+      try {
+        await store.punchHole(offset, length);
+      } catch (e) {
+        // A filesystem without hole punching keeps the blocks, as before.
+        if (e instanceof QcowError && e.code === 'QCOW_UNSUPPORTED') return;
+        throw e;
+      }
+    }
   }
 
   /** Write refcounts back and keep the header copy of the table location in step. */

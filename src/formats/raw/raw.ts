@@ -20,13 +20,41 @@ export class RawDevice extends DeviceBase {
     await this.store.write(offset, data);
   }
 
+  /**
+   * As QEMU's file driver: a zero write that may unmap punches a hole, one that may not zeroes the
+   * range in place (FALLOC_FL_ZERO_RANGE); where the store cannot (no host addon, a filesystem
+   * without the call) zeros are written, or a fast-only request is refused.
+   */
   protected override async doWriteZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
+    const call = options.mayUnmap ? this.store.punchHole : this.store.zeroRange;
+    if (call && (await this.tryHostCall(() => call.call(this.store, offset, length)))) return;
     await super.doWriteZeroes(offset, length, options);
   }
 
-  /** Every byte of a raw image is data at its own offset (we cannot see a file's holes from Node). */
+  /** Discard gives the range's host blocks back (it then reads as zeros, as after QEMU's discard on a file). */
+  protected override async doDiscard(offset: number, length: number): Promise<void> {
+    const punch = this.store.punchHole;
+    if (punch) await this.tryHostCall(() => punch.call(this.store, offset, length));
+  }
+
+  /** Run a sparse-file call; false when the filesystem lacks it (the caller then does without). */
+  private async tryHostCall(call: () => Promise<void>): Promise<boolean> {
+    try {
+      await call();
+      return true;
+    } catch (e) {
+      if (e instanceof QcowError && e.code === 'QCOW_UNSUPPORTED') return false;
+      throw e;
+    }
+  }
+
+  /**
+   * Data where the file holds data, zeros where it has holes (as QEMU's file driver reports them:
+   * present, zero, not data). Without a way to see holes every byte counts as data.
+   */
   protected async doBlockStatus(offset: number, length: number): Promise<BlockExtent[]> {
-    return [{ offset, length, allocated: true, zero: false, data: true, hostOffset: offset }];
+    if (!this.store.dataRuns) return [{ offset, length, allocated: true, zero: false, data: true, hostOffset: offset }];
+    return (await this.store.dataRuns(offset, length)).map((r) => ({ offset: r.offset, length: r.length, allocated: true, zero: !r.data, data: r.data, hostOffset: r.offset }));
   }
 
   async describe(): Promise<ImageDescription> {
@@ -65,7 +93,10 @@ export const rawFormat: ImageFormat = {
     const prealloc = options.options?.preallocation ?? 'off';
     if (!['off', 'full', 'falloc'].includes(prealloc)) throw new QcowError('QCOW_INVALID_ARGUMENT', `Invalid preallocation mode: '${prealloc}'`);
     await store.truncate(0);
-    if (prealloc === 'off' || prealloc === 'falloc') {
+    if (prealloc === 'falloc' && store.allocate && options.size > 0) {
+      // Blocks reserved without writing them, as qemu-img's falloc (posix_fallocate).
+      await store.allocate(0, options.size);
+    } else if (prealloc === 'off' || prealloc === 'falloc') {
       await store.truncate(options.size);
     } else {
       const chunk = new Uint8Array(Math.min(options.size, 1 << 20));
