@@ -94,16 +94,20 @@ test('qcow2: clusters freed by discard are punched out of the file; qemu-img che
   await qemuIo(['-f', 'qcow2', '-c', 'read -P 0x44 8M 4M', '-c', 'read -P 0x33 6M 2M', path]);
 });
 
-test('preallocation=falloc reserves the blocks of a raw image, as qemu-img', { ...needs('qemu-img'), ...withAddon }, async (t) => {
-  const dir = await scratch(t);
-  const ours = join(dir, 'ours.raw');
-  const theirs = join(dir, 'theirs.raw');
-  await qcowOk(['create', '-q', '-f', 'raw', '-o', 'preallocation=falloc', ours, '8M']);
-  await qemuImg(['create', '-q', '-f', 'raw', '-o', 'preallocation=falloc', theirs, '8M']);
-  assert.equal((await stat(ours)).size, 8 * MiB);
-  assert.equal(await used(ours), await used(theirs));
-  assert.ok((await used(ours)) >= 8 * MiB);
-});
+for (const format of ['raw', 'qcow2']) {
+  test(`preallocation=falloc reserves the blocks of a ${format} image, as qemu-img`, { ...needs('qemu-img'), ...withAddon }, async (t) => {
+    const dir = await scratch(t);
+    const ours = join(dir, `ours.${format}`);
+    const theirs = join(dir, `theirs.${format}`);
+    await qcowOk(['create', '-q', '-f', format, '-o', 'preallocation=falloc', ours, '8M']);
+    await qemuImg(['create', '-q', '-f', format, '-o', 'preallocation=falloc', theirs, '8M']);
+    assert.equal((await stat(ours)).size, (await stat(theirs)).size);
+    // Metadata clusters may occupy a block more or less (qemu writes some of them whole).
+    assert.ok(Math.abs((await used(ours)) - (await used(theirs))) <= 128 * 1024, `${await used(ours)} against ${await used(theirs)} bytes in use`);
+    assert.ok((await used(ours)) >= 8 * MiB);
+    if (format === 'qcow2') await qemuImg(['check', ours]);
+  });
+}
 
 test('FileStore offers the sparse calls only with the addon, and only what its mode allows', async (t) => {
   const dir = await scratch(t);

@@ -251,6 +251,8 @@ async function preallocate(
     dv.setBigUint64(i * 8, (1n << 63n) | BigInt(l2Offset));
     if (!external) {
       if (s.preallocation === 'full') await writeZeros(store, data, n * cs);
+      // falloc: the data clusters' blocks reserved without writing them, where the store can.
+      else if (s.preallocation === 'falloc' && store.allocate) await store.allocate(data, n * cs);
       end = Math.max(end, data + n * cs);
     }
   }
