@@ -17,7 +17,7 @@ import { QcowError, corrupt, unsupported } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
 import { firstNonZero } from '../../core/bytes.js';
 import { HEADER_PROBE_BYTES, COMPRESSION_ZSTD, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
-import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, AUTOCLEAR_DATA_FILE_RAW, checkIncompatibleFeatures, hasFeature } from './features.js';
+import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, checkIncompatibleFeatures, hasFeature } from './features.js';
 import { MAX_L1_BYTES, entryOffset, l1EntriesFor, qcow2Geometry, type Qcow2Geometry } from './layout.js';
 import { contiguousEntries, decodeL2Entry, readL2Entry, subclusterKind, type ClusterDescriptor, type L2Context, type SubclusterKind } from './l2-entry.js';
 import { TableCache, type CachedTable } from './l2-cache.js';
@@ -26,6 +26,7 @@ import { decompressCluster } from './compressed.js';
 // Type only: the cipher code (LUKS, AES) loads when an encrypted image is opened (start-up time).
 import type { Qcow2Encryption } from './encryption.js';
 import { Qcow2Writer } from './write.js';
+import type { PersistentBitmaps } from './bitmaps/persistent.js';
 import { detectMetadataPreallocation, holeRuns } from './prealloc.js';
 
 /** L2 slice size of read-only opens (see Qcow2Device.slice). */
@@ -93,6 +94,8 @@ export class Qcow2Device extends DeviceBase {
   lastCompressed: { hostOffset: number; data: Uint8Array } | null = null;
   /** The write path (write.ts), present when the image is open read-write. */
   writer: Qcow2Writer | null = null;
+  /** The bitmaps of a read-only image, loaded on first use (see persistentBitmaps). */
+  private readBitmaps: Promise<PersistentBitmaps> | undefined;
   /** Decided on the first blockStatus, as qemu does (see prealloc.ts). */
   private metadataPreallocation: Promise<boolean> | undefined;
 
@@ -562,6 +565,20 @@ export class Qcow2Device extends DeviceBase {
       out.push(e);
     }
     return out;
+  }
+
+  /**
+   * The image's persistent dirty bitmaps: the writer's (recording writes) when open read-write,
+   * else read once from the directory. Stale bitmaps (autoclear bit cleared) are not listed.
+   */
+  async persistentBitmaps(): Promise<PersistentBitmaps> {
+    if (this.writer) return this.writer.bitmaps;
+    this.readBitmaps ??= (async () => {
+      const { PersistentBitmaps } = await import('./bitmaps/persistent.js');
+      const host = { store: this.store, clusterSize: this.clusterSize, size: this.size, fileSize: () => this.fileSize };
+      return PersistentBitmaps.load(host, this.header.bitmaps, hasFeature(this.header.autoclearFeatures, AUTOCLEAR_BITMAPS));
+    })();
+    return this.readBitmaps;
   }
 
   async describe(): Promise<ImageDescription> {
