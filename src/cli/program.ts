@@ -14,6 +14,7 @@ type CommandModule = { run: (...a: never[]) => Promise<number | void> };
 const COMMANDS: Record<string, () => Promise<CommandModule>> = {
   amend: () => import('./commands/amend.js'),
   bench: () => import('./commands/bench.js'),
+  bitmap: () => import('./commands/bitmap.js'),
   check: () => import('./commands/check.js'),
   commit: () => import('./commands/commit.js'),
   compare: () => import('./commands/compare.js'),
@@ -206,6 +207,29 @@ function buildProgram(argv: string[]): Command {
         .argument('<file>')
         .argument('<size>')
         .action(lazy('resize'));
+    },
+    bitmap: () => {
+      // The actions run in the order given, so they are collected as commander meets them.
+      const actions: Array<{ op: string; source?: string }> = [];
+      const cmd = program
+        .command('bitmap')
+        .description('add, remove, clear, enable, disable or merge persistent dirty bitmaps (qcow2), in the order given')
+        .addOption(fmt())
+        .option('--add', 'add BITMAP (enabled unless --disabled)')
+        .option('--remove', 'remove BITMAP')
+        .option('--clear', 'clear BITMAP')
+        .option('--enable', 'enable BITMAP')
+        .option('--disable', 'disable BITMAP')
+        .option('--merge <source>', 'merge bitmap SOURCE into BITMAP')
+        .option('-g, --granularity <size>', 'granularity of a bitmap --add creates')
+        .option('--disabled', 'with --add: create it disabled (qemu-img spells it --add --disable)')
+        .option('-b, --source-file <file>', 'with --merge: the image that holds SOURCE')
+        .option('-F, --source-format <fmt>', 'format of the -b image')
+        .argument('<file>')
+        .argument('<bitmap>');
+      for (const op of ['add', 'remove', 'clear', 'enable', 'disable']) cmd.on(`option:${op}`, () => actions.push({ op }));
+      cmd.on('option:merge', (source: string) => actions.push({ op: 'merge', source }));
+      cmd.action((file: string, bitmap: string, flags: object) => lazy('bitmap')(file, bitmap, { ...flags, actions }));
     },
     amend: () => {
       program

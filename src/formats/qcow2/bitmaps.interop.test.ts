@@ -151,3 +151,76 @@ test('bitmaps whose autoclear bit an old program cleared are ignored, and droppe
   const check = await run('qemu-img', ['check', '-f', 'qcow2', file]);
   assert.ok(check.code === 0 || check.code === 3, check.stdout + check.stderr);
 });
+
+test('qcow bitmap does what qemu-img bitmap does: same actions, same info, same contents, clean check', needs('qemu-img', 'qemu-io', 'qemu-nbd', 'nbdinfo'), async (t) => {
+  const dir = await scratch(t);
+  const ours = join(dir, 'ours.qcow2');
+  const theirs = join(dir, 'theirs.qcow2');
+  const other = join(dir, 'other.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', other, '64M']);
+  await qemuImg(['bitmap', '--add', other, 'o']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write 40M 1M', other]);
+  const steps: string[][] = [
+    ['--add', '-g', '128k', 'FILE', 'a'],
+    ['--add', '--disable', 'FILE', 'b'],
+    ['--add', 'FILE', 'gone'],
+    ['WRITE'],
+    ['--merge', 'a', '--disable', 'FILE', 'b'],
+    ['--merge', 'o', '-b', other, '-F', 'qcow2', 'FILE', 'b'],
+    ['--remove', 'FILE', 'gone'],
+    ['--clear', '--enable', 'FILE', 'a'],
+    ['WRITE2'],
+  ];
+  for (const [file, tool] of [
+    [ours, 'qcow'],
+    [theirs, 'qemu-img'],
+  ] as const) {
+    await qemuImg(['create', '-q', '-f', 'qcow2', file, '64M']);
+    for (const s of steps) {
+      if (s[0] === 'WRITE') await qemuIo(['-f', 'qcow2', '-c', 'write 5M 1M', '-c', 'write 33M 4k', file]);
+      else if (s[0] === 'WRITE2') await qcowOk(['io', '-c', 'write 7M 64k', file]);
+      else {
+        const args = ['bitmap', ...s.map((a) => (a === 'FILE' ? file : a))];
+        if (tool === 'qcow') await qcowOk(args);
+        else await qemuImg(args);
+      }
+    }
+  }
+  assert.deepEqual(await bitmaps(ours), await bitmaps(theirs));
+  await checkClean(ours);
+  for (const name of ['a', 'b']) {
+    const q = await qemuDirty(t, dir, theirs, name);
+    assert.deepEqual(await qemuDirty(t, dir, ours, name), q, name);
+    assert.deepEqual(await qcowDirty(ours, name), q, name);
+  }
+});
+
+test('qcow bitmap refuses as qemu-img does, with one line naming the operation', needs('qemu-img'), async (t) => {
+  const dir = await scratch(t);
+  const file = join(dir, 'e.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', file, '16M']);
+  const { qcow } = await import('../../test-support/qemu.js');
+  const cases: Array<[string[], RegExp]> = [
+    [['bitmap', file, 'x'], /Need at least one of --add/],
+    [['bitmap', '--remove', '-g', '64k', file, 'x'], /granularity only supported with --add/],
+    [['bitmap', '--remove', file, 'x'], /Operation remove on bitmap x failed: Dirty bitmap 'x' not found/],
+    [['bitmap', '--add', '-g', '1000', file, 'x'], /Operation add on bitmap x failed: Granularity must be a power of 2/],
+  ];
+  for (const [args, re] of cases) {
+    const r = await qcow(args);
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, re);
+    assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+  }
+  await qcowOk(['bitmap', '--add', file, 'x']);
+  await qcowOk(['bitmap', '--add', '--disabled', '-g', '1M', file, 'y']);
+  assert.deepEqual(await bitmaps(file), [
+    { flags: ['auto'], name: 'x', granularity: 65536 },
+    { flags: [], name: 'y', granularity: 1048576 },
+  ]);
+  const dup = await qcow(['bitmap', '--add', file, 'x']);
+  assert.match(dup.stderr, /Bitmap already exists: x/);
+  const v2 = join(dir, 'v2.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', v2, '16M']);
+  assert.match((await qcow(['bitmap', '--add', v2, 'x'])).stderr, /Cannot store dirty bitmaps in qcow2 v2 files/);
+});

@@ -581,6 +581,12 @@ export class Qcow2Device extends DeviceBase {
     return this.readBitmaps;
   }
 
+  /** Change the bitmaps (qcow bitmap) with the image's metadata written back and its lock held. */
+  async editBitmaps<T>(fn: (bitmaps: PersistentBitmaps) => Promise<T>): Promise<T> {
+    this.checkWritable();
+    return this.writerOrThrow().editBitmaps(fn);
+  }
+
   async describe(): Promise<ImageDescription> {
     // Loaded when asked for (info, measure): it brings the bitmap directory reader with it.
     const { describeQcow2 } = await import('./describe.js');

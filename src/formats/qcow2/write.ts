@@ -134,6 +134,7 @@ export class Qcow2Writer {
     return {
       store: dev.store,
       clusterSize: this.cs,
+      canStore: dev.header.version === 3,
       get size() {
         return dev.size;
       },

@@ -55,6 +55,8 @@ export interface BitmapReadHost {
 
 /** What the qcow2 writer lends the bitmaps to change the image (all under its lock). */
 export interface BitmapWriteHost extends BitmapReadHost {
+  /** qcow2 v2 images cannot hold bitmaps (QEMU refuses to add one). */
+  readonly canStore: boolean;
   alloc(clusters: number): Promise<number>;
   /** Drop one reference to every cluster of the range (applied once tables are on disk). */
   free(offset: number, length: number): void;
@@ -411,6 +413,7 @@ export class PersistentBitmaps {
   /** Add an empty bitmap. `granularity` defaults as QEMU's: the cluster size within 4k..64k. */
   async add(name: string, options: { granularity?: number; disabled?: boolean } = {}): Promise<void> {
     const host = this.writeHost();
+    if (!host.canStore) throw unsupported('Cannot store dirty bitmaps in qcow2 v2 files');
     const bytes = encodeUtf8(name).length;
     if (bytes === 0 || bytes > MAX_NAME_SIZE) throw invalidArgument(`bitmap name must be 1 to ${MAX_NAME_SIZE} bytes`);
     if (this.bitmaps.some((b) => b.entry.name === name)) throw invalidArgument(`Bitmap already exists: ${name}`);
