@@ -178,6 +178,7 @@ function buildProgram(argv: string[]): Command {
         .option('-r, --read-only', 'export read-only')
         .option('-x, --export-name <name>', "export name (default '')")
         .option('-D, --description <text>', 'export description shown to clients')
+        .option('-B, --bitmap <name>', 'also export persistent dirty bitmap NAME as the qemu:dirty-bitmap:NAME context')
         .option('-t, --persistent', "keep serving after the last client disconnects")
         .option('-e, --shared <n>', 'clients served at once (default 1)')
         .option('--pid-file <file>', 'write the process id here once listening')

@@ -24,6 +24,7 @@ import {
   NBD_ENOSPC,
   NBD_ENOTSUP,
   NBD_EPERM,
+  NBD_STATE_DIRTY,
   NBD_STATE_ZERO,
 } from './constants.js';
 import { isReadOnly, type NbdExport } from './export.js';
@@ -39,6 +40,8 @@ export interface CommandContext {
   structuredReplies: boolean;
   /** The id of base:allocation when the client selected it. */
   baseAllocationId?: number;
+  /** The id of the export's qemu:dirty-bitmap context when the client selected it. */
+  dirtyBitmapId?: number;
   order: RequestOrder;
 }
 
@@ -97,7 +100,7 @@ function check(ctx: CommandContext, req: Request): void {
   if (req.type === NBD_CMD_WRITE && req.payload === undefined) throw new CommandError(NBD_EINVAL, `write of ${req.length} bytes is larger than the ${MAX_PAYLOAD}-byte limit`);
   if (req.type === NBD_CMD_READ && req.length > MAX_PAYLOAD) throw new CommandError(NBD_EINVAL, `read of ${req.length} bytes is larger than the ${MAX_PAYLOAD}-byte limit`);
   if (req.type === NBD_CMD_BLOCK_STATUS) {
-    if (ctx.baseAllocationId === undefined) throw new CommandError(NBD_EINVAL, 'no metadata context was selected');
+    if (ctx.baseAllocationId === undefined && ctx.dirtyBitmapId === undefined) throw new CommandError(NBD_EINVAL, 'no metadata context was selected');
     if (req.length === 0) throw new CommandError(NBD_EINVAL, 'block status of an empty range');
   }
 }
@@ -181,8 +184,19 @@ async function structuredRead(ctx: CommandContext, req: Request): Promise<Uint8A
 
 async function blockStatus(ctx: CommandContext, req: Request): Promise<Uint8Array[]> {
   const one = (req.flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
-  const extents = await allocationExtents(ctx.exp.device, req.offset, req.length, one ? 1 : MAX_EXTENTS);
-  return [out.blockStatusChunk(req.cookie, ctx.baseAllocationId!, extents, true)];
+  // One chunk per selected context, the last one closing the reply.
+  const chunks: Uint8Array[] = [];
+  const last = ctx.dirtyBitmapId === undefined;
+  if (ctx.baseAllocationId !== undefined) {
+    const extents = await allocationExtents(ctx.exp.device, req.offset, req.length, one ? 1 : MAX_EXTENTS);
+    chunks.push(out.blockStatusChunk(req.cookie, ctx.baseAllocationId, extents, last));
+  }
+  if (ctx.dirtyBitmapId !== undefined) {
+    const runs = await ctx.exp.dirtyBitmap!.extents(req.offset, req.length);
+    const extents = runs.slice(0, one ? 1 : MAX_EXTENTS).map((r) => ({ offset: r.offset, length: r.length, flags: r.dirty ? NBD_STATE_DIRTY : 0 }));
+    chunks.push(out.blockStatusChunk(req.cookie, ctx.dirtyBitmapId, extents, true));
+  }
+  return chunks;
 }
 
 /** CACHE: read the range so the format's metadata caches (and the OS page cache) hold it. */

@@ -16,7 +16,7 @@ import { executeRequest, type CommandContext } from './commands.js';
 import { NbdProtocolError } from './errors.js';
 import type { NbdExport } from './export.js';
 import type { ClientMessage, Request } from './messages.js';
-import { BASE_ALLOCATION_ID, baseAllocationSelected, handleOption, newNegotiationState, type NegotiationState } from './negotiation.js';
+import { BASE_ALLOCATION_ID, DIRTY_BITMAP_ID, baseAllocationSelected, dirtyBitmapSelected, handleOption, newNegotiationState, type NegotiationState } from './negotiation.js';
 import { RequestOrder } from './order.js';
 import { ClientParser, type ParserLimits } from './parser.js';
 import * as out from './serializer.js';
@@ -146,6 +146,7 @@ export class NbdConnection {
       exp,
       structuredReplies: this.negotiation.structuredReplies,
       baseAllocationId: baseAllocationSelected(this.negotiation, exp) ? BASE_ALLOCATION_ID : undefined,
+      dirtyBitmapId: dirtyBitmapSelected(this.negotiation, exp) ? DIRTY_BITMAP_ID : undefined,
       order: this.order,
     };
     this.state = 'transmission';

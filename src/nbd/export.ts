@@ -28,6 +28,14 @@ export interface NbdExport {
   readOnly: boolean;
   /** Clients may spread requests over several connections (the server takes more than one at once). */
   multiConn?: boolean;
+  /** A persistent dirty bitmap offered as the qemu:dirty-bitmap:NAME context (qemu-nbd -B). */
+  dirtyBitmap?: ExportedBitmap;
+}
+
+/** The view of a dirty bitmap an export needs: its name and its dirty runs over a range. */
+export interface ExportedBitmap {
+  name: string;
+  extents(offset: number, length: number): Promise<Array<{ offset: number; length: number; dirty: boolean }>>;
 }
 
 export function isReadOnly(exp: NbdExport): boolean {

@@ -22,6 +22,7 @@ import {
   NBD_REP_ERR_TOO_BIG,
   NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP,
+  QEMU_DIRTY_BITMAP_PREFIX,
 } from './constants.js';
 import { blockSizes, transmissionFlags, type NbdExport } from './export.js';
 import { decodeInfoRequest, decodeMetaContextRequest, type ClientOption } from './messages.js';
@@ -30,13 +31,15 @@ import { decodeUtf8 } from './wire.js';
 
 /** The id we give base:allocation in NBD_REP_META_CONTEXT (any value unique per connection works). */
 export const BASE_ALLOCATION_ID = 1;
+/** The id of the export's qemu:dirty-bitmap:NAME context. */
+export const DIRTY_BITMAP_ID = 2;
 
 export interface NegotiationState {
   /** The client asked for NBD_FLAG_C_NO_ZEROES. */
   noZeroes: boolean;
   structuredReplies: boolean;
-  /** The last NBD_OPT_SET_META_CONTEXT: for which export, and whether it selected base:allocation. */
-  metaContext?: { exportName: string; baseAllocation: boolean };
+  /** The last NBD_OPT_SET_META_CONTEXT: for which export, and which contexts it selected. */
+  metaContext?: { exportName: string; baseAllocation: boolean; dirtyBitmap: boolean };
 }
 
 export interface OptionOutcome {
@@ -52,6 +55,11 @@ export function newNegotiationState(noZeroes: boolean): NegotiationState {
 /** What the connection needs in transmission: whether base:allocation is active for this export. */
 export function baseAllocationSelected(state: NegotiationState, exp: NbdExport): boolean {
   return !!state.metaContext && state.metaContext.baseAllocation && state.metaContext.exportName === exp.name && state.structuredReplies;
+}
+
+/** Whether the export's qemu:dirty-bitmap context is active. */
+export function dirtyBitmapSelected(state: NegotiationState, exp: NbdExport): boolean {
+  return !!state.metaContext && state.metaContext.dirtyBitmap && !!exp.dirtyBitmap && state.metaContext.exportName === exp.name && state.structuredReplies;
 }
 
 export function handleOption(state: NegotiationState, opt: ClientOption, exp: NbdExport, shuttingDown = false): OptionOutcome {
@@ -117,14 +125,20 @@ function metaContext(state: NegotiationState, option: number, data: Uint8Array, 
   if (!req.ok) return fail(NBD_REP_ERR_INVALID, req.reason);
   if (req.value.name !== exp.name) return fail(NBD_REP_ERR_UNKNOWN, `export '${req.value.name}' not present`);
 
+  const qs = req.value.queries;
   let selected: boolean;
-  if (set) selected = req.value.queries.includes(BASE_ALLOCATION);
+  if (set) selected = qs.includes(BASE_ALLOCATION);
   // Listing: no query lists everything; 'base:' is the namespace wildcard.
-  else selected = req.value.queries.length === 0 || req.value.queries.some((q) => q === BASE_ALLOCATION || q === 'base:');
+  else selected = qs.length === 0 || qs.some((q) => q === BASE_ALLOCATION || q === 'base:');
+  // The bitmap's context, as qemu-nbd names it; listing accepts the 'qemu:' and
+  // 'qemu:dirty-bitmap:' wildcards too.
+  const bitmapContext = exp.dirtyBitmap ? QEMU_DIRTY_BITMAP_PREFIX + exp.dirtyBitmap.name : undefined;
+  const bitmap = bitmapContext !== undefined && (set ? qs.includes(bitmapContext) : qs.length === 0 || qs.some((q) => q === bitmapContext || q === 'qemu:' || q === QEMU_DIRTY_BITMAP_PREFIX));
 
   const replies: Uint8Array[] = [];
   if (selected) replies.push(out.metaContextReply(option, set ? BASE_ALLOCATION_ID : 0, BASE_ALLOCATION));
+  if (bitmap) replies.push(out.metaContextReply(option, set ? DIRTY_BITMAP_ID : 0, bitmapContext!));
   replies.push(out.optionReply(option, NBD_REP_ACK));
-  if (set) state.metaContext = { exportName: exp.name, baseAllocation: selected };
+  if (set) state.metaContext = { exportName: exp.name, baseAllocation: selected, dirtyBitmap: bitmap };
   return { replies, next: 'continue' };
 }

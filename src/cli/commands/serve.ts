@@ -6,6 +6,8 @@
 import { lstatSync, rmSync, writeFileSync } from 'node:fs';
 import { QcowError } from '../../core/errors.js';
 import { NbdServer, type ListenAddress } from '../../nbd/server.js';
+import type { ExportedBitmap } from '../../nbd/export.js';
+import type { BlockDevice } from '../../core/block-device.js';
 import { openForCli } from '../common.js';
 
 interface Flags {
@@ -20,6 +22,7 @@ interface Flags {
   persistent?: boolean;
   shared?: string;
   pidFile?: string;
+  bitmap?: string;
 }
 
 export async function run(file: string, flags: Flags): Promise<number> {
@@ -29,8 +32,9 @@ export async function run(file: string, flags: Flags): Promise<number> {
   const dev = await openForCli(file, flags, { readOnly: !!flags.readOnly, fixedSize: true });
   let server: NbdServer | undefined;
   try {
+    const dirtyBitmap = flags.bitmap === undefined ? undefined : await exportedBitmap(dev, flags.bitmap);
     server = new NbdServer({
-      exp: { name: flags.exportName ?? '', description: flags.description ?? '', device: dev, readOnly: !!flags.readOnly },
+      exp: { name: flags.exportName ?? '', description: flags.description ?? '', device: dev, readOnly: !!flags.readOnly, dirtyBitmap },
       maxClients,
       persistent: !!flags.persistent,
       onError: (e) => process.stderr.write(`qcow: ${file}: connection dropped: ${e instanceof Error ? e.message : String(e)}\n`),
@@ -55,6 +59,13 @@ export async function run(file: string, flags: Flags): Promise<number> {
     if (flags.pidFile && server) rmSync(flags.pidFile, { force: true });
   }
   return 0;
+}
+
+/** -B NAME: the bitmap must exist and be usable now, as qemu-nbd checks before it serves. */
+async function exportedBitmap(dev: BlockDevice, name: string): Promise<ExportedBitmap> {
+  const { bitmapExtents } = await import('../../ops/changed-extents.js');
+  await bitmapExtents(dev, name, { offset: 0, length: 0 });
+  return { name, extents: (offset, length) => bitmapExtents(dev, name, { offset, length }) };
 }
 
 function listenAddress(flags: Flags): ListenAddress {
