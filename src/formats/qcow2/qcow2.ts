@@ -26,7 +26,7 @@ import { decompressCluster } from './compressed.js';
 // Type only: the cipher code (LUKS, AES) loads when an encrypted image is opened (start-up time).
 import type { Qcow2Encryption } from './encryption.js';
 import { Qcow2Writer } from './write.js';
-import type { PersistentBitmaps } from './bitmaps/persistent.js';
+import type { BitmapLimits, PersistentBitmaps } from './bitmaps/persistent.js';
 import { detectMetadataPreallocation, holeRuns } from './prealloc.js';
 
 /** L2 slice size of read-only opens (see Qcow2Device.slice). */
@@ -94,6 +94,8 @@ export class Qcow2Device extends DeviceBase {
   lastCompressed: { hostOffset: number; data: Uint8Array } | null = null;
   /** The write path (write.ts), present when the image is open read-write. */
   writer: Qcow2Writer | null = null;
+  /** Memory limits of the persistent bitmaps (OpenOptions.bitmapLimits). */
+  readonly bitmapLimits: BitmapLimits;
   /** The bitmaps of a read-only image, loaded on first use (see persistentBitmaps). */
   private readBitmaps: Promise<PersistentBitmaps> | undefined;
   /** Decided on the first blockStatus, as qemu does (see prealloc.ts). */
@@ -114,6 +116,7 @@ export class Qcow2Device extends DeviceBase {
       externalDataFile: hasFeature(s.header.incompatibleFeatures, INCOMPAT_DATA_FILE),
     };
     this.cacheBytes = s.options.cacheBytes ?? DEFAULT_L2_CACHE_BYTES;
+    this.bitmapLimits = s.options.bitmapLimits ?? {};
     const sliceBytes = s.readOnly ? Math.min(this.clusterSize, L2_SLICE_BYTES) : this.clusterSize;
     const sliceEntries = sliceBytes / this.geometry.l2EntryBytes;
     this.slice = { entries: sliceEntries, bytes: sliceBytes, coverage: sliceEntries * this.clusterSize };
@@ -576,7 +579,7 @@ export class Qcow2Device extends DeviceBase {
     this.readBitmaps ??= (async () => {
       const { PersistentBitmaps } = await import('./bitmaps/persistent.js');
       const host = { store: this.store, clusterSize: this.clusterSize, size: this.size, fileSize: () => this.fileSize };
-      return PersistentBitmaps.load(host, this.header.bitmaps, hasFeature(this.header.autoclearFeatures, AUTOCLEAR_BITMAPS));
+      return PersistentBitmaps.load(host, this.header.bitmaps, hasFeature(this.header.autoclearFeatures, AUTOCLEAR_BITMAPS), this.bitmapLimits);
     })();
     return this.readBitmaps;
   }

@@ -116,7 +116,7 @@ export class Qcow2Writer {
       await w.writeHeader();
       await dev.store.flush();
     }
-    w.bitmaps = await PersistentBitmaps.load(w.bitmapHost(), h.bitmaps, bitmapsValid);
+    w.bitmaps = await PersistentBitmaps.load(w.bitmapHost(), h.bitmaps, bitmapsValid, dev.bitmapLimits);
     // Enabled bitmaps are flagged in_use on disk before the first write (see persistent.ts).
     await w.bitmaps.startTracking();
     // qemu clears autoclear bits it does not know the first time it opens an image read-write.
@@ -182,7 +182,8 @@ export class Qcow2Writer {
     // serialises every write). See inPlaceWrites for why this stays safe.
     let inPlace: Promise<void> | undefined;
     await this.lock.run(async () => {
-      await this.bitmaps.mark(offset, data.length);
+      const marking = this.bitmaps.mark(offset, data.length);
+      if (marking) await marking;
       let jobs = await this.inPlaceWrites(offset, data);
       if (!jobs) {
         jobs = [];
@@ -242,7 +243,8 @@ export class Qcow2Writer {
 
   writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
     return this.lock.run(async () => {
-      await this.bitmaps.mark(offset, length);
+      const marking = this.bitmaps.mark(offset, length);
+      if (marking) await marking;
       await this.zeroLocked(offset, length, options, false);
     });
   }
@@ -250,7 +252,8 @@ export class Qcow2Writer {
   /** Discards mark bitmaps too, as in QEMU: the range may read differently afterwards. */
   discard(offset: number, length: number): Promise<void> {
     return this.lock.run(async () => {
-      await this.bitmaps.mark(offset, length);
+      const marking = this.bitmaps.mark(offset, length);
+      if (marking) await marking;
       await this.zeroLocked(offset, length, { mayUnmap: true }, true);
     });
   }
@@ -272,7 +275,8 @@ export class Qcow2Writer {
     }
     const results = await Promise.all(packed);
     return this.lock.run(async () => {
-      await this.bitmaps.mark(offset, data.length);
+      const marking = this.bitmaps.mark(offset, data.length);
+      if (marking) await marking;
       await this.compressedLocked(offset, data, results, zstd);
     });
   }

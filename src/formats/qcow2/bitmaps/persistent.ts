@@ -287,11 +287,15 @@ export class PersistentBitmaps {
     return this.bitmaps.some((b) => b.tracked);
   }
 
-  /** Record a guest write, zero write or discard of [offset, offset + length). */
-  async mark(offset: number, length: number): Promise<void> {
-    if (!this.tracks || length <= 0) return;
+  /**
+   * Record a guest write, zero write or discard of [offset, offset + length). Synchronous (no
+   * promise) unless the pending ranges are over budget and must be applied: the write path
+   * calls this per request and should not pay a tick for it.
+   */
+  mark(offset: number, length: number): Promise<void> | undefined {
+    if (!this.tracking || length <= 0 || !this.tracks) return undefined;
     this.pending.add(offset, offset + length);
-    if (this.pending.count > this.maxPending) await this.applyPending();
+    return this.pending.count > this.maxPending ? this.applyPending() : undefined;
   }
 
   /** Apply recorded writes to the clusters of every tracked bitmap (not yet to the directory). */
