@@ -13,7 +13,7 @@
  */
 import type { BlockExtent, ImageDescription, OpenOptions, WriteOptions, ZeroOptions } from '../../core/block-device.js';
 import { DeviceBase } from '../../core/device-base.js';
-import { QcowError, corrupt, unsupported } from '../../core/errors.js';
+import { QcowError, corrupt, unsupported, withFile } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
 import { firstNonZero } from '../../core/bytes.js';
 import { HEADER_PROBE_BYTES, COMPRESSION_ZSTD, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
@@ -579,7 +579,9 @@ export class Qcow2Device extends DeviceBase {
     this.readBitmaps ??= (async () => {
       const { PersistentBitmaps } = await import('./bitmaps/persistent.js');
       const host = { store: this.store, clusterSize: this.clusterSize, size: this.size, fileSize: () => this.fileSize };
-      return PersistentBitmaps.load(host, this.header.bitmaps, hasFeature(this.header.autoclearFeatures, AUTOCLEAR_BITMAPS), this.bitmapLimits);
+      return PersistentBitmaps.load(host, this.header.bitmaps, hasFeature(this.header.autoclearFeatures, AUTOCLEAR_BITMAPS), this.bitmapLimits).catch((e: unknown) => {
+        throw withFile(e, this.filename);
+      });
     })();
     return this.readBitmaps;
   }

@@ -145,6 +145,7 @@ export class Qcow2Writer {
         return at;
       },
       free: (offset, length) => this.refcounts.free(offset, length),
+      exclusive: (fn) => this.lock.run(fn),
       commit: async () => {
         await this.writeRefcounts();
         await dev.store.flush();

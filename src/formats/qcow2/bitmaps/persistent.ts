@@ -64,6 +64,8 @@ export interface BitmapWriteHost extends BitmapReadHost {
   commit(): Promise<void>;
   /** Point the header at this directory (or at none), durably. */
   setExtension(ext: BitmapsExtension | undefined): Promise<void>;
+  /** Run `fn` under the writer's lock: for changes started outside it (a reader's extents()). */
+  exclusive<T>(fn: () => Promise<T>): Promise<T>;
 }
 
 export interface BitmapInfo {
@@ -223,7 +225,9 @@ export class PersistentBitmaps {
    */
   async extents(name: string, offset: number, length: number): Promise<DirtyExtent[]> {
     const b = this.usable(name);
-    if (b.tracked && this.pending.count > 0) await this.applyPending();
+    // Recorded writes first; under the writer's lock, since applying them allocates. (Edits
+    // that call this under the lock have applied them already, so the lock is not taken twice.)
+    if (b.tracked && this.pending.count > 0) await this.writeHost().exclusive(() => this.applyPending());
     const size = this.host.size;
     const end = Math.min(size, offset + length);
     const out: DirtyExtent[] = [];
@@ -460,7 +464,7 @@ export class PersistentBitmaps {
     const b = this.usable(name);
     if (b.tracked) await this.applyPending();
     const table = await this.table(b);
-    for (const off of dataClusters(table)) if (!this.fresh.has(off)) this.deferredFrees.push([off, host.clusterSize]);
+    for (const off of dataClusters(table)) this.deferredFrees.push([off, host.clusterSize]);
     b.table = new Float64Array(table.length);
     b.tableDirty = true;
     await this.writeDirectory();
@@ -505,7 +509,7 @@ export class PersistentBitmaps {
       const n = Math.max(1, tableSizeFor(host.size, b.entry.granularityBits, cs));
       const next = new Float64Array(n);
       next.set(table.subarray(0, n));
-      for (let i = n; i < table.length; i++) if (table[i]! > ALL_ONE && !this.fresh.has(table[i]!)) this.deferredFrees.push([table[i]!, cs]);
+      for (let i = n; i < table.length; i++) if (table[i]! > ALL_ONE) this.deferredFrees.push([table[i]!, cs]);
       b.table = next;
       b.tableDirty = true;
       if (host.size < oldSize) await this.clearTail(b);
