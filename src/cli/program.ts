@@ -104,6 +104,8 @@ function buildProgram(argv: string[]): Command {
         .option('-m, --parallel <n>', 'chunks in flight at once', '8')
         .option('-W', 'let writes complete out of order (the target layout may then differ run to run)')
         .option('-t, --cache <mode>', 'target cache mode: unsafe (default, as qemu-img convert: no flushes), writeback, none, ...', 'unsafe')
+        .option('--bitmaps', 'copy the persistent dirty bitmaps of the source (qcow2 to qcow2)')
+        .option('--skip-broken-bitmaps', 'with --bitmaps: leave inconsistent bitmaps behind instead of failing')
         .option('-U, --force-share', 'accepted for qemu-img compatibility')
         .addOption(pw())
         .option('--target-password-file <file>', 'password for an encrypted target')

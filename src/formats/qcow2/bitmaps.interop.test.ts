@@ -256,3 +256,50 @@ test('a 4 TiB disk: scattered writes through tiny bitmap budgets are recorded ex
   assert.deepEqual(await qemuDirty(t, dir, file, 'big'), expected);
   await checkClean(file);
 });
+
+/** Set in_use on the first bitmap, as a crash while it was recording leaves it. */
+async function markFirstInUse(file: string): Promise<void> {
+  const { open } = await import('node:fs/promises');
+  const { decodeHeader } = await import('./header.js');
+  const fh = await open(file, 'r+');
+  try {
+    const head = new Uint8Array(65536);
+    await fh.read(head, 0, head.length, 0);
+    const at = decodeHeader(head).bitmaps!.directoryOffset + 12;
+    const flags = new Uint8Array(4);
+    await fh.read(flags, 0, 4, at);
+    flags[3]! |= 1;
+    await fh.write(flags, 0, 4, at);
+  } finally {
+    await fh.close();
+  }
+}
+
+test('convert --bitmaps copies bitmaps as qemu-img convert --bitmaps does; broken ones refused or skipped', needs('qemu-img', 'qemu-io', 'qemu-nbd', 'nbdinfo'), async (t) => {
+  const dir = await scratch(t);
+  const src = join(dir, 'src.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', src, '32M']);
+  await qemuImg(['bitmap', '--add', '-g', '256k', src, 'on']);
+  await qemuImg(['bitmap', '--add', src, 'off', '--disable']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write 3M 100k', src]);
+  await qemuImg(['bitmap', '--merge', 'on', src, 'off']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write 20M 1M', src]);
+  const ours = join(dir, 'ours.qcow2');
+  const theirs = join(dir, 'theirs.qcow2');
+  await qcowOk(['convert', '--bitmaps', '-f', 'qcow2', '-O', 'qcow2', src, ours]);
+  await qemuImg(['convert', '--bitmaps', '-f', 'qcow2', '-O', 'qcow2', src, theirs]);
+  assert.deepEqual(await bitmaps(ours), await bitmaps(theirs));
+  await checkClean(ours);
+  for (const name of ['on', 'off']) assert.deepEqual(await qemuDirty(t, dir, ours, name), await qemuDirty(t, dir, theirs, name), name);
+
+  await markFirstInUse(src);
+  const { qcow } = await import('../../test-support/qemu.js');
+  const refused = await qcow(['convert', '--bitmaps', '-O', 'qcow2', src, join(dir, 'no.qcow2')]);
+  assert.notEqual(refused.code, 0);
+  assert.match(refused.stderr, /Cannot copy inconsistent bitmap 'on'/);
+  const skipped = join(dir, 'skipped.qcow2');
+  const r = await qcowOk(['convert', '--bitmaps', '--skip-broken-bitmaps', '-O', 'qcow2', src, skipped]);
+  assert.match(r.stderr, /Skipping inconsistent bitmap 'on'/);
+  assert.deepEqual((await bitmaps(skipped)).map((b) => b.name), ['off']);
+  assert.match((await qcow(['convert', '--skip-broken-bitmaps', '-O', 'qcow2', src, join(dir, 'x.qcow2')])).stderr, /requires --bitmaps/);
+});
