@@ -303,3 +303,34 @@ test('convert --bitmaps copies bitmaps as qemu-img convert --bitmaps does; broke
   assert.deepEqual((await bitmaps(skipped)).map((b) => b.name), ['off']);
   assert.match((await qcow(['convert', '--skip-broken-bitmaps', '-O', 'qcow2', src, join(dir, 'x.qcow2')])).stderr, /requires --bitmaps/);
 });
+
+test('check finds a broken bitmap table and check -r all removes the bitmap, which QEMU cannot (qemu issue 2909)', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const file = join(dir, 'broken.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', file, '16M']);
+  await qemuImg(['bitmap', '--add', file, 'bad']);
+  await qemuImg(['bitmap', '--add', file, 'good']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write 0 64k', file]);
+  // Reserved bits in the first entry of the first bitmap's table.
+  const { open } = await import('node:fs/promises');
+  const { decodeHeader } = await import('./header.js');
+  const fh = await open(file, 'r+');
+  const head = new Uint8Array(65536);
+  await fh.read(head, 0, head.length, 0);
+  const entry = new Uint8Array(8);
+  await fh.read(entry, 0, 8, decodeHeader(head).bitmaps!.directoryOffset);
+  const tableAt = Number(new DataView(entry.buffer).getBigUint64(0));
+  await fh.write(new Uint8Array([0x40, 0, 0, 0, 0, 0, 1, 0xfe]), 0, 8, tableAt);
+  await fh.close();
+
+  assert.notEqual((await run('qemu-img', ['bitmap', '--remove', file, 'bad'])).code, 0);
+  const { qcow } = await import('../../test-support/qemu.js');
+  const found = await qcow(['check', file]);
+  assert.equal(found.code, 2);
+  assert.match(found.stderr + found.stdout, /bitmap 'bad': table entry 0 is invalid/);
+  const fixed = await qcow(['check', '-r', 'all', file]);
+  assert.equal(fixed.code, 0, fixed.stdout + fixed.stderr);
+  assert.match(fixed.stderr + fixed.stdout, /Repairing bitmap 'bad': removed/);
+  await checkClean(file);
+  assert.deepEqual((await bitmaps(file)).map((b) => b.name), ['good']);
+});
