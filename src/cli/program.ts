@@ -13,6 +13,7 @@ type CommandModule = { run: (...a: never[]) => Promise<number | void> };
 /** Each command's module, imported when the command runs (listed, so bundlers see every one). */
 const COMMANDS: Record<string, () => Promise<CommandModule>> = {
   amend: () => import('./commands/amend.js'),
+  backup: () => import('./commands/backup.js'),
   bench: () => import('./commands/bench.js'),
   bitmap: () => import('./commands/bitmap.js'),
   check: () => import('./commands/check.js'),
@@ -233,6 +234,21 @@ function buildProgram(argv: string[]): Command {
       for (const op of ['add', 'remove', 'clear', 'enable', 'disable']) cmd.on(`option:${op}`, () => actions.push({ op }));
       cmd.on('option:merge', (source: string) => actions.push({ op: 'merge', source }));
       cmd.action((file: string, bitmap: string, flags: object) => lazy('bitmap')(file, bitmap, { ...flags, actions }));
+    },
+    backup: () => {
+      program
+        .command('backup')
+        .description('full or incremental backup of a qcow2 disk through persistent dirty bitmap NAME, then rotate NAME')
+        .addOption(fmt())
+        .requiredOption('-B, --bitmap <name>', 'the bitmap recording changes between backups')
+        .option('-b, --previous <file>', 'the previous backup: write only what changed since, as an overlay of it')
+        .option('-F, --previous-format <fmt>', 'format of the previous backup (default qcow2)')
+        .option('--keep-bitmap', 'leave the bitmap as it is (no rotation)')
+        .option('-p, --progress', 'show progress')
+        .option('-q, --quiet', 'print nothing')
+        .argument('<source>')
+        .argument('<target>')
+        .action(lazy('backup'));
     },
     amend: () => {
       program
