@@ -37,6 +37,8 @@ export interface OpenImageOptions {
    */
   rawUnnamedBackingFormats?: boolean;
   cacheBytes?: number;
+  /** qcow2 persistent bitmaps' memory limits (see OpenOptions). */
+  bitmapLimits?: OpenOptions['bitmapLimits'];
   inspectOnly?: boolean;
   /**
    * qemu-img -U: read-only images (and backing and data files) lock out no writer, and are opened
@@ -79,6 +81,7 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
       password: options.password,
       snapshot: depth === 0 ? options.snapshot : undefined,
       cacheBytes: options.cacheBytes,
+      bitmapLimits: options.bitmapLimits,
       inspectOnly: options.inspectOnly,
       openFile: (fileName, o) =>
         options.opener.open(resolveNamed(fileName, name, options), { ...o, permissions: permissionsFor({ writable: !o.readOnly, format: 'raw', role: 'data', forceShare }) }),

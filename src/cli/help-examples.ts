@@ -43,6 +43,7 @@ export const HELP_EXAMPLES: Readonly<Record<string, readonly (readonly [string, 
     ['qcow serve -r -k /tmp/disk.sock disk.qcow2', 'export read-only on a Unix socket (nbdinfo "nbd+unix:///?socket=/tmp/disk.sock")'],
     ['qcow serve -p 10810 -e 4 -t top.qcow2', 'writable on TCP 127.0.0.1:10810, up to 4 clients, kept running'],
     ['qcow serve -r -A -k /tmp/top.sock top.qcow2', 'with qemu:allocation-depth (nbdinfo --map=qemu:allocation-depth)'],
+    ['qcow serve -r -B nightly -k /tmp/disk.sock disk.qcow2', 'with qemu:dirty-bitmap:nightly, what changed since the bitmap was added'],
   ],
   check: [
     ['qcow check disk.qcow2', "qemu-img check's report and exit code (0 clean, 2 corrupt, 3 leaks)"],
@@ -68,6 +69,15 @@ export const HELP_EXAMPLES: Readonly<Record<string, readonly (readonly [string, 
   measure: [
     ['qcow measure -O qcow2 disk.raw', 'bytes a qcow2 copy needs, and fully allocated'],
     ['qcow measure -O qcow2 --size 100G', 'for a new, empty image'],
+  ],
+  bitmap: [
+    ['qcow bitmap --add -g 64k disk.qcow2 nightly', 'a persistent dirty bitmap that records every write from now on'],
+    ['qcow bitmap --clear --disable disk.qcow2 nightly', 'several actions in one call, in order'],
+    ['qcow bitmap --merge old -b other.qcow2 -F qcow2 disk.qcow2 nightly', "add another image's bitmap 'old' into 'nightly'"],
+  ],
+  backup: [
+    ['qcow backup -B chk disk.qcow2 full.qcow2', 'a full backup; bitmap chk records changes from now on'],
+    ['qcow backup -B chk -b full.qcow2 disk.qcow2 inc1.qcow2', 'only what changed since, as an overlay of full.qcow2'],
   ],
   bench: [
     ['qcow bench -c 10000 -d 32 disk.qcow2', "qemu-img bench's read workload, 32 requests in flight"],

@@ -14,7 +14,9 @@ type CommandModule = { run: (...a: never[]) => Promise<number | void> };
 /** Each command's module, imported when the command runs (listed, so bundlers see every one). */
 const COMMANDS: Record<string, () => Promise<CommandModule>> = {
   amend: () => import('./commands/amend.js'),
+  backup: () => import('./commands/backup.js'),
   bench: () => import('./commands/bench.js'),
+  bitmap: () => import('./commands/bitmap.js'),
   check: () => import('./commands/check.js'),
   commit: () => import('./commands/commit.js'),
   compare: () => import('./commands/compare.js'),
@@ -104,6 +106,8 @@ export function buildProgram(argv: string[]): Command {
         .option('-m, --parallel <n>', 'chunks in flight at once', '8')
         .option('-W', 'let writes complete out of order (the target layout may then differ run to run)')
         .option('-t, --cache <mode>', 'target cache mode: unsafe (default, as qemu-img convert: no flushes), writeback, none, ...', 'unsafe')
+        .option('--bitmaps', 'copy the persistent dirty bitmaps of the source (qcow2 to qcow2)')
+        .option('--skip-broken-bitmaps', 'with --bitmaps: leave inconsistent bitmaps behind instead of failing')
         .option('-U, --force-share', 'accepted for qemu-img compatibility')
         .addOption(pw())
         .option('--target-password-file <file>', 'password for an encrypted target')
@@ -180,6 +184,7 @@ export function buildProgram(argv: string[]): Command {
         .option('-r, --read-only', 'export read-only')
         .option('-x, --export-name <name>', "export name (default '')")
         .option('-D, --description <text>', 'export description shown to clients')
+        .option('-B, --bitmap <name>', 'also export persistent dirty bitmap NAME as the qemu:dirty-bitmap:NAME context')
         .option('-t, --persistent', "keep serving after the last client disconnects")
         .option('-e, --shared <n>', 'clients served at once (default 1)')
         .option('--pid-file <file>', 'write the process id here once listening')
@@ -210,6 +215,44 @@ export function buildProgram(argv: string[]): Command {
         .argument('<file>')
         .argument('<size>')
         .action(lazy('resize'));
+    },
+    bitmap: () => {
+      // The actions run in the order given, so they are collected as commander meets them.
+      const actions: Array<{ op: string; source?: string }> = [];
+      const cmd = program
+        .command('bitmap')
+        .description('add, remove, clear, enable, disable or merge persistent dirty bitmaps (qcow2), in the order given')
+        .addOption(fmt())
+        .option('--add', 'add BITMAP (enabled unless --disabled)')
+        .option('--remove', 'remove BITMAP')
+        .option('--clear', 'clear BITMAP')
+        .option('--enable', 'enable BITMAP')
+        .option('--disable', 'disable BITMAP')
+        .option('--merge <source>', 'merge bitmap SOURCE into BITMAP')
+        .option('-g, --granularity <size>', 'granularity of a bitmap --add creates')
+        .option('--disabled', 'with --add: create it disabled (qemu-img spells it --add --disable)')
+        .option('-b, --source-file <file>', 'with --merge: the image that holds SOURCE')
+        .option('-F, --source-format <fmt>', 'format of the -b image')
+        .argument('<file>')
+        .argument('<bitmap>');
+      for (const op of ['add', 'remove', 'clear', 'enable', 'disable']) cmd.on(`option:${op}`, () => actions.push({ op }));
+      cmd.on('option:merge', (source: string) => actions.push({ op: 'merge', source }));
+      cmd.action((file: string, bitmap: string, flags: object) => lazy('bitmap')(file, bitmap, { ...flags, actions }));
+    },
+    backup: () => {
+      program
+        .command('backup')
+        .description('full or incremental backup of a qcow2 disk through persistent dirty bitmap NAME, then rotate NAME')
+        .addOption(fmt())
+        .requiredOption('-B, --bitmap <name>', 'the bitmap recording changes between backups')
+        .option('-b, --previous <file>', 'the previous backup: write only what changed since, as an overlay of it')
+        .option('-F, --previous-format <fmt>', 'format of the previous backup (default qcow2)')
+        .option('--keep-bitmap', 'leave the bitmap as it is (no rotation)')
+        .option('-p, --progress', 'show progress')
+        .option('-q, --quiet', 'print nothing')
+        .argument('<source>')
+        .argument('<target>')
+        .action(lazy('backup'));
     },
     amend: () => {
       program

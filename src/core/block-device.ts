@@ -113,6 +113,11 @@ export interface OpenOptions {
   openFile?: (name: string, options: { readOnly: boolean; create?: boolean }) => Promise<ByteStore>;
   /** Budget in bytes for cached metadata (L2 tables, refcount blocks). */
   cacheBytes?: number;
+  /**
+   * qcow2 persistent bitmaps: data clusters cached for reading, and write ranges held before
+   * they are applied to the bitmaps (see formats/qcow2/bitmaps/persistent.ts).
+   */
+  bitmapLimits?: { cacheClusters?: number; maxPendingRanges?: number };
   /** Open even if the image says it must not be written (corrupt) or needs repair (dirty): read-only inspection. */
   inspectOnly?: boolean;
 }

@@ -109,6 +109,9 @@ export const NBD_ESHUTDOWN = 108;
 export const BASE_ALLOCATION = 'base:allocation';
 export const NBD_STATE_HOLE = 1 << 0;
 export const NBD_STATE_ZERO = 1 << 1;
+/** qemu:dirty-bitmap:NAME contexts: the one flag, set where the bitmap is dirty. */
+export const QEMU_DIRTY_BITMAP_PREFIX = 'qemu:dirty-bitmap:';
+export const NBD_STATE_DIRTY = 1 << 0;
 
 /** Fixed sizes of the messages with a header. */
 export const REQUEST_HEADER_SIZE = 28;

@@ -6,7 +6,8 @@
  */
 import type { BlockDevice } from '../core/block-device.js';
 import { allocationDepthExtents, allocationExtents, type AllocationExtent } from './allocation.js';
-import { BASE_ALLOCATION } from './constants.js';
+import { BASE_ALLOCATION, NBD_STATE_DIRTY, QEMU_DIRTY_BITMAP_PREFIX } from './constants.js';
+import type { ExportedBitmap } from './export.js';
 
 export interface MetaContext {
   /** The full name, `namespace:leaf` (base:allocation, qemu:allocation-depth, ...). */
@@ -19,6 +20,17 @@ export const QEMU_ALLOCATION_DEPTH = 'qemu:allocation-depth';
 
 export const baseAllocationContext: MetaContext = { name: BASE_ALLOCATION, extents: allocationExtents };
 export const allocationDepthContext: MetaContext = { name: QEMU_ALLOCATION_DEPTH, extents: allocationDepthExtents };
+
+/** A persistent dirty bitmap as qemu:dirty-bitmap:NAME (qemu-nbd -B): NBD_STATE_DIRTY where it is set. */
+export function dirtyBitmapContext(bitmap: ExportedBitmap): MetaContext {
+  return {
+    name: QEMU_DIRTY_BITMAP_PREFIX + bitmap.name,
+    async extents(_dev, offset, length, max) {
+      const runs = await bitmap.extents(offset, length);
+      return runs.slice(0, max).map((r) => ({ offset: r.offset, length: r.length, flags: r.dirty ? NBD_STATE_DIRTY : 0 }));
+    },
+  };
+}
 
 /**
  * The contexts `queries` name among `available`. A query is a full name; when listing

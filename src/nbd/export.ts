@@ -33,6 +33,12 @@ export interface NbdExport {
   contexts?: readonly MetaContext[];
 }
 
+/** The view of a dirty bitmap an export needs: its name and its dirty runs over a range. */
+export interface ExportedBitmap {
+  name: string;
+  extents(offset: number, length: number): Promise<Array<{ offset: number; length: number; dirty: boolean }>>;
+}
+
 /** The export's metadata contexts. */
 export function contextsOf(exp: NbdExport): readonly MetaContext[] {
   return exp.contexts ?? DEFAULT_CONTEXTS;

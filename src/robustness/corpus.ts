@@ -150,6 +150,46 @@ export async function buildCorpus(dir: string): Promise<CorpusCase[]> {
   await q2case('compressed descriptor reaching past the end', (b) => put(b, l2Compressed, 8, (1n << 62n) | (0xffn << 54n) | BigInt(QCOW2.compressed)), ['check']);
   await q2case('compressed descriptor past the end', (b) => put(b, l2Compressed, 8, (1n << 62n) | (1n << 40n)), ['convert', 'check']);
 
+  // Persistent bitmaps: a qemu-made directory and table, then each field made hostile. `info`
+  // reads the directory (and must fail on a broken one, as QEMU's open does); a broken table or
+  // data cluster only makes the bitmap unusable, which nothing here reads.
+  {
+    const bm = join(dir, 'bitmaps.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', bm, '4M']);
+    await qemuImg(['bitmap', '--add', '-g', '512', bm, 'b0']);
+    await qemuImg(['bitmap', '--add', bm, 'b1']);
+    await qemuIo(['-f', 'qcow2', '-c', 'write 0 64k', '-c', 'write 1M 4k', bm]);
+    const img = new Uint8Array(await readFile(bm));
+    // Find the bitmaps extension (type 0x23852875) among the header extensions.
+    let ext = 112;
+    while (ext + 8 < 65536 && new DataView(img.buffer).getUint32(ext) !== 0x23852875) ext += 8 + Math.ceil(new DataView(img.buffer).getUint32(ext + 4) / 8) * 8;
+    if (ext + 8 >= 65536) throw new Error('qemu-img wrote no bitmaps extension');
+    const dirAt = Number(get(img, ext + 8 + 16));
+    const table0 = Number(get(img, dirAt));
+    const bmCase = (name: string, mutate: (b: Uint8Array) => Uint8Array, mustFail: CorpusCommand[]) =>
+      add({ name: `qcow2/bitmaps/${name}`, file: fileFor('qcow2'), format: 'qcow2', mustFail }, mutate(img.slice()));
+    await bmCase('the unpatched image', (b) => b, []);
+    await bmCase('nb_bitmaps=0xffffffff', (b) => put(b, ext + 8, 4, 0xffffffffn), ['info']);
+    await bmCase('nb_bitmaps=0', (b) => put(b, ext + 8, 4, 0n), ['info']);
+    await bmCase('nb_bitmaps=3 (more than the directory holds)', (b) => put(b, ext + 8, 4, 3n), ['info']);
+    await bmCase('directory_size=2^40', (b) => put(b, ext + 8 + 8, 8, 1n << 40n), ['info']);
+    await bmCase('directory_size=64M (within the limit, past the end)', (b) => put(b, ext + 8 + 8, 8, 64n << 20n), ['info']);
+    await bmCase('directory_offset past the end', (b) => put(b, ext + 8 + 16, 8, 1n << 50n), ['info']);
+    await bmCase('directory_offset=0 (the header)', (b) => put(b, ext + 8 + 16, 8, 0n), ['info']);
+    await bmCase('directory_offset unaligned', (b) => put(b, ext + 8 + 16, 8, BigInt(dirAt + 8)), ['info']);
+    await bmCase('name_size=0', (b) => put(b, dirAt + 18, 2, 0n), ['info']);
+    await bmCase('name_size=0xffff', (b) => put(b, dirAt + 18, 2, 0xffffn), ['info']);
+    await bmCase('extra_data_size=0xffffffff', (b) => put(b, dirAt + 20, 4, 0xffffffffn), ['info']);
+    await bmCase('both bitmaps named alike', (b) => put(b, dirAt + 24 + 1, 1, 0x31n), ['info']);
+    await bmCase('table_size=0xffffffff', (b) => put(b, dirAt + 8, 4, 0xffffffffn), []);
+    await bmCase('table_offset past the end', (b) => put(b, dirAt, 8, 1n << 50n), []);
+    await bmCase('table entry past the end', (b) => put(b, table0, 8, 1n << 40n), []);
+    await bmCase('table entry with reserved bits', (b) => put(b, table0, 8, get(b, table0) | 0x1fen), []);
+    await bmCase('table entry pointing at the L1 table', (b) => put(b, table0, 8, BigInt(QCOW2.l1)), []);
+    await bmCase('granularity_bits=63', (b) => put(b, dirAt + 17, 1, 63n), []);
+    await bmCase('unknown flags', (b) => put(b, dirAt + 12, 4, 0xfffffff0n), []);
+  }
+
   // Backing chains: a self-reference, a loop of two, one deeper than the limit.
   {
     const self = fileFor('qcow2');

@@ -21,7 +21,8 @@ const rand = (n: number): number => {
   return (x >>> 0) % n;
 };
 
-const dev = await openImage(image!, { format, ...(cacheText ? { cacheBytes: Number(cacheText) } : {}) });
+// Pending bitmap ranges are applied every few writes, so kills land in the middle of that too.
+const dev = await openImage(image!, { format, bitmapLimits: { maxPendingRanges: 8 }, ...(cacheText ? { cacheBytes: Number(cacheText) } : {}) });
 const say = (line: string) => writeSync(1, line + '\n');
 for (let i = 0; ; i++) {
   // Small unaligned writes (partial clusters: read-modify-write) and larger runs of whole sectors.

@@ -24,6 +24,8 @@ interface Flags {
   cache: string;
   passwordFile?: string;
   targetPasswordFile?: string;
+  bitmaps?: boolean;
+  skipBrokenBitmaps?: boolean;
 }
 
 /** `-l NAME`, `-l snapshot.name=NAME` or `-l snapshot.id=ID`. */
@@ -85,6 +87,7 @@ export async function run(files: string[], flags: Flags): Promise<void> {
   delete options.backing_fmt;
   if (backingFile && !backingFormat) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use of backing file requires explicit backing format');
 
+  if (flags.skipBrokenBitmaps && !flags.bitmaps) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use of --skip-broken-bitmaps requires --bitmaps');
   const opener = targetOpener(flags.cache);
   const sources: BlockDevice[] = [];
   let dst: BlockDevice | undefined;
@@ -93,6 +96,9 @@ export async function run(files: string[], flags: Flags): Promise<void> {
   const bar = progressBar(!!flags.progress && !flags.quiet);
   try {
     for (const name of sourceNames) sources.push(await openForCli(name, flags, { readOnly: true, snapshot }));
+    const bitmapOps = flags.bitmaps ? await import('../../ops/copy-bitmaps.js') : undefined;
+    const bitmapOptions = { skipBroken: !!flags.skipBrokenBitmaps, onSkip: (name: string) => process.stderr.write(`qcow: warning: Skipping inconsistent bitmap '${name}'\n`) };
+    if (bitmapOps) await bitmapOps.checkBitmapCopy(sources, bitmapOptions);
     const total = sources.reduce((n, s) => n + s.size, 0);
     const targetPassword = await readPasswordFile(flags.targetPasswordFile ?? flags.passwordFile);
     if (flags.create) {
@@ -110,6 +116,7 @@ export async function run(files: string[], flags: Flags): Promise<void> {
       signal: interrupt.signal,
       onProgress: bar,
     });
+    if (bitmapOps) await bitmapOps.copyBitmaps(sources[0]!, dst, bitmapOptions);
     await dst.flush();
     bar.finish();
   } catch (e) {

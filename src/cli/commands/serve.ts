@@ -6,7 +6,9 @@
 import { lstatSync, rmSync, writeFileSync } from 'node:fs';
 import { QcowError } from '../../core/errors.js';
 import { NbdServer, type ListenAddress } from '../../nbd/server.js';
-import { allocationDepthContext, baseAllocationContext } from '../../nbd/contexts.js';
+import { allocationDepthContext, baseAllocationContext, dirtyBitmapContext } from '../../nbd/contexts.js';
+import type { ExportedBitmap } from '../../nbd/export.js';
+import type { BlockDevice } from '../../core/block-device.js';
 import { openForCli } from '../common.js';
 
 interface Flags {
@@ -22,6 +24,7 @@ interface Flags {
   shared?: string;
   pidFile?: string;
   allocationDepth?: boolean;
+  bitmap?: string;
 }
 
 export async function run(file: string, flags: Flags): Promise<number> {
@@ -31,13 +34,14 @@ export async function run(file: string, flags: Flags): Promise<number> {
   const dev = await openForCli(file, flags, { readOnly: !!flags.readOnly, fixedSize: true });
   let server: NbdServer | undefined;
   try {
+    const dirtyBitmap = flags.bitmap === undefined ? undefined : await exportedBitmap(dev, flags.bitmap);
     server = new NbdServer({
       exp: {
         name: flags.exportName ?? '',
         description: flags.description ?? '',
         device: dev,
         readOnly: !!flags.readOnly,
-        contexts: flags.allocationDepth ? [baseAllocationContext, allocationDepthContext] : [baseAllocationContext],
+        contexts: [baseAllocationContext, ...(flags.allocationDepth ? [allocationDepthContext] : []), ...(dirtyBitmap ? [dirtyBitmapContext(dirtyBitmap)] : [])],
       },
       maxClients,
       persistent: !!flags.persistent,
@@ -63,6 +67,13 @@ export async function run(file: string, flags: Flags): Promise<number> {
     if (flags.pidFile && server) rmSync(flags.pidFile, { force: true });
   }
   return 0;
+}
+
+/** -B NAME: the bitmap must exist and be usable now, as qemu-nbd checks before it serves. */
+async function exportedBitmap(dev: BlockDevice, name: string): Promise<ExportedBitmap> {
+  const { bitmapExtents } = await import('../../ops/changed-extents.js');
+  await bitmapExtents(dev, name, { offset: 0, length: 0 });
+  return { name, extents: (offset, length) => bitmapExtents(dev, name, { offset, length }) };
 }
 
 function listenAddress(flags: Flags): ListenAddress {

@@ -15,11 +15,12 @@ import { QcowError, corrupt, unsupported } from '../../core/errors.js';
 import { isZero, setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
 import { HEADER_PROBE_BYTES, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
-import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeature } from './features.js';
+import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeature } from './features.js';
 import { qcow2Geometry } from './layout.js';
 import { contiguousEntries } from './l2-entry.js';
 import { encodeSnapshotTable, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
 import { ClusterRefs } from './cluster-refs.js';
+import { decodeDirectory, type BitmapEntry } from './bitmaps/directory.js';
 import { entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcount.js';
 
 export type RepairMode = 'leaks' | 'all';
@@ -113,7 +114,11 @@ interface Pass {
 export async function checkQcow2(store: ByteStore, options: { repair?: RepairMode } = {}): Promise<CheckResult> {
   const fix = options.repair ?? null;
   if (fix && store.readOnly) throw new QcowError('QCOW_READ_ONLY', 'cannot repair an image opened read-only');
+  // Broken bitmaps go first: their clusters then show as leaks, which the pass below repairs.
+  const dropped = fix === 'all' ? await dropBroken(store) : [];
   const first = await checkPass(store, fix);
+  first.messages = [...dropped, ...first.messages];
+  first.corruptionsFixed += dropped.length;
   if (!fix || (first.corruptionsFixed === 0 && first.leaksFixed === 0)) return first;
   // As qemu-img: when something was repaired, the image is checked again and that result is
   // reported, with the counts of what was fixed.
@@ -122,6 +127,12 @@ export async function checkQcow2(store: ByteStore, options: { repair?: RepairMod
   again.leaksFixed = first.leaksFixed;
   again.messages = [...first.messages, ...again.messages];
   return again;
+}
+
+async function dropBroken(store: ByteStore): Promise<string[]> {
+  const { h, fileSize } = await readHeader(store);
+  const { dropBrokenBitmaps } = await import('./bitmaps/repair.js');
+  return dropBrokenBitmaps(store, h, fileSize);
 }
 
 async function readHeader(store: ByteStore): Promise<{ h: Qcow2Header; fileSize: number }> {
@@ -295,7 +306,8 @@ async function calculate(store: ByteStore, p: Pass): Promise<void> {
   }
   ref(p, p.h.refcountTableOffset, p.reftableEntries * 8);
   if (p.h.fde) ref(p, p.h.fde.offset, p.h.fde.length);
-  if (p.h.bitmaps && p.h.bitmaps.nbBitmaps > 0) await walkBitmaps(store, p);
+  // QEMU ignores the bitmaps when the autoclear bit says a program without them wrote the image.
+  if (p.h.bitmaps && p.h.bitmaps.nbBitmaps > 0 && hasFeature(p.h.autoclearFeatures, AUTOCLEAR_BITMAPS)) await walkBitmaps(store, p);
   checkRefblocks(p);
 }
 
@@ -764,7 +776,12 @@ async function markClean(store: ByteStore, h: Qcow2Header): Promise<void> {
   await store.flush();
 }
 
-/** Bitmap directory and each bitmap's table and data clusters. */
+/**
+ * Bitmap directory and each bitmap's table and data clusters, counted as QEMU counts them; a
+ * directory that does not decode, a table outside the file and malformed table entries are
+ * corruptions (`check -r all` removes such bitmaps first: bitmaps/repair.ts). Nothing read is
+ * larger than the file.
+ */
 async function walkBitmaps(store: ByteStore, p: Pass): Promise<void> {
   const ext = p.h.bitmaps!;
   if (ext.directoryOffset + ext.directorySize > p.fileSize) {
@@ -775,23 +792,32 @@ async function walkBitmaps(store: ByteStore, p: Pass): Promise<void> {
   ref(p, ext.directoryOffset, ext.directorySize);
   const dir = new Uint8Array(ext.directorySize);
   await store.read(ext.directoryOffset, dir);
-  const dv = new DataView(dir.buffer);
-  let pos = 0;
-  for (let i = 0; i < ext.nbBitmaps && pos + 24 <= dir.length; i++) {
-    const tableOffset = Number(dv.getBigUint64(pos));
-    const tableSize = dv.getUint32(pos + 8);
-    const nameSize = dv.getUint16(pos + 18);
-    const extra = dv.getUint32(pos + 20);
-    if (tableOffset !== 0 && tableOffset + tableSize * 8 <= p.fileSize) {
-      ref(p, tableOffset, tableSize * 8);
-      const t = new Uint8Array(tableSize * 8);
-      await store.read(tableOffset, t);
-      for (let k = 0; k < tableSize; k++) {
-        const off = offsetOf(u32(t, k * 8) & 0x00ffffff, (u32(t, k * 8 + 4) & 0xfffffe00) >>> 0);
-        if (off !== 0) ref(p, off, p.cs);
-      }
+  let entries: BitmapEntry[];
+  try {
+    entries = decodeDirectory(dir, ext.nbBitmaps);
+  } catch (e) {
+    error(p, `ERROR ${(e as Error).message}`);
+    return;
+  }
+  for (const e of entries) {
+    if (e.tableOffset === 0 || e.tableOffset % p.cs !== 0 || e.tableOffset + e.tableSize * 8 > p.fileSize) {
+      error(p, `ERROR bitmap '${e.name}': table at 0x${e.tableOffset.toString(16)} (${e.tableSize} entries) is invalid`);
+      continue;
     }
-    pos += Math.ceil((24 + extra + nameSize) / 8) * 8;
+    ref(p, e.tableOffset, e.tableSize * 8);
+    const t = new Uint8Array(e.tableSize * 8);
+    await store.read(e.tableOffset, t);
+    for (let k = 0; k < e.tableSize; k++) {
+      const hi = u32(t, k * 8);
+      const lo = u32(t, k * 8 + 4);
+      const off = offsetOf(hi & 0x00ffffff, (lo & 0xfffffe00) >>> 0);
+      // Reserved: bits 56-63 and 1-8; bit 0 (all ones) only without an offset.
+      if (hi & 0xff000000 || lo & 0x1fe || (off !== 0 && lo & 1) || misaligned(off, p.cs)) {
+        error(p, `ERROR bitmap '${e.name}': table entry ${k} is invalid (0x${entryHex(hi, lo)})`);
+        continue;
+      }
+      if (off !== 0) ref(p, off, p.cs);
+    }
   }
 }
 

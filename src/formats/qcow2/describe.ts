@@ -7,7 +7,6 @@
 import type { ImageDescription, SnapshotInfo } from '../../core/block-device.js';
 import { COMPRESSION_ZSTD } from './header.js';
 import { AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, hasFeature } from './features.js';
-import { readBitmapDirectory } from './bitmaps.js';
 import type { Qcow2Device } from './qcow2.js';
 
 export async function describeQcow2(dev: Qcow2Device): Promise<ImageDescription> {
@@ -20,7 +19,7 @@ export async function describeQcow2(dev: Qcow2Device): Promise<ImageDescription>
     data['lazy-refcounts'] = hasFeature(h.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
     // qemu ignores the bitmaps extension unless the autoclear bit says it is still valid.
     if (h.bitmaps && hasFeature(h.autoclearFeatures, AUTOCLEAR_BITMAPS)) {
-      const list = await readBitmapDirectory(dev.store, h.bitmaps, dev.fileSize);
+      const list = (await dev.persistentBitmaps()).list();
       if (list.length) {
         data.bitmaps = list.map((b) => ({
           flags: [...(b.inUse ? ['in-use'] : []), ...(b.auto ? ['auto'] : [])],

@@ -13,11 +13,11 @@
  */
 import type { BlockExtent, ImageDescription, OpenOptions, WriteOptions, ZeroOptions } from '../../core/block-device.js';
 import { DeviceBase } from '../../core/device-base.js';
-import { QcowError, corrupt, unsupported } from '../../core/errors.js';
+import { QcowError, corrupt, unsupported, withFile } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
 import { firstNonZero } from '../../core/bytes.js';
 import { HEADER_PROBE_BYTES, COMPRESSION_ZSTD, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
-import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, AUTOCLEAR_DATA_FILE_RAW, checkIncompatibleFeatures, hasFeature } from './features.js';
+import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, checkIncompatibleFeatures, hasFeature } from './features.js';
 import { MAX_L1_BYTES, entryOffset, l1EntriesFor, qcow2Geometry, type Qcow2Geometry } from './layout.js';
 import { contiguousEntries, decodeL2Entry, readL2Entry, subclusterKind, type ClusterDescriptor, type L2Context, type SubclusterKind } from './l2-entry.js';
 import { TableCache, type CachedTable } from './l2-cache.js';
@@ -26,6 +26,7 @@ import { decompressCluster } from './compressed.js';
 // Type only: the cipher code (LUKS, AES) loads when an encrypted image is opened (start-up time).
 import type { Qcow2Encryption } from './encryption.js';
 import { Qcow2Writer } from './write.js';
+import type { BitmapLimits, PersistentBitmaps } from './bitmaps/persistent.js';
 import { detectMetadataPreallocation, holeRuns } from './prealloc.js';
 
 /** L2 slice size of read-only opens (see Qcow2Device.slice). */
@@ -93,6 +94,10 @@ export class Qcow2Device extends DeviceBase {
   lastCompressed: { hostOffset: number; data: Uint8Array } | null = null;
   /** The write path (write.ts), present when the image is open read-write. */
   writer: Qcow2Writer | null = null;
+  /** Memory limits of the persistent bitmaps (OpenOptions.bitmapLimits). */
+  readonly bitmapLimits: BitmapLimits;
+  /** The bitmaps of a read-only image, loaded on first use (see persistentBitmaps). */
+  private readBitmaps: Promise<PersistentBitmaps> | undefined;
   /** Decided on the first blockStatus, as qemu does (see prealloc.ts). */
   private metadataPreallocation: Promise<boolean> | undefined;
 
@@ -111,6 +116,7 @@ export class Qcow2Device extends DeviceBase {
       externalDataFile: hasFeature(s.header.incompatibleFeatures, INCOMPAT_DATA_FILE),
     };
     this.cacheBytes = s.options.cacheBytes ?? DEFAULT_L2_CACHE_BYTES;
+    this.bitmapLimits = s.options.bitmapLimits ?? {};
     const sliceBytes = s.readOnly ? Math.min(this.clusterSize, L2_SLICE_BYTES) : this.clusterSize;
     const sliceEntries = sliceBytes / this.geometry.l2EntryBytes;
     this.slice = { entries: sliceEntries, bytes: sliceBytes, coverage: sliceEntries * this.clusterSize };
@@ -562,6 +568,28 @@ export class Qcow2Device extends DeviceBase {
       out.push(e);
     }
     return out;
+  }
+
+  /**
+   * The image's persistent dirty bitmaps: the writer's (recording writes) when open read-write,
+   * else read once from the directory. Stale bitmaps (autoclear bit cleared) are not listed.
+   */
+  async persistentBitmaps(): Promise<PersistentBitmaps> {
+    if (this.writer) return this.writer.bitmaps;
+    this.readBitmaps ??= (async () => {
+      const { PersistentBitmaps } = await import('./bitmaps/persistent.js');
+      const host = { store: this.store, clusterSize: this.clusterSize, size: this.size, fileSize: () => this.fileSize };
+      return PersistentBitmaps.load(host, this.header.bitmaps, hasFeature(this.header.autoclearFeatures, AUTOCLEAR_BITMAPS), this.bitmapLimits).catch((e: unknown) => {
+        throw withFile(e, this.filename);
+      });
+    })();
+    return this.readBitmaps;
+  }
+
+  /** Change the bitmaps (qcow bitmap) with the image's metadata written back and its lock held. */
+  async editBitmaps<T>(fn: (bitmaps: PersistentBitmaps) => Promise<T>): Promise<T> {
+    this.checkWritable();
+    return this.writerOrThrow().editBitmaps(fn);
   }
 
   async describe(): Promise<ImageDescription> {

@@ -26,7 +26,7 @@ import { setU32, u32 } from '../../core/bytes.js';
 import { deflateRaw, zstdCompress } from '../../compress/lazy.js';
 import { COMPRESSION_ZSTD, decodeHeader, encodeHeader } from './header.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
-import { markEnabledBitmapsInUse } from './bitmaps.js';
+import { PersistentBitmaps, type BitmapWriteHost } from './bitmaps/persistent.js';
 import { decodeL2Entry, readL2Entry, type ClusterDescriptor } from './l2-entry.js';
 import type { CachedTable } from './l2-cache.js';
 import { Refcounts } from './alloc.js';
@@ -85,6 +85,8 @@ export class Qcow2Writer {
   private knownFileEnd = 0;
   private dirtyBitSet = false;
   private readonly cs: number;
+  /** The image's persistent dirty bitmaps: enabled ones record every write while we hold it. */
+  bitmaps!: PersistentBitmaps;
 
   private constructor(
     private readonly dev: Qcow2Device,
@@ -106,9 +108,17 @@ export class Qcow2Writer {
       cacheBytes: dev.cacheBytes / 4,
     });
     const w = new Qcow2Writer(dev, rc);
-    // Enabled dirty bitmaps would go stale under our writes: mark them in use first (see there).
-    // Bitmaps whose autoclear bit is clear are already inconsistent by the spec's rule.
-    if (h.bitmaps && hasFeature(h.autoclearFeatures, AUTOCLEAR_BITMAPS)) await markEnabledBitmapsInUse(dev.store, h.bitmaps, dev.fileSize);
+    const bitmapsValid = hasFeature(h.autoclearFeatures, AUTOCLEAR_BITMAPS);
+    if (h.bitmaps && !bitmapsValid) {
+      // A program without bitmap support wrote the image (it cleared the autoclear bit): the
+      // bitmaps are stale. As QEMU does, drop the extension; their clusters leak until a repair.
+      h.bitmaps = undefined;
+      await w.writeHeader();
+      await dev.store.flush();
+    }
+    w.bitmaps = await PersistentBitmaps.load(w.bitmapHost(), h.bitmaps, bitmapsValid, dev.bitmapLimits);
+    // Enabled bitmaps are flagged in_use on disk before the first write (see persistent.ts).
+    await w.bitmaps.startTracking();
     // qemu clears autoclear bits it does not know the first time it opens an image read-write.
     if ((h.autoclearFeatures & ~AUTOCLEAR_KNOWN) !== 0n) {
       h.autoclearFeatures &= AUTOCLEAR_KNOWN;
@@ -116,6 +126,43 @@ export class Qcow2Writer {
       await dev.store.flush();
     }
     return w;
+  }
+
+  /** What the bitmaps may use of the image: allocation, deferred frees, refcounts, the header. */
+  private bitmapHost(): BitmapWriteHost {
+    const dev = this.dev;
+    return {
+      store: dev.store,
+      clusterSize: this.cs,
+      canStore: dev.header.version === 3,
+      get size() {
+        return dev.size;
+      },
+      fileSize: () => dev.fileSize,
+      alloc: async (n) => {
+        const at = await this.refcounts.allocClusters(n);
+        this.noteGrowth();
+        return at;
+      },
+      free: (offset, length) => this.refcounts.free(offset, length),
+      exclusive: (fn) => this.lock.run(fn),
+      commit: async () => {
+        await this.writeRefcounts();
+        await dev.store.flush();
+      },
+      setExtension: async (ext) => {
+        dev.header.bitmaps = ext;
+        if (ext) dev.header.autoclearFeatures |= AUTOCLEAR_BITMAPS;
+        else dev.header.autoclearFeatures &= ~AUTOCLEAR_BITMAPS;
+        await this.writeHeader();
+        await dev.store.flush();
+      },
+    };
+  }
+
+  /** Run a bitmap edit (qcow bitmap) with the metadata written back and the lock held. */
+  editBitmaps<T>(fn: (bitmaps: PersistentBitmaps) => Promise<T>): Promise<T> {
+    return this.exclusive(() => fn(this.bitmaps));
   }
 
   get lazyRefcounts(): boolean {
@@ -136,6 +183,8 @@ export class Qcow2Writer {
     // serialises every write). See inPlaceWrites for why this stays safe.
     let inPlace: Promise<void> | undefined;
     await this.lock.run(async () => {
+      const marking = this.bitmaps.mark(offset, data.length);
+      if (marking) await marking;
       let jobs = await this.inPlaceWrites(offset, data);
       if (!jobs) {
         jobs = [];
@@ -194,11 +243,20 @@ export class Qcow2Writer {
   }
 
   writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
-    return this.lock.run(() => this.zeroLocked(offset, length, options, false));
+    return this.lock.run(async () => {
+      const marking = this.bitmaps.mark(offset, length);
+      if (marking) await marking;
+      await this.zeroLocked(offset, length, options, false);
+    });
   }
 
+  /** Discards mark bitmaps too, as in QEMU: the range may read differently afterwards. */
   discard(offset: number, length: number): Promise<void> {
-    return this.lock.run(() => this.zeroLocked(offset, length, { mayUnmap: true }, true));
+    return this.lock.run(async () => {
+      const marking = this.bitmaps.mark(offset, length);
+      if (marking) await marking;
+      await this.zeroLocked(offset, length, { mayUnmap: true }, true);
+    });
   }
 
   async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
@@ -217,7 +275,11 @@ export class Qcow2Writer {
       packed.push(zstd ? zstdCompress(full) : deflateRaw(full));
     }
     const results = await Promise.all(packed);
-    return this.lock.run(() => this.compressedLocked(offset, data, results, zstd));
+    return this.lock.run(async () => {
+      const marking = this.bitmaps.mark(offset, data.length);
+      if (marking) await marking;
+      await this.compressedLocked(offset, data, results, zstd);
+    });
   }
 
   flush(): Promise<void> {
@@ -243,13 +305,17 @@ export class Qcow2Writer {
   resize(size: number, shrink: boolean): Promise<void> {
     return this.exclusive(async () => {
       const dev = this.dev;
+      const oldSize = dev.size;
       if (size < dev.size) {
         if (!shrink) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use the --shrink option to perform a shrink operation.');
         if (dev.openedSnapshot) throw unsupported('cannot resize a snapshot');
+        this.bitmaps.checkResize();
         const { shrinkLocked } = await import('./shrink.js');
         await shrinkLocked(dev, this, size);
+        await this.bitmaps.resized(oldSize);
         return;
       }
+      this.bitmaps.checkResize();
       if (dev.openedSnapshot) throw unsupported('cannot resize a snapshot');
       const need = Math.ceil(size / dev.geometry.l2Coverage);
       if (need * 8 > 32 * 1024 * 1024) throw new QcowError('QCOW_INVALID_ARGUMENT', "The image size is too large for file format 'qcow2' (try using a larger cluster size)");
@@ -275,12 +341,16 @@ export class Qcow2Writer {
       dev.size = size;
       if (need > oldEntries && oldEntries > 0) await this.refcounts.update(oldOffset, oldEntries * 8, -1);
       this.noteGrowth();
+      if (size !== oldSize) await this.bitmaps.resized(oldSize);
     });
   }
 
-  /** Flush everything and clear the dirty bit (lazy refcounts). */
+  /** Flush everything, store the bitmaps (clearing in_use) and clear the dirty bit (lazy refcounts). */
   close(): Promise<void> {
     return this.lock.run(async () => {
+      await this.flushLocked();
+      await this.bitmaps.store();
+      // The old bitmap clusters are freed now that the new directory is on disk.
       await this.flushLocked();
       if (this.dirtyBitSet) {
         this.dev.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;

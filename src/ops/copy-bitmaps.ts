@@ -1,0 +1,46 @@
+/**
+ * `convert --bitmaps`: carry every persistent dirty bitmap of the source image to the target,
+ * with its name, granularity, enabled state and contents, as qemu-img convert --bitmaps does.
+ * Checked before the conversion starts (checkBitmapCopy) so that a refusal costs no copy;
+ * copied after it (copyBitmaps), one bitmap at a time, each read a data cluster at a time.
+ */
+import type { BlockDevice } from '../core/block-device.js';
+import { QcowError, unsupported } from '../core/errors.js';
+import type { Qcow2Device } from '../formats/qcow2/qcow2.js';
+
+export interface BitmapCopyOptions {
+  /** Leave inconsistent bitmaps behind (reported through onSkip) instead of refusing. */
+  skipBroken?: boolean;
+  onSkip?: (name: string) => void;
+}
+
+/** Refuse what qemu-img refuses before converting: a source without bitmaps, broken ones. */
+export async function checkBitmapCopy(sources: BlockDevice[], options: BitmapCopyOptions = {}): Promise<void> {
+  if (sources.length !== 1) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Copying bitmaps only possible with single source');
+  const src = sources[0]!;
+  if (src.format !== 'qcow2') throw unsupported('Source lacks bitmap support');
+  if (options.skipBroken) return;
+  const broken = (await (src as Qcow2Device).persistentBitmaps()).list().find((b) => b.unusable);
+  if (broken) throw unsupported(`Cannot copy inconsistent bitmap '${broken.name}'. Try --skip-broken-bitmaps, or use 'qcow bitmap --remove' to delete it`);
+}
+
+export async function copyBitmaps(src: BlockDevice, dst: BlockDevice, options: BitmapCopyOptions = {}): Promise<void> {
+  if (dst.format !== 'qcow2') throw unsupported(`Format driver '${dst.format}' does not support bitmaps`);
+  const from = await (src as Qcow2Device).persistentBitmaps();
+  for (const b of from.list()) {
+    if (b.unusable) {
+      if (!options.skipBroken) throw unsupported(`Cannot copy inconsistent bitmap '${b.name}'`);
+      options.onSkip?.(b.name);
+      continue;
+    }
+    await (dst as Qcow2Device).editBitmaps(async (to) => {
+      try {
+        await to.add(b.name, { granularity: b.granularity, disabled: !b.auto });
+      } catch (e) {
+        if (e instanceof QcowError) e.message = `Failed to create bitmap ${b.name}: ${e.message}`;
+        throw e;
+      }
+      await to.merge(b.name, b.name, from);
+    });
+  }
+}
