@@ -113,6 +113,8 @@ function translate(cmd: string, key: string, value: string | undefined): string[
     case 't':
       return cmd === 'commit' || cmd === 'rebase' || cmd === 'convert' ? ['-t', v] : undefined;
     case 'output':
+      // qcow's own outputs (map's svg and html) are not qemu-img's.
+      if (v !== 'human' && v !== 'json') throw new QcowError('QCOW_INVALID_ARGUMENT', '--output must be used with human or json as argument.');
       return [`--output=${v}`];
     case 'backing-chain':
     case 'shrink':

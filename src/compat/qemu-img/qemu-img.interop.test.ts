@@ -1,0 +1,44 @@
+/**
+ * compat/qemu-img against the real qemu-img: the same command lines give the same standard
+ * output, standard error (with the program name and paths as each prints them) and exit code.
+ * QEMU's own iotests (test/iotests/run.sh) cover far more; these are the lines people's scripts
+ * parse most often, kept in the suite so a change to them fails at once.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { needs, qemuImg, qemuIo, run, scratch } from '../../test-support/qemu.js';
+
+const LAUNCHER = fileURLToPath(new URL('../../../compat/qemu-img', import.meta.url));
+
+test('compat/qemu-img prints what qemu-img prints', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const base = join(dir, 'base.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', base, '8M']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 1 0 1M', '-c', 'write -z 2M 64k', base]);
+  const cases: string[][] = [
+    ['create', '-f', 'qcow2', join(dir, 'new.qcow2'), '1G'],
+    ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', join(dir, 'top.qcow2')],
+    ['create', '-f', 'raw', join(dir, 'new.raw'), '1M'],
+    ['info', base],
+    ['info', '--output=json', base],
+    ['map', '--output=json', base],
+    ['map', base],
+    ['check', base],
+    ['check', '--output=json', base],
+    ['map', '--output=svg', base],
+    ['info', join(dir, 'missing.qcow2')],
+    ['frobnicate', base],
+    ['resize', base, '+1M'],
+    ['compare', base, base],
+  ];
+  for (const args of cases) {
+    const ours = await run(LAUNCHER, args, { cwd: dir });
+    // The reference runs on a fresh copy of whatever the command creates.
+    const created = args[0] === 'create' ? args.find((a) => a.startsWith(dir) && a !== base) : undefined;
+    if (created) await run('rm', ['-f', created]);
+    const theirs = await run('qemu-img', args, { cwd: dir });
+    assert.deepEqual({ code: ours.code, stdout: ours.stdout, stderr: ours.stderr }, { code: theirs.code, stdout: theirs.stdout, stderr: theirs.stderr }, args.join(' '));
+  }
+});
