@@ -133,6 +133,17 @@ export function writeOut(text: string): void {
 /** How JSON output is laid out: ours by default; a persona (compat/qemu-img) may set QEMU's. */
 export const jsonStyle: { stringify?: (value: unknown) => string } = {};
 
+/**
+ * Whose words a command's own failure lines use: qcow's by default; a persona (compat/qemu-img)
+ * sets its program name, and its error text for failures, for the run (set by runQcow).
+ */
+export const failureStyle: { program: string; errorText?: (e: unknown) => string } = { program: 'qcow' };
+
+/** A command's failure line for `e`, in the run's style. */
+export function failureText(e: unknown): string {
+  return failureStyle.errorText ? failureStyle.errorText(e) : errorLine(e) + '\n';
+}
+
 export function printJson(value: unknown): void {
   writeOut((jsonStyle.stringify ?? ((v: unknown) => JSON.stringify(v, null, 4)))(value) + '\n');
 }

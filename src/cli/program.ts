@@ -4,7 +4,7 @@
  * main.ts runs it; bin/qcow.cjs runs the same code from one bundled file (see there).
  */
 import { Command, CommanderError, Option } from 'commander';
-import { collect, errorLine, jsonStyle, exitCodeFor, openPolicy, writeOut } from './common.js';
+import { collect, errorLine, failureStyle, jsonStyle, exitCodeFor, openPolicy, writeOut } from './common.js';
 import { lockingKind } from '../storage/lock.node.js';
 import { helpExamples } from './help-examples.js';
 
@@ -403,6 +403,7 @@ export interface FailureStyle {
 /** The `qcow` command itself (or a persona running its commands with its own failure style). */
 export async function runQcow(argv: string[], style?: FailureStyle): Promise<void> {
   if (style?.json) jsonStyle.stringify = style.json;
+  if (style) Object.assign(failureStyle, { program: style.program, errorText: (e: unknown) => style.errorText(e) });
   try {
     await buildProgram(argv).parseAsync(argv);
   } catch (e) {

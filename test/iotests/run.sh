@@ -86,8 +86,9 @@ run_check() {
   NOTRUN=()
   FAILED=()
   for t in "${targets[@]}"; do
-    if grep -Eq "^$t +pass( |$)" "$log"; then :
-    elif grep -Eq "^$t +not run " "$log"; then NOTRUN+=("$t")
+    # With one job, ./check writes a test's result on its "started" line (no newline between).
+    if grep -Eq "(^|[[:space:]])$t +pass( |$)" "$log"; then :
+    elif grep -Eq "(^|[[:space:]])$t +not run " "$log"; then NOTRUN+=("$t")
     else FAILED+=("$t"); fi
   done
 }

@@ -6,7 +6,7 @@
 import { QcowError } from '../../core/errors.js';
 import { FileStore } from '../../storage/file.node.js';
 import { checkExitCode, checkHuman, checkJson, checkQcow2, type RepairMode } from '../../formats/qcow2/check.js';
-import { checkOutputFormat, errorLine, printJson, writeOut } from '../common.js';
+import { checkOutputFormat, failureStyle, failureText, printJson, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -24,11 +24,14 @@ export async function run(file: string, flags: Flags): Promise<number> {
   const store = await FileStore.open(file, { readOnly: repair === undefined });
   try {
     if (flags.format === 'qcow2' && !(await isQcow2(store))) {
-      process.stderr.write(`qcow: ${file}: Image is not in qcow2 format\n`);
+      // The QCOW magic with another version (a qcow v1 image) is named by its version, as qemu-img does.
+      const version = await qcowVersion(store);
+      const why = version !== undefined ? `Unsupported qcow2 version ${version}` : 'Image is not in qcow2 format';
+      process.stderr.write(failureStyle.program === 'qcow' ? `qcow: ${file}: ${why}\n` : `${failureStyle.program}: Could not open '${file}': ${why}\n`);
       return 1;
     }
     if (!(await isQcow2(store)) || (flags.format !== undefined && flags.format !== 'qcow2')) {
-      process.stderr.write('qcow: This image format does not support checks\n');
+      process.stderr.write(`${failureStyle.program}: This image format does not support checks\n`);
       return 63;
     }
     let r;
@@ -36,7 +39,7 @@ export async function run(file: string, flags: Flags): Promise<number> {
       r = await checkQcow2(store, { repair });
     } catch (e) {
       // A check that cannot run exits 1, as qemu-img's does: 3 would say "leaks only".
-      process.stderr.write(errorLine(e) + '\n');
+      process.stderr.write(failureText(e));
       return 1;
     }
     for (const m of r.messages) process.stderr.write(m + '\n');
@@ -49,9 +52,14 @@ export async function run(file: string, flags: Flags): Promise<number> {
 }
 
 async function isQcow2(store: FileStore): Promise<boolean> {
+  const v = await qcowVersion(store);
+  return v === 2 || v === 3;
+}
+
+/** The version field of a file that starts with the QCOW magic, else undefined. */
+async function qcowVersion(store: FileStore): Promise<number | undefined> {
   const head = new Uint8Array(8);
   await store.read(0, head);
   const dv = new DataView(head.buffer);
-  const v = dv.getUint32(4);
-  return dv.getUint32(0) === 0x514649fb && (v === 2 || v === 3);
+  return dv.getUint32(0) === 0x514649fb ? dv.getUint32(4) : undefined;
 }

@@ -17,7 +17,11 @@ test('compat/qemu-img prints what qemu-img prints', needs('qemu-img', 'qemu-io')
   const base = join(dir, 'base.qcow2');
   await qemuImg(['create', '-q', '-f', 'qcow2', base, '8M']);
   await qemuIo(['-f', 'qcow2', '-c', 'write -P 1 0 1M', '-c', 'write -z 2M 64k', base]);
+  const v1 = join(dir, 'v1.qcow');
+  await qemuImg(['create', '-q', '-f', 'qcow', v1, '1M']);
   const cases: string[][] = [
+    ['check', v1],
+    ['check', '-f', 'qcow2', v1],
     ['create', '-f', 'qcow2', join(dir, 'new.qcow2'), '1G'],
     ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', join(dir, 'top.qcow2')],
     ['create', '-f', 'raw', join(dir, 'new.raw'), '1M'],
