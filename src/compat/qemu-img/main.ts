@@ -151,8 +151,14 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   const imageOpts = parsed.options.some((o) => o.key === 'image-opts');
   let operands = parsed.operands;
   if (imageOpts) operands = operands.map((x) => fromImageOpts(x, out));
-  // QEMU's file protocol prefix names a plain file.
-  operands = operands.map((x) => (x.startsWith('file:') ? x.slice(5) : x));
+  // QEMU's file protocol prefix names a plain file. A relative name left with a colon in its first
+  // component would read as a protocol again, so QEMU shows (and resolves backing files from) it
+  // as ./NAME: so do we (iotest 126).
+  operands = operands.map((x) => {
+    if (!x.startsWith('file:')) return x;
+    const name = x.slice(5);
+    return !name.startsWith('/') && name.split('/')[0]!.includes(':') ? `./${name}` : name;
+  });
   if (cmd === 'resize' && resizeSize !== undefined) operands = [...operands, resizeSize];
   const file = operands[0];
   const style: FailureStyle = {

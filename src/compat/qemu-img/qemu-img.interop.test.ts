@@ -17,9 +17,12 @@ test('compat/qemu-img prints what qemu-img prints', needs('qemu-img', 'qemu-io')
   const base = join(dir, 'base.qcow2');
   await qemuImg(['create', '-q', '-f', 'qcow2', base, '8M']);
   await qemuIo(['-f', 'qcow2', '-c', 'write -P 1 0 1M', '-c', 'write -z 2M 64k', base]);
+  // A file name with a colon, given through the file: protocol (QEMU shows it as ./NAME).
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'file:image:top.qcow2'], dir);
   const v1 = join(dir, 'v1.qcow');
   await qemuImg(['create', '-q', '-f', 'qcow', v1, '1M']);
   const cases: string[][] = [
+    ['info', 'file:image:top.qcow2'],
     ['check', v1],
     ['check', '-f', 'qcow2', v1],
     ['create', '-f', 'qcow2', join(dir, 'new.qcow2'), '1G'],
