@@ -15,11 +15,17 @@ import { fileURLToPath } from 'node:url';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 
-export async function buildBrowser({ outdir = join(root, 'dist', 'browser'), minify = true } = {}) {
+/**
+ * Bundle one browser entry (built by tsc first) into one ES module in `outdir`, refusing any node:
+ * import, with zstd's WebAssembly file beside it: @bokuweb/zstd-wasm's browser build loads
+ * ./zstd.wasm relative to the module that runs it (taken from the folder of the zstd module that
+ * was bundled).
+ */
+async function bundleForBrowser({ entry, outdir, outname, what, minify, sourcemap }) {
   await mkdir(outdir, { recursive: true });
   const result = await build({
-    entryPoints: [join(root, 'dist', 'browser', 'index.js')],
-    outfile: join(outdir, 'qcow.js'),
+    entryPoints: [entry],
+    outfile: join(outdir, outname),
     absWorkingDir: root,
     bundle: true,
     format: 'esm',
@@ -27,42 +33,28 @@ export async function buildBrowser({ outdir = join(root, 'dist', 'browser'), min
     target: 'es2022',
     conditions: ['browser'],
     minify,
-    sourcemap: true,
+    sourcemap,
     metafile: true,
     logLevel: 'warning',
   });
   const nodeInputs = Object.keys(result.metafile.inputs).filter((p) => p.startsWith('node:'));
-  if (nodeInputs.length > 0) throw new Error(`the browser bundle pulls in Node modules: ${nodeInputs.join(', ')}`);
-  // @bokuweb/zstd-wasm's browser build loads ./zstd.wasm relative to the module that runs it, so
-  // the file goes beside the bundle (taken from the folder of the zstd module that was bundled).
+  if (nodeInputs.length > 0) throw new Error(`the ${what} pulls in Node modules: ${nodeInputs.join(', ')}`);
   const zstdModule = Object.keys(result.metafile.inputs).find((p) => /@bokuweb[/\\]zstd-wasm[/\\].*index\.web\.js$/.test(p));
   if (zstdModule) await copyFile(join(root, dirname(zstdModule), 'zstd.wasm'), join(outdir, 'zstd.wasm'));
-  return { outfile: join(outdir, 'qcow.js'), bytes: result.metafile.outputs[Object.keys(result.metafile.outputs).find((k) => k.endsWith('qcow.js'))].bytes };
+  const output = Object.keys(result.metafile.outputs).find((k) => k.endsWith(outname));
+  return { outfile: join(outdir, outname), bytes: result.metafile.outputs[output].bytes };
+}
+
+export async function buildBrowser({ outdir = join(root, 'dist', 'browser'), minify = true } = {}) {
+  return bundleForBrowser({ entry: join(root, 'dist', 'browser', 'index.js'), outdir, outname: 'qcow.js', what: 'browser bundle', minify, sourcemap: true });
 }
 
 // The image viewer page (src/web): its script bundled the same way into dist/web/app.js, with its
-// HTML and the zstd WebAssembly file beside it, so dist/web can be served by any static server.
+// HTML beside it, so dist/web can be served by any static server.
 export async function buildViewer({ outdir = join(root, 'dist', 'web'), minify = true } = {}) {
-  await mkdir(outdir, { recursive: true });
-  const result = await build({
-    entryPoints: [join(root, 'dist', 'web', 'page.js')],
-    outfile: join(outdir, 'app.js'),
-    absWorkingDir: root,
-    bundle: true,
-    format: 'esm',
-    platform: 'browser',
-    target: 'es2022',
-    conditions: ['browser'],
-    minify,
-    metafile: true,
-    logLevel: 'warning',
-  });
-  const nodeInputs = Object.keys(result.metafile.inputs).filter((p) => p.startsWith('node:'));
-  if (nodeInputs.length > 0) throw new Error(`the viewer bundle pulls in Node modules: ${nodeInputs.join(', ')}`);
-  const zstdModule = Object.keys(result.metafile.inputs).find((p) => /@bokuweb[/\\]zstd-wasm[/\\].*index\.web\.js$/.test(p));
-  if (zstdModule) await copyFile(join(root, dirname(zstdModule), 'zstd.wasm'), join(outdir, 'zstd.wasm'));
+  const built = await bundleForBrowser({ entry: join(root, 'dist', 'web', 'page.js'), outdir, outname: 'app.js', what: 'viewer bundle', minify, sourcemap: false });
   await copyFile(join(root, 'src', 'web', 'index.html'), join(outdir, 'index.html'));
-  return { outfile: join(outdir, 'app.js') };
+  return built;
 }
 
 if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {

@@ -5,6 +5,7 @@ import { QcowError } from '../core/errors.js';
 // Type only: node-open.js pulls in every format; it is loaded when an image is opened
 // (openForCli), so `--help`, `--version` and argument errors start fast.
 import type { NodeOpenOptions } from '../node-open.js';
+import { splitOptionItems } from './option-list.js';
 
 export interface ImageFlags {
   format?: string;
@@ -55,18 +56,7 @@ export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpe
 export function parseOptionList(list: string[] | undefined): Record<string, string> {
   const out: Record<string, string> = {};
   for (const text of list ?? []) {
-    const parts: string[] = [];
-    let cur = '';
-    for (let i = 0; i < text.length; i++) {
-      if (text[i] === ',' && text[i + 1] === ',') {
-        cur += ',';
-        i++;
-      } else if (text[i] === ',') {
-        parts.push(cur);
-        cur = '';
-      } else cur += text[i];
-    }
-    parts.push(cur);
+    const parts = splitOptionItems(text);
     for (const p of parts) {
       if (p === '') continue;
       const eq = p.indexOf('=');

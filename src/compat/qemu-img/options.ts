@@ -1,6 +1,7 @@
 /** Option values as qemu-img reads them: sizes, `-o` lists, `--object secret,...`. */
 import { readFileSync } from 'node:fs';
 import type { Parsed } from '../getopt.js';
+import { splitOptionItems } from '../../cli/option-list.js';
 
 const SUFFIX: Record<string, bigint> = { b: 1n, k: 1n << 10n, m: 1n << 20n, g: 1n << 30n, t: 1n << 40n, p: 1n << 50n, e: 1n << 60n };
 
@@ -49,18 +50,7 @@ export function qemuSizeExact(text: string): bigint {
 /** An `-o` list (several -o are joined by commas): `k=v` pairs, `,,` a literal comma, a bare word is `word=on`. */
 export function splitOptions(text: string): Map<string, string> {
   const out = new Map<string, string>();
-  let cur = '';
-  const parts: string[] = [];
-  for (let i = 0; i < text.length; i++) {
-    if (text[i] === ',' && text[i + 1] === ',') {
-      cur += ',';
-      i++;
-    } else if (text[i] === ',') {
-      parts.push(cur);
-      cur = '';
-    } else cur += text[i];
-  }
-  parts.push(cur);
+  const parts = splitOptionItems(text);
   for (const p of parts) {
     if (p === '') continue;
     const eq = p.indexOf('=');

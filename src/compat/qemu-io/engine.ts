@@ -11,6 +11,7 @@ import type { BlockDevice, BlockExtent } from '../../core/block-device.js';
 import { QcowError } from '../../core/errors.js';
 import { getopt } from './getopt.js';
 import { ERRNO_TEXT, hexdump, humanSize, numberError, parseNumber, parsePatternByte, report, type Num } from './text.js';
+import { splitOptionItems } from '../../cli/option-list.js';
 
 /** Where the engine prints: stdout (buffered as C's stdio is) and stderr. */
 export interface IoOutput {
@@ -995,18 +996,7 @@ const aioFlushCmd: Command = {
 /** Parses `-o` option lists (`a=b,c=d`, `,,` for a comma); a bare word is `name=on` or, first, the implied key. */
 export function parseOpts(text: string, implied?: string): Record<string, string> {
   const out: Record<string, string> = {};
-  const parts: string[] = [];
-  let cur = '';
-  for (let i = 0; i < text.length; i++) {
-    if (text[i] === ',' && text[i + 1] === ',') {
-      cur += ',';
-      i++;
-    } else if (text[i] === ',') {
-      parts.push(cur);
-      cur = '';
-    } else cur += text[i];
-  }
-  parts.push(cur);
+  const parts = splitOptionItems(text);
   parts.forEach((p, i) => {
     const eq = p.indexOf('=');
     if (eq < 0) {
