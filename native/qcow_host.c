@@ -9,15 +9,21 @@
  *   seekData(fd, offset)              lseek SEEK_DATA; -1 when there is no data past offset (ENXIO).
  *   seekHole(fd, offset)              lseek SEEK_HOLE.
  *   fallocate(fd, mode, offset, len)  fallocate(2); mode is the FALLOC_FL_* bits.
+ *   copyFileRange(fdIn, offIn, fdOut, offOut, len)
+ *                                     copy_file_range(2) until `len` bytes are copied or the
+ *                                     source ends; a Promise of the bytes copied. Runs on libuv's
+ *                                     thread pool: the kernel copies the data (or shares the
+ *                                     blocks, on file systems that can), which takes time.
  *
  * Other failures throw an Error with `code` (the errno name, as node:fs does) and `errno`.
- * Everything here is synchronous: each call is a single non-blocking system call (fallocate can
+ * Everything else here is synchronous: each call is a single non-blocking system call (fallocate can
  * take longer on some file systems; callers decide where to run it).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <node_api.h>
@@ -27,7 +33,8 @@
     if ((call) != napi_ok) return NULL;                                                            \
   } while (0)
 
-static napi_value throw_errno(napi_env env, int err, const char *syscall) {
+/* An Error shaped like node:fs's: message "ENAME, strerror", `code`, `errno` (negative), `syscall`. */
+static napi_value errno_error(napi_env env, int err, const char *syscall) {
   const char *name = "EIO";
   switch (err) {
     case EBADF: name = "EBADF"; break;
@@ -42,6 +49,11 @@ static napi_value throw_errno(napi_env env, int err, const char *syscall) {
     case EPERM: name = "EPERM"; break;
     case EINTR: name = "EINTR"; break;
     case EDEADLK: name = "EDEADLK"; break;
+    case EXDEV: name = "EXDEV"; break;
+    case ENOSYS: name = "ENOSYS"; break;
+    case EISDIR: name = "EISDIR"; break;
+    case EOVERFLOW: name = "EOVERFLOW"; break;
+    case ETXTBSY: name = "ETXTBSY"; break;
     default: break;
   }
   char msg[160];
@@ -54,14 +66,19 @@ static napi_value throw_errno(napi_env env, int err, const char *syscall) {
   CHECK(napi_set_named_property(env, error, "errno", errnum));
   CHECK(napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &sys));
   CHECK(napi_set_named_property(env, error, "syscall", sys));
-  napi_throw(env, error);
+  return error;
+}
+
+static napi_value throw_errno(napi_env env, int err, const char *syscall) {
+  napi_value error = errno_error(env, err, syscall);
+  if (error) napi_throw(env, error);
   return NULL;
 }
 
 /* Read `n` numeric arguments (int32 for the first, exact integers as doubles for the rest). */
 static int get_args(napi_env env, napi_callback_info info, size_t n, double *out) {
-  napi_value argv[4];
-  size_t argc = 4;
+  napi_value argv[5];
+  size_t argc = 5;
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return 0;
   if (argc < n) {
     napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "missing arguments");
@@ -136,6 +153,78 @@ static napi_value do_fallocate(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* copy_file_range on the thread pool: the state of one call. */
+typedef struct {
+  int fd_in, fd_out;
+  off_t off_in, off_out;
+  size_t length;
+  size_t copied;
+  int err;
+  napi_async_work work;
+  napi_deferred deferred;
+} copy_job;
+
+static void copy_execute(napi_env env, void *data) {
+  (void)env;
+  copy_job *job = data;
+  while (job->copied < job->length) {
+    /* The kernel copies at most about 2 GiB per call; loop for the rest. */
+    ssize_t n = copy_file_range(job->fd_in, &job->off_in, job->fd_out, &job->off_out, job->length - job->copied, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      job->err = errno;
+      return;
+    }
+    if (n == 0) return; /* the source ended: the caller fills the rest */
+    job->copied += (size_t)n;
+  }
+}
+
+static void copy_complete(napi_env env, napi_status status, void *data) {
+  copy_job *job = data;
+  napi_value value = NULL;
+  if (status != napi_ok) {
+    napi_value msg;
+    if (napi_create_string_utf8(env, "copy_file_range was cancelled", NAPI_AUTO_LENGTH, &msg) == napi_ok) napi_create_error(env, NULL, msg, &value);
+    if (value) napi_reject_deferred(env, job->deferred, value);
+  } else if (job->err) {
+    value = errno_error(env, job->err, "copy_file_range");
+    if (value) napi_reject_deferred(env, job->deferred, value);
+  } else if (napi_create_double(env, (double)job->copied, &value) == napi_ok) {
+    napi_resolve_deferred(env, job->deferred, value);
+  }
+  napi_delete_async_work(env, job->work);
+  free(job);
+}
+
+static napi_value copy_file_range_async(napi_env env, napi_callback_info info) {
+  double a[5];
+  if (!get_args(env, info, 5, a)) return NULL;
+  if (a[1] < 0 || a[3] < 0 || a[4] < 0) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "offsets and length must not be negative");
+    return NULL;
+  }
+  copy_job *job = calloc(1, sizeof *job);
+  if (!job) {
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  job->fd_in = (int)a[0];
+  job->off_in = (off_t)a[1];
+  job->fd_out = (int)a[2];
+  job->off_out = (off_t)a[3];
+  job->length = (size_t)a[4];
+  napi_value promise, name;
+  if (napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
+      napi_create_string_utf8(env, "qcow:copyFileRange", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, copy_execute, copy_complete, job, &job->work) != napi_ok ||
+      napi_queue_async_work(env, job->work) != napi_ok) {
+    free(job);
+    return NULL;
+  }
+  return promise;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"ofdLock", NULL, ofd_lock, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -143,10 +232,11 @@ static napi_value init(napi_env env, napi_value exports) {
     {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
     {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
     {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"copyFileRange", NULL, copy_file_range_async, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   napi_value version;
-  CHECK(napi_create_int32(env, 1, &version));
+  CHECK(napi_create_int32(env, 2, &version));
   CHECK(napi_set_named_property(env, exports, "version", version));
   return exports;
 }

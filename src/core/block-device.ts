@@ -22,6 +22,28 @@ export interface BlockExtent {
   compressed?: boolean;
 }
 
+/** Where a run of guest bytes sits as plain bytes of a store: copy offload's source side. */
+export interface PlainExtent {
+  /** Guest offset of the run. */
+  offset: number;
+  length: number;
+  /**
+   * The store holding the run's bytes unchanged from `hostOffset`. Absent when they are not plain
+   * bytes in this layer (compressed, encrypted, zero, unallocated): read them instead.
+   */
+  store?: ByteStore;
+  hostOffset?: number;
+}
+
+/** Where a device wants bytes put: copy offload's target side (see BlockDevice.writePlaced). */
+export interface PlacedRange {
+  /** Guest offset the bytes belong at. */
+  offset: number;
+  length: number;
+  store: ByteStore;
+  hostOffset: number;
+}
+
 export interface WriteOptions {
   /** Force unit access: the write is durable when the promise resolves. */
   fua?: boolean;
@@ -78,6 +100,19 @@ export interface BlockDevice {
   writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void>;
   /** Drop the range's data where the format can; afterwards it may read as zero or as the backing image. */
   discard(offset: number, length: number): Promise<void>;
+  /**
+   * Copy offload, source side: [offset, offset + length) of this layer in runs, each either plain
+   * bytes of a store (which the kernel can copy file to file) or not. Absent where the format
+   * never stores guest bytes as they are.
+   */
+  plainExtents?(offset: number, length: number): Promise<PlainExtent[]>;
+  /**
+   * Copy offload, target side: write [offset, offset + length) by having `put` store the bytes of
+   * each range the device picks for them (allocating as a write would); the device makes them part
+   * of the image only after `put` resolves, so a crash mid-copy leaves them unreferenced. Absent,
+   * or failing with QCOW_UNSUPPORTED, where the format cannot store plain bytes (encryption).
+   */
+  writePlaced?(offset: number, length: number, put: (range: PlacedRange) => Promise<void>): Promise<void>;
   /** Store whole clusters compressed (cluster-aligned offset; the last cluster may be short). Absent where unsupported. */
   writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
   flush(): Promise<void>;

@@ -106,7 +106,7 @@ export abstract class DeviceBase implements BlockDevice {
   }
 
   /** Errors found while reading or writing name the image (a backing file's own errors keep its name). */
-  private readonly nameTheImage = (e: unknown): never => {
+  protected readonly nameTheImage = (e: unknown): never => {
     throw withFile(e, this.filename);
   };
 

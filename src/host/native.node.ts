@@ -1,6 +1,6 @@
 /**
  * The host layer: system calls Node's fs module lacks (OFD byte-range locks, SEEK_DATA/SEEK_HOLE,
- * fallocate), from our own N-API addon (native/qcow_host.c, built by node-gyp when the package is
+ * fallocate, copy_file_range), from our own N-API addon (native/qcow_host.c, built by node-gyp when the package is
  * installed). `hostAddon()` gives the addon, or undefined when it is not there (no compiler at
  * install time, not Linux, a browser bundle) or is turned off with QCOW_NO_NATIVE=1; every user
  * has a pure TypeScript fallback.
@@ -25,6 +25,11 @@ export interface HostAddon {
   seekHole(fd: number, offset: number): number;
   /** fallocate(2) with FALLOC_FL_* `mode` bits. */
   fallocate(fd: number, mode: number, offset: number, length: number): void;
+  /**
+   * copy_file_range(2) on libuv's thread pool, looping until `length` bytes are copied or the
+   * source ends: resolves with the bytes copied. Rejects with the errno's name as `code`.
+   */
+  copyFileRange?(fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, length: number): Promise<number>;
   readonly version: number;
 }
 

@@ -3,7 +3,7 @@
  * then B, then C). Reads and chain status are split at the image boundaries, so a copy loop can
  * work in target offsets and never care where one source ends.
  */
-import type { BlockDevice } from '../core/block-device.js';
+import type { BlockDevice, PlainExtent } from '../core/block-device.js';
 import { ChainStatus, type ChainExtent } from './chain-status.js';
 
 export class ConcatSource {
@@ -46,5 +46,26 @@ export class ConcatSource {
       await p.dev.read(local, into.subarray(done, done + n));
       done += n;
     }
+  }
+
+  /**
+   * Where [offset, offset + length) sits as plain bytes in the layer `depth` below each source's
+   * top (a ChainExtent's depth), in concatenated offsets. Runs the layer cannot place (or a layer
+   * without copy offload) come back without a store: they are read.
+   */
+  async plainExtents(offset: number, length: number, depth: number): Promise<PlainExtent[]> {
+    const out: PlainExtent[] = [];
+    for (let done = 0; done < length; ) {
+      const p = this.partAt(offset + done);
+      const local = offset + done - p.start;
+      const n = Math.min(length - done, p.dev.size - local);
+      let layer: BlockDevice | null = p.dev;
+      for (let d = 0; d < depth && layer; d++) layer = layer.backing;
+      if (layer?.plainExtents && local + n <= layer.size) {
+        for (const e of await layer.plainExtents(local, n)) out.push({ ...e, offset: e.offset + p.start });
+      } else out.push({ offset: offset + done, length: n });
+      done += n;
+    }
+    return out;
   }
 }

@@ -18,7 +18,8 @@
  * - Existing target (-n): zero runs are written as zeros (unmapped where the format can).
  * - Target with a backing file (-B): only what differs from the backing file's content is written.
  */
-import type { BlockDevice } from '../core/block-device.js';
+import type { BlockDevice, PlacedRange } from '../core/block-device.js';
+import type { ByteStore } from '../storage/types.js';
 import { alignedBuffers } from '../core/aligned.js';
 import { QcowError, throwIfAborted } from '../core/errors.js';
 import { ChainStatus } from './chain-status.js';
@@ -38,6 +39,15 @@ export interface ConvertOptions {
   chunkSize?: number;
   /** Let writes complete in any order (qemu-img -W). */
   outOfOrder?: boolean;
+  /**
+   * Copy offload (qemu-img -C): data the source stores as plain file bytes goes to the target's
+   * file with copy_file_range, never through our buffers. As in qemu-img, data is copied as it is
+   * (no search for zero blocks inside it, so `sparseSize` cannot be given), not with compression,
+   * and not into a target with a backing file (whose content we compare against). Where the stores
+   * cannot (not two local files, other file systems, encrypted or compressed clusters) the bytes
+   * are read and written as usual.
+   */
+  copyOffload?: boolean;
   signal?: AbortSignal;
   onProgress?: (done: number, total: number) => void;
 }
@@ -45,7 +55,7 @@ export interface ConvertOptions {
 /** A range the planner hands to the workers, in target (= concatenated source) offsets. */
 type WorkItem =
   | { kind: 'zero'; offset: number; length: number }
-  | { kind: 'data'; offset: number; length: number; spans: { offset: number; length: number; zero: boolean }[] };
+  | { kind: 'data'; offset: number; length: number; spans: { offset: number; length: number; zero: boolean; depth: number }[] };
 
 /** Zero runs are handed out in pieces of at most this, so progress moves on huge sparse images. */
 const ZERO_ITEM_MAX = 2 ** 30;
@@ -63,12 +73,16 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
   if (!Number.isSafeInteger(sparse) || sparse < 0 || sparse % 512 !== 0) {
     throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid sparse size ${sparse}: a multiple of 512, or 0`);
   }
+  if (options.copyOffload && options.compress) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot enable copy offloading when -c is used');
+  if (options.copyOffload && options.sparseSize !== undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot enable copy offloading when -S is used');
   const cluster = Math.max(target.clusterSize, 512);
   let chunk = options.chunkSize ?? 2 * 1024 * 1024;
   chunk = Math.max(cluster, chunk - (chunk % cluster));
   const parallel = Math.max(1, Math.min(64, options.parallel ?? 8));
   const ordered = !options.outOfOrder && !options.compress;
   const backing = target.backing;
+  // A target with a backing file gets only what differs from it: that needs the bytes in hand.
+  let offload = !!options.copyOffload && !!target.writePlaced && !backing;
   const skipZeros = !!options.targetIsZero && !backing && sparse > 0;
   const ctx: WriteContext = {
     target,
@@ -113,9 +127,10 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
         const len = Math.min(e.length, cellEnd - off);
         const zero = !e.present || e.zero;
         // Neighbouring spans of the same kind become one: one read for a run of data clusters.
+        // Copy offload takes the bytes from the layer that holds them: spans keep to one layer.
         const last = item.spans[item.spans.length - 1];
-        if (last && last.zero === zero) last.length += len;
-        else item.spans.push({ offset: off, length: len, zero });
+        if (last && last.zero === zero && (!offload || zero || last.depth === e.depth)) last.length += len;
+        else item.spans.push({ offset: off, length: len, zero, depth: e.depth });
         off += len;
         if (off < cellEnd) e = await src.status(off, cellEnd - off);
       }
@@ -170,6 +185,19 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
         if (t.item.kind === 'zero') {
           if (ordered) await t.turn;
           await writeZeroRun(ctx, t.item.offset, t.item.length, buf, before, options.signal);
+        } else if (offload) {
+          const ops = await offloadWrites(ctx, src, t.item, buf);
+          if (ordered) await t.turn;
+          throwIfAborted(options.signal);
+          const writing = ops.map((op) => op().catch((e: unknown) => {
+            // The stores cannot copy between themselves after all (another file system, an old
+            // kernel): as qemu-img does, fall back to reading and writing, here and from now on.
+            if (!(e instanceof OffloadRefused)) throw e;
+            offload = false;
+            return e.fallback();
+          }));
+          t.release();
+          await settleAll(writing);
         } else {
           const data = buf.subarray(0, t.item.length);
           let anyData = false;
@@ -252,6 +280,60 @@ async function writeZeroRun(cx: WriteContext, offset: number, length: number, bu
       }
     }
     off += n;
+  }
+}
+
+/** A copy the stores refused (QCOW_UNSUPPORTED); `fallback` does the same job by read and write. */
+class OffloadRefused extends Error {
+  constructor(readonly fallback: () => Promise<void>) {
+    super('copy offload refused');
+  }
+}
+
+/**
+ * The writes of one data item under copy offload, worked out before its turn: zero spans as in a
+ * zero run, plain runs of data as file-to-file copies into the ranges the target places them at,
+ * and anything else (compressed or encrypted source clusters) read into `buf` and written.
+ */
+async function offloadWrites(cx: WriteContext, src: ConcatSource, item: Extract<WorkItem, { kind: 'data' }>, buf: Uint8Array): Promise<(() => Promise<void>)[]> {
+  const ops: (() => Promise<void>)[] = [];
+  const readAndWrite = async (offset: number, length: number) => {
+    const data = buf.subarray(offset - item.offset, offset - item.offset + length);
+    await src.read(offset, data);
+    return () => cx.target.write(offset, data);
+  };
+  for (const s of item.spans) {
+    if (s.zero) {
+      if (!cx.targetIsZero) ops.push(() => cx.target.writeZeroes(s.offset, s.length, { mayUnmap: true }));
+      continue;
+    }
+    for (const e of await src.plainExtents(s.offset, s.length, s.depth)) {
+      const { store, hostOffset } = e;
+      if (!store || hostOffset === undefined) {
+        ops.push(await readAndWrite(e.offset, e.length));
+        continue;
+      }
+      ops.push(async () => {
+        try {
+          await cx.target.writePlaced!(e.offset, e.length, (r) => copyStoreRange(store, hostOffset + (r.offset - e.offset), r));
+        } catch (err) {
+          if (!(err instanceof QcowError && err.code === 'QCOW_UNSUPPORTED')) throw err;
+          throw new OffloadRefused(async () => (await readAndWrite(e.offset, e.length))());
+        }
+      });
+    }
+  }
+  return ops;
+}
+
+/** Copy a placed range from `from` in `store`; what lies past the source's end reads as zeros. */
+async function copyStoreRange(store: ByteStore, from: number, r: PlacedRange): Promise<void> {
+  if (!store.copyTo) throw new QcowError('QCOW_UNSUPPORTED', 'this store cannot copy file to file', { file: store.name });
+  const copied = await store.copyTo(r.store, from, r.hostOffset, r.length);
+  for (let done = copied; done < r.length; ) {
+    const n = Math.min(r.length - done, 1 << 20);
+    await r.store.write(r.hostOffset + done, new Uint8Array(n));
+    done += n;
   }
 }
 

@@ -27,7 +27,7 @@
 import { close as fsClose, constants, fdatasync, fstatSync, ftruncate, ftruncateSync, openSync, closeSync, read as fsRead, readSync, statSync, unlinkSync, write as fsWrite, writeSync } from 'node:fs';
 import { isAbsolute } from 'node:path';
 import type { ByteStore, DataRun, StoreOpener } from './types.js';
-import { hostAddon } from '../host/native.node.js';
+import { hostAddon, type HostAddon } from '../host/native.node.js';
 import * as sparse from '../host/sparse.node.js';
 import { QcowError } from '../core/errors.js';
 import { openImageLock, type ImageLock } from './lock.node.js';
@@ -38,6 +38,8 @@ export class FileStore implements ByteStore {
   readonly readOnly: boolean;
   private readonly fd: number;
   private closed = false;
+  /** False under cache=unsafe (see skipFlushes). */
+  private flushes = true;
   private lock: ImageLock | undefined;
   /** Requests of at most this many bytes are served synchronously (see above). */
   private readonly syncMax: number;
@@ -49,6 +51,8 @@ export class FileStore implements ByteStore {
   readonly punchHole?: (offset: number, length: number) => Promise<void>;
   readonly zeroRange?: (offset: number, length: number) => Promise<void>;
   readonly allocate?: (offset: number, length: number) => Promise<void>;
+  /** Copy offload to another FileStore, present only where the addon has copy_file_range. */
+  readonly copyTo?: (target: ByteStore, from: number, to: number, length: number) => Promise<number>;
 
   private constructor(name: string, fd: number, readOnly: boolean, syncMax: number) {
     this.name = name;
@@ -60,6 +64,8 @@ export class FileStore implements ByteStore {
     // Each is one system call that does not wait on data (lseek; fallocate updates extents only),
     // so it runs inline like the small reads above.
     this.dataRuns = (offset, length) => this.sync(() => sparse.dataRuns(addon, this.fd, this.stat().size, offset, length));
+    const copy = addon.copyFileRange;
+    if (copy) this.copyTo = (target, from, to, length) => this.copyFileRange(copy, target, from, to, length);
     if (readOnly) return;
     this.punchHole = (offset, length) => this.sync(() => sparse.punchHole(addon, this.fd, offset, length));
     this.zeroRange = (offset, length) => this.sync(() => sparse.zeroRange(addon, this.fd, offset, length));
@@ -77,6 +83,27 @@ export class FileStore implements ByteStore {
       if ((e as NodeJS.ErrnoException).code === 'EOPNOTSUPP') return Promise.reject(new QcowError('QCOW_UNSUPPORTED', 'the filesystem does not support this operation', { file: this.name, cause: e }));
       return Promise.reject(e instanceof QcowError ? e : fsError(e, this.name));
     }
+  }
+
+  /**
+   * copy_file_range into another local file. It writes into `target` like a large write, so it
+   * queues behind the target's other large writes (see SERIAL_WRITE_MIN above). Errors that mean
+   * "not for these two files" (EXDEV on kernels before 5.3 or across some file systems, EINVAL,
+   * ENOSYS, EOPNOTSUPP) become QCOW_UNSUPPORTED so the caller reads and writes instead.
+   */
+  private copyFileRange(copy: NonNullable<HostAddon['copyFileRange']>, target: ByteStore, from: number, to: number, length: number): Promise<number> {
+    if (!(target instanceof FileStore)) return Promise.reject(new QcowError('QCOW_UNSUPPORTED', 'copy offload needs two local files', { file: target.name }));
+    if (target.readOnly) return Promise.reject(new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: target.name }));
+    const start = () => copy(this.fd, from, target.fd, to, length);
+    const copied = target.writeTail.then(start).catch((e: unknown) => {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'EXDEV' || code === 'EINVAL' || code === 'ENOSYS' || code === 'EOPNOTSUPP') {
+        throw new QcowError('QCOW_UNSUPPORTED', `copy offload is not possible between these files (${code})`, { file: target.name, cause: e });
+      }
+      throw fsError(e, target.name);
+    });
+    target.writeTail = copied.catch(() => undefined);
+    return copied;
   }
 
   /**
@@ -175,8 +202,17 @@ export class FileStore implements ByteStore {
     await new Promise<void>((resolve, reject) => ftruncate(this.fd, size, (e) => (e ? reject(fsError(e, this.name)) : resolve())));
   }
 
+  /**
+   * From now on flush() does nothing: QEMU's cache=unsafe, which qemu-img convert uses for its
+   * target by default (the kernel writes the data back when it will). Reads, writes and every
+   * host call stay those of this file.
+   */
+  skipFlushes(): void {
+    this.flushes = false;
+  }
+
   async flush(): Promise<void> {
-    if (!this.readOnly) await new Promise<void>((resolve, reject) => fdatasync(this.fd, (e) => (e ? reject(fsError(e, this.name)) : resolve())));
+    if (!this.readOnly && this.flushes) await new Promise<void>((resolve, reject) => fdatasync(this.fd, (e) => (e ? reject(fsError(e, this.name)) : resolve())));
   }
 
   async close(): Promise<void> {

@@ -35,6 +35,14 @@ export interface ByteStore {
   /** Reserve host blocks for [offset, offset + length), growing the store when that is past its end. */
   allocate?(offset: number, length: number): Promise<void>;
   /**
+   * Copy [from, from + length) of this store into `target` at `to` without the bytes passing
+   * through JavaScript (copy_file_range: the kernel copies, or shares the blocks where the file
+   * system can). Resolves with the bytes copied, fewer only when this store ends first (the rest
+   * reads as zeros). Fails with QCOW_UNSUPPORTED when this pair of stores cannot do it (not two
+   * local files, different file systems, a kernel without the call): callers then read and write.
+   */
+  copyTo?(target: ByteStore, from: number, to: number, length: number): Promise<number>;
+  /**
    * Publish these permissions (QEMU's image locks, see permissions.ts) in place of those taken at
    * open; QCOW_LOCKED when another program's use conflicts. Stores without locks lack it.
    */

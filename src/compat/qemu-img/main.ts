@@ -104,10 +104,11 @@ function translate(cmd: string, key: string, value: string | undefined): string[
     case 'T':
     case 'image-opts':
     case 'target-image-opts':
-    case 'C':
     case 'r' as string:
       if (key === 'r' && cmd === 'check') return ['-r', v];
       return undefined;
+    case 'C':
+      return cmd === 'convert' ? ['-C'] : undefined;
     case 'U':
       return cmd === 'commit' || cmd === 'resize' || cmd === 'amend' ? undefined : ['-U'];
     case 't':

@@ -1,5 +1,5 @@
 /** Raw images: guest offset = file offset. The file's length is the virtual size. */
-import type { BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, WriteOptions, ZeroOptions } from '../../core/block-device.js';
+import type { BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, PlacedRange, PlainExtent, WriteOptions, ZeroOptions } from '../../core/block-device.js';
 import { DeviceBase } from '../../core/device-base.js';
 import { QcowError, unsupported } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
@@ -18,6 +18,18 @@ export class RawDevice extends DeviceBase {
 
   protected async doWrite(offset: number, data: Uint8Array, _options: WriteOptions): Promise<void> {
     await this.store.write(offset, data);
+  }
+
+  /** Every guest byte is the file's byte at the same offset (holes included: they read as zeros). */
+  async plainExtents(offset: number, length: number): Promise<PlainExtent[]> {
+    this.checkRequest(offset, length);
+    return [{ offset, length, store: this.store, hostOffset: offset }];
+  }
+
+  async writePlaced(offset: number, length: number, put: (range: PlacedRange) => Promise<void>): Promise<void> {
+    this.checkWritable();
+    this.checkRequest(offset, length);
+    if (length > 0) await put({ offset, length, store: this.store, hostOffset: offset }).catch(this.nameTheImage);
   }
 
   /**
