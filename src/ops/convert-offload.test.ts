@@ -130,3 +130,66 @@ test('qcow convert -C equals qemu-img convert -C: raw, a sparse raw, and a qcow2
   await qcow(['convert', '-C', '-f', 'raw', '-O', 'raw', sparse, join(dir, 'sparse-copy.raw')]);
   assert.ok((await stat(join(dir, 'sparse-copy.raw'))).blocks * 512 < 2 * MiB);
 });
+
+test('qcow2 sources and targets (small clusters, compressed, zero and cut-short clusters, 2 MiB clusters): the content qemu-img -C gives, check clean', { ...needs('qemu-img', 'qemu-io'), ...withAddon }, async (t) => {
+  const dir = await scratch(t);
+  // A source with 4 KiB clusters (runs that do not fill a 64 KiB target cluster), a compressed
+  // cluster, zero clusters, and a last data cluster the file cuts short (it reads as zeros past EOF).
+  const small = join(dir, 'small.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', small, '3M']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 0x11 0 200k', '-c', 'write -P 0x22 260k 8k', '-c', 'write -z 512k 64k', '-c', 'write -c -P 0x33 1M 64k', '-c', 'write -P 0x44 3068k 4k', small]);
+  const cut = join(dir, 'cut.qcow2');
+  await qemuImg(['convert', '-f', 'qcow2', '-O', 'qcow2', small, cut]);
+  const { truncate } = await import('node:fs/promises');
+  await truncate(cut, (await stat(cut)).size - 1000);
+  const big = join(dir, 'big.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=2M', big, '9M']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 0x55 0 5M', '-c', 'write -P 0x66 7M 1k', big]);
+  for (const source of [small, cut, big]) {
+    for (const fmt of ['raw', 'qcow2']) {
+      const ours = join(dir, `ours.${fmt}`);
+      const theirs = join(dir, `theirs.${fmt}`);
+      const r = await qcow(['convert', '-C', '-f', 'qcow2', '-O', fmt, source, ours]);
+      assert.equal(r.code, 0, r.stderr);
+      await qemuImg(['convert', '-C', '-f', 'qcow2', '-O', fmt, source, theirs]);
+      assert.equal(await qemuGuestSha256(['-f', fmt, ours]), await qemuGuestSha256(['-f', fmt, theirs]), `${source} -> ${fmt}`);
+      if (fmt === 'qcow2') await qemuImg(['check', '-q', ours]);
+    }
+  }
+});
+
+test('raw to qcow2: the same layout as qemu-img -C, copied by the kernel, check clean', { ...needs('qemu-img'), ...withAddon }, async (t) => {
+  const dir = await scratch(t);
+  const data = randomBytes(6 * MiB + 65536, 21);
+  const srcPath = await rawFile(dir, 'src.raw', data);
+  const dstPath = join(dir, 'dst.qcow2');
+  await createImage(dstPath, { format: 'qcow2', size: data.length });
+  const src = await openImage(srcPath, { format: 'raw', readOnly: true });
+  const dst = await openImage(dstPath, { format: 'qcow2' });
+  const seen = spyCopies(src.store);
+  await convert([src], dst, { copyOffload: true, targetIsZero: true });
+  await src.close();
+  await dst.close();
+  assert.equal(seen.bytes, data.length);
+  await qemuImg(['check', '-q', dstPath]);
+  await qemuImg(['compare', '-f', 'raw', '-F', 'qcow2', srcPath, dstPath]);
+  const theirs = join(dir, 'theirs.qcow2');
+  await qemuImg(['convert', '-C', '-f', 'raw', '-O', 'qcow2', srcPath, theirs]);
+  const map = async (p: string) => (await qemuImg(['map', '--output=json', p])).stdout;
+  assert.equal(await map(dstPath), await map(theirs));
+});
+
+test('an encrypted target cannot take copied bytes: the convert reads, encrypts and writes them', { ...needs('qemu-img'), ...withAddon }, async (t) => {
+  const dir = await scratch(t);
+  const data = randomBytes(2 * MiB, 23);
+  const srcPath = await rawFile(dir, 'src.raw', data);
+  const dstPath = join(dir, 'dst.qcow2');
+  await createImage(dstPath, { format: 'qcow2', size: data.length, options: { 'encrypt.format': 'luks' }, password: 'secret' });
+  const src = await openImage(srcPath, { format: 'raw', readOnly: true });
+  const dst = await openImage(dstPath, { format: 'qcow2', password: 'secret' });
+  await convert([src], dst, { copyOffload: true, targetIsZero: true });
+  assert.equal(await guestSha(dst), sha256(data));
+  await src.close();
+  await dst.close();
+  await qemuImg(['check', '-q', '--object', 'secret,id=s0,data=secret', '--image-opts', `driver=qcow2,file.filename=${dstPath},encrypt.key-secret=s0`]);
+});

@@ -187,15 +187,19 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
           await writeZeroRun(ctx, t.item.offset, t.item.length, buf, before, options.signal);
         } else if (offload) {
           const ops = await offloadWrites(ctx, src, t.item, buf);
+          // Pieces that could not be copied were read into the buffer: it is no longer clean.
+          dirty = [[0, t.item.length]];
           if (ordered) await t.turn;
           throwIfAborted(options.signal);
-          const writing = ops.map((op) => op().catch((e: unknown) => {
-            // The stores cannot copy between themselves after all (another file system, an old
-            // kernel): as qemu-img does, fall back to reading and writing, here and from now on.
-            if (!(e instanceof OffloadRefused)) throw e;
-            offload = false;
-            return e.fallback();
-          }));
+          const writing = ops.map((op) =>
+            op().catch((e: unknown) => {
+              // The stores cannot copy between themselves after all (another file system, an old
+              // kernel): as qemu-img does, fall back to reading and writing, here and from now on.
+              if (!(e instanceof OffloadRefused)) throw e;
+              offload = false;
+              return e.fallback();
+            }),
+          );
           t.release();
           await settleAll(writing);
         } else {
@@ -309,18 +313,25 @@ async function offloadWrites(cx: WriteContext, src: ConcatSource, item: Extract<
     }
     for (const e of await src.plainExtents(s.offset, s.length, s.depth)) {
       const { store, hostOffset } = e;
-      if (!store || hostOffset === undefined) {
+      // The target places whole clusters; a run's unaligned head and tail (a source with smaller
+      // clusters, holes in a raw file) are read and written.
+      const end = e.offset + e.length;
+      const from = Math.ceil(e.offset / cx.cluster) * cx.cluster;
+      const to = end === cx.target.size ? end : Math.floor(end / cx.cluster) * cx.cluster;
+      if (!store || hostOffset === undefined || from >= to) {
         ops.push(await readAndWrite(e.offset, e.length));
         continue;
       }
+      if (e.offset < from) ops.push(await readAndWrite(e.offset, from - e.offset));
       ops.push(async () => {
         try {
-          await cx.target.writePlaced!(e.offset, e.length, (r) => copyStoreRange(store, hostOffset + (r.offset - e.offset), r));
+          await cx.target.writePlaced!(from, to - from, (r) => copyStoreRange(store, hostOffset + (r.offset - e.offset), r));
         } catch (err) {
           if (!(err instanceof QcowError && err.code === 'QCOW_UNSUPPORTED')) throw err;
-          throw new OffloadRefused(async () => (await readAndWrite(e.offset, e.length))());
+          throw new OffloadRefused(async () => (await readAndWrite(from, to - from))());
         }
       });
+      if (to < end) ops.push(await readAndWrite(to, end - to));
     }
   }
   return ops;

@@ -11,7 +11,7 @@
  *     dirty flag) or null when the L1 entry is empty.
  * Writes go through `writer` (write.ts), attached when the image is opened read-write.
  */
-import type { BlockExtent, ImageDescription, OpenOptions, WriteOptions, ZeroOptions } from '../../core/block-device.js';
+import type { BlockExtent, ImageDescription, OpenOptions, PlacedRange, PlainExtent, WriteOptions, ZeroOptions } from '../../core/block-device.js';
 import { DeviceBase } from '../../core/device-base.js';
 import { QcowError, corrupt, unsupported, withFile } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
@@ -617,6 +617,27 @@ export class Qcow2Device extends DeviceBase {
 
   protected override async doDiscard(offset: number, length: number): Promise<void> {
     await this.writerOrThrow().discard(offset, length);
+  }
+
+  /** Copy offload, source side: normal clusters of an unencrypted image are plain bytes of the data file. */
+  async plainExtents(offset: number, length: number): Promise<PlainExtent[]> {
+    this.checkRequest(offset, length);
+    const out: PlainExtent[] = [];
+    for (const r of await this.mapRuns(offset, length)) {
+      const plain = r.kind === 'normal' && !this.encryption;
+      const last = out[out.length - 1];
+      if (plain && last?.store && last.hostOffset! + last.length === r.hostOffset) last.length += r.length;
+      else if (!plain && last && !last.store) last.length += r.length;
+      else out.push(plain ? { offset: r.offset, length: r.length, store: this.dataStore, hostOffset: r.hostOffset! } : { offset: r.offset, length: r.length });
+    }
+    return out;
+  }
+
+  /** Copy offload, target side (see Qcow2Writer.writePlaced). */
+  async writePlaced(offset: number, length: number, put: (range: PlacedRange) => Promise<void>): Promise<void> {
+    this.checkWritable();
+    this.checkRequest(offset, length);
+    if (length > 0) await this.writerOrThrow().writePlaced(offset, length, put).catch(this.nameTheImage);
   }
 
   async writeCompressed(offset: number, data: Uint8Array): Promise<void> {

@@ -19,7 +19,7 @@
  *     cleared on clean close; a dirty image is repaired when it is next opened for writing.
  * Only `flush()` issues fsyncs (plus the rare cache eviction); writes themselves do not.
  */
-import type { ZeroOptions } from '../../core/block-device.js';
+import type { PlacedRange, ZeroOptions } from '../../core/block-device.js';
 import { QcowError, corrupt, unsupported } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
 import { setU32, u32 } from '../../core/bytes.js';
@@ -31,6 +31,7 @@ import { decodeL2Entry, readL2Entry, type ClusterDescriptor } from './l2-entry.j
 import type { CachedTable } from './l2-cache.js';
 import { Refcounts } from './alloc.js';
 import type { Qcow2Device } from './qcow2.js';
+import { BytesPayload, PlacedPayload, type Payload } from './payload.js';
 
 const COPIED = 1n << 63n;
 const COMPRESSED = 1n << 62n;
@@ -193,6 +194,29 @@ export class Qcow2Writer {
       if (jobs.length > 0) inPlace = Promise.all(jobs).then(() => undefined);
     });
     if (inPlace) await inPlace;
+  }
+
+  /**
+   * Copy offload's target side (BlockDevice.writePlaced): clusters are picked and linked as for
+   * write(), and `put` copies the bytes into them, outside the lock like other plain data writes;
+   * the L2 entries reach the disk only after it finishes (beforeL2Write waits for it). Whole
+   * clusters only (the last one may end with the image), and never for encrypted images.
+   */
+  async writePlaced(offset: number, length: number, put: (range: PlacedRange) => Promise<void>): Promise<void> {
+    const cs = this.cs;
+    if (this.dev.encryption) throw new QcowError('QCOW_UNSUPPORTED', 'copy offload cannot write encrypted clusters', { file: this.dev.filename });
+    if (offset % cs !== 0 || (length % cs !== 0 && offset + length !== this.dev.size)) {
+      throw new QcowError('QCOW_UNSUPPORTED', 'copy offload writes whole clusters only', { file: this.dev.filename });
+    }
+    let placing: Promise<void> | undefined;
+    await this.lock.run(async () => {
+      const marking = this.bitmaps.mark(offset, length);
+      if (marking) await marking;
+      const jobs: Promise<void>[] = [];
+      await this.writeLocked(offset, new PlacedPayload(offset, length, put), jobs);
+      if (jobs.length > 0) placing = Promise.all(jobs).then(() => undefined);
+    });
+    if (placing) await placing;
   }
 
   /** Note a data write running outside the lock; flushes and L2 write-backs wait for it. */
@@ -586,19 +610,20 @@ export class Qcow2Writer {
    * before the entry that points at it" on disk; a concurrent request to the same cluster sees a
    * COPIED normal entry and writes in place, any order of two overlapping requests being valid.
    */
-  private async writeLocked(offset: number, data: Uint8Array, deferred?: Promise<void>[]): Promise<void> {
+  private async writeLocked(offset: number, bytes: Uint8Array | Payload, deferred?: Promise<void>[]): Promise<void> {
+    const data = bytes instanceof Uint8Array ? new BytesPayload(bytes) : bytes;
     await this.beforeMetadataChange();
     const g = this.dev.geometry;
     const end = offset + data.length;
     for (let pos = offset; pos < end; ) {
       const tableEnd = Math.min(end, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
       const table = (await this.l2ForWrite(pos))!;
-      await this.writeInTable(table, pos, data.subarray(pos - offset, tableEnd - offset), deferred);
+      await this.writeInTable(table, pos, data.slice(pos - offset, tableEnd - offset), deferred);
       pos = tableEnd;
     }
   }
 
-  private async writeInTable(table: CachedTable, start: number, data: Uint8Array, deferred?: Promise<void>[]): Promise<void> {
+  private async writeInTable(table: CachedTable, start: number, data: Payload, deferred?: Promise<void>[]): Promise<void> {
     const g = this.dev.geometry;
     const cs = this.cs;
     const end = start + data.length;
@@ -695,25 +720,30 @@ export class Qcow2Writer {
   }
 
   /** Write one run of pieces: the request's bytes plus, around them, the current guest content. */
-  private async writeRun(run: Piece[], start: number, data: Uint8Array): Promise<void> {
+  private async writeRun(run: Piece[], start: number, data: Payload): Promise<void> {
     const ws = run[0]!.ws;
     const we = run[run.length - 1]!.we;
-    // Nothing to merge around the request's bytes: write them from the caller's buffer, no copy.
-    // (Encrypted images keep the copy: the cipher must not touch the caller's buffer.)
-    const direct = !this.dev.encryption && ws >= start && we <= start + data.length;
-    const buf = direct ? data.subarray(ws - start, we - start) : new Uint8Array(we - ws);
-    const ds = Math.max(ws, start);
-    const de = Math.min(we, start + data.length);
-    if (ws < ds) await this.readCurrent(ws, buf.subarray(0, ds - ws));
-    if (de < we) await this.readCurrent(de, buf.subarray(de - ws));
-    if (!direct) buf.set(data.subarray(ds - start, de - start), ds - ws);
     const host = run[0]!.host + (ws - run[0]!.clusterGuest);
-    await this.writeData(ws, host, buf);
+    // Nothing to merge around the request's bytes: write them from the caller's buffer, no copy
+    // (or have them copied into place). Encrypted images keep the copy: the cipher must not
+    // touch the caller's buffer.
+    const direct = !this.dev.encryption && ws >= start && we <= start + data.length;
+    const place = direct ? data.placer() : null;
+    if (place) await place(this.dev.dataStore, ws - start, we - start, host, ws);
+    else {
+      const buf = direct ? data.bytes(ws - start, we - start) : new Uint8Array(we - ws);
+      const ds = Math.max(ws, start);
+      const de = Math.min(we, start + data.length);
+      if (ws < ds) await this.readCurrent(ws, buf.subarray(0, ds - ws));
+      if (de < we) await this.readCurrent(de, buf.subarray(de - ws));
+      if (!direct) buf.set(data.bytes(ds - start, de - start), ds - ws);
+      await this.writeData(ws, host, buf);
+    }
     if (this.external) return;
     // A fresh cluster must exist in the file to its end even where we wrote only a part.
     // `knownFileEnd` is a lower bound of the file's length (it only grows while we hold the
     // image), so the common case, a whole cluster just written, needs no fstat per request.
-    this.knownFileEnd = Math.max(this.knownFileEnd, host + buf.length);
+    this.knownFileEnd = Math.max(this.knownFileEnd, host + (we - ws));
     const last = run[run.length - 1]!;
     const clusterEnd = last.host + this.cs;
     if (!last.alloc || clusterEnd <= this.knownFileEnd) return;
