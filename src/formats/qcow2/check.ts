@@ -14,8 +14,8 @@
 import { QcowError, corrupt, unsupported } from '../../core/errors.js';
 import { isZero, setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
-import { HEADER_PROBE_BYTES, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
-import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeature } from './features.js';
+import { AUTOCLEAR_FEATURES_OFFSET, HEADER_PROBE_BYTES, INCOMPATIBLE_FEATURES_OFFSET, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeature } from './features.js';
 import { qcow2Geometry } from './layout.js';
 import { contiguousEntries } from './l2-entry.js';
 import { encodeSnapshotTable, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
@@ -114,6 +114,8 @@ interface Pass {
 export async function checkQcow2(store: ByteStore, options: { repair?: RepairMode } = {}): Promise<CheckResult> {
   const fix = options.repair ?? null;
   if (fix && store.readOnly) throw new QcowError('QCOW_READ_ONLY', 'cannot repair an image opened read-only');
+  // Opening an image read-write, as a repair does, clears the autoclear bits QEMU does not know.
+  if (fix) await clearUnknownAutoclear(store);
   // Broken bitmaps go first: their clusters then show as leaks, which the pass below repairs.
   const dropped = fix === 'all' ? await dropBroken(store) : [];
   const first = await checkPass(store, fix);
@@ -127,6 +129,15 @@ export async function checkQcow2(store: ByteStore, options: { repair?: RepairMod
   again.leaksFixed = first.leaksFixed;
   again.messages = [...first.messages, ...again.messages];
   return again;
+}
+
+async function clearUnknownAutoclear(store: ByteStore): Promise<void> {
+  const { h } = await readHeader(store);
+  if (h.version < 3 || (h.autoclearFeatures & ~AUTOCLEAR_KNOWN) === 0n) return;
+  const b = new Uint8Array(8);
+  setU64(b, 0, h.autoclearFeatures & AUTOCLEAR_KNOWN);
+  await store.write(AUTOCLEAR_FEATURES_OFFSET, b);
+  await store.flush();
 }
 
 async function dropBroken(store: ByteStore): Promise<string[]> {
@@ -774,7 +785,7 @@ async function markClean(store: ByteStore, h: Qcow2Header): Promise<void> {
   if ((h.incompatibleFeatures & bits) === 0n) return;
   const b = new Uint8Array(8);
   setU64(b, 0, h.incompatibleFeatures & ~bits);
-  await store.write(72, b);
+  await store.write(INCOMPATIBLE_FEATURES_OFFSET, b);
   await store.flush();
 }
 

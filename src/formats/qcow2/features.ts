@@ -8,7 +8,7 @@
  * by the device (corrupt: read-only only; dirty: refcounts are not trusted).
  */
 import { unsupported } from '../../core/errors.js';
-import type { FeatureKind, Qcow2Header } from './header.js';
+import type { Qcow2Header } from './header.js';
 
 export const INCOMPAT_DIRTY = 1n << 0n;
 export const INCOMPAT_CORRUPT = 1n << 1n;
@@ -25,16 +25,20 @@ export const AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
 
 export const hasFeature = (field: bigint, mask: bigint): boolean => (field & mask) !== 0n;
 
-/** The name the image gives a feature bit, or qemu's fallback wording. */
-export function featureName(h: Qcow2Header, kind: FeatureKind, bit: number): string {
-  const named = h.featureNames.find((f) => f.kind === kind && f.bit === bit);
-  return named ? named.name : `Unknown ${kind} feature: ${(1n << BigInt(bit)).toString(16)}`;
-}
-
+/**
+ * Refuse an image with incompatible bits we do not implement, worded as QEMU words it: the bits the
+ * image's feature-name table names, in the table's order, then the rest as one hex mask.
+ */
 export function checkIncompatibleFeatures(h: Qcow2Header): void {
-  const unknown = h.incompatibleFeatures & ~INCOMPAT_KNOWN;
+  let unknown = h.incompatibleFeatures & ~INCOMPAT_KNOWN;
   if (unknown === 0n) return;
   const names: string[] = [];
-  for (let bit = 0; bit < 64; bit++) if ((unknown >> BigInt(bit)) & 1n) names.push(featureName(h, 'incompatible', bit));
+  for (const f of h.featureNames) {
+    const bit = 1n << BigInt(f.bit);
+    if (f.kind !== 'incompatible' || f.bit > 63 || !(unknown & bit)) continue;
+    names.push(f.name);
+    unknown &= ~bit;
+  }
+  if (unknown) names.push(`Unknown incompatible feature: ${unknown.toString(16)}`);
   throw unsupported(`Unsupported qcow2 feature(s): ${names.join(', ')}`);
 }

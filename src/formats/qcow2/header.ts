@@ -26,6 +26,9 @@ export const QCOW2_MAGIC = 0x514649fb;
 /** Enough bytes to read every fixed field of any version (v3 with the compression byte). */
 export const HEADER_PROBE_BYTES = 112;
 export const V2_HEADER_LENGTH = 72;
+/** Where v3's feature fields sit in the header (each a big-endian u64). */
+export const INCOMPATIBLE_FEATURES_OFFSET = 72;
+export const AUTOCLEAR_FEATURES_OFFSET = 88;
 export const V3_MIN_HEADER_LENGTH = 104;
 /** What qemu 7.2 writes into new v3 images. */
 export const V3_HEADER_LENGTH = 112;
@@ -150,9 +153,9 @@ export function decodeHeader(bytes: Uint8Array): Qcow2Header {
   };
   if (version === 3) {
     if (buf.length < V3_MIN_HEADER_LENGTH) throw corrupt('qcow2 header too short');
-    h.incompatibleFeatures = u64big(buf, 72);
+    h.incompatibleFeatures = u64big(buf, INCOMPATIBLE_FEATURES_OFFSET);
     h.compatibleFeatures = u64big(buf, 80);
-    h.autoclearFeatures = u64big(buf, 88);
+    h.autoclearFeatures = u64big(buf, AUTOCLEAR_FEATURES_OFFSET);
     h.refcountOrder = u32(buf, 96);
     h.headerLength = u32(buf, 100);
     if (h.headerLength < V3_MIN_HEADER_LENGTH) throw corrupt(`qcow2 header too short (header_length ${h.headerLength})`);
@@ -203,12 +206,17 @@ function decodeExtension(type: number, body: Uint8Array, h: Qcow2Header): void {
       h.backingFormat = utf8(body);
       break;
     case EXT_FEATURE_NAMES:
-      for (let i = 0; i + 48 <= body.length; i += 48) {
-        const kind = (['incompatible', 'compatible', 'autoclear'] as const)[body[i]!];
-        if (!kind) continue; // an unknown kind cannot name any bit we check
-        const raw = body.subarray(i + 2, i + 48);
+      // 48-byte entries, read as QEMU reads them: a short last entry is padded with zeros, and
+      // the first entry with an empty name ends the table.
+      for (let i = 0; i < body.length; i += 48) {
+        const entry = new Uint8Array(48);
+        entry.set(body.subarray(i, i + 48));
+        const raw = entry.subarray(2);
         const nul = raw.indexOf(0);
-        h.featureNames.push({ kind, bit: body[i + 1]!, name: utf8(nul < 0 ? raw : raw.subarray(0, nul)) });
+        if (nul === 0) break;
+        const kind = (['incompatible', 'compatible', 'autoclear'] as const)[entry[0]!];
+        if (!kind) continue; // an unknown kind cannot name any bit we check
+        h.featureNames.push({ kind, bit: entry[1]!, name: utf8(nul < 0 ? raw : raw.subarray(0, nul)) });
       }
       break;
     case EXT_DATA_FILE:
@@ -294,9 +302,9 @@ export function encodeHeader(h: Qcow2Header, clusterSize: number): Uint8Array {
   setU32(out, 60, h.nbSnapshots);
   setU64(out, 64, h.snapshotsOffset);
   if (h.version === 3) {
-    setU64(out, 72, h.incompatibleFeatures);
+    setU64(out, INCOMPATIBLE_FEATURES_OFFSET, h.incompatibleFeatures);
     setU64(out, 80, h.compatibleFeatures);
-    setU64(out, 88, h.autoclearFeatures);
+    setU64(out, AUTOCLEAR_FEATURES_OFFSET, h.autoclearFeatures);
     setU32(out, 96, h.refcountOrder);
     setU32(out, 100, headerLength);
     if (headerLength > V3_MIN_HEADER_LENGTH) out[104] = h.compressionType;

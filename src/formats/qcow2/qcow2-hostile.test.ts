@@ -61,6 +61,25 @@ test('hostile qcow2 headers and tables give clean QcowErrors', needs('qemu-img',
     await assert.rejects(openAndReadAll(b), rejectsWith('QCOW_UNSUPPORTED', /Unsupported qcow2 feature\(s\): extended L2 entries/));
     const unnamed = patched(good, (b) => setU64(b, 72, 1n << 20n));
     await assert.rejects(openAndReadAll(unnamed), rejectsWith('QCOW_UNSUPPORTED', /Unknown incompatible feature: 100000/));
+    // Several bits: the named ones in the table's order, the rest as one mask (as qemu words it).
+    const several = patched(good, (b) => {
+      setU64(b, 72, (1n << 20n) | (1n << 9n) | (1n << 40n));
+      for (let i = 0; i < 8; i++) if (b[tableAt + i * 48] === 0 && b[tableAt + i * 48 + 1] === 4) b[tableAt + i * 48 + 1] = 9;
+    });
+    await assert.rejects(openAndReadAll(several), rejectsWith('QCOW_UNSUPPORTED', /feature\(s\): extended L2 entries, Unknown incompatible feature: 10000100000$/));
+  });
+
+  await t.test('a feature table is read as qemu reads it: a short last entry padded with zeros, an empty name ends it', async () => {
+    // Replace the table (extension at 112) with one 14-byte entry naming bit 63, then an entry
+    // with an empty name (the end), then one that would name bit 62 if it were read.
+    const b = patched(good, (b) => {
+      setU64(b, 72, (1n << 63n) | (1n << 62n));
+      const len = new DataView(b.buffer).getUint32(116);
+      b.fill(0, 120, 120 + len);
+      b.set([0, 63, ...new TextEncoder().encode('Test feature')], 120);
+      b.set([0, 62, ...new TextEncoder().encode('after the end')], 120 + 96);
+    });
+    await assert.rejects(openAndReadAll(b), rejectsWith('QCOW_UNSUPPORTED', /feature\(s\): Test feature, Unknown incompatible feature: 4000000000000000$/));
   });
 
   await t.test('header_length too small or unaligned', async () => {
