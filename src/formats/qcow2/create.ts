@@ -172,8 +172,12 @@ export async function createQcow2(store: ByteStore, options: CreateOptions): Pro
     if (!options.openFile) throw new QcowError('QCOW_UNSUPPORTED', `cannot create data file '${s.dataFile}' (no file opener)`);
     const df = await options.openFile(s.dataFile, { readOnly: false, create: true });
     try {
-      await df.truncate(s.dataFileRaw || s.preallocation === 'full' ? size : 0);
+      // As QEMU, which grows the data file with the image to the virtual size in every mode:
+      // sparse (off, metadata), blocks reserved (falloc), or zeros written (full).
+      await df.truncate(0);
       if (s.preallocation === 'full') await writeZeros(df, 0, size);
+      else if (s.preallocation === 'falloc' && df.allocate && size > 0) await df.allocate(0, size);
+      await df.truncate(size);
       await df.flush();
     } finally {
       await df.close();
