@@ -11,3 +11,5 @@ export { nodeFetch } from './storage/node-fetch.node.js';
 export { OverlayDevice, type OverlayOptions } from './overlay/overlay.js';
 // Opening and creating by path (node-open.ts, which the CLI imports on its own to start faster).
 export { defaultOpener, openImage, createImage, type NodeOpenOptions, type NodeCreateOptions } from './node-open.js';
+export { nodeWritableSink } from './streams/node-sink.node.js';
+export { fileSpill } from './streams/spill-file.node.js';

@@ -20,6 +20,8 @@ export const HELP_EXAMPLES: Readonly<Record<string, readonly (readonly [string, 
     ['qcow convert -O raw disk.qcow2 disk.raw', 'guest content as a raw (sparse) file'],
     ['qcow convert -c -O qcow2 -o compression_type=zstd disk.raw small.qcow2', 'a compressed qcow2'],
     ['qcow convert -O qcow2 -B base.qcow2 -F qcow2 new.raw diff.qcow2', 'only what differs from base.qcow2'],
+    ["qcow convert -c -O qcow2 disk.raw - | ssh host 'cat > disk.qcow2'", 'a qcow2 written front to back into a pipe (no temporary image)'],
+    ['qcow convert -C -O raw disk.qcow2 copy.raw', 'copy offload: on XFS or Btrfs the kernel shares the blocks'],
   ],
   compare: [
     ['qcow compare a.qcow2 b.raw', 'exit 0 when the guest sees the same bytes, 1 (with the offset) when not'],

@@ -101,6 +101,7 @@ export async function run(files: string[], flags: Flags): Promise<void> {
   if (backingFile && !backingFormat) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use of backing file requires explicit backing format');
 
   if (flags.skipBrokenBitmaps && !flags.bitmaps) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use of --skip-broken-bitmaps requires --bitmaps');
+  if (target === '-') return runToStream(sourceNames, flags, { options, backingFile, backingFormat, snapshot, parallel });
   const opener = targetOpener(flags.cache);
   const sources: BlockDevice[] = [];
   let dst: BlockDevice | undefined;
@@ -151,5 +152,61 @@ export async function run(files: string[], flags: Flags): Promise<void> {
     // Closing writes back cached metadata, so an interrupted target is still a consistent image.
     await dst?.close();
     for (const s of sources) await s.close();
+  }
+}
+
+/**
+ * `convert ... SRC -`: the image goes to standard output, front to back (src/streams). What needs
+ * a seekable target is refused up front; nothing but the image is written to standard output.
+ */
+async function runToStream(
+  sourceNames: string[],
+  flags: Flags,
+  o: { options: Record<string, string>; backingFile?: string; backingFormat?: string; snapshot?: string; parallel: number },
+): Promise<void> {
+  const refuse = (what: string) => new QcowError('QCOW_INVALID_ARGUMENT', `${what} cannot be used when writing to standard output ('-')`);
+  if (!flags.create) throw refuse('-n');
+  if (flags.C) throw refuse('-C');
+  if (flags.bitmaps) throw refuse('--bitmaps');
+  if (process.stdout.isTTY) throw new QcowError('QCOW_INVALID_ARGUMENT', 'standard output is a terminal: redirect it to a file or a pipe to write an image there');
+  const { writeImageStream } = await import('../../streams/write-image.js');
+  const { nodeWritableSink } = await import('../../streams/node-sink.node.js');
+  const { describeSinkErrors } = await import('../../streams/sinks.js');
+  const { chainOf } = await import('../../chain/open.js');
+  const { resolve } = await import('node:path');
+  const sources: BlockDevice[] = [];
+  const interrupt = interruptSignal();
+  const bar = progressBar(!!flags.progress && !flags.quiet);
+  try {
+    for (const name of sourceNames) sources.push(await openForCli(name, flags, { readOnly: true, snapshot: o.snapshot }));
+    let backing: { file: string; format: string; layer?: BlockDevice } | undefined;
+    if (o.backingFile !== undefined) {
+      // The backing file as the image will name it, relative to where the image is written (the
+      // current directory): when it is a layer of the source's chain, that layer is not copied.
+      const path = defaultOpener.resolve(o.backingFile, resolve('-'));
+      const layer = sources.length === 1 ? chainOf(sources[0]!).find((d) => resolve(d.filename) === resolve(path)) : undefined;
+      backing = { file: o.backingFile, format: o.backingFormat!, layer };
+    }
+    const out = nodeWritableSink(process.stdout);
+    // Compressed clusters wait in a temporary file (TMPDIR) until their tables are out.
+    const spill = flags.compress ? await (await import('../../streams/spill-file.node.js')).fileSpill() : undefined;
+    await writeImageStream(sources, describeSinkErrors(out.sink, 'standard output'), {
+      format: flags.outputFormat,
+      compress: !!flags.compress,
+      spill,
+      options: o.options,
+      backing,
+      parallel: Math.min(o.parallel, 8),
+      signal: interrupt.signal,
+      onProgress: bar,
+    });
+    await out.finish().catch((e: unknown) => describeSinkErrors(() => Promise.reject(e), 'standard output')(new Uint8Array(0)));
+    bar.finish();
+  } catch (e) {
+    bar.clear();
+    throw e;
+  } finally {
+    interrupt.dispose();
+    for (const s of sources) await s.close().catch(() => undefined);
   }
 }

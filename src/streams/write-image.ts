@@ -1,0 +1,547 @@
+/**
+ * Write an image front to back into a stream (a pipe, an upload, a browser download): qcow2 or
+ * raw, never seeking, in bounded memory, complete and consistent the moment the last chunk is out.
+ *
+ * qcow2 layout, all decided before the first byte (see write-plan.ts for what is allocated):
+ *   cluster 0            header, extensions, backing file name
+ *   then                 refcount table, refcount blocks (every cluster of the file counted once)
+ *   then                 L1 table
+ *   then, per L2 table   the table, followed by the data clusters it maps, in guest order
+ * Pass one walks the source's block status to count clusters per L2 table; pass two walks it again
+ * range by range, writes each L2 table and then reads and writes its data. Memory: the L1 table
+ * and one count per L2 table, one L2 table, and `parallel` chunks of `chunkSize` being read ahead.
+ */
+import type { BlockDevice } from '../core/block-device.js';
+import { chainOf } from '../chain/open.js';
+import { QcowError, throwIfAborted } from '../core/errors.js';
+import { setU32 } from '../core/bytes.js';
+import { ConcatSource } from '../ops/concat.js';
+import { newHeader, parseCreateOptions } from '../formats/qcow2/create.js';
+import { MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES, l1EntriesFor, qcow2Geometry } from '../formats/qcow2/layout.js';
+import { encodeHeader } from '../formats/qcow2/header.js';
+import { encodeRefcountTable, entriesPerBlock, setRefcount } from '../formats/qcow2/refcount.js';
+import { ClusterKind, planClusters, walkClusters, type KindRules } from './write-plan.js';
+import { memorySpill, type Spill } from './spill.js';
+import { deflateRaw, zstdCompress } from '../compress/lazy.js';
+import { COMPRESSION_ZSTD } from '../formats/qcow2/header.js';
+import { maxRefcount } from '../formats/qcow2/refcount.js';
+
+/**
+ * Receives the image's bytes in order. The promise resolves once the sink is done with the chunk:
+ * the writer then reuses its memory, and sends the next.
+ */
+export type ChunkSink = (chunk: Uint8Array) => Promise<void>;
+
+export interface WriteStreamOptions {
+  /** 'qcow2' or 'raw'. */
+  format: string;
+  /** qcow2 creation options as qemu-img -o takes them (cluster_size, compat, refcount_bits, compression_type, lazy_refcounts). */
+  options?: Record<string, string>;
+  /**
+   * The backing file the image names (qcow2). `layer`: the image of the source's chain it is, when
+   * it is one (what it holds is then not copied); without it every range the source does not
+   * store is written as zeros so the image reads the source's content whatever the file holds.
+   */
+  backing?: { file: string; format: string; layer?: BlockDevice };
+  /** qcow2: compress every data cluster (zlib, or zstd with compression_type=zstd). */
+  compress?: boolean;
+  /**
+   * Compressed output only: where the compressed clusters wait until the tables that point at
+   * them are out (default: memory, up to 256 MiB; the CLI uses a temporary file).
+   */
+  spill?: Spill;
+  /** Largest read of source data at once. Default 2 MiB. */
+  chunkSize?: number;
+  /** Chunks read ahead while earlier ones are written. Default 4. */
+  parallel?: number;
+  signal?: AbortSignal;
+  /** Guest bytes done and in all (the image's size in the stream is known only for raw). */
+  onProgress?: (done: number, total: number) => void;
+}
+
+export interface WriteStreamResult {
+  /** Bytes written to the sink. */
+  bytes: number;
+}
+
+/** Write `sources` (concatenated, as convert does) as one image into `sink`. */
+export async function writeImageStream(sources: BlockDevice[], sink: ChunkSink, options: WriteStreamOptions): Promise<WriteStreamResult> {
+  if (options.format === 'raw') {
+    if (options.backing) throw new QcowError('QCOW_INVALID_ARGUMENT', 'raw images cannot have a backing file');
+    for (const k of Object.keys(options.options ?? {})) throw new QcowError('QCOW_INVALID_ARGUMENT', `Invalid parameter '${k}' for a raw stream`);
+    if (options.compress) throw new QcowError('QCOW_UNSUPPORTED', 'Compression not supported for this file format');
+    return writeRawStream(sources, sink, options);
+  }
+  if (options.format !== 'qcow2') throw new QcowError('QCOW_UNSUPPORTED', `a stream can be written as qcow2 or raw, not ${options.format}`);
+  return writeQcow2Stream(sources, sink, options);
+}
+
+/** Counts bytes on their way to the sink. */
+function counting(sink: ChunkSink): { put: ChunkSink; bytes: () => number } {
+  let bytes = 0;
+  return {
+    put: (chunk) => {
+      bytes += chunk.length;
+      return sink(chunk);
+    },
+    bytes: () => bytes,
+  };
+}
+
+/**
+ * Read [offset, offset + length) of the source in chunks, `parallel` at a time, and hand each to
+ * `emit` in order. `padTo`: each chunk's buffer is this multiple long (the rest zeros).
+ */
+async function copyRange<T = Uint8Array>(
+  src: ConcatSource,
+  offset: number,
+  length: number,
+  o: { chunk: number; parallel: number; padTo: number; signal?: AbortSignal; prepare?: (buf: Uint8Array) => Promise<T> },
+  emit: (item: T, end: number) => Promise<void>,
+): Promise<void> {
+  // `prepare` (compression) runs as soon as a chunk is read, on up to `parallel` chunks at once;
+  // `emit` takes the results in order.
+  const prepare = o.prepare ?? ((b: Uint8Array) => Promise.resolve(b as unknown as T));
+  const ahead: { buf: Promise<T>; end: number; mem: Uint8Array }[] = [];
+  // Buffers come back once emitted: fresh 2 MiB allocations cost page faults for every chunk.
+  const free: Uint8Array[] = [];
+  const size = Math.ceil(o.chunk / o.padTo) * o.padTo;
+  let next = offset;
+  const end = offset + length;
+  const start = () => {
+    const n = Math.min(o.chunk, end - next);
+    const at = next;
+    next += n;
+    const mem = free.pop() ?? new Uint8Array(size);
+    const buf = mem.subarray(0, Math.ceil(n / o.padTo) * o.padTo);
+    buf.fill(0, n); // a reused buffer's padding must read as zeros
+    ahead.push({ buf: src.read(at, buf.subarray(0, n)).then(() => prepare(buf)), end: at + n, mem });
+  };
+  try {
+    while (next < end || ahead.length > 0) {
+      while (next < end && ahead.length < o.parallel) start();
+      throwIfAborted(o.signal);
+      const first = ahead.shift()!;
+      await emit(await first.buf, first.end);
+      free.push(first.mem);
+    }
+  } finally {
+    // Never leave reads running behind a failure.
+    await Promise.allSettled(ahead.map((a) => a.buf));
+  }
+}
+
+async function writeRawStream(sources: BlockDevice[], sink: ChunkSink, options: WriteStreamOptions): Promise<WriteStreamResult> {
+  const src = new ConcatSource(sources);
+  const out = counting(sink);
+  const chunk = options.chunkSize ?? 2 * 1024 * 1024;
+  const parallel = options.parallel ?? 4;
+  const total = src.size;
+  const zeros = new Uint8Array(Math.min(chunk, Math.max(total, 1)));
+  for (let off = 0; off < total; ) {
+    throwIfAborted(options.signal);
+    const e = await src.status(off, total - off);
+    if (e.present && !e.zero) {
+      await copyRange(src, off, e.length, { chunk, parallel, padTo: 1, signal: options.signal }, async (buf, end) => {
+        await out.put(buf);
+        options.onProgress?.(end, total);
+      });
+    } else {
+      // A stream has no holes: zeros are bytes like any other (one shared, never-written buffer).
+      for (let o = off; o < off + e.length; o += zeros.length) {
+        throwIfAborted(options.signal);
+        const n = Math.min(zeros.length, off + e.length - o);
+        await out.put(n === zeros.length ? zeros : zeros.subarray(0, n));
+        options.onProgress?.(o + n, total);
+      }
+    }
+    off += e.length;
+  }
+  return { bytes: out.bytes() };
+}
+
+const COPIED_HI = 0x80000000;
+
+/** Everything about the image that does not depend on its data. */
+interface Qcow2Shape {
+  s: ReturnType<typeof parseCreateOptions>;
+  size: number;
+  cs: number;
+  g: ReturnType<typeof qcow2Geometry>;
+  l1Entries: number;
+  l1Clusters: number;
+  rules: KindRules;
+  backing?: WriteStreamOptions['backing'];
+}
+
+function qcow2Shape(sources: BlockDevice[], options: WriteStreamOptions): Qcow2Shape {
+  const o = { ...(options.options ?? {}) };
+  delete o.size;
+  const backing = options.backing;
+  const s = parseCreateOptions(o, backing !== undefined);
+  const refuse = (what: string) => new QcowError('QCOW_UNSUPPORTED', `${what} cannot be written to a stream`);
+  if (s.extendedL2) throw refuse('extended L2 entries');
+  if (s.encryption) throw refuse('an encrypted image');
+  if (s.dataFile !== undefined) throw refuse('an image with an external data file');
+  if (s.preallocation !== 'off') throw refuse(`preallocation=${s.preallocation}`);
+  if (backing && sources.length !== 1) throw new QcowError('QCOW_INVALID_ARGUMENT', 'a backing file needs exactly one source');
+  const size = sources.reduce((n, d) => n + d.size, 0);
+  const cs = 2 ** s.clusterBits;
+  const g = qcow2Geometry(s.clusterBits, false);
+  const l1Entries = l1EntriesFor(size, g);
+  if (l1Entries * 8 > MAX_L1_BYTES) throw new QcowError('QCOW_INVALID_ARGUMENT', "The image size is too large for file format 'qcow2' (try using a larger cluster size)");
+  const rules: KindRules = { zeroFlag: s.version === 3 };
+  if (backing) rules.backingDepth = backing.layer ? chainOf(sources[0]!).indexOf(backing.layer) : -1;
+  return { s, size, cs, g, l1Entries, l1Clusters: Math.ceil((l1Entries * 8) / cs), rules, backing };
+}
+
+/** Refcount table and block clusters for a file of `fixed` other clusters (they count themselves too). */
+function refcountClusters(fixed: number, cs: number, refcountBits: number): { tableClusters: number; blocks: number } {
+  const perBlock = entriesPerBlock(cs, refcountBits);
+  let blocks = 1;
+  let tableClusters = 1;
+  for (;;) {
+    const b = Math.ceil((fixed + tableClusters + blocks) / perBlock);
+    const t = Math.ceil((b * 8) / cs);
+    if (b <= blocks && t <= tableClusters) break;
+    blocks = Math.max(blocks, b);
+    tableClusters = Math.max(tableClusters, t);
+  }
+  if (tableClusters * cs > MAX_REFCOUNT_TABLE_BYTES) throw new QcowError('QCOW_INVALID_ARGUMENT', 'the image needs a refcount table larger than QEMU accepts (8 MiB): use larger clusters');
+  return { tableClusters, blocks };
+}
+
+/**
+ * Header, refcount table and blocks, L1: the first clusters of the file. `refcount(c)` gives each
+ * cluster's count (only called below `clusters`); `tableAt[t]` each L2 table's offset (0: none).
+ */
+async function putMetadata(
+  put: ChunkSink,
+  shape: Qcow2Shape,
+  rc: { tableClusters: number; blocks: number },
+  clusters: number,
+  refcount: (cluster: number) => number,
+  tableAt: Float64Array,
+): Promise<void> {
+  const { s, cs, l1Entries } = shape;
+  const blocksAt = (1 + rc.tableClusters) * cs;
+  const h = newHeader(s, shape.size, shape.backing?.file, shape.backing?.format);
+  h.l1Size = l1Entries;
+  h.l1TableOffset = l1Entries > 0 ? blocksAt + rc.blocks * cs : 0;
+  h.refcountTableOffset = cs;
+  h.refcountTableClusters = rc.tableClusters;
+  const head = new Uint8Array(cs);
+  head.set(encodeHeader(h, cs));
+  await put(head);
+  const table = new Uint8Array(rc.tableClusters * cs);
+  encodeRefcountTable(Array.from({ length: rc.blocks }, (_, i) => blocksAt + i * cs), table);
+  await put(table);
+  const perBlock = entriesPerBlock(cs, s.refcountBits);
+  // Runs of clusters counted once share one block image (most blocks of a large image).
+  let allOnes: Uint8Array | undefined;
+  for (let b = 0; b < rc.blocks; b++) {
+    const first = b * perBlock;
+    const n = Math.min(perBlock, clusters - first);
+    let ones = n === perBlock;
+    for (let i = 0; i < n && ones; i++) ones = refcount(first + i) === 1;
+    if (ones && allOnes) {
+      await put(allOnes);
+      continue;
+    }
+    const block = new Uint8Array(cs);
+    for (let i = 0; i < n; i++) setRefcount(block, i, s.refcountBits, refcount(first + i));
+    if (ones) allOnes = block;
+    await put(block);
+  }
+  const l1 = new Uint8Array(shape.l1Clusters * cs);
+  for (let t = 0; t < l1Entries; t++) {
+    const at = tableAt[t]!;
+    if (!at) continue;
+    setU32(l1, t * 8, (COPIED_HI | Math.floor(at / 2 ** 32)) >>> 0);
+    setU32(l1, t * 8 + 4, at % 2 ** 32);
+  }
+  await put(l1);
+}
+
+/** Set L2 entry `i` of `l2` to a 64-bit value given as two 32-bit halves. */
+function setEntry(l2: Uint8Array, i: number, hi: number, lo: number): void {
+  setU32(l2, i * 8, hi >>> 0);
+  setU32(l2, i * 8 + 4, lo >>> 0);
+}
+
+/**
+ * Walk one L2 table's range and hand out its entries: zero clusters get the zero flag, data
+ * clusters whatever `entryFor` says (in guest order); returns the data runs as [first, count].
+ */
+async function fillTable(
+  src: ConcatSource,
+  shape: Qcow2Shape,
+  t: number,
+  l2: Uint8Array,
+  entryFor: (cluster: number) => void,
+  signal?: AbortSignal,
+): Promise<[number, number][]> {
+  const { g, cs, size } = shape;
+  const from = t * g.l2Coverage;
+  const to = Math.min(size, from + g.l2Coverage);
+  const runs: [number, number][] = [];
+  await walkClusters(src, from, to, cs, shape.rules, (first, count, kind) => {
+    if (kind === ClusterKind.None) return;
+    for (let c = first; c < first + count; c++) {
+      if (kind === ClusterKind.Zero) l2[(c - t * g.l2Entries) * 8 + 7] = 1;
+      else entryFor(c);
+    }
+    if (kind !== ClusterKind.Data) return;
+    const last = runs[runs.length - 1];
+    if (last && last[0] + last[1] === first) last[1] += count;
+    else runs.push([first, count]);
+  }, signal);
+  return runs;
+}
+
+const changed = () => new QcowError('QCOW_IO', 'the source changed while it was being streamed (its allocation differs between passes)');
+
+async function writeQcow2Stream(sources: BlockDevice[], sink: ChunkSink, options: WriteStreamOptions): Promise<WriteStreamResult> {
+  const shape = qcow2Shape(sources, options);
+  const { cs, g, size, l1Entries } = shape;
+  // --- pass one: what is allocated, hence where everything goes ---
+  const plan = await planClusters(sources, cs, g.l2Coverage, l1Entries, shape.rules, options.signal);
+  if (options.compress) return writeCompressedQcow2(sources, sink, options, shape, plan);
+  const fixed = 1 + shape.l1Clusters + plan.tables + plan.dataClusters;
+  const rc = refcountClusters(fixed, cs, shape.s.refcountBits);
+  const clusters = fixed + rc.tableClusters + rc.blocks;
+  // Each L2 table sits just before the data it maps.
+  const tableAt = new Float64Array(l1Entries);
+  let cursor = (1 + rc.tableClusters + rc.blocks + shape.l1Clusters) * cs;
+  for (let t = 0; t < l1Entries; t++) {
+    if (!plan.hasTable[t]) continue;
+    tableAt[t] = cursor;
+    cursor += cs * (1 + plan.dataPerTable[t]!);
+  }
+  const out = counting(sink);
+  await putMetadata(out.put, shape, rc, clusters, () => 1, tableAt);
+
+  // --- pass two: each L2 table, then its data ---
+  const src = new ConcatSource(sources);
+  const chunk = Math.max(cs, Math.floor((options.chunkSize ?? 2 * 1024 * 1024) / cs) * cs);
+  const parallel = options.parallel ?? 4;
+  for (let t = 0; t < l1Entries; t++) {
+    throwIfAborted(options.signal);
+    const to = Math.min(size, (t + 1) * g.l2Coverage);
+    if (!plan.hasTable[t]) {
+      options.onProgress?.(to, size);
+      continue;
+    }
+    const l2 = new Uint8Array(cs);
+    let host = tableAt[t]! + cs;
+    const runs = await fillTable(src, shape, t, l2, (c) => {
+      setEntry(l2, c - t * g.l2Entries, COPIED_HI | Math.floor(host / 2 ** 32), host % 2 ** 32);
+      host += cs;
+    }, options.signal);
+    if ((host - tableAt[t]! - cs) / cs !== plan.dataPerTable[t]) throw changed();
+    await out.put(l2);
+    for (const [first, count] of runs) {
+      const start = first * cs;
+      const length = Math.min(size, (first + count) * cs) - start;
+      await copyRange(src, start, length, { chunk, parallel, padTo: cs, signal: options.signal }, async (buf, end) => {
+        await out.put(buf);
+        options.onProgress?.(end, size);
+      });
+    }
+    options.onProgress?.(to, size);
+  }
+  if (out.bytes() !== clusters * cs) throw new QcowError('QCOW_IO', `internal: streamed ${out.bytes()} bytes where the plan has ${clusters * cs}`);
+  return { bytes: out.bytes() };
+}
+
+/**
+ * Where compressed clusters go in the compressed region, relative to its (cluster-aligned) start:
+ * back to back as qemu packs them, each counted in every host cluster its sectors touch (as
+ * qemu-img check counts them), and moved to the next cluster when a count would overflow the
+ * refcount width. Deterministic: the layout pass and the writing passes run it alike.
+ */
+class Packer {
+  private pos = 0;
+  constructor(
+    private readonly cs: number,
+    private readonly maxCount: number,
+    private readonly counts?: number[],
+  ) {}
+  get end(): number {
+    return this.pos;
+  }
+  /** Place `length` bytes; returns their offset and the extra 512-byte sectors the descriptor names. */
+  place(length: number): { at: number; sectors: number } {
+    for (;;) {
+      const at = this.pos;
+      const sectors = Math.floor((at + length - 1) / 512) - Math.floor(at / 512);
+      const spanEnd = Math.floor(at / 512) * 512 + (sectors + 1) * 512;
+      const first = Math.floor(at / this.cs);
+      const last = Math.floor((spanEnd - 1) / this.cs);
+      if (this.counts && this.pos % this.cs !== 0) {
+        let fits = true;
+        for (let c = first; c <= last; c++) if ((this.counts[c] ?? 0) + 1 > this.maxCount) fits = false;
+        if (!fits) {
+          this.pos = (first + 1) * this.cs;
+          continue;
+        }
+      }
+      if (this.counts) for (let c = first; c <= last; c++) this.counts[c] = (this.counts[c] ?? 0) + 1;
+      this.pos = at + length;
+      return { at, sectors };
+    }
+  }
+}
+
+/**
+ * Compressed output. A compressed cluster's place in the file depends on the sizes of all before
+ * it, which are known only once they are compressed, yet the tables that point at them come first
+ * in the stream. So the clusters are compressed once, in guest order, into a spill (memory or a
+ * temporary file of the compressed size), and the image is written after: metadata, L2 tables,
+ * the clusters that did not shrink (stored plain, as qemu stores them), then the packed compressed
+ * region. Trade-off, measured in docs/performance.md: one extra write and read of the compressed
+ * bytes (small next to compressing them), against compressing twice or holding them in memory.
+ */
+async function writeCompressedQcow2(
+  sources: BlockDevice[],
+  sink: ChunkSink,
+  options: WriteStreamOptions,
+  shape: Qcow2Shape,
+  plan: Awaited<ReturnType<typeof planClusters>>,
+): Promise<WriteStreamResult> {
+  const { s, cs, g, size, l1Entries } = shape;
+  const spill = options.spill ?? memorySpill();
+  const zstd = s.compressionType === COMPRESSION_ZSTD;
+  const compress = zstd ? zstdCompress : deflateRaw;
+  const lengths = new Uint32Array(plan.dataClusters);
+  const chunk = Math.max(cs, Math.floor((options.chunkSize ?? 2 * 1024 * 1024) / cs) * cs);
+  const parallel = options.parallel ?? 4;
+  try {
+    // --- pass two: compress every data cluster into the spill, in guest order ---
+    let k = 0;
+    {
+      const src = new ConcatSource(sources);
+      const runs: [number, number][] = [];
+      await walkClusters(src, 0, size, cs, shape.rules, (first, count, kind) => {
+        if (kind !== ClusterKind.Data) return;
+        const last = runs[runs.length - 1];
+        if (last && last[0] + last[1] === first) last[1] += count;
+        else runs.push([first, count]);
+      }, options.signal);
+      for (const [first, count] of runs) {
+        const start = first * cs;
+        // Each chunk's clusters are compressed as soon as it is read (several chunks at once, on
+        // the codec threads); the results reach the spill in guest order.
+        const compressChunk = async (buf: Uint8Array) => {
+          const packed = await Promise.all(Array.from({ length: buf.length / cs }, (_, i) => compress(buf.subarray(i * cs, (i + 1) * cs))));
+          // As qemu: a cluster that does not shrink is stored as it is.
+          return packed.map((p, i) => (p.length >= cs ? buf.subarray(i * cs, (i + 1) * cs) : p));
+        };
+        await copyRange(src, start, Math.min(size, (first + count) * cs) - start, { chunk, parallel, padTo: cs, signal: options.signal, prepare: compressChunk }, async (stored, end) => {
+          for (const c of stored) {
+            if (k >= lengths.length) throw changed();
+            lengths[k++] = c.length;
+            await spill.append(c);
+          }
+          options.onProgress?.(Math.min(end, size) / 2, size);
+        });
+      }
+    }
+    if (k !== plan.dataClusters) throw changed();
+
+    // --- layout ---
+    let plain = 0;
+    const counts: number[] = [];
+    const packer = new Packer(cs, maxRefcount(s.refcountBits), counts);
+    for (let i = 0; i < lengths.length; i++) {
+      if (lengths[i] === cs) plain++;
+      else packer.place(lengths[i]!);
+    }
+    const regionClusters = Math.ceil(packer.end / cs);
+    const fixed = 1 + shape.l1Clusters + plan.tables + plain + regionClusters;
+    const rc = refcountClusters(fixed, cs, s.refcountBits);
+    const clusters = fixed + rc.tableClusters + rc.blocks;
+    const tablesAt = (1 + rc.tableClusters + rc.blocks + shape.l1Clusters) * cs;
+    const plainAt = tablesAt + plan.tables * cs;
+    const regionAt = plainAt + plain * cs;
+    const tableAt = new Float64Array(l1Entries);
+    for (let t = 0, n = 0; t < l1Entries; t++) if (plan.hasTable[t]) tableAt[t] = tablesAt + n++ * cs;
+    const regionFirst = regionAt / cs;
+    const out = counting(sink);
+    await putMetadata(out.put, shape, rc, clusters, (c) => (c < regionFirst ? 1 : (counts[c - regionFirst] ?? 0)), tableAt);
+
+    // --- the L2 tables (a third walk of the allocation) ---
+    const src = new ConcatSource(sources);
+    const places = new Packer(cs, maxRefcount(s.refcountBits), []);
+    const x = 62 - (s.clusterBits - 8);
+    let d = 0;
+    let plainIndex = 0;
+    for (let t = 0; t < l1Entries; t++) {
+      throwIfAborted(options.signal);
+      if (!plan.hasTable[t]) continue;
+      const l2 = new Uint8Array(cs);
+      await fillTable(src, shape, t, l2, (c) => {
+        const i = c - t * g.l2Entries;
+        const len = lengths[d++];
+        if (len === undefined) throw changed();
+        if (len === cs) {
+          const host = plainAt + plainIndex++ * cs;
+          setEntry(l2, i, COPIED_HI | Math.floor(host / 2 ** 32), host % 2 ** 32);
+          return;
+        }
+        const { at, sectors } = places.place(len);
+        const host = regionAt + at;
+        // Bit 62: compressed; bits x..61: extra sectors; bits 0..x-1: host offset.
+        const entry = (1n << 62n) | (BigInt(sectors) << BigInt(x)) | BigInt(host);
+        setEntry(l2, i, Number(entry >> 32n), Number(entry & 0xffffffffn));
+      }, options.signal);
+      await out.put(l2);
+    }
+    if (d !== lengths.length) throw changed();
+
+    // --- plain clusters, then the compressed region, both from the spill ---
+    let spillAt = 0;
+    for (let i = 0; i < lengths.length; spillAt += lengths[i++]!) {
+      if (lengths[i] !== cs) continue;
+      const buf = new Uint8Array(cs);
+      await spill.read(spillAt, buf);
+      await out.put(buf);
+    }
+    const again = new Packer(cs, maxRefcount(s.refcountBits), []);
+    let window = new Uint8Array(chunk);
+    let windowAt = 0; // region offset of window[0]
+    spillAt = 0;
+    for (let i = 0; i < lengths.length; spillAt += lengths[i++]!) {
+      const len = lengths[i]!;
+      if (len === cs) continue;
+      const { at } = again.place(len);
+      // Flush whole windows the next cluster starts beyond.
+      while (at >= windowAt + window.length) {
+        await out.put(window);
+        windowAt += window.length;
+        window = new Uint8Array(chunk);
+      }
+      let into = at - windowAt;
+      let done = 0;
+      while (done < len) {
+        const n = Math.min(len - done, window.length - into);
+        await spill.read(spillAt + done, window.subarray(into, into + n));
+        done += n;
+        if (done < len) {
+          await out.put(window);
+          windowAt += window.length;
+          window = new Uint8Array(chunk);
+          into = 0;
+        }
+      }
+      options.onProgress?.(size / 2 + Math.min(size / 2, ((i + 1) / lengths.length) * (size / 2)), size);
+    }
+    const regionBytes = regionClusters * cs;
+    if (windowAt < regionBytes) await out.put(window.subarray(0, regionBytes - windowAt));
+    options.onProgress?.(size, size);
+    if (out.bytes() !== clusters * cs) throw new QcowError('QCOW_IO', `internal: streamed ${out.bytes()} bytes where the plan has ${clusters * cs}`);
+    return { bytes: out.bytes() };
+  } finally {
+    await spill.close();
+  }
+}
