@@ -18,3 +18,4 @@ export { backup, type BackupOptions, type BackupResult } from './ops/backup.js';
 export { writeImageStream, type ChunkSink, type WriteStreamOptions, type WriteStreamResult } from './streams/write-image.js';
 export { webStreamSink } from './streams/sinks.js';
 export { memorySpill, type Spill } from './streams/spill.js';
+export { readImageStream, webStreamChunks, type ReadStreamOptions, type ReadStreamResult } from './streams/read-image.js';

@@ -105,6 +105,7 @@ export function buildProgram(argv: string[]): Command {
         .option('-q, --quiet', 'print nothing')
         .option('-m, --parallel <n>', 'chunks in flight at once', '8')
         .option('-W', 'let writes complete out of order (the target layout may then differ run to run)')
+        .option('--stream-buffer <size>', "reading a stream ('-' or a server without Range): bytes held until the tables that name them arrive (default 64M)")
         .option('-C', 'copy offload: data stored as plain file bytes is copied file to file by the kernel (copy_file_range); zero blocks inside data are not searched for')
         .option('-t, --cache <mode>', 'target cache mode: unsafe (default, as qemu-img convert: no flushes), writeback, none, ...', 'unsafe')
         .option('--bitmaps', 'copy the persistent dirty bitmaps of the source (qcow2 to qcow2)')

@@ -6,6 +6,8 @@ import { createImage, defaultOpener, openImage } from '../../node-open.js';
 import type { ByteStore, StoreOpener } from '../../storage/types.js';
 import { FileStore } from '../../storage/file.node.js';
 import { convert } from '../../ops/convert.js';
+import { isHttpUrl } from '../../storage/url.js';
+import { fstatSync } from 'node:fs';
 import { interruptSignal, openForCli, parseOptionList, progressBar, readPasswordFile } from '../common.js';
 
 interface Flags {
@@ -19,6 +21,8 @@ interface Flags {
   /** Absent: qemu-img's default, 4 KiB (told apart from an explicit -S, which -C refuses). */
   sparseSize?: string;
   C?: boolean;
+  /** Bytes held while reading a stream whose tables come later (qemu-img's size syntax). */
+  streamBuffer?: string;
   snapshot?: string;
   progress?: boolean;
   quiet?: boolean;
@@ -102,6 +106,29 @@ export async function run(files: string[], flags: Flags): Promise<void> {
 
   if (flags.skipBrokenBitmaps && !flags.bitmaps) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use of --skip-broken-bitmaps requires --bitmaps');
   if (target === '-') return runToStream(sourceNames, flags, { options, backingFile, backingFormat, snapshot, parallel });
+  if (sourceNames.includes('-')) {
+    if (sourceNames.length > 1) throw new QcowError('QCOW_INVALID_ARGUMENT', "standard input ('-') can only be the one source");
+    return runFromStream(process.stdin, stdinSize(), target, flags, { options, backingFile, backingFormat, snapshot }, 'standard input');
+  }
+  if (sourceNames.length === 1 && isHttpUrl(sourceNames[0]!) && !flags.compress && !flags.C && !flags.bitmaps && snapshot === undefined) {
+    // A server that ignores Range (or gives no length) cannot be read at random: read its body
+    // front to back instead of holding all of it.
+    const url = sourceNames[0]!;
+    const probe = await openForCli(url, flags, { readOnly: true }).then(
+      (d) => d.close().then(() => undefined),
+      (e: unknown) => e,
+    );
+    if (probe !== undefined && !rangelessServer(probe)) throw probe;
+    if (probe !== undefined) {
+      const { nodeFetch } = await import('../../storage/node-fetch.node.js');
+      const { deferredCaAgent } = await import('../../storage/deferred-ca.node.js');
+      const res = (await nodeFetch(deferredCaAgent())(url)) as Response & { nodeBody?: AsyncIterable<Uint8Array> };
+      if (res.status !== 200) throw new QcowError('QCOW_IO', `HTTP ${res.status} for ${url}`, { file: url });
+      const length = Number(res.headers.get('content-length') ?? NaN);
+      const body: AsyncIterable<Uint8Array> = res.nodeBody ?? webStreamChunksLazy(res.body!);
+      return runFromStream(body, Number.isSafeInteger(length) ? length : undefined, target, flags, { options, backingFile, backingFormat, snapshot }, url);
+    }
+  }
   const opener = targetOpener(flags.cache);
   const sources: BlockDevice[] = [];
   let dst: BlockDevice | undefined;
@@ -208,5 +235,98 @@ async function runToStream(
   } finally {
     interrupt.dispose();
     for (const s of sources) await s.close().catch(() => undefined);
+  }
+}
+
+/** Standard input's length when it is a regular file (`< disk.raw`), else undefined (a pipe). */
+function stdinSize(): number | undefined {
+  try {
+    const st = fstatSync(0);
+    return st.isFile() ? st.size : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The HTTP store's refusals that mean "this server cannot be read at random": stream it instead. */
+function rangelessServer(e: unknown): boolean {
+  return e instanceof QcowError && /ignores range requests|neither Content-Range totals nor a Content-Length/.test(e.message);
+}
+
+async function* webStreamChunksLazy(body: ReadableStream<Uint8Array>): AsyncGenerator<Uint8Array> {
+  const { webStreamChunks } = await import('../../streams/read-image.js');
+  yield* webStreamChunks(body);
+}
+
+/**
+ * `convert [-f FMT] - DST` (and a URL from a server without Range): the image arrives front to
+ * back (src/streams/read-image.ts). A target this creates is removed when the conversion fails,
+ * so nothing half-written looks complete.
+ */
+async function runFromStream(
+  input: AsyncIterable<Uint8Array>,
+  size: number | undefined,
+  target: string,
+  flags: Flags,
+  o: { options: Record<string, string>; backingFile?: string; backingFormat?: string; snapshot?: string },
+  inputName: string,
+): Promise<void> {
+  const refuse = (what: string) => new QcowError('QCOW_INVALID_ARGUMENT', `${what} cannot be used when reading from a stream (${inputName})`);
+  if (flags.compress) throw refuse('-c');
+  if (flags.C) throw refuse('-C');
+  if (flags.bitmaps) throw refuse('--bitmaps');
+  if (o.snapshot !== undefined) throw refuse('-l');
+  if (flags.format !== undefined && flags.format !== 'qcow2' && flags.format !== 'raw') throw new QcowError('QCOW_UNSUPPORTED', `a stream can be read as qcow2 or raw, not ${flags.format}`);
+  const bufferBytes = flags.streamBuffer !== undefined ? parseSize(flags.streamBuffer, 'stream buffer') : undefined;
+  const { readImageStream } = await import('../../streams/read-image.js');
+  const { resolve } = await import('node:path');
+  const opener = targetOpener(flags.cache);
+  const interrupt = interruptSignal();
+  const bar = progressBar(!!flags.progress && !flags.quiet);
+  let dst: BlockDevice | undefined;
+  let created = false;
+  try {
+    const result = await readImageStream(
+      input,
+      async (info) => {
+        if (flags.create) {
+          await createImage(target, { format: flags.outputFormat, size: info.size, backingFile: o.backingFile, backingFormat: o.backingFormat, options: o.options, opener });
+          created = true;
+        }
+        dst = await openImage(target, { format: flags.outputFormat, opener });
+        if (dst.size < info.size) throw new QcowError('QCOW_INVALID_ARGUMENT', `output file is smaller than input file (${dst.size} < ${info.size} bytes)`);
+        return dst;
+      },
+      {
+        format: flags.format,
+        size,
+        targetIsZero: flags.create && !o.backingFile,
+        // A backing file the streamed image names is found from the current directory.
+        openBacking: (name, format) => openForCli(resolve(name), { ...flags, format }, { readOnly: true }),
+        bufferBytes,
+        signal: interrupt.signal,
+        onProgress: size ? (n) => bar(n, size) : undefined,
+      },
+    );
+    await dst!.flush();
+    bar.finish();
+    if (process.env.QCOW_STREAM_STATS === '1') process.stderr.write(`qcow: stream: ${result.format}, ${result.bytesIn} bytes in, peak buffer ${result.peakBuffered} bytes\n`);
+  } catch (e) {
+    bar.clear();
+    if (dst) await (dst as BlockDevice).close().catch(() => undefined);
+    dst = undefined;
+    if (created) {
+      try {
+        unlinkSync(target);
+      } catch {
+        // already gone
+      }
+    }
+    throw e;
+  } finally {
+    interrupt.dispose();
+    if (dst) await (dst as BlockDevice).close();
+    // The rest of the stream is not needed (or the conversion failed): stop reading it.
+    (input as { destroy?: () => void }).destroy?.();
   }
 }

@@ -1,0 +1,180 @@
+/**
+ * Convert an image arriving as a stream (standard input, an HTTP body from a server without
+ * Range support, a Node Readable or a web ReadableStream) into a seekable target, in one pass.
+ * qcow2 is read by read-qcow2.ts; raw is copied as it comes, its zero blocks left unwritten in a
+ * fresh target. Afterwards, what the streamed image leaves to its backing file is copied from that
+ * file (opened as usual: it is not part of the stream), and in an existing target (-n) what it
+ * leaves unallocated is zeroed.
+ */
+import type { BlockDevice } from '../core/block-device.js';
+import { QcowError, throwIfAborted } from '../core/errors.js';
+import { QCOW2_MAGIC } from '../formats/qcow2/header.js';
+import { readQcow2Stream, type StreamImageInfo } from './read-qcow2.js';
+
+export interface ReadStreamOptions {
+  /** 'qcow2' or 'raw'; default: qcow2 when the stream starts with its magic, else raw. */
+  format?: string;
+  /** A raw stream's length, when known (a file, Content-Length): raw has no header to say it. */
+  size?: number;
+  /** The target reads as zeros everywhere (a fresh image without backing): zeros need no writes. */
+  targetIsZero: boolean;
+  /** Opens the backing file a streamed image names. */
+  openBacking?: (name: string, format: string | undefined) => Promise<BlockDevice>;
+  /** Bytes of clusters held until the tables that name them arrive (qcow2). Default 64 MiB. */
+  bufferBytes?: number;
+  signal?: AbortSignal;
+  /** Bytes of the stream consumed so far. */
+  onProgress?: (bytesIn: number) => void;
+}
+
+export interface ReadStreamResult {
+  format: string;
+  bytesIn: number;
+  /** The most bytes held at once while waiting for their tables (qcow2). */
+  peakBuffered: number;
+  target: BlockDevice;
+}
+
+/** A web ReadableStream as the async iterable the readers take (Node streams already are one). */
+export async function* webStreamChunks(stream: ReadableStream<Uint8Array>): AsyncGenerator<Uint8Array> {
+  const reader = stream.getReader();
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) return;
+      yield value;
+    }
+  } finally {
+    reader.releaseLock();
+  }
+}
+
+/** The first `n` bytes of a stream without losing them: returns them and the whole stream again. */
+async function peek(chunks: AsyncIterable<Uint8Array>, n: number): Promise<{ head: Uint8Array; all: AsyncIterable<Uint8Array> }> {
+  const it = chunks[Symbol.asyncIterator]();
+  const seen: Uint8Array[] = [];
+  let have = 0;
+  let ended = false;
+  while (have < n) {
+    const r = await it.next();
+    if (r.done) {
+      ended = true;
+      break;
+    }
+    seen.push(r.value);
+    have += r.value.length;
+  }
+  const head = new Uint8Array(Math.min(n, have));
+  let at = 0;
+  for (const c of seen) {
+    if (at >= head.length) break;
+    const k = Math.min(c.length, head.length - at);
+    head.set(c.subarray(0, k), at);
+    at += k;
+  }
+  async function* all(): AsyncGenerator<Uint8Array> {
+    yield* seen;
+    if (ended) return;
+    for (;;) {
+      const r = await it.next();
+      if (r.done) return;
+      yield r.value;
+    }
+  }
+  return { head, all: all() };
+}
+
+/**
+ * Convert the image on `chunks` into the device `openTarget` gives for it (made from the size the
+ * header tells; for raw, `options.size`).
+ */
+export async function readImageStream(
+  chunks: AsyncIterable<Uint8Array>,
+  openTarget: (info: { format: string; size: number; backingFile?: string; backingFormat?: string }) => Promise<BlockDevice>,
+  options: ReadStreamOptions,
+): Promise<ReadStreamResult> {
+  const { head, all } = await peek(chunks, 4);
+  const isQcow2 = head.length === 4 && new DataView(head.buffer, head.byteOffset).getUint32(0) === QCOW2_MAGIC;
+  const format = options.format ?? (isQcow2 ? 'qcow2' : 'raw');
+  if (format === 'qcow2') {
+    if (!isQcow2) throw new QcowError('QCOW_BAD_MAGIC', head.length < 4 ? 'the stream is empty, not a qcow2 image' : 'the stream is not a qcow2 image (bad magic)');
+    let streamInfo: StreamImageInfo | undefined;
+    const r = await readQcow2Stream(
+      all,
+      async (info) => {
+        streamInfo = info;
+        if (info.extendedL2 && !options.targetIsZero) throw new QcowError('QCOW_UNSUPPORTED', 'an image with extended L2 entries can be read from a stream only into a new target (not -n or with -B)');
+        return openTarget(info);
+      },
+      { bufferBytes: options.bufferBytes, signal: options.signal, onProgress: options.onProgress },
+    );
+    await fillUndecided(r.target, streamInfo!, r.decided, options);
+    return { format, bytesIn: r.bytesIn, peakBuffered: r.peakBuffered, target: r.target };
+  }
+  if (format !== 'raw') throw new QcowError('QCOW_UNSUPPORTED', `a stream can be read as qcow2 or raw, not ${format}`);
+  if (options.size === undefined) {
+    throw new QcowError('QCOW_UNSUPPORTED', 'a raw stream does not say how large it is: stream it into a raw target, or from a file or a server that sends Content-Length');
+  }
+  const target = await openTarget({ format: 'raw', size: options.size });
+  const bytesIn = await copyRaw(all, target, options);
+  return { format, bytesIn, peakBuffered: 0, target };
+}
+
+/** Raw bytes in order into the target; zero blocks are skipped where the target is already zero. */
+async function copyRaw(chunks: AsyncIterable<Uint8Array>, target: BlockDevice, options: ReadStreamOptions): Promise<number> {
+  let at = 0;
+  for await (const chunk of chunks) {
+    throwIfAborted(options.signal);
+    if (at + chunk.length > target.size) throw new QcowError('QCOW_INVALID_ARGUMENT', `the stream is longer than its announced size (${target.size} bytes)`);
+    if (!options.targetIsZero || !isZero(chunk)) await target.write(at, chunk);
+    at += chunk.length;
+    options.onProgress?.(at);
+  }
+  if (at !== target.size) throw new QcowError('QCOW_IO', `the stream ended after ${at} of ${target.size} bytes`);
+  return at;
+}
+
+function isZero(b: Uint8Array): boolean {
+  for (let i = 0; i < b.length; i++) if (b[i] !== 0) return false;
+  return true;
+}
+
+/**
+ * Guest clusters the streamed image does not decide: from its backing file when it names one,
+ * zeros in an existing target, nothing in a fresh one.
+ */
+async function fillUndecided(target: BlockDevice, info: StreamImageInfo, decided: (c: number) => boolean, options: ReadStreamOptions): Promise<void> {
+  const backing = info.backingFile !== undefined ? await openBackingOf(info, options) : undefined;
+  if (!backing && options.targetIsZero) return;
+  const cs = info.clusterSize;
+  const clusters = Math.ceil(info.size / cs);
+  const buf = new Uint8Array(Math.max(cs, 1 << 20) - (Math.max(cs, 1 << 20) % cs));
+  try {
+    for (let c = 0; c < clusters; ) {
+      throwIfAborted(options.signal);
+      if (decided(c)) {
+        c++;
+        continue;
+      }
+      let end = c + 1;
+      while (end < clusters && !decided(end) && (end - c) * cs < buf.length) end++;
+      const from = c * cs;
+      const len = Math.min(info.size, end * cs) - from;
+      if (backing) {
+        const data = buf.subarray(0, len);
+        const n = Math.max(0, Math.min(len, backing.size - from));
+        data.fill(0);
+        if (n > 0) await backing.read(from, data.subarray(0, n));
+        if (!options.targetIsZero || !isZero(data)) await target.write(from, data);
+      } else await target.writeZeroes(from, len, { mayUnmap: true });
+      c = end;
+    }
+  } finally {
+    await backing?.close();
+  }
+}
+
+async function openBackingOf(info: StreamImageInfo, options: ReadStreamOptions): Promise<BlockDevice> {
+  if (!options.openBacking) throw new QcowError('QCOW_UNSUPPORTED', `the streamed image names a backing file (${info.backingFile}) and there is no way to open it here`);
+  return options.openBacking(info.backingFile!, info.backingFormat);
+}

@@ -1,0 +1,473 @@
+/**
+ * Read a qcow2 image front to back from a stream (a pipe, an HTTP body without Range support) and
+ * write its guest content into a target, in one pass.
+ *
+ * Each byte of the file is looked at once, as it arrives. What a byte is becomes known from what
+ * came before it: the header names the L1 and refcount tables, the L1 names the L2 tables, an L2
+ * table names its data clusters. Images laid out by qemu-img (convert, or create and then guest
+ * writes) and by qcow have every table before the data it maps, so nothing waits. A cluster whose
+ * role is not known yet when it arrives is kept (memory, bounded by `bufferBytes`) in case a later
+ * table names it, unless its refcount says it is free; when every L2 table has arrived nothing can
+ * name it any more and it is dropped. Past the budget the conversion stops with one line saying
+ * how much to allow.
+ *
+ * Memory: the budget, the L1 table, the refcount blocks seen (2 bytes per file cluster with the
+ * default width), a window of three clusters, and one bit per guest cluster (what the image
+ * itself decides, for backing files and -n targets).
+ */
+import type { BlockDevice } from '../core/block-device.js';
+import { QcowError, corrupt, throwIfAborted } from '../core/errors.js';
+import { decodeHeader, peekClusterBits, COMPRESSION_ZSTD, type Qcow2Header } from '../formats/qcow2/header.js';
+import { INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeature } from '../formats/qcow2/features.js';
+import { decodeRefcountTable, getRefcount, entriesPerBlock } from '../formats/qcow2/refcount.js';
+import { entryOffset, qcow2Geometry, l1EntriesFor, MAX_L1_BYTES } from '../formats/qcow2/layout.js';
+import { readL2Entry, subclusterKind, type L2Context } from '../formats/qcow2/l2-entry.js';
+import { decompressCluster } from '../formats/qcow2/compressed.js';
+
+/** What the image is, from its header: the target is made from this before any data arrives. */
+export interface StreamImageInfo {
+  format: 'qcow2';
+  size: number;
+  clusterSize: number;
+  /** Subclusters: the image decides only some of a cluster (not tracked for -n or backing files). */
+  extendedL2: boolean;
+  backingFile?: string;
+  backingFormat?: string;
+}
+
+export interface StreamReadOptions {
+  /** Bytes of clusters kept while their role is unknown. Default 64 MiB. */
+  bufferBytes?: number;
+  signal?: AbortSignal;
+  /** Bytes of the stream consumed, and its length when known. */
+  onProgress?: (bytesIn: number) => void;
+}
+
+export interface StreamReadResult {
+  bytesIn: number;
+  /** The most bytes held at once while their role was unknown. */
+  peakBuffered: number;
+  /** Guest clusters the image itself decides (data or zeros); the rest reads from its backing file. */
+  decided: (cluster: number) => boolean;
+  info: StreamImageInfo;
+}
+
+type Want =
+  | { kind: 'l1'; index: number }
+  | { kind: 'reftable'; index: number }
+  | { kind: 'refblock'; block: number }
+  | { kind: 'l2'; guest: number }
+  | { kind: 'data'; guest: number; host: number; alloc: number }
+  | { kind: 'compressed'; guest: number; host: number; bound: number };
+
+/** Turns the chunks of a stream into whole clusters of the file, in order. */
+class ClusterReader {
+  private pending: Uint8Array[] = [];
+  private pendingBytes = 0;
+  private done = false;
+  offset = 0;
+  constructor(private readonly it: AsyncIterator<Uint8Array>) {}
+
+  /** The next `n` bytes (fewer only at the end of the stream). */
+  async take(n: number): Promise<Uint8Array> {
+    while (this.pendingBytes < n && !this.done) {
+      const r = await this.it.next();
+      if (r.done) this.done = true;
+      else if (r.value.length > 0) {
+        this.pending.push(r.value);
+        this.pendingBytes += r.value.length;
+      }
+    }
+    const out = new Uint8Array(Math.min(n, this.pendingBytes));
+    let filled = 0;
+    while (filled < out.length) {
+      const c = this.pending[0]!;
+      const k = Math.min(c.length, out.length - filled);
+      out.set(c.subarray(0, k), filled);
+      filled += k;
+      if (k === c.length) this.pending.shift();
+      else this.pending[0] = c.subarray(k);
+    }
+    this.pendingBytes -= out.length;
+    this.offset += out.length;
+    return out;
+  }
+}
+
+/**
+ * Convert the qcow2 image arriving on `chunks`: `openTarget` receives the header's facts and gives
+ * the device to write into (fresh, or an existing one); data is written as it arrives.
+ */
+export async function readQcow2Stream(
+  chunks: AsyncIterable<Uint8Array>,
+  openTarget: (info: StreamImageInfo) => Promise<BlockDevice>,
+  options: StreamReadOptions = {},
+): Promise<StreamReadResult & { target: BlockDevice }> {
+  const budget = options.bufferBytes ?? 64 * 1024 * 1024;
+  const reader = new ClusterReader(chunks[Symbol.asyncIterator]());
+  const first = await reader.take(512);
+  if (first.length < 104) throw new QcowError('QCOW_CORRUPT', `the stream ended after ${first.length} bytes, inside the qcow2 header`);
+  const cs = 2 ** peakClusterBitsSafe(first);
+  const head = new Uint8Array(cs);
+  head.set(first);
+  const rest = await reader.take(cs - first.length);
+  head.set(rest, first.length);
+  if (reader.offset < cs) throw new QcowError('QCOW_CORRUPT', `the stream ended after ${reader.offset} bytes, inside the qcow2 header cluster`);
+  const h = decodeHeader(head);
+  checkIncompatibleFeatures(h);
+  if (h.cryptMethod !== 0) throw new QcowError('QCOW_UNSUPPORTED', 'an encrypted qcow2 image cannot be read from a stream yet');
+  if (hasFeature(h.incompatibleFeatures, INCOMPAT_DATA_FILE)) throw new QcowError('QCOW_UNSUPPORTED', 'an image with an external data file cannot be read from a stream (its data is not in the stream)');
+  const extendedL2 = hasFeature(h.incompatibleFeatures, INCOMPAT_EXTL2);
+  const g = qcow2Geometry(h.clusterBits, extendedL2);
+  if (h.l1Size * 8 > MAX_L1_BYTES || h.l1Size < l1EntriesFor(h.size, g)) throw corrupt(`L1 table of ${h.l1Size} entries for a ${h.size}-byte image`);
+  const info: StreamImageInfo = { format: 'qcow2', size: h.size, clusterSize: cs, extendedL2, backingFile: h.backingFile, backingFormat: h.backingFormat };
+  if (extendedL2 && h.backingFile !== undefined) throw new QcowError('QCOW_UNSUPPORTED', 'an image with extended L2 entries and a backing file cannot be read from a stream yet');
+  const target = await openTarget(info);
+  const state = new StreamState(h, g, cs, budget, target, extendedL2, options.signal);
+  try {
+    await state.run(reader, options.onProgress);
+  } finally {
+    await state.settle();
+  }
+  return { bytesIn: reader.offset, peakBuffered: state.peakBuffered, decided: (c) => state.isDecided(c), info, target };
+}
+
+function peakClusterBitsSafe(head: Uint8Array): number {
+  const bits = peekClusterBits(head);
+  if (!(bits >= 9 && bits <= 21)) throw corrupt(`cluster_bits ${bits} is out of range (9..21)`);
+  return bits;
+}
+
+class StreamState {
+  /** Wants by the file cluster that holds their first byte. */
+  private readonly wants = new Map<number, Want[]>();
+  /** L2 tables and metadata still to come (when 0 and no data is wanted, the rest is irrelevant). */
+  private tablesPending = 0;
+  private dataPending = 0;
+  /** Clusters kept while their role is unknown. */
+  private readonly kept = new Map<number, Uint8Array>();
+  private keptBytes = 0;
+  peakBuffered = 0;
+  /** The last three clusters (compressed data may run across into the next ones). */
+  private readonly window = new Map<number, Uint8Array>();
+  private readonly refblocks = new Map<number, Uint8Array>();
+  private readonly decided: Uint8Array;
+  private readonly writes = new Set<Promise<void>>();
+  private failure: unknown;
+  private readonly ctx: L2Context;
+
+  constructor(
+    private readonly h: Qcow2Header,
+    private readonly g: ReturnType<typeof qcow2Geometry>,
+    private readonly cs: number,
+    private readonly budget: number,
+    private readonly target: BlockDevice,
+    extendedL2: boolean,
+    private readonly signal?: AbortSignal,
+  ) {
+    this.ctx = { clusterBits: h.clusterBits, extendedL2, externalDataFile: false };
+    this.decided = new Uint8Array(Math.ceil(Math.ceil(h.size / cs) / 8));
+    const l1Clusters = Math.ceil((h.l1Size * 8) / cs);
+    for (let i = 0; i < l1Clusters; i++) this.want(h.l1TableOffset + i * cs, { kind: 'l1', index: i }, true);
+    const rtClusters = h.refcountTableClusters;
+    for (let i = 0; i < rtClusters && i < 256; i++) this.want(h.refcountTableOffset + i * cs, { kind: 'reftable', index: i }, false);
+  }
+
+  isDecided(c: number): boolean {
+    return ((this.decided[c >> 3]! >> (c & 7)) & 1) === 1;
+  }
+
+  private decide(c: number): void {
+    this.decided[c >> 3]! |= 1 << (c & 7);
+  }
+
+  /** Note that the bytes at file offset `at` are wanted; `table`: the conversion needs them. */
+  private want(at: number, w: Want, table: boolean): void {
+    if (at % 1 !== 0 || at < 0) throw corrupt(`table offset ${at} is invalid`);
+    const c = Math.floor(at / this.cs);
+    const list = this.wants.get(c);
+    if (list) list.push(w);
+    else this.wants.set(c, [w]);
+    if (table) this.tablesPending++;
+    if (w.kind === 'data' || w.kind === 'compressed') this.dataPending++;
+  }
+
+  async run(reader: ClusterReader, onProgress?: (n: number) => void): Promise<void> {
+    // Cluster 0 (the header) is done; the rest of the file, cluster by cluster.
+    const cs = this.cs;
+    for (let c = 1; ; c++) {
+      throwIfAborted(this.signal);
+      if (this.failure !== undefined) throw this.failure;
+      if (this.tablesPending === 0 && this.dataPending === 0) {
+        // Everything the image maps has arrived: the rest (refcounts, snapshots, free space)
+        // does not change the guest's content. Read on a while, so a writer that sends the whole
+        // file does not see a broken pipe, but not forever: a stream may never end.
+        const stopAt = reader.offset + Math.max(this.budget, 64 * 1024 * 1024);
+        while (reader.offset < stopAt && (await reader.take(1 << 20)).length > 0) onProgress?.(reader.offset);
+        return;
+      }
+      const bytes = await reader.take(cs);
+      onProgress?.(reader.offset);
+      if (bytes.length === 0) return this.ended(c);
+      // qemu writes data clusters whole (with subclusters, up to the last one written): one cut
+      // short of that means the stream ended early.
+      if (bytes.length < cs && this.wants.get(c)?.some((w) => w.kind === 'data' && bytes.length < this.bytesNeeded(w.alloc))) {
+        throw new QcowError('QCOW_CORRUPT', `the stream ended at ${reader.offset} bytes, inside a data cluster the image maps`);
+      }
+      const cluster = bytes.length === cs ? bytes : padded(bytes, cs);
+      this.window.set(c, cluster);
+      this.window.delete(c - 3);
+      await this.arrived(c, cluster);
+      // Compressed data that started up to two clusters back may end in this one.
+      await this.finishCompressed(c);
+      if (bytes.length < cs) return this.ended(c + 1);
+      // Back-pressure: keep at most a few writes in flight.
+      while (this.writes.size >= 8) await Promise.race(this.writes);
+    }
+  }
+
+  /** Bytes of a data cluster that hold the image's data: all of it, or up to its last allocated subcluster. */
+  private bytesNeeded(alloc: number): number {
+    if (!this.ctx.extendedL2) return this.cs;
+    return (32 - Math.clz32(alloc)) * this.g.subclusterSize;
+  }
+
+  /** The stream ended before cluster `c`: whatever is still wanted lies past its end. */
+  private async ended(c: number): Promise<void> {
+    const end = c * this.cs;
+    // Compressed clusters whose stored length runs past the end: what arrived is all there is.
+    for (const w of this.pendingCompressed.splice(0)) await this.readCompressed(w, end);
+    for (const [wc, list] of this.wants) {
+      for (const w of list) {
+        // A file cut short reads as zeros there (qemu), but a stream that ends before data its
+        // tables map has most likely been cut: say so rather than fill the gap with zeros.
+        if (w.kind === 'data') throw new QcowError('QCOW_CORRUPT', `the stream ended at ${end} bytes, before data the image maps at 0x${w.host.toString(16)}`);
+        if (w.kind === 'compressed') {
+          // Its stored length is an upper bound that may run past the end: use what arrived.
+          if (w.host < end) await this.readCompressed(w, end);
+          else throw corrupt(`the stream ended at ${end} bytes, before the compressed cluster at 0x${w.host.toString(16)}`);
+          continue;
+        }
+        if (w.kind === 'l1' || w.kind === 'l2') throw new QcowError('QCOW_CORRUPT', `the stream ended at ${end} bytes, before the ${w.kind === 'l1' ? 'L1' : 'L2'} table at 0x${(wc * this.cs).toString(16)}`);
+      }
+    }
+    this.wants.clear();
+  }
+
+  private async arrived(c: number, cluster: Uint8Array): Promise<void> {
+    const list = this.wants.get(c);
+    if (!list) {
+      this.keep(c, cluster);
+      return;
+    }
+    this.wants.delete(c);
+    for (const w of list) await this.use(w, c, cluster);
+  }
+
+  /** A cluster nobody has named yet: free ones are dropped, others kept while a table may name them. */
+  private keep(c: number, cluster: Uint8Array): void {
+    if (this.tablesPending === 0) return;
+    if (this.refcountOf(c) === 0) return;
+    this.kept.set(c, cluster);
+    this.keptBytes += this.cs;
+    this.peakBuffered = Math.max(this.peakBuffered, this.keptBytes);
+    if (this.keptBytes > this.budget) {
+      throw new QcowError(
+        'QCOW_UNSUPPORTED',
+        `this image's layout needs more than ${this.budget} bytes of clusters held until the tables that name them arrive: allow more (--stream-buffer SIZE) or give qcow the file itself`,
+      );
+    }
+  }
+
+  /** 0 when the refcount blocks seen so far say the cluster is free; -1 when unknown. */
+  private refcountOf(c: number): number {
+    const per = entriesPerBlock(this.cs, 2 ** this.h.refcountOrder);
+    const block = this.refblocks.get(Math.floor(c / per));
+    return block ? getRefcount(block, c % per, 2 ** this.h.refcountOrder) : -1;
+  }
+
+  /** The bytes of file cluster `c` if they have arrived and are still held. */
+  private held(c: number): Uint8Array | undefined {
+    return this.window.get(c) ?? this.kept.get(c);
+  }
+
+  /** A want for bytes that already went by: served from what is held, or an error. */
+  private async wantOrServe(at: number, w: Want, table: boolean, current: number): Promise<void> {
+    const c = Math.floor(at / this.cs);
+    if (c > current) {
+      this.want(at, w, table);
+      return;
+    }
+    const cluster = this.held(c);
+    if (!cluster) throw corrupt(`a table points back to 0x${at.toString(16)}, which the stream has already passed (the image is not laid out front to back)`);
+    if (table) this.tablesPending++;
+    if (w.kind === 'data' || w.kind === 'compressed') this.dataPending++;
+    await this.use(w, c, cluster);
+  }
+
+  private async use(w: Want, c: number, cluster: Uint8Array): Promise<void> {
+    const cs = this.cs;
+    switch (w.kind) {
+      case 'reftable': {
+        const entries = cs / 8;
+        const offsets = decodeRefcountTable(cluster, entries, cs);
+        for (let i = 0; i < entries; i++) {
+          const off = offsets[i]!;
+          if (off !== 0) await this.wantOrServe(off, { kind: 'refblock', block: w.index * entries + i }, false, c);
+        }
+        return;
+      }
+      case 'refblock':
+        this.refblocks.set(w.block, cluster);
+        return;
+      case 'l1': {
+        this.tablesPending--;
+        const entries = Math.min(cs / 8, this.h.l1Size - w.index * (cs / 8));
+        for (let i = 0; i < entries; i++) {
+          const hi = u32(cluster, i * 8);
+          const lo = u32(cluster, i * 8 + 4);
+          const off = entryOffset(hi, lo, 'L1 entry');
+          const guest = (w.index * (cs / 8) + i) * this.g.l2Coverage;
+          if (off !== 0 && guest < this.h.size) await this.wantOrServe(off, { kind: 'l2', guest }, true, c);
+        }
+        this.dropKeptIfDone();
+        return;
+      }
+      case 'l2':
+        this.tablesPending--;
+        await this.table(w.guest, cluster, c);
+        this.dropKeptIfDone();
+        return;
+      case 'data': {
+        this.dataPending--;
+        if (this.ctx.extendedL2) {
+          // Only the allocated subclusters hold the image's bytes.
+          const sc = this.g.subclusterSize;
+          for (let k = 0; k < this.g.subclustersPerCluster; k++) {
+            if (!((w.alloc >>> k) & 1)) continue;
+            const from = k * sc;
+            const guest = w.guest + from;
+            if (guest >= this.h.size) break;
+            this.write(guest, cluster.subarray(from, Math.min(from + sc, this.h.size - w.guest)));
+          }
+          return;
+        }
+        this.write(w.guest, cluster.subarray(0, Math.min(cs, this.h.size - w.guest)));
+        return;
+      }
+      case 'compressed':
+        // Finished when the cluster holding its last byte arrives (finishCompressed).
+        this.pendingCompressed.push(w);
+        return;
+    }
+  }
+
+  private readonly pendingCompressed: Extract<Want, { kind: 'compressed' }>[] = [];
+
+  /** Compressed clusters whose bytes have all arrived by the end of cluster `c`. */
+  private async finishCompressed(c: number): Promise<void> {
+    const end = (c + 1) * this.cs;
+    for (let i = 0; i < this.pendingCompressed.length; ) {
+      const w = this.pendingCompressed[i]!;
+      if (w.host + w.bound <= end) {
+        this.pendingCompressed.splice(i, 1);
+        await this.readCompressed(w, end);
+      } else i++;
+    }
+  }
+
+  private async readCompressed(w: Extract<Want, { kind: 'compressed' }>, end: number): Promise<void> {
+    const n = Math.min(w.bound, end - w.host);
+    const raw = new Uint8Array(n);
+    for (let done = 0; done < n; ) {
+      const at = w.host + done;
+      const c = Math.floor(at / this.cs);
+      const cluster = this.held(c);
+      if (!cluster) throw corrupt(`compressed cluster at 0x${w.host.toString(16)}: its bytes are no longer held`);
+      const from = at - c * this.cs;
+      const k = Math.min(this.cs - from, n - done);
+      raw.set(cluster.subarray(from, from + k), done);
+      done += k;
+    }
+    const data = await decompressCluster(raw, this.cs, this.h.compressionType === COMPRESSION_ZSTD ? 'zstd' : 'zlib', w.host);
+    this.dataPending--;
+    this.write(w.guest, data.subarray(0, Math.min(this.cs, this.h.size - w.guest)));
+  }
+
+  /** An L2 table: name its data clusters; note which guest clusters the image decides. */
+  private async table(guestBase: number, t: Uint8Array, current: number): Promise<void> {
+    const cs = this.cs;
+    for (let i = 0; i < this.g.l2Entries; i++) {
+      const guest = guestBase + i * cs;
+      if (guest >= this.h.size) break;
+      const d = readL2Entry(t, i, this.ctx);
+      if (d.kind === 'unallocated' && !this.ctx.extendedL2) continue;
+      const cluster = guest / cs;
+      if (d.kind === 'compressed') {
+        this.decide(cluster);
+        const w: Want = { kind: 'compressed', guest, host: d.hostOffset, bound: d.compressedBound };
+        const first = Math.floor(d.hostOffset / cs);
+        if (first > current) this.want(d.hostOffset, w, false);
+        else {
+          // Already passed (in the window or kept): finish it once its last byte is here.
+          if (!this.held(first)) throw corrupt(`a table points back to 0x${d.hostOffset.toString(16)}, which the stream has already passed (the image is not laid out front to back)`);
+          this.dataPending++;
+          this.pendingCompressed.push(w);
+          await this.finishCompressed(current);
+        }
+        continue;
+      }
+      if (this.ctx.extendedL2) {
+        // Zero or unallocated subclusters read as zeros in a fresh target (no backing file here).
+        if (d.kind === 'normal' || d.kind === 'zero-alloc') {
+          let alloc = 0;
+          for (let k = 0; k < this.g.subclustersPerCluster; k++) if (subclusterKind(d, k, true) === 'normal') alloc |= 1 << k;
+          if (alloc !== 0) await this.wantOrServe(d.hostOffset, { kind: 'data', guest, host: d.hostOffset, alloc: alloc >>> 0 }, false, current);
+        }
+        continue;
+      }
+      this.decide(cluster);
+      if (d.kind === 'normal') await this.wantOrServe(d.hostOffset, { kind: 'data', guest, host: d.hostOffset, alloc: 1 }, false, current);
+    }
+  }
+
+  /** With every table in, nothing can name a kept cluster any more. */
+  private dropKeptIfDone(): void {
+    if (this.tablesPending > 0) return;
+    // Compressed data may still be wanted from kept clusters: keep those.
+    const needed = new Set(this.pendingCompressed.flatMap((w) => [Math.floor(w.host / this.cs), Math.floor((w.host + w.bound - 1) / this.cs)]));
+    for (const c of this.kept.keys()) {
+      if (needed.has(c)) continue;
+      this.kept.delete(c);
+      this.keptBytes -= this.cs;
+    }
+  }
+
+  private write(guest: number, data: Uint8Array): void {
+    const p = this.target.write(guest, data).then(
+      () => {
+        this.writes.delete(p);
+      },
+      (e: unknown) => {
+        this.writes.delete(p);
+        this.failure ??= e;
+      },
+    );
+    this.writes.add(p);
+  }
+
+  async settle(): Promise<void> {
+    while (this.writes.size > 0) await Promise.all(this.writes);
+    if (this.failure !== undefined) throw this.failure;
+  }
+}
+
+function padded(bytes: Uint8Array, n: number): Uint8Array {
+  const out = new Uint8Array(n);
+  out.set(bytes);
+  return out;
+}
+
+function u32(b: Uint8Array, at: number): number {
+  return ((b[at]! << 24) | (b[at + 1]! << 16) | (b[at + 2]! << 8) | b[at + 3]!) >>> 0;
+}
