@@ -37,6 +37,18 @@ export class QcowError extends Error {
 
 export const isQcowError = (e: unknown): e is QcowError => e instanceof QcowError;
 
+/**
+ * Corruption found while an image is in use (a structure its header accepted turns out broken
+ * when a write needs it), as QEMU's qcow2 signals it: a writable image is then marked corrupt on
+ * disk (`markedCorrupt`), so nothing writes to it again until it is repaired, and the request fails.
+ */
+export class CorruptionEvent extends QcowError {
+  markedCorrupt = false;
+  constructor(message: string, file?: string) {
+    super('QCOW_CORRUPT', message, { file });
+  }
+}
+
 /** Shorthands: the throw sites read as the rule they enforce. */
 export function corrupt(message: string, file?: string): QcowError {
   return new QcowError('QCOW_CORRUPT', message, { file });

@@ -8,7 +8,7 @@
  * front end gives it, so the same engine runs under compat/qemu-io and `qcow io`.
  */
 import type { BlockDevice, BlockExtent } from '../../core/block-device.js';
-import { QcowError } from '../../core/errors.js';
+import { CorruptionEvent, QcowError } from '../../core/errors.js';
 import { getopt } from './getopt.js';
 import { ERRNO_TEXT, hexdump, humanSize, numberError, parseNumber, parsePatternByte, report, type Num } from './text.js';
 import { splitOptionItems } from '../../cli/option-list.js';
@@ -68,6 +68,15 @@ export function errnoOf(e: unknown): Errno {
 }
 
 const strerror = (e: unknown) => ERRNO_TEXT[errnoOf(e)];
+
+/**
+ * "<what> failed: <strerror>", as qemu-io prints a failed request; a corruption the request ran
+ * into first gets qcow2's own line on standard error, as QEMU prints it when it marks the image.
+ */
+function failed(io: { output: { out(s: string): void; err(s: string): void } }, what: string, e: unknown): void {
+  if (e instanceof CorruptionEvent && e.markedCorrupt) io.output.err(`qcow2: Marking image as corrupt: ${e.message}; further corruption events will be suppressed\n`);
+  io.output.out(`${what} failed: ${strerror(e)}\n`);
+}
 
 /** Largest request qemu's block layer takes: INT_MAX rounded down to whole sectors. */
 export const REQUEST_MAX = 2147483136;
@@ -418,7 +427,7 @@ const readCmd: Command = {
       if (flags.has('b')) throw new QcowError('QCOW_UNSUPPORTED', 'no VM state');
       await io.read(offset, buf);
     } catch (e) {
-      io.output.out(`read failed: ${strerror(e)}\n`);
+      failed(io, 'read', e);
       return -1;
     }
     const t2 = now();
@@ -484,7 +493,7 @@ const readvCmd: Command = {
     try {
       await io.read(offset, buf);
     } catch (e) {
-      io.output.out(`readv failed: ${strerror(e)}\n`);
+      failed(io, 'readv', e);
       return -1;
     }
     const t2 = now();
@@ -592,7 +601,7 @@ const writeCmd: Command = {
       else if (c) await writeCompressed(io, offset, buf!);
       else await io.write(offset, buf!, f);
     } catch (e) {
-      io.output.out(`write failed: ${strerror(e)}\n`);
+      failed(io, 'write', e);
       return -1;
     }
     const t2 = now();
@@ -639,7 +648,7 @@ const writevCmd: Command = {
     try {
       await io.write(offset, new Uint8Array(size).fill(pattern), flags.has('f'));
     } catch (e) {
-      io.output.out(`writev failed: ${strerror(e)}\n`);
+      failed(io, 'writev', e);
       return -1;
     }
     const t2 = now();
@@ -698,7 +707,7 @@ const aioReadCmd: Command = {
           if (flags.has('v')) io.output.out(hexdump(buf, offset));
           io.output.out(report('read', t2 - t1, offset, size, size, 1, flags.has('C')));
         },
-        (e: unknown) => io.output.out(`readv failed: ${strerror(e)}\n`),
+        (e: unknown) => failed(io, 'readv', e),
       ),
     );
     return 0;
@@ -755,19 +764,19 @@ const aioWriteCmd: Command = {
     const done = (size: number, t1: number) => () => {
       if (!q) io.output.out(report('wrote', now() - t1, offset, size, size, 1, C));
     };
-    const failed = (e: unknown) => io.output.out(`aio_write failed: ${strerror(e)}\n`);
+    const aioFailed = (e: unknown) => failed(io, 'aio_write', e);
     if (z) {
       const count = io.num(args[1]!);
       if (count === null) return EINVAL;
       const t1 = now();
-      io.track(io.writeZeroes(offset, count, flags.has('u'), false, fua).then(done(count, t1), failed));
+      io.track(io.writeZeroes(offset, count, flags.has('u'), false, fua).then(done(count, t1), aioFailed));
       return 0;
     }
     const lens = io.lengths(args.slice(1));
     if (!lens) return EINVAL;
     const size = concatLengths(lens);
     const t1 = now();
-    io.track(io.write(offset, new Uint8Array(size).fill(pattern), fua).then(done(size, t1), failed));
+    io.track(io.write(offset, new Uint8Array(size).fill(pattern), fua).then(done(size, t1), aioFailed));
     return 0;
   },
 };
@@ -808,7 +817,7 @@ const discardCmd: Command = {
       checkRange(dev, offset, bytes);
       if (bytes > 0) await dev.discard(offset, bytes);
     } catch (e) {
-      io.output.out(`discard failed: ${strerror(e)}\n`);
+      failed(io, 'discard', e);
       return -1;
     }
     const t2 = now();
@@ -840,7 +849,7 @@ const allocCmd: Command = {
     try {
       for (const r of await allocationRuns(dev, start, count)) if (r.allocated) sum += r.length;
     } catch (e) {
-      io.output.out(`is_allocated failed: ${strerror(e)}\n`);
+      failed(io, 'is_allocated', e);
       return -1;
     }
     io.output.out(`${sum}/${count} bytes allocated at offset ${humanSize(start)}\n`);

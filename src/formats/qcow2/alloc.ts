@@ -15,7 +15,7 @@
  * A kill between any two writes therefore leaves at most clusters whose refcount is too high
  * (leaks), which `qemu-img check` reports as leaks and never as corruption.
  */
-import { QcowError, corrupt } from '../../core/errors.js';
+import { CorruptionEvent, QcowError, corrupt } from '../../core/errors.js';
 import { setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
 import { decodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcount.js';
@@ -93,7 +93,7 @@ export class Refcounts {
     if (bytes > MAX_REFTABLE_BYTES * 4) throw corrupt(`refcount table of ${p.tableClusters} clusters is too large`);
     const buf = new Uint8Array(bytes);
     await store.read(p.tableOffset, buf);
-    const table = decodeRefcountTable(buf, bytes / 8, p.clusterSize);
+    const table = decodeRefcountTable(buf, bytes / 8, p.clusterSize, { unalignedLater: true });
     return new Refcounts(store, p, table, await store.size());
   }
 
@@ -336,6 +336,7 @@ export class Refcounts {
     const block = new Uint8Array(this.clusterSize);
     const off = this.table[b]!;
     if (off === 0) throw new Error('loadBlock without a block');
+    if (off % this.clusterSize !== 0) throw new CorruptionEvent(`Refblock offset 0x${off.toString(16)} unaligned (reftable index: 0x${b.toString(16)})`);
     await this.store.read(off, block);
     // Another caller may have loaded (and changed) it meanwhile: theirs is the one to keep.
     const loaded = this.blocks.get(b);

@@ -92,9 +92,9 @@ export function setRefcount(block: Uint8Array, index: number, bits: number, valu
 /**
  * Decode a refcount table: the block offset of every entry (0 = no block). An entry's bits 9..63
  * are the offset, bits 0..8 are reserved (zero). Offsets must be cluster aligned, below 2^53 and
- * have the reserved bits clear; anything else is corruption.
+ * have the reserved bits clear; anything else is corruption (alignment may be left to the user).
  */
-export function decodeRefcountTable(buf: Uint8Array, entries: number, clusterSize: number): number[] {
+export function decodeRefcountTable(buf: Uint8Array, entries: number, clusterSize: number, options: { unalignedLater?: boolean } = {}): number[] {
   const dv = view(buf);
   const out = new Array<number>(entries);
   // Two 32-bit halves per entry (a BigInt per entry cost ~1.5 ms for a 4 TiB image's table).
@@ -104,7 +104,9 @@ export function decodeRefcountTable(buf: Uint8Array, entries: number, clusterSiz
     if ((lo & 0x1ff) !== 0) throw corrupt(`refcount table entry ${i} (0x${hex64(hi, lo)}) has reserved bits set`);
     if (hi > 0x1fffff) throw corrupt(`refcount table entry ${i} (0x${hex64(hi, lo)}) is too large`);
     const n = hi * 2 ** 32 + lo;
-    if (n % clusterSize !== 0) throw corrupt(`refcount block offset 0x${n.toString(16)} (table entry ${i}) is not cluster aligned`);
+    // `unalignedLater`: as QEMU, an image opens with such an entry and the block is refused when a
+    // write needs it (alloc.ts), so the rest of the image stays usable.
+    if (n % clusterSize !== 0 && !options.unalignedLater) throw corrupt(`refcount block offset 0x${n.toString(16)} (table entry ${i}) is not cluster aligned`);
     out[i] = n;
   }
   return out;

@@ -20,12 +20,12 @@
  * Only `flush()` issues fsyncs (plus the rare cache eviction); writes themselves do not.
  */
 import type { PlacedRange, ZeroOptions } from '../../core/block-device.js';
-import { QcowError, corrupt, unsupported } from '../../core/errors.js';
+import { CorruptionEvent, QcowError, corrupt, unsupported } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
 import { setU32, u32 } from '../../core/bytes.js';
 import { deflateRaw, zstdCompress } from '../../compress/lazy.js';
 import { COMPRESSION_ZSTD, decodeHeader, encodeHeader } from './header.js';
-import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
+import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
 import { PersistentBitmaps, type BitmapWriteHost } from './bitmaps/persistent.js';
 import { decodeL2Entry, readL2Entry, type ClusterDescriptor } from './l2-entry.js';
 import type { CachedTable } from './l2-cache.js';
@@ -183,7 +183,7 @@ export class Qcow2Writer {
     // data outside it so requests at queue depth > 1 overlap their I/O (the lock otherwise
     // serialises every write). See inPlaceWrites for why this stays safe.
     let inPlace: Promise<void> | undefined;
-    await this.lock.run(async () => {
+    await this.guarded(async () => {
       const marking = this.bitmaps.mark(offset, data.length);
       if (marking) await marking;
       let jobs = await this.inPlaceWrites(offset, data);
@@ -209,7 +209,7 @@ export class Qcow2Writer {
       throw new QcowError('QCOW_UNSUPPORTED', 'copy offload writes whole clusters only', { file: this.dev.filename });
     }
     let placing: Promise<void> | undefined;
-    await this.lock.run(async () => {
+    await this.guarded(async () => {
       const marking = this.bitmaps.mark(offset, length);
       if (marking) await marking;
       const jobs: Promise<void>[] = [];
@@ -217,6 +217,36 @@ export class Qcow2Writer {
       if (jobs.length > 0) placing = Promise.all(jobs).then(() => undefined);
     });
     if (placing) await placing;
+  }
+
+  /** The corruption that made this image unusable, once one was found (see guarded). */
+  private brokenBy: CorruptionEvent | undefined;
+
+  /**
+   * Run a guest write under the lock. A corruption it runs into (a CorruptionEvent) marks the image
+   * corrupt on disk, as QEMU's qcow2 does, and every later write fails until a repair.
+   */
+  private guarded<T>(fn: () => Promise<T>): Promise<T> {
+    return this.lock.run(async () => {
+      const broken = this.brokenBy;
+      if (broken) throw new QcowError('QCOW_CORRUPT', `the image was marked corrupt (${broken.message}): repair it with check -r all`, { file: this.dev.filename });
+      try {
+        return await fn();
+      } catch (e) {
+        if (e instanceof CorruptionEvent) await this.markCorrupt(e);
+        throw e;
+      }
+    });
+  }
+
+  private async markCorrupt(e: CorruptionEvent): Promise<void> {
+    this.brokenBy = e;
+    // v2 has no corrupt bit: the image is only refused for the rest of this session.
+    if (this.dev.header.version < 3) return;
+    this.dev.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
+    await this.writeHeader();
+    await this.dev.store.flush();
+    e.markedCorrupt = true;
   }
 
   /** Note a data write running outside the lock; flushes and L2 write-backs wait for it. */
@@ -267,7 +297,7 @@ export class Qcow2Writer {
   }
 
   writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
-    return this.lock.run(async () => {
+    return this.guarded(async () => {
       const marking = this.bitmaps.mark(offset, length);
       if (marking) await marking;
       await this.zeroLocked(offset, length, options, false);
@@ -276,7 +306,7 @@ export class Qcow2Writer {
 
   /** Discards mark bitmaps too, as in QEMU: the range may read differently afterwards. */
   discard(offset: number, length: number): Promise<void> {
-    return this.lock.run(async () => {
+    return this.guarded(async () => {
       const marking = this.bitmaps.mark(offset, length);
       if (marking) await marking;
       await this.zeroLocked(offset, length, { mayUnmap: true }, true);
@@ -299,7 +329,7 @@ export class Qcow2Writer {
       packed.push(zstd ? zstdCompress(full) : deflateRaw(full));
     }
     const results = await Promise.all(packed);
-    return this.lock.run(async () => {
+    return this.guarded(async () => {
       const marking = this.bitmaps.mark(offset, data.length);
       if (marking) await marking;
       await this.compressedLocked(offset, data, results, zstd);
@@ -372,6 +402,9 @@ export class Qcow2Writer {
   /** Flush everything, store the bitmaps (clearing in_use) and clear the dirty bit (lazy refcounts). */
   close(): Promise<void> {
     return this.lock.run(async () => {
+      // An image marked corrupt keeps what is on disk: cached metadata a failed request half
+      // changed is not written over it (QEMU drops its caches too); a repair recounts.
+      if (this.brokenBy) return;
       await this.flushLocked();
       await this.bitmaps.store();
       // The old bitmap clusters are freed now that the new directory is on disk.
