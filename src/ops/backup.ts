@@ -45,7 +45,7 @@ export async function backup(source: BlockDevice, options: BackupOptions): Promi
   const dev = source as Qcow2Device;
   const bitmaps = await dev.persistentBitmaps();
   const exists = bitmaps.list().some((b) => b.name === options.bitmap);
-  if (options.previous && !exists) throw new QcowError('QCOW_NOT_FOUND', `Dirty bitmap '${options.bitmap}' not found: an incremental backup needs the bitmap of the previous one`);
+  if (options.previous && !exists) throw new QcowError('QCOW_INVALID_ARGUMENT', `Dirty bitmap '${options.bitmap}' not found: an incremental backup needs the bitmap of the previous one`);
   // Fails early on an inconsistent bitmap: it cannot say what changed.
   const changed = options.previous ? await changedExtents(dev, options.bitmap) : [{ offset: 0, length: dev.size }];
   const target = await options.createTarget(dev.size, options.previous);

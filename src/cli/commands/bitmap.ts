@@ -66,7 +66,7 @@ async function merge(bitmaps: PersistentBitmaps, dest: string, source: string, f
   if (flags.sourceFile === undefined) return bitmaps.merge(dest, source);
   const src = await openForCli(flags.sourceFile, { format: flags.sourceFormat }, { noBacking: true, readOnly: true });
   try {
-    if (src.format !== 'qcow2') throw new QcowError('QCOW_NOT_FOUND', `Dirty bitmap '${source}' not found`);
+    if (src.format !== 'qcow2') throw new QcowError('QCOW_INVALID_ARGUMENT', `Dirty bitmap '${source}' not found`);
     await bitmaps.merge(dest, source, await (src as Qcow2Device).persistentBitmaps());
   } finally {
     await src.close();

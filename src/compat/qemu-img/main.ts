@@ -35,6 +35,23 @@ const SPECS: Record<string, { short: string; longs: LongOption[] }> = {
   rebase: { short: ':hf:F:b:upt:T:qU', longs: COMMON },
   resize: { short: ':f:hq', longs: [...COMMON, long('preallocation', true), long('shrink', false)] },
   amend: { short: ':ho:f:t:pq', longs: [...COMMON, long('force', false)] },
+  bitmap: {
+    short: ':b:f:F:g:h',
+    longs: [
+      long('help', false, 'h'),
+      long('object', true),
+      long('image-opts', false),
+      long('add', false),
+      long('remove', false),
+      long('clear', false),
+      long('enable', false),
+      long('disable', false),
+      long('merge', true),
+      long('granularity', true, 'g'),
+      long('source-file', true, 'b'),
+      long('source-format', true, 'F'),
+    ],
+  },
   measure: { short: 'hf:O:o:l:U', longs: [...COMMON, long('output', true), long('size', true)] },
   bench: {
     short: ':hc:d:f:ni:o:qs:S:t:wU',
@@ -138,7 +155,14 @@ function translate(cmd: string, key: string, value: string | undefined): string[
       return ['-l', v];
     case 'flush-interval':
     case 'pattern':
+    case 'merge':
       return [`--${key}`, v];
+    case 'add':
+    case 'remove':
+    case 'clear':
+    case 'enable':
+    case 'disable':
+      return [`--${key}`];
     case 'no-drain':
       return ['--no-drain'];
     default:

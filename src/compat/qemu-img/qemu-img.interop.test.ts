@@ -49,3 +49,31 @@ test('compat/qemu-img prints what qemu-img prints', needs('qemu-img', 'qemu-io')
     assert.deepEqual({ code: ours.code, stdout: ours.stdout, stderr: ours.stderr }, { code: theirs.code, stdout: theirs.stdout, stderr: theirs.stderr }, args.join(' '));
   }
 });
+
+test('compat/qemu-img bitmap: the same actions in order, the same messages, the same image afterwards', needs('qemu-img'), async (t) => {
+  const dir = await scratch(t);
+  const steps: string[][] = [
+    ['--add'],
+    ['--add', '-g', '128k', '--disable'],
+    ['--add', '--merge', 'b0'],
+    ['--clear', '--enable'],
+    ['--remove'],
+    [],
+    ['--remove'],
+    ['--add', '-g', '1k'],
+  ];
+  const names = ['b0', 'b1', 'b2', 'b1', 'b0', 'b1', 'gone', 'b3'];
+  const info = async (img: string) => JSON.parse((await qemuImg(['info', '--output=json', img])).stdout)['format-specific'];
+  const results: Record<string, unknown[]> = {};
+  for (const [who, prog] of [['qemu', 'qemu-img'], ['ours', LAUNCHER]] as const) {
+    const img = join(dir, `${who}.qcow2`);
+    await qemuImg(['create', '-q', '-f', 'qcow2', img, '64M']);
+    results[who] = [];
+    for (let i = 0; i < steps.length; i++) {
+      const r = await run(prog, ['bitmap', ...steps[i]!, img, names[i]!], { cwd: dir });
+      results[who]!.push({ code: r.code, stdout: r.stdout, stderr: r.stderr.replaceAll(`${who}.qcow2`, 'IMG') });
+    }
+    results[who]!.push(await info(img));
+  }
+  assert.deepEqual(results.ours, results.qemu);
+});

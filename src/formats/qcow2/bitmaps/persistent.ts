@@ -173,7 +173,7 @@ export class PersistentBitmaps {
 
   private find(name: string): Bitmap {
     const b = this.bitmaps.find((x) => x.entry.name === name);
-    if (!b) throw new QcowError('QCOW_NOT_FOUND', `Dirty bitmap '${name}' not found`);
+    if (!b) throw new QcowError('QCOW_INVALID_ARGUMENT', `Dirty bitmap '${name}' not found`);
     return b;
   }
 
