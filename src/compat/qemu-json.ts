@@ -24,5 +24,6 @@ export function qemuOrder(value: unknown): unknown {
 }
 
 export function qemuJson(value: unknown): string {
-  return JSON.stringify(qemuOrder(value), null, 4);
+  // QEMU prints an empty list or object over two lines, its closing bracket at the line's indent.
+  return JSON.stringify(qemuOrder(value), null, 4).replace(/^( *)(.*)(\[\]|\{\})(,?)$/gm, (_m, indent: string, head: string, pair: string, comma: string) => `${indent}${head}${pair[0]}\n${indent}${pair[1]}${comma}`);
 }

@@ -74,6 +74,9 @@ test('compat/qemu-img bitmap: the same actions in order, the same messages, the 
       results[who]!.push({ code: r.code, stdout: r.stdout, stderr: r.stderr.replaceAll(`${who}.qcow2`, 'IMG') });
     }
     results[who]!.push(await info(img));
+    // Each program's own info, as text: bitmaps with empty and non-empty flag lists.
+    const text = await run(prog, ['info', '--output=json', img], { cwd: dir });
+    results[who]!.push(text.stdout.replaceAll(`${who}.qcow2`, 'IMG').replace(/\n *"actual-size": \d+,/, ''));
   }
   assert.deepEqual(results.ours, results.qemu);
 });
