@@ -195,3 +195,29 @@ function freePort(): Promise<number> {
     s.on('error', reject);
   });
 }
+
+test('encrypted images from a stream: LUKS and legacy AES with the password, one line without it or with a wrong one', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  await writeFile(join(dir, 'pw'), 'secret');
+  await writeFile(join(dir, 'wrong'), 'not it');
+  for (const fmt of ['luks', 'aes']) {
+    const img = join(dir, `${fmt}.qcow2`);
+    const secret = ['--object', 'secret,id=s0,data=secret'];
+    await qemuImg(['create', '-q', '-f', 'qcow2', ...secret, '-o', `encrypt.format=${fmt},encrypt.key-secret=s0${fmt === 'luks' ? ',encrypt.iter-time=10' : ''}`, img, '16M']);
+    const opts = `driver=qcow2,file.filename=${img},encrypt.key-secret=s0`;
+    await qemuIo([...secret, '--image-opts', '-c', 'write -P 0x42 1M 300k', '-c', 'write -P 0x43 9M 64k', opts]);
+    const want = join(dir, 'want.raw');
+    await qemuImg(['convert', ...secret, '--image-opts', opts, '-O', 'raw', want]);
+    const got = join(dir, 'got.raw');
+    const r = await fromPipe(img, got, ['--password-file', join(dir, 'pw'), '-O', 'raw'], dir);
+    assert.equal(r.code, 0, `${fmt}: ${r.stderr}`);
+    assert.equal(sha256(new Uint8Array(await readFile(got))), sha256(new Uint8Array(await readFile(want))), fmt);
+  }
+  const none = await fromPipe(join(dir, 'luks.qcow2'), join(dir, 'x.raw'), ['-O', 'raw'], dir);
+  assert.notEqual(none.code, 0);
+  assert.match(none.stderr, /password is required/);
+  const wrong = await fromPipe(join(dir, 'luks.qcow2'), join(dir, 'x.raw'), ['--password-file', join(dir, 'wrong'), '-O', 'raw'], dir);
+  assert.notEqual(wrong.code, 0);
+  assert.equal(wrong.stderr.trim().split('\n').filter((l) => !l.startsWith('qcow: stream:')).length, 1, wrong.stderr);
+  assert.ok(!existsSync(join(dir, 'x.raw')));
+});

@@ -22,6 +22,8 @@ export interface ReadStreamOptions {
   openBacking?: (name: string, format: string | undefined) => Promise<BlockDevice>;
   /** Bytes of clusters held until the tables that name them arrive (qcow2). Default 64 MiB. */
   bufferBytes?: number;
+  /** The password of an encrypted qcow2 image. */
+  password?: string;
   signal?: AbortSignal;
   /** Bytes of the stream consumed so far. */
   onProgress?: (bytesIn: number) => void;
@@ -106,7 +108,7 @@ export async function readImageStream(
         if (info.extendedL2 && !options.targetIsZero) throw new QcowError('QCOW_UNSUPPORTED', 'an image with extended L2 entries can be read from a stream only into a new target (not -n or with -B)');
         return openTarget(info);
       },
-      { bufferBytes: options.bufferBytes, signal: options.signal, onProgress: options.onProgress },
+      { bufferBytes: options.bufferBytes, password: options.password, signal: options.signal, onProgress: options.onProgress },
     );
     await fillUndecided(r.target, streamInfo!, r.decided, options);
     return { format, bytesIn: r.bytesIn, peakBuffered: r.peakBuffered, target: r.target };

@@ -23,6 +23,8 @@ import { decodeRefcountTable, getRefcount, entriesPerBlock } from '../formats/qc
 import { entryOffset, qcow2Geometry, l1EntriesFor, MAX_L1_BYTES } from '../formats/qcow2/layout.js';
 import { readL2Entry, subclusterKind, type L2Context } from '../formats/qcow2/l2-entry.js';
 import { decompressCluster } from '../formats/qcow2/compressed.js';
+import { openEncryption, type Qcow2Encryption } from '../formats/qcow2/encryption.js';
+import type { ByteStore } from '../storage/types.js';
 
 /** What the image is, from its header: the target is made from this before any data arrives. */
 export interface StreamImageInfo {
@@ -38,6 +40,8 @@ export interface StreamImageInfo {
 export interface StreamReadOptions {
   /** Bytes of clusters kept while their role is unknown. Default 64 MiB. */
   bufferBytes?: number;
+  /** The password of an encrypted image (legacy AES or LUKS). */
+  password?: string;
   signal?: AbortSignal;
   /** Bytes of the stream consumed, and its length when known. */
   onProgress?: (bytesIn: number) => void;
@@ -56,6 +60,7 @@ type Want =
   | { kind: 'l1'; index: number }
   | { kind: 'reftable'; index: number }
   | { kind: 'refblock'; block: number }
+  | { kind: 'luks'; index: number }
   | { kind: 'l2'; guest: number }
   | { kind: 'data'; guest: number; host: number; alloc: number }
   | { kind: 'compressed'; guest: number; host: number; bound: number };
@@ -124,7 +129,8 @@ export async function readQcow2Stream(
   if (reader.offset < cs) throw new QcowError('QCOW_CORRUPT', `the stream ended after ${reader.offset} bytes, inside the qcow2 header cluster`);
   const h = decodeHeader(head);
   checkIncompatibleFeatures(h);
-  if (h.cryptMethod !== 0) throw new QcowError('QCOW_UNSUPPORTED', 'an encrypted qcow2 image cannot be read from a stream yet');
+  if (h.cryptMethod !== 0 && options.password === undefined) throw new QcowError('QCOW_NEED_PASSWORD', 'image is encrypted: a password is required (--password-file)');
+  if (h.cryptMethod !== 0 && h.cryptMethod !== 1 && h.cryptMethod !== 2) throw new QcowError('QCOW_UNSUPPORTED', `unknown encryption method ${h.cryptMethod}`);
   if (hasFeature(h.incompatibleFeatures, INCOMPAT_DATA_FILE)) throw new QcowError('QCOW_UNSUPPORTED', 'an image with an external data file cannot be read from a stream (its data is not in the stream)');
   const extendedL2 = hasFeature(h.incompatibleFeatures, INCOMPAT_EXTL2);
   const g = qcow2Geometry(h.clusterBits, extendedL2);
@@ -133,6 +139,7 @@ export async function readQcow2Stream(
   if (extendedL2 && h.backingFile !== undefined) throw new QcowError('QCOW_UNSUPPORTED', 'an image with extended L2 entries and a backing file cannot be read from a stream yet');
   const target = await openTarget(info);
   const state = new StreamState(h, g, cs, budget, target, extendedL2, options.signal);
+  if (h.cryptMethod !== 0) await state.setUpEncryption(head, options.password!);
   try {
     await state.run(reader, options.onProgress);
   } finally {
@@ -164,6 +171,11 @@ class StreamState {
   private readonly writes = new Set<Promise<void>>();
   private failure: unknown;
   private readonly ctx: L2Context;
+  /** Encrypted images: the cipher, once known (LUKS: once its header area has arrived). */
+  private encryption: Qcow2Encryption | undefined;
+  private luksArea: Uint8Array[] | undefined;
+  private luksMissing = 0;
+  private password: string | undefined;
 
   constructor(
     private readonly h: Qcow2Header,
@@ -180,6 +192,33 @@ class StreamState {
     for (let i = 0; i < l1Clusters; i++) this.want(h.l1TableOffset + i * cs, { kind: 'l1', index: i }, true);
     const rtClusters = h.refcountTableClusters;
     for (let i = 0; i < rtClusters && i < 256; i++) this.want(h.refcountTableOffset + i * cs, { kind: 'reftable', index: i }, false);
+  }
+
+  /**
+   * Legacy AES: the key comes from the password at once. LUKS: the header area (right after the
+   * image's first metadata clusters) must arrive first; its clusters are wanted like tables.
+   */
+  async setUpEncryption(head: Uint8Array, password: string): Promise<void> {
+    this.password = password;
+    if (this.h.cryptMethod === 1) {
+      this.encryption = await openEncryption(headerOnlyStore(head), this.h, Number.MAX_SAFE_INTEGER, { password });
+      return;
+    }
+    const fde = this.h.fde;
+    if (!fde || fde.offset % this.cs !== 0 || fde.offset === 0 || fde.length === 0 || fde.length > 64 * 1024 * 1024) {
+      throw corrupt('LUKS-encrypted image without a usable full disk encryption header area');
+    }
+    const clusters = Math.ceil(fde.length / this.cs);
+    this.luksArea = new Array<Uint8Array>(clusters);
+    this.luksMissing = clusters;
+    for (let i = 0; i < clusters; i++) this.want(fde.offset + i * this.cs, { kind: 'luks', index: i }, true);
+  }
+
+  /** Decrypt a data cluster's bytes in place of a copy (whole 512-byte sectors, as stored). */
+  private async decrypted(cluster: Uint8Array, host: number, guest: number): Promise<Uint8Array> {
+    const enc = this.encryption;
+    if (!enc) throw corrupt(`encrypted data at 0x${host.toString(16)} arrived before the LUKS header area`);
+    return enc.cipher().decrypt(cluster, (enc.ivFromHostSector ? host : guest) / 512);
   }
 
   isDecided(c: number): boolean {
@@ -329,6 +368,18 @@ class StreamState {
       case 'refblock':
         this.refblocks.set(w.block, cluster);
         return;
+      case 'luks': {
+        this.tablesPending--;
+        this.luksArea![w.index] = cluster.slice();
+        if (--this.luksMissing > 0) return;
+        // The whole area is here: unlock it (the key derivation takes the time LUKS asks for).
+        const fde = this.h.fde!;
+        const area = this.luksArea!;
+        const store = areaStore(area, fde.offset, this.cs);
+        this.encryption = await openEncryption(store, this.h, fde.offset + area.length * this.cs, { password: this.password });
+        this.luksArea = undefined;
+        return;
+      }
       case 'l1': {
         this.tablesPending--;
         const entries = Math.min(cs / 8, this.h.l1Size - w.index * (cs / 8));
@@ -349,6 +400,7 @@ class StreamState {
         return;
       case 'data': {
         this.dataPending--;
+        if (this.h.cryptMethod !== 0) cluster = await this.decrypted(cluster, w.host, w.guest);
         if (this.ctx.extendedL2) {
           // Only the allocated subclusters hold the image's bytes.
           const sc = this.g.subclusterSize;
@@ -507,4 +559,36 @@ function padded(bytes: Uint8Array, n: number): Uint8Array {
 
 function u32(b: Uint8Array, at: number): number {
   return ((b[at]! << 24) | (b[at + 1]! << 16) | (b[at + 2]! << 8) | b[at + 3]!) >>> 0;
+}
+
+/** A ByteStore that holds only the header cluster (legacy AES needs nothing else). */
+function headerOnlyStore(head: Uint8Array): ByteStore {
+  return areaStore([head], 0, head.length);
+}
+
+/** A read-only ByteStore over consecutive clusters starting at `offset` (the LUKS header area). */
+function areaStore(clusters: Uint8Array[], offset: number, cs: number): ByteStore {
+  const end = offset + clusters.length * cs;
+  return {
+    name: 'stream',
+    readOnly: true,
+    size: async () => end,
+    async read(at, into) {
+      if (at < offset || at + into.length > end) throw corrupt(`encryption header read at 0x${at.toString(16)} outside its area`);
+      for (let done = 0; done < into.length; ) {
+        const i = Math.floor((at + done - offset) / cs);
+        const from = at + done - offset - i * cs;
+        const n = Math.min(cs - from, into.length - done);
+        into.set(clusters[i]!.subarray(from, from + n), done);
+        done += n;
+      }
+      return into.length;
+    },
+    write: async () => {
+      throw corrupt('read-only');
+    },
+    truncate: async () => undefined,
+    flush: async () => undefined,
+    close: async () => undefined,
+  };
 }

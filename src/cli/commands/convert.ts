@@ -304,6 +304,7 @@ async function runFromStream(
         // A backing file the streamed image names is found from the current directory.
         openBacking: (name, format) => openForCli(resolve(name), { ...flags, format }, { readOnly: true }),
         bufferBytes,
+        password: await readPasswordFile(flags.passwordFile),
         signal: interrupt.signal,
         onProgress: size ? (n) => bar(n, size) : undefined,
       },
