@@ -10,9 +10,10 @@ import type { BlockDevice } from '../core/block-device.js';
 import { QcowError, throwIfAborted } from '../core/errors.js';
 import { QCOW2_MAGIC } from '../formats/qcow2/header.js';
 import { readQcow2Stream, type StreamImageInfo } from './read-qcow2.js';
+import { readQcow1Stream } from './read-qcow1.js';
 
 export interface ReadStreamOptions {
-  /** 'qcow2' or 'raw'; default: qcow2 when the stream starts with its magic, else raw. */
+  /** 'qcow2', 'qcow' or 'raw'; default: from the stream's magic and version, else raw. */
   format?: string;
   /** A raw stream's length, when known (a file, Content-Length): raw has no header to say it. */
   size?: number;
@@ -95,14 +96,30 @@ export async function readImageStream(
   openTarget: (info: { format: string; size: number; backingFile?: string; backingFormat?: string }) => Promise<BlockDevice>,
   options: ReadStreamOptions,
 ): Promise<ReadStreamResult> {
-  const { head, all } = await peek(chunks, 4);
-  const isQcow2 = head.length === 4 && new DataView(head.buffer, head.byteOffset).getUint32(0) === QCOW2_MAGIC;
-  const format = options.format ?? (isQcow2 ? 'qcow2' : 'raw');
+  const { head: head8, all: all8 } = await peek(chunks, 8);
+  const magic = head8.length >= 8 && new DataView(head8.buffer, head8.byteOffset).getUint32(0) === QCOW2_MAGIC;
+  const version = magic ? new DataView(head8.buffer, head8.byteOffset).getUint32(4) : 0;
+  const isQcow2 = magic && version >= 2;
+  const format = options.format ?? (isQcow2 ? 'qcow2' : magic && version === 1 ? 'qcow' : 'raw');
+  if (format === 'qcow') {
+    if (!magic || version !== 1) throw new QcowError('QCOW_BAD_MAGIC', 'the stream is not a qcow (v1) image');
+    let streamInfo: StreamImageInfo | undefined;
+    const r = await readQcow1Stream(
+      all8,
+      async (info) => {
+        streamInfo = info;
+        return openTarget(info);
+      },
+      { bufferBytes: options.bufferBytes, password: options.password, signal: options.signal, onProgress: options.onProgress },
+    );
+    await fillUndecided(r.target, streamInfo!, r.decided, options);
+    return { format, bytesIn: r.bytesIn, peakBuffered: r.peakBuffered, target: r.target };
+  }
   if (format === 'qcow2') {
-    if (!isQcow2) throw new QcowError('QCOW_BAD_MAGIC', head.length < 4 ? 'the stream is empty, not a qcow2 image' : 'the stream is not a qcow2 image (bad magic)');
+    if (!isQcow2) throw new QcowError('QCOW_BAD_MAGIC', head8.length < 8 ? 'the stream is empty, not a qcow2 image' : 'the stream is not a qcow2 image (bad magic)');
     let streamInfo: StreamImageInfo | undefined;
     const r = await readQcow2Stream(
-      all,
+      all8,
       async (info) => {
         streamInfo = info;
         if (info.extendedL2 && !options.targetIsZero) throw new QcowError('QCOW_UNSUPPORTED', 'an image with extended L2 entries can be read from a stream only into a new target (not -n or with -B)');
@@ -113,12 +130,12 @@ export async function readImageStream(
     await fillUndecided(r.target, streamInfo!, r.decided, options);
     return { format, bytesIn: r.bytesIn, peakBuffered: r.peakBuffered, target: r.target };
   }
-  if (format !== 'raw') throw new QcowError('QCOW_UNSUPPORTED', `a stream can be read as qcow2 or raw, not ${format}`);
+  if (format !== 'raw') throw new QcowError('QCOW_UNSUPPORTED', `a stream can be read as qcow2, qcow or raw, not ${format}`);
   if (options.size === undefined) {
     throw new QcowError('QCOW_UNSUPPORTED', 'a raw stream does not say how large it is: stream it into a raw target, or from a file or a server that sends Content-Length');
   }
   const target = await openTarget({ format: 'raw', size: options.size });
-  const bytesIn = await copyRaw(all, target, options);
+  const bytesIn = await copyRaw(all8, target, options);
   return { format, bytesIn, peakBuffered: 0, target };
 }
 

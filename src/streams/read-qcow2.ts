@@ -28,7 +28,7 @@ import type { ByteStore } from '../storage/types.js';
 
 /** What the image is, from its header: the target is made from this before any data arrives. */
 export interface StreamImageInfo {
-  format: 'qcow2';
+  format: 'qcow2' | 'qcow';
   size: number;
   clusterSize: number;
   /** Subclusters: the image decides only some of a cluster (not tracked for -n or backing files). */
@@ -66,7 +66,7 @@ type Want =
   | { kind: 'compressed'; guest: number; host: number; bound: number };
 
 /** Turns the chunks of a stream into whole clusters of the file, in order. */
-class ClusterReader {
+export class ClusterReader {
   private pending: Uint8Array[] = [];
   private pendingBytes = 0;
   private done = false;

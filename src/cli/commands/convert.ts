@@ -276,7 +276,7 @@ async function runFromStream(
   if (flags.C) throw refuse('-C');
   if (flags.bitmaps) throw refuse('--bitmaps');
   if (o.snapshot !== undefined) throw refuse('-l');
-  if (flags.format !== undefined && flags.format !== 'qcow2' && flags.format !== 'raw') throw new QcowError('QCOW_UNSUPPORTED', `a stream can be read as qcow2 or raw, not ${flags.format}`);
+  if (flags.format !== undefined && !['qcow2', 'qcow', 'raw'].includes(flags.format)) throw new QcowError('QCOW_UNSUPPORTED', `a stream can be read as qcow2, qcow or raw, not ${flags.format}`);
   const bufferBytes = flags.streamBuffer !== undefined ? parseSize(flags.streamBuffer, 'stream buffer') : undefined;
   const { readImageStream } = await import('../../streams/read-image.js');
   const { resolve } = await import('node:path');
