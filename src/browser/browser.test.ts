@@ -2,7 +2,7 @@
 // hashes their guest content with WebCrypto; the hashes must be qemu-img's.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFile, mkdir } from 'node:fs/promises';
+import { copyFile, mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { needs, qemuGuestSha256, runOk, scratch } from '../test-support/qemu.js';
@@ -17,9 +17,10 @@ interface PageApi {
   qcowReady?: boolean;
   hashImage(path: string): Promise<{ format: string; size: number; sha256: string; chain: string[]; bytesFetched: number }>;
   v86RoundTrip(path: string, offset: number, sector: number): Promise<{ byteLength: number; before: number[]; after: number[] }>;
+  streamFile(path: string, format: string, compress: boolean): Promise<{ bytes: number; sha256: string; base64: string }>;
 }
 
-test('Chromium reads raw, qcow2 (plain, zlib, zstd, backing chain) and qcow images over HTTP as qemu-img does', { ...needs('chromium', 'qemu-img', 'qemu-io'), ...needsNginx() }, async (t) => {
+test('Chromium reads raw, qcow2 (plain, zlib, zstd, backing chain) and qcow images over HTTP as qemu-img does, and streams local files out as raw and qcow2', { ...needs('chromium', 'qemu-img', 'qemu-io'), ...needsNginx() }, async (t) => {
   const dir = await scratch(t);
   const www = join(dir, 'www');
   const work = join(dir, 'work');
@@ -58,5 +59,16 @@ test('Chromium reads raw, qcow2 (plain, zlib, zstd, backing chain) and qcow imag
   assert.deepEqual(rt.before, new Array(1024).fill(0xab));
   const expected = new Array(1024).fill(0xab).fill(0x77, 96, 96 + 512);
   assert.deepEqual(rt.after, expected);
+
+  // A local file streamed out as raw (the guest content) and as compressed qcow2 (checked by qemu-img).
+  for (const image of images.filter((i) => ['plain.qcow2', 'zstd.qcow2', 'v1.qcow'].includes(i.path))) {
+    const raw = await page.evaluate(([path]) => (window as unknown as PageApi).streamFile(path, 'raw', false), [image.path] as [string]);
+    assert.equal(raw.sha256, await qemuGuestSha256(image.qemuArgs), `${image.path} -> raw`);
+    const q = await page.evaluate(([path]) => (window as unknown as PageApi).streamFile(path, 'qcow2', true), [image.path] as [string]);
+    const out = join(work, 'streamed.qcow2');
+    await writeFile(out, Buffer.from(q.base64, 'base64'));
+    await runOk('qemu-img', ['check', '-q', out]);
+    assert.equal(await qemuGuestSha256(['-f', 'qcow2', out]), raw.sha256, `${image.path} -> qcow2 -c`);
+  }
   assert.deepEqual(pageErrors, []);
 });
