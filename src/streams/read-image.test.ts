@@ -259,3 +259,34 @@ test('qcow (v1) from a stream: plain, compressed, an overlay on a backing file, 
   assert.match(r.stderr, /the stream ended at \d+ bytes, before/);
   assert.ok(!existsSync(p('cut.raw')));
 });
+
+test('raw from a pipe of unknown length into a new raw file (holes kept), and a buffer that spills to a folder', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const p = (n: string) => join(dir, n);
+  const data = new Uint8Array(9 * MiB + 1000);
+  data.set(new Uint8Array(3 * MiB).map((_, i) => (i * 7) % 256 || 1));
+  data.fill(5, 8 * MiB);
+  await writeFile(p('in.raw'), data);
+  const r = await fromPipe(p('in.raw'), p('out.raw'), ['-f', 'raw', '-O', 'raw'], dir);
+  assert.equal(r.code, 0, r.stderr);
+  assert.deepEqual(new Uint8Array(await readFile(p('out.raw'))), data);
+  const { stat } = await import('node:fs/promises');
+  assert.ok((await stat(p('out.raw'))).blocks * 512 < 6 * MiB, 'the zeros stay holes');
+  const q = await fromPipe(p('in.raw'), p('out.qcow2'), ['-f', 'raw', '-O', 'qcow2'], dir);
+  assert.notEqual(q.code, 0);
+  assert.match(q.stderr, /a raw stream does not say how large it is/);
+  // An image with an internal snapshot holds ~5 MB while waiting for tables: 1 MiB of memory, then the folder.
+  await qemuImg(['create', '-q', '-f', 'qcow2', p('snap.qcow2'), '64M']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 1 0 4M', '-c', 'write -P 2 40M 1M', p('snap.qcow2')]);
+  await qemuImg(['snapshot', '-c', 'one', p('snap.qcow2')]);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 3 1M 1M', '-c', 'write -P 4 60M 64k', p('snap.qcow2')]);
+  const { mkdir, readdir } = await import('node:fs/promises');
+  await mkdir(p('spill'));
+  const s = await fromPipe(p('snap.qcow2'), p('snap.raw'), ['-O', 'raw', '--stream-buffer', '1M', '--stream-spill', p('spill')], dir);
+  assert.equal(s.code, 0, s.stderr);
+  await qemuImg(['compare', '-q', '-f', 'qcow2', '-F', 'raw', p('snap.qcow2'), p('snap.raw')]);
+  assert.deepEqual(await readdir(p('spill')), [], 'the spill file is removed');
+  const over = await fromPipe(p('snap.qcow2'), p('over.raw'), ['-O', 'raw', '--stream-buffer', '1M', '--stream-spill', p('spill'), '--stream-spill-size', '2M'], dir);
+  assert.notEqual(over.code, 0);
+  assert.match(over.stderr, /needs more than 1048576 bytes of memory and 2097152 bytes of spill/);
+});

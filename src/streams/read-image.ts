@@ -11,6 +11,9 @@ import { QcowError, throwIfAborted } from '../core/errors.js';
 import { QCOW2_MAGIC } from '../formats/qcow2/header.js';
 import { readQcow2Stream, type StreamImageInfo } from './read-qcow2.js';
 import { readQcow1Stream } from './read-qcow1.js';
+import type { Spill } from './spill.js';
+import type { ByteStore } from '../storage/types.js';
+import { rawFormat } from '../formats/raw/raw.js';
 
 export interface ReadStreamOptions {
   /** 'qcow2', 'qcow' or 'raw'; default: from the stream's magic and version, else raw. */
@@ -25,6 +28,13 @@ export interface ReadStreamOptions {
   bufferBytes?: number;
   /** The password of an encrypted qcow2 image. */
   password?: string;
+  /**
+   * A raw stream of unknown length (a pipe): the empty store of a new raw target, which grows with
+   * the stream. Without it such a stream is refused (there is no size to create a target with).
+   */
+  growingRawTarget?: () => Promise<ByteStore>;
+  /** qcow2: where held clusters go past `bufferBytes` of memory, and how much it may take. */
+  spill?: { store: Spill; limit: number };
   signal?: AbortSignal;
   /** Bytes of the stream consumed so far. */
   onProgress?: (bytesIn: number) => void;
@@ -125,18 +135,51 @@ export async function readImageStream(
         if (info.extendedL2 && !options.targetIsZero) throw new QcowError('QCOW_UNSUPPORTED', 'an image with extended L2 entries can be read from a stream only into a new target (not -n or with -B)');
         return openTarget(info);
       },
-      { bufferBytes: options.bufferBytes, password: options.password, signal: options.signal, onProgress: options.onProgress },
+      { bufferBytes: options.bufferBytes, password: options.password, spill: options.spill, signal: options.signal, onProgress: options.onProgress },
     );
     await fillUndecided(r.target, streamInfo!, r.decided, options);
     return { format, bytesIn: r.bytesIn, peakBuffered: r.peakBuffered, target: r.target };
   }
   if (format !== 'raw') throw new QcowError('QCOW_UNSUPPORTED', `a stream can be read as qcow2, qcow or raw, not ${format}`);
   if (options.size === undefined) {
-    throw new QcowError('QCOW_UNSUPPORTED', 'a raw stream does not say how large it is: stream it into a raw target, or from a file or a server that sends Content-Length');
+    if (!options.growingRawTarget) throw new QcowError('QCOW_UNSUPPORTED', 'a raw stream does not say how large it is: stream it into a new raw target, or from a file or a server that sends Content-Length');
+    // A new raw file takes the stream as it comes and ends where it ends.
+    const store = await options.growingRawTarget();
+    const bytesIn = await copyRawGrowing(all8, store, options);
+    return { format, bytesIn, peakBuffered: 0, target: await rawFormat.open(store) };
   }
   const target = await openTarget({ format: 'raw', size: options.size });
   const bytesIn = await copyRaw(all8, target, options);
   return { format, bytesIn, peakBuffered: 0, target };
+}
+
+/** Raw bytes of unknown length into an empty store: zero 4 KiB blocks are left as holes, the length set at the end. */
+async function copyRawGrowing(chunks: AsyncIterable<Uint8Array>, store: ByteStore, options: ReadStreamOptions): Promise<number> {
+  const BLOCK = 4096;
+  let at = 0;
+  for await (const chunk of chunks) {
+    throwIfAborted(options.signal);
+    // Runs of non-zero blocks are written whole; a block is looked at from its own offset.
+    for (let i = 0; i < chunk.length; ) {
+      const blockEnd = Math.min(chunk.length, i + BLOCK - ((at + i) % BLOCK));
+      if (isZero(chunk.subarray(i, blockEnd))) {
+        i = blockEnd;
+        continue;
+      }
+      let end = blockEnd;
+      while (end < chunk.length) {
+        const next = Math.min(chunk.length, end + BLOCK);
+        if (isZero(chunk.subarray(end, next))) break;
+        end = next;
+      }
+      await store.write(at + i, chunk.subarray(i, end));
+      i = end;
+    }
+    at += chunk.length;
+    options.onProgress?.(at);
+  }
+  await store.truncate(at);
+  return at;
 }
 
 /** Raw bytes in order into the target; zero blocks are skipped where the target is already zero. */

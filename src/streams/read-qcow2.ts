@@ -25,6 +25,7 @@ import { readL2Entry, subclusterKind, type L2Context } from '../formats/qcow2/l2
 import { decompressCluster } from '../formats/qcow2/compressed.js';
 import { openEncryption, type Qcow2Encryption } from '../formats/qcow2/encryption.js';
 import type { ByteStore } from '../storage/types.js';
+import type { Spill } from './spill.js';
 
 /** What the image is, from its header: the target is made from this before any data arrives. */
 export interface StreamImageInfo {
@@ -42,6 +43,8 @@ export interface StreamReadOptions {
   bufferBytes?: number;
   /** The password of an encrypted image (legacy AES or LUKS). */
   password?: string;
+  /** Where held clusters go once `bufferBytes` of memory is used (a temporary file), and how much it may take. */
+  spill?: { store: Spill; limit: number };
   signal?: AbortSignal;
   /** Bytes of the stream consumed, and its length when known. */
   onProgress?: (bytesIn: number) => void;
@@ -138,7 +141,7 @@ export async function readQcow2Stream(
   const info: StreamImageInfo = { format: 'qcow2', size: h.size, clusterSize: cs, extendedL2, backingFile: h.backingFile, backingFormat: h.backingFormat };
   if (extendedL2 && h.backingFile !== undefined) throw new QcowError('QCOW_UNSUPPORTED', 'an image with extended L2 entries and a backing file cannot be read from a stream yet');
   const target = await openTarget(info);
-  const state = new StreamState(h, g, cs, budget, target, extendedL2, options.signal);
+  const state = new StreamState(h, g, cs, budget, target, extendedL2, options.signal, options.spill);
   if (h.cryptMethod !== 0) await state.setUpEncryption(head, options.password!);
   try {
     await state.run(reader, options.onProgress);
@@ -163,6 +166,8 @@ class StreamState {
   /** Clusters kept while their role is unknown. */
   private readonly kept = new Map<number, Uint8Array>();
   private keptBytes = 0;
+  /** Held clusters moved to the spill: cluster -> offset in it. */
+  private readonly spilled = new Map<number, number>();
   peakBuffered = 0;
   /** The last three clusters (compressed data may run across into the next ones). */
   private readonly window = new Map<number, Uint8Array>();
@@ -185,6 +190,7 @@ class StreamState {
     private readonly target: BlockDevice,
     extendedL2: boolean,
     private readonly signal?: AbortSignal,
+    private readonly spill?: { store: Spill; limit: number },
   ) {
     this.ctx = { clusterBits: h.clusterBits, extendedL2, externalDataFile: false };
     this.decided = new Uint8Array(Math.ceil(Math.ceil(h.size / cs) / 8));
@@ -305,7 +311,7 @@ class StreamState {
   private async arrived(c: number, cluster: Uint8Array): Promise<void> {
     const list = this.wants.get(c);
     if (!list) {
-      this.keep(c, cluster);
+      await this.keep(c, cluster);
       return;
     }
     this.wants.delete(c);
@@ -313,18 +319,29 @@ class StreamState {
   }
 
   /** A cluster nobody has named yet: free ones are dropped, others kept while a table may name them. */
-  private keep(c: number, cluster: Uint8Array): void {
+  private async keep(c: number, cluster: Uint8Array): Promise<void> {
     if (this.tablesPending === 0) return;
     if (this.refcountOf(c) === 0) return;
-    this.kept.set(c, cluster);
-    this.keptBytes += this.cs;
-    this.peakBuffered = Math.max(this.peakBuffered, this.keptBytes);
-    if (this.keptBytes > this.budget) {
-      throw new QcowError(
-        'QCOW_UNSUPPORTED',
-        `this image's layout needs more than ${this.budget} bytes of clusters held until the tables that name them arrive: allow more (--stream-buffer SIZE) or give qcow the file itself`,
-      );
+    if (this.keptBytes + this.cs <= this.budget) {
+      this.kept.set(c, cluster);
+      this.keptBytes += this.cs;
+      this.peakBuffered = Math.max(this.peakBuffered, this.keptBytes + this.spilled.size * this.cs);
+      return;
     }
+    // Memory is full: the spill folder, up to its own limit.
+    const spill = this.spill;
+    if (spill && spill.store.size + this.cs <= spill.limit) {
+      this.spilled.set(c, spill.store.size);
+      await spill.store.append(cluster);
+      this.peakBuffered = Math.max(this.peakBuffered, this.keptBytes + this.spilled.size * this.cs);
+      return;
+    }
+    throw new QcowError(
+      'QCOW_UNSUPPORTED',
+      spill
+        ? `this image's layout needs more than ${this.budget} bytes of memory and ${spill.limit} bytes of spill for clusters held until the tables that name them arrive: allow more (--stream-buffer SIZE, --stream-spill-size SIZE) or give qcow the file itself`
+        : `this image's layout needs more than ${this.budget} bytes of clusters held until the tables that name them arrive: allow more (--stream-buffer SIZE, or --stream-spill DIR) or give qcow the file itself`,
+    );
   }
 
   /** 0 when the refcount blocks seen so far say the cluster is free; -1 when unknown. */
@@ -334,9 +351,19 @@ class StreamState {
     return block ? getRefcount(block, c % per, 2 ** this.h.refcountOrder) : -1;
   }
 
-  /** The bytes of file cluster `c` if they have arrived and are still held. */
-  private held(c: number): Uint8Array | undefined {
-    return this.window.get(c) ?? this.kept.get(c);
+  /** The bytes of file cluster `c` if they have arrived and are still held (in memory or spilled). */
+  private async held(c: number): Promise<Uint8Array | undefined> {
+    const mem = this.window.get(c) ?? this.kept.get(c);
+    if (mem) return mem;
+    const at = this.spilled.get(c);
+    if (at === undefined || !this.spill) return undefined;
+    const buf = new Uint8Array(this.cs);
+    await this.spill.store.read(at, buf);
+    return buf;
+  }
+
+  private isHeld(c: number): boolean {
+    return this.window.has(c) || this.kept.has(c) || this.spilled.has(c);
   }
 
   /** A want for bytes that already went by: served from what is held, or an error. */
@@ -346,7 +373,7 @@ class StreamState {
       this.want(at, w, table);
       return;
     }
-    const cluster = this.held(c);
+    const cluster = await this.held(c);
     if (!cluster) throw corrupt(`a table points back to 0x${at.toString(16)}, which the stream has already passed (the image is not laid out front to back)`);
     if (table) this.tablesPending++;
     if (w.kind === 'data' || w.kind === 'compressed') this.dataPending++;
@@ -443,7 +470,7 @@ class StreamState {
     for (let done = 0; done < n; ) {
       const at = w.host + done;
       const c = Math.floor(at / this.cs);
-      const cluster = this.held(c);
+      const cluster = await this.held(c);
       if (!cluster) throw corrupt(`compressed cluster at 0x${w.host.toString(16)}: its bytes are no longer held`);
       const from = at - c * this.cs;
       const k = Math.min(this.cs - from, n - done);
@@ -471,7 +498,7 @@ class StreamState {
         if (first > current) this.want(d.hostOffset, w, false);
         else {
           // Already passed (in the window or kept): finish it once its last byte is here.
-          if (!this.held(first)) throw corrupt(`a table points back to 0x${d.hostOffset.toString(16)}, which the stream has already passed (the image is not laid out front to back)`);
+          if (!this.isHeld(first)) throw corrupt(`a table points back to 0x${d.hostOffset.toString(16)}, which the stream has already passed (the image is not laid out front to back)`);
           this.dataPending++;
           this.pendingCompressed.push(w);
           await this.finishCompressed(current);
@@ -502,6 +529,7 @@ class StreamState {
       this.kept.delete(c);
       this.keptBytes -= this.cs;
     }
+    for (const c of this.spilled.keys()) if (!needed.has(c)) this.spilled.delete(c);
   }
 
   /** Data for consecutive guest offsets, gathered into one write (a write per cluster cost 3x). */

@@ -5,6 +5,8 @@ import { parseSize } from '../../core/size.js';
 import { createImage, defaultOpener, openImage } from '../../node-open.js';
 import type { ByteStore, StoreOpener } from '../../storage/types.js';
 import { FileStore } from '../../storage/file.node.js';
+import type { Spill } from '../../streams/spill.js';
+import { permissionsFor } from '../../storage/permissions.js';
 import { convert } from '../../ops/convert.js';
 import { isHttpUrl } from '../../storage/url.js';
 import { fstatSync } from 'node:fs';
@@ -23,6 +25,9 @@ interface Flags {
   C?: boolean;
   /** Bytes held while reading a stream whose tables come later (qemu-img's size syntax). */
   streamBuffer?: string;
+  /** A folder for what does not fit in the stream buffer, and how much it may take. */
+  streamSpill?: string;
+  streamSpillSize?: string;
   snapshot?: string;
   progress?: boolean;
   quiet?: boolean;
@@ -285,6 +290,8 @@ async function runFromStream(
   const bar = progressBar(!!flags.progress && !flags.quiet);
   let dst: BlockDevice | undefined;
   let created = false;
+  let opened: ByteStore | undefined;
+  let spill: Spill | undefined;
   try {
     const result = await readImageStream(
       input,
@@ -304,17 +311,30 @@ async function runFromStream(
         // A backing file the streamed image names is found from the current directory.
         openBacking: (name, format) => openForCli(resolve(name), { ...flags, format }, { readOnly: true }),
         bufferBytes,
+        spill: flags.streamSpill !== undefined ? { store: (spill = await (await import('../../streams/spill-file.node.js')).fileSpill(flags.streamSpill)), limit: parseSize(flags.streamSpillSize ?? '4G', 'stream spill size') } : undefined,
+        // A raw stream from a pipe has no size: a new raw target grows with it.
+        growingRawTarget:
+          flags.create && flags.outputFormat === 'raw'
+            ? async () => {
+                const store = await FileStore.open(target, { create: true, permissions: permissionsFor({ writable: true, format: 'raw', role: 'image' }) });
+                created = true;
+                opened = store;
+                return store;
+              }
+            : undefined,
         password: await readPasswordFile(flags.passwordFile),
         signal: interrupt.signal,
         onProgress: size ? (n) => bar(n, size) : undefined,
       },
     );
-    await dst!.flush();
+    dst = result.target;
+    await dst.flush();
     bar.finish();
     if (process.env.QCOW_STREAM_STATS === '1') process.stderr.write(`qcow: stream: ${result.format}, ${result.bytesIn} bytes in, peak buffer ${result.peakBuffered} bytes\n`);
   } catch (e) {
     bar.clear();
     if (dst) await (dst as BlockDevice).close().catch(() => undefined);
+    else if (opened) await (opened as ByteStore).close().catch(() => undefined);
     dst = undefined;
     if (created) {
       try {
@@ -327,6 +347,7 @@ async function runFromStream(
   } finally {
     interrupt.dispose();
     if (dst) await (dst as BlockDevice).close();
+    await spill?.close();
     // The rest of the stream is not needed (or the conversion failed): stop reading it.
     (input as { destroy?: () => void }).destroy?.();
   }
