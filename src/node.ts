@@ -13,3 +13,4 @@ export { OverlayDevice, type OverlayOptions } from './overlay/overlay.js';
 export { defaultOpener, openImage, createImage, type NodeOpenOptions, type NodeCreateOptions } from './node-open.js';
 export { nodeWritableSink } from './streams/node-sink.node.js';
 export { fileSpill } from './streams/spill-file.node.js';
+export { stageOver, type StagedTarget } from './streams/staging.node.js';

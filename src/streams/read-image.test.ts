@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { createServer } from 'node:net';
@@ -157,6 +157,32 @@ test('bad streams: one line each, and no half-written target left behind', needs
   assert.match(r.stderr, /needs more than 65536 bytes of clusters held .*--stream-buffer SIZE/);
 });
 
+test('-n into an existing image: a bad stream leaves it byte for byte as it was, a good one lands whole', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const good = join(dir, 'good.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', good, '16M']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 1 0 2M', '-c', 'write -P 2 8M 1M', good]);
+  const cut = join(dir, 'cut.qcow2');
+  // Cut 1.5 MiB into the data: much of it was written by then.
+  await writeFile(cut, (await readFile(good)).subarray(0, 0x50000 + 0x180000 + 4096));
+  for (const format of ['qcow2', 'raw']) {
+    const target = join(dir, `target.${format}`);
+    await qemuImg(['create', '-q', '-f', format, target, '16M']);
+    await qemuIo(['-f', format, '-c', 'write -P 0x5a 0 16M', target]);
+    const before = sha256(new Uint8Array(await readFile(target)));
+    const bad = await fromPipe(cut, target, ['-n', '-O', format], dir);
+    assert.notEqual(bad.code, 0, format);
+    assert.match(bad.stderr, /stream ended at \d+ bytes, inside a data cluster/, format);
+    assert.equal(sha256(new Uint8Array(await readFile(target))), before, `${format}: the target is unchanged`);
+    const ok = await fromPipe(good, target, ['-n', '-O', format], dir);
+    assert.equal(ok.code, 0, `${format}: ${ok.stderr}`);
+    await qemuImg(['compare', '-q', '-f', 'qcow2', '-F', format, good, target]);
+    if (format === 'qcow2') await qemuImg(['check', '-q', target]);
+  }
+  const left = (await readdir(dir)).filter((n) => n.startsWith('.qcow-staging-'));
+  assert.deepEqual(left, [], 'no staging folder is left behind');
+});
+
 test('the library: a web ReadableStream into an image in memory', async () => {
   const src = new MemoryStore();
   await qcow2Format.create(src, { size: 3 * MiB, options: { cluster_size: '4096' } });
@@ -280,7 +306,7 @@ test('raw from a pipe of unknown length into a new raw file (holes kept), and a 
   await qemuIo(['-f', 'qcow2', '-c', 'write -P 1 0 4M', '-c', 'write -P 2 40M 1M', p('snap.qcow2')]);
   await qemuImg(['snapshot', '-c', 'one', p('snap.qcow2')]);
   await qemuIo(['-f', 'qcow2', '-c', 'write -P 3 1M 1M', '-c', 'write -P 4 60M 64k', p('snap.qcow2')]);
-  const { mkdir, readdir } = await import('node:fs/promises');
+  const { mkdir } = await import('node:fs/promises');
   await mkdir(p('spill'));
   const s = await fromPipe(p('snap.qcow2'), p('snap.raw'), ['-O', 'raw', '--stream-buffer', '1M', '--stream-spill', p('spill')], dir);
   assert.equal(s.code, 0, s.stderr);

@@ -6,6 +6,7 @@ import { createImage, defaultOpener, openImage } from '../../node-open.js';
 import type { ByteStore, StoreOpener } from '../../storage/types.js';
 import { FileStore } from '../../storage/file.node.js';
 import type { Spill } from '../../streams/spill.js';
+import type { StagedTarget } from '../../streams/staging.node.js';
 import { permissionsFor } from '../../storage/permissions.js';
 import { convert } from '../../ops/convert.js';
 import { isHttpUrl } from '../../storage/url.js';
@@ -266,7 +267,8 @@ async function* webStreamChunksLazy(body: ReadableStream<Uint8Array>): AsyncGene
 /**
  * `convert [-f FMT] - DST` (and a URL from a server without Range): the image arrives front to
  * back (src/streams/read-image.ts). A target this creates is removed when the conversion fails,
- * so nothing half-written looks complete.
+ * so nothing half-written looks complete; an existing one (-n) is written through a staging layer
+ * (src/streams/staging.node.ts) and left as it was.
  */
 async function runFromStream(
   input: AsyncIterable<Uint8Array>,
@@ -284,7 +286,7 @@ async function runFromStream(
   if (flags.format !== undefined && !['qcow2', 'qcow', 'raw'].includes(flags.format)) throw new QcowError('QCOW_UNSUPPORTED', `a stream can be read as qcow2, qcow or raw, not ${flags.format}`);
   const bufferBytes = flags.streamBuffer !== undefined ? parseSize(flags.streamBuffer, 'stream buffer') : undefined;
   const { readImageStream } = await import('../../streams/read-image.js');
-  const { resolve } = await import('node:path');
+  const { resolve, dirname } = await import('node:path');
   const opener = targetOpener(flags.cache);
   const interrupt = interruptSignal();
   const bar = progressBar(!!flags.progress && !flags.quiet);
@@ -292,6 +294,7 @@ async function runFromStream(
   let created = false;
   let opened: ByteStore | undefined;
   let spill: Spill | undefined;
+  let staged: StagedTarget | undefined;
   try {
     const result = await readImageStream(
       input,
@@ -302,6 +305,11 @@ async function runFromStream(
         }
         dst = await openImage(target, { format: flags.outputFormat, opener });
         if (dst.size < info.size) throw new QcowError('QCOW_INVALID_ARGUMENT', `output file is smaller than input file (${dst.size} < ${info.size} bytes)`);
+        if (created) return dst;
+        // An existing image (-n) is written only once the whole stream has arrived well.
+        const { stageOver } = await import('../../streams/staging.node.js');
+        staged = await stageOver(dst, dirname(resolve(target)));
+        dst = staged.device;
         return dst;
       },
       {
@@ -328,6 +336,7 @@ async function runFromStream(
       },
     );
     dst = result.target;
+    if (staged) await staged.apply({ signal: interrupt.signal });
     await dst.flush();
     bar.finish();
     if (process.env.QCOW_STREAM_STATS === '1') process.stderr.write(`qcow: stream: ${result.format}, ${result.bytesIn} bytes in, peak buffer ${result.peakBuffered} bytes\n`);
