@@ -286,7 +286,7 @@ test('qcow (v1) from a stream: plain, compressed, an overlay on a backing file, 
   assert.ok(!existsSync(p('cut.raw')));
 });
 
-test('raw from a pipe of unknown length into a new raw file (holes kept), and a buffer that spills to a folder', needs('qemu-img', 'qemu-io'), async (t) => {
+test('raw from a pipe of unknown length into a new raw file (holes kept) or a qcow2 that grows with it, and a buffer that spills to a folder', needs('qemu-img', 'qemu-io'), async (t) => {
   const dir = await scratch(t);
   const p = (n: string) => join(dir, n);
   const data = new Uint8Array(9 * MiB + 1000);
@@ -298,9 +298,31 @@ test('raw from a pipe of unknown length into a new raw file (holes kept), and a 
   assert.deepEqual(new Uint8Array(await readFile(p('out.raw'))), data);
   const { stat } = await import('node:fs/promises');
   assert.ok((await stat(p('out.raw'))).blocks * 512 < 6 * MiB, 'the zeros stay holes');
+  // Into qcow2 the image grows ahead of the stream and is cut to its length (512-byte rounded).
   const q = await fromPipe(p('in.raw'), p('out.qcow2'), ['-f', 'raw', '-O', 'qcow2'], dir);
-  assert.notEqual(q.code, 0);
-  assert.match(q.stderr, /a raw stream does not say how large it is/);
+  assert.equal(q.code, 0, q.stderr);
+  await qemuImg(['check', '-q', p('out.qcow2')]);
+  await qemuImg(['compare', '-q', '-f', 'raw', '-F', 'qcow2', p('in.raw'), p('out.qcow2')]);
+  const info = JSON.parse((await qemuImg(['info', '--output=json', p('out.qcow2')])).stdout) as { 'virtual-size': number };
+  assert.equal(info['virtual-size'], 9 * MiB + 1024);
+  // Past several growth steps, with small clusters: only the clusters holding data are allocated.
+  const { open: openFile } = await import('node:fs/promises');
+  const big = await openFile(p('big.raw'), 'w');
+  await big.write(data, 0, data.length, 0);
+  await big.write(data.subarray(0, MiB), 0, MiB, 150 * MiB);
+  await big.truncate(200 * MiB + 512);
+  await big.close();
+  const b = await fromPipe(p('big.raw'), p('big.qcow2'), ['-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=4096'], dir);
+  assert.equal(b.code, 0, b.stderr);
+  await qemuImg(['check', '-q', p('big.qcow2')]);
+  await qemuImg(['compare', '-q', '-f', 'raw', '-F', 'qcow2', p('big.raw'), p('big.qcow2')]);
+  const map = JSON.parse((await qemuImg(['map', '--output=json', p('big.qcow2')])).stdout) as { length: number; data: boolean }[];
+  assert.equal(map.filter((e) => e.data).reduce((n, e) => n + e.length, 0), 3 * MiB + 1 * MiB + 1 * MiB + 4096, 'data clusters only');
+  // qcow (v1) images cannot grow: one line, and no target left.
+  const v1 = await fromPipe(p('in.raw'), p('out.qcow'), ['-f', 'raw', '-O', 'qcow'], dir);
+  assert.notEqual(v1.code, 0);
+  assert.match(v1.stderr, /cannot be read into qcow: its images cannot grow/);
+  assert.ok(!existsSync(p('out.qcow')));
   // An image with an internal snapshot holds ~5 MB while waiting for tables: 1 MiB of memory, then the folder.
   await qemuImg(['create', '-q', '-f', 'qcow2', p('snap.qcow2'), '64M']);
   await qemuIo(['-f', 'qcow2', '-c', 'write -P 1 0 4M', '-c', 'write -P 2 40M 1M', p('snap.qcow2')]);

@@ -33,6 +33,12 @@ export interface ReadStreamOptions {
    * the stream. Without it such a stream is refused (there is no size to create a target with).
    */
   growingRawTarget?: () => Promise<ByteStore>;
+  /**
+   * A raw stream of unknown length into another format: a new, empty image that can be resized
+   * (qcow2). It grows ahead of the stream and is cut to the stream's length (rounded up to 512
+   * bytes, as image sizes are) at its end.
+   */
+  growingTarget?: () => Promise<BlockDevice>;
   /** qcow2: where held clusters go past `bufferBytes` of memory, and how much it may take. */
   spill?: { store: Spill; limit: number };
   signal?: AbortSignal;
@@ -142,11 +148,18 @@ export async function readImageStream(
   }
   if (format !== 'raw') throw new QcowError('QCOW_UNSUPPORTED', `a stream can be read as qcow2, qcow or raw, not ${format}`);
   if (options.size === undefined) {
-    if (!options.growingRawTarget) throw new QcowError('QCOW_UNSUPPORTED', 'a raw stream does not say how large it is: stream it into a new raw target, or from a file or a server that sends Content-Length');
-    // A new raw file takes the stream as it comes and ends where it ends.
-    const store = await options.growingRawTarget();
-    const bytesIn = await copyRawGrowing(all8, store, options);
-    return { format, bytesIn, peakBuffered: 0, target: await rawFormat.open(store) };
+    if (options.growingRawTarget) {
+      // A new raw file takes the stream as it comes and ends where it ends.
+      const store = await options.growingRawTarget();
+      const bytesIn = await copyRawGrowing(all8, store, options);
+      return { format, bytesIn, peakBuffered: 0, target: await rawFormat.open(store) };
+    }
+    if (options.growingTarget) {
+      const target = await options.growingTarget();
+      const bytesIn = await copyRawIntoGrowingImage(all8, target, options);
+      return { format, bytesIn, peakBuffered: 0, target };
+    }
+    throw new QcowError('QCOW_UNSUPPORTED', 'a raw stream does not say how large it is: stream it into a new image without a backing file, or from a file or a server that sends Content-Length');
   }
   const target = await openTarget({ format: 'raw', size: options.size });
   const bytesIn = await copyRaw(all8, target, options);
@@ -179,6 +192,61 @@ async function copyRawGrowing(chunks: AsyncIterable<Uint8Array>, store: ByteStor
     options.onProgress?.(at);
   }
   await store.truncate(at);
+  return at;
+}
+
+/**
+ * Raw bytes of unknown length into a new, empty image that grows ahead of them. The stream's
+ * pieces (a pipe gives 64 KiB or less, at any offset) are gathered into whole-cluster runs first,
+ * so each cluster is written once, whole, and all-zero clusters not at all.
+ */
+async function copyRawIntoGrowingImage(chunks: AsyncIterable<Uint8Array>, target: BlockDevice, options: ReadStreamOptions): Promise<number> {
+  if (!target.resize) throw new QcowError('QCOW_UNSUPPORTED', `a raw stream of unknown length cannot be read into ${target.format}: its images cannot grow`);
+  const cs = Math.max(512, target.clusterSize);
+  const run = new Uint8Array(Math.max(cs, 2 ** 21 - (2 ** 21 % cs)));
+  let filled = 0; // bytes of `run` holding the stream from `runAt`
+  let runAt = 0;
+  const writeRun = async (length: number) => {
+    const needed = runAt + length;
+    if (needed > target.size) {
+      // Grow in steps of an eighth (at least 64 MiB): a few resizes, not one per piece.
+      const step = Math.max(64 * 2 ** 20, Math.ceil(target.size / 8));
+      await target.resize!(Math.ceil(Math.max(needed, target.size + step) / cs) * cs);
+    }
+    for (let i = 0; i < length; ) {
+      const end = Math.min(length, i + cs);
+      if (isZero(run.subarray(i, end))) {
+        i = end;
+        continue;
+      }
+      let stop = end;
+      while (stop < length && !isZero(run.subarray(stop, Math.min(length, stop + cs)))) stop = Math.min(length, stop + cs);
+      await target.write(runAt + i, run.subarray(i, stop));
+      i = stop;
+    }
+  };
+  let at = 0;
+  for await (const chunk of chunks) {
+    throwIfAborted(options.signal);
+    for (let i = 0; i < chunk.length; ) {
+      const n = Math.min(chunk.length - i, run.length - filled);
+      run.set(chunk.subarray(i, i + n), filled);
+      filled += n;
+      i += n;
+      if (filled === run.length) {
+        await writeRun(filled);
+        runAt += filled;
+        filled = 0;
+      }
+    }
+    at += chunk.length;
+    options.onProgress?.(at);
+  }
+  // The tail: zero-padded to the image's 512-byte granularity, then the size cut to it.
+  const size = Math.ceil(at / 512) * 512;
+  run.fill(0, filled, filled + (size - at));
+  if (size > runAt) await writeRun(size - runAt);
+  if (target.size !== size) await target.resize(size, { shrink: true });
   return at;
 }
 

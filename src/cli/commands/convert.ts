@@ -330,6 +330,16 @@ async function runFromStream(
                 return store;
               }
             : undefined,
+        // Into another format, a new image starts empty and grows ahead of the stream.
+        growingTarget:
+          flags.create && !o.backingFile
+            ? async () => {
+                // 512 bytes, the least every format takes; formats whose images cannot grow refuse after.
+                await createImage(target, { format: flags.outputFormat, size: 512, options: o.options, opener });
+                created = true;
+                return (dst = await openImage(target, { format: flags.outputFormat, opener }));
+              }
+            : undefined,
         password: await readPasswordFile(flags.passwordFile),
         signal: interrupt.signal,
         onProgress: size ? (n) => bar(n, size) : undefined,
