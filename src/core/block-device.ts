@@ -5,6 +5,16 @@
  */
 import type { ByteStore } from '../storage/types.js';
 
+// Devices are `await using`-disposable. `Symbol.asyncDispose` is declared in TypeScript's
+// esnext.disposable lib and in @types/node; a browser project on an ES2022 lib has neither, and
+// would fail to type-check these declarations. Declared here as @types/node does (the same
+// declaration merges with either).
+declare global {
+  interface SymbolConstructor {
+    readonly asyncDispose: unique symbol;
+  }
+}
+
 /** One run of guest bytes with the same allocation state in one layer (what `qemu-img map` shows). */
 export interface BlockExtent {
   offset: number;
