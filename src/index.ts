@@ -1,10 +1,15 @@
-/** The browser-safe core: interfaces, formats, chains and operations. Node-only parts: `qcow/node`. */
-export type { BlockDevice, BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, SnapshotInfo, WriteOptions, ZeroOptions } from './core/block-device.js';
+/**
+ * The browser-safe core: interfaces, formats, chains and operations. Node-only parts: `qcow/node`.
+ *
+ * @module qcow
+ */
+export type { BlockDevice, BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, PlacedRange, PlainExtent, SnapshotInfo, WriteOptions, ZeroOptions } from './core/block-device.js';
 export { DeviceBase, mergeExtents } from './core/device-base.js';
-export { QcowError, isQcowError, type QcowErrorCode } from './core/errors.js';
+export { QcowError, isQcowError, type QcowErrorCode, type QcowErrorOptions } from './core/errors.js';
 export { FormatRegistry } from './core/registry.js';
 export { parseSize, formatSize } from './core/size.js';
-export type { ByteStore, StoreOpener } from './storage/types.js';
+export type { ByteStore, DataRun, StoreOpener } from './storage/types.js';
+export type { Permissions } from './storage/permissions.js';
 export { MemoryStore } from './storage/memory.js';
 export { openImage as openImageWith, createImage as createImageWith, chainOf, type OpenImageOptions, type CreateImageOptions } from './chain/open.js';
 export { builtinFormats, rawFormat } from './formats/index.js';

@@ -27,17 +27,50 @@ function withLazyHttp(local: StoreOpener): StoreOpener {
 /** The opener the CLI uses: local paths, and http(s) URLs (whose backing names resolve against the URL). */
 export const defaultOpener: StoreOpener = withLazyHttp(fileOpener);
 
+/** Options of {@link openImage}: those of {@link OpenImageOptions}, with `opener` and `formats` optional (default: files and http(s) URLs, the built-in formats). */
 export type NodeOpenOptions = Partial<Omit<OpenImageOptions, 'opener' | 'formats'>> & Partial<Pick<OpenImageOptions, 'opener' | 'formats'>>;
 
-/** Open an image file (and its backing chain) by path. */
+/**
+ * Open an image file (and its backing chain) by path, or an http(s) URL read-only; the format is
+ * probed unless `format` is given. The files are locked as QEMU locks them.
+ *
+ * @example
+ * ```ts
+ * import { openImage } from 'qcow/node';
+ *
+ * await using dev = await openImage('disk.qcow2', { readOnly: true });
+ * const info = await dev.describe();
+ * console.log(info.format, info.virtualSize, dev.backing?.filename);
+ * ```
+ */
 export function openImage(path: string, options: NodeOpenOptions = {}): Promise<BlockDevice> {
   return openChain(path, { ...options, opener: options.opener ?? defaultOpener, formats: options.formats ?? builtinFormats() });
 }
 
+/**
+ * Options of {@link createImage}: those of {@link CreateImageOptions}, with `opener` and `formats`
+ * optional, and `size` too when a backing file gives it.
+ */
 export type NodeCreateOptions = Partial<Omit<CreateImageOptions, 'opener' | 'formats' | 'format' | 'size'>> &
-  Partial<Pick<CreateImageOptions, 'opener' | 'formats'>> & { format: string; size?: number };
+  Partial<Pick<CreateImageOptions, 'opener' | 'formats'>> & {
+    /** The new image's format ("qcow2", "qcow", "raw"). */
+    format: string;
+    /** Virtual size in bytes; optional with a backing file, whose size is then taken. */
+    size?: number;
+  };
 
-/** Create an image file. */
+/**
+ * Create an empty image file, as `qemu-img create` does; a backing file is opened to check it
+ * (and to take its size when none is given) unless `unsafe`.
+ *
+ * @example
+ * ```ts
+ * import { createImage, parseSize } from 'qcow/node';
+ *
+ * await createImage('base.qcow2', { format: 'qcow2', size: parseSize('10G') });
+ * await createImage('top.qcow2', { format: 'qcow2', backingFile: 'base.qcow2', backingFormat: 'qcow2' });
+ * ```
+ */
 export function createImage(path: string, options: NodeCreateOptions): Promise<void> {
   return createChain(path, { ...options, size: options.size ?? 0, opener: options.opener ?? defaultOpener, formats: options.formats ?? builtinFormats() });
 }

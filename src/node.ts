@@ -1,11 +1,13 @@
 /**
  * Node entry: the core plus what needs node: modules (files, the default opener). `openImage`
  * here opens paths and http(s) URLs (read-only) with every built-in format.
+ *
+ * @module qcow/node
  */
-import { fileOpener, FileStore } from './storage/file.node.js';
+import { fileOpener, FileStore, type FileStoreOptions } from './storage/file.node.js';
 
 export * from './index.js';
-export { FileStore, fileOpener };
+export { FileStore, fileOpener, type FileStoreOptions };
 export { HttpStore, httpOpener, withHttp, type HttpStoreOptions, type HttpStats } from './storage/http.js';
 export { nodeFetch } from './storage/node-fetch.node.js';
 export { OverlayDevice, type OverlayOptions } from './overlay/overlay.js';

@@ -6,18 +6,25 @@
 import type { BlockDevice } from '../core/block-device.js';
 import { QcowError } from '../core/errors.js';
 
+/** The disk-buffer object the v86 emulator takes as `hda`/`cdrom` `buffer` (see {@link asV86Buffer}). */
 export interface V86Buffer {
+  /** The disk's size in bytes. */
   readonly byteLength: number;
   /** v86 sets these and calls load() before use; we have nothing to preload. */
   onload: ((e: { buffer?: ArrayBuffer }) => void) | undefined;
+  /** Set by v86; never called (nothing is preloaded). */
   onprogress: ((e: { loaded: number; total: number; lengthComputable: boolean }) => void) | undefined;
+  /** Calls `onload` at once: the image is read lazily. */
   load(): void;
+  /** Read `length` bytes at `offset` and pass them to `done`. */
   get(offset: number, length: number, done: (data: Uint8Array) => void): void;
+  /** Write a copy of `data` at `offset`, then call `done`. */
   set(offset: number, data: Uint8Array, done: () => void): void;
   /** v86 asks for the whole disk when saving it; a lazily read image has no such buffer. */
   get_buffer(done: (buffer: ArrayBuffer | undefined) => void): void;
 }
 
+/** Options of {@link asV86Buffer}. */
 export interface V86BufferOptions {
   /**
    * Called when a read or write fails. The emulator's interface has no error path, so the
@@ -29,6 +36,14 @@ export interface V86BufferOptions {
 /**
  * `dev` as a v86 disk buffer (e.g. `new V86({ hda: { buffer: asV86Buffer(disk) } })`). Writes go
  * to `dev`, so give it a writable device: an overlay over a remote image.
+ *
+ * @example
+ * ```ts
+ * import { openUrl, asV86Buffer } from 'qcow/browser';
+ *
+ * const disk = await openUrl('https://example.com/disk.qcow2', { writable: true });
+ * const emulator = new V86({ wasm_path: 'v86.wasm', hda: { buffer: asV86Buffer(disk) } });
+ * ```
  */
 export function asV86Buffer(dev: BlockDevice, options: V86BufferOptions = {}): V86Buffer {
   const onError =
@@ -63,13 +78,25 @@ export function asV86Buffer(dev: BlockDevice, options: V86BufferOptions = {}): V
   };
 }
 
+/** A read-only async buffer, `{ byteLength, slice }`, as hyparquet and similar readers take (see {@link asAsyncBuffer}). */
 export interface AsyncBuffer {
+  /** The guest content's size in bytes. */
   readonly byteLength: number;
   /** Bytes [start, end) of the guest content (end defaults to the end; negative counts from it). */
   slice(start: number, end?: number): Promise<ArrayBuffer>;
 }
 
-/** `dev`'s guest content as an async buffer. */
+/**
+ * `dev`'s guest content as an async buffer: each `slice` reads those guest bytes.
+ *
+ * @example
+ * ```ts
+ * import { openUrl, asAsyncBuffer } from 'qcow/browser';
+ *
+ * const buf = asAsyncBuffer(await openUrl('https://example.com/disk.qcow2'));
+ * const mbr = new Uint8Array(await buf.slice(0, 512));
+ * ```
+ */
 export function asAsyncBuffer(dev: BlockDevice): AsyncBuffer {
   return {
     byteLength: dev.size,

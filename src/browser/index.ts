@@ -1,6 +1,8 @@
 /**
  * Browser entry: the core plus images over HTTP, the in-memory overlay and adapters for
  * emulators. Nothing here imports node: modules; the build bundles it as one ES module.
+ *
+ * @module qcow/browser
  */
 export * from '../index.js';
 export { HttpStore, httpOpener, isHttpUrl, resolveUrl, DEFAULT_CHUNK_SIZE, DEFAULT_CACHE_BYTES, type HttpStoreOptions, type HttpStats } from '../storage/http.js';

@@ -9,9 +9,11 @@ import type { FormatRegistry } from '../core/registry.js';
 import type { ByteStore, StoreOpener } from '../storage/types.js';
 import { NO_PERMISSIONS, permissionsFor } from '../storage/permissions.js';
 
+/** Options of {@link openImage} (exported as `openImageWith`): how an image and its backing chain are opened. */
 export interface OpenImageOptions {
   /** The format to open it as; probed from the first bytes when absent. */
   format?: string;
+  /** Open the top image read-only (backing images are read-only anyway, see `writableBacking`). */
   readOnly?: boolean;
   /**
    * Backing images are opened read-only, except those this says yes to (by resolved name and
@@ -36,9 +38,14 @@ export interface OpenImageOptions {
    * as raw, so bytes a guest wrote can never be taken for an image header that names other files.
    */
   rawUnnamedBackingFormats?: boolean;
+  /** Budget in bytes for each image's cached metadata (L2 tables, refcount blocks). */
   cacheBytes?: number;
   /** qcow2 persistent bitmaps' memory limits (see OpenOptions). */
   bitmapLimits?: OpenOptions['bitmapLimits'];
+  /**
+   * Open to look at the metadata (as `info`, `map` and `snapshot` do): an encrypted image then
+   * opens without its password, and reading its data fails with QCOW_NEED_PASSWORD.
+   */
   inspectOnly?: boolean;
   /**
    * qemu-img -U: read-only images (and backing and data files) lock out no writer, and are opened
@@ -47,12 +54,34 @@ export interface OpenImageOptions {
   forceShare?: boolean;
   /** The image is exported at a fixed size (qcow serve): others may not resize it (as qemu-nbd). */
   fixedSize?: boolean;
+  /** Opens the files (or URLs) by name and resolves backing file names: where the bytes come from. */
   opener: StoreOpener;
+  /** The formats that may be opened and probed (usually {@link builtinFormats}). */
   formats: FormatRegistry;
 }
 
 export const DEFAULT_MAX_CHAIN_DEPTH = 64;
 
+/**
+ * Open an image and its backing chain through any {@link StoreOpener}: the format is probed
+ * unless given, each backing name is resolved against the image naming it, loops and chains
+ * deeper than `maxDepth` are refused. Exported as `openImageWith`; `qcow/node` has an
+ * `openImage` that fills in the file opener and the built-in formats.
+ *
+ * @example
+ * ```ts
+ * import { openImageWith, builtinFormats, MemoryStore, type StoreOpener } from 'qcow';
+ *
+ * const files = new Map<string, Uint8Array>([['disk.img', new Uint8Array(1 << 20)]]);
+ * const opener: StoreOpener = {
+ *   open: async (name, { readOnly }) => new MemoryStore(files.get(name), { name, readOnly }),
+ *   resolve: (name) => name,
+ * };
+ * const dev = await openImageWith('disk.img', { opener, formats: builtinFormats(), readOnly: true });
+ * console.log(dev.format, dev.size); // raw 1048576
+ * await dev.close();
+ * ```
+ */
 export async function openImage(name: string, options: OpenImageOptions): Promise<BlockDevice> {
   return openLayer(name, options, options.format, 0, new Set());
 }
@@ -147,9 +176,13 @@ export function chainOf(dev: BlockDevice): BlockDevice[] {
   return out;
 }
 
+/** Options of {@link createImage} (exported as `createImageWith`): the new image and where it goes. */
 export interface CreateImageOptions extends Omit<CreateOptions, 'backing' | 'openFile'> {
+  /** The format of the new image ("qcow2", "qcow", "raw"). */
   format: string;
+  /** Creates the file and opens the backing file (resolved against the new image's name). */
   opener: StoreOpener;
+  /** The formats known (usually {@link builtinFormats}); `format` must be one of them. */
   formats: FormatRegistry;
   /** Do not open the backing file to check it (qemu-img create -u); the size must then be given. */
   unsafe?: boolean;

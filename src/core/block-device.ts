@@ -17,7 +17,9 @@ declare global {
 
 /** One run of guest bytes with the same allocation state in one layer (what `qemu-img map` shows). */
 export interface BlockExtent {
+  /** Guest offset where the run starts, in bytes. */
   offset: number;
+  /** Length of the run in bytes. */
   length: number;
   /** This layer decides the content. False: the backing image decides (or zeros without one). */
   allocated: boolean;
@@ -29,6 +31,7 @@ export interface BlockExtent {
   hostOffset?: number;
   /** The file holding hostOffset, when it is not the image itself (an external data file). */
   hostFile?: string;
+  /** The run is stored compressed (qcow2 or qcow compressed clusters); it has no plain `hostOffset`. */
   compressed?: boolean;
 }
 
@@ -36,12 +39,14 @@ export interface BlockExtent {
 export interface PlainExtent {
   /** Guest offset of the run. */
   offset: number;
+  /** Length of the run in bytes. */
   length: number;
   /**
    * The store holding the run's bytes unchanged from `hostOffset`. Absent when they are not plain
    * bytes in this layer (compressed, encrypted, zero, unallocated): read them instead.
    */
   store?: ByteStore;
+  /** Byte offset in `store` where the run's bytes start (set together with `store`). */
   hostOffset?: number;
 }
 
@@ -49,16 +54,21 @@ export interface PlainExtent {
 export interface PlacedRange {
   /** Guest offset the bytes belong at. */
   offset: number;
+  /** Length of the range in bytes. */
   length: number;
+  /** The store to write the bytes into (the image file, or its external data file). */
   store: ByteStore;
+  /** Byte offset in `store` where the range's bytes go. */
   hostOffset: number;
 }
 
+/** Options of {@link BlockDevice.write}. */
 export interface WriteOptions {
   /** Force unit access: the write is durable when the promise resolves. */
   fua?: boolean;
 }
 
+/** Options of {@link BlockDevice.writeZeroes}. */
 export interface ZeroOptions extends WriteOptions {
   /** The range may be deallocated instead of written (qemu-io `write -z -u`, NBD without NO_HOLE). */
   mayUnmap?: boolean;
@@ -66,47 +76,89 @@ export interface ZeroOptions extends WriteOptions {
   fastOnly?: boolean;
 }
 
+/** One internal snapshot of a qcow2 image, as `qemu-img snapshot -l` and `info` list it. */
 export interface SnapshotInfo {
+  /** The snapshot's unique id string (QEMU numbers them "1", "2", ...). */
   id: string;
+  /** The snapshot's name (the tag given at `snapshot -c`). */
   name: string;
+  /** Size in bytes of the saved VM state (RAM, devices); 0 for a disk-only snapshot. */
   vmStateSize: number;
+  /** Wall-clock time the snapshot was taken: seconds since the Unix epoch. */
   dateSec: number;
+  /** Nanoseconds part of the time the snapshot was taken. */
   dateNsec: number;
+  /** The guest's virtual clock at the snapshot, in nanoseconds. */
   vmClockNsec: number;
+  /** The guest's instruction count at the snapshot (record/replay), when the image stores one. */
   icount?: number;
+  /** The virtual disk size when the snapshot was taken, when the image stores it. */
   diskSize?: number;
 }
 
 /** What a format knows about an image, for `info`. Keys follow qemu-img's JSON where printed. */
 export interface ImageDescription {
+  /** The format's name ("qcow2", "qcow", "raw"). */
   format: string;
+  /** Virtual (guest-visible) size in bytes. */
   virtualSize: number;
+  /** Cluster size in bytes, for formats that have clusters. */
   clusterSize?: number;
+  /** The image's data is encrypted (LUKS or legacy AES). */
   encrypted?: boolean;
+  /** qcow2: the dirty bit is set (lazy refcounts, not closed cleanly): refcounts need a repair. */
   dirty?: boolean;
+  /** The backing file name as recorded in the header, unresolved. */
   backingFilename?: string;
+  /** The backing file's format as recorded in the header, when it is. */
   backingFormat?: string;
+  /** The image's internal snapshots (qcow2), in the order of its snapshot table. */
   snapshots?: SnapshotInfo[];
   /** qemu-img's "format-specific" object: { type, data }. */
-  formatSpecific?: { type: string; data: Record<string, unknown> };
+  formatSpecific?: {
+    /** The format's name, as qemu-img prints it ("qcow2"). */
+    type: string;
+    /** Format-specific fields (compat level, features, bitmaps...), with qemu-img's keys. */
+    data: Record<string, unknown>;
+  };
 }
 
+/**
+ * An open disk image: guest bytes read and written at byte offsets, whatever the format. Every
+ * open function returns one ({@link openImageWith}, and `openImage` of `qcow/node`); formats
+ * implement it (most by extending {@link DeviceBase}). Close it when done (or `await using`).
+ *
+ * @example
+ * ```ts
+ * import { openImage } from 'qcow/node';
+ *
+ * await using dev = await openImage('disk.qcow2', { readOnly: true });
+ * const sector = new Uint8Array(512);
+ * await dev.read(0, sector);
+ * console.log(dev.format, dev.size, await dev.blockStatus(0, dev.size));
+ * ```
+ */
 export interface BlockDevice {
+  /** The format's name ("qcow2", "qcow", "raw"). */
   readonly format: string;
   /** The image's name (path or URL) as opened. */
   readonly filename: string;
   /** Virtual (guest-visible) size in bytes. */
   readonly size: number;
+  /** Opened read-only: writes, discards and resizes fail with QCOW_READ_ONLY. */
   readonly readOnly: boolean;
   /** Allocation granularity: the cluster size, or 512 for raw. */
   readonly clusterSize: number;
+  /** The opened backing image (the next layer of the chain), or null when there is none or it was not opened. */
   readonly backing: BlockDevice | null;
   /** The store holding the image itself (for actual-size, locking, and tests). */
   readonly store: ByteStore;
 
   /** Fill `into` with guest bytes starting at `offset`. */
   read(offset: number, into: Uint8Array): Promise<void>;
+  /** Write `data` as guest bytes starting at `offset` (allocating clusters as needed). */
   write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void>;
+  /** Make the range read as zeros, with zero flags or deallocation where the format can instead of writing zeros. */
   writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void>;
   /** Drop the range's data where the format can; afterwards it may read as zero or as the backing image. */
   discard(offset: number, length: number): Promise<void>;
@@ -125,9 +177,11 @@ export interface BlockDevice {
   writePlaced?(offset: number, length: number, put: (range: PlacedRange) => Promise<void>): Promise<void>;
   /** Store whole clusters compressed (cluster-aligned offset; the last cluster may be short). Absent where unsupported. */
   writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
+  /** Write cached metadata out and make everything written so far durable (fsync). */
   flush(): Promise<void>;
   /** Allocation of [offset, offset+length) in this layer only, in order, covering the whole range. */
   blockStatus(offset: number, length: number): Promise<BlockExtent[]>;
+  /** What the format knows about the image (the material of `qemu-img info`). */
   describe(): Promise<ImageDescription>;
   /** Change the virtual size. Absent where the format cannot. */
   resize?(size: number, options?: { shrink?: boolean }): Promise<void>;
@@ -142,13 +196,17 @@ export interface BlockDevice {
    * again (`qemu-img commit` empties the overlay this way). Unlike discard, never leaves zero flags.
    */
   makeEmpty?(): Promise<void>;
+  /** Write out what the device still holds (when writable), release its store, and close its backing chain. */
   close(): Promise<void>;
+  /** The same as {@link close}, for `await using`. */
   [Symbol.asyncDispose](): Promise<void>;
 }
 
 /** How a format is opened. The chain layer fills in the callbacks; tests may leave them out. */
 export interface OpenOptions {
+  /** Open read-only: writes fail with QCOW_READ_ONLY, and the format writes nothing to the store. */
   readOnly?: boolean;
+  /** The passphrase of an encrypted image (LUKS or legacy AES). */
   password?: string;
   /** qcow2: open this internal snapshot (by name or id), read-only. */
   snapshot?: string;
@@ -162,27 +220,44 @@ export interface OpenOptions {
    * qcow2 persistent bitmaps: data clusters cached for reading, and write ranges held before
    * they are applied to the bitmaps (see formats/qcow2/bitmaps/persistent.ts).
    */
-  bitmapLimits?: { cacheClusters?: number; maxPendingRanges?: number };
+  bitmapLimits?: {
+    /** How many bitmap data clusters are kept cached for reading. */
+    cacheClusters?: number;
+    /** How many written ranges are held before they are applied to the bitmaps. */
+    maxPendingRanges?: number;
+  };
   /** Open even if the image says it must not be written (corrupt) or needs repair (dirty): read-only inspection. */
   inspectOnly?: boolean;
 }
 
+/** What a format needs to write a new image ({@link ImageFormat.create}). */
 export interface CreateOptions {
+  /** Virtual size in bytes. */
   size: number;
+  /** The backing file name to record in the header (as given: relative names are kept relative). */
   backingFile?: string;
+  /** The backing file's format to record in the header. */
   backingFormat?: string;
   /** -o options, as given (strings). Each format validates its own and rejects unknown ones. */
   options?: Record<string, string>;
+  /** The passphrase for an encrypted image (with the format's encryption options). */
   password?: string;
   /** The opened backing image, when the caller has one (e.g. to take its size). */
   backing?: BlockDevice;
+  /** Opens or creates another file the new image names (a qcow2 external data file). */
   openFile?: (name: string, options: { readOnly: boolean; create?: boolean }) => Promise<ByteStore>;
 }
 
+/**
+ * One image format: probing, opening and creating. The built-in ones come from
+ * {@link builtinFormats}; a {@link FormatRegistry} holds the set an open function may use.
+ */
 export interface ImageFormat {
+  /** The format's name, as given to `-f` ("qcow2", "qcow", "raw"). */
   readonly name: string;
   /** How surely `head` (the first 512 bytes or fewer) is this format: 0 = not at all, 100 = certain. */
   probe(head: Uint8Array): number;
+  /** Open the image held by `store` (only this layer: backing images come through `options.openBacking`). */
   open(store: ByteStore, options?: OpenOptions): Promise<BlockDevice>;
   /** Write a new, empty image into an empty store. */
   create(store: ByteStore, options: CreateOptions): Promise<void>;

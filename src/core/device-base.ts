@@ -9,13 +9,25 @@ import { QcowError, withFile } from './errors.js';
 
 const ZERO_CHUNK = 1 << 20;
 
+/**
+ * Base class for format drivers: implements {@link BlockDevice}'s public methods (range and
+ * read-only checks, errors naming the image, `fua`, closing the backing chain) on top of the
+ * protected `do*` methods a format fills in. Extend it to add a format of your own.
+ */
 export abstract class DeviceBase implements BlockDevice {
+  /** The format's name ("qcow2", "qcow", "raw"). */
   abstract readonly format: string;
+  /** Allocation granularity in bytes: the cluster size, or 512 for raw. */
   abstract readonly clusterSize: number;
+  /** The image's name (path or URL) as opened: the store's name. */
   readonly filename: string;
+  /** The store holding the image itself. */
   readonly store: ByteStore;
+  /** Virtual (guest-visible) size in bytes. */
   size: number;
+  /** Opened read-only: writes, discards and resizes fail with QCOW_READ_ONLY. */
   readOnly: boolean;
+  /** The opened backing image (the next layer of the chain), or null; closed with this device. */
   backing: BlockDevice | null = null;
   private closed = false;
 
@@ -26,10 +38,15 @@ export abstract class DeviceBase implements BlockDevice {
     this.readOnly = readOnly;
   }
 
+  /** Read guest bytes into `into`; the request is already checked and non-empty. */
   protected abstract doRead(offset: number, into: Uint8Array): Promise<void>;
+  /** Write guest bytes; the request is already checked, non-empty, and the device writable. */
   protected abstract doWrite(offset: number, data: Uint8Array, options: WriteOptions): Promise<void>;
+  /** This layer's allocation of a checked, non-empty range; the result is merged by {@link mergeExtents}. */
   protected abstract doBlockStatus(offset: number, length: number): Promise<BlockExtent[]>;
+  /** What the format knows about the image (the material of `qemu-img info`). */
   abstract describe(): Promise<ImageDescription>;
+  /** Write cached metadata out and make everything written so far durable. */
   abstract flush(): Promise<void>;
   /** Release what the format holds (caches, its store). The backing device is closed by close(). */
   protected abstract doClose(): Promise<void>;
@@ -48,12 +65,14 @@ export abstract class DeviceBase implements BlockDevice {
   /** Default: discard is only a hint, so doing nothing is correct. */
   protected async doDiscard(_offset: number, _length: number): Promise<void> {}
 
+  /** Fill `into` with guest bytes starting at `offset`. */
   async read(offset: number, into: Uint8Array): Promise<void> {
     this.checkRequest(offset, into.length);
     if (into.length === 0) return;
     await this.doRead(offset, into).catch(this.nameTheImage);
   }
 
+  /** Write `data` as guest bytes at `offset`; with `fua`, flush before resolving. */
   async write(offset: number, data: Uint8Array, options: WriteOptions = {}): Promise<void> {
     this.checkWritable();
     this.checkRequest(offset, data.length);
@@ -62,6 +81,7 @@ export abstract class DeviceBase implements BlockDevice {
     if (options.fua) await this.flush();
   }
 
+  /** Make the range read as zeros (the format's zero flags or holes where it has them); with `fua`, flush before resolving. */
   async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
     this.checkWritable();
     this.checkRequest(offset, length);
@@ -70,6 +90,7 @@ export abstract class DeviceBase implements BlockDevice {
     if (options.fua) await this.flush();
   }
 
+  /** Drop the range's data where the format can (a hint: formats without discard do nothing). */
   async discard(offset: number, length: number): Promise<void> {
     this.checkWritable();
     this.checkRequest(offset, length);
@@ -77,12 +98,14 @@ export abstract class DeviceBase implements BlockDevice {
     await this.doDiscard(offset, length).catch(this.nameTheImage);
   }
 
+  /** Allocation of [offset, offset+length) in this layer only, merged into maximal runs. */
   async blockStatus(offset: number, length: number): Promise<BlockExtent[]> {
     this.checkRequest(offset, length);
     if (length === 0) return [];
     return mergeExtents(await this.doBlockStatus(offset, length).catch(this.nameTheImage));
   }
 
+  /** Release what the format holds (writing it out first when writable), then close the backing chain. A second call does nothing. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
@@ -93,6 +116,7 @@ export abstract class DeviceBase implements BlockDevice {
     }
   }
 
+  /** The same as {@link close}, for `await using`. */
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();
   }
@@ -110,10 +134,12 @@ export abstract class DeviceBase implements BlockDevice {
     throw withFile(e, this.filename);
   };
 
+  /** Throw QCOW_READ_ONLY when the device is read-only. */
   protected checkWritable(): void {
     if (this.readOnly) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.filename });
   }
 
+  /** Throw QCOW_INVALID_ARGUMENT for a malformed range, QCOW_OUT_OF_RANGE for one past the end. */
   protected checkRequest(offset: number, length: number): void {
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
       throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid request: offset ${offset}, length ${length}`, { file: this.filename });

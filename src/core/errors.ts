@@ -3,6 +3,7 @@
  * programs; `message` is one line meant for people. The CLI prints `qcow: <file>: <message>` and
  * maps the code to an exit status, so nothing user-facing ever needs a stack trace.
  */
+/** The stable codes of {@link QcowError}; the comment on each says when it is used. */
 export type QcowErrorCode =
   | 'QCOW_BAD_MAGIC' // not an image of the expected format
   | 'QCOW_CORRUPT' // the image contradicts its own format
@@ -17,15 +18,36 @@ export type QcowErrorCode =
   | 'QCOW_ABORTED' // an AbortSignal fired
   | 'QCOW_IO'; // the underlying storage failed
 
+/** Extra fields of a {@link QcowError} at construction. */
 export interface QcowErrorOptions {
+  /** The underlying error (an fs error, a fetch failure), kept as the standard `cause`. */
   cause?: unknown;
   /** The image (path or URL) the error is about, when known. */
   file?: string;
 }
 
+/**
+ * The error the library throws on purpose: a stable `code` for programs, a one-line `message`
+ * for people, and the image it is about in `file` when known.
+ *
+ * @example
+ * ```ts
+ * import { openImage, isQcowError } from 'qcow/node';
+ *
+ * try {
+ *   await openImage('secret.qcow2');
+ * } catch (e) {
+ *   if (isQcowError(e) && e.code === 'QCOW_NEED_PASSWORD') console.log(`${e.file} is encrypted`);
+ *   else throw e;
+ * }
+ * ```
+ */
 export class QcowError extends Error {
+  /** Always "QcowError". */
   override readonly name = 'QcowError';
+  /** What went wrong, stable across versions: match on this, not on `message`. */
   readonly code: QcowErrorCode;
+  /** The image (path or URL) the error is about, when known; filled in as the error passes through a device. */
   file: string | undefined;
 
   constructor(code: QcowErrorCode, message: string, options: QcowErrorOptions = {}) {
@@ -35,6 +57,7 @@ export class QcowError extends Error {
   }
 }
 
+/** True when `e` is a {@link QcowError} (narrows its type). */
 export const isQcowError = (e: unknown): e is QcowError => e instanceof QcowError;
 
 /**

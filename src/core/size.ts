@@ -3,6 +3,17 @@ import { invalidArgument } from './errors.js';
 
 const UNITS: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
 
+/**
+ * A size as qemu-img reads it ("10G", "512", "1.5M", "64KiB"), in bytes: k/M/G/T/P/E are powers
+ * of 1024. `what` names the value in the error (QCOW_INVALID_ARGUMENT) for a malformed one.
+ *
+ * @example
+ * ```ts
+ * import { parseSize } from 'qcow';
+ *
+ * parseSize('10G'); // 10737418240
+ * ```
+ */
 export function parseSize(text: string, what = 'size'): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*([bkmgtpe]?)(?:i?b)?\s*$/i.exec(text);
   if (!m) throw invalidArgument(`invalid ${what} '${text}': expected a number with an optional k, M, G, T suffix`);

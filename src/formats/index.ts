@@ -4,5 +4,6 @@ import { rawFormat } from './raw/raw.js';
 import { qcowFormat } from './qcow1/index.js';
 import { qcow2Format } from './qcow2/format.js';
 
+/** A new registry of the built-in formats: raw, qcow (v1) and qcow2. The open and create functions use it by default. */
 export const builtinFormats = (): FormatRegistry => new FormatRegistry([rawFormat, qcowFormat, qcow2Format]);
 export { rawFormat, qcowFormat, qcow2Format };

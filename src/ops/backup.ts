@@ -18,20 +18,30 @@ import type { Qcow2Device } from '../formats/qcow2/qcow2.js';
 import { convert } from './convert.js';
 import { changedExtents } from './changed-extents.js';
 
+/** Options of {@link backup}: the bitmap, how to make the target, and the previous backup. */
 export interface BackupOptions {
   /** The persistent dirty bitmap that records changes between backups. */
   bitmap: string;
   /** Opens (creating first) the target image; `backing` names the previous backup. */
   createTarget: (size: number, backing?: { file: string; format: string }) => Promise<BlockDevice>;
   /** The previous backup of the chain, as the target's backing file name; absent: a full backup. */
-  previous?: { file: string; format: string };
+  previous?: {
+    /** The previous backup's file name, as the new image records it for its backing file. */
+    file: string;
+    /** The previous backup's format ("qcow2"). */
+    format: string;
+  };
   /** Leave the bitmap as it is (a trial run, or a backup out of the rotation). */
   keepBitmap?: boolean;
+  /** Stops the operation between steps; it then fails with QCOW_ABORTED. */
   signal?: AbortSignal;
+  /** Called as data is copied: bytes done so far, out of the bytes to copy. */
   onProgress?: (done: number, total: number) => void;
 }
 
+/** What {@link backup} did. */
 export interface BackupResult {
+  /** A full backup (no `previous`) or an incremental one. */
   kind: 'full' | 'incremental';
   /** Guest bytes copied. */
   bytes: number;
@@ -39,6 +49,27 @@ export interface BackupResult {
 
 const CHUNK = 1 << 20;
 
+/**
+ * Back up a qcow2 disk with a persistent dirty bitmap, without QEMU: a full backup copies every
+ * byte into a new image; an incremental one copies only the ranges dirty in the bitmap, into an
+ * overlay over `previous`. Then the bitmap is cleared (or added on the first full backup), so it
+ * records changes from now on. The source must be opened writable (it keeps the write lock) and
+ * stays open; the target is flushed and closed.
+ *
+ * @example
+ * ```ts
+ * import { openImage, createImage, backup } from 'qcow/node';
+ *
+ * await using disk = await openImage('vm.qcow2');
+ * const createTarget = (file: string) => async (size: number, backing?: { file: string; format: string }) => {
+ *   await createImage(file, { format: 'qcow2', size, backingFile: backing?.file, backingFormat: backing?.format });
+ *   return openImage(file, { format: 'qcow2' });
+ * };
+ * await backup(disk, { bitmap: 'backup', createTarget: createTarget('full.qcow2') });
+ * // Later: only what changed since, over the full backup.
+ * await backup(disk, { bitmap: 'backup', createTarget: createTarget('inc1.qcow2'), previous: { file: 'full.qcow2', format: 'qcow2' } });
+ * ```
+ */
 export async function backup(source: BlockDevice, options: BackupOptions): Promise<BackupResult> {
   if (source.format !== 'qcow2') throw new QcowError('QCOW_UNSUPPORTED', 'backups need a qcow2 source (persistent dirty bitmaps)', { file: source.filename });
   if (source.readOnly) throw new QcowError('QCOW_READ_ONLY', 'the source must be opened for writing: the backup rotates its bitmap', { file: source.filename });

@@ -7,16 +7,25 @@
 import type { BlockDevice, BlockExtent } from '../core/block-device.js';
 import { chainOf } from '../chain/open.js';
 
+/** One run of guest bytes with the same status across the whole chain: an entry of `qemu-img map --output=json`. */
 export interface ChainExtent {
+  /** Guest offset where the run starts, in bytes. */
   start: number;
+  /** Length of the run in bytes. */
   length: number;
+  /** The layer that decides the content, 0 being the top image; for an absent run, the deepest layer asked. */
   depth: number;
+  /** Some layer of the chain allocates the run; false: it reads as zeros from nothing. */
   present: boolean;
+  /** The run reads as zeros. */
   zero: boolean;
+  /** The deciding layer stores bytes for the run (qemu's "data"). */
   data: boolean;
+  /** Where the run's bytes sit in `filename`, as plain bytes, when they do (qemu's "offset"). */
   offset?: number;
   /** The file that `offset` points into. */
   filename?: string;
+  /** The run is stored compressed. */
   compressed?: boolean;
   /**
    * Absent because the image below `depth` ends before this range. It reads as zeros; QEMU's
@@ -124,7 +133,17 @@ function absent(offset: number, length: number, depth: number, deepest: BlockExt
   return out;
 }
 
-/** Every extent of the chain from `start` to `end`, merged as qemu-img map merges them. */
+/**
+ * Every extent of the chain from `start` to `end`, merged as qemu-img map merges them.
+ *
+ * @example
+ * ```ts
+ * import { openImage, mapChain } from 'qcow/node';
+ *
+ * await using dev = await openImage('top.qcow2', { readOnly: true });
+ * for await (const e of mapChain(dev)) if (e.data) console.log(e.start, e.length, 'in layer', e.depth);
+ * ```
+ */
 export async function* mapChain(top: BlockDevice, start = 0, end = top.size, signal?: AbortSignal): AsyncGenerator<ChainExtent> {
   const status = new ChainStatus(top);
   let pending: ChainExtent | undefined;

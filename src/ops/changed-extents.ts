@@ -8,18 +8,33 @@
  */
 import type { BlockDevice } from '../core/block-device.js';
 import { QcowError, unsupported } from '../core/errors.js';
-import type { DirtyExtent } from '../formats/qcow2/bitmaps/persistent.js';
 import type { Qcow2Device } from '../formats/qcow2/qcow2.js';
 
-export type { DirtyExtent };
+/**
+ * One run of guest bytes whose bits in a persistent dirty bitmap are all set or all clear. (The
+ * same shape as the qcow2 driver's own type, declared here so the public one is documented.)
+ */
+export interface DirtyExtent {
+  /** Guest offset where the run starts, in bytes. */
+  offset: number;
+  /** Length of the run in bytes. */
+  length: number;
+  /** The run changed since the bitmap was last cleared. */
+  dirty: boolean;
+}
 
+/** The part of the disk to ask about; the whole disk by default. */
 export interface ExtentRange {
+  /** Guest offset to start at; 0 when absent. */
   offset?: number;
   /** Bytes from `offset`; to the end of the disk when absent. */
   length?: number;
 }
 
-/** Every run of [offset, offset + length), dirty or clean, in order and merged. */
+/**
+ * Every run of [offset, offset + length) of qcow2 persistent bitmap `bitmapName`, dirty or clean,
+ * in order and merged. QCOW_UNSUPPORTED for other formats.
+ */
 export async function bitmapExtents(dev: BlockDevice, bitmapName: string, range: ExtentRange = {}): Promise<DirtyExtent[]> {
   if (dev.format !== 'qcow2') throw unsupported(`a ${dev.format} image holds no persistent dirty bitmaps`);
   const offset = range.offset ?? 0;
@@ -31,7 +46,29 @@ export async function bitmapExtents(dev: BlockDevice, bitmapName: string, range:
   return bitmaps.extents(bitmapName, offset, length);
 }
 
-/** The dirty runs only: what an incremental backup since bitmap `bitmapName` was created must copy. */
-export async function changedExtents(dev: BlockDevice, bitmapName: string, range: ExtentRange = {}): Promise<Array<{ offset: number; length: number }>> {
+/**
+ * The dirty runs only: what an incremental backup since bitmap `bitmapName` was created (or last
+ * cleared) must copy.
+ *
+ * @example
+ * ```ts
+ * import { openImage, changedExtents } from 'qcow/node';
+ *
+ * await using disk = await openImage('vm.qcow2', { readOnly: true });
+ * for (const { offset, length } of await changedExtents(disk, 'backup')) console.log(offset, length);
+ * ```
+ */
+export async function changedExtents(
+  dev: BlockDevice,
+  bitmapName: string,
+  range: ExtentRange = {},
+): Promise<
+  Array<{
+    /** Guest offset where the dirty run starts, in bytes. */
+    offset: number;
+    /** Length of the dirty run in bytes. */
+    length: number;
+  }>
+> {
   return (await bitmapExtents(dev, bitmapName, range)).filter((e) => e.dirty).map(({ offset, length }) => ({ offset, length }));
 }

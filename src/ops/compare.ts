@@ -11,19 +11,51 @@ import { throwIfAborted } from '../core/errors.js';
 import { ChainStatus, type ChainExtent } from './chain-status.js';
 import { firstDifference } from './zero-scan.js';
 
+/** Options of {@link compareImages}. */
 export interface CompareOptions {
   /** Fail on a size difference or an allocation difference (qemu-img -s). */
   strict?: boolean;
+  /** Stops the operation between steps; it then fails with QCOW_ABORTED. */
   signal?: AbortSignal;
+  /** Called as the comparison moves on: guest bytes compared so far, out of the larger size. */
   onProgress?: (done: number, total: number) => void;
 }
 
+/** The verdict of {@link compareImages}. */
 export type CompareResult =
-  | { identical: true; sizeMismatch: boolean }
-  | { identical: false; sizeMismatch: boolean; offset?: number; reason: 'content' | 'size' | 'allocation' };
+  | {
+      /** The images read the same to a guest. */
+      identical: true;
+      /** The sizes differ (the larger image reads as zeros past the smaller one). */
+      sizeMismatch: boolean;
+    }
+  | {
+      /** The images differ. */
+      identical: false;
+      /** The sizes differ. */
+      sizeMismatch: boolean;
+      /** The first differing 512-byte sector's offset in bytes (absent when only the sizes differ in strict mode). */
+      offset?: number;
+      /** What differs: the bytes, the size (strict), or the allocation status (strict). */
+      reason: 'content' | 'size' | 'allocation';
+    };
 
 const CHUNK = 2 * 1024 * 1024;
 
+/**
+ * Whether two images read the same to a guest, as `qemu-img compare`: ranges both report as zero
+ * are not read, and a mismatch is reported at the sector of the first differing byte.
+ *
+ * @example
+ * ```ts
+ * import { openImage, compareImages } from 'qcow/node';
+ *
+ * await using a = await openImage('disk.img', { readOnly: true });
+ * await using b = await openImage('disk.qcow2', { readOnly: true });
+ * const r = await compareImages(a, b);
+ * console.log(r.identical ? 'Images are identical.' : `Content mismatch at offset ${r.offset}`);
+ * ```
+ */
 export async function compareImages(a: BlockDevice, b: BlockDevice, options: CompareOptions = {}): Promise<CompareResult> {
   const sizeMismatch = a.size !== b.size;
   if (sizeMismatch && options.strict) return { identical: false, sizeMismatch, reason: 'size' };

@@ -26,6 +26,7 @@ import { ChainStatus } from './chain-status.js';
 import { ConcatSource } from './concat.js';
 import { allZero, sameBytes, scanViewOf, zeroRange } from './zero-scan.js';
 
+/** Options of {@link convert}: qemu-img convert's switches, plus how much work is in flight. */
 export interface ConvertOptions {
   /** Write clusters compressed (the target must support it). */
   compress?: boolean;
@@ -48,7 +49,9 @@ export interface ConvertOptions {
    * are read and written as usual.
    */
   copyOffload?: boolean;
+  /** Stops the operation between steps; it then fails with QCOW_ABORTED. */
   signal?: AbortSignal;
+  /** Called as work items finish: guest bytes done so far, out of the total (the sources' size). */
   onProgress?: (done: number, total: number) => void;
 }
 
@@ -60,6 +63,23 @@ type WorkItem =
 /** Zero runs are handed out in pieces of at most this, so progress moves on huge sparse images. */
 const ZERO_ITEM_MAX = 2 ** 30;
 
+/**
+ * Copy the guest content of `sources` (concatenated, in order) into `target` at offset 0, as
+ * `qemu-img convert` does: zero runs are skipped or written as zeros, and a target with a backing
+ * file gets only what differs from it. The target must be at least as large as the sources; it
+ * is neither flushed nor closed here.
+ *
+ * @example
+ * ```ts
+ * import { openImage, createImage, convert } from 'qcow/node';
+ *
+ * await using src = await openImage('disk.img', { readOnly: true });
+ * await createImage('disk.qcow2', { format: 'qcow2', size: src.size });
+ * await using dst = await openImage('disk.qcow2', { format: 'qcow2' });
+ * await convert([src], dst, { targetIsZero: true, compress: true, onProgress: (done, total) => console.log(done / total) });
+ * await dst.flush();
+ * ```
+ */
 export async function convert(sources: BlockDevice[], target: BlockDevice, options: ConvertOptions = {}): Promise<void> {
   const src = new ConcatSource(sources);
   const total = src.size;

@@ -3,21 +3,52 @@ import type { BlockDevice, SnapshotInfo } from '../core/block-device.js';
 import { chainOf } from '../chain/open.js';
 import { formatSize } from '../core/size.js';
 
+/** One image as `qemu-img info --output=json` describes it, with qemu-img's keys. */
 export interface ImageInfoJson {
+  /** The image's name as opened. */
   filename: string;
+  /** The format's name. */
   format: string;
+  /** Virtual (guest-visible) size in bytes. */
   'virtual-size': number;
+  /** Bytes the file occupies on disk (allocated blocks), when the store can tell. */
   'actual-size'?: number;
+  /** Cluster size in bytes, for formats that have clusters. */
   'cluster-size'?: number;
+  /** Present (true) when the image is encrypted. */
   encrypted?: boolean;
+  /** The backing file name as recorded in the header. */
   'backing-filename'?: string;
+  /** The backing file's resolved name, when it was opened. */
   'full-backing-filename'?: string;
+  /** The backing file's format as recorded in the header. */
   'backing-filename-format'?: string;
+  /** Internal snapshots, with qemu-img's keys ("id", "name", "vm-state-size", "date-sec"...). */
   snapshots?: Record<string, unknown>[];
-  'format-specific'?: { type: string; data: Record<string, unknown> };
+  /** qemu-img's "format-specific" object. */
+  'format-specific'?: {
+    /** The format's name ("qcow2"). */
+    type: string;
+    /** The format's fields, with qemu-img's keys. */
+    data: Record<string, unknown>;
+  };
+  /** qcow2's dirty bit (false for other formats). */
   'dirty-flag': boolean;
 }
 
+/**
+ * `qemu-img info --output=json` of one image (only the top of `dev`'s chain).
+ *
+ * @example
+ * ```ts
+ * import { openImage, imageInfo, infoHuman } from 'qcow/node';
+ *
+ * await using dev = await openImage('disk.qcow2', { readOnly: true });
+ * const info = await imageInfo(dev);
+ * console.log(info['virtual-size'], info['backing-filename']);
+ * process.stdout.write(infoHuman(info));
+ * ```
+ */
 export async function imageInfo(dev: BlockDevice): Promise<ImageInfoJson> {
   const d = await dev.describe();
   const info: ImageInfoJson = { filename: dev.filename, format: d.format, 'virtual-size': d.virtualSize, 'dirty-flag': d.dirty ?? false };
@@ -35,6 +66,7 @@ export async function imageInfo(dev: BlockDevice): Promise<ImageInfoJson> {
   return info;
 }
 
+/** {@link imageInfo} of every image of `dev`'s chain, top first (`qemu-img info --backing-chain`). */
 export async function chainInfo(dev: BlockDevice): Promise<ImageInfoJson[]> {
   const out: ImageInfoJson[] = [];
   for (const layer of chainOf(dev)) out.push(await imageInfo(layer));

@@ -10,6 +10,7 @@ export function mapEntryJson(e: ChainExtent): string {
   return `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}${offset}}`;
 }
 
+/** `qemu-img map --output=json` of `dev`'s chain over [start, end) (the whole image by default): the JSON text, one extent a line. */
 export async function mapJson(dev: BlockDevice, start?: number, end?: number): Promise<string> {
   const lines: string[] = [];
   for await (const e of mapChain(dev, start, end)) lines.push(mapEntryJson(e));

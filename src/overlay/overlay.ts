@@ -13,6 +13,7 @@ import { Mutex } from '../core/mutex.js';
 import { MemoryStore } from '../storage/memory.js';
 import type { ByteStore } from '../storage/types.js';
 
+/** Options of {@link OverlayDevice} and {@link overlay}: where written blocks go and how many may be held. */
 export interface OverlayOptions {
   /**
    * Where written blocks are kept; a new MemoryStore by default. Any writable store works (a
@@ -28,8 +29,25 @@ export interface OverlayOptions {
 /** Index value of a block written as zeros: it reads as zeros and holds no bytes. */
 const ZERO = -1;
 
+/**
+ * A writable copy-on-write layer over any device, held in a store of its own (memory by default):
+ * use a read-only or remote image as a scratch disk without changing it. The index of written
+ * blocks lives in this object, so the writes last only as long as it does. Closing it closes
+ * the base too.
+ *
+ * @example
+ * ```ts
+ * import { openImage, OverlayDevice } from 'qcow/node';
+ *
+ * const base = await openImage('https://example.com/disk.qcow2', { readOnly: true });
+ * const disk = new OverlayDevice(base, { maxBytes: 256 * 2 ** 20 });
+ * await disk.write(0, new Uint8Array(512)); // lands in memory; the image is untouched
+ * ```
+ */
 export class OverlayDevice extends DeviceBase {
+  /** Always "overlay". */
   readonly format = 'overlay';
+  /** The copy-on-write block size ({@link OverlayOptions.blockSize}). */
   readonly clusterSize: number;
   private readonly base: BlockDevice;
   /** Block number -> where its bytes sit in the store (or ZERO). Absent: the base decides. */
@@ -43,6 +61,7 @@ export class OverlayDevice extends DeviceBase {
   private readonly maxBytes: number;
   private readonly lock = new Mutex();
 
+  /** A new, empty layer over `base`, with its size; QCOW_INVALID_ARGUMENT for a bad block size, QCOW_READ_ONLY for a read-only store. */
   constructor(base: BlockDevice, options: OverlayOptions = {}) {
     const blockSize = options.blockSize ?? 4096;
     if (!Number.isInteger(blockSize) || blockSize < 512 || blockSize > 2 * 2 ** 20 || (blockSize & (blockSize - 1)) !== 0) {
@@ -141,10 +160,12 @@ export class OverlayDevice extends DeviceBase {
     return out;
   }
 
+  /** Format "overlay", the base's size, the block size, and the base as backing file. */
   async describe(): Promise<ImageDescription> {
     return { format: this.format, virtualSize: this.size, clusterSize: this.clusterSize, backingFilename: this.base.filename, backingFormat: this.base.format };
   }
 
+  /** Flush the overlay's store (the index is in memory only). */
   async flush(): Promise<void> {
     await this.store.flush();
   }

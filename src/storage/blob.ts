@@ -7,7 +7,12 @@
 import { QcowError } from '../core/errors.js';
 import type { ByteStore, StoreOpener } from './types.js';
 
+/**
+ * A read-only {@link ByteStore} over a `Blob` or `File` (from an `<input type=file>` or a drop),
+ * read lazily with `Blob.slice`. {@link blobOpener} makes one per file of a chain.
+ */
 export class BlobStore implements ByteStore {
+  /** Always true: files opened in a page are read-only. */
   readonly readOnly = true;
 
   /** `blob`: the bytes; `name`: what messages call it (a File's name by default). */
@@ -33,6 +38,7 @@ export class BlobStore implements ByteStore {
     return n;
   }
 
+  /** Always fails with QCOW_READ_ONLY. */
   async write(): Promise<void> {
     throw new QcowError('QCOW_READ_ONLY', `${this.name}: a file opened in the page is read-only`);
   }
@@ -43,6 +49,7 @@ export class BlobStore implements ByteStore {
 
   async flush(): Promise<void> {}
 
+  /** Nothing to release. */
   async close(): Promise<void> {}
 }
 
@@ -54,6 +61,17 @@ function baseName(name: string): string {
 /**
  * An opener over a set of files: `open` takes a name as an image writes it and finds the file of
  * the same base name; a missing one fails with QCOW_NOT_FOUND, naming the file to add.
+ *
+ * @example
+ * ```ts
+ * import { openImageWith, blobOpener, builtinFormats } from 'qcow/browser';
+ *
+ * input.addEventListener('change', async () => {
+ *   const files = [...input.files!]; // the image and its backing files
+ *   const dev = await openImageWith(files[0]!.name, { opener: blobOpener(files), formats: builtinFormats(), readOnly: true });
+ *   console.log(dev.format, dev.size);
+ * });
+ * ```
  */
 export function blobOpener(files: Iterable<Blob & { name: string }>): StoreOpener {
   const byName = new Map<string, Blob & { name: string }>();

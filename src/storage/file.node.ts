@@ -33,8 +33,25 @@ import { QcowError } from '../core/errors.js';
 import { openImageLock, type ImageLock } from './lock.node.js';
 import { permissionsFor, type Permissions } from './permissions.js';
 
+/**
+ * A local file as a {@link ByteStore}, locked as QEMU locks its images (so qcow and a running VM
+ * or qemu-img do not write one image at once). `openImage` of `qcow/node` opens files with it;
+ * open one yourself to hand it to a format directly.
+ *
+ * @example
+ * ```ts
+ * import { FileStore, rawFormat } from 'qcow/node';
+ *
+ * const store = await FileStore.open('disk.img', { readOnly: true });
+ * const dev = await rawFormat.open(store, { readOnly: true });
+ * console.log(dev.size, await store.allocatedSize());
+ * await dev.close(); // closes the store too
+ * ```
+ */
 export class FileStore implements ByteStore {
+  /** The path as given to {@link FileStore.open}. */
   readonly name: string;
+  /** Opened without write access. */
   readonly readOnly: boolean;
   private readonly fd: number;
   private closed = false;
@@ -48,8 +65,11 @@ export class FileStore implements ByteStore {
 
   /** Sparse-file calls, present only where the host addon is loaded (see ByteStore). */
   readonly dataRuns?: (offset: number, length: number) => Promise<DataRun[]>;
+  /** Deallocate host blocks (fallocate PUNCH_HOLE), when the host addon is loaded. */
   readonly punchHole?: (offset: number, length: number) => Promise<void>;
+  /** Zero a range without writing it (fallocate ZERO_RANGE), when the host addon is loaded. */
   readonly zeroRange?: (offset: number, length: number) => Promise<void>;
+  /** Reserve host blocks (fallocate), when the host addon is loaded. */
   readonly allocate?: (offset: number, length: number) => Promise<void>;
   /** Copy offload to another FileStore, present only where the addon has copy_file_range. */
   readonly copyTo?: (target: ByteStore, from: number, to: number, length: number) => Promise<number>;
@@ -268,8 +288,11 @@ function zeroTail(buf: Uint8Array, n: number): number {
   return n;
 }
 
+/** Options of {@link FileStore.open}. */
 export interface FileStoreOptions {
+  /** Open without write access (and take a reader's locks). */
   readOnly?: boolean;
+  /** Create the file when missing, and empty it (once the locks are held). */
   create?: boolean;
   /** Take no lock at all (devices such as /dev/full). */
   noLock?: boolean;
@@ -292,7 +315,10 @@ export function fsError(e: unknown, path: string): QcowError {
   return new QcowError('QCOW_IO', (e as Error).message ?? String(e), { file: path, cause: e });
 }
 
-/** Opens files named by images, relative to the naming image's folder. */
+/**
+ * The {@link StoreOpener} of local files: opens them as {@link FileStore}s and resolves the names
+ * an image records relative to the naming image's folder, as QEMU does.
+ */
 export const fileOpener: StoreOpener = {
   open: (name, options) => FileStore.open(name, options),
   // As QEMU's path_combine: keep the naming image's folder as it was written ("a/top.qcow2" names

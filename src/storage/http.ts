@@ -26,6 +26,7 @@ import { isHttpUrl, resolveUrl } from './url.js';
 
 export { isHttpUrl, resolveUrl };
 
+/** Options of {@link HttpStore.open}, {@link httpOpener} and {@link withHttp}: requests, caching and retries. */
 export interface HttpStoreOptions {
   /** Bytes per request; reads are widened to whole aligned chunks. Default 4 MiB (see below). */
   chunkSize?: number;
@@ -35,6 +36,7 @@ export interface HttpStoreOptions {
   retries?: number;
   /** First retry delay in ms, doubling each time up to maxRetryDelayMs. Default 250. */
   retryDelayMs?: number;
+  /** Longest retry delay in ms. Default 10000. */
   maxRetryDelayMs?: number;
   /** Largest whole body held from a server that ignores Range. Default 256 MiB. */
   maxWholeBodyBytes?: number;
@@ -50,22 +52,44 @@ export interface HttpStoreOptions {
 
 // In-browser emulators reported one boot going from 7 minutes to 1 with 4 MiB requests instead of
 // small ones: over HTTP, round trips cost far more than bytes.
+/** Default bytes per HTTP request (4 MiB): {@link HttpStoreOptions.chunkSize}. */
 export const DEFAULT_CHUNK_SIZE = 4 * 2 ** 20;
+/** Default bytes of fetched chunks kept in memory (64 MiB): {@link HttpStoreOptions.cacheBytes}. */
 export const DEFAULT_CACHE_BYTES = 64 * 2 ** 20;
 export const DEFAULT_MAX_WHOLE_BODY_BYTES = 256 * 2 ** 20;
 
 /** What the store has cost so far. */
 export interface HttpStats {
+  /** HTTP requests sent (retries included). */
   requests: number;
   /** Body bytes received. */
   bytesFetched: number;
+  /** Requests repeated after a transient failure. */
   retries: number;
 }
 
+/**
+ * A read-only {@link ByteStore} over HTTP(S) range requests: an image on a web server is opened
+ * and only the parts read are fetched, in large chunks kept in a bounded cache. Put an
+ * {@link OverlayDevice} over an image from one to write to it.
+ *
+ * @example
+ * ```ts
+ * import { HttpStore } from 'qcow/node'; // or qcow/browser
+ *
+ * const store = await HttpStore.open('https://example.com/disk.qcow2', { chunkSize: 1 << 20 });
+ * console.log(await store.size(), store.stats.requests);
+ * await store.close();
+ * ```
+ */
 export class HttpStore implements ByteStore {
+  /** The URL as opened. */
   readonly name: string;
+  /** Always true: HTTP images are read-only. */
   readonly readOnly = true;
+  /** Bytes per request, as given in the options or {@link DEFAULT_CHUNK_SIZE}. */
   readonly chunkSize: number;
+  /** What the store has cost so far (requests, bytes, retries); updated as it reads. */
   readonly stats: HttpStats = { requests: 0, bytesFetched: 0, retries: 0 };
   private readonly cache: ChunkCache;
   private readonly policy: RetryPolicy;
@@ -131,6 +155,7 @@ export class HttpStore implements ByteStore {
     return n;
   }
 
+  /** Always fails with QCOW_READ_ONLY. */
   async write(_offset: number, _data: Uint8Array): Promise<void> {
     throw this.readOnlyError();
   }
@@ -141,6 +166,7 @@ export class HttpStore implements ByteStore {
 
   async flush(): Promise<void> {}
 
+  /** Abort requests in flight and drop the cache; later reads fail. */
   async close(): Promise<void> {
     if (!this.stop.signal.aborted) this.stop.abort(new QcowError('QCOW_IO', 'the store is closed', { file: this.name }));
     this.cache.clear();

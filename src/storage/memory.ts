@@ -2,12 +2,29 @@
 import type { ByteStore } from './types.js';
 import { QcowError } from '../core/errors.js';
 
+/**
+ * A {@link ByteStore} in memory that grows as it is written: build an image without touching a
+ * file, or hold one fetched from elsewhere.
+ *
+ * @example
+ * ```ts
+ * import { MemoryStore, rawFormat } from 'qcow';
+ *
+ * const store = new MemoryStore(new Uint8Array(4096), { name: 'scratch' });
+ * const dev = await rawFormat.open(store);
+ * await dev.write(0, new TextEncoder().encode('hello'));
+ * console.log(store.bytes().subarray(0, 5)); // the bytes written
+ * ```
+ */
 export class MemoryStore implements ByteStore {
+  /** The name given at construction, "memory" by default. */
   readonly name: string;
+  /** Writes and truncation fail with QCOW_READ_ONLY. */
   readonly readOnly: boolean;
   private buf: Uint8Array;
   private length: number;
 
+  /** A store holding a copy of `initial` (empty without it). */
   constructor(initial?: Uint8Array, options: { name?: string; readOnly?: boolean } = {}) {
     this.name = options.name ?? 'memory';
     this.readOnly = options.readOnly ?? false;

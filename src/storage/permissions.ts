@@ -33,6 +33,11 @@ export const PERM_COUNT = 4;
 export const LOCK_PERM_BASE = 100;
 export const LOCK_SHARED_BASE = 200;
 
+/**
+ * QEMU's permissions on one open file, which its locks publish: bit masks of consistent read
+ * (0x1), write (0x2), write-unchanged (0x4) and resize (0x8), as QEMU's BLK_PERM_* numbers them.
+ * A {@link ByteStore} with locks receives them in `setPermissions`.
+ */
 export interface Permissions {
   /** What this user does with the file (PERM_* bits). */
   perm: number;

@@ -7,6 +7,7 @@ import type { Permissions } from './permissions.js';
 export interface ByteStore {
   /** What to call this store in messages: a path or URL. */
   readonly name: string;
+  /** Opened without write access: write and truncate fail with QCOW_READ_ONLY. */
   readonly readOnly: boolean;
   /** Current length in bytes. */
   size(): Promise<number>;
@@ -15,6 +16,7 @@ export interface ByteStore {
    * rest of `into` is set to zero (holes and truncated images read as zeros, as in QEMU).
    */
   read(offset: number, into: Uint8Array): Promise<number>;
+  /** Write `data` at `offset`, growing the store when it ends past the current length. */
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Set the length, growing with zeros or cutting. */
   truncate(size: number): Promise<void>;
@@ -47,22 +49,31 @@ export interface ByteStore {
    * open; QCOW_LOCKED when another program's use conflicts. Stores without locks lack it.
    */
   setPermissions?(p: Permissions): void;
+  /** Release the store (the file handle, its locks); it is not used afterwards. */
   close(): Promise<void>;
 }
 
-/** Opens the stores an image names (backing files, external data files) relative to itself. */
 /** A run of a store's bytes that holds data, or is a hole (reads as zeros, occupies nothing). */
 export interface DataRun {
+  /** Byte offset in the store where the run starts. */
   offset: number;
+  /** Length of the run in bytes. */
   length: number;
+  /** True: the run holds data; false: it is a hole. */
   data: boolean;
 }
 
+/**
+ * Opens stores by name: the image itself, and the files it names (backing files, external data
+ * files) relative to itself. The open and create functions get all their bytes through one;
+ * `fileOpener` (`qcow/node`), `httpOpener` and `blobOpener` (`qcow/browser`) are the built-in ones.
+ */
 export interface StoreOpener {
   /** `permissions`: the locks to take at open (default: those of an image file holding metadata). */
   open(name: string, options: { readOnly: boolean; create?: boolean; permissions?: Permissions }): Promise<ByteStore>;
   /** Resolve `name` as written in the image against the store that names it. */
   resolve(name: string, relativeTo: string): string;
+  /** Whether `name` exists (create uses it to know whether a failed create may remove the file). */
   exists?(name: string): Promise<boolean>;
   /** Delete a file (a half-made image after a failed create). */
   remove?(name: string): Promise<void>;

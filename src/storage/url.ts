@@ -1,6 +1,7 @@
 /** http(s) names: told apart from local paths, and resolved the way a browser resolves a link. No I/O. */
 import { QcowError } from '../core/errors.js';
 
+/** True when `name` is an http:// or https:// URL (not a local path). */
 export function isHttpUrl(name: string): boolean {
   return /^https?:\/\//i.test(name);
 }

@@ -6,7 +6,26 @@
 import type { Writable } from 'node:stream';
 import type { ChunkSink } from './write-image.js';
 
-export function nodeWritableSink(stream: Writable | NodeJS.WritableStream): { sink: ChunkSink; finish(): Promise<void> } {
+/**
+ * `stream` as the sink of {@link writeImageStream}; call `finish` once the image is written.
+ *
+ * @example
+ * ```ts
+ * import { createWriteStream } from 'node:fs';
+ * import { openImage, writeImageStream, nodeWritableSink } from 'qcow/node';
+ *
+ * await using src = await openImage('disk.qcow2', { readOnly: true });
+ * const out = nodeWritableSink(createWriteStream('copy.qcow2'));
+ * await writeImageStream([src], out.sink, { format: 'qcow2' });
+ * await out.finish();
+ * ```
+ */
+export function nodeWritableSink(stream: Writable | NodeJS.WritableStream): {
+  /** The sink to give {@link writeImageStream}. */
+  sink: ChunkSink;
+  /** Resolves once everything written has been handed to the operating system (ends the stream, except stdout and stderr). */
+  finish(): Promise<void>;
+} {
   let failure: unknown;
   stream.on('error', (e: unknown) => {
     failure ??= e;

@@ -15,6 +15,7 @@ import type { Spill } from './spill.js';
 import type { ByteStore } from '../storage/types.js';
 import { rawFormat } from '../formats/raw/raw.js';
 
+/** Options of {@link readImageStream}: the stream's format, the target, and the memory it may hold. */
 export interface ReadStreamOptions {
   /** 'qcow2', 'qcow' or 'raw'; default: from the stream's magic and version, else raw. */
   format?: string;
@@ -40,17 +41,27 @@ export interface ReadStreamOptions {
    */
   growingTarget?: () => Promise<BlockDevice>;
   /** qcow2: where held clusters go past `bufferBytes` of memory, and how much it may take. */
-  spill?: { store: Spill; limit: number };
+  spill?: {
+    /** Where held clusters go once `bufferBytes` is full ({@link memorySpill}, or `fileSpill` of `qcow/node`). */
+    store: Spill;
+    /** Most bytes the spill may hold; past it the stream is refused with a line saying what to allow. */
+    limit: number;
+  };
+  /** Stops the operation between chunks; it then fails with QCOW_ABORTED. */
   signal?: AbortSignal;
   /** Bytes of the stream consumed so far. */
   onProgress?: (bytesIn: number) => void;
 }
 
+/** What {@link readImageStream} did, and the target it wrote. */
 export interface ReadStreamResult {
+  /** The stream's format ("qcow2", "qcow", "raw"), as given or as found from its magic. */
   format: string;
+  /** Bytes of the stream consumed. */
   bytesIn: number;
   /** The most bytes held at once while waiting for their tables (qcow2). */
   peakBuffered: number;
+  /** The target device, written and still open: flush and close it. */
   target: BlockDevice;
 }
 
@@ -106,6 +117,22 @@ async function peek(chunks: AsyncIterable<Uint8Array>, n: number): Promise<{ hea
 /**
  * Convert the image on `chunks` into the device `openTarget` gives for it (made from the size the
  * header tells; for raw, `options.size`).
+ *
+ * @example
+ * ```ts
+ * import { createImage, openImage, readImageStream } from 'qcow/node';
+ *
+ * // qemu-img convert from standard input: curl https://example.com/disk.qcow2 | node this.js
+ * const { target, format } = await readImageStream(
+ *   process.stdin,
+ *   async ({ size }) => {
+ *     await createImage('disk.qcow2', { format: 'qcow2', size });
+ *     return openImage('disk.qcow2', { format: 'qcow2' });
+ *   },
+ *   { targetIsZero: true },
+ * );
+ * await target.close();
+ * ```
  */
 export async function readImageStream(
   chunks: AsyncIterable<Uint8Array>,

@@ -11,8 +11,30 @@ import type { ChunkSink } from './write-image.js';
  * worker, a `fetch` upload body's writable side, a TransformStream). Each chunk waits until the
  * stream has taken it; `close()` ends the stream once the image is complete, `abort`
  * tells the consumer it is not.
+ *
+ * @example
+ * ```ts
+ * import { openUrl, writeImageStream, webStreamSink } from 'qcow/browser';
+ *
+ * const handle = await showSaveFilePicker({ suggestedName: 'disk.qcow2' });
+ * const out = webStreamSink(await handle.createWritable());
+ * try {
+ *   await writeImageStream([await openUrl('disk.img')], out.sink, { format: 'qcow2' });
+ *   await out.close();
+ * } catch (e) {
+ *   await out.abort(e);
+ *   throw e;
+ * }
+ * ```
  */
-export function webStreamSink(stream: WritableStream<Uint8Array>): { sink: ChunkSink; close(): Promise<void>; abort(reason: unknown): Promise<void> } {
+export function webStreamSink(stream: WritableStream<Uint8Array>): {
+  /** The sink to give {@link writeImageStream}. */
+  sink: ChunkSink;
+  /** Close the stream: call it once the image is written. */
+  close(): Promise<void>;
+  /** Abort the stream with `reason`: the image is incomplete. */
+  abort(reason: unknown): Promise<void>;
+} {
   const writer = stream.getWriter();
   return {
     // write() resolves when the underlying sink has taken the chunk: the writer may then reuse it.

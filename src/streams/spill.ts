@@ -5,9 +5,15 @@
  */
 import { QcowError } from '../core/errors.js';
 
+/**
+ * Where compressed clusters wait while a compressed qcow2 stream is written
+ * ({@link WriteStreamOptions.spill}): append-only bytes read back later. {@link memorySpill} and
+ * `fileSpill` (`qcow/node`) make one; implement it to keep them elsewhere.
+ */
 export interface Spill {
   /** Bytes appended so far. */
   readonly size: number;
+  /** Add `data` at the end (copying it or writing it out: the caller reuses the buffer). */
   append(data: Uint8Array): Promise<void>;
   /** Fill `into` from `offset` (within what was appended). */
   read(offset: number, into: Uint8Array): Promise<void>;

@@ -32,6 +32,7 @@ import { maxRefcount } from '../formats/qcow2/refcount.js';
  */
 export type ChunkSink = (chunk: Uint8Array) => Promise<void>;
 
+/** Options of {@link writeImageStream}: the image's format and layout, and how much is read ahead. */
 export interface WriteStreamOptions {
   /** 'qcow2' or 'raw'. */
   format: string;
@@ -42,7 +43,14 @@ export interface WriteStreamOptions {
    * it is one (what it holds is then not copied); without it every range the source does not
    * store is written as zeros so the image reads the source's content whatever the file holds.
    */
-  backing?: { file: string; format: string; layer?: BlockDevice };
+  backing?: {
+    /** The backing file name to record in the header. */
+    file: string;
+    /** The backing file's format to record in the header. */
+    format: string;
+    /** The layer of the source's chain that the backing file is, when it is one. */
+    layer?: BlockDevice;
+  };
   /** qcow2: compress every data cluster (zlib, or zstd with compression_type=zstd). */
   compress?: boolean;
   /**
@@ -54,17 +62,33 @@ export interface WriteStreamOptions {
   chunkSize?: number;
   /** Chunks read ahead while earlier ones are written. Default 4. */
   parallel?: number;
+  /** Stops the operation between steps; it then fails with QCOW_ABORTED. */
   signal?: AbortSignal;
   /** Guest bytes done and in all (the image's size in the stream is known only for raw). */
   onProgress?: (done: number, total: number) => void;
 }
 
+/** What {@link writeImageStream} wrote. */
 export interface WriteStreamResult {
   /** Bytes written to the sink. */
   bytes: number;
 }
 
-/** Write `sources` (concatenated, as convert does) as one image into `sink`. */
+/**
+ * Write `sources` (concatenated, as convert does) as one image into `sink`, front to back and
+ * never seeking: a qcow2 or raw image into a pipe, an upload or a download.
+ *
+ * @example
+ * ```ts
+ * import { openImage, writeImageStream, nodeWritableSink } from 'qcow/node';
+ *
+ * await using src = await openImage('disk.img', { readOnly: true });
+ * const out = nodeWritableSink(process.stdout);
+ * const { bytes } = await writeImageStream([src], out.sink, { format: 'qcow2', compress: true });
+ * await out.finish();
+ * console.error(`${bytes} bytes written`);
+ * ```
+ */
 export async function writeImageStream(sources: BlockDevice[], sink: ChunkSink, options: WriteStreamOptions): Promise<WriteStreamResult> {
   if (options.format === 'raw') {
     if (options.backing) throw new QcowError('QCOW_INVALID_ARGUMENT', 'raw images cannot have a backing file');

@@ -91,6 +91,7 @@ export class RawDevice extends DeviceBase {
   }
 }
 
+/** The raw format: the file is the guest disk, byte for byte. Probing picks it only when no other format matches. */
 export const rawFormat: ImageFormat = {
   name: 'raw',
   probe: () => 1, // the fallback: anything is a raw image, with the least confidence
