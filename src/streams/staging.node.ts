@@ -17,6 +17,7 @@ import { commit } from '../ops/commit.js';
 import { FileStore } from '../storage/file.node.js';
 import { join } from 'node:path';
 
+/** A staging layer over an existing image, from {@link stageOver}: write to `device`, then `apply`. */
 export interface StagedTarget {
   /** Where the stream writes: reads show the target with what was written so far on top. */
   readonly device: BlockDevice;
@@ -37,6 +38,15 @@ function blockSizeFor(size: number): number {
 /**
  * A staging layer over `target` (opened writable), its blocks kept in `dir` (the target's folder:
  * the same file system, where its owner expects the space to be used).
+ *
+ * @example
+ * ```ts
+ * const target = await openImage('disk.qcow2');
+ * const staged = await stageOver(target, '.');
+ * await readImageStream(process.stdin, async () => staged.device, { targetIsZero: false });
+ * await staged.apply();      // only now is disk.qcow2 written
+ * await staged.device.close(); // closes the target too
+ * ```
  */
 export async function stageOver(target: BlockDevice, dir: string): Promise<StagedTarget> {
   const folder = await mkdtemp(join(dir, '.qcow-staging-'));

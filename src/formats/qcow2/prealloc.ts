@@ -4,9 +4,10 @@
  * whether each data range is a hole and reports it as `zero: true, data: true`.
  *
  * Detection is qemu's idea: the image counts as metadata-preallocated when clearly more clusters
- * have a refcount than the file really occupies (allocated blocks). Node cannot ask a file for its
- * holes (no SEEK_HOLE), so a range counts as a hole when it reads as zeros. That guess is wrong
- * for zeros really written into the file (qemu-img amend writes some), so our threshold is
+ * have a refcount than the file really occupies (allocated blocks). With the host addon the file
+ * says where its holes are (SEEK_HOLE), as for qemu; without it (Node has no SEEK_HOLE) a range
+ * counts as a hole when it reads as zeros. That guess is wrong for zeros really written into the
+ * file (qemu-img amend writes some), so our threshold is
  * stricter than qemu's (twice the allocated clusters, not 10/9): images with only a few holes are
  * not taken for preallocated ones. Differences from qemu remain possible in between.
  */
@@ -56,8 +57,16 @@ export async function detectMetadataPreallocation(store: ByteStore, h: Qcow2Head
 /** File-system block size used to look for holes. */
 export const HOLE_GRANULARITY = 4096;
 
-/** Split [hostOffset, +length) into runs that read as zeros (holes) or not, at HOLE_GRANULARITY. */
+/**
+ * Split [hostOffset, +length) into runs that are holes (zero) or not, offsets relative to
+ * hostOffset. The file's own answer (SEEK_HOLE, through the host addon) where the store has one,
+ * as qemu asks; otherwise by reading, at HOLE_GRANULARITY.
+ */
 export async function holeRuns(store: ByteStore, hostOffset: number, length: number): Promise<{ offset: number; length: number; zero: boolean }[]> {
+  if (store.dataRuns) {
+    const runs = await store.dataRuns(hostOffset, length);
+    return runs.map((r) => ({ offset: r.offset - hostOffset, length: r.length, zero: !r.data }));
+  }
   const out: { offset: number; length: number; zero: boolean }[] = [];
   const chunk = new Uint8Array(Math.min(length, 1 << 20));
   for (let done = 0; done < length; ) {
