@@ -20,6 +20,16 @@ export class ChunkCache {
     return this.chunks.has(index);
   }
 
+  /** The chunk if it is held (then the most recently used), else undefined. */
+  take(index: number): Uint8Array | undefined {
+    const hit = this.chunks.get(index);
+    if (hit) {
+      this.chunks.delete(index);
+      this.chunks.set(index, hit);
+    }
+    return hit;
+  }
+
   /** The chunk, from the cache or from `load` (shared with any load of the same chunk already under way). */
   get(index: number, load: (index: number) => Promise<Uint8Array>): Promise<Uint8Array> {
     const hit = this.chunks.get(index);

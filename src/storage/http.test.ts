@@ -50,25 +50,32 @@ test('over nginx: size, content and reads past the end match the file', needsNgi
   assert.equal(sha256(all), sha256(data));
 });
 
-test('a small read costs one aligned chunk (plus chunk 0 from opening), as nginx logs it', needsNginx(), async (t) => {
+test('a first read into a chunk fetches its sixteenth; a second read there, or one that continues the last, fetches the rest of the chunk (nginx log)', needsNginx(), async (t) => {
   const { www, work, data } = await site(t);
   const nginx = await startNginx(t, www, work);
   const store = await HttpStore.open(nginx.url + 'disk.raw', { chunkSize: CHUNK });
   t.after(() => store.close());
-  const buf = new Uint8Array(4096);
-  await store.read(5 * MiB + 123, buf);
-  assert.deepEqual(buf, data.subarray(5 * MiB + 123, 5 * MiB + 123 + 4096));
-  await store.read(5 * MiB + 64 * 1024, buf); // same chunk: from the cache
-  assert.equal(store.stats.requests, 2);
-  assert.equal(store.stats.bytesFetched, 2 * CHUNK);
+  const PIECE = CHUNK / 16;
+  const at = async (offset: number, length = 4096) => {
+    const buf = new Uint8Array(length);
+    await store.read(offset, buf);
+    assert.deepEqual(buf, data.subarray(offset, offset + length), `bytes at ${offset}`);
+  };
+  await at(5 * MiB + 123); // a lone read: one piece
+  await at(5 * MiB + 8192); // the same piece: cached
+  await at(7 * MiB + 3 * PIECE + 5); // another chunk: one piece
+  await at(5 * MiB + 5 * PIECE); // back in chunk 5: the rest of it, from the first piece not held
+  await at(5 * MiB + 15 * PIECE + 100); // held now
+  await at(8 * MiB - 4096, 4096); // chunk 7's last piece, a second read in chunk 7: the rest of chunk 7
+  await at(8 * MiB, 4096); // continues the last read: all of chunk 8
+  await at(8 * MiB + 10 * PIECE); // held
   const log = await nginx.accessLog();
+  const r = (from: number, to: number) => [206, `bytes=${from}-${to - 1}`];
   assert.deepEqual(
     log.map((l) => [l.status, l.range]),
-    [
-      [206, `bytes=0-${CHUNK - 1}`],
-      [206, `bytes=${5 * CHUNK}-${6 * CHUNK - 1}`],
-    ],
+    [r(0, CHUNK), r(5 * MiB, 5 * MiB + PIECE), r(7 * MiB + 3 * PIECE, 7 * MiB + 4 * PIECE), r(5 * MiB + PIECE, 6 * MiB), r(7 * MiB + 4 * PIECE, 8 * MiB), r(8 * MiB, 9 * MiB)],
   );
+  assert.equal(store.stats.requests, log.length);
   assert.equal(
     log.reduce((n, l) => n + l.bytes, 0),
     store.stats.bytesFetched,
@@ -91,13 +98,18 @@ test('the cache holds at most its byte budget, dropping the least recently used 
   const nginx = await startNginx(t, www, work);
   const store = await HttpStore.open(nginx.url + 'disk.raw', { chunkSize: CHUNK, cacheBytes: 2 * CHUNK });
   t.after(() => store.close());
+  const whole = new Uint8Array(CHUNK);
   const b = new Uint8Array(1);
-  for (const chunk of [1, 2, 3, 4]) await store.read(chunk * CHUNK, b);
-  assert.ok(store.cachedBytes <= 2 * CHUNK);
+  for (const chunk of [1, 2, 3, 4]) {
+    await store.read(chunk * CHUNK, b);
+    await store.read(chunk * CHUNK + CHUNK / 2, b); // a second read: the rest of the chunk
+    assert.ok(store.cachedBytes <= 2 * CHUNK, `${store.cachedBytes} bytes held`);
+  }
+  await store.read(4 * CHUNK, whole);
   const before = store.stats.requests;
-  await store.read(4 * CHUNK, b); // most recent: cached
+  await store.read(4 * CHUNK + 100, b); // most recent: cached
   assert.equal(store.stats.requests, before);
-  await store.read(1 * CHUNK, b); // evicted: fetched again
+  await store.read(1 * CHUNK + 100, b); // evicted: fetched again
   assert.equal(store.stats.requests, before + 1);
 });
 

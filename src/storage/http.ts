@@ -2,8 +2,13 @@
  * A read-only byte store over HTTP range requests, for opening images that live on a web server
  * (from Node or a browser) and reading only the parts a caller touches.
  *
- * Reads are served from large aligned chunks (one request each) kept in a bounded LRU cache;
- * readers of a chunk already in flight share its request. The first request is a ranged GET of
+ * Reads are served from aligned pieces (a sixteenth of a chunk) kept in a bounded LRU cache;
+ * readers of a piece already in flight share its request. What one request fetches adapts to how
+ * the image is read: the first read into a chunk fetches only the pieces it needs (a metadata scan
+ * that jumps from table to table across a large image then costs kilobytes, not megabytes per
+ * table), a second read into the same chunk, or a read that continues the previous one, fetches
+ * the rest of the chunk in one request (a guest booting or a convert streaming through data gets
+ * whole chunks, as round trips cost far more than bytes). The first request is a ranged GET of
  * chunk 0, which tells the size (Content-Range) and whether the server honours ranges, and holds
  * the image header every format reads first. A server that ignores Range and answers 200 with the
  * whole body is served from that body, when it fits in `maxWholeBodyBytes`.
@@ -28,7 +33,10 @@ export { isHttpUrl, resolveUrl };
 
 /** Options of {@link HttpStore.open}, {@link httpOpener} and {@link withHttp}: requests, caching and retries. */
 export interface HttpStoreOptions {
-  /** Bytes per request; reads are widened to whole aligned chunks. Default 4 MiB (see below). */
+  /**
+   * The most bytes one request fetches: a first read into an aligned chunk fetches a sixteenth
+   * of it, a second read (or a read continuing the last) the rest. Default 4 MiB (see below).
+   */
   chunkSize?: number;
   /** Most bytes of chunks kept in memory. Default 64 MiB. */
   cacheBytes?: number;
@@ -92,6 +100,12 @@ export class HttpStore implements ByteStore {
   /** What the store has cost so far (requests, bytes, retries); updated as it reads. */
   readonly stats: HttpStats = { requests: 0, bytesFetched: 0, retries: 0 };
   private readonly cache: ChunkCache;
+  /** The cache's unit and the least one request fetches: a sixteenth of a chunk (the chunk itself when that is not a multiple of 512). */
+  private readonly pieceSize: number;
+  /** Requests under way, by each piece they bring. */
+  private readonly loading = new Map<number, Promise<Map<number, Uint8Array>>>();
+  private readonly touched = new Set<number>();
+  private lastReadEnd = -1;
   private readonly policy: RetryPolicy;
   private readonly options: HttpStoreOptions;
   private readonly fetchFn: typeof fetch;
@@ -111,6 +125,7 @@ export class HttpStore implements ByteStore {
       throw new QcowError('QCOW_INVALID_ARGUMENT', `chunkSize must be an integer of at least 512, not ${options.chunkSize}`);
     }
     this.cache = new ChunkCache(Math.max(options.cacheBytes ?? DEFAULT_CACHE_BYTES, this.chunkSize));
+    this.pieceSize = this.chunkSize % (16 * 512) === 0 ? this.chunkSize / 16 : this.chunkSize;
     this.policy = { retries: options.retries ?? 4, baseDelayMs: options.retryDelayMs ?? 250, maxDelayMs: options.maxRetryDelayMs ?? 10_000 };
     this.fetchFn = options.fetch ?? ((input, init) => globalThis.fetch(input, init));
     const signal = options.signal;
@@ -174,19 +189,85 @@ export class HttpStore implements ByteStore {
   }
 
   private async readChunks(offset: number, into: Uint8Array): Promise<void> {
-    const first = Math.floor(offset / this.chunkSize);
-    const last = Math.floor((offset + into.length - 1) / this.chunkSize);
+    const g = this.pieceSize;
+    const end = offset + into.length;
+    const first = Math.floor(offset / g);
+    const last = Math.floor((end - 1) / g);
+    // A read that continues the previous one is a stream: it gets whole chunks at once.
+    const continues = offset === this.lastReadEnd;
+    this.lastReadEnd = end;
     const wanted: Promise<Uint8Array>[] = [];
-    for (let i = first; i <= last; i++) wanted.push(this.cache.get(i, (index) => this.fetchChunk(index)));
-    const chunks = await Promise.all(wanted);
-    // The server may have stopped honouring Range mid-way and sent everything: then `whole` is set.
+    for (let i = first; i <= last; i++) wanted.push(this.piece(i, last, continues));
+    const pieces = await Promise.all(wanted);
     for (let i = first; i <= last; i++) {
-      const chunk = chunks[i - first]!;
-      const chunkStart = i * this.chunkSize;
-      const from = Math.max(offset, chunkStart);
-      const to = Math.min(offset + into.length, chunkStart + chunk.length);
-      into.set(chunk.subarray(from - chunkStart, to - chunkStart), from - offset);
+      const piece = pieces[i - first]!;
+      const pieceStart = i * g;
+      const from = Math.max(offset, pieceStart);
+      const to = Math.min(end, pieceStart + piece.length);
+      into.set(piece.subarray(from - pieceStart, to - pieceStart), from - offset);
     }
+  }
+
+  /** Piece `i`, from the cache, from a request already under way, or from a new one (see above). */
+  private async piece(i: number, lastWanted: number, continues: boolean): Promise<Uint8Array> {
+    for (;;) {
+      if (this.whole) {
+        const start = i * this.pieceSize;
+        return this.whole.subarray(start, Math.min(start + this.pieceSize, this.length));
+      }
+      const hit = this.cache.take(i);
+      if (hit) return hit;
+      const pending = this.loading.get(i);
+      if (pending) {
+        const got = (await pending).get(i);
+        if (got) return got;
+        continue; // that request ended without it (or it was evicted at once): ask again
+      }
+      const perChunk = this.chunkSize / this.pieceSize;
+      const chunk = Math.floor(i / perChunk);
+      const dense = continues || this.touched.has(chunk);
+      this.touch(chunk);
+      // Dense: the whole chunk around i; else from i to the end of what this read wants (within
+      // the chunk). Either way one contiguous run, stopping at pieces held or on their way.
+      const free = (k: number) => k >= 0 && k < this.pieceCount && !this.cache.has(k) && !this.loading.has(k);
+      const stop = dense ? (chunk + 1) * perChunk - 1 : Math.min(lastWanted, (chunk + 1) * perChunk - 1);
+      let from = i;
+      while (dense && from > chunk * perChunk && free(from - 1)) from--;
+      let to = i + 1;
+      while (to <= stop && free(to)) to++;
+      const run = this.fetchPieces(from, to - from).finally(() => {
+        for (let k = from; k < to; k++) this.loading.delete(k);
+      });
+      for (let k = from; k < to; k++) this.loading.set(k, run);
+    }
+  }
+
+  /** Chunks read from lately, most recent last (a few hundred: enough to tell a second visit). */
+  private touch(chunk: number): void {
+    this.touched.delete(chunk);
+    this.touched.add(chunk);
+    if (this.touched.size > 512) this.touched.delete(this.touched.values().next().value!);
+  }
+
+  private get pieceCount(): number {
+    return Math.ceil(this.length / this.pieceSize);
+  }
+
+  /** Pieces [first, first + count) in one request, each kept in the cache. */
+  private async fetchPieces(first: number, count: number): Promise<Map<number, Uint8Array>> {
+    const g = this.pieceSize;
+    const start = first * g;
+    const bytes = await this.fetchRange(start, Math.min(start + count * g, this.length) - 1);
+    const out = new Map<number, Uint8Array>();
+    if (this.whole) return out; // the server sent everything instead: piece() serves from it
+    for (let k = 0; k < count; k++) {
+      // Copied out of a larger reply: a cached piece must not keep the whole reply alive.
+      const piece = count === 1 ? bytes : bytes.slice(k * g, Math.min((k + 1) * g, bytes.length));
+      if (piece.length === 0) break;
+      out.set(first + k, piece);
+      this.cache.put(first + k, piece);
+    }
+    return out;
   }
 
   /** Chunk 0 by a ranged GET, learning the size and whether ranges work. */
@@ -225,12 +306,14 @@ export class HttpStore implements ByteStore {
       discardBody(res);
       throw statusError(res, this.name);
     });
-    if (chunk && chunk.length > 0) this.cache.put(0, chunk);
+    if (chunk && chunk.length > 0) {
+      for (let k = 0; k * this.pieceSize < chunk.length; k++) this.cache.put(k, chunk.slice(k * this.pieceSize, (k + 1) * this.pieceSize));
+      this.touch(0);
+    }
   }
 
-  private async fetchChunk(index: number): Promise<Uint8Array> {
-    const start = index * this.chunkSize;
-    const end = Math.min(start + this.chunkSize, this.length) - 1;
+  /** Bytes [start, end] (inclusive) in one ranged request. */
+  private async fetchRange(start: number, end: number): Promise<Uint8Array> {
     return this.request(async () => {
       const res = await this.get(start, end);
       if (res.status === 206) {

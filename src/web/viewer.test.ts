@@ -66,6 +66,7 @@ test('the viewer page shows what qemu-img reports for a chain, opened on a URL a
   const huge = join(www, 'huge.qcow2');
   await qemuImg(['create', '-q', '-f', 'qcow2', huge, '4T']);
   await qemuIo(['-f', 'qcow2', '-c', 'write -P 7 3T 64k', huge]);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', join(www, 'allocated.qcow2'), '64G']);
   const nginx = await startNginx(t, www, work);
 
   const guest = totalsOf(JSON.parse((await qemuImg(['map', '--output=json', top])).stdout) as QemuExtent[], false);
@@ -131,5 +132,12 @@ test('the viewer page shows what qemu-img reports for a chain, opened on a URL a
   const s = await shown(1);
   assert.equal(s.error, undefined);
   assert.equal(s.result!.rows.at(-1)!.totals.data, 65536);
+
+  // A 64 GiB image allocated throughout (metadata preallocation: a million mapped clusters, 8 MiB
+  // of L2 tables, a sparse file): the whole guest is data, read in table-sized ranges.
+  await page.goto(`${nginx.url}index.html?url=allocated.qcow2`);
+  const a = await shown(1);
+  assert.equal(a.error, undefined);
+  assert.equal(a.result!.rows.at(-1)!.totals.data, 64 * 2 ** 30);
   assert.deepEqual(pageErrors, []);
 });
