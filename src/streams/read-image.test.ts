@@ -248,7 +248,7 @@ test('encrypted images from a stream: LUKS and legacy AES with the password, one
   assert.ok(!existsSync(join(dir, 'x.raw')));
 });
 
-test('qcow (v1) from a stream: plain, compressed, an overlay on a backing file, and legacy AES', needs('qemu-img', 'qemu-io'), async (t) => {
+test('qcow (v1) from a stream: plain, compressed, an overlay on a backing file, legacy AES, and a relaid image held in a spill folder', needs('qemu-img', 'qemu-io'), async (t) => {
   const dir = await scratch(t);
   const p = (n: string) => join(dir, n);
   await qemuImg(['create', '-q', '-f', 'qcow', p('v1.qcow'), '64M']);
@@ -278,6 +278,40 @@ test('qcow (v1) from a stream: plain, compressed, an overlay on a backing file, 
     if (want) assert.equal(sha256(new Uint8Array(await readFile(got))), sha256(new Uint8Array(await readFile(p(want)))), img);
     else await qemuImg(['compare', '-q', '-f', 'qcow', '-F', 'raw', p(img), got], dir);
   }
+  // An L2 table moved to the end of the file: its data arrives first and is held, in memory up to
+  // --stream-buffer, then in the spill folder; without a folder, one line. With 64 KiB clusters
+  // every structure fills whole 64 KiB units of the stream, so the data's units are named by nothing.
+  // (qemu-img cannot choose a qcow cluster size, but QEMU reads any: the empty image is ours.)
+  const { writeEmptyImage } = await import('../formats/qcow1/create.js');
+  const { FileStore } = await import('../storage/file.node.js');
+  const store = await FileStore.open(p('v1-64k.qcow'), { create: true });
+  await writeEmptyImage(store, { size: 64 * MiB, clusterBits: 16, l2Bits: 13 });
+  await store.close();
+  await qemuIo(['-f', 'qcow', '-c', 'write -P 1 0 1M', '-c', 'write -P 2 40M 2M', '-c', 'write -P 3 7M 64k', p('v1-64k.qcow')]);
+  const moved = new Uint8Array(await readFile(p('v1-64k.qcow')));
+  const mv = new DataView(moved.buffer);
+  const l1At = Number(mv.getBigUint64(40));
+  const l2Bytes = 2 ** moved[33]! * 8;
+  const l2At = Number(mv.getBigUint64(l1At + 8 * Math.floor((40 * MiB) / (2 ** moved[32]! * (l2Bytes / 8)))));
+  const end = Math.ceil(moved.length / 4096) * 4096;
+  const relaid = new Uint8Array(end + l2Bytes);
+  relaid.set(moved);
+  relaid.set(moved.subarray(l2At, l2At + l2Bytes), end);
+  relaid.fill(0, l2At, l2At + l2Bytes);
+  new DataView(relaid.buffer).setBigUint64(l1At + 8 * Math.floor((40 * MiB) / (2 ** moved[32]! * (l2Bytes / 8))), BigInt(end));
+  await writeFile(p('relaid.qcow'), relaid);
+  await qemuImg(['compare', '-q', p('v1-64k.qcow'), p('relaid.qcow')]);
+  const { mkdir, readdir } = await import('node:fs/promises');
+  await mkdir(p('spill1'));
+  const held = await fromPipe(p('relaid.qcow'), p('relaid.raw'), ['-O', 'raw', '--stream-buffer', '256k', '--stream-spill', p('spill1')], dir);
+  assert.equal(held.code, 0, held.stderr);
+  assert.ok(peakOf(held.stderr) > 1024 * 1024, held.stderr);
+  await qemuImg(['compare', '-q', '-f', 'qcow', '-F', 'raw', p('v1-64k.qcow'), p('relaid.raw')]);
+  assert.deepEqual(await readdir(p('spill1')), [], 'the spill file is removed');
+  const over = await fromPipe(p('relaid.qcow'), p('over.raw'), ['-O', 'raw', '--stream-buffer', '256k'], dir);
+  assert.notEqual(over.code, 0);
+  assert.match(over.stderr, /needs more than 262144 bytes held .*--stream-spill DIR/);
+  assert.ok(!existsSync(p('over.raw')));
   // Cut short: one line, no target.
   await writeFile(p('cut.qcow'), (await readFile(p('v1.qcow'))).subarray(0, 40_000));
   const r = await fromPipe(p('cut.qcow'), p('cut.raw'), ['-O', 'raw'], dir);

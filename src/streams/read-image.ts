@@ -40,7 +40,7 @@ export interface ReadStreamOptions {
    * bytes, as image sizes are) at its end.
    */
   growingTarget?: () => Promise<BlockDevice>;
-  /** qcow2: where held clusters go past `bufferBytes` of memory, and how much it may take. */
+  /** qcow2 and qcow: where held clusters go past `bufferBytes` of memory, and how much it may take. */
   spill?: {
     /** Where held clusters go once `bufferBytes` is full ({@link memorySpill}, or `fileSpill` of `qcow/node`). */
     store: Spill;
@@ -153,7 +153,7 @@ export async function readImageStream(
         streamInfo = info;
         return openTarget(info);
       },
-      { bufferBytes: options.bufferBytes, password: options.password, signal: options.signal, onProgress: options.onProgress },
+      { bufferBytes: options.bufferBytes, password: options.password, spill: options.spill, signal: options.signal, onProgress: options.onProgress },
     );
     await fillUndecided(r.target, streamInfo!, r.decided, options);
     return { format, bytesIn: r.bytesIn, peakBuffered: r.peakBuffered, target: r.target };

@@ -3,8 +3,8 @@
  * counterpart of read-qcow2.ts. qcow v1 has no refcounts and its L2 tables need not be one cluster
  * long, so this reader works in byte ranges: each wanted structure (the L1 table, an L2 table, a
  * data or compressed cluster) is assembled from the pieces of the stream that cover it, and bytes
- * nobody has named yet are held (bounded by `bufferBytes`) only while some L2 table is still to
- * come. QEMU writes the L1 table after the header and every L2 table before the clusters it maps,
+ * nobody has named yet are held (bounded by `bufferBytes` of memory, then an optional spill) only
+ * while some L2 table is still to come. QEMU writes the L1 table after the header and every L2 table before the clusters it maps,
  * so its images stream with nothing held.
  */
 import type { BlockDevice } from '../core/block-device.js';
@@ -15,6 +15,7 @@ import { inflateRaw } from '../compress/lazy.js';
 import { legacyAesCipher } from '../crypto/legacy-aes.js';
 import type { SectorCipher } from '../crypto/types.js';
 import { ClusterReader, type StreamImageInfo, type StreamReadOptions, type StreamReadResult } from './read-qcow2.js';
+import type { Spill } from './spill.js';
 
 /** The piece of the stream looked at at once. */
 const UNIT = 64 * 1024;
@@ -49,7 +50,7 @@ export async function readQcow1Stream(
   const size = virtualSizeOf(h);
   const info: StreamImageInfo = { format: 'qcow', size, clusterSize: cs, extendedL2: false, backingFile };
   const target = await openTarget(info);
-  const state = new Qcow1Stream(h, size, target, options.bufferBytes ?? 64 * 1024 * 1024, cipher, options.signal);
+  const state = new Qcow1Stream(h, size, target, options.bufferBytes ?? 64 * 1024 * 1024, cipher, options.signal, options.spill);
   try {
     await state.run(reader, head, options.onProgress);
   } finally {
@@ -64,6 +65,9 @@ class Qcow1Stream {
   private active: Want[] = [];
   private readonly kept = new Map<number, Uint8Array>();
   private keptBytes = 0;
+  /** Units moved to the spill once memory was full: unit -> [offset in the spill, length]. */
+  private readonly spilled = new Map<number, [number, number]>();
+  private spilledBytes = 0;
   peakBuffered = 0;
   private tablesPending = 0;
   private dataPending = 0;
@@ -79,6 +83,7 @@ class Qcow1Stream {
     private readonly budget: number,
     private readonly cipher: SectorCipher | undefined,
     private readonly signal?: AbortSignal,
+    private readonly spill?: { store: Spill; limit: number },
   ) {
     this.cs = 2 ** h.clusterBits;
     this.decided = new Uint8Array(Math.ceil(Math.ceil(size / this.cs) / 8));
@@ -91,7 +96,7 @@ class Qcow1Stream {
   async run(reader: ClusterReader, head: Uint8Array, onProgress?: (n: number) => void): Promise<void> {
     const l1Bytes = l1SizeOf(this.h) * 8;
     let bytes = head;
-    this.want({ kind: 'l1', offset: this.h.l1TableOffset, length: l1Bytes, filled: 0 });
+    await this.want({ kind: 'l1', offset: this.h.l1TableOffset, length: l1Bytes, filled: 0 });
     for (;;) {
       throwIfAborted(this.signal);
       if (this.failure !== undefined) throw this.failure;
@@ -111,7 +116,7 @@ class Qcow1Stream {
     }
   }
 
-  private want(w: Want): void {
+  private async want(w: Want): Promise<void> {
     if (w.kind === 'data' || w.kind === 'compressed') this.dataPending++;
     else this.tablesPending++;
     const first = Math.floor(w.offset / UNIT);
@@ -124,7 +129,7 @@ class Qcow1Stream {
     // Starts in bytes already seen: they must still be held (this unit is handled by arrived()).
     w.buf = new Uint8Array(w.length);
     for (let u = first; u < this.unit; u++) {
-      const kept = this.kept.get(u);
+      const kept = this.kept.get(u) ?? (await this.unspill(u));
       if (!kept) throw corrupt(`a table points back to 0x${w.offset.toString(16)}, which the stream has already passed (the image is not laid out front to back)`);
       this.fill(w, u, kept);
     }
@@ -151,7 +156,7 @@ class Qcow1Stream {
     // Held only when nothing named any of it: a unit a table has used is not named again by
     // QEMU's layouts, and holding every unit until the last L2 table would hold the image.
     if (this.active.length === 0) {
-      this.keep(u, bytes);
+      await this.keep(u, bytes);
       return;
     }
     // Completing a want may add wants that start in this unit: loop until none is left to fill.
@@ -170,14 +175,36 @@ class Qcow1Stream {
     }
   }
 
-  private keep(u: number, bytes: Uint8Array): void {
+  private async keep(u: number, bytes: Uint8Array): Promise<void> {
     if (this.tablesPending === 0) return;
-    this.kept.set(u, bytes.slice());
-    this.keptBytes += bytes.length;
-    this.peakBuffered = Math.max(this.peakBuffered, this.keptBytes);
-    if (this.keptBytes > this.budget) {
-      throw new QcowError('QCOW_UNSUPPORTED', `this image's layout needs more than ${this.budget} bytes held until the tables that name them arrive: allow more (--stream-buffer SIZE) or give qcow the file itself`);
+    if (this.keptBytes + bytes.length <= this.budget) {
+      this.kept.set(u, bytes.slice());
+      this.keptBytes += bytes.length;
+    } else {
+      // Memory is full: the spill folder, up to its own limit.
+      const spill = this.spill;
+      if (!spill || spill.store.size + bytes.length > spill.limit) {
+        throw new QcowError(
+          'QCOW_UNSUPPORTED',
+          spill
+            ? `this image's layout needs more than ${this.budget} bytes of memory and ${spill.limit} bytes of spill held until the tables that name them arrive: allow more (--stream-buffer SIZE, --stream-spill-size SIZE) or give qcow the file itself`
+            : `this image's layout needs more than ${this.budget} bytes held until the tables that name them arrive: allow more (--stream-buffer SIZE, or --stream-spill DIR) or give qcow the file itself`,
+        );
+      }
+      this.spilled.set(u, [spill.store.size, bytes.length]);
+      await spill.store.append(bytes);
+      this.spilledBytes += bytes.length;
     }
+    this.peakBuffered = Math.max(this.peakBuffered, this.keptBytes + this.spilledBytes);
+  }
+
+  /** A unit moved to the spill, read back; undefined when it was never held. */
+  private async unspill(u: number): Promise<Uint8Array | undefined> {
+    const at = this.spilled.get(u);
+    if (!at || !this.spill) return undefined;
+    const bytes = new Uint8Array(at[1]);
+    await this.spill.store.read(at[0], bytes);
+    return bytes;
   }
 
   private async complete(w: Want): Promise<void> {
@@ -190,7 +217,7 @@ class Qcow1Stream {
         const coverage = cs * 2 ** this.h.l2Bits;
         for (let i = 0; i * 8 < buf.length; i++) {
           const off = readU64(buf, i * 8);
-          if (off !== 0) this.want({ kind: 'l2', offset: off, length: 2 ** this.h.l2Bits * 8, filled: 0, guest: i * coverage });
+          if (off !== 0) await this.want({ kind: 'l2', offset: off, length: 2 ** this.h.l2Bits * 8, filled: 0, guest: i * coverage });
         }
         break;
       }
@@ -204,8 +231,8 @@ class Qcow1Stream {
           if (e.kind === 'unallocated') continue;
           const c = guest / cs;
           this.decided[c >> 3]! |= 1 << (c & 7);
-          if (e.kind === 'normal') this.want({ kind: 'data', offset: e.hostOffset, length: Math.min(cs, this.size - guest), filled: 0, guest });
-          else this.want({ kind: 'compressed', offset: e.hostOffset, length: e.compressedSize, filled: 0, guest });
+          if (e.kind === 'normal') await this.want({ kind: 'data', offset: e.hostOffset, length: Math.min(cs, this.size - guest), filled: 0, guest });
+          else await this.want({ kind: 'compressed', offset: e.hostOffset, length: e.compressedSize, filled: 0, guest });
         }
         break;
       }
@@ -225,6 +252,8 @@ class Qcow1Stream {
     if (this.tablesPending === 0) {
       this.kept.clear();
       this.keptBytes = 0;
+      this.spilled.clear();
+      this.spilledBytes = 0;
     }
   }
 
