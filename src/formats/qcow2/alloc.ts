@@ -19,11 +19,12 @@ import { CorruptionEvent, QcowError, corrupt } from '../../core/errors.js';
 import { setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
 import { decodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcount.js';
+import { MAX_REFCOUNT_TABLE_BYTES } from './layout.js';
 
 /** Where the header keeps the refcount table's location (offset u64 at 48, clusters u32 at 56). */
 const HEADER_REFTABLE_FIELDS = 48;
 /** qemu's limit on the refcount table (8 MiB). */
-const MAX_REFTABLE_BYTES = 8 * 2 ** 20;
+const MAX_REFTABLE_BYTES = MAX_REFCOUNT_TABLE_BYTES;
 
 export interface RefcountsParams {
   clusterSize: number;

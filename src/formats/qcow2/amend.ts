@@ -30,14 +30,13 @@ import { COMPRESSION_ZLIB, QEMU_FEATURE_NAMES, V3_HEADER_LENGTH } from './header
 import { AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasFeature } from './features.js';
 import { Refcounts } from './alloc.js';
 import { checkRefcountBits, encodeRefcountTable, entriesPerBlock, maxRefcount, setRefcount } from './refcount.js';
-import { readL2Entry } from './l2-entry.js';
+import { L2_ZERO, readL2Entry, standardL2Entry } from './l2-entry.js';
+import { L2_COMPRESSED } from './compressed-descriptor.js';
+import { l1TableOffset } from './l1-entry.js';
 import { readSnapshotTable } from './snapshot-table.js';
 import type { Qcow2Device } from './qcow2.js';
 import type { Qcow2Writer } from './write.js';
 
-const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
-const COPIED = 1n << 63n;
-const COMPRESSED = 1n << 62n;
 
 /** What `-o help` lists (qemu-img amend's options for qcow2 that we implement). */
 export const AMEND_OPTIONS: Record<string, string> = {
@@ -196,9 +195,8 @@ async function downgrade(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
   const seen = new Set<number>();
   const changed: Array<[number, Uint8Array]> = [];
   for (const l1 of l1s) {
-    const l1v = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
     for (let i = 0; i < l1.length / 8; i++) {
-      const off = Number(l1v.getBigUint64(i * 8) & OFFSET_MASK);
+      const off = l1TableOffset(l1, i);
       if (off === 0 || seen.has(off)) continue;
       seen.add(off);
       const table = new Uint8Array(cs);
@@ -209,18 +207,18 @@ async function downgrade(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
       let dirty = false;
       for (let j = 0; j < g.l2Entries; j++) {
         const e = tv.getBigUint64(j * 8);
-        if (e & COMPRESSED) {
+        if (e & L2_COMPRESSED) {
           if (zstd) throw unsupported('Cannot downgrade an image with zstd compression type and existing compressed clusters');
           continue;
         }
-        if ((e & 1n) === 0n) continue;
+        if ((e & L2_ZERO) === 0n) continue;
         const d = readL2Entry(table, j, dev.l2Context);
         const guest = i * g.l2Coverage + j * cs;
         let next: bigint;
         if (d.kind === 'zero-alloc' && (await rc.get(d.hostOffset / cs)) === paths) {
           // Only this table reaches the cluster: zeros in place, same entry without the flag.
           await writeZeros(dev, guest, d.hostOffset);
-          next = e & ~1n;
+          next = e & ~L2_ZERO;
         } else {
           if (d.kind === 'zero-alloc') for (let p = 0; p < paths; p++) rc.free(d.hostOffset, cs);
           if (!hasBacking) next = 0n;
@@ -228,7 +226,7 @@ async function downgrade(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
             const at = await rc.allocClusters(1);
             if (paths > 1) await rc.update(at, cs, paths - 1);
             await writeZeros(dev, guest, at);
-            next = BigInt(at) | (paths === 1 ? COPIED : 0n);
+            next = standardL2Entry(at, { copied: paths === 1 });
           }
         }
         tv.setBigUint64(j * 8, next);

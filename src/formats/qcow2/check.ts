@@ -16,7 +16,7 @@ import { isZero, setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
 import { AUTOCLEAR_FEATURES_OFFSET, HEADER_PROBE_BYTES, INCOMPATIBLE_FEATURES_OFFSET, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeature } from './features.js';
-import { qcow2Geometry } from './layout.js';
+import { MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES, qcow2Geometry } from './layout.js';
 import { contiguousEntries } from './l2-entry.js';
 import { encodeSnapshotTable, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
 import { ClusterRefs } from './cluster-refs.js';
@@ -49,9 +49,8 @@ type Off = number | bigint;
 const EXACT = 2 ** 53;
 const TWO32 = 2 ** 32;
 
-/** QEMU's limits on what it reads for a check: an L1 table of 32 MiB, a refcount table of 8 MiB. */
-const MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
-const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;
+/** QEMU's limits on what it reads for a check (layout.ts): an L1 table of 32 MiB, a refcount table of 8 MiB. */
+const MAX_REFTABLE_BYTES = MAX_REFCOUNT_TABLE_BYTES;
 /** Clusters past the end of the file kept out of a rebuild's way, at most. */
 const MAX_BEYOND = 1 << 20;
 /** Refcount blocks kept in memory while checking. */

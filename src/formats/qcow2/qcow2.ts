@@ -18,7 +18,8 @@ import type { ByteStore } from '../../storage/types.js';
 import { firstNonZero } from '../../core/bytes.js';
 import { HEADER_PROBE_BYTES, COMPRESSION_ZSTD, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, checkIncompatibleFeatures, hasFeature } from './features.js';
-import { MAX_L1_BYTES, entryOffset, l1EntriesFor, qcow2Geometry, type Qcow2Geometry } from './layout.js';
+import { MAX_L1_BYTES, l1EntriesFor, qcow2Geometry, type Qcow2Geometry } from './layout.js';
+import { l1EntryEmpty, l1TableOffset } from './l1-entry.js';
 import { contiguousEntries, decodeL2Entry, readL2Entry, subclusterKind, type ClusterDescriptor, type L2Context, type SubclusterKind } from './l2-entry.js';
 import { TableCache, type CachedTable } from './l2-cache.js';
 import { findSnapshot, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
@@ -233,10 +234,7 @@ export class Qcow2Device extends DeviceBase {
 
   /** Whether L1 entry `i` names no L2 table (past the table, or host offset bits 9-55 all 0). */
   private l1EntryEmpty(i: number): boolean {
-    if (i >= this.l1Entries) return true;
-    const l1 = this.l1;
-    const b = i * 8;
-    return (l1[b + 1]! | l1[b + 2]! | l1[b + 3]! | l1[b + 4]! | l1[b + 5]! | (l1[b + 6]! & 0xfe)) === 0;
+    return i >= this.l1Entries || l1EntryEmpty(this.l1, i);
   }
 
   /**
@@ -246,11 +244,7 @@ export class Qcow2Device extends DeviceBase {
   async l2TableFor(guestOffset: number): Promise<CachedTable | null> {
     const i = Math.floor(guestOffset / this.geometry.l2Coverage);
     if (i >= this.l1Entries) return null;
-    const l1 = this.l1;
-    const b = i * 8;
-    const hi = ((l1[b]! << 24) | (l1[b + 1]! << 16) | (l1[b + 2]! << 8) | l1[b + 3]!) >>> 0;
-    const lo = ((l1[b + 4]! << 24) | (l1[b + 5]! << 16) | (l1[b + 6]! << 8) | l1[b + 7]!) >>> 0;
-    const l2Offset = entryOffset(hi, lo, 'L1 entry');
+    const l2Offset = l1TableOffset(this.l1, i);
     if (l2Offset === 0) return null;
     if (l2Offset % this.clusterSize !== 0) throw corrupt(`L1 entry ${i}: L2 table offset 0x${l2Offset.toString(16)} is not cluster aligned`);
     return this.l2Cache.get(l2Offset + Math.floor((guestOffset % this.geometry.l2Coverage) / this.slice.coverage) * this.slice.bytes);
@@ -400,13 +394,7 @@ export class Qcow2Device extends DeviceBase {
     if (Math.floor(offset / sc) !== Math.floor((offset + length - 1) / sc)) return -1;
     const i = Math.floor(offset / g.l2Coverage);
     if (i >= this.l1Entries) return -1;
-    const l1 = this.l1;
-    const b = i * 8;
-    // Signed words: entryOffset masks them, and unsigned ones of 2^31 or more (COPIED set) are
-    // heap numbers until this is optimised.
-    const hi = (l1[b]! << 24) | (l1[b + 1]! << 16) | (l1[b + 2]! << 8) | l1[b + 3]!;
-    const lo = (l1[b + 4]! << 24) | (l1[b + 5]! << 16) | (l1[b + 6]! << 8) | l1[b + 7]!;
-    const l2Offset = entryOffset(hi, lo, 'L1 entry');
+    const l2Offset = l1TableOffset(this.l1, i);
     const cs = this.clusterSize;
     // Empty, misaligned (the general path reports it) or not cached: the general path decides.
     if (l2Offset === 0 || l2Offset % cs !== 0) return -1;

@@ -13,11 +13,10 @@
  *   3. only then is the file truncated, after the last cluster whose refcount is not zero.
  * A kill between any two steps leaves at most leaked clusters.
  */
-import { readL2Entry } from './l2-entry.js';
+import { l2EntryEmpty, readL2Entry } from './l2-entry.js';
+import { l1TableOffset } from './l1-entry.js';
 import type { Qcow2Device } from './qcow2.js';
 import type { Qcow2Writer } from './write.js';
-
-const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
 
 /** Shrink `dev` to `size` bytes. Runs inside `writer.exclusive` (see Qcow2Writer.resize). */
 export async function shrinkLocked(dev: Qcow2Device, w: Qcow2Writer, size: number): Promise<void> {
@@ -42,8 +41,8 @@ export async function shrinkLocked(dev: Qcow2Device, w: Qcow2Writer, size: numbe
       const end = Math.min(keptL1 * g.l2Coverage, Math.ceil(oldSize / cs) * cs);
       for (let c = firstGone; c < end; c += cs) {
         const k = (c % g.l2Coverage) / cs;
+        if (l2EntryEmpty(table.data, k, g.l2EntryBytes)) continue;
         const d = readL2Entry(table.data, k, dev.l2Context);
-        if (isEmpty(table.data, k, g.l2EntryBytes)) continue;
         w.setEntry(table, k, 0n, g.extendedL2 ? 0n : undefined);
         w.release(d);
       }
@@ -53,16 +52,15 @@ export async function shrinkLocked(dev: Qcow2Device, w: Qcow2Writer, size: numbe
   // Whole tables past the end: the active image's path to the table and to its data goes away
   // (the table itself and each data cluster lose one reference, shared with a snapshot or not).
   for (let i = keptL1; i < dev.l1Entries; i++) {
-    const e = w.l1Entry(i);
-    const off = Number(e & OFFSET_MASK);
+    const off = l1TableOffset(dev.l1, i);
     if (off === 0) continue;
     const table = await dev.l2Cache.get(off);
     for (let k = 0; k < g.l2Entries; k++) {
-      if (isEmpty(table.data, k, g.l2EntryBytes)) continue;
+      if (l2EntryEmpty(table.data, k, g.l2EntryBytes)) continue;
       w.release(readL2Entry(table.data, k, dev.l2Context));
     }
     dev.l2Cache.drop(off);
-    w.setL1Entry(i, 0n);
+    w.setL1Entry(i, 0, false);
     w.refcounts.free(off, cs);
   }
   // Tables, then L1, then the counts drop (flushLocked keeps that order).
@@ -81,7 +79,3 @@ export async function shrinkLocked(dev: Qcow2Device, w: Qcow2Writer, size: numbe
   }
 }
 
-function isEmpty(table: Uint8Array, k: number, entryBytes: number): boolean {
-  const dv = new DataView(table.buffer, table.byteOffset + k * entryBytes, entryBytes);
-  return dv.getBigUint64(0) === 0n && (entryBytes === 8 || dv.getBigUint64(8) === 0n);
-}

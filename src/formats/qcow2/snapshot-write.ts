@@ -12,13 +12,11 @@
 import { isZero } from '../../core/bytes.js';
 import { QcowError, unsupported } from '../../core/errors.js';
 import { encodeSnapshotTable, findSnapshot, type Qcow2Snapshot } from './snapshot-table.js';
-import { readL2Entry } from './l2-entry.js';
+import { l2EntryCopied, readL2Entry, setL2Copied } from './l2-entry.js';
+import { l1EntryCopied, l1TableOffset, setL1Copied } from './l1-entry.js';
 import { MAX_SNAPSHOTS } from './layout.js';
 import type { Qcow2Device } from './qcow2.js';
 import type { Qcow2Writer } from './write.js';
-
-const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
-const COPIED = 1n << 63n;
 
 function writerOf(dev: Qcow2Device): Qcow2Writer {
   if (!dev.writer) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: dev.filename });
@@ -150,7 +148,6 @@ async function adjustTreeSteps(
   delta: number,
 ): Promise<void> {
   const cs = dev.clusterSize;
-  const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
   const l2 = new Uint8Array(cs);
   // Data clusters that follow each other in the file are updated as one run: one call per run
   // instead of one per cluster (a 1 GiB image of 4 KiB clusters has 262 144 of them).
@@ -161,7 +158,7 @@ async function adjustTreeSteps(
     runLength = 0;
   };
   for (let i = 0; i < entries; i++) {
-    const off = Number(dv.getBigUint64(i * 8) & OFFSET_MASK);
+    const off = l1TableOffset(l1, i);
     if (off === 0) continue;
     await rc.update(off, cs, delta);
     await dev.store.read(off, l2);
@@ -192,22 +189,22 @@ async function refreshCopied(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
   const cs = dev.clusterSize;
   const size = dev.geometry.l2EntryBytes;
   for (let i = 0; i < dev.l1Entries; i++) {
-    const e = w.l1Entry(i);
-    const off = Number(e & OFFSET_MASK);
+    const off = l1TableOffset(dev.l1, i);
     if (off === 0) continue;
     const one = (rc.peek(off / cs) ?? (await rc.get(off / cs))) === 1;
-    if (one !== ((e & COPIED) !== 0n)) w.setL1Entry(i, one ? e | COPIED : e & ~COPIED);
+    if (one !== l1EntryCopied(dev.l1, i)) {
+      setL1Copied(dev.l1, i, one);
+      w.markL1Dirty(i);
+    }
     const table = await dev.l2Cache.get(off);
-    const tdv = new DataView(table.data.buffer, table.data.byteOffset, table.data.byteLength);
     let changed = false;
     for (let j = 0; j < dev.geometry.l2Entries; j++) {
       const d = readL2Entry(table.data, j, dev.l2Context);
       if (d.kind !== 'normal' && d.kind !== 'zero-alloc') continue;
-      const entry = tdv.getBigUint64(j * size);
       // Counts of cached refcount blocks are read without an await (most of them, in order).
       const single = (rc.peek(d.hostOffset / cs) ?? (await rc.get(d.hostOffset / cs))) === 1;
-      if (single !== ((entry & COPIED) !== 0n)) {
-        tdv.setBigUint64(j * size, single ? entry | COPIED : entry & ~COPIED);
+      if (single !== l2EntryCopied(d)) {
+        setL2Copied(table.data, j, size, single);
         changed = true;
       }
     }

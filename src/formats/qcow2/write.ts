@@ -22,21 +22,18 @@
 import type { PlacedRange, ZeroOptions } from '../../core/block-device.js';
 import { CorruptionEvent, QcowError, corrupt, unsupported } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
-import { setU32, u32 } from '../../core/bytes.js';
 import { deflateRaw, zstdCompress } from '../../compress/lazy.js';
 import { COMPRESSION_ZSTD, decodeHeader, encodeHeader } from './header.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
 import { PersistentBitmaps, type BitmapWriteHost } from './bitmaps/persistent.js';
-import { decodeL2Entry, readL2Entry, type ClusterDescriptor } from './l2-entry.js';
+import { ALL_SUBCLUSTERS, ALL_SUBCLUSTERS_ZERO, decodeL2Entry, l2EntryBitmap, l2EntryCopied, l2EntryEmpty, readL2Entry, setCopiedNormalEntry, setL2Entry, standardL2Entry, type ClusterDescriptor } from './l2-entry.js';
+import { encodeCompressedDescriptor } from './compressed-descriptor.js';
+import { l1EntryCopied, l1TableOffset, setL1Entry } from './l1-entry.js';
+import { MAX_L1_BYTES } from './layout.js';
 import type { CachedTable } from './l2-cache.js';
 import { Refcounts } from './alloc.js';
 import type { Qcow2Device } from './qcow2.js';
 import { BytesPayload, PlacedPayload, type Payload } from './payload.js';
-
-const COPIED = 1n << 63n;
-const COMPRESSED = 1n << 62n;
-const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
-const ALL_SUBCLUSTERS = 0xffff_ffffn;
 
 /** One cluster's share of a write: where its bytes go and what its entry becomes. */
 interface Piece {
@@ -274,9 +271,8 @@ export class Qcow2Writer {
     if (dev.encryption || g.extendedL2 || data.length === 0) return null;
     const i = Math.floor(offset / g.l2Coverage);
     if (i !== Math.floor((offset + data.length - 1) / g.l2Coverage) || i >= dev.l1Entries) return null;
-    const e = this.l1Entry(i);
-    const l2 = Number(e & OFFSET_MASK);
-    if (!(e & COPIED) || l2 === 0) return null;
+    const l2 = l1TableOffset(dev.l1, i);
+    if (!l1EntryCopied(dev.l1, i) || l2 === 0) return null;
     const table = dev.l2Cache.peek(l2) ?? (await this.dev.l2TableFor(offset));
     if (!table) return null;
     const cs = this.cs;
@@ -285,7 +281,7 @@ export class Qcow2Writer {
     const d = this.scratchEntry; // looked at within each step only
     for (let c = offset - (offset % cs); c < end; c += cs) {
       decodeL2Entry(table.data, (c % g.l2Coverage) / cs, dev.l2Context, d);
-      if (d.kind !== 'normal' || !this.copied(d)) return null;
+      if (d.kind !== 'normal' || !l2EntryCopied(d)) return null;
       const s = Math.max(offset, c);
       const host = d.hostOffset + (s - c);
       const len = Math.min(end, c + cs) - s;
@@ -372,7 +368,7 @@ export class Qcow2Writer {
       this.bitmaps.checkResize();
       if (dev.openedSnapshot) throw unsupported('cannot resize a snapshot');
       const need = Math.ceil(size / dev.geometry.l2Coverage);
-      if (need * 8 > 32 * 1024 * 1024) throw new QcowError('QCOW_INVALID_ARGUMENT', "The image size is too large for file format 'qcow2' (try using a larger cluster size)");
+      if (need * 8 > MAX_L1_BYTES) throw new QcowError('QCOW_INVALID_ARGUMENT', "The image size is too large for file format 'qcow2' (try using a larger cluster size)");
       const h = dev.header;
       const oldOffset = h.l1TableOffset;
       const oldEntries = dev.l1Entries;
@@ -514,12 +510,14 @@ export class Qcow2Writer {
 
   // --- L1 / L2 -----------------------------------------------------------------------------------
 
-  l1Entry(i: number): bigint {
-    return new DataView(this.dev.l1.buffer, this.dev.l1.byteOffset + i * 8, 8).getBigUint64(0);
+  /** Make L1 entry `i` name the L2 table at `offset` (0: none); written back at the next flush. */
+  setL1Entry(i: number, offset: number, copied: boolean): void {
+    setL1Entry(this.dev.l1, i, offset, copied);
+    this.l1Dirty.add(i);
   }
 
-  setL1Entry(i: number, v: bigint): void {
-    new DataView(this.dev.l1.buffer, this.dev.l1.byteOffset + i * 8, 8).setBigUint64(0, v);
+  /** L1 entry `i` was changed in place (its COPIED flag): write it back at the next flush. */
+  markL1Dirty(i: number): void {
     this.l1Dirty.add(i);
   }
 
@@ -531,25 +529,23 @@ export class Qcow2Writer {
     const g = this.dev.geometry;
     const i = Math.floor(guest / g.l2Coverage);
     if (i >= this.dev.l1Entries) throw corrupt(`guest offset 0x${guest.toString(16)} is beyond the L1 table`);
-    // The entry as two words (no BigInt: this runs for every guest write).
-    const hi = u32(this.dev.l1, i * 8);
-    const off = (hi & 0x00ffffff) * 0x100000000 + ((u32(this.dev.l1, i * 8 + 4) & 0xfffffe00) >>> 0);
+    const off = l1TableOffset(this.dev.l1, i);
     if (off === 0) {
       if (!create) return null;
       const at = await this.refcounts.allocClusters(1);
       this.noteGrowth();
-      this.setL1Entry(i, COPIED | BigInt(at));
+      this.setL1Entry(i, at, true);
       return this.dev.l2Cache.put(at, new Uint8Array(this.cs), true);
     }
     if (off % this.cs !== 0 || off >= this.dev.fileSize) throw corrupt(`L1 entry ${i}: L2 table offset 0x${off.toString(16)} is invalid`);
     const table = await this.dev.l2Cache.get(off);
-    if (hi & 0x80000000) return table;
+    if (l1EntryCopied(this.dev.l1, i)) return table;
     const copy = table.data.slice();
     const at = await this.refcounts.allocClusters(1);
     this.noteGrowth();
     this.refcounts.free(off, this.cs);
     this.dev.l2Cache.drop(off);
-    this.setL1Entry(i, COPIED | BigInt(at));
+    this.setL1Entry(i, at, true);
     return this.dev.l2Cache.put(at, copy, true);
   }
 
@@ -558,18 +554,7 @@ export class Qcow2Writer {
   }
 
   setEntry(t: CachedTable, i: number, v: bigint, bitmap?: bigint): void {
-    const size = this.dev.geometry.l2EntryBytes;
-    const dv = new DataView(t.data.buffer, t.data.byteOffset + i * size, size);
-    dv.setBigUint64(0, v);
-    if (bitmap !== undefined && size === 16) dv.setBigUint64(8, bitmap);
-  }
-
-  private bitmapOf(d: ClusterDescriptor): bigint {
-    return (BigInt(d.zeroBitmap >>> 0) << 32n) | BigInt(d.allocBitmap >>> 0);
-  }
-
-  private copied(d: ClusterDescriptor): boolean {
-    return (d.hi & 0x80000000) !== 0;
+    setL2Entry(t.data, i, this.dev.geometry.l2EntryBytes, v, bitmap);
   }
 
   /** Drop the reference an entry holds (deferred until its table is on disk). */
@@ -616,13 +601,11 @@ export class Qcow2Writer {
       const g = this.dev.geometry;
       const entries = this.cs / g.l2EntryBytes;
       for (let i = 0; i < this.dev.l1Entries; i++) {
-        if ((this.l1Entry(i) & OFFSET_MASK) === 0n) continue;
+        if (l1TableOffset(this.dev.l1, i) === 0) continue;
         const table = (await this.l2ForWrite(i * g.l2Coverage, false))!;
-        const raw = new DataView(table.data.buffer, table.data.byteOffset, table.data.byteLength);
         let changed = false;
         for (let k = 0; k < entries; k++) {
-          const at = k * g.l2EntryBytes;
-          if (raw.getBigUint64(at) === 0n && (g.l2EntryBytes === 8 || raw.getBigUint64(at + 8) === 0n)) continue;
+          if (l2EntryEmpty(table.data, k, g.l2EntryBytes)) continue;
           const d = this.entry(table, k);
           this.setEntry(table, k, 0n, g.extendedL2 ? 0n : undefined);
           this.release(d);
@@ -669,7 +652,7 @@ export class Qcow2Writer {
       const e = Math.min(end, c + cs);
       const p: Piece = { index, clusterGuest: c, ws: s, we: e, alloc: false, host: 0, old, subMask: 0n };
       const ownHost = old.kind === 'normal' || old.kind === 'zero-alloc';
-      if (ownHost && (this.copied(old) || this.external)) {
+      if (ownHost && (l2EntryCopied(old) || this.external)) {
         p.host = old.hostOffset;
         if (old.kind === 'zero-alloc') {
           p.ws = c;
@@ -737,14 +720,12 @@ export class Qcow2Writer {
       const old = p.old;
       if (g.extendedL2) {
         let bitmap: bigint;
-        if (!p.alloc) bitmap = (this.bitmapOf(old) | p.subMask) & ~(p.subMask << 32n);
-        else if (old.kind === 'unallocated' || old.kind === 'zero-plain') bitmap = (this.bitmapOf(old) & ~(p.subMask << 32n)) | p.subMask;
+        if (!p.alloc) bitmap = (l2EntryBitmap(old) | p.subMask) & ~(p.subMask << 32n);
+        else if (old.kind === 'unallocated' || old.kind === 'zero-plain') bitmap = (l2EntryBitmap(old) & ~(p.subMask << 32n)) | p.subMask;
         else bitmap = ALL_SUBCLUSTERS;
-        this.setEntry(table, p.index, COPIED | BigInt(p.host), bitmap);
+        this.setEntry(table, p.index, standardL2Entry(p.host, { copied: true }), bitmap);
       } else {
-        // COPIED | host, written as two words (the common case: no BigInt per cluster).
-        setU32(table.data, p.index * 8, (0x80000000 | Math.floor(p.host / 0x100000000)) >>> 0);
-        setU32(table.data, p.index * 8 + 4, p.host % 0x100000000);
+        setCopiedNormalEntry(table.data, p.index, p.host);
       }
       if (p.alloc) this.release(old);
     }
@@ -853,28 +834,28 @@ export class Qcow2Writer {
         if (this.external) {
           // Data-file clusters keep their mapping; the zero flag hides the bytes there.
           if (d.kind === 'normal' || d.kind === 'zero-alloc') {
-            this.setEntry(table, index, COPIED | BigInt(d.hostOffset) | (g.extendedL2 ? 0n : 1n), g.extendedL2 ? ALL_SUBCLUSTERS << 32n : undefined);
+            this.setEntry(table, index, standardL2Entry(d.hostOffset, { copied: true, zero: !g.extendedL2 }), g.extendedL2 ? ALL_SUBCLUSTERS_ZERO : undefined);
             if (this.dev.dataFileRaw) await this.dev.dataStore.write(c, new Uint8Array(cs));
           } else {
-            this.setEntry(table, index, g.extendedL2 ? 0n : 1n, g.extendedL2 ? ALL_SUBCLUSTERS << 32n : undefined);
+            this.setEntry(table, index, standardL2Entry(0, { zero: !g.extendedL2 }), g.extendedL2 ? ALL_SUBCLUSTERS_ZERO : undefined);
           }
           continue;
         }
-        const keepHost = !unmap && (d.kind === 'normal' || d.kind === 'zero-alloc') && this.copied(d);
+        const keepHost = !unmap && (d.kind === 'normal' || d.kind === 'zero-alloc') && l2EntryCopied(d);
         if (!v3) {
           // v2 (only reached without a backing file): the cluster is deallocated.
           this.setEntry(table, index, 0n);
           this.release(d);
         } else if (g.extendedL2) {
-          if (keepHost) this.setEntry(table, index, COPIED | BigInt(d.hostOffset), ALL_SUBCLUSTERS << 32n);
+          if (keepHost) this.setEntry(table, index, standardL2Entry(d.hostOffset, { copied: true }), ALL_SUBCLUSTERS_ZERO);
           else {
-            this.setEntry(table, index, 0n, ALL_SUBCLUSTERS << 32n);
+            this.setEntry(table, index, 0n, ALL_SUBCLUSTERS_ZERO);
             this.release(d);
           }
         } else if (keepHost) {
-          this.setEntry(table, index, COPIED | BigInt(d.hostOffset) | 1n);
+          this.setEntry(table, index, standardL2Entry(d.hostOffset, { copied: true, zero: true }));
         } else {
-          this.setEntry(table, index, 1n);
+          this.setEntry(table, index, standardL2Entry(0, { zero: true }));
           this.release(d);
         }
       }
@@ -908,9 +889,7 @@ export class Qcow2Writer {
       const host = await this.refcounts.allocBytes(packed.length);
       this.noteGrowth();
       await dev.store.write(host, packed);
-      const sectors = Math.floor((host + packed.length - 1) / 512) - Math.floor(host / 512);
-      const x = BigInt(62 - (g.clusterBits - 8));
-      const entry = COMPRESSED | (BigInt(sectors) << x) | BigInt(host);
+      const entry = encodeCompressedDescriptor(host, packed.length, g.clusterBits);
       const table = (await this.l2ForWrite(guest))!;
       const index = (guest % g.l2Coverage) / cs;
       const old = this.entry(table, index);
