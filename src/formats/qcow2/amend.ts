@@ -24,7 +24,7 @@
  * reports OFLAG_COPIED errors). Here a shared cluster is never overwritten: the entry gets a fresh
  * cluster (or none, without a backing file).
  */
-import { QcowError, invalidArgument, unsupported } from '../../core/errors.js';
+import { invalidArgument, unsupported } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
 import { COMPRESSION_ZLIB, QEMU_FEATURE_NAMES, V3_HEADER_LENGTH } from './header.js';
 import { AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasFeature } from './features.js';
@@ -146,8 +146,7 @@ export function planAmend(dev: Qcow2Device, options: Record<string, string>): Am
 /** Apply `options` to an image opened read-write. */
 export async function amendQcow2(dev: Qcow2Device, options: Record<string, string>): Promise<void> {
   const plan = planAmend(dev, options);
-  const w = dev.writer;
-  if (!w) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: dev.filename });
+  const w = dev.requireWriter();
   const h = dev.header;
   await w.exclusive(async () => {
     if (plan.version === 3 && h.version === 2) {

@@ -16,8 +16,9 @@ import { DeviceBase } from '../../core/device-base.js';
 import { QcowError, corrupt, unsupported, withFile } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
 import { firstNonZero } from '../../core/bytes.js';
-import { HEADER_PROBE_BYTES, COMPRESSION_ZSTD, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
-import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, checkIncompatibleFeatures, hasFeature } from './features.js';
+import { COMPRESSION_ZSTD, type Qcow2Header } from './header.js';
+import { readHeader } from './read-header.js';
+import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, hasFeature } from './features.js';
 import { MAX_L1_BYTES, l1EntriesFor, qcow2Geometry, type Qcow2Geometry } from './layout.js';
 import { l1EntryEmpty, l1TableOffset } from './l1-entry.js';
 import { contiguousEntries, decodeL2Entry, readL2Entry, subclusterKind, type ClusterDescriptor, type L2Context, type SubclusterKind } from './l2-entry.js';
@@ -130,14 +131,7 @@ export class Qcow2Device extends DeviceBase {
   }
 
   static async open(store: ByteStore, options: OpenOptions = {}): Promise<Qcow2Device> {
-    const fileSize = await store.size();
-    const head = new Uint8Array(Math.min(HEADER_PROBE_BYTES, fileSize));
-    await store.read(0, head);
-    const clusterBits = peekClusterBits(head);
-    const first = new Uint8Array(Math.min(2 ** clusterBits, fileSize));
-    await store.read(0, first);
-    const header = decodeHeader(first);
-    checkIncompatibleFeatures(header);
+    const { header, fileSize } = await readHeader(store);
     const readOnly = (options.readOnly ?? store.readOnly) || options.snapshot !== undefined;
     if (hasFeature(header.incompatibleFeatures, INCOMPAT_CORRUPT) && !readOnly) {
       throw corrupt('Image is corrupt; cannot be opened read/write');
@@ -158,8 +152,6 @@ export class Qcow2Device extends DeviceBase {
     const h = this.header;
     const g = this.geometry;
     if (g.extendedL2 && h.clusterBits < 14) throw corrupt('extended L2 entries need a cluster size of at least 16 KiB');
-    if (h.cryptMethod > 2) throw unsupported(`qcow2 header: unknown encryption method ${h.cryptMethod}`);
-    if (h.version === 2 && h.refcountOrder !== 4) throw corrupt('qcow2 v2 header: refcount_order must be 4');
     this.checkAligned(h.l1TableOffset, 'L1 table offset');
     this.checkAligned(h.refcountTableOffset, 'refcount table offset');
 
@@ -576,8 +568,7 @@ export class Qcow2Device extends DeviceBase {
 
   /** Change the bitmaps (qcow bitmap) with the image's metadata written back and its lock held. */
   async editBitmaps<T>(fn: (bitmaps: PersistentBitmaps) => Promise<T>): Promise<T> {
-    this.checkWritable();
-    return this.writerOrThrow().editBitmaps(fn);
+    return this.requireWriter().editBitmaps(fn);
   }
 
   async describe(): Promise<ImageDescription> {
@@ -596,15 +587,15 @@ export class Qcow2Device extends DeviceBase {
   }
 
   protected async doWrite(offset: number, data: Uint8Array, _options: WriteOptions): Promise<void> {
-    await this.writerOrThrow().write(offset, data);
+    await this.requireWriter().write(offset, data);
   }
 
   protected override async doWriteZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
-    await this.writerOrThrow().writeZeroes(offset, length, options);
+    await this.requireWriter().writeZeroes(offset, length, options);
   }
 
   protected override async doDiscard(offset: number, length: number): Promise<void> {
-    await this.writerOrThrow().discard(offset, length);
+    await this.requireWriter().discard(offset, length);
   }
 
   /** Copy offload, source side: normal clusters of an unencrypted image are plain bytes of the data file. */
@@ -623,22 +614,30 @@ export class Qcow2Device extends DeviceBase {
 
   /** Copy offload, target side (see Qcow2Writer.writePlaced). */
   async writePlaced(offset: number, length: number, put: (range: PlacedRange) => Promise<void>): Promise<void> {
-    this.checkWritable();
+    const writer = this.requireWriter();
     this.checkRequest(offset, length);
-    if (length > 0) await this.writerOrThrow().writePlaced(offset, length, put).catch(this.nameTheImage);
+    if (length > 0) await writer.writePlaced(offset, length, put).catch(this.nameTheImage);
   }
 
+  /**
+   * Store whole clusters compressed: `offset` cluster aligned, `data` whole clusters, except that
+   * the image's last cluster may be short. Checked here, before anything is compressed.
+   */
   async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
-    this.checkWritable();
+    const writer = this.requireWriter();
     this.checkRequest(offset, data.length);
-    if (data.length > 0) await this.writerOrThrow().writeCompressed(offset, data);
+    if (data.length === 0) return;
+    const cs = this.clusterSize;
+    if (offset % cs !== 0) throw new QcowError('QCOW_INVALID_ARGUMENT', 'compressed writes must start at a cluster boundary');
+    if (data.length % cs !== 0 && offset + data.length !== this.size) throw new QcowError('QCOW_INVALID_ARGUMENT', 'compressed writes must cover whole clusters');
+    await writer.writeCompressed(offset, data);
   }
 
   async resize(size: number, options: { shrink?: boolean } = {}): Promise<void> {
-    this.checkWritable();
+    const writer = this.requireWriter();
     if (!Number.isSafeInteger(size) || size < 0) throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid size ${size}`);
     const old = this.size;
-    await this.writerOrThrow().resize(size, options.shrink ?? false);
+    await writer.resize(size, options.shrink ?? false);
     // Growing over a backing image that reaches past the old end: the new range reads as zeros,
     // not as the backing image's bytes there, as QEMU makes it (bdrv_co_truncate's zero write).
     // Opened without its backing image (qemu-img resize's way here), its length is unknown: zero.
@@ -647,18 +646,21 @@ export class Qcow2Device extends DeviceBase {
   }
 
   async setBacking(name: string | null, format: string | null): Promise<void> {
-    this.checkWritable();
-    await this.writerOrThrow().setBacking(name, format);
+    await this.requireWriter().setBacking(name, format);
   }
 
   async makeEmpty(): Promise<void> {
-    this.checkWritable();
-    await this.writerOrThrow().makeEmpty();
+    await this.requireWriter().makeEmpty();
   }
 
-  private writerOrThrow(): Qcow2Writer {
-    if (!this.writer) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.filename });
-    return this.writer;
+  /**
+   * The write path, for the operations that change the image (snapshots and amend too). A
+   * read-only image throws DeviceBase's read-only error, the one every format gives.
+   */
+  requireWriter(): Qcow2Writer {
+    this.checkWritable();
+    // open() gives every image it opens writable a writer, or fails.
+    return this.writer!;
   }
 
   async flush(): Promise<void> {

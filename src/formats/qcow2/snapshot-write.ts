@@ -19,9 +19,9 @@ import type { Qcow2Device } from './qcow2.js';
 import type { Qcow2Writer } from './write.js';
 
 function writerOf(dev: Qcow2Device): Qcow2Writer {
-  if (!dev.writer) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: dev.filename });
+  const w = dev.requireWriter();
   if (dev.dataStore !== dev.store) throw unsupported('Operation not supported: internal snapshots with an external data file');
-  return dev.writer;
+  return w;
 }
 
 export async function createSnapshot(dev: Qcow2Device, name: string): Promise<Qcow2Snapshot> {

@@ -23,7 +23,8 @@ import type { PlacedRange, ZeroOptions } from '../../core/block-device.js';
 import { CorruptionEvent, QcowError, corrupt, unsupported } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
 import { deflateRaw, zstdCompress } from '../../compress/lazy.js';
-import { COMPRESSION_ZSTD, decodeHeader, encodeHeader } from './header.js';
+import { COMPRESSION_ZSTD, encodeHeader } from './header.js';
+import { readHeader } from './read-header.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
 import { PersistentBitmaps, type BitmapWriteHost } from './bitmaps/persistent.js';
 import { ALL_SUBCLUSTERS, ALL_SUBCLUSTERS_ZERO, decodeL2Entry, l2EntryBitmap, l2EntryCopied, l2EntryEmpty, readL2Entry, setCopiedNormalEntry, setL2Entry, standardL2Entry, type ClusterDescriptor } from './l2-entry.js';
@@ -58,9 +59,7 @@ async function repairDirty(dev: Qcow2Device): Promise<void> {
   // Loaded only here (and for shrinking): the checker is not needed by ordinary writes.
   const { checkQcow2 } = await import('./check.js');
   await checkQcow2(dev.store, { repair: 'all' });
-  const head = new Uint8Array(Math.min(dev.clusterSize, dev.fileSize));
-  await dev.store.read(0, head);
-  const fresh = decodeHeader(head);
+  const { header: fresh } = await readHeader(dev.store);
   dev.header.refcountTableOffset = fresh.refcountTableOffset;
   dev.header.refcountTableClusters = fresh.refcountTableClusters;
   if (dev.openedSnapshot === undefined && dev.l1.length > 0) await dev.store.read(dev.header.l1TableOffset, dev.l1);
@@ -869,8 +868,6 @@ export class Qcow2Writer {
   private async compressedLocked(offset: number, data: Uint8Array, packedClusters: Uint8Array[], zstd: boolean): Promise<void> {
     const cs = this.cs;
     const dev = this.dev;
-    if (offset % cs !== 0) throw new QcowError('QCOW_INVALID_ARGUMENT', 'compressed writes must start at a cluster boundary');
-    if (data.length % cs !== 0 && offset + data.length !== dev.size) throw new QcowError('QCOW_INVALID_ARGUMENT', 'compressed writes must cover whole clusters');
     if (this.external) throw unsupported('Operation not supported: compression with an external data file');
     await this.beforeMetadataChange();
     // The image's compression type cannot change while a write waits for the lock (amend runs
