@@ -147,25 +147,29 @@ export function planAmend(dev: Qcow2Device, options: Record<string, string>): Am
 export async function amendQcow2(dev: Qcow2Device, options: Record<string, string>): Promise<void> {
   const plan = planAmend(dev, options);
   const w = dev.requireWriter();
-  const h = dev.header;
+  const image = dev.image;
+  const h = image.header;
   await w.exclusive(async () => {
     if (plan.version === 3 && h.version === 2) {
-      h.version = 3;
-      h.headerLength = V3_HEADER_LENGTH;
-      h.featureNames = [...QEMU_FEATURE_NAMES];
-      await w.writeHeader();
-      await dev.store.flush();
+      await image.writeHeader((hh) => {
+        hh.version = 3;
+        hh.headerLength = V3_HEADER_LENGTH;
+        hh.featureNames = [...QEMU_FEATURE_NAMES];
+      });
+      await image.store.flush();
     }
     if (plan.refcountBits !== undefined && plan.refcountBits !== 2 ** h.refcountOrder) await changeRefcountWidth(dev, w, plan.refcountBits);
     if (plan.lazyRefcounts !== undefined && plan.lazyRefcounts !== hasFeature(h.compatibleFeatures, COMPAT_LAZY_REFCOUNTS)) {
       // Refcounts were written back by exclusive(): turning lazy refcounts off needs no repair.
-      if (plan.lazyRefcounts) h.compatibleFeatures |= COMPAT_LAZY_REFCOUNTS;
-      else {
-        h.compatibleFeatures &= ~COMPAT_LAZY_REFCOUNTS;
-        h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
-      }
-      await w.writeHeader();
-      await dev.store.flush();
+      const lazy = plan.lazyRefcounts;
+      await image.writeHeader((hh) => {
+        if (lazy) hh.compatibleFeatures |= COMPAT_LAZY_REFCOUNTS;
+        else {
+          hh.compatibleFeatures &= ~COMPAT_LAZY_REFCOUNTS;
+          hh.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+        }
+      });
+      await image.store.flush();
     }
   });
   if (plan.size !== undefined && plan.size !== dev.size) await dev.resize(plan.size, { shrink: true });
@@ -239,18 +243,19 @@ async function downgrade(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
   await dev.store.flush();
   for (const [off, table] of changed) await dev.store.write(off, table);
   await dev.store.flush();
-  dev.l2Cache.clear();
-  if (dev.l1Entries > 0) await dev.store.read(h.l1TableOffset, dev.l1.subarray(0, dev.l1Entries * 8));
+  dev.map.l2Cache.clear();
+  await dev.map.reloadL1();
   await w.flushLocked();
 
-  h.version = 2;
-  h.compressionType = COMPRESSION_ZLIB;
-  h.incompatibleFeatures = 0n;
-  h.compatibleFeatures = 0n;
-  h.autoclearFeatures = 0n;
-  h.featureNames = [];
-  h.headerLength = 72;
-  await w.writeHeader();
+  await dev.image.writeHeader((hh) => {
+    hh.version = 2;
+    hh.compressionType = COMPRESSION_ZLIB;
+    hh.incompatibleFeatures = 0n;
+    hh.compatibleFeatures = 0n;
+    hh.autoclearFeatures = 0n;
+    hh.featureNames = [];
+    hh.headerLength = 72;
+  });
   await dev.store.flush();
 }
 
@@ -308,12 +313,12 @@ async function changeRefcountWidth(dev: Qcow2Device, w: Qcow2Writer, bits: numbe
   await dev.store.write(blockAt(0), image);
   await dev.store.write(tableAt, table);
   await dev.store.flush();
-  const h = dev.header;
-  h.refcountOrder = Math.log2(bits);
-  h.refcountTableOffset = tableAt;
-  h.refcountTableClusters = tableClusters;
-  await w.writeHeader();
+  await dev.image.writeHeader((h) => {
+    h.refcountOrder = Math.log2(bits);
+    h.refcountTableOffset = tableAt;
+    h.refcountTableClusters = tableClusters;
+  });
   await dev.store.flush();
-  dev.fileSize = total * cs;
-  w.refcounts = await Refcounts.load(dev.store, { clusterSize: cs, refcountBits: bits, tableOffset: tableAt, tableClusters });
+  dev.image.setFileSize(total * cs);
+  dev.map.replaceRefcounts(await Refcounts.load(dev.store, { clusterSize: cs, refcountBits: bits, tableOffset: tableAt, tableClusters }));
 }

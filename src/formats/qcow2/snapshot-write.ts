@@ -13,7 +13,7 @@ import { isZero } from '../../core/bytes.js';
 import { QcowError, unsupported } from '../../core/errors.js';
 import { encodeSnapshotTable, findSnapshot, type Qcow2Snapshot } from './snapshot-table.js';
 import { l2EntryCopied, readL2Entry, setL2Copied } from './l2-entry.js';
-import { l1EntryCopied, l1TableOffset, setL1Copied } from './l1-entry.js';
+import { l1EntryCopied, l1TableOffset } from './l1-entry.js';
 import { MAX_SNAPSHOTS } from './layout.js';
 import type { Qcow2Device } from './qcow2.js';
 import type { Qcow2Writer } from './write.js';
@@ -80,34 +80,35 @@ export async function applySnapshot(dev: Qcow2Device, spec: string): Promise<voi
     await adjustTree(dev, snapL1, snap.l1Size, 1);
     await w.writeRefcounts();
     await dev.store.flush();
-    const oldL1 = dev.l1.slice();
-    const oldEntries = dev.l1Entries;
-    const oldOffset = dev.header.l1TableOffset;
+    const { image, map } = dev;
+    const oldL1 = map.l1.slice();
+    const oldEntries = map.l1Entries;
+    const oldOffset = image.header.l1TableOffset;
     // The active L1 becomes the snapshot's; a bigger one needs a new place.
     let l1: Uint8Array;
+    let l1At = oldOffset;
     if (snap.l1Size > oldEntries) {
       l1 = snapL1.slice();
-      dev.header.l1TableOffset = await rc.allocClusters(Math.ceil(l1.length / cs));
-      dev.header.l1Size = snap.l1Size;
+      l1At = await rc.allocClusters(Math.ceil(l1.length / cs));
       await w.writeRefcounts();
     } else {
       l1 = new Uint8Array(oldL1.length);
       l1.set(snapL1);
     }
-    await dev.store.write(dev.header.l1TableOffset, l1);
-    await dev.store.flush();
-    dev.l1 = l1;
-    dev.l1Entries = l1.length / 8;
-    if (snap.diskSize !== undefined) {
-      dev.size = snap.diskSize;
-      dev.header.size = snap.diskSize;
-    }
-    await w.writeHeader();
-    await dev.store.flush();
+    await image.store.write(l1At, l1);
+    await image.store.flush();
+    map.replaceL1(l1);
+    await image.writeHeader((h) => {
+      h.l1TableOffset = l1At;
+      h.l1Size = l1.length / 8;
+      if (snap.diskSize !== undefined) h.size = snap.diskSize;
+    });
+    if (snap.diskSize !== undefined) image.setSize(snap.diskSize);
+    await image.store.flush();
     // Nothing on disk references the old tree through the active L1 any more.
-    dev.l2Cache.clear();
+    map.l2Cache.clear();
     await adjustTree(dev, oldL1, oldEntries, -1);
-    if (dev.header.l1TableOffset !== oldOffset && oldEntries > 0) await rc.update(oldOffset, oldEntries * 8, -1);
+    if (l1At !== oldOffset && oldEntries > 0) await rc.update(oldOffset, oldEntries * 8, -1);
     await w.writeRefcounts();
     await refreshCopied(dev, w);
   });
@@ -188,15 +189,13 @@ async function refreshCopied(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
   const rc = w.refcounts;
   const cs = dev.clusterSize;
   const size = dev.geometry.l2EntryBytes;
-  for (let i = 0; i < dev.l1Entries; i++) {
-    const off = l1TableOffset(dev.l1, i);
+  const map = dev.map;
+  for (let i = 0; i < map.l1Entries; i++) {
+    const off = l1TableOffset(map.l1, i);
     if (off === 0) continue;
     const one = (rc.peek(off / cs) ?? (await rc.get(off / cs))) === 1;
-    if (one !== l1EntryCopied(dev.l1, i)) {
-      setL1Copied(dev.l1, i, one);
-      w.markL1Dirty(i);
-    }
-    const table = await dev.l2Cache.get(off);
+    if (one !== l1EntryCopied(map.l1, i)) map.setL1Copied(i, one);
+    const table = await map.l2Cache.get(off);
     let changed = false;
     for (let j = 0; j < dev.geometry.l2Entries; j++) {
       const d = readL2Entry(table.data, j, dev.l2Context);
@@ -208,7 +207,7 @@ async function refreshCopied(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
         changed = true;
       }
     }
-    if (changed) await dev.l2Cache.put(off, table.data, true);
+    if (changed) await map.tableChanged(table);
   }
 }
 
@@ -221,13 +220,15 @@ async function replaceSnapshotTable(dev: Qcow2Device, w: Qcow2Writer, snaps: Qco
   if (bytes.length > 0) await dev.store.write(at, bytes);
   await w.writeRefcounts();
   await dev.store.flush();
-  const oldOffset = dev.header.snapshotsOffset;
-  const oldLength = encodeSnapshotTable(dev.snapshots).length;
-  dev.header.nbSnapshots = snaps.length;
-  dev.header.snapshotsOffset = at;
-  await w.writeHeader();
-  await dev.store.flush();
-  dev.snapshots = snaps;
+  const image = dev.image;
+  const oldOffset = image.header.snapshotsOffset;
+  const oldLength = encodeSnapshotTable(image.snapshots).length;
+  await image.writeHeader((h) => {
+    h.nbSnapshots = snaps.length;
+    h.snapshotsOffset = at;
+  });
+  await image.store.flush();
+  image.setSnapshots(snaps);
   if (oldLength > 0 && oldOffset !== 0) await rc.update(oldOffset, oldLength, -1);
   await w.writeRefcounts();
 }
