@@ -10,7 +10,7 @@
  *
  * Decoding: `readL2Entry` / `decodeL2Entry` -> ClusterDescriptor, `subclusterKind(desc, i)`.
  * Encoding: `standardL2Entry`, `setL2Entry`, `setCopiedNormalEntry` (the hot write path),
- * `setL2Copied`; `l2EntryBitmap` gives a descriptor's bitmap back as one word.
+ * `setZeroPlainEntry`, `setL2Copied`; `l2EntryBitmap` gives a descriptor's bitmap back as one word.
  *
  * Kinds follow qemu's names: ZERO_PLAIN is "reads zeros, no host cluster", ZERO_ALLOC "reads
  * zeros, host cluster kept", UNALLOCATED_ALLOC (extended L2 only) "host cluster allocated but this
@@ -174,6 +174,12 @@ export function setL2Entry(table: Uint8Array, index: number, entryBytes: number,
 export function setCopiedNormalEntry(table: Uint8Array, index: number, host: number): void {
   setU32(table, index * 8, (0x80000000 | Math.floor(host / 0x100000000)) >>> 0);
   setU32(table, index * 8 + 4, host % 0x100000000);
+}
+
+/** Standard entry `index` becomes ZERO with no host cluster (zero-plain), as one byte. */
+export function setZeroPlainEntry(table: Uint8Array, index: number): void {
+  table.fill(0, index * 8, index * 8 + 7);
+  table[index * 8 + 7] = Number(L2_ZERO);
 }
 
 /** Set or clear COPIED on entry `index`, keeping the rest of it. */
