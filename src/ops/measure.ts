@@ -16,6 +16,7 @@ import { QcowError, throwIfAborted } from '../core/errors.js';
 import { alignUp, isPowerOfTwo } from '../core/bytes.js';
 import { parseSize } from '../core/size.js';
 import { ChainStatus } from './chain-status.js';
+import { MAX_L1_BYTES } from '../formats/qcow2/layout.js';
 
 export interface MeasureOptions {
   /** Target format: raw or qcow2. */
@@ -39,7 +40,6 @@ export interface MeasureResult {
 }
 
 const KiB = 1024;
-const MAX_L1_BYTES = 32 * 1024 * 1024;
 
 export async function measure(opts: MeasureOptions): Promise<MeasureResult> {
   if ((opts.size === undefined) === (opts.source === undefined)) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Either --size N or one filename must be specified.');

@@ -20,7 +20,8 @@ import { QcowError, corrupt, throwIfAborted } from '../core/errors.js';
 import { decodeHeader, peekClusterBits, COMPRESSION_ZSTD, type Qcow2Header } from '../formats/qcow2/header.js';
 import { INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeature } from '../formats/qcow2/features.js';
 import { decodeRefcountTable, getRefcount, entriesPerBlock } from '../formats/qcow2/refcount.js';
-import { entryOffset, qcow2Geometry, l1EntriesFor, MAX_L1_BYTES } from '../formats/qcow2/layout.js';
+import { qcow2Geometry, l1EntriesFor, MAX_L1_BYTES } from '../formats/qcow2/layout.js';
+import { l1TableOffset } from '../formats/qcow2/l1-entry.js';
 import { readL2Entry, subclusterKind, type L2Context } from '../formats/qcow2/l2-entry.js';
 import { decompressCluster } from '../formats/qcow2/compressed.js';
 import { openEncryption, type Qcow2Encryption } from '../formats/qcow2/encryption.js';
@@ -411,9 +412,7 @@ class StreamState {
         this.tablesPending--;
         const entries = Math.min(cs / 8, this.h.l1Size - w.index * (cs / 8));
         for (let i = 0; i < entries; i++) {
-          const hi = u32(cluster, i * 8);
-          const lo = u32(cluster, i * 8 + 4);
-          const off = entryOffset(hi, lo, 'L1 entry');
+          const off = l1TableOffset(cluster, i);
           const guest = (w.index * (cs / 8) + i) * this.g.l2Coverage;
           if (off !== 0 && guest < this.h.size) await this.wantOrServe(off, { kind: 'l2', guest }, true, c);
         }
@@ -583,10 +582,6 @@ function padded(bytes: Uint8Array, n: number): Uint8Array {
   const out = new Uint8Array(n);
   out.set(bytes);
   return out;
-}
-
-function u32(b: Uint8Array, at: number): number {
-  return ((b[at]! << 24) | (b[at + 1]! << 16) | (b[at + 2]! << 8) | b[at + 3]!) >>> 0;
 }
 
 /** A ByteStore that holds only the header cluster (legacy AES needs nothing else). */

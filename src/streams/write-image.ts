@@ -14,11 +14,13 @@
 import type { BlockDevice } from '../core/block-device.js';
 import { chainOf } from '../chain/open.js';
 import { QcowError, throwIfAborted } from '../core/errors.js';
-import { setU32 } from '../core/bytes.js';
 import { ConcatSource } from '../ops/concat.js';
 import { newHeader, parseCreateOptions } from '../formats/qcow2/create.js';
 import { MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES, l1EntriesFor, qcow2Geometry } from '../formats/qcow2/layout.js';
 import { encodeHeader } from '../formats/qcow2/header.js';
+import { setL1Entry } from '../formats/qcow2/l1-entry.js';
+import { setCopiedNormalEntry, setL2Entry, setZeroPlainEntry } from '../formats/qcow2/l2-entry.js';
+import { encodeCompressedDescriptor } from '../formats/qcow2/compressed-descriptor.js';
 import { encodeRefcountTable, entriesPerBlock, setRefcount } from '../formats/qcow2/refcount.js';
 import { ClusterKind, planClusters, walkClusters, type KindRules } from './write-plan.js';
 import { memorySpill, type Spill } from './spill.js';
@@ -184,8 +186,6 @@ async function writeRawStream(sources: BlockDevice[], sink: ChunkSink, options: 
   return { bytes: out.bytes() };
 }
 
-const COPIED_HI = 0x80000000;
-
 /** Everything about the image that does not depend on its data. */
 interface Qcow2Shape {
   s: ReturnType<typeof parseCreateOptions>;
@@ -281,16 +281,9 @@ async function putMetadata(
   for (let t = 0; t < l1Entries; t++) {
     const at = tableAt[t]!;
     if (!at) continue;
-    setU32(l1, t * 8, (COPIED_HI | Math.floor(at / 2 ** 32)) >>> 0);
-    setU32(l1, t * 8 + 4, at % 2 ** 32);
+    setL1Entry(l1, t, at, true);
   }
   await put(l1);
-}
-
-/** Set L2 entry `i` of `l2` to a 64-bit value given as two 32-bit halves. */
-function setEntry(l2: Uint8Array, i: number, hi: number, lo: number): void {
-  setU32(l2, i * 8, hi >>> 0);
-  setU32(l2, i * 8 + 4, lo >>> 0);
 }
 
 /**
@@ -312,7 +305,7 @@ async function fillTable(
   await walkClusters(src, from, to, cs, shape.rules, (first, count, kind) => {
     if (kind === ClusterKind.None) return;
     for (let c = first; c < first + count; c++) {
-      if (kind === ClusterKind.Zero) l2[(c - t * g.l2Entries) * 8 + 7] = 1;
+      if (kind === ClusterKind.Zero) setZeroPlainEntry(l2, c - t * g.l2Entries);
       else entryFor(c);
     }
     if (kind !== ClusterKind.Data) return;
@@ -359,7 +352,7 @@ async function writeQcow2Stream(sources: BlockDevice[], sink: ChunkSink, options
     const l2 = new Uint8Array(cs);
     let host = tableAt[t]! + cs;
     const runs = await fillTable(src, shape, t, l2, (c) => {
-      setEntry(l2, c - t * g.l2Entries, COPIED_HI | Math.floor(host / 2 ** 32), host % 2 ** 32);
+      setCopiedNormalEntry(l2, c - t * g.l2Entries, host);
       host += cs;
     }, options.signal);
     if ((host - tableAt[t]! - cs) / cs !== plan.dataPerTable[t]) throw changed();
@@ -497,7 +490,6 @@ async function writeCompressedQcow2(
     // --- the L2 tables (a third walk of the allocation) ---
     const src = new ConcatSource(sources);
     const places = new Packer(cs, maxRefcount(s.refcountBits), []);
-    const x = 62 - (s.clusterBits - 8);
     let d = 0;
     let plainIndex = 0;
     for (let t = 0; t < l1Entries; t++) {
@@ -510,14 +502,12 @@ async function writeCompressedQcow2(
         if (len === undefined) throw changed();
         if (len === cs) {
           const host = plainAt + plainIndex++ * cs;
-          setEntry(l2, i, COPIED_HI | Math.floor(host / 2 ** 32), host % 2 ** 32);
+          setCopiedNormalEntry(l2, i, host);
           return;
         }
-        const { at, sectors } = places.place(len);
-        const host = regionAt + at;
-        // Bit 62: compressed; bits x..61: extra sectors; bits 0..x-1: host offset.
-        const entry = (1n << 62n) | (BigInt(sectors) << BigInt(x)) | BigInt(host);
-        setEntry(l2, i, Number(entry >> 32n), Number(entry & 0xffffffffn));
+        // The region starts on a cluster boundary: the packer's sector count is the descriptor's.
+        const { at } = places.place(len);
+        setL2Entry(l2, i, 8, encodeCompressedDescriptor(regionAt + at, len, s.clusterBits));
       }, options.signal);
       await out.put(l2);
     }

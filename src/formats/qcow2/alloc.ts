@@ -19,11 +19,12 @@ import { CorruptionEvent, QcowError, corrupt } from '../../core/errors.js';
 import { setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
 import { decodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcount.js';
+import { MAX_REFCOUNT_TABLE_BYTES } from './layout.js';
 
 /** Where the header keeps the refcount table's location (offset u64 at 48, clusters u32 at 56). */
 const HEADER_REFTABLE_FIELDS = 48;
 /** qemu's limit on the refcount table (8 MiB). */
-const MAX_REFTABLE_BYTES = 8 * 2 ** 20;
+const MAX_REFTABLE_BYTES = MAX_REFCOUNT_TABLE_BYTES;
 
 export interface RefcountsParams {
   clusterSize: number;
@@ -41,7 +42,38 @@ export interface AllocatorHooks {
   inUse?: (clusterIndex: number) => boolean;
 }
 
-export class Refcounts {
+/**
+ * What the cluster map, the writer, snapshots and amend use of the allocator. `Refcounts` is the
+ * real one; tests of the write path may give a small fake (see write-path.test.ts).
+ */
+export interface Allocator {
+  /** `n` contiguous free clusters with refcount 1; their host offset. */
+  allocClusters(n: number): Promise<number>;
+  /** Room for one compressed cluster of `size` bytes (packed at byte granularity). */
+  allocBytes(size: number): Promise<number>;
+  /** References to [offset, +length) are gone from memory: counts drop at applyPendingFrees. */
+  free(offset: number, length: number): void;
+  /** Add `delta` to the count of every cluster touching [offset, +length) (all or nothing). */
+  update(offset: number, length: number, delta: number): Promise<void>;
+  get(cluster: number): Promise<number>;
+  /** The count when it is known without I/O, else undefined. */
+  peek(cluster: number): number | undefined;
+  /** Apply recorded frees (after the tables that dropped them are on disk); true if any. */
+  applyPendingFrees(): Promise<boolean>;
+  /** Runs [offset, length] whose count the last applyPendingFrees brought to zero. */
+  readonly freedRuns: ReadonlyArray<[number, number]>;
+  /** Write counts back, `barrier` where a later write must not overtake an earlier one; true if any. */
+  writeBack(barrier: () => Promise<void>): Promise<boolean>;
+  /** First cluster index at or above every allocation. */
+  readonly end: number;
+  readonly tableOffset: number;
+  readonly tableClusters: number;
+  blockOffsets(): readonly number[];
+  /** Refcount blocks held in memory (for tests of the cache budget). */
+  readonly cachedBlocks: number;
+}
+
+export class Refcounts implements Allocator {
   readonly clusterSize: number;
   readonly refcountBits: number;
   readonly maxRefcount: number;

@@ -24,20 +24,19 @@
  * reports OFLAG_COPIED errors). Here a shared cluster is never overwritten: the entry gets a fresh
  * cluster (or none, without a backing file).
  */
-import { QcowError, invalidArgument, unsupported } from '../../core/errors.js';
+import { invalidArgument, unsupported } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
 import { COMPRESSION_ZLIB, QEMU_FEATURE_NAMES, V3_HEADER_LENGTH } from './header.js';
 import { AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasFeature } from './features.js';
 import { Refcounts } from './alloc.js';
 import { checkRefcountBits, encodeRefcountTable, entriesPerBlock, maxRefcount, setRefcount } from './refcount.js';
-import { readL2Entry } from './l2-entry.js';
+import { L2_ZERO, readL2Entry, standardL2Entry } from './l2-entry.js';
+import { L2_COMPRESSED } from './compressed-descriptor.js';
+import { l1TableOffset } from './l1-entry.js';
 import { readSnapshotTable } from './snapshot-table.js';
 import type { Qcow2Device } from './qcow2.js';
 import type { Qcow2Writer } from './write.js';
 
-const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
-const COPIED = 1n << 63n;
-const COMPRESSED = 1n << 62n;
 
 /** What `-o help` lists (qemu-img amend's options for qcow2 that we implement). */
 export const AMEND_OPTIONS: Record<string, string> = {
@@ -147,27 +146,30 @@ export function planAmend(dev: Qcow2Device, options: Record<string, string>): Am
 /** Apply `options` to an image opened read-write. */
 export async function amendQcow2(dev: Qcow2Device, options: Record<string, string>): Promise<void> {
   const plan = planAmend(dev, options);
-  const w = dev.writer;
-  if (!w) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: dev.filename });
-  const h = dev.header;
+  const w = dev.requireWriter();
+  const image = dev.image;
+  const h = image.header;
   await w.exclusive(async () => {
     if (plan.version === 3 && h.version === 2) {
-      h.version = 3;
-      h.headerLength = V3_HEADER_LENGTH;
-      h.featureNames = [...QEMU_FEATURE_NAMES];
-      await w.writeHeader();
-      await dev.store.flush();
+      await image.writeHeader((hh) => {
+        hh.version = 3;
+        hh.headerLength = V3_HEADER_LENGTH;
+        hh.featureNames = [...QEMU_FEATURE_NAMES];
+      });
+      await image.store.flush();
     }
     if (plan.refcountBits !== undefined && plan.refcountBits !== 2 ** h.refcountOrder) await changeRefcountWidth(dev, w, plan.refcountBits);
     if (plan.lazyRefcounts !== undefined && plan.lazyRefcounts !== hasFeature(h.compatibleFeatures, COMPAT_LAZY_REFCOUNTS)) {
       // Refcounts were written back by exclusive(): turning lazy refcounts off needs no repair.
-      if (plan.lazyRefcounts) h.compatibleFeatures |= COMPAT_LAZY_REFCOUNTS;
-      else {
-        h.compatibleFeatures &= ~COMPAT_LAZY_REFCOUNTS;
-        h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
-      }
-      await w.writeHeader();
-      await dev.store.flush();
+      const lazy = plan.lazyRefcounts;
+      await image.writeHeader((hh) => {
+        if (lazy) hh.compatibleFeatures |= COMPAT_LAZY_REFCOUNTS;
+        else {
+          hh.compatibleFeatures &= ~COMPAT_LAZY_REFCOUNTS;
+          hh.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+        }
+      });
+      await image.store.flush();
     }
   });
   if (plan.size !== undefined && plan.size !== dev.size) await dev.resize(plan.size, { shrink: true });
@@ -196,9 +198,8 @@ async function downgrade(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
   const seen = new Set<number>();
   const changed: Array<[number, Uint8Array]> = [];
   for (const l1 of l1s) {
-    const l1v = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
     for (let i = 0; i < l1.length / 8; i++) {
-      const off = Number(l1v.getBigUint64(i * 8) & OFFSET_MASK);
+      const off = l1TableOffset(l1, i);
       if (off === 0 || seen.has(off)) continue;
       seen.add(off);
       const table = new Uint8Array(cs);
@@ -209,18 +210,18 @@ async function downgrade(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
       let dirty = false;
       for (let j = 0; j < g.l2Entries; j++) {
         const e = tv.getBigUint64(j * 8);
-        if (e & COMPRESSED) {
+        if (e & L2_COMPRESSED) {
           if (zstd) throw unsupported('Cannot downgrade an image with zstd compression type and existing compressed clusters');
           continue;
         }
-        if ((e & 1n) === 0n) continue;
+        if ((e & L2_ZERO) === 0n) continue;
         const d = readL2Entry(table, j, dev.l2Context);
         const guest = i * g.l2Coverage + j * cs;
         let next: bigint;
         if (d.kind === 'zero-alloc' && (await rc.get(d.hostOffset / cs)) === paths) {
           // Only this table reaches the cluster: zeros in place, same entry without the flag.
           await writeZeros(dev, guest, d.hostOffset);
-          next = e & ~1n;
+          next = e & ~L2_ZERO;
         } else {
           if (d.kind === 'zero-alloc') for (let p = 0; p < paths; p++) rc.free(d.hostOffset, cs);
           if (!hasBacking) next = 0n;
@@ -228,7 +229,7 @@ async function downgrade(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
             const at = await rc.allocClusters(1);
             if (paths > 1) await rc.update(at, cs, paths - 1);
             await writeZeros(dev, guest, at);
-            next = BigInt(at) | (paths === 1 ? COPIED : 0n);
+            next = standardL2Entry(at, { copied: paths === 1 });
           }
         }
         tv.setBigUint64(j * 8, next);
@@ -242,18 +243,19 @@ async function downgrade(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
   await dev.store.flush();
   for (const [off, table] of changed) await dev.store.write(off, table);
   await dev.store.flush();
-  dev.l2Cache.clear();
-  if (dev.l1Entries > 0) await dev.store.read(h.l1TableOffset, dev.l1.subarray(0, dev.l1Entries * 8));
+  dev.map.l2Cache.clear();
+  await dev.map.reloadL1();
   await w.flushLocked();
 
-  h.version = 2;
-  h.compressionType = COMPRESSION_ZLIB;
-  h.incompatibleFeatures = 0n;
-  h.compatibleFeatures = 0n;
-  h.autoclearFeatures = 0n;
-  h.featureNames = [];
-  h.headerLength = 72;
-  await w.writeHeader();
+  await dev.image.writeHeader((hh) => {
+    hh.version = 2;
+    hh.compressionType = COMPRESSION_ZLIB;
+    hh.incompatibleFeatures = 0n;
+    hh.compatibleFeatures = 0n;
+    hh.autoclearFeatures = 0n;
+    hh.featureNames = [];
+    hh.headerLength = 72;
+  });
   await dev.store.flush();
 }
 
@@ -311,12 +313,12 @@ async function changeRefcountWidth(dev: Qcow2Device, w: Qcow2Writer, bits: numbe
   await dev.store.write(blockAt(0), image);
   await dev.store.write(tableAt, table);
   await dev.store.flush();
-  const h = dev.header;
-  h.refcountOrder = Math.log2(bits);
-  h.refcountTableOffset = tableAt;
-  h.refcountTableClusters = tableClusters;
-  await w.writeHeader();
+  await dev.image.writeHeader((h) => {
+    h.refcountOrder = Math.log2(bits);
+    h.refcountTableOffset = tableAt;
+    h.refcountTableClusters = tableClusters;
+  });
   await dev.store.flush();
-  dev.fileSize = total * cs;
-  w.refcounts = await Refcounts.load(dev.store, { clusterSize: cs, refcountBits: bits, tableOffset: tableAt, tableClusters });
+  dev.image.setFileSize(total * cs);
+  dev.map.replaceRefcounts(await Refcounts.load(dev.store, { clusterSize: cs, refcountBits: bits, tableOffset: tableAt, tableClusters }));
 }

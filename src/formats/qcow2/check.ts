@@ -11,12 +11,13 @@
  * checks again; the result reports what was fixed and what is left, with qemu-img's keys.
  * Works on the store directly, so images the device refuses to open (corrupt bit) can be checked.
  */
-import { QcowError, corrupt, unsupported } from '../../core/errors.js';
+import { QcowError, corrupt } from '../../core/errors.js';
 import { isZero, setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
-import { AUTOCLEAR_FEATURES_OFFSET, HEADER_PROBE_BYTES, INCOMPATIBLE_FEATURES_OFFSET, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
-import { AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeature } from './features.js';
-import { qcow2Geometry } from './layout.js';
+import { AUTOCLEAR_FEATURES_OFFSET, INCOMPATIBLE_FEATURES_OFFSET, type Qcow2Header } from './header.js';
+import { readHeader as readImageHeader } from './read-header.js';
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, hasFeature } from './features.js';
+import { MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES, qcow2Geometry } from './layout.js';
 import { contiguousEntries } from './l2-entry.js';
 import { encodeSnapshotTable, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
 import { ClusterRefs } from './cluster-refs.js';
@@ -49,9 +50,8 @@ type Off = number | bigint;
 const EXACT = 2 ** 53;
 const TWO32 = 2 ** 32;
 
-/** QEMU's limits on what it reads for a check: an L1 table of 32 MiB, a refcount table of 8 MiB. */
-const MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
-const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;
+/** QEMU's limits on what it reads for a check (layout.ts): an L1 table of 32 MiB, a refcount table of 8 MiB. */
+const MAX_REFTABLE_BYTES = MAX_REFCOUNT_TABLE_BYTES;
 /** Clusters past the end of the file kept out of a rebuild's way, at most. */
 const MAX_BEYOND = 1 << 20;
 /** Refcount blocks kept in memory while checking. */
@@ -147,18 +147,9 @@ async function dropBroken(store: ByteStore): Promise<string[]> {
 }
 
 async function readHeader(store: ByteStore): Promise<{ h: Qcow2Header; fileSize: number }> {
-  const fileSize = await store.size();
-  const head = new Uint8Array(Math.min(HEADER_PROBE_BYTES, fileSize));
-  await store.read(0, head);
-  const bits = peekClusterBits(head);
-  const firstCluster = new Uint8Array(Math.min(2 ** bits, fileSize));
-  await store.read(0, firstCluster);
-  const h = decodeHeader(firstCluster);
   // Refuse what opening refuses, as qemu-img check does: a check cannot judge an image whose
   // features it does not understand.
-  checkIncompatibleFeatures(h);
-  if (h.cryptMethod > 2) throw unsupported(`qcow2 header: unknown encryption method ${h.cryptMethod}`);
-  if (h.version === 2 && h.refcountOrder !== 4) throw corrupt('qcow2 v2 header: refcount_order must be 4');
+  const { header: h, fileSize } = await readImageHeader(store);
   // What qemu-img refuses to open, it refuses to check: the tables' places and sizes.
   const cs = 2 ** h.clusterBits;
   if (h.refcountTableClusters > MAX_REFTABLE_BYTES / cs) throw corrupt('Reference count table too large');

@@ -12,6 +12,8 @@ import type { ByteStore } from '../../storage/types.js';
 import { COMPRESSION_ZLIB, COMPRESSION_ZSTD, QEMU_FEATURE_NAMES, V2_HEADER_LENGTH, V3_HEADER_LENGTH, encodeHeader, type Qcow2Header } from './header.js';
 import { AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2 } from './features.js';
 import { MAX_L1_BYTES, l1EntriesFor, qcow2Geometry } from './layout.js';
+import { setL1Entry } from './l1-entry.js';
+import { setL2Entry, standardL2Entry } from './l2-entry.js';
 import { checkRefcountBits, setRefcount } from './refcount.js';
 import { Refcounts } from './alloc.js';
 
@@ -239,7 +241,6 @@ async function preallocate(
 ): Promise<number> {
   const cs = g.clusterSize;
   const clusters = Math.ceil(size / cs);
-  const dv = new DataView(l1.buffer);
   const external = s.dataFile !== undefined;
   let end = 0;
   for (let i = 0; i * g.l2Entries < clusters; i++) {
@@ -247,12 +248,9 @@ async function preallocate(
     const l2Offset = await rc.allocClusters(1);
     const data = external ? i * g.l2Coverage : await rc.allocClusters(n);
     const l2 = new Uint8Array(cs);
-    const l2v = new DataView(l2.buffer);
-    for (let j = 0; j < n; j++) {
-      l2v.setBigUint64(j * g.l2EntryBytes, (1n << 63n) | BigInt(data + j * cs));
-    }
+    for (let j = 0; j < n; j++) setL2Entry(l2, j, g.l2EntryBytes, standardL2Entry(data + j * cs, { copied: true }));
     await store.write(l2Offset, l2);
-    dv.setBigUint64(i * 8, (1n << 63n) | BigInt(l2Offset));
+    setL1Entry(l1, i, l2Offset, true);
     if (!external) {
       if (s.preallocation === 'full') await writeZeros(store, data, n * cs);
       // falloc: the data clusters' blocks reserved without writing them, where the store can.

@@ -7,9 +7,11 @@
 import type { ImageDescription, SnapshotInfo } from '../../core/block-device.js';
 import { COMPRESSION_ZSTD } from './header.js';
 import { AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, hasFeature } from './features.js';
-import type { Qcow2Device } from './qcow2.js';
+import type { Qcow2Image } from './image.js';
+import type { PersistentBitmaps } from './bitmaps/persistent.js';
 
-export async function describeQcow2(dev: Qcow2Device): Promise<ImageDescription> {
+/** `bitmaps`: the image's persistent bitmaps (the device knows whether its writer holds them). */
+export async function describeQcow2(dev: Qcow2Image, bitmaps: () => Promise<PersistentBitmaps>): Promise<ImageDescription> {
   const h = dev.header;
   const data: Record<string, unknown> = {
     compat: h.version === 2 ? '0.10' : '1.1',
@@ -19,7 +21,7 @@ export async function describeQcow2(dev: Qcow2Device): Promise<ImageDescription>
     data['lazy-refcounts'] = hasFeature(h.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
     // qemu ignores the bitmaps extension unless the autoclear bit says it is still valid.
     if (h.bitmaps && hasFeature(h.autoclearFeatures, AUTOCLEAR_BITMAPS)) {
-      const list = (await dev.persistentBitmaps()).list();
+      const list = (await bitmaps()).list();
       if (list.length) {
         data.bitmaps = list.map((b) => ({
           flags: [...(b.inUse ? ['in-use'] : []), ...(b.auto ? ['auto'] : [])],

@@ -1,7 +1,8 @@
 /** L2 entries decode as qemu 7.2 wrote them (values from docs/notes/qcow2-pitfalls.md §3-5). */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { compressedDescriptor, readL2Entry, subclusterKind } from './l2-entry.js';
+import { readL2Entry, subclusterKind } from './l2-entry.js';
+import { compressedDescriptor } from './compressed-descriptor.js';
 
 const table = (...entries: bigint[]) => {
   const b = new Uint8Array(entries.length * 8);

@@ -1,18 +1,36 @@
 /**
- * L2 entries as pure data: decode one entry of an L2 table (standard 8-byte or extended 16-byte)
- * into a `ClusterDescriptor`, and ask what one subcluster of it holds. No I/O here.
+ * L2 entries, standard (8 bytes) and extended (16: the entry, then a subcluster bitmap), decoded
+ * and encoded here and nowhere else; compressed descriptors have their own module
+ * (compressed-descriptor.ts). No I/O here. The standard entry:
+ *   bit 63      COPIED: the cluster's refcount is exactly 1 (kept in the active tables only);
+ *   bit 62      COMPRESSED (then bits 0..61 are a compressed descriptor);
+ *   bits 9..55  the host cluster offset;
+ *   bit 0       ZERO: reads as zeros (v3, standard entries only; extended entries use the bitmap).
+ * The extended bitmap word: bits 0..31 "subcluster allocated", bits 32..63 "subcluster reads zero".
  *
- * API (the writer reuses it):
- *   - `readL2Entry(table, index, ctx)` -> ClusterDescriptor
- *   - `subclusterKind(desc, i)` -> SubclusterKind (i = 0 without extended L2)
- *   - `compressedDescriptor(hi, lo, clusterBits)` -> { hostOffset, bound }
+ * Decoding: `readL2Entry` / `decodeL2Entry` -> ClusterDescriptor, `subclusterKind(desc, i)`.
+ * Encoding: `standardL2Entry`, `setL2Entry`, `setCopiedNormalEntry` (the hot write path),
+ * `setZeroPlainEntry`, `setL2Copied`; `l2EntryBitmap` gives a descriptor's bitmap back as one word.
  *
  * Kinds follow qemu's names: ZERO_PLAIN is "reads zeros, no host cluster", ZERO_ALLOC "reads
  * zeros, host cluster kept", UNALLOCATED_ALLOC (extended L2 only) "host cluster allocated but this
  * subcluster falls through to the backing file".
  */
 import { corrupt } from '../../core/errors.js';
+import { setU32 } from '../../core/bytes.js';
 import { entryOffset } from './layout.js';
+import { COMPRESSED_BIT_HI, compressedDescriptor } from './compressed-descriptor.js';
+
+/** Bits 9..55 of a standard entry: the host cluster offset. */
+export const L2_OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
+/** Bit 63: the cluster is referenced once (it may be written in place). */
+export const L2_COPIED = 1n << 63n;
+/** Bit 0 of a standard entry (v3): the cluster reads as zeros. */
+export const L2_ZERO = 1n;
+/** Every subcluster's bit in one half of the extended bitmap word. */
+export const ALL_SUBCLUSTERS = 0xffff_ffffn;
+/** Extended bitmap: every subcluster reads as zeros, none allocated. */
+export const ALL_SUBCLUSTERS_ZERO = ALL_SUBCLUSTERS << 32n;
 
 export type SubclusterKind = 'unallocated' | 'unallocated-alloc' | 'zero-plain' | 'zero-alloc' | 'normal' | 'compressed';
 
@@ -39,7 +57,6 @@ export interface ClusterDescriptor {
   lo: number;
 }
 
-const COMPRESSED_BIT_HI = 0x40000000;
 const COPIED_BIT_HI = 0x80000000;
 
 export function readL2Entry(table: Uint8Array, index: number, ctx: L2Context): ClusterDescriptor {
@@ -124,23 +141,6 @@ export function subclusterKind(d: ClusterDescriptor, i: number, extendedL2: bool
 }
 
 /**
- * A compressed descriptor (bits 0..61): the low x = 62 - (cluster_bits - 8) bits are the host byte
- * offset, the next cluster_bits - 8 bits the number of 512-byte sectors beyond the first.
- */
-export function compressedDescriptor(hi: number, lo: number, clusterBits: number): { hostOffset: number; bound: number } {
-  // x is 49..61 for cluster_bits 9..21: the offset's top x - 32 bits and the sector count are both
-  // in the high word, so 32-bit arithmetic on the two halves does it (BigInt cost ~1 us a call).
-  const highBits = 62 - (clusterBits - 8) - 32;
-  const hiOffset = (hi & 0x3fffffff & ((1 << highBits) - 1)) >>> 0;
-  const nsec = ((hi & 0x3fffffff) >>> highBits) + 1;
-  // hiOffset * 2^32 must stay below 2^53 for the offset to be an exact number.
-  if (hiOffset >= 0x200000) throw corrupt(`compressed cluster descriptor 0x${hex(hi, lo)}: offset is too large`);
-  const hostOffset = hiOffset * 0x100000000 + (lo >>> 0);
-  if (hostOffset > Number.MAX_SAFE_INTEGER - nsec * 512) throw corrupt(`compressed cluster descriptor 0x${hex(hi, lo)}: offset is too large`);
-  return { hostOffset, bound: nsec * 512 - (hostOffset % 512) };
-}
-
-/**
  * Big-endian 32-bit word at `at`, signed: every entry decodes one or more, and an unsigned word of
  * 2^31 or more (any entry with COPIED set) is a heap-allocated number wherever V8 has not yet
  * optimised the caller, which in a short-lived command is most places.
@@ -150,3 +150,57 @@ function s32(b: Uint8Array, at: number): number {
 }
 
 const hex = (hi: number, lo: number) => (hi >>> 0).toString(16).padStart(8, '0') + (lo >>> 0).toString(16).padStart(8, '0');
+
+/** A standard entry (the first 8 bytes of an extended one) pointing at `host` (0: none). */
+export function standardL2Entry(host: number, flags: { copied?: boolean; zero?: boolean } = {}): bigint {
+  if (host % 512 !== 0 || host < 0 || !Number.isSafeInteger(host)) throw corrupt(`L2 entry: invalid host cluster offset ${host}`);
+  return (flags.copied ? L2_COPIED : 0n) | BigInt(host) | (flags.zero ? L2_ZERO : 0n);
+}
+
+/**
+ * Write entry `index` of an L2 table whose entries are `entryBytes` long: the 64-bit entry and,
+ * for extended entries when given, the subcluster bitmap word.
+ */
+export function setL2Entry(table: Uint8Array, index: number, entryBytes: number, entry: bigint, bitmap?: bigint): void {
+  const dv = new DataView(table.buffer, table.byteOffset + index * entryBytes, entryBytes);
+  dv.setBigUint64(0, entry);
+  if (bitmap !== undefined && entryBytes === 16) dv.setBigUint64(8, bitmap);
+}
+
+/**
+ * Standard entry `index` becomes COPIED | `host`, written as two words: the guest write path sets
+ * one per cluster written, and a BigInt per cluster was measurable there.
+ */
+export function setCopiedNormalEntry(table: Uint8Array, index: number, host: number): void {
+  setU32(table, index * 8, (0x80000000 | Math.floor(host / 0x100000000)) >>> 0);
+  setU32(table, index * 8 + 4, host % 0x100000000);
+}
+
+/** Standard entry `index` becomes ZERO with no host cluster (zero-plain), as one byte. */
+export function setZeroPlainEntry(table: Uint8Array, index: number): void {
+  table.fill(0, index * 8, index * 8 + 7);
+  table[index * 8 + 7] = Number(L2_ZERO);
+}
+
+/** Set or clear COPIED on entry `index`, keeping the rest of it. */
+export function setL2Copied(table: Uint8Array, index: number, entryBytes: number, copied: boolean): void {
+  const b = index * entryBytes;
+  table[b] = copied ? table[b]! | 0x80 : table[b]! & 0x7f;
+}
+
+/** Every byte of entry `index` is zero (an unallocated cluster, no flags, no bitmap). */
+export function l2EntryEmpty(table: Uint8Array, index: number, entryBytes: number): boolean {
+  const b = index * entryBytes;
+  for (let i = b; i < b + entryBytes; i++) if (table[i] !== 0) return false;
+  return true;
+}
+
+/** The descriptor's COPIED flag. */
+export function l2EntryCopied(d: ClusterDescriptor): boolean {
+  return (d.hi & COPIED_BIT_HI) !== 0;
+}
+
+/** The descriptor's extended bitmap as one word (zero bits high, allocated bits low). */
+export function l2EntryBitmap(d: ClusterDescriptor): bigint {
+  return (BigInt(d.zeroBitmap >>> 0) << 32n) | BigInt(d.allocBitmap >>> 0);
+}

@@ -6,22 +6,15 @@
  *   - `qcow2Geometry(clusterBits, extendedL2)` -> `Qcow2Geometry` (all plain numbers).
  *   - `l1EntriesFor(size, geometry)`: L1 entries needed for a virtual size.
  *   - `MAX_L1_BYTES`, `MAX_REFCOUNT_TABLE_BYTES`, `MAX_SNAPSHOTS`: qemu's implementation limits.
- *   - `entryOffset(hi, lo)`: host offset (bits 9-55) of an L1/L2/refcount entry given as two
- *     big-endian u32 halves; `ENTRY_OFFSET_MASK` as a bigint for writers who work in bigint.
+ *   - `entryOffset(hi, lo)`: the host offset field (bits 9-55) that L1 and standard L2 entries
+ *     share, given as two big-endian u32 halves. Each entry's full layout (flags, encoding) lives
+ *     in its own module: l1-entry.ts, l2-entry.ts, compressed-descriptor.ts.
  */
 import { corrupt } from '../../core/errors.js';
 
-/** Bits 9..55 of an L1 or standard L2 entry: the host offset. */
-export const ENTRY_OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
-/** Bit 63 of L1/L2 entries: refcount is exactly 1 (only maintained in the active tables). */
-export const ENTRY_COPIED = 1n << 63n;
-/** Bit 62 of L2 entries. */
-export const ENTRY_COMPRESSED = 1n << 62n;
-/** Bit 0 of a standard L2 entry (v3, not with extended L2): the cluster reads as zeros. */
-export const ENTRY_ZERO = 1n;
-
 /** qemu refuses L1 tables above 32 MiB and refcount tables above 8 MiB. */
 export const MAX_L1_BYTES = 32 * 1024 * 1024;
+export const MAX_L1_ENTRIES = MAX_L1_BYTES / 8;
 export const MAX_REFCOUNT_TABLE_BYTES = 8 * 1024 * 1024;
 export const MAX_SNAPSHOTS = 65536;
 

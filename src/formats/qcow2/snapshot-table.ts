@@ -88,7 +88,7 @@ export async function readSnapshotTable(store: ByteStore, count: number, offset:
 }
 
 /** The table's bytes, entries padded to 8 bytes; extra data as qemu 7.2 writes it (24 bytes + unknown). */
-export function encodeSnapshotTable(snaps: Qcow2Snapshot[]): Uint8Array {
+export function encodeSnapshotTable(snaps: readonly Qcow2Snapshot[]): Uint8Array {
   const parts = snaps.map((s) => {
     const id = encodeUtf8(s.id);
     const name = encodeUtf8(s.name);
@@ -124,7 +124,7 @@ export function encodeSnapshotTable(snaps: Qcow2Snapshot[]): Uint8Array {
  * The snapshot `spec` names: `snapshot.name=N`, `snapshot.id=I` (both, comma-joined, must both
  * match), or a bare string matched against ids first, then names (as qemu-img -l does).
  */
-export function findSnapshot(snaps: Qcow2Snapshot[], spec: string): Qcow2Snapshot {
+export function findSnapshot(snaps: readonly Qcow2Snapshot[], spec: string): Qcow2Snapshot {
   let id: string | undefined;
   let name: string | undefined;
   if (spec.startsWith('snapshot.')) {

@@ -12,18 +12,16 @@
 import { isZero } from '../../core/bytes.js';
 import { QcowError, unsupported } from '../../core/errors.js';
 import { encodeSnapshotTable, findSnapshot, type Qcow2Snapshot } from './snapshot-table.js';
-import { readL2Entry } from './l2-entry.js';
+import { l2EntryCopied, readL2Entry, setL2Copied } from './l2-entry.js';
+import { l1EntryCopied, l1TableOffset } from './l1-entry.js';
 import { MAX_SNAPSHOTS } from './layout.js';
 import type { Qcow2Device } from './qcow2.js';
 import type { Qcow2Writer } from './write.js';
 
-const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
-const COPIED = 1n << 63n;
-
 function writerOf(dev: Qcow2Device): Qcow2Writer {
-  if (!dev.writer) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: dev.filename });
+  const w = dev.requireWriter();
   if (dev.dataStore !== dev.store) throw unsupported('Operation not supported: internal snapshots with an external data file');
-  return dev.writer;
+  return w;
 }
 
 export async function createSnapshot(dev: Qcow2Device, name: string): Promise<Qcow2Snapshot> {
@@ -82,34 +80,35 @@ export async function applySnapshot(dev: Qcow2Device, spec: string): Promise<voi
     await adjustTree(dev, snapL1, snap.l1Size, 1);
     await w.writeRefcounts();
     await dev.store.flush();
-    const oldL1 = dev.l1.slice();
-    const oldEntries = dev.l1Entries;
-    const oldOffset = dev.header.l1TableOffset;
+    const { image, map } = dev;
+    const oldL1 = map.l1.slice();
+    const oldEntries = map.l1Entries;
+    const oldOffset = image.header.l1TableOffset;
     // The active L1 becomes the snapshot's; a bigger one needs a new place.
     let l1: Uint8Array;
+    let l1At = oldOffset;
     if (snap.l1Size > oldEntries) {
       l1 = snapL1.slice();
-      dev.header.l1TableOffset = await rc.allocClusters(Math.ceil(l1.length / cs));
-      dev.header.l1Size = snap.l1Size;
+      l1At = await rc.allocClusters(Math.ceil(l1.length / cs));
       await w.writeRefcounts();
     } else {
       l1 = new Uint8Array(oldL1.length);
       l1.set(snapL1);
     }
-    await dev.store.write(dev.header.l1TableOffset, l1);
-    await dev.store.flush();
-    dev.l1 = l1;
-    dev.l1Entries = l1.length / 8;
-    if (snap.diskSize !== undefined) {
-      dev.size = snap.diskSize;
-      dev.header.size = snap.diskSize;
-    }
-    await w.writeHeader();
-    await dev.store.flush();
+    await image.store.write(l1At, l1);
+    await image.store.flush();
+    map.replaceL1(l1);
+    await image.writeHeader((h) => {
+      h.l1TableOffset = l1At;
+      h.l1Size = l1.length / 8;
+      if (snap.diskSize !== undefined) h.size = snap.diskSize;
+    });
+    if (snap.diskSize !== undefined) image.setSize(snap.diskSize);
+    await image.store.flush();
     // Nothing on disk references the old tree through the active L1 any more.
-    dev.l2Cache.clear();
+    map.l2Cache.clear();
     await adjustTree(dev, oldL1, oldEntries, -1);
-    if (dev.header.l1TableOffset !== oldOffset && oldEntries > 0) await rc.update(oldOffset, oldEntries * 8, -1);
+    if (l1At !== oldOffset && oldEntries > 0) await rc.update(oldOffset, oldEntries * 8, -1);
     await w.writeRefcounts();
     await refreshCopied(dev, w);
   });
@@ -150,7 +149,6 @@ async function adjustTreeSteps(
   delta: number,
 ): Promise<void> {
   const cs = dev.clusterSize;
-  const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
   const l2 = new Uint8Array(cs);
   // Data clusters that follow each other in the file are updated as one run: one call per run
   // instead of one per cluster (a 1 GiB image of 4 KiB clusters has 262 144 of them).
@@ -161,7 +159,7 @@ async function adjustTreeSteps(
     runLength = 0;
   };
   for (let i = 0; i < entries; i++) {
-    const off = Number(dv.getBigUint64(i * 8) & OFFSET_MASK);
+    const off = l1TableOffset(l1, i);
     if (off === 0) continue;
     await rc.update(off, cs, delta);
     await dev.store.read(off, l2);
@@ -191,27 +189,25 @@ async function refreshCopied(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
   const rc = w.refcounts;
   const cs = dev.clusterSize;
   const size = dev.geometry.l2EntryBytes;
-  for (let i = 0; i < dev.l1Entries; i++) {
-    const e = w.l1Entry(i);
-    const off = Number(e & OFFSET_MASK);
+  const map = dev.map;
+  for (let i = 0; i < map.l1Entries; i++) {
+    const off = l1TableOffset(map.l1, i);
     if (off === 0) continue;
     const one = (rc.peek(off / cs) ?? (await rc.get(off / cs))) === 1;
-    if (one !== ((e & COPIED) !== 0n)) w.setL1Entry(i, one ? e | COPIED : e & ~COPIED);
-    const table = await dev.l2Cache.get(off);
-    const tdv = new DataView(table.data.buffer, table.data.byteOffset, table.data.byteLength);
+    if (one !== l1EntryCopied(map.l1, i)) map.setL1Copied(i, one);
+    const table = await map.l2Cache.get(off);
     let changed = false;
     for (let j = 0; j < dev.geometry.l2Entries; j++) {
       const d = readL2Entry(table.data, j, dev.l2Context);
       if (d.kind !== 'normal' && d.kind !== 'zero-alloc') continue;
-      const entry = tdv.getBigUint64(j * size);
       // Counts of cached refcount blocks are read without an await (most of them, in order).
       const single = (rc.peek(d.hostOffset / cs) ?? (await rc.get(d.hostOffset / cs))) === 1;
-      if (single !== ((entry & COPIED) !== 0n)) {
-        tdv.setBigUint64(j * size, single ? entry | COPIED : entry & ~COPIED);
+      if (single !== l2EntryCopied(d)) {
+        setL2Copied(table.data, j, size, single);
         changed = true;
       }
     }
-    if (changed) await dev.l2Cache.put(off, table.data, true);
+    if (changed) await map.tableChanged(table);
   }
 }
 
@@ -224,13 +220,15 @@ async function replaceSnapshotTable(dev: Qcow2Device, w: Qcow2Writer, snaps: Qco
   if (bytes.length > 0) await dev.store.write(at, bytes);
   await w.writeRefcounts();
   await dev.store.flush();
-  const oldOffset = dev.header.snapshotsOffset;
-  const oldLength = encodeSnapshotTable(dev.snapshots).length;
-  dev.header.nbSnapshots = snaps.length;
-  dev.header.snapshotsOffset = at;
-  await w.writeHeader();
-  await dev.store.flush();
-  dev.snapshots = snaps;
+  const image = dev.image;
+  const oldOffset = image.header.snapshotsOffset;
+  const oldLength = encodeSnapshotTable(image.snapshots).length;
+  await image.writeHeader((h) => {
+    h.nbSnapshots = snaps.length;
+    h.snapshotsOffset = at;
+  });
+  await image.store.flush();
+  image.setSnapshots(snaps);
   if (oldLength > 0 && oldOffset !== 0) await rc.update(oldOffset, oldLength, -1);
   await w.writeRefcounts();
 }

@@ -20,23 +20,33 @@
  * Only `flush()` issues fsyncs (plus the rare cache eviction); writes themselves do not.
  */
 import type { PlacedRange, ZeroOptions } from '../../core/block-device.js';
-import { CorruptionEvent, QcowError, corrupt, unsupported } from '../../core/errors.js';
+import { CorruptionEvent, QcowError, unsupported } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
-import { setU32, u32 } from '../../core/bytes.js';
-import { deflateRaw, zstdCompress } from '../../compress/lazy.js';
-import { COMPRESSION_ZSTD, decodeHeader, encodeHeader } from './header.js';
+import { COMPRESSION_ZSTD } from './header.js';
+import { readHeader } from './read-header.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
-import { PersistentBitmaps, type BitmapWriteHost } from './bitmaps/persistent.js';
-import { decodeL2Entry, readL2Entry, type ClusterDescriptor } from './l2-entry.js';
-import type { CachedTable } from './l2-cache.js';
-import { Refcounts } from './alloc.js';
-import type { Qcow2Device } from './qcow2.js';
+import { PersistentBitmaps, type BitmapLimits, type BitmapWriteHost } from './bitmaps/persistent.js';
+import { ALL_SUBCLUSTERS, decodeL2Entry, l2EntryBitmap, l2EntryCopied, readL2Entry, setCopiedNormalEntry, standardL2Entry, type ClusterDescriptor } from './l2-entry.js';
+import { encodeCompressedDescriptor } from './compressed-descriptor.js';
+import { l1EntryCopied, l1TableOffset } from './l1-entry.js';
+import type { CachedTable } from './metadata-cache.js';
+import { Refcounts, type Allocator } from './alloc.js';
+import type { ClusterMap } from './cluster-map.js';
+import type { DataIo } from './data-io.js';
+import type { Qcow2Image } from './image.js';
 import { BytesPayload, PlacedPayload, type Payload } from './payload.js';
 
-const COPIED = 1n << 63n;
-const COMPRESSED = 1n << 62n;
-const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
-const ALL_SUBCLUSTERS = 0xffff_ffffn;
+/** What the writer works on: the image's state, its cluster map and its data I/O. */
+export interface WriterParts {
+  image: Qcow2Image;
+  map: ClusterMap;
+  io: DataIo;
+  /** A backing image shows through unallocated clusters (one is open, or the header names one). */
+  hasBacking(): boolean;
+  bitmapLimits: BitmapLimits;
+  /** The allocator to use; by default the image's refcounts are loaded (tests give a fake). */
+  allocator?: Allocator;
+}
 
 /** One cluster's share of a write: where its bytes go and what its entry becomes. */
 interface Piece {
@@ -57,26 +67,27 @@ interface Piece {
  * A lazy-refcounts image left dirty (not closed cleanly): its refcounts cannot be trusted, so they
  * are recounted from the tables and written before anything is allocated (qemu does the same).
  */
-async function repairDirty(dev: Qcow2Device): Promise<void> {
-  // Loaded only here (and for shrinking): the checker is not needed by ordinary writes.
+async function repairDirty(image: Qcow2Image, map: ClusterMap): Promise<void> {
+  // Loaded only here: the checker is not needed by ordinary writes.
   const { checkQcow2 } = await import('./check.js');
-  await checkQcow2(dev.store, { repair: 'all' });
-  const head = new Uint8Array(Math.min(dev.clusterSize, dev.fileSize));
-  await dev.store.read(0, head);
-  const fresh = decodeHeader(head);
-  dev.header.refcountTableOffset = fresh.refcountTableOffset;
-  dev.header.refcountTableClusters = fresh.refcountTableClusters;
-  if (dev.openedSnapshot === undefined && dev.l1.length > 0) await dev.store.read(dev.header.l1TableOffset, dev.l1);
-  dev.l2Cache.clear();
-  dev.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
-  await dev.store.write(0, encodeHeader(dev.header, dev.clusterSize));
-  await dev.store.flush();
-  dev.fileSize = await dev.store.size();
+  await checkQcow2(image.store, { repair: 'all' });
+  // The repair wrote the header (a moved refcount table) and maybe the L1 table: take them again.
+  const { header: fresh } = await readHeader(image.store);
+  image.noteHeaderWritten((h) => {
+    h.refcountTableOffset = fresh.refcountTableOffset;
+    h.refcountTableClusters = fresh.refcountTableClusters;
+  });
+  await map.reloadL1();
+  map.l2Cache.clear();
+  await image.writeHeader((h) => {
+    h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+  });
+  await image.store.flush();
+  image.setFileSize(await image.store.size());
 }
 
 export class Qcow2Writer {
   private readonly lock = new Mutex();
-  private readonly l1Dirty = new Set<number>();
   private l2Written = false;
   /** In-place data writes started under the lock and still running (see write()). */
   private readonly inFlight = new Set<Promise<void>>();
@@ -89,74 +100,88 @@ export class Qcow2Writer {
   /** The image's persistent dirty bitmaps: enabled ones record every write while we hold it. */
   bitmaps!: PersistentBitmaps;
 
-  private constructor(
-    private readonly dev: Qcow2Device,
-    /** Replaced (reloaded) when amend rewrites the refcount structures. */
-    public refcounts: Refcounts,
-  ) {
-    this.cs = dev.clusterSize;
+  private readonly image: Qcow2Image;
+  private readonly map: ClusterMap;
+  private readonly io: DataIo;
+
+  private constructor(private readonly parts: WriterParts) {
+    this.image = parts.image;
+    this.map = parts.map;
+    this.io = parts.io;
+    this.cs = parts.image.clusterSize;
   }
 
-  static async attach(dev: Qcow2Device): Promise<Qcow2Writer> {
-    const h = dev.header;
-    if (hasFeature(h.incompatibleFeatures, INCOMPAT_DIRTY)) await repairDirty(dev);
-    const rc = await Refcounts.load(dev.store, {
-      clusterSize: dev.clusterSize,
+  /** The allocator (the cluster map holds it; amend may replace it). */
+  get refcounts(): Allocator {
+    return this.map.refcounts;
+  }
+
+  static async attach(parts: WriterParts): Promise<Qcow2Writer> {
+    const { image, map } = parts;
+    const h = image.header;
+    if (hasFeature(h.incompatibleFeatures, INCOMPAT_DIRTY)) await repairDirty(image, map);
+    const rc = parts.allocator ?? await Refcounts.load(image.store, {
+      clusterSize: image.clusterSize,
       refcountBits: 2 ** h.refcountOrder,
       tableOffset: h.refcountTableOffset,
       tableClusters: h.refcountTableClusters,
       // As qemu sizes its refcount cache: a quarter of the L2 cache.
-      cacheBytes: dev.cacheBytes / 4,
+      cacheBytes: map.cacheBytes / 4,
     });
-    const w = new Qcow2Writer(dev, rc);
+    const w = new Qcow2Writer(parts);
+    // The metadata cache's write-back dependency: refcounts (and the data) before L2 tables.
+    map.attachRefcounts(rc, () => w.beforeL2Write());
     const bitmapsValid = hasFeature(h.autoclearFeatures, AUTOCLEAR_BITMAPS);
     if (h.bitmaps && !bitmapsValid) {
       // A program without bitmap support wrote the image (it cleared the autoclear bit): the
       // bitmaps are stale. As QEMU does, drop the extension; their clusters leak until a repair.
-      h.bitmaps = undefined;
-      await w.writeHeader();
-      await dev.store.flush();
+      await image.writeHeader((hh) => {
+        hh.bitmaps = undefined;
+      });
+      await image.store.flush();
     }
-    w.bitmaps = await PersistentBitmaps.load(w.bitmapHost(), h.bitmaps, bitmapsValid, dev.bitmapLimits);
+    w.bitmaps = await PersistentBitmaps.load(w.bitmapHost(), h.bitmaps, bitmapsValid, parts.bitmapLimits);
     // Enabled bitmaps are flagged in_use on disk before the first write (see persistent.ts).
     await w.bitmaps.startTracking();
     // qemu clears autoclear bits it does not know the first time it opens an image read-write.
     if ((h.autoclearFeatures & ~AUTOCLEAR_KNOWN) !== 0n) {
-      h.autoclearFeatures &= AUTOCLEAR_KNOWN;
-      await w.writeHeader();
-      await dev.store.flush();
+      await image.writeHeader((hh) => {
+        hh.autoclearFeatures &= AUTOCLEAR_KNOWN;
+      });
+      await image.store.flush();
     }
     return w;
   }
 
   /** What the bitmaps may use of the image: allocation, deferred frees, refcounts, the header. */
   private bitmapHost(): BitmapWriteHost {
-    const dev = this.dev;
+    const image = this.image;
     return {
-      store: dev.store,
+      store: image.store,
       clusterSize: this.cs,
-      canStore: dev.header.version === 3,
+      canStore: image.header.version === 3,
       get size() {
-        return dev.size;
+        return image.size;
       },
-      fileSize: () => dev.fileSize,
+      fileSize: () => image.fileSize,
       alloc: async (n) => {
         const at = await this.refcounts.allocClusters(n);
-        this.noteGrowth();
+        this.map.noteGrowth();
         return at;
       },
       free: (offset, length) => this.refcounts.free(offset, length),
       exclusive: (fn) => this.lock.run(fn),
       commit: async () => {
         await this.writeRefcounts();
-        await dev.store.flush();
+        await image.store.flush();
       },
       setExtension: async (ext) => {
-        dev.header.bitmaps = ext;
-        if (ext) dev.header.autoclearFeatures |= AUTOCLEAR_BITMAPS;
-        else dev.header.autoclearFeatures &= ~AUTOCLEAR_BITMAPS;
-        await this.writeHeader();
-        await dev.store.flush();
+        await image.writeHeader((h) => {
+          h.bitmaps = ext;
+          if (ext) h.autoclearFeatures |= AUTOCLEAR_BITMAPS;
+          else h.autoclearFeatures &= ~AUTOCLEAR_BITMAPS;
+        });
+        await image.store.flush();
       },
     };
   }
@@ -167,14 +192,14 @@ export class Qcow2Writer {
   }
 
   get lazyRefcounts(): boolean {
-    return hasFeature(this.dev.header.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
+    return hasFeature(this.image.header.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
   }
 
   private get external(): boolean {
-    return this.dev.dataStore !== this.dev.store;
+    return this.image.external;
   }
 
-  private barrier = (): Promise<void> => this.dev.store.flush();
+  private barrier = (): Promise<void> => this.image.store.flush();
 
   // --- public operations (each runs under the writer's lock) ------------------------------------
 
@@ -204,9 +229,9 @@ export class Qcow2Writer {
    */
   async writePlaced(offset: number, length: number, put: (range: PlacedRange) => Promise<void>): Promise<void> {
     const cs = this.cs;
-    if (this.dev.encryption) throw new QcowError('QCOW_UNSUPPORTED', 'copy offload cannot write encrypted clusters', { file: this.dev.filename });
-    if (offset % cs !== 0 || (length % cs !== 0 && offset + length !== this.dev.size)) {
-      throw new QcowError('QCOW_UNSUPPORTED', 'copy offload writes whole clusters only', { file: this.dev.filename });
+    if (this.image.encryption) throw new QcowError('QCOW_UNSUPPORTED', 'copy offload cannot write encrypted clusters', { file: this.image.store.name });
+    if (offset % cs !== 0 || (length % cs !== 0 && offset + length !== this.image.size)) {
+      throw new QcowError('QCOW_UNSUPPORTED', 'copy offload writes whole clusters only', { file: this.image.store.name });
     }
     let placing: Promise<void> | undefined;
     await this.guarded(async () => {
@@ -229,7 +254,7 @@ export class Qcow2Writer {
   private guarded<T>(fn: () => Promise<T>): Promise<T> {
     return this.lock.run(async () => {
       const broken = this.brokenBy;
-      if (broken) throw new QcowError('QCOW_CORRUPT', `the image was marked corrupt (${broken.message}): repair it with check -r all`, { file: this.dev.filename });
+      if (broken) throw new QcowError('QCOW_CORRUPT', `the image was marked corrupt (${broken.message}): repair it with check -r all`, { file: this.image.store.name });
       try {
         return await fn();
       } catch (e) {
@@ -242,10 +267,11 @@ export class Qcow2Writer {
   private async markCorrupt(e: CorruptionEvent): Promise<void> {
     this.brokenBy = e;
     // v2 has no corrupt bit: the image is only refused for the rest of this session.
-    if (this.dev.header.version < 3) return;
-    this.dev.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
-    await this.writeHeader();
-    await this.dev.store.flush();
+    if (this.image.header.version < 3) return;
+    await this.image.writeHeader((h) => {
+      h.incompatibleFeatures |= INCOMPAT_CORRUPT;
+    });
+    await this.image.store.flush();
     e.markedCorrupt = true;
   }
 
@@ -269,23 +295,22 @@ export class Qcow2Writer {
    * which (like exclusive(), snapshots, close) first waits for every write in flight.
    */
   private async inPlaceWrites(offset: number, data: Uint8Array): Promise<Promise<void>[] | null> {
-    const dev = this.dev;
-    const g = dev.geometry;
-    if (dev.encryption || g.extendedL2 || data.length === 0) return null;
+    const { image, map } = this;
+    const g = image.geometry;
+    if (image.encryption || g.extendedL2 || data.length === 0) return null;
     const i = Math.floor(offset / g.l2Coverage);
-    if (i !== Math.floor((offset + data.length - 1) / g.l2Coverage) || i >= dev.l1Entries) return null;
-    const e = this.l1Entry(i);
-    const l2 = Number(e & OFFSET_MASK);
-    if (!(e & COPIED) || l2 === 0) return null;
-    const table = dev.l2Cache.peek(l2) ?? (await this.dev.l2TableFor(offset));
+    if (i !== Math.floor((offset + data.length - 1) / g.l2Coverage) || i >= map.l1Entries) return null;
+    const l2 = l1TableOffset(map.l1, i);
+    if (!l1EntryCopied(map.l1, i) || l2 === 0) return null;
+    const table = map.l2Cache.peek(l2) ?? (await map.l2TableFor(offset));
     if (!table) return null;
     const cs = this.cs;
     const end = offset + data.length;
     const runs: Array<[number, number, number]> = [];
     const d = this.scratchEntry; // looked at within each step only
     for (let c = offset - (offset % cs); c < end; c += cs) {
-      decodeL2Entry(table.data, (c % g.l2Coverage) / cs, dev.l2Context, d);
-      if (d.kind !== 'normal' || !this.copied(d)) return null;
+      decodeL2Entry(table.data, (c % g.l2Coverage) / cs, image.l2Context, d);
+      if (d.kind !== 'normal' || !l2EntryCopied(d)) return null;
       const s = Math.max(offset, c);
       const host = d.hostOffset + (s - c);
       const len = Math.min(end, c + cs) - s;
@@ -293,7 +318,7 @@ export class Qcow2Writer {
       if (last && last[0] + last[2] === host) last[2] += len;
       else runs.push([host, s - offset, len]);
     }
-    return runs.map(([host, from, len]) => this.track(dev.dataStore.write(host, data.subarray(from, from + len))));
+    return runs.map(([host, from, len]) => this.track(image.dataStore.write(host, data.subarray(from, from + len))));
   }
 
   writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
@@ -316,19 +341,8 @@ export class Qcow2Writer {
   async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     // Compress before taking the lock: the lock serialises allocation, and compression done under
     // it would run one cluster at a time while the codec pool could do several at once.
-    const cs = this.cs;
-    const zstd = this.dev.header.compressionType === COMPRESSION_ZSTD;
-    const packed: Promise<Uint8Array>[] = [];
-    for (let done = 0; done < data.length; done += cs) {
-      const chunk = data.subarray(done, Math.min(data.length, done + cs));
-      const full = chunk.length === cs ? chunk : (() => {
-        const b = new Uint8Array(cs);
-        b.set(chunk);
-        return b;
-      })();
-      packed.push(zstd ? zstdCompress(full) : deflateRaw(full));
-    }
-    const results = await Promise.all(packed);
+    const zstd = this.image.header.compressionType === COMPRESSION_ZSTD;
+    const results = await this.io.compressClusters(data);
     return this.guarded(async () => {
       const marking = this.bitmaps.mark(offset, data.length);
       if (marking) await marking;
@@ -353,48 +367,50 @@ export class Qcow2Writer {
   }
 
   /**
-   * Grow the virtual size (a larger L1 table is written elsewhere first, then the header names
-   * it, then the old one is freed). Shrinking is refused unless `shrink` (see shrink.ts).
+   * Change the virtual size. Growing: a larger L1 table is written elsewhere first, then the
+   * header names it, then the old one is freed. Shrinking (only with `shrink`, as qemu-img resize
+   * --shrink), in a crash-safe order, the lock held and the metadata flushed on entry:
+   *   1. the header gets the new size (flushed): from then on nothing past the end is visible, and
+   *      an image with table entries past its size is still a valid image;
+   *   2. entries past the end are cleared in the active tables (cluster-map.ts dropPast), their
+   *      references dropped through the deferred path, so counts only fall once the tables are on
+   *      disk (flushLocked);
+   *   3. only then is the file cut, after the last cluster whose refcount is not zero.
+   * A kill between any two steps leaves at most leaked clusters.
    */
   resize(size: number, shrink: boolean): Promise<void> {
     return this.exclusive(async () => {
-      const dev = this.dev;
-      const oldSize = dev.size;
-      if (size < dev.size) {
-        if (!shrink) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use the --shrink option to perform a shrink operation.');
-        if (dev.openedSnapshot) throw unsupported('cannot resize a snapshot');
-        this.bitmaps.checkResize();
-        const { shrinkLocked } = await import('./shrink.js');
-        await shrinkLocked(dev, this, size);
+      const { image, map } = this;
+      const oldSize = image.size;
+      if (size < oldSize && !shrink) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use the --shrink option to perform a shrink operation.');
+      if (image.openedSnapshot) throw unsupported('cannot resize a snapshot');
+      this.bitmaps.checkResize();
+      if (size < oldSize) {
+        await image.writeHeader((h) => {
+          h.size = size;
+        });
+        await image.store.flush();
+        image.setSize(size);
+        await map.dropPast(size, oldSize);
+        // Tables, then L1, then the counts drop (flushLocked keeps that order).
+        await this.flushLocked();
+        await map.trimFile();
         await this.bitmaps.resized(oldSize);
         return;
       }
-      this.bitmaps.checkResize();
-      if (dev.openedSnapshot) throw unsupported('cannot resize a snapshot');
-      const need = Math.ceil(size / dev.geometry.l2Coverage);
-      if (need * 8 > 32 * 1024 * 1024) throw new QcowError('QCOW_INVALID_ARGUMENT', "The image size is too large for file format 'qcow2' (try using a larger cluster size)");
-      const h = dev.header;
-      const oldOffset = h.l1TableOffset;
-      const oldEntries = dev.l1Entries;
-      if (need > oldEntries) {
-        const l1 = new Uint8Array(need * 8);
-        l1.set(dev.l1);
-        const at = await this.refcounts.allocClusters(Math.ceil(l1.length / this.cs));
-        await dev.store.write(at, l1);
-        await this.writeRefcounts();
-        await dev.store.flush();
-        dev.l1 = l1;
-        dev.l1Entries = need;
-        h.l1TableOffset = at;
-        h.l1Size = need;
-        this.l1Dirty.clear();
-      }
-      h.size = size;
-      await this.writeHeader();
-      await dev.store.flush();
-      dev.size = size;
-      if (need > oldEntries && oldEntries > 0) await this.refcounts.update(oldOffset, oldEntries * 8, -1);
-      this.noteGrowth();
+      const need = Math.ceil(size / image.geometry.l2Coverage);
+      const grown = need > map.l1Entries ? await map.growL1(need, this.barrier) : null;
+      await image.writeHeader((h) => {
+        if (grown) {
+          h.l1TableOffset = grown.offset;
+          h.l1Size = need;
+        }
+        h.size = size;
+      });
+      await image.store.flush();
+      image.setSize(size);
+      if (grown && grown.oldEntries > 0) await this.refcounts.update(grown.oldOffset, grown.oldEntries * 8, -1);
+      map.noteGrowth();
       if (size !== oldSize) await this.bitmaps.resized(oldSize);
     });
   }
@@ -410,9 +426,10 @@ export class Qcow2Writer {
       // The old bitmap clusters are freed now that the new directory is on disk.
       await this.flushLocked();
       if (this.dirtyBitSet) {
-        this.dev.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
-        await this.writeHeader();
-        await this.dev.store.flush();
+        await this.image.writeHeader((h) => {
+          h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+        });
+        await this.image.store.flush();
         this.dirtyBitSet = false;
       }
     });
@@ -431,23 +448,23 @@ export class Qcow2Writer {
   // --- metadata write-back -----------------------------------------------------------------------
 
   async flushLocked(): Promise<void> {
-    const dev = this.dev;
+    const { image, map } = this;
     // Writes in flight first: a flush covers them, and no cluster may be freed under them.
     await this.drainInFlight();
-    if (this.external) await dev.dataStore.flush();
+    if (this.external) await image.dataStore.flush();
     if (await this.writeRefcounts()) {
       if (!this.lazyRefcounts) await this.barrier();
     }
     this.l2Written = false;
-    await dev.l2Cache.flush();
+    await map.l2Cache.flush();
     if (this.l2Written) await this.barrier();
-    if (await this.writeL1()) await this.barrier();
+    if (await map.writeL1()) await this.barrier();
     // References are gone from disk now: the counts may drop.
     if (await this.refcounts.applyPendingFrees()) {
       await this.punchFreed();
       await this.writeRefcounts();
     }
-    await dev.store.flush();
+    await image.store.flush();
   }
 
   /**
@@ -458,7 +475,7 @@ export class Qcow2Writer {
    * external data file are left alone (the freed clusters' bytes may live in either file).
    */
   private async punchFreed(): Promise<void> {
-    const store = this.dev.store;
+    const store = this.image.store;
     if (!store.punchHole || this.external) return;
     for (const [offset, length] of this.refcounts.freedRuns) {
       try {
@@ -471,111 +488,19 @@ export class Qcow2Writer {
     }
   }
 
-  /** Write refcounts back and keep the header copy of the table location in step. */
-  async writeRefcounts(): Promise<boolean> {
-    const wrote = await this.refcounts.writeBack(this.barrier);
-    // writeBack rewrites the header's table fields when the table moved; keep our copy in step.
-    this.dev.header.refcountTableOffset = this.refcounts.tableOffset;
-    this.dev.header.refcountTableClusters = this.refcounts.tableClusters;
-    return wrote;
-  }
-
-  private async writeL1(): Promise<boolean> {
-    if (this.l1Dirty.size === 0) return false;
-    const idx = [...this.l1Dirty].sort((a, b) => a - b);
-    this.l1Dirty.clear();
-    const base = this.dev.header.l1TableOffset;
-    for (let i = 0; i < idx.length; ) {
-      let j = i;
-      while (j + 1 < idx.length && idx[j + 1] === idx[j]! + 1) j++;
-      await this.dev.store.write(base + idx[i]! * 8, this.dev.l1.subarray(idx[i]! * 8, (idx[j]! + 1) * 8));
-      i = j + 1;
-    }
-    return true;
-  }
-
-  async writeHeader(): Promise<void> {
-    await this.dev.store.write(0, encodeHeader(this.dev.header, this.cs));
+  /** Write refcounts back (see ClusterMap.writeRefcounts). */
+  writeRefcounts(): Promise<boolean> {
+    return this.map.writeRefcounts(this.barrier);
   }
 
   /** Lazy refcounts: the dirty bit must be on disk before the first refcount goes stale. */
   private async beforeMetadataChange(): Promise<void> {
     if (this.dirtyBitSet || !this.lazyRefcounts) return;
-    this.dev.header.incompatibleFeatures |= INCOMPAT_DIRTY;
-    await this.writeHeader();
-    await this.dev.store.flush();
+    await this.image.writeHeader((h) => {
+      h.incompatibleFeatures |= INCOMPAT_DIRTY;
+    });
+    await this.image.store.flush();
     this.dirtyBitSet = true;
-  }
-
-  private noteGrowth(): void {
-    const end = this.refcounts.end * this.cs;
-    if (end > this.dev.fileSize) this.dev.fileSize = end;
-  }
-
-  // --- L1 / L2 -----------------------------------------------------------------------------------
-
-  l1Entry(i: number): bigint {
-    return new DataView(this.dev.l1.buffer, this.dev.l1.byteOffset + i * 8, 8).getBigUint64(0);
-  }
-
-  setL1Entry(i: number, v: bigint): void {
-    new DataView(this.dev.l1.buffer, this.dev.l1.byteOffset + i * 8, 8).setBigUint64(0, v);
-    this.l1Dirty.add(i);
-  }
-
-  /**
-   * The active L2 table for `guest`, writable: allocated when missing, copied when shared with a
-   * snapshot (L1 entry without COPIED). `create` false: null instead of allocating.
-   */
-  async l2ForWrite(guest: number, create = true): Promise<CachedTable | null> {
-    const g = this.dev.geometry;
-    const i = Math.floor(guest / g.l2Coverage);
-    if (i >= this.dev.l1Entries) throw corrupt(`guest offset 0x${guest.toString(16)} is beyond the L1 table`);
-    // The entry as two words (no BigInt: this runs for every guest write).
-    const hi = u32(this.dev.l1, i * 8);
-    const off = (hi & 0x00ffffff) * 0x100000000 + ((u32(this.dev.l1, i * 8 + 4) & 0xfffffe00) >>> 0);
-    if (off === 0) {
-      if (!create) return null;
-      const at = await this.refcounts.allocClusters(1);
-      this.noteGrowth();
-      this.setL1Entry(i, COPIED | BigInt(at));
-      return this.dev.l2Cache.put(at, new Uint8Array(this.cs), true);
-    }
-    if (off % this.cs !== 0 || off >= this.dev.fileSize) throw corrupt(`L1 entry ${i}: L2 table offset 0x${off.toString(16)} is invalid`);
-    const table = await this.dev.l2Cache.get(off);
-    if (hi & 0x80000000) return table;
-    const copy = table.data.slice();
-    const at = await this.refcounts.allocClusters(1);
-    this.noteGrowth();
-    this.refcounts.free(off, this.cs);
-    this.dev.l2Cache.drop(off);
-    this.setL1Entry(i, COPIED | BigInt(at));
-    return this.dev.l2Cache.put(at, copy, true);
-  }
-
-  private entry(t: CachedTable, i: number): ClusterDescriptor {
-    return readL2Entry(t.data, i, this.dev.l2Context);
-  }
-
-  setEntry(t: CachedTable, i: number, v: bigint, bitmap?: bigint): void {
-    const size = this.dev.geometry.l2EntryBytes;
-    const dv = new DataView(t.data.buffer, t.data.byteOffset + i * size, size);
-    dv.setBigUint64(0, v);
-    if (bitmap !== undefined && size === 16) dv.setBigUint64(8, bitmap);
-  }
-
-  private bitmapOf(d: ClusterDescriptor): bigint {
-    return (BigInt(d.zeroBitmap >>> 0) << 32n) | BigInt(d.allocBitmap >>> 0);
-  }
-
-  private copied(d: ClusterDescriptor): boolean {
-    return (d.hi & 0x80000000) !== 0;
-  }
-
-  /** Drop the reference an entry holds (deferred until its table is on disk). */
-  release(d: ClusterDescriptor): void {
-    if (d.kind === 'compressed') this.refcounts.free(d.hostOffset, d.compressedBound);
-    else if ((d.kind === 'normal' || d.kind === 'zero-alloc') && !this.external) this.refcounts.free(d.hostOffset, this.cs);
   }
 
   // --- backing file and emptying (rebase, commit) ---------------------------------------------------
@@ -587,19 +512,12 @@ export class Qcow2Writer {
    */
   setBacking(name: string | null, format: string | null): Promise<void> {
     return this.lock.run(async () => {
-      const h = this.dev.header;
-      if (name !== null && this.dev.dataFileRaw) throw unsupported('qcow2: an image with a raw external data file cannot have a backing file');
-      const before = { file: h.backingFile, format: h.backingFormat };
-      h.backingFile = name ?? undefined;
-      h.backingFormat = name === null ? undefined : (format ?? undefined);
-      try {
-        await this.writeHeader();
-      } catch (e) {
-        h.backingFile = before.file;
-        h.backingFormat = before.format;
-        throw e;
-      }
-      await this.dev.store.flush();
+      if (name !== null && this.image.dataFileRaw) throw unsupported('qcow2: an image with a raw external data file cannot have a backing file');
+      await this.image.writeHeader((h) => {
+        h.backingFile = name ?? undefined;
+        h.backingFormat = name === null ? undefined : (format ?? undefined);
+      });
+      await this.image.store.flush();
     });
   }
 
@@ -613,23 +531,7 @@ export class Qcow2Writer {
     return this.lock.run(async () => {
       if (this.external) throw unsupported('qcow2: cannot empty an image with an external data file');
       await this.beforeMetadataChange();
-      const g = this.dev.geometry;
-      const entries = this.cs / g.l2EntryBytes;
-      for (let i = 0; i < this.dev.l1Entries; i++) {
-        if ((this.l1Entry(i) & OFFSET_MASK) === 0n) continue;
-        const table = (await this.l2ForWrite(i * g.l2Coverage, false))!;
-        const raw = new DataView(table.data.buffer, table.data.byteOffset, table.data.byteLength);
-        let changed = false;
-        for (let k = 0; k < entries; k++) {
-          const at = k * g.l2EntryBytes;
-          if (raw.getBigUint64(at) === 0n && (g.l2EntryBytes === 8 || raw.getBigUint64(at + 8) === 0n)) continue;
-          const d = this.entry(table, k);
-          this.setEntry(table, k, 0n, g.extendedL2 ? 0n : undefined);
-          this.release(d);
-          changed = true;
-        }
-        if (changed) await this.dev.l2Cache.put(table.offset, table.data, true);
-      }
+      await this.map.deallocateAll();
     });
   }
 
@@ -646,30 +548,30 @@ export class Qcow2Writer {
   private async writeLocked(offset: number, bytes: Uint8Array | Payload, deferred?: Promise<void>[]): Promise<void> {
     const data = bytes instanceof Uint8Array ? new BytesPayload(bytes) : bytes;
     await this.beforeMetadataChange();
-    const g = this.dev.geometry;
+    const g = this.image.geometry;
     const end = offset + data.length;
     for (let pos = offset; pos < end; ) {
       const tableEnd = Math.min(end, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
-      const table = (await this.l2ForWrite(pos))!;
+      const table = (await this.map.l2ForWrite(pos))!;
       await this.writeInTable(table, pos, data.slice(pos - offset, tableEnd - offset), deferred);
       pos = tableEnd;
     }
   }
 
   private async writeInTable(table: CachedTable, start: number, data: Payload, deferred?: Promise<void>[]): Promise<void> {
-    const g = this.dev.geometry;
+    const g = this.image.geometry;
     const cs = this.cs;
     const end = start + data.length;
-    const align = this.dev.encryption ? 512 : 1;
+    const align = this.image.encryption ? 512 : 1;
     const pieces: Piece[] = [];
     for (let c = start - (start % cs); c < end; c += cs) {
       const index = (c % g.l2Coverage) / cs;
-      const old = this.entry(table, index);
+      const old = this.map.entry(table, index);
       const s = Math.max(start, c);
       const e = Math.min(end, c + cs);
       const p: Piece = { index, clusterGuest: c, ws: s, we: e, alloc: false, host: 0, old, subMask: 0n };
       const ownHost = old.kind === 'normal' || old.kind === 'zero-alloc';
-      if (ownHost && (this.copied(old) || this.external)) {
+      if (ownHost && (l2EntryCopied(old) || this.external)) {
         p.host = old.hostOffset;
         if (old.kind === 'zero-alloc') {
           p.ws = c;
@@ -716,7 +618,7 @@ export class Qcow2Writer {
       for (let k = i; k <= j; k++) pieces[k]!.host = base + (k - i) * cs;
       i = j + 1;
     }
-    this.noteGrowth();
+    this.map.noteGrowth();
     // Write runs whose guest windows and host clusters both continue, one store write each.
     for (let i = 0; i < pieces.length; ) {
       let j = i;
@@ -727,7 +629,7 @@ export class Qcow2Writer {
       )
         j++;
       const run = pieces.slice(i, j + 1);
-      const plain = deferred && !this.dev.encryption && !g.extendedL2 && run[0]!.ws >= start && run[run.length - 1]!.we <= end;
+      const plain = deferred && !this.image.encryption && !g.extendedL2 && run[0]!.ws >= start && run[run.length - 1]!.we <= end;
       if (plain) deferred.push(this.track(this.writeRun(run, start, data)));
       else await this.writeRun(run, start, data);
       i = j + 1;
@@ -737,19 +639,17 @@ export class Qcow2Writer {
       const old = p.old;
       if (g.extendedL2) {
         let bitmap: bigint;
-        if (!p.alloc) bitmap = (this.bitmapOf(old) | p.subMask) & ~(p.subMask << 32n);
-        else if (old.kind === 'unallocated' || old.kind === 'zero-plain') bitmap = (this.bitmapOf(old) & ~(p.subMask << 32n)) | p.subMask;
+        if (!p.alloc) bitmap = (l2EntryBitmap(old) | p.subMask) & ~(p.subMask << 32n);
+        else if (old.kind === 'unallocated' || old.kind === 'zero-plain') bitmap = (l2EntryBitmap(old) & ~(p.subMask << 32n)) | p.subMask;
         else bitmap = ALL_SUBCLUSTERS;
-        this.setEntry(table, p.index, COPIED | BigInt(p.host), bitmap);
+        this.map.setEntry(table, p.index, standardL2Entry(p.host, { copied: true }), bitmap);
       } else {
-        // COPIED | host, written as two words (the common case: no BigInt per cluster).
-        setU32(table.data, p.index * 8, (0x80000000 | Math.floor(p.host / 0x100000000)) >>> 0);
-        setU32(table.data, p.index * 8 + 4, p.host % 0x100000000);
+        setCopiedNormalEntry(table.data, p.index, p.host);
       }
-      if (p.alloc) this.release(old);
+      if (p.alloc) this.map.release(old);
     }
-    await this.dev.l2Cache.put(table.offset, table.data, true);
-    this.dev.lastCompressed = null;
+    await this.map.tableChanged(table);
+    this.io.forgetCompressed();
   }
 
   /** Write one run of pieces: the request's bytes plus, around them, the current guest content. */
@@ -760,9 +660,9 @@ export class Qcow2Writer {
     // Nothing to merge around the request's bytes: write them from the caller's buffer, no copy
     // (or have them copied into place). Encrypted images keep the copy: the cipher must not
     // touch the caller's buffer.
-    const direct = !this.dev.encryption && ws >= start && we <= start + data.length;
+    const direct = !this.image.encryption && ws >= start && we <= start + data.length;
     const place = direct ? data.placer() : null;
-    if (place) await place(this.dev.dataStore, ws - start, we - start, host, ws);
+    if (place) await place(this.image.dataStore, ws - start, we - start, host, ws);
     else {
       const buf = direct ? data.bytes(ws - start, we - start) : new Uint8Array(we - ws);
       const ds = Math.max(ws, start);
@@ -770,7 +670,7 @@ export class Qcow2Writer {
       if (ws < ds) await this.readCurrent(ws, buf.subarray(0, ds - ws));
       if (de < we) await this.readCurrent(de, buf.subarray(de - ws));
       if (!direct) buf.set(data.bytes(ds - start, de - start), ds - ws);
-      await this.writeData(ws, host, buf);
+      await this.io.writeData(ws, host, buf);
     }
     if (this.external) return;
     // A fresh cluster must exist in the file to its end even where we wrote only a part.
@@ -780,35 +680,23 @@ export class Qcow2Writer {
     const last = run[run.length - 1]!;
     const clusterEnd = last.host + this.cs;
     if (!last.alloc || clusterEnd <= this.knownFileEnd) return;
-    const size = await this.dev.store.size();
-    if (clusterEnd > size) await this.dev.store.truncate(clusterEnd);
+    const size = await this.image.store.size();
+    if (clusterEnd > size) await this.image.store.truncate(clusterEnd);
     this.knownFileEnd = Math.max(size, clusterEnd);
   }
 
   /** Guest bytes as they read now, through this layer (used to fill copy-on-write gaps). */
   private async readCurrent(offset: number, into: Uint8Array): Promise<void> {
-    const runs = await this.dev.mapRuns(offset, into.length);
-    for (const r of runs) await this.dev.readRun(r, into.subarray(r.offset - offset, r.offset - offset + r.length));
-  }
-
-  /** Plain guest bytes to a host offset, encrypted when the image is. */
-  private async writeData(guest: number, host: number, plain: Uint8Array): Promise<void> {
-    const enc = this.dev.encryption;
-    if (!enc) {
-      await this.dev.dataStore.write(host, plain);
-      return;
-    }
-    const sector = (enc.ivFromHostSector ? host : guest) / 512;
-    await this.dev.dataStore.write(host, await enc.cipher().encrypt(plain, sector));
+    const runs = await this.map.mapRuns(offset, into.length);
+    for (const r of runs) await this.io.readRun(r, into.subarray(r.offset - offset, r.offset - offset + r.length));
   }
 
   // --- zeroes and discard ------------------------------------------------------------------------
 
   private async zeroLocked(offset: number, length: number, options: ZeroOptions, isDiscard: boolean): Promise<void> {
     const cs = this.cs;
-    const dev = this.dev;
-    const v3 = dev.header.version === 3;
-    const hasBacking = dev.backing !== null || dev.header.backingFile !== undefined;
+    const v3 = this.image.header.version === 3;
+    const hasBacking = this.parts.hasBacking();
     const first = Math.ceil(offset / cs) * cs;
     const last = Math.floor((offset + length) / cs) * cs;
     const whole = first < last;
@@ -817,7 +705,7 @@ export class Qcow2Writer {
     if (isDiscard) {
       if (!whole || !canFlag) return;
       await this.beforeMetadataChange();
-      await this.zeroClusters(first, last, true, isDiscard);
+      await this.map.zeroClusters(first, last, true, isDiscard, hasBacking);
       return;
     }
     if (options.fastOnly && (!canFlag || !whole || first !== offset || last !== offset + length)) {
@@ -829,73 +717,21 @@ export class Qcow2Writer {
     }
     if (offset < first) await this.writeLocked(offset, new Uint8Array(first - offset));
     await this.beforeMetadataChange();
-    await this.zeroClusters(first, last, options.mayUnmap ?? false, false);
+    await this.map.zeroClusters(first, last, options.mayUnmap ?? false, false, hasBacking);
     if (last < offset + length) await this.writeLocked(last, new Uint8Array(offset + length - last));
-  }
-
-  /** Make whole clusters [from, to) read as zeros through metadata alone. */
-  private async zeroClusters(from: number, to: number, unmap: boolean, isDiscard: boolean): Promise<void> {
-    const g = this.dev.geometry;
-    const cs = this.cs;
-    const v3 = this.dev.header.version === 3;
-    const hasBacking = this.dev.backing !== null || this.dev.header.backingFile !== undefined;
-    for (let pos = from; pos < to; ) {
-      const tableEnd = Math.min(to, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
-      // Without a backing file, a missing table already reads as zeros: nothing to record.
-      const table = await this.l2ForWrite(pos, hasBacking || (v3 && !isDiscard));
-      if (!table) {
-        pos = tableEnd;
-        continue;
-      }
-      for (let c = pos; c < tableEnd; c += cs) {
-        const index = (c % g.l2Coverage) / cs;
-        const d = this.entry(table, index);
-        if (this.external) {
-          // Data-file clusters keep their mapping; the zero flag hides the bytes there.
-          if (d.kind === 'normal' || d.kind === 'zero-alloc') {
-            this.setEntry(table, index, COPIED | BigInt(d.hostOffset) | (g.extendedL2 ? 0n : 1n), g.extendedL2 ? ALL_SUBCLUSTERS << 32n : undefined);
-            if (this.dev.dataFileRaw) await this.dev.dataStore.write(c, new Uint8Array(cs));
-          } else {
-            this.setEntry(table, index, g.extendedL2 ? 0n : 1n, g.extendedL2 ? ALL_SUBCLUSTERS << 32n : undefined);
-          }
-          continue;
-        }
-        const keepHost = !unmap && (d.kind === 'normal' || d.kind === 'zero-alloc') && this.copied(d);
-        if (!v3) {
-          // v2 (only reached without a backing file): the cluster is deallocated.
-          this.setEntry(table, index, 0n);
-          this.release(d);
-        } else if (g.extendedL2) {
-          if (keepHost) this.setEntry(table, index, COPIED | BigInt(d.hostOffset), ALL_SUBCLUSTERS << 32n);
-          else {
-            this.setEntry(table, index, 0n, ALL_SUBCLUSTERS << 32n);
-            this.release(d);
-          }
-        } else if (keepHost) {
-          this.setEntry(table, index, COPIED | BigInt(d.hostOffset) | 1n);
-        } else {
-          this.setEntry(table, index, 1n);
-          this.release(d);
-        }
-      }
-      await this.dev.l2Cache.put(table.offset, table.data, true);
-      pos = tableEnd;
-    }
   }
 
   // --- compressed clusters -------------------------------------------------------------------------
 
   private async compressedLocked(offset: number, data: Uint8Array, packedClusters: Uint8Array[], zstd: boolean): Promise<void> {
     const cs = this.cs;
-    const dev = this.dev;
-    if (offset % cs !== 0) throw new QcowError('QCOW_INVALID_ARGUMENT', 'compressed writes must start at a cluster boundary');
-    if (data.length % cs !== 0 && offset + data.length !== dev.size) throw new QcowError('QCOW_INVALID_ARGUMENT', 'compressed writes must cover whole clusters');
+    const image = this.image;
     if (this.external) throw unsupported('Operation not supported: compression with an external data file');
     await this.beforeMetadataChange();
     // The image's compression type cannot change while a write waits for the lock (amend runs
     // under it too), but say so loudly if it ever does.
-    if (zstd !== (dev.header.compressionType === COMPRESSION_ZSTD)) throw new QcowError('QCOW_INVALID_ARGUMENT', 'compression type changed during a compressed write');
-    const g = dev.geometry;
+    if (zstd !== (image.header.compressionType === COMPRESSION_ZSTD)) throw new QcowError('QCOW_INVALID_ARGUMENT', 'compression type changed during a compressed write');
+    const g = image.geometry;
     for (let done = 0; done < data.length; done += cs) {
       const guest = offset + done;
       const chunk = data.subarray(done, Math.min(data.length, done + cs));
@@ -906,18 +742,16 @@ export class Qcow2Writer {
         continue;
       }
       const host = await this.refcounts.allocBytes(packed.length);
-      this.noteGrowth();
-      await dev.store.write(host, packed);
-      const sectors = Math.floor((host + packed.length - 1) / 512) - Math.floor(host / 512);
-      const x = BigInt(62 - (g.clusterBits - 8));
-      const entry = COMPRESSED | (BigInt(sectors) << x) | BigInt(host);
-      const table = (await this.l2ForWrite(guest))!;
+      this.map.noteGrowth();
+      await image.store.write(host, packed);
+      const entry = encodeCompressedDescriptor(host, packed.length, g.clusterBits);
+      const table = (await this.map.l2ForWrite(guest))!;
       const index = (guest % g.l2Coverage) / cs;
-      const old = this.entry(table, index);
-      this.setEntry(table, index, entry, 0n);
-      this.release(old);
-      await dev.l2Cache.put(table.offset, table.data, true);
+      const old = this.map.entry(table, index);
+      this.map.setEntry(table, index, entry, 0n);
+      this.map.release(old);
+      await this.map.tableChanged(table);
     }
-    dev.lastCompressed = null;
+    this.io.forgetCompressed();
   }
 }

@@ -1,17 +1,27 @@
 /**
- * A bounded cache of metadata tables (L2 tables; the writer may reuse it for refcount blocks),
- * each one cluster held as a Uint8Array, keyed by host offset, evicted least-recently-used once
- * the byte budget is exceeded. Tables may be marked dirty; a dirty table is written back through
- * the `writeBack` hook before it is evicted, and on `flush()`.
+ * The qcow2 metadata cache: tables (L2 tables or slices of them) held as Uint8Arrays keyed by host
+ * offset, evicted least-recently-used once the byte budget is exceeded. Tables may be marked dirty;
+ * a dirty table is written back through `writeBack` before it is evicted, and on `flush()`.
  *
- * API: `get(offset)`, `put(offset, data, dirty)`, `markDirty(offset)`, `flush()`, `drop(offset)`,
- * `clear()`. Concurrent `get`s of one table share one load.
+ * Write-back dependency, as QEMU states it on its cache (qcow2_cache_set_dependency): refcount
+ * blocks before the L2 tables that need them. An L2 entry on disk must never name a cluster whose
+ * refcount is not on disk yet, so before any dirty table is written, `dependsOn` runs and makes
+ * the refcounts (and the data the new entries point at) durable. The cluster map sets it to the
+ * allocator's write-back when the image is writable; a read-only image never dirties a table.
+ *
+ * Refcount blocks have their own cache inside the allocator (alloc.ts) for now; the mechanism here
+ * is meant to become the one LRU for both once the core LRU exists.
+ *
+ * API: `get(offset)`, `peek(offset)`, `put(offset, data, dirty)`, `markDirty(offset)`, `flush()`,
+ * `drop(offset)`, `clear()`. Concurrent `get`s of one table share one load.
  */
 export interface TableCacheOptions {
   tableBytes: number;
   budgetBytes: number;
   load(offset: number, into: Uint8Array): Promise<void>;
   writeBack?(offset: number, data: Uint8Array): Promise<void>;
+  /** What must be on disk before any dirty table is written back (see above). */
+  dependsOn?(): Promise<void>;
 }
 
 export interface CachedTable {
@@ -26,7 +36,10 @@ export class TableCache {
   private readonly loading = new Map<number, Promise<CachedTable>>();
   private readonly maxTables: number;
 
+  private dependency: (() => Promise<void>) | undefined;
+
   constructor(private readonly options: TableCacheOptions) {
+    this.dependency = options.dependsOn;
     // Always keep a few tables, or a read that spans two tables would thrash.
     this.maxTables = Math.max(4, Math.floor(options.budgetBytes / options.tableBytes));
   }
@@ -98,8 +111,14 @@ export class TableCache {
     }
   }
 
+  /** State (or replace) what must reach the disk before any table is written back. */
+  setDependency(dependsOn: () => Promise<void>): void {
+    this.dependency = dependsOn;
+  }
+
   private async writeBack(t: CachedTable): Promise<void> {
     if (!this.options.writeBack) throw new Error('table cache has dirty tables but no write-back hook');
+    if (this.dependency) await this.dependency();
     await this.options.writeBack(t.offset, t.data);
     t.dirty = false;
   }

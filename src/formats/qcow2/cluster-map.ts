@@ -1,0 +1,572 @@
+/**
+ * The cluster map: where each guest cluster lives, and the one owner of the tables that say so.
+ * It holds the active L1 table (or the opened snapshot's), the metadata cache of L2 tables, and,
+ * when the image is writable, the allocator (alloc.ts) that new tables and clusters come from.
+ *
+ * Reading: `mapRuns(offset, length)` splits a guest range into runs of one subcluster kind each
+ * (`GuestRun`), contiguous host ranges merged, so each `normal` run is one store read;
+ * `mappedHostRun` answers the common case (one cached table, contiguous normal clusters) without
+ * building runs. An L2 cache miss loads the table here (`l2TableFor` -> metadata cache -> `load`).
+ *
+ * Linking (writable images): `l2ForWrite` gives the active L2 table for a guest offset, allocated
+ * when missing and copied when a snapshot shares it; `setEntry` / `release` change entries and drop
+ * the references they held (deferred in the allocator until the tables are on disk); L1 entries
+ * changed are written by `writeL1` at the next flush. Whole-cluster zeroing, emptying (commit),
+ * growing the L1 table and shrinking live here too. The ordering of write-back (refcounts, then
+ * L2 tables, then L1, then frees) is the writer's (write.ts), which calls in here.
+ */
+import { QcowError, corrupt } from '../../core/errors.js';
+import { firstNonZero } from '../../core/bytes.js';
+import { MAX_L1_BYTES, l1EntriesFor } from './layout.js';
+import { l1EntryCopied, l1EntryEmpty, l1TableOffset, setL1Entry } from './l1-entry.js';
+import {
+  ALL_SUBCLUSTERS_ZERO,
+  contiguousEntries,
+  decodeL2Entry,
+  l2EntryCopied,
+  l2EntryEmpty,
+  readL2Entry,
+  setL2Entry,
+  standardL2Entry,
+  subclusterKind,
+  type ClusterDescriptor,
+  type SubclusterKind,
+} from './l2-entry.js';
+import { TableCache, type CachedTable } from './metadata-cache.js';
+import type { Allocator } from './alloc.js';
+import type { Qcow2Image } from './image.js';
+
+/** L2 slice size of read-only opens (see ClusterMap.slice). */
+export const L2_SLICE_BYTES = 4096;
+
+/** Default L2 cache budget: 32 MiB of tables maps 128 GiB with 64 KiB clusters. */
+export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
+
+/** A guest range whose every byte has the same kind in this layer. */
+export interface GuestRun {
+  offset: number;
+  length: number;
+  kind: SubclusterKind;
+  /** Host offset of the run's first byte, for normal / zero-alloc / unallocated-alloc runs. */
+  hostOffset?: number;
+  /** Compressed runs (never merged across clusters): the cluster's descriptor and guest start. */
+  descriptor?: ClusterDescriptor;
+  clusterStart?: number;
+}
+
+export class ClusterMap {
+  private l1Bytes: Uint8Array = new Uint8Array(0);
+  private entries = 0;
+  private readonly l1Dirty = new Set<number>();
+  readonly l2Cache: TableCache;
+  /**
+   * The unit the L2 cache holds: a slice of a table. Read-only opens cache slices of at most
+   * L2_SLICE_BYTES (a 2 MiB-cluster image then costs 4 KiB, not 2 MiB, per table touched, and a
+   * cold random read loads 4 KiB of metadata); writable opens cache whole tables (slice = table),
+   * which the write path relies on.
+   */
+  readonly slice: { entries: number; bytes: number; coverage: number };
+  /** The allocator, present once the image is opened for writing (see attachRefcounts). */
+  private rc: Allocator | null = null;
+  /** A descriptor reused by loops that decode an entry per cluster and keep none of them. */
+  private readonly scratchEntry = readL2Entry(new Uint8Array(16), 0, { clusterBits: 9, extendedL2: false, externalDataFile: false });
+
+  constructor(
+    private readonly image: Qcow2Image,
+    /** Metadata cache budget: all of it for L2 tables (the allocator gets a quarter more). */
+    readonly cacheBytes: number,
+  ) {
+    const g = image.geometry;
+    const sliceBytes = image.readOnly ? Math.min(g.clusterSize, L2_SLICE_BYTES) : g.clusterSize;
+    const sliceEntries = sliceBytes / g.l2EntryBytes;
+    this.slice = { entries: sliceEntries, bytes: sliceBytes, coverage: sliceEntries * g.clusterSize };
+    this.l2Cache = new TableCache({
+      tableBytes: sliceBytes,
+      budgetBytes: cacheBytes,
+      load: (off, into) => this.loadTable(off, into),
+      writeBack: (off, data) => image.store.write(off, data),
+    });
+  }
+
+  /** The L1 table in use (active, or the opened snapshot's), as raw big-endian bytes. Read only. */
+  get l1(): Uint8Array {
+    return this.l1Bytes;
+  }
+
+  get l1Entries(): number {
+    return this.entries;
+  }
+
+  get refcounts(): Allocator {
+    if (!this.rc) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only');
+    return this.rc;
+  }
+
+  /** Writable images: the allocator, and what must be on disk before any L2 table is written. */
+  attachRefcounts(rc: Allocator, beforeTableWrite: () => Promise<void>): void {
+    this.rc = rc;
+    this.l2Cache.setDependency(beforeTableWrite);
+  }
+
+  /** A rebuilt allocator (amend changing refcount_bits). */
+  replaceRefcounts(rc: Allocator): void {
+    this.rc = rc;
+  }
+
+  // --- the L1 table -------------------------------------------------------------------------------
+
+  /** Read the L1 table at `offset` (at most qemu's 32 MiB), bounds-checked against the file. */
+  async loadL1(offset: number, entries: number, what: string): Promise<void> {
+    const bytes = entries * 8;
+    if (bytes > MAX_L1_BYTES) throw corrupt(`${what}: ${entries} entries is more than qemu's limit of ${MAX_L1_BYTES / 8}`);
+    const l1 = new Uint8Array(bytes);
+    if (entries > 0) {
+      this.checkAligned(offset, what);
+      if (offset === 0 || offset + bytes > this.image.fileSize) {
+        throw corrupt(`${what} [0x${offset.toString(16)}, +0x${bytes.toString(16)}) lies outside the file (${this.image.fileSize} bytes)`);
+      }
+      await this.image.store.read(offset, l1);
+    }
+    this.l1Bytes = l1;
+    this.entries = entries;
+    if (entries < l1EntriesFor(this.image.size, this.image.geometry)) {
+      throw corrupt(`L1 table is too small: ${entries} entries for a ${this.image.size}-byte image`);
+    }
+  }
+
+  /** Re-read the active L1 table from disk (after a repair or a rewrite of the tables). */
+  async reloadL1(): Promise<void> {
+    if (this.image.openedSnapshot === undefined && this.l1Bytes.length > 0) await this.image.store.read(this.image.header.l1TableOffset, this.l1Bytes);
+    this.l1Dirty.clear();
+  }
+
+  /**
+   * Take `l1` (written to disk by the caller at the header's L1 offset) as the active L1 table:
+   * growing, or a snapshot applied. Pending L1 entry writes are dropped: `l1` holds them all.
+   */
+  replaceL1(l1: Uint8Array): void {
+    this.l1Bytes = l1;
+    this.entries = l1.length / 8;
+    this.l1Dirty.clear();
+  }
+
+  /** Make L1 entry `i` name the L2 table at `offset` (0: none); written back by writeL1. */
+  setL1Entry(i: number, offset: number, copied: boolean): void {
+    setL1Entry(this.l1Bytes, i, offset, copied);
+    this.l1Dirty.add(i);
+  }
+
+  /** Set or clear COPIED on L1 entry `i` (snapshots recompute it). */
+  setL1Copied(i: number, copied: boolean): void {
+    if (l1EntryCopied(this.l1Bytes, i) === copied) return;
+    setL1Entry(this.l1Bytes, i, l1TableOffset(this.l1Bytes, i), copied);
+    this.l1Dirty.add(i);
+  }
+
+  /** Write the changed L1 entries, runs of neighbours in one write each. True if any were. */
+  async writeL1(): Promise<boolean> {
+    if (this.l1Dirty.size === 0) return false;
+    const idx = [...this.l1Dirty].sort((a, b) => a - b);
+    this.l1Dirty.clear();
+    const base = this.image.header.l1TableOffset;
+    for (let i = 0; i < idx.length; ) {
+      let j = i;
+      while (j + 1 < idx.length && idx[j + 1] === idx[j]! + 1) j++;
+      await this.image.store.write(base + idx[i]! * 8, this.l1Bytes.subarray(idx[i]! * 8, (idx[j]! + 1) * 8));
+      i = j + 1;
+    }
+    return true;
+  }
+
+  /** Whether L1 entry `i` names no L2 table (past the table, or host offset bits 9-55 all 0). */
+  private l1EntryEmpty(i: number): boolean {
+    return i >= this.entries || l1EntryEmpty(this.l1Bytes, i);
+  }
+
+  private checkAligned(offset: number, what: string): void {
+    if (offset % this.image.clusterSize !== 0) throw corrupt(`${what} 0x${offset.toString(16)} is not cluster aligned`);
+  }
+
+  private async loadTable(offset: number, into: Uint8Array): Promise<void> {
+    if (offset + into.length > this.image.fileSize) {
+      throw corrupt(`L2 table at 0x${offset.toString(16)} lies beyond the end of the file (${this.image.fileSize} bytes)`);
+    }
+    await this.image.store.read(offset, into);
+  }
+
+  // --- lookup ---------------------------------------------------------------------------------------
+
+  /**
+   * The L2 slice covering `guestOffset` (the whole table when the image is writable; its first
+   * entry is that of the slice's first cluster), or null when the L1 entry is empty.
+   */
+  async l2TableFor(guestOffset: number): Promise<CachedTable | null> {
+    const g = this.image.geometry;
+    const i = Math.floor(guestOffset / g.l2Coverage);
+    if (i >= this.entries) return null;
+    const l2Offset = l1TableOffset(this.l1Bytes, i);
+    if (l2Offset === 0) return null;
+    if (l2Offset % g.clusterSize !== 0) throw corrupt(`L1 entry ${i}: L2 table offset 0x${l2Offset.toString(16)} is not cluster aligned`);
+    return this.l2Cache.get(l2Offset + Math.floor((guestOffset % g.l2Coverage) / this.slice.coverage) * this.slice.bytes);
+  }
+
+  /** The runs of [offset, offset+length), in order, merged where kind and host offsets run on. */
+  async mapRuns(offset: number, length: number): Promise<GuestRun[]> {
+    const g = this.image.geometry;
+    const runs: GuestRun[] = [];
+    const push = (r: GuestRun) => {
+      const last = runs[runs.length - 1];
+      if (
+        last &&
+        last.kind === r.kind &&
+        r.kind !== 'compressed' &&
+        last.offset + last.length === r.offset &&
+        (last.hostOffset === undefined) === (r.hostOffset === undefined) &&
+        (last.hostOffset === undefined || last.hostOffset + last.length === r.hostOffset)
+      ) {
+        last.length += r.length;
+      } else {
+        runs.push(r);
+      }
+    };
+    const end = offset + length;
+    let pos = offset;
+    const sc = this.slice.coverage;
+    while (pos < end) {
+      const tableEnd = Math.min(end, (Math.floor(pos / sc) + 1) * sc);
+      const table = await this.l2TableFor(pos);
+      if (!table) {
+        // The rest of the table, and the next tables if missing too (most of a large sparse
+        // image), in one run.
+        let runEnd = Math.min(end, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
+        while (runEnd < end) {
+          const i = Math.floor(runEnd / g.l2Coverage);
+          if (!this.l1EntryEmpty(i)) break;
+          // Skip the all-zero entries that follow in one scan; the first non-zero one is then
+          // looked at on its own (an entry with only flag bits set still names no table).
+          const scanTo = Math.min(this.l1Bytes.length, Math.ceil(end / g.l2Coverage) * 8);
+          const next = Math.floor(firstNonZero(this.l1Bytes, Math.min((i + 1) * 8, scanTo), scanTo) / 8);
+          runEnd = Math.min(end, Math.max(i + 1, next) * g.l2Coverage);
+        }
+        push({ offset: pos, length: runEnd - pos, kind: 'unallocated' });
+        pos = runEnd;
+        continue;
+      }
+      while (pos < tableEnd) {
+        const clusterStart = pos - (pos % g.clusterSize);
+        const clusterEnd = Math.min(tableEnd, clusterStart + g.clusterSize);
+        const index = (clusterStart % sc) / g.clusterSize;
+        // A run of all-zero entries (unallocated clusters, most of a sparse table) in one step,
+        // without decoding each: it reads exactly as the entries one by one would.
+        const entryStart = index * g.l2EntryBytes;
+        const t = table.data;
+        // (Most entries of an allocated table are not zero: a glance at the offset bytes first.)
+        const nonZero =
+          (t[entryStart + 5]! | t[entryStart + 6]! | t[entryStart]!) !== 0
+            ? entryStart
+            : firstNonZero(t, entryStart, Math.ceil((tableEnd - (clusterStart - (clusterStart % sc))) / g.clusterSize) * g.l2EntryBytes);
+        if (nonZero >= entryStart + g.l2EntryBytes) {
+          const sliceStart = clusterStart - (clusterStart % sc);
+          const runEnd = Math.min(tableEnd, sliceStart + Math.floor(nonZero / g.l2EntryBytes) * g.clusterSize);
+          push({ offset: pos, length: runEnd - pos, kind: 'unallocated' });
+          pos = runEnd;
+          continue;
+        }
+        const d = readL2Entry(table.data, index, this.image.l2Context);
+        this.checkHostOffset(d, clusterStart);
+        if (d.kind === 'compressed') {
+          push({ offset: pos, length: clusterEnd - pos, kind: 'compressed', descriptor: d, clusterStart });
+          pos = clusterEnd;
+          continue;
+        }
+        if (d.kind === 'normal' && !g.extendedL2) {
+          // The clusters that follow in the table and in the file (a fully allocated image is one
+          // such run per table) in one step: their entries are this one plus k clusters, flags
+          // alike, so they decode alike; only the last one's offset needs its bounds check.
+          const runEnd = contiguousEntries(table.data, index, (tableEnd - clusterStart) / g.clusterSize, g.clusterSize);
+          const last = clusterStart + (runEnd - index - 1) * g.clusterSize;
+          if (runEnd - index > 1) this.checkHostOffset({ ...d, hostOffset: d.hostOffset + (last - clusterStart) }, last);
+          const end = Math.min(tableEnd, last + g.clusterSize);
+          push({ offset: pos, length: end - pos, kind: 'normal', hostOffset: d.hostOffset + (pos - clusterStart) });
+          pos = end;
+          continue;
+        }
+        while (pos < clusterEnd) {
+          const sub = Math.floor((pos - clusterStart) / g.subclusterSize);
+          const subEnd = Math.min(clusterEnd, clusterStart + (sub + 1) * g.subclusterSize);
+          const kind = subclusterKind(d, sub, g.extendedL2);
+          const hasHost = kind === 'normal' || kind === 'zero-alloc' || kind === 'unallocated-alloc';
+          push({ offset: pos, length: subEnd - pos, kind, hostOffset: hasHost ? d.hostOffset + (pos - clusterStart) : undefined });
+          pos = subEnd;
+        }
+      }
+    }
+    return runs;
+  }
+
+  /** Data clusters must start inside their file (external data files may be shorter: reads past them are zeros). */
+  private checkHostOffset(d: ClusterDescriptor, guest: number): void {
+    if (d.kind === 'unallocated' || d.kind === 'zero-plain') return;
+    if (this.image.external && d.kind !== 'compressed') return;
+    if (d.hostOffset >= this.image.fileSize) {
+      throw corrupt(`L2 entry for guest offset 0x${guest.toString(16)} points at 0x${d.hostOffset.toString(16)}, beyond the end of the file (${this.image.fileSize} bytes)`);
+    }
+  }
+
+  /**
+   * The common request, worked out synchronously: [offset, +length) inside one L2 table that is
+   * cached, every cluster normal and the host clusters contiguous. Returns the host offset, or -1
+   * when the general path (mapRuns) must decide. Saves the run objects and promise chain per
+   * request that dominated small reads (about half of a 4 KiB read's CPU time).
+   */
+  mappedHostRun(offset: number, length: number): number {
+    const g = this.image.geometry;
+    if (this.image.encryption || g.extendedL2) return -1;
+    const sc = this.slice.coverage;
+    // One slice (and so one table) only.
+    if (Math.floor(offset / sc) !== Math.floor((offset + length - 1) / sc)) return -1;
+    const i = Math.floor(offset / g.l2Coverage);
+    if (i >= this.entries) return -1;
+    const l2Offset = l1TableOffset(this.l1Bytes, i);
+    const cs = g.clusterSize;
+    // Empty, misaligned (the general path reports it) or not cached: the general path decides.
+    if (l2Offset === 0 || l2Offset % cs !== 0) return -1;
+    const table = this.l2Cache.peek(l2Offset + Math.floor((offset % g.l2Coverage) / sc) * this.slice.bytes);
+    if (!table) return -1;
+    let host = -1;
+    const d = this.scratchEntry; // looked at within each step only
+    for (let c = offset - (offset % cs); c < offset + length; c += cs) {
+      decodeL2Entry(table.data, (c % sc) / cs, this.image.l2Context, d);
+      if (d.kind !== 'normal') return -1;
+      this.checkHostOffset(d, c);
+      if (host < 0) host = d.hostOffset + (offset - c);
+      else if (d.hostOffset !== host + (c - offset)) return -1;
+    }
+    return host;
+  }
+
+  // --- linking (writable images) ----------------------------------------------------------------------
+
+  /** The file grew to hold what the allocator handed out. */
+  noteGrowth(): void {
+    const end = this.refcounts.end * this.image.clusterSize;
+    this.image.noteFileEnd(end);
+  }
+
+  /**
+   * Write the allocator's changes back (`barrier` where a later write must not overtake them) and
+   * take the refcount table's place into the header, which the allocator rewrites on disk when
+   * the table moves. True if anything was written.
+   */
+  async writeRefcounts(barrier: () => Promise<void>): Promise<boolean> {
+    const rc = this.refcounts;
+    const wrote = await rc.writeBack(barrier);
+    this.image.noteHeaderWritten((h) => {
+      h.refcountTableOffset = rc.tableOffset;
+      h.refcountTableClusters = rc.tableClusters;
+    });
+    return wrote;
+  }
+
+  /**
+   * The active L2 table for `guest`, writable: allocated when missing, copied when shared with a
+   * snapshot (L1 entry without COPIED). `create` false: null instead of allocating.
+   */
+  async l2ForWrite(guest: number, create = true): Promise<CachedTable | null> {
+    const g = this.image.geometry;
+    const cs = g.clusterSize;
+    const i = Math.floor(guest / g.l2Coverage);
+    if (i >= this.entries) throw corrupt(`guest offset 0x${guest.toString(16)} is beyond the L1 table`);
+    const off = l1TableOffset(this.l1Bytes, i);
+    if (off === 0) {
+      if (!create) return null;
+      const at = await this.refcounts.allocClusters(1);
+      this.noteGrowth();
+      this.setL1Entry(i, at, true);
+      return this.l2Cache.put(at, new Uint8Array(cs), true);
+    }
+    if (off % cs !== 0 || off >= this.image.fileSize) throw corrupt(`L1 entry ${i}: L2 table offset 0x${off.toString(16)} is invalid`);
+    const table = await this.l2Cache.get(off);
+    if (l1EntryCopied(this.l1Bytes, i)) return table;
+    const copy = table.data.slice();
+    const at = await this.refcounts.allocClusters(1);
+    this.noteGrowth();
+    this.refcounts.free(off, cs);
+    this.l2Cache.drop(off);
+    this.setL1Entry(i, at, true);
+    return this.l2Cache.put(at, copy, true);
+  }
+
+  /** Entry `i` of a cached table, decoded. */
+  entry(t: CachedTable, i: number): ClusterDescriptor {
+    return readL2Entry(t.data, i, this.image.l2Context);
+  }
+
+  /** Entry `i` of a cached table (the caller marks the table dirty with `tableChanged`). */
+  setEntry(t: CachedTable, i: number, v: bigint, bitmap?: bigint): void {
+    setL2Entry(t.data, i, this.image.geometry.l2EntryBytes, v, bitmap);
+  }
+
+  /** A table's entries changed in memory: it is written back at the next flush or on eviction. */
+  async tableChanged(t: CachedTable): Promise<void> {
+    await this.l2Cache.put(t.offset, t.data, true);
+  }
+
+  /** Drop the reference an entry holds (deferred until its table is on disk). */
+  release(d: ClusterDescriptor): void {
+    if (d.kind === 'compressed') this.refcounts.free(d.hostOffset, d.compressedBound);
+    else if ((d.kind === 'normal' || d.kind === 'zero-alloc') && !this.image.external) this.refcounts.free(d.hostOffset, this.image.clusterSize);
+  }
+
+  /**
+   * Make whole clusters [from, to) read as zeros through metadata alone: v3 zero flags (keeping
+   * the host cluster unless `unmap`), v2 deallocation (reached only when nothing shows through).
+   * `hasBacking`: a missing table then does not read as zeros and must be made.
+   */
+  async zeroClusters(from: number, to: number, unmap: boolean, isDiscard: boolean, hasBacking: boolean): Promise<void> {
+    const img = this.image;
+    const g = img.geometry;
+    const cs = g.clusterSize;
+    const v3 = img.header.version === 3;
+    for (let pos = from; pos < to; ) {
+      const tableEnd = Math.min(to, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
+      // Without a backing file, a missing table already reads as zeros: nothing to record.
+      const table = await this.l2ForWrite(pos, hasBacking || (v3 && !isDiscard));
+      if (!table) {
+        pos = tableEnd;
+        continue;
+      }
+      for (let c = pos; c < tableEnd; c += cs) {
+        const index = (c % g.l2Coverage) / cs;
+        const d = this.entry(table, index);
+        if (img.external) {
+          // Data-file clusters keep their mapping; the zero flag hides the bytes there.
+          if (d.kind === 'normal' || d.kind === 'zero-alloc') {
+            this.setEntry(table, index, standardL2Entry(d.hostOffset, { copied: true, zero: !g.extendedL2 }), g.extendedL2 ? ALL_SUBCLUSTERS_ZERO : undefined);
+            if (img.dataFileRaw) await img.dataStore.write(c, new Uint8Array(cs));
+          } else {
+            this.setEntry(table, index, standardL2Entry(0, { zero: !g.extendedL2 }), g.extendedL2 ? ALL_SUBCLUSTERS_ZERO : undefined);
+          }
+          continue;
+        }
+        const keepHost = !unmap && (d.kind === 'normal' || d.kind === 'zero-alloc') && l2EntryCopied(d);
+        if (!v3) {
+          // v2 (only reached without a backing file): the cluster is deallocated.
+          this.setEntry(table, index, 0n);
+          this.release(d);
+        } else if (g.extendedL2) {
+          if (keepHost) this.setEntry(table, index, standardL2Entry(d.hostOffset, { copied: true }), ALL_SUBCLUSTERS_ZERO);
+          else {
+            this.setEntry(table, index, 0n, ALL_SUBCLUSTERS_ZERO);
+            this.release(d);
+          }
+        } else if (keepHost) {
+          this.setEntry(table, index, standardL2Entry(d.hostOffset, { copied: true, zero: true }));
+        } else {
+          this.setEntry(table, index, standardL2Entry(0, { zero: true }));
+          this.release(d);
+        }
+      }
+      await this.tableChanged(table);
+      pos = tableEnd;
+    }
+  }
+
+  /**
+   * Deallocate every cluster of the active image so all of it reads from the backing image again
+   * (qemu-img commit empties the overlay this way). Entries become 0, never zero flags, which
+   * would hide the backing data; references are dropped through the usual deferred path.
+   */
+  async deallocateAll(): Promise<void> {
+    const g = this.image.geometry;
+    for (let i = 0; i < this.entries; i++) {
+      if (l1TableOffset(this.l1Bytes, i) === 0) continue;
+      const table = (await this.l2ForWrite(i * g.l2Coverage, false))!;
+      let changed = false;
+      for (let k = 0; k < g.l2Entries; k++) {
+        if (l2EntryEmpty(table.data, k, g.l2EntryBytes)) continue;
+        const d = this.entry(table, k);
+        this.setEntry(table, k, 0n, g.extendedL2 ? 0n : undefined);
+        this.release(d);
+        changed = true;
+      }
+      if (changed) await this.tableChanged(table);
+    }
+  }
+
+  /**
+   * An L1 table of `need` entries, written whole at a new place (and its refcounts made durable
+   * with `barrier`) but not yet named by the header: the caller writes the header, then frees the
+   * old table (`oldL1`). Returns the new table's offset.
+   */
+  async growL1(need: number, barrier: () => Promise<void>): Promise<{ offset: number; oldOffset: number; oldEntries: number }> {
+    if (need * 8 > MAX_L1_BYTES) throw new QcowError('QCOW_INVALID_ARGUMENT', "The image size is too large for file format 'qcow2' (try using a larger cluster size)");
+    const old = { oldOffset: this.image.header.l1TableOffset, oldEntries: this.entries };
+    const l1 = new Uint8Array(need * 8);
+    l1.set(this.l1Bytes);
+    const at = await this.refcounts.allocClusters(Math.ceil(l1.length / this.image.clusterSize));
+    await this.image.store.write(at, l1);
+    await this.writeRefcounts(barrier);
+    await this.image.store.flush();
+    this.replaceL1(l1);
+    return { offset: at, ...old };
+  }
+
+  /**
+   * Shrinking, step 2 (see write.ts resize): every cluster from the first whole cluster past
+   * `size` on loses its reference from the active tables (shared L2 tables are copied first, so
+   * snapshots keep their data), L1 entries past the end are emptied (the L1 table keeps its
+   * length, as qemu keeps l1_size). References drop through the deferred path.
+   */
+  async dropPast(size: number, oldSize: number): Promise<void> {
+    const g = this.image.geometry;
+    const cs = g.clusterSize;
+    const firstGone = Math.ceil(size / cs) * cs;
+    const keptL1 = Math.ceil(size / g.l2Coverage);
+    // The partly kept table: clear its entries past the end.
+    if (keptL1 > 0 && firstGone < Math.min(oldSize, keptL1 * g.l2Coverage)) {
+      const table = await this.l2ForWrite(firstGone, false);
+      if (table) {
+        const end = Math.min(keptL1 * g.l2Coverage, Math.ceil(oldSize / cs) * cs);
+        for (let c = firstGone; c < end; c += cs) {
+          const k = (c % g.l2Coverage) / cs;
+          if (l2EntryEmpty(table.data, k, g.l2EntryBytes)) continue;
+          const d = this.entry(table, k);
+          this.setEntry(table, k, 0n, g.extendedL2 ? 0n : undefined);
+          this.release(d);
+        }
+        await this.tableChanged(table);
+      }
+    }
+    // Whole tables past the end: the active image's path to the table and to its data goes away
+    // (the table itself and each data cluster lose one reference, shared with a snapshot or not).
+    for (let i = keptL1; i < this.entries; i++) {
+      const off = l1TableOffset(this.l1Bytes, i);
+      if (off === 0) continue;
+      const table = await this.l2Cache.get(off);
+      for (let k = 0; k < g.l2Entries; k++) {
+        if (l2EntryEmpty(table.data, k, g.l2EntryBytes)) continue;
+        this.release(readL2Entry(table.data, k, this.image.l2Context));
+      }
+      this.l2Cache.drop(off);
+      this.setL1Entry(i, 0, false);
+      this.refcounts.free(off, cs);
+    }
+  }
+
+  /** Shrinking, step 3: cut the file after the last cluster whose refcount is not zero. */
+  async trimFile(): Promise<void> {
+    const img = this.image;
+    const cs = img.clusterSize;
+    const rc = this.refcounts;
+    let last = Math.max(rc.end, Math.ceil(img.fileSize / cs)) - 1;
+    while (last > 0 && (await rc.get(last)) === 0) last--;
+    const keep = (last + 1) * cs;
+    const current = await img.store.size();
+    if (keep < current) {
+      await img.store.truncate(keep);
+      await img.store.flush();
+      img.setFileSize(keep);
+    }
+  }
+}

@@ -1,0 +1,209 @@
+/**
+ * Guest data in and out of host clusters: reading a run of the cluster map (data, zeros, the
+ * backing image, a compressed cluster), decrypting and encrypting sector-wise for encrypted images,
+ * decompressing clusters (neighbouring compressed clusters read with one store read, the last one
+ * kept for small sequential reads) and compressing them for compressed writes.
+ * No metadata changes here: where a run lives is the cluster map's (cluster-map.ts), allocating
+ * and linking is the writer's (write.ts).
+ */
+import { corrupt } from '../../core/errors.js';
+import { deflateRaw, zstdCompress } from '../../compress/lazy.js';
+import { COMPRESSION_ZSTD } from './header.js';
+import { decompressCluster } from './compressed.js';
+import type { ClusterDescriptor } from './l2-entry.js';
+import type { ClusterMap, GuestRun } from './cluster-map.js';
+import type { Qcow2Image } from './image.js';
+
+/** Compressed clusters further apart than this in the file are read separately. */
+const COMPRESSED_GAP_MAX = 4096;
+/** Largest host span read at once for a group of compressed clusters. */
+const COMPRESSED_GROUP_MAX = 4 * 1024 * 1024;
+
+export class DataIo {
+  /** The last decompressed cluster, by descriptor host offset: small sequential reads hit it. */
+  private lastCompressed: { hostOffset: number; data: Uint8Array } | null = null;
+
+  constructor(
+    private readonly image: Qcow2Image,
+    private readonly map: ClusterMap,
+    /** Guest bytes from the backing image (zeros past its end, or without one). */
+    private readonly readBacking: (offset: number, into: Uint8Array) => Promise<void>,
+  ) {}
+
+  /** Compressed clusters may have been replaced: forget the last one decompressed. */
+  forgetCompressed(): void {
+    this.lastCompressed = null;
+  }
+
+  private get compression(): 'zstd' | 'zlib' {
+    return this.image.header.compressionType === COMPRESSION_ZSTD ? 'zstd' : 'zlib';
+  }
+
+  /** Guest bytes [offset, +into.length) of this layer. */
+  async read(offset: number, into: Uint8Array): Promise<void> {
+    const host = this.map.mappedHostRun(offset, into.length);
+    if (host >= 0) {
+      await this.image.dataStore.read(host, into);
+      return;
+    }
+    const runs = await this.map.mapRuns(offset, into.length);
+    const view = (r: GuestRun) => into.subarray(r.offset - offset, r.offset - offset + r.length);
+    // Runs are independent; issue them together so the store can overlap them.
+    const jobs: Promise<void>[] = [];
+    for (let i = 0; i < runs.length; ) {
+      const group = this.compressedGroup(runs, i);
+      if (group > 1) {
+        jobs.push(this.readCompressedGroup(runs.slice(i, i + group), view));
+        i += group;
+      } else {
+        jobs.push(this.readRun(runs[i]!, view(runs[i]!)));
+        i++;
+      }
+    }
+    await Promise.all(jobs);
+  }
+
+  /** Host bytes to read for a compressed cluster: its bound, clipped to the file. */
+  private compressedSpan(d: ClusterDescriptor): number {
+    return Math.min(d.compressedBound, this.image.fileSize - d.hostOffset);
+  }
+
+  /**
+   * How many runs from `i` on are compressed clusters lying one after another in the file (as
+   * a compressing writer leaves them): those are read with one store read instead of one each,
+   * a few hundred bytes apiece for well-compressed data.
+   */
+  private compressedGroup(runs: GuestRun[], i: number): number {
+    const first = runs[i]!;
+    if (first.kind !== 'compressed') return 1;
+    const start = first.descriptor!.hostOffset;
+    let end = start + this.compressedSpan(first.descriptor!);
+    let n = 1;
+    for (let j = i + 1; j < runs.length; j++, n++) {
+      const d = runs[j]!.descriptor;
+      if (runs[j]!.kind !== 'compressed' || !d) break;
+      // Next in the file (streams share sectors, so it may start inside the previous bound).
+      if (d.hostOffset < start || d.hostOffset > end + COMPRESSED_GAP_MAX) break;
+      const e = d.hostOffset + this.compressedSpan(d);
+      if (e - start > COMPRESSED_GROUP_MAX) break;
+      end = Math.max(end, e);
+    }
+    return n;
+  }
+
+  /** Compressed runs from compressedGroup(): one read of their host span, then each decompressed. */
+  private async readCompressedGroup(runs: GuestRun[], view: (r: GuestRun) => Uint8Array): Promise<void> {
+    let start = Infinity;
+    let end = 0;
+    for (const r of runs) {
+      const d = r.descriptor!;
+      const n = this.compressedSpan(d);
+      if (n <= 0) throw corrupt(`compressed cluster at 0x${d.hostOffset.toString(16)} lies beyond the end of the file`);
+      start = Math.min(start, d.hostOffset);
+      end = Math.max(end, d.hostOffset + n);
+    }
+    const raw = new Uint8Array(end - start);
+    await this.image.store.read(start, raw);
+    const kind = this.compression;
+    await Promise.all(
+      runs.map(async (r) => {
+        const d = r.descriptor!;
+        const hit = this.lastCompressed;
+        let data: Uint8Array;
+        if (hit && hit.hostOffset === d.hostOffset) data = hit.data;
+        else {
+          const from = d.hostOffset - start;
+          data = await decompressCluster(raw.subarray(from, from + this.compressedSpan(d)), this.image.clusterSize, kind, d.hostOffset);
+          this.lastCompressed = { hostOffset: d.hostOffset, data };
+        }
+        const into = view(r);
+        const at = r.offset - r.clusterStart!;
+        into.set(data.subarray(at, at + into.length));
+      }),
+    );
+  }
+
+  /** Fill `into` (exactly run.length bytes) with the run's guest content. */
+  async readRun(r: GuestRun, into: Uint8Array): Promise<void> {
+    switch (r.kind) {
+      case 'zero-plain':
+      case 'zero-alloc':
+        into.fill(0);
+        return;
+      case 'unallocated':
+      case 'unallocated-alloc':
+        await this.readBacking(r.offset, into);
+        return;
+      case 'compressed': {
+        const data = await this.compressedCluster(r.descriptor!);
+        const from = r.offset - r.clusterStart!;
+        into.set(data.subarray(from, from + into.length));
+        return;
+      }
+      case 'normal':
+        await this.readData(r.offset, r.hostOffset!, into);
+    }
+  }
+
+  /** Guest bytes stored at `hostOffset` in the data store, decrypted when the image is encrypted. */
+  async readData(guestOffset: number, hostOffset: number, into: Uint8Array): Promise<void> {
+    const enc = this.image.encryption;
+    if (!enc) {
+      await this.image.dataStore.read(hostOffset, into);
+      return;
+    }
+    // Encryption works on whole 512-byte sectors; clusters and subclusters are sector aligned,
+    // so widening the range to sectors stays inside the same (sub)cluster.
+    const lead = guestOffset % 512;
+    const total = Math.ceil((lead + into.length) / 512) * 512;
+    const buf = new Uint8Array(total);
+    await this.image.dataStore.read(hostOffset - lead, buf);
+    const plain = await enc.cipher().decrypt(buf, (enc.ivFromHostSector ? hostOffset - lead : guestOffset - lead) / 512);
+    into.set(plain.subarray(lead, lead + into.length));
+  }
+
+  /** One compressed cluster, decompressed (never encrypted, even in encrypted images). */
+  async compressedCluster(d: ClusterDescriptor): Promise<Uint8Array> {
+    const hit = this.lastCompressed;
+    if (hit && hit.hostOffset === d.hostOffset) return hit.data;
+    // The stored length is an upper bound that may run past EOF: read what exists.
+    const n = Math.min(d.compressedBound, this.image.fileSize - d.hostOffset);
+    if (n <= 0) throw corrupt(`compressed cluster at 0x${d.hostOffset.toString(16)} lies beyond the end of the file`);
+    const raw = new Uint8Array(n);
+    await this.image.store.read(d.hostOffset, raw);
+    const data = await decompressCluster(raw, this.image.clusterSize, this.compression, d.hostOffset);
+    this.lastCompressed = { hostOffset: d.hostOffset, data };
+    return data;
+  }
+
+  /** Plain guest bytes to a host offset, encrypted when the image is. */
+  async writeData(guest: number, host: number, plain: Uint8Array): Promise<void> {
+    const enc = this.image.encryption;
+    if (!enc) {
+      await this.image.dataStore.write(host, plain);
+      return;
+    }
+    const sector = (enc.ivFromHostSector ? host : guest) / 512;
+    await this.image.dataStore.write(host, await enc.cipher().encrypt(plain, sector));
+  }
+
+  /**
+   * Each cluster of `data` compressed with the image's compression type (a short last cluster
+   * padded with zeros), all at once: the codec pool works on several in parallel.
+   */
+  compressClusters(data: Uint8Array): Promise<Uint8Array[]> {
+    const cs = this.image.clusterSize;
+    const zstd = this.compression === 'zstd';
+    const packed: Promise<Uint8Array>[] = [];
+    for (let done = 0; done < data.length; done += cs) {
+      const chunk = data.subarray(done, Math.min(data.length, done + cs));
+      let full = chunk;
+      if (chunk.length !== cs) {
+        full = new Uint8Array(cs);
+        full.set(chunk);
+      }
+      packed.push(zstd ? zstdCompress(full) : deflateRaw(full));
+    }
+    return Promise.all(packed);
+  }
+}
