@@ -31,7 +31,7 @@ const bundlePath = join(dir, 'qcow.bundle.cjs');
 function loadBundle() {
   let source;
   try {
-    if (statSync(bundlePath).mtimeMs < statSync(join(dir, 'program.js')).mtimeMs) return undefined;
+    if (statSync(bundlePath).mtimeMs < statSync(join(dir, 'entry.js')).mtimeMs) return undefined;
     source = readFileSync(bundlePath, 'utf8');
   } catch {
     return undefined;

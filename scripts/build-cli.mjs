@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Bundle the CLI (dist/cli/program.js, built by tsc first) into one CommonJS file,
+// Bundle the CLI (dist/cli/entry.js, built by tsc first) into one CommonJS file,
 // dist/cli/qcow.bundle.cjs, and record V8's compiled code for it in dist/cli/qcow.bundle.cache.
 //
 // Why: Node 20 spends ~45 ms loading the CLI as ~60 separate ES modules (resolving, reading and
@@ -55,7 +55,7 @@ const lazyChildProcess = {
 
 export async function buildCli() {
   const result = await build({
-    entryPoints: [join(root, 'dist', 'cli', 'program.js')],
+    entryPoints: [join(root, 'dist', 'cli', 'entry.js')],
     outfile: BUNDLE,
     absWorkingDir: root,
     bundle: true,

@@ -1,7 +1,8 @@
 /**
  * `qcow`: a qemu-img-like command line. Each command's code is imported only when it runs, so
  * start-up stays light. Every failure ends as one line on stderr and a non-zero exit status.
- * main.ts runs it; bin/qcow.cjs runs the same code from one bundled file (see there).
+ * entry.ts picks between it and the QEMU personas; main.ts runs that, and bin/qcow.cjs runs the
+ * same code from one bundled file (see there).
  */
 import { Command, CommanderError, Option } from 'commander';
 import { collect, errorLine, failureStyle, jsonStyle, exitCodeFor, openPolicy, writeOut } from './common.js';
@@ -365,30 +366,6 @@ export function buildProgram(argv: string[]): Command {
   });
 
   return program;
-}
-
-/**
- * QEMU's programs that qcow stands in for (compat/qemu-img, compat/qemu-io): each its own front
- * end with QEMU's options, output and messages, loaded only when asked for.
- */
-const PERSONAS: Record<string, () => Promise<{ main: (argv: string[]) => Promise<void> }>> = {
-  'qemu-img': () => import('../compat/qemu-img/main.js'),
-  'qemu-io': () => import('../compat/qemu-io/main.js'),
-};
-
-/** Run one command line (`argv` as process.argv: node, script, arguments); sets process.exitCode. */
-export async function main(argv: string[]): Promise<void> {
-  const persona = argv[2]?.startsWith('--persona=') ? argv[2].slice('--persona='.length) : undefined;
-  if (persona !== undefined) {
-    const load = Object.hasOwn(PERSONAS, persona) ? PERSONAS[persona] : undefined;
-    if (!load) {
-      process.stderr.write(`qcow: unknown persona '${persona}'\n`);
-      process.exitCode = 1;
-      return;
-    }
-    return (await load()).main([argv[0]!, persona, ...argv.slice(3)]);
-  }
-  await runQcow(argv);
 }
 
 /**

@@ -7,7 +7,12 @@
 import type { BlockDevice } from '../core/block-device.js';
 import { allocationDepthExtents, allocationExtents, type AllocationExtent } from './allocation.js';
 import { BASE_ALLOCATION, NBD_STATE_DIRTY, QEMU_DIRTY_BITMAP_PREFIX } from './constants.js';
-import type { ExportedBitmap } from './export.js';
+
+/** The view of a dirty bitmap an export needs: its name and its dirty runs over a range. */
+export interface ExportedBitmap {
+  name: string;
+  extents(offset: number, length: number): Promise<Array<{ offset: number; length: number; dirty: boolean }>>;
+}
 
 export interface MetaContext {
   /** The full name, `namespace:leaf` (base:allocation, qemu:allocation-depth, ...). */

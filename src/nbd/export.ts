@@ -18,6 +18,7 @@ import {
 } from './constants.js';
 import type { BlockSizes } from './serializer.js';
 import { baseAllocationContext, type MetaContext } from './contexts.js';
+export type { ExportedBitmap } from './contexts.js';
 
 export interface NbdExport {
   /** What clients ask for; '' is the default export. */
@@ -33,11 +34,6 @@ export interface NbdExport {
   contexts?: readonly MetaContext[];
 }
 
-/** The view of a dirty bitmap an export needs: its name and its dirty runs over a range. */
-export interface ExportedBitmap {
-  name: string;
-  extents(offset: number, length: number): Promise<Array<{ offset: number; length: number; dirty: boolean }>>;
-}
 
 /** The export's metadata contexts. */
 export function contextsOf(exp: NbdExport): readonly MetaContext[] {
