@@ -1,5 +1,5 @@
 /** What every CLI command shares: opening images the way the flags say, passwords, -o lists, errors. */
-import { readFileSync, writeSync } from 'node:fs';
+import { readFileSync, unlinkSync, writeSync } from 'node:fs';
 import type { BlockDevice } from '../core/block-device.js';
 import { QcowError } from '../core/errors.js';
 // Type only: node-open.js pulls in every format; it is loaded when an image is opened
@@ -180,6 +180,38 @@ export function progressBar(
       if (enabled && drawn) out.write('\n');
     },
   });
+}
+
+/**
+ * What every long command wraps its work in: Ctrl-C or SIGTERM as `signal`, and the progress bar
+ * `-p` asks for as `progress`, finished when the work succeeds and its line ended when it fails
+ * (so the error starts on a line of its own). The work's own clean-up stays in `work`.
+ */
+export async function withProgress<T>(
+  flags: { progress?: boolean; quiet?: boolean },
+  work: (signal: AbortSignal, progress: (done: number, total: number) => void) => Promise<T>,
+): Promise<T> {
+  const interrupt = interruptSignal();
+  const bar = progressBar(!!flags.progress && !flags.quiet);
+  try {
+    const result = await work(interrupt.signal, bar);
+    bar.finish();
+    return result;
+  } catch (e) {
+    bar.clear();
+    throw e;
+  } finally {
+    interrupt.dispose();
+  }
+}
+
+/** Remove a file this command created, for a command that failed; already gone is fine. */
+export function removeCreated(path: string): void {
+  try {
+    unlinkSync(path);
+  } catch {
+    // Already gone: nothing to clean up.
+  }
 }
 
 /**

@@ -7,7 +7,7 @@
 import { QcowError } from '../../core/errors.js';
 import { createImage, openImage } from '../../node-open.js';
 import { backup } from '../../ops/backup.js';
-import { interruptSignal, openForCli, progressBar, writeOut } from '../common.js';
+import { openForCli, withProgress, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -22,27 +22,22 @@ interface Flags {
 export async function run(source: string, target: string, flags: Flags): Promise<void> {
   if (flags.previousFormat !== undefined && flags.previous === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', '-F only supported with -b');
   const dev = await openForCli(source, flags, { noBacking: false });
-  const interrupt = interruptSignal();
-  const bar = progressBar(!!flags.progress && !flags.quiet);
   try {
-    const r = await backup(dev, {
-      bitmap: flags.bitmap,
-      previous: flags.previous === undefined ? undefined : { file: flags.previous, format: flags.previousFormat ?? 'qcow2' },
-      keepBitmap: flags.keepBitmap,
-      signal: interrupt.signal,
-      onProgress: bar,
-      createTarget: async (size, backing) => {
-        await createImage(target, { format: 'qcow2', size, backingFile: backing?.file, backingFormat: backing?.format });
-        return openImage(target, { format: 'qcow2' });
-      },
-    });
-    bar.finish();
+    const r = await withProgress(flags, (signal, onProgress) =>
+      backup(dev, {
+        bitmap: flags.bitmap,
+        previous: flags.previous === undefined ? undefined : { file: flags.previous, format: flags.previousFormat ?? 'qcow2' },
+        keepBitmap: flags.keepBitmap,
+        signal,
+        onProgress,
+        createTarget: async (size, backing) => {
+          await createImage(target, { format: 'qcow2', size, backingFile: backing?.file, backingFormat: backing?.format });
+          return openImage(target, { format: 'qcow2' });
+        },
+      }),
+    );
     if (!flags.quiet) writeOut(`${r.kind === 'full' ? 'Full' : 'Incremental'} backup written: ${r.bytes} bytes copied.\n`);
-  } catch (e) {
-    bar.clear();
-    throw e;
   } finally {
-    interrupt.dispose();
     await dev.close();
   }
 }

@@ -2,7 +2,7 @@ import { resolve } from 'node:path';
 import { QcowError } from '../../core/errors.js';
 import { chainOf } from '../../chain/open.js';
 import { commit } from '../../ops/commit.js';
-import { interruptSignal, openForCli, progressBar, writeOut } from '../common.js';
+import { openForCli, withProgress, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -20,19 +20,12 @@ interface Flags {
  */
 export async function run(file: string, flags: Flags): Promise<void> {
   const depth = await baseDepth(file, flags);
-  const interrupt = interruptSignal();
-  const bar = progressBar(!!flags.progress && !flags.quiet);
   const drop = !!flags.drop || flags.base !== undefined;
   const top = await openForCli(file, flags, { readOnly: drop, writableBacking: (_name, d) => d === depth });
   try {
     const base = chainOf(top)[depth]!;
-    await commit(top, { base, drop, signal: interrupt.signal, onProgress: bar });
-    bar.finish();
-  } catch (e) {
-    bar.clear();
-    throw e;
+    await withProgress(flags, (signal, onProgress) => commit(top, { base, drop, signal, onProgress }));
   } finally {
-    interrupt.dispose();
     await top.close();
   }
   if (!flags.quiet) writeOut('Image committed.\n');

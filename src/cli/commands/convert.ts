@@ -1,4 +1,3 @@
-import { unlinkSync } from 'node:fs';
 import type { BlockDevice } from '../../core/block-device.js';
 import { QcowError } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
@@ -11,7 +10,7 @@ import { permissionsFor } from '../../storage/permissions.js';
 import { convert } from '../../ops/convert.js';
 import { isHttpUrl } from '../../storage/url.js';
 import { fstatSync } from 'node:fs';
-import { interruptSignal, openForCli, parseOptionList, progressBar, readPasswordFile } from '../common.js';
+import { openForCli, parseOptionList, readPasswordFile, removeCreated, withProgress } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -139,49 +138,42 @@ export async function run(files: string[], flags: Flags): Promise<void> {
   const sources: BlockDevice[] = [];
   let dst: BlockDevice | undefined;
   let created = false;
-  const interrupt = interruptSignal();
-  const bar = progressBar(!!flags.progress && !flags.quiet);
   try {
-    for (const name of sourceNames) sources.push(await openForCli(name, flags, { readOnly: true, snapshot }));
-    const bitmapOps = flags.bitmaps ? await import('../../ops/copy-bitmaps.js') : undefined;
-    const bitmapOptions = { skipBroken: !!flags.skipBrokenBitmaps, onSkip: (name: string) => process.stderr.write(`qcow: warning: Skipping inconsistent bitmap '${name}'\n`) };
-    if (bitmapOps) await bitmapOps.checkBitmapCopy(sources, bitmapOptions);
-    const total = sources.reduce((n, s) => n + s.size, 0);
-    const targetPassword = await readPasswordFile(flags.targetPasswordFile ?? flags.passwordFile);
-    if (flags.create) {
-      await createImage(target, { format: flags.outputFormat, size: total, backingFile, backingFormat, options, password: targetPassword, opener });
-      created = true;
-    }
-    dst = await openImage(target, { format: flags.outputFormat, password: targetPassword, opener });
-    if (flags.compress && !dst.writeCompressed) throw new QcowError('QCOW_UNSUPPORTED', 'Compression not supported for this file format');
-    await convert(sources, dst, {
-      compress: flags.compress,
-      sparseSize: sparse,
-      targetIsZero: flags.create && !backingFile,
-      parallel,
-      outOfOrder: !!flags.W,
-      copyOffload: !!flags.C,
-      signal: interrupt.signal,
-      onProgress: bar,
+    await withProgress(flags, async (signal, onProgress) => {
+      for (const name of sourceNames) sources.push(await openForCli(name, flags, { readOnly: true, snapshot }));
+      const bitmapOps = flags.bitmaps ? await import('../../ops/copy-bitmaps.js') : undefined;
+      const bitmapOptions = { skipBroken: !!flags.skipBrokenBitmaps, onSkip: (name: string) => process.stderr.write(`qcow: warning: Skipping inconsistent bitmap '${name}'\n`) };
+      if (bitmapOps) await bitmapOps.checkBitmapCopy(sources, bitmapOptions);
+      const total = sources.reduce((n, s) => n + s.size, 0);
+      const targetPassword = await readPasswordFile(flags.targetPasswordFile ?? flags.passwordFile);
+      if (flags.create) {
+        await createImage(target, { format: flags.outputFormat, size: total, backingFile, backingFormat, options, password: targetPassword, opener });
+        created = true;
+      }
+      dst = await openImage(target, { format: flags.outputFormat, password: targetPassword, opener });
+      if (flags.compress && !dst.writeCompressed) throw new QcowError('QCOW_UNSUPPORTED', 'Compression not supported for this file format');
+      await convert(sources, dst, {
+        compress: flags.compress,
+        sparseSize: sparse,
+        targetIsZero: flags.create && !backingFile,
+        parallel,
+        outOfOrder: !!flags.W,
+        copyOffload: !!flags.C,
+        signal,
+        onProgress,
+      });
+      if (bitmapOps) await bitmapOps.copyBitmaps(sources[0]!, dst, bitmapOptions);
+      await dst.flush();
     });
-    if (bitmapOps) await bitmapOps.copyBitmaps(sources[0]!, dst, bitmapOptions);
-    await dst.flush();
-    bar.finish();
   } catch (e) {
-    bar.clear();
     // A target we made for a conversion that could not even start is removed, as qemu-img never creates it.
     if (created && dst && !dst.writeCompressed && flags.compress) {
       await dst.close();
       dst = undefined;
-      try {
-        unlinkSync(target);
-      } catch {
-        // Already gone: nothing to clean up.
-      }
+      removeCreated(target);
     }
     throw e;
   } finally {
-    interrupt.dispose();
     // Closing writes back cached metadata, so an interrupted target is still a consistent image.
     await dst?.close();
     for (const s of sources) await s.close();
@@ -208,38 +200,33 @@ async function runToStream(
   const { chainOf } = await import('../../chain/open.js');
   const { resolve } = await import('node:path');
   const sources: BlockDevice[] = [];
-  const interrupt = interruptSignal();
-  const bar = progressBar(!!flags.progress && !flags.quiet);
   try {
-    for (const name of sourceNames) sources.push(await openForCli(name, flags, { readOnly: true, snapshot: o.snapshot }));
-    let backing: { file: string; format: string; layer?: BlockDevice } | undefined;
-    if (o.backingFile !== undefined) {
-      // The backing file as the image will name it, relative to where the image is written (the
-      // current directory): when it is a layer of the source's chain, that layer is not copied.
-      const path = defaultOpener.resolve(o.backingFile, resolve('-'));
-      const layer = sources.length === 1 ? chainOf(sources[0]!).find((d) => resolve(d.filename) === resolve(path)) : undefined;
-      backing = { file: o.backingFile, format: o.backingFormat!, layer };
-    }
-    const out = nodeWritableSink(process.stdout);
-    // Compressed clusters wait in a temporary file (TMPDIR) until their tables are out.
-    const spill = flags.compress ? await (await import('../../streams/spill-file.node.js')).fileSpill() : undefined;
-    await writeImageStream(sources, describeSinkErrors(out.sink, 'standard output'), {
-      format: flags.outputFormat,
-      compress: !!flags.compress,
-      spill,
-      options: o.options,
-      backing,
-      parallel: Math.min(o.parallel, 8),
-      signal: interrupt.signal,
-      onProgress: bar,
+    await withProgress(flags, async (signal, onProgress) => {
+      for (const name of sourceNames) sources.push(await openForCli(name, flags, { readOnly: true, snapshot: o.snapshot }));
+      let backing: { file: string; format: string; layer?: BlockDevice } | undefined;
+      if (o.backingFile !== undefined) {
+        // The backing file as the image will name it, relative to where the image is written (the
+        // current directory): when it is a layer of the source's chain, that layer is not copied.
+        const path = defaultOpener.resolve(o.backingFile, resolve('-'));
+        const layer = sources.length === 1 ? chainOf(sources[0]!).find((d) => resolve(d.filename) === resolve(path)) : undefined;
+        backing = { file: o.backingFile, format: o.backingFormat!, layer };
+      }
+      const out = nodeWritableSink(process.stdout);
+      // Compressed clusters wait in a temporary file (TMPDIR) until their tables are out.
+      const spill = flags.compress ? await (await import('../../streams/spill-file.node.js')).fileSpill() : undefined;
+      await writeImageStream(sources, describeSinkErrors(out.sink, 'standard output'), {
+        format: flags.outputFormat,
+        compress: !!flags.compress,
+        spill,
+        options: o.options,
+        backing,
+        parallel: Math.min(o.parallel, 8),
+        signal,
+        onProgress,
+      });
+      await out.finish().catch((e: unknown) => describeSinkErrors(() => Promise.reject(e), 'standard output')(new Uint8Array(0)));
     });
-    await out.finish().catch((e: unknown) => describeSinkErrors(() => Promise.reject(e), 'standard output')(new Uint8Array(0)));
-    bar.finish();
-  } catch (e) {
-    bar.clear();
-    throw e;
   } finally {
-    interrupt.dispose();
     for (const s of sources) await s.close().catch(() => undefined);
   }
 }
@@ -288,83 +275,74 @@ async function runFromStream(
   const { readImageStream } = await import('../../streams/read-image.js');
   const { resolve, dirname } = await import('node:path');
   const opener = targetOpener(flags.cache);
-  const interrupt = interruptSignal();
-  const bar = progressBar(!!flags.progress && !flags.quiet);
   let dst: BlockDevice | undefined;
   let created = false;
   let opened: ByteStore | undefined;
   let spill: Spill | undefined;
   let staged: StagedTarget | undefined;
   try {
-    const result = await readImageStream(
-      input,
-      async (info) => {
-        if (flags.create) {
-          await createImage(target, { format: flags.outputFormat, size: info.size, backingFile: o.backingFile, backingFormat: o.backingFormat, options: o.options, opener });
-          created = true;
-        }
-        dst = await openImage(target, { format: flags.outputFormat, opener });
-        if (dst.size < info.size) throw new QcowError('QCOW_INVALID_ARGUMENT', `output file is smaller than input file (${dst.size} < ${info.size} bytes)`);
-        if (created) return dst;
-        // An existing image (-n) is written only once the whole stream has arrived well.
-        const { stageOver } = await import('../../streams/staging.node.js');
-        staged = await stageOver(dst, dirname(resolve(target)));
-        dst = staged.device;
-        return dst;
-      },
-      {
-        format: flags.format,
-        size,
-        targetIsZero: flags.create && !o.backingFile,
-        // A backing file the streamed image names is found from the current directory.
-        openBacking: (name, format) => openForCli(resolve(name), { ...flags, format }, { readOnly: true }),
-        bufferBytes,
-        spill: flags.streamSpill !== undefined ? { store: (spill = await (await import('../../streams/spill-file.node.js')).fileSpill(flags.streamSpill)), limit: parseSize(flags.streamSpillSize ?? '4G', 'stream spill size') } : undefined,
-        // A raw stream from a pipe has no size: a new raw target grows with it.
-        growingRawTarget:
-          flags.create && flags.outputFormat === 'raw'
-            ? async () => {
-                const store = await FileStore.open(target, { create: true, permissions: permissionsFor({ writable: true, format: 'raw', role: 'image' }) });
-                created = true;
-                opened = store;
-                return store;
-              }
-            : undefined,
-        // Into another format, a new image starts empty and grows ahead of the stream.
-        growingTarget:
-          flags.create && !o.backingFile
-            ? async () => {
-                // 512 bytes, the least every format takes; formats whose images cannot grow refuse after.
-                await createImage(target, { format: flags.outputFormat, size: 512, options: o.options, opener });
-                created = true;
-                return (dst = await openImage(target, { format: flags.outputFormat, opener }));
-              }
-            : undefined,
-        password: await readPasswordFile(flags.passwordFile),
-        signal: interrupt.signal,
-        onProgress: size ? (n) => bar(n, size) : undefined,
-      },
-    );
-    dst = result.target;
-    if (staged) await staged.apply({ signal: interrupt.signal });
-    await dst.flush();
-    bar.finish();
-    if (process.env.QCOW_STREAM_STATS === '1') process.stderr.write(`qcow: stream: ${result.format}, ${result.bytesIn} bytes in, peak buffer ${result.peakBuffered} bytes\n`);
+    await withProgress(flags, async (signal, bar) => {
+      const result = await readImageStream(
+        input,
+        async (info) => {
+          if (flags.create) {
+            await createImage(target, { format: flags.outputFormat, size: info.size, backingFile: o.backingFile, backingFormat: o.backingFormat, options: o.options, opener });
+            created = true;
+          }
+          dst = await openImage(target, { format: flags.outputFormat, opener });
+          if (dst.size < info.size) throw new QcowError('QCOW_INVALID_ARGUMENT', `output file is smaller than input file (${dst.size} < ${info.size} bytes)`);
+          if (created) return dst;
+          // An existing image (-n) is written only once the whole stream has arrived well.
+          const { stageOver } = await import('../../streams/staging.node.js');
+          staged = await stageOver(dst, dirname(resolve(target)));
+          dst = staged.device;
+          return dst;
+        },
+        {
+          format: flags.format,
+          size,
+          targetIsZero: flags.create && !o.backingFile,
+          // A backing file the streamed image names is found from the current directory.
+          openBacking: (name, format) => openForCli(resolve(name), { ...flags, format }, { readOnly: true }),
+          bufferBytes,
+          spill: flags.streamSpill !== undefined ? { store: (spill = await (await import('../../streams/spill-file.node.js')).fileSpill(flags.streamSpill)), limit: parseSize(flags.streamSpillSize ?? '4G', 'stream spill size') } : undefined,
+          // A raw stream from a pipe has no size: a new raw target grows with it.
+          growingRawTarget:
+            flags.create && flags.outputFormat === 'raw'
+              ? async () => {
+                  const store = await FileStore.open(target, { create: true, permissions: permissionsFor({ writable: true, format: 'raw', role: 'image' }) });
+                  created = true;
+                  opened = store;
+                  return store;
+                }
+              : undefined,
+          // Into another format, a new image starts empty and grows ahead of the stream.
+          growingTarget:
+            flags.create && !o.backingFile
+              ? async () => {
+                  // 512 bytes, the least every format takes; formats whose images cannot grow refuse after.
+                  await createImage(target, { format: flags.outputFormat, size: 512, options: o.options, opener });
+                  created = true;
+                  return (dst = await openImage(target, { format: flags.outputFormat, opener }));
+                }
+              : undefined,
+          password: await readPasswordFile(flags.passwordFile),
+          signal,
+          onProgress: size ? (n) => bar(n, size) : undefined,
+        },
+      );
+      dst = result.target;
+      if (staged) await staged.apply({ signal });
+      await dst.flush();
+      if (process.env.QCOW_STREAM_STATS === '1') process.stderr.write(`qcow: stream: ${result.format}, ${result.bytesIn} bytes in, peak buffer ${result.peakBuffered} bytes\n`);
+    });
   } catch (e) {
-    bar.clear();
     if (dst) await (dst as BlockDevice).close().catch(() => undefined);
     else if (opened) await (opened as ByteStore).close().catch(() => undefined);
     dst = undefined;
-    if (created) {
-      try {
-        unlinkSync(target);
-      } catch {
-        // already gone
-      }
-    }
+    if (created) removeCreated(target);
     throw e;
   } finally {
-    interrupt.dispose();
     if (dst) await (dst as BlockDevice).close();
     await spill?.close();
     // The rest of the stream is not needed (or the conversion failed): stop reading it.

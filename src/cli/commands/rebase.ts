@@ -2,7 +2,7 @@ import type { BlockDevice } from '../../core/block-device.js';
 import { QcowError } from '../../core/errors.js';
 import { defaultOpener, openImage } from '../../node-open.js';
 import { rebase } from '../../ops/rebase.js';
-import { interruptSignal, openForCli, progressBar, readPasswordFile } from '../common.js';
+import { openForCli, readPasswordFile, withProgress } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -28,24 +28,19 @@ export async function run(file: string, flags: Flags): Promise<void> {
   if (name !== null && format === null) throw new QcowError('QCOW_INVALID_ARGUMENT', `Could not change the backing file to '${name}': backing format must be specified`, { file });
   const password = await readPasswordFile(flags.passwordFile);
   let newBacking: BlockDevice | null = null;
-  const interrupt = interruptSignal();
-  const bar = progressBar(!!flags.progress && !flags.quiet);
   const image = await openForCli(file, flags, { noBacking: !!flags.unsafe });
   try {
-    if (name !== null && !flags.unsafe) {
-      const path = defaultOpener.resolve(name, file);
-      newBacking = await openImage(path, { format: format!, readOnly: true, password }).catch((e: unknown) => {
-        throw new QcowError('QCOW_NOT_FOUND', `Could not open new backing file '${name}': ${(e as Error).message}`, { file, cause: e });
-      });
-    }
-    await rebase(image, { newBacking, backingName: name, backingFormat: format, unsafe: flags.unsafe, signal: interrupt.signal, onProgress: bar });
-    bar.finish();
-  } catch (e) {
-    bar.clear();
-    throw e;
+    await withProgress(flags, async (signal, onProgress) => {
+      if (name !== null && !flags.unsafe) {
+        const path = defaultOpener.resolve(name, file);
+        newBacking = await openImage(path, { format: format!, readOnly: true, password }).catch((e: unknown) => {
+          throw new QcowError('QCOW_NOT_FOUND', `Could not open new backing file '${name}': ${(e as Error).message}`, { file, cause: e });
+        });
+      }
+      await rebase(image, { newBacking, backingName: name, backingFormat: format, unsafe: flags.unsafe, signal, onProgress });
+    });
   } finally {
-    interrupt.dispose();
-    await newBacking?.close();
+    await (newBacking as BlockDevice | null)?.close();
     await image.close();
   }
 }
