@@ -341,8 +341,8 @@ async function main(): Promise<void> {
   }
   if (want('7-nbd')) {
     // Served by `qcow serve` and qemu-nbd on copies of the same image, read and written whole with
-    // nbdcopy (src/nbd/bench.ts keeps the best of `reps` runs of each).
-    const { benchNbd } = await import('../nbd/bench.js');
+    // nbdcopy (src/bench/nbd.ts keeps the best of `reps` runs of each).
+    const { benchNbd } = await import('./nbd.js');
     for (const format of ['qcow2', 'raw']) {
       try {
         const r = await benchNbd({ format, sizeMiB: Math.max(16, Math.round(256 * args.scale)), runs: args.reps });

@@ -13,7 +13,7 @@ import { test, type TestContext } from 'node:test';
 import { isQcowError } from '../core/errors.js';
 import { openImage } from '../node.js';
 import { CLI, needs, qcowOk, qemuGuestSha256, qemuImg, qemuIo, randomBytes, run, runOk, scratch, sha256 } from '../test-support/qemu.js';
-import { NbdClient } from './client.js';
+import { NbdClient } from '../test-support/nbd-client.js';
 import * as C from './constants.js';
 import { Writer } from './wire.js';
 

@@ -10,7 +10,7 @@ import type { BlockDevice } from '../core/block-device.js';
 import { rawFormat } from '../formats/raw/raw.js';
 import { MemoryStore } from '../storage/memory.js';
 import { randomBytes, scratch } from '../test-support/qemu.js';
-import { NbdClient } from './client.js';
+import { NbdClient } from '../test-support/nbd-client.js';
 import * as C from './constants.js';
 import { encodeInfoRequest, encodeMetaContextRequest } from './messages.js';
 import { NbdServer, type NbdServerOptions } from './server.js';

@@ -16,7 +16,7 @@ import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { CLI, needs, qemuGuestSha256, qemuImg, randomBytes, run, scratch, sha256 } from '../test-support/qemu.js';
 import { readGuest } from '../test-support/crash.js';
-import { NbdClient } from '../nbd/client.js';
+import { NbdClient } from '../test-support/nbd-client.js';
 import * as C from '../nbd/constants.js';
 import { Writer } from '../nbd/wire.js';
 

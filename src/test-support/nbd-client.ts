@@ -38,11 +38,11 @@ import {
   NBD_SIMPLE_REPLY_MAGIC,
   NBD_STRUCTURED_REPLY_MAGIC,
   isReplyError,
-} from './constants.js';
-import { NbdProtocolError } from './errors.js';
-import { encodeInfoRequest, encodeMetaContextRequest } from './messages.js';
-import type { ListenAddress } from './server.js';
-import { ByteQueue, Reader, Writer, decodeUtf8 } from './wire.js';
+} from '../nbd/constants.js';
+import { NbdProtocolError } from '../nbd/errors.js';
+import { encodeInfoRequest, encodeMetaContextRequest } from '../nbd/messages.js';
+import type { ListenAddress } from '../nbd/server.js';
+import { ByteQueue, Reader, Writer, decodeUtf8 } from '../nbd/wire.js';
 
 /** Bytes from a socket, awaited by length. */
 class SocketReader {
