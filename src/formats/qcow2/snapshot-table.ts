@@ -3,8 +3,8 @@
  * each 8-byte aligned: fixed 40 bytes, extra data (qemu 7.2 writes 24 bytes: vm_state_size u64,
  * disk_size u64, icount u64), the id string, the name string, padding.
  *
- * API (the writer reuses it): `Qcow2Snapshot` (plain data), `readSnapshotTable(store, header,
- * fileSize)`, `encodeSnapshotTable(snapshots)`, `findSnapshot(list, spec)` where spec is a name
+ * API (the writer reuses it): `Qcow2Snapshot` (plain data), `readSnapshotTable(store, count,
+ * offset, fileSize)`, `encodeSnapshotTable(snapshots)`, `findSnapshot(list, spec)` where spec is a name
  * or id, or qemu-img's `snapshot.name=N` / `snapshot.id=I` (comma-joined both must match).
  */
 import { u16, u32, u64, u64big, setU16, setU32, setU64, utf8, encodeUtf8, alignUp } from '../../core/bytes.js';
