@@ -4,6 +4,7 @@
  * device and closes it with itself.
  */
 import type { ByteStore } from '../storage/types.js';
+import type { CheckResult, RepairMode } from './check.js';
 
 // Devices are `await using`-disposable. `Symbol.asyncDispose` is declared in TypeScript's
 // esnext.disposable lib and in @types/node; a browser project on an ES2022 lib has neither, and
@@ -263,4 +264,9 @@ export interface ImageFormat {
   create(store: ByteStore, options: CreateOptions): Promise<void>;
   /** -o options this format accepts at create, with help text (for `create -o help`). */
   readonly createOptions?: Record<string, string>;
+  /**
+   * Check the image's metadata for consistency, and with `repair` fix what it can (`qemu-img
+   * check`). Absent for formats with nothing to check (raw, qcow v1, as in QEMU).
+   */
+  check?(store: ByteStore, options?: { repair?: RepairMode }): Promise<CheckResult>;
 }

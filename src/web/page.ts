@@ -15,7 +15,7 @@ import { builtinFormats } from '../formats/index.js';
 import { chainInfo, type ImageInfoJson } from '../ops/info.js';
 import { mapPicture, mapSvg, rowTotals, type CellCounts } from '../ops/map-picture.js';
 import { convert } from '../ops/convert.js';
-import { checkJson, checkQcow2 } from '../formats/qcow2/check.js';
+import { checkImage, checkJson } from '../ops/check.js';
 import { openUrl } from '../browser/open-url.js';
 import { blobOpener } from '../storage/blob.js';
 import { MemoryStore } from '../storage/memory.js';
@@ -64,7 +64,7 @@ async function describe(dev: BlockDevice): Promise<PageResult> {
   const info = await chainInfo(dev);
   const pic = await mapPicture(dev, { cells: cellsForScreen() });
   const result: PageResult = { info, rows: pic.rows.map((r) => ({ label: r.label, totals: rowTotals(r) })), cellBytes: pic.cellBytes };
-  if (dev.format === 'qcow2') result.check = checkJson(await checkQcow2(dev.store), dev.filename);
+  if (dev.format === 'qcow2') result.check = checkJson(await checkImage(dev.store, { formats: builtinFormats(), format: 'qcow2' }), dev.filename);
   render(dev, result, mapSvg(pic));
   return result;
 }

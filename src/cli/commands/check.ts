@@ -1,11 +1,13 @@
 /**
- * `qcow check [-f FMT] [-r leaks|all] [--output=json] FILE`: qemu-img check for qcow2. Findings go
+ * `qcow check [-f FMT] [-r leaks|all] [--output=json] FILE`: qemu-img check, through the format's
+ * own check (ops/check.ts; qcow2 has one, raw and qcow v1 do not, as in QEMU). Findings go
  * to stderr one per line, the summary to stdout (or the JSON object); exit 0 clean, 2 corruptions,
  * 3 leaks only, 1 when the check cannot run, 63 for formats without checks, as qemu-img.
  */
 import { QcowError } from '../../core/errors.js';
 import { FileStore } from '../../storage/file.node.js';
-import { checkExitCode, checkHuman, checkJson, checkQcow2, type RepairMode } from '../../formats/qcow2/check.js';
+import { checkableFormat, checkExitCode, checkHuman, checkImage, checkJson, type RepairMode } from '../../ops/check.js';
+import { builtinFormats } from '../../formats/index.js';
 import { checkOutputFormat, failureStyle, failureText, printJson, writeOut } from '../common.js';
 
 interface Flags {
@@ -30,20 +32,21 @@ export async function run(file: string, flags: Flags): Promise<number> {
       process.stderr.write(failureStyle.program === 'qcow' ? `qcow: ${file}: ${why}\n` : `${failureStyle.program}: Could not open '${file}': ${why}\n`);
       return 1;
     }
-    if (!(await isQcow2(store)) || (flags.format !== undefined && flags.format !== 'qcow2')) {
+    const formats = builtinFormats();
+    if (!(await checkableFormat(store, { formats, format: flags.format }))) {
       process.stderr.write(`${failureStyle.program}: This image format does not support checks\n`);
       return 63;
     }
     let r;
     try {
-      r = await checkQcow2(store, { repair });
+      r = await checkImage(store, { formats, format: flags.format, repair });
     } catch (e) {
       // A check that cannot run exits 1, as qemu-img's does: 3 would say "leaks only".
       process.stderr.write(failureText(e));
       return 1;
     }
     for (const m of r.messages) process.stderr.write(m + '\n');
-    if (output === 'json') printJson(checkJson(r, file));
+    if (output === 'json') printJson(checkJson(r, file, r.format));
     else writeOut(checkHuman(r));
     return checkExitCode(r);
   } finally {

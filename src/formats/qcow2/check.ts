@@ -14,6 +14,7 @@
 import { QcowError, corrupt } from '../../core/errors.js';
 import { isZero, setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
+import type { CheckResult, RepairMode } from '../../core/check.js';
 import { AUTOCLEAR_FEATURES_OFFSET, INCOMPATIBLE_FEATURES_OFFSET, type Qcow2Header } from './header.js';
 import { readHeader as readImageHeader } from './read-header.js';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, hasFeature } from './features.js';
@@ -23,23 +24,6 @@ import { encodeSnapshotTable, readSnapshotTable, type Qcow2Snapshot } from './sn
 import { ClusterRefs } from './cluster-refs.js';
 import { decodeDirectory, type BitmapEntry } from './bitmaps/directory.js';
 import { entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcount.js';
-
-export type RepairMode = 'leaks' | 'all';
-
-export interface CheckResult {
-  corruptions: number;
-  leaks: number;
-  checkErrors: number;
-  corruptionsFixed: number;
-  leaksFixed: number;
-  imageEndOffset: number;
-  totalClusters: number;
-  allocatedClusters: number;
-  fragmentedClusters: number;
-  compressedClusters: number;
-  /** One line per finding, in the spirit of qemu-img's wording (it prints them on stderr). */
-  messages: string[];
-}
 
 /**
  * A host offset: a number below 2^53, a bigint from there (table entries hold 56 bits; past 2^53 a
@@ -823,49 +807,4 @@ async function walkBitmaps(store: ByteStore, p: Pass): Promise<void> {
       if (off !== 0) ref(p, off, p.cs);
     }
   }
-}
-
-/** qemu-img check's JSON object, keys in its order, optional counts only when non-zero. */
-export function checkJson(r: CheckResult, filename: string): Record<string, unknown> {
-  const o: Record<string, unknown> = { 'image-end-offset': r.imageEndOffset };
-  if (r.compressedClusters) o['compressed-clusters'] = r.compressedClusters;
-  o['total-clusters'] = r.totalClusters;
-  if (r.corruptions) o.corruptions = r.corruptions;
-  if (r.corruptionsFixed) o['corruptions-fixed'] = r.corruptionsFixed;
-  o['check-errors'] = r.checkErrors;
-  if (r.leaks) o.leaks = r.leaks;
-  if (r.leaksFixed) o['leaks-fixed'] = r.leaksFixed;
-  if (r.allocatedClusters) o['allocated-clusters'] = r.allocatedClusters;
-  o.filename = filename;
-  o.format = 'qcow2';
-  if (r.fragmentedClusters) o['fragmented-clusters'] = r.fragmentedClusters;
-  return o;
-}
-
-/** qemu-img check's human summary (stdout). */
-export function checkHuman(r: CheckResult): string {
-  const lines: string[] = [];
-  if (r.leaksFixed || r.corruptionsFixed) {
-    lines.push('The following inconsistencies were found and repaired:', '');
-    lines.push(`    ${r.leaksFixed} leaked clusters`, `    ${r.corruptionsFixed} corruptions`, '', 'Double checking the fixed image now...');
-  }
-  if (!r.corruptions && !r.leaks && !r.checkErrors) lines.push('No errors were found on the image.');
-  if (r.corruptions) lines.push('', `${r.corruptions} errors were found on the image.`, 'Data may be corrupted, or further writes to the image may corrupt it.');
-  if (r.leaks) lines.push('', `${r.leaks} leaked clusters were found on the image.`, 'This means waste of disk space, but no harm to data.');
-  if (r.totalClusters && r.allocatedClusters) {
-    const pct = (n: number, d: number) => ((n * 100) / d).toFixed(2);
-    lines.push(
-      `${r.allocatedClusters}/${r.totalClusters} = ${pct(r.allocatedClusters, r.totalClusters)}% allocated, ${pct(r.fragmentedClusters, r.allocatedClusters)}% fragmented, ${pct(r.compressedClusters, r.allocatedClusters)}% compressed clusters`,
-    );
-  }
-  lines.push(`Image end offset: ${r.imageEndOffset}`);
-  return lines.join('\n') + '\n';
-}
-
-/** qemu-img's exit status: 0 clean, 2 corruptions left, 3 only leaks left. */
-export function checkExitCode(r: CheckResult): number {
-  if (r.checkErrors) return 1;
-  if (r.corruptions) return 2;
-  if (r.leaks) return 3;
-  return 0;
 }

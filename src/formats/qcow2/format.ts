@@ -24,4 +24,9 @@ export const qcow2Format: ImageFormat = {
     return createQcow2(store, options);
   },
   createOptions: QCOW2_CREATE_OPTIONS,
+  // Loaded when a check runs: the checker is large and most commands never need it.
+  async check(store, options) {
+    const { checkQcow2 } = await import('./check.js');
+    return checkQcow2(store, options);
+  },
 };
