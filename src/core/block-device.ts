@@ -197,6 +197,16 @@ export interface BlockDevice {
    * again (`qemu-img commit` empties the overlay this way). Unlike discard, never leaves zero flags.
    */
   makeEmpty?(): Promise<void>;
+  /**
+   * Internal snapshots (`qemu-img snapshot -c/-a/-d`): save the active layer's state under
+   * `name`; revert the active layer to a snapshot; delete one. A snapshot is named by its name or
+   * id, or qemu-img's `snapshot.name=N` / `snapshot.id=I`. Absent where the format has none.
+   */
+  createSnapshot?(name: string): Promise<void>;
+  /** Revert the active layer to the snapshot `spec` names (see {@link createSnapshot}). */
+  applySnapshot?(spec: string): Promise<void>;
+  /** Delete the snapshot `spec` names, freeing what only it held (see {@link createSnapshot}). */
+  deleteSnapshot?(spec: string): Promise<void>;
   /** Write out what the device still holds (when writable), release its store, and close its backing chain. */
   close(): Promise<void>;
   /** The same as {@link close}, for `await using`. */

@@ -2,12 +2,11 @@
  * `qcow snapshot [-l | -c NAME | -a NAME | -d NAME] FILE`: list an image's internal snapshots in
  * qemu-img's layout (listing is also what qemu-img does when no action is given), or create,
  * apply (revert to) or delete one. Images without snapshots, and formats that have none, list
- * nothing; changing snapshots needs a qcow2 image.
+ * nothing; changing snapshots needs a format that has them (BlockDevice.createSnapshot and
+ * friends: qcow2).
  */
 import { QcowError } from '../../core/errors.js';
 import { imageInfo, snapshotTable } from '../../ops/info.js';
-import { Qcow2Device } from '../../formats/qcow2/qcow2.js';
-import { applySnapshot, createSnapshot, deleteSnapshot } from '../../formats/qcow2/snapshot-write.js';
 import { openForCli, writeOut } from '../common.js';
 
 interface Flags {
@@ -26,10 +25,10 @@ export async function run(file: string, flags: Flags): Promise<void> {
   // Snapshots concern this image only: its backing file is not needed, nor (for metadata) a password.
   const dev = await openForCli(file, flags, { readOnly: false, noBacking: true, inspectOnly: true });
   try {
-    if (!(dev instanceof Qcow2Device)) throw new QcowError('QCOW_UNSUPPORTED', `Could not ${flags.create !== undefined ? 'create' : flags.apply !== undefined ? 'apply' : 'delete'} snapshot: Operation not supported (format ${dev.format})`);
-    if (flags.create !== undefined) await createSnapshot(dev, flags.create);
-    else if (flags.apply !== undefined) await applySnapshot(dev, flags.apply);
-    else await deleteSnapshot(dev, flags.delete!);
+    const [verb, action, arg] =
+      flags.create !== undefined ? ['create', dev.createSnapshot, flags.create] : flags.apply !== undefined ? ['apply', dev.applySnapshot, flags.apply] : ['delete', dev.deleteSnapshot, flags.delete!];
+    if (!action) throw new QcowError('QCOW_UNSUPPORTED', `Could not ${verb} snapshot: Operation not supported (format ${dev.format})`);
+    await action.call(dev, arg);
   } finally {
     await dev.close();
   }

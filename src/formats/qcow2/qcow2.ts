@@ -154,6 +154,19 @@ export class Qcow2Device extends DeviceBase {
     return this.image.snapshots;
   }
 
+  // Snapshot changes load their module when used: most commands never change a snapshot.
+  async createSnapshot(name: string): Promise<void> {
+    await (await import('./snapshot-write.js')).createSnapshot(this, name);
+  }
+
+  async applySnapshot(spec: string): Promise<void> {
+    await (await import('./snapshot-write.js')).applySnapshot(this, spec);
+  }
+
+  async deleteSnapshot(spec: string): Promise<void> {
+    await (await import('./snapshot-write.js')).deleteSnapshot(this, spec);
+  }
+
   /** The snapshot opened with OpenOptions.snapshot, if any (then the device is read-only). */
   get openedSnapshot(): Qcow2Snapshot | undefined {
     return this.image.openedSnapshot;

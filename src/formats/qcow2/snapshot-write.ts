@@ -15,16 +15,40 @@ import { encodeSnapshotTable, findSnapshot, type Qcow2Snapshot } from './snapsho
 import { l2EntryCopied, readL2Entry, setL2Copied } from './l2-entry.js';
 import { l1EntryCopied, l1TableOffset } from './l1-entry.js';
 import { MAX_SNAPSHOTS } from './layout.js';
-import type { Qcow2Device } from './qcow2.js';
+import type { Qcow2Geometry } from './layout.js';
+import type { L2Context } from './l2-entry.js';
+import type { Qcow2Image } from './image.js';
+import type { ClusterMap } from './cluster-map.js';
 import type { Qcow2Writer } from './write.js';
+import type { ByteStore } from '../../storage/types.js';
 
-function writerOf(dev: Qcow2Device): Qcow2Writer {
+/**
+ * What the snapshot writer needs of the device. The device loads this module when a snapshot
+ * changes, so this module names the parts it uses rather than importing the device back.
+ */
+export interface SnapshotDevice {
+  readonly clusterSize: number;
+  readonly store: ByteStore;
+  readonly dataStore: ByteStore;
+  readonly size: number;
+  readonly geometry: Qcow2Geometry;
+  readonly l2Context: L2Context;
+  readonly image: Qcow2Image;
+  readonly map: ClusterMap;
+  readonly l1: Uint8Array;
+  readonly l1Entries: number;
+  readonly snapshots: readonly Qcow2Snapshot[];
+  readonly writer: Qcow2Writer | null;
+  requireWriter(): Qcow2Writer;
+}
+
+function writerOf(dev: SnapshotDevice): Qcow2Writer {
   const w = dev.requireWriter();
   if (dev.dataStore !== dev.store) throw unsupported('Operation not supported: internal snapshots with an external data file');
   return w;
 }
 
-export async function createSnapshot(dev: Qcow2Device, name: string): Promise<Qcow2Snapshot> {
+export async function createSnapshot(dev: SnapshotDevice, name: string): Promise<Qcow2Snapshot> {
   const w = writerOf(dev);
   return w.exclusive(async () => {
     if (dev.snapshots.some((s) => s.name === name)) throw new QcowError('QCOW_INVALID_ARGUMENT', `Snapshot with name '${name}' already exists`);
@@ -57,7 +81,7 @@ export async function createSnapshot(dev: Qcow2Device, name: string): Promise<Qc
   });
 }
 
-export async function deleteSnapshot(dev: Qcow2Device, spec: string): Promise<void> {
+export async function deleteSnapshot(dev: SnapshotDevice, spec: string): Promise<void> {
   const w = writerOf(dev);
   await w.exclusive(async () => {
     const snap = findSnapshot(dev.snapshots, spec);
@@ -70,7 +94,7 @@ export async function deleteSnapshot(dev: Qcow2Device, spec: string): Promise<vo
   });
 }
 
-export async function applySnapshot(dev: Qcow2Device, spec: string): Promise<void> {
+export async function applySnapshot(dev: SnapshotDevice, spec: string): Promise<void> {
   const w = writerOf(dev);
   await w.exclusive(async () => {
     const snap = findSnapshot(dev.snapshots, spec);
@@ -114,7 +138,7 @@ export async function applySnapshot(dev: Qcow2Device, spec: string): Promise<voi
   });
 }
 
-async function readTable(dev: Qcow2Device, offset: number, entries: number): Promise<Uint8Array> {
+async function readTable(dev: SnapshotDevice, offset: number, entries: number): Promise<Uint8Array> {
   const b = new Uint8Array(entries * 8);
   if (entries > 0) await dev.store.read(offset, b);
   return b;
@@ -124,7 +148,7 @@ async function readTable(dev: Qcow2Device, offset: number, entries: number): Pro
  * Add `delta` to the count of every L2 table and data cluster an L1 table reaches. All or
  * nothing: if a counter would overflow (narrow refcount_bits), what was added is taken back.
  */
-async function adjustTree(dev: Qcow2Device, l1: Uint8Array, entries: number, delta: number): Promise<void> {
+async function adjustTree(dev: SnapshotDevice, l1: Uint8Array, entries: number, delta: number): Promise<void> {
   const done: Array<[number, number]> = [];
   const writer = dev.writer!;
   const rc = {
@@ -142,7 +166,7 @@ async function adjustTree(dev: Qcow2Device, l1: Uint8Array, entries: number, del
 }
 
 async function adjustTreeSteps(
-  dev: Qcow2Device,
+  dev: SnapshotDevice,
   rc: { update(off: number, len: number, d: number): Promise<void> },
   l1: Uint8Array,
   entries: number,
@@ -185,7 +209,7 @@ async function adjustTreeSteps(
 }
 
 /** COPIED exactly where the count is 1, in the active L1 and the L2 tables it names. */
-async function refreshCopied(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
+async function refreshCopied(dev: SnapshotDevice, w: Qcow2Writer): Promise<void> {
   const rc = w.refcounts;
   const cs = dev.clusterSize;
   const size = dev.geometry.l2EntryBytes;
@@ -212,7 +236,7 @@ async function refreshCopied(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
 }
 
 /** Write a new snapshot table, point the header at it, then free the old one. */
-async function replaceSnapshotTable(dev: Qcow2Device, w: Qcow2Writer, snaps: Qcow2Snapshot[]): Promise<void> {
+async function replaceSnapshotTable(dev: SnapshotDevice, w: Qcow2Writer, snaps: Qcow2Snapshot[]): Promise<void> {
   const rc = w.refcounts;
   const cs = dev.clusterSize;
   const bytes = encodeSnapshotTable(snaps);
