@@ -56,3 +56,15 @@ test('a chunk bigger than the whole budget is served but not kept', async () => 
   assert.equal(cache.has(0), false);
   assert.equal(cache.heldBytes, 0);
 });
+
+test('a chunk put while a load of it is under way wins over the loaded one', async () => {
+  const cache = new ChunkCache(100);
+  let release!: () => void;
+  const gate = new Promise<void>((r) => (release = r));
+  const reading = cache.get(0, async () => (await gate, chunk(10, 1)));
+  cache.put(0, chunk(10, 2));
+  release();
+  assert.deepEqual(await reading, chunk(10, 2));
+  assert.deepEqual(cache.take(0), chunk(10, 2));
+  assert.equal(cache.heldBytes, 10);
+});

@@ -1,12 +1,14 @@
+import { Lru } from '../../core/lru.js';
+
 /**
  * A bounded cache of L2 tables, keyed by host offset, least recently used first out. A table
  * whose changes are not on disk yet is pinned by the device and never evicted until unpinned;
  * every other table matches the disk, so eviction is just forgetting. Concurrent misses for one
- * table share one load.
+ * table share one load, and a load racing a `put` (or `clear`) of its table is not stored: the
+ * writer's copy wins. The mechanism is core/lru.ts; pinning is the policy here.
  */
 export class L2Cache {
-  private readonly tables = new Map<number, BigUint64Array>();
-  private readonly loading = new Map<number, Promise<BigUint64Array>>();
+  private readonly lru: Lru<number, BigUint64Array>;
   private readonly pinned = new Set<number>();
   readonly capacity: number;
 
@@ -16,55 +18,21 @@ export class L2Cache {
     budgetBytes: number,
   ) {
     this.capacity = Math.max(1, Math.floor(budgetBytes / tableBytes));
+    this.lru = new Lru({ budget: this.capacity, canEvict: (offset) => !this.pinned.has(offset) });
   }
 
   get size(): number {
-    return this.tables.size;
+    return this.lru.size;
   }
 
-  async get(offset: number, load: (offset: number) => Promise<BigUint64Array>): Promise<BigUint64Array> {
-    const hit = this.tables.get(offset);
-    if (hit) {
-      this.tables.delete(offset); // re-insert: Map order is the recency order
-      this.tables.set(offset, hit);
-      return hit;
-    }
-    let pending = this.loading.get(offset);
-    if (!pending) {
-      pending = load(offset).then(
-        (table) => {
-          this.loading.delete(offset);
-          // A writer may have put a newer copy while this load was in flight; that one wins.
-          const current = this.tables.get(offset);
-          if (current) return current;
-          this.put(offset, table);
-          return table;
-        },
-        (e: unknown) => {
-          this.loading.delete(offset);
-          throw e;
-        },
-      );
-      this.loading.set(offset, pending);
-    }
-    return pending;
+  get(offset: number, load: (offset: number) => Promise<BigUint64Array>): Promise<BigUint64Array> {
+    return this.lru.load(offset, load);
   }
 
   /** Insert or refresh a table (a writer's authoritative copy); `pin` keeps it until unpinAll(). */
   put(offset: number, table: BigUint64Array, pin = false): void {
-    this.tables.delete(offset);
-    this.tables.set(offset, table);
     if (pin) this.pinned.add(offset);
-    this.trim();
-  }
-
-  /** Forget the least recently used unpinned tables until the cache is within its capacity. */
-  private trim(): void {
-    if (this.tables.size <= this.capacity) return;
-    for (const key of this.tables.keys()) {
-      if (this.tables.size <= this.capacity) break;
-      if (!this.pinned.has(key)) this.tables.delete(key);
-    }
+    this.lru.set(offset, table);
   }
 
   get pinnedCount(): number {
@@ -73,11 +41,11 @@ export class L2Cache {
 
   unpinAll(): void {
     this.pinned.clear();
-    this.trim();
+    this.lru.trim();
   }
 
   clear(): void {
-    this.tables.clear();
+    this.lru.clear();
     this.pinned.clear();
   }
 }

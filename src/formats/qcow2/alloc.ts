@@ -20,6 +20,7 @@ import { setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
 import { decodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcount.js';
 import { MAX_REFCOUNT_TABLE_BYTES } from './layout.js';
+import { Lru } from '../../core/lru.js';
 
 /** Where the header keeps the refcount table's location (offset u64 at 48, clusters u32 at 56). */
 const HEADER_REFTABLE_FIELDS = 48;
@@ -83,8 +84,11 @@ export class Refcounts implements Allocator {
   tableClusters: number;
   /** Block offset per table entry (0 = none). */
   private table: number[];
-  /** Cached blocks by table index; Map order is recency order (first = least recently used). */
-  private readonly blocks = new Map<number, Uint8Array>();
+  /**
+   * Cached blocks by table index (core/lru.ts: recency, merged loads). The policy: a dirty block is
+   * never evicted, it stays until written (writeBack, or spillDirtyBlocks).
+   */
+  private readonly blocks: Lru<number, Uint8Array>;
   private readonly maxBlocks: number;
   private readonly dirtyBlocks = new Set<number>();
   /** Blocks never written yet: the table entry naming them must wait for a barrier. */
@@ -118,6 +122,7 @@ export class Refcounts implements Allocator {
     this.table = table;
     this.endCluster = Math.ceil(fileSize / p.clusterSize);
     this.maxBlocks = Math.max(8, Math.floor((p.cacheBytes ?? DEFAULT_REFCOUNT_CACHE_BYTES) / p.clusterSize));
+    this.blocks = new Lru({ budget: this.maxBlocks, canEvict: (b) => !this.dirtyBlocks.has(b) });
   }
 
   static async load(store: ByteStore, p: RefcountsParams): Promise<Refcounts> {
@@ -147,7 +152,7 @@ export class Refcounts implements Allocator {
   peek(cluster: number): number | undefined {
     const b = Math.floor(cluster / this.perBlock);
     if (b >= this.table.length || this.table[b] === 0) return 0;
-    const block = this.blocks.get(b);
+    const block = this.blocks.peek(b);
     return block ? getRefcount(block, cluster % this.perBlock, this.refcountBits) : undefined;
   }
 
@@ -274,7 +279,7 @@ export class Refcounts implements Allocator {
     if (!this.dirty) return false;
     const cs = this.clusterSize;
     for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) {
-      await this.store.write(this.table[b]!, this.blocks.get(b)!);
+      await this.store.write(this.table[b]!, this.blocks.peek(b)!);
     }
     const hadNew = this.newBlocks.size > 0;
     this.dirtyBlocks.clear();
@@ -293,7 +298,7 @@ export class Refcounts implements Allocator {
       // The old table is unreferenced once the header write lands; free it after a barrier.
       await barrier();
       await this.update(old.offset, old.clusters * cs, -1);
-      for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.store.write(this.table[b]!, this.blocks.get(b)!);
+      for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.store.write(this.table[b]!, this.blocks.peek(b)!);
       this.dirtyBlocks.clear();
     } else if (this.dirtyTableEntries.size > 0) {
       if (hadNew) await barrier();
@@ -326,7 +331,7 @@ export class Refcounts implements Allocator {
    */
   private async spillDirtyBlocks(): Promise<void> {
     if (this.dirtyBlocks.size <= this.maxBlocks) return;
-    for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.store.write(this.table[b]!, this.blocks.get(b)!);
+    for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.store.write(this.table[b]!, this.blocks.peek(b)!);
     this.dirtyBlocks.clear();
     this.trimCache();
   }
@@ -336,12 +341,8 @@ export class Refcounts implements Allocator {
    * `keep`, the block being handed out). Synchronous, and every caller changes a block in the same
    * synchronous step that obtained it, so a block cannot be dropped between the two.
    */
-  private trimCache(keep = -1): void {
-    if (this.blocks.size <= this.maxBlocks) return;
-    for (const b of this.blocks.keys()) {
-      if (this.blocks.size <= this.maxBlocks) break;
-      if (b !== keep && !this.dirtyBlocks.has(b)) this.blocks.delete(b);
-    }
+  private trimCache(keep?: number): void {
+    this.blocks.trim(keep);
   }
 
   /** First cluster index at or above every allocation (used to place new structures at the end). */
@@ -358,24 +359,18 @@ export class Refcounts implements Allocator {
   }
 
   private async loadBlock(b: number): Promise<Uint8Array> {
-    const hit = this.blocks.get(b);
-    if (hit) {
-      // Most recently used now.
-      this.blocks.delete(b);
-      this.blocks.set(b, hit);
-      return hit;
-    }
-    const block = new Uint8Array(this.clusterSize);
+    const hit = this.blocks.get(b); // most recently used now
+    if (hit) return hit;
     const off = this.table[b]!;
     if (off === 0) throw new Error('loadBlock without a block');
     if (off % this.clusterSize !== 0) throw new CorruptionEvent(`Refblock offset 0x${off.toString(16)} unaligned (reftable index: 0x${b.toString(16)})`);
-    await this.store.read(off, block);
-    // Another caller may have loaded (and changed) it meanwhile: theirs is the one to keep.
-    const loaded = this.blocks.get(b);
-    if (loaded) return loaded;
-    this.blocks.set(b, block);
-    this.trimCache(b);
-    return block;
+    // Concurrent readers of one block share one read; a block set meanwhile (made, changed) wins
+    // over the one read. The loaded block is not evicted by its own insertion.
+    return this.blocks.load(b, async () => {
+      const block = new Uint8Array(this.clusterSize);
+      await this.store.read(off, block);
+      return block;
+    });
   }
 
   private isReserved(c: number): boolean {
@@ -468,11 +463,11 @@ export class Refcounts implements Allocator {
     this.noteUsed(loc, 1);
     if (loc === this.freeHint) this.freeHint = loc + 1;
     this.table[b] = loc * this.clusterSize;
-    this.blocks.set(b, block);
+    // Dirty before it is cached, so the insertion's trim cannot drop it.
     this.dirtyBlocks.add(b);
+    this.blocks.set(b, block);
     this.newBlocks.add(b);
     this.dirtyTableEntries.add(b);
-    this.trimCache(b);
     return block;
   }
 

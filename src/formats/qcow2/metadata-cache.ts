@@ -1,3 +1,5 @@
+import { Lru } from '../../core/lru.js';
+
 /**
  * The qcow2 metadata cache: tables (L2 tables or slices of them) held as Uint8Arrays keyed by host
  * offset, evicted least-recently-used once the byte budget is exceeded. Tables may be marked dirty;
@@ -9,12 +11,17 @@
  * the refcounts (and the data the new entries point at) durable. The cluster map sets it to the
  * allocator's write-back when the image is writable; a read-only image never dirties a table.
  *
- * Refcount blocks have their own cache inside the allocator (alloc.ts) for now; the mechanism here
- * is meant to become the one LRU for both once the core LRU exists.
+ * The mechanism (recency, merged loads, loads racing a put, the eviction hook) is core/lru.ts, as
+ * for the refcount blocks in alloc.ts; the policy here is write-back: eviction is strictly least
+ * recently used, a dirty table being written back (after the dependency) before it is dropped,
+ * and staying in the cache while that write runs, so a reader meanwhile gets the memory copy and
+ * never the disk copy being overwritten. A load racing a `put` or `drop` of its table is not
+ * stored: the newer table stands.
  *
  * API: `get(offset)`, `peek(offset)`, `put(offset, data, dirty)`, `markDirty(offset)`, `flush()`,
  * `drop(offset)`, `clear()`. Concurrent `get`s of one table share one load.
  */
+
 export interface TableCacheOptions {
   tableBytes: number;
   budgetBytes: number;
@@ -31,21 +38,25 @@ export interface CachedTable {
 }
 
 export class TableCache {
-  /** Map order is recency order: the first entry is the least recently used. */
-  private readonly tables = new Map<number, CachedTable>();
-  private readonly loading = new Map<number, Promise<CachedTable>>();
-  private readonly maxTables: number;
+  private readonly lru: Lru<number, CachedTable>;
+  /** Tables whose write-back is under way (not evictable until it is done), with that write. */
+  private readonly writing = new Map<CachedTable, Promise<void>>();
 
   private dependency: (() => Promise<void>) | undefined;
 
   constructor(private readonly options: TableCacheOptions) {
     this.dependency = options.dependsOn;
     // Always keep a few tables, or a read that spans two tables would thrash.
-    this.maxTables = Math.max(4, Math.floor(options.budgetBytes / options.tableBytes));
+    const maxTables = Math.max(4, Math.floor(options.budgetBytes / options.tableBytes));
+    this.lru = new Lru<number, CachedTable>({
+      budget: maxTables,
+      canEvict: (_, t) => !t.dirty && !this.writing.has(t),
+      beforeEvict: (_, t) => this.writeBack(t),
+    });
   }
 
   get size(): number {
-    return this.tables.size;
+    return this.lru.size;
   }
 
   /**
@@ -53,62 +64,33 @@ export class TableCache {
    * synchronous when the table is there, instead of a promise per lookup.
    */
   peek(offset: number): CachedTable | undefined {
-    const hit = this.tables.get(offset);
-    if (hit) {
-      this.tables.delete(offset);
-      this.tables.set(offset, hit);
-    }
-    return hit;
+    return this.lru.get(offset);
   }
 
   async get(offset: number): Promise<CachedTable> {
-    const hit = this.tables.get(offset);
-    if (hit) {
-      this.tables.delete(offset);
-      this.tables.set(offset, hit);
-      return hit;
-    }
-    let p = this.loading.get(offset);
-    if (!p) {
-      p = this.load(offset);
-      this.loading.set(offset, p);
-    }
-    return p;
-  }
-
-  private async load(offset: number): Promise<CachedTable> {
-    try {
+    const hit = this.lru.get(offset);
+    if (hit) return hit;
+    const t = await this.lru.load(offset, async () => {
       const data = new Uint8Array(this.options.tableBytes);
       await this.options.load(offset, data);
-      const t: CachedTable = { offset, data, dirty: false };
-      await this.insert(t);
-      return t;
-    } finally {
-      this.loading.delete(offset);
-    }
+      return { offset, data, dirty: false };
+    });
+    await this.lru.trimAsync(offset);
+    return t;
   }
 
   /** Add a table the caller made (a newly allocated one). */
   async put(offset: number, data: Uint8Array, dirty: boolean): Promise<CachedTable> {
     const t: CachedTable = { offset, data, dirty };
-    this.tables.delete(offset);
-    await this.insert(t);
+    this.lru.set(offset, t);
+    await this.lru.trimAsync(offset);
     return t;
   }
 
   markDirty(offset: number): void {
-    const t = this.tables.get(offset);
+    const t = this.lru.peek(offset);
     if (!t) throw new Error(`table at 0x${offset.toString(16)} is not cached`);
     t.dirty = true;
-  }
-
-  private async insert(t: CachedTable): Promise<void> {
-    this.tables.set(t.offset, t);
-    while (this.tables.size > this.maxTables) {
-      const [oldOffset, old] = this.tables.entries().next().value as [number, CachedTable];
-      this.tables.delete(oldOffset);
-      if (old.dirty) await this.writeBack(old);
-    }
   }
 
   /** State (or replace) what must reach the disk before any table is written back. */
@@ -116,23 +98,41 @@ export class TableCache {
     this.dependency = dependsOn;
   }
 
-  private async writeBack(t: CachedTable): Promise<void> {
-    if (!this.options.writeBack) throw new Error('table cache has dirty tables but no write-back hook');
-    if (this.dependency) await this.dependency();
-    await this.options.writeBack(t.offset, t.data);
-    t.dirty = false;
+  private writeBack(t: CachedTable): Promise<void> {
+    if (!this.options.writeBack) return Promise.reject(new Error('table cache has dirty tables but no write-back hook'));
+    const writeBack = this.options.writeBack;
+    const before = this.writing.get(t)?.catch(() => undefined); // one write of a table at a time
+    const run = (async () => {
+      await before;
+      if (this.dependency) await this.dependency();
+      // Clean from here: a change made while the write runs marks it dirty again, and stays.
+      t.dirty = false;
+      try {
+        await writeBack(t.offset, t.data);
+      } catch (e) {
+        t.dirty = true;
+        throw e;
+      }
+    })();
+    const tracked = run.finally(() => {
+      if (this.writing.get(t) === tracked) this.writing.delete(t);
+    });
+    this.writing.set(t, tracked);
+    return tracked;
   }
 
+  /** Write every dirty table back, and wait for writes already under way (eviction's) to land. */
   async flush(): Promise<void> {
-    for (const t of [...this.tables.values()]) if (t.dirty) await this.writeBack(t);
+    for (const t of [...this.lru.values()]) if (t.dirty) await this.writeBack(t);
+    for (const p of [...this.writing.values()]) await p;
   }
 
   /** Forget a table (freed or rewritten elsewhere); a dirty one is dropped unwritten. */
   drop(offset: number): void {
-    this.tables.delete(offset);
+    this.lru.delete(offset);
   }
 
   clear(): void {
-    this.tables.clear();
+    this.lru.clear();
   }
 }
