@@ -35,6 +35,8 @@ interface Row {
 const noFile = (msg: string) => msg.replace(/^(?:file|cannot open|could not open)[^:]*:\s*/i, '');
 
 const ROWS: Row[] = [
+  // map, human output: data without a host offset in the file.
+  { code: 'QCOW_UNSUPPORTED', match: /^the human map cannot show data/, text: () => 'File contains external, encrypted or compressed clusters.' },
   // A virtual size past what can be addressed.
   { match: /^size 0x[0-9a-f]+ is too large/, text: (e, c) => `Could not open '${c.file ?? e.file}': Image is too big` },
   // A backing chain that comes back to an image it already holds.

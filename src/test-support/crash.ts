@@ -21,11 +21,12 @@ export async function readGuest(file: string, format: string): Promise<Uint8Arra
 /**
  * Run the writer child on `file` for `ms` milliseconds, SIGKILL it, and return what it announced.
  * `cacheBytes`: the writer's metadata cache budget (small ones make it evict and spill tables);
- * `flushOneIn`: it flushes after about one write in this many (default 8).
+ * `flushOneIn`: it flushes after about one write in this many (default 8); `discardOneIn`: it
+ * discards instead of about one write in this many (default 0, never).
  */
-export function crashRound(file: string, format: string, seed: number, ms: number, options: { cacheBytes?: number; flushOneIn?: number } = {}): Promise<string[]> {
+export function crashRound(file: string, format: string, seed: number, ms: number, options: { cacheBytes?: number; flushOneIn?: number; discardOneIn?: number } = {}): Promise<string[]> {
   return new Promise((resolve, reject) => {
-    const args = [WRITER, file, format, String(seed), String(options.cacheBytes ?? 0), String(options.flushOneIn ?? 8)];
+    const args = [WRITER, file, format, String(seed), String(options.cacheBytes ?? 0), String(options.flushOneIn ?? 8), String(options.discardOneIn ?? 0)];
     const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
@@ -49,17 +50,19 @@ export function crashRound(file: string, format: string, seed: number, ms: numbe
 
 /**
  * Apply what a killed writer announced (see crash-writer.node.ts) to `model`, the expected guest
- * content: writes before its last completed flush are durable and go into the model; bytes that
- * later writes touched may hold old or new data and are marked in `maybe` (1 = not checked).
+ * content: writes and discards (zeros) before its last completed flush are durable and go into
+ * the model; bytes that later ones touched may hold old or new data and are marked in `maybe` (1 = not checked).
  */
 export function applyAnnounced(lines: string[], model: Uint8Array): { maybe: Uint8Array; lastFlush: number; flushes: number } {
   const lastFlush = lines.lastIndexOf('f');
   const maybe = new Uint8Array(model.length);
   lines.forEach((l, i) => {
-    if (!l.startsWith('w ')) return;
+    const kind = l[0];
+    if (kind !== 'w' && kind !== 'd') return;
     const [, off, len, seed] = l.split(' ').map(Number) as [number, number, number, number];
-    if (i < lastFlush) model.set(randomBytes(len, seed), off);
-    else maybe.fill(1, off, off + len);
+    if (i >= lastFlush) maybe.fill(1, off, off + len);
+    else if (kind === 'w') model.set(randomBytes(len, seed), off);
+    else model.fill(0, off, off + len);
   });
   return { maybe, lastFlush, flushes: lines.filter((l) => l === 'f').length };
 }

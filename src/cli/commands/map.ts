@@ -1,6 +1,6 @@
 import { QcowError } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
-import { mapHuman, mapJson } from '../../ops/map.js';
+import { mapHumanLines, mapJson } from '../../ops/map.js';
 import { mapHtml, mapPicture, mapSvg } from '../../ops/map-picture.js';
 import { checkOutputFormat, openForCli, writeOut } from '../common.js';
 
@@ -28,7 +28,22 @@ export async function run(file: string, flags: Flags): Promise<void> {
     }
     const start = Math.min(dev.size, flags.startOffset ? parseSize(flags.startOffset, 'offset') : 0);
     const end = flags.maxLength ? Math.min(dev.size, start + parseSize(flags.maxLength, 'length')) : dev.size;
-    writeOut(output === 'json' ? await mapJson(dev, start, end) : await mapHuman(dev, start, end));
+    if (output === 'json') writeOut(await mapJson(dev, start, end));
+    else {
+      // In pieces as it goes: what precedes an error is printed, as qemu-img prints it.
+      let pending = '';
+      try {
+        for await (const line of mapHumanLines(dev, start, end)) {
+          pending += line;
+          if (pending.length >= 65536) {
+            writeOut(pending);
+            pending = '';
+          }
+        }
+      } finally {
+        writeOut(pending);
+      }
+    }
   } finally {
     await dev.close();
   }

@@ -59,6 +59,8 @@ export interface Allocator {
   get(cluster: number): Promise<number>;
   /** The count when it is known without I/O, else undefined. */
   peek(cluster: number): number | undefined;
+  /** Frees are recorded and not applied yet. */
+  readonly hasPendingFrees: boolean;
   /** Apply recorded frees (after the tables that dropped them are on disk); true if any. */
   applyPendingFrees(): Promise<boolean>;
   /** Runs [offset, length] whose count the last applyPendingFrees brought to zero. */

@@ -16,11 +16,13 @@ const SIZE = 16 * 2 ** 20;
 // Small clusters: refcount blocks and L2 tables fill up and grow during the run. With 512-byte
 // clusters, a 16 KiB metadata budget and rare flushes, L2 tables are evicted between flushes all
 // the time (each eviction writing the refcount blocks ahead of the table).
-for (const { clusterSize, cacheBytes, flushOneIn } of [
-  { clusterSize: '4k', cacheBytes: undefined, flushOneIn: 8 },
-  { clusterSize: '512', cacheBytes: 16 * 1024, flushOneIn: 64 },
+// The third mixes discards in: the writes after them reuse the freed clusters before the next flush.
+for (const { clusterSize, cacheBytes, flushOneIn, discardOneIn } of [
+  { clusterSize: '4k', cacheBytes: undefined, flushOneIn: 8, discardOneIn: 0 },
+  { clusterSize: '512', cacheBytes: 16 * 1024, flushOneIn: 64, discardOneIn: 0 },
+  { clusterSize: '4k', cacheBytes: 16 * 1024, flushOneIn: 16, discardOneIn: 6 },
 ]) {
-  test(`a writer killed at random moments leaves no corruption and keeps flushed data (${ROUNDS} rounds, ${clusterSize} clusters${cacheBytes ? `, ${cacheBytes}-byte cache` : ''})`, needs('qemu-img'), async (t) => {
+  test(`a writer killed at random moments leaves no corruption and keeps flushed data (${ROUNDS} rounds, ${clusterSize} clusters${cacheBytes ? `, ${cacheBytes}-byte cache` : ''}${discardOneIn ? ', with discards' : ''})`, needs('qemu-img'), async (t) => {
     const dir = await scratch(t);
     const file = join(dir, 'crash.qcow2');
     await qcowOk(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${clusterSize}`, file, String(SIZE)]);
@@ -30,7 +32,7 @@ for (const { clusterSize, cacheBytes, flushOneIn } of [
     let x = 12345;
     for (let round = 0; round < ROUNDS; round++) {
       x = (x * 1103515245 + 12345) >>> 0;
-      const lines = await crashRound(file, 'qcow2', round + 1, 150 + (x % 600), { cacheBytes, flushOneIn });
+      const lines = await crashRound(file, 'qcow2', round + 1, 150 + (x % 600), { cacheBytes, flushOneIn, discardOneIn });
       const check = await run('qemu-img', ['check', '--output=json', file]);
       assert.ok(check.code === 0 || check.code === 3, `round ${round}: qemu-img check exit ${check.code}\n${check.stdout}${check.stderr}`);
       assert.equal(JSON.parse(check.stdout).corruptions ?? 0, 0);

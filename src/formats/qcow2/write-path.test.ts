@@ -86,6 +86,10 @@ class FakeAllocator implements Allocator {
     this.pending.push([offset, length]);
   }
 
+  get hasPendingFrees(): boolean {
+    return this.pending.length > 0;
+  }
+
   async update(offset: number, length: number, delta: number): Promise<void> {
     for (let c = Math.floor(offset / CLUSTER); c <= Math.floor((offset + length - 1) / CLUSTER); c++) {
       this.counts.set(c, (this.counts.get(c) ?? 0) + delta);
@@ -262,5 +266,31 @@ test('an L2 table evicted between flushes is written only after the refcounts it
     const before = events.slice(0, events.indexOf(e)).map((x) => x.kind);
     assert.ok(before.lastIndexOf('refcounts') > before.lastIndexOf('alloc'), `table ${JSON.stringify(e)} overtook the refcounts it needs`);
   }
+  await writer.flush();
+});
+
+test('a write after a discard reuses the freed clusters only once the table that dropped them is written', async () => {
+  const { events, alloc, map, image, writer } = await setup();
+  await writer.write(2 * CLUSTER, new Uint8Array(CLUSTER).fill(3));
+  await writer.flush();
+  const host = readL2Entry((await map.l2TableFor(0))!.data, 2, image.l2Context).hostOffset;
+  events.length = 0;
+  await writer.discard(2 * CLUSTER, CLUSTER);
+  // The discard alone changes nothing on disk and no count.
+  assert.equal(alloc.counts.get(host / CLUSTER), 1);
+  assert.equal(events.filter((e) => e.kind === 'frees').length, 0);
+  await writer.write(5 * CLUSTER, new Uint8Array(CLUSTER).fill(4));
+  // The write settled the discard first: table written, then the frees, then its own allocation.
+  const l2 = l1TableOffset(map.l1, 0);
+  const tableAt = firstWrite(events, l2, CLUSTER);
+  const freesAt = events.findIndex((e) => e.kind === 'frees');
+  const allocAt = events.findIndex((e) => e.kind === 'alloc');
+  assert.ok(tableAt >= 0 && freesAt > tableAt && allocAt > freesAt, JSON.stringify(events));
+  assert.equal(alloc.counts.get(host / CLUSTER), 0);
+  // A second write does not settle again: nothing was discarded since.
+  events.length = 0;
+  await writer.write(6 * CLUSTER, new Uint8Array(CLUSTER).fill(5));
+  assert.equal(events.filter((e) => e.kind === 'frees').length, 0, JSON.stringify(events));
+  assert.equal(firstWrite(events, l2, CLUSTER), -1, 'no table write-back before an ordinary allocation');
   await writer.flush();
 });

@@ -96,6 +96,12 @@ export class Qcow2Writer {
   /** A lower bound of the image file's length (see writeRun). */
   private knownFileEnd = 0;
   private dirtyBitSet = false;
+  /**
+   * A discard or an unmapping zero write dropped references that have not taken effect yet. The
+   * next write settles them first (settleFrees), so it can reuse those clusters as QEMU does
+   * instead of growing the file.
+   */
+  private unmapFreesPending = false;
   private readonly cs: number;
   /** The image's persistent dirty bitmaps: enabled ones record every write while we hold it. */
   bitmaps!: PersistentBitmaps;
@@ -209,6 +215,7 @@ export class Qcow2Writer {
     // serialises every write). See inPlaceWrites for why this stays safe.
     let inPlace: Promise<void> | undefined;
     await this.guarded(async () => {
+      if (this.unmapFreesPending) await this.settleFrees();
       const marking = this.bitmaps.mark(offset, data.length);
       if (marking) await marking;
       let jobs = await this.inPlaceWrites(offset, data);
@@ -235,6 +242,7 @@ export class Qcow2Writer {
     }
     let placing: Promise<void> | undefined;
     await this.guarded(async () => {
+      if (this.unmapFreesPending) await this.settleFrees();
       const marking = this.bitmaps.mark(offset, length);
       if (marking) await marking;
       const jobs: Promise<void>[] = [];
@@ -323,6 +331,7 @@ export class Qcow2Writer {
 
   writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
     return this.guarded(async () => {
+      if (this.unmapFreesPending && !options.mayUnmap) await this.settleFrees();
       const marking = this.bitmaps.mark(offset, length);
       if (marking) await marking;
       await this.zeroLocked(offset, length, options, false);
@@ -344,6 +353,7 @@ export class Qcow2Writer {
     const zstd = this.image.header.compressionType === COMPRESSION_ZSTD;
     const results = await this.io.compressClusters(data);
     return this.guarded(async () => {
+      if (this.unmapFreesPending) await this.settleFrees();
       const marking = this.bitmaps.mark(offset, data.length);
       if (marking) await marking;
       await this.compressedLocked(offset, data, results, zstd);
@@ -448,10 +458,24 @@ export class Qcow2Writer {
   // --- metadata write-back -----------------------------------------------------------------------
 
   async flushLocked(): Promise<void> {
-    const { image, map } = this;
+    const { image } = this;
     // Writes in flight first: a flush covers them, and no cluster may be freed under them.
     await this.drainInFlight();
     if (this.external) await image.dataStore.flush();
+    if (await this.releaseFrees()) await this.writeRefcounts();
+    await image.store.flush();
+  }
+
+  /**
+   * Write the tables back in the crash-safe order (refcount increments, barrier, L2 tables,
+   * barrier, L1, barrier) and then let the recorded frees take effect: no table on disk names
+   * those clusters any more, so their counts may drop, their blocks go back to the file system and
+   * allocations may reuse them. True when frees were applied (their refcount blocks are dirty).
+   * The caller has drained the writes in flight.
+   */
+  private async releaseFrees(): Promise<boolean> {
+    const { map } = this;
+    this.unmapFreesPending = false;
     if (await this.writeRefcounts()) {
       if (!this.lazyRefcounts) await this.barrier();
     }
@@ -459,12 +483,24 @@ export class Qcow2Writer {
     await map.l2Cache.flush();
     if (this.l2Written) await this.barrier();
     if (await map.writeL1()) await this.barrier();
-    // References are gone from disk now: the counts may drop.
-    if (await this.refcounts.applyPendingFrees()) {
-      await this.punchFreed();
-      await this.writeRefcounts();
-    }
-    await image.store.flush();
+    if (!(await this.refcounts.applyPendingFrees())) return false;
+    await this.punchFreed();
+    return true;
+  }
+
+  /**
+   * Before a write that follows a discard: make the discarded clusters reusable now rather than at
+   * the next flush, so a guest that trims and rewrites (or `qemu-io -c 'discard' -c 'write'`) fills
+   * the holes it made instead of growing the file, as in QEMU. QEMU drops the counts at once and
+   * orders the refcount and L2 caches against each other; writing the tables first gives the same
+   * reuse with a simpler invariant (a count on disk, and a cluster's reuse, never precede the
+   * removal of the references to it on disk), at the price of the barriers of a metadata flush once
+   * per discard-then-write turn. The count decrements themselves reach disk with later refcount
+   * write-backs.
+   */
+  private async settleFrees(): Promise<void> {
+    await this.drainInFlight();
+    await this.releaseFrees();
   }
 
   /**
@@ -706,6 +742,7 @@ export class Qcow2Writer {
       if (!whole || !canFlag) return;
       await this.beforeMetadataChange();
       await this.map.zeroClusters(first, last, true, isDiscard, hasBacking);
+      if (this.refcounts.hasPendingFrees) this.unmapFreesPending = true;
       return;
     }
     if (options.fastOnly && (!canFlag || !whole || first !== offset || last !== offset + length)) {
@@ -718,6 +755,7 @@ export class Qcow2Writer {
     if (offset < first) await this.writeLocked(offset, new Uint8Array(first - offset));
     await this.beforeMetadataChange();
     await this.map.zeroClusters(first, last, options.mayUnmap ?? false, false, hasBacking);
+    if (options.mayUnmap && this.refcounts.hasPendingFrees) this.unmapFreesPending = true;
     if (last < offset + length) await this.writeLocked(last, new Uint8Array(offset + length - last));
   }
 
