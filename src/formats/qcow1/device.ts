@@ -25,6 +25,7 @@ import { deflateRaw, inflateRaw } from '../../compress/lazy.js';
 import { CRYPT_AES, HEADER_SIZE, decodeHeader, l1SizeOf, virtualSizeOf, type QcowHeader } from './header.js';
 import { compressedEntry, decodeEntry, normalEntry, type ClusterEntry } from './l2-entry.js';
 import { L2Cache } from './l2-cache.js';
+import { FileSpace } from './file-space.js';
 
 const SECTOR = 512;
 /** Default memory for cached L2 tables. */
@@ -36,10 +37,6 @@ const MAX_UNSYNCED_BYTES = 32 << 20;
 const MAX_PINNED_TABLES = 64;
 /** Separate file reads in flight for one read request. */
 const READ_PARALLEL = 8;
-/** Compressed bytes gathered before they are written. */
-const TAIL_BYTES = 1 << 20;
-/** Gaps remembered for compressed clusters. */
-const MAX_GAPS = 1024;
 
 /** A run of guest bytes with one kind of mapping. Normal runs have contiguous host bytes. */
 interface Piece {
@@ -85,17 +82,9 @@ export class Qcow1Device extends DeviceBase {
   private readonly l2Cache: L2Cache;
   private readonly mutex = new Mutex();
   private readonly cipher: SectorCipher | null;
-  /** Where the next allocation goes from: the file's length as we have grown it. */
-  private eof: number;
+  /** Where new clusters and tables go (the end of the file). */
+  private readonly space: FileSpace;
   private lastInflated: { entry: bigint; data: Uint8Array } | null = null;
-  /**
-   * Unused space this process skipped to cluster-align an allocation (after a compressed cluster).
-   * Compressed clusters need no alignment, so later ones are put there: with parallel writers
-   * (convert -c) compressed and normal clusters interleave, and the padding would otherwise add up.
-   */
-  private gaps: { start: number; end: number }[] = [];
-  /** Compressed clusters allocated at the end of the file and not written yet (see appendTail). */
-  private tail: { start: number; length: number; buf: Uint8Array } | null = null;
   /** Offsets of every L2 table, sorted: in-place writes must never land on one. */
   private readonly l2Offsets: number[] = [];
   /** Links set in memory but not yet on disk: index ranges of L2 tables (by offset) and of L1. */
@@ -115,7 +104,7 @@ export class Qcow1Device extends DeviceBase {
     this.l1View = view(l1);
     this.backingName = backingName;
     this.cipher = cipher;
-    this.eof = eof;
+    this.space = new FileSpace(store, eof, this.clusterSize);
     this.l2Cache = new L2Cache(this.l2Bytes, cacheBytes);
     for (let i = 0; i < l1.length; i += 8) {
       const hi = this.l1View.getUint32(i);
@@ -313,11 +302,8 @@ export class Qcow1Device extends DeviceBase {
     const last = this.lastInflated;
     if (last && last.entry === entry.raw) return last.data;
     const packed = new Uint8Array(entry.compressedSize);
-    const t = this.tail;
-    // Checked before reading the file: a tail leaves memory only once it is in the file.
-    if (t && entry.hostOffset >= t.start && entry.hostOffset + packed.length <= t.start + t.length) {
-      packed.set(t.buf.subarray(entry.hostOffset - t.start, entry.hostOffset - t.start + packed.length));
-    } else await this.store.read(entry.hostOffset, packed);
+    // Checked before reading the file: the tail leaves memory only once it is in the file.
+    if (!this.space.readTail(entry.hostOffset, packed)) await this.store.read(entry.hostOffset, packed);
     let data: Uint8Array;
     try {
       data = await inflateRaw(packed, this.clusterSize);
@@ -426,9 +412,9 @@ export class Qcow1Device extends DeviceBase {
    */
   private checkWritableCluster(host: number, index: number): void {
     const metadataEnd = this.header.l1TableOffset + this.l1.length;
-    if (host < metadataEnd || host + this.clusterSize > this.eof) {
+    if (host < metadataEnd || host + this.clusterSize > this.space.end) {
       throw corrupt(
-        `guest cluster ${index}: L2 entry points at 0x${host.toString(16)}, outside the data area (0x${metadataEnd.toString(16)}..0x${this.eof.toString(16)}); refusing to write`,
+        `guest cluster ${index}: L2 entry points at 0x${host.toString(16)}, outside the data area (0x${metadataEnd.toString(16)}..0x${this.space.end.toString(16)}); refusing to write`,
         this.filename,
       );
     }
@@ -444,14 +430,13 @@ export class Qcow1Device extends DeviceBase {
     if (batch.newTables.has(l1i)) return;
     const existing = this.l1Entry(l1i);
     if (existing) {
-      if (existing < this.header.l1TableOffset + this.l1.length || existing + this.l2Bytes > this.eof) {
+      if (existing < this.header.l1TableOffset + this.l1.length || existing + this.l2Bytes > this.space.end) {
         throw corrupt(`L1 entry ${l1i}: L2 table at 0x${existing.toString(16)} is outside the file's data area; refusing to write`, this.filename);
       }
       return;
     }
     // QEMU puts a new L2 table at the end of the file, cluster-aligned, before the cluster that needed it.
-    const offset = this.alignedEnd();
-    this.eof = offset + this.l2Bytes;
+    const offset = this.space.takeAligned(this.l2Bytes);
     batch.newTables.set(l1i, { offset, table: new BigUint64Array(this.l2Entries) });
   }
 
@@ -462,74 +447,24 @@ export class Qcow1Device extends DeviceBase {
     let host: number;
     let value: bigint;
     if (kind === 'normal') {
-      host = this.alignedEnd();
-      this.eof = host + this.clusterSize;
+      host = this.space.takeAligned(this.clusterSize);
       value = normalEntry(host);
       batch.writes.push({ host, bytes });
     } else {
-      const gap = this.takeGap(bytes.length);
+      const gap = this.space.takeGap(bytes.length);
       if (gap !== undefined) {
         host = gap;
         batch.writes.push({ host, bytes });
       } else {
-        // Compressed clusters go right after the last byte, on a sector boundary, as QEMU puts them.
-        host = alignUp(this.eof, SECTOR);
-        this.eof = host + bytes.length;
-        await this.appendTail(host, bytes);
+        host = await this.space.appendCompressed(bytes);
+        // Counted now: the tail is written in large pieces, when it is full or at syncLinks.
+        this.unsyncedBytes += bytes.length;
       }
       value = compressedEntry(host, bytes.length, this.clusterBits);
     }
     let list = batch.entries.get(l1i);
     if (!list) batch.entries.set(l1i, (list = []));
     list.push({ index: index % this.l2Entries, value });
-  }
-
-  /**
-   * Compressed clusters at the end of the file are gathered in memory and written in one go
-   * (a few hundred bytes each: one write per cluster costs more than compressing it).
-   */
-  private async appendTail(host: number, bytes: Uint8Array): Promise<void> {
-    let t = this.tail;
-    // Only bytes that follow on (up to a sector's padding) join the tail: it must never span
-    // space allocated to anything else.
-    if (!t || host !== alignUp(t.start + t.length, SECTOR) || host - t.start + bytes.length > t.buf.length) {
-      await this.writeTail();
-      t = this.tail = { start: host, length: 0, buf: new Uint8Array(Math.max(TAIL_BYTES, bytes.length)) };
-    }
-    t.buf.set(bytes, host - t.start);
-    t.length = host - t.start + bytes.length;
-  }
-
-  private async writeTail(): Promise<void> {
-    const t = this.tail;
-    if (!t) return;
-    await this.store.write(t.start, t.buf.subarray(0, t.length));
-    this.unsyncedBytes += t.length;
-    this.tail = null; // only now: readers take the bytes from memory until they are in the file
-  }
-
-  /** The cluster-aligned end of the file, remembering the skipped bytes as a gap. */
-  private alignedEnd(): number {
-    const start = alignUp(this.eof, SECTOR);
-    const end = alignUp(this.eof, this.clusterSize);
-    if (end > start) {
-      this.gaps.push({ start, end });
-      if (this.gaps.length > MAX_GAPS) this.gaps.shift();
-    }
-    return end;
-  }
-
-  /** A sector-aligned place for `length` bytes in a gap, or undefined. */
-  private takeGap(length: number): number | undefined {
-    for (let i = 0; i < this.gaps.length; i++) {
-      const g = this.gaps[i]!;
-      if (g.start + length > g.end) continue;
-      const at = g.start;
-      g.start = alignUp(at + length, SECTOR);
-      if (g.start >= g.end) this.gaps.splice(i, 1);
-      return at;
-    }
-    return undefined;
   }
 
   /**
@@ -580,7 +515,7 @@ export class Qcow1Device extends DeviceBase {
 
   /** Flush the data written so far, then write the L2 and L1 entries that point at it. Under the mutex. */
   private async syncLinks(): Promise<void> {
-    await this.writeTail();
+    await this.space.writeTail();
     if (this.pendingL2.size === 0 && this.pendingL1.hi < 0) return;
     await this.store.flush();
     for (const [offset, { lo, hi }] of this.pendingL2) {
@@ -673,11 +608,9 @@ export class Qcow1Device extends DeviceBase {
       await this.store.flush();
       const end = this.header.l1TableOffset + this.l1.length; // where qemu cuts it too
       await this.store.truncate(end);
-      this.eof = end;
+      this.space.reset(end);
       this.l2Cache.clear();
       this.l2Offsets.length = 0;
-      this.gaps = [];
-      this.tail = null;
       this.lastInflated = null;
     });
   }
