@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# How convert's cost grows with the data, for qcow and qemu-img side by side (issue 21):
+# for each size, a qcow2 image of that much random data is converted to raw and back, by both
+# tools, alternating, and each run's wall and CPU seconds (user + sys) and peak RSS are printed.
+#
+# With --memory-limit (a cgroup v1 or v2 memory limit, root only) every run is confined with its
+# page cache to that much memory, and the source is evicted from the page cache first
+# (posix_fadvise DONTNEED), so images larger than the limit are read from disk, as on a host
+# whose page cache cannot hold them.
+#
+# Usage: scripts/bench-scaling.sh [--sizes "1 4 16"] [--reps N] [--memory-limit MIB] [--dir DIR]
+# Sizes are GiB; DIR (default /tmp/qcow-scaling) needs about 3x the largest size free.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+sizes="1 4"
+reps=3
+limit=""
+dir=/tmp/qcow-scaling
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --sizes) sizes="$2"; shift 2 ;;
+    --reps) reps="$2"; shift 2 ;;
+    --memory-limit) limit="$2"; shift 2 ;;
+    --dir) dir="$2"; shift 2 ;;
+    *) echo "bench-scaling: unknown argument '$1'" >&2; exit 2 ;;
+  esac
+done
+qcow="$here/bin/qcow"
+[ -x "$qcow" ] || { echo "bench-scaling: $qcow not found (npm run build first)" >&2; exit 2; }
+command -v qemu-img >/dev/null || { echo "bench-scaling: qemu-img not found" >&2; exit 2; }
+mkdir -p "$dir"
+
+# A memory cgroup to run each command in (v2 if mounted as such, else v1's memory controller).
+cg=""
+if [ -n "$limit" ]; then
+  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+    cg=/sys/fs/cgroup/qcow-scaling.$$
+    mkdir "$cg"
+    echo $((limit * 1048576)) > "$cg/memory.max"
+  else
+    cg=/sys/fs/cgroup/memory/qcow-scaling.$$
+    mkdir "$cg"
+    echo $((limit * 1048576)) > "$cg/memory.limit_in_bytes"
+  fi
+  trap 'rmdir "$cg" 2>/dev/null || true' EXIT
+fi
+
+evict() { python3 -c 'import os,sys
+for f in sys.argv[1:]:
+    fd=os.open(f,os.O_RDONLY); os.posix_fadvise(fd,0,0,os.POSIX_FADV_DONTNEED); os.close(fd)' "$@"; }
+
+# One timed run: prints "wall cpu maxrss_mib".
+timed() {
+  local out
+  if [ -n "$cg" ]; then
+    out=$( { /usr/bin/time -f '%e %U %S %M' sh -c 'echo $$ > "$0/cgroup.procs"; shift; exec "$@"' "$cg" -- "$@" >/dev/null; } 2>&1 | tail -1)
+  else
+    out=$( { /usr/bin/time -f '%e %U %S %M' "$@" >/dev/null; } 2>&1 | tail -1)
+  fi
+  awk '{ printf "%.2f %.2f %.0f\n", $1, $2 + $3, $4 / 1024 }' <<<"$out"
+}
+
+printf '%-6s %-16s %-9s %8s %8s %8s\n' GiB workload tool wall_s cpu_s rss_MiB
+for g in $sizes; do
+  raw="$dir/src-$g.raw"; img="$dir/src-$g.qcow2"
+  if [ ! -f "$img" ]; then
+    head -c $((g * 1073741824)) /dev/urandom > "$raw"
+    qemu-img convert -O qcow2 "$raw" "$img"
+  fi
+  [ -f "$raw" ] || qemu-img convert -O raw "$img" "$raw"
+  for r in $(seq "$reps"); do
+    for tool in qemu-img qcow; do
+      bin=qemu-img; [ "$tool" = qcow ] && bin="$qcow"
+      rm -f "$dir/out.raw" "$dir/out.qcow2"; sync
+      evict "$img"
+      printf '%-6s %-16s %-9s %s\n' "$g" 'qcow2->raw' "$tool" "$(timed "$bin" convert -O raw "$img" "$dir/out.raw" | awk '{printf "%8s %8s %8s", $1, $2, $3}')"
+      rm -f "$dir/out.raw"; sync
+      evict "$raw"
+      printf '%-6s %-16s %-9s %s\n' "$g" 'raw->qcow2' "$tool" "$(timed "$bin" convert -O qcow2 "$raw" "$dir/out.qcow2" | awk '{printf "%8s %8s %8s", $1, $2, $3}')"
+    done
+  done
+  rm -f "$dir/out.raw" "$dir/out.qcow2"
+done
