@@ -299,8 +299,9 @@ export class Qcow2Writer {
    * The store writes of a request that lands entirely in clusters this image owns outright
    * (normal, COPIED entries in a COPIED L2 table, no encryption or subclusters), already started;
    * null when the request needs the full path. Started under the lock, finished outside it: the
-   * clusters cannot be freed and reused meanwhile because frees only take effect in flushLocked,
-   * which (like exclusive(), snapshots, close) first waits for every write in flight.
+   * clusters cannot be freed and reused meanwhile because frees only take effect in releaseFrees,
+   * whose callers (flushLocked, settleFrees; exclusive(), snapshots and close through flushLocked)
+   * first wait for every write in flight.
    */
   private async inPlaceWrites(offset: number, data: Uint8Array): Promise<Promise<void>[] | null> {
     const { image, map } = this;
