@@ -26,15 +26,13 @@ import { CRYPT_AES, HEADER_SIZE, decodeHeader, l1SizeOf, virtualSizeOf, type Qco
 import { compressedEntry, decodeEntry, normalEntry, type ClusterEntry } from './l2-entry.js';
 import { L2Cache } from './l2-cache.js';
 import { FileSpace } from './file-space.js';
+import { PendingLinks, encodeTable } from './links.js';
 
 const SECTOR = 512;
 /** Default memory for cached L2 tables. */
 export const DEFAULT_L2_CACHE_BYTES = 1 << 20;
 /** Writes are carried out in pieces of at most this many bytes (whole clusters). */
 const WRITE_PIECE = 4 << 20;
-/** syncLinks() runs once this much data waits for its links, or this many L2 tables do. */
-const MAX_UNSYNCED_BYTES = 32 << 20;
-const MAX_PINNED_TABLES = 64;
 /** Separate file reads in flight for one read request. */
 const READ_PARALLEL = 8;
 
@@ -88,10 +86,7 @@ export class Qcow1Device extends DeviceBase {
   /** Offsets of every L2 table, sorted: in-place writes must never land on one. */
   private readonly l2Offsets: number[] = [];
   /** Links set in memory but not yet on disk: index ranges of L2 tables (by offset) and of L1. */
-  private readonly pendingL2 = new Map<number, { lo: number; hi: number }>();
-  private pendingL1 = { lo: Infinity, hi: -1 };
-  /** Bytes written since the last syncLinks(). */
-  private unsyncedBytes = 0;
+  private readonly links = new PendingLinks();
 
   private constructor(store: ByteStore, readOnly: boolean, header: QcowHeader, l1: Uint8Array, backingName: string | undefined, cipher: SectorCipher | null, eof: number, cacheBytes: number) {
     super(store, virtualSizeOf(header), readOnly);
@@ -458,7 +453,7 @@ export class Qcow1Device extends DeviceBase {
       } else {
         host = await this.space.appendCompressed(bytes);
         // Counted now: the tail is written in large pieces, when it is full or at syncLinks.
-        this.unsyncedBytes += bytes.length;
+        this.links.wrote(bytes.length);
       }
       value = compressedEntry(host, bytes.length, this.clusterBits);
     }
@@ -486,7 +481,7 @@ export class Qcow1Device extends DeviceBase {
       let end = batch.writes[i]!.host + batch.writes[i]!.bytes.length;
       while (j < batch.writes.length && batch.writes[j]!.host === end) end += batch.writes[j++]!.bytes.length;
       await this.store.write(batch.writes[i]!.host, j === i + 1 ? batch.writes[i]!.bytes : concat(batch.writes.slice(i, j).map((w) => w.bytes)));
-      this.unsyncedBytes += end - batch.writes[i]!.host;
+      this.links.wrote(end - batch.writes[i]!.host);
       i = j;
     }
 
@@ -494,40 +489,26 @@ export class Qcow1Device extends DeviceBase {
       if (batch.newTables.has(l1i)) continue;
       const offset = this.l1Entry(l1i);
       const table = await this.l2Table(offset);
-      const range = this.pendingL2.get(offset) ?? { lo: Infinity, hi: -1 };
       for (const e of list) {
         table[e.index] = e.value;
-        range.lo = Math.min(range.lo, e.index);
-        range.hi = Math.max(range.hi, e.index);
+        this.links.l2Changed(offset, e.index);
       }
-      this.pendingL2.set(offset, range);
       this.l2Cache.put(offset, table, true); // pinned: the disk copy is behind until syncLinks()
     }
     for (const [l1i, { offset, table }] of batch.newTables) {
       this.l2Cache.put(offset, table); // written whole above: the disk copy is current
       this.l1View.setBigUint64(8 * l1i, BigInt(offset));
       this.l2Offsets.splice(upperBound(this.l2Offsets, offset), 0, offset);
-      this.pendingL1.lo = Math.min(this.pendingL1.lo, l1i);
-      this.pendingL1.hi = Math.max(this.pendingL1.hi, l1i);
+      this.links.l1Changed(l1i);
     }
-    if (this.unsyncedBytes >= MAX_UNSYNCED_BYTES || this.l2Cache.pinnedCount >= MAX_PINNED_TABLES) await this.syncLinks();
+    if (this.links.due(this.l2Cache.pinnedCount)) await this.syncLinks();
   }
 
   /** Flush the data written so far, then write the L2 and L1 entries that point at it. Under the mutex. */
   private async syncLinks(): Promise<void> {
     await this.space.writeTail();
-    if (this.pendingL2.size === 0 && this.pendingL1.hi < 0) return;
-    await this.store.flush();
-    for (const [offset, { lo, hi }] of this.pendingL2) {
-      const table = await this.l2Table(offset); // pinned, so this is the in-memory copy
-      await this.store.write(offset + 8 * lo, encodeTable(table.subarray(lo, hi + 1)));
-    }
-    const { lo, hi } = this.pendingL1;
-    if (hi >= 0) await this.store.write(this.header.l1TableOffset + 8 * lo, this.l1.subarray(8 * lo, 8 * (hi + 1)));
-    this.pendingL2.clear();
-    this.pendingL1 = { lo: Infinity, hi: -1 };
-    this.unsyncedBytes = 0;
-    this.l2Cache.unpinAll();
+    // The tables are pinned, so l2Table gives the in-memory copies.
+    if (await this.links.sync(this.store, { offset: this.header.l1TableOffset, bytes: this.l1 }, (offset) => this.l2Table(offset))) this.l2Cache.unpinAll();
   }
 
   /**
@@ -655,13 +636,6 @@ function upperBound(sorted: number[], v: number): number {
 
 function newBatch(): Batch {
   return { writes: [], entries: new Map(), newTables: new Map() };
-}
-
-function encodeTable(entries: BigUint64Array): Uint8Array {
-  const out = new Uint8Array(8 * entries.length);
-  const dv = view(out);
-  for (let i = 0; i < entries.length; i++) dv.setBigUint64(8 * i, entries[i]!);
-  return out;
 }
 
 function concat(parts: Uint8Array[]): Uint8Array {
