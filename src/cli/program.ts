@@ -379,6 +379,8 @@ export interface FailureStyle {
   errorText(e: unknown): string;
   /** JSON output laid out the persona's way. */
   json?: (value: unknown) => string;
+  /** The exit status for a failure (default: qcow's own, exitCodeFor). */
+  exitCode?: (e: unknown) => number;
 }
 
 /** The `qcow` command itself (or a persona running its commands with its own failure style). */
@@ -396,7 +398,7 @@ export async function runQcow(argv: string[], style?: FailureStyle): Promise<voi
     }
     process.stderr.write(style ? style.errorText(e) : errorLine(e) + '\n');
     if (process.env.QCOW_DEBUG) process.stderr.write(String((e as Error)?.stack) + '\n');
-    process.exitCode = exitCodeFor(e);
+    process.exitCode = (style?.exitCode ?? exitCodeFor)(e);
   }
 }
 

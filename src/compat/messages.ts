@@ -13,7 +13,9 @@ export type ErrorContext =
   /** create: opening the backing file (`file` is the new image, `backing` the resolved name) */
   | 'create-backing'
   /** anything else a command does once its images are open */
-  | 'run';
+  | 'run'
+  /** qemu-io opening its device: the driver's own words, after `can't open device X: ` */
+  | 'device';
 
 export interface MessageContext {
   op: ErrorContext;
@@ -25,16 +27,27 @@ export interface MessageContext {
 
 interface Row {
   code?: QcowError['code'] | 'ANY';
-  op?: ErrorContext;
+  /** Where the row applies (default: 'open' and 'run', the qemu-img contexts). */
+  op?: ErrorContext | ErrorContext[];
   /** A pattern on our own message, for codes that cover several failures. */
   match?: RegExp;
   /** QEMU's text, possibly several lines (the first gets the program prefix). */
   text: (e: QcowError, ctx: MessageContext, m: RegExpExecArray | null) => string;
 }
 
+/** Our message when a qcow2 image marked corrupt is opened for writing. */
+export const OPEN_REFUSED = /^the image is marked corrupt and cannot be opened read\/write/;
+
 const noFile = (msg: string) => msg.replace(/^(?:file|cannot open|could not open)[^:]*:\s*/i, '');
 
 const ROWS: Row[] = [
+  // A qcow2 image with the corrupt bit, opened for writing (qemu-io prints the driver's words alone).
+  {
+    op: ['open', 'device'],
+    code: 'QCOW_CORRUPT',
+    match: OPEN_REFUSED,
+    text: (e, c) => `${c.op === 'open' ? `Could not open '${c.file ?? e.file}': ` : ''}qcow2: Image is corrupt; cannot be opened read/write`,
+  },
   // map, human output: data without a host offset in the file.
   { code: 'QCOW_UNSUPPORTED', match: /^the human map cannot show data/, text: () => 'File contains external, encrypted or compressed clusters.' },
   // A virtual size past what can be addressed.
@@ -71,7 +84,7 @@ export function qemuMessage(e: unknown, ctx: MessageContext): string {
     return err && typeof err.message === 'string' ? err.message : String(e);
   }
   for (const row of ROWS) {
-    if (row.op !== undefined && row.op !== ctx.op) continue;
+    if (!(row.op === undefined ? ctx.op !== 'device' : [row.op].flat().includes(ctx.op))) continue;
     if (row.code !== undefined && row.code !== 'ANY' && row.code !== e.code) continue;
     let m: RegExpExecArray | null = null;
     if (row.match) {

@@ -237,7 +237,12 @@ export interface OpenOptions {
     /** How many written ranges are held before they are applied to the bitmaps. */
     maxPendingRanges?: number;
   };
-  /** Open even if the image says it must not be written (corrupt) or needs repair (dirty): read-only inspection. */
+  /**
+   * Open for inspection only: an encrypted image opens without its password (its description and
+   * layout can be shown; reading guest data fails). Corrupt and dirty images need no option to be
+   * opened read-only: like QEMU, only writing them is refused (corrupt) or needs a repair first
+   * (dirty, lazy refcounts).
+   */
   inspectOnly?: boolean;
 }
 

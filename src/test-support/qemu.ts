@@ -4,7 +4,7 @@
  */
 import { execFile, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -126,4 +126,14 @@ export function randomBytes(n: number, seed = 1): Uint8Array {
     out[i] = x & 0xff;
   }
   return out;
+}
+
+/** Set a qcow2 image's corrupt bit (incompatible feature bit 1: byte 79 of the header), as QEMU does when it finds corruption. */
+export async function markCorrupt(file: string): Promise<void> {
+  const fh = await open(file, 'r+');
+  try {
+    await fh.write(new Uint8Array([2]), 0, 1, 79);
+  } finally {
+    await fh.close();
+  }
 }

@@ -11,7 +11,7 @@ import { runQcow, type FailureStyle } from '../../cli/program.js';
 import { writeOut } from '../../cli/common.js';
 import { getopt, GetoptError, type LongOption, type Parsed } from '../getopt.js';
 import { qemuJson } from '../qemu-json.js';
-import { qemuErrorLines, type ErrorContext } from '../messages.js';
+import { OPEN_REFUSED, qemuErrorLines, type ErrorContext } from '../messages.js';
 
 const PROGRAM = 'qemu-img';
 const VERSION = 'qemu-img version 7.2.0 (qcow compat)\nCopyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers\n';
@@ -190,6 +190,8 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
     program: PROGRAM,
     errorText: (e) => qemuErrorLines(PROGRAM, e, { op: contextOf(e), file: (e as QcowError)?.file ?? file }),
     json: qemuJson,
+    // qemu-img exits 1 on every failure (check and compare report their findings otherwise).
+    exitCode: () => 1,
   };
   const argv = [process.argv[0]!, PROGRAM, cmd, ...out, '--', ...operands];
   process.exitCode = undefined;
@@ -216,6 +218,8 @@ export function contextOf(e: unknown): ErrorContext {
     case 'QCOW_BAD_PASSWORD':
     case 'QCOW_LOCKED':
       return 'open';
+    case 'QCOW_CORRUPT':
+      return OPEN_REFUSED.test(e.message) ? 'open' : 'run';
     default:
       return 'run';
   }

@@ -8,7 +8,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { needs, qemuImg, qemuIo, run, scratch } from '../../test-support/qemu.js';
+import { markCorrupt, needs, qemuImg, qemuIo, run, scratch } from '../../test-support/qemu.js';
 
 const LAUNCHER = fileURLToPath(new URL('../../../compat/qemu-img', import.meta.url));
 
@@ -21,7 +21,23 @@ test('compat/qemu-img prints what qemu-img prints', needs('qemu-img', 'qemu-io')
   await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'file:image:top.qcow2'], dir);
   const v1 = join(dir, 'v1.qcow');
   await qemuImg(['create', '-q', '-f', 'qcow', v1, '1M']);
+  // Marked corrupt: read-only commands work, writing ones are refused at open.
+  const corrupt = join(dir, 'corrupt.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', corrupt, '1M']);
+  await markCorrupt(corrupt);
+  // Compressed clusters have no host offset the human map could print.
+  await qemuImg(['convert', '-c', '-O', 'qcow2', base, join(dir, 'packed.qcow2')]);
+  // Metadata preallocation: data mapped everywhere, holes in the file left out of the human map.
+  const prealloc = join(dir, 'prealloc.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata,cluster_size=1M', prealloc, '64M']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 3 5M 2M', prealloc]);
   const cases: string[][] = [
+    ['info', corrupt],
+    ['resize', corrupt, '2M'],
+    ['snapshot', '-c', 's1', corrupt],
+    ['map', join(dir, 'packed.qcow2')],
+    ['map', prealloc],
+    ['map', '--output=json', prealloc],
     ['info', 'file:image:top.qcow2'],
     ['check', v1],
     ['check', '-f', 'qcow2', v1],

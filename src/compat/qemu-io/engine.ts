@@ -10,6 +10,7 @@
 import type { BlockDevice, BlockExtent } from '../../core/block-device.js';
 import { CorruptionEvent, QcowError } from '../../core/errors.js';
 import { getopt } from './getopt.js';
+import { qemuMessage } from '../messages.js';
 import { ERRNO_TEXT, hexdump, humanSize, numberError, parseNumber, parsePatternByte, report, type Num } from './text.js';
 import { splitOptionItems } from '../../cli/option-list.js';
 
@@ -332,7 +333,7 @@ function layerText(e: QcowError, file: string | undefined): string {
   if (e.code === 'QCOW_NOT_FOUND') return `Could not open '${file}': No such file or directory`;
   const unknown = /^Unknown file format '([^']*)'/.exec(e.message);
   if (unknown) return `Unknown driver '${unknown[1]}'`;
-  return e.message;
+  return qemuMessage(e, { op: 'device', file });
 }
 
 function verify(buf: Uint8Array, pattern: number): boolean {

@@ -63,7 +63,7 @@ export class Qcow2Device extends DeviceBase {
     const { header, fileSize } = await readHeader(store);
     const readOnly = (options.readOnly ?? store.readOnly) || options.snapshot !== undefined;
     if (hasFeature(header.incompatibleFeatures, INCOMPAT_CORRUPT) && !readOnly) {
-      throw corrupt('Image is corrupt; cannot be opened read/write');
+      throw corrupt('the image is marked corrupt and cannot be opened read/write (it can be read; check -r all repairs it)', store.name);
     }
     const dev = new Qcow2Device(store, header, fileSize, readOnly, options);
     try {
