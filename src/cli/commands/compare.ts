@@ -1,6 +1,6 @@
 import type { BlockDevice } from '../../core/block-device.js';
 import { compareImages } from '../../ops/compare.js';
-import { errorLine, openForCli, progressBar, writeOut } from '../common.js';
+import { failureText, openForCli, progressBar, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -37,7 +37,7 @@ export async function run(a: string, b: string, flags: Flags): Promise<number> {
     }
     return 1;
   } catch (e) {
-    process.stderr.write(errorLine(e) + '\n');
+    process.stderr.write(failureText(e));
     return 2;
   } finally {
     await da?.close();

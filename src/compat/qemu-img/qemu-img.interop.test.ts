@@ -55,6 +55,7 @@ test('compat/qemu-img prints what qemu-img prints', needs('qemu-img', 'qemu-io')
     ['frobnicate', base],
     ['resize', base, '+1M'],
     ['compare', base, base],
+    ['compare', join(dir, 'missing.qcow2'), base],
   ];
   for (const args of cases) {
     const ours = await run(LAUNCHER, args, { cwd: dir });
