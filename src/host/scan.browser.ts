@@ -1,0 +1,6 @@
+/** `#host-scan` outside Node: no native zero scan (ops/zero-scan.ts scans in JavaScript). */
+export type BlockRunEnd = (bytes: Uint8Array, from: number, end: number, unit: number, zero: boolean) => number;
+
+export function nativeBlockRunEnd(): BlockRunEnd | undefined {
+  return undefined;
+}
