@@ -20,6 +20,10 @@
  *                                     (`zero` true) or not all zeros (false) ends: the offset of
  *                                     the first block of the other kind, or `end`. The copy loops
  *                                     ask this once per run of a 2 MiB buffer, not once per block.
+ *   adviseHugePages(bytes)            madvise(MADV_HUGEPAGE) on the whole 2 MiB pages inside the
+ *                                     array (anonymous memory: a WebAssembly memory). Returns the
+ *                                     offset of the first one in the array, or -1 (none, or the
+ *                                     kernel refused).
  *
  * Other failures throw an Error with `code` (the errno name, as node:fs does) and `errno`.
  * Everything else here is synchronous: each call is a single non-blocking system call (fallocate can
@@ -33,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 #include <node_api.h>
 
@@ -284,13 +289,44 @@ static napi_value block_run_end(napi_env env, napi_callback_info info) {
   }
   const unsigned char *bytes = data;
   size_t o = (size_t)from, e = (size_t)end, u = (size_t)unit;
+  /* Data blocks are told apart by their first bytes, one cache line per block: lines 4 KiB apart
+   * that the kernel has just written from another core, which the hardware does not prefetch
+   * across pages. Asking for them a few blocks ahead overlaps the misses (a miss per block in turn
+   * cost ~100 ns, 26 ms per GiB). */
+  const size_t ahead = 8 * u;
+  for (size_t p = o; p < e && p < o + ahead; p += u) __builtin_prefetch(bytes + p);
   while (o < e) {
+    if (o + ahead < e) __builtin_prefetch(bytes + o + ahead);
     size_t n = e - o < u ? e - o : u;
     if (all_zero(bytes + o, n) != zero) break;
     o += n;
   }
   napi_value result;
   CHECK(napi_create_double(env, (double)o, &result));
+  return result;
+}
+
+/* See adviseHugePages at the top. */
+static napi_value advise_huge_pages(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  size_t argc = 1;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  bool is_typed = false;
+  napi_typedarray_type type;
+  size_t length;
+  void *data;
+  if (argc < 1 || napi_is_typedarray(env, argv[0], &is_typed) != napi_ok || !is_typed ||
+      napi_get_typedarray_info(env, argv[0], &type, &length, &data, NULL, NULL) != napi_ok || type != napi_uint8_array) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "adviseHugePages(bytes: Uint8Array)");
+    return NULL;
+  }
+  const uintptr_t huge = (uintptr_t)2 << 20;
+  uintptr_t start = ((uintptr_t)data + huge - 1) & ~(huge - 1);
+  uintptr_t end = ((uintptr_t)data + length) & ~(huge - 1);
+  double at = -1;
+  if (end > start && madvise((void *)start, end - start, MADV_HUGEPAGE) == 0) at = (double)(start - (uintptr_t)data);
+  napi_value result;
+  CHECK(napi_create_double(env, at, &result));
   return result;
 }
 
@@ -303,6 +339,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
     {"copyFileRange", NULL, copy_file_range_async, NULL, NULL, NULL, napi_enumerable, NULL},
     {"blockRunEnd", NULL, block_run_end, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"adviseHugePages", NULL, advise_huge_pages, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   napi_value version;

@@ -1,6 +1,6 @@
 /**
  * The host layer: system calls Node's fs module lacks (OFD byte-range locks, SEEK_DATA/SEEK_HOLE,
- * fallocate, copy_file_range) and a zero scan, from our own N-API addon (native/qcow_host.c, built by node-gyp when the package is
+ * fallocate, copy_file_range), a zero scan and huge-page buffers, from our own N-API addon (native/qcow_host.c, built by node-gyp when the package is
  * installed). `hostAddon()` gives the addon, or undefined when it is not there (no compiler at
  * install time, not Linux, a browser bundle) or is turned off with QCOW_NO_NATIVE=1; every user
  * has a pure TypeScript fallback.
@@ -36,6 +36,11 @@ export interface HostAddon {
    * Absent from addons built before version 3.
    */
   blockRunEnd?(bytes: Uint8Array, from: number, end: number, unit: number, zero: boolean): number;
+  /**
+   * madvise(MADV_HUGEPAGE) on the whole 2 MiB pages inside `bytes` (anonymous memory): the offset
+   * of the first one in `bytes`, or -1. Absent from addons built before version 3.
+   */
+  adviseHugePages?(bytes: Uint8Array): number;
   readonly version: number;
 }
 

@@ -21,6 +21,7 @@
 import type { BlockDevice, PlacedRange } from '../core/block-device.js';
 import type { ByteStore } from '../storage/types.js';
 import { alignedBuffers } from '../core/aligned.js';
+import { hugePageBuffers } from '#host-copy';
 import { QcowError, throwIfAborted } from '../core/errors.js';
 import { ChainStatus } from './chain-status.js';
 import { ConcatSource } from './concat.js';
@@ -186,8 +187,10 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
   };
 
   let failure: unknown;
-  // Page-aligned copy buffers: the kernel copies into and out of them faster (core/aligned.ts).
-  const buffers = alignedBuffers(backing ? 2 * parallel : parallel, chunk);
+  // Page-aligned copy buffers: the kernel copies into and out of them faster (core/aligned.ts),
+  // on huge pages where the host allows (fewer page faults and TLB misses, host/copy.node.ts).
+  const count = backing ? 2 * parallel : parallel;
+  const buffers = hugePageBuffers(count, chunk) ?? alignedBuffers(count, chunk);
   // Each step of an item is its own small function. V8 counts an async function's resumptions
   // against the function's size when it decides what to optimise: one large worker function that
   // awaited six times per item was re-compiled by TurboFan within the first GiB (35-70 ms of CPU

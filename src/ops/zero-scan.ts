@@ -9,7 +9,7 @@
  * reads; BigInt-based 64-bit reads are much slower in V8).
  */
 
-import { nativeBlockRunEnd } from '#host-scan';
+import { nativeBlockRunEnd } from '#host-copy';
 
 /** Node's Buffer, where there is one. */
 const NativeBuffer = (globalThis as { Buffer?: typeof Buffer }).Buffer;
