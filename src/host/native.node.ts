@@ -1,6 +1,6 @@
 /**
  * The host layer: system calls Node's fs module lacks (OFD byte-range locks, SEEK_DATA/SEEK_HOLE,
- * fallocate, copy_file_range), from our own N-API addon (native/qcow_host.c, built by node-gyp when the package is
+ * fallocate, copy_file_range), a zero scan and huge-page buffers, from our own N-API addon (native/qcow_host.c, built by node-gyp when the package is
  * installed). `hostAddon()` gives the addon, or undefined when it is not there (no compiler at
  * install time, not Linux, a browser bundle) or is turned off with QCOW_NO_NATIVE=1; every user
  * has a pure TypeScript fallback.
@@ -30,6 +30,17 @@ export interface HostAddon {
    * source ends: resolves with the bytes copied. Rejects with the errno's name as `code`.
    */
   copyFileRange?(fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, length: number): Promise<number>;
+  /**
+   * Over the blocks of `unit` bytes of `bytes` from `from` (the last cut at `end`): the offset of
+   * the first block that is not all zeros (`zero` true) or is all zeros (`zero` false), else `end`.
+   * Absent from addons built before version 3.
+   */
+  blockRunEnd?(bytes: Uint8Array, from: number, end: number, unit: number, zero: boolean): number;
+  /**
+   * madvise(MADV_HUGEPAGE) on the whole 2 MiB pages inside `bytes` (anonymous memory): the offset
+   * of the first one in `bytes`, or -1. Absent from addons built before version 3.
+   */
+  adviseHugePages?(bytes: Uint8Array): number;
   readonly version: number;
 }
 

@@ -21,10 +21,11 @@
 import type { BlockDevice, PlacedRange } from '../core/block-device.js';
 import type { ByteStore } from '../storage/types.js';
 import { alignedBuffers } from '../core/aligned.js';
+import { hugePageBuffers } from '#host-copy';
 import { QcowError, throwIfAborted } from '../core/errors.js';
 import { ChainStatus } from './chain-status.js';
 import { ConcatSource } from './concat.js';
-import { allZero, sameBytes, scanViewOf, zeroRange } from './zero-scan.js';
+import { allZero, blockRunEnd, sameBytes, scanViewOf } from './zero-scan.js';
 
 /** Options of {@link convert}: qemu-img convert's switches, plus how much work is in flight. */
 export interface ConvertOptions {
@@ -186,73 +187,64 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
   };
 
   let failure: unknown;
-  // Page-aligned copy buffers: the kernel copies into and out of them faster (core/aligned.ts).
-  const buffers = alignedBuffers(backing ? 2 * parallel : parallel, chunk);
+  // Page-aligned copy buffers: the kernel copies into and out of them faster (core/aligned.ts),
+  // on huge pages where the host allows (fewer page faults and TLB misses, host/copy.node.ts).
+  const count = backing ? 2 * parallel : parallel;
+  const buffers = hugePageBuffers(count, chunk) ?? alignedBuffers(count, chunk);
+  // Each step of an item is its own small function. V8 counts an async function's resumptions
+  // against the function's size when it decides what to optimise: one large worker function that
+  // awaited six times per item was re-compiled by TurboFan within the first GiB (35-70 ms of CPU
+  // on the main thread, more than the JavaScript it made faster over the whole copy).
+  type Lane = { buf: Uint8Array; before: Uint8Array | undefined; dirty: [number, number][] };
+  const zeroItem = async (t: Ticket, lane: Lane) => {
+    if (ordered) await t.turn;
+    await writeZeroRun(ctx, t.item.offset, t.item.length, lane.buf, lane.before, options.signal);
+  };
+  const offloadItem = async (t: Ticket, item: DataItem, lane: Lane) => {
+    const ops = await offloadWrites(ctx, src, item, lane.buf);
+    // Pieces that could not be copied were read into the buffer: it is no longer clean.
+    lane.dirty = [[0, item.length]];
+    if (ordered) await t.turn;
+    throwIfAborted(options.signal);
+    const writing = ops.map((op) =>
+      op().catch((e: unknown) => {
+        // The stores cannot copy between themselves after all (another file system, an old
+        // kernel): as qemu-img does, fall back to reading and writing, here and from now on.
+        if (!(e instanceof OffloadRefused)) throw e;
+        offload = false;
+        return e.fallback();
+      }),
+    );
+    t.release();
+    await settleAll(writing);
+  };
+  const dataItem = async (t: Ticket, item: DataItem, lane: Lane) => {
+    const data = lane.buf.subarray(0, item.length);
+    const knownZero: [number, number][] = [];
+    const anyData = await fillItem(src, item, data, lane, knownZero);
+    const before = lane.before && (await readBefore(ctx, item.offset, data.length, lane.before));
+    const ops = chunkWrites(ctx, item.offset, data, anyData, before, knownZero);
+    if (ordered) await t.turn;
+    throwIfAborted(options.signal);
+    // Issued in turn, finished in parallel: the target takes its allocation decisions in
+    // the order of the calls (qcow2 and qcow queue them on a FIFO lock), so the layout
+    // stays that of guest order while the data of several chunks is written at once.
+    const writing = issueWrites(ctx, ops);
+    t.release();
+    await settleAll(writing);
+  };
   const worker = async (w: number) => {
-    const buf = buffers[w]!;
-    const before = backing ? buffers[parallel + w] : undefined;
-    // The ranges of `buf` that may hold non-zero bytes. A fresh buffer is all zeros, its pages not
-    // even touched yet, so a zero span needs filling only where an earlier item read data there:
-    // filling every zero span touched up to 2 MiB of fresh pages per item of a sparse image (page
-    // faults cost ~0.6 ms a MiB on our VM) to write zeros over zeros.
-    let dirty: [number, number][] = [];
+    // `dirty`: the ranges of `buf` that may hold non-zero bytes (see fillItem).
+    const lane: Lane = { buf: buffers[w]!, before: backing ? buffers[parallel + w] : undefined, dirty: [] };
     for (;;) {
       if (failure !== undefined) return;
       const t = await take();
       if (!t) return;
       try {
         throwIfAborted(options.signal);
-        if (t.item.kind === 'zero') {
-          if (ordered) await t.turn;
-          await writeZeroRun(ctx, t.item.offset, t.item.length, buf, before, options.signal);
-        } else if (offload) {
-          const ops = await offloadWrites(ctx, src, t.item, buf);
-          // Pieces that could not be copied were read into the buffer: it is no longer clean.
-          dirty = [[0, t.item.length]];
-          if (ordered) await t.turn;
-          throwIfAborted(options.signal);
-          const writing = ops.map((op) =>
-            op().catch((e: unknown) => {
-              // The stores cannot copy between themselves after all (another file system, an old
-              // kernel): as qemu-img does, fall back to reading and writing, here and from now on.
-              if (!(e instanceof OffloadRefused)) throw e;
-              offload = false;
-              return e.fallback();
-            }),
-          );
-          t.release();
-          await settleAll(writing);
-        } else {
-          const data = buf.subarray(0, t.item.length);
-          let anyData = false;
-          const fresh: [number, number][] = [];
-          const knownZero: [number, number][] = [];
-          for (const s of t.item.spans) {
-            const from = s.offset - t.item.offset;
-            const to = from + s.length;
-            if (s.zero) {
-              knownZero.push([from, to]);
-              for (const [x, y] of dirty) if (Math.max(from, x) < Math.min(to, y)) data.fill(0, Math.max(from, x), Math.min(to, y));
-            } else {
-              fresh.push([from, to]);
-              await src.read(s.offset, data.subarray(from, to));
-              anyData = true;
-            }
-          }
-          // Now possibly non-zero: this item's data, and older data beyond this item's end.
-          for (const [x, y] of dirty) if (y > data.length) fresh.push([Math.max(x, data.length), y]);
-          dirty = fresh;
-          const ops = await chunkWrites(ctx, t.item.offset, data, anyData, before, knownZero);
-          if (ordered) await t.turn;
-          throwIfAborted(options.signal);
-          // Issued in turn, finished in parallel: the target takes its allocation decisions in
-          // the order of the calls (qcow2 and qcow queue them on a FIFO lock), so the layout
-          // stays that of guest order while the data of several chunks is written at once.
-          const writing = issueWrites(ctx, ops);
-          t.release();
-          await settleAll(writing);
-        }
-        progress(t.item.length);
+        const item = t.item;
+        await (item.kind === 'zero' ? zeroItem(t, lane) : offload ? offloadItem(t, item, lane) : dataItem(t, item, lane));
+        progress(item.length);
       } finally {
         t.release();
       }
@@ -268,6 +260,47 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
     await planner.return(undefined).catch(() => undefined);
     throw failure;
   }
+}
+
+type DataItem = Extract<WorkItem, { kind: 'data' }>;
+
+/**
+ * Read a data item's spans into `data` (its lane's buffer): data spans from the source, zero spans
+ * as zeros. A fresh buffer is all zeros, its pages not even touched yet, so a zero span needs
+ * filling only where an earlier item read data there (`lane.dirty`): filling every zero span
+ * touched up to 2 MiB of fresh pages per item of a sparse image (page faults cost ~0.6 ms a MiB
+ * on our VM) to write zeros over zeros. Pushes the zero spans to `knownZero`; true when any span
+ * held data.
+ */
+async function fillItem(src: ConcatSource, item: DataItem, data: Uint8Array, lane: { dirty: [number, number][] }, knownZero: [number, number][]): Promise<boolean> {
+  let anyData = false;
+  const fresh: [number, number][] = [];
+  const dirty = lane.dirty;
+  for (const s of item.spans) {
+    const from = s.offset - item.offset;
+    const to = from + s.length;
+    if (s.zero) {
+      knownZero.push([from, to]);
+      for (const [x, y] of dirty) if (Math.max(from, x) < Math.min(to, y)) data.fill(0, Math.max(from, x), Math.min(to, y));
+    } else {
+      fresh.push([from, to]);
+      await src.read(s.offset, data.subarray(from, to));
+      anyData = true;
+    }
+  }
+  // Now possibly non-zero: this item's data, and older data beyond this item's end.
+  for (const [x, y] of dirty) if (y > data.length) fresh.push([Math.max(x, data.length), y]);
+  lane.dirty = fresh;
+  return anyData;
+}
+
+/** What the target reads at [dstOff, +length) before we write: its backing file's bytes, in `buf`. */
+async function readBefore(cx: WriteContext, dstOff: number, length: number, buf: Uint8Array): Promise<Uint8Array> {
+  const before = buf.subarray(0, length);
+  const n = Math.max(0, Math.min(length, cx.backing!.size - dstOff));
+  if (n > 0) await cx.backing!.read(dstOff, before.subarray(0, n));
+  before.fill(0, n);
+  return before;
 }
 
 interface WriteContext {
@@ -300,7 +333,7 @@ async function writeZeroRun(cx: WriteContext, offset: number, length: number, bu
         const m = Math.min(buf.length, off + n - o);
         const data = buf.subarray(0, m);
         data.fill(0);
-        await settleAll(issueWrites(cx, await chunkWrites(cx, o, data, false, before)));
+        await settleAll(issueWrites(cx, chunkWrites(cx, o, data, false, await readBefore(cx, o, m, before!))));
       }
     }
     off += n;
@@ -376,24 +409,18 @@ type ChunkWrite = { kind: 'data'; offset: number; data: Uint8Array } | { kind: '
  * cluster when compressing): blocks that already read the same in the target are skipped, the
  * rest written in runs as large as possible.
  */
-async function chunkWrites(
+function chunkWrites(
   cx: WriteContext,
   dstOff: number,
   data: Uint8Array,
   anyData: boolean,
-  beforeBuf: Uint8Array | undefined,
+  before: Uint8Array | undefined,
   knownZero: [number, number][] = [],
-): Promise<ChunkWrite[]> {
+): ChunkWrite[] {
   // Blocks inside a range the source reported as zero are zero without looking: scanning them
   // cost most of a convert of sparse data (64 KiB every 2 MiB: 1 GiB of zeros scanned in JS).
-  const knownZeroEnd = knownZeroCursor(knownZero);
-  // What the target reads before we write: its backing image, or zeros when it is fresh.
-  let before: Uint8Array | undefined;
-  if (cx.backing) {
-    before = beforeBuf!.subarray(0, data.length);
-    const n = Math.max(0, Math.min(data.length, cx.backing.size - dstOff));
-    if (n > 0) await cx.backing.read(dstOff, before.subarray(0, n));
-    before.fill(0, n);
+  const { wholeBlockEnd: knownZeroEnd, startAfter: knownZeroStartAfter } = knownZeroCursor(knownZero);
+  if (before) {
     if (sameBytes(data, before)) return [];
   } else if (!anyData && cx.targetIsZero && cx.sparse > 0) return [];
 
@@ -422,39 +449,62 @@ async function chunkWrites(
   };
   const view = before ? undefined : scanViewOf(data);
   for (let o = 0, end = 0; o < data.length; o = end) {
-    end = Math.min(o + unit, data.length);
-    let skip: boolean;
-    let zeroNeeded = false;
-    // A known-zero range is taken whole (in whole blocks), not block by block.
-    const zeroEnd = before ? -1 : knownZeroEnd(o, end);
-    if (zeroEnd >= 0) end = zeroEnd >= data.length ? data.length : Math.max(end, o + Math.floor((zeroEnd - o) / unit) * unit);
-    if (before) skip = sameBytes(data.subarray(o, end), before.subarray(o, end));
-    else if (zeroEnd >= 0 || zeroRange(view!, o, end)) {
-      skip = cx.targetIsZero;
-      zeroNeeded = !skip;
-    } else skip = false;
-    if (skip) endRun(o);
-    else if (zeroNeeded) {
+    let zero: boolean;
+    if (before) {
+      // Against a backing file: block by block, what already reads the same is left alone.
+      end = Math.min(o + unit, data.length);
+      if (sameBytes(data.subarray(o, end), before.subarray(o, end))) {
+        endRun(o);
+        continue;
+      }
+      zero = false;
+    } else {
+      // A known-zero range is taken whole (in whole blocks), not block by block.
+      const zeroEnd = knownZeroEnd(o, Math.min(o + unit, data.length));
+      if (zeroEnd >= 0) {
+        end = zeroEnd >= data.length ? data.length : Math.max(Math.min(o + unit, data.length), o + Math.floor((zeroEnd - o) / unit) * unit);
+        zero = true;
+      } else {
+        // Otherwise the bytes say: one scan per run of zero or data blocks (blockRunEnd), which
+        // stops where the next known-zero range starts, to take that one without looking.
+        const limit = Math.min(data.length, Math.ceil(knownZeroStartAfter(o) / unit) * unit);
+        end = blockRunEnd(view!, o, limit, unit, true);
+        zero = end > o;
+        if (!zero) end = blockRunEnd(view!, o, limit, unit, false);
+      }
+    }
+    if (!zero) {
+      if (runStart < 0) runStart = o;
+    } else if (cx.targetIsZero) endRun(o);
+    else {
       // Existing target: make the range read as zeros without writing data where the format can.
       endRun(o);
       const last = ops[ops.length - 1];
       if (last?.kind === 'zero' && last.offset + last.length === dstOff + o) last.length += end - o;
       else ops.push({ kind: 'zero', offset: dstOff + o, length: end - o });
-    } else if (runStart < 0) runStart = o;
+    }
   }
   endRun(data.length);
   return ops;
 }
 
 /**
- * For blocks visited in increasing order: when [from, to) lies wholly inside one of `ranges`
- * (sorted, not overlapping), the end of that range; otherwise -1.
+ * For blocks visited in increasing order, over `ranges` (sorted, not overlapping):
+ * `wholeBlockEnd(from, to)` is the end of the range holding all of [from, to), or -1;
+ * `startAfter(at)` is where the first range starting after `at` starts (Infinity when none).
  */
-function knownZeroCursor(ranges: [number, number][]): (from: number, to: number) => number {
+function knownZeroCursor(ranges: [number, number][]): { wholeBlockEnd: (from: number, to: number) => number; startAfter: (at: number) => number } {
   let i = 0;
-  return (from, to) => {
-    while (i < ranges.length && ranges[i]![1] <= from) i++;
-    return i < ranges.length && ranges[i]![0] <= from && to <= ranges[i]![1] ? ranges[i]![1] : -1;
+  return {
+    wholeBlockEnd: (from, to) => {
+      while (i < ranges.length && ranges[i]![1] <= from) i++;
+      return i < ranges.length && ranges[i]![0] <= from && to <= ranges[i]![1] ? ranges[i]![1] : -1;
+    },
+    startAfter: (at) => {
+      let j = i;
+      while (j < ranges.length && ranges[j]![0] <= at) j++;
+      return j < ranges.length ? ranges[j]![0] : Infinity;
+    },
   };
 }
 

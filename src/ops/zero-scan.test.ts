@@ -2,7 +2,8 @@
 // word-at-a-time where the buffer allows, byte-exact at every edge.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { allZero, firstDifference, sameBytes, scanViewOf, zeroRange, type ScanView } from './zero-scan.js';
+import { allZero, blockRunEnd, blockRunEndJs, firstDifference, sameBytes, scanViewOf, zeroRange, type ScanView } from './zero-scan.js';
+import { hostAddon } from '../host/native.node.js';
 
 test('allZero finds a single set byte anywhere, in aligned and unaligned views', () => {
   const backing = new Uint8Array(4096 + 8);
@@ -82,4 +83,57 @@ test('firstDifference narrows a difference to its byte in large buffers, at any 
   b[1000] = 1;
   assert.equal(firstDifference(a.subarray(3), b.subarray(3)), 997);
   assert.equal(sameBytes(a.subarray(3), b.subarray(3)), false);
+});
+
+test('blockRunEnd finds where a run of zero or data blocks ends, natively and in JavaScript alike', () => {
+  const unit = 4096;
+  const b = new Uint8Array(10 * unit + 100);
+  // Blocks 0-1 zero, 2 data (one byte at its very end), 3-5 zero, 6-7 data (first byte), 8-9
+  // zero, then a short tail block of data (last byte).
+  b[3 * unit - 1] = 1;
+  b[6 * unit] = 2;
+  b[7 * unit + 2000] = 3;
+  b[b.length - 1] = 4;
+  const v = scanViewOf(b);
+  const cases: [number, number, boolean, number][] = [
+    [0, b.length, true, 2 * unit],
+    [0, b.length, false, 0],
+    [2 * unit, b.length, false, 3 * unit],
+    [3 * unit, b.length, true, 6 * unit],
+    [6 * unit, b.length, false, 8 * unit],
+    [8 * unit, b.length, true, 10 * unit],
+    [10 * unit, b.length, false, b.length],
+    // A limit inside a run ends the run there; an empty range ends at once.
+    [3 * unit, 5 * unit, true, 5 * unit],
+    [4 * unit, 4 * unit, true, 4 * unit],
+    // Blocks are counted from `from`: from the middle of block 2, the first block holds its byte.
+    [2 * unit + 512, b.length, true, 2 * unit + 512],
+  ];
+  const addon = hostAddon();
+  for (const [from, end, zero, want] of cases) {
+    assert.equal(blockRunEnd(v, from, end, unit, zero), want, `blockRunEnd(${from}, ${end}, ${zero})`);
+    assert.equal(blockRunEndJs(v, from, end, unit, zero), want, `JS (${from}, ${end}, ${zero})`);
+    assert.equal(blockRunEndJs({ bytes: b }, from, end, unit, zero), want, `JS bytes (${from}, ${end}, ${zero})`);
+    if (addon?.blockRunEnd) assert.equal(addon.blockRunEnd(b, from, end, unit, zero), want, `addon (${from}, ${end}, ${zero})`);
+  }
+});
+
+test('the native blockRunEnd agrees with the JavaScript scan on random sparse buffers, at any alignment', { skip: !hostAddon()?.blockRunEnd && 'host addon without blockRunEnd' }, () => {
+  const scan = hostAddon()!.blockRunEnd!;
+  let seed = 12345;
+  const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) >>> 0) >>> 8) % n;
+  const backing = new Uint8Array(64 * 1024 + 16);
+  for (let round = 0; round < 200; round++) {
+    backing.fill(0);
+    for (let k = rand(6); k > 0; k--) backing[rand(backing.length)] = 1 + rand(255);
+    const shift = rand(9);
+    const b = backing.subarray(shift, shift + 64 * 1024);
+    const unit = [512, 1000, 4096, 65536][rand(4)]!;
+    const from = rand(b.length);
+    const end = from + rand(b.length - from + 1);
+    const zero = rand(2) === 0;
+    assert.equal(scan(b, from, end, unit, zero), blockRunEndJs({ bytes: b }, from, end, unit, zero), `round ${round}`);
+  }
+  assert.throws(() => scan(backing, 0, backing.length + 1, 4096, true), /blockRunEnd/);
+  assert.throws(() => scan(backing, 10, 5, 4096, true), /blockRunEnd/);
 });

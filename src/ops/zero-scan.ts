@@ -9,6 +9,8 @@
  * reads; BigInt-based 64-bit reads are much slower in V8).
  */
 
+import { nativeBlockRunEnd } from '#host-copy';
+
 /** Node's Buffer, where there is one. */
 const NativeBuffer = (globalThis as { Buffer?: typeof Buffer }).Buffer;
 /** Zeros to compare against, in pieces of at most this size. */
@@ -61,6 +63,24 @@ export function zeroRange(v: ScanView, start: number, end: number): boolean {
   }
   for (; i < end; i++) if (b[i] !== 0) return false;
   return true;
+}
+
+/**
+ * Over the blocks of `unit` bytes from `from` (the last one cut at `end`), where the run of blocks
+ * that are all zeros (`zero` true) or not all zeros (`zero` false) ends: the offset of the first
+ * block of the other kind, or `end`. One call per run rather than one per block: with the host
+ * addon the whole run is scanned in native code (a 2 MiB buffer of data is one call).
+ */
+export function blockRunEnd(v: ScanView, from: number, end: number, unit: number, zero: boolean): number {
+  const native = nativeBlockRunEnd();
+  return native ? native(v.bytes, from, end, unit, zero) : blockRunEndJs(v, from, end, unit, zero);
+}
+
+/** {@link blockRunEnd} in JavaScript, block by block: without the host addon, and in browsers. */
+export function blockRunEndJs(v: ScanView, from: number, end: number, unit: number, zero: boolean): number {
+  let o = from;
+  for (; o < end; o += unit) if (zeroRange(v, o, Math.min(end, o + unit)) !== zero) break;
+  return Math.min(o, end);
 }
 
 /** Index of the first byte where `a` and `b` differ (compared over the shorter length), or -1. */

@@ -1,0 +1,10 @@
+/** `#host-copy` outside Node: no native help (ops/zero-scan.ts scans in JavaScript). */
+export type BlockRunEnd = (bytes: Uint8Array, from: number, end: number, unit: number, zero: boolean) => number;
+
+export function nativeBlockRunEnd(): BlockRunEnd | undefined {
+  return undefined;
+}
+
+export function hugePageBuffers(): Uint8Array[] | undefined {
+  return undefined;
+}
