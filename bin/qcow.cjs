@@ -48,7 +48,9 @@ function loadBundle(bundlePath) {
   try {
     const cache = readFileSync(bundlePath.slice(0, -'.cjs'.length) + '.cache');
     const id = Buffer.from(source.startsWith('/* qcow-bundle ') ? source.slice(0, source.indexOf('*/') + 2) : '', 'latin1');
-    if (id.length > 0 && cache.length > id.length && id.equals(cache.subarray(0, id.length))) cachedData = cache.subarray(id.length);
+    // The data starts at the first multiple of 8 after the identity: V8 copies unaligned data.
+    const start = Math.ceil(id.length / 8) * 8;
+    if (id.length > 0 && cache.length > start && id.equals(cache.subarray(0, id.length))) cachedData = cache.subarray(start);
   } catch {
     // No cache: compile from source.
   }

@@ -131,13 +131,17 @@ export async function buildCli(name) {
     // them by a defineProperty call each time a named closure is made, which cost 16 ms of a
     // 4 TiB qcow2 convert (a closure per refcount table entry). QCOW_DEBUG stack traces show
     // minified names; to debug with the real ones, run the unbundled dist/cli/main.js, or build
-    // with QCOW_BUNDLE_NO_MINIFY=1 (for --cpu-prof profiles of the bundle as users run it).
-    minify: !process.env.QCOW_BUNDLE_NO_MINIFY,
+    // with QCOW_BUNDLE_NO_MINIFY=1 (for --cpu-prof profiles of the bundle as users run it: names
+    // kept, only white space and comments go, which also keeps the text ASCII).
+    ...(process.env.QCOW_BUNDLE_NO_MINIFY ? { minifyWhitespace: true } : { minify: true }),
     metafile: true,
+    write: false,
     logLevel: 'warning',
   });
-  const body = await readFile(outfile, 'latin1');
-  if (/[^\x00-\x7f]/.test(body)) throw new Error(`${outfile}: not ASCII (the launcher reads it as latin1)`);
+  const body = result.outputFiles[0].text;
+  // The launcher reads the file as latin1 (the cheapest decoding); esbuild writes code as ASCII
+  // (non-ASCII characters escaped) and minifying drops the comments that could hold others.
+  if (/[^\x00-\x7f]/.test(body)) throw new Error(`${outfile}: not ASCII`);
   if (/\bimport\(/.test(body)) throw new Error(`${outfile}: a dynamic import() was left in the bundle`);
   // The bundle's identity (the SHA-256 of its content), which the code cache must carry too (see
   // warmCache), in a comment before the wrapper, on the first line so that line numbers stay.
@@ -219,8 +223,11 @@ export async function warmCache() {
     // The cache starts with the bundle's identity comment, the SHA-256 of its content (see
     // buildCli): bin/qcow.cjs uses the cache only with that very bundle, without hashing at
     // start-up (loading node:crypto alone costs ~6 ms). V8's own check compares lengths, not content.
+    // The data starts at the next multiple of 8 after it (spaces between): V8 copies cached data
+    // that is not 8-byte aligned before reading it, and a file read lands on an aligned buffer.
     const id = source.slice(0, source.indexOf('*/') + 2);
-    await writeFile(cachePath(file), Buffer.concat([Buffer.from(id, 'latin1'), script.createCachedData()]));
+    const head = id.padEnd(Math.ceil(id.length / 8) * 8, ' ');
+    await writeFile(cachePath(file), Buffer.concat([Buffer.from(head, 'latin1'), script.createCachedData()]));
   }
 }
 
