@@ -105,6 +105,14 @@ function onlyCommand(name) {
   };
 }
 
+/** zstd-wasm's WebAssembly file, beside the bundles that hold its loader (see buildCli). */
+async function copyZstdWasm() {
+  const pkg = dirname(require.resolve('@bokuweb/zstd-wasm'));
+  await writeFile(join(outDir, 'zstd.wasm'), await readFile(join(pkg, 'zstd.wasm')));
+  const loader = await readFile(require.resolve('@bokuweb/zstd-wasm'), 'utf8');
+  if (!loader.includes("resolve(__dirname, './zstd.wasm')")) throw new Error('@bokuweb/zstd-wasm no longer reads ./zstd.wasm from __dirname: check how it finds its .wasm file');
+}
+
 /** Build the whole CLI's bundle (name undefined) or one command's (see SPLIT). */
 export async function buildCli(name) {
   const outfile = bundlePath(name);
@@ -117,10 +125,12 @@ export async function buildCli(name) {
     platform: 'node',
     target: 'node20',
     conditions: ['node'],
-    // zstd-wasm loads its .wasm file from beside its own module: left in node_modules.
     // undici: only for http(s) images (src/storage/node-fetch.node.ts, deferred-ca.node.ts), so
-    // it is required from node_modules then rather than parsed at every start.
-    external: ['@bokuweb/zstd-wasm', 'undici'],
+    // it is required from node_modules then rather than parsed at every start. zstd-wasm is in
+    // the bundle (its 8 small files cost ~10 ms to resolve, read and compile at its first use,
+    // against ~1 ms from the code cache); it reads its .wasm file from `__dirname`, which in the
+    // bundle is the launcher's dist/cli, where copyZstdWasm puts it.
+    external: ['undici'],
     // import() inside code run by vm.Script needs an import callback, which Node 20 only has as an
     // experimental feature (a warning on stderr) and which code from the cache loses: every
     // dynamic import becomes a require (all that is left outside the bundle is CommonJS).
@@ -178,6 +188,8 @@ export async function warmCache() {
     ['convert', '-c', '-O', 'qcow2', p('a.qcow2'), p('c.qcow2')],
     ['convert', '-O', 'qcow', p('a.qcow2'), p('d.qcow')],
     ['convert', '-O', 'raw', p('d.qcow'), p('d.raw')],
+    // No zstd image here: a cache holding zstd's loader made every convert slower (its functions
+    // are unpacked at each start) and a zstd one no faster than compiling them when used.
     ['compare', p('a.qcow2'), p('b.qcow2')],
     ['create', '-q', '-f', 'qcow2', '-b', p('a.qcow2'), '-F', 'qcow2', p('top.qcow2')],
     ['measure', '-O', 'qcow2', p('a.qcow2')],
@@ -235,6 +247,7 @@ if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.ur
   // Bundles of commands no longer split off (or from an older layout) would be picked up by the
   // launcher with stale code: only this build's files stay.
   for (const f of await readdir(outDir)) if (/^qcow\.cmd-.*\.(cjs|cache)$/.test(f)) await rm(join(outDir, f), { force: true });
+  await copyZstdWasm();
   const built = [];
   for (const name of [undefined, ...SPLIT]) built.push(await buildCli(name));
   // No cache is slower, not wrong (bin/qcow.cjs compiles the bundle from source): a machine where
