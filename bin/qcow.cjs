@@ -2,60 +2,88 @@
 'use strict';
 /*
  * The `qcow` command. Start-up is most of the time of many qemu-img-sized jobs, so the CLI runs
- * from one bundled file (dist/cli/qcow.bundle.cjs, made by scripts/build-cli.mjs) compiled with
- * V8's code cache (dist/cli/qcow.bundle.cache): ~40 ms less than loading the ES modules of
- * dist/ one by one. The cache is used only when it was made from this very bundle: both start with
- * the same comment, the SHA-256 of the bundle's content. V8 rejects a cache made by another Node
- * version by itself.
+ * from one bundled file compiled with V8's code cache (both made by scripts/build-cli.mjs): ~40 ms
+ * less than loading the ES modules of dist/ one by one. Common commands have a bundle and cache of
+ * their own (dist/cli/qcow.cmd-NAME.cjs and .cache: a third to a half of the whole CLI's, whose
+ * reading and unpacking cost ~10 ms more); the rest run from dist/cli/qcow.bundle.cjs and .cache.
+ * A cache is used only when it was made from that very bundle: both start with the same comment,
+ * the SHA-256 of the bundle's content. V8 rejects a cache made by another Node version by itself.
  * Without the bundle, or when tsc has rebuilt dist/ since it was made (a developer's `tsc` without
  * `npm run build`: tsc rewrites every output file), the unbundled CLI runs instead.
  */
 const { readFileSync, statSync } = require('node:fs');
-
-// bin/qcow moved NODE_EXTRA_CA_CERTS out of Node's start-up (see there): this process loads the
-// file when it first needs it, and processes it starts get the variable back as it was.
-if (process.env.QCOW_DEFERRED_CA_CERTS && !process.env.NODE_EXTRA_CA_CERTS) process.env.NODE_EXTRA_CA_CERTS = process.env.QCOW_DEFERRED_CA_CERTS;
-
-// libuv's file-I/O pool has 4 threads. On a 2-core machine 4 threads copying 2 MiB buffers, plus
-// the main thread, only take the cores from each other: converting 1 GiB qcow2 to raw took 0.48 s
-// with 4 and 0.39 s with 2 (qemu-img: 0.30 s). One thread per core, 2 to 4 (the default beyond);
-// a UV_THREADPOOL_SIZE of the user's own wins. libuv reads it when the pool first starts, later.
-if (!process.env.UV_THREADPOOL_SIZE) process.env.UV_THREADPOOL_SIZE = String(Math.max(2, Math.min(4, require('node:os').availableParallelism())));
 const Module = require('node:module');
 const { join } = require('node:path');
 const { Script } = require('node:vm');
 
 const dir = join(__dirname, '..', 'dist', 'cli');
-const bundlePath = join(dir, 'qcow.bundle.cjs');
 
-function loadBundle() {
+/**
+ * The command's own bundle for this command line (scripts/build-cli.mjs makes one for each common
+ * command, holding only what that command can run): the command word, or the qemu-img persona's
+ * command word after its global options, or `qemu-io` for that persona. Undefined: the whole CLI.
+ */
+function bundleFor(argv) {
+  let i = 2;
+  if (argv[2] === '--persona=qemu-io') return 'qemu-io';
+  if (argv[2] === '--persona=qemu-img') {
+    // qemu-img's global options, as compat/qemu-img scans them: -T and --trace take a value.
+    for (i = 3; argv[i] !== undefined && argv[i].startsWith('-'); i++) if (argv[i] === '-T' || argv[i] === '--trace') i++;
+  }
+  const word = argv[i];
+  return word !== undefined && /^[a-z]+$/.test(word) ? word : undefined;
+}
+
+/** Compile and run one bundle; undefined when it is missing or older than dist/ (a bare tsc). */
+function loadBundle(bundlePath) {
   let source;
   try {
     if (statSync(bundlePath).mtimeMs < statSync(join(dir, 'entry.js')).mtimeMs) return undefined;
-    source = readFileSync(bundlePath, 'utf8');
+    // ASCII (build-cli.mjs checks): latin1 is the cheapest way to a string.
+    source = readFileSync(bundlePath, 'latin1');
   } catch {
     return undefined;
   }
   let cachedData;
   try {
-    const cache = readFileSync(join(dir, 'qcow.bundle.cache'));
-    const id = Buffer.from(source.startsWith('/* qcow-bundle ') ? source.slice(0, source.indexOf('*/') + 2) : '');
-    if (id.length > 0 && cache.length > id.length && id.equals(cache.subarray(0, id.length))) cachedData = cache.subarray(id.length);
+    const cache = readFileSync(bundlePath.slice(0, -'.cjs'.length) + '.cache');
+    const id = Buffer.from(source.startsWith('/* qcow-bundle ') ? source.slice(0, source.indexOf('*/') + 2) : '', 'latin1');
+    // The data starts at the first multiple of 8 after the identity: V8 copies unaligned data.
+    const start = Math.ceil(id.length / 8) * 8;
+    if (id.length > 0 && cache.length > start && id.equals(cache.subarray(0, id.length))) cachedData = cache.subarray(start);
   } catch {
     // No cache: compile from source.
   }
-  // The bundle has no import() (build-cli.mjs turns them into require), so no import callback.
-  const script = new Script(Module.wrap(source), { filename: bundlePath, cachedData });
+  // The bundle is one function expression taking CommonJS's arguments (build-cli.mjs wraps it)
+  // and has no import() (build-cli.mjs turns them into require), so no import callback.
+  const script = new Script(source, { filename: bundlePath, cachedData });
   const mod = { exports: {} };
   script.runInThisContext()(mod.exports, Module.createRequire(bundlePath), mod, bundlePath, dir);
   return mod.exports;
 }
 
-const bundle = loadBundle();
-if (bundle) bundle.main(process.argv);
-else {
-  import('../dist/cli/main.js').catch((e) => {
-    process.stderr.write(`qcow: the command line is not built (npm run build): ${e && e.message ? e.message.split('\n')[0] : e}\n`);
-    process.exitCode = 1;
-  });
+function start() {
+  // bin/qcow moved NODE_EXTRA_CA_CERTS out of Node's start-up (see there): this process loads the
+  // file when it first needs it, and processes it starts get the variable back as it was.
+  if (process.env.QCOW_DEFERRED_CA_CERTS && !process.env.NODE_EXTRA_CA_CERTS) process.env.NODE_EXTRA_CA_CERTS = process.env.QCOW_DEFERRED_CA_CERTS;
+
+  // libuv's file-I/O pool has 4 threads. On a 2-core machine 4 threads copying 2 MiB buffers, plus
+  // the main thread, only take the cores from each other: converting 1 GiB qcow2 to raw took 0.48 s
+  // with 4 and 0.39 s with 2 (qemu-img: 0.30 s). One thread per core, 2 to 4 (the default beyond);
+  // a UV_THREADPOOL_SIZE of the user's own wins. libuv reads it when the pool first starts, later.
+  if (!process.env.UV_THREADPOOL_SIZE) process.env.UV_THREADPOOL_SIZE = String(Math.max(2, Math.min(4, require('node:os').availableParallelism())));
+  const own = bundleFor(process.argv);
+  // A word that is no command with a bundle of its own costs one failed stat.
+  const bundle = (own !== undefined ? loadBundle(join(dir, `qcow.cmd-${own}.cjs`)) : undefined) ?? loadBundle(join(dir, 'qcow.bundle.cjs'));
+  if (bundle) bundle.main(process.argv);
+  else {
+    import('../dist/cli/main.js').catch((e) => {
+      process.stderr.write(`qcow: the command line is not built (npm run build): ${e && e.message ? e.message.split('\n')[0] : e}\n`);
+      process.exitCode = 1;
+    });
+  }
 }
+
+// scripts/build-cli.mjs asks which bundle each command it warms the caches with runs in.
+if (require.main === module) start();
+else module.exports = { bundleFor };

@@ -1,13 +1,24 @@
 #!/usr/bin/env node
-// Bundle the CLI (dist/cli/entry.js, built by tsc first) into one CommonJS file,
-// dist/cli/qcow.bundle.cjs, and record V8's compiled code for it in dist/cli/qcow.bundle.cache.
+// Bundle the CLI (dist/cli/entry.js, built by tsc first) into CommonJS files, each with V8's
+// compiled code for it beside it: dist/cli/qcow.bundle.cjs + .cache, the whole CLI, and one
+// smaller pair per common command, dist/cli/qcow.cmd-NAME.cjs + .cache (see SPLIT).
 //
 // Why: Node 20 spends ~45 ms loading the CLI as ~60 separate ES modules (resolving, reading and
 // compiling each) before any work starts; qemu-img starts in ~5 ms. One file with a code cache
 // starts in a fraction of that (bin/qcow.cjs loads the pair, checking that they belong together).
+// And on our VMs a process pays ~20-30 µs for each page of memory it touches first (docs/
+// performance.md, "Fixed costs"): every byte of the bundle is touched twice (read, then held as
+// a string) and every byte of the cache three times (read, copied by Node, turned into V8
+// objects), so `info` reading the whole CLI's bundle and cache (1 MB) paid ~10 ms more than it
+// does with a bundle of only what `qcow info` can run and a cache of only what it ran.
 //
 // The code cache holds the functions that ran while it was made, so it is made by running the
-// common commands once on small images in a scratch folder (warmCache below), all in one process.
+// common commands once on small images in a scratch folder (warmCache below), all in one process,
+// each command through the bundle the launcher picks for it.
+//
+// Each bundle is written as one function expression taking CommonJS's five arguments, so the
+// launcher compiles the file's text as it is (Module.wrap would make V8 copy the whole text into
+// a new string first).
 //
 // Usage: node scripts/build-cli.mjs [--no-cache]
 import { build } from 'esbuild';
@@ -17,13 +28,32 @@ import { tmpdir } from 'node:os';
 import { dirname, join, relative, resolve } from 'node:path';
 import process from 'node:process';
 import { fileURLToPath } from 'node:url';
+import { setFlagsFromString } from 'node:v8';
 import { Script } from 'node:vm';
 import Module from 'node:module';
+import { readdir } from 'node:fs/promises';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const outDir = join(root, 'dist', 'cli');
+const require = Module.createRequire(import.meta.url);
+/** The launcher's choice of bundle for a command line (bin/qcow.cjs). */
+const { bundleFor } = require('../bin/qcow.cjs');
 export const BUNDLE = join(outDir, 'qcow.bundle.cjs');
 export const CACHE = join(outDir, 'qcow.bundle.cache');
+
+/**
+ * Commands with a bundle of their own: the short ones scripts run often, whose time is mostly
+ * start-up. The others (amend, backup, bitmap, commit, rebase, serve) run from the whole CLI's
+ * bundle, as help, --version and unknown names do. `qemu-io` is the qemu-io persona's bundle
+ * (compat/qemu-io); the qemu-img persona is in every command's bundle (compat/qemu-img runs the
+ * command of the same name).
+ */
+export const SPLIT = ['info', 'check', 'map', 'measure', 'create', 'snapshot', 'compare', 'convert', 'io', 'resize', 'bench', 'qemu-io'];
+const bundlePath = (name) => (name ? join(outDir, `qcow.cmd-${name}.cjs`) : BUNDLE);
+const cachePath = (bundle) => bundle.replace(/\.cjs$/, '.cache');
+
+/** The five arguments CommonJS passes a module (what Module.wrap puts around it). */
+const WRAP_HEAD = '(function (exports, require, module, __filename, __dirname) {';
 
 // Each module's import.meta.url becomes its own file's URL in dist/ (worker scripts and the CLI
 // path are found relative to it), not the bundle's.
@@ -53,50 +83,97 @@ const lazyChildProcess = {
   },
 };
 
-export async function buildCli() {
+/**
+ * A command's bundle leaves out the other commands' modules (and the persona it cannot run): each
+ * becomes a module that fails if it is ever loaded, which the launcher's choice rules out.
+ */
+function onlyCommand(name) {
+  return {
+    name: 'only-command',
+    setup(b) {
+      b.onResolve({ filter: /^\.\/commands\/[a-z-]+\.js$|^\.\.\/compat\/qemu-i[mo]g?\/main\.js$/ }, (args) => {
+        const command = /^\.\/commands\/([a-z-]+)\.js$/.exec(args.path)?.[1];
+        const persona = /^\.\.\/compat\/(qemu-i[mo]g?)\/main\.js$/.exec(args.path)?.[1];
+        const keep = name === 'qemu-io' ? persona === 'qemu-io' : command === name || persona === 'qemu-img';
+        return keep ? undefined : { path: args.path, namespace: 'qcow-left-out' };
+      });
+      b.onLoad({ filter: /.*/, namespace: 'qcow-left-out' }, (args) => ({
+        contents: `throw new Error(${JSON.stringify(`internal error: ${args.path} is not in the ${name} bundle`)});`,
+        loader: 'js',
+      }));
+    },
+  };
+}
+
+/** zstd-wasm's WebAssembly file, beside the bundles that hold its loader (see buildCli). */
+async function copyZstdWasm() {
+  const pkg = dirname(require.resolve('@bokuweb/zstd-wasm'));
+  await writeFile(join(outDir, 'zstd.wasm'), await readFile(join(pkg, 'zstd.wasm')));
+  const loader = await readFile(require.resolve('@bokuweb/zstd-wasm'), 'utf8');
+  if (!loader.includes("resolve(__dirname, './zstd.wasm')")) throw new Error('@bokuweb/zstd-wasm no longer reads ./zstd.wasm from __dirname: check how it finds its .wasm file');
+}
+
+/** Build the whole CLI's bundle (name undefined) or one command's (see SPLIT). */
+export async function buildCli(name) {
+  const outfile = bundlePath(name);
   const result = await build({
     entryPoints: [join(root, 'dist', 'cli', 'entry.js')],
-    outfile: BUNDLE,
+    outfile,
     absWorkingDir: root,
     bundle: true,
     format: 'cjs',
     platform: 'node',
     target: 'node20',
     conditions: ['node'],
-    // zstd-wasm loads its .wasm file from beside its own module: left in node_modules.
     // undici: only for http(s) images (src/storage/node-fetch.node.ts, deferred-ca.node.ts), so
-    // it is required from node_modules then rather than parsed at every start.
-    external: ['@bokuweb/zstd-wasm', 'undici'],
+    // it is required from node_modules then rather than parsed at every start. zstd-wasm is in
+    // the bundle (its 8 small files cost ~10 ms to resolve, read and compile at its first use,
+    // against ~1 ms from the code cache); it reads its .wasm file from `__dirname`, which in the
+    // bundle is the launcher's dist/cli, where copyZstdWasm puts it.
+    external: ['undici'],
     // import() inside code run by vm.Script needs an import callback, which Node 20 only has as an
     // experimental feature (a warning on stderr) and which code from the cache loses: every
     // dynamic import becomes a require (all that is left outside the bundle is CommonJS).
     supported: { 'dynamic-import': false },
     banner: { js: "const __qcowModuleUrl = (rel) => require('node:url').pathToFileURL(require('node:path').join(__dirname, rel)).href;" },
-    plugins: [moduleUrls, lazyChildProcess],
+    plugins: [moduleUrls, lazyChildProcess, ...(name ? [onlyCommand(name)] : [])],
     // Half the bytes to read at every start (~3 ms). Function names are not kept: esbuild keeps
     // them by a defineProperty call each time a named closure is made, which cost 16 ms of a
     // 4 TiB qcow2 convert (a closure per refcount table entry). QCOW_DEBUG stack traces show
     // minified names; to debug with the real ones, run the unbundled dist/cli/main.js, or build
-    // with QCOW_BUNDLE_NO_MINIFY=1 (for --cpu-prof profiles of the bundle as users run it).
-    minify: !process.env.QCOW_BUNDLE_NO_MINIFY,
+    // with QCOW_BUNDLE_NO_MINIFY=1 (for --cpu-prof profiles of the bundle as users run it: names
+    // kept, only white space and comments go, which also keeps the text ASCII).
+    ...(process.env.QCOW_BUNDLE_NO_MINIFY ? { minifyWhitespace: true } : { minify: true }),
     metafile: true,
+    write: false,
     logLevel: 'warning',
   });
-  // The bundle's identity, which the code cache must carry too (see warmCache).
-  const body = await readFile(BUNDLE, 'utf8');
-  // A comment on the bundle's first line, not a line of its own, so the source map still fits.
-  await writeFile(BUNDLE, `/* qcow-bundle ${createHash('sha256').update(body).digest('hex')} */${body}`);
-  const bytes = result.metafile.outputs[relative(root, BUNDLE).split('\\').join('/')]?.bytes;
-  if (/\bimport\(/.test(await readFile(BUNDLE, 'utf8'))) throw new Error(`${BUNDLE}: a dynamic import() was left in the bundle`);
-  return { outfile: BUNDLE, bytes };
+  const body = result.outputFiles[0].text;
+  // The launcher reads the file as latin1 (the cheapest decoding); esbuild writes code as ASCII
+  // (non-ASCII characters escaped) and minifying drops the comments that could hold others.
+  if (/[^\x00-\x7f]/.test(body)) throw new Error(`${outfile}: not ASCII`);
+  if (/\bimport\(/.test(body)) throw new Error(`${outfile}: a dynamic import() was left in the bundle`);
+  // The bundle's identity (the SHA-256 of its content), which the code cache must carry too (see
+  // warmCache), in a comment before the wrapper, on the first line so that line numbers stay.
+  const id = `/* qcow-bundle ${createHash('sha256').update(body).digest('hex')} */`;
+  await writeFile(outfile, `${id}${WRAP_HEAD}${body}\n})`, 'latin1');
+  const bytes = result.metafile.outputs[relative(root, outfile).split('\\').join('/')]?.bytes;
+  return { outfile, bytes };
 }
 
-/** Compile the bundle as bin/qcow.cjs does, run common commands, save what V8 compiled. */
-export async function warmCache() {
-  const source = await readFile(BUNDLE, 'utf8');
-  const script = new Script(Module.wrap(source), { filename: BUNDLE });
+/** Compile a bundle as bin/qcow.cjs does; returns its script and its `main`. */
+async function loadForWarming(file) {
+  const source = await readFile(file, 'latin1');
+  const script = new Script(source, { filename: file });
   const mod = { exports: {} };
-  script.runInThisContext()(mod.exports, Module.createRequire(BUNDLE), mod, BUNDLE, outDir);
+  script.runInThisContext()(mod.exports, Module.createRequire(file), mod, file, outDir);
+  return { source, script, main: mod.exports.main };
+}
+
+/** Run common commands, each through the bundle the launcher picks; save what V8 compiled. */
+export async function warmCache() {
+  const bundles = new Map();
+  for (const file of [BUNDLE, ...SPLIT.map(bundlePath)]) bundles.set(file, await loadForWarming(file));
   const dir = await mkdtemp(join(tmpdir(), 'qcow-warm-'));
   const p = (f) => join(dir, f);
   const runs = [
@@ -111,6 +188,8 @@ export async function warmCache() {
     ['convert', '-c', '-O', 'qcow2', p('a.qcow2'), p('c.qcow2')],
     ['convert', '-O', 'qcow', p('a.qcow2'), p('d.qcow')],
     ['convert', '-O', 'raw', p('d.qcow'), p('d.raw')],
+    // No zstd image here: a cache holding zstd's loader made every convert slower (its functions
+    // are unpacked at each start) and a zstd one no faster than compiling them when used.
     ['compare', p('a.qcow2'), p('b.qcow2')],
     ['create', '-q', '-f', 'qcow2', '-b', p('a.qcow2'), '-F', 'qcow2', p('top.qcow2')],
     ['measure', '-O', 'qcow2', p('a.qcow2')],
@@ -118,42 +197,71 @@ export async function warmCache() {
     ['bench', '-c', '200', '-d', '4', p('a.qcow2')],
     ['bench', '-w', '-c', '200', '-d', '4', p('b.qcow2')],
     ['resize', p('b.qcow2'), '128M'],
+    ['--persona=qemu-img', 'info', p('a.qcow2')],
+    ['--persona=qemu-img', 'check', p('a.qcow2')],
+    ['--persona=qemu-img', 'convert', '-O', 'raw', p('c.qcow2'), p('e.raw')],
+    ['--persona=qemu-io', '-c', 'read 0 64k', '-c', 'write -P 0x11 0 64k', p('a.qcow2')],
   ];
   // Commands print as they would for a user; the build log does not need that.
   const write = process.stdout.write;
   process.stdout.write = () => true;
+  const warmed = new Set();
+  // V8 drops the bytecode of functions that have not run for a few garbage collections, and a
+  // cache holds only what is compiled when it is made: without this, what `info` ran early in the
+  // warm-up was gone from its cache by the end, and compiled from source at every start instead
+  // (~65 KB of its 260 KB). The flag is set back before the caches are made: V8 takes a cache
+  // only under the flags it was made with (launcher.test.ts checks that it does).
+  setFlagsFromString('--no-flush-bytecode');
   try {
     for (const args of runs) {
-      process.exitCode = 0;
-      await mod.exports.main([process.execPath, BUNDLE, ...args]);
-      if (process.exitCode) throw new Error(`warming the code cache: qcow ${args.join(' ')} failed`);
+      const argv = [process.execPath, BUNDLE, ...args];
+      const own = bundleFor(argv);
+      // The whole CLI's bundle too: the commands without a bundle of their own share most code.
+      for (const file of new Set([own ? bundlePath(own) : BUNDLE, BUNDLE])) {
+        process.exitCode = 0;
+        await bundles.get(file).main(argv);
+        if (process.exitCode) throw new Error(`warming the code cache: qcow ${args.join(' ')} failed (${relative(root, file)})`);
+        warmed.add(file);
+      }
     }
   } finally {
+    setFlagsFromString('--flush-bytecode');
     process.stdout.write = write;
     process.exitCode = 0;
     await rm(dir, { recursive: true, force: true });
   }
-  // The cache starts with the bundle's identity comment, the SHA-256 of its content (see
-  // buildCli): bin/qcow.cjs uses the cache only with that very bundle, without hashing at start-up
-  // (loading node:crypto alone costs ~6 ms). V8's own check compares lengths, not content.
-  const id = source.slice(0, source.indexOf('*/') + 2);
-  await writeFile(CACHE, Buffer.concat([Buffer.from(id), script.createCachedData()]));
+  for (const [file, { source, script }] of bundles) {
+    if (!warmed.has(file)) throw new Error(`warming the code cache: no command ran through ${relative(root, file)}`);
+    // The cache starts with the bundle's identity comment, the SHA-256 of its content (see
+    // buildCli): bin/qcow.cjs uses the cache only with that very bundle, without hashing at
+    // start-up (loading node:crypto alone costs ~6 ms). V8's own check compares lengths, not content.
+    // The data starts at the next multiple of 8 after it (spaces between): V8 copies cached data
+    // that is not 8-byte aligned before reading it, and a file read lands on an aligned buffer.
+    const id = source.slice(0, source.indexOf('*/') + 2);
+    const head = id.padEnd(Math.ceil(id.length / 8) * 8, ' ');
+    await writeFile(cachePath(file), Buffer.concat([Buffer.from(head, 'latin1'), script.createCachedData()]));
+  }
 }
 
 if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
-  const { bytes } = await buildCli();
+  // Bundles of commands no longer split off (or from an older layout) would be picked up by the
+  // launcher with stale code: only this build's files stay.
+  for (const f of await readdir(outDir)) if (/^qcow\.cmd-.*\.(cjs|cache)$/.test(f)) await rm(join(outDir, f), { force: true });
+  await copyZstdWasm();
+  const built = [];
+  for (const name of [undefined, ...SPLIT]) built.push(await buildCli(name));
   // No cache is slower, not wrong (bin/qcow.cjs compiles the bundle from source): a machine where
   // the warm-up cannot run (no writable temp folder, say) still gets a working install.
-  await rm(CACHE, { force: true });
+  for (const { outfile } of built) await rm(cachePath(outfile), { force: true });
   if (!process.argv.includes('--no-cache')) {
     try {
       await warmCache();
     } catch (e) {
-      await rm(CACHE, { force: true });
+      for (const { outfile } of built) await rm(cachePath(outfile), { force: true });
       console.warn(`cli bundle: no code cache (${e instanceof Error ? e.message : e}); start-up will be slower`);
     }
   }
-  console.log(`cli bundle: ${BUNDLE} (${bytes} bytes)`);
+  console.log(`cli bundles: ${built.map(({ outfile, bytes }) => `${relative(outDir, outfile)} ${bytes}`).join(', ')} bytes`);
   // Worker pools and handles opened by the commands would keep the process alive.
   process.exit(0);
 }

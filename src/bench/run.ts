@@ -8,6 +8,9 @@
  *
  *   npm run bench -- [--reps N] [--scale F] [--only name,name] [--dir DIR] [--keep]
  *
+ * `--only 0-startup` runs only the start-up table (src/bench/startup.ts: every short command
+ * beside `node -e 0`); `node dist/bench/startup.js` runs it with its own options.
+ *
  * --scale shrinks the image sizes (0.25 = a quarter) for a quick look; the published figures use 1.
  */
 import { spawn } from 'node:child_process';
@@ -364,6 +367,12 @@ async function main(): Promise<void> {
     console.log(
       `${w.name.padEnd(30)} ours ${om.toFixed(3)}s cpu ${oc.toFixed(3)}s (${mbps(om)}, ${res.ours.rssMiB.toFixed(0)} MiB RSS)  qemu ${tm.toFixed(3)}s cpu ${tc.toFixed(3)}s (${mbps(tm)}, ${res.theirs.rssMiB.toFixed(0)} MiB RSS)  ratio ${res.ratio.toFixed(2)}${res.cpuRatio === undefined ? '' : ` cpu ${res.cpuRatio.toFixed(2)}`}`,
     );
+  }
+  if (want('0-startup')) {
+    // Fixed costs: each short command beside `node -e 0` (src/bench/startup.ts has the details).
+    const { benchStartup, startupTable } = await import('./startup.js');
+    const r = await benchStartup({ reps: Math.max(7, args.reps * 3) });
+    console.log(`\n# start-up (${r.reps} rounds, CPU from ${r.cpuSource}; target: 15 ms beyond node -e 0)\n${startupTable(r)}\n`);
   }
   if (want('7-nbd')) {
     // Served by `qcow serve` and qemu-nbd on copies of the same image, read and written whole with

@@ -10,10 +10,13 @@
  * - Workers start only once the work has shown it will pay for them. A worker costs about what a
  *   whole Node process costs to start (85-120 ms of CPU on our 2-core VM, measured from
  *   `new Worker` to its first message), so a short job (a 3 MiB compressed image) is cheaper done
- *   entirely on the calling thread. Jobs run here, timed, until they have taken START_AFTER_MS
- *   of this thread (the rent-or-buy rule: by then the job has spent on itself what a worker
- *   costs); then all workers start at once. Until one has said it is ready, and if workers cannot
- *   start at all, jobs keep running here: nothing waits on a boot.
+ *   entirely on the calling thread. Jobs run here, timed, until they have taken as long as
+ *   starting the workers costs, WORKER_START_MS for each of them (the rent-or-buy rule: by then
+ *   the job has spent on itself what the workers cost); then all workers start at once. Until one
+ *   has said it is ready, and if workers cannot start at all, jobs keep running here: nothing
+ *   waits on a boot. (The budget was 60 ms for the whole pool, less than one worker's start: a
+ *   3 MiB image converted with -c then started two workers for the last few clusters, ~200 ms
+ *   of CPU more than doing them here.)
  * - Jobs queue in order; an idle worker takes a batch (the queue shared among the idle workers,
  *   at most BATCH_MAX), each worker holds at most two batches so it never waits for the main
  *   thread between them.
@@ -33,12 +36,15 @@ import { runNow, type CodecOp, zstdReadyHere } from './kernels.node.js';
 const BATCH_MAX = 16;
 /** Batches a worker may hold at once. */
 const BATCHES_PER_WORKER = 2;
+/** What starting one worker costs, in ms of CPU (see above). */
+const WORKER_START_MS = 100;
 /**
  * Codec time spent on the calling thread before the workers start (see above), in ms;
- * QCOW_CODEC_START_MS overrides it (0: start on the first job, as before).
+ * QCOW_CODEC_START_MS overrides it (0: start on the first job). Default: WORKER_START_MS for
+ * each worker of the pool.
  */
 const envStart = Number(process.env.QCOW_CODEC_START_MS);
-const START_AFTER_MS = process.env.QCOW_CODEC_START_MS !== undefined && Number.isFinite(envStart) && envStart >= 0 ? envStart : 60;
+const START_AFTER_MS = process.env.QCOW_CODEC_START_MS !== undefined && Number.isFinite(envStart) && envStart >= 0 ? envStart : undefined;
 
 export interface JobMessage {
   id: number;
@@ -74,7 +80,7 @@ export class CodecPool {
   private hereMs = 0;
   private readonly startAfterMs: number;
 
-  constructor(size: number, startAfterMs = START_AFTER_MS) {
+  constructor(size: number, startAfterMs = START_AFTER_MS ?? WORKER_START_MS * size) {
     this.size = size;
     this.startAfterMs = startAfterMs;
   }
