@@ -440,10 +440,29 @@ export class PersistentBitmaps {
 
   /** Remove a bitmap, usable or not (the only way out of a broken one). */
   async remove(name: string): Promise<void> {
-    const host = this.writeHost();
     const b = this.find(name);
     if (b.tracked) await this.applyPending();
-    const cs = host.clusterSize;
+    await this.freeBitmap(b);
+    this.bitmaps.splice(this.bitmaps.indexOf(b), 1);
+    await this.writeDirectory();
+  }
+
+  /**
+   * Remove every bitmap with one directory write, and the extension with them: what a
+   * downgrade to compat=0.10 needs, since v2 images cannot hold bitmaps.
+   */
+  async removeAll(): Promise<void> {
+    if (this.bitmaps.length === 0) return;
+    this.pending.take();
+    for (const b of this.bitmaps) await this.freeBitmap(b);
+    this.bitmaps.length = 0;
+    this.tracking = false;
+    await this.writeDirectory();
+  }
+
+  /** Queue the frees of what bitmap b alone references (applied at the next directory write). */
+  private async freeBitmap(b: Bitmap): Promise<void> {
+    const cs = this.writeHost().clusterSize;
     // A bitmap left in use by a crash still has a sound table: free what it references. A table
     // that is itself broken is not followed (its clusters leak; check -r all reclaims them), so
     // a hostile table can never make us drop references that other structures hold.
@@ -455,8 +474,6 @@ export class PersistentBitmaps {
         this.deferredFrees.push([b.entry.tableOffset, alignUp(b.entry.tableSize * 8, cs)]);
       }
     }
-    this.bitmaps.splice(this.bitmaps.indexOf(b), 1);
-    await this.writeDirectory();
   }
 
   async clear(name: string): Promise<void> {
@@ -491,7 +508,7 @@ export class PersistentBitmaps {
    */
   checkResize(): void {
     const bad = this.bitmaps.find((b) => b.unusable);
-    if (bad) throw unsupported(`Bitmap '${bad.entry.name}' is inconsistent and cannot be used; cannot resize the image (remove it first)`);
+    if (bad) throw unsupported(`Bitmap '${bad.entry.name}' is inconsistent and cannot be used: cannot resize the image (remove the bitmap first)`);
   }
 
   /**
