@@ -25,7 +25,8 @@ export async function checkBitmapCopy(sources: BlockDevice[], options: BitmapCop
 }
 
 export async function copyBitmaps(src: BlockDevice, dst: BlockDevice, options: BitmapCopyOptions = {}): Promise<void> {
-  if (dst.format !== 'qcow2') throw unsupported(`Format driver '${dst.format}' does not support bitmaps`);
+  // qcow2 v2 (compat=0.10) has no bitmaps extension: qemu-img names the driver for it as well.
+  if (dst.format !== 'qcow2' || (dst as Qcow2Device).header.version < 3) throw unsupported(`Format driver '${dst.format}' does not support bitmaps`);
   const from = await (src as Qcow2Device).persistentBitmaps();
   for (const b of from.list()) {
     if (b.unusable) {
