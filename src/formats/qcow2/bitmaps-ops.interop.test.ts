@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { openImage } from '../../node.js';
 import type { Qcow2Device } from './qcow2.js';
-import { needs, qemuImg, qemuIo, run, runOk, scratch } from '../../test-support/qemu.js';
+import { QCOW_BIN, needs, qemuImg, qemuIo, run, runOk, scratch } from '../../test-support/qemu.js';
 
 const COMPAT_QEMU_IMG = fileURLToPath(new URL('../../../compat/qemu-img', import.meta.url));
 
@@ -227,3 +227,23 @@ for (const s of SCENARIOS) {
     assert.deepEqual(ours.images, theirs.images);
   });
 }
+
+test("qcow's own commands refuse the same steps in one line of their own words, and change nothing", needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  await image(dir, 'a.qcow2', '4M', [['b1'], ['b2', '--disable']], ['write 0 64k']);
+  await qemuImg(['snapshot', '-c', 's1', join(dir, 'a.qcow2')]);
+  await markFirstInUse(join(dir, 'a.qcow2'));
+  const before = (await qemuImg(['info', '--output=json', 'a.qcow2'], dir)).stdout;
+  const refusals: Array<[string[], RegExp]> = [
+    [['snapshot', '-a', 's1', 'a.qcow2'], /^qcow: .*Could not apply snapshot 's1': the image has persistent dirty bitmaps \('b1', 'b2'\); remove them first$/],
+    [['resize', 'a.qcow2', '8M'], /^qcow: .*Bitmap 'b1' is inconsistent and cannot be used: cannot resize the image \(remove the bitmap first\)$/],
+    [['convert', '--bitmaps', '-O', 'qcow2', 'a.qcow2', 'x.qcow2'], /^qcow: a\.qcow2: Cannot copy inconsistent bitmap 'b1'\. Try --skip-broken-bitmaps/],
+  ];
+  for (const [args, message] of refusals) {
+    const r = await run(QCOW_BIN, args, { cwd: dir });
+    assert.equal(r.code, 1, `${args.join(' ')}: ${r.stderr}`);
+    assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+    assert.match(r.stderr.trim(), message);
+  }
+  assert.equal((await qemuImg(['info', '--output=json', 'a.qcow2'], dir)).stdout, before);
+});
