@@ -159,12 +159,15 @@ const SCENARIOS: Scenario[] = [
     images: ['i.qcow2', 'y.qcow2'],
   },
   {
-    name: 'amend refcount_bits: the bitmaps are carried unchanged',
+    name: 'amend refcount_bits and size: the bitmaps are carried, and resized with the disk',
     setup: (d) => image(d, 'm.qcow2', '4M', [['b1'], ['b2', '-g', '128k', '--disable']], ['write 64k 64k']),
     steps: [
       ['img', 'amend', '-o', 'refcount_bits=8', 'm.qcow2'],
       ['io', '-c', 'write 2M 64k', 'm.qcow2'],
       ['img', 'amend', '-o', 'refcount_bits=64', 'm.qcow2'],
+      // amend's size= resizes as resize does, shrinking included.
+      ['img', 'amend', '-o', 'size=8M', 'm.qcow2'],
+      ['img', 'amend', '-o', 'size=1500K', 'm.qcow2'],
     ],
     images: ['m.qcow2'],
   },
