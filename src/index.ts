@@ -17,7 +17,7 @@ export { convert, type ConvertOptions } from './ops/convert.js';
 export { compareImages, type CompareOptions, type CompareResult } from './ops/compare.js';
 export { mapChain, mapJson, mapHuman, type ChainExtent } from './ops/map.js';
 export { imageInfo, chainInfo, infoHuman, type ImageInfoJson } from './ops/info.js';
-export { changedExtents, bitmapExtents, type DirtyExtent, type ExtentRange } from './ops/changed-extents.js';
+export { changedExtents, bitmapExtents, changedRuns, bitmapRuns, type DirtyExtent, type ExtentRange } from './ops/changed-extents.js';
 export { backup, type BackupOptions, type BackupResult } from './ops/backup.js';
 export { checkImage, checkableFormat, checkHuman, checkJson, checkExitCode, type CheckImageOptions, type CheckedImage, type CheckResult, type RepairMode } from './ops/check.js';
 // Writing an image front to back into a stream (a pipe, an upload, a download).

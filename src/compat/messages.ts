@@ -61,6 +61,23 @@ const ROWS: Row[] = [
     text: (_e, c) => `${c.file}: Could not open '${c.backing}': No such file or directory\nCould not open backing image.`,
   },
   { op: 'create-backing', text: (e, c) => `${c.file}: Could not open '${c.backing}': ${noFile(e.message)}\nCould not open backing image.` },
+  // Persistent bitmaps: a revert with bitmaps present, a resize with an inconsistent one (QEMU adds
+  // a hint line to the latter).
+  { code: 'QCOW_UNSUPPORTED', match: /^Could not apply snapshot '(.*)': the image has persistent dirty bitmaps/, text: (_e, _c, m) => `Could not apply snapshot '${m![1]}': Device has active dirty bitmaps` },
+  {
+    code: 'QCOW_UNSUPPORTED',
+    match: /^Bitmap '(.*)' is inconsistent and cannot be used: cannot resize/,
+    text: (_e, _c, m) => `Bitmap '${m![1]}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk`,
+  },
+  // amend: a downgrade refused for its refcount width (QEMU reports it as the amend's failure).
+  { code: 'QCOW_UNSUPPORTED', match: /^compat=0\.10 requires refcount_bits=16$/, text: (e) => e.message },
+  // convert --bitmaps: a target without bitmaps, an inconsistent source bitmap.
+  { code: 'QCOW_UNSUPPORTED', match: /^Format driver '.*' does not support bitmaps$/, text: (e) => e.message },
+  {
+    code: 'QCOW_UNSUPPORTED',
+    match: /^Cannot copy inconsistent bitmap '(.*)'(?:\. Try|$)/,
+    text: (_e, _c, m) => `Cannot copy inconsistent bitmap '${m![1]}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it`,
+  },
   // Opening: a backing file that is missing.
   {
     op: 'open',

@@ -13,6 +13,9 @@ import { openImage } from '../node.js';
 import { QcowError } from '../core/errors.js';
 import { mapChain } from '../ops/map.js';
 import { imageInfo } from '../ops/info.js';
+import { bitmapRuns } from '../ops/changed-extents.js';
+import type { Qcow2Device } from '../formats/qcow2/qcow2.js';
+import { decodeDirectory } from '../formats/qcow2/bitmaps/directory.js';
 import { needs, qemuImg, qemuIo, randomBytes, scratch } from '../test-support/qemu.js';
 
 interface Seed {
@@ -20,6 +23,26 @@ interface Seed {
   format: string;
   headerSize: number;
   password?: string;
+  /** Byte ranges the mutations aim at too (see randomMutation). */
+  hot?: Array<[number, number]>;
+}
+
+/** Where an image's bitmap structures lie: the header extensions, the directory, every table. */
+async function bitmapRegions(path: string): Promise<Array<[number, number]>> {
+  const dev = (await openImage(path, { readOnly: true })) as Qcow2Device;
+  try {
+    const ext = dev.header.bitmaps!;
+    const dir = new Uint8Array(ext.directorySize);
+    await dev.store.read(ext.directoryOffset, dir);
+    const regions: Array<[number, number]> = [
+      [dev.header.headerLength, dev.header.headerLength + 256],
+      [ext.directoryOffset, ext.directoryOffset + ext.directorySize],
+    ];
+    for (const e of decodeDirectory(dir, ext.nbBitmaps)) regions.push([e.tableOffset, e.tableOffset + e.tableSize * 8]);
+    return regions;
+  } finally {
+    await dev.close();
+  }
 }
 
 async function makeSeeds(dir: string): Promise<Seed[]> {
@@ -36,6 +59,14 @@ async function makeSeeds(dir: string): Promise<Seed[]> {
   await q(['convert', '-O', 'qcow2', '-o', 'extended_l2=on,cluster_size=16k', 'src.raw', 'xl2.qcow2']);
   await q(['convert', '-O', 'qcow2', '-o', 'cluster_size=4k', 'src.raw', 'snap.qcow2']);
   await q(['snapshot', '-c', 's1', 'snap.qcow2']);
+  // Persistent bitmaps: an enabled one dirtied by writes, a disabled one merged from it, one at
+  // the smallest granularity (its table and data span several clusters).
+  await q(['convert', '-O', 'qcow2', '-o', 'cluster_size=4k', 'src.raw', 'bitmaps.qcow2']);
+  await q(['bitmap', '--add', 'bitmaps.qcow2', 'on']);
+  await q(['bitmap', '--add', '-g', '512', 'bitmaps.qcow2', 'fine']);
+  await q(['bitmap', '--add', '--disable', 'bitmaps.qcow2', 'off']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 0x44 4k 8k', '-c', 'write -P 0x45 600k 100k', 'bitmaps.qcow2'], dir);
+  await q(['bitmap', '--merge', 'on', 'bitmaps.qcow2', 'off']);
   await q(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', '-b', 'src.raw', '-F', 'raw', 'overlay.qcow2']);
   await qemuIo(['-f', 'qcow2', '-c', 'write -P 0x33 8k 12k', 'overlay.qcow2'], dir);
   await q(['convert', '-O', 'qcow', 'src.raw', 'v1.qcow']);
@@ -62,6 +93,7 @@ async function makeSeeds(dir: string): Promise<Seed[]> {
     { file: 'xl2.qcow2', format: 'qcow2', ...v3 },
     { file: 'snap.qcow2', format: 'qcow2', ...v3 },
     { file: 'overlay.qcow2', format: 'qcow2', ...v3 },
+    { file: 'bitmaps.qcow2', format: 'qcow2', ...v3, hot: await bitmapRegions(join(dir, 'bitmaps.qcow2')) },
     { file: 'luks.qcow2', format: 'qcow2', password: 'hunter2', ...v3 },
     { file: 'v1.qcow', format: 'qcow', ...v1 },
     { file: 'v1-back.qcow', format: 'qcow', ...v1 },
@@ -78,6 +110,18 @@ async function exercise(path: string, seed: Seed, probe: boolean): Promise<void>
     for await (const e of mapChain(dev)) {
       assert.ok(e.length > 0 && e.start + e.length <= dev.size, 'map extents stay inside the image');
       if (++extents > 2000) break;
+    }
+    // Persistent bitmaps (qcow2): every run of each usable one, streamed (a mutant's table may
+    // describe far more runs than the disk has granules to hold: the count is capped here).
+    if (dev.format === 'qcow2') {
+      for (const b of (await (dev as Qcow2Device).persistentBitmaps()).list()) {
+        if (b.unusable) continue;
+        let runs = 0;
+        for await (const run of bitmapRuns(dev, b.name)) {
+          assert.ok(run.length > 0 && run.offset + run.length <= dev.size, 'bitmap runs stay inside the disk');
+          if (++runs > 100_000) break;
+        }
+      }
     }
     const buf = new Uint8Array(256 * 1024);
     const points = dev.size <= 4 * 1024 * 1024 ? Array.from({ length: Math.ceil(dev.size / buf.length) }, (_, i) => i * buf.length) : [0, dev.size / 2, dev.size - buf.length].map((x) => Math.max(0, Math.floor(x / 512) * 512));
@@ -119,7 +163,7 @@ test(`${RUNS} mutated images each give a clean result or a QcowError`, { ...need
   const kinds = new Map<string, number>();
   for (let i = 0; i < RUNS; i++) {
     const seed = seeds[i % seeds.length]!;
-    const m = randomMutation(r, seed.headerSize);
+    const m = randomMutation(r, seed.headerSize, seed.hot);
     const mutant = m.apply(originals.get(seed.file)!);
     const path = join(dir, `mutant-${seed.file}`);
     await writeFile(path, mutant);

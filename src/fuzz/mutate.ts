@@ -42,8 +42,28 @@ export interface Mutation {
   apply(image: Uint8Array): Uint8Array;
 }
 
-/** A random mutation. `headerSize` bounds the header-field smashes (48 for qcow v1, 112 for qcow2). */
-export function randomMutation(r: Rand, headerSize: number): Mutation {
+/**
+ * A random mutation. `headerSize` bounds the header-field smashes (48 for qcow v1, 112 for qcow2).
+ * `hot`: [start, end) byte ranges of structures worth aiming at (a bitmap directory and its
+ * tables, which lie past where the other kinds mostly land); with them, a third of the mutations
+ * set a field inside one of them to an extreme value.
+ */
+export function randomMutation(r: Rand, headerSize: number, hot: ReadonlyArray<readonly [number, number]> = []): Mutation {
+  if (hot.length > 0 && r() < 1 / 3) {
+    const [start, end] = pick(r, hot);
+    const width = pick(r, [1, 2, 4, 8]);
+    const span = Math.max(1, Math.floor((end - start) / width));
+    const off = start + int(r, span) * width;
+    const seed = r();
+    return {
+      describe: `u${width * 8} at ${off} (in [${start}, ${end})) set to an extreme value`,
+      apply: (img) => {
+        const out = img.slice();
+        if (off + width <= out.length) setBE(out, off, width, extreme(seededRandom(Math.floor(seed * 2 ** 32)), width, img.length));
+        return out;
+      },
+    };
+  }
   const kind = pick(r, ['header-field', 'header-field', 'table-entry', 'bit-flip', 'truncate', 'byte-run'] as const);
   switch (kind) {
     case 'header-field': {

@@ -16,7 +16,8 @@ import { QcowError, throwIfAborted } from '../core/errors.js';
 import { isZero } from '../core/bytes.js';
 import type { Qcow2Device } from '../formats/qcow2/qcow2.js';
 import { convert } from './convert.js';
-import { changedExtents } from './changed-extents.js';
+import { changedRuns } from './changed-extents.js';
+import { ChainStatus } from './chain-status.js';
 
 /** Options of {@link backup}: the bitmap, how to make the target, and the previous backup. */
 export interface BackupOptions {
@@ -48,6 +49,8 @@ export interface BackupResult {
 }
 
 const CHUNK = 1 << 20;
+/** The most one zero write covers, so progress moves and an abort is seen on huge empty runs. */
+const ZERO_STEP = 2 ** 30;
 
 /**
  * Back up a qcow2 disk with a persistent dirty bitmap, without QEMU: a full backup copies every
@@ -77,8 +80,16 @@ export async function backup(source: BlockDevice, options: BackupOptions): Promi
   const bitmaps = await dev.persistentBitmaps();
   const exists = bitmaps.list().some((b) => b.name === options.bitmap);
   if (options.previous && !exists) throw new QcowError('QCOW_INVALID_ARGUMENT', `Dirty bitmap '${options.bitmap}' not found: an incremental backup needs the bitmap of the previous one`);
-  // Fails early on an inconsistent bitmap: it cannot say what changed.
-  const changed = options.previous ? await changedExtents(dev, options.bitmap) : [{ offset: 0, length: dev.size }];
+  // The bitmap's runs are streamed, never listed (a fragmented bitmap over a large disk has
+  // millions): a first pass sums them for the progress total, and fails early on an inconsistent
+  // bitmap, which cannot say what changed, before the target exists.
+  let total = 0;
+  if (options.previous) {
+    for await (const run of changedRuns(dev, options.bitmap)) {
+      throwIfAborted(options.signal);
+      total += run.length;
+    }
+  }
   const target = await options.createTarget(dev.size, options.previous);
   let bytes = 0;
   try {
@@ -86,18 +97,36 @@ export async function backup(source: BlockDevice, options: BackupOptions): Promi
       await convert([dev], target, { targetIsZero: true, signal: options.signal, onProgress: options.onProgress });
       bytes = dev.size;
     } else {
-      const total = changed.reduce((n, e) => n + e.length, 0);
+      const progress = (n: number) => {
+        bytes += n;
+        options.onProgress?.(bytes, total);
+      };
+      // What the source's chain says reads as zeros is written as zeros without reading it, so a
+      // dirty but empty stretch (a discard, a resize) costs metadata, not a scan of its bytes.
+      const status = new ChainStatus(dev);
       const buf = new Uint8Array(CHUNK);
-      for (const e of changed) {
-        for (let off = e.offset; off < e.offset + e.length; off += CHUNK) {
+      for await (const run of changedRuns(dev, options.bitmap)) {
+        const end = run.offset + run.length;
+        for (let off = run.offset; off < end; ) {
           throwIfAborted(options.signal);
-          const part = buf.subarray(0, Math.min(CHUNK, e.offset + e.length - off));
-          await dev.read(off, part);
+          const st = await status.at(off, Math.min(end - off, ZERO_STEP));
+          const stEnd = off + st.length;
           // Zeros are written as zeros: the overlay must hide what the previous backup holds there.
-          if (isZero(part)) await target.writeZeroes(off, part.length);
-          else await target.write(off, part);
-          bytes += part.length;
-          options.onProgress?.(bytes, total);
+          if (st.zero) {
+            await target.writeZeroes(off, st.length);
+            progress(st.length);
+            off = stEnd;
+            continue;
+          }
+          for (; off < stEnd; ) {
+            throwIfAborted(options.signal);
+            const part = buf.subarray(0, Math.min(CHUNK, stEnd - off));
+            await dev.read(off, part);
+            if (isZero(part)) await target.writeZeroes(off, part.length);
+            else await target.write(off, part);
+            off += part.length;
+            progress(part.length);
+          }
         }
       }
     }

@@ -3,8 +3,9 @@
  * written in TypeScript (the same answer `qcow serve -B NAME` gives over NBD as the
  * qemu:dirty-bitmap:NAME context). Only qcow2 images hold persistent bitmaps.
  *
- * Ask for a range at a time on very large disks: the answer holds one entry per run, and a
- * bitmap whose bits alternate has many.
+ * bitmapRuns and changedRuns stream the runs, holding one at a time: use them over whole large
+ * disks. bitmapExtents and changedExtents collect them into an array, one entry per run (a 4 TiB
+ * disk whose bitmap alternates at 64 KiB has 32 million): for bounded ranges.
  */
 import type { BlockDevice } from '../core/block-device.js';
 import { QcowError, unsupported } from '../core/errors.js';
@@ -33,22 +34,50 @@ export interface ExtentRange {
 
 /**
  * Every run of [offset, offset + length) of qcow2 persistent bitmap `bitmapName`, dirty or clean,
- * in order and merged. QCOW_UNSUPPORTED for other formats.
+ * in order and merged, one at a time: memory stays bounded whatever the disk and the bitmap.
+ * QCOW_UNSUPPORTED for other formats. The checks (format, range, a bitmap that exists and is
+ * consistent) run before the first run is produced.
+ *
+ * @example
+ * ```ts
+ * for await (const run of bitmapRuns(disk, 'backup')) if (run.dirty) console.log(run.offset, run.length);
+ * ```
  */
-export async function bitmapExtents(dev: BlockDevice, bitmapName: string, range: ExtentRange = {}): Promise<DirtyExtent[]> {
+export async function* bitmapRuns(dev: BlockDevice, bitmapName: string, range: ExtentRange = {}): AsyncGenerator<DirtyExtent> {
+  const { offset, length } = checkedRange(dev, range);
+  const bitmaps = await (dev as Qcow2Device).persistentBitmaps();
+  yield* bitmaps.runs(bitmapName, offset, length);
+}
+
+/** The dirty runs of {@link bitmapRuns} only, one at a time: what an incremental backup copies. */
+export async function* changedRuns(dev: BlockDevice, bitmapName: string, range: ExtentRange = {}): AsyncGenerator<{ offset: number; length: number }> {
+  for await (const e of bitmapRuns(dev, bitmapName, range)) if (e.dirty) yield { offset: e.offset, length: e.length };
+}
+
+function checkedRange(dev: BlockDevice, range: ExtentRange): { offset: number; length: number } {
   if (dev.format !== 'qcow2') throw unsupported(`a ${dev.format} image holds no persistent dirty bitmaps`);
   const offset = range.offset ?? 0;
   const length = range.length ?? dev.size - offset;
   if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > dev.size) {
     throw new QcowError('QCOW_OUT_OF_RANGE', `range [${offset}, +${length}) is outside the disk (${dev.size} bytes)`);
   }
+  return { offset, length };
+}
+
+/**
+ * Every run of [offset, offset + length) of qcow2 persistent bitmap `bitmapName`, dirty or clean,
+ * in order and merged, as one array (see {@link bitmapRuns} for whole large disks).
+ * QCOW_UNSUPPORTED for other formats.
+ */
+export async function bitmapExtents(dev: BlockDevice, bitmapName: string, range: ExtentRange = {}): Promise<DirtyExtent[]> {
+  const { offset, length } = checkedRange(dev, range);
   const bitmaps = await (dev as Qcow2Device).persistentBitmaps();
   return bitmaps.extents(bitmapName, offset, length);
 }
 
 /**
- * The dirty runs only: what an incremental backup since bitmap `bitmapName` was created (or last
- * cleared) must copy.
+ * The dirty runs only, as one array: what an incremental backup since bitmap `bitmapName` was
+ * created (or last cleared) must copy (see {@link changedRuns} for whole large disks).
  *
  * @example
  * ```ts

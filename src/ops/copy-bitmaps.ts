@@ -5,7 +5,7 @@
  * copied after it (copyBitmaps), one bitmap at a time, each read a data cluster at a time.
  */
 import type { BlockDevice } from '../core/block-device.js';
-import { QcowError, unsupported } from '../core/errors.js';
+import { QcowError, unsupported, withFile } from '../core/errors.js';
 import type { Qcow2Device } from '../formats/qcow2/qcow2.js';
 
 export interface BitmapCopyOptions {
@@ -21,15 +21,16 @@ export async function checkBitmapCopy(sources: BlockDevice[], options: BitmapCop
   if (src.format !== 'qcow2') throw unsupported('Source lacks bitmap support');
   if (options.skipBroken) return;
   const broken = (await (src as Qcow2Device).persistentBitmaps()).list().find((b) => b.unusable);
-  if (broken) throw unsupported(`Cannot copy inconsistent bitmap '${broken.name}'. Try --skip-broken-bitmaps, or use 'qcow bitmap --remove' to delete it`);
+  if (broken) throw new QcowError('QCOW_UNSUPPORTED', `Cannot copy inconsistent bitmap '${broken.name}'. Try --skip-broken-bitmaps, or use 'qcow bitmap --remove' to delete it`, { file: src.filename });
 }
 
 export async function copyBitmaps(src: BlockDevice, dst: BlockDevice, options: BitmapCopyOptions = {}): Promise<void> {
-  if (dst.format !== 'qcow2') throw unsupported(`Format driver '${dst.format}' does not support bitmaps`);
+  // qcow2 v2 (compat=0.10) has no bitmaps extension: qemu-img names the driver for it as well.
+  if (dst.format !== 'qcow2' || (dst as Qcow2Device).header.version < 3) throw unsupported(`Format driver '${dst.format}' does not support bitmaps`);
   const from = await (src as Qcow2Device).persistentBitmaps();
   for (const b of from.list()) {
     if (b.unusable) {
-      if (!options.skipBroken) throw unsupported(`Cannot copy inconsistent bitmap '${b.name}'`);
+      if (!options.skipBroken) throw new QcowError('QCOW_UNSUPPORTED', `Cannot copy inconsistent bitmap '${b.name}'`, { file: src.filename });
       options.onSkip?.(b.name);
       continue;
     }
@@ -40,7 +41,10 @@ export async function copyBitmaps(src: BlockDevice, dst: BlockDevice, options: B
         if (e instanceof QcowError) e.message = `Failed to create bitmap ${b.name}: ${e.message}`;
         throw e;
       }
-      await to.merge(b.name, b.name, from);
+      // What goes wrong reading the source's table or data is about the source image.
+      await to.merge(b.name, b.name, from).catch((e: unknown) => {
+        throw withFile(e, src.filename);
+      });
     });
   }
 }

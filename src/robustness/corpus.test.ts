@@ -52,6 +52,7 @@ function runCli(args: string[], cwd: string): Promise<Outcome> {
 
 function commandsFor(c: CorpusCase): CorpusCommand[] {
   const all: CorpusCommand[] = c.format === 'qcow2' ? ['info', 'convert', 'map', 'check'] : ['info', 'convert', 'map'];
+  if (c.name.startsWith('qcow2/bitmaps/')) all.push('bitmaps');
   // A broken header stops every command at the same place (opening): convert, which also reads
   // everything, stands for them all by default.
   return FULL || !c.name.includes('/header/') ? all : ['convert'];
@@ -68,6 +69,8 @@ function argsFor(cmd: CorpusCommand, c: CorpusCase, out: string): string[] {
       return ['map', ...common, ...(c.args ?? []), c.file];
     case 'check':
       return ['check', ...common, c.file];
+    case 'bitmaps':
+      return ['convert', ...common, '--bitmaps', '-O', 'qcow2', c.file, out];
   }
 }
 

@@ -9,7 +9,8 @@ import { readFile, rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { qemuImg, qemuIo, run } from '../test-support/qemu.js';
 
-export type CorpusCommand = 'info' | 'convert' | 'map' | 'check';
+/** `bitmaps`: convert --bitmaps to qcow2, which reads every bitmap's table and data (qcow2/bitmaps cases). */
+export type CorpusCommand = 'info' | 'convert' | 'map' | 'check' | 'bitmaps';
 
 export interface CorpusCase {
   /** Unique, readable: `qcow2/header/l1_size=0xffffffff`. */
@@ -166,8 +167,13 @@ export async function buildCorpus(dir: string): Promise<CorpusCase[]> {
     if (ext + 8 >= 65536) throw new Error('qemu-img wrote no bitmaps extension');
     const dirAt = Number(get(img, ext + 8 + 16));
     const table0 = Number(get(img, dirAt));
+    // A directory that cannot be read fails info (QEMU's open fails), check and convert --bitmaps.
     const bmCase = (name: string, mutate: (b: Uint8Array) => Uint8Array, mustFail: CorpusCommand[]) =>
-      add({ name: `qcow2/bitmaps/${name}`, file: fileFor('qcow2'), format: 'qcow2', mustFail }, mutate(img.slice()));
+      add({ name: `qcow2/bitmaps/${name}`, file: fileFor('qcow2'), format: 'qcow2', mustFail: mustFail.includes('info') ? [...mustFail, 'check', 'bitmaps'] : mustFail }, mutate(img.slice()));
+    // A bitmap that cannot be used (bad table, fields, flags) leaves the image readable: convert
+    // --bitmaps refuses it (as qemu-img), and check reports what breaks the image's own metadata.
+    const unusable: CorpusCommand[] = ['bitmaps'];
+    const broken: CorpusCommand[] = ['check', 'bitmaps'];
     await bmCase('the unpatched image', (b) => b, []);
     await bmCase('nb_bitmaps=0xffffffff', (b) => put(b, ext + 8, 4, 0xffffffffn), ['info']);
     await bmCase('nb_bitmaps=0', (b) => put(b, ext + 8, 4, 0n), ['info']);
@@ -181,13 +187,32 @@ export async function buildCorpus(dir: string): Promise<CorpusCase[]> {
     await bmCase('name_size=0xffff', (b) => put(b, dirAt + 18, 2, 0xffffn), ['info']);
     await bmCase('extra_data_size=0xffffffff', (b) => put(b, dirAt + 20, 4, 0xffffffffn), ['info']);
     await bmCase('both bitmaps named alike', (b) => put(b, dirAt + 24 + 1, 1, 0x31n), ['info']);
-    await bmCase('table_size=0xffffffff', (b) => put(b, dirAt + 8, 4, 0xffffffffn), []);
-    await bmCase('table_offset past the end', (b) => put(b, dirAt, 8, 1n << 50n), []);
-    await bmCase('table entry past the end', (b) => put(b, table0, 8, 1n << 40n), []);
-    await bmCase('table entry with reserved bits', (b) => put(b, table0, 8, get(b, table0) | 0x1fen), []);
-    await bmCase('table entry pointing at the L1 table', (b) => put(b, table0, 8, BigInt(QCOW2.l1)), []);
-    await bmCase('granularity_bits=63', (b) => put(b, dirAt + 17, 1, 63n), []);
-    await bmCase('unknown flags', (b) => put(b, dirAt + 12, 4, 0xfffffff0n), []);
+    await bmCase('table_size=0xffffffff', (b) => put(b, dirAt + 8, 4, 0xffffffffn), broken);
+    await bmCase('table_offset past the end', (b) => put(b, dirAt, 8, 1n << 50n), broken);
+    await bmCase('table entry past the end', (b) => put(b, table0, 8, 1n << 40n), broken);
+    await bmCase('table entry with reserved bits', (b) => put(b, table0, 8, get(b, table0) | 0x1fen), broken);
+    await bmCase('table entry pointing at the L1 table', (b) => put(b, table0, 8, BigInt(QCOW2.l1)), ['check']);
+    await bmCase('granularity_bits=63', (b) => put(b, dirAt + 17, 1, 63n), unusable);
+    await bmCase('unknown flags', (b) => put(b, dirAt + 12, 4, 0xfffffff0n), unusable);
+    // More of the same kinds: counts, sizes and offsets at absurd values, overlaps with the
+    // image's own metadata, and flags that make a bitmap unusable rather than the image.
+    await bmCase('nb_bitmaps=65536 (one past the limit)', (b) => put(b, ext + 8, 4, 65536n), ['info']);
+    await bmCase('directory_size=0', (b) => put(b, ext + 8 + 8, 8, 0n), ['info']);
+    await bmCase('directory_size=2^64-1', (b) => put(b, ext + 8 + 8, 8, 0xffffffffffffffffn), ['info']);
+    await bmCase('directory_offset at the L1 table', (b) => put(b, ext + 8 + 16, 8, BigInt(QCOW2.l1)), ['info']);
+    await bmCase('extension length 4 GiB', (b) => put(b, ext + 4, 4, 0xffffffffn), ['info']);
+    await bmCase('extension length 8 (too short for its fields)', (b) => put(b, ext + 4, 4, 8n), ['info']);
+    await bmCase('name_size running past the directory', (b) => put(b, dirAt + 18, 2, 1000n), ['info']);
+    await bmCase('table_size=0', (b) => put(b, dirAt + 8, 4, 0n), broken);
+    await bmCase('table_offset=0', (b) => put(b, dirAt, 8, 0n), broken);
+    await bmCase('table_offset unaligned', (b) => put(b, dirAt, 8, BigInt(table0 + 8)), broken);
+    await bmCase('table_offset at the refcount table', (b) => put(b, dirAt, 8, BigInt(QCOW2.refcountTable)), ['check']);
+    await bmCase('granularity_bits=0', (b) => put(b, dirAt + 17, 1, 0n), unusable);
+    await bmCase('type=2', (b) => put(b, dirAt + 16, 1, 2n), unusable);
+    await bmCase('in use (left by a crash)', (b) => put(b, dirAt + 12, 4, (get(b, dirAt + 8) & 0xffffffffn) | 1n), unusable);
+    await bmCase('table entry with an offset and the all-ones flag', (b) => put(b, table0, 8, get(b, table0) | 1n), broken);
+    await bmCase('table entry all ones (valid)', (b) => put(b, table0, 8, 1n), []);
+    await bmCase('autoclear bit cleared (stale bitmaps, ignored)', (b) => put(b, 88, 8, 0n), []);
   }
 
   // Backing chains: a self-reference, a loop of two, one deeper than the limit.

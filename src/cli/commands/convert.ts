@@ -10,7 +10,7 @@ import { permissionsFor } from '../../storage/permissions.js';
 import { convert } from '../../ops/convert.js';
 import { isHttpUrl } from '../../storage/url.js';
 import { fstatSync } from 'node:fs';
-import { openForCli, parseOptionList, readPasswordFile, removeCreated, withProgress } from '../common.js';
+import { failureStyle, openForCli, parseOptionList, readPasswordFile, removeCreated, withProgress } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -142,7 +142,7 @@ export async function run(files: string[], flags: Flags): Promise<void> {
     await withProgress(flags, async (signal, onProgress) => {
       for (const name of sourceNames) sources.push(await openForCli(name, flags, { readOnly: true, snapshot }));
       const bitmapOps = flags.bitmaps ? await import('../../ops/copy-bitmaps.js') : undefined;
-      const bitmapOptions = { skipBroken: !!flags.skipBrokenBitmaps, onSkip: (name: string) => process.stderr.write(`qcow: warning: Skipping inconsistent bitmap '${name}'\n`) };
+      const bitmapOptions = { skipBroken: !!flags.skipBrokenBitmaps, onSkip: (name: string) => process.stderr.write(`${failureStyle.program}: warning: Skipping inconsistent bitmap '${name}'\n`) };
       if (bitmapOps) await bitmapOps.checkBitmapCopy(sources, bitmapOptions);
       const total = sources.reduce((n, s) => n + s.size, 0);
       const targetPassword = await readPasswordFile(flags.targetPasswordFile ?? flags.passwordFile);

@@ -142,10 +142,11 @@ function translate(cmd: string, key: string, value: string | undefined): string[
     case 'force':
     case 'salvage':
     case 'target-is-zero':
-    case 'bitmaps':
-    case 'skip-broken-bitmaps':
     case 'preallocation':
       return undefined;
+    case 'bitmaps':
+    case 'skip-broken-bitmaps':
+      return [`--${key}`];
     case 's':
       if (cmd === 'map') return ['--start-offset', v];
       return ['-s'];

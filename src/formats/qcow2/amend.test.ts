@@ -120,3 +120,36 @@ test('amend refuses what qemu-img amend refuses, and leaves the image unchanged'
     assert.equal((await qemuImg(['info', '--output=json', f])).stdout, before.stdout);
   }
 });
+
+test('compat=0.10 with persistent bitmaps: qemu-img 7.2 downgrades too; the bitmaps go with their clusters and check stays clean', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const make = async (name: string) => {
+    const f = join(dir, name);
+    await qemuImg(['create', '-q', '-f', 'qcow2', f, '4M']);
+    await qemuImg(['bitmap', '--add', f, 'b1']);
+    await qemuImg(['bitmap', '--add', '-g', '512k', '--disable', f, 'b2']);
+    await qemuIo(['-c', 'write -P 0x33 0 1M', f]);
+    await qemuImg(['bitmap', '--merge', 'b1', f, 'b2']);
+    return f;
+  };
+  const q = await make('q.qcow2');
+  const o = await make('o.qcow2');
+  // QEMU does not refuse: it clears the autoclear bit and leaves the extension and clusters behind.
+  assert.equal((await run('qemu-img', ['amend', '-o', 'compat=0.10', q])).code, 0);
+  const qemuCheck = await run('qemu-img', ['check', q]);
+  assert.match(qemuCheck.stderr + qemuCheck.stdout, /leaked clusters/);
+  await qcowOk(['amend', '-o', 'compat=0.10', o]);
+  const i = await info(o);
+  assert.equal(i.compat, '0.10');
+  assert.equal(i.bitmaps, undefined);
+  // No warning about stale bitmaps (the extension is gone), no leaks (their clusters are free).
+  const c = await run('qemu-img', ['check', o]);
+  assert.equal(c.code, 0, c.stdout + c.stderr);
+  assert.equal(c.stderr, '');
+  assert.match(c.stdout, /No errors were found/);
+  assert.equal(await qemuGuestSha256([o]), await qemuGuestSha256([q]));
+  // Upgrading again gives an image without bitmaps, where new ones can be added.
+  await qcowOk(['amend', '-o', 'compat=1.1', o]);
+  await qcowOk(['bitmap', '--add', o, 'again']);
+  await clean(o);
+});

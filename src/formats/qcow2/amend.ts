@@ -5,7 +5,8 @@
  *     ZERO_PLAIN -> unallocated without a backing file, a fresh zero cluster with one), then
  *     writes the v2 header. Refused as qemu refuses: extended L2 (or any other incompatible
  *     feature), an external data file, refcount_bits != 16, lazy_refcounts=on, zstd with
- *     compressed clusters, persistent bitmaps.
+ *     compressed clusters. Persistent bitmaps do not stop it (qemu 7.2 does not refuse either):
+ *     v2 cannot hold them, so they are removed first.
  *   - lazy_refcounts=on|off (v3 only).
  *   - refcount_bits=N: new refcount blocks and table are built in free space at the end of the
  *     file, flushed, and only then does the header name them (with the new refcount_order); the
@@ -23,11 +24,16 @@
  * when an internal snapshot shares it (checked: the snapshot then reads zeros and `qemu-img check`
  * reports OFLAG_COPIED errors). Here a shared cluster is never overwritten: the entry gets a fresh
  * cluster (or none, without a backing file).
+ *
+ * And with persistent bitmaps: qemu 7.2's downgrade only clears the autoclear bit, so the v2 image
+ * keeps a bitmaps extension that every later open warns about, and `qemu-img check` reports the
+ * bitmaps' clusters as leaked. Here they are removed (clusters freed, extension dropped) before the
+ * downgrade: the same bitmaps are lost, and the image checks clean.
  */
 import { invalidArgument, unsupported } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
 import { COMPRESSION_ZLIB, QEMU_FEATURE_NAMES, V3_HEADER_LENGTH } from './header.js';
-import { AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasFeature } from './features.js';
+import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasFeature } from './features.js';
 import { Refcounts } from './alloc.js';
 import { checkRefcountBits, encodeRefcountTable, entriesPerBlock, maxRefcount, setRefcount } from './refcount.js';
 import { L2_ZERO, readL2Entry, standardL2Entry } from './l2-entry.js';
@@ -135,7 +141,6 @@ export function planAmend(dev: Qcow2Device, options: Record<string, string>): Am
     const other = h.incompatibleFeatures & ~(INCOMPAT_DIRTY | INCOMPAT_COMPRESSION);
     if (other !== 0n) throw unsupported(`Cannot downgrade an image with incompatible features 0x${other.toString(16)} set`);
     if ((plan.refcountBits ?? 2 ** h.refcountOrder) !== 16) throw unsupported('compat=0.10 requires refcount_bits=16');
-    if (h.bitmaps || hasFeature(h.autoclearFeatures, AUTOCLEAR_BITMAPS)) throw unsupported('Cannot downgrade an image with persistent bitmaps');
     // A downgrade turns lazy refcounts off unless they were asked for (refused above).
     plan.lazyRefcounts = false;
   }
@@ -238,6 +243,10 @@ async function downgrade(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
       if (dirty) changed.push([off, table]);
     }
   }
+  // Nothing can refuse the downgrade past the scan above: drop the bitmaps v2 cannot hold (their
+  // clusters are freed with the old references, by flushLocked). A crash after this leaves a v3
+  // image without bitmaps, which the downgrade was going to lose anyway.
+  await w.bitmaps.removeAll();
   // Zeros are written; counts for new clusters next, then the tables, then old references drop.
   await w.writeRefcounts();
   await dev.store.flush();

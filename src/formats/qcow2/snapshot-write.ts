@@ -97,6 +97,14 @@ export async function deleteSnapshot(dev: SnapshotDevice, spec: string): Promise
 export async function applySnapshot(dev: SnapshotDevice, spec: string): Promise<void> {
   const w = writerOf(dev);
   await w.exclusive(async () => {
+    // As QEMU 7.2 (bdrv_snapshot_goto): any persistent bitmap, enabled or not, consistent or not,
+    // blocks a revert, since the disk would change under it without a write it could record. It
+    // is checked before the snapshot is looked up, in QEMU's order.
+    const bitmaps = w.bitmaps.list();
+    if (bitmaps.length > 0) {
+      const names = bitmaps.slice(0, 3).map((b) => `'${b.name}'`).join(', ') + (bitmaps.length > 3 ? `, and ${bitmaps.length - 3} more` : '');
+      throw unsupported(`Could not apply snapshot '${spec}': the image has persistent dirty bitmaps (${names}); remove them first`);
+    }
     const snap = findSnapshot(dev.snapshots, spec);
     const rc = w.refcounts;
     const cs = dev.clusterSize;

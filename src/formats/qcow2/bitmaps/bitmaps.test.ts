@@ -76,7 +76,7 @@ test('bits are least significant first, runs merge whole bytes', () => {
   const b = new Uint8Array(4);
   setBits(b, 3, 21);
   assert.deepEqual([...b], [0xf8, 0xff, 0x1f, 0]);
-  assert.deepEqual(bitRuns(b, 0, 32), [
+  assert.deepEqual([...bitRuns(b, 0, 32)], [
     [0, 3, false],
     [3, 21, true],
     [21, 32, false],

@@ -13,9 +13,20 @@ export function setBits(buf: Uint8Array, from: number, to: number): void {
 
 export const getBit = (buf: Uint8Array, k: number): boolean => ((buf[k >> 3]! >> (k & 7)) & 1) === 1;
 
-/** The runs of equal bits in [from, to): [start, end, value] triples, in order. */
-export function bitRuns(buf: Uint8Array, from: number, to: number): Array<[number, number, boolean]> {
-  const out: Array<[number, number, boolean]> = [];
+/** Every bit in [from, to) is set. */
+export function allSet(buf: Uint8Array, from: number, to: number): boolean {
+  let k = from;
+  for (; k < to && k % 8 !== 0; k++) if (!getBit(buf, k)) return false;
+  for (; k + 8 <= to; k += 8) if (buf[k >> 3] !== 0xff) return false;
+  for (; k < to; k++) if (!getBit(buf, k)) return false;
+  return true;
+}
+
+/**
+ * The runs of equal bits in [from, to): [start, end, value] triples, in order. Generated one at a
+ * time: a cluster of alternating bits has half a million runs, which are never held at once.
+ */
+export function* bitRuns(buf: Uint8Array, from: number, to: number): Generator<[number, number, boolean]> {
   let k = from;
   while (k < to) {
     const v = getBit(buf, k);
@@ -29,8 +40,7 @@ export function bitRuns(buf: Uint8Array, from: number, to: number): Array<[numbe
       if (getBit(buf, e) !== v) break;
       e++;
     }
-    out.push([k, e, v]);
+    yield [k, e, v];
     k = e;
   }
-  return out;
 }

@@ -41,7 +41,7 @@ import {
   type BitmapEntry,
 } from './directory.js';
 import { ALL_ONE, ALL_ZERO, dataClusters, decodeTable, encodeTable } from './table.js';
-import { bitRuns, setBits } from './bits.js';
+import { allSet, bitRuns, setBits } from './bits.js';
 import { RangeSet } from './ranges.js';
 import { encodeUtf8 } from '../../../core/bytes.js';
 
@@ -221,43 +221,59 @@ export class PersistentBitmaps {
   /**
    * The dirty and clean extents of bitmap `name` over [offset, offset + length) of the disk,
    * merged, each a multiple of the granularity except at the end of the disk. Writes recorded
-   * but not yet applied are included.
+   * but not yet applied are included. Held whole: for a bounded range (an NBD request); use
+   * runs() over a whole disk.
    */
   async extents(name: string, offset: number, length: number): Promise<DirtyExtent[]> {
+    const out: DirtyExtent[] = [];
+    for await (const e of this.runs(name, offset, length)) out.push(e);
+    return out;
+  }
+
+  /**
+   * extents(), one extent at a time: memory stays one data cluster and one pending extent
+   * whatever the disk size and however fragmented the bitmap (4 TiB at 64 KiB granularity is 32
+   * million bits, up to 32 million runs). Writes recorded while the runs are read are in the
+   * runs not yet reached only if applied by then; the caller holding the image (backup) writes
+   * nothing meanwhile.
+   */
+  async *runs(name: string, offset: number, length: number): AsyncGenerator<DirtyExtent> {
     const b = this.usable(name);
     // Recorded writes first; under the writer's lock, since applying them allocates. (Edits
     // that call this under the lock have applied them already, so the lock is not taken twice.)
     if (b.tracked && this.pending.count > 0) await this.writeHost().exclusive(() => this.applyPending());
-    const size = this.host.size;
-    const end = Math.min(size, offset + length);
-    const out: DirtyExtent[] = [];
-    const push = (s: number, e: number, dirty: boolean) => {
-      s = Math.max(s, offset);
-      e = Math.min(e, end);
-      if (e <= s) return;
-      const last = out[out.length - 1];
-      if (last && last.dirty === dirty && last.offset + last.length === s) last.length += e - s;
-      else out.push({ offset: s, length: e - s, dirty });
-    };
+    const end = Math.min(this.host.size, offset + length);
+    // The extent being grown; yielded once the next run differs or does not touch it.
+    let last: DirtyExtent | undefined;
     const table = await this.table(b);
     const gran = 2 ** b.entry.granularityBits;
-    const bitsPerCluster = this.host.clusterSize * 8;
-    const perCluster = bitsPerCluster * gran;
+    const perCluster = this.host.clusterSize * 8 * gran;
     for (let pos = offset; pos < end; ) {
       const ti = Math.floor(pos / perCluster);
       const clusterStart = ti * perCluster;
       const clusterEnd = Math.min(end, clusterStart + perCluster);
       const v = table[ti] ?? ALL_ZERO;
-      if (v === ALL_ZERO || v === ALL_ONE) push(pos, clusterEnd, v === ALL_ONE);
-      else {
-        const data = await this.readCluster(v);
-        const from = Math.floor((pos - clusterStart) / gran);
-        const to = Math.ceil((clusterEnd - clusterStart) / gran);
-        for (const [s, e, dirty] of bitRuns(data, from, to)) push(clusterStart + s * gran, clusterStart + e * gran, dirty);
+      const runs: Iterable<[number, number, boolean]> =
+        v === ALL_ZERO || v === ALL_ONE
+          ? [[pos, clusterEnd, v === ALL_ONE]]
+          : (function* (data: Uint8Array) {
+              const from = Math.floor((pos - clusterStart) / gran);
+              const to = Math.ceil((clusterEnd - clusterStart) / gran);
+              for (const [s, e, dirty] of bitRuns(data, from, to)) yield [clusterStart + s * gran, clusterStart + e * gran, dirty] as [number, number, boolean];
+            })(await this.readCluster(v));
+      for (const [runStart, runEnd, dirty] of runs) {
+        const s = Math.max(runStart, offset);
+        const e = Math.min(runEnd, end);
+        if (e <= s) continue;
+        if (last && last.dirty === dirty && last.offset + last.length === s) last.length += e - s;
+        else {
+          if (last) yield last;
+          last = { offset: s, length: e - s, dirty };
+        }
       }
       pos = clusterEnd;
     }
-    return out;
+    if (last) yield last;
   }
 
   // --- recording writes --------------------------------------------------------------------------
@@ -338,7 +354,7 @@ export class PersistentBitmaps {
         }
         const stop = Math.min(to, (t + 1) * bitsPerCluster);
         if (buf) {
-          const before = changed || bitRuns(buf, from - t * bitsPerCluster, stop - t * bitsPerCluster).some(([, , v]) => !v);
+          const before = changed || !allSet(buf, from - t * bitsPerCluster, stop - t * bitsPerCluster);
           if (before) {
             setBits(buf, from - t * bitsPerCluster, stop - t * bitsPerCluster);
             changed = true;
@@ -440,10 +456,29 @@ export class PersistentBitmaps {
 
   /** Remove a bitmap, usable or not (the only way out of a broken one). */
   async remove(name: string): Promise<void> {
-    const host = this.writeHost();
     const b = this.find(name);
     if (b.tracked) await this.applyPending();
-    const cs = host.clusterSize;
+    await this.freeBitmap(b);
+    this.bitmaps.splice(this.bitmaps.indexOf(b), 1);
+    await this.writeDirectory();
+  }
+
+  /**
+   * Remove every bitmap with one directory write, and the extension with them: what a
+   * downgrade to compat=0.10 needs, since v2 images cannot hold bitmaps.
+   */
+  async removeAll(): Promise<void> {
+    if (this.bitmaps.length === 0) return;
+    this.pending.take();
+    for (const b of this.bitmaps) await this.freeBitmap(b);
+    this.bitmaps.length = 0;
+    this.tracking = false;
+    await this.writeDirectory();
+  }
+
+  /** Queue the frees of what bitmap b alone references (applied at the next directory write). */
+  private async freeBitmap(b: Bitmap): Promise<void> {
+    const cs = this.writeHost().clusterSize;
     // A bitmap left in use by a crash still has a sound table: free what it references. A table
     // that is itself broken is not followed (its clusters leak; check -r all reclaims them), so
     // a hostile table can never make us drop references that other structures hold.
@@ -455,8 +490,6 @@ export class PersistentBitmaps {
         this.deferredFrees.push([b.entry.tableOffset, alignUp(b.entry.tableSize * 8, cs)]);
       }
     }
-    this.bitmaps.splice(this.bitmaps.indexOf(b), 1);
-    await this.writeDirectory();
   }
 
   async clear(name: string): Promise<void> {
@@ -491,7 +524,7 @@ export class PersistentBitmaps {
    */
   checkResize(): void {
     const bad = this.bitmaps.find((b) => b.unusable);
-    if (bad) throw unsupported(`Bitmap '${bad.entry.name}' is inconsistent and cannot be used; cannot resize the image (remove it first)`);
+    if (bad) throw unsupported(`Bitmap '${bad.entry.name}' is inconsistent and cannot be used: cannot resize the image (remove the bitmap first)`);
   }
 
   /**
