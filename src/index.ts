@@ -19,6 +19,7 @@ export { mapChain, mapJson, mapHuman, type ChainExtent } from './ops/map.js';
 export { imageInfo, chainInfo, infoHuman, type ImageInfoJson } from './ops/info.js';
 export { changedExtents, bitmapExtents, type DirtyExtent, type ExtentRange } from './ops/changed-extents.js';
 export { backup, type BackupOptions, type BackupResult } from './ops/backup.js';
+export { amendImage, amendOptions } from './ops/amend.js';
 export { checkImage, checkableFormat, checkHuman, checkJson, checkExitCode, type CheckImageOptions, type CheckedImage, type CheckResult, type RepairMode } from './ops/check.js';
 // Writing an image front to back into a stream (a pipe, an upload, a download).
 export { writeImageStream, type ChunkSink, type WriteStreamOptions, type WriteStreamResult } from './streams/write-image.js';

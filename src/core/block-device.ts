@@ -207,6 +207,12 @@ export interface BlockDevice {
   applySnapshot?(spec: string): Promise<void>;
   /** Delete the snapshot `spec` names, freeing what only it held (see {@link createSnapshot}). */
   deleteSnapshot?(spec: string): Promise<void>;
+  /**
+   * Change options of the image in place (`qemu-img amend -o`): `options` are the -o key=value
+   * pairs as given, which the format validates ({@link ImageFormat.amendOptions} lists them).
+   * Absent where the format has nothing to amend (raw, qcow v1, as in QEMU).
+   */
+  amend?(options: Record<string, string>): Promise<void>;
   /** Write out what the device still holds (when writable), release its store, and close its backing chain. */
   close(): Promise<void>;
   /** The same as {@link close}, for `await using`. */
@@ -274,6 +280,11 @@ export interface ImageFormat {
   create(store: ByteStore, options: CreateOptions): Promise<void>;
   /** -o options this format accepts at create, with help text (for `create -o help`). */
   readonly createOptions?: Record<string, string>;
+  /**
+   * -o options its devices' {@link BlockDevice.amend} accepts, with help text (for `amend -o
+   * help`). Absent where the format has no amend.
+   */
+  readonly amendOptions?: Record<string, string>;
   /**
    * Check the image's metadata for consistency, and with `repair` fix what it can (`qemu-img
    * check`). Absent for formats with nothing to check (raw, qcow v1, as in QEMU).
