@@ -17,6 +17,7 @@ export { convert, type ConvertOptions } from './ops/convert.js';
 export { compareImages, type CompareOptions, type CompareResult } from './ops/compare.js';
 export { mapChain, mapJson, mapHuman, type ChainExtent } from './ops/map.js';
 export { imageInfo, chainInfo, infoHuman, type ImageInfoJson } from './ops/info.js';
+export type { BitmapInfo, DirtyBitmaps } from './core/bitmaps.js';
 export { changedExtents, bitmapExtents, type DirtyExtent, type ExtentRange } from './ops/changed-extents.js';
 export { backup, type BackupOptions, type BackupResult } from './ops/backup.js';
 export { amendImage, amendOptions } from './ops/amend.js';

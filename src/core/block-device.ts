@@ -5,6 +5,7 @@
  */
 import type { ByteStore } from '../storage/types.js';
 import type { CheckResult, RepairMode } from './check.js';
+import type { DirtyBitmaps } from './bitmaps.js';
 
 // Devices are `await using`-disposable. `Symbol.asyncDispose` is declared in TypeScript's
 // esnext.disposable lib and in @types/node; a browser project on an ES2022 lib has neither, and
@@ -207,6 +208,17 @@ export interface BlockDevice {
   applySnapshot?(spec: string): Promise<void>;
   /** Delete the snapshot `spec` names, freeing what only it held (see {@link createSnapshot}). */
   deleteSnapshot?(spec: string): Promise<void>;
+  /**
+   * The image's persistent dirty bitmaps, for reading (`qemu-img bitmap`, `qemu-nbd -B`): on a
+   * writable image they include the writes recorded so far. Absent where the format has none
+   * (raw, qcow v1, as in QEMU).
+   */
+  persistentBitmaps?(): Promise<DirtyBitmaps>;
+  /**
+   * Change the persistent dirty bitmaps inside `fn`, with the image's lock held and its metadata
+   * written back around it (the device must be writable). Absent where the format has none.
+   */
+  editBitmaps?<T>(fn: (bitmaps: DirtyBitmaps) => Promise<T>): Promise<T>;
   /**
    * Change options of the image in place (`qemu-img amend -o`): `options` are the -o key=value
    * pairs as given, which the format validates ({@link ImageFormat.amendOptions} lists them).

@@ -14,7 +14,6 @@
 import type { BlockDevice } from '../core/block-device.js';
 import { QcowError, throwIfAborted } from '../core/errors.js';
 import { isZero } from '../core/bytes.js';
-import type { Qcow2Device } from '../formats/qcow2/qcow2.js';
 import { convert } from './convert.js';
 import { changedExtents } from './changed-extents.js';
 
@@ -71,20 +70,19 @@ const CHUNK = 1 << 20;
  * ```
  */
 export async function backup(source: BlockDevice, options: BackupOptions): Promise<BackupResult> {
-  if (source.format !== 'qcow2') throw new QcowError('QCOW_UNSUPPORTED', 'backups need a qcow2 source (persistent dirty bitmaps)', { file: source.filename });
+  if (!source.persistentBitmaps || !source.editBitmaps) throw new QcowError('QCOW_UNSUPPORTED', 'backups need a qcow2 source (persistent dirty bitmaps)', { file: source.filename });
   if (source.readOnly) throw new QcowError('QCOW_READ_ONLY', 'the source must be opened for writing: the backup rotates its bitmap', { file: source.filename });
-  const dev = source as Qcow2Device;
-  const bitmaps = await dev.persistentBitmaps();
+  const bitmaps = await source.persistentBitmaps();
   const exists = bitmaps.list().some((b) => b.name === options.bitmap);
   if (options.previous && !exists) throw new QcowError('QCOW_INVALID_ARGUMENT', `Dirty bitmap '${options.bitmap}' not found: an incremental backup needs the bitmap of the previous one`);
   // Fails early on an inconsistent bitmap: it cannot say what changed.
-  const changed = options.previous ? await changedExtents(dev, options.bitmap) : [{ offset: 0, length: dev.size }];
-  const target = await options.createTarget(dev.size, options.previous);
+  const changed = options.previous ? await changedExtents(source, options.bitmap) : [{ offset: 0, length: source.size }];
+  const target = await options.createTarget(source.size, options.previous);
   let bytes = 0;
   try {
     if (!options.previous) {
-      await convert([dev], target, { targetIsZero: true, signal: options.signal, onProgress: options.onProgress });
-      bytes = dev.size;
+      await convert([source], target, { targetIsZero: true, signal: options.signal, onProgress: options.onProgress });
+      bytes = source.size;
     } else {
       const total = changed.reduce((n, e) => n + e.length, 0);
       const buf = new Uint8Array(CHUNK);
@@ -92,7 +90,7 @@ export async function backup(source: BlockDevice, options: BackupOptions): Promi
         for (let off = e.offset; off < e.offset + e.length; off += CHUNK) {
           throwIfAborted(options.signal);
           const part = buf.subarray(0, Math.min(CHUNK, e.offset + e.length - off));
-          await dev.read(off, part);
+          await source.read(off, part);
           // Zeros are written as zeros: the overlay must hide what the previous backup holds there.
           if (isZero(part)) await target.writeZeroes(off, part.length);
           else await target.write(off, part);
@@ -106,7 +104,7 @@ export async function backup(source: BlockDevice, options: BackupOptions): Promi
     await target.close();
   }
   if (!options.keepBitmap) {
-    await dev.editBitmaps(async (b) => {
+    await source.editBitmaps(async (b) => {
       if (b.list().some((x) => x.name === options.bitmap)) await b.clear(options.bitmap);
       else await b.add(options.bitmap);
     });

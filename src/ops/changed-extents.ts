@@ -1,27 +1,17 @@
 /**
  * What changed since a checkpoint: the dirty runs of a persistent dirty bitmap, for backup tools
  * written in TypeScript (the same answer `qcow serve -B NAME` gives over NBD as the
- * qemu:dirty-bitmap:NAME context). Only qcow2 images hold persistent bitmaps.
+ * qemu:dirty-bitmap:NAME context). Any device with persistent bitmaps (`persistentBitmaps`:
+ * qcow2) answers.
  *
  * Ask for a range at a time on very large disks: the answer holds one entry per run, and a
  * bitmap whose bits alternate has many.
  */
 import type { BlockDevice } from '../core/block-device.js';
 import { QcowError, unsupported } from '../core/errors.js';
-import type { Qcow2Device } from '../formats/qcow2/qcow2.js';
+import type { DirtyExtent } from '../core/bitmaps.js';
 
-/**
- * One run of guest bytes whose bits in a persistent dirty bitmap are all set or all clear. (The
- * same shape as the qcow2 driver's own type, declared here so the public one is documented.)
- */
-export interface DirtyExtent {
-  /** Guest offset where the run starts, in bytes. */
-  offset: number;
-  /** Length of the run in bytes. */
-  length: number;
-  /** The run changed since the bitmap was last cleared. */
-  dirty: boolean;
-}
+export type { DirtyExtent };
 
 /** The part of the disk to ask about; the whole disk by default. */
 export interface ExtentRange {
@@ -32,17 +22,17 @@ export interface ExtentRange {
 }
 
 /**
- * Every run of [offset, offset + length) of qcow2 persistent bitmap `bitmapName`, dirty or clean,
- * in order and merged. QCOW_UNSUPPORTED for other formats.
+ * Every run of [offset, offset + length) of persistent bitmap `bitmapName`, dirty or clean, in
+ * order and merged. QCOW_UNSUPPORTED for formats without persistent bitmaps.
  */
 export async function bitmapExtents(dev: BlockDevice, bitmapName: string, range: ExtentRange = {}): Promise<DirtyExtent[]> {
-  if (dev.format !== 'qcow2') throw unsupported(`a ${dev.format} image holds no persistent dirty bitmaps`);
+  if (!dev.persistentBitmaps) throw unsupported(`a ${dev.format} image holds no persistent dirty bitmaps`);
   const offset = range.offset ?? 0;
   const length = range.length ?? dev.size - offset;
   if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > dev.size) {
     throw new QcowError('QCOW_OUT_OF_RANGE', `range [${offset}, +${length}) is outside the disk (${dev.size} bytes)`);
   }
-  const bitmaps = await (dev as Qcow2Device).persistentBitmaps();
+  const bitmaps = await dev.persistentBitmaps();
   return bitmaps.extents(bitmapName, offset, length);
 }
 
