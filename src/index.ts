@@ -3,7 +3,7 @@
  *
  * @module qcow
  */
-export type { BlockDevice, BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, PlacedRange, PlainExtent, SnapshotInfo, WriteOptions, ZeroOptions } from './core/block-device.js';
+export type { BlockDevice, BlockExtent, CreateOptions, ImageDescription, ImageFormat, MeasureRequest, MeasureResult, OpenOptions, PlacedRange, PlainExtent, SnapshotInfo, WriteOptions, ZeroOptions } from './core/block-device.js';
 export { DeviceBase, mergeExtents } from './core/device-base.js';
 export { QcowError, isQcowError, type QcowErrorCode, type QcowErrorOptions } from './core/errors.js';
 export { FormatRegistry } from './core/registry.js';
@@ -21,6 +21,7 @@ export type { BitmapInfo, DirtyBitmaps } from './core/bitmaps.js';
 export { changedExtents, bitmapExtents, type DirtyExtent, type ExtentRange } from './ops/changed-extents.js';
 export { backup, type BackupOptions, type BackupResult } from './ops/backup.js';
 export { amendImage, amendOptions } from './ops/amend.js';
+export { measure, type MeasureOptions } from './ops/measure.js';
 export { checkImage, checkableFormat, checkHuman, checkJson, checkExitCode, type CheckImageOptions, type CheckedImage, type CheckResult, type RepairMode } from './ops/check.js';
 // Writing an image front to back into a stream (a pipe, an upload, a download).
 export { writeImageStream, type ChunkSink, type WriteStreamOptions, type WriteStreamResult } from './streams/write-image.js';

@@ -277,6 +277,34 @@ export interface CreateOptions {
   openFile?: (name: string, options: { readOnly: boolean; create?: boolean }) => Promise<ByteStore>;
 }
 
+/** What {@link ImageFormat.measure} is asked: a new image of this format, for a size or a copy. */
+export interface MeasureRequest {
+  /** The new image's -o options, as given (the format checks them as `qemu-img measure` does). */
+  options: Record<string, string>;
+  /** Measure an empty image of this virtual size (exactly one of `size` and `source`)... */
+  size?: number;
+  /** ...or a copy of this image (its whole backing chain as the guest sees it). */
+  source?: BlockDevice;
+  /**
+   * With `source`: bytes of the whole clusters of `clusterSize` bytes that hold source data, as
+   * the chain reads (zero and unallocated ranges need none). The caller scans the source once the
+   * format has chosen its cluster size.
+   */
+  sourceDataBytes?: (clusterSize: number) => Promise<number>;
+  /** Stops a long scan of the source; it then fails with QCOW_ABORTED. */
+  signal?: AbortSignal;
+}
+
+/** What `qemu-img measure` reports: bytes of the new image file. */
+export interface MeasureResult {
+  /** Bytes the source's persistent bitmaps would take: only when both source and target can hold them. */
+  bitmaps?: number;
+  /** The file size a copy (or an empty image) takes: metadata and the clusters that hold data. */
+  required: number;
+  /** The file size with every cluster of the virtual disk allocated. */
+  'fully-allocated': number;
+}
+
 /**
  * One image format: probing, opening and creating. The built-in ones come from
  * {@link builtinFormats}; a {@link FormatRegistry} holds the set an open function may use.
@@ -297,6 +325,11 @@ export interface ImageFormat {
    * help`). Absent where the format has no amend.
    */
   readonly amendOptions?: Record<string, string>;
+  /**
+   * How large a new image of this format would be (`qemu-img measure`, QEMU's `bdrv_measure`).
+   * Absent where the format cannot say (qcow v1, as in QEMU).
+   */
+  measure?(request: MeasureRequest): Promise<MeasureResult>;
   /**
    * Check the image's metadata for consistency, and with `repair` fix what it can (`qemu-img
    * check`). Absent for formats with nothing to check (raw, qcow v1, as in QEMU).

@@ -38,6 +38,11 @@ export const qcow2Format: ImageFormat = {
   },
   createOptions: QCOW2_CREATE_OPTIONS,
   amendOptions: QCOW2_AMEND_OPTIONS,
+  // Loaded when measuring, as the checker is: few commands measure.
+  async measure(request) {
+    const { measureQcow2 } = await import('./measure.js');
+    return measureQcow2(request);
+  },
   // Loaded when a check runs: the checker is large and most commands never need it.
   async check(store, options) {
     const { checkQcow2 } = await import('./check.js');
