@@ -20,6 +20,8 @@ export { imageInfo, chainInfo, infoHuman, type ImageInfoJson } from './ops/info.
 export type { BitmapInfo, DirtyBitmaps } from './core/bitmaps.js';
 export { changedExtents, bitmapExtents, type DirtyExtent, type ExtentRange } from './ops/changed-extents.js';
 export { backup, type BackupOptions, type BackupResult } from './ops/backup.js';
+export { commit, type CommitOptions } from './ops/commit.js';
+export { rebase, type RebaseOptions } from './ops/rebase.js';
 export { amendImage, amendOptions } from './ops/amend.js';
 export { measure, type MeasureOptions } from './ops/measure.js';
 export { checkImage, checkableFormat, checkHuman, checkJson, checkExitCode, type CheckImageOptions, type CheckedImage, type CheckResult, type RepairMode } from './ops/check.js';
