@@ -12,7 +12,7 @@ export type { ByteStore, DataRun, StoreOpener } from './storage/types.js';
 export type { Permissions } from './storage/permissions.js';
 export { MemoryStore } from './storage/memory.js';
 export { openImage as openImageWith, createImage as createImageWith, chainOf, type OpenImageOptions, type CreateImageOptions } from './chain/open.js';
-export { builtinFormats, rawFormat } from './formats/index.js';
+export { builtinFormats, rawFormat, qcowFormat, qcow2Format } from './formats/index.js';
 export { convert, type ConvertOptions } from './ops/convert.js';
 export { compareImages, type CompareOptions, type CompareResult } from './ops/compare.js';
 export { mapChain, mapJson, mapHuman, type ChainExtent } from './ops/map.js';

@@ -20,6 +20,7 @@ const QCOW2_AMEND_OPTIONS: Record<string, string> = {
   size: 'Virtual disk size',
 };
 
+/** The qcow2 format (versions 2 and 3), with every capability: check, measure, amend (and on its devices snapshots and bitmaps). */
 export const qcow2Format: ImageFormat = {
   name: 'qcow2',
   /** Same magic as qcow v1: only versions 2 and 3 are ours. */
