@@ -10,17 +10,19 @@
  * of them with falloc/full preallocation). qcow2 v3 sources also report the space their
  * persistent bitmaps need ("bitmaps").
  *
- * The -o checks are qemu-img measure's, which are not create's: measure takes options create
+ * The -o checks are qemu-img measure's, which are not all create's: measure takes options create
  * refuses (compat=0.10 with lazy_refcounts, an unknown compression type, no LUKS secret) and words
- * some refusals differently ("Invalid compatibility level").
+ * some refusals differently ("Invalid compatibility level"); the limits they share are create's
+ * (cluster sizes, refcount widths, the L1 table).
  */
 import type { BlockDevice, MeasureRequest, MeasureResult } from '../../core/block-device.js';
 import { invalidArgument } from '../../core/errors.js';
-import { alignUp, isPowerOfTwo } from '../../core/bytes.js';
+import { alignUp } from '../../core/bytes.js';
 import { parseSize } from '../../core/size.js';
 import { LUKS_KEY_MATERIAL_ALIGN, LUKS_SLOT_COUNT, LUKS_STRIPES } from '../../crypto/luks-header.js';
 import { MAX_L1_BYTES, l1EntriesFor, qcow2Geometry } from './layout.js';
 import { checkRefcountBits } from './refcount.js';
+import { checkClusterSize, checkExtendedL2ClusterSize, onOff } from './create.js';
 
 /** What the -o options say about the image to measure. */
 interface MeasureSettings {
@@ -35,10 +37,10 @@ interface MeasureSettings {
 }
 
 function measureSettings(o: Record<string, string>): MeasureSettings {
-  const extendedL2 = onOff(o.extended_l2, 'extended_l2');
+  const extendedL2 = onOff('extended_l2', o.extended_l2);
   const clusterSize = o.cluster_size !== undefined ? parseSize(o.cluster_size, 'cluster_size') : 65536;
-  if (!isPowerOfTwo(clusterSize) || clusterSize < 512 || clusterSize > 2 * 1024 * 1024) throw invalidArgument('Cluster size must be a power of two between 512 and 2048k');
-  if (extendedL2 && clusterSize < 16384) throw invalidArgument('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
+  checkClusterSize(clusterSize);
+  if (extendedL2) checkExtendedL2ClusterSize(clusterSize);
   const compat = o.compat ?? '1.1';
   let version: 2 | 3;
   if (compat === '0.10' || compat === 'v2') version = 2;
@@ -54,12 +56,6 @@ function measureSettings(o: Record<string, string>): MeasureSettings {
   const luks = o['encrypt.format'] === 'luks';
   const luksPayload = luks ? alignUp(luksHeaderBytes(o['encrypt.cipher-alg'] ?? 'aes-256', o['encrypt.cipher-mode'] ?? 'xts'), clusterSize) : 0;
   return { clusterSize, version, refcountBits, extendedL2, preallocation, hasBacking: o.backing_file !== undefined, luksPayload };
-}
-
-function onOff(v: string | undefined, name: string): boolean {
-  if (v === undefined || v === 'off' || v === 'false') return false;
-  if (v === 'on' || v === 'true') return true;
-  throw invalidArgument(`Parameter '${name}' expects 'on' or 'off'`);
 }
 
 /**
