@@ -3,7 +3,7 @@
  *
  * @module qcow
  */
-export type { BlockDevice, BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, PlacedRange, PlainExtent, SnapshotInfo, WriteOptions, ZeroOptions } from './core/block-device.js';
+export type { BlockDevice, BlockExtent, CreateOptions, ImageDescription, ImageFormat, MeasureRequest, MeasureResult, OpenOptions, PlacedRange, PlainExtent, SnapshotInfo, WriteOptions, ZeroOptions } from './core/block-device.js';
 export { DeviceBase, mergeExtents } from './core/device-base.js';
 export { QcowError, isQcowError, type QcowErrorCode, type QcowErrorOptions } from './core/errors.js';
 export { FormatRegistry } from './core/registry.js';
@@ -12,13 +12,18 @@ export type { ByteStore, DataRun, StoreOpener } from './storage/types.js';
 export type { Permissions } from './storage/permissions.js';
 export { MemoryStore } from './storage/memory.js';
 export { openImage as openImageWith, createImage as createImageWith, chainOf, type OpenImageOptions, type CreateImageOptions } from './chain/open.js';
-export { builtinFormats, rawFormat } from './formats/index.js';
+export { builtinFormats, rawFormat, qcowFormat, qcow2Format } from './formats/index.js';
 export { convert, type ConvertOptions } from './ops/convert.js';
 export { compareImages, type CompareOptions, type CompareResult } from './ops/compare.js';
 export { mapChain, mapJson, mapHuman, type ChainExtent } from './ops/map.js';
 export { imageInfo, chainInfo, infoHuman, type ImageInfoJson } from './ops/info.js';
+export type { BitmapInfo, DirtyBitmaps } from './core/bitmaps.js';
 export { changedExtents, bitmapExtents, changedRuns, bitmapRuns, type DirtyExtent, type ExtentRange } from './ops/changed-extents.js';
 export { backup, type BackupOptions, type BackupResult } from './ops/backup.js';
+export { commit, type CommitOptions } from './ops/commit.js';
+export { rebase, type RebaseOptions } from './ops/rebase.js';
+export { amendImage, amendOptions } from './ops/amend.js';
+export { measure, type MeasureOptions } from './ops/measure.js';
 export { checkImage, checkableFormat, checkHuman, checkJson, checkExitCode, type CheckImageOptions, type CheckedImage, type CheckResult, type RepairMode } from './ops/check.js';
 // Writing an image front to back into a stream (a pipe, an upload, a download).
 export { writeImageStream, type ChunkSink, type WriteStreamOptions, type WriteStreamResult } from './streams/write-image.js';

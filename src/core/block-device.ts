@@ -5,6 +5,7 @@
  */
 import type { ByteStore } from '../storage/types.js';
 import type { CheckResult, RepairMode } from './check.js';
+import type { DirtyBitmaps } from './bitmaps.js';
 
 // Devices are `await using`-disposable. `Symbol.asyncDispose` is declared in TypeScript's
 // esnext.disposable lib and in @types/node; a browser project on an ES2022 lib has neither, and
@@ -207,6 +208,23 @@ export interface BlockDevice {
   applySnapshot?(spec: string): Promise<void>;
   /** Delete the snapshot `spec` names, freeing what only it held (see {@link createSnapshot}). */
   deleteSnapshot?(spec: string): Promise<void>;
+  /**
+   * The image's persistent dirty bitmaps, for reading (`qemu-img bitmap`, `qemu-nbd -B`): on a
+   * writable image they include the writes recorded so far. Absent where the format has none
+   * (raw, qcow v1, as in QEMU).
+   */
+  persistentBitmaps?(): Promise<DirtyBitmaps>;
+  /**
+   * Change the persistent dirty bitmaps inside `fn`, with the image's lock held and its metadata
+   * written back around it (the device must be writable). Absent where the format has none.
+   */
+  editBitmaps?<T>(fn: (bitmaps: DirtyBitmaps) => Promise<T>): Promise<T>;
+  /**
+   * Change options of the image in place (`qemu-img amend -o`): `options` are the -o key=value
+   * pairs as given, which the format validates ({@link ImageFormat.amendOptions} lists them).
+   * Absent where the format has nothing to amend (raw, qcow v1, as in QEMU).
+   */
+  amend?(options: Record<string, string>): Promise<void>;
   /** Write out what the device still holds (when writable), release its store, and close its backing chain. */
   close(): Promise<void>;
   /** The same as {@link close}, for `await using`. */
@@ -264,6 +282,34 @@ export interface CreateOptions {
   openFile?: (name: string, options: { readOnly: boolean; create?: boolean }) => Promise<ByteStore>;
 }
 
+/** What {@link ImageFormat.measure} is asked: a new image of this format, for a size or a copy. */
+export interface MeasureRequest {
+  /** The new image's -o options, as given (the format checks them as `qemu-img measure` does). */
+  options: Record<string, string>;
+  /** Measure an empty image of this virtual size (exactly one of `size` and `source`)... */
+  size?: number;
+  /** ...or a copy of this image (its whole backing chain as the guest sees it). */
+  source?: BlockDevice;
+  /**
+   * With `source`: bytes of the whole clusters of `clusterSize` bytes that hold source data, as
+   * the chain reads (zero and unallocated ranges need none). The caller scans the source once the
+   * format has chosen its cluster size.
+   */
+  sourceDataBytes?: (clusterSize: number) => Promise<number>;
+  /** Stops a long scan of the source; it then fails with QCOW_ABORTED. */
+  signal?: AbortSignal;
+}
+
+/** What `qemu-img measure` reports: bytes of the new image file. */
+export interface MeasureResult {
+  /** Bytes the source's persistent bitmaps would take: only when both source and target can hold them. */
+  bitmaps?: number;
+  /** The file size a copy (or an empty image) takes: metadata and the clusters that hold data. */
+  required: number;
+  /** The file size with every cluster of the virtual disk allocated. */
+  'fully-allocated': number;
+}
+
 /**
  * One image format: probing, opening and creating. The built-in ones come from
  * {@link builtinFormats}; a {@link FormatRegistry} holds the set an open function may use.
@@ -279,6 +325,16 @@ export interface ImageFormat {
   create(store: ByteStore, options: CreateOptions): Promise<void>;
   /** -o options this format accepts at create, with help text (for `create -o help`). */
   readonly createOptions?: Record<string, string>;
+  /**
+   * -o options its devices' {@link BlockDevice.amend} accepts, with help text (for `amend -o
+   * help`). Absent where the format has no amend.
+   */
+  readonly amendOptions?: Record<string, string>;
+  /**
+   * How large a new image of this format would be (`qemu-img measure`, QEMU's `bdrv_measure`).
+   * Absent where the format cannot say (qcow v1, as in QEMU).
+   */
+  measure?(request: MeasureRequest): Promise<MeasureResult>;
   /**
    * Check the image's metadata for consistency, and with `repair` fix what it can (`qemu-img
    * check`). Absent for formats with nothing to check (raw, qcow v1, as in QEMU).

@@ -11,7 +11,18 @@ import { NbdConnection } from './connection.js';
 import type { NbdExport } from './export.js';
 import type { ParserLimits } from './parser.js';
 
-export type ListenAddress = { port: number; host?: string } | { path: string };
+/** Where an NBD server listens: a TCP `port` on `host` (default 127.0.0.1), or a Unix socket `path`. */
+export type ListenAddress =
+  | {
+      /** The TCP port (0: any free port). */
+      port: number;
+      /** The address to bind; 127.0.0.1 (loopback only) when absent. */
+      host?: string;
+    }
+  | {
+      /** The Unix socket's file name. */
+      path: string;
+    };
 
 export interface NbdServerOptions {
   exp: NbdExport;

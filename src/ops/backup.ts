@@ -14,7 +14,6 @@
 import type { BlockDevice } from '../core/block-device.js';
 import { QcowError, throwIfAborted } from '../core/errors.js';
 import { isZero } from '../core/bytes.js';
-import type { Qcow2Device } from '../formats/qcow2/qcow2.js';
 import { convert } from './convert.js';
 import { changedRuns } from './changed-extents.js';
 import { ChainStatus } from './chain-status.js';
@@ -74,10 +73,9 @@ const ZERO_STEP = 2 ** 30;
  * ```
  */
 export async function backup(source: BlockDevice, options: BackupOptions): Promise<BackupResult> {
-  if (source.format !== 'qcow2') throw new QcowError('QCOW_UNSUPPORTED', 'backups need a qcow2 source (persistent dirty bitmaps)', { file: source.filename });
+  if (!source.persistentBitmaps || !source.editBitmaps) throw new QcowError('QCOW_UNSUPPORTED', 'backups need a qcow2 source (persistent dirty bitmaps)', { file: source.filename });
   if (source.readOnly) throw new QcowError('QCOW_READ_ONLY', 'the source must be opened for writing: the backup rotates its bitmap', { file: source.filename });
-  const dev = source as Qcow2Device;
-  const bitmaps = await dev.persistentBitmaps();
+  const bitmaps = await source.persistentBitmaps();
   const exists = bitmaps.list().some((b) => b.name === options.bitmap);
   if (options.previous && !exists) throw new QcowError('QCOW_INVALID_ARGUMENT', `Dirty bitmap '${options.bitmap}' not found: an incremental backup needs the bitmap of the previous one`);
   // The bitmap's runs are streamed, never listed (a fragmented bitmap over a large disk has
@@ -85,17 +83,17 @@ export async function backup(source: BlockDevice, options: BackupOptions): Promi
   // bitmap, which cannot say what changed, before the target exists.
   let total = 0;
   if (options.previous) {
-    for await (const run of changedRuns(dev, options.bitmap)) {
+    for await (const run of changedRuns(source, options.bitmap)) {
       throwIfAborted(options.signal);
       total += run.length;
     }
   }
-  const target = await options.createTarget(dev.size, options.previous);
+  const target = await options.createTarget(source.size, options.previous);
   let bytes = 0;
   try {
     if (!options.previous) {
-      await convert([dev], target, { targetIsZero: true, signal: options.signal, onProgress: options.onProgress });
-      bytes = dev.size;
+      await convert([source], target, { targetIsZero: true, signal: options.signal, onProgress: options.onProgress });
+      bytes = source.size;
     } else {
       const progress = (n: number) => {
         bytes += n;
@@ -103,9 +101,9 @@ export async function backup(source: BlockDevice, options: BackupOptions): Promi
       };
       // What the source's chain says reads as zeros is written as zeros without reading it, so a
       // dirty but empty stretch (a discard, a resize) costs metadata, not a scan of its bytes.
-      const status = new ChainStatus(dev);
+      const status = new ChainStatus(source);
       const buf = new Uint8Array(CHUNK);
-      for await (const run of changedRuns(dev, options.bitmap)) {
+      for await (const run of changedRuns(source, options.bitmap)) {
         const end = run.offset + run.length;
         for (let off = run.offset; off < end; ) {
           throwIfAborted(options.signal);
@@ -121,7 +119,7 @@ export async function backup(source: BlockDevice, options: BackupOptions): Promi
           for (; off < stEnd; ) {
             throwIfAborted(options.signal);
             const part = buf.subarray(0, Math.min(CHUNK, stEnd - off));
-            await dev.read(off, part);
+            await source.read(off, part);
             if (isZero(part)) await target.writeZeroes(off, part.length);
             else await target.write(off, part);
             off += part.length;
@@ -135,7 +133,7 @@ export async function backup(source: BlockDevice, options: BackupOptions): Promi
     await target.close();
   }
   if (!options.keepBitmap) {
-    await dev.editBitmaps(async (b) => {
+    await source.editBitmaps(async (b) => {
       if (b.list().some((x) => x.name === options.bitmap)) await b.clear(options.bitmap);
       else await b.add(options.bitmap);
     });

@@ -1,7 +1,8 @@
 /**
  * What changed since a checkpoint: the dirty runs of a persistent dirty bitmap, for backup tools
  * written in TypeScript (the same answer `qcow serve -B NAME` gives over NBD as the
- * qemu:dirty-bitmap:NAME context). Only qcow2 images hold persistent bitmaps.
+ * qemu:dirty-bitmap:NAME context). Any device with persistent bitmaps (`persistentBitmaps`:
+ * qcow2) answers.
  *
  * bitmapRuns and changedRuns stream the runs, holding one at a time: use them over whole large
  * disks. bitmapExtents and changedExtents collect them into an array, one entry per run (a 4 TiB
@@ -9,20 +10,9 @@
  */
 import type { BlockDevice } from '../core/block-device.js';
 import { QcowError, unsupported } from '../core/errors.js';
-import type { Qcow2Device } from '../formats/qcow2/qcow2.js';
+import type { DirtyExtent } from '../core/bitmaps.js';
 
-/**
- * One run of guest bytes whose bits in a persistent dirty bitmap are all set or all clear. (The
- * same shape as the qcow2 driver's own type, declared here so the public one is documented.)
- */
-export interface DirtyExtent {
-  /** Guest offset where the run starts, in bytes. */
-  offset: number;
-  /** Length of the run in bytes. */
-  length: number;
-  /** The run changed since the bitmap was last cleared. */
-  dirty: boolean;
-}
+export type { DirtyExtent };
 
 /** The part of the disk to ask about; the whole disk by default. */
 export interface ExtentRange {
@@ -33,9 +23,9 @@ export interface ExtentRange {
 }
 
 /**
- * Every run of [offset, offset + length) of qcow2 persistent bitmap `bitmapName`, dirty or clean,
- * in order and merged, one at a time: memory stays bounded whatever the disk and the bitmap.
- * QCOW_UNSUPPORTED for other formats. The checks (format, range, a bitmap that exists and is
+ * Every run of [offset, offset + length) of persistent bitmap `bitmapName`, dirty or clean, in
+ * order and merged, one at a time: memory stays bounded whatever the disk and the bitmap.
+ * QCOW_UNSUPPORTED for formats without persistent bitmaps. The checks (format, range, a bitmap that exists and is
  * consistent) run before the first run is produced.
  *
  * @example
@@ -45,7 +35,7 @@ export interface ExtentRange {
  */
 export async function* bitmapRuns(dev: BlockDevice, bitmapName: string, range: ExtentRange = {}): AsyncGenerator<DirtyExtent> {
   const { offset, length } = checkedRange(dev, range);
-  const bitmaps = await (dev as Qcow2Device).persistentBitmaps();
+  const bitmaps = await dev.persistentBitmaps!();
   yield* bitmaps.runs(bitmapName, offset, length);
 }
 
@@ -55,7 +45,7 @@ export async function* changedRuns(dev: BlockDevice, bitmapName: string, range: 
 }
 
 function checkedRange(dev: BlockDevice, range: ExtentRange): { offset: number; length: number } {
-  if (dev.format !== 'qcow2') throw unsupported(`a ${dev.format} image holds no persistent dirty bitmaps`);
+  if (!dev.persistentBitmaps) throw unsupported(`a ${dev.format} image holds no persistent dirty bitmaps`);
   const offset = range.offset ?? 0;
   const length = range.length ?? dev.size - offset;
   if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > dev.size) {
@@ -65,13 +55,13 @@ function checkedRange(dev: BlockDevice, range: ExtentRange): { offset: number; l
 }
 
 /**
- * Every run of [offset, offset + length) of qcow2 persistent bitmap `bitmapName`, dirty or clean,
- * in order and merged, as one array (see {@link bitmapRuns} for whole large disks).
- * QCOW_UNSUPPORTED for other formats.
+ * Every run of [offset, offset + length) of persistent bitmap `bitmapName`, dirty or clean, in
+ * order and merged, as one array (see {@link bitmapRuns} for whole large disks).
+ * QCOW_UNSUPPORTED for formats without persistent bitmaps.
  */
 export async function bitmapExtents(dev: BlockDevice, bitmapName: string, range: ExtentRange = {}): Promise<DirtyExtent[]> {
   const { offset, length } = checkedRange(dev, range);
-  const bitmaps = await (dev as Qcow2Device).persistentBitmaps();
+  const bitmaps = await dev.persistentBitmaps!();
   return bitmaps.extents(bitmapName, offset, length);
 }
 

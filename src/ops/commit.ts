@@ -18,17 +18,37 @@ import { chainOf } from '../chain/open.js';
 import { ChainStatus } from './chain-status.js';
 import { forEachPiece, type Range } from './copy-pool.js';
 
+/** Options of {@link commit}. */
 export interface CommitOptions {
   /** The image of the chain to write into (one of `chainOf(top)` below the top). Default: top.backing. */
   base?: BlockDevice;
   /** Leave the overlay as it is instead of emptying it (qemu-img -d). */
   drop?: boolean;
+  /** Largest piece of data read and written at once, in bytes. Default 2 MiB. */
   chunkSize?: number;
+  /** Pieces in flight at once (each holds one buffer of `chunkSize`). Default 4. */
   parallel?: number;
+  /** Stops the operation between steps; it then fails with QCOW_ABORTED. */
   signal?: AbortSignal;
+  /** Called as the overlay is walked: guest bytes done so far, out of the overlay's size. */
   onProgress?: (done: number, total: number) => void;
 }
 
+/**
+ * Write what `top` (and any image between it and the base) holds into `options.base` (its
+ * backing image by default), then empty `top` so it reads through to the base again, as
+ * `qemu-img commit` does. The base must be opened writable (`writableBacking` when opening).
+ *
+ * @example
+ * ```ts
+ * import { commit } from 'qcow';
+ * import { openImage } from 'qcow/node';
+ *
+ * const top = await openImage('overlay.qcow2', { writableBacking: (_name, depth) => depth === 1 });
+ * await commit(top);
+ * await top.close();
+ * ```
+ */
 export async function commit(top: BlockDevice, options: CommitOptions = {}): Promise<void> {
   const chain = chainOf(top);
   const base = options.base ?? top.backing;

@@ -6,7 +6,6 @@
  */
 import type { BlockDevice } from '../core/block-device.js';
 import { QcowError, unsupported, withFile } from '../core/errors.js';
-import type { Qcow2Device } from '../formats/qcow2/qcow2.js';
 
 export interface BitmapCopyOptions {
   /** Leave inconsistent bitmaps behind (reported through onSkip) instead of refusing. */
@@ -18,23 +17,25 @@ export interface BitmapCopyOptions {
 export async function checkBitmapCopy(sources: BlockDevice[], options: BitmapCopyOptions = {}): Promise<void> {
   if (sources.length !== 1) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Copying bitmaps only possible with single source');
   const src = sources[0]!;
-  if (src.format !== 'qcow2') throw unsupported('Source lacks bitmap support');
+  if (!src.persistentBitmaps) throw unsupported('Source lacks bitmap support');
   if (options.skipBroken) return;
-  const broken = (await (src as Qcow2Device).persistentBitmaps()).list().find((b) => b.unusable);
+  const broken = (await src.persistentBitmaps()).list().find((b) => b.unusable);
   if (broken) throw new QcowError('QCOW_UNSUPPORTED', `Cannot copy inconsistent bitmap '${broken.name}'. Try --skip-broken-bitmaps, or use 'qcow bitmap --remove' to delete it`, { file: src.filename });
 }
 
 export async function copyBitmaps(src: BlockDevice, dst: BlockDevice, options: BitmapCopyOptions = {}): Promise<void> {
   // qcow2 v2 (compat=0.10) has no bitmaps extension: qemu-img names the driver for it as well.
-  if (dst.format !== 'qcow2' || (dst as Qcow2Device).header.version < 3) throw unsupported(`Format driver '${dst.format}' does not support bitmaps`);
-  const from = await (src as Qcow2Device).persistentBitmaps();
+  const compat = dst.editBitmaps ? (await dst.describe()).formatSpecific?.data['compat'] : undefined;
+  if (!dst.editBitmaps || compat === '0.10') throw unsupported(`Format driver '${dst.format}' does not support bitmaps`);
+  if (!src.persistentBitmaps) throw unsupported('Source lacks bitmap support');
+  const from = await src.persistentBitmaps();
   for (const b of from.list()) {
     if (b.unusable) {
       if (!options.skipBroken) throw new QcowError('QCOW_UNSUPPORTED', `Cannot copy inconsistent bitmap '${b.name}'`, { file: src.filename });
       options.onSkip?.(b.name);
       continue;
     }
-    await (dst as Qcow2Device).editBitmaps(async (to) => {
+    await dst.editBitmaps(async (to) => {
       try {
         await to.add(b.name, { granularity: b.granularity, disabled: !b.auto });
       } catch (e) {

@@ -1,11 +1,15 @@
 /** measure's arithmetic (numbers qemu-img 7.2 printed for the same inputs) and bench's workload. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { luksHeaderBytes, measure, qcow2FullSize } from './measure.js';
+import { measure } from './measure.js';
+import { luksHeaderBytes, qcow2FullSize } from '../formats/qcow2/measure.js';
+import { builtinFormats } from '../formats/index.js';
 import { bench, benchHeader, benchPlan } from './bench.js';
 import { fill, memQcow2, memRaw } from './devices.test-helpers.js';
 
 const MiB = 2 ** 20;
+const formats = builtinFormats();
+const [qcow2, raw, qcow] = [formats.get('qcow2'), formats.get('raw'), formats.get('qcow')];
 
 test('fully allocated qcow2 sizes are the ones qemu-img measure prints', () => {
   assert.equal(qcow2FullSize(2 ** 30, 65536, 16, false), 1074135040);
@@ -16,18 +20,18 @@ test('fully allocated qcow2 sizes are the ones qemu-img measure prints', () => {
 });
 
 test('required counts whole target clusters holding data; --size counts metadata only', async () => {
-  assert.deepEqual(await measure({ format: 'qcow2', size: 2 ** 30 }), { required: 393216, 'fully-allocated': 1074135040 });
-  assert.deepEqual(await measure({ format: 'raw', size: 1000 }), { required: 1024, 'fully-allocated': 1024 });
+  assert.deepEqual(await measure({ format: qcow2, size: 2 ** 30 }), { required: 393216, 'fully-allocated': 1074135040 });
+  assert.deepEqual(await measure({ format: raw, size: 1000 }), { required: 1024, 'fully-allocated': 1024 });
   const src = await memQcow2(64 * MiB);
   await fill(src, 0, 100, 1); // one 64k cluster
   await fill(src, 10 * MiB + 4096, 4096, 2); // another
-  const r = await measure({ format: 'qcow2', source: src });
+  const r = await measure({ format: qcow2, source: src });
   assert.equal(r.required, 67436544 - 64 * MiB + 2 * 65536);
   assert.equal(r.bitmaps, 0);
-  const small = await measure({ format: 'qcow2', source: src, options: { cluster_size: '4096', compat: '0.10' } });
+  const small = await measure({ format: qcow2, source: src, options: { cluster_size: '4096', compat: '0.10' } });
   assert.equal(small.bitmaps, undefined);
-  await assert.rejects(measure({ format: 'qcow', size: MiB }), /Block driver 'qcow' does not support size measurement/);
-  await assert.rejects(measure({ format: 'qcow2', size: MiB, options: { foo: '1' }, knownOptions: { size: '' } }), /Invalid parameter 'foo'/);
+  await assert.rejects(measure({ format: qcow, size: MiB }), /Block driver 'qcow' does not support size measurement/);
+  await assert.rejects(measure({ format: qcow2, size: MiB, options: { foo: '1' }, knownOptions: { size: '' } }), /Invalid parameter 'foo'/);
 });
 
 test('bench: defaults and checks as qemu-img, requests wrap around the image, writes carry the pattern', async () => {

@@ -17,22 +17,46 @@ import { ChainStatus } from './chain-status.js';
 import { forEachPiece, type Range } from './copy-pool.js';
 import { allZero, sameBytes } from './zero-scan.js';
 
+/** Options of {@link rebase}. */
 export interface RebaseOptions {
   /** The new backing chain, opened read-only (null: none, the image becomes self-contained). Unused with `unsafe`. */
   newBacking: BlockDevice | null;
-  /** What the header will say: the name as the user wrote it (relative to the image), and its format. */
+  /** What the header will say: the name as the user wrote it (relative to the image); null for none. */
   backingName: string | null;
+  /** The new backing file's format, as the header will record it; null for none. */
   backingFormat: string | null;
   /** Only rewrite the header (qemu-img -u). */
   unsafe?: boolean;
+  /** Largest piece compared and copied at once, in bytes. Default 2 MiB. */
   chunkSize?: number;
+  /** Pieces read at once (each holds buffers of `chunkSize`). Default 4. */
   parallel?: number;
+  /** Stops the operation between steps; it then fails with QCOW_ABORTED. */
   signal?: AbortSignal;
+  /** Called as the image is walked: guest bytes done so far, out of its size. */
   onProgress?: (done: number, total: number) => void;
 }
 
 const SECTOR = 512;
 
+/**
+ * Make `image` (opened writable, with its old backing chain) name another backing file, or none,
+ * as `qemu-img rebase` does: safe mode first copies into the image every range where the old
+ * and the new chain read differently, so the guest reads the same afterwards; `unsafe` only
+ * rewrites the header.
+ *
+ * @example
+ * ```ts
+ * import { rebase } from 'qcow';
+ * import { openImage } from 'qcow/node';
+ *
+ * const image = await openImage('overlay.qcow2');
+ * const newBacking = await openImage('new-base.qcow2', { readOnly: true });
+ * await rebase(image, { newBacking, backingName: 'new-base.qcow2', backingFormat: 'qcow2' });
+ * await newBacking.close();
+ * await image.close();
+ * ```
+ */
 export async function rebase(image: BlockDevice, options: RebaseOptions): Promise<void> {
   if (!image.setBacking) throw new QcowError('QCOW_UNSUPPORTED', `the ${image.format} format cannot change its backing file`, { file: image.filename });
   if (image.readOnly) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: image.filename });

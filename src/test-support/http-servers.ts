@@ -10,7 +10,7 @@ import { createServer, type IncomingMessage, type ServerResponse } from 'node:ht
 import { createServer as createHttpsServer } from 'node:https';
 import { connect, type AddressInfo } from 'node:net';
 import { join, normalize } from 'node:path';
-import { hasTool, randomBytes, run, runOk } from './qemu.js';
+import { hasTool, needs, randomBytes, run, runOk } from './qemu.js';
 
 interface After {
   after(fn: () => Promise<void> | void): void;
@@ -22,10 +22,9 @@ export function nginxPath(): string | undefined {
   return hasTool('/usr/sbin/nginx') ? '/usr/sbin/nginx' : undefined;
 }
 
-/** `{ skip }` when nginx is missing outside CI (as needs() does for other tools). */
+/** needs('nginx'), for an nginx on PATH or in /usr/sbin. */
 export function needsNginx(): { skip?: string } {
-  if (nginxPath() || process.env.CI === 'true') return {};
-  return { skip: 'missing nginx (apt-get install nginx-light)' };
+  return nginxPath() ? {} : needs('nginx');
 }
 
 export interface Nginx {

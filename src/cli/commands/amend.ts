@@ -1,11 +1,12 @@
 /**
- * `qcow amend [-f qcow2] -o OPTIONS FILE`: change options of an existing qcow2 image in place, as
- * qemu-img amend does (compat, lazy_refcounts, refcount_bits, size; see formats/qcow2/amend.ts).
- * `-o help` lists the options.
+ * `qcow amend [-f FMT] -o OPTIONS FILE`: change options of an existing image in place, as
+ * qemu-img amend does, through the format's own amend (ops/amend.ts; qcow2 has one: compat,
+ * lazy_refcounts, refcount_bits, size; raw and qcow v1 do not, as in QEMU). `-o help` lists the
+ * options of the format named by -f, or else of the image's.
  */
 import { QcowError } from '../../core/errors.js';
-import { AMEND_OPTIONS, amendQcow2 } from '../../formats/qcow2/amend.js';
-import type { Qcow2Device } from '../../formats/qcow2/qcow2.js';
+import { amendImage, amendOptions } from '../../ops/amend.js';
+import { builtinFormats } from '../../formats/index.js';
 import { openForCli, parseOptionList, writeOut } from '../common.js';
 
 interface Flags {
@@ -18,16 +19,28 @@ interface Flags {
 export async function run(file: string, flags: Flags): Promise<void> {
   const options = parseOptionList(flags.options);
   if (options.help !== undefined) {
-    writeOut("Amend options for 'qcow2':\n");
-    for (const [k, v] of Object.entries(AMEND_OPTIONS)) writeOut(`  ${k.padEnd(22)} - ${v}\n`);
+    await printHelp(file, flags);
     return;
   }
   if (flags.options === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Must specify options (-o)');
   const dev = await openForCli(file, flags, { noBacking: true });
   try {
-    if (dev.format !== 'qcow2') throw new QcowError('QCOW_UNSUPPORTED', `Format driver '${dev.format}' does not support option amendment`);
-    await amendQcow2(dev as Qcow2Device, options);
+    await amendImage(dev, options);
   } finally {
     await dev.close();
   }
+}
+
+/** The format's amend options; as qemu-img, the image is only opened when -f does not name the format. */
+async function printHelp(file: string, flags: Flags): Promise<void> {
+  let name = flags.format;
+  if (name === undefined) {
+    // Only the format is wanted: no backing chain, no password, a damaged image still answers.
+    const dev = await openForCli(file, flags, { readOnly: true, noBacking: true, inspectOnly: true });
+    name = dev.format;
+    await dev.close();
+  }
+  const list = amendOptions(builtinFormats().get(name));
+  writeOut(`Amend options for '${name}':\n`);
+  for (const [k, v] of Object.entries(list)) writeOut(`  ${k.padEnd(22)} - ${v}\n`);
 }

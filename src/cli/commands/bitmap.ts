@@ -6,8 +6,7 @@
  */
 import { QcowError, invalidArgument } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
-import type { Qcow2Device } from '../../formats/qcow2/qcow2.js';
-import type { PersistentBitmaps } from '../../formats/qcow2/bitmaps/persistent.js';
+import type { DirtyBitmaps } from '../../core/bitmaps.js';
 import { openForCli } from '../common.js';
 
 interface Flags {
@@ -29,11 +28,10 @@ export async function run(file: string, name: string, flags: Flags): Promise<voi
 
   const dev = await openForCli(file, flags, { noBacking: true });
   try {
-    if (dev.format !== 'qcow2') throw new QcowError('QCOW_UNSUPPORTED', `Format driver '${dev.format}' does not support persistent bitmaps`);
-    const qdev = dev as Qcow2Device;
+    if (!dev.editBitmaps) throw new QcowError('QCOW_UNSUPPORTED', `Format driver '${dev.format}' does not support persistent bitmaps`);
     for (const a of actions) {
       try {
-        await qdev.editBitmaps((bitmaps) => apply(bitmaps, a, name, { ...flags, granularity }));
+        await dev.editBitmaps((bitmaps) => apply(bitmaps, a, name, { ...flags, granularity }));
       } catch (e) {
         if (e instanceof QcowError) e.message = `Operation ${a.op} on bitmap ${name} failed: ${e.message}`;
         throw e;
@@ -44,7 +42,7 @@ export async function run(file: string, name: string, flags: Flags): Promise<voi
   }
 }
 
-async function apply(bitmaps: PersistentBitmaps, a: { op: string; source?: string }, name: string, flags: Omit<Flags, 'granularity'> & { granularity?: number }): Promise<void> {
+async function apply(bitmaps: DirtyBitmaps, a: { op: string; source?: string }, name: string, flags: Omit<Flags, 'granularity'> & { granularity?: number }): Promise<void> {
   switch (a.op) {
     case 'add':
       return bitmaps.add(name, { granularity: flags.granularity, disabled: flags.disabled });
@@ -62,12 +60,13 @@ async function apply(bitmaps: PersistentBitmaps, a: { op: string; source?: strin
 }
 
 /** --merge: the source bitmap from this image, or from the -b image (opened read-only). */
-async function merge(bitmaps: PersistentBitmaps, dest: string, source: string, flags: Pick<Flags, 'sourceFile' | 'sourceFormat'>): Promise<void> {
+async function merge(bitmaps: DirtyBitmaps, dest: string, source: string, flags: Pick<Flags, 'sourceFile' | 'sourceFormat'>): Promise<void> {
   if (flags.sourceFile === undefined) return bitmaps.merge(dest, source);
   const src = await openForCli(flags.sourceFile, { format: flags.sourceFormat }, { noBacking: true, readOnly: true });
   try {
-    if (src.format !== 'qcow2') throw new QcowError('QCOW_INVALID_ARGUMENT', `Dirty bitmap '${source}' not found`);
-    await bitmaps.merge(dest, source, await (src as Qcow2Device).persistentBitmaps());
+    // A format without bitmaps holds none of that name (qemu-img's answer too).
+    if (!src.persistentBitmaps) throw new QcowError('QCOW_INVALID_ARGUMENT', `Dirty bitmap '${source}' not found`);
+    await bitmaps.merge(dest, source, await src.persistentBitmaps());
   } finally {
     await src.close();
   }

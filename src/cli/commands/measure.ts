@@ -30,7 +30,7 @@ export async function run(file: string | undefined, flags: Flags): Promise<void>
   let r: MeasureResult;
   try {
     if (file !== undefined) src = await openForCli(file, flags, { readOnly: true, snapshot: flags.snapshot });
-    r = await measure({ format: target.name, options, knownOptions: target.createOptions, size, source: src });
+    r = await measure({ format: target, options, knownOptions: target.createOptions, size, source: src });
   } finally {
     await src?.close();
   }

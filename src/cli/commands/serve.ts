@@ -1,14 +1,12 @@
 /**
- * `qcow serve`: export an image over NBD, as qemu-nbd does. Quiet on success; errors are one
- * line. --pid-file is written once the socket is listening, so scripts know when to connect.
+ * `qcow serve`: export an image over NBD, as qemu-nbd does, through the library's `serveNbd`
+ * (nbd/serve.ts); this command adds the flags, signals, the pid file and stale sockets. Quiet on
+ * success; errors are one line. --pid-file is written once the socket is listening, so scripts know when to connect.
  * SIGINT/SIGTERM stop accepting, finish running requests, flush and close the image, exit 0.
  */
 import { lstatSync, rmSync, writeFileSync } from 'node:fs';
 import { QcowError } from '../../core/errors.js';
-import { NbdServer, type ListenAddress } from '../../nbd/server.js';
-import { allocationDepthContext, baseAllocationContext, dirtyBitmapContext } from '../../nbd/contexts.js';
-import type { ExportedBitmap } from '../../nbd/export.js';
-import type { BlockDevice } from '../../core/block-device.js';
+import { serveNbd, type ListenAddress, type NbdServerHandle } from '../../nbd/serve.js';
 import { openForCli } from '../common.js';
 
 interface Flags {
@@ -32,25 +30,19 @@ export async function run(file: string, flags: Flags): Promise<number> {
   const maxClients = flags.shared === undefined ? 1 : positiveInt(flags.shared, '-e/--shared');
   // fixedSize: the export's size does not change, so others may not resize the image (qemu-nbd's locks).
   const dev = await openForCli(file, flags, { readOnly: !!flags.readOnly, fixedSize: true });
-  let server: NbdServer | undefined;
+  let server: NbdServerHandle | undefined;
   try {
-    const dirtyBitmap = flags.bitmap === undefined ? undefined : await exportedBitmap(dev, flags.bitmap);
-    server = new NbdServer({
-      exp: {
-        name: flags.exportName ?? '',
-        description: flags.description ?? '',
-        device: dev,
-        readOnly: !!flags.readOnly,
-        contexts: [baseAllocationContext, ...(flags.allocationDepth ? [allocationDepthContext] : []), ...(dirtyBitmap ? [dirtyBitmapContext(dirtyBitmap)] : [])],
-      },
+    if ('path' in address) await removeStaleSocket(address.path);
+    server = await serveNbd(dev, {
+      address,
+      exportName: flags.exportName,
+      description: flags.description,
+      readOnly: !!flags.readOnly,
       maxClients,
       persistent: !!flags.persistent,
+      allocationDepth: !!flags.allocationDepth,
+      bitmap: flags.bitmap,
       onError: (e) => process.stderr.write(`qcow: ${file}: connection dropped: ${e instanceof Error ? e.message : String(e)}\n`),
-    });
-    if ('path' in address) await removeStaleSocket(address.path);
-    await server.listen(address).catch((e: NodeJS.ErrnoException) => {
-      const where = 'path' in address ? address.path : `${address.host}:${address.port}`;
-      throw new QcowError('QCOW_IO', `cannot listen on ${where}: ${e.code ?? e.message}`, { cause: e });
     });
     if (flags.pidFile) writeFileSync(flags.pidFile, `${process.pid}\n`);
 
@@ -67,13 +59,6 @@ export async function run(file: string, flags: Flags): Promise<number> {
     if (flags.pidFile && server) rmSync(flags.pidFile, { force: true });
   }
   return 0;
-}
-
-/** -B NAME: the bitmap must exist and be usable now, as qemu-nbd checks before it serves. */
-async function exportedBitmap(dev: BlockDevice, name: string): Promise<ExportedBitmap> {
-  const { bitmapExtents } = await import('../../ops/changed-extents.js');
-  await bitmapExtents(dev, name, { offset: 0, length: 0 });
-  return { name, extents: (offset, length) => bitmapExtents(dev, name, { offset, length }) };
 }
 
 function listenAddress(flags: Flags): ListenAddress {

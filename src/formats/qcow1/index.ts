@@ -5,6 +5,7 @@ import { CREATE_OPTIONS, createQcow1 } from './create.js';
 import { Qcow1Device } from './device.js';
 import { probeQcow1 } from './header.js';
 
+/** The qcow (version 1) format: read, written and created; no check, amend or measure, as in QEMU. */
 export const qcowFormat: ImageFormat = {
   name: 'qcow',
   probe: probeQcow1,

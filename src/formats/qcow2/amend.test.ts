@@ -153,3 +153,21 @@ test('compat=0.10 with persistent bitmaps: qemu-img 7.2 downgrades too; the bitm
   await qcowOk(['bitmap', '--add', o, 'again']);
   await clean(o);
 });
+
+test('raw and qcow v1 images refuse amend and -o help with qemu-img amend\'s line and exit status', needs('qemu-img'), async (t) => {
+  const dir = await scratch(t);
+  for (const format of ['raw', 'qcow']) {
+    const f = join(dir, `x.${format}`);
+    await qemuImg(['create', '-q', '-f', format, f, '1M']);
+    for (const args of [['-f', format, '-o', 'size=2M'], ['-o', 'size=2M'], ['-o', 'help']]) {
+      const q = await run('qemu-img', ['amend', ...args, f]);
+      const r = await qcow(['amend', ...args, f]);
+      assert.equal(r.code, q.code, `${format} ${args.join(' ')}`);
+      // qemu-img's last line is the refusal; a probed raw image adds its probing warning before it.
+      const last = (text: string, program: string) => text.trimEnd().split('\n').at(-1)!.replace(`${program}: `, '');
+      assert.equal(last(r.stderr, 'qcow'), last(q.stderr, 'qemu-img'), `${format} ${args.join(' ')}`);
+      assert.match(r.stderr, /does not support option amendment\n$/);
+      assert.equal(r.stdout, '');
+    }
+  }
+});

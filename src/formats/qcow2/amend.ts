@@ -40,19 +40,37 @@ import { L2_ZERO, readL2Entry, standardL2Entry } from './l2-entry.js';
 import { L2_COMPRESSED } from './compressed-descriptor.js';
 import { l1TableOffset } from './l1-entry.js';
 import { readSnapshotTable } from './snapshot-table.js';
-import type { Qcow2Device } from './qcow2.js';
+import type { Qcow2Header } from './header.js';
+import type { Qcow2Geometry } from './layout.js';
+import type { L2Context } from './l2-entry.js';
+import type { Qcow2Image } from './image.js';
+import type { ClusterMap } from './cluster-map.js';
+import type { Qcow2Encryption } from './encryption.js';
+import type { Qcow2Snapshot } from './snapshot-table.js';
 import type { Qcow2Writer } from './write.js';
+import type { ByteStore } from '../../storage/types.js';
 
-
-/** What `-o help` lists (qemu-img amend's options for qcow2 that we implement). */
-export const AMEND_OPTIONS: Record<string, string> = {
-  backing_file: 'File name of a base image (only its current value: use rebase to change it)',
-  backing_fmt: 'Image format of the base image (only its current value)',
-  compat: 'Compatibility level (v2 [0.10] or v3 [1.1])',
-  lazy_refcounts: 'Postpone refcount updates',
-  refcount_bits: 'Width of a reference count entry in bits',
-  size: 'Virtual disk size',
-};
+/**
+ * What amend needs of the device. The device loads this module when an amend runs, so this module
+ * names the parts it uses rather than importing the device back (which would be an import cycle).
+ */
+export interface AmendDevice {
+  readonly header: Readonly<Qcow2Header>;
+  readonly clusterSize: number;
+  readonly size: number;
+  readonly store: ByteStore;
+  readonly fileSize: number;
+  readonly geometry: Qcow2Geometry;
+  readonly l2Context: L2Context;
+  readonly image: Qcow2Image;
+  readonly map: ClusterMap;
+  readonly l1: Uint8Array;
+  readonly l1Entries: number;
+  readonly encryption: Qcow2Encryption | null;
+  readonly openedSnapshot: Qcow2Snapshot | undefined;
+  requireWriter(): Qcow2Writer;
+  resize(size: number, options: { shrink?: boolean }): Promise<void>;
+}
 
 /** Options qemu-img only takes when creating an image. */
 const CREATE_ONLY = new Set([
@@ -78,7 +96,7 @@ export interface AmendPlan {
 }
 
 /** Validate `options` against the image's header; nothing is written. */
-export function planAmend(dev: Qcow2Device, options: Record<string, string>): AmendPlan {
+export function planAmend(dev: AmendDevice, options: Record<string, string>): AmendPlan {
   const h = dev.header;
   const plan: AmendPlan = {};
   if (Object.keys(options).length === 0) throw invalidArgument('Must specify options (-o)');
@@ -149,7 +167,7 @@ export function planAmend(dev: Qcow2Device, options: Record<string, string>): Am
 }
 
 /** Apply `options` to an image opened read-write. */
-export async function amendQcow2(dev: Qcow2Device, options: Record<string, string>): Promise<void> {
+export async function amendQcow2(dev: AmendDevice, options: Record<string, string>): Promise<void> {
   const plan = planAmend(dev, options);
   const w = dev.requireWriter();
   const image = dev.image;
@@ -186,7 +204,7 @@ export async function amendQcow2(dev: Qcow2Device, options: Record<string, strin
 }
 
 /** The v3 -> v2 step: zero clusters expanded (all L1 tables), then the v2 header. */
-async function downgrade(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
+async function downgrade(dev: AmendDevice, w: Qcow2Writer): Promise<void> {
   const h = dev.header;
   const cs = dev.clusterSize;
   const g = dev.geometry;
@@ -268,7 +286,7 @@ async function downgrade(dev: Qcow2Device, w: Qcow2Writer): Promise<void> {
   await dev.store.flush();
 }
 
-async function writeZeros(dev: Qcow2Device, guest: number, host: number): Promise<void> {
+async function writeZeros(dev: AmendDevice, guest: number, host: number): Promise<void> {
   const zeros = new Uint8Array(dev.clusterSize);
   const enc = dev.encryption;
   if (!enc) {
@@ -282,7 +300,7 @@ async function writeZeros(dev: Qcow2Device, guest: number, host: number): Promis
  * New refcount structures of `bits`-wide entries, built after the end of the file from the current
  * counts, flushed, then named by the header; the old table and blocks are free afterwards.
  */
-async function changeRefcountWidth(dev: Qcow2Device, w: Qcow2Writer, bits: number): Promise<void> {
+async function changeRefcountWidth(dev: AmendDevice, w: Qcow2Writer, bits: number): Promise<void> {
   const cs = dev.clusterSize;
   const old = w.refcounts;
   const end = Math.max(old.end, Math.ceil((await dev.store.size()) / cs));

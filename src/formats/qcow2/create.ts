@@ -54,11 +54,22 @@ export interface Qcow2CreateSettings {
   dataFileRaw: boolean;
 }
 
-const onOff = (key: string, v: string | undefined): boolean => {
+/** An on/off -o option (absent: off), in qemu-img's words when it is neither. */
+export const onOff = (key: string, v: string | undefined): boolean => {
   if (v === undefined || v === 'off' || v === 'false') return false;
   if (v === 'on' || v === 'true') return true;
   throw invalidArgument(`Parameter '${key}' expects 'on' or 'off'`);
 };
+
+/** The cluster sizes qemu accepts for new images (measure checks them too). */
+export function checkClusterSize(clusterSize: number): void {
+  if (!isPowerOfTwo(clusterSize) || clusterSize < 512 || clusterSize > 2 * 1024 * 1024) throw invalidArgument('Cluster size must be a power of two between 512 and 2048k');
+}
+
+/** Extended L2 entries split a cluster in 32 subclusters of at least 512 bytes. */
+export function checkExtendedL2ClusterSize(clusterSize: number): void {
+  if (clusterSize < 16384) throw invalidArgument('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
+}
 
 /** Validate -o options the way qemu-img does, with its defaults. */
 export function parseCreateOptions(o: Record<string, string>, hasBacking: boolean): Qcow2CreateSettings {
@@ -69,7 +80,7 @@ export function parseCreateOptions(o: Record<string, string>, hasBacking: boolea
   else if (compat === '1.1' || compat === 'v3') version = 3;
   else throw invalidArgument(`Parameter 'version' does not accept value '${compat}'`);
   const clusterSize = o.cluster_size !== undefined ? parseSize(o.cluster_size, 'cluster_size') : 65536;
-  if (!isPowerOfTwo(clusterSize) || clusterSize < 512 || clusterSize > 2 * 1024 * 1024) throw invalidArgument('Cluster size must be a power of two between 512 and 2048k');
+  checkClusterSize(clusterSize);
   const refcountBits = o.refcount_bits !== undefined ? Number(o.refcount_bits) : 16;
   checkRefcountBits(refcountBits);
   const lazyRefcounts = onOff('lazy_refcounts', o.lazy_refcounts);
@@ -95,7 +106,7 @@ export function parseCreateOptions(o: Record<string, string>, hasBacking: boolea
     if (ctype !== 'zlib') throw invalidArgument(`Non-zlib compression type is only supported with compatibility level 1.1 and above ${v3}`);
     if (o.data_file !== undefined) throw invalidArgument(`External data files are only supported with compatibility level 1.1 and above ${v3}`);
   }
-  if (extendedL2 && clusterSize < 16384) throw invalidArgument('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
+  if (extendedL2) checkExtendedL2ClusterSize(clusterSize);
   if (dataFileRaw && o.data_file === undefined) throw invalidArgument('data-file-raw requires data-file');
   if (dataFileRaw && hasBacking) throw invalidArgument('Backing file and data-file-raw cannot be used at the same time');
   const iter = o['encrypt.iter-time'];

@@ -345,6 +345,11 @@ export class Qcow2Device extends DeviceBase {
     await this.requireWriter().makeEmpty();
   }
 
+  // Loaded when an amend runs, as the snapshot writer is: few commands amend an image.
+  async amend(options: Record<string, string>): Promise<void> {
+    await (await import('./amend.js')).amendQcow2(this, options);
+  }
+
   /**
    * The write path, for the operations that change the image (snapshots and amend too). A
    * read-only image throws DeviceBase's read-only error, the one every format gives.

@@ -2,6 +2,7 @@
 import type { BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, PlacedRange, PlainExtent, WriteOptions, ZeroOptions } from '../../core/block-device.js';
 import { DeviceBase } from '../../core/device-base.js';
 import { QcowError, unsupported } from '../../core/errors.js';
+import { alignUp } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
 
 export class RawDevice extends DeviceBase {
@@ -119,4 +120,9 @@ export const rawFormat: ImageFormat = {
     }
   },
   createOptions: { size: 'Virtual disk size', preallocation: 'Preallocation mode (allowed values: off, falloc, full)' },
+  // Every byte of the virtual disk is in the file, allocated or not; sizes are whole sectors.
+  async measure(request) {
+    const n = request.source ? request.source.size : alignUp(request.size ?? 0, 512);
+    return { required: n, 'fully-allocated': n };
+  },
 };
