@@ -52,7 +52,7 @@ test('the launcher picks the bundle of the command, also behind the qemu-img per
 
 test('a command whose bundle leaves out the others still runs them from the whole CLI when asked', async () => {
   // `amend` has no bundle of its own: the launcher falls back to the whole CLI's.
-  const r = await run(process.execPath, [launcher, 'amend', '-o', 'help', 'no-such.qcow2']);
+  const r = await run(process.execPath, [launcher, 'amend', '-f', 'qcow2', '-o', 'help', 'no-such.qcow2']);
   assert.match(r.stdout, /^Amend options for 'qcow2':/);
 });
 
