@@ -48,6 +48,8 @@ const ROWS: Row[] = [
     match: OPEN_REFUSED,
     text: (e, c) => `${c.op === 'open' ? `Could not open '${c.file ?? e.file}': ` : ''}qcow2: Image is corrupt; cannot be opened read/write`,
   },
+  // amend on a format without it: refused once the image is open, without "Could not open".
+  { code: 'QCOW_UNSUPPORTED', match: /does not support option amendment$/, text: (e) => e.message },
   // map, human output: data without a host offset in the file.
   { code: 'QCOW_UNSUPPORTED', match: /^the human map cannot show data/, text: () => 'File contains external, encrypted or compressed clusters.' },
   // A virtual size past what can be addressed.

@@ -56,6 +56,7 @@ test('compat/qemu-img prints what qemu-img prints', needs('qemu-img', 'qemu-io')
     ['resize', base, '+1M'],
     ['compare', base, base],
     ['compare', join(dir, 'missing.qcow2'), base],
+    ['amend', '-f', 'raw', '-o', 'size=2M', join(dir, 'new.raw')],
   ];
   for (const args of cases) {
     const ours = await run(LAUNCHER, args, { cwd: dir });
