@@ -40,7 +40,7 @@ export async function* bitmapRuns(dev: BlockDevice, bitmapName: string, range: E
 }
 
 /** The dirty runs of {@link bitmapRuns} only, one at a time: what an incremental backup copies. */
-export async function* changedRuns(dev: BlockDevice, bitmapName: string, range: ExtentRange = {}): AsyncGenerator<{ offset: number; length: number }> {
+export async function* changedRuns(dev: BlockDevice, bitmapName: string, range: ExtentRange = {}): AsyncGenerator<Pick<DirtyExtent, 'offset' | 'length'>> {
   for await (const e of bitmapRuns(dev, bitmapName, range)) if (e.dirty) yield { offset: e.offset, length: e.length };
 }
 

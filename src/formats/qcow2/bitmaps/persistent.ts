@@ -44,6 +44,7 @@ import { ALL_ONE, ALL_ZERO, dataClusters, decodeTable, encodeTable } from './tab
 import { allSet, bitRuns, setBits } from './bits.js';
 import { RangeSet } from './ranges.js';
 import { encodeUtf8 } from '../../../core/bytes.js';
+import type { BitmapInfo, DirtyExtent } from '../../../core/bitmaps.js';
 
 export interface BitmapReadHost {
   readonly store: ByteStore;
@@ -68,20 +69,8 @@ export interface BitmapWriteHost extends BitmapReadHost {
   exclusive<T>(fn: () => Promise<T>): Promise<T>;
 }
 
-export interface BitmapInfo {
-  name: string;
-  granularity: number;
-  inUse: boolean;
-  auto: boolean;
-  /** Why the bitmap cannot be used, when it cannot (in use, bad table, unknown flags...). */
-  unusable?: string;
-}
-
-export interface DirtyExtent {
-  offset: number;
-  length: number;
-  dirty: boolean;
-}
+// What a bitmap and a run are is the capability's (core/bitmaps.ts), whichever format stores them.
+export type { BitmapInfo, DirtyExtent };
 
 export interface BitmapLimits {
   /** Data clusters kept for reading. */
