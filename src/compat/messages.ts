@@ -41,6 +41,19 @@ export const OPEN_REFUSED = /^the image is marked corrupt and cannot be opened r
 const noFile = (msg: string) => msg.replace(/^(?:file|cannot open|could not open)[^:]*:\s*/i, '');
 
 const ROWS: Row[] = [
+  // snapshot -a / -d of a snapshot the image does not have (before the open rows: it is not one).
+  {
+    code: 'QCOW_NOT_FOUND',
+    match: /^Could not (apply|delete) snapshot '(.*)': Can't find snapshot/,
+    text: (_e, _c, m) => (m![1] === 'apply' ? `Could not apply snapshot '${m![2]}': Failed to load snapshot: No such file or directory` : `Could not delete snapshot '${m![2]}': snapshot not found`),
+  },
+  // resize to a smaller size without --shrink: QEMU adds its warning line.
+  {
+    code: 'QCOW_INVALID_ARGUMENT',
+    match: /^Use the --shrink option to perform a shrink operation\.$/,
+    text: (e) =>
+      `${e.message}\nqemu-img: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.`,
+  },
   // A qcow2 image with the corrupt bit, opened for writing (qemu-io prints the driver's words alone).
   {
     op: ['open', 'device'],

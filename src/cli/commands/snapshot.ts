@@ -28,7 +28,13 @@ export async function run(file: string, flags: Flags): Promise<void> {
     const [verb, action, arg] =
       flags.create !== undefined ? ['create', dev.createSnapshot, flags.create] : flags.apply !== undefined ? ['apply', dev.applySnapshot, flags.apply] : ['delete', dev.deleteSnapshot, flags.delete!];
     if (!action) throw new QcowError('QCOW_UNSUPPORTED', `Could not ${verb} snapshot: Operation not supported (format ${dev.format})`);
-    await action.call(dev, arg);
+    try {
+      await action.call(dev, arg);
+    } catch (e) {
+      // Say which snapshot action failed, as qemu-img does (the compat table words the rest).
+      if (e instanceof QcowError && e.code === 'QCOW_NOT_FOUND' && verb !== 'create') e.message = `Could not ${verb} snapshot '${arg}': ${e.message}`;
+      throw e;
+    }
   } finally {
     await dev.close();
   }

@@ -57,6 +57,9 @@ test('compat/qemu-img prints what qemu-img prints', needs('qemu-img', 'qemu-io')
     ['compare', base, base],
     ['compare', join(dir, 'missing.qcow2'), base],
     ['amend', '-f', 'raw', '-o', 'size=2M', join(dir, 'new.raw')],
+    ['resize', base, '2M'],
+    ['snapshot', '-a', 'nope', base],
+    ['snapshot', '-d', 'nope', base],
   ];
   for (const args of cases) {
     const ours = await run(LAUNCHER, args, { cwd: dir });
