@@ -20,6 +20,7 @@ import { mkdir, open, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { parseArgs as parseCliArgs } from 'node:util';
 
 /** The `qcow` command as npm installs it (the shell launcher, which runs bin/qcow.cjs under node). */
 const CLI = fileURLToPath(new URL('../../bin/qcow', import.meta.url));
@@ -35,21 +36,13 @@ interface Args {
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { reps: 3, scale: 1, dir: '', keep: false };
-  for (let i = 0; i < argv.length; i++) {
-    const k = argv[i];
-    const v = () => {
-      const x = argv[++i];
-      if (x === undefined) throw new Error(`${k} needs a value`);
-      return x;
-    };
-    if (k === '--reps') a.reps = Number(v());
-    else if (k === '--scale') a.scale = Number(v());
-    else if (k === '--only') a.only = new Set(v().split(','));
-    else if (k === '--dir') a.dir = v();
-    else if (k === '--keep') a.keep = true;
-    else throw new Error(`unknown option ${k}`);
-  }
+  // node:util's parser: unknown options and missing values are its errors.
+  const { values: o } = parseCliArgs({
+    args: argv,
+    options: { reps: { type: 'string' }, scale: { type: 'string' }, only: { type: 'string' }, dir: { type: 'string' }, keep: { type: 'boolean' } },
+  });
+  const a: Args = { reps: Number(o.reps ?? 3), scale: Number(o.scale ?? 1), dir: o.dir ?? '', keep: o.keep ?? false };
+  if (o.only !== undefined) a.only = new Set(o.only.split(','));
   if (!(a.reps >= 1) || !(a.scale > 0)) throw new Error('--reps must be >= 1 and --scale > 0');
   // Images are kept between runs (they take a while to make), one set per scale.
   a.dir ||= join(tmpdir(), `qcow-bench-${a.scale}`);

@@ -22,6 +22,7 @@ import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { parseArgs as parseCliArgs } from 'node:util';
 
 const QCOW = fileURLToPath(new URL('../../bin/qcow', import.meta.url));
 const COMPAT = fileURLToPath(new URL('../../compat/', import.meta.url));
@@ -244,21 +245,17 @@ export function startupTable(r: StartupReport): string {
 }
 
 function parseArgs(argv: string[]): StartupOptions & { json?: string } {
+  // node:util's parser: unknown options and missing values are its errors.
+  const { values: v } = parseCliArgs({
+    args: argv,
+    options: { reps: { type: 'string' }, warmup: { type: 'string' }, only: { type: 'string' }, dir: { type: 'string' }, json: { type: 'string' } },
+  });
   const o: StartupOptions & { json?: string } = {};
-  for (let i = 0; i < argv.length; i++) {
-    const k = argv[i];
-    const v = () => {
-      const x = argv[++i];
-      if (x === undefined) throw new Error(`${k} needs a value`);
-      return x;
-    };
-    if (k === '--reps') o.reps = Number(v());
-    else if (k === '--warmup') o.warmup = Number(v());
-    else if (k === '--only') o.only = v().split(',');
-    else if (k === '--dir') o.dir = v();
-    else if (k === '--json') o.json = v();
-    else throw new Error(`unknown option ${k}`);
-  }
+  if (v.reps !== undefined) o.reps = Number(v.reps);
+  if (v.warmup !== undefined) o.warmup = Number(v.warmup);
+  if (v.only !== undefined) o.only = v.only.split(',');
+  if (v.dir !== undefined) o.dir = v.dir;
+  if (v.json !== undefined) o.json = v.json;
   if (o.reps !== undefined && !(o.reps >= 1)) throw new Error('--reps must be >= 1');
   if (o.warmup !== undefined && !(o.warmup >= 0)) throw new Error('--warmup must be >= 0');
   return o;

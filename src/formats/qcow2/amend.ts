@@ -41,34 +41,20 @@ import { L2_COMPRESSED } from './compressed-descriptor.js';
 import { l1TableOffset } from './l1-entry.js';
 import { readSnapshotTable } from './snapshot-table.js';
 import type { Qcow2Header } from './header.js';
-import type { Qcow2Geometry } from './layout.js';
-import type { L2Context } from './l2-entry.js';
-import type { Qcow2Image } from './image.js';
-import type { ClusterMap } from './cluster-map.js';
 import type { Qcow2Encryption } from './encryption.js';
 import type { Qcow2Snapshot } from './snapshot-table.js';
+import type { Qcow2DeviceParts } from './device-parts.js';
 import type { Qcow2Writer } from './write.js';
-import type { ByteStore } from '../../storage/types.js';
 
 /**
  * What amend needs of the device. The device loads this module when an amend runs, so this module
  * names the parts it uses rather than importing the device back (which would be an import cycle).
  */
-export interface AmendDevice {
+export interface AmendDevice extends Qcow2DeviceParts {
   readonly header: Readonly<Qcow2Header>;
-  readonly clusterSize: number;
-  readonly size: number;
-  readonly store: ByteStore;
   readonly fileSize: number;
-  readonly geometry: Qcow2Geometry;
-  readonly l2Context: L2Context;
-  readonly image: Qcow2Image;
-  readonly map: ClusterMap;
-  readonly l1: Uint8Array;
-  readonly l1Entries: number;
   readonly encryption: Qcow2Encryption | null;
   readonly openedSnapshot: Qcow2Snapshot | undefined;
-  requireWriter(): Qcow2Writer;
   resize(size: number, options: { shrink?: boolean }): Promise<void>;
 }
 

@@ -15,31 +15,18 @@ import { encodeSnapshotTable, findSnapshot, type Qcow2Snapshot } from './snapsho
 import { l2EntryCopied, readL2Entry, setL2Copied } from './l2-entry.js';
 import { l1EntryCopied, l1TableOffset } from './l1-entry.js';
 import { MAX_SNAPSHOTS } from './layout.js';
-import type { Qcow2Geometry } from './layout.js';
-import type { L2Context } from './l2-entry.js';
-import type { Qcow2Image } from './image.js';
-import type { ClusterMap } from './cluster-map.js';
 import type { Qcow2Writer } from './write.js';
 import type { ByteStore } from '../../storage/types.js';
+import type { Qcow2DeviceParts } from './device-parts.js';
 
 /**
  * What the snapshot writer needs of the device. The device loads this module when a snapshot
  * changes, so this module names the parts it uses rather than importing the device back.
  */
-export interface SnapshotDevice {
-  readonly clusterSize: number;
-  readonly store: ByteStore;
+export interface SnapshotDevice extends Qcow2DeviceParts {
   readonly dataStore: ByteStore;
-  readonly size: number;
-  readonly geometry: Qcow2Geometry;
-  readonly l2Context: L2Context;
-  readonly image: Qcow2Image;
-  readonly map: ClusterMap;
-  readonly l1: Uint8Array;
-  readonly l1Entries: number;
   readonly snapshots: readonly Qcow2Snapshot[];
   readonly writer: Qcow2Writer | null;
-  requireWriter(): Qcow2Writer;
 }
 
 function writerOf(dev: SnapshotDevice): Qcow2Writer {
