@@ -74,8 +74,22 @@ export interface RunResult {
   stderr: string;
 }
 
+/**
+ * qemu-img sizes a new LUKS key slot by timing PBKDF2 against its thread's CPU clock, and gives up
+ * with this line when the clock has not moved (coarse accounting on a busy VM): a property of the
+ * machine at that instant, not of the test, so the command is run again (a few times at most).
+ */
+const QEMU_CPU_CLOCK_FLAKE = 'Unable to get accurate CPU usage';
+
 /** Run a program; resolves with its exit code and output (never rejects on a non-zero exit). */
-export function run(cmd: string, args: string[], options: { cwd?: string; input?: string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
+export async function run(cmd: string, args: string[], options: { cwd?: string; input?: string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
+  for (let attempt = 1; ; attempt++) {
+    const r = await runOnce(cmd, args, options);
+    if (r.code === 0 || attempt === 3 || !r.stderr.includes(QEMU_CPU_CLOCK_FLAKE)) return r;
+  }
+}
+
+function runOnce(cmd: string, args: string[], options: { cwd?: string; input?: string; timeoutMs?: number; env?: NodeJS.ProcessEnv }): Promise<RunResult> {
   return new Promise((resolve, reject) => {
     const child = execFile(
       cmd,
