@@ -334,3 +334,40 @@ test('check finds a broken bitmap table and check -r all removes the bitmap, whi
   await checkClean(file);
   assert.deepEqual((await bitmaps(file)).map((b) => b.name), ['good']);
 });
+
+test('check reports a directory entry QEMU refuses to open (granularity, type, flags) and check -r all removes it', needs('qemu-img'), async (t) => {
+  const dir = await scratch(t);
+  const { open } = await import('node:fs/promises');
+  const { decodeHeader } = await import('./header.js');
+  const { qcow } = await import('../../test-support/qemu.js');
+  // Byte offset inside the first directory entry, value, and what the check says about it.
+  const cases: [number, number, RegExp][] = [
+    [17, 40, /bitmap 'bad' cannot be used: granularity bits 40 out of range/],
+    [17, 8, /bitmap 'bad' cannot be used: granularity bits 8 out of range/],
+    [16, 2, /bitmap 'bad' cannot be used: unknown bitmap type 2/],
+    [12, 0x80, /bitmap 'bad' cannot be used: unknown flags 0x80000000/],
+  ];
+  for (const [at, value, said] of cases) {
+    const file = join(dir, `entry-${at}-${value}.qcow2`);
+    await qemuImg(['create', '-q', '-f', 'qcow2', file, '16M']);
+    await qemuImg(['bitmap', '--add', file, 'bad']);
+    await qemuImg(['bitmap', '--add', file, 'good']);
+    const fh = await open(file, 'r+');
+    const head = new Uint8Array(65536);
+    await fh.read(head, 0, head.length, 0);
+    await fh.write(new Uint8Array([value]), 0, 1, decodeHeader(head).bitmaps!.directoryOffset + at);
+    await fh.close();
+
+    const refused = await run('qemu-img', ['info', file]);
+    assert.equal(refused.code, 1);
+    assert.match(refused.stderr, /Bitmap 'bad' doesn't satisfy the constraints/);
+    const found = await qcow(['check', file]);
+    assert.equal(found.code, 2, found.stdout + found.stderr);
+    assert.match(found.stderr + found.stdout, said);
+    const fixed = await qcow(['check', '-r', 'all', file]);
+    assert.equal(fixed.code, 0, fixed.stdout + fixed.stderr);
+    assert.match(fixed.stderr + fixed.stdout, /Repairing bitmap 'bad': removed/);
+    await checkClean(file);
+    assert.deepEqual((await bitmaps(file)).map((b) => b.name), ['good']);
+  }
+});

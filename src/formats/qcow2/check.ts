@@ -22,7 +22,7 @@ import { MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES, qcow2Geometry } from './layou
 import { contiguousEntries } from './l2-entry.js';
 import { encodeSnapshotTable, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
 import { ClusterRefs } from './cluster-refs.js';
-import { decodeDirectory, type BitmapEntry } from './bitmaps/directory.js';
+import { decodeDirectory, malformedReason, type BitmapEntry } from './bitmaps/directory.js';
 import { entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcount.js';
 
 /**
@@ -793,6 +793,11 @@ async function walkBitmaps(store: ByteStore, p: Pass): Promise<void> {
       error(p, `ERROR bitmap '${e.name}': table at 0x${e.tableOffset.toString(16)} (${e.tableSize} entries) is invalid`);
       continue;
     }
+    // An entry QEMU refuses (type, granularity, flags, sizes) keeps the image from opening there
+    // and is what `-r all` removes, so it is a corruption here too. Its table is still walked:
+    // its clusters are in use until the repair drops it.
+    const why = malformedReason(e, p.cs, p.fileSize);
+    if (why) error(p, `ERROR bitmap '${e.name}' cannot be used: ${why}`);
     ref(p, e.tableOffset, e.tableSize * 8);
     const t = new Uint8Array(e.tableSize * 8);
     await store.read(e.tableOffset, t);

@@ -115,7 +115,9 @@ export interface ImageGeometry {
  */
 export function unusableReason(e: BitmapEntry, g: ImageGeometry): string | undefined {
   if (e.type !== TYPE_DIRTY_TRACKING) return `unknown bitmap type ${e.type}`;
-  if (e.flags & ~KNOWN_FLAGS) return `unknown flags 0x${(e.flags & ~KNOWN_FLAGS).toString(16)}`;
+  // >>> 0: JavaScript's bit operators give a signed word, and bit 31 must print as 0x80000000.
+  const unknown = (e.flags & ~KNOWN_FLAGS) >>> 0;
+  if (unknown) return `unknown flags 0x${unknown.toString(16)}`;
   if (e.granularityBits < MIN_GRANULARITY_BITS || e.granularityBits > MAX_GRANULARITY_BITS) return `granularity bits ${e.granularityBits} out of range`;
   if (e.extraData.length > 0 && !(e.flags & FLAG_EXTRA_DATA_COMPATIBLE)) return 'it has extra data this program does not understand';
   if (e.tableSize === 0 || e.tableSize > MAX_TABLE_SIZE || e.tableSize * g.clusterSize > MAX_PHYS_SIZE) return `invalid table size ${e.tableSize}`;
@@ -123,4 +125,13 @@ export function unusableReason(e: BitmapEntry, g: ImageGeometry): string | undef
   if (e.flags & FLAG_IN_USE) return 'it is inconsistent (in use: the program that had it open did not store it)';
   if (e.tableSize < tableSizeFor(g.size, e.granularityBits, g.clusterSize)) return `its table (${e.tableSize} entries) is too small for the disk`;
   return undefined;
+}
+
+/**
+ * Why this entry is malformed, which QEMU refuses at open and `check -r all` removes: the rules of
+ * unusableReason except the two a healthy image can break for a while (left in use by a crash,
+ * a table sized for the disk before a resize), or undefined.
+ */
+export function malformedReason(e: BitmapEntry, clusterSize: number, fileSize: number): string | undefined {
+  return unusableReason({ ...e, flags: e.flags & ~FLAG_IN_USE }, { clusterSize, size: 0, fileSize });
 }

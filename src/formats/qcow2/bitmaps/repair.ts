@@ -13,13 +13,12 @@ import { alignUp } from '../../../core/bytes.js';
 import type { ByteStore } from '../../../storage/types.js';
 import { encodeHeader, type Qcow2Header } from '../header.js';
 import { AUTOCLEAR_BITMAPS, hasFeature } from '../features.js';
-import { FLAG_IN_USE, MAX_BITMAPS, MAX_DIRECTORY_SIZE, decodeDirectory, encodeDirectory, unusableReason, type BitmapEntry } from './directory.js';
+import { MAX_BITMAPS, MAX_DIRECTORY_SIZE, decodeDirectory, encodeDirectory, malformedReason, type BitmapEntry } from './directory.js';
 import { decodeTable } from './table.js';
 
 /** Why a bitmap's structures cannot be read (in use does not count), or undefined. */
 async function brokenReason(store: ByteStore, e: BitmapEntry, cs: number, fileSize: number): Promise<string | undefined> {
-  // The size check needs the disk size only for consistent bitmaps; 0 skips it.
-  const why = unusableReason({ ...e, flags: e.flags & ~FLAG_IN_USE }, { clusterSize: cs, size: 0, fileSize });
+  const why = malformedReason(e, cs, fileSize);
   if (why) return why;
   const buf = new Uint8Array(e.tableSize * 8);
   await store.read(e.tableOffset, buf);
