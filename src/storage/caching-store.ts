@@ -169,9 +169,12 @@ export class CachingStore implements ByteStore {
   async read(offset: number, into: Uint8Array): Promise<number> {
     this.checkOpen();
     if (!Number.isSafeInteger(offset) || offset < 0) throw invalid(`invalid offset ${offset}`, this.name);
-    const length = await this.size();
+    const length = this.length ?? (await this.size());
     const n = Math.max(0, Math.min(into.length, length - offset));
-    if (n > 0) await this.readBlocks(offset, into.subarray(0, n), length);
+    if (n > 0) {
+      const misses = this.readBlocks(offset, into.subarray(0, n), length);
+      if (misses) await misses;
+    }
     into.fill(0, n);
     return n;
   }
@@ -241,7 +244,8 @@ export class CachingStore implements ByteStore {
     this.update(offset, offset + (length ?? Infinity), undefined, true);
   }
 
-  private async readBlocks(offset: number, into: Uint8Array, length: number): Promise<void> {
+  /** Copies the blocks held at once; resolves when the missing ones are in (undefined when none was missing). */
+  private readBlocks(offset: number, into: Uint8Array, length: number): Promise<unknown> | undefined {
     const b = this.blockSize;
     const end = offset + into.length;
     const first = Math.floor(offset / b);
@@ -253,13 +257,13 @@ export class CachingStore implements ByteStore {
       const from = Math.max(offset, start);
       into.set(block.subarray(from - start, Math.min(end, start + b) - start), from - offset);
     };
-    const waits: Promise<void>[] = [];
+    let waits: Promise<void>[] | undefined;
     for (let k = first; k <= last; k++) {
       const hit = this.lru.get(k);
       if (hit) copy(k, hit);
-      else waits.push(this.block(k, last, continues, length).then((block) => copy(k, block)));
+      else (waits ??= []).push(this.block(k, last, continues, length).then((block) => copy(k, block)));
     }
-    await Promise.all(waits);
+    return waits && Promise.all(waits);
   }
 
   /**

@@ -96,8 +96,14 @@ export class HttpRangeStore implements ByteStore {
     if (!Number.isSafeInteger(offset) || offset < 0) throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid offset ${offset}`, { file: this.name });
     const n = Math.max(0, Math.min(into.length, this.length - offset));
     if (n > 0) {
-      if (this.whole) into.set(this.whole.subarray(offset, offset + n));
-      else into.set(await this.fetchRange(offset, offset + n - 1));
+      const target = into.subarray(0, n);
+      if (this.whole) target.set(this.whole.subarray(offset, offset + n));
+      else {
+        // A range reply is read straight into `target`; only a whole body (a server that stopped
+        // honouring Range) comes back apart and is copied.
+        const bytes = await this.fetchRange(offset, offset + n - 1, target);
+        if (bytes !== target) target.set(bytes);
+      }
     }
     into.fill(0, n);
     return n;
@@ -165,8 +171,8 @@ export class HttpRangeStore implements ByteStore {
     });
   }
 
-  /** Bytes [start, end] (inclusive) in one ranged request. */
-  private async fetchRange(start: number, end: number): Promise<Uint8Array> {
+  /** Bytes [start, end] (inclusive) in one ranged request, read into `into` (end - start + 1 bytes). */
+  private async fetchRange(start: number, end: number, into: Uint8Array): Promise<Uint8Array> {
     return this.request(async () => {
       const res = await this.get(start, end);
       if (res.status === 206) {
@@ -176,7 +182,7 @@ export class HttpRangeStore implements ByteStore {
           throw new QcowError('QCOW_IO', `asked for bytes ${start}-${end}, got ${res.headers.get('content-range')}`, { file: this.name });
         }
         this.checkUnchanged(res, range.total);
-        const body = await this.body(res, end - start + 1);
+        const body = await this.body(res, into);
         if (body.length !== end - start + 1) throw new TransientHttpError(`short reply: ${body.length} of ${end - start + 1} bytes`);
         return body;
       }
@@ -230,9 +236,11 @@ export class HttpRangeStore implements ByteStore {
     );
   }
 
-  private async body(res: Response, expected: number): Promise<Uint8Array> {
+  /** A range reply's body: `expected` bytes, or as many as `expected` holds, read into it. */
+  private async body(res: Response, expected: number | Uint8Array): Promise<Uint8Array> {
+    const length = typeof expected === 'number' ? expected : expected.length;
     // A few bytes of slack: a server that sends more than asked is caught by the length check.
-    const body = await readBodyCapped(res, expected + 1, (n) => new QcowError('QCOW_IO', `reply of ${n} bytes to a ${expected}-byte range request`, { file: this.name }), expected);
+    const body = await readBodyCapped(res, length + 1, (n) => new QcowError('QCOW_IO', `reply of ${n} bytes to a ${length}-byte range request`, { file: this.name }), expected);
     this.stats.bytesFetched += body.length;
     return body;
   }
