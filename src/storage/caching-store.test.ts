@@ -6,10 +6,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { CachingStore } from './caching-store.js';
+import { CachingStore, cachingOpener } from './caching-store.js';
+import { openImage } from '../chain/open.js';
+import { builtinFormats, qcow2Format } from '../formats/index.js';
 import { MemoryStore } from './memory.js';
 import { QcowError } from '../core/errors.js';
-import type { ByteStore } from './types.js';
+import type { ByteStore, StoreOpener } from './types.js';
 
 const KiB = 1024;
 const isCode = (code: string) => (e: unknown) => e instanceof QcowError && e.code === code;
@@ -111,7 +113,7 @@ async function zeroIn(mem: MemoryStore, offset: number, length: number): Promise
   if (end > offset) await mem.write(offset, new Uint8Array(end - offset));
 }
 
-async function readAt(store: ByteStore, offset: number, length: number): Promise<Uint8Array> {
+async function readAt(store: { read(offset: number, into: Uint8Array): Promise<unknown> }, offset: number, length: number): Promise<Uint8Array> {
   const buf = new Uint8Array(length);
   await store.read(offset, buf);
   return buf;
@@ -421,4 +423,57 @@ test('random operation sequences read as the plain store does, within the budget
     }),
     { seed: 20261206, numRuns: 60 },
   );
+});
+
+test('a qcow2 chain opened through cachingOpener reads and writes as without it', async () => {
+  const MiB = 2 ** 20;
+  const files = new Map<string, MemoryStore>();
+  const plain: StoreOpener = {
+    open: async (name) => {
+      const f = files.get(name);
+      if (!f) throw new QcowError('QCOW_NOT_FOUND', 'no such file', { file: name });
+      return f;
+    },
+    resolve: (name) => name,
+  };
+  const base = new MemoryStore();
+  await qcow2Format.create(base, { size: 4 * MiB, options: { cluster_size: '4096' } });
+  const top = new MemoryStore();
+  await qcow2Format.create(top, { size: 4 * MiB, backingFile: 'base.qcow2', backingFormat: 'qcow2', options: { cluster_size: '4096' } });
+  files.set('base.qcow2', base);
+  files.set('top.qcow2', top);
+  const model = new Uint8Array(4 * MiB);
+  const baseDev = await openImage('base.qcow2', { opener: cachingOpener(plain, { chunkSize: 64 * KiB }), formats: builtinFormats() });
+  await baseDev.write(MiB, new Uint8Array(300 * KiB).fill(0x11));
+  model.fill(0x11, MiB, MiB + 300 * KiB);
+  await baseDev.close();
+
+  const wrapped: ByteStore[] = [];
+  const opener = cachingOpener(plain, { chunkSize: 64 * KiB, cacheBytes: 256 * KiB });
+  const dev = await openImage('top.qcow2', {
+    opener: { ...opener, open: async (name, o) => (wrapped.push(await opener.open(name, o)), wrapped.at(-1)!) },
+    formats: builtinFormats(),
+  });
+  let seed = 5;
+  for (let i = 0; i < 60; i++) {
+    seed = (seed * 1103515245 + 12345) % 2 ** 31;
+    const off = seed % (4 * MiB - 70 * KiB);
+    const len = 1 + (seed % (70 * KiB));
+    if (i % 3 === 0) {
+      const bytes = new Uint8Array(len).fill(i);
+      await dev.write(off, bytes);
+      model.set(bytes, off);
+    } else {
+      assert.deepEqual(await readAt(dev, off, len), model.subarray(off, off + len), `read ${i} at ${off}`);
+    }
+  }
+  await dev.close();
+  assert.deepEqual(
+    wrapped.map((s) => s instanceof CachingStore),
+    [true, true],
+  );
+  // Opened again without caches: the files hold what was written through them.
+  const again = await openImage('top.qcow2', { opener: plain, formats: builtinFormats(), readOnly: true });
+  assert.deepEqual(await readAt(again, 0, 4 * MiB), model);
+  await again.close();
 });

@@ -21,7 +21,7 @@
 import { QcowError } from '../core/errors.js';
 import { Lru } from '../core/lru.js';
 import type { Permissions } from './permissions.js';
-import type { ByteStore, DataRun } from './types.js';
+import type { ByteStore, DataRun, StoreOpener } from './types.js';
 
 /** Options of {@link CachingStore}: block and chunk sizes, and the memory budget. */
 export interface CachingStoreOptions {
@@ -57,15 +57,11 @@ const TOUCHED_CHUNKS = 512;
  *
  * @example
  * ```ts
- * import { CachingStore, openImageWith, builtinFormats, type ByteStore } from 'qcow';
+ * import { CachingStore, qcow2Format, type ByteStore } from 'qcow';
  *
- * declare const bucket: ByteStore; // e.g. a store over an object store's ranged GETs
- * const store = new CachingStore(bucket, { chunkSize: 4 << 20, cacheBytes: 128 << 20 });
- * const dev = await openImageWith(store.name, {
- *   readOnly: true,
- *   formats: builtinFormats(),
- *   opener: { open: async () => store, resolve: (name) => name },
- * });
+ * declare const blob: ByteStore; // say, a store over an object store's ranged GETs
+ * const store = new CachingStore(blob, { chunkSize: 4 << 20, cacheBytes: 128 << 20 });
+ * const dev = await qcow2Format.open(store, { readOnly: true });
  * ```
  */
 export class CachingStore implements ByteStore {
@@ -387,6 +383,32 @@ export class CachingStore implements ByteStore {
   private checkOpen(): void {
     if (this.closed) throw new QcowError('QCOW_IO', 'the store is closed', { file: this.name });
   }
+}
+
+/**
+ * An opener whose stores are those `inner` opens, each wrapped in its own {@link CachingStore}:
+ * an image and every backing file it names are read through caches.
+ *
+ * @example
+ * ```ts
+ * import { cachingOpener, openImageWith, builtinFormats, type StoreOpener } from 'qcow';
+ *
+ * declare const bucket: StoreOpener; // opens names in an object store
+ * const dev = await openImageWith('disks/top.qcow2', {
+ *   readOnly: true,
+ *   formats: builtinFormats(),
+ *   opener: cachingOpener(bucket, { chunkSize: 4 << 20 }),
+ * });
+ * ```
+ */
+export function cachingOpener(inner: StoreOpener, options: CachingStoreOptions = {}): StoreOpener {
+  const opener: StoreOpener = {
+    open: async (name, o) => new CachingStore(await inner.open(name, o), options),
+    resolve: (name, relativeTo) => inner.resolve(name, relativeTo),
+  };
+  if (inner.exists) opener.exists = (name) => inner.exists!(name);
+  if (inner.remove) opener.remove = (name) => inner.remove!(name);
+  return opener;
 }
 
 function* range(first: number, last: number): Generator<number> {
