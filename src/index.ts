@@ -11,6 +11,7 @@ export { parseSize, formatSize } from './core/size.js';
 export type { ByteStore, DataRun, StoreOpener } from './storage/types.js';
 export type { Permissions } from './storage/permissions.js';
 export { MemoryStore } from './storage/memory.js';
+export { CachingStore, cachingOpener, DEFAULT_CACHING_CHUNK_SIZE, DEFAULT_CACHING_BYTES, type CachingStoreOptions } from './storage/caching-store.js';
 export { openImage as openImageWith, createImage as createImageWith, chainOf, type OpenImageOptions, type CreateImageOptions } from './chain/open.js';
 export { builtinFormats, rawFormat, qcowFormat, qcow2Format } from './formats/index.js';
 export { convert, type ConvertOptions } from './ops/convert.js';

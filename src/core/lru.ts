@@ -66,6 +66,16 @@ export class Lru<K, V> {
     return this.loading.has(key);
   }
 
+  /** Loads under way (not yet stored). */
+  get loadingCount(): number {
+    return this.loading.size;
+  }
+
+  /** The keys of loads under way. */
+  loadingKeys(): IterableIterator<K> {
+    return this.loading.keys();
+  }
+
   /** The entry, made the most recently used; undefined when not held. */
   get(key: K): V | undefined {
     const hit = this.map.get(key);

@@ -151,9 +151,10 @@ export function parseContentRange(value: string | null): ContentRange | undefine
 /**
  * The whole body, refusing (before reading it when Content-Length tells) one longer than `limit`:
  * a server that ignores Range sends the whole image, which must not fill the memory. `expected`:
- * the length the caller asked for, when it knows it.
+ * the length the caller asked for, when it knows it, or the buffer to read it into (the body is
+ * then that buffer when it has exactly its length).
  */
-export async function readBodyCapped(res: Response, limit: number, tooLarge: (length: number) => QcowError, expected?: number): Promise<Uint8Array> {
+export async function readBodyCapped(res: Response, limit: number, tooLarge: (length: number) => QcowError, expected?: number | Uint8Array): Promise<Uint8Array> {
   const declared = res.headers.get('content-length');
   // Content-Length counts encoded bytes when the body is compressed; only trust it when it is not.
   if (declared !== null && !res.headers.get('content-encoding') && Number(declared) > limit) {
@@ -234,9 +235,10 @@ class BodyCollector {
   constructor(
     private readonly limit: number,
     private readonly tooLarge: (length: number) => QcowError,
-    expected: number | undefined,
+    expected: number | Uint8Array | undefined,
   ) {
-    this.direct = expected !== undefined && expected <= limit ? new Uint8Array(expected) : undefined;
+    if (expected instanceof Uint8Array) this.direct = expected.length <= limit ? expected : undefined;
+    else this.direct = expected !== undefined && expected <= limit ? new Uint8Array(expected) : undefined;
   }
 
   /** Take a piece; false when the body is now longer than the limit. */
