@@ -262,7 +262,7 @@ async function readSnapshots(store: ByteStore, h: Qcow2Header, cs: number): Prom
   try {
     // Read as qemu reads it: past the end of the file come zeros (a truncated table shows up as
     // incomplete entries and a region past the end, not as an unreadable table).
-    return await readSnapshotTable(store, h.nbSnapshots, h.snapshotsOffset, Number.MAX_SAFE_INTEGER);
+    return await readSnapshotTable(store, h.nbSnapshots, h.snapshotsOffset, Number.MAX_SAFE_INTEGER, { zeroOffset: true });
   } catch (e) {
     if (!(e instanceof QcowError)) throw e;
     throw corrupt(`ERROR failed to read the snapshot table: ${e.message}`);

@@ -35,10 +35,12 @@ const FIXED = 40;
 const MAX_TABLE_BYTES = 64 * 1024 * 1024;
 const MAX_EXTRA = 1024;
 
-export async function readSnapshotTable(store: ByteStore, count: number, offset: number, fileSize: number): Promise<Qcow2Snapshot[]> {
+export async function readSnapshotTable(store: ByteStore, count: number, offset: number, fileSize: number, options: { zeroOffset?: boolean } = {}): Promise<Qcow2Snapshot[]> {
   if (count === 0) return [];
   if (count > MAX_SNAPSHOTS) throw corrupt(`snapshot table: ${count} snapshots is more than the limit of ${MAX_SNAPSHOTS}`);
-  if (offset % 8 !== 0 || offset === 0 || offset >= fileSize) throw corrupt(`snapshot table offset 0x${offset.toString(16)} is invalid or beyond the end of the file`);
+  // Offset 0 is the header: no image means that, so opening refuses it. check reads it anyway, as
+  // qemu-img check does, to report (and repair) what it finds there like qemu-img.
+  if (offset % 8 !== 0 || (offset === 0 && !options.zeroOffset) || offset >= fileSize) throw corrupt(`snapshot table offset 0x${offset.toString(16)} is invalid or beyond the end of the file`);
   // Read the table in chunks; an entry's variable part may cross a chunk boundary.
   const limit = Math.min(fileSize, offset + MAX_TABLE_BYTES);
   let buf = new Uint8Array(0);
