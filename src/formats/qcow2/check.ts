@@ -785,9 +785,15 @@ async function checkPass(store: ByteStore, fix: RepairMode | null): Promise<Chec
   const p = await refcountPass(store, fix, snap);
   const res = p.res;
   if (snap.corruptions > 0 && fix === 'all') {
-    await rewriteSnapshotTable(store, p);
-    snap.corruptionsFixed += snap.corruptions;
-    snap.corruptions = 0;
+    if (p.rebuild || res.checkErrors > 0) {
+      // Allocating needs counts that can be trusted: the table stays as it is, its faults counted.
+      res.checkErrors++;
+      res.messages.push('ERROR failed to update snapshot table: the refcount structure could not be repaired');
+    } else {
+      await rewriteSnapshotTable(store, p);
+      snap.corruptionsFixed += snap.corruptions;
+      snap.corruptions = 0;
+    }
   }
   res.corruptions += snap.corruptions;
   res.corruptionsFixed += snap.corruptionsFixed;
@@ -806,8 +812,6 @@ async function rewriteSnapshotTable(store: ByteStore, p: Pass): Promise<void> {
   const { snap, cs } = p;
   const bytes = encodeStoredSnapshotTable(snap.snapshots, p.h.size);
   if (bytes.length > MAX_TABLE_BYTES) throw corrupt('ERROR failed to update snapshot table: File too large');
-  // Allocating needs counts that can be trusted.
-  if (p.rebuild || p.res.checkErrors > 0) throw corrupt('ERROR failed to update snapshot table: the refcount structure could not be repaired');
   // The header read again: a rebuild may have moved the refcount table.
   const { h } = await readHeader(store);
   const rc = await Refcounts.load(store, { clusterSize: cs, refcountBits: p.rbits, tableOffset: h.refcountTableOffset, tableClusters: h.refcountTableClusters });
