@@ -105,6 +105,11 @@ interface Pass {
   snap: SnapshotCheck;
   /** The snapshot table's own clusters were counted (it lies inside the file). */
   snapCounted: boolean;
+  /**
+   * One bit per cluster of the file: used as guest data by a table walked so far (the active
+   * image's are walked first). A repair never writes into such a cluster as if it were a table.
+   */
+  dataClusters: Uint8Array;
 }
 
 /**
@@ -230,8 +235,20 @@ async function openPass(store: ByteStore, fix: RepairMode | null, snap: Snapshot
     beyondLimit: 2 * fileClusters + MAX_BEYOND + 64,
     snap,
     snapCounted: false,
+    dataClusters: new Uint8Array(Math.ceil(fileClusters / 8)),
   };
 }
+
+/** Data clusters [off, +n clusters) of a table walked (inside the file): guest data, never metadata. */
+function markData(p: Pass, off: number, n: number): void {
+  const first = Math.floor(off / p.cs);
+  const end = Math.min(first + n, p.dataClusters.length * 8);
+  for (let c = first; c < end; c++) p.dataClusters[c >> 3]! |= 1 << (c & 7);
+}
+const isData = (p: Pass, off: number): boolean => {
+  const c = Math.floor(off / p.cs);
+  return c < p.dataClusters.length * 8 && (p.dataClusters[c >> 3]! & (1 << (c & 7))) !== 0;
+};
 
 function error(p: Pass, m: string): void {
   p.res.corruptions++;
@@ -434,6 +451,7 @@ async function walkL2(store: ByteStore, p: Pass, l2Offset: Off, t: Uint8Array, a
         next = off + n * cs;
       }
       ref(p, off, n * cs);
+      markData(p, off, n);
       j += n - 1;
       continue;
     }
@@ -449,8 +467,11 @@ async function walkL2(store: ByteStore, p: Pass, l2Offset: Off, t: Uint8Array, a
       res.corruptions++;
       const hasData = extl2 ? ab !== 0 : !zeroFlag;
       if (!hasData) {
-        res.messages.push(`${p.fix === 'all' ? 'Repairing' : 'ERROR'} offset=${hex(off)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
-        if (p.fix === 'all' && !p.incomplete && typeof l2Offset === 'number' && l2Offset % cs === 0 && l2Offset + cs <= p.fileSize) {
+        // Never into a "table" that holds guest data (a corrupt snapshot L1 entry may name one):
+        // the write would change what the guest reads. qemu-img writes there; we leave it.
+        const guestData = typeof l2Offset === 'number' && isData(p, l2Offset);
+        res.messages.push(`${p.fix === 'all' && !guestData ? 'Repairing' : 'ERROR'} offset=${hex(off)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
+        if (p.fix === 'all' && !p.incomplete && !guestData && typeof l2Offset === 'number' && l2Offset % cs === 0 && l2Offset + cs <= p.fileSize) {
           // Made a zero cluster with no host offset (the cluster reads zeros either way).
           const e = new Uint8Array(eb);
           if (extl2) {
@@ -473,7 +494,10 @@ async function walkL2(store: ByteStore, p: Pass, l2Offset: Off, t: Uint8Array, a
       if (next !== 0 && off !== next) res.fragmentedClusters++;
       next = addOff(off, cs);
     }
-    if (!external) ref(p, off, cs);
+    if (!external) {
+      ref(p, off, cs);
+      if (typeof off === 'number' && !misaligned(off, cs)) markData(p, off, 1);
+    }
   }
 }
 
