@@ -41,6 +41,26 @@ export const OPEN_REFUSED = /^the image is marked corrupt and cannot be opened r
 const noFile = (msg: string) => msg.replace(/^(?:file|cannot open|could not open)[^:]*:\s*/i, '');
 
 const ROWS: Row[] = [
+  // check, a snapshot table it cannot read, or a snapshot L1 table past what a file can hold:
+  // qemu-img prints the error, a hint where -r all helps, then why the check failed.
+  {
+    code: 'QCOW_CORRUPT',
+    match: /^ERROR snapshot table too large \(\d+ entries; check -r all drops the (\d+) overhanging snapshots\)$/,
+    text: (_e, _c, m) => `ERROR snapshot table too large\nYou can force-remove all ${m![1]} overhanging snapshots with qemu-img check -r all\nqemu-img: Check failed: File too large`,
+  },
+  { code: 'QCOW_CORRUPT', match: /^ERROR snapshot table offset invalid$/, text: (e) => `${e.message}\nqemu-img: Check failed: Invalid argument` },
+  {
+    code: 'QCOW_CORRUPT',
+    match: /^(ERROR failed to read the snapshot table: Too much extra metadata in snapshot table entry \d+) \(check -r all drops it\)$/,
+    text: (_e, _c, m) => `${m![1]}\nYou can force-remove this extra metadata with qemu-img check -r all\nqemu-img: Check failed: File too large`,
+  },
+  {
+    code: 'QCOW_CORRUPT',
+    match: /^(ERROR failed to read the snapshot table: Snapshot table is too big) \(check -r all drops the (\d+) overhanging snapshots\)$/,
+    text: (_e, _c, m) => `${m![1]}\nYou can force-remove all ${m![2]} overhanging snapshots with qemu-img check -r all\nqemu-img: Check failed: File too large`,
+  },
+  { code: 'QCOW_CORRUPT', match: /^ERROR failed to update snapshot table: (.*)$/, text: (e) => `${e.message}\nqemu-img: Check failed` },
+  { code: 'QCOW_IO', match: /^(ERROR: I\/O error in check_refcounts_l1) \(/, text: (_e, _c, m) => `${m![1]}\nqemu-img: Check failed: Input/output error` },
   // snapshot -a / -d of a snapshot the image does not have (before the open rows: it is not one).
   {
     code: 'QCOW_NOT_FOUND',

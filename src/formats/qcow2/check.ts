@@ -18,9 +18,10 @@ import type { CheckResult, RepairMode } from '../../core/check.js';
 import { AUTOCLEAR_FEATURES_OFFSET, INCOMPATIBLE_FEATURES_OFFSET, type Qcow2Header } from './header.js';
 import { readHeader as readImageHeader } from './read-header.js';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, hasFeature } from './features.js';
-import { MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES, qcow2Geometry } from './layout.js';
+import { MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES, MAX_SNAPSHOTS, qcow2Geometry } from './layout.js';
 import { contiguousEntries } from './l2-entry.js';
-import { encodeSnapshotTable, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
+import { MAX_TABLE_BYTES, cString, encodeStoredSnapshotTable, readStoredSnapshotTable, type StoredSnapshot } from './snapshot-table.js';
+import { Refcounts } from './alloc.js';
 import { ClusterRefs } from './cluster-refs.js';
 import { decodeDirectory, malformedReason, type BitmapEntry } from './bitmaps/directory.js';
 import { entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcount.js';
@@ -33,6 +34,13 @@ import { entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcou
 type Off = number | bigint;
 const EXACT = 2 ** 53;
 const TWO32 = 2 ** 32;
+/**
+ * The furthest byte QEMU's block layer reads (INT64_MAX rounded down to 1 GiB): a table past it
+ * is not read as zeros but fails with an I/O error, which ends qemu-img's check.
+ */
+const BDRV_MAX_LENGTH = 2n ** 63n - 2n ** 30n;
+/** Where the header keeps nb_snapshots (u32), followed by snapshots_offset (u64). */
+const HEADER_NB_SNAPSHOTS = 60;
 
 /** QEMU's limits on what it reads for a check (layout.ts): an L1 table of 32 MiB, a refcount table of 8 MiB. */
 const MAX_REFTABLE_BYTES = MAX_REFCOUNT_TABLE_BYTES;
@@ -52,6 +60,8 @@ function addOff(off: Off, n: number): Off {
   return v < BigInt(EXACT) ? Number(v) : v;
 }
 const misaligned = (off: Off, cs: number): boolean => (typeof off === 'number' ? off % cs !== 0 : off % BigInt(cs) !== 0n);
+/** A 64-bit value as an Off: a number when exact. */
+const exact = (v: bigint): Off => (v < BigInt(EXACT) ? Number(v) : v);
 const clusterOf = (off: Off, cs: number): number => (typeof off === 'number' ? Math.floor(off / cs) : Number(off / BigInt(cs)));
 const hex = (v: Off | number): string => v.toString(16);
 const u32 = (b: Uint8Array, o: number): number => ((b[o]! << 24) | (b[o + 1]! << 16) | (b[o + 2]! << 8) | b[o + 3]!) >>> 0;
@@ -91,7 +101,28 @@ interface Pass {
   beyond: Set<number>;
   /** How far past the end of the file `beyond` looks: what a rebuild could append. */
   beyondLimit: number;
-  snapshots: Qcow2Snapshot[];
+  /** The snapshot table as the check read it (after any entries a repair dropped). */
+  snap: SnapshotCheck;
+  /** The snapshot table's own clusters were counted (it lies inside the file). */
+  snapCounted: boolean;
+  /**
+   * One bit per cluster of the file: used as guest data by a table walked so far (the active
+   * image's are walked first). A repair never writes into such a cluster as if it were a table.
+   */
+  dataClusters: Uint8Array;
+}
+
+/**
+ * What reading the snapshot table found (qemu's qcow2_check_read_snapshot_table): the entries,
+ * the table's place and size, and its own counts, added to the refcount pass's result at the end.
+ */
+interface SnapshotCheck {
+  snapshots: StoredSnapshot[];
+  offset: number;
+  size: number;
+  corruptions: number;
+  corruptionsFixed: number;
+  messages: string[];
 }
 
 /** Check (and optionally repair) the image in `store`. Throws only when the header is unreadable. */
@@ -154,7 +185,7 @@ async function readAt(store: ByteStore, p: { fileSize: number }, off: Off, into:
   await store.read(off, into);
 }
 
-async function openPass(store: ByteStore, fix: RepairMode | null): Promise<Pass> {
+async function openPass(store: ByteStore, fix: RepairMode | null, snap: SnapshotCheck): Promise<Pass> {
   const { h, fileSize } = await readHeader(store);
   const g = qcow2Geometry(h.clusterBits, hasFeature(h.incompatibleFeatures, INCOMPAT_EXTL2));
   const cs = g.clusterSize;
@@ -202,9 +233,22 @@ async function openPass(store: ByteStore, fix: RepairMode | null): Promise<Pass>
     // Far enough that what a rebuild appends (blocks and a table for the file and for these
     // clusters themselves) never reaches past it.
     beyondLimit: 2 * fileClusters + MAX_BEYOND + 64,
-    snapshots: await readSnapshots(store, h, cs),
+    snap,
+    snapCounted: false,
+    dataClusters: new Uint8Array(Math.ceil(fileClusters / 8)),
   };
 }
+
+/** Data clusters [off, +n clusters) of a table walked (inside the file): guest data, never metadata. */
+function markData(p: Pass, off: number, n: number): void {
+  const first = Math.floor(off / p.cs);
+  const end = Math.min(first + n, p.dataClusters.length * 8);
+  for (let c = first; c < end; c++) p.dataClusters[c >> 3]! |= 1 << (c & 7);
+}
+const isData = (p: Pass, off: number): boolean => {
+  const c = Math.floor(off / p.cs);
+  return c < p.dataClusters.length * 8 && (p.dataClusters[c >> 3]! & (1 << (c & 7))) !== 0;
+};
 
 function error(p: Pass, m: string): void {
   p.res.corruptions++;
@@ -252,44 +296,80 @@ function ref(p: Pass, offset: Off, length: number): void {
 }
 
 /**
- * The snapshot table, checked first as qemu-img does: a table it cannot read (an offset not
- * aligned to a cluster, more entries than allowed, entries it cannot parse) ends the check with
- * an error rather than a count.
+ * The snapshot table, read first as qemu-img check reads it (qcow2_check_read_snapshot_table). A
+ * table it cannot read at all (too many entries, an offset not aligned to a cluster or past what
+ * a file can hold, an entry with too much extra data, a table over 64 MiB) ends the check with an
+ * error. With `-r all` the entries over qemu's limits are dropped (the header's count is updated
+ * at once, as qemu does: the refcount pass that follows reads it) and extra data over the limit
+ * is cut; those and the v3 entries without their 16 bytes of extra data are corruptions that
+ * {@link rewriteSnapshotTable} repairs once the refcounts are right.
  */
-async function readSnapshots(store: ByteStore, h: Qcow2Header, cs: number): Promise<Qcow2Snapshot[]> {
-  if (h.nbSnapshots > 65536) throw corrupt(`ERROR snapshot table: ${h.nbSnapshots} snapshots is more than the limit of 65536`);
-  if (h.snapshotsOffset % cs !== 0) throw corrupt('ERROR snapshot table offset invalid');
+async function checkSnapshotTable(store: ByteStore, h: Qcow2Header, fileSize: number, fix: RepairMode | null): Promise<SnapshotCheck> {
+  const repair = fix === 'all';
+  const cs = 2 ** h.clusterBits;
+  const messages: string[] = [];
+  let count = h.nbSnapshots;
+  let reduced = 0;
+  if (count > MAX_SNAPSHOTS && repair) {
+    messages.push(`Discarding ${count - MAX_SNAPSHOTS} overhanging snapshots`);
+    reduced = count - MAX_SNAPSHOTS;
+    count = MAX_SNAPSHOTS;
+  }
+  if (count > MAX_SNAPSHOTS) throw corrupt(`ERROR snapshot table too large (${count} entries; check -r all drops the ${count - MAX_SNAPSHOTS} overhanging snapshots)`);
+  // qemu takes offsets as signed 64-bit: the whole table must lie below 2^63.
+  if (h.snapshotsOffset % cs !== 0 || BigInt(h.snapshotsOffset) > 2n ** 63n - 1n - BigInt(count * 40)) throw corrupt('ERROR snapshot table offset invalid');
+  let table;
   try {
-    // Read as qemu reads it: past the end of the file come zeros (a truncated table shows up as
-    // incomplete entries and a region past the end, not as an unreadable table).
-    return await readSnapshotTable(store, h.nbSnapshots, h.snapshotsOffset, Number.MAX_SAFE_INTEGER);
+    table = await readStoredSnapshotTable(store, count, h.snapshotsOffset, fileSize, { repair });
   } catch (e) {
     if (!(e instanceof QcowError)) throw e;
     throw corrupt(`ERROR failed to read the snapshot table: ${e.message}`);
   }
+  messages.push(...table.messages);
+  reduced += table.overhanging;
+  const snap: SnapshotCheck = { snapshots: table.snapshots, offset: h.snapshotsOffset, size: table.size, corruptions: table.extraDropped, corruptionsFixed: 0, messages };
+  if (reduced > 0) {
+    // The entries dropped from the end leak their clusters until the refcount pass frees them.
+    const b = new Uint8Array(4);
+    setU32(b, 0, table.snapshots.length);
+    await store.write(HEADER_NB_SNAPSHOTS, b);
+    await store.flush();
+    snap.corruptionsFixed += reduced;
+  }
+  // Version 3 entries carry at least the 16 bytes of extra data that hold the sizes.
+  if (h.version >= 3) {
+    table.snapshots.forEach((s, i) => {
+      if (s.extraDataSize >= 16) return;
+      snap.corruptions++;
+      messages.push(`${repair ? 'Repairing' : 'ERROR'} snapshot table entry ${i} is incomplete`);
+    });
+  }
+  return snap;
 }
+
+const text = (b: Uint8Array): string => new TextDecoder().decode(cString(b));
 
 /** Count every reference of the image (qemu's calculate_refcounts), checking tables on the way. */
 async function calculate(store: ByteStore, p: Pass): Promise<void> {
   ref(p, 0, p.cs);
   await walkL1(store, p, p.h.l1TableOffset, p.h.l1Size, true);
-  if (p.h.nbSnapshots > 0) {
-    if (p.external) error(p, `ERROR ${p.h.nbSnapshots} snapshots in image with data file`);
-    // Version 3 entries carry at least the 16 bytes of extra data that hold the sizes.
-    if (p.h.version >= 3) p.snapshots.forEach((s, i) => s.diskSize === undefined && error(p, `ERROR snapshot table entry ${i} is incomplete`));
-    for (const s of p.snapshots) {
-      if (s.l1TableOffset % p.cs !== 0) {
-        error(p, `ERROR snapshot ${s.id} (${s.name}) l1_offset=0x${hex(s.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
-        continue;
-      }
-      if (s.l1Size > MAX_L1_ENTRIES) {
-        error(p, `ERROR snapshot ${s.id} (${s.name}) l1_size=0x${s.l1Size.toString(16)}: L1 table is too large; snapshot table entry corrupted`);
-        continue;
-      }
-      await walkL1(store, p, s.l1TableOffset, s.l1Size, false);
+  const { snapshots } = p.snap;
+  if (p.external && snapshots.length > 0) error(p, `ERROR ${snapshots.length} snapshots in image with data file`);
+  for (const s of snapshots) {
+    const l1Offset = exact(s.l1TableOffset);
+    if (misaligned(l1Offset, p.cs)) {
+      error(p, `ERROR snapshot ${text(s.id)} (${text(s.name)}) l1_offset=0x${hex(l1Offset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+      continue;
     }
-    ref(p, p.h.snapshotsOffset, encodeSnapshotTable(p.snapshots).length);
+    if (s.l1Size > MAX_L1_ENTRIES) {
+      error(p, `ERROR snapshot ${text(s.id)} (${text(s.name)}) l1_size=0x${s.l1Size.toString(16)}: L1 table is too large; snapshot table entry corrupted`);
+      continue;
+    }
+    await walkL1(store, p, l1Offset, s.l1Size, false);
   }
+  const before = p.res.corruptions;
+  ref(p, p.snap.offset, p.snap.size);
+  p.snapCounted = p.snap.size > 0 && p.res.corruptions === before;
   ref(p, p.h.refcountTableOffset, p.reftableEntries * 8);
   if (p.h.fde) ref(p, p.h.fde.offset, p.h.fde.length);
   // QEMU ignores the bitmaps when the autoclear bit says a program without them wrote the image.
@@ -297,13 +377,18 @@ async function calculate(store: ByteStore, p: Pass): Promise<void> {
   checkRefblocks(p);
 }
 
-async function walkL1(store: ByteStore, p: Pass, l1Offset: number, l1Size: number, active: boolean): Promise<void> {
+async function walkL1(store: ByteStore, p: Pass, l1Offset: Off, l1Size: number, active: boolean): Promise<void> {
   if (l1Size === 0) return;
   // An active L1 table that runs a cluster or more past the end of the file (a corrupt size) reads
   // whatever follows it as L2 pointers: its "tables" may be guest data, so nothing is written on
   // their word (no COPIED repair, no rebuild from the counts they give).
-  if (active && l1Offset + l1Size * 8 - p.fileSize >= p.cs) p.incomplete = 'the active L1 table runs past the end of the file';
+  if (active && typeof l1Offset === 'number' && l1Offset + l1Size * 8 - p.fileSize >= p.cs) p.incomplete = 'the active L1 table runs past the end of the file';
   ref(p, l1Offset, l1Size * 8);
+  // A snapshot's L1 table named past what QEMU's block layer addresses cannot be read there: the
+  // check ends, as qemu-img's does (an offset past 2^63 is negative to it, and fails the same way).
+  if (typeof l1Offset === 'bigint' && l1Offset + BigInt(l1Size * 8) > BDRV_MAX_LENGTH) {
+    throw new QcowError('QCOW_IO', `ERROR: I/O error in check_refcounts_l1 (a snapshot L1 table at 0x${hex(l1Offset)} lies past what a file can hold)`);
+  }
   const l1 = new Uint8Array(l1Size * 8);
   await readAt(store, p, l1Offset, l1);
   const l2 = new Uint8Array(p.cs);
@@ -366,6 +451,7 @@ async function walkL2(store: ByteStore, p: Pass, l2Offset: Off, t: Uint8Array, a
         next = off + n * cs;
       }
       ref(p, off, n * cs);
+      markData(p, off, n);
       j += n - 1;
       continue;
     }
@@ -381,8 +467,11 @@ async function walkL2(store: ByteStore, p: Pass, l2Offset: Off, t: Uint8Array, a
       res.corruptions++;
       const hasData = extl2 ? ab !== 0 : !zeroFlag;
       if (!hasData) {
-        res.messages.push(`${p.fix === 'all' ? 'Repairing' : 'ERROR'} offset=${hex(off)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
-        if (p.fix === 'all' && !p.incomplete && typeof l2Offset === 'number' && l2Offset % cs === 0 && l2Offset + cs <= p.fileSize) {
+        // Never into a "table" that holds guest data (a corrupt snapshot L1 entry may name one):
+        // the write would change what the guest reads. qemu-img writes there; we leave it.
+        const guestData = typeof l2Offset === 'number' && isData(p, l2Offset);
+        res.messages.push(`${p.fix === 'all' && !guestData ? 'Repairing' : 'ERROR'} offset=${hex(off)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
+        if (p.fix === 'all' && !p.incomplete && !guestData && typeof l2Offset === 'number' && l2Offset % cs === 0 && l2Offset + cs <= p.fileSize) {
           // Made a zero cluster with no host offset (the cluster reads zeros either way).
           const e = new Uint8Array(eb);
           if (extl2) {
@@ -405,7 +494,10 @@ async function walkL2(store: ByteStore, p: Pass, l2Offset: Off, t: Uint8Array, a
       if (next !== 0 && off !== next) res.fragmentedClusters++;
       next = addOff(off, cs);
     }
-    if (!external) ref(p, off, cs);
+    if (!external) {
+      ref(p, off, cs);
+      if (typeof off === 'number' && !misaligned(off, cs)) markData(p, off, 1);
+    }
   }
 }
 
@@ -707,9 +799,74 @@ async function checkCopied(store: ByteStore, p: Pass, repair: boolean): Promise<
   }
 }
 
-/** One check, as qemu's qcow2 driver runs it (qcow2_check_refcounts and what follows). */
+/**
+ * One check, as qemu's qcow2 driver runs it (qcow2_co_check_locked): the snapshot table read,
+ * the refcounts checked (and repaired), then the snapshot table rewritten if it needs it.
+ */
 async function checkPass(store: ByteStore, fix: RepairMode | null): Promise<CheckResult> {
-  let p = await openPass(store, fix);
+  const { h, fileSize } = await readHeader(store);
+  const snap = await checkSnapshotTable(store, h, fileSize, fix);
+  const p = await refcountPass(store, fix, snap);
+  const res = p.res;
+  if (snap.corruptions > 0 && fix === 'all') {
+    if (p.rebuild || res.checkErrors > 0) {
+      // Allocating needs counts that can be trusted: the table stays as it is, its faults counted.
+      res.checkErrors++;
+      res.messages.push('ERROR failed to update snapshot table: the refcount structure could not be repaired');
+    } else {
+      await rewriteSnapshotTable(store, p);
+      snap.corruptionsFixed += snap.corruptions;
+      snap.corruptions = 0;
+    }
+  }
+  res.corruptions += snap.corruptions;
+  res.corruptionsFixed += snap.corruptionsFixed;
+  res.messages = [...snap.messages, ...res.messages];
+  if (fix && res.checkErrors === 0 && res.corruptions === 0) await markClean(store, p.h);
+  return res;
+}
+
+/**
+ * The snapshot table written anew from the entries read (qemu's qcow2_write_snapshots), once the
+ * refcounts are right: into free clusters (never one anything references, nor the old table's),
+ * counted and flushed before the header names it; only then is the old table's count dropped.
+ * A crash at any point leaves the old table or the new one named, and leaks at worst.
+ */
+async function rewriteSnapshotTable(store: ByteStore, p: Pass): Promise<void> {
+  const { snap, cs } = p;
+  const bytes = encodeStoredSnapshotTable(snap.snapshots, p.h.size);
+  if (bytes.length > MAX_TABLE_BYTES) throw corrupt('ERROR failed to update snapshot table: File too large');
+  // The header read again: a rebuild may have moved the refcount table.
+  const { h } = await readHeader(store);
+  const rc = await Refcounts.load(store, { clusterSize: cs, refcountBits: p.rbits, tableOffset: h.refcountTableOffset, tableClusters: h.refcountTableClusters });
+  const oldFirst = Math.floor(snap.offset / cs);
+  const oldLast = Math.floor((snap.offset + snap.size - 1) / cs);
+  rc.hooks.inUse = (c) => p.refs.get(c) > 0 || p.beyond.has(c) || (snap.size > 0 && c >= oldFirst && c <= oldLast);
+  const at = bytes.length > 0 ? await rc.allocClusters(Math.ceil(bytes.length / cs)) : 0;
+  await rc.writeBack(() => store.flush());
+  if (bytes.length > 0) await store.write(at, bytes);
+  await store.flush();
+  const pointer = new Uint8Array(12);
+  setU32(pointer, 0, snap.snapshots.length);
+  setU64(pointer, 4, at);
+  await store.write(HEADER_NB_SNAPSHOTS, pointer);
+  await store.flush();
+  // The old table's clusters lose the reference it held, when the pass counted one (a table
+  // reaching past the end of the file was not counted). All or nothing, as qemu frees a range.
+  if (!p.snapCounted) return;
+  try {
+    await rc.update(snap.offset, snap.size, -1);
+  } catch (e) {
+    if (!(e instanceof QcowError)) throw e;
+    return;
+  }
+  await rc.writeBack(() => store.flush());
+  await store.flush();
+}
+
+/** The refcount part of a check (qemu's qcow2_check_refcounts): count, compare, repair, COPIED flags. */
+async function refcountPass(store: ByteStore, fix: RepairMode | null, snap: SnapshotCheck): Promise<Pass> {
+  let p = await openPass(store, fix, snap);
   await calculate(store, p);
   // Tables that may be guest data (an active L1 past the end of the file) are never written on
   // their word: the repair stops before writing anything.
@@ -721,7 +878,7 @@ async function checkPass(store: ByteStore, fix: RepairMode | null): Promise<Chec
     const messages = [...p.res.messages, 'Rebuilding refcount structure'];
     await rebuildRefcounts(store, p);
     // Counted again against the new structure; what the old one used shows as leaks, fixed here.
-    p = await openPass(store, null);
+    p = await openPass(store, null, snap);
     await calculate(store, p);
     const saved = { ...p.res };
     p.res.corruptions = 0;
@@ -738,7 +895,7 @@ async function checkPass(store: ByteStore, fix: RepairMode | null): Promise<Chec
     if (p.rebuild) {
       p.res.messages.push('ERROR need to rebuild refcount structures');
       p.res.checkErrors++;
-      return p.res;
+      return p;
     }
     if (p.res.leaks || p.res.corruptions) {
       // The counts start over for the repairing pass, but the lines the first pass found are
@@ -750,8 +907,7 @@ async function checkPass(store: ByteStore, fix: RepairMode | null): Promise<Chec
   const repair = !p.incomplete && (fix === 'all' || (fix === 'leaks' && !p.res.checkErrors && !p.res.corruptions && !p.res.leaks));
   await checkCopied(store, p, repair);
   p.res.imageEndOffset = (highest + 1) * p.cs;
-  if (fix && p.res.checkErrors === 0 && p.res.corruptions === 0) await markClean(store, p.h);
-  return p.res;
+  return p;
 }
 
 /** After a successful repair: the dirty and corrupt bits are cleared, as qemu-img does. */

@@ -7,7 +7,7 @@
 import { corrupt, unsupported } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
 import { HEADER_PROBE_BYTES, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
-import { checkIncompatibleFeatures } from './features.js';
+import { AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DATA_FILE, checkIncompatibleFeatures, hasFeature } from './features.js';
 
 export interface HeaderRead {
   header: Qcow2Header;
@@ -27,5 +27,7 @@ export async function readHeader(store: ByteStore): Promise<HeaderRead> {
   checkIncompatibleFeatures(header);
   if (header.cryptMethod > 2) throw unsupported(`qcow2 header: unknown encryption method ${header.cryptMethod}`);
   if (header.version === 2 && header.refcountOrder !== 4) throw corrupt('qcow2 v2 header: refcount_order must be 4');
+  // "The data file is raw" says nothing without a data file; QEMU refuses to open such an image.
+  if (hasFeature(header.autoclearFeatures, AUTOCLEAR_DATA_FILE_RAW) && !hasFeature(header.incompatibleFeatures, INCOMPAT_DATA_FILE)) throw corrupt('data-file-raw requires a data file');
   return { header, fileSize };
 }

@@ -6,6 +6,11 @@
  * API (the writer reuses it): `Qcow2Snapshot` (plain data), `readSnapshotTable(store, count,
  * offset, fileSize)`, `encodeSnapshotTable(snapshots)`, `findSnapshot(list, spec)` where spec is a name
  * or id, or qemu-img's `snapshot.name=N` / `snapshot.id=I` (comma-joined both must match).
+ *
+ * For check: `readStoredSnapshotTable` reads a table as qemu-img check reads it (every field kept
+ * as stored, however wrong; zeros past the end of the file; qemu's limits, and with `repair`
+ * qemu's way of cutting what exceeds them), and `encodeStoredSnapshotTable` writes such entries
+ * back as qemu-img check -r all rewrites a damaged table.
  */
 import { u16, u32, u64, u64big, setU16, setU32, setU64, utf8, encodeUtf8, alignUp } from '../../core/bytes.js';
 import { QcowError, corrupt } from '../../core/errors.js';
@@ -32,12 +37,14 @@ export interface Qcow2Snapshot {
 
 const FIXED = 40;
 /** qemu caps the whole table (QCOW_MAX_SNAPSHOTS_SIZE). */
-const MAX_TABLE_BYTES = 64 * 1024 * 1024;
+export const MAX_TABLE_BYTES = 64 * 1024 * 1024;
 const MAX_EXTRA = 1024;
 
 export async function readSnapshotTable(store: ByteStore, count: number, offset: number, fileSize: number): Promise<Qcow2Snapshot[]> {
   if (count === 0) return [];
   if (count > MAX_SNAPSHOTS) throw corrupt(`snapshot table: ${count} snapshots is more than the limit of ${MAX_SNAPSHOTS}`);
+  // Offset 0 is the header: no image means that, so opening refuses it (check reads such a table
+  // anyway, with readStoredSnapshotTable below).
   if (offset % 8 !== 0 || offset === 0 || offset >= fileSize) throw corrupt(`snapshot table offset 0x${offset.toString(16)} is invalid or beyond the end of the file`);
   // Read the table in chunks; an entry's variable part may cross a chunk boundary.
   const limit = Math.min(fileSize, offset + MAX_TABLE_BYTES);
@@ -143,4 +150,186 @@ export function findSnapshot(snaps: readonly Qcow2Snapshot[], spec: string): Qco
       : (snaps.find((s) => s.id === spec) ?? snaps.find((s) => s.name === spec));
   if (!found) throw new QcowError('QCOW_NOT_FOUND', `Can't find snapshot '${name ?? id ?? spec}'`);
   return found;
+}
+
+/** The extra data qemu interprets (vm_state_size u64, disk_size u64, icount u64), and writes at least. */
+const KNOWN_EXTRA = 24;
+/** Bytes read at a time from a table check reads (entries are small, and mostly come in a row). */
+const READ_WINDOW = 256 * 1024;
+
+/**
+ * One snapshot table entry as check reads it: every field as stored, nothing refused, so a
+ * corrupt value is reported (and kept by a repair) as qemu-img check reports and keeps it.
+ */
+export interface StoredSnapshot {
+  /** Any 64-bit value: a corrupt entry may name an unaligned offset or one past 2^53. */
+  l1TableOffset: bigint;
+  l1Size: number;
+  /** As stored; qemu treats both as C strings, so they end at a NUL byte. */
+  id: Uint8Array;
+  name: Uint8Array;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: bigint;
+  /** The 32-bit field, or the 64-bit one of the extra data when the entry has it. */
+  vmStateSize: bigint;
+  /** From the extra data, when the entry has it. */
+  diskSize?: bigint;
+  icount?: bigint;
+  /** The extra data size as kept: as stored, or the limit when a repair dropped the rest. */
+  extraDataSize: number;
+  /** Extra data past the part qemu interprets, kept verbatim. */
+  unknownExtra: Uint8Array;
+}
+
+/** A snapshot table as check read it. */
+export interface StoredSnapshotTable {
+  snapshots: StoredSnapshot[];
+  /** From the table's start to the end of the last entry kept (qemu's snapshots_size; no padding after it). */
+  size: number;
+  /** Entries dropped from the end by a repair: the table was too big. */
+  overhanging: number;
+  /** Entries whose extra data a repair cut to the limit. */
+  extraDropped: number;
+  /** What the repair did, one line each, in qemu-img's words. */
+  messages: string[];
+}
+
+/** The bytes of [at, at + n) of a store, zeros past its end (as QEMU reads a file), a window at a time. */
+class ZeroPaddedReader {
+  private buf = new Uint8Array(0);
+  private start = 0;
+  constructor(
+    private readonly store: ByteStore,
+    private readonly fileSize: number,
+  ) {}
+
+  async bytes(at: number, n: number): Promise<Uint8Array> {
+    if (at < this.start || at + n > this.start + this.buf.length) {
+      this.buf = new Uint8Array(Math.max(n, READ_WINDOW));
+      this.start = at;
+      const inFile = Math.min(this.buf.length, this.fileSize - at);
+      if (inFile > 0) await this.store.read(at, this.buf.subarray(0, inFile));
+    }
+    return this.buf.slice(at - this.start, at - this.start + n);
+  }
+}
+
+/**
+ * Read `count` entries at `offset` as qemu-img check reads them (qcow2_do_read_snapshots): past
+ * the end of the file come zeros, any field value is accepted. qemu's two limits hold: an entry's
+ * extra data of at most 1 KiB, and a table of at most 64 MiB. Beyond them the read fails, or with
+ * `repair` the extra data is cut to the limit and the entries from the one that passes 64 MiB on
+ * are dropped, each said in `messages` as qemu-img says it.
+ */
+export async function readStoredSnapshotTable(store: ByteStore, count: number, offset: number, fileSize: number, options: { repair: boolean }): Promise<StoredSnapshotTable> {
+  const r = new ZeroPaddedReader(store, fileSize);
+  const out: StoredSnapshotTable = { snapshots: [], size: 0, overhanging: 0, extraDropped: 0, messages: [] };
+  let pos = offset;
+  // The table's length as it will be written back (cut extra data counted at the limit).
+  let tableLength = 0;
+  for (let i = 0; i < count; i++) {
+    const entryStart = pos;
+    tableLength = alignUp(tableLength, 8);
+    pos = alignUp(pos, 8);
+    const h = await r.bytes(pos, FIXED);
+    pos += FIXED;
+    let extraSize = u32(h, 36);
+    const idLen = u16(h, 12);
+    const nameLen = u16(h, 14);
+    let cut = false;
+    if (extraSize > MAX_EXTRA) {
+      if (!options.repair) throw corrupt(`Too much extra metadata in snapshot table entry ${i} (check -r all drops it)`);
+      out.messages.push(`Discarding too much extra metadata in snapshot table entry ${i} (${extraSize} > ${MAX_EXTRA})`);
+      out.extraDropped++;
+      cut = true;
+    }
+    const known = await r.bytes(pos, Math.min(KNOWN_EXTRA, extraSize));
+    pos += known.length;
+    const snap: StoredSnapshot = {
+      l1TableOffset: u64big(h, 0),
+      l1Size: u32(h, 8),
+      id: new Uint8Array(0),
+      name: new Uint8Array(0),
+      dateSec: u32(h, 16),
+      dateNsec: u32(h, 20),
+      vmClockNsec: u64big(h, 24),
+      vmStateSize: extraSize >= 8 ? u64big(known, 0) : BigInt(u32(h, 32)),
+      extraDataSize: extraSize,
+      unknownExtra: new Uint8Array(0),
+    };
+    if (extraSize >= 16) snap.diskSize = u64big(known, 8);
+    if (extraSize >= 24) snap.icount = u64big(known, 16);
+    if (extraSize > KNOWN_EXTRA) {
+      // The file position moves past all of it; only what is kept is read.
+      const extraEnd = pos + extraSize - KNOWN_EXTRA;
+      if (cut) extraSize = MAX_EXTRA;
+      snap.extraDataSize = extraSize;
+      snap.unknownExtra = await r.bytes(pos, extraSize - KNOWN_EXTRA);
+      pos = extraEnd;
+    }
+    snap.id = await r.bytes(pos, idLen);
+    pos += idLen;
+    snap.name = await r.bytes(pos, nameLen);
+    pos += nameLen;
+    tableLength += FIXED + extraSize + idLen + nameLen;
+    if (tableLength > MAX_TABLE_BYTES || pos - offset > 0x7fffffff) {
+      if (!options.repair) throw corrupt(`Snapshot table is too big (check -r all drops the ${count - i} overhanging snapshots)`);
+      out.messages.push(`Discarding ${count - i} overhanging snapshots (snapshot table is too big)`);
+      out.overhanging = count - i;
+      pos = entryStart;
+      break;
+    }
+    out.snapshots.push(snap);
+  }
+  out.size = pos - offset;
+  return out;
+}
+
+/** A stored C string: the bytes before the first NUL. */
+export const cString = (b: Uint8Array): Uint8Array => {
+  const nul = b.indexOf(0);
+  return nul < 0 ? b : b.subarray(0, nul);
+};
+
+/**
+ * Stored entries written back as qemu-img check -r all writes a table it repairs: at least the 24
+ * bytes of extra data it knows (a disk size it lacks is the image's virtual size in whole sectors,
+ * an icount it lacks is all ones), unknown extra data verbatim, id and name up to any NUL byte,
+ * entries aligned to 8 bytes, none after the last.
+ */
+export function encodeStoredSnapshotTable(snaps: readonly StoredSnapshot[], virtualSize: number): Uint8Array {
+  const parts = snaps.map((s) => {
+    const id = cString(s.id);
+    const name = cString(s.name);
+    const extraLen = Math.max(KNOWN_EXTRA, s.extraDataSize);
+    const b = new Uint8Array(FIXED + extraLen + id.length + name.length);
+    setU64(b, 0, s.l1TableOffset);
+    setU32(b, 8, s.l1Size);
+    setU16(b, 12, id.length);
+    setU16(b, 14, name.length);
+    setU32(b, 16, s.dateSec);
+    setU32(b, 20, s.dateNsec);
+    setU64(b, 24, s.vmClockNsec);
+    // A VM state too big for the old field leaves it 0 (older readers see a disk-only snapshot).
+    setU32(b, 32, s.vmStateSize <= 0xffffffffn ? Number(s.vmStateSize) : 0);
+    setU32(b, 36, extraLen);
+    setU64(b, FIXED, s.vmStateSize);
+    setU64(b, FIXED + 8, s.diskSize ?? BigInt(Math.floor(virtualSize / 512) * 512));
+    setU64(b, FIXED + 16, s.icount ?? 0xffffffffffffffffn);
+    b.set(s.unknownExtra, FIXED + KNOWN_EXTRA);
+    b.set(id, FIXED + extraLen);
+    b.set(name, FIXED + extraLen + id.length);
+    return b;
+  });
+  let size = 0;
+  for (const p of parts) size = alignUp(size, 8) + p.length;
+  const out = new Uint8Array(size);
+  let off = 0;
+  for (const p of parts) {
+    off = alignUp(off, 8);
+    out.set(p, off);
+    off += p.length;
+  }
+  return out;
 }
