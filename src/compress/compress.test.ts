@@ -95,3 +95,24 @@ test('node worker pool: workers start only once the work done here has paid for 
   await at.warm();
   assert.deepEqual(await at.run('inflate', z, 65536), cluster);
 });
+
+test('node: the reused deflate state gives deflateRawSync\'s bytes, readable with a 4 KiB window as QEMU reads them', async () => {
+  const { deflateRawNow } = await import('./kernels.node.js');
+  const { deflateRawSync, inflateRawSync } = await import('node:zlib');
+  const text = new TextEncoder().encode('qcow2 cluster '.repeat(150_000));
+  // Mixed kinds and sizes one after the other, with a larger one in the middle (the output
+  // buffer grows) and a smaller one after it: each result stands alone.
+  const inputs = [
+    text.subarray(0, 65536),
+    randomBytes(65536, 31),
+    new Uint8Array(65536),
+    text.subarray(1000, 1000 + 2 * 1024 * 1024),
+    randomBytes(512, 32),
+    text.subarray(7, 7 + 65536),
+  ];
+  for (const input of inputs) {
+    const z = deflateRawNow(input);
+    assert.deepEqual(Buffer.from(z), deflateRawSync(input, { level: 6, windowBits: 12, memLevel: 9 }));
+    assert.deepEqual(new Uint8Array(inflateRawSync(z, { windowBits: 12 })), input);
+  }
+});

@@ -215,11 +215,16 @@ export class Qcow2Writer {
     // serialises every write). See inPlaceWrites for why this stays safe.
     let inPlace: Promise<void> | undefined;
     await this.guarded(async () => {
-      if (this.unmapFreesPending) await this.settleFrees();
       const marking = this.bitmaps.mark(offset, data.length);
       if (marking) await marking;
+      // An overwrite in place allocates nothing, so it has no use for freed clusters: settling the
+      // frees (a metadata write-back with its barriers) waits for the first write that allocates.
+      // A convert -n that alternates data and zeros over an allocated image otherwise paid one
+      // write-back per data run. The clusters it writes are referenced (COPIED entries), so none
+      // of them is among the pending frees.
       let jobs = await this.inPlaceWrites(offset, data);
       if (!jobs) {
+        if (this.unmapFreesPending) await this.settleFrees();
         jobs = [];
         await this.writeLocked(offset, data, jobs);
       }
