@@ -25,7 +25,7 @@ import { build } from 'esbuild';
 import { createHash } from 'node:crypto';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { dirname, join, relative, resolve } from 'node:path';
+import { basename, dirname, join, relative, resolve } from 'node:path';
 import process from 'node:process';
 import { fileURLToPath } from 'node:url';
 import { setFlagsFromString } from 'node:v8';
@@ -158,6 +158,10 @@ export async function buildCli(name) {
   const id = `/* qcow-bundle ${createHash('sha256').update(body).digest('hex')} */`;
   await writeFile(outfile, `${id}${WRAP_HEAD}${body}\n})`, 'latin1');
   const bytes = result.metafile.outputs[relative(root, outfile).split('\\').join('/')]?.bytes;
+  // QCOW_BUNDLE_METAFILE=DIR keeps esbuild's account of each bundle (which modules it holds, and
+  // how many bytes of each) to compare bundles before and after a change, or to read with
+  // esbuild's analyzer.
+  if (process.env.QCOW_BUNDLE_METAFILE) await writeFile(join(process.env.QCOW_BUNDLE_METAFILE, `${basename(outfile, '.cjs')}.meta.json`), JSON.stringify(result.metafile));
   return { outfile, bytes };
 }
 
