@@ -4,10 +4,8 @@
  *
  * @module qcow/node
  */
-import { fileOpener, FileStore, type FileStoreOptions } from './storage/file.node.js';
-
 export * from './index.js';
-export { FileStore, fileOpener, type FileStoreOptions };
+export { FileStore, fileOpener, type FileStoreOptions } from './storage/file.node.js';
 export { HttpStore, httpOpener, withHttp, type HttpStoreOptions, type HttpStats } from './storage/http.js';
 export { nodeFetch } from './storage/node-fetch.node.js';
 export { deferredCaAgent } from './storage/deferred-ca.node.js';
