@@ -2,6 +2,7 @@
 // must not import node: modules; Node-only code lives in files named *.node.ts, cli/, nbd/, bench/
 // and test files. Nothing that ships imports the tooling (tests, helpers, harnesses, fuzzers).
 // Operations and edges (ops/, cli/, nbd/, compat/, web/, browser/) import no format's modules.
+// The command line (cli/, compat/) imports the library only through its public entry points.
 import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
@@ -17,6 +18,20 @@ const FORMAT_INTERNALS = {
   group: ['**/formats/*/*'],
   message: "Operations and edges reach a format through ImageFormat and BlockDevice (check, measure, amend, snapshots, bitmaps...) and builtinFormats(), not through the format's modules.",
 };
+/**
+ * The command line (src/cli, src/compat) uses the library as a package user would: through
+ * src/index.ts and src/node.ts (`qcow`, `qcow/node`), besides each other, node: built-ins and
+ * dependencies. One rule per folder depth, as relative paths say where they lead only from a
+ * known depth: `depth` 1 is src/cli/*.ts, 2 is src/cli/commands/*.ts. Package imports (`#...`)
+ * reach internals too.
+ */
+function entryPointsOnly(depth) {
+  const up = `(?:\\.\\./){${depth}}`;
+  return {
+    regex: `^(?:${up}(?!(?:index|node)\\.js$|cli/|compat/)|${up}\\.\\./|#)`,
+    message: "The CLI and the QEMU front ends use the library through its entry points only: import from src/node.ts (or src/index.ts), exporting what is missing there.",
+  };
+}
 const NODE = { group: ['node:*'], message: 'The core must run in a browser: put Node-only code in a *.node.ts file.' };
 
 export default tseslint.config(
@@ -50,6 +65,23 @@ export default tseslint.config(
     ignores: TOOLING,
     rules: { 'no-restricted-imports': ['error', { patterns: [NO_TOOLING, FORMAT_INTERNALS] }] },
   },
+  ...[1, 2, 3].map((depth) => ({
+    files: ['src/cli/', 'src/compat/'].map((dir) => `${dir}${'*/'.repeat(depth - 1)}*.ts`),
+    ignores: TOOLING,
+    rules: {
+      'no-restricted-imports': ['error', { patterns: [NO_TOOLING, FORMAT_INTERNALS, entryPointsOnly(depth)] }],
+      // no-restricted-imports does not look at import(), which the CLI uses to load commands and
+      // their heavier parts late. (esquery's regular expressions cannot hold a '/': \x2F is one.)
+      'no-restricted-syntax': [
+        'error',
+        { selector: `ImportExpression > Literal.source[value=/${entryPointsOnly(depth).regex.replaceAll('/', '\\x2F')}/]`, message: entryPointsOnly(depth).message },
+        {
+          selector: 'ImportExpression > Literal.source[value=/^(\\.\\.\\x2F)+(index|node)\\.js$/]',
+          message: 'A dynamic import of an entry point puts every export of the package into the bundle of each command: import the few names from a module of the CLI that re-exports them (cli/open-images.ts), and import that late.',
+        },
+      ],
+    },
+  })),
   {
     files: ['src/ops/**/*.ts', 'src/browser/**/*.ts'],
     ignores: ['**/*.node.ts', ...TOOLING],

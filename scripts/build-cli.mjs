@@ -25,7 +25,7 @@ import { build } from 'esbuild';
 import { createHash } from 'node:crypto';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { dirname, join, relative, resolve } from 'node:path';
+import { basename, dirname, join, relative, resolve } from 'node:path';
 import process from 'node:process';
 import { fileURLToPath } from 'node:url';
 import { setFlagsFromString } from 'node:v8';
@@ -55,19 +55,82 @@ const cachePath = (bundle) => bundle.replace(/\.cjs$/, '.cache');
 /** The five arguments CommonJS passes a module (what Module.wrap puts around it). */
 const WRAP_HEAD = '(function (exports, require, module, __filename, __dirname) {';
 
+/**
+ * What each name the entry points export (dist/node.js, and dist/index.js through its
+ * `export *`) is in the module that defines it: `{ file, name }` by exported name. The entry points
+ * hold only `export { a, b as c } from './x.js'` and `export * from './y.js'` lines (besides
+ * comments); anything else fails the build rather than being skipped.
+ */
+async function entryExports(file, seen = new Map()) {
+  for (const line of (await readFile(file, 'utf8')).split('\n')) {
+    if (line.trim() === '' || /^\s*(\/\/|\/\*|\*)/.test(line)) continue;
+    const star = /^export \* from '([^']+)';$/.exec(line);
+    const named = /^export \{([^}]*)\} from '([^']+)';$/.exec(line);
+    if (star) await entryExports(join(dirname(file), star[1]), seen);
+    else if (named) {
+      for (const item of named[1].split(',').map((s) => s.trim()).filter(Boolean)) {
+        const [name, as = name] = item.split(/\s+as\s+/);
+        seen.set(as, { file: join(dirname(file), named[2]), name });
+      }
+    } else throw new Error(`${relative(root, file)}: a line the CLI bundle cannot see through: ${line}`);
+  }
+  return seen;
+}
+
+/**
+ * The CLI imports the library only through its entry points (a lint rule sees to that). In the
+ * bundle, that would tie every module to the entry point's one initialiser: the commands are
+ * loaded late (import(), which esbuild wraps in an initialiser each), so the first import of
+ * node.js from any command would set up every module the bundle holds, and the parts a command
+ * loads only when asked (cli/open-images.ts, commands/convert-deferred.ts) would be set up at its
+ * start. So, in the bundle only, each `import { ... } from '…/node.js'` (or index.js) of the CLI
+ * and the QEMU front ends becomes imports from the modules that define the names: each module
+ * is set up when its users are, as when the CLI imported them directly.
+ */
+function throughEntryPoints(text, file, exportsOf) {
+  const entries = new Map([join(root, 'dist', 'node.js'), join(root, 'dist', 'index.js')].map((f) => [f, exportsOf.get(f)]));
+  return text.replace(/^(import|export) \{([^}]*)\} from '([^']+)';$|\bfrom '([^']+)'|\bimport\('([^']+)'\)/gm, (whole, kind, items, spec, other, dynamic) => {
+    const target = join(dirname(file), spec ?? other ?? dynamic);
+    if (!entries.has(target)) return whole;
+    if (spec === undefined) throw new Error(`${relative(root, file)}: ${whole}: only named imports and exports of an entry point can be bundled`);
+    const names = entries.get(target);
+    const byFile = new Map();
+    for (const item of items.split(',').map((s) => s.trim()).filter(Boolean)) {
+      const [name, as = name] = item.split(/\s+as\s+/);
+      const origin = names.get(name);
+      if (!origin) throw new Error(`${relative(root, file)}: ${name} is not exported by ${relative(root, target)}`);
+      const list = byFile.get(origin.file) ?? [];
+      list.push(origin.name === as ? as : `${origin.name} as ${as}`);
+      byFile.set(origin.file, list);
+    }
+    const path = (f) => {
+      const rel = relative(dirname(file), f).split('\\').join('/');
+      return rel.startsWith('.') ? rel : `./${rel}`;
+    };
+    return [...byFile].map(([f, list]) => `${kind} { ${list.join(', ')} } from '${path(f)}';`).join(' ');
+  });
+}
+
 // Each module's import.meta.url becomes its own file's URL in dist/ (worker scripts and the CLI
-// path are found relative to it), not the bundle's.
-const moduleUrls = {
-  name: 'module-urls',
-  setup(b) {
-    b.onLoad({ filter: /[\\/]dist[\\/].*\.js$/ }, async (args) => {
-      const text = await readFile(args.path, 'utf8');
-      if (!text.includes('import.meta.url')) return undefined;
-      const rel = relative(outDir, args.path).split('\\').join('/');
-      return { contents: text.replaceAll('import.meta.url', `__qcowModuleUrl(${JSON.stringify(rel)})`), loader: 'js' };
-    });
-  },
-};
+// path are found relative to it), not the bundle's; the CLI's imports of the entry points are
+// resolved to the modules behind them (throughEntryPoints).
+function distModules(exportsOf) {
+  return {
+    name: 'dist-modules',
+    setup(b) {
+      b.onLoad({ filter: /[\\/]dist[\\/].*\.js$/ }, async (args) => {
+        const original = await readFile(args.path, 'utf8');
+        let text = original;
+        if (/[\\/]dist[\\/](cli|compat)[\\/]/.test(args.path)) text = throughEntryPoints(text, args.path, exportsOf);
+        if (text.includes('import.meta.url')) {
+          const rel = relative(outDir, args.path).split('\\').join('/');
+          text = text.replaceAll('import.meta.url', `__qcowModuleUrl(${JSON.stringify(rel)})`);
+        }
+        return text === original ? undefined : { contents: text, loader: 'js' };
+      });
+    },
+  };
+}
 
 // commander requires node:child_process at load (for executable subcommands, which we do not
 // use); loading it pulls in net, dgram and streams: ~2 ms of every start. It gets a stand-in that
@@ -116,6 +179,8 @@ async function copyZstdWasm() {
 /** Build the whole CLI's bundle (name undefined) or one command's (see SPLIT). */
 export async function buildCli(name) {
   const outfile = bundlePath(name);
+  const exportsOf = new Map();
+  for (const f of ['node.js', 'index.js']) exportsOf.set(join(root, 'dist', f), await entryExports(join(root, 'dist', f)));
   const result = await build({
     entryPoints: [join(root, 'dist', 'cli', 'entry.js')],
     outfile,
@@ -136,7 +201,7 @@ export async function buildCli(name) {
     // dynamic import becomes a require (all that is left outside the bundle is CommonJS).
     supported: { 'dynamic-import': false },
     banner: { js: "const __qcowModuleUrl = (rel) => require('node:url').pathToFileURL(require('node:path').join(__dirname, rel)).href;" },
-    plugins: [moduleUrls, lazyChildProcess, ...(name ? [onlyCommand(name)] : [])],
+    plugins: [distModules(exportsOf), lazyChildProcess, ...(name ? [onlyCommand(name)] : [])],
     // Half the bytes to read at every start (~3 ms). Function names are not kept: esbuild keeps
     // them by a defineProperty call each time a named closure is made, which cost 16 ms of a
     // 4 TiB qcow2 convert (a closure per refcount table entry). QCOW_DEBUG stack traces show
@@ -158,6 +223,10 @@ export async function buildCli(name) {
   const id = `/* qcow-bundle ${createHash('sha256').update(body).digest('hex')} */`;
   await writeFile(outfile, `${id}${WRAP_HEAD}${body}\n})`, 'latin1');
   const bytes = result.metafile.outputs[relative(root, outfile).split('\\').join('/')]?.bytes;
+  // QCOW_BUNDLE_METAFILE=DIR keeps esbuild's account of each bundle (which modules it holds, and
+  // how many bytes of each) to compare bundles before and after a change, or to read with
+  // esbuild's analyzer.
+  if (process.env.QCOW_BUNDLE_METAFILE) await writeFile(join(process.env.QCOW_BUNDLE_METAFILE, `${basename(outfile, '.cjs')}.meta.json`), JSON.stringify(result.metafile));
   return { outfile, bytes };
 }
 

@@ -5,22 +5,26 @@
  */
 export type { BlockDevice, BlockExtent, CreateOptions, ImageDescription, ImageFormat, MeasureRequest, MeasureResult, OpenOptions, PlacedRange, PlainExtent, SnapshotInfo, WriteOptions, ZeroOptions } from './core/block-device.js';
 export { DeviceBase, mergeExtents } from './core/device-base.js';
-export { QcowError, isQcowError, type QcowErrorCode, type QcowErrorOptions } from './core/errors.js';
+export { QcowError, CorruptionEvent, isQcowError, invalidArgument, type QcowErrorCode, type QcowErrorOptions } from './core/errors.js';
 export { FormatRegistry } from './core/registry.js';
 export { parseSize, formatSize } from './core/size.js';
 export type { ByteStore, DataRun, StoreOpener } from './storage/types.js';
-export type { Permissions } from './storage/permissions.js';
+export { permissionsFor, type Permissions, type FileUse } from './storage/permissions.js';
+export { isHttpUrl, resolveUrl } from './storage/url.js';
 export { MemoryStore } from './storage/memory.js';
 export { CachingStore, cachingOpener, DEFAULT_CACHING_CHUNK_SIZE, DEFAULT_CACHING_BYTES, type CachingStoreOptions } from './storage/caching-store.js';
 export { openImage as openImageWith, createImage as createImageWith, chainOf, type OpenImageOptions, type CreateImageOptions } from './chain/open.js';
 export { builtinFormats, rawFormat, qcowFormat, qcow2Format } from './formats/index.js';
 export { convert, type ConvertOptions } from './ops/convert.js';
 export { compareImages, type CompareOptions, type CompareResult } from './ops/compare.js';
-export { mapChain, mapJson, mapHuman, type ChainExtent } from './ops/map.js';
-export { imageInfo, chainInfo, infoHuman, type ImageInfoJson } from './ops/info.js';
+export { mapChain, mapJson, mapHuman, mapHumanLines, type ChainExtent } from './ops/map.js';
+export { mapPicture, mapSvg, mapHtml, type MapPicture, type PictureRow, type PictureOptions, type CellCounts, type ByteKind, KINDS as BYTE_KINDS } from './ops/map-picture.js';
+export { imageInfo, chainInfo, infoHuman, snapshotTable, type ImageInfoJson } from './ops/info.js';
+export { bench, benchPlan, benchHeader, benchFooter, type BenchOptions, type BenchPlan } from './ops/bench.js';
 export type { BitmapInfo, DirtyBitmaps } from './core/bitmaps.js';
 export { changedExtents, bitmapExtents, changedRuns, bitmapRuns, type DirtyExtent, type ExtentRange } from './ops/changed-extents.js';
 export { backup, type BackupOptions, type BackupResult } from './ops/backup.js';
+export { checkBitmapCopy, copyBitmaps, type BitmapCopyOptions } from './ops/copy-bitmaps.js';
 export { commit, type CommitOptions } from './ops/commit.js';
 export { rebase, type RebaseOptions } from './ops/rebase.js';
 export { amendImage, amendOptions } from './ops/amend.js';
@@ -28,6 +32,6 @@ export { measure, type MeasureOptions } from './ops/measure.js';
 export { checkImage, checkableFormat, checkHuman, checkJson, checkExitCode, type CheckImageOptions, type CheckedImage, type CheckResult, type RepairMode } from './ops/check.js';
 // Writing an image front to back into a stream (a pipe, an upload, a download).
 export { writeImageStream, type ChunkSink, type WriteStreamOptions, type WriteStreamResult } from './streams/write-image.js';
-export { webStreamSink } from './streams/sinks.js';
+export { webStreamSink, describeSinkErrors } from './streams/sinks.js';
 export { memorySpill, type Spill } from './streams/spill.js';
 export { readImageStream, webStreamChunks, type ReadStreamOptions, type ReadStreamResult } from './streams/read-image.js';

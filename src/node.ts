@@ -4,12 +4,13 @@
  *
  * @module qcow/node
  */
-import { fileOpener, FileStore, type FileStoreOptions } from './storage/file.node.js';
-
 export * from './index.js';
-export { FileStore, fileOpener, type FileStoreOptions };
+export { FileStore, fileOpener, type FileStoreOptions } from './storage/file.node.js';
 export { HttpStore, httpOpener, withHttp, type HttpStoreOptions, type HttpStats } from './storage/http.js';
 export { nodeFetch } from './storage/node-fetch.node.js';
+export { deferredCaAgent } from './storage/deferred-ca.node.js';
+// Which kind of image locking this machine gives (`qcow --version` says).
+export { lockingKind } from './storage/lock.node.js';
 export { OverlayDevice, type OverlayOptions } from './overlay/overlay.js';
 // Opening and creating by path (node-open.ts, which the CLI imports on its own to start faster).
 export { defaultOpener, openImage, createImage, type NodeOpenOptions, type NodeCreateOptions } from './node-open.js';

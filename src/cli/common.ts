@@ -1,10 +1,8 @@
 /** What every CLI command shares: opening images the way the flags say, passwords, -o lists, errors. */
 import { readFileSync, unlinkSync, writeSync } from 'node:fs';
-import type { BlockDevice } from '../core/block-device.js';
-import { QcowError } from '../core/errors.js';
+import { QcowError, type BlockDevice, type NodeOpenOptions } from '../node.js';
 // Type only: node-open.js pulls in every format; it is loaded when an image is opened
 // (openForCli), so `--help`, `--version` and argument errors start fast.
-import type { NodeOpenOptions } from '../node-open.js';
 import { splitOptionItems } from './option-list.js';
 
 export interface ImageFlags {
@@ -41,7 +39,7 @@ export const openPolicy: { confine?: boolean; probeBacking?: boolean } = {};
 export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpenOptions = {}): Promise<BlockDevice> {
   const confine = flags.confine ?? openPolicy.confine ?? false;
   const probeBacking = flags.probeBacking ?? openPolicy.probeBacking ?? true;
-  const { openImage } = await import('../node-open.js');
+  const { openImage } = await import('./open-images.js');
   return openImage(file, {
     format: flags.format,
     password: await readPasswordFile(flags.passwordFile),

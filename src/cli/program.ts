@@ -6,7 +6,7 @@
  */
 import { Command, CommanderError, Option } from 'commander';
 import { collect, errorLine, failureStyle, jsonStyle, exitCodeFor, openPolicy, writeOut } from './common.js';
-import { lockingKind } from '../storage/lock.node.js';
+import { lockingKind } from '../node.js';
 import { helpExamples } from './help-examples.js';
 
 /** A command's module: `run` takes commander's action arguments (operands, then the flags). */

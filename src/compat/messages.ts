@@ -4,7 +4,7 @@
  * QcowError (its code, what it is about, and where the front end met it) into the sentence QEMU's
  * programs print for the same failure. The first matching row wins; add rows, not special cases.
  */
-import { QcowError } from '../core/errors.js';
+import { QcowError } from '../node.js';
 
 /** Where the front end met the error. */
 export type ErrorContext =

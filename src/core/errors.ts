@@ -66,6 +66,7 @@ export const isQcowError = (e: unknown): e is QcowError => e instanceof QcowErro
  * disk (`markedCorrupt`), so nothing writes to it again until it is repaired, and the request fails.
  */
 export class CorruptionEvent extends QcowError {
+  /** True once the image has been marked corrupt on disk because of this event. */
   markedCorrupt = false;
   constructor(message: string, file?: string) {
     super('QCOW_CORRUPT', message, { file });
@@ -79,6 +80,7 @@ export function corrupt(message: string, file?: string): QcowError {
 export function unsupported(message: string, file?: string): QcowError {
   return new QcowError('QCOW_UNSUPPORTED', message, { file });
 }
+/** A QCOW_INVALID_ARGUMENT error: what the caller asked for cannot be done as asked. */
 export function invalidArgument(message: string): QcowError {
   return new QcowError('QCOW_INVALID_ARGUMENT', message);
 }

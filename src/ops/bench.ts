@@ -8,31 +8,51 @@
 import type { BlockDevice } from '../core/block-device.js';
 import { QcowError } from '../core/errors.js';
 
+/** The workload of {@link bench}, as `qemu-img bench`'s options give it; absent fields take its defaults. */
 export interface BenchOptions {
+  /** Requests in all. Default 75000. */
   count?: number;
+  /** Requests in flight at most. Default 64. */
   depth?: number;
+  /** Bytes per request. Default 4096. */
   bufferSize?: number;
   /** Distance between request offsets; 0 or absent: the buffer size. */
   step?: number;
+  /** Guest offset of the first request. Default 0. */
   offset?: number;
+  /** Writes instead of reads. */
   write?: boolean;
+  /** The byte writes fill their buffers with. Default 0. */
   pattern?: number;
+  /** A flush after every that many requests (writes only); 0 or absent: none. */
   flushInterval?: number;
+  /** Wait for the requests in flight before each flush. Default true. */
   drainOnFlush?: boolean;
+  /** Stops the run with QCOW_ABORTED. */
   signal?: AbortSignal;
   /** Clock in milliseconds (tests and browsers may pass their own). */
   now?: () => number;
 }
 
+/** A checked workload, every field filled in: the {@link BenchOptions} of the same names. */
 export interface BenchPlan {
+  /** Requests in all. */
   count: number;
+  /** Requests in flight at most. */
   depth: number;
+  /** Bytes per request. */
   bufferSize: number;
+  /** Distance between request offsets. */
   step: number;
+  /** Guest offset of the first request. */
   offset: number;
+  /** Writes instead of reads. */
   write: boolean;
+  /** The byte writes fill their buffers with. */
   pattern: number;
+  /** A flush after every that many requests; 0: none. */
   flushInterval: number;
+  /** Wait for the requests in flight before each flush. */
   drainOnFlush: boolean;
 }
 
@@ -73,6 +93,7 @@ export function benchHeader(p: BenchPlan): string {
   return lines.join('\n');
 }
 
+/** qemu-img's last report line, for a run of `seconds`. */
 export const benchFooter = (seconds: number): string => `Run completed in ${seconds.toFixed(3)} seconds.`;
 
 /**

@@ -7,9 +7,11 @@
 import type { BlockDevice } from '../core/block-device.js';
 import { QcowError, unsupported, withFile } from '../core/errors.js';
 
+/** Options of {@link checkBitmapCopy} and {@link copyBitmaps}. */
 export interface BitmapCopyOptions {
   /** Leave inconsistent bitmaps behind (reported through onSkip) instead of refusing. */
   skipBroken?: boolean;
+  /** Told the name of each bitmap left behind. */
   onSkip?: (name: string) => void;
 }
 
@@ -23,6 +25,7 @@ export async function checkBitmapCopy(sources: BlockDevice[], options: BitmapCop
   if (broken) throw new QcowError('QCOW_UNSUPPORTED', `Cannot copy inconsistent bitmap '${broken.name}'. Try --skip-broken-bitmaps, or use 'qcow bitmap --remove' to delete it`, { file: src.filename });
 }
 
+/** Copy every persistent bitmap of `src` into `dst` (after the guest data is converted). */
 export async function copyBitmaps(src: BlockDevice, dst: BlockDevice, options: BitmapCopyOptions = {}): Promise<void> {
   // qcow2 v2 (compat=0.10) has no bitmaps extension: qemu-img names the driver for it as well.
   const compat = dst.editBitmaps ? (await dst.describe()).formatSpecific?.data['compat'] : undefined;

@@ -113,6 +113,7 @@ export function infoHuman(info: ImageInfoJson): string {
   return lines.join('\n') + '\n';
 }
 
+/** The snapshot list as `qemu-img snapshot -l` prints it, from the `snapshots` of {@link ImageInfoJson}. */
 export function snapshotTable(snaps: Record<string, unknown>[]): string {
   const rows = ['ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT'];
   for (const s of snaps) {

@@ -14,6 +14,7 @@ import { mapChain } from './chain-status.js';
 
 /** The kinds of bytes a cell counts, in the order they are stacked. */
 export const KINDS = ['data', 'compressed', 'zero', 'unallocated'] as const;
+/** One kind of guest bytes: stored data, compressed data, reads as zero, or not allocated anywhere. */
 export type ByteKind = (typeof KINDS)[number];
 
 /** Colours of the kinds (also the legend's). */
@@ -27,23 +28,31 @@ export const KIND_COLOURS: Record<ByteKind, string> = {
 /** Bytes of each kind in one cell of one row. */
 export type CellCounts = Record<ByteKind, number>;
 
+/** One row of the picture: one layer of the chain, or the guest's view through all of them. */
 export interface PictureRow {
   /** "layer 0: top.qcow2 (qcow2)" or "guest view". */
   label: string;
+  /** The bytes of each kind in each cell, left to right. */
   cells: CellCounts[];
 }
 
+/** What {@link mapPicture} finds: a row per layer and one for the guest's view, in cells of equal guest length. */
 export interface MapPicture {
+  /** The top image's file name. */
   filename: string;
+  /** The guest size in bytes. */
   size: number;
   /** Guest bytes per cell (the last cell may cover fewer). */
   cellBytes: number;
+  /** The layers from the top down, then the guest view. */
   rows: PictureRow[];
 }
 
+/** Options of {@link mapPicture}. */
 export interface PictureOptions {
   /** Cells per row (the picture's horizontal resolution). Default 512. */
   cells?: number;
+  /** Stops the walk with QCOW_ABORTED. */
   signal?: AbortSignal;
 }
 

@@ -48,6 +48,7 @@ export interface Permissions {
 /** No locks at all: what a file is opened with until its format is known. */
 export const NO_PERMISSIONS: Permissions = { perm: 0, shared: PERM_ALL };
 
+/** How a program uses one file of an image, from which {@link permissionsFor} derives its locks. */
 export interface FileUse {
   /** Opened for writing. */
   writable: boolean;

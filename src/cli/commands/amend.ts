@@ -4,9 +4,7 @@
  * lazy_refcounts, refcount_bits, size; raw and qcow v1 do not, as in QEMU). `-o help` lists the
  * options of the format named by -f, or else of the image's.
  */
-import { QcowError } from '../../core/errors.js';
-import { amendImage, amendOptions } from '../../ops/amend.js';
-import { builtinFormats } from '../../formats/index.js';
+import { QcowError, amendImage, amendOptions, builtinFormats } from '../../node.js';
 import { openForCli, parseOptionList, writeOut } from '../common.js';
 
 interface Flags {

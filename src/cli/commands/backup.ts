@@ -4,9 +4,7 @@
  * a qcow2 overlay of PREVIOUS; then NAME is cleared (added on a first full backup) so that it
  * records the changes since this backup. See ops/backup.ts.
  */
-import { QcowError } from '../../core/errors.js';
-import { createImage, openImage } from '../../node-open.js';
-import { backup } from '../../ops/backup.js';
+import { QcowError, createImage, openImage, backup } from '../../node.js';
 import { openForCli, withProgress, writeOut } from '../common.js';
 
 interface Flags {

@@ -1,6 +1,4 @@
-import { QcowError } from '../../core/errors.js';
-import { parseSize } from '../../core/size.js';
-import { bench, benchFooter, benchHeader, benchPlan } from '../../ops/bench.js';
+import { QcowError, parseSize, bench, benchFooter, benchHeader, benchPlan } from '../../node.js';
 import { interruptSignal, openForCli, writeOut } from '../common.js';
 
 interface Flags {

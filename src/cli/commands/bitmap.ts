@@ -4,9 +4,7 @@
  * run in the order given, on one open of the image; the first that fails stops the rest and is
  * reported as qemu-img reports it ("Operation add on bitmap b failed: ...").
  */
-import { QcowError, invalidArgument } from '../../core/errors.js';
-import { parseSize } from '../../core/size.js';
-import type { DirtyBitmaps } from '../../core/bitmaps.js';
+import { QcowError, invalidArgument, parseSize, type DirtyBitmaps } from '../../node.js';
 import { openForCli } from '../common.js';
 
 interface Flags {

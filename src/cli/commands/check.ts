@@ -4,10 +4,7 @@
  * to stderr one per line, the summary to stdout (or the JSON object); exit 0 clean, 2 corruptions,
  * 3 leaks only, 1 when the check cannot run, 63 for formats without checks, as qemu-img.
  */
-import { QcowError } from '../../core/errors.js';
-import { FileStore } from '../../storage/file.node.js';
-import { checkableFormat, checkExitCode, checkHuman, checkImage, checkJson, type RepairMode } from '../../ops/check.js';
-import { builtinFormats } from '../../formats/index.js';
+import { QcowError, FileStore, checkableFormat, checkExitCode, checkHuman, checkImage, checkJson, builtinFormats, type RepairMode } from '../../node.js';
 import { checkOutputFormat, failureStyle, failureText, printJson, writeOut } from '../common.js';
 
 interface Flags {

@@ -1,7 +1,5 @@
 import { resolve } from 'node:path';
-import { QcowError } from '../../core/errors.js';
-import { chainOf } from '../../chain/open.js';
-import { commit } from '../../ops/commit.js';
+import { QcowError, chainOf, commit } from '../../node.js';
 import { openForCli, withProgress, writeOut } from '../common.js';
 
 interface Flags {

@@ -1,5 +1,4 @@
-import type { BlockDevice } from '../../core/block-device.js';
-import { compareImages } from '../../ops/compare.js';
+import { compareImages, type BlockDevice } from '../../node.js';
 import { failureText, openForCli, progressBar, writeOut } from '../common.js';
 
 interface Flags {

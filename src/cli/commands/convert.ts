@@ -1,14 +1,4 @@
-import type { BlockDevice } from '../../core/block-device.js';
-import { QcowError } from '../../core/errors.js';
-import { parseSize } from '../../core/size.js';
-import { createImage, defaultOpener, openImage } from '../../node-open.js';
-import type { ByteStore, StoreOpener } from '../../storage/types.js';
-import { FileStore } from '../../storage/file.node.js';
-import type { Spill } from '../../streams/spill.js';
-import type { StagedTarget } from '../../streams/staging.node.js';
-import { permissionsFor } from '../../storage/permissions.js';
-import { convert } from '../../ops/convert.js';
-import { isHttpUrl } from '../../storage/url.js';
+import { QcowError, parseSize, createImage, defaultOpener, openImage, FileStore, permissionsFor, convert, isHttpUrl, type BlockDevice, type ByteStore, type StoreOpener, type Spill, type StagedTarget } from '../../node.js';
 import { fstatSync } from 'node:fs';
 import { failureStyle, openForCli, parseOptionList, readPasswordFile, removeCreated, withProgress } from '../common.js';
 
@@ -125,8 +115,7 @@ export async function run(files: string[], flags: Flags): Promise<void> {
     );
     if (probe !== undefined && !rangelessServer(probe)) throw probe;
     if (probe !== undefined) {
-      const { nodeFetch } = await import('../../storage/node-fetch.node.js');
-      const { deferredCaAgent } = await import('../../storage/deferred-ca.node.js');
+      const { nodeFetch, deferredCaAgent } = await import('./convert-deferred.js');
       const res = (await nodeFetch(deferredCaAgent())(url)) as Response & { nodeBody?: AsyncIterable<Uint8Array> };
       if (res.status !== 200) throw new QcowError('QCOW_IO', `HTTP ${res.status} for ${url}`, { file: url });
       const length = Number(res.headers.get('content-length') ?? NaN);
@@ -141,7 +130,7 @@ export async function run(files: string[], flags: Flags): Promise<void> {
   try {
     await withProgress(flags, async (signal, onProgress) => {
       for (const name of sourceNames) sources.push(await openForCli(name, flags, { readOnly: true, snapshot }));
-      const bitmapOps = flags.bitmaps ? await import('../../ops/copy-bitmaps.js') : undefined;
+      const bitmapOps = flags.bitmaps ? await import('./convert-deferred.js') : undefined;
       const bitmapOptions = { skipBroken: !!flags.skipBrokenBitmaps, onSkip: (name: string) => process.stderr.write(`${failureStyle.program}: warning: Skipping inconsistent bitmap '${name}'\n`) };
       if (bitmapOps) await bitmapOps.checkBitmapCopy(sources, bitmapOptions);
       const total = sources.reduce((n, s) => n + s.size, 0);
@@ -194,10 +183,7 @@ async function runToStream(
   if (flags.C) throw refuse('-C');
   if (flags.bitmaps) throw refuse('--bitmaps');
   if (process.stdout.isTTY) throw new QcowError('QCOW_INVALID_ARGUMENT', 'standard output is a terminal: redirect it to a file or a pipe to write an image there');
-  const { writeImageStream } = await import('../../streams/write-image.js');
-  const { nodeWritableSink } = await import('../../streams/node-sink.node.js');
-  const { describeSinkErrors } = await import('../../streams/sinks.js');
-  const { chainOf } = await import('../../chain/open.js');
+  const { writeImageStream, nodeWritableSink, describeSinkErrors, chainOf, fileSpill } = await import('./convert-deferred.js');
   const { resolve } = await import('node:path');
   const sources: BlockDevice[] = [];
   try {
@@ -213,7 +199,7 @@ async function runToStream(
       }
       const out = nodeWritableSink(process.stdout);
       // Compressed clusters wait in a temporary file (TMPDIR) until their tables are out.
-      const spill = flags.compress ? await (await import('../../streams/spill-file.node.js')).fileSpill() : undefined;
+      const spill = flags.compress ? await fileSpill() : undefined;
       await writeImageStream(sources, describeSinkErrors(out.sink, 'standard output'), {
         format: flags.outputFormat,
         compress: !!flags.compress,
@@ -247,7 +233,7 @@ function rangelessServer(e: unknown): boolean {
 }
 
 async function* webStreamChunksLazy(body: ReadableStream<Uint8Array>): AsyncGenerator<Uint8Array> {
-  const { webStreamChunks } = await import('../../streams/read-image.js');
+  const { webStreamChunks } = await import('./convert-deferred.js');
   yield* webStreamChunks(body);
 }
 
@@ -272,7 +258,7 @@ async function runFromStream(
   if (o.snapshot !== undefined) throw refuse('-l');
   if (flags.format !== undefined && !['qcow2', 'qcow', 'raw'].includes(flags.format)) throw new QcowError('QCOW_UNSUPPORTED', `a stream can be read as qcow2, qcow or raw, not ${flags.format}`);
   const bufferBytes = flags.streamBuffer !== undefined ? parseSize(flags.streamBuffer, 'stream buffer') : undefined;
-  const { readImageStream } = await import('../../streams/read-image.js');
+  const { readImageStream } = await import('./convert-deferred.js');
   const { resolve, dirname } = await import('node:path');
   const opener = targetOpener(flags.cache);
   let dst: BlockDevice | undefined;
@@ -293,7 +279,7 @@ async function runFromStream(
           if (dst.size < info.size) throw new QcowError('QCOW_INVALID_ARGUMENT', `output file is smaller than input file (${dst.size} < ${info.size} bytes)`);
           if (created) return dst;
           // An existing image (-n) is written only once the whole stream has arrived well.
-          const { stageOver } = await import('../../streams/staging.node.js');
+          const { stageOver } = await import('./convert-deferred.js');
           staged = await stageOver(dst, dirname(resolve(target)));
           dst = staged.device;
           return dst;
@@ -305,7 +291,7 @@ async function runFromStream(
           // A backing file the streamed image names is found from the current directory.
           openBacking: (name, format) => openForCli(resolve(name), { ...flags, format }, { readOnly: true }),
           bufferBytes,
-          spill: flags.streamSpill !== undefined ? { store: (spill = await (await import('../../streams/spill-file.node.js')).fileSpill(flags.streamSpill)), limit: parseSize(flags.streamSpillSize ?? '4G', 'stream spill size') } : undefined,
+          spill: flags.streamSpill !== undefined ? { store: (spill = await (await import('./convert-deferred.js')).fileSpill(flags.streamSpill)), limit: parseSize(flags.streamSpillSize ?? '4G', 'stream spill size') } : undefined,
           // A raw stream from a pipe has no size: a new raw target grows with it.
           growingRawTarget:
             flags.create && flags.outputFormat === 'raw'

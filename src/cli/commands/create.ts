@@ -1,7 +1,4 @@
-import { QcowError } from '../../core/errors.js';
-import { parseSize } from '../../core/size.js';
-import { builtinFormats } from '../../formats/index.js';
-import { createImage } from '../../node-open.js';
+import { QcowError, parseSize, builtinFormats, createImage } from '../../node.js';
 import { parseOptionList, readPasswordFile, writeOut } from '../common.js';
 
 interface Flags {

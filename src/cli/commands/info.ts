@@ -1,6 +1,4 @@
-import { chainInfo, imageInfo, infoHuman } from '../../ops/info.js';
-import { defaultOpener } from '../../node-open.js';
-import type { ImageInfoJson } from '../../ops/info.js';
+import { chainInfo, imageInfo, infoHuman, defaultOpener, type ImageInfoJson } from '../../node.js';
 import { checkOutputFormat, openForCli, printJson, writeOut } from '../common.js';
 
 interface Flags {

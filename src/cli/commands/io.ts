@@ -3,7 +3,7 @@
  * output line is qemu-io's) on an image opened the qcow way (--password-file, --confine, ...).
  * Opening failures are qcow's one-line errors; a failing command makes the exit status 1.
  */
-import type { BlockDevice } from '../../core/block-device.js';
+import type { BlockDevice } from '../../node.js';
 import { QemuIo, type Opener } from '../../compat/qemu-io/engine.js';
 import { openForCli, writeOut } from '../common.js';
 

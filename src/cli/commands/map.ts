@@ -1,7 +1,4 @@
-import { QcowError } from '../../core/errors.js';
-import { parseSize } from '../../core/size.js';
-import { mapHumanLines, mapJson } from '../../ops/map.js';
-import { mapHtml, mapPicture, mapSvg } from '../../ops/map-picture.js';
+import { QcowError, parseSize, mapHumanLines, mapJson, mapHtml, mapPicture, mapSvg } from '../../node.js';
 import { checkOutputFormat, openForCli, writeOut } from '../common.js';
 
 interface Flags {

@@ -1,8 +1,4 @@
-import type { BlockDevice } from '../../core/block-device.js';
-import { QcowError } from '../../core/errors.js';
-import { parseSize } from '../../core/size.js';
-import { builtinFormats } from '../../formats/index.js';
-import { measure, type MeasureResult } from '../../ops/measure.js';
+import { QcowError, parseSize, builtinFormats, measure, type BlockDevice, type MeasureResult } from '../../node.js';
 import { checkOutputFormat, openForCli, parseOptionList, printJson, writeOut } from '../common.js';
 
 interface Flags {

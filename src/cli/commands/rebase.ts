@@ -1,7 +1,4 @@
-import type { BlockDevice } from '../../core/block-device.js';
-import { QcowError } from '../../core/errors.js';
-import { defaultOpener, openImage } from '../../node-open.js';
-import { rebase } from '../../ops/rebase.js';
+import { QcowError, defaultOpener, openImage, rebase, type BlockDevice } from '../../node.js';
 import { openForCli, readPasswordFile, withProgress } from '../common.js';
 
 interface Flags {

@@ -2,8 +2,7 @@
  * `qcow resize [-f FMT] [--shrink] FILE [+|-]SIZE`: change an image's virtual size, as qemu-img
  * resize. Growing always works; shrinking needs --shrink (raw images only, for now).
  */
-import { QcowError } from '../../core/errors.js';
-import { parseSize } from '../../core/size.js';
+import { QcowError, parseSize } from '../../node.js';
 import { openForCli, writeOut } from '../common.js';
 
 interface Flags {

@@ -5,8 +5,7 @@
  * SIGINT/SIGTERM stop accepting, finish running requests, flush and close the image, exit 0.
  */
 import { lstatSync, rmSync, writeFileSync } from 'node:fs';
-import { QcowError } from '../../core/errors.js';
-import { serveNbd, type ListenAddress, type NbdServerHandle } from '../../nbd/serve.js';
+import { QcowError, serveNbd, type ListenAddress, type NbdServerHandle } from '../../node.js';
 import { openForCli } from '../common.js';
 
 interface Flags {

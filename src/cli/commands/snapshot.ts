@@ -5,8 +5,7 @@
  * nothing; changing snapshots needs a format that has them (BlockDevice.createSnapshot and
  * friends: qcow2).
  */
-import { QcowError } from '../../core/errors.js';
-import { imageInfo, snapshotTable } from '../../ops/info.js';
+import { QcowError, imageInfo, snapshotTable } from '../../node.js';
 import { openForCli, writeOut } from '../common.js';
 
 interface Flags {

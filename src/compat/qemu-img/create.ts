@@ -76,8 +76,7 @@ interface Settings {
 }
 
 async function make(file: string, fmt: string, s: Settings): Promise<void> {
-  const { builtinFormats } = await import('../../formats/index.js');
-  const { createImage, openImage, defaultOpener } = await import('../../node-open.js');
+  const { builtinFormats, createImage, openImage, defaultOpener } = await import('../../cli/open-images.js');
   if (!builtinFormats().names().includes(fmt)) throw new CreateError(`Unknown file format '${fmt}'`);
   const names = createOptionNames(fmt) ?? [];
   const values = new Map<string, string>();

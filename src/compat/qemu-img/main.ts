@@ -6,7 +6,7 @@
  * command of the same name with the options that mean the same thing. Every failure is worded by
  * ../messages.ts.
  */
-import { QcowError } from '../../core/errors.js';
+import { QcowError } from '../../node.js';
 import { runQcow, type FailureStyle } from '../../cli/program.js';
 import { writeOut } from '../../cli/common.js';
 import { getopt, GetoptError, type LongOption, type Parsed } from '../getopt.js';

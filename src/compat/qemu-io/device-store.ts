@@ -3,9 +3,7 @@
  * (qemu's nested formats: `driver=qcow2,file.driver=qcow2,file.file.filename=...`). Writes past
  * the end grow the inner device where its format can.
  */
-import type { BlockDevice } from '../../core/block-device.js';
-import { QcowError } from '../../core/errors.js';
-import type { ByteStore, StoreOpener } from '../../storage/types.js';
+import { QcowError, type BlockDevice, type ByteStore, type StoreOpener } from '../../node.js';
 
 export class DeviceStore implements ByteStore {
   constructor(private readonly dev: BlockDevice) {}

@@ -7,8 +7,7 @@
  * The engine does no opening itself: `open`, `reopen` and `close` go through the `Opener` the
  * front end gives it, so the same engine runs under compat/qemu-io and `qcow io`.
  */
-import type { BlockDevice, BlockExtent } from '../../core/block-device.js';
-import { CorruptionEvent, QcowError } from '../../core/errors.js';
+import { CorruptionEvent, QcowError, type BlockDevice, type BlockExtent } from '../../node.js';
 import { getopt } from './getopt.js';
 import { qemuMessage } from '../messages.js';
 import { ERRNO_TEXT, hexdump, humanSize, numberError, parseNumber, parsePatternByte, report, type Num } from './text.js';

@@ -5,7 +5,7 @@
  * status is 1 when the last failing command failed (any command failing), else 0.
  */
 import { fstatSync, readFileSync, writeSync } from 'node:fs';
-import type { BlockDevice } from '../../core/block-device.js';
+import { QcowError, type BlockDevice } from '../../node.js';
 import { getopt, type LongOption } from './getopt.js';
 import { parseNumber } from './text.js';
 import { QemuIo, parseOpts, type IoOutput, type Opener, type OpenRequest } from './engine.js';
@@ -160,7 +160,6 @@ async function checked(dev: BlockDevice, o: Record<string, string>): Promise<Blo
   const problem = dev.format === 'qcow2' ? qcow2CacheProblem(o, dev.clusterSize, dev.size) : undefined;
   if (problem === undefined) return dev;
   await dev.close();
-  const { QcowError } = await import('../../core/errors.js');
   throw new QcowError('QCOW_INVALID_ARGUMENT', problem);
 }
 
@@ -207,8 +206,7 @@ export class NodeOpener implements Opener {
   ) {}
 
   async open(req: OpenRequest): Promise<BlockDevice> {
-    const { openImage, createImage } = await import('../../node-open.js');
-    const { QcowError } = await import('../../core/errors.js');
+    const { openImage, createImage } = await import('../../cli/open-images.js');
     const o = req.options;
     const name = req.name ?? o['file.filename'] ?? o.filename ?? o.file ?? o['file.file.filename'];
     if (name === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', "A block device must be specified for \"file\"");
@@ -228,7 +226,7 @@ export class NodeOpener implements Opener {
       // A nested image: the image's bytes are the guest content of another image.
       const innerName = o['file.file.filename'] ?? name;
       const inner = await openImage(innerName, { format: fileDriver === 'file' ? 'raw' : fileDriver, readOnly, password });
-      const { defaultOpener } = await import('../../node-open.js');
+      const { defaultOpener } = await import('../../cli/open-images.js');
       const { openerWith } = await import('./device-store.js');
       try {
         return checked(await openImage(innerName, { format, readOnly, password, noBacking, backingFormat, opener: openerWith(defaultOpener, innerName, inner) }), o);
