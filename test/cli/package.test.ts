@@ -17,6 +17,6 @@ test('npm pack ships the launchers and the library, and no tests, harnesses or m
   for (const must of ['bin/qcow', 'bin/qcow.cjs', 'compat/qemu-img', 'compat/qemu-io', 'dist/index.js', 'dist/node.js', 'dist/cli/qcow.bundle.cjs', 'binding.gyp', 'native/qcow_host.c', 'native/install.mjs']) {
     assert.ok(files.includes(must), `${must} is not packed`);
   }
-  const tooling = files.filter((f) => /\.test\.|test-helpers|test\.helpers|\.map$|^dist\/(test-support|bench|fuzz|robustness)\//.test(f));
+  const tooling = files.filter((f) => /\.test\.|test-helpers|test\.helpers|\.map$|\.tsbuildinfo$|^(test|bench|dist-test|dist-bench)\//.test(f));
   assert.deepEqual(tooling, []);
 });
