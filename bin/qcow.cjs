@@ -8,8 +8,10 @@
  * reading and unpacking cost ~10 ms more); the rest run from dist/cli/qcow.bundle.cjs and .cache.
  * A cache is used only when it was made from that very bundle: both start with the same comment,
  * the SHA-256 of the bundle's content. V8 rejects a cache made by another Node version by itself.
- * Without the bundle, or when tsc has rebuilt dist/ since it was made (a developer's `tsc` without
- * `npm run build`: tsc rewrites every output file), the unbundled CLI runs instead.
+ * Without the bundle, or when tsc has rebuilt dist/ since it was made (a developer's `tsc -b`
+ * without `npm run build`), the unbundled CLI runs instead. tsc builds src/ incrementally and
+ * rewrites only the outputs that changed, so the mark of a rebuild is its build-info file
+ * (dist/.tsbuildinfo, rewritten by every build that changed something; not in the package).
  */
 const { readFileSync, statSync } = require('node:fs');
 const Module = require('node:module');
@@ -38,7 +40,8 @@ function bundleFor(argv) {
 function loadBundle(bundlePath) {
   let source;
   try {
-    if (statSync(bundlePath).mtimeMs < statSync(join(dir, 'entry.js')).mtimeMs) return undefined;
+    const built = statSync(join(dir, '..', '.tsbuildinfo'), { throwIfNoEntry: false });
+    if (statSync(bundlePath).mtimeMs < Math.max(statSync(join(dir, 'entry.js')).mtimeMs, built?.mtimeMs ?? 0)) return undefined;
     // ASCII (build-cli.mjs checks): latin1 is the cheapest way to a string.
     source = readFileSync(bundlePath, 'latin1');
   } catch {

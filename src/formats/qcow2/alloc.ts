@@ -45,7 +45,7 @@ export interface AllocatorHooks {
 
 /**
  * What the cluster map, the writer, snapshots and amend use of the allocator. `Refcounts` is the
- * real one; tests of the write path may give a small fake (see write-path.test.ts).
+ * real one; tests of the write path may give a small fake (see test/formats/qcow2/write-path.test.ts).
  */
 export interface Allocator {
   /** `n` contiguous free clusters with refcount 1; their host offset. */

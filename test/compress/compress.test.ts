@@ -1,0 +1,118 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as nodeCodec from '#src/compress/index.node.js';
+import * as browserCodec from '#src/compress/index.browser.js';
+import { randomBytes } from '../support/qemu.js';
+import { QcowError } from '#src/core/errors.js';
+
+const cluster = new Uint8Array(65536).map((_, i) => (i * 7) % 13);
+
+for (const [name, c] of [
+  ['node', nodeCodec],
+  ['browser', browserCodec],
+] as const) {
+  test(`${name}: raw deflate round-trips one cluster and ignores bytes after the stream`, async () => {
+    const z = await c.deflateRaw(cluster);
+    assert.ok(z.length < cluster.length);
+    const padded = new Uint8Array(z.length + 700);
+    padded.set(z);
+    padded.fill(0x55, z.length);
+    assert.deepEqual(await c.inflateRaw(padded, cluster.length), cluster);
+  });
+
+  test(`${name}: a deflate stream that is short or garbage is QCOW_CORRUPT`, async () => {
+    const z = await c.deflateRaw(cluster);
+    await assert.rejects(c.inflateRaw(z, cluster.length * 2), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT');
+    await assert.rejects(c.inflateRaw(randomBytes(300, 3), 4096), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT');
+  });
+
+  test(`${name}: zstd decodes only the first frame when two are back to back`, async () => {
+    const a = await c.zstdCompress(cluster);
+    const other = await c.zstdCompress(new Uint8Array(65536).fill(9));
+    const both = new Uint8Array(a.length + other.length);
+    both.set(a);
+    both.set(other, a.length);
+    assert.deepEqual(await c.zstdDecompress(both, cluster.length), cluster);
+    await assert.rejects(c.zstdDecompress(randomBytes(100, 5), 4096), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT');
+  });
+}
+
+test('node worker pool: many clusters at once round-trip, in order, both codecs', async () => {
+  const { CodecPool } = await import('#src/compress/pool.node.js');
+  const pool = new CodecPool(2);
+  await pool.warm();
+  assert.equal(pool.workers, 2);
+  const clusters = Array.from({ length: 40 }, (_, i) => {
+    const c = randomBytes(65536, i);
+    c.fill(i, 0, 20000 + i * 100); // compressible, and different from each other
+    return c;
+  });
+  for (const [pack, unpack] of [['deflate', 'inflate'], ['zstd-compress', 'zstd-decompress']] as const) {
+    const packed = await Promise.all(clusters.map((c) => pool.run(pack, c, 0)));
+    const back = await Promise.all(packed.map((z) => pool.run(unpack, z, 65536)));
+    back.forEach((b, i) => assert.deepEqual(b, clusters[i]));
+  }
+});
+
+test('node worker pool: the caller keeps its buffer, and errors come back as QCOW_CORRUPT', async () => {
+  const { CodecPool } = await import('#src/compress/pool.node.js');
+  const pool = new CodecPool(1);
+  await pool.warm();
+  const big = new Uint8Array(4 * 65536).fill(3);
+  const view = big.subarray(65536, 2 * 65536);
+  const z = await pool.run('deflate', view, 0);
+  assert.equal(big.length, 4 * 65536, 'the source buffer is not detached');
+  assert.deepEqual(await pool.run('inflate', z, 65536), view);
+  await assert.rejects(pool.run('inflate', randomBytes(9000, 7), 65536), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT');
+  await assert.rejects(pool.run('inflate', z, 2 * 65536), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT');
+});
+
+test('node: large compressed inputs (pool path) keep the codec contract', async () => {
+  const { CodecPool } = await import('#src/compress/pool.node.js');
+  await new CodecPool(1).warm();
+  const noisy = randomBytes(65536, 11).map((b, i) => (i % 3 === 0 ? 0 : b));
+  const z = await nodeCodec.deflateRaw(noisy);
+  assert.ok(z.length > 4096);
+  const padded = new Uint8Array(z.length + 512).fill(0xaa);
+  padded.set(z);
+  assert.deepEqual(await nodeCodec.inflateRaw(padded, 65536), noisy);
+  const zs = await nodeCodec.zstdCompress(noisy);
+  assert.deepEqual(await nodeCodec.zstdDecompress(zs, 65536), noisy);
+});
+
+test('node worker pool: workers start only once the work done here has paid for them', async () => {
+  const { CodecPool } = await import('#src/compress/pool.node.js');
+  const cluster = randomBytes(65536, 21).map((b, i) => (i % 4 === 0 ? 0 : b));
+  const z = await nodeCodec.deflateRaw(cluster);
+  // A budget no job reaches: everything runs here, no worker is started.
+  const never = new CodecPool(2, Number.POSITIVE_INFINITY);
+  for (let i = 0; i < 20; i++) assert.deepEqual(await never.run('inflate', z, 65536), cluster);
+  assert.equal(never.workers, 0);
+  // No budget: the first job starts them (and still runs here while they boot).
+  const at = new CodecPool(1, 0);
+  assert.deepEqual(await at.run('inflate', z, 65536), cluster);
+  assert.equal(at.workers, 1);
+  await at.warm();
+  assert.deepEqual(await at.run('inflate', z, 65536), cluster);
+});
+
+test('node: the reused deflate state gives deflateRawSync\'s bytes, readable with a 4 KiB window as QEMU reads them', async () => {
+  const { deflateRawNow } = await import('#src/compress/kernels.node.js');
+  const { deflateRawSync, inflateRawSync } = await import('node:zlib');
+  const text = new TextEncoder().encode('qcow2 cluster '.repeat(150_000));
+  // Mixed kinds and sizes one after the other, with a larger one in the middle (the output
+  // buffer grows) and a smaller one after it: each result stands alone.
+  const inputs = [
+    text.subarray(0, 65536),
+    randomBytes(65536, 31),
+    new Uint8Array(65536),
+    text.subarray(1000, 1000 + 2 * 1024 * 1024),
+    randomBytes(512, 32),
+    text.subarray(7, 7 + 65536),
+  ];
+  for (const input of inputs) {
+    const z = deflateRawNow(input);
+    assert.deepEqual(Buffer.from(z), deflateRawSync(input, { level: 6, windowBits: 12, memLevel: 9 }));
+    assert.deepEqual(new Uint8Array(inflateRawSync(z, { windowBits: 12 })), input);
+  }
+});

@@ -1,0 +1,68 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { ClusterRefs } from '#src/formats/qcow2/cluster-refs.js';
+
+test('ClusterRefs counts references per cluster, inside and past the file', () => {
+  const refs = new ClusterRefs(100);
+  assert.equal(refs.highest, -1);
+  refs.addRange(0, 0);
+  refs.addRange(10, 12);
+  refs.addRange(12, 12);
+  refs.addRange(150, 151); // past the end of the file: a corrupt table, or a compressed tail
+  assert.deepEqual([0, 9, 10, 11, 12, 13, 150, 151, 152].map((c) => refs.get(c)), [1, 0, 1, 1, 2, 0, 1, 1, 0]);
+  assert.equal(refs.highest, 151);
+  assert.equal(refs.anyIn(1, 10), false);
+  assert.equal(refs.anyIn(1, 11), true);
+  assert.equal(refs.anyIn(100, 150), false);
+  assert.equal(refs.anyIn(100, 151), true);
+});
+
+test('ClusterRefs keeps counting past 65 535 references to one cluster', () => {
+  const refs = new ClusterRefs(4);
+  for (let i = 0; i < 70000; i++) refs.addRange(2, 2);
+  assert.equal(refs.get(2), 70000);
+  assert.equal(refs.get(1), 0);
+  assert.equal(refs.get(3), 0);
+});
+
+test('ClusterRefs lists the referenced clusters from a point on, in order', () => {
+  const refs = new ClusterRefs(10);
+  refs.addRange(12, 12);
+  refs.addRange(3, 4);
+  refs.addRange(2 ** 40, 2 ** 40); // a corrupt entry far past the file
+  refs.addRange(9, 9);
+  assert.deepEqual(refs.countsFrom(4), [
+    [4, 1],
+    [9, 1],
+    [12, 1],
+    [2 ** 40, 1],
+  ]);
+  assert.deepEqual(refs.countsFrom(11), [
+    [12, 1],
+    [2 ** 40, 1],
+  ]);
+});
+
+test('ClusterRefs gives the cluster-by-cluster counts for long, overlapping and file-crossing ranges', () => {
+  const clusters = 3000;
+  const refs = new ClusterRefs(clusters);
+  const model = new Map<number, number>();
+  let seed = 11;
+  const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31), seed % n);
+  const ranges: Array<[number, number]> = [
+    [0, 999], // first reference to a long range
+    [500, 1499], // half of it again
+    [2990, 3020], // across the end of the file
+    [1000, 1000],
+  ];
+  for (let i = 0; i < 200; i++) {
+    const first = rand(clusters + 50);
+    ranges.push([first, first + (i % 4 === 0 ? rand(600) : rand(20))]);
+  }
+  for (const [first, last] of ranges) {
+    refs.addRange(first, last);
+    for (let c = first; c <= last; c++) model.set(c, (model.get(c) ?? 0) + 1);
+  }
+  for (let c = 0; c < clusters + 700; c++) assert.equal(refs.get(c), model.get(c) ?? 0, `cluster ${c}`);
+  assert.equal(refs.highest, Math.max(...ranges.map((r) => r[1])));
+});

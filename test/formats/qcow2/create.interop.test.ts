@@ -1,0 +1,32 @@
+/** qcow2 create with an external data file, against qemu-img create: what each file looks like. */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { needs, qcowOk, qemuImg, scratch } from '../../support/qemu.js';
+import { hostAddon } from '#src/host/native.node.js';
+
+const MiB = 2 ** 20;
+
+test('an external data file grows to the virtual size in every preallocation mode, as with qemu-img', needs('qemu-img'), async (t) => {
+  const dir = await scratch(t);
+  for (const mode of ['off', 'metadata', 'falloc', 'full']) {
+    const sizes: number[][] = [];
+    for (const [who, make] of [
+      ['qemu', (img: string, o: string) => qemuImg(['create', '-q', '-f', 'qcow2', '-o', o, img, '16M'])],
+      ['qcow', (img: string, o: string) => qcowOk(['create', '-q', '-f', 'qcow2', '-o', o, img, '16M'])],
+    ] as const) {
+      const img = join(dir, `${who}-${mode}.qcow2`);
+      await make(img, `data_file=${img}.data,preallocation=${mode}`);
+      const data = await stat(`${img}.data`);
+      // Sizes exactly; disk use only as low or high (file systems round differently), and only
+      // with the host addon: without it falloc has no fallocate and writes nothing (the fallback).
+      const high = data.blocks * 512 >= 16 * MiB ? 1 : 0;
+      sizes.push([data.size, mode === 'falloc' && !hostAddon() ? -1 : high]);
+      await qemuImg(['check', '-q', img]);
+    }
+    if (sizes[1]![1] === -1) sizes[0]![1] = -1;
+    assert.deepEqual(sizes[1], sizes[0], `preallocation=${mode}`);
+    assert.equal(sizes[0]![0], 16 * MiB);
+  }
+});

@@ -1,0 +1,72 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { needs, qemuImg, qemuIo, scratch } from '../../support/qemu.js';
+import { checkRefcountBits, decodeRefcountTable, encodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, setRefcount, REFCOUNT_WIDTHS } from '#src/formats/qcow2/refcount.js';
+
+test('every width round-trips values 0..max at every index of a block', () => {
+  for (const bits of REFCOUNT_WIDTHS) {
+    const block = new Uint8Array(512);
+    const n = entriesPerBlock(512, bits);
+    const max = maxRefcount(bits);
+    const value = (i: number) => (bits >= 32 ? (i * 2654435761) % max : i % (max + 1));
+    for (let i = 0; i < n; i++) setRefcount(block, i, bits, value(i));
+    for (let i = 0; i < n; i++) assert.equal(getRefcount(block, i, bits), value(i), `bits ${bits} index ${i}`);
+  }
+});
+
+test('sub-byte widths fill a byte from its least significant bits; wider ones are big-endian', () => {
+  const expect: Record<number, number[]> = {
+    1: [0x3f],
+    2: [0x55, 0x05],
+    4: [0x11, 0x11, 0x11],
+    8: [1, 1, 1, 1, 1, 1],
+    16: [0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1],
+  };
+  for (const [bits, bytes] of Object.entries(expect)) {
+    const block = new Uint8Array(64);
+    for (let i = 0; i < 6; i++) setRefcount(block, i, Number(bits), 1);
+    assert.deepEqual([...block.subarray(0, bytes.length)], bytes, `refcount_bits ${bits}`);
+  }
+});
+
+test('setting one entry leaves its neighbours alone', () => {
+  for (const bits of [1, 2, 4]) {
+    const block = new Uint8Array(8).fill(0xff);
+    setRefcount(block, 3, bits, 0);
+    for (let i = 0; i < entriesPerBlock(8, bits); i++) assert.equal(getRefcount(block, i, bits), i === 3 ? 0 : maxRefcount(bits));
+  }
+});
+
+test('values that do not fit and widths that do not exist are refused', () => {
+  assert.throws(() => setRefcount(new Uint8Array(8), 0, 1, 2), /does not fit/);
+  assert.throws(() => setRefcount(new Uint8Array(8), 0, 16, -1), /does not fit/);
+  assert.throws(() => checkRefcountBits(3), /power of two/);
+  assert.throws(() => checkRefcountBits(128), /power of two/);
+  const huge = new Uint8Array(8).fill(0xff);
+  assert.throws(() => getRefcount(huge, 0, 64), (e: Error & { code?: string }) => e.code === 'QCOW_CORRUPT');
+});
+
+test('refcount table entries: offsets round-trip; misaligned or reserved bits are corruption', () => {
+  const buf = encodeRefcountTable([0x10000, 0, 0x30000]);
+  assert.deepEqual(decodeRefcountTable(buf, 3, 0x10000), [0x10000, 0, 0x30000]);
+  assert.throws(() => decodeRefcountTable(encodeRefcountTable([0x10200]), 1, 0x10000), /not cluster aligned/);
+  assert.throws(() => decodeRefcountTable(encodeRefcountTable([0x10001]), 1, 0x10000), /reserved bits/);
+});
+
+test('our decoding of qemu-made refcount blocks gives 1 for the six used clusters, for every width', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  for (const bits of REFCOUNT_WIDTHS) {
+    const f = join(dir, `rb${bits}.qcow2`);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `refcount_bits=${bits}`, f, '4M']);
+    await qemuIo(['-f', 'qcow2', '-c', 'write -P 0xab 0 64k', f]);
+    const file = new Uint8Array(await readFile(f));
+    // Layout of a fresh qemu image: header, refcount table, refcount block, L1, then L2 and data.
+    const table = decodeRefcountTable(file.subarray(0x10000, 0x20000), 0x10000 / 8, 0x10000);
+    assert.equal(table[0], 0x20000);
+    const block = file.subarray(0x20000, 0x30000);
+    const counts = Array.from({ length: 8 }, (_, i) => getRefcount(block, i, bits));
+    assert.deepEqual(counts, [1, 1, 1, 1, 1, 1, 0, 0], `refcount_bits ${bits}`);
+  }
+});

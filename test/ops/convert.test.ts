@@ -1,0 +1,166 @@
+/** convert on in-memory images: what gets written where, for each of qemu-img's modes. */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { convert } from '#src/ops/convert.js';
+import { compareImages } from '#src/ops/compare.js';
+import { QcowError } from '#src/core/errors.js';
+import { dataBytes, fill, memQcow2, memRaw, readAll } from './devices.test-helpers.js';
+import { randomBytes } from '../support/qemu.js';
+
+const MiB = 1024 * 1024;
+
+test('several sources are written back to back, whatever their sizes', async () => {
+  const a = await memRaw(randomBytes(1000, 1));
+  const b = await memRaw(randomBytes(3 * MiB + 512, 2));
+  const c = await memRaw(randomBytes(70_000, 3));
+  const dst = await memRaw(1000 + 3 * MiB + 512 + 70_000);
+  await convert([a, b, c], dst, { targetIsZero: true, chunkSize: 256 * 1024, parallel: 3 });
+  const got = await readAll(dst);
+  assert.deepEqual(got.subarray(0, 1000), randomBytes(1000, 1));
+  assert.deepEqual(got.subarray(1000, 1000 + 3 * MiB + 512), randomBytes(3 * MiB + 512, 2));
+  assert.deepEqual(got.subarray(1000 + 3 * MiB + 512), randomBytes(70_000, 3));
+});
+
+test('a fresh target stays sparse: zero ranges of the source and zero blocks of -S size are not written', async () => {
+  const src = await memQcow2(8 * MiB, { opts: { cluster_size: '4096' } });
+  await fill(src, MiB, 64 * 1024, 0xab); // data
+  await src.write(3 * MiB, new Uint8Array(64 * 1024)); // allocated, but all zero bytes
+  await src.writeZeroes(5 * MiB, MiB); // zero clusters: never read
+  const dst = await memQcow2(8 * MiB, { opts: { cluster_size: '4096' } });
+  await convert([src], dst, { targetIsZero: true });
+  assert.equal(await dataBytes(dst), 64 * 1024);
+  assert.deepEqual((await compareImages(src, dst)).identical, true);
+});
+
+test('-S 0 writes every byte (fully allocated target)', async () => {
+  const src = await memQcow2(2 * MiB);
+  await fill(src, 0, 4096, 1);
+  const dst = await memRaw(2 * MiB);
+  const writes: number[] = [];
+  const write = dst.write.bind(dst);
+  dst.write = async (off, data, o) => {
+    writes.push(data.length);
+    return write(off, data, o);
+  };
+  const zeroes: number[] = [];
+  const wz = dst.writeZeroes.bind(dst);
+  dst.writeZeroes = async (off, len, o) => {
+    assert.ok(!o?.mayUnmap, '-S 0 never unmaps');
+    zeroes.push(len);
+    return wz(off, len, o);
+  };
+  await convert([src], dst, { targetIsZero: true, sparseSize: 0 });
+  const total = writes.reduce((a, b) => a + b, 0) + zeroes.reduce((a, b) => a + b, 0);
+  assert.equal(total, 2 * MiB);
+});
+
+test('an existing target (-n) gets zeros where the source has none, and nothing else changes', async () => {
+  const src = await memQcow2(4 * MiB);
+  await fill(src, 2 * MiB, 100_000, 7);
+  const dst = await memRaw(new Uint8Array(5 * MiB).fill(0xee));
+  await convert([src], dst, { targetIsZero: false });
+  const got = await readAll(dst);
+  const want = new Uint8Array(5 * MiB).fill(0xee);
+  want.fill(0, 0, 4 * MiB);
+  want.fill(7, 2 * MiB, 2 * MiB + 100_000);
+  assert.deepEqual(got, want);
+});
+
+test('with a backing file (-B) only clusters that differ from it are written', async () => {
+  const base = await memRaw(4 * MiB, 'base.raw');
+  await fill(base, 0, 4 * MiB, 0x11);
+  const src = await memQcow2(4 * MiB, { opts: { cluster_size: '65536' } });
+  await fill(src, 0, 4 * MiB, 0x11); // same as the base
+  await fill(src, MiB, 65536, 0x22); // differs: one cluster
+  await src.writeZeroes(3 * MiB, 65536); // zeros where the base has 0x11: must be written
+  const dst = await memQcow2(4 * MiB, { backing: base, opts: { cluster_size: '65536' } });
+  await convert([src], dst, { targetIsZero: true });
+  assert.equal((await compareImages(src, dst)).identical, true);
+  const own = (await dst.blockStatus(0, dst.size)).filter((e) => e.allocated).reduce((n, e) => n + e.length, 0);
+  assert.equal(own, 2 * 65536);
+});
+
+test('compressed: every written cluster goes through writeCompressed, zeros are skipped', async () => {
+  const src = await memRaw(3 * MiB);
+  await fill(src, 0, MiB, 0x5a);
+  await src.write(2 * MiB, randomBytes(65536, 9));
+  const dst = await memQcow2(3 * MiB);
+  let compressed = 0;
+  const wc = dst.writeCompressed!.bind(dst);
+  dst.writeCompressed = async (off, data) => {
+    assert.equal(off % 65536, 0);
+    compressed++;
+    return wc(off, data);
+  };
+  await convert([src], dst, { compress: true, targetIsZero: true });
+  assert.equal(compressed, 17);
+  assert.equal((await compareImages(src, dst)).identical, true);
+  assert.ok((await dst.blockStatus(0, MiB)).every((e) => e.compressed));
+});
+
+test('a target that is too small or cannot compress is refused before anything is written', async () => {
+  const src = await memRaw(MiB);
+  await assert.rejects(convert([src], await memRaw(MiB - 512)), /output file is smaller than input file/);
+  await assert.rejects(convert([src], await memRaw(MiB), { compress: true }), /Compression not supported/);
+});
+
+test('progress climbs to the total; an aborted run stops with QCOW_ABORTED and leaves a readable target', async () => {
+  const src = await memRaw(randomBytes(8 * MiB, 4));
+  const dst = await memQcow2(8 * MiB);
+  const seen: number[] = [];
+  await convert([src], dst, { targetIsZero: true, chunkSize: MiB, onProgress: (d, t) => seen.push(d / t) });
+  assert.equal(seen.at(-1), 1);
+  assert.ok(seen.every((v, i) => i === 0 || v >= seen[i - 1]!));
+
+  const dst2 = await memQcow2(8 * MiB);
+  const ac = new AbortController();
+  await assert.rejects(
+    convert([src], dst2, { targetIsZero: true, chunkSize: MiB, parallel: 2, signal: ac.signal, onProgress: (d) => d >= 2 * MiB && ac.abort() }),
+    (e: unknown) => e instanceof QcowError && e.code === 'QCOW_ABORTED',
+  );
+  await dst2.flush();
+  const got = await readAll(dst2);
+  const want = randomBytes(8 * MiB, 4);
+  // Whatever was written is the source's bytes; the rest is still zero.
+  for (let off = 0; off < got.length; off += MiB) {
+    const part = got.subarray(off, off + MiB);
+    assert.ok(part.every((b) => b === 0) || Buffer.compare(part, want.subarray(off, off + MiB)) === 0, `chunk at ${off}`);
+  }
+});
+
+test('a 4 TiB sparse source is walked by block status, never read', async () => {
+  const TiB = 2 ** 40;
+  const src = await memQcow2(4 * TiB, { opts: { cluster_size: '2097152' } });
+  await fill(src, 3 * TiB, 4096, 0x42);
+  let reads = 0;
+  const read = src.read.bind(src);
+  src.read = async (off, into) => {
+    reads += into.length;
+    return read(off, into);
+  };
+  const dst = await memQcow2(4 * TiB, { opts: { cluster_size: '2097152' } });
+  await convert([src], dst, { targetIsZero: true });
+  assert.ok(reads <= 2 * MiB, `read ${reads} bytes`);
+  const buf = new Uint8Array(4096);
+  await dst.read(3 * TiB, buf);
+  assert.ok(buf.every((b) => b === 0x42));
+  assert.equal(await dataBytes(dst), 2 * MiB); // the one cluster holding data
+});
+
+test('a reused copy buffer never leaks one chunk\'s data into the zero ranges of the next', async () => {
+  // One worker, so one buffer: chunk 0 is all data, chunk 1 has data only in its middle, chunk 2
+  // is shorter than the others (the end of the disk), chunk 3 starts past what chunk 0 dirtied.
+  // Every zero range must come out as zeros, in a target that is written in full (-S 0) and in
+  // an existing, non-zero target (where zeros must be written, not skipped).
+  const size = 3 * 256 * 1024 + 100 * 1024;
+  const src = await memQcow2(size, { opts: { cluster_size: '4096' } });
+  await fill(src, 0, 256 * 1024, 0x11);
+  await fill(src, 256 * 1024 + 64 * 1024, 32 * 1024, 0x22);
+  await fill(src, 2 * 256 * 1024 + 8192, 4096, 0x33);
+  const expected = await readAll(src);
+  for (const options of [{ sparseSize: 0 }, { targetIsZero: false }]) {
+    const dst = await memRaw(new Uint8Array(size).fill(0xee));
+    await convert([src], dst, { ...options, chunkSize: 256 * 1024, parallel: 1 });
+    assert.deepEqual(await readAll(dst), expected, JSON.stringify(options));
+  }
+});

@@ -1,0 +1,116 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { FileStore } from '#src/storage/file.node.js';
+import { scratch } from '../support/qemu.js';
+import { QcowError } from '#src/core/errors.js';
+
+// Small requests take the synchronous path and large ones the thread pool (see file.node.ts); the
+// two must be indistinguishable to a caller, whatever the threshold.
+for (const syncMax of [0, 4096, 64 * 1024, Infinity]) {
+  test(`reads and writes give the same bytes on either I/O path (syncMax ${syncMax})`, async (t) => {
+    const dir = await scratch(t);
+    const path = join(dir, 'f.bin');
+    const content = new Uint8Array(300_000).map((_, i) => (i * 7 + 3) & 0xff);
+    await writeFile(path, content);
+    const store = await FileStore.open(path, { syncMax });
+    try {
+      for (const [offset, length] of [
+        [0, 512],
+        [4095, 4097],
+        [100_000, 65536],
+        [1, 200_000],
+      ]) {
+        const got = new Uint8Array(length);
+        assert.equal(await store.read(offset, got), length);
+        assert.deepEqual(got, content.subarray(offset, offset + length));
+      }
+      // Past the end: the bytes that exist, then zeros (and the count of real bytes).
+      const tail = new Uint8Array(8192).fill(0xee);
+      assert.equal(await store.read(content.length - 100, tail), 100);
+      assert.deepEqual(tail.subarray(0, 100), content.subarray(content.length - 100));
+      assert.ok(tail.subarray(100).every((b) => b === 0));
+      const large = new Uint8Array(200_000).fill(0xee);
+      assert.equal(await store.read(content.length - 10, large), 10);
+      assert.ok(large.subarray(10).every((b) => b === 0));
+
+      await store.write(10, new Uint8Array(100).fill(0xaa));
+      await store.write(150_000, new Uint8Array(150_000).fill(0xbb));
+      await store.flush();
+    } finally {
+      await store.close();
+    }
+    const after = await readFile(path);
+    const expected = Uint8Array.from(content);
+    expected.fill(0xaa, 10, 110);
+    expected.fill(0xbb, 150_000, 300_000);
+    assert.deepEqual(new Uint8Array(after), expected);
+  });
+}
+
+test('a read-only store refuses writes on both paths, as a rejected promise', async (t) => {
+  const dir = await scratch(t);
+  const path = join(dir, 'ro.bin');
+  await writeFile(path, new Uint8Array(4096));
+  const store = await FileStore.open(path, { readOnly: true });
+  try {
+    for (const size of [512, 1 << 20]) {
+      await assert.rejects(store.write(0, new Uint8Array(size)), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_READ_ONLY');
+    }
+  } finally {
+    await store.close();
+  }
+});
+
+test('a failing write is a QcowError naming the file, on either I/O path (/dev/full: ENOSPC)', { skip: process.platform !== 'linux' }, async () => {
+  const store = await FileStore.open('/dev/full', { noLock: true });
+  try {
+    for (const size of [512, 1 << 20]) {
+      await assert.rejects(store.write(0, new Uint8Array(size)), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_IO' && e.file === '/dev/full');
+    }
+    await assert.rejects(store.truncate(0), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_IO');
+  } finally {
+    await store.close();
+  }
+});
+
+test('large writes issued together all land, each where it was aimed, and report in issue order', async (t) => {
+  // Writes of 1 MiB and more run one after another per file (see file.node.ts); smaller ones at once.
+  const dir = await scratch(t);
+  const path = join(dir, 'w.bin');
+  const store = await FileStore.open(path, { create: true, syncMax: 0 });
+  const MiB = 1 << 20;
+  const finished: number[] = [];
+  try {
+    const writes = [];
+    for (let i = 0; i < 8; i++) {
+      const size = i % 2 === 0 ? 2 * MiB : 256 * 1024;
+      writes.push(store.write(i * 2 * MiB, new Uint8Array(size).fill(i + 1)).then(() => finished.push(i)));
+    }
+    await Promise.all(writes);
+  } finally {
+    await store.close();
+  }
+  const serial = finished.filter((i) => i % 2 === 0);
+  assert.deepEqual(serial, [0, 2, 4, 6]);
+  const after = new Uint8Array(await readFile(path));
+  for (let i = 0; i < 8; i++) {
+    const size = i % 2 === 0 ? 2 * MiB : 256 * 1024;
+    const got = after.subarray(i * 2 * MiB, i * 2 * MiB + size);
+    assert.ok(got.every((b) => b === i + 1), `write ${i}`);
+  }
+});
+
+test('a failed large write does not hold up the ones queued behind it', { skip: process.platform !== 'linux' }, async () => {
+  const store = await FileStore.open('/dev/full', { noLock: true, syncMax: 0 });
+  try {
+    const results = await Promise.allSettled([1, 2, 3].map(() => store.write(0, new Uint8Array(1 << 20))));
+    assert.deepEqual(
+      results.map((r) => r.status),
+      ['rejected', 'rejected', 'rejected'],
+    );
+  } finally {
+    await store.close();
+  }
+});

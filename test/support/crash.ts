@@ -1,0 +1,68 @@
+/** Shared pieces of the crash tests: a writer child killed at a chosen moment, and whole-image reads. */
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { openImage } from '#src/node.js';
+import { randomBytes } from './qemu.js';
+
+const WRITER = fileURLToPath(new URL('./crash-writer.node.js', import.meta.url));
+
+/** The whole guest content of an image, as our reader sees it. */
+export async function readGuest(file: string, format: string): Promise<Uint8Array> {
+  const dev = await openImage(file, { format, readOnly: true });
+  try {
+    const buf = new Uint8Array(dev.size);
+    await dev.read(0, buf);
+    return buf;
+  } finally {
+    await dev.close();
+  }
+}
+
+/**
+ * Run the writer child on `file` for `ms` milliseconds, SIGKILL it, and return what it announced.
+ * `cacheBytes`: the writer's metadata cache budget (small ones make it evict and spill tables);
+ * `flushOneIn`: it flushes after about one write in this many (default 8); `discardOneIn`: it
+ * discards instead of about one write in this many (default 0, never).
+ */
+export function crashRound(file: string, format: string, seed: number, ms: number, options: { cacheBytes?: number; flushOneIn?: number; discardOneIn?: number } = {}): Promise<string[]> {
+  return new Promise((resolve, reject) => {
+    const args = [WRITER, file, format, String(seed), String(options.cacheBytes ?? 0), String(options.flushOneIn ?? 8), String(options.discardOneIn ?? 0)];
+    const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    // The clock starts at the child's first announcement, not at spawn: Node's start-up takes
+    // 50 ms on a quiet machine and several hundred on a loaded one, and a round killed before it
+    // wrote anything tests nothing.
+    let timer: NodeJS.Timeout | undefined;
+    child.stdout.on('data', (d: Buffer) => {
+      out += d.toString();
+      timer ??= setTimeout(() => child.kill('SIGKILL'), ms);
+    });
+    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    child.on('error', reject);
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      if (signal !== 'SIGKILL') reject(new Error(`child ended by itself (code ${code}): ${err}`));
+      else resolve(out.split('\n').filter(Boolean));
+    });
+  });
+}
+
+/**
+ * Apply what a killed writer announced (see crash-writer.node.ts) to `model`, the expected guest
+ * content: writes and discards (zeros) before its last completed flush are durable and go into
+ * the model; bytes that later ones touched may hold old or new data and are marked in `maybe` (1 = not checked).
+ */
+export function applyAnnounced(lines: string[], model: Uint8Array): { maybe: Uint8Array; lastFlush: number; flushes: number } {
+  const lastFlush = lines.lastIndexOf('f');
+  const maybe = new Uint8Array(model.length);
+  lines.forEach((l, i) => {
+    const kind = l[0];
+    if (kind !== 'w' && kind !== 'd') return;
+    const [, off, len, seed] = l.split(' ').map(Number) as [number, number, number, number];
+    if (i >= lastFlush) maybe.fill(1, off, off + len);
+    else if (kind === 'w') model.set(randomBytes(len, seed), off);
+    else model.fill(0, off, off + len);
+  });
+  return { maybe, lastFlush, flushes: lines.filter((l) => l === 'f').length };
+}
