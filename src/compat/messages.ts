@@ -31,7 +31,9 @@ interface Row {
   op?: ErrorContext | ErrorContext[];
   /** A pattern on our own message, for codes that cover several failures. */
   match?: RegExp;
-  /** QEMU's text, possibly several lines (the first gets the program prefix). */
+  /** The first line is printed as QEMU prints it with fprintf: without the program's name. */
+  bare?: boolean;
+  /** QEMU's text, possibly several lines (the first gets the program prefix unless `bare`). */
   text: (e: QcowError, ctx: MessageContext, m: RegExpExecArray | null) => string;
 }
 
@@ -60,7 +62,15 @@ const ROWS: Row[] = [
     text: (_e, _c, m) => `${m![1]}\nYou can force-remove all ${m![2]} overhanging snapshots with qemu-img check -r all\nqemu-img: Check failed: File too large`,
   },
   { code: 'QCOW_CORRUPT', match: /^ERROR failed to update snapshot table: (.*)$/, text: (e) => `${e.message}\nqemu-img: Check failed` },
-  { code: 'QCOW_IO', match: /^(ERROR: I\/O error in check_refcounts_l1) \(/, text: (_e, _c, m) => `${m![1]}\nqemu-img: Check failed: Input/output error` },
+  // qemu-img first counts the table's own bytes (and says they lie past the end of the file), then
+  // fails reading it; both ERROR lines are its fprintf, without the program's name.
+  {
+    code: 'QCOW_IO',
+    match: /^(ERROR: I\/O error in check_refcounts_l1) \(a snapshot L1 table of (\d+) bytes at 0x([0-9a-f]+) /,
+    bare: true,
+    text: (_e, _c, m) =>
+      `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${m![3]} size 0x${Number(m![2]).toString(16)}\n${m![1]}\nqemu-img: Check failed: Input/output error`,
+  },
   // snapshot -a / -d of a snapshot the image does not have (before the open rows: it is not one).
   {
     code: 'QCOW_NOT_FOUND',
@@ -130,10 +140,14 @@ const ROWS: Row[] = [
 
 /** QEMU's text for `e` (without the program prefix). Errors that are not ours keep their message. */
 export function qemuMessage(e: unknown, ctx: MessageContext): string {
+  return qemuText(e, ctx).text;
+}
+
+function qemuText(e: unknown, ctx: MessageContext): { text: string; bare?: boolean } {
   if (!(e instanceof QcowError)) {
     const err = e as NodeJS.ErrnoException;
-    if (err?.code === 'ENOENT' && ctx.file) return `Could not open '${ctx.file}': No such file or directory`;
-    return err && typeof err.message === 'string' ? err.message : String(e);
+    if (err?.code === 'ENOENT' && ctx.file) return { text: `Could not open '${ctx.file}': No such file or directory` };
+    return { text: err && typeof err.message === 'string' ? err.message : String(e) };
   }
   for (const row of ROWS) {
     if (!(row.op === undefined ? ctx.op !== 'device' : [row.op].flat().includes(ctx.op))) continue;
@@ -143,14 +157,16 @@ export function qemuMessage(e: unknown, ctx: MessageContext): string {
       m = row.match.exec(e.message);
       if (!m) continue;
     }
-    return row.text(e, ctx, m);
+    return { text: row.text(e, ctx, m), bare: row.bare };
   }
   // QEMU's messages after opening rarely name the image; ours that need it say it themselves.
-  return e.message;
+  return { text: e.message };
 }
 
 /** Lines for stderr: the program's prefix on the first line only, as QEMU's error_report and hints. */
 export function qemuErrorLines(program: string, e: unknown, ctx: MessageContext): string {
-  const [first, ...rest] = qemuMessage(e, ctx).split('\n');
+  const { text, bare } = qemuText(e, ctx);
+  if (bare) return text + '\n';
+  const [first, ...rest] = text.split('\n');
   return [`${program}: ${first}`, ...rest].join('\n') + '\n';
 }

@@ -387,7 +387,7 @@ async function walkL1(store: ByteStore, p: Pass, l1Offset: Off, l1Size: number, 
   // A snapshot's L1 table named past what QEMU's block layer addresses cannot be read there: the
   // check ends, as qemu-img's does (an offset past 2^63 is negative to it, and fails the same way).
   if (typeof l1Offset === 'bigint' && l1Offset + BigInt(l1Size * 8) > BDRV_MAX_LENGTH) {
-    throw new QcowError('QCOW_IO', `ERROR: I/O error in check_refcounts_l1 (a snapshot L1 table at 0x${hex(l1Offset)} lies past what a file can hold)`);
+    throw new QcowError('QCOW_IO', `ERROR: I/O error in check_refcounts_l1 (a snapshot L1 table of ${l1Size * 8} bytes at 0x${hex(l1Offset)} lies past what a file can hold)`);
   }
   const l1 = new Uint8Array(l1Size * 8);
   await readAt(store, p, l1Offset, l1);

@@ -97,7 +97,7 @@ test('damaged snapshot tables: check and check -r all agree with qemu-img, and q
       // The check cannot finish: qemu-img's lines, word for word, from the drop-in.
       const c = await check(dir, 'compat', 'c.qcow2');
       assert.equal(c.code, 1, what);
-      assert.equal(c.stderr.split('\n').at(-2), a.stderr.split('\n').at(-2), what);
+      assert.equal(c.stderr, a.stderr, what);
     }
     const ra = await check(dir, 'qemu-img', 'q.qcow2', ['-r', 'all', '--output=json']);
     const rb = await check(dir, 'qcow', 'c.qcow2', ['-r', 'all', '--output=json']);
