@@ -6,7 +6,7 @@
  */
 export * from './index.js';
 export { FileStore, fileOpener, type FileStoreOptions } from './storage/file.node.js';
-export { HttpStore, httpOpener, withHttp, type HttpStoreOptions, type HttpStats } from './storage/http.js';
+export { HttpStore, httpOpener, withHttp, type HttpStoreOptions, type HttpRangeOptions, type HttpStats } from './storage/http.js';
 export { nodeFetch } from './storage/node-fetch.node.js';
 export { deferredCaAgent } from './storage/deferred-ca.node.js';
 // Which kind of image locking this machine gives (`qcow --version` says).

@@ -5,7 +5,7 @@
  * @module qcow/browser
  */
 export * from '../index.js';
-export { HttpStore, httpOpener, DEFAULT_CHUNK_SIZE, DEFAULT_CACHE_BYTES, type HttpStoreOptions, type HttpStats } from '../storage/http.js';
+export { HttpStore, httpOpener, DEFAULT_CHUNK_SIZE, DEFAULT_CACHE_BYTES, type HttpStoreOptions, type HttpRangeOptions, type HttpStats } from '../storage/http.js';
 export { OverlayDevice, overlay, type OverlayOptions } from '../overlay/overlay.js';
 export { openUrl, type OpenUrlOptions } from './open-url.js';
 // Local files (an <input type=file> or drag and drop): images and their backing files, read-only.

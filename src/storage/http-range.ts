@@ -24,15 +24,23 @@ import {
 } from './http-request.js';
 import type { ByteStore } from './types.js';
 
-/** What HttpRangeStore needs of HttpStoreOptions. */
+/** How an HTTP store makes its requests: retries, limits, headers; the part of `HttpStoreOptions` that is not about caching. */
 export interface HttpRangeOptions {
+  /** Times a transient failure (network, 5xx, 408, 429) is retried. Default 4. */
   retries?: number;
+  /** First retry delay in ms, doubling each time up to maxRetryDelayMs. Default 250. */
   retryDelayMs?: number;
+  /** Longest retry delay in ms. Default 10000. */
   maxRetryDelayMs?: number;
+  /** Largest whole body held from a server that ignores Range. Default 256 MiB. */
   maxWholeBodyBytes?: number;
+  /** Extra request headers (e.g. Authorization). */
   headers?: Record<string, string>;
+  /** Browsers: whether to send cookies cross-origin. */
   credentials?: RequestCredentials;
+  /** Stops every request of this store; reads then fail with QCOW_ABORTED. */
   signal?: AbortSignal;
+  /** The fetch to use (default: the global one). */
   fetch?: typeof fetch;
 }
 

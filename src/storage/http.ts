@@ -16,14 +16,14 @@
  */
 import { QcowError } from '../core/errors.js';
 import { CachingStore } from './caching-store.js';
-import { DEFAULT_MAX_WHOLE_BODY_BYTES, HttpRangeStore, type HttpStats } from './http-range.js';
+import { DEFAULT_MAX_WHOLE_BODY_BYTES, HttpRangeStore, type HttpRangeOptions, type HttpStats } from './http-range.js';
 import type { ByteStore, StoreOpener } from './types.js';
 import { isHttpUrl, resolveUrl } from './url.js';
 
-export { isHttpUrl, resolveUrl, DEFAULT_MAX_WHOLE_BODY_BYTES, type HttpStats };
+export { isHttpUrl, resolveUrl, DEFAULT_MAX_WHOLE_BODY_BYTES, type HttpRangeOptions, type HttpStats };
 
 /** Options of {@link HttpStore.open}, {@link httpOpener} and {@link withHttp}: requests, caching and retries. */
-export interface HttpStoreOptions {
+export interface HttpStoreOptions extends HttpRangeOptions {
   /**
    * The most bytes one request fetches: a first read into an aligned chunk fetches a sixteenth
    * of it, a second read (or a read continuing the last) the rest. Default 4 MiB (see below).
@@ -31,22 +31,6 @@ export interface HttpStoreOptions {
   chunkSize?: number;
   /** Most bytes of chunks kept in memory. Default 64 MiB. */
   cacheBytes?: number;
-  /** Times a transient failure (network, 5xx, 408, 429) is retried. Default 4. */
-  retries?: number;
-  /** First retry delay in ms, doubling each time up to maxRetryDelayMs. Default 250. */
-  retryDelayMs?: number;
-  /** Longest retry delay in ms. Default 10000. */
-  maxRetryDelayMs?: number;
-  /** Largest whole body held from a server that ignores Range. Default 256 MiB. */
-  maxWholeBodyBytes?: number;
-  /** Extra request headers (e.g. Authorization). */
-  headers?: Record<string, string>;
-  /** Browsers: whether to send cookies cross-origin. */
-  credentials?: RequestCredentials;
-  /** Stops every request of this store; reads then fail with QCOW_ABORTED. */
-  signal?: AbortSignal;
-  /** The fetch to use (default: the global one). */
-  fetch?: typeof fetch;
 }
 
 // In-browser emulators reported one boot going from 7 minutes to 1 with 4 MiB requests instead of

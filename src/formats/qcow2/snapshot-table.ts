@@ -96,33 +96,70 @@ export async function readSnapshotTable(store: ByteStore, count: number, offset:
 
 /** The table's bytes, entries padded to 8 bytes; extra data as qemu 7.2 writes it (24 bytes + unknown). */
 export function encodeSnapshotTable(snaps: readonly Qcow2Snapshot[]): Uint8Array {
-  const parts = snaps.map((s) => {
-    const id = encodeUtf8(s.id);
-    const name = encodeUtf8(s.name);
-    const extraLen = 24 + s.extraUnknown.length;
-    const b = new Uint8Array(alignUp(FIXED + extraLen + id.length + name.length, 8));
-    setU64(b, 0, s.l1TableOffset);
-    setU32(b, 8, s.l1Size);
-    setU16(b, 12, id.length);
-    setU16(b, 14, name.length);
-    setU32(b, 16, s.dateSec);
-    setU32(b, 20, s.dateNsec);
-    setU64(b, 24, s.vmClockNsec);
-    setU32(b, 32, Math.min(s.vmStateSize, 0xffffffff));
-    setU32(b, 36, extraLen);
-    setU64(b, FIXED, s.vmStateSize);
-    setU64(b, FIXED + 8, s.diskSize ?? 0);
-    setU64(b, FIXED + 16, s.icount ?? 0n);
-    b.set(s.extraUnknown, FIXED + 24);
-    b.set(id, FIXED + extraLen);
-    b.set(name, FIXED + extraLen + id.length);
-    return b;
-  });
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  const entries = snaps.map((s) =>
+    encodeEntry({
+      ...s,
+      id: encodeUtf8(s.id),
+      name: encodeUtf8(s.name),
+      vmStateSize32: Math.min(s.vmStateSize, 0xffffffff),
+      extraLen: KNOWN_EXTRA + s.extraUnknown.length,
+      diskSize: s.diskSize ?? 0,
+      icount: s.icount ?? 0n,
+      unknownExtra: s.extraUnknown,
+    }),
+  );
+  return joinEntries(entries, true);
+}
+
+/** One entry's fields as they go to disk, every policy (defaults, the 32-bit VM state size) decided. */
+interface EntryFields {
+  l1TableOffset: number | bigint;
+  l1Size: number;
+  id: Uint8Array;
+  name: Uint8Array;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: number | bigint;
+  vmStateSize32: number;
+  /** Bytes of extra data: the 24 known, then `unknownExtra`, then zeros. */
+  extraLen: number;
+  vmStateSize: number | bigint;
+  diskSize: number | bigint;
+  icount: bigint;
+  unknownExtra: Uint8Array;
+}
+
+/** One entry's bytes, unpadded: the fixed part, the extra data, the id and the name. */
+function encodeEntry(e: EntryFields): Uint8Array {
+  const b = new Uint8Array(FIXED + e.extraLen + e.id.length + e.name.length);
+  setU64(b, 0, e.l1TableOffset);
+  setU32(b, 8, e.l1Size);
+  setU16(b, 12, e.id.length);
+  setU16(b, 14, e.name.length);
+  setU32(b, 16, e.dateSec);
+  setU32(b, 20, e.dateNsec);
+  setU64(b, 24, e.vmClockNsec);
+  setU32(b, 32, e.vmStateSize32);
+  setU32(b, 36, e.extraLen);
+  setU64(b, FIXED, e.vmStateSize);
+  setU64(b, FIXED + 8, e.diskSize);
+  setU64(b, FIXED + 16, e.icount);
+  b.set(e.unknownExtra, FIXED + KNOWN_EXTRA);
+  b.set(e.id, FIXED + e.extraLen);
+  b.set(e.name, FIXED + e.extraLen + e.id.length);
+  return b;
+}
+
+/** Entries one after another, each starting on 8 bytes; `padLast` pads the last one too. */
+function joinEntries(entries: readonly Uint8Array[], padLast: boolean): Uint8Array {
+  let size = 0;
+  for (const e of entries) size = alignUp(size, 8) + e.length;
+  const out = new Uint8Array(padLast ? alignUp(size, 8) : size);
   let off = 0;
-  for (const p of parts) {
-    out.set(p, off);
-    off += p.length;
+  for (const e of entries) {
+    off = alignUp(off, 8);
+    out.set(e, off);
+    off += e.length;
   }
   return out;
 }
@@ -299,37 +336,17 @@ export const cString = (b: Uint8Array): Uint8Array => {
  * entries aligned to 8 bytes, none after the last.
  */
 export function encodeStoredSnapshotTable(snaps: readonly StoredSnapshot[], virtualSize: number): Uint8Array {
-  const parts = snaps.map((s) => {
-    const id = cString(s.id);
-    const name = cString(s.name);
-    const extraLen = Math.max(KNOWN_EXTRA, s.extraDataSize);
-    const b = new Uint8Array(FIXED + extraLen + id.length + name.length);
-    setU64(b, 0, s.l1TableOffset);
-    setU32(b, 8, s.l1Size);
-    setU16(b, 12, id.length);
-    setU16(b, 14, name.length);
-    setU32(b, 16, s.dateSec);
-    setU32(b, 20, s.dateNsec);
-    setU64(b, 24, s.vmClockNsec);
-    // A VM state too big for the old field leaves it 0 (older readers see a disk-only snapshot).
-    setU32(b, 32, s.vmStateSize <= 0xffffffffn ? Number(s.vmStateSize) : 0);
-    setU32(b, 36, extraLen);
-    setU64(b, FIXED, s.vmStateSize);
-    setU64(b, FIXED + 8, s.diskSize ?? BigInt(Math.floor(virtualSize / 512) * 512));
-    setU64(b, FIXED + 16, s.icount ?? 0xffffffffffffffffn);
-    b.set(s.unknownExtra, FIXED + KNOWN_EXTRA);
-    b.set(id, FIXED + extraLen);
-    b.set(name, FIXED + extraLen + id.length);
-    return b;
-  });
-  let size = 0;
-  for (const p of parts) size = alignUp(size, 8) + p.length;
-  const out = new Uint8Array(size);
-  let off = 0;
-  for (const p of parts) {
-    off = alignUp(off, 8);
-    out.set(p, off);
-    off += p.length;
-  }
-  return out;
+  const entries = snaps.map((s) =>
+    encodeEntry({
+      ...s,
+      id: cString(s.id),
+      name: cString(s.name),
+      // A VM state too big for the old field leaves it 0 (older readers see a disk-only snapshot).
+      vmStateSize32: s.vmStateSize <= 0xffffffffn ? Number(s.vmStateSize) : 0,
+      extraLen: Math.max(KNOWN_EXTRA, s.extraDataSize),
+      diskSize: s.diskSize ?? BigInt(Math.floor(virtualSize / 512) * 512),
+      icount: s.icount ?? 0xffffffffffffffffn,
+    }),
+  );
+  return joinEntries(entries, false);
 }
