@@ -116,3 +116,45 @@ test('node: the reused deflate state gives deflateRawSync\'s bytes, readable wit
     assert.deepEqual(new Uint8Array(inflateRawSync(z, { windowBits: 12 })), input);
   }
 });
+
+test('node: the reused inflate state keeps the codec contract from one cluster to the next, through failures', async () => {
+  const { inflateRawNow } = await import('#src/compress/kernels.node.js');
+  const { deflateRawSync } = await import('node:zlib');
+  const pack = (b: Uint8Array) => new Uint8Array(deflateRawSync(b, { level: 6, windowBits: 12, memLevel: 9 }));
+  const text = new TextEncoder().encode('qcow2 cluster '.repeat(20_000));
+  const a = text.subarray(0, 65536);
+  const b = randomBytes(4096, 41);
+  const za = pack(a);
+  const zb = pack(b);
+  const corruptCode = (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT';
+  const garbage = za.slice();
+  garbage[0]! ^= 0xff;
+  garbage[5]! ^= 0x55;
+  const junkAfter = new Uint8Array(zb.length + 300).fill(0xa5);
+  junkAfter.set(zb);
+  // Each failure, then a good cluster: a failed call leaves nothing behind for the next one.
+  const steps: [Uint8Array, number, Uint8Array | RegExp][] = [
+    [za, 65536, a],
+    [garbage, 65536, /bad deflate data in compressed cluster: /],
+    [zb, 4096, b],
+    [za.subarray(0, 100), 65536, /inflated to \d+ bytes, expected 65536/],
+    [za, 65536, a],
+    [za, 4096, /inflates to more than 4096 bytes/],
+    [junkAfter, 4096, b],
+    [randomBytes(300, 42), 4096, /QCOW_CORRUPT|compressed cluster/],
+    [za, 65536, a],
+  ];
+  for (const [input, size, want] of steps) {
+    if (want instanceof Uint8Array) assert.deepEqual(inflateRawNow(input, size), want);
+    else assert.throws(() => inflateRawNow(input, size), (e: unknown) => corruptCode(e) && (want.test((e as Error).message) || want.test((e as QcowError).code)));
+  }
+  // A stream cut short exactly at the cluster's end (no final block) is accepted, as QEMU does.
+  const { createDeflateRaw, constants } = await import('node:zlib');
+  const d = createDeflateRaw({ level: 6, windowBits: 12, memLevel: 9 });
+  const parts: Buffer[] = [];
+  d.on('data', (c: Buffer) => parts.push(c));
+  d.write(a);
+  await new Promise<void>((resolve) => d.flush(constants.Z_SYNC_FLUSH, () => resolve()));
+  assert.deepEqual(inflateRawNow(new Uint8Array(Buffer.concat(parts)), 65536), a);
+  d.destroy();
+});
