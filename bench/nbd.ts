@@ -3,7 +3,7 @@
  * same image, measured with nbdcopy reading the whole export (to null:) and writing a whole raw
  * file into it. Both servers listen on Unix sockets in a temporary folder and are stopped after.
  *
- *   import { benchNbd } from './bench/nbd.js';
+ *   import { benchNbd } from './nbd.js';   // from bench/run.ts, beside it (built to dist-bench/)
  *   const r = await benchNbd({ format: 'qcow2', sizeMiB: 256 });
  *   // r.read.ours.mibPerSec, r.read.qemu.mibPerSec, r.read.ratio (ours / qemu), same for r.write
  */
