@@ -96,9 +96,14 @@ export function setRefcount(block: Uint8Array, index: number, bits: number, valu
  */
 export function decodeRefcountTable(buf: Uint8Array, entries: number, clusterSize: number, options: { unalignedLater?: boolean } = {}): number[] {
   const dv = view(buf);
-  const out = new Array<number>(entries);
+  const out = new Array<number>(entries).fill(0);
+  // Most entries are zero (tables are sized for growth): they are skipped through a word view,
+  // whose byte order does not matter for a test against zero. This runs before JIT warm-up on
+  // every open for writing: 8192 entries took 4-7 ms through DataView calls alone, ~1 ms so.
+  const words = buf.byteOffset % 4 === 0 ? new Uint32Array(buf.buffer, buf.byteOffset, entries * 2) : null;
   // Two 32-bit halves per entry (a BigInt per entry cost ~1.5 ms for a 4 TiB image's table).
   for (let i = 0; i < entries; i++) {
+    if (words !== null && (words[2 * i]! | words[2 * i + 1]!) === 0) continue;
     const hi = dv.getUint32(i * 8);
     const lo = dv.getUint32(i * 8 + 4);
     if ((lo & 0x1ff) !== 0) throw corrupt(`refcount table entry ${i} (0x${hex64(hi, lo)}) has reserved bits set`);

@@ -70,3 +70,20 @@ test('our decoding of qemu-made refcount blocks gives 1 for the six used cluster
     assert.deepEqual(counts, [1, 1, 1, 1, 1, 1, 0, 0], `refcount_bits ${bits}`);
   }
 });
+
+test('refcount table decode: zero entries skipped, any set bit still decoded or refused, at any byte offset of the buffer', () => {
+  const table = encodeRefcountTable([0, 0, 0x30000, 0, 0x7fff0000, 0]);
+  for (const shift of [0, 1, 4]) {
+    // The same bytes as a view at an offset that is, and is not, a multiple of 4.
+    const backing = new Uint8Array(table.length + shift);
+    backing.set(table, shift);
+    const buf = backing.subarray(shift);
+    assert.deepEqual(decodeRefcountTable(buf, 6, 0x10000), [0, 0, 0x30000, 0, 0x7fff0000, 0]);
+    // A lone reserved bit in an otherwise zero entry is not taken for an empty entry.
+    buf[5 * 8 + 7] = 1;
+    assert.throws(() => decodeRefcountTable(buf, 6, 0x10000), /entry 5 .*reserved bits set/);
+    buf[5 * 8 + 7] = 0;
+    buf[3 * 8] = 0x01;
+    assert.throws(() => decodeRefcountTable(buf, 6, 0x10000), /entry 3 .*too large/);
+  }
+});
