@@ -12,13 +12,13 @@
  * The kernel and its cache: test-support/guest.ts.
  */
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { readFile, stat, writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { bootGuest, buildInitrd, prepareKernel, type BootResult, type GuestKernel } from '../support/guest.js';
-import { CLI, needs, qcowOk, qemuImg, randomBytes, run, runOk, scratch, sha256 } from '../support/qemu.js';
+import { needs, qcowOk, qemuImg, randomBytes, run, runOk, scratch, sha256 } from '../support/qemu.js';
+import { serveQcow, type Served } from '../support/serve.js';
 
 /** A boot that hangs fails after this long (a TCG boot and its work take seconds here). */
 const BOOT_TIMEOUT_MS = 150_000;
@@ -33,45 +33,14 @@ const CRASH_ROUNDS = Number(process.env.QCOW_CRASH_ROUNDS ?? 3);
 /** Creation options of the overlays (qcow create -o), to try others: extended_l2=on, ... */
 const OVERLAY_OPTIONS = process.env.QCOW_GUEST_OVERLAY_OPTIONS;
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 /** Resolves with `value` after `ms`, without keeping the process alive. */
 const after = <T>(ms: number, value: T) => new Promise<T>((r) => setTimeout(() => r(value), ms).unref());
 
 let kernelPromise: Promise<GuestKernel> | undefined;
 const kernel = () => (kernelPromise ??= prepareKernel());
 
-interface Served {
-  sock: string;
-  child: ChildProcess;
-  /** Exit code (or signal name) once the process has ended. */
-  exited: Promise<number | string>;
-  stderr: () => string;
-}
-
-/** Start `qcow serve` on a Unix socket and wait for its pid file (written once it listens). */
-async function serve(t: TestContext, dir: string, image: string): Promise<Served> {
-  const sock = join(dir, `nbd-${Math.random().toString(36).slice(2)}.sock`);
-  const pidFile = `${sock}.pid`;
-  const child = spawn(process.execPath, [CLI, 'serve', '-f', 'qcow2', '-k', sock, '--pid-file', pidFile, image], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let err = '';
-  child.stderr!.on('data', (d) => (err += d));
-  child.stdout!.on('data', (d) => (err += d));
-  const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
-  let done = false;
-  void exited.then(() => (done = true));
-  t.after(async () => {
-    if (done) return;
-    child.kill('SIGTERM');
-    const r = await Promise.race([exited, after(10_000, 'timeout')]);
-    if (r === 'timeout') child.kill('SIGKILL');
-  });
-  for (let i = 0; i < 1200; i++) {
-    if (done) throw new Error(`qcow serve exited early: ${err}`);
-    if (await stat(pidFile).catch(() => undefined)) return { sock, child, exited, stderr: () => err };
-    await sleep(25);
-  }
-  throw new Error(`qcow serve did not start listening: ${err}`);
-}
+/** `qcow serve` of a qcow2 image; it may start slowly beside a busy emulator. */
+const serve = (t: TestContext, dir: string, image: string): Promise<Served> => serveQcow(t, dir, ['-f', 'qcow2', image], { waitMs: 30_000 });
 
 /**
  * Serve `image`, boot the guest on it with `script` (run by `sh -e`) and `files`, and wait for

@@ -5,7 +5,7 @@
  * driver can write.
  */
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import { connect, createServer, type Server } from 'node:net';
 import { join } from 'node:path';
@@ -14,46 +14,14 @@ import { isQcowError } from '#src/core/errors.js';
 import { openImage } from '#src/node.js';
 import { CLI, needs, qcowOk, qemuGuestSha256, qemuImg, qemuIo, randomBytes, run, runOk, scratch, sha256 } from '../support/qemu.js';
 import { NbdClient } from '../support/nbd-client.js';
+import { serveQcow, type Served } from '../support/serve.js';
 import * as C from '#src/nbd/constants.js';
 import { Writer } from '#src/nbd/wire.js';
 
-interface Served {
-  uri: string;
-  sock: string;
-  child: ChildProcess;
-  /** Exit code (or signal name) once the process has ended. */
-  exited: Promise<number | string>;
-  stderr: () => string;
-}
-
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** Start `qcow serve` on a Unix socket and wait for its pid file (written once it listens). */
-async function serve(t: TestContext, dir: string, args: string[], name = ''): Promise<Served> {
-  const sock = join(dir, `nbd-${Math.random().toString(36).slice(2)}.sock`);
-  const pidFile = `${sock}.pid`;
-  const child = spawn(process.execPath, [CLI, 'serve', '-k', sock, '--pid-file', pidFile, ...(name ? ['-x', name] : []), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let err = '';
-  child.stderr!.on('data', (d) => (err += d));
-  child.stdout!.on('data', (d) => (err += d));
-  const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
-  let done = false;
-  void exited.then(() => (done = true));
-  t.after(async () => {
-    if (done) return;
-    child.kill('SIGTERM');
-    const r = await Promise.race([exited, sleep(10_000).then(() => 'timeout')]);
-    if (r === 'timeout') child.kill('SIGKILL');
-  });
-  for (let i = 0; i < 400; i++) {
-    if (done) throw new Error(`qcow serve exited early: ${err}`);
-    if (await stat(pidFile).catch(() => undefined)) {
-      return { uri: `nbd+unix:///${name}?socket=${sock}`, sock, child, exited, stderr: () => err };
-    }
-    await sleep(25);
-  }
-  throw new Error(`qcow serve did not start listening: ${err}`);
-}
+/** `qcow serve ARGS`, exporting under `name` (the default export when empty). */
+const serve = (t: TestContext, dir: string, args: string[], name = ''): Promise<Served> => serveQcow(t, dir, args, { name });
 
 /** Start qemu-nbd read-only on the same kind of socket, for reference answers. */
 async function qemuNbd(t: TestContext, dir: string, format: string, file: string, extra: string[] = []): Promise<string> {

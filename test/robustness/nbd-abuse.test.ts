@@ -11,43 +11,21 @@
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readFile, stat, writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
-import { CLI, needs, qemuGuestSha256, qemuImg, randomBytes, run, scratch, sha256 } from '../support/qemu.js';
+import { needs, qemuGuestSha256, qemuImg, randomBytes, run, scratch, sha256 } from '../support/qemu.js';
 import { readGuest } from '../support/crash.js';
 import { NbdClient } from '../support/nbd-client.js';
+import { serveQcow, type Served } from '../support/serve.js';
 import * as C from '#src/nbd/constants.js';
 import { Writer } from '#src/nbd/wire.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const HANG_GUARD_MS = 60_000;
 
-interface Served {
-  uri: string;
-  sock: string;
-  child: ChildProcess;
-  exited: Promise<number | string>;
-  stderr: () => string;
-}
-
-/** Start `qcow serve` on a Unix socket; resolves once its pid file says it listens. */
-async function serve(t: TestContext, dir: string, args: string[]): Promise<Served> {
-  const sock = join(dir, `nbd-${Math.random().toString(36).slice(2)}.sock`);
-  const pidFile = `${sock}.pid`;
-  const child = spawn(process.execPath, [CLI, 'serve', '-k', sock, '--pid-file', pidFile, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let err = '';
-  child.stderr!.on('data', (d) => (err += d));
-  child.stdout!.on('data', (d) => (err += d));
-  const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
-  t.after(() => void child.kill('SIGKILL'));
-  for (let i = 0; i < 400; i++) {
-    if (child.exitCode !== null) throw new Error(`qcow serve exited early: ${err}`);
-    if (await stat(pidFile).catch(() => undefined)) return { uri: `nbd+unix:///?socket=${sock}`, sock, child, exited, stderr: () => err };
-    await sleep(25);
-  }
-  throw new Error(`qcow serve did not start listening: ${err}`);
-}
+/** `qcow serve ARGS`, killed outright in t.after (these tests leave servers in any state). */
+const serve = (t: TestContext, dir: string, args: string[]): Promise<Served> => serveQcow(t, dir, args, { stop: 'kill' });
 
 /** Spawn a process that t.after kills; resolves with its exit code or signal. */
 function spawnTracked(t: TestContext, cmd: string, args: string[]): { child: ChildProcess; done: Promise<{ code: number | string; out: string }> } {
