@@ -1,11 +1,13 @@
 /** Browser: fflate (pure JS) for deflate; zstd through WebAssembly as in Node. */
 import { deflateSync, Inflate } from 'fflate';
 import { corrupt } from '../core/errors.js';
+import { copyInto } from './into.js';
 import type { ClusterCodec } from './types.js';
-import { zstdCompress, zstdDecompress } from './zstd.js';
+import { zstdCompress, zstdDecompress as zstdDecompressNew } from './zstd.js';
 
-export async function inflateRaw(data: Uint8Array, outSize: number): Promise<Uint8Array> {
-  const out = new Uint8Array(outSize);
+export async function inflateRaw(data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array> {
+  if (into && into.length !== outSize) throw new RangeError(`a ${into.length}-byte buffer for a ${outSize}-byte cluster`);
+  const out = into ?? new Uint8Array(outSize);
   let filled = 0;
   let overflow = false;
   const inf = new Inflate((chunk) => {
@@ -29,6 +31,11 @@ export async function deflateRaw(data: Uint8Array): Promise<Uint8Array> {
   return deflateSync(data, { level: 6, mem: 9 });
 }
 
-export { zstdCompress, zstdDecompress };
+export async function zstdDecompress(data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array> {
+  const out = await zstdDecompressNew(data, outSize);
+  return into ? copyInto(into, out) : out;
+}
+
+export { zstdCompress };
 
 export const codec: ClusterCodec = { inflateRaw, deflateRaw, zstdCompress, zstdDecompress };

@@ -8,6 +8,7 @@
  */
 import type { ClusterCodec } from './types.js';
 import { codecPool } from './pool.node.js';
+import { copyInto } from './into.js';
 import { inflateRawNow, deflateRawNow, zstdReadyHere } from './kernels.node.js';
 import { zstdDecompressLoaded } from './zstd.js';
 
@@ -16,9 +17,9 @@ const INLINE_INPUT_MAX = 4096;
 /** Clusters up to this size are compressed on the calling thread. */
 const INLINE_DEFLATE_MAX = 4096;
 
-export async function inflateRaw(data: Uint8Array, outSize: number): Promise<Uint8Array> {
-  if (data.length <= INLINE_INPUT_MAX) return inflateRawNow(data, outSize);
-  return codecPool.run('inflate', data, outSize);
+export async function inflateRaw(data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array> {
+  if (data.length <= INLINE_INPUT_MAX) return inflateRawNow(data, outSize, into);
+  return codecPool.run('inflate', data, outSize, into);
 }
 
 export async function deflateRaw(data: Uint8Array): Promise<Uint8Array> {
@@ -26,12 +27,12 @@ export async function deflateRaw(data: Uint8Array): Promise<Uint8Array> {
   return codecPool.run('deflate', data, 0);
 }
 
-export async function zstdDecompress(data: Uint8Array, outSize: number): Promise<Uint8Array> {
+export async function zstdDecompress(data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array> {
   if (data.length <= INLINE_INPUT_MAX) {
     await zstdReadyHere();
-    return zstdDecompressLoaded(data, outSize);
+    return into ? copyInto(into, zstdDecompressLoaded(data, outSize)) : zstdDecompressLoaded(data, outSize);
   }
-  return codecPool.run('zstd-decompress', data, outSize);
+  return codecPool.run('zstd-decompress', data, outSize, into);
 }
 
 export async function zstdCompress(data: Uint8Array): Promise<Uint8Array> {

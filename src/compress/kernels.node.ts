@@ -6,6 +6,7 @@
 import { constants, createDeflateRaw, createInflateRaw, deflateRawSync, inflateRawSync } from 'node:zlib';
 import { corrupt } from '../core/errors.js';
 import { setFlagsFromString } from 'node:v8';
+import { copyInto } from './into.js';
 import { zstdCompressLoaded, zstdDecompressLoaded, zstdReady } from './zstd.js';
 
 /**
@@ -78,13 +79,13 @@ function inflateStep(z: Inflater, data: Uint8Array, inOff: number, out: Uint8Arr
   return z.state[0]! <= out.length && z.state[1]! <= data.length - inOff;
 }
 
-export function inflateRawNow(data: Uint8Array, outSize: number): Uint8Array {
+export function inflateRawNow(data: Uint8Array, outSize: number, into?: Uint8Array): Uint8Array {
   if (inflater === undefined) inflater = makeInflater();
   const z = inflater;
   if (z) {
     z.handle.reset();
     // Like QEMU: inflate into exactly one cluster, and ignore what follows the stream.
-    const out = new Uint8Array(outSize);
+    const out = into ?? new Uint8Array(outSize);
     if (inflateStep(z, data, 0, out)) {
       const filled = outSize - z.state[0]!;
       if (filled !== outSize) throw corrupt(`compressed cluster inflated to ${filled} bytes, expected ${outSize}`);
@@ -95,7 +96,7 @@ export function inflateRawNow(data: Uint8Array, outSize: number): Uint8Array {
     }
     inflater = null;
   }
-  return inflateRawSyncChecked(data, outSize);
+  return into ? copyInto(into, inflateRawSyncChecked(data, outSize)) : inflateRawSyncChecked(data, outSize);
 }
 
 /** inflateRawNow through node:zlib's public API: a new stream per call. */
@@ -179,14 +180,14 @@ export function deflateRawNow(data: Uint8Array): Uint8Array {
 }
 
 /** Run one job now, on this thread (zstd must be loaded first: see zstdReady in zstd.ts). */
-export function runNow(op: CodecOp, data: Uint8Array, outSize: number): Uint8Array {
+export function runNow(op: CodecOp, data: Uint8Array, outSize: number, into?: Uint8Array): Uint8Array {
   switch (op) {
     case 'inflate':
-      return inflateRawNow(data, outSize);
+      return inflateRawNow(data, outSize, into);
     case 'deflate':
       return deflateRawNow(data);
     case 'zstd-decompress':
-      return zstdDecompressLoaded(data, outSize);
+      return into ? copyInto(into, zstdDecompressLoaded(data, outSize)) : zstdDecompressLoaded(data, outSize);
     case 'zstd-compress':
       return zstdCompressLoaded(data);
   }

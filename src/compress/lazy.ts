@@ -13,9 +13,9 @@ const load = (): Promise<Codecs> =>
     return m;
   }));
 
-export const inflateRaw = (data: Uint8Array, outSize: number): Promise<Uint8Array> =>
-  loaded ? loaded.inflateRaw(data, outSize) : load().then((m) => m.inflateRaw(data, outSize));
+export const inflateRaw = (data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array> =>
+  loaded ? loaded.inflateRaw(data, outSize, into) : load().then((m) => m.inflateRaw(data, outSize, into));
 export const deflateRaw = (data: Uint8Array): Promise<Uint8Array> => (loaded ? loaded.deflateRaw(data) : load().then((m) => m.deflateRaw(data)));
-export const zstdDecompress = (data: Uint8Array, outSize: number): Promise<Uint8Array> =>
-  loaded ? loaded.zstdDecompress(data, outSize) : load().then((m) => m.zstdDecompress(data, outSize));
+export const zstdDecompress = (data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array> =>
+  loaded ? loaded.zstdDecompress(data, outSize, into) : load().then((m) => m.zstdDecompress(data, outSize, into));
 export const zstdCompress = (data: Uint8Array): Promise<Uint8Array> => (loaded ? loaded.zstdCompress(data) : load().then((m) => m.zstdCompress(data)));

@@ -30,6 +30,7 @@ import { availableParallelism } from 'node:os';
 import type { Worker } from 'node:worker_threads';
 import { createRequire } from 'node:module';
 import { QcowError, type QcowErrorCode } from '../core/errors.js';
+import { copyInto } from './into.js';
 import { runNow, type CodecOp, zstdReadyHere } from './kernels.node.js';
 
 /** Most jobs handed to one worker in one message: amortises the message cost, keeps others fed. */
@@ -86,13 +87,19 @@ export class CodecPool {
   }
 
   /** Run `op` on `data`; on a worker when one is ready, else here and now. */
-  async run(op: CodecOp, data: Uint8Array, outSize: number): Promise<Uint8Array> {
-    if (this.size <= 0 || this.broken) return this.runHere(op, data, outSize);
+  async run(op: CodecOp, data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array> {
+    if (this.size <= 0 || this.broken) return this.runHere(op, data, outSize, into);
     if (this.slots.length === 0) {
-      if (this.hereMs < this.startAfterMs) return this.runTimed(op, data, outSize);
+      if (this.hereMs < this.startAfterMs) return this.runTimed(op, data, outSize, into);
       this.start();
     }
-    if (!this.slots.some((s) => s.ready)) return this.runHere(op, data, outSize);
+    if (!this.slots.some((s) => s.ready)) return this.runHere(op, data, outSize, into);
+    // A worker's result arrives in a buffer of its own: copied to `into` when the caller gave one.
+    if (into) return copyInto(into, await this.runOnWorker(op, data, outSize));
+    return this.runOnWorker(op, data, outSize);
+  }
+
+  private runOnWorker(op: CodecOp, data: Uint8Array, outSize: number): Promise<Uint8Array> {
     return new Promise<Uint8Array>((resolve, reject) => {
       // new Uint8Array(view) copies (Buffer#slice would not): the copy is ours to transfer.
       this.queue.push({ id: this.nextId++, op, data: new Uint8Array(data), outSize, resolve, reject });
@@ -114,19 +121,19 @@ export class CodecPool {
   }
 
   /** Run here, counting the time against the workers' start (see START_AFTER_MS). */
-  private async runTimed(op: CodecOp, data: Uint8Array, outSize: number): Promise<Uint8Array> {
+  private async runTimed(op: CodecOp, data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array> {
     if (op === 'zstd-compress' || op === 'zstd-decompress') await zstdReadyHere();
     const t0 = performance.now();
     try {
-      return runNow(op, data, outSize);
+      return runNow(op, data, outSize, into);
     } finally {
       this.hereMs += performance.now() - t0;
     }
   }
 
-  private async runHere(op: CodecOp, data: Uint8Array, outSize: number): Promise<Uint8Array> {
+  private async runHere(op: CodecOp, data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array> {
     if (op === 'zstd-compress' || op === 'zstd-decompress') await zstdReadyHere();
-    return runNow(op, data, outSize);
+    return runNow(op, data, outSize, into);
   }
 
   private start(): void {

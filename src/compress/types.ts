@@ -5,11 +5,16 @@
  * stream yields fewer bytes.
  */
 export interface ClusterCodec {
-  /** Raw deflate (no zlib header), as qcow v1 and qcow2 compression type 0 store it. */
-  inflateRaw(data: Uint8Array, outSize: number): Promise<Uint8Array>;
+  /**
+   * Raw deflate (no zlib header), as qcow v1 and qcow2 compression type 0 store it. With `into`
+   * (exactly `outSize` bytes) the cluster is decompressed there and `into` is returned: a reader
+   * filling a whole cluster of its buffer saves allocating (and first touching) one per cluster.
+   * On failure `into` holds unspecified bytes.
+   */
+  inflateRaw(data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array>;
   /** Raw deflate with QEMU's parameters (level 6, 4 KiB window, memLevel 9). */
   deflateRaw(data: Uint8Array): Promise<Uint8Array>;
   /** One zstd frame (qcow2 compression type 1). */
-  zstdDecompress(data: Uint8Array, outSize: number): Promise<Uint8Array>;
+  zstdDecompress(data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array>;
   zstdCompress(data: Uint8Array): Promise<Uint8Array>;
 }

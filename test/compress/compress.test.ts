@@ -26,6 +26,22 @@ for (const [name, c] of [
     await assert.rejects(c.inflateRaw(randomBytes(300, 3), 4096), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT');
   });
 
+  test(`${name}: a cluster decompresses into the caller's buffer when one is given`, async () => {
+    const big = new Uint8Array(3 * 65536).fill(0xee);
+    const into = big.subarray(65536, 2 * 65536);
+    for (const [packed, unpack] of [
+      [await c.deflateRaw(cluster), c.inflateRaw],
+      [await c.zstdCompress(cluster), c.zstdDecompress],
+    ] as const) {
+      big.fill(0xee);
+      const out = await unpack(packed, cluster.length, into);
+      assert.equal(out, into, 'the result is the given buffer');
+      assert.deepEqual(into, cluster);
+      assert.ok(big.subarray(0, 65536).every((b) => b === 0xee) && big.subarray(2 * 65536).every((b) => b === 0xee), 'nothing written outside it');
+      await assert.rejects(unpack(randomBytes(300, 3), 65536, into), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT');
+    }
+  });
+
   test(`${name}: zstd decodes only the first frame when two are back to back`, async () => {
     const a = await c.zstdCompress(cluster);
     const other = await c.zstdCompress(new Uint8Array(65536).fill(9));
@@ -65,6 +81,10 @@ test('node worker pool: the caller keeps its buffer, and errors come back as QCO
   assert.deepEqual(await pool.run('inflate', z, 65536), view);
   await assert.rejects(pool.run('inflate', randomBytes(9000, 7), 65536), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT');
   await assert.rejects(pool.run('inflate', z, 2 * 65536), (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT');
+  // A worker's result lands in the caller's buffer when one is given.
+  const into = new Uint8Array(65536);
+  assert.equal(await pool.run('inflate', z, 65536, into), into);
+  assert.deepEqual(into, view);
 });
 
 test('node: large compressed inputs (pool path) keep the codec contract', async () => {

@@ -8,9 +8,10 @@ import { QcowError, corrupt } from '../../core/errors.js';
 
 export type CompressionKind = 'zlib' | 'zstd';
 
-export async function decompressCluster(raw: Uint8Array, clusterSize: number, kind: CompressionKind, hostOffset: number): Promise<Uint8Array> {
+/** One cluster, decompressed into `into` (exactly one cluster) when given, else a new buffer. */
+export async function decompressCluster(raw: Uint8Array, clusterSize: number, kind: CompressionKind, hostOffset: number, into?: Uint8Array): Promise<Uint8Array> {
   try {
-    return kind === 'zstd' ? await zstdDecompress(raw, clusterSize) : await inflateRaw(raw, clusterSize);
+    return kind === 'zstd' ? await zstdDecompress(raw, clusterSize, into) : await inflateRaw(raw, clusterSize, into);
   } catch (e) {
     const why = e instanceof Error ? e.message : String(e);
     if (e instanceof QcowError && e.code !== 'QCOW_CORRUPT') throw e;

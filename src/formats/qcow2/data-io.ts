@@ -108,17 +108,20 @@ export class DataIo {
     await Promise.all(
       runs.map(async (r) => {
         const d = r.descriptor!;
-        const hit = this.lastCompressed;
-        let data: Uint8Array;
-        if (hit && hit.hostOffset === d.hostOffset) data = hit.data;
-        else {
-          const from = d.hostOffset - start;
-          data = await decompressCluster(raw.subarray(from, from + this.compressedSpan(d)), this.image.clusterSize, kind, d.hostOffset);
-          this.lastCompressed = { hostOffset: d.hostOffset, data };
-        }
         const into = view(r);
-        const at = r.offset - r.clusterStart!;
-        into.set(data.subarray(at, at + into.length));
+        const hit = this.lastCompressed;
+        const from = d.hostOffset - start;
+        const stream = () => raw.subarray(from, from + this.compressedSpan(d));
+        if (hit && hit.hostOffset === d.hostOffset) into.set(hit.data.subarray(r.offset - r.clusterStart!, r.offset - r.clusterStart! + into.length));
+        // A whole cluster (a copy, a large read) decompresses straight into the reader's buffer:
+        // no cluster-sized buffer per cluster, whose fresh pages cost more than the inflate.
+        else if (into.length === this.image.clusterSize) await decompressCluster(stream(), this.image.clusterSize, kind, d.hostOffset, into);
+        else {
+          const data = await decompressCluster(stream(), this.image.clusterSize, kind, d.hostOffset);
+          this.lastCompressed = { hostOffset: d.hostOffset, data };
+          const at = r.offset - r.clusterStart!;
+          into.set(data.subarray(at, at + into.length));
+        }
       }),
     );
   }
@@ -135,6 +138,10 @@ export class DataIo {
         await this.readBacking(r.offset, into);
         return;
       case 'compressed': {
+        if (into.length === this.image.clusterSize) {
+          await this.compressedCluster(r.descriptor!, into);
+          return;
+        }
         const data = await this.compressedCluster(r.descriptor!);
         const from = r.offset - r.clusterStart!;
         into.set(data.subarray(from, from + into.length));
@@ -162,15 +169,20 @@ export class DataIo {
     into.set(plain.subarray(lead, lead + into.length));
   }
 
-  /** One compressed cluster, decompressed (never encrypted, even in encrypted images). */
-  async compressedCluster(d: ClusterDescriptor): Promise<Uint8Array> {
+  /**
+   * One compressed cluster, decompressed (never encrypted, even in encrypted images): into `into`
+   * (a whole cluster of the reader's buffer) when given, else into a buffer kept for the next
+   * partial read of the same cluster.
+   */
+  async compressedCluster(d: ClusterDescriptor, into?: Uint8Array): Promise<Uint8Array> {
     const hit = this.lastCompressed;
-    if (hit && hit.hostOffset === d.hostOffset) return hit.data;
+    if (hit && hit.hostOffset === d.hostOffset) return into ? (into.set(hit.data), into) : hit.data;
     // The stored length is an upper bound that may run past EOF: read what exists.
     const n = Math.min(d.compressedBound, this.image.fileSize - d.hostOffset);
     if (n <= 0) throw corrupt(`compressed cluster at 0x${d.hostOffset.toString(16)} lies beyond the end of the file`);
     const raw = new Uint8Array(n);
     await this.image.store.read(d.hostOffset, raw);
+    if (into) return decompressCluster(raw, this.image.clusterSize, this.compression, d.hostOffset, into);
     const data = await decompressCluster(raw, this.image.clusterSize, this.compression, d.hostOffset);
     this.lastCompressed = { hostOffset: d.hostOffset, data };
     return data;
