@@ -6,6 +6,7 @@
  * No metadata changes here: where a run lives is the cluster map's (cluster-map.ts), allocating
  * and linking is the writer's (write.ts).
  */
+import { BufferReuse } from '../../core/buffer-reuse.js';
 import { corrupt } from '../../core/errors.js';
 import { deflateRaw, zstdCompress } from '../../compress/lazy.js';
 import { COMPRESSION_ZSTD } from './header.js';
@@ -18,10 +19,17 @@ import type { Qcow2Image } from './image.js';
 const COMPRESSED_GAP_MAX = 4096;
 /** Largest host span read at once for a group of compressed clusters. */
 const COMPRESSED_GROUP_MAX = 4 * 1024 * 1024;
+/**
+ * Memory kept for reading compressed streams, per image: a convert reads up to 8 chunks of 2 MiB
+ * at once, each of whose compressed clusters is one read of at most its packed size.
+ */
+const COMPRESSED_READ_KEEP = 16 * 1024 * 1024;
 
 export class DataIo {
   /** The last decompressed cluster, by descriptor host offset: small sequential reads hit it. */
   private lastCompressed: { hostOffset: number; data: Uint8Array } | null = null;
+  /** Buffers the compressed streams are read into, reused: each fresh one cost page faults. */
+  private readonly packed = new BufferReuse(COMPRESSED_READ_KEEP);
 
   constructor(
     private readonly image: Qcow2Image,
@@ -102,10 +110,19 @@ export class DataIo {
       start = Math.min(start, d.hostOffset);
       end = Math.max(end, d.hostOffset + n);
     }
-    const raw = new Uint8Array(end - start);
+    const raw = this.packed.take(end - start);
+    try {
+      await this.readCompressedRuns(runs, view, raw, start);
+    } finally {
+      this.packed.give(raw);
+    }
+  }
+
+  private async readCompressedRuns(runs: GuestRun[], view: (r: GuestRun) => Uint8Array, raw: Uint8Array, start: number): Promise<void> {
     await this.image.store.read(start, raw);
     const kind = this.compression;
-    await Promise.all(
+    // Every job settles before `raw` goes back for reuse, a failed neighbour or not.
+    const settled = await Promise.allSettled(
       runs.map(async (r) => {
         const d = r.descriptor!;
         const into = view(r);
@@ -124,6 +141,7 @@ export class DataIo {
         }
       }),
     );
+    for (const s of settled) if (s.status === 'rejected') throw s.reason;
   }
 
   /** Fill `into` (exactly run.length bytes) with the run's guest content. */
@@ -180,12 +198,16 @@ export class DataIo {
     // The stored length is an upper bound that may run past EOF: read what exists.
     const n = Math.min(d.compressedBound, this.image.fileSize - d.hostOffset);
     if (n <= 0) throw corrupt(`compressed cluster at 0x${d.hostOffset.toString(16)} lies beyond the end of the file`);
-    const raw = new Uint8Array(n);
-    await this.image.store.read(d.hostOffset, raw);
-    if (into) return decompressCluster(raw, this.image.clusterSize, this.compression, d.hostOffset, into);
-    const data = await decompressCluster(raw, this.image.clusterSize, this.compression, d.hostOffset);
-    this.lastCompressed = { hostOffset: d.hostOffset, data };
-    return data;
+    const raw = this.packed.take(n);
+    try {
+      await this.image.store.read(d.hostOffset, raw);
+      if (into) return await decompressCluster(raw, this.image.clusterSize, this.compression, d.hostOffset, into);
+      const data = await decompressCluster(raw, this.image.clusterSize, this.compression, d.hostOffset);
+      this.lastCompressed = { hostOffset: d.hostOffset, data };
+      return data;
+    } finally {
+      this.packed.give(raw);
+    }
   }
 
   /** Plain guest bytes to a host offset, encrypted when the image is. */
