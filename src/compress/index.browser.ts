@@ -1,7 +1,7 @@
 /** Browser: fflate (pure JS) for deflate; zstd through WebAssembly as in Node. */
 import { deflateSync, Inflate } from 'fflate';
 import { corrupt } from '../core/errors.js';
-import type { ClusterCodec } from './types.js';
+import type { ClusterCodec, CodecJobKind } from './types.js';
 import { zstdCompress, zstdDecompress } from './zstd.js';
 
 export async function inflateRaw(data: Uint8Array, outSize: number): Promise<Uint8Array> {
@@ -30,5 +30,8 @@ export async function deflateRaw(data: Uint8Array): Promise<Uint8Array> {
 }
 
 export { zstdCompress, zstdDecompress };
+
+/** Node's pool takes this as a hint (see index.node.ts); the browser codecs run where called. */
+export function expectCodecJobs(_kind: CodecJobKind, _jobs: number, _clusterSize: number): void {}
 
 export const codec: ClusterCodec = { inflateRaw, deflateRaw, zstdCompress, zstdDecompress };

@@ -7,6 +7,7 @@ import { constants, createDeflateRaw, createInflateRaw, deflateRawSync, inflateR
 import { corrupt } from '../core/errors.js';
 import { setFlagsFromString } from 'node:v8';
 import { zstdCompressLoaded, zstdDecompressLoaded, zstdReady } from './zstd.js';
+import type { CodecJobKind } from './types.js';
 
 /**
  * zstd's WebAssembly module, made ready for this process. V8 first compiles it with its baseline
@@ -31,7 +32,7 @@ export function zstdReadyHere(): Promise<void> {
   return zstdReady();
 }
 
-export type CodecOp = 'inflate' | 'deflate' | 'zstd-decompress' | 'zstd-compress';
+export type CodecOp = CodecJobKind;
 
 /**
  * Inflate with one zlib state for the life of the thread, as deflateRawNow deflates (see
@@ -78,13 +79,18 @@ function inflateStep(z: Inflater, data: Uint8Array, inOff: number, out: Uint8Arr
   return z.state[0]! <= out.length && z.state[1]! <= data.length - inOff;
 }
 
-export function inflateRawNow(data: Uint8Array, outSize: number): Uint8Array {
+/**
+ * Inflate one cluster. `into`, when given, is where the cluster goes (exactly `outSize` bytes): a
+ * codec worker fills a buffer the main thread allocated, whose pages are already mapped there.
+ */
+export function inflateRawNow(data: Uint8Array, outSize: number, into?: Uint8Array): Uint8Array {
+  if (into && into.length !== outSize) throw new RangeError(`inflate target of ${into.length} bytes for a ${outSize}-byte cluster`);
   if (inflater === undefined) inflater = makeInflater();
   const z = inflater;
   if (z) {
     z.handle.reset();
     // Like QEMU: inflate into exactly one cluster, and ignore what follows the stream.
-    const out = new Uint8Array(outSize);
+    const out = into ?? new Uint8Array(outSize);
     if (inflateStep(z, data, 0, out)) {
       const filled = outSize - z.state[0]!;
       if (filled !== outSize) throw corrupt(`compressed cluster inflated to ${filled} bytes, expected ${outSize}`);
@@ -95,7 +101,10 @@ export function inflateRawNow(data: Uint8Array, outSize: number): Uint8Array {
     }
     inflater = null;
   }
-  return inflateRawSyncChecked(data, outSize);
+  const out = inflateRawSyncChecked(data, outSize);
+  if (!into) return out;
+  into.set(out);
+  return into;
 }
 
 /** inflateRawNow through node:zlib's public API: a new stream per call. */
@@ -178,11 +187,14 @@ export function deflateRawNow(data: Uint8Array): Uint8Array {
   return new Uint8Array(out.buffer, out.byteOffset, out.length);
 }
 
-/** Run one job now, on this thread (zstd must be loaded first: see zstdReady in zstd.ts). */
-export function runNow(op: CodecOp, data: Uint8Array, outSize: number): Uint8Array {
+/**
+ * Run one job now, on this thread (zstd must be loaded first: see zstdReady in zstd.ts). `into`:
+ * where an inflated cluster goes (see inflateRawNow); the other codecs allocate their result.
+ */
+export function runNow(op: CodecOp, data: Uint8Array, outSize: number, into?: Uint8Array): Uint8Array {
   switch (op) {
     case 'inflate':
-      return inflateRawNow(data, outSize);
+      return inflateRawNow(data, outSize, into);
     case 'deflate':
       return deflateRawNow(data);
     case 'zstd-decompress':
