@@ -37,6 +37,26 @@ for (const [name, c] of [
   });
 }
 
+test('zstd: frames made with the kept context are the bytes of the package\'s one-shot compress()', async () => {
+  const { zstdCompressLoaded, zstdReady } = await import('#src/compress/zstd.js');
+  await zstdReady();
+  const wasm = await import('@bokuweb/zstd-wasm');
+  const text = new TextEncoder().encode('qcow2 zstd cluster, level 3; '.repeat(3000));
+  const kinds = [
+    randomBytes(65536, 31),
+    new Uint8Array(65536),
+    text.subarray(0, 65536),
+    randomBytes(65536, 32).map((b, i) => (i % 7 < 3 ? b : i & 0xff)),
+    text.subarray(0, 4096),
+    randomBytes(512, 33),
+    text, // larger than a cluster, and not a multiple of one
+  ];
+  // Twice over: a context used before must not change the next frame.
+  for (let round = 0; round < 2; round++) {
+    for (const k of kinds) assert.deepEqual(zstdCompressLoaded(k), wasm.compress(k, 3));
+  }
+});
+
 test('node worker pool: many clusters at once round-trip, in order, both codecs', async () => {
   const { CodecPool } = await import('#src/compress/pool.node.js');
   const pool = new CodecPool(2);
