@@ -92,8 +92,6 @@ const INLINE_NS_PER_BYTE: Record<CodecOp, number> = {
 };
 /** Re-weigh the decision after this many jobs done here (it is cheap, but not free: loadavg). */
 const DECIDE_EVERY = 8;
-/** Pooled input buffers kept per size class (more than can be in flight is never needed). */
-const SPARE_MAX = BATCH_MAX * BATCHES_PER_WORKER * 4;
 
 const envStart = Number(process.env.QCOW_CODEC_START_MS);
 const START_AFTER_MS = process.env.QCOW_CODEC_START_MS !== undefined && process.env.QCOW_CODEC_START_MS !== '' && Number.isFinite(envStart) && envStart >= 0 ? envStart : undefined;
@@ -303,7 +301,8 @@ export class CodecPool {
     if (!buf || buf.byteLength !== sizeClass(buf.byteLength)) return;
     let list = this.spare.get(buf.byteLength);
     if (!list) this.spare.set(buf.byteLength, (list = []));
-    if (list.length < SPARE_MAX) list.push(buf);
+    // No more than the workers can hold at once: a long queue's copies are not all kept for good.
+    if (list.length < this.slots.length * BATCHES_PER_WORKER * BATCH_MAX) list.push(buf);
   }
 
   private start(count: number): void {
