@@ -2,7 +2,7 @@
 import { deflateSync, Inflate } from 'fflate';
 import { corrupt } from '../core/errors.js';
 import { copyInto } from './into.js';
-import type { ClusterCodec } from './types.js';
+import type { ClusterCodec, CodecJobKind } from './types.js';
 import { zstdCompress, zstdDecompress as zstdDecompressNew } from './zstd.js';
 
 export async function inflateRaw(data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array> {
@@ -37,5 +37,8 @@ export async function zstdDecompress(data: Uint8Array, outSize: number, into?: U
 }
 
 export { zstdCompress };
+
+/** Node's pool takes this as a hint (see index.node.ts); the browser codecs run where called. */
+export function expectCodecJobs(_kind: CodecJobKind, _jobs: number, _clusterSize: number): void {}
 
 export const codec: ClusterCodec = { inflateRaw, deflateRaw, zstdCompress, zstdDecompress };

@@ -8,6 +8,7 @@ import { corrupt } from '../core/errors.js';
 import { setFlagsFromString } from 'node:v8';
 import { copyInto } from './into.js';
 import { zstdCompressLoaded, zstdDecompressLoaded, zstdReady } from './zstd.js';
+import type { CodecJobKind } from './types.js';
 
 /**
  * zstd's WebAssembly module, made ready for this process. V8 first compiles it with its baseline
@@ -32,7 +33,7 @@ export function zstdReadyHere(): Promise<void> {
   return zstdReady();
 }
 
-export type CodecOp = 'inflate' | 'deflate' | 'zstd-decompress' | 'zstd-compress';
+export type CodecOp = CodecJobKind;
 
 /**
  * Inflate with one zlib state for the life of the thread, as deflateRawNow deflates (see
@@ -79,7 +80,12 @@ function inflateStep(z: Inflater, data: Uint8Array, inOff: number, out: Uint8Arr
   return z.state[0]! <= out.length && z.state[1]! <= data.length - inOff;
 }
 
+/**
+ * Inflate one cluster. `into`, when given, is where the cluster goes (exactly `outSize` bytes): a
+ * codec worker fills a buffer the main thread allocated, whose pages are already mapped there.
+ */
 export function inflateRawNow(data: Uint8Array, outSize: number, into?: Uint8Array): Uint8Array {
+  if (into && into.length !== outSize) throw new RangeError(`inflate target of ${into.length} bytes for a ${outSize}-byte cluster`);
   if (inflater === undefined) inflater = makeInflater();
   const z = inflater;
   if (z) {
@@ -179,7 +185,10 @@ export function deflateRawNow(data: Uint8Array): Uint8Array {
   return new Uint8Array(out.buffer, out.byteOffset, out.length);
 }
 
-/** Run one job now, on this thread (zstd must be loaded first: see zstdReady in zstd.ts). */
+/**
+ * Run one job now, on this thread (zstd must be loaded first: see zstdReady in zstd.ts). `into`:
+ * where an inflated cluster goes (see inflateRawNow); the other codecs allocate their result.
+ */
 export function runNow(op: CodecOp, data: Uint8Array, outSize: number, into?: Uint8Array): Uint8Array {
   switch (op) {
     case 'inflate':

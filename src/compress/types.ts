@@ -18,3 +18,6 @@ export interface ClusterCodec {
   zstdDecompress(data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array>;
   zstdCompress(data: Uint8Array): Promise<Uint8Array>;
 }
+
+/** A kind of cluster codec job, for expectCodecJobs. */
+export type CodecJobKind = 'inflate' | 'deflate' | 'zstd-decompress' | 'zstd-compress';

@@ -13,15 +13,18 @@ port.on('message', (jobs: JobMessage[]) => {
     const results: ResultMessage[] = [];
     const transfer: ArrayBuffer[] = [];
     for (const j of jobs) {
+      // The input buffer goes back for the pool's next job (no result below holds on to it).
+      const input = j.data.buffer as ArrayBuffer;
       try {
-        let out = runNow(j.op, j.data, j.outSize);
+        let out = runNow(j.op, j.data, j.outSize, j.into);
         // Transfer only a buffer the result owns whole (zlib may hand back a slice of a larger one).
-        if (out.byteOffset !== 0 || out.byteLength !== out.buffer.byteLength) out = out.slice();
-        results.push({ id: j.id, data: out });
-        transfer.push(out.buffer as ArrayBuffer);
+        if (out !== j.into && (out.byteOffset !== 0 || out.byteLength !== out.buffer.byteLength || out.buffer === input)) out = out.slice();
+        results.push({ id: j.id, data: out, input });
+        transfer.push(out.buffer as ArrayBuffer, input);
       } catch (e) {
         const err = e as { code?: unknown; message?: unknown };
-        results.push({ id: j.id, error: { code: typeof err.code === 'string' && err.code.startsWith('QCOW_') ? err.code : 'QCOW_CORRUPT', message: String(err.message ?? e) } });
+        results.push({ id: j.id, error: { code: typeof err.code === 'string' && err.code.startsWith('QCOW_') ? err.code : 'QCOW_CORRUPT', message: String(err.message ?? e) }, input });
+        transfer.push(input);
       }
     }
     port.postMessage(results, transfer);

@@ -53,6 +53,26 @@ for (const [name, c] of [
   });
 }
 
+test('zstd: frames made with the kept context are the bytes of the package\'s one-shot compress()', async () => {
+  const { zstdCompressLoaded, zstdReady } = await import('#src/compress/zstd.js');
+  await zstdReady();
+  const wasm = await import('@bokuweb/zstd-wasm');
+  const text = new TextEncoder().encode('qcow2 zstd cluster, level 3; '.repeat(3000));
+  const kinds = [
+    randomBytes(65536, 31),
+    new Uint8Array(65536),
+    text.subarray(0, 65536),
+    randomBytes(65536, 32).map((b, i) => (i % 7 < 3 ? b : i & 0xff)),
+    text.subarray(0, 4096),
+    randomBytes(512, 33),
+    text, // larger than a cluster, and not a multiple of one
+  ];
+  // Twice over: a context used before must not change the next frame.
+  for (let round = 0; round < 2; round++) {
+    for (const k of kinds) assert.deepEqual(zstdCompressLoaded(k), wasm.compress(k, 3));
+  }
+});
+
 test('node worker pool: many clusters at once round-trip, in order, both codecs', async () => {
   const { CodecPool } = await import('#src/compress/pool.node.js');
   const pool = new CodecPool(2);
@@ -100,12 +120,12 @@ test('node: large compressed inputs (pool path) keep the codec contract', async 
   assert.deepEqual(await nodeCodec.zstdDecompress(zs, 65536), noisy);
 });
 
-test('node worker pool: workers start only once the work done here has paid for them', async () => {
+test('node worker pool: a plain start budget (QCOW_CODEC_START_MS) still starts every worker', async () => {
   const { CodecPool } = await import('#src/compress/pool.node.js');
   const cluster = randomBytes(65536, 21).map((b, i) => (i % 4 === 0 ? 0 : b));
   const z = await nodeCodec.deflateRaw(cluster);
   // A budget no job reaches: everything runs here, no worker is started.
-  const never = new CodecPool(2, Number.POSITIVE_INFINITY);
+  const never = new CodecPool(2, { startAfterMs: Number.POSITIVE_INFINITY });
   for (let i = 0; i < 20; i++) assert.deepEqual(await never.run('inflate', z, 65536), cluster);
   assert.equal(never.workers, 0);
   // No budget: the first job starts them (and still runs here while they boot).
@@ -114,6 +134,71 @@ test('node worker pool: workers start only once the work done here has paid for 
   assert.equal(at.workers, 1);
   await at.warm();
   assert.deepEqual(await at.run('inflate', z, 65536), cluster);
+});
+
+test('node worker pool: workers are worth starting only for enough work and idle cores', async () => {
+  const { workersWorthStarting, inlineCostNs, handoffCostNs } = await import('#src/compress/pool.node.js');
+  const ahead = (op: 'inflate' | 'deflate', jobs: number) => [jobs * inlineCostNs(op, 65536, 65536), jobs * handoffCostNs(op, 65536, 65536)] as const;
+  // A small image's worth of clusters: never, whatever the cores.
+  assert.equal(workersWorthStarting(...ahead('deflate', 1500), 4, 16), 0);
+  // Much deflating: only with cores to spare, and no more workers than there are.
+  assert.equal(workersWorthStarting(...ahead('deflate', 100_000), 4, 0), 0);
+  assert.equal(workersWorthStarting(...ahead('deflate', 100_000), 4, 0.9), 0);
+  const three = workersWorthStarting(...ahead('deflate', 100_000), 4, 3.2);
+  assert.ok(three >= 1 && three <= 3, `${three} workers`);
+  assert.equal(workersWorthStarting(...ahead('deflate', 100_000), 2, 16) <= 2, true);
+  // Inflating costs less than handing it off: never, however much.
+  assert.equal(workersWorthStarting(...ahead('inflate', 1_000_000), 4, 16), 0);
+});
+
+test('node worker pool: what the caller says is ahead decides, counted down as jobs are done', async () => {
+  const { CodecPool } = await import('#src/compress/pool.node.js');
+  const data = randomBytes(65536, 22).map((b, i) => (i % 3 === 0 ? 0 : b));
+  // Told of much deflating, with cores to spare: the next job starts the workers.
+  const told = new CodecPool(4, { idleCores: () => 4 });
+  told.expect('deflate', 200_000, 65536);
+  const z = await told.run('deflate', data, 0);
+  assert.ok(told.workers > 0);
+  await told.warm();
+  assert.deepEqual(await told.run('inflate', z, 65536), data);
+  // The same, on a machine with no core to spare: none.
+  const busy = new CodecPool(4, { idleCores: () => 0 });
+  busy.expect('deflate', 200_000, 65536);
+  for (let i = 0; i < 10; i++) await busy.run('deflate', data, 0);
+  assert.equal(busy.workers, 0);
+  // Told of little: none, and not told, 40 jobs done here are no reason either.
+  const little = new CodecPool(4, { idleCores: () => 4 });
+  little.expect('deflate', 30, 65536);
+  const guess = new CodecPool(4, { idleCores: () => 4 });
+  for (let i = 0; i < 40; i++) {
+    await little.run('deflate', data, 0);
+    await guess.run('deflate', data, 0);
+  }
+  assert.equal(little.workers, 0);
+  assert.equal(guess.workers, 0);
+  // Told of much, but the jobs have since been done elsewhere: nothing is left to pay for them.
+  const spent = new CodecPool(4, { idleCores: () => 4 });
+  spent.expect('deflate', 200_000, 65536);
+  for (let i = 0; i < 200_000; i++) spent.doneElsewhere('deflate', 65536, 65536);
+  await spent.run('deflate', data, 0);
+  assert.equal(spent.workers, 0);
+});
+
+test('node worker pool: jobs out on a worker that dies are done here from the caller\'s bytes', async () => {
+  const { CodecPool } = await import('#src/compress/pool.node.js');
+  const pool = new CodecPool(1, 0);
+  await pool.warm();
+  const clusters = Array.from({ length: 40 }, (_, i) => randomBytes(65536, 100 + i).map((b, j) => (j % 5 === 0 ? 0 : b)));
+  const packed = await Promise.all(clusters.map((c) => pool.run('deflate', c, 0)));
+  const back = packed.map((z) => pool.run('inflate', z, 65536));
+  // The jobs are on their way to (or on) the worker, their copies transferred: end it now.
+  const slots = (pool as unknown as { slots: { worker: { terminate(): Promise<number> } }[] }).slots;
+  await slots[0]!.worker.terminate();
+  const out = await Promise.all(back);
+  out.forEach((o, i) => assert.deepEqual(o, clusters[i]));
+  assert.equal(pool.workers, 0);
+  // And the pool goes on without workers.
+  assert.deepEqual(await pool.run('inflate', packed[0]!, 65536), clusters[0]);
 });
 
 test('node: the reused deflate state gives deflateRawSync\'s bytes, readable with a 4 KiB window as QEMU reads them', async () => {
