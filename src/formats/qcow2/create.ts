@@ -6,8 +6,11 @@
  */
 import type { CreateOptions } from '../../core/block-device.js';
 import { QcowError, invalidArgument } from '../../core/errors.js';
-import { isPowerOfTwo, setU64 } from '../../core/bytes.js';
+import { alignUp, isPowerOfTwo, setU64 } from '../../core/bytes.js';
 import { parseSize } from '../../core/size.js';
+
+/** QEMU's unit of disk size. */
+const SECTOR = 512;
 import type { ByteStore } from '../../storage/types.js';
 import { COMPRESSION_ZLIB, COMPRESSION_ZSTD, QEMU_FEATURE_NAMES, V2_HEADER_LENGTH, V3_HEADER_LENGTH, encodeHeader, type Qcow2Header } from './header.js';
 import { AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2 } from './features.js';
@@ -173,8 +176,11 @@ export async function createQcow2(store: ByteStore, options: CreateOptions): Pro
   const o = { ...(options.options ?? {}) };
   delete o.size;
   const s = parseCreateOptions(o, options.backingFile !== undefined);
-  const size = options.size;
-  if (!Number.isSafeInteger(size) || size < 0) throw invalidArgument(`invalid image size ${size}`);
+  if (!Number.isSafeInteger(options.size) || options.size < 0) throw invalidArgument(`invalid image size ${options.size}`);
+  // Whole sectors, rounded up as qemu-img does: QEMU reads a header size in sectors, rounding
+  // down, so an odd size stored as given would cut the last bytes off the disk QEMU sees (a 1000000-
+  // byte raw converted to qcow2 lost 64 bytes in QEMU's eyes).
+  const size = alignUp(options.size, SECTOR);
   if (s.encryption && options.password === undefined) throw invalidArgument("Parameter 'encrypt.key-secret' is required for cipher (give --password-file)");
   const cs = 2 ** s.clusterBits;
   const g = qcow2Geometry(s.clusterBits, s.extendedL2);

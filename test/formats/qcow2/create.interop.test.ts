@@ -1,9 +1,9 @@
 /** qcow2 create with an external data file, against qemu-img create: what each file looks like. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { stat } from 'node:fs/promises';
+import { readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { needs, qcowOk, qemuImg, scratch } from '../../support/qemu.js';
+import { needs, qcowOk, qemuImg, randomBytes, scratch } from '../../support/qemu.js';
 import { hostAddon } from '#src/host/native.node.js';
 
 const MiB = 2 ** 20;
@@ -29,4 +29,27 @@ test('an external data file grows to the virtual size in every preallocation mod
     assert.deepEqual(sizes[1], sizes[0], `preallocation=${mode}`);
     assert.equal(sizes[0]![0], 16 * MiB);
   }
+});
+
+test('a size that is not whole sectors is rounded up as qemu-img does, so QEMU sees every byte of a converted raw', needs('qemu-img'), async (t) => {
+  const dir = await scratch(t);
+  const headerSize = async (img: string) => {
+    const { stdout } = await qemuImg(['info', '--output=json', img]);
+    return (JSON.parse(stdout) as { 'virtual-size': number })['virtual-size'];
+  };
+  await qemuImg(['create', '-q', '-f', 'qcow2', join(dir, 'q.qcow2'), '1000000']);
+  await qcowOk(['create', '-q', '-f', 'qcow2', join(dir, 'o.qcow2'), '1000000']);
+  assert.equal(await headerSize(join(dir, 'o.qcow2')), await headerSize(join(dir, 'q.qcow2')));
+  assert.equal(await headerSize(join(dir, 'o.qcow2')), 1000448);
+
+  // A raw file of 1000000 bytes: its last 64 bytes lie past the last whole sector.
+  const raw = randomBytes(1000000, 9);
+  await writeFile(join(dir, 'odd.raw'), raw);
+  await qcowOk(['convert', '-f', 'raw', '-O', 'qcow2', join(dir, 'odd.raw'), join(dir, 'odd.qcow2')]);
+  await qemuImg(['check', '-q', join(dir, 'odd.qcow2')]);
+  await qemuImg(['convert', '-O', 'raw', join(dir, 'odd.qcow2'), join(dir, 'back.raw')]);
+  const back = await readFile(join(dir, 'back.raw'));
+  assert.equal(back.length, 1000448);
+  assert.ok(Buffer.from(raw).equals(back.subarray(0, raw.length)), 'QEMU reads every byte of the raw file');
+  assert.ok(back.subarray(raw.length).every((b) => b === 0), 'and zeros after it');
 });
