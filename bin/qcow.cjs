@@ -6,6 +6,8 @@
  * less than loading the ES modules of dist/ one by one. Common commands have a bundle and cache of
  * their own (dist/cli/qcow.cmd-NAME.cjs and .cache: a third to a half of the whole CLI's, whose
  * reading and unpacking cost ~10 ms more); the rest run from dist/cli/qcow.bundle.cjs and .cache.
+ * Both files are mapped rather than read where the host addon is built (see loadAddon), so they
+ * are replaced by rename, never rewritten in place (build-cli.mjs does so).
  * A cache is used only when it was made from that very bundle: both start with the same comment,
  * the SHA-256 of the bundle's content. V8 rejects a cache made by another Node version by itself.
  * Without the bundle, or when tsc has rebuilt dist/ since it was made (a developer's `tsc -b`

@@ -7,10 +7,12 @@
 // compiling each) before any work starts; qemu-img starts in ~5 ms. One file with a code cache
 // starts in a fraction of that (bin/qcow.cjs loads the pair, checking that they belong together).
 // And on our VMs a process pays ~20-30 µs for each page of memory it touches first (docs/
-// performance.md, "Fixed costs"): every byte of the bundle is touched twice (read, then held as
-// a string) and every byte of the cache three times (read, copied by Node, turned into V8
-// objects), so `info` reading the whole CLI's bundle and cache (1 MB) paid ~10 ms more than it
-// does with a bundle of only what `qcow info` can run and a cache of only what it ran.
+// performance.md, "Fixed costs"): read into memory, every byte of the bundle was touched twice
+// (read, then held as a string) and every byte of the cache twice (read, turned into V8 objects),
+// so `info` reading the whole CLI's bundle and cache (1 MB) paid ~10 ms more than with a bundle of
+// only what `qcow info` can run and a cache of only what it ran. The launcher now maps both
+// through the host addon where it can (the page cache's pages, no copies: ~220 fewer first-touched
+// pages for `info`), so what is left per byte is the cache's unpacking into V8 objects.
 //
 // The code cache holds the functions that ran while it was made, so it is made by running the
 // common commands once on small images in a scratch folder (warmCache below), all in one process,
