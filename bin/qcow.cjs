@@ -6,6 +6,8 @@
  * less than loading the ES modules of dist/ one by one. Common commands have a bundle and cache of
  * their own (dist/cli/qcow.cmd-NAME.cjs and .cache: a third to a half of the whole CLI's, whose
  * reading and unpacking cost ~10 ms more); the rest run from dist/cli/qcow.bundle.cjs and .cache.
+ * Both files are mapped rather than read where the host addon is built (see loadAddon), so they
+ * are replaced by rename, never rewritten in place (build-cli.mjs does so).
  * A cache is used only when it was made from that very bundle: both start with the same comment,
  * the SHA-256 of the bundle's content. V8 rejects a cache made by another Node version by itself.
  * Without the bundle, or when tsc has rebuilt dist/ since it was made (a developer's `tsc -b`
@@ -14,7 +16,6 @@
  * (dist/.tsbuildinfo, rewritten by every build that changed something; not in the package).
  */
 const { readFileSync, statSync } = require('node:fs');
-const Module = require('node:module');
 const { join } = require('node:path');
 const { Script } = require('node:vm');
 
@@ -36,20 +37,51 @@ function bundleFor(argv) {
   return word !== undefined && /^[a-z]+$/.test(word) ? word : undefined;
 }
 
+/**
+ * The host addon (native/qcow_host.c; src/host/native.node.ts loads it for the library too), or
+ * undefined: not built, not loadable, or turned off with QCOW_NO_NATIVE=1. The launcher maps the
+ * bundle and its cache with it: read() into fresh memory cost `info` ~220 first-touched pages
+ * (~4 ms on our VMs) that a mapping of the page cache's pages does not.
+ */
+function loadAddon() {
+  if (process.env.QCOW_NO_NATIVE === '1') return undefined;
+  try {
+    const mod = { exports: {} };
+    process.dlopen(mod, join(__dirname, '..', 'build', 'Release', 'qcow_host.node'));
+    return mod.exports;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The file's bytes as a latin1 string: mapped where the addon can (V8 reads the text in place, and
+ * only the pages it reads), else read. The bundles are ASCII (build-cli.mjs checks), so both give
+ * the same string; latin1 is the cheapest decoding of a read.
+ */
+function readText(addon, path) {
+  const mapped = typeof addon?.mapText === 'function' ? addon.mapText(path) : undefined;
+  return mapped ?? readFileSync(path, 'latin1');
+}
+
+/** The file's bytes: a private mapping where the addon can, else read. */
+function readBytes(addon, path) {
+  return typeof addon?.mapBytes === 'function' ? addon.mapBytes(path) : readFileSync(path);
+}
+
 /** Compile and run one bundle; undefined when it is missing or older than dist/ (a bare tsc). */
-function loadBundle(bundlePath) {
+function loadBundle(addon, bundlePath) {
   let source;
   try {
     const built = statSync(join(dir, '..', '.tsbuildinfo'), { throwIfNoEntry: false });
     if (statSync(bundlePath).mtimeMs < Math.max(statSync(join(dir, 'entry.js')).mtimeMs, built?.mtimeMs ?? 0)) return undefined;
-    // ASCII (build-cli.mjs checks): latin1 is the cheapest way to a string.
-    source = readFileSync(bundlePath, 'latin1');
+    source = readText(addon, bundlePath);
   } catch {
     return undefined;
   }
   let cachedData;
   try {
-    const cache = readFileSync(bundlePath.slice(0, -'.cjs'.length) + '.cache');
+    const cache = readBytes(addon, bundlePath.slice(0, -'.cjs'.length) + '.cache');
     const id = Buffer.from(source.startsWith('/* qcow-bundle ') ? source.slice(0, source.indexOf('*/') + 2) : '', 'latin1');
     // The data starts at the first multiple of 8 after the identity: V8 copies unaligned data.
     const start = Math.ceil(id.length / 8) * 8;
@@ -61,7 +93,10 @@ function loadBundle(bundlePath) {
   // and has no import() (build-cli.mjs turns them into require), so no import callback.
   const script = new Script(source, { filename: bundlePath, cachedData });
   const mod = { exports: {} };
-  script.runInThisContext()(mod.exports, Module.createRequire(bundlePath), mod, bundlePath, dir);
+  // The bundle requires only Node's modules and packages by name (undici), which resolve the same
+  // from bin/ as from dist/cli/ (one package root): this file's own require serves, where
+  // Module.createRequire cost ~0.3 ms.
+  script.runInThisContext()(mod.exports, require, mod, bundlePath, dir);
   return mod.exports;
 }
 
@@ -74,10 +109,15 @@ function start() {
   // the main thread, only take the cores from each other: converting 1 GiB qcow2 to raw took 0.48 s
   // with 4 and 0.39 s with 2 (qemu-img: 0.30 s). One thread per core, 2 to 4 (the default beyond);
   // a UV_THREADPOOL_SIZE of the user's own wins. libuv reads it when the pool first starts, later.
-  if (!process.env.UV_THREADPOOL_SIZE) process.env.UV_THREADPOOL_SIZE = String(Math.max(2, Math.min(4, require('node:os').availableParallelism())));
+  // The addon counts the CPUs when it is there: node:os, loaded for that alone, cost ~0.45 ms.
+  const addon = loadAddon();
+  if (!process.env.UV_THREADPOOL_SIZE) {
+    const cpus = typeof addon?.availableParallelism === 'function' ? addon.availableParallelism() : require('node:os').availableParallelism();
+    process.env.UV_THREADPOOL_SIZE = String(Math.max(2, Math.min(4, cpus)));
+  }
   const own = bundleFor(process.argv);
   // A word that is no command with a bundle of its own costs one failed stat.
-  const bundle = (own !== undefined ? loadBundle(join(dir, `qcow.cmd-${own}.cjs`)) : undefined) ?? loadBundle(join(dir, 'qcow.bundle.cjs'));
+  const bundle = (own !== undefined ? loadBundle(addon, join(dir, `qcow.cmd-${own}.cjs`)) : undefined) ?? loadBundle(addon, join(dir, 'qcow.bundle.cjs'));
   if (bundle) bundle.main(process.argv);
   else {
     import('../dist/cli/main.js').catch((e) => {

@@ -7,10 +7,12 @@
 // compiling each) before any work starts; qemu-img starts in ~5 ms. One file with a code cache
 // starts in a fraction of that (bin/qcow.cjs loads the pair, checking that they belong together).
 // And on our VMs a process pays ~20-30 µs for each page of memory it touches first (docs/
-// performance.md, "Fixed costs"): every byte of the bundle is touched twice (read, then held as
-// a string) and every byte of the cache three times (read, copied by Node, turned into V8
-// objects), so `info` reading the whole CLI's bundle and cache (1 MB) paid ~10 ms more than it
-// does with a bundle of only what `qcow info` can run and a cache of only what it ran.
+// performance.md, "Fixed costs"): read into memory, every byte of the bundle was touched twice
+// (read, then held as a string) and every byte of the cache twice (read, turned into V8 objects),
+// so `info` reading the whole CLI's bundle and cache (1 MB) paid ~10 ms more than with a bundle of
+// only what `qcow info` can run and a cache of only what it ran. The launcher now maps both
+// through the host addon where it can (the page cache's pages, no copies: ~220 fewer first-touched
+// pages for `info`), so what is left per byte is the cache's unpacking into V8 objects.
 //
 // The code cache holds the functions that ran while it was made, so it is made by running the
 // common commands once on small images in a scratch folder (warmCache below), all in one process,
@@ -23,7 +25,7 @@
 // Usage: node scripts/build-cli.mjs [--no-cache]
 import { build } from 'esbuild';
 import { createHash } from 'node:crypto';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { basename, dirname, join, relative, resolve } from 'node:path';
 import process from 'node:process';
@@ -132,17 +134,44 @@ function distModules(exportsOf) {
   };
 }
 
-// commander requires node:child_process at load (for executable subcommands, which we do not
-// use); loading it pulls in net, dgram and streams: ~2 ms of every start. It gets a stand-in that
-// loads the real module on first use.
-const lazyChildProcess = {
-  name: 'lazy-child-process',
+/**
+ * Node built-ins that bundled modules require at their top level but that a command seldom uses:
+ * each importer listed gets a stand-in that loads the real module on first use, so a command that
+ * never calls into it never loads it.
+ * - child_process: commander requires it for executable subcommands, which we do not use; loading
+ *   it pulls in net, dgram and streams: ~2 ms of every start.
+ * - os: storage/lock.node.ts (tmpdir(), for lock files only where the host addon's OFD locks are
+ *   missing) and compress/pool.node.ts (the CPU count, when a pool is made) import it at their
+ *   top; loading it cost ~0.45 ms of every command. bin/qcow.cjs asks the addon for the CPU count.
+ * The stand-in is an ES module exporting a forwarding function for each function of the real
+ * module (esbuild would copy every key of a CommonJS stand-in into a namespace at the importer's
+ * start, loading the real one). Other exports (os.EOL, os.constants) are not there: an ES import
+ * of one fails the build (esbuild: no matching export), rather than loading the module early.
+ */
+const LAZY_BUILTINS = [
+  { name: 'child_process', importer: /[\\/]commander[\\/]/ },
+  { name: 'os', importer: /./ },
+];
+const lazyBuiltins = {
+  name: 'lazy-builtins',
   setup(b) {
-    b.onResolve({ filter: /^(node:)?child_process$/ }, (args) => (/[\\/]commander[\\/]/.test(args.importer) ? { path: 'lazy-child-process', namespace: 'qcow-lazy' } : undefined));
-    b.onLoad({ filter: /.*/, namespace: 'qcow-lazy' }, () => ({
-      contents: "let real; module.exports = new Proxy({}, { get: (_, key) => (real ??= require('node:child_process'))[key] });",
-      loader: 'js',
-    }));
+    for (const { name, importer } of LAZY_BUILTINS) {
+      b.onResolve({ filter: new RegExp(`^(node:)?${name}$`) }, (args) => (args.namespace !== 'qcow-lazy' && importer.test(args.importer) ? { path: name, namespace: 'qcow-lazy' } : undefined));
+    }
+    b.onLoad({ filter: /.*/, namespace: 'qcow-lazy' }, (args) => {
+      const real = require(`node:${args.path}`);
+      const names = Object.keys(real).filter((k) => typeof real[k] === 'function' && /^[A-Za-z_$][\w$]*$/.test(k));
+      return {
+        contents: [
+          'let real;',
+          `const load = () => (real ??= require(${JSON.stringify(`node:${args.path}`)}));`,
+          // Called or constructed, as the real function would be.
+          'const lazy = (key) => function (...args) { const f = load()[key]; return new.target ? Reflect.construct(f, args, new.target) : Reflect.apply(f, this, args); };',
+          ...names.map((k) => `export const ${k} = lazy(${JSON.stringify(k)});`),
+        ].join('\n'),
+        loader: 'js',
+      };
+    });
   },
 };
 
@@ -166,6 +195,22 @@ function onlyCommand(name) {
       }));
     },
   };
+}
+
+/**
+ * Write a bundle or a cache under a new name, then rename it over the old one: bin/qcow.cjs maps
+ * these files (like shared libraries), and a running qcow reads its bundle's text for as long as
+ * it runs (functions compiled late). Rewriting the file in place would change the code under it,
+ * or cut it short (SIGBUS); a rename leaves the old file to the processes that have it mapped.
+ */
+async function replaceFile(path, data, encoding) {
+  const tmp = `${path}.${process.pid}.tmp`;
+  try {
+    await writeFile(tmp, data, encoding);
+    await rename(tmp, path);
+  } finally {
+    await rm(tmp, { force: true });
+  }
 }
 
 /** zstd-wasm's WebAssembly file, beside the bundles that hold its loader (see buildCli). */
@@ -201,7 +246,7 @@ export async function buildCli(name) {
     // dynamic import becomes a require (all that is left outside the bundle is CommonJS).
     supported: { 'dynamic-import': false },
     banner: { js: "const __qcowModuleUrl = (rel) => require('node:url').pathToFileURL(require('node:path').join(__dirname, rel)).href;" },
-    plugins: [distModules(exportsOf), lazyChildProcess, ...(name ? [onlyCommand(name)] : [])],
+    plugins: [distModules(exportsOf), lazyBuiltins, ...(name ? [onlyCommand(name)] : [])],
     // Half the bytes to read at every start (~3 ms). Function names are not kept: esbuild keeps
     // them by a defineProperty call each time a named closure is made, which cost 16 ms of a
     // 4 TiB qcow2 convert (a closure per refcount table entry). QCOW_DEBUG stack traces show
@@ -221,7 +266,7 @@ export async function buildCli(name) {
   // The bundle's identity (the SHA-256 of its content), which the code cache must carry too (see
   // warmCache), in a comment before the wrapper, on the first line so that line numbers stay.
   const id = `/* qcow-bundle ${createHash('sha256').update(body).digest('hex')} */`;
-  await writeFile(outfile, `${id}${WRAP_HEAD}${body}\n})`, 'latin1');
+  await replaceFile(outfile, `${id}${WRAP_HEAD}${body}\n})`, 'latin1');
   const bytes = result.metafile.outputs[relative(root, outfile).split('\\').join('/')]?.bytes;
   // QCOW_BUNDLE_METAFILE=DIR keeps esbuild's account of each bundle (which modules it holds, and
   // how many bytes of each) to compare bundles before and after a change, or to read with
@@ -308,7 +353,7 @@ export async function warmCache() {
     // that is not 8-byte aligned before reading it, and a file read lands on an aligned buffer.
     const id = source.slice(0, source.indexOf('*/') + 2);
     const head = id.padEnd(Math.ceil(id.length / 8) * 8, ' ');
-    await writeFile(cachePath(file), Buffer.concat([Buffer.from(head, 'latin1'), script.createCachedData()]));
+    await replaceFile(cachePath(file), Buffer.concat([Buffer.from(head, 'latin1'), script.createCachedData()]));
   }
 }
 

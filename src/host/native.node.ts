@@ -1,6 +1,6 @@
 /**
  * The host layer: system calls Node's fs module lacks (OFD byte-range locks, SEEK_DATA/SEEK_HOLE,
- * fallocate, copy_file_range), a zero scan and huge-page buffers, from our own N-API addon (native/qcow_host.c, built by node-gyp when the package is
+ * fallocate, copy_file_range, file mappings), a zero scan and huge-page buffers, from our own N-API addon (native/qcow_host.c, built by node-gyp when the package is
  * installed). `hostAddon()` gives the addon, or undefined when it is not there (no compiler at
  * install time, not Linux, a browser bundle) or is turned off with QCOW_NO_NATIVE=1; every user
  * has a pure TypeScript fallback.
@@ -41,6 +41,16 @@ export interface HostAddon {
    * of the first one in `bytes`, or -1. Absent from addons built before version 3.
    */
   adviseHugePages?(bytes: Uint8Array): number;
+  /**
+   * The whole file as a latin1 string that V8 reads in place from a read-only mapping (bin/qcow.cjs
+   * maps its bundle with it); undefined where Node has no external strings (before 20.4). The file
+   * must be replaced by rename, not rewritten, while the string lives. Absent before version 4.
+   */
+  mapText?(path: string): string | undefined;
+  /** The whole file as a Buffer over a private (copy-on-write) mapping. Absent before version 4. */
+  mapBytes?(path: string): Buffer;
+  /** The CPUs this process may run on (sched_getaffinity), as node:os's. Absent before version 4. */
+  availableParallelism?(): number;
   readonly version: number;
 }
 

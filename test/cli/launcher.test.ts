@@ -6,10 +6,13 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readdirSync, readFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { createRequire } from 'node:module';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Script } from 'node:vm';
+import { hostAddon } from '#src/host/native.node.js';
 import { run } from '../support/qemu.js';
 
 const dir = join(import.meta.dirname, '..', '..', 'dist', 'cli');
@@ -64,4 +67,72 @@ test('bin/qcow.cjs runs commands through the bundle with nothing extra on stderr
   const bad = await run(process.execPath, [launcher, 'info', '--output', 'yaml', 'x']);
   assert.equal(bad.code, 1);
   assert.match(bad.stderr, /^qcow: [^\n]+\n$/);
+});
+
+test('the addon maps a file as the launcher reads it: the same text and bytes, private writes, errors as node:fs', async (t) => {
+  const addon = hostAddon();
+  const { mapText, mapBytes } = addon ?? {};
+  if (!addon?.availableParallelism || !mapText || !mapBytes) return t.skip('the host addon (version 4) is not built');
+  const dirTmp = await mkdtemp(join(tmpdir(), 'qcow-map-'));
+  try {
+    const file = join(dirTmp, 'f.bin');
+    // Every byte value: mapText is latin1, as readFileSync(..., 'latin1').
+    const bytes = Buffer.from(Array.from({ length: 3 * 4096 + 17 }, (_, i) => (i * 7) & 0xff));
+    writeFileSync(file, bytes);
+    const text = mapText(file);
+    if (text === undefined) return t.skip('this Node has no external strings');
+    assert.equal(text, readFileSync(file, 'latin1'));
+    const mapped = mapBytes(file);
+    assert.ok(mapped.equals(bytes));
+    // The mapping is copy-on-write: writing into the Buffer leaves the file and the text as they were.
+    mapped.fill(0xee, 0, 4096);
+    assert.ok(readFileSync(file).equals(bytes));
+    assert.equal(text.charCodeAt(1), 7);
+    const empty = join(dirTmp, 'empty');
+    writeFileSync(empty, '');
+    assert.equal(mapText(empty), '');
+    assert.equal(mapBytes(empty).length, 0);
+    assert.throws(() => mapText(join(dirTmp, 'missing')), { code: 'ENOENT', syscall: 'open' });
+    assert.throws(() => mapBytes(dirTmp), { code: 'EISDIR' });
+    assert.equal(addon.availableParallelism(), availableParallelism());
+  } finally {
+    await rm(dirTmp, { recursive: true, force: true });
+  }
+});
+
+test('the bundle runs the same with the files mapped and read (QCOW_NO_NATIVE=1)', async () => {
+  const dirTmp = await mkdtemp(join(tmpdir(), 'qcow-launch-'));
+  try {
+    const image = join(dirTmp, 'a.qcow2');
+    assert.equal((await run(process.execPath, [launcher, 'create', '-q', '-f', 'qcow2', image, '64M'])).code, 0);
+    const mappedRun = await run(process.execPath, [launcher, 'info', '--output', 'json', image]);
+    const readRun = await run(process.execPath, [launcher, 'info', '--output', 'json', image], { env: { ...process.env, QCOW_NO_NATIVE: '1' } });
+    assert.equal(mappedRun.code, 0, mappedRun.stderr);
+    assert.equal(readRun.code, 0, readRun.stderr);
+    assert.equal(readRun.stdout, mappedRun.stdout);
+    assert.equal(JSON.parse(mappedRun.stdout).format, 'qcow2');
+  } finally {
+    await rm(dirTmp, { recursive: true, force: true });
+  }
+});
+
+test('a command with little work loads none of the Node modules the bundles make lazy (os, child_process)', async () => {
+  const dirTmp = await mkdtemp(join(tmpdir(), 'qcow-lazy-'));
+  try {
+    const image = join(dirTmp, 'a.qcow2');
+    assert.equal((await run(process.execPath, [launcher, 'create', '-q', '-f', 'qcow2', image, '64M'])).code, 0);
+    // The launcher as `node bin/qcow.cjs info IMAGE` runs it, reporting the modules Node loaded.
+    const probe = [
+      `process.argv.splice(1, 0, ${JSON.stringify(launcher)});`,
+      "process.on('exit', () => require('node:fs').writeSync(2, JSON.stringify(process.moduleLoadList)));",
+      `require('node:module').runMain(${JSON.stringify(launcher)});`,
+    ].join('\n');
+    const r = await run(process.execPath, ['-e', probe, 'info', image]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /^image: /);
+    const loaded = JSON.parse(r.stderr) as string[];
+    for (const name of ['NativeModule os', 'NativeModule child_process']) assert.ok(!loaded.includes(name), `${name} was loaded`);
+  } finally {
+    await rm(dirTmp, { recursive: true, force: true });
+  }
 });
