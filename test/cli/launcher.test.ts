@@ -131,7 +131,9 @@ test('a command with little work loads none of the Node modules the bundles make
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /^image: /);
     const loaded = JSON.parse(r.stderr) as string[];
-    for (const name of ['NativeModule os', 'NativeModule child_process']) assert.ok(!loaded.includes(name), `${name} was loaded`);
+    // Without the host addon the launcher asks node:os for the core count (to size libuv's pool).
+    const lazy = hostAddon() ? ['NativeModule os', 'NativeModule child_process'] : ['NativeModule child_process'];
+    for (const name of lazy) assert.ok(!loaded.includes(name), `${name} was loaded`);
   } finally {
     await rm(dirTmp, { recursive: true, force: true });
   }
