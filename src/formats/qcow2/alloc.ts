@@ -207,10 +207,35 @@ export class Refcounts implements Allocator {
 
   /** Allocate `n` contiguous free clusters with refcount 1; returns the host offset. */
   async allocClusters(n: number): Promise<number> {
+    const at = this.allocAtHint(n);
+    if (at !== -1) return at * this.clusterSize;
     await this.spillDirtyBlocks();
     const start = await this.findFree(n);
     await this.claim(start, n);
     return start * this.clusterSize;
+  }
+
+  /**
+   * allocClusters' common case, in one synchronous step: the `n` clusters at the free hint are free
+   * and described by one block that is cached (an image growing at its end, a convert, allocating
+   * guest writes). Exactly what findFree + claim would do there, without the dozen awaits they
+   * take per allocation; -1 when anything else applies (then the general path decides).
+   */
+  private allocAtHint(n: number): number {
+    if (this.reserved.length > 0 || this.hooks.inUse !== undefined || this.dirtyBlocks.size > this.maxBlocks) return -1;
+    const start = Math.max(this.freeHint, 1);
+    const b = Math.floor(start / this.perBlock);
+    if (Math.floor((start + n - 1) / this.perBlock) !== b || b >= this.table.length || this.table[b] === 0) return -1;
+    if (!Number.isSafeInteger((start + n) * this.clusterSize)) return -1;
+    const block = this.blocks.get(b);
+    if (!block) return -1;
+    const first = start - b * this.perBlock;
+    for (let i = first; i < first + n; i++) if (getRefcount(block, i, this.refcountBits) !== 0) return -1;
+    for (let i = first; i < first + n; i++) setRefcount(block, i, this.refcountBits, 1);
+    this.dirtyBlocks.add(b);
+    this.noteUsed(start, n);
+    this.freeHint = start + n;
+    return start;
   }
 
   /** Allocate exactly [offset, offset + n clusters) if all of it is free; false otherwise. */
