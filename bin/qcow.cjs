@@ -104,6 +104,11 @@ function start() {
   // bin/qcow moved NODE_EXTRA_CA_CERTS out of Node's start-up (see there): this process loads the
   // file when it first needs it, and processes it starts get the variable back as it was.
   if (process.env.QCOW_DEFERRED_CA_CERTS && !process.env.NODE_EXTRA_CA_CERTS) process.env.NODE_EXTRA_CA_CERTS = process.env.QCOW_DEFERRED_CA_CERTS;
+  // bin/qcow's malloc tunables are for this process only (glibc read them at its start).
+  if (process.env.QCOW_OWN_GLIBC_TUNABLES === '1') {
+    delete process.env.GLIBC_TUNABLES;
+    delete process.env.QCOW_OWN_GLIBC_TUNABLES;
+  }
 
   // libuv's file-I/O pool has 4 threads. On a 2-core machine 4 threads copying 2 MiB buffers, plus
   // the main thread, only take the cores from each other: converting 1 GiB qcow2 to raw took 0.48 s

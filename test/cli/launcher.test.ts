@@ -6,14 +6,15 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Script } from 'node:vm';
 import { hostAddon } from '#src/host/native.node.js';
-import { run } from '../support/qemu.js';
+import { QCOW_BIN, run } from '../support/qemu.js';
 
 const dir = join(import.meta.dirname, '..', '..', 'dist', 'cli');
 const launcher = join(dir, '..', '..', 'bin', 'qcow.cjs');
@@ -137,4 +138,36 @@ test('a command with little work loads none of the Node modules the bundles make
   } finally {
     await rm(dirTmp, { recursive: true, force: true });
   }
+});
+
+test('bin/qcow runs Node with its malloc tunables unless the user set their own, and keeps them from child processes', { skip: process.platform !== 'linux' && 'reads /proc' }, async (t) => {
+  const dirTmp = await mkdtemp(join(tmpdir(), 'qcow-tunables-'));
+  t.after(() => rm(dirTmp, { recursive: true, force: true }));
+  const image = join(dirTmp, 'a.qcow2');
+  assert.equal((await run(process.execPath, [launcher, 'create', '-q', '-f', 'qcow2', image, '1M'])).code, 0);
+  // `qcow serve` stays up: its environment as the kernel started it, and as Node sees it.
+  const environOf = async (env: NodeJS.ProcessEnv): Promise<string[]> => {
+    const sock = join(dirTmp, `s-${Math.random().toString(36).slice(2)}.sock`);
+    const child = spawn(QCOW_BIN, ['serve', '-k', sock, '--pid-file', `${sock}.pid`, '-r', image], { env, stdio: 'ignore' });
+    try {
+      for (let i = 0; i < 400 && !existsSync(`${sock}.pid`); i++) await new Promise((r) => setTimeout(r, 25));
+      const pid = Number(readFileSync(`${sock}.pid`, 'utf8'));
+      return readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0');
+    } finally {
+      child.kill('SIGKILL');
+    }
+  };
+  const base = { ...process.env };
+  delete base.GLIBC_TUNABLES;
+  const ours = await environOf(base);
+  assert.ok(ours.some((v) => v.startsWith('GLIBC_TUNABLES=glibc.malloc.trim_threshold=')), 'set for the Node process');
+  const users = await environOf({ ...base, GLIBC_TUNABLES: 'glibc.malloc.arena_max=2' });
+  assert.ok(users.includes('GLIBC_TUNABLES=glibc.malloc.arena_max=2'), "the user's own are left as they are");
+  assert.ok(!users.some((v) => v.startsWith('QCOW_OWN_GLIBC_TUNABLES=')));
+  // Node's own view (what child processes inherit): without ours.
+  const probe = "process.on('exit', () => require('node:fs').writeSync(2, JSON.stringify([process.env.GLIBC_TUNABLES ?? null, process.env.QCOW_OWN_GLIBC_TUNABLES ?? null])))";
+  const r = await run(process.execPath, ['-e', `${probe}; process.argv.splice(1, 0, ${JSON.stringify(launcher)}); require('node:module').runMain(${JSON.stringify(launcher)});`, 'info', image], {
+    env: { ...base, GLIBC_TUNABLES: 'glibc.malloc.trim_threshold=1', QCOW_OWN_GLIBC_TUNABLES: '1' },
+  });
+  assert.deepEqual(JSON.parse(r.stderr.trim().split('\n').pop()!), [null, null]);
 });
