@@ -7,18 +7,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { openImage } from '#src/node.js';
 import { KINDS, mapHtml, mapPicture, mapSvg, rowTotals } from '#src/ops/map-picture.js';
-import { needs, qcow, qemuImg, qemuIo, scratch } from '../support/qemu.js';
+import { needs, qcow, qemuImg, qemuIo, scratch, type QemuMapExtent } from '../support/qemu.js';
 import { join } from 'node:path';
 
-interface QemuExtent {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-  compressed?: boolean;
-}
 
 test('the picture of a chain with compressed, zero and plain clusters counts what qemu-img map reports', needs('qemu-img', 'qemu-io'), async (t) => {
   const dir = await scratch(t);
@@ -41,7 +32,7 @@ test('the picture of a chain with compressed, zero and plain clusters counts wha
     // The guest row equals qemu-img map's merged view, byte for byte per kind.
     const r = await qemuImg(['map', '--output=json', top]);
     const want = { data: 0, compressed: 0, zero: 0, unallocated: 0 };
-    for (const e of JSON.parse(r.stdout) as QemuExtent[]) {
+    for (const e of JSON.parse(r.stdout) as QemuMapExtent[]) {
       const kind = !e.present ? 'unallocated' : e.compressed ? 'compressed' : e.data ? 'data' : 'zero';
       want[kind] += e.length;
     }

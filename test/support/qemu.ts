@@ -188,3 +188,15 @@ export async function markCorrupt(file: string): Promise<void> {
     await fh.close();
   }
 }
+
+/** One entry of `qemu-img map --output=json`, as qemu-img prints it. */
+export interface QemuMapExtent {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  compressed?: boolean;
+  offset?: number;
+}

@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { copyFile, mkdir, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { needs, qemuImg, qemuIo, scratch } from '../support/qemu.js';
+import { needs, qemuImg, qemuIo, scratch, type QemuMapExtent } from '../support/qemu.js';
 import { needsNginx, startNginx } from '../support/http-servers.js';
 import type { PageResult } from '#src/web/page.js';
 
@@ -18,19 +18,11 @@ const ARTIFACTS = process.env.QCOW_ARTIFACTS ?? fileURLToPath(new URL('../../.ca
 const CHROMIUM = '/usr/bin/chromium';
 const CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'];
 
-interface QemuExtent {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-}
 
 type Totals = PageResult['rows'][number]['totals'];
 
 /** Byte totals from qemu-img map's JSON: the guest view, or (`layer`) what depth 0 holds. */
-function totalsOf(extents: QemuExtent[], layer: boolean): Totals {
+function totalsOf(extents: QemuMapExtent[], layer: boolean): Totals {
   const t = { data: 0, compressed: 0, zero: 0, unallocated: 0 };
   for (const e of extents) {
     const mine = layer ? e.present && e.depth === 0 : e.present;
@@ -69,9 +61,9 @@ test('the viewer page shows what qemu-img reports for a chain, opened on a URL a
   await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', join(www, 'allocated.qcow2'), '64G']);
   const nginx = await startNginx(t, www, work);
 
-  const guest = totalsOf(JSON.parse((await qemuImg(['map', '--output=json', top])).stdout) as QemuExtent[], false);
-  const topLayer = totalsOf(JSON.parse((await qemuImg(['map', '--output=json', top])).stdout) as QemuExtent[], true);
-  const baseLayer = totalsOf(JSON.parse((await qemuImg(['map', '--output=json', base])).stdout) as QemuExtent[], true);
+  const guest = totalsOf(JSON.parse((await qemuImg(['map', '--output=json', top])).stdout) as QemuMapExtent[], false);
+  const topLayer = totalsOf(JSON.parse((await qemuImg(['map', '--output=json', top])).stdout) as QemuMapExtent[], true);
+  const baseLayer = totalsOf(JSON.parse((await qemuImg(['map', '--output=json', base])).stdout) as QemuMapExtent[], true);
   const info = JSON.parse((await qemuImg(['info', '--output=json', '--backing-chain', top])).stdout) as Record<string, unknown>[];
   const check = JSON.parse((await qemuImg(['check', '--output=json', top])).stdout) as Record<string, unknown>;
 

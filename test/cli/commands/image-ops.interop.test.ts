@@ -24,6 +24,14 @@ async function sourceRaw(dir: string): Promise<{ path: string; sha: string }> {
   return { path, sha: sha256(data) };
 }
 
+/** c1.qcow2 over the source raw, as qemu-io leaves it: data at 1M, a zero write at 3M. */
+async function rawBackedLayer(dir: string, raw: string): Promise<string> {
+  const c1 = join(dir, 'c1.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', raw, '-F', 'raw', c1]);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 0xa1 1M 1M', '-c', 'write -z 3M 64k', c1]);
+  return c1;
+}
+
 /** How each target kind is made by us, and how qemu opens it. */
 interface Kind {
   name: string;
@@ -91,10 +99,8 @@ test('convert to qcow2 lays clusters out in guest order: the file is byte-identi
 test('convert of a qcow2 chain, several sources, -S 0, -n and -l as qemu-img', needs('qemu-img', 'qemu-io'), async (t) => {
   const dir = await scratch(t);
   const src = await sourceRaw(dir);
-  const c1 = join(dir, 'c1.qcow2');
+  const c1 = await rawBackedLayer(dir, src.path);
   const c2 = join(dir, 'c2.qcow2');
-  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', src.path, '-F', 'raw', c1]);
-  await qemuIo(['-f', 'qcow2', '-c', 'write -P 0xa1 1M 1M', '-c', 'write -z 3M 64k', c1]);
   await qemuImg(['create', '-q', '-f', 'qcow2', '-b', c1, '-F', 'qcow2', c2, '6M']);
   await qemuIo(['-f', 'qcow2', '-c', 'write -P 0xa4 5M 64k', c2]);
   const want = await qemuGuestSha256(['-f', 'qcow2', c2]);
@@ -189,10 +195,8 @@ test('compare -s reports allocation differences with qemu-img wording and exit c
 test('map over qcow2 and qcow chains matches qemu-img, JSON and human', needs('qemu-img', 'qemu-io'), async (t) => {
   const dir = await scratch(t);
   const src = await sourceRaw(dir);
-  const c1 = join(dir, 'c1.qcow2');
+  await rawBackedLayer(dir, src.path); // c1.qcow2, named relatively below
   const c2 = join(dir, 'c2.qcow2');
-  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', src.path, '-F', 'raw', c1]);
-  await qemuIo(['-f', 'qcow2', '-c', 'write -P 0xa1 1M 1M', '-c', 'write -z 3M 64k', c1]);
   await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'c1.qcow2', '-F', 'qcow2', c2, '8M']);
   await qemuIo(['-f', 'qcow2', '-c', 'write -P 0xa3 2M 4k', '-c', 'write -P 0xa4 6M 64k', c2]);
   const v1 = join(dir, 'v1.qcow');
