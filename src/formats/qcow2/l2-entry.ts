@@ -112,9 +112,14 @@ export function contiguousEntries(t: Uint8Array, index: number, max: number, clu
   // Signed 32-bit words throughout: an unsigned word above 2^31 is a heap-allocated number until
   // V8 optimises the loop, which in a short process it mostly never does (a `map` of a 1 GiB
   // image with 4 KiB clusters made ~16 MB of garbage here: 7 ms of collection).
+  // Read through a DataView: optimised code loads a big-endian word at once (a load and a byte
+  // swap) where four byte loads, each bounds-checked, cost ~140 instructions per entry (callgrind:
+  // 36 M instructions of a 512 MiB 4 KiB-cluster convert, which compares 512 entries twice per
+  // 2 MiB, in its block status and its reads).
+  const v = new DataView(t.buffer, t.byteOffset, t.byteLength);
   const b = index * 8;
-  let wantHi = (t[b]! << 24) | (t[b + 1]! << 16) | (t[b + 2]! << 8) | t[b + 3]!;
-  let wantLo = (t[b + 4]! << 24) | (t[b + 5]! << 16) | (t[b + 6]! << 8) | t[b + 7]!;
+  let wantHi = v.getInt32(b);
+  let wantLo = v.getInt32(b + 4);
   let k = 1;
   for (; k < max; k++) {
     // The previous entry's offset plus one cluster, the carry taken into the high word: the low
@@ -123,8 +128,7 @@ export function contiguousEntries(t: Uint8Array, index: number, max: number, clu
     if (wantLo < 0 && next >= 0) wantHi = (wantHi + 1) | 0;
     wantLo = next;
     const e = b + k * 8;
-    if (((t[e + 4]! << 24) | (t[e + 5]! << 16) | (t[e + 6]! << 8) | t[e + 7]!) !== wantLo) break;
-    if (((t[e]! << 24) | (t[e + 1]! << 16) | (t[e + 2]! << 8) | t[e + 3]!) !== wantHi) break;
+    if (v.getInt32(e + 4) !== wantLo || v.getInt32(e) !== wantHi) break;
   }
   return index + k;
 }
