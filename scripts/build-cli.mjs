@@ -143,6 +143,12 @@ function distModules(exportsOf) {
  * - os: storage/lock.node.ts (tmpdir(), for lock files only where the host addon's OFD locks are
  *   missing) and compress/pool.node.ts (the CPU count, when a pool is made) import it at their
  *   top; loading it cost ~0.45 ms of every command. bin/qcow.cjs asks the addon for the CPU count.
+ * - zlib, v8: compress/kernels.node.ts imports node:zlib for zlib clusters and node:v8 for zstd's
+ *   tiering flag. Each is loaded with the codecs, at the first compressed cluster, but an image
+ *   has clusters of one kind: node:zlib (which loads node:stream) cost a zstd convert ~5 ms and
+ *   node:v8 a zlib one ~4 ms (compare, convert -c, convert of zlib or zstd images).
+ * - module: compress/pool.node.ts resolves the worker's file with createRequire, only when a
+ *   worker starts; loading node:module (with the ES module loader's parts) cost ~0.6 ms.
  * The stand-in is an ES module exporting a forwarding function for each function of the real
  * module (esbuild would copy every key of a CommonJS stand-in into a namespace at the importer's
  * start, loading the real one). Other exports (os.EOL, os.constants) are not there: an ES import
@@ -151,6 +157,9 @@ function distModules(exportsOf) {
 const LAZY_BUILTINS = [
   { name: 'child_process', importer: /[\\/]commander[\\/]/ },
   { name: 'os', importer: /./ },
+  { name: 'zlib', importer: /[\\/]compress[\\/]kernels\.node\.js$/ },
+  { name: 'v8', importer: /[\\/]compress[\\/]kernels\.node\.js$/ },
+  { name: 'module', importer: /[\\/]compress[\\/]pool\.node\.js$/ },
 ];
 const lazyBuiltins = {
   name: 'lazy-builtins',
@@ -172,6 +181,23 @@ const lazyBuiltins = {
         loader: 'js',
       };
     });
+  },
+};
+
+/**
+ * zstd-wasm's loader reads its .wasm file (250 KB) with node:fs/promises' readFile, once, at the
+ * first zstd cluster; loading node:fs/promises (with the readline and directory modules it
+ * brings) cost more than the read itself, ~3 ms. In the bundle its readFile is a synchronous read
+ * from the page cache behind the same promise.
+ */
+const zstdWasmRead = {
+  name: 'zstd-wasm-read',
+  setup(b) {
+    b.onResolve({ filter: /^(node:)?fs\/promises$/ }, (args) => (/[\\/]@bokuweb[\\/]zstd-wasm[\\/]/.test(args.importer) ? { path: 'fs/promises', namespace: 'qcow-zstd-read' } : undefined));
+    b.onLoad({ filter: /.*/, namespace: 'qcow-zstd-read' }, () => ({
+      contents: "const { readFileSync } = require('node:fs');\nexport const readFile = async (path) => readFileSync(path);\n",
+      loader: 'js',
+    }));
   },
 };
 
@@ -218,6 +244,7 @@ async function copyZstdWasm() {
   const pkg = dirname(require.resolve('@bokuweb/zstd-wasm'));
   await writeFile(join(outDir, 'zstd.wasm'), await readFile(join(pkg, 'zstd.wasm')));
   const loader = await readFile(require.resolve('@bokuweb/zstd-wasm'), 'utf8');
+  if (!loader.includes("const { readFile } = require('fs/promises');")) throw new Error("@bokuweb/zstd-wasm no longer reads its .wasm file with require('fs/promises').readFile: check zstdWasmRead");
   if (!loader.includes("resolve(__dirname, './zstd.wasm')")) throw new Error('@bokuweb/zstd-wasm no longer reads ./zstd.wasm from __dirname: check how it finds its .wasm file');
 }
 
@@ -246,7 +273,7 @@ export async function buildCli(name) {
     // dynamic import becomes a require (all that is left outside the bundle is CommonJS).
     supported: { 'dynamic-import': false },
     banner: { js: "const __qcowModuleUrl = (rel) => require('node:url').pathToFileURL(require('node:path').join(__dirname, rel)).href;" },
-    plugins: [distModules(exportsOf), lazyBuiltins, ...(name ? [onlyCommand(name)] : [])],
+    plugins: [distModules(exportsOf), lazyBuiltins, zstdWasmRead, ...(name ? [onlyCommand(name)] : [])],
     // Half the bytes to read at every start (~3 ms). Function names are not kept: esbuild keeps
     // them by a defineProperty call each time a named closure is made, which cost 16 ms of a
     // 4 TiB qcow2 convert (a closure per refcount table entry). QCOW_DEBUG stack traces show

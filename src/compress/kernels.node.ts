@@ -3,7 +3,7 @@
  * workers (pool.node.ts). Each call does one cluster with QEMU's parameters and the contract of
  * types.ts: inflate exactly `outSize` bytes, ignore what follows the stream, QCOW_CORRUPT otherwise.
  */
-import { constants, createDeflateRaw, createInflateRaw, deflateRawSync, inflateRawSync } from 'node:zlib';
+import { createDeflateRaw, createInflateRaw, deflateRawSync, inflateRawSync } from 'node:zlib';
 import { corrupt } from '../core/errors.js';
 import { setFlagsFromString } from 'node:v8';
 import { copyInto } from './into.js';
@@ -36,6 +36,15 @@ export function zstdReadyHere(): Promise<void> {
 export type CodecOp = CodecJobKind;
 
 /**
+ * zlib's flush modes (zlib.h; part of its ABI, the same in every zlib). Not node:zlib's
+ * `constants`: only functions of node:zlib and node:v8 are imported here, so that the CLI's
+ * bundles can load each module on its first call (scripts/build-cli.mjs, LAZY_BUILTINS): a zstd
+ * image never loads node:zlib (with node:stream, ~5 ms), a zlib one never loads node:v8 (~4 ms).
+ */
+const Z_SYNC_FLUSH = 2;
+const Z_FINISH = 4;
+
+/**
  * Inflate with one zlib state for the life of the thread, as deflateRawNow deflates (see
  * ZlibHandle below): inflateRawSync makes a stream, its state and its output buffer per call,
  * which cost a 64 KiB cluster ~75 us of CPU where the inflate itself takes ~25 (measured:
@@ -56,7 +65,7 @@ const overflowProbe = new Uint8Array(1);
 
 function makeInflater(): Inflater | null {
   try {
-    const stream = createInflateRaw({ finishFlush: constants.Z_SYNC_FLUSH }) as unknown as { _handle?: Inflater['handle']; _writeState?: Uint32Array };
+    const stream = createInflateRaw({ finishFlush: Z_SYNC_FLUSH }) as unknown as { _handle?: Inflater['handle']; _writeState?: Uint32Array };
     const handle = stream._handle;
     const state = stream._writeState;
     if (!handle || typeof handle.writeSync !== 'function' || typeof handle.reset !== 'function' || !(state instanceof Uint32Array)) return null;
@@ -75,7 +84,7 @@ function inflateStep(z: Inflater, data: Uint8Array, inOff: number, out: Uint8Arr
   z.error = null;
   z.state[0] = 0;
   z.state[1] = 0;
-  z.handle.writeSync(constants.Z_SYNC_FLUSH, data, inOff, data.length - inOff, out, 0, out.length);
+  z.handle.writeSync(Z_SYNC_FLUSH, data, inOff, data.length - inOff, out, 0, out.length);
   if (z.error) throw corrupt(`bad deflate data in compressed cluster: ${z.error}`);
   return z.state[0]! <= out.length && z.state[1]! <= data.length - inOff;
 }
@@ -111,7 +120,7 @@ function inflateRawSyncChecked(data: Uint8Array, outSize: number): Uint8Array {
   try {
     // Like QEMU: inflate into exactly one cluster; a stream cut short by the output limit is fine
     // (Z_SYNC_FLUSH, no Z_BUF_ERROR). One output chunk of the cluster's size: no concatenation.
-    out = inflateRawSync(data, { maxOutputLength: outSize, finishFlush: constants.Z_SYNC_FLUSH, chunkSize: Math.max(64, outSize) });
+    out = inflateRawSync(data, { maxOutputLength: outSize, finishFlush: Z_SYNC_FLUSH, chunkSize: Math.max(64, outSize) });
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'ERR_BUFFER_TOO_LARGE') throw corrupt(`compressed cluster inflates to more than ${outSize} bytes`);
@@ -173,7 +182,7 @@ export function deflateRawNow(data: Uint8Array): Uint8Array {
     if (d) {
       d.state[0] = 0;
       d.state[1] = 0;
-      d.handle.writeSync(constants.Z_FINISH, data, 0, data.length, d.out, 0, d.out.length);
+      d.handle.writeSync(Z_FINISH, data, 0, data.length, d.out, 0, d.out.length);
       const availOut = d.state[0]!;
       const availIn = d.state[1]!;
       // Z_FINISH with input consumed and room left over means the stream ended in the buffer.

@@ -45,12 +45,13 @@
  * QCOW_CODEC_START_MS=ms replaces the model with a plain budget: all workers start once the jobs
  * done here are estimated to have taken that long (0: on the first job), whatever the load.
  */
-import { availableParallelism, loadavg } from 'node:os';
+import { availableParallelism as osParallelism, loadavg } from 'node:os';
 import type { Worker } from 'node:worker_threads';
 import { createRequire } from 'node:module';
 import { QcowError, type QcowErrorCode } from '../core/errors.js';
 import { copyInto } from './into.js';
 import { runNow, type CodecOp, zstdReadyHere } from './kernels.node.js';
+import { hostAddon } from '../host/native.node.js';
 
 /** Most jobs handed to one worker in one message: amortises the message cost, keeps others fed. */
 const BATCH_MAX = 16;
@@ -124,6 +125,14 @@ export function workersWorthStarting(aheadNs: number, handoffNs: number, max: nu
     }
   }
   return best;
+}
+
+/**
+ * The CPUs this process may run on. The host addon (loaded already: file stores use it) counts
+ * them as node:os does; node:os itself, loaded for this alone, cost ~0.5 ms of a small convert.
+ */
+function availableParallelism(): number {
+  return hostAddon()?.availableParallelism?.() ?? osParallelism();
 }
 
 /** Cores nobody is using right now: the cores less the 1-minute load (this thread is in it). */
@@ -273,6 +282,9 @@ export class CodecPool {
     // Told: what is still ahead. Not told: as much as is behind (see above).
     const ns = this.told ? this.aheadNs : this.doneNs;
     const handoff = this.told ? this.aheadHandoffNs : this.doneHandoffNs;
+    // Fewer idle cores never make more workers pay: when none would with every core idle, the
+    // load (node:os, a file read) need not be asked.
+    if (workersWorthStarting(ns, handoff, this.size, this.size) === 0) return 0;
     return workersWorthStarting(ns, handoff, this.size, this.idleCores());
   }
 

@@ -184,6 +184,24 @@ test('node worker pool: what the caller says is ahead decides, counted down as j
   assert.equal(spent.workers, 0);
 });
 
+test('node worker pool: the load is read only when workers would pay with every core idle', async () => {
+  const { CodecPool } = await import('#src/compress/pool.node.js');
+  const data = randomBytes(65536, 23).map((b, i) => (i % 3 === 0 ? 0 : b));
+  // Reading the load means loading node:os, which a small job should not pay for.
+  let asked = 0;
+  const little = new CodecPool(4, { idleCores: () => (asked++, 0) });
+  little.expect('deflate', 30, 65536);
+  for (let i = 0; i < 40; i++) await little.run('deflate', data, 0);
+  assert.equal(asked, 0);
+  assert.equal(little.workers, 0);
+  // Much work: the load is asked, and here it leaves no core (so no worker starts).
+  const much = new CodecPool(4, { idleCores: () => (asked++, 0) });
+  much.expect('deflate', 200_000, 65536);
+  for (let i = 0; i < 10; i++) await much.run('deflate', data, 0);
+  assert.ok(asked > 0);
+  assert.equal(much.workers, 0);
+});
+
 test('node worker pool: jobs out on a worker that dies are done here from the caller\'s bytes', async () => {
   const { CodecPool } = await import('#src/compress/pool.node.js');
   const pool = new CodecPool(1, 0);
