@@ -18,7 +18,7 @@
 import { CorruptionEvent, QcowError, corrupt } from '../../core/errors.js';
 import { setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
-import { decodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcount.js';
+import { decodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, refcountsZero, setRefcount, setRefcountsToOne } from './refcount.js';
 import { MAX_REFCOUNT_TABLE_BYTES } from './layout.js';
 import { Lru } from '../../core/lru.js';
 
@@ -230,8 +230,8 @@ export class Refcounts implements Allocator {
     const block = this.blocks.get(b);
     if (!block) return -1;
     const first = start - b * this.perBlock;
-    for (let i = first; i < first + n; i++) if (getRefcount(block, i, this.refcountBits) !== 0) return -1;
-    for (let i = first; i < first + n; i++) setRefcount(block, i, this.refcountBits, 1);
+    if (!refcountsZero(block, first, n, this.refcountBits)) return -1;
+    setRefcountsToOne(block, first, n, this.refcountBits);
     this.dirtyBlocks.add(b);
     this.noteUsed(start, n);
     this.freeHint = start + n;
