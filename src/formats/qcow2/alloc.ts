@@ -50,6 +50,11 @@ export interface AllocatorHooks {
 export interface Allocator {
   /** `n` contiguous free clusters with refcount 1; their host offset. */
   allocClusters(n: number): Promise<number>;
+  /**
+   * allocClusters when it can be done at once, without I/O (the common case of an image growing
+   * at its end); -1 when the caller must use allocClusters. Optional: a fake may leave it out.
+   */
+  allocClustersNow?(n: number): number;
   /** Room for one compressed cluster of `size` bytes (packed at byte granularity). */
   allocBytes(size: number): Promise<number>;
   /** References to [offset, +length) are gone from memory: counts drop at applyPendingFrees. */
@@ -206,6 +211,11 @@ export class Refcounts implements Allocator {
   }
 
   /** Allocate `n` contiguous free clusters with refcount 1; returns the host offset. */
+  allocClustersNow(n: number): number {
+    const at = this.allocAtHint(n);
+    return at === -1 ? -1 : at * this.clusterSize;
+  }
+
   async allocClusters(n: number): Promise<number> {
     const at = this.allocAtHint(n);
     if (at !== -1) return at * this.clusterSize;

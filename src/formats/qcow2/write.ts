@@ -214,7 +214,7 @@ export class Qcow2Writer {
     // Overwrites of clusters we own change no metadata: decide under the lock, then write the
     // data outside it so requests at queue depth > 1 overlap their I/O (the lock otherwise
     // serialises every write). See inPlaceWrites for why this stays safe.
-    let inPlace: Promise<void> | undefined;
+    let inPlace: Promise<unknown> | undefined;
     await this.guarded(async () => {
       const marking = this.bitmaps.mark(offset, data.length);
       if (marking) await marking;
@@ -223,13 +223,15 @@ export class Qcow2Writer {
       // A convert -n that alternates data and zeros over an allocated image otherwise paid one
       // write-back per data run. The clusters it writes are referenced (COPIED entries), so none
       // of them is among the pending frees.
-      let jobs = await this.inPlaceWrites(offset, data);
+      const table = this.inPlaceTable(offset, data.length);
+      let jobs = table === null ? null : this.inPlaceWrites(table instanceof Promise ? await table : table, offset, data);
       if (!jobs) {
         if (this.unmapFreesPending) await this.settleFrees();
         jobs = [];
         await this.writeLocked(offset, data, jobs);
       }
-      if (jobs.length > 0) inPlace = Promise.all(jobs).then(() => undefined);
+      // One write (the usual request) is waited for as it is, without a Promise.all around it.
+      if (jobs.length > 0) inPlace = jobs.length === 1 ? jobs[0] : Promise.all(jobs);
     });
     if (inPlace) await inPlace;
   }
@@ -291,7 +293,11 @@ export class Qcow2Writer {
 
   /** Note a data write running outside the lock; flushes and L2 write-backs wait for it. */
   private track(p: Promise<void>): Promise<void> {
-    const tracked = p.catch(() => undefined).finally(() => this.inFlight.delete(tracked));
+    // One derived promise per write (catch + finally made two).
+    const untrack = (): void => {
+      this.inFlight.delete(tracked);
+    };
+    const tracked: Promise<void> = p.then(untrack, untrack);
     this.inFlight.add(tracked);
     return p;
   }
@@ -302,6 +308,22 @@ export class Qcow2Writer {
   }
 
   /**
+   * The L2 table an in-place write of [offset, +length) would use: null when the request cannot be
+   * one (see inPlaceWrites), the table when it is cached (no suspension: most requests), else a
+   * promise of it.
+   */
+  private inPlaceTable(offset: number, length: number): CachedTable | Promise<CachedTable | null> | null {
+    const { image, map } = this;
+    const g = image.geometry;
+    if (image.encryption || g.extendedL2 || length === 0) return null;
+    const i = Math.floor(offset / g.l2Coverage);
+    if (i !== Math.floor((offset + length - 1) / g.l2Coverage) || i >= map.l1Entries) return null;
+    const l2 = l1TableOffset(map.l1, i);
+    if (!l1EntryCopied(map.l1, i) || l2 === 0) return null;
+    return map.l2Cache.peek(l2) ?? map.l2TableFor(offset);
+  }
+
+  /**
    * The store writes of a request that lands entirely in clusters this image owns outright
    * (normal, COPIED entries in a COPIED L2 table, no encryption or subclusters), already started;
    * null when the request needs the full path. Started under the lock, finished outside it: the
@@ -309,15 +331,9 @@ export class Qcow2Writer {
    * whose callers (flushLocked, settleFrees; exclusive(), snapshots and close through flushLocked)
    * first wait for every write in flight.
    */
-  private async inPlaceWrites(offset: number, data: Uint8Array): Promise<Promise<void>[] | null> {
-    const { image, map } = this;
+  private inPlaceWrites(table: CachedTable | null, offset: number, data: Uint8Array): Promise<void>[] | null {
+    const { image } = this;
     const g = image.geometry;
-    if (image.encryption || g.extendedL2 || data.length === 0) return null;
-    const i = Math.floor(offset / g.l2Coverage);
-    if (i !== Math.floor((offset + data.length - 1) / g.l2Coverage) || i >= map.l1Entries) return null;
-    const l2 = l1TableOffset(map.l1, i);
-    if (!l1EntryCopied(map.l1, i) || l2 === 0) return null;
-    const table = map.l2Cache.peek(l2) ?? (await map.l2TableFor(offset));
     if (!table) return null;
     const cs = this.cs;
     const end = offset + data.length;
@@ -728,7 +744,11 @@ export class Qcow2Writer {
   private async writeFresh(table: CachedTable, start: number, data: Payload, deferred?: Promise<void>[]): Promise<void> {
     const cs = this.cs;
     const n = data.length / cs;
-    const host = await this.refcounts.allocClusters(n);
+    // Allocation without a suspension when the allocator can (a growing image, every request of
+    // a convert or of allocating guest writes), else the general path.
+    const rc = this.refcounts;
+    let host = rc.allocClustersNow ? rc.allocClustersNow(n) : -1;
+    if (host === -1) host = await rc.allocClusters(n);
     this.map.noteGrowth();
     // As writeInTable: the data before the entries that point at it (deferred ones are waited
     // for by every L2 write-back, see writeLocked).
