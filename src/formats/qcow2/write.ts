@@ -233,8 +233,19 @@ export class Qcow2Writer {
       // A convert -n that alternates data and zeros over an allocated image otherwise paid one
       // write-back per data run. The clusters it writes are referenced (COPIED entries), so none
       // of them is among the pending frees.
-      const table = this.inPlaceTable(offset, data.length);
-      let jobs = table === null ? null : this.inPlaceWrites(table instanceof Promise ? await table : table, offset, data);
+      const found = this.inPlaceTable(offset, data.length);
+      const table = found instanceof Promise ? await found : found;
+      let jobs = this.inPlaceWrites(table, offset, data);
+      if (!jobs && table && !this.unmapFreesPending && (this.dirtyBitSet || !this.lazyRefcounts) && this.freshRun(table, offset, data.length)) {
+        // New clusters in a cached table (guest writes filling an image): allocated, started and
+        // linked here at once, as writeLocked -> writeInTable -> writeFresh would, without their
+        // four suspensions (each an async frame of garbage, at every 64 KiB request).
+        const started: Promise<void>[] = [];
+        if (this.freshNow(table, offset, new BytesPayload(data), started)) {
+          jobs = started;
+          await this.map.tableChanged(table);
+        }
+      }
       if (!jobs) {
         if (this.unmapFreesPending) await this.settleFrees();
         jobs = [];
@@ -761,6 +772,10 @@ export class Qcow2Writer {
     const n = data.length / cs;
     // Allocation without a suspension when the allocator can (a growing image, every request of
     // a convert or of allocating guest writes), else the general path.
+    if (deferred && this.freshNow(table, start, data, deferred)) {
+      await this.map.tableChanged(table);
+      return;
+    }
     const rc = this.refcounts;
     let host = rc.allocClustersNow ? rc.allocClustersNow(n) : -1;
     if (host === -1) host = await rc.allocClusters(n);
@@ -772,6 +787,26 @@ export class Qcow2Writer {
     setCopiedNormalRun(table.data, (start % this.image.geometry.l2Coverage) / cs, n, host, cs);
     await this.map.tableChanged(table);
     this.io.forgetCompressed();
+  }
+
+  /**
+   * writeFresh's whole work but telling the cache of the table's change, in one synchronous step,
+   * when the allocator can hand out the clusters at once; false (nothing done) otherwise. The data
+   * write is started and pushed to `deferred`; the entries are set at once, which is safe for the
+   * reason writeLocked gives (every L2 write-back first waits for the writes in flight). The
+   * caller then awaits map.tableChanged(table).
+   */
+  private freshNow(table: CachedTable, start: number, data: Payload, deferred: Promise<void>[]): boolean {
+    const cs = this.cs;
+    const n = data.length / cs;
+    const rc = this.refcounts;
+    const host = rc.allocClustersNow ? rc.allocClustersNow(n) : -1;
+    if (host === -1) return false;
+    this.map.noteGrowth();
+    deferred.push(this.track(this.writeFreshData(start, host, data)));
+    setCopiedNormalRun(table.data, (start % this.image.geometry.l2Coverage) / cs, n, host, cs);
+    this.io.forgetCompressed();
+    return true;
   }
 
   private async writeFreshData(start: number, host: number, data: Payload): Promise<void> {
