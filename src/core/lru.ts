@@ -41,6 +41,13 @@ export class Lru<K, V> {
   /** Entries whose `beforeEvict` is running (not picked again meanwhile). */
   private readonly evicting = new Set<K>();
   private used = 0;
+  /**
+   * The key last made most recently used (the Map's last), or undefined when not known. Touching
+   * it again changes nothing, so get() and a re-insertion skip the Map delete + set: V8 shrinks a
+   * Map's table when a delete leaves it a quarter full, so with one or two entries (one L2 table,
+   * one refcount block: every allocating write) each touch reallocated it.
+   */
+  private newest: K | undefined;
 
   constructor(private readonly options: LruOptions<K, V>) {}
 
@@ -79,9 +86,10 @@ export class Lru<K, V> {
   /** The entry, made the most recently used; undefined when not held. */
   get(key: K): V | undefined {
     const hit = this.map.get(key);
-    if (hit !== undefined) {
+    if (hit !== undefined && key !== this.newest) {
       this.map.delete(key);
       this.map.set(key, hit);
+      this.newest = key;
     }
     return hit;
   }
@@ -137,6 +145,7 @@ export class Lru<K, V> {
     for (const l of this.loading.values()) l.stale = true;
     this.loading.clear();
     this.map.clear();
+    this.newest = undefined;
     this.used = 0;
   }
 
@@ -203,14 +212,21 @@ export class Lru<K, V> {
   }
 
   private insert(key: K, value: V): void {
-    this.remove(key);
+    if (key === this.newest && this.map.has(key)) {
+      // Already last: replaced where it stands.
+      this.used -= this.sizeOf(key, this.map.get(key) as V);
+    } else {
+      this.remove(key);
+    }
     this.map.set(key, value);
+    this.newest = key;
     this.used += this.sizeOf(key, value);
   }
 
   private remove(key: K): boolean {
     const old = this.map.get(key);
     if (old === undefined && !this.map.has(key)) return false;
+    if (key === this.newest) this.newest = undefined;
     this.map.delete(key);
     this.used -= this.sizeOf(key, old as V);
     return true;

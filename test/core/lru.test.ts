@@ -23,6 +23,31 @@ test('a hit makes the entry the most recently used; the least recently used goes
   assert.deepEqual([...lru.keys()], [1, 4, 5]);
 });
 
+test('touching or replacing the newest entry again keeps the order and the count; removing it forgets it was newest', () => {
+  const lru = new Lru<number, Uint8Array>({ budget: 30, size: (v) => v.length });
+  lru.set(1, new Uint8Array(10));
+  lru.set(2, new Uint8Array(10));
+  for (let i = 0; i < 3; i++) assert.equal(lru.get(2)?.length, 10); // already the newest
+  lru.set(2, new Uint8Array(5)); // replaced where it stands, re-counted
+  assert.equal(lru.held, 15);
+  assert.deepEqual([...lru.keys()], [1, 2]);
+  lru.get(1);
+  assert.deepEqual([...lru.keys()], [2, 1]);
+  lru.delete(1);
+  // 2 is the only entry now, but it is not known as the newest: a get still orders it right.
+  lru.set(3, new Uint8Array(10));
+  lru.get(2);
+  assert.deepEqual([...lru.keys()], [3, 2]);
+  lru.set(4, new Uint8Array(20)); // over budget: 3, the least recently used, goes
+  assert.deepEqual([...lru.keys()], [2, 4]);
+  assert.equal(lru.held, 25);
+  lru.clear();
+  lru.set(5, new Uint8Array(1));
+  lru.get(5);
+  assert.deepEqual([...lru.keys()], [5]);
+  assert.equal(lru.held, 1);
+});
+
 test('the budget counts what size returns (bytes), and replacing an entry re-counts it', () => {
   const lru = new Lru<string, Uint8Array>({ budget: 30, size: (v) => v.length });
   lru.set('a', new Uint8Array(10));

@@ -18,7 +18,7 @@
 import { CorruptionEvent, QcowError, corrupt } from '../../core/errors.js';
 import { setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
-import { decodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcount.js';
+import { decodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, refcountsZero, setRefcount, setRefcountsToOne } from './refcount.js';
 import { MAX_REFCOUNT_TABLE_BYTES } from './layout.js';
 import { Lru } from '../../core/lru.js';
 
@@ -50,6 +50,11 @@ export interface AllocatorHooks {
 export interface Allocator {
   /** `n` contiguous free clusters with refcount 1; their host offset. */
   allocClusters(n: number): Promise<number>;
+  /**
+   * allocClusters when it can be done at once, without I/O (the common case of an image growing
+   * at its end); -1 when the caller must use allocClusters. Optional: a fake may leave it out.
+   */
+  allocClustersNow?(n: number): number;
   /** Room for one compressed cluster of `size` bytes (packed at byte granularity). */
   allocBytes(size: number): Promise<number>;
   /** References to [offset, +length) are gone from memory: counts drop at applyPendingFrees. */
@@ -206,6 +211,11 @@ export class Refcounts implements Allocator {
   }
 
   /** Allocate `n` contiguous free clusters with refcount 1; returns the host offset. */
+  allocClustersNow(n: number): number {
+    const at = this.allocAtHint(n);
+    return at === -1 ? -1 : at * this.clusterSize;
+  }
+
   async allocClusters(n: number): Promise<number> {
     const at = this.allocAtHint(n);
     if (at !== -1) return at * this.clusterSize;
@@ -230,8 +240,8 @@ export class Refcounts implements Allocator {
     const block = this.blocks.get(b);
     if (!block) return -1;
     const first = start - b * this.perBlock;
-    for (let i = first; i < first + n; i++) if (getRefcount(block, i, this.refcountBits) !== 0) return -1;
-    for (let i = first; i < first + n; i++) setRefcount(block, i, this.refcountBits, 1);
+    if (!refcountsZero(block, first, n, this.refcountBits)) return -1;
+    setRefcountsToOne(block, first, n, this.refcountBits);
     this.dirtyBlocks.add(b);
     this.noteUsed(start, n);
     this.freeHint = start + n;

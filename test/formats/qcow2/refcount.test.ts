@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { needs, qemuImg, qemuIo, scratch } from '../../support/qemu.js';
-import { checkRefcountBits, decodeRefcountTable, encodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, setRefcount, REFCOUNT_WIDTHS } from '#src/formats/qcow2/refcount.js';
+import { checkRefcountBits, decodeRefcountTable, encodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, refcountsZero, setRefcount, setRefcountsToOne, REFCOUNT_WIDTHS } from '#src/formats/qcow2/refcount.js';
 
 test('every width round-trips values 0..max at every index of a block', () => {
   for (const bits of REFCOUNT_WIDTHS) {
@@ -13,6 +13,30 @@ test('every width round-trips values 0..max at every index of a block', () => {
     const value = (i: number) => (bits >= 32 ? (i * 2654435761) % max : i % (max + 1));
     for (let i = 0; i < n; i++) setRefcount(block, i, bits, value(i));
     for (let i = 0; i < n; i++) assert.equal(getRefcount(block, i, bits), value(i), `bits ${bits} index ${i}`);
+  }
+});
+
+test('a run of counts is zero-tested and set to one exactly as entry by entry, at every width', () => {
+  for (const bits of REFCOUNT_WIDTHS) {
+    const n = entriesPerBlock(512, bits);
+    // Runs at the block's edges and at odd places inside it (sub-byte widths share bytes).
+    for (const [first, len] of [[0, 1], [0, n], [1, 7], [n - 3, 3], [5, 40], [n - 1, 1]] as const) {
+      const block = new Uint8Array(512);
+      // Neighbours of the run hold counts that must stay as they are.
+      if (first > 0) setRefcount(block, first - 1, bits, 1);
+      if (first + len < n) setRefcount(block, first + len, bits, 1);
+      assert.equal(refcountsZero(block, first, len, bits), true, `bits ${bits} run ${first}+${len}`);
+      setRefcountsToOne(block, first, len, bits);
+      for (let i = 0; i < n; i++) {
+        const want = (i >= first && i < first + len) || i === first - 1 || i === first + len ? 1 : 0;
+        assert.equal(getRefcount(block, i, bits), want, `bits ${bits} run ${first}+${len} index ${i}`);
+      }
+      // One count inside a run makes it non-zero, wherever it is.
+      const probe = new Uint8Array(512);
+      setRefcount(probe, first + len - 1, bits, 1);
+      assert.equal(refcountsZero(probe, first, len, bits), false, `bits ${bits} run ${first}+${len} with its last entry set`);
+      assert.equal(first === 0 || refcountsZero(probe, 0, first, bits), true);
+    }
   }
 });
 
