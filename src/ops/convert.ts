@@ -8,9 +8,10 @@
  * - `parallel` workers take items in order; each owns one buffer, reused for every item, so memory
  *   is `parallel x chunkSize` whatever the image size (a 4 TiB sparse disk costs what a small one
  *   does). Reads of later items overlap the write of earlier ones.
- * - Writes land in guest order (as qemu-img without -W), so the target's layout is the same on
- *   every run; with `outOfOrder` (qemu-img -W) or compression they may finish in any order, which
- *   lets compression run on several threads (node:zlib works on the libuv pool).
+ * - Writes are issued in guest order (as qemu-img without -W), so the target's layout is the same
+ *   on every run; with `outOfOrder` (qemu-img -W) they may be issued in any order. Compressed
+ *   writes are issued in order too, and the target compresses the clusters of several of them
+ *   side by side (node:zlib works on the libuv pool) before placing them in that order.
  *
  * What is written where (qemu-img's rules):
  * - Fresh target without backing (`targetIsZero`): zero runs and all-zero blocks of `sparseSize`
@@ -100,7 +101,9 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
   let chunk = options.chunkSize ?? 2 * 1024 * 1024;
   chunk = Math.max(cluster, chunk - (chunk % cluster));
   const parallel = Math.max(1, Math.min(64, options.parallel ?? 8));
-  const ordered = !options.outOfOrder && !options.compress;
+  // In order unless -W: compressed chunks too, so that their clusters are placed in guest order
+  // (the target compresses several calls' clusters side by side and places them in call order).
+  const ordered = !options.outOfOrder;
   const backing = target.backing;
   // A target with a backing file gets only what differs from it: that needs the bytes in hand.
   let offload = !!options.copyOffload && !!target.writePlaced && !backing;

@@ -79,6 +79,8 @@ export class Qcow1Device extends DeviceBase {
   private readonly l1View: DataView;
   private readonly l2Cache: L2Cache;
   private readonly mutex = new Mutex();
+  /** Compressed writes take the mutex in the order they were called (see writeCompressed). */
+  private readonly compressOrder = new Mutex();
   private readonly cipher: SectorCipher | null;
   /** Where new clusters and tables go (the end of the file). */
   private readonly space: FileSpace;
@@ -527,9 +529,22 @@ export class Qcow1Device extends DeviceBase {
     if (this.encrypted) throw unsupported('Compression and encryption not supported at the same time (QEMU would store the cluster unencrypted)', this.filename);
     const cluster = new Uint8Array(cs);
     cluster.set(data);
-    // Deflate outside the lock: parallel writers compress at the same time.
-    const packed = await deflateRaw(cluster);
-    await this.mutex.run(async () => {
+    // Deflate outside the lock: parallel writers compress at the same time. The clusters still
+    // take their places in the order of the calls (as in qcow2's writeCompressed): the same input
+    // gives the same file.
+    const deflating = deflateRaw(cluster);
+    deflating.catch(() => undefined); // taken in turn below
+    const queued = await this.compressOrder.run(async () => {
+      const packed = await deflating;
+      return { done: this.placeCompressed(offset, data, packed) };
+    });
+    await queued.done;
+  }
+
+  /** The locked step of writeCompressed: the cluster stored compressed, or plain when it did not shrink. */
+  private placeCompressed(offset: number, data: Uint8Array, packed: Uint8Array): Promise<void> {
+    const cs = this.clusterSize;
+    return this.mutex.run(async () => {
       const index = offset / cs;
       if (packed.length >= cs || (await this.entryOf(index)).kind === 'normal') {
         await this.writePiece(offset, data);

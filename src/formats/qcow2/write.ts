@@ -89,6 +89,8 @@ async function repairDirty(image: Qcow2Image, map: ClusterMap): Promise<void> {
 
 export class Qcow2Writer {
   private readonly lock = new Mutex();
+  /** Compressed writes enter `lock` in the order they were called (see writeCompressed). */
+  private readonly compressOrder = new Mutex();
   private l2Written = false;
   /** In-place data writes started under the lock and still running (see write()). */
   private inFlight = 0;
@@ -400,13 +402,25 @@ export class Qcow2Writer {
     // Compress before taking the lock: the lock serialises allocation, and compression done under
     // it would run one cluster at a time while the codec pool could do several at once.
     const zstd = this.image.header.compressionType === COMPRESSION_ZSTD;
-    const results = await this.io.compressClusters(data);
-    return this.guarded(async () => {
-      if (this.unmapFreesPending) await this.settleFrees();
-      const marking = this.bitmaps.mark(offset, data.length);
-      if (marking) await marking;
-      await this.compressedLocked(offset, data, results, zstd);
+    const compressing = this.io.compressClusters(data);
+    // Its failure is taken when this call's turn comes; until then it is not unhandled.
+    compressing.catch(() => undefined);
+    // Compressions run side by side and finish in any order (node:zlib works on libuv's pool), but
+    // the clusters are placed in the order the calls came, as qemu-img places them: the same
+    // input gives the same file every time. Each call waits for its own compression in turn and
+    // queues on the lock then; the wrapper keeps run() from waiting for the locked step itself.
+    const queued = await this.compressOrder.run(async () => {
+      const results = await compressing;
+      return {
+        done: this.guarded(async () => {
+          if (this.unmapFreesPending) await this.settleFrees();
+          const marking = this.bitmaps.mark(offset, data.length);
+          if (marking) await marking;
+          await this.compressedLocked(offset, data, results, zstd);
+        }),
+      };
     });
+    return queued.done;
   }
 
   flush(): Promise<void> {
