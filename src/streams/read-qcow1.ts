@@ -14,7 +14,8 @@ import { decodeEntry } from '../formats/qcow1/l2-entry.js';
 import { inflateRaw } from '../compress/lazy.js';
 import { legacyAesCipher } from '../crypto/legacy-aes.js';
 import type { SectorCipher } from '../crypto/types.js';
-import { ClusterReader, type StreamImageInfo, type StreamReadOptions, type StreamReadResult } from './read-qcow2.js';
+import type { StreamImageInfo, StreamReadOptions, StreamReadResult } from './read-qcow2.js';
+import type { ClusterReader } from './cluster-reader.js';
 import type { Spill } from './spill.js';
 
 /** The piece of the stream looked at at once. */
@@ -28,11 +29,10 @@ type Want = { offset: number; length: number; buf?: Uint8Array; filled: number }
 );
 
 export async function readQcow1Stream(
-  chunks: AsyncIterable<Uint8Array>,
+  reader: ClusterReader,
   openTarget: (info: StreamImageInfo) => Promise<BlockDevice>,
   options: StreamReadOptions = {},
 ): Promise<StreamReadResult & { target: BlockDevice }> {
-  const reader = new ClusterReader(chunks[Symbol.asyncIterator]());
   const head = await reader.take(UNIT);
   if (head.length < 48) throw new QcowError('QCOW_CORRUPT', `the stream ended after ${head.length} bytes, inside the qcow header`);
   const h = decodeHeader(head, Number.MAX_SAFE_INTEGER);

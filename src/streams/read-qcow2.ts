@@ -27,6 +27,7 @@ import { decompressCluster } from '../formats/qcow2/compressed.js';
 import { openEncryption, type Qcow2Encryption } from '../formats/qcow2/encryption.js';
 import type { ByteStore } from '../storage/types.js';
 import type { Spill } from './spill.js';
+import type { ClusterReader } from './cluster-reader.js';
 
 /** What the image is, from its header: the target is made from this before any data arrives. */
 export interface StreamImageInfo {
@@ -69,60 +70,16 @@ type Want =
   | { kind: 'data'; guest: number; host: number; alloc: number }
   | { kind: 'compressed'; guest: number; host: number; bound: number };
 
-/** Turns the chunks of a stream into whole clusters of the file, in order. */
-export class ClusterReader {
-  private pending: Uint8Array[] = [];
-  private pendingBytes = 0;
-  private done = false;
-  offset = 0;
-  constructor(private readonly it: AsyncIterator<Uint8Array>) {}
-
-  /** The next `n` bytes (fewer only at the end of the stream). */
-  async take(n: number): Promise<Uint8Array> {
-    while (this.pendingBytes < n && !this.done) {
-      const r = await this.it.next();
-      if (r.done) this.done = true;
-      else if (r.value.length > 0) {
-        this.pending.push(r.value);
-        this.pendingBytes += r.value.length;
-      }
-    }
-    // The common case, a chunk holding all `n` bytes: a view of it, no copy.
-    const head = this.pending[0];
-    if (head && head.length >= n) {
-      this.pending[0] = head.subarray(n);
-      if (head.length === n) this.pending.shift();
-      this.pendingBytes -= n;
-      this.offset += n;
-      return head.subarray(0, n);
-    }
-    const out = new Uint8Array(Math.min(n, this.pendingBytes));
-    let filled = 0;
-    while (filled < out.length) {
-      const c = this.pending[0]!;
-      const k = Math.min(c.length, out.length - filled);
-      out.set(c.subarray(0, k), filled);
-      filled += k;
-      if (k === c.length) this.pending.shift();
-      else this.pending[0] = c.subarray(k);
-    }
-    this.pendingBytes -= out.length;
-    this.offset += out.length;
-    return out;
-  }
-}
-
 /**
- * Convert the qcow2 image arriving on `chunks`: `openTarget` receives the header's facts and gives
+ * Convert the qcow2 image arriving on `reader`: `openTarget` receives the header's facts and gives
  * the device to write into (fresh, or an existing one); data is written as it arrives.
  */
 export async function readQcow2Stream(
-  chunks: AsyncIterable<Uint8Array>,
+  reader: ClusterReader,
   openTarget: (info: StreamImageInfo) => Promise<BlockDevice>,
   options: StreamReadOptions = {},
 ): Promise<StreamReadResult & { target: BlockDevice }> {
   const budget = options.bufferBytes ?? 64 * 1024 * 1024;
-  const reader = new ClusterReader(chunks[Symbol.asyncIterator]());
   const first = await reader.take(512);
   if (first.length < 104) throw new QcowError('QCOW_CORRUPT', `the stream ended after ${first.length} bytes, inside the qcow2 header`);
   const cs = 2 ** peakClusterBitsSafe(first);
@@ -142,7 +99,7 @@ export async function readQcow2Stream(
   const info: StreamImageInfo = { format: 'qcow2', size: h.size, clusterSize: cs, extendedL2, backingFile: h.backingFile, backingFormat: h.backingFormat };
   if (extendedL2 && h.backingFile !== undefined) throw new QcowError('QCOW_UNSUPPORTED', 'an image with extended L2 entries and a backing file cannot be read from a stream yet');
   const target = await openTarget(info);
-  const state = new StreamState(h, g, cs, budget, target, extendedL2, options.signal, options.spill);
+  const state = new StreamState(h, g, cs, budget, target, reader, extendedL2, options.signal, options.spill);
   if (h.cryptMethod !== 0) await state.setUpEncryption(head, options.password!);
   try {
     await state.run(reader, options.onProgress);
@@ -189,6 +146,7 @@ class StreamState {
     private readonly cs: number,
     private readonly budget: number,
     private readonly target: BlockDevice,
+    private readonly reader: ClusterReader,
     extendedL2: boolean,
     private readonly signal?: AbortSignal,
     private readonly spill?: { store: Spill; limit: number },
@@ -250,6 +208,7 @@ class StreamState {
   async run(reader: ClusterReader, onProgress?: (n: number) => void): Promise<void> {
     // Cluster 0 (the header) is done; the rest of the file, cluster by cluster.
     const cs = this.cs;
+    if (reader.retain < 2) throw new RangeError('the qcow2 stream reader looks back two clusters: its reader must keep them');
     for (let c = 1; ; c++) {
       throwIfAborted(this.signal);
       if (this.failure !== undefined) throw this.failure;
@@ -276,8 +235,9 @@ class StreamState {
       // Compressed data that started up to two clusters back may end in this one.
       await this.finishCompressed(c);
       if (bytes.length < cs) return this.ended(c + 1);
-      // Back-pressure: keep at most a few writes in flight.
-      while (this.writes.size >= 8) await Promise.race(this.writes);
+      // Back-pressure: keep at most a few writes in flight, and little of the reader's memory in
+      // them (each MiB pinned is a slab the reader cannot reuse and so allocates anew).
+      while (this.writes.size >= 8 || this.pinnedBytes > StreamState.PINNED_BYTES) await Promise.race(this.writes);
     }
   }
 
@@ -324,7 +284,8 @@ class StreamState {
     if (this.tablesPending === 0) return;
     if (this.refcountOf(c) === 0) return;
     if (this.keptBytes + this.cs <= this.budget) {
-      this.kept.set(c, cluster);
+      // A copy: the reader reuses the memory of clusters that have left the window.
+      this.kept.set(c, cluster.slice());
       this.keptBytes += this.cs;
       this.peakBuffered = Math.max(this.peakBuffered, this.keptBytes + this.spilled.size * this.cs);
       return;
@@ -394,7 +355,7 @@ class StreamState {
         return;
       }
       case 'refblock':
-        this.refblocks.set(w.block, cluster);
+        this.refblocks.set(w.block, cluster.slice());
         return;
       case 'luks': {
         this.tablesPending--;
@@ -531,43 +492,66 @@ class StreamState {
     for (const c of this.spilled.keys()) if (!needed.has(c)) this.spilled.delete(c);
   }
 
-  /** Data for consecutive guest offsets, gathered into one write (a write per cluster cost 3x). */
-  private gathered: { guest: number; buf: Uint8Array; used: number } | undefined;
+  /**
+   * Data for consecutive guest offsets, gathered into one write (a write per cluster cost 3x):
+   * clusters that lie one after the other in the reader's memory too (a run of data clusters as
+   * qemu-img lays them out) as one view of it, no copy; small clusters copied into a buffer.
+   */
+  private gathered: { guest: number; buf: Uint8Array; used: number; view: boolean } | undefined;
   private static readonly RUN_BYTES = 2 * 1024 * 1024;
-  /** Clusters this large are written as they are: gathering them cost more in copies than it saved. */
+  /** Bytes of the reader's memory in writes still in flight, and how many may be. */
+  private pinnedBytes = 0;
+  private static readonly PINNED_BYTES = 2 * 1024 * 1024;
+  /** Clusters this large are not copied to be gathered: that cost more in copies than it saved. */
   private static readonly DIRECT_BYTES = 64 * 1024;
 
   private write(guest: number, data: Uint8Array): void {
     const r = this.gathered;
-    if (r && r.guest + r.used === guest && r.used + data.length <= r.buf.length) {
-      r.buf.set(data, r.used);
-      r.used += data.length;
-      return;
+    if (r && r.guest + r.used === guest && r.used + data.length <= StreamState.RUN_BYTES) {
+      if (r.view && data.buffer === r.buf.buffer && r.buf.byteOffset + r.used === data.byteOffset) {
+        r.used += data.length;
+        r.buf = new Uint8Array(data.buffer, r.buf.byteOffset, r.used);
+        return;
+      }
+      if (!r.view && r.used + data.length <= r.buf.length) {
+        r.buf.set(data, r.used);
+        r.used += data.length;
+        return;
+      }
     }
     this.flushRun();
-    if (data.length >= StreamState.DIRECT_BYTES) return this.issue(guest, data);
+    if (this.reader.pin(data)) {
+      // The reader's memory: kept from reuse until written (see issue), and more may join it.
+      this.gathered = { guest, buf: data, used: data.length, view: true };
+      return;
+    }
+    // Memory of its own (a decompressed or decrypted cluster, a chunk of the input): written now.
+    if (data.length >= StreamState.DIRECT_BYTES) return this.issue(guest, data, false);
     const buf = new Uint8Array(StreamState.RUN_BYTES);
     buf.set(data);
-    this.gathered = { guest, buf, used: data.length };
+    this.gathered = { guest, buf, used: data.length, view: false };
   }
 
   private flushRun(): void {
     const r = this.gathered;
     if (!r) return;
     this.gathered = undefined;
-    this.issue(r.guest, r.buf.subarray(0, r.used));
+    this.issue(r.guest, r.buf.subarray(0, r.used), r.view);
   }
 
-  private issue(guest: number, data: Uint8Array): void {
-    const p = this.target.write(guest, data).then(
-      () => {
-        this.writes.delete(p);
-      },
-      (e: unknown) => {
-        this.writes.delete(p);
-        this.failure ??= e;
-      },
-    );
+  /** Write `data` at `guest`; `pinned`: it is the reader's memory, given back once written. */
+  private issue(guest: number, data: Uint8Array, pinned: boolean): void {
+    const done = () => {
+      this.writes.delete(p);
+      if (!pinned) return;
+      this.reader.unpin(data);
+      this.pinnedBytes -= data.length;
+    };
+    if (pinned) this.pinnedBytes += data.length;
+    const p: Promise<void> = this.target.write(guest, data).then(done, (e: unknown) => {
+      done();
+      this.failure ??= e;
+    });
     this.writes.add(p);
   }
 
