@@ -136,7 +136,8 @@ async function hashThroughFdSource(file: string, nonBlocking: boolean): Promise<
     for (let n; (n = await src.read(buf)) > 0; ) h.update(buf.subarray(0, n));
     console.log(h.digest('hex'));
   `;
-  const r = await run('bash', ['-c', `cat '${file}' | node --input-type=module -e "$0"`, script]);
+  // The writer pauses after 100000 bytes: the reader finds the pipe empty at least once.
+  const r = await run('bash', ['-c', `(head -c 100000 '${file}'; sleep 0.3; tail -c +100001 '${file}') | node --input-type=module -e "$0"`, script]);
   assert.equal(r.code, 0, r.stderr);
   return { hash: r.stdout.trim(), fellBack: r.stderr.includes('fallback') };
 }
