@@ -76,7 +76,8 @@ export class ClusterReader {
    */
   async take(n: number): Promise<Uint8Array> {
     this.release();
-    await this.fill(n);
+    // Only when the bytes are not here yet: a cluster already read costs no promise to wait on.
+    if (this.available < n && !this.done) await this.fill(n);
     const k = Math.min(n, this.available);
     let view: Uint8Array;
     let slab: Slab | undefined;
