@@ -16,6 +16,7 @@ import { legacyAesCipher } from '../crypto/legacy-aes.js';
 import type { SectorCipher } from '../crypto/types.js';
 import type { StreamImageInfo, StreamReadOptions, StreamReadResult } from './read-qcow2.js';
 import type { ClusterReader } from './cluster-reader.js';
+import { GatheredWrites } from './gathered-writes.js';
 import type { Spill } from './spill.js';
 
 /** The piece of the stream looked at at once. */
@@ -50,7 +51,7 @@ export async function readQcow1Stream(
   const size = virtualSizeOf(h);
   const info: StreamImageInfo = { format: 'qcow', size, clusterSize: cs, extendedL2: false, backingFile };
   const target = await openTarget(info);
-  const state = new Qcow1Stream(h, size, target, options.bufferBytes ?? 64 * 1024 * 1024, cipher, options.signal, options.spill);
+  const state = new Qcow1Stream(h, size, new GatheredWrites(target, reader), options.bufferBytes ?? 64 * 1024 * 1024, cipher, options.signal, options.spill);
   try {
     await state.run(reader, head, options.onProgress);
   } finally {
@@ -72,14 +73,12 @@ class Qcow1Stream {
   private tablesPending = 0;
   private dataPending = 0;
   private readonly decided: Uint8Array;
-  private readonly writes = new Set<Promise<void>>();
-  private failure: unknown;
   private unit = 0;
 
   constructor(
     private readonly h: QcowHeader,
     private readonly size: number,
-    private readonly target: BlockDevice,
+    private readonly out: GatheredWrites,
     private readonly budget: number,
     private readonly cipher: SectorCipher | undefined,
     private readonly signal?: AbortSignal,
@@ -99,7 +98,7 @@ class Qcow1Stream {
     await this.want({ kind: 'l1', offset: this.h.l1TableOffset, length: l1Bytes, filled: 0 });
     for (;;) {
       throwIfAborted(this.signal);
-      if (this.failure !== undefined) throw this.failure;
+      if (this.out.failure !== undefined) throw this.out.failure;
       await this.arrived(bytes);
       onProgress?.(reader.offset);
       if (this.tablesPending === 0 && this.dataPending === 0) {
@@ -112,7 +111,7 @@ class Qcow1Stream {
       this.unit++;
       bytes = await reader.take(UNIT);
       if (bytes.length === 0) return this.ended(reader.offset);
-      while (this.writes.size >= 8) await Promise.race(this.writes);
+      await this.out.backPressure();
     }
   }
 
@@ -150,12 +149,19 @@ class Qcow1Stream {
     const starting = this.byUnit.get(u) ?? [];
     this.byUnit.delete(u);
     for (const w of starting) {
+      const from = w.offset - u * UNIT;
+      if (w.kind === 'data' && !this.cipher && from + w.length <= bytes.length) {
+        // All of it in this unit: written from the reader's memory, not copied.
+        this.dataPending--;
+        this.out.write(w.guest, bytes.subarray(from, from + w.length));
+        continue;
+      }
       w.buf = new Uint8Array(w.length);
       this.active.push(w);
     }
     // Held only when nothing named any of it: a unit a table has used is not named again by
     // QEMU's layouts, and holding every unit until the last L2 table would hold the image.
-    if (this.active.length === 0) {
+    if (this.active.length === 0 && starting.length === 0) {
       await this.keep(u, bytes);
       return;
     }
@@ -266,19 +272,11 @@ class Qcow1Stream {
   }
 
   private write(guest: number, data: Uint8Array): void {
-    const p = this.target.write(guest, data).then(
-      () => void this.writes.delete(p),
-      (e: unknown) => {
-        this.writes.delete(p);
-        this.failure ??= e;
-      },
-    );
-    this.writes.add(p);
+    this.out.write(guest, data);
   }
 
   async settle(): Promise<void> {
-    while (this.writes.size > 0) await Promise.all(this.writes);
-    if (this.failure !== undefined) throw this.failure;
+    await this.out.settle();
   }
 }
 

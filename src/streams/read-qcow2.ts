@@ -28,6 +28,7 @@ import { openEncryption, type Qcow2Encryption } from '../formats/qcow2/encryptio
 import type { ByteStore } from '../storage/types.js';
 import type { Spill } from './spill.js';
 import type { ClusterReader } from './cluster-reader.js';
+import { GatheredWrites } from './gathered-writes.js';
 
 /** What the image is, from its header: the target is made from this before any data arrives. */
 export interface StreamImageInfo {
@@ -131,8 +132,8 @@ class StreamState {
   private readonly window = new Map<number, Uint8Array>();
   private readonly refblocks = new Map<number, Uint8Array>();
   private readonly decided: Uint8Array;
-  private readonly writes = new Set<Promise<void>>();
-  private failure: unknown;
+  /** Where the guest data goes. */
+  private readonly out: GatheredWrites;
   private readonly ctx: L2Context;
   /** Encrypted images: the cipher, once known (LUKS: once its header area has arrived). */
   private encryption: Qcow2Encryption | undefined;
@@ -145,13 +146,14 @@ class StreamState {
     private readonly g: ReturnType<typeof qcow2Geometry>,
     private readonly cs: number,
     private readonly budget: number,
-    private readonly target: BlockDevice,
-    private readonly reader: ClusterReader,
+    target: BlockDevice,
+    reader: ClusterReader,
     extendedL2: boolean,
     private readonly signal?: AbortSignal,
     private readonly spill?: { store: Spill; limit: number },
   ) {
     this.ctx = { clusterBits: h.clusterBits, extendedL2, externalDataFile: false };
+    this.out = new GatheredWrites(target, reader);
     this.decided = new Uint8Array(Math.ceil(Math.ceil(h.size / cs) / 8));
     const l1Clusters = Math.ceil((h.l1Size * 8) / cs);
     for (let i = 0; i < l1Clusters; i++) this.want(h.l1TableOffset + i * cs, { kind: 'l1', index: i }, true);
@@ -211,7 +213,7 @@ class StreamState {
     if (reader.retain < 2) throw new RangeError('the qcow2 stream reader looks back two clusters: its reader must keep them');
     for (let c = 1; ; c++) {
       throwIfAborted(this.signal);
-      if (this.failure !== undefined) throw this.failure;
+      if (this.out.failure !== undefined) throw this.out.failure;
       if (this.tablesPending === 0 && this.dataPending === 0) {
         // Everything the image maps has arrived: the rest (refcounts, snapshots, free space)
         // does not change the guest's content. Read on a while, so a writer that sends the whole
@@ -235,9 +237,7 @@ class StreamState {
       // Compressed data that started up to two clusters back may end in this one.
       await this.finishCompressed(c);
       if (bytes.length < cs) return this.ended(c + 1);
-      // Back-pressure: keep at most a few writes in flight, and little of the reader's memory in
-      // them (each MiB pinned is a slab the reader cannot reuse and so allocates anew).
-      while (this.writes.size >= 8 || this.pinnedBytes > StreamState.PINNED_BYTES) await Promise.race(this.writes);
+      await this.out.backPressure();
     }
   }
 
@@ -396,11 +396,11 @@ class StreamState {
             const from = k * sc;
             const guest = w.guest + from;
             if (guest >= this.h.size) break;
-            this.write(guest, cluster.subarray(from, Math.min(from + sc, this.h.size - w.guest)));
+            this.out.write(guest, cluster.subarray(from, Math.min(from + sc, this.h.size - w.guest)));
           }
           return;
         }
-        this.write(w.guest, cluster.subarray(0, Math.min(cs, this.h.size - w.guest)));
+        this.out.write(w.guest, cluster.subarray(0, Math.min(cs, this.h.size - w.guest)));
         return;
       }
       case 'compressed':
@@ -439,7 +439,7 @@ class StreamState {
     }
     const data = await decompressCluster(raw, this.cs, this.h.compressionType === COMPRESSION_ZSTD ? 'zstd' : 'zlib', w.host);
     this.dataPending--;
-    this.write(w.guest, data.subarray(0, Math.min(this.cs, this.h.size - w.guest)));
+    this.out.write(w.guest, data.subarray(0, Math.min(this.cs, this.h.size - w.guest)));
   }
 
   /** An L2 table: name its data clusters; note which guest clusters the image decides. */
@@ -492,73 +492,8 @@ class StreamState {
     for (const c of this.spilled.keys()) if (!needed.has(c)) this.spilled.delete(c);
   }
 
-  /**
-   * Data for consecutive guest offsets, gathered into one write (a write per cluster cost 3x):
-   * clusters that lie one after the other in the reader's memory too (a run of data clusters as
-   * qemu-img lays them out) as one view of it, no copy; small clusters copied into a buffer.
-   */
-  private gathered: { guest: number; buf: Uint8Array; used: number; view: boolean } | undefined;
-  private static readonly RUN_BYTES = 2 * 1024 * 1024;
-  /** Bytes of the reader's memory in writes still in flight, and how many may be. */
-  private pinnedBytes = 0;
-  private static readonly PINNED_BYTES = 2 * 1024 * 1024;
-  /** Clusters this large are not copied to be gathered: that cost more in copies than it saved. */
-  private static readonly DIRECT_BYTES = 64 * 1024;
-
-  private write(guest: number, data: Uint8Array): void {
-    const r = this.gathered;
-    if (r && r.guest + r.used === guest && r.used + data.length <= StreamState.RUN_BYTES) {
-      if (r.view && data.buffer === r.buf.buffer && r.buf.byteOffset + r.used === data.byteOffset) {
-        r.used += data.length;
-        r.buf = new Uint8Array(data.buffer, r.buf.byteOffset, r.used);
-        return;
-      }
-      if (!r.view && r.used + data.length <= r.buf.length) {
-        r.buf.set(data, r.used);
-        r.used += data.length;
-        return;
-      }
-    }
-    this.flushRun();
-    if (this.reader.pin(data)) {
-      // The reader's memory: kept from reuse until written (see issue), and more may join it.
-      this.gathered = { guest, buf: data, used: data.length, view: true };
-      return;
-    }
-    // Memory of its own (a decompressed or decrypted cluster, a chunk of the input): written now.
-    if (data.length >= StreamState.DIRECT_BYTES) return this.issue(guest, data, false);
-    const buf = new Uint8Array(StreamState.RUN_BYTES);
-    buf.set(data);
-    this.gathered = { guest, buf, used: data.length, view: false };
-  }
-
-  private flushRun(): void {
-    const r = this.gathered;
-    if (!r) return;
-    this.gathered = undefined;
-    this.issue(r.guest, r.buf.subarray(0, r.used), r.view);
-  }
-
-  /** Write `data` at `guest`; `pinned`: it is the reader's memory, given back once written. */
-  private issue(guest: number, data: Uint8Array, pinned: boolean): void {
-    const done = () => {
-      this.writes.delete(p);
-      if (!pinned) return;
-      this.reader.unpin(data);
-      this.pinnedBytes -= data.length;
-    };
-    if (pinned) this.pinnedBytes += data.length;
-    const p: Promise<void> = this.target.write(guest, data).then(done, (e: unknown) => {
-      done();
-      this.failure ??= e;
-    });
-    this.writes.add(p);
-  }
-
   async settle(): Promise<void> {
-    this.flushRun();
-    while (this.writes.size > 0) await Promise.all(this.writes);
-    if (this.failure !== undefined) throw this.failure;
+    await this.out.settle();
   }
 }
 
