@@ -16,8 +16,11 @@ import type { ClusterReader } from './cluster-reader.js';
 const RUN_BYTES = 2 * 1024 * 1024;
 /** Pieces this large are not copied to be gathered: that cost more in copies than it saved. */
 const DIRECT_BYTES = 64 * 1024;
-/** Bytes of the reader's memory in writes still in flight: each MiB more is a slab it allocates anew. */
-const PINNED_BYTES = 2 * 1024 * 1024;
+/**
+ * Bytes of memory in writes still in flight (the reader's, pinned, and run buffers): each MiB
+ * more is memory allocated anew (a slab the reader cannot reuse, a run buffer).
+ */
+const BUSY_BYTES = 2 * 1024 * 1024;
 /** Writes in flight at most. */
 const IN_FLIGHT = 8;
 
@@ -26,7 +29,7 @@ export class GatheredWrites {
   /** The first write that failed; the readers stop at it. */
   failure: unknown;
   private run: { guest: number; buf: Uint8Array; used: number; view: boolean } | undefined;
-  private pinnedBytes = 0;
+  private busyBytes = 0;
   /** Run buffers whose write is done, for the next runs. */
   private readonly spareRuns: Uint8Array[] = [];
 
@@ -72,9 +75,9 @@ export class GatheredWrites {
     this.issue(r.guest, r.buf.subarray(0, r.used), r.view ? 'pinned' : 'run');
   }
 
-  /** Wait while too many writes, or too much of the reader's memory, are in flight. */
+  /** Wait while too many writes, or too much memory, are in flight. */
   async backPressure(): Promise<void> {
-    while (this.writes.size >= IN_FLIGHT || this.pinnedBytes > PINNED_BYTES) await Promise.race(this.writes);
+    while (this.writes.size >= IN_FLIGHT || this.busyBytes > BUSY_BYTES) await Promise.race(this.writes);
   }
 
   /** Write what is gathered and wait for every write; the first failure is thrown. */
@@ -90,10 +93,14 @@ export class GatheredWrites {
       this.writes.delete(p);
       if (memory === 'pinned') {
         this.reader.unpin(data);
-        this.pinnedBytes -= data.length;
-      } else if (memory === 'run' && this.spareRuns.length < 2) this.spareRuns.push(new Uint8Array(data.buffer, data.byteOffset, RUN_BYTES));
+        this.busyBytes -= data.length;
+      } else if (memory === 'run') {
+        this.busyBytes -= RUN_BYTES;
+        if (this.spareRuns.length < 4) this.spareRuns.push(new Uint8Array(data.buffer, data.byteOffset, RUN_BYTES));
+      }
     };
-    if (memory === 'pinned') this.pinnedBytes += data.length;
+    if (memory === 'pinned') this.busyBytes += data.length;
+    else if (memory === 'run') this.busyBytes += RUN_BYTES;
     const p: Promise<void> = this.target.write(guest, data).then(done, (e: unknown) => {
       done();
       this.failure ??= e;

@@ -74,6 +74,8 @@ class Qcow1Stream {
   private dataPending = 0;
   private readonly decided: Uint8Array;
   private unit = 0;
+  /** The bytes of unit `unit`, while it is looked at. */
+  private current: Uint8Array = new Uint8Array(0);
 
   constructor(
     private readonly h: QcowHeader,
@@ -125,6 +127,7 @@ class Qcow1Stream {
       else this.byUnit.set(first, [w]);
       return;
     }
+    if (first === this.unit && this.direct(w, this.current)) return;
     // Starts in bytes already seen: they must still be held (this unit is handled by arrived()).
     w.buf = new Uint8Array(w.length);
     for (let u = first; u < this.unit; u++) {
@@ -133,6 +136,15 @@ class Qcow1Stream {
       this.fill(w, u, kept);
     }
     this.active.push(w);
+  }
+
+  /** A data cluster all inside the current unit: written from the reader's memory, not copied. */
+  private direct(w: Want, bytes: Uint8Array): boolean {
+    const from = w.offset - this.unit * UNIT;
+    if (w.kind !== 'data' || this.cipher || from < 0 || from + w.length > bytes.length) return false;
+    this.dataPending--;
+    this.out.write(w.guest, bytes.subarray(from, from + w.length));
+    return true;
   }
 
   /** Copy the part of `w` that unit `u` holds. */
@@ -148,14 +160,9 @@ class Qcow1Stream {
     const u = this.unit;
     const starting = this.byUnit.get(u) ?? [];
     this.byUnit.delete(u);
+    this.current = bytes;
     for (const w of starting) {
-      const from = w.offset - u * UNIT;
-      if (w.kind === 'data' && !this.cipher && from + w.length <= bytes.length) {
-        // All of it in this unit: written from the reader's memory, not copied.
-        this.dataPending--;
-        this.out.write(w.guest, bytes.subarray(from, from + w.length));
-        continue;
-      }
+      if (this.direct(w, bytes)) continue;
       w.buf = new Uint8Array(w.length);
       this.active.push(w);
     }

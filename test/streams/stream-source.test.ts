@@ -1,7 +1,7 @@
 /**
  * Images read from a StreamSource (what `fdSource` makes of a pipe) and from chunks, at odd sizes
  * smaller and larger than a cluster, come out byte-identical to qemu-img's convert of the file:
- * plain, compressed (zlib and zstd with 2 MiB clusters), 512-byte and extended-L2 clusters, and
+ * plain, compressed (zlib and zstd with 2 MiB clusters), 512-byte and extended-L2 clusters, qcow (v1), and
  * clusters that arrive before the table naming them (held, then spilled). A stream that ends
  * inside a data cluster fails with one line. `fdSource` reads a real pipe, and one a stream made
  * non-blocking, through its fallback.
@@ -75,8 +75,12 @@ async function images(dir: string): Promise<Record<string, string>> {
   await io(p('snap.qcow2'), 'write -P 1 0 4M', 'write -P 2 20M 1M');
   await qemuImg(['snapshot', '-c', 'one', p('snap.qcow2')]);
   await io(p('snap.qcow2'), 'write -P 3 1M 1M', 'write -P 4 30M 64k', 'discard 20M 512k');
+  // qcow (v1): 4 KiB clusters, each L2 table just before the data it maps.
+  await qemuImg(['create', '-q', '-f', 'qcow', p('v1.qcow'), '32M']);
+  await qemuIo(['-f', 'qcow', '-c', 'write -P 1 0 1M', '-c', 'write -P 2 17M 300k', '-c', 'write -P 3 7M 4k', '-c', 'write -P 4 31M 70000', p('v1.qcow')]);
   return {
     'qemu-img create + guest writes': p('guest.qcow2'),
+    'qcow (v1)': p('v1.qcow'),
     zlib: p('zlib.qcow2'),
     'zstd, 2 MiB clusters': p('zstd-2m.qcow2'),
     '512-byte clusters': p('c512.qcow2'),
