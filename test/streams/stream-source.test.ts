@@ -3,8 +3,8 @@
  * smaller and larger than a cluster, come out byte-identical to qemu-img's convert of the file:
  * plain, compressed (zlib and zstd with 2 MiB clusters), 512-byte and extended-L2 clusters, qcow (v1), and
  * clusters that arrive before the table naming them (held, then spilled). A stream that ends
- * inside a data cluster fails with one line. `fdSource` reads a real pipe, and one a stream made
- * non-blocking, through its fallback.
+ * inside a data cluster fails with one line. `fdSource` reads a real pipe, and through its
+ * fallback one that Node's own stream has made non-blocking.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
