@@ -35,3 +35,4 @@ export { writeImageStream, type ChunkSink, type WriteStreamOptions, type WriteSt
 export { webStreamSink, describeSinkErrors } from './streams/sinks.js';
 export { memorySpill, type Spill } from './streams/spill.js';
 export { readImageStream, webStreamChunks, type ReadStreamOptions, type ReadStreamResult } from './streams/read-image.js';
+export { type StreamSource } from './streams/cluster-reader.js';

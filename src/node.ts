@@ -16,6 +16,7 @@ export { OverlayDevice, type OverlayOptions } from './overlay/overlay.js';
 export { defaultOpener, openImage, createImage, type NodeOpenOptions, type NodeCreateOptions } from './node-open.js';
 export { nodeWritableSink } from './streams/node-sink.node.js';
 export { fileSpill } from './streams/spill-file.node.js';
+export { fdSource } from './streams/fd-source.node.js';
 export { stageOver, type StagedTarget } from './streams/staging.node.js';
 // Serving a device over NBD, as `qcow serve` does.
 export { serveNbd, type ServeNbdOptions, type NbdServerHandle, type ListenAddress } from './nbd/serve.js';

@@ -12,6 +12,7 @@ import { QCOW2_MAGIC } from '../formats/qcow2/header.js';
 import { readQcow2Stream, type StreamImageInfo } from './read-qcow2.js';
 import { readQcow1Stream } from './read-qcow1.js';
 import type { Spill } from './spill.js';
+import { ClusterReader, type StreamSource } from './cluster-reader.js';
 import type { ByteStore } from '../storage/types.js';
 import { rawFormat } from '../formats/raw/raw.js';
 
@@ -79,44 +80,11 @@ export async function* webStreamChunks(stream: ReadableStream<Uint8Array>): Asyn
   }
 }
 
-/** The first `n` bytes of a stream without losing them: returns them and the whole stream again. */
-async function peek(chunks: AsyncIterable<Uint8Array>, n: number): Promise<{ head: Uint8Array; all: AsyncIterable<Uint8Array> }> {
-  const it = chunks[Symbol.asyncIterator]();
-  const seen: Uint8Array[] = [];
-  let have = 0;
-  let ended = false;
-  while (have < n) {
-    const r = await it.next();
-    if (r.done) {
-      ended = true;
-      break;
-    }
-    seen.push(r.value);
-    have += r.value.length;
-  }
-  const head = new Uint8Array(Math.min(n, have));
-  let at = 0;
-  for (const c of seen) {
-    if (at >= head.length) break;
-    const k = Math.min(c.length, head.length - at);
-    head.set(c.subarray(0, k), at);
-    at += k;
-  }
-  async function* all(): AsyncGenerator<Uint8Array> {
-    yield* seen;
-    if (ended) return;
-    for (;;) {
-      const r = await it.next();
-      if (r.done) return;
-      yield r.value;
-    }
-  }
-  return { head, all: all() };
-}
-
 /**
  * Convert the image on `chunks` into the device `openTarget` gives for it (made from the size the
- * header tells; for raw, `options.size`).
+ * header tells; for raw, `options.size`). `chunks` is an async iterable of chunks (a Node Readable,
+ * {@link webStreamChunks} of a web stream), or a {@link StreamSource} that reads into memory the
+ * reader reuses (`fdSource` of `qcow/node` for a pipe: no buffer allocated per read).
  *
  * @example
  * ```ts
@@ -135,11 +103,12 @@ async function peek(chunks: AsyncIterable<Uint8Array>, n: number): Promise<{ hea
  * ```
  */
 export async function readImageStream(
-  chunks: AsyncIterable<Uint8Array>,
+  chunks: AsyncIterable<Uint8Array> | StreamSource,
   openTarget: (info: { format: string; size: number; backingFile?: string; backingFormat?: string }) => Promise<BlockDevice>,
   options: ReadStreamOptions,
 ): Promise<ReadStreamResult> {
-  const { head: head8, all: all8 } = await peek(chunks, 8);
+  const reader = new ClusterReader(chunks);
+  const head8 = await reader.peek(8);
   const magic = head8.length >= 8 && new DataView(head8.buffer, head8.byteOffset).getUint32(0) === QCOW2_MAGIC;
   const version = magic ? new DataView(head8.buffer, head8.byteOffset).getUint32(4) : 0;
   const isQcow2 = magic && version >= 2;
@@ -148,7 +117,7 @@ export async function readImageStream(
     if (!magic || version !== 1) throw new QcowError('QCOW_BAD_MAGIC', 'the stream is not a qcow (v1) image');
     let streamInfo: StreamImageInfo | undefined;
     const r = await readQcow1Stream(
-      all8,
+      reader,
       async (info) => {
         streamInfo = info;
         return openTarget(info);
@@ -162,7 +131,7 @@ export async function readImageStream(
     if (!isQcow2) throw new QcowError('QCOW_BAD_MAGIC', head8.length < 8 ? 'the stream is empty, not a qcow2 image' : 'the stream is not a qcow2 image (bad magic)');
     let streamInfo: StreamImageInfo | undefined;
     const r = await readQcow2Stream(
-      all8,
+      reader,
       async (info) => {
         streamInfo = info;
         if (info.extendedL2 && !options.targetIsZero) throw new QcowError('QCOW_UNSUPPORTED', 'an image with extended L2 entries can be read from a stream only into a new target (not -n or with -B)');
@@ -178,18 +147,18 @@ export async function readImageStream(
     if (options.growingRawTarget) {
       // A new raw file takes the stream as it comes and ends where it ends.
       const store = await options.growingRawTarget();
-      const bytesIn = await copyRawGrowing(all8, store, options);
+      const bytesIn = await copyRawGrowing(reader.pieces(), store, options);
       return { format, bytesIn, peakBuffered: 0, target: await rawFormat.open(store) };
     }
     if (options.growingTarget) {
       const target = await options.growingTarget();
-      const bytesIn = await copyRawIntoGrowingImage(all8, target, options);
+      const bytesIn = await copyRawIntoGrowingImage(reader.pieces(), target, options);
       return { format, bytesIn, peakBuffered: 0, target };
     }
     throw new QcowError('QCOW_UNSUPPORTED', 'a raw stream does not say how large it is: stream it into a new image without a backing file, or from a file or a server that sends Content-Length');
   }
   const target = await openTarget({ format: 'raw', size: options.size });
-  const bytesIn = await copyRaw(all8, target, options);
+  const bytesIn = await copyRaw(reader.pieces(), target, options);
   return { format, bytesIn, peakBuffered: 0, target };
 }
 

@@ -14,7 +14,9 @@ import { decodeEntry } from '../formats/qcow1/l2-entry.js';
 import { inflateRaw } from '../compress/lazy.js';
 import { legacyAesCipher } from '../crypto/legacy-aes.js';
 import type { SectorCipher } from '../crypto/types.js';
-import { ClusterReader, type StreamImageInfo, type StreamReadOptions, type StreamReadResult } from './read-qcow2.js';
+import type { StreamImageInfo, StreamReadOptions, StreamReadResult } from './read-qcow2.js';
+import type { ClusterReader } from './cluster-reader.js';
+import { GatheredWrites } from './gathered-writes.js';
 import type { Spill } from './spill.js';
 
 /** The piece of the stream looked at at once. */
@@ -28,11 +30,10 @@ type Want = { offset: number; length: number; buf?: Uint8Array; filled: number }
 );
 
 export async function readQcow1Stream(
-  chunks: AsyncIterable<Uint8Array>,
+  reader: ClusterReader,
   openTarget: (info: StreamImageInfo) => Promise<BlockDevice>,
   options: StreamReadOptions = {},
 ): Promise<StreamReadResult & { target: BlockDevice }> {
-  const reader = new ClusterReader(chunks[Symbol.asyncIterator]());
   const head = await reader.take(UNIT);
   if (head.length < 48) throw new QcowError('QCOW_CORRUPT', `the stream ended after ${head.length} bytes, inside the qcow header`);
   const h = decodeHeader(head, Number.MAX_SAFE_INTEGER);
@@ -50,7 +51,7 @@ export async function readQcow1Stream(
   const size = virtualSizeOf(h);
   const info: StreamImageInfo = { format: 'qcow', size, clusterSize: cs, extendedL2: false, backingFile };
   const target = await openTarget(info);
-  const state = new Qcow1Stream(h, size, target, options.bufferBytes ?? 64 * 1024 * 1024, cipher, options.signal, options.spill);
+  const state = new Qcow1Stream(h, size, new GatheredWrites(target, reader), options.bufferBytes ?? 64 * 1024 * 1024, cipher, options.signal, options.spill);
   try {
     await state.run(reader, head, options.onProgress);
   } finally {
@@ -72,14 +73,14 @@ class Qcow1Stream {
   private tablesPending = 0;
   private dataPending = 0;
   private readonly decided: Uint8Array;
-  private readonly writes = new Set<Promise<void>>();
-  private failure: unknown;
   private unit = 0;
+  /** The bytes of unit `unit`, while it is looked at. */
+  private current: Uint8Array = new Uint8Array(0);
 
   constructor(
     private readonly h: QcowHeader,
     private readonly size: number,
-    private readonly target: BlockDevice,
+    private readonly out: GatheredWrites,
     private readonly budget: number,
     private readonly cipher: SectorCipher | undefined,
     private readonly signal?: AbortSignal,
@@ -99,7 +100,7 @@ class Qcow1Stream {
     await this.want({ kind: 'l1', offset: this.h.l1TableOffset, length: l1Bytes, filled: 0 });
     for (;;) {
       throwIfAborted(this.signal);
-      if (this.failure !== undefined) throw this.failure;
+      if (this.out.failure !== undefined) throw this.out.failure;
       await this.arrived(bytes);
       onProgress?.(reader.offset);
       if (this.tablesPending === 0 && this.dataPending === 0) {
@@ -112,7 +113,7 @@ class Qcow1Stream {
       this.unit++;
       bytes = await reader.take(UNIT);
       if (bytes.length === 0) return this.ended(reader.offset);
-      while (this.writes.size >= 8) await Promise.race(this.writes);
+      await this.out.backPressure();
     }
   }
 
@@ -126,6 +127,7 @@ class Qcow1Stream {
       else this.byUnit.set(first, [w]);
       return;
     }
+    if (first === this.unit && this.direct(w, this.current)) return;
     // Starts in bytes already seen: they must still be held (this unit is handled by arrived()).
     w.buf = new Uint8Array(w.length);
     for (let u = first; u < this.unit; u++) {
@@ -134,6 +136,15 @@ class Qcow1Stream {
       this.fill(w, u, kept);
     }
     this.active.push(w);
+  }
+
+  /** A data cluster all inside the current unit: written from the reader's memory, not copied. */
+  private direct(w: Want, bytes: Uint8Array): boolean {
+    const from = w.offset - this.unit * UNIT;
+    if (w.kind !== 'data' || this.cipher || from < 0 || from + w.length > bytes.length) return false;
+    this.dataPending--;
+    this.out.write(w.guest, bytes.subarray(from, from + w.length));
+    return true;
   }
 
   /** Copy the part of `w` that unit `u` holds. */
@@ -149,13 +160,15 @@ class Qcow1Stream {
     const u = this.unit;
     const starting = this.byUnit.get(u) ?? [];
     this.byUnit.delete(u);
+    this.current = bytes;
     for (const w of starting) {
+      if (this.direct(w, bytes)) continue;
       w.buf = new Uint8Array(w.length);
       this.active.push(w);
     }
     // Held only when nothing named any of it: a unit a table has used is not named again by
     // QEMU's layouts, and holding every unit until the last L2 table would hold the image.
-    if (this.active.length === 0) {
+    if (this.active.length === 0 && starting.length === 0) {
       await this.keep(u, bytes);
       return;
     }
@@ -266,19 +279,11 @@ class Qcow1Stream {
   }
 
   private write(guest: number, data: Uint8Array): void {
-    const p = this.target.write(guest, data).then(
-      () => void this.writes.delete(p),
-      (e: unknown) => {
-        this.writes.delete(p);
-        this.failure ??= e;
-      },
-    );
-    this.writes.add(p);
+    this.out.write(guest, data);
   }
 
   async settle(): Promise<void> {
-    while (this.writes.size > 0) await Promise.all(this.writes);
-    if (this.failure !== undefined) throw this.failure;
+    await this.out.settle();
   }
 }
 

@@ -27,6 +27,8 @@ import { decompressCluster } from '../formats/qcow2/compressed.js';
 import { openEncryption, type Qcow2Encryption } from '../formats/qcow2/encryption.js';
 import type { ByteStore } from '../storage/types.js';
 import type { Spill } from './spill.js';
+import type { ClusterReader } from './cluster-reader.js';
+import { GatheredWrites } from './gathered-writes.js';
 
 /** What the image is, from its header: the target is made from this before any data arrives. */
 export interface StreamImageInfo {
@@ -69,60 +71,16 @@ type Want =
   | { kind: 'data'; guest: number; host: number; alloc: number }
   | { kind: 'compressed'; guest: number; host: number; bound: number };
 
-/** Turns the chunks of a stream into whole clusters of the file, in order. */
-export class ClusterReader {
-  private pending: Uint8Array[] = [];
-  private pendingBytes = 0;
-  private done = false;
-  offset = 0;
-  constructor(private readonly it: AsyncIterator<Uint8Array>) {}
-
-  /** The next `n` bytes (fewer only at the end of the stream). */
-  async take(n: number): Promise<Uint8Array> {
-    while (this.pendingBytes < n && !this.done) {
-      const r = await this.it.next();
-      if (r.done) this.done = true;
-      else if (r.value.length > 0) {
-        this.pending.push(r.value);
-        this.pendingBytes += r.value.length;
-      }
-    }
-    // The common case, a chunk holding all `n` bytes: a view of it, no copy.
-    const head = this.pending[0];
-    if (head && head.length >= n) {
-      this.pending[0] = head.subarray(n);
-      if (head.length === n) this.pending.shift();
-      this.pendingBytes -= n;
-      this.offset += n;
-      return head.subarray(0, n);
-    }
-    const out = new Uint8Array(Math.min(n, this.pendingBytes));
-    let filled = 0;
-    while (filled < out.length) {
-      const c = this.pending[0]!;
-      const k = Math.min(c.length, out.length - filled);
-      out.set(c.subarray(0, k), filled);
-      filled += k;
-      if (k === c.length) this.pending.shift();
-      else this.pending[0] = c.subarray(k);
-    }
-    this.pendingBytes -= out.length;
-    this.offset += out.length;
-    return out;
-  }
-}
-
 /**
- * Convert the qcow2 image arriving on `chunks`: `openTarget` receives the header's facts and gives
+ * Convert the qcow2 image arriving on `reader`: `openTarget` receives the header's facts and gives
  * the device to write into (fresh, or an existing one); data is written as it arrives.
  */
 export async function readQcow2Stream(
-  chunks: AsyncIterable<Uint8Array>,
+  reader: ClusterReader,
   openTarget: (info: StreamImageInfo) => Promise<BlockDevice>,
   options: StreamReadOptions = {},
 ): Promise<StreamReadResult & { target: BlockDevice }> {
   const budget = options.bufferBytes ?? 64 * 1024 * 1024;
-  const reader = new ClusterReader(chunks[Symbol.asyncIterator]());
   const first = await reader.take(512);
   if (first.length < 104) throw new QcowError('QCOW_CORRUPT', `the stream ended after ${first.length} bytes, inside the qcow2 header`);
   const cs = 2 ** peakClusterBitsSafe(first);
@@ -142,7 +100,7 @@ export async function readQcow2Stream(
   const info: StreamImageInfo = { format: 'qcow2', size: h.size, clusterSize: cs, extendedL2, backingFile: h.backingFile, backingFormat: h.backingFormat };
   if (extendedL2 && h.backingFile !== undefined) throw new QcowError('QCOW_UNSUPPORTED', 'an image with extended L2 entries and a backing file cannot be read from a stream yet');
   const target = await openTarget(info);
-  const state = new StreamState(h, g, cs, budget, target, extendedL2, options.signal, options.spill);
+  const state = new StreamState(h, g, cs, budget, target, reader, extendedL2, options.signal, options.spill);
   if (h.cryptMethod !== 0) await state.setUpEncryption(head, options.password!);
   try {
     await state.run(reader, options.onProgress);
@@ -174,8 +132,8 @@ class StreamState {
   private readonly window = new Map<number, Uint8Array>();
   private readonly refblocks = new Map<number, Uint8Array>();
   private readonly decided: Uint8Array;
-  private readonly writes = new Set<Promise<void>>();
-  private failure: unknown;
+  /** Where the guest data goes. */
+  private readonly out: GatheredWrites;
   private readonly ctx: L2Context;
   /** Encrypted images: the cipher, once known (LUKS: once its header area has arrived). */
   private encryption: Qcow2Encryption | undefined;
@@ -188,12 +146,14 @@ class StreamState {
     private readonly g: ReturnType<typeof qcow2Geometry>,
     private readonly cs: number,
     private readonly budget: number,
-    private readonly target: BlockDevice,
+    target: BlockDevice,
+    reader: ClusterReader,
     extendedL2: boolean,
     private readonly signal?: AbortSignal,
     private readonly spill?: { store: Spill; limit: number },
   ) {
     this.ctx = { clusterBits: h.clusterBits, extendedL2, externalDataFile: false };
+    this.out = new GatheredWrites(target, reader);
     this.decided = new Uint8Array(Math.ceil(Math.ceil(h.size / cs) / 8));
     const l1Clusters = Math.ceil((h.l1Size * 8) / cs);
     for (let i = 0; i < l1Clusters; i++) this.want(h.l1TableOffset + i * cs, { kind: 'l1', index: i }, true);
@@ -250,9 +210,10 @@ class StreamState {
   async run(reader: ClusterReader, onProgress?: (n: number) => void): Promise<void> {
     // Cluster 0 (the header) is done; the rest of the file, cluster by cluster.
     const cs = this.cs;
+    if (reader.retain < 2) throw new RangeError('the qcow2 stream reader looks back two clusters: its reader must keep them');
     for (let c = 1; ; c++) {
       throwIfAborted(this.signal);
-      if (this.failure !== undefined) throw this.failure;
+      if (this.out.failure !== undefined) throw this.out.failure;
       if (this.tablesPending === 0 && this.dataPending === 0) {
         // Everything the image maps has arrived: the rest (refcounts, snapshots, free space)
         // does not change the guest's content. Read on a while, so a writer that sends the whole
@@ -276,8 +237,7 @@ class StreamState {
       // Compressed data that started up to two clusters back may end in this one.
       await this.finishCompressed(c);
       if (bytes.length < cs) return this.ended(c + 1);
-      // Back-pressure: keep at most a few writes in flight.
-      while (this.writes.size >= 8) await Promise.race(this.writes);
+      await this.out.backPressure();
     }
   }
 
@@ -324,7 +284,8 @@ class StreamState {
     if (this.tablesPending === 0) return;
     if (this.refcountOf(c) === 0) return;
     if (this.keptBytes + this.cs <= this.budget) {
-      this.kept.set(c, cluster);
+      // A copy: the reader reuses the memory of clusters that have left the window.
+      this.kept.set(c, cluster.slice());
       this.keptBytes += this.cs;
       this.peakBuffered = Math.max(this.peakBuffered, this.keptBytes + this.spilled.size * this.cs);
       return;
@@ -394,7 +355,7 @@ class StreamState {
         return;
       }
       case 'refblock':
-        this.refblocks.set(w.block, cluster);
+        this.refblocks.set(w.block, cluster.slice());
         return;
       case 'luks': {
         this.tablesPending--;
@@ -435,11 +396,11 @@ class StreamState {
             const from = k * sc;
             const guest = w.guest + from;
             if (guest >= this.h.size) break;
-            this.write(guest, cluster.subarray(from, Math.min(from + sc, this.h.size - w.guest)));
+            this.out.write(guest, cluster.subarray(from, Math.min(from + sc, this.h.size - w.guest)));
           }
           return;
         }
-        this.write(w.guest, cluster.subarray(0, Math.min(cs, this.h.size - w.guest)));
+        this.out.write(w.guest, cluster.subarray(0, Math.min(cs, this.h.size - w.guest)));
         return;
       }
       case 'compressed':
@@ -478,7 +439,7 @@ class StreamState {
     }
     const data = await decompressCluster(raw, this.cs, this.h.compressionType === COMPRESSION_ZSTD ? 'zstd' : 'zlib', w.host);
     this.dataPending--;
-    this.write(w.guest, data.subarray(0, Math.min(this.cs, this.h.size - w.guest)));
+    this.out.write(w.guest, data.subarray(0, Math.min(this.cs, this.h.size - w.guest)));
   }
 
   /** An L2 table: name its data clusters; note which guest clusters the image decides. */
@@ -531,50 +492,8 @@ class StreamState {
     for (const c of this.spilled.keys()) if (!needed.has(c)) this.spilled.delete(c);
   }
 
-  /** Data for consecutive guest offsets, gathered into one write (a write per cluster cost 3x). */
-  private gathered: { guest: number; buf: Uint8Array; used: number } | undefined;
-  private static readonly RUN_BYTES = 2 * 1024 * 1024;
-  /** Clusters this large are written as they are: gathering them cost more in copies than it saved. */
-  private static readonly DIRECT_BYTES = 64 * 1024;
-
-  private write(guest: number, data: Uint8Array): void {
-    const r = this.gathered;
-    if (r && r.guest + r.used === guest && r.used + data.length <= r.buf.length) {
-      r.buf.set(data, r.used);
-      r.used += data.length;
-      return;
-    }
-    this.flushRun();
-    if (data.length >= StreamState.DIRECT_BYTES) return this.issue(guest, data);
-    const buf = new Uint8Array(StreamState.RUN_BYTES);
-    buf.set(data);
-    this.gathered = { guest, buf, used: data.length };
-  }
-
-  private flushRun(): void {
-    const r = this.gathered;
-    if (!r) return;
-    this.gathered = undefined;
-    this.issue(r.guest, r.buf.subarray(0, r.used));
-  }
-
-  private issue(guest: number, data: Uint8Array): void {
-    const p = this.target.write(guest, data).then(
-      () => {
-        this.writes.delete(p);
-      },
-      (e: unknown) => {
-        this.writes.delete(p);
-        this.failure ??= e;
-      },
-    );
-    this.writes.add(p);
-  }
-
   async settle(): Promise<void> {
-    this.flushRun();
-    while (this.writes.size > 0) await Promise.all(this.writes);
-    if (this.failure !== undefined) throw this.failure;
+    await this.out.settle();
   }
 }
 

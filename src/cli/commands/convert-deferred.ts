@@ -9,6 +9,7 @@ export {
   copyBitmaps,
   deferredCaAgent,
   describeSinkErrors,
+  fdSource,
   fileSpill,
   nodeFetch,
   nodeWritableSink,

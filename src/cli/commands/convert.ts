@@ -1,5 +1,5 @@
-import { QcowError, parseSize, createImage, defaultOpener, openImage, FileStore, permissionsFor, convert, isHttpUrl, type BlockDevice, type ByteStore, type StoreOpener, type Spill, type StagedTarget } from '../../node.js';
-import { fstatSync } from 'node:fs';
+import { QcowError, parseSize, createImage, defaultOpener, openImage, FileStore, permissionsFor, convert, isHttpUrl, type BlockDevice, type ByteStore, type StoreOpener, type Spill, type StagedTarget, type StreamSource } from '../../node.js';
+import { fstatSync, type Stats } from 'node:fs';
 import { failureStyle, openForCli, parseOptionList, readPasswordFile, removeCreated, withProgress } from '../common.js';
 
 interface Flags {
@@ -103,7 +103,7 @@ export async function run(files: string[], flags: Flags): Promise<void> {
   if (target === '-') return runToStream(sourceNames, flags, { options, backingFile, backingFormat, snapshot, parallel });
   if (sourceNames.includes('-')) {
     if (sourceNames.length > 1) throw new QcowError('QCOW_INVALID_ARGUMENT', "standard input ('-') can only be the one source");
-    return runFromStream(process.stdin, stdinSize(), target, flags, { options, backingFile, backingFormat, snapshot }, 'standard input');
+    return runFromStream(await stdinStream(), stdinSize(), target, flags, { options, backingFile, backingFormat, snapshot }, 'standard input');
   }
   if (sourceNames.length === 1 && isHttpUrl(sourceNames[0]!) && !flags.compress && !flags.C && !flags.bitmaps && snapshot === undefined) {
     // A server that ignores Range (or gives no length) cannot be read at random: read its body
@@ -227,6 +227,24 @@ function stdinSize(): number | undefined {
   }
 }
 
+/**
+ * Standard input to read an image from. A pipe or a file is read with read(2) into the stream
+ * reader's reused memory (src/streams/fd-source.node.ts: a third of the CPU of Node's stream,
+ * which hands over every 64 KiB in a new buffer); anything else (a terminal, a socket) through
+ * `process.stdin`, which also takes over if fd 0 turns out to be non-blocking.
+ */
+async function stdinStream(): Promise<AsyncIterable<Uint8Array> | StreamSource> {
+  let st: Stats | undefined;
+  try {
+    st = fstatSync(0);
+  } catch {
+    // No standard input to stat: Node's stream says what is wrong with it.
+  }
+  if (!st || !(st.isFIFO() || st.isFile())) return process.stdin;
+  const { fdSource } = await import('./convert-deferred.js');
+  return fdSource(0, () => process.stdin, 'standard input');
+}
+
 /** The HTTP store's refusals that mean "this server cannot be read at random": stream it instead. */
 function rangelessServer(e: unknown): boolean {
   return e instanceof QcowError && /ignores range requests|neither Content-Range totals nor a Content-Length/.test(e.message);
@@ -244,7 +262,7 @@ async function* webStreamChunksLazy(body: ReadableStream<Uint8Array>): AsyncGene
  * (src/streams/staging.node.ts) and left as it was.
  */
 async function runFromStream(
-  input: AsyncIterable<Uint8Array>,
+  input: AsyncIterable<Uint8Array> | StreamSource,
   size: number | undefined,
   target: string,
   flags: Flags,
