@@ -4,7 +4,7 @@
  * success; errors are one line. --pid-file is written once the socket is listening, so scripts know when to connect.
  * SIGINT/SIGTERM stop accepting, finish running requests, flush and close the image, exit 0.
  */
-import { lstatSync, rmSync, writeFileSync } from 'node:fs';
+import { lstatSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { QcowError, serveNbd, type ListenAddress, type NbdServerHandle } from '../../node.js';
 import { openForCli } from '../common.js';
 
@@ -43,7 +43,13 @@ export async function run(file: string, flags: Flags): Promise<number> {
       bitmap: flags.bitmap,
       onError: (e) => process.stderr.write(`qcow: ${file}: connection dropped: ${e instanceof Error ? e.message : String(e)}\n`),
     });
-    if (flags.pidFile) writeFileSync(flags.pidFile, `${process.pid}\n`);
+    if (flags.pidFile) {
+      // Written aside and renamed into place: a script that waits for the file to appear must
+      // never read it empty (writeFile creates it before the pid is in it).
+      const aside = `${flags.pidFile}.${process.pid}.tmp`;
+      writeFileSync(aside, `${process.pid}\n`);
+      renameSync(aside, flags.pidFile);
+    }
 
     const stop = () => void server!.close();
     process.once('SIGINT', stop);
