@@ -8,9 +8,7 @@
  */
 import type { ClusterCodec, CodecJobKind } from './types.js';
 import { codecPool } from './pool.node.js';
-import { copyInto } from './into.js';
-import { inflateRawNow, deflateRawNow, zstdReadyHere } from './kernels.node.js';
-import { zstdDecompressLoaded } from './zstd.js';
+import { inflateRawNow, deflateRawNow, needsZstdWasm, zstdDecompressNow, zstdReadyHere } from './kernels.node.js';
 
 /** Compressed inputs up to this size are decompressed on the calling thread. */
 const INLINE_INPUT_MAX = 4096;
@@ -36,8 +34,8 @@ export async function deflateRaw(data: Uint8Array): Promise<Uint8Array> {
 export async function zstdDecompress(data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array> {
   if (data.length <= INLINE_INPUT_MAX) {
     codecPool.doneElsewhere('zstd-decompress', data.length, outSize);
-    await zstdReadyHere();
-    return into ? copyInto(into, zstdDecompressLoaded(data, outSize)) : zstdDecompressLoaded(data, outSize);
+    if (needsZstdWasm('zstd-decompress')) await zstdReadyHere();
+    return zstdDecompressNow(data, outSize, into);
   }
   return codecPool.run('zstd-decompress', data, outSize, into);
 }

@@ -50,7 +50,7 @@ import type { Worker } from 'node:worker_threads';
 import { createRequire } from 'node:module';
 import { QcowError, type QcowErrorCode } from '../core/errors.js';
 import { copyInto } from './into.js';
-import { runNow, type CodecOp, zstdReadyHere } from './kernels.node.js';
+import { needsZstdWasm, runNow, type CodecOp, zstdReadyHere } from './kernels.node.js';
 import { hostAddon } from '../host/native.node.js';
 
 /** Most jobs handed to one worker in one message: amortises the message cost, keeps others fed. */
@@ -303,7 +303,7 @@ export class CodecPool {
   }
 
   private async runHere(op: CodecOp, data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array> {
-    if (op === 'zstd-compress' || op === 'zstd-decompress') await zstdReadyHere();
+    if (needsZstdWasm(op)) await zstdReadyHere();
     return runNow(op, data, outSize, into);
   }
 
