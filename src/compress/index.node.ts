@@ -4,7 +4,9 @@
  * Inflating a cluster costs about what its compressed input weighs: a 300-byte stream (text,
  * mostly-zero clusters) inflates in ~45 µs, less than a hand-off to another thread costs, so small
  * inputs are done on the spot; larger ones, and every deflate (300-900 µs per 64 KiB), go to the
- * worker pool (pool.node.ts), which runs several at once as QEMU's 4-thread pool does.
+ * worker pool (pool.node.ts), which runs several at once as QEMU's 4-thread pool does. zstd
+ * clusters are decoded through the system's libzstd where the host addon has it, WebAssembly
+ * otherwise (kernels.node.ts).
  */
 import type { ClusterCodec, CodecJobKind } from './types.js';
 import { codecPool } from './pool.node.js';

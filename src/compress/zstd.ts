@@ -1,6 +1,9 @@
 /**
  * zstd through WebAssembly (works in Node 20, which has no zstd in node:zlib, and in browsers).
- * The module is initialised once, on first use.
+ * The module is initialised once, on first use. On Node, clusters are decoded through the
+ * system's libzstd instead when the host addon has it (kernels.node.ts): this module then only
+ * compresses, since libzstd 1.5.4's frames at level 3 are not always the bytes of this package's
+ * (a 2 KiB JavaScript text differed from byte 11 on; random, zero and repetitive clusters matched).
  */
 import { corrupt } from '../core/errors.js';
 
