@@ -5,7 +5,8 @@
       "sources": ["native/qcow_host.c"],
       "conditions": [["OS!='linux'", {"type": "none"}]],
       "cflags": ["-O2", "-Wall", "-Wextra"],
-      "defines": ["NAPI_VERSION=8"]
+      "defines": ["NAPI_VERSION=8"],
+      "libraries": ["-ldl", "-lpthread"]
     }
   ]
 }

@@ -39,6 +39,15 @@
  *   availableParallelism()            The CPUs this process may run on (sched_getaffinity), at
  *                                     least 1: node:os's figure, for the launcher, which would
  *                                     otherwise load node:os for it alone (~0.45 ms).
+ *   zstdVersion()                     The system's libzstd (libzstd.so.1, loaded with dlopen on the
+ *                                     first call) as ZSTD_versionNumber() gives it (10504 for
+ *                                     1.5.4), or 0 when it cannot be loaded.
+ *   zstdDecompress(src, into)         Decode the zstd frame(s) in `src` straight into `into` (both
+ *                                     Uint8Arrays) with one decompression context per thread, kept
+ *                                     for the thread's life; returns the bytes written. Throws an
+ *                                     Error with code ZSTD_ERROR and zstd's own words for corrupt
+ *                                     input or output that does not fit in `into`. The caller cuts
+ *                                     `src` to one frame: zstd would go on into a next frame.
  *
  * Other failures throw an Error with `code` (the errno name, as node:fs does) and `errno`.
  * Everything else here is synchronous: each call is a single non-blocking system call (fallocate can
@@ -51,8 +60,10 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <pthread.h>
 #include <string.h>
 #include <sched.h>
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -488,6 +499,107 @@ static napi_value available_parallelism(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * zstd through the system's libzstd, loaded at run time: its headers are often not installed
+ * (Debian's libzstd1 has only the library; dpkg itself depends on it), and a build that linked it
+ * would fail to load where it is missing. These few functions are zstd's stable API, declared here
+ * with the types of zstd.h (size_t results; errors are values ZSTD_isError recognises).
+ */
+typedef struct zstd_dctx zstd_dctx;
+static struct {
+  int ok; /* libzstd loaded, with every function below */
+  unsigned version;
+  zstd_dctx *(*create_dctx)(void);
+  size_t (*free_dctx)(zstd_dctx *);
+  size_t (*decompress_dctx)(zstd_dctx *, void *, size_t, const void *, size_t);
+  unsigned (*is_error)(size_t);
+  const char *(*error_name)(size_t);
+  unsigned (*version_number)(void);
+} zstd;
+/* Worker threads load the addon too: the first load of libzstd is made once, for all of them. */
+static pthread_once_t zstd_once = PTHREAD_ONCE_INIT;
+
+static void zstd_load(void) {
+  void *lib = dlopen("libzstd.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!lib) return;
+  *(void **)&zstd.create_dctx = dlsym(lib, "ZSTD_createDCtx");
+  *(void **)&zstd.free_dctx = dlsym(lib, "ZSTD_freeDCtx");
+  *(void **)&zstd.decompress_dctx = dlsym(lib, "ZSTD_decompressDCtx");
+  *(void **)&zstd.is_error = dlsym(lib, "ZSTD_isError");
+  *(void **)&zstd.error_name = dlsym(lib, "ZSTD_getErrorName");
+  *(void **)&zstd.version_number = dlsym(lib, "ZSTD_versionNumber");
+  if (!zstd.create_dctx || !zstd.free_dctx || !zstd.decompress_dctx || !zstd.is_error || !zstd.error_name || !zstd.version_number) {
+    dlclose(lib);
+    return;
+  }
+  zstd.version = zstd.version_number();
+  /* Frames of the 1.x format are what QEMU writes; a library older than 1.0 is not worth trusting. */
+  zstd.ok = zstd.version >= 10000;
+}
+
+/* Each thread's Node environment (the main one, each codec worker) keeps its own context, freed
+ * with the environment: a context holds ~100 KiB of tables, set up once rather than per cluster. */
+static void free_dctx(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  if (data) zstd.free_dctx(data);
+}
+
+static napi_value zstd_version(napi_env env, napi_callback_info info) {
+  (void)info;
+  pthread_once(&zstd_once, zstd_load);
+  napi_value result;
+  CHECK(napi_create_uint32(env, zstd.ok ? zstd.version : 0, &result));
+  return result;
+}
+
+static int get_bytes(napi_env env, napi_value v, void **data, size_t *length) {
+  bool is_typed = false;
+  napi_typedarray_type type;
+  return napi_is_typedarray(env, v, &is_typed) == napi_ok && is_typed && napi_get_typedarray_info(env, v, &type, length, data, NULL, NULL) == napi_ok &&
+         type == napi_uint8_array;
+}
+
+static napi_value zstd_decompress(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  size_t argc = 2;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  void *src, *dst;
+  size_t src_len, dst_len;
+  if (argc < 2 || !get_bytes(env, argv[0], &src, &src_len) || !get_bytes(env, argv[1], &dst, &dst_len)) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "zstdDecompress(src: Uint8Array, into: Uint8Array)");
+    return NULL;
+  }
+  pthread_once(&zstd_once, zstd_load);
+  if (!zstd.ok) {
+    napi_throw_error(env, "ENOENT", "libzstd.so.1 could not be loaded");
+    return NULL;
+  }
+  zstd_dctx *dctx = NULL;
+  CHECK(napi_get_instance_data(env, (void **)&dctx));
+  if (!dctx) {
+    dctx = zstd.create_dctx();
+    if (!dctx) {
+      napi_throw_error(env, "ENOMEM", "ZSTD_createDCtx failed");
+      return NULL;
+    }
+    if (napi_set_instance_data(env, dctx, free_dctx, NULL) != napi_ok) {
+      zstd.free_dctx(dctx);
+      return NULL;
+    }
+  }
+  /* An empty view may have no memory behind it; zstd wants a valid pointer even for 0 bytes. */
+  static unsigned char none;
+  size_t r = zstd.decompress_dctx(dctx, dst_len ? dst : &none, dst_len, src_len ? src : &none, src_len);
+  if (zstd.is_error(r)) {
+    napi_throw_error(env, "ZSTD_ERROR", zstd.error_name(r));
+    return NULL;
+  }
+  napi_value result;
+  CHECK(napi_create_double(env, (double)r, &result));
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"ofdLock", NULL, ofd_lock, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -501,10 +613,12 @@ static napi_value init(napi_env env, napi_value exports) {
     {"mapText", NULL, map_text, NULL, NULL, NULL, napi_enumerable, NULL},
     {"mapBytes", NULL, map_bytes, NULL, NULL, NULL, napi_enumerable, NULL},
     {"availableParallelism", NULL, available_parallelism, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"zstdVersion", NULL, zstd_version, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"zstdDecompress", NULL, zstd_decompress, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   napi_value version;
-  CHECK(napi_create_int32(env, 4, &version));
+  CHECK(napi_create_int32(env, 5, &version));
   CHECK(napi_set_named_property(env, exports, "version", version));
   return exports;
 }

@@ -4,13 +4,13 @@
  * Inflating a cluster costs about what its compressed input weighs: a 300-byte stream (text,
  * mostly-zero clusters) inflates in ~45 µs, less than a hand-off to another thread costs, so small
  * inputs are done on the spot; larger ones, and every deflate (300-900 µs per 64 KiB), go to the
- * worker pool (pool.node.ts), which runs several at once as QEMU's 4-thread pool does.
+ * worker pool (pool.node.ts), which runs several at once as QEMU's 4-thread pool does. zstd
+ * clusters are decoded through the system's libzstd where the host addon has it, WebAssembly
+ * otherwise (kernels.node.ts).
  */
 import type { ClusterCodec, CodecJobKind } from './types.js';
 import { codecPool } from './pool.node.js';
-import { copyInto } from './into.js';
-import { inflateRawNow, deflateRawNow, zstdReadyHere } from './kernels.node.js';
-import { zstdDecompressLoaded } from './zstd.js';
+import { inflateRawNow, deflateRawNow, needsZstdWasm, zstdDecompressNow, zstdReadyHere } from './kernels.node.js';
 
 /** Compressed inputs up to this size are decompressed on the calling thread. */
 const INLINE_INPUT_MAX = 4096;
@@ -36,8 +36,8 @@ export async function deflateRaw(data: Uint8Array): Promise<Uint8Array> {
 export async function zstdDecompress(data: Uint8Array, outSize: number, into?: Uint8Array): Promise<Uint8Array> {
   if (data.length <= INLINE_INPUT_MAX) {
     codecPool.doneElsewhere('zstd-decompress', data.length, outSize);
-    await zstdReadyHere();
-    return into ? copyInto(into, zstdDecompressLoaded(data, outSize)) : zstdDecompressLoaded(data, outSize);
+    if (needsZstdWasm('zstd-decompress')) await zstdReadyHere();
+    return zstdDecompressNow(data, outSize, into);
   }
   return codecPool.run('zstd-decompress', data, outSize, into);
 }

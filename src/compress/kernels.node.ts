@@ -7,8 +7,63 @@ import { createDeflateRaw, createInflateRaw, deflateRawSync, inflateRawSync } fr
 import { corrupt } from '../core/errors.js';
 import { setFlagsFromString } from 'node:v8';
 import { copyInto } from './into.js';
-import { zstdCompressLoaded, zstdDecompressLoaded, zstdReady } from './zstd.js';
+import { firstFrame, zstdCompressLoaded, zstdDecompressLoaded, zstdReady } from './zstd.js';
 import type { CodecJobKind } from './types.js';
+import { hostAddon, type HostAddon } from '../host/native.node.js';
+
+/** A decoder that writes one zstd frame into `into` and returns the bytes written (the host addon's). */
+export type ZstdDecodeInto = (frame: Uint8Array, into: Uint8Array) => number;
+
+/**
+ * The system's libzstd through the host addon, when `addon` has it: not an addon built before
+ * version 5 (no zstdDecompress: a stale build/ after an upgrade), not one that found no
+ * libzstd.so.1. Otherwise null, and zstd decodes through WebAssembly as before.
+ */
+export function nativeZstdOf(addon: HostAddon | undefined): ZstdDecodeInto | null {
+  if (!addon || typeof addon.zstdDecompress !== 'function' || typeof addon.zstdVersion !== 'function') return null;
+  if (!(addon.zstdVersion() > 0)) return null;
+  const decode = addon.zstdDecompress;
+  return (frame, into) => decode.call(addon, frame, into);
+}
+
+let nativeZstd: ZstdDecodeInto | null | undefined;
+/** This process's libzstd decoder (see nativeZstdOf), looked up once per thread. */
+export function nativeZstdHere(): ZstdDecodeInto | null {
+  return (nativeZstd ??= nativeZstdOf(hostAddon()));
+}
+
+/**
+ * One zstd cluster through `decode` (libzstd): the same contract as zstdDecompressLoaded, the
+ * WebAssembly path, but decoded straight into `into` (or one new buffer): no copy of the cluster,
+ * and no WebAssembly module to compile (~7 ms) and first touch (~460 page faults). Only the first
+ * frame is decoded (firstFrame: libzstd would go on into the next cluster's frame), and it must
+ * give exactly `outSize` bytes, as QEMU requires: libzstd refuses a frame larger than `into`.
+ */
+export function zstdDecompressWith(decode: ZstdDecodeInto, data: Uint8Array, outSize: number, into?: Uint8Array): Uint8Array {
+  if (into && into.length !== outSize) throw new RangeError(`zstd target of ${into.length} bytes for a ${outSize}-byte cluster`);
+  const frame = firstFrame(data);
+  const out = into ?? new Uint8Array(outSize);
+  let n: number;
+  try {
+    n = decode(frame, out);
+  } catch (e) {
+    throw corrupt(`bad zstd data in compressed cluster: ${(e as Error).message ?? e}`);
+  }
+  if (n !== outSize) throw corrupt(`zstd cluster decompressed to ${n} bytes, expected ${outSize}`);
+  return out;
+}
+
+/** Whether `op` needs the WebAssembly zstd module here: compression always, decoding only without libzstd. */
+export function needsZstdWasm(op: CodecJobKind): boolean {
+  return op === 'zstd-compress' || (op === 'zstd-decompress' && nativeZstdHere() === null);
+}
+
+/** zstd decoding on this thread, through libzstd when it is there, else WebAssembly (zstdReadyHere() first). */
+export function zstdDecompressNow(data: Uint8Array, outSize: number, into?: Uint8Array): Uint8Array {
+  const decode = nativeZstdHere();
+  if (decode) return zstdDecompressWith(decode, data, outSize, into);
+  return into ? copyInto(into, zstdDecompressLoaded(data, outSize)) : zstdDecompressLoaded(data, outSize);
+}
 
 /**
  * zstd's WebAssembly module, made ready for this process. V8 first compiles it with its baseline
@@ -195,7 +250,7 @@ export function deflateRawNow(data: Uint8Array): Uint8Array {
 }
 
 /**
- * Run one job now, on this thread (zstd must be loaded first: see zstdReady in zstd.ts). `into`:
+ * Run one job now, on this thread (zstd's WebAssembly must be ready first where needsZstdWasm says so). `into`:
  * where an inflated cluster goes (see inflateRawNow); the other codecs allocate their result.
  */
 export function runNow(op: CodecOp, data: Uint8Array, outSize: number, into?: Uint8Array): Uint8Array {
@@ -205,7 +260,7 @@ export function runNow(op: CodecOp, data: Uint8Array, outSize: number, into?: Ui
     case 'deflate':
       return deflateRawNow(data);
     case 'zstd-decompress':
-      return into ? copyInto(into, zstdDecompressLoaded(data, outSize)) : zstdDecompressLoaded(data, outSize);
+      return zstdDecompressNow(data, outSize, into);
     case 'zstd-compress':
       return zstdCompressLoaded(data);
   }

@@ -1,15 +1,16 @@
 /** A codec worker (see pool.node.ts): runs batches of cluster jobs and sends the results back. */
 import { parentPort } from 'node:worker_threads';
-import { runNow, zstdReadyHere } from './kernels.node.js';
+import { needsZstdWasm, runNow, zstdReadyHere } from './kernels.node.js';
 import type { JobMessage, ResultMessage } from './pool.node.js';
 
 const port = parentPort!;
-// Batches are handled one after another (a zstd batch may first wait for the module to load).
+// Batches are handled one after another (a zstd batch may first wait for the WebAssembly module
+// to load: always to compress, and to decode where libzstd is not there).
 let chain: Promise<void> = Promise.resolve();
 
 port.on('message', (jobs: JobMessage[]) => {
   chain = chain.then(async () => {
-    if (jobs.some((j) => j.op.startsWith('zstd'))) await zstdReadyHere();
+    if (jobs.some((j) => needsZstdWasm(j.op))) await zstdReadyHere();
     const results: ResultMessage[] = [];
     const transfer: ArrayBuffer[] = [];
     for (const j of jobs) {

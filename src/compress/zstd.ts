@@ -1,6 +1,9 @@
 /**
  * zstd through WebAssembly (works in Node 20, which has no zstd in node:zlib, and in browsers).
- * The module is initialised once, on first use.
+ * The module is initialised once, on first use. On Node, clusters are decoded through the
+ * system's libzstd instead when the host addon has it (kernels.node.ts): this module then only
+ * compresses, since libzstd 1.5.4's frames at level 3 are not always the bytes of this package's
+ * (a 2 KiB JavaScript text differed from byte 11 on; random, zero and repetitive clusters matched).
  */
 import { corrupt } from '../core/errors.js';
 
@@ -32,17 +35,29 @@ export async function zstdCompress(data: Uint8Array): Promise<Uint8Array> {
 
 /** One cluster's frame, decoded synchronously (after zstdReady()). */
 export function zstdDecompressLoaded(data: Uint8Array, outSize: number): Uint8Array {
-  if (data.length < 4 || data[0] !== 0x28 || data[1] !== 0xb5 || data[2] !== 0x2f || data[3] !== 0xfd) {
-    throw corrupt('compressed cluster is not a zstd frame');
-  }
+  const frame = firstFrame(data);
   let out: Uint8Array;
   try {
-    out = loaded().decompress(frameOnly(data));
+    out = loaded().decompress(frame);
   } catch (e) {
     throw corrupt(`bad zstd data in compressed cluster: ${(e as Error).message ?? e}`);
   }
+  // Exactly one cluster, as QEMU requires (it fails a frame with more to give once the cluster is
+  // full), and as libzstd decoding into the cluster's buffer does (kernels.node.ts).
+  if (out.length > outSize) throw corrupt(`zstd cluster decompresses to more than ${outSize} bytes`);
   if (out.length < outSize) throw corrupt(`zstd cluster decompressed to ${out.length} bytes, expected ${outSize}`);
-  return out.length === outSize ? out : out.subarray(0, outSize);
+  return out;
+}
+
+/**
+ * The first zstd frame of a compressed cluster's bytes (see frameOnly), after checking that they
+ * start with zstd's magic number: every decoder (WebAssembly, libzstd) is given only this.
+ */
+export function firstFrame(data: Uint8Array): Uint8Array {
+  if (data.length < 4 || data[0] !== 0x28 || data[1] !== 0xb5 || data[2] !== 0x2f || data[3] !== 0xfd) {
+    throw corrupt('compressed cluster is not a zstd frame');
+  }
+  return frameOnly(data);
 }
 
 /**

@@ -1,6 +1,7 @@
 /**
  * The host layer: system calls Node's fs module lacks (OFD byte-range locks, SEEK_DATA/SEEK_HOLE,
- * fallocate, copy_file_range, file mappings), a zero scan and huge-page buffers, from our own N-API addon (native/qcow_host.c, built by node-gyp when the package is
+ * fallocate, copy_file_range, file mappings), a zero scan, huge-page buffers and zstd decoding
+ * through the system's libzstd, from our own N-API addon (native/qcow_host.c, built by node-gyp when the package is
  * installed). `hostAddon()` gives the addon, or undefined when it is not there (no compiler at
  * install time, not Linux, a browser bundle) or is turned off with QCOW_NO_NATIVE=1; every user
  * has a pure TypeScript fallback.
@@ -51,6 +52,17 @@ export interface HostAddon {
   mapBytes?(path: string): Buffer;
   /** The CPUs this process may run on (sched_getaffinity), as node:os's. Absent before version 4. */
   availableParallelism?(): number;
+  /**
+   * The system's libzstd (libzstd.so.1, loaded on the first call) as ZSTD_versionNumber() gives
+   * it, e.g. 10504 for 1.5.4; 0 when it cannot be loaded. Absent before version 5.
+   */
+  zstdVersion?(): number;
+  /**
+   * Decode the zstd frame(s) of `src` into `into` with libzstd (a context kept per thread): the
+   * bytes written. Throws (code ZSTD_ERROR, zstd's message) on corrupt input or output larger than
+   * `into`. Only when zstdVersion() > 0. Absent before version 5.
+   */
+  zstdDecompress?(src: Uint8Array, into: Uint8Array): number;
   readonly version: number;
 }
 
