@@ -5,7 +5,8 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { ClusterReader, type StreamSource } from '#src/streams/cluster-reader.js';
+import { ClusterReader } from '#src/streams/cluster-reader.js';
+import { ODD_SIZES, oddChunks, oddSource } from '../support/odd-stream.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -17,38 +18,11 @@ function pattern(n: number): Uint8Array {
   return b;
 }
 
-/** A source that gives at most the next of `sizes` bytes per read (cycling), as a pipe would. */
-function oddSource(data: Uint8Array, sizes: number[]): StreamSource & { reads: number } {
-  let at = 0;
-  let i = 0;
-  return {
-    reads: 0,
-    async read(into) {
-      this.reads++;
-      const n = Math.min(into.length, sizes[i++ % sizes.length]!, data.length - at);
-      into.set(data.subarray(at, at + n));
-      at += n;
-      return n;
-    },
-  };
-}
-
-async function* oddChunks(data: Uint8Array, sizes: number[]): AsyncGenerator<Uint8Array> {
-  for (let at = 0, i = 0; at < data.length; i++) {
-    const n = Math.min(sizes[i % sizes.length]!, data.length - at);
-    // A fresh copy each time, as Node's streams give.
-    yield data.slice(at, at + n);
-    at += n;
-  }
-}
-
-const SIZES = [1, 511, 4099, 65_535, 65_537, 200_001, 3 * MiB + 5];
-
 for (const kind of ['source', 'chunks'] as const) {
   test(`${kind}: pieces in order, whole, and the last ${2} still intact when the next is taken`, async () => {
     for (const piece of [512, 64 * KiB, 2 * MiB]) {
       const data = pattern(9 * MiB + 777);
-      const input = kind === 'source' ? oddSource(data, SIZES) : oddChunks(data, SIZES);
+      const input = kind === 'source' ? oddSource(data, ODD_SIZES) : oddChunks(data, ODD_SIZES);
       const reader = new ClusterReader(input);
       const held: { at: number; view: Uint8Array }[] = [];
       // A header of 512 bytes first, then pieces of one size, as the qcow2 reader takes them.
@@ -69,7 +43,7 @@ for (const kind of ['source', 'chunks'] as const) {
 
   test(`${kind}: a pinned piece stays intact until unpinned; peek leaves the bytes in the stream`, async () => {
     const data = pattern(12 * MiB);
-    const reader = new ClusterReader(kind === 'source' ? oddSource(data, SIZES) : oddChunks(data, SIZES));
+    const reader = new ClusterReader(kind === 'source' ? oddSource(data, ODD_SIZES) : oddChunks(data, ODD_SIZES));
     assert.deepEqual(await reader.peek(8), data.subarray(0, 8));
     assert.equal(reader.offset, 0);
     const first = await reader.take(64 * KiB);
@@ -107,7 +81,7 @@ test('source: a stream that ends inside a piece gives what there is, then nothin
 
 test('pieces(): raw input as it comes, every byte once', async () => {
   const data = pattern(5 * MiB + 3);
-  for (const input of [oddSource(data, SIZES), oddChunks(data, SIZES)]) {
+  for (const input of [oddSource(data, ODD_SIZES), oddChunks(data, ODD_SIZES)]) {
     const reader = new ClusterReader(input);
     const out = new Uint8Array(data.length);
     let at = 0;

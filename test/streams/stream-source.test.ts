@@ -18,31 +18,9 @@ import { rawFormat } from '#src/formats/index.js';
 import { readImageStream } from '#src/streams/read-image.js';
 import { memorySpill } from '#src/streams/spill.js';
 import type { StreamSource } from '#src/streams/cluster-reader.js';
+import { ODD_SIZES, oddChunks, oddSource } from '../support/odd-stream.js';
 
 const MiB = 2 ** 20;
-const SIZES = [1, 511, 4099, 65_535, 65_537, 200_001, 3 * MiB + 5];
-
-/** A source giving at most the next of `sizes` bytes per read (cycling), as a pipe would. */
-function oddSource(data: Uint8Array, sizes: number[]): StreamSource {
-  let at = 0;
-  let i = 0;
-  return {
-    async read(into) {
-      const n = Math.min(into.length, sizes[i++ % sizes.length]!, data.length - at);
-      into.set(data.subarray(at, at + n));
-      at += n;
-      return n;
-    },
-  };
-}
-
-async function* oddChunks(data: Uint8Array, sizes: number[]): AsyncGenerator<Uint8Array> {
-  for (let at = 0, i = 0; at < data.length; i++) {
-    const n = Math.min(sizes[i % sizes.length]!, data.length - at);
-    yield data.slice(at, at + n);
-    at += n;
-  }
-}
 
 /** The image on `input` into a raw image in memory; its bytes. */
 async function convertToRaw(input: StreamSource | AsyncIterable<Uint8Array>, size: number, options: { bufferBytes?: number; spill?: boolean } = {}): Promise<Uint8Array> {
@@ -97,13 +75,13 @@ test('a source read at odd sizes and chunks of odd sizes give what qemu-img conv
     const expected = sha256(new Uint8Array(await readFile(want)));
     const size = (await readFile(want)).length;
     const file = new Uint8Array(await readFile(img));
-    for (const sizes of [SIZES, [...SIZES].reverse(), [65_536]]) {
+    for (const sizes of [ODD_SIZES, [...ODD_SIZES].reverse(), [65_536]]) {
       assert.equal(sha256(await convertToRaw(oddSource(file, sizes), size)), expected, `${name}, source read at ${sizes.join('/')}`);
       assert.equal(sha256(await convertToRaw(oddChunks(file, sizes), size)), expected, `${name}, chunks of ${sizes.join('/')}`);
     }
     if (name.startsWith('internal snapshot')) {
       // Held clusters past a small memory budget go to the spill and come back intact.
-      assert.equal(sha256(await convertToRaw(oddSource(file, SIZES), size, { bufferBytes: 256 * 1024, spill: true })), expected, `${name}, spilled`);
+      assert.equal(sha256(await convertToRaw(oddSource(file, ODD_SIZES), size, { bufferBytes: 256 * 1024, spill: true })), expected, `${name}, spilled`);
     }
   }
 });
@@ -116,7 +94,7 @@ test('a source that ends inside a data cluster: one line saying so', needs('qemu
   const file = new Uint8Array(await readFile(img));
   // Cut 1000 bytes into the last data cluster.
   const cut = file.subarray(0, file.length - 65_536 + 1000);
-  for (const input of [oddSource(cut, SIZES), oddChunks(cut, SIZES)]) {
+  for (const input of [oddSource(cut, ODD_SIZES), oddChunks(cut, ODD_SIZES)]) {
     await assert.rejects(convertToRaw(input, 16 * MiB), (e: Error & { code?: string }) => {
       assert.equal(e.code, 'QCOW_CORRUPT');
       assert.match(e.message, /^the stream ended at \d+ bytes, inside a data cluster the image maps$/);
