@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { createServer } from 'node:net';
 import { QCOW_BIN, needs, qemuImg, qemuIo, run, scratch, sha256 } from '../support/qemu.js';
+import { makeStreamLayouts } from '../support/stream-corpus.js';
 import { MemoryStore } from '#src/storage/memory.js';
 import { qcow2Format, rawFormat } from '#src/formats/index.js';
 import { readImageStream, webStreamChunks } from '#src/streams/read-image.js';
@@ -25,37 +26,23 @@ async function fromPipe(img: string, out: string, args: string[], cwd: string) {
 
 const peakOf = (stderr: string) => Number(/peak buffer (\d+) bytes/.exec(stderr)?.[1] ?? NaN);
 
-/** Images of every layout, as qemu-img and qemu-io (and qcow's own stream writer) make them. */
+/** Images of every layout, as qemu-img and qemu-io (test/support/stream-corpus.ts) and qcow's own stream writer make them. */
 async function corpus(dir: string): Promise<Record<string, string>> {
-  const p = (n: string) => join(dir, n);
-  const io = (img: string, ...cmds: string[]) => qemuIo(['-f', 'qcow2', ...cmds.flatMap((c) => ['-c', c]), img]);
-  await qemuImg(['create', '-q', '-f', 'qcow2', p('guest.qcow2'), '64M']);
-  for (const i of [9, 3, 7, 1, 5]) await io(p('guest.qcow2'), `write -P ${i} ${i}M 512k`);
-  await io(p('guest.qcow2'), 'write -z 20M 1M', 'write -P 0x22 30M 4k');
-  await qemuImg(['convert', '-O', 'qcow2', p('guest.qcow2'), p('converted.qcow2')]);
-  await qemuImg(['convert', '-c', '-O', 'qcow2', p('guest.qcow2'), p('zlib.qcow2')]);
-  await qemuImg(['convert', '-c', '-O', 'qcow2', '-o', 'compression_type=zstd,cluster_size=2M', p('guest.qcow2'), p('zstd-2m.qcow2')]);
-  await qemuImg(['convert', '-O', 'qcow2', '-o', 'cluster_size=512', p('guest.qcow2'), p('c512.qcow2')]);
-  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on,cluster_size=128k', p('extl2.qcow2'), '64M']);
-  await io(p('extl2.qcow2'), 'write -P 5 4k 8k', 'write -P 6 1M 300k', 'write -z 2M 64k');
-  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', p('v2.qcow2'), '64M']);
-  await io(p('v2.qcow2'), 'write -P 8 0 1M', 'write -P 9 33M 64k');
-  await qemuImg(['create', '-q', '-f', 'qcow2', p('snap.qcow2'), '64M']);
-  await io(p('snap.qcow2'), 'write -P 1 0 4M', 'write -P 2 40M 1M');
-  await qemuImg(['snapshot', '-c', 'one', p('snap.qcow2')]);
-  await io(p('snap.qcow2'), 'write -P 3 1M 1M', 'write -P 4 60M 64k', 'discard 40M 512k');
-  const ours = await run('bash', ['-c', `'${QCOW_BIN}' convert -c -O qcow2 '${p('guest.qcow2')}' - > '${p('qcow-stream.qcow2')}'`]);
-  assert.equal(ours.code, 0, ours.stderr);
+  const l = await makeStreamLayouts(dir, 64);
+  const ours = join(dir, 'qcow-stream.qcow2');
+  const r = await run('bash', ['-c', `'${QCOW_BIN}' convert -c -O qcow2 '${l.guest}' - > '${ours}'`]);
+  assert.equal(r.code, 0, r.stderr);
   return {
-    'qemu-img create + guest writes': p('guest.qcow2'),
-    'qemu-img convert': p('converted.qcow2'),
-    'qemu-img convert -c (zlib)': p('zlib.qcow2'),
-    'qemu-img convert -c, zstd, 2 MiB clusters': p('zstd-2m.qcow2'),
-    '512-byte clusters': p('c512.qcow2'),
-    'extended L2, 128 KiB clusters': p('extl2.qcow2'),
-    'compat=0.10': p('v2.qcow2'),
-    'internal snapshot present': p('snap.qcow2'),
-    "qcow's own stream (-c)": p('qcow-stream.qcow2'),
+    'qemu-img create + guest writes': l.guest,
+    'qemu-img convert': l.converted,
+    'qemu-img convert -c (zlib)': l.zlib,
+    'qemu-img convert -c, zstd, 2 MiB clusters': l.zstd2m,
+    '512-byte clusters': l.c512,
+    'extended L2, 128 KiB clusters': l.extl2,
+    'compat=0.10': l.v2,
+    'internal snapshot present': l.snap,
+    'qcow (v1)': l.v1,
+    "qcow's own stream (-c)": ours,
   };
 }
 

@@ -19,6 +19,7 @@ import { readImageStream } from '#src/streams/read-image.js';
 import { memorySpill } from '#src/streams/spill.js';
 import type { StreamSource } from '#src/streams/cluster-reader.js';
 import { ODD_SIZES, oddChunks, oddSource } from '../support/odd-stream.js';
+import { makeStreamLayouts } from '../support/stream-corpus.js';
 
 const MiB = 2 ** 20;
 
@@ -37,33 +38,17 @@ async function convertToRaw(input: StreamSource | AsyncIterable<Uint8Array>, siz
   return out;
 }
 
+/** The layouts this test streams (test/support/stream-corpus.ts), by name. */
 async function images(dir: string): Promise<Record<string, string>> {
-  const p = (n: string) => join(dir, n);
-  const io = (img: string, ...cmds: string[]) => qemuIo(['-f', 'qcow2', ...cmds.flatMap((c) => ['-c', c]), img]);
-  await qemuImg(['create', '-q', '-f', 'qcow2', p('guest.qcow2'), '32M']);
-  for (const i of [9, 3, 7, 1, 5]) await io(p('guest.qcow2'), `write -P ${i} ${i}M 512k`);
-  await io(p('guest.qcow2'), 'write -z 20M 1M', 'write -P 0x22 30M 4k', 'write -P 0x33 31M 700k');
-  await qemuImg(['convert', '-c', '-O', 'qcow2', p('guest.qcow2'), p('zlib.qcow2')]);
-  await qemuImg(['convert', '-c', '-O', 'qcow2', '-o', 'compression_type=zstd,cluster_size=2M', p('guest.qcow2'), p('zstd-2m.qcow2')]);
-  await qemuImg(['convert', '-O', 'qcow2', '-o', 'cluster_size=512', p('guest.qcow2'), p('c512.qcow2')]);
-  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on,cluster_size=128k', p('extl2.qcow2'), '32M']);
-  await io(p('extl2.qcow2'), 'write -P 5 4k 8k', 'write -P 6 1M 300k', 'write -z 2M 64k');
-  // Clusters the snapshot still names come before the tables that name them: held.
-  await qemuImg(['create', '-q', '-f', 'qcow2', p('snap.qcow2'), '32M']);
-  await io(p('snap.qcow2'), 'write -P 1 0 4M', 'write -P 2 20M 1M');
-  await qemuImg(['snapshot', '-c', 'one', p('snap.qcow2')]);
-  await io(p('snap.qcow2'), 'write -P 3 1M 1M', 'write -P 4 30M 64k', 'discard 20M 512k');
-  // qcow (v1): 4 KiB clusters, each L2 table just before the data it maps.
-  await qemuImg(['create', '-q', '-f', 'qcow', p('v1.qcow'), '32M']);
-  await qemuIo(['-f', 'qcow', '-c', 'write -P 1 0 1M', '-c', 'write -P 2 17M 300k', '-c', 'write -P 3 7M 4k', '-c', 'write -P 4 31M 70000', p('v1.qcow')]);
+  const l = await makeStreamLayouts(dir, 32);
   return {
-    'qemu-img create + guest writes': p('guest.qcow2'),
-    'qcow (v1)': p('v1.qcow'),
-    zlib: p('zlib.qcow2'),
-    'zstd, 2 MiB clusters': p('zstd-2m.qcow2'),
-    '512-byte clusters': p('c512.qcow2'),
-    'extended L2': p('extl2.qcow2'),
-    'internal snapshot (held clusters)': p('snap.qcow2'),
+    'qemu-img create + guest writes': l.guest,
+    'qcow (v1)': l.v1,
+    zlib: l.zlib,
+    'zstd, 2 MiB clusters': l.zstd2m,
+    '512-byte clusters': l.c512,
+    'extended L2': l.extl2,
+    'internal snapshot (held clusters)': l.snap,
   };
 }
 
