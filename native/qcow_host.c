@@ -48,6 +48,16 @@
  *                                     Error with code ZSTD_ERROR and zstd's own words for corrupt
  *                                     input or output that does not fit in `into`. The caller cuts
  *                                     `src` to one frame: zstd would go on into a next frame.
+ *   readNoWait(fd, into)              One read at the file position that never waits
+ *                                     (preadv2 with RWF_NOWAIT): the bytes read (0 at the end),
+ *                                     -1 when it would have to wait (EAGAIN), -2 when the kernel
+ *                                     does not offer RWF_NOWAIT for this descriptor.
+ *   waitReadable(fd, timeoutMs)       poll(2) for POLLIN: true when a read would not wait (data,
+ *                                     the end, or an error to report), false when the time ran
+ *                                     out or a signal arrived (EINTR). For pipe readers (streams/
+ *                                     fd-source.node.ts) that must let Node's event loop run its
+ *                                     signal handlers while the writer is silent: a blocking
+ *                                     read(2) would be restarted after the signal and wait on.
  *
  * Other failures throw an Error with `code` (the errno name, as node:fs does) and `errno`.
  * Everything else here is synchronous: each call is a single non-blocking system call (fallocate can
@@ -64,7 +74,9 @@
 #include <string.h>
 #include <sched.h>
 #include <dlfcn.h>
+#include <poll.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <node_api.h>
@@ -600,6 +612,44 @@ static napi_value zstd_decompress(napi_env env, napi_callback_info info) {
   return result;
 }
 
+static napi_value read_nowait(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  size_t argc = 2;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t fd;
+  void *buf;
+  size_t len;
+  if (argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || !get_bytes(env, argv[1], &buf, &len)) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readNoWait(fd: number, into: Uint8Array)");
+    return NULL;
+  }
+  static unsigned char none;
+  struct iovec iov = {len ? buf : &none, len};
+  ssize_t r;
+  do r = preadv2(fd, &iov, 1, -1, RWF_NOWAIT);
+  while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    if (errno == EAGAIN) r = -1;
+    /* Kernels before 4.14 (EINVAL) or descriptors without non-waiting reads (EOPNOTSUPP). */
+    else if (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS) r = -2;
+    else return throw_errno(env, errno, "preadv2");
+  }
+  napi_value result;
+  CHECK(napi_create_double(env, (double)r, &result));
+  return result;
+}
+
+static napi_value wait_readable(napi_env env, napi_callback_info info) {
+  double a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  struct pollfd p = {(int)a[0], POLLIN, 0};
+  int r = poll(&p, 1, (int)a[1]);
+  if (r < 0 && errno != EINTR) return throw_errno(env, errno, "poll");
+  napi_value result;
+  CHECK(napi_get_boolean(env, r > 0, &result));
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"ofdLock", NULL, ofd_lock, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -615,10 +665,12 @@ static napi_value init(napi_env env, napi_value exports) {
     {"availableParallelism", NULL, available_parallelism, NULL, NULL, NULL, napi_enumerable, NULL},
     {"zstdVersion", NULL, zstd_version, NULL, NULL, NULL, napi_enumerable, NULL},
     {"zstdDecompress", NULL, zstd_decompress, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"readNoWait", NULL, read_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"waitReadable", NULL, wait_readable, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   napi_value version;
-  CHECK(napi_create_int32(env, 5, &version));
+  CHECK(napi_create_int32(env, 6, &version));
   CHECK(napi_set_named_property(env, exports, "version", version));
   return exports;
 }

@@ -63,6 +63,17 @@ export interface HostAddon {
    * `into`. Only when zstdVersion() > 0. Absent before version 5.
    */
   zstdDecompress?(src: Uint8Array, into: Uint8Array): number;
+  /**
+   * One read at `fd`'s position that never waits (preadv2 RWF_NOWAIT): the bytes read (0 at the
+   * end), -1 when it would wait, -2 when the kernel offers no such read for `fd`. Absent before
+   * version 6.
+   */
+  readNoWait?(fd: number, into: Uint8Array): number;
+  /**
+   * poll(2) `fd` for reading for up to `timeoutMs`: true when a read would not wait (data, the
+   * end or an error), false when the time ran out or a signal came. Absent before version 6.
+   */
+  waitReadable?(fd: number, timeoutMs: number): boolean;
   readonly version: number;
 }
 

@@ -19,8 +19,11 @@
 
 /** Input that reads into the caller's memory, as `read(2)` does: what a file descriptor gives. */
 export interface StreamSource {
-  /** Fill the start of `into` with the stream's next bytes; resolves to how many (0: it has ended). */
-  read(into: Uint8Array): Promise<number>;
+  /**
+   * Fill the start of `into` with the stream's next bytes; resolves to how many (0: it has ended).
+   * A source that can wait long for its writer rejects with `signal`'s reason once it is aborted.
+   */
+  read(into: Uint8Array, signal?: AbortSignal): Promise<number>;
 }
 
 /** Whether `input` is a {@link StreamSource} rather than an async iterable of chunks. */
@@ -58,9 +61,12 @@ export class ClusterReader {
   /** The slab of each of the last pieces handed out (undefined: a view of a chunk). */
   private recent: (Slab | undefined)[] = [];
   private readonly slabOf = new Map<ArrayBufferLike, Slab>();
+  private readonly signal: AbortSignal | undefined;
 
-  constructor(input: AsyncIterable<Uint8Array> | StreamSource, options: { retain?: number } = {}) {
+  /** `signal` is passed to a source's reads, which may wait on a silent writer (see StreamSource). */
+  constructor(input: AsyncIterable<Uint8Array> | StreamSource, options: { retain?: number; signal?: AbortSignal } = {}) {
     this.retain = options.retain ?? 2;
+    this.signal = options.signal;
     if (isStreamSource(input)) this.source = input;
     else this.it = input[Symbol.asyncIterator]();
   }
@@ -181,7 +187,7 @@ export class ClusterReader {
       const buf = this.slab!.buf;
       while (this.end - this.start < n && !this.done) {
         // As much as the slab has room for: a regular file gives it all in one read.
-        const got = await this.source.read(buf.subarray(this.end));
+        const got = await this.source.read(buf.subarray(this.end), this.signal);
         if (got === 0) this.done = true;
         else this.end += got;
       }

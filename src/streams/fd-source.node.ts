@@ -12,20 +12,43 @@
  * thread pool meanwhile. Every few MiB the reader lets the event loop run (timers of the progress
  * bar, Ctrl-C), so a long stream does not hold them off.
  *
- * While the writer keeps the pipe open and sends nothing, the event loop waits with the read, so
- * a SIGINT or SIGTERM sent to this process alone takes effect when the next bytes or the end
- * arrive (Node restarts the read after its signal handler; Ctrl-C in a terminal also stops the
- * writer, which ends the pipe at once). Reading through `process.stdin` behaved the same (the
- * readers look at the abort signal between pieces): a writer that sent 1 MB and slept 4 s, qcow
- * sent SIGTERM after 1 s, ended after 4.2 s either way. Waiting for readability with a timeout
- * (poll(2), which Node does not offer) would remove it.
+ * A pipe's writer may keep it open and send nothing for a long time. A blocking read(2) would then
+ * hold the event loop, and a SIGINT or SIGTERM sent to this process alone would wait for the next
+ * bytes (Node restarts the read after its signal handler). So where the host addon offers it, a
+ * pipe is read with reads that never wait (preadv2 RWF_NOWAIT; a named pipe, which the kernel may
+ * not offer that for, gets a poll(2) before each read), and when there is nothing to read the
+ * source waits with poll(2) for at most {@link WAIT_MS} at a time, letting
+ * the event loop run in between: signal handlers, timers and finished writes of the target, and
+ * the caller's abort signal ends the read. Without the addon: blocking reads, as described.
  */
-import { readSync } from 'node:fs';
-import { QcowError } from '../core/errors.js';
+import { fstatSync, readSync } from 'node:fs';
+import { QcowError, throwIfAborted } from '../core/errors.js';
+import { hostAddon } from '../host/native.node.js';
 import type { StreamSource } from './cluster-reader.js';
 
 /** Bytes read between two turns of the event loop. */
 const TURN_BYTES = 8 * 1024 * 1024;
+/** Longest the event loop waits behind a poll of a silent pipe (a signal cuts it short anyway). */
+const WAIT_MS = 100;
+
+interface PipeReads {
+  readNoWait(fd: number, into: Uint8Array): number;
+  waitReadable(fd: number, ms: number): boolean;
+  /** Whether readNoWait works on this pipe; else a poll comes before each blocking read. */
+  noWait: boolean;
+}
+
+/** A pipe's non-waiting read and poll, from the host addon; undefined for files or without them. */
+function pipeReads(fd: number): PipeReads | undefined {
+  const addon = hostAddon();
+  if (!addon?.readNoWait || !addon.waitReadable) return undefined;
+  try {
+    // A file never makes a reader wait for a writer: read(2) it as it is.
+    return fstatSync(fd).isFIFO() ? { readNoWait: addon.readNoWait, waitReadable: addon.waitReadable, noWait: true } : undefined;
+  } catch {
+    return undefined;
+  }
+}
 
 /**
  * Read `fd` from its current position to its end. A descriptor set non-blocking by someone else
@@ -43,6 +66,8 @@ export function fdSource(fd: number, fallback?: () => AsyncIterable<Uint8Array>,
   let sinceTurn = 0;
   let chunks: AsyncIterator<Uint8Array> | undefined;
   let rest: Uint8Array | undefined;
+  /** Non-waiting reads of a pipe: undefined until the first read decides, false when not used. */
+  let pipe: PipeReads | false | undefined;
 
   /** The fallback stream's bytes, as many as fit. */
   async function fromChunks(into: Uint8Array): Promise<number> {
@@ -58,11 +83,36 @@ export function fdSource(fd: number, fallback?: () => AsyncIterable<Uint8Array>,
   }
 
   return {
-    async read(into: Uint8Array): Promise<number> {
+    async read(into: Uint8Array, signal?: AbortSignal): Promise<number> {
       if (chunks) return fromChunks(into);
       if (sinceTurn >= TURN_BYTES) {
         sinceTurn = 0;
         await new Promise<void>((resolve) => setImmediate(resolve));
+      }
+      pipe ??= pipeReads(fd) ?? false;
+      while (pipe) {
+        if (pipe.noWait) {
+          let n: number;
+          try {
+            n = pipe.readNoWait(fd, into);
+          } catch (e) {
+            throw new QcowError('QCOW_IO', `reading ${name}: ${(e as Error).message}`, { cause: e });
+          }
+          if (n >= 0) {
+            sinceTurn += n;
+            return n;
+          }
+          // -2: no RWF_NOWAIT for this pipe (a named pipe, on this kernel): poll before each read.
+          if (n === -2) pipe.noWait = false;
+        }
+        if (!pipe.noWait && pipe.waitReadable(fd, 0)) break;
+        // The writer has sent nothing yet: wait for it, giving the event loop a turn now and then.
+        while (!pipe.waitReadable(fd, WAIT_MS)) {
+          await new Promise<void>((resolve) => setImmediate(resolve));
+          throwIfAborted(signal);
+        }
+        // Readable: a read(2) below returns at once; non-waiting reads try again.
+        if (!pipe.noWait) break;
       }
       for (;;) {
         try {

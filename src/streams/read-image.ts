@@ -107,7 +107,7 @@ export async function readImageStream(
   openTarget: (info: { format: string; size: number; backingFile?: string; backingFormat?: string }) => Promise<BlockDevice>,
   options: ReadStreamOptions,
 ): Promise<ReadStreamResult> {
-  const reader = new ClusterReader(chunks);
+  const reader = new ClusterReader(chunks, { signal: options.signal });
   const head8 = await reader.peek(8);
   const magic = head8.length >= 8 && new DataView(head8.buffer, head8.byteOffset).getUint32(0) === QCOW2_MAGIC;
   const version = magic ? new DataView(head8.buffer, head8.byteOffset).getUint32(4) : 0;

@@ -15,6 +15,7 @@ import { makeStreamLayouts } from '../support/stream-corpus.js';
 import { MemoryStore } from '#src/storage/memory.js';
 import { qcow2Format, rawFormat } from '#src/formats/index.js';
 import { readImageStream, webStreamChunks } from '#src/streams/read-image.js';
+import { hostAddon } from '#src/host/native.node.js';
 
 const MiB = 2 ** 20;
 
@@ -358,4 +359,32 @@ test('raw from a pipe of unknown length into a new raw file (holes kept) or a qc
   const over = await fromPipe(p('snap.qcow2'), p('over.raw'), ['-O', 'raw', '--stream-buffer', '1M', '--stream-spill', p('spill'), '--stream-spill-size', '2M'], dir);
   assert.notEqual(over.code, 0);
   assert.match(over.stderr, /needs more than 1048576 bytes of memory and 2097152 bytes of spill/);
+});
+
+test('SIGTERM while the pipe\'s writer is silent: qcow stops at once with one line and removes its target', needs('qemu-img', 'qemu-io'), async (t) => {
+  if (!hostAddon()?.readNoWait) return t.skip('needs the host addon (v6): without it a pipe is read with blocking reads, which wait for the writer');
+  const dir = await scratch(t);
+  const img = join(dir, 'guest.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', img, '16M']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 7 0 4M', img]);
+  const out = join(dir, 'out.raw');
+  // A named pipe, as a shell's `|` makes (Node's own stdio pipes are sockets, which qcow reads
+  // through process.stdin). The writer sends the start of the image, then keeps it open and silent.
+  const fifo = join(dir, 'fifo');
+  await run('mkfifo', [fifo]);
+  const writer = spawn('sh', ['-c', `exec > '${fifo}'; head -c 1000000 '${img}'; exec sleep 60`], { stdio: 'ignore' });
+  t.after(() => writer.kill('SIGKILL'));
+  const q = spawn('sh', ['-c', `exec '${QCOW_BIN}' convert -O raw - '${out}' < '${fifo}'`], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  q.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  const exited = new Promise<number | null>((resolve) => q.on('exit', (code) => resolve(code)));
+  // The target exists once the header and tables are in: qcow then waits on the silent pipe.
+  while (!existsSync(out)) await new Promise((r) => setTimeout(r, 20));
+  q.kill('SIGTERM');
+  const code = await exited;
+  assert.equal(writer.exitCode, null, 'qcow ended only when the writer did');
+  assert.notEqual(code, 0);
+  assert.match(stderr, /^qcow: .*(aborted|interrupted)/);
+  assert.equal(stderr.trim().split('\n').length, 1, stderr);
+  assert.equal(existsSync(out), false, 'the half-written target is removed');
 });
