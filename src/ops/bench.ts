@@ -103,22 +103,42 @@ export const benchFooter = (seconds: number): string => `Run completed in ${seco
  */
 export async function bench(dev: BlockDevice, plan: BenchPlan, options: { signal?: AbortSignal; now?: () => number } = {}): Promise<number> {
   const now = options.now ?? (() => performance.now());
-  const free = Array.from({ length: Math.min(plan.depth, Math.max(plan.count, 1)) }, () => new Uint8Array(plan.bufferSize).fill(plan.write ? plan.pattern : 0));
+  // One slot per request in flight: its buffer and its completion handlers, made once, so a
+  // request allocates nothing of ours (two closures per request were most of the loop's garbage).
+  interface Slot {
+    buf: Uint8Array;
+    done(): void;
+    failed(e: unknown): void;
+  }
+  const free: Slot[] = [];
   const size = dev.size;
   let offset = plan.offset;
   let submitted = 0;
   let inFlight = 0;
   let flushing = false;
   let failure: unknown;
+  const fail = (e: unknown): void => {
+    failure ??= e;
+  };
+  /** A request (or a flush: no slot) is over; set once the run starts. */
+  let finished: (slot: Slot | undefined) => void = () => undefined;
+  for (let i = 0; i < Math.min(plan.depth, Math.max(plan.count, 1)); i++) {
+    const slot: Slot = {
+      buf: new Uint8Array(plan.bufferSize).fill(plan.write ? plan.pattern : 0),
+      done: () => finished(slot),
+      failed: (e: unknown) => {
+        fail(e);
+        finished(slot);
+      },
+    };
+    free.push(slot);
+  }
 
   const start = now();
   await new Promise<void>((resolve) => {
-    const fail = (e: unknown): void => {
-      failure ??= e;
-    };
-    const finished = (buf: (typeof free)[number] | undefined): void => {
+    finished = (slot) => {
       inFlight--;
-      if (buf) free.push(buf);
+      if (slot) free.push(slot);
       pump();
     };
     const startFlush = (): void => {
@@ -144,18 +164,12 @@ export async function bench(dev: BlockDevice, plan: BenchPlan, options: { signal
         if (flushing || inFlight > 0) return;
       }
       while (failure === undefined && !flushing && submitted < plan.count && inFlight < plan.depth && free.length > 0) {
-        const buf = free.pop()!;
+        const slot = free.pop()!;
         const at = offset;
         offset = size > 0 ? (offset + plan.step) % size : 0;
         inFlight++;
         submitted++;
-        (plan.write ? dev.write(at, buf) : dev.read(at, buf)).then(
-          () => finished(buf),
-          (e: unknown) => {
-            fail(e);
-            finished(buf);
-          },
-        );
+        (plan.write ? dev.write(at, slot.buf) : dev.read(at, slot.buf)).then(slot.done, slot.failed);
         if (plan.flushInterval && submitted % plan.flushInterval === 0) {
           flushing = true;
           if (!plan.drainOnFlush) {

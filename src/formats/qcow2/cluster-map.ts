@@ -414,8 +414,8 @@ export class ClusterMap {
   }
 
   /** A table's entries changed in memory: it is written back at the next flush or on eviction. */
-  async tableChanged(t: CachedTable): Promise<void> {
-    await this.l2Cache.put(t.offset, t.data, true);
+  tableChanged(t: CachedTable): Promise<unknown> | undefined {
+    return this.l2Cache.changed(t);
   }
 
   /** Drop the reference an entry holds (deferred until its table is on disk). */

@@ -18,8 +18,13 @@ import { Lru } from '../../core/lru.js';
  * never the disk copy being overwritten. A load racing a `put` or `drop` of its table is not
  * stored: the newer table stands.
  *
- * API: `get(offset)`, `peek(offset)`, `put(offset, data, dirty)`, `markDirty(offset)`, `flush()`,
- * `drop(offset)`, `clear()`. Concurrent `get`s of one table share one load.
+ * API: `get(offset)`, `peek(offset)`, `put(offset, data, dirty)`, `changed(table)`, `markDirty(offset)`,
+ * `flush()`, `drop(offset)`, `clear()`. Concurrent `get`s of one table share one load.
+ *
+ * A table keeps its CachedTable object while it is cached: `changed` marks that object dirty, so a
+ * change made while its write-back runs leaves it dirty (see writeBack). The hot paths (`changed`
+ * of a cached table, a `get` hit) neither suspend nor allocate: every allocating guest write
+ * passes here.
  */
 
 export interface TableCacheOptions {
@@ -75,7 +80,7 @@ export class TableCache {
       await this.options.load(offset, data);
       return { offset, data, dirty: false };
     });
-    await this.lru.trimAsync(offset);
+    if (this.overBudget) await this.lru.trimAsync(offset);
     return t;
   }
 
@@ -83,8 +88,26 @@ export class TableCache {
   async put(offset: number, data: Uint8Array, dirty: boolean): Promise<CachedTable> {
     const t: CachedTable = { offset, data, dirty };
     this.lru.set(offset, t);
-    await this.lru.trimAsync(offset);
+    if (this.overBudget) await this.lru.trimAsync(offset);
     return t;
+  }
+
+  /**
+   * The caller changed `t`'s entries: mark it dirty and most recently used. Undefined (nothing to
+   * wait for) when `t` is the cached table, the usual case: re-inserting it cannot exceed the
+   * budget. A table no longer cached (evicted or dropped meanwhile) is put back, and the promise
+   * is that of the trim its insertion may need.
+   */
+  changed(t: CachedTable): Promise<unknown> | undefined {
+    if (this.lru.peek(t.offset) !== t) return this.put(t.offset, t.data, true);
+    t.dirty = true;
+    this.lru.get(t.offset);
+    return undefined;
+  }
+
+  /** More tables held than the budget allows (an insertion then trims, writing back as needed). */
+  private get overBudget(): boolean {
+    return this.lru.held > this.lru.budget;
   }
 
   markDirty(offset: number): void {

@@ -210,8 +210,8 @@ export class Qcow2Device extends DeviceBase {
 
   // --- reads ------------------------------------------------------------------------------------------
 
-  protected async doRead(offset: number, into: Uint8Array): Promise<void> {
-    await this.io.read(offset, into);
+  protected doRead(offset: number, into: Uint8Array): Promise<void> {
+    return this.io.read(offset, into);
   }
 
   protected async doBlockStatus(offset: number, length: number): Promise<BlockExtent[]> {
@@ -278,8 +278,9 @@ export class Qcow2Device extends DeviceBase {
 
   // --- writes -----------------------------------------------------------------------------------------
 
-  protected async doWrite(offset: number, data: Uint8Array, _options: WriteOptions): Promise<void> {
-    await this.requireWriter().write(offset, data);
+  protected doWrite(offset: number, data: Uint8Array, _options: WriteOptions): Promise<void> {
+    // The writer's promise as it is (DeviceBase.write turns a synchronous throw into a rejection).
+    return this.requireWriter().write(offset, data);
   }
 
   protected override async doWriteZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {

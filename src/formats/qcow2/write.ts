@@ -49,6 +49,14 @@ export interface WriterParts {
   allocator?: Allocator;
 }
 
+/** A guest write waiting for the lock (see Qcow2Writer.enqueueWrite). */
+interface QueuedWrite {
+  offset: number;
+  data: Uint8Array;
+  resolve(done: Promise<void> | undefined): void;
+  reject(e: unknown): void;
+}
+
 /** One cluster's share of a write: where its bytes go and what its entry becomes. */
 interface Piece {
   index: number;
@@ -189,7 +197,7 @@ export class Qcow2Writer {
         return at;
       },
       free: (offset, length) => this.refcounts.free(offset, length),
-      exclusive: (fn) => this.lock.run(fn),
+      exclusive: (fn) => this.locked(fn),
       commit: async () => {
         await this.writeRefcounts();
         await image.store.flush();
@@ -222,41 +230,195 @@ export class Qcow2Writer {
 
   // --- public operations (each runs under the writer's lock) ------------------------------------
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
+  write(offset: number, data: Uint8Array): Promise<void> {
+    // The common request, an overwrite in place or fresh clusters filling a cached table, needs
+    // no I/O before its data write starts. When no one else wants the lock (no write waiting, no
+    // batch of them in the middle of its changes, no other holder or waiter) it is done here in
+    // one synchronous step, the same as taking the lock and releasing it at once, and the caller
+    // gets the data write's own promise: no async frame, lock turn or suspension per request.
+    if (this.waiting.length === 0 && !this.serving && this.lock.mayOvertake && this.brokenBy === undefined) {
+      const started = this.writeNow(offset, data);
+      if (started !== undefined) return started;
+    }
+    return this.enqueueWrite(offset, data);
+  }
+
+  /**
+   * Queue a write for the batch now waiting for the lock (serveWrites), or start one. Writes that
+   * come while a batch waits join it and are served in their order, most of them in the batch's
+   * one synchronous sweep: one lock turn per request kept the lock busy for the whole of a queue
+   * depth 32 run (each new request found the ones before it still waiting, so it waited too).
+   */
+  private enqueueWrite(offset: number, data: Uint8Array): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      const batch = this.waiting;
+      batch.push({ offset, data, resolve, reject });
+      if (batch.length === 1) void this.lock.run(() => this.serveWrites(batch), true);
+    });
+  }
+
+  /**
+   * Serve a batch of queued writes in order, under the lock: each by writeNow when it can be,
+   * else by the general path (writeLockedStep), whose suspensions let later writes join the batch.
+   * Each request's promise is its data writes' (they finish outside the lock). The lock run may be
+   * overtaken (Mutex) only once the sweep is over (`serving`), when nothing of the batch is left.
+   */
+  private async serveWrites(batch: QueuedWrite[]): Promise<void> {
+    this.serving = true;
+    try {
+      for (let i = 0; i < batch.length; i++) {
+        const w = batch[i]!;
+        const broken = this.brokenBy;
+        if (broken) {
+          w.reject(new QcowError('QCOW_CORRUPT', `the image was marked corrupt (${broken.message}): repair it with check -r all`, { file: this.image.store.name }));
+          continue;
+        }
+        try {
+          const started = this.writeNow(w.offset, w.data);
+          if (started !== undefined) w.resolve(started);
+          else {
+            const jobs = await this.writeLockedStep(w.offset, w.data);
+            // One write (the usual request) is handed on as it is, without a Promise.all around it.
+            w.resolve(jobs.length <= 1 ? jobs[0] : Promise.all(jobs).then(() => undefined));
+          }
+        } catch (e) {
+          // As guarded(): a corruption marks the image corrupt, and the later writes then fail.
+          if (e instanceof CorruptionEvent) await this.markCorrupt(e).catch(() => undefined);
+          w.reject(e);
+        }
+      }
+    } finally {
+      // Emptied in place: while it is still `waiting`, the next write then starts a new batch.
+      batch.length = 0;
+      this.serving = false;
+    }
+  }
+
+  /**
+   * write() without suspending, when it can be: the data write started (and tracked, see track)
+   * with the entries and refcounts changed in memory; undefined, with nothing done, when the
+   * request needs the general path (writeQueued). Only steps that cannot suspend: a cached table,
+   * bitmaps recorded without I/O, clusters from allocClustersNow, the table marked dirty in place.
+   */
+  private writeNow(offset: number, data: Uint8Array): Promise<void> | undefined {
+    const table = this.cachedTableFor(offset, data.length);
+    if (table === null) return undefined;
+    // What writeQueued decides under the lock, decided first, so nothing is changed when the
+    // request goes there after all. Only the bitmap range may be recorded by both: the same range
+    // twice is the same record.
+    const fresh = !this.unmapFreesPending && (this.dirtyBitSet || !this.lazyRefcounts) && this.freshRun(table, offset, data.length);
+    const host = fresh ? -1 : this.inPlaceHost(table, offset, data.length);
+    if (!fresh && host < 0) return undefined;
+    if (!this.bitmaps.markNow(offset, data.length)) return undefined;
+    if (!fresh) return this.track(this.image.dataStore.write(host, data));
+    const written = this.freshBytesNow(table, offset, data);
+    // The table is the cached one (cachedTableFor): marking it changed neither suspends nor evicts.
+    if (written !== undefined) void this.map.tableChanged(table);
+    return written;
+  }
+
+  /**
+   * The cached L2 table of a request that lies in one COPIED table of an image whose clusters are
+   * plain bytes at their host offset (no encryption, no subclusters); null otherwise, and when the
+   * table is not cached (no load is started).
+   */
+  private cachedTableFor(offset: number, length: number): CachedTable | null {
+    const l2 = this.ownedTableOffset(offset, length);
+    return l2 > 0 ? (this.map.l2Cache.peek(l2) ?? null) : null;
+  }
+
+  /** The host offset of the COPIED L2 table that alone covers [offset, +length) (see inPlaceTable); 0 when there is none. */
+  private ownedTableOffset(offset: number, length: number): number {
+    const { image, map } = this;
+    const g = image.geometry;
+    if (image.encryption || g.extendedL2 || length === 0) return 0;
+    const i = Math.floor(offset / g.l2Coverage);
+    if (i !== Math.floor((offset + length - 1) / g.l2Coverage) || i >= map.l1Entries) return 0;
+    return l1EntryCopied(map.l1, i) ? l1TableOffset(map.l1, i) : 0;
+  }
+
+  /**
+   * Where [offset, +length) lies in the file when all its clusters are COPIED normal clusters
+   * following one another there (one store write then does the request, see inPlaceWrites); -1
+   * otherwise, or for an entry that does not decode (the general path reports it, under the lock).
+   */
+  private inPlaceHost(table: CachedTable, offset: number, length: number): number {
+    const g = this.image.geometry;
+    const cs = this.cs;
+    const end = offset + length;
+    const d = this.scratchEntry; // looked at within each step only
+    let host = -1;
+    try {
+      for (let c = offset - (offset % cs); c < end; c += cs) {
+        decodeL2Entry(table.data, (c % g.l2Coverage) / cs, this.image.l2Context, d);
+        if (d.kind !== 'normal' || !l2EntryCopied(d)) return -1;
+        if (host === -1) host = d.hostOffset + (offset - c);
+        else if (d.hostOffset !== host + (c - offset)) return -1;
+      }
+    } catch {
+      return -1;
+    }
+    return host;
+  }
+
+  /**
+   * freshNow for a request's own bytes (no payload object, no list of jobs): the clusters
+   * allocated, their data write started and tracked, their entries set; undefined, with nothing
+   * done, when the allocator cannot hand them out at once. The caller marks the table changed.
+   */
+  private freshBytesNow(table: CachedTable, start: number, data: Uint8Array): Promise<void> | undefined {
+    const cs = this.cs;
+    const n = data.length / cs;
+    const rc = this.refcounts;
+    const host = rc.allocClustersNow ? rc.allocClustersNow(n) : -1;
+    if (host === -1) return undefined;
+    this.map.noteGrowth();
+    const written = this.track(this.image.dataStore.write(host, data));
+    // A lower bound of the file's length once the write lands, noted now (writeFreshData notes it
+    // after): it only spares writeRun a size check for clusters below it, and every cluster below
+    // it is written whole by a write already started. Should that write fail, its request fails.
+    this.knownFileEnd = Math.max(this.knownFileEnd, host + data.length);
+    setCopiedNormalRun(table.data, (start % this.image.geometry.l2Coverage) / cs, n, host, cs);
+    this.io.forgetCompressed();
+    return written;
+  }
+
+  /**
+   * The general path of write(), the lock held: metadata changed, data writes started; those data
+   * writes are handed back (in a list: an async function would adopt a promise it returns) so the
+   * lock is not held while they run.
+   */
+  private async writeLockedStep(offset: number, data: Uint8Array): Promise<Promise<void>[]> {
     // Overwrites of clusters we own change no metadata: decide under the lock, then write the
     // data outside it so requests at queue depth > 1 overlap their I/O (the lock otherwise
     // serialises every write). See inPlaceWrites for why this stays safe.
-    let inPlace: Promise<unknown> | undefined;
-    await this.guarded(async () => {
-      const marking = this.bitmaps.mark(offset, data.length);
-      if (marking) await marking;
-      // An overwrite in place allocates nothing, so it has no use for freed clusters: settling the
-      // frees (a metadata write-back with its barriers) waits for the first write that allocates.
-      // A convert -n that alternates data and zeros over an allocated image otherwise paid one
-      // write-back per data run. The clusters it writes are referenced (COPIED entries), so none
-      // of them is among the pending frees.
-      const found = this.inPlaceTable(offset, data.length);
-      const table = found instanceof Promise ? await found : found;
-      let jobs = this.inPlaceWrites(table, offset, data);
-      if (!jobs && table && !this.unmapFreesPending && (this.dirtyBitSet || !this.lazyRefcounts) && this.freshRun(table, offset, data.length)) {
-        // New clusters in a cached table (guest writes filling an image): allocated, started and
-        // linked here at once, as writeLocked -> writeInTable -> writeFresh would, without their
-        // four suspensions (each an async frame of garbage, at every 64 KiB request).
-        const started: Promise<void>[] = [];
-        if (this.freshNow(table, offset, new BytesPayload(data), started)) {
-          jobs = started;
-          await this.map.tableChanged(table);
-        }
+    const marking = this.bitmaps.mark(offset, data.length);
+    if (marking) await marking;
+    // An overwrite in place allocates nothing, so it has no use for freed clusters: settling the
+    // frees (a metadata write-back with its barriers) waits for the first write that allocates.
+    // A convert -n that alternates data and zeros over an allocated image otherwise paid one
+    // write-back per data run. The clusters it writes are referenced (COPIED entries), so none
+    // of them is among the pending frees.
+    const found = this.inPlaceTable(offset, data.length);
+    const table = found instanceof Promise ? await found : found;
+    let jobs = this.inPlaceWrites(table, offset, data);
+    if (!jobs && table && !this.unmapFreesPending && (this.dirtyBitSet || !this.lazyRefcounts) && this.freshRun(table, offset, data.length)) {
+      // New clusters in a cached table (guest writes filling an image): allocated, started and
+      // linked here at once, as writeLocked -> writeInTable -> writeFresh would, without their
+      // four suspensions (each an async frame of garbage, at every 64 KiB request).
+      const started: Promise<void>[] = [];
+      if (this.freshNow(table, offset, new BytesPayload(data), started)) {
+        jobs = started;
+        const changing = this.map.tableChanged(table);
+        if (changing) await changing;
       }
-      if (!jobs) {
-        if (this.unmapFreesPending) await this.settleFrees();
-        jobs = [];
-        await this.writeLocked(offset, data, jobs);
-      }
-      // One write (the usual request) is waited for as it is, without a Promise.all around it.
-      if (jobs.length > 0) inPlace = jobs.length === 1 ? jobs[0] : Promise.all(jobs);
-    });
-    if (inPlace) await inPlace;
+    }
+    if (!jobs) {
+      if (this.unmapFreesPending) await this.settleFrees();
+      jobs = [];
+      await this.writeLocked(offset, data, jobs);
+    }
+    return jobs;
   }
 
   /**
@@ -283,6 +445,20 @@ export class Qcow2Writer {
     if (placing) await placing;
   }
 
+  /** Guest writes waiting for the lock, in order: the batch the next serveWrites serves. */
+  private waiting: QueuedWrite[] = [];
+  /** A batch of writes is being served (serveWrites) and may be in the middle of its changes. */
+  private serving = false;
+
+  /**
+   * Take the lock for anything but a plain guest write (zeroes, discard, flush, snapshots, ...).
+   * Writes that come after this call must not be served before it: they start a new batch.
+   */
+  private locked<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.waiting.length > 0) this.waiting = [];
+    return this.lock.run(fn);
+  }
+
   /** The corruption that made this image unusable, once one was found (see guarded). */
   private brokenBy: CorruptionEvent | undefined;
 
@@ -291,7 +467,7 @@ export class Qcow2Writer {
    * corrupt on disk, as QEMU's qcow2 does, and every later write fails until a repair.
    */
   private guarded<T>(fn: () => Promise<T>): Promise<T> {
-    return this.lock.run(async () => {
+    return this.locked(async () => {
       const broken = this.brokenBy;
       if (broken) throw new QcowError('QCOW_CORRUPT', `the image was marked corrupt (${broken.message}): repair it with check -r all`, { file: this.image.store.name });
       try {
@@ -341,14 +517,9 @@ export class Qcow2Writer {
    * promise of it.
    */
   private inPlaceTable(offset: number, length: number): CachedTable | Promise<CachedTable | null> | null {
-    const { image, map } = this;
-    const g = image.geometry;
-    if (image.encryption || g.extendedL2 || length === 0) return null;
-    const i = Math.floor(offset / g.l2Coverage);
-    if (i !== Math.floor((offset + length - 1) / g.l2Coverage) || i >= map.l1Entries) return null;
-    const l2 = l1TableOffset(map.l1, i);
-    if (!l1EntryCopied(map.l1, i) || l2 === 0) return null;
-    return map.l2Cache.peek(l2) ?? map.l2TableFor(offset);
+    const l2 = this.ownedTableOffset(offset, length);
+    if (l2 === 0) return null;
+    return this.map.l2Cache.peek(l2) ?? this.map.l2TableFor(offset);
   }
 
   /**
@@ -424,12 +595,12 @@ export class Qcow2Writer {
   }
 
   flush(): Promise<void> {
-    return this.lock.run(() => this.flushLocked());
+    return this.locked(() => this.flushLocked());
   }
 
   /** Run `fn` with the metadata written back and the lock held (snapshots, resize, amend). */
   exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    return this.lock.run(async () => {
+    return this.locked(async () => {
       await this.flushLocked();
       const r = await fn();
       // fn may have shrunk the file (shrink, amend): forget what we knew of its length.
@@ -490,7 +661,7 @@ export class Qcow2Writer {
 
   /** Flush everything, store the bitmaps (clearing in_use) and clear the dirty bit (lazy refcounts). */
   close(): Promise<void> {
-    return this.lock.run(async () => {
+    return this.locked(async () => {
       // An image marked corrupt keeps what is on disk: cached metadata a failed request half
       // changed is not written over it (QEMU drops its caches too); a repair recounts.
       if (this.brokenBy) return;
@@ -616,7 +787,7 @@ export class Qcow2Writer {
    * not fit is refused before anything is written.
    */
   setBacking(name: string | null, format: string | null): Promise<void> {
-    return this.lock.run(async () => {
+    return this.locked(async () => {
       if (name !== null && this.image.dataFileRaw) throw unsupported('qcow2: an image with a raw external data file cannot have a backing file');
       await this.image.writeHeader((h) => {
         h.backingFile = name ?? undefined;
@@ -633,7 +804,7 @@ export class Qcow2Writer {
    * crash-safety order of write-back still holds.
    */
   makeEmpty(): Promise<void> {
-    return this.lock.run(async () => {
+    return this.locked(async () => {
       if (this.external) throw unsupported('qcow2: cannot empty an image with an external data file');
       await this.beforeMetadataChange();
       await this.map.deallocateAll();

@@ -83,3 +83,18 @@ test('flush waits for a write-back under way', async () => {
   await Promise.all([first, flushed]);
   assert.equal(disk.get(0), 7);
 });
+
+test('changed() marks a cached table dirty in place (same object, nothing to wait for); a table no longer cached is put back', async () => {
+  const cache = new TableCache({ tableBytes: 4, budgetBytes: 16, load: async () => undefined, writeBack: async () => undefined });
+  const t = await cache.put(0, new Uint8Array(4), false);
+  t.data[0] = 7;
+  assert.equal(cache.changed(t), undefined);
+  assert.equal(cache.peek(0), t);
+  assert.equal(t.dirty, true);
+  cache.drop(0);
+  const back = cache.changed(t);
+  assert.ok(back instanceof Promise);
+  await back;
+  assert.equal(cache.peek(0)!.data[0], 7);
+  assert.equal(cache.peek(0)!.dirty, true);
+});

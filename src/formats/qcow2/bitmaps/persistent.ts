@@ -301,6 +301,19 @@ export class PersistentBitmaps {
    * promise) unless the pending ranges are over budget and must be applied: the write path
    * calls this per request and should not pay a tick for it.
    */
+  /**
+   * mark() when it needs no I/O: false, with nothing recorded, when the pending ranges would be
+   * over budget and must be applied first (the caller then takes the lock and calls mark()).
+   */
+  markNow(offset: number, length: number): boolean {
+    // An image without bitmaps (most) answers before `tracks` and its callback: this runs per request.
+    if (this.bitmaps.length === 0 || !this.tracking || length <= 0 || !this.tracks) return true;
+    // An added range merges or makes one more: within the budget either way.
+    if (this.pending.count + 1 > this.maxPending) return false;
+    this.pending.add(offset, offset + length);
+    return true;
+  }
+
   mark(offset: number, length: number): Promise<void> | undefined {
     if (!this.tracking || length <= 0 || !this.tracks) return undefined;
     this.pending.add(offset, offset + length);
