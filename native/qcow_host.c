@@ -58,6 +58,18 @@
  *                                     fd-source.node.ts) that must let Node's event loop run its
  *                                     signal handlers while the writer is silent: a blocking
  *                                     read(2) would be restarted after the signal and wait on.
+ *   zlibVersion()                     The zlib that node:zlib uses (inside the node binary, or the
+ *                                     shared libz Node links), e.g. "1.3.1"; undefined without one.
+ *   inflateRaw(src, into, windowBits) Inflate the raw deflate stream in `src` into `into` as
+ *                                     node:zlib's inflateRaw with Z_SYNC_FLUSH does (one zlib
+ *                                     stream per thread, reset per call): the bytes written, or
+ *                                     into.length + 1 when the stream has more to give than fits.
+ *                                     Throws code ZLIB_ERROR with zlib's message on bad data.
+ *   deflateRaw(src, out, level, windowBits, memLevel)
+ *                                     Deflate `src` into `out` as one raw stream (Z_FINISH), with
+ *                                     the same zlib and parameters node:zlib's createDeflateRaw
+ *                                     would use, so the same bytes: their count, or -1 when `out`
+ *                                     is too small.
  *
  * Other failures throw an Error with `code` (the errno name, as node:fs does) and `errno`.
  * Everything else here is synchronous: each call is a single non-blocking system call (fallocate can
@@ -549,12 +561,109 @@ static void zstd_load(void) {
   zstd.ok = zstd.version >= 10000;
 }
 
-/* Each thread's Node environment (the main one, each codec worker) keeps its own context, freed
- * with the environment: a context holds ~100 KiB of tables, set up once rather than per cluster. */
-static void free_dctx(napi_env env, void *data, void *hint) {
+/*
+ * zlib as node:zlib runs it: the zlib Node is built with exports its functions under their own
+ * names (addons link against them; for a Node built against the system's shared libz, that library
+ * is in the process's global scope instead). Looked up with RTLD_DEFAULT and never loaded by us,
+ * so it is the code node:zlib calls: a cluster deflated here is the same bytes as one deflated
+ * through node:zlib with the same parameters (`convert -c` output must not depend on whether the
+ * addon is built). Not the Cr_z_-prefixed copy some node binaries also carry (Debian's: Chromium's
+ * zlib 1.2.13 inside V8, beside node:zlib's 1.3.1), whose deflate gives other bytes; the caller
+ * also checks zlibVersion() against process.versions.zlib. Why not node:zlib itself: loading it
+ * (with node:stream) and making a stream cost a small convert ~4 ms. z_stream's layout and these
+ * functions are zlib's stable ABI (zlib.h), declared here as Node's headers do not promise zlib.h.
+ */
+typedef struct {
+  const unsigned char *next_in;
+  unsigned avail_in;
+  unsigned long total_in;
+  unsigned char *next_out;
+  unsigned avail_out;
+  unsigned long total_out;
+  const char *msg;
+  void *state;
+  void *zalloc, *zfree, *opaque;
+  int data_type;
+  unsigned long adler;
+  unsigned long reserved;
+} z_stream_abi;
+enum { Z_OK_ = 0, Z_STREAM_END_ = 1, Z_BUF_ERROR_ = -5, Z_SYNC_FLUSH_ = 2, Z_FINISH_ = 4, Z_DEFLATED_ = 8 };
+static struct {
+  int ok;
+  const char *(*version)(void);
+  int (*inflate_init2)(z_stream_abi *, int, const char *, int);
+  int (*inflate)(z_stream_abi *, int);
+  int (*inflate_reset)(z_stream_abi *);
+  int (*inflate_end)(z_stream_abi *);
+  int (*deflate_init2)(z_stream_abi *, int, int, int, int, int, const char *, int);
+  int (*deflate)(z_stream_abi *, int);
+  int (*deflate_reset)(z_stream_abi *);
+  int (*deflate_end)(z_stream_abi *);
+} zlib;
+static pthread_once_t zlib_once = PTHREAD_ONCE_INIT;
+
+static void zlib_load(void) {
+#define ZSYM(field, sym)                                                                           \
+  *(void **)&zlib.field = dlsym(RTLD_DEFAULT, sym);                                                \
+  if (!zlib.field) return;
+  ZSYM(version, "zlibVersion")
+  ZSYM(inflate_init2, "inflateInit2_")
+  ZSYM(inflate, "inflate")
+  ZSYM(inflate_reset, "inflateReset")
+  ZSYM(inflate_end, "inflateEnd")
+  ZSYM(deflate_init2, "deflateInit2_")
+  ZSYM(deflate, "deflate")
+  ZSYM(deflate_reset, "deflateReset")
+  ZSYM(deflate_end, "deflateEnd")
+#undef ZSYM
+  /* zlib 1.x: the z_stream above is its layout (the Init functions check its size and the major version). */
+  zlib.ok = zlib.version()[0] == '1';
+}
+
+/*
+ * What each thread's Node environment (the main one, each codec worker) keeps for its life, freed
+ * with the environment: a zstd context (~100 KiB of tables) and a zlib stream each way (deflate's
+ * ~270 KiB at memLevel 9), set up once rather than per cluster.
+ */
+typedef struct {
+  zstd_dctx *dctx;
+  z_stream_abi *inf;
+  int inf_bits;
+  z_stream_abi *def;
+  int def_level, def_bits, def_mem;
+} codec_state;
+
+static void free_state(napi_env env, void *data, void *hint) {
   (void)env;
   (void)hint;
-  if (data) zstd.free_dctx(data);
+  codec_state *st = data;
+  if (!st) return;
+  if (st->dctx) zstd.free_dctx(st->dctx);
+  if (st->inf) {
+    zlib.inflate_end(st->inf);
+    free(st->inf);
+  }
+  if (st->def) {
+    zlib.deflate_end(st->def);
+    free(st->def);
+  }
+  free(st);
+}
+
+static codec_state *state_of(napi_env env) {
+  codec_state *st = NULL;
+  if (napi_get_instance_data(env, (void **)&st) != napi_ok) return NULL;
+  if (st) return st;
+  st = calloc(1, sizeof *st);
+  if (!st) {
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  if (napi_set_instance_data(env, st, free_state, NULL) != napi_ok) {
+    free(st);
+    return NULL;
+  }
+  return st;
 }
 
 static napi_value zstd_version(napi_env env, napi_callback_info info) {
@@ -587,19 +696,16 @@ static napi_value zstd_decompress(napi_env env, napi_callback_info info) {
     napi_throw_error(env, "ENOENT", "libzstd.so.1 could not be loaded");
     return NULL;
   }
-  zstd_dctx *dctx = NULL;
-  CHECK(napi_get_instance_data(env, (void **)&dctx));
-  if (!dctx) {
-    dctx = zstd.create_dctx();
-    if (!dctx) {
+  codec_state *st = state_of(env);
+  if (!st) return NULL;
+  if (!st->dctx) {
+    st->dctx = zstd.create_dctx();
+    if (!st->dctx) {
       napi_throw_error(env, "ENOMEM", "ZSTD_createDCtx failed");
       return NULL;
     }
-    if (napi_set_instance_data(env, dctx, free_dctx, NULL) != napi_ok) {
-      zstd.free_dctx(dctx);
-      return NULL;
-    }
   }
+  zstd_dctx *dctx = st->dctx;
   /* An empty view may have no memory behind it; zstd wants a valid pointer even for 0 bytes. */
   static unsigned char none;
   size_t r = zstd.decompress_dctx(dctx, dst_len ? dst : &none, dst_len, src_len ? src : &none, src_len);
@@ -650,6 +756,162 @@ static napi_value wait_readable(napi_env env, napi_callback_info info) {
   return result;
 }
 
+static napi_value zlib_version(napi_env env, napi_callback_info info) {
+  (void)info;
+  pthread_once(&zlib_once, zlib_load);
+  napi_value result;
+  if (!zlib.ok) {
+    CHECK(napi_get_undefined(env, &result));
+    return result;
+  }
+  CHECK(napi_create_string_utf8(env, zlib.version(), NAPI_AUTO_LENGTH, &result));
+  return result;
+}
+
+/* zlib's message for a failed call (node:zlib reports the same words), with code ZLIB_ERROR. */
+static napi_value throw_zlib(napi_env env, z_stream_abi *z, int ret) {
+  char msg[128];
+  if (z->msg) snprintf(msg, sizeof msg, "%s", z->msg);
+  else snprintf(msg, sizeof msg, "zlib error %d", ret);
+  napi_throw_error(env, "ZLIB_ERROR", msg);
+  return NULL;
+}
+
+/* One inflate call as node:zlib's handle makes it (writeSync with Z_SYNC_FLUSH): Z_OK, Z_BUF_ERROR
+ * (no progress possible) and Z_STREAM_END are not errors. Returns zlib's result. */
+static int inflate_step(z_stream_abi *z, const unsigned char *in, size_t in_len, unsigned char *out, size_t out_len) {
+  static unsigned char none;
+  z->next_in = in_len ? in : &none;
+  z->avail_in = (unsigned)in_len;
+  z->next_out = out_len ? out : &none;
+  z->avail_out = (unsigned)out_len;
+  return zlib.inflate(z, Z_SYNC_FLUSH_);
+}
+
+static int inflate_failed(int r) { return r != Z_OK_ && r != Z_BUF_ERROR_ && r != Z_STREAM_END_; }
+
+static napi_value zlib_inflate_raw(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  size_t argc = 3;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  void *src, *dst;
+  size_t src_len, dst_len;
+  int32_t bits = 0;
+  if (argc < 3 || !get_bytes(env, argv[0], &src, &src_len) || !get_bytes(env, argv[1], &dst, &dst_len) || napi_get_value_int32(env, argv[2], &bits) != napi_ok ||
+      bits < 8 || bits > 15 || src_len > 0xffffffffu || dst_len >= 0xffffffffu) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "inflateRaw(src: Uint8Array, into: Uint8Array, windowBits: 8..15)");
+    return NULL;
+  }
+  pthread_once(&zlib_once, zlib_load);
+  if (!zlib.ok) {
+    napi_throw_error(env, "ENOENT", "no zlib in this process");
+    return NULL;
+  }
+  codec_state *st = state_of(env);
+  if (!st) return NULL;
+  if (st->inf && st->inf_bits != bits) {
+    zlib.inflate_end(st->inf);
+    free(st->inf);
+    st->inf = NULL;
+  }
+  if (!st->inf) {
+    z_stream_abi *z = calloc(1, sizeof *z);
+    if (!z) {
+      napi_throw_error(env, "ENOMEM", "out of memory");
+      return NULL;
+    }
+    int r = zlib.inflate_init2(z, -bits, zlib.version(), (int)sizeof *z);
+    if (r != Z_OK_) {
+      free(z);
+      napi_throw_error(env, "ZLIB_ERROR", "inflateInit2 failed");
+      return NULL;
+    }
+    st->inf = z;
+    st->inf_bits = bits;
+  } else {
+    zlib.inflate_reset(st->inf);
+  }
+  z_stream_abi *z = st->inf;
+  int r = inflate_step(z, src, src_len, dst, dst_len);
+  if (inflate_failed(r)) return throw_zlib(env, z, r);
+  size_t filled = dst_len - z->avail_out;
+  if (filled == dst_len) {
+    /* The cluster is full: one byte of room says whether the stream has more to give. */
+    unsigned char probe;
+    size_t used = src_len - z->avail_in;
+    r = inflate_step(z, (const unsigned char *)src + used, src_len - used, &probe, 1);
+    if (inflate_failed(r)) return throw_zlib(env, z, r);
+    if (z->avail_out == 0) filled = dst_len + 1;
+  }
+  napi_value result;
+  CHECK(napi_create_double(env, (double)filled, &result));
+  return result;
+}
+
+static napi_value zlib_deflate_raw(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  size_t argc = 5;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  void *src, *dst;
+  size_t src_len, dst_len;
+  int32_t level = 0, bits = 0, mem = 0;
+  if (argc < 5 || !get_bytes(env, argv[0], &src, &src_len) || !get_bytes(env, argv[1], &dst, &dst_len) || napi_get_value_int32(env, argv[2], &level) != napi_ok ||
+      napi_get_value_int32(env, argv[3], &bits) != napi_ok || napi_get_value_int32(env, argv[4], &mem) != napi_ok || level < 0 || level > 9 || bits < 9 || bits > 15 ||
+      mem < 1 || mem > 9 || src_len > 0xffffffffu || dst_len > 0xffffffffu) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "deflateRaw(src: Uint8Array, out: Uint8Array, level: 0..9, windowBits: 9..15, memLevel: 1..9)");
+    return NULL;
+  }
+  pthread_once(&zlib_once, zlib_load);
+  if (!zlib.ok) {
+    napi_throw_error(env, "ENOENT", "no zlib in this process");
+    return NULL;
+  }
+  codec_state *st = state_of(env);
+  if (!st) return NULL;
+  if (st->def && (st->def_level != level || st->def_bits != bits || st->def_mem != mem)) {
+    zlib.deflate_end(st->def);
+    free(st->def);
+    st->def = NULL;
+  }
+  if (!st->def) {
+    z_stream_abi *z = calloc(1, sizeof *z);
+    if (!z) {
+      napi_throw_error(env, "ENOMEM", "out of memory");
+      return NULL;
+    }
+    /* As node:zlib's createDeflateRaw: negative windowBits for a raw stream, default strategy. */
+    int r = zlib.deflate_init2(z, level, Z_DEFLATED_, -bits, mem, 0, zlib.version(), (int)sizeof *z);
+    if (r != Z_OK_) {
+      free(z);
+      napi_throw_error(env, "ZLIB_ERROR", "deflateInit2 failed");
+      return NULL;
+    }
+    st->def = z;
+    st->def_level = level;
+    st->def_bits = bits;
+    st->def_mem = mem;
+  } else {
+    zlib.deflate_reset(st->def);
+  }
+  z_stream_abi *z = st->def;
+  static unsigned char none;
+  z->next_in = src_len ? src : &none;
+  z->avail_in = (unsigned)src_len;
+  z->next_out = dst_len ? dst : &none;
+  z->avail_out = (unsigned)dst_len;
+  int r = zlib.deflate(z, Z_FINISH_);
+  napi_value result;
+  if (r == Z_STREAM_END_) {
+    CHECK(napi_create_double(env, (double)(dst_len - z->avail_out), &result));
+  } else if (r == Z_OK_ || r == Z_BUF_ERROR_) {
+    /* `out` was too small for the whole stream. */
+    CHECK(napi_create_int32(env, -1, &result));
+  } else {
+    return throw_zlib(env, z, r);
+  }
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"ofdLock", NULL, ofd_lock, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -667,6 +929,9 @@ static napi_value init(napi_env env, napi_value exports) {
     {"zstdDecompress", NULL, zstd_decompress, NULL, NULL, NULL, napi_enumerable, NULL},
     {"readNoWait", NULL, read_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
     {"waitReadable", NULL, wait_readable, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"zlibVersion", NULL, zlib_version, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"inflateRaw", NULL, zlib_inflate_raw, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"deflateRaw", NULL, zlib_deflate_raw, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   napi_value version;

@@ -53,6 +53,68 @@ export function zstdDecompressWith(decode: ZstdDecodeInto, data: Uint8Array, out
   return out;
 }
 
+/**
+ * zlib through the host addon: the zlib node:zlib itself runs (the one Node is built with, whose
+ * functions the addon finds by name; see native/qcow_host.c), called directly. Loading node:zlib
+ * (with node:stream) and making its stream cost a small convert ~4 ms before the first cluster;
+ * these calls cost nothing until used. Same library, same parameters, same calls (one state per
+ * thread, reset per cluster; Z_SYNC_FLUSH to inflate, Z_FINISH to deflate): the same bytes out.
+ */
+export interface NativeZlib {
+  /** Inflate into `into`: the bytes written, or into.length + 1 when the stream has more. */
+  inflate(data: Uint8Array, into: Uint8Array): number;
+  /** Deflate `data` with QEMU's parameters into `out`: the bytes written, or -1 when `out` is too small. */
+  deflate(data: Uint8Array, out: Uint8Array): number;
+}
+
+/**
+ * The addon's zlib, when `addon` has it (version 6 on) and it is the zlib node:zlib uses: its
+ * zlibVersion() is the version in process.versions.zlib (which may carry a build suffix,
+ * "1.3.1-e00f703"). Otherwise null, and node:zlib does the work as before.
+ */
+export function nativeZlibOf(addon: HostAddon | undefined, nodeZlibVersion: string | undefined = process.versions.zlib): NativeZlib | null {
+  if (!addon || typeof addon.inflateRaw !== 'function' || typeof addon.deflateRaw !== 'function' || typeof addon.zlibVersion !== 'function') return null;
+  const version = addon.zlibVersion();
+  if (!version || !nodeZlibVersion || (nodeZlibVersion !== version && !nodeZlibVersion.startsWith(`${version}-`))) return null;
+  const { inflateRaw, deflateRaw } = addon;
+  return {
+    inflate: (data, into) => inflateRaw.call(addon, data, into, INFLATE_WINDOW_BITS),
+    deflate: (data, out) => deflateRaw.call(addon, data, out, DEFLATE_OPTIONS.level, DEFLATE_OPTIONS.windowBits, DEFLATE_OPTIONS.memLevel),
+  };
+}
+
+let nativeZlib: NativeZlib | null | undefined;
+/** This process's addon zlib (see nativeZlibOf), looked up once per thread. */
+export function nativeZlibHere(): NativeZlib | null {
+  return (nativeZlib ??= nativeZlibOf(hostAddon()));
+}
+
+/** One cluster inflated through `z`: inflateRawNow's contract (see there). */
+export function inflateRawWith(z: NativeZlib, data: Uint8Array, outSize: number, into?: Uint8Array): Uint8Array {
+  if (into && into.length !== outSize) throw new RangeError(`inflate target of ${into.length} bytes for a ${outSize}-byte cluster`);
+  const out = into ?? new Uint8Array(outSize);
+  let n: number;
+  try {
+    n = z.inflate(data, out);
+  } catch (e) {
+    throw corrupt(`bad deflate data in compressed cluster: ${(e as Error).message ?? e}`);
+  }
+  if (n > outSize) throw corrupt(`compressed cluster inflates to more than ${outSize} bytes`);
+  if (n !== outSize) throw corrupt(`compressed cluster inflated to ${n} bytes, expected ${outSize}`);
+  return out;
+}
+
+/** The output buffer of deflateRawWith, kept for the thread's life (grown when a larger input comes). */
+let deflateOut: Uint8Array | undefined;
+
+/** One cluster deflated through `z`, or null when it did not fit its buffer (then node:zlib does it). */
+export function deflateRawWith(z: NativeZlib, data: Uint8Array): Uint8Array | null {
+  const need = deflateBound(data.length);
+  if (!deflateOut || deflateOut.length < need) deflateOut = new Uint8Array(need);
+  const n = z.deflate(data, deflateOut);
+  return n >= 0 ? deflateOut.slice(0, n) : null;
+}
+
 /** Whether `op` needs the WebAssembly zstd module here: compression always, decoding only without libzstd. */
 export function needsZstdWasm(op: CodecJobKind): boolean {
   return op === 'zstd-compress' || (op === 'zstd-decompress' && nativeZstdHere() === null);
@@ -149,6 +211,12 @@ function inflateStep(z: Inflater, data: Uint8Array, inOff: number, out: Uint8Arr
  * codec worker fills a buffer the main thread allocated, whose pages are already mapped there.
  */
 export function inflateRawNow(data: Uint8Array, outSize: number, into?: Uint8Array): Uint8Array {
+  const z = nativeZlibHere();
+  return z ? inflateRawWith(z, data, outSize, into) : inflateRawNode(data, outSize, into);
+}
+
+/** inflateRawNow through node:zlib (no host addon, or not with node:zlib's zlib). */
+export function inflateRawNode(data: Uint8Array, outSize: number, into?: Uint8Array): Uint8Array {
   if (into && into.length !== outSize) throw new RangeError(`inflate target of ${into.length} bytes for a ${outSize}-byte cluster`);
   if (inflater === undefined) inflater = makeInflater();
   const z = inflater;
@@ -184,6 +252,12 @@ function inflateRawSyncChecked(data: Uint8Array, outSize: number): Uint8Array {
   if (out.length !== outSize) throw corrupt(`compressed cluster inflated to ${out.length} bytes, expected ${outSize}`);
   return new Uint8Array(out.buffer, out.byteOffset, out.length);
 }
+
+/**
+ * The window node:zlib's createInflateRaw() opens with (its default, 15: 32 KiB), which accepts
+ * every stream QEMU's 4 KiB window does and more; the addon path inflates with the same.
+ */
+const INFLATE_WINDOW_BITS = 15;
 
 /** QEMU's parameters: level 6, 4 KiB window (windowBits -12: QEMU inflates with it), memLevel 9. */
 const DEFLATE_OPTIONS = { level: 6, windowBits: 12, memLevel: 9 } as const;
@@ -229,6 +303,12 @@ function makeDeflater(outSize: number): Deflater | null {
 const deflateBound = (n: number): number => n + (n >>> 3) + 1024;
 
 export function deflateRawNow(data: Uint8Array): Uint8Array {
+  const z = nativeZlibHere();
+  return (z && deflateRawWith(z, data)) || deflateRawNode(data);
+}
+
+/** deflateRawNow through node:zlib (no host addon, or not with node:zlib's zlib). */
+export function deflateRawNode(data: Uint8Array): Uint8Array {
   if (deflater !== null) {
     const need = deflateBound(data.length);
     if (deflater === undefined || deflater.out.length < need) deflater = makeDeflater(need);

@@ -1,8 +1,8 @@
 /**
  * The host layer: system calls Node's fs module lacks (OFD byte-range locks, SEEK_DATA/SEEK_HOLE,
- * fallocate, copy_file_range, file mappings), a zero scan, huge-page buffers and zstd decoding
- * through the system's libzstd, from our own N-API addon (native/qcow_host.c, built by node-gyp when the package is
- * installed). `hostAddon()` gives the addon, or undefined when it is not there (no compiler at
+ * fallocate, copy_file_range, file mappings), a zero scan, huge-page buffers, zstd decoding
+ * through the system's libzstd and zlib without node:zlib's streams, from our own N-API addon
+ * (native/qcow_host.c, built by node-gyp when the package is installed). `hostAddon()` gives the addon, or undefined when it is not there (no compiler at
  * install time, not Linux, a browser bundle) or is turned off with QCOW_NO_NATIVE=1; every user
  * has a pure TypeScript fallback.
  */
@@ -74,6 +74,23 @@ export interface HostAddon {
    * end or an error), false when the time ran out or a signal came. Absent before version 6.
    */
   waitReadable?(fd: number, timeoutMs: number): boolean;
+   * The zlib node:zlib uses (found by name in the process: inside the node binary, or the shared
+   * libz Node links), as zlibVersion() gives it, e.g. "1.3.1"; undefined without one. Absent
+   * before version 6.
+   */
+  zlibVersion?(): string | undefined;
+  /**
+   * Inflate the raw deflate stream of `src` into `into` (Z_SYNC_FLUSH, a zlib stream kept per
+   * thread and reset per call, window of `windowBits`): the bytes written, or into.length + 1 when
+   * the stream has more than fits. Throws (code ZLIB_ERROR, zlib's message) on bad data. Absent
+   * before version 6.
+   */
+  inflateRaw?(src: Uint8Array, into: Uint8Array, windowBits: number): number;
+  /**
+   * Deflate `src` into `out` as one raw stream (Z_FINISH) with these parameters, on a stream kept
+   * per thread: the bytes written, or -1 when `out` is too small. Absent before version 6.
+   */
+  deflateRaw?(src: Uint8Array, out: Uint8Array, level: number, windowBits: number, memLevel: number): number;
   readonly version: number;
 }
 

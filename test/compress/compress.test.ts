@@ -220,7 +220,7 @@ test('node worker pool: jobs out on a worker that dies are done here from the ca
 });
 
 test('node: the reused deflate state gives deflateRawSync\'s bytes, readable with a 4 KiB window as QEMU reads them', async () => {
-  const { deflateRawNow } = await import('#src/compress/kernels.node.js');
+  const { deflateRawNow, deflateRawNode } = await import('#src/compress/kernels.node.js');
   const { deflateRawSync, inflateRawSync } = await import('node:zlib');
   const text = new TextEncoder().encode('qcow2 cluster '.repeat(150_000));
   // Mixed kinds and sizes one after the other, with a larger one in the middle (the output
@@ -236,12 +236,14 @@ test('node: the reused deflate state gives deflateRawSync\'s bytes, readable wit
   for (const input of inputs) {
     const z = deflateRawNow(input);
     assert.deepEqual(Buffer.from(z), deflateRawSync(input, { level: 6, windowBits: 12, memLevel: 9 }));
+    // node:zlib's own path (no addon) too, on its reused stream.
+    assert.deepEqual(Buffer.from(deflateRawNode(input)), deflateRawSync(input, { level: 6, windowBits: 12, memLevel: 9 }));
     assert.deepEqual(new Uint8Array(inflateRawSync(z, { windowBits: 12 })), input);
   }
 });
 
-test('node: the reused inflate state keeps the codec contract from one cluster to the next, through failures', async () => {
-  const { inflateRawNow } = await import('#src/compress/kernels.node.js');
+for (const path of ['inflateRawNow', 'inflateRawNode'] as const) test(`node: the reused inflate state keeps the codec contract from one cluster to the next, through failures (${path})`, async () => {
+  const inflateRawNow = (await import('#src/compress/kernels.node.js'))[path];
   const { deflateRawSync } = await import('node:zlib');
   const pack = (b: Uint8Array) => new Uint8Array(deflateRawSync(b, { level: 6, windowBits: 12, memLevel: 9 }));
   const text = new TextEncoder().encode('qcow2 cluster '.repeat(20_000));
