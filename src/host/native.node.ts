@@ -74,6 +74,7 @@ export interface HostAddon {
    * end or an error), false when the time ran out or a signal came. Absent before version 6.
    */
   waitReadable?(fd: number, timeoutMs: number): boolean;
+  /**
    * The zlib node:zlib uses (found by name in the process: inside the node binary, or the shared
    * libz Node links), as zlibVersion() gives it, e.g. "1.3.1"; undefined without one. Absent
    * before version 6.
