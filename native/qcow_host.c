@@ -14,6 +14,15 @@
  *                                     source ends; a Promise of the bytes copied. Runs on libuv's
  *                                     thread pool: the kernel copies the data (or shares the
  *                                     blocks, on file systems that can), which takes time.
+ *   writeBehind(fd, offset, length, dropOffset, dropLength)
+ *                                     sync_file_range(SYNC_FILE_RANGE_WRITE) on [offset, +length):
+ *                                     start writing those dirty pages back now, without waiting
+ *                                     (none when length is 0);
+ *                                     then posix_fadvise(DONTNEED) on [dropOffset, +dropLength)
+ *                                     (when dropLength > 0): give back the pages of that range
+ *                                     that are clean by now (dirty ones and ones under writeback
+ *                                     stay). A Promise of undefined, on libuv's thread pool: the
+ *                                     submission can wait for a free request on a busy disk.
  *   blockRunEnd(bytes, from, end, unit, zero)
  *                                     Over the blocks of `unit` bytes from `from` (the last one
  *                                     cut at `end`), where the run of blocks that are all zeros
@@ -287,6 +296,84 @@ static napi_value copy_file_range_async(napi_env env, napi_callback_info info) {
   if (napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
       napi_create_string_utf8(env, "qcow:copyFileRange", NAPI_AUTO_LENGTH, &name) != napi_ok ||
       napi_create_async_work(env, NULL, name, copy_execute, copy_complete, job, &job->work) != napi_ok ||
+      napi_queue_async_work(env, job->work) != napi_ok) {
+    free(job);
+    return NULL;
+  }
+  return promise;
+}
+
+/* sync_file_range + fadvise DONTNEED on the thread pool: the state of one call. */
+typedef struct {
+  int fd;
+  off_t offset, length, drop_offset, drop_length;
+  int err;
+  const char *syscall;
+  napi_async_work work;
+  napi_deferred deferred;
+} behind_job;
+
+static void behind_execute(napi_env env, void *data) {
+  (void)env;
+  behind_job *job = data;
+  int r = 0;
+  /* Length 0 would mean "to the end of the file": a call that only drops does no writeback. */
+  if (job->length > 0) {
+    do r = sync_file_range(job->fd, job->offset, job->length, SYNC_FILE_RANGE_WRITE);
+    while (r == -1 && errno == EINTR);
+  }
+  if (r == -1) {
+    job->err = errno;
+    job->syscall = "sync_file_range";
+    return;
+  }
+  if (job->drop_length <= 0) return;
+  /* posix_fadvise returns the error number instead of setting errno. */
+  r = posix_fadvise(job->fd, job->drop_offset, job->drop_length, POSIX_FADV_DONTNEED);
+  if (r != 0) {
+    job->err = r;
+    job->syscall = "posix_fadvise";
+  }
+}
+
+static void behind_complete(napi_env env, napi_status status, void *data) {
+  behind_job *job = data;
+  napi_value value = NULL;
+  if (status != napi_ok) {
+    napi_value msg;
+    if (napi_create_string_utf8(env, "writeBehind was cancelled", NAPI_AUTO_LENGTH, &msg) == napi_ok) napi_create_error(env, NULL, msg, &value);
+    if (value) napi_reject_deferred(env, job->deferred, value);
+  } else if (job->err) {
+    value = errno_error(env, job->err, job->syscall);
+    if (value) napi_reject_deferred(env, job->deferred, value);
+  } else if (napi_get_undefined(env, &value) == napi_ok) {
+    napi_resolve_deferred(env, job->deferred, value);
+  }
+  napi_delete_async_work(env, job->work);
+  free(job);
+}
+
+static napi_value write_behind(napi_env env, napi_callback_info info) {
+  double a[5];
+  if (!get_args(env, info, 5, a)) return NULL;
+  if (a[1] < 0 || a[2] < 0 || a[3] < 0 || a[4] < 0) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "offsets and lengths must not be negative");
+    return NULL;
+  }
+  behind_job *job = calloc(1, sizeof *job);
+  if (!job) {
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  job->fd = (int)a[0];
+  job->offset = (off_t)a[1];
+  job->length = (off_t)a[2];
+  job->drop_offset = (off_t)a[3];
+  job->drop_length = (off_t)a[4];
+  napi_value promise, name;
+  if (napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
+      napi_create_string_utf8(env, "qcow:writeBehind", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, behind_execute, behind_complete, job, &job->work) != napi_ok ||
       napi_queue_async_work(env, job->work) != napi_ok) {
     free(job);
     return NULL;
@@ -920,6 +1007,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
     {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
     {"copyFileRange", NULL, copy_file_range_async, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"writeBehind", NULL, write_behind, NULL, NULL, NULL, napi_enumerable, NULL},
     {"blockRunEnd", NULL, block_run_end, NULL, NULL, NULL, napi_enumerable, NULL},
     {"adviseHugePages", NULL, advise_huge_pages, NULL, NULL, NULL, napi_enumerable, NULL},
     {"mapText", NULL, map_text, NULL, NULL, NULL, napi_enumerable, NULL},

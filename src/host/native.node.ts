@@ -32,6 +32,13 @@ export interface HostAddon {
    */
   copyFileRange?(fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, length: number): Promise<number>;
   /**
+   * On libuv's thread pool: sync_file_range(SYNC_FILE_RANGE_WRITE) on [offset, +length) (start
+   * writing it back, without waiting; nothing when length is 0), then posix_fadvise(DONTNEED) on [dropOffset, +dropLength)
+   * when dropLength > 0 (the pages of that range that are clean by then leave the page cache).
+   * Rejects with the errno's name as `code`. Absent before version 6.
+   */
+  writeBehind?(fd: number, offset: number, length: number, dropOffset: number, dropLength: number): Promise<void>;
+  /**
    * Over the blocks of `unit` bytes of `bytes` from `from` (the last cut at `end`): the offset of
    * the first block that is not all zeros (`zero` true) or is all zeros (`zero` false), else `end`.
    * Absent from addons built before version 3.

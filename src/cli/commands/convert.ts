@@ -57,12 +57,19 @@ function sparseSize(text: string): number {
 function targetOpener(cache: string): StoreOpener {
   const modes = ['unsafe', 'writeback', 'writethrough', 'none', 'directsync'];
   if (!modes.includes(cache)) throw new QcowError('QCOW_INVALID_ARGUMENT', `Invalid cache option: ${cache}`);
-  if (cache !== 'unsafe') return defaultOpener;
+  // The target is written once, front to back: write-behind (storage/file.node.ts) keeps a large
+  // output from filling the page cache with memory the process never touched before.
+  const behind = (s: ByteStore): ByteStore => {
+    if (s instanceof FileStore) s.writeBehind();
+    return s;
+  };
+  if (cache !== 'unsafe') return { ...defaultOpener, open: async (name, options) => behind(await defaultOpener.open(name, options)) };
   // A local file keeps its own store (its host calls: copy offload, holes); other stores (an
   // object store someday) get a wrapper without flushes.
   const noSync = (s: ByteStore): ByteStore => {
     if (s instanceof FileStore) {
       s.skipFlushes();
+      s.writeBehind();
       return s;
     }
     return {
@@ -315,6 +322,7 @@ async function runFromStream(
             flags.create && flags.outputFormat === 'raw'
               ? async () => {
                   const store = await FileStore.open(target, { create: true, permissions: permissionsFor({ writable: true, format: 'raw', role: 'image' }) });
+                  store.writeBehind();
                   created = true;
                   opened = store;
                   return store;
