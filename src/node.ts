@@ -11,6 +11,8 @@ export { nodeFetch } from './storage/node-fetch.node.js';
 export { deferredCaAgent } from './storage/deferred-ca.node.js';
 // Which kind of image locking this machine gives (`qcow --version` says).
 export { lockingKind } from './storage/lock.node.js';
+// Which zlib and zstd code handles compressed clusters here (`qcow --version` says).
+export { codecKinds } from './compress/kernels.node.js';
 export { OverlayDevice, type OverlayOptions } from './overlay/overlay.js';
 // Opening and creating by path (node-open.ts, which the CLI imports on its own to start faster).
 export { defaultOpener, openImage, createImage, type NodeOpenOptions, type NodeCreateOptions } from './node-open.js';

@@ -6,7 +6,7 @@
  */
 import { Command, CommanderError, Option } from 'commander';
 import { collect, errorLine, failureStyle, jsonStyle, exitCodeFor, openPolicy, writeOut } from './common.js';
-import { lockingKind } from '../node.js';
+import { codecKinds, lockingKind } from '../node.js';
 import { helpExamples } from './help-examples.js';
 
 /** A command's module: `run` takes commander's action arguments (operands, then the flags). */
@@ -41,8 +41,9 @@ export function buildProgram(argv: string[]): Command {
   program
     .name('qcow')
     .description('QCOW/QCOW2 disk image tool: a TypeScript qemu-img and qemu-nbd')
-    // The version line also says which image locking is in use (loading the host addon to tell).
-    .version(argv.includes('-V') || argv.includes('--version') ? `${VERSION}\nimage locking: ${lockingKind()}` : VERSION)
+    // The version lines also say which image locking and which codecs are in use (loading the
+    // host addon, zlib and libzstd to tell).
+    .version(argv.includes('-V') || argv.includes('--version') ? `${VERSION}\nimage locking: ${lockingKind()}\ncodecs: ${codecKinds()}` : VERSION)
     .showHelpAfterError(false)
     .exitOverride()
     .configureOutput({ outputError: () => undefined, writeOut });

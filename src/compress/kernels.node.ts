@@ -89,6 +89,19 @@ export function nativeZlibHere(): NativeZlib | null {
   return (nativeZlib ??= nativeZlibOf(hostAddon()));
 }
 
+/**
+ * Which code compresses and decompresses clusters in this process, for `qcow --version`: the
+ * host addon's zlib and libzstd where they are usable, else node:zlib and WebAssembly.
+ */
+export function codecKinds(): string {
+  const addon = hostAddon();
+  const zlib = nativeZlibHere() ? `zlib ${addon!.zlibVersion!()} through the host addon` : `node:zlib (zlib ${process.versions.zlib})`;
+  const zstd = nativeZstdHere();
+  const v = zstd ? addon!.zstdVersion!() : 0;
+  const zstdDecode = zstd ? `libzstd ${Math.floor(v / 10000)}.${Math.floor(v / 100) % 100}.${v % 100}` : 'WebAssembly';
+  return `${zlib}; zstd: ${zstdDecode} decoding, WebAssembly encoding`;
+}
+
 /** One cluster inflated through `z`: inflateRawNow's contract (see there). */
 export function inflateRawWith(z: NativeZlib, data: Uint8Array, outSize: number, into?: Uint8Array): Uint8Array {
   if (into && into.length !== outSize) throw new RangeError(`inflate target of ${into.length} bytes for a ${outSize}-byte cluster`);

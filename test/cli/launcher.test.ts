@@ -64,7 +64,7 @@ test('a command whose bundle leaves out the others still runs them from the whol
 test('bin/qcow.cjs runs commands through the bundle with nothing extra on stderr', async () => {
   const version = await run(process.execPath, [launcher, '--version']);
   assert.equal(version.code, 0);
-  assert.match(version.stdout, /^\d+\.\d+\.\d+\nimage locking: [^\n]+\n$/);
+  assert.match(version.stdout, /^\d+\.\d+\.\d+\nimage locking: [^\n]+\ncodecs: [^\n]+\n$/);
   assert.equal(version.stderr, '');
   const bad = await run(process.execPath, [launcher, 'info', '--output', 'yaml', 'x']);
   assert.equal(bad.code, 1);

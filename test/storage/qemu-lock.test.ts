@@ -280,6 +280,7 @@ test('with the addon disabled, qcow falls back to its lock file, which QEMU does
   const env = { ...process.env, QCOW_NO_NATIVE: '1' };
   const v = await run(QCOW_BIN, ['--version'], { env });
   assert.match(v.stdout, /image locking: qcow lock files/);
+  assert.match(v.stdout, /\ncodecs: node:zlib \(zlib [^)]+\); zstd: WebAssembly decoding, WebAssembly encoding\n$/);
   const q = await qemuIoHoldsReady([img]);
   try {
     // Not refused: the documented gap of the fallback.
@@ -291,7 +292,13 @@ test('with the addon disabled, qcow falls back to its lock file, which QEMU does
   }
 });
 
-test('qcow --version says which locking is in use', lockTests(), async () => {
+test('qcow --version says which locking and which codecs are in use', lockTests(), async () => {
   const v = await qcow(['--version']);
-  assert.match(v.stdout, /^\d+\.\d+\.\d+\nimage locking: QEMU-compatible \(OFD byte-range locks\)\n$/);
+  const addon = hostAddon();
+  const zlib = typeof addon?.inflateRaw === 'function' ? /zlib [\d.]+ through the host addon/ : /node:zlib/;
+  const zstd = (addon?.zstdVersion?.() ?? 0) > 0 ? /libzstd \d+\.\d+\.\d+ decoding/ : /WebAssembly decoding/;
+  const m = /^\d+\.\d+\.\d+\nimage locking: QEMU-compatible \(OFD byte-range locks\)\ncodecs: ([^\n]+)\n$/.exec(v.stdout);
+  assert.ok(m, v.stdout);
+  assert.match(m[1]!, zlib);
+  assert.match(m[1]!, zstd);
 });
