@@ -304,15 +304,11 @@ function ref(p: Pass, offset: Off, length: number): void {
   }
   const first = Math.floor(offset / p.cs);
   const last = Math.floor((offset + length - 1) / p.cs);
-  if (p.rmax >= 0xffff && last - first > 0) {
-    // A run: bumped in one step unless a count is near the cap (then cluster by cluster below).
-    let near = false;
-    for (let c = first; c <= last && !near; c++) if (p.refs.get(c) >= Math.min(p.rmax, 0xfff0)) near = true;
-    if (!near) {
-      p.refs.addRange(first, last);
-      if (last + 1 > p.nb) p.nb = last + 1;
-      return;
-    }
+  if (p.refs.peak < p.rmax) {
+    // No count can pass the width's maximum (none has reached it): the run is bumped in one step.
+    p.refs.addRange(first, last);
+    if (last + 1 > p.nb) p.nb = last + 1;
+    return;
   }
   for (let c = first; c <= last; c++) {
     if (p.refs.get(c) >= p.rmax) {
@@ -633,6 +629,17 @@ async function compare(store: ByteStore, p: Pass, fix: RepairMode | null): Promi
     }
     if (!block && !refs.anyIn(first, end)) continue;
     for (let c = first; c < end; c++) {
+      if (block && rbits === 16) {
+        // The default width: the clusters whose counts agree are passed in one loop (a call and
+        // two lookups per cluster were a fifth of a 16 GiB image's check), the rest looked at below.
+        const d = refs.sameAsStored16(block, first, c, end);
+        if (d > c) {
+          const top = refs.lastReferenced(c, d);
+          if (top >= 0) highest = top;
+          c = d;
+        }
+        if (c >= end) break;
+      }
       const stored = block ? countIn(block, c - first, rbits) : 0;
       const found = refs.get(c);
       if (stored === 0 && found === 0) continue;
