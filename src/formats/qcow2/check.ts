@@ -138,7 +138,17 @@ interface Pass {
    * check): a fresh 64 KiB buffer per walk cost 16 first-touched pages, ~0.25 ms, each time.
    */
   l2: Uint8Array;
+  /**
+   * The long runs of entries continuing each other in the file that the walk found in each L2
+   * table of the active image, by the table's offset: [start, end, start, end, ...]. The COPIED
+   * check reads the same tables again and takes these instead of comparing every entry with the
+   * one before once more. Kept only by a walk that writes nothing (the tables stay as it read them).
+   */
+  runs: Map<number, number[]>;
 }
+
+/** The shortest run worth keeping in {@link Pass.runs} (a fragmented table keeps nothing). */
+const MIN_KEPT_RUN = 64;
 
 /**
  * What reading the snapshot table found (qemu's qcow2_check_read_snapshot_table): the entries,
@@ -265,6 +275,7 @@ async function openPass(store: ByteStore, fix: RepairMode | null, snap: Snapshot
     snapCounted: false,
     dataClusters: new Uint8Array(Math.ceil(fileClusters / 8)),
     l2: new Uint8Array(cs),
+    runs: new Map(),
   };
 }
 
@@ -272,7 +283,15 @@ async function openPass(store: ByteStore, fix: RepairMode | null, snap: Snapshot
 function markData(p: Pass, off: number, n: number): void {
   const first = Math.floor(off / p.cs);
   const end = Math.min(first + n, p.dataClusters.length * 8);
-  for (let c = first; c < end; c++) p.dataClusters[c >> 3]! |= 1 << (c & 7);
+  const bits = p.dataClusters;
+  let c = first;
+  for (; c < end && (c & 7) !== 0; c++) bits[c >> 3]! |= 1 << (c & 7);
+  // Whole bytes of a run at once (runs are as long as an L2 table's entries that follow each other).
+  if (end - c >= 8) {
+    bits.fill(0xff, c >> 3, end >> 3);
+    c = end - (end % 8);
+  }
+  for (; c < end; c++) bits[c >> 3]! |= 1 << (c & 7);
 }
 const isData = (p: Pass, off: number): boolean => {
   const c = Math.floor(off / p.cs);
@@ -474,6 +493,11 @@ async function walkL2(store: ByteStore, p: Pass, l2Offset: Off, t: Uint8Array, a
         res.allocatedClusters += n;
         if (next !== 0 && off !== next) res.fragmentedClusters++;
         next = off + n * cs;
+        if (n >= MIN_KEPT_RUN && p.fix === null && typeof l2Offset === 'number') {
+          const runs = p.runs.get(l2Offset);
+          if (runs) runs.push(j, j + n);
+          else p.runs.set(l2Offset, [j, j + n]);
+        }
       }
       ref(p, off, n * cs);
       markData(p, off, n);
@@ -804,6 +828,9 @@ async function checkCopied(store: ByteStore, p: Pass, repair: boolean): Promise<
     }
     await readAt(store, p, l2Offset, t);
     let dirty = 0;
+    // The runs the walk found in this table (the same bytes: nothing was written since).
+    const runs = typeof l2Offset === 'number' ? p.runs.get(l2Offset) : undefined;
+    let run = 0;
     for (let j = nextEntry(l2Words, 0, p.l2Entries, eb); j < p.l2Entries; j = nextEntry(l2Words, j + 1, p.l2Entries, eb)) {
       const o = j * eb;
       const ehi = u32(t, o);
@@ -814,7 +841,8 @@ async function checkCopied(store: ByteStore, p: Pass, repair: boolean): Promise<
       if (!extl2 && !external && typeof off === 'number' && off !== 0 && (elo & 0x1ff) === 0 && off % cs === 0 && off + cs <= p.fileSize) {
         // The common case: a run of plain entries that continue each other in the file, their
         // flags checked against the counts in one loop. A disagreeing entry is reported below.
-        const end = contiguousEntries(t, j, Math.min(p.l2Entries - j, Math.floor((p.fileSize - off) / cs)), cs);
+        if (runs) while (run < runs.length && runs[run]! < j) run += 2;
+        const end = runs && runs[run] === j ? runs[run + 1]! : contiguousEntries(t, j, Math.min(p.l2Entries - j, Math.floor((p.fileSize - off) / cs)), cs);
         const agreeTo = await copiedAgree(store, p, t, j, end, off / cs);
         if (agreeTo > j) {
           j = agreeTo - 1;
