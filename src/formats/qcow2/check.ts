@@ -223,8 +223,9 @@ async function readAt(store: ByteStore, p: { fileSize: number }, off: Off, into:
   await store.read(off, into);
 }
 
-async function openPass(store: ByteStore, fix: RepairMode | null, snap: SnapshotCheck): Promise<Pass> {
-  const { h, fileSize } = await readHeader(store);
+/** `head`: the header as just read, when nothing has been written since (else it is read again). */
+async function openPass(store: ByteStore, fix: RepairMode | null, snap: SnapshotCheck, head?: { h: Qcow2Header; fileSize: number }): Promise<Pass> {
+  const { h, fileSize } = head ?? (await readHeader(store));
   const g = qcow2Geometry(h.clusterBits, hasFeature(h.incompatibleFeatures, INCOMPAT_EXTL2));
   const cs = g.clusterSize;
   const rbits = 2 ** h.refcountOrder;
@@ -919,7 +920,8 @@ function copiedAgreeIn(t: Uint8Array, j: number, end: number, eb: number, block:
 async function checkPass(store: ByteStore, fix: RepairMode | null): Promise<CheckResult> {
   const { h, fileSize } = await readHeader(store);
   const snap = await checkSnapshotTable(store, h, fileSize, fix);
-  const p = await refcountPass(store, fix, snap);
+  // Without a repair nothing has changed the header since: the pass takes it as read.
+  const p = await refcountPass(store, fix, snap, fix === null ? { h, fileSize } : undefined);
   const res = p.res;
   if (snap.corruptions > 0 && fix === 'all') {
     if (p.rebuild || res.checkErrors > 0) {
@@ -978,8 +980,8 @@ async function rewriteSnapshotTable(store: ByteStore, p: Pass): Promise<void> {
 }
 
 /** The refcount part of a check (qemu's qcow2_check_refcounts): count, compare, repair, COPIED flags. */
-async function refcountPass(store: ByteStore, fix: RepairMode | null, snap: SnapshotCheck): Promise<Pass> {
-  let p = await openPass(store, fix, snap);
+async function refcountPass(store: ByteStore, fix: RepairMode | null, snap: SnapshotCheck, head?: { h: Qcow2Header; fileSize: number }): Promise<Pass> {
+  let p = await openPass(store, fix, snap, head);
   await calculate(store, p);
   // Tables that may be guest data (an active L1 past the end of the file) are never written on
   // their word: the repair stops before writing anything.
