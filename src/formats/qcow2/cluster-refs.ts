@@ -11,6 +11,7 @@ export class ClusterRefs {
   private readonly counts: Uint16Array;
   private readonly extra = new Map<number, number>();
   private top = -1;
+  private most = 0;
 
   /** `clusters`: the clusters the file holds (the counters kept in the array). */
   constructor(clusters: number) {
@@ -22,27 +23,34 @@ export class ClusterRefs {
     // Counts well below the cap, the usual case, are bumped in place; the rest go through add().
     const counts = this.counts;
     const inArray = Math.min(last + 1, counts.length);
+    let most = this.most;
     let c = first;
     for (; c < inArray; c++) {
       const n = counts[c]!;
-      if (n < 0xfffe) counts[c] = n + 1;
-      else this.add(c);
+      if (n < 0xfffe) {
+        counts[c] = n + 1;
+        if (n >= most) most = n + 1;
+      } else this.add(c);
     }
+    if (most > this.most) this.most = most;
     for (; c <= last; c++) this.add(c);
     if (last > this.top) this.top = last;
   }
 
   private add(c: number): void {
     const counts = this.counts;
+    let n: number;
     if (c < counts.length && counts[c]! < 0xffff) {
-      counts[c]!++;
-      if (counts[c] === 0xffff) {
+      n = ++counts[c]!;
+      if (n === 0xffff) {
         // From here on the Map holds this cluster's count.
         this.extra.set(c, 0xffff);
       }
-      return;
+    } else {
+      n = (this.extra.get(c) ?? 0) + 1;
+      this.extra.set(c, n);
     }
-    this.extra.set(c, (this.extra.get(c) ?? 0) + 1);
+    if (n > this.most) this.most = n;
   }
 
   /** References to cluster `c`. */
@@ -52,6 +60,34 @@ export class ClusterRefs {
       return n === 0xffff ? this.extra.get(c)! : n;
     }
     return this.extra.get(c) ?? 0;
+  }
+
+  /** The most references any cluster has (no count is higher: a run below a cap needs no look at each). */
+  get peak(): number {
+    return this.most;
+  }
+
+  /**
+   * The first cluster of [from, end) whose count differs from its stored 16-bit big-endian count
+   * in `block` (whose entry 0 is cluster `base`), or `end`. Clusters whose count is kept in the
+   * Map, and those past the array, are reported as differing: the caller looks at them one by one.
+   */
+  sameAsStored16(block: Uint8Array, base: number, from: number, end: number): number {
+    const counts = this.counts;
+    const stop = Math.min(end, counts.length);
+    let c = from;
+    for (let i = 2 * (from - base); c < stop; c++, i += 2) {
+      const n = counts[c]!;
+      if (n === 0xffff || n !== ((block[i]! << 8) | block[i + 1]!)) return c;
+    }
+    return c;
+  }
+
+  /** The last cluster of [from, end) with a reference, or -1 (clusters of the array only). */
+  lastReferenced(from: number, end: number): number {
+    const counts = this.counts;
+    for (let c = Math.min(end, counts.length) - 1; c >= from; c--) if (counts[c] !== 0) return c;
+    return -1;
   }
 
   /** The highest cluster with a reference, or -1. */

@@ -86,3 +86,39 @@ test('check sees a lone reserved bit in the last refcount table entry', async (t
   const r = await checkQcow2(new MemoryStore(bytes));
   assert.ok(r.messages.includes(`ERROR refcount table entry ${entries - 1} has reserved bits set`), r.messages.join('\n'));
 });
+
+test('check compares COPIED with the stored counts entry by entry inside long runs of contiguous entries, and repairs them', async (t) => {
+  // 128 clusters of 4 KiB written in one go: one run of entries 0-127, longer than the runs the
+  // walk keeps for the COPIED check (check.ts, MIN_KEPT_RUN), in one refcount block.
+  const file = join(await scratch(t), 'runs.qcow2');
+  await createImage(file, { format: 'qcow2', size: 1 << 20, options: { cluster_size: '4k' } });
+  const dev = await openImage(file, { format: 'qcow2' });
+  try {
+    await dev.write(0, new Uint8Array(128 * 4096).fill(9));
+  } finally {
+    await dev.close();
+  }
+  const bytes = new Uint8Array(await readFile(file));
+  const clean = await checkQcow2(new MemoryStore(bytes.slice()));
+  assert.deepEqual([clean.corruptions, clean.leaks, clean.allocatedClusters], [0, 0, 128]);
+  const l2 = firstL2(bytes);
+  // COPIED cleared on entries 70 and 127 (inside and at the end of the run), and the count of
+  // entry 90's cluster raised to 2: a leak, and its COPIED flag now wrong.
+  for (const e of [70, 127]) bytes[l2 + e * 8]! &= 0x7f;
+  const cluster90 = Number(dv(bytes).getBigUint64(l2 + 90 * 8) & 0x00fffffffffffe00n) / 4096;
+  const block = Number(dv(bytes).getBigUint64(Number(dv(bytes).getBigUint64(48))));
+  dv(bytes).setUint16(block + 2 * cluster90, 2);
+  const r = await checkQcow2(new MemoryStore(bytes.slice()));
+  assert.equal(r.corruptions, 3);
+  assert.equal(r.leaks, 1);
+  assert.deepEqual(
+    r.messages.filter((m) => m.includes('OFLAG_COPIED')).map((m) => m.replace(/ l2_entry=\w+/, '')),
+    ['ERROR OFLAG_COPIED data cluster: refcount=1', 'ERROR OFLAG_COPIED data cluster: refcount=2', 'ERROR OFLAG_COPIED data cluster: refcount=1'],
+  );
+  const store = new MemoryStore(bytes.slice());
+  const fixed = await checkQcow2(store, { repair: 'all' });
+  // As qemu-img -r all: the leak is repaired first, after which entry 90's COPIED flag is right.
+  assert.deepEqual([fixed.corruptions, fixed.leaks, fixed.corruptionsFixed, fixed.leaksFixed], [0, 0, 2, 1]);
+  const again = await checkQcow2(store);
+  assert.deepEqual([again.corruptions, again.leaks, again.allocatedClusters], [0, 0, 128]);
+});

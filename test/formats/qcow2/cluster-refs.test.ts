@@ -66,3 +66,43 @@ test('ClusterRefs gives the cluster-by-cluster counts for long, overlapping and 
   for (let c = 0; c < clusters + 700; c++) assert.equal(refs.get(c), model.get(c) ?? 0, `cluster ${c}`);
   assert.equal(refs.highest, Math.max(...ranges.map((r) => r[1])));
 });
+
+test('ClusterRefs knows the most references any cluster has, past the 16-bit array too', () => {
+  const refs = new ClusterRefs(10);
+  assert.equal(refs.peak, 0);
+  refs.addRange(0, 5);
+  refs.addRange(3, 3);
+  assert.equal(refs.peak, 2);
+  refs.addRange(20, 20); // past the file: kept in the Map
+  refs.addRange(20, 20);
+  refs.addRange(20, 20);
+  assert.equal(refs.peak, 3);
+  for (let i = 0; i < 0x10001; i++) refs.addRange(7, 7);
+  assert.equal(refs.peak, 0x10001);
+});
+
+test('ClusterRefs finds where its counts part from a 16-bit refcount block, and the last referenced cluster', () => {
+  const refs = new ClusterRefs(40);
+  refs.addRange(8, 11);
+  refs.addRange(10, 10);
+  // A block whose entry 0 is cluster 8: counts 1, 1, 2, 1 then zeros, as found.
+  const block = new Uint8Array(64);
+  for (const [i, n] of [[0, 1], [1, 1], [2, 2], [3, 1]]) block[2 * i + 1] = n!;
+  assert.equal(refs.sameAsStored16(block, 8, 8, 40), 40);
+  assert.equal(refs.lastReferenced(8, 40), 11);
+  assert.equal(refs.lastReferenced(12, 40), -1);
+  block[2 * 5 + 1] = 1; // cluster 13: stored 1, found 0
+  assert.equal(refs.sameAsStored16(block, 8, 9, 40), 13);
+  assert.equal(refs.sameAsStored16(block, 8, 14, 40), 40);
+  block[2 * 2] = 1; // cluster 10: stored 0x0102
+  assert.equal(refs.sameAsStored16(block, 8, 8, 13), 10);
+  // A count kept in the Map (0xffff and up) is always left to the caller.
+  const big = new ClusterRefs(4);
+  for (let i = 0; i < 0xffff; i++) big.addRange(1, 1);
+  const full = new Uint8Array(8).fill(0);
+  full[2] = 0xff;
+  full[3] = 0xff;
+  assert.equal(big.sameAsStored16(full, 0, 0, 4), 1);
+  // Past the array: left to the caller too.
+  assert.equal(new ClusterRefs(2).sameAsStored16(new Uint8Array(8), 0, 0, 4), 2);
+});

@@ -111,3 +111,11 @@ test('refcount table decode: zero entries skipped, any set bit still decoded or 
     assert.throws(() => decodeRefcountTable(buf, 6, 0x10000), /entry 3 .*too large/);
   }
 });
+
+test('refcount table decode: long tables with entries far apart and past 4 GiB, bytes after the entries ignored', () => {
+  const offsets = new Array<number>(1000).fill(0);
+  for (const i of [0, 1, 7, 8, 63, 500, 998]) offsets[i] = (i + 1) * 0x80000000 + 0x10000;
+  const buf = encodeRefcountTable([...offsets, 0x12345]); // the last is not an entry of the table
+  assert.deepEqual(decodeRefcountTable(buf, 1000, 0x10000), offsets);
+  assert.deepEqual(decodeRefcountTable(buf, 999, 0x10000), offsets.slice(0, 999));
+});
