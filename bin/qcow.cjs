@@ -123,7 +123,8 @@ function start() {
   const own = bundleFor(process.argv);
   // A word that is no command with a bundle of its own costs one failed stat.
   const bundle = (own !== undefined ? loadBundle(addon, join(dir, `qcow.cmd-${own}.cjs`)) : undefined) ?? loadBundle(addon, join(dir, 'qcow.bundle.cjs'));
-  if (bundle) bundle.main(process.argv);
+  // The addon goes to the library too, which would otherwise load it a second time.
+  if (bundle) bundle.main(process.argv, { hostAddon: addon });
   else {
     import('../dist/cli/main.js').catch((e) => {
       process.stderr.write(`qcow: the command line is not built (npm run build): ${e && e.message ? e.message.split('\n')[0] : e}\n`);

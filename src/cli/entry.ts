@@ -4,6 +4,7 @@
  * personas import the qcow program to run its commands, so the choice between them lives here,
  * above both, rather than in program.ts.
  */
+import { adoptHostAddon, type HostAddon } from '../node.js';
 import { runQcow } from './program.js';
 
 /**
@@ -15,8 +16,15 @@ const PERSONAS: Record<string, () => Promise<{ main: (argv: string[]) => Promise
   'qemu-io': () => import('../compat/qemu-io/main.js'),
 };
 
+/** What the launcher (bin/qcow.cjs) has set up before the CLI runs. */
+export interface LaunchContext {
+  /** The host addon it loaded (to map the bundle), for the library to use rather than load again. */
+  hostAddon?: HostAddon;
+}
+
 /** Run one command line (`argv` as process.argv: node, script, arguments); sets process.exitCode. */
-export async function main(argv: string[]): Promise<void> {
+export async function main(argv: string[], launch: LaunchContext = {}): Promise<void> {
+  if (launch.hostAddon) adoptHostAddon(launch.hostAddon);
   const persona = argv[2]?.startsWith('--persona=') ? argv[2].slice('--persona='.length) : undefined;
   if (persona !== undefined) {
     const load = Object.hasOwn(PERSONAS, persona) ? PERSONAS[persona] : undefined;

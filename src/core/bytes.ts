@@ -80,9 +80,15 @@ export function firstNonZero(b: Uint8Array, start = 0, end = b.length): number {
   return end;
 }
 
-export const ascii = (b: Uint8Array): string => new TextDecoder('latin1').decode(b);
-export const utf8 = (b: Uint8Array): string => new TextDecoder().decode(b);
-export const encodeUtf8 = (s: string): Uint8Array => new TextEncoder().encode(s);
+// One decoder (encoder) each, made at first use: decode() without { stream } keeps no state
+// between calls, and making one cost ~12 us, paid per name of a header's feature-name table
+// (a dozen in every image qemu makes) and of its snapshot table at every open.
+let latin1Decoder: TextDecoder | undefined;
+let utf8Decoder: TextDecoder | undefined;
+let utf8Encoder: TextEncoder | undefined;
+export const ascii = (b: Uint8Array): string => (latin1Decoder ??= new TextDecoder('latin1')).decode(b);
+export const utf8 = (b: Uint8Array): string => (utf8Decoder ??= new TextDecoder()).decode(b);
+export const encodeUtf8 = (s: string): Uint8Array => (utf8Encoder ??= new TextEncoder()).encode(s);
 
 export const alignUp = (v: number, a: number): number => Math.ceil(v / a) * a;
 export const alignDown = (v: number, a: number): number => Math.floor(v / a) * a;

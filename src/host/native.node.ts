@@ -113,7 +113,6 @@ function load(): { addon: HostAddon | undefined; why: string } {
   if (process.env.QCOW_NO_NATIVE === '1') return { addon: undefined, why: 'disabled by QCOW_NO_NATIVE=1' };
   // dist/host/native.node.js -> the package root's build/Release (node-gyp's output).
   const path = fileURLToPath(new URL('../../build/Release/qcow_host.node', import.meta.url));
-  if (!existsSync(path)) return { addon: undefined, why: 'not built' };
   try {
     // process.dlopen directly: require() of a .node file resolves and wraps it first, which cost
     // ~2 ms of every command's start (0.45 ms this way).
@@ -121,8 +120,23 @@ function load(): { addon: HostAddon | undefined; why: string } {
     process.dlopen(mod, path);
     return { addon: mod.exports, why: 'loaded' };
   } catch (e) {
+    // Whether the file is there is asked only now: a stat before every load cost ~0.1 ms.
+    if (!existsSync(path)) return { addon: undefined, why: 'not built' };
     return { addon: undefined, why: `not loadable: ${(e as Error).message.split('\n')[0]}` };
   }
+}
+
+/**
+ * Take the addon a caller has already loaded from this package's build/Release, so that
+ * hostAddon() does not find and load it a second time: bin/qcow.cjs loads it before the CLI's
+ * bundle (to map the bundle with it), and the second load (the file's URL worked out from the
+ * module's, a stat, dlopen and the addon's init again) cost ~0.4 ms of every command. Ignored once
+ * the addon was looked for, and under QCOW_NO_NATIVE=1 (the launcher loads none then anyway).
+ * @internal for bin/qcow.cjs, through the CLI's entry.
+ */
+export function adoptHostAddon(addon: HostAddon): void {
+  if (process.env.QCOW_NO_NATIVE === '1') return;
+  loaded ??= { addon, why: 'loaded' };
 }
 
 /** The addon, or undefined (see the top). Loaded once. */

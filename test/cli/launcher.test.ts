@@ -146,6 +146,29 @@ test('a command with little work loads none of the Node modules the bundles make
   }
 });
 
+test('the host addon is loaded once: the launcher hands the one it loaded to the library', { skip: !hostAddon() && 'no host addon' }, async () => {
+  const dirTmp = await mkdtemp(join(tmpdir(), 'qcow-addon-once-'));
+  try {
+    const image = join(dirTmp, 'a.qcow2');
+    assert.equal((await run(process.execPath, [launcher, 'create', '-q', '-f', 'qcow2', image, '64M'])).code, 0);
+    const probe = [
+      `process.argv.splice(1, 0, ${JSON.stringify(launcher)});`,
+      'let loads = 0;',
+      'const dlopen = process.dlopen;',
+      'process.dlopen = function (...args) { if (String(args[1]).endsWith("qcow_host.node")) loads++; return dlopen.apply(this, args); };',
+      "process.on('exit', () => require('node:fs').writeSync(2, String(loads)));",
+      `require('node:module').runMain(${JSON.stringify(launcher)});`,
+    ].join('\n');
+    // info takes QEMU's image locks through the addon: the library uses it.
+    const r = await run(process.execPath, ['--no-concurrent-recompilation', '-e', probe, 'info', image]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /^image: /);
+    assert.equal(r.stderr, '1');
+  } finally {
+    await rm(dirTmp, { recursive: true, force: true });
+  }
+});
+
 test('a compressed image loads the Node module of its own codec only (node:zlib without the host addon\'s zlib, node:v8 for WebAssembly zstd)', async () => {
   const dirTmp = await mkdtemp(join(tmpdir(), 'qcow-lazy-codec-'));
   try {

@@ -9,6 +9,8 @@
  *     `peekClusterBits`, then read the cluster). Structural problems throw QcowError QCOW_CORRUPT /
  *     QCOW_BAD_MAGIC / QCOW_UNSUPPORTED naming the field. Feature-bit policy (unknown incompatible
  *     bits, corrupt bit) is NOT checked here: see features.ts.
+ *   - `decodeHeaderPrefix(bytes, areaLength)`: the same from the area's first bytes only, or
+ *     undefined when the header reaches past them (read-header.ts reads one page first).
  *   - `encodeHeader(header, clusterSize)`: the bytes to write at file offset 0: fixed fields,
  *     extensions (in QEMU's order: backing format, FDE, data file, feature names, bitmaps, then the
  *     unknown ones verbatim), the end marker, then the backing file name. `backingFileOffset` and
@@ -124,10 +126,26 @@ function checkClusterBits(bits: number): number {
 }
 
 export function decodeHeader(bytes: Uint8Array): Qcow2Header {
-  const clusterBits = peekClusterBits(bytes);
-  const clusterSize = 2 ** clusterBits;
   // Everything the header describes must lie in cluster 0; a short file simply ends earlier.
-  const buf = bytes.subarray(0, Math.min(bytes.length, clusterSize));
+  return decodeHeaderArea(bytes, Math.min(bytes.length, 2 ** peekClusterBits(bytes)))!;
+}
+
+/**
+ * `decodeHeader` from the first bytes of the header area only: `bytes` is its start and
+ * `areaLength` its whole length (the first cluster, or up to EOF, whichever is shorter). The same
+ * header, or the same error, as decodeHeader of the whole area; undefined when the header's fields,
+ * extensions or backing file name reach past `bytes` (read the whole area then). Most headers fit
+ * in a few hundred bytes, and reading the whole cluster cost a page fault per 4 KiB of it (512 for
+ * 2 MiB clusters) at every open.
+ */
+export function decodeHeaderPrefix(bytes: Uint8Array, areaLength: number): Qcow2Header | undefined {
+  return decodeHeaderArea(bytes.subarray(0, Math.min(bytes.length, areaLength)), areaLength);
+}
+
+/** The decode of both: `buf` is the area's first `buf.length` (<= areaLength) bytes. */
+function decodeHeaderArea(buf: Uint8Array, areaLength: number): Qcow2Header | undefined {
+  if (buf.length < Math.min(areaLength, V3_HEADER_LENGTH)) return undefined;
+  const clusterBits = peekClusterBits(buf);
   const version = u32(buf, 4) as 2 | 3;
   const h: Qcow2Header = {
     version,
@@ -160,7 +178,8 @@ export function decodeHeader(bytes: Uint8Array): Qcow2Header {
     h.headerLength = u32(buf, 100);
     if (h.headerLength < V3_MIN_HEADER_LENGTH) throw corrupt(`qcow2 header too short (header_length ${h.headerLength})`);
     if (h.headerLength % 8 !== 0) throw corrupt(`qcow2 header: header_length ${h.headerLength} is not a multiple of 8`);
-    if (h.headerLength > buf.length) throw corrupt(`qcow2 header: header_length ${h.headerLength} is larger than the first cluster or the file`);
+    if (h.headerLength > areaLength) throw corrupt(`qcow2 header: header_length ${h.headerLength} is larger than the first cluster or the file`);
+    if (h.headerLength > buf.length) return undefined;
     if (h.headerLength > V3_MIN_HEADER_LENGTH) h.compressionType = buf[104]!;
   }
   if (h.refcountOrder > 6) throw corrupt(`qcow2 header: refcount_order ${h.refcountOrder}: refcount width must be a power of two and may not exceed 64 bits`);
@@ -171,30 +190,35 @@ export function decodeHeader(bytes: Uint8Array): Qcow2Header {
   if ((h.compressionType !== COMPRESSION_ZLIB) !== (ctypeBit === 1n)) {
     throw corrupt('qcow2 header: compression type and the compression-type incompatible feature bit disagree');
   }
-  decodeExtensions(buf, h);
+  if (!decodeExtensions(buf, areaLength, h)) return undefined;
   if (h.backingFileOffset !== 0) {
     if (h.backingFileSize > MAX_BACKING_NAME) throw corrupt(`qcow2 header: backing file name is too long (${h.backingFileSize} bytes)`);
-    if (h.backingFileOffset + h.backingFileSize > buf.length) throw corrupt('qcow2 header: backing file name lies outside the first cluster');
+    if (h.backingFileOffset + h.backingFileSize > areaLength) throw corrupt('qcow2 header: backing file name lies outside the first cluster');
+    if (h.backingFileOffset + h.backingFileSize > buf.length) return undefined;
     h.backingFile = utf8(buf.subarray(h.backingFileOffset, h.backingFileOffset + h.backingFileSize));
   }
   return h;
 }
 
-function decodeExtensions(buf: Uint8Array, h: Qcow2Header): void {
+/** Decode the extensions into `h`; false when they reach past `buf` (see decodeHeaderArea). */
+function decodeExtensions(buf: Uint8Array, areaLength: number, h: Qcow2Header): boolean {
   // The backing file name, when present, follows the extensions; they must stop before it.
-  const end = h.backingFileOffset !== 0 && h.backingFileOffset < buf.length ? h.backingFileOffset : buf.length;
+  const end = h.backingFileOffset !== 0 && h.backingFileOffset < areaLength ? h.backingFileOffset : areaLength;
   let off = h.headerLength;
   while (off + 8 <= end) {
+    if (off + 8 > buf.length) return false;
     const type = u32(buf, off);
     const len = u32(buf, off + 4);
-    if (type === EXT_END) return;
+    if (type === EXT_END) return true;
     const data = off + 8 + len;
     if (data > end) throw corrupt(`qcow2 header extension 0x${type.toString(16)} at 0x${off.toString(16)}: length ${len} runs past the header area`);
+    if (data > buf.length) return false;
     const body = buf.subarray(off + 8, data);
     decodeExtension(type, body, h);
     off = alignUp(data, 8);
   }
   // qemu accepts a list that simply reaches the end of the area without a terminator.
+  return true;
 }
 
 function decodeExtension(type: number, body: Uint8Array, h: Qcow2Header): void {

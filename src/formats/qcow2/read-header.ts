@@ -1,13 +1,16 @@
 /**
- * Reading a qcow2 header from a store: the probe for the cluster size, the first cluster, the
- * decode (header.ts), and the checks every reader of an image makes before trusting it (unknown
+ * Reading a qcow2 header from a store: its first page (the whole first cluster only when the header
+ * reaches past it), the decode (header.ts), and the checks every reader of an image makes before trusting it (unknown
  * incompatible features, encryption method, v2's fixed refcount width). The device's open, check
  * and the repair of a dirty image all start here, so they refuse the same images the same way.
  */
 import { corrupt, unsupported } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
-import { HEADER_PROBE_BYTES, decodeHeader, peekClusterBits, type Qcow2Header } from './header.js';
+import { decodeHeader, decodeHeaderPrefix, peekClusterBits, type Qcow2Header } from './header.js';
 import { AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DATA_FILE, checkIncompatibleFeatures, hasFeature } from './features.js';
+
+/** What readHeader reads first: one page, which holds the whole header of most images. */
+const HEADER_PREFIX_BYTES = 4096;
 
 export interface HeaderRead {
   header: Qcow2Header;
@@ -17,13 +20,18 @@ export interface HeaderRead {
 
 export async function readHeader(store: ByteStore): Promise<HeaderRead> {
   const fileSize = await store.size();
-  const head = new Uint8Array(Math.min(HEADER_PROBE_BYTES, fileSize));
+  // Header extensions run to the end of the first cluster (or the file), up to 2 MiB; they seldom
+  // take more than the first few hundred bytes. So the first page is read, with the cluster size
+  // in it, and the rest of the area only when the header reaches past that page.
+  const head = new Uint8Array(Math.min(HEADER_PREFIX_BYTES, fileSize));
   await store.read(0, head);
-  // Header extensions run to the end of the first cluster: its size comes first.
-  const clusterBits = peekClusterBits(head);
-  const first = new Uint8Array(Math.min(2 ** clusterBits, fileSize));
-  await store.read(0, first);
-  const header = decodeHeader(first);
+  const area = Math.min(2 ** peekClusterBits(head), fileSize);
+  let header = decodeHeaderPrefix(head, area);
+  if (!header) {
+    const first = new Uint8Array(area);
+    await store.read(0, first);
+    header = decodeHeader(first);
+  }
   checkIncompatibleFeatures(header);
   if (header.cryptMethod > 2) throw unsupported(`qcow2 header: unknown encryption method ${header.cryptMethod}`);
   if (header.version === 2 && header.refcountOrder !== 4) throw corrupt('qcow2 v2 header: refcount_order must be 4');

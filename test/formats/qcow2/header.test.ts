@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { needs, qemuImg, scratch } from '../../support/qemu.js';
-import { decodeHeader, encodeHeader, QEMU_FEATURE_NAMES } from '#src/formats/qcow2/header.js';
+import { decodeHeader, decodeHeaderPrefix, encodeHeader, QEMU_FEATURE_NAMES, type Qcow2Header } from '#src/formats/qcow2/header.js';
 
 test('qemu-made headers (v2/v3, backing, data file, bitmaps, zstd) decode and re-encode identically', needs('qemu-img'), async (t) => {
   const dir = await scratch(t);
@@ -51,6 +51,49 @@ test('unknown extensions are kept verbatim for re-encoding', () => {
 
 test('a header that does not fit in one cluster is refused', () => {
   assert.throws(() => encodeHeader({ ...baseHeader(), backingFile: 'x'.repeat(500) }, 512), /do not fit/);
+});
+
+/** decodeHeader's answer for `bytes` (the header or the error's message), to compare decodes by. */
+function outcome(decode: () => unknown): unknown {
+  try {
+    return decode();
+  } catch (e) {
+    return `error: ${(e as Error).message}`;
+  }
+}
+
+test('a header decoded from the first bytes of its area is the one decoded from the whole area, or undefined', () => {
+  const clusterSize = 65536;
+  const area = (h: Qcow2Header) => {
+    const bytes = new Uint8Array(clusterSize);
+    bytes.set(encodeHeader(h, clusterSize));
+    return bytes;
+  };
+  const headers: Qcow2Header[] = [
+    baseHeader(),
+    { ...baseHeader(), featureNames: [...QEMU_FEATURE_NAMES], backingFile: 'base.qcow2', backingFormat: 'qcow2' },
+    // Extensions past the first page: read-header.ts must then read the rest.
+    { ...baseHeader(), unknownExtensions: [{ type: 0x12345678, data: new Uint8Array(5000).fill(7) }], backingFile: 'b' },
+    { ...baseHeader(), version: 2 as const, headerLength: 72, backingFile: 'x'.repeat(1000) },
+  ].map((h) => ({ ...h, clusterBits: 16 }));
+  const broken = area(headers[1]!);
+  broken[100 + 3] = 0xf0; // header_length 240: still in the area, but the extensions start mid-table
+  const runsPast = area(headers[0]!);
+  runsPast.set([0, 0, 0, 1, 0, 1, 0, 0], 112); // an extension longer than the area
+  let whole = 0;
+  for (const bytes of [...headers.map(area), broken, runsPast]) {
+    const full = outcome(() => decodeHeader(bytes));
+    for (const cut of [0, 72, 104, 111, 112, 200, 600, 1024, 4096, 5200, 6000, clusterSize]) {
+      const part = outcome(() => decodeHeaderPrefix(bytes.subarray(0, cut), clusterSize));
+      if (part !== undefined) assert.deepEqual(part, full, `the first ${cut} bytes`);
+      if (cut === clusterSize) assert.notEqual(part, undefined);
+    }
+    if (outcome(() => decodeHeaderPrefix(bytes.subarray(0, 4096), clusterSize)) !== undefined) whole++;
+    // A file shorter than a cluster: its area ends with the file.
+    const short = bytes.subarray(0, 300);
+    assert.deepEqual(outcome(() => decodeHeaderPrefix(short, short.length)), outcome(() => decodeHeader(short)));
+  }
+  assert.equal(whole, 5, 'the first page holds every header here but the one with a 5000-byte extension (the broken ones fail from it)');
 });
 
 function baseHeader() {
