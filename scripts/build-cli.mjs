@@ -143,10 +143,11 @@ function distModules(exportsOf) {
  * - os: storage/lock.node.ts (tmpdir(), for lock files only where the host addon's OFD locks are
  *   missing) and compress/pool.node.ts (the CPU count, when a pool is made) import it at their
  *   top; loading it cost ~0.45 ms of every command. bin/qcow.cjs asks the addon for the CPU count.
- * - zlib, v8: compress/kernels.node.ts imports node:zlib for zlib clusters and node:v8 for zstd's
- *   tiering flag. Each is loaded with the codecs, at the first compressed cluster, but an image
- *   has clusters of one kind: node:zlib (which loads node:stream) cost a zstd convert ~5 ms and
- *   node:v8 a zlib one ~4 ms (compare, convert -c, convert of zlib or zstd images).
+ * - zlib, v8: compress/kernels.node.ts imports node:zlib for zlib clusters (only where the host
+ *   addon's zlib is missing or is not node:zlib's own) and node:v8 for zstd's tiering flag (only
+ *   for WebAssembly zstd). An image has clusters of one kind: node:zlib (which loads node:stream)
+ *   cost a zstd convert ~5 ms and node:v8 a zlib one ~4 ms (compare, convert -c, convert of zlib
+ *   or zstd images); with the addon, a zlib image loads neither.
  * - module: compress/pool.node.ts resolves the worker's file with createRequire, only when a
  *   worker starts; loading node:module (with the ES module loader's parts) cost ~0.6 ms.
  * The stand-in is an ES module exporting a forwarding function for each function of the real
