@@ -10,7 +10,7 @@ import { closeSync, fdatasyncSync, openSync, writeSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { hostAddon } from '#src/host/native.node.js';
-import { FileStore } from '#src/storage/file.node.js';
+import { FileStore, WriteBehind } from '#src/storage/file.node.js';
 import { randomBytes, scratch } from '../support/qemu.js';
 
 const MiB = 2 ** 20;
@@ -92,4 +92,29 @@ test('the addon call drops clean pages of the range it is given, and only those'
 test('the addon call rejects with the errno name on a bad descriptor', withCall, async () => {
   await assert.rejects(addon!.writeBehind!(-1, 0, MiB, 0, 0), (e: NodeJS.ErrnoException) => e.code === 'EBADF');
   assert.throws(() => addon!.writeBehind!(0, -1, 0, 0, 0), RangeError);
+});
+
+test('write-behind makes no calls until a window of large writes is done, then writes back what came before and drops what is a window behind', async () => {
+  const calls: number[][] = [];
+  const wb = new WriteBehind(async (...args) => void calls.push(args), 4 * MiB);
+  // A small output (three writes, under the window): the kernel writes it back after we exit.
+  for (let i = 0; i < 3; i++) wb.wrote(i * MiB, MiB);
+  await Promise.resolve();
+  assert.deepEqual(calls, []);
+  // The fourth fills the window: the three before go to writeback in one call, then this one.
+  wb.wrote(3 * MiB, MiB);
+  // The fifth is one write past the window: the first MiB is dropped.
+  wb.wrote(4 * MiB, MiB);
+  // Out of order (a write elsewhere): the next two oldest are dropped, joined.
+  wb.wrote(9 * MiB, 2 * MiB);
+  // The calls run one after another, each when the one before has ended (settled() would drop
+  // those still queued).
+  await new Promise((resolve) => setImmediate(resolve));
+  await wb.settled();
+  assert.deepEqual(calls, [
+    [0, 3 * MiB, 0, 0],
+    [3 * MiB, MiB, 0, 0],
+    [4 * MiB, MiB, 0, MiB],
+    [9 * MiB, 2 * MiB, MiB, 2 * MiB],
+  ]);
 });
