@@ -231,48 +231,90 @@ static napi_value do_fallocate(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * A call run on libuv's thread pool and answered with a Promise. Each kind of job starts with this
+ * header; `execute` runs on a pool thread and sets `err` (and `syscall`) on failure; `result` is
+ * the value a success resolves with (undefined when 0).
+ */
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  const char *name;
+  int err;
+  const char *syscall;
+  double result;
+  int has_result;
+} pool_job;
+
+static void pool_complete(napi_env env, napi_status status, void *data) {
+  pool_job *job = data;
+  napi_value value = NULL;
+  if (status != napi_ok) {
+    char text[96];
+    snprintf(text, sizeof text, "%s was cancelled", job->name);
+    napi_value msg;
+    if (napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg) == napi_ok) napi_create_error(env, NULL, msg, &value);
+    if (value) napi_reject_deferred(env, job->deferred, value);
+  } else if (job->err) {
+    value = errno_error(env, job->err, job->syscall);
+    if (value) napi_reject_deferred(env, job->deferred, value);
+  } else if ((job->has_result ? napi_create_double(env, job->result, &value) : napi_get_undefined(env, &value)) == napi_ok) {
+    napi_resolve_deferred(env, job->deferred, value);
+  }
+  napi_delete_async_work(env, job->work);
+  free(job);
+}
+
+/* Queue `job` (calloc'd, a pool_job first; freed when it completes): its Promise, or NULL with an
+ * exception pending. */
+static napi_value queue_pool_job(napi_env env, pool_job *job, const char *name, napi_async_execute_callback execute) {
+  job->name = name;
+  napi_value promise, resource;
+  char full[64];
+  snprintf(full, sizeof full, "qcow:%s", name);
+  if (napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
+      napi_create_string_utf8(env, full, NAPI_AUTO_LENGTH, &resource) != napi_ok ||
+      napi_create_async_work(env, NULL, resource, execute, pool_complete, job, &job->work) != napi_ok ||
+      napi_queue_async_work(env, job->work) != napi_ok) {
+    free(job);
+    return NULL;
+  }
+  return promise;
+}
+
+/* A pool job's memory, or NULL with an exception pending. */
+static void *new_pool_job(napi_env env, size_t size) {
+  void *job = calloc(1, size);
+  if (!job) napi_throw_error(env, "ENOMEM", "out of memory");
+  return job;
+}
+
 /* copy_file_range on the thread pool: the state of one call. */
 typedef struct {
+  pool_job base;
   int fd_in, fd_out;
   off_t off_in, off_out;
   size_t length;
   size_t copied;
-  int err;
-  napi_async_work work;
-  napi_deferred deferred;
 } copy_job;
 
 static void copy_execute(napi_env env, void *data) {
   (void)env;
   copy_job *job = data;
+  job->base.has_result = 1;
   while (job->copied < job->length) {
     /* The kernel copies at most about 2 GiB per call; loop for the rest. */
     ssize_t n = copy_file_range(job->fd_in, &job->off_in, job->fd_out, &job->off_out, job->length - job->copied, 0);
     if (n < 0) {
       if (errno == EINTR) continue;
-      job->err = errno;
+      job->base.err = errno;
+      job->base.syscall = "copy_file_range";
       return;
     }
-    if (n == 0) return; /* the source ended: the caller fills the rest */
+    if (n == 0) break; /* the source ended: the caller fills the rest */
     job->copied += (size_t)n;
   }
-}
-
-static void copy_complete(napi_env env, napi_status status, void *data) {
-  copy_job *job = data;
-  napi_value value = NULL;
-  if (status != napi_ok) {
-    napi_value msg;
-    if (napi_create_string_utf8(env, "copy_file_range was cancelled", NAPI_AUTO_LENGTH, &msg) == napi_ok) napi_create_error(env, NULL, msg, &value);
-    if (value) napi_reject_deferred(env, job->deferred, value);
-  } else if (job->err) {
-    value = errno_error(env, job->err, "copy_file_range");
-    if (value) napi_reject_deferred(env, job->deferred, value);
-  } else if (napi_create_double(env, (double)job->copied, &value) == napi_ok) {
-    napi_resolve_deferred(env, job->deferred, value);
-  }
-  napi_delete_async_work(env, job->work);
-  free(job);
+  job->base.result = (double)job->copied;
 }
 
 static napi_value copy_file_range_async(napi_env env, napi_callback_info info) {
@@ -282,35 +324,21 @@ static napi_value copy_file_range_async(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "offsets and length must not be negative");
     return NULL;
   }
-  copy_job *job = calloc(1, sizeof *job);
-  if (!job) {
-    napi_throw_error(env, "ENOMEM", "out of memory");
-    return NULL;
-  }
+  copy_job *job = new_pool_job(env, sizeof *job);
+  if (!job) return NULL;
   job->fd_in = (int)a[0];
   job->off_in = (off_t)a[1];
   job->fd_out = (int)a[2];
   job->off_out = (off_t)a[3];
   job->length = (size_t)a[4];
-  napi_value promise, name;
-  if (napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
-      napi_create_string_utf8(env, "qcow:copyFileRange", NAPI_AUTO_LENGTH, &name) != napi_ok ||
-      napi_create_async_work(env, NULL, name, copy_execute, copy_complete, job, &job->work) != napi_ok ||
-      napi_queue_async_work(env, job->work) != napi_ok) {
-    free(job);
-    return NULL;
-  }
-  return promise;
+  return queue_pool_job(env, &job->base, "copyFileRange", copy_execute);
 }
 
 /* sync_file_range + fadvise DONTNEED on the thread pool: the state of one call. */
 typedef struct {
+  pool_job base;
   int fd;
   off_t offset, length, drop_offset, drop_length;
-  int err;
-  const char *syscall;
-  napi_async_work work;
-  napi_deferred deferred;
 } behind_job;
 
 static void behind_execute(napi_env env, void *data) {
@@ -323,34 +351,17 @@ static void behind_execute(napi_env env, void *data) {
     while (r == -1 && errno == EINTR);
   }
   if (r == -1) {
-    job->err = errno;
-    job->syscall = "sync_file_range";
+    job->base.err = errno;
+    job->base.syscall = "sync_file_range";
     return;
   }
   if (job->drop_length <= 0) return;
   /* posix_fadvise returns the error number instead of setting errno. */
   r = posix_fadvise(job->fd, job->drop_offset, job->drop_length, POSIX_FADV_DONTNEED);
   if (r != 0) {
-    job->err = r;
-    job->syscall = "posix_fadvise";
+    job->base.err = r;
+    job->base.syscall = "posix_fadvise";
   }
-}
-
-static void behind_complete(napi_env env, napi_status status, void *data) {
-  behind_job *job = data;
-  napi_value value = NULL;
-  if (status != napi_ok) {
-    napi_value msg;
-    if (napi_create_string_utf8(env, "writeBehind was cancelled", NAPI_AUTO_LENGTH, &msg) == napi_ok) napi_create_error(env, NULL, msg, &value);
-    if (value) napi_reject_deferred(env, job->deferred, value);
-  } else if (job->err) {
-    value = errno_error(env, job->err, job->syscall);
-    if (value) napi_reject_deferred(env, job->deferred, value);
-  } else if (napi_get_undefined(env, &value) == napi_ok) {
-    napi_resolve_deferred(env, job->deferred, value);
-  }
-  napi_delete_async_work(env, job->work);
-  free(job);
 }
 
 static napi_value write_behind(napi_env env, napi_callback_info info) {
@@ -360,25 +371,14 @@ static napi_value write_behind(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "offsets and lengths must not be negative");
     return NULL;
   }
-  behind_job *job = calloc(1, sizeof *job);
-  if (!job) {
-    napi_throw_error(env, "ENOMEM", "out of memory");
-    return NULL;
-  }
+  behind_job *job = new_pool_job(env, sizeof *job);
+  if (!job) return NULL;
   job->fd = (int)a[0];
   job->offset = (off_t)a[1];
   job->length = (off_t)a[2];
   job->drop_offset = (off_t)a[3];
   job->drop_length = (off_t)a[4];
-  napi_value promise, name;
-  if (napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
-      napi_create_string_utf8(env, "qcow:writeBehind", NAPI_AUTO_LENGTH, &name) != napi_ok ||
-      napi_create_async_work(env, NULL, name, behind_execute, behind_complete, job, &job->work) != napi_ok ||
-      napi_queue_async_work(env, job->work) != napi_ok) {
-    free(job);
-    return NULL;
-  }
-  return promise;
+  return queue_pool_job(env, &job->base, "writeBehind", behind_execute);
 }
 
 /* True when the `n` bytes at `p` are all zeros. Data mostly shows in its first word, so that is
