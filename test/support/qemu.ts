@@ -77,7 +77,8 @@ export interface RunResult {
 /**
  * qemu-img sizes a new LUKS key slot by timing PBKDF2 against its thread's CPU clock, and gives up
  * with this line when the clock has not moved (coarse accounting on a busy VM): a property of the
- * machine at that instant, not of the test, so the command is run again (a few times at most).
+ * machine at that instant, not of the test, so the command is run again, a little later each
+ * time (8 tries at most: 3 back to back once failed under CI's load beside other jobs).
  */
 const QEMU_CPU_CLOCK_FLAKE = 'Unable to get accurate CPU usage';
 
@@ -85,7 +86,8 @@ const QEMU_CPU_CLOCK_FLAKE = 'Unable to get accurate CPU usage';
 export async function run(cmd: string, args: string[], options: { cwd?: string; input?: string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
   for (let attempt = 1; ; attempt++) {
     const r = await runOnce(cmd, args, options);
-    if (r.code === 0 || attempt === 3 || !r.stderr.includes(QEMU_CPU_CLOCK_FLAKE)) return r;
+    if (r.code === 0 || attempt === 8 || !r.stderr.includes(QEMU_CPU_CLOCK_FLAKE)) return r;
+    await new Promise((resolve) => setTimeout(resolve, 50 * attempt));
   }
 }
 
