@@ -310,7 +310,11 @@ export class Refcounts implements Allocator {
 
   /**
    * Write dirty blocks and table changes. `barrier` makes earlier writes durable; it runs only
-   * where a later write would otherwise point at data that might not be on disk yet.
+   * where a later write would otherwise point at data that might not be on disk yet. The caller
+   * holds the writer's lock (flush, an L2 write-back, snapshots, amend): nothing allocates while
+   * this runs, which is why the dirty marks may be cleared once the writes are done. (An
+   * allocation in the meantime, a lock-free guest write, would lose its mark with them and its
+   * count would never reach the disk.)
    */
   async writeBack(barrier: () => Promise<void>): Promise<boolean> {
     if (!this.dirty) return false;

@@ -6,7 +6,9 @@
  * Reading: `mapRuns(offset, length)` splits a guest range into runs of one subcluster kind each
  * (`GuestRun`), contiguous host ranges merged, so each `normal` run is one store read;
  * `mappedHostRun` answers the common case (one cached table, contiguous normal clusters) without
- * building runs. An L2 cache miss loads the table here (`l2TableFor` -> metadata cache -> `load`).
+ * building runs. An L2 cache miss loads the table here (`l2TableFor` -> metadata cache -> `load`);
+ * a reader's load never writes a table back (metadata-cache.ts says why), the writer's do
+ * (`l2TableFor(offset, true)`, `l2ForWrite`).
  *
  * Linking (writable images): `l2ForWrite` gives the active L2 table for a guest offset, allocated
  * when missing and copied when a snapshot shares it; `setEntry` / `release` change entries and drop
@@ -102,10 +104,13 @@ export class ClusterMap {
     return this.rc;
   }
 
-  /** Writable images: the allocator, and what must be on disk before any L2 table is written. */
-  attachRefcounts(rc: Allocator, beforeTableWrite: () => Promise<void>): void {
+  /**
+   * Writable images: the allocator, what must be on disk before any L2 table is written, and how
+   * the cache gets a trim run under the writer's lock (see metadata-cache.ts).
+   */
+  attachRefcounts(rc: Allocator, beforeTableWrite: () => Promise<void>, underLock: (job: () => Promise<void>) => void): void {
     this.rc = rc;
-    this.l2Cache.setDependency(beforeTableWrite);
+    this.l2Cache.setDependency(beforeTableWrite, underLock);
   }
 
   /** A rebuilt allocator (amend changing refcount_bits). */
@@ -198,16 +203,18 @@ export class ClusterMap {
 
   /**
    * The L2 slice covering `guestOffset` (the whole table when the image is writable; its first
-   * entry is that of the slice's first cluster), or null when the L1 entry is empty.
+   * entry is that of the slice's first cluster), or null when the L1 entry is empty. `forWrite`:
+   * the caller is the writer with its lock held (a miss may then write tables back).
    */
-  async l2TableFor(guestOffset: number): Promise<CachedTable | null> {
+  async l2TableFor(guestOffset: number, forWrite = false): Promise<CachedTable | null> {
     const g = this.image.geometry;
     const i = Math.floor(guestOffset / g.l2Coverage);
     if (i >= this.entries) return null;
     const l2Offset = l1TableOffset(this.l1Bytes, i);
     if (l2Offset === 0) return null;
     if (l2Offset % g.clusterSize !== 0) throw corrupt(`L1 entry ${i}: L2 table offset 0x${l2Offset.toString(16)} is not cluster aligned`);
-    return this.l2Cache.get(l2Offset + Math.floor((guestOffset % g.l2Coverage) / this.slice.coverage) * this.slice.bytes);
+    const at = l2Offset + Math.floor((guestOffset % g.l2Coverage) / this.slice.coverage) * this.slice.bytes;
+    return forWrite ? this.l2Cache.getForWrite(at) : this.l2Cache.get(at);
   }
 
   /** The runs of [offset, offset+length), in order, merged where kind and host offsets run on. */
@@ -392,7 +399,7 @@ export class ClusterMap {
       return this.l2Cache.put(at, new Uint8Array(cs), true);
     }
     if (off % cs !== 0 || off >= this.image.fileSize) throw corrupt(`L1 entry ${i}: L2 table offset 0x${off.toString(16)} is invalid`);
-    const table = await this.l2Cache.get(off);
+    const table = await this.l2Cache.getForWrite(off);
     if (l1EntryCopied(this.l1Bytes, i)) return table;
     const copy = table.data.slice();
     const at = await this.refcounts.allocClusters(1);
@@ -549,7 +556,7 @@ export class ClusterMap {
     for (let i = keptL1; i < this.entries; i++) {
       const off = l1TableOffset(this.l1Bytes, i);
       if (off === 0) continue;
-      const table = await this.l2Cache.get(off);
+      const table = await this.l2Cache.getForWrite(off);
       for (let k = 0; k < g.l2Entries; k++) {
         if (l2EntryEmpty(table.data, k, g.l2EntryBytes)) continue;
         this.release(readL2Entry(table.data, k, this.image.l2Context));

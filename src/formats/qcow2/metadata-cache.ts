@@ -12,14 +12,26 @@ import { Lru } from '../../core/lru.js';
  * allocator's write-back when the image is writable; a read-only image never dirties a table.
  *
  * The mechanism (recency, merged loads, loads racing a put, the eviction hook) is core/lru.ts, as
- * for the refcount blocks in alloc.ts; the policy here is write-back: eviction is strictly least
- * recently used, a dirty table being written back (after the dependency) before it is dropped,
- * and staying in the cache while that write runs, so a reader meanwhile gets the memory copy and
- * never the disk copy being overwritten. A load racing a `put` or `drop` of its table is not
- * stored: the newer table stands.
+ * for the refcount blocks in alloc.ts; the policy here is write-back: eviction is least recently
+ * used, a dirty table being written back (after the dependency) before it is dropped, and staying
+ * in the cache while that write runs, so a reader meanwhile gets the memory copy and never the disk
+ * copy being overwritten. A load racing a `put` or `drop` of its table is not stored: the newer
+ * table stands.
  *
- * API: `get(offset)`, `peek(offset)`, `put(offset, data, dirty)`, `changed(table)`, `markDirty(offset)`,
- * `flush()`, `drop(offset)`, `clear()`. Concurrent `get`s of one table share one load.
+ * Who may write back: only the writer, with its lock held (`getForWrite`, `put`, `changed`,
+ * `flush`, and the trims it runs for readers through `scheduleWriteBack`). Guest writes change
+ * tables and refcounts in place without a lock turn when the lock is free (write.ts writeNow), so
+ * a write-back run beside them (as one started by a reader's eviction was) could write entries
+ * made while its dependency ran, after the refcounts it made durable: a kill then left an L2 entry
+ * naming a cluster whose refcount on disk is 0. Under the lock nothing changes between the
+ * dependency and the table write (nor while the refcounts are written), and the write is awaited
+ * by the lock holder, so the table's bytes need no copy. A reader (`get`) therefore drops clean
+ * tables only; when only dirty ones are left to drop, it asks the writer for a trim under the lock
+ * and goes on over budget (by the tables loaded meanwhile) until that has run.
+ *
+ * API: `get(offset)`, `getForWrite(offset)`, `peek(offset)`, `put(offset, data, dirty)`,
+ * `changed(table)`, `markDirty(offset)`, `flush()`, `drop(offset)`, `clear()`. Concurrent `get`s
+ * of one table share one load.
  *
  * A table keeps its CachedTable object while it is cached: `changed` marks that object dirty, so a
  * change made while its write-back runs leaves it dirty (see writeBack). The hot paths (`changed`
@@ -34,6 +46,11 @@ export interface TableCacheOptions {
   writeBack?(offset: number, data: Uint8Array): Promise<void>;
   /** What must be on disk before any dirty table is written back (see above). */
   dependsOn?(): Promise<void>;
+  /**
+   * Run `job` later with the writer's lock held (see above); its failure is the job's own (a table
+   * whose write-back failed stays dirty, and the next flush reports it).
+   */
+  scheduleWriteBack?(job: () => Promise<void>): void;
 }
 
 export interface CachedTable {
@@ -48,9 +65,13 @@ export class TableCache {
   private readonly writing = new Map<CachedTable, Promise<void>>();
 
   private dependency: (() => Promise<void>) | undefined;
+  private scheduleWriteBack: ((job: () => Promise<void>) => void) | undefined;
+  /** A trim asked for by a reader and not run yet (one at a time is enough). */
+  private trimScheduled = false;
 
   constructor(private readonly options: TableCacheOptions) {
     this.dependency = options.dependsOn;
+    this.scheduleWriteBack = options.scheduleWriteBack;
     // Always keep a few tables, or a read that spans two tables would thrash.
     const maxTables = Math.max(4, Math.floor(options.budgetBytes / options.tableBytes));
     this.lru = new Lru<number, CachedTable>({
@@ -72,16 +93,51 @@ export class TableCache {
     return this.lru.get(offset);
   }
 
+  /**
+   * The table, loaded on a miss: for readers, who run beside the writer (outside its lock). Never
+   * writes a table back: a load that brings the cache over budget drops clean tables only, and
+   * leaves dirty ones to a trim under the writer's lock (see above).
+   */
   async get(offset: number): Promise<CachedTable> {
     const hit = this.lru.get(offset);
     if (hit) return hit;
-    const t = await this.lru.load(offset, async () => {
+    const t = await this.load(offset);
+    if (this.overBudget) {
+      this.lru.trim(offset);
+      if (this.overBudget) this.askForTrim();
+    }
+    return t;
+  }
+
+  /**
+   * The table, loaded on a miss, for the writer with its lock held: a load that brings the cache
+   * over budget writes back and drops the least recently used tables before this returns.
+   */
+  async getForWrite(offset: number): Promise<CachedTable> {
+    const hit = this.lru.get(offset);
+    if (hit) return hit;
+    const t = await this.load(offset);
+    if (this.overBudget) await this.lru.trimAsync(offset);
+    return t;
+  }
+
+  private load(offset: number): Promise<CachedTable> {
+    return this.lru.load(offset, async () => {
       const data = new Uint8Array(this.options.tableBytes);
       await this.options.load(offset, data);
       return { offset, data, dirty: false };
     });
-    if (this.overBudget) await this.lru.trimAsync(offset);
-    return t;
+  }
+
+  /** Have the writer trim the cache under its lock (dirty tables only leave through a write-back). */
+  private askForTrim(): void {
+    const schedule = this.scheduleWriteBack;
+    if (!schedule || this.trimScheduled) return;
+    this.trimScheduled = true;
+    schedule(() => {
+      this.trimScheduled = false;
+      return this.overBudget ? this.lru.trimAsync() : Promise.resolve();
+    });
   }
 
   /** Add a table the caller made (a newly allocated one). */
@@ -116,9 +172,13 @@ export class TableCache {
     t.dirty = true;
   }
 
-  /** State (or replace) what must reach the disk before any table is written back. */
-  setDependency(dependsOn: () => Promise<void>): void {
+  /**
+   * State (or replace) what must reach the disk before any table is written back, and how a trim
+   * is run under the writer's lock (see above).
+   */
+  setDependency(dependsOn: () => Promise<void>, scheduleWriteBack?: (job: () => Promise<void>) => void): void {
     this.dependency = dependsOn;
+    this.scheduleWriteBack = scheduleWriteBack;
   }
 
   private writeBack(t: CachedTable): Promise<void> {

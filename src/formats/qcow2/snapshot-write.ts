@@ -214,7 +214,7 @@ async function refreshCopied(dev: SnapshotDevice, w: Qcow2Writer): Promise<void>
     if (off === 0) continue;
     const one = (rc.peek(off / cs) ?? (await rc.get(off / cs))) === 1;
     if (one !== l1EntryCopied(map.l1, i)) map.setL1Copied(i, one);
-    const table = await map.l2Cache.get(off);
+    const table = await map.l2Cache.getForWrite(off);
     let changed = false;
     for (let j = 0; j < dev.geometry.l2Entries; j++) {
       const d = readL2Entry(table.data, j, dev.l2Context);

@@ -10,7 +10,10 @@
  *   - Refcount increments (Refcounts) are written, then a barrier, then L2 tables, a barrier,
  *     then L1 entries, a barrier. Every on-disk reference therefore has its refcount on disk.
  *     An L2 table evicted from the cache between flushes goes through the same gate
- *     (`beforeL2Write`).
+ *     (`beforeL2Write`), always with the lock held: a guest write changing the table or the
+ *     refcounts while that gate ran (writeNow needs no lock turn) would otherwise get its entries
+ *     written after the gate, ahead of their refcounts (metadata-cache.ts). Readers evict only
+ *     clean tables, and leave dirty ones to a trim they ask the lock for.
  *   - Decrements wait in Refcounts until all tables are written (applyPendingFrees), so a count
  *     on disk is never below the references on disk, and a freed cluster cannot be reused while
  *     an on-disk table might still point at it.
@@ -156,8 +159,14 @@ export class Qcow2Writer {
       cacheBytes: map.cacheBytes / 4,
     });
     const w = new Qcow2Writer(parts);
-    // The metadata cache's write-back dependency: refcounts (and the data) before L2 tables.
-    map.attachRefcounts(rc, () => w.beforeL2Write());
+    // The metadata cache's write-back dependency: refcounts (and the data) before L2 tables; and
+    // the trims readers ask for, run under the lock as every write-back is (metadata-cache.ts).
+    // A failed one is not lost: the table stays dirty and the next flush reports the error.
+    map.attachRefcounts(
+      rc,
+      () => w.beforeL2Write(),
+      (job) => void w.locked(job).catch(() => undefined),
+    );
     const bitmapsValid = hasFeature(h.autoclearFeatures, AUTOCLEAR_BITMAPS);
     if (h.bitmaps && !bitmapsValid) {
       // A program without bitmap support wrote the image (it cleared the autoclear bit): the
@@ -519,7 +528,7 @@ export class Qcow2Writer {
   private inPlaceTable(offset: number, length: number): CachedTable | Promise<CachedTable | null> | null {
     const l2 = this.ownedTableOffset(offset, length);
     if (l2 === 0) return null;
-    return this.map.l2Cache.peek(l2) ?? this.map.l2TableFor(offset);
+    return this.map.l2Cache.peek(l2) ?? this.map.l2TableFor(offset, true);
   }
 
   /**
@@ -679,7 +688,10 @@ export class Qcow2Writer {
     });
   }
 
-  /** The L2 cache calls this before writing a table back (eviction or flush). */
+  /**
+   * The L2 cache calls this before writing a table back (eviction or flush), with the lock held:
+   * nothing changes the tables or the refcounts between this and the table write.
+   */
   async beforeL2Write(): Promise<void> {
     // Data before the L2 entries that point at it: fresh clusters may still be being written.
     await this.drainInFlight();

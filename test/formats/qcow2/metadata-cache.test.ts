@@ -98,3 +98,39 @@ test('changed() marks a cached table dirty in place (same object, nothing to wai
   assert.equal(cache.peek(0)!.data[0], 7);
   assert.equal(cache.peek(0)!.dirty, true);
 });
+
+test('a reader never writes a table back: it drops clean tables, and leaves dirty ones to a trim it asks the writer for', async () => {
+  const order: string[] = [];
+  const jobs: Array<() => Promise<void>> = [];
+  const cache = new TableCache({
+    tableBytes: 1,
+    budgetBytes: 4, // four tables
+    load: async (off, into) => {
+      into[0] = off;
+    },
+    writeBack: async (off) => {
+      order.push(`write ${off}`);
+    },
+    dependsOn: async () => {
+      order.push('dependency');
+    },
+    scheduleWriteBack: (job) => jobs.push(job),
+  });
+  await cache.put(0, Uint8Array.of(0), false);
+  for (const off of [1, 2, 3]) await cache.put(off, Uint8Array.of(off), true);
+  cache.changed(await cache.get(4)); // drops 0, the clean one; 4 is dirty then
+  assert.equal(cache.peek(0), undefined);
+  assert.equal(cache.size, 4);
+  await cache.get(5); // only dirty tables to drop: over budget, and a trim asked for
+  await cache.get(6); // drops 5 (clean); the trim is asked for once
+  assert.deepEqual(order, []);
+  assert.equal(jobs.length, 1);
+  assert.equal(cache.size, 5);
+  await jobs[0]!(); // the writer runs it under its lock: least recently used first
+  assert.deepEqual(order, ['dependency', 'write 1']);
+  assert.equal(cache.size, 4);
+  // The writer's own loads write back at once.
+  await cache.getForWrite(7);
+  assert.deepEqual(order, ['dependency', 'write 1', 'dependency', 'write 2']);
+  assert.equal(cache.size, 4);
+});
