@@ -14,7 +14,7 @@ export { lockingKind } from './storage/lock.node.js';
 // Which zlib and zstd code handles compressed clusters here (`qcow --version` says).
 export { codecKinds } from './compress/kernels.node.js';
 // The host addon the qcow launcher has loaded already, handed to the library (see there).
-export { adoptHostAddon, type HostAddon } from './host/native.node.js';
+export { adoptHostAddon } from './host/native.node.js';
 export { OverlayDevice, type OverlayOptions } from './overlay/overlay.js';
 // Opening and creating by path (node-open.ts, which the CLI imports on its own to start faster).
 export { defaultOpener, openImage, createImage, type NodeOpenOptions, type NodeCreateOptions } from './node-open.js';

@@ -4,7 +4,7 @@
  * personas import the qcow program to run its commands, so the choice between them lives here,
  * above both, rather than in program.ts.
  */
-import { adoptHostAddon, type HostAddon } from '../node.js';
+import { adoptHostAddon } from '../node.js';
 import { runQcow } from './program.js';
 
 /**
@@ -19,7 +19,7 @@ const PERSONAS: Record<string, () => Promise<{ main: (argv: string[]) => Promise
 /** What the launcher (bin/qcow.cjs) has set up before the CLI runs. */
 export interface LaunchContext {
   /** The host addon it loaded (to map the bundle), for the library to use rather than load again. */
-  hostAddon?: HostAddon;
+  hostAddon?: object;
 }
 
 /** Run one command line (`argv` as process.argv: node, script, arguments); sets process.exitCode. */

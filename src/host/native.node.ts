@@ -132,11 +132,12 @@ function load(): { addon: HostAddon | undefined; why: string } {
  * bundle (to map the bundle with it), and the second load (the file's URL worked out from the
  * module's, a stat, dlopen and the addon's init again) cost ~0.4 ms of every command. Ignored once
  * the addon was looked for, and under QCOW_NO_NATIVE=1 (the launcher loads none then anyway).
+ * Typed as a plain object so that the addon's interface stays out of the public API (qcow/node).
  * @internal for bin/qcow.cjs, through the CLI's entry.
  */
-export function adoptHostAddon(addon: HostAddon): void {
+export function adoptHostAddon(addon: object): void {
   if (process.env.QCOW_NO_NATIVE === '1') return;
-  loaded ??= { addon, why: 'loaded' };
+  loaded ??= { addon: addon as HostAddon, why: 'loaded' };
 }
 
 /** The addon, or undefined (see the top). Loaded once. */
