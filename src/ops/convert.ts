@@ -151,9 +151,10 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
         const len = Math.min(e.length, cellEnd - off);
         const zero = !e.present || e.zero;
         // Neighbouring spans of the same kind become one: one read for a run of data clusters.
-        // Copy offload takes the bytes from the layer that holds them: spans keep to one layer.
+        // Data spans keep to one layer: they are read from the layer that holds them (and copy
+        // offload takes the bytes from there too).
         const last = item.spans[item.spans.length - 1];
-        if (last && last.zero === zero && (!offload || zero || last.depth === e.depth)) last.length += len;
+        if (last && last.zero === zero && (zero || last.depth === e.depth)) last.length += len;
         else item.spans.push({ offset: off, length: len, zero, depth: e.depth });
         off += len;
         if (off < cellEnd) e = await src.status(off, cellEnd - off);
@@ -287,7 +288,7 @@ async function fillItem(src: ConcatSource, item: DataItem, data: Uint8Array, lan
       for (const [x, y] of dirty) if (Math.max(from, x) < Math.min(to, y)) data.fill(0, Math.max(from, x), Math.min(to, y));
     } else {
       fresh.push([from, to]);
-      await src.read(s.offset, data.subarray(from, to));
+      await src.read(s.offset, data.subarray(from, to), s.depth);
       anyData = true;
     }
   }
