@@ -4,7 +4,8 @@
  * How it stays fast and small:
  * - A planner walks the sources' chain status once, front to back, and cuts the guest range into
  *   work items: chunks with data (at most `chunkSize`, aligned in the target so compressed
- *   clusters never straddle two items) and zero runs of any length. Zero runs are never read.
+ *   clusters never straddle two items) and zero runs of any length. Zero runs are never read;
+ *   data spans are read from the layer of a backing chain that holds them, not through the top.
  * - `parallel` workers take items in order; each owns one buffer, reused for every item, so memory
  *   is `parallel x chunkSize` whatever the image size (a 4 TiB sparse disk costs what a small one
  *   does). Reads of later items overlap the write of earlier ones.
