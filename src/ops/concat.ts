@@ -38,12 +38,21 @@ export class ConcatSource {
     return e;
   }
 
-  async read(offset: number, into: Uint8Array): Promise<void> {
+  /**
+   * Guest bytes at `offset`. With `depth` (a ChainExtent's, for a range whose status said that
+   * layer decides it), straight from the layer `depth` below each source's top: the layers above
+   * leave the range to it, so it reads the same, without each of them mapping the range and
+   * handing it down (a chain convert's reads went through every layer's cluster map and
+   * backing read). Where that layer is missing or shorter, from the top as usual.
+   */
+  async read(offset: number, into: Uint8Array, depth = 0): Promise<void> {
     for (let done = 0; done < into.length; ) {
       const p = this.partAt(offset + done);
       const local = offset + done - p.start;
       const n = Math.min(into.length - done, p.dev.size - local);
-      await p.dev.read(local, into.subarray(done, done + n));
+      let layer: BlockDevice | null = p.dev;
+      for (let d = 0; d < depth && layer; d++) layer = layer.backing;
+      await (layer && local + n <= layer.size ? layer : p.dev).read(local, into.subarray(done, done + n));
       done += n;
     }
   }

@@ -4,7 +4,8 @@
  * How it stays fast and small:
  * - A planner walks the sources' chain status once, front to back, and cuts the guest range into
  *   work items: chunks with data (at most `chunkSize`, aligned in the target so compressed
- *   clusters never straddle two items) and zero runs of any length. Zero runs are never read.
+ *   clusters never straddle two items) and zero runs of any length. Zero runs are never read;
+ *   data spans are read from the layer of a backing chain that holds them, not through the top.
  * - `parallel` workers take items in order; each owns one buffer, reused for every item, so memory
  *   is `parallel x chunkSize` whatever the image size (a 4 TiB sparse disk costs what a small one
  *   does). Reads of later items overlap the write of earlier ones.
@@ -151,9 +152,10 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
         const len = Math.min(e.length, cellEnd - off);
         const zero = !e.present || e.zero;
         // Neighbouring spans of the same kind become one: one read for a run of data clusters.
-        // Copy offload takes the bytes from the layer that holds them: spans keep to one layer.
+        // Data spans keep to one layer: they are read from the layer that holds them (and copy
+        // offload takes the bytes from there too).
         const last = item.spans[item.spans.length - 1];
-        if (last && last.zero === zero && (!offload || zero || last.depth === e.depth)) last.length += len;
+        if (last && last.zero === zero && (zero || last.depth === e.depth)) last.length += len;
         else item.spans.push({ offset: off, length: len, zero, depth: e.depth });
         off += len;
         if (off < cellEnd) e = await src.status(off, cellEnd - off);
@@ -287,7 +289,7 @@ async function fillItem(src: ConcatSource, item: DataItem, data: Uint8Array, lan
       for (const [x, y] of dirty) if (Math.max(from, x) < Math.min(to, y)) data.fill(0, Math.max(from, x), Math.min(to, y));
     } else {
       fresh.push([from, to]);
-      await src.read(s.offset, data.subarray(from, to));
+      await src.read(s.offset, data.subarray(from, to), s.depth);
       anyData = true;
     }
   }

@@ -164,3 +164,28 @@ test('a reused copy buffer never leaks one chunk\'s data into the zero ranges of
     assert.deepEqual(await readAll(dst), expected, JSON.stringify(options));
   }
 });
+
+test('a chain is read from the layer that holds each span, the same bytes as through the top', async () => {
+  // The base is shorter than the layers above it: past its end the chain reads zeros.
+  const base = await memRaw(randomBytes(2 * MiB + 4096, 5), 'base.raw');
+  const mid = await memQcow2(4 * MiB, { backing: base, opts: { cluster_size: '4096' } });
+  await fill(mid, 64 * 1024, 200 * 1024, 0x22);
+  await fill(mid, 2 * MiB, 12 * 1024, 0x23); // past the base's end
+  await mid.writeZeroes(MiB, 64 * 1024); // zeros over the base's data
+  const top = await memQcow2(4 * MiB, { backing: mid, opts: { cluster_size: '4096' } });
+  for (let off = 0; off < 4 * MiB; off += 40 * 1024) await fill(top, off, 4096, 0x33 + (off % 7));
+  await top.writeZeroes(96 * 1024, 8192); // zeros over the mid's data
+  const want = await readAll(top);
+  // The top answers only for what it holds: everything else is asked of the layer below.
+  const own = (await top.blockStatus(0, top.size)).filter((e) => e.allocated);
+  const read = top.read.bind(top);
+  top.read = (off, into) => {
+    assert.ok(own.some((e) => e.offset <= off && off + into.length <= e.offset + e.length), `top read at ${off}+${into.length}`);
+    return read(off, into);
+  };
+  for (const parallel of [1, 4]) {
+    const dst = await memRaw(4 * MiB);
+    await convert([top], dst, { targetIsZero: true, chunkSize: 256 * 1024, parallel });
+    assert.deepEqual(await readAll(dst), want);
+  }
+});
