@@ -768,22 +768,39 @@ static int get_bytes(napi_env env, napi_value v, void **data, size_t *length) {
          type == napi_uint8_array;
 }
 
+/* A codec call's arguments: two Uint8Arrays (src, dst), then `nints` int32s. False when they are
+ * not that: the caller throws its own usage line (codec_usage). */
+static bool codec_args(napi_env env, napi_callback_info info, void **src, size_t *src_len, void **dst, size_t *dst_len, int32_t *ints, size_t nints) {
+  napi_value argv[5];
+  size_t argc = 5;
+  if (nints > 3 || napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 2 + nints) return false;
+  if (!get_bytes(env, argv[0], src, src_len) || !get_bytes(env, argv[1], dst, dst_len)) return false;
+  for (size_t i = 0; i < nints; i++)
+    if (napi_get_value_int32(env, argv[2 + i], &ints[i]) != napi_ok) return false;
+  return true;
+}
+
+static napi_value codec_usage(napi_env env, const char *line) {
+  napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", line);
+  return NULL;
+}
+
+/* The calling thread's codec state once the library is loaded (`load` run once, `*ok` its
+ * outcome), or NULL with an exception pending (`missing` says which library is not there). */
+static codec_state *codec_ready(napi_env env, pthread_once_t *once, void (*load)(void), const int *ok, const char *missing) {
+  pthread_once(once, load);
+  if (!*ok) {
+    napi_throw_error(env, "ENOENT", missing);
+    return NULL;
+  }
+  return state_of(env);
+}
+
 static napi_value zstd_decompress(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  size_t argc = 2;
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   void *src, *dst;
   size_t src_len, dst_len;
-  if (argc < 2 || !get_bytes(env, argv[0], &src, &src_len) || !get_bytes(env, argv[1], &dst, &dst_len)) {
-    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "zstdDecompress(src: Uint8Array, into: Uint8Array)");
-    return NULL;
-  }
-  pthread_once(&zstd_once, zstd_load);
-  if (!zstd.ok) {
-    napi_throw_error(env, "ENOENT", "libzstd.so.1 could not be loaded");
-    return NULL;
-  }
-  codec_state *st = state_of(env);
+  if (!codec_args(env, info, &src, &src_len, &dst, &dst_len, NULL, 0)) return codec_usage(env, "zstdDecompress(src: Uint8Array, into: Uint8Array)");
+  codec_state *st = codec_ready(env, &zstd_once, zstd_load, &zstd.ok, "libzstd.so.1 could not be loaded");
   if (!st) return NULL;
   if (!st->dctx) {
     st->dctx = zstd.create_dctx();
@@ -878,23 +895,12 @@ static int inflate_step(z_stream_abi *z, const unsigned char *in, size_t in_len,
 static int inflate_failed(int r) { return r != Z_OK_ && r != Z_BUF_ERROR_ && r != Z_STREAM_END_; }
 
 static napi_value zlib_inflate_raw(napi_env env, napi_callback_info info) {
-  napi_value argv[3];
-  size_t argc = 3;
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   void *src, *dst;
   size_t src_len, dst_len;
   int32_t bits = 0;
-  if (argc < 3 || !get_bytes(env, argv[0], &src, &src_len) || !get_bytes(env, argv[1], &dst, &dst_len) || napi_get_value_int32(env, argv[2], &bits) != napi_ok ||
-      bits < 8 || bits > 15 || src_len > 0xffffffffu || dst_len >= 0xffffffffu) {
-    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "inflateRaw(src: Uint8Array, into: Uint8Array, windowBits: 8..15)");
-    return NULL;
-  }
-  pthread_once(&zlib_once, zlib_load);
-  if (!zlib.ok) {
-    napi_throw_error(env, "ENOENT", "no zlib in this process");
-    return NULL;
-  }
-  codec_state *st = state_of(env);
+  if (!codec_args(env, info, &src, &src_len, &dst, &dst_len, &bits, 1) || bits < 8 || bits > 15 || src_len > 0xffffffffu || dst_len >= 0xffffffffu)
+    return codec_usage(env, "inflateRaw(src: Uint8Array, into: Uint8Array, windowBits: 8..15)");
+  codec_state *st = codec_ready(env, &zlib_once, zlib_load, &zlib.ok, "no zlib in this process");
   if (!st) return NULL;
   if (st->inf && st->inf_bits != bits) {
     zlib.inflate_end(st->inf);
@@ -936,24 +942,14 @@ static napi_value zlib_inflate_raw(napi_env env, napi_callback_info info) {
 }
 
 static napi_value zlib_deflate_raw(napi_env env, napi_callback_info info) {
-  napi_value argv[5];
-  size_t argc = 5;
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   void *src, *dst;
   size_t src_len, dst_len;
-  int32_t level = 0, bits = 0, mem = 0;
-  if (argc < 5 || !get_bytes(env, argv[0], &src, &src_len) || !get_bytes(env, argv[1], &dst, &dst_len) || napi_get_value_int32(env, argv[2], &level) != napi_ok ||
-      napi_get_value_int32(env, argv[3], &bits) != napi_ok || napi_get_value_int32(env, argv[4], &mem) != napi_ok || level < 0 || level > 9 || bits < 9 || bits > 15 ||
-      mem < 1 || mem > 9 || src_len > 0xffffffffu || dst_len > 0xffffffffu) {
-    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "deflateRaw(src: Uint8Array, out: Uint8Array, level: 0..9, windowBits: 9..15, memLevel: 1..9)");
-    return NULL;
-  }
-  pthread_once(&zlib_once, zlib_load);
-  if (!zlib.ok) {
-    napi_throw_error(env, "ENOENT", "no zlib in this process");
-    return NULL;
-  }
-  codec_state *st = state_of(env);
+  int32_t p[3] = {0, 0, 0}; /* level, windowBits, memLevel */
+  if (!codec_args(env, info, &src, &src_len, &dst, &dst_len, p, 3) || p[0] < 0 || p[0] > 9 || p[1] < 9 || p[1] > 15 || p[2] < 1 || p[2] > 9 ||
+      src_len > 0xffffffffu || dst_len > 0xffffffffu)
+    return codec_usage(env, "deflateRaw(src: Uint8Array, out: Uint8Array, level: 0..9, windowBits: 9..15, memLevel: 1..9)");
+  int32_t level = p[0], bits = p[1], mem = p[2];
+  codec_state *st = codec_ready(env, &zlib_once, zlib_load, &zlib.ok, "no zlib in this process");
   if (!st) return NULL;
   if (st->def && (st->def_level != level || st->def_bits != bits || st->def_mem != mem)) {
     zlib.deflate_end(st->def);

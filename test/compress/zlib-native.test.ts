@@ -13,6 +13,7 @@ import { hostAddon, type HostAddon } from '#src/host/native.node.js';
 import { deflateRawNode, deflateRawWith, inflateRawNode, inflateRawWith, nativeZlibOf } from '#src/compress/kernels.node.js';
 import { QcowError } from '#src/core/errors.js';
 import { CLI, needs, qemuImg, randomBytes, run, scratch, sha256 } from '../support/qemu.js';
+import { mixedSource } from '../support/mixed-source.js';
 
 const native = nativeZlibOf(hostAddon());
 const noNative = native ? {} : { skip: 'no host addon with node:zlib\'s zlib here' };
@@ -110,11 +111,7 @@ test('the addon and node:zlib refuse the same bad clusters with QCOW_CORRUPT, an
 
 test('zlib images convert to the same bytes with the addon and with QCOW_NO_NATIVE=1, and convert -c writes the same file with both', needs('qemu-img'), async (t) => {
   const dir = await scratch(t);
-  const text = new TextEncoder().encode('a qcow2 image with zlib clusters; '.repeat(40_000));
-  const src = new Uint8Array(4 * 1024 * 1024);
-  src.set(text.subarray(0, 1024 * 1024), 0);
-  src.set(randomBytes(1024 * 1024, 58).map((b, i) => (i % 3 ? b & 0x0f : b)), 1024 * 1024);
-  src.set(randomBytes(512 * 1024, 59), 3 * 1024 * 1024);
+  const src = mixedSource('a qcow2 image with zlib clusters; ', 58);
   await writeFile(join(dir, 'src.raw'), src);
   await qemuImg(['convert', '-c', '-f', 'raw', '-O', 'qcow2', 'src.raw', 'z.qcow2'], dir);
   const envs: [string, NodeJS.ProcessEnv][] = [

@@ -12,6 +12,7 @@ import { nativeZstdOf, zstdDecompressWith } from '#src/compress/kernels.node.js'
 import { frameOnly, zstdCompressLoaded, zstdDecompressLoaded, zstdReady } from '#src/compress/zstd.js';
 import { QcowError } from '#src/core/errors.js';
 import { CLI, needs, qemuImg, randomBytes, run, scratch, sha256 } from '../support/qemu.js';
+import { mixedSource } from '../support/mixed-source.js';
 
 const native = nativeZstdOf(hostAddon());
 const noNative = native ? {} : { skip: 'no host addon with libzstd here' };
@@ -100,11 +101,7 @@ test('qemu-img zstd images convert to the same bytes with the addon and with QCO
   const dir = await scratch(t);
   // Mixed clusters: text (small frames, decoded inline), half-random (large frames, the pool's
   // path), random (stored as plain clusters by qemu-img), and zeros between them.
-  const text = new TextEncoder().encode('a qcow2 image with zstd clusters; '.repeat(40000));
-  const src = new Uint8Array(4 * 1024 * 1024);
-  src.set(text.subarray(0, 1024 * 1024), 0);
-  src.set(randomBytes(1024 * 1024, 46).map((b, i) => (i % 3 ? b & 0x0f : b)), 1024 * 1024);
-  src.set(randomBytes(512 * 1024, 47), 3 * 1024 * 1024);
+  const src = mixedSource('a qcow2 image with zstd clusters; ', 46);
   await writeFile(join(dir, 'src.raw'), src);
   await qemuImg(['convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'compression_type=zstd', 'src.raw', 'z.qcow2'], dir);
   await qemuImg(['convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'compression_type=zstd,cluster_size=4k', 'src.raw', 'z4k.qcow2'], dir);
