@@ -21,20 +21,6 @@ function pattern(size: number): Uint8Array {
   return b;
 }
 
-/**
- * qemu-img measures PBKDF2 speed with the thread CPU clock and, on a busy machine, sometimes gives
- * up with "Unable to get accurate CPU usage". Retry that one failure.
- */
-async function qemuImgRetrying(args: string[]): Promise<void> {
-  for (let attempt = 1; ; attempt++) {
-    const r = await run('qemu-img', args);
-    if (r.code === 0) return;
-    if (!r.stderr.includes('Unable to get accurate CPU usage') || attempt === 20) throw new Error(`qemu-img ${args.join(' ')} exited ${r.code}\n${r.stderr}`);
-    // Five quick retries all failed on a machine loaded by parallel test runs: wait for a calmer moment.
-    await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
-  }
-}
-
 interface Qcow2Bits {
   file: Uint8Array;
   area: Uint8Array;
@@ -83,7 +69,7 @@ for (const c of cases) {
     const img = join(dir, 'x.qcow2');
     const plain = pattern(1 << 20);
     await writeFile(src, plain);
-    await qemuImgRetrying(['convert', '-O', 'qcow2', ...SECRET, '-o', `encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=${c.iterTime}${c.opts}`, src, img]);
+    await runOk('qemu-img', ['convert', '-O', 'qcow2', ...SECRET, '-o', `encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=${c.iterTime}${c.opts}`, src, img]);
     const q = walkQcow2(new Uint8Array(await readFile(img)));
     const header = parseLuksHeader(q.area, q.area.length);
     const readArea = async (offset: number, length: number) => q.area.slice(offset, offset + length);

@@ -73,15 +73,7 @@ async function makeSeeds(dir: string): Promise<Seed[]> {
   await q(['create', '-q', '-f', 'qcow', '-b', 'src.raw', '-F', 'raw', 'v1-back.qcow', '1M']);
   await qemuIo(['-f', 'qcow', '-c', 'write -P 0x22 4k 8k', 'v1-back.qcow'], dir);
   await qemuImg(['convert', '-c', '-O', 'qcow', 'src.raw', 'v1-zlib.qcow'], dir).catch(() => undefined); // qemu 7.2 exits 1 after success
-  // qemu-img's PBKDF2 calibration sometimes fails on a busy machine ("Unable to get accurate CPU usage"): retry.
-  for (let attempt = 1; ; attempt++) {
-    try {
-      await q(['convert', '-O', 'qcow2', '--object', 'secret,id=s,data=hunter2', '-o', 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=100,cluster_size=4k', 'src.raw', 'luks.qcow2']);
-      break;
-    } catch (e) {
-      if (attempt >= 5 || !/accurate CPU usage/.test(String(e))) throw e;
-    }
-  }
+  await q(['convert', '-O', 'qcow2', '--object', 'secret,id=s,data=hunter2', '-o', 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=100,cluster_size=4k', 'src.raw', 'luks.qcow2']);
   const v2 = { headerSize: 72 };
   const v3 = { headerSize: 112 };
   const v1 = { headerSize: 48 };
