@@ -187,6 +187,15 @@ async function main(): Promise<void> {
     for (let off = 0; off < size; off += 2 * MiB) writes.push('-c', `write -P 0x5a ${off} 64k`);
     await sh('qemu-io', ['-f', 'qcow2', ...writes, p('scattered.qcow2')]);
   }
+  // Wider than either tool's L2 cache: 1 TiB with 64 KiB written at the start of every 512 MiB, so
+  // each of its 2048 L2 tables holds one cluster and a request stepping 512 MiB misses every time
+  // (qcow's cache covers 128 GiB, qemu's default 256 GiB).
+  if (!existsSync(p('wide.qcow2'))) {
+    await sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('wide.qcow2'), '1T']);
+    const writes: string[] = [];
+    for (let off = 0; off < 1024 * GiB; off += 512 * MiB) writes.push('-c', `write -P 0x3c ${off} 64k`);
+    await sh('qemu-io', ['-f', 'qcow2', ...writes, p('wide.qcow2')]);
+  }
   if (!existsSync(p('alloc.qcow'))) await sh('qemu-img', ['convert', '-O', 'qcow', p('alloc.raw'), p('alloc.qcow')]);
   // qemu 7.2's convert -c -O qcow exits 1 after writing a correct image (docs/notes/qcow1.md §9).
   if (!existsSync(p('zlib.qcow'))) await sh('qemu-img', ['convert', '-c', '-O', 'qcow', p('mixed.raw'), p('zlib.qcow')], [0, 1]);
@@ -296,6 +305,21 @@ async function main(): Promise<void> {
       bytes: count * size,
       ours: ours('bench', '-f', 'qcow2', ...extra, p('bench.qcow2')),
       theirs: qimg('bench', '-f', 'qcow2', ...extra, p('bench.qcow2')),
+    });
+  }
+  // L2 cache misses on every request, read-only and writable (a writable image's misses evict
+  // differently: only the writer writes dirty tables back).
+  for (const [label, extra] of [
+    ['wide-read-4k-d1', ['-s', '4k', '-d', '1', '-c', '20000']],
+    ['wide-read-4k-d32', ['-s', '4k', '-d', '32', '-c', '20000']],
+    ['wide-write-4k-d32', ['-w', '-s', '4k', '-d', '32', '-c', '20000']],
+  ] as const) {
+    workloads.push({
+      name: `5-bench-${label}`,
+      description: `bench ${extra.join(' ')} -S 512M on a 1 TiB qcow2 with one cluster per L2 table`,
+      bytes: 20000 * 4096,
+      ours: ours('bench', '-f', 'qcow2', ...extra, '-S', '512M', p('wide.qcow2')),
+      theirs: qimg('bench', '-f', 'qcow2', ...extra, '-S', '512M', p('wide.qcow2')),
     });
   }
   workloads.push({
