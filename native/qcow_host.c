@@ -67,7 +67,8 @@
  *                                     fd-source.node.ts) that must let Node's event loop run its
  *                                     signal handlers while the writer is silent: a blocking
  *                                     read(2) would be restarted after the signal and wait on.
- *   growPipe(fd, bytes)               Ask for a pipe buffer of `bytes` (F_SETPIPE_SZ; refused past
+ *   growPipe(fd, bytes)               Ask for a pipe buffer of at least `bytes` (F_SETPIPE_SZ,
+ *                                     never shrinking it; refused past
  *                                     /proc/sys/fs/pipe-max-size, 1 MiB by default, unless
  *                                     privileged): the buffer's size afterwards (F_GETPIPE_SZ), or
  *                                     -1 when `fd` is no pipe. Never throws: a larger buffer only
@@ -870,10 +871,10 @@ static napi_value grow_pipe(napi_env env, napi_callback_info info) {
   if (!get_args(env, info, 2, a)) return NULL;
   int fd = (int)a[0];
   int want = a[1] > 0x40000000 ? 0x40000000 : (int)a[1];
-  /* Refused (EPERM past pipe-max-size or the user's pipe pages, EBUSY when the data in it would
-     not fit): the size stays as it was, which is still correct. */
-  (void)fcntl(fd, F_SETPIPE_SZ, want);
   int r = fcntl(fd, F_GETPIPE_SZ);
+  /* Never shrinks a pipe someone made larger. Refused (EPERM past pipe-max-size or the user's
+     pipe pages): the size stays as it was, which is still correct. */
+  if (r >= 0 && r < want && fcntl(fd, F_SETPIPE_SZ, want) >= 0) r = fcntl(fd, F_GETPIPE_SZ);
   napi_value result;
   CHECK(napi_create_int32(env, r < 0 ? -1 : r, &result));
   return result;
