@@ -67,6 +67,12 @@
  *                                     fd-source.node.ts) that must let Node's event loop run its
  *                                     signal handlers while the writer is silent: a blocking
  *                                     read(2) would be restarted after the signal and wait on.
+ *   growPipe(fd, bytes)               Ask for a pipe buffer of at least `bytes` (F_SETPIPE_SZ,
+ *                                     never shrinking it; refused past
+ *                                     /proc/sys/fs/pipe-max-size, 1 MiB by default, unless
+ *                                     privileged): the buffer's size afterwards (F_GETPIPE_SZ), or
+ *                                     -1 when `fd` is no pipe. Never throws: a larger buffer only
+ *                                     saves wake-ups (fewer, larger reads of a pipe).
  *   zlibVersion()                     The zlib that node:zlib uses (inside the node binary, or the
  *                                     shared libz Node links), e.g. "1.3.1"; undefined without one.
  *   inflateRaw(src, into, windowBits) Inflate the raw deflate stream in `src` into `into` as
@@ -860,6 +866,20 @@ static napi_value wait_readable(napi_env env, napi_callback_info info) {
   return result;
 }
 
+static napi_value grow_pipe(napi_env env, napi_callback_info info) {
+  double a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  int fd = (int)a[0];
+  int want = a[1] > 0x40000000 ? 0x40000000 : (int)a[1];
+  int r = fcntl(fd, F_GETPIPE_SZ);
+  /* Never shrinks a pipe someone made larger. Refused (EPERM past pipe-max-size or the user's
+     pipe pages): the size stays as it was, which is still correct. */
+  if (r >= 0 && r < want && fcntl(fd, F_SETPIPE_SZ, want) >= 0) r = fcntl(fd, F_GETPIPE_SZ);
+  napi_value result;
+  CHECK(napi_create_int32(env, r < 0 ? -1 : r, &result));
+  return result;
+}
+
 static napi_value zlib_version(napi_env env, napi_callback_info info) {
   (void)info;
   pthread_once(&zlib_once, zlib_load);
@@ -1013,13 +1033,14 @@ static napi_value init(napi_env env, napi_value exports) {
     {"zstdDecompress", NULL, zstd_decompress, NULL, NULL, NULL, napi_enumerable, NULL},
     {"readNoWait", NULL, read_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
     {"waitReadable", NULL, wait_readable, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"growPipe", NULL, grow_pipe, NULL, NULL, NULL, napi_enumerable, NULL},
     {"zlibVersion", NULL, zlib_version, NULL, NULL, NULL, napi_enumerable, NULL},
     {"inflateRaw", NULL, zlib_inflate_raw, NULL, NULL, NULL, napi_enumerable, NULL},
     {"deflateRaw", NULL, zlib_deflate_raw, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   napi_value version;
-  CHECK(napi_create_int32(env, 6, &version));
+  CHECK(napi_create_int32(env, 7, &version));
   CHECK(napi_set_named_property(env, exports, "version", version));
   return exports;
 }

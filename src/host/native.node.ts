@@ -82,6 +82,12 @@ export interface HostAddon {
    */
   waitReadable?(fd: number, timeoutMs: number): boolean;
   /**
+   * Ask for a pipe buffer of `bytes` (F_SETPIPE_SZ; the kernel refuses more than
+   * /proc/sys/fs/pipe-max-size, 1 MiB by default, to the unprivileged): the buffer's size
+   * afterwards, -1 when `fd` is no pipe. Never throws. Absent before version 7.
+   */
+  growPipe?(fd: number, bytes: number): number;
+  /**
    * The zlib node:zlib uses (found by name in the process: inside the node binary, or the shared
    * libz Node links), as zlibVersion() gives it, e.g. "1.3.1"; undefined without one. Absent
    * before version 6.

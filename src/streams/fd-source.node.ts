@@ -28,6 +28,14 @@ import type { StreamSource } from './cluster-reader.js';
 
 /** Bytes read between two turns of the event loop. */
 const TURN_BYTES = 8 * 1024 * 1024;
+/**
+ * The pipe buffer asked for (the kernel's default is 64 KiB; 1 MiB is what it grants the
+ * unprivileged by default). With 64 KiB, `cat` and we took turns: each read found at most 64 KiB
+ * and the next one waited for the writer, two context switches per 64 KiB (~34k per GiB, and most
+ * of the CPU of a pipe convert was the kernel's). A 1 MiB buffer lets a read take up to a slab's
+ * worth of what the writer sent meanwhile.
+ */
+const PIPE_BYTES = 1024 * 1024;
 /** Longest the event loop waits behind a poll of a silent pipe (a signal cuts it short anyway). */
 const WAIT_MS = 100;
 
@@ -44,7 +52,9 @@ function pipeReads(fd: number): PipeReads | undefined {
   if (!addon?.readNoWait || !addon.waitReadable) return undefined;
   try {
     // A file never makes a reader wait for a writer: read(2) it as it is.
-    return fstatSync(fd).isFIFO() ? { readNoWait: addon.readNoWait, waitReadable: addon.waitReadable, noWait: true } : undefined;
+    if (!fstatSync(fd).isFIFO()) return undefined;
+    addon.growPipe?.(fd, PIPE_BYTES);
+    return { readNoWait: addon.readNoWait, waitReadable: addon.waitReadable, noWait: true };
   } catch {
     return undefined;
   }

@@ -120,3 +120,16 @@ test('fdSource reads a pipe, and one made non-blocking through its fallback', as
   // waits for it); without them readSync fails with EAGAIN and Node's stream takes over.
   assert.deepEqual(await hashThroughFdSource(file, true), { hash: sha256(data), fellBack: !hostAddon()?.readNoWait });
 });
+
+test('the addon grows a pipe to 1 MiB and leaves other descriptors alone', { skip: !hostAddon()?.growPipe && 'addon without growPipe' }, async () => {
+  const addonPath = fileURLToPath(new URL('../../build/Release/qcow_host.node', import.meta.url));
+  const script = `
+    const m = { exports: {} };
+    process.dlopen(m, ${JSON.stringify(addonPath)});
+    console.log(JSON.stringify([m.exports.growPipe(0, 1048576), m.exports.growPipe(3, 1048576)]));
+  `;
+  // fd 0 a pipe, fd 3 a regular file: growPipe answers -1 there and does not throw.
+  const r = await run('bash', ['-c', `echo | node -e "$0" 3<"$1"`, script, FD_SOURCE]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.deepEqual(JSON.parse(r.stdout), [1048576, -1]);
+});
