@@ -83,7 +83,14 @@ const wordsOf = (t: Uint8Array): Uint32Array => new Uint32Array(t.buffer, t.byte
  */
 function nextEntry(w: Uint32Array, from: number, end: number, eb: number): number {
   if (eb === 8) {
-    for (let i = from; i < end; i++) if ((w[2 * i]! | w[2 * i + 1]!) !== 0) return i;
+    let i = from;
+    // Four entries a step over the zeros: in the interpreter the loop's own steps cost more than
+    // its loads, and an 8192-entry refcount table with one block was ~4 ms of a 1 GiB image's check.
+    for (; i + 4 <= end; i += 4) {
+      const k = 2 * i;
+      if ((w[k]! | w[k + 1]! | w[k + 2]! | w[k + 3]! | w[k + 4]! | w[k + 5]! | w[k + 6]! | w[k + 7]!) !== 0) break;
+    }
+    for (; i < end; i++) if ((w[2 * i]! | w[2 * i + 1]!) !== 0) return i;
   } else {
     for (let i = from; i < end; i++) if ((w[4 * i]! | w[4 * i + 1]! | w[4 * i + 2]! | w[4 * i + 3]!) !== 0) return i;
   }
