@@ -661,10 +661,10 @@ async function compare(store: ByteStore, p: Pass, fix: RepairMode | null): Promi
     }
     if (!block && !refs.anyIn(first, end)) continue;
     for (let c = first; c < end; c++) {
-      if (block && rbits === 16) {
-        // The default width: the clusters whose counts agree are passed in one loop (a call and
-        // two lookups per cluster were a fifth of a 16 GiB image's check), the rest looked at below.
-        const d = refs.sameAsStored16(block, first, c, end);
+      if (block) {
+        // The clusters whose counts agree are passed in one loop (a call and two lookups per
+        // cluster were a fifth of a 16 GiB image's check), the rest looked at below.
+        const d = refs.sameAsStored(block, rbits, first, c, end);
         if (d > c) {
           const top = refs.lastReferenced(c, d);
           if (top >= 0) highest = top;

@@ -68,19 +68,53 @@ export class ClusterRefs {
   }
 
   /**
-   * The first cluster of [from, end) whose count differs from its stored 16-bit big-endian count
-   * in `block` (whose entry 0 is cluster `base`), or `end`. Clusters whose count is kept in the
-   * Map, and those past the array, are reported as differing: the caller looks at them one by one.
+   * The first cluster of [from, end) whose count differs from its stored count in `block`, a
+   * refcount block of `bits`-wide counts whose entry 0 is cluster `base`, or `end`. Clusters whose
+   * count is kept in the Map, and those past the array, are reported as differing: the caller
+   * looks at them one by one. One loop per width, so that every width passes the clusters that
+   * agree without a call per cluster.
    */
-  sameAsStored16(block: Uint8Array, base: number, from: number, end: number): number {
+  sameAsStored(block: Uint8Array, bits: number, base: number, from: number, end: number): number {
     const counts = this.counts;
     const stop = Math.min(end, counts.length);
     let c = from;
-    for (let i = 2 * (from - base); c < stop; c++, i += 2) {
-      const n = counts[c]!;
-      if (n === 0xffff || n !== ((block[i]! << 8) | block[i + 1]!)) return c;
+    let i = from - base;
+    switch (bits) {
+      case 1:
+      case 2:
+      case 4: {
+        // Packed into bytes, the first entry in the least significant bits.
+        const shift = bits === 1 ? 3 : bits === 2 ? 2 : 1;
+        const low = (1 << shift) - 1;
+        const mask = (1 << bits) - 1;
+        for (; c < stop; c++, i++) if (counts[c] !== ((block[i >> shift]! >> ((i & low) * bits)) & mask)) return c;
+        return c;
+      }
+      case 8:
+        for (; c < stop; c++, i++) if (counts[c] !== block[i]) return c;
+        return c;
+      case 16:
+        for (i *= 2; c < stop; c++, i += 2) {
+          const n = counts[c]!;
+          if (n === 0xffff || n !== ((block[i]! << 8) | block[i + 1]!)) return c;
+        }
+        return c;
+      case 32:
+        // The top two bytes must be zero (the array holds counts below 0xffff), the rest the count.
+        for (i *= 4; c < stop; c++, i += 4) {
+          const n = counts[c]!;
+          if (n === 0xffff || block[i] !== 0 || block[i + 1] !== 0 || n !== ((block[i + 2]! << 8) | block[i + 3]!)) return c;
+        }
+        return c;
+      case 64:
+        for (i *= 8; c < stop; c++, i += 8) {
+          const n = counts[c]!;
+          if (n === 0xffff || (block[i]! | block[i + 1]! | block[i + 2]! | block[i + 3]! | block[i + 4]! | block[i + 5]!) !== 0 || n !== ((block[i + 6]! << 8) | block[i + 7]!)) return c;
+        }
+        return c;
+      default:
+        return from;
     }
-    return c;
   }
 
   /** The last cluster of [from, end) with a reference, or -1 (clusters of the array only). */
