@@ -75,45 +75,21 @@ export class ClusterRefs {
    * agree without a call per cluster.
    */
   sameAsStored(block: Uint8Array, bits: number, base: number, from: number, end: number): number {
-    const counts = this.counts;
-    const stop = Math.min(end, counts.length);
-    let c = from;
-    let i = from - base;
+    // Each width's loop is a function of its own: a check runs once, cold, and V8 compiles the
+    // loop it spends its time in (on-stack replacement) as the whole function around it; one
+    // function holding all five loops cost twice the compiler's memory and time of the one used.
+    const stop = Math.min(end, this.counts.length);
+    const i = from - base;
     switch (bits) {
-      case 1:
-      case 2:
-      case 4: {
-        // Packed into bytes, the first entry in the least significant bits.
-        const shift = bits === 1 ? 3 : bits === 2 ? 2 : 1;
-        const low = (1 << shift) - 1;
-        const mask = (1 << bits) - 1;
-        for (; c < stop; c++, i++) if (counts[c] !== ((block[i >> shift]! >> ((i & low) * bits)) & mask)) return c;
-        return c;
-      }
-      case 8:
-        for (; c < stop; c++, i++) if (counts[c] !== block[i]) return c;
-        return c;
       case 16:
-        for (i *= 2; c < stop; c++, i += 2) {
-          const n = counts[c]!;
-          if (n === 0xffff || n !== ((block[i]! << 8) | block[i + 1]!)) return c;
-        }
-        return c;
+        return same16(this.counts, block, from, stop, i);
+      case 8:
+        return same8(this.counts, block, from, stop, i);
       case 32:
-        // The top two bytes must be zero (the array holds counts below 0xffff), the rest the count.
-        for (i *= 4; c < stop; c++, i += 4) {
-          const n = counts[c]!;
-          if (n === 0xffff || block[i] !== 0 || block[i + 1] !== 0 || n !== ((block[i + 2]! << 8) | block[i + 3]!)) return c;
-        }
-        return c;
       case 64:
-        for (i *= 8; c < stop; c++, i += 8) {
-          const n = counts[c]!;
-          if (n === 0xffff || (block[i]! | block[i + 1]! | block[i + 2]! | block[i + 3]! | block[i + 4]! | block[i + 5]!) !== 0 || n !== ((block[i + 6]! << 8) | block[i + 7]!)) return c;
-        }
-        return c;
+        return sameWide(this.counts, block, from, stop, i, bits / 8);
       default:
-        return from;
+        return samePacked(this.counts, block, from, stop, i, bits);
     }
   }
 
@@ -144,4 +120,40 @@ export class ClusterRefs {
     if (end > counts.length) for (const c of this.extra.keys()) if (c >= first && c < end) return true;
     return false;
   }
+}
+
+// The loops of ClusterRefs.sameAsStored, one per layout of a refcount block: the first cluster of
+// [c, stop) whose count differs from entry i, i + 1, ... of the block, or stop. A count of 0xffff
+// (kept in the Map) always differs.
+
+function same16(counts: Uint16Array, block: Uint8Array, c: number, stop: number, i: number): number {
+  for (let k = 2 * i; c < stop; c++, k += 2) {
+    const n = counts[c]!;
+    if (n === 0xffff || n !== ((block[k]! << 8) | block[k + 1]!)) return c;
+  }
+  return c;
+}
+
+function same8(counts: Uint16Array, block: Uint8Array, c: number, stop: number, i: number): number {
+  for (; c < stop; c++, i++) if (counts[c] !== block[i]) return c;
+  return c;
+}
+
+/** 32- and 64-bit counts (`bytes` 4 or 8): all but the last two bytes must be zero (the array holds counts below 0xffff). */
+function sameWide(counts: Uint16Array, block: Uint8Array, c: number, stop: number, i: number, bytes: number): number {
+  for (let k = i * bytes; c < stop; c++, k += bytes) {
+    const n = counts[c]!;
+    if (n === 0xffff || n !== ((block[k + bytes - 2]! << 8) | block[k + bytes - 1]!)) return c;
+    for (let z = k; z < k + bytes - 2; z++) if (block[z] !== 0) return c;
+  }
+  return c;
+}
+
+/** 1-, 2- and 4-bit counts, packed into bytes with the first entry in the least significant bits. */
+function samePacked(counts: Uint16Array, block: Uint8Array, c: number, stop: number, i: number, bits: number): number {
+  const shift = bits === 1 ? 3 : bits === 2 ? 2 : 1;
+  const low = (1 << shift) - 1;
+  const mask = (1 << bits) - 1;
+  for (; c < stop; c++, i++) if (counts[c] !== ((block[i >> shift]! >> ((i & low) * bits)) & mask)) return c;
+  return c;
 }
