@@ -68,19 +68,29 @@ export class ClusterRefs {
   }
 
   /**
-   * The first cluster of [from, end) whose count differs from its stored 16-bit big-endian count
-   * in `block` (whose entry 0 is cluster `base`), or `end`. Clusters whose count is kept in the
-   * Map, and those past the array, are reported as differing: the caller looks at them one by one.
+   * The first cluster of [from, end) whose count differs from its stored count in `block`, a
+   * refcount block of `bits`-wide counts whose entry 0 is cluster `base`, or `end`. Clusters whose
+   * count is kept in the Map, and those past the array, are reported as differing: the caller
+   * looks at them one by one. One loop per width, so that every width passes the clusters that
+   * agree without a call per cluster.
    */
-  sameAsStored16(block: Uint8Array, base: number, from: number, end: number): number {
-    const counts = this.counts;
-    const stop = Math.min(end, counts.length);
-    let c = from;
-    for (let i = 2 * (from - base); c < stop; c++, i += 2) {
-      const n = counts[c]!;
-      if (n === 0xffff || n !== ((block[i]! << 8) | block[i + 1]!)) return c;
+  sameAsStored(block: Uint8Array, bits: number, base: number, from: number, end: number): number {
+    // Each width's loop is a function of its own: a check runs once, cold, and V8 compiles the
+    // loop it spends its time in (on-stack replacement) as the whole function around it; one
+    // function holding all five loops cost twice the compiler's memory and time of the one used.
+    const stop = Math.min(end, this.counts.length);
+    const i = from - base;
+    switch (bits) {
+      case 16:
+        return same16(this.counts, block, from, stop, i);
+      case 8:
+        return same8(this.counts, block, from, stop, i);
+      case 32:
+      case 64:
+        return sameWide(this.counts, block, from, stop, i, bits / 8);
+      default:
+        return samePacked(this.counts, block, from, stop, i, bits);
     }
-    return c;
   }
 
   /** The last cluster of [from, end) with a reference, or -1 (clusters of the array only). */
@@ -110,4 +120,40 @@ export class ClusterRefs {
     if (end > counts.length) for (const c of this.extra.keys()) if (c >= first && c < end) return true;
     return false;
   }
+}
+
+// The loops of ClusterRefs.sameAsStored, one per layout of a refcount block: the first cluster of
+// [c, stop) whose count differs from entry i, i + 1, ... of the block, or stop. A count of 0xffff
+// (kept in the Map) always differs.
+
+function same16(counts: Uint16Array, block: Uint8Array, c: number, stop: number, i: number): number {
+  for (let k = 2 * i; c < stop; c++, k += 2) {
+    const n = counts[c]!;
+    if (n === 0xffff || n !== ((block[k]! << 8) | block[k + 1]!)) return c;
+  }
+  return c;
+}
+
+function same8(counts: Uint16Array, block: Uint8Array, c: number, stop: number, i: number): number {
+  for (; c < stop; c++, i++) if (counts[c] !== block[i]) return c;
+  return c;
+}
+
+/** 32- and 64-bit counts (`bytes` 4 or 8): all but the last two bytes must be zero (the array holds counts below 0xffff). */
+function sameWide(counts: Uint16Array, block: Uint8Array, c: number, stop: number, i: number, bytes: number): number {
+  for (let k = i * bytes; c < stop; c++, k += bytes) {
+    const n = counts[c]!;
+    if (n === 0xffff || n !== ((block[k + bytes - 2]! << 8) | block[k + bytes - 1]!)) return c;
+    for (let z = k; z < k + bytes - 2; z++) if (block[z] !== 0) return c;
+  }
+  return c;
+}
+
+/** 1-, 2- and 4-bit counts, packed into bytes with the first entry in the least significant bits. */
+function samePacked(counts: Uint16Array, block: Uint8Array, c: number, stop: number, i: number, bits: number): number {
+  const shift = bits === 1 ? 3 : bits === 2 ? 2 : 1;
+  const low = (1 << shift) - 1;
+  const mask = (1 << bits) - 1;
+  for (; c < stop; c++, i++) if (counts[c] !== ((block[i >> shift]! >> ((i & low) * bits)) & mask)) return c;
+  return c;
 }

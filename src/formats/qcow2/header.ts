@@ -132,7 +132,7 @@ export function decodeHeader(bytes: Uint8Array): Qcow2Header {
 
 /**
  * `decodeHeader` from the first bytes of the header area only: `bytes` is its start and
- * `areaLength` its whole length (the first cluster, or up to EOF, whichever is shorter). The same
+ * `areaLength` its whole length (the first cluster; read-header.ts reads zeros past EOF). The same
  * header, or the same error, as decodeHeader of the whole area; undefined when the header's fields,
  * extensions or backing file name reach past `bytes` (read the whole area then). Most headers fit
  * in a few hundred bytes, and reading the whole cluster cost a page fault per 4 KiB of it (512 for
@@ -205,7 +205,9 @@ function decodeExtensions(buf: Uint8Array, areaLength: number, h: Qcow2Header): 
   // The backing file name, when present, follows the extensions; they must stop before it.
   const end = h.backingFileOffset !== 0 && h.backingFileOffset < areaLength ? h.backingFileOffset : areaLength;
   let off = h.headerLength;
-  while (off + 8 <= end) {
+  while (off < end) {
+    // As qemu's qcow2_read_extensions: an extension's own 8 bytes must fit before the end too.
+    if (off + 8 > end) throw corrupt(`qcow2 header extension at 0x${off.toString(16)} runs past the header area`);
     if (off + 8 > buf.length) return false;
     const type = u32(buf, off);
     const len = u32(buf, off + 4);

@@ -1,6 +1,6 @@
 /**
  * Reading a qcow2 header from a store: its first page (the whole first cluster only when the header
- * reaches past it), the decode (header.ts), and the checks every reader of an image makes before trusting it (unknown
+ * reaches past it; past the end of a short file, zeros), the decode (header.ts), and the checks every reader of an image makes before trusting it (unknown
  * incompatible features, encryption method, v2's fixed refcount width). The device's open, check
  * and the repair of a dirty image all start here, so they refuse the same images the same way.
  */
@@ -20,16 +20,20 @@ export interface HeaderRead {
 
 export async function readHeader(store: ByteStore): Promise<HeaderRead> {
   const fileSize = await store.size();
-  // Header extensions run to the end of the first cluster (or the file), up to 2 MiB; they seldom
-  // take more than the first few hundred bytes. So the first page is read, with the cluster size
-  // in it, and the rest of the area only when the header reaches past that page.
+  // Header extensions run to the end of the first cluster, up to 2 MiB; they seldom take more
+  // than the first few hundred bytes. So the first page is read, with the cluster size in it, and
+  // the rest of the cluster only when the header reaches past that page.
   const head = new Uint8Array(Math.min(HEADER_PREFIX_BYTES, fileSize));
   await store.read(0, head);
-  const area = Math.min(2 ** peekClusterBits(head), fileSize);
+  // The header area is the whole first cluster even in a file that ends inside it, and what lies
+  // past the end reads as zeros: QEMU bounds the extensions by the cluster (qcow2_read_extensions),
+  // and its reads past the end of a file return zeros. A truncated image whose extensions were
+  // cut short so opens, and its check reports what the lost clusters leave, as qemu-img's does.
+  const area = 2 ** peekClusterBits(head);
   let header = decodeHeaderPrefix(head, area);
   if (!header) {
     const first = new Uint8Array(area);
-    await store.read(0, first);
+    await store.read(0, first.subarray(0, Math.min(area, fileSize)));
     header = decodeHeader(first);
   }
   checkIncompatibleFeatures(header);

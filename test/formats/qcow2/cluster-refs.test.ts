@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ClusterRefs } from '#src/formats/qcow2/cluster-refs.js';
+import { REFCOUNT_WIDTHS, setRefcount } from '#src/formats/qcow2/refcount.js';
 
 test('ClusterRefs counts references per cluster, inside and past the file', () => {
   const refs = new ClusterRefs(100);
@@ -88,21 +89,43 @@ test('ClusterRefs finds where its counts part from a 16-bit refcount block, and 
   // A block whose entry 0 is cluster 8: counts 1, 1, 2, 1 then zeros, as found.
   const block = new Uint8Array(64);
   for (const [i, n] of [[0, 1], [1, 1], [2, 2], [3, 1]]) block[2 * i + 1] = n!;
-  assert.equal(refs.sameAsStored16(block, 8, 8, 40), 40);
+  assert.equal(refs.sameAsStored(block, 16, 8, 8, 40), 40);
   assert.equal(refs.lastReferenced(8, 40), 11);
   assert.equal(refs.lastReferenced(12, 40), -1);
   block[2 * 5 + 1] = 1; // cluster 13: stored 1, found 0
-  assert.equal(refs.sameAsStored16(block, 8, 9, 40), 13);
-  assert.equal(refs.sameAsStored16(block, 8, 14, 40), 40);
+  assert.equal(refs.sameAsStored(block, 16, 8, 9, 40), 13);
+  assert.equal(refs.sameAsStored(block, 16, 8, 14, 40), 40);
   block[2 * 2] = 1; // cluster 10: stored 0x0102
-  assert.equal(refs.sameAsStored16(block, 8, 8, 13), 10);
+  assert.equal(refs.sameAsStored(block, 16, 8, 8, 13), 10);
   // A count kept in the Map (0xffff and up) is always left to the caller.
   const big = new ClusterRefs(4);
   for (let i = 0; i < 0xffff; i++) big.addRange(1, 1);
   const full = new Uint8Array(8).fill(0);
   full[2] = 0xff;
   full[3] = 0xff;
-  assert.equal(big.sameAsStored16(full, 0, 0, 4), 1);
+  assert.equal(big.sameAsStored(full, 16, 0, 0, 4), 1);
   // Past the array: left to the caller too.
-  assert.equal(new ClusterRefs(2).sameAsStored16(new Uint8Array(8), 0, 0, 4), 2);
+  assert.equal(new ClusterRefs(2).sameAsStored(new Uint8Array(8), 16, 0, 0, 4), 2);
+});
+
+test('ClusterRefs compares its counts with refcount blocks of every width', () => {
+  for (const bits of REFCOUNT_WIDTHS) {
+    const refs = new ClusterRefs(40);
+    refs.addRange(8, 11);
+    if (bits > 1) refs.addRange(10, 10);
+    // A block of 32 entries whose entry 0 is cluster 8, holding the counts found.
+    const block = new Uint8Array((32 * bits) / 8);
+    for (let c = 8; c < 40; c++) setRefcount(block, c - 8, bits, refs.get(c));
+    assert.equal(refs.sameAsStored(block, bits, 8, 8, 40), 40, `${bits} bits`);
+    setRefcount(block, 5, bits, 1); // cluster 13: stored 1, found 0
+    assert.equal(refs.sameAsStored(block, bits, 8, 9, 40), 13, `${bits} bits`);
+    assert.equal(refs.sameAsStored(block, bits, 8, 14, 40), 40, `${bits} bits`);
+    setRefcount(block, 2, bits, 0); // cluster 10: stored 0
+    assert.equal(refs.sameAsStored(block, bits, 8, 8, 13), 10, `${bits} bits`);
+    if (bits >= 32) {
+      // A high word that is not zero differs, whatever the low bits say.
+      setRefcount(block, 2, bits, refs.get(10) + 2 ** (bits === 32 ? 24 : 40));
+      assert.equal(refs.sameAsStored(block, bits, 8, 8, 13), 10, `${bits} bits`);
+    }
+  }
 });

@@ -137,6 +137,14 @@ test('hostile qcow2 headers and tables give clean QcowErrors', needs('qemu-img',
     await assert.rejects(openAndReadAll(patched(good, (b) => setU32(b, 116, 0x100000))), rejectsWith('QCOW_CORRUPT', /extension/));
   });
 
+  await t.test("an extension's own 8 bytes cut by the backing file name (qemu: Header extension too large)", async () => {
+    const b = patched(good, (b) => {
+      setU64(b, 8, 116n);
+      setU32(b, 16, 4);
+    });
+    await assert.rejects(openAndReadAll(b), rejectsWith('QCOW_CORRUPT', /extension at 0x70 runs past the header area/));
+  });
+
   await t.test('the corrupt bit refuses read-write but reads read-only', async () => {
     const b = patched(good, (b) => setU64(b, 72, 2n));
     await openAndReadAll(b, true);
