@@ -35,7 +35,7 @@
  * that wait for the disk (fdatasync, truncate, closing a written file) or move data in bulk go to
  * the pool.
  */
-import { close as fsClose, constants, fdatasync, fstatSync, ftruncate, ftruncateSync, openSync, closeSync, read as fsRead, readSync, statSync, unlinkSync, write as fsWrite, writeSync } from 'node:fs';
+import { close as fsClose, constants, fdatasync, fstatSync, ftruncate, ftruncateSync, openSync, closeSync, read as fsRead, readSync, statSync, statfsSync, unlinkSync, write as fsWrite, writeSync } from 'node:fs';
 import { isAbsolute } from 'node:path';
 import type { ByteStore, DataRun, StoreOpener } from './types.js';
 import { hostAddon, type HostAddon } from '../host/native.node.js';
@@ -232,11 +232,13 @@ export class FileStore implements ByteStore {
    * Write-behind for a file written once, front to back (see the top): from now on each write of
    * SERIAL_WRITE_MIN or more starts its writeback when it ends, and the pages of those writes that
    * lie `window` bytes of such writes behind leave the page cache once clean. The data and what
-   * reads see are unchanged. False (and nothing changes) without the host addon's call.
+   * reads see are unchanged. False (and nothing changes) without the host addon's call, or for a
+   * file in memory (tmpfs, ramfs): there the pages are the file, writeback has nothing to do and
+   * DONTNEED drops nothing, so the ~2 calls per MiB were only pool round trips.
    */
   writeBehind(window = WRITE_BEHIND_WINDOW): boolean {
     const run = hostAddon()?.writeBehind;
-    if (!run || this.readOnly) return false;
+    if (!run || this.readOnly || inMemory(this.name)) return false;
     this.behind ??= new WriteBehind((offset, length, dropOffset, dropLength) => run(this.fd, offset, length, dropOffset, dropLength), window);
     return true;
   }
@@ -344,6 +346,18 @@ export class WriteBehind {
 }
 
 /** Byte ranges in order, those that touch joined into one. */
+/** tmpfs and ramfs (statfs f_type): file systems whose pages are the file itself. */
+const IN_MEMORY_FS = new Set([0x01021994, 0x858458f6]);
+
+/** Whether the file at `name` lives in memory; false when it cannot be told (the call is advice). */
+function inMemory(name: string): boolean {
+  try {
+    return IN_MEMORY_FS.has(Number(statfsSync(name).type));
+  } catch {
+    return false;
+  }
+}
+
 function joined(ranges: [number, number][]): [number, number][] {
   const out: [number, number][] = [];
   for (const [o, n] of ranges) {
