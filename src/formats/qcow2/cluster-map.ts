@@ -6,13 +6,14 @@
  * Reading: `mapRuns(offset, length)` splits a guest range into runs of one subcluster kind each
  * (`GuestRun`), contiguous host ranges merged, so each `normal` run is one store read;
  * `mappedHostRun` answers the common case (one cached table, contiguous normal clusters) without
- * building runs. An L2 cache miss loads the table here (`l2TableFor` -> metadata cache -> `load`);
- * a reader's load never writes a table back (metadata-cache.ts says why), the writer's do
- * (`l2TableFor(offset, true)`, `l2ForWrite`).
+ * building runs. The L2 cache holds 4 KiB slices of tables (see `slice`); a miss loads the slice
+ * here (`l2TableFor` -> metadata cache -> `load`); a reader's load never writes a slice back
+ * (metadata-cache.ts says why), the writer's do (`l2TableFor(offset, true)`, `l2ForWrite`).
  *
- * Linking (writable images): `l2ForWrite` gives the active L2 table for a guest offset, allocated
- * when missing and copied when a snapshot shares it; `setEntry` / `release` change entries and drop
- * the references they held (deferred in the allocator until the tables are on disk); L1 entries
+ * Linking (writable images): `l2ForWrite` gives the slice of the active L2 table for a guest
+ * offset, the table allocated when missing and copied when a snapshot shares it (either written
+ * whole to its new cluster at once); `setEntry` / `release` change entries and drop the
+ * references they held (deferred in the allocator until the tables are on disk); L1 entries
  * changed are written by `writeL1` at the next flush. Whole-cluster zeroing, emptying (commit),
  * growing the L1 table and shrinking live here too. The ordering of write-back (refcounts, then
  * L2 tables, then L1, then frees) is the writer's (write.ts), which calls in here.
@@ -38,7 +39,7 @@ import { TableCache, type CachedTable } from './metadata-cache.js';
 import type { Allocator } from './alloc.js';
 import type { Qcow2Image } from './image.js';
 
-/** L2 slice size of read-only opens (see ClusterMap.slice). */
+/** L2 slice size: the unit the L2 cache holds (see ClusterMap.slice). */
 export const L2_SLICE_BYTES = 4096;
 
 /** Default L2 cache budget: 32 MiB of tables maps 128 GiB with 64 KiB clusters. */
@@ -62,10 +63,11 @@ export class ClusterMap {
   private readonly l1Dirty = new Set<number>();
   readonly l2Cache: TableCache;
   /**
-   * The unit the L2 cache holds: a slice of a table. Read-only opens cache slices of at most
-   * L2_SLICE_BYTES (a 2 MiB-cluster image then costs 4 KiB, not 2 MiB, per table touched, and a
-   * cold random read loads 4 KiB of metadata); writable opens cache whole tables (slice = table),
-   * which the write path relies on.
+   * The unit the L2 cache holds: a slice of a table, of at most L2_SLICE_BYTES, as qemu's L2 cache
+   * entries are. A table touched then costs 4 KiB of cache, not a whole cluster (2 MiB with 2 MiB
+   * clusters), and a cold random request loads 4 KiB of metadata: with 64 KiB clusters the default
+   * budget holds 8192 slices of 8192 tables, not 512 whole tables (a 1 TiB image has 2048). Code
+   * that works on a whole table walks it slice by slice, or reads it with `wholeTable`.
    */
   readonly slice: { entries: number; bytes: number; coverage: number };
   /** The allocator, present once the image is opened for writing (see attachRefcounts). */
@@ -79,7 +81,7 @@ export class ClusterMap {
     readonly cacheBytes: number,
   ) {
     const g = image.geometry;
-    const sliceBytes = image.readOnly ? Math.min(g.clusterSize, L2_SLICE_BYTES) : g.clusterSize;
+    const sliceBytes = Math.min(g.clusterSize, L2_SLICE_BYTES);
     const sliceEntries = sliceBytes / g.l2EntryBytes;
     this.slice = { entries: sliceEntries, bytes: sliceBytes, coverage: sliceEntries * g.clusterSize };
     this.l2Cache = new TableCache({
@@ -202,8 +204,8 @@ export class ClusterMap {
   // --- lookup ---------------------------------------------------------------------------------------
 
   /**
-   * The L2 slice covering `guestOffset` (the whole table when the image is writable; its first
-   * entry is that of the slice's first cluster), or null when the L1 entry is empty. `forWrite`:
+   * The L2 slice covering `guestOffset` (its first entry is that of the slice's first cluster;
+   * `sliceIndex` gives a cluster's), or null when the L1 entry is empty. `forWrite`:
    * the caller is the writer with its lock held (a miss may then write tables back).
    */
   async l2TableFor(guestOffset: number, forWrite = false): Promise<CachedTable | null> {
@@ -213,8 +215,24 @@ export class ClusterMap {
     const l2Offset = l1TableOffset(this.l1Bytes, i);
     if (l2Offset === 0) return null;
     if (l2Offset % g.clusterSize !== 0) throw corrupt(`L1 entry ${i}: L2 table offset 0x${l2Offset.toString(16)} is not cluster aligned`);
-    const at = l2Offset + Math.floor((guestOffset % g.l2Coverage) / this.slice.coverage) * this.slice.bytes;
+    const at = this.sliceAt(l2Offset, guestOffset);
     return forWrite ? this.l2Cache.getForWrite(at) : this.l2Cache.get(at);
+  }
+
+  /** Host offset of the slice of the L2 table at `l2Offset` that maps `guest`. */
+  sliceAt(l2Offset: number, guest: number): number {
+    return l2Offset + Math.floor((guest % this.image.geometry.l2Coverage) / this.slice.coverage) * this.slice.bytes;
+  }
+
+  /** Index, in its slice, of the entry of the cluster holding `guest`. */
+  sliceIndex(guest: number): number {
+    return Math.floor((guest % this.slice.coverage) / this.image.clusterSize);
+  }
+
+  /** Guest offset where the slice mapping `guest` ends. */
+  sliceEnd(guest: number): number {
+    const sc = this.slice.coverage;
+    return (Math.floor(guest / sc) + 1) * sc;
   }
 
   /** The runs of [offset, offset+length), in order, merged where kind and host offsets run on. */
@@ -382,8 +400,15 @@ export class ClusterMap {
   }
 
   /**
-   * The active L2 table for `guest`, writable: allocated when missing, copied when shared with a
-   * snapshot (L1 entry without COPIED). `create` false: null instead of allocating.
+   * The slice of the active L2 table that maps `guest`, writable: the table allocated when
+   * missing, copied when a snapshot shares it (L1 entry without COPIED). `create` false: null
+   * instead of allocating. The caller holds the writer's lock.
+   *
+   * Either way the new table is written whole to its cluster here, before its L1 entry changes
+   * (that entry reaches the disk at the next flush, after the refcounts and the L2 slices): its
+   * other slices are then read from disk, so the cluster must hold the table's bytes and not what
+   * a freed cluster held before. Nothing on disk names the cluster yet, so this write needs no
+   * refcount before it. Only the slice asked for is cached.
    */
   async l2ForWrite(guest: number, create = true): Promise<CachedTable | null> {
     const g = this.image.geometry;
@@ -395,19 +420,49 @@ export class ClusterMap {
       if (!create) return null;
       const at = await this.refcounts.allocClusters(1);
       this.noteGrowth();
+      await this.placeTable(at, new Uint8Array(cs));
       this.setL1Entry(i, at, true);
-      return this.l2Cache.put(at, new Uint8Array(cs), true);
+      return this.l2Cache.put(this.sliceAt(at, guest), new Uint8Array(this.slice.bytes), false);
     }
     if (off % cs !== 0 || off >= this.image.fileSize) throw corrupt(`L1 entry ${i}: L2 table offset 0x${off.toString(16)} is invalid`);
-    const table = await this.l2Cache.getForWrite(off);
-    if (l1EntryCopied(this.l1Bytes, i)) return table;
-    const copy = table.data.slice();
+    if (l1EntryCopied(this.l1Bytes, i)) return this.l2Cache.getForWrite(this.sliceAt(off, guest));
+    // Copy-on-write: the table as it stands (cached slices over the disk copy) to a new cluster;
+    // the old table's slices leave the cache (a snapshot keeps the table on disk).
+    const copy = await this.wholeTable(off);
     const at = await this.refcounts.allocClusters(1);
     this.noteGrowth();
+    await this.placeTable(at, copy);
     this.refcounts.free(off, cs);
-    this.l2Cache.drop(off);
+    this.dropTable(off);
     this.setL1Entry(i, at, true);
-    return this.l2Cache.put(at, copy, true);
+    const from = this.sliceAt(at, guest);
+    return this.l2Cache.put(from, copy.slice(from - at, from - at + this.slice.bytes), false);
+  }
+
+  /**
+   * The L2 table at `offset`, whole, as it stands: the disk copy with its cached slices (newer
+   * where dirty) over it. A copy: changes to it go nowhere.
+   */
+  async wholeTable(offset: number): Promise<Uint8Array> {
+    const cs = this.image.clusterSize;
+    const table = new Uint8Array(cs);
+    await this.loadTable(offset, table);
+    for (let s = 0; s < cs; s += this.slice.bytes) {
+      const cached = this.l2Cache.cached(offset + s);
+      if (cached) table.set(cached.data, s);
+    }
+    return table;
+  }
+
+  /** Forget every cached slice of the table at `offset` (freed, or its cluster reused); dirty ones unwritten. */
+  dropTable(offset: number): void {
+    for (let s = 0; s < this.image.clusterSize; s += this.slice.bytes) this.l2Cache.drop(offset + s);
+  }
+
+  /** Write a new L2 table whole into its (just allocated) cluster; slices of what it held before leave the cache. */
+  private async placeTable(at: number, table: Uint8Array): Promise<void> {
+    this.dropTable(at);
+    await this.image.store.write(at, table);
   }
 
   /** Entry `i` of a cached table, decoded. */
@@ -442,15 +497,15 @@ export class ClusterMap {
     const cs = g.clusterSize;
     const v3 = img.header.version === 3;
     for (let pos = from; pos < to; ) {
-      const tableEnd = Math.min(to, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
       // Without a backing file, a missing table already reads as zeros: nothing to record.
       const table = await this.l2ForWrite(pos, hasBacking || (v3 && !isDiscard));
       if (!table) {
-        pos = tableEnd;
+        pos = Math.min(to, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
         continue;
       }
-      for (let c = pos; c < tableEnd; c += cs) {
-        const index = (c % g.l2Coverage) / cs;
+      const sliceEnd = Math.min(to, this.sliceEnd(pos));
+      for (let c = pos; c < sliceEnd; c += cs) {
+        const index = this.sliceIndex(c);
         const d = this.entry(table, index);
         if (img.external) {
           // Data-file clusters keep their mapping; the zero flag hides the bytes there.
@@ -481,7 +536,7 @@ export class ClusterMap {
         }
       }
       await this.tableChanged(table);
-      pos = tableEnd;
+      pos = sliceEnd;
     }
   }
 
@@ -494,16 +549,19 @@ export class ClusterMap {
     const g = this.image.geometry;
     for (let i = 0; i < this.entries; i++) {
       if (l1TableOffset(this.l1Bytes, i) === 0) continue;
-      const table = (await this.l2ForWrite(i * g.l2Coverage, false))!;
-      let changed = false;
-      for (let k = 0; k < g.l2Entries; k++) {
-        if (l2EntryEmpty(table.data, k, g.l2EntryBytes)) continue;
-        const d = this.entry(table, k);
-        this.setEntry(table, k, 0n, g.extendedL2 ? 0n : undefined);
-        this.release(d);
-        changed = true;
+      // Slice by slice (the first call copies a shared table, the others find it COPIED).
+      for (let s = i * g.l2Coverage; s < (i + 1) * g.l2Coverage; s += this.slice.coverage) {
+        const table = (await this.l2ForWrite(s, false))!;
+        let changed = false;
+        for (let k = 0; k < this.slice.entries; k++) {
+          if (l2EntryEmpty(table.data, k, g.l2EntryBytes)) continue;
+          const d = this.entry(table, k);
+          this.setEntry(table, k, 0n, g.extendedL2 ? 0n : undefined);
+          this.release(d);
+          changed = true;
+        }
+        if (changed) await this.tableChanged(table);
       }
-      if (changed) await this.tableChanged(table);
     }
   }
 
@@ -538,17 +596,20 @@ export class ClusterMap {
     const keptL1 = Math.ceil(size / g.l2Coverage);
     // The partly kept table: clear its entries past the end.
     if (keptL1 > 0 && firstGone < Math.min(oldSize, keptL1 * g.l2Coverage)) {
-      const table = await this.l2ForWrite(firstGone, false);
-      if (table) {
-        const end = Math.min(keptL1 * g.l2Coverage, Math.ceil(oldSize / cs) * cs);
-        for (let c = firstGone; c < end; c += cs) {
-          const k = (c % g.l2Coverage) / cs;
+      const end = Math.min(keptL1 * g.l2Coverage, Math.ceil(oldSize / cs) * cs);
+      for (let pos = firstGone; pos < end; ) {
+        const table = await this.l2ForWrite(pos, false);
+        if (!table) break;
+        const sliceEnd = Math.min(end, this.sliceEnd(pos));
+        for (let c = pos; c < sliceEnd; c += cs) {
+          const k = this.sliceIndex(c);
           if (l2EntryEmpty(table.data, k, g.l2EntryBytes)) continue;
           const d = this.entry(table, k);
           this.setEntry(table, k, 0n, g.extendedL2 ? 0n : undefined);
           this.release(d);
         }
         await this.tableChanged(table);
+        pos = sliceEnd;
       }
     }
     // Whole tables past the end: the active image's path to the table and to its data goes away
@@ -556,12 +617,12 @@ export class ClusterMap {
     for (let i = keptL1; i < this.entries; i++) {
       const off = l1TableOffset(this.l1Bytes, i);
       if (off === 0) continue;
-      const table = await this.l2Cache.getForWrite(off);
+      const table = await this.wholeTable(off);
       for (let k = 0; k < g.l2Entries; k++) {
-        if (l2EntryEmpty(table.data, k, g.l2EntryBytes)) continue;
-        this.release(readL2Entry(table.data, k, this.image.l2Context));
+        if (l2EntryEmpty(table, k, g.l2EntryBytes)) continue;
+        this.release(readL2Entry(table, k, this.image.l2Context));
       }
-      this.l2Cache.drop(off);
+      this.dropTable(off);
       this.setL1Entry(i, 0, false);
       this.refcounts.free(off, cs);
     }

@@ -29,7 +29,7 @@ import { Lru } from '../../core/lru.js';
  * tables only; when only dirty ones are left to drop, it asks the writer for a trim under the lock
  * and goes on over budget (by the tables loaded meanwhile) until that has run.
  *
- * API: `get(offset)`, `getForWrite(offset)`, `peek(offset)`, `put(offset, data, dirty)`,
+ * API: `get(offset)`, `getForWrite(offset)`, `peek(offset)`, `cached(offset)`, `put(offset, data, dirty)`,
  * `changed(table)`, `markDirty(offset)`, `flush()`, `drop(offset)`, `clear()`. Concurrent `get`s
  * of one table share one load.
  *
@@ -138,6 +138,11 @@ export class TableCache {
       this.trimScheduled = false;
       return this.overBudget ? this.lru.trimAsync() : Promise.resolve();
     });
+  }
+
+  /** The table if it is cached, its recency untouched (a whole-table read overlaying its slices). */
+  cached(offset: number): CachedTable | undefined {
+    return this.lru.peek(offset);
   }
 
   /** Add a table the caller made (a newly allocated one). */

@@ -214,19 +214,22 @@ async function refreshCopied(dev: SnapshotDevice, w: Qcow2Writer): Promise<void>
     if (off === 0) continue;
     const one = (rc.peek(off / cs) ?? (await rc.get(off / cs))) === 1;
     if (one !== l1EntryCopied(map.l1, i)) map.setL1Copied(i, one);
-    const table = await map.l2Cache.getForWrite(off);
-    let changed = false;
-    for (let j = 0; j < dev.geometry.l2Entries; j++) {
-      const d = readL2Entry(table.data, j, dev.l2Context);
-      if (d.kind !== 'normal' && d.kind !== 'zero-alloc') continue;
-      // Counts of cached refcount blocks are read without an await (most of them, in order).
-      const single = (rc.peek(d.hostOffset / cs) ?? (await rc.get(d.hostOffset / cs))) === 1;
-      if (single !== l2EntryCopied(d)) {
-        setL2Copied(table.data, j, size, single);
-        changed = true;
+    // Slice by slice, as the L2 cache holds them.
+    for (let s = 0; s < cs; s += map.slice.bytes) {
+      const table = await map.l2Cache.getForWrite(off + s);
+      let changed = false;
+      for (let j = 0; j < map.slice.entries; j++) {
+        const d = readL2Entry(table.data, j, dev.l2Context);
+        if (d.kind !== 'normal' && d.kind !== 'zero-alloc') continue;
+        // Counts of cached refcount blocks are read without an await (most of them, in order).
+        const single = (rc.peek(d.hostOffset / cs) ?? (await rc.get(d.hostOffset / cs))) === 1;
+        if (single !== l2EntryCopied(d)) {
+          setL2Copied(table.data, j, size, single);
+          changed = true;
+        }
       }
+      if (changed) await map.tableChanged(table);
     }
-    if (changed) await map.tableChanged(table);
   }
 }
 

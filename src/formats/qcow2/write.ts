@@ -327,23 +327,29 @@ export class Qcow2Writer {
   }
 
   /**
-   * The cached L2 table of a request that lies in one COPIED table of an image whose clusters are
-   * plain bytes at their host offset (no encryption, no subclusters); null otherwise, and when the
-   * table is not cached (no load is started).
+   * The cached L2 slice of a request that lies in one slice of a COPIED table of an image whose
+   * clusters are plain bytes at their host offset (no encryption, no subclusters); null otherwise,
+   * and when the slice is not cached (no load is started).
    */
   private cachedTableFor(offset: number, length: number): CachedTable | null {
     const l2 = this.ownedTableOffset(offset, length);
     return l2 > 0 ? (this.map.l2Cache.peek(l2) ?? null) : null;
   }
 
-  /** The host offset of the COPIED L2 table that alone covers [offset, +length) (see inPlaceTable); 0 when there is none. */
+  /**
+   * The host offset of the L2 slice that alone covers [offset, +length), in a COPIED table (see
+   * inPlaceTable); 0 when there is none.
+   */
   private ownedTableOffset(offset: number, length: number): number {
     const { image, map } = this;
     const g = image.geometry;
     if (image.encryption || g.extendedL2 || length === 0) return 0;
+    const sc = map.slice.coverage;
+    if (Math.floor(offset / sc) !== Math.floor((offset + length - 1) / sc)) return 0;
     const i = Math.floor(offset / g.l2Coverage);
-    if (i !== Math.floor((offset + length - 1) / g.l2Coverage) || i >= map.l1Entries) return 0;
-    return l1EntryCopied(map.l1, i) ? l1TableOffset(map.l1, i) : 0;
+    if (i >= map.l1Entries || !l1EntryCopied(map.l1, i)) return 0;
+    const l2 = l1TableOffset(map.l1, i);
+    return l2 > 0 ? map.sliceAt(l2, offset) : 0;
   }
 
   /**
@@ -352,14 +358,14 @@ export class Qcow2Writer {
    * otherwise, or for an entry that does not decode (the general path reports it, under the lock).
    */
   private inPlaceHost(table: CachedTable, offset: number, length: number): number {
-    const g = this.image.geometry;
+    const sc = this.map.slice.coverage;
     const cs = this.cs;
     const end = offset + length;
     const d = this.scratchEntry; // looked at within each step only
     let host = -1;
     try {
       for (let c = offset - (offset % cs); c < end; c += cs) {
-        decodeL2Entry(table.data, (c % g.l2Coverage) / cs, this.image.l2Context, d);
+        decodeL2Entry(table.data, (c % sc) / cs, this.image.l2Context, d);
         if (d.kind !== 'normal' || !l2EntryCopied(d)) return -1;
         if (host === -1) host = d.hostOffset + (offset - c);
         else if (d.hostOffset !== host + (c - offset)) return -1;
@@ -387,7 +393,7 @@ export class Qcow2Writer {
     // after): it only spares writeRun a size check for clusters below it, and every cluster below
     // it is written whole by a write already started. Should that write fail, its request fails.
     this.knownFileEnd = Math.max(this.knownFileEnd, host + data.length);
-    setCopiedNormalRun(table.data, (start % this.image.geometry.l2Coverage) / cs, n, host, cs);
+    setCopiedNormalRun(table.data, (start % this.map.slice.coverage) / cs, n, host, cs);
     this.io.forgetCompressed();
     return written;
   }
@@ -521,8 +527,8 @@ export class Qcow2Writer {
   }
 
   /**
-   * The L2 table an in-place write of [offset, +length) would use: null when the request cannot be
-   * one (see inPlaceWrites), the table when it is cached (no suspension: most requests), else a
+   * The L2 slice an in-place write of [offset, +length) would use: null when the request cannot be
+   * one (see inPlaceWrites), the slice when it is cached (no suspension: most requests), else a
    * promise of it.
    */
   private inPlaceTable(offset: number, length: number): CachedTable | Promise<CachedTable | null> | null {
@@ -541,14 +547,14 @@ export class Qcow2Writer {
    */
   private inPlaceWrites(table: CachedTable | null, offset: number, data: Uint8Array): Promise<void>[] | null {
     const { image } = this;
-    const g = image.geometry;
     if (!table) return null;
+    const sc = this.map.slice.coverage;
     const cs = this.cs;
     const end = offset + data.length;
     const runs: Array<[number, number, number]> = [];
     const d = this.scratchEntry; // looked at within each step only
     for (let c = offset - (offset % cs); c < end; c += cs) {
-      decodeL2Entry(table.data, (c % g.l2Coverage) / cs, image.l2Context, d);
+      decodeL2Entry(table.data, (c % sc) / cs, image.l2Context, d);
       if (d.kind !== 'normal' || !l2EntryCopied(d)) return null;
       const s = Math.max(offset, c);
       const host = d.hostOffset + (s - c);
@@ -837,15 +843,14 @@ export class Qcow2Writer {
     const data = bytes instanceof Uint8Array ? new BytesPayload(bytes) : bytes;
     const dirtying = this.beforeMetadataChange();
     if (dirtying) await dirtying;
-    const g = this.image.geometry;
     const end = offset + data.length;
     for (let pos = offset; pos < end; ) {
-      const tableEnd = Math.min(end, (Math.floor(pos / g.l2Coverage) + 1) * g.l2Coverage);
+      const sliceEnd = Math.min(end, this.map.sliceEnd(pos));
       const table = (await this.map.l2ForWrite(pos))!;
-      // Most requests lie within one table: they pass on as they came (no view, no payload object).
-      const part = pos === offset && tableEnd === end ? data : data.slice(pos - offset, tableEnd - offset);
+      // Most requests lie within one slice: they pass on as they came (no view, no payload object).
+      const part = pos === offset && sliceEnd === end ? data : data.slice(pos - offset, sliceEnd - offset);
       await this.writeInTable(table, pos, part, deferred);
-      pos = tableEnd;
+      pos = sliceEnd;
     }
   }
 
@@ -857,7 +862,7 @@ export class Qcow2Writer {
     const align = this.image.encryption ? 512 : 1;
     const pieces: Piece[] = [];
     for (let c = start - (start % cs); c < end; c += cs) {
-      const index = (c % g.l2Coverage) / cs;
+      const index = this.map.sliceIndex(c);
       const old = this.map.entry(table, index);
       const s = Math.max(start, c);
       const e = Math.min(end, c + cs);
@@ -956,7 +961,7 @@ export class Qcow2Writer {
     const cs = this.cs;
     const g = this.image.geometry;
     if (length === 0 || start % cs !== 0 || length % cs !== 0 || g.extendedL2 || this.image.encryption || this.external) return false;
-    const first = ((start % g.l2Coverage) / cs) * 8;
+    const first = ((start % this.map.slice.coverage) / cs) * 8;
     const end = first + (length / cs) * 8;
     // One shared word scan (core/bytes.ts), not a loop of its own: this runs once per request,
     // and a loop here made V8 optimise it (and the callers it is inlined into) on the main thread.
@@ -981,7 +986,7 @@ export class Qcow2Writer {
     // for by every L2 write-back, see writeLocked).
     if (deferred) deferred.push(this.track(this.writeFreshData(start, host, data)));
     else await this.writeFreshData(start, host, data);
-    setCopiedNormalRun(table.data, (start % this.image.geometry.l2Coverage) / cs, n, host, cs);
+    setCopiedNormalRun(table.data, (start % this.map.slice.coverage) / cs, n, host, cs);
     await this.map.tableChanged(table);
     this.io.forgetCompressed();
   }
@@ -1001,7 +1006,7 @@ export class Qcow2Writer {
     if (host === -1) return false;
     this.map.noteGrowth();
     deferred.push(this.track(this.writeFreshData(start, host, data)));
-    setCopiedNormalRun(table.data, (start % this.image.geometry.l2Coverage) / cs, n, host, cs);
+    setCopiedNormalRun(table.data, (start % this.map.slice.coverage) / cs, n, host, cs);
     this.io.forgetCompressed();
     return true;
   }
@@ -1110,7 +1115,7 @@ export class Qcow2Writer {
       await image.store.write(host, packed);
       const entry = encodeCompressedDescriptor(host, packed.length, g.clusterBits);
       const table = (await this.map.l2ForWrite(guest))!;
-      const index = (guest % g.l2Coverage) / cs;
+      const index = this.map.sliceIndex(guest);
       const old = this.map.entry(table, index);
       this.map.setEntry(table, index, entry, 0n);
       this.map.release(old);

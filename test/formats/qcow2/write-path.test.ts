@@ -23,7 +23,8 @@ import type { Allocator } from '#src/formats/qcow2/alloc.js';
 const CLUSTER = 4096;
 const SIZE = 1024 * 1024;
 
-type Event = { kind: 'write'; offset: number; length: number } | { kind: 'alloc'; offset: number } | { kind: 'refcounts' } | { kind: 'frees'; runs: number };
+/** `zeros`: a write of zeros only (a new L2 table placed in its cluster before anything names it). */
+type Event = { kind: 'write'; offset: number; length: number; zeros: boolean } | { kind: 'alloc'; offset: number } | { kind: 'refcounts' } | { kind: 'frees'; runs: number };
 
 /** A MemoryStore that logs each write into `events`. */
 function recording(store: MemoryStore, events: Event[]): ByteStore {
@@ -31,7 +32,7 @@ function recording(store: MemoryStore, events: Event[]): ByteStore {
     get(target, prop, receiver) {
       if (prop === 'write') {
         return async (offset: number, data: Uint8Array) => {
-          events.push({ kind: 'write', offset, length: data.length });
+          events.push({ kind: 'write', offset, length: data.length, zeros: data.every((b) => b === 0) });
           await target.write(offset, data);
         };
       }
@@ -157,6 +158,11 @@ function firstWrite(events: Event[], offset: number, length: number): number {
   return events.findIndex((e) => e.kind === 'write' && e.offset < offset + length && offset < e.offset + e.length);
 }
 
+/** The first write into [offset, +length) with something else than zeros (an L2 table's entries, not its placement). */
+function firstEntriesWrite(events: Event[], offset: number, length: number): number {
+  return events.findIndex((e) => e.kind === 'write' && !e.zeros && e.offset < offset + length && offset < e.offset + e.length);
+}
+
 test('a write to an unallocated cluster: data, then refcounts, then the L2 table, then L1', async () => {
   const { events, alloc, image, map, io, writer } = await setup();
   const data = new Uint8Array(CLUSTER).fill(0xa5);
@@ -175,9 +181,13 @@ test('a write to an unallocated cluster: data, then refcounts, then the L2 table
 
   const dataAt = firstWrite(events, entry.hostOffset, CLUSTER);
   const refcountsAt = events.findIndex((e) => e.kind === 'refcounts');
-  const tableAt = firstWrite(events, l2, CLUSTER);
+  // The new table is placed in its cluster (zeros: the cluster may have held anything) first,
+  // named by nothing yet; its entries are written back later.
+  const placedAt = firstWrite(events, l2, CLUSTER);
+  const tableAt = firstEntriesWrite(events, l2, CLUSTER);
   const l1At = firstWrite(events, image.header.l1TableOffset, 8);
   assert.ok(dataAt >= 0 && refcountsAt >= 0 && tableAt >= 0 && l1At >= 0, JSON.stringify(events));
+  assert.ok(placedAt < tableAt && (events[placedAt] as { zeros: boolean }).zeros, 'the new table is zeroed on disk before its entries are written');
   assert.ok(dataAt < tableAt, 'data before the entry that points at it');
   assert.ok(refcountsAt < tableAt, 'refcounts before the L2 table that needs them');
   assert.ok(tableAt < l1At, 'the L2 table before the L1 entry that names it');
@@ -259,7 +269,8 @@ test('an L2 table evicted between flushes is written only after the refcounts it
   // No flush yet: the first tables were written back by eviction.
   const tables = new Set<number>();
   for (let t = 0; t < 8; t++) tables.add(l1TableOffset(map.l1, t));
-  const evicted = events.filter((e) => e.kind === 'write' && tables.has(e.offset));
+  // (Tables' placements, all zeros and named by nothing, need no refcounts before them.)
+  const evicted = events.filter((e) => e.kind === 'write' && !e.zeros && tables.has(e.offset));
   assert.ok(evicted.length > 0, 'some tables were evicted before the flush');
   for (const e of evicted) {
     // Every allocation before the table's write-back had its counts written back before it.
