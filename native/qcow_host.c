@@ -726,20 +726,37 @@ typedef struct {
   int def_level, def_bits, def_mem;
 } codec_state;
 
+/* A kept stream is ended and freed when its parameters change and with the thread's state. */
+static void zstream_drop(int (*end)(z_stream_abi *), z_stream_abi **z) {
+  if (!*z) return;
+  end(*z);
+  free(*z);
+  *z = NULL;
+}
+
+/* A zeroed stream for inflateInit2/deflateInit2, or NULL with ENOMEM thrown. */
+static z_stream_abi *zstream_alloc(napi_env env) {
+  z_stream_abi *z = calloc(1, sizeof *z);
+  if (!z) napi_throw_error(env, "ENOMEM", "out of memory");
+  return z;
+}
+
+/* After an init call: true when it succeeded; otherwise the stream is freed and `what` thrown. */
+static bool zstream_started(napi_env env, z_stream_abi *z, int r, const char *what) {
+  if (r == Z_OK_) return true;
+  free(z);
+  napi_throw_error(env, "ZLIB_ERROR", what);
+  return false;
+}
+
 static void free_state(napi_env env, void *data, void *hint) {
   (void)env;
   (void)hint;
   codec_state *st = data;
   if (!st) return;
   if (st->dctx) zstd.free_dctx(st->dctx);
-  if (st->inf) {
-    zlib.inflate_end(st->inf);
-    free(st->inf);
-  }
-  if (st->def) {
-    zlib.deflate_end(st->def);
-    free(st->def);
-  }
+  zstream_drop(zlib.inflate_end, &st->inf);
+  zstream_drop(zlib.deflate_end, &st->def);
   free(st);
 }
 
@@ -922,23 +939,10 @@ static napi_value zlib_inflate_raw(napi_env env, napi_callback_info info) {
     return codec_usage(env, "inflateRaw(src: Uint8Array, into: Uint8Array, windowBits: 8..15)");
   codec_state *st = codec_ready(env, &zlib_once, zlib_load, &zlib.ok, "no zlib in this process");
   if (!st) return NULL;
-  if (st->inf && st->inf_bits != bits) {
-    zlib.inflate_end(st->inf);
-    free(st->inf);
-    st->inf = NULL;
-  }
+  if (st->inf && st->inf_bits != bits) zstream_drop(zlib.inflate_end, &st->inf);
   if (!st->inf) {
-    z_stream_abi *z = calloc(1, sizeof *z);
-    if (!z) {
-      napi_throw_error(env, "ENOMEM", "out of memory");
-      return NULL;
-    }
-    int r = zlib.inflate_init2(z, -bits, zlib.version(), (int)sizeof *z);
-    if (r != Z_OK_) {
-      free(z);
-      napi_throw_error(env, "ZLIB_ERROR", "inflateInit2 failed");
-      return NULL;
-    }
+    z_stream_abi *z = zstream_alloc(env);
+    if (!z || !zstream_started(env, z, zlib.inflate_init2(z, -bits, zlib.version(), (int)sizeof *z), "inflateInit2 failed")) return NULL;
     st->inf = z;
     st->inf_bits = bits;
   } else {
@@ -971,24 +975,11 @@ static napi_value zlib_deflate_raw(napi_env env, napi_callback_info info) {
   int32_t level = p[0], bits = p[1], mem = p[2];
   codec_state *st = codec_ready(env, &zlib_once, zlib_load, &zlib.ok, "no zlib in this process");
   if (!st) return NULL;
-  if (st->def && (st->def_level != level || st->def_bits != bits || st->def_mem != mem)) {
-    zlib.deflate_end(st->def);
-    free(st->def);
-    st->def = NULL;
-  }
+  if (st->def && (st->def_level != level || st->def_bits != bits || st->def_mem != mem)) zstream_drop(zlib.deflate_end, &st->def);
   if (!st->def) {
-    z_stream_abi *z = calloc(1, sizeof *z);
-    if (!z) {
-      napi_throw_error(env, "ENOMEM", "out of memory");
-      return NULL;
-    }
+    z_stream_abi *z = zstream_alloc(env);
     /* As node:zlib's createDeflateRaw: negative windowBits for a raw stream, default strategy. */
-    int r = zlib.deflate_init2(z, level, Z_DEFLATED_, -bits, mem, 0, zlib.version(), (int)sizeof *z);
-    if (r != Z_OK_) {
-      free(z);
-      napi_throw_error(env, "ZLIB_ERROR", "deflateInit2 failed");
-      return NULL;
-    }
+    if (!z || !zstream_started(env, z, zlib.deflate_init2(z, level, Z_DEFLATED_, -bits, mem, 0, zlib.version(), (int)sizeof *z), "deflateInit2 failed")) return NULL;
     st->def = z;
     st->def_level = level;
     st->def_bits = bits;

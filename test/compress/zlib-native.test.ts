@@ -13,7 +13,7 @@ import { hostAddon, type HostAddon } from '#src/host/native.node.js';
 import { deflateRawNode, deflateRawWith, inflateRawNode, inflateRawWith, nativeZlibOf } from '#src/compress/kernels.node.js';
 import { QcowError } from '#src/core/errors.js';
 import { CLI, needs, qemuImg, randomBytes, run, scratch, sha256 } from '../support/qemu.js';
-import { mixedSource } from '../support/mixed-source.js';
+import { clusterKinds, mixedSource } from '../support/mixed-source.js';
 
 const native = nativeZlibOf(hostAddon());
 const noNative = native ? {} : { skip: 'no host addon with node:zlib\'s zlib here' };
@@ -21,20 +21,8 @@ const noNative = native ? {} : { skip: 'no host addon with node:zlib\'s zlib her
 const isCorrupt = (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT';
 const pack = (b: Uint8Array) => new Uint8Array(deflateRawSync(b, { level: 6, windowBits: 12, memLevel: 9 }));
 
-/** Clusters of the kinds images hold: random, zeros, text, half-random, small, empty, large. */
-function clusters(): Uint8Array[] {
-  const text = new TextEncoder().encode('zlib cluster through the addon or node:zlib; '.repeat(50_000));
-  return [
-    randomBytes(65536, 51),
-    new Uint8Array(65536),
-    text.subarray(0, 65536),
-    randomBytes(65536, 52).map((b, i) => (i % 5 < 2 ? b : i & 0x3f)),
-    text.subarray(3, 3 + 4096),
-    randomBytes(512, 53),
-    new Uint8Array(0),
-    text.subarray(0, 2 * 1024 * 1024),
-  ];
-}
+/** The cluster kinds of the codec tests, and an empty one (deflate of nothing). */
+const clusters = (): Uint8Array[] => [...clusterKinds('zlib cluster through the addon or node:zlib; ', 51), new Uint8Array(0)];
 
 test('an addon without zlib (built before version 6), with another zlib than node:zlib\'s, or none at all: no native zlib', () => {
   assert.equal(nativeZlibOf(undefined), null);

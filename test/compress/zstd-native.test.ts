@@ -12,26 +12,14 @@ import { nativeZstdOf, zstdDecompressWith } from '#src/compress/kernels.node.js'
 import { frameOnly, zstdCompressLoaded, zstdDecompressLoaded, zstdReady } from '#src/compress/zstd.js';
 import { QcowError } from '#src/core/errors.js';
 import { CLI, needs, qemuImg, randomBytes, run, scratch, sha256 } from '../support/qemu.js';
-import { mixedSource } from '../support/mixed-source.js';
+import { clusterKinds, mixedSource } from '../support/mixed-source.js';
 
 const native = nativeZstdOf(hostAddon());
 const noNative = native ? {} : { skip: 'no host addon with libzstd here' };
 
 const isCorrupt = (e: unknown) => e instanceof QcowError && e.code === 'QCOW_CORRUPT';
 
-/** Clusters of the kinds images hold: random, zeros, text, half-random, small. */
-function clusters(): Uint8Array[] {
-  const text = new TextEncoder().encode('zstd cluster through libzstd or WebAssembly; '.repeat(2000));
-  return [
-    randomBytes(65536, 41),
-    new Uint8Array(65536),
-    text.subarray(0, 65536),
-    randomBytes(65536, 42).map((b, i) => (i % 5 < 2 ? b : i & 0x3f)),
-    text.subarray(0, 4096),
-    randomBytes(512, 43),
-    new Uint8Array(2 * 1024 * 1024).map((_, i) => (i >> 12) & 0xff),
-  ];
-}
+const clusters = (): Uint8Array[] => clusterKinds('zstd cluster through libzstd or WebAssembly; ', 41);
 
 test('an addon without zstd (built before version 5), without libzstd, or none at all: no native decoder', () => {
   assert.equal(nativeZstdOf(undefined), null);
