@@ -47,6 +47,8 @@ export interface OpenImageOptions {
    * opens without its password, and reading its data fails with QCOW_NEED_PASSWORD.
    */
   inspectOnly?: boolean;
+  /** Every qcow2 image of the chain: see OpenOptions.refuseMalformedBitmaps. */
+  refuseMalformedBitmaps?: boolean;
   /**
    * qemu-img -U: read-only images (and backing and data files) lock out no writer, and are opened
    * even while one writes. Without it, every file takes the locks QEMU would (storage/permissions.ts).
@@ -112,6 +114,7 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
       cacheBytes: options.cacheBytes,
       bitmapLimits: options.bitmapLimits,
       inspectOnly: options.inspectOnly,
+      refuseMalformedBitmaps: options.refuseMalformedBitmaps,
       openFile: (fileName, o) =>
         options.opener.open(resolveNamed(fileName, name, options), { ...o, permissions: permissionsFor({ writable: !o.readOnly, format: 'raw', role: 'data', forceShare }) }),
     };

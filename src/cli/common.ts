@@ -32,9 +32,10 @@ export async function readPasswordFile(path: string | undefined): Promise<string
 
 /**
  * The safety rules asked for on the command line (`--confine`, `--no-probe-backing`), set by
- * main.ts for the command that runs, so every image a command opens follows them.
+ * main.ts for the command that runs, so every image a command opens follows them; and QEMU's
+ * stricter open rules, which a persona (compat/qemu-img) sets for its run.
  */
-export const openPolicy: { confine?: boolean; probeBacking?: boolean } = {};
+export const openPolicy: { confine?: boolean; probeBacking?: boolean; refuseMalformedBitmaps?: boolean } = {};
 
 export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpenOptions = {}): Promise<BlockDevice> {
   const confine = flags.confine ?? openPolicy.confine ?? false;
@@ -46,6 +47,7 @@ export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpe
     confineToFolder: confine,
     rawUnnamedBackingFormats: !probeBacking,
     forceShare: flags.forceShare,
+    refuseMalformedBitmaps: openPolicy.refuseMalformedBitmaps,
     ...extra,
   });
 }

@@ -123,6 +123,14 @@ const ROWS: Row[] = [
     match: /^Cannot copy inconsistent bitmap '(.*)'(?:\. Try|$)/,
     text: (_e, _c, m) => `Cannot copy inconsistent bitmap '${m![1]}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it`,
   },
+  // A persistent bitmap QEMU cannot load fails the open (OpenOptions.refuseMalformedBitmaps); QEMU
+  // does not say why.
+  {
+    op: ['open', 'device'],
+    code: 'QCOW_UNSUPPORTED',
+    match: /^(Bitmap '.*' doesn't satisfy the constraints) \([^)]*\)$/,
+    text: (e, c, m) => (c.op === 'open' ? `Could not open '${c.file ?? e.file}': ${m![1]}` : m![1]!),
+  },
   // Opening: a backing file that is missing.
   {
     op: 'open',

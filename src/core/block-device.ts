@@ -262,6 +262,13 @@ export interface OpenOptions {
    * (dirty, lazy refcounts).
    */
   inspectOnly?: boolean;
+  /**
+   * qcow2: fail to open, as QEMU does, when the persistent-bitmap directory has an entry QEMU
+   * cannot load (granularity, type, unknown flags, table size or alignment). Without it such a
+   * bitmap is listed as unusable and can still be removed (`qcow check -r all`, `bitmap --remove`),
+   * which QEMU cannot do. The compat front ends (compat/qemu-img, compat/qemu-io) ask for it.
+   */
+  refuseMalformedBitmaps?: boolean;
 }
 
 /** What a format needs to write a new image ({@link ImageFormat.create}). */

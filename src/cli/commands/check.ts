@@ -5,7 +5,7 @@
  * 3 leaks only, 1 when the check cannot run, 63 for formats without checks, as qemu-img.
  */
 import { QcowError, FileStore, checkableFormat, checkExitCode, checkHuman, checkImage, checkJson, builtinFormats, type RepairMode } from '../../node.js';
-import { checkOutputFormat, failureStyle, failureText, printJson, writeOut } from '../common.js';
+import { checkOutputFormat, failureStyle, failureText, openPolicy, printJson, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -20,6 +20,15 @@ export async function run(file: string, flags: Flags): Promise<number> {
     if (flags.repair !== 'leaks' && flags.repair !== 'all') throw new QcowError('QCOW_INVALID_ARGUMENT', `Unknown option for -r ('${flags.repair}'): expected 'leaks' or 'all'`);
     repair = flags.repair;
   }
+  const formats = builtinFormats();
+  // Before this run's own open: with -r it takes the write lock, which a second open would meet.
+  if (openPolicy.refuseMalformedBitmaps) {
+    const refusal = await bitmapRefusal(file, formats);
+    if (refusal) {
+      process.stderr.write(failureText(refusal));
+      return 1;
+    }
+  }
   const store = await FileStore.open(file, { readOnly: repair === undefined });
   try {
     if (flags.format === 'qcow2' && !(await isQcow2(store))) {
@@ -29,7 +38,6 @@ export async function run(file: string, flags: Flags): Promise<number> {
       process.stderr.write(failureStyle.program === 'qcow' ? `qcow: ${file}: ${why}\n` : `${failureStyle.program}: Could not open '${file}': ${why}\n`);
       return 1;
     }
-    const formats = builtinFormats();
     if (!(await checkableFormat(store, { formats, format: flags.format }))) {
       process.stderr.write(`${failureStyle.program}: This image format does not support checks\n`);
       return 63;
@@ -46,6 +54,26 @@ export async function run(file: string, flags: Flags): Promise<number> {
     if (output === 'json') printJson(checkJson(r, file, r.format));
     else writeOut(checkHuman(r));
     return checkExitCode(r);
+  } finally {
+    await store.close();
+  }
+}
+
+/**
+ * Under QEMU's open rules (openPolicy.refuseMalformedBitmaps), the failure that opening a qcow2
+ * image gives for a bitmap QEMU cannot load: qemu-img check then stops before it checks or repairs
+ * anything. Other open failures are the check's to report.
+ */
+async function bitmapRefusal(file: string, formats: ReturnType<typeof builtinFormats>): Promise<QcowError | undefined> {
+  const store = await FileStore.open(file, { readOnly: true });
+  try {
+    if (!(await isQcow2(store))) return undefined;
+    const dev = await formats.get('qcow2').open(store, { readOnly: true, inspectOnly: true, refuseMalformedBitmaps: true });
+    await dev.close();
+    return undefined;
+  } catch (e) {
+    if (e instanceof QcowError && e.code === 'QCOW_UNSUPPORTED' && /^Bitmap '.*' doesn't satisfy the constraints/.test(e.message)) return e;
+    return undefined;
   } finally {
     await store.close();
   }

@@ -197,6 +197,9 @@ export function qcow2CacheProblem(o: Record<string, string>, clusterSize: number
   return undefined;
 }
 
+/** QEMU's stricter open rules, for every image qemu-io opens (see OpenOptions). */
+const QEMU_OPEN_RULES = { refuseMalformedBitmaps: true } as const;
+
 /** Opens images for the engine: -o/--image-opts keys, secrets, -s overlays. */
 export class NodeOpener implements Opener {
   private readonly overlays = new WeakMap<BlockDevice, string>();
@@ -229,24 +232,24 @@ export class NodeOpener implements Opener {
       const { defaultOpener } = await import('../../cli/open-images.js');
       const { openerWith } = await import('./device-store.js');
       try {
-        return checked(await openImage(innerName, { format, readOnly, password, noBacking, backingFormat, opener: openerWith(defaultOpener, innerName, inner) }), o);
+        return checked(await openImage(innerName, { format, readOnly, password, noBacking, backingFormat, ...QEMU_OPEN_RULES, opener: openerWith(defaultOpener, innerName, inner) }), o);
       } catch (e) {
         await inner.close().catch(() => undefined);
         throw e;
       }
     }
-    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, noBacking, backingFormat }), o);
+    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, noBacking, backingFormat, ...QEMU_OPEN_RULES }), o);
     // -s: a temporary qcow2 overlay over the image takes the writes and goes with close().
     const { tmpdir } = await import('node:os');
     const { join, resolve } = await import('node:path');
     const { mkdtemp } = await import('node:fs/promises');
-    const base = await openImage(name, { format, readOnly: true, password, noBacking, backingFormat });
+    const base = await openImage(name, { format, readOnly: true, password, noBacking, backingFormat, ...QEMU_OPEN_RULES });
     const baseFormat = base.format;
     await base.close();
     const dir = await mkdtemp(join(tmpdir(), 'qemu-io-snapshot-'));
     const tmp = join(dir, 'overlay.qcow2');
     await createImage(tmp, { format: 'qcow2', backingFile: resolve(name), backingFormat: baseFormat, password });
-    const dev = await openImage(tmp, { readOnly, password });
+    const dev = await openImage(tmp, { readOnly, password, ...QEMU_OPEN_RULES });
     this.overlays.set(dev, dir);
     return dev;
   }

@@ -112,6 +112,13 @@ export class Qcow2Device extends DeviceBase {
       const { openEncryption } = await import('./encryption.js');
       img.setEncryption(await openEncryption(this.store, h, img.fileSize, options));
     }
+    // QEMU reads the bitmap directory at open and fails on an entry it cannot load, before it
+    // writes anything (a writable open then marks the bitmaps in use): checked here, before the
+    // writer attaches, for the callers that want QEMU's rule.
+    if (options.refuseMalformedBitmaps) {
+      const bad = (await this.loadBitmapDirectory()).firstMalformed();
+      if (bad) throw new QcowError('QCOW_UNSUPPORTED', `Bitmap '${bad.name}' doesn't satisfy the constraints (${bad.why})`, { file: this.filename });
+    }
     if (h.backingFile !== undefined && options.openBacking) {
       this.backing = await options.openBacking(h.backingFile, h.backingFormat);
     }
@@ -254,15 +261,18 @@ export class Qcow2Device extends DeviceBase {
    */
   async persistentBitmaps(): Promise<PersistentBitmaps> {
     if (this.writer) return this.writer.bitmaps;
-    this.readBitmaps ??= (async () => {
-      const { PersistentBitmaps } = await import('./bitmaps/persistent.js');
-      const img = this.image;
-      const host = { store: this.store, clusterSize: this.clusterSize, size: this.size, fileSize: () => img.fileSize };
-      return PersistentBitmaps.load(host, img.header.bitmaps, hasFeature(img.header.autoclearFeatures, AUTOCLEAR_BITMAPS), this.bitmapLimits).catch((e: unknown) => {
-        throw withFile(e, this.filename);
-      });
-    })();
+    this.readBitmaps ??= this.loadBitmapDirectory();
     return this.readBitmaps;
+  }
+
+  /** The bitmaps as the directory on disk has them (read-only: no writer is involved). */
+  private async loadBitmapDirectory(): Promise<PersistentBitmaps> {
+    const { PersistentBitmaps } = await import('./bitmaps/persistent.js');
+    const img = this.image;
+    const host = { store: this.store, clusterSize: this.clusterSize, size: this.size, fileSize: () => img.fileSize };
+    return PersistentBitmaps.load(host, img.header.bitmaps, hasFeature(img.header.autoclearFeatures, AUTOCLEAR_BITMAPS), this.bitmapLimits).catch((e: unknown) => {
+      throw withFile(e, this.filename);
+    });
   }
 
   /** Change the bitmaps (qcow bitmap) with the image's metadata written back and its lock held. */

@@ -38,6 +38,7 @@ import {
   encodeDirectory,
   tableSizeFor,
   unusableReason,
+  malformedReason,
   type BitmapEntry,
 } from './directory.js';
 import { ALL_ONE, ALL_ZERO, dataClusters, decodeTable, encodeTable } from './table.js';
@@ -145,6 +146,18 @@ export class PersistentBitmaps {
     const dir = new Uint8Array(directorySize);
     await host.store.read(directoryOffset, dir);
     return new PersistentBitmaps(host, decodeDirectory(dir, nbBitmaps), ext, limits);
+  }
+
+  /**
+   * The first directory entry QEMU would refuse to load, with why: QEMU fails to open such an
+   * image (`OpenOptions.refuseMalformedBitmaps`). Its rules do not look at the file's length.
+   */
+  firstMalformed(): { name: string; why: string } | undefined {
+    for (const b of this.bitmaps) {
+      const why = malformedReason(b.entry, this.host.clusterSize, Infinity);
+      if (why) return { name: b.entry.name, why };
+    }
+    return undefined;
   }
 
   list(): BitmapInfo[] {

@@ -1,0 +1,75 @@
+/**
+ * An image whose bitmap directory has an entry QEMU cannot load: qemu-img and qemu-io refuse to
+ * open it ("Bitmap 'x' doesn't satisfy the constraints"), whatever the command, before they write
+ * anything. The compat front ends must refuse it the same way (same output, same exit code, file
+ * untouched), while the `qcow` command still opens it so the bitmap can be removed.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { copyFile, open, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { decodeHeader } from '#src/formats/qcow2/header.js';
+import { needs, qcow, qemuImg, run, scratch } from '../../support/qemu.js';
+
+const COMPAT_QEMU_IMG = fileURLToPath(new URL('../../../compat/qemu-img', import.meta.url));
+const COMPAT_QEMU_IO = fileURLToPath(new URL('../../../compat/qemu-io', import.meta.url));
+
+/** Set one byte of the first bitmap directory entry. */
+async function poke(file: string, at: number, value: number): Promise<void> {
+  const fh = await open(file, 'r+');
+  try {
+    const head = new Uint8Array(65536);
+    await fh.read(head, 0, head.length, 0);
+    await fh.write(new Uint8Array([value]), 0, 1, decodeHeader(head).bitmaps!.directoryOffset + at);
+  } finally {
+    await fh.close();
+  }
+}
+
+test('compat/qemu-img and compat/qemu-io refuse a bitmap QEMU cannot load, as QEMU does', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  // Byte offset inside the first directory entry and the value written there: granularity bits
+  // too large and too small, an unknown type, an unknown flag, a misaligned table, a table of 0
+  // entries.
+  const entries: [number, number][] = [
+    [17, 40],
+    [17, 8],
+    [16, 2],
+    [12, 0x80],
+    [7, 8],
+    [11, 0],
+  ];
+  const commands: [string, string, string[]][] = [
+    ['qemu-img', COMPAT_QEMU_IMG, ['info', 'x.qcow2']],
+    ['qemu-img', COMPAT_QEMU_IMG, ['check', 'x.qcow2']],
+    ['qemu-img', COMPAT_QEMU_IMG, ['check', '-r', 'all', 'x.qcow2']],
+    ['qemu-img', COMPAT_QEMU_IMG, ['bitmap', '--remove', 'x.qcow2', 'bad']],
+    ['qemu-img', COMPAT_QEMU_IMG, ['convert', '-O', 'raw', 'x.qcow2', 'x.raw']],
+    ['qemu-img', COMPAT_QEMU_IMG, ['resize', 'x.qcow2', '32M']],
+    ['qemu-io', COMPAT_QEMU_IO, ['-c', 'write 0 4k', 'x.qcow2']],
+    ['qemu-io', COMPAT_QEMU_IO, ['-r', '-c', 'read 0 4k', 'x.qcow2']],
+  ];
+  for (const [at, value] of entries) {
+    const orig = join(dir, `entry-${at}-${value}.qcow2`);
+    await qemuImg(['create', '-q', '-f', 'qcow2', orig, '16M']);
+    await qemuImg(['bitmap', '--add', orig, 'bad']);
+    await qemuImg(['bitmap', '--add', orig, 'good']);
+    await poke(orig, at, value);
+    const bytes = await readFile(orig);
+    for (const [theirs, ours, args] of commands) {
+      const what = `${args.join(' ')} with byte ${at} = ${value}`;
+      await copyFile(orig, join(dir, 'x.qcow2'));
+      const expected = await run(theirs, args, { cwd: dir });
+      assert.deepEqual(await readFile(join(dir, 'x.qcow2')), bytes, `${theirs} ${what} left the file as it was`);
+      assert.match(expected.stderr, /Bitmap 'bad' doesn't satisfy the constraints/, `${theirs} ${what}`);
+      await copyFile(orig, join(dir, 'x.qcow2'));
+      const got = await run(ours, args, { cwd: dir });
+      assert.deepEqual([got.code, got.stdout, got.stderr], [expected.code, expected.stdout, expected.stderr], `compat ${what}`);
+      assert.deepEqual(await readFile(join(dir, 'x.qcow2')), bytes, `compat ${what} left the file as it was`);
+    }
+    // qcow itself opens the image and shows the bitmap as unusable, so that it can be removed.
+    const info = await qcow(['info', '--output=json', orig]);
+    assert.equal(info.code, 0, info.stderr);
+  }
+});
