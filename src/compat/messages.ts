@@ -128,7 +128,7 @@ const ROWS: Row[] = [
   {
     op: ['open', 'device'],
     code: 'QCOW_UNSUPPORTED',
-    match: /^(Bitmap '.*' doesn't satisfy the constraints) \([^)]*\)$/,
+    match: /^(Bitmap '.*' doesn't satisfy the constraints|Bitmap extra data is not supported) \((?:[^)]*|bitmap '.*')\)$/,
     text: (e, c, m) => (c.op === 'open' ? `Could not open '${c.file ?? e.file}': ${m![1]}` : m![1]!),
   },
   // Opening: a backing file that is missing.

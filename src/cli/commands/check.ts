@@ -72,7 +72,7 @@ async function bitmapRefusal(file: string, formats: ReturnType<typeof builtinFor
     await dev.close();
     return undefined;
   } catch (e) {
-    if (e instanceof QcowError && e.code === 'QCOW_UNSUPPORTED' && /^Bitmap '.*' doesn't satisfy the constraints/.test(e.message)) return e;
+    if (e instanceof QcowError && e.code === 'QCOW_UNSUPPORTED' && /^Bitmap (?:'.*' doesn't satisfy the constraints|extra data is not supported)/.test(e.message)) return e;
     return undefined;
   } finally {
     await store.close();

@@ -116,8 +116,8 @@ export class Qcow2Device extends DeviceBase {
     // writes anything (a writable open then marks the bitmaps in use): checked here, before the
     // writer attaches, for the callers that want QEMU's rule.
     if (options.refuseMalformedBitmaps) {
-      const bad = (await this.loadBitmapDirectory()).firstMalformed();
-      if (bad) throw new QcowError('QCOW_UNSUPPORTED', `Bitmap '${bad.name}' doesn't satisfy the constraints (${bad.why})`, { file: this.filename });
+      const refusal = (await this.loadBitmapDirectory()).refusalAtOpen();
+      if (refusal) throw new QcowError('QCOW_UNSUPPORTED', refusal, { file: this.filename });
     }
     if (h.backingFile !== undefined && options.openBacking) {
       this.backing = await options.openBacking(h.backingFile, h.backingFormat);

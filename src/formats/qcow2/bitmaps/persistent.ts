@@ -149,13 +149,16 @@ export class PersistentBitmaps {
   }
 
   /**
-   * The first directory entry QEMU would refuse to load, with why: QEMU fails to open such an
-   * image (`OpenOptions.refuseMalformedBitmaps`). Its rules do not look at the file's length.
+   * Why QEMU would refuse to open this image for its bitmap directory, in QEMU's words with ours
+   * in brackets, or undefined (`OpenOptions.refuseMalformedBitmaps`). QEMU takes the entries in
+   * order, refuses any extra data (even data marked compatible), then applies its entry rules,
+   * which do not look at the file's length.
    */
-  firstMalformed(): { name: string; why: string } | undefined {
-    for (const b of this.bitmaps) {
-      const why = malformedReason(b.entry, this.host.clusterSize, Infinity);
-      if (why) return { name: b.entry.name, why };
+  refusalAtOpen(): string | undefined {
+    for (const { entry } of this.bitmaps) {
+      if (entry.extraData.length > 0) return `Bitmap extra data is not supported (bitmap '${entry.name}')`;
+      const why = malformedReason(entry, this.host.clusterSize, Infinity);
+      if (why) return `Bitmap '${entry.name}' doesn't satisfy the constraints (${why})`;
     }
     return undefined;
   }
