@@ -30,4 +30,10 @@ export interface CheckResult {
   compressedClusters: number;
   /** One line per finding, in the spirit of qemu-img's wording (it prints them on stderr). */
   messages: string[];
+  /**
+   * Set when the check stopped short with an error, as QEMU's does with an errno (e.g. `-r leaks`
+   * on an image whose refcount structures need a rebuild): the reason in strerror's words
+   * ("Input/output error"). The counts are then partial and no summary is shown.
+   */
+  failed?: string;
 }

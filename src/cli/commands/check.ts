@@ -51,6 +51,11 @@ export async function run(file: string, flags: Flags): Promise<number> {
       return 1;
     }
     for (const m of r.messages) process.stderr.write(m + '\n');
+    if (r.failed !== undefined) {
+      // As qemu-img: a check that stopped short shows no summary, only why it stopped.
+      process.stderr.write(failureStyle.program === 'qcow' ? `qcow: ${file}: check failed: ${r.failed}\n` : `${failureStyle.program}: Check failed: ${r.failed}\n`);
+      return 1;
+    }
     if (output === 'json') printJson(checkJson(r, file, r.format));
     else writeOut(checkHuman(r));
     return checkExitCode(r);

@@ -1021,15 +1021,18 @@ async function refcountPass(store: ByteStore, fix: RepairMode | null, snap: Snap
     highest = await compare(store, p, 'leaks');
     const freshLeaks = p.res.leaks;
     if (p.rebuild) messages.push('ERROR rebuilt refcount structure is still broken');
-    p.res = { ...saved, messages: [...messages, ...saved.messages, ...p.res.messages] };
+    // p.res.messages holds the recount's lines, then the leak repair's (saved shares the array).
+    p.res = { ...saved, messages: [...messages, ...p.res.messages] };
     p.res.corruptionsFixed = old.corruptionsFixed + Math.max(0, old.corruptions - p.res.corruptions);
     p.res.leaksFixed = old.leaksFixed + Math.max(0, old.leaks - p.res.leaks);
     p.res.leaks += freshLeaks;
     p.fix = fix;
   } else if (fix) {
     if (p.rebuild) {
+      // Only -r all rebuilds: qemu's check stops here with EIO, having changed nothing.
       p.res.messages.push('ERROR need to rebuild refcount structures');
       p.res.checkErrors++;
+      p.res.failed = 'Input/output error';
       return p;
     }
     if (p.res.leaks || p.res.corruptions) {

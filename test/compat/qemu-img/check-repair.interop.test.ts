@@ -1,0 +1,63 @@
+/**
+ * compat/qemu-img check against qemu-img check on images with wrong refcounts, with and without
+ * repairs: the same stdout, stderr and exit code, line for line. Covers the two ways a check can
+ * end besides a summary: `-r leaks` on an image that needs a rebuild (qemu stops with EIO and shows
+ * no summary) and `-r all` rebuilding the refcount structure (the old structure's clusters are
+ * then repaired as leaks, once).
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { copyFile, mkdir, open } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { decodeHeader } from '#src/formats/qcow2/header.js';
+import { needs, qemuImg, qemuIo, run, scratch } from '../../support/qemu.js';
+
+const COMPAT_QEMU_IMG = fileURLToPath(new URL('../../../compat/qemu-img', import.meta.url));
+
+/** Set 16-bit refcounts in the first refcount block: [cluster, refcount] pairs. */
+async function setRefcounts(file: string, counts: [number, number][]): Promise<void> {
+  const fh = await open(file, 'r+');
+  try {
+    const head = new Uint8Array(65536);
+    await fh.read(head, 0, head.length, 0);
+    const table = new Uint8Array(8);
+    await fh.read(table, 0, 8, decodeHeader(head).refcountTableOffset);
+    const block = Number(new DataView(table.buffer).getBigUint64(0));
+    for (const [cluster, count] of counts) await fh.write(new Uint8Array([count >> 8, count & 0xff]), 0, 2, block + 2 * cluster);
+  } finally {
+    await fh.close();
+  }
+}
+
+test('compat/qemu-img check and its repairs print what qemu-img prints for wrong refcounts', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const orig = join(dir, 'orig.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', orig, '16M']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write 0 512k', '-c', 'write 4M 128k', orig]);
+  // Clusters 4 and 5 are an L2 table and data, 6 and 9 data, 40 unused (see `qemu-img map`).
+  const breakages: [string, [number, number][]][] = [
+    ['a used cluster counted 0', [[5, 0]]],
+    ['an L2 table counted 0', [[4, 0]]],
+    ['a cluster counted twice', [[6, 2]]],
+    ['an unused cluster counted', [[40, 1]]],
+    ['all of these', [[5, 0], [6, 2], [40, 1], [9, 3]]],
+  ];
+  const modes = [[], ['-r', 'leaks'], ['-r', 'all'], ['--output=json', '-r', 'leaks'], ['--output=json', '-r', 'all']];
+  for (const [how, counts] of breakages) {
+    for (const mode of modes) {
+      const outcomes = [];
+      for (const [side, program] of [['theirs', 'qemu-img'], ['ours', COMPAT_QEMU_IMG]] as const) {
+        // The same file name on both sides: qemu-img's JSON names it.
+        await mkdir(join(dir, side), { recursive: true });
+        const file = join(dir, side, 'x.qcow2');
+        await copyFile(orig, file);
+        await setRefcounts(file, counts);
+        const r = await run(program, ['check', ...mode, 'x.qcow2'], { cwd: join(dir, side) });
+        const after = await run('qemu-img', ['check', 'x.qcow2'], { cwd: join(dir, side) });
+        outcomes.push({ code: r.code, stdout: r.stdout, stderr: r.stderr, checkAfter: after.code });
+      }
+      assert.deepEqual(outcomes[1], outcomes[0], `${how}, check ${mode.join(' ')}`);
+    }
+  }
+});
