@@ -473,7 +473,8 @@ async function walkL2(store: ByteStore, p: Pass, l2Offset: Off, t: Uint8Array, a
     const zb = extl2 ? u32(t, o + 8) : 0;
     const ab = extl2 ? u32(t, o + 12) : 0;
     if (hi & 0x40000000) {
-      if (hi & 0x80000000) error(p, `ERROR: L2 entry ${entryHex(hi, lo)}: copied flag must never be set for compressed clusters`);
+      // Named by its offset field (the entry without flags and sector count), as qemu names it.
+      if (hi & 0x80000000) error(p, `ERROR: coffset=0x${hex(compressedRange(hi, lo, p.clusterBits).offset)}: copied flag must never be set for compressed clusters`);
       if (external) {
         error(p, `ERROR compressed cluster ${j} with data file, entry=0x${entryHex(hi, lo)}`);
         continue;

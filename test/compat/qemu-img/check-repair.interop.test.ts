@@ -61,3 +61,31 @@ test('compat/qemu-img check and its repairs print what qemu-img prints for wrong
     }
   }
 });
+
+test('compat/qemu-img check names a compressed cluster with the copied flag as qemu-img does', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const plain = join(dir, 'plain.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', plain, '4M']);
+  await qemuIo(['-f', 'qcow2', '-c', 'write -P 7 0 256k', plain]);
+  const packed = join(dir, 'packed.qcow2');
+  await qemuImg(['convert', '-c', '-O', 'qcow2', plain, packed]);
+  // Set the copied flag (bit 63) on the first L2 entry, a compressed cluster.
+  const fh = await open(packed, 'r+');
+  try {
+    const head = new Uint8Array(65536);
+    await fh.read(head, 0, head.length, 0);
+    const l1 = new Uint8Array(8);
+    await fh.read(l1, 0, 8, decodeHeader(head).l1TableOffset);
+    const l2 = Number(new DataView(l1.buffer).getBigUint64(0) & 0x00fffffffffffe00n);
+    const entry = new Uint8Array(1);
+    await fh.read(entry, 0, 1, l2);
+    assert.equal(entry[0]! & 0x40, 0x40, 'the first cluster is compressed');
+    await fh.write(new Uint8Array([entry[0]! | 0x80]), 0, 1, l2);
+  } finally {
+    await fh.close();
+  }
+  const theirs = await run('qemu-img', ['check', packed]);
+  const ours = await run(COMPAT_QEMU_IMG, ['check', packed]);
+  assert.match(theirs.stderr, /ERROR: coffset=0x[0-9a-f]+: copied flag must never be set for compressed clusters/);
+  assert.deepEqual([ours.code, ours.stdout, ours.stderr], [theirs.code, theirs.stdout, theirs.stderr]);
+});
