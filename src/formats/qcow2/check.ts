@@ -1084,19 +1084,24 @@ async function walkBitmaps(store: ByteStore, p: Pass): Promise<void> {
     return;
   }
   for (const e of entries) {
-    if (e.tableOffset === 0 || e.tableOffset % p.cs !== 0 || e.tableOffset + e.tableSize * 8 > p.fileSize) {
+    if (e.tableOffset === 0 || e.tableOffset % p.cs !== 0) {
       error(p, `ERROR bitmap '${e.name}': table at 0x${e.tableOffset.toString(16)} (${e.tableSize} entries) is invalid`);
       continue;
     }
     // An entry QEMU refuses (type, granularity, flags, sizes) keeps the image from opening there
     // and is what `-r all` removes, so it is a corruption here too. Its table is still walked:
     // its clusters are in use until the repair drops it.
-    const why = malformedReason(e, p.cs, p.fileSize);
+    // (The file's length is left out of these rules: a table past the end is ref's to report.)
+    const why = malformedReason(e, p.cs, Infinity);
     if (why) error(p, `ERROR bitmap '${e.name}' cannot be used: ${why}`);
+    // A table reaching past the end of the file is counted as QEMU counts it (ref says when that is
+    // a cluster or more), and its entries there read as zeros, naming nothing: only the part in
+    // the file is read, so a hostile size costs no more memory than the file has.
     ref(p, e.tableOffset, e.tableSize * 8);
-    const t = new Uint8Array(e.tableSize * 8);
+    const inFile = Math.max(0, Math.min(e.tableSize, Math.floor((p.fileSize - e.tableOffset) / 8)));
+    const t = new Uint8Array(inFile * 8);
     await store.read(e.tableOffset, t);
-    for (let k = 0; k < e.tableSize; k++) {
+    for (let k = 0; k < inFile; k++) {
       const hi = u32(t, k * 8);
       const lo = u32(t, k * 8 + 4);
       const off = offsetOf(hi & 0x00ffffff, (lo & 0xfffffe00) >>> 0);

@@ -89,3 +89,26 @@ test('compat/qemu-img check names a compressed cluster with the copied flag as q
   assert.match(theirs.stderr, /ERROR: coffset=0x[0-9a-f]+: copied flag must never be set for compressed clusters/);
   assert.deepEqual([ours.code, ours.stdout, ours.stderr], [theirs.code, theirs.stdout, theirs.stderr]);
 });
+
+test('compat/qemu-img check counts a bitmap table past the end of the file as qemu-img does', needs('qemu-img'), async (t) => {
+  const dir = await scratch(t);
+  const file = join(dir, 'x.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', file, '16M']);
+  await qemuImg(['bitmap', '--add', file, 'bad']);
+  await qemuImg(['bitmap', '--add', file, 'good']);
+  // Move the first bitmap's table a cluster and more past the end of the file, still aligned.
+  const fh = await open(file, 'r+');
+  try {
+    const head = new Uint8Array(65536);
+    await fh.read(head, 0, head.length, 0);
+    await fh.write(new Uint8Array([0x10]), 0, 1, decodeHeader(head).bitmaps!.directoryOffset + 5);
+  } finally {
+    await fh.close();
+  }
+  for (const mode of [[], ['--output=json']]) {
+    const theirs = await run('qemu-img', ['check', ...mode, 'x.qcow2'], { cwd: dir });
+    const ours = await run(COMPAT_QEMU_IMG, ['check', ...mode, 'x.qcow2'], { cwd: dir });
+    assert.match(theirs.stderr, /ERROR: counting reference for region exceeding the end of the file/);
+    assert.deepEqual([ours.code, ours.stdout, ours.stderr], [theirs.code, theirs.stdout, theirs.stderr], mode.join(' '));
+  }
+});
