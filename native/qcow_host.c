@@ -85,6 +85,17 @@
  *                                     the same zlib and parameters node:zlib's createDeflateRaw
  *                                     would use, so the same bytes: their count, or -1 when `out`
  *                                     is too small.
+ *   aesSectors(mode, key)             An AES sector cipher for `key` (mode 0: CBC with a 16, 24 or
+ *                                     32-byte key; 1: XTS with both halves, 32 or 64 bytes) on the
+ *                                     OpenSSL inside the process (node:crypto's), as an opaque
+ *                                     value; undefined when there is no such OpenSSL or key size,
+ *                                     or for XTS keys whose halves are equal (OpenSSL refuses them).
+ *   aesSectorsRun(cipher, encrypt, src, dst, ivs)
+ *                                     Encrypt or decrypt the 512-byte sectors of `src` into `dst`
+ *                                     (the same length: the same memory, or apart), each with its
+ *                                     own IV: 16 bytes a sector from the Uint8Array `ivs`, or
+ *                                     plain64 IVs from the sector number `ivs`. Synchronous: a
+ *                                     64 KiB cluster takes 20-35 us of AES-NI on our VMs.
  *
  * Other failures throw an Error with `code` (the errno name, as node:fs does) and `errno`.
  * Everything else here is synchronous: each call is a single non-blocking system call (fallocate can
@@ -1054,6 +1065,7 @@ static void evp_load(void) {
  * for the encryption key schedule). Only the JavaScript thread that made it uses it. */
 typedef struct {
   const evp_cipher *cipher;
+  int cbc;
   size_t key_len;
   unsigned char key[64];
   evp_cipher_ctx *ctx[2]; /* [0] decrypt, [1] encrypt */
@@ -1098,6 +1110,7 @@ static napi_value aes_sectors_new(napi_env env, napi_callback_info info) {
     return NULL;
   }
   a->cipher = cipher;
+  a->cbc = mode == 0;
   a->key_len = key_len;
   memcpy(a->key, key, key_len);
   if (napi_create_external(env, a, aes_sectors_free, NULL, &result) != napi_ok) {
@@ -1105,6 +1118,14 @@ static napi_value aes_sectors_new(napi_env env, napi_callback_info info) {
     return NULL;
   }
   return result;
+}
+
+/* Sector i's plain64 IV (the little-endian u64 first + i, then zeros) into `iv`, when no IVs were given. */
+static void aes_sector_iv(unsigned char iv[AES_IV], const void *ivs, size_t i, uint64_t first) {
+  if (ivs) return;
+  uint64_t v = first + i;
+  for (int b = 0; b < 8; b++) iv[b] = (unsigned char)(v >> (8 * b));
+  memset(iv + 8, 0, 8);
 }
 
 static napi_value aes_usage(napi_env env) {
@@ -1151,15 +1172,39 @@ static napi_value aes_sectors_run(napi_env env, napi_callback_info info) {
   }
   uint64_t sector = (uint64_t)first;
   unsigned char iv[AES_IV];
-  for (size_t i = 0; i < n; i++, s += AES_SECTOR, d += AES_SECTOR) {
-    const unsigned char *this_iv = ivs ? (const unsigned char *)ivs + i * AES_IV : iv;
-    if (!ivs) {
-      uint64_t v = sector + i;
-      for (int b = 0; b < 8; b++) iv[b] = (unsigned char)(v >> (8 * b));
-      memset(iv + 8, 0, 8);
+  if (a->cbc && !enc) {
+    /* CBC decryption of sector k needs only its IV and its own ciphertext, so a run of sectors
+     * is deciphered as ONE chain from the first sector's IV (setting an IV costs OpenSSL 3 more
+     * than the sector's AES-NI work): every later sector's first block then came out XORed with
+     * the previous sector's last ciphertext block instead of its own IV, which is XORed back
+     * here. Those blocks are kept first, as an in-place call overwrites them. */
+    enum { RUN = 256 };
+    unsigned char last[RUN][AES_IV];
+    for (size_t i = 0; i < n; i += RUN) {
+      size_t m = n - i < RUN ? n - i : RUN;
+      const unsigned char *rs = s + i * AES_SECTOR;
+      unsigned char *rd = d + i * AES_SECTOR;
+      for (size_t k = 0; k + 1 < m; k++) memcpy(last[k], rs + k * AES_SECTOR + AES_SECTOR - AES_IV, AES_IV);
+      aes_sector_iv(iv, ivs, i, sector);
+      int outl = 0;
+      if (evp.init(*ctx, NULL, NULL, NULL, ivs ? (const unsigned char *)ivs + i * AES_IV : iv, -1) != 1 ||
+          evp.update(*ctx, rd, &outl, rs, (int)(m * AES_SECTOR)) != 1 || outl != (int)(m * AES_SECTOR)) {
+        napi_throw_error(env, "CRYPTO_ERROR", "OpenSSL failed on AES sectors");
+        return NULL;
+      }
+      for (size_t k = 1; k < m; k++) {
+        const unsigned char *own = ivs ? (const unsigned char *)ivs + (i + k) * AES_IV : (aes_sector_iv(iv, NULL, i + k, sector), iv);
+        unsigned char *b = rd + k * AES_SECTOR;
+        for (int j = 0; j < AES_IV; j++) b[j] ^= last[k - 1][j] ^ own[j];
+      }
     }
+    return NULL;
+  }
+  for (size_t i = 0; i < n; i++, s += AES_SECTOR, d += AES_SECTOR) {
+    aes_sector_iv(iv, ivs, i, sector);
     int outl = 0;
-    if (evp.init(*ctx, NULL, NULL, NULL, this_iv, -1) != 1 || evp.update(*ctx, d, &outl, s, AES_SECTOR) != 1 || outl != AES_SECTOR) {
+    if (evp.init(*ctx, NULL, NULL, NULL, ivs ? (const unsigned char *)ivs + i * AES_IV : iv, -1) != 1 || evp.update(*ctx, d, &outl, s, AES_SECTOR) != 1 ||
+        outl != AES_SECTOR) {
       napi_throw_error(env, "CRYPTO_ERROR", "OpenSSL failed on an AES sector");
       return NULL;
     }
