@@ -27,8 +27,8 @@ function aesEcb(key: Uint8Array): AesEcb {
 
 /**
  * CBC/XTS sectors through the addon, on the OpenSSL node:crypto uses: node:crypto itself would need
- * a new cipher object per sector (an IV each), ~100x the cost of the sector's AES; the modes over
- * ECB (modes.ts) need extra passes and copies (3-4x the addon's CPU for XTS, 2-3x for CBC).
+ * a new cipher object per sector (an IV each); the modes over ECB (modes.ts) need extra passes and
+ * copies (512 MiB on our VM: XTS 4-5x the addon's time, CBC 2-3.5x).
  */
 function aesSectors(mode: 'cbc' | 'xts', key: Uint8Array): AesSectorMode | undefined {
   const addon = hostAddon();
