@@ -85,6 +85,17 @@
  *                                     the same zlib and parameters node:zlib's createDeflateRaw
  *                                     would use, so the same bytes: their count, or -1 when `out`
  *                                     is too small.
+ *   aesSectors(mode, key)             An AES sector cipher for `key` (mode 0: CBC with a 16, 24 or
+ *                                     32-byte key; 1: XTS with both halves, 32 or 64 bytes) on the
+ *                                     OpenSSL inside the process (node:crypto's), as an opaque
+ *                                     value; undefined when there is no such OpenSSL or key size,
+ *                                     or for XTS keys whose halves are equal (OpenSSL refuses them).
+ *   aesSectorsRun(cipher, encrypt, src, dst, ivs)
+ *                                     Encrypt or decrypt the 512-byte sectors of `src` into `dst`
+ *                                     (the same length: the same memory, or apart), each with its
+ *                                     own IV: 16 bytes a sector from the Uint8Array `ivs`, or
+ *                                     plain64 IVs from the sector number `ivs`. Synchronous: a
+ *                                     64 KiB cluster takes 20-35 us of AES-NI on our VMs.
  *
  * Other failures throw an Error with `code` (the errno name, as node:fs does) and `errno`.
  * Everything else here is synchronous: each call is a single non-blocking system call (fallocate can
@@ -1006,6 +1017,201 @@ static napi_value zlib_deflate_raw(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * AES sector ciphers (CBC and XTS over 512-byte sectors, one IV per sector) with the OpenSSL that
+ * node:crypto runs: the node binary exports libcrypto's EVP functions (or links a shared libcrypto
+ * whose symbols are global), so they are looked up by name with RTLD_DEFAULT, as zlib is above,
+ * and never loaded by us. OpenSSL's own CBC and XTS (AES-NI, several blocks in flight) do the
+ * whole mode in one pass, where the JavaScript fallback needs an ECB pass plus word XOR passes
+ * and copies around it. EVP's ABI (opaque contexts, these six calls) is stable across OpenSSL 1.1
+ * and 3; declared here as Node's headers do not promise OpenSSL's.
+ */
+typedef struct evp_cipher_st evp_cipher;
+typedef struct evp_cipher_ctx_st evp_cipher_ctx;
+static struct {
+  int ok;
+  evp_cipher_ctx *(*ctx_new)(void);
+  void (*ctx_free)(evp_cipher_ctx *);
+  int (*init)(evp_cipher_ctx *, const evp_cipher *, void *engine, const unsigned char *key, const unsigned char *iv, int enc);
+  int (*update)(evp_cipher_ctx *, unsigned char *out, int *outl, const unsigned char *in, int inl);
+  int (*set_padding)(evp_cipher_ctx *, int pad);
+  const evp_cipher *(*cbc[3])(void); /* AES-128, -192, -256 */
+  const evp_cipher *(*xts[2])(void); /* AES-128-XTS (32-byte key), AES-256-XTS (64) */
+} evp;
+static pthread_once_t evp_once = PTHREAD_ONCE_INIT;
+
+static void evp_load(void) {
+#define ESYM(field, sym)                                                                           \
+  *(void **)&evp.field = dlsym(RTLD_DEFAULT, sym);                                                 \
+  if (!evp.field) return;
+  ESYM(ctx_new, "EVP_CIPHER_CTX_new")
+  ESYM(ctx_free, "EVP_CIPHER_CTX_free")
+  ESYM(init, "EVP_CipherInit_ex")
+  ESYM(update, "EVP_CipherUpdate")
+  ESYM(set_padding, "EVP_CIPHER_CTX_set_padding")
+  ESYM(cbc[0], "EVP_aes_128_cbc")
+  ESYM(cbc[1], "EVP_aes_192_cbc")
+  ESYM(cbc[2], "EVP_aes_256_cbc")
+  ESYM(xts[0], "EVP_aes_128_xts")
+  ESYM(xts[1], "EVP_aes_256_xts")
+#undef ESYM
+  evp.ok = 1;
+}
+
+#define AES_SECTOR 512
+#define AES_IV 16
+
+/* One key's cipher: a context per direction, keyed on first use (decrypt-only users never pay
+ * for the encryption key schedule). Only the JavaScript thread that made it uses it. */
+typedef struct {
+  const evp_cipher *cipher;
+  int cbc;
+  size_t key_len;
+  unsigned char key[64];
+  evp_cipher_ctx *ctx[2]; /* [0] decrypt, [1] encrypt */
+} aes_sectors;
+
+static void aes_sectors_free(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  aes_sectors *a = data;
+  for (int i = 0; i < 2; i++)
+    if (a->ctx[i]) evp.ctx_free(a->ctx[i]);
+  /* The key is secret: wipe it in a way the compiler may not drop. */
+  volatile unsigned char *k = a->key;
+  for (size_t i = 0; i < sizeof a->key; i++) k[i] = 0;
+  free(a);
+}
+
+/* aesSectors(mode, key): see the top. */
+static napi_value aes_sectors_new(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  size_t argc = 2;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t mode;
+  void *key;
+  size_t key_len;
+  if (argc < 2 || napi_get_value_int32(env, argv[0], &mode) != napi_ok || (mode != 0 && mode != 1) || !get_bytes(env, argv[1], &key, &key_len))
+    return codec_usage(env, "aesSectors(mode: 0 (CBC) | 1 (XTS), key: Uint8Array)");
+  pthread_once(&evp_once, evp_load);
+  napi_value result;
+  const evp_cipher *cipher = NULL;
+  if (evp.ok && mode == 0 && (key_len == 16 || key_len == 24 || key_len == 32)) cipher = evp.cbc[(key_len - 16) / 8]();
+  /* OpenSSL refuses XTS keys whose halves are equal (when encrypting): the fallback takes them. */
+  if (evp.ok && mode == 1 && (key_len == 32 || key_len == 64) && memcmp(key, (unsigned char *)key + key_len / 2, key_len / 2) != 0)
+    cipher = evp.xts[key_len == 64]();
+  if (!cipher) {
+    CHECK(napi_get_undefined(env, &result));
+    return result;
+  }
+  aes_sectors *a = calloc(1, sizeof *a);
+  if (!a) {
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  a->cipher = cipher;
+  a->cbc = mode == 0;
+  a->key_len = key_len;
+  memcpy(a->key, key, key_len);
+  if (napi_create_external(env, a, aes_sectors_free, NULL, &result) != napi_ok) {
+    aes_sectors_free(env, a, NULL);
+    return NULL;
+  }
+  return result;
+}
+
+/* Sector i's plain64 IV (the little-endian u64 first + i, then zeros) into `iv`, when no IVs were given. */
+static void aes_sector_iv(unsigned char iv[AES_IV], const void *ivs, size_t i, uint64_t first) {
+  if (ivs) return;
+  uint64_t v = first + i;
+  for (int b = 0; b < 8; b++) iv[b] = (unsigned char)(v >> (8 * b));
+  memset(iv + 8, 0, 8);
+}
+
+static napi_value aes_usage(napi_env env) {
+  return codec_usage(env, "aesSectorsRun(cipher, encrypt: boolean, src: Uint8Array, dst: Uint8Array, ivs: Uint8Array | firstSector: number)");
+}
+
+/* aesSectorsRun(cipher, encrypt, src, dst, ivs): see the top. */
+static napi_value aes_sectors_run(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  size_t argc = 5;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  aes_sectors *a;
+  bool enc;
+  void *src, *dst, *ivs = NULL;
+  size_t src_len, dst_len, ivs_len = 0;
+  napi_valuetype iv_type;
+  if (argc < 5 || napi_get_value_external(env, argv[0], (void **)&a) != napi_ok || napi_get_value_bool(env, argv[1], &enc) != napi_ok ||
+      !get_bytes(env, argv[2], &src, &src_len) || !get_bytes(env, argv[3], &dst, &dst_len) || napi_typeof(env, argv[4], &iv_type) != napi_ok)
+    return aes_usage(env);
+  size_t n = src_len / AES_SECTOR;
+  double first = 0;
+  if (iv_type == napi_number) {
+    /* plain64 IVs from the first sector's number: no IV buffer built in JavaScript. */
+    if (napi_get_value_double(env, argv[4], &first) != napi_ok || !(first >= 0) || first != (double)(uint64_t)first || first + (double)n > 9007199254740991.0)
+      return aes_usage(env);
+  } else if (!get_bytes(env, argv[4], &ivs, &ivs_len) || ivs_len != n * AES_IV) {
+    return aes_usage(env);
+  }
+  if (src_len % AES_SECTOR != 0 || dst_len != src_len) return aes_usage(env);
+  /* In place or apart: OpenSSL allows the two to be the same, not to overlap otherwise. */
+  const unsigned char *s = src;
+  unsigned char *d = dst;
+  if (s != d && s < d + dst_len && d < s + src_len) return aes_usage(env);
+  evp_cipher_ctx **ctx = &a->ctx[enc ? 1 : 0];
+  if (!*ctx) {
+    evp_cipher_ctx *c = evp.ctx_new();
+    if (!c || evp.init(c, a->cipher, NULL, a->key, NULL, enc ? 1 : 0) != 1) {
+      if (c) evp.ctx_free(c);
+      napi_throw_error(env, "CRYPTO_ERROR", "OpenSSL could not set up the AES sector cipher");
+      return NULL;
+    }
+    evp.set_padding(c, 0);
+    *ctx = c;
+  }
+  uint64_t sector = (uint64_t)first;
+  unsigned char iv[AES_IV];
+  if (a->cbc && !enc) {
+    /* CBC decryption of sector k needs only its IV and its own ciphertext, so a run of sectors
+     * is deciphered as ONE chain from the first sector's IV (setting an IV costs OpenSSL 3 more
+     * than the sector's AES-NI work): every later sector's first block then came out XORed with
+     * the previous sector's last ciphertext block instead of its own IV, which is XORed back
+     * here. Those blocks are kept first, as an in-place call overwrites them. */
+    enum { RUN = 256 };
+    unsigned char last[RUN][AES_IV];
+    for (size_t i = 0; i < n; i += RUN) {
+      size_t m = n - i < RUN ? n - i : RUN;
+      const unsigned char *rs = s + i * AES_SECTOR;
+      unsigned char *rd = d + i * AES_SECTOR;
+      for (size_t k = 0; k + 1 < m; k++) memcpy(last[k], rs + k * AES_SECTOR + AES_SECTOR - AES_IV, AES_IV);
+      aes_sector_iv(iv, ivs, i, sector);
+      int outl = 0;
+      if (evp.init(*ctx, NULL, NULL, NULL, ivs ? (const unsigned char *)ivs + i * AES_IV : iv, -1) != 1 ||
+          evp.update(*ctx, rd, &outl, rs, (int)(m * AES_SECTOR)) != 1 || outl != (int)(m * AES_SECTOR)) {
+        napi_throw_error(env, "CRYPTO_ERROR", "OpenSSL failed on AES sectors");
+        return NULL;
+      }
+      for (size_t k = 1; k < m; k++) {
+        const unsigned char *own = ivs ? (const unsigned char *)ivs + (i + k) * AES_IV : (aes_sector_iv(iv, NULL, i + k, sector), iv);
+        unsigned char *b = rd + k * AES_SECTOR;
+        for (int j = 0; j < AES_IV; j++) b[j] ^= last[k - 1][j] ^ own[j];
+      }
+    }
+    return NULL;
+  }
+  for (size_t i = 0; i < n; i++, s += AES_SECTOR, d += AES_SECTOR) {
+    aes_sector_iv(iv, ivs, i, sector);
+    int outl = 0;
+    if (evp.init(*ctx, NULL, NULL, NULL, ivs ? (const unsigned char *)ivs + i * AES_IV : iv, -1) != 1 || evp.update(*ctx, d, &outl, s, AES_SECTOR) != 1 ||
+        outl != AES_SECTOR) {
+      napi_throw_error(env, "CRYPTO_ERROR", "OpenSSL failed on an AES sector");
+      return NULL;
+    }
+  }
+  return NULL;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"ofdLock", NULL, ofd_lock, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -1028,10 +1234,12 @@ static napi_value init(napi_env env, napi_value exports) {
     {"zlibVersion", NULL, zlib_version, NULL, NULL, NULL, napi_enumerable, NULL},
     {"inflateRaw", NULL, zlib_inflate_raw, NULL, NULL, NULL, napi_enumerable, NULL},
     {"deflateRaw", NULL, zlib_deflate_raw, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"aesSectors", NULL, aes_sectors_new, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"aesSectorsRun", NULL, aes_sectors_run, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   napi_value version;
-  CHECK(napi_create_int32(env, 7, &version));
+  CHECK(napi_create_int32(env, 8, &version));
   CHECK(napi_set_named_property(env, exports, "version", version));
   return exports;
 }

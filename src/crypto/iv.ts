@@ -6,7 +6,8 @@ import { invalidArgument } from '../core/errors.js';
 
 const IV_LENGTH = 16;
 
-function checkSector(firstSector: number, count: number): void {
+/** Throws unless sectors firstSector .. firstSector + count are non-negative safe integers. */
+export function checkSector(firstSector: number, count: number): void {
   if (!Number.isSafeInteger(firstSector) || firstSector < 0 || !Number.isSafeInteger(firstSector + count)) {
     throw invalidArgument(`sector number ${firstSector} is not a non-negative safe integer`);
   }

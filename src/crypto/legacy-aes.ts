@@ -8,9 +8,7 @@
  */
 import { primitives } from '#crypto';
 import { encodeUtf8 } from '../core/bytes.js';
-import { plain64Ivs } from './iv.js';
-import { cbcDecryptSectors, cbcEncryptSectors } from './modes.js';
-import { checkWholeSectors } from './sectors.js';
+import { sectorRun } from './sector-run.js';
 import type { SectorCipher } from './types.js';
 
 const KEY_LENGTH = 16;
@@ -25,13 +23,10 @@ export function legacyAesKey(password: string): Uint8Array {
 
 /** A SectorCipher for legacy AES; pass the guest sector number (guest offset / 512). */
 export async function legacyAesCipher(password: string): Promise<SectorCipher> {
-  const ecb = primitives.aesEcb(legacyAesKey(password));
-  const run = (data: Uint8Array, firstSector: number, encrypt: boolean): Uint8Array => {
-    const ivs = plain64Ivs(firstSector, checkWholeSectors(data));
-    return encrypt ? cbcEncryptSectors(ecb, ivs, data) : cbcDecryptSectors(ecb, ivs, data);
-  };
+  const run = sectorRun(primitives, 'cbc', legacyAesKey(password), 'plain64');
   return {
     encrypt: async (data, firstSector) => run(data, firstSector, true),
     decrypt: async (data, firstSector) => run(data, firstSector, false),
+    decryptInPlace: async (data, firstSector) => void run(data, firstSector, false, data),
   };
 }

@@ -6,8 +6,7 @@
 import { plain64Ivs, plainIvs } from './iv.js';
 import type { CryptoPrimitives } from './primitives.js';
 import type { LuksCipherSpec } from './luks-header.js';
-import { checkWholeSectors } from './sectors.js';
-import { cbcDecryptSectors, cbcEncryptSectors, xtsSectors } from './modes.js';
+import { sectorRun, type IvSource } from './sector-run.js';
 import type { SectorCipher } from './types.js';
 
 /** A SectorCipher with synchronous twins, for key material handled inside this module. */
@@ -17,32 +16,21 @@ export interface LuksSectorCipher extends SectorCipher {
 }
 
 export function luksSectorCipher(prims: CryptoPrimitives, spec: LuksCipherSpec, key: Uint8Array): LuksSectorCipher {
-  let ivs: (first: number, count: number) => Uint8Array;
-  if (spec.ivGen === 'plain64') ivs = plain64Ivs;
+  let ivs: IvSource;
+  if (spec.ivGen === 'plain64') ivs = 'plain64';
   else if (spec.ivGen === 'plain') ivs = plainIvs;
   else {
     // ESSIV: IV = AES_{hash(key)}(plain64 sector number); the AES size follows the digest size.
     const essiv = prims.aesEcb(prims.hash(spec.ivGenHash!, key));
     ivs = (first, count) => essiv.encrypt(plain64Ivs(first, count));
   }
-  let run: (data: Uint8Array, firstSector: number, encrypt: boolean) => Uint8Array;
-  if (spec.cipherMode === 'xts') {
-    // The XTS key is two AES keys: the first enciphers data, the second the tweak.
-    const half = key.length / 2;
-    const dataEcb = prims.aesEcb(key.subarray(0, half));
-    const tweakEcb = prims.aesEcb(key.subarray(half));
-    run = (data, firstSector, encrypt) => xtsSectors(dataEcb, tweakEcb, ivs(firstSector, checkWholeSectors(data)), data, encrypt);
-  } else {
-    const ecb = prims.aesEcb(key);
-    run = (data, firstSector, encrypt) => {
-      const sectorIvs = ivs(firstSector, checkWholeSectors(data));
-      return encrypt ? cbcEncryptSectors(ecb, sectorIvs, data) : cbcDecryptSectors(ecb, sectorIvs, data);
-    };
-  }
+  // The XTS key is two AES keys: the first enciphers data, the second the tweak.
+  const run = sectorRun(prims, spec.cipherMode, key, ivs);
   return {
     encryptSync: (data, firstSector) => run(data, firstSector, true),
     decryptSync: (data, firstSector) => run(data, firstSector, false),
     encrypt: async (data, firstSector) => run(data, firstSector, true),
     decrypt: async (data, firstSector) => run(data, firstSector, false),
+    decryptInPlace: async (data, firstSector) => void run(data, firstSector, false, data),
   };
 }

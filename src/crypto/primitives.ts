@@ -16,9 +16,24 @@ export interface AesEcb {
   decrypt(data: Uint8Array): Uint8Array;
 }
 
+/**
+ * CBC or XTS over whole 512-byte sectors with one IV (or tweak) per sector, done whole by the
+ * platform's own cipher: only where there is one (Node with qcow's addon). The modes in modes.ts
+ * give the same bytes everywhere else.
+ */
+export interface AesSectorMode {
+  /**
+   * The sectors of `src` into `dst` (the same length; the same memory or apart, never partly
+   * overlapping). `ivs`: 16 bytes per sector, or the first sector's number for plain64 IVs.
+   */
+  run(encrypt: boolean, src: Uint8Array, dst: Uint8Array, ivs: Uint8Array | number): void;
+}
+
 export interface CryptoPrimitives {
   /** Key length picks AES-128/192/256. Sector modes (CBC, XTS) are built on this in modes.ts. */
   aesEcb(key: Uint8Array): AesEcb;
+  /** CBC (AES key) or XTS (both halves) for `key` when the platform has it whole, else undefined. */
+  aesSectors?(mode: 'cbc' | 'xts', key: Uint8Array): AesSectorMode | undefined;
   hash(alg: HashAlg, data: Uint8Array): Uint8Array;
   /** PBKDF2-HMAC-`alg`. Node runs it on the thread pool; the browser variant yields now and then. */
   pbkdf2(alg: HashAlg, password: Uint8Array, salt: Uint8Array, iterations: number, keyLength: number): Promise<Uint8Array>;

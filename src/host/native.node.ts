@@ -105,6 +105,19 @@ export interface HostAddon {
    * per thread: the bytes written, or -1 when `out` is too small. Absent before version 6.
    */
   deflateRaw?(src: Uint8Array, out: Uint8Array, level: number, windowBits: number, memLevel: number): number;
+  /**
+   * An AES sector cipher keyed with `key` on the OpenSSL inside the node binary: mode 0 CBC
+   * (16/24/32-byte key), 1 XTS (32/64 bytes, both halves). Undefined when that OpenSSL or that
+   * key size is not there, or for XTS keys whose halves are equal (OpenSSL refuses them). The
+   * value is opaque: pass it to aesSectorsRun. Absent before version 8.
+   */
+  aesSectors?(mode: 0 | 1, key: Uint8Array): object | undefined;
+  /**
+   * Encrypt or decrypt the 512-byte sectors of `src` into `dst` (the same length; the same memory
+   * or apart, never partly overlapping), each sector with its own IV: 16 bytes a sector from
+   * `ivs`, or plain64 IVs counted from the sector number `ivs`. Absent before version 8.
+   */
+  aesSectorsRun?(cipher: object, encrypt: boolean, src: Uint8Array, dst: Uint8Array, ivs: Uint8Array | number): void;
   readonly version: number;
 }
 

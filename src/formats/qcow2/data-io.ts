@@ -188,10 +188,17 @@ export class DataIo {
     // Encryption works on whole 512-byte sectors; clusters and subclusters are sector aligned,
     // so widening the range to sectors stays inside the same (sub)cluster.
     const lead = guestOffset % 512;
+    const cipher = enc.cipher();
+    if (lead === 0 && into.length % 512 === 0 && cipher.decryptInPlace) {
+      // Sector-aligned (whole clusters, as convert reads them): no second buffer and no copy.
+      await this.image.dataStore.read(hostOffset, into);
+      await cipher.decryptInPlace(into, (enc.ivFromHostSector ? hostOffset : guestOffset) / 512);
+      return;
+    }
     const total = Math.ceil((lead + into.length) / 512) * 512;
     const buf = new Uint8Array(total);
     await this.image.dataStore.read(hostOffset - lead, buf);
-    const plain = await enc.cipher().decrypt(buf, (enc.ivFromHostSector ? hostOffset - lead : guestOffset - lead) / 512);
+    const plain = await cipher.decrypt(buf, (enc.ivFromHostSector ? hostOffset - lead : guestOffset - lead) / 512);
     into.set(plain.subarray(lead, lead + into.length));
   }
 
