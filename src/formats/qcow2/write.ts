@@ -1110,6 +1110,11 @@ export class Qcow2Writer {
         await this.writeLocked(guest, chunk);
         continue;
       }
+      // The L2 table first, then the bytes: qemu allocates in that order, so a new table lands
+      // before the compressed data in the file, where qemu's layout has it (iotest 214 pokes
+      // the entries at their offsets). The table is asked for again below: the allocation and
+      // the data write in between may have let the cache drop the slice.
+      await this.map.l2ForWrite(guest);
       const host = await this.refcounts.allocBytes(packed.length);
       this.map.noteGrowth();
       await image.store.write(host, packed);

@@ -30,10 +30,14 @@ async function qemuDirty(t: TestContext, dir: string, file: string, name: string
   const sock = join(dir, `q-${Math.random().toString(36).slice(2)}.sock`);
   const pidFile = `${sock}.pid`;
   const child = spawn('qemu-nbd', ['-r', '-B', name, '-f', 'qcow2', '-k', sock, '--pid-file', pidFile, file], { stdio: 'ignore' });
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   t.after(() => void child.kill('SIGTERM'));
   for (let i = 0; i < 400 && !(await stat(pidFile).catch(() => undefined)); i++) await sleep(25);
   const { stdout } = await runOk('nbdinfo', [`--map=qemu:dirty-bitmap:${name}`, `nbd+unix:///?socket=${sock}`]);
+  // Until qemu-nbd has exited it holds the image's locks: the next qemu-io writer would fail to
+  // get its write lock (seen on a loaded machine).
   child.kill('SIGTERM');
+  await exited;
   return stdout
     .trim()
     .split('\n')
