@@ -4,7 +4,7 @@ import { invalidArgument } from './errors.js';
 const UNITS: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
 
 /**
- * A size as qemu-img reads it ("10G", "512", "1.5M", "64KiB"), in bytes: k/M/G/T/P/E are powers
+ * A size as qemu-img reads it ("10G", "512", "1.5M", "64KiB", "0x10000"), in bytes: k/M/G/T/P/E are powers
  * of 1024. `what` names the value in the error (QCOW_INVALID_ARGUMENT) for a malformed one.
  *
  * @example
@@ -15,6 +15,13 @@ const UNITS: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 
  * ```
  */
 export function parseSize(text: string, what = 'size'): number {
+  // 0x-hex as qemu takes it: whole bytes, no fraction and no suffix.
+  const hex = /^\s*(0x[0-9a-f]+)\s*$/i.exec(text);
+  if (hex) {
+    const v = Number.parseInt(hex[1]!, 16);
+    if (!Number.isSafeInteger(v)) throw invalidArgument(`invalid ${what} '${text}': not a whole number of bytes below 2^53`);
+    return v;
+  }
   const m = /^\s*(\d+(?:\.\d+)?)\s*([bkmgtpe]?)(?:i?b)?\s*$/i.exec(text);
   if (!m) throw invalidArgument(`invalid ${what} '${text}': expected a number with an optional k, M, G, T suffix`);
   const value = Number(m[1]) * UNITS[m[2]!.toLowerCase()]!;
@@ -22,13 +29,8 @@ export function parseSize(text: string, what = 'size'): number {
   return value;
 }
 
-/** Offsets in the qemu-io language: decimal, 0x-hex, or with a size suffix. */
+/** Offsets in the qemu-io language: decimal, 0x-hex, or with a size suffix (as sizes are read). */
 export function parseOffset(text: string, what = 'offset'): number {
-  if (/^0x[0-9a-f]+$/i.test(text)) {
-    const v = Number.parseInt(text, 16);
-    if (!Number.isSafeInteger(v)) throw invalidArgument(`invalid ${what} '${text}'`);
-    return v;
-  }
   return parseSize(text, what);
 }
 

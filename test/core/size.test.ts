@@ -27,3 +27,10 @@ test('sizes print as qemu-img prints them', () => {
     assert.equal(formatSize(bytes), text);
   }
 });
+
+test('sizes in 0x-hex parse as qemu parses them: whole bytes, no fraction, no suffix', () => {
+  assert.equal(parseSize('0x10000'), 65536);
+  assert.equal(parseSize('0X200'), 512);
+  assert.equal(parseOffset('0xa00802'), 0xa00802);
+  for (const bad of ['0x1.5', '0x', '0xg']) assert.throws(() => parseSize(bad), /invalid size/);
+});
