@@ -61,6 +61,11 @@
  *                                     (preadv2 with RWF_NOWAIT): the bytes read (0 at the end),
  *                                     -1 when it would have to wait (EAGAIN), -2 when the kernel
  *                                     does not offer RWF_NOWAIT for this descriptor.
+ *   preadNoWait(fd, into, position)   The same at `position` (the file position unchanged): what a
+ *                                     regular file's page cache holds is read at once, and the
+ *                                     read stops short (-1 if nothing) where a disk access would
+ *                                     have to wait. For large reads that would otherwise go to
+ *                                     libuv's pool for nothing but a memory copy.
  *   waitReadable(fd, timeoutMs)       poll(2) for POLLIN: true when a read would not wait (data,
  *                                     the end, or an error to report), false when the time ran
  *                                     out or a signal arrived (EINTR). For pipe readers (streams/
@@ -856,6 +861,25 @@ static napi_value zstd_decompress(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* preadv2(RWF_NOWAIT) at `pos` (-1: the file position): bytes read, -1 for EAGAIN, -2 when
+ * the kernel has no non-waiting reads for this descriptor, or NULL after throwing. */
+static napi_value nowait_read(napi_env env, int fd, void *buf, size_t len, off_t pos) {
+  static unsigned char none;
+  struct iovec iov = {len ? buf : &none, len};
+  ssize_t r;
+  do r = preadv2(fd, &iov, 1, pos, RWF_NOWAIT);
+  while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    if (errno == EAGAIN) r = -1;
+    /* Kernels before 4.14 (EINVAL) or descriptors without non-waiting reads (EOPNOTSUPP). */
+    else if (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS) r = -2;
+    else return throw_errno(env, errno, "preadv2");
+  }
+  napi_value result;
+  CHECK(napi_create_double(env, (double)r, &result));
+  return result;
+}
+
 static napi_value read_nowait(napi_env env, napi_callback_info info) {
   napi_value argv[2];
   size_t argc = 2;
@@ -867,20 +891,23 @@ static napi_value read_nowait(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readNoWait(fd: number, into: Uint8Array)");
     return NULL;
   }
-  static unsigned char none;
-  struct iovec iov = {len ? buf : &none, len};
-  ssize_t r;
-  do r = preadv2(fd, &iov, 1, -1, RWF_NOWAIT);
-  while (r < 0 && errno == EINTR);
-  if (r < 0) {
-    if (errno == EAGAIN) r = -1;
-    /* Kernels before 4.14 (EINVAL) or descriptors without non-waiting reads (EOPNOTSUPP). */
-    else if (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS) r = -2;
-    else return throw_errno(env, errno, "preadv2");
+  return nowait_read(env, fd, buf, len, -1);
+}
+
+static napi_value pread_nowait(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  size_t argc = 3;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t fd;
+  void *buf;
+  size_t len;
+  double pos;
+  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || !get_bytes(env, argv[1], &buf, &len) ||
+      napi_get_value_double(env, argv[2], &pos) != napi_ok || pos < 0 || pos != (double)(long long)pos) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "preadNoWait(fd: number, into: Uint8Array, position: number)");
+    return NULL;
   }
-  napi_value result;
-  CHECK(napi_create_double(env, (double)r, &result));
-  return result;
+  return nowait_read(env, fd, buf, len, (off_t)pos);
 }
 
 static napi_value wait_readable(napi_env env, napi_callback_info info) {
@@ -1229,6 +1256,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"zstdVersion", NULL, zstd_version, NULL, NULL, NULL, napi_enumerable, NULL},
     {"zstdDecompress", NULL, zstd_decompress, NULL, NULL, NULL, napi_enumerable, NULL},
     {"readNoWait", NULL, read_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"preadNoWait", NULL, pread_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
     {"waitReadable", NULL, wait_readable, NULL, NULL, NULL, napi_enumerable, NULL},
     {"growPipe", NULL, grow_pipe, NULL, NULL, NULL, napi_enumerable, NULL},
     {"zlibVersion", NULL, zlib_version, NULL, NULL, NULL, napi_enumerable, NULL},

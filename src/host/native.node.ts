@@ -77,6 +77,12 @@ export interface HostAddon {
    */
   readNoWait?(fd: number, into: Uint8Array): number;
   /**
+   * The same at `position`, leaving the file position alone: for a regular file, the part of the
+   * range the page cache holds (from its start), -1 when none of it, -2 as above. Absent before
+   * version 8.
+   */
+  preadNoWait?(fd: number, into: Uint8Array, position: number): number;
+  /**
    * poll(2) `fd` for reading for up to `timeoutMs`: true when a read would not wait (data, the
    * end or an error), false when the time ran out or a signal came. Absent before version 6.
    */

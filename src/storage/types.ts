@@ -69,8 +69,12 @@ export interface DataRun {
  * `fileOpener` (`qcow/node`), `httpOpener` and `blobOpener` (`qcow/browser`) are the built-in ones.
  */
 export interface StoreOpener {
-  /** `permissions`: the locks to take at open (default: those of an image file holding metadata). */
-  open(name: string, options: { readOnly: boolean; create?: boolean; permissions?: Permissions }): Promise<ByteStore>;
+  /**
+   * `permissions`: the locks to take at open (default: those of an image file holding metadata).
+   * `cachedReadsInline`: a hint for servers of large reads (local files: see FileStore); others
+   * ignore it.
+   */
+  open(name: string, options: { readOnly: boolean; create?: boolean; permissions?: Permissions; cachedReadsInline?: boolean }): Promise<ByteStore>;
   /** Resolve `name` as written in the image against the store that names it. */
   resolve(name: string, relativeTo: string): string;
   /** Whether `name` exists (create uses it to know whether a failed create may remove the file). */

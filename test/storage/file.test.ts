@@ -1,10 +1,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { closeSync, fdatasyncSync, openSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { FileStore } from '#src/storage/file.node.js';
 import { scratch } from '../support/qemu.js';
 import { QcowError } from '#src/core/errors.js';
+import { hostAddon } from '#src/host/native.node.js';
 
 // Small requests take the synchronous path and large ones the thread pool (see file.node.ts); the
 // two must be indistinguishable to a caller, whatever the threshold.
@@ -112,5 +114,44 @@ test('a failed large write does not hold up the ones queued behind it', { skip: 
     );
   } finally {
     await store.close();
+  }
+});
+
+// cachedReadsInline (qcow serve): a large read takes what the page cache holds at once and the
+// rest from the pool. Whatever part is cached, the bytes and the count must be those of a plain read.
+test('inline cached reads give the same bytes whether the range is cached, partly cached or not at all', { skip: !hostAddon()?.preadNoWait || !hostAddon()?.writeBehind }, async (t) => {
+  const addon = hostAddon()!;
+  const dir = await scratch(t);
+  const path = join(dir, 'cached.bin');
+  const size = 4 << 20;
+  const content = new Uint8Array(size).map((_, i) => (i * 13 + (i >> 12)) & 0xff);
+  await writeFile(path, content);
+  const fd = openSync(path, 'r');
+  // Written back and then given back to the kernel (fadvise DONTNEED): the kernel may keep some
+  // pages (and read-ahead brings others back), so which path serves each part varies; the bytes
+  // must not.
+  const dropCache = async () => {
+    fdatasyncSync(fd);
+    await addon.writeBehind!(fd, 0, 0, 0, size);
+  };
+  const store = await FileStore.open(path, { readOnly: true, cachedReadsInline: true });
+  try {
+    const check = async (offset: number, length: number) => {
+      const got = new Uint8Array(length).fill(0xee);
+      const real = Math.max(0, Math.min(length, size - offset));
+      assert.equal(await store.read(offset, got), real);
+      assert.deepEqual(got.subarray(0, real), content.subarray(offset, offset + real));
+      assert.ok(got.subarray(real).every((b) => b === 0));
+    };
+    await check(0, size); // cached: the file was just written
+    await dropCache();
+    await check(1 << 20, 1 << 20);
+    await dropCache();
+    await check(0, 256 << 10);
+    await check(0, 1 << 20); // starts in what the last read cached
+    await check(size - 100_000, 300_000); // past the end of the file: zeros
+  } finally {
+    await store.close();
+    closeSync(fd);
   }
 });

@@ -125,3 +125,39 @@ test('FileStore offers the sparse calls only with the addon, and only what its m
     await rw.close();
   }
 });
+
+// dataRuns keeps the last run of data it found (a server asks before every read); the store's own
+// calls that make holes must drop it, and a range reaching past it must be asked again.
+test('dataRuns answers from the last run of data it found, until this store punches, zeroes or truncates', withAddon, async (t) => {
+  const dir = await scratch(t);
+  const store = await FileStore.open(join(dir, 'runs.raw'), { readOnly: false, create: true });
+  try {
+    await store.write(0, new Uint8Array(MiB).fill(1));
+    const runs = (offset: number, length: number) => store.dataRuns!(offset, length);
+    assert.deepEqual(await runs(0, 4096), [{ offset: 0, length: 4096, data: true }]);
+    assert.deepEqual(await runs(512 * 1024, 256 * 1024), [{ offset: 512 * 1024, length: 256 * 1024, data: true }]);
+    await store.punchHole!(256 * 1024, 256 * 1024);
+    assert.deepEqual(await runs(0, MiB), [
+      { offset: 0, length: 256 * 1024, data: true },
+      { offset: 256 * 1024, length: 256 * 1024, data: false },
+      { offset: 512 * 1024, length: 512 * 1024, data: true },
+    ]);
+    assert.deepEqual(await runs(512 * 1024, 4096), [{ offset: 512 * 1024, length: 4096, data: true }]);
+    await store.zeroRange!(768 * 1024, 256 * 1024);
+    // ZERO_RANGE may keep the blocks (then still data) or free them: nothing to check but that
+    // the runs still cover the range.
+    const after = await runs(512 * 1024, 512 * 1024);
+    assert.equal(after.reduce((n, r) => n + r.length, 0), 512 * 1024);
+    await store.truncate(640 * 1024);
+    assert.deepEqual(await runs(512 * 1024, 256 * 1024), [
+      { offset: 512 * 1024, length: 128 * 1024, data: true },
+      { offset: 640 * 1024, length: 128 * 1024, data: false },
+    ]);
+    // Data written past a run's end: asked again, not taken from the run.
+    await store.write(MiB, new Uint8Array(4096).fill(2));
+    assert.deepEqual(await runs(512 * 1024, 4096), [{ offset: 512 * 1024, length: 4096, data: true }]);
+    assert.deepEqual(await runs(MiB, 4096), [{ offset: MiB, length: 4096, data: true }]);
+  } finally {
+    await store.close();
+  }
+});

@@ -5,7 +5,7 @@
  * SIGINT/SIGTERM stop accepting, finish running requests, flush and close the image, exit 0.
  */
 import { lstatSync, renameSync, rmSync, writeFileSync } from 'node:fs';
-import { QcowError, serveNbd, type ListenAddress, type NbdServerHandle } from '../../node.js';
+import { QcowError, serveNbd, type ListenAddress, type NbdServerHandle, type StoreOpener } from '../../node.js';
 import { openForCli } from '../common.js';
 
 interface Flags {
@@ -28,7 +28,11 @@ export async function run(file: string, flags: Flags): Promise<number> {
   const address = listenAddress(flags);
   const maxClients = flags.shared === undefined ? 1 : positiveInt(flags.shared, '-e/--shared');
   // fixedSize: the export's size does not change, so others may not resize the image (qemu-nbd's locks).
-  const dev = await openForCli(file, flags, { readOnly: !!flags.readOnly, fixedSize: true });
+  // cachedReadsInline: clients read in pieces of 256 KiB and more, mostly from the page cache, and
+  // handing each to libuv's pool cost more than the copy (see FileStore).
+  const { defaultOpener } = await import('../open-images.js');
+  const opener: StoreOpener = { ...defaultOpener, open: (name, o) => defaultOpener.open(name, { ...o, cachedReadsInline: true }) };
+  const dev = await openForCli(file, flags, { readOnly: !!flags.readOnly, fixedSize: true, opener });
   let server: NbdServerHandle | undefined;
   try {
     if ('path' in address) await removeStaleSocket(address.path);
