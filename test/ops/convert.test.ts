@@ -80,6 +80,33 @@ test('with a backing file (-B) only clusters that differ from it are written', a
   assert.equal(own, 2 * 65536);
 });
 
+test('plain copies go in items of 4 MiB by default (fewer items, less JavaScript per byte), into the same layout', async () => {
+  const bytes = randomBytes(10 * MiB, 11);
+  const src = await memRaw(bytes);
+  const dst = await memRaw(10 * MiB);
+  const writes: [number, number][] = [];
+  const write = dst.write.bind(dst);
+  dst.write = async (off, data, o) => {
+    writes.push([off, data.length]);
+    return write(off, data, o);
+  };
+  await convert([src], dst, { targetIsZero: true });
+  assert.deepEqual(writes, [
+    [0, 4 * MiB],
+    [4 * MiB, 4 * MiB],
+    [8 * MiB, 2 * MiB],
+  ]);
+  assert.deepEqual(await readAll(dst), bytes);
+  // The same guest content lands at the same host offsets whatever the item size.
+  const a = await memQcow2(10 * MiB);
+  const b = await memQcow2(10 * MiB);
+  await convert([src], a, { targetIsZero: true });
+  await convert([src], b, { targetIsZero: true, chunkSize: 2 * MiB });
+  const layout = async (d: typeof a) => (await d.blockStatus(0, 10 * MiB)).map((e) => [e.offset, e.length, e.hostOffset]);
+  assert.deepEqual(await layout(a), await layout(b));
+  assert.equal((await compareImages(a, b)).identical, true);
+});
+
 test('compressed: every written cluster goes through writeCompressed, zeros are skipped', async () => {
   const src = await memRaw(3 * MiB);
   await fill(src, 0, MiB, 0x5a);
