@@ -29,6 +29,11 @@
  *                                     (`zero` true) or not all zeros (false) ends: the offset of
  *                                     the first block of the other kind, or `end`. The copy loops
  *                                     ask this once per run of a 2 MiB buffer, not once per block.
+ *   contiguousEntries(table, index, max, clusterSize)
+ *                                     The end (exclusive index) of the run of 8-byte big-endian
+ *                                     qcow2 L2 entries from `index` (at most `max`) in which each
+ *                                     is the one before plus `clusterSize`: formats/qcow2/
+ *                                     l2-entry.ts's, in one call for a whole table slice.
  *   adviseHugePages(bytes)            madvise(MADV_HUGEPAGE) on the whole 2 MiB pages inside the
  *                                     array (anonymous memory: a WebAssembly memory). Returns the
  *                                     offset of the first one in the array, or -1 (none, or the
@@ -468,6 +473,45 @@ static napi_value block_run_end(napi_env env, napi_callback_info info) {
   }
   napi_value result;
   CHECK(napi_create_double(env, (double)o, &result));
+  return result;
+}
+
+/* See contiguousEntries at the top. */
+static napi_value contiguous_entries(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  size_t argc = 4;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  bool is_typed = false;
+  napi_typedarray_type type;
+  size_t length = 0;
+  void *data = NULL;
+  double index, max, cluster;
+  if (argc < 4 || napi_is_typedarray(env, argv[0], &is_typed) != napi_ok || !is_typed ||
+      napi_get_typedarray_info(env, argv[0], &type, &length, &data, NULL, NULL) != napi_ok || type != napi_uint8_array ||
+      napi_get_value_double(env, argv[1], &index) != napi_ok || napi_get_value_double(env, argv[2], &max) != napi_ok ||
+      napi_get_value_double(env, argv[3], &cluster) != napi_ok) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "contiguousEntries(table: Uint8Array, index, max, clusterSize)");
+    return NULL;
+  }
+  /* Whole numbers, the first entry and `max` entries from it inside the table. */
+  if (!(index >= 0 && max >= 1 && cluster >= 0 && cluster < 9007199254740992.0) || index != (double)(size_t)index || max != (double)(size_t)max ||
+      cluster != (double)(uint64_t)cluster || (size_t)index + (size_t)max > length / 8) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "contiguousEntries: need whole numbers, max >= 1 and index + max entries inside the table");
+    return NULL;
+  }
+  const unsigned char *p = (const unsigned char *)data + (size_t)index * 8;
+  size_t n = (size_t)max, k = 1;
+  uint64_t step = (uint64_t)cluster, first;
+  memcpy(&first, p, 8);
+  first = __builtin_bswap64(first);
+  /* Entry k is the first plus k clusters, wrapping as 64-bit words do (as the JavaScript does). */
+  for (uint64_t want = first + step; k < n; k++, want += step) {
+    uint64_t e;
+    memcpy(&e, p + k * 8, 8);
+    if (__builtin_bswap64(e) != want) break;
+  }
+  napi_value result;
+  CHECK(napi_create_double(env, (double)((size_t)index + k), &result));
   return result;
 }
 
@@ -1249,6 +1293,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"copyFileRange", NULL, copy_file_range_async, NULL, NULL, NULL, napi_enumerable, NULL},
     {"writeBehind", NULL, write_behind, NULL, NULL, NULL, napi_enumerable, NULL},
     {"blockRunEnd", NULL, block_run_end, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"contiguousEntries", NULL, contiguous_entries, NULL, NULL, NULL, napi_enumerable, NULL},
     {"adviseHugePages", NULL, advise_huge_pages, NULL, NULL, NULL, napi_enumerable, NULL},
     {"mapText", NULL, map_text, NULL, NULL, NULL, napi_enumerable, NULL},
     {"mapBytes", NULL, map_bytes, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -5,6 +5,12 @@ export function nativeBlockRunEnd(): BlockRunEnd | undefined {
   return undefined;
 }
 
+export type ContiguousEntries = (table: Uint8Array, index: number, max: number, clusterSize: number) => number;
+
+export function nativeContiguousEntries(): ContiguousEntries | undefined {
+  return undefined;
+}
+
 export function hugePageBuffers(): Uint8Array[] | undefined {
   return undefined;
 }

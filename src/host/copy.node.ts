@@ -19,6 +19,22 @@ export function nativeBlockRunEnd(): BlockRunEnd | undefined {
   return scanner ?? undefined;
 }
 
+export type ContiguousEntries = NonNullable<HostAddon['contiguousEntries']>;
+
+let entries: ContiguousEntries | null | undefined;
+
+/**
+ * The addon's contiguousEntries, or undefined without it (or QCOW_NO_NATIVE=1). A copy of an
+ * image with small clusters compares every L2 entry twice (its block status, then its reads),
+ * and in a short process most of those comparisons ran before V8 optimised the JavaScript loop:
+ * ~29 M of the ~86 M instructions past Node's start of a 512 MiB convert with 4 KiB clusters
+ * (callgrind), ~12 M of a 3-layer chain's.
+ */
+export function nativeContiguousEntries(): ContiguousEntries | undefined {
+  if (entries === undefined) entries = hostAddon()?.contiguousEntries ?? null;
+  return entries ?? undefined;
+}
+
 const HUGE = 2 * 1024 * 1024;
 const WASM_PAGE = 65536;
 

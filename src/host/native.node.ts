@@ -45,6 +45,13 @@ export interface HostAddon {
    */
   blockRunEnd?(bytes: Uint8Array, from: number, end: number, unit: number, zero: boolean): number;
   /**
+   * The end (exclusive index) of the run of 8-byte big-endian L2 entries from `index`, at most
+   * `max`, each the one before plus `clusterSize` (formats/qcow2/l2-entry.ts contiguousEntries).
+   * Throws a RangeError unless `max` >= 1 and the entries lie inside `table`. Absent before
+   * version 8.
+   */
+  contiguousEntries?(table: Uint8Array, index: number, max: number, clusterSize: number): number;
+  /**
    * madvise(MADV_HUGEPAGE) on the whole 2 MiB pages inside `bytes` (anonymous memory): the offset
    * of the first one in `bytes`, or -1. Absent from addons built before version 3.
    */

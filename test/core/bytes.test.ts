@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { firstNonZero, isZero } from '#src/core/bytes.js';
+import { firstNonZero, firstNonZeroJs, isZero } from '#src/core/bytes.js';
 
 /** The obvious byte loop the word-based scan must agree with. */
 function reference(b: Uint8Array, start: number, end: number): number {
@@ -46,4 +46,22 @@ test('isZero: all zeros, or not, whatever the length and offset', () => {
   b[4098] = 1;
   assert.equal(isZero(b), false);
   assert.equal(isZero(b.subarray(1, 4098)), true);
+});
+
+test('firstNonZero over long ranges (the host addon scan, where loaded) agrees with the byte loop and the JavaScript scan', () => {
+  let seed = 7;
+  const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) >>> 0) >>> 8) % n;
+  const backing = new Uint8Array(8192 + 16);
+  for (let round = 0; round < 400; round++) {
+    backing.fill(0);
+    for (let k = rand(3); k > 0; k--) backing[rand(backing.length)] = 1 << rand(8);
+    const shift = rand(9);
+    const b = backing.subarray(shift, shift + 8192);
+    const start = rand(b.length);
+    // Mostly ranges long enough for the native scan, sometimes ending inside an 8-byte block.
+    const end = Math.min(b.length, start + 200 + rand(b.length));
+    const want = reference(b, start, end);
+    assert.equal(firstNonZero(b, start, end), want, `round ${round} [${start}, ${end})`);
+    assert.equal(firstNonZeroJs(b, start, end), want, `JS round ${round}`);
+  }
 });

@@ -1,7 +1,8 @@
 /** L2 entries decode as qemu 7.2 wrote them (values from docs/notes/qcow2-pitfalls.md §3-5). */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readL2Entry, subclusterKind } from '#src/formats/qcow2/l2-entry.js';
+import { contiguousEntries, contiguousEntriesJs, readL2Entry, subclusterKind } from '#src/formats/qcow2/l2-entry.js';
+import { hostAddon } from '#src/host/native.node.js';
 import { compressedDescriptor } from '#src/formats/qcow2/compressed-descriptor.js';
 
 const table = (...entries: bigint[]) => {
@@ -92,4 +93,47 @@ test('extended L2: allocated / zero bitmaps decide each subcluster (docs/notes/q
 
 test('host offsets at or above 2^53 are corruption, not rounded numbers', () => {
   assert.throws(() => readL2Entry(table(0x80f0000000000000n), 0, std), /2\^53/);
+});
+
+test('contiguousEntries: runs end at a gap, a flag change or max; the addon agrees with the JavaScript', () => {
+  const cs = 4096;
+  // Four contiguous clusters crossing 4 GiB (the carry into the high word), then a gap.
+  const base = 0x8000_0000_0000_0000n | (0x1_0000_0000n - 2n * BigInt(cs));
+  const run = [0, 1, 2, 3].map((k) => base + BigInt(k * cs));
+  const t = table(...run, base + 10n * BigInt(cs), 0n);
+  assert.equal(contiguousEntries(t, 0, 6, cs), 4);
+  assert.equal(contiguousEntriesJs(t, 0, 6, cs), 4);
+  assert.equal(contiguousEntriesJs(t, 0, 3, cs), 3, 'at most max');
+  assert.equal(contiguousEntriesJs(t, 1, 1, cs), 2, 'one entry is a run of one');
+  // The ZERO flag on the third entry: the same offset sequence but other flags ends the run.
+  const flagged = table(0x50000n, 0x51000n, 0x52001n, 0x53000n);
+  assert.equal(contiguousEntriesJs(flagged, 0, 4, cs), 2);
+
+  const addon = hostAddon();
+  if (!addon?.contiguousEntries) return;
+  const native = addon.contiguousEntries;
+  let seed = 99;
+  const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) >>> 0) >>> 8) % n;
+  for (let round = 0; round < 300; round++) {
+    const size = [512, 4096, 65536, 2 * 1024 * 1024][rand(4)]!;
+    const n = 1 + rand(600);
+    // Start anywhere, low word near 2^32 now and then; break the run (offset or flag) sometimes.
+    let e = (rand(2) ? 0x8000_0000_0000_0000n : 0n) | (BigInt(rand(1 << 20)) << 32n) | (rand(3) === 0 ? 0xffff_0000n : 0n) | BigInt(rand(1 << 12) * 512);
+    const entries: bigint[] = [];
+    for (let k = 0; k < n; k++) {
+      entries.push(e);
+      e = (e + BigInt(size)) & 0xffff_ffff_ffff_ffffn;
+      if (rand(200) === 0) e ^= 1n << BigInt(rand(64));
+    }
+    const t2 = table(...entries);
+    const index = rand(n);
+    const max = 1 + rand(n - index);
+    assert.equal(native(t2, index, max, size), contiguousEntriesJs(t2, index, max, size), `round ${round}`);
+    // A fractional max (a range that ends inside a cluster) counts the entry holding its end.
+    assert.equal(contiguousEntries(t2, index, max - 0.5, size), contiguousEntriesJs(t2, index, max - 0.5, size), `round ${round}, max - 0.5`);
+  }
+  // Past the table, or no entry at all: refused, not read.
+  assert.throws(() => native(t, 3, 4, cs), RangeError);
+  assert.throws(() => native(t, 0, 0, cs), RangeError);
+  assert.throws(() => native(new Uint16Array(8) as unknown as Uint8Array, 0, 1, cs), TypeError);
 });
