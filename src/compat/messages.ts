@@ -15,7 +15,9 @@ export type ErrorContext =
   /** anything else a command does once its images are open */
   | 'run'
   /** qemu-io opening its device: the driver's own words, after `can't open device X: ` */
-  | 'device';
+  | 'device'
+  /** create, dd: making the new image's file (`file`) */
+  | 'create-file';
 
 export interface MessageContext {
   op: ErrorContext;
@@ -39,6 +41,9 @@ interface Row {
 
 /** Our message when a qcow2 image marked corrupt is opened for writing. */
 export const OPEN_REFUSED = /^the image is marked corrupt and cannot be opened read\/write/;
+
+/** Whether an error comes from the operating system (an errno code on it or its cause). */
+const hasErrno = (e: QcowError): boolean => [e, e.cause].some((x) => /^E[A-Z]+$/.test(String((x as NodeJS.ErrnoException | undefined)?.code ?? '')));
 
 const noFile = (msg: string) => msg.replace(/^(?:file|cannot open|could not open)[^:]*:\s*/i, '');
 
@@ -99,6 +104,9 @@ const ROWS: Row[] = [
   { match: /^size 0x[0-9a-f]+ is too large/, text: (e, c) => `Could not open '${c.file ?? e.file}': Image is too big` },
   // A backing chain that comes back to an image it already holds.
   { code: 'QCOW_CORRUPT', match: /loops back/, text: (e, c) => `Backing file '${e.file ?? c.file}' creates an infinite loop.` },
+  // The new image's file could not be made (the file protocol names it; our message is the errno's).
+  { op: 'create-file', match: /^[^:]*$/, text: (e, c) => (hasErrno(e) ? `Could not create '${c.file ?? e.file}': ${e.message}` : e.message) },
+  { op: 'create-file', text: (e) => e.message },
   // create: the backing file could not be opened (QEMU adds a hint line).
   {
     op: 'create-backing',
@@ -158,7 +166,7 @@ function qemuText(e: unknown, ctx: MessageContext): { text: string; bare?: boole
     return { text: err && typeof err.message === 'string' ? err.message : String(e) };
   }
   for (const row of ROWS) {
-    if (!(row.op === undefined ? ctx.op !== 'device' : [row.op].flat().includes(ctx.op))) continue;
+    if (!(row.op === undefined ? ctx.op !== 'device' && ctx.op !== 'create-file' : [row.op].flat().includes(ctx.op))) continue;
     if (row.code !== undefined && row.code !== 'ANY' && row.code !== e.code) continue;
     let m: RegExpExecArray | null = null;
     if (row.match) {
@@ -177,4 +185,22 @@ export function qemuErrorLines(program: string, e: unknown, ctx: MessageContext)
   if (bare) return text + '\n';
   const [first, ...rest] = text.split('\n');
   return [`${program}: ${first}`, ...rest].join('\n') + '\n';
+}
+
+/** Whether a failure happened while opening the image (QEMU then says "Could not open"): the context qemu-img's commands report it in. */
+export function contextOf(e: unknown): ErrorContext {
+  if (!(e instanceof QcowError)) return 'run';
+  switch (e.code) {
+    case 'QCOW_NOT_FOUND':
+    case 'QCOW_BAD_MAGIC':
+    case 'QCOW_UNSUPPORTED':
+    case 'QCOW_NEED_PASSWORD':
+    case 'QCOW_BAD_PASSWORD':
+    case 'QCOW_LOCKED':
+      return 'open';
+    case 'QCOW_CORRUPT':
+      return OPEN_REFUSED.test(e.message) ? 'open' : 'run';
+    default:
+      return 'run';
+  }
 }
