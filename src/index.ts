@@ -29,6 +29,7 @@ export { commit, type CommitOptions } from './ops/commit.js';
 export { rebase, type RebaseOptions } from './ops/rebase.js';
 export { amendImage, amendOptions } from './ops/amend.js';
 export { measure, type MeasureOptions } from './ops/measure.js';
+export { ddPlan, ddCopy, type DdOptions, type DdPlan } from './ops/dd.js';
 export { checkImage, checkableFormat, checkHuman, checkJson, checkExitCode, type CheckImageOptions, type CheckedImage, type CheckResult, type RepairMode } from './ops/check.js';
 // Writing an image front to back into a stream (a pipe, an upload, a download).
 export { writeImageStream, type ChunkSink, type WriteStreamOptions, type WriteStreamResult } from './streams/write-image.js';

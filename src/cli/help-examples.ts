@@ -23,6 +23,10 @@ export const HELP_EXAMPLES: Readonly<Record<string, readonly (readonly [string, 
     ["qcow convert -c -O qcow2 disk.raw - | ssh host 'cat > disk.qcow2'", 'a qcow2 written front to back into a pipe (no temporary image)'],
     ['qcow convert -C -O raw disk.qcow2 copy.raw', 'copy offload: on XFS or Btrfs the kernel shares the blocks'],
   ],
+  dd: [
+    ['qcow dd if=disk.qcow2 of=head.raw bs=1M count=64', 'the first 64 MiB of the guest disk as a raw image'],
+    ['qcow dd -O qcow2 bs=4k skip=256 if=disk.raw of=tail.qcow2', 'everything after the first MiB, into a new qcow2'],
+  ],
   compare: [
     ['qcow compare a.qcow2 b.raw', 'exit 0 when the guest sees the same bytes, 1 (with the offset) when not'],
     ['qcow compare -s a.qcow2 b.qcow2', 'strict: sizes and allocation must match too'],

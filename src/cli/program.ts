@@ -23,6 +23,7 @@ const COMMANDS: Record<string, () => Promise<CommandModule>> = {
   compare: () => import('./commands/compare.js'),
   convert: () => import('./commands/convert.js'),
   create: () => import('./commands/create.js'),
+  dd: () => import('./commands/dd.js'),
   info: () => import('./commands/info.js'),
   io: () => import('./commands/io.js'),
   map: () => import('./commands/map.js'),
@@ -119,6 +120,17 @@ export function buildProgram(argv: string[]): Command {
         .option('--target-password-file <file>', 'password for an encrypted target')
         .argument('<files...>', 'sources, then the target')
         .action(lazy('convert'));
+    },
+    dd: () => {
+      program
+        .command('dd')
+        .description('copy an image (or part of it) into a new image, as qemu-img dd')
+        .addOption(fmt())
+        .option('-O, --output-format <fmt>', 'format of the image created', 'raw')
+        .option('-U, --force-share', 'accepted for qemu-img compatibility')
+        .addOption(pw())
+        .argument('<operands...>', 'if=INPUT of=OUTPUT [bs=BYTES] [count=BLOCKS] [skip=BLOCKS]')
+        .action(lazy('dd'));
     },
     compare: () => {
       program

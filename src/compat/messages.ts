@@ -15,7 +15,9 @@ export type ErrorContext =
   /** anything else a command does once its images are open */
   | 'run'
   /** qemu-io opening its device: the driver's own words, after `can't open device X: ` */
-  | 'device';
+  | 'device'
+  /** create, dd: making the new image's file (`file`) */
+  | 'create-file';
 
 export interface MessageContext {
   op: ErrorContext;
@@ -40,7 +42,25 @@ interface Row {
 /** Our message when a qcow2 image marked corrupt is opened for writing. */
 export const OPEN_REFUSED = /^the image is marked corrupt and cannot be opened read\/write/;
 
+/** Whether an error comes from the operating system (an errno code on it or its cause). */
+const hasErrno = (e: QcowError): boolean => [e, e.cause].some((x) => /^E[A-Z]+$/.test(String((x as NodeJS.ErrnoException | undefined)?.code ?? '')));
+
 const noFile = (msg: string) => msg.replace(/^(?:file|cannot open|could not open)[^:]*:\s*/i, '');
+
+/** Our refusals of a qcow2 header at open, and QEMU's words for each. */
+const HEADER_REFUSALS: [RegExp, string][] = [
+  [/^qcow2 header: header_length \d+ is larger than the first cluster/, 'qcow2 header exceeds cluster size'],
+  [/^(?:qcow2 header: )?backing_file_offset 0x[0-9a-f]+ (?:is too large|lies past the first cluster)$/, 'Invalid backing file offset'],
+  [/^qcow2 header extension (?:0x[0-9a-f]+ )?at 0x[0-9a-f]+(?::.*)? runs past the header area$/, 'Header extension too large'],
+  [/^refcount table of \d+ clusters is too large$/, 'Reference count table too large'],
+  [/^(?:refcount_table_offset 0x[0-9a-f]+ is too large|refcount table offset 0x[0-9a-f]+ is not cluster aligned)$/, 'Reference count table offset invalid'],
+  [/^snapshot table: \d+ snapshots is more than the limit/, 'Snapshot table too large'],
+  [/^snapshots_offset 0x[0-9a-f]+ is too large$/, 'Snapshot table offset invalid'],
+  [/^L1 table: \d+ entries is more than qemu's limit/, 'Active L1 table too large'],
+  [/^(?:l1_table_offset 0x[0-9a-f]+ is too large|L1 table offset 0x[0-9a-f]+ is not cluster aligned)$/, 'Active L1 table offset invalid'],
+  [/^L1 table is too small\b/, 'L1 table is too small'],
+  [/^qcow2 header: backing file name is too long/, 'Backing file name too long'],
+];
 
 const ROWS: Row[] = [
   // check, a snapshot table it cannot read, or a snapshot L1 table past what a file can hold:
@@ -91,6 +111,31 @@ const ROWS: Row[] = [
     match: OPEN_REFUSED,
     text: (e, c) => `${c.op === 'open' ? `Could not open '${c.file ?? e.file}': ` : ''}qcow2: Image is corrupt; cannot be opened read/write`,
   },
+  // A qcow2 header, or a table it places, that QEMU refuses at open: its words for each (ours say
+  // what the values were). qemu-io gives the words alone, qemu-img names the image.
+  ...HEADER_REFUSALS.map(
+    ([match, words]): Row => ({
+      op: ['open', 'run', 'device'],
+      code: 'QCOW_CORRUPT',
+      match,
+      text: (e, c) => (c.op === 'device' ? words : `Could not open '${c.file ?? e.file}': ${words}`),
+    }),
+  ),
+  // A snapshot L1 table QEMU refuses to load (too large, misaligned): its words per command, and
+  // for a revert and amend the errno the failure ends in.
+  {
+    code: 'QCOW_CORRUPT',
+    match: /^(?:Could not (apply|delete) snapshot '(.*)': |(cannot expand zero clusters: ))?snapshot '.*' L1 table(?::| 0x[0-9a-f]+ is not cluster aligned)(?: \d+ entries is more than)?/,
+    text: (e, _c, m) => {
+      const tooLarge = / entries is more than /.test(e.message);
+      const why = tooLarge ? 'Snapshot L1 table too large' : 'Snapshot L1 table offset invalid';
+      const errno = tooLarge ? 'File too large' : 'Invalid argument';
+      if (m![1] === 'delete') return `Could not delete snapshot '${m![2]}': ${why}`;
+      if (m![1] === 'apply') return `${why}\nqemu-img: Could not apply snapshot '${m![2]}': Failed to load snapshot: ${errno}`;
+      if (m![3]) return `${why}\nqemu-img: Failed to turn zero into data clusters: ${errno}`;
+      return `Failed to load snapshot: ${why}`;
+    },
+  },
   // amend on a format without it: refused once the image is open, without "Could not open".
   { code: 'QCOW_UNSUPPORTED', match: /does not support option amendment$/, text: (e) => e.message },
   // map, human output: data without a host offset in the file.
@@ -99,6 +144,9 @@ const ROWS: Row[] = [
   { match: /^size 0x[0-9a-f]+ is too large/, text: (e, c) => `Could not open '${c.file ?? e.file}': Image is too big` },
   // A backing chain that comes back to an image it already holds.
   { code: 'QCOW_CORRUPT', match: /loops back/, text: (e, c) => `Backing file '${e.file ?? c.file}' creates an infinite loop.` },
+  // The new image's file could not be made (the file protocol names it; our message is the errno's).
+  { op: 'create-file', match: /^[^:]*$/, text: (e, c) => (hasErrno(e) ? `Could not create '${c.file ?? e.file}': ${e.message}` : e.message) },
+  { op: 'create-file', text: (e) => e.message },
   // create: the backing file could not be opened (QEMU adds a hint line).
   {
     op: 'create-backing',
@@ -158,7 +206,7 @@ function qemuText(e: unknown, ctx: MessageContext): { text: string; bare?: boole
     return { text: err && typeof err.message === 'string' ? err.message : String(e) };
   }
   for (const row of ROWS) {
-    if (!(row.op === undefined ? ctx.op !== 'device' : [row.op].flat().includes(ctx.op))) continue;
+    if (!(row.op === undefined ? ctx.op !== 'device' && ctx.op !== 'create-file' : [row.op].flat().includes(ctx.op))) continue;
     if (row.code !== undefined && row.code !== 'ANY' && row.code !== e.code) continue;
     let m: RegExpExecArray | null = null;
     if (row.match) {
@@ -177,4 +225,22 @@ export function qemuErrorLines(program: string, e: unknown, ctx: MessageContext)
   if (bare) return text + '\n';
   const [first, ...rest] = text.split('\n');
   return [`${program}: ${first}`, ...rest].join('\n') + '\n';
+}
+
+/** Whether a failure happened while opening the image (QEMU then says "Could not open"): the context qemu-img's commands report it in. */
+export function contextOf(e: unknown): ErrorContext {
+  if (!(e instanceof QcowError)) return 'run';
+  switch (e.code) {
+    case 'QCOW_NOT_FOUND':
+    case 'QCOW_BAD_MAGIC':
+    case 'QCOW_UNSUPPORTED':
+    case 'QCOW_NEED_PASSWORD':
+    case 'QCOW_BAD_PASSWORD':
+    case 'QCOW_LOCKED':
+      return 'open';
+    case 'QCOW_CORRUPT':
+      return OPEN_REFUSED.test(e.message) ? 'open' : 'run';
+    default:
+      return 'run';
+  }
 }

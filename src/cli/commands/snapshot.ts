@@ -31,7 +31,8 @@ export async function run(file: string, flags: Flags): Promise<void> {
       await action.call(dev, arg);
     } catch (e) {
       // Say which snapshot action failed, as qemu-img does (the compat table words the rest).
-      if (e instanceof QcowError && e.code === 'QCOW_NOT_FOUND' && verb !== 'create') e.message = `Could not ${verb} snapshot '${arg}': ${e.message}`;
+      const unusable = e instanceof QcowError && e.code === 'QCOW_CORRUPT' && /^snapshot '.*' L1 table/.test(e.message);
+      if (e instanceof QcowError && (e.code === 'QCOW_NOT_FOUND' || unusable) && verb !== 'create') e.message = `Could not ${verb} snapshot '${arg}': ${e.message}`;
       throw e;
     }
   } finally {

@@ -5,7 +5,7 @@
  */
 import { writeOut } from '../../cli/common.js';
 import type { Parsed } from '../getopt.js';
-import { qemuErrorLines } from '../messages.js';
+import { qemuErrorLines, qemuMessage } from '../messages.js';
 import { createOptionNames, formattingLine, optionKind } from './formatting.js';
 import { qemuSizeExact, secretsOf, SizeError, splitOptions } from './options.js';
 
@@ -143,7 +143,14 @@ async function make(file: string, fmt: string, s: Settings): Promise<void> {
   }
   if (values.has('encrypt.key-secret') && s.password === undefined) throw new CreateError(`No secret with id '${values.get('encrypt.key-secret')}'`);
   // QEMU's file protocol prefix names a plain file.
-  await createImage(file.startsWith('file:') ? file.slice(5) : file, { format: fmt, size: Number(size), backingFile: backing, backingFormat: backingFmt, options, unsafe: s.unsafe, password: s.password });
+  const path = file.startsWith('file:') ? file.slice(5) : file;
+  try {
+    await createImage(path, { format: fmt, size: Number(size), backingFile: backing, backingFormat: backingFmt, options, unsafe: s.unsafe, password: s.password });
+  } catch (e) {
+    // The file protocol's own complaint ("Could not create 'X': ...") when the file cannot be made.
+    const text = qemuMessage(e, { op: 'create-file', file: path });
+    throw text === (e as Error)?.message ? e : new CreateError(text);
+  }
 }
 
 /** The message is already out. */

@@ -11,7 +11,7 @@ import { runQcow, type FailureStyle } from '../../cli/program.js';
 import { openPolicy, writeOut } from '../../cli/common.js';
 import { getopt, GetoptError, type LongOption, type Parsed } from '../getopt.js';
 import { qemuJson } from '../qemu-json.js';
-import { OPEN_REFUSED, qemuErrorLines, type ErrorContext } from '../messages.js';
+import { contextOf, qemuErrorLines } from '../messages.js';
 
 const PROGRAM = 'qemu-img';
 const VERSION = 'qemu-img version 7.2.0 (qcow compat)\nCopyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers\n';
@@ -25,6 +25,7 @@ const SPECS: Record<string, { short: string; longs: LongOption[] }> = {
   check: { short: ':hf:r:T:qU', longs: [...COMMON, long('format', true, 'f'), long('repair', true, 'r'), long('output', true)] },
   commit: { short: ':f:ht:b:dpqr:', longs: COMMON },
   compare: { short: ':hf:F:T:pqsU', longs: COMMON },
+  dd: { short: ':hf:O:U', longs: COMMON },
   convert: {
     short: ':hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:',
     longs: [...COMMON, long('target-image-opts', false), long('salvage', false), long('target-is-zero', false), long('bitmaps', false), long('skip-broken-bitmaps', false)],
@@ -109,6 +110,10 @@ async function dispatch(args: string[]): Promise<number> {
   if (cmd === 'create') {
     const { create } = await import('./create.js');
     return create(parsed);
+  }
+  if (cmd === 'dd') {
+    const { dd } = await import('./dd.js');
+    return dd(parsed);
   }
   return delegate(cmd, parsed, resizeSize);
 }
@@ -209,22 +214,4 @@ function fromImageOpts(text: string, out: string[]): string {
   const driver = kv.get('driver');
   if (driver && driver !== 'file') out.push('-f', driver);
   return kv.get('file.filename') ?? kv.get('filename') ?? text;
-}
-
-/** Whether a failure happened while opening the image (QEMU then says "Could not open"). */
-export function contextOf(e: unknown): ErrorContext {
-  if (!(e instanceof QcowError)) return 'run';
-  switch (e.code) {
-    case 'QCOW_NOT_FOUND':
-    case 'QCOW_BAD_MAGIC':
-    case 'QCOW_UNSUPPORTED':
-    case 'QCOW_NEED_PASSWORD':
-    case 'QCOW_BAD_PASSWORD':
-    case 'QCOW_LOCKED':
-      return 'open';
-    case 'QCOW_CORRUPT':
-      return OPEN_REFUSED.test(e.message) ? 'open' : 'run';
-    default:
-      return 'run';
-  }
 }

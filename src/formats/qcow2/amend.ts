@@ -30,7 +30,7 @@
  * bitmaps' clusters as leaked. Here they are removed (clusters freed, extension dropped) before the
  * downgrade: the same bitmaps are lost, and the image checks clean.
  */
-import { invalidArgument, unsupported } from '../../core/errors.js';
+import { QcowError, invalidArgument, unsupported } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
 import { COMPRESSION_ZLIB, QEMU_FEATURE_NAMES, V3_HEADER_LENGTH } from './header.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasFeature } from './features.js';
@@ -39,7 +39,7 @@ import { checkRefcountBits, encodeRefcountTable, entriesPerBlock, maxRefcount, s
 import { L2_ZERO, readL2Entry, standardL2Entry } from './l2-entry.js';
 import { L2_COMPRESSED } from './compressed-descriptor.js';
 import { l1TableOffset } from './l1-entry.js';
-import { readSnapshotTable } from './snapshot-table.js';
+import { checkSnapshotL1, readSnapshotTable } from './snapshot-table.js';
 import type { Qcow2Header } from './header.js';
 import type { Qcow2Encryption } from './encryption.js';
 import type { Qcow2Snapshot } from './snapshot-table.js';
@@ -199,6 +199,12 @@ async function downgrade(dev: AmendDevice, w: Qcow2Writer): Promise<void> {
   const snaps = h.nbSnapshots > 0 ? await readSnapshotTable(dev.store, h.nbSnapshots, h.snapshotsOffset, dev.fileSize) : [];
   const l1s: Uint8Array[] = [dev.l1.slice(0, dev.l1Entries * 8)];
   for (const s of snaps) {
+    try {
+      checkSnapshotL1(s, cs);
+    } catch (e) {
+      if (e instanceof QcowError) e.message = `cannot expand zero clusters: ${e.message}`;
+      throw e;
+    }
     const b = new Uint8Array(s.l1Size * 8);
     if (b.length) await dev.store.read(s.l1TableOffset, b);
     l1s.push(b);

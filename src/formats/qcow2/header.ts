@@ -177,11 +177,14 @@ function decodeHeaderArea(buf: Uint8Array, areaLength: number): Qcow2Header | un
     h.refcountOrder = u32(buf, 96);
     h.headerLength = u32(buf, 100);
     if (h.headerLength < V3_MIN_HEADER_LENGTH) throw corrupt(`qcow2 header too short (header_length ${h.headerLength})`);
-    if (h.headerLength % 8 !== 0) throw corrupt(`qcow2 header: header_length ${h.headerLength} is not a multiple of 8`);
+    // Past the first cluster is the graver fault, and QEMU reports it first.
     if (h.headerLength > areaLength) throw corrupt(`qcow2 header: header_length ${h.headerLength} is larger than the first cluster or the file`);
+    if (h.headerLength % 8 !== 0) throw corrupt(`qcow2 header: header_length ${h.headerLength} is not a multiple of 8`);
     if (h.headerLength > buf.length) return undefined;
     if (h.headerLength > V3_MIN_HEADER_LENGTH) h.compressionType = buf[104]!;
   }
+  // Checked before the header's other fields, as QEMU does: it also bounds the extensions' area.
+  if (h.backingFileOffset > areaLength) throw corrupt(`qcow2 header: backing_file_offset 0x${h.backingFileOffset.toString(16)} lies past the first cluster`);
   if (h.refcountOrder > 6) throw corrupt(`qcow2 header: refcount_order ${h.refcountOrder}: refcount width must be a power of two and may not exceed 64 bits`);
   if (h.compressionType !== COMPRESSION_ZLIB && h.compressionType !== COMPRESSION_ZSTD) {
     throw unsupported(`qcow2 header: unknown compression type ${h.compressionType}`);

@@ -18,7 +18,7 @@ import type { ByteStore } from '../../storage/types.js';
 import type { Qcow2Header } from './header.js';
 import { readHeader } from './read-header.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, AUTOCLEAR_BITMAPS, hasFeature } from './features.js';
-import type { Qcow2Geometry } from './layout.js';
+import { MAX_REFCOUNT_TABLE_BYTES, type Qcow2Geometry } from './layout.js';
 import type { L2Context } from './l2-entry.js';
 import type { TableCache } from './metadata-cache.js';
 import { findSnapshot, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
@@ -89,8 +89,10 @@ export class Qcow2Device extends DeviceBase {
     const img = this.image;
     const h = img.header;
     if (img.geometry.extendedL2 && h.clusterBits < 14) throw corrupt('extended L2 entries need a cluster size of at least 16 KiB');
-    this.checkAligned(h.l1TableOffset, 'L1 table offset');
+    // QEMU's order: the refcount table's size, its offset, then the L1 table's.
+    if (h.refcountTableClusters > MAX_REFCOUNT_TABLE_BYTES / this.clusterSize) throw corrupt(`refcount table of ${h.refcountTableClusters} clusters is too large`);
     this.checkAligned(h.refcountTableOffset, 'refcount table offset');
+    this.checkAligned(h.l1TableOffset, 'L1 table offset');
 
     if (options.snapshot !== undefined || h.nbSnapshots > 0) {
       img.setSnapshots(await readSnapshotTable(this.store, h.nbSnapshots, h.snapshotsOffset, img.fileSize));

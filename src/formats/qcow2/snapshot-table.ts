@@ -15,7 +15,7 @@
 import { u16, u32, u64, u64big, setU16, setU32, setU64, utf8, encodeUtf8, alignUp } from '../../core/bytes.js';
 import { QcowError, corrupt } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
-import { MAX_SNAPSHOTS } from './layout.js';
+import { MAX_L1_BYTES, MAX_SNAPSHOTS } from './layout.js';
 
 export interface Qcow2Snapshot {
   l1TableOffset: number;
@@ -162,6 +162,16 @@ function joinEntries(entries: readonly Uint8Array[], padLast: boolean): Uint8Arr
     off += e.length;
   }
   return out;
+}
+
+/**
+ * Whether a snapshot's L1 table may be read, before anything reads it (QEMU validates it the same
+ * way when it loads, reverts to or deletes a snapshot): at most qemu's 32 MiB, cluster aligned.
+ */
+export function checkSnapshotL1(snap: Qcow2Snapshot, clusterSize: number): void {
+  const what = `snapshot '${snap.name}' L1 table`;
+  if (snap.l1Size * 8 > MAX_L1_BYTES) throw corrupt(`${what}: ${snap.l1Size} entries is more than qemu's limit of ${MAX_L1_BYTES / 8}`);
+  if (snap.l1Size > 0 && snap.l1TableOffset % clusterSize !== 0) throw corrupt(`${what} 0x${snap.l1TableOffset.toString(16)} is not cluster aligned`);
 }
 
 /**

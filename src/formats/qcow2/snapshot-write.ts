@@ -11,7 +11,7 @@
  */
 import { isZero } from '../../core/bytes.js';
 import { QcowError, unsupported } from '../../core/errors.js';
-import { encodeSnapshotTable, findSnapshot, type Qcow2Snapshot } from './snapshot-table.js';
+import { checkSnapshotL1, encodeSnapshotTable, findSnapshot, type Qcow2Snapshot } from './snapshot-table.js';
 import { l2EntryCopied, readL2Entry, setL2Copied } from './l2-entry.js';
 import { l1EntryCopied, l1TableOffset } from './l1-entry.js';
 import { MAX_SNAPSHOTS } from './layout.js';
@@ -73,7 +73,7 @@ export async function deleteSnapshot(dev: SnapshotDevice, spec: string): Promise
   await w.exclusive(async () => {
     const snap = findSnapshot(dev.snapshots, spec);
     await replaceSnapshotTable(dev, w, dev.snapshots.filter((s) => s !== snap));
-    const l1 = await readTable(dev, snap.l1TableOffset, snap.l1Size);
+    const l1 = await readTable(dev, snap);
     await adjustTree(dev, l1, snap.l1Size, -1);
     if (snap.l1Size > 0) await w.refcounts.update(snap.l1TableOffset, snap.l1Size * 8, -1);
     await w.writeRefcounts();
@@ -95,7 +95,7 @@ export async function applySnapshot(dev: SnapshotDevice, spec: string): Promise<
     const snap = findSnapshot(dev.snapshots, spec);
     const rc = w.refcounts;
     const cs = dev.clusterSize;
-    const snapL1 = await readTable(dev, snap.l1TableOffset, snap.l1Size);
+    const snapL1 = await readTable(dev, snap);
     await adjustTree(dev, snapL1, snap.l1Size, 1);
     await w.writeRefcounts();
     await dev.store.flush();
@@ -133,9 +133,10 @@ export async function applySnapshot(dev: SnapshotDevice, spec: string): Promise<
   });
 }
 
-async function readTable(dev: SnapshotDevice, offset: number, entries: number): Promise<Uint8Array> {
-  const b = new Uint8Array(entries * 8);
-  if (entries > 0) await dev.store.read(offset, b);
+async function readTable(dev: SnapshotDevice, snap: Qcow2Snapshot): Promise<Uint8Array> {
+  checkSnapshotL1(snap, dev.clusterSize);
+  const b = new Uint8Array(snap.l1Size * 8);
+  if (snap.l1Size > 0) await dev.store.read(snap.l1TableOffset, b);
   return b;
 }
 
