@@ -44,12 +44,16 @@ export function ddPlan(inputSize: number, options: DdOptions = {}): DdPlan {
   return { outputSize: Number(end - start), start: Number(start), end: Number(end), skipPastEnd };
 }
 
-/** Bytes moved per read and write: whole blocks, about a MiB (the result is that of block-by-block). */
+/**
+ * Bytes moved per read and write. Blocks only shape the plan (count and skip): the bytes copied are
+ * the same whatever the pieces, so a huge `bs` (up to 2 GiB, which qemu-img allocates whole) costs
+ * no more memory than a small one.
+ */
 const CHUNK = 1 << 20;
 
 /** Copies the planned range of `src` to offset 0 of `dst`. */
-export async function ddCopy(src: BlockDevice, dst: BlockDevice, plan: DdPlan, blockSize = 512, signal?: AbortSignal): Promise<void> {
-  const step = blockSize >= CHUNK ? blockSize : blockSize * Math.floor(CHUNK / blockSize);
+export async function ddCopy(src: BlockDevice, dst: BlockDevice, plan: DdPlan, signal?: AbortSignal): Promise<void> {
+  const step = CHUNK;
   let buf = new Uint8Array(Math.min(step, Math.max(0, plan.end - plan.start)));
   for (let pos = plan.start; pos < plan.end; pos += step) {
     signal?.throwIfAborted();

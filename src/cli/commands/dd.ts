@@ -73,7 +73,7 @@ export async function dd(req: DdRequest, flags: DdFlags, warn: (line: string) =>
     try {
       // Like dd(1), a skip past the end is only a warning: the output is left empty.
       if (plan.skipPastEnd) warn(`${req.input}: cannot skip to specified offset`);
-      await ddCopy(src, dst, plan, req.blockSize);
+      await ddCopy(src, dst, plan);
     } finally {
       await dst.close();
     }
