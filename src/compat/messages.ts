@@ -40,6 +40,9 @@ interface Row {
 /** Our message when a qcow2 image marked corrupt is opened for writing. */
 export const OPEN_REFUSED = /^the image is marked corrupt and cannot be opened read\/write/;
 
+/** Our messages when opening refuses a qcow2 snapshot table past qemu's limits (as qemu's open does). */
+export const SNAPSHOT_TABLE_REFUSED = /^(?:Too much extra metadata in snapshot table entry \d+ \(check -r all drops it\)|Snapshot table is too big \(check -r all drops the \d+ overhanging snapshots\)|Snapshot table too large)$/;
+
 const noFile = (msg: string) => msg.replace(/^(?:file|cannot open|could not open)[^:]*:\s*/i, '');
 
 const ROWS: Row[] = [
@@ -130,6 +133,19 @@ const ROWS: Row[] = [
     code: 'QCOW_UNSUPPORTED',
     match: /^(Bitmap '.*' doesn't satisfy the constraints|Bitmap extra data is not supported) \((?:[^)]*|bitmap '.*')\)$/,
     text: (e, c, m) => (c.op === 'open' ? `Could not open '${c.file ?? e.file}': ${m![1]}` : m![1]!),
+  },
+  // Opening: a snapshot table past qemu's limits; QEMU adds how check -r all repairs it.
+  {
+    op: 'open',
+    code: 'QCOW_CORRUPT',
+    match: /^(Too much extra metadata in snapshot table entry \d+) \(check -r all drops it\)$/,
+    text: (e, c, m) => `Could not open '${c.file ?? e.file}': ${m![1]}\nYou can force-remove this extra metadata with qemu-img check -r all`,
+  },
+  {
+    op: 'open',
+    code: 'QCOW_CORRUPT',
+    match: /^(Snapshot table is too big) \(check -r all drops the (\d+) overhanging snapshots\)$/,
+    text: (e, c, m) => `Could not open '${c.file ?? e.file}': ${m![1]}\nYou can force-remove all ${m![2]} overhanging snapshots with qemu-img check -r all`,
   },
   // Opening: a backing file that is missing.
   {

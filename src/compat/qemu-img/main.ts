@@ -11,7 +11,7 @@ import { runQcow, type FailureStyle } from '../../cli/program.js';
 import { openPolicy, writeOut } from '../../cli/common.js';
 import { getopt, GetoptError, type LongOption, type Parsed } from '../getopt.js';
 import { qemuJson } from '../qemu-json.js';
-import { OPEN_REFUSED, qemuErrorLines, type ErrorContext } from '../messages.js';
+import { OPEN_REFUSED, SNAPSHOT_TABLE_REFUSED, qemuErrorLines, type ErrorContext } from '../messages.js';
 
 const PROGRAM = 'qemu-img';
 const VERSION = 'qemu-img version 7.2.0 (qcow compat)\nCopyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers\n';
@@ -223,7 +223,7 @@ export function contextOf(e: unknown): ErrorContext {
     case 'QCOW_LOCKED':
       return 'open';
     case 'QCOW_CORRUPT':
-      return OPEN_REFUSED.test(e.message) ? 'open' : 'run';
+      return OPEN_REFUSED.test(e.message) || SNAPSHOT_TABLE_REFUSED.test(e.message) ? 'open' : 'run';
     default:
       return 'run';
   }

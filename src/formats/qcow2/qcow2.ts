@@ -93,7 +93,7 @@ export class Qcow2Device extends DeviceBase {
     this.checkAligned(h.refcountTableOffset, 'refcount table offset');
 
     if (options.snapshot !== undefined || h.nbSnapshots > 0) {
-      img.setSnapshots(await readSnapshotTable(this.store, h.nbSnapshots, h.snapshotsOffset, img.fileSize));
+      img.setSnapshots(await readSnapshotTable(this.store, h.nbSnapshots, h.snapshotsOffset, img.fileSize, img.size));
     }
     if (options.snapshot !== undefined) {
       const snap = findSnapshot(img.snapshots, options.snapshot);
