@@ -45,6 +45,9 @@ export const OPEN_REFUSED = /^the image is marked corrupt and cannot be opened r
 /** Whether an error comes from the operating system (an errno code on it or its cause). */
 const hasErrno = (e: QcowError): boolean => [e, e.cause].some((x) => /^E[A-Z]+$/.test(String((x as NodeJS.ErrnoException | undefined)?.code ?? '')));
 
+/** Our messages when opening refuses a qcow2 snapshot table past qemu's limits (as qemu's open does). */
+export const SNAPSHOT_TABLE_REFUSED = /^(?:Too much extra metadata in snapshot table entry \d+ \(check -r all drops it\)|Snapshot table is too big \(check -r all drops the \d+ overhanging snapshots\)|Snapshot table too large)$/;
+
 const noFile = (msg: string) => msg.replace(/^(?:file|cannot open|could not open)[^:]*:\s*/i, '');
 
 /** Our refusals of a qcow2 header at open, and QEMU's words for each. */
@@ -179,6 +182,19 @@ const ROWS: Row[] = [
     match: /^(Bitmap '.*' doesn't satisfy the constraints|Bitmap extra data is not supported) \((?:[^)]*|bitmap '.*')\)$/,
     text: (e, c, m) => (c.op === 'open' ? `Could not open '${c.file ?? e.file}': ${m![1]}` : m![1]!),
   },
+  // Opening: a snapshot table past qemu's limits; QEMU adds how check -r all repairs it.
+  {
+    op: 'open',
+    code: 'QCOW_CORRUPT',
+    match: /^(Too much extra metadata in snapshot table entry \d+) \(check -r all drops it\)$/,
+    text: (e, c, m) => `Could not open '${c.file ?? e.file}': ${m![1]}\nYou can force-remove this extra metadata with qemu-img check -r all`,
+  },
+  {
+    op: 'open',
+    code: 'QCOW_CORRUPT',
+    match: /^(Snapshot table is too big) \(check -r all drops the (\d+) overhanging snapshots\)$/,
+    text: (e, c, m) => `Could not open '${c.file ?? e.file}': ${m![1]}\nYou can force-remove all ${m![2]} overhanging snapshots with qemu-img check -r all`,
+  },
   // Opening: a backing file that is missing.
   {
     op: 'open',
@@ -239,7 +255,7 @@ export function contextOf(e: unknown): ErrorContext {
     case 'QCOW_LOCKED':
       return 'open';
     case 'QCOW_CORRUPT':
-      return OPEN_REFUSED.test(e.message) ? 'open' : 'run';
+      return OPEN_REFUSED.test(e.message) || SNAPSHOT_TABLE_REFUSED.test(e.message) ? 'open' : 'run';
     default:
       return 'run';
   }

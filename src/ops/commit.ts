@@ -82,7 +82,9 @@ export async function commit(top: BlockDevice, options: CommitOptions = {}): Pro
       const e = await status.at(off, total - off);
       const above = e.present && e.depth < baseDepth;
       if (above && e.zero) {
-        await base!.writeZeroes(off, e.length);
+        // As qemu-img commit (an active commit: a mirror job with unmap on): the base may drop
+        // its clusters there rather than keep them allocated as zeros.
+        await base!.writeZeroes(off, e.length, { mayUnmap: true });
         progress(e.length);
       } else if (above) yield { offset: off, length: e.length };
       else progress(e.length);

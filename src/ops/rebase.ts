@@ -15,7 +15,7 @@ import { QcowError, throwIfAborted } from '../core/errors.js';
 import { chainOf } from '../chain/open.js';
 import { ChainStatus } from './chain-status.js';
 import { forEachPiece, type Range } from './copy-pool.js';
-import { allZero, sameBytes } from './zero-scan.js';
+import { sameBytes } from './zero-scan.js';
 
 /** Options of {@link rebase}. */
 export interface RebaseOptions {
@@ -112,6 +112,7 @@ async function copyDifferences(image: BlockDevice, options: RebaseOptions): Prom
   }
 
   const chunk = options.chunkSize ?? 2 * 1024 * 1024;
+  const oldEnd = oldChain?.size ?? 0;
   // Pieces are read in parallel but written in guest order, one after another, as qemu-img
   // rebase writes them: the clusters the image allocates then land in the same order every run.
   let lastWrite: Promise<void> = Promise.resolve();
@@ -134,6 +135,14 @@ async function copyDifferences(image: BlockDevice, options: RebaseOptions): Prom
     2 * chunk,
   );
 
+  // As qemu-img rebase (7.2): the old bytes are written as data, zeros or not, except past the
+  // end of the old backing file, where they are zeros by definition and written as zeroes.
+  async function writeBack(at: number, run: Uint8Array): Promise<void> {
+    const split = Math.min(run.length, Math.max(0, oldEnd - at));
+    if (split > 0) await image.write(at, run.subarray(0, split));
+    if (split < run.length) await image.writeZeroes(at + split, run.length - split);
+  }
+
   async function writePiece(piece: Range, buffer: Uint8Array, turn: Promise<void>): Promise<void> {
     const oldBuf = buffer.subarray(0, piece.length);
     const newBuf = buffer.subarray(chunk, chunk + piece.length);
@@ -146,9 +155,7 @@ async function copyDifferences(image: BlockDevice, options: RebaseOptions): Prom
       const differs = s < piece.length && !sameBytes(oldBuf.subarray(s, s + SECTOR), newBuf.subarray(s, s + SECTOR));
       if (differs && runStart < 0) runStart = s;
       else if (!differs && runStart >= 0) {
-        const run = oldBuf.subarray(runStart, Math.min(s, piece.length));
-        if (allZero(run)) await image.writeZeroes(piece.offset + runStart, run.length);
-        else await image.write(piece.offset + runStart, run);
+        await writeBack(piece.offset + runStart, oldBuf.subarray(runStart, Math.min(s, piece.length)));
         runStart = -1;
       }
     }

@@ -31,7 +31,9 @@ export async function run(a: string, b: string, flags: Flags): Promise<number> {
     }
     if (r.reason === 'size') say('Strict mode: Image size mismatch!');
     else {
-      if (r.sizeMismatch) say('Warning: Image size mismatch!');
+      // As qemu-img: the warning comes when the comparison reaches the part only one image has,
+      // so a difference in the part both have is reported alone.
+      if (r.sizeMismatch && r.offset !== undefined && r.offset >= Math.min(da.size, db.size)) say('Warning: Image size mismatch!');
       say(r.reason === 'allocation' ? `Strict mode: Offset ${r.offset} block status mismatch!` : `Content mismatch at offset ${r.offset}!`);
     }
     return 1;

@@ -39,7 +39,8 @@ import { checkRefcountBits, encodeRefcountTable, entriesPerBlock, maxRefcount, s
 import { L2_ZERO, readL2Entry, standardL2Entry } from './l2-entry.js';
 import { L2_COMPRESSED } from './compressed-descriptor.js';
 import { l1TableOffset } from './l1-entry.js';
-import { checkSnapshotL1, readSnapshotTable } from './snapshot-table.js';
+import { checkSnapshotL1, readSnapshotTable, V3_MIN_EXTRA } from './snapshot-table.js';
+import { rewriteSnapshotTable, type SnapshotDevice } from './snapshot-write.js';
 import type { Qcow2Header } from './header.js';
 import type { Qcow2Encryption } from './encryption.js';
 import type { Qcow2Snapshot } from './snapshot-table.js';
@@ -50,7 +51,7 @@ import type { Qcow2Writer } from './write.js';
  * What amend needs of the device. The device loads this module when an amend runs, so this module
  * names the parts it uses rather than importing the device back (which would be an import cycle).
  */
-export interface AmendDevice extends Qcow2DeviceParts {
+export interface AmendDevice extends Qcow2DeviceParts, SnapshotDevice {
   readonly header: Readonly<Qcow2Header>;
   readonly fileSize: number;
   readonly encryption: Qcow2Encryption | null;
@@ -160,6 +161,9 @@ export async function amendQcow2(dev: AmendDevice, options: Record<string, strin
   const h = image.header;
   await w.exclusive(async () => {
     if (plan.version === 3 && h.version === 2) {
+      // Version 3 requires every snapshot entry to carry its 64-bit VM state size and disk size,
+      // which version 2 entries may lack: the table is written in full before the header says 3.
+      if (dev.snapshots.some((s) => s.storedExtraSize !== undefined && s.storedExtraSize < V3_MIN_EXTRA)) await rewriteSnapshotTable(dev, w);
       await image.writeHeader((hh) => {
         hh.version = 3;
         hh.headerLength = V3_HEADER_LENGTH;
@@ -196,7 +200,7 @@ async function downgrade(dev: AmendDevice, w: Qcow2Writer): Promise<void> {
   const g = dev.geometry;
   const rc = w.refcounts;
   const hasBacking = h.backingFile !== undefined;
-  const snaps = h.nbSnapshots > 0 ? await readSnapshotTable(dev.store, h.nbSnapshots, h.snapshotsOffset, dev.fileSize) : [];
+  const snaps = h.nbSnapshots > 0 ? await readSnapshotTable(dev.store, h.nbSnapshots, h.snapshotsOffset, dev.fileSize, dev.size) : [];
   const l1s: Uint8Array[] = [dev.l1.slice(0, dev.l1Entries * 8)];
   for (const s of snaps) {
     try {

@@ -21,6 +21,7 @@ import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, AUTOCLEAR_BITMAPS, hasFeature } f
 import { MAX_REFCOUNT_TABLE_BYTES, type Qcow2Geometry } from './layout.js';
 import type { L2Context } from './l2-entry.js';
 import type { TableCache } from './metadata-cache.js';
+import { readsAsZero } from '../../core/reads-zero.js';
 import { findSnapshot, readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js';
 // Type only: the cipher code (LUKS, AES) loads when an encrypted image is opened (start-up time).
 import type { Qcow2Encryption } from './encryption.js';
@@ -74,6 +75,9 @@ export class Qcow2Device extends DeviceBase {
           map: dev.map,
           io: dev.io,
           hasBacking: () => dev.backing !== null || dev.image.header.backingFile !== undefined,
+          layerStatus: (offset, length) => dev.blockStatus(offset, length),
+          // A backing file named but not opened may hold anything there.
+          chainReadsZero: async (offset, length) => (dev.backing === null && dev.image.header.backingFile !== undefined ? length === 0 : readsAsZero(dev, offset, length)),
           bitmapLimits: dev.bitmapLimits,
         });
       }
@@ -95,7 +99,7 @@ export class Qcow2Device extends DeviceBase {
     this.checkAligned(h.l1TableOffset, 'L1 table offset');
 
     if (options.snapshot !== undefined || h.nbSnapshots > 0) {
-      img.setSnapshots(await readSnapshotTable(this.store, h.nbSnapshots, h.snapshotsOffset, img.fileSize));
+      img.setSnapshots(await readSnapshotTable(this.store, h.nbSnapshots, h.snapshotsOffset, img.fileSize, img.size));
     }
     if (options.snapshot !== undefined) {
       const snap = findSnapshot(img.snapshots, options.snapshot);

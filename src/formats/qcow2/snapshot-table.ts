@@ -12,7 +12,7 @@
  * qemu's way of cutting what exceeds them), and `encodeStoredSnapshotTable` writes such entries
  * back as qemu-img check -r all rewrites a damaged table.
  */
-import { u16, u32, u64, u64big, setU16, setU32, setU64, utf8, encodeUtf8, alignUp } from '../../core/bytes.js';
+import { u16, u32, u64big, setU16, setU32, setU64, utf8, encodeUtf8, alignUp } from '../../core/bytes.js';
 import { QcowError, corrupt } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
 import { MAX_L1_BYTES, MAX_SNAPSHOTS } from './layout.js';
@@ -27,71 +27,73 @@ export interface Qcow2Snapshot {
   vmClockNsec: number;
   /** The 64-bit value from the extra data when present, else the 32-bit field. */
   vmStateSize: number;
-  /** Virtual size when the snapshot was taken (extra data); undefined in old images. */
+  /**
+   * Virtual size when the snapshot was taken (extra data). An entry without it (version 2 allows
+   * that) reads as the image's virtual size at opening, as qemu reads it.
+   */
   diskSize?: number;
-  /** Present when the extra data holds it (qemu 7.2 writes 0). */
+  /** From the extra data; an entry without it reads as all ones ("no icount"), as in qemu. */
   icount?: bigint;
   /** Extra data beyond what we interpret, kept verbatim. */
   extraUnknown: Uint8Array;
+  /**
+   * Bytes of extra data the entry has on disk as read; undefined once it is (or is to be) written
+   * as encodeSnapshotTable writes it. An upgrade to version 3 rewrites the table when an entry has
+   * less than the 16 bytes version 3 requires.
+   */
+  storedExtraSize?: number;
 }
+
+/** The extra data version 3 requires of every entry: the 64-bit VM state size and the disk size. */
+export const V3_MIN_EXTRA = 16;
 
 const FIXED = 40;
 /** qemu caps the whole table (QCOW_MAX_SNAPSHOTS_SIZE). */
 export const MAX_TABLE_BYTES = 64 * 1024 * 1024;
 const MAX_EXTRA = 1024;
+/** qemu's words for its two limits (the compat front ends match on them). */
+const TOO_MUCH_EXTRA = 'Too much extra metadata in snapshot table entry';
+const TABLE_TOO_BIG = 'Snapshot table is too big';
+/** icount all ones: the snapshot has none (qemu's -1). */
+const NO_ICOUNT = 0xffffffffffffffffn;
+/** A size in whole 512-byte sectors, as qemu keeps the virtual size (total_sectors). */
+const sectorFloor = (n: number): number => Math.floor(n / 512) * 512;
 
-export async function readSnapshotTable(store: ByteStore, count: number, offset: number, fileSize: number): Promise<Qcow2Snapshot[]> {
+/**
+ * The table at `offset`. `virtualSize` (the image's, now) stands in for the disk size of an entry
+ * that lacks it, as qemu fills it in when it reads the table.
+ */
+export async function readSnapshotTable(store: ByteStore, count: number, offset: number, fileSize: number, virtualSize: number): Promise<Qcow2Snapshot[]> {
   if (count === 0) return [];
-  if (count > MAX_SNAPSHOTS) throw corrupt(`snapshot table: ${count} snapshots is more than the limit of ${MAX_SNAPSHOTS}`);
+  if (count > MAX_SNAPSHOTS) throw corrupt('Snapshot table too large');
   // Offset 0 is the header: no image means that, so opening refuses it (check reads such a table
   // anyway, with readStoredSnapshotTable below).
   if (offset % 8 !== 0 || offset === 0 || offset >= fileSize) throw corrupt(`snapshot table offset 0x${offset.toString(16)} is invalid or beyond the end of the file`);
-  // Read the table in chunks; an entry's variable part may cross a chunk boundary.
-  const limit = Math.min(fileSize, offset + MAX_TABLE_BYTES);
-  let buf = new Uint8Array(0);
-  let bufStart = offset;
-  const ensure = async (at: number, n: number, what: string) => {
-    if (at + n > limit) {
-      // The last entry's padding may be missing at EOF; fields themselves must be there.
-      throw corrupt(`snapshot table: ${what} at 0x${at.toString(16)} runs past the end of the file`);
-    }
-    if (at >= bufStart && at + n <= bufStart + buf.length) return;
-    const len = Math.min(limit - at, Math.max(n, 64 * 1024));
-    buf = new Uint8Array(len);
-    bufStart = at;
-    await store.read(at, buf);
-  };
-  const out: Qcow2Snapshot[] = [];
-  let pos = offset;
-  for (let i = 0; i < count; i++) {
-    await ensure(pos, FIXED, `entry ${i}`);
-    const e = buf.subarray(pos - bufStart);
-    const idLen = u16(e, 12);
-    const nameLen = u16(e, 14);
-    const extraLen = u32(e, 36);
-    if (extraLen > MAX_EXTRA) throw corrupt(`snapshot table: entry ${i} has ${extraLen} bytes of extra data`);
-    const total = FIXED + extraLen + idLen + nameLen;
-    await ensure(pos, total, `entry ${i}`);
-    const b = buf.subarray(pos - bufStart, pos - bufStart + total);
+  // Read as qemu reads it when opening: zeros past the end of the file, its two limits refused.
+  const stored = await readStoredSnapshotTable(store, count, offset, fileSize, { repair: false });
+  return stored.snapshots.map((e) => {
     const snap: Qcow2Snapshot = {
-      l1TableOffset: u64(b, 0, 'snapshot L1 table offset'),
-      l1Size: u32(b, 8),
-      dateSec: u32(b, 16),
-      dateNsec: u32(b, 20),
-      vmClockNsec: u64(b, 24, 'snapshot vm clock'),
-      vmStateSize: u32(b, 32),
-      id: utf8(b.subarray(FIXED + extraLen, FIXED + extraLen + idLen)),
-      name: utf8(b.subarray(FIXED + extraLen + idLen, total)),
-      extraUnknown: new Uint8Array(0),
+      l1TableOffset: exactOffset(e.l1TableOffset, 'snapshot L1 table offset'),
+      l1Size: e.l1Size,
+      id: utf8(cString(e.id)),
+      name: utf8(cString(e.name)),
+      dateSec: e.dateSec,
+      dateNsec: e.dateNsec,
+      vmClockNsec: exactOffset(e.vmClockNsec, 'snapshot vm clock'),
+      vmStateSize: exactOffset(e.vmStateSize, 'snapshot vm state size'),
+      diskSize: e.diskSize === undefined ? sectorFloor(virtualSize) : exactOffset(e.diskSize, 'snapshot disk size'),
+      icount: e.icount ?? NO_ICOUNT,
+      extraUnknown: e.unknownExtra,
+      storedExtraSize: e.extraDataSize,
     };
-    if (extraLen >= 8) snap.vmStateSize = u64(b, FIXED, 'snapshot vm state size');
-    if (extraLen >= 16) snap.diskSize = u64(b, FIXED + 8, 'snapshot disk size');
-    if (extraLen >= 24) snap.icount = u64big(b, FIXED + 16);
-    if (extraLen > 24) snap.extraUnknown = b.slice(FIXED + 24, FIXED + extraLen);
-    out.push(snap);
-    pos = alignUp(pos + total, 8);
-  }
-  return out;
+    return snap;
+  });
+}
+
+/** A stored 64-bit value as a number, refused when it is not exact (past 2^53). */
+function exactOffset(v: bigint, what: string): number {
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw corrupt(`${what} 0x${v.toString(16)} is too large`);
+  return Number(v);
 }
 
 /** The table's bytes, entries padded to 8 bytes; extra data as qemu 7.2 writes it (24 bytes + unknown). */
@@ -104,12 +106,26 @@ export function encodeSnapshotTable(snaps: readonly Qcow2Snapshot[]): Uint8Array
       vmStateSize32: Math.min(s.vmStateSize, 0xffffffff),
       extraLen: KNOWN_EXTRA + s.extraUnknown.length,
       diskSize: s.diskSize ?? 0,
-      icount: s.icount ?? 0n,
+      icount: s.icount ?? NO_ICOUNT,
       unknownExtra: s.extraUnknown,
     }),
   );
   return joinEntries(entries, true);
 }
+
+/**
+ * The bytes the table of `snaps` takes on disk as it was read (entries with the extra data they
+ * had, the last unpadded: qemu's snapshots_size), so that freeing it frees what it held.
+ */
+export function storedSnapshotTableLength(snaps: readonly Qcow2Snapshot[]): number {
+  let size = 0;
+  for (const s of snaps) {
+    const extra = s.storedExtraSize ?? KNOWN_EXTRA + s.extraUnknown.length;
+    size = alignUp(size, 8) + FIXED + extra + encodeUtf8(s.id).length + encodeUtf8(s.name).length;
+  }
+  return size;
+}
+
 
 /** One entry's fields as they go to disk, every policy (defaults, the 32-bit VM state size) decided. */
 interface EntryFields {
@@ -286,7 +302,7 @@ export async function readStoredSnapshotTable(store: ByteStore, count: number, o
     const nameLen = u16(h, 14);
     let cut = false;
     if (extraSize > MAX_EXTRA) {
-      if (!options.repair) throw corrupt(`Too much extra metadata in snapshot table entry ${i} (check -r all drops it)`);
+      if (!options.repair) throw corrupt(`${TOO_MUCH_EXTRA} ${i} (check -r all drops it)`);
       out.messages.push(`Discarding too much extra metadata in snapshot table entry ${i} (${extraSize} > ${MAX_EXTRA})`);
       out.extraDropped++;
       cut = true;
@@ -321,7 +337,7 @@ export async function readStoredSnapshotTable(store: ByteStore, count: number, o
     pos += nameLen;
     tableLength += FIXED + extraSize + idLen + nameLen;
     if (tableLength > MAX_TABLE_BYTES || pos - offset > 0x7fffffff) {
-      if (!options.repair) throw corrupt(`Snapshot table is too big (check -r all drops the ${count - i} overhanging snapshots)`);
+      if (!options.repair) throw corrupt(`${TABLE_TOO_BIG} (check -r all drops the ${count - i} overhanging snapshots)`);
       out.messages.push(`Discarding ${count - i} overhanging snapshots (snapshot table is too big)`);
       out.overhanging = count - i;
       pos = entryStart;
@@ -354,8 +370,8 @@ export function encodeStoredSnapshotTable(snaps: readonly StoredSnapshot[], virt
       // A VM state too big for the old field leaves it 0 (older readers see a disk-only snapshot).
       vmStateSize32: s.vmStateSize <= 0xffffffffn ? Number(s.vmStateSize) : 0,
       extraLen: Math.max(KNOWN_EXTRA, s.extraDataSize),
-      diskSize: s.diskSize ?? BigInt(Math.floor(virtualSize / 512) * 512),
-      icount: s.icount ?? 0xffffffffffffffffn,
+      diskSize: s.diskSize ?? BigInt(sectorFloor(virtualSize)),
+      icount: s.icount ?? NO_ICOUNT,
     }),
   );
   return joinEntries(entries, false);

@@ -11,7 +11,7 @@
  */
 import { isZero } from '../../core/bytes.js';
 import { QcowError, unsupported } from '../../core/errors.js';
-import { checkSnapshotL1, encodeSnapshotTable, findSnapshot, type Qcow2Snapshot } from './snapshot-table.js';
+import { checkSnapshotL1, encodeSnapshotTable, findSnapshot, storedSnapshotTableLength, type Qcow2Snapshot } from './snapshot-table.js';
 import { l2EntryCopied, readL2Entry, setL2Copied } from './l2-entry.js';
 import { l1EntryCopied, l1TableOffset } from './l1-entry.js';
 import { MAX_SNAPSHOTS } from './layout.js';
@@ -234,6 +234,14 @@ async function refreshCopied(dev: SnapshotDevice, w: Qcow2Writer): Promise<void>
   }
 }
 
+/**
+ * The snapshot table written anew with every entry in full (amend's upgrade to version 3 needs
+ * the extra data version 2 entries may lack). The caller holds the writer exclusively.
+ */
+export async function rewriteSnapshotTable(dev: SnapshotDevice, w: Qcow2Writer): Promise<void> {
+  await replaceSnapshotTable(dev, w, [...dev.snapshots]);
+}
+
 /** Write a new snapshot table, point the header at it, then free the old one. */
 async function replaceSnapshotTable(dev: SnapshotDevice, w: Qcow2Writer, snaps: Qcow2Snapshot[]): Promise<void> {
   const rc = w.refcounts;
@@ -245,12 +253,14 @@ async function replaceSnapshotTable(dev: SnapshotDevice, w: Qcow2Writer, snaps: 
   await dev.store.flush();
   const image = dev.image;
   const oldOffset = image.header.snapshotsOffset;
-  const oldLength = encodeSnapshotTable(image.snapshots).length;
+  const oldLength = storedSnapshotTableLength(image.snapshots);
   await image.writeHeader((h) => {
     h.nbSnapshots = snaps.length;
     h.snapshotsOffset = at;
   });
   await image.store.flush();
+  // Every entry is now on disk as encodeSnapshotTable writes it.
+  for (const s of snaps) delete s.storedExtraSize;
   image.setSnapshots(snaps);
   if (oldLength > 0 && oldOffset !== 0) await rc.update(oldOffset, oldLength, -1);
   await w.writeRefcounts();

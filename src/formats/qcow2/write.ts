@@ -22,7 +22,7 @@
  *     cleared on clean close; a dirty image is repaired when it is next opened for writing.
  * Only `flush()` issues fsyncs (plus the rare cache eviction); writes themselves do not.
  */
-import type { PlacedRange, ZeroOptions } from '../../core/block-device.js';
+import type { BlockExtent, PlacedRange, ZeroOptions } from '../../core/block-device.js';
 import { CorruptionEvent, QcowError, unsupported } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
 import { firstNonZero } from '../../core/bytes.js';
@@ -47,6 +47,10 @@ export interface WriterParts {
   io: DataIo;
   /** A backing image shows through unallocated clusters (one is open, or the header names one). */
   hasBacking(): boolean;
+  /** This layer's allocation of a range (the device's blockStatus). */
+  layerStatus(offset: number, length: number): Promise<BlockExtent[]>;
+  /** Whether a range reads as zeros through the whole chain, by allocation alone (qemu's is_zero). */
+  chainReadsZero(offset: number, length: number): Promise<boolean>;
   bitmapLimits: BitmapLimits;
   /** The allocator to use; by default the image's refcounts are loaded (tests give a fake). */
   allocator?: Allocator;
@@ -1076,18 +1080,48 @@ export class Qcow2Writer {
       if (this.refcounts.hasPendingFrees) this.unmapFreesPending = true;
       return;
     }
-    if (options.fastOnly && (!canFlag || !whole || first !== offset || last !== offset + length)) {
-      throw unsupported('qcow2: this zero write cannot be done without writing data');
+    // The request cluster by cluster, as qemu's block layer splits it: a partial head, the whole
+    // clusters, a partial tail. A partial cluster is made zero whole, as qemu does, when the rest
+    // of it already reads as zeros and this layer holds no data there; otherwise its part is
+    // written as zero bytes (qemu's fallback).
+    const end = offset + length;
+    const pieces: Array<{ s: number; e: number; whole: boolean }> = [];
+    for (let c = offset - (offset % cs); c < end; c += cs) {
+      const s = Math.max(offset, c);
+      const e = Math.min(end, c + cs);
+      // The image's last cluster ends at the image's end (qemu counts no tail there).
+      const isWhole = s === c && (e === c + cs || e === this.image.size);
+      const prev = pieces[pieces.length - 1];
+      if (isWhole && prev?.whole) prev.e = e;
+      else pieces.push({ s, e, whole: isWhole });
     }
-    if (!whole || !canFlag) {
-      await this.writeLocked(offset, new Uint8Array(length));
-      return;
+    const zeroable = await Promise.all(pieces.map((p) => (p.whole ? canFlag : this.partialZeroable(p.s, p.e, canFlag))));
+    if (options.fastOnly && zeroable.includes(false)) throw unsupported('qcow2: this zero write cannot be done without writing data');
+    for (const [i, p] of pieces.entries()) {
+      if (!zeroable[i]) {
+        await this.writeLocked(p.s, new Uint8Array(p.e - p.s));
+        continue;
+      }
+      const from = p.s - (p.s % cs);
+      await this.beforeMetadataChange();
+      await this.map.zeroClusters(from, p.whole ? p.e : from + cs, options.mayUnmap ?? false, false, hasBacking);
+      if (options.mayUnmap && this.refcounts.hasPendingFrees) this.unmapFreesPending = true;
     }
-    if (offset < first) await this.writeLocked(offset, new Uint8Array(first - offset));
-    await this.beforeMetadataChange();
-    await this.map.zeroClusters(first, last, options.mayUnmap ?? false, false, hasBacking);
-    if (options.mayUnmap && this.refcounts.hasPendingFrees) this.unmapFreesPending = true;
-    if (last < offset + length) await this.writeLocked(last, new Uint8Array(offset + length - last));
+  }
+
+  /**
+   * Whether a zero write of [s, e), part of one cluster, may zero the whole cluster: the rest of
+   * it (up to the image's end) reads as zeros through the whole chain and this layer holds no data
+   * in it (qemu's qcow2_co_pwrite_zeroes test for an unaligned request). Not with extended L2
+   * entries, whose subclusters are not split here.
+   */
+  private async partialZeroable(s: number, e: number, canFlag: boolean): Promise<boolean> {
+    if (!canFlag || this.image.geometry.extendedL2) return false;
+    const c = s - (s % this.cs);
+    const ce = Math.min(c + this.cs, this.image.size);
+    const here = await this.parts.layerStatus(c, ce - c);
+    if (here.some((x) => x.allocated && !x.zero)) return false;
+    return (await this.parts.chainReadsZero(c, s - c)) && (await this.parts.chainReadsZero(e, ce - e));
   }
 
   // --- compressed clusters -------------------------------------------------------------------------

@@ -165,7 +165,7 @@ test('check -r all completes incomplete entries (one cut short, one the count ad
   const again = await checkQcow2(new MemoryStore(store.bytes().slice(), { readOnly: true }));
   assert.deepEqual([again.corruptions, again.leaks, again.checkErrors], [0, 0, 0], again.messages.join('\n'));
   const after = be(store.bytes());
-  const snaps = await readSnapshotTable(store, after.getUint32(60), Number(after.getBigUint64(64)), store.bytes().length);
+  const snaps = await readSnapshotTable(store, after.getUint32(60), Number(after.getBigUint64(64)), store.bytes().length, 0);
   assert.equal(snaps.length, 3);
   assert.equal(snaps[0]!.name, 's1');
   assert.equal(snaps[2]!.diskSize, 1 << 20);

@@ -148,7 +148,17 @@ async function setup(size = SIZE, cacheBytes = 1024 * 1024): Promise<Setup> {
     into.fill(0);
   });
   const alloc = new FakeAllocator(fileSize, events);
-  const writer = await Qcow2Writer.attach({ image, map, io, hasBacking: () => false, bitmapLimits: {}, allocator: alloc });
+  const writer = await Qcow2Writer.attach({
+    image,
+    map,
+    io,
+    hasBacking: () => false,
+    // Every cluster holds data: a partial zero write writes zero bytes, as it did before.
+    layerStatus: async (offset, length) => [{ offset, length, allocated: true, zero: false, data: true }],
+    chainReadsZero: async () => false,
+    bitmapLimits: {},
+    allocator: alloc,
+  });
   events.length = 0;
   return { events, alloc, image, map, io, writer };
 }
