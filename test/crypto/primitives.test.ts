@@ -10,9 +10,9 @@ import { primitives as browserPrimitives } from '#src/crypto/index.browser.js';
 import { plain64Ivs, plainIvs } from '#src/crypto/iv.js';
 import { afMerge, afSplit } from '#src/crypto/af-split.js';
 import { cbcDecryptSectors, cbcEncryptSectors, xtsSectors } from '#src/crypto/modes.js';
-import { createCipheriv, createDecipheriv } from 'node:crypto';
 import type { HashAlg } from '#src/crypto/primitives.js';
 import { randomBytes } from '../support/qemu.js';
+import { opensslSectors } from '../support/openssl-sectors.js';
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
 
@@ -23,18 +23,6 @@ test('plain64 IVs are the LE u64 sector number; plain IVs cut it to 32 bits', ()
   assert.throws(() => plain64Ivs(-1, 1), { code: 'QCOW_INVALID_ARGUMENT' });
 });
 
-/** OpenSSL's own XTS/CBC, one cipher object per sector: the reference our shared modes must match. */
-function opensslSectors(mode: 'xts' | 'cbc', key: Uint8Array, ivs: Uint8Array, data: Uint8Array, encrypt: boolean): Uint8Array {
-  const name = `aes-${(mode === 'xts' ? key.length / 2 : key.length) * 8}-${mode}`;
-  const out = new Uint8Array(data.length);
-  for (let i = 0; i * 512 < data.length; i++) {
-    const iv = ivs.subarray(i * 16, i * 16 + 16);
-    const c = encrypt ? createCipheriv(name, key, iv) : createDecipheriv(name, key, iv);
-    c.setAutoPadding(false);
-    out.set(Buffer.concat([c.update(data.subarray(i * 512, i * 512 + 512)), c.final()]), i * 512);
-  }
-  return out;
-}
 
 const both = [
   ['node', nodePrimitives],

@@ -5,7 +5,6 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createCipheriv, createDecipheriv } from 'node:crypto';
 import { primitives as nodePrimitives } from '#src/crypto/index.node.js';
 import { primitives as browserPrimitives } from '#src/crypto/index.browser.js';
 import { plain64Ivs } from '#src/crypto/iv.js';
@@ -14,21 +13,10 @@ import type { CryptoPrimitives } from '#src/crypto/primitives.js';
 import { legacyAesCipher } from '#src/crypto/legacy-aes.js';
 import { hostAddon } from '#src/host/native.node.js';
 import { randomBytes } from '../support/qemu.js';
+import { opensslSectors } from '../support/openssl-sectors.js';
 
 const native = hostAddon()?.aesSectors ? {} : { skip: 'the host addon (version 8+) is not loaded: no native sector cipher' };
 
-/** OpenSSL's CBC/XTS, one cipher object per sector: the reference. */
-function reference(mode: 'xts' | 'cbc', key: Uint8Array, ivs: Uint8Array, data: Uint8Array, encrypt: boolean): Uint8Array {
-  const name = `aes-${(mode === 'xts' ? key.length / 2 : key.length) * 8}-${mode}`;
-  const out = new Uint8Array(data.length);
-  for (let i = 0; i * 512 < data.length; i++) {
-    const iv = ivs.subarray(i * 16, i * 16 + 16);
-    const c = encrypt ? createCipheriv(name, key, iv) : createDecipheriv(name, key, iv);
-    c.setAutoPadding(false);
-    out.set(Buffer.concat([c.update(data.subarray(i * 512, i * 512 + 512)), c.final()]), i * 512);
-  }
-  return out;
-}
 
 /** The Node primitives without the native sector modes: the fallback, as QCOW_NO_NATIVE=1 runs it. */
 const fallback: CryptoPrimitives = { ...nodePrimitives, aesSectors: undefined };
@@ -47,9 +35,9 @@ for (const [mode, keyLength] of cases) {
     const data = randomBytes(9 * 512, 3);
     const first = 0x1_2345_6780; // past 32 bits: plain64 must keep the high word
     const ivs = plain64Ivs(first, 9);
-    const sealed = reference(mode, key, ivs, data, true);
+    const sealed = opensslSectors(mode, key, ivs, data, true);
     const randomIvs = randomBytes(9 * 16, 4);
-    const sealedRandom = reference(mode, key, randomIvs, data, true);
+    const sealedRandom = opensslSectors(mode, key, randomIvs, data, true);
     for (const [name, prims] of [['node', nodePrimitives], ['fallback', fallback], ['browser', browserPrimitives]] as const) {
       const plain64 = sectorRun(prims, mode, key, 'plain64');
       assert.deepEqual(plain64(data, first, true), sealed, `${name} encrypt`);
@@ -79,8 +67,8 @@ test('CBC decryption of runs longer than the addon deciphers as one chain (256 s
   const key = randomBytes(16, 21);
   const data = randomBytes(600 * 512, 22);
   const ivs = randomBytes(600 * 16, 23);
-  const sealed = reference('cbc', key, ivs, data, true);
-  const sealed64 = reference('cbc', key, plain64Ivs(1000, 600), data, true);
+  const sealed = opensslSectors('cbc', key, ivs, data, true);
+  const sealed64 = opensslSectors('cbc', key, plain64Ivs(1000, 600), data, true);
   for (const [name, prims] of [['node', nodePrimitives], ['fallback', fallback]] as const) {
     assert.deepEqual(sectorRun(prims, 'cbc', key, () => ivs)(sealed, 0, false), data, name);
     const inPlace = sealed64.slice();
