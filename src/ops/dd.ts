@@ -7,6 +7,7 @@
 import type { BlockDevice } from '../core/block-device.js';
 import { QcowError } from '../core/errors.js';
 
+/** What {@link ddPlan} is asked: qemu-img dd's `bs`, `count` and `skip`. */
 export interface DdOptions {
   /** Block size in bytes (qemu-img: 1 to 2^31-1; default 512). */
   blockSize?: number;
@@ -16,11 +17,13 @@ export interface DdOptions {
   skip?: bigint | number;
 }
 
+/** What a dd creates and copies ({@link ddPlan}), as qemu-img dd works it out. */
 export interface DdPlan {
   /** Size of the image to create, in bytes. */
   outputSize: number;
-  /** Where in the source the copy starts, and where it stops (exclusive). */
+  /** Where in the source the copy starts (bytes). */
   start: number;
+  /** Where in the source the copy stops (bytes, exclusive). */
   end: number;
   /** The skip lies past the end of what is read: nothing is copied (qemu-img warns). */
   skipPastEnd: boolean;
