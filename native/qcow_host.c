@@ -755,20 +755,22 @@ static struct {
 } zlib;
 static pthread_once_t zlib_once = PTHREAD_ONCE_INIT;
 
+/* Look `sym` up in the process (node's own zlib and OpenSSL) into `table.field`; on a miss the
+ * loader returns at once and `table.ok` stays 0, so callers fall back. Shared by the loaders below. */
+#define LOAD_SYM(table, field, sym)                                                                \
+  *(void **)&table.field = dlsym(RTLD_DEFAULT, sym);                                               \
+  if (!table.field) return;
+
 static void zlib_load(void) {
-#define ZSYM(field, sym)                                                                           \
-  *(void **)&zlib.field = dlsym(RTLD_DEFAULT, sym);                                                \
-  if (!zlib.field) return;
-  ZSYM(version, "zlibVersion")
-  ZSYM(inflate_init2, "inflateInit2_")
-  ZSYM(inflate, "inflate")
-  ZSYM(inflate_reset, "inflateReset")
-  ZSYM(inflate_end, "inflateEnd")
-  ZSYM(deflate_init2, "deflateInit2_")
-  ZSYM(deflate, "deflate")
-  ZSYM(deflate_reset, "deflateReset")
-  ZSYM(deflate_end, "deflateEnd")
-#undef ZSYM
+  LOAD_SYM(zlib, version, "zlibVersion")
+  LOAD_SYM(zlib, inflate_init2, "inflateInit2_")
+  LOAD_SYM(zlib, inflate, "inflate")
+  LOAD_SYM(zlib, inflate_reset, "inflateReset")
+  LOAD_SYM(zlib, inflate_end, "inflateEnd")
+  LOAD_SYM(zlib, deflate_init2, "deflateInit2_")
+  LOAD_SYM(zlib, deflate, "deflate")
+  LOAD_SYM(zlib, deflate_reset, "deflateReset")
+  LOAD_SYM(zlib, deflate_end, "deflateEnd")
   /* zlib 1.x: the z_stream above is its layout (the Init functions check its size and the major version). */
   zlib.ok = zlib.version()[0] == '1';
 }
@@ -1112,20 +1114,16 @@ static struct {
 static pthread_once_t evp_once = PTHREAD_ONCE_INIT;
 
 static void evp_load(void) {
-#define ESYM(field, sym)                                                                           \
-  *(void **)&evp.field = dlsym(RTLD_DEFAULT, sym);                                                 \
-  if (!evp.field) return;
-  ESYM(ctx_new, "EVP_CIPHER_CTX_new")
-  ESYM(ctx_free, "EVP_CIPHER_CTX_free")
-  ESYM(init, "EVP_CipherInit_ex")
-  ESYM(update, "EVP_CipherUpdate")
-  ESYM(set_padding, "EVP_CIPHER_CTX_set_padding")
-  ESYM(cbc[0], "EVP_aes_128_cbc")
-  ESYM(cbc[1], "EVP_aes_192_cbc")
-  ESYM(cbc[2], "EVP_aes_256_cbc")
-  ESYM(xts[0], "EVP_aes_128_xts")
-  ESYM(xts[1], "EVP_aes_256_xts")
-#undef ESYM
+  LOAD_SYM(evp, ctx_new, "EVP_CIPHER_CTX_new")
+  LOAD_SYM(evp, ctx_free, "EVP_CIPHER_CTX_free")
+  LOAD_SYM(evp, init, "EVP_CipherInit_ex")
+  LOAD_SYM(evp, update, "EVP_CipherUpdate")
+  LOAD_SYM(evp, set_padding, "EVP_CIPHER_CTX_set_padding")
+  LOAD_SYM(evp, cbc[0], "EVP_aes_128_cbc")
+  LOAD_SYM(evp, cbc[1], "EVP_aes_192_cbc")
+  LOAD_SYM(evp, cbc[2], "EVP_aes_256_cbc")
+  LOAD_SYM(evp, xts[0], "EVP_aes_128_xts")
+  LOAD_SYM(evp, xts[1], "EVP_aes_256_xts")
   evp.ok = 1;
 }
 

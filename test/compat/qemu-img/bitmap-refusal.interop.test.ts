@@ -9,8 +9,8 @@ import assert from 'node:assert/strict';
 import { copyFile, open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { decodeHeader } from '#src/formats/qcow2/header.js';
 import { decodeDirectory, encodeDirectory, FLAG_AUTO, FLAG_EXTRA_DATA_COMPATIBLE } from '#src/formats/qcow2/bitmaps/directory.js';
+import { headerOf } from '../../support/qcow2-edit.js';
 import { needs, qcow, qemuImg, run, scratch } from '../../support/qemu.js';
 
 const COMPAT_QEMU_IMG = fileURLToPath(new URL('../../../compat/qemu-img', import.meta.url));
@@ -22,9 +22,8 @@ const BITMAPS_EXTENSION = 0x23852875;
 async function poke(file: string, at: number, value: number): Promise<void> {
   const fh = await open(file, 'r+');
   try {
-    const head = new Uint8Array(65536);
-    await fh.read(head, 0, head.length, 0);
-    await fh.write(new Uint8Array([value]), 0, 1, decodeHeader(head).bitmaps!.directoryOffset + at);
+    const { header } = await headerOf(fh);
+    await fh.write(new Uint8Array([value]), 0, 1, header.bitmaps!.directoryOffset + at);
   } finally {
     await fh.close();
   }
@@ -34,9 +33,8 @@ async function poke(file: string, at: number, value: number): Promise<void> {
 async function addExtraData(file: string, flags: number): Promise<void> {
   const fh = await open(file, 'r+');
   try {
-    const head = new Uint8Array(65536);
-    await fh.read(head, 0, head.length, 0);
-    const { nbBitmaps, directorySize, directoryOffset } = decodeHeader(head).bitmaps!;
+    const { head, header } = await headerOf(fh);
+    const { nbBitmaps, directorySize, directoryOffset } = header.bitmaps!;
     const dir = new Uint8Array(directorySize);
     await fh.read(dir, 0, dir.length, directoryOffset);
     const entries = decodeDirectory(dir, nbBitmaps);

@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { copyFile, mkdir, open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { decodeHeader } from '#src/formats/qcow2/header.js';
+import { headerOf } from '../../support/qcow2-edit.js';
 import { needs, qemuImg, qemuIo, run, scratch } from '../../support/qemu.js';
 
 const COMPAT_QEMU_IMG = fileURLToPath(new URL('../../../compat/qemu-img', import.meta.url));
@@ -19,10 +19,9 @@ const COMPAT_QEMU_IMG = fileURLToPath(new URL('../../../compat/qemu-img', import
 async function setRefcounts(file: string, counts: [number, number][]): Promise<void> {
   const fh = await open(file, 'r+');
   try {
-    const head = new Uint8Array(65536);
-    await fh.read(head, 0, head.length, 0);
+    const { header } = await headerOf(fh);
     const table = new Uint8Array(8);
-    await fh.read(table, 0, 8, decodeHeader(head).refcountTableOffset);
+    await fh.read(table, 0, 8, header.refcountTableOffset);
     const block = Number(new DataView(table.buffer).getBigUint64(0));
     for (const [cluster, count] of counts) await fh.write(new Uint8Array([count >> 8, count & 0xff]), 0, 2, block + 2 * cluster);
   } finally {
@@ -72,10 +71,9 @@ test('compat/qemu-img check names a compressed cluster with the copied flag as q
   // Set the copied flag (bit 63) on the first L2 entry, a compressed cluster.
   const fh = await open(packed, 'r+');
   try {
-    const head = new Uint8Array(65536);
-    await fh.read(head, 0, head.length, 0);
+    const { header } = await headerOf(fh);
     const l1 = new Uint8Array(8);
-    await fh.read(l1, 0, 8, decodeHeader(head).l1TableOffset);
+    await fh.read(l1, 0, 8, header.l1TableOffset);
     const l2 = Number(new DataView(l1.buffer).getBigUint64(0) & 0x00fffffffffffe00n);
     const entry = new Uint8Array(1);
     await fh.read(entry, 0, 1, l2);
@@ -99,9 +97,8 @@ test('compat/qemu-img check counts a bitmap table past the end of the file as qe
   // Move the first bitmap's table a cluster and more past the end of the file, still aligned.
   const fh = await open(file, 'r+');
   try {
-    const head = new Uint8Array(65536);
-    await fh.read(head, 0, head.length, 0);
-    await fh.write(new Uint8Array([0x10]), 0, 1, decodeHeader(head).bitmaps!.directoryOffset + 5);
+    const { header } = await headerOf(fh);
+    await fh.write(new Uint8Array([0x10]), 0, 1, header.bitmaps!.directoryOffset + 5);
   } finally {
     await fh.close();
   }
