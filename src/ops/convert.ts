@@ -39,7 +39,7 @@ export interface ConvertOptions {
   targetIsZero?: boolean;
   /** Work items in flight at once (each holds one buffer of `chunkSize`). Default 8. */
   parallel?: number;
-  /** Largest work item with data, in bytes. Default 4 MiB, 2 MiB when compressing (see DEFAULT_CHUNK). */
+  /** Largest work item with data, in bytes. Default 2 MiB (see DEFAULT_CHUNK). */
   chunkSize?: number;
   /** Let writes complete in any order (qemu-img -W). */
   outOfOrder?: boolean;
@@ -64,17 +64,17 @@ type WorkItem =
   | { kind: 'data'; offset: number; length: number; spans: { offset: number; length: number; zero: boolean; depth: number }[] };
 
 /**
- * The default largest data item. Most of our CPU beyond qemu-img's in a plain copy is JavaScript
- * spent per item, whatever its size (planning it, its read and write calls, the target's
- * allocation and table update, promises, and V8 compiling the functions that get hot): 4 MiB
- * items halve it against qemu-img's 2 MiB. 1 GiB raw -> qcow2 into /dev/shm: 381M -> 302M
- * instructions (callgrind), user time ~130 -> ~80 ms (qemu-img ~60); 8 MiB gained a little more
- * (274M) for twice the buffer memory, which a host without huge pages pays in page faults.
- * Compressing keeps 2 MiB: there the per-item JavaScript is lost in the deflating, and the codec
- * pool (compress/pool.node.ts) was tuned on items of that size.
+ * The default largest data item: 2 MiB, as qemu-img. Round seven moved plain copies to 4 MiB
+ * items, which halves the JavaScript spent per item (callgrind: 1 GiB raw -> qcow2 381M -> 302M
+ * instructions), but on a quiet 2-core machine with 2 MiB of L2 cache per core the kernel's copies
+ * then miss the cache: each item is copied into our buffer, scanned for zeros and copied out again,
+ * and 4 MiB no longer stays in L2 between those passes. 512 MiB mixed raw -> qcow2 into ext4, 4
+ * alternating runs (perf stat): 4 MiB items 425-551 ms of CPU (system 356-496), 2 MiB 270-324
+ * (system 216-253), qemu-img 199-219; 1 MiB and 512 KiB were worse again (more JavaScript, no less
+ * kernel time). Instruction counts miss this, and so did round seven's measurements on a loaded
+ * machine, where other processes evicted the caches either way.
  */
-const DEFAULT_CHUNK = 4 * 1024 * 1024;
-const DEFAULT_COMPRESSED_CHUNK = 2 * 1024 * 1024;
+const DEFAULT_CHUNK = 2 * 1024 * 1024;
 
 /** Zero runs are handed out in pieces of at most this, so progress moves on huge sparse images. */
 const ZERO_ITEM_MAX = 2 ** 30;
@@ -112,7 +112,7 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
   if (options.copyOffload && options.compress) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot enable copy offloading when -c is used');
   if (options.copyOffload && options.sparseSize !== undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot enable copy offloading when -S is used');
   const cluster = Math.max(target.clusterSize, 512);
-  let chunk = options.chunkSize ?? (options.compress ? DEFAULT_COMPRESSED_CHUNK : DEFAULT_CHUNK);
+  let chunk = options.chunkSize ?? DEFAULT_CHUNK;
   chunk = Math.max(cluster, chunk - (chunk % cluster));
   const parallel = Math.max(1, Math.min(64, options.parallel ?? 8));
   // In order unless -W: compressed chunks too, so that their clusters are placed in guest order
