@@ -14,6 +14,14 @@
  *                                     source ends; a Promise of the bytes copied. Runs on libuv's
  *                                     thread pool: the kernel copies the data (or shares the
  *                                     blocks, on file systems that can), which takes time.
+ *   spliceToPipe(fdIn, offIn, pipe, len)
+ *                                     splice(2) [offIn, +len) of the file `fdIn` into the pipe
+ *                                     `pipe` until `len` bytes are moved or the file ends; a
+ *                                     Promise of the bytes moved, on libuv's thread pool (a full
+ *                                     pipe waits for its reader there; a non-blocking pipe is
+ *                                     waited on with poll). The pipe then holds references to the
+ *                                     file's page-cache pages, not copies: no copy through our
+ *                                     memory, the reader's read(2) is the one copy.
  *   writeBehind(fd, offset, length, dropOffset, dropLength)
  *                                     sync_file_range(SYNC_FILE_RANGE_WRITE) on [offset, +length):
  *                                     start writing those dirty pages back now, without waiting
@@ -359,6 +367,57 @@ static napi_value copy_file_range_async(napi_env env, napi_callback_info info) {
   job->off_out = (off_t)a[3];
   job->length = (size_t)a[4];
   return queue_pool_job(env, &job->base, "copyFileRange", copy_execute);
+}
+
+/* splice from a file into a pipe on the thread pool: the state of one call. */
+typedef struct {
+  pool_job base;
+  int fd_in, pipe;
+  off_t off_in;
+  size_t length;
+  size_t moved;
+} splice_job;
+
+static void splice_execute(napi_env env, void *data) {
+  (void)env;
+  splice_job *job = data;
+  job->base.has_result = 1;
+  while (job->moved < job->length) {
+    ssize_t n = splice(job->fd_in, &job->off_in, job->pipe, NULL, job->length - job->moved, SPLICE_F_MORE);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) {
+        /* Someone made the pipe non-blocking (Node does for process.stdout): wait for room. */
+        struct pollfd p = {job->pipe, POLLOUT, 0};
+        if (poll(&p, 1, -1) >= 0 || errno == EINTR) continue;
+      }
+      /* What was moved is in the pipe already: report it, so the caller goes on from there
+         (the next call fails at once and reports the error). */
+      if (job->moved > 0) break;
+      job->base.err = errno;
+      job->base.syscall = "splice";
+      return;
+    }
+    if (n == 0) break; /* the file ended: the caller sends the rest */
+    job->moved += (size_t)n;
+  }
+  job->base.result = (double)job->moved;
+}
+
+static napi_value splice_to_pipe(napi_env env, napi_callback_info info) {
+  double a[4];
+  if (!get_args(env, info, 4, a)) return NULL;
+  if (a[1] < 0 || a[3] < 0) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "offset and length must not be negative");
+    return NULL;
+  }
+  splice_job *job = new_pool_job(env, sizeof *job);
+  if (!job) return NULL;
+  job->fd_in = (int)a[0];
+  job->off_in = (off_t)a[1];
+  job->pipe = (int)a[2];
+  job->length = (size_t)a[3];
+  return queue_pool_job(env, &job->base, "spliceToPipe", splice_execute);
 }
 
 /* sync_file_range + fadvise DONTNEED on the thread pool: the state of one call. */
@@ -1289,6 +1348,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
     {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
     {"copyFileRange", NULL, copy_file_range_async, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"spliceToPipe", NULL, splice_to_pipe, NULL, NULL, NULL, napi_enumerable, NULL},
     {"writeBehind", NULL, write_behind, NULL, NULL, NULL, napi_enumerable, NULL},
     {"blockRunEnd", NULL, block_run_end, NULL, NULL, NULL, napi_enumerable, NULL},
     {"contiguousEntries", NULL, contiguous_entries, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -1310,7 +1370,7 @@ static napi_value init(napi_env env, napi_value exports) {
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   napi_value version;
-  CHECK(napi_create_int32(env, 8, &version));
+  CHECK(napi_create_int32(env, 9, &version));
   CHECK(napi_set_named_property(env, exports, "version", version));
   return exports;
 }

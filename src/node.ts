@@ -21,6 +21,7 @@ export { defaultOpener, openImage, createImage, type NodeOpenOptions, type NodeC
 export { nodeWritableSink } from './streams/node-sink.node.js';
 export { fileSpill } from './streams/spill-file.node.js';
 export { fdSource } from './streams/fd-source.node.js';
+export { fdSink } from './streams/fd-sink.node.js';
 export { stageOver, type StagedTarget } from './streams/staging.node.js';
 // Serving a device over NBD, as `qcow serve` does.
 export { serveNbd, type ServeNbdOptions, type NbdServerHandle, type ListenAddress } from './nbd/serve.js';

@@ -32,6 +32,13 @@ export interface HostAddon {
    */
   copyFileRange?(fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, length: number): Promise<number>;
   /**
+   * splice(2) [offsetIn, +length) of the file `fdIn` into the pipe `pipe` on libuv's thread pool,
+   * looping until `length` bytes are moved or the file ends: resolves with the bytes moved. The
+   * pipe holds the file's page-cache pages, not copies. Rejects with the errno's name as `code`.
+   * Absent before version 9.
+   */
+  spliceToPipe?(fdIn: number, offsetIn: number, pipe: number, length: number): Promise<number>;
+  /**
    * On libuv's thread pool: sync_file_range(SYNC_FILE_RANGE_WRITE) on [offset, +length) (start
    * writing it back, without waiting; nothing when length is 0), then posix_fadvise(DONTNEED) on [dropOffset, +dropLength)
    * when dropLength > 0 (the pages of that range that are clean by then leave the page cache).

@@ -97,6 +97,8 @@ export class FileStore implements ByteStore {
   readonly allocate?: (offset: number, length: number) => Promise<void>;
   /** Copy offload to another FileStore, present only where the addon has copy_file_range. */
   readonly copyTo?: (target: ByteStore, from: number, to: number, length: number) => Promise<number>;
+  /** Into a pipe with splice, present only where the addon has it. */
+  readonly spliceTo?: (pipe: number, from: number, length: number) => Promise<number>;
 
   private constructor(name: string, fd: number, readOnly: boolean, syncMax: number, cachedReadsInline: boolean) {
     this.name = name;
@@ -111,6 +113,8 @@ export class FileStore implements ByteStore {
     this.dataRuns = (offset, length) => this.sync(() => this.findDataRuns(addon, offset, length));
     const copy = addon.copyFileRange;
     if (copy) this.copyTo = (target, from, to, length) => this.copyFileRange(copy, target, from, to, length);
+    const splice = addon.spliceToPipe;
+    if (splice) this.spliceTo = (pipe, from, length) => this.spliceToPipe(splice, pipe, from, length);
     if (readOnly) return;
     this.punchHole = (offset, length) => this.sync(() => ((this.knownData = undefined), sparse.punchHole(addon, this.fd, offset, length)));
     this.zeroRange = (offset, length) => this.sync(() => ((this.knownData = undefined), sparse.zeroRange(addon, this.fd, offset, length)));
@@ -169,6 +173,22 @@ export class FileStore implements ByteStore {
     });
     target.writeTail = copied.catch(() => undefined);
     return copied;
+  }
+
+  /**
+   * splice into a pipe. Errors of the file (EINVAL: a file system without splice, ENOSYS) become
+   * QCOW_UNSUPPORTED so the caller reads and writes instead; the pipe's (EPIPE) are passed on as
+   * they are, for the pipe's owner to word.
+   */
+  private spliceToPipe(splice: NonNullable<HostAddon['spliceToPipe']>, pipe: number, from: number, length: number): Promise<number> {
+    return splice(this.fd, from, pipe, length).catch((e: unknown) => {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'EINVAL' || code === 'ENOSYS' || code === 'EOPNOTSUPP') {
+        throw new QcowError('QCOW_UNSUPPORTED', `cannot splice this file into a pipe (${code})`, { file: this.name, cause: e });
+      }
+      if (code === 'EPIPE') throw e;
+      throw fsError(e, this.name);
+    });
   }
 
   /**

@@ -45,6 +45,15 @@ export interface ByteStore {
    */
   copyTo?(target: ByteStore, from: number, to: number, length: number): Promise<number>;
   /**
+   * Move [from, from + length) of this store into the pipe `pipe` (a file descriptor) without the
+   * bytes passing through JavaScript (splice: the pipe takes the page cache's pages, the reader's
+   * read is the only copy). Resolves with the bytes moved: fewer when the store ends first, or
+   * when it failed after moving some (the next call reports the failure). Fails with
+   * QCOW_UNSUPPORTED where the file cannot be spliced (callers then read and write); other
+   * failures (EPIPE: the reader went away) keep their errno code. Absent without the host addon.
+   */
+  spliceTo?(pipe: number, from: number, length: number): Promise<number>;
+  /**
    * Publish these permissions (QEMU's image locks, see permissions.ts) in place of those taken at
    * open; QCOW_LOCKED when another program's use conflicts. Stores without locks lack it.
    */

@@ -49,11 +49,14 @@ export function webStreamSink(stream: WritableStream<Uint8Array>): {
 
 /** Wrap a sink so that a consumer's failure reads as one line about the stream. */
 export function describeSinkErrors(sink: ChunkSink, name: string): ChunkSink {
-  return (chunk) =>
-    sink(chunk).catch((e: unknown) => {
-      if (e instanceof QcowError) throw e;
-      const code = (e as NodeJS.ErrnoException | undefined)?.code;
-      const why = code === 'EPIPE' ? 'the reader closed it before the image was complete' : e instanceof Error ? e.message : String(e);
-      throw new QcowError('QCOW_IO', `cannot write to ${name}: ${why}`, { cause: e });
-    });
+  const describe = (e: unknown): never => {
+    if (e instanceof QcowError) throw e;
+    const code = (e as NodeJS.ErrnoException | undefined)?.code;
+    const why = code === 'EPIPE' ? 'the reader closed it before the image was complete' : e instanceof Error ? e.message : String(e);
+    throw new QcowError('QCOW_IO', `cannot write to ${name}: ${why}`, { cause: e });
+  };
+  const described: ChunkSink = (chunk) => sink(chunk).catch(describe);
+  const from = sink.fromStore;
+  if (from) described.fromStore = (store, at, length) => from(store, at, length).catch(describe);
+  return described;
 }

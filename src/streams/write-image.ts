@@ -12,6 +12,7 @@
  * and one count per L2 table, one L2 table, and `parallel` chunks of `chunkSize` being read ahead.
  */
 import type { BlockDevice } from '../core/block-device.js';
+import type { ByteStore } from '../storage/types.js';
 import { chainOf } from '../chain/open.js';
 import { QcowError, throwIfAborted } from '../core/errors.js';
 import { ConcatSource } from '../ops/concat.js';
@@ -31,8 +32,14 @@ import { maxRefcount } from '../formats/qcow2/refcount.js';
 /**
  * Receives the image's bytes in order. The promise resolves once the sink is done with the chunk:
  * the writer then reuses its memory, and sends the next.
+ *
+ * `fromStore`, where present: take the next `length` bytes of the stream from `store` at `from`
+ * without the writer reading them (fdSink splices a local file into a pipe). It resolves with the
+ * bytes it took, possibly fewer or none: the writer reads and sends the rest itself.
  */
-export type ChunkSink = (chunk: Uint8Array) => Promise<void>;
+export type ChunkSink = ((chunk: Uint8Array) => Promise<void>) & {
+  fromStore?: (store: ByteStore, from: number, length: number) => Promise<number>;
+};
 
 /** Options of {@link writeImageStream}: the image's format and layout, and how much is read ahead. */
 export interface WriteStreamOptions {
@@ -105,13 +112,57 @@ export async function writeImageStream(sources: BlockDevice[], sink: ChunkSink, 
 /** Counts bytes on their way to the sink. */
 function counting(sink: ChunkSink): { put: ChunkSink; bytes: () => number } {
   let bytes = 0;
-  return {
-    put: (chunk) => {
-      bytes += chunk.length;
-      return sink(chunk);
-    },
-    bytes: () => bytes,
+  const put: ChunkSink = (chunk) => {
+    bytes += chunk.length;
+    return sink(chunk);
   };
+  const from = sink.fromStore;
+  if (from) {
+    put.fromStore = async (store, at, length) => {
+      const n = await from(store, at, length);
+      bytes += n;
+      return n;
+    };
+  }
+  return { put, bytes: () => bytes };
+}
+
+/** Bytes handed to the sink's fromStore at once: between two, progress is told and an abort seen. */
+const FROM_STORE_BYTES = 8 * 1024 * 1024;
+
+/**
+ * Send guest bytes [start, end) of `src`: where the sink can take them straight from the file that
+ * stores them (see ChunkSink), it does; the rest is read in chunks as copyRange does.
+ */
+async function sendRange(
+  src: ConcatSource,
+  put: ChunkSink,
+  start: number,
+  end: number,
+  o: { chunk: number; parallel: number; signal?: AbortSignal },
+  progress: (end: number) => void,
+): Promise<void> {
+  const emit = async (buf: Uint8Array, at: number) => {
+    await put(buf);
+    progress(at);
+  };
+  const fromStore = put.fromStore;
+  if (!fromStore) return copyRange(src, start, end - start, { ...o, padTo: 1 }, emit);
+  // The top layer's own plain bytes are what the guest reads there; runs it does not store as
+  // such (compressed, encrypted, a backing file's) come back without a store and are read.
+  for (const e of await src.plainExtents(start, end - start, 0)) {
+    let at = e.offset;
+    const eEnd = e.offset + e.length;
+    while (e.store && at < eEnd) {
+      throwIfAborted(o.signal);
+      const n = Math.min(FROM_STORE_BYTES, eEnd - at);
+      const moved = await fromStore(e.store, e.hostOffset! + (at - e.offset), n);
+      at += moved;
+      if (moved > 0) progress(at);
+      if (moved < n) break; // the file ended (the rest reads as zeros) or cannot be taken
+    }
+    if (at < eEnd) await copyRange(src, at, eEnd - at, { ...o, padTo: 1 }, emit);
+  }
 }
 
 /**
@@ -168,10 +219,7 @@ async function writeRawStream(sources: BlockDevice[], sink: ChunkSink, options: 
     throwIfAborted(options.signal);
     const e = await src.status(off, total - off);
     if (e.present && !e.zero) {
-      await copyRange(src, off, e.length, { chunk, parallel, padTo: 1, signal: options.signal }, async (buf, end) => {
-        await out.put(buf);
-        options.onProgress?.(end, total);
-      });
+      await sendRange(src, out.put, off, off + e.length, { chunk, parallel, signal: options.signal }, (end) => options.onProgress?.(end, total));
     } else {
       // A stream has no holes: zeros are bytes like any other (one shared, never-written buffer).
       for (let o = off; o < off + e.length; o += zeros.length) {
@@ -359,11 +407,17 @@ async function writeQcow2Stream(sources: BlockDevice[], sink: ChunkSink, options
     await out.put(l2);
     for (const [first, count] of runs) {
       const start = first * cs;
-      const length = Math.min(size, (first + count) * cs) - start;
-      await copyRange(src, start, length, { chunk, parallel, padTo: cs, signal: options.signal }, async (buf, end) => {
-        await out.put(buf);
-        options.onProgress?.(end, size);
-      });
+      const end = Math.min(size, (first + count) * cs);
+      if (!out.put.fromStore) {
+        await copyRange(src, start, end - start, { chunk, parallel, padTo: cs, signal: options.signal }, async (buf, at) => {
+          await out.put(buf);
+          options.onProgress?.(at, size);
+        });
+        continue;
+      }
+      await sendRange(src, out.put, start, end, { chunk, parallel, signal: options.signal }, (at) => options.onProgress?.(at, size));
+      // The image's last cluster, when the image ends inside it: zeros up to the cluster's end.
+      if (end < (first + count) * cs) await out.put(new Uint8Array((first + count) * cs - end));
     }
     options.onProgress?.(to, size);
   }

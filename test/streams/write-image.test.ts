@@ -7,6 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { Writable } from 'node:stream';
 import { QCOW_BIN, needs, qemuGuestSha256, qemuImg, qemuIo, randomBytes, run, scratch, sha256 } from '../support/qemu.js';
 import { MemoryStore } from '#src/storage/memory.js';
@@ -142,4 +143,43 @@ test('the library: a function, a Node Writable and a web WritableStream receive 
   assert.deepEqual(got, want);
   await copy.close();
   await dev.close();
+});
+
+const NODE_ENTRY = fileURLToPath(new URL('../../dist/node.js', import.meta.url));
+
+test('fdSink: a pipe (data spliced from the file, also when made non-blocking) and a file get the bytes a function sink gets', async (t) => {
+  const dir = await scratch(t);
+  // Data, a hole, more data, and an end inside a cluster: the stream pads the last cluster.
+  const file = join(dir, 'src.raw');
+  const size = 3 * MiB + 1000;
+  await writeFile(file, new Uint8Array(size));
+  const bytes = new Uint8Array(await readFile(file));
+  bytes.set(randomBytes(MiB, 7), 0);
+  bytes.set(randomBytes(MiB + 1000, 8).subarray(0, MiB + 1000), 2 * MiB);
+  await writeFile(file, bytes);
+  const { openImage } = (await import(NODE_ENTRY)) as typeof import('#src/node.js');
+  for (const format of ['qcow2', 'raw']) {
+    await using src = await openImage(file, { readOnly: true, format: 'raw' });
+    const chunks: Uint8Array[] = [];
+    await writeImageStream([src], async (c) => void chunks.push(c.slice()), { format });
+    const want = sha256(new Uint8Array(Buffer.concat(chunks)));
+    const script = `
+      const { openImage, fdSink, writeImageStream } = await import(${JSON.stringify(NODE_ENTRY)});
+      if (process.argv[1] === 'nonblocking') process.stdout; // libuv sets O_NONBLOCK on the pipe
+      const src = await openImage(${JSON.stringify(file)}, { readOnly: true, format: 'raw' });
+      const out = fdSink(1);
+      await writeImageStream([src], out.sink, { format: ${JSON.stringify(format)} });
+      await out.finish();
+      await src.close();
+    `;
+    for (const how of ['blocking', 'nonblocking']) {
+      const r = await run('bash', ['-c', `set -o pipefail; node --input-type=module -e "$0" ${how} | sha256sum`, script]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(r.stdout.split(' ')[0], want, `${format} into a ${how} pipe`);
+    }
+    const out = join(dir, 'out');
+    const r = await run('bash', ['-c', `node --input-type=module -e "$0" > '${out}'`, script]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(sha256(new Uint8Array(await readFile(out))), want, `${format} into a file`);
+  }
 });

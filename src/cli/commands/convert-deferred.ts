@@ -9,6 +9,7 @@ export {
   copyBitmaps,
   deferredCaAgent,
   describeSinkErrors,
+  fdSink,
   fdSource,
   fileSpill,
   nodeFetch,

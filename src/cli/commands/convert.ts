@@ -1,5 +1,6 @@
 import { QcowError, parseSize, createImage, defaultOpener, openImage, FileStore, permissionsFor, convert, isHttpUrl, type BlockDevice, type ByteStore, type StoreOpener, type Spill, type StagedTarget, type StreamSource } from '../../node.js';
 import { fstatSync, type Stats } from 'node:fs';
+import { isatty } from 'node:tty';
 import { failureStyle, openForCli, parseOptionList, readPasswordFile, removeCreated, withProgress } from '../common.js';
 
 interface Flags {
@@ -189,8 +190,8 @@ async function runToStream(
   if (!flags.create) throw refuse('-n');
   if (flags.C) throw refuse('-C');
   if (flags.bitmaps) throw refuse('--bitmaps');
-  if (process.stdout.isTTY) throw new QcowError('QCOW_INVALID_ARGUMENT', 'standard output is a terminal: redirect it to a file or a pipe to write an image there');
-  const { writeImageStream, nodeWritableSink, describeSinkErrors, chainOf, fileSpill } = await import('./convert-deferred.js');
+  if (isatty(1)) throw new QcowError('QCOW_INVALID_ARGUMENT', 'standard output is a terminal: redirect it to a file or a pipe to write an image there');
+  const { writeImageStream, fdSink, describeSinkErrors, chainOf, fileSpill } = await import('./convert-deferred.js');
   const { resolve } = await import('node:path');
   const sources: BlockDevice[] = [];
   try {
@@ -204,7 +205,7 @@ async function runToStream(
         const layer = sources.length === 1 ? chainOf(sources[0]!).find((d) => resolve(d.filename) === resolve(path)) : undefined;
         backing = { file: o.backingFile, format: o.backingFormat!, layer };
       }
-      const out = nodeWritableSink(process.stdout);
+      const out = fdSink(1);
       // Compressed clusters wait in a temporary file (TMPDIR) until their tables are out.
       const spill = flags.compress ? await fileSpill() : undefined;
       await writeImageStream(sources, describeSinkErrors(out.sink, 'standard output'), {
