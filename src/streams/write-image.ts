@@ -32,12 +32,13 @@ import { maxRefcount } from '../formats/qcow2/refcount.js';
 /**
  * Receives the image's bytes in order. The promise resolves once the sink is done with the chunk:
  * the writer then reuses its memory, and sends the next.
- *
- * `fromStore`, where present: take the next `length` bytes of the stream from `store` at `from`
- * without the writer reading them (fdSink splices a local file into a pipe). It resolves with the
- * bytes it took, possibly fewer or none: the writer reads and sends the rest itself.
  */
 export type ChunkSink = ((chunk: Uint8Array) => Promise<void>) & {
+  /**
+   * Optional: take the next `length` bytes of the stream from `store` at `from` without the
+   * writer reading them (fdSink splices a local file into a pipe). Resolves with the bytes taken,
+   * possibly fewer or none: the writer reads and sends the rest itself.
+   */
   fromStore?: (store: ByteStore, from: number, length: number) => Promise<number>;
 };
 
