@@ -149,21 +149,41 @@ async function sendRange(
   };
   const fromStore = put.fromStore;
   if (!fromStore) return copyRange(src, start, end - start, { ...o, padTo: 1 }, emit);
-  // The top layer's own plain bytes are what the guest reads there; runs it does not store as
-  // such (compressed, encrypted, a backing file's) come back without a store and are read.
-  for (const e of await src.plainExtents(start, end - start, 0)) {
-    let at = e.offset;
-    const eEnd = e.offset + e.length;
-    while (e.store && at < eEnd) {
-      throwIfAborted(o.signal);
-      const n = Math.min(FROM_STORE_BYTES, eEnd - at);
-      const moved = await fromStore(e.store, e.hostOffset! + (at - e.offset), n);
-      at += moved;
-      if (moved > 0) progress(at);
-      if (moved < n) break; // the file ended (the rest reads as zeros) or cannot be taken
+  /** The plain runs of layer `depth` over [from, to) from their store; `rest` gets the runs it cannot place. */
+  const send = async (from: number, to: number, depth: number, rest: (at: number, end: number) => Promise<void>) => {
+    for (const e of await src.plainExtents(from, to - from, depth)) {
+      let at = e.offset;
+      const eEnd = e.offset + e.length;
+      while (e.store && at < eEnd) {
+        throwIfAborted(o.signal);
+        const n = Math.min(FROM_STORE_BYTES, eEnd - at);
+        const moved = await fromStore(e.store, e.hostOffset! + (at - e.offset), n);
+        at += moved;
+        if (moved > 0) progress(at);
+        if (moved < n) break; // the file ended (the rest reads as zeros) or cannot be taken
+      }
+      if (at < eEnd) await rest(at, eEnd);
     }
-    if (at < eEnd) await copyRange(src, at, eEnd - at, { ...o, padTo: 1 }, emit);
-  }
+  };
+  const read = (at: number, to: number) => copyRange(src, at, to - at, { ...o, padTo: 1 }, emit);
+  // The top layer's own plain bytes are what the guest reads there. Runs it does not store as such
+  // come back without a store: where the chain's status says a backing layer's data decides them,
+  // that layer's plain bytes; the rest (compressed, encrypted, zeros) is read.
+  await send(start, end, 0, async (from, to) => {
+    // Consecutive runs to read are read as one (read-ahead across them: compressed clusters).
+    let readFrom = from;
+    for (let at = from; at < to; ) {
+      const st = await src.status(at, to - at);
+      const stEnd = Math.min(to, at + st.length);
+      if (st.depth > 0 && st.present && !st.zero) {
+        if (readFrom < at) await read(readFrom, at);
+        await send(at, stEnd, st.depth, read);
+        readFrom = stEnd;
+      }
+      at = stEnd;
+    }
+    if (readFrom < to) await read(readFrom, to);
+  });
 }
 
 /**
