@@ -30,6 +30,9 @@ import type { Spill } from './spill.js';
 import type { ClusterReader } from './cluster-reader.js';
 import { GatheredWrites } from './gathered-writes.js';
 
+/** Consecutive data clusters are taken from the reader as one piece up to this many bytes. */
+const RUN_BYTES = 1024 * 1024;
+
 /** What the image is, from its header: the target is made from this before any data arrives. */
 export interface StreamImageInfo {
   format: 'qcow2' | 'qcow';
@@ -222,23 +225,88 @@ class StreamState {
         while (reader.offset < stopAt && (await reader.take(1 << 20)).length > 0) onProgress?.(reader.offset);
         return;
       }
+      const run = this.dataRun(c, reader.offset);
+      if (run > 1) {
+        const piece = await reader.take(run * cs);
+        if (piece.length === run * cs) {
+          onProgress?.(reader.offset);
+          this.dataClusters(c, run, piece);
+          c += run - 1;
+          await this.out.backPressure();
+          continue;
+        }
+        // The stream ended inside the run: its clusters one by one, as below, for the same checks
+        // and messages.
+        for (let i = 0; ; i++, c++) {
+          const bytes = piece.subarray(i * cs, (i + 1) * cs);
+          if (bytes.length === 0) return this.ended(c);
+          if (!(await this.cluster(c, bytes, reader.offset))) return;
+        }
+      }
       const bytes = await reader.take(cs);
       onProgress?.(reader.offset);
       if (bytes.length === 0) return this.ended(c);
-      // qemu writes data clusters whole (with subclusters, up to the last one written): one cut
-      // short of that means the stream ended early.
-      if (bytes.length < cs && this.wants.get(c)?.some((w) => w.kind === 'data' && bytes.length < this.bytesNeeded(w.alloc))) {
-        throw new QcowError('QCOW_CORRUPT', `the stream ended at ${reader.offset} bytes, inside a data cluster the image maps`);
-      }
-      const cluster = bytes.length === cs ? bytes : padded(bytes, cs);
-      this.window.set(c, cluster);
-      this.window.delete(c - 3);
-      await this.arrived(c, cluster);
-      // Compressed data that started up to two clusters back may end in this one.
-      await this.finishCompressed(c);
-      if (bytes.length < cs) return this.ended(c + 1);
+      if (!(await this.cluster(c, bytes, reader.offset))) return;
       await this.out.backPressure();
     }
+  }
+
+  /**
+   * File cluster `c` has arrived (`bytes`, short at the stream's end, which is at `streamEnd` then):
+   * false when the stream has ended with it.
+   */
+  private async cluster(c: number, bytes: Uint8Array, streamEnd: number): Promise<boolean> {
+    const cs = this.cs;
+    // qemu writes data clusters whole (with subclusters, up to the last one written): one cut
+    // short of that means the stream ended early.
+    if (bytes.length < cs && this.wants.get(c)?.some((w) => w.kind === 'data' && bytes.length < this.bytesNeeded(w.alloc))) {
+      throw new QcowError('QCOW_CORRUPT', `the stream ended at ${streamEnd} bytes, inside a data cluster the image maps`);
+    }
+    const cluster = bytes.length === cs ? bytes : padded(bytes, cs);
+    this.window.set(c, cluster);
+    this.window.delete(c - 3);
+    await this.arrived(c, cluster);
+    // Compressed data that started up to two clusters back may end in this one.
+    await this.finishCompressed(c);
+    if (bytes.length < cs) {
+      await this.ended(c + 1);
+      return false;
+    }
+    return true;
+  }
+
+  /**
+   * How many clusters from `c` on are each wanted as plain data only, for consecutive guest
+   * clusters, and lie in the reader's current slab (up to the next MiB of the stream, so that
+   * taking them together copies nothing): they are taken and written as one piece. 0 or 1: take
+   * cluster `c` alone. Not for encrypted images, subclusters, or while compressed data is pending.
+   */
+  private dataRun(c: number, offset: number): number {
+    const cs = this.cs;
+    if (cs >= RUN_BYTES || this.ctx.extendedL2 || this.h.cryptMethod !== 0 || this.pendingCompressed.length > 0) return 0;
+    const most = (RUN_BYTES - (offset % RUN_BYTES)) / cs;
+    let guest = -1;
+    let n = 0;
+    for (; n < most; n++) {
+      const list = this.wants.get(c + n);
+      if (!list || list.length !== 1) break;
+      const w = list[0]!;
+      if (w.kind !== 'data' || (n > 0 && w.guest !== guest + cs) || w.guest + cs > this.h.size) break;
+      guest = w.guest;
+    }
+    return n;
+  }
+
+  /** The `n` clusters from `c` on, which {@link dataRun} found wanted as consecutive data, in `piece`. */
+  private dataClusters(c: number, n: number, piece: Uint8Array): void {
+    const cs = this.cs;
+    const guest = (this.wants.get(c)![0] as Extract<Want, { kind: 'data' }>).guest;
+    for (let i = 0; i < n; i++) this.wants.delete(c + i);
+    this.dataPending -= n;
+    // The window holds the last three clusters, as when they come one at a time.
+    for (let i = Math.max(0, n - 3); i < n; i++) this.window.set(c + i, piece.subarray(i * cs, (i + 1) * cs));
+    for (let k = c - 3; k < c + n - 3; k++) this.window.delete(k);
+    this.out.write(guest, piece);
   }
 
   /** Bytes of a data cluster that hold the image's data: all of it, or up to its last allocated subcluster. */
