@@ -22,7 +22,7 @@ import { INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeatu
 import { decodeRefcountTable, getRefcount, entriesPerBlock } from '../formats/qcow2/refcount.js';
 import { qcow2Geometry, l1EntriesFor, MAX_L1_BYTES } from '../formats/qcow2/layout.js';
 import { l1TableOffset } from '../formats/qcow2/l1-entry.js';
-import { readL2Entry, subclusterKind, type L2Context } from '../formats/qcow2/l2-entry.js';
+import { decodeL2Entry, subclusterKind, type ClusterDescriptor, type L2Context } from '../formats/qcow2/l2-entry.js';
 import { decompressCluster } from '../formats/qcow2/compressed.js';
 import { openEncryption, type Qcow2Encryption } from '../formats/qcow2/encryption.js';
 import type { ByteStore } from '../storage/types.js';
@@ -516,7 +516,7 @@ class StreamState {
     for (let i = 0; i < this.g.l2Entries; i++) {
       const guest = guestBase + i * cs;
       if (guest >= this.h.size) break;
-      const d = readL2Entry(t, i, this.ctx);
+      const d = decodeL2Entry(t, i, this.ctx, this.entry);
       if (d.kind === 'unallocated' && !this.ctx.extendedL2) continue;
       const cluster = guest / cs;
       if (d.kind === 'compressed') {
@@ -543,9 +543,16 @@ class StreamState {
         continue;
       }
       this.decide(cluster);
-      if (d.kind === 'normal') await this.wantOrServe(d.hostOffset, { kind: 'data', guest, host: d.hostOffset, alloc: 1 }, false, current);
+      if (d.kind !== 'normal') continue;
+      const w: Want = { kind: 'data', guest, host: d.hostOffset, alloc: 1 };
+      // Data still to come (the usual case) is noted without an await per entry.
+      if (d.hostOffset >= (current + 1) * cs) this.want(d.hostOffset, w, false);
+      else await this.wantOrServe(d.hostOffset, w, false, current);
     }
   }
+
+  /** The L2 entry being looked at (decoded in place: no garbage per entry). */
+  private readonly entry: ClusterDescriptor = { kind: 'unallocated', hostOffset: 0, compressedBound: 0, allocBitmap: 0, zeroBitmap: 0, hi: 0, lo: 0 };
 
   /** With every table in, nothing can name a kept cluster any more. */
   private dropKeptIfDone(): void {
