@@ -8,8 +8,9 @@
  * into one reused buffer took a third of the CPU (`cat` of 1 GiB into `node`: 0.30-0.36 s against
  * 0.76-1.37 s, and 2.6k against 12.3k page faults, `perf stat`). The reads are synchronous: a pipe
  * read returns what is there, and waits only while the writer has sent nothing, which the
- * conversion could not go on without anyway; writes of the target still in flight run on Node's
- * thread pool meanwhile. Every few MiB the reader lets the event loop run (timers of the progress
+ * conversion could not go on without anyway. (The CLI writes the target synchronously too,
+ * FileStore.writeInline: a write on the thread pool only let the next read race the pipe's writer
+ * for the pipe's lock.) Every few MiB the reader lets the event loop run (timers of the progress
  * bar, Ctrl-C), so a long stream does not hold them off.
  *
  * A pipe's writer may keep it open and send nothing for a long time. A blocking read(2) would then

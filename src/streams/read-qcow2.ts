@@ -22,13 +22,16 @@ import { INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, checkIncompatibleFeatures, hasFeatu
 import { decodeRefcountTable, getRefcount, entriesPerBlock } from '../formats/qcow2/refcount.js';
 import { qcow2Geometry, l1EntriesFor, MAX_L1_BYTES } from '../formats/qcow2/layout.js';
 import { l1TableOffset } from '../formats/qcow2/l1-entry.js';
-import { readL2Entry, subclusterKind, type L2Context } from '../formats/qcow2/l2-entry.js';
+import { decodeL2Entry, subclusterKind, type ClusterDescriptor, type L2Context } from '../formats/qcow2/l2-entry.js';
 import { decompressCluster } from '../formats/qcow2/compressed.js';
 import { openEncryption, type Qcow2Encryption } from '../formats/qcow2/encryption.js';
 import type { ByteStore } from '../storage/types.js';
 import type { Spill } from './spill.js';
 import type { ClusterReader } from './cluster-reader.js';
 import { GatheredWrites } from './gathered-writes.js';
+
+/** Consecutive data clusters are taken from the reader as one piece up to this many bytes. */
+const RUN_BYTES = 1024 * 1024;
 
 /** What the image is, from its header: the target is made from this before any data arrives. */
 export interface StreamImageInfo {
@@ -222,23 +225,88 @@ class StreamState {
         while (reader.offset < stopAt && (await reader.take(1 << 20)).length > 0) onProgress?.(reader.offset);
         return;
       }
+      const run = this.dataRun(c, reader.offset);
+      if (run > 1) {
+        const piece = await reader.take(run * cs);
+        if (piece.length === run * cs) {
+          onProgress?.(reader.offset);
+          this.dataClusters(c, run, piece);
+          c += run - 1;
+          await this.out.backPressure();
+          continue;
+        }
+        // The stream ended inside the run: its clusters one by one, as below, for the same checks
+        // and messages.
+        for (let i = 0; ; i++, c++) {
+          const bytes = piece.subarray(i * cs, (i + 1) * cs);
+          if (bytes.length === 0) return this.ended(c);
+          if (!(await this.cluster(c, bytes, reader.offset))) return;
+        }
+      }
       const bytes = await reader.take(cs);
       onProgress?.(reader.offset);
       if (bytes.length === 0) return this.ended(c);
-      // qemu writes data clusters whole (with subclusters, up to the last one written): one cut
-      // short of that means the stream ended early.
-      if (bytes.length < cs && this.wants.get(c)?.some((w) => w.kind === 'data' && bytes.length < this.bytesNeeded(w.alloc))) {
-        throw new QcowError('QCOW_CORRUPT', `the stream ended at ${reader.offset} bytes, inside a data cluster the image maps`);
-      }
-      const cluster = bytes.length === cs ? bytes : padded(bytes, cs);
-      this.window.set(c, cluster);
-      this.window.delete(c - 3);
-      await this.arrived(c, cluster);
-      // Compressed data that started up to two clusters back may end in this one.
-      await this.finishCompressed(c);
-      if (bytes.length < cs) return this.ended(c + 1);
+      if (!(await this.cluster(c, bytes, reader.offset))) return;
       await this.out.backPressure();
     }
+  }
+
+  /**
+   * File cluster `c` has arrived (`bytes`, short at the stream's end, which is at `streamEnd` then):
+   * false when the stream has ended with it.
+   */
+  private async cluster(c: number, bytes: Uint8Array, streamEnd: number): Promise<boolean> {
+    const cs = this.cs;
+    // qemu writes data clusters whole (with subclusters, up to the last one written): one cut
+    // short of that means the stream ended early.
+    if (bytes.length < cs && this.wants.get(c)?.some((w) => w.kind === 'data' && bytes.length < this.bytesNeeded(w.alloc))) {
+      throw new QcowError('QCOW_CORRUPT', `the stream ended at ${streamEnd} bytes, inside a data cluster the image maps`);
+    }
+    const cluster = bytes.length === cs ? bytes : padded(bytes, cs);
+    this.window.set(c, cluster);
+    this.window.delete(c - 3);
+    await this.arrived(c, cluster);
+    // Compressed data that started up to two clusters back may end in this one.
+    await this.finishCompressed(c);
+    if (bytes.length < cs) {
+      await this.ended(c + 1);
+      return false;
+    }
+    return true;
+  }
+
+  /**
+   * How many clusters from `c` on are each wanted as plain data only, for consecutive guest
+   * clusters, and lie in the reader's current slab (up to the next MiB of the stream, so that
+   * taking them together copies nothing): they are taken and written as one piece. 0 or 1: take
+   * cluster `c` alone. Not for encrypted images, subclusters, or while compressed data is pending.
+   */
+  private dataRun(c: number, offset: number): number {
+    const cs = this.cs;
+    if (cs >= RUN_BYTES || this.ctx.extendedL2 || this.h.cryptMethod !== 0 || this.pendingCompressed.length > 0) return 0;
+    const most = (RUN_BYTES - (offset % RUN_BYTES)) / cs;
+    let guest = -1;
+    let n = 0;
+    for (; n < most; n++) {
+      const list = this.wants.get(c + n);
+      if (!list || list.length !== 1) break;
+      const w = list[0]!;
+      if (w.kind !== 'data' || (n > 0 && w.guest !== guest + cs) || w.guest + cs > this.h.size) break;
+      guest = w.guest;
+    }
+    return n;
+  }
+
+  /** The `n` clusters from `c` on, which {@link dataRun} found wanted as consecutive data, in `piece`. */
+  private dataClusters(c: number, n: number, piece: Uint8Array): void {
+    const cs = this.cs;
+    const guest = (this.wants.get(c)![0] as Extract<Want, { kind: 'data' }>).guest;
+    for (let i = 0; i < n; i++) this.wants.delete(c + i);
+    this.dataPending -= n;
+    // The window holds the last three clusters, as when they come one at a time.
+    for (let i = Math.max(0, n - 3); i < n; i++) this.window.set(c + i, piece.subarray(i * cs, (i + 1) * cs));
+    for (let k = c - 3; k < c + n - 3; k++) this.window.delete(k);
+    this.out.write(guest, piece);
   }
 
   /** Bytes of a data cluster that hold the image's data: all of it, or up to its last allocated subcluster. */
@@ -448,7 +516,7 @@ class StreamState {
     for (let i = 0; i < this.g.l2Entries; i++) {
       const guest = guestBase + i * cs;
       if (guest >= this.h.size) break;
-      const d = readL2Entry(t, i, this.ctx);
+      const d = decodeL2Entry(t, i, this.ctx, this.entry);
       if (d.kind === 'unallocated' && !this.ctx.extendedL2) continue;
       const cluster = guest / cs;
       if (d.kind === 'compressed') {
@@ -475,9 +543,16 @@ class StreamState {
         continue;
       }
       this.decide(cluster);
-      if (d.kind === 'normal') await this.wantOrServe(d.hostOffset, { kind: 'data', guest, host: d.hostOffset, alloc: 1 }, false, current);
+      if (d.kind !== 'normal') continue;
+      const w: Want = { kind: 'data', guest, host: d.hostOffset, alloc: 1 };
+      // Data still to come (the usual case) is noted without an await per entry.
+      if (d.hostOffset >= (current + 1) * cs) this.want(d.hostOffset, w, false);
+      else await this.wantOrServe(d.hostOffset, w, false, current);
     }
   }
+
+  /** The L2 entry being looked at (decoded in place: no garbage per entry). */
+  private readonly entry: ClusterDescriptor = { kind: 'unallocated', hostOffset: 0, compressedBound: 0, allocBitmap: 0, zeroBitmap: 0, hi: 0, lo: 0 };
 
   /** With every table in, nothing can name a kept cluster any more. */
   private dropKeptIfDone(): void {

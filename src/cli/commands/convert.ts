@@ -55,13 +55,17 @@ function sparseSize(text: string): number {
  * (the data reaches the disk when the kernel writes it back). Our default is the same; the other
  * modes make every flush real.
  */
-function targetOpener(cache: string): StoreOpener {
+function targetOpener(cache: string, inlineWrites = false): StoreOpener {
   const modes = ['unsafe', 'writeback', 'writethrough', 'none', 'directsync'];
   if (!modes.includes(cache)) throw new QcowError('QCOW_INVALID_ARGUMENT', `Invalid cache option: ${cache}`);
   // The target is written once, front to back: write-behind (storage/file.node.ts) keeps a large
   // output from filling the page cache with memory the process never touched before.
+  // From a stream, every write is synchronous (FileStore.writeInline: the reads of the stream are).
   const behind = (s: ByteStore): ByteStore => {
-    if (s instanceof FileStore) s.writeBehind();
+    if (s instanceof FileStore) {
+      s.writeBehind();
+      if (inlineWrites) s.writeInline();
+    }
     return s;
   };
   if (cache !== 'unsafe') return { ...defaultOpener, open: async (name, options) => behind(await defaultOpener.open(name, options)) };
@@ -71,6 +75,7 @@ function targetOpener(cache: string): StoreOpener {
     if (s instanceof FileStore) {
       s.skipFlushes();
       s.writeBehind();
+      if (inlineWrites) s.writeInline();
       return s;
     }
     return {
@@ -286,7 +291,9 @@ async function runFromStream(
   const bufferBytes = flags.streamBuffer !== undefined ? parseSize(flags.streamBuffer, 'stream buffer') : undefined;
   const { readImageStream } = await import('./convert-deferred.js');
   const { resolve, dirname } = await import('node:path');
-  const opener = targetOpener(flags.cache);
+  // Standard input (a pipe, a file) is read synchronously: write the target the same way.
+  const fromFd = !(Symbol.asyncIterator in input);
+  const opener = targetOpener(flags.cache, fromFd);
   let dst: BlockDevice | undefined;
   let created = false;
   let opened: ByteStore | undefined;
@@ -324,6 +331,7 @@ async function runFromStream(
               ? async () => {
                   const store = await FileStore.open(target, { create: true, permissions: permissionsFor({ writable: true, format: 'raw', role: 'image' }) });
                   store.writeBehind();
+                  if (fromFd) store.writeInline();
                   created = true;
                   opened = store;
                   return store;
