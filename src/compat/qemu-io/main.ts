@@ -8,6 +8,7 @@ import { fstatSync, readFileSync, writeSync } from 'node:fs';
 import { QcowError, type BlockDevice } from '../../node.js';
 import { getopt, type LongOption } from './getopt.js';
 import { parseNumber } from './text.js';
+import { checkHostProtocol, isHostProtocol } from './protocol.js';
 import { QemuIo, parseOpts, type IoOutput, type Opener, type OpenRequest } from './engine.js';
 
 const LONG: LongOption[] = [
@@ -214,7 +215,10 @@ export class NodeOpener implements Opener {
     const name = req.name ?? o['file.filename'] ?? o.filename ?? o.file ?? o['file.file.filename'];
     if (name === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', "A block device must be specified for \"file\"");
     let format = o.driver ?? this.format;
-    if (format === 'file') format = 'raw';
+    // A protocol driver named as the image's driver is a raw image over it.
+    const protocol = isHostProtocol(format) ? format : o['file.driver'];
+    if (isHostProtocol(protocol)) await checkHostProtocol(protocol, name, req.readOnly || o['read-only'] === 'on');
+    if (isHostProtocol(format)) format = 'raw';
     const secretId = o['encrypt.key-secret'] ?? o['encryption.key-secret'];
     let password: string | undefined;
     if (secretId !== undefined) {
@@ -225,10 +229,10 @@ export class NodeOpener implements Opener {
     const noBacking = o.backing === 'null' || o.backing === '';
     const backingFormat = o['backing.driver'];
     const fileDriver = o['file.driver'];
-    if (fileDriver !== undefined && fileDriver !== 'file') {
+    if (fileDriver !== undefined && !isHostProtocol(fileDriver)) {
       // A nested image: the image's bytes are the guest content of another image.
       const innerName = o['file.file.filename'] ?? name;
-      const inner = await openImage(innerName, { format: fileDriver === 'file' ? 'raw' : fileDriver, readOnly, password });
+      const inner = await openImage(innerName, { format: fileDriver, readOnly, password });
       const { defaultOpener } = await import('../../cli/open-images.js');
       const { openerWith } = await import('./device-store.js');
       try {
