@@ -11,6 +11,7 @@ import { qcow2OptionProblem } from './qcow2-options.js';
 import { checkHostProtocol, isHostProtocol } from './protocol.js';
 import { isJsonFilename, jsonFilenameOptions } from '../json-filename.js';
 import { NULL_CO, openNullCo } from '../null-co.js';
+import { COMPRESS, compressFilter } from './compress-filter.js';
 import { QemuIo, parseOpts, type IoOutput, type Opener, type OpenRequest } from './engine.js';
 
 const LONG: LongOption[] = [
@@ -183,6 +184,12 @@ export class NodeOpener implements Opener {
     const json = req.name !== undefined && isJsonFilename(req.name);
     const o = json ? { ...jsonFilenameOptions(req.name!), ...req.options } : req.options;
     if ((o.driver ?? this.format) === NULL_CO) return openNullCo(req.name ?? NULL_CO, o, req.readOnly || o['read-only'] === 'on');
+    if (o.driver === COMPRESS) {
+      // A filter: its `file` child is the image, opened with the child's options.
+      const child: Record<string, string> = {};
+      for (const [k, v] of Object.entries(o)) if (k.startsWith('file.')) child[k.slice(5)] = v;
+      return compressFilter(await this.open({ ...req, name: undefined, snapshot: false, options: child }));
+    }
     const name = (json ? undefined : req.name) ?? o['file.filename'] ?? o.filename ?? o.file ?? o['file.file.filename'];
     if (name === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', "A block device must be specified for \"file\"");
     let format = o.driver ?? this.format;
