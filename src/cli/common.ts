@@ -35,13 +35,24 @@ export async function readPasswordFile(path: string | undefined): Promise<string
  * main.ts for the command that runs, so every image a command opens follows them; and QEMU's
  * stricter open rules, which a persona (compat/qemu-img) sets for its run.
  */
-export const openPolicy: { confine?: boolean; probeBacking?: boolean; refuseMalformedBitmaps?: boolean } = {};
+export const openPolicy: {
+  confine?: boolean;
+  probeBacking?: boolean;
+  refuseMalformedBitmaps?: boolean;
+  /**
+   * A persona's own kinds of image name (compat/qemu-img: QEMU's `json:{...}` names): returns
+   * how to open `file` when the name is one of them, else undefined for the usual open.
+   */
+  openName?: (file: string) => ((options: NodeOpenOptions) => Promise<BlockDevice>) | undefined;
+} = {};
 
 export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpenOptions = {}): Promise<BlockDevice> {
   const confine = flags.confine ?? openPolicy.confine ?? false;
   const probeBacking = flags.probeBacking ?? openPolicy.probeBacking ?? true;
   const { openImage } = await import('./open-images.js');
-  return openImage(file, {
+  const special = openPolicy.openName?.(file);
+  const open = special ? (_name: string, o: NodeOpenOptions) => special(o) : openImage;
+  return open(file, {
     format: flags.format,
     password: await readPasswordFile(flags.passwordFile),
     confineToFolder: confine,

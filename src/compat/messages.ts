@@ -107,6 +107,8 @@ const ROWS: Row[] = [
     text: (e) =>
       `${e.message}\nqemu-img: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.`,
   },
+  // qemu-io: a directory opened for writing (the file protocol names it).
+  { op: 'device', code: 'QCOW_INVALID_ARGUMENT', match: /^Is a directory$/, text: (e, c) => `Could not open '${e.file ?? c.file}': Is a directory` },
   // A qcow2 image with the corrupt bit, opened for writing (qemu-io prints the driver's words alone).
   {
     op: ['open', 'device'],

@@ -37,6 +37,13 @@ export interface ConvertOptions {
   sparseSize?: number;
   /** The target already reads as zeros everywhere (a freshly created image without backing). */
   targetIsZero?: boolean;
+  /**
+   * Whether a target with a backing file gets only what differs from that backing file (the
+   * default: qemu-img -B, the target made over the source's backing chain). False writes the
+   * source whole, zero runs included, as qemu-img convert -n does into an existing image whose
+   * backing file it knows nothing about.
+   */
+  diffAgainstBacking?: boolean;
   /** Work items in flight at once (each holds one buffer of `chunkSize`). Default 8. */
   parallel?: number;
   /** Largest work item with data, in bytes. Default 2 MiB (see DEFAULT_CHUNK). */
@@ -118,7 +125,7 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
   // In order unless -W: compressed chunks too, so that their clusters are placed in guest order
   // (the target compresses several calls' clusters side by side and places them in call order).
   const ordered = !options.outOfOrder;
-  const backing = target.backing;
+  const backing = options.diffAgainstBacking === false ? null : target.backing;
   // A target with a backing file gets only what differs from it: that needs the bytes in hand.
   let offload = !!options.copyOffload && !!target.writePlaced && !backing;
   const skipZeros = !!options.targetIsZero && !backing && sparse > 0;
@@ -335,8 +342,18 @@ interface WriteContext {
 async function writeZeroRun(cx: WriteContext, offset: number, length: number, buf: Uint8Array, before: Uint8Array | undefined, signal: AbortSignal | undefined) {
   if (!cx.backing) {
     if (cx.targetIsZero && cx.sparse > 0) return;
-    // -S 0 asks for a fully allocated target: no unmapping.
-    await cx.target.writeZeroes(offset, length, { mayUnmap: cx.sparse > 0 });
+    if (cx.sparse > 0) {
+      await cx.target.writeZeroes(offset, length, { mayUnmap: true });
+      return;
+    }
+    // -S 0 asks for a fully allocated target: zeros are written as data (compressed with -c),
+    // as qemu-img does, not as zero clusters.
+    buf.fill(0);
+    for (let o = offset; o < offset + length; o += buf.length) {
+      throwIfAborted(signal);
+      const m = Math.min(buf.length, offset + length - o);
+      await settleAll(issueWrites(cx, chunkWrites(cx, o, buf.subarray(0, m), true, undefined)));
+    }
     return;
   }
   // With a backing file, only where the backing file is not zero does anything need writing.
@@ -447,7 +464,8 @@ function chunkWrites(
     // Every cluster on its own: the format compresses them in parallel.
     for (let o = 0; o < data.length; o += cx.cluster) {
       const block = data.subarray(o, Math.min(o + cx.cluster, data.length));
-      if (before ? sameBytes(block, before.subarray(o, o + block.length)) : cx.targetIsZero && (knownZeroEnd(o, o + block.length) >= 0 || allZero(block))) continue;
+      // -S 0 compresses zero clusters too (fully allocated output).
+      if (before ? sameBytes(block, before.subarray(o, o + block.length)) : cx.targetIsZero && cx.sparse > 0 && (knownZeroEnd(o, o + block.length) >= 0 || allZero(block))) continue;
       ops.push({ kind: 'compressed', offset: dstOff + o, data: block });
     }
     return ops;

@@ -102,7 +102,8 @@ export async function run(files: string[], flags: Flags): Promise<void> {
   const sparse = flags.sparseSize === undefined ? undefined : sparseSize(flags.sparseSize);
   if (flags.C && flags.compress) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot enable copy offloading when -c is used');
   if (flags.C && sparse !== undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot enable copy offloading when -S is used');
-  if (flags.backing && !flags.create) throw new QcowError('QCOW_INVALID_ARGUMENT', '-B cannot be used with -n');
+  // Creation options mean nothing to an image that already exists.
+  if (!flags.create && flags.options?.length) throw new QcowError('QCOW_INVALID_ARGUMENT', '-o has no effect when skipping image creation');
   const snapshot = snapshotName(flags.snapshot);
   if (snapshot !== undefined && sourceNames.length > 1) throw new QcowError('QCOW_INVALID_ARGUMENT', 'No support for concatenating multiple snapshot');
   const options = parseOptionList(flags.options);
@@ -110,7 +111,9 @@ export async function run(files: string[], flags: Flags): Promise<void> {
   const backingFormat = flags.backingFormat ?? options.backing_fmt;
   delete options.backing_file;
   delete options.backing_fmt;
-  if (backingFile && !backingFormat) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use of backing file requires explicit backing format');
+  if (backingFile && sourceNames.length > 1) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Having a backing file for the target makes no sense when concatenating multiple input images');
+  // With -n, -B names the backing file the existing target already has: nothing is created.
+  if (backingFile && !backingFormat && flags.create) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use of backing file requires explicit backing format');
 
   if (flags.skipBrokenBitmaps && !flags.bitmaps) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use of --skip-broken-bitmaps requires --bitmaps');
   if (target === '-') return runToStream(sourceNames, flags, { options, backingFile, backingFormat, snapshot, parallel });
@@ -158,6 +161,9 @@ export async function run(files: string[], flags: Flags): Promise<void> {
         compress: flags.compress,
         sparseSize: sparse,
         targetIsZero: flags.create && !backingFile,
+        // Only a target made over a backing file (-B) is written as a difference against it; an
+        // existing one (-n) gets the source whole, its zeros written as zeros.
+        diffAgainstBacking: flags.create || backingFile !== undefined,
         parallel,
         outOfOrder: !!flags.W,
         copyOffload: !!flags.C,

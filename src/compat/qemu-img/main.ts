@@ -11,6 +11,7 @@ import { runQcow, type FailureStyle } from '../../cli/program.js';
 import { openPolicy, writeOut } from '../../cli/common.js';
 import { getopt, GetoptError, type LongOption, type Parsed } from '../getopt.js';
 import { qemuJson } from '../qemu-json.js';
+import { jsonOpenerFor } from '../json-open.js';
 import { contextOf, qemuErrorLines } from '../messages.js';
 
 const PROGRAM = 'qemu-img';
@@ -203,6 +204,7 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   // QEMU refuses images whose bitmap directory it cannot load; qcow opens them so they can be
   // repaired, but qemu-img's scripts (and iotests) expect the refusal.
   openPolicy.refuseMalformedBitmaps = true;
+  openPolicy.openName = jsonOpenerFor;
   process.exitCode = undefined;
   await runQcow(argv, style);
   return typeof process.exitCode === 'number' ? process.exitCode : 0;

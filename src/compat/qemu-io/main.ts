@@ -7,7 +7,11 @@
 import { fstatSync, readFileSync, writeSync } from 'node:fs';
 import { QcowError, type BlockDevice } from '../../node.js';
 import { getopt, type LongOption } from './getopt.js';
-import { parseNumber } from './text.js';
+import { qcow2OptionProblem } from './qcow2-options.js';
+import { checkHostProtocol, isHostProtocol } from './protocol.js';
+import { isJsonFilename, jsonFilenameOptions } from '../json-filename.js';
+import { NULL_CO, openNullCo } from '../null-co.js';
+import { COMPRESS, compressFilter } from './compress-filter.js';
 import { QemuIo, parseOpts, type IoOutput, type Opener, type OpenRequest } from './engine.js';
 
 const LONG: LongOption[] = [
@@ -152,49 +156,15 @@ function parseObject(text: string, secrets: Map<string, string>, output: IoOutpu
 }
 
 /**
- * qemu's qcow2 cache options (cache-size, l2-cache-size, refcount-cache-size, l2-cache-entry-size)
- * are checked as qemu checks them when it opens the image; qcow sizes its caches itself, so valid
- * ones change nothing. The device is closed when they are refused.
+ * qemu's qcow2 runtime options (cache sizes, overlap checks, lazy-refcounts...) are checked as
+ * qemu checks them when it opens the image (./qcow2-options.ts); valid ones change nothing here.
+ * The device is closed when they are refused.
  */
 async function checked(dev: BlockDevice, o: Record<string, string>): Promise<BlockDevice> {
-  const problem = dev.format === 'qcow2' ? qcow2CacheProblem(o, dev.clusterSize, dev.size) : undefined;
+  const problem = dev.format === 'qcow2' ? qcow2OptionProblem(o, dev.clusterSize, dev.size) : undefined;
   if (problem === undefined) return dev;
   await dev.close();
   throw new QcowError('QCOW_INVALID_ARGUMENT', problem);
-}
-
-/** Why qemu would refuse these qcow2 cache options, or undefined. */
-export function qcow2CacheProblem(o: Record<string, string>, clusterSize: number, size: number): string | undefined {
-  const num = (k: string, dflt: number): number => {
-    if (o[k] === undefined) return dflt;
-    const n = parseNumber(o[k]!);
-    return 'value' in n ? n.value : dflt;
-  };
-  const combinedSet = o['cache-size'] !== undefined;
-  const l2Set = o['l2-cache-size'] !== undefined;
-  const rcSet = o['refcount-cache-size'] !== undefined;
-  const entrySet = o['l2-cache-entry-size'] !== undefined;
-  const maxL2 = Math.ceil((Math.ceil(size / clusterSize) * 8) / clusterSize) * clusterSize;
-  const combined = num('cache-size', 0);
-  const l2Setting = num('l2-cache-size', 32 * 1024 * 1024);
-  let rc = num('refcount-cache-size', 0);
-  let entry = num('l2-cache-entry-size', clusterSize);
-  let l2 = Math.min(maxL2, l2Setting);
-  if (combinedSet) {
-    if (l2Set && rcSet) return 'cache-size, l2-cache-size and refcount-cache-size may not be set at the same time';
-    if (l2Set && l2Setting > combined) return 'l2-cache-size may not exceed cache-size';
-    if (rc > combined) return 'refcount-cache-size may not exceed cache-size';
-    const minRc = 4 * clusterSize;
-    if (l2Set) rc = combined - l2;
-    else if (rcSet) l2 = combined - rc;
-    else if (combined >= maxL2 + minRc) l2 = maxL2;
-    else l2 = combined - Math.min(combined, minRc);
-  }
-  if (l2 < maxL2 && !entrySet) entry = Math.min(clusterSize, 4096);
-  if (entry < 512 || entry > clusterSize || (entry & (entry - 1)) !== 0) {
-    return `L2 cache entry size must be a power of two between 512 and the cluster size (${clusterSize})`;
-  }
-  return undefined;
 }
 
 /** QEMU's stricter open rules, for every image qemu-io opens (see OpenOptions). */
@@ -210,11 +180,23 @@ export class NodeOpener implements Opener {
 
   async open(req: OpenRequest): Promise<BlockDevice> {
     const { openImage, createImage } = await import('../../cli/open-images.js');
-    const o = req.options;
-    const name = req.name ?? o['file.filename'] ?? o.filename ?? o.file ?? o['file.file.filename'];
+    // A json:{...} name is an option list; options given beside it are added to it.
+    const json = req.name !== undefined && isJsonFilename(req.name);
+    const o = json ? { ...jsonFilenameOptions(req.name!), ...req.options } : req.options;
+    if ((o.driver ?? this.format) === NULL_CO) return openNullCo(req.name ?? NULL_CO, o, req.readOnly || o['read-only'] === 'on');
+    if (o.driver === COMPRESS) {
+      // A filter: its `file` child is the image, opened with the child's options.
+      const child: Record<string, string> = {};
+      for (const [k, v] of Object.entries(o)) if (k.startsWith('file.')) child[k.slice(5)] = v;
+      return compressFilter(await this.open({ ...req, name: undefined, snapshot: false, options: child }));
+    }
+    const name = (json ? undefined : req.name) ?? o['file.filename'] ?? o.filename ?? o.file ?? o['file.file.filename'];
     if (name === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', "A block device must be specified for \"file\"");
     let format = o.driver ?? this.format;
-    if (format === 'file') format = 'raw';
+    // A protocol driver named as the image's driver is a raw image over it.
+    const protocol = isHostProtocol(format) ? format : o['file.driver'];
+    if (isHostProtocol(protocol)) await checkHostProtocol(protocol, name, req.readOnly || o['read-only'] === 'on');
+    if (isHostProtocol(format)) format = 'raw';
     const secretId = o['encrypt.key-secret'] ?? o['encryption.key-secret'];
     let password: string | undefined;
     if (secretId !== undefined) {
@@ -225,10 +207,10 @@ export class NodeOpener implements Opener {
     const noBacking = o.backing === 'null' || o.backing === '';
     const backingFormat = o['backing.driver'];
     const fileDriver = o['file.driver'];
-    if (fileDriver !== undefined && fileDriver !== 'file') {
+    if (fileDriver !== undefined && !isHostProtocol(fileDriver)) {
       // A nested image: the image's bytes are the guest content of another image.
       const innerName = o['file.file.filename'] ?? name;
-      const inner = await openImage(innerName, { format: fileDriver === 'file' ? 'raw' : fileDriver, readOnly, password });
+      const inner = await openImage(innerName, { format: fileDriver, readOnly, password });
       const { defaultOpener } = await import('../../cli/open-images.js');
       const { openerWith } = await import('./device-store.js');
       try {
@@ -252,6 +234,10 @@ export class NodeOpener implements Opener {
     const dev = await openImage(tmp, { readOnly, password, ...QEMU_OPEN_RULES });
     this.overlays.set(dev, dir);
     return dev;
+  }
+
+  optionProblem(dev: BlockDevice, o: Record<string, string>): string | undefined {
+    return dev.format === 'qcow2' ? qcow2OptionProblem(o, dev.clusterSize, dev.size) : undefined;
   }
 
   async close(dev: BlockDevice): Promise<void> {

@@ -342,6 +342,8 @@ function ref(p: Pass, offset: Off, length: number): void {
   for (let c = first; c <= last; c++) {
     if (p.refs.get(c) >= p.rmax) {
       error(p, `ERROR: overflow cluster offset=0x${(c * p.cs).toString(16)}`);
+      // QEMU's hint follows the error line (its words: they name qemu-img's commands).
+      p.res.messages.push('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing');
       continue;
     }
     p.refs.addRange(c, c);

@@ -92,14 +92,6 @@ interface Bitmap {
   unusable?: string;
 }
 
-/** Whole clusters, so the file never ends inside one we allocated. */
-function padded(bytes: Uint8Array, cs: number): Uint8Array {
-  if (bytes.length % cs === 0) return bytes;
-  const out = new Uint8Array(alignUp(bytes.length, cs));
-  out.set(bytes);
-  return out;
-}
-
 const DEFAULT_CACHE_CLUSTERS = 16;
 const DEFAULT_MAX_PENDING = 4096;
 
@@ -305,7 +297,21 @@ export class PersistentBitmaps {
       } else b.tracked = true;
       changed = true;
     }
-    if (changed) await this.writeDirectory();
+    if (changed) await this.flagInPlace();
+  }
+
+  /**
+   * Rewrite the directory where it is, for a change of flags only (the in_use marks of a session
+   * that opens the image for writing), as QEMU marks them: the directory's size does not change,
+   * nothing is allocated. Anything else goes through writeDirectory.
+   */
+  private async flagInPlace(): Promise<void> {
+    const dir = encodeDirectory(this.bitmaps.map((b) => ({ ...b.entry, flags: this.flagsOf(b) })));
+    const at = this.directory;
+    if (!at || dir.length !== at.directorySize || this.bitmaps.some((b) => b.tableDirty)) return this.writeDirectory();
+    const host = this.writeHost();
+    await host.store.write(at.directoryOffset, dir);
+    await host.store.flush();
   }
 
   get tracks(): boolean {
@@ -419,15 +425,26 @@ export class PersistentBitmaps {
     return { clusterSize: this.host.clusterSize, size: this.host.size, fileSize: this.host.fileSize() };
   }
 
-  /** Write changed tables and a new directory, point the header at it, then free the old. */
+  /**
+   * Write the tables and a new directory, point the header at it, then free the old. As QEMU
+   * stores bitmaps (at close, and so after each `qemu-img bitmap` edit), every usable bitmap gets
+   * a new table, in directory order, before the directory; tables and directory are written as
+   * long as they are, not padded to whole clusters (the file may end inside the last cluster, as
+   * QEMU's does: what measures the file, such as `measure -f raw` over it, then agrees).
+   */
   private async writeDirectory(): Promise<void> {
     const host = this.writeHost();
     const cs = host.clusterSize;
     for (const b of this.bitmaps) {
+      if (b.unusable) continue;
+      await this.table(b);
+      b.tableDirty = true;
+    }
+    for (const b of this.bitmaps) {
       if (!b.tableDirty || !b.table) continue;
       const bytes = encodeTable(b.table);
       const at = await host.alloc(Math.ceil(bytes.length / cs));
-      await host.store.write(at, padded(bytes, cs));
+      await host.store.write(at, bytes);
       if (b.entry.tableOffset !== 0) this.deferredFrees.push([b.entry.tableOffset, alignUp(b.entry.tableSize * 8, cs)]);
       b.entry.tableOffset = at;
       b.entry.tableSize = b.table.length;
@@ -438,7 +455,7 @@ export class PersistentBitmaps {
     if (this.bitmaps.length > 0) {
       const dir = encodeDirectory(this.bitmaps.map((b) => ({ ...b.entry, flags: this.flagsOf(b) })));
       const at = await host.alloc(Math.ceil(dir.length / cs));
-      await host.store.write(at, padded(dir, cs));
+      await host.store.write(at, dir);
       ext = { nbBitmaps: this.bitmaps.length, directorySize: dir.length, directoryOffset: at };
     }
     await host.commit();
@@ -468,8 +485,8 @@ export class PersistentBitmaps {
     const tableSize = Math.max(1, tableSizeFor(host.size, bits, host.clusterSize));
     const entry: BitmapEntry = { tableOffset: 0, tableSize, flags: options.disabled ? 0 : FLAG_AUTO, type: TYPE_DIRTY_TRACKING, granularityBits: bits, name, extraData: new Uint8Array(0) };
     // A new enabled bitmap records writes from now on if this session records them.
+    // Stored with the others when the image closes (store()), as QEMU stores a new bitmap.
     this.bitmaps.push({ entry, table: new Float64Array(tableSize), tableDirty: true, tracked: this.tracking && !options.disabled });
-    await this.writeDirectory();
   }
 
   /** Remove a bitmap, usable or not (the only way out of a broken one). */

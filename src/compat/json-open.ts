@@ -1,0 +1,26 @@
+/**
+ * Opening a QEMU `json:{...}` image name: the options it holds say which driver and which file.
+ * `null-co` is a device of its own (./null-co.ts); a format over a file opens that file as that
+ * format (a host protocol driver at the top is a raw image over the file).
+ */
+import { QcowError, type BlockDevice, type NodeOpenOptions } from '../node.js';
+import { isJsonFilename, jsonFilenameOptions } from './json-filename.js';
+import { NULL_CO, openNullCo } from './null-co.js';
+
+const HOST_PROTOCOLS = ['file', 'host_device', 'host_cdrom'];
+
+/** How to open `name` when it is a `json:` name (for openPolicy.openName), else undefined. */
+export function jsonOpenerFor(name: string): ((options: NodeOpenOptions) => Promise<BlockDevice>) | undefined {
+  if (!isJsonFilename(name)) return undefined;
+  return (options) => openJsonName(name, options);
+}
+
+export async function openJsonName(name: string, options: NodeOpenOptions): Promise<BlockDevice> {
+  const o = jsonFilenameOptions(name);
+  const driver = o.driver ?? options.format;
+  if (driver === NULL_CO) return openNullCo(name, o, !!options.readOnly);
+  const file = o['file.filename'] ?? o.filename ?? o['file.file.filename'];
+  if (file === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'A block device must be specified for "file"');
+  const { openImage } = await import('../cli/open-images.js');
+  return openImage(file, { ...options, format: driver === undefined || HOST_PROTOCOLS.includes(driver) ? (driver ? 'raw' : undefined) : driver });
+}

@@ -1,0 +1,87 @@
+/**
+ * qcow2's runtime options (those `-o`/`--image-opts` and `reopen -o` give a qcow2 node) checked
+ * as QEMU checks them when it opens or reopens the image, in the same order, with its words.
+ * qcow sizes its caches itself and has no overlap checks to switch, so valid values change
+ * nothing; invalid ones are refused as QEMU refuses them.
+ */
+import { parseNumber } from './text.js';
+
+const INT_MAX = 2 ** 31 - 1;
+const UINT_MAX = 2 ** 32 - 1;
+const OVERLAP_MODES = ['none', 'constant', 'cached', 'all'];
+const OVERLAP_CHECKS = ['main-header', 'active-l1', 'active-l2', 'refcount-table', 'refcount-block', 'snapshot-table', 'inactive-l1', 'inactive-l2', 'bitmap-directory'];
+
+/** qcow2's boolean options (QEMU's QemuOpts bools: on/off, yes/no, true/false, y/n). */
+const QCOW2_BOOLS = ['lazy-refcounts', 'pass-discard-request', 'pass-discard-snapshot', 'pass-discard-other', 'discard-no-unref', ...OVERLAP_CHECKS.map((c) => `overlap-check.${c}`)];
+
+/** The block layer's own booleans, common to every node. */
+export const GENERIC_BOOLS = ['read-only', 'auto-read-only', 'cache.direct', 'cache.no-flush', 'force-share'];
+
+export function boolProblem(o: Record<string, string>, keys: readonly string[]): string | undefined {
+  for (const k of keys) {
+    const v = o[k];
+    if (v !== undefined && !['on', 'off', 'yes', 'no', 'true', 'false', 'y', 'n'].includes(v)) return `Parameter '${k}' expects 'on' or 'off'`;
+  }
+  return undefined;
+}
+
+/** Why QEMU would refuse these qcow2 options for an image of `clusterSize` and `size`, or undefined. */
+export function qcow2OptionProblem(o: Record<string, string>, clusterSize: number, size: number): string | undefined {
+  const bools = boolProblem(o, QCOW2_BOOLS);
+  if (bools) return bools;
+  const cache = qcow2CacheProblem(o, clusterSize, size);
+  if (cache) return cache;
+  const interval = o['cache-clean-interval'];
+  if (interval !== undefined) {
+    // A negative number wraps around as QEMU's unsigned parse does.
+    const n = parseNumber(interval.trim().replace(/^-/, ''));
+    if ('value' in n && (interval.trim().startsWith('-') ? n.value > 0 : n.value > UINT_MAX)) return 'Cache clean interval too big';
+  }
+  const mode = o['overlap-check'];
+  const template = o['overlap-check.template'];
+  if (mode !== undefined && template !== undefined && mode !== template) {
+    return `Conflicting values for qcow2 options 'overlap-check' ('${mode}') and 'overlap-check.template' ('${template}')`;
+  }
+  const chosen = mode ?? template;
+  if (chosen !== undefined && !OVERLAP_MODES.includes(chosen)) {
+    return `Unsupported value '${chosen}' for qcow2 option 'overlap-check'. Allowed are any of the following: ${OVERLAP_MODES.join(', ')}`;
+  }
+  return undefined;
+}
+
+/** Why qemu would refuse these qcow2 cache options (cache-size, l2-cache-size, refcount-cache-size, l2-cache-entry-size), or undefined. */
+export function qcow2CacheProblem(o: Record<string, string>, clusterSize: number, size: number): string | undefined {
+  const num = (k: string, dflt: number): number => {
+    if (o[k] === undefined) return dflt;
+    const n = parseNumber(o[k]!);
+    return 'value' in n ? n.value : dflt;
+  };
+  const combinedSet = o['cache-size'] !== undefined;
+  const l2Set = o['l2-cache-size'] !== undefined;
+  const rcSet = o['refcount-cache-size'] !== undefined;
+  const entrySet = o['l2-cache-entry-size'] !== undefined;
+  const maxL2 = Math.ceil((Math.ceil(size / clusterSize) * 8) / clusterSize) * clusterSize;
+  const combined = num('cache-size', 0);
+  const l2Setting = num('l2-cache-size', 32 * 1024 * 1024);
+  let rc = num('refcount-cache-size', 0);
+  let entry = num('l2-cache-entry-size', clusterSize);
+  let l2 = Math.min(maxL2, l2Setting);
+  if (combinedSet) {
+    if (l2Set && rcSet) return 'cache-size, l2-cache-size and refcount-cache-size may not be set at the same time';
+    if (l2Set && l2Setting > combined) return 'l2-cache-size may not exceed cache-size';
+    if (rc > combined) return 'refcount-cache-size may not exceed cache-size';
+    const minRc = 4 * clusterSize;
+    if (l2Set) rc = combined - l2;
+    else if (rcSet) l2 = combined - rc;
+    else if (combined >= maxL2 + minRc) l2 = maxL2;
+    else l2 = combined - Math.min(combined, minRc);
+  }
+  if (l2 < maxL2 && !entrySet) entry = Math.min(clusterSize, 4096);
+  if (entry < 512 || entry > clusterSize || (entry & (entry - 1)) !== 0) {
+    return `L2 cache entry size must be a power of two between 512 and the cluster size (${clusterSize})`;
+  }
+  // QEMU counts its caches in entries, each an int.
+  if (Math.floor(l2 / entry) > INT_MAX) return 'L2 cache size too big';
+  if (Math.floor(rc / clusterSize) > INT_MAX) return 'Refcount cache size too big';
+  return undefined;
+}
