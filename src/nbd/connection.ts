@@ -202,15 +202,21 @@ export class NbdConnection {
       return;
     }
     this.inFlight++;
+    // One reaction per request where the socket keeps up (a read is ~4096 of them per GiB).
+    const done = () => {
+      this.inFlight--;
+      this.pump();
+    };
     void executeRequest(ctx, req)
-      .then(async (reply) => {
+      .then((reply) => {
         this.send(reply);
-        await this.drained();
+        const wait = this.drained();
+        if (wait) return wait.then(done);
+        done();
       })
-      .catch((e) => this.options.onError?.(e))
-      .finally(() => {
-        this.inFlight--;
-        this.pump();
+      .catch((e) => {
+        this.options.onError?.(e);
+        done();
       });
   }
 
@@ -334,11 +340,11 @@ export class NbdConnection {
     }
   }
 
-  /** Wait while too many reply bytes are queued for a client that is not reading them. */
-  private async drained(): Promise<void> {
+  /** While too many reply bytes are queued for a client that is not reading them: a promise of their draining. */
+  private drained(): Promise<void> | undefined {
     const s = this.socket as Duplex & { writableLength: number };
-    if (this.socketClosed || s.writableLength < MAX_QUEUED_REPLY_BYTES) return;
-    await new Promise<void>((resolve) => {
+    if (this.socketClosed || s.writableLength < MAX_QUEUED_REPLY_BYTES) return undefined;
+    return new Promise<void>((resolve) => {
       const done = () => {
         s.off('drain', done);
         s.off('close', done);
