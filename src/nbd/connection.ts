@@ -9,6 +9,11 @@
  * leaves its requests running to completion (their replies go nowhere): the device only ever sees
  * whole requests, so the image stays consistent. `closed` resolves only after that, which lets the
  * server flush and close the device knowing nothing is still writing to it.
+ *
+ * Read replies of read-only exports whose data sits as plain bytes in the page cache are sent
+ * with sendfile (see flush): the header, then the file's pages moved by the kernel, without the
+ * two copies through a reply buffer. Such bytes bypass Node's write queue, so they go only while
+ * that queue is empty; replies that come meanwhile wait in an outbox, in order.
  */
 import type { Duplex } from 'node:stream';
 import { NBD_CMD_DISC, NBD_ESHUTDOWN, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES } from './constants.js';
@@ -35,6 +40,8 @@ export interface ConnectionOptions {
 type State = 'greeting' | 'options' | 'transmission' | 'draining' | 'closed';
 
 const DEFAULT_MAX_IN_FLIGHT = 16;
+/** Stop taking requests while this many reply bytes wait in the socket for a slow reader. */
+const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
 /**
  * Bytes of a file reply copied through Node's stream when the socket is full (see flush): small,
  * as this part is copied; enough that the kernel has room for a large sendfile when it is sent.
@@ -50,8 +57,6 @@ interface FileReply {
   /** Bytes of head and data sent so far. */
   done: number;
 }
-/** Stop taking requests while this many reply bytes wait in the socket for a slow reader. */
-const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
 
 export class NbdConnection {
   private state: State = 'greeting';
@@ -202,21 +207,15 @@ export class NbdConnection {
       return;
     }
     this.inFlight++;
-    // One reaction per request where the socket keeps up (a read is ~4096 of them per GiB).
-    const done = () => {
-      this.inFlight--;
-      this.pump();
-    };
     void executeRequest(ctx, req)
-      .then((reply) => {
+      .then(async (reply) => {
         this.send(reply);
-        const wait = this.drained();
-        if (wait) return wait.then(done);
-        done();
+        await this.drained();
       })
-      .catch((e) => {
-        this.options.onError?.(e);
-        done();
+      .catch((e) => this.options.onError?.(e))
+      .finally(() => {
+        this.inFlight--;
+        this.pump();
       });
   }
 
@@ -340,11 +339,11 @@ export class NbdConnection {
     }
   }
 
-  /** While too many reply bytes are queued for a client that is not reading them: a promise of their draining. */
-  private drained(): Promise<void> | undefined {
+  /** Wait while too many reply bytes are queued for a client that is not reading them. */
+  private async drained(): Promise<void> {
     const s = this.socket as Duplex & { writableLength: number };
-    if (this.socketClosed || s.writableLength < MAX_QUEUED_REPLY_BYTES) return undefined;
-    return new Promise<void>((resolve) => {
+    if (this.socketClosed || s.writableLength < MAX_QUEUED_REPLY_BYTES) return;
+    await new Promise<void>((resolve) => {
       const done = () => {
         s.off('drain', done);
         s.off('close', done);

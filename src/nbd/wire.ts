@@ -3,9 +3,6 @@
  * big-endian field writers. Everything on the NBD wire is big-endian.
  */
 
-/** Cut-out messages at least this long are allocated without zero-filling (see peek). */
-const LARGE_TAKE = 16 * 1024;
-
 /** Received bytes not yet parsed. Chunks are kept as they came; only what is taken is copied. */
 export class ByteQueue {
   private chunks: Uint8Array[] = [];
@@ -22,10 +19,7 @@ export class ByteQueue {
   peek(n: number): Uint8Array {
     const first = this.chunks[0];
     if (first && first.length - this.head >= n) return first.subarray(this.head, this.head + n);
-    // Every byte of `out` is written below, so large ones skip the allocator's zero-fill: for a
-    // 256 KiB write payload (cut from the socket's 64 KiB reads) that memset cost about as much
-    // user CPU as the copy itself.
-    const out = n >= LARGE_TAKE ? plainView(Buffer.allocUnsafeSlow(n)) : new Uint8Array(n);
+    const out = new Uint8Array(n);
     let filled = 0;
     let skip = this.head;
     for (const c of this.chunks) {
@@ -65,9 +59,6 @@ export class ByteQueue {
     return todo;
   }
 }
-
-/** A Buffer's bytes as a plain Uint8Array (what every other message is). */
-const plainView = (b: Buffer): Uint8Array => new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
 
 /** A fixed-size big-endian message under construction. */
 export class Writer {
