@@ -79,6 +79,21 @@
  *                                     read stops short (-1 if nothing) where a disk access would
  *                                     have to wait. For large reads that would otherwise go to
  *                                     libuv's pool for nothing but a memory copy.
+ *   sendFileCached(outFd, head, inFd, position, length)
+ *                                     Reply with file bytes the kernel moves itself: when every
+ *                                     page of [position, +length) of `inFd` is in the page cache
+ *                                     (cachestat(2)), write `head` to the socket `outFd`
+ *                                     (non-blocking), then sendfile(2) the range after it, until
+ *                                     done or the socket is full (EAGAIN). The bytes sent, head
+ *                                     included (the caller sends the rest its usual way); -1 when
+ *                                     part of the range is not cached (nothing sent: sendfile
+ *                                     would wait for the disk on the caller's thread); -2 when
+ *                                     the kernel lacks cachestat (before 6.5) or sendfile refuses
+ *                                     this pair of descriptors before anything was sent.
+ *   rangeCached(fd, position, length) Whether every page of [position, +length) is in the page
+ *                                     cache (cachestat(2)): 1 or 0; -2 when the kernel lacks
+ *                                     cachestat (before 6.5). What sendFileCached checks, for a
+ *                                     caller deciding before it queues such a reply.
  *   waitReadable(fd, timeoutMs)       poll(2) for POLLIN: true when a read would not wait (data,
  *                                     the end, or an error to report), false when the time ran
  *                                     out or a signal arrived (EINTR). For pipe readers (streams/
@@ -133,6 +148,8 @@
 #include <poll.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
+#include <sys/sendfile.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <node_api.h>
@@ -1015,6 +1032,93 @@ static napi_value pread_nowait(napi_env env, napi_callback_info info) {
   return nowait_read(env, fd, buf, len, (off_t)pos);
 }
 
+/* cachestat(2) (Linux 6.5), declared here: older C libraries and headers lack it. */
+#ifndef __NR_cachestat
+#define __NR_cachestat 451
+#endif
+struct qcow_cachestat_range {
+  uint64_t off, len;
+};
+struct qcow_cachestat {
+  uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
+/* 1: every page of the range is in the page cache; 0: some are not; -1: no cachestat. */
+static int range_cached(int fd, off_t pos, size_t len) {
+  static long page;
+  if (!page) page = sysconf(_SC_PAGESIZE);
+  if (len == 0) return 1;
+  struct qcow_cachestat_range range = {(uint64_t)pos, len};
+  struct qcow_cachestat cs;
+  if (syscall(__NR_cachestat, fd, &range, &cs, 0) != 0) return -1;
+  uint64_t pages = ((uint64_t)pos + len + page - 1) / page - (uint64_t)pos / page;
+  return cs.nr_cache >= pages;
+}
+
+static napi_value range_cached_js(napi_env env, napi_callback_info info) {
+  double a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  if (a[1] < 0 || a[2] < 0) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "rangeCached: negative position or length");
+    return NULL;
+  }
+  int r = range_cached((int)a[0], (off_t)a[1], (size_t)a[2]);
+  napi_value result;
+  CHECK(napi_create_int32(env, r < 0 ? -2 : r, &result));
+  return result;
+}
+
+static napi_value send_file_cached(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  size_t argc = 5;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t out, in;
+  void *head;
+  size_t head_len;
+  double pos, len;
+  if (argc < 5 || napi_get_value_int32(env, argv[0], &out) != napi_ok || !get_bytes(env, argv[1], &head, &head_len) ||
+      napi_get_value_int32(env, argv[2], &in) != napi_ok || napi_get_value_double(env, argv[3], &pos) != napi_ok ||
+      napi_get_value_double(env, argv[4], &len) != napi_ok || pos < 0 || pos != (double)(long long)pos || len < 0 ||
+      len != (double)(long long)len) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "sendFileCached(outFd: number, head: Uint8Array, inFd: number, position: number, length: number)");
+    return NULL;
+  }
+  double sent = 0;
+  int cached = range_cached(in, (off_t)pos, (size_t)len);
+  if (cached <= 0) sent = cached < 0 ? -2 : -1;
+  else {
+    size_t done = 0;
+    while (done < head_len) {
+      ssize_t n = write(out, (char *)head + done, head_len - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EAGAIN) break;
+      if (n < 0) return throw_errno(env, errno, "write");
+      done += (size_t)n;
+    }
+    sent = (double)done;
+    off_t at = (off_t)pos;
+    size_t left = (size_t)len;
+    while (done == head_len && left > 0) {
+      ssize_t n = sendfile(out, in, &at, left);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EAGAIN) break;
+      /* Descriptors sendfile does not take: -2 when nothing went out yet, else the caller sends
+         the rest (the stream already holds the head) its usual way. */
+      if (n < 0 && (errno == EINVAL || errno == ENOSYS)) {
+        if (sent == 0) sent = -2;
+        break;
+      }
+      if (n < 0) return throw_errno(env, errno, "sendfile");
+      if (n == 0) break; /* the file ended: the caller sends the rest (zeros) */
+      left -= (size_t)n;
+      sent += (double)n;
+    }
+  }
+  napi_value result;
+  CHECK(napi_create_double(env, sent, &result));
+  return result;
+}
+
 static napi_value wait_readable(napi_env env, napi_callback_info info) {
   double a[2];
   if (!get_args(env, info, 2, a)) return NULL;
@@ -1360,6 +1464,8 @@ static napi_value init(napi_env env, napi_value exports) {
     {"zstdDecompress", NULL, zstd_decompress, NULL, NULL, NULL, napi_enumerable, NULL},
     {"readNoWait", NULL, read_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
     {"preadNoWait", NULL, pread_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"rangeCached", NULL, range_cached_js, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"sendFileCached", NULL, send_file_cached, NULL, NULL, NULL, napi_enumerable, NULL},
     {"waitReadable", NULL, wait_readable, NULL, NULL, NULL, napi_enumerable, NULL},
     {"growPipe", NULL, grow_pipe, NULL, NULL, NULL, napi_enumerable, NULL},
     {"zlibVersion", NULL, zlib_version, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -97,6 +97,19 @@ export interface HostAddon {
    */
   preadNoWait?(fd: number, into: Uint8Array, position: number): number;
   /**
+   * Whether every page of [position, +length) of `fd` is in the page cache (cachestat): 1 or 0;
+   * -2 when the kernel cannot tell. Absent before version 9.
+   */
+  rangeCached?(fd: number, position: number, length: number): number;
+  /**
+   * Write `head` to the socket `outFd`, then sendfile(2) [position, +length) of `inFd` after it,
+   * until done or the socket is full, only when every page of the range is in the page cache: the
+   * bytes sent (head included; the caller sends the rest), -1 when part of the range is not
+   * cached (nothing sent), -2 when the kernel cannot (no cachestat, or sendfile refuses these
+   * descriptors; nothing sent). Absent before version 9.
+   */
+  sendFileCached?(outFd: number, head: Uint8Array, inFd: number, position: number, length: number): number;
+  /**
    * poll(2) `fd` for reading for up to `timeoutMs`: true when a read would not wait (data, the
    * end or an error), false when the time ran out or a signal came. Absent before version 6.
    */

@@ -4,6 +4,7 @@
  * reply; nothing a client sends can make this throw.
  */
 import { QcowError } from '../core/errors.js';
+import type { ByteStore } from '../storage/types.js';
 import { allocationExtents } from './allocation.js';
 import type { MetaContext } from './contexts.js';
 import {
@@ -41,6 +42,13 @@ export interface CommandContext {
   /** The metadata contexts the client selected, with their ids (none: block status is refused). */
   contexts: readonly { id: number; context: MetaContext }[];
   order: RequestOrder;
+  /**
+   * Send a read reply's header, then `length` bytes of `store` from `hostOffset` moved by the
+   * kernel (ByteStore.sendCached), now: true when the reply is on its way, false when it could
+   * not (nothing sent). Only on read-only exports, whose file bytes cannot change under a reply
+   * the kernel still holds by reference, and on sockets with a descriptor of their own.
+   */
+  sendFile?: (head: Uint8Array, store: ByteStore, hostOffset: number, length: number) => boolean;
 }
 
 /** Most extents in one block status reply (the spec asks for at most 2^20). */
@@ -142,6 +150,7 @@ async function run(ctx: CommandContext, req: Request): Promise<Uint8Array[]> {
  * replyBuffers; the connection gives them back once the socket is done with them.
  */
 async function simpleRead(ctx: CommandContext, req: Request): Promise<Uint8Array[]> {
+  if (ctx.sendFile && req.length > 0 && (await sentFromFile(ctx, out.simpleReply(req.cookie, 0), req.offset, req.length))) return [];
   const buf = replyBuffers.take(SIMPLE_REPLY_SIZE + req.length);
   try {
     await ctx.exp.device.read(req.offset, buf.subarray(SIMPLE_REPLY_SIZE));
@@ -161,6 +170,9 @@ async function structuredRead(ctx: CommandContext, req: Request): Promise<Uint8A
   const dev = ctx.exp.device;
   if (req.length === 0) return [out.noneChunk(req.cookie)];
   const extents = req.flags & NBD_CMD_FLAG_DF ? [{ offset: req.offset, length: req.length, flags: 0 }] : await allocationExtents(dev, req.offset, req.length);
+  if (ctx.sendFile && extents.length === 1 && !(extents[0]!.flags & NBD_STATE_ZERO)) {
+    if (await sentFromFile(ctx, out.dataChunkHeader(req.cookie, req.offset, req.length, true), req.offset, req.length)) return [];
+  }
   // Data extents are read at once, each into its own reply buffer.
   const parts = extents.map((e, i) => {
     const last = i === extents.length - 1;
@@ -178,6 +190,21 @@ async function structuredRead(ctx: CommandContext, req: Request): Promise<Uint8A
     throw (failed as PromiseRejectedResult).reason;
   }
   return parts;
+}
+
+/**
+ * A read reply of one run of data that sits as plain bytes of a local file goes out with its
+ * header written and the bytes moved from the page cache to the socket by the kernel (sendfile):
+ * no copy into a reply buffer and out of it again, which were most of a read's system time. True
+ * when it went (the reply is then empty); false: read it the usual way.
+ */
+async function sentFromFile(ctx: CommandContext, head: Uint8Array, offset: number, length: number): Promise<boolean> {
+  const dev = ctx.exp.device;
+  if (!dev.plainExtents) return false;
+  const runs = await dev.plainExtents(offset, length);
+  const run = runs.length === 1 ? runs[0]! : undefined;
+  if (!run?.store?.sendCached) return false;
+  return ctx.sendFile!(head, run.store, run.hostOffset!, length);
 }
 
 async function blockStatus(ctx: CommandContext, req: Request): Promise<Uint8Array[]> {

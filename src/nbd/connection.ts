@@ -9,12 +9,18 @@
  * leaves its requests running to completion (their replies go nowhere): the device only ever sees
  * whole requests, so the image stays consistent. `closed` resolves only after that, which lets the
  * server flush and close the device knowing nothing is still writing to it.
+ *
+ * Read replies of read-only exports whose data sits as plain bytes in the page cache are sent
+ * with sendfile (see flush): the header, then the file's pages moved by the kernel, without the
+ * two copies through a reply buffer. Such bytes bypass Node's write queue, so they go only while
+ * that queue is empty; replies that come meanwhile wait in an outbox, in order.
  */
 import type { Duplex } from 'node:stream';
 import { NBD_CMD_DISC, NBD_ESHUTDOWN, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES } from './constants.js';
 import { executeRequest, type CommandContext } from './commands.js';
 import { NbdProtocolError } from './errors.js';
-import type { NbdExport } from './export.js';
+import { isReadOnly, type NbdExport } from './export.js';
+import type { ByteStore } from '../storage/types.js';
 import type { ClientMessage, Request } from './messages.js';
 import { handleOption, newNegotiationState, selectedContexts, type NegotiationState } from './negotiation.js';
 import { RequestOrder } from './order.js';
@@ -36,6 +42,21 @@ type State = 'greeting' | 'options' | 'transmission' | 'draining' | 'closed';
 const DEFAULT_MAX_IN_FLIGHT = 16;
 /** Stop taking requests while this many reply bytes wait in the socket for a slow reader. */
 const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
+/**
+ * Bytes of a file reply copied through Node's stream when the socket is full (see flush): small,
+ * as this part is copied; enough that the kernel has room for a large sendfile when it is sent.
+ */
+const PIECE_SIZE = 16 * 1024;
+
+/** A read reply queued for sendfile: `head`, then `length` bytes of `store` from `hostOffset`. */
+interface FileReply {
+  head: Uint8Array;
+  store: ByteStore;
+  hostOffset: number;
+  length: number;
+  /** Bytes of head and data sent so far. */
+  done: number;
+}
 
 export class NbdConnection {
   private state: State = 'greeting';
@@ -50,6 +71,14 @@ export class NbdConnection {
   /** Resolves when the socket is gone and every request it started has finished. */
   readonly closed: Promise<void>;
   private resolveClosed!: () => void;
+  /** The socket's descriptor, for replies the kernel sends from a file (see sendFile). */
+  private socketFd: number | undefined;
+  /** Replies waiting for the socket behind a file reply (see flush). */
+  private readonly outbox: (Uint8Array | FileReply)[] = [];
+  /** pump() stopped taking requests because the outbox was full. */
+  private outboxFull = false;
+  /** end() waits for the outbox to empty. */
+  private endWhenFlushed = false;
 
   constructor(
     private readonly socket: Duplex,
@@ -62,6 +91,10 @@ export class NbdConnection {
 
   /** Send the greeting and start reading. */
   start(): void {
+    // A net.Socket over TCP or a Unix socket owns its descriptor; anything else (a TLS socket,
+    // whose descriptor carries records, or a plain stream) is only ever written through Node.
+    const handle = (this.socket as { _handle?: { fd?: unknown } })._handle;
+    if (typeof handle?.fd === 'number' && handle.fd >= 0 && !(this.socket as { encrypted?: boolean }).encrypted) this.socketFd = handle.fd;
     this.socket.on('data', (chunk: Buffer) => {
       this.parser.push(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength));
       this.pump();
@@ -98,6 +131,13 @@ export class NbdConnection {
     try {
       while (!this.socketClosed) {
         if (this.state === 'transmission' && this.inFlight >= this.maxInFlight) {
+          this.socket.pause();
+          return;
+        }
+        // Replies queued count as requests still running: a client that does not read them
+        // holds back its own requests.
+        if (this.state === 'transmission' && this.inFlight + this.outbox.length >= this.maxInFlight) {
+          this.outboxFull = true;
           this.socket.pause();
           return;
         }
@@ -147,6 +187,7 @@ export class NbdConnection {
       structuredReplies: this.negotiation.structuredReplies,
       contexts: selectedContexts(this.negotiation, exp),
       order: this.order,
+      sendFile: this.socketFd !== undefined && isReadOnly(exp) ? (head, store, hostOffset, length) => this.sendFile(head, store, hostOffset, length) : undefined,
     };
     this.state = 'transmission';
     this.parser.phase = 'request';
@@ -181,19 +222,121 @@ export class NbdConnection {
   /**
    * Write a reply's buffers back to back (one reply's chunks are never split by another's), corked
    * so several chunks leave in one writev. Reply buffers go back to their pool once written.
+   * Behind replies still waiting in the outbox, they wait their turn there.
    */
   private send(parts: Uint8Array[]): void {
     if (this.socketClosed || this.socket.destroyed || this.socket.writableEnded) {
       for (const p of parts) replyBuffers.give(p);
       return;
     }
+    if (this.outbox.length) {
+      for (const p of parts) this.outbox.push(p);
+      return;
+    }
     const corked = parts.length > 1;
     if (corked) this.socket.cork();
-    for (const p of parts) {
-      if (replyBuffers.owns(p)) this.socket.write(p, () => replyBuffers.give(p));
-      else this.socket.write(p);
-    }
+    for (const p of parts) this.write(p);
     if (corked) this.socket.uncork();
+  }
+
+  /** One buffer into the socket's queue; once written, it goes back to its pool and the outbox moves on. */
+  private write(p: Uint8Array): void {
+    this.socket.write(p, () => {
+      replyBuffers.give(p);
+      if (this.outbox.length) this.flush();
+    });
+  }
+
+  /**
+   * A read reply whose data the kernel sends from the image file (CommandContext.sendFile): queued
+   * in the outbox when the page cache holds the range, else refused (the command reads it).
+   */
+  private sendFile(head: Uint8Array, store: ByteStore, hostOffset: number, length: number): boolean {
+    const s = this.socket as Duplex & { writableLength: number };
+    if (this.socketClosed || s.destroyed || s.writableEnded) return false;
+    const reply: FileReply = { head, store, hostOffset, length, done: 0 };
+    if (!this.outbox.length && s.writableLength === 0) {
+      // The common case, nothing waiting: send now (sendCached checks the page cache itself).
+      try {
+        const sent = store.sendCached!(this.socketFd!, head, hostOffset, length);
+        if (sent < 0) return false;
+        reply.done = sent;
+      } catch (e) {
+        this.lost(e);
+        return true;
+      }
+      if (reply.done === head.length + length) return true;
+    } else if (!store.isCached!(hostOffset, length)) return false;
+    this.outbox.push(reply);
+    this.flush();
+    return true;
+  }
+
+  /** The peer went away (EPIPE), or the file failed part way through a reply already on the wire: the stream cannot go on. */
+  private lost(e: unknown): void {
+    this.socket.destroy();
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code !== 'EPIPE' && code !== 'ECONNRESET') this.options.onError?.(e);
+  }
+
+  /**
+   * Move the outbox into the socket, in order, while the socket's own queue is empty: buffers
+   * through Node's stream; file replies with the header written and the data sent by the kernel
+   * straight to the descriptor (sendfile), which is only safe when nothing waits in Node's queue.
+   * When the socket is full part way through a file reply, a piece of it (copied) goes through
+   * Node's stream instead: Node then waits until the socket has room, and its write callback
+   * brings us back here for the rest. Nothing else enters the stream before a reply is whole.
+   */
+  private flush(): void {
+    const s = this.socket as Duplex & { writableLength: number };
+    while (this.outbox.length && s.writableLength === 0) {
+      if (this.socketClosed || s.destroyed || s.writableEnded) {
+        for (const item of this.outbox.splice(0)) if (item instanceof Uint8Array) replyBuffers.give(item);
+        break;
+      }
+      const item = this.outbox[0]!;
+      if (item instanceof Uint8Array) {
+        this.outbox.shift();
+        this.write(item);
+      } else if (this.sendFromFile(item)) this.outbox.shift();
+    }
+    if (this.endWhenFlushed && !this.outbox.length) {
+      this.endWhenFlushed = false;
+      this.end();
+    }
+    if (this.outboxFull && this.outbox.length < this.maxInFlight) {
+      this.outboxFull = false;
+      this.pump();
+    }
+  }
+
+  /** Send what the socket takes of a file reply; true when the whole reply is sent or queued. */
+  private sendFromFile(r: FileReply): boolean {
+    const total = r.head.length + r.length;
+    const headLeft = Math.max(0, r.head.length - r.done);
+    const dataDone = r.done - (r.head.length - headLeft);
+    try {
+      const sent = r.store.sendCached?.(this.socketFd!, r.head.subarray(r.head.length - headLeft), r.hostOffset + dataDone, r.length - dataDone) ?? -1;
+      // -1: the pages left the cache since the reply was queued (or the kernel cannot): pieces.
+      if (sent > 0) r.done += sent;
+      if (r.done === total) return true;
+      const size = Math.min(total - r.done, PIECE_SIZE);
+      const piece = replyBuffers.take(PIECE_SIZE).subarray(0, size);
+      const fromHead = Math.max(0, r.head.length - r.done);
+      piece.set(r.head.subarray(r.head.length - fromHead));
+      const at = r.done - (r.head.length - fromHead);
+      r.store.readNow!(r.hostOffset + at, piece.subarray(fromHead));
+      r.done += size;
+      const whole = new Uint8Array(piece.buffer);
+      this.socket.write(piece, () => {
+        replyBuffers.give(whole);
+        if (this.outbox.length) this.flush();
+      });
+      return r.done === total;
+    } catch (e) {
+      this.lost(e);
+      return true;
+    }
   }
 
   /** Wait while too many reply bytes are queued for a client that is not reading them. */
@@ -213,6 +356,11 @@ export class NbdConnection {
 
   private end(): void {
     if (this.socketClosed) return;
+    // Replies still in the outbox go first; flush() comes back here once it is empty.
+    if (this.outbox.length) {
+      this.endWhenFlushed = true;
+      return;
+    }
     this.state = 'draining';
     this.socket.end();
     // Keep reading (and ignoring) so the peer's end of the stream is seen and the socket closes.

@@ -101,6 +101,10 @@ export class FileStore implements ByteStore {
   readonly copyTo?: (target: ByteStore, from: number, to: number, length: number) => Promise<number>;
   /** Into a pipe with splice, present only where the addon has it. */
   readonly spliceTo?: (pipe: number, from: number, length: number) => Promise<number>;
+  /** See ByteStore.sendCached; present where the addon has sendFileCached (dropped when the kernel cannot). */
+  sendCached?: (socketFd: number, head: Uint8Array, offset: number, length: number) => number;
+  /** See ByteStore.isCached; with sendCached. */
+  readonly isCached?: (offset: number, length: number) => boolean;
 
   private constructor(name: string, fd: number, readOnly: boolean, syncMax: number, cachedReadsInline: boolean) {
     this.name = name;
@@ -113,6 +117,12 @@ export class FileStore implements ByteStore {
     // Each is one system call that does not wait on data (lseek; fallocate updates extents only),
     // so it runs inline like the small reads above.
     this.dataRuns = (offset, length) => this.sync(() => this.findDataRuns(addon, offset, length));
+    const send = addon.sendFileCached;
+    const cached = addon.rangeCached;
+    if (send && cached) {
+      this.sendCached = (socketFd, head, offset, length) => this.sendFile(send, socketFd, head, offset, length);
+      this.isCached = (offset, length) => cached(this.fd, offset, length) === 1;
+    }
     const copy = addon.copyFileRange;
     if (copy) this.copyTo = (target, from, to, length) => this.copyFileRange(copy, target, from, to, length);
     const splice = addon.spliceToPipe;
@@ -141,6 +151,22 @@ export class FileStore implements ByteStore {
     // how far (the next hole, or the end of the file).
     if (last?.data) this.knownData = [last.offset, addon.seekHole(this.fd, last.offset)];
     return runs;
+  }
+
+  private sendFile(send: NonNullable<HostAddon['sendFileCached']>, socketFd: number, head: Uint8Array, offset: number, length: number): number {
+    const sent = send(socketFd, head, this.fd, offset, length);
+    // -2: the kernel has no cachestat, or sendfile refuses these descriptors: stop asking.
+    if (sent === -2) this.sendCached = undefined;
+    return sent < 0 ? -1 : sent;
+  }
+
+  /** See ByteStore.readNow: the rest of a sendCached reply, whose pages were cached a moment ago. */
+  readNow(offset: number, into: Uint8Array): void {
+    try {
+      zeroTail(into, syncLoop(readSync, this.fd, into, offset));
+    } catch (e) {
+      throw fsError(e, this.name);
+    }
   }
 
   /**

@@ -53,6 +53,19 @@ export interface ByteStore {
    * failures (EPIPE: the reader went away) keep their errno code. Absent without the host addon.
    */
   spliceTo?(pipe: number, from: number, length: number): Promise<number>;
+   * A server's read reply without the bytes passing through JavaScript: when the page cache holds
+   * every byte of [offset, offset + length), write `head` to the stream socket `socketFd` (a
+   * non-blocking descriptor whose own write queue is empty), then have the kernel send the range
+   * after it (sendfile) until done or the socket is full. Returns the bytes sent, head included;
+   * the caller sends the rest itself, in order (readNow gives the data). -1: nothing was sent
+   * (some of the range is not cached, or the host cannot). Absent where the store is no local
+   * file or the host addon lacks the call.
+   */
+  sendCached?(socketFd: number, head: Uint8Array, offset: number, length: number): number;
+  /** With sendCached: whether the page cache holds every byte of [offset, offset + length). */
+  isCached?(offset: number, length: number): boolean;
+  /** With sendCached: fill `into` from `offset` at once, waiting for the disk if need be (zeros past the end). */
+  readNow?(offset: number, into: Uint8Array): void;
   /**
    * Publish these permissions (QEMU's image locks, see permissions.ts) in place of those taken at
    * open; QCOW_LOCKED when another program's use conflicts. Stores without locks lack it.
