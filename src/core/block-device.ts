@@ -209,6 +209,15 @@ export interface BlockDevice {
   /** Delete the snapshot `spec` names, freeing what only it held (see {@link createSnapshot}). */
   deleteSnapshot?(spec: string): Promise<void>;
   /**
+   * The VM state area (what QEMU's savevm stores with the disk; `qemu-io -b`): bytes at `pos` of a
+   * second address space kept in the image past the guest disk, saved and restored with internal
+   * snapshots. Reads of what was never written give zeros. Absent where the format has none
+   * (raw, qcow v1, as in QEMU).
+   */
+  readVmState?(pos: number, into: Uint8Array): Promise<void>;
+  /** Write `data` at `pos` of the VM state area (see {@link readVmState}); the device must be writable. */
+  writeVmState?(pos: number, data: Uint8Array): Promise<void>;
+  /**
    * The image's persistent dirty bitmaps, for reading (`qemu-img bitmap`, `qemu-nbd -B`): on a
    * writable image they include the writes recorded so far. Absent where the format has none
    * (raw, qcow v1, as in QEMU).

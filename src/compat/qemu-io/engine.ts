@@ -274,6 +274,22 @@ export class QemuIo {
     }
   }
 
+  /** The VM state area (-b): qcow2's; other formats have none (QEMU: "Operation not supported"). */
+  async readVmState(pos: number, buf: Uint8Array): Promise<void> {
+    const dev = this.device();
+    if (!dev.readVmState) throw new QcowError('QCOW_UNSUPPORTED', 'no VM state');
+    await dev.readVmState(pos, buf);
+  }
+
+  async writeVmState(pos: number, buf: Uint8Array): Promise<void> {
+    const dev = this.device();
+    if (!dev.writeVmState) throw new QcowError('QCOW_UNSUPPORTED', 'no VM state');
+    await dev.writeVmState(pos, buf).catch((e: unknown) => {
+      // Past what the image can address: QEMU's EFBIG ("File too large").
+      throw e instanceof QcowError && e.code === 'QCOW_OUT_OF_RANGE' ? Object.assign(new Error(e.message), { code: 'EFBIG' }) : e;
+    });
+  }
+
   async writeZeroes(offset: number, bytes: number, mayUnmap: boolean, fastOnly: boolean, fua: boolean): Promise<void> {
     const dev = this.device();
     checkRange(dev, offset, bytes);
@@ -424,8 +440,8 @@ const readCmd: Command = {
     const buf = new Uint8Array(count).fill(0xab);
     const t1 = now();
     try {
-      if (flags.has('b')) throw new QcowError('QCOW_UNSUPPORTED', 'no VM state');
-      await io.read(offset, buf);
+      if (flags.has('b')) await io.readVmState(offset, buf);
+      else await io.read(offset, buf);
     } catch (e) {
       failed(io, 'read', e);
       return -1;
@@ -596,7 +612,7 @@ const writeCmd: Command = {
     }
     const t1 = now();
     try {
-      if (b) throw new QcowError('QCOW_UNSUPPORTED', 'no VM state');
+      if (b) await io.writeVmState(offset, buf!);
       else if (z) await io.writeZeroes(offset, count, u, n, f);
       else if (c) await writeCompressed(io, offset, buf!);
       else await io.write(offset, buf!, f);

@@ -26,7 +26,8 @@ import type { BlockExtent, PlacedRange, ZeroOptions } from '../../core/block-dev
 import { CorruptionEvent, QcowError, unsupported } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
 import { firstNonZero } from '../../core/bytes.js';
-import { COMPRESSION_ZSTD } from './header.js';
+import { COMPRESSION_ZSTD, type Qcow2Header } from './header.js';
+import { MAX_L1_ENTRIES } from './layout.js';
 import { readHeader } from './read-header.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
 import { PersistentBitmaps, type BitmapLimits, type BitmapWriteHost } from './bitmaps/persistent.js';
@@ -662,20 +663,58 @@ export class Qcow2Writer {
         return;
       }
       const need = Math.ceil(size / image.geometry.l2Coverage);
-      const grown = need > map.l1Entries ? await map.growL1(need, this.barrier) : null;
-      await image.writeHeader((h) => {
-        if (grown) {
-          h.l1TableOffset = grown.offset;
-          h.l1Size = need;
-        }
+      await this.growL1Locked(need, (h) => {
         h.size = size;
       });
-      await image.store.flush();
       image.setSize(size);
-      if (grown && grown.oldEntries > 0) await this.refcounts.update(grown.oldOffset, grown.oldEntries * 8, -1);
-      map.noteGrowth();
       if (size !== oldSize) await this.bitmaps.resized(oldSize);
     });
+  }
+
+  /**
+   * Give the L1 table at least `need` entries (a larger table written elsewhere, then the header
+   * names it with `alsoChange` applied, then the old one is freed); the header is written even
+   * when the table is big enough. The lock is held and the metadata flushed.
+   */
+  private async growL1Locked(need: number, alsoChange?: (h: Qcow2Header) => void): Promise<void> {
+    const { image, map } = this;
+    const grown = need > map.l1Entries ? await map.growL1(need, this.barrier) : null;
+    if (!grown && !alsoChange) return;
+    await image.writeHeader((h) => {
+      if (grown) {
+        h.l1TableOffset = grown.offset;
+        h.l1Size = need;
+      }
+      alsoChange?.(h);
+    });
+    await image.store.flush();
+    if (grown && grown.oldEntries > 0) await this.refcounts.update(grown.oldOffset, grown.oldEntries * 8, -1);
+    map.noteGrowth();
+  }
+
+  /**
+   * Write to the VM state area (Qcow2Device.writeVmState): guest offsets past the disk, which the
+   * L1 table grows to reach as QEMU grows it for a savevm (by half its size at least, so a VM state
+   * written front to back does not copy the table at every step). The bytes go through the
+   * ordinary write path; dirty bitmaps, which cover the disk only, do not see them.
+   */
+  async writeVmState(offset: number, data: Uint8Array): Promise<void> {
+    const g = this.image.geometry;
+    const need = Math.ceil((offset + data.length) / g.l2Coverage);
+    if (need > MAX_L1_ENTRIES) {
+      throw new QcowError('QCOW_OUT_OF_RANGE', `VM state offset 0x${offset.toString(16)} lies beyond what the largest L1 table reaches`, { file: this.image.store.name });
+    }
+    if (need > this.map.l1Entries) {
+      await this.guarded(async () => {
+        if (need <= this.map.l1Entries) return;
+        await this.flushLocked();
+        let entries = Math.max(1, this.map.l1Entries);
+        while (entries < need) entries = Math.floor((entries * 3 + 1) / 2);
+        await this.growL1Locked(Math.max(need, Math.min(entries, MAX_L1_ENTRIES)));
+        await this.flushLocked();
+      });
+    }
+    await this.write(offset, data);
   }
 
   /** Flush everything, store the bitmaps (clearing in_use) and clear the dirty bit (lazy refcounts). */
