@@ -278,6 +278,17 @@ export interface OpenOptions {
    * which QEMU cannot do. The compat front ends (compat/qemu-img, compat/qemu-io) ask for it.
    */
   refuseMalformedBitmaps?: boolean;
+  /**
+   * qcow2, opened read-write: use lazy refcounts (or not) whatever the image's lazy_refcounts bit
+   * says, for this open only (QEMU's `lazy-refcounts` option). With them, refcount changes stay in
+   * memory until the image is closed, and the dirty bit is set meanwhile.
+   */
+  lazyRefcounts?: boolean;
+  /**
+   * qcow2, opened read-write while dirty (lazy refcounts, not closed cleanly): the image is repaired
+   * at open, and this is called with the repair's messages (what QEMU prints while it opens one).
+   */
+  onRepair?: (messages: readonly string[]) => void;
 }
 
 /** What a format needs to write a new image ({@link ImageFormat.create}). */

@@ -33,6 +33,16 @@ export interface OpenRequest {
   /** -s: writes go to a temporary overlay, dropped on close. */
   snapshot: boolean;
   forceShare: boolean;
+  /**
+   * The cache mode (-t, `open -t`, `reopen -c`). writethrough and directsync leave the image's
+   * write cache off: every write is flushed before it completes (QEMU adds FUA to each).
+   */
+  cache?: string;
+}
+
+/** Whether a cache mode leaves the write cache off (each write flushed, as QEMU's FUA). */
+export function writeThrough(cache: string | undefined): boolean {
+  return cache === 'writethrough' || cache === 'directsync';
 }
 
 export interface Opener {
@@ -266,6 +276,7 @@ export class QemuIo {
 
   async write(offset: number, buf: Uint8Array, fua: boolean): Promise<void> {
     const dev = this.device();
+    fua ||= writeThrough(this.request?.cache);
     checkRange(dev, offset, buf.length);
     for (let done = 0; done < buf.length; ) {
       const n = Math.min(CHUNK, buf.length - done);
@@ -292,6 +303,7 @@ export class QemuIo {
 
   async writeZeroes(offset: number, bytes: number, mayUnmap: boolean, fastOnly: boolean, fua: boolean): Promise<void> {
     const dev = this.device();
+    fua ||= writeThrough(this.request?.cache);
     checkRange(dev, offset, bytes);
     if (bytes > 0) await dev.writeZeroes(offset, bytes, { mayUnmap, fastOnly, fua });
   }
@@ -316,6 +328,11 @@ export class QemuIo {
       this.request = null;
       return EINVAL;
     }
+  }
+
+  /** `reopen -c`: the cache mode of the open image. */
+  setCache(cache: string | undefined): void {
+    if (this.request) this.request = { ...this.request, cache };
   }
 
   /** Start an aio request: its completion prints, whenever it comes. */
@@ -1093,7 +1110,8 @@ const openCmd: Command = {
       io.usage(this);
       return EINVAL;
     }
-    const r = await io.openImage({ name, options, readOnly: flags.has('r'), snapshot: flags.has('s'), forceShare: flags.has('U') });
+    const cache = flags.has('n') ? 'none' : flags.get('t');
+    const r = await io.openImage({ name, options, readOnly: flags.has('r'), snapshot: flags.has('s'), forceShare: flags.has('U'), cache });
     return r ? EINVAL : 0;
   },
 };
@@ -1152,8 +1170,16 @@ const reopenCmd: Command = {
     } else if (flags.has('r')) readOnly = true;
     else if (flags.has('w')) readOnly = false;
     if (!current) return 0;
-    if (readOnly === io.device().readOnly) return 0;
-    return io.reopen({ ...current, readOnly });
+    const cache = flags.get('c') ?? current.cache;
+    // Options other than read-only that change how the image is driven (lazy-refcounts) take a
+    // reopen; the cache mode only changes how writes are issued.
+    const { 'read-only': _ro, ...rest } = opts;
+    const changed = Object.entries(rest).some(([k, v]) => current.options[k] !== v);
+    if (readOnly === io.device().readOnly && !changed) {
+      io.setCache(cache);
+      return 0;
+    }
+    return io.reopen({ ...current, options: { ...current.options, ...rest }, readOnly, cache });
   },
 };
 

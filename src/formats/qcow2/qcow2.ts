@@ -79,6 +79,8 @@ export class Qcow2Device extends DeviceBase {
           // A backing file named but not opened may hold anything there.
           chainReadsZero: async (offset, length) => (dev.backing === null && dev.image.header.backingFile !== undefined ? length === 0 : readsAsZero(dev, offset, length)),
           bitmapLimits: dev.bitmapLimits,
+          lazyRefcounts: options.lazyRefcounts,
+          onRepair: options.onRepair,
         });
       }
     } catch (e) {

@@ -55,6 +55,10 @@ export interface WriterParts {
   bitmapLimits: BitmapLimits;
   /** The allocator to use; by default the image's refcounts are loaded (tests give a fake). */
   allocator?: Allocator;
+  /** Lazy refcounts for this open, whatever the header says (OpenOptions.lazyRefcounts). */
+  lazyRefcounts?: boolean;
+  /** Told the messages of the repair of a dirty image at open (OpenOptions.onRepair). */
+  onRepair?: (messages: readonly string[]) => void;
 }
 
 /** A guest write waiting for the lock (see Qcow2Writer.enqueueWrite). */
@@ -84,10 +88,11 @@ interface Piece {
  * A lazy-refcounts image left dirty (not closed cleanly): its refcounts cannot be trusted, so they
  * are recounted from the tables and written before anything is allocated (qemu does the same).
  */
-async function repairDirty(image: Qcow2Image, map: ClusterMap): Promise<void> {
+async function repairDirty(image: Qcow2Image, map: ClusterMap, onRepair: WriterParts['onRepair']): Promise<void> {
   // Loaded only here: the checker is not needed by ordinary writes.
   const { checkQcow2 } = await import('./check.js');
-  await checkQcow2(image.store, { repair: 'all' });
+  const result = await checkQcow2(image.store, { repair: 'all' });
+  onRepair?.(result.messages);
   // The repair wrote the header (a moved refcount table) and maybe the L1 table: take them again.
   const { header: fresh } = await readHeader(image.store);
   image.noteHeaderWritten((h) => {
@@ -154,7 +159,8 @@ export class Qcow2Writer {
   static async attach(parts: WriterParts): Promise<Qcow2Writer> {
     const { image, map } = parts;
     const h = image.header;
-    if (hasFeature(h.incompatibleFeatures, INCOMPAT_DIRTY)) await repairDirty(image, map);
+    if (parts.lazyRefcounts && h.version < 3) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level', { file: image.store.name });
+    if (hasFeature(h.incompatibleFeatures, INCOMPAT_DIRTY)) await repairDirty(image, map, parts.onRepair);
     const rc = parts.allocator ?? await Refcounts.load(image.store, {
       clusterSize: image.clusterSize,
       refcountBits: 2 ** h.refcountOrder,
@@ -172,6 +178,7 @@ export class Qcow2Writer {
       () => w.beforeL2Write(),
       (job) => void w.locked(job).catch(() => undefined),
     );
+    map.afterTableAlloc = () => w.tableAllocated();
     const bitmapsValid = hasFeature(h.autoclearFeatures, AUTOCLEAR_BITMAPS);
     if (h.bitmaps && !bitmapsValid) {
       // A program without bitmap support wrote the image (it cleared the autoclear bit): the
@@ -233,7 +240,27 @@ export class Qcow2Writer {
   }
 
   get lazyRefcounts(): boolean {
-    return hasFeature(this.image.header.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
+    return this.parts.lazyRefcounts ?? hasFeature(this.image.header.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
+  }
+
+  /**
+   * Lazy refcounts in use (the dirty bit is on disk): refcount changes stay in memory and reach
+   * the disk at close, not at flushes or before L2 tables, as in QEMU, which drops the L2 cache's
+   * dependency on the refcount cache and skips the refcounts when it flushes a dirty image. A
+   * crash leaves counts a repair recounts (at the next writable open).
+   */
+  private get refcountsDeferred(): boolean {
+    return this.dirtyBitSet && this.lazyRefcounts;
+  }
+
+  /**
+   * A new L2 table was allocated (ClusterMap.afterTableAlloc): with refcounts deferred, the counts
+   * so far go to disk now, as QEMU writes its refcount cache back when it allocates an L2 table.
+   * A crash then leaves at most data clusters uncounted, which is what a repair of a QEMU image
+   * reports too.
+   */
+  async tableAllocated(): Promise<void> {
+    if (this.refcountsDeferred) await this.writeRefcounts();
   }
 
   private get external(): boolean {
@@ -621,13 +648,22 @@ export class Qcow2Writer {
   /** Run `fn` with the metadata written back and the lock held (snapshots, resize, amend). */
   exclusive<T>(fn: () => Promise<T>): Promise<T> {
     return this.locked(async () => {
-      await this.flushLocked();
+      await this.flushWhollyLocked();
       const r = await fn();
       // fn may have shrunk the file (shrink, amend): forget what we knew of its length.
       this.knownFileEnd = 0;
-      await this.flushLocked();
+      await this.flushWhollyLocked();
       return r;
     });
+  }
+
+  /**
+   * flushLocked, and the refcounts too when they are deferred (lazy refcounts): what exclusive
+   * operations (snapshots, amend, resize) work on, and leave, is all on disk.
+   */
+  private async flushWhollyLocked(): Promise<void> {
+    await this.flushLocked();
+    if (this.refcountsDeferred && (await this.writeRefcounts())) await this.barrier();
   }
 
   /**
@@ -728,6 +764,8 @@ export class Qcow2Writer {
       // The old bitmap clusters are freed now that the new directory is on disk.
       await this.flushLocked();
       if (this.dirtyBitSet) {
+        // Deferred refcounts (lazy refcounts) are written before the image is called clean.
+        if (await this.writeRefcounts()) await this.barrier();
         await this.image.writeHeader((h) => {
           h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
         });
@@ -744,7 +782,7 @@ export class Qcow2Writer {
   async beforeL2Write(): Promise<void> {
     // Data before the L2 entries that point at it: fresh clusters may still be being written.
     await this.drainInFlight();
-    if (await this.writeRefcounts()) {
+    if (!this.refcountsDeferred && (await this.writeRefcounts())) {
       if (!this.lazyRefcounts) await this.barrier();
     }
     this.l2Written = true;
@@ -757,7 +795,7 @@ export class Qcow2Writer {
     // Writes in flight first: a flush covers them, and no cluster may be freed under them.
     await this.drainInFlight();
     if (this.external) await image.dataStore.flush();
-    if (await this.releaseFrees()) await this.writeRefcounts();
+    if ((await this.releaseFrees()) && !this.refcountsDeferred) await this.writeRefcounts();
     await image.store.flush();
   }
 
@@ -771,7 +809,7 @@ export class Qcow2Writer {
   private async releaseFrees(): Promise<boolean> {
     const { map } = this;
     this.unmapFreesPending = false;
-    if (await this.writeRefcounts()) {
+    if (!this.refcountsDeferred && (await this.writeRefcounts())) {
       if (!this.lazyRefcounts) await this.barrier();
     }
     this.l2Written = false;
