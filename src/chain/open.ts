@@ -49,6 +49,10 @@ export interface OpenImageOptions {
   inspectOnly?: boolean;
   /** Every qcow2 image of the chain: see OpenOptions.refuseMalformedBitmaps. */
   refuseMalformedBitmaps?: boolean;
+  /** The top image only: see OpenOptions.lazyRefcounts. */
+  lazyRefcounts?: boolean;
+  /** Every image opened read-write: see OpenOptions.onRepair. */
+  onRepair?: OpenOptions['onRepair'];
   /**
    * qemu-img -U: read-only images (and backing and data files) lock out no writer, and are opened
    * even while one writes. Without it, every file takes the locks QEMU would (storage/permissions.ts).
@@ -115,6 +119,8 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
       bitmapLimits: options.bitmapLimits,
       inspectOnly: options.inspectOnly,
       refuseMalformedBitmaps: options.refuseMalformedBitmaps,
+      lazyRefcounts: depth === 0 ? options.lazyRefcounts : undefined,
+      onRepair: options.onRepair,
       openFile: (fileName, o) =>
         options.opener.open(resolveNamed(fileName, name, options), { ...o, permissions: permissionsFor({ writable: !o.readOnly, format: 'raw', role: 'data', forceShare }) }),
     };

@@ -156,15 +156,25 @@ export function checkOutputFormat(output: string | undefined): 'json' | 'human' 
 }
 
 /**
+ * How -p is drawn. qcow's own: on stderr, only where it is a terminal (see progressBar).
+ * `qemu` (compat/qemu-img): as qemu-img draws it, on standard output whatever that is, from
+ * "(0.00/100%)" at the start, redrawn whenever it moves by more than one point, and ended by a
+ * last "(100.00/100%)" and a new line (scripts and QEMU's iotests read these lines).
+ */
+export const progressStyle: { qemu: boolean } = { qemu: false };
+
+/** A progress bar: call it with (done, total); `active` says whether it draws at all. */
+export type ProgressBar = ((done: number, total: number) => void) & { readonly active: boolean; finish(): void; clear(): void };
+
+/**
  * Progress for -p, on stderr in qemu-img's form ("    (12.34/100%)" redrawn with a carriage
  * return). It is drawn when asked for (-p) and stderr is a terminal; when stderr is a file or a
  * pipe it stays hidden unless QCOW_PROGRESS=always asks for it there too. Redrawn only when the
  * value moves by 0.01% and at most every 50 ms, so huge copies do not flood the terminal.
+ * In the `qemu` style (progressStyle) it is qemu-img's instead.
  */
-export function progressBar(
-  asked: boolean,
-  stream?: { isTTY?: boolean; write(s: string): unknown },
-): ((done: number, total: number) => void) & { finish(): void; clear(): void } {
+export function progressBar(asked: boolean, stream?: { isTTY?: boolean; write(s: string): unknown }): ProgressBar {
+  if (progressStyle.qemu) return qemuProgressBar(asked, stream);
   // process.stderr only when asked: Node makes the stream on first use, loading node:stream.
   const out = asked ? (stream ?? process.stderr) : { write: () => undefined };
   const enabled = asked && (!!out.isTTY || process.env.QCOW_PROGRESS === 'always');
@@ -182,6 +192,7 @@ export function progressBar(
     out.write(`    (${pct.toFixed(2)}/100%)\r`);
   };
   return Object.assign(draw, {
+    active: enabled,
     /** The operation completed: show 100% and end the line. */
     finish() {
       if (enabled) out.write(`    (100.00/100%)\n`);
@@ -193,6 +204,33 @@ export function progressBar(
   });
 }
 
+/** qemu-img's progress (its qemu-progress.c behaviour, see progressStyle), on standard output. */
+function qemuProgressBar(asked: boolean, stream?: { write(s: string): unknown }): ProgressBar {
+  const out = asked ? (stream ?? process.stdout) : { write: () => undefined };
+  const show = (pct: number) => out.write(`    (${pct.toFixed(2)}/100%)\r`);
+  let last = 0;
+  if (asked) show(0);
+  const draw = (done: number, total: number) => {
+    if (!asked) return;
+    const pct = Math.min(100, total > 0 ? (100 * done) / total : 100);
+    if (pct > last + 1 || pct < last - 1 || pct === 0 || pct === 100) {
+      last = pct;
+      show(pct);
+    }
+  };
+  return Object.assign(draw, {
+    active: asked,
+    finish() {
+      if (!asked) return;
+      show(100);
+      out.write('\n');
+    },
+    clear() {
+      if (asked) out.write('\n');
+    },
+  });
+}
+
 /**
  * What every long command wraps its work in: Ctrl-C or SIGTERM as `signal`, and the progress bar
  * `-p` asks for as `progress`, finished when the work succeeds and its line ended when it fails
@@ -200,7 +238,7 @@ export function progressBar(
  */
 export async function withProgress<T>(
   flags: { progress?: boolean; quiet?: boolean },
-  work: (signal: AbortSignal, progress: (done: number, total: number) => void) => Promise<T>,
+  work: (signal: AbortSignal, progress: ProgressBar) => Promise<T>,
 ): Promise<T> {
   const interrupt = interruptSignal();
   const bar = progressBar(!!flags.progress && !flags.quiet);

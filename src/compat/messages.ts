@@ -100,6 +100,12 @@ const ROWS: Row[] = [
     match: /^Could not (apply|delete) snapshot '(.*)': Can't find snapshot/,
     text: (_e, _c, m) => (m![1] === 'apply' ? `Could not apply snapshot '${m![2]}': Failed to load snapshot: No such file or directory` : `Could not delete snapshot '${m![2]}': snapshot not found`),
   },
+  // snapshot -c on an image whose snapshot table is full: qemu-img's words for its EFBIG.
+  {
+    code: 'QCOW_UNSUPPORTED',
+    match: /^Could not create snapshot '(.*)': the image has \d+ snapshots, the most/,
+    text: (_e, _c, m) => `Could not create snapshot '${m![1]}': -27 (File too large)`,
+  },
   // resize to a smaller size without --shrink: QEMU adds its warning line.
   {
     code: 'QCOW_INVALID_ARGUMENT',

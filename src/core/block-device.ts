@@ -209,6 +209,15 @@ export interface BlockDevice {
   /** Delete the snapshot `spec` names, freeing what only it held (see {@link createSnapshot}). */
   deleteSnapshot?(spec: string): Promise<void>;
   /**
+   * The VM state area (what QEMU's savevm stores with the disk; `qemu-io -b`): bytes at `pos` of a
+   * second address space kept in the image past the guest disk, saved and restored with internal
+   * snapshots. Reads of what was never written give zeros. Absent where the format has none
+   * (raw, qcow v1, as in QEMU).
+   */
+  readVmState?(pos: number, into: Uint8Array): Promise<void>;
+  /** Write `data` at `pos` of the VM state area (see {@link readVmState}); the device must be writable. */
+  writeVmState?(pos: number, data: Uint8Array): Promise<void>;
+  /**
    * The image's persistent dirty bitmaps, for reading (`qemu-img bitmap`, `qemu-nbd -B`): on a
    * writable image they include the writes recorded so far. Absent where the format has none
    * (raw, qcow v1, as in QEMU).
@@ -269,6 +278,17 @@ export interface OpenOptions {
    * which QEMU cannot do. The compat front ends (compat/qemu-img, compat/qemu-io) ask for it.
    */
   refuseMalformedBitmaps?: boolean;
+  /**
+   * qcow2, opened read-write: use lazy refcounts (or not) whatever the image's lazy_refcounts bit
+   * says, for this open only (QEMU's `lazy-refcounts` option). With them, refcount changes stay in
+   * memory until the image is closed, and the dirty bit is set meanwhile.
+   */
+  lazyRefcounts?: boolean;
+  /**
+   * qcow2, opened read-write while dirty (lazy refcounts, not closed cleanly): the image is repaired
+   * at open, and this is called with the repair's messages (what QEMU prints while it opens one).
+   */
+  onRepair?: (messages: readonly string[]) => void;
 }
 
 /** What a format needs to write a new image ({@link ImageFormat.create}). */

@@ -61,7 +61,11 @@ export interface ConvertOptions {
   copyOffload?: boolean;
   /** Stops the operation between steps; it then fails with QCOW_ABORTED. */
   signal?: AbortSignal;
-  /** Called as work items finish: guest bytes done so far, out of the total (the sources' size). */
+  /**
+   * Called as work items finish, as qemu-img counts its progress: bytes of data copied so far,
+   * out of all the data to copy (zeros count too when `sparseSize` is 0, as they are written
+   * then). Giving it costs one more pass over the sources' allocation, to learn the total.
+   */
   onProgress?: (done: number, total: number) => void;
 }
 
@@ -138,10 +142,21 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
     backing,
   };
 
+  // Progress counts the bytes that are copied (qemu-img's allocated_done / allocated_sectors).
+  const counted = (zero: boolean) => !zero || sparse === 0;
+  const toCopy = options.onProgress ? await bytesToCopy(src, counted, options.signal) : 0;
   let done = 0;
   const progress = (n: number) => {
+    if (n <= 0) return;
     done += n;
-    options.onProgress?.(done, total);
+    options.onProgress?.(done, toCopy);
+  };
+  const weight = (item: WorkItem) => {
+    if (!options.onProgress) return 0;
+    if (item.kind === 'zero') return counted(true) ? item.length : 0;
+    let n = 0;
+    for (const s of item.spans) if (counted(s.zero)) n += s.length;
+    return n;
   };
 
   // --- the planner: one pass over the chain status, in order ---
@@ -187,7 +202,7 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
   }
   function* zeroRun(start: number, end: number): Generator<WorkItem> {
     if (skipZeros) {
-      progress(end - start);
+      if (counted(true)) progress(end - start);
       return;
     }
     for (let off = start; off < end; off += ZERO_ITEM_MAX) yield { kind: 'zero', offset: off, length: Math.min(ZERO_ITEM_MAX, end - off) };
@@ -269,7 +284,7 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
         throwIfAborted(options.signal);
         const item = t.item;
         await (item.kind === 'zero' ? zeroItem(t, lane) : offload ? offloadItem(t, item, lane) : dataItem(t, item, lane));
-        progress(item.length);
+        progress(weight(item));
       } finally {
         t.release();
       }
@@ -288,6 +303,18 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
 }
 
 type DataItem = Extract<WorkItem, { kind: 'data' }>;
+
+/** How many bytes of the source the copy will write: its data, and its zeros where `counted`. */
+async function bytesToCopy(src: ConcatSource, counted: (zero: boolean) => boolean, signal: AbortSignal | undefined): Promise<number> {
+  let n = 0;
+  for (let off = 0; off < src.size; ) {
+    throwIfAborted(signal);
+    const e = await src.status(off, src.size - off);
+    if (counted(!e.present || e.zero)) n += e.length;
+    off += e.length;
+  }
+  return n;
+}
 
 /**
  * Read a data item's spans into `data` (its lane's buffer): data spans from the source, zero spans

@@ -157,6 +157,22 @@ test('progress climbs to the total; an aborted run stops with QCOW_ABORTED and l
   }
 });
 
+test('progress counts the data copied, as qemu-img does: zeros only with sparseSize 0', async () => {
+  // qemu's iotest 086: four 1 MiB runs of data in a 128 MiB image, each a quarter of the work.
+  const src = await memQcow2(128 * MiB);
+  for (const at of [0, 2, 4, 32]) await fill(src, at * MiB, MiB, 7);
+  const seen: Array<[number, number]> = [];
+  await convert([src], await memQcow2(128 * MiB), { targetIsZero: true, onProgress: (d, t) => seen.push([d, t]) });
+  assert.deepEqual(
+    seen.map(([d, t]) => d / t),
+    [0.25, 0.5, 0.75, 1],
+  );
+  // Zeros are written with sparseSize 0, so they count too.
+  const all: Array<[number, number]> = [];
+  await convert([src], await memQcow2(128 * MiB), { targetIsZero: true, sparseSize: 0, onProgress: (d, t) => all.push([d, t]) });
+  assert.deepEqual(all.at(-1), [128 * MiB, 128 * MiB]);
+});
+
 test('a 4 TiB sparse source is walked by block status, never read', async () => {
   const TiB = 2 ** 40;
   const src = await memQcow2(4 * TiB, { opts: { cluster_size: '2097152' } });

@@ -121,9 +121,10 @@ export async function buildCorpus(dir: string): Promise<CorpusCase[]> {
   ] as const) {
     await q2case(`header/${field}=0x${v.toString(16)}`, (b) => put(b, off, width, v), ['check']);
   }
-  // Snapshot table pointing into garbage, and one past the end.
+  // Snapshot table pointing into garbage, and one past the end (which QEMU reads as zeros: the
+  // image opens, and only check, which finds the table outside the file, fails).
   await q2case('snapshot table in garbage', (b) => put(put(b, 60, 4, 3n), 64, 8, BigInt(QCOW2.data)), ['info', 'convert', 'map', 'check']);
-  await q2case('snapshot table past the end', (b) => put(put(b, 60, 4, 1n), 64, 8, 1n << 40n), ALL);
+  await q2case('snapshot table past the end', (b) => put(put(b, 60, 4, 1n), 64, 8, 1n << 40n), ['check']);
   // A header extension claiming 4 GiB.
   await q2case('header extension of 4 GiB', (b) => put(put(b, 112, 4, 0x12345678n), 116, 4, 0xffffffffn), ALL);
 

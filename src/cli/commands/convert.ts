@@ -168,7 +168,8 @@ export async function run(files: string[], flags: Flags): Promise<void> {
         outOfOrder: !!flags.W,
         copyOffload: !!flags.C,
         signal,
-        onProgress,
+        // Without a bar to draw, convert need not count the data first.
+        onProgress: onProgress.active ? onProgress : undefined,
       });
       if (bitmapOps) await bitmapOps.copyBitmaps(sources[0]!, dst, bitmapOptions);
       await dst.flush();

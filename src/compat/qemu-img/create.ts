@@ -86,8 +86,8 @@ async function make(file: string, fmt: string, s: Settings): Promise<void> {
     if (kind === 'size' || kind === 'number') {
       try {
         values.set(k, String(kind === 'size' ? qemuSizeExact(v) : BigInt(v)));
-      } catch {
-        throw new CreateError(`Parameter '${k}' expects a non-negative number below 2^64`);
+      } catch (e) {
+        throw new CreateError(optionValueComplaint(k, v, kind, e));
       }
     } else values.set(k, v);
   }
@@ -151,6 +151,16 @@ async function make(file: string, fmt: string, s: Settings): Promise<void> {
     const text = qemuMessage(e, { op: 'create-file', file: path });
     throw text === (e as Error)?.message ? e : new CreateError(text);
   }
+}
+
+/**
+ * QEMU's complaint about an -o value of a size or number option it cannot parse. A size that does
+ * not parse also gets QEMU's hint about the suffixes (two lines of their own, ending the message).
+ */
+function optionValueComplaint(name: string, value: string, kind: 'size' | 'number', e: unknown): string {
+  if (kind === 'number') return `Parameter '${name}' expects a number`;
+  if (e instanceof SizeError && e.range) return `Value '${value}' is out of range for parameter '${name}'`;
+  return `Parameter '${name}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.\n`;
 }
 
 /** The message is already out. */

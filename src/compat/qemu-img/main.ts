@@ -8,7 +8,7 @@
  */
 import { QcowError } from '../../node.js';
 import { runQcow, type FailureStyle } from '../../cli/program.js';
-import { openPolicy, writeOut } from '../../cli/common.js';
+import { openPolicy, progressStyle, writeOut } from '../../cli/common.js';
 import { getopt, GetoptError, type LongOption, type Parsed } from '../getopt.js';
 import { qemuJson } from '../qemu-json.js';
 import { jsonOpenerFor } from '../json-open.js';
@@ -205,6 +205,8 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   // repaired, but qemu-img's scripts (and iotests) expect the refusal.
   openPolicy.refuseMalformedBitmaps = true;
   openPolicy.openName = jsonOpenerFor;
+  // -p draws as qemu-img draws it: on standard output, terminal or not.
+  progressStyle.qemu = true;
   process.exitCode = undefined;
   await runQcow(argv, style);
   return typeof process.exitCode === 'number' ? process.exitCode : 0;

@@ -35,6 +35,16 @@ export interface OpenRequest {
   /** -s: writes go to a temporary overlay, dropped on close. */
   snapshot: boolean;
   forceShare: boolean;
+  /**
+   * The cache mode (-t, `open -t`, `reopen -c`). writethrough and directsync leave the image's
+   * write cache off: every write is flushed before it completes (QEMU adds FUA to each).
+   */
+  cache?: string;
+}
+
+/** Whether a cache mode leaves the write cache off (each write flushed, as QEMU's FUA). */
+export function writeThrough(cache: string | undefined): boolean {
+  return cache === 'writethrough' || cache === 'directsync';
 }
 
 export interface Opener {
@@ -270,6 +280,7 @@ export class QemuIo {
 
   async write(offset: number, buf: Uint8Array, fua: boolean): Promise<void> {
     const dev = this.device();
+    fua ||= writeThrough(this.request?.cache);
     checkRange(dev, offset, buf.length);
     for (let done = 0; done < buf.length; ) {
       const n = Math.min(CHUNK, buf.length - done);
@@ -278,8 +289,25 @@ export class QemuIo {
     }
   }
 
+  /** The VM state area (-b): qcow2's; other formats have none (QEMU: "Operation not supported"). */
+  async readVmState(pos: number, buf: Uint8Array): Promise<void> {
+    const dev = this.device();
+    if (!dev.readVmState) throw new QcowError('QCOW_UNSUPPORTED', 'no VM state');
+    await dev.readVmState(pos, buf);
+  }
+
+  async writeVmState(pos: number, buf: Uint8Array): Promise<void> {
+    const dev = this.device();
+    if (!dev.writeVmState) throw new QcowError('QCOW_UNSUPPORTED', 'no VM state');
+    await dev.writeVmState(pos, buf).catch((e: unknown) => {
+      // Past what the image can address: QEMU's EFBIG ("File too large").
+      throw e instanceof QcowError && e.code === 'QCOW_OUT_OF_RANGE' ? Object.assign(new Error(e.message), { code: 'EFBIG' }) : e;
+    });
+  }
+
   async writeZeroes(offset: number, bytes: number, mayUnmap: boolean, fastOnly: boolean, fua: boolean): Promise<void> {
     const dev = this.device();
+    fua ||= writeThrough(this.request?.cache);
     checkRange(dev, offset, bytes);
     if (bytes > 0) await dev.writeZeroes(offset, bytes, { mayUnmap, fastOnly, fua });
   }
@@ -304,6 +332,11 @@ export class QemuIo {
       this.request = null;
       return EINVAL;
     }
+  }
+
+  /** `reopen -c`: the cache mode of the open image. */
+  setCache(cache: string | undefined): void {
+    if (this.request) this.request = { ...this.request, cache };
   }
 
   /** Start an aio request: its completion prints, whenever it comes. */
@@ -428,8 +461,8 @@ const readCmd: Command = {
     const buf = new Uint8Array(count).fill(0xab);
     const t1 = now();
     try {
-      if (flags.has('b')) throw new QcowError('QCOW_UNSUPPORTED', 'no VM state');
-      await io.read(offset, buf);
+      if (flags.has('b')) await io.readVmState(offset, buf);
+      else await io.read(offset, buf);
     } catch (e) {
       failed(io, 'read', e);
       return -1;
@@ -600,7 +633,7 @@ const writeCmd: Command = {
     }
     const t1 = now();
     try {
-      if (b) throw new QcowError('QCOW_UNSUPPORTED', 'no VM state');
+      if (b) await io.writeVmState(offset, buf!);
       else if (z) await io.writeZeroes(offset, count, u, n, f);
       else if (c) await writeCompressed(io, offset, buf!);
       else await io.write(offset, buf!, f);
@@ -1087,7 +1120,8 @@ const openCmd: Command = {
       io.usage(this);
       return EINVAL;
     }
-    const r = await io.openImage({ name, options, readOnly: flags.has('r'), snapshot: flags.has('s'), forceShare: flags.has('U') });
+    const cache = flags.has('n') ? 'none' : flags.get('t');
+    const r = await io.openImage({ name, options, readOnly: flags.has('r'), snapshot: flags.has('s'), forceShare: flags.has('U'), cache });
     return r ? EINVAL : 0;
   },
 };
@@ -1157,8 +1191,16 @@ const reopenCmd: Command = {
     } else if (flags.has('r')) readOnly = true;
     else if (flags.has('w')) readOnly = false;
     if (!current) return 0;
-    if (readOnly === io.device().readOnly) return 0;
-    return io.reopen({ ...current, readOnly });
+    const cache = flags.get('c') ?? current.cache;
+    // Options other than read-only that change how the image is driven (lazy-refcounts) take a
+    // reopen; the cache mode only changes how writes are issued.
+    const { 'read-only': _ro, ...rest } = opts;
+    const changed = Object.entries(rest).some(([k, v]) => current.options[k] !== v);
+    if (readOnly === io.device().readOnly && !changed) {
+      io.setCache(cache);
+      return 0;
+    }
+    return io.reopen({ ...current, options: { ...current.options, ...rest }, readOnly, cache });
   },
 };
 

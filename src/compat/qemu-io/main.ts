@@ -176,7 +176,15 @@ export class NodeOpener implements Opener {
   constructor(
     private readonly secrets: Map<string, string>,
     private readonly format?: string,
+    /** Where the messages of a repair at open go (QEMU prints them on stderr while it opens). */
+    private readonly onRepair?: (messages: readonly string[]) => void,
   ) {}
+
+  /** The open options that -o gives beyond the file's name, format and secrets. */
+  private driverOptions(o: Record<string, string>): { lazyRefcounts?: boolean; onRepair?: (messages: readonly string[]) => void } {
+    const lazy = o['lazy-refcounts'];
+    return { lazyRefcounts: lazy === undefined ? undefined : lazy === 'on' || lazy === 'true', onRepair: this.onRepair };
+  }
 
   async open(req: OpenRequest): Promise<BlockDevice> {
     const { openImage, createImage } = await import('../../cli/open-images.js');
@@ -220,7 +228,7 @@ export class NodeOpener implements Opener {
         throw e;
       }
     }
-    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, noBacking, backingFormat, ...QEMU_OPEN_RULES }), o);
+    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, noBacking, backingFormat, ...QEMU_OPEN_RULES, ...this.driverOptions(o) }), o);
     // -s: a temporary qcow2 overlay over the image takes the writes and goes with close().
     const { tmpdir } = await import('node:os');
     const { join, resolve } = await import('node:path');
@@ -293,6 +301,7 @@ export async function main(argv: string[]): Promise<void> {
   let snapshot = false;
   let forceShare = false;
   let imageOpts = false;
+  let cache: string | undefined;
   for (const { key, arg } of parsed.options) {
     switch (key) {
       case 'c':
@@ -318,6 +327,10 @@ export async function main(argv: string[]): Promise<void> {
         break;
       case 't':
         if (!CACHE_MODES.includes(arg!)) return fail(`${prog}: Invalid cache option: ${arg}\n`);
+        cache = arg;
+        break;
+      case 'n':
+        cache = 'none';
         break;
       case 'd':
         if (!['ignore', 'off', 'unmap', 'on'].includes(arg!)) return fail(`${prog}: Invalid discard option: ${arg}\n`);
@@ -346,12 +359,13 @@ export async function main(argv: string[]): Promise<void> {
   }
   if (format !== undefined && imageOpts) return fail(`${prog}: --image-opts and -f are mutually exclusive\n`);
 
-  const io = new QemuIo(output, new NodeOpener(secrets, format), imageOpts, prog);
+  const onRepair = (messages: readonly string[]) => output.err(messages.map((m) => m + '\n').join(''));
+  const io = new QemuIo(output, new NodeOpener(secrets, format, onRepair), imageOpts, prog);
   if (parsed.operands.length === 1) {
     const operand = parsed.operands[0]!;
     const req: OpenRequest = imageOpts
-      ? { options: parseOpts(operand, 'file'), readOnly, snapshot, forceShare }
-      : { name: operand, options: {}, readOnly, snapshot, forceShare };
+      ? { options: parseOpts(operand, 'file'), readOnly, snapshot, forceShare, cache }
+      : { name: operand, options: {}, readOnly, snapshot, forceShare, cache };
     if (await io.openImage(req)) {
       output.flush();
       process.exitCode = 1;

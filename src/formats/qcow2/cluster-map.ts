@@ -410,6 +410,9 @@ export class ClusterMap {
    * a freed cluster held before. Nothing on disk names the cluster yet, so this write needs no
    * refcount before it. Only the slice asked for is cached.
    */
+  /** Told after l2ForWrite allocated a table (the writer, for lazy refcounts: Qcow2Writer.tableAllocated). */
+  afterTableAlloc: (() => Promise<void>) | undefined;
+
   async l2ForWrite(guest: number, create = true): Promise<CachedTable | null> {
     const g = this.image.geometry;
     const cs = g.clusterSize;
@@ -420,6 +423,7 @@ export class ClusterMap {
       if (!create) return null;
       const at = await this.refcounts.allocClusters(1);
       this.noteGrowth();
+      await this.afterTableAlloc?.();
       await this.placeTable(at, new Uint8Array(cs));
       this.setL1Entry(i, at, true);
       return this.l2Cache.put(this.sliceAt(at, guest), new Uint8Array(this.slice.bytes), false);
@@ -431,6 +435,7 @@ export class ClusterMap {
     const copy = await this.wholeTable(off);
     const at = await this.refcounts.allocClusters(1);
     this.noteGrowth();
+    await this.afterTableAlloc?.();
     await this.placeTable(at, copy);
     this.refcounts.free(off, cs);
     this.dropTable(off);

@@ -79,6 +79,8 @@ export class Qcow2Device extends DeviceBase {
           // A backing file named but not opened may hold anything there.
           chainReadsZero: async (offset, length) => (dev.backing === null && dev.image.header.backingFile !== undefined ? length === 0 : readsAsZero(dev, offset, length)),
           bitmapLimits: dev.bitmapLimits,
+          lazyRefcounts: options.lazyRefcounts,
+          onRepair: options.onRepair,
         });
       }
     } catch (e) {
@@ -290,6 +292,34 @@ export class Qcow2Device extends DeviceBase {
     // Loaded when asked for (info, measure): it brings the bitmap directory reader with it.
     const { describeQcow2 } = await import('./describe.js');
     return describeQcow2(this.image, () => this.persistentBitmaps());
+  }
+
+  // --- the VM state area ------------------------------------------------------------------------------
+
+  /**
+   * Where the VM state starts in the guest address space: at the first L2 table's span past the
+   * disk (QEMU's vm_state_offset), so the disk and the state never share a table.
+   */
+  get vmStateOffset(): number {
+    const span = this.image.geometry.l2Coverage;
+    return Math.ceil(this.size / span) * span;
+  }
+
+  async readVmState(pos: number, into: Uint8Array): Promise<void> {
+    this.checkVmStateRange(pos, into.length);
+    // Past the L1 table, and where nothing was written, the area reads as zeros.
+    await this.io.read(this.vmStateOffset + pos, into);
+  }
+
+  async writeVmState(pos: number, data: Uint8Array): Promise<void> {
+    this.checkVmStateRange(pos, data.length);
+    await this.requireWriter().writeVmState(this.vmStateOffset + pos, data);
+  }
+
+  private checkVmStateRange(pos: number, length: number): void {
+    if (!Number.isSafeInteger(pos) || pos < 0 || !Number.isSafeInteger(this.vmStateOffset + pos + length)) {
+      throw new QcowError('QCOW_OUT_OF_RANGE', `VM state offset ${pos} is out of range`, { file: this.filename });
+    }
   }
 
   // --- writes -----------------------------------------------------------------------------------------

@@ -67,8 +67,9 @@ export async function readSnapshotTable(store: ByteStore, count: number, offset:
   if (count === 0) return [];
   if (count > MAX_SNAPSHOTS) throw corrupt('Snapshot table too large');
   // Offset 0 is the header: no image means that, so opening refuses it (check reads such a table
-  // anyway, with readStoredSnapshotTable below).
-  if (offset % 8 !== 0 || offset === 0 || offset >= fileSize) throw corrupt(`snapshot table offset 0x${offset.toString(16)} is invalid or beyond the end of the file`);
+  // anyway, with readStoredSnapshotTable below). A table past the end of the file is not refused:
+  // QEMU reads it as zeros (entries with no name and no L1 table), and so do we.
+  if (offset % 8 !== 0 || offset === 0) throw corrupt(`snapshot table offset 0x${offset.toString(16)} is invalid`);
   // Read as qemu reads it when opening: zeros past the end of the file, its two limits refused.
   const stored = await readStoredSnapshotTable(store, count, offset, fileSize, { repair: false });
   return stored.snapshots.map((e) => {

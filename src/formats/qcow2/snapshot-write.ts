@@ -39,7 +39,7 @@ export async function createSnapshot(dev: SnapshotDevice, name: string): Promise
   const w = writerOf(dev);
   return w.exclusive(async () => {
     if (dev.snapshots.some((s) => s.name === name)) throw new QcowError('QCOW_INVALID_ARGUMENT', `Snapshot with name '${name}' already exists`);
-    if (dev.snapshots.length >= MAX_SNAPSHOTS) throw unsupported('too many snapshots');
+    if (dev.snapshots.length >= MAX_SNAPSHOTS) throw new QcowError('QCOW_UNSUPPORTED', `Could not create snapshot '${name}': the image has ${dev.snapshots.length} snapshots, the most a qcow2 image can have`);
     const rc = w.refcounts;
     const cs = dev.clusterSize;
     await adjustTree(dev, dev.l1, dev.l1Entries, 1);
@@ -262,6 +262,9 @@ async function replaceSnapshotTable(dev: SnapshotDevice, w: Qcow2Writer, snaps: 
   // Every entry is now on disk as encodeSnapshotTable writes it.
   for (const s of snaps) delete s.storedExtraSize;
   image.setSnapshots(snaps);
-  if (oldLength > 0 && oldOffset !== 0) await rc.update(oldOffset, oldLength, -1);
+  // The old table's clusters are freed; a table the header placed past the end of the file (read
+  // as zeros) has no clusters there to free.
+  const freeable = Math.min(oldLength, Math.max(0, image.fileSize - oldOffset));
+  if (freeable > 0 && oldOffset !== 0) await rc.update(oldOffset, freeable, -1);
   await w.writeRefcounts();
 }

@@ -26,7 +26,8 @@ import type { BlockExtent, PlacedRange, ZeroOptions } from '../../core/block-dev
 import { CorruptionEvent, QcowError, unsupported } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
 import { firstNonZero } from '../../core/bytes.js';
-import { COMPRESSION_ZSTD } from './header.js';
+import { COMPRESSION_ZSTD, type Qcow2Header } from './header.js';
+import { MAX_L1_ENTRIES } from './layout.js';
 import { readHeader } from './read-header.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
 import { PersistentBitmaps, type BitmapLimits, type BitmapWriteHost } from './bitmaps/persistent.js';
@@ -54,6 +55,10 @@ export interface WriterParts {
   bitmapLimits: BitmapLimits;
   /** The allocator to use; by default the image's refcounts are loaded (tests give a fake). */
   allocator?: Allocator;
+  /** Lazy refcounts for this open, whatever the header says (OpenOptions.lazyRefcounts). */
+  lazyRefcounts?: boolean;
+  /** Told the messages of the repair of a dirty image at open (OpenOptions.onRepair). */
+  onRepair?: (messages: readonly string[]) => void;
 }
 
 /** A guest write waiting for the lock (see Qcow2Writer.enqueueWrite). */
@@ -83,10 +88,11 @@ interface Piece {
  * A lazy-refcounts image left dirty (not closed cleanly): its refcounts cannot be trusted, so they
  * are recounted from the tables and written before anything is allocated (qemu does the same).
  */
-async function repairDirty(image: Qcow2Image, map: ClusterMap): Promise<void> {
+async function repairDirty(image: Qcow2Image, map: ClusterMap, onRepair: WriterParts['onRepair']): Promise<void> {
   // Loaded only here: the checker is not needed by ordinary writes.
   const { checkQcow2 } = await import('./check.js');
-  await checkQcow2(image.store, { repair: 'all' });
+  const result = await checkQcow2(image.store, { repair: 'all' });
+  onRepair?.(result.messages);
   // The repair wrote the header (a moved refcount table) and maybe the L1 table: take them again.
   const { header: fresh } = await readHeader(image.store);
   image.noteHeaderWritten((h) => {
@@ -153,7 +159,8 @@ export class Qcow2Writer {
   static async attach(parts: WriterParts): Promise<Qcow2Writer> {
     const { image, map } = parts;
     const h = image.header;
-    if (hasFeature(h.incompatibleFeatures, INCOMPAT_DIRTY)) await repairDirty(image, map);
+    if (parts.lazyRefcounts && h.version < 3) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level', { file: image.store.name });
+    if (hasFeature(h.incompatibleFeatures, INCOMPAT_DIRTY)) await repairDirty(image, map, parts.onRepair);
     const rc = parts.allocator ?? await Refcounts.load(image.store, {
       clusterSize: image.clusterSize,
       refcountBits: 2 ** h.refcountOrder,
@@ -171,6 +178,7 @@ export class Qcow2Writer {
       () => w.beforeL2Write(),
       (job) => void w.locked(job).catch(() => undefined),
     );
+    map.afterTableAlloc = () => w.tableAllocated();
     const bitmapsValid = hasFeature(h.autoclearFeatures, AUTOCLEAR_BITMAPS);
     if (h.bitmaps && !bitmapsValid) {
       // A program without bitmap support wrote the image (it cleared the autoclear bit): the
@@ -232,7 +240,27 @@ export class Qcow2Writer {
   }
 
   get lazyRefcounts(): boolean {
-    return hasFeature(this.image.header.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
+    return this.parts.lazyRefcounts ?? hasFeature(this.image.header.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
+  }
+
+  /**
+   * Lazy refcounts in use (the dirty bit is on disk): refcount changes stay in memory and reach
+   * the disk at close, not at flushes or before L2 tables, as in QEMU, which drops the L2 cache's
+   * dependency on the refcount cache and skips the refcounts when it flushes a dirty image. A
+   * crash leaves counts a repair recounts (at the next writable open).
+   */
+  private get refcountsDeferred(): boolean {
+    return this.dirtyBitSet && this.lazyRefcounts;
+  }
+
+  /**
+   * A new L2 table was allocated (ClusterMap.afterTableAlloc): with refcounts deferred, the counts
+   * so far go to disk now, as QEMU writes its refcount cache back when it allocates an L2 table.
+   * A crash then leaves at most data clusters uncounted, which is what a repair of a QEMU image
+   * reports too.
+   */
+  async tableAllocated(): Promise<void> {
+    if (this.refcountsDeferred) await this.writeRefcounts();
   }
 
   private get external(): boolean {
@@ -620,13 +648,22 @@ export class Qcow2Writer {
   /** Run `fn` with the metadata written back and the lock held (snapshots, resize, amend). */
   exclusive<T>(fn: () => Promise<T>): Promise<T> {
     return this.locked(async () => {
-      await this.flushLocked();
+      await this.flushWhollyLocked();
       const r = await fn();
       // fn may have shrunk the file (shrink, amend): forget what we knew of its length.
       this.knownFileEnd = 0;
-      await this.flushLocked();
+      await this.flushWhollyLocked();
       return r;
     });
+  }
+
+  /**
+   * flushLocked, and the refcounts too when they are deferred (lazy refcounts): what exclusive
+   * operations (snapshots, amend, resize) work on, and leave, is all on disk.
+   */
+  private async flushWhollyLocked(): Promise<void> {
+    await this.flushLocked();
+    if (this.refcountsDeferred && (await this.writeRefcounts())) await this.barrier();
   }
 
   /**
@@ -662,20 +699,58 @@ export class Qcow2Writer {
         return;
       }
       const need = Math.ceil(size / image.geometry.l2Coverage);
-      const grown = need > map.l1Entries ? await map.growL1(need, this.barrier) : null;
-      await image.writeHeader((h) => {
-        if (grown) {
-          h.l1TableOffset = grown.offset;
-          h.l1Size = need;
-        }
+      await this.growL1Locked(need, (h) => {
         h.size = size;
       });
-      await image.store.flush();
       image.setSize(size);
-      if (grown && grown.oldEntries > 0) await this.refcounts.update(grown.oldOffset, grown.oldEntries * 8, -1);
-      map.noteGrowth();
       if (size !== oldSize) await this.bitmaps.resized(oldSize);
     });
+  }
+
+  /**
+   * Give the L1 table at least `need` entries (a larger table written elsewhere, then the header
+   * names it with `alsoChange` applied, then the old one is freed); the header is written even
+   * when the table is big enough. The lock is held and the metadata flushed.
+   */
+  private async growL1Locked(need: number, alsoChange?: (h: Qcow2Header) => void): Promise<void> {
+    const { image, map } = this;
+    const grown = need > map.l1Entries ? await map.growL1(need, this.barrier) : null;
+    if (!grown && !alsoChange) return;
+    await image.writeHeader((h) => {
+      if (grown) {
+        h.l1TableOffset = grown.offset;
+        h.l1Size = need;
+      }
+      alsoChange?.(h);
+    });
+    await image.store.flush();
+    if (grown && grown.oldEntries > 0) await this.refcounts.update(grown.oldOffset, grown.oldEntries * 8, -1);
+    map.noteGrowth();
+  }
+
+  /**
+   * Write to the VM state area (Qcow2Device.writeVmState): guest offsets past the disk, which the
+   * L1 table grows to reach as QEMU grows it for a savevm (by half its size at least, so a VM state
+   * written front to back does not copy the table at every step). The bytes go through the
+   * ordinary write path; dirty bitmaps, which cover the disk only, do not see them.
+   */
+  async writeVmState(offset: number, data: Uint8Array): Promise<void> {
+    const g = this.image.geometry;
+    const need = Math.ceil((offset + data.length) / g.l2Coverage);
+    if (need > MAX_L1_ENTRIES) {
+      throw new QcowError('QCOW_OUT_OF_RANGE', `VM state offset 0x${offset.toString(16)} lies beyond what the largest L1 table reaches`, { file: this.image.store.name });
+    }
+    if (need > this.map.l1Entries) {
+      await this.guarded(async () => {
+        if (need <= this.map.l1Entries) return;
+        await this.flushLocked();
+        let entries = Math.max(1, this.map.l1Entries);
+        while (entries < need) entries = Math.floor((entries * 3 + 1) / 2);
+        await this.growL1Locked(Math.max(need, Math.min(entries, MAX_L1_ENTRIES)));
+        await this.flushLocked();
+      });
+    }
+    await this.write(offset, data);
   }
 
   /** Flush everything, store the bitmaps (clearing in_use) and clear the dirty bit (lazy refcounts). */
@@ -689,6 +764,8 @@ export class Qcow2Writer {
       // The old bitmap clusters are freed now that the new directory is on disk.
       await this.flushLocked();
       if (this.dirtyBitSet) {
+        // Deferred refcounts (lazy refcounts) are written before the image is called clean.
+        if (await this.writeRefcounts()) await this.barrier();
         await this.image.writeHeader((h) => {
           h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
         });
@@ -705,7 +782,7 @@ export class Qcow2Writer {
   async beforeL2Write(): Promise<void> {
     // Data before the L2 entries that point at it: fresh clusters may still be being written.
     await this.drainInFlight();
-    if (await this.writeRefcounts()) {
+    if (!this.refcountsDeferred && (await this.writeRefcounts())) {
       if (!this.lazyRefcounts) await this.barrier();
     }
     this.l2Written = true;
@@ -718,7 +795,7 @@ export class Qcow2Writer {
     // Writes in flight first: a flush covers them, and no cluster may be freed under them.
     await this.drainInFlight();
     if (this.external) await image.dataStore.flush();
-    if (await this.releaseFrees()) await this.writeRefcounts();
+    if ((await this.releaseFrees()) && !this.refcountsDeferred) await this.writeRefcounts();
     await image.store.flush();
   }
 
@@ -732,7 +809,7 @@ export class Qcow2Writer {
   private async releaseFrees(): Promise<boolean> {
     const { map } = this;
     this.unmapFreesPending = false;
-    if (await this.writeRefcounts()) {
+    if (!this.refcountsDeferred && (await this.writeRefcounts())) {
       if (!this.lazyRefcounts) await this.barrier();
     }
     this.l2Written = false;
