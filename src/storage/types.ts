@@ -53,6 +53,7 @@ export interface ByteStore {
    * failures (EPIPE: the reader went away) keep their errno code. Absent without the host addon.
    */
   spliceTo?(pipe: number, from: number, length: number): Promise<number>;
+  /**
    * A server's read reply without the bytes passing through JavaScript: when the page cache holds
    * every byte of [offset, offset + length), write `head` to the stream socket `socketFd` (a
    * non-blocking descriptor whose own write queue is empty), then have the kernel send the range
