@@ -203,7 +203,7 @@ export class NodeOpener implements Opener {
     let format = o.driver ?? this.format;
     // A protocol driver named as the image's driver is a raw image over it.
     const protocol = isHostProtocol(format) ? format : o['file.driver'];
-    if (isHostProtocol(protocol)) await checkHostProtocol(protocol, name, req.readOnly || o['read-only'] === 'on');
+    if (isHostProtocol(protocol)) checkHostProtocol(protocol, name, req.readOnly || o['read-only'] === 'on');
     if (isHostProtocol(format)) format = 'raw';
     const secretId = o['encrypt.key-secret'] ?? o['encryption.key-secret'];
     let password: string | undefined;
