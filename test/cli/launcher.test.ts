@@ -126,7 +126,8 @@ async function modulesLoadedBy(args: string[]): Promise<{ stdout: string; loaded
     `require('node:module').runMain(${JSON.stringify(launcher)});`,
   ].join('\n');
   // Without the flag bin/qcow passes, the code caches would still be taken; with it, as users run.
-  const r = await run(process.execPath, ['--no-concurrent-recompilation', '-e', probe, ...args]);
+  // `--`: arguments such as qemu-io's `-c` are the command's, not node's.
+  const r = await run(process.execPath, ['--no-concurrent-recompilation', '-e', probe, '--', ...args]);
   assert.equal(r.code, 0, r.stderr);
   return { stdout: r.stdout, loaded: JSON.parse(r.stderr) as string[] };
 }
@@ -141,6 +142,28 @@ test('a command with little work loads none of the Node modules the bundles make
     // Without the host addon the launcher asks node:os for the core count (to size libuv's pool).
     const lazy = hostAddon() ? ['NativeModule os', 'NativeModule child_process'] : ['NativeModule child_process'];
     for (const name of lazy) assert.ok(!loaded.includes(name), `${name} was loaded`);
+  } finally {
+    await rm(dirTmp, { recursive: true, force: true });
+  }
+});
+
+test('plain converts and qemu-io reads load no Node module only another path needs (tty, fs/promises, readline, net)', async () => {
+  // Each of these once crept in through a top-level import (node:tty for the check that standard
+  // output is no terminal, used only by `convert ... -`; node:fs/promises for one stat in
+  // qemu-io's protocol check) and cost every start ~200 page faults.
+  const dirTmp = await mkdtemp(join(tmpdir(), 'qcow-lazy-'));
+  try {
+    const image = join(dirTmp, 'a.qcow2');
+    assert.equal((await run(process.execPath, [launcher, 'create', '-q', '-f', 'qcow2', image, '4M'])).code, 0);
+    const unwanted = ['NativeModule tty', 'NativeModule fs/promises', 'NativeModule readline', 'NativeModule net'];
+    const runs = [
+      ['convert', '-O', 'raw', image, join(dirTmp, 'out.raw')],
+      ['--persona=qemu-io', '-c', 'read 0 64k', image],
+    ];
+    for (const args of runs) {
+      const { loaded } = await modulesLoadedBy(args);
+      for (const name of unwanted) assert.ok(!loaded.includes(name), `${args[0]}: ${name} was loaded`);
+    }
   } finally {
     await rm(dirTmp, { recursive: true, force: true });
   }
