@@ -9,7 +9,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { open } from 'node:fs/promises';
+import { open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { needs, qemuImg, qemuIo, run, scratch } from '../../support/qemu.js';
@@ -133,6 +133,33 @@ test('a write in place onto metadata (an L2 entry pointing at it) is refused as 
     }
     assert.deepEqual(got[1], got[0], what);
     assert.ok(got[0]!.corrupt, `${what}: qemu marked the image corrupt`);
+    assert.ok(bytes[0]!.equals(bytes[1]!), `${what}: the images are the same byte for byte`);
+  }
+});
+
+test('an L2 table linked onto the L1 table reads as zeros past the file end, and a write through it is refused', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  // [what, L1 entry 0 (COPIED) names, commands]: the L1 table fills only 8 bytes of the file's
+  // last cluster; qemu's block layer reads the rest as zeros, so the table reads; a write through
+  // it lands on the L1 table (iotest 060).
+  const cases: Array<[string, number, string[]]> = [
+    ['the L1 table as its own L2 table', 0x30000, ['read -P 0 64k 512', 'write -P 0x2a 0 512', 'write 64k 512']],
+  ];
+  for (const [what, l2, cmds] of cases) {
+    const got: Outcome[] = [];
+    const bytes: Buffer[] = [];
+    for (const tool of ['qemu-io', COMPAT_IO]) {
+      await qemuImg(['create', '-q', '-f', 'qcow2', 'a.qcow2', '64M'], dir);
+      const fh = await open(join(dir, 'a.qcow2'), 'r+');
+      const { header } = await headerOf(fh);
+      const entry = new Uint8Array(8);
+      new DataView(entry.buffer).setBigUint64(0, (1n << 63n) | BigInt(l2));
+      await fh.write(entry, 0, 8, header.l1TableOffset);
+      await fh.close();
+      got.push(await outcome(tool, dir, 'a.qcow2', cmds, true));
+      bytes.push(await readFile(join(dir, 'a.qcow2')));
+    }
+    assert.deepEqual(got[1], got[0], what);
     assert.ok(bytes[0]!.equals(bytes[1]!), `${what}: the images are the same byte for byte`);
   }
 });
