@@ -68,8 +68,24 @@ export const isQcowError = (e: unknown): e is QcowError => e instanceof QcowErro
 export class CorruptionEvent extends QcowError {
   /** True once the image has been marked corrupt on disk because of this event. */
   markedCorrupt = false;
+  /**
+   * True once the event made the image unusable for the session (set with markedCorrupt, and
+   * alone on a version 2 image, which has no corrupt bit): QEMU says "Marking image as corrupt"
+   * either way.
+   */
+  fatal = false;
   constructor(message: string, file?: string) {
     super('QCOW_CORRUPT', message, { file });
+  }
+}
+
+/**
+ * A request to an image that a CorruptionEvent made unusable for the rest of the session (QEMU
+ * drops the node's driver then, and every later request fails with ENOMEDIUM: "No medium found").
+ */
+export class ImageMarkedCorrupt extends QcowError {
+  constructor(event: CorruptionEvent, file?: string) {
+    super('QCOW_CORRUPT', `the image was marked corrupt (${event.message}): repair it with check -r all`, { file });
   }
 }
 

@@ -9,7 +9,7 @@
  */
 import { NULL_CO } from '../null-co.js';
 import { boolProblem, GENERIC_BOOLS } from './qcow2-options.js';
-import { CorruptionEvent, QcowError, type BlockDevice, type BlockExtent } from '../../node.js';
+import { CorruptionEvent, ImageMarkedCorrupt, QcowError, type BlockDevice, type BlockExtent } from '../../node.js';
 import { getopt } from './getopt.js';
 import { qemuMessage } from '../messages.js';
 import { ERRNO_TEXT, hexdump, humanSize, numberError, parseNumber, parsePatternByte, report, type Num } from './text.js';
@@ -59,6 +59,7 @@ type Errno = keyof typeof ERRNO_TEXT;
 
 /** The errno a library failure stands for in QEMU's block layer. */
 export function errnoOf(e: unknown): Errno {
+  if (e instanceof ImageMarkedCorrupt) return 'ENOMEDIUM';
   if (e instanceof QcowError) {
     switch (e.code) {
       case 'QCOW_INVALID_ARGUMENT':
@@ -88,7 +89,7 @@ const strerror = (e: unknown) => ERRNO_TEXT[errnoOf(e)];
  * into first gets qcow2's own line on standard error, as QEMU prints it when it marks the image.
  */
 function failed(io: { output: { out(s: string): void; err(s: string): void } }, what: string, e: unknown): void {
-  if (e instanceof CorruptionEvent && e.markedCorrupt) io.output.err(`qcow2: Marking image as corrupt: ${e.message}; further corruption events will be suppressed\n`);
+  if (e instanceof CorruptionEvent && e.fatal) io.output.err(`qcow2: Marking image as corrupt: ${e.message}; further corruption events will be suppressed\n`);
   io.output.out(`${what} failed: ${strerror(e)}\n`);
 }
 

@@ -165,4 +165,5 @@ export const ERRNO_TEXT = {
   ERANGE: 'Numerical result out of range',
   EBUSY: 'Device or resource busy',
   EFBIG: 'File too large',
+  ENOMEDIUM: 'No medium found',
 } as const;

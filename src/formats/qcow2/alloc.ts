@@ -41,15 +41,30 @@ const DEFAULT_REFCOUNT_CACHE_BYTES = 8 * 1024 * 1024;
 export interface AllocatorHooks {
   /** Clusters the allocator must treat as in use although their refcount says 0 (repair). */
   inUse?: (clusterIndex: number) => boolean;
+  /**
+   * The overlap guard (overlap.ts, installed by the cluster map on a writable image): the message
+   * QEMU gives when [offset, +bytes) may not be handed out (it holds metadata, or it is offset 0
+   * for a structure named by `what`), else undefined. With it installed, cluster 0 is a candidate
+   * like any other, as in QEMU's allocator: on a sound image its count keeps it taken, and on one
+   * whose counts were zeroed the guard refuses it, with QEMU's message, where the old rule of
+   * skipping it silently handed out the next metadata cluster instead.
+   */
+  vet?: (offset: number, bytes: number, what?: AllocPurpose) => string | undefined;
 }
+
+/** What an allocation is for, where QEMU names it in "Preventing invalid allocation of ... at offset 0". */
+export type AllocPurpose = 'L2 table' | 'refcount block' | 'compressed cluster';
 
 /**
  * What the cluster map, the writer, snapshots and amend use of the allocator. `Refcounts` is the
  * real one; tests of the write path may give a small fake (see test/formats/qcow2/write-path.test.ts).
  */
 export interface Allocator {
-  /** `n` contiguous free clusters with refcount 1; their host offset. */
-  allocClusters(n: number): Promise<number>;
+  /**
+   * `n` contiguous free clusters with refcount 1; their host offset. `what` names the structure
+   * they are for (the overlap guard's message when it refuses offset 0).
+   */
+  allocClusters(n: number, what?: AllocPurpose): Promise<number>;
   /**
    * allocClusters when it can be done at once, without I/O (the common case of an image growing
    * at its end); -1 when the caller must use allocClusters. Optional: a fake may leave it out.
@@ -79,6 +94,10 @@ export interface Allocator {
   blockOffsets(): readonly number[];
   /** Refcount blocks held in memory (for tests of the cache budget). */
   readonly cachedBlocks: number;
+  /** Whether `cluster` holds a refcount block (the overlap guard asks; a fake may leave it out). */
+  isRefcountBlock?(cluster: number): boolean;
+  /** Install the overlap guard (see AllocatorHooks.vet; a fake may leave it out). */
+  setOverlapGuard?(vet: NonNullable<AllocatorHooks['vet']>): void;
 }
 
 export class Refcounts implements Allocator {
@@ -216,11 +235,12 @@ export class Refcounts implements Allocator {
     return at === -1 ? -1 : at * this.clusterSize;
   }
 
-  async allocClusters(n: number): Promise<number> {
-    const at = this.allocAtHint(n);
+  async allocClusters(n: number, what?: AllocPurpose): Promise<number> {
+    const at = this.allocAtHint(n, what);
     if (at !== -1) return at * this.clusterSize;
     await this.spillDirtyBlocks();
     const start = await this.findFree(n);
+    this.vet(start, n, what);
     await this.claim(start, n);
     return start * this.clusterSize;
   }
@@ -231,9 +251,9 @@ export class Refcounts implements Allocator {
    * guest writes). Exactly what findFree + claim would do there, without the dozen awaits they
    * take per allocation; -1 when anything else applies (then the general path decides).
    */
-  private allocAtHint(n: number): number {
+  private allocAtHint(n: number, what?: AllocPurpose): number {
     if (this.reserved.length > 0 || this.hooks.inUse !== undefined || this.dirtyBlocks.size > this.maxBlocks) return -1;
-    const start = Math.max(this.freeHint, 1);
+    const start = this.firstCandidate();
     const b = Math.floor(start / this.perBlock);
     if (Math.floor((start + n - 1) / this.perBlock) !== b || b >= this.table.length || this.table[b] === 0) return -1;
     if (!Number.isSafeInteger((start + n) * this.clusterSize)) return -1;
@@ -241,6 +261,8 @@ export class Refcounts implements Allocator {
     if (!block) return -1;
     const first = start - b * this.perBlock;
     if (!refcountsZero(block, first, n, this.refcountBits)) return -1;
+    // A refused range is left to the general path, which throws (this one must not: see allocClustersNow).
+    if (this.hooks.vet?.(start * this.clusterSize, n * this.clusterSize, what) !== undefined) return -1;
     setRefcountsToOne(block, first, n, this.refcountBits);
     this.dirtyBlocks.add(b);
     this.noteUsed(start, n);
@@ -249,9 +271,10 @@ export class Refcounts implements Allocator {
   }
 
   /** Allocate exactly [offset, offset + n clusters) if all of it is free; false otherwise. */
-  async allocClustersAt(offset: number, n: number): Promise<boolean> {
+  async allocClustersAt(offset: number, n: number, what?: AllocPurpose): Promise<boolean> {
     const start = offset / this.clusterSize;
     for (let c = start; c < start + n; c++) if (!(await this.isFree(c))) return false;
+    this.vet(start, n, what);
     await this.claim(start, n);
     return true;
   }
@@ -268,11 +291,11 @@ export class Refcounts implements Allocator {
       const cluster = Math.floor(off / cs);
       const endCluster = Math.floor((off + size - 1) / cs);
       // Share the current host cluster unless its counter is full or the next one is taken.
-      const ok = (await this.get(cluster)) < this.maxRefcount && (endCluster === cluster || (await this.allocClustersAt(endCluster * cs, 1)));
+      const ok = (await this.get(cluster)) < this.maxRefcount && (endCluster === cluster || (await this.allocClustersAt(endCluster * cs, 1, 'compressed cluster')));
       if (ok) await this.update(cluster * cs, 1, 1);
       else off = 0;
     }
-    if (off === 0) off = await this.allocClusters(1);
+    if (off === 0) off = await this.allocClusters(1, 'compressed cluster');
     this.freeByteOffset = (off + size) % cs === 0 ? 0 : off + size;
     return off;
   }
@@ -414,19 +437,48 @@ export class Refcounts implements Allocator {
     });
   }
 
+  /** The lowest cluster findFree may hand out: 0 only under the overlap guard (see AllocatorHooks.vet). */
+  private firstCandidate(): number {
+    return this.hooks.vet ? this.freeHint : Math.max(this.freeHint, 1);
+  }
+
+  /** Refuse clusters [start, +n) when the overlap guard does: the writer then marks the image corrupt. */
+  private vet(start: number, n: number, what?: AllocPurpose): void {
+    const refused = this.hooks.vet?.(start * this.clusterSize, n * this.clusterSize, what);
+    if (refused !== undefined) throw new CorruptionEvent(refused);
+  }
+
+  setOverlapGuard(vet: NonNullable<AllocatorHooks['vet']>): void {
+    this.hooks.vet = vet;
+  }
+
+  /** Whether `cluster` holds a refcount block named by the table (the overlap guard's question). */
+  isRefcountBlock(cluster: number): boolean {
+    let set = this.blockClusters;
+    if (!set) {
+      set = new Set();
+      for (const off of this.table) if (off !== 0) set.add(Math.floor(off / this.clusterSize));
+      this.blockClusters = set;
+    }
+    return set.has(cluster);
+  }
+
+  /** Clusters of the refcount blocks, built at the first question and kept up to date by ensureBlock. */
+  private blockClusters: Set<number> | undefined;
+
   private isReserved(c: number): boolean {
     for (const [s, e] of this.reserved) if (c >= s && c < e) return true;
     return false;
   }
 
   private async isFree(c: number): Promise<boolean> {
-    if (c === 0 || this.isReserved(c) || this.hooks.inUse?.(c)) return false;
+    if ((c === 0 && !this.hooks.vet) || this.isReserved(c) || this.hooks.inUse?.(c)) return false;
     return (await this.get(c)) === 0;
   }
 
   /** The first run of `n` free clusters at or after the hint. Cluster 0 (the header) is never free. */
   private async findFree(n: number): Promise<number> {
-    let start = Math.max(this.freeHint, 1);
+    let start = this.firstCandidate();
     let c = start;
     // While every cluster scanned so far has a non-zero refcount, the hint may follow the scan:
     // without this the hint stayed put after the first allocation above it, and each allocation
@@ -487,6 +539,7 @@ export class Refcounts implements Allocator {
       if (this.table[b] !== 0) return this.loadBlock(b);
     }
     const loc = await this.findFree(1);
+    this.vet(loc, 1, 'refcount block');
     const lb = Math.floor(loc / this.perBlock);
     const block = new Uint8Array(this.clusterSize);
     if (lb === b) {
@@ -504,6 +557,7 @@ export class Refcounts implements Allocator {
     this.noteUsed(loc, 1);
     if (loc === this.freeHint) this.freeHint = loc + 1;
     this.table[b] = loc * this.clusterSize;
+    this.blockClusters?.add(loc);
     // Dirty before it is cached, so the insertion's trim cannot drop it.
     this.dirtyBlocks.add(b);
     this.blocks.set(b, block);

@@ -23,7 +23,8 @@
  * Only `flush()` issues fsyncs (plus the rare cache eviction); writes themselves do not.
  */
 import type { BlockExtent, PlacedRange, ZeroOptions } from '../../core/block-device.js';
-import { CorruptionEvent, QcowError, unsupported } from '../../core/errors.js';
+import { CorruptionEvent, ImageMarkedCorrupt, QcowError, unsupported } from '../../core/errors.js';
+import { overlapMessage } from './overlap.js';
 import { Mutex } from '../../core/mutex.js';
 import { firstNonZero } from '../../core/bytes.js';
 import { COMPRESSION_ZSTD, type Qcow2Header } from './header.js';
@@ -311,7 +312,7 @@ export class Qcow2Writer {
         const w = batch[i]!;
         const broken = this.brokenBy;
         if (broken) {
-          w.reject(new QcowError('QCOW_CORRUPT', `the image was marked corrupt (${broken.message}): repair it with check -r all`, { file: this.image.store.name }));
+          w.reject(new ImageMarkedCorrupt(broken, this.image.store.name));
           continue;
         }
         try {
@@ -350,6 +351,8 @@ export class Qcow2Writer {
     const fresh = !this.unmapFreesPending && (this.dirtyBitSet || !this.lazyRefcounts) && this.freshRun(table, offset, data.length);
     const host = fresh ? -1 : this.inPlaceHost(table, offset, data.length);
     if (!fresh && host < 0) return undefined;
+    // A write onto metadata is left to the general path, which refuses it (this one must not throw).
+    if (!fresh && this.overlapsMetadata(host, data.length) !== undefined) return undefined;
     if (!this.bitmaps.markNow(offset, data.length)) return undefined;
     if (!fresh) return this.track(this.image.dataStore.write(host, data));
     const written = this.freshBytesNow(table, offset, data);
@@ -516,7 +519,7 @@ export class Qcow2Writer {
   private guarded<T>(fn: () => Promise<T>): Promise<T> {
     return this.locked(async () => {
       const broken = this.brokenBy;
-      if (broken) throw new QcowError('QCOW_CORRUPT', `the image was marked corrupt (${broken.message}): repair it with check -r all`, { file: this.image.store.name });
+      if (broken) throw new ImageMarkedCorrupt(broken, this.image.store.name);
       try {
         return await fn();
       } catch (e) {
@@ -528,6 +531,7 @@ export class Qcow2Writer {
 
   private async markCorrupt(e: CorruptionEvent): Promise<void> {
     this.brokenBy = e;
+    e.fatal = true;
     // v2 has no corrupt bit: the image is only refused for the rest of this session.
     if (this.image.header.version < 3) return;
     await this.image.writeHeader((h) => {
@@ -595,7 +599,20 @@ export class Qcow2Writer {
       if (last && last[0] + last[2] === host) last[2] += len;
       else runs.push([host, s - offset, len]);
     }
+    for (const [host, , len] of runs) if (this.overlapsMetadata(host, len) !== undefined) return null;
     return runs.map(([host, from, len]) => this.track(image.dataStore.write(host, data.subarray(from, from + len))));
+  }
+
+  /**
+   * QEMU's check before every data write (qcow2_pre_write_overlap_check): the message when guest
+   * data at [host, +length) would overwrite metadata, whose L2 entry points there on a corrupt
+   * image (new clusters were vetted when allocated). No I/O; an external data file holds no
+   * metadata.
+   */
+  private overlapsMetadata(host: number, length: number): string | undefined {
+    if (this.external) return undefined;
+    const name = this.map.overlap?.check(host, length);
+    return name === undefined ? undefined : overlapMessage(name);
   }
 
   writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
@@ -982,6 +999,12 @@ export class Qcow2Writer {
         for (let k = first; k <= last; k++) p.subMask |= 1n << BigInt(k);
       }
       pieces.push(p);
+    }
+    // Nothing is written when a cluster written in place holds metadata (QEMU checks each data
+    // write; new clusters are vetted as they are allocated).
+    for (const p of pieces) {
+      const refused = p.alloc ? undefined : this.overlapsMetadata(p.host + (p.ws - p.clusterGuest), p.we - p.ws);
+      if (refused !== undefined) throw new CorruptionEvent(refused);
     }
     // Allocate runs of neighbouring clusters together so sequential writes stay contiguous.
     for (let i = 0; i < pieces.length; ) {
