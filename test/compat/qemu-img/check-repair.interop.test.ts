@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { copyFile, mkdir, open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { headerOf } from '../../support/qcow2-edit.js';
+import { firstL2Offset, headerOf } from '../../support/qcow2-edit.js';
 import { needs, qemuImg, qemuIo, run, scratch } from '../../support/qemu.js';
 
 const COMPAT_QEMU_IMG = fileURLToPath(new URL('../../../compat/qemu-img', import.meta.url));
@@ -71,10 +71,7 @@ test('compat/qemu-img check names a compressed cluster with the copied flag as q
   // Set the copied flag (bit 63) on the first L2 entry, a compressed cluster.
   const fh = await open(packed, 'r+');
   try {
-    const { header } = await headerOf(fh);
-    const l1 = new Uint8Array(8);
-    await fh.read(l1, 0, 8, header.l1TableOffset);
-    const l2 = Number(new DataView(l1.buffer).getBigUint64(0) & 0x00fffffffffffe00n);
+    const l2 = await firstL2Offset(fh);
     const entry = new Uint8Array(1);
     await fh.read(entry, 0, 1, l2);
     assert.equal(entry[0]! & 0x40, 0x40, 'the first cluster is compressed');

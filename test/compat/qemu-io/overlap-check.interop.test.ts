@@ -13,7 +13,7 @@ import { open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { needs, qemuImg, qemuIo, run, scratch } from '../../support/qemu.js';
-import { headerOf } from '../../support/qcow2-edit.js';
+import { firstL2Offset, headerOf } from '../../support/qcow2-edit.js';
 
 const COMPAT_IO = fileURLToPath(new URL('../../../compat/qemu-io', import.meta.url));
 
@@ -96,10 +96,7 @@ test('writes that would land on metadata are refused as qemu-io refuses them', n
 async function pointL2Entry(file: string, index: number, host: number): Promise<void> {
   const fh = await open(file, 'r+');
   try {
-    const { header } = await headerOf(fh);
-    const l1 = new Uint8Array(8);
-    await fh.read(l1, 0, 8, header.l1TableOffset);
-    const l2 = Number(new DataView(l1.buffer).getBigUint64(0) & 0x00fffffffffffe00n);
+    const l2 = await firstL2Offset(fh);
     assert.ok(l2 > 0);
     const entry = new Uint8Array(8);
     new DataView(entry.buffer).setBigUint64(0, (1n << 63n) | BigInt(host));
