@@ -6,12 +6,18 @@
  * sys of the process and every process it waited for, from GNU time's wait4 rusage), because on
  * a 2-core VM shared with other jobs the CPU seconds are the steadier comparison.
  *
- *   npm run bench -- [--reps N] [--scale F] [--only name,name] [--dir DIR] [--keep]
+ *   npm run bench -- [--reps N] [--scale F] [--only name,name] [--dir DIR] [--keep] [--rest S]
  *
  * `--only 0-startup` runs only the start-up table (bench/startup.ts: every short command
  * beside `node -e 0`); `node dist-bench/startup.js` runs it with its own options.
  *
  * --scale shrinks the image sizes (0.25 = a quarter) for a quick look; the published figures use 1.
+ *
+ * --rest S pauses S seconds before each timed run (after the outputs of the round before are
+ * removed): a single convert on a machine that was doing something else, rather than runs back to
+ * back. On VMs with free page reporting (ours) memory freed a moment ago is still the guest's and
+ * cheap to reuse, while memory free for a few seconds has gone back to the host and costs a host
+ * fault per page on first touch; back-to-back runs measure the first case only.
  */
 import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -33,17 +39,19 @@ interface Args {
   only?: Set<string>;
   dir: string;
   keep: boolean;
+  /** Seconds to pause before each timed run (see the top); 0 runs back to back. */
+  rest: number;
 }
 
 function parseArgs(argv: string[]): Args {
   // node:util's parser: unknown options and missing values are its errors.
   const { values: o } = parseCliArgs({
     args: argv,
-    options: { reps: { type: 'string' }, scale: { type: 'string' }, only: { type: 'string' }, dir: { type: 'string' }, keep: { type: 'boolean' } },
+    options: { reps: { type: 'string' }, scale: { type: 'string' }, only: { type: 'string' }, dir: { type: 'string' }, keep: { type: 'boolean' }, rest: { type: 'string' } },
   });
-  const a: Args = { reps: Number(o.reps ?? 3), scale: Number(o.scale ?? 1), dir: o.dir ?? '', keep: o.keep ?? false };
+  const a: Args = { reps: Number(o.reps ?? 3), scale: Number(o.scale ?? 1), dir: o.dir ?? '', keep: o.keep ?? false, rest: Number(o.rest ?? 0) };
   if (o.only !== undefined) a.only = new Set(o.only.split(','));
-  if (!(a.reps >= 1) || !(a.scale > 0)) throw new Error('--reps must be >= 1 and --scale > 0');
+  if (!(a.reps >= 1) || !(a.scale > 0) || !(a.rest >= 0)) throw new Error('--reps must be >= 1, --scale > 0 and --rest >= 0');
   // Images are kept between runs (they take a while to make), one set per scale.
   a.dir ||= join(tmpdir(), `qcow-bench-${a.scale}`);
   return a;
@@ -166,7 +174,7 @@ async function main(): Promise<void> {
   const ours = (...a: string[]) => ({ cmd: CLI, args: a });
   const qimg = (...a: string[]) => ({ cmd: 'qemu-img', args: a });
 
-  console.log(`# qcow bench — ${new Date().toISOString()} — reps ${args.reps}, scale ${args.scale}`);
+  console.log(`# qcow bench — ${new Date().toISOString()} — reps ${args.reps}, scale ${args.scale}${args.rest > 0 ? `, ${args.rest} s rest before each run` : ''}`);
   console.log('preparing images with qemu-img ...');
   const allocSize = s(GiB);
   const mixedSize = s(512 * MiB);
@@ -355,6 +363,7 @@ async function main(): Promise<void> {
           // kernel pages out file pages idle for a minute (DAMON), so the first run after a pause
           // read part of its 1 GiB source from disk (vmstat: ~90 MB/s in, 3 s instead of 0.4).
           await warm(spec.args.filter((a) => a.startsWith(dir) && !a.startsWith(out(''))));
+          if (args.rest > 0) await new Promise((resolve) => setTimeout(resolve, args.rest * 1000));
           const sample = await measure(spec.cmd, spec.args, spec.okCodes);
           (who === 'ours' ? ourRuns : theirRuns).push(sample);
         }
@@ -420,7 +429,7 @@ async function main(): Promise<void> {
   }
   printSummary(results);
   await mkdir('bench-results', { recursive: true });
-  await writeFile('bench-results/latest.json', JSON.stringify({ date: new Date().toISOString(), reps: args.reps, scale: args.scale, results }, null, 2) + '\n');
+  await writeFile('bench-results/latest.json', JSON.stringify({ date: new Date().toISOString(), reps: args.reps, scale: args.scale, rest: args.rest, results }, null, 2) + '\n');
   console.log('results written to bench-results/latest.json');
   if (!args.keep) {
     for (const f of ['empty-a.qcow2', 'empty-b.qcow2']) await rm(p(f), { force: true });
