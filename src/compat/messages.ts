@@ -106,6 +106,12 @@ const ROWS: Row[] = [
     match: /^Could not create snapshot '(.*)': the image has \d+ snapshots, the most/,
     text: (_e, _c, m) => `Could not create snapshot '${m![1]}': -27 (File too large)`,
   },
+  // snapshot -c where a count would pass its width: QEMU's update_refcount fails with EINVAL.
+  {
+    code: 'QCOW_UNSUPPORTED',
+    match: /^Could not create snapshot '(.*)': Refcount overflow on cluster /,
+    text: (_e, _c, m) => `Could not create snapshot '${m![1]}': -22 (Invalid argument)`,
+  },
   // resize to a smaller size without --shrink: QEMU adds its warning line.
   {
     code: 'QCOW_INVALID_ARGUMENT',

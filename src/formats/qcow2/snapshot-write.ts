@@ -42,11 +42,14 @@ export async function createSnapshot(dev: SnapshotDevice, name: string): Promise
     if (dev.snapshots.length >= MAX_SNAPSHOTS) throw new QcowError('QCOW_UNSUPPORTED', `Could not create snapshot '${name}': the image has ${dev.snapshots.length} snapshots, the most a qcow2 image can have`);
     const rc = w.refcounts;
     const cs = dev.clusterSize;
-    await adjustTree(dev, dev.l1, dev.l1Entries, 1);
-    // The snapshot's own copy of the L1 table.
+    // The snapshot's own copy of the L1 table, written before the tree's counts go up, in QEMU's
+    // order: when a count would overflow (narrow refcount_bits, or a 64-bit count at 2^64 - 1) the
+    // increments are taken back and the copy stays allocated, one leaked cluster, as qemu-img
+    // leaves it (its check then reports the same leak).
     const l1Copy = dev.l1.slice();
     const l1At = l1Copy.length > 0 ? await rc.allocClusters(Math.ceil(l1Copy.length / cs)) : 0;
     if (l1Copy.length > 0) await dev.store.write(l1At, l1Copy);
+    await adjustTree(dev, dev.l1, dev.l1Entries, 1);
     const now = Date.now();
     const id = String(dev.snapshots.reduce((m, s) => Math.max(m, Number.parseInt(s.id, 10) || 0), 0) + 1);
     const snap: Qcow2Snapshot = {
