@@ -107,3 +107,19 @@ test('amend -o refcount_bits -p: the passes qemu-img draws, the structures it ma
     assert.equal((await run('qemu-img', ['check', img])).code, 0);
   }
 });
+
+test('snapshot -c over an L2 entry naming a cluster no refcount table reaches: -27, or no block covers: -11, as qemu-img', needs('qemu-img', 'qemu-io'), async (t) => {
+  // QEMU fails the first for the refcount table's size (EFBIG), the second with the EAGAIN of the
+  // refcount block its update had to make (iotest 080).
+  const dir = await scratch(t);
+  for (const [entry, words] of [
+    ['bfffffffffff0000', '-27 (File too large)'],
+    ['800000ffffff0000', '-11 (Resource temporarily unavailable)'],
+  ] as const) {
+    const img = await oneWrite(dir, 16);
+    await poke(img, 0x40000, entry);
+    const r = await sideBySide(dir, img, 'qemu-img', ['snapshot', '-c', 'test']);
+    assert.deepEqual(r.ours, r.theirs, entry);
+    assert.match(r.ours.out, new RegExp(`Could not create snapshot 'test': ${words.replace(/[()]/g, '\\$&')}`));
+  }
+});
