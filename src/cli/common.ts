@@ -204,15 +204,27 @@ export function progressBar(asked: boolean, stream?: { isTTY?: boolean; write(s:
   });
 }
 
+/**
+ * `x` with two decimals as C's printf("%.2f") writes it: the exact binary value rounded, a tie
+ * (3.125) to the even digit, where toFixed takes the larger one ("3.13" for printf's "3.12").
+ */
+export function printfFixed2(x: number): string {
+  const scaled = x * 100; // exact for a float's 24-bit mantissa
+  const low = Math.floor(scaled);
+  if (scaled - low !== 0.5) return x.toFixed(2);
+  return ((low % 2 === 0 ? low : low + 1) / 100).toFixed(2);
+}
+
 /** qemu-img's progress (its qemu-progress.c behaviour, see progressStyle), on standard output. */
 function qemuProgressBar(asked: boolean, stream?: { write(s: string): unknown }): ProgressBar {
   const out = asked ? (stream ?? process.stdout) : { write: () => undefined };
-  const show = (pct: number) => out.write(`    (${pct.toFixed(2)}/100%)\r`);
+  const show = (pct: number) => out.write(`    (${printfFixed2(pct)}/100%)\r`);
   let last = 0;
   if (asked) show(0);
   const draw = (done: number, total: number) => {
     if (!asked) return;
-    const pct = Math.min(100, total > 0 ? (100 * done) / total : 100);
+    // QEMU keeps the percentage in a C float: the same rounding, so the same lines are drawn.
+    const pct = Math.fround(Math.min(100, total > 0 ? (100 * done) / total : 100));
     if (pct > last + 1 || pct < last - 1 || pct === 0 || pct === 100) {
       last = pct;
       show(pct);

@@ -280,7 +280,7 @@ export function buildProgram(argv: string[]): Command {
         .addOption(pw())
         .option('-o, --options <list>', 'options to change, key=value[,key=value...] (-o help lists them)', collect)
         .option('-q, --quiet', 'print nothing')
-        .option('-p, --progress', 'accepted for qemu-img compatibility')
+        .option('-p, --progress', 'show progress')
         .argument('<file>')
         .action(lazy('amend'));
     },

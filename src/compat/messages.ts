@@ -106,6 +106,12 @@ const ROWS: Row[] = [
     match: /^Could not create snapshot '(.*)': the image has \d+ snapshots, the most/,
     text: (_e, _c, m) => `Could not create snapshot '${m![1]}': -27 (File too large)`,
   },
+  // snapshot -c where a count cannot change: past its width (QEMU's update_refcount: EINVAL), past
+  // what a refcount table can hold (EFBIG), or without a refcount block (its EAGAIN, from making one).
+  {
+    match: /^Could not create snapshot '(.*)': (?:(Refcount overflow on cluster )|(refcount table would exceed 8 MiB)|no refcount block covers cluster )/,
+    text: (_e, _c, m) => `Could not create snapshot '${m![1]}': ${m![2] ? '-22 (Invalid argument)' : m![3] ? '-27 (File too large)' : '-11 (Resource temporarily unavailable)'}`,
+  },
   // resize to a smaller size without --shrink: QEMU adds its warning line.
   {
     code: 'QCOW_INVALID_ARGUMENT',

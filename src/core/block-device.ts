@@ -231,9 +231,10 @@ export interface BlockDevice {
   /**
    * Change options of the image in place (`qemu-img amend -o`): `options` are the -o key=value
    * pairs as given, which the format validates ({@link ImageFormat.amendOptions} lists them).
-   * Absent where the format has nothing to amend (raw, qcow v1, as in QEMU).
+   * Absent where the format has nothing to amend (raw, qcow v1, as in QEMU). `progress` is told
+   * (done, total) as the work goes, in the units the format counts (qemu-img amend -p draws it).
    */
-  amend?(options: Record<string, string>): Promise<void>;
+  amend?(options: Record<string, string>, progress?: AmendProgressCallback): Promise<void>;
   /** Write out what the device still holds (when writable), release its store, and close its backing chain. */
   close(): Promise<void>;
   /** The same as {@link close}, for `await using`. */
@@ -368,3 +369,6 @@ export interface ImageFormat {
    */
   check?(store: ByteStore, options?: { repair?: RepairMode }): Promise<CheckResult>;
 }
+
+/** How far an amend is: `done` of `total` units of work (the total may change as the work goes). */
+export type AmendProgressCallback = (done: number, total: number) => void;

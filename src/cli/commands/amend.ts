@@ -5,13 +5,14 @@
  * options of the format named by -f, or else of the image's.
  */
 import { QcowError, amendImage, amendOptions, builtinFormats } from '../../node.js';
-import { openForCli, parseOptionList, writeOut } from '../common.js';
+import { openForCli, parseOptionList, withProgress, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
   options?: string[];
   passwordFile?: string;
   quiet?: boolean;
+  progress?: boolean;
 }
 
 export async function run(file: string, flags: Flags): Promise<void> {
@@ -23,7 +24,8 @@ export async function run(file: string, flags: Flags): Promise<void> {
   if (flags.options === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Must specify options (-o)');
   const dev = await openForCli(file, flags, { noBacking: true });
   try {
-    await amendImage(dev, options);
+    // -p draws the format's own measure of the work (qcow2: qemu-img's passes over the refcounts).
+    await withProgress(flags, (_signal, bar) => amendImage(dev, options, bar.active ? bar : undefined));
   } finally {
     await dev.close();
   }

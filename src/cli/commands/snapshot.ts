@@ -8,6 +8,12 @@
 import { QcowError, imageInfo, snapshotTable } from '../../node.js';
 import { openForCli, writeOut } from '../common.js';
 
+/**
+ * Why a snapshot's counts could not change: a count past its width, the refcount table past its
+ * limit, clusters no refcount block covers (formats/qcow2/alloc.ts, snapshot-write.ts).
+ */
+const REFCOUNT_REFUSAL = /^(?:Refcount overflow on cluster |refcount table would exceed 8 MiB|no refcount block covers cluster )/;
+
 interface Flags {
   format?: string;
   passwordFile?: string;
@@ -33,6 +39,7 @@ export async function run(file: string, flags: Flags): Promise<void> {
       // Say which snapshot action failed, as qemu-img does (the compat table words the rest).
       const unusable = e instanceof QcowError && e.code === 'QCOW_CORRUPT' && /^snapshot '.*' L1 table/.test(e.message);
       if (e instanceof QcowError && (e.code === 'QCOW_NOT_FOUND' || unusable) && verb !== 'create') e.message = `Could not ${verb} snapshot '${arg}': ${e.message}`;
+      if (e instanceof QcowError && verb === 'create' && REFCOUNT_REFUSAL.test(e.message)) e.message = `Could not create snapshot '${arg}': ${e.message}`;
       throw e;
     }
   } finally {

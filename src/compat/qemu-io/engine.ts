@@ -53,6 +53,8 @@ export interface Opener {
   close(dev: BlockDevice): Promise<void>;
   /** Why the format would refuse these runtime options (`reopen -o`), or undefined. */
   optionProblem?(dev: BlockDevice, options: Record<string, string>): string | undefined;
+  /** The options a reopen gives the device: `given` joined with those it was opened with, as its format joins them (default: given over old). */
+  joinOptions?(dev: BlockDevice, given: Record<string, string>, old: Record<string, string>): Record<string, string>;
 }
 
 type Errno = keyof typeof ERRNO_TEXT;
@@ -1182,7 +1184,11 @@ const reopenCmd: Command = {
       io.report('Cannot set both -c and the cache options');
       return EINVAL;
     }
-    const problem = boolProblem(opts, GENERIC_BOOLS) ?? (current ? io.opener.optionProblem?.(io.device(), opts) : undefined) ?? (current ? fixedOptionProblem(io.device(), current.options, opts) : undefined);
+    const { 'read-only': _ro, ...rest } = opts;
+    // What the node would be reopened with: checked whole before the open device is let go, as
+    // QEMU's reopen prepares the new state before it commits (a refusal leaves the image open).
+    const joined = current ? (io.opener.joinOptions?.(io.device(), rest, current.options) ?? { ...current.options, ...rest }) : rest;
+    const problem = boolProblem(opts, GENERIC_BOOLS) ?? (current ? io.opener.optionProblem?.(io.device(), joined) : undefined) ?? (current ? fixedOptionProblem(io.device(), current.options, opts) : undefined);
     if (problem !== undefined) {
       io.report(problem);
       return EINVAL;
@@ -1195,13 +1201,12 @@ const reopenCmd: Command = {
     const cache = flags.get('c') ?? current.cache;
     // Options other than read-only that change how the image is driven (lazy-refcounts) take a
     // reopen; the cache mode only changes how writes are issued.
-    const { 'read-only': _ro, ...rest } = opts;
-    const changed = Object.entries(rest).some(([k, v]) => current.options[k] !== v);
+    const changed = Object.keys({ ...joined, ...current.options }).some((k) => current.options[k] !== joined[k]);
     if (readOnly === io.device().readOnly && !changed) {
       io.setCache(cache);
       return 0;
     }
-    return io.reopen({ ...current, options: { ...current.options, ...rest }, readOnly, cache });
+    return io.reopen({ ...current, options: joined, readOnly, cache });
   },
 };
 

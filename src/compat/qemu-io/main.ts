@@ -7,7 +7,7 @@
 import { fstatSync, readFileSync, writeSync } from 'node:fs';
 import { QcowError, type BlockDevice } from '../../node.js';
 import { getopt, type LongOption } from './getopt.js';
-import { qcow2OptionProblem } from './qcow2-options.js';
+import { joinQcow2Options, qcow2OptionProblem } from './qcow2-options.js';
 import { checkHostProtocol, isHostProtocol } from './protocol.js';
 import { isJsonFilename, jsonFilenameOptions } from '../json-filename.js';
 import { NULL_CO, openNullCo } from '../null-co.js';
@@ -246,6 +246,10 @@ export class NodeOpener implements Opener {
 
   optionProblem(dev: BlockDevice, o: Record<string, string>): string | undefined {
     return dev.format === 'qcow2' ? qcow2OptionProblem(o, dev.clusterSize, dev.size) : undefined;
+  }
+
+  joinOptions(dev: BlockDevice, given: Record<string, string>, old: Record<string, string>): Record<string, string> {
+    return dev.format === 'qcow2' ? joinQcow2Options(given, old) : { ...old, ...given };
   }
 
   async close(dev: BlockDevice): Promise<void> {

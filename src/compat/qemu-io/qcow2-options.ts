@@ -49,6 +49,27 @@ export function qcow2OptionProblem(o: Record<string, string>, clusterSize: numbe
   return undefined;
 }
 
+/**
+ * The options a qcow2 node is reopened with: `given` over the ones it had (`old`), as QEMU's
+ * qcow2 joins them. A new overlap mode or template replaces every old overlap option (a template
+ * and the checks it implies go together), a new cache-size replaces the old l2/refcount cache
+ * sizes, and an old cache-size gives way when all three sizes would otherwise be set and it was
+ * not given anew; everything else not given is kept.
+ */
+export function joinQcow2Options(given: Record<string, string>, old: Record<string, string>): Record<string, string> {
+  const kept = { ...old };
+  if ('overlap-check' in given || 'overlap-check.template' in given) {
+    for (const k of Object.keys(kept)) if (k === 'overlap-check' || k.startsWith('overlap-check.')) delete kept[k];
+  }
+  if ('cache-size' in given) {
+    delete kept['l2-cache-size'];
+    delete kept['refcount-cache-size'];
+  }
+  const joined = { ...kept, ...given };
+  if (!('cache-size' in given) && 'cache-size' in joined && 'l2-cache-size' in joined && 'refcount-cache-size' in joined) delete joined['cache-size'];
+  return joined;
+}
+
 /** Why qemu would refuse these qcow2 cache options (cache-size, l2-cache-size, refcount-cache-size, l2-cache-entry-size), or undefined. */
 export function qcow2CacheProblem(o: Record<string, string>, clusterSize: number, size: number): string | undefined {
   const num = (k: string, dflt: number): number => {

@@ -18,7 +18,7 @@
 import { CorruptionEvent, QcowError, corrupt } from '../../core/errors.js';
 import { setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
-import { decodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, refcountsZero, setRefcount, setRefcountsToOne } from './refcount.js';
+import { addRefcount, decodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, refcountsZero, setRefcount, setRefcountsToOne } from './refcount.js';
 import { MAX_REFCOUNT_TABLE_BYTES } from './layout.js';
 import { Lru } from '../../core/lru.js';
 
@@ -214,14 +214,11 @@ export class Refcounts implements Allocator {
         const blockEnd = Math.min(last + 1, (b + 1) * this.perBlock);
         if (apply) this.dirtyBlocks.add(b);
         for (; c < blockEnd; c++) {
-          const i = c % this.perBlock;
-          const v = getRefcount(block, i, this.refcountBits) + delta;
-          if (!apply) {
-            if (v < 0) throw corrupt(`refcount of cluster 0x${(c * this.clusterSize).toString(16)} would drop below zero`);
-            if (v > this.maxRefcount) throw new QcowError('QCOW_UNSUPPORTED', `Refcount overflow on cluster 0x${(c * this.clusterSize).toString(16)} (refcount_bits=${this.refcountBits})`);
-            continue;
-          }
-          setRefcount(block, i, this.refcountBits, v);
+          // Exact at every width: a 64-bit count past 2^53 is added to as a BigInt.
+          const v = addRefcount(block, c % this.perBlock, this.refcountBits, delta, apply);
+          if (v === 'underflow') throw corrupt(`refcount of cluster 0x${(c * this.clusterSize).toString(16)} would drop below zero`);
+          if (v === 'overflow') throw new QcowError('QCOW_UNSUPPORTED', `Refcount overflow on cluster 0x${(c * this.clusterSize).toString(16)} (refcount_bits=${this.refcountBits})`);
+          if (!apply) continue;
           if (v === 0) this.noteFreed(c);
           else this.noteUsed(c, 1);
         }

@@ -8,9 +8,10 @@
  *     compressed clusters. Persistent bitmaps do not stop it (qemu 7.2 does not refuse either):
  *     v2 cannot hold them, so they are removed first.
  *   - lazy_refcounts=on|off (v3 only).
- *   - refcount_bits=N: new refcount blocks and table are built in free space at the end of the
- *     file, flushed, and only then does the header name them (with the new refcount_order); the
- *     old structures become free space.
+ *   - refcount_bits=N: new refcount blocks and table are allocated as qemu-img allocates them
+ *     (first fit, through the old structures, in its passes; the same bytes result), written and
+ *     flushed, and only then does the header name them (with the new refcount_order); the old
+ *     structures become free space.
  *   - size=SIZE: resize (shrinking allowed, as qemu-img amend allows it).
  *   - backing_file / backing_fmt: only their current values (qemu 7.2 says "Cannot amend the
  *     backing file"; qemu-img rebase changes them).
@@ -46,6 +47,8 @@ import type { Qcow2Encryption } from './encryption.js';
 import type { Qcow2Snapshot } from './snapshot-table.js';
 import type { Qcow2DeviceParts } from './device-parts.js';
 import type { Qcow2Writer } from './write.js';
+import type { AmendProgressCallback } from '../../core/block-device.js';
+import { MAX_REFCOUNT_TABLE_BYTES } from './layout.js';
 
 /**
  * What amend needs of the device. The device loads this module when an amend runs, so this module
@@ -153,9 +156,18 @@ export function planAmend(dev: AmendDevice, options: Record<string, string>): Am
   return plan;
 }
 
-/** Apply `options` to an image opened read-write. */
-export async function amendQcow2(dev: AmendDevice, options: Record<string, string>): Promise<void> {
+/** The operations of an amend, as AmendSteps tells them apart. */
+const STEP_UPGRADE = 1;
+const STEP_REFCOUNT_WIDTH = 2;
+const STEP_DOWNGRADE = 3;
+
+/** Apply `options` to an image opened read-write; `progress` as qemu-img amend -p counts the work. */
+export async function amendQcow2(dev: AmendDevice, options: Record<string, string>, progress?: AmendProgressCallback): Promise<void> {
   const plan = planAmend(dev, options);
+  const h0 = dev.image.header;
+  const changesWidth = plan.refcountBits !== undefined && plan.refcountBits !== 2 ** h0.refcountOrder;
+  // The operations qemu-img counts for -p: a version change and a refcount width change.
+  const steps = new AmendSteps(Number(plan.version !== undefined && plan.version !== h0.version) + Number(changesWidth), progress);
   const w = dev.requireWriter();
   const image = dev.image;
   const h = image.header;
@@ -163,15 +175,19 @@ export async function amendQcow2(dev: AmendDevice, options: Record<string, strin
     if (plan.version === 3 && h.version === 2) {
       // Version 3 requires every snapshot entry to carry its 64-bit VM state size and disk size,
       // which version 2 entries may lack: the table is written in full before the header says 3.
+      // Progress in two halves, as qemu-img counts an upgrade: the snapshot table, the header.
+      steps.report(STEP_UPGRADE, 0, 2);
       if (dev.snapshots.some((s) => s.storedExtraSize !== undefined && s.storedExtraSize < V3_MIN_EXTRA)) await rewriteSnapshotTable(dev, w);
+      steps.report(STEP_UPGRADE, 1, 2);
       await image.writeHeader((hh) => {
         hh.version = 3;
         hh.headerLength = V3_HEADER_LENGTH;
         hh.featureNames = [...QEMU_FEATURE_NAMES];
       });
       await image.store.flush();
+      steps.report(STEP_UPGRADE, 2, 2);
     }
-    if (plan.refcountBits !== undefined && plan.refcountBits !== 2 ** h.refcountOrder) await changeRefcountWidth(dev, w, plan.refcountBits);
+    if (changesWidth) await changeRefcountWidth(dev, w, plan.refcountBits!, (done, work) => steps.report(STEP_REFCOUNT_WIDTH, done, work));
     if (plan.lazyRefcounts !== undefined && plan.lazyRefcounts !== hasFeature(h.compatibleFeatures, COMPAT_LAZY_REFCOUNTS)) {
       // Refcounts were written back by exclusive(): turning lazy refcounts off needs no repair.
       const lazy = plan.lazyRefcounts;
@@ -188,13 +204,13 @@ export async function amendQcow2(dev: AmendDevice, options: Record<string, strin
   if (plan.size !== undefined && plan.size !== dev.size) await dev.resize(plan.size, { shrink: true });
   if (plan.version === 2 && h.version === 3) {
     await w.exclusive(async () => {
-      await downgrade(dev, w);
+      await downgrade(dev, w, (done, work) => steps.report(STEP_DOWNGRADE, done, work));
     });
   }
 }
 
 /** The v3 -> v2 step: zero clusters expanded (all L1 tables), then the v2 header. */
-async function downgrade(dev: AmendDevice, w: Qcow2Writer): Promise<void> {
+async function downgrade(dev: AmendDevice, w: Qcow2Writer, report: (done: number, work: number) => void): Promise<void> {
   const h = dev.header;
   const cs = dev.clusterSize;
   const g = dev.geometry;
@@ -216,8 +232,12 @@ async function downgrade(dev: AmendDevice, w: Qcow2Writer): Promise<void> {
   const zstd = h.compressionType !== COMPRESSION_ZLIB;
   const seen = new Set<number>();
   const changed: Array<[number, Uint8Array]> = [];
+  // Progress in L1 entries visited, over every L1 table, told after each (as qemu-img counts a
+  // downgrade's work).
+  const l1Entries = l1s.reduce((n, l1) => n + l1.length / 8, 0);
+  let visited = 0;
   for (const l1 of l1s) {
-    for (let i = 0; i < l1.length / 8; i++) {
+    for (let i = 0; i < l1.length / 8; i++, report(++visited, l1Entries)) {
       const off = l1TableOffset(l1, i);
       if (off === 0 || seen.has(off)) continue;
       seen.add(off);
@@ -293,55 +313,168 @@ async function writeZeros(dev: AmendDevice, guest: number, host: number): Promis
 }
 
 /**
- * New refcount structures of `bits`-wide entries, built after the end of the file from the current
- * counts, flushed, then named by the header; the old table and blocks are free afterwards.
+ * Progress of an amend made of several operations (a version change, a refcount width change),
+ * as qemu-img amend -p draws it: each operation reports (done, work) of its own; the whole is the
+ * work of the operations finished so far plus the current one, and the operations still to come
+ * are estimated at the average size of those seen.
  */
-async function changeRefcountWidth(dev: AmendDevice, w: Qcow2Writer, bits: number): Promise<void> {
+class AmendSteps {
+  private finishedWork = 0;
+  private finishedOps = 0;
+  private current = -1;
+  private lastWork = 0;
+  constructor(
+    private readonly total: number,
+    private readonly progress: AmendProgressCallback | undefined,
+  ) {}
+
+  /** Operation `op` (one number per operation) has done `done` of its `work`. */
+  report(op: number, done: number, work: number): void {
+    if (!this.progress || this.total === 0) return;
+    if (op !== this.current) {
+      if (this.current !== -1) {
+        this.finishedWork += this.lastWork;
+        this.finishedOps++;
+      }
+      this.current = op;
+    }
+    this.lastWork = work;
+    const known = this.finishedWork + work;
+    const rest = Math.floor((known * (this.total - this.finishedOps - 1)) / (this.finishedOps + 1));
+    this.progress(this.finishedWork + done, known + rest);
+  }
+}
+
+/**
+ * New refcount structures of `bits`-wide entries, made as QEMU makes them (its walks over the
+ * refcount table, so the new blocks and table land where qemu-img puts them and -p reports the
+ * same passes): walks over the old counts allocate a new block, through the old structures, for
+ * every range of `bits`-wide counts that is not all zero, then a new table for them, until a walk
+ * allocates nothing (each allocation may make another range non-empty); a last walk writes the
+ * blocks with the counts as they are then, new structures included. The header names the new
+ * table only once all of it is on disk; the old blocks and table are then freed in the new counts.
+ * A crash before the header write leaks the new structures; after it, the old ones.
+ */
+async function changeRefcountWidth(dev: AmendDevice, w: Qcow2Writer, bits: number, report: (done: number, work: number) => void): Promise<void> {
   const cs = dev.clusterSize;
-  const old = w.refcounts;
-  const end = Math.max(old.end, Math.ceil((await dev.store.size()) / cs));
-  const counts = new Float64Array(end);
-  // A block's counts are read without an await once it is cached: one load per block, not per cluster.
-  for (let c = 0; c < end; c++) counts[c] = old.peek(c) ?? (await old.get(c));
-  // The old structures are not carried over.
-  for (let c = old.tableOffset / cs; c < old.tableOffset / cs + old.tableClusters; c++) counts[c] -= 1;
-  for (const b of old.blockOffsets()) if (b !== 0) counts[b / cs] -= 1;
+  const rc = w.refcounts as Refcounts;
+  const oldPer = rc.perBlock;
+  const newPer = entriesPerBlock(cs, bits);
+  const perTableCluster = cs / 8;
+  const count = async (c: number) => rc.peek(c) ?? (await rc.get(c));
+  // Every count must fit the new width (allocations below only add counts of 1, which always fit).
   const max = maxRefcount(bits);
-  for (let c = 0; c < end; c++) {
-    if (counts[c]! > max) throw invalidArgument(`Cannot decrease refcount entry width to ${bits} bits: Cluster at offset 0x${(c * cs).toString(16)} has a refcount of ${counts[c]}`);
+  for (let t = 0; t < rc.blockOffsets().length; t++) {
+    if (rc.blockOffsets()[t] === 0) continue;
+    for (let c = t * oldPer; c < (t + 1) * oldPer; c++) {
+      const v = await count(c);
+      if (v > max) throw invalidArgument(`Cannot decrease refcount entry width to ${bits} bits: Cluster at offset 0x${(c * cs).toString(16)} has a refcount of ${v}`);
+    }
   }
-  const perBlock = entriesPerBlock(cs, bits);
-  let blocks = 0;
-  let tableClusters = 0;
+  /** New block offsets by index (0: none); the new table holds `tableEntries` (whole clusters). */
+  const newTable: number[] = [];
+  let tableEntries = 0;
+  let tableAt = 0;
+  let tableAllocated = 0;
+
+  /**
+   * One walk over the old table (its length read as the walk goes: allocations may grow it),
+   * feeding every cluster's count into the new blocks in order. Without `write`, a finished block
+   * that is not empty gets a cluster if it has none (returns whether any did); with it, blocks
+   * with a cluster are written there.
+   */
+  const walk = async (index: number, total: number, write: boolean): Promise<boolean> => {
+    let allocated = false;
+    let j = 0;
+    let fill = 0;
+    let empty = true;
+    const block = write ? new Uint8Array(cs) : null;
+    const grow = (last: number) => {
+      if (last < tableEntries) return;
+      tableEntries = Math.ceil((last + 1) / perTableCluster) * perTableCluster;
+      if (tableEntries * 8 > MAX_REFCOUNT_TABLE_BYTES) throw unsupported('This operation would make the refcount table grow beyond the maximum size supported by QEMU, aborting');
+    };
+    const finish = async () => {
+      if (!write) {
+        // The table grows to name non-empty blocks only.
+        if (!empty) grow(j);
+        if (!empty && !newTable[j]) {
+          newTable[j] = await rc.allocClusters(1, 'refcount block');
+          allocated = true;
+        }
+      } else if (newTable[j]) await dev.store.write(newTable[j]!, block!);
+      j++;
+      fill = 0;
+      empty = true;
+      block?.fill(0);
+    };
+    /** `n` clusters of count 0 (an old table entry without a block): whole new blocks at once. */
+    const zeros = async (n: number) => {
+      while (n > 0) {
+        if (fill === 0 && n >= newPer) {
+          const k = Math.floor(n / newPer);
+          // A block given a cluster in an earlier walk may have become empty since: written as zeros.
+          if (write) for (let x = j; x < j + k; x++) if (newTable[x]) await dev.store.write(newTable[x]!, new Uint8Array(cs));
+          j += k;
+          n -= k * newPer;
+          continue;
+        }
+        const take = Math.min(n, newPer - fill);
+        fill += take;
+        n -= take;
+        if (fill === newPer) await finish();
+      }
+    };
+    for (let t = 0; t < rc.blockOffsets().length; t++) {
+      const n = rc.blockOffsets().length;
+      report(index * n + t, total * n);
+      if (rc.blockOffsets()[t] === 0) {
+        await zeros(oldPer);
+        continue;
+      }
+      for (let c = t * oldPer; c < (t + 1) * oldPer; c++) {
+        const v = await count(c);
+        if (v !== 0) {
+          empty = false;
+          if (block) setRefcount(block, fill, bits, v);
+        }
+        if (++fill === newPer) await finish();
+      }
+    }
+    if (fill > 0) await finish();
+    const n = rc.blockOffsets().length;
+    report((index + 1) * n, total * n);
+    return allocated;
+  };
+
+  let index = 0;
   for (;;) {
-    const total = end + blocks + tableClusters;
-    const nb = Math.ceil(total / perBlock);
-    const nt = Math.max(1, Math.ceil((nb * 8) / cs));
-    if (nb === blocks && nt === tableClusters) break;
-    blocks = nb;
-    tableClusters = nt;
+    // This walk, the one that writes, and (normally) one more that finds nothing to allocate.
+    const allocated = await walk(index, Math.max(index + 2, 3), false);
+    index++;
+    if (!allocated) break;
+    if (tableAt !== 0) await rc.update(tableAt, tableAllocated * 8, -1);
+    tableAt = await rc.allocClusters(Math.ceil((tableEntries * 8) / cs));
+    tableAllocated = tableEntries;
   }
-  const blockAt = (b: number) => (end + b) * cs;
-  const tableAt = (end + blocks) * cs;
-  const total = end + blocks + tableClusters;
-  const image = new Uint8Array(blocks * cs);
-  // The new blocks lie back to back, each holding the next perBlock counts: entry c of the whole
-  // run is entry c % perBlock of block c / perBlock, so one index into the run addresses it.
-  for (let c = 0; c < total; c++) {
-    const v = c < end ? counts[c]! : 1;
-    if (v !== 0) setRefcount(image, c, bits, v);
-  }
-  const table = new Uint8Array(tableClusters * cs);
-  encodeRefcountTable(Array.from({ length: blocks }, (_, b) => blockAt(b)), table);
-  await dev.store.write(blockAt(0), image);
+  await walk(index, index + 1, true);
+  const table = new Uint8Array(tableEntries * 8);
+  encodeRefcountTable(Array.from({ length: tableEntries }, (_, b) => newTable[b] ?? 0), table);
   await dev.store.write(tableAt, table);
+  // The old structures' counts of the new ones, then the new ones themselves, are on disk first.
+  await w.writeRefcounts();
   await dev.store.flush();
+  const old = { tableOffset: rc.tableOffset, tableClusters: rc.tableClusters, blocks: rc.blockOffsets().filter((b) => b !== 0) };
   await dev.image.writeHeader((h) => {
     h.refcountOrder = Math.log2(bits);
     h.refcountTableOffset = tableAt;
-    h.refcountTableClusters = tableClusters;
+    h.refcountTableClusters = tableEntries / perTableCluster;
   });
   await dev.store.flush();
-  dev.image.setFileSize(total * cs);
-  dev.map.replaceRefcounts(await Refcounts.load(dev.store, { clusterSize: cs, refcountBits: bits, tableOffset: tableAt, tableClusters }));
+  dev.image.setFileSize(Math.max(dev.image.fileSize, await dev.store.size()));
+  const next = await Refcounts.load(dev.store, { clusterSize: cs, refcountBits: bits, tableOffset: tableAt, tableClusters: tableEntries / perTableCluster });
+  dev.map.replaceRefcounts(next);
+  for (const b of old.blocks) await next.update(b, cs, -1);
+  await next.update(old.tableOffset, old.tableClusters * cs, -1);
+  await w.writeRefcounts();
 }

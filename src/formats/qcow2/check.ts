@@ -24,7 +24,7 @@ import { MAX_TABLE_BYTES, cString, encodeStoredSnapshotTable, readStoredSnapshot
 import { Refcounts } from './alloc.js';
 import { ClusterRefs } from './cluster-refs.js';
 import { decodeDirectory, malformedReason, type BitmapEntry } from './bitmaps/directory.js';
-import { entriesPerBlock, getRefcount, maxRefcount, setRefcount } from './refcount.js';
+import { entriesPerBlock, getRefcount, maxRefcount, refcountText, setRefcount } from './refcount.js';
 
 /**
  * A host offset: a number below 2^53, a bigint from there (table entries hold 56 bits; past 2^53 a
@@ -630,11 +630,8 @@ async function storedBlock(store: ByteStore, p: Pass, b: number): Promise<Uint8A
 
 function countIn(block: Uint8Array, i: number, bits: number): number {
   if (bits === 16) return (block[2 * i]! << 8) | block[2 * i + 1]!;
-  try {
-    return getRefcount(block, i, bits);
-  } catch {
-    return Number.MAX_SAFE_INTEGER; // a 64-bit count past 2^53: certainly not the one found
-  }
+  // A 64-bit count past 2^53 comes back as the nearest double: never equal to a number of references.
+  return getRefcount(block, i, bits);
 }
 
 /** A cluster's stored refcount, or null when it cannot be read. */
@@ -642,6 +639,12 @@ async function storedCount(store: ByteStore, p: Pass, c: number): Promise<number
   const block = await storedBlock(store, p, Math.floor(c / p.perBlock));
   if (block === 'bad') return null;
   return block ? countIn(block, c % p.perBlock, p.rbits) : 0;
+}
+
+/** A cluster's stored refcount in decimal, exact at every width (for messages), as storedCount reads it. */
+async function storedCountText(store: ByteStore, p: Pass, c: number): Promise<string> {
+  const block = await storedBlock(store, p, Math.floor(c / p.perBlock));
+  return block === 'bad' ? '?' : block ? refcountText(block, c % p.perBlock, p.rbits) : '0';
 }
 
 /**
@@ -686,7 +689,8 @@ async function compare(store: ByteStore, p: Pass, fix: RepairMode | null): Promi
       if (stored === 0) p.rebuild = true;
       else if (stored > found && fix) fixed = true;
       else if (stored < found && fix === 'all') fixed = true;
-      res.messages.push(`${fixed ? 'Repairing' : stored < found ? 'ERROR' : 'Leaked'} cluster ${c} refcount=${stored} reference=${found}`);
+      const storedText = block ? refcountText(block, c - first, rbits) : '0';
+      res.messages.push(`${fixed ? 'Repairing' : stored < found ? 'ERROR' : 'Leaked'} cluster ${c} refcount=${storedText} reference=${found}`);
       if (fixed) {
         changes.push({ b, i: c - first, value: found, raise: stored < found });
         if (stored > found) res.leaksFixed++;
@@ -829,7 +833,7 @@ async function checkCopied(store: ByteStore, p: Pass, repair: boolean): Promise<
     if (r === null) continue;
     if ((r === 1) !== ((hi & 0x80000000) !== 0)) {
       res.corruptions++;
-      res.messages.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${entryHex(hi, lo)} refcount=${r}`);
+      res.messages.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${entryHex(hi, lo)} refcount=${await storedCountText(store, p, clusterOf(l2Offset, cs))}`);
       if (repair) {
         const e = l1.subarray(i * 8, i * 8 + 8);
         e[0] = r === 1 ? e[0]! | 0x80 : e[0]! & 0x7f;
@@ -870,7 +874,7 @@ async function checkCopied(store: ByteStore, p: Pass, repair: boolean): Promise<
       if (rc === null) continue;
       if ((rc === 1) !== ((ehi & 0x80000000) !== 0)) {
         res.corruptions++;
-        res.messages.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${entryHex(ehi, elo)} refcount=${rc}`);
+        res.messages.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${entryHex(ehi, elo)} refcount=${external ? '1' : await storedCountText(store, p, clusterOf(off, cs))}`);
         if (repair) {
           t[o] = rc === 1 ? t[o]! | 0x80 : t[o]! & 0x7f;
           dirty++;

@@ -5,7 +5,11 @@
  * Entry layout inside a block (docs/notes/qcow2-pitfalls.md §6, checked against qemu 7.2):
  *   - widths 1, 2, 4: packed into bytes, the FIRST entry in the LEAST significant bits of a byte;
  *   - widths 8..64: one big-endian integer per entry.
- * 64-bit counters above 2^53 cannot be exact in a number; reading one is reported as corruption.
+ * 64-bit counters above 2^53 cannot be exact in a number: getRefcount gives the nearest double for
+ * them (never equal to a count a table can reach, so comparisons with 0, 1 or a number of references
+ * stay right), and the places where exactness matters use the exact helpers below: addRefcount
+ * (the allocator's increments and decrements, in BigInt for that width) and refcountText (check's
+ * messages). QEMU holds every width in a uint64_t; a count past 2^53 is valid, not corruption.
  */
 import { corrupt, invalidArgument } from '../../core/errors.js';
 import { firstNonZero, view } from '../../core/bytes.js';
@@ -18,10 +22,46 @@ export function checkRefcountBits(bits: number): void {
   }
 }
 
-/** The largest counter a width can hold (64-bit counters are capped at what a number holds exactly). */
+/**
+ * The largest counter a width can hold. For 64 bits that is 2^64 - 1, which a number rounds to
+ * 2^64: fine for "is this counter full" questions up to that rounding; the allocator's own
+ * arithmetic on that width is exact (addRefcount).
+ */
 export function maxRefcount(bits: number): number {
   // Shifts, not 2 ** bits: this runs for every counter set, and V8 calls pow() for a variable exponent.
-  return bits >= 53 ? Number.MAX_SAFE_INTEGER : bits === 32 ? 0xffffffff : (1 << bits) - 1;
+  return bits === 64 ? MAX_U64_NUMBER : bits === 32 ? 0xffffffff : (1 << bits) - 1;
+}
+
+const MAX_U64 = (1n << 64n) - 1n;
+const MAX_U64_NUMBER = Number(MAX_U64);
+
+/** What addRefcount found when the result does not fit: nothing was stored. */
+export type RefcountMisfit = 'underflow' | 'overflow';
+
+/**
+ * Entry `index` plus `delta`, exact at every width (64-bit counters are added as BigInt): the new
+ * count (as getRefcount would read it back), or why it does not fit (below zero, past the width).
+ * Stored only when `store` and it fits.
+ */
+export function addRefcount(block: Uint8Array, index: number, bits: number, delta: number, store: boolean): number | RefcountMisfit {
+  if (bits !== 64) {
+    const v = getRefcount(block, index, bits) + delta;
+    if (v < 0) return 'underflow';
+    if (v > maxRefcount(bits)) return 'overflow';
+    if (store) setRefcount(block, index, bits, v);
+    return v;
+  }
+  const dv = view(block);
+  const v = dv.getBigUint64(index * 8) + BigInt(delta);
+  if (v < 0n) return 'underflow';
+  if (v > MAX_U64) return 'overflow';
+  if (store) dv.setBigUint64(index * 8, v);
+  return Number(v);
+}
+
+/** Entry `index` in decimal, exact at every width (for messages: check prints 64-bit counts whole). */
+export function refcountText(block: Uint8Array, index: number, bits: number): string {
+  return bits === 64 ? view(block).getBigUint64(index * 8).toString() : String(getRefcount(block, index, bits));
 }
 
 /** How many clusters one refcount block describes. */
@@ -45,17 +85,18 @@ export function getRefcount(block: Uint8Array, index: number, bits: number): num
       return (block[index * 2]! << 8) | block[index * 2 + 1]!;
     case 32:
       return view(block).getUint32(index * 4);
-    case 64: {
-      const v = view(block).getBigUint64(index * 8);
-      if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw corrupt(`refcount 0x${v.toString(16)} is too large`);
-      return Number(v);
-    }
+    case 64:
+      // Exact up to 2^53; past it the nearest double (see the top of this file).
+      return Number(view(block).getBigUint64(index * 8));
     default:
       throw invalidArgument(`refcount width ${bits} is not supported`);
   }
 }
 
-/** Store `value` into entry `index` of a refcount block. The caller checks it fits (maxRefcount). */
+/**
+ * Store `value` into entry `index` of a refcount block. The caller checks it fits (maxRefcount);
+ * a count past 2^53 is only ever stored by addRefcount.
+ */
 export function setRefcount(block: Uint8Array, index: number, bits: number, value: number): void {
   if (!Number.isSafeInteger(value) || value < 0 || value > maxRefcount(bits)) {
     throw invalidArgument(`refcount ${value} does not fit in ${bits} bits`);

@@ -15,6 +15,7 @@ import { checkSnapshotL1, encodeSnapshotTable, findSnapshot, storedSnapshotTable
 import { l2EntryCopied, readL2Entry, setL2Copied } from './l2-entry.js';
 import { l1EntryCopied, l1TableOffset } from './l1-entry.js';
 import { MAX_SNAPSHOTS } from './layout.js';
+import { entriesPerBlock } from './refcount.js';
 import type { Qcow2Writer } from './write.js';
 import type { ByteStore } from '../../storage/types.js';
 import type { Qcow2DeviceParts } from './device-parts.js';
@@ -35,6 +36,10 @@ function writerOf(dev: SnapshotDevice): Qcow2Writer {
   return w;
 }
 
+/** Our messages when a tree's counts cannot be changed (the CLI names the snapshot action before them). */
+export const NO_REFCOUNT_BLOCK = 'no refcount block covers cluster';
+export const REFTABLE_LIMIT = 'refcount table would exceed 8 MiB';
+
 export async function createSnapshot(dev: SnapshotDevice, name: string): Promise<Qcow2Snapshot> {
   const w = writerOf(dev);
   return w.exclusive(async () => {
@@ -42,11 +47,14 @@ export async function createSnapshot(dev: SnapshotDevice, name: string): Promise
     if (dev.snapshots.length >= MAX_SNAPSHOTS) throw new QcowError('QCOW_UNSUPPORTED', `Could not create snapshot '${name}': the image has ${dev.snapshots.length} snapshots, the most a qcow2 image can have`);
     const rc = w.refcounts;
     const cs = dev.clusterSize;
-    await adjustTree(dev, dev.l1, dev.l1Entries, 1);
-    // The snapshot's own copy of the L1 table.
+    // The snapshot's own copy of the L1 table, written before the tree's counts go up, in QEMU's
+    // order: when a count would overflow (narrow refcount_bits, or a 64-bit count at 2^64 - 1) the
+    // increments are taken back and the copy stays allocated, one leaked cluster, as qemu-img
+    // leaves it (its check then reports the same leak).
     const l1Copy = dev.l1.slice();
     const l1At = l1Copy.length > 0 ? await rc.allocClusters(Math.ceil(l1Copy.length / cs)) : 0;
     if (l1Copy.length > 0) await dev.store.write(l1At, l1Copy);
+    await adjustTree(dev, dev.l1, dev.l1Entries, 1);
     const now = Date.now();
     const id = String(dev.snapshots.reduce((m, s) => Math.max(m, Number.parseInt(s.id, 10) || 0), 0) + 1);
     const snap: Qcow2Snapshot = {
@@ -147,8 +155,17 @@ async function readTable(dev: SnapshotDevice, snap: Qcow2Snapshot): Promise<Uint
 async function adjustTree(dev: SnapshotDevice, l1: Uint8Array, entries: number, delta: number): Promise<void> {
   const done: Array<[number, number]> = [];
   const writer = dev.writer!;
+  const cs = dev.clusterSize;
+  const perBlock = entriesPerBlock(cs, 2 ** dev.image.header.refcountOrder);
   const rc = {
     update: async (off: number, len: number, d: number) => {
+      // A tree naming clusters no refcount block covers (a corrupt entry past the end of the
+      // file): QEMU's update of their counts makes the block and then fails with EAGAIN, leaving
+      // the snapshot undone. Refused here before anything is made.
+      const table = writer.refcounts.blockOffsets();
+      for (let b = Math.floor(off / cs / perBlock); b <= Math.floor((off + len - 1) / cs / perBlock); b++) {
+        if (!((table[b] ?? 0) > 0)) throw new QcowError('QCOW_CORRUPT', `${NO_REFCOUNT_BLOCK} 0x${Math.max(off, b * perBlock * cs).toString(16)}`);
+      }
       await writer.refcounts.update(off, len, d);
       done.push([off, len]);
     },
@@ -186,7 +203,15 @@ async function adjustTreeSteps(
     for (let j = 0; j < dev.geometry.l2Entries; j++) {
       // Unallocated entries (all zero) reference nothing.
       if (l2[j * dev.geometry.l2EntryBytes] === 0 && isZero(l2.subarray(j * dev.geometry.l2EntryBytes, j * dev.geometry.l2EntryBytes + 8))) continue;
-      const d = readL2Entry(l2, j, dev.l2Context);
+      let d;
+      try {
+        d = readL2Entry(l2, j, dev.l2Context);
+      } catch (e) {
+        // A cluster at or past 2^53 is past what any refcount table QEMU holds can count: its
+        // update fails for the table's size (EFBIG), as the allocator's growth past 8 MiB does.
+        if (e instanceof QcowError && /host offset is beyond 2\^53/.test(e.message)) throw new QcowError('QCOW_UNSUPPORTED', `${REFTABLE_LIMIT}: ${e.message}`);
+        throw e;
+      }
       if (d.kind === 'compressed') {
         // Compressed clusters may share host clusters: each one counts on its own.
         await flush();

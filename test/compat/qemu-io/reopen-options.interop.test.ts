@@ -56,6 +56,27 @@ test('compat/qemu-io reopen checks its options as qemu-io does', needs('qemu-img
   }
 });
 
+test('compat/qemu-io joins the options of successive reopens as qemu-io does (qcow2: overlap template, cache sizes)', needs('qemu-img', 'qemu-io'), async (t) => {
+  // A new overlap mode or template replaces every old overlap option; a new cache-size the old
+  // l2/refcount sizes; a refused reopen leaves the image open with what it had (iotest 137).
+  const dir = await scratch(t);
+  const img = join(dir, 't.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', img, '64M']);
+  const sequences = [
+    ['reopen -o overlap-check=constant', 'reopen -o overlap-check.template=all', 'reopen -o overlap-check=none', 'reopen -o overlap-check.inactive-l2=on', 'reopen -o overlap-check.template=cached'],
+    ['reopen -o l2-cache-size=512k', 'reopen -o cache-size=1M', 'reopen -o refcount-cache-size=128k', 'reopen -o l2-cache-size=2M'],
+    ['reopen -o l2-cache-size=64k,refcount-cache-size=64k', 'reopen -o cache-size=1M'],
+    ['reopen -o overlap-check=blubb', 'write 0 512', 'reopen -o lazy-refcounts=on', 'reopen -o lazy-refcounts=foo', 'read 0 512'],
+  ];
+  for (const cmds of sequences) {
+    const args = [...cmds.flatMap((c) => ['-c', c]), img];
+    const clean = (s: string) => s.replace(/\d+ ops; [^\n]*/g, 'X ops');
+    const ours = await run(COMPAT_QEMU_IO, args);
+    const theirs = await run('qemu-io', args);
+    assert.deepEqual({ code: ours.code, out: clean(ours.stdout + ours.stderr) }, { code: theirs.code, out: clean(theirs.stdout + theirs.stderr) }, cmds.join(' ; '));
+  }
+});
+
 test('compat/qemu-io opens null-co through a json: name', needs('qemu-io'), async () => {
   for (const args of [
     ['-f', 'null-co', '-c', 'reopen', '-c', 'info', "json:{'driver': 'null-co', 'size': 65536}"],
