@@ -53,6 +53,8 @@ export interface OpenImageOptions {
   lazyRefcounts?: boolean;
   /** Every image opened read-write: see OpenOptions.onRepair. */
   onRepair?: OpenOptions['onRepair'];
+  /** Every image of the chain: see OpenOptions.onWarning. */
+  onWarning?: OpenOptions['onWarning'];
   /**
    * qemu-img -U: read-only images (and backing and data files) lock out no writer, and are opened
    * even while one writes. Without it, every file takes the locks QEMU would (storage/permissions.ts).
@@ -121,6 +123,7 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
       refuseMalformedBitmaps: options.refuseMalformedBitmaps,
       lazyRefcounts: depth === 0 ? options.lazyRefcounts : undefined,
       onRepair: options.onRepair,
+      onWarning: options.onWarning,
       openFile: (fileName, o) =>
         options.opener.open(resolveNamed(fileName, name, options), { ...o, permissions: permissionsFor({ writable: !o.readOnly, format: 'raw', role: 'data', forceShare }) }),
     };

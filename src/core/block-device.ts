@@ -155,6 +155,13 @@ export interface BlockDevice {
   readonly backing: BlockDevice | null;
   /** The store holding the image itself (for actual-size, locking, and tests). */
   readonly store: ByteStore;
+  /**
+   * Set once a corruption found while the image was in use made it unusable for the rest of the
+   * session (qcow2 marks the image corrupt then, as QEMU does): the error every later request
+   * fails with, reads included. Undefined while the device is usable, and where formats never
+   * give up on an image.
+   */
+  readonly unusable?: Error | undefined;
 
   /** Fill `into` with guest bytes starting at `offset`. */
   read(offset: number, into: Uint8Array): Promise<void>;
@@ -290,6 +297,12 @@ export interface OpenOptions {
    * at open, and this is called with the repair's messages (what QEMU prints while it opens one).
    */
   onRepair?: (messages: readonly string[]) => void;
+  /**
+   * Told what QEMU prints on standard error about a step that failed while the operation went on
+   * (qcow2: "qcow2_free_clusters failed: Invalid argument" when the clusters of a snapshot table
+   * the header placed past the end of the file are freed). Without it, such a failure is silent.
+   */
+  onWarning?: (message: string) => void;
 }
 
 /** What a format needs to write a new image ({@link ImageFormat.create}). */

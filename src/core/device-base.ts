@@ -162,8 +162,19 @@ export abstract class DeviceBase implements BlockDevice {
     if (this.readOnly) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.filename });
   }
 
-  /** Throw QCOW_INVALID_ARGUMENT for a malformed range, QCOW_OUT_OF_RANGE for one past the end. */
+  /** See {@link BlockDevice.unusable}: formats that give up on an image override it. */
+  get unusable(): Error | undefined {
+    return undefined;
+  }
+
+  /**
+   * Throw the device's {@link unusable} error when it has one (first, as QEMU's block layer fails
+   * every request to a node without a driver before it looks at the range), QCOW_INVALID_ARGUMENT
+   * for a malformed range, QCOW_OUT_OF_RANGE for one past the end.
+   */
   protected checkRequest(offset: number, length: number): void {
+    const unusable = this.unusable;
+    if (unusable) throw unusable;
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
       throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid request: offset ${offset}, length ${length}`, { file: this.filename });
     }

@@ -74,9 +74,22 @@ export class CorruptionEvent extends QcowError {
    * either way.
    */
   fatal = false;
+  /**
+   * True when an earlier corruption event of the same session was already signalled: QEMU says
+   * "Image is corrupt" once per image ("further non-fatal corruption events will be suppressed").
+   */
+  suppressed = false;
   constructor(message: string, file?: string) {
     super('QCOW_CORRUPT', message, { file });
   }
+}
+
+/**
+ * A number as C's `%#x` prints it, the way QEMU's corruption messages show offsets and indices:
+ * hexadecimal with `0x`, except zero, which is a bare `0`.
+ */
+export function altHex(n: number): string {
+  return n === 0 ? '0' : `0x${n.toString(16)}`;
 }
 
 /**

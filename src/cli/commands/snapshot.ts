@@ -28,7 +28,9 @@ export async function run(file: string, flags: Flags): Promise<void> {
   if (actions > 1) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot mix snapshot actions (-l, -c, -a, -d)');
   if (flags.create === undefined && flags.apply === undefined && flags.delete === undefined) return list(file, flags);
   // Snapshots concern this image only: its backing file is not needed, nor (for metadata) a password.
-  const dev = await openForCli(file, flags, { readOnly: false, noBacking: true, inspectOnly: true });
+  // A step that fails while the action goes on is said on stderr, as qemu-img says it.
+  const onWarning = (message: string) => process.stderr.write(`${message}\n`);
+  const dev = await openForCli(file, flags, { readOnly: false, noBacking: true, inspectOnly: true, onWarning });
   try {
     const [verb, action, arg] =
       flags.create !== undefined ? ['create', dev.createSnapshot, flags.create] : flags.apply !== undefined ? ['apply', dev.applySnapshot, flags.apply] : ['delete', dev.deleteSnapshot, flags.delete!];

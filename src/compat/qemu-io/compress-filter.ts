@@ -17,6 +17,9 @@ class CompressFilter extends DeviceBase {
     super(new DeviceStore(inner), inner.size, inner.readOnly);
     this.clusterSize = inner.clusterSize;
   }
+  override get unusable(): Error | undefined {
+    return this.inner.unusable;
+  }
   protected async doRead(offset: number, into: Uint8Array): Promise<void> {
     await this.inner.read(offset, into);
   }

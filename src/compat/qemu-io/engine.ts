@@ -91,14 +91,25 @@ const strerror = (e: unknown) => ERRNO_TEXT[errnoOf(e)];
  * into first gets qcow2's own line on standard error, as QEMU prints it when it marks the image.
  */
 function failed(io: { output: { out(s: string): void; err(s: string): void } }, what: string, e: unknown): void {
-  if (e instanceof CorruptionEvent && e.fatal) io.output.err(`qcow2: Marking image as corrupt: ${e.message}; further corruption events will be suppressed\n`);
+  tellCorruption(io, e);
   io.output.out(`${what} failed: ${strerror(e)}\n`);
+}
+
+/**
+ * qcow2's line for a corruption event, as QEMU prints it when it signals one: "Marking image as
+ * corrupt" when it marked the image (open read-write), "Image is corrupt" the first time otherwise.
+ */
+function tellCorruption(io: { output: { err(s: string): void } }, e: unknown): void {
+  if (!(e instanceof CorruptionEvent)) return;
+  if (e.fatal) io.output.err(`qcow2: Marking image as corrupt: ${e.message}; further corruption events will be suppressed\n`);
+  else if (!e.suppressed) io.output.err(`qcow2: Image is corrupt: ${e.message}; further non-fatal corruption events will be suppressed\n`);
 }
 
 /** Largest request qemu's block layer takes: INT_MAX rounded down to whole sectors. */
 export const REQUEST_MAX = 2147483136;
 const EINVAL = -22;
 const EIO = -5;
+const ENOMEDIUM = -123;
 
 interface Command {
   name: string;
@@ -306,6 +317,9 @@ export class QemuIo {
       // Past what the image can address: QEMU's EFBIG ("File too large").
       throw e instanceof QcowError && e.code === 'QCOW_OUT_OF_RANGE' ? Object.assign(new Error(e.message), { code: 'EFBIG' }) : e;
     });
+    // A VM state write is no guest write (no FUA on it), but with the write cache off QEMU
+    // flushes after it all the same (blk_save_vmstate).
+    if (writeThrough(this.request?.cache)) await dev.flush();
   }
 
   async writeZeroes(offset: number, bytes: number, mayUnmap: boolean, fastOnly: boolean, fua: boolean): Promise<void> {
@@ -905,21 +919,57 @@ const mapCmd: Command = {
   oneline: 'prints the allocated areas of a file',
   async run(io) {
     const dev = io.device();
-    let runs;
-    try {
-      runs = await allocationRuns(dev, 0, dev.size);
-    } catch (e) {
-      io.report(`Failed to get allocation status: ${strerror(e)}`);
+    // qemu-io asks for the length first; an image given up on (marked corrupt) has none.
+    if (dev.unusable) {
+      io.report(`Failed to query image length: ${strerror(dev.unusable)}`);
       return -1;
     }
+    const { runs, error } = await mapRuns(dev);
     for (const r of runs) {
       io.output.out(
         `${humanSize(r.length)} (0x${r.length.toString(16)}) bytes ${r.allocated ? '    allocated' : 'not allocated'} at offset ${humanSize(r.offset)} (0x${r.offset.toString(16)})\n`,
       );
     }
+    if (error !== undefined) {
+      tellCorruption(io, error);
+      io.report(`Failed to get allocation status: ${strerror(error)}`);
+      return -1;
+    }
     return 0;
   },
 };
+
+/**
+ * The allocation runs `map` prints, and the error that stopped it, if one did. qemu-io asks the
+ * block layer run by run and prints each before asking for the next, so a range whose status
+ * fails (a corrupt L2 table) ends the listing there, after what came before it: asked again in
+ * steps no larger than an L2 table's reach (an extended one's, a divisor of a plain one's), the
+ * runs before the failing step are found.
+ */
+async function mapRuns(dev: BlockDevice): Promise<{ runs: { offset: number; length: number; allocated: boolean }[]; error?: unknown }> {
+  try {
+    return { runs: await allocationRuns(dev, 0, dev.size) };
+  } catch (e) {
+    const cs = dev.clusterSize;
+    const step = Math.max(cs, (cs * cs) / 16);
+    const runs: { offset: number; length: number; allocated: boolean }[] = [];
+    for (let at = 0; at < dev.size; at += step) {
+      let part;
+      try {
+        part = await allocationRuns(dev, at, Math.min(step, dev.size - at));
+      } catch {
+        // The first error is the one told: a corruption event is signalled once.
+        return { runs, error: e };
+      }
+      for (const r of part) {
+        const last = runs[runs.length - 1];
+        if (last && last.allocated === r.allocated && last.offset + last.length === r.offset) last.length += r.length;
+        else runs.push(r);
+      }
+    }
+    return { runs, error: e };
+  }
+}
 
 const lengthCmd: Command = {
   name: 'length',
@@ -928,7 +978,12 @@ const lengthCmd: Command = {
   argmax: 0,
   oneline: 'gets the length of the current file',
   async run(io) {
-    io.output.out(`${humanSize(io.device().size)}\n`);
+    const dev = io.device();
+    if (dev.unusable) {
+      io.output.out(`getlength: ${strerror(dev.unusable)}\n`);
+      return -1;
+    }
+    io.output.out(`${humanSize(dev.size)}\n`);
     return 0;
   },
 };
@@ -962,6 +1017,9 @@ const infoCmd: Command = {
   oneline: 'prints information about the current file',
   async run(io) {
     const dev = io.device();
+    // An image given up on (marked corrupt) has no driver left to describe it: qemu-io 7.2
+    // fails the command without a word.
+    if (dev.unusable) return ENOMEDIUM;
     io.output.out(`format name: ${dev.format}\n`);
     if (dev.format === NULL_CO) {
       // null-co has no driver info: qemu-io 7.2 prints the name a second time and fails the
@@ -971,12 +1029,9 @@ const infoCmd: Command = {
     }
     const d = await dev.describe();
     const cs = d.clusterSize ?? 0;
-    // qcow2 keeps the VM state right after the guest range its L1 table can address.
-    let vmState = 0;
-    if (dev.format === 'qcow2' && cs > 0) {
-      const span = cs * (cs / 8);
-      vmState = Math.ceil(dev.size / span) * span;
-    }
+    // qcow2 keeps the VM state right after the guest range its L1 table can address (the
+    // device knows the span of an L2 table: extended L2 entries are twice as wide).
+    const vmState = dev.format === 'qcow2' ? (dev as { vmStateOffset?: number }).vmStateOffset ?? 0 : 0;
     io.output.out(`cluster size: ${humanSize(cs)}\n`);
     io.output.out(`vm state offset: ${humanSize(vmState)}\n`);
     if (d.formatSpecific) io.output.out('Format specific information:\n' + dumpSpecific(d.formatSpecific.data, 4));
@@ -1003,6 +1058,11 @@ const truncateCmd: Command = {
     const size = io.num(o.args[0] ?? '');
     if (size === null) return EINVAL;
     const dev = io.device();
+    if (dev.unusable) {
+      // blk_truncate's words for a node without a driver (before the driver could refuse the mode).
+      io.report('No medium inserted');
+      return ENOMEDIUM;
+    }
     if (mode !== 'off') {
       io.report(`Unsupported preallocation mode '${mode}'`);
       return -95;

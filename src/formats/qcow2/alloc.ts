@@ -15,7 +15,7 @@
  * A kill between any two writes therefore leaves at most clusters whose refcount is too high
  * (leaks), which `qemu-img check` reports as leaks and never as corruption.
  */
-import { CorruptionEvent, QcowError, corrupt } from '../../core/errors.js';
+import { CorruptionEvent, QcowError, altHex, corrupt } from '../../core/errors.js';
 import { setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
 import { addRefcount, decodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, refcountsZero, setRefcount, setRefcountsToOne } from './refcount.js';
@@ -77,6 +77,8 @@ export interface Allocator {
   /** Add `delta` to the count of every cluster touching [offset, +length) (all or nothing). */
   update(offset: number, length: number, delta: number): Promise<void>;
   get(cluster: number): Promise<number>;
+  /** How QEMU's refcount update fails to free `cluster`, in its errno's words (see Refcounts). */
+  whyFreeFails?(cluster: number): Promise<string | undefined>;
   /** The count when it is known without I/O, else undefined. */
   peek(cluster: number): number | undefined;
   /** Frees are recorded and not applied yet. */
@@ -187,6 +189,20 @@ export class Refcounts implements Allocator {
     if (b >= this.table.length || this.table[b] === 0) return 0;
     const block = await this.loadBlock(b);
     return getRefcount(block, cluster % this.perBlock, this.refcountBits);
+  }
+
+  /**
+   * How QEMU's refcount update fails to drop the count of `cluster` by one, in its errno's words
+   * (the "qcow2_free_clusters failed" warning), or undefined when it would not fail: past the
+   * reach of the refcount table, "File too large"; with no refcount block there yet (QEMU then
+   * allocates one first, which we do not), "Resource temporarily unavailable"; at a count of 0,
+   * "Invalid argument". Looks only: nothing changes.
+   */
+  async whyFreeFails(cluster: number): Promise<string | undefined> {
+    const b = Math.floor(cluster / this.perBlock);
+    if (b >= this.table.length) return 'File too large';
+    if (this.table[b] === 0) return 'Resource temporarily unavailable';
+    return (await this.get(cluster)) === 0 ? 'Invalid argument' : undefined;
   }
 
   /** Set a cluster's refcount, creating its block when needed (repair, rebuild). */
@@ -424,7 +440,7 @@ export class Refcounts implements Allocator {
     if (hit) return hit;
     const off = this.table[b]!;
     if (off === 0) throw new Error('loadBlock without a block');
-    if (off % this.clusterSize !== 0) throw new CorruptionEvent(`Refblock offset 0x${off.toString(16)} unaligned (reftable index: 0x${b.toString(16)})`);
+    if (off % this.clusterSize !== 0) throw new CorruptionEvent(`Refblock offset 0x${off.toString(16)} unaligned (reftable index: ${altHex(b)})`);
     // Concurrent readers of one block share one read; a block set meanwhile (made, changed) wins
     // over the one read. The loaded block is not evicted by its own insertion.
     return this.blocks.load(b, async () => {

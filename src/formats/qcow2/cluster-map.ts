@@ -18,7 +18,7 @@
  * growing the L1 table and shrinking live here too. The ordering of write-back (refcounts, then
  * L2 tables, then L1, then frees) is the writer's (write.ts), which calls in here.
  */
-import { QcowError, corrupt } from '../../core/errors.js';
+import { CorruptionEvent, QcowError, altHex, corrupt } from '../../core/errors.js';
 import { firstNonZero } from '../../core/bytes.js';
 import { MAX_L1_BYTES, l1EntriesFor } from './layout.js';
 import { l1EntryCopied, l1EntryEmpty, l1TableOffset, setL1Entry } from './l1-entry.js';
@@ -284,7 +284,7 @@ export class ClusterMap {
     if (i >= this.entries) return null;
     const l2Offset = l1TableOffset(this.l1Bytes, i);
     if (l2Offset === 0) return null;
-    if (l2Offset % g.clusterSize !== 0) throw corrupt(`L1 entry ${i}: L2 table offset 0x${l2Offset.toString(16)} is not cluster aligned`);
+    if (l2Offset % g.clusterSize !== 0) throw unalignedL2(l2Offset, i);
     const at = this.sliceAt(l2Offset, guestOffset);
     return forWrite ? this.l2Cache.getForWrite(at) : this.l2Cache.get(at);
   }
@@ -498,7 +498,8 @@ export class ClusterMap {
       this.setL1Entry(i, at, true);
       return this.l2Cache.put(this.sliceAt(at, guest), new Uint8Array(this.slice.bytes), false);
     }
-    if (off % cs !== 0 || off >= this.image.fileSize) throw corrupt(`L1 entry ${i}: L2 table offset 0x${off.toString(16)} is invalid`);
+    if (off % cs !== 0) throw unalignedL2(off, i);
+    if (off >= this.image.fileSize) throw corrupt(`L1 entry ${i}: L2 table offset 0x${off.toString(16)} is invalid`);
     if (l1EntryCopied(this.l1Bytes, i)) return this.l2Cache.getForWrite(this.sliceAt(off, guest));
     // Copy-on-write: the table as it stands (cached slices over the disk copy) to a new cluster;
     // the old table's slices leave the cache (a snapshot keeps the table on disk).
@@ -718,4 +719,12 @@ export class ClusterMap {
       img.setFileSize(keep);
     }
   }
+}
+
+/**
+ * An L1 entry naming an L2 table at an unaligned offset, found when a request needs the table: a
+ * corruption event, in QEMU's words (the image is marked corrupt when open read-write).
+ */
+function unalignedL2(offset: number, index: number): CorruptionEvent {
+  return new CorruptionEvent(`L2 table offset 0x${offset.toString(16)} unaligned (L1 index: ${altHex(index)})`);
 }

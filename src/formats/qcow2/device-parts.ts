@@ -24,4 +24,6 @@ export interface Qcow2DeviceParts {
   readonly l1Entries: number;
   /** The writer (the image is open for writing), or a read-only error. */
   requireWriter(): Qcow2Writer;
+  /** OpenOptions.onWarning, when the opener gave one. */
+  readonly onWarning?: ((message: string) => void) | undefined;
 }

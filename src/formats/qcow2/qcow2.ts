@@ -13,7 +13,7 @@
  */
 import type { AmendProgressCallback, BlockExtent, ImageDescription, OpenOptions, PlacedRange, PlainExtent, WriteOptions, ZeroOptions } from '../../core/block-device.js';
 import { DeviceBase } from '../../core/device-base.js';
-import { QcowError, corrupt, unsupported, withFile } from '../../core/errors.js';
+import { CorruptionEvent, ImageMarkedCorrupt, QcowError, corrupt, unsupported, withFile } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
 import type { Qcow2Header } from './header.js';
 import { readHeader } from './read-header.js';
@@ -50,6 +50,8 @@ export class Qcow2Device extends DeviceBase {
   private readBitmaps: Promise<PersistentBitmaps> | undefined;
   /** Decided on the first blockStatus, as qemu does (see prealloc.ts). */
   private metadataPreallocation: Promise<boolean> | undefined;
+  /** OpenOptions.onWarning: what QEMU would print about a failed step while the operation goes on. */
+  readonly onWarning: ((message: string) => void) | undefined;
 
   protected constructor(store: ByteStore, header: Qcow2Header, fileSize: number, readOnly: boolean, options: OpenOptions) {
     super(store, header.size, readOnly);
@@ -58,6 +60,7 @@ export class Qcow2Device extends DeviceBase {
     this.map = new ClusterMap(this.image, options.cacheBytes ?? DEFAULT_L2_CACHE_BYTES);
     this.io = new DataIo(this.image, this.map, (offset, into) => this.readBacking(offset, into));
     this.bitmapLimits = options.bitmapLimits ?? {};
+    this.onWarning = options.onWarning;
   }
 
   static async open(store: ByteStore, options: OpenOptions = {}): Promise<Qcow2Device> {
@@ -214,6 +217,16 @@ export class Qcow2Device extends DeviceBase {
     return this.writePath;
   }
 
+  /**
+   * Once a corruption found in use marked the image corrupt (the writer's), every request fails,
+   * reads too: QEMU drops the node's driver then (qcow2_signal_corruption), and each later request
+   * fails with ENOMEDIUM. Created at each call: a cheap path, taken only on a broken image.
+   */
+  override get unusable(): Error | undefined {
+    const broken = this.writePath?.broken;
+    return broken && new ImageMarkedCorrupt(broken, this.filename);
+  }
+
   /** Incompatible bit 0: refcounts may be stale (lazy refcounts and no clean close). */
   get dirty(): boolean {
     return this.image.dirty;
@@ -226,11 +239,30 @@ export class Qcow2Device extends DeviceBase {
   // --- reads ------------------------------------------------------------------------------------------
 
   protected doRead(offset: number, into: Uint8Array): Promise<void> {
-    return this.io.read(offset, into);
+    return this.io.read(offset, into).catch(this.signalCorruption);
   }
 
+  /** A corruption event was signalled this session (QEMU's signaled_corruption). */
+  private signaled = false;
+
+  /**
+   * A corruption a read or a block status ran into, signalled as QEMU's qcow2 signals it: open
+   * read-write, the image is marked corrupt (and unusable for the rest of the session); read-only,
+   * the event is only told, once a session (`suppressed` on later ones). Rethrows `e`.
+   */
+  private readonly signalCorruption = async (e: unknown): Promise<never> => {
+    if (e instanceof CorruptionEvent && !e.fatal) {
+      if (this.writePath) await this.writePath.markCorrupt(e);
+      else {
+        e.suppressed = this.signaled;
+        this.signaled = true;
+      }
+    }
+    throw e;
+  };
+
   protected async doBlockStatus(offset: number, length: number): Promise<BlockExtent[]> {
-    const runs = await this.map.mapRuns(offset, length);
+    const runs = await this.map.mapRuns(offset, length).catch(this.signalCorruption);
     const img = this.image;
     const external = img.external ? img.dataStore.name : undefined;
     // qemu reports no host offsets for encrypted images (the bytes there are not the guest's).
@@ -317,6 +349,8 @@ export class Qcow2Device extends DeviceBase {
   }
 
   private checkVmStateRange(pos: number, length: number): void {
+    const unusable = this.unusable;
+    if (unusable) throw unusable;
     if (!Number.isSafeInteger(pos) || pos < 0 || !Number.isSafeInteger(this.vmStateOffset + pos + length)) {
       throw new QcowError('QCOW_OUT_OF_RANGE', `VM state offset ${pos} is out of range`, { file: this.filename });
     }

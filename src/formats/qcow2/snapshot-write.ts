@@ -288,8 +288,12 @@ async function replaceSnapshotTable(dev: SnapshotDevice, w: Qcow2Writer, snaps: 
   for (const s of snaps) delete s.storedExtraSize;
   image.setSnapshots(snaps);
   // The old table's clusters are freed; a table the header placed past the end of the file (read
-  // as zeros) has no clusters there to free.
+  // as zeros) has no clusters there to free. QEMU tries, fails and says so (and goes on).
   const freeable = Math.min(oldLength, Math.max(0, image.fileSize - oldOffset));
+  if (oldOffset !== 0 && freeable < oldLength) {
+    const why = await rc.whyFreeFails?.(Math.floor((oldOffset + freeable) / cs));
+    if (why !== undefined) dev.onWarning?.(`qcow2_free_clusters failed: ${why}`);
+  }
   if (freeable > 0 && oldOffset !== 0) await rc.update(oldOffset, freeable, -1);
   await w.writeRefcounts();
 }

@@ -512,6 +512,11 @@ export class Qcow2Writer {
   /** The corruption that made this image unusable, once one was found (see guarded). */
   private brokenBy: CorruptionEvent | undefined;
 
+  /** The corruption that made this image unusable for the session, if one did (see guarded). */
+  get broken(): CorruptionEvent | undefined {
+    return this.brokenBy;
+  }
+
   /**
    * Run a guest write under the lock. A corruption it runs into (a CorruptionEvent) marks the image
    * corrupt on disk, as QEMU's qcow2 does, and every later write fails until a repair.
@@ -529,7 +534,12 @@ export class Qcow2Writer {
     });
   }
 
-  private async markCorrupt(e: CorruptionEvent): Promise<void> {
+  /**
+   * Mark the image corrupt because of `e` (QEMU's qcow2_signal_corruption on a writable image): on
+   * disk (version 3), and unusable for the rest of the session. A second event changes nothing.
+   */
+  async markCorrupt(e: CorruptionEvent): Promise<void> {
+    if (this.brokenBy) return;
     this.brokenBy = e;
     e.fatal = true;
     // v2 has no corrupt bit: the image is only refused for the rest of this session.

@@ -160,3 +160,42 @@ test('an L2 table linked onto the L1 table reads as zeros past the file end, and
     assert.ok(bytes[0]!.equals(bytes[1]!), `${what}: the images are the same byte for byte`);
   }
 });
+
+test('once a refused write marked the image corrupt, every later request fails as qemu-io fails it', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  // QEMU drops the node's driver: reads, block status, the length, the VM state and resizes fail
+  // with ENOMEDIUM, each in its command's words; info says nothing; a flush has nothing to do.
+  // (aio requests fail too, but qemu-io prints their failure a command later: left out here.)
+  const cmds = [
+    'read 0 512',
+    'readv 0 512 512',
+    'read -b 0 512',
+    'write 0 512',
+    'write -z 0 4k',
+    'write -c 128k 64k',
+    'write -b 0 512',
+    'discard 0 64k',
+    'alloc 0 64k',
+    'map',
+    'length',
+    'info',
+    'truncate 128M',
+    'flush',
+  ];
+  for (const compat of ['1.1', '0.10']) {
+    for (const cmd of cmds) {
+      const got: Outcome[] = [];
+      for (const tool of ['qemu-io', COMPAT_IO]) {
+        await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `compat=${compat}`, 'a.qcow2', '64M'], dir);
+        await qemuIo(['-f', 'qcow2', '-c', 'write 0 512', 'a.qcow2'], dir);
+        // The refcounts of the refcount table and block and the L1 table: a new data cluster
+        // would land on the refcount table.
+        await zeroRefcounts(join(dir, 'a.qcow2'), 1, 3);
+        got.push(await outcome(tool, dir, 'a.qcow2', ['write 64k 64k', cmd], false));
+      }
+      const label = `${cmd} (compat=${compat})`;
+      assert.deepEqual(got[1], got[0], label);
+      assert.match(got[0]!.stderr, /Marking image as corrupt/, label);
+    }
+  }
+});

@@ -87,3 +87,24 @@ test('read-only opens, bad options and unknown files fail as qemu-io does', need
     if (args[0] === '-c' || args[0] === '-r') assert.equal(mask(ours.stdout), mask(theirs.stdout));
   }
 });
+
+test('info: the VM state offset follows the reach of an L2 table, extended L2 entries too', needs('qemu-io', 'qemu-img'), async (t) => {
+  const dir = await scratch(t);
+  // An extended L2 entry is 16 bytes, so a table reaches half as far: the VM state starts at the
+  // next multiple of that reach past the disk. Sizes on, short of and past a table's reach.
+  const cases: Array<[string, string]> = [
+    ['extended_l2=on,cluster_size=2M', '1G'],
+    ['extended_l2=on,cluster_size=2M', '300G'],
+    ['extended_l2=on,cluster_size=16k', '5M'],
+    ['extended_l2=on,cluster_size=64k', '300M'],
+    ['extended_l2=off,cluster_size=2M', '300G'],
+    ['extended_l2=off,cluster_size=16k', '5M'],
+  ];
+  for (const [options, size] of cases) {
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', options, 'a.qcow2', size], dir);
+    const theirs = await run('qemu-io', ['-f', 'qcow2', '-c', 'info', 'a.qcow2'], { cwd: dir });
+    const ours = await run(OURS, ['-f', 'qcow2', '-c', 'info', 'a.qcow2'], { cwd: dir });
+    assert.match(theirs.stdout, /^vm state offset: /m);
+    assert.equal(ours.stdout, theirs.stdout, `${options} ${size}`);
+  }
+});
