@@ -45,7 +45,27 @@ export class ConcatSource {
    * handing it down (a chain convert's reads went through every layer's cluster map and
    * backing read). Where that layer is missing or shorter, from the top as usual.
    */
-  async read(offset: number, into: Uint8Array, depth = 0): Promise<void> {
+  read(offset: number, into: Uint8Array, depth = 0): Promise<void> {
+    // The usual request lies within one source: the layer's own promise, with no async frame of
+    // ours around it (a convert makes one per data span).
+    if (into.length === 0) return Promise.resolve();
+    let p: (typeof this.parts)[number];
+    try {
+      p = this.partAt(offset);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    const local = offset - p.start;
+    if (local + into.length <= p.dev.size) {
+      let layer: BlockDevice | null = p.dev;
+      for (let d = 0; d < depth && layer; d++) layer = layer.backing;
+      return (layer && local + into.length <= layer.size ? layer : p.dev).read(local, into);
+    }
+    return this.readAcross(offset, into, depth);
+  }
+
+  /** read() of a range over more than one source: piece by piece. */
+  private async readAcross(offset: number, into: Uint8Array, depth: number): Promise<void> {
     for (let done = 0; done < into.length; ) {
       const p = this.partAt(offset + done);
       const local = offset + done - p.start;

@@ -234,3 +234,30 @@ test('a chain is read from the layer that holds each span, the same bytes as thr
     assert.deepEqual(await readAll(dst), want);
   }
 });
+
+test("the spans of one item that different layers hold are read at once, not one after another", async () => {
+  // Every 256 KiB item: its first half from the base, its second half from the top.
+  const base = await memRaw(randomBytes(MiB, 6), 'base.raw');
+  const top = await memQcow2(MiB, { backing: base, opts: { cluster_size: '4096' } });
+  for (let off = 128 * 1024; off < MiB; off += 256 * 1024) await fill(top, off, 128 * 1024, 0x44);
+  const want = await readAll(top);
+  // Both layers' reads wait until the other layer's read of the same item has started.
+  let inFlight = 0;
+  let most = 0;
+  const gate = (dev: typeof top) => {
+    const read = dev.read.bind(dev);
+    dev.read = async (off, into) => {
+      inFlight++;
+      most = Math.max(most, inFlight);
+      await new Promise((r) => setTimeout(r, 2));
+      inFlight--;
+      return read(off, into);
+    };
+  };
+  gate(top);
+  gate(base);
+  const dst = await memRaw(MiB);
+  await convert([top], dst, { targetIsZero: true, chunkSize: 256 * 1024, parallel: 1 });
+  assert.deepEqual(await readAll(dst), want);
+  assert.equal(most, 2);
+});
