@@ -16,7 +16,7 @@
  * that queue is empty; replies that come meanwhile wait in an outbox, in order.
  */
 import type { Duplex } from 'node:stream';
-import { NBD_CMD_DISC, NBD_ESHUTDOWN, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES } from './constants.js';
+import { NBD_CMD_DISC, NBD_CMD_WRITE, NBD_ESHUTDOWN, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES } from './constants.js';
 import { executeRequest, type CommandContext } from './commands.js';
 import { NbdProtocolError } from './errors.js';
 import { isReadOnly, type NbdExport } from './export.js';
@@ -35,6 +35,14 @@ export interface ConnectionOptions {
   limits?: ParserLimits;
   /** Told about connections that end in a protocol violation or an internal error. */
   onError?: (e: unknown) => void;
+  /** Buffers for write payloads (ClientParser); need not be zeroed. Default: new Uint8Array. */
+  allocPayload?: (size: number) => Uint8Array;
+  /**
+   * One read from the socket's descriptor that never waits (HostAddon.readNoWait): bytes read, 0
+   * at the end, -1 when none are there, -2 when the descriptor does not allow it. With it, the rest
+   * of a write payload is read straight into the payload's buffer (see readDirect).
+   */
+  readSocket?: (fd: number, into: Uint8Array) => number;
 }
 
 type State = 'greeting' | 'options' | 'transmission' | 'draining' | 'closed';
@@ -79,12 +87,16 @@ export class NbdConnection {
   private outboxFull = false;
   /** end() waits for the outbox to empty. */
   private endWhenFlushed = false;
+  /** Headers read directly too (readDirect): set by a payload read so, cleared by any other request. */
+  private directHeaders = false;
+  /** readDirect's reads of the descriptor (cleared when it cannot). */
+  private readSocket: ((fd: number, into: Uint8Array) => number) | undefined;
 
   constructor(
     private readonly socket: Duplex,
     private readonly options: ConnectionOptions,
   ) {
-    this.parser = new ClientParser(options.limits);
+    this.parser = new ClientParser(options.limits, options.allocPayload);
     this.maxInFlight = Math.max(1, options.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT);
     this.closed = new Promise((resolve) => (this.resolveClosed = resolve));
   }
@@ -95,6 +107,7 @@ export class NbdConnection {
     // whose descriptor carries records, or a plain stream) is only ever written through Node.
     const handle = (this.socket as { _handle?: { fd?: unknown } })._handle;
     if (typeof handle?.fd === 'number' && handle.fd >= 0 && !(this.socket as { encrypted?: boolean }).encrypted) this.socketFd = handle.fd;
+    if (this.socketFd !== undefined) this.readSocket = this.options.readSocket;
     this.socket.on('data', (chunk: Buffer) => {
       this.parser.push(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength));
       this.pump();
@@ -107,6 +120,41 @@ export class NbdConnection {
       void this.order.idle().then(() => this.resolveClosed());
     });
     this.send([out.greeting()]);
+  }
+
+  /**
+   * More of the stream read from the descriptor directly, as much as is there now (true when some
+   * came): the rest of a write payload straight into the payload's buffer, and while writes come
+   * one after another, the next request's header, so that a payload's first bytes are not read
+   * with it into Node's 64 KiB buffers either (qemu-nbd's pattern: header, then payload). Node's
+   * stream would read them into buffers of its own that the parser then copies from. Only with
+   * nothing left in the stream's buffer: the next bytes on the descriptor are then the next bytes
+   * of the stream (Node reads it only from the event loop, never while this runs). Whatever stops
+   * it (no bytes yet, the end, an error) is left for Node's own next read to see.
+   */
+  private readDirect(): boolean {
+    if (this.state !== 'transmission' || (this.socket as Duplex & { readableLength: number }).readableLength !== 0) return false;
+    let into = this.parser.payloadRoom;
+    const header = !into;
+    if (!into) {
+      const need = this.directHeaders ? this.parser.headerNeed : 0;
+      if (need === 0) return false;
+      into = new Uint8Array(need);
+    }
+    let n: number;
+    try {
+      n = this.readSocket!(this.socketFd!, into);
+    } catch {
+      return false;
+    }
+    if (n === -2) this.readSocket = undefined;
+    if (n <= 0) return false;
+    if (header) this.parser.push(into.subarray(0, n));
+    else {
+      this.parser.payloadFilled(n);
+      this.directHeaders = true;
+    }
+    return true;
   }
 
   /**
@@ -142,7 +190,11 @@ export class NbdConnection {
           return;
         }
         const msg = this.parser.next();
-        if (!msg) break;
+        if (!msg) {
+          if (this.readSocket && this.readDirect()) continue;
+          break;
+        }
+        if (msg.kind === 'request' && msg.type !== NBD_CMD_WRITE) this.directHeaders = false;
         this.handle(msg);
       }
       if (this.state === 'transmission' && !this.shuttingDown) this.socket.resume();
