@@ -112,6 +112,7 @@ export class NbdServer {
       // Write payloads are overwritten whole before use: no zero fill (a memset of every byte).
       allocPayload: (size) => Buffer.allocUnsafeSlow(size),
       readSocket: hostAddon()?.readNoWait,
+      growSendBuffer: hostAddon()?.growSendBuffer,
     });
     this.active.add(conn);
     this.servedAny = true;
