@@ -27,19 +27,9 @@ export class RequestOrder {
   /** Run `fn` once the earlier requests it conflicts with have finished. */
   run<T>(kind: AccessKind, offset: number, length: number, fn: () => Promise<T>): Promise<T> {
     const entry: Pending = { kind, start: offset, end: offset + length, settled: Promise.resolve() };
-    let waits: Promise<unknown>[] | undefined;
-    for (const p of this.pending) if (conflicts(p, entry)) (waits ??= []).push(p.settled);
-    // Nothing to wait for (every read of a read-only export): start now rather than a turn of the
-    // microtask queue later; a synchronous throw still becomes the rejection.
-    let result: Promise<T>;
-    if (waits) result = Promise.all(waits).then(fn);
-    else {
-      try {
-        result = fn();
-      } catch (e) {
-        result = Promise.reject(e as Error);
-      }
-    }
+    const waits: Promise<unknown>[] = [];
+    for (const p of this.pending) if (conflicts(p, entry)) waits.push(p.settled);
+    const result = (waits.length ? Promise.all(waits) : Promise.resolve()).then(fn);
     entry.settled = result.then(
       () => this.pending.delete(entry),
       () => this.pending.delete(entry),
