@@ -106,6 +106,10 @@
  *                                     privileged): the buffer's size afterwards (F_GETPIPE_SZ), or
  *                                     -1 when `fd` is no pipe. Never throws: a larger buffer only
  *                                     saves wake-ups (fewer, larger reads of a pipe).
+ *   growSendBuffer(fd, bytes)         Ask for a socket send buffer of at least `bytes`
+ *                                     (SO_SNDBUF, never shrinking it; the kernel grants at most
+ *                                     net.core.wmem_max, 208 KiB by default): the size getsockopt
+ *                                     reports afterwards, -1 when `fd` is no socket. Never throws.
  *   zlibVersion()                     The zlib that node:zlib uses (inside the node binary, or the
  *                                     shared libz Node links), e.g. "1.3.1"; undefined without one.
  *   inflateRaw(src, into, windowBits) Inflate the raw deflate stream in `src` into `into` as
@@ -149,6 +153,7 @@
 #include <sys/mman.h>
 #include <sys/uio.h>
 #include <sys/sendfile.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -1130,6 +1135,24 @@ static napi_value wait_readable(napi_env env, napi_callback_info info) {
   return result;
 }
 
+static napi_value grow_send_buffer(napi_env env, napi_callback_info info) {
+  double a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  int fd = (int)a[0];
+  int want = a[1] > 0x10000000 ? 0x10000000 : (int)a[1];
+  int size = -1;
+  socklen_t len = sizeof size;
+  /* Never shrinks. The kernel caps the request at net.core.wmem_max (and doubles what it
+     grants, for its bookkeeping): what getsockopt reports afterwards is the answer. */
+  if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, &len) == 0 && size < want && setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &want, sizeof want) == 0) {
+    len = sizeof size;
+    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, &len) != 0) size = -1;
+  }
+  napi_value result;
+  CHECK(napi_create_int32(env, size, &result));
+  return result;
+}
+
 static napi_value grow_pipe(napi_env env, napi_callback_info info) {
   double a[2];
   if (!get_args(env, info, 2, a)) return NULL;
@@ -1468,6 +1491,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"sendFileCached", NULL, send_file_cached, NULL, NULL, NULL, napi_enumerable, NULL},
     {"waitReadable", NULL, wait_readable, NULL, NULL, NULL, napi_enumerable, NULL},
     {"growPipe", NULL, grow_pipe, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"growSendBuffer", NULL, grow_send_buffer, NULL, NULL, NULL, napi_enumerable, NULL},
     {"zlibVersion", NULL, zlib_version, NULL, NULL, NULL, napi_enumerable, NULL},
     {"inflateRaw", NULL, zlib_inflate_raw, NULL, NULL, NULL, napi_enumerable, NULL},
     {"deflateRaw", NULL, zlib_deflate_raw, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -1476,7 +1500,7 @@ static napi_value init(napi_env env, napi_value exports) {
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   napi_value version;
-  CHECK(napi_create_int32(env, 9, &version));
+  CHECK(napi_create_int32(env, 10, &version));
   CHECK(napi_set_named_property(env, exports, "version", version));
   return exports;
 }

@@ -121,6 +121,12 @@ export interface HostAddon {
    */
   growPipe?(fd: number, bytes: number): number;
   /**
+   * Ask for a socket send buffer of at least `bytes` (SO_SNDBUF; never shrinks it; the kernel caps
+   * it at net.core.wmem_max and reports twice what it grants): the size afterwards, -1 when `fd`
+   * is no socket. Never throws. Absent before version 10.
+   */
+  growSendBuffer?(fd: number, bytes: number): number;
+  /**
    * The zlib node:zlib uses (found by name in the process: inside the node binary, or the shared
    * libz Node links), as zlibVersion() gives it, e.g. "1.3.1"; undefined without one. Absent
    * before version 6.

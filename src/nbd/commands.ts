@@ -82,6 +82,8 @@ const isWrite = (type: number) => type === NBD_CMD_WRITE || type === NBD_CMD_WRI
 export async function executeRequest(ctx: CommandContext, req: Request): Promise<Uint8Array[]> {
   try {
     check(ctx, req);
+    // Reads, the common request, without run()'s frame.
+    if (req.type === NBD_CMD_READ) return await ctx.order.run('read', req.offset, req.length, () => (ctx.structuredReplies ? structuredRead(ctx, req) : simpleRead(ctx, req)));
     return await run(ctx, req);
   } catch (e) {
     const err = e instanceof CommandError ? e : toCommandError(e, req);

@@ -16,7 +16,7 @@
  * that queue is empty; replies that come meanwhile wait in an outbox, in order.
  */
 import type { Duplex } from 'node:stream';
-import { NBD_CMD_DISC, NBD_ESHUTDOWN, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES } from './constants.js';
+import { NBD_CMD_DISC, NBD_CMD_WRITE, NBD_ESHUTDOWN, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES } from './constants.js';
 import { executeRequest, type CommandContext } from './commands.js';
 import { NbdProtocolError } from './errors.js';
 import { isReadOnly, type NbdExport } from './export.js';
@@ -35,6 +35,19 @@ export interface ConnectionOptions {
   limits?: ParserLimits;
   /** Told about connections that end in a protocol violation or an internal error. */
   onError?: (e: unknown) => void;
+  /** Buffers for write payloads (ClientParser); need not be zeroed. Default: new Uint8Array. */
+  allocPayload?: (size: number) => Uint8Array;
+  /**
+   * One read from the socket's descriptor that never waits (HostAddon.readNoWait): bytes read, 0
+   * at the end, -1 when none are there, -2 when the descriptor does not allow it. With it, the rest
+   * of a write payload is read straight into the payload's buffer (see readDirect).
+   */
+  readSocket?: (fd: number, into: Uint8Array) => number;
+  /**
+   * Ask for a socket send buffer of at least `bytes` (HostAddon.growSendBuffer). Connections that
+   * send file replies ask for SEND_BUFFER (see there).
+   */
+  growSendBuffer?: (fd: number, bytes: number) => number;
 }
 
 type State = 'greeting' | 'options' | 'transmission' | 'draining' | 'closed';
@@ -47,6 +60,15 @@ const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
  * as this part is copied; enough that the kernel has room for a large sendfile when it is sent.
  */
 const PIECE_SIZE = 16 * 1024;
+
+/**
+ * Send buffer asked for on connections that answer reads with sendfile. A read reply larger than
+ * the socket's buffer (208 KiB by default; clients read 256 KiB and more at a time) never goes in
+ * one sendfile: the rest waits for the socket to take more, through a copied piece (see flush),
+ * which was about one piece, two sendfile calls and four writes per 256 KiB read. The kernel
+ * grants at most net.core.wmem_max; where that is the default, nothing changes.
+ */
+const SEND_BUFFER = 2 * 1024 * 1024;
 
 /** A read reply queued for sendfile: `head`, then `length` bytes of `store` from `hostOffset`. */
 interface FileReply {
@@ -79,12 +101,16 @@ export class NbdConnection {
   private outboxFull = false;
   /** end() waits for the outbox to empty. */
   private endWhenFlushed = false;
+  /** Headers read directly too (readDirect): set by a payload read so, cleared by any other request. */
+  private directHeaders = false;
+  /** readDirect's reads of the descriptor (cleared when it cannot). */
+  private readSocket: ((fd: number, into: Uint8Array) => number) | undefined;
 
   constructor(
     private readonly socket: Duplex,
     private readonly options: ConnectionOptions,
   ) {
-    this.parser = new ClientParser(options.limits);
+    this.parser = new ClientParser(options.limits, options.allocPayload);
     this.maxInFlight = Math.max(1, options.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT);
     this.closed = new Promise((resolve) => (this.resolveClosed = resolve));
   }
@@ -95,6 +121,7 @@ export class NbdConnection {
     // whose descriptor carries records, or a plain stream) is only ever written through Node.
     const handle = (this.socket as { _handle?: { fd?: unknown } })._handle;
     if (typeof handle?.fd === 'number' && handle.fd >= 0 && !(this.socket as { encrypted?: boolean }).encrypted) this.socketFd = handle.fd;
+    if (this.socketFd !== undefined) this.readSocket = this.options.readSocket;
     this.socket.on('data', (chunk: Buffer) => {
       this.parser.push(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength));
       this.pump();
@@ -107,6 +134,41 @@ export class NbdConnection {
       void this.order.idle().then(() => this.resolveClosed());
     });
     this.send([out.greeting()]);
+  }
+
+  /**
+   * More of the stream read from the descriptor directly, as much as is there now (true when some
+   * came): the rest of a write payload straight into the payload's buffer, and while writes come
+   * one after another, the next request's header, so that a payload's first bytes are not read
+   * with it into Node's 64 KiB buffers either (qemu-nbd's pattern: header, then payload). Node's
+   * stream would read them into buffers of its own that the parser then copies from. Only with
+   * nothing left in the stream's buffer: the next bytes on the descriptor are then the next bytes
+   * of the stream (Node reads it only from the event loop, never while this runs). Whatever stops
+   * it (no bytes yet, the end, an error) is left for Node's own next read to see.
+   */
+  private readDirect(): boolean {
+    if (this.state !== 'transmission' || (this.socket as Duplex & { readableLength: number }).readableLength !== 0) return false;
+    let into = this.parser.payloadRoom;
+    const header = !into;
+    if (!into) {
+      const need = this.directHeaders ? this.parser.headerNeed : 0;
+      if (need === 0) return false;
+      into = new Uint8Array(need);
+    }
+    let n: number;
+    try {
+      n = this.readSocket!(this.socketFd!, into);
+    } catch {
+      return false;
+    }
+    if (n === -2) this.readSocket = undefined;
+    if (n <= 0) return false;
+    if (header) this.parser.push(into.subarray(0, n));
+    else {
+      this.parser.payloadFilled(n);
+      this.directHeaders = true;
+    }
+    return true;
   }
 
   /**
@@ -142,7 +204,11 @@ export class NbdConnection {
           return;
         }
         const msg = this.parser.next();
-        if (!msg) break;
+        if (!msg) {
+          if (this.readSocket && this.readDirect()) continue;
+          break;
+        }
+        if (msg.kind === 'request' && msg.type !== NBD_CMD_WRITE) this.directHeaders = false;
         this.handle(msg);
       }
       if (this.state === 'transmission' && !this.shuttingDown) this.socket.resume();
@@ -189,6 +255,7 @@ export class NbdConnection {
       order: this.order,
       sendFile: this.socketFd !== undefined && isReadOnly(exp) ? (head, store, hostOffset, length) => this.sendFile(head, store, hostOffset, length) : undefined,
     };
+    if (this.socketFd !== undefined) this.options.growSendBuffer?.(this.socketFd, SEND_BUFFER);
     this.state = 'transmission';
     this.parser.phase = 'request';
   }
@@ -207,16 +274,29 @@ export class NbdConnection {
       return;
     }
     this.inFlight++;
-    void executeRequest(ctx, req)
-      .then(async (reply) => {
-        this.send(reply);
-        await this.drained();
-      })
-      .catch((e) => this.options.onError?.(e))
-      .finally(() => {
-        this.inFlight--;
-        this.pump();
-      });
+    // Two callbacks rather than a chain of then/catch/finally: each link is a promise per request.
+    void executeRequest(ctx, req).then(
+      (reply) => this.replied(reply),
+      (e) => this.finished(e),
+    );
+  }
+
+  /** A request's reply is ready: send it, wait while a slow reader leaves too much queued, then finish. */
+  private replied(reply: Uint8Array[]): void {
+    try {
+      this.send(reply);
+    } catch (e) {
+      return this.finished(e);
+    }
+    if (this.mustDrain()) void this.drained().then(() => this.finished());
+    else this.finished();
+  }
+
+  /** One request fewer in flight; take more. */
+  private finished(e?: unknown): void {
+    if (e !== undefined) this.options.onError?.(e);
+    this.inFlight--;
+    this.pump();
   }
 
   /**
@@ -339,10 +419,14 @@ export class NbdConnection {
     }
   }
 
-  /** Wait while too many reply bytes are queued for a client that is not reading them. */
+  /** Too many reply bytes wait in the socket for a client that is not reading them: wait (drained) before taking more. */
+  private mustDrain(): boolean {
+    return !this.socketClosed && (this.socket as Duplex & { writableLength: number }).writableLength >= MAX_QUEUED_REPLY_BYTES;
+  }
+
+  /** Resolves once the socket has drained (or closed); see mustDrain. */
   private async drained(): Promise<void> {
-    const s = this.socket as Duplex & { writableLength: number };
-    if (this.socketClosed || s.writableLength < MAX_QUEUED_REPLY_BYTES) return;
+    const s = this.socket;
     await new Promise<void>((resolve) => {
       const done = () => {
         s.off('drain', done);

@@ -10,6 +10,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { NbdConnection } from './connection.js';
 import type { NbdExport } from './export.js';
 import type { ParserLimits } from './parser.js';
+import { hostAddon } from '../host/native.node.js';
 
 /** Where an NBD server listens: a TCP `port` on `host` (default 127.0.0.1), or a Unix socket `path`. */
 export type ListenAddress =
@@ -103,7 +104,16 @@ export class NbdServer {
 
   private serve(socket: Socket): void {
     const exp = { ...this.options.exp, multiConn: (this.options.maxClients ?? 1) > 1 };
-    const conn = new NbdConnection(socket, { exp, maxInFlight: this.options.maxInFlight, limits: this.options.limits, onError: this.options.onError });
+    const conn = new NbdConnection(socket, {
+      exp,
+      maxInFlight: this.options.maxInFlight,
+      limits: this.options.limits,
+      onError: this.options.onError,
+      // Write payloads are overwritten whole before use: no zero fill (a memset of every byte).
+      allocPayload: (size) => Buffer.allocUnsafeSlow(size),
+      readSocket: hostAddon()?.readNoWait,
+      growSendBuffer: hostAddon()?.growSendBuffer,
+    });
     this.active.add(conn);
     this.servedAny = true;
     void conn.closed.then(() => {

@@ -32,6 +32,24 @@ export class ByteQueue {
     return out;
   }
 
+  /** Consume the next `into.length` bytes (at most length) by copying them into `into`. */
+  takeInto(into: Uint8Array): void {
+    let filled = 0;
+    while (filled < into.length) {
+      const c = this.chunks[0]!;
+      const part = c.subarray(this.head, this.head + (into.length - filled));
+      into.set(part, filled);
+      filled += part.length;
+      this.skip(part.length);
+    }
+  }
+
+  /** The next `n` bytes when they lie in one received chunk (a view, not a copy), else undefined. */
+  view(n: number): Uint8Array | undefined {
+    const first = this.chunks[0];
+    return first && first.length - this.head >= n ? first.subarray(this.head, this.head + n) : undefined;
+  }
+
   /** Consume and return the next `n` bytes (n <= length). */
   take(n: number): Uint8Array {
     const out = this.peek(n);

@@ -81,6 +81,32 @@ describe('client message parser', () => {
     assert.deepEqual([...(p.next() as Request).payload!], [1, 2, 3, 4]);
   });
 
+  test('a payload still arriving goes into one buffer from allocPayload, which the caller may fill from the stream', () => {
+    const sizes: number[] = [];
+    const p = new ClientParser(undefined, (n) => (sizes.push(n), new Uint8Array(n).fill(0xee)));
+    p.phase = 'request';
+    assert.equal(p.headerNeed, C.REQUEST_HEADER_SIZE);
+    p.push(request(C.NBD_CMD_WRITE, 0, 1n, 0, 8).subarray(0, 10));
+    assert.equal(p.headerNeed, C.REQUEST_HEADER_SIZE - 10);
+    assert.equal(p.payloadRoom, undefined);
+    p.push(Buffer.concat([request(C.NBD_CMD_WRITE, 0, 1n, 0, 8).subarray(10), Uint8Array.of(1, 2)]));
+    assert.equal(p.next(), undefined);
+    assert.deepEqual(sizes, [8]);
+    assert.equal(p.headerNeed, 0);
+    p.push(Uint8Array.of(3)); // copied into the payload, not queued
+    const room = p.payloadRoom!;
+    assert.equal(room.length, 5);
+    room.set([4, 5]);
+    p.payloadFilled(2);
+    assert.equal(p.next(), undefined);
+    // Bytes past the payload stay queued; while any wait, nothing may be read around them.
+    p.push(Buffer.concat([Uint8Array.of(6, 7, 8), request(C.NBD_CMD_FLUSH, 0, 2n, 0, 0)]));
+    assert.equal(p.payloadRoom, undefined);
+    assert.deepEqual([...(p.next() as Request).payload!], [1, 2, 3, 4, 5, 6, 7, 8]);
+    assert.equal((p.next() as Request).type, C.NBD_CMD_FLUSH);
+    assert.equal(p.headerNeed, C.REQUEST_HEADER_SIZE);
+  });
+
   test('a write over the payload limit is returned without payload and its bytes are skipped', () => {
     const p = parserIn('request', { maxOptionLength: 16, maxPayload: 8 });
     p.push(request(C.NBD_CMD_WRITE, 0, 1n, 0, 20));

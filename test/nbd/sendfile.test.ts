@@ -6,7 +6,8 @@
  * bytes; a DISC must not cut off replies still queued.
  */
 import assert from 'node:assert/strict';
-import { writeFile } from 'node:fs/promises';
+import { open, writeFile } from 'node:fs/promises';
+import { connect, createServer } from 'node:net';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { rawFormat } from '#src/formats/raw/raw.js';
@@ -84,4 +85,27 @@ test('DISC after pipelined reads: every queued reply is sent before the server c
   c.socket.resume();
   for (const r of await Promise.all(reads)) assert.ok(Buffer.from(r.data).equals(content.subarray(r.offset, r.offset + r.length)));
   await closed;
+});
+
+test('growSendBuffer grows a socket send buffer, never shrinks it, and answers -1 for a file', { skip: !hostAddon()?.growSendBuffer && 'addon without growSendBuffer' }, async (t) => {
+  const grow = hostAddon()!.growSendBuffer!;
+  const dir = await scratch(t);
+  const path = join(dir, 'g.sock');
+  const server = createServer((s) => s.end());
+  await new Promise<void>((resolve) => server.listen(path, resolve));
+  t.after(() => server.close());
+  const c = connect(path);
+  await new Promise((resolve) => c.once('connect', resolve));
+  const fd = (c as unknown as { _handle: { fd: number } })._handle.fd;
+  const before = grow(fd, 0);
+  assert.ok(before > 0);
+  const after = grow(fd, 1 << 20);
+  assert.ok(after >= before);
+  assert.equal(grow(fd, 4096), after);
+  c.destroy();
+  const file = join(dir, 'f');
+  await writeFile(file, 'x');
+  const fh = await open(file);
+  assert.equal(grow(fh.fd, 1 << 20), -1);
+  await fh.close();
 });

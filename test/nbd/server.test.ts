@@ -236,6 +236,29 @@ describe('concurrency and robustness', () => {
     await c.disconnect();
   });
 
+  test('large writes sent in pieces, with reads between them, land whole (payloads read straight from the socket)', async (t) => {
+    const { address, dev } = await serve(t, { maxInFlight: 4 });
+    const c = await NbdClient.connect(address, { structuredReplies: true });
+    const data = randomBytes(SIZE, 11);
+    const pending: Promise<unknown>[] = [];
+    for (let i = 0; i < 8; i++) {
+      const size = 98304 + i * 4099;
+      const off = (i * 131072) % (SIZE - size);
+      pending.push(c.write(off, data.subarray(off, off + size)));
+      if (i % 3 === 1) pending.push(c.read(0, 4096));
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+    await Promise.all(pending);
+    for (let i = 0; i < 8; i++) {
+      const size = 98304 + i * 4099;
+      const off = (i * 131072) % (SIZE - size);
+      assert.deepEqual(await bytesOf(dev, off, size), data.subarray(off, off + size));
+    }
+    await c.write(0, data);
+    assert.deepEqual(await c.read(0, SIZE), data);
+    await c.disconnect();
+  });
+
   test('garbage from one client drops only that client', async (t) => {
     const { address } = await serve(t);
     const good = await NbdClient.connect(address);
