@@ -40,10 +40,11 @@ function bundleFor(argv) {
 /**
  * Which of its bundle's code caches a command line takes, beside the bundle's own: 'to-raw' for
  * a `convert` into a raw file without -c (-O raw, or no -O: raw is the default). That cache holds
- * what converts from qcow2 (plain and zlib) into raw files ran, 370 KB against the 560 KB of
- * the whole convert cache, whose qcow2 and qcow writers such a convert never runs; V8 unpacks
- * every function of a cache at start (~115 fewer page faults, ~3 ms less CPU for a 3 MiB convert).
- * Other converts keep the whole cache: compiling the writers from source costs them more than
+ * what converts from qcow2 (plain and zlib) into raw files ran, 393 KB against the 559 KB of
+ * the whole convert cache, whose qcow2 and qcow writers such a convert never runs, and V8 unpacks
+ * every function of a cache at start: a 3 MiB qcow2 -> raw convert took ~93 fewer page faults,
+ * ~6M fewer instructions and ~3 ms less CPU (2026-12-06, against the whole cache). Other converts
+ * keep the whole cache: compiling the writers from source cost a qcow2 target ~6 ms more than
  * unpacking them. A guess that is wrong costs time only, so anything unclear (a cluster of short
  * options with c or O in it, the qemu-img persona) takes the whole cache. Undefined: the bundle's own.
  */
