@@ -24,6 +24,7 @@
 //
 // Usage: node scripts/build-cli.mjs [--no-cache]
 import { build } from 'esbuild';
+import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdtemp, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -38,8 +39,8 @@ import { readdir } from 'node:fs/promises';
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const outDir = join(root, 'dist', 'cli');
 const require = Module.createRequire(import.meta.url);
-/** The launcher's choice of bundle for a command line (bin/qcow.cjs). */
-const { bundleFor } = require('../bin/qcow.cjs');
+/** The launcher's choice of bundle, and of code cache beside the bundle's own, for a command line (bin/qcow.cjs). */
+const { bundleFor, cacheVariantFor } = require('../bin/qcow.cjs');
 export const BUNDLE = join(outDir, 'qcow.bundle.cjs');
 export const CACHE = join(outDir, 'qcow.bundle.cache');
 
@@ -52,7 +53,12 @@ export const CACHE = join(outDir, 'qcow.bundle.cache');
  */
 export const SPLIT = ['info', 'check', 'map', 'measure', 'create', 'snapshot', 'compare', 'convert', 'io', 'resize', 'bench', 'qemu-io'];
 const bundlePath = (name) => (name ? join(outDir, `qcow.cmd-${name}.cjs`) : BUNDLE);
-const cachePath = (bundle) => bundle.replace(/\.cjs$/, '.cache');
+const cachePath = (bundle, variant) => bundle.replace(/\.cjs$/, variant ? `.${variant}.cache` : '.cache');
+/**
+ * Code caches beside a bundle's own, each for the command lines bin/qcow.cjs's cacheVariantFor
+ * gives its name: made from the warm-up runs before the `{ saveCache }` step of the same name.
+ */
+const CACHE_VARIANTS = [{ bundle: 'convert', variant: 'to-raw' }];
 
 /** The five arguments CommonJS passes a module (what Module.wrap puts around it). */
 const WRAP_HEAD = '(function (exports, require, module, __filename, __dirname) {';
@@ -330,6 +336,16 @@ export async function warmCache() {
     ['map', '--output', 'json', p('a.qcow2')],
     ['check', p('a.qcow2')],
     ['convert', '-O', 'raw', p('a.qcow2'), p('a.raw')],
+    // The convert bundle's 'to-raw' cache (see bin/qcow.cjs, cacheVariantFor): what converts into
+    // raw files run, qcow2 with zlib clusters too, and nothing of the writers. The zlib image is
+    // made by the unbundled CLI in a process of its own, so that the convert bundle has not
+    // compressed yet. (zstd clusters were tried too, where the addon decodes them with libzstd:
+    // a zstd convert then compiled 2.4 KB from source instead of 6 KB, every raw convert unpacked
+    // 3.7 KB more, and neither was measurably faster. Note that compressing zstd in this process
+    // would set a V8 flag, a wasm tiering budget, under which V8 rejects every cache made here.)
+    { args: ['convert', '-c', '-O', 'qcow2', p('a.qcow2'), p('z.qcow2')], unbundled: true },
+    ['convert', '-O', 'raw', p('z.qcow2'), p('z.raw')],
+    { saveCache: 'to-raw', bundle: 'convert' },
     ['convert', '-f', 'raw', '-O', 'qcow2', p('a.raw'), p('b.qcow2')],
     ['convert', '-c', '-O', 'qcow2', p('a.qcow2'), p('c.qcow2')],
     ['convert', '-O', 'qcow', p('a.qcow2'), p('d.qcow')],
@@ -337,6 +353,9 @@ export async function warmCache() {
     // No zstd image here: a cache holding zstd's loader made every convert slower (its functions
     // are unpacked at each start) and a zstd one no faster than compiling them when used.
     ['compare', p('a.qcow2'), p('b.qcow2')],
+    // Compressed clusters too: the first compare of a zlib image compiled ~17 KB of code (inflating
+    // and the compressed-cluster reads) from source, which now comes from its cache.
+    ['compare', p('a.qcow2'), p('z.qcow2')],
     ['create', '-q', '-f', 'qcow2', '-b', p('a.qcow2'), '-F', 'qcow2', p('top.qcow2')],
     ['measure', '-O', 'qcow2', p('a.qcow2')],
     ['snapshot', '-l', p('a.qcow2')],
@@ -352,6 +371,8 @@ export async function warmCache() {
   const write = process.stdout.write;
   process.stdout.write = () => true;
   const warmed = new Set();
+  /** The variant caches made so far: path -> bytes (written with the bundles' own below). */
+  const variants = new Map();
   let count = 0;
   // V8 drops the bytecode of functions that have not run for a few garbage collections, and a
   // cache holds only what is compiled when it is made: without this, what `info` ran early in the
@@ -360,8 +381,30 @@ export async function warmCache() {
   // only under the flags it was made with (launcher.test.ts checks that it does).
   setFlagsFromString('--no-flush-bytecode');
   try {
-    for (const args of runs) {
+    for (const step of runs) {
+      if (!Array.isArray(step) && step.saveCache) {
+        // A Script's cache can be taken at any time: this one holds what ran through it so far.
+        // Under the flags the launcher runs with, as the caches below (see setFlagsFromString).
+        const { source, script } = bundles.get(bundlePath(step.bundle));
+        setFlagsFromString('--flush-bytecode');
+        variants.set(cachePath(bundlePath(step.bundle), step.saveCache), cacheBytes(source, script));
+        setFlagsFromString('--no-flush-bytecode');
+        continue;
+      }
+      const args = Array.isArray(step) ? step : step.args;
+      if (step.unbundled) {
+        try {
+          execFileSync(process.execPath, [join(outDir, 'main.js'), ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+        } catch (e) {
+          throw new Error(`warming the code cache: qcow ${args.join(' ')} failed (unbundled): ${e.stderr?.toString().trim() || e.message}`);
+        }
+        continue;
+      }
       const own = bundleFor([process.execPath, BUNDLE, ...args]);
+      const expected = CACHE_VARIANTS.find((v) => v.bundle === own && !variants.has(cachePath(bundlePath(own), v.variant)));
+      if (expected && cacheVariantFor([process.execPath, BUNDLE, ...args]) !== expected.variant) {
+        throw new Error(`warming the code cache: qcow ${args.join(' ')} would go into the ${expected.variant} cache of ${own}, which the launcher does not use for it`);
+      }
       // The whole CLI's bundle too: the commands without a bundle of their own share most code.
       for (const file of new Set([own ? bundlePath(own) : BUNDLE, BUNDLE])) {
         const argv = [process.execPath, BUNDLE, ...args.map((a) => a.replaceAll('{n}', String(count++)))];
@@ -377,17 +420,28 @@ export async function warmCache() {
     process.exitCode = 0;
     await rm(dir, { recursive: true, force: true });
   }
+  for (const { bundle, variant } of CACHE_VARIANTS) {
+    const path = cachePath(bundlePath(bundle), variant);
+    if (!variants.has(path)) throw new Error(`warming the code cache: no ${variant} cache made for ${bundle}`);
+    await replaceFile(path, variants.get(path));
+  }
   for (const [file, { source, script }] of bundles) {
     if (!warmed.has(file)) throw new Error(`warming the code cache: no command ran through ${relative(root, file)}`);
-    // The cache starts with the bundle's identity comment, the SHA-256 of its content (see
-    // buildCli): bin/qcow.cjs uses the cache only with that very bundle, without hashing at
-    // start-up (loading node:crypto alone costs ~6 ms). V8's own check compares lengths, not content.
-    // The data starts at the next multiple of 8 after it (spaces between): V8 copies cached data
-    // that is not 8-byte aligned before reading it, and a file read lands on an aligned buffer.
-    const id = source.slice(0, source.indexOf('*/') + 2);
-    const head = id.padEnd(Math.ceil(id.length / 8) * 8, ' ');
-    await replaceFile(cachePath(file), Buffer.concat([Buffer.from(head, 'latin1'), script.createCachedData()]));
+    await replaceFile(cachePath(file), cacheBytes(source, script));
   }
+}
+
+/**
+ * A cache file: the bundle's identity comment, the SHA-256 of its content (see buildCli), then
+ * what V8 compiled for it. bin/qcow.cjs uses the cache only with that very bundle, without hashing
+ * at start-up (loading node:crypto alone costs ~6 ms). V8's own check compares lengths, not content.
+ * The data starts at the next multiple of 8 after it (spaces between): V8 copies cached data that
+ * is not 8-byte aligned before reading it, and a file read lands on an aligned buffer.
+ */
+function cacheBytes(source, script) {
+  const id = source.slice(0, source.indexOf('*/') + 2);
+  const head = id.padEnd(Math.ceil(id.length / 8) * 8, ' ');
+  return Buffer.concat([Buffer.from(head, 'latin1'), script.createCachedData()]);
 }
 
 if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
@@ -399,12 +453,16 @@ if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.ur
   for (const name of [undefined, ...SPLIT]) built.push(await buildCli(name));
   // No cache is slower, not wrong (bin/qcow.cjs compiles the bundle from source): a machine where
   // the warm-up cannot run (no writable temp folder, say) still gets a working install.
-  for (const { outfile } of built) await rm(cachePath(outfile), { force: true });
+  const removeCaches = async () => {
+    for (const { outfile } of built) await rm(cachePath(outfile), { force: true });
+    for (const { bundle, variant } of CACHE_VARIANTS) await rm(cachePath(bundlePath(bundle), variant), { force: true });
+  };
+  await removeCaches();
   if (!process.argv.includes('--no-cache')) {
     try {
       await warmCache();
     } catch (e) {
-      for (const { outfile } of built) await rm(cachePath(outfile), { force: true });
+      await removeCaches();
       console.warn(`cli bundle: no code cache (${e instanceof Error ? e.message : e}); start-up will be slower`);
     }
   }

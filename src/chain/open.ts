@@ -152,7 +152,9 @@ async function probeFormat(store: ByteStore, options: OpenImageOptions, depth: n
 
 /** "a/./b" and "a/x/../b" are "a/b": one image, however the chain spells it. */
 export function normalizeName(name: string): string {
-  const scheme = /^[a-z][a-z0-9+.-]*:\/\/[^/]*/i.exec(name)?.[0] ?? '';
+  // Both cases spelt out rather than the `i` flag, which V8 compiles with ICU's case tables
+  // (see isHttpUrl in storage/url.ts).
+  const scheme = /^[a-zA-Z][a-zA-Z0-9+.-]*:\/\/[^/]*/.exec(name)?.[0] ?? '';
   const parts: string[] = [];
   for (const part of name.slice(scheme.length).split('/')) {
     if (part === '.' || (part === '' && parts.length > 0)) continue;

@@ -20,13 +20,19 @@ import { QCOW_BIN, run } from '../support/qemu.js';
 const dir = join(import.meta.dirname, '..', '..', 'dist', 'cli');
 const launcher = join(dir, '..', '..', 'bin', 'qcow.cjs');
 const bundles = readdirSync(dir).filter((f) => /^qcow\.(bundle|cmd-[a-z-]+)\.cjs$/.test(f));
-const { bundleFor } = createRequire(import.meta.url)(launcher) as { bundleFor: (argv: string[]) => string | undefined };
+const { bundleFor, cacheVariantFor } = createRequire(import.meta.url)(launcher) as {
+  bundleFor: (argv: string[]) => string | undefined;
+  cacheVariantFor: (argv: string[]) => string | undefined;
+};
+/** Each bundle's own cache, and the caches of it for some command lines (qcow.cmd-convert.to-raw.cache). */
+const caches = (bundle: string) => readdirSync(dir).filter((f) => f === bundle.replace(/\.cjs$/, '.cache') || (f.startsWith(bundle.replace(/\.cjs$/, '.')) && /^[a-z-]+\.cache$/.test(f.slice(bundle.length - 3))));
 
-test('every bundle and its code cache carry the same identity comment, and V8 accepts the cache', () => {
+test('every bundle and its code caches carry the same identity comment, and V8 accepts the caches', () => {
   assert.ok(bundles.includes('qcow.bundle.cjs') && bundles.includes('qcow.cmd-info.cjs'), bundles.join(' '));
-  for (const name of bundles) {
+  assert.deepEqual(caches('qcow.cmd-convert.cjs').sort(), ['qcow.cmd-convert.cache', 'qcow.cmd-convert.to-raw.cache']);
+  for (const [name, cacheName] of bundles.flatMap((b) => caches(b).map((c) => [b, c] as const))) {
     const source = readFileSync(join(dir, name), 'latin1');
-    const cache = readFileSync(join(dir, name.replace(/\.cjs$/, '.cache')));
+    const cache = readFileSync(join(dir, cacheName));
     const id = source.slice(0, source.indexOf('*/') + 2);
     assert.match(id, /^\/\* qcow-bundle [0-9a-f]{64} \*\/$/, name);
     assert.equal(cache.subarray(0, id.length).toString(), id, name);
@@ -34,8 +40,8 @@ test('every bundle and its code cache carry the same identity comment, and V8 ac
     // The data starts 8-byte aligned after the identity (V8 would copy it otherwise).
     assert.equal(cache.subarray(id.length, Math.ceil(id.length / 8) * 8).toString().trim(), '', name);
     const script = new Script(source, { filename: join(dir, name), cachedData: cache.subarray(Math.ceil(id.length / 8) * 8) });
-    assert.equal(script.cachedDataRejected, false, name);
-    assert.equal(typeof script.runInThisContext(), 'function', name);
+    assert.equal(script.cachedDataRejected, false, cacheName);
+    assert.equal(typeof script.runInThisContext(), 'function', cacheName);
   }
 });
 
@@ -53,6 +59,23 @@ test('the launcher picks the bundle of the command, also behind the qemu-img per
   assert.equal(pick('--persona=qemu-img', '--version'), undefined);
   assert.equal(pick('--help'), undefined);
   assert.equal(pick('/some/file'), undefined);
+});
+
+test('converts into raw files take the convert cache made of such converts; other command lines the bundle\'s own', () => {
+  const pick = (...args: string[]) => cacheVariantFor(['node', 'qcow', ...args]);
+  assert.equal(pick('convert', 'a.qcow2', 'b.raw'), 'to-raw');
+  assert.equal(pick('convert', '-f', 'qcow2', '-O', 'raw', '-m', '4', 'a.qcow2', 'b.raw'), 'to-raw');
+  assert.equal(pick('convert', '--output-format=raw', 'a', 'b'), 'to-raw');
+  assert.equal(pick('convert', '-Oraw', 'a', 'b'), 'to-raw');
+  // Writers of other formats, compressing, and what the launcher cannot tell apart: the whole cache.
+  assert.equal(pick('convert', '-O', 'qcow2', 'a', 'b'), undefined);
+  assert.equal(pick('convert', '-Oqcow2', 'a', 'b'), undefined);
+  assert.equal(pick('convert', '--output-format', 'vmdk', 'a', 'b'), undefined);
+  assert.equal(pick('convert', '-c', 'a', 'b'), undefined);
+  assert.equal(pick('convert', '-pc', 'a', 'b'), undefined);
+  assert.equal(pick('convert', '--compress', 'a', 'b'), undefined);
+  assert.equal(pick('--persona=qemu-img', 'convert', '-O', 'raw', 'a', 'b'), undefined);
+  assert.equal(pick('info', 'a'), undefined);
 });
 
 test('a command whose bundle leaves out the others still runs them from the whole CLI when asked', async () => {
