@@ -8,9 +8,12 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { openImage } from '#src/node.js';
 import type { Qcow2Device } from '#src/formats/qcow2/qcow2.js';
 import { needs, qcowOk, qemuImg, qemuIo, run, runOk, scratch } from '../../support/qemu.js';
+
+const COMPAT_QEMU_IO = fileURLToPath(new URL('../../../compat/qemu-io', import.meta.url));
 
 interface InfoBitmap {
   name: string;
@@ -130,6 +133,39 @@ test('an enabled bitmap is in use on disk while qcow holds the image for writing
     await dev.close();
   }
   assert.deepEqual((await bitmaps(file))[0]!.flags, ['auto']);
+  await checkClean(file);
+});
+
+test('a disabled bitmap is in use on disk too while the image is open for writing, as QEMU 7.2 marks it', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const flagsAfterAbort = async (file: string, io: string[]) => {
+    await qemuImg(['create', '-q', '-f', 'qcow2', file, '16M']);
+    await qemuImg(['bitmap', '--add', file, 'on']);
+    await qemuImg(['bitmap', '--add', '--disable', file, 'off']);
+    // An abort leaves the flags the session put on disk, as a crash would.
+    await run(io[0]!, [...io.slice(1), '-c', 'abort', file]);
+    return (await bitmaps(file)).map((b) => [b.name, b.flags]);
+  };
+  const theirs = await flagsAfterAbort(join(dir, 'qemu.qcow2'), ['qemu-io', '-f', 'qcow2']);
+  assert.deepEqual(theirs, [
+    ['on', ['in-use', 'auto']],
+    ['off', ['in-use']],
+  ]);
+  assert.deepEqual(await flagsAfterAbort(join(dir, 'ours.qcow2'), [COMPAT_QEMU_IO, '-f', 'qcow2']), theirs);
+
+  // A clean session stores both again, flags as they were.
+  const file = join(dir, 'clean.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', file, '16M']);
+  await qemuImg(['bitmap', '--add', '--disable', file, 'off']);
+  const dev = await openImage(file);
+  try {
+    const seen = await run('qemu-img', ['info', '-U', '--output=json', '-f', 'qcow2', file]);
+    assert.deepEqual((JSON.parse(seen.stdout)['format-specific'].data.bitmaps as InfoBitmap[])[0]!.flags, ['in-use']);
+    await dev.write(0, new Uint8Array(4096).fill(7));
+  } finally {
+    await dev.close();
+  }
+  assert.deepEqual((await bitmaps(file)).map((b) => [b.name, b.flags]), [['off', []]]);
   await checkClean(file);
 });
 
