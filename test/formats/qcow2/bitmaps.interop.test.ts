@@ -344,6 +344,29 @@ test('convert --bitmaps copies bitmaps as qemu-img convert --bitmaps does; broke
   assert.match((await qcow(['convert', '--skip-broken-bitmaps', '-O', 'qcow2', src, join(dir, 'x.qcow2')])).stderr, /requires --bitmaps/);
 });
 
+test('convert --bitmaps names broken bitmaps in the order qemu-img does (last directory entry first); copies keep the source order', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const src = join(dir, 'src.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', src, '16M']);
+  for (const name of ['a', 'b', 'c', 'd']) await qemuImg(['bitmap', '--add', src, name]);
+  await qemuImg(['bitmap', '--disable', src, 'c']);
+  // A session that dies leaves the enabled ones (a, b, d) and, as QEMU 7.2 marks them, c in use.
+  await run('qemu-io', ['-f', 'qcow2', '-c', 'abort', src]);
+  await qemuImg(['bitmap', '--remove', src, 'c']);
+  await qemuImg(['bitmap', '--add', src, 'e']);
+  const COMPAT_QEMU_IMG = fileURLToPath(new URL('../../../compat/qemu-img', import.meta.url));
+  for (const extra of [[], ['--skip-broken-bitmaps']]) {
+    const outcome = async (tool: string, target: string) => {
+      const r = await run(tool, ['convert', '--bitmaps', ...extra, '-O', 'qcow2', src, join(dir, target)]);
+      const list = r.code === 0 ? (await bitmaps(join(dir, target))).map((b) => [b.name, b.flags]) : [];
+      return { code: r.code, stderr: r.stderr.replaceAll(target, 'T'), list };
+    };
+    const theirs = await outcome('qemu-img', `theirs${extra.length}.qcow2`);
+    assert.match(theirs.stderr, extra.length ? /'d'[^]*'b'[^]*'a'/ : /'d'/);
+    assert.deepEqual(await outcome(COMPAT_QEMU_IMG, `ours${extra.length}.qcow2`), theirs);
+  }
+});
+
 test('check finds a broken bitmap table and check -r all removes the bitmap, which QEMU cannot (qemu issue 2909)', needs('qemu-img', 'qemu-io'), async (t) => {
   const dir = await scratch(t);
   const file = join(dir, 'broken.qcow2');
