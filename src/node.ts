@@ -25,3 +25,4 @@ export { fdSink } from './streams/fd-sink.node.js';
 export { stageOver, type StagedTarget } from './streams/staging.node.js';
 // Serving a device over NBD, as `qcow serve` does.
 export { serveNbd, type ServeNbdOptions, type NbdServerHandle, type ListenAddress } from './nbd/serve.js';
+export { NbdClient, type ConnectOptions as NbdConnectOptions } from './nbd/client.js';

@@ -50,8 +50,11 @@ export const SNAPSHOT_TABLE_REFUSED = /^(?:Too much extra metadata in snapshot t
 
 const noFile = (msg: string) => msg.replace(/^(?:file|cannot open|could not open)[^:]*:\s*/i, '');
 
-/** Our refusals of a qcow2 header at open, and QEMU's words for each. */
-const HEADER_REFUSALS: [RegExp, string][] = [
+/**
+ * Our refusals of a qcow2 or qcow header at open, and QEMU's words for each. A refusal that is
+ * not a corruption of ours (an image too large for QEMU's limits) names its code.
+ */
+const HEADER_REFUSALS: [RegExp, string, QcowError['code']?][] = [
   [/^qcow2 header: header_length \d+ is larger than the first cluster/, 'qcow2 header exceeds cluster size'],
   [/^(?:qcow2 header: )?backing_file_offset 0x[0-9a-f]+ (?:is too large|lies past the first cluster)$/, 'Invalid backing file offset'],
   [/^qcow2 header extension (?:0x[0-9a-f]+ )?at 0x[0-9a-f]+(?::.*)? runs past the header area$/, 'Header extension too large'],
@@ -63,6 +66,11 @@ const HEADER_REFUSALS: [RegExp, string][] = [
   [/^(?:l1_table_offset 0x[0-9a-f]+ is too large|L1 table offset 0x[0-9a-f]+ is not cluster aligned)$/, 'Active L1 table offset invalid'],
   [/^L1 table is too small\b/, 'L1 table is too small'],
   [/^qcow2 header: backing file name is too long/, 'Backing file name too long'],
+  // qcow (version 1): QEMU's qcow driver checks the same fields in its own words.
+  [/^header cluster_bits \d+ is out of range\b/, 'Cluster size must be between 512 and 64k'],
+  [/^header l2_bits \d+ is out of range\b/, 'L2 table size must be between 512 and 64k'],
+  [/^header size \d+: image too large\b/, 'Image too large', 'QCOW_UNSUPPORTED'],
+  [/^header backing_file_size \d+: backing file name too long\b/, 'Backing file name too long'],
 ];
 
 const ROWS: Row[] = [
@@ -131,9 +139,9 @@ const ROWS: Row[] = [
   // A qcow2 header, or a table it places, that QEMU refuses at open: its words for each (ours say
   // what the values were). qemu-io gives the words alone, qemu-img names the image.
   ...HEADER_REFUSALS.map(
-    ([match, words]): Row => ({
+    ([match, words, code]): Row => ({
       op: ['open', 'run', 'device'],
-      code: 'QCOW_CORRUPT',
+      code: code ?? 'QCOW_CORRUPT',
       match,
       text: (e, c) => (c.op === 'device' ? words : `Could not open '${c.file ?? e.file}': ${words}`),
     }),

@@ -15,13 +15,22 @@ export interface BitmapCopyOptions {
   onSkip?: (name: string) => void;
 }
 
+/**
+ * The bitmaps in the order QEMU walks a node's bitmaps: its in-memory list gets each bitmap at
+ * the head as the directory is read, so the last entry comes first. Which broken bitmap a
+ * refusal names, and the order of the skip warnings, follow it.
+ */
+function newestFirst<T>(list: readonly T[]): T[] {
+  return [...list].reverse();
+}
+
 /** Refuse what qemu-img refuses before converting: a source without bitmaps, broken ones. */
 export async function checkBitmapCopy(sources: BlockDevice[], options: BitmapCopyOptions = {}): Promise<void> {
   if (sources.length !== 1) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Copying bitmaps only possible with single source');
   const src = sources[0]!;
   if (!src.persistentBitmaps) throw unsupported('Source lacks bitmap support');
   if (options.skipBroken) return;
-  const broken = (await src.persistentBitmaps()).list().find((b) => b.unusable);
+  const broken = newestFirst((await src.persistentBitmaps()).list()).find((b) => b.unusable);
   if (broken) throw new QcowError('QCOW_UNSUPPORTED', `Cannot copy inconsistent bitmap '${broken.name}'. Try --skip-broken-bitmaps, or use 'qcow bitmap --remove' to delete it`, { file: src.filename });
 }
 
@@ -32,12 +41,16 @@ export async function copyBitmaps(src: BlockDevice, dst: BlockDevice, options: B
   if (!dst.editBitmaps || compat === '0.10') throw unsupported(`Format driver '${dst.format}' does not support bitmaps`);
   if (!src.persistentBitmaps) throw unsupported('Source lacks bitmap support');
   const from = await src.persistentBitmaps();
-  for (const b of from.list()) {
-    if (b.unusable) {
-      if (!options.skipBroken) throw new QcowError('QCOW_UNSUPPORTED', `Cannot copy inconsistent bitmap '${b.name}'`, { file: src.filename });
-      options.onSkip?.(b.name);
-      continue;
-    }
+  const list = from.list();
+  for (const b of newestFirst(list)) {
+    if (!b.unusable) continue;
+    if (!options.skipBroken) throw new QcowError('QCOW_UNSUPPORTED', `Cannot copy inconsistent bitmap '${b.name}'`, { file: src.filename });
+    options.onSkip?.(b.name);
+  }
+  // Added in the source's directory order, which is where QEMU's copies land too (its walk of
+  // the target's bitmaps at close reverses its walk of the source's).
+  for (const b of list) {
+    if (b.unusable) continue;
     await dst.editBitmaps(async (to) => {
       try {
         await to.add(b.name, { granularity: b.granularity, disabled: !b.auto });

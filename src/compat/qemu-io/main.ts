@@ -11,6 +11,7 @@ import { joinQcow2Options, qcow2OptionProblem } from './qcow2-options.js';
 import { checkHostProtocol, isHostProtocol } from './protocol.js';
 import { isJsonFilename, jsonFilenameOptions } from '../json-filename.js';
 import { NULL_CO, openNullCo } from '../null-co.js';
+import type { NbdTarget } from '../nbd-store.js';
 import { COMPRESS, compressFilter } from './compress-filter.js';
 import { QemuIo, parseOpts, type IoOutput, type Opener, type OpenRequest } from './engine.js';
 
@@ -198,6 +199,12 @@ export class NodeOpener implements Opener {
       for (const [k, v] of Object.entries(o)) if (k.startsWith('file.')) child[k.slice(5)] = v;
       return compressFilter(await this.open({ ...req, name: undefined, snapshot: false, options: child }));
     }
+    // An NBD export (loaded only then: the client brings node:net into the start-up).
+    if (o.driver === 'nbd' || o['file.driver'] === 'nbd' || (!json && req.name?.startsWith('nbd'))) {
+      const { nbdTargetOf, nbdTargetOfOptions } = await import('../nbd-store.js');
+      const nbd = nbdTargetOfOptions(o) ?? (json || req.name === undefined ? undefined : nbdTargetOf(req.name));
+      if (nbd) return this.openNbd(req.name ?? 'nbd', nbd, o, req.readOnly || o['read-only'] === 'on');
+    }
     const name = (json ? undefined : req.name) ?? o['file.filename'] ?? o.filename ?? o.file ?? o['file.file.filename'];
     if (name === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', "A block device must be specified for \"file\"");
     let format = o.driver ?? this.format;
@@ -242,6 +249,20 @@ export class NodeOpener implements Opener {
     const dev = await openImage(tmp, { readOnly, password, ...QEMU_OPEN_RULES });
     this.overlays.set(dev, dir);
     return dev;
+  }
+
+  /** An NBD export: a raw image over the connection (or the format named over it). */
+  private async openNbd(name: string, target: NbdTarget, o: Record<string, string>, readOnly: boolean): Promise<BlockDevice> {
+    const { openImage, defaultOpener } = await import('../../cli/open-images.js');
+    const { NbdStore, openerWithStore } = await import('../nbd-store.js');
+    const store = await NbdStore.connect(name, target, readOnly);
+    const format = o.driver !== undefined && o.driver !== 'nbd' ? o.driver : this.format === 'nbd' || this.format === undefined ? 'raw' : this.format;
+    try {
+      return await openImage(name, { format, readOnly, ...QEMU_OPEN_RULES, opener: openerWithStore(defaultOpener, name, store) });
+    } catch (e) {
+      await store.close().catch(() => undefined);
+      throw e;
+    }
   }
 
   optionProblem(dev: BlockDevice, o: Record<string, string>): string | undefined {

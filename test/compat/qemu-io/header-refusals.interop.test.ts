@@ -90,3 +90,34 @@ test('compat/qemu-img refuses a snapshot L1 table QEMU will not load, in its wor
     }
   }
 });
+
+// qcow (version 1): backing_file_offset at byte 8, backing_file_size at 16, size at 24,
+// cluster_bits at 32, l2_bits at 33.
+const QCOW1_CASES: [string, Poke[]][] = [
+  ['cluster bits far out of range', [[32, 'ff']]],
+  ['cluster bits just past 64k', [[32, '11']]],
+  ['cluster bits below 512', [[32, '08']]],
+  ['L2 bits far out of range', [[33, 'ff']]],
+  ['L2 bits below 512 bytes of table', [[33, '05']]],
+  ['L2 bits past 64k of table', [[33, '0e']]],
+  ['a size no L1 table can cover', [[24, '7fffffffffffffff']]],
+  ['a huge backing file name', [[8, '0000000000000100'], [16, 'ffffffff']]],
+];
+
+test('compat/qemu-io and compat/qemu-img refuse hostile qcow headers in QEMU words', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const img = join(dir, 't.qcow');
+  for (const [what, pokes] of QCOW1_CASES) {
+    await qemuImg(['create', '-q', '-f', 'qcow', img, '64M']);
+    await poke(img, pokes);
+    for (const [ours, theirs, args] of [
+      [COMPAT_QEMU_IO, 'qemu-io', ['-c', 'read 0 512', img]],
+      [COMPAT_QEMU_IMG, 'qemu-img', ['info', img]],
+    ] as const) {
+      const a = await run(ours, [...args]);
+      const b = await run(theirs, [...args]);
+      assert.deepEqual({ code: a.code, stderr: a.stderr }, { code: b.code, stderr: b.stderr }, `${theirs}: ${what}`);
+      assert.notEqual(b.code, 0, `${theirs}: ${what}`);
+    }
+  }
+});

@@ -236,7 +236,10 @@ test("qcow's own commands refuse the same steps in one line of their own words, 
   await image(dir, 'a.qcow2', '4M', [['b1'], ['b2', '--disable']], ['write 0 64k']);
   await qemuImg(['snapshot', '-c', 's1', join(dir, 'a.qcow2')]);
   await markFirstInUse(join(dir, 'a.qcow2'));
-  const before = (await qemuImg(['info', '--output=json', 'a.qcow2'], dir)).stdout;
+  // The allocation may change (a writable open stores the disabled bitmap again at close, as
+  // QEMU's refused resize does too): what the image says must not.
+  const infoNow = async () => (await qemuImg(['info', '--output=json', 'a.qcow2'], dir)).stdout.replace(/\n\s*"actual-size": \d+,/, '');
+  const before = await infoNow();
   const refusals: Array<[string[], RegExp]> = [
     [['snapshot', '-a', 's1', 'a.qcow2'], /^qcow: .*Could not apply snapshot 's1': the image has persistent dirty bitmaps \('b1', 'b2'\); remove them first$/],
     [['resize', 'a.qcow2', '8M'], /^qcow: .*Bitmap 'b1' is inconsistent and cannot be used: cannot resize the image \(remove the bitmap first\)$/],
@@ -248,5 +251,5 @@ test("qcow's own commands refuse the same steps in one line of their own words, 
     assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
     assert.match(r.stderr.trim(), message);
   }
-  assert.equal((await qemuImg(['info', '--output=json', 'a.qcow2'], dir)).stdout, before);
+  assert.equal(await infoNow(), before);
 });

@@ -8,9 +8,12 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { openImage } from '#src/node.js';
 import type { Qcow2Device } from '#src/formats/qcow2/qcow2.js';
 import { needs, qcowOk, qemuImg, qemuIo, run, runOk, scratch } from '../../support/qemu.js';
+
+const COMPAT_QEMU_IO = fileURLToPath(new URL('../../../compat/qemu-io', import.meta.url));
 
 interface InfoBitmap {
   name: string;
@@ -130,6 +133,39 @@ test('an enabled bitmap is in use on disk while qcow holds the image for writing
     await dev.close();
   }
   assert.deepEqual((await bitmaps(file))[0]!.flags, ['auto']);
+  await checkClean(file);
+});
+
+test('a disabled bitmap is in use on disk too while the image is open for writing, as QEMU 7.2 marks it', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const flagsAfterAbort = async (file: string, io: string[]) => {
+    await qemuImg(['create', '-q', '-f', 'qcow2', file, '16M']);
+    await qemuImg(['bitmap', '--add', file, 'on']);
+    await qemuImg(['bitmap', '--add', '--disable', file, 'off']);
+    // An abort leaves the flags the session put on disk, as a crash would.
+    await run(io[0]!, [...io.slice(1), '-c', 'abort', file]);
+    return (await bitmaps(file)).map((b) => [b.name, b.flags]);
+  };
+  const theirs = await flagsAfterAbort(join(dir, 'qemu.qcow2'), ['qemu-io', '-f', 'qcow2']);
+  assert.deepEqual(theirs, [
+    ['on', ['in-use', 'auto']],
+    ['off', ['in-use']],
+  ]);
+  assert.deepEqual(await flagsAfterAbort(join(dir, 'ours.qcow2'), [COMPAT_QEMU_IO, '-f', 'qcow2']), theirs);
+
+  // A clean session stores both again, flags as they were.
+  const file = join(dir, 'clean.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', file, '16M']);
+  await qemuImg(['bitmap', '--add', '--disable', file, 'off']);
+  const dev = await openImage(file);
+  try {
+    const seen = await run('qemu-img', ['info', '-U', '--output=json', '-f', 'qcow2', file]);
+    assert.deepEqual((JSON.parse(seen.stdout)['format-specific'].data.bitmaps as InfoBitmap[])[0]!.flags, ['in-use']);
+    await dev.write(0, new Uint8Array(4096).fill(7));
+  } finally {
+    await dev.close();
+  }
+  assert.deepEqual((await bitmaps(file)).map((b) => [b.name, b.flags]), [['off', []]]);
   await checkClean(file);
 });
 
@@ -306,6 +342,29 @@ test('convert --bitmaps copies bitmaps as qemu-img convert --bitmaps does; broke
   assert.match(r.stderr, /Skipping inconsistent bitmap 'on'/);
   assert.deepEqual((await bitmaps(skipped)).map((b) => b.name), ['off']);
   assert.match((await qcow(['convert', '--skip-broken-bitmaps', '-O', 'qcow2', src, join(dir, 'x.qcow2')])).stderr, /requires --bitmaps/);
+});
+
+test('convert --bitmaps names broken bitmaps in the order qemu-img does (last directory entry first); copies keep the source order', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const src = join(dir, 'src.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', src, '16M']);
+  for (const name of ['a', 'b', 'c', 'd']) await qemuImg(['bitmap', '--add', src, name]);
+  await qemuImg(['bitmap', '--disable', src, 'c']);
+  // A session that dies leaves the enabled ones (a, b, d) and, as QEMU 7.2 marks them, c in use.
+  await run('qemu-io', ['-f', 'qcow2', '-c', 'abort', src]);
+  await qemuImg(['bitmap', '--remove', src, 'c']);
+  await qemuImg(['bitmap', '--add', src, 'e']);
+  const COMPAT_QEMU_IMG = fileURLToPath(new URL('../../../compat/qemu-img', import.meta.url));
+  for (const extra of [[], ['--skip-broken-bitmaps']]) {
+    const outcome = async (tool: string, target: string) => {
+      const r = await run(tool, ['convert', '--bitmaps', ...extra, '-O', 'qcow2', src, join(dir, target)]);
+      const list = r.code === 0 ? (await bitmaps(join(dir, target))).map((b) => [b.name, b.flags]) : [];
+      return { code: r.code, stderr: r.stderr.replaceAll(target, 'T'), list };
+    };
+    const theirs = await outcome('qemu-img', `theirs${extra.length}.qcow2`);
+    assert.match(theirs.stderr, extra.length ? /'d'[^]*'b'[^]*'a'/ : /'d'/);
+    assert.deepEqual(await outcome(COMPAT_QEMU_IMG, `ours${extra.length}.qcow2`), theirs);
+  }
 });
 
 test('check finds a broken bitmap table and check -r all removes the bitmap, which QEMU cannot (qemu issue 2909)', needs('qemu-img', 'qemu-io'), async (t) => {

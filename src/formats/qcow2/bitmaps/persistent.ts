@@ -88,6 +88,12 @@ interface Bitmap {
   tableDirty: boolean;
   /** Recording guest writes in this session (flagged in_use on disk meanwhile). */
   tracked: boolean;
+  /**
+   * Held by this writable session without recording (a disabled bitmap): flagged in_use on disk
+   * until stored at close, as QEMU 7.2 loads every bitmap of an image it opens for writing and
+   * marks each in_use, enabled or not.
+   */
+  held?: boolean;
   /** Unusable as found (in use from a crash, bad fields): kept verbatim, only removable. */
   unusable?: string;
 }
@@ -180,10 +186,10 @@ export class PersistentBitmaps {
     return b;
   }
 
-  /** The flags as they go to disk: in_use while tracked, or as found when unusable. */
+  /** The flags as they go to disk: in_use while tracked or held, or as found when unusable. */
   private flagsOf(b: Bitmap): number {
     const base = b.entry.flags & ~FLAG_IN_USE;
-    return b.tracked || (b.entry.flags & FLAG_IN_USE) !== 0 ? base | FLAG_IN_USE : base;
+    return b.tracked || b.held === true || (b.entry.flags & FLAG_IN_USE) !== 0 ? base | FLAG_IN_USE : base;
   }
 
   // --- reading -----------------------------------------------------------------------------------
@@ -283,18 +289,21 @@ export class PersistentBitmaps {
 
   /**
    * Called when the image is opened for writing: every enabled bitmap starts recording writes and
-   * is flagged in_use on disk before the first write can happen. An enabled bitmap we cannot use
-   * (bad fields) is flagged in_use too, so nobody trusts it after our writes.
+   * is flagged in_use on disk before the first write can happen. As QEMU 7.2 loads every bitmap
+   * of a writable image, a disabled one is flagged in_use too (held, stored again at close), so a
+   * session that dies leaves all of them inconsistent. A bitmap we cannot use (bad fields) is
+   * flagged in_use for good, so nobody trusts it after our writes.
    */
   async startTracking(): Promise<void> {
     this.tracking = true;
     let changed = false;
     for (const b of this.bitmaps) {
-      if (!(b.entry.flags & FLAG_AUTO) || b.entry.flags & FLAG_IN_USE) continue;
+      if (b.entry.flags & FLAG_IN_USE) continue;
       if (b.unusable) {
         b.entry.flags |= FLAG_IN_USE;
         b.unusable = unusableReason(b.entry, this.geometry());
-      } else b.tracked = true;
+      } else if (b.entry.flags & FLAG_AUTO) b.tracked = true;
+      else b.held = true;
       changed = true;
     }
     if (changed) await this.flagInPlace();
@@ -413,8 +422,8 @@ export class PersistentBitmaps {
    */
   async store(keepTracking = false): Promise<void> {
     await this.applyPending();
-    const tracked = this.bitmaps.filter((b) => b.tracked);
-    if (!keepTracking) for (const b of tracked) b.tracked = false;
+    const tracked = this.bitmaps.filter((b) => b.tracked || b.held === true);
+    if (!keepTracking) for (const b of tracked) b.tracked = b.held = false;
     if (tracked.length > 0 || this.bitmaps.some((b) => b.tableDirty)) await this.writeDirectory();
     if (!keepTracking) this.tracking = false;
   }
@@ -486,7 +495,7 @@ export class PersistentBitmaps {
     const entry: BitmapEntry = { tableOffset: 0, tableSize, flags: options.disabled ? 0 : FLAG_AUTO, type: TYPE_DIRTY_TRACKING, granularityBits: bits, name, extraData: new Uint8Array(0) };
     // A new enabled bitmap records writes from now on if this session records them.
     // Stored with the others when the image closes (store()), as QEMU stores a new bitmap.
-    this.bitmaps.push({ entry, table: new Float64Array(tableSize), tableDirty: true, tracked: this.tracking && !options.disabled });
+    this.bitmaps.push({ entry, table: new Float64Array(tableSize), tableDirty: true, tracked: this.tracking && !options.disabled, held: this.tracking && options.disabled === true });
   }
 
   /** Remove a bitmap, usable or not (the only way out of a broken one). */
@@ -541,7 +550,10 @@ export class PersistentBitmaps {
   async enable(name: string): Promise<void> {
     const b = this.usable(name);
     b.entry.flags |= FLAG_AUTO;
-    if (this.tracking) b.tracked = true;
+    if (this.tracking) {
+      b.tracked = true;
+      b.held = false;
+    }
     await this.writeDirectory();
   }
 
@@ -549,6 +561,7 @@ export class PersistentBitmaps {
     const b = this.usable(name);
     if (b.tracked) await this.applyPending();
     b.entry.flags &= ~FLAG_AUTO;
+    b.held = b.tracked || b.held === true;
     b.tracked = false;
     await this.writeDirectory();
   }

@@ -1,0 +1,100 @@
+/**
+ * An NBD export as a ByteStore, for the names QEMU's programs accept for one: `nbd:unix:PATH`
+ * (with an optional `:exportname=NAME`), `nbd+unix:///NAME?socket=PATH`, `nbd:HOST:PORT` and
+ * `driver=nbd` options (`server.type=unix`, `server.path`, `export`). The image over it is raw,
+ * as QEMU's nbd protocol driver gives the export's bytes.
+ */
+import { NbdClient, QcowError, type ByteStore, type ListenAddress, type StoreOpener } from '../node.js';
+
+export interface NbdTarget {
+  address: ListenAddress;
+  exportName: string;
+}
+
+/** The NBD export a filename names, or undefined when it names none. */
+export function nbdTargetOf(name: string): NbdTarget | undefined {
+  let m = /^nbd:unix:([^:]+)(?::exportname=(.*))?$/.exec(name);
+  if (m) return { address: { path: m[1]! }, exportName: m[2] ?? '' };
+  m = /^nbd:([^:/]+):(\d+)(?::exportname=(.*))?$/.exec(name);
+  if (m) return { address: { host: m[1]!, port: Number(m[2]) }, exportName: m[3] ?? '' };
+  if (/^nbd\+unix:\/\//.test(name)) {
+    const url = new URL(name);
+    const socket = url.searchParams.get('socket');
+    if (socket) return { address: { path: socket }, exportName: decodeURIComponent(url.pathname.replace(/^\//, '')) };
+  }
+  return undefined;
+}
+
+/** The NBD export `driver=nbd` options name (server.type unix or inet), or undefined. */
+export function nbdTargetOfOptions(o: Record<string, string>): NbdTarget | undefined {
+  if (o.driver !== 'nbd' && o['file.driver'] !== 'nbd') return undefined;
+  const key = (k: string) => o[`server.${k}`] ?? o[`file.server.${k}`];
+  const exportName = o.export ?? o['file.export'] ?? '';
+  const path = key('path');
+  if ((key('type') ?? 'unix') === 'unix' && path !== undefined) return { address: { path }, exportName };
+  const host = key('host');
+  const port = key('port');
+  if (host !== undefined && port !== undefined) return { address: { host, port: Number(port) }, exportName };
+  return undefined;
+}
+
+export class NbdStore implements ByteStore {
+  private constructor(
+    readonly name: string,
+    private readonly client: NbdClient,
+    readonly readOnly: boolean,
+  ) {}
+
+  /** Connect and enter transmission; the export's size is known from then on. */
+  static async connect(name: string, target: NbdTarget, readOnly: boolean): Promise<NbdStore> {
+    let client: NbdClient;
+    try {
+      client = await NbdClient.connect(target.address, { exportName: target.exportName });
+    } catch (e) {
+      const where = 'path' in target.address ? target.address.path : `${target.address.host ?? ''}:${target.address.port}`;
+      const errno = (e as NodeJS.ErrnoException).code === 'ENOENT' ? 'No such file or directory' : (e as Error).message;
+      throw new QcowError('QCOW_IO', `Failed to connect to '${where}': ${errno}`, { cause: e });
+    }
+    return new NbdStore(name, client, readOnly);
+  }
+
+  async size(): Promise<number> {
+    return this.client.size;
+  }
+  async read(offset: number, into: Uint8Array): Promise<number> {
+    const n = Math.max(0, Math.min(into.length, this.client.size - offset));
+    if (n > 0) into.set(await this.client.read(offset, n));
+    into.fill(0, n);
+    return n;
+  }
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    if (this.readOnly) throw new QcowError('QCOW_READ_ONLY', 'Permission denied', { file: this.name });
+    await this.client.write(offset, data);
+  }
+  async truncate(size: number): Promise<void> {
+    if (size !== this.client.size) throw new QcowError('QCOW_UNSUPPORTED', 'Cannot resize NBD nodes', { file: this.name });
+  }
+  async flush(): Promise<void> {
+    if (!this.readOnly) await this.client.flush();
+  }
+  async close(): Promise<void> {
+    await this.client.disconnect().catch(() => this.client.destroy());
+  }
+}
+
+/** `base`, except that `name` opens as the given store (once). */
+export function openerWithStore(base: StoreOpener, name: string, store: ByteStore): StoreOpener {
+  let used = false;
+  return {
+    open: async (n, o) => {
+      if (n === name && !used) {
+        used = true;
+        return store;
+      }
+      return base.open(n, o);
+    },
+    resolve: (n, rel) => base.resolve(n, rel),
+    exists: base.exists && ((n) => (n === name ? Promise.resolve(true) : base.exists!(n))),
+    remove: base.remove && ((n) => base.remove!(n)),
+  };
+}
