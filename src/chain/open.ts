@@ -51,6 +51,8 @@ export interface OpenImageOptions {
   refuseMalformedBitmaps?: boolean;
   /** The top image only: see OpenOptions.lazyRefcounts. */
   lazyRefcounts?: boolean;
+  /** The top image only: see OpenOptions.overlapCheck. */
+  overlapCheck?: OpenOptions['overlapCheck'];
   /** Every image opened read-write: see OpenOptions.onRepair. */
   onRepair?: OpenOptions['onRepair'];
   /** Every image of the chain: see OpenOptions.onWarning. */
@@ -122,6 +124,7 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
       inspectOnly: options.inspectOnly,
       refuseMalformedBitmaps: options.refuseMalformedBitmaps,
       lazyRefcounts: depth === 0 ? options.lazyRefcounts : undefined,
+      overlapCheck: depth === 0 ? options.overlapCheck : undefined,
       onRepair: options.onRepair,
       onWarning: options.onWarning,
       openFile: (fileName, o) =>

@@ -248,6 +248,26 @@ export interface BlockDevice {
   [Symbol.asyncDispose](): Promise<void>;
 }
 
+/** QEMU's names of the metadata structures its qcow2 overlap check can check (`overlap-check.<name>`). */
+export type OverlapCheck =
+  | 'main-header'
+  | 'active-l1'
+  | 'active-l2'
+  | 'refcount-table'
+  | 'refcount-block'
+  | 'snapshot-table'
+  | 'inactive-l1'
+  | 'inactive-l2'
+  | 'bitmap-directory';
+
+/** QEMU's qcow2 `overlap-check` option: a level (its templates) and per-structure switches over it. */
+export interface OverlapCheckOptions {
+  /** none, constant, cached (QEMU's default) or all (cached and the snapshots' L2 tables). */
+  level?: 'none' | 'constant' | 'cached' | 'all';
+  /** Structures switched on or off whatever the level says. */
+  checks?: Partial<Record<OverlapCheck, boolean>>;
+}
+
 /** How a format is opened. The chain layer fills in the callbacks; tests may leave them out. */
 export interface OpenOptions {
   /** Open read-only: writes fail with QCOW_READ_ONLY, and the format writes nothing to the store. */
@@ -292,6 +312,11 @@ export interface OpenOptions {
    * memory until the image is closed, and the dirty bit is set meanwhile.
    */
   lazyRefcounts?: boolean;
+  /**
+   * qcow2, opened read-write: which metadata structures a write is checked against before it is
+   * made (QEMU's `overlap-check` option; default its "cached" level). See formats/qcow2/overlap.ts.
+   */
+  overlapCheck?: OverlapCheckOptions;
   /**
    * qcow2, opened read-write while dirty (lazy refcounts, not closed cleanly): the image is repaired
    * at open, and this is called with the repair's messages (what QEMU prints while it opens one).

@@ -24,6 +24,11 @@ export interface QcowErrorOptions {
   cause?: unknown;
   /** The image (path or URL) the error is about, when known. */
   file?: string;
+  /**
+   * The POSIX error QEMU fails with here ("EFBIG", "EINVAL"), where it is not the one the code
+   * stands for (the compat front ends print its text).
+   */
+  errno?: string;
 }
 
 /**
@@ -49,11 +54,14 @@ export class QcowError extends Error {
   readonly code: QcowErrorCode;
   /** The image (path or URL) the error is about, when known; filled in as the error passes through a device. */
   file: string | undefined;
+  /** QcowErrorOptions.errno: QEMU's errno for this failure where the code's would be wrong. */
+  readonly errno: string | undefined;
 
   constructor(code: QcowErrorCode, message: string, options: QcowErrorOptions = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
     this.code = code;
     this.file = options.file;
+    this.errno = options.errno;
   }
 }
 
@@ -99,6 +107,21 @@ export function altHex(n: number): string {
 export class ImageMarkedCorrupt extends QcowError {
   constructor(event: CorruptionEvent, file?: string) {
     super('QCOW_CORRUPT', `the image was marked corrupt (${event.message}): repair it with check -r all`, { file });
+  }
+}
+
+/**
+ * Metadata changes a close could not write, because the request that made them was refused
+ * (qcow2's overlap check, see overlap.ts): QEMU keeps them in its `structure` cache and fails to
+ * flush it at close ("Failed to flush the refcount block cache: ..."). The close otherwise went on.
+ */
+export class UnwrittenMetadata extends QcowError {
+  constructor(
+    readonly structure: 'refcount block' | 'L2 table',
+    readonly reason: QcowError,
+    file?: string,
+  ) {
+    super(reason.code, `${structure} updates could not be written: ${reason.message}`, { file, errno: reason.errno });
   }
 }
 

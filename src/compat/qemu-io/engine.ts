@@ -9,7 +9,7 @@
  */
 import { NULL_CO } from '../null-co.js';
 import { boolProblem, GENERIC_BOOLS } from './qcow2-options.js';
-import { CorruptionEvent, ImageMarkedCorrupt, QcowError, type BlockDevice, type BlockExtent } from '../../node.js';
+import { CorruptionEvent, ImageMarkedCorrupt, QcowError, UnwrittenMetadata, type BlockDevice, type BlockExtent } from '../../node.js';
 import { getopt } from './getopt.js';
 import { qemuMessage } from '../messages.js';
 import { ERRNO_TEXT, hexdump, humanSize, numberError, parseNumber, parsePatternByte, report, type Num } from './text.js';
@@ -62,6 +62,7 @@ type Errno = keyof typeof ERRNO_TEXT;
 /** The errno a library failure stands for in QEMU's block layer. */
 export function errnoOf(e: unknown): Errno {
   if (e instanceof ImageMarkedCorrupt) return 'ENOMEDIUM';
+  if (e instanceof QcowError && e.errno !== undefined && e.errno in ERRNO_TEXT) return e.errno as Errno;
   if (e instanceof QcowError) {
     switch (e.code) {
       case 'QCOW_INVALID_ARGUMENT':
@@ -184,7 +185,14 @@ export class QemuIo {
     const dev = this.dev;
     this.dev = null;
     this.request = null;
-    if (dev) await this.opener.close(dev);
+    if (!dev) return;
+    try {
+      await this.opener.close(dev);
+    } catch (e) {
+      // qcow2's close reports the cache it could not write back, and the image is closed anyway.
+      if (!(e instanceof UnwrittenMetadata)) throw e;
+      this.report(`Failed to flush the ${e.structure} cache: ${strerror(e)}`);
+    }
   }
 
   /** Wait for every aio request in flight (aio_flush, close, exit). */

@@ -5,9 +5,9 @@
  * status is 1 when the last failing command failed (any command failing), else 0.
  */
 import { fstatSync, readFileSync, writeSync } from 'node:fs';
-import { QcowError, type BlockDevice } from '../../node.js';
+import { QcowError, type BlockDevice, type OverlapCheckOptions } from '../../node.js';
 import { getopt, type LongOption } from './getopt.js';
-import { joinQcow2Options, qcow2OptionProblem } from './qcow2-options.js';
+import { isOn, joinQcow2Options, overlapCheckOptions, qcow2OptionProblem } from './qcow2-options.js';
 import { checkHostProtocol, isHostProtocol } from './protocol.js';
 import { isJsonFilename, jsonFilenameOptions } from '../json-filename.js';
 import { NULL_CO, openNullCo } from '../null-co.js';
@@ -182,9 +182,9 @@ export class NodeOpener implements Opener {
   ) {}
 
   /** The open options that -o gives beyond the file's name, format and secrets. */
-  private driverOptions(o: Record<string, string>): { lazyRefcounts?: boolean; onRepair?: (messages: readonly string[]) => void } {
+  private driverOptions(o: Record<string, string>): { lazyRefcounts?: boolean; overlapCheck?: OverlapCheckOptions; onRepair?: (messages: readonly string[]) => void } {
     const lazy = o['lazy-refcounts'];
-    return { lazyRefcounts: lazy === undefined ? undefined : lazy === 'on' || lazy === 'true', onRepair: this.onRepair };
+    return { lazyRefcounts: lazy === undefined ? undefined : isOn(lazy), overlapCheck: overlapCheckOptions(o), onRepair: this.onRepair };
   }
 
   async open(req: OpenRequest): Promise<BlockDevice> {

@@ -1,15 +1,37 @@
 /**
  * qcow2's runtime options (those `-o`/`--image-opts` and `reopen -o` give a qcow2 node) checked
  * as QEMU checks them when it opens or reopens the image, in the same order, with its words.
- * qcow sizes its caches itself and has no overlap checks to switch, so valid values change
- * nothing; invalid ones are refused as QEMU refuses them.
+ * qcow sizes its caches itself, so valid cache sizes change nothing; the overlap checks are passed
+ * on to the library (overlapCheckOptions); invalid values are refused as QEMU refuses them.
  */
+import type { OverlapCheck, OverlapCheckOptions } from '../../node.js';
 import { parseNumber } from './text.js';
 
 const INT_MAX = 2 ** 31 - 1;
 const UINT_MAX = 2 ** 32 - 1;
-const OVERLAP_MODES = ['none', 'constant', 'cached', 'all'];
-const OVERLAP_CHECKS = ['main-header', 'active-l1', 'active-l2', 'refcount-table', 'refcount-block', 'snapshot-table', 'inactive-l1', 'inactive-l2', 'bitmap-directory'];
+const OVERLAP_MODES = ['none', 'constant', 'cached', 'all'] as const;
+const OVERLAP_CHECKS: readonly OverlapCheck[] = ['main-header', 'active-l1', 'active-l2', 'refcount-table', 'refcount-block', 'snapshot-table', 'inactive-l1', 'inactive-l2', 'bitmap-directory'];
+
+/** A QemuOpts boolean's value (checked by boolProblem first). */
+export const isOn = (v: string): boolean => ['on', 'yes', 'true', 'y'].includes(v);
+
+/**
+ * The library's overlap-check options for qcow2's `overlap-check` (or `overlap-check.template`)
+ * and `overlap-check.<structure>` options (valid ones: see qcow2OptionProblem), or undefined.
+ */
+export function overlapCheckOptions(o: Record<string, string>): OverlapCheckOptions | undefined {
+  const level = o['overlap-check'] ?? o['overlap-check.template'];
+  const checks: Partial<Record<OverlapCheck, boolean>> = {};
+  let any = level !== undefined;
+  for (const c of OVERLAP_CHECKS) {
+    const v = o[`overlap-check.${c}`];
+    if (v === undefined) continue;
+    checks[c] = isOn(v);
+    any = true;
+  }
+  if (!any) return undefined;
+  return { level: (OVERLAP_MODES as readonly string[]).includes(level ?? '') ? (level as OverlapCheckOptions['level']) : undefined, checks };
+}
 
 /** qcow2's boolean options (QEMU's QemuOpts bools: on/off, yes/no, true/false, y/n). */
 const QCOW2_BOOLS = ['lazy-refcounts', 'pass-discard-request', 'pass-discard-snapshot', 'pass-discard-other', 'discard-no-unref', ...OVERLAP_CHECKS.map((c) => `overlap-check.${c}`)];
@@ -43,7 +65,7 @@ export function qcow2OptionProblem(o: Record<string, string>, clusterSize: numbe
     return `Conflicting values for qcow2 options 'overlap-check' ('${mode}') and 'overlap-check.template' ('${template}')`;
   }
   const chosen = mode ?? template;
-  if (chosen !== undefined && !OVERLAP_MODES.includes(chosen)) {
+  if (chosen !== undefined && !(OVERLAP_MODES as readonly string[]).includes(chosen)) {
     return `Unsupported value '${chosen}' for qcow2 option 'overlap-check'. Allowed are any of the following: ${OVERLAP_MODES.join(', ')}`;
   }
   return undefined;

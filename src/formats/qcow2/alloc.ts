@@ -49,7 +49,7 @@ export interface AllocatorHooks {
    * whose counts were zeroed the guard refuses it, with QEMU's message, where the old rule of
    * skipping it silently handed out the next metadata cluster instead.
    */
-  vet?: (offset: number, bytes: number, what?: AllocPurpose) => string | undefined;
+  vet?: (offset: number, bytes: number, what?: AllocPurpose) => string | QcowError | undefined;
 }
 
 /** What an allocation is for, where QEMU names it in "Preventing invalid allocation of ... at offset 0". */
@@ -455,9 +455,13 @@ export class Refcounts implements Allocator {
     return this.hooks.vet ? this.freeHint : Math.max(this.freeHint, 1);
   }
 
-  /** Refuse clusters [start, +n) when the overlap guard does: the writer then marks the image corrupt. */
+  /**
+   * Refuse clusters [start, +n) when the overlap guard does: with its message, as a corruption the
+   * writer marks the image for; with its error (a check that cannot be made), as that error.
+   */
   private vet(start: number, n: number, what?: AllocPurpose): void {
     const refused = this.hooks.vet?.(start * this.clusterSize, n * this.clusterSize, what);
+    if (refused instanceof QcowError) throw refused;
     if (refused !== undefined) throw new CorruptionEvent(refused);
   }
 

@@ -37,6 +37,7 @@ import {
 } from './l2-entry.js';
 import { TableCache, type CachedTable } from './metadata-cache.js';
 import type { Allocator } from './alloc.js';
+import type { OverlapCheckOptions } from '../../core/block-device.js';
 import { MetadataOverlap, vetAllocation } from './overlap.js';
 import type { Qcow2Image } from './image.js';
 
@@ -80,6 +81,8 @@ export class ClusterMap {
     private readonly image: Qcow2Image,
     /** Metadata cache budget: all of it for L2 tables (the allocator gets a quarter more). */
     readonly cacheBytes: number,
+    /** The structures the overlap guard checks (OpenOptions.overlapCheck). */
+    private readonly overlapCheck?: OverlapCheckOptions,
   ) {
     const g = image.geometry;
     const sliceBytes = Math.min(g.clusterSize, L2_SLICE_BYTES);
@@ -138,7 +141,8 @@ export class ClusterMap {
       refcountTable: () => ({ offset: rc.tableOffset, clusters: rc.tableClusters }),
       isRefcountBlock: (c) => rc.isRefcountBlock?.(c) ?? false,
       snapshots: () => image.snapshots,
-    });
+      read: (offset, into) => image.store.read(offset, into),
+    }, this.overlapCheck);
     rc.setOverlapGuard((offset, bytes, what) => vetAllocation(overlap, offset, bytes, what));
     this.overlapGuard = overlap;
   }

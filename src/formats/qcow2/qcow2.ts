@@ -57,7 +57,7 @@ export class Qcow2Device extends DeviceBase {
     super(store, header.size, readOnly);
     this.image = new Qcow2Image(store, header, fileSize, readOnly, this);
     this.clusterSize = this.image.clusterSize;
-    this.map = new ClusterMap(this.image, options.cacheBytes ?? DEFAULT_L2_CACHE_BYTES);
+    this.map = new ClusterMap(this.image, options.cacheBytes ?? DEFAULT_L2_CACHE_BYTES, options.overlapCheck);
     this.io = new DataIo(this.image, this.map, (offset, into) => this.readBacking(offset, into));
     this.bitmapLimits = options.bitmapLimits ?? {};
     this.onWarning = options.onWarning;

@@ -80,8 +80,10 @@ export async function deleteSnapshot(dev: SnapshotDevice, spec: string): Promise
   const w = writerOf(dev);
   await w.exclusive(async () => {
     const snap = findSnapshot(dev.snapshots, spec);
-    await replaceSnapshotTable(dev, w, dev.snapshots.filter((s) => s !== snap));
+    // Its L1 table is validated (and read) before the entry goes, as QEMU does: a snapshot whose
+    // table QEMU refuses stays listed.
     const l1 = await readTable(dev, snap);
+    await replaceSnapshotTable(dev, w, dev.snapshots.filter((s) => s !== snap));
     await adjustTree(dev, l1, snap.l1Size, -1);
     if (snap.l1Size > 0) await w.refcounts.update(snap.l1TableOffset, snap.l1Size * 8, -1);
     await w.writeRefcounts();

@@ -23,7 +23,7 @@
  * Only `flush()` issues fsyncs (plus the rare cache eviction); writes themselves do not.
  */
 import type { BlockExtent, PlacedRange, ZeroOptions } from '../../core/block-device.js';
-import { CorruptionEvent, ImageMarkedCorrupt, QcowError, unsupported } from '../../core/errors.js';
+import { CorruptionEvent, ImageMarkedCorrupt, QcowError, UnwrittenMetadata, unsupported } from '../../core/errors.js';
 import { overlapMessage } from './overlap.js';
 import { Mutex } from '../../core/mutex.js';
 import { firstNonZero } from '../../core/bytes.js';
@@ -316,6 +316,7 @@ export class Qcow2Writer {
           continue;
         }
         try {
+          if (this.map.overlap?.inactiveL2Stale) await this.map.overlap.loadInactiveL2();
           const started = this.writeNow(w.offset, w.data);
           if (started !== undefined) w.resolve(started);
           else {
@@ -526,6 +527,7 @@ export class Qcow2Writer {
       const broken = this.brokenBy;
       if (broken) throw new ImageMarkedCorrupt(broken, this.image.store.name);
       try {
+        if (this.map.overlap?.inactiveL2Stale) await this.map.overlap.loadInactiveL2();
         return await fn();
       } catch (e) {
         if (e instanceof CorruptionEvent) await this.markCorrupt(e);
@@ -616,13 +618,14 @@ export class Qcow2Writer {
   /**
    * QEMU's check before every data write (qcow2_pre_write_overlap_check): the message when guest
    * data at [host, +length) would overwrite metadata, whose L2 entry points there on a corrupt
-   * image (new clusters were vetted when allocated). No I/O; an external data file holds no
-   * metadata.
+   * image (new clusters were vetted when allocated); or the error every write fails with (a
+   * snapshot L1 table the inactive L2 check refuses, see overlap.ts). No I/O; an external data
+   * file holds no metadata.
    */
-  private overlapsMetadata(host: number, length: number): string | undefined {
+  private overlapsMetadata(host: number, length: number): string | QcowError | undefined {
     if (this.external) return undefined;
-    const name = this.map.overlap?.check(host, length);
-    return name === undefined ? undefined : overlapMessage(name);
+    const found = this.map.overlap?.vet(host, length);
+    return found === undefined || found instanceof QcowError ? found : overlapMessage(found);
   }
 
   writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
@@ -798,6 +801,13 @@ export class Qcow2Writer {
         });
         await this.image.store.flush();
         this.dirtyBitSet = false;
+      }
+      // An allocation refused by a check that cannot be made (overlap.ts): QEMU changed the
+      // refcounts in its cache first, and fails again to write them back now.
+      const overlap = this.map.overlap;
+      if (overlap?.refusedAllocation) {
+        if (overlap.inactiveL2Stale) await overlap.loadInactiveL2();
+        if (overlap.refusal) throw new UnwrittenMetadata('refcount block', overlap.refusal, this.image.store.name);
       }
     });
   }
@@ -1014,6 +1024,7 @@ export class Qcow2Writer {
     // write; new clusters are vetted as they are allocated).
     for (const p of pieces) {
       const refused = p.alloc ? undefined : this.overlapsMetadata(p.host + (p.ws - p.clusterGuest), p.we - p.ws);
+      if (refused instanceof QcowError) throw refused;
       if (refused !== undefined) throw new CorruptionEvent(refused);
     }
     // Allocate runs of neighbouring clusters together so sequential writes stay contiguous.

@@ -5,12 +5,12 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { MetadataOverlap, vetAllocation, type OverlapSources } from '#src/formats/qcow2/overlap.js';
+import { MetadataOverlap, overlapMask, vetAllocation, OVERLAP_NAMES, type OverlapSources } from '#src/formats/qcow2/overlap.js';
 import type { Qcow2Header } from '#src/formats/qcow2/header.js';
 import type { Qcow2Snapshot } from '#src/formats/qcow2/snapshot-table.js';
 import { Refcounts } from '#src/formats/qcow2/alloc.js';
 import { MemoryStore } from '#src/storage/memory.js';
-import { CorruptionEvent } from '#src/core/errors.js';
+import { CorruptionEvent, QcowError } from '#src/core/errors.js';
 
 const CS = 65536;
 
@@ -113,4 +113,69 @@ test('under the guard, a zeroed count no longer hands out the metadata cluster',
   await rc.set(1, 1);
   await rc.set(2, 1);
   assert.equal(await rc.allocClusters(2), 4 * cs);
+});
+
+test("the levels check QEMU's structures, and per-structure switches override them", () => {
+  const names = (mask: number) => OVERLAP_NAMES.filter((_, i) => (mask & (1 << i)) !== 0);
+  assert.deepEqual(names(overlapMask({ level: 'none' })), []);
+  assert.deepEqual(names(overlapMask({ level: 'constant' })), ['qcow2_header', 'active L1 table', 'refcount table', 'snapshot table', 'bitmap directory']);
+  assert.deepEqual(names(overlapMask()), OVERLAP_NAMES.filter((n) => n !== 'inactive L2 table'));
+  assert.deepEqual(names(overlapMask({ level: 'all' })), [...OVERLAP_NAMES]);
+  assert.deepEqual(names(overlapMask({ checks: { 'inactive-l2': true, 'main-header': false } })), OVERLAP_NAMES.filter((n) => n !== 'qcow2_header'));
+  // A structure left out is not named: the next one the range overlaps is.
+  const { src } = sources();
+  assert.equal(new MetadataOverlap(src, { level: 'none' }).check(0, 5 * CS), undefined);
+  assert.equal(new MetadataOverlap(src, { checks: { 'main-header': false } }).check(0, 5 * CS), 'active L1 table');
+});
+
+/** Sources with one snapshot whose L1 table (at cluster 8, one entry) names L2 table `l2`. */
+function withSnapshot(snap: Partial<Qcow2Snapshot>, l2: number) {
+  const s = { l1TableOffset: 8 * CS, l1Size: 1, id: '1', name: 'a', extraUnknown: new Uint8Array(0), ...snap } as unknown as Qcow2Snapshot;
+  const { state, src } = sources({ snaps: [s] });
+  const reads: number[] = [];
+  const read = async (offset: number, into: Uint8Array) => {
+    reads.push(offset);
+    into.fill(0);
+    if (offset === 8 * CS) new DataView(into.buffer, into.byteOffset).setBigUint64(0, BigInt(l2));
+  };
+  return { state, src: { ...src, read }, reads };
+}
+
+test('at level all a snapshot L2 table is checked, read from the snapshot L1 table', async () => {
+  const { src, reads } = withSnapshot({}, 12 * CS);
+  const cached = new MetadataOverlap(src);
+  assert.equal(cached.inactiveL2Stale, false);
+  assert.equal(cached.check(12 * CS, CS), undefined);
+  const all = new MetadataOverlap(src, { level: 'all' });
+  assert.equal(all.inactiveL2Stale, true);
+  await all.loadInactiveL2();
+  assert.equal(all.inactiveL2Stale, false);
+  assert.deepEqual(reads, [8 * CS]);
+  assert.equal(all.check(12 * CS + 100, 1), 'inactive L2 table');
+  assert.equal(all.check(13 * CS, CS), undefined);
+  // The snapshot L1 table itself comes first in QEMU's order.
+  assert.equal(all.check(8 * CS, 5 * CS), 'inactive L1 table');
+  assert.equal(all.refusal, undefined);
+});
+
+test('a snapshot L1 table QEMU refuses refuses every check at the inactive L2 turn, not as corruption', async () => {
+  for (const [snap, errno] of [
+    [{ l1TableOffset: 8 * CS + 512 }, 'EINVAL'],
+    [{ l1Size: 0x10000000 }, 'EFBIG'],
+  ] as const) {
+    const { src } = withSnapshot(snap, 12 * CS);
+    const o = new MetadataOverlap(src, { checks: { 'inactive-l2': true } });
+    await o.loadInactiveL2();
+    const r = o.vet(5 * CS, CS);
+    assert.ok(r instanceof QcowError && !(r instanceof CorruptionEvent) && r.errno === errno, errno);
+    // Structures before the inactive L2 tables are still named.
+    assert.equal(o.vet(0, 512), 'qcow2_header');
+    // A new L2 table: QEMU's refcount block write fails first.
+    assert.equal(vetAllocation(o, 4 * CS, CS, 'L2 table'), o.refusal);
+    assert.equal(o.refusedAllocation, o.refusal);
+    // Without the inactive L2 check, nothing is refused.
+    const cached = new MetadataOverlap(src);
+    await cached.loadInactiveL2();
+    assert.equal(cached.vet(5 * CS, CS), undefined);
+  }
 });
