@@ -117,7 +117,9 @@ export class ImageMarkedCorrupt extends QcowError {
  */
 export class UnwrittenMetadata extends QcowError {
   constructor(
+    /** Which cached structure could not be written back. */
     readonly structure: 'refcount block' | 'L2 table',
+    /** Why: the refusal of the write (an overlap check's, with QEMU's errno). */
     readonly reason: QcowError,
     file?: string,
   ) {

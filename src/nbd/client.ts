@@ -83,21 +83,26 @@ class SocketReader {
   }
 }
 
+/** @internal One reply to an option of the handshake (tests drive options by hand). */
 export interface OptionReply {
   option: number;
   type: number;
   data: Uint8Array;
 }
 
+/** How {@link NbdClient.connect} negotiates. */
 export interface ConnectOptions {
+  /** The export to open (NBD_OPT_GO); default the server's default export, "". */
   exportName?: string;
+  /** Ask for structured replies (reads may then come back as data and hole chunks). */
   structuredReplies?: boolean;
+  /** Ask for the base:allocation context, which {@link NbdClient.blockStatus} reports (implies structured replies). */
   baseAllocation?: boolean;
-  /** Stop after the greeting and flags: the caller drives the options itself. */
+  /** @internal Stop after the greeting and flags: the caller drives the options itself. */
   handshakeOnly?: boolean;
 }
 
-/** A finished request: its error (0 = success) and what came back. */
+/** @internal A finished request: its error (0 = success) and what came back. */
 export interface Reply {
   error: number;
   /** Reads: the bytes, holes filled with zeros. */
@@ -119,12 +124,39 @@ interface Pending {
   reject: (e: Error) => void;
 }
 
+/**
+ * A client of one NBD export over TCP or a Unix socket (fixed newstyle handshake, NBD_OPT_GO), with
+ * any number of requests in flight. Requests that the server fails reject with an Error whose
+ * `errno` is the NBD error; a broken connection rejects every request still waiting.
+ *
+ * @example
+ * ```ts
+ * const nbd = await NbdClient.connect({ path: '/run/disk.sock' });
+ * const first = await nbd.read(0, 65536);
+ * await nbd.disconnect();
+ * ```
+ */
 export class NbdClient {
+  /** The export's size in bytes, from NBD_INFO_EXPORT. */
   size = 0;
+  /** The export's transmission flags (NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH, ...). */
   transmissionFlags = 0;
+  /** The export's description, when the server gave one. */
   description: string | undefined;
+  /** The export's name as the server reported it, when it did. */
   name: string | undefined;
-  blockSizes: { minimum: number; preferred: number; maximum: number } | undefined;
+  /** The server's block size constraints in bytes, when it gave them. */
+  blockSizes:
+    | {
+        /** Smallest request alignment the server accepts. */
+        minimum: number;
+        /** Alignment and size the server prefers. */
+        preferred: number;
+        /** Largest read or write payload the server accepts. */
+        maximum: number;
+      }
+    | undefined;
+  /** Whether the server agreed to structured replies. */
   structuredReplies = false;
   private contextId: number | undefined;
   private readonly pending = new Map<bigint, Pending>();
@@ -134,10 +166,12 @@ export class NbdClient {
   private broken: Error | undefined;
 
   private constructor(
+    /** The connection; {@link NbdClient.destroy} closes it at once. */
     readonly socket: Socket,
     private readonly reader: SocketReader,
   ) {}
 
+  /** Connect, negotiate as `options` say and enter transmission on the export. */
   static async connect(address: ListenAddress, options: ConnectOptions = {}): Promise<NbdClient> {
     const socket = await new Promise<Socket>((resolve, reject) => {
       const s = 'path' in address ? connect(address.path) : connect(address.port, address.host ?? '127.0.0.1');
@@ -164,7 +198,7 @@ export class NbdClient {
     return client;
   }
 
-  /** Send one option and collect its replies, up to the final one (ACK or an error). */
+  /** @internal Send one option and collect its replies, up to the final one (ACK or an error). */
   async option(option: number, data: Uint8Array = new Uint8Array(0)): Promise<OptionReply[]> {
     this.socket.write(new Writer(16 + data.length).u64(NBD_OPTS_MAGIC).u32(option).u32(data.length).raw(data).bytes);
     const replies: OptionReply[] = [];
@@ -179,7 +213,7 @@ export class NbdClient {
     }
   }
 
-  /** NBD_OPT_GO; on success the connection is in transmission. */
+  /** @internal NBD_OPT_GO; on success the connection is in transmission. */
   async go(name: string): Promise<void> {
     const replies = await this.option(NBD_OPT_GO, encodeInfoRequest({ name, infos: [NBD_INFO_NAME, NBD_INFO_DESCRIPTION, NBD_INFO_BLOCK_SIZE] }));
     const last = replies.at(-1)!;
@@ -197,7 +231,7 @@ export class NbdClient {
     }
   }
 
-  /** Send one request; resolves with its reply (never rejects on an NBD error, only on a broken connection). */
+  /** @internal Send one request; resolves with its reply (never rejects on an NBD error, only on a broken connection). */
   request(type: number, flags: number, offset: number, length: number, payload?: Uint8Array): Promise<Reply> {
     if (this.broken) return Promise.reject(this.broken);
     const cookie = this.nextCookie++;
@@ -213,25 +247,46 @@ export class NbdClient {
     });
   }
 
+  /** Read `length` bytes at `offset` (holes of structured replies come back as zeros). */
   async read(offset: number, length: number, flags = 0): Promise<Uint8Array> {
     return this.check(await this.request(NBD_CMD_READ, flags, offset, length)).data!;
   }
+  /** Write `data` at `offset`; `flags` may ask for NBD_CMD_FLAG_FUA. */
   async write(offset: number, data: Uint8Array, flags = 0): Promise<void> {
     this.check(await this.request(NBD_CMD_WRITE, flags, offset, data.length, data));
   }
+  /** NBD_CMD_FLUSH: what was written before is on stable storage when this resolves. */
   async flush(): Promise<void> {
     this.check(await this.request(NBD_CMD_FLUSH, 0, 0, 0));
   }
+  /** NBD_CMD_TRIM: the server may discard the range. */
   async trim(offset: number, length: number): Promise<void> {
     this.check(await this.request(NBD_CMD_TRIM, 0, offset, length));
   }
+  /** NBD_CMD_WRITE_ZEROES; `flags` may carry NBD_CMD_FLAG_NO_HOLE (allocate, do not punch) or NBD_CMD_FLAG_FAST_ZERO. */
   async writeZeroes(offset: number, length: number, flags = 0): Promise<void> {
     this.check(await this.request(NBD_CMD_WRITE_ZEROES, flags, offset, length));
   }
+  /** NBD_CMD_CACHE: a hint that the range will be read soon. */
   async cache(offset: number, length: number): Promise<void> {
     this.check(await this.request(NBD_CMD_CACHE, 0, offset, length));
   }
-  async blockStatus(offset: number, length: number, flags = 0): Promise<{ length: number; flags: number }[]> {
+  /**
+   * NBD_CMD_BLOCK_STATUS of the base:allocation context (connect with `baseAllocation`): extents
+   * in order from `offset`, each with NBD_STATE_HOLE and NBD_STATE_ZERO flags.
+   */
+  async blockStatus(
+    offset: number,
+    length: number,
+    flags = 0,
+  ): Promise<
+    {
+      /** Bytes this extent covers. */
+      length: number;
+      /** NBD_STATE_* bits of the extent. */
+      flags: number;
+    }[]
+  > {
     return this.check(await this.request(NBD_CMD_BLOCK_STATUS, flags, offset, length)).extents!;
   }
 
@@ -309,6 +364,7 @@ export class NbdClient {
     }
   }
 
+  /** Close the connection at once, without NBD_CMD_DISC (requests in flight reject). */
   destroy(): void {
     this.socket.destroy();
   }
