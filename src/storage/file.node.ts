@@ -84,6 +84,8 @@ export class FileStore implements ByteStore {
   private writeTail: Promise<unknown> = Promise.resolve();
   /** [start, end) of the last run of data findDataRuns saw (see there). */
   private knownData: [number, number] | undefined;
+  /** Set by writeThrough(): see there. */
+  private syncEachWrite = false;
   /** Set by writeBehind(): see there. */
   private behind: WriteBehind | undefined;
   /** Set by writeInline(): every write is synchronous, whatever its size. */
@@ -301,6 +303,11 @@ export class FileStore implements ByteStore {
 
   write(offset: number, data: Uint8Array): Promise<void> {
     if (this.readOnly) return Promise.reject(new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.name }));
+    if (this.syncEachWrite) return this.writeOnce(offset, data).then(() => this.flush());
+    return this.writeOnce(offset, data);
+  }
+
+  private writeOnce(offset: number, data: Uint8Array): Promise<void> {
     if (data.length <= this.syncMax || this.inlineWrites) {
       try {
         this.whole(data, offset, syncLoop(writeSync, this.fd, data, offset));
@@ -370,6 +377,16 @@ export class FileStore implements ByteStore {
    */
   skipFlushes(): void {
     this.flushes = false;
+  }
+
+  /**
+   * From now on each write resolves only once fdatasync has put it, and everything written before
+   * it, on stable storage: qemu-img's `writethrough` and `directsync` cache modes, where a write
+   * completes only when it would survive a power cut. QEMU gets there with a flush after every
+   * write request too (its FUA emulation), not with O_DSYNC.
+   */
+  writeThrough(): void {
+    this.syncEachWrite = true;
   }
 
   async flush(): Promise<void> {

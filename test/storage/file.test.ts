@@ -65,6 +65,38 @@ test('a read-only store refuses writes on both paths, as a rejected promise', as
   }
 });
 
+test('under writeThrough every write, small or large, resolves only after its own flush (qemu-img -t writethrough)', async (t) => {
+  const dir = await scratch(t);
+  const store = await FileStore.open(join(dir, 'wt.bin'), { create: true });
+  try {
+    // Count the flushes and hold each one a moment, so a write that did not wait for its flush
+    // would resolve while the flush is still pending.
+    let started = 0;
+    let finished = 0;
+    const realFlush = store.flush.bind(store);
+    store.flush = async () => {
+      started++;
+      await new Promise((resolve) => setTimeout(resolve, 5));
+      await realFlush();
+      finished++;
+    };
+    await store.write(0, new Uint8Array(512).fill(1));
+    assert.equal(started, 0, 'no flush before writeThrough()');
+    store.writeThrough();
+    for (const [offset, size] of [[4096, 512], [1 << 20, 2 << 20]] as const) {
+      const before = finished;
+      await store.write(offset, new Uint8Array(size).fill(2));
+      assert.equal(finished, before + 1, `the ${size}-byte write waited for one flush`);
+    }
+    assert.equal(started, 2);
+    const back = new Uint8Array(2 << 20);
+    await store.read(1 << 20, back);
+    assert.ok(back.every((b) => b === 2));
+  } finally {
+    await store.close();
+  }
+});
+
 test('a failing write is a QcowError naming the file, on either I/O path (/dev/full: ENOSPC)', { skip: process.platform !== 'linux' }, async () => {
   const store = await FileStore.open('/dev/full', { noLock: true });
   try {

@@ -60,9 +60,13 @@ function targetOpener(cache: string, inlineWrites = false): StoreOpener {
   // The target is written once, front to back: write-behind (storage/file.node.ts) keeps a large
   // output from filling the page cache with memory the process never touched before.
   // From a stream, every write is synchronous (FileStore.writeInline: the reads of the stream are).
+  // writethrough and directsync: every write is on stable storage when it completes, as in
+  // qemu-img (which flushes after each request); write-behind has nothing left to start then.
+  const syncEach = cache === 'writethrough' || cache === 'directsync';
   const behind = (s: ByteStore): ByteStore => {
     if (s instanceof FileStore) {
-      s.writeBehind();
+      if (syncEach) s.writeThrough();
+      else s.writeBehind();
       if (inlineWrites) s.writeInline();
     }
     return s;
@@ -338,7 +342,8 @@ async function runFromStream(
             flags.create && flags.outputFormat === 'raw'
               ? async () => {
                   const store = await FileStore.open(target, { create: true, permissions: permissionsFor({ writable: true, format: 'raw', role: 'image' }) });
-                  store.writeBehind();
+                  if (flags.cache === 'writethrough' || flags.cache === 'directsync') store.writeThrough();
+                  else store.writeBehind();
                   if (fromFd) store.writeInline();
                   created = true;
                   opened = store;
