@@ -4,7 +4,7 @@
  * `driver=nbd` options (`server.type=unix`, `server.path`, `export`). The image over it is raw,
  * as QEMU's nbd protocol driver gives the export's bytes.
  */
-import { NbdClient, QcowError, type ByteStore, type ListenAddress, type StoreOpener } from '../node.js';
+import { NbdClient, QcowError, type ByteStore, type ListenAddress } from '../node.js';
 
 export interface NbdTarget {
   address: ListenAddress;
@@ -80,21 +80,4 @@ export class NbdStore implements ByteStore {
   async close(): Promise<void> {
     await this.client.disconnect().catch(() => this.client.destroy());
   }
-}
-
-/** `base`, except that `name` opens as the given store (once). */
-export function openerWithStore(base: StoreOpener, name: string, store: ByteStore): StoreOpener {
-  let used = false;
-  return {
-    open: async (n, o) => {
-      if (n === name && !used) {
-        used = true;
-        return store;
-      }
-      return base.open(n, o);
-    },
-    resolve: (n, rel) => base.resolve(n, rel),
-    exists: base.exists && ((n) => (n === name ? Promise.resolve(true) : base.exists!(n))),
-    remove: base.remove && ((n) => base.remove!(n)),
-  };
 }

@@ -4,6 +4,7 @@
  * the end grow the inner device where its format can.
  */
 import { QcowError, type BlockDevice, type ByteStore, type StoreOpener } from '../../node.js';
+import { openerWithStore } from '../opener-with.js';
 
 export class DeviceStore implements ByteStore {
   constructor(private readonly dev: BlockDevice) {}
@@ -41,17 +42,5 @@ export class DeviceStore implements ByteStore {
 
 /** `base`, except that `name` opens as the given device (once). */
 export function openerWith(base: StoreOpener, name: string, dev: BlockDevice): StoreOpener {
-  let used = false;
-  return {
-    open: async (n, o) => {
-      if (n === name && !used) {
-        used = true;
-        return new DeviceStore(dev);
-      }
-      return base.open(n, o);
-    },
-    resolve: (n, rel) => base.resolve(n, rel),
-    exists: base.exists && ((n) => (n === name ? Promise.resolve(true) : base.exists!(n))),
-    remove: base.remove && ((n) => base.remove!(n)),
-  };
+  return openerWithStore(base, name, new DeviceStore(dev));
 }

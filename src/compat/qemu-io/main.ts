@@ -254,7 +254,8 @@ export class NodeOpener implements Opener {
   /** An NBD export: a raw image over the connection (or the format named over it). */
   private async openNbd(name: string, target: NbdTarget, o: Record<string, string>, readOnly: boolean): Promise<BlockDevice> {
     const { openImage, defaultOpener } = await import('../../cli/open-images.js');
-    const { NbdStore, openerWithStore } = await import('../nbd-store.js');
+    const { NbdStore } = await import('../nbd-store.js');
+    const { openerWithStore } = await import('../opener-with.js');
     const store = await NbdStore.connect(name, target, readOnly);
     const format = o.driver !== undefined && o.driver !== 'nbd' ? o.driver : this.format === 'nbd' || this.format === undefined ? 'raw' : this.format;
     try {
