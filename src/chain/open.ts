@@ -51,6 +51,8 @@ export interface OpenImageOptions {
   refuseMalformedBitmaps?: boolean;
   /** The top image only: see OpenOptions.lazyRefcounts. */
   lazyRefcounts?: boolean;
+  /** The top image only: see OpenOptions.discardPassthrough. */
+  discardPassthrough?: OpenOptions['discardPassthrough'];
   /** The top image only: see OpenOptions.overlapCheck. */
   overlapCheck?: OpenOptions['overlapCheck'];
   /** Every image opened read-write: see OpenOptions.onRepair. */
@@ -124,6 +126,7 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
       inspectOnly: options.inspectOnly,
       refuseMalformedBitmaps: options.refuseMalformedBitmaps,
       lazyRefcounts: depth === 0 ? options.lazyRefcounts : undefined,
+      discardPassthrough: depth === 0 ? options.discardPassthrough : undefined,
       overlapCheck: depth === 0 ? options.overlapCheck : undefined,
       onRepair: options.onRepair,
       onWarning: options.onWarning,

@@ -110,6 +110,11 @@ export interface ImageDescription {
   encrypted?: boolean;
   /** qcow2: the dirty bit is set (lazy refcounts, not closed cleanly): refcounts need a repair. */
   dirty?: boolean;
+  /**
+   * False when the image has no driver information to give, as QEMU's null-co node (and raw over
+   * it): qemu-img info then says nothing of a dirty flag. Absent: it has.
+   */
+  driverInfo?: false;
   /** The backing file name as recorded in the header, unresolved. */
   backingFilename?: string;
   /** The backing file's format as recorded in the header, when it is. */
@@ -312,6 +317,14 @@ export interface OpenOptions {
    * memory until the image is closed, and the dirty bit is set meanwhile.
    */
   lazyRefcounts?: boolean;
+  /**
+   * qcow2, opened read-write: whether a cluster left with no reference by a guest discard or an
+   * unmapping zero write (`request`), by a deleted snapshot or an emptied image (`snapshot`), or by
+   * metadata given up (`other`) has its blocks given back to the filesystem (QEMU's
+   * pass-discard-request, -snapshot and -other options; by default on, on and off, as QEMU opens an
+   * image with discard=unmap). Discards and unmapping zero writes punch at once, as QEMU does.
+   */
+  discardPassthrough?: { request?: boolean; snapshot?: boolean; other?: boolean };
   /**
    * qcow2, opened read-write: which metadata structures a write is checked against before it is
    * made (QEMU's `overlap-check` option; default its "cached" level). See formats/qcow2/overlap.ts.

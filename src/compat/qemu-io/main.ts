@@ -5,15 +5,16 @@
  * status is 1 when the last failing command failed (any command failing), else 0.
  */
 import { fstatSync, readFileSync, writeSync } from 'node:fs';
-import { QcowError, type BlockDevice, type OverlapCheckOptions } from '../../node.js';
+import { QcowError, type BlockDevice, type NodeOpenOptions } from '../../node.js';
 import { getopt, type LongOption } from './getopt.js';
 import { isOn, joinQcow2Options, overlapCheckOptions, qcow2OptionProblem } from './qcow2-options.js';
 import { checkHostProtocol, isHostProtocol } from './protocol.js';
 import { isJsonFilename, jsonFilenameOptions } from '../json-filename.js';
-import { NULL_CO, openNullCo } from '../null-co.js';
+import { qemuJsonName } from '../json-name.js';
+import { NULL_CO, isNullCoFilename, nullCoFileOptions, openNullCo, openNullCoFilename, openOverNullCo } from '../null-co.js';
 import type { NbdTarget } from '../nbd-store.js';
 import { COMPRESS, compressFilter } from './compress-filter.js';
-import { QemuIo, parseOpts, type IoOutput, type Opener, type OpenRequest } from './engine.js';
+import { QemuIo, parseOpts, unmapEnabled, type IoOutput, type Opener, type OpenRequest } from './engine.js';
 
 const LONG: LongOption[] = [
   { name: 'help', hasArg: false, key: 'h' },
@@ -182,9 +183,16 @@ export class NodeOpener implements Opener {
   ) {}
 
   /** The open options that -o gives beyond the file's name, format and secrets. */
-  private driverOptions(o: Record<string, string>): { lazyRefcounts?: boolean; overlapCheck?: OverlapCheckOptions; onRepair?: (messages: readonly string[]) => void } {
+  private driverOptions(o: Record<string, string>, discard: string | undefined): Pick<NodeOpenOptions, 'lazyRefcounts' | 'overlapCheck' | 'onRepair' | 'discardPassthrough'> {
     const lazy = o['lazy-refcounts'];
-    return { lazyRefcounts: lazy === undefined ? undefined : isOn(lazy), overlapCheck: overlapCheckOptions(o), onRepair: this.onRepair };
+    const pass = (k: string): boolean | undefined => (o[`pass-discard-${k}`] === undefined ? undefined : isOn(o[`pass-discard-${k}`]!));
+    return {
+      lazyRefcounts: lazy === undefined ? undefined : isOn(lazy),
+      overlapCheck: overlapCheckOptions(o),
+      onRepair: this.onRepair,
+      // pass-discard-request defaults to whether the image is opened with unmap (-d).
+      discardPassthrough: { request: pass('request') ?? unmapEnabled(discard), snapshot: pass('snapshot'), other: pass('other') },
+    };
   }
 
   async open(req: OpenRequest): Promise<BlockDevice> {
@@ -192,7 +200,13 @@ export class NodeOpener implements Opener {
     // A json:{...} name is an option list; options given beside it are added to it.
     const json = req.name !== undefined && isJsonFilename(req.name);
     const o = json ? { ...jsonFilenameOptions(req.name!), ...req.options } : req.options;
-    if ((o.driver ?? this.format) === NULL_CO) return openNullCo(req.name ?? NULL_CO, o, req.readOnly || o['read-only'] === 'on');
+    // null-co nodes are named as QEMU names them (json-name.ts).
+    const nullName = (driver: string) => (json ? qemuJsonName(req.name!, driver) : undefined) ?? req.name ?? NULL_CO;
+    // -f comes before the options' driver, as in QEMU.
+    if ((this.format ?? o.driver) === NULL_CO) return openNullCo(nullName(NULL_CO), o, req.readOnly || o['read-only'] === 'on');
+    const nullFile = nullCoFileOptions(o);
+    if (nullFile) return openOverNullCo(nullName('raw'), nullFile, this.format ?? o.driver, req.readOnly || o['read-only'] === 'on');
+    if (!json && req.name !== undefined && isNullCoFilename(req.name)) return openNullCoFilename(req.name, this.format ?? o.driver, req.readOnly || o['read-only'] === 'on');
     if (o.driver === COMPRESS) {
       // A filter: its `file` child is the image, opened with the child's options.
       const child: Record<string, string> = {};
@@ -235,7 +249,7 @@ export class NodeOpener implements Opener {
         throw e;
       }
     }
-    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, noBacking, backingFormat, ...QEMU_OPEN_RULES, ...this.driverOptions(o) }), o);
+    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, noBacking, backingFormat, ...QEMU_OPEN_RULES, ...this.driverOptions(o, req.discard) }), o);
     // -s: a temporary qcow2 overlay over the image takes the writes and goes with close().
     const { tmpdir } = await import('node:os');
     const { join, resolve } = await import('node:path');
@@ -328,6 +342,7 @@ export async function main(argv: string[]): Promise<void> {
   let forceShare = false;
   let imageOpts = false;
   let cache: string | undefined;
+  let discard: string | undefined;
   for (const { key, arg } of parsed.options) {
     switch (key) {
       case 'c':
@@ -360,6 +375,7 @@ export async function main(argv: string[]): Promise<void> {
         break;
       case 'd':
         if (!['ignore', 'off', 'unmap', 'on'].includes(arg!)) return fail(`${prog}: Invalid discard option: ${arg}\n`);
+        discard = arg;
         break;
       case 'i':
         if (!['threads', 'native', 'io_uring'].includes(arg!)) return fail(`${prog}: Invalid aio option: ${arg}\n`);
@@ -390,8 +406,8 @@ export async function main(argv: string[]): Promise<void> {
   if (parsed.operands.length === 1) {
     const operand = parsed.operands[0]!;
     const req: OpenRequest = imageOpts
-      ? { options: parseOpts(operand, 'file'), readOnly, snapshot, forceShare, cache }
-      : { name: operand, options: {}, readOnly, snapshot, forceShare, cache };
+      ? { options: parseOpts(operand, 'file'), readOnly, snapshot, forceShare, cache, discard }
+      : { name: operand, options: {}, readOnly, snapshot, forceShare, cache, discard };
     if (await io.openImage(req)) {
       output.flush();
       process.exitCode = 1;

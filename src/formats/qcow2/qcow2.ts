@@ -83,6 +83,7 @@ export class Qcow2Device extends DeviceBase {
           chainReadsZero: async (offset, length) => (dev.backing === null && dev.image.header.backingFile !== undefined ? length === 0 : readsAsZero(dev, offset, length)),
           bitmapLimits: dev.bitmapLimits,
           lazyRefcounts: options.lazyRefcounts,
+          discardPassthrough: options.discardPassthrough,
           onRepair: options.onRepair,
         });
       }

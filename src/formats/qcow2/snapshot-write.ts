@@ -84,8 +84,11 @@ export async function deleteSnapshot(dev: SnapshotDevice, spec: string): Promise
     // table QEMU refuses stays listed.
     const l1 = await readTable(dev, snap);
     await replaceSnapshotTable(dev, w, dev.snapshots.filter((s) => s !== snap));
-    await adjustTree(dev, l1, snap.l1Size, -1);
-    if (snap.l1Size > 0) await w.refcounts.update(snap.l1TableOffset, snap.l1Size * 8, -1);
+    // The clusters only the snapshot held are punched (pass-discard-snapshot), as in QEMU.
+    await w.dropCounts('snapshot', async () => {
+      await adjustTree(dev, l1, snap.l1Size, -1);
+      if (snap.l1Size > 0) await w.refcounts.update(snap.l1TableOffset, snap.l1Size * 8, -1);
+    });
     await w.writeRefcounts();
     await refreshCopied(dev, w);
   });
@@ -296,6 +299,7 @@ async function replaceSnapshotTable(dev: SnapshotDevice, w: Qcow2Writer, snaps: 
     const why = await rc.whyFreeFails?.(Math.floor((oldOffset + freeable) / cs));
     if (why !== undefined) dev.onWarning?.(`qcow2_free_clusters failed: ${why}`);
   }
-  if (freeable > 0 && oldOffset !== 0) await rc.update(oldOffset, freeable, -1);
+  // Punched when no longer used (pass-discard-snapshot), as QEMU frees it.
+  if (freeable > 0 && oldOffset !== 0) await w.dropCounts('snapshot', () => rc.update(oldOffset, freeable, -1));
   await w.writeRefcounts();
 }
