@@ -35,6 +35,11 @@ export interface BlockExtent {
   hostFile?: string;
   /** The run is stored compressed (qcow2 or qcow compressed clusters); it has no plain `hostOffset`. */
   compressed?: boolean;
+  /**
+   * Unallocated in a layer that cannot have a backing file (an NBD export's hole that the server
+   * does not call zeros): nothing says the run reads as zeros, and qemu-img map shows "zero": false.
+   */
+  zeroUnknown?: boolean;
 }
 
 /** Where a run of guest bytes sits as plain bytes of a store: copy offload's source side. */
@@ -246,7 +251,7 @@ export interface BlockDevice {
    * Absent where the format has nothing to amend (raw, qcow v1, as in QEMU). `progress` is told
    * (done, total) as the work goes, in the units the format counts (qemu-img amend -p draws it).
    */
-  amend?(options: Record<string, string>, progress?: AmendProgressCallback): Promise<void>;
+  amend?(options: Record<string, string>, progress?: AmendProgressCallback, context?: AmendContext): Promise<void>;
   /** Write out what the device still holds (when writable), release its store, and close its backing chain. */
   close(): Promise<void>;
   /** The same as {@link close}, for `await using`. */
@@ -422,4 +427,12 @@ export interface ImageFormat {
 }
 
 /** How far an amend is: `done` of `total` units of work (the total may change as the work goes). */
+/** What an amend needs beyond its options (see {@link BlockDevice.amend}). */
+export interface AmendContext {
+  /** qemu-img amend --force: do what may lose data (overwrite an active LUKS key slot, erase the last one). */
+  force?: boolean;
+  /** The password a secret id names (LUKS `new-secret`, `old-secret`); throws when there is none. */
+  secret?: (id: string) => string;
+}
+
 export type AmendProgressCallback = (done: number, total: number) => void;

@@ -226,12 +226,11 @@ export class NodeOpener implements Opener {
     const protocol = isHostProtocol(format) ? format : o['file.driver'];
     if (isHostProtocol(protocol)) checkHostProtocol(protocol, name, req.readOnly || o['read-only'] === 'on');
     if (isHostProtocol(format)) format = 'raw';
-    const secretId = o['encrypt.key-secret'] ?? o['encryption.key-secret'];
-    let password: string | undefined;
-    if (secretId !== undefined) {
-      password = this.secrets.get(secretId);
-      if (password === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', `No secret with id '${secretId}'`);
-    } else if (this.secrets.size === 1) password = [...this.secrets.values()][0];
+    const { passwordsOf } = await import('../secrets.js');
+    const layers = passwordsOf(o, this.secrets);
+    let password = layers.password;
+    if (password === undefined && this.secrets.size === 1) password = [...this.secrets.values()][0];
+    const { passwordAt } = layers;
     const readOnly = req.readOnly || o['read-only'] === 'on';
     const noBacking = o.backing === 'null' || o.backing === '';
     const backingFormat = o['backing.driver'];
@@ -249,12 +248,12 @@ export class NodeOpener implements Opener {
         throw e;
       }
     }
-    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, noBacking, backingFormat, ...QEMU_OPEN_RULES, ...this.driverOptions(o, req.discard) }), o);
+    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, passwordAt, noBacking, backingFormat, ...QEMU_OPEN_RULES, ...this.driverOptions(o, req.discard) }), o);
     // -s: a temporary qcow2 overlay over the image takes the writes and goes with close().
     const { tmpdir } = await import('node:os');
     const { join, resolve } = await import('node:path');
     const { mkdtemp } = await import('node:fs/promises');
-    const base = await openImage(name, { format, readOnly: true, password, noBacking, backingFormat, ...QEMU_OPEN_RULES });
+    const base = await openImage(name, { format, readOnly: true, password, passwordAt, noBacking, backingFormat, ...QEMU_OPEN_RULES });
     const baseFormat = base.format;
     await base.close();
     const dir = await mkdtemp(join(tmpdir(), 'qemu-io-snapshot-'));
