@@ -37,13 +37,15 @@ export interface BlockExtent {
   compressed?: boolean;
 }
 
-/** Where a run of guest bytes sits as plain bytes of a store: copy offload's source side. */
 /** Where a run of guest bytes lies as plain bytes (BlockDevice.plainRunNow). */
 export interface PlainRun {
+  /** The store holding the run's bytes unchanged. */
   store: ByteStore;
+  /** Byte offset in `store` where the run's bytes start. */
   hostOffset: number;
 }
 
+/** Where a run of guest bytes sits as plain bytes of a store: copy offload's source side. */
 export interface PlainExtent {
   /** Guest offset of the run. */
   offset: number;
