@@ -42,6 +42,14 @@ export interface BlockExtent {
   zeroUnknown?: boolean;
 }
 
+/** Where a run of guest bytes lies as plain bytes (BlockDevice.plainRunNow). */
+export interface PlainRun {
+  /** The store holding the run's bytes unchanged. */
+  store: ByteStore;
+  /** Byte offset in `store` where the run's bytes start. */
+  hostOffset: number;
+}
+
 /** Where a run of guest bytes sits as plain bytes of a store: copy offload's source side. */
 export interface PlainExtent {
   /** Guest offset of the run. */
@@ -187,6 +195,15 @@ export interface BlockDevice {
    * never stores guest bytes as they are.
    */
   plainExtents?(offset: number, length: number): Promise<PlainExtent[]>;
+  /**
+   * [offset, offset + length) when it is one run of data (what block status calls data, not
+   * zero) stored as plain bytes of one store, and the device knows so now, from metadata it holds
+   * (no I/O, no promise): where in which store. Undefined whenever it is not so or not known now
+   * (an empty or invalid range, an unusable device): the caller then takes the asynchronous way
+   * (blockStatus, plainExtents, read), which decides and reports errors. For servers answering
+   * reads from the page cache, where the promises of the asynchronous way cost more than the read.
+   */
+  plainRunNow?(offset: number, length: number): PlainRun | undefined;
   /**
    * Copy offload, target side: write [offset, offset + length) by having `put` store the bytes of
    * each range the device picks for them (allocating as a write would); the device makes them part

@@ -92,6 +92,45 @@ export async function executeRequest(ctx: CommandContext, req: Request): Promise
   }
 }
 
+/**
+ * A read answered now, synchronously, when the device knows without I/O that the range is one
+ * run of plain data in a file (BlockDevice.plainRunNow) whose pages the page cache holds: the
+ * reply executeRequest would give (one data chunk, or a simple reply), without its promises,
+ * block status and mapping calls. Those were most of a read's JavaScript, and until V8 had
+ * optimised them (the first thousand or so requests a server answers) the main thread was slower
+ * than the client. On read-only exports the kernel sends the data (CommandContext.sendFile; the
+ * reply is then empty); elsewhere it is read into a reply buffer with a read that never waits for
+ * the disk, and only when no earlier request the read must wait for is running (RequestOrder):
+ * done at once, it is finished before any later request is looked at. Undefined: nothing was
+ * sent or read; take the usual way (which also answers invalid requests).
+ */
+export function readNow(ctx: CommandContext, req: Request): Uint8Array[] | undefined {
+  if (req.length === 0) return undefined;
+  const run = ctx.exp.device.plainRunNow?.(req.offset, req.length);
+  if (!run) return undefined;
+  const send = ctx.sendFile;
+  const store = run.store;
+  if (send ? !store.sendCached : !store.readCachedNow || ctx.order.wouldWait('read', req.offset, req.length)) return undefined;
+  try {
+    check(ctx, req);
+  } catch {
+    return undefined;
+  }
+  if (send) {
+    const head = ctx.structuredReplies ? out.dataChunkHeader(req.cookie, req.offset, req.length, true) : out.simpleReply(req.cookie, 0);
+    return send(head, store, run.hostOffset, req.length) ? [] : undefined;
+  }
+  const headSize = ctx.structuredReplies ? out.DATA_CHUNK_HEADER_SIZE : SIMPLE_REPLY_SIZE;
+  const buf = replyBuffers.take(headSize + req.length);
+  if (!store.readCachedNow!(run.hostOffset, buf.subarray(headSize))) {
+    replyBuffers.give(buf);
+    return undefined;
+  }
+  if (ctx.structuredReplies) out.dataChunkHeaderInto(buf, req.cookie, req.offset, true);
+  else out.simpleReplyInto(buf, req.cookie, 0);
+  return [buf];
+}
+
 /** The checks the spec asks of every request, before the device sees it. */
 function check(ctx: CommandContext, req: Request): void {
   const allowed = allowedFlags[req.type];

@@ -16,8 +16,8 @@
  * that queue is empty; replies that come meanwhile wait in an outbox, in order.
  */
 import type { Duplex } from 'node:stream';
-import { NBD_CMD_DISC, NBD_CMD_WRITE, NBD_ESHUTDOWN, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES } from './constants.js';
-import { executeRequest, type CommandContext } from './commands.js';
+import { NBD_CMD_DISC, NBD_CMD_READ, NBD_CMD_WRITE, NBD_ESHUTDOWN, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES } from './constants.js';
+import { executeRequest, readNow, type CommandContext } from './commands.js';
 import { NbdProtocolError } from './errors.js';
 import { isReadOnly, type NbdExport } from './export.js';
 import type { ByteStore } from '../storage/types.js';
@@ -272,6 +272,15 @@ export class NbdConnection {
     if (this.state === 'draining') {
       if (this.shuttingDown) this.send(ctx.structuredReplies ? [out.errorChunk(req.cookie, NBD_ESHUTDOWN, 'server is shutting down')] : [out.simpleReply(req.cookie, NBD_ESHUTDOWN)]);
       return;
+    }
+    // Reads of plain data from the page cache: answered at once (see readNow). Not while a slow
+    // reader leaves too much queued: the usual way holds the request in flight until it drains.
+    if (req.type === NBD_CMD_READ && !this.mustDrain()) {
+      const reply = readNow(ctx, req);
+      if (reply) {
+        if (reply.length) this.send(reply);
+        return;
+      }
     }
     this.inFlight++;
     // Two callbacks rather than a chain of then/catch/finally: each link is a promise per request.

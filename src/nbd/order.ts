@@ -16,6 +16,8 @@ interface Pending {
   settled: Promise<unknown>;
 }
 
+const SETTLED: Promise<unknown> = Promise.resolve();
+
 export class RequestOrder {
   private readonly pending = new Set<Pending>();
 
@@ -36,6 +38,18 @@ export class RequestOrder {
     );
     this.pending.add(entry);
     return result;
+  }
+
+  /**
+   * Whether run() would hold a request of this kind back now, behind an earlier one it conflicts
+   * with. When not, the caller may do the request at once, synchronously, in run()'s place: it
+   * is then finished before anything later is looked at, so nothing later need wait for it.
+   */
+  wouldWait(kind: AccessKind, offset: number, length: number): boolean {
+    if (this.pending.size === 0) return false;
+    const entry: Pending = { kind, start: offset, end: offset + length, settled: SETTLED };
+    for (const p of this.pending) if (conflicts(p, entry)) return true;
+    return false;
   }
 
   /** Resolves when everything started so far has finished. */

@@ -93,6 +93,8 @@ export class FileStore implements ByteStore {
 
   /** Sparse-file calls, present only where the host addon is loaded (see ByteStore). */
   readonly dataRuns?: (offset: number, length: number) => Promise<DataRun[]>;
+  /** See ByteStore.dataKnownNow: inside the last run of data findDataRuns found. */
+  readonly dataKnownNow?: (offset: number, length: number) => boolean;
   /** Deallocate host blocks (fallocate PUNCH_HOLE), when the host addon is loaded. */
   readonly punchHole?: (offset: number, length: number) => Promise<void>;
   /** Zero a range without writing it (fallocate ZERO_RANGE), when the host addon is loaded. */
@@ -107,6 +109,8 @@ export class FileStore implements ByteStore {
   sendCached?: (socketFd: number, head: Uint8Array, offset: number, length: number) => number;
   /** See ByteStore.isCached; with sendCached. */
   readonly isCached?: (offset: number, length: number) => boolean;
+  /** See ByteStore.readCachedNow; with cachedReadsInline. */
+  readonly readCachedNow?: (offset: number, into: Uint8Array) => boolean;
 
   private constructor(name: string, fd: number, readOnly: boolean, syncMax: number, cachedReadsInline: boolean) {
     this.name = name;
@@ -115,10 +119,17 @@ export class FileStore implements ByteStore {
     this.syncMax = syncMax;
     const addon = hostAddon();
     if (!addon) return;
-    if (cachedReadsInline) this.cachedRead = addon.preadNoWait;
+    if (cachedReadsInline && addon.preadNoWait) {
+      this.cachedRead = addon.preadNoWait;
+      this.readCachedNow = (offset, into) => this.readCached(offset, into);
+    }
     // Each is one system call that does not wait on data (lseek; fallocate updates extents only),
     // so it runs inline like the small reads above.
     this.dataRuns = (offset, length) => this.sync(() => this.findDataRuns(addon, offset, length));
+    this.dataKnownNow = (offset, length) => {
+      const known = this.knownData;
+      return known !== undefined && length > 0 && offset >= known[0] && offset + length <= known[1];
+    };
     const send = addon.sendFileCached;
     const cached = addon.rangeCached;
     if (send && cached) {
@@ -145,8 +156,7 @@ export class FileStore implements ByteStore {
    * what they hold: their zeros.)
    */
   private findDataRuns(addon: HostAddon, offset: number, length: number): DataRun[] {
-    const known = this.knownData;
-    if (known && offset >= known[0] && offset + length <= known[1] && length > 0) return [{ offset, length, data: true }];
+    if (this.dataKnownNow!(offset, length)) return [{ offset, length, data: true }];
     const runs = sparse.dataRuns(addon, this.fd, this.stat().size, offset, length);
     const last = runs[runs.length - 1];
     // A last run of data reaches the end of the range and may go on past it: one more call finds
@@ -160,6 +170,21 @@ export class FileStore implements ByteStore {
     // -2: the kernel has no cachestat, or sendfile refuses these descriptors: stop asking.
     if (sent === -2) this.sendCached = undefined;
     return sent < 0 ? -1 : sent;
+  }
+
+  /** See ByteStore.readCachedNow: one read that never waits for the disk. */
+  private readCached(offset: number, into: Uint8Array): boolean {
+    const read = this.cachedRead;
+    if (!read || into.length === 0) return false;
+    try {
+      const n = read(this.fd, into, offset);
+      if (n === -2) this.cachedRead = undefined;
+      // Short: part of the range is not cached, or the file ends first (read() adds the zeros).
+      return n === into.length;
+    } catch {
+      // read() meets the error again and reports it.
+      return false;
+    }
   }
 
   /** See ByteStore.readNow: the rest of a sendCached reply, whose pages were cached a moment ago. */

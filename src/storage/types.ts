@@ -30,6 +30,11 @@ export interface ByteStore {
    * store cannot tell: everything then counts as data.
    */
   dataRuns?(offset: number, length: number): Promise<DataRun[]>;
+  /**
+   * With dataRuns: true when the store knows now, without asking the host, that [offset, offset +
+   * length) is all data (from what an earlier dataRuns found). False says nothing either way.
+   */
+  dataKnownNow?(offset: number, length: number): boolean;
   /** Give the host blocks of [offset, offset + length) back; the range then reads as zeros. The size is unchanged. */
   punchHole?(offset: number, length: number): Promise<void>;
   /** Make [offset, offset + length) read as zeros without writing them; the blocks stay reserved. */
@@ -67,6 +72,13 @@ export interface ByteStore {
   isCached?(offset: number, length: number): boolean;
   /** With sendCached: fill `into` from `offset` at once, waiting for the disk if need be (zeros past the end). */
   readNow?(offset: number, into: Uint8Array): void;
+  /**
+   * Fill `into` from `offset` now when the page cache holds all of it, without waiting for the
+   * disk (preadv2 RWF_NOWAIT): true when it did; false when it did not (`into` then holds
+   * nothing meaningful: read it the usual way). Present on stores opened for a server that
+   * answers reads from the page cache (FileStore's cachedReadsInline).
+   */
+  readCachedNow?(offset: number, into: Uint8Array): boolean;
   /**
    * Publish these permissions (QEMU's image locks, see permissions.ts) in place of those taken at
    * open; QCOW_LOCKED when another program's use conflicts. Stores without locks lack it.

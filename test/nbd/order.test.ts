@@ -93,3 +93,23 @@ test('a failed request releases those waiting on it', async () => {
   await order.idle();
   assert.equal(order.size, 0);
 });
+
+test('wouldWait: true exactly when run() would hold the request back', async () => {
+  const order = new RequestOrder();
+  assert.equal(order.wouldWait('read', 0, 10), false);
+  let release!: () => void;
+  const write = order.run('write', 100, 50, () => new Promise<void>((r) => (release = r)));
+  await Promise.resolve();
+  assert.equal(order.wouldWait('read', 0, 100), false, 'read beside the write');
+  assert.equal(order.wouldWait('read', 149, 1), true, 'read overlapping the write');
+  assert.equal(order.wouldWait('write', 120, 1), true, 'write overlapping the write');
+  assert.equal(order.wouldWait('flush', 0, 0), true, 'flush behind a write');
+  release();
+  await write;
+  await order.idle();
+  assert.equal(order.wouldWait('read', 149, 1), false);
+  const read = order.run('read', 0, 10, async () => undefined);
+  assert.equal(order.wouldWait('read', 0, 10), false, 'reads never wait for reads');
+  assert.equal(order.wouldWait('write', 5, 1), true, 'a write waits for an overlapping read');
+  await read;
+});

@@ -11,7 +11,7 @@
  * read-write), and closes. Imports run one way: device -> writer -> cluster map -> allocator ->
  * metadata cache -> layouts.
  */
-import type { AmendContext, AmendProgressCallback, BlockExtent, ImageDescription, OpenOptions, PlacedRange, PlainExtent, WriteOptions, ZeroOptions } from '../../core/block-device.js';
+import type { AmendContext, AmendProgressCallback, BlockExtent, ImageDescription, OpenOptions, PlacedRange, PlainExtent, PlainRun, WriteOptions, ZeroOptions } from '../../core/block-device.js';
 import { DeviceBase } from '../../core/device-base.js';
 import { CorruptionEvent, ImageMarkedCorrupt, QcowError, corrupt, unsupported, withFile } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
@@ -50,6 +50,8 @@ export class Qcow2Device extends DeviceBase {
   private readBitmaps: Promise<PersistentBitmaps> | undefined;
   /** Decided on the first blockStatus, as qemu does (see prealloc.ts). */
   private metadataPreallocation: Promise<boolean> | undefined;
+  /** What metadataPreallocation resolved to, once it has (plainRunNow needs it at once). */
+  private metadataPreallocated: boolean | undefined;
   /** OpenOptions.onWarning: what QEMU would print about a failed step while the operation goes on. */
   readonly onWarning: ((message: string) => void) | undefined;
 
@@ -270,6 +272,7 @@ export class Qcow2Device extends DeviceBase {
     const showOffsets = img.encryption === null;
     this.metadataPreallocation ??= external !== undefined ? Promise.resolve(false) : detectMetadataPreallocation(this.store, img.header, img.fileSize);
     const prealloc = await this.metadataPreallocation;
+    this.metadataPreallocated = prealloc;
     const out: BlockExtent[] = [];
     for (const r of runs) {
       const e: BlockExtent = {
@@ -384,6 +387,24 @@ export class Qcow2Device extends DeviceBase {
       else out.push(plain ? { offset: r.offset, length: r.length, store: this.dataStore, hostOffset: r.hostOffset! } : { offset: r.offset, length: r.length });
     }
     return out;
+  }
+
+  /**
+   * See BlockDevice.plainRunNow: one cached L2 table, normal clusters contiguous in the file
+   * (ClusterMap.mappedHostRun, what reads use). Not before the first block status has told whether
+   * the image has metadata preallocation: its data clusters may then be holes of the file, which
+   * block status reports as zeros.
+   */
+  plainRunNow(offset: number, length: number): PlainRun | undefined {
+    if (this.metadataPreallocated !== false || this.unusable || !Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0 || offset + length > this.size) return undefined;
+    let host: number;
+    try {
+      host = this.map.mappedHostRun(offset, length);
+    } catch {
+      // A bad entry: the asynchronous way finds it again and reports it.
+      return undefined;
+    }
+    return host >= 0 ? { store: this.dataStore, hostOffset: host } : undefined;
   }
 
   /** Copy offload, target side (see Qcow2Writer.writePlaced). */

@@ -1,5 +1,5 @@
 /** Raw images: guest offset = file offset. The file's length is the virtual size. */
-import type { BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, PlacedRange, PlainExtent, WriteOptions, ZeroOptions } from '../../core/block-device.js';
+import type { BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, PlacedRange, PlainExtent, PlainRun, WriteOptions, ZeroOptions } from '../../core/block-device.js';
 import { DeviceBase } from '../../core/device-base.js';
 import { QcowError, unsupported } from '../../core/errors.js';
 import { alignUp } from '../../core/bytes.js';
@@ -25,6 +25,17 @@ export class RawDevice extends DeviceBase {
   async plainExtents(offset: number, length: number): Promise<PlainExtent[]> {
     this.checkRequest(offset, length);
     return [{ offset, length, store: this.store, hostOffset: offset }];
+  }
+
+  /**
+   * See BlockDevice.plainRunNow: where the store tells holes from data (they are zeros to block
+   * status), only inside the run of data it found last.
+   */
+  plainRunNow(offset: number, length: number): PlainRun | undefined {
+    const s = this.store;
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0 || offset + length > this.size) return undefined;
+    if (s.dataRuns && !s.dataKnownNow?.(offset, length)) return undefined;
+    return { store: s, hostOffset: offset };
   }
 
   async writePlaced(offset: number, length: number, put: (range: PlacedRange) => Promise<void>): Promise<void> {
