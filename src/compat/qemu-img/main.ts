@@ -112,6 +112,14 @@ async function dispatch(args: string[]): Promise<number> {
     const { create } = await import('./create.js');
     return create(parsed);
   }
+  if (cmd === 'measure') {
+    const { measureArgsComplaint } = await import('./measure-args.js');
+    const complaint = measureArgsComplaint(parsed);
+    if (complaint) {
+      process.stderr.write(complaint.map((l) => `${PROGRAM}: ${l}\n`).join(''));
+      return 1;
+    }
+  }
   if (cmd === 'dd') {
     const { dd } = await import('./dd.js');
     return dd(parsed);
@@ -205,6 +213,9 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   // repaired, but qemu-img's scripts (and iotests) expect the refusal.
   openPolicy.refuseMalformedBitmaps = true;
   openPolicy.openName = jsonOpenerFor;
+  // Opening a lazy-refcounts image left dirty read-write repairs it; QEMU's check prints what it
+  // repaired on standard error, whatever the command.
+  openPolicy.onRepair = (messages) => process.stderr.write(messages.map((m) => m + '\n').join(''));
   // -p draws as qemu-img draws it: on standard output, terminal or not.
   progressStyle.qemu = true;
   process.exitCode = undefined;
@@ -217,5 +228,9 @@ function fromImageOpts(text: string, out: string[]): string {
   const kv = new Map(text.split(',').map((p) => [p.slice(0, p.indexOf('=')), p.slice(p.indexOf('=') + 1)] as const));
   const driver = kv.get('driver');
   if (driver && driver !== 'file') out.push('-f', driver);
-  return kv.get('file.filename') ?? kv.get('filename') ?? text;
+  const file = kv.get('file.filename') ?? kv.get('filename') ?? text;
+  // qcow2's data-file option: the data file the image is opened with, whatever its header says.
+  const dataFile = kv.get('data-file.filename') ?? kv.get('data-file');
+  if (dataFile !== undefined) (openPolicy.dataFiles ??= new Map()).set(file, dataFile);
+  return file;
 }

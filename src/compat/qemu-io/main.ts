@@ -182,9 +182,11 @@ export class NodeOpener implements Opener {
   ) {}
 
   /** The open options that -o gives beyond the file's name, format and secrets. */
-  private driverOptions(o: Record<string, string>): { lazyRefcounts?: boolean; overlapCheck?: OverlapCheckOptions; onRepair?: (messages: readonly string[]) => void } {
+  private driverOptions(o: Record<string, string>): { lazyRefcounts?: boolean; overlapCheck?: OverlapCheckOptions; onRepair?: (messages: readonly string[]) => void; dataFile?: string } {
     const lazy = o['lazy-refcounts'];
-    return { lazyRefcounts: lazy === undefined ? undefined : isOn(lazy), overlapCheck: overlapCheckOptions(o), onRepair: this.onRepair };
+    // qcow2's data-file: the external data file to use, whatever the header names (or if none).
+    const dataFile = o['data-file.filename'] ?? o['data-file'];
+    return { lazyRefcounts: lazy === undefined ? undefined : isOn(lazy), overlapCheck: overlapCheckOptions(o), onRepair: this.onRepair, dataFile };
   }
 
   async open(req: OpenRequest): Promise<BlockDevice> {
