@@ -8,6 +8,8 @@ export { DeviceBase, mergeExtents } from './core/device-base.js';
 export { QcowError, CorruptionEvent, ImageMarkedCorrupt, UnwrittenMetadata, isQcowError, invalidArgument, type QcowErrorCode, type QcowErrorOptions } from './core/errors.js';
 export { FormatRegistry } from './core/registry.js';
 export { parseSize, formatSize } from './core/size.js';
+export { byteCountText, isExactByteCount } from './core/bytes.js';
+export { stringifyExact } from './core/json-exact.js';
 export type { ByteStore, DataRun, StoreOpener } from './storage/types.js';
 export { permissionsFor, type Permissions, type FileUse } from './storage/permissions.js';
 export { isHttpUrl, resolveUrl } from './storage/url.js';

@@ -52,6 +52,13 @@ export interface OpenImageOptions {
    * opens without its password, and reading its data fails with QCOW_NEED_PASSWORD.
    */
   inspectOnly?: boolean;
+  /** Every image of the chain: see OpenOptions.skipDataFile. */
+  skipDataFile?: boolean;
+  /**
+   * The top image's external data file, named as the user named it (not against the image):
+   * QEMU's `data-file` open option, which also serves an image whose header records no name.
+   */
+  dataFile?: string;
   /** Every qcow2 image of the chain: see OpenOptions.refuseMalformedBitmaps. */
   refuseMalformedBitmaps?: boolean;
   /** The top image only: see OpenOptions.lazyRefcounts. */
@@ -135,9 +142,19 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
       overlapCheck: depth === 0 ? options.overlapCheck : undefined,
       onRepair: options.onRepair,
       onWarning: options.onWarning,
+      skipDataFile: options.skipDataFile,
       openFile: (fileName, o) =>
-        options.opener.open(resolveNamed(fileName, name, options), { ...o, permissions: permissionsFor({ writable: !o.readOnly, format: 'raw', role: 'data', forceShare }) }),
+        options.opener.open(resolveNamed(fileName, name, options), { ...o, permissions: permissionsFor({ writable: !o.readOnly, format: 'raw', role: 'data', forceShare }) }).catch((e) => {
+          throw dataFileError(e, name, fileName);
+        }),
     };
+    const { dataFile } = options;
+    if (depth === 0 && dataFile !== undefined) {
+      openOptions.openDataFile = (o) =>
+        options.opener.open(dataFile, { ...o, permissions: permissionsFor({ writable: !o.readOnly, format: 'raw', role: 'data', forceShare }) }).catch((e) => {
+          throw dataFileError(e, name, dataFile);
+        });
+    }
     if (!options.noBacking) {
       openOptions.openBacking = (backingName, backingFormat) =>
         openLayer(resolveNamed(backingName, name, options), options, depth === 0 ? (options.backingFormat ?? backingFormat) : backingFormat, depth + 1, seen).catch((e) => {
@@ -190,6 +207,14 @@ function resolveNamed(name: string, relativeTo: string, options: OpenImageOption
 function backingError(e: unknown, image: string, backingName: string): unknown {
   if (e instanceof QcowError && e.code === 'QCOW_NOT_FOUND') {
     return new QcowError('QCOW_NOT_FOUND', `Could not open backing file '${backingName}': No such file or directory`, { file: image, cause: e });
+  }
+  return e;
+}
+
+/** A data file that is missing, named as the image (or the user) names it, as QEMU names it. */
+function dataFileError(e: unknown, image: string, dataName: string): unknown {
+  if (e instanceof QcowError && e.code === 'QCOW_NOT_FOUND') {
+    return new QcowError('QCOW_NOT_FOUND', `Could not open data file '${dataName}': No such file or directory`, { file: image, cause: e });
   }
   return e;
 }

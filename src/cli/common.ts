@@ -1,6 +1,6 @@
 /** What every CLI command shares: opening images the way the flags say, passwords, -o lists, errors. */
 import { readFileSync, unlinkSync, writeSync } from 'node:fs';
-import { QcowError, type BlockDevice, type NodeOpenOptions } from '../node.js';
+import { QcowError, stringifyExact, type BlockDevice, type NodeOpenOptions } from '../node.js';
 // Type only: node-open.js pulls in every format; it is loaded when an image is opened
 // (openForCli), so `--help`, `--version` and argument errors start fast.
 import { splitOptionItems } from './option-list.js';
@@ -46,6 +46,10 @@ export const openPolicy: {
   openName?: (file: string) => ((options: NodeOpenOptions) => Promise<BlockDevice>) | undefined;
   /** A persona's secrets by id (compat/qemu-img: `--object secret`), which key-secret options name. */
   secrets?: ReadonlyMap<string, string>;
+  /** External data files the user named for images (by the image's name as given): see OpenImageOptions.dataFile. */
+  dataFiles?: Map<string, string>;
+  /** Told what an open repaired (OpenOptions.onRepair): a persona that prints it as QEMU does. */
+  onRepair?: NodeOpenOptions['onRepair'];
 } = {};
 
 /** The password of the secret `id` (openPolicy.secrets); QEMU's error when there is none. */
@@ -74,6 +78,8 @@ export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpe
     rawUnnamedBackingFormats: !probeBacking,
     forceShare: flags.forceShare,
     refuseMalformedBitmaps: openPolicy.refuseMalformedBitmaps,
+    onRepair: openPolicy.onRepair,
+    dataFile: openPolicy.dataFiles?.get(file),
     ...extra,
   });
 }
@@ -161,7 +167,7 @@ export function failureText(e: unknown): string {
 }
 
 export function printJson(value: unknown): void {
-  writeOut((jsonStyle.stringify ?? ((v: unknown) => JSON.stringify(v, null, 4)))(value) + '\n');
+  writeOut((jsonStyle.stringify ?? ((v: unknown) => stringifyExact(v, 4)))(value) + '\n');
 }
 
 export function checkOutputFormat(output: string | undefined): 'json' | 'human' {

@@ -189,8 +189,19 @@ const ROWS: Row[] = [
     match: /^Bitmap '(.*)' is inconsistent and cannot be used: cannot resize/,
     text: (_e, _c, m) => `Bitmap '${m![1]}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk`,
   },
-  // amend: a downgrade refused for its refcount width (QEMU reports it as the amend's failure).
-  { code: 'QCOW_UNSUPPORTED', match: /^compat=0\.10 requires refcount_bits=16$/, text: (e) => e.message },
+  // amend and resize refusing what the open image cannot do (QEMU reports them as the command's
+  // failure, not the open's): our words are QEMU's.
+  {
+    code: 'QCOW_UNSUPPORTED',
+    match: /^(?:compat=0\.10 requires refcount_bits=16|Cannot downgrade an image with .*|Internal snapshots prevent downgrade of image|Can't resize a v2 image which has snapshots)$/,
+    text: (e) => e.message,
+  },
+  // A format name we do not have (QEMU does not list the ones it has).
+  { code: 'QCOW_INVALID_ARGUMENT', match: /^(Unknown file format '[^']*') \(known: [^)]*\)$/, text: (_e, _c, m) => m![1]! },
+  // amend: the backing file cannot change; QEMU adds a hint line.
+  { code: 'QCOW_UNSUPPORTED', match: /^(Cannot amend the backing file)\. (You can use 'qemu-img rebase' instead\.)$/, text: (_e, _c, m) => `${m![1]}\n${m![2]}` },
+  // amend: an option only create takes; QEMU's hint is a line of its own.
+  { code: 'QCOW_INVALID_ARGUMENT', match: /^(Invalid parameter '.*'): this option is only supported for image creation$/, text: (_e, _c, m) => `${m![1]}\nThis option is only supported for image creation` },
   // convert --bitmaps: a target without bitmaps, an inconsistent source bitmap.
   { code: 'QCOW_UNSUPPORTED', match: /^Format driver '.*' does not support bitmaps$/, text: (e) => e.message },
   {
@@ -219,6 +230,15 @@ const ROWS: Row[] = [
     match: /^(Snapshot table is too big) \(check -r all drops the (\d+) overhanging snapshots\)$/,
     text: (e, c, m) => `Could not open '${c.file ?? e.file}': ${m![1]}\nYou can force-remove all ${m![2]} overhanging snapshots with qemu-img check -r all`,
   },
+  // Opening: an external data file that is missing (named as the image names it), or a header
+  // that names none (the user must).
+  {
+    op: 'open',
+    code: 'QCOW_NOT_FOUND',
+    match: /^Could not open data file '(.*)': (.*)$/,
+    text: (_e, c, m) => `Could not open '${c.file}': Could not open '${m![1]}': ${m![2]}`,
+  },
+  { op: ['open', 'device'], code: 'QCOW_UNSUPPORTED', match: /^('data-file' is required for this image) \(/, text: (e, c, m) => (c.op === 'device' ? m![1]! : `Could not open '${c.file ?? e.file}': ${m![1]}`) },
   // Opening: a backing file that is missing.
   {
     op: 'open',

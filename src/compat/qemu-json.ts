@@ -4,6 +4,8 @@
  * fixed by the key names, not by the order they were set. Indent 4, as ours.
  */
 
+import { stringifyExact } from '../node.js';
+
 /** QEMU's bucket for a key (the tdb/gdbm string hash, modulo 512). */
 export function qdictBucket(key: string): number {
   const bytes = Buffer.from(key, 'utf8');
@@ -25,5 +27,5 @@ export function qemuOrder(value: unknown): unknown {
 
 export function qemuJson(value: unknown): string {
   // QEMU prints an empty list or object over two lines, its closing bracket at the line's indent.
-  return JSON.stringify(qemuOrder(value), null, 4).replace(/^( *)(.*)(\[\]|\{\})(,?)$/gm, (_m, indent: string, head: string, pair: string, comma: string) => `${indent}${head}${pair[0]}\n${indent}${pair[1]}${comma}`);
+  return stringifyExact(qemuOrder(value), 4).replace(/^( *)(.*)(\[\]|\{\})(,?)$/gm, (_m, indent: string, head: string, pair: string, comma: string) => `${indent}${head}${pair[0]}\n${indent}${pair[1]}${comma}`);
 }

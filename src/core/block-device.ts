@@ -307,6 +307,17 @@ export interface OpenOptions {
   openBacking?: (name: string, format: string | undefined) => Promise<BlockDevice>;
   /** Opens another file the image names (an external data file), resolved like a backing file. */
   openFile?: (name: string, options: { readOnly: boolean; create?: boolean }) => Promise<ByteStore>;
+  /**
+   * qcow2: opens the external data file the caller names instead of the one the header records
+   * (QEMU's `data-file` open option; the header may record none).
+   */
+  openDataFile?: (options: { readOnly: boolean }) => Promise<ByteStore>;
+  /**
+   * qcow2: leave the external data file closed, as `qemu-img info` does (QEMU 7.2's stable
+   * releases open an image for info without I/O, so a missing data file, or a header without its
+   * name, does not stop it). The metadata can be shown; guest data cannot be read.
+   */
+  skipDataFile?: boolean;
   /** Budget in bytes for cached metadata (L2 tables, refcount blocks). */
   cacheBytes?: number;
   /**

@@ -30,6 +30,40 @@ export function u64(b: Uint8Array, off: number, field = 'field'): number {
   return hi * 0x100000000 + lo;
 }
 
+/**
+ * Byte counts a Number holds exactly: every integer up to 2^53, and past it every multiple of 512
+ * below 2^62 (a double's spacing there is at most 512). Virtual sizes are whole 512-byte sectors,
+ * so every size QEMU's formats can describe (qcow2's largest L1 table reaches 2^61) is exact as a
+ * number; only arithmetic on byte offsets past 2^53 is not, and requests there are refused.
+ */
+export const EXACT_SECTOR_LIMIT = 2 ** 62;
+
+/**
+ * Whether `n` can be a byte count as QEMU takes one (below 2^63): any safe integer, and past 2^53
+ * whole sectors (see EXACT_SECTOR_LIMIT; from 2^62 on, every integral double is a multiple of 1024).
+ * That a number came out of a text exactly is for the parser to check (core/size.ts does).
+ */
+export function isExactByteCount(n: number): boolean {
+  return Number.isSafeInteger(n) ? n >= 0 : Number.isInteger(n) && n > 0 && n < 2 ** 63 && n % 512 === 0;
+}
+
+/** A byte count in decimal, exactly (String(2 ** 55) would print the shortest double, ...970). */
+export function byteCountText(n: number): string {
+  return Number.isSafeInteger(n) ? String(n) : BigInt(n).toString();
+}
+
+/**
+ * A u64 virtual size as a number: exact below 2^53; past it in whole sectors (rounded down, as
+ * QEMU counts a disk in sectors) while that stays exact; throws QCOW_CORRUPT naming the field
+ * beyond.
+ */
+export function u64Size(b: Uint8Array, off: number, field = 'size'): number {
+  const v = u64big(b, off);
+  if (v <= BigInt(Number.MAX_SAFE_INTEGER)) return Number(v);
+  if (v >= BigInt(EXACT_SECTOR_LIMIT)) throw corrupt(`${field} 0x${v.toString(16)} is too large`);
+  return Number(v - (v % 512n));
+}
+
 export function setU16(b: Uint8Array, off: number, v: number): void {
   inBounds(b, off, 2);
   b[off] = v >>> 8;

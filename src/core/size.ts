@@ -1,5 +1,6 @@
 /** Sizes as qemu-img writes them: a number with an optional k/M/G/T/P/E suffix (powers of 1024). */
 import { invalidArgument } from './errors.js';
+import { isExactByteCount } from './bytes.js';
 
 const UNITS: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
 
@@ -19,14 +20,19 @@ export function parseSize(text: string, what = 'size'): number {
   const hex = /^\s*(0x[0-9a-f]+)\s*$/i.exec(text);
   if (hex) {
     const v = Number.parseInt(hex[1]!, 16);
-    if (!Number.isSafeInteger(v)) throw invalidArgument(`invalid ${what} '${text}': not a whole number of bytes below 2^53`);
+    if (!Number.isSafeInteger(v) && !exactly(v, BigInt(hex[1]!))) throw invalidArgument(`invalid ${what} '${text}': not a whole number of bytes below 2^53`);
     return v;
   }
   const m = /^\s*(\d+(?:\.\d+)?)\s*([bkmgtpe]?)(?:i?b)?\s*$/i.exec(text);
   if (!m) throw invalidArgument(`invalid ${what} '${text}': expected a number with an optional k, M, G, T suffix`);
   const value = Number(m[1]) * UNITS[m[2]!.toLowerCase()]!;
-  if (!Number.isSafeInteger(value)) throw invalidArgument(`invalid ${what} '${text}': not a whole number of bytes below 2^53`);
+  if (!Number.isSafeInteger(value) && !(/^\d+$/.test(m[1]!) && exactly(value, BigInt(m[1]!) * BigInt(UNITS[m[2]!.toLowerCase()]!)))) throw invalidArgument(`invalid ${what} '${text}': not a whole number of bytes below 2^53`);
   return value;
+}
+
+/** Past 2^53: whether `v` is whole sectors (exact as a number, core/bytes.ts) and the value written. */
+function exactly(v: number, written: bigint): boolean {
+  return isExactByteCount(v) && BigInt(v) === written;
 }
 
 /** Offsets in the qemu-io language: decimal, 0x-hex, or with a size suffix (as sizes are read). */

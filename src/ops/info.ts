@@ -2,6 +2,7 @@
 import type { BlockDevice, SnapshotInfo } from '../core/block-device.js';
 import { chainOf } from '../chain/open.js';
 import { formatSize } from '../core/size.js';
+import { byteCountText } from '../core/bytes.js';
 
 /** One image as `qemu-img info --output=json` describes it, with qemu-img's keys. */
 export interface ImageInfoJson {
@@ -94,7 +95,7 @@ export function infoHuman(info: ImageInfoJson): string {
   const lines = [
     `image: ${info.filename}`,
     `file format: ${info.format}`,
-    `virtual size: ${formatSize(info['virtual-size'])} (${info['virtual-size']} bytes)`,
+    `virtual size: ${formatSize(info['virtual-size'])} (${byteCountText(info['virtual-size'])} bytes)`,
   ];
   if (info['actual-size'] !== undefined) lines.push(`disk size: ${formatSize(info['actual-size'])}`);
   if (info.encrypted) lines.push('encrypted: yes');

@@ -392,7 +392,12 @@ export class FileStore implements ByteStore {
   async truncate(size: number): Promise<void> {
     if (this.readOnly) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.name });
     this.knownData = undefined;
+    const wasEmpty = size > 0 && this.stat().size === 0;
     await new Promise<void>((resolve, reject) => ftruncate(this.fd, size, (e) => (e ? reject(fsError(e, this.name)) : resolve())));
+    // QEMU's file protocol allocates the first block of a file it grows from empty (so that later
+    // opens can probe the alignment there): a new raw image then has 4 KiB of data at its start,
+    // which qemu-img map, measure and info's disk size show. Zeros, as the hole read before.
+    if (wasEmpty) await this.write(0, new Uint8Array(Math.min(size, size < 4096 ? 512 : 4096)));
   }
 
   /**

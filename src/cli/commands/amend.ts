@@ -1,8 +1,8 @@
 /**
  * `qcow amend [-f FMT] -o OPTIONS FILE`: change options of an existing image in place, as
  * qemu-img amend does, through the format's own amend (ops/amend.ts; qcow2 has one: compat,
- * lazy_refcounts, refcount_bits, size; raw and qcow v1 do not, as in QEMU). `-o help` lists the
- * options of the format named by -f, or else of the image's.
+ * data_file, data_file_raw, lazy_refcounts, refcount_bits, size; raw and qcow v1 do not, as in
+ * QEMU). `-o help` lists the options of the format named by -f, or else of the image's.
  */
 import { QcowError, amendImage, amendOptions, builtinFormats } from '../../node.js';
 import { openForCli, parseOptionList, secretNamed, withProgress, writeOut } from '../common.js';

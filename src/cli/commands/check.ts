@@ -5,7 +5,7 @@
  * 3 leaks only, 1 when the check cannot run, 63 for formats without checks, as qemu-img.
  */
 import { QcowError, FileStore, checkableFormat, checkExitCode, checkHuman, checkImage, checkJson, builtinFormats, type RepairMode } from '../../node.js';
-import { checkOutputFormat, failureStyle, failureText, openPolicy, printJson, writeOut } from '../common.js';
+import { checkOutputFormat, failureStyle, failureText, openForCli, openPolicy, printJson, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -23,7 +23,7 @@ export async function run(file: string, flags: Flags): Promise<number> {
   const formats = builtinFormats();
   // Before this run's own open: with -r it takes the write lock, which a second open would meet.
   if (openPolicy.refuseMalformedBitmaps) {
-    const refusal = await bitmapRefusal(file, formats);
+    const refusal = await openRefusal(file, flags.format);
     if (refusal) {
       process.stderr.write(failureText(refusal));
       return 1;
@@ -65,22 +65,28 @@ export async function run(file: string, flags: Flags): Promise<number> {
 }
 
 /**
- * Under QEMU's open rules (openPolicy.refuseMalformedBitmaps), the failure that opening a qcow2
- * image gives for a bitmap QEMU cannot load: qemu-img check then stops before it checks or repairs
- * anything. Other open failures are the check's to report.
+ * Under QEMU's open rules (openPolicy.refuseMalformedBitmaps), the failures that opening a qcow2
+ * image gives before qemu-img check checks or repairs anything: a bitmap QEMU cannot load, an
+ * external data file that is missing or that the header does not name. Other open failures are
+ * the check's to report.
  */
-async function bitmapRefusal(file: string, formats: ReturnType<typeof builtinFormats>): Promise<QcowError | undefined> {
+async function openRefusal(file: string, format: string | undefined): Promise<QcowError | undefined> {
   const store = await FileStore.open(file, { readOnly: true });
   try {
     if (!(await isQcow2(store))) return undefined;
-    const dev = await formats.get('qcow2').open(store, { readOnly: true, inspectOnly: true, refuseMalformedBitmaps: true });
+  } finally {
+    await store.close();
+  }
+  try {
+    // The image alone, as QEMU opens it (its data file too), read-only: the check opens it again.
+    const dev = await openForCli(file, { format }, { readOnly: true, inspectOnly: true, noBacking: true, forceShare: true });
     await dev.close();
     return undefined;
   } catch (e) {
-    if (e instanceof QcowError && e.code === 'QCOW_UNSUPPORTED' && /^Bitmap (?:'.*' doesn't satisfy the constraints|extra data is not supported)/.test(e.message)) return e;
+    if (!(e instanceof QcowError)) return undefined;
+    if (e.code === 'QCOW_UNSUPPORTED' && /^(?:Bitmap (?:'.*' doesn't satisfy the constraints|extra data is not supported)|'data-file' is required for this image)/.test(e.message)) return e;
+    if (e.code === 'QCOW_NOT_FOUND' && /^Could not open data file /.test(e.message)) return e;
     return undefined;
-  } finally {
-    await store.close();
   }
 }
 

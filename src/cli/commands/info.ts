@@ -12,7 +12,7 @@ interface Flags {
 export async function run(file: string, flags: Flags): Promise<void> {
   const output = checkOutputFormat(flags.output);
   // info never needs the data: open read-only, and without a password an encrypted image still describes itself.
-  const dev = await openForCli(file, flags, { readOnly: true, inspectOnly: true, noBacking: !flags.backingChain });
+  const dev = await openForCli(file, flags, { readOnly: true, inspectOnly: true, skipDataFile: true, noBacking: !flags.backingChain });
   try {
     if (flags.backingChain) {
       const infos = await chainInfo(dev);

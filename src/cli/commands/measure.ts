@@ -1,4 +1,4 @@
-import { QcowError, parseSize, builtinFormats, measure, type BlockDevice, type MeasureResult } from '../../node.js';
+import { QcowError, byteCountText, parseSize, builtinFormats, measure, type BlockDevice, type MeasureResult } from '../../node.js';
 import { checkOutputFormat, openForCli, parseOptionList, printJson, writeOut } from '../common.js';
 
 interface Flags {
@@ -32,7 +32,7 @@ export async function run(file: string | undefined, flags: Flags): Promise<void>
   }
   if (output === 'json') printJson(r);
   else {
-    writeOut(`required size: ${r.required}\nfully allocated size: ${r['fully-allocated']}\n`);
+    writeOut(`required size: ${byteCountText(r.required)}\nfully allocated size: ${byteCountText(r['fully-allocated'])}\n`);
     if (r.bitmaps !== undefined) writeOut(`bitmaps size: ${r.bitmaps}\n`);
   }
 }

@@ -132,7 +132,8 @@ async function make(file: string, fmt: string, s: Settings): Promise<void> {
   // QEMU's drivers create images a whole number of 512-byte sectors long (1234 bytes -> 1536); the
   // Formatting line above still shows the size as given (iotest 104).
   size = (size + 511n) & ~511n;
-  if (size > BigInt(Number.MAX_SAFE_INTEGER)) {
+  // Whole sectors are exact as numbers below 2^62 (core/bytes.ts), past every format's limit.
+  if (size >= 2n ** 62n) {
     throw new CreateError(`The image size is too large for file format '${fmt}'${optionKind(fmt, 'cluster_size') ? ' (try using a larger cluster size)' : ''}`);
   }
   // What our formats take: everything but what create settles itself and the file protocol's tuning.

@@ -14,7 +14,7 @@ import { qemuJson } from '../qemu-json.js';
 import { jsonOpenerFor } from '../json-open.js';
 import { isJsonFilename, jsonFilenameOptions } from '../json-filename.js';
 import { nbdTargetOf, nbdTargetOfOptions } from '../nbd-store.js';
-import { fromImageOpts, type SpecialOpen } from './image-opts.js';
+import { fromImageOpts, parseImageOpts, type SpecialOpen } from './image-opts.js';
 import { secretsOf } from './options.js';
 import { contextOf, qemuErrorLines } from '../messages.js';
 
@@ -116,6 +116,14 @@ async function dispatch(args: string[]): Promise<number> {
     const { create } = await import('./create.js');
     return create(parsed);
   }
+  if (cmd === 'measure') {
+    const { measureArgsComplaint } = await import('./measure-args.js');
+    const complaint = measureArgsComplaint(parsed);
+    if (complaint) {
+      process.stderr.write(complaint.map((l) => `${PROGRAM}: ${l}\n`).join(''));
+      return 1;
+    }
+  }
   if (cmd === 'dd') {
     const { dd } = await import('./dd.js');
     return dd(parsed);
@@ -191,7 +199,16 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   // do justice to (key secrets, NBD exports) open through their own opener, by name.
   const secrets = secretsOf(parsed);
   const special = new Map<string, SpecialOpen>();
-  if (imageOpts) operands = operands.map((x) => fromImageOpts(x, out, secrets, cmd === 'check' ? undefined : special));
+  if (imageOpts) {
+    operands = operands.map((x) => {
+      const name = fromImageOpts(x, out, secrets, cmd === 'check' ? undefined : special);
+      // qcow2's data-file option: the data file the image is opened with, whatever its header says.
+      const o = parseImageOpts(x);
+      const dataFile = o['data-file.filename'] ?? o['data-file'];
+      if (dataFile !== undefined) (openPolicy.dataFiles ??= new Map()).set(name, dataFile);
+      return name;
+    });
+  }
   for (const x of operands) if (!imageOpts && nbdTargetOf(x)) special.set(x, (o) => import('./nbd-device.js').then((m) => m.openNbdImage(x, {}, o)));
   // QEMU's file protocol prefix names a plain file. A relative name left with a colon in its first
   // component would read as a protocol again, so QEMU shows (and resolves backing files from) it
@@ -222,6 +239,9 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
     return jsonOpenerFor(name);
   };
   openPolicy.secrets = secrets;
+  // Opening a lazy-refcounts image left dirty read-write repairs it; QEMU's check prints what it
+  // repaired on standard error, whatever the command.
+  openPolicy.onRepair = (messages) => process.stderr.write(messages.map((m) => m + '\n').join(''));
   // -p draws as qemu-img draws it: on standard output, terminal or not.
   progressStyle.qemu = true;
   process.exitCode = undefined;

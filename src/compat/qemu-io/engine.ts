@@ -400,6 +400,9 @@ export function openErrorText(e: unknown, name: string | undefined): string {
   if (e.code === 'QCOW_NOT_FOUND' && cause instanceof QcowError && /^Could not open backing file/.test(e.message)) {
     return `Could not open backing file: ${layerText(cause, cause.file)}`;
   }
+  // A missing external data file: QEMU names it as the image (or the user) does.
+  const dataFile = /^Could not open data file '(.*)': No such file or directory$/.exec(e.message);
+  if (e.code === 'QCOW_NOT_FOUND' && dataFile) return `Could not open '${dataFile[1]}': No such file or directory`;
   if (name !== undefined && e.file !== undefined && e.file !== name && !e.file.endsWith('/' + name.replace(/^\.\//, ''))) {
     return `Could not open backing file: ${layerText(e, e.file)}`;
   }

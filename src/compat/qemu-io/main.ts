@@ -183,8 +183,10 @@ export class NodeOpener implements Opener {
   ) {}
 
   /** The open options that -o gives beyond the file's name, format and secrets. */
-  private driverOptions(o: Record<string, string>, discard: string | undefined): Pick<NodeOpenOptions, 'lazyRefcounts' | 'overlapCheck' | 'onRepair' | 'discardPassthrough'> {
+  private driverOptions(o: Record<string, string>, discard: string | undefined): Pick<NodeOpenOptions, 'lazyRefcounts' | 'overlapCheck' | 'onRepair' | 'discardPassthrough' | 'dataFile'> {
     const lazy = o['lazy-refcounts'];
+    // qcow2's data-file: the external data file to use, whatever the header names (or if none).
+    const dataFile = o['data-file.filename'] ?? o['data-file'];
     const pass = (k: string): boolean | undefined => (o[`pass-discard-${k}`] === undefined ? undefined : isOn(o[`pass-discard-${k}`]!));
     return {
       lazyRefcounts: lazy === undefined ? undefined : isOn(lazy),
@@ -192,6 +194,7 @@ export class NodeOpener implements Opener {
       onRepair: this.onRepair,
       // pass-discard-request defaults to whether the image is opened with unmap (-d).
       discardPassthrough: { request: pass('request') ?? unmapEnabled(discard), snapshot: pass('snapshot'), other: pass('other') },
+      dataFile,
     };
   }
 

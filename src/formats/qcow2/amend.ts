@@ -15,6 +15,14 @@
  *   - size=SIZE: resize (shrinking allowed, as qemu-img amend allows it).
  *   - backing_file / backing_fmt: only their current values (qemu 7.2 says "Cannot amend the
  *     backing file"; qemu-img rebase changes them).
+ *   - data_file=NAME (images with an external data file only): the name the header records; an
+ *     empty name drops it, and the image then needs its data file named when opened (as qemu 7.2
+ *     leaves it). The file itself is not opened nor checked, as qemu does not.
+ *   - data_file_raw=off clears the raw-external-data bit; =on only where it is already set (qemu:
+ *     "data-file-raw cannot be set on existing images").
+ *   - a downgrade with internal snapshots is refused when one of them has another disk size than
+ *     the image (after any size=) or a VM state past 32 bits, as qemu refuses it: v2 programs
+ *     would not know that the snapshot's size matters.
  * Every other option is refused with qemu's wording.
  *
  * Crash safety: each step leaves a valid image of the old or the new kind. Zero clusters are
@@ -33,8 +41,8 @@
  */
 import { QcowError, invalidArgument, unsupported } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
-import { COMPRESSION_ZLIB, QEMU_FEATURE_NAMES, V3_HEADER_LENGTH } from './header.js';
-import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasFeature } from './features.js';
+import { COMPRESSION_ZLIB, V3_HEADER_LENGTH, qemuFeatureNames } from './header.js';
+import { AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasFeature } from './features.js';
 import { Refcounts } from './alloc.js';
 import { checkRefcountBits, encodeRefcountTable, entriesPerBlock, maxRefcount, setRefcount } from './refcount.js';
 import { L2_ZERO, readL2Entry, standardL2Entry } from './l2-entry.js';
@@ -84,6 +92,10 @@ export interface AmendPlan {
   lazyRefcounts?: boolean;
   refcountBits?: number;
   size?: number;
+  /** The external data file name the header is to record; null: none. */
+  dataFile?: string | null;
+  /** Whether the raw-external-data bit is to be set (only ever kept set or cleared). */
+  dataFileRaw?: boolean;
 }
 
 /** Validate `options` against the image's header; nothing is written. */
@@ -116,7 +128,12 @@ export function planAmend(dev: AmendDevice, options: Record<string, string>): Am
         break;
       case 'data_file':
         if (!hasFeature(h.incompatibleFeatures, INCOMPAT_DATA_FILE)) throw invalidArgument('data-file can only be set for images that use an external data file');
-        if (v !== h.dataFile) throw unsupported('Changing the external data file name is not supported');
+        plan.dataFile = v === '' ? null : v;
+        break;
+      case 'data_file_raw':
+        if (v !== 'on' && v !== 'off') throw invalidArgument("Parameter 'data_file_raw' expects 'on' or 'off'");
+        if (v === 'on' && !hasFeature(h.autoclearFeatures, AUTOCLEAR_DATA_FILE_RAW)) throw invalidArgument('data-file-raw cannot be set on existing images');
+        plan.dataFileRaw = v === 'on';
         break;
       case 'encrypt.iter-time':
       case 'encrypt.keyslot':
@@ -125,8 +142,6 @@ export function planAmend(dev: AmendDevice, options: Record<string, string>): Am
       case 'encrypt.state':
         // LUKS key slots (crypto/luks-amend.ts, applied by amendQcow2).
         if (dev.encryption?.changeSlots) break;
-        throw unsupported(`Amending '${k}' is not supported`);
-      case 'data_file_raw':
         throw unsupported(`Amending '${k}' is not supported`);
       default:
         if (CREATE_ONLY.has(k)) throw invalidArgument(`Invalid parameter '${k}': this option is only supported for image creation`);
@@ -193,12 +208,21 @@ export async function amendQcow2(dev: AmendDevice, options: Record<string, strin
       await image.writeHeader((hh) => {
         hh.version = 3;
         hh.headerLength = V3_HEADER_LENGTH;
-        hh.featureNames = [...QEMU_FEATURE_NAMES];
+        hh.featureNames = qemuFeatureNames(3, hh.clusterBits);
       });
       await image.store.flush();
       steps.report(STEP_UPGRADE, 2, 2);
     }
     if (changesWidth) await changeRefcountWidth(dev, w, plan.refcountBits!, (done, work) => steps.report(STEP_REFCOUNT_WIDTH, done, work));
+    const raw = plan.dataFileRaw !== undefined && plan.dataFileRaw !== hasFeature(h.autoclearFeatures, AUTOCLEAR_DATA_FILE_RAW);
+    if (raw || (plan.dataFile !== undefined && (plan.dataFile ?? undefined) !== h.dataFile)) {
+      const { dataFile, dataFileRaw } = plan;
+      await image.writeHeader((hh) => {
+        if (raw) hh.autoclearFeatures = dataFileRaw ? hh.autoclearFeatures | AUTOCLEAR_DATA_FILE_RAW : hh.autoclearFeatures & ~AUTOCLEAR_DATA_FILE_RAW;
+        if (dataFile !== undefined) hh.dataFile = dataFile ?? undefined;
+      });
+      await image.store.flush();
+    }
     if (plan.lazyRefcounts !== undefined && plan.lazyRefcounts !== hasFeature(h.compatibleFeatures, COMPAT_LAZY_REFCOUNTS)) {
       // Refcounts were written back by exclusive(): turning lazy refcounts off needs no repair.
       const lazy = plan.lazyRefcounts;
@@ -228,6 +252,9 @@ async function downgrade(dev: AmendDevice, w: Qcow2Writer, report: (done: number
   const rc = w.refcounts;
   const hasBacking = h.backingFile !== undefined;
   const snaps = h.nbSnapshots > 0 ? await readSnapshotTable(dev.store, h.nbSnapshots, h.snapshotsOffset, dev.fileSize, dev.size) : [];
+  // v2 entries may lack the disk size, and v2 programs take the image's: only snapshots of the
+  // image's size, with a VM state size that fits v2's 32 bits, keep their meaning.
+  if (snaps.some((s) => s.vmStateSize > 0xffffffff || (s.diskSize ?? dev.size) !== dev.size)) throw unsupported('Internal snapshots prevent downgrade of image');
   const l1s: Uint8Array[] = [dev.l1.slice(0, dev.l1Entries * 8)];
   for (const s of snaps) {
     try {

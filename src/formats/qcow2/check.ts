@@ -11,7 +11,7 @@
  * checks again; the result reports what was fixed and what is left, with qemu-img's keys.
  * Works on the store directly, so images the device refuses to open (corrupt bit) can be checked.
  */
-import { QcowError, corrupt } from '../../core/errors.js';
+import { QcowError, corrupt, unsupported } from '../../core/errors.js';
 import { setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
 import type { CheckResult, RepairMode } from '../../core/check.js';
@@ -219,6 +219,8 @@ async function readHeader(store: ByteStore): Promise<{ h: Qcow2Header; fileSize:
   if (h.l1Size > MAX_L1_ENTRIES) throw corrupt('Active L1 table too large');
   if (h.l1TableOffset % cs !== 0) throw corrupt('Active L1 table offset invalid');
   const g = qcow2Geometry(h.clusterBits, hasFeature(h.incompatibleFeatures, INCOMPAT_EXTL2));
+  // As opening refuses it (qcow2.ts): more L1 entries than qemu's int index counts.
+  if (Math.ceil(h.size / (g.l2Entries * cs)) > 0x7fffffff) throw unsupported(`size 0x${BigInt(h.size).toString(16)} is too large for qemu's L1 index`);
   if (h.l1Size < Math.ceil(h.size / (g.l2Entries * cs))) throw corrupt('L1 table is too small');
   return { h, fileSize };
 }

@@ -657,7 +657,8 @@ export class ClusterMap {
    * old table (`oldL1`). Returns the new table's offset.
    */
   async growL1(need: number, barrier: () => Promise<void>): Promise<{ offset: number; oldOffset: number; oldEntries: number }> {
-    if (need * 8 > MAX_L1_BYTES) throw new QcowError('QCOW_INVALID_ARGUMENT', "The image size is too large for file format 'qcow2' (try using a larger cluster size)");
+    // QEMU's words (its L1 growth fails with EFBIG), for a resize as for a VM state write.
+    if (need * 8 > MAX_L1_BYTES) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Failed to grow the L1 table: File too large', { errno: 'EFBIG' });
     const old = { oldOffset: this.image.header.l1TableOffset, oldEntries: this.entries };
     const l1 = new Uint8Array(need * 8);
     l1.set(this.l1Bytes);

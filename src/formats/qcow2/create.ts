@@ -6,13 +6,13 @@
  */
 import type { CreateOptions } from '../../core/block-device.js';
 import { QcowError, invalidArgument } from '../../core/errors.js';
-import { alignUp, isPowerOfTwo, setU64 } from '../../core/bytes.js';
+import { alignUp, isExactByteCount, isPowerOfTwo, setU64 } from '../../core/bytes.js';
 import { parseSize } from '../../core/size.js';
 
 /** QEMU's unit of disk size. */
 const SECTOR = 512;
 import type { ByteStore } from '../../storage/types.js';
-import { COMPRESSION_ZLIB, COMPRESSION_ZSTD, QEMU_FEATURE_NAMES, V2_HEADER_LENGTH, V3_HEADER_LENGTH, encodeHeader, type Qcow2Header } from './header.js';
+import { COMPRESSION_ZLIB, COMPRESSION_ZSTD, qemuFeatureNames, V2_HEADER_LENGTH, V3_HEADER_LENGTH, encodeHeader, type Qcow2Header } from './header.js';
 import { AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2 } from './features.js';
 import { MAX_L1_BYTES, l1EntriesFor, qcow2Geometry } from './layout.js';
 import { setL1Entry } from './l1-entry.js';
@@ -166,7 +166,7 @@ export function newHeader(s: Qcow2CreateSettings, size: number, backingFile?: st
     backingFile,
     backingFormat,
     // qemu 7.2 leaves the table out of images with clusters of 4 KiB or less (checked: 512..4k none, 8k on).
-    featureNames: s.version === 3 && s.clusterBits > 12 ? [...QEMU_FEATURE_NAMES] : [],
+    featureNames: qemuFeatureNames(s.version, s.clusterBits),
     dataFile: s.dataFile,
     unknownExtensions: [],
   };
@@ -176,7 +176,7 @@ export async function createQcow2(store: ByteStore, options: CreateOptions): Pro
   const o = { ...(options.options ?? {}) };
   delete o.size;
   const s = parseCreateOptions(o, options.backingFile !== undefined);
-  if (!Number.isSafeInteger(options.size) || options.size < 0) throw invalidArgument(`invalid image size ${options.size}`);
+  if (!isExactByteCount(options.size)) throw invalidArgument(`invalid image size ${options.size}`);
   // Whole sectors, rounded up as qemu-img does: QEMU reads a header size in sectors, rounding
   // down, so an odd size stored as given would cut the last bytes off the disk QEMU sees (a 1000000-
   // byte raw converted to qcow2 lost 64 bytes in QEMU's eyes).

@@ -32,8 +32,9 @@ export async function describeQcow2(dev: Qcow2Image, bitmaps: () => Promise<Pers
     }
   }
   data['refcount-bits'] = 2 ** h.refcountOrder;
-  if (hasFeature(h.incompatibleFeatures, INCOMPAT_DATA_FILE) && h.dataFile !== undefined) {
-    data['data-file'] = h.dataFile;
+  // A header may lack the name (it is then given at open): the rest is still the image's.
+  if (hasFeature(h.incompatibleFeatures, INCOMPAT_DATA_FILE)) {
+    if (h.dataFile !== undefined) data['data-file'] = h.dataFile;
     data['data-file-raw'] = dev.dataFileRaw;
   }
   if (dev.encryption) data.encrypt = dev.encryption.info;

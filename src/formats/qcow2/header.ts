@@ -21,7 +21,7 @@
  * writes 112: the compression type byte at 104, then padding). Extensions start at
  * header_length (72 for v2) and are `u32 type, u32 length, data, padding to 8`.
  */
-import { u32, u64, u64big, setU32, setU64, utf8, encodeUtf8, alignUp } from '../../core/bytes.js';
+import { u32, u64, u64big, u64Size, setU32, setU64, utf8, encodeUtf8, alignUp } from '../../core/bytes.js';
 import { QcowError, corrupt, unsupported } from '../../core/errors.js';
 
 export const QCOW2_MAGIC = 0x514649fb;
@@ -152,7 +152,7 @@ function decodeHeaderArea(buf: Uint8Array, areaLength: number): Qcow2Header | un
     backingFileOffset: u64(buf, 8, 'backing_file_offset'),
     backingFileSize: u32(buf, 16),
     clusterBits,
-    size: u64(buf, 24, 'size'),
+    size: u64Size(buf, 24),
     cryptMethod: u32(buf, 32),
     l1Size: u32(buf, 36),
     l1TableOffset: u64(buf, 40, 'l1_table_offset'),
@@ -264,7 +264,7 @@ function decodeExtension(type: number, body: Uint8Array, h: Qcow2Header): void {
   }
 }
 
-/** The feature-name table qemu 7.2 puts into every v3 image. */
+/** The feature-name table qemu 7.2 puts into v3 images (see qemuFeatureNames for which). */
 export const QEMU_FEATURE_NAMES: readonly FeatureName[] = [
   { kind: 'incompatible', bit: 0, name: 'dirty bit' },
   { kind: 'incompatible', bit: 1, name: 'corrupt bit' },
@@ -275,6 +275,15 @@ export const QEMU_FEATURE_NAMES: readonly FeatureName[] = [
   { kind: 'autoclear', bit: 0, name: 'bitmaps' },
   { kind: 'autoclear', bit: 1, name: 'raw external data' },
 ];
+
+/**
+ * The feature-name table qemu 7.2 writes with a header of `version` and `clusterBits`: none for
+ * v2, nor with clusters of 4 KiB or less (where the table would crowd the first cluster); checked
+ * against qemu-img create and qemu-img amend -o compat=1.1 at 512 B, 4 KiB and 8 KiB.
+ */
+export function qemuFeatureNames(version: number, clusterBits: number): FeatureName[] {
+  return version === 3 && clusterBits > 12 ? [...QEMU_FEATURE_NAMES] : [];
+}
 
 export function encodeHeader(h: Qcow2Header, clusterSize: number): Uint8Array {
   const headerLength = h.version === 2 ? V2_HEADER_LENGTH : h.headerLength;

@@ -15,10 +15,12 @@ import type { AmendContext, AmendProgressCallback, BlockExtent, ImageDescription
 import { DeviceBase } from '../../core/device-base.js';
 import { CorruptionEvent, ImageMarkedCorrupt, QcowError, corrupt, unsupported, withFile } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
+import { unopenedStore } from '../../storage/unopened.js';
+import { isExactByteCount } from '../../core/bytes.js';
 import type { Qcow2Header } from './header.js';
 import { readHeader } from './read-header.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, AUTOCLEAR_BITMAPS, hasFeature } from './features.js';
-import { MAX_REFCOUNT_TABLE_BYTES, type Qcow2Geometry } from './layout.js';
+import { MAX_REFCOUNT_TABLE_BYTES, l1EntriesFor, type Qcow2Geometry } from './layout.js';
 import type { L2Context } from './l2-entry.js';
 import type { TableCache } from './metadata-cache.js';
 import { readsAsZero } from '../../core/reads-zero.js';
@@ -106,6 +108,8 @@ export class Qcow2Device extends DeviceBase {
     this.checkAligned(h.refcountTableOffset, 'refcount table offset');
     this.checkAligned(h.l1TableOffset, 'L1 table offset');
 
+    // QEMU counts the L1 entries the virtual size needs in an int: past that, too big to open.
+    if (l1EntriesFor(h.size, img.geometry) > 0x7fffffff) throw unsupported(`size 0x${BigInt(h.size).toString(16)} is too large for qemu's L1 index`);
     if (options.snapshot !== undefined || h.nbSnapshots > 0) {
       img.setSnapshots(await readSnapshotTable(this.store, h.nbSnapshots, h.snapshotsOffset, img.fileSize, img.size));
     }
@@ -118,9 +122,13 @@ export class Qcow2Device extends DeviceBase {
     }
 
     if (hasFeature(h.incompatibleFeatures, INCOMPAT_DATA_FILE)) {
-      if (h.dataFile === undefined) throw unsupported("'data-file' is required for this image (it has no data file name)");
-      if (!options.openFile) throw unsupported(`cannot open external data file '${h.dataFile}' (no file opener)`);
-      img.setDataStore(await options.openFile(h.dataFile, { readOnly: this.readOnly }));
+      if (options.skipDataFile) img.setDataStore(unopenedStore(h.dataFile ?? '', this.readOnly));
+      else if (options.openDataFile) img.setDataStore(await options.openDataFile({ readOnly: this.readOnly }));
+      else {
+        if (h.dataFile === undefined) throw unsupported("'data-file' is required for this image (it has no data file name)");
+        if (!options.openFile) throw unsupported(`cannot open external data file '${h.dataFile}' (no file opener)`);
+        img.setDataStore(await options.openFile(h.dataFile, { readOnly: this.readOnly }));
+      }
     }
     if (h.cryptMethod !== 0) {
       const { openEncryption } = await import('./encryption.js');
@@ -430,7 +438,7 @@ export class Qcow2Device extends DeviceBase {
 
   async resize(size: number, options: { shrink?: boolean } = {}): Promise<void> {
     const writer = this.requireWriter();
-    if (!Number.isSafeInteger(size) || size < 0) throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid size ${size}`);
+    if (!isExactByteCount(size)) throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid size ${size}`);
     const old = this.size;
     await writer.resize(size, options.shrink ?? false);
     // Growing over a backing image that reaches past the old end: the new range reads as zeros,

@@ -719,6 +719,9 @@ export class Qcow2Writer {
       const oldSize = image.size;
       if (size < oldSize && !shrink) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use the --shrink option to perform a shrink operation.');
       if (image.openedSnapshot) throw unsupported('cannot resize a snapshot');
+      // A v2 snapshot entry need not record its disk size: readers take the image's, which a
+      // resize would change under it (qemu refuses the same).
+      if (image.header.version < 3 && image.header.nbSnapshots > 0) throw unsupported("Can't resize a v2 image which has snapshots");
       this.bitmaps.checkResize();
       if (size < oldSize) {
         await image.writeHeader((h) => {
