@@ -11,12 +11,21 @@ const HOST_PROTOCOLS = ['file', 'host_device', 'host_cdrom'];
 
 /** How to open `name` when it is a `json:` name (for openPolicy.openName), else undefined. */
 export function jsonOpenerFor(name: string): ((options: NodeOpenOptions) => Promise<BlockDevice>) | undefined {
+  // blkdebug:CONFIG:IMAGE: the image's file is a blkdebug node (../blkdebug).
+  if (name.startsWith('blkdebug:')) return (options) => openBlkdebugName(name, {}, options);
   if (!isJsonFilename(name)) return undefined;
   return (options) => openJsonName(name, options);
 }
 
+async function openBlkdebugName(name: string, o: Record<string, string>, options: NodeOpenOptions): Promise<BlockDevice> {
+  const { blkdebugNameOptions, childOptions, openOverBlkdebug } = await import('./blkdebug/open.js');
+  const node = { ...(name.startsWith('blkdebug:') ? blkdebugNameOptions(name) : {}), ...childOptions(o, 'file.') };
+  return openOverBlkdebug(name, node, { ...options, format: o.driver ?? options.format });
+}
+
 export async function openJsonName(name: string, options: NodeOpenOptions): Promise<BlockDevice> {
   const o = jsonFilenameOptions(name);
+  if (o['file.driver'] === 'blkdebug') return openBlkdebugName(name, o, options);
   const driver = o.driver ?? options.format;
   if (driver === NULL_CO) return openNullCo(name, o, !!options.readOnly);
   const file = o['file.filename'] ?? o.filename ?? o['file.file.filename'];

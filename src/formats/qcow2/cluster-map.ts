@@ -92,7 +92,10 @@ export class ClusterMap {
       tableBytes: sliceBytes,
       budgetBytes: cacheBytes,
       load: (off, into) => this.loadTable(off, into),
-      writeBack: (off, data) => image.store.write(off, data),
+      writeBack: (off, data) => {
+        image.store.debugEvent?.('l2_update');
+        return image.store.write(off, data);
+      },
     });
   }
 
@@ -242,6 +245,7 @@ export class ClusterMap {
     const idx = [...this.l1Dirty].sort((a, b) => a - b);
     this.l1Dirty.clear();
     const base = this.image.header.l1TableOffset;
+    this.image.store.debugEvent?.('l1_update');
     for (let i = 0; i < idx.length; ) {
       let j = i;
       while (j + 1 < idx.length && idx[j + 1] === idx[j]! + 1) j++;
@@ -272,6 +276,7 @@ export class ClusterMap {
     }
     const inFile = Math.max(0, Math.min(into.length, this.image.fileSize - offset));
     if (inFile < into.length) into.fill(0, inFile);
+    this.image.store.debugEvent?.('l2_load');
     if (inFile > 0) await this.image.store.read(offset, into.subarray(0, inFile));
   }
 
@@ -542,6 +547,7 @@ export class ClusterMap {
   /** Write a new L2 table whole into its (just allocated) cluster; slices of what it held before leave the cache. */
   private async placeTable(at: number, table: Uint8Array): Promise<void> {
     this.dropTable(at);
+    this.image.store.debugEvent?.('l2_alloc_write');
     await this.image.store.write(at, table);
   }
 

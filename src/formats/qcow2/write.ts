@@ -355,6 +355,7 @@ export class Qcow2Writer {
     // A write onto metadata is left to the general path, which refuses it (this one must not throw).
     if (!fresh && this.overlapsMetadata(host, data.length) !== undefined) return undefined;
     if (!this.bitmaps.markNow(offset, data.length)) return undefined;
+    this.image.store.debugEvent?.('write_aio');
     if (!fresh) return this.track(this.image.dataStore.write(host, data));
     const written = this.freshBytesNow(table, offset, data);
     // The table is the cached one (cachedTableFor): marking it changed neither suspends nor evicts.
@@ -612,6 +613,7 @@ export class Qcow2Writer {
       else runs.push([host, s - offset, len]);
     }
     for (const [host, , len] of runs) if (this.overlapsMetadata(host, len) !== undefined) return null;
+    image.store.debugEvent?.('write_aio');
     return runs.map(([host, from, len]) => this.track(image.dataStore.write(host, data.subarray(from, from + len))));
   }
 
@@ -1138,6 +1140,7 @@ export class Qcow2Writer {
 
   private async writeFreshData(start: number, host: number, data: Payload): Promise<void> {
     const place = data.placer();
+    this.image.store.debugEvent?.('write_aio');
     if (place) await place(this.image.dataStore, 0, data.length, host, start);
     else await this.image.dataStore.write(host, data.bytes(0, data.length));
     // Whole clusters were written: the file reaches the last one's end.
