@@ -26,6 +26,15 @@ async function openBlkdebugName(name: string, o: Record<string, string>, options
 export async function openJsonName(name: string, options: NodeOpenOptions): Promise<BlockDevice> {
   const o = jsonFilenameOptions(name);
   if (o['file.driver'] === 'blkdebug') return openBlkdebugName(name, o, options);
+  if (o.driver === 'blkdebug') {
+    const { openBlkdebugFilter } = await import('./blkdebug/open.js');
+    return openBlkdebugFilter(name, o, (child) => openNode(name, child, options));
+  }
+  return openNode(name, o, options);
+}
+
+/** A format over a file, or a file (raw), from a node's options. */
+async function openNode(name: string, o: Record<string, string>, options: NodeOpenOptions): Promise<BlockDevice> {
   const driver = o.driver ?? options.format;
   if (driver === NULL_CO) return openNullCo(name, o, !!options.readOnly);
   const file = o['file.filename'] ?? o.filename ?? o['file.file.filename'];

@@ -71,7 +71,15 @@ export function blkdebugSetup(o: Record<string, string>): { rules: BlkdebugRule[
   if (maxTransfer !== 0 && (maxTransfer >= 2 ** 31 - 1 || maxTransfer % unit !== 0)) {
     throw new QcowError('QCOW_INVALID_ARGUMENT', `Cannot meet constraints with max-transfer ${maxTransfer}`);
   }
-  return { rules, limits: { align: unit, maxTransfer } };
+  const constrained = (key: string, value: number, of: number) => {
+    if (value !== 0 && (value >= 2 ** 31 - 1 || value % of !== 0)) throw new QcowError('QCOW_INVALID_ARGUMENT', `Cannot meet constraints with ${key} ${value}`);
+    return value;
+  };
+  const optWriteZero = constrained('opt-write-zero', size(o, 'opt-write-zero'), unit);
+  const maxWriteZero = constrained('max-write-zero', size(o, 'max-write-zero'), Math.max(optWriteZero, unit));
+  const optDiscard = constrained('opt-discard', size(o, 'opt-discard'), unit);
+  constrained('max-discard', size(o, 'max-discard'), Math.max(optDiscard, unit));
+  return { rules, limits: { align: unit, maxTransfer, optWriteZero, maxWriteZero } };
 }
 
 /** The image file under a blkdebug node (`image.filename`, `image` or the filename's). */
@@ -129,4 +137,19 @@ export function dataFileOpener(base: StoreOpener, o: Record<string, string>): St
 export async function openOverBlkdebug(name: string, node: Record<string, string>, options: NodeOpenOptions): Promise<BlockDevice> {
   const { openImage, defaultOpener } = await import('../../cli/open-images.js');
   return openImage(name, { ...options, opener: blkdebugOpener(options.opener ?? defaultOpener, name, node) });
+}
+
+/**
+ * blkdebug above a format (`driver=blkdebug,image.driver=qcow2`): the image child opened by
+ * `openChild` with its own options (`image.*`, its file the filename's image when not given; a
+ * child without a driver is the file itself, raw), under the filter. Shown as `name`.
+ */
+export async function openBlkdebugFilter(name: string, node: Record<string, string>, openChild: (options: Record<string, string>) => Promise<BlockDevice>): Promise<BlockDevice> {
+  const { rules, limits } = blkdebugSetup(node);
+  const child = childOptions(node, 'image.');
+  if (child.driver === undefined) child.driver = 'file';
+  if (child.filename === undefined && child['file.filename'] === undefined) child.filename = imageFile(node);
+  const inner = await openChild(child);
+  const { blkdebugFilter } = await import('./device.js');
+  return blkdebugFilter(inner, rules, limits, name);
 }

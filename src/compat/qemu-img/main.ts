@@ -216,6 +216,8 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
 function fromImageOpts(text: string, out: string[]): string {
   const kv = new Map(text.split(',').map((p) => [p.slice(0, p.indexOf('=')), p.slice(p.indexOf('=') + 1)] as const));
   const driver = kv.get('driver');
+  // A filter node's options stay whole, as the json: name they are (../json-open.ts opens it).
+  if (driver === 'blkdebug') return 'json:' + JSON.stringify(Object.fromEntries(kv));
   if (driver && driver !== 'file') out.push('-f', driver);
   return kv.get('file.filename') ?? kv.get('filename') ?? text;
 }

@@ -208,6 +208,13 @@ export class NodeOpener implements Opener {
     // blkdebug as the image's file (`blkdebug:CONFIG:IMAGE`, file.driver=blkdebug): the format
     // opens over it, and its driver events reach blkdebug's rules.
     const blkdebugName = !json && req.name?.startsWith('blkdebug:') === true;
+    if (o.driver === 'blkdebug') {
+      // blkdebug above its image (a format, or the file itself): a filter device.
+      const { blkdebugNameOptions, openBlkdebugFilter } = await import('../blkdebug/open.js');
+      const node = { ...(blkdebugName ? blkdebugNameOptions(req.name!) : req.name !== undefined && !json ? { 'x-image': req.name } : {}), ...o };
+      const readOnly = req.readOnly || o['read-only'] === 'on';
+      return openBlkdebugFilter(req.name ?? 'blkdebug', node, (child) => this.open({ ...req, name: undefined, snapshot: false, readOnly, options: child }));
+    }
     if ((blkdebugName && o.driver !== 'blkdebug') || o['file.driver'] === 'blkdebug') {
       const { blkdebugNameOptions, childOptions, openOverBlkdebug } = await import('../blkdebug/open.js');
       const node = { ...(blkdebugName ? blkdebugNameOptions(req.name!) : {}), ...childOptions(o, 'file.') };
