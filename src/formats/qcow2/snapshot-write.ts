@@ -84,9 +84,15 @@ export async function deleteSnapshot(dev: SnapshotDevice, spec: string): Promise
     // table QEMU refuses stays listed.
     const l1 = await readTable(dev, snap);
     await replaceSnapshotTable(dev, w, dev.snapshots.filter((s) => s !== snap));
-    await adjustTree(dev, l1, snap.l1Size, -1);
-    if (snap.l1Size > 0) await w.refcounts.update(snap.l1TableOffset, snap.l1Size * 8, -1);
-    await w.writeRefcounts();
+    // The entry is gone: a failure from here on leaks the snapshot's clusters, as QEMU's does.
+    try {
+      await adjustTree(dev, l1, snap.l1Size, -1);
+      if (snap.l1Size > 0) await w.refcounts.update(snap.l1TableOffset, snap.l1Size * 8, -1);
+      await w.writeRefcounts();
+    } catch (e) {
+      if (!(e instanceof QcowError && e.code === 'QCOW_IO')) throw e;
+      throw new QcowError('QCOW_IO', `Failed to free the cluster and L1 table: ${ioReason(e)}`, { file: e.file, errno: e.errno, cause: e });
+    }
     await refreshCopied(dev, w);
   });
 }
@@ -296,6 +302,23 @@ async function replaceSnapshotTable(dev: SnapshotDevice, w: Qcow2Writer, snaps: 
     const why = await rc.whyFreeFails?.(Math.floor((oldOffset + freeable) / cs));
     if (why !== undefined) dev.onWarning?.(`qcow2_free_clusters failed: ${why}`);
   }
-  if (freeable > 0 && oldOffset !== 0) await rc.update(oldOffset, freeable, -1);
+  if (freeable > 0 && oldOffset !== 0) {
+    // QEMU's free first makes the L2 tables durable (its refcount cache depends on them): a
+    // failure there is said and the clusters leak; the deletion goes on.
+    dev.store.debugEvent?.('cluster_free');
+    try {
+      await dev.store.flush();
+    } catch (e) {
+      if (!(e instanceof QcowError && e.code === 'QCOW_IO')) throw e;
+      dev.onWarning?.(`qcow2_free_clusters failed: ${ioReason(e)}`);
+      return;
+    }
+    await rc.update(oldOffset, freeable, -1);
+  }
   await w.writeRefcounts();
+}
+
+/** An I/O failure in strerror's words where the error carries an errno (its message then is those words). */
+function ioReason(e: QcowError): string {
+  return e.errno !== undefined ? e.message : 'Input/output error';
 }
