@@ -125,6 +125,8 @@ export class UnwrittenMetadata extends QcowError {
   ) {
     super(reason.code, `${structure} updates could not be written: ${reason.message}`, { file, errno: reason.errno });
   }
+  /** The next cache that could not be written back either (QEMU tells each it failed to flush). */
+  also?: UnwrittenMetadata;
 }
 
 /** Shorthands: the throw sites read as the rule they enforce. */

@@ -20,6 +20,8 @@ class BlkdebugDevice extends DeviceBase {
   readonly clusterSize: number;
   private readonly rules: RuleState;
   private readonly io: AlignedIo;
+  /** Written since the last flush that succeeded (see BlkdebugStore.unflushed). */
+  private unflushed = false;
 
   constructor(private readonly inner: BlockDevice, rules: readonly BlkdebugRule[], private readonly limits: BlkdebugLimits, name: string) {
     super(new DeviceStore(inner), inner.size, inner.readOnly);
@@ -35,6 +37,7 @@ class BlkdebugDevice extends DeviceBase {
         return inner.read(at, into);
       },
       writePiece: (at, data, options) => {
+        this.unflushed = true;
         state.check(at, data.length, 'write');
         return inner.write(at, data, options as WriteOptions);
       },
@@ -56,6 +59,7 @@ class BlkdebugDevice extends DeviceBase {
    * writes buffers of zeros there instead (so those become data, not zero clusters).
    */
   protected override async doWriteZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
+    this.unflushed = true;
     const { align, maxTransfer } = this.io;
     const alignment = Math.max(this.limits.optWriteZero ?? 0, align);
     const maxZero = Math.floor((this.limits.maxWriteZero || Number.MAX_SAFE_INTEGER) / alignment) * alignment;
@@ -82,6 +86,7 @@ class BlkdebugDevice extends DeviceBase {
     }
   }
   protected override async doDiscard(offset: number, length: number): Promise<void> {
+    this.unflushed = true;
     this.rules.check(offset, length, 'discard');
     await this.inner.discard(offset, length);
   }
@@ -93,8 +98,10 @@ class BlkdebugDevice extends DeviceBase {
     return this.inner.describe();
   }
   async flush(): Promise<void> {
+    if (!this.unflushed) return this.inner.flush();
     this.rules.check(0, 0, 'flush');
     await this.inner.flush();
+    this.unflushed = false;
   }
   protected async doClose(): Promise<void> {
     await this.inner.close();

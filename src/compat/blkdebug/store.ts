@@ -28,6 +28,11 @@ export interface BlkdebugLimits {
 export class BlkdebugStore implements ByteStore {
   private readonly rules: RuleState;
   private readonly io: AlignedIo;
+  /**
+   * Written (or tried to) since the last flush that succeeded: QEMU's block layer passes a flush
+   * to the node only then (write_gen against flushed_gen), so only then can a rule fail it.
+   */
+  private unflushed = false;
   zeroRange?: (offset: number, length: number) => Promise<void>;
   punchHole?: (offset: number, length: number) => Promise<void>;
   dataRuns?: (offset: number, length: number) => Promise<DataRun[]>;
@@ -49,12 +54,13 @@ export class BlkdebugStore implements ByteStore {
         await inner.read(at, into);
       },
       writePiece: (at, data) => {
+        this.unflushed = true;
         state.check(at, data.length, 'write');
         return inner.write(at, data);
       },
     };
-    if (inner.zeroRange) this.zeroRange = async (o, l) => (state.check(o, l, 'write-zeroes'), inner.zeroRange!(o, l));
-    if (inner.punchHole) this.punchHole = async (o, l) => (state.check(o, l, 'discard'), inner.punchHole!(o, l));
+    if (inner.zeroRange) this.zeroRange = async (o, l) => ((this.unflushed = true), state.check(o, l, 'write-zeroes'), inner.zeroRange!(o, l));
+    if (inner.punchHole) this.punchHole = async (o, l) => ((this.unflushed = true), state.check(o, l, 'discard'), inner.punchHole!(o, l));
     if (inner.dataRuns) this.dataRuns = async (o, l) => (state.check(o, l, 'block-status'), inner.dataRuns!(o, l));
     if (inner.allocatedSize) this.allocatedSize = () => inner.allocatedSize!();
     if (inner.setPermissions) this.setPermissions = (p) => inner.setPermissions!(p);
@@ -86,12 +92,15 @@ export class BlkdebugStore implements ByteStore {
   }
 
   truncate(size: number): Promise<void> {
+    this.unflushed = true;
     return this.inner.truncate(size);
   }
 
   async flush(): Promise<void> {
+    if (!this.unflushed) return;
     this.rules.check(0, 0, 'flush');
     await this.inner.flush();
+    this.unflushed = false;
   }
 
   close(): Promise<void> {

@@ -193,7 +193,7 @@ export class QemuIo {
       // A failed flush of the file itself goes unsaid: QEMU's close does not look at it.
       if (e instanceof QcowError && e.code === 'QCOW_IO' && !(e instanceof UnwrittenMetadata)) return;
       if (!(e instanceof UnwrittenMetadata)) throw e;
-      this.report(`Failed to flush the ${e.structure} cache: ${strerror(e)}`);
+      for (let u: UnwrittenMetadata | undefined = e; u; u = u.also) this.report(`Failed to flush the ${u.structure} cache: ${strerror(u)}`);
     }
   }
 

@@ -590,6 +590,11 @@ export class ClusterMap {
         continue;
       }
       const sliceEnd = Math.min(to, this.sliceEnd(pos));
+      // Entries that already say what they would be set to leave the table clean, as in QEMU
+      // (no write-back, no l2_update for a zero write over zeros).
+      const eb = g.l2EntryBytes;
+      const span = table.data.subarray(this.sliceIndex(pos) * eb, (this.sliceIndex(sliceEnd - cs) + 1) * eb);
+      const before = span.slice();
       for (let c = pos; c < sliceEnd; c += cs) {
         const index = this.sliceIndex(c);
         const d = this.entry(table, index);
@@ -621,7 +626,7 @@ export class ClusterMap {
           this.release(d);
         }
       }
-      await this.tableChanged(table);
+      if (!sameBytes(before, span)) await this.tableChanged(table);
       pos = sliceEnd;
     }
   }
@@ -737,4 +742,10 @@ export class ClusterMap {
  */
 function unalignedL2(offset: number, index: number): CorruptionEvent {
   return new CorruptionEvent(`L2 table offset 0x${offset.toString(16)} unaligned (L1 index: ${altHex(index)})`);
+}
+
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
 }

@@ -303,17 +303,20 @@ async function replaceSnapshotTable(dev: SnapshotDevice, w: Qcow2Writer, snaps: 
     if (why !== undefined) dev.onWarning?.(`qcow2_free_clusters failed: ${why}`);
   }
   if (freeable > 0 && oldOffset !== 0) {
-    // QEMU's free first makes the L2 tables durable (its refcount cache depends on them): a
-    // failure there is said and the clusters leak; the deletion goes on.
+    // As QEMU's free: an I/O failure (loading or writing the refcounts) is said, the counts stay
+    // as they were (the clusters leak) and the deletion goes on.
     dev.store.debugEvent?.('cluster_free');
+    let applied = false;
     try {
-      await dev.store.flush();
+      await rc.update(oldOffset, freeable, -1);
+      applied = true;
+      await w.writeRefcounts();
     } catch (e) {
       if (!(e instanceof QcowError && e.code === 'QCOW_IO')) throw e;
+      if (applied) await rc.update(oldOffset, freeable, 1);
       dev.onWarning?.(`qcow2_free_clusters failed: ${ioReason(e)}`);
-      return;
     }
-    await rc.update(oldOffset, freeable, -1);
+    return;
   }
   await w.writeRefcounts();
 }

@@ -791,7 +791,7 @@ export class Qcow2Writer {
       // An image marked corrupt keeps what is on disk: cached metadata a failed request half
       // changed is not written over it (QEMU drops its caches too); a repair recounts.
       if (this.brokenBy) return;
-      await this.flushLocked();
+      await this.flushAtClose();
       await this.bitmaps.store();
       // The old bitmap clusters are freed now that the new directory is on disk.
       await this.flushLocked();
@@ -812,6 +812,29 @@ export class Qcow2Writer {
         if (overlap.refusal) throw new UnwrittenMetadata('refcount block', overlap.refusal, this.image.store.name);
       }
     });
+  }
+
+  /**
+   * The flush of close, failing as QEMU's close fails when the file does: QEMU flushes its L2
+   * table cache (which writes the refcount blocks it depends on first), then its refcount block
+   * cache, each ending with a flush of the file, and tells each that failed. The image then stays
+   * marked dirty where it was.
+   */
+  private async flushAtClose(): Promise<void> {
+    try {
+      await this.flushLocked();
+    } catch (e) {
+      if (!(e instanceof QcowError && e.code === 'QCOW_IO')) throw e;
+      const failed = new UnwrittenMetadata('L2 table', e, this.image.store.name);
+      try {
+        await this.writeRefcounts();
+        await this.image.store.flush();
+      } catch (e2) {
+        if (!(e2 instanceof QcowError && e2.code === 'QCOW_IO')) throw e2;
+        failed.also = new UnwrittenMetadata('refcount block', e2, this.image.store.name);
+      }
+      throw failed;
+    }
   }
 
   /**

@@ -87,6 +87,17 @@ test('blkdebug: an l2_update rule leaves alone writes that change no L2 entry', 
   });
 });
 
+test('blkdebug: caches that cannot be written back at close are told, as qemu-io tells them', needs('qemu-io', 'qemu-img'), async (t) => {
+  for (const errno of ['5', '28']) {
+    await both(t, {
+      config: `[inject-error]\nevent = "l2_update"\nerrno = "${errno}"\nonce = "off"\n`,
+      setup: ['write 0 512'],
+      target: plain,
+      commands: ['write -P 3 8M 64k'],
+    });
+  }
+});
+
 test('blkdebug: set-state moves the state, and a rule with a state acts only in it', needs('qemu-io', 'qemu-img'), async (t) => {
   await both(t, {
     config: '[set-state]\nevent = "l2_load"\nnew_state = "2"\n\n[inject-error]\nevent = "read_aio"\nstate = "2"\n',
