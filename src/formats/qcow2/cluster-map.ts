@@ -593,7 +593,9 @@ export class ClusterMap {
       // Entries that already say what they would be set to leave the table clean, as in QEMU
       // (no write-back, no l2_update for a zero write over zeros).
       const eb = g.l2EntryBytes;
-      const span = table.data.subarray(this.sliceIndex(pos) * eb, (this.sliceIndex(sliceEnd - cs) + 1) * eb);
+      const firstIndex = this.sliceIndex(pos);
+      // The last cluster may end past `to` (the image's last, partial cluster).
+      const span = table.data.subarray(firstIndex * eb, (firstIndex + Math.ceil((sliceEnd - pos) / cs)) * eb);
       const before = span.slice();
       for (let c = pos; c < sliceEnd; c += cs) {
         const index = this.sliceIndex(c);
