@@ -14,7 +14,7 @@ export { isHttpUrl, resolveUrl } from './storage/url.js';
 export { MemoryStore } from './storage/memory.js';
 export { CachingStore, cachingOpener, DEFAULT_CACHING_CHUNK_SIZE, DEFAULT_CACHING_BYTES, type CachingStoreOptions } from './storage/caching-store.js';
 export { openImage as openImageWith, createImage as createImageWith, chainOf, type OpenImageOptions, type CreateImageOptions } from './chain/open.js';
-export { builtinFormats, rawFormat, qcowFormat, qcow2Format } from './formats/index.js';
+export { builtinFormats, rawFormat, qcowFormat, qcow2Format, luksFormat } from './formats/index.js';
 export { convert, type ConvertOptions } from './ops/convert.js';
 export { compareImages, type CompareOptions, type CompareResult } from './ops/compare.js';
 export { mapChain, mapJson, mapHuman, mapHumanLines, type ChainExtent } from './ops/map.js';

@@ -22,6 +22,11 @@ export interface OpenImageOptions {
   writableBacking?: (name: string, depth: number) => boolean;
   /** Password for an encrypted image (also tried for encrypted backing images). */
   password?: string;
+  /**
+   * The password of the image at `depth` of the chain (0 = the top image, 1 = its backing file),
+   * when that image has one of its own (QEMU's `backing.encrypt.key-secret`); undefined: `password`.
+   */
+  passwordAt?: (depth: number) => string | undefined;
   /** Open an internal snapshot (qcow2), read-only. */
   snapshot?: string;
   /** Open the top image's backing file as this format, whatever the image records (qemu's `backing.driver`). */
@@ -51,6 +56,8 @@ export interface OpenImageOptions {
   refuseMalformedBitmaps?: boolean;
   /** The top image only: see OpenOptions.lazyRefcounts. */
   lazyRefcounts?: boolean;
+  /** The top image only: see OpenOptions.discardPassthrough. */
+  discardPassthrough?: OpenOptions['discardPassthrough'];
   /** The top image only: see OpenOptions.overlapCheck. */
   overlapCheck?: OpenOptions['overlapCheck'];
   /** Every image opened read-write: see OpenOptions.onRepair. */
@@ -117,13 +124,14 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
     if (format === undefined) store.setPermissions?.(permissionsFor({ writable: !readOnly, format: fmt.name, role, forceShare, fixedSize }));
     const openOptions: OpenOptions = {
       readOnly,
-      password: options.password,
+      password: options.passwordAt?.(depth) ?? options.password,
       snapshot: depth === 0 ? options.snapshot : undefined,
       cacheBytes: options.cacheBytes,
       bitmapLimits: options.bitmapLimits,
       inspectOnly: options.inspectOnly,
       refuseMalformedBitmaps: options.refuseMalformedBitmaps,
       lazyRefcounts: depth === 0 ? options.lazyRefcounts : undefined,
+      discardPassthrough: depth === 0 ? options.discardPassthrough : undefined,
       overlapCheck: depth === 0 ? options.overlapCheck : undefined,
       onRepair: options.onRepair,
       onWarning: options.onWarning,
@@ -218,7 +226,9 @@ export async function createImage(name: string, options: CreateImageOptions): Pr
         readOnly: true,
         opener: options.opener,
         formats: options.formats,
-        password: options.password,
+        // Only its size is wanted: like QEMU (which opens it without I/O), no key is needed for an
+        // encrypted backing file, whose password may well differ from the new image's.
+        inspectOnly: true,
       }).catch((e) => {
         throw new QcowError('QCOW_NOT_FOUND', `Could not open backing image '${options.backingFile}': ${(e as Error).message}`, { cause: e });
       });

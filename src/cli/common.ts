@@ -44,7 +44,22 @@ export const openPolicy: {
    * how to open `file` when the name is one of them, else undefined for the usual open.
    */
   openName?: (file: string) => ((options: NodeOpenOptions) => Promise<BlockDevice>) | undefined;
+  /** A persona's secrets by id (compat/qemu-img: `--object secret`), which key-secret options name. */
+  secrets?: ReadonlyMap<string, string>;
 } = {};
+
+/** The password of the secret `id` (openPolicy.secrets); QEMU's error when there is none. */
+export function secretNamed(id: string): string {
+  const password = openPolicy.secrets?.get(id);
+  if (password === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', `No secret with id '${id}'`);
+  return password;
+}
+
+/** The password that create options name through a key secret (`encrypt.key-secret`, luks `key-secret`), if they do. */
+export function createOptionsSecret(options: Record<string, string>): string | undefined {
+  const id = options['encrypt.key-secret'] ?? options['key-secret'];
+  return id === undefined ? undefined : secretNamed(id);
+}
 
 export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpenOptions = {}): Promise<BlockDevice> {
   const confine = flags.confine ?? openPolicy.confine ?? false;

@@ -275,10 +275,11 @@ export function buildProgram(argv: string[]): Command {
     amend: () => {
       program
         .command('amend')
-        .description('change options of an existing image in place (qcow2: compat, lazy_refcounts, refcount_bits, size)')
+        .description('change options of an existing image in place (qcow2: compat, lazy_refcounts, refcount_bits, size; LUKS key slots)')
         .addOption(fmt())
         .addOption(pw())
         .option('-o, --options <list>', 'options to change, key=value[,key=value...] (-o help lists them)', collect)
+        .option('--force', 'do what may lose data: overwrite an active LUKS key slot, erase the last one')
         .option('-q, --quiet', 'print nothing')
         .option('-p, --progress', 'show progress')
         .argument('<file>')

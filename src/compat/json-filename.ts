@@ -14,15 +14,47 @@ export function isJsonFilename(name: string): boolean {
 
 /** The options a `json:` filename holds; QCOW_INVALID_ARGUMENT when it is not a JSON object. */
 export function jsonFilenameOptions(name: string): Record<string, string> {
-  const text = name.slice(JSON_PREFIX.length);
-  const p = new Parser(text);
+  const out: Record<string, string> = {};
+  flatten(parseObject(name, false), '', out);
+  return out;
+}
+
+/** An integer as written in a `json:` name (kept as text: sizes past 2^53 stay exact). */
+export class JsonInteger {
+  constructor(readonly text: string) {}
+}
+
+/**
+ * The object a `json:` filename holds with its values' JSON types (integers as JsonInteger),
+ * dotted keys (`'file.filename'`) nested as QEMU nests them; QCOW_INVALID_ARGUMENT when it is not
+ * a JSON object.
+ */
+export function jsonFilenameTree(name: string): Record<string, unknown> {
+  return nest(parseObject(name, true));
+}
+
+function parseObject(name: string, typedIntegers: boolean): Record<string, unknown> {
+  const p = new Parser(name.slice(JSON_PREFIX.length), typedIntegers);
   const value = p.value();
   p.end();
   if (value === null || typeof value !== 'object' || Array.isArray(value)) {
     throw new QcowError('QCOW_INVALID_ARGUMENT', `Could not parse the JSON options: not an object`);
   }
-  const out: Record<string, string> = {};
-  flatten(value as Record<string, unknown>, '', out);
+  return value as Record<string, unknown>;
+}
+
+function nest(obj: Record<string, unknown>): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const [key, v] of Object.entries(obj)) {
+    const value = v !== null && typeof v === 'object' && !Array.isArray(v) && !(v instanceof JsonInteger) ? nest(v as Record<string, unknown>) : v;
+    const path = key.split('.');
+    let at = out;
+    for (const part of path.slice(0, -1)) {
+      const next = at[part];
+      at = next !== null && typeof next === 'object' && !Array.isArray(next) && !(next instanceof JsonInteger) ? (next as Record<string, unknown>) : (at[part] = {});
+    }
+    at[path[path.length - 1]!] = value;
+  }
   return out;
 }
 
@@ -41,7 +73,10 @@ function scalar(v: unknown): string {
 
 class Parser {
   private i = 0;
-  constructor(private readonly s: string) {}
+  constructor(
+    private readonly s: string,
+    private readonly typedIntegers = false,
+  ) {}
 
   private fail(what: string): never {
     throw new QcowError('QCOW_INVALID_ARGUMENT', `Could not parse the JSON options: ${what} at ${this.i}`);
@@ -66,7 +101,8 @@ class Parser {
     if (m[0] === 'false') return false;
     if (m[0] === 'null') return null;
     // Integers are kept as written (sizes past 2^53 stay exact).
-    return /^-?\d+$/.test(m[0]) ? m[0] : Number(m[0]);
+    if (!/^-?\d+$/.test(m[0])) return Number(m[0]);
+    return this.typedIntegers ? new JsonInteger(m[0]) : m[0];
   }
   private object(): Record<string, unknown> {
     const out: Record<string, unknown> = {};

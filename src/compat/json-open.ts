@@ -1,18 +1,21 @@
 /**
  * Opening a QEMU `json:{...}` image name: the options it holds say which driver and which file.
- * `null-co` is a device of its own (./null-co.ts); a format over a file opens that file as that
- * format (a host protocol driver at the top is a raw image over the file).
+ * `null-co` is a device of its own (./null-co.ts), raw over it too; a format over a file opens that
+ * file as that format (a host protocol driver at the top is a raw image over the file). The
+ * null-co protocol's own filename, `null-co://`, opens as a raw image over it.
  */
 import { QcowError, type BlockDevice, type NodeOpenOptions } from '../node.js';
 import { isJsonFilename, jsonFilenameOptions } from './json-filename.js';
-import { NULL_CO, openNullCo } from './null-co.js';
+import { qemuJsonName } from './json-name.js';
+import { NULL_CO, isNullCoFilename, nullCoFileOptions, openNullCo, openNullCoFilename, openOverNullCo } from './null-co.js';
 
 const HOST_PROTOCOLS = ['file', 'host_device', 'host_cdrom'];
 
-/** How to open `name` when it is a `json:` name (for openPolicy.openName), else undefined. */
+/** How to open `name` when it is a `json:` name or `null-co://` (for openPolicy.openName), else undefined. */
 export function jsonOpenerFor(name: string): ((options: NodeOpenOptions) => Promise<BlockDevice>) | undefined {
   // blkdebug:CONFIG:IMAGE: the image's file is a blkdebug node (../blkdebug).
   if (name.startsWith('blkdebug:')) return (options) => openBlkdebugName(name, {}, options);
+  if (isNullCoFilename(name)) return async (options) => openNullCoFilename(name, options.format, !!options.readOnly);
   if (!isJsonFilename(name)) return undefined;
   return (options) => openJsonName(name, options);
 }
@@ -35,8 +38,12 @@ export async function openJsonName(name: string, options: NodeOpenOptions): Prom
 
 /** A format over a file, or a file (raw), from a node's options. */
 async function openNode(name: string, o: Record<string, string>, options: NodeOpenOptions): Promise<BlockDevice> {
-  const driver = o.driver ?? options.format;
-  if (driver === NULL_CO) return openNullCo(name, o, !!options.readOnly);
+  // The command line's format comes before the name's driver, as QEMU's -f does.
+  const driver = options.format ?? o.driver;
+  // null-co nodes are named as QEMU names them (json-name.ts).
+  if (driver === NULL_CO) return openNullCo(qemuJsonName(name, driver) ?? name, o, !!options.readOnly);
+  const nullFile = nullCoFileOptions(o);
+  if (nullFile) return openOverNullCo(qemuJsonName(name, 'raw') ?? name, nullFile, driver, !!options.readOnly);
   const file = o['file.filename'] ?? o.filename ?? o['file.file.filename'];
   if (file === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'A block device must be specified for "file"');
   const { openImage } = await import('../cli/open-images.js');

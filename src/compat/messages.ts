@@ -41,6 +41,8 @@ interface Row {
 
 /** Our message when a qcow2 image marked corrupt is opened for writing. */
 export const OPEN_REFUSED = /^the image is marked corrupt and cannot be opened read\/write/;
+/** An image name (a json: one's options, a protocol's filename) that names no node QEMU can open. */
+const NAME_REFUSED = /^(?:A block device must be specified for "file"|The only allowed filename for this driver is '[^']*')$/;
 
 /** Whether an error comes from the operating system (an errno code on it or its cause). */
 const hasErrno = (e: QcowError): boolean => [e, e.cause].some((x) => /^E[A-Z]+$/.test(String((x as NodeJS.ErrnoException | undefined)?.code ?? '')));
@@ -278,6 +280,8 @@ export function contextOf(e: unknown): ErrorContext {
       return 'open';
     case 'QCOW_CORRUPT':
       return OPEN_REFUSED.test(e.message) || SNAPSHOT_TABLE_REFUSED.test(e.message) ? 'open' : 'run';
+    case 'QCOW_INVALID_ARGUMENT':
+      return NAME_REFUSED.test(e.message) ? 'open' : 'run';
     default:
       return 'run';
   }

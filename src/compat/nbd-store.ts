@@ -1,6 +1,7 @@
 /**
  * An NBD export as a ByteStore, for the names QEMU's programs accept for one: `nbd:unix:PATH`
- * (with an optional `:exportname=NAME`), `nbd+unix:///NAME?socket=PATH`, `nbd:HOST:PORT` and
+ * (with an optional `:exportname=NAME`), `nbd+unix:///NAME?socket=PATH`, `nbd:HOST:PORT`,
+ * `nbd://HOST[:PORT][/NAME]` and
  * `driver=nbd` options (`server.type=unix`, `server.path`, `export`). The image over it is raw,
  * as QEMU's nbd protocol driver gives the export's bytes.
  */
@@ -17,6 +18,12 @@ export function nbdTargetOf(name: string): NbdTarget | undefined {
   if (m) return { address: { path: m[1]! }, exportName: m[2] ?? '' };
   m = /^nbd:([^:/]+):(\d+)(?::exportname=(.*))?$/.exec(name);
   if (m) return { address: { host: m[1]!, port: Number(m[2]) }, exportName: m[3] ?? '' };
+  // nbd://HOST[:PORT][/EXPORT] (and nbd+tcp://), port 10809 by default.
+  if (/^nbd(\+tcp)?:\/\//.test(name)) {
+    const url = new URL(name.replace(/^nbd(\+tcp)?:/, 'http:'));
+    const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
+    return { address: { host, port: url.port ? Number(url.port) : 10809 }, exportName: decodeURIComponent(url.pathname.replace(/^\//, '')) };
+  }
   if (/^nbd\+unix:\/\//.test(name)) {
     const url = new URL(name);
     const socket = url.searchParams.get('socket');
@@ -45,17 +52,26 @@ export class NbdStore implements ByteStore {
     readonly readOnly: boolean,
   ) {}
 
-  /** Connect and enter transmission; the export's size is known from then on. */
-  static async connect(name: string, target: NbdTarget, readOnly: boolean): Promise<NbdStore> {
+  /**
+   * Connect and enter transmission; the export's size is known from then on. With `metaContext`
+   * (base:allocation, or what QEMU's x-dirty-bitmap names), {@link NbdStore.extents} reports it.
+   */
+  static async connect(name: string, target: NbdTarget, readOnly: boolean, metaContext?: string): Promise<NbdStore> {
     let client: NbdClient;
     try {
-      client = await NbdClient.connect(target.address, { exportName: target.exportName });
+      client = await NbdClient.connect(target.address, { exportName: target.exportName, metaContext });
     } catch (e) {
       const where = 'path' in target.address ? target.address.path : `${target.address.host ?? ''}:${target.address.port}`;
       const errno = (e as NodeJS.ErrnoException).code === 'ENOENT' ? 'No such file or directory' : (e as Error).message;
       throw new QcowError('QCOW_IO', `Failed to connect to '${where}': ${errno}`, { cause: e });
     }
     return new NbdStore(name, client, readOnly);
+  }
+
+  /** The metadata context's extents from `offset` (at most `length` bytes), or undefined without one. */
+  async extents(offset: number, length: number): Promise<{ length: number; flags: number }[] | undefined> {
+    if (!this.client.hasMetaContext) return undefined;
+    return this.client.blockStatus(offset, length);
   }
 
   async size(): Promise<number> {

@@ -35,6 +35,11 @@ export interface BlockExtent {
   hostFile?: string;
   /** The run is stored compressed (qcow2 or qcow compressed clusters); it has no plain `hostOffset`. */
   compressed?: boolean;
+  /**
+   * Unallocated in a layer that cannot have a backing file (an NBD export's hole that the server
+   * does not call zeros): nothing says the run reads as zeros, and qemu-img map shows "zero": false.
+   */
+  zeroUnknown?: boolean;
 }
 
 /** Where a run of guest bytes sits as plain bytes of a store: copy offload's source side. */
@@ -110,6 +115,11 @@ export interface ImageDescription {
   encrypted?: boolean;
   /** qcow2: the dirty bit is set (lazy refcounts, not closed cleanly): refcounts need a repair. */
   dirty?: boolean;
+  /**
+   * False when the image has no driver information to give, as QEMU's null-co node (and raw over
+   * it): qemu-img info then says nothing of a dirty flag. Absent: it has.
+   */
+  driverInfo?: false;
   /** The backing file name as recorded in the header, unresolved. */
   backingFilename?: string;
   /** The backing file's format as recorded in the header, when it is. */
@@ -241,7 +251,7 @@ export interface BlockDevice {
    * Absent where the format has nothing to amend (raw, qcow v1, as in QEMU). `progress` is told
    * (done, total) as the work goes, in the units the format counts (qemu-img amend -p draws it).
    */
-  amend?(options: Record<string, string>, progress?: AmendProgressCallback): Promise<void>;
+  amend?(options: Record<string, string>, progress?: AmendProgressCallback, context?: AmendContext): Promise<void>;
   /** Write out what the device still holds (when writable), release its store, and close its backing chain. */
   close(): Promise<void>;
   /** The same as {@link close}, for `await using`. */
@@ -312,6 +322,14 @@ export interface OpenOptions {
    * memory until the image is closed, and the dirty bit is set meanwhile.
    */
   lazyRefcounts?: boolean;
+  /**
+   * qcow2, opened read-write: whether a cluster left with no reference by a guest discard or an
+   * unmapping zero write (`request`), by a deleted snapshot or an emptied image (`snapshot`), or by
+   * metadata given up (`other`) has its blocks given back to the filesystem (QEMU's
+   * pass-discard-request, -snapshot and -other options; by default on, on and off, as QEMU opens an
+   * image with discard=unmap). Discards and unmapping zero writes punch at once, as QEMU does.
+   */
+  discardPassthrough?: { request?: boolean; snapshot?: boolean; other?: boolean };
   /**
    * qcow2, opened read-write: which metadata structures a write is checked against before it is
    * made (QEMU's `overlap-check` option; default its "cached" level). See formats/qcow2/overlap.ts.
@@ -409,4 +427,12 @@ export interface ImageFormat {
 }
 
 /** How far an amend is: `done` of `total` units of work (the total may change as the work goes). */
+/** What an amend needs beyond its options (see {@link BlockDevice.amend}). */
+export interface AmendContext {
+  /** qemu-img amend --force: do what may lose data (overwrite an active LUKS key slot, erase the last one). */
+  force?: boolean;
+  /** The password a secret id names (LUKS `new-secret`, `old-secret`); throws when there is none. */
+  secret?: (id: string) => string;
+}
+
 export type AmendProgressCallback = (done: number, total: number) => void;

@@ -199,6 +199,7 @@ export function mergeExtents(list: BlockExtent[]): BlockExtent[] {
       last.zero === e.zero &&
       last.data === e.data &&
       !!last.compressed === !!e.compressed &&
+      !!last.zeroUnknown === !!e.zeroUnknown &&
       last.hostFile === e.hostFile &&
       (last.hostOffset === undefined) === (e.hostOffset === undefined) &&
       (last.hostOffset === undefined || last.hostOffset + last.length === e.hostOffset)

@@ -113,20 +113,24 @@ export class ImageMarkedCorrupt extends QcowError {
 /**
  * Metadata changes a close could not write, because the request that made them was refused
  * (qcow2's overlap check, see overlap.ts): QEMU keeps them in its `structure` cache and fails to
- * flush it at close ("Failed to flush the refcount block cache: ..."). The close otherwise went on.
+ * flush it at close ("Failed to flush the refcount block cache: ..."), then the next cache in
+ * `also` (the L2 table cache is flushed before the refcount block cache). The close otherwise
+ * went on.
  */
 export class UnwrittenMetadata extends QcowError {
+  /** Every cache that could not be written back, in the order QEMU flushes them. */
+  readonly structures: ReadonlyArray<'refcount block' | 'L2 table'>;
   constructor(
-    /** Which cached structure could not be written back. */
+    /** Which cached structure could not be written back (the first). */
     readonly structure: 'refcount block' | 'L2 table',
     /** Why: the refusal of the write (an overlap check's, with QEMU's errno). */
     readonly reason: QcowError,
     file?: string,
+    also: ReadonlyArray<'refcount block' | 'L2 table'> = [],
   ) {
-    super(reason.code, `${structure} updates could not be written: ${reason.message}`, { file, errno: reason.errno });
+    super(reason.code, `${[structure, ...also].join(' and ')} updates could not be written: ${reason.message}`, { file, errno: reason.errno });
+    this.structures = [structure, ...also];
   }
-  /** The next cache that could not be written back either (QEMU tells each it failed to flush). */
-  also?: UnwrittenMetadata;
 }
 
 /** Shorthands: the throw sites read as the rule they enforce. */

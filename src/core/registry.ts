@@ -10,7 +10,7 @@ import { QcowError } from './errors.js';
  * ```ts
  * import { FormatRegistry, builtinFormats, rawFormat } from 'qcow';
  *
- * console.log(builtinFormats().names()); // [ 'raw', 'qcow', 'qcow2' ]
+ * console.log(builtinFormats().names()); // [ 'raw', 'qcow', 'qcow2', 'luks' ]
  * const rawOnly = new FormatRegistry([rawFormat]); // open everything as raw, never probe
  * ```
  */

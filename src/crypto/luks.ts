@@ -39,6 +39,7 @@ import {
   type LuksCipherMode,
   type LuksHeader,
   type LuksIvGen,
+  type LuksKeySlot,
 } from './luks-header.js';
 import { randomBytes, type CryptoPrimitives, type HashAlg } from './primitives.js';
 import type { SectorCipher } from './types.js';
@@ -83,23 +84,62 @@ async function masterKeyDigest(prims: CryptoPrimitives, h: LuksHeader, masterKey
   return prims.pbkdf2(h.hashAlg, masterKey, h.masterKeySalt, h.masterKeyIterations, LUKS_DIGEST_LENGTH);
 }
 
+/** The master key that `pw` opens key slot `index` with, or undefined when it does not open it. */
+async function unlockSlot(prims: CryptoPrimitives, header: LuksHeader, index: number, readArea: ReadLuksArea, pw: Uint8Array): Promise<Uint8Array | undefined> {
+  const slot = header.slots[index]!;
+  const slotKey = await prims.pbkdf2(header.hashAlg, pw, slot.salt, slot.iterations, header.keyBytes);
+  const length = keyMaterialLength(header.keyBytes, slot.stripes);
+  const material = await readArea(slot.keyOffset, length);
+  if (material.length !== length) throw new QcowError('QCOW_CORRUPT', `key slot ${index}: short read of LUKS key material (${material.length} of ${length} bytes)`);
+  // CBC and XTS decryption of a prefix does not depend on what follows, so zero padding is harmless.
+  const split = luksSectorCipher(prims, header, slotKey).decryptSync(padToSectors(material), 0);
+  const candidate = afMerge(prims, header.hashAlg, split, header.keyBytes, slot.stripes);
+  return equalBytes(await masterKeyDigest(prims, header, candidate), header.masterKeyDigest) ? candidate : undefined;
+}
+
 export async function unlockLuks(header: LuksHeader, readArea: ReadLuksArea, password: string, options: LuksImplOptions = {}): Promise<LuksUnlocked> {
   const prims = options.primitives ?? platformPrimitives;
   const pw = encodeUtf8(password);
   for (const [index, slot] of header.slots.entries()) {
     if (!slot.active) continue;
-    const slotKey = await prims.pbkdf2(header.hashAlg, pw, slot.salt, slot.iterations, header.keyBytes);
-    const length = keyMaterialLength(header.keyBytes, slot.stripes);
-    const material = await readArea(slot.keyOffset, length);
-    if (material.length !== length) throw new QcowError('QCOW_CORRUPT', `key slot ${index}: short read of LUKS key material (${material.length} of ${length} bytes)`);
-    // CBC and XTS decryption of a prefix does not depend on what follows, so zero padding is harmless.
-    const split = luksSectorCipher(prims, header, slotKey).decryptSync(padToSectors(material), 0);
-    const candidate = afMerge(prims, header.hashAlg, split, header.keyBytes, slot.stripes);
-    if (equalBytes(await masterKeyDigest(prims, header, candidate), header.masterKeyDigest)) {
-      return { cipher: luksSectorCipher(prims, header, candidate), masterKey: candidate, slot: index };
-    }
+    const masterKey = await unlockSlot(prims, header, index, readArea, pw);
+    if (masterKey) return { cipher: luksSectorCipher(prims, header, masterKey), masterKey, slot: index };
   }
   throw new QcowError('QCOW_BAD_PASSWORD', 'Invalid password, cannot unlock any keyslot');
+}
+
+/** The active key slots `password` opens (all of them, where unlockLuks stops at the first). */
+export async function luksSlotsOpenedBy(header: LuksHeader, readArea: ReadLuksArea, password: string, options: LuksImplOptions = {}): Promise<number[]> {
+  const prims = options.primitives ?? platformPrimitives;
+  const pw = encodeUtf8(password);
+  const out: number[] = [];
+  for (const [index, slot] of header.slots.entries()) if (slot.active && (await unlockSlot(prims, header, index, readArea, pw))) out.push(index);
+  return out;
+}
+
+/**
+ * Key slot `index` made to open `masterKey` with `password` (PBKDF2 calibrated to `iterTimeMs`):
+ * the new slot and its key material, to be written at the slot's key offset.
+ */
+export async function luksKeySlot(
+  header: LuksHeader,
+  index: number,
+  masterKey: Uint8Array,
+  password: string,
+  iterTimeMs = 2000,
+  options: LuksImplOptions = {},
+): Promise<{ slot: LuksKeySlot; material: Uint8Array }> {
+  const prims = options.primitives ?? platformPrimitives;
+  const pw = encodeUtf8(password);
+  const salt = randomBytes(LUKS_SALT_LENGTH);
+  const rate = await pbkdf2IterationsPerSecond(prims, header.hashAlg, pw, salt, header.keyBytes, Math.min(Math.max(iterTimeMs, 20), 250));
+  const iterations = Math.max(Math.floor((rate * iterTimeMs) / 1000), MIN_ITERATIONS);
+  if (iterations > 0xffff_ffff) throw invalidArgument(`LUKS iter-time ${iterTimeMs} ms needs more than 2^32 PBKDF2 iterations`);
+  const old = header.slots[index]!;
+  const slotKey = await prims.pbkdf2(header.hashAlg, pw, salt, iterations, header.keyBytes);
+  const split = afSplit(prims, header.hashAlg, masterKey, old.stripes);
+  const material = luksSectorCipher(prims, header, slotKey).encryptSync(padToSectors(split), 0).subarray(0, keyMaterialLength(header.keyBytes, old.stripes));
+  return { slot: { active: true, iterations, salt, keyOffset: old.keyOffset, stripes: old.stripes }, material };
 }
 
 export interface CreateLuksOptions extends LuksImplOptions {

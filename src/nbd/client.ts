@@ -98,6 +98,11 @@ export interface ConnectOptions {
   structuredReplies?: boolean;
   /** Ask for the base:allocation context, which {@link NbdClient.blockStatus} reports (implies structured replies). */
   baseAllocation?: boolean;
+  /**
+   * Ask for this metadata context instead of base:allocation (QEMU's client option x-dirty-bitmap:
+   * `qemu:dirty-bitmap:NAME`, `qemu:allocation-depth`); {@link NbdClient.blockStatus} then reports it.
+   */
+  metaContext?: string;
   /** @internal Stop after the greeting and flags: the caller drives the options itself. */
   handshakeOnly?: boolean;
 }
@@ -159,6 +164,10 @@ export class NbdClient {
   /** Whether the server agreed to structured replies. */
   structuredReplies = false;
   private contextId: number | undefined;
+  /** Whether the server agreed to the metadata context asked for: {@link NbdClient.blockStatus} works. */
+  get hasMetaContext(): boolean {
+    return this.contextId !== undefined;
+  }
   private readonly pending = new Map<bigint, Pending>();
   private nextCookie = 1n;
   private replyLoop: Promise<void> | undefined;
@@ -185,12 +194,13 @@ export class NbdClient {
     socket.write(new Writer(4).u32(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).bytes);
     if (options.handshakeOnly) return client;
     const name = options.exportName ?? '';
-    if (options.structuredReplies || options.baseAllocation) {
+    if (options.structuredReplies || options.baseAllocation || options.metaContext !== undefined) {
       const r = await client.option(NBD_OPT_STRUCTURED_REPLY);
       client.structuredReplies = r.at(-1)!.type === NBD_REP_ACK;
     }
-    if (options.baseAllocation) {
-      for (const r of await client.option(NBD_OPT_SET_META_CONTEXT, encodeMetaContextRequest({ name, queries: [BASE_ALLOCATION] }))) {
+    if ((options.baseAllocation || options.metaContext !== undefined) && client.structuredReplies) {
+      const query = options.metaContext ?? BASE_ALLOCATION;
+      for (const r of await client.option(NBD_OPT_SET_META_CONTEXT, encodeMetaContextRequest({ name, queries: [query] }))) {
         if (r.type === NBD_REP_META_CONTEXT) client.contextId = new Reader(r.data).u32();
       }
     }

@@ -3,7 +3,7 @@
  * (`BlockDevice.amend`, which QEMU's drivers have as `bdrv_amend_options`). Formats without one
  * (raw, qcow v1) refuse in qemu-img's words, for the option list (`-o help`) as for a change.
  */
-import type { AmendProgressCallback, BlockDevice, ImageFormat } from '../core/block-device.js';
+import type { AmendContext, AmendProgressCallback, BlockDevice, ImageFormat } from '../core/block-device.js';
 import { QcowError } from '../core/errors.js';
 
 // Without the file name, as qemu-img words it: the refusal is the format's, whatever the image.
@@ -30,9 +30,9 @@ function notAmendable(format: string): QcowError {
  * }
  * ```
  */
-export async function amendImage(dev: BlockDevice, options: Record<string, string>, progress?: AmendProgressCallback): Promise<void> {
+export async function amendImage(dev: BlockDevice, options: Record<string, string>, progress?: AmendProgressCallback, context?: AmendContext): Promise<void> {
   if (!dev.amend) throw notAmendable(dev.format);
-  await dev.amend(options, progress);
+  await dev.amend(options, progress, context);
 }
 
 /**

@@ -131,7 +131,7 @@ export class ChainStatus {
 
 /** A run no layer above `depth` decides; `deepest` is the extent the layer at `depth` reported. */
 function absent(offset: number, length: number, depth: number, deepest: BlockExtent | undefined, dev: BlockDevice | undefined): ChainExtent {
-  const out: ChainExtent = { start: offset, length, depth, present: false, zero: true, data: false };
+  const out: ChainExtent = { start: offset, length, depth, present: false, zero: !deepest?.zeroUnknown, data: false };
   if (deepest && deepest.hostOffset !== undefined) {
     out.offset = deepest.hostOffset + (offset - deepest.offset);
     out.filename = deepest.hostFile ?? dev!.filename;

@@ -33,7 +33,7 @@ export interface ImageInfoJson {
     data: Record<string, unknown>;
   };
   /** qcow2's dirty bit (false for other formats). */
-  'dirty-flag': boolean;
+  'dirty-flag'?: boolean;
 }
 
 /**
@@ -54,6 +54,8 @@ export async function imageInfo(dev: BlockDevice): Promise<ImageInfoJson> {
   const info: ImageInfoJson = { filename: dev.filename, format: d.format, 'virtual-size': d.virtualSize, 'dirty-flag': d.dirty ?? false };
   const actual = dev.store.allocatedSize ? await dev.store.allocatedSize() : undefined;
   if (actual !== undefined) info['actual-size'] = actual;
+  // Without driver information, qemu-img knows no dirty flag (it comes last in its output).
+  if (d.driverInfo === false) delete info['dirty-flag'];
   if (d.clusterSize !== undefined) info['cluster-size'] = d.clusterSize;
   if (d.encrypted) info.encrypted = true;
   if (d.backingFilename !== undefined) {
@@ -99,7 +101,9 @@ export function infoHuman(info: ImageInfoJson): string {
   if (info['cluster-size'] !== undefined) lines.push(`cluster_size: ${info['cluster-size']}`);
   if (info['backing-filename'] !== undefined) {
     const full = info['full-backing-filename'];
-    lines.push(`backing file: ${info['backing-filename']}${full && full !== info['backing-filename'] ? ` (actual path: ${full})` : ''}`);
+    // Unknown where a relative name points (the image has no plain filename): qemu-img says so.
+    const where = full === undefined ? ' (cannot determine actual path)' : full !== info['backing-filename'] ? ` (actual path: ${full})` : '';
+    lines.push(`backing file: ${info['backing-filename']}${where}`);
     if (info['backing-filename-format']) lines.push(`backing file format: ${info['backing-filename-format']}`);
   }
   if (info.snapshots?.length) {

@@ -5,13 +5,14 @@
  * options of the format named by -f, or else of the image's.
  */
 import { QcowError, amendImage, amendOptions, builtinFormats } from '../../node.js';
-import { openForCli, parseOptionList, withProgress, writeOut } from '../common.js';
+import { openForCli, parseOptionList, secretNamed, withProgress, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
   options?: string[];
   passwordFile?: string;
   quiet?: boolean;
+  force?: boolean;
   progress?: boolean;
 }
 
@@ -25,7 +26,8 @@ export async function run(file: string, flags: Flags): Promise<void> {
   const dev = await openForCli(file, flags, { noBacking: true });
   try {
     // -p draws the format's own measure of the work (qcow2: qemu-img's passes over the refcounts).
-    await withProgress(flags, (_signal, bar) => amendImage(dev, options, bar.active ? bar : undefined));
+    const context = { force: flags.force, secret: secretNamed };
+    await withProgress(flags, (_signal, bar) => amendImage(dev, options, bar.active ? bar : undefined, context));
   } finally {
     await dev.close();
   }

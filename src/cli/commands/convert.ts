@@ -1,6 +1,6 @@
 import { QcowError, parseSize, createImage, defaultOpener, openImage, FileStore, permissionsFor, convert, isHttpUrl, type BlockDevice, type ByteStore, type StoreOpener, type Spill, type StagedTarget, type StreamSource } from '../../node.js';
 import { fstatSync, type Stats } from 'node:fs';
-import { failureStyle, openForCli, parseOptionList, readPasswordFile, removeCreated, withProgress } from '../common.js';
+import { createOptionsSecret, failureStyle, openForCli, parseOptionList, readPasswordFile, removeCreated, withProgress } from '../common.js';
 
 interface Flags {
   format?: string;
@@ -153,7 +153,7 @@ export async function run(files: string[], flags: Flags): Promise<void> {
       const bitmapOptions = { skipBroken: !!flags.skipBrokenBitmaps, onSkip: (name: string) => process.stderr.write(`${failureStyle.program}: warning: Skipping inconsistent bitmap '${name}'\n`) };
       if (bitmapOps) await bitmapOps.checkBitmapCopy(sources, bitmapOptions);
       const total = sources.reduce((n, s) => n + s.size, 0);
-      const targetPassword = await readPasswordFile(flags.targetPasswordFile ?? flags.passwordFile);
+      const targetPassword = (await readPasswordFile(flags.targetPasswordFile ?? flags.passwordFile)) ?? createOptionsSecret(options);
       if (flags.create) {
         await createImage(target, { format: flags.outputFormat, size: total, backingFile, backingFormat, options, password: targetPassword, opener });
         created = true;
@@ -163,7 +163,7 @@ export async function run(files: string[], flags: Flags): Promise<void> {
       await convert(sources, dst, {
         compress: flags.compress,
         sparseSize: sparse,
-        targetIsZero: flags.create && !backingFile,
+        targetIsZero: flags.create && !backingFile && (await readsZerosWhenNew(dst, options)),
         // Only a target made over a backing file (-B) is written as a difference against it; an
         // existing one (-n) gets the source whole, its zeros written as zeros.
         diffAgainstBacking: flags.create || backingFile !== undefined,
@@ -382,4 +382,15 @@ async function runFromStream(
     // The rest of the stream is not needed (or the conversion failed): stop reading it.
     (input as { destroy?: () => void }).destroy?.();
   }
+}
+
+/**
+ * Whether a target just created with these options reads as zeros, so convert may skip writing
+ * zeros (QEMU's has_zero_init): not a LUKS volume (its unwritten payload decrypts to noise), nor
+ * an encrypted image with preallocated clusters (allocated, but never encrypted zeros).
+ */
+async function readsZerosWhenNew(dst: BlockDevice, options: Record<string, string>): Promise<boolean> {
+  if (dst.format === 'luks') return false;
+  const preallocated = options.preallocation !== undefined && options.preallocation !== 'off';
+  return !(preallocated && (await dst.describe()).encrypted);
 }

@@ -1,4 +1,5 @@
 import { chainInfo, imageInfo, infoHuman, defaultOpener, type ImageInfoJson } from '../../node.js';
+import { isAbsolute } from 'node:path';
 import { checkOutputFormat, openForCli, printJson, writeOut } from '../common.js';
 
 interface Flags {
@@ -18,7 +19,7 @@ export async function run(file: string, flags: Flags): Promise<void> {
       if (output === 'json') printJson(infos);
       else writeOut(infos.map(infoHuman).join('\n'));
     } else {
-      const info = withFullBackingName(await imageInfo(dev), file);
+      const info = withFullBackingName(await imageInfo(dev));
       if (output === 'json') printJson(info);
       else writeOut(infoHuman(info));
     }
@@ -27,12 +28,19 @@ export async function run(file: string, flags: Flags): Promise<void> {
   }
 }
 
-/** qemu-img prints where the backing file is even when it does not open it; so do we. */
-function withFullBackingName(info: ImageInfoJson, file: string): ImageInfoJson {
+/**
+ * qemu-img prints where the backing file is even when it does not open it; so do we. A relative
+ * name is taken relative to the image's own filename as the device reports it (a `json:` name
+ * that comes down to a file is that file), and cannot be placed when that is still a `json:` name
+ * (qemu-img then says it cannot determine the actual path).
+ */
+function withFullBackingName(info: ImageInfoJson): ImageInfoJson {
   const name = info['backing-filename'];
   if (name !== undefined && info['full-backing-filename'] === undefined) {
+    const placeable = !info.filename.startsWith('json:') || isAbsolute(name) || /^[a-z][a-z0-9+.-]*:/i.test(name);
+    if (!placeable) return info;
     const ordered: ImageInfoJson = { ...info };
-    ordered['full-backing-filename'] = defaultOpener.resolve(name, file);
+    ordered['full-backing-filename'] = defaultOpener.resolve(name, info.filename);
     return ordered;
   }
   return info;

@@ -54,7 +54,7 @@ export async function create(parsed: Parsed): Promise<number> {
     return 1;
   }
   try {
-    await make(file, fmt, { size, backing, backingFmt, unsafe, quiet, given, password: secrets.get(given.get('encrypt.key-secret') ?? '') });
+    await make(file, fmt, { size, backing, backingFmt, unsafe, quiet, given, password: secrets.get(given.get(secretOption(fmt)) ?? '') });
     return 0;
   } catch (e) {
     if (e instanceof Handled) return 1;
@@ -138,10 +138,10 @@ async function make(file: string, fmt: string, s: Settings): Promise<void> {
   // What our formats take: everything but what create settles itself and the file protocol's tuning.
   const options: Record<string, string> = {};
   for (const [k, v] of s.given) {
-    if (['size', 'backing_file', 'backing_fmt', 'nocow', 'extent_size_hint', 'encrypt.key-secret'].includes(k)) continue;
+    if (['size', 'backing_file', 'backing_fmt', 'nocow', 'extent_size_hint', secretOption(fmt)].includes(k)) continue;
     options[k] = v;
   }
-  if (values.has('encrypt.key-secret') && s.password === undefined) throw new CreateError(`No secret with id '${values.get('encrypt.key-secret')}'`);
+  if (values.has(secretOption(fmt)) && s.password === undefined) throw new CreateError(`No secret with id '${values.get(secretOption(fmt))}'`);
   // QEMU's file protocol prefix names a plain file.
   const path = file.startsWith('file:') ? file.slice(5) : file;
   try {
@@ -162,6 +162,9 @@ function optionValueComplaint(name: string, value: string, kind: 'size' | 'numbe
   if (e instanceof SizeError && e.range) return `Value '${value}' is out of range for parameter '${name}'`;
   return `Parameter '${name}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.\n`;
 }
+
+/** The option naming the secret that holds the password: the luks format's own, or qcow2's and qcow's `encrypt.` one. */
+const secretOption = (fmt: string): string => (fmt === 'luks' ? 'key-secret' : 'encrypt.key-secret');
 
 /** The message is already out. */
 class Handled extends CreateError {}

@@ -58,6 +58,7 @@ const FORMAT_OPTIONS: Record<string, Desc[]> = {
     { name: 'encrypt.key-secret', kind: 'string' },
   ],
   raw: [{ name: 'size', kind: 'size' }],
+  luks: [{ name: 'size', kind: 'size' }, ...CRYPTO('')],
 };
 
 /** Every create option name a format takes (its own, then the file protocol's). */

@@ -12,6 +12,10 @@ import { openPolicy, progressStyle, writeOut } from '../../cli/common.js';
 import { getopt, GetoptError, type LongOption, type Parsed } from '../getopt.js';
 import { qemuJson } from '../qemu-json.js';
 import { jsonOpenerFor } from '../json-open.js';
+import { isJsonFilename, jsonFilenameOptions } from '../json-filename.js';
+import { nbdTargetOf, nbdTargetOfOptions } from '../nbd-store.js';
+import { fromImageOpts, type SpecialOpen } from './image-opts.js';
+import { secretsOf } from './options.js';
 import { contextOf, qemuErrorLines } from '../messages.js';
 
 const PROGRAM = 'qemu-img';
@@ -146,6 +150,7 @@ function translate(cmd: string, key: string, value: string | undefined): string[
     case 'size':
       return ['--size', v];
     case 'force':
+      return cmd === 'amend' ? ['--force'] : undefined;
     case 'salvage':
     case 'target-is-zero':
     case 'preallocation':
@@ -182,7 +187,12 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   for (const o of parsed.options) out.push(...(translate(cmd, o.key, o.value) ?? []));
   const imageOpts = parsed.options.some((o) => o.key === 'image-opts');
   let operands = parsed.operands;
-  if (imageOpts) operands = operands.map((x) => fromImageOpts(x, out));
+  // --object secret: the passwords key-secret options name. Operands that a plain open would not
+  // do justice to (key secrets, NBD exports) open through their own opener, by name.
+  const secrets = secretsOf(parsed);
+  const special = new Map<string, SpecialOpen>();
+  if (imageOpts) operands = operands.map((x) => fromImageOpts(x, out, secrets, cmd === 'check' ? undefined : special));
+  for (const x of operands) if (!imageOpts && nbdTargetOf(x)) special.set(x, (o) => import('./nbd-device.js').then((m) => m.openNbdImage(x, {}, o)));
   // QEMU's file protocol prefix names a plain file. A relative name left with a colon in its first
   // component would read as a protocol again, so QEMU shows (and resolves backing files from) it
   // as ./NAME: so do we (iotest 126).
@@ -204,20 +214,17 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   // QEMU refuses images whose bitmap directory it cannot load; qcow opens them so they can be
   // repaired, but qemu-img's scripts (and iotests) expect the refusal.
   openPolicy.refuseMalformedBitmaps = true;
-  openPolicy.openName = jsonOpenerFor;
+  openPolicy.openName = (name) => {
+    const own = special.get(name);
+    if (own) return own;
+    const json = isJsonFilename(name) ? jsonFilenameOptions(name) : undefined;
+    if (json && nbdTargetOfOptions(json)) return (o) => import('./nbd-device.js').then((m) => m.openNbdImage(name, json, o));
+    return jsonOpenerFor(name);
+  };
+  openPolicy.secrets = secrets;
   // -p draws as qemu-img draws it: on standard output, terminal or not.
   progressStyle.qemu = true;
   process.exitCode = undefined;
   await runQcow(argv, style);
   return typeof process.exitCode === 'number' ? process.exitCode : 0;
-}
-
-/** `--image-opts`: `driver=FMT,file.filename=PATH,...` gives the format and the file. */
-function fromImageOpts(text: string, out: string[]): string {
-  const kv = new Map(text.split(',').map((p) => [p.slice(0, p.indexOf('=')), p.slice(p.indexOf('=') + 1)] as const));
-  const driver = kv.get('driver');
-  // A filter node's options stay whole, as the json: name they are (../json-open.ts opens it).
-  if (driver === 'blkdebug') return 'json:' + JSON.stringify(Object.fromEntries(kv));
-  if (driver && driver !== 'file') out.push('-f', driver);
-  return kv.get('file.filename') ?? kv.get('filename') ?? text;
 }

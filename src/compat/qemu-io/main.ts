@@ -5,15 +5,16 @@
  * status is 1 when the last failing command failed (any command failing), else 0.
  */
 import { fstatSync, readFileSync, writeSync } from 'node:fs';
-import { QcowError, type BlockDevice, type OverlapCheckOptions } from '../../node.js';
+import { QcowError, type BlockDevice, type NodeOpenOptions } from '../../node.js';
 import { getopt, type LongOption } from './getopt.js';
 import { isOn, joinQcow2Options, overlapCheckOptions, qcow2OptionProblem } from './qcow2-options.js';
 import { checkHostProtocol, isHostProtocol } from './protocol.js';
 import { isJsonFilename, jsonFilenameOptions } from '../json-filename.js';
-import { NULL_CO, openNullCo } from '../null-co.js';
+import { qemuJsonName } from '../json-name.js';
+import { NULL_CO, isNullCoFilename, nullCoFileOptions, openNullCo, openNullCoFilename, openOverNullCo } from '../null-co.js';
 import type { NbdTarget } from '../nbd-store.js';
 import { COMPRESS, compressFilter } from './compress-filter.js';
-import { QemuIo, parseOpts, type IoOutput, type Opener, type OpenRequest } from './engine.js';
+import { QemuIo, parseOpts, unmapEnabled, type IoOutput, type Opener, type OpenRequest } from './engine.js';
 
 const LONG: LongOption[] = [
   { name: 'help', hasArg: false, key: 'h' },
@@ -182,9 +183,16 @@ export class NodeOpener implements Opener {
   ) {}
 
   /** The open options that -o gives beyond the file's name, format and secrets. */
-  private driverOptions(o: Record<string, string>): { lazyRefcounts?: boolean; overlapCheck?: OverlapCheckOptions; onRepair?: (messages: readonly string[]) => void } {
+  private driverOptions(o: Record<string, string>, discard: string | undefined): Pick<NodeOpenOptions, 'lazyRefcounts' | 'overlapCheck' | 'onRepair' | 'discardPassthrough'> {
     const lazy = o['lazy-refcounts'];
-    return { lazyRefcounts: lazy === undefined ? undefined : isOn(lazy), overlapCheck: overlapCheckOptions(o), onRepair: this.onRepair };
+    const pass = (k: string): boolean | undefined => (o[`pass-discard-${k}`] === undefined ? undefined : isOn(o[`pass-discard-${k}`]!));
+    return {
+      lazyRefcounts: lazy === undefined ? undefined : isOn(lazy),
+      overlapCheck: overlapCheckOptions(o),
+      onRepair: this.onRepair,
+      // pass-discard-request defaults to whether the image is opened with unmap (-d).
+      discardPassthrough: { request: pass('request') ?? unmapEnabled(discard), snapshot: pass('snapshot'), other: pass('other') },
+    };
   }
 
   async open(req: OpenRequest): Promise<BlockDevice> {
@@ -192,7 +200,13 @@ export class NodeOpener implements Opener {
     // A json:{...} name is an option list; options given beside it are added to it.
     const json = req.name !== undefined && isJsonFilename(req.name);
     const o = json ? { ...jsonFilenameOptions(req.name!), ...req.options } : req.options;
-    if ((o.driver ?? this.format) === NULL_CO) return openNullCo(req.name ?? NULL_CO, o, req.readOnly || o['read-only'] === 'on');
+    // null-co nodes are named as QEMU names them (json-name.ts).
+    const nullName = (driver: string) => (json ? qemuJsonName(req.name!, driver) : undefined) ?? req.name ?? NULL_CO;
+    // -f comes before the options' driver, as in QEMU.
+    if ((this.format ?? o.driver) === NULL_CO) return openNullCo(nullName(NULL_CO), o, req.readOnly || o['read-only'] === 'on');
+    const nullFile = nullCoFileOptions(o);
+    if (nullFile) return openOverNullCo(nullName('raw'), nullFile, this.format ?? o.driver, req.readOnly || o['read-only'] === 'on');
+    if (!json && req.name !== undefined && isNullCoFilename(req.name)) return openNullCoFilename(req.name, this.format ?? o.driver, req.readOnly || o['read-only'] === 'on');
     if (o.driver === COMPRESS) {
       // A filter: its `file` child is the image, opened with the child's options.
       const child: Record<string, string> = {};
@@ -222,7 +236,7 @@ export class NodeOpener implements Opener {
       const display = req.name ?? `blkdebug:${node.config ?? ''}:${node['image.filename'] ?? node.image ?? node['x-image'] ?? ''}`;
       const readOnly = req.readOnly || o['read-only'] === 'on';
       const format = o.driver ?? this.format;
-      return checked(await openOverBlkdebug(display, node, { format, readOnly, ...QEMU_OPEN_RULES, ...this.driverOptions(o) }), o);
+      return checked(await openOverBlkdebug(display, node, { format, readOnly, ...QEMU_OPEN_RULES, ...this.driverOptions(o, req.discard) }), o);
     }
     const name = (json ? undefined : req.name) ?? o['file.filename'] ?? o.filename ?? o.file ?? o['file.file.filename'];
     if (name === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', "A block device must be specified for \"file\"");
@@ -231,12 +245,11 @@ export class NodeOpener implements Opener {
     const protocol = isHostProtocol(format) ? format : o['file.driver'];
     if (isHostProtocol(protocol)) checkHostProtocol(protocol, name, req.readOnly || o['read-only'] === 'on');
     if (isHostProtocol(format)) format = 'raw';
-    const secretId = o['encrypt.key-secret'] ?? o['encryption.key-secret'];
-    let password: string | undefined;
-    if (secretId !== undefined) {
-      password = this.secrets.get(secretId);
-      if (password === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', `No secret with id '${secretId}'`);
-    } else if (this.secrets.size === 1) password = [...this.secrets.values()][0];
+    const { passwordsOf } = await import('../secrets.js');
+    const layers = passwordsOf(o, this.secrets);
+    let password = layers.password;
+    if (password === undefined && this.secrets.size === 1) password = [...this.secrets.values()][0];
+    const { passwordAt } = layers;
     const readOnly = req.readOnly || o['read-only'] === 'on';
     const noBacking = o.backing === 'null' || o.backing === '';
     const backingFormat = o['backing.driver'];
@@ -256,12 +269,12 @@ export class NodeOpener implements Opener {
     }
     // A data file given as a blkdebug node (or raw over one): opened through it.
     const dataOpener = o['data-file.driver'] !== undefined ? (await import('../blkdebug/open.js')).dataFileOpener((await import('../../cli/open-images.js')).defaultOpener, o) : undefined;
-    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, noBacking, backingFormat, ...QEMU_OPEN_RULES, ...this.driverOptions(o), ...(dataOpener ? { opener: dataOpener } : {}) }), o);
+    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, passwordAt, noBacking, backingFormat, ...QEMU_OPEN_RULES, ...this.driverOptions(o, req.discard), ...(dataOpener ? { opener: dataOpener } : {}) }), o);
     // -s: a temporary qcow2 overlay over the image takes the writes and goes with close().
     const { tmpdir } = await import('node:os');
     const { join, resolve } = await import('node:path');
     const { mkdtemp } = await import('node:fs/promises');
-    const base = await openImage(name, { format, readOnly: true, password, noBacking, backingFormat, ...QEMU_OPEN_RULES });
+    const base = await openImage(name, { format, readOnly: true, password, passwordAt, noBacking, backingFormat, ...QEMU_OPEN_RULES });
     const baseFormat = base.format;
     await base.close();
     const dir = await mkdtemp(join(tmpdir(), 'qemu-io-snapshot-'));
@@ -349,6 +362,7 @@ export async function main(argv: string[]): Promise<void> {
   let forceShare = false;
   let imageOpts = false;
   let cache: string | undefined;
+  let discard: string | undefined;
   for (const { key, arg } of parsed.options) {
     switch (key) {
       case 'c':
@@ -381,6 +395,7 @@ export async function main(argv: string[]): Promise<void> {
         break;
       case 'd':
         if (!['ignore', 'off', 'unmap', 'on'].includes(arg!)) return fail(`${prog}: Invalid discard option: ${arg}\n`);
+        discard = arg;
         break;
       case 'i':
         if (!['threads', 'native', 'io_uring'].includes(arg!)) return fail(`${prog}: Invalid aio option: ${arg}\n`);
@@ -411,8 +426,8 @@ export async function main(argv: string[]): Promise<void> {
   if (parsed.operands.length === 1) {
     const operand = parsed.operands[0]!;
     const req: OpenRequest = imageOpts
-      ? { options: parseOpts(operand, 'file'), readOnly, snapshot, forceShare, cache }
-      : { name: operand, options: {}, readOnly, snapshot, forceShare, cache };
+      ? { options: parseOpts(operand, 'file'), readOnly, snapshot, forceShare, cache, discard }
+      : { name: operand, options: {}, readOnly, snapshot, forceShare, cache, discard };
     if (await io.openImage(req)) {
       output.flush();
       process.exitCode = 1;

@@ -21,6 +21,7 @@ import type { ByteStore } from '../../storage/types.js';
 import { addRefcount, decodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, refcountsZero, setRefcount, setRefcountsToOne } from './refcount.js';
 import { MAX_REFCOUNT_TABLE_BYTES } from './layout.js';
 import { Lru } from '../../core/lru.js';
+import { DEFAULT_DISCARD_PASSTHROUGH, passesDiscard, type DiscardPassthrough, type FreeReason } from './free-reason.js';
 
 /** Where the header keeps the refcount table's location (offset u64 at 48, clusters u32 at 56). */
 const HEADER_REFTABLE_FIELDS = 48;
@@ -72,8 +73,11 @@ export interface Allocator {
   allocClustersNow?(n: number): number;
   /** Room for one compressed cluster of `size` bytes (packed at byte granularity). */
   allocBytes(size: number): Promise<number>;
-  /** References to [offset, +length) are gone from memory: counts drop at applyPendingFrees. */
-  free(offset: number, length: number): void;
+  /**
+   * References to [offset, +length) are gone from memory: counts drop at applyPendingFrees.
+   * `reason` (default 'other') decides whether a cluster left unreferenced is punched (free-reason.ts).
+   */
+  free(offset: number, length: number, reason?: FreeReason): void;
   /** Add `delta` to the count of every cluster touching [offset, +length) (all or nothing). */
   update(offset: number, length: number, delta: number): Promise<void>;
   get(cluster: number): Promise<number>;
@@ -85,8 +89,24 @@ export interface Allocator {
   readonly hasPendingFrees: boolean;
   /** Apply recorded frees (after the tables that dropped them are on disk); true if any. */
   applyPendingFrees(): Promise<boolean>;
-  /** Runs [offset, length] whose count the last applyPendingFrees brought to zero. */
+  /**
+   * Runs [offset, length] whose count the last applyPendingFrees brought to zero, for frees whose
+   * reason passes discards on (and that takeUnreferenced did not report already).
+   */
   readonly freedRuns: ReadonlyArray<[number, number]>;
+  /**
+   * Runs of clusters that the frees recorded since the last call leave with no reference once
+   * applied (for frees whose reason passes discards on): QEMU punches those at once. They are not
+   * in freedRuns again. Optional: a fake may leave it out.
+   */
+  takeUnreferenced?(): Promise<Array<[number, number]>>;
+  /** The open's pass-discard-* options (optional: a fake may leave it out). */
+  setDiscardPassthrough?(p: DiscardPassthrough): void;
+  /**
+   * Run `step`, which drops counts at once (update with a negative delta: deleting a snapshot),
+   * and return the runs of clusters it brought to zero when `reason` passes discards on.
+   */
+  collectFreedBy?(reason: FreeReason, step: () => Promise<void>): Promise<Array<[number, number]>>;
   /** Write counts back, `barrier` where a later write must not overtake an earlier one; true if any. */
   writeBack(barrier: () => Promise<void>): Promise<boolean>;
   /** First cluster index at or above every allocation. */
@@ -124,8 +144,17 @@ export class Refcounts implements Allocator {
   private readonly dirtyTableEntries = new Set<number>();
   /** Set when the table moved: the old location, freed once the header names the new one. */
   private movedFrom: { offset: number; clusters: number } | null = null;
-  /** Byte ranges whose references are gone from memory but maybe not yet from disk. */
-  private pendingFrees: Array<[number, number]> = [];
+  /**
+   * Byte ranges whose references are gone from memory but maybe not yet from disk; `punch`: a
+   * cluster this leaves unreferenced is to be punched (its reason passes discards on, and
+   * takeUnreferenced has not looked at it yet).
+   */
+  private pendingFrees: Array<{ offset: number; length: number; punch: boolean }> = [];
+  /** Per cluster touched by pendingFrees: how many of them touch it, and the last one's index. */
+  private readonly pendingPerCluster = new Map<number, { count: number; last: number }>();
+  /** pendingFrees from here on have not been looked at by takeUnreferenced. */
+  private firstUnchecked = 0;
+  private passthrough: Readonly<DiscardPassthrough> = DEFAULT_DISCARD_PASSTHROUGH;
   private readonly reserved: Array<[number, number]> = [];
   /** Lowest cluster index that may be free. */
   private freeHint = 0;
@@ -320,8 +349,50 @@ export class Refcounts implements Allocator {
    * Record that the references to the clusters touching [offset, offset+length) are gone. The
    * counts drop when the caller has written the tables that dropped them (applyPendingFrees).
    */
-  free(offset: number, length: number): void {
-    if (length > 0) this.pendingFrees.push([offset, length]);
+  free(offset: number, length: number, reason: FreeReason = 'other'): void {
+    if (length <= 0) return;
+    const index = this.pendingFrees.length;
+    this.pendingFrees.push({ offset, length, punch: passesDiscard(this.passthrough, reason) });
+    const cs = this.clusterSize;
+    for (let c = Math.floor(offset / cs); c <= Math.floor((offset + length - 1) / cs); c++) {
+      const seen = this.pendingPerCluster.get(c);
+      if (seen) {
+        seen.count++;
+        seen.last = index;
+      } else this.pendingPerCluster.set(c, { count: 1, last: index });
+    }
+  }
+
+  setDiscardPassthrough(p: DiscardPassthrough): void {
+    this.passthrough = { ...p };
+  }
+
+  /**
+   * QEMU drops a count the moment a reference goes and punches the cluster when it reaches zero;
+   * here the drop waits for the tables (applyPendingFrees), but whether it will reach zero is
+   * known now: the count equals the number of pending frees touching the cluster. A cluster is
+   * reported by the free that will bring it to zero (the last pending one touching it), so the
+   * reason of that free decides, as in QEMU. Safe to punch before the tables are written: the
+   * cluster cannot be handed out again before applyPendingFrees, and a crash before that leaves
+   * a table pointing at a cluster that reads as zeros, which the discard allowed.
+   */
+  async takeUnreferenced(): Promise<Array<[number, number]>> {
+    const runs: Array<[number, number]> = [];
+    const cs = this.clusterSize;
+    for (let i = this.firstUnchecked; i < this.pendingFrees.length; i++) {
+      const f = this.pendingFrees[i]!;
+      if (!f.punch) continue;
+      f.punch = false;
+      for (let c = Math.floor(f.offset / cs); c <= Math.floor((f.offset + f.length - 1) / cs); c++) {
+        const seen = this.pendingPerCluster.get(c)!;
+        if (seen.last !== i || (await this.get(c)) !== seen.count) continue;
+        const last = runs[runs.length - 1];
+        if (last && last[0] + last[1] === c * cs) last[1] += cs;
+        else runs.push([c * cs, cs]);
+      }
+    }
+    this.firstUnchecked = this.pendingFrees.length;
+    return runs;
   }
 
   /**
@@ -334,13 +405,30 @@ export class Refcounts implements Allocator {
     if (this.pendingFrees.length === 0) return false;
     const list = this.pendingFrees;
     this.pendingFrees = [];
-    this.collectFreed = true;
+    this.pendingPerCluster.clear();
+    this.firstUnchecked = 0;
     try {
-      for (const [off, len] of list) await this.update(off, len, -1);
+      for (const f of list) {
+        this.collectFreed = f.punch;
+        await this.update(f.offset, f.length, -1);
+      }
     } finally {
       this.collectFreed = false;
     }
     return true;
+  }
+
+  async collectFreedBy(reason: FreeReason, step: () => Promise<void>): Promise<Array<[number, number]>> {
+    const saved = this.freedRuns;
+    this.freedRuns = [];
+    this.collectFreed = passesDiscard(this.passthrough, reason);
+    try {
+      await step();
+      return this.freedRuns;
+    } finally {
+      this.collectFreed = false;
+      this.freedRuns = saved;
+    }
   }
 
   /** Clusters freed by the last applyPendingFrees, merged into [offset, length] runs. */

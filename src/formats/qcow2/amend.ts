@@ -47,7 +47,8 @@ import type { Qcow2Encryption } from './encryption.js';
 import type { Qcow2Snapshot } from './snapshot-table.js';
 import type { Qcow2DeviceParts } from './device-parts.js';
 import type { Qcow2Writer } from './write.js';
-import type { AmendProgressCallback } from '../../core/block-device.js';
+import type { AmendContext, AmendProgressCallback } from '../../core/block-device.js';
+import { luksSlotChangeOf } from '../../crypto/luks-amend.js';
 import { MAX_REFCOUNT_TABLE_BYTES } from './layout.js';
 
 /**
@@ -117,12 +118,15 @@ export function planAmend(dev: AmendDevice, options: Record<string, string>): Am
         if (!hasFeature(h.incompatibleFeatures, INCOMPAT_DATA_FILE)) throw invalidArgument('data-file can only be set for images that use an external data file');
         if (v !== h.dataFile) throw unsupported('Changing the external data file name is not supported');
         break;
-      case 'data_file_raw':
       case 'encrypt.iter-time':
       case 'encrypt.keyslot':
       case 'encrypt.new-secret':
       case 'encrypt.old-secret':
       case 'encrypt.state':
+        // LUKS key slots (crypto/luks-amend.ts, applied by amendQcow2).
+        if (dev.encryption?.changeSlots) break;
+        throw unsupported(`Amending '${k}' is not supported`);
+      case 'data_file_raw':
         throw unsupported(`Amending '${k}' is not supported`);
       default:
         if (CREATE_ONLY.has(k)) throw invalidArgument(`Invalid parameter '${k}': this option is only supported for image creation`);
@@ -161,9 +165,16 @@ const STEP_UPGRADE = 1;
 const STEP_REFCOUNT_WIDTH = 2;
 const STEP_DOWNGRADE = 3;
 
+/** Without a way to look secrets up, every secret id is unknown (QEMU's words). */
+const noSecrets = (id: string): never => {
+  throw invalidArgument(`No secret with id '${id}'`);
+};
+
 /** Apply `options` to an image opened read-write; `progress` as qemu-img amend -p counts the work. */
-export async function amendQcow2(dev: AmendDevice, options: Record<string, string>, progress?: AmendProgressCallback): Promise<void> {
+export async function amendQcow2(dev: AmendDevice, options: Record<string, string>, progress?: AmendProgressCallback, context: AmendContext = {}): Promise<void> {
   const plan = planAmend(dev, options);
+  const slots = luksSlotChangeOf(options, 'encrypt.', context.secret ?? noSecrets, !!context.force);
+  if (slots) await dev.encryption!.changeSlots!(slots);
   const h0 = dev.image.header;
   const changesWidth = plan.refcountBits !== undefined && plan.refcountBits !== 2 ** h0.refcountOrder;
   // The operations qemu-img counts for -p: a version change and a refcount width change.

@@ -37,6 +37,7 @@ import {
 } from './l2-entry.js';
 import { TableCache, type CachedTable } from './metadata-cache.js';
 import type { Allocator } from './alloc.js';
+import type { FreeReason } from './free-reason.js';
 import type { OverlapCheckOptions } from '../../core/block-device.js';
 import { MetadataOverlap, vetAllocation } from './overlap.js';
 import type { Qcow2Image } from './image.js';
@@ -517,7 +518,7 @@ export class ClusterMap {
     this.noteGrowth();
     await this.afterTableAlloc?.();
     await this.placeTable(at, copy);
-    this.refcounts.free(off, cs);
+    this.refcounts.free(off, cs, 'other');
     this.dropTable(off);
     this.setL1Entry(i, at, true);
     const from = this.sliceAt(at, guest);
@@ -566,10 +567,10 @@ export class ClusterMap {
     return this.l2Cache.changed(t);
   }
 
-  /** Drop the reference an entry holds (deferred until its table is on disk). */
-  release(d: ClusterDescriptor): void {
-    if (d.kind === 'compressed') this.refcounts.free(d.hostOffset, d.compressedBound);
-    else if ((d.kind === 'normal' || d.kind === 'zero-alloc') && !this.image.external) this.refcounts.free(d.hostOffset, this.image.clusterSize);
+  /** Drop the reference an entry holds (deferred until its table is on disk), for `reason`. */
+  release(d: ClusterDescriptor, reason: FreeReason): void {
+    if (d.kind === 'compressed') this.refcounts.free(d.hostOffset, d.compressedBound, reason);
+    else if ((d.kind === 'normal' || d.kind === 'zero-alloc') && !this.image.external) this.refcounts.free(d.hostOffset, this.image.clusterSize, reason);
   }
 
   /**
@@ -600,6 +601,9 @@ export class ClusterMap {
       for (let c = pos; c < sliceEnd; c += cs) {
         const index = this.sliceIndex(c);
         const d = this.entry(table, index);
+        // A discard leaves a cluster without data alone when nothing shows through (as qemu's
+        // discard does): it already reads as zeros, and stays unallocated.
+        if (isDiscard && !hasBacking && (d.kind === 'unallocated' || d.kind === 'zero-plain')) continue;
         if (img.external) {
           // Data-file clusters keep their mapping; the zero flag hides the bytes there.
           if (d.kind === 'normal' || d.kind === 'zero-alloc') {
@@ -610,22 +614,24 @@ export class ClusterMap {
           }
           continue;
         }
-        const keepHost = !unmap && (d.kind === 'normal' || d.kind === 'zero-alloc') && l2EntryCopied(d);
+        // Without unmap the host cluster stays, shared with a snapshot or not (QEMU keeps the
+        // entry's offset and flags and adds the zero flag); a write there later copies it first.
+        const keepHost = !unmap && (d.kind === 'normal' || d.kind === 'zero-alloc');
         if (!v3) {
           // v2 (only reached without a backing file): the cluster is deallocated.
           this.setEntry(table, index, 0n);
-          this.release(d);
+          this.release(d, 'request');
         } else if (g.extendedL2) {
-          if (keepHost) this.setEntry(table, index, standardL2Entry(d.hostOffset, { copied: true }), ALL_SUBCLUSTERS_ZERO);
+          if (keepHost) this.setEntry(table, index, standardL2Entry(d.hostOffset, { copied: l2EntryCopied(d) }), ALL_SUBCLUSTERS_ZERO);
           else {
             this.setEntry(table, index, 0n, ALL_SUBCLUSTERS_ZERO);
-            this.release(d);
+            this.release(d, 'request');
           }
         } else if (keepHost) {
-          this.setEntry(table, index, standardL2Entry(d.hostOffset, { copied: true, zero: true }));
+          this.setEntry(table, index, standardL2Entry(d.hostOffset, { copied: l2EntryCopied(d), zero: true }));
         } else {
           this.setEntry(table, index, standardL2Entry(0, { zero: true }));
-          this.release(d);
+          this.release(d, 'request');
         }
       }
       if (!sameBytes(before, span)) await this.tableChanged(table);
@@ -650,7 +656,7 @@ export class ClusterMap {
           if (l2EntryEmpty(table.data, k, g.l2EntryBytes)) continue;
           const d = this.entry(table, k);
           this.setEntry(table, k, 0n, g.extendedL2 ? 0n : undefined);
-          this.release(d);
+          this.release(d, 'snapshot');
           changed = true;
         }
         if (changed) await this.tableChanged(table);
@@ -699,7 +705,7 @@ export class ClusterMap {
           if (l2EntryEmpty(table.data, k, g.l2EntryBytes)) continue;
           const d = this.entry(table, k);
           this.setEntry(table, k, 0n, g.extendedL2 ? 0n : undefined);
-          this.release(d);
+          this.release(d, 'always');
         }
         await this.tableChanged(table);
         pos = sliceEnd;
@@ -713,11 +719,11 @@ export class ClusterMap {
       const table = await this.wholeTable(off);
       for (let k = 0; k < g.l2Entries; k++) {
         if (l2EntryEmpty(table, k, g.l2EntryBytes)) continue;
-        this.release(readL2Entry(table, k, this.image.l2Context));
+        this.release(readL2Entry(table, k, this.image.l2Context), 'always');
       }
       this.dropTable(off);
       this.setL1Entry(i, 0, false);
-      this.refcounts.free(off, cs);
+      this.refcounts.free(off, cs, 'always');
     }
   }
 

@@ -10,6 +10,7 @@ import type { ByteStore } from '../../storage/types.js';
 import type { SectorCipher } from '../../crypto/types.js';
 import { legacyAesCipher } from '../../crypto/legacy-aes.js';
 import { luksEncryptInfo, parseLuksHeader, unlockLuks } from '../../crypto/luks.js';
+import { changeLuksSlots, type LuksSlotChange } from '../../crypto/luks-amend.js';
 import type { Qcow2Header } from './header.js';
 
 export interface Qcow2Encryption {
@@ -20,6 +21,8 @@ export interface Qcow2Encryption {
   info: Record<string, unknown>;
   /** The cipher; throws QCOW_NEED_PASSWORD when the image was opened without one. */
   cipher(): SectorCipher;
+  /** LUKS opened with its password: add or erase key slots (qemu-img amend -o encrypt.state=...). */
+  changeSlots?(change: LuksSlotChange): Promise<void>;
 }
 
 /** The LUKS header is 592 bytes; read the first 4 KiB of the area to parse it. */
@@ -53,6 +56,19 @@ export async function openEncryption(store: ByteStore, h: Qcow2Header, fileSize:
     await store.read(fde.offset + offset, b);
     return b;
   };
-  const { cipher } = await unlockLuks(luks, readArea, options.password);
-  return { format: 'luks', ivFromHostSector: true, info, cipher: () => cipher };
+  const { cipher, masterKey } = await unlockLuks(luks, readArea, options.password);
+  let header = luks;
+  const area = { read: readArea, write: (offset: number, bytes: Uint8Array) => store.write(fde.offset + offset, bytes) };
+  const enc: Qcow2Encryption = {
+    format: 'luks',
+    ivFromHostSector: true,
+    info,
+    cipher: () => cipher,
+    async changeSlots(change) {
+      header = await changeLuksSlots(header, masterKey, area, change);
+      // info shows the slots as they are now.
+      Object.assign(info, luksEncryptInfo(header));
+    },
+  };
+  return enc;
 }

@@ -209,6 +209,12 @@ export class TableCache {
     return tracked;
   }
 
+  /** Whether a table waits to be written back. */
+  get hasDirty(): boolean {
+    for (const t of this.lru.values()) if (t.dirty) return true;
+    return false;
+  }
+
   /** Write every dirty table back, and wait for writes already under way (eviction's) to land. */
   async flush(): Promise<void> {
     for (const t of [...this.lru.values()]) if (t.dirty) await this.writeBack(t);

@@ -11,7 +11,7 @@
  * read-write), and closes. Imports run one way: device -> writer -> cluster map -> allocator ->
  * metadata cache -> layouts.
  */
-import type { AmendProgressCallback, BlockExtent, ImageDescription, OpenOptions, PlacedRange, PlainExtent, WriteOptions, ZeroOptions } from '../../core/block-device.js';
+import type { AmendContext, AmendProgressCallback, BlockExtent, ImageDescription, OpenOptions, PlacedRange, PlainExtent, WriteOptions, ZeroOptions } from '../../core/block-device.js';
 import { DeviceBase } from '../../core/device-base.js';
 import { CorruptionEvent, ImageMarkedCorrupt, QcowError, corrupt, unsupported, withFile } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
@@ -83,6 +83,7 @@ export class Qcow2Device extends DeviceBase {
           chainReadsZero: async (offset, length) => (dev.backing === null && dev.image.header.backingFile !== undefined ? length === 0 : readsAsZero(dev, offset, length)),
           bitmapLimits: dev.bitmapLimits,
           lazyRefcounts: options.lazyRefcounts,
+          discardPassthrough: options.discardPassthrough,
           onRepair: options.onRepair,
         });
       }
@@ -427,8 +428,8 @@ export class Qcow2Device extends DeviceBase {
   }
 
   // Loaded when an amend runs, as the snapshot writer is: few commands amend an image.
-  async amend(options: Record<string, string>, progress?: AmendProgressCallback): Promise<void> {
-    await (await import('./amend.js')).amendQcow2(this, options, progress);
+  async amend(options: Record<string, string>, progress?: AmendProgressCallback, context?: AmendContext): Promise<void> {
+    await (await import('./amend.js')).amendQcow2(this, options, progress, context);
   }
 
   /**

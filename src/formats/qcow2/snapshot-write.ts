@@ -86,8 +86,11 @@ export async function deleteSnapshot(dev: SnapshotDevice, spec: string): Promise
     await replaceSnapshotTable(dev, w, dev.snapshots.filter((s) => s !== snap));
     // The entry is gone: a failure from here on leaks the snapshot's clusters, as QEMU's does.
     try {
-      await adjustTree(dev, l1, snap.l1Size, -1);
-      if (snap.l1Size > 0) await w.refcounts.update(snap.l1TableOffset, snap.l1Size * 8, -1);
+      // The clusters only the snapshot held are punched (pass-discard-snapshot), as in QEMU.
+      await w.dropCounts('snapshot', async () => {
+        await adjustTree(dev, l1, snap.l1Size, -1);
+        if (snap.l1Size > 0) await w.refcounts.update(snap.l1TableOffset, snap.l1Size * 8, -1);
+      });
       await w.writeRefcounts();
     } catch (e) {
       if (!(e instanceof QcowError && e.code === 'QCOW_IO')) throw e;
@@ -304,11 +307,12 @@ async function replaceSnapshotTable(dev: SnapshotDevice, w: Qcow2Writer, snaps: 
   }
   if (freeable > 0 && oldOffset !== 0) {
     // As QEMU's free: an I/O failure (loading or writing the refcounts) is said, the counts stay
-    // as they were (the clusters leak) and the deletion goes on.
+    // as they were (the clusters leak) and the deletion goes on. Punched when no longer used
+    // (pass-discard-snapshot), as QEMU frees it.
     dev.store.debugEvent?.('cluster_free');
     let applied = false;
     try {
-      await rc.update(oldOffset, freeable, -1);
+      await w.dropCounts('snapshot', () => rc.update(oldOffset, freeable, -1));
       applied = true;
       await w.writeRefcounts();
     } catch (e) {

@@ -37,6 +37,7 @@ import { encodeCompressedDescriptor } from './compressed-descriptor.js';
 import { l1EntryCopied, l1TableOffset } from './l1-entry.js';
 import type { CachedTable } from './metadata-cache.js';
 import { Refcounts, type Allocator } from './alloc.js';
+import { DEFAULT_DISCARD_PASSTHROUGH, type DiscardPassthrough, type FreeReason } from './free-reason.js';
 import type { ClusterMap } from './cluster-map.js';
 import type { DataIo } from './data-io.js';
 import type { Qcow2Image } from './image.js';
@@ -58,6 +59,8 @@ export interface WriterParts {
   allocator?: Allocator;
   /** Lazy refcounts for this open, whatever the header says (OpenOptions.lazyRefcounts). */
   lazyRefcounts?: boolean;
+  /** The open's pass-discard-* options (OpenOptions.discardPassthrough; QEMU's defaults otherwise). */
+  discardPassthrough?: Partial<DiscardPassthrough>;
   /** Told the messages of the repair of a dirty image at open (OpenOptions.onRepair). */
   onRepair?: (messages: readonly string[]) => void;
 }
@@ -170,6 +173,7 @@ export class Qcow2Writer {
       // As qemu sizes its refcount cache: a quarter of the L2 cache.
       cacheBytes: map.cacheBytes / 4,
     });
+    rc.setDiscardPassthrough?.({ ...DEFAULT_DISCARD_PASSTHROUGH, ...parts.discardPassthrough });
     const w = new Qcow2Writer(parts);
     // The metadata cache's write-back dependency: refcounts (and the data) before L2 tables; and
     // the trims readers ask for, run under the lock as every write-back is (metadata-cache.ts).
@@ -218,7 +222,8 @@ export class Qcow2Writer {
         this.map.noteGrowth();
         return at;
       },
-      free: (offset, length) => this.refcounts.free(offset, length),
+      // Bitmap tables and data are passed down as discards whatever the options say.
+      free: (offset, length) => this.refcounts.free(offset, length, 'always'),
       exclusive: (fn) => this.locked(fn),
       commit: async () => {
         await this.writeRefcounts();
@@ -791,6 +796,15 @@ export class Qcow2Writer {
       // An image marked corrupt keeps what is on disk: cached metadata a failed request half
       // changed is not written over it (QEMU drops its caches too); a repair recounts.
       if (this.brokenBy) return;
+      // Metadata writes refused as a whole (the inactive L2 check, overlap.ts) while a discard or
+      // a zero write left tables or counts to write: QEMU's close fails to flush each cache.
+      const refusal = await this.metadataRefusal();
+      if (refusal) {
+        const unwritten: Array<'L2 table' | 'refcount block'> = [];
+        if (this.map.l2Cache.hasDirty) unwritten.push('L2 table');
+        if (this.refcountsWaiting || this.map.overlap?.refusedAllocation) unwritten.push('refcount block');
+        if (unwritten.length > 0) throw new UnwrittenMetadata(unwritten[0]!, refusal, this.image.store.name, unwritten.slice(1));
+      }
       await this.flushAtClose();
       await this.bitmaps.store();
       // The old bitmap clusters are freed now that the new directory is on disk.
@@ -825,15 +839,15 @@ export class Qcow2Writer {
       await this.flushLocked();
     } catch (e) {
       if (!(e instanceof QcowError && e.code === 'QCOW_IO')) throw e;
-      const failed = new UnwrittenMetadata('L2 table', e, this.image.store.name);
+      let refcountsToo = false;
       try {
         await this.writeRefcounts();
         await this.image.store.flush();
       } catch (e2) {
         if (!(e2 instanceof QcowError && e2.code === 'QCOW_IO')) throw e2;
-        failed.also = new UnwrittenMetadata('refcount block', e2, this.image.store.name);
+        refcountsToo = true;
       }
-      throw failed;
+      throw new UnwrittenMetadata('L2 table', e, this.image.store.name, refcountsToo ? ['refcount block'] : []);
     }
   }
 
@@ -856,6 +870,12 @@ export class Qcow2Writer {
     const { image } = this;
     // Writes in flight first: a flush covers them, and no cluster may be freed under them.
     await this.drainInFlight();
+    // Every metadata write refused (overlap.ts): a flush with tables or counts to write fails
+    // with the refusal, as QEMU's cache flush does (a zero write's FUA flush, qemu-io's flush).
+    if (this.map.l2Cache.hasDirty || this.refcountsWaiting) {
+      const refusal = await this.metadataRefusal();
+      if (refusal) throw refusal;
+    }
     if (this.external) await image.dataStore.flush();
     if ((await this.releaseFrees()) && !this.refcountsDeferred) await this.writeRefcounts();
     await image.store.flush();
@@ -906,9 +926,33 @@ export class Qcow2Writer {
    * external data file are left alone (the freed clusters' bytes may live in either file).
    */
   private async punchFreed(): Promise<void> {
+    await this.punchRuns(this.refcounts.freedRuns);
+  }
+
+  /**
+   * A discard or a zero write just dropped references: punch the clusters they leave with none at
+   * once, as QEMU does (with pass-discard-request on), rather than when the counts drop at the
+   * next write or flush; the allocator says which (Allocator.takeUnreferenced) and leaves them out
+   * of the later freedRuns.
+   */
+  private async punchUnreferenced(): Promise<void> {
+    if (!this.refcounts.takeUnreferenced || !this.refcounts.hasPendingFrees) return;
+    await this.punchRuns(await this.refcounts.takeUnreferenced());
+  }
+
+  /**
+   * Run `step`, which drops counts at once under exclusive() (deleting a snapshot), then punch the
+   * clusters it left unreferenced when `reason` passes discards on, as QEMU does.
+   */
+  async dropCounts(reason: FreeReason, step: () => Promise<void>): Promise<void> {
+    if (!this.refcounts.collectFreedBy) return step();
+    await this.punchRuns(await this.refcounts.collectFreedBy(reason, step));
+  }
+
+  private async punchRuns(runs: ReadonlyArray<[number, number]>): Promise<void> {
     const store = this.image.store;
     if (!store.punchHole || this.external) return;
-    for (const [offset, length] of this.refcounts.freedRuns) {
+    for (const [offset, length] of runs) {
       try {
         await store.punchHole(offset, length);
       } catch (e) {
@@ -917,6 +961,23 @@ export class Qcow2Writer {
         throw e;
       }
     }
+  }
+
+  /**
+   * Why every metadata write is refused (the inactive L2 check that cannot be made: a snapshot's
+   * L1 table QEMU refuses, see overlap.ts), or undefined.
+   */
+  private async metadataRefusal(): Promise<QcowError | undefined> {
+    const overlap = this.map.overlap;
+    if (!overlap) return undefined;
+    if (overlap.inactiveL2Stale) await overlap.loadInactiveL2();
+    return overlap.refusal;
+  }
+
+  /** Refcount changes wait to be written (dirty blocks, or frees not applied yet). */
+  private get refcountsWaiting(): boolean {
+    const rc = this.refcounts as { dirty?: boolean };
+    return rc.dirty === true || this.refcounts.hasPendingFrees;
   }
 
   /** Write refcounts back (see ClusterMap.writeRefcounts). */
@@ -1093,7 +1154,7 @@ export class Qcow2Writer {
       } else {
         setCopiedNormalEntry(table.data, p.index, p.host);
       }
-      if (p.alloc) this.map.release(old);
+      if (p.alloc) this.map.release(old, 'never');
     }
     await this.map.tableChanged(table);
     this.io.forgetCompressed();
@@ -1216,7 +1277,10 @@ export class Qcow2Writer {
     const v3 = this.image.header.version === 3;
     const hasBacking = this.parts.hasBacking();
     const first = Math.ceil(offset / cs) * cs;
-    const last = Math.floor((offset + length) / cs) * cs;
+    // A discard reaching the image's end takes its last, partial cluster too (qemu's exception
+    // to dropping the partial clusters of a discard).
+    const end = offset + length;
+    const last = isDiscard && end === this.image.size ? Math.ceil(end / cs) * cs : Math.floor(end / cs) * cs;
     const whole = first < last;
     // What whole clusters turn into: v3 zero flags; v2 deallocation when nothing shows through.
     const canFlag = v3 || !hasBacking;
@@ -1225,13 +1289,13 @@ export class Qcow2Writer {
       await this.beforeMetadataChange();
       await this.map.zeroClusters(first, last, true, isDiscard, hasBacking);
       if (this.refcounts.hasPendingFrees) this.unmapFreesPending = true;
+      await this.punchUnreferenced();
       return;
     }
     // The request cluster by cluster, as qemu's block layer splits it: a partial head, the whole
     // clusters, a partial tail. A partial cluster is made zero whole, as qemu does, when the rest
     // of it already reads as zeros and this layer holds no data there; otherwise its part is
     // written as zero bytes (qemu's fallback).
-    const end = offset + length;
     const pieces: Array<{ s: number; e: number; whole: boolean }> = [];
     for (let c = offset - (offset % cs); c < end; c += cs) {
       const s = Math.max(offset, c);
@@ -1254,6 +1318,7 @@ export class Qcow2Writer {
       await this.map.zeroClusters(from, p.whole ? p.e : from + cs, options.mayUnmap ?? false, false, hasBacking);
       if (options.mayUnmap && this.refcounts.hasPendingFrees) this.unmapFreesPending = true;
     }
+    await this.punchUnreferenced();
   }
 
   /**
@@ -1304,7 +1369,7 @@ export class Qcow2Writer {
       const index = this.map.sliceIndex(guest);
       const old = this.map.entry(table, index);
       this.map.setEntry(table, index, entry, 0n);
-      this.map.release(old);
+      this.map.release(old, 'never');
       await this.map.tableChanged(table);
     }
     this.io.forgetCompressed();

@@ -3,7 +3,8 @@
  * per-structure switches reach the library; at level "all" (or `overlap-check.inactive-l2=on`) a
  * write onto a snapshot's L2 table is refused as a corruption; and a snapshot L1 table QEMU's
  * validation refuses fails every write with its errno (EINVAL, EFBIG), without marking the image,
- * with qcow2's message at close for the refcounts it could not write back (iotest 080).
+ * with qcow2's message at close for the refcounts it could not write back (iotest 080), and for
+ * the L2 tables and counts a discard or a zero write changed and could not write back.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -73,6 +74,33 @@ test('a snapshot L1 table the validation refuses fails writes when inactive L2 t
     }
     assert.deepEqual(got[1], got[0], what);
     assert.ok(bytes[0]!.equals(bytes[1]!), `${what}: the images are the same byte for byte`);
+  }
+});
+
+test('a discard or a zero write under a refused inactive L2 check: its tables and counts fail to flush, as in qemu-io', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
+  await qemuIo(['-f', 'qcow2', '-c', 'write 0 512', '-c', 'write 64k 64k', 'base.qcow2'], dir);
+  await qemuImg(['snapshot', '-c', 'test', 'base.qcow2'], dir);
+  // 256k: a cluster of the active image only (a discard gives it back); 0: one the snapshot shares.
+  await qemuIo(['-f', 'qcow2', '-c', 'write 128k 4k', '-c', 'write 256k 64k', 'base.qcow2'], dir);
+  await pokeSnapshot(join(dir, 'base.qcow2'), 0, 0x400200n, 8);
+  const cmds = ['discard 256k 64k', 'write -z 256k 64k', 'write -z -u 256k 64k', 'discard 0 64k', 'write -z 0 64k', 'write -z -u 0 64k'];
+  // `open` is writethrough unless told (each zero write then flushes and fails); with writeback
+  // only the close fails.
+  for (const cache of ['', '-t writeback ']) {
+    for (const cmd of cmds) {
+      const got: unknown[] = [];
+      const bytes: Buffer[] = [];
+      for (const tool of ['qemu-io', COMPAT_IO]) {
+        await copyFile(join(dir, 'base.qcow2'), join(dir, 'a.qcow2'));
+        got.push(await outcome(tool, dir, [`open ${cache}-o overlap-check.inactive-l2=on a.qcow2`, cmd]));
+        bytes.push(await readFile(join(dir, 'a.qcow2')));
+      }
+      assert.deepEqual(got[1], got[0], `${cache}${cmd}`);
+      assert.ok(bytes[0]!.equals(bytes[1]!), `${cache}${cmd}: the images are the same byte for byte`);
+      assert.match((got[0] as { stderr: string }).stderr, /Failed to flush the L2 table cache: Invalid argument/, `${cache}${cmd}`);
+    }
   }
 });
 

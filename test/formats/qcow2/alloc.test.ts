@@ -53,6 +53,42 @@ test('allocation never hands out cluster 0 and appends after the used clusters',
   assert.equal(await rc.allocClusters(1), 3 * cs, 'freed space is reused');
 });
 
+test('frees report the clusters they leave unreferenced at once, by reason, and never twice', async () => {
+  // The hand-made layout of the test above; clusters 3..6 allocated, 4 shared (count 2).
+  const cs = 512;
+  const img = new Uint8Array(3 * cs);
+  img.set([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 2], 0);
+  img[23] = 9;
+  img[54] = 0x02;
+  img[59] = 1;
+  img[cs + 6] = 0x04;
+  for (let i = 0; i < 3; i++) img[2 * cs + i * 2 + 1] = 1;
+  const rc = await openRefcounts(new MemoryStore(img));
+  assert.equal(await rc.allocClusters(4), 3 * cs);
+  await rc.update(4 * cs, cs, 1);
+  // A request's frees: 3 is left with nothing, 4 keeps the other reference, 5 goes but 'never'
+  // passes discards on (a rewrite), 6 goes as 'other', which is off by default.
+  rc.free(3 * cs, cs, 'request');
+  rc.free(4 * cs, cs, 'request');
+  rc.free(5 * cs, cs, 'never');
+  rc.free(6 * cs, cs, 'other');
+  assert.deepEqual(await rc.takeUnreferenced(), [[3 * cs, cs]]);
+  assert.equal(await rc.get(3), 1, 'the count itself waits for the tables');
+  assert.deepEqual(await rc.takeUnreferenced(), [], 'nothing is reported twice');
+  // The second reference to 4 goes too: now it is left with nothing.
+  rc.free(4 * cs, cs, 'request');
+  assert.deepEqual(await rc.takeUnreferenced(), [[4 * cs, cs]]);
+  await rc.applyPendingFrees();
+  assert.deepEqual(rc.freedRuns, [], 'reported ones and those of reasons not passed on are not punched again');
+  for (const c of [3, 4, 5, 6]) assert.equal(await rc.get(c), 0);
+  // With pass-discard-other on, an 'other' free is punched when applied.
+  rc.setDiscardPassthrough({ request: true, snapshot: true, other: true });
+  assert.equal(await rc.allocClusters(1), 3 * cs);
+  rc.free(3 * cs, cs, 'other');
+  await rc.applyPendingFrees();
+  assert.deepEqual(rc.freedRuns, [[3 * cs, cs]]);
+});
+
 test('a refcount range update that would overflow anywhere changes nothing', async () => {
   // The same hand-made layout as above: clusters 0..2 counted 1, 1 and 3.
   const cs = 512;

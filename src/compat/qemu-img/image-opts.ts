@@ -1,0 +1,79 @@
+/**
+ * qemu-img's `--image-opts` operands: `driver=FMT,file.filename=PATH,...` option lists. Most name
+ * a format and a file, and become `-f FMT PATH`. Lists that say more open through a special
+ * opener (openPolicy.openName) under the name QEMU shows for them:
+ * - key secrets (`encrypt.key-secret`, `key-secret`, and `backing.…` ones for backing files): each
+ *   layer opens with its own password. QEMU shows such an image as `json:{...}`, since the key
+ *   secret is one of the options that make up the node's identity.
+ * - `backing.driver`: the backing file's format.
+ * - `driver=nbd`: an NBD export (./nbd-device.ts), shown under the option list itself.
+ */
+import type { BlockDevice, NodeOpenOptions } from '../../node.js';
+import { passwordsOf } from '../secrets.js';
+import { nbdTargetOfOptions } from '../nbd-store.js';
+
+export type SpecialOpen = (options: NodeOpenOptions) => Promise<BlockDevice>;
+
+/** Options that only say which format and which plain file. */
+const PLAIN = new Set(['driver', 'file.filename', 'filename', 'file.driver']);
+const TOP_SECRETS = ['encrypt.key-secret', 'key-secret'];
+
+export function parseImageOpts(text: string): Record<string, string> {
+  const o: Record<string, string> = {};
+  for (const p of text.split(',')) {
+    const eq = p.indexOf('=');
+    if (eq > 0) o[p.slice(0, eq)] = p.slice(eq + 1);
+  }
+  return o;
+}
+
+/**
+ * The operand qcow's command gets for an --image-opts list (pushing `-f FMT` onto `args` when the
+ * list names a format), registering in `special` how to open it when a plain open would not do;
+ * without `special` (a command that opens the file itself, as check does) just the file.
+ */
+export function fromImageOpts(text: string, args: string[], secrets: ReadonlyMap<string, string>, special: Map<string, SpecialOpen> | undefined): string {
+  const o = parseImageOpts(text);
+  const driver = o.driver;
+  if (special && nbdTargetOfOptions(o)) {
+    special.set(text, async (options) => {
+      const { openNbdImage } = await import('./nbd-device.js');
+      return openNbdImage(text, o, options);
+    });
+    return text;
+  }
+  // blkdebug's options stay whole, as the json: name they are (../json-open.ts opens it).
+  if (driver === 'blkdebug') return 'json:' + JSON.stringify(o);
+  if (driver && driver !== 'file') args.push('-f', driver);
+  const path = o['file.filename'] ?? o.filename;
+  if (path === undefined) return text;
+  const wanted = Object.keys(o).filter((k) => !PLAIN.has(k) && (/(^|\.)(encrypt\.)?key-secret$/.test(k) || k === 'backing.driver'));
+  if (wanted.length === 0 || !special) return path;
+  const top = TOP_SECRETS.find((k) => o[k] !== undefined);
+  const name = top !== undefined ? jsonName(top, o[top]!, driver, path) : path;
+  special.set(name, async (options) => {
+    // Opened only to look at (info, map), an image needs no key: QEMU then does not even look the
+    // secrets up.
+    const { password, passwordAt } = options.inspectOnly ? { password: undefined, passwordAt: undefined } : passwordsOf(o, secrets);
+    const { openImage } = await import('../../cli/open-images.js');
+    const dev = await openImage(path, { ...options, password: password ?? options.password, passwordAt, backingFormat: o['backing.driver'] ?? options.backingFormat });
+    return top === undefined ? dev : renamed(dev, name);
+  });
+  return name;
+}
+
+/** QEMU's json: name of an image opened with a key secret (key order as qemu-img 7.2 prints it). */
+function jsonName(secretKey: string, id: string, driver: string | undefined, path: string): string {
+  return `json:${JSON.stringify({ [secretKey]: id, driver: driver ?? 'raw', file: { driver: 'file', filename: path } }).replace(/":/g, '": ').replace(/,"/g, ', "')}`;
+}
+
+/** `dev` under another name (what info prints and errors say); everything else is the device's own. */
+function renamed(dev: BlockDevice, filename: string): BlockDevice {
+  return new Proxy(dev, {
+    get(target, key) {
+      if (key === 'filename') return filename;
+      const v = Reflect.get(target, key, target) as unknown;
+      return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v;
+    },
+  });
+}
