@@ -13,13 +13,31 @@ const HOST_PROTOCOLS = ['file', 'host_device', 'host_cdrom'];
 
 /** How to open `name` when it is a `json:` name or `null-co://` (for openPolicy.openName), else undefined. */
 export function jsonOpenerFor(name: string): ((options: NodeOpenOptions) => Promise<BlockDevice>) | undefined {
+  // blkdebug:CONFIG:IMAGE: the image's file is a blkdebug node (../blkdebug).
+  if (name.startsWith('blkdebug:')) return (options) => openBlkdebugName(name, {}, options);
   if (isNullCoFilename(name)) return async (options) => openNullCoFilename(name, options.format, !!options.readOnly);
   if (!isJsonFilename(name)) return undefined;
   return (options) => openJsonName(name, options);
 }
 
+async function openBlkdebugName(name: string, o: Record<string, string>, options: NodeOpenOptions): Promise<BlockDevice> {
+  const { blkdebugNameOptions, childOptions, openOverBlkdebug } = await import('./blkdebug/open.js');
+  const node = { ...(name.startsWith('blkdebug:') ? blkdebugNameOptions(name) : {}), ...childOptions(o, 'file.') };
+  return openOverBlkdebug(name, node, { ...options, format: o.driver ?? options.format });
+}
+
 export async function openJsonName(name: string, options: NodeOpenOptions): Promise<BlockDevice> {
   const o = jsonFilenameOptions(name);
+  if (o['file.driver'] === 'blkdebug') return openBlkdebugName(name, o, options);
+  if (o.driver === 'blkdebug') {
+    const { openBlkdebugFilter } = await import('./blkdebug/open.js');
+    return openBlkdebugFilter(name, o, (child) => openNode(name, child, options));
+  }
+  return openNode(name, o, options);
+}
+
+/** A format over a file, or a file (raw), from a node's options. */
+async function openNode(name: string, o: Record<string, string>, options: NodeOpenOptions): Promise<BlockDevice> {
   // The command line's format comes before the name's driver, as QEMU's -f does.
   const driver = options.format ?? o.driver;
   // null-co nodes are named as QEMU names them (json-name.ts).

@@ -19,6 +19,11 @@ export interface CompareOptions {
   signal?: AbortSignal;
   /** Called as the comparison moves on: guest bytes compared so far, out of the larger size. */
   onProgress?: (done: number, total: number) => void;
+  /**
+   * Called when reading image `a` or `b` fails, with the offset of the read that failed, before
+   * the failure is thrown (qemu-img names the image and the offset).
+   */
+  onReadFailure?: (image: 'a' | 'b', offset: number) => void;
 }
 
 /** The verdict of {@link compareImages}. */
@@ -98,7 +103,7 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, options: Com
     if (!(zeroA && zeroB)) {
       const da = bufA.subarray(0, len);
       const db = bufB.subarray(0, len);
-      await Promise.all([zeroA ? da.fill(0) : a.read(off, da), zeroB ? db.fill(0) : b.read(off, db)]);
+      await Promise.all([zeroA ? da.fill(0) : readOrTell(a, off, da, 'a', options), zeroB ? db.fill(0) : readOrTell(b, off, db, 'b', options)]);
       const diff = firstDifference(da, db);
       if (diff >= 0) return { identical: false, sizeMismatch, offset: sectorOf(off + diff), reason: 'content' };
       compared += len;
@@ -109,7 +114,7 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, options: Com
   }
   if (sizeMismatch) {
     const bigger = a.size > b.size ? a : b;
-    const nz = await firstNonZero(bigger, common, bigger.size, options.signal);
+    const nz = await firstNonZero(bigger, common, bigger.size, options.signal, (at) => options.onReadFailure?.(bigger === a ? 'a' : 'b', at));
     if (nz >= 0) return { identical: false, sizeMismatch, offset: sectorOf(nz), reason: 'content' };
   }
   options.onProgress?.(total, total);
@@ -117,7 +122,7 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, options: Com
 }
 
 /** Offset of the first non-zero guest byte in [start, end), or -1. */
-export async function firstNonZero(dev: BlockDevice, start: number, end: number, signal?: AbortSignal): Promise<number> {
+export async function firstNonZero(dev: BlockDevice, start: number, end: number, signal?: AbortSignal, onReadFailure?: (offset: number) => void): Promise<number> {
   const st = new ChainStatus(dev);
   const buf = new Uint8Array(CHUNK);
   for (let off = start; off < end; ) {
@@ -125,13 +130,24 @@ export async function firstNonZero(dev: BlockDevice, start: number, end: number,
     const e = await st.at(off, Math.min(CHUNK, end - off));
     if (e.present && !e.zero) {
       const d = buf.subarray(0, e.length);
-      await dev.read(off, d);
+      await dev.read(off, d).catch((err: unknown) => {
+        onReadFailure?.(off);
+        throw err;
+      });
       const i = firstNonZeroByte(d);
       if (i < d.length) return off + i;
     }
     off += e.length;
   }
   return -1;
+}
+
+function readOrTell(dev: BlockDevice, offset: number, into: Uint8Array, which: 'a' | 'b', options: CompareOptions): Promise<void> {
+  if (!options.onReadFailure) return dev.read(offset, into);
+  return dev.read(offset, into).catch((err: unknown) => {
+    options.onReadFailure!(which, offset);
+    throw err;
+  });
 }
 
 const sectorOf = (byte: number) => byte - (byte % 512);

@@ -84,6 +84,13 @@ export interface ByteStore {
    * open; QCOW_LOCKED when another program's use conflicts. Stores without locks lack it.
    */
   setPermissions?(p: Permissions): void;
+  /**
+   * A format driver tells the store underneath what it is about to do ("l2_load", "read_aio":
+   * QEMU's blkdebug event names), as QEMU's drivers tell their file node. Only a debugging store
+   * (compat's blkdebug, which injects errors on such events) has it; drivers call it as
+   * `store.debugEvent?.(name)`, which costs one property check when it is absent.
+   */
+  debugEvent?(event: string): void;
   /** Release the store (the file handle, its locks); it is not used afterwards. */
   close(): Promise<void>;
 }

@@ -1,4 +1,4 @@
-import { compareImages, type BlockDevice } from '../../node.js';
+import { compareImages, QcowError, type BlockDevice } from '../../node.js';
 import { failureText, openForCli, progressBar, writeOut } from '../common.js';
 
 interface Flags {
@@ -11,15 +11,17 @@ interface Flags {
   secondPasswordFile?: string;
 }
 
-/** Exit 0: identical; 1: different; 2: error (qemu-img's codes). */
+/** Exit 0: identical; 1: different; 2: error; 4: an image could not be read (qemu-img's codes). */
 export async function run(a: string, b: string, flags: Flags): Promise<number> {
+  let failed: { image: 'a' | 'b'; offset: number } | undefined;
   let da: BlockDevice | undefined;
   let db: BlockDevice | undefined;
   try {
     da = await openForCli(a, { format: flags.format, passwordFile: flags.passwordFile }, { readOnly: true });
     db = await openForCli(b, { format: flags.secondFormat, passwordFile: flags.secondPasswordFile ?? flags.passwordFile }, { readOnly: true });
     const bar = progressBar(!!flags.progress && !flags.quiet);
-    const r = await compareImages(da, db, { strict: flags.strict, onProgress: bar });
+    failed = undefined;
+    const r = await compareImages(da, db, { strict: flags.strict, onProgress: bar, onReadFailure: (image, offset) => (failed ??= { image, offset }) });
     bar.finish();
     const say = (s: string) => {
       if (!flags.quiet) writeOut(s + '\n');
@@ -38,8 +40,18 @@ export async function run(a: string, b: string, flags: Flags): Promise<number> {
     }
     return 1;
   } catch (e) {
-    process.stderr.write(failureText(e));
-    return 2;
+    if (!failed || !da || !db) {
+      process.stderr.write(failureText(e));
+      return 2;
+    }
+    // qemu-img's words, and its exit code for a read that failed.
+    const why = e instanceof QcowError ? e : new QcowError('QCOW_IO', e instanceof Error ? e.message : String(e), { cause: e });
+    const name = failed.image === 'a' ? a : b;
+    process.stderr.write(failureText(new QcowError(why.code, `Error while reading offset ${failed.offset} of ${name}: ${why.message}`, { errno: why.errno, cause: why.cause })));
+    // The warning of a size difference came before that read (on standard output, which a pipe
+    // gets at exit from qemu-img's buffered stdio: after the error).
+    if (!flags.quiet && da.size !== db.size && failed.offset >= Math.min(da.size, db.size)) writeOut('Warning: Image size mismatch!\n');
+    return 4;
   } finally {
     await da?.close();
     await db?.close();

@@ -31,6 +31,7 @@ export async function run(file: string, flags: Flags): Promise<void> {
   // A step that fails while the action goes on is said on stderr, as qemu-img says it.
   const onWarning = (message: string) => process.stderr.write(`${message}\n`);
   const dev = await openForCli(file, flags, { readOnly: false, noBacking: true, inspectOnly: true, onWarning });
+  let failed = false;
   try {
     const [verb, action, arg] =
       flags.create !== undefined ? ['create', dev.createSnapshot, flags.create] : flags.apply !== undefined ? ['apply', dev.applySnapshot, flags.apply] : ['delete', dev.deleteSnapshot, flags.delete!];
@@ -42,10 +43,14 @@ export async function run(file: string, flags: Flags): Promise<void> {
       const unusable = e instanceof QcowError && e.code === 'QCOW_CORRUPT' && /^snapshot '.*' L1 table/.test(e.message);
       if (e instanceof QcowError && (e.code === 'QCOW_NOT_FOUND' || unusable) && verb !== 'create') e.message = `Could not ${verb} snapshot '${arg}': ${e.message}`;
       if (e instanceof QcowError && verb === 'create' && REFCOUNT_REFUSAL.test(e.message)) e.message = `Could not create snapshot '${arg}': ${e.message}`;
+      if (e instanceof QcowError && e.code === 'QCOW_IO' && verb === 'delete') e.message = `Could not delete snapshot '${arg}': ${e.message}`;
+      failed = true;
       throw e;
     }
   } finally {
-    await dev.close();
+    // After a failed action the image may not take its write-back either; the action's error is the one to tell.
+    if (failed) await dev.close().catch(() => undefined);
+    else await dev.close();
   }
 }
 

@@ -42,6 +42,8 @@ export function fromImageOpts(text: string, args: string[], secrets: ReadonlyMap
     });
     return text;
   }
+  // blkdebug's options stay whole, as the json: name they are (../json-open.ts opens it).
+  if (driver === 'blkdebug') return 'json:' + JSON.stringify(o);
   if (driver && driver !== 'file') args.push('-f', driver);
   const path = o['file.filename'] ?? o.filename;
   if (path === undefined) return text;

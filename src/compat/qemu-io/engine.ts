@@ -204,6 +204,8 @@ export class QemuIo {
       await this.opener.close(dev);
     } catch (e) {
       // qcow2's close reports the cache it could not write back, and the image is closed anyway.
+      // A failed flush of the file itself goes unsaid: QEMU's close does not look at it.
+      if (e instanceof QcowError && e.code === 'QCOW_IO' && !(e instanceof UnwrittenMetadata)) return;
       if (!(e instanceof UnwrittenMetadata)) throw e;
       for (const structure of e.structures) this.report(`Failed to flush the ${structure} cache: ${strerror(e)}`);
     }

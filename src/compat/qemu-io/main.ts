@@ -222,6 +222,25 @@ export class NodeOpener implements Opener {
       const nbd = nbdTargetOfOptions(o) ?? (json || req.name === undefined ? undefined : nbdTargetOf(req.name));
       if (nbd) return this.openNbd(req.name ?? 'nbd', nbd, o, req.readOnly || o['read-only'] === 'on');
     }
+    // blkdebug as the image's file (`blkdebug:CONFIG:IMAGE`, file.driver=blkdebug): the format
+    // opens over it, and its driver events reach blkdebug's rules.
+    const blkdebugName = !json && req.name?.startsWith('blkdebug:') === true;
+    if (o.driver === 'blkdebug') {
+      // blkdebug above its image (a format, or the file itself): a filter device.
+      const { blkdebugNameOptions, openBlkdebugFilter } = await import('../blkdebug/open.js');
+      const node = { ...(blkdebugName ? blkdebugNameOptions(req.name!) : req.name !== undefined && !json ? { 'x-image': req.name } : {}), ...o };
+      const readOnly = req.readOnly || o['read-only'] === 'on';
+      return openBlkdebugFilter(req.name ?? 'blkdebug', node, (child) => this.open({ ...req, name: undefined, snapshot: false, readOnly, options: child }));
+    }
+    if ((blkdebugName && o.driver !== 'blkdebug') || o['file.driver'] === 'blkdebug') {
+      const { blkdebugNameOptions, childOptions, openOverBlkdebug } = await import('../blkdebug/open.js');
+      const node = { ...(blkdebugName ? blkdebugNameOptions(req.name!) : {}), ...childOptions(o, 'file.') };
+      if (!blkdebugName && node.image === undefined && node['image.filename'] === undefined && o.filename !== undefined) node['x-image'] = o.filename;
+      const display = req.name ?? `blkdebug:${node.config ?? ''}:${node['image.filename'] ?? node.image ?? node['x-image'] ?? ''}`;
+      const readOnly = req.readOnly || o['read-only'] === 'on';
+      const format = o.driver ?? this.format;
+      return checked(await openOverBlkdebug(display, node, { format, readOnly, ...QEMU_OPEN_RULES, ...this.driverOptions(o, req.discard) }), o);
+    }
     const name = (json ? undefined : req.name) ?? o['file.filename'] ?? o.filename ?? o.file ?? o['file.file.filename'];
     if (name === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', "A block device must be specified for \"file\"");
     let format = o.driver ?? this.format;
@@ -251,7 +270,9 @@ export class NodeOpener implements Opener {
         throw e;
       }
     }
-    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, passwordAt, noBacking, backingFormat, ...QEMU_OPEN_RULES, ...this.driverOptions(o, req.discard) }), o);
+    // A data file given as a blkdebug node (or raw over one): opened through it.
+    const dataOpener = o['data-file.driver'] !== undefined ? (await import('../blkdebug/open.js')).dataFileOpener((await import('../../cli/open-images.js')).defaultOpener, o) : undefined;
+    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, passwordAt, noBacking, backingFormat, ...QEMU_OPEN_RULES, ...this.driverOptions(o, req.discard), ...(dataOpener ? { opener: dataOpener } : {}) }), o);
     // -s: a temporary qcow2 overlay over the image takes the writes and goes with close().
     const { tmpdir } = await import('node:os');
     const { join, resolve } = await import('node:path');

@@ -274,10 +274,13 @@ export class Refcounts implements Allocator {
   /** Allocate `n` contiguous free clusters with refcount 1; returns the host offset. */
   allocClustersNow(n: number): number {
     const at = this.allocAtHint(n);
-    return at === -1 ? -1 : at * this.clusterSize;
+    if (at === -1) return -1; // the caller goes on to allocClusters (which tells the store)
+    this.store.debugEvent?.('cluster_alloc');
+    return at * this.clusterSize;
   }
 
   async allocClusters(n: number, what?: AllocPurpose): Promise<number> {
+    this.store.debugEvent?.('cluster_alloc');
     const at = this.allocAtHint(n, what);
     if (at !== -1) return at * this.clusterSize;
     await this.spillDirtyBlocks();
@@ -533,6 +536,7 @@ export class Refcounts implements Allocator {
     // over the one read. The loaded block is not evicted by its own insertion.
     return this.blocks.load(b, async () => {
       const block = new Uint8Array(this.clusterSize);
+      this.store.debugEvent?.('refblock_load');
       await this.store.read(off, block);
       return block;
     });
@@ -647,6 +651,7 @@ export class Refcounts implements Allocator {
       // Growing may itself have made block b (for the new table's own clusters).
       if (this.table[b] !== 0) return this.loadBlock(b);
     }
+    this.store.debugEvent?.('refblock_alloc');
     const loc = await this.findFree(1);
     this.vet(loc, 1, 'refcount block');
     const lb = Math.floor(loc / this.perBlock);

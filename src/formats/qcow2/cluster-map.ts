@@ -93,7 +93,10 @@ export class ClusterMap {
       tableBytes: sliceBytes,
       budgetBytes: cacheBytes,
       load: (off, into) => this.loadTable(off, into),
-      writeBack: (off, data) => image.store.write(off, data),
+      writeBack: (off, data) => {
+        image.store.debugEvent?.('l2_update');
+        return image.store.write(off, data);
+      },
     });
   }
 
@@ -243,6 +246,7 @@ export class ClusterMap {
     const idx = [...this.l1Dirty].sort((a, b) => a - b);
     this.l1Dirty.clear();
     const base = this.image.header.l1TableOffset;
+    this.image.store.debugEvent?.('l1_update');
     for (let i = 0; i < idx.length; ) {
       let j = i;
       while (j + 1 < idx.length && idx[j + 1] === idx[j]! + 1) j++;
@@ -273,6 +277,7 @@ export class ClusterMap {
     }
     const inFile = Math.max(0, Math.min(into.length, this.image.fileSize - offset));
     if (inFile < into.length) into.fill(0, inFile);
+    this.image.store.debugEvent?.('l2_load');
     if (inFile > 0) await this.image.store.read(offset, into.subarray(0, inFile));
   }
 
@@ -543,6 +548,7 @@ export class ClusterMap {
   /** Write a new L2 table whole into its (just allocated) cluster; slices of what it held before leave the cache. */
   private async placeTable(at: number, table: Uint8Array): Promise<void> {
     this.dropTable(at);
+    this.image.store.debugEvent?.('l2_alloc_write');
     await this.image.store.write(at, table);
   }
 
@@ -585,6 +591,13 @@ export class ClusterMap {
         continue;
       }
       const sliceEnd = Math.min(to, this.sliceEnd(pos));
+      // Entries that already say what they would be set to leave the table clean, as in QEMU
+      // (no write-back, no l2_update for a zero write over zeros).
+      const eb = g.l2EntryBytes;
+      const firstIndex = this.sliceIndex(pos);
+      // The last cluster may end past `to` (the image's last, partial cluster).
+      const span = table.data.subarray(firstIndex * eb, (firstIndex + Math.ceil((sliceEnd - pos) / cs)) * eb);
+      const before = span.slice();
       for (let c = pos; c < sliceEnd; c += cs) {
         const index = this.sliceIndex(c);
         const d = this.entry(table, index);
@@ -621,7 +634,7 @@ export class ClusterMap {
           this.release(d, 'request');
         }
       }
-      await this.tableChanged(table);
+      if (!sameBytes(before, span)) await this.tableChanged(table);
       pos = sliceEnd;
     }
   }
@@ -738,4 +751,10 @@ export class ClusterMap {
  */
 function unalignedL2(offset: number, index: number): CorruptionEvent {
   return new CorruptionEvent(`L2 table offset 0x${offset.toString(16)} unaligned (L1 index: ${altHex(index)})`);
+}
+
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
 }

@@ -55,7 +55,10 @@ export class DataIo {
     // inlining every step of the general path) within the first few hundred reads of a chain.
     // Not async: the store's promise is handed on (its count of bytes is not looked at).
     const host = this.map.mappedHostRun(offset, into.length);
-    return host >= 0 ? (this.image.dataStore.read(host, into) as Promise<unknown> as Promise<void>) : this.readRuns(offset, into);
+    if (host < 0) return this.readRuns(offset, into);
+    // QEMU's driver event for a data read (its file node hears it): a property check unless set.
+    this.image.store.debugEvent?.('read_aio');
+    return this.image.dataStore.read(host, into) as Promise<unknown> as Promise<void>;
   }
 
   /** The general path of read(): the range's runs, each filled by its kind. */
@@ -181,6 +184,7 @@ export class DataIo {
   /** Guest bytes stored at `hostOffset` in the data store, decrypted when the image is encrypted. */
   async readData(guestOffset: number, hostOffset: number, into: Uint8Array): Promise<void> {
     const enc = this.image.encryption;
+    this.image.store.debugEvent?.('read_aio');
     if (!enc) {
       await this.image.dataStore.read(hostOffset, into);
       return;
@@ -228,6 +232,7 @@ export class DataIo {
   /** Plain guest bytes to a host offset, encrypted when the image is. */
   async writeData(guest: number, host: number, plain: Uint8Array): Promise<void> {
     const enc = this.image.encryption;
+    this.image.store.debugEvent?.('write_aio');
     if (!enc) {
       await this.image.dataStore.write(host, plain);
       return;

@@ -84,12 +84,18 @@ export async function deleteSnapshot(dev: SnapshotDevice, spec: string): Promise
     // table QEMU refuses stays listed.
     const l1 = await readTable(dev, snap);
     await replaceSnapshotTable(dev, w, dev.snapshots.filter((s) => s !== snap));
-    // The clusters only the snapshot held are punched (pass-discard-snapshot), as in QEMU.
-    await w.dropCounts('snapshot', async () => {
-      await adjustTree(dev, l1, snap.l1Size, -1);
-      if (snap.l1Size > 0) await w.refcounts.update(snap.l1TableOffset, snap.l1Size * 8, -1);
-    });
-    await w.writeRefcounts();
+    // The entry is gone: a failure from here on leaks the snapshot's clusters, as QEMU's does.
+    try {
+      // The clusters only the snapshot held are punched (pass-discard-snapshot), as in QEMU.
+      await w.dropCounts('snapshot', async () => {
+        await adjustTree(dev, l1, snap.l1Size, -1);
+        if (snap.l1Size > 0) await w.refcounts.update(snap.l1TableOffset, snap.l1Size * 8, -1);
+      });
+      await w.writeRefcounts();
+    } catch (e) {
+      if (!(e instanceof QcowError && e.code === 'QCOW_IO')) throw e;
+      throw new QcowError('QCOW_IO', `Failed to free the cluster and L1 table: ${ioReason(e)}`, { file: e.file, errno: e.errno, cause: e });
+    }
     await refreshCopied(dev, w);
   });
 }
@@ -299,7 +305,27 @@ async function replaceSnapshotTable(dev: SnapshotDevice, w: Qcow2Writer, snaps: 
     const why = await rc.whyFreeFails?.(Math.floor((oldOffset + freeable) / cs));
     if (why !== undefined) dev.onWarning?.(`qcow2_free_clusters failed: ${why}`);
   }
-  // Punched when no longer used (pass-discard-snapshot), as QEMU frees it.
-  if (freeable > 0 && oldOffset !== 0) await w.dropCounts('snapshot', () => rc.update(oldOffset, freeable, -1));
+  if (freeable > 0 && oldOffset !== 0) {
+    // As QEMU's free: an I/O failure (loading or writing the refcounts) is said, the counts stay
+    // as they were (the clusters leak) and the deletion goes on. Punched when no longer used
+    // (pass-discard-snapshot), as QEMU frees it.
+    dev.store.debugEvent?.('cluster_free');
+    let applied = false;
+    try {
+      await w.dropCounts('snapshot', () => rc.update(oldOffset, freeable, -1));
+      applied = true;
+      await w.writeRefcounts();
+    } catch (e) {
+      if (!(e instanceof QcowError && e.code === 'QCOW_IO')) throw e;
+      if (applied) await rc.update(oldOffset, freeable, 1);
+      dev.onWarning?.(`qcow2_free_clusters failed: ${ioReason(e)}`);
+    }
+    return;
+  }
   await w.writeRefcounts();
+}
+
+/** An I/O failure in strerror's words where the error carries an errno (its message then is those words). */
+function ioReason(e: QcowError): string {
+  return e.errno !== undefined ? e.message : 'Input/output error';
 }

@@ -360,6 +360,7 @@ export class Qcow2Writer {
     // A write onto metadata is left to the general path, which refuses it (this one must not throw).
     if (!fresh && this.overlapsMetadata(host, data.length) !== undefined) return undefined;
     if (!this.bitmaps.markNow(offset, data.length)) return undefined;
+    this.image.store.debugEvent?.('write_aio');
     if (!fresh) return this.track(this.image.dataStore.write(host, data));
     const written = this.freshBytesNow(table, offset, data);
     // The table is the cached one (cachedTableFor): marking it changed neither suspends nor evicts.
@@ -617,6 +618,7 @@ export class Qcow2Writer {
       else runs.push([host, s - offset, len]);
     }
     for (const [host, , len] of runs) if (this.overlapsMetadata(host, len) !== undefined) return null;
+    image.store.debugEvent?.('write_aio');
     return runs.map(([host, from, len]) => this.track(image.dataStore.write(host, data.subarray(from, from + len))));
   }
 
@@ -806,7 +808,7 @@ export class Qcow2Writer {
         if (this.refcountsWaiting || this.map.overlap?.refusedAllocation) unwritten.push('refcount block');
         if (unwritten.length > 0) throw new UnwrittenMetadata(unwritten[0]!, refusal, this.image.store.name, unwritten.slice(1));
       }
-      await this.flushLocked();
+      await this.flushAtClose();
       await this.bitmaps.store();
       // The old bitmap clusters are freed now that the new directory is on disk.
       await this.flushLocked();
@@ -827,6 +829,29 @@ export class Qcow2Writer {
         if (overlap.refusal) throw new UnwrittenMetadata('refcount block', overlap.refusal, this.image.store.name);
       }
     });
+  }
+
+  /**
+   * The flush of close, failing as QEMU's close fails when the file does: QEMU flushes its L2
+   * table cache (which writes the refcount blocks it depends on first), then its refcount block
+   * cache, each ending with a flush of the file, and tells each that failed. The image then stays
+   * marked dirty where it was.
+   */
+  private async flushAtClose(): Promise<void> {
+    try {
+      await this.flushLocked();
+    } catch (e) {
+      if (!(e instanceof QcowError && e.code === 'QCOW_IO')) throw e;
+      let refcountsToo = false;
+      try {
+        await this.writeRefcounts();
+        await this.image.store.flush();
+      } catch (e2) {
+        if (!(e2 instanceof QcowError && e2.code === 'QCOW_IO')) throw e2;
+        refcountsToo = true;
+      }
+      throw new UnwrittenMetadata('L2 table', e, this.image.store.name, refcountsToo ? ['refcount block'] : []);
+    }
   }
 
   /**
@@ -1202,6 +1227,7 @@ export class Qcow2Writer {
 
   private async writeFreshData(start: number, host: number, data: Payload): Promise<void> {
     const place = data.placer();
+    this.image.store.debugEvent?.('write_aio');
     if (place) await place(this.image.dataStore, 0, data.length, host, start);
     else await this.image.dataStore.write(host, data.bytes(0, data.length));
     // Whole clusters were written: the file reaches the last one's end.
