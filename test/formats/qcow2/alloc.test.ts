@@ -31,8 +31,11 @@ async function qemuCheck(file: string): Promise<{ code: number; leaks: number; c
   return { code: r.code, leaks: j.leaks ?? 0, corruptions: j.corruptions ?? 0 };
 }
 
-test('allocation never hands out cluster 0 and appends after the used clusters', async () => {
-  // A minimal v2 layout by hand: header at 0, table at 512, block at 1024 counting clusters 0..2.
+/**
+ * A minimal v2 layout by hand, 512-byte clusters: header at 0, refcount table at 512, one refcount
+ * block at 1024 counting clusters 0..2 with `counts` (16-bit).
+ */
+function handMadeImage(counts: readonly [number, number, number] = [1, 1, 1]): MemoryStore {
   const cs = 512;
   const img = new Uint8Array(3 * cs);
   img.set([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 2], 0);
@@ -40,8 +43,13 @@ test('allocation never hands out cluster 0 and appends after the used clusters',
   img[54] = 0x02; // refcount_table_offset = 512
   img[59] = 1; // one table cluster
   img[cs + 6] = 0x04; // table[0] = 1024
-  for (let i = 0; i < 3; i++) img[2 * cs + i * 2 + 1] = 1;
-  const store = new MemoryStore(img);
+  counts.forEach((n, i) => new DataView(img.buffer).setUint16(2 * cs + i * 2, n));
+  return new MemoryStore(img);
+}
+
+test('allocation never hands out cluster 0 and appends after the used clusters', async () => {
+  const cs = 512;
+  const store = handMadeImage();
   const rc = await openRefcounts(store);
   assert.equal(await rc.allocClusters(2), 3 * cs);
   assert.equal(await rc.allocClusters(1), 5 * cs);
@@ -54,16 +62,9 @@ test('allocation never hands out cluster 0 and appends after the used clusters',
 });
 
 test('frees report the clusters they leave unreferenced at once, by reason, and never twice', async () => {
-  // The hand-made layout of the test above; clusters 3..6 allocated, 4 shared (count 2).
+  // The hand-made layout; clusters 3..6 allocated, 4 shared (count 2).
   const cs = 512;
-  const img = new Uint8Array(3 * cs);
-  img.set([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 2], 0);
-  img[23] = 9;
-  img[54] = 0x02;
-  img[59] = 1;
-  img[cs + 6] = 0x04;
-  for (let i = 0; i < 3; i++) img[2 * cs + i * 2 + 1] = 1;
-  const rc = await openRefcounts(new MemoryStore(img));
+  const rc = await openRefcounts(handMadeImage());
   assert.equal(await rc.allocClusters(4), 3 * cs);
   await rc.update(4 * cs, cs, 1);
   // A request's frees: 3 is left with nothing, 4 keeps the other reference, 5 goes but 'never'
@@ -90,18 +91,9 @@ test('frees report the clusters they leave unreferenced at once, by reason, and 
 });
 
 test('a refcount range update that would overflow anywhere changes nothing', async () => {
-  // The same hand-made layout as above: clusters 0..2 counted 1, 1 and 3.
+  // The hand-made layout with clusters 0..2 counted 1, 1 and 3.
   const cs = 512;
-  const img = new Uint8Array(3 * cs);
-  img.set([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 2], 0);
-  img[23] = 9;
-  img[54] = 0x02;
-  img[59] = 1;
-  img[cs + 6] = 0x04;
-  img[2 * cs + 1] = 1;
-  img[2 * cs + 3] = 1;
-  img[2 * cs + 5] = 3;
-  const rc = await openRefcounts(new MemoryStore(img));
+  const rc = await openRefcounts(handMadeImage([1, 1, 3]));
   // +65533 fits cluster 1 (65534) but not cluster 2 (65536 > 16-bit maximum).
   await assert.rejects(rc.update(cs, 2 * cs, 0xffff - 2), /Refcount overflow/);
   assert.deepEqual([await rc.get(0), await rc.get(1), await rc.get(2)], [1, 1, 3], 'cluster 1 was not changed before cluster 2 failed');
