@@ -119,6 +119,18 @@ for config in "${configs[@]}"; do
       echo "iotests $config: QEMU's own programs failed ${FAILED[*]}; running them again" >&2
       run_check "$config-qemu-again" "$(command -v qemu-img)" "$(command -v qemu-io)" "${args[@]}"
       NOTRUN+=("${baseline_notrun[@]}")
+      # A test whose baseline failed only on that timing still runs through qcow and counts: the
+      # baseline shows that QEMU's programs can run it here, and ours do not time key derivation
+      # by thread CPU time.
+      local_failed=()
+      for t in "${FAILED[@]}"; do
+        if grep -qs 'Unable to get accurate CPU usage' "$iot/scratch/$t/$t.out.bad" "$iot/scratch/$t.out.bad"; then
+          echo "iotests $config: QEMU's own qemu-img could not time LUKS key derivation in $t (busy CPU); running it through qcow anyway" >&2
+        else
+          local_failed+=("$t")
+        fi
+      done
+      FAILED=("${local_failed[@]}")
     fi
     if [ ${#FAILED[@]} -gt 0 ]; then
       echo "iotests $config: QEMU's own programs fail ${FAILED[*]} (an environment problem; see $dir/$config-qemu.log)" >&2
