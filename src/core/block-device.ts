@@ -357,7 +357,7 @@ export interface OpenOptions {
    * pass-discard-request, -snapshot and -other options; by default on, on and off, as QEMU opens an
    * image with discard=unmap). Discards and unmapping zero writes punch at once, as QEMU does.
    */
-  discardPassthrough?: { request?: boolean; snapshot?: boolean; other?: boolean };
+  discardPassthrough?: DiscardPassthrough;
   /**
    * qcow2, opened read-write: which metadata structures a write is checked against before it is
    * made (QEMU's `overlap-check` option; default its "cached" level). See formats/qcow2/overlap.ts.
@@ -454,7 +454,6 @@ export interface ImageFormat {
   check?(store: ByteStore, options?: { repair?: RepairMode }): Promise<CheckResult>;
 }
 
-/** How far an amend is: `done` of `total` units of work (the total may change as the work goes). */
 /** What an amend needs beyond its options (see {@link BlockDevice.amend}). */
 export interface AmendContext {
   /** qemu-img amend --force: do what may lose data (overwrite an active LUKS key slot, erase the last one). */
@@ -463,4 +462,15 @@ export interface AmendContext {
   secret?: (id: string) => string;
 }
 
+/** How far an amend is: `done` of `total` units of work (the total may change as the work goes). */
 export type AmendProgressCallback = (done: number, total: number) => void;
+
+/** Which freed qcow2 clusters are given back to the filesystem, by why they were freed (QEMU's pass-discard-* options). */
+export interface DiscardPassthrough {
+  /** A guest discard or an unmapping zero write (pass-discard-request; default on). */
+  request?: boolean;
+  /** A deleted snapshot or an emptied image (pass-discard-snapshot; default on). */
+  snapshot?: boolean;
+  /** Metadata given up, such as an old table replaced by a new one (pass-discard-other; default off). */
+  other?: boolean;
+}
