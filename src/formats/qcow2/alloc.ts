@@ -446,9 +446,7 @@ export class Refcounts implements Allocator {
   async writeBack(barrier: () => Promise<void>): Promise<boolean> {
     if (!this.dirty) return false;
     const cs = this.clusterSize;
-    for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) {
-      await this.store.write(this.table[b]!, this.blocks.peek(b)!);
-    }
+    for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.writeBlock(b);
     const hadNew = this.newBlocks.size > 0;
     this.dirtyBlocks.clear();
     this.newBlocks.clear();
@@ -466,7 +464,7 @@ export class Refcounts implements Allocator {
       // The old table is unreferenced once the header write lands; free it after a barrier.
       await barrier();
       await this.update(old.offset, old.clusters * cs, -1);
-      for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.store.write(this.table[b]!, this.blocks.peek(b)!);
+      for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.writeBlock(b);
       this.dirtyBlocks.clear();
     } else if (this.dirtyTableEntries.size > 0) {
       if (hadNew) await barrier();
@@ -499,9 +497,15 @@ export class Refcounts implements Allocator {
    */
   private async spillDirtyBlocks(): Promise<void> {
     if (this.dirtyBlocks.size <= this.maxBlocks) return;
-    for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.store.write(this.table[b]!, this.blocks.peek(b)!);
+    for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.writeBlock(b);
     this.dirtyBlocks.clear();
     this.trimCache();
+  }
+
+  /** Write refcount block `b` back (QEMU's refcount cache tells its file refblock_update_part). */
+  private writeBlock(b: number): Promise<void> {
+    this.store.debugEvent?.('refblock_update_part');
+    return this.store.write(this.table[b]!, this.blocks.peek(b)!);
   }
 
   /**
