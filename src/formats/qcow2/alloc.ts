@@ -247,6 +247,7 @@ export class Refcounts implements Allocator {
 
   /** Add `delta` (may be negative: only for repair and rollback) to every cluster touching [offset, offset+length). */
   async update(offset: number, length: number, delta: number): Promise<void> {
+    this.store.debugEvent?.('refblock_alloc'); // as in allocClustersNow
     const first = Math.floor(offset / this.clusterSize);
     const last = Math.floor((offset + length - 1) / this.clusterSize);
     // Checked whole before anything changes: a range that would overflow (or drop below zero)
@@ -276,13 +277,18 @@ export class Refcounts implements Allocator {
     const at = this.allocAtHint(n);
     if (at === -1) return -1; // the caller goes on to allocClusters (which tells the store)
     this.store.debugEvent?.('cluster_alloc');
+    // QEMU's refcount update looks its block up (alloc_refcount_block) and says so, found or made.
+    this.store.debugEvent?.('refblock_alloc');
     return at * this.clusterSize;
   }
 
   async allocClusters(n: number, what?: AllocPurpose): Promise<number> {
     this.store.debugEvent?.('cluster_alloc');
     const at = this.allocAtHint(n, what);
-    if (at !== -1) return at * this.clusterSize;
+    if (at !== -1) {
+      this.store.debugEvent?.('refblock_alloc'); // as in allocClustersNow
+      return at * this.clusterSize;
+    }
     await this.spillDirtyBlocks();
     const start = await this.findFree(n);
     this.vet(start, n, what);
@@ -655,7 +661,6 @@ export class Refcounts implements Allocator {
       // Growing may itself have made block b (for the new table's own clusters).
       if (this.table[b] !== 0) return this.loadBlock(b);
     }
-    this.store.debugEvent?.('refblock_alloc');
     const loc = await this.findFree(1);
     this.vet(loc, 1, 'refcount block');
     const lb = Math.floor(loc / this.perBlock);

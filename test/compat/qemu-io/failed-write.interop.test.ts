@@ -101,3 +101,11 @@ for (const once of ['on', 'off'] as const) {
     await both(t, { event: 'refblock_update_part', errno: 5, once, create: 'cluster_size=1024', size: '1G', commands: ['write 0 128k'], anyEnd: true, anyContent: once === 'on', writethrough: true });
   });
 }
+
+// QEMU tells refblock_alloc at every refcount update (its block looked up, found or made), so a rule
+// on it fails the request after an allocation: the data write, whose allocation is then undone.
+for (const once of ['on', 'off'] as const) {
+  test(`refblock_alloc once=${once}: the write after the allocation fails, and the image stays clean`, needs('qemu-io', 'qemu-img'), async (t) => {
+    await both(t, { event: 'refblock_alloc', errno: 5, once, create: 'cluster_size=1024', size: '1G', commands: ['write 0 128k'], anyEnd: true, writethrough: true });
+  });
+}
