@@ -247,6 +247,7 @@ export class Refcounts implements Allocator {
 
   /** Add `delta` (may be negative: only for repair and rollback) to every cluster touching [offset, offset+length). */
   async update(offset: number, length: number, delta: number): Promise<void> {
+    this.store.debugEvent?.('refblock_alloc'); // as in allocClustersNow
     const first = Math.floor(offset / this.clusterSize);
     const last = Math.floor((offset + length - 1) / this.clusterSize);
     // Checked whole before anything changes: a range that would overflow (or drop below zero)
@@ -276,13 +277,18 @@ export class Refcounts implements Allocator {
     const at = this.allocAtHint(n);
     if (at === -1) return -1; // the caller goes on to allocClusters (which tells the store)
     this.store.debugEvent?.('cluster_alloc');
+    // QEMU's refcount update looks its block up (alloc_refcount_block) and says so, found or made.
+    this.store.debugEvent?.('refblock_alloc');
     return at * this.clusterSize;
   }
 
   async allocClusters(n: number, what?: AllocPurpose): Promise<number> {
     this.store.debugEvent?.('cluster_alloc');
     const at = this.allocAtHint(n, what);
-    if (at !== -1) return at * this.clusterSize;
+    if (at !== -1) {
+      this.store.debugEvent?.('refblock_alloc'); // as in allocClustersNow
+      return at * this.clusterSize;
+    }
     await this.spillDirtyBlocks();
     const start = await this.findFree(n);
     this.vet(start, n, what);
@@ -446,9 +452,7 @@ export class Refcounts implements Allocator {
   async writeBack(barrier: () => Promise<void>): Promise<boolean> {
     if (!this.dirty) return false;
     const cs = this.clusterSize;
-    for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) {
-      await this.store.write(this.table[b]!, this.blocks.peek(b)!);
-    }
+    for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.writeBlock(b);
     const hadNew = this.newBlocks.size > 0;
     this.dirtyBlocks.clear();
     this.newBlocks.clear();
@@ -466,7 +470,7 @@ export class Refcounts implements Allocator {
       // The old table is unreferenced once the header write lands; free it after a barrier.
       await barrier();
       await this.update(old.offset, old.clusters * cs, -1);
-      for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.store.write(this.table[b]!, this.blocks.peek(b)!);
+      for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.writeBlock(b);
       this.dirtyBlocks.clear();
     } else if (this.dirtyTableEntries.size > 0) {
       if (hadNew) await barrier();
@@ -499,9 +503,15 @@ export class Refcounts implements Allocator {
    */
   private async spillDirtyBlocks(): Promise<void> {
     if (this.dirtyBlocks.size <= this.maxBlocks) return;
-    for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.store.write(this.table[b]!, this.blocks.peek(b)!);
+    for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.writeBlock(b);
     this.dirtyBlocks.clear();
     this.trimCache();
+  }
+
+  /** Write refcount block `b` back (QEMU's refcount cache tells its file refblock_update_part). */
+  private writeBlock(b: number): Promise<void> {
+    this.store.debugEvent?.('refblock_update_part');
+    return this.store.write(this.table[b]!, this.blocks.peek(b)!);
   }
 
   /**
@@ -651,7 +661,6 @@ export class Refcounts implements Allocator {
       // Growing may itself have made block b (for the new table's own clusters).
       if (this.table[b] !== 0) return this.loadBlock(b);
     }
-    this.store.debugEvent?.('refblock_alloc');
     const loc = await this.findFree(1);
     this.vet(loc, 1, 'refcount block');
     const lb = Math.floor(loc / this.perBlock);

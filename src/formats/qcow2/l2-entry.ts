@@ -18,7 +18,7 @@
  */
 import { nativeContiguousEntries } from '#host-copy';
 import { corrupt } from '../../core/errors.js';
-import { setU32 } from '../../core/bytes.js';
+import { setU32, u32 } from '../../core/bytes.js';
 import { entryOffset } from './layout.js';
 import { COMPRESSED_BIT_HI, compressedDescriptor } from './compressed-descriptor.js';
 
@@ -198,6 +198,11 @@ export function setL2Entry(table: Uint8Array, index: number, entryBytes: number,
 export function setCopiedNormalEntry(table: Uint8Array, index: number, host: number): void {
   setU32(table, index * 8, (0x80000000 | Math.floor(host / 0x100000000)) >>> 0);
   setU32(table, index * 8 + 4, host % 0x100000000);
+}
+
+/** Whether standard entry `index` is exactly what setCopiedNormalEntry(table, index, host) wrote. */
+export function isCopiedNormalEntry(table: Uint8Array, index: number, host: number): boolean {
+  return u32(table, index * 8) === (0x80000000 | Math.floor(host / 0x100000000)) >>> 0 && u32(table, index * 8 + 4) === host % 0x100000000;
 }
 
 /** Standard entry `index` becomes ZERO with no host cluster (zero-plain), as one byte. */

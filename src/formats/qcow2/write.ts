@@ -32,7 +32,7 @@ import { MAX_L1_ENTRIES } from './layout.js';
 import { readHeader } from './read-header.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
 import { PersistentBitmaps, type BitmapLimits, type BitmapWriteHost } from './bitmaps/persistent.js';
-import { ALL_SUBCLUSTERS, decodeL2Entry, l2EntryBitmap, l2EntryCopied, readL2Entry, setCopiedNormalEntry, standardL2Entry, type ClusterDescriptor } from './l2-entry.js';
+import { ALL_SUBCLUSTERS, decodeL2Entry, isCopiedNormalEntry, l2EntryBitmap, l2EntryCopied, readL2Entry, setCopiedNormalEntry, standardL2Entry, type ClusterDescriptor } from './l2-entry.js';
 import { encodeCompressedDescriptor } from './compressed-descriptor.js';
 import { l1EntryCopied, l1TableOffset } from './l1-entry.js';
 import type { CachedTable } from './metadata-cache.js';
@@ -73,6 +73,11 @@ interface QueuedWrite {
   reject(e: unknown): void;
 }
 
+/** A run of writeInTable whose data write finishes outside the lock, and how it ended so far. */
+interface LateRun {
+  state: 'running' | 'written' | 'failed';
+}
+
 /** One cluster's share of a write: where its bytes go and what its entry becomes. */
 interface Piece {
   index: number;
@@ -86,6 +91,8 @@ interface Piece {
   old: ClusterDescriptor;
   /** Extended L2: subclusters that become allocated. */
   subMask: bigint;
+  /** The entry's bytes before the write, kept for a run whose data write finishes after linking. */
+  oldRaw?: Uint8Array;
 }
 
 /**
@@ -430,12 +437,14 @@ export class Qcow2Writer {
     const host = rc.allocClustersNow ? rc.allocClustersNow(n) : -1;
     if (host === -1) return undefined;
     this.map.noteGrowth();
-    const written = this.track(this.image.dataStore.write(host, data));
+    const first = (start % this.map.slice.coverage) / cs;
+    const written = this.trackFresh(this.image.dataStore.write(host, data), table, first, n, host);
     // A lower bound of the file's length once the write lands, noted now (writeFreshData notes it
     // after): it only spares writeRun a size check for clusters below it, and every cluster below
-    // it is written whole by a write already started. Should that write fail, its request fails.
+    // it is written whole by a write already started. Should that write fail, its request fails
+    // and abortFresh lowers the bound again.
     this.knownFileEnd = Math.max(this.knownFileEnd, host + data.length);
-    setCopiedNormalRun(table.data, (start % this.map.slice.coverage) / cs, n, host, cs);
+    setCopiedNormalRun(table.data, first, n, host, cs);
     this.io.forgetCompressed();
     return written;
   }
@@ -1130,24 +1139,67 @@ export class Qcow2Writer {
       i = j + 1;
     }
     this.map.noteGrowth();
-    // Write runs whose guest windows and host clusters both continue, one store write each.
-    for (let i = 0; i < pieces.length; ) {
-      let j = i;
-      while (
-        j + 1 < pieces.length &&
-        pieces[j]!.we === pieces[j + 1]!.ws &&
-        pieces[j]!.host + (pieces[j]!.we - pieces[j]!.clusterGuest) === pieces[j + 1]!.host + (pieces[j + 1]!.ws - pieces[j + 1]!.clusterGuest)
-      )
-        j++;
-      const run = pieces.slice(i, j + 1);
-      const plain = deferred && !this.image.encryption && !g.extendedL2 && run[0]!.ws >= start && run[run.length - 1]!.we <= end;
-      if (plain) deferred.push(this.track(this.writeRun(run, start, data)));
-      else await this.writeRun(run, start, data);
-      i = j + 1;
+    // Runs whose data write may still be running when the entries are set (see writeLocked):
+    // should one fail, its entries go back (unlinkRun), and only once it lands are the clusters it
+    // replaces given up. One that settles before the entries are set is linked as it ended. When
+    // the request fails before linking (`aborted`), its new clusters go back, each once nothing
+    // writes to it any more.
+    let linked = false;
+    let aborted = false;
+    const late = new Map<Piece, LateRun>();
+    try {
+      // Write runs whose guest windows and host clusters both continue, one store write each.
+      for (let i = 0; i < pieces.length; ) {
+        let j = i;
+        while (
+          j + 1 < pieces.length &&
+          pieces[j]!.we === pieces[j + 1]!.ws &&
+          pieces[j]!.host + (pieces[j]!.we - pieces[j]!.clusterGuest) === pieces[j + 1]!.host + (pieces[j + 1]!.ws - pieces[j + 1]!.clusterGuest)
+        )
+          j++;
+        const run = pieces.slice(i, j + 1);
+        const plain = deferred && !this.image.encryption && !g.extendedL2 && run[0]!.ws >= start && run[run.length - 1]!.we <= end;
+        if (plain) {
+          const lr: LateRun = { state: 'running' };
+          for (const p of run) late.set(p, lr);
+          const settled = this.writeRun(run, start, data).then(
+            async () => {
+              if (aborted) await this.abandonPieces(run);
+              else if (!linked) lr.state = 'written';
+              else for (const p of run) if (p.alloc) this.map.release(p.old, 'never');
+            },
+            async (e: unknown) => {
+              if (aborted) await this.abandonPieces(run);
+              else if (!linked) lr.state = 'failed';
+              else await this.unlinkRun(table, run);
+              throw e;
+            },
+          );
+          deferred.push(this.track(settled));
+        } else await this.writeRun(run, start, data);
+        i = j + 1;
+      }
+    } catch (e) {
+      // No entry was set: every cluster allocated for the request goes back (QEMU's abort), those
+      // of late runs still running once they end.
+      aborted = true;
+      await this.abandonPieces(pieces.filter((p) => late.get(p)?.state !== 'running'));
+      throw e;
     }
-    // Data is written: point the entries at it.
+    // Data is written (or, for the late runs, on its way): point the entries at it.
+    linked = true;
     for (const p of pieces) {
       const old = p.old;
+      const state = late.get(p)?.state;
+      if (state === 'failed') {
+        if (p.alloc) await this.abandonClusters(p.host, 1);
+        continue;
+      }
+      if (state === 'running') {
+        p.oldRaw = table.data.slice(p.index * 8, p.index * 8 + 8);
+        setCopiedNormalEntry(table.data, p.index, p.host);
+        continue;
+      }
       if (g.extendedL2) {
         let bitmap: bigint;
         if (!p.alloc) bitmap = (l2EntryBitmap(old) | p.subMask) & ~(p.subMask << 32n);
@@ -1161,6 +1213,26 @@ export class Qcow2Writer {
     }
     await this.map.tableChanged(table);
     this.io.forgetCompressed();
+  }
+
+  /**
+   * A late run's data write failed after its entries were set (writeInTable): each entry that
+   * still points where the run wrote gets its old bytes back (a preallocated zero cluster stays
+   * one, as in QEMU), and the clusters allocated for it are freed.
+   */
+  private async unlinkRun(table: CachedTable, run: readonly Piece[]): Promise<void> {
+    const gone: Piece[] = [];
+    for (const p of run) {
+      if (!p.oldRaw || !isCopiedNormalEntry(table.data, p.index, p.host)) continue;
+      table.data.set(p.oldRaw, p.index * 8);
+      if (p.alloc) gone.push(p);
+    }
+    for (const p of gone) await this.abandonLinked(p.host, 1);
+  }
+
+  /** abandonClusters for the new clusters of pieces that were never linked. */
+  private async abandonPieces(pieces: readonly Piece[]): Promise<void> {
+    for (const p of pieces) if (p.alloc) await this.abandonClusters(p.host, 1);
   }
 
   /**
@@ -1196,11 +1268,20 @@ export class Qcow2Writer {
     let host = rc.allocClustersNow ? rc.allocClustersNow(n) : -1;
     if (host === -1) host = await rc.allocClusters(n);
     this.map.noteGrowth();
+    const first = (start % this.map.slice.coverage) / cs;
     // As writeInTable: the data before the entries that point at it (deferred ones are waited
     // for by every L2 write-back, see writeLocked).
-    if (deferred) deferred.push(this.track(this.writeFreshData(start, host, data)));
-    else await this.writeFreshData(start, host, data);
-    setCopiedNormalRun(table.data, (start % this.map.slice.coverage) / cs, n, host, cs);
+    if (deferred) deferred.push(this.trackFresh(this.writeFreshData(start, host, data), table, first, n, host));
+    else {
+      try {
+        await this.writeFreshData(start, host, data);
+      } catch (e) {
+        // Nothing links the clusters yet: they go back, as QEMU aborts a failed allocation.
+        await this.abandonClusters(host, n);
+        throw e;
+      }
+    }
+    setCopiedNormalRun(table.data, first, n, host, cs);
     await this.map.tableChanged(table);
     this.io.forgetCompressed();
   }
@@ -1219,10 +1300,78 @@ export class Qcow2Writer {
     const host = rc.allocClustersNow ? rc.allocClustersNow(n) : -1;
     if (host === -1) return false;
     this.map.noteGrowth();
-    deferred.push(this.track(this.writeFreshData(start, host, data)));
-    setCopiedNormalRun(table.data, (start % this.map.slice.coverage) / cs, n, host, cs);
+    const first = (start % this.map.slice.coverage) / cs;
+    deferred.push(this.trackFresh(this.writeFreshData(start, host, data), table, first, n, host));
+    setCopiedNormalRun(table.data, first, n, host, cs);
     this.io.forgetCompressed();
     return true;
+  }
+
+  /**
+   * track() for the data write of a fresh run whose entries (`n` from `first` in `table`, pointing
+   * at `host` on) are set before it lands: should it fail, abortFresh unlinks the run before the
+   * write counts as settled, so no L2 write-back (each waits for the writes in flight) can carry
+   * entries to clusters never written. One closure per request, made only here.
+   */
+  private trackFresh(p: Promise<void>, table: CachedTable, first: number, n: number, host: number): Promise<void> {
+    this.inFlight++;
+    void p.then(this.untrack, () => this.abortFresh(table, first, n, host).then(this.untrack, this.untrack));
+    return p;
+  }
+
+  /**
+   * A fresh run's data write failed (EIO, ENOSPC): as QEMU aborts the allocation of a failed
+   * write (qcow2_alloc_cluster_abort), its entries become empty again and its clusters are freed.
+   * Only entries that still point at the run are touched: a discard or zero write may have
+   * replaced them meanwhile (and dropped their references itself).
+   */
+  private async abortFresh(table: CachedTable, first: number, n: number, host: number): Promise<void> {
+    const cs = this.cs;
+    // The entries first, all in this synchronous step: nothing may see them half undone.
+    const runs: Array<[number, number]> = [];
+    for (let k = 0; k < n; k++) {
+      if (!isCopiedNormalEntry(table.data, first + k, host + k * cs)) continue;
+      table.data.fill(0, (first + k) * 8, (first + k + 1) * 8);
+      const last = runs[runs.length - 1];
+      if (last && last[0] + last[1] * cs === host + k * cs) last[1]++;
+      else runs.push([host + k * cs, 1]);
+    }
+    for (const [at, count] of runs) await this.abandonLinked(at, count);
+  }
+
+  /**
+   * abandonClusters for clusters whose entries were visible for a while: another request may
+   * have started a write into them in place. Their counts drop at once only when no other write
+   * can be running (this one is the only one in flight and no one holds or waits for the lock);
+   * otherwise the drop waits, as for any free, until the writes in flight are done and the tables
+   * written (applyPendingFrees), so the clusters are not reused under a late write; the next
+   * allocating write settles it first (as after a discard) and so still reuses them, as QEMU does.
+   */
+  private async abandonLinked(host: number, n: number): Promise<void> {
+    const quiet = this.inFlight === 1 && this.waiting.length === 0 && !this.serving && this.lock.mayOvertake;
+    if (quiet) return this.abandonClusters(host, n);
+    if (this.external) return;
+    this.knownFileEnd = Math.min(this.knownFileEnd, host);
+    this.refcounts.free(host, n * this.cs, 'never');
+    this.unmapFreesPending = true;
+  }
+
+  /**
+   * Give back `n` clusters from `host` that a failed data write allocated and nothing links, in
+   * memory or on disk (no L2 write-back runs while the write is in flight, see beforeL2Write), and
+   * nothing writes to any more: as
+   * QEMU's abort of the allocation, their counts drop at once, so the next write reuses them. A
+   * count that cannot be dropped leaves a leak, which check -r repairs. The file may end before
+   * them now (knownFileEnd is a lower bound).
+   */
+  private async abandonClusters(host: number, n: number): Promise<void> {
+    if (this.external) return;
+    this.knownFileEnd = Math.min(this.knownFileEnd, host);
+    try {
+      await this.refcounts.update(host, n * this.cs, -1);
+    } catch {
+      // Left as a leak.
+    }
   }
 
   private async writeFreshData(start: number, host: number, data: Payload): Promise<void> {
