@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { needs, qemuImg, run, scratch } from '../../support/qemu.js';
+import { needsHoles } from '../../support/addon.js';
 import { isValidOptionList } from '#src/compat/qemu-img/measure-args.js';
 
 const COMPAT_QEMU_IMG = fileURLToPath(new URL('../../../compat/qemu-img', import.meta.url));
@@ -55,7 +56,7 @@ test('measure sizes up to 2^63, exactly', needs('qemu-img'), async (t) => {
   }
 });
 
-test('a new raw image has its first block allocated, as qemu-img makes it', needs('qemu-img'), async (t) => {
+test('a new raw image has its first block allocated, as qemu-img makes it', { ...needs('qemu-img'), ...needsHoles() }, async (t) => {
   const dir = await scratch(t);
   for (const size of ['1G', '2k', '0']) {
     const [a, b] = [join(dir, `a-${size}.raw`), join(dir, `b-${size}.raw`)];

@@ -15,6 +15,7 @@ import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { needs, qemuImg, qemuIo, run, scratch } from '../../support/qemu.js';
+import { needsHoles } from '../../support/addon.js';
 
 const COMPAT_IO = fileURLToPath(new URL('../../../compat/qemu-io', import.meta.url));
 const COMPAT_IMG = fileURLToPath(new URL('../../../compat/qemu-img', import.meta.url));
@@ -49,7 +50,7 @@ const ioAborted = (dir: string, args: string[]) => async (tools: Tools) => {
   assert.notEqual(r.code, 0, `${tools.io} ${args.join(' ')}: abort`);
 };
 
-test('a discard or an unmapping zero write punches its clusters at once, as qemu-io does (and not with -d ignore)', needs('qemu-img', 'qemu-io'), async (t) => {
+test('a discard or an unmapping zero write punches its clusters at once, as qemu-io does (and not with -d ignore)', { ...needs('qemu-img', 'qemu-io'), ...needsHoles() }, async (t) => {
   const dir = await scratch(t);
   const cases: Array<[string[], number]> = [
     [['-t', 'writeback', '-c', 'discard 0 1M'], 1 << 20],
@@ -67,7 +68,7 @@ test('a discard or an unmapping zero write punches its clusters at once, as qemu
   }
 });
 
-test('a deleted snapshot gives its clusters back, a rewritten compressed cluster does not, as in QEMU', needs('qemu-img', 'qemu-io'), async (t) => {
+test('a deleted snapshot gives its clusters back, a rewritten compressed cluster does not, as in QEMU', { ...needs('qemu-img', 'qemu-io'), ...needsHoles() }, async (t) => {
   const dir = await scratch(t);
   const file = join(dir, 'a.qcow2');
   const snapshotTaken = async (tools: Tools) => {

@@ -12,6 +12,7 @@ import { copyFile, open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { needs, qemuImg, qemuIo, run, scratch } from '../../support/qemu.js';
+import { needsHoles } from '../../support/addon.js';
 import { firstL2Offset, headerOf } from '../../support/qcow2-edit.js';
 
 const COMPAT_IO = fileURLToPath(new URL('../../../compat/qemu-io', import.meta.url));
@@ -77,7 +78,7 @@ test('a snapshot L1 table the validation refuses fails writes when inactive L2 t
   }
 });
 
-test('a discard or a zero write under a refused inactive L2 check: its tables and counts fail to flush, as in qemu-io', needs('qemu-img', 'qemu-io'), async (t) => {
+test('a discard or a zero write under a refused inactive L2 check: its tables and counts fail to flush, as in qemu-io', { ...needs('qemu-img', 'qemu-io'), ...needsHoles() }, async (t) => {
   const dir = await scratch(t);
   await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
   await qemuIo(['-f', 'qcow2', '-c', 'write 0 512', '-c', 'write 64k 64k', 'base.qcow2'], dir);
