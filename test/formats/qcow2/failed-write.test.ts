@@ -63,6 +63,16 @@ async function readBack(dev: Qcow2Device, offset: number, length: number): Promi
 
 const filled = (n: number, v: number) => new Uint8Array(n).fill(v);
 
+/** `write`, made while the store refuses guest data writes, fails with the store's ENOSPC. */
+async function failsWithNoSpace(store: FailingStore, write: () => Promise<void>): Promise<void> {
+  store.failing = true;
+  try {
+    await assert.rejects(write(), /ENOSPC/);
+  } finally {
+    store.failing = false;
+  }
+}
+
 /** The failed range maps as before (unallocated, or a zero cluster), and the image as flushed now checks clean. */
 async function assertUndone(t: Parameters<typeof scratch>[0], dev: Qcow2Device, store: FailingStore, offset: number, length: number): Promise<void> {
   for (const e of await dev.blockStatus(offset, length)) assert.ok(!e.data, `${e.offset}+${e.length} still maps to data`);
@@ -77,9 +87,7 @@ test('a failed write of fresh clusters in a cached table (the fast path) leaves 
   const dev = await Qcow2Device.open(store);
   // The table exists and is cached: the next write of fresh clusters there needs no I/O first.
   await dev.write(0, filled(cluster, 1));
-  store.failing = true;
-  await assert.rejects(dev.write(64 * KiB, filled(128 * KiB, POISON)), /ENOSPC/);
-  store.failing = false;
+  await failsWithNoSpace(store, () => dev.write(64 * KiB, filled(128 * KiB, POISON)));
   assert.ok(store.failed > 0);
   await assertUndone(t, dev, store, 64 * KiB, 128 * KiB);
   // The image goes on: a later write there lands, and the first cluster kept its data.
@@ -97,9 +105,7 @@ test('a failed write over several L2 tables (the general path, data written afte
   const cluster = KiB; // 128 entries a table: 1 MiB spans 8 tables
   const store = await freshImage(cluster);
   const dev = await Qcow2Device.open(store);
-  store.failing = true;
-  await assert.rejects(dev.write(0, filled(1024 * KiB, POISON)), /ENOSPC/);
-  store.failing = false;
+  await failsWithNoSpace(store, () => dev.write(0, filled(1024 * KiB, POISON)));
   await assertUndone(t, dev, store, 0, 1024 * KiB);
   // As iotest 026's "temporary failure": the same write again succeeds, and nothing leaks.
   await dev.write(0, filled(1024 * KiB, 3));
@@ -112,9 +118,7 @@ test('a failed partial-cluster write (copy-on-write into a new cluster) frees th
   const store = await freshImage(cluster);
   const dev = await Qcow2Device.open(store);
   await dev.write(0, filled(cluster, 1));
-  store.failing = true;
-  await assert.rejects(dev.write(cluster + 512, filled(KiB, POISON)), /ENOSPC/);
-  store.failing = false;
+  await failsWithNoSpace(store, () => dev.write(cluster + 512, filled(KiB, POISON)));
   await assertUndone(t, dev, store, cluster, cluster);
   // A later allocation puts the freed cluster inside the file, where a count left on it would leak.
   await dev.write(3 * cluster, filled(cluster, 2));
@@ -128,9 +132,7 @@ test('a failed overwrite of a preallocated zero cluster keeps it a zero cluster 
   const dev = await Qcow2Device.open(store);
   await dev.write(0, filled(cluster, 1));
   await dev.writeZeroes(0, cluster, { mayUnmap: false });
-  store.failing = true;
-  await assert.rejects(dev.write(0, filled(cluster, POISON)), /ENOSPC/);
-  store.failing = false;
+  await failsWithNoSpace(store, () => dev.write(0, filled(cluster, POISON)));
   await assertUndone(t, dev, store, 0, cluster);
   await dev.close();
   await assertClean(t, store);
