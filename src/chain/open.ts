@@ -78,6 +78,12 @@ export interface OpenImageOptions {
   forceShare?: boolean;
   /** The image is exported at a fixed size (qcow serve): others may not resize it (as qemu-nbd). */
   fixedSize?: boolean;
+  /**
+   * Backing file names that are not file names (a front end's own kinds, such as QEMU's
+   * `json:{...}` names): returns the opened image, chain and all, or undefined to open the name
+   * the usual way (resolved against the image naming it, through `opener`).
+   */
+  openBackingName?: (name: string, options: { format: string | undefined; readOnly: boolean }) => Promise<BlockDevice> | undefined;
   /** Opens the files (or URLs) by name and resolves backing file names: where the bytes come from. */
   opener: StoreOpener;
   /** The formats that may be opened and probed (usually {@link builtinFormats}). */
@@ -156,10 +162,14 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
         });
     }
     if (!options.noBacking) {
-      openOptions.openBacking = (backingName, backingFormat) =>
-        openLayer(resolveNamed(backingName, name, options), options, depth === 0 ? (options.backingFormat ?? backingFormat) : backingFormat, depth + 1, seen).catch((e) => {
+      openOptions.openBacking = (backingName, backingFormat) => {
+        const format = depth === 0 ? (options.backingFormat ?? backingFormat) : backingFormat;
+        const own = options.openBackingName?.(backingName, { format, readOnly: !(options.writableBacking?.(backingName, depth + 1) ?? false) });
+        if (own) return own;
+        return openLayer(resolveNamed(backingName, name, options), options, format, depth + 1, seen).catch((e) => {
           throw backingError(e, name, backingName);
         });
+      };
     }
     return await fmt.open(store, openOptions);
   } catch (e) {

@@ -11,6 +11,7 @@ import { isOn, joinQcow2Options, overlapCheckOptions, qcow2OptionProblem } from 
 import { checkHostProtocol, isHostProtocol } from './protocol.js';
 import { isJsonFilename, jsonFilenameOptions } from '../json-filename.js';
 import { qemuJsonName } from '../json-name.js';
+import { jsonOpenerFor } from '../json-open.js';
 import { NULL_CO, isNullCoFilename, nullCoFileOptions, openNullCo, openNullCoFilename, openOverNullCo } from '../null-co.js';
 import type { NbdTarget } from '../nbd-store.js';
 import { COMPRESS, compressFilter } from './compress-filter.js';
@@ -169,8 +170,14 @@ async function checked(dev: BlockDevice, o: Record<string, string>): Promise<Blo
   throw new QcowError('QCOW_INVALID_ARGUMENT', problem);
 }
 
-/** QEMU's stricter open rules, for every image qemu-io opens (see OpenOptions). */
-const QEMU_OPEN_RULES = { refuseMalformedBitmaps: true } as const;
+/**
+ * QEMU's stricter open rules, for every image qemu-io opens (see OpenOptions); and backing files
+ * named in QEMU's own ways (json:{...}, blkdebug:...) open as QEMU opens them.
+ */
+const QEMU_OPEN_RULES = {
+  refuseMalformedBitmaps: true,
+  openBackingName: (name: string, o: { format: string | undefined; readOnly: boolean }) => jsonOpenerFor(name)?.({ ...o, refuseMalformedBitmaps: true }),
+} as const;
 
 /** Opens images for the engine: -o/--image-opts keys, secrets, -s overlays. */
 export class NodeOpener implements Opener {
