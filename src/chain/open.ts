@@ -8,6 +8,7 @@ import { QcowError, withFile } from '../core/errors.js';
 import type { FormatRegistry } from '../core/registry.js';
 import type { ByteStore, StoreOpener } from '../storage/types.js';
 import { NO_PERMISSIONS, permissionsFor } from '../storage/permissions.js';
+import { withCopyOnRead } from './copy-on-read.js';
 
 /** Options of {@link openImage} (exported as `openImageWith`): how an image and its backing chain are opened. */
 export interface OpenImageOptions {
@@ -27,6 +28,11 @@ export interface OpenImageOptions {
    * when that image has one of its own (QEMU's `backing.encrypt.key-secret`); undefined: `password`.
    */
   passwordAt?: (depth: number) => string | undefined;
+  /**
+   * Reads copy what the backing chain supplies into the top image (QEMU's copy-on-read=on; see
+   * {@link withCopyOnRead}). The image must be opened writable.
+   */
+  copyOnRead?: boolean;
   /** Open an internal snapshot (qcow2), read-only. */
   snapshot?: string;
   /** Open the top image's backing file as this format, whatever the image records (qemu's `backing.driver`). */
@@ -113,7 +119,14 @@ export const DEFAULT_MAX_CHAIN_DEPTH = 64;
  * ```
  */
 export async function openImage(name: string, options: OpenImageOptions): Promise<BlockDevice> {
-  return openLayer(name, options, options.format, 0, new Set());
+  const dev = await openLayer(name, options, options.format, 0, new Set());
+  if (!options.copyOnRead) return dev;
+  try {
+    return withCopyOnRead(dev);
+  } catch (e) {
+    await dev.close();
+    throw e;
+  }
 }
 
 async function openLayer(name: string, options: OpenImageOptions, format: string | undefined, depth: number, seen: Set<string>): Promise<BlockDevice> {
