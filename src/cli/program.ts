@@ -115,6 +115,7 @@ export function buildProgram(argv: string[]): Command {
         .option('-t, --cache <mode>', 'target cache mode: unsafe (default, as qemu-img convert: no flushes), writeback, none, ...', 'unsafe')
         .option('--bitmaps', 'copy the persistent dirty bitmaps of the source (qcow2 to qcow2)')
         .option('--skip-broken-bitmaps', 'with --bitmaps: leave inconsistent bitmaps behind instead of failing')
+        .option('--salvage', 'go on past read errors of the source: warn, and write unreadable sectors as zeros')
         .option('-U, --force-share', 'accepted for qemu-img compatibility')
         .addOption(pw())
         .option('--target-password-file <file>', 'password for an encrypted target')
