@@ -201,6 +201,7 @@ export function buildProgram(argv: string[]): Command {
         .option('-b, --bind <addr>', 'address to listen on (default 127.0.0.1)')
         .option('-k, --socket <path>', 'listen on a Unix socket instead of TCP')
         .option('-r, --read-only', 'export read-only')
+        .option('-C, --copy-on-read', "copy what clients read from the backing chain into the image (a slow or remote base is read once); not with -r")
         .option('-x, --export-name <name>', "export name (default '')")
         .option('-D, --description <text>', 'export description shown to clients')
         .option('-B, --bitmap <name>', 'also export persistent dirty bitmap NAME as the qemu:dirty-bitmap:NAME context')
