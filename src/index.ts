@@ -16,6 +16,7 @@ export { isHttpUrl, resolveUrl } from './storage/url.js';
 export { MemoryStore } from './storage/memory.js';
 export { CachingStore, cachingOpener, DEFAULT_CACHING_CHUNK_SIZE, DEFAULT_CACHING_BYTES, type CachingStoreOptions } from './storage/caching-store.js';
 export { openImage as openImageWith, createImage as createImageWith, chainOf, type OpenImageOptions, type CreateImageOptions } from './chain/open.js';
+export { withCopyOnRead } from './chain/copy-on-read.js';
 export { builtinFormats, rawFormat, qcowFormat, qcow2Format, luksFormat } from './formats/index.js';
 export { convert, type ConvertOptions } from './ops/convert.js';
 export { compareImages, type CompareOptions, type CompareResult } from './ops/compare.js';

@@ -8,6 +8,7 @@ import { QcowError, withFile } from '../core/errors.js';
 import type { FormatRegistry } from '../core/registry.js';
 import type { ByteStore, StoreOpener } from '../storage/types.js';
 import { NO_PERMISSIONS, permissionsFor } from '../storage/permissions.js';
+import { withCopyOnRead } from './copy-on-read.js';
 
 /** Options of {@link openImage} (exported as `openImageWith`): how an image and its backing chain are opened. */
 export interface OpenImageOptions {
@@ -27,6 +28,11 @@ export interface OpenImageOptions {
    * when that image has one of its own (QEMU's `backing.encrypt.key-secret`); undefined: `password`.
    */
   passwordAt?: (depth: number) => string | undefined;
+  /**
+   * Reads copy what the backing chain supplies into the top image (QEMU's copy-on-read=on; see
+   * {@link withCopyOnRead}). The image must be opened writable.
+   */
+  copyOnRead?: boolean;
   /** Open an internal snapshot (qcow2), read-only. */
   snapshot?: string;
   /** Open the top image's backing file as this format, whatever the image records (qemu's `backing.driver`). */
@@ -78,6 +84,12 @@ export interface OpenImageOptions {
   forceShare?: boolean;
   /** The image is exported at a fixed size (qcow serve): others may not resize it (as qemu-nbd). */
   fixedSize?: boolean;
+  /**
+   * Backing file names that are not file names (a front end's own kinds, such as QEMU's
+   * `json:{...}` names): returns the opened image, chain and all, or undefined to open the name
+   * the usual way (resolved against the image naming it, through `opener`).
+   */
+  openBackingName?: (name: string, options: { format: string | undefined; readOnly: boolean }) => Promise<BlockDevice> | undefined;
   /** Opens the files (or URLs) by name and resolves backing file names: where the bytes come from. */
   opener: StoreOpener;
   /** The formats that may be opened and probed (usually {@link builtinFormats}). */
@@ -107,7 +119,14 @@ export const DEFAULT_MAX_CHAIN_DEPTH = 64;
  * ```
  */
 export async function openImage(name: string, options: OpenImageOptions): Promise<BlockDevice> {
-  return openLayer(name, options, options.format, 0, new Set());
+  const dev = await openLayer(name, options, options.format, 0, new Set());
+  if (!options.copyOnRead) return dev;
+  try {
+    return withCopyOnRead(dev);
+  } catch (e) {
+    await dev.close();
+    throw e;
+  }
 }
 
 async function openLayer(name: string, options: OpenImageOptions, format: string | undefined, depth: number, seen: Set<string>): Promise<BlockDevice> {
@@ -156,10 +175,14 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
         });
     }
     if (!options.noBacking) {
-      openOptions.openBacking = (backingName, backingFormat) =>
-        openLayer(resolveNamed(backingName, name, options), options, depth === 0 ? (options.backingFormat ?? backingFormat) : backingFormat, depth + 1, seen).catch((e) => {
+      openOptions.openBacking = (backingName, backingFormat) => {
+        const format = depth === 0 ? (options.backingFormat ?? backingFormat) : backingFormat;
+        const own = options.openBackingName?.(backingName, { format, readOnly: !(options.writableBacking?.(backingName, depth + 1) ?? false) });
+        if (own) return own;
+        return openLayer(resolveNamed(backingName, name, options), options, format, depth + 1, seen).catch((e) => {
           throw backingError(e, name, backingName);
         });
+      };
     }
     return await fmt.open(store, openOptions);
   } catch (e) {

@@ -71,7 +71,10 @@ export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpe
   const { openImage } = await import('./open-images.js');
   const special = openPolicy.openName?.(file);
   const open = special ? (_name: string, o: NodeOpenOptions) => special(o) : openImage;
+  const { openName, refuseMalformedBitmaps } = openPolicy;
   return open(file, {
+    // Backing files named in the persona's own way (QEMU's json:{...}) open as the persona opens them.
+    openBackingName: openName && ((name, o) => openName(name)?.({ ...o, refuseMalformedBitmaps, forceShare: flags.forceShare })),
     format: flags.format,
     password: await readPasswordFile(flags.passwordFile),
     confineToFolder: confine,

@@ -122,6 +122,8 @@ const ROWS: Row[] = [
     match: /^Could not create snapshot '(.*)': (?:(Refcount overflow on cluster )|(refcount table would exceed 8 MiB)|no refcount block covers cluster )/,
     text: (_e, _c, m) => `Could not create snapshot '${m![1]}': ${m![2] ? '-22 (Invalid argument)' : m![3] ? '-27 (File too large)' : '-11 (Resource temporarily unavailable)'}`,
   },
+  // commit: a failure while the data is copied is its block job's (ops/commit.ts).
+  { code: 'QCOW_IO', match: /^commit failed: ([^]*)$/, text: (_e, _c, m) => `Block job failed: ${m![1]}` },
   // resize to a smaller size without --shrink: QEMU adds its warning line.
   {
     code: 'QCOW_INVALID_ARGUMENT',

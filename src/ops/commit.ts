@@ -91,22 +91,54 @@ export async function commit(top: BlockDevice, options: CommitOptions = {}): Pro
       off += e.length;
     }
   }
-  await forEachPiece(
-    dataRanges(),
-    options.chunkSize ?? 2 * 1024 * 1024,
-    options.parallel ?? 4,
-    async (piece, buffer) => {
-      const buf = buffer.subarray(0, piece.length);
-      await top.read(piece.offset, buf);
-      throwIfAborted(options.signal);
-      await base.write(piece.offset, buf);
-      progress(piece.length);
-    },
-    options.signal,
-  );
-  await base.flush();
-  if (!drop) {
-    await top.makeEmpty!();
-    await top.flush();
+  try {
+    await copy();
+  } catch (e) {
+    throw copyFailure(e);
   }
+  if (!drop) {
+    try {
+      await top.makeEmpty!();
+      await top.flush();
+    } catch (e) {
+      throw emptyFailure(e, top.filename);
+    }
+  }
+
+  async function copy(): Promise<void> {
+    await forEachPiece(
+      dataRanges(),
+      options.chunkSize ?? 2 * 1024 * 1024,
+      options.parallel ?? 4,
+      async (piece, buffer) => {
+        const buf = buffer.subarray(0, piece.length);
+        await top.read(piece.offset, buf);
+        throwIfAborted(options.signal);
+        await base!.write(piece.offset, buf);
+        progress(piece.length);
+      },
+      options.signal,
+    );
+    await base!.flush();
+  }
+}
+
+/**
+ * A storage failure while the data was copied: said to be the commit's (qemu-img reports it as
+ * its block job's failure). The image is left as it was: the base may hold part of the data.
+ */
+function copyFailure(e: unknown): unknown {
+  if (e instanceof QcowError && e.code !== 'QCOW_IO') return e;
+  const message = e instanceof Error ? e.message : String(e);
+  return new QcowError('QCOW_IO', `commit failed: ${message}`, { cause: e, file: (e as QcowError).file, errno: (e as QcowError).errno });
+}
+
+/**
+ * A failure while the overlay was emptied: the data is in the base by then, but the overlay may
+ * still hold some of it (or, for a qcow2 image emptied all at once, be left dirty for the next
+ * open's repair), so the message names the overlay.
+ */
+function emptyFailure(e: unknown, name: string): unknown {
+  if (!(e instanceof QcowError) || e.code === 'QCOW_ABORTED') return e;
+  return new QcowError(e.code, `Failed to empty ${name}: ${e.message}`, { cause: e, file: e.file, errno: e.errno });
 }

@@ -27,6 +27,7 @@ import { hugePageBuffers } from '#host-copy';
 import { QcowError, throwIfAborted } from '../core/errors.js';
 import { ChainStatus } from './chain-status.js';
 import { ConcatSource } from './concat.js';
+import { SalvagingSource } from './salvage.js';
 import { allZero, blockRunEnd, sameBytes, scanViewOf } from './zero-scan.js';
 
 /** Options of {@link convert}: qemu-img convert's switches, plus how much work is in flight. */
@@ -59,6 +60,15 @@ export interface ConvertOptions {
    * are read and written as usual.
    */
   copyOffload?: boolean;
+  /**
+   * Go on past what cannot be read (qemu-img --salvage): a failed read or block-status query of
+   * the source becomes a warning (`onWarning`), unreadable sectors are written as zeros, and
+   * sectors of unknown status are copied as data (see ops/salvage.ts). Items are then copied one
+   * at a time, in order, so the warnings come in the order of the source.
+   */
+  salvage?: boolean;
+  /** Told each warning of a salvaging copy, in qemu-img's words (without its `warning:` prefix). */
+  onWarning?: (message: string) => void;
   /** Stops the operation between steps; it then fails with QCOW_ABORTED. */
   signal?: AbortSignal;
   /**
@@ -108,7 +118,8 @@ const ZERO_ITEM_MAX = 2 ** 30;
  * ```
  */
 export async function convert(sources: BlockDevice[], target: BlockDevice, options: ConvertOptions = {}): Promise<void> {
-  const src = new ConcatSource(sources);
+  const warn = options.onWarning ?? (() => undefined);
+  const src = options.salvage ? new SalvagingSource(sources, warn) : new ConcatSource(sources);
   const total = src.size;
   if (total > target.size) {
     throw new QcowError('QCOW_INVALID_ARGUMENT', `output file is smaller than input file (${target.size} < ${total} bytes)`, { file: target.filename });
@@ -120,12 +131,13 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
   if (!Number.isSafeInteger(sparse) || sparse < 0 || sparse % 512 !== 0) {
     throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid sparse size ${sparse}: a multiple of 512, or 0`);
   }
+  if (options.copyOffload && options.salvage) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot use copy offloading in salvaging mode');
   if (options.copyOffload && options.compress) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot enable copy offloading when -c is used');
   if (options.copyOffload && options.sparseSize !== undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot enable copy offloading when -S is used');
   const cluster = Math.max(target.clusterSize, 512);
   let chunk = options.chunkSize ?? DEFAULT_CHUNK;
   chunk = Math.max(cluster, chunk - (chunk % cluster));
-  const parallel = Math.max(1, Math.min(64, options.parallel ?? 8));
+  const parallel = options.salvage ? 1 : Math.max(1, Math.min(64, options.parallel ?? 8));
   // In order unless -W: compressed chunks too, so that their clusters are placed in guest order
   // (the target compresses several calls' clusters side by side and places them in call order).
   const ordered = !options.outOfOrder;
@@ -144,7 +156,9 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
 
   // Progress counts the bytes that are copied (qemu-img's allocated_done / allocated_sectors).
   const counted = (zero: boolean) => !zero || sparse === 0;
-  const toCopy = options.onProgress ? await bytesToCopy(src, counted, options.signal) : 0;
+  // qemu-img always walks the source once to count what it copies: salvaging, that walk's
+  // warnings are part of its output, so the walk is made (over a fresh source, from the start).
+  const toCopy = options.onProgress || options.salvage ? await bytesToCopy(options.salvage ? new SalvagingSource(sources, warn) : src, counted, options.signal) : 0;
   let done = 0;
   const progress = (n: number) => {
     if (n <= 0) return;

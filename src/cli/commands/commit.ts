@@ -1,4 +1,5 @@
-import { resolve } from 'node:path';
+import { realpathSync } from 'node:fs';
+import { dirname, isAbsolute, join } from 'node:path';
 import { QcowError, chainOf, commit } from '../../node.js';
 import { openForCli, withProgress, writeOut } from '../common.js';
 
@@ -37,10 +38,37 @@ async function baseDepth(file: string, flags: Flags): Promise<number> {
     if (flags.base === undefined) return 1;
     for (let d = 1; d < chain.length; d++) {
       const named = (await chain[d - 1]!.describe()).backingFilename;
-      if (named === flags.base || resolve(chain[d]!.filename) === resolve(flags.base)) return d;
+      if (named !== undefined && namesBacking(flags.base, chain[d - 1]!.filename, named, chain[d]!.filename)) return d;
     }
     throw new QcowError('QCOW_INVALID_ARGUMENT', `Did not find '${flags.base}' in the backing chain of '${file}'`);
   } finally {
     await top.close();
   }
+}
+
+/** QEMU's path_has_protocol: a colon before any slash (`json:{...}`, `nbd:...`, `blkdebug:...`). */
+function hasProtocol(name: string): boolean {
+  const m = /[:/]/.exec(name);
+  return m !== null && m[0] === ':';
+}
+
+/** `name` relative to the folder of `image` (QEMU's path_combine), its real path; undefined when it does not exist. */
+function realPathBeside(image: string, name: string): string | undefined {
+  try {
+    return realpathSync(isAbsolute(name) || hasProtocol(image) ? name : join(dirname(image), name));
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Whether the -b name `given` names the backing file of `image` (which records it as `named` and
+ * opened it as `opened`), as qemu-img's lookup decides: names with a protocol are compared as
+ * they are; a path is taken relative to the image's folder (never the working directory, so
+ * `subdir/mid` does not name `subdir/top`'s backing file `mid`) and compared by real path.
+ */
+function namesBacking(given: string, image: string, named: string, opened: string): boolean {
+  if (hasProtocol(given) || hasProtocol(named)) return given === named || given === opened;
+  const want = realPathBeside(image, given);
+  return want !== undefined && want === realPathBeside(image, named);
 }

@@ -28,6 +28,7 @@ interface Flags {
   targetPasswordFile?: string;
   bitmaps?: boolean;
   skipBrokenBitmaps?: boolean;
+  salvage?: boolean;
 }
 
 /** `-l NAME`, `-l snapshot.name=NAME` or `-l snapshot.id=ID`. */
@@ -170,6 +171,8 @@ export async function run(files: string[], flags: Flags): Promise<void> {
         parallel,
         outOfOrder: !!flags.W,
         copyOffload: !!flags.C,
+        salvage: !!flags.salvage,
+        onWarning: flags.quiet ? undefined : (message) => process.stderr.write(`${failureStyle.program}: warning: ${message}\n`),
         signal,
         // Without a bar to draw, convert need not count the data first.
         onProgress: onProgress.active ? onProgress : undefined,

@@ -15,6 +15,8 @@ interface Flags {
   bind?: string;
   socket?: string;
   readOnly?: boolean;
+  /** Reads copy what the backing chain supplies into the image (a remote base fetched once). */
+  copyOnRead?: boolean;
   exportName?: string;
   description?: string;
   persistent?: boolean;
@@ -32,7 +34,7 @@ export async function run(file: string, flags: Flags): Promise<number> {
   // handing each to libuv's pool cost more than the copy (see FileStore).
   const { defaultOpener } = await import('../open-images.js');
   const opener: StoreOpener = { ...defaultOpener, open: (name, o) => defaultOpener.open(name, { ...o, cachedReadsInline: true }) };
-  const dev = await openForCli(file, flags, { readOnly: !!flags.readOnly, fixedSize: true, opener });
+  const dev = await openForCli(file, flags, { readOnly: !!flags.readOnly, fixedSize: true, opener, copyOnRead: !!flags.copyOnRead });
   let server: NbdServerHandle | undefined;
   try {
     if ('path' in address) await removeStaleSocket(address.path);

@@ -42,6 +42,8 @@ class BlkdebugDevice extends DeviceBase {
         return inner.write(at, data, options as WriteOptions);
       },
     };
+    // Events raised on this node (copy-on-read's cor_write) reach the rules through its store.
+    this.store.debugEvent = (event) => state.event(event);
     state.event('none');
   }
   override get unusable(): Error | undefined {

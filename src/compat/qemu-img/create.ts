@@ -110,11 +110,15 @@ async function make(file: string, fmt: string, s: Settings): Promise<void> {
     if (backing === file) throw new CreateError('Error: Trying to create an image with the same filename as the backing file');
     if (backing === '') throw new CreateError('Expected backing file name, got empty string');
   }
+  // A backing name in QEMU's own kinds (json:{...}, blkdebug:...) is no path: it opens as it says.
+  const { jsonOpenerFor } = await import('../json-open.js');
+  const special = backing === undefined ? undefined : jsonOpenerFor(backing);
   if (backing !== undefined && !s.unsafe) {
-    const full = defaultOpener.resolve(backing, file);
+    const full = special ? backing : defaultOpener.resolve(backing, file);
     let dev;
     try {
-      dev = await openImage(full, { format: backingFmt, readOnly: true, inspectOnly: true, noBacking: true });
+      const options = { format: backingFmt, readOnly: true, inspectOnly: true, noBacking: true };
+      dev = await (special ? special(options) : openImage(full, options));
     } catch (e) {
       process.stderr.write(qemuErrorLines(PROGRAM, e, { op: 'create-backing', file, backing: full }));
       throw new Handled();
@@ -146,7 +150,8 @@ async function make(file: string, fmt: string, s: Settings): Promise<void> {
   // QEMU's file protocol prefix names a plain file.
   const path = file.startsWith('file:') ? file.slice(5) : file;
   try {
-    await createImage(path, { format: fmt, size: Number(size), backingFile: backing, backingFormat: backingFmt, options, unsafe: s.unsafe, password: s.password });
+    // Such a backing file was checked above; the chain's create would take its name for a path.
+    await createImage(path, { format: fmt, size: Number(size), backingFile: backing, backingFormat: backingFmt, options, unsafe: s.unsafe || !!special, password: s.password });
   } catch (e) {
     // The file protocol's own complaint ("Could not create 'X': ...") when the file cannot be made.
     const text = qemuMessage(e, { op: 'create-file', file: path });

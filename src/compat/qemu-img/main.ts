@@ -160,6 +160,7 @@ function translate(cmd: string, key: string, value: string | undefined): string[
     case 'force':
       return cmd === 'amend' ? ['--force'] : undefined;
     case 'salvage':
+      return ['--salvage'];
     case 'target-is-zero':
     case 'preallocation':
       return undefined;

@@ -45,6 +45,8 @@ export interface OpenRequest {
    * so discards do nothing and zero writes never unmap (the default is 'unmap').
    */
   discard?: string;
+  /** -C, `open -C`: reads copy what the backing chain supplies into the image (copy-on-read). */
+  copyOnRead?: boolean;
 }
 
 /** Whether a discard mode lets discards and unmapping zero writes through (QEMU's BDRV_O_UNMAP). */
@@ -1168,7 +1170,7 @@ const openCmd: Command = {
  Opens an image for the other commands.
  -r  read-only
  -s  writes go to a temporary overlay, dropped on close
- -C  copy-on-read (accepted)
+ -C  copy-on-read
  -n  no host cache (same as -t none)
  -U  share the image with other writers
  -k  native AIO (accepted)
@@ -1215,7 +1217,7 @@ const openCmd: Command = {
       return EINVAL;
     }
     const cache = flags.has('n') ? 'none' : flags.get('t');
-    const r = await io.openImage({ name, options, readOnly: flags.has('r'), snapshot: flags.has('s'), forceShare: flags.has('U'), cache, discard: flags.get('d') });
+    const r = await io.openImage({ name, options, readOnly: flags.has('r'), snapshot: flags.has('s'), forceShare: flags.has('U'), cache, discard: flags.get('d'), copyOnRead: flags.has('C') });
     return r ? EINVAL : 0;
   },
 };

@@ -11,9 +11,11 @@ import { isOn, joinQcow2Options, overlapCheckOptions, qcow2OptionProblem } from 
 import { checkHostProtocol, isHostProtocol } from './protocol.js';
 import { isJsonFilename, jsonFilenameOptions } from '../json-filename.js';
 import { qemuJsonName } from '../json-name.js';
+import { jsonOpenerFor } from '../json-open.js';
 import { NULL_CO, isNullCoFilename, nullCoFileOptions, openNullCo, openNullCoFilename, openOverNullCo } from '../null-co.js';
 import type { NbdTarget } from '../nbd-store.js';
 import { COMPRESS, compressFilter } from './compress-filter.js';
+import { withCopyOnRead } from '../../node.js';
 import { QemuIo, parseOpts, unmapEnabled, type IoOutput, type Opener, type OpenRequest } from './engine.js';
 
 const LONG: LongOption[] = [
@@ -169,8 +171,24 @@ async function checked(dev: BlockDevice, o: Record<string, string>): Promise<Blo
   throw new QcowError('QCOW_INVALID_ARGUMENT', problem);
 }
 
-/** QEMU's stricter open rules, for every image qemu-io opens (see OpenOptions). */
-const QEMU_OPEN_RULES = { refuseMalformedBitmaps: true } as const;
+/** QEMU's copy-on-read filter driver (`driver=copy-on-read,file.driver=...`). */
+const COPY_ON_READ = 'copy-on-read';
+
+/** The options of the child `prefix` (`file.`) of a dotted option list, without the prefix. */
+function childOf(o: Record<string, string>, prefix: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [k, v] of Object.entries(o)) if (k.startsWith(prefix)) out[k.slice(prefix.length)] = v;
+  return out;
+}
+
+/**
+ * QEMU's stricter open rules, for every image qemu-io opens (see OpenOptions); and backing files
+ * named in QEMU's own ways (json:{...}, blkdebug:...) open as QEMU opens them.
+ */
+const QEMU_OPEN_RULES = {
+  refuseMalformedBitmaps: true,
+  openBackingName: (name: string, o: { format: string | undefined; readOnly: boolean }) => jsonOpenerFor(name)?.({ ...o, refuseMalformedBitmaps: true }),
+} as const;
 
 /** Opens images for the engine: -o/--image-opts keys, secrets, -s overlays. */
 export class NodeOpener implements Opener {
@@ -199,6 +217,25 @@ export class NodeOpener implements Opener {
   }
 
   async open(req: OpenRequest): Promise<BlockDevice> {
+    const o = req.name !== undefined && isJsonFilename(req.name) ? { ...jsonFilenameOptions(req.name), ...req.options } : req.options;
+    if (o.driver === COPY_ON_READ) {
+      // QEMU's copy-on-read filter: its `file` child is the image (which takes the filename), and
+      // it needs to write to it.
+      if (req.readOnly || o['read-only'] === 'on') throw new QcowError('QCOW_READ_ONLY', 'Block node is read-only');
+      const child = childOf(o, 'file.');
+      return withCopyOnRead(await this.open({ ...req, name: req.name !== undefined && isJsonFilename(req.name) ? undefined : req.name, copyOnRead: false, options: child }));
+    }
+    const dev = await this.openNode({ ...req, copyOnRead: false });
+    if (!req.copyOnRead) return dev;
+    try {
+      return withCopyOnRead(dev);
+    } catch (e) {
+      await dev.close();
+      throw e;
+    }
+  }
+
+  private async openNode(req: OpenRequest): Promise<BlockDevice> {
     const { openImage, createImage } = await import('../../cli/open-images.js');
     // A json:{...} name is an option list; options given beside it are added to it.
     const json = req.name !== undefined && isJsonFilename(req.name);
@@ -366,6 +403,7 @@ export async function main(argv: string[]): Promise<void> {
   let imageOpts = false;
   let cache: string | undefined;
   let discard: string | undefined;
+  let copyOnRead = false;
   for (const { key, arg } of parsed.options) {
     switch (key) {
       case 'c':
@@ -403,6 +441,9 @@ export async function main(argv: string[]): Promise<void> {
       case 'i':
         if (!['threads', 'native', 'io_uring'].includes(arg!)) return fail(`${prog}: Invalid aio option: ${arg}\n`);
         break;
+      case 'C':
+        copyOnRead = true;
+        break;
       case 'V':
         output.out(`${prog} version 7.2.0 (qcow ${process.env.npm_package_version ?? '0.1.0'})\n`);
         output.flush();
@@ -412,7 +453,7 @@ export async function main(argv: string[]): Promise<void> {
         output.flush();
         return;
       default:
-        // -n, -C, -m, -k, -T: caching, copy-on-read, misalignment, AIO and tracing change nothing here.
+        // -n, -m, -k, -T: caching, misalignment, AIO and tracing change nothing here.
         break;
     }
   }
@@ -429,8 +470,8 @@ export async function main(argv: string[]): Promise<void> {
   if (parsed.operands.length === 1) {
     const operand = parsed.operands[0]!;
     const req: OpenRequest = imageOpts
-      ? { options: parseOpts(operand, 'file'), readOnly, snapshot, forceShare, cache, discard }
-      : { name: operand, options: {}, readOnly, snapshot, forceShare, cache, discard };
+      ? { options: parseOpts(operand, 'file'), readOnly, snapshot, forceShare, cache, discard, copyOnRead }
+      : { name: operand, options: {}, readOnly, snapshot, forceShare, cache, discard, copyOnRead };
     if (await io.openImage(req)) {
       output.flush();
       process.exitCode = 1;

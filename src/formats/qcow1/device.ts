@@ -360,6 +360,8 @@ export class Qcow1Device extends DeviceBase {
       const bytes = await this.newClusterContent(t, data.subarray(t.dataOffset, t.dataOffset + t.length));
       await this.allocate(batch, t.index, bytes, 'normal');
     }
+    // QEMU's qcow driver tells its file of each data write (blkdebug's write_aio event).
+    this.store.debugEvent?.('write_aio');
     for (const r of inPlace) await this.writeInPlace(r.host, r.guest, data.subarray(r.start, r.end));
     await this.commit(batch);
   }

@@ -235,7 +235,8 @@ export class Qcow2Device extends DeviceBase {
    */
   override get unusable(): Error | undefined {
     const broken = this.writePath?.broken;
-    return broken && new ImageMarkedCorrupt(broken, this.filename);
+    // A complete emptying that failed midway gave the image up too (write.ts emptyCompletely).
+    return (broken && new ImageMarkedCorrupt(broken, this.filename)) || this.writePath?.ejected;
   }
 
   /** Incompatible bit 0: refcounts may be stale (lazy refcounts and no clean close). */

@@ -42,6 +42,7 @@ import type { ClusterMap } from './cluster-map.js';
 import type { DataIo } from './data-io.js';
 import type { Qcow2Image } from './image.js';
 import { BytesPayload, PlacedPayload, type Payload } from './payload.js';
+import { EmptyingFailed, canEmptyCompletely, finishEmptying, rebuildEmpty } from './make-empty.js';
 
 /** What the writer works on: the image's state, its cluster map and its data I/O. */
 export interface WriterParts {
@@ -807,7 +808,7 @@ export class Qcow2Writer {
     return this.locked(async () => {
       // An image marked corrupt keeps what is on disk: cached metadata a failed request half
       // changed is not written over it (QEMU drops its caches too); a repair recounts.
-      if (this.brokenBy) return;
+      if (this.brokenBy || this.ejectedBy) return;
       // Metadata writes refused as a whole (the inactive L2 check, overlap.ts) while a discard or
       // a zero write left tables or counts to write: QEMU's close fails to flush each cache.
       const refusal = await this.metadataRefusal();
@@ -1038,11 +1039,56 @@ export class Qcow2Writer {
    * crash-safety order of write-back still holds.
    */
   makeEmpty(): Promise<void> {
+    if (!this.external && canEmptyCompletely(this.image)) return this.exclusive(() => this.emptyCompletely());
     return this.locked(async () => {
       if (this.external) throw unsupported('qcow2: cannot empty an image with an external data file');
       await this.beforeMetadataChange();
       await this.map.deallocateAll();
     });
+  }
+
+  /**
+   * makeEmpty's way when the whole file can be rebuilt (make-empty.ts): the metadata is on disk
+   * (exclusive), the file is rebuilt, then this writer takes the new, empty tables and counts.
+   * A failure after the old structures were overwritten leaves nothing this writer holds true:
+   * it gives the image up for the session (`ejected`), writing nothing more, as QEMU ejects the
+   * node; the next open repairs the image (it is left dirty).
+   */
+  private async emptyCompletely(): Promise<void> {
+    const { image, map } = this;
+    let rebuilt: { metadataClusters: number };
+    try {
+      rebuilt = await rebuildEmpty(image);
+    } catch (e) {
+      if (!(e instanceof EmptyingFailed)) throw e;
+      if (e.broken) this.ejectedBy = e.failure instanceof Error ? e.failure : new Error(String(e.failure));
+      throw e.failure;
+    }
+    try {
+      const h = image.header;
+      map.l2Cache.clear();
+      map.replaceL1(new Uint8Array(h.l1Size * 8));
+      const rc = await Refcounts.load(image.store, { clusterSize: this.cs, refcountBits: 2 ** h.refcountOrder, tableOffset: h.refcountTableOffset, tableClusters: 1, cacheBytes: map.cacheBytes / 4 });
+      rc.setDiscardPassthrough?.({ ...DEFAULT_DISCARD_PASSTHROUGH, ...this.parts.discardPassthrough });
+      map.replaceRefcounts(rc);
+      await rc.update(0, rebuilt.metadataClusters * this.cs, 1);
+      await this.writeRefcounts();
+      await this.barrier();
+      this.dirtyBitSet = false;
+      this.unmapFreesPending = false;
+      await finishEmptying(image, rebuilt.metadataClusters);
+    } catch (e) {
+      this.ejectedBy = e instanceof Error ? e : new Error(String(e));
+      throw e;
+    }
+  }
+
+  /** Set when a complete emptying failed midway (see emptyCompletely): the image is given up. */
+  private ejectedBy: Error | undefined;
+
+  /** The failure that made this writer give the image up for the session, if one did. */
+  get ejected(): Error | undefined {
+    return this.ejectedBy;
   }
 
   // --- guest writes ------------------------------------------------------------------------------
