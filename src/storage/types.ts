@@ -88,9 +88,11 @@ export interface ByteStore {
    * A format driver tells the store underneath what it is about to do ("l2_load", "read_aio":
    * QEMU's blkdebug event names), as QEMU's drivers tell their file node. Only a debugging store
    * (compat's blkdebug, which injects errors on such events) has it; drivers call it as
-   * `store.debugEvent?.(name)`, which costs one property check when it is absent.
+   * `store.debugEvent?.(name)`, which costs one property check when it is absent. It returns a
+   * promise when the request must wait before going on (a blkdebug breakpoint suspended it):
+   * the data reads and writes (`read_aio`, `write_aio`) wait for it before their store request.
    */
-  debugEvent?(event: string): void;
+  debugEvent?(event: string): Promise<void> | void;
   /** Release the store (the file handle, its locks); it is not used afterwards. */
   close(): Promise<void>;
 }

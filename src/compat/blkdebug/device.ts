@@ -8,6 +8,7 @@ import { DeviceBase, QcowError, type BlockDevice, type BlockExtent, type ImageDe
 import { DeviceStore } from '../qemu-io/device-store.js';
 import type { BlkdebugRule } from './rules.js';
 import { RuleState } from './rule-state.js';
+import type { Breakpoints } from './breakpoints.js';
 import { alignedRead, alignedWrite, type AlignedIo } from './requests.js';
 import type { BlkdebugLimits } from './store.js';
 
@@ -45,6 +46,10 @@ class BlkdebugDevice extends DeviceBase {
     // Events raised on this node (copy-on-read's cor_write) reach the rules through its store.
     this.store.debugEvent = (event) => state.event(event);
     state.event('none');
+  }
+  /** Breakpoints can be set here, but no driver above tells this node of events: none fires. */
+  get breakpoints(): Breakpoints {
+    return this.rules;
   }
   override get unusable(): Error | undefined {
     return this.inner.unusable;

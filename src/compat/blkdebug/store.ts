@@ -8,6 +8,7 @@
 import type { ByteStore, DataRun, Permissions } from '../../node.js';
 import type { BlkdebugRule } from './rules.js';
 import { RuleState } from './rule-state.js';
+import type { Breakpoints } from './breakpoints.js';
 import { alignedRead, alignedWrite, type AlignedIo } from './requests.js';
 
 export interface BlkdebugLimits {
@@ -75,19 +76,24 @@ export class BlkdebugStore implements ByteStore {
     return this.inner.size();
   }
 
-  debugEvent(event: string): void {
-    this.rules.event(event);
+  /** qemu-io's break/resume/wait_break act here (a request is suspended at its driver's event). */
+  get breakpoints(): Breakpoints {
+    return this.rules;
+  }
+
+  debugEvent(event: string): Promise<void> | undefined {
+    return this.rules.event(event);
   }
 
   async read(offset: number, into: Uint8Array): Promise<number> {
-    if (this.limits.rawAbove) this.rules.event('read_aio');
+    if (this.limits.rawAbove) await this.rules.event('read_aio');
     await alignedRead(this.io, offset, into);
     // Bytes past the end read as zeros (the inner store's rule): count those that were in the file.
     return Math.max(0, Math.min(into.length, (await this.inner.size()) - offset));
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {
-    if (this.limits.rawAbove) this.rules.event('write_aio');
+    if (this.limits.rawAbove) await this.rules.event('write_aio');
     await alignedWrite(this.io, offset, data);
   }
 

@@ -12,6 +12,7 @@ import { boolProblem, GENERIC_BOOLS } from './qcow2-options.js';
 import { CorruptionEvent, ImageMarkedCorrupt, QcowError, UnwrittenMetadata, type BlockDevice, type BlockExtent } from '../../node.js';
 import { getopt } from './getopt.js';
 import { qemuMessage } from '../messages.js';
+import { breakpointsOf, type Breakpoints } from '../blkdebug/breakpoints.js';
 import { ERRNO_TEXT, hexdump, humanSize, numberError, parseNumber, parsePatternByte, report, type Num } from './text.js';
 import { splitOptionItems } from '../../cli/option-list.js';
 
@@ -197,6 +198,9 @@ export class QemuIo {
   }
 
   async closeImage(): Promise<void> {
+    // Requests still suspended at a blkdebug breakpoint would keep the drain waiting for ever.
+    if (this.dev) breakpointsOf(this.dev.store)?.resumeAll();
+    if (this.dev) breakpointsOf(this.dev)?.resumeAll();
     await this.drain();
     const dev = this.dev;
     this.dev = null;
@@ -216,6 +220,16 @@ export class QemuIo {
   /** Wait for every aio request in flight (aio_flush, close, exit). */
   async drain(): Promise<void> {
     while (this.pending.size > 0) await Promise.allSettled([...this.pending]);
+  }
+
+  /** aio requests in flight. */
+  get inFlight(): number {
+    return this.pending.size;
+  }
+
+  /** Resolves when any aio request in flight settles (at once when none is). */
+  nextCompletion(): Promise<unknown> {
+    return Promise.race([...this.pending, ...(this.pending.size === 0 ? [Promise.resolve()] : [])]);
   }
 
   /** Run one command line; returns its value (negative when it failed). */
@@ -1381,19 +1395,58 @@ const abortCmd: Command = {
   },
 };
 
-const debugCmd = (name: string, argmin: number, args: string, oneline: string, fail: (a: string[]) => string): Command => ({
+/**
+ * The blkdebug node qemu-io's break/resume/... act on, as QEMU looks for it: the device itself
+ * when it is a blkdebug filter, else its file (a format over blkdebug). None: ENOTSUP.
+ */
+function breakpointsFor(io: QemuIo): Breakpoints | undefined {
+  const dev = io.device();
+  const bp = breakpointsOf(dev) ?? breakpointsOf(dev.store);
+  // QEMU's blkdebug prints its lines on stdout, between qemu-io's own.
+  if (bp) bp.say = (line) => io.output.out(line);
+  return bp;
+}
+
+const debugCmd = (name: string, argmin: number, args: string, oneline: string, act: (io: QemuIo, bp: Breakpoints, a: string[]) => Promise<string>, fail: (a: string[]) => string): Command => ({
   name,
   argmin,
   argmax: argmin,
   args,
   oneline,
   async run(io, argv) {
-    // Breakpoints exist only on qemu's blkdebug driver, which qcow does not have.
-    if (name === 'wait_break') return 0;
-    io.output.out(fail(argv) + `: ${ERRNO_TEXT.ENOTSUP}\n`);
-    return -95;
+    const bp = breakpointsFor(io);
+    // No blkdebug node: wait_break has nothing to wait for (QEMU would wait for ever).
+    if (!bp && name === 'wait_break') return 0;
+    const errno = bp ? await act(io, bp, argv) : 'ENOTSUP';
+    if (errno === '') return 0;
+    io.output.out(fail(argv) + `: ${ERRNO_TEXT[errno as Errno]}\n`);
+    return errno === 'ENOENT' ? -2 : -95;
   },
 });
+
+const breakCmd = debugCmd(
+  'break',
+  2,
+  'event tag',
+  'sets a breakpoint on event and tags the stopped request as tag',
+  async (_io, bp, a) => (bp.breakpoint(a[1]!, a[2]!) ? '' : 'ENOENT'),
+  () => 'Could not set breakpoint',
+);
+const removeBreakCmd = debugCmd('remove_break', 1, 'tag', 'remove a breakpoint by tag', async (_io, bp, a) => (bp.removeBreakpoint(a[1]!) ? '' : 'ENOENT'), (a) => `Could not remove breakpoint ${a[1]}`);
+const resumeCmd = debugCmd('resume', 1, 'tag', 'resumes the request tagged as tag', async (_io, bp, a) => (bp.resume(a[1]!) ? '' : 'ENOENT'), () => 'Could not resume request');
+const waitBreakCmd = debugCmd(
+  'wait_break',
+  1,
+  'tag',
+  'waits for the suspension of a request',
+  async (io, bp, a) => {
+    // QEMU polls its event loop until a request is suspended with the tag; with no request in
+    // flight that could reach it, it would wait for ever: we stop waiting then.
+    while (!bp.isSuspended(a[1]!) && io.inFlight > 0) await Promise.race([bp.nextSuspension(), io.nextCompletion()]);
+    return '';
+  },
+  () => '',
+);
 
 const helpCmd: Command = {
   name: 'help',
@@ -1449,10 +1502,10 @@ export const COMMANDS: Command[] = [
   allocCmd,
   mapCmd,
   reopenCmd,
-  debugCmd('break', 2, 'event tag', 'sets a breakpoint on event and tags the stopped request as tag', () => 'Could not set breakpoint'),
-  debugCmd('remove_break', 1, 'tag', 'remove a breakpoint by tag', (a) => `Could not remove breakpoint ${a[1]}`),
-  debugCmd('resume', 1, 'tag', 'resumes the request tagged as tag', () => 'Could not resume request'),
-  debugCmd('wait_break', 1, 'tag', 'waits for the suspension of a request', () => ''),
+  breakCmd,
+  removeBreakCmd,
+  resumeCmd,
+  waitBreakCmd,
   abortCmd,
   sleepCmd,
   sigraiseCmd,

@@ -272,7 +272,9 @@ export class NodeOpener implements Opener {
     if ((blkdebugName && o.driver !== 'blkdebug') || o['file.driver'] === 'blkdebug') {
       const { blkdebugNameOptions, childOptions, openOverBlkdebug } = await import('../blkdebug/open.js');
       const node = { ...(blkdebugName ? blkdebugNameOptions(req.name!) : {}), ...childOptions(o, 'file.') };
-      if (!blkdebugName && node.image === undefined && node['image.filename'] === undefined && o.filename !== undefined) node['x-image'] = o.filename;
+      // The image's file name is blkdebug's own filename (`open -o file.driver=blkdebug IMG`: x-image).
+      const given = o.filename ?? (json ? undefined : req.name);
+      if (!blkdebugName && node.image === undefined && node['image.filename'] === undefined && given !== undefined) node['x-image'] = given;
       const display = req.name ?? `blkdebug:${node.config ?? ''}:${node['image.filename'] ?? node.image ?? node['x-image'] ?? ''}`;
       const readOnly = req.readOnly || o['read-only'] === 'on';
       const format = o.driver ?? this.format;

@@ -57,7 +57,8 @@ export class DataIo {
     const host = this.map.mappedHostRun(offset, into.length);
     if (host < 0) return this.readRuns(offset, into);
     // QEMU's driver event for a data read (its file node hears it): a property check unless set.
-    this.image.store.debugEvent?.('read_aio');
+    const held = this.image.store.debugEvent?.('read_aio');
+    if (held) return held.then(() => this.image.dataStore.read(host, into)).then(() => undefined);
     return this.image.dataStore.read(host, into) as Promise<unknown> as Promise<void>;
   }
 
@@ -184,7 +185,8 @@ export class DataIo {
   /** Guest bytes stored at `hostOffset` in the data store, decrypted when the image is encrypted. */
   async readData(guestOffset: number, hostOffset: number, into: Uint8Array): Promise<void> {
     const enc = this.image.encryption;
-    this.image.store.debugEvent?.('read_aio');
+    const held = this.image.store.debugEvent?.('read_aio');
+    if (held) await held;
     if (!enc) {
       await this.image.dataStore.read(hostOffset, into);
       return;
@@ -232,7 +234,8 @@ export class DataIo {
   /** Plain guest bytes to a host offset, encrypted when the image is. */
   async writeData(guest: number, host: number, plain: Uint8Array): Promise<void> {
     const enc = this.image.encryption;
-    this.image.store.debugEvent?.('write_aio');
+    const held = this.image.store.debugEvent?.('write_aio');
+    if (held) await held;
     if (!enc) {
       await this.image.dataStore.write(host, plain);
       return;

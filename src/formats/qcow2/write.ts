@@ -125,6 +125,8 @@ export class Qcow2Writer {
   /** Compressed writes enter `lock` in the order they were called (see writeCompressed). */
   private readonly compressOrder = new Mutex();
   private l2Written = false;
+  /** Guest clusters whose allocation is in flight, entries set (see noteAllocating, dependency). */
+  private readonly allocating = new Map<number, Promise<void>>();
   /** In-place data writes started under the lock and still running (see write()). */
   private inFlight = 0;
   /** Resolved when inFlight next drops to zero (made only when someone waits). */
@@ -286,6 +288,10 @@ export class Qcow2Writer {
   // --- public operations (each runs under the writer's lock) ------------------------------------
 
   write(offset: number, data: Uint8Array): Promise<void> {
+    if (this.allocating.size > 0) {
+      const dep = this.dependency(offset, data.length);
+      if (dep) return dep.then(() => this.write(offset, data));
+    }
     // The common request, an overwrite in place or fresh clusters filling a cached table, needs
     // no I/O before its data write starts. When no one else wants the lock (no write waiting, no
     // batch of them in the middle of its changes, no other holder or waiter) it is done here in
@@ -330,6 +336,13 @@ export class Qcow2Writer {
         }
         try {
           if (this.map.overlap?.inactiveL2Stale) await this.map.overlap.loadInactiveL2();
+          // A cluster of it is being allocated by an earlier write of the batch (or before it):
+          // it starts over once that allocation is done, outside this batch.
+          const dep = this.dependency(w.offset, w.data.length);
+          if (dep) {
+            w.resolve(dep.then(() => this.write(w.offset, w.data)));
+            continue;
+          }
           const started = this.writeNow(w.offset, w.data);
           if (started !== undefined) w.resolve(started);
           else {
@@ -368,9 +381,10 @@ export class Qcow2Writer {
     // A write onto metadata is left to the general path, which refuses it (this one must not throw).
     if (!fresh && this.overlapsMetadata(host, data.length) !== undefined) return undefined;
     if (!this.bitmaps.markNow(offset, data.length)) return undefined;
-    this.image.store.debugEvent?.('write_aio');
-    if (!fresh) return this.track(this.image.dataStore.write(host, data));
-    const written = this.freshBytesNow(table, offset, data);
+    // A blkdebug breakpoint may hold the data write (QEMU suspends the request at the event).
+    const held = this.image.store.debugEvent?.('write_aio');
+    if (!fresh) return this.track(held ? held.then(() => this.image.dataStore.write(host, data)) : this.image.dataStore.write(host, data));
+    const written = this.freshBytesNow(table, offset, data, held);
     // The table is the cached one (cachedTableFor): marking it changed neither suspends nor evicts.
     if (written !== undefined) void this.map.tableChanged(table);
     return written;
@@ -431,7 +445,7 @@ export class Qcow2Writer {
    * allocated, their data write started and tracked, their entries set; undefined, with nothing
    * done, when the allocator cannot hand them out at once. The caller marks the table changed.
    */
-  private freshBytesNow(table: CachedTable, start: number, data: Uint8Array): Promise<void> | undefined {
+  private freshBytesNow(table: CachedTable, start: number, data: Uint8Array, held: Promise<void> | void): Promise<void> | undefined {
     const cs = this.cs;
     const n = data.length / cs;
     const rc = this.refcounts;
@@ -439,7 +453,8 @@ export class Qcow2Writer {
     if (host === -1) return undefined;
     this.map.noteGrowth();
     const first = (start % this.map.slice.coverage) / cs;
-    const written = this.trackFresh(this.image.dataStore.write(host, data), table, first, n, host);
+    const ds = this.image.dataStore;
+    const written = this.trackFresh(held ? held.then(() => ds.write(host, data)) : ds.write(host, data), table, first, n, host, start);
     // A lower bound of the file's length once the write lands, noted now (writeFreshData notes it
     // after): it only spares writeRun a size check for clusters below it, and every cluster below
     // it is written whole by a write already started. Should that write fail, its request fails
@@ -502,6 +517,8 @@ export class Qcow2Writer {
     }
     let placing: Promise<void> | undefined;
     await this.guarded(async () => {
+      // Waited for under the lock: an allocation in flight settles without it.
+      for (let dep = this.dependency(offset, length); dep; dep = this.dependency(offset, length)) await dep;
       if (this.unmapFreesPending) await this.settleFrees();
       const marking = this.bitmaps.mark(offset, length);
       if (marking) await marking;
@@ -628,8 +645,12 @@ export class Qcow2Writer {
       else runs.push([host, s - offset, len]);
     }
     for (const [host, , len] of runs) if (this.overlapsMetadata(host, len) !== undefined) return null;
-    image.store.debugEvent?.('write_aio');
-    return runs.map(([host, from, len]) => this.track(image.dataStore.write(host, data.subarray(from, from + len))));
+    const held = image.store.debugEvent?.('write_aio');
+    const ds = image.dataStore;
+    return runs.map(([host, from, len]) => {
+      const bytes = data.subarray(from, from + len);
+      return this.track(held ? held.then(() => ds.write(host, bytes)) : ds.write(host, bytes));
+    });
   }
 
   /**
@@ -1222,6 +1243,9 @@ export class Qcow2Writer {
             },
           );
           deferred.push(this.track(settled));
+          // Its new clusters are linked before the write lands: later requests on them wait.
+          const landed = settled.then(noop, noop);
+          for (const p of run) if (p.alloc) this.noteAllocating(p.clusterGuest / cs, 1, landed);
         } else await this.writeRun(run, start, data);
         i = j + 1;
       }
@@ -1317,7 +1341,7 @@ export class Qcow2Writer {
     const first = (start % this.map.slice.coverage) / cs;
     // As writeInTable: the data before the entries that point at it (deferred ones are waited
     // for by every L2 write-back, see writeLocked).
-    if (deferred) deferred.push(this.trackFresh(this.writeFreshData(start, host, data), table, first, n, host));
+    if (deferred) deferred.push(this.trackFresh(this.writeFreshData(start, host, data), table, first, n, host, start));
     else {
       try {
         await this.writeFreshData(start, host, data);
@@ -1347,7 +1371,7 @@ export class Qcow2Writer {
     if (host === -1) return false;
     this.map.noteGrowth();
     const first = (start % this.map.slice.coverage) / cs;
-    deferred.push(this.trackFresh(this.writeFreshData(start, host, data), table, first, n, host));
+    deferred.push(this.trackFresh(this.writeFreshData(start, host, data), table, first, n, host, start));
     setCopiedNormalRun(table.data, first, n, host, cs);
     this.io.forgetCompressed();
     return true;
@@ -1359,10 +1383,48 @@ export class Qcow2Writer {
    * write counts as settled, so no L2 write-back (each waits for the writes in flight) can carry
    * entries to clusters never written. One closure per request, made only here.
    */
-  private trackFresh(p: Promise<void>, table: CachedTable, first: number, n: number, host: number): Promise<void> {
+  private trackFresh(p: Promise<void>, table: CachedTable, first: number, n: number, host: number, guestStart: number): Promise<void> {
     this.inFlight++;
-    void p.then(this.untrack, () => this.abortFresh(table, first, n, host).then(this.untrack, this.untrack));
+    const settled = p.then(this.untrack, () => this.abortFresh(table, first, n, host).then(this.untrack, this.untrack));
+    this.noteAllocating(guestStart / this.cs, n, settled);
     return p;
+  }
+
+  /**
+   * Guest clusters `n` from index `first` are being allocated by a data write in flight whose
+   * entries are already set; `settled` resolves once it has landed or been undone (never rejects).
+   */
+  private noteAllocating(first: number, n: number, settled: Promise<void>): void {
+    const allocating = this.allocating;
+    for (let k = 0; k < n; k++) allocating.set(first + k, settled);
+    // Registered before any dependent's wait (dependency hands out `settled` only after this), so
+    // the clusters are off the list by the time a dependent tries again.
+    void settled.then(() => {
+      for (let k = 0; k < n; k++) if (allocating.get(first + k) === settled) allocating.delete(first + k);
+    });
+  }
+
+  /**
+   * What a request on [offset, +length) must wait for before it decides anything: the allocation
+   * in flight of one of its clusters, if any (QEMU's dependency of a request on an l2meta in
+   * flight). Such a cluster looks allocated (its entry is set), so the request would write into
+   * it in place and be told it succeeded; should the allocating write then fail, its undo would
+   * unlink the cluster under the request's data. After the wait the request starts over.
+   */
+  private dependency(offset: number, length: number): Promise<void> | undefined {
+    const allocating = this.allocating;
+    if (allocating.size === 0 || length === 0) return undefined;
+    const first = Math.floor(offset / this.cs);
+    const last = Math.floor((offset + length - 1) / this.cs);
+    if (last - first >= allocating.size) {
+      for (const [c, settled] of allocating) if (c >= first && c <= last) return settled;
+      return undefined;
+    }
+    for (let c = first; c <= last; c++) {
+      const settled = allocating.get(c);
+      if (settled) return settled;
+    }
+    return undefined;
   }
 
   /**
@@ -1422,7 +1484,8 @@ export class Qcow2Writer {
 
   private async writeFreshData(start: number, host: number, data: Payload): Promise<void> {
     const place = data.placer();
-    this.image.store.debugEvent?.('write_aio');
+    const held = this.image.store.debugEvent?.('write_aio');
+    if (held) await held;
     if (place) await place(this.image.dataStore, 0, data.length, host, start);
     else await this.image.dataStore.write(host, data.bytes(0, data.length));
     // Whole clusters were written: the file reaches the last one's end.
@@ -1573,6 +1636,8 @@ export class Qcow2Writer {
     this.io.forgetCompressed();
   }
 }
+
+const noop = (): void => undefined;
 
 /**
  * Entries [first, first + n) of an L2 table point at n consecutive host clusters from `host`
