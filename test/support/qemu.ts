@@ -114,6 +114,14 @@ export async function runOk(cmd: string, args: string[], options: { cwd?: string
   return r;
 }
 
+/**
+ * qemu-io's output with its timing lines masked ("64 KiB, 1 ops; 00:00:00.01 (6.25 MiB/sec and
+ * 100 ops/sec)" differs from run to run, ours as QEMU's), so two runs compare equal.
+ */
+export function maskQemuIoTiming(out: string): string {
+  return out.replace(/(?:\d\d:)*\d\d\.\d\d(?: sec)? \([^)]*\/sec\)/g, 'TIMING');
+}
+
 export const qemuImg = (args: string[], cwd?: string) => runOk('qemu-img', args, { cwd });
 export const qemuIo = (args: string[], cwd?: string) => runOk('qemu-io', args, { cwd });
 
