@@ -61,6 +61,7 @@ const HEADER_REFUSALS: [RegExp, string, QcowError['code']?][] = [
   [/^(?:qcow2 header: )?backing_file_offset 0x[0-9a-f]+ (?:is too large|lies past the first cluster)$/, 'Invalid backing file offset'],
   [/^qcow2 header extension (?:0x[0-9a-f]+ )?at 0x[0-9a-f]+(?::.*)? runs past the header area$/, 'Header extension too large'],
   [/^refcount table of \d+ clusters is too large$/, 'Reference count table too large'],
+  [/^the image has no refcount table \(refcount_table_clusters is 0\)/, 'Image does not contain a reference count table'],
   [/^(?:refcount_table_offset 0x[0-9a-f]+ is too large|refcount table offset 0x[0-9a-f]+ is not cluster aligned)$/, 'Reference count table offset invalid'],
   [/^snapshot table: \d+ snapshots is more than the limit/, 'Snapshot table too large'],
   [/^snapshots_offset 0x[0-9a-f]+ is too large$/, 'Snapshot table offset invalid'],
@@ -163,6 +164,8 @@ const ROWS: Row[] = [
       return `Failed to load snapshot: ${why}`;
     },
   },
+  // amend to compat=0.10 meeting a corrupt table (the image was marked corrupt): QEMU's errno.
+  { code: 'QCOW_CORRUPT', match: /^cannot expand zero clusters: /, text: () => 'Failed to turn zero into data clusters: Input/output error' },
   // amend on a format without it: refused once the image is open, without "Could not open".
   { code: 'QCOW_UNSUPPORTED', match: /does not support option amendment$/, text: (e) => e.message },
   // map, human output: data without a host offset in the file.

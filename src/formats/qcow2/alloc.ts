@@ -71,6 +71,11 @@ export interface Allocator {
    * at its end); -1 when the caller must use allocClusters. Optional: a fake may leave it out.
    */
   allocClustersNow?(n: number): number;
+  /**
+   * `n` clusters at exactly `offset`, refcount 1, if all of them are free (true); else nothing
+   * changes (false). Optional: a fake may leave it out.
+   */
+  allocClustersAt?(offset: number, n: number, what?: AllocPurpose): Promise<boolean>;
   /** Room for one compressed cluster of `size` bytes (packed at byte granularity). */
   allocBytes(size: number): Promise<number>;
   /**
@@ -291,6 +296,9 @@ export class Refcounts implements Allocator {
     }
     await this.spillDirtyBlocks();
     const start = await this.findFree(n);
+    // QEMU counts the clusters before its caller looks at where they are: a refcount block they
+    // need is made (and refused, with its own message) before the clusters are.
+    await this.withReserved(start, n, () => this.ensureBlocks(start, n));
     this.vet(start, n, what);
     await this.claim(start, n);
     return start * this.clusterSize;
@@ -325,6 +333,7 @@ export class Refcounts implements Allocator {
   async allocClustersAt(offset: number, n: number, what?: AllocPurpose): Promise<boolean> {
     const start = offset / this.clusterSize;
     for (let c = start; c < start + n; c++) if (!(await this.isFree(c))) return false;
+    await this.withReserved(start, n, () => this.ensureBlocks(start, n)); // as in allocClusters
     this.vet(start, n, what);
     await this.claim(start, n);
     return true;
@@ -547,7 +556,10 @@ export class Refcounts implements Allocator {
     return this.blocks.load(b, async () => {
       const block = new Uint8Array(this.clusterSize);
       this.store.debugEvent?.('refblock_load');
-      await this.store.read(off, block);
+      // A block the table places past the end of the file (a corrupt entry) reads as zeros, as
+      // QEMU reads it; one there because it was made this session is cached, not loaded.
+      const inFile = Math.max(0, Math.min(this.clusterSize, this.endCluster * this.clusterSize - off));
+      if (inFile > 0) await this.store.read(off, block.subarray(0, inFile));
       return block;
     });
   }
@@ -638,14 +650,24 @@ export class Refcounts implements Allocator {
     return start;
   }
 
-  /** Give [start, start+n) refcount 1, creating refcount blocks (and table room) as needed. */
-  private async claim(start: number, n: number): Promise<void> {
+  /** Run `fn` with [start, start+n) kept from being handed out (findFree skips it). */
+  private async withReserved<T>(start: number, n: number, fn: () => Promise<T>): Promise<T> {
     this.reserved.push([start, start + n]);
     try {
-      for (let b = Math.floor(start / this.perBlock); b <= Math.floor((start + n - 1) / this.perBlock); b++) await this.ensureBlock(b);
+      return await fn();
     } finally {
       this.reserved.splice(this.reserved.findIndex(([s]) => s === start), 1);
     }
+  }
+
+  /** The refcount blocks that describe [start, start+n), made where missing. */
+  private async ensureBlocks(start: number, n: number): Promise<void> {
+    for (let b = Math.floor(start / this.perBlock); b <= Math.floor((start + n - 1) / this.perBlock); b++) await this.ensureBlock(b);
+  }
+
+  /** Give [start, start+n) refcount 1, creating refcount blocks (and table room) as needed. */
+  private async claim(start: number, n: number): Promise<void> {
+    await this.withReserved(start, n, () => this.ensureBlocks(start, n));
     await this.update(start * this.clusterSize, n * this.clusterSize, 1);
     if (start <= Math.max(this.freeHint, 1)) this.freeHint = start + n;
   }

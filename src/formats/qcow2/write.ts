@@ -23,7 +23,7 @@
  * Only `flush()` issues fsyncs (plus the rare cache eviction); writes themselves do not.
  */
 import type { BlockExtent, PlacedRange, ZeroOptions } from '../../core/block-device.js';
-import { CorruptionEvent, ImageMarkedCorrupt, QcowError, UnwrittenMetadata, unsupported } from '../../core/errors.js';
+import { CorruptionEvent, ImageMarkedCorrupt, QcowError, UnwrittenMetadata, altHex, unsupported } from '../../core/errors.js';
 import { overlapMessage } from './overlap.js';
 import { Mutex } from '../../core/mutex.js';
 import { firstNonZero } from '../../core/bytes.js';
@@ -556,9 +556,12 @@ export class Qcow2Writer {
    * disk (version 3), and unusable for the rest of the session. A second event changes nothing.
    */
   async markCorrupt(e: CorruptionEvent): Promise<void> {
-    if (this.brokenBy) return;
+    if (this.brokenBy) {
+      if (e !== this.brokenBy) this.image.corruption.afterMarked(e);
+      return;
+    }
     this.brokenBy = e;
-    e.fatal = true;
+    this.image.corruption.marked(e);
     // v2 has no corrupt bit: the image is only refused for the rest of this session.
     if (this.image.header.version < 3) return;
     await this.image.writeHeader((h) => {
@@ -566,6 +569,31 @@ export class Qcow2Writer {
     });
     await this.image.store.flush();
     e.markedCorrupt = true;
+  }
+
+  /**
+   * `n` new clusters for a write, right after the cluster `prev` of the same request that is
+   * written in place when they are free there (QEMU's handle_alloc continues the host range
+   * handle_copied found), else wherever the allocator finds room.
+   */
+  private async allocAfter(prev: Piece | undefined, n: number): Promise<number> {
+    const rc = this.refcounts;
+    if (prev && !prev.alloc && rc.allocClustersAt && (await rc.allocClustersAt(prev.host + this.cs, n))) return prev.host + this.cs;
+    return rc.allocClusters(n);
+  }
+
+  /**
+   * A write meets a cluster its entry places at an unaligned host offset (entry `index` of
+   * `table`, written from guest offset `guest`): a corruption event, in QEMU's words. A COPIED
+   * cluster would be written in place; any other would be copied from, unless the write covers it
+   * (`whole`: it is replaced, and the old cluster, which cannot be freed, leaks as `release` says).
+   */
+  private refuseUnaligned(table: CachedTable, index: number, old: ClusterDescriptor, guest: number, whole: boolean): void {
+    if (l2EntryCopied(old)) {
+      const what = old.kind === 'zero-alloc' ? 'Preallocated zero' : 'Data';
+      throw new CorruptionEvent(`${what} cluster offset 0x${old.hostOffset.toString(16)} unaligned (guest offset: ${altHex(guest)})`);
+    }
+    if (!whole) throw this.map.unalignedCluster(table, index, old.hostOffset);
   }
 
   /** Note a data write running outside the lock; flushes and L2 write-backs wait for it. */
@@ -617,8 +645,9 @@ export class Qcow2Writer {
     const runs: Array<[number, number, number]> = [];
     const d = this.scratchEntry; // looked at within each step only
     for (let c = offset - (offset % cs); c < end; c += cs) {
-      decodeL2Entry(table.data, (c % sc) / cs, image.l2Context, d);
-      if (d.kind !== 'normal' || !l2EntryCopied(d)) return null;
+      decodeL2Entry(table.data, (c % sc) / cs, image.l2Context, d, true);
+      // (An unaligned cluster: the full path signals it.)
+      if (d.kind !== 'normal' || !l2EntryCopied(d) || d.hostOffset % cs !== 0) return null;
       const s = Math.max(offset, c);
       const host = d.hostOffset + (s - c);
       const len = Math.min(end, c + cs) - s;
@@ -1082,6 +1111,7 @@ export class Qcow2Writer {
       const old = this.map.entry(table, index);
       const s = Math.max(start, c);
       const e = Math.min(end, c + cs);
+      if (old.hostOffset % cs !== 0 && (old.kind === 'normal' || old.kind === 'zero-alloc')) this.refuseUnaligned(table, index, old, s, e - s === cs);
       const p: Piece = { index, clusterGuest: c, ws: s, we: e, alloc: false, host: 0, old, subMask: 0n };
       const ownHost = old.kind === 'normal' || old.kind === 'zero-alloc';
       if (ownHost && (l2EntryCopied(old) || this.external)) {
@@ -1134,7 +1164,7 @@ export class Qcow2Writer {
       let j = i;
       while (j + 1 < pieces.length && pieces[j + 1]!.alloc) j++;
       const n = j - i + 1;
-      const base = this.external ? pieces[i]!.clusterGuest : await this.refcounts.allocClusters(n);
+      const base = this.external ? pieces[i]!.clusterGuest : await this.allocAfter(i > 0 ? pieces[i - 1]! : undefined, n);
       for (let k = i; k <= j; k++) pieces[k]!.host = base + (k - i) * cs;
       i = j + 1;
     }
