@@ -183,10 +183,12 @@ export class NodeOpener implements Opener {
     private readonly onRepair?: (messages: readonly string[]) => void,
     /** Where qcow2's corruption events go as they are signalled (QEMU prints them on stderr then). */
     private readonly onCorruption?: (e: CorruptionEvent) => void,
+    /** Where QEMU's warnings about a failed step of a request that went on go (stderr). */
+    private readonly onWarning?: (message: string) => void,
   ) {}
 
   /** The open options that -o gives beyond the file's name, format and secrets. */
-  private driverOptions(o: Record<string, string>, discard: string | undefined): Pick<NodeOpenOptions, 'lazyRefcounts' | 'overlapCheck' | 'onRepair' | 'onCorruption' | 'discardPassthrough' | 'dataFile'> {
+  private driverOptions(o: Record<string, string>, discard: string | undefined): Pick<NodeOpenOptions, 'lazyRefcounts' | 'overlapCheck' | 'onRepair' | 'onCorruption' | 'onWarning' | 'discardPassthrough' | 'dataFile'> {
     const lazy = o['lazy-refcounts'];
     // qcow2's data-file: the external data file to use, whatever the header names (or if none).
     const dataFile = o['data-file.filename'] ?? o['data-file'];
@@ -196,6 +198,7 @@ export class NodeOpener implements Opener {
       overlapCheck: overlapCheckOptions(o),
       onRepair: this.onRepair,
       onCorruption: this.onCorruption,
+      onWarning: this.onWarning,
       // pass-discard-request defaults to whether the image is opened with unmap (-d).
       discardPassthrough: { request: pass('request') ?? unmapEnabled(discard), snapshot: pass('snapshot'), other: pass('other') },
       dataFile,
@@ -430,7 +433,7 @@ export async function main(argv: string[]): Promise<void> {
 
   const onRepair = (messages: readonly string[]) => output.err(messages.map((m) => m + '\n').join(''));
   const onCorruption = (e: CorruptionEvent) => output.err(corruptionLine(e));
-  const io = new QemuIo(output, new NodeOpener(secrets, format, onRepair, onCorruption), imageOpts, prog);
+  const io = new QemuIo(output, new NodeOpener(secrets, format, onRepair, onCorruption, (m) => output.err(`${m}\n`)), imageOpts, prog);
   if (parsed.operands.length === 1) {
     const operand = parsed.operands[0]!;
     const req: OpenRequest = imageOpts

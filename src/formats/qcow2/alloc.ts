@@ -125,6 +125,8 @@ export interface Allocator {
   isRefcountBlock?(cluster: number): boolean;
   /** Install the overlap guard (see AllocatorHooks.vet; a fake may leave it out). */
   setOverlapGuard?(vet: NonNullable<AllocatorHooks['vet']>): void;
+  /** Drop the refcount blocks that count nothing (a shrink; see Refcounts). Optional for fakes. */
+  dropUnusedBlocks?(): Promise<void>;
 }
 
 export class Refcounts implements Allocator {
@@ -535,6 +537,61 @@ export class Refcounts implements Allocator {
   /** First cluster index at or above every allocation (used to place new structures at the end). */
   get end(): number {
     return this.endCluster;
+  }
+
+  /**
+   * Drop every refcount block that counts nothing but, maybe, itself (QEMU's shrink does this,
+   * qcow2_shrink_reftable): the table is written at once without them, then each one's own count
+   * goes to 0 in the block that covers it. The metadata must be written back on entry. A block
+   * the table places at an unaligned offset, or one no block covers, is a corruption event (the
+   * table may then already be written without the unused blocks, as QEMU leaves it).
+   */
+  async dropUnusedBlocks(): Promise<void> {
+    const cs = this.clusterSize;
+    const unused: number[] = [];
+    for (let i = 0; i < this.table.length; i++) {
+      const off = this.table[i]!;
+      if (off === 0) continue;
+      if (off % cs !== 0) throw new CorruptionEvent(`Cannot get entry from refcount block cache: Offset ${altHex(off)} is unaligned`);
+      const block = await this.loadBlock(i);
+      const own = Math.floor(off / cs / this.perBlock) === i ? (off / cs) % this.perBlock : -1;
+      const ownCount = own < 0 ? 0 : getRefcount(block, own, this.refcountBits);
+      if (own >= 0) setRefcount(block, own, this.refcountBits, 0);
+      const empty = refcountsZero(block, 0, this.perBlock, this.refcountBits);
+      if (own >= 0) setRefcount(block, own, this.refcountBits, ownCount);
+      if (empty) unused.push(i);
+    }
+    if (unused.length === 0) return;
+    const written = this.encodeTable(0, this.table.length);
+    for (const i of unused) written.fill(0, i * 8, i * 8 + 8);
+    await this.store.write(this.tableOffset, written);
+    await this.store.flush();
+    let failure: CorruptionEvent | undefined;
+    for (const i of unused) {
+      const off = this.table[i]!;
+      if (!failure) failure = await this.dropBlockCount(off);
+      this.table[i] = 0;
+      this.blocks.delete(i);
+      this.dirtyBlocks.delete(i);
+      this.blockClusters?.delete(off / cs);
+    }
+    if (failure) throw failure;
+  }
+
+  /** The count of the refcount block at `off` goes to 0 (dropUnusedBlocks); the event if it cannot. */
+  private async dropBlockCount(off: number): Promise<CorruptionEvent | undefined> {
+    const cluster = off / this.clusterSize;
+    const b = Math.floor(cluster / this.perBlock);
+    if (b >= this.table.length || this.table[b] === 0) return new CorruptionEvent(`Refblock at ${altHex(off)} is not covered by the refcount structures`);
+    const covering = await this.loadBlock(b);
+    const count = getRefcount(covering, cluster % this.perBlock, this.refcountBits);
+    if (count !== 1) {
+      return new CorruptionEvent(`Invalid refcount: refblock offset ${altHex(this.table[b]!)}, reftable index ${b}, block offset ${altHex(off)}, refcount ${altHex(count)}`);
+    }
+    setRefcount(covering, cluster % this.perBlock, this.refcountBits, 0);
+    this.dirtyBlocks.add(b);
+    if (cluster < this.freeHint) this.freeHint = cluster;
+    return undefined;
   }
 
   // --- internals -------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ export class Qcow2Device extends DeviceBase {
           lazyRefcounts: options.lazyRefcounts,
           discardPassthrough: options.discardPassthrough,
           onRepair: options.onRepair,
+          onWarning: options.onWarning,
         });
       }
     } catch (e) {

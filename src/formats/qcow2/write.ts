@@ -63,6 +63,8 @@ export interface WriterParts {
   discardPassthrough?: Partial<DiscardPassthrough>;
   /** Told the messages of the repair of a dirty image at open (OpenOptions.onRepair). */
   onRepair?: (messages: readonly string[]) => void;
+  /** Told what QEMU prints about a step that failed while the request went on (OpenOptions.onWarning). */
+  onWarning?: (message: string) => void;
 }
 
 /** A guest write waiting for the lock (see Qcow2Writer.enqueueWrite). */
@@ -104,6 +106,8 @@ async function repairDirty(image: Qcow2Image, map: ClusterMap, onRepair: WriterP
   const { checkQcow2 } = await import('./check.js');
   const result = await checkQcow2(image.store, { repair: 'all' });
   onRepair?.(result.messages);
+  // A repair that could not finish (it marked the image corrupt) fails the open, as in QEMU.
+  if (result.failed !== undefined) throw new QcowError('QCOW_CORRUPT', `could not repair the dirty image: ${result.failed}`, { errno: 'EIO', file: image.store.name });
   // The repair wrote the header (a moved refcount table) and maybe the L1 table: take them again.
   const { header: fresh } = await readHeader(image.store);
   image.noteHeaderWritten((h) => {
@@ -764,6 +768,7 @@ export class Qcow2Writer {
       if (image.header.version < 3 && image.header.nbSnapshots > 0) throw unsupported("Can't resize a v2 image which has snapshots");
       this.bitmaps.checkResize();
       if (size < oldSize) {
+        await this.dropUnusedRefcountBlocks();
         await image.writeHeader((h) => {
           h.size = size;
         });
@@ -783,6 +788,21 @@ export class Qcow2Writer {
       image.setSize(size);
       if (size !== oldSize) await this.bitmaps.resized(oldSize);
     });
+  }
+
+  /**
+   * A shrink's first step, QEMU's qcow2_shrink_reftable: refcount blocks that count nothing leave
+   * the table. A corrupt table met there marks the image corrupt and fails the shrink before the
+   * size changes ("Failed to discard unused refblocks", EIO).
+   */
+  private async dropUnusedRefcountBlocks(): Promise<void> {
+    try {
+      await this.refcounts.dropUnusedBlocks?.();
+    } catch (e) {
+      if (!(e instanceof CorruptionEvent)) throw e;
+      await this.markCorrupt(e);
+      throw new QcowError('QCOW_CORRUPT', `cannot drop unused refcount blocks: ${e.message}`, { errno: 'EIO', cause: e, file: this.image.store.name });
+    }
   }
 
   /**
@@ -1471,7 +1491,18 @@ export class Qcow2Writer {
       await this.beforeMetadataChange();
       await this.map.zeroClusters(first, last, true, isDiscard, hasBacking);
       if (this.refcounts.hasPendingFrees) this.unmapFreesPending = true;
-      await this.punchUnreferenced();
+      try {
+        await this.punchUnreferenced();
+      } catch (e) {
+        if (!(e instanceof CorruptionEvent)) throw e;
+        // QEMU's qcow2_free_clusters meets the corrupt refcount structure: the event marks the
+        // image, the failure is only a warning, and the discard of the whole clusters stands. A
+        // partial last cluster is a request of its own in QEMU's block layer, which then finds
+        // the image given up (ENOMEDIUM).
+        await this.markCorrupt(e);
+        this.parts.onWarning?.('qcow2_free_clusters failed: Input/output error');
+        if (end > last) throw new ImageMarkedCorrupt(e, this.image.store.name);
+      }
       return;
     }
     // The request cluster by cluster, as qemu's block layer splits it: a partial head, the whole
