@@ -81,16 +81,17 @@ export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpe
     forceShare: flags.forceShare,
     refuseMalformedBitmaps: openPolicy.refuseMalformedBitmaps,
     onRepair: openPolicy.onRepair,
-    onCorruption: openPolicy.onCorruption ?? tellCorruption,
+    // Read-only, every event fails the request that met it, whose error says it all.
+    onCorruption: openPolicy.onCorruption ?? (extra.readOnly ? undefined : tellCorruption),
     dataFile: openPolicy.dataFiles?.get(file),
     ...extra,
   });
 }
 
 /**
- * Our own CLI's word on a corruption event that does not fail the command (a cluster that cannot
- * be freed is leaked, QEMU's non-fatal events): a warning line. Fatal ones fail the command, and
- * its error says why.
+ * Our own CLI's word on a corruption event that does not fail the command (on an image open
+ * read-write, QEMU's non-fatal events: a cluster that cannot be freed is leaked): a warning line.
+ * Fatal ones fail the command, and its error says why.
  */
 function tellCorruption(e: CorruptionEvent): void {
   if (!e.fatal) process.stderr.write(`${failureStyle.program}: warning: the image is corrupt: ${e.message} (check -r all repairs it)\n`);

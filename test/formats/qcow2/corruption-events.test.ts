@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { CorruptionEvent, createImage, openImage, type BlockDevice } from '#src/node.js';
 import { firstL2Offset, headerOf } from '../../support/qcow2-edit.js';
+import { qcow } from '../../support/qemu.js';
 
 const CS = 65536;
 
@@ -179,4 +180,19 @@ test('an image without a refcount table does not open', async (t) => {
   for (const readOnly of [true, false]) {
     await assert.rejects(openImage(file, { readOnly }), (e: unknown) => e instanceof Error && /no refcount table/.test(e.message));
   }
+});
+
+test('our CLI warns of a non-fatal event on an image open read-write, and the command goes on', async (t) => {
+  const file = await brokenImage(t, 1, (at) => [[at.l2, 0x8000000000052a00n]]);
+  const r = await qcow(['io', '-c', 'discard 0 64k', file]);
+  assert.equal(r.code, 0);
+  assert.match(r.stdout, /^discard 65536\/65536 bytes at offset 0$/m);
+  assert.equal(r.stderr, 'qcow: warning: the image is corrupt: Cannot free unaligned cluster 0x52a00 (check -r all repairs it)\n');
+  // Read-only, the failed request's error says it all (no warning beside it). (The discard above
+  // emptied the entry: a new image.)
+  const again = await brokenImage(t, 1, (at) => [[at.l2, 0x8000000000052a00n]]);
+  const ro = await qcow(['convert', '-O', 'raw', again, join(again, '..', 'out.raw')]);
+  assert.notEqual(ro.code, 0);
+  assert.doesNotMatch(ro.stderr, /warning/);
+  assert.match(ro.stderr, /Cluster allocation offset 0x52a00 unaligned \(L2 offset: 0x40000, L2 index: 0\)/);
 });
