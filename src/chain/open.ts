@@ -77,6 +77,8 @@ export interface OpenImageOptions {
   onRepair?: OpenOptions['onRepair'];
   /** Every image of the chain: see OpenOptions.onWarning. */
   onWarning?: OpenOptions['onWarning'];
+  /** The top image only: see OpenOptions.onCorruption. */
+  onCorruption?: OpenOptions['onCorruption'];
   /**
    * qemu-img -U: read-only images (and backing and data files) lock out no writer, and are opened
    * even while one writes. Without it, every file takes the locks QEMU would (storage/permissions.ts).
@@ -161,6 +163,7 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
       overlapCheck: depth === 0 ? options.overlapCheck : undefined,
       onRepair: options.onRepair,
       onWarning: options.onWarning,
+      onCorruption: depth === 0 ? options.onCorruption : undefined,
       skipDataFile: options.skipDataFile,
       openFile: (fileName, o) =>
         options.opener.open(resolveNamed(fileName, name, options), { ...o, permissions: permissionsFor({ writable: !o.readOnly, format: 'raw', role: 'data', forceShare }) }).catch((e) => {

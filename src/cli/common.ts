@@ -1,6 +1,6 @@
 /** What every CLI command shares: opening images the way the flags say, passwords, -o lists, errors. */
 import { readFileSync, unlinkSync, writeSync } from 'node:fs';
-import { QcowError, stringifyExact, type BlockDevice, type NodeOpenOptions } from '../node.js';
+import { QcowError, stringifyExact, type BlockDevice, type CorruptionEvent, type NodeOpenOptions } from '../node.js';
 // Type only: node-open.js pulls in every format; it is loaded when an image is opened
 // (openForCli), so `--help`, `--version` and argument errors start fast.
 import { splitOptionItems } from './option-list.js';
@@ -50,6 +50,8 @@ export const openPolicy: {
   dataFiles?: Map<string, string>;
   /** Told what an open repaired (OpenOptions.onRepair): a persona that prints it as QEMU does. */
   onRepair?: NodeOpenOptions['onRepair'];
+  /** Told the corruption events of an image in use (OpenOptions.onCorruption): a persona prints them as QEMU does. */
+  onCorruption?: NodeOpenOptions['onCorruption'];
 } = {};
 
 /** The password of the secret `id` (openPolicy.secrets); QEMU's error when there is none. */
@@ -82,9 +84,20 @@ export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpe
     forceShare: flags.forceShare,
     refuseMalformedBitmaps: openPolicy.refuseMalformedBitmaps,
     onRepair: openPolicy.onRepair,
+    // Read-only, every event fails the request that met it, whose error says it all.
+    onCorruption: openPolicy.onCorruption ?? (extra.readOnly ? undefined : tellCorruption),
     dataFile: openPolicy.dataFiles?.get(file),
     ...extra,
   });
+}
+
+/**
+ * Our own CLI's word on a corruption event that does not fail the command (on an image open
+ * read-write, QEMU's non-fatal events: a cluster that cannot be freed is leaked): a warning line.
+ * Fatal ones fail the command, and its error says why.
+ */
+function tellCorruption(e: CorruptionEvent): void {
+  if (!e.fatal) process.stderr.write(`${failureStyle.program}: warning: the image is corrupt: ${e.message} (check -r all repairs it)\n`);
 }
 
 /** qemu-img's -o syntax: key=value pairs separated by commas; ",," is a literal comma. */

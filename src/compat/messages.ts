@@ -61,12 +61,14 @@ const HEADER_REFUSALS: [RegExp, string, QcowError['code']?][] = [
   [/^(?:qcow2 header: )?backing_file_offset 0x[0-9a-f]+ (?:is too large|lies past the first cluster)$/, 'Invalid backing file offset'],
   [/^qcow2 header extension (?:0x[0-9a-f]+ )?at 0x[0-9a-f]+(?::.*)? runs past the header area$/, 'Header extension too large'],
   [/^refcount table of \d+ clusters is too large$/, 'Reference count table too large'],
+  [/^the image has no refcount table \(refcount_table_clusters is 0\)/, 'Image does not contain a reference count table'],
   [/^(?:refcount_table_offset 0x[0-9a-f]+ is too large|refcount table offset 0x[0-9a-f]+ is not cluster aligned)$/, 'Reference count table offset invalid'],
   [/^snapshot table: \d+ snapshots is more than the limit/, 'Snapshot table too large'],
   [/^snapshots_offset 0x[0-9a-f]+ is too large$/, 'Snapshot table offset invalid'],
   [/^L1 table: \d+ entries is more than qemu's limit/, 'Active L1 table too large'],
   [/^(?:l1_table_offset 0x[0-9a-f]+ is too large|L1 table offset 0x[0-9a-f]+ is not cluster aligned)$/, 'Active L1 table offset invalid'],
   [/^L1 table is too small\b/, 'L1 table is too small'],
+  [/^could not repair the dirty image: /, 'Could not repair dirty image: Input/output error'],
   [/^qcow2 header: backing file name is too long/, 'Backing file name too long'],
   // qcow (version 1): QEMU's qcow driver checks the same fields in its own words.
   [/^header cluster_bits \d+ is out of range\b/, 'Cluster size must be between 512 and 64k'],
@@ -165,6 +167,10 @@ const ROWS: Row[] = [
       return `Failed to load snapshot: ${why}`;
     },
   },
+  // resize --shrink meeting a corrupt refcount table (the image was marked corrupt): QEMU's errno.
+  { code: 'QCOW_CORRUPT', match: /^cannot drop unused refcount blocks: /, text: () => 'Failed to discard unused refblocks: Input/output error' },
+  // amend to compat=0.10 meeting a corrupt table (the image was marked corrupt): QEMU's errno.
+  { code: 'QCOW_CORRUPT', match: /^cannot expand zero clusters: /, text: () => 'Failed to turn zero into data clusters: Input/output error' },
   // amend on a format without it: refused once the image is open, without "Could not open".
   { code: 'QCOW_UNSUPPORTED', match: /does not support option amendment$/, text: (e) => e.message },
   // map, human output: data without a host offset in the file.

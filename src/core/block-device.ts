@@ -6,6 +6,7 @@
 import type { ByteStore } from '../storage/types.js';
 import type { CheckResult, RepairMode } from './check.js';
 import type { DirtyBitmaps } from './bitmaps.js';
+import type { CorruptionEvent } from './errors.js';
 
 // Devices are `await using`-disposable. `Symbol.asyncDispose` is declared in TypeScript's
 // esnext.disposable lib and in @types/node; a browser project on an ES2022 lib has neither, and
@@ -374,6 +375,13 @@ export interface OpenOptions {
    * the header placed past the end of the file are freed). Without it, such a failure is silent.
    */
   onWarning?: (message: string) => void;
+  /**
+   * qcow2: told each corruption event as the image signals it (QEMU's qcow2_signal_corruption),
+   * before the request that ran into it fails, or goes on when the event is not fatal (a cluster
+   * that cannot be freed is leaked). `fatal` events marked the image corrupt; events QEMU would
+   * suppress (any after the image was marked, a non-fatal one after an earlier event) are not told.
+   */
+  onCorruption?: (event: CorruptionEvent) => void;
 }
 
 /** What a format needs to write a new image ({@link ImageFormat.create}). */

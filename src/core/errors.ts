@@ -87,6 +87,8 @@ export class CorruptionEvent extends QcowError {
    * "Image is corrupt" once per image ("further non-fatal corruption events will be suppressed").
    */
   suppressed = false;
+  /** True once OpenOptions.onCorruption was told this event (as it was signalled). */
+  told = false;
   constructor(message: string, file?: string) {
     super('QCOW_CORRUPT', message, { file });
   }

@@ -17,6 +17,7 @@ import { nbdTargetOf, nbdTargetOfOptions } from '../nbd-store.js';
 import { fromImageOpts, parseImageOpts, type SpecialOpen } from './image-opts.js';
 import { secretsOf } from './options.js';
 import { contextOf, qemuErrorLines } from '../messages.js';
+import { corruptionLine } from '../corruption-line.js';
 
 const PROGRAM = 'qemu-img';
 const VERSION = 'qemu-img version 7.2.0 (qcow compat)\nCopyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers\n';
@@ -243,6 +244,8 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   // Opening a lazy-refcounts image left dirty read-write repairs it; QEMU's check prints what it
   // repaired on standard error, whatever the command.
   openPolicy.onRepair = (messages) => process.stderr.write(messages.map((m) => m + '\n').join(''));
+  // qcow2's corruption events, in its words, as QEMU prints them while the command runs.
+  openPolicy.onCorruption = (e) => process.stderr.write(corruptionLine(e));
   // -p draws as qemu-img draws it: on standard output, terminal or not.
   progressStyle.qemu = true;
   process.exitCode = undefined;

@@ -15,6 +15,7 @@ import { qemuMessage } from '../messages.js';
 import { breakpointsOf, type Breakpoints } from '../blkdebug/breakpoints.js';
 import { ERRNO_TEXT, hexdump, humanSize, numberError, parseNumber, parsePatternByte, report, type Num } from './text.js';
 import { splitOptionItems } from '../../cli/option-list.js';
+import { corruptionLine } from '../corruption-line.js';
 
 /** Where the engine prints: stdout (buffered as C's stdio is) and stderr. */
 export interface IoOutput {
@@ -114,13 +115,14 @@ function failed(io: { output: { out(s: string): void; err(s: string): void } }, 
 }
 
 /**
- * qcow2's line for a corruption event, as QEMU prints it when it signals one: "Marking image as
- * corrupt" when it marked the image (open read-write), "Image is corrupt" the first time otherwise.
+ * qcow2's line for a corruption event that failed the request, if it was not printed when it was
+ * signalled: "Marking image as corrupt" when it marked the image (open read-write), "Image is
+ * corrupt" the first time otherwise.
  */
 function tellCorruption(io: { output: { err(s: string): void } }, e: unknown): void {
-  if (!(e instanceof CorruptionEvent)) return;
-  if (e.fatal) io.output.err(`qcow2: Marking image as corrupt: ${e.message}; further corruption events will be suppressed\n`);
-  else if (!e.suppressed) io.output.err(`qcow2: Image is corrupt: ${e.message}; further non-fatal corruption events will be suppressed\n`);
+  // Told already when it was signalled (the opener's OpenOptions.onCorruption prints it then).
+  if (!(e instanceof CorruptionEvent) || e.told) return;
+  if (e.fatal || !e.suppressed) io.output.err(corruptionLine(e));
 }
 
 /** Largest request qemu's block layer takes: INT_MAX rounded down to whole sectors. */

@@ -5,7 +5,7 @@
  * status is 1 when the last failing command failed (any command failing), else 0.
  */
 import { fstatSync, readFileSync, writeSync } from 'node:fs';
-import { QcowError, type BlockDevice, type NodeOpenOptions } from '../../node.js';
+import { QcowError, type BlockDevice, type CorruptionEvent, type NodeOpenOptions } from '../../node.js';
 import { getopt, type LongOption } from './getopt.js';
 import { isOn, joinQcow2Options, overlapCheckOptions, qcow2OptionProblem } from './qcow2-options.js';
 import { checkHostProtocol, isHostProtocol } from './protocol.js';
@@ -17,6 +17,7 @@ import type { NbdTarget } from '../nbd-store.js';
 import { COMPRESS, compressFilter } from './compress-filter.js';
 import { withCopyOnRead } from '../../node.js';
 import { QemuIo, parseOpts, unmapEnabled, type IoOutput, type Opener, type OpenRequest } from './engine.js';
+import { corruptionLine } from '../corruption-line.js';
 
 const LONG: LongOption[] = [
   { name: 'help', hasArg: false, key: 'h' },
@@ -198,10 +199,14 @@ export class NodeOpener implements Opener {
     private readonly format?: string,
     /** Where the messages of a repair at open go (QEMU prints them on stderr while it opens). */
     private readonly onRepair?: (messages: readonly string[]) => void,
+    /** Where qcow2's corruption events go as they are signalled (QEMU prints them on stderr then). */
+    private readonly onCorruption?: (e: CorruptionEvent) => void,
+    /** Where QEMU's warnings about a failed step of a request that went on go (stderr). */
+    private readonly onWarning?: (message: string) => void,
   ) {}
 
   /** The open options that -o gives beyond the file's name, format and secrets. */
-  private driverOptions(o: Record<string, string>, discard: string | undefined): Pick<NodeOpenOptions, 'lazyRefcounts' | 'overlapCheck' | 'onRepair' | 'discardPassthrough' | 'dataFile'> {
+  private driverOptions(o: Record<string, string>, discard: string | undefined): Pick<NodeOpenOptions, 'lazyRefcounts' | 'overlapCheck' | 'onRepair' | 'onCorruption' | 'onWarning' | 'discardPassthrough' | 'dataFile'> {
     const lazy = o['lazy-refcounts'];
     // qcow2's data-file: the external data file to use, whatever the header names (or if none).
     const dataFile = o['data-file.filename'] ?? o['data-file'];
@@ -210,6 +215,8 @@ export class NodeOpener implements Opener {
       lazyRefcounts: lazy === undefined ? undefined : isOn(lazy),
       overlapCheck: overlapCheckOptions(o),
       onRepair: this.onRepair,
+      onCorruption: this.onCorruption,
+      onWarning: this.onWarning,
       // pass-discard-request defaults to whether the image is opened with unmap (-d).
       discardPassthrough: { request: pass('request') ?? unmapEnabled(discard), snapshot: pass('snapshot'), other: pass('other') },
       dataFile,
@@ -468,7 +475,8 @@ export async function main(argv: string[]): Promise<void> {
   if (format !== undefined && imageOpts) return fail(`${prog}: --image-opts and -f are mutually exclusive\n`);
 
   const onRepair = (messages: readonly string[]) => output.err(messages.map((m) => m + '\n').join(''));
-  const io = new QemuIo(output, new NodeOpener(secrets, format, onRepair), imageOpts, prog);
+  const onCorruption = (e: CorruptionEvent) => output.err(corruptionLine(e));
+  const io = new QemuIo(output, new NodeOpener(secrets, format, onRepair, onCorruption, (m) => output.err(`${m}\n`)), imageOpts, prog);
   if (parsed.operands.length === 1) {
     const operand = parsed.operands[0]!;
     const req: OpenRequest = imageOpts

@@ -71,6 +71,11 @@ export interface Allocator {
    * at its end); -1 when the caller must use allocClusters. Optional: a fake may leave it out.
    */
   allocClustersNow?(n: number): number;
+  /**
+   * `n` clusters at exactly `offset`, refcount 1, if all of them are free (true); else nothing
+   * changes (false). Optional: a fake may leave it out.
+   */
+  allocClustersAt?(offset: number, n: number, what?: AllocPurpose): Promise<boolean>;
   /** Room for one compressed cluster of `size` bytes (packed at byte granularity). */
   allocBytes(size: number): Promise<number>;
   /**
@@ -120,6 +125,8 @@ export interface Allocator {
   isRefcountBlock?(cluster: number): boolean;
   /** Install the overlap guard (see AllocatorHooks.vet; a fake may leave it out). */
   setOverlapGuard?(vet: NonNullable<AllocatorHooks['vet']>): void;
+  /** Drop the refcount blocks that count nothing (a shrink; see Refcounts). Optional for fakes. */
+  dropUnusedBlocks?(): Promise<void>;
 }
 
 export class Refcounts implements Allocator {
@@ -291,6 +298,9 @@ export class Refcounts implements Allocator {
     }
     await this.spillDirtyBlocks();
     const start = await this.findFree(n);
+    // QEMU counts the clusters before its caller looks at where they are: a refcount block they
+    // need is made (and refused, with its own message) before the clusters are.
+    await this.withReserved(start, n, () => this.ensureBlocks(start, n));
     this.vet(start, n, what);
     await this.claim(start, n);
     return start * this.clusterSize;
@@ -325,6 +335,7 @@ export class Refcounts implements Allocator {
   async allocClustersAt(offset: number, n: number, what?: AllocPurpose): Promise<boolean> {
     const start = offset / this.clusterSize;
     for (let c = start; c < start + n; c++) if (!(await this.isFree(c))) return false;
+    await this.withReserved(start, n, () => this.ensureBlocks(start, n)); // as in allocClusters
     this.vet(start, n, what);
     await this.claim(start, n);
     return true;
@@ -528,6 +539,61 @@ export class Refcounts implements Allocator {
     return this.endCluster;
   }
 
+  /**
+   * Drop every refcount block that counts nothing but, maybe, itself (QEMU's shrink does this,
+   * qcow2_shrink_reftable): the table is written at once without them, then each one's own count
+   * goes to 0 in the block that covers it. The metadata must be written back on entry. A block
+   * the table places at an unaligned offset, or one no block covers, is a corruption event (the
+   * table may then already be written without the unused blocks, as QEMU leaves it).
+   */
+  async dropUnusedBlocks(): Promise<void> {
+    const cs = this.clusterSize;
+    const unused: number[] = [];
+    for (let i = 0; i < this.table.length; i++) {
+      const off = this.table[i]!;
+      if (off === 0) continue;
+      if (off % cs !== 0) throw new CorruptionEvent(`Cannot get entry from refcount block cache: Offset ${altHex(off)} is unaligned`);
+      const block = await this.loadBlock(i);
+      const own = Math.floor(off / cs / this.perBlock) === i ? (off / cs) % this.perBlock : -1;
+      const ownCount = own < 0 ? 0 : getRefcount(block, own, this.refcountBits);
+      if (own >= 0) setRefcount(block, own, this.refcountBits, 0);
+      const empty = refcountsZero(block, 0, this.perBlock, this.refcountBits);
+      if (own >= 0) setRefcount(block, own, this.refcountBits, ownCount);
+      if (empty) unused.push(i);
+    }
+    if (unused.length === 0) return;
+    const written = this.encodeTable(0, this.table.length);
+    for (const i of unused) written.fill(0, i * 8, i * 8 + 8);
+    await this.store.write(this.tableOffset, written);
+    await this.store.flush();
+    let failure: CorruptionEvent | undefined;
+    for (const i of unused) {
+      const off = this.table[i]!;
+      if (!failure) failure = await this.dropBlockCount(off);
+      this.table[i] = 0;
+      this.blocks.delete(i);
+      this.dirtyBlocks.delete(i);
+      this.blockClusters?.delete(off / cs);
+    }
+    if (failure) throw failure;
+  }
+
+  /** The count of the refcount block at `off` goes to 0 (dropUnusedBlocks); the event if it cannot. */
+  private async dropBlockCount(off: number): Promise<CorruptionEvent | undefined> {
+    const cluster = off / this.clusterSize;
+    const b = Math.floor(cluster / this.perBlock);
+    if (b >= this.table.length || this.table[b] === 0) return new CorruptionEvent(`Refblock at ${altHex(off)} is not covered by the refcount structures`);
+    const covering = await this.loadBlock(b);
+    const count = getRefcount(covering, cluster % this.perBlock, this.refcountBits);
+    if (count !== 1) {
+      return new CorruptionEvent(`Invalid refcount: refblock offset ${altHex(this.table[b]!)}, reftable index ${b}, block offset ${altHex(off)}, refcount ${altHex(count)}`);
+    }
+    setRefcount(covering, cluster % this.perBlock, this.refcountBits, 0);
+    this.dirtyBlocks.add(b);
+    if (cluster < this.freeHint) this.freeHint = cluster;
+    return undefined;
+  }
+
   // --- internals -------------------------------------------------------------------------------
 
   private encodeTable(from: number, to: number): Uint8Array {
@@ -547,7 +613,10 @@ export class Refcounts implements Allocator {
     return this.blocks.load(b, async () => {
       const block = new Uint8Array(this.clusterSize);
       this.store.debugEvent?.('refblock_load');
-      await this.store.read(off, block);
+      // A block the table places past the end of the file (a corrupt entry) reads as zeros, as
+      // QEMU reads it; one there because it was made this session is cached, not loaded.
+      const inFile = Math.max(0, Math.min(this.clusterSize, this.endCluster * this.clusterSize - off));
+      if (inFile > 0) await this.store.read(off, block.subarray(0, inFile));
       return block;
     });
   }
@@ -638,14 +707,24 @@ export class Refcounts implements Allocator {
     return start;
   }
 
-  /** Give [start, start+n) refcount 1, creating refcount blocks (and table room) as needed. */
-  private async claim(start: number, n: number): Promise<void> {
+  /** Run `fn` with [start, start+n) kept from being handed out (findFree skips it). */
+  private async withReserved<T>(start: number, n: number, fn: () => Promise<T>): Promise<T> {
     this.reserved.push([start, start + n]);
     try {
-      for (let b = Math.floor(start / this.perBlock); b <= Math.floor((start + n - 1) / this.perBlock); b++) await this.ensureBlock(b);
+      return await fn();
     } finally {
       this.reserved.splice(this.reserved.findIndex(([s]) => s === start), 1);
     }
+  }
+
+  /** The refcount blocks that describe [start, start+n), made where missing. */
+  private async ensureBlocks(start: number, n: number): Promise<void> {
+    for (let b = Math.floor(start / this.perBlock); b <= Math.floor((start + n - 1) / this.perBlock); b++) await this.ensureBlock(b);
+  }
+
+  /** Give [start, start+n) refcount 1, creating refcount blocks (and table room) as needed. */
+  private async claim(start: number, n: number): Promise<void> {
+    await this.withReserved(start, n, () => this.ensureBlocks(start, n));
     await this.update(start * this.clusterSize, n * this.clusterSize, 1);
     if (start <= Math.max(this.freeHint, 1)) this.freeHint = start + n;
   }

@@ -39,7 +39,7 @@
  * bitmaps' clusters as leaked. Here they are removed (clusters freed, extension dropped) before the
  * downgrade: the same bitmaps are lost, and the image checks clean.
  */
-import { QcowError, invalidArgument, unsupported } from '../../core/errors.js';
+import { CorruptionEvent, QcowError, altHex, invalidArgument, unsupported } from '../../core/errors.js';
 import { parseSize } from '../../core/size.js';
 import { COMPRESSION_ZLIB, V3_HEADER_LENGTH, qemuFeatureNames } from './header.js';
 import { AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasFeature } from './features.js';
@@ -244,6 +244,17 @@ export async function amendQcow2(dev: AmendDevice, options: Record<string, strin
   }
 }
 
+/**
+ * A corrupt table met while zero clusters are expanded: a corruption event (`why`, QEMU's words),
+ * which marks the image corrupt, and the downgrade's error (QEMU's "Failed to turn zero into data
+ * clusters" with EIO).
+ */
+async function expansionFailed(w: Qcow2Writer, why: string): Promise<QcowError> {
+  const event = new CorruptionEvent(why);
+  await w.markCorrupt(event);
+  return new QcowError('QCOW_CORRUPT', `cannot expand zero clusters: ${why}`, { errno: 'EIO', cause: event });
+}
+
 /** The v3 -> v2 step: zero clusters expanded (all L1 tables), then the v2 header. */
 async function downgrade(dev: AmendDevice, w: Qcow2Writer, report: (done: number, work: number) => void): Promise<void> {
   const h = dev.header;
@@ -278,6 +289,7 @@ async function downgrade(dev: AmendDevice, w: Qcow2Writer, report: (done: number
     for (let i = 0; i < l1.length / 8; i++, report(++visited, l1Entries)) {
       const off = l1TableOffset(l1, i);
       if (off === 0 || seen.has(off)) continue;
+      if (off % cs !== 0) throw await expansionFailed(w, `L2 table offset 0x${off.toString(16)} unaligned (L1 index: ${altHex(i)})`);
       seen.add(off);
       const table = new Uint8Array(cs);
       await dev.store.read(off, table);
@@ -292,7 +304,10 @@ async function downgrade(dev: AmendDevice, w: Qcow2Writer, report: (done: number
           continue;
         }
         if ((e & L2_ZERO) === 0n) continue;
-        const d = readL2Entry(table, j, dev.l2Context);
+        const d = readL2Entry(table, j, dev.l2Context, true);
+        if (d.kind === 'zero-alloc' && d.hostOffset % cs !== 0) {
+          throw await expansionFailed(w, `Cluster allocation offset 0x${d.hostOffset.toString(16)} unaligned (L2 offset: ${altHex(off)}, L2 index: ${altHex(j)})`);
+        }
         const guest = i * g.l2Coverage + j * cs;
         let next: bigint;
         if (d.kind === 'zero-alloc' && (await rc.get(d.hostOffset / cs)) === paths) {

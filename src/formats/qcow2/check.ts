@@ -11,7 +11,7 @@
  * checks again; the result reports what was fixed and what is left, with qemu-img's keys.
  * Works on the store directly, so images the device refuses to open (corrupt bit) can be checked.
  */
-import { QcowError, corrupt, unsupported } from '../../core/errors.js';
+import { QcowError, altHex, corrupt, unsupported } from '../../core/errors.js';
 import { setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
 import type { CheckResult, RepairMode } from '../../core/check.js';
@@ -154,6 +154,12 @@ interface Pass {
    * one before once more. Kept only by a walk that writes nothing (the tables stay as it read them).
    */
   runs: Map<number, number[]>;
+  /**
+   * A corruption event was signalled by this check (a refcount lookup met a refcount block at an
+   * unaligned offset, which QEMU's lookup signals): 'fatal' when the check repairs (the image is
+   * open read-write: QEMU marks it corrupt and gives up the driver, so the repair cannot finish).
+   */
+  signalled?: 'fatal' | 'non-fatal';
 }
 
 /** The shortest run worth keeping in {@link Pass.runs} (a fragmented table keeps nothing). */
@@ -183,7 +189,7 @@ export async function checkQcow2(store: ByteStore, options: { repair?: RepairMod
   const first = await checkPass(store, fix);
   first.messages = [...dropped, ...first.messages];
   first.corruptionsFixed += dropped.length;
-  if (!fix || (first.corruptionsFixed === 0 && first.leaksFixed === 0)) return first;
+  if (!fix || first.failed !== undefined || (first.corruptionsFixed === 0 && first.leaksFixed === 0)) return first;
   // As qemu-img: when something was repaired, the image is checked again and that result is
   // reported, with the counts of what was fixed.
   const again = await checkPass(store, null);
@@ -654,7 +660,7 @@ async function storedCountText(store: ByteStore, p: Pass, c: number): Promise<st
  * With `fix`, mismatches that can be corrected in place are (raising counts before lowering any),
  * and counted as fixed. Returns the highest cluster in use by either count.
  */
-async function compare(store: ByteStore, p: Pass, fix: RepairMode | null): Promise<number> {
+async function compare(store: ByteStore, p: Pass, fix: RepairMode | null, writeNothing = false): Promise<number> {
   const { res, refs, perBlock, rbits } = p;
   let highest = 0;
   const changes: Array<{ b: number; i: number; value: number; raise: boolean }> = [];
@@ -663,6 +669,7 @@ async function compare(store: ByteStore, p: Pass, fix: RepairMode | null): Promi
     const end = Math.min(p.nb, first + perBlock);
     const block = await storedBlock(store, p, b);
     if (block === 'bad') {
+      await signalBadBlock(store, p, b);
       for (let c = first; c < end; c++) {
         res.checkErrors++;
         res.messages.push(`Can't get refcount for cluster ${c}: Input/output error`);
@@ -701,7 +708,7 @@ async function compare(store: ByteStore, p: Pass, fix: RepairMode | null): Promi
       else res.leaks++;
     }
   }
-  if (changes.length > 0) {
+  if (changes.length > 0 && !writeNothing) {
     // Raise first (no referenced cluster is ever counted free, whatever a crash leaves), then lower.
     for (const raise of [true, false]) {
       const touched = new Set<number>();
@@ -720,6 +727,30 @@ async function compare(store: ByteStore, p: Pass, fix: RepairMode | null): Promi
     }
   }
   return highest;
+}
+
+/**
+ * The first lookup of a count in the refcount block at an unaligned offset, table index `b`: a
+ * corruption event, as QEMU's lookup signals it (the line QEMU prints, among the check's). A
+ * repairing check has the image open read-write: QEMU then marks it corrupt, and so do we.
+ */
+async function signalBadBlock(store: ByteStore, p: Pass, b: number): Promise<void> {
+  if (p.signalled) return;
+  const off = offsetOf(u32(p.reftable, b * 8), (u32(p.reftable, b * 8 + 4) & 0xfffffe00) >>> 0);
+  const why = `Refblock offset 0x${off.toString(16)} unaligned (reftable index: ${altHex(b)})`;
+  if (p.fix) {
+    p.signalled = 'fatal';
+    p.res.messages.push(`qcow2: Marking image as corrupt: ${why}; further corruption events will be suppressed`);
+    if (p.h.version >= 3) {
+      const bits = new Uint8Array(8);
+      setU64(bits, 0, p.h.incompatibleFeatures | INCOMPAT_CORRUPT);
+      await store.write(INCOMPATIBLE_FEATURES_OFFSET, bits);
+      await store.flush();
+    }
+  } else {
+    p.signalled = 'non-fatal';
+    p.res.messages.push(`qcow2: Image is corrupt: ${why}; further non-fatal corruption events will be suppressed`);
+  }
 }
 
 /**
@@ -966,7 +997,7 @@ async function checkPass(store: ByteStore, fix: RepairMode | null): Promise<Chec
   res.corruptions += snap.corruptions;
   res.corruptionsFixed += snap.corruptionsFixed;
   res.messages = [...snap.messages, ...res.messages];
-  if (fix && res.checkErrors === 0 && res.corruptions === 0) await markClean(store, p.h);
+  if (fix && res.checkErrors === 0 && res.corruptions === 0 && res.failed === undefined) await markClean(store, p.h);
   return res;
 }
 
@@ -1020,14 +1051,17 @@ async function refcountPass(store: ByteStore, fix: RepairMode | null, snap: Snap
   if (p.rebuild && fix === 'all') {
     const old = { corruptions: p.res.corruptions, leaks: p.res.leaks, corruptionsFixed: p.res.corruptionsFixed, leaksFixed: p.res.leaksFixed };
     const messages = [...p.res.messages, 'Rebuilding refcount structure'];
+    const broken = p.signalled === 'fatal';
     await rebuildRefcounts(store, p);
-    // Counted again against the new structure; what the old one used shows as leaks, fixed here.
+    // Counted again against the new structure; what the old one used shows as leaks, fixed here
+    // (but not when this check marked the image corrupt: QEMU's driver is gone by then, and the
+    // fixes it makes stay in its cache; the old structure's clusters stay leaked).
     p = await openPass(store, null, snap);
     await calculate(store, p);
     const saved = { ...p.res };
     p.res.corruptions = 0;
     p.res.leaks = 0;
-    highest = await compare(store, p, 'leaks');
+    highest = await compare(store, p, 'leaks', broken);
     const freshLeaks = p.res.leaks;
     if (p.rebuild) messages.push('ERROR rebuilt refcount structure is still broken');
     // p.res.messages holds the recount's lines, then the leak repair's (saved shares the array).
@@ -1036,6 +1070,8 @@ async function refcountPass(store: ByteStore, fix: RepairMode | null, snap: Snap
     p.res.leaksFixed = old.leaksFixed + Math.max(0, old.leaks - p.res.leaks);
     p.res.leaks += freshLeaks;
     p.fix = fix;
+    // qemu-img checks a repaired image again, which fails on a driver given up (ENOMEDIUM).
+    if (broken) p.res.failed = 'No medium found';
   } else if (fix) {
     if (p.rebuild) {
       // Only -r all rebuilds: qemu's check stops here with EIO, having changed nothing.

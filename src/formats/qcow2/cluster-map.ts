@@ -377,7 +377,8 @@ export class ClusterMap {
           pos = runEnd;
           continue;
         }
-        const d = readL2Entry(table.data, index, this.image.l2Context);
+        const d = readL2Entry(table.data, index, this.image.l2Context, true);
+        if (d.kind !== 'compressed' && d.hostOffset % g.clusterSize !== 0) throw this.unalignedCluster(table, index, d.hostOffset);
         this.checkHostOffset(d, clusterStart);
         if (d.kind === 'compressed') {
           push({ offset: pos, length: clusterEnd - pos, kind: 'compressed', descriptor: d, clusterStart });
@@ -444,8 +445,9 @@ export class ClusterMap {
     const first = offset - (offset % cs);
     const index = (first % sc) / cs;
     const d = this.scratchEntry; // looked at within this call only
-    decodeL2Entry(table.data, index, this.image.l2Context, d);
-    if (d.kind !== 'normal') return -1;
+    decodeL2Entry(table.data, index, this.image.l2Context, d, true);
+    // (An unaligned cluster: the general path signals it.)
+    if (d.kind !== 'normal' || d.hostOffset % cs !== 0) return -1;
     this.checkHostOffset(d, first);
     const clusters = Math.ceil((offset + length - first) / cs);
     if (clusters > 1) {
@@ -552,9 +554,23 @@ export class ClusterMap {
     await this.image.store.write(at, table);
   }
 
-  /** Entry `i` of a cached table, decoded. */
+  /**
+   * Entry `i` of a cached table, decoded; a host offset that is not cluster aligned is kept as it
+   * stands (the writer refuses to use it, `release` to free it, both in QEMU's words).
+   */
   entry(t: CachedTable, i: number): ClusterDescriptor {
-    return readL2Entry(t.data, i, this.image.l2Context);
+    return readL2Entry(t.data, i, this.image.l2Context, true);
+  }
+
+  /**
+   * The corruption event of entry `i` of slice `t` naming a host cluster at the unaligned offset
+   * `host`, in QEMU's words (its index is the entry's in the whole table).
+   */
+  unalignedCluster(t: CachedTable, i: number, host: number): CorruptionEvent {
+    const cs = this.image.clusterSize;
+    const l2Offset = t.offset - (t.offset % cs);
+    const index = (t.offset - l2Offset) / this.image.geometry.l2EntryBytes + i;
+    return new CorruptionEvent(`Cluster allocation offset 0x${host.toString(16)} unaligned (L2 offset: ${altHex(l2Offset)}, L2 index: ${altHex(index)})`);
   }
 
   /** Entry `i` of a cached table (the caller marks the table dirty with `tableChanged`). */
@@ -570,7 +586,13 @@ export class ClusterMap {
   /** Drop the reference an entry holds (deferred until its table is on disk), for `reason`. */
   release(d: ClusterDescriptor, reason: FreeReason): void {
     if (d.kind === 'compressed') this.refcounts.free(d.hostOffset, d.compressedBound, reason);
-    else if ((d.kind === 'normal' || d.kind === 'zero-alloc') && !this.image.external) this.refcounts.free(d.hostOffset, this.image.clusterSize, reason);
+    else if ((d.kind === 'normal' || d.kind === 'zero-alloc') && !this.image.external) {
+      const cs = this.image.clusterSize;
+      // A cluster the entry names at an unaligned offset is not freed (it leaks, for a check to
+      // find): a non-fatal corruption event, and the request goes on, as in QEMU.
+      if (d.hostOffset % cs !== 0) this.image.corruption.nonFatal(new CorruptionEvent(`Cannot free unaligned cluster 0x${d.hostOffset.toString(16)}`));
+      else this.refcounts.free(d.hostOffset, cs, reason);
+    }
   }
 
   /**

@@ -15,6 +15,7 @@ import { qcow2Geometry, type Qcow2Geometry } from './layout.js';
 import type { L2Context } from './l2-entry.js';
 import type { Qcow2Snapshot } from './snapshot-table.js';
 import type { Qcow2Encryption } from './encryption.js';
+import { CorruptionSignals } from './corruption.js';
 
 /** Where the virtual size lives (the device: DeviceBase keeps it for range checks). */
 export interface VirtualSize {
@@ -31,6 +32,8 @@ export class Qcow2Image {
   private snapshotList: Qcow2Snapshot[] = [];
   private opened: Qcow2Snapshot | undefined;
   private cipher: Qcow2Encryption | null = null;
+  /** The corruption events of this session and who is told them (see corruption.ts). */
+  readonly corruption = new CorruptionSignals();
 
   constructor(
     readonly store: ByteStore,

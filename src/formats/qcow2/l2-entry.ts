@@ -60,15 +60,17 @@ export interface ClusterDescriptor {
 
 const COPIED_BIT_HI = 0x80000000;
 
-export function readL2Entry(table: Uint8Array, index: number, ctx: L2Context): ClusterDescriptor {
-  return decodeL2Entry(table, index, ctx, { kind: 'unallocated', hostOffset: 0, compressedBound: 0, allocBitmap: 0, zeroBitmap: 0, hi: 0, lo: 0 });
+export function readL2Entry(table: Uint8Array, index: number, ctx: L2Context, lenient = false): ClusterDescriptor {
+  return decodeL2Entry(table, index, ctx, { kind: 'unallocated', hostOffset: 0, compressedBound: 0, allocBitmap: 0, zeroBitmap: 0, hi: 0, lo: 0 }, lenient);
 }
 
 /**
  * readL2Entry into a descriptor the caller owns and reuses: walks over every entry of an image
- * (check) would otherwise make ~90 bytes of garbage per cluster.
+ * (check) would otherwise make ~90 bytes of garbage per cluster. `lenient`: a host offset that is
+ * not cluster aligned is decoded as it stands, for the caller to signal in QEMU's words (the
+ * cluster map, which knows the table and index), instead of refused here.
  */
-export function decodeL2Entry(table: Uint8Array, index: number, ctx: L2Context, desc: ClusterDescriptor): ClusterDescriptor {
+export function decodeL2Entry(table: Uint8Array, index: number, ctx: L2Context, desc: ClusterDescriptor, lenient = false): ClusterDescriptor {
   // Plain byte reads, no DataView or BigInt: readers decode an entry for every cluster they touch
   // (an NBD read of 1 GiB decodes 16384), and a view per entry was garbage for the collector.
   const o = index * (ctx.extendedL2 ? 16 : 8);
@@ -95,7 +97,7 @@ export function decodeL2Entry(table: Uint8Array, index: number, ctx: L2Context, 
     return desc;
   }
   const host = entryOffset(hi, lo, 'L2 entry');
-  if (host % (1 << ctx.clusterBits) !== 0) throw corrupt(`L2 entry 0x${hex(hi, lo)}: cluster offset 0x${host.toString(16)} is not cluster aligned`);
+  if (!lenient && host % (1 << ctx.clusterBits) !== 0) throw corrupt(`L2 entry 0x${hex(hi, lo)}: cluster offset 0x${host.toString(16)} is not cluster aligned`);
   const hasHost = host !== 0 || (ctx.externalDataFile && (hi & COPIED_BIT_HI) !== 0);
   desc.hostOffset = host;
   if (!ctx.extendedL2 && lo & 1) desc.kind = host !== 0 ? 'zero-alloc' : 'zero-plain';

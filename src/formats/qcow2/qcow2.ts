@@ -65,6 +65,7 @@ export class Qcow2Device extends DeviceBase {
     this.io = new DataIo(this.image, this.map, (offset, into) => this.readBacking(offset, into));
     this.bitmapLimits = options.bitmapLimits ?? {};
     this.onWarning = options.onWarning;
+    this.image.corruption.listener = options.onCorruption;
   }
 
   static async open(store: ByteStore, options: OpenOptions = {}): Promise<Qcow2Device> {
@@ -89,6 +90,7 @@ export class Qcow2Device extends DeviceBase {
           lazyRefcounts: options.lazyRefcounts,
           discardPassthrough: options.discardPassthrough,
           onRepair: options.onRepair,
+          onWarning: options.onWarning,
         });
       }
     } catch (e) {
@@ -105,6 +107,8 @@ export class Qcow2Device extends DeviceBase {
     if (img.geometry.extendedL2 && h.clusterBits < 14) throw corrupt('extended L2 entries need a cluster size of at least 16 KiB');
     // QEMU's order: the refcount table's size, its offset, then the L1 table's.
     if (h.refcountTableClusters > MAX_REFCOUNT_TABLE_BYTES / this.clusterSize) throw corrupt(`refcount table of ${h.refcountTableClusters} clusters is too large`);
+    // An image without one opens only for a check, which rebuilds it (QEMU refuses it too).
+    if (h.refcountTableClusters === 0) throw corrupt('the image has no refcount table (refcount_table_clusters is 0): check -r all rebuilds one');
     this.checkAligned(h.refcountTableOffset, 'refcount table offset');
     this.checkAligned(h.l1TableOffset, 'L1 table offset');
 
@@ -254,9 +258,6 @@ export class Qcow2Device extends DeviceBase {
     return this.io.read(offset, into).catch(this.signalCorruption);
   }
 
-  /** A corruption event was signalled this session (QEMU's signaled_corruption). */
-  private signaled = false;
-
   /**
    * A corruption a read or a block status ran into, signalled as QEMU's qcow2 signals it: open
    * read-write, the image is marked corrupt (and unusable for the rest of the session); read-only,
@@ -265,10 +266,7 @@ export class Qcow2Device extends DeviceBase {
   private readonly signalCorruption = async (e: unknown): Promise<never> => {
     if (e instanceof CorruptionEvent && !e.fatal) {
       if (this.writePath) await this.writePath.markCorrupt(e);
-      else {
-        e.suppressed = this.signaled;
-        this.signaled = true;
-      }
+      else this.image.corruption.nonFatal(e);
     }
     throw e;
   };

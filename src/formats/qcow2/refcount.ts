@@ -179,12 +179,15 @@ export function decodeRefcountTable(buf: Uint8Array, entries: number, clusterSiz
     // Two 32-bit halves per entry (a BigInt per entry cost ~1.5 ms for a 4 TiB image's table).
     const hi = dv.getUint32(i * 8);
     const lo = dv.getUint32(i * 8 + 4);
-    if ((lo & 0x1ff) !== 0) throw corrupt(`refcount table entry ${i} (0x${hex64(hi, lo)}) has reserved bits set`);
-    if (hi > 0x1fffff) throw corrupt(`refcount table entry ${i} (0x${hex64(hi, lo)}) is too large`);
-    const n = hi * 2 ** 32 + lo;
-    // `unalignedLater`: as QEMU, an image opens with such an entry and the block is refused when a
-    // write needs it (alloc.ts), so the rest of the image stays usable.
-    if (n % clusterSize !== 0 && !options.unalignedLater) throw corrupt(`refcount block offset 0x${n.toString(16)} (table entry ${i}) is not cluster aligned`);
+    // `unalignedLater`: as QEMU, an image opens with such an entry, the reserved bits ignored and
+    // the block refused (unaligned) or read as zeros (past the file) when a request needs it
+    // (alloc.ts), so the rest of the image stays usable.
+    const lenient = options.unalignedLater === true;
+    if ((lo & 0x1ff) !== 0 && !lenient) throw corrupt(`refcount table entry ${i} (0x${hex64(hi, lo)}) has reserved bits set`);
+    if (hi > 0x1fffff && !lenient) throw corrupt(`refcount table entry ${i} (0x${hex64(hi, lo)}) is too large`);
+    // (Past 2^53 the offset may be rounded: it lies far beyond any file either way.)
+    const n = hi * 2 ** 32 + (lenient ? lo & ~0x1ff : lo);
+    if (n % clusterSize !== 0 && !lenient) throw corrupt(`refcount block offset 0x${n.toString(16)} (table entry ${i}) is not cluster aligned`);
     out[i] = n;
   }
   return out;

@@ -23,7 +23,7 @@
  * Only `flush()` issues fsyncs (plus the rare cache eviction); writes themselves do not.
  */
 import type { BlockExtent, PlacedRange, ZeroOptions } from '../../core/block-device.js';
-import { CorruptionEvent, ImageMarkedCorrupt, QcowError, UnwrittenMetadata, unsupported } from '../../core/errors.js';
+import { CorruptionEvent, ImageMarkedCorrupt, QcowError, UnwrittenMetadata, altHex, unsupported } from '../../core/errors.js';
 import { overlapMessage } from './overlap.js';
 import { Mutex } from '../../core/mutex.js';
 import { firstNonZero } from '../../core/bytes.js';
@@ -64,6 +64,8 @@ export interface WriterParts {
   discardPassthrough?: Partial<DiscardPassthrough>;
   /** Told the messages of the repair of a dirty image at open (OpenOptions.onRepair). */
   onRepair?: (messages: readonly string[]) => void;
+  /** Told what QEMU prints about a step that failed while the request went on (OpenOptions.onWarning). */
+  onWarning?: (message: string) => void;
 }
 
 /** A guest write waiting for the lock (see Qcow2Writer.enqueueWrite). */
@@ -105,6 +107,8 @@ async function repairDirty(image: Qcow2Image, map: ClusterMap, onRepair: WriterP
   const { checkQcow2 } = await import('./check.js');
   const result = await checkQcow2(image.store, { repair: 'all' });
   onRepair?.(result.messages);
+  // A repair that could not finish (it marked the image corrupt) fails the open, as in QEMU.
+  if (result.failed !== undefined) throw new QcowError('QCOW_CORRUPT', `could not repair the dirty image: ${result.failed}`, { errno: 'EIO', file: image.store.name });
   // The repair wrote the header (a moved refcount table) and maybe the L1 table: take them again.
   const { header: fresh } = await readHeader(image.store);
   image.noteHeaderWritten((h) => {
@@ -574,9 +578,12 @@ export class Qcow2Writer {
    * disk (version 3), and unusable for the rest of the session. A second event changes nothing.
    */
   async markCorrupt(e: CorruptionEvent): Promise<void> {
-    if (this.brokenBy) return;
+    if (this.brokenBy) {
+      if (e !== this.brokenBy) this.image.corruption.afterMarked(e);
+      return;
+    }
     this.brokenBy = e;
-    e.fatal = true;
+    this.image.corruption.marked(e);
     // v2 has no corrupt bit: the image is only refused for the rest of this session.
     if (this.image.header.version < 3) return;
     await this.image.writeHeader((h) => {
@@ -584,6 +591,31 @@ export class Qcow2Writer {
     });
     await this.image.store.flush();
     e.markedCorrupt = true;
+  }
+
+  /**
+   * `n` new clusters for a write, right after the cluster `prev` of the same request that is
+   * written in place when they are free there (QEMU's handle_alloc continues the host range
+   * handle_copied found), else wherever the allocator finds room.
+   */
+  private async allocAfter(prev: Piece | undefined, n: number): Promise<number> {
+    const rc = this.refcounts;
+    if (prev && !prev.alloc && rc.allocClustersAt && (await rc.allocClustersAt(prev.host + this.cs, n))) return prev.host + this.cs;
+    return rc.allocClusters(n);
+  }
+
+  /**
+   * A write meets a cluster its entry places at an unaligned host offset (entry `index` of
+   * `table`, written from guest offset `guest`): a corruption event, in QEMU's words. A COPIED
+   * cluster would be written in place; any other would be copied from, unless the write covers it
+   * (`whole`: it is replaced, and the old cluster, which cannot be freed, leaks as `release` says).
+   */
+  private refuseUnaligned(table: CachedTable, index: number, old: ClusterDescriptor, guest: number, whole: boolean): void {
+    if (l2EntryCopied(old)) {
+      const what = old.kind === 'zero-alloc' ? 'Preallocated zero' : 'Data';
+      throw new CorruptionEvent(`${what} cluster offset 0x${old.hostOffset.toString(16)} unaligned (guest offset: ${altHex(guest)})`);
+    }
+    if (!whole) throw this.map.unalignedCluster(table, index, old.hostOffset);
   }
 
   /** Note a data write running outside the lock; flushes and L2 write-backs wait for it. */
@@ -635,8 +667,9 @@ export class Qcow2Writer {
     const runs: Array<[number, number, number]> = [];
     const d = this.scratchEntry; // looked at within each step only
     for (let c = offset - (offset % cs); c < end; c += cs) {
-      decodeL2Entry(table.data, (c % sc) / cs, image.l2Context, d);
-      if (d.kind !== 'normal' || !l2EntryCopied(d)) return null;
+      decodeL2Entry(table.data, (c % sc) / cs, image.l2Context, d, true);
+      // (An unaligned cluster: the full path signals it.)
+      if (d.kind !== 'normal' || !l2EntryCopied(d) || d.hostOffset % cs !== 0) return null;
       const s = Math.max(offset, c);
       const host = d.hostOffset + (s - c);
       const len = Math.min(end, c + cs) - s;
@@ -757,6 +790,7 @@ export class Qcow2Writer {
       if (image.header.version < 3 && image.header.nbSnapshots > 0) throw unsupported("Can't resize a v2 image which has snapshots");
       this.bitmaps.checkResize();
       if (size < oldSize) {
+        await this.dropUnusedRefcountBlocks();
         await image.writeHeader((h) => {
           h.size = size;
         });
@@ -776,6 +810,21 @@ export class Qcow2Writer {
       image.setSize(size);
       if (size !== oldSize) await this.bitmaps.resized(oldSize);
     });
+  }
+
+  /**
+   * A shrink's first step, QEMU's qcow2_shrink_reftable: refcount blocks that count nothing leave
+   * the table. A corrupt table met there marks the image corrupt and fails the shrink before the
+   * size changes ("Failed to discard unused refblocks", EIO).
+   */
+  private async dropUnusedRefcountBlocks(): Promise<void> {
+    try {
+      await this.refcounts.dropUnusedBlocks?.();
+    } catch (e) {
+      if (!(e instanceof CorruptionEvent)) throw e;
+      await this.markCorrupt(e);
+      throw new QcowError('QCOW_CORRUPT', `cannot drop unused refcount blocks: ${e.message}`, { errno: 'EIO', cause: e, file: this.image.store.name });
+    }
   }
 
   /**
@@ -1149,6 +1198,7 @@ export class Qcow2Writer {
       const old = this.map.entry(table, index);
       const s = Math.max(start, c);
       const e = Math.min(end, c + cs);
+      if (old.hostOffset % cs !== 0 && (old.kind === 'normal' || old.kind === 'zero-alloc')) this.refuseUnaligned(table, index, old, s, e - s === cs);
       const p: Piece = { index, clusterGuest: c, ws: s, we: e, alloc: false, host: 0, old, subMask: 0n };
       const ownHost = old.kind === 'normal' || old.kind === 'zero-alloc';
       if (ownHost && (l2EntryCopied(old) || this.external)) {
@@ -1201,7 +1251,7 @@ export class Qcow2Writer {
       let j = i;
       while (j + 1 < pieces.length && pieces[j + 1]!.alloc) j++;
       const n = j - i + 1;
-      const base = this.external ? pieces[i]!.clusterGuest : await this.refcounts.allocClusters(n);
+      const base = this.external ? pieces[i]!.clusterGuest : await this.allocAfter(i > 0 ? pieces[i - 1]! : undefined, n);
       for (let k = i; k <= j; k++) pieces[k]!.host = base + (k - i) * cs;
       i = j + 1;
     }
@@ -1550,7 +1600,18 @@ export class Qcow2Writer {
       await this.beforeMetadataChange();
       await this.map.zeroClusters(first, last, true, isDiscard, hasBacking);
       if (this.refcounts.hasPendingFrees) this.unmapFreesPending = true;
-      await this.punchUnreferenced();
+      try {
+        await this.punchUnreferenced();
+      } catch (e) {
+        if (!(e instanceof CorruptionEvent)) throw e;
+        // QEMU's qcow2_free_clusters meets the corrupt refcount structure: the event marks the
+        // image, the failure is only a warning, and the discard of the whole clusters stands. A
+        // partial last cluster is a request of its own in QEMU's block layer, which then finds
+        // the image given up (ENOMEDIUM).
+        await this.markCorrupt(e);
+        this.parts.onWarning?.('qcow2_free_clusters failed: Input/output error');
+        if (end > last) throw new ImageMarkedCorrupt(e, this.image.store.name);
+      }
       return;
     }
     // The request cluster by cluster, as qemu's block layer splits it: a partial head, the whole
