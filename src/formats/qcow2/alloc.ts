@@ -78,6 +78,8 @@ export interface Allocator {
   allocClustersAt?(offset: number, n: number, what?: AllocPurpose): Promise<boolean>;
   /** Room for one compressed cluster of `size` bytes (packed at byte granularity). */
   allocBytes(size: number): Promise<number>;
+  /** Undo allocBytes(size), which returned `offset`, its bytes never named (optional: a fake may leave it out). */
+  unallocBytes?(offset: number, size: number): Promise<void>;
   /**
    * References to [offset, +length) are gone from memory: counts drop at applyPendingFrees.
    * `reason` (default 'other') decides whether a cluster left unreferenced is punched (free-reason.ts).
@@ -254,7 +256,6 @@ export class Refcounts implements Allocator {
 
   /** Add `delta` (may be negative: only for repair and rollback) to every cluster touching [offset, offset+length). */
   async update(offset: number, length: number, delta: number): Promise<void> {
-    this.store.debugEvent?.('refblock_alloc'); // as in allocClustersNow
     const first = Math.floor(offset / this.clusterSize);
     const last = Math.floor((offset + length - 1) / this.clusterSize);
     // Checked whole before anything changes: a range that would overflow (or drop below zero)
@@ -263,6 +264,7 @@ export class Refcounts implements Allocator {
       for (let c = first; c <= last; ) {
         // One block at a time: obtained once, then its clusters looked at in one synchronous step.
         const b = Math.floor(c / this.perBlock);
+        if (!apply) this.tellBlockLookup(b);
         const block = await this.ensureBlock(b);
         const blockEnd = Math.min(last + 1, (b + 1) * this.perBlock);
         if (apply) this.dirtyBlocks.add(b);
@@ -284,16 +286,23 @@ export class Refcounts implements Allocator {
     const at = this.allocAtHint(n);
     if (at === -1) return -1; // the caller goes on to allocClusters (which tells the store)
     this.store.debugEvent?.('cluster_alloc');
-    // QEMU's refcount update looks its block up (alloc_refcount_block) and says so, found or made.
-    this.store.debugEvent?.('refblock_alloc');
+    this.tellBlockLookup(Math.floor(at / this.perBlock));
     return at * this.clusterSize;
   }
 
   async allocClusters(n: number, what?: AllocPurpose): Promise<number> {
     this.store.debugEvent?.('cluster_alloc');
+    return this.allocClustersUntold(n, what);
+  }
+
+  /**
+   * allocClusters without its cluster_alloc event: QEMU's byte allocator (compressed clusters)
+   * takes its clusters through the allocator's inner search, which does not raise it.
+   */
+  private async allocClustersUntold(n: number, what?: AllocPurpose): Promise<number> {
     const at = this.allocAtHint(n, what);
     if (at !== -1) {
-      this.store.debugEvent?.('refblock_alloc'); // as in allocClustersNow
+      this.tellBlockLookup(Math.floor(at / this.perBlock));
       return at * this.clusterSize;
     }
     await this.spillDirtyBlocks();
@@ -348,6 +357,7 @@ export class Refcounts implements Allocator {
   async allocBytes(size: number): Promise<number> {
     const cs = this.clusterSize;
     if (size <= 0 || size > cs) throw new QcowError('QCOW_INVALID_ARGUMENT', `compressed size ${size} is not in 1..${cs}`);
+    this.store.debugEvent?.('cluster_alloc_bytes');
     let off = this.freeByteOffset;
     if (off !== 0) {
       const cluster = Math.floor(off / cs);
@@ -357,9 +367,23 @@ export class Refcounts implements Allocator {
       if (ok) await this.update(cluster * cs, 1, 1);
       else off = 0;
     }
-    if (off === 0) off = await this.allocClusters(1, 'compressed cluster');
+    if (off === 0) off = await this.allocClustersUntold(1, 'compressed cluster');
     this.freeByteOffset = (off + size) % cs === 0 ? 0 : off + size;
     return off;
+  }
+
+  /**
+   * Undo allocBytes(size), which returned `offset`, when nothing names those bytes (their write
+   * failed): every host cluster they touch loses the reference allocBytes gave it, at once (no
+   * table on disk can name them), and the next compressed cluster is packed at `offset` again
+   * when its host cluster still holds earlier compressed data. The caller holds the writer's
+   * lock: nothing was allocated in between.
+   */
+  async unallocBytes(offset: number, size: number): Promise<void> {
+    await this.update(offset, size, -1);
+    const first = Math.floor(offset / this.clusterSize);
+    // A host cluster freed whole took freeByteOffset with it (noteFreed); a shared one keeps room.
+    if ((await this.get(first)) > 0) this.freeByteOffset = offset;
   }
 
   /**
@@ -464,16 +488,23 @@ export class Refcounts implements Allocator {
     if (!this.dirty) return false;
     const cs = this.clusterSize;
     for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.writeBlock(b);
-    const hadNew = this.newBlocks.size > 0;
+    // The marks are cleared only once the new blocks are durable: a barrier that failed is run
+    // again by the next write-back, before any table entry names them.
+    if (this.newBlocks.size > 0) await barrier();
+    const hookedUp = [...this.newBlocks].some((b) => b < this.oldTableReach());
     this.dirtyBlocks.clear();
     this.newBlocks.clear();
     if (this.movedFrom) {
-      if (hadNew) await barrier();
+      // QEMU hooks a block up in the table it has while there is room, and moves the table only
+      // when there is none; here the moved table's write hooks up every block made since.
+      if (hookedUp) this.store.debugEvent?.('refblock_alloc_hookup');
+      this.store.debugEvent?.('refblock_alloc_write_table');
       await this.store.write(this.tableOffset, this.encodeTable(0, this.table.length));
       await barrier();
       const fields = new Uint8Array(12);
       setU64(fields, 0, this.tableOffset);
       setU32(fields, 8, this.tableClusters);
+      this.store.debugEvent?.('refblock_alloc_switch_table');
       await this.store.write(HEADER_REFTABLE_FIELDS, fields);
       const old = this.movedFrom;
       this.movedFrom = null;
@@ -484,7 +515,7 @@ export class Refcounts implements Allocator {
       for (const b of [...this.dirtyBlocks].sort((x, y) => x - y)) await this.writeBlock(b);
       this.dirtyBlocks.clear();
     } else if (this.dirtyTableEntries.size > 0) {
-      if (hadNew) await barrier();
+      if (hookedUp) this.store.debugEvent?.('refblock_alloc_hookup');
       const entries = [...this.dirtyTableEntries].sort((x, y) => x - y);
       // Write runs of neighbouring entries in one call each.
       for (let i = 0; i < entries.length; ) {
@@ -519,8 +550,32 @@ export class Refcounts implements Allocator {
     this.trimCache();
   }
 
-  /** Write refcount block `b` back (QEMU's refcount cache tells its file refblock_update_part). */
+  /**
+   * Tell the store that a refcount update looks up the block of table entry `b`, as QEMU's does
+   * (alloc_refcount_block: refblock_alloc, then refblock_load when the block exists, cached or
+   * not). A plain look at a count (free-space search, get) tells nothing, as in QEMU.
+   */
+  private tellBlockLookup(b: number): void {
+    const store = this.store;
+    if (!store.debugEvent) return;
+    store.debugEvent('refblock_alloc');
+    if (b < this.table.length && this.table[b] !== 0) store.debugEvent('refblock_load');
+  }
+
+  /**
+   * Entries the table on disk has room for: past them, a new block needs the moved table (the
+   * blocks QEMU makes for a grown table itself, refblock_alloc_write_blocks).
+   */
+  private oldTableReach(): number {
+    return this.movedFrom ? (this.movedFrom.clusters * this.clusterSize) / 8 : Infinity;
+  }
+
+  /**
+   * Write refcount block `b` back. QEMU's refcount cache tells its file refblock_update_part; a
+   * block never written yet is one QEMU writes as it makes it, and says so first.
+   */
   private writeBlock(b: number): Promise<void> {
+    if (this.newBlocks.has(b)) this.store.debugEvent?.(b < this.oldTableReach() ? 'refblock_alloc_write' : 'refblock_alloc_write_blocks');
     this.store.debugEvent?.('refblock_update_part');
     return this.store.write(this.table[b]!, this.blocks.peek(b)!);
   }
@@ -612,7 +667,6 @@ export class Refcounts implements Allocator {
     // over the one read. The loaded block is not evicted by its own insertion.
     return this.blocks.load(b, async () => {
       const block = new Uint8Array(this.clusterSize);
-      this.store.debugEvent?.('refblock_load');
       // A block the table places past the end of the file (a corrupt entry) reads as zeros, as
       // QEMU reads it; one there because it was made this session is cached, not loaded.
       const inFile = Math.max(0, Math.min(this.clusterSize, this.endCluster * this.clusterSize - off));
@@ -773,6 +827,7 @@ export class Refcounts implements Allocator {
    * describe the new table itself. The new table is written by writeBack.
    */
   private async growTable(b: number): Promise<void> {
+    this.store.debugEvent?.('reftable_grow');
     const cs = this.clusterSize;
     const perCluster = cs / 8;
     const at = Math.max(this.endCluster, this.freeHint, 1, ...this.reserved.map(([, e]) => e));

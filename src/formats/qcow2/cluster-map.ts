@@ -547,11 +547,20 @@ export class ClusterMap {
     for (let s = 0; s < this.image.clusterSize; s += this.slice.bytes) this.l2Cache.drop(offset + s);
   }
 
-  /** Write a new L2 table whole into its (just allocated) cluster; slices of what it held before leave the cache. */
+  /**
+   * Write a new L2 table whole into its (just allocated) cluster `at`; slices of what it held
+   * before leave the cache. When the write fails, the cluster is given back at once (nothing names
+   * it yet), as QEMU's l2_allocate frees it.
+   */
   private async placeTable(at: number, table: Uint8Array): Promise<void> {
     this.dropTable(at);
     this.image.store.debugEvent?.('l2_alloc_write');
-    await this.image.store.write(at, table);
+    try {
+      await this.image.store.write(at, table);
+    } catch (e) {
+      await this.refcounts.update(at, table.length, -1).catch(() => undefined);
+      throw e;
+    }
   }
 
   /**
@@ -688,21 +697,32 @@ export class ClusterMap {
 
   /**
    * An L1 table of `need` entries, written whole at a new place (and its refcounts made durable
-   * with `barrier`) but not yet named by the header: the caller writes the header, then frees the
-   * old table (`oldL1`). Returns the new table's offset.
+   * with `barrier`) but not yet named by the header: the caller writes the header, then takes the
+   * table (replaceL1) and frees the old one (`oldOffset`). When a write fails here, the new
+   * table's clusters are given back at once (nothing names them) and the active table stays.
+   * Tells the store QEMU's events of an L1 growth (l1_grow_alloc_table, l1_grow_write_table; the
+   * caller tells l1_grow_activate_table before the header write).
    */
-  async growL1(need: number, barrier: () => Promise<void>): Promise<{ offset: number; oldOffset: number; oldEntries: number }> {
+  async growL1(need: number, barrier: () => Promise<void>): Promise<{ offset: number; l1: Uint8Array; oldOffset: number; oldEntries: number }> {
     // QEMU's words (its L1 growth fails with EFBIG), for a resize as for a VM state write.
     if (need * 8 > MAX_L1_BYTES) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Failed to grow the L1 table: File too large', { errno: 'EFBIG' });
     const old = { oldOffset: this.image.header.l1TableOffset, oldEntries: this.entries };
+    const { store } = this.image;
     const l1 = new Uint8Array(need * 8);
     l1.set(this.l1Bytes);
+    store.debugEvent?.('l1_grow_alloc_table');
     const at = await this.refcounts.allocClusters(Math.ceil(l1.length / this.image.clusterSize));
-    await this.image.store.write(at, l1);
-    await this.writeRefcounts(barrier);
-    await this.image.store.flush();
-    this.replaceL1(l1);
-    return { offset: at, ...old };
+    try {
+      store.debugEvent?.('l1_grow_write_table');
+      await store.write(at, l1);
+      await this.writeRefcounts(barrier);
+      await store.flush();
+    } catch (e) {
+      // Best effort: the failure to report is the write's (a leak is all a failed undo leaves).
+      await this.refcounts.update(at, l1.length, -1).catch(() => undefined);
+      throw e;
+    }
+    return { offset: at, l1, ...old };
   }
 
   /**

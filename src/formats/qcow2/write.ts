@@ -836,6 +836,9 @@ export class Qcow2Writer {
     const { image, map } = this;
     const grown = need > map.l1Entries ? await map.growL1(need, this.barrier) : null;
     if (!grown && !alsoChange) return;
+    if (grown) image.store.debugEvent?.('l1_grow_activate_table');
+    // A header write that failed may still have landed (a real disk's EIO says nothing of that):
+    // the new table then stays allocated, a leak at worst, and the active table stays the old one.
     await image.writeHeader((h) => {
       if (grown) {
         h.l1TableOffset = grown.offset;
@@ -843,6 +846,7 @@ export class Qcow2Writer {
       }
       alsoChange?.(h);
     });
+    if (grown) map.replaceL1(grown.l1);
     await image.store.flush();
     if (grown && grown.oldEntries > 0) await this.refcounts.update(grown.oldOffset, grown.oldEntries * 8, -1);
     map.noteGrowth();
@@ -1685,7 +1689,17 @@ export class Qcow2Writer {
       await this.map.l2ForWrite(guest);
       const host = await this.refcounts.allocBytes(packed.length);
       this.map.noteGrowth();
-      await image.store.write(host, packed);
+      // QEMU points the entry at the bytes (l2_update_compressed) and then writes them
+      // (write_compressed); here the entry changes only once they are written, so a failed write
+      // leaves no entry naming them, and its room is given back.
+      image.store.debugEvent?.('l2_update_compressed');
+      image.store.debugEvent?.('write_compressed');
+      try {
+        await image.store.write(host, packed);
+      } catch (e) {
+        await this.refcounts.unallocBytes?.(host, packed.length).catch(() => undefined);
+        throw e;
+      }
       const entry = encodeCompressedDescriptor(host, packed.length, g.clusterBits);
       const table = (await this.map.l2ForWrite(guest))!;
       const index = this.map.sliceIndex(guest);

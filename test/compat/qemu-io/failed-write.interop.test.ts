@@ -42,7 +42,19 @@ interface Case {
    * (ours keeps it; QEMU's abort dropped it). Both images must still check clean.
    */
   anyContent?: boolean;
+  /**
+   * Leaked clusters are allowed (iotest 026's verdict): check's leak lines are left out and its
+   * exit code 3 (leaks only) counts as clean. Where the metadata writes fail differs between QEMU
+   * and us, and so does what leaks; corruption may not.
+   */
+  leaksAllowed?: boolean;
 }
+
+/**
+ * check's report with leaks counted as none: with leaks it prints their summary where it would say
+ * there were no errors, and leaves out the allocation line (the leaks' own lines go to stderr).
+ */
+const withoutLeaks = (s: string) => s.replace(/^\n?\d+ leaked clusters were found on the image\.\nThis means waste of disk space, but no harm to data\.\n/m, 'No errors were found on the image.\n');
 
 async function both(t: { after(fn: () => Promise<void>): void }, c: Case): Promise<void> {
   const dir = await scratch(t);
@@ -57,9 +69,11 @@ async function both(t: { after(fn: () => Promise<void>): void }, c: Case): Promi
     await copyFile(base, img);
     const r = await run(prog, [...(c.writethrough ? [] : ['-t', 'writeback']), ...c.commands.flatMap((x) => ['-c', x]), `blkdebug:${conf}:${img}`]);
     const check = await run('qemu-img', ['check', img]);
-    let checkOut = c.anyEnd ? check.stdout.replace(/^Image end offset: .*\n/m, '') : check.stdout;
+    let checkOut = c.leaksAllowed ? withoutLeaks(check.stdout) : check.stdout;
+    if (c.anyEnd) checkOut = checkOut.replace(/^Image end offset: .*\n/m, '');
     if (c.anyContent) checkOut = checkOut.replace(/^.* allocated, .*\n/m, '');
-    results.push({ code: r.code, out: untimed(r.stdout), err: r.stderr.replaceAll(img, 'IMG'), check: checkOut.replaceAll(img, 'IMG'), checkCode: check.code });
+    const checkCode = c.leaksAllowed && check.code === 3 ? 0 : check.code;
+    results.push({ code: r.code, out: untimed(r.stdout), err: r.stderr.replaceAll(img, 'IMG'), check: checkOut.replaceAll(img, 'IMG'), checkCode });
   }
   assert.deepEqual(results[0], results[1]);
   assert.equal(results[0]!.checkCode, 0, results[0]!.check);
@@ -109,3 +123,62 @@ for (const once of ['on', 'off'] as const) {
     await both(t, { event: 'refblock_alloc', errno: 5, once, create: 'cluster_size=1024', size: '1G', commands: ['write 0 128k'], anyEnd: true, writethrough: true });
   });
 }
+
+// QEMU tells refblock_load at every refcount update (the block looked up, cached or not), not when
+// a count is only looked at: the failing request is the refcount write-back of the write's flush,
+// and with once=off the close fails to flush both caches.
+for (const once of ['on', 'off'] as const) {
+  test(`refblock_load once=${once}: the write fails, and with once=off so do the flushes at close`, needs('qemu-io', 'qemu-img'), async (t) => {
+    await both(t, { event: 'refblock_load', errno: 5, once, create: 'cluster_size=1024', size: '1G', commands: ['write 0 128k'], anyEnd: true, anyContent: true, leaksAllowed: true, writethrough: true });
+  });
+}
+
+// A VM state write past the end of the L1 table grows it: a failure at each step of the growth
+// (the table's allocation, its write, the header naming it) fails the write and leaves the image
+// consistent (iotest 026's L1 growth tests).
+for (const event of ['l1_grow_alloc_table', 'l1_grow_write_table', 'l1_grow_activate_table']) {
+  for (const once of ['on', 'off'] as const) {
+    test(`${event} once=${once}: the VM state write fails, the image stays consistent`, needs('qemu-io', 'qemu-img'), async (t) => {
+      await both(t, { event, errno: 28, once, create: 'cluster_size=1024', size: '1G', commands: ['write -b 0 64k'], anyEnd: true, anyContent: true, leaksAllowed: true, writethrough: true });
+    });
+  }
+}
+
+// A write that needs more refcount blocks than the refcount table has room for: QEMU writes each new
+// block and its table entry as it makes them, then a grown table and the header naming it; ours
+// writes them at the write's flush. Each step failing fails the write (iotest 026's refcount table
+// growth tests; reftable_grow, told as the table grows, fails whatever request comes next).
+for (const event of ['refblock_alloc_write', 'refblock_alloc_hookup', 'reftable_grow', 'refblock_alloc_write_blocks', 'refblock_alloc_write_table', 'refblock_alloc_switch_table']) {
+  test(`${event}: a write growing the refcount table fails, the image stays consistent`, needs('qemu-io', 'qemu-img'), async (t) => {
+    await both(t, { event, errno: 28, once: 'on', create: 'cluster_size=512', size: '1G', commands: ['write 0 16M'], anyEnd: true, anyContent: true, leaksAllowed: true, writethrough: true });
+  });
+}
+test('refblock_alloc_hookup once=off: the write and both flushes at close fail', needs('qemu-io', 'qemu-img'), async (t) => {
+  await both(t, { event: 'refblock_alloc_hookup', errno: 28, once: 'off', create: 'cluster_size=512', size: '1G', commands: ['write -b 0 16M'], anyEnd: true, anyContent: true, leaksAllowed: true, writethrough: true });
+});
+
+// A compressed write whose data write fails: QEMU has pointed the L2 entry at the bytes already and
+// keeps it (the cluster then fails to read); ours changes the entry only after the write, so the
+// range reads as before, and the room is given back (no leak) and used by the next compressed write.
+test('write_compressed: the failed compressed write fails as in QEMU, and ours leaves no entry and no leak', needs('qemu-io', 'qemu-img'), async (t) => {
+  const dir = await scratch(t);
+  const conf = join(dir, 'blkdebug.conf');
+  await writeFile(conf, '[inject-error]\nevent = "write_compressed"\nerrno = "5"\nonce = "on"\n');
+  const outs = [];
+  for (const [i, prog] of [COMPAT_QEMU_IO, 'qemu-io'].entries()) {
+    const img = join(dir, `img${i}.qcow2`);
+    await qemuImg(['create', '-q', '-f', 'qcow2', img, '1M']);
+    const r = await run(prog, ['-t', 'writeback', '-c', 'write -c -P 7 0 64k', '-c', 'write -c -P 8 64k 64k', `blkdebug:${conf}:${img}`]);
+    const check = await run('qemu-img', ['check', img]);
+    outs.push({ code: r.code, out: untimed(r.stdout), err: r.stderr, checkCode: check.code, leaks: /leaked/.test(check.stdout) });
+  }
+  assert.deepEqual(outs[0], outs[1]);
+  assert.equal(outs[0]!.checkCode, 0);
+  const ours = join(dir, 'img0.qcow2');
+  const r = await run('qemu-io', ['-c', 'read -P 0 0 64k', '-c', 'read -P 8 64k 64k', ours]);
+  assert.equal(r.code, 0, r.stdout + r.stderr);
+  assert.doesNotMatch(r.stdout, /Pattern verification failed|failed/);
+  const end = (await run('qemu-img', ['check', '--output=json', ours])).stdout;
+  // The second compressed cluster took the bytes the failed one was given: one host cluster in all.
+  assert.equal(JSON.parse(end)['allocated-clusters'], 1);
+});
