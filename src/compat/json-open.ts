@@ -7,6 +7,9 @@
 import { QcowError, type BlockDevice, type NodeOpenOptions } from '../node.js';
 import { isJsonFilename, jsonFilenameOptions } from './json-filename.js';
 import { qemuJsonName } from './json-name.js';
+import { rawWindowOf, refusedAs } from './raw-window.js';
+import { renamed } from './renamed.js';
+import { backingOpenOptions } from './backing-options.js';
 import { NULL_CO, isNullCoFilename, nullCoFileOptions, openNullCo, openNullCoFilename, openOverNullCo } from './null-co.js';
 
 const HOST_PROTOCOLS = ['file', 'host_device', 'host_cdrom'];
@@ -47,5 +50,9 @@ async function openNode(name: string, o: Record<string, string>, options: NodeOp
   const file = o['file.filename'] ?? o.filename ?? o['file.file.filename'];
   if (file === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'A block device must be specified for "file"');
   const { openImage } = await import('../cli/open-images.js');
-  return openImage(file, { ...options, format: driver === undefined || HOST_PROTOCOLS.includes(driver) ? (driver ? 'raw' : undefined) : driver });
+  // raw's offset and size: a raw view of part of the file, named as QEMU names the node.
+  const window = driver === 'raw' ? rawWindowOf(o) : undefined;
+  if (window) return renamed(await openImage(file, { ...options, format: 'raw', rawWindow: window }).catch(refusedAs(name)), qemuJsonName(name, driver) ?? name);
+  const backing = backingOpenOptions(o);
+  return openImage(file, { ...options, ...backing, backingFormat: backing.backingFormat ?? options.backingFormat, format: driver === undefined || HOST_PROTOCOLS.includes(driver) ? (driver ? 'raw' : undefined) : driver });
 }

@@ -374,6 +374,20 @@ export interface OpenOptions {
    * the header placed past the end of the file are freed). Without it, such a failure is silent.
    */
   onWarning?: (message: string) => void;
+  /**
+   * raw: the image is the part of the file from `offset` (default 0), `size` bytes long (default:
+   * to the end of the file), as QEMU's raw `offset` and `size` options. With a size the image
+   * cannot grow or shrink; reads and writes past it are refused like any past the end.
+   */
+  rawWindow?: RawWindow;
+}
+
+/** Part of a file as a raw image: see OpenOptions.rawWindow. */
+export interface RawWindow {
+  /** Where the image starts in the file, in bytes. */
+  offset?: number;
+  /** The image's size in bytes (a multiple of 512); absent: to the end of the file. */
+  size?: number;
 }
 
 /** What a format needs to write a new image ({@link ImageFormat.create}). */
