@@ -69,7 +69,7 @@ export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpe
   const confine = flags.confine ?? openPolicy.confine ?? false;
   const probeBacking = flags.probeBacking ?? openPolicy.probeBacking ?? true;
   const { openImage } = await import('./open-images.js');
-  const special = openPolicy.openName?.(file);
+  const special = openPolicy.openName?.(file) ?? (await nbdOpener(file));
   const open = special ? (_name: string, o: NodeOpenOptions) => special(o) : openImage;
   return open(file, {
     format: flags.format,
@@ -82,6 +82,19 @@ export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpe
     dataFile: openPolicy.dataFiles?.get(file),
     ...extra,
   });
+}
+
+/**
+ * An NBD export named as QEMU's programs name one (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`,
+ * `nbd:unix:PATH`, `nbd:HOST:PORT`): a raw image over the connection, its allocation the server's
+ * block status. Undefined for any other name (the NBD client is loaded only for these).
+ */
+async function nbdOpener(file: string): Promise<((options: NodeOpenOptions) => Promise<BlockDevice>) | undefined> {
+  if (!file.startsWith('nbd')) return undefined;
+  const { nbdTargetOf } = await import('../compat/nbd-store.js');
+  if (!nbdTargetOf(file)) return undefined;
+  const { openNbdImage } = await import('../compat/qemu-img/nbd-device.js');
+  return (options) => openNbdImage(file, {}, options);
 }
 
 /** qemu-img's -o syntax: key=value pairs separated by commas; ",," is a literal comma. */
