@@ -42,7 +42,7 @@ interface Row {
 /** Our message when a qcow2 image marked corrupt is opened for writing. */
 export const OPEN_REFUSED = /^the image is marked corrupt and cannot be opened read\/write/;
 /** An image name (a json: one's options, a protocol's filename, a raw window off the file) that names no node QEMU can open. */
-const NAME_REFUSED = /^(?:A block device must be specified for "file"|The only allowed filename for this driver is '[^']*'|Offset \(\d+\) cannot be greater than size of the containing file \(\d+\)|The sum of offset \(\d+\) and size \(\d+\) has to be smaller or equal to the {2}actual size of the containing file \(\d+\)|Specified size is not multiple of 512|Block format '[^']*' does not support the option '[^']*')$/;
+const NAME_REFUSED = /^(?:A block device must be specified for "file"|The only allowed filename for this driver is '[^']*'|Offset \(\d+\) cannot be greater than size of the containing file \(\d+\)|The sum of offset \(\d+\) and size \(\d+\) has to be smaller or equal to the {2}actual size of the containing file \(\d+\)|Specified size is not multiple of 512|Block format '[^']*' does not support the option '[^']*'|Block protocol '[^']*' doesn't support the option '[^']*')$/;
 
 /** Whether an error comes from the operating system (an errno code on it or its cause). */
 const hasErrno = (e: QcowError): boolean => [e, e.cause].some((x) => /^E[A-Z]+$/.test(String((x as NodeJS.ErrnoException | undefined)?.code ?? '')));

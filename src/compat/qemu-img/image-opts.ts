@@ -52,6 +52,12 @@ export function fromImageOpts(text: string, args: string[], secrets: ReadonlyMap
   }
   // blkdebug's options stay whole, as the json: name they are (../json-open.ts opens it).
   if (driver === 'blkdebug') return 'json:' + JSON.stringify(o);
+  // So do null-co's (a node of its own, ../null-co.ts), unless the command opens files itself.
+  if (driver === 'null-co' && special) {
+    const name = 'json:' + JSON.stringify(o);
+    special.set(name, (options) => import('../json-open.js').then((m) => m.openJsonName(name, options)).catch(refusedAs(text)));
+    return name;
+  }
   if (driver && driver !== 'file') args.push(formatFlag, driver);
   const path = o['file.filename'] ?? o.filename;
   if (path === undefined) return text;
