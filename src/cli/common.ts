@@ -48,6 +48,8 @@ export const openPolicy: {
   secrets?: ReadonlyMap<string, string>;
   /** External data files the user named for images (by the image's name as given): see OpenImageOptions.dataFile. */
   dataFiles?: Map<string, string>;
+  /** resize opens an encrypted image with its key, as QEMU does (which refuses it without one). */
+  keyToResize?: boolean;
   /** Told what an open repaired (OpenOptions.onRepair): a persona that prints it as QEMU does. */
   onRepair?: NodeOpenOptions['onRepair'];
 } = {};

@@ -193,7 +193,7 @@ const ROWS: Row[] = [
   // failure, not the open's): our words are QEMU's.
   {
     code: 'QCOW_UNSUPPORTED',
-    match: /^(?:compat=0\.10 requires refcount_bits=16|Cannot downgrade an image with .*|Internal snapshots prevent downgrade of image|Can't resize a v2 image which has snapshots|Cannot resize fixed-size raw disks)$/,
+    match: /^(?:compat=0\.10 requires refcount_bits=16|Cannot downgrade an image with .*|Internal snapshots prevent downgrade of image|Can't resize a v2 image which has snapshots|Cannot resize fixed-size raw disks|Unsupported preallocation mode: \w+|Image format driver does not support resize)$/,
     text: (e) => e.message,
   },
   // A format name we do not have (QEMU does not list the ones it has).
@@ -255,7 +255,12 @@ const ROWS: Row[] = [
   },
   // The format layer and the file layer below it each name the file.
   { op: 'open', code: 'QCOW_NOT_FOUND', text: (e, c) => `Could not open '${c.file ?? e.file}': Could not open '${c.file ?? e.file}': No such file or directory` },
-  { op: 'open', code: 'QCOW_NEED_PASSWORD', text: (_e, c) => `Could not open '${c.file}': Parameter 'encrypt.key-secret' is required for cipher` },
+  // (The luks format's key option is plain key-secret.)
+  {
+    op: ['open', 'device'],
+    code: 'QCOW_NEED_PASSWORD',
+    text: (e, c) => `${c.op === 'device' ? '' : `Could not open '${c.file}': `}Parameter '${/^LUKS image/.test(e.message) ? '' : 'encrypt.'}key-secret' is required for cipher`,
+  },
   { op: 'open', code: 'QCOW_BAD_PASSWORD', text: (_e, c) => `Could not open '${c.file}': Invalid password, cannot unlock any keyslot` },
   { op: 'open', code: 'QCOW_LOCKED', text: (_e, c) => `Could not open '${c.file}': Failed to get "write" lock\nIs another process using the image [${c.file}]?` },
   { op: 'open', code: 'ANY', text: (e, c) => `Could not open '${c.file ?? e.file}': ${e.message}` },

@@ -162,8 +162,9 @@ function translate(cmd: string, key: string, value: string | undefined): string[
       return cmd === 'amend' ? ['--force'] : undefined;
     case 'salvage':
     case 'target-is-zero':
-    case 'preallocation':
       return undefined;
+    case 'preallocation':
+      return cmd === 'resize' ? ['--preallocation', v!] : undefined;
     case 'bitmaps':
     case 'skip-broken-bitmaps':
       return [`--${key}`];
@@ -247,6 +248,7 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   // QEMU refuses images whose bitmap directory it cannot load; qcow opens them so they can be
   // repaired, but qemu-img's scripts (and iotests) expect the refusal.
   openPolicy.refuseMalformedBitmaps = true;
+  openPolicy.keyToResize = true;
   openPolicy.openName = (name) => {
     const own = special.get(name);
     if (own) return own;

@@ -2,7 +2,8 @@
  * Raw images: guest offset = file offset. The file's length is the virtual size. Or, with a window
  * (QEMU's raw `offset` and `size` options), a part of the file: guest offset + the window's start.
  */
-import type { BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, PlacedRange, PlainExtent, PlainRun, RawWindow, WriteOptions, ZeroOptions } from '../../core/block-device.js';
+import type { BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, PlacedRange, PlainExtent, PlainRun, RawWindow, ResizeOptions, WriteOptions, ZeroOptions } from '../../core/block-device.js';
+import { growStore } from '../../storage/preallocate.js';
 import { DeviceBase } from '../../core/device-base.js';
 import { QcowError, unsupported } from '../../core/errors.js';
 import { alignUp } from '../../core/bytes.js';
@@ -92,9 +93,9 @@ export class RawDevice extends DeviceBase {
   protected async doBlockStatus(offset: number, length: number): Promise<BlockExtent[]> {
     const base = this.base;
     // A window's bytes are its file's, which map names (the device may go by a json:{...} name).
-    const hostFile = this.windowed ? this.store.name : undefined;
-    if (!this.store.dataRuns) return [{ offset, length, allocated: true, zero: false, data: true, hostOffset: base + offset, hostFile }];
-    return (await this.store.dataRuns(base + offset, length)).map((r) => ({ offset: r.offset - base, length: r.length, allocated: true, zero: !r.data, data: r.data, hostOffset: r.offset, hostFile }));
+    const file = this.windowed ? { hostFile: this.store.name } : {};
+    if (!this.store.dataRuns) return [{ offset, length, allocated: true, zero: false, data: true, hostOffset: base + offset, ...file }];
+    return (await this.store.dataRuns(base + offset, length)).map((r) => ({ offset: r.offset - base, length: r.length, allocated: true, zero: !r.data, data: r.data, hostOffset: r.offset, ...file }));
   }
 
   async describe(): Promise<ImageDescription> {
@@ -105,13 +106,15 @@ export class RawDevice extends DeviceBase {
     if (!this.readOnly) await this.store.flush();
   }
 
-  async resize(size: number, options: { shrink?: boolean } = {}): Promise<void> {
+  async resize(size: number, options: ResizeOptions = {}): Promise<void> {
     this.checkWritable();
     if (this.fixedSize) throw new QcowError('QCOW_UNSUPPORTED', 'Cannot resize fixed-size raw disks', { file: this.filename });
     if (size < this.size && !options.shrink) {
       throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use the --shrink option to perform a shrink operation.', { file: this.filename });
     }
-    await this.store.truncate(this.base + size);
+    // The file grows as its driver would grow it with the preallocation asked for.
+    if (size > this.size) await growStore(this.store, this.base + this.size, this.base + size, options.preallocation);
+    else await this.store.truncate(this.base + size);
     this.size = size;
   }
 
