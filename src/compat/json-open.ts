@@ -7,7 +7,7 @@
 import { QcowError, type BlockDevice, type NodeOpenOptions } from '../node.js';
 import { isJsonFilename, jsonFilenameOptions } from './json-filename.js';
 import { qemuJsonName } from './json-name.js';
-import { rawWindowOf, refusedAs } from './raw-window.js';
+import { openOverRawWindow, rawWindowOf, refusedAs } from './raw-window.js';
 import { renamed } from './renamed.js';
 import { backingOpenOptions } from './backing-options.js';
 import { NULL_CO, isNullCoFilename, nullCoFileOptions, openNullCo, openNullCoFilename, openOverNullCo } from './null-co.js';
@@ -47,6 +47,11 @@ async function openNode(name: string, o: Record<string, string>, options: NodeOp
   if (driver === NULL_CO) return openNullCo(qemuJsonName(name, driver) ?? name, o, !!options.readOnly);
   const nullFile = nullCoFileOptions(o);
   if (nullFile) return openOverNullCo(qemuJsonName(name, 'raw') ?? name, nullFile, driver, !!options.readOnly);
+  // A format over a raw window of a file: the format reads through the window.
+  const fileWindow = o['file.driver'] === 'raw' ? rawWindowOf(o, 'file.') : undefined;
+  if (fileWindow && o['file.file.filename'] !== undefined) {
+    return renamed(await openOverRawWindow(o['file.file.filename'], fileWindow, driver, options).catch(refusedAs(name)), qemuJsonName(name, driver) ?? name);
+  }
   const file = o['file.filename'] ?? o.filename ?? o['file.file.filename'];
   if (file === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'A block device must be specified for "file"');
   const { openImage } = await import('../cli/open-images.js');

@@ -2,7 +2,7 @@
  * QEMU's raw driver options `offset` and `size` (a raw view of part of a file) as the library's
  * RawWindow, from a node's flattened options (`-o`, `--image-opts`, a `json:` name).
  */
-import { QcowError, parseSize, type RawWindow } from '../node.js';
+import { QcowError, parseSize, type BlockDevice, type NodeOpenOptions, type RawWindow } from '../node.js';
 
 /** The window the options under `prefix` name (`file.` for a raw child), or undefined when they name none. */
 export function rawWindowOf(options: Record<string, string>, prefix = ''): RawWindow | undefined {
@@ -29,4 +29,20 @@ export function refusedAs(name: string): (e: unknown) => never {
   return (e) => {
     throw e instanceof QcowError && e.code === 'QCOW_INVALID_ARGUMENT' ? new QcowError(e.code, e.message, { file: name, cause: e }) : e;
   };
+}
+
+/**
+ * An image of `format` whose file is a raw window of `path` (`driver=qcow2,file.driver=raw,
+ * file.offset=...,file.file.filename=PATH`): the format reads its bytes through the window.
+ */
+export async function openOverRawWindow(path: string, window: RawWindow, format: string | undefined, options: NodeOpenOptions): Promise<BlockDevice> {
+  const { openImage, defaultOpener } = await import('../cli/open-images.js');
+  const { openerWith } = await import('./qemu-io/device-store.js');
+  const inner = await openImage(path, { format: 'raw', readOnly: options.readOnly, forceShare: options.forceShare, rawWindow: window });
+  try {
+    return await openImage(path, { ...options, format, opener: openerWith(defaultOpener, path, inner) });
+  } catch (e) {
+    await inner.close().catch(() => undefined);
+    throw e;
+  }
 }

@@ -15,7 +15,7 @@ import { passwordsOf } from '../secrets.js';
 import { nbdTargetOfOptions } from '../nbd-store.js';
 import { renamed } from '../renamed.js';
 import { backingOpenOptions } from '../backing-options.js';
-import { rawWindowOf, refusedAs } from '../raw-window.js';
+import { openOverRawWindow, rawWindowOf, refusedAs } from '../raw-window.js';
 import { qemuJsonName } from '../json-name.js';
 
 export type SpecialOpen = (options: NodeOpenOptions) => Promise<BlockDevice>;
@@ -59,6 +59,15 @@ export function fromImageOpts(text: string, args: string[], secrets: ReadonlyMap
     return name;
   }
   if (driver && driver !== 'file') args.push(formatFlag, driver);
+  // A format over a raw window of a file (file.driver=raw, file.offset, file.size).
+  const fileWindow = o['file.driver'] === 'raw' ? rawWindowOf(o, 'file.') : undefined;
+  const inner = o['file.file.filename'];
+  if (fileWindow && inner !== undefined && special) {
+    const tree = { driver: driver ?? 'raw', file: { driver: 'raw', ...pick(o, ['file.offset', 'file.size'], 'file.'), file: { driver: 'file', filename: inner } } };
+    const name = qemuJsonName('json:' + JSON.stringify(tree)) ?? text;
+    special.set(name, async (options) => renamed(await openOverRawWindow(inner, fileWindow, driver, options).catch(refusedAs(text)), name));
+    return name;
+  }
   const path = o['file.filename'] ?? o.filename;
   if (path === undefined) return text;
   // raw's offset and size: a raw view of part of the file, shown (as QEMU shows it) as json:{...}.
@@ -93,8 +102,9 @@ function jsonName(secretKey: string, id: string, driver: string | undefined, pat
   return `json:${JSON.stringify({ [secretKey]: id, driver: driver ?? 'raw', file: { driver: 'file', filename: path } }).replace(/":/g, '": ').replace(/,"/g, ', "')}`;
 }
 
-function pick(o: Record<string, string>, keys: readonly string[]): Record<string, string> {
+/** The options `keys` of `o` that are there, without `strip` at the start of their names. */
+function pick(o: Record<string, string>, keys: readonly string[], strip = ''): Record<string, string> {
   const out: Record<string, string> = {};
-  for (const k of keys) if (o[k] !== undefined) out[k] = o[k];
+  for (const k of keys) if (o[k] !== undefined) out[k.slice(strip.length)] = o[k];
   return out;
 }

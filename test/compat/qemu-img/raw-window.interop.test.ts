@@ -108,3 +108,31 @@ test('the library opens a raw window: reads, writes, bounds and checks', async (
   await assert.rejects(openImage(file, { format: 'raw', rawWindow: { offset: 5 * MiB } }), { code: 'QCOW_INVALID_ARGUMENT' });
   await assert.rejects(openImage(file, { format: 'raw', rawWindow: { offset: MiB, size: 1000 } }), { code: 'QCOW_INVALID_ARGUMENT' });
 });
+
+test('a qcow2 image inside a raw window of a file: info, map and qemu-io as QEMU', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const inner = join(dir, 'in.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', inner, '1M']);
+  await qemuIo(['-c', 'write -q -P 0x3c 0 64k', inner]);
+  const { appendFile } = await import('node:fs/promises');
+  const outer = join(dir, 'outer.raw');
+  await qemuImg(['create', '-q', '-f', 'raw', outer, '1M']);
+  await appendFile(outer, await readFile(inner));
+  const opts = 'driver=qcow2,file.driver=raw,file.offset=1M,file.file.filename=outer.raw';
+  const jsonName = 'json:{"driver":"qcow2","file":{"driver":"raw","offset":1048576,"file":{"driver":"file","filename":"outer.raw"}}}';
+  for (const [prog, ours] of [['qemu-img', COMPAT_QEMU_IMG], ['qemu-io', COMPAT_QEMU_IO]] as const) {
+    const cases = prog === 'qemu-img'
+      ? [['info', '--image-opts', opts], ['map', '--output=json', '--image-opts', opts], ['info', jsonName], ['map', '--output=json', jsonName], ['info', '--image-opts', opts.replace('1M', '5M')]]
+      : [['-c', 'read -P 0x3c 0 64k', '-c', 'write -P 0x4d 128k 64k', '--image-opts', opts]];
+    for (const args of cases) {
+      const results = [];
+      for (const p of [ours, prog]) {
+        const r = await run(p, args, { cwd: dir });
+        results.push({ code: r.code, out: r.stdout.replace(/\d+ ops;.*\n/g, '').replace(/^disk size: .*\n/m, ''), err: r.stderr });
+      }
+      assert.deepEqual(results[0], results[1], `${prog} ${args.join(' ')}`);
+    }
+  }
+  // What our qemu-io wrote inside is where QEMU reads it.
+  assert.match((await qemuIo(['-c', 'read -P 0x4d 128k 64k', '--image-opts', opts], dir)).stdout, /read 65536\/65536/);
+});
