@@ -22,7 +22,9 @@ export async function run(file: string, sizeText: string, flags: Flags): Promise
   const preallocation = (flags.preallocation ?? 'off') as Preallocation;
   if (!MODES.includes(preallocation)) throw new QcowError('QCOW_INVALID_ARGUMENT', `Invalid preallocation mode '${preallocation}'`);
   // QEMU opens an encrypted image with its key to resize it; qcow needs none (nothing is encrypted).
-  const dev = await openForCli(file, flags, { noBacking: true, inspectOnly: !openPolicy.keyToResize });
+  // With its backing chain, as qemu-img opens it: a growth's zero write over a partial cluster
+  // copies the backing data before it (the cluster is allocated whole).
+  const dev = await openForCli(file, flags, { inspectOnly: !openPolicy.keyToResize });
   try {
     if (!dev.resize) throw new QcowError('QCOW_UNSUPPORTED', 'Image format driver does not support resize');
     const size = m[1] === '+' ? dev.size + amount : m[1] === '-' ? dev.size - amount : amount;

@@ -139,3 +139,17 @@ test('the library resizes a LUKS image without its key, keeping the payload wher
   }
   assert.equal((await stat(file)).size, before - (3 << 20));
 });
+
+test('growing an overlay keeps its backing data in a partial last cluster, and zeros after (iotest 125)', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  await qemuImg(['create', '-q', '-f', 'raw', 'b.base', '128k'], dir);
+  await qemuIo(['-f', 'raw', '-c', 'write -q -P 1 0 128k', 'b.base'], dir);
+  for (const prog of [COMPAT_QEMU_IMG, 'qemu-img']) {
+    for (const mode of ['off', 'metadata', 'full']) {
+      await qemuImg(['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', 'b.base', '-o', 'cluster_size=64k', 't.qcow2', '31k'], dir);
+      assert.equal((await run(prog, ['resize', '-f', 'qcow2', `--preallocation=${mode}`, 't.qcow2', '96k'], { cwd: dir })).code, 0);
+      const out = (await qemuIo(['-c', 'read -P 1 0 31k', '-c', 'read -P 0 31k 63k', 't.qcow2'], dir)).stdout;
+      assert.doesNotMatch(out, /fail/, `${prog} --preallocation=${mode}`);
+    }
+  }
+});
