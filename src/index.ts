@@ -3,7 +3,7 @@
  *
  * @module qcow
  */
-export type { AmendContext, AmendProgressCallback, BlockDevice, BlockExtent, CreateOptions, DiscardPassthrough, ImageDescription, ImageFormat, MeasureRequest, MeasureResult, OpenOptions, OverlapCheck, OverlapCheckOptions, PlacedRange, PlainExtent, PlainRun, SnapshotInfo, WriteOptions, ZeroOptions } from './core/block-device.js';
+export type { AmendContext, AmendProgressCallback, BlockDevice, BlockExtent, CreateOptions, DiscardPassthrough, ImageDescription, ImageFormat, MeasureRequest, MeasureResult, OpenOptions, OverlapCheck, OverlapCheckOptions, PlacedRange, PlainExtent, PlainRun, Preallocation, RawWindow, ResizeOptions, SnapshotInfo, WriteOptions, ZeroOptions } from './core/block-device.js';
 export { DeviceBase, mergeExtents } from './core/device-base.js';
 export { QcowError, CorruptionEvent, ImageMarkedCorrupt, UnwrittenMetadata, isQcowError, invalidArgument, type QcowErrorCode, type QcowErrorOptions } from './core/errors.js';
 export { FormatRegistry } from './core/registry.js';

@@ -37,6 +37,13 @@ export interface OpenImageOptions {
   snapshot?: string;
   /** Open the top image's backing file as this format, whatever the image records (qemu's `backing.driver`). */
   backingFormat?: string;
+  /**
+   * Open this file as the top image's backing file, whatever the image records (QEMU's
+   * `backing.file.filename`), named as the user named it (not against the image).
+   */
+  backingFile?: string;
+  /** The top image's backing file, a raw one: see OpenOptions.rawWindow (QEMU's `backing.offset`, `backing.size`). */
+  backingRawWindow?: OpenOptions['rawWindow'];
   /** Do not open backing files: unallocated ranges read as zeros (qemu-img's -u / `backing: null`). */
   noBacking?: boolean;
   /** Longest chain accepted, counting the top image. */
@@ -73,6 +80,8 @@ export interface OpenImageOptions {
   discardPassthrough?: OpenOptions['discardPassthrough'];
   /** The top image only: see OpenOptions.overlapCheck. */
   overlapCheck?: OpenOptions['overlapCheck'];
+  /** The top image only (a raw one): see OpenOptions.rawWindow. */
+  rawWindow?: OpenOptions['rawWindow'];
   /** Every image opened read-write: see OpenOptions.onRepair. */
   onRepair?: OpenOptions['onRepair'];
   /** Every image of the chain: see OpenOptions.onWarning. */
@@ -161,6 +170,7 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
       lazyRefcounts: depth === 0 ? options.lazyRefcounts : undefined,
       discardPassthrough: depth === 0 ? options.discardPassthrough : undefined,
       overlapCheck: depth === 0 ? options.overlapCheck : undefined,
+      rawWindow: depth === 0 ? options.rawWindow : depth === 1 ? options.backingRawWindow : undefined,
       onRepair: options.onRepair,
       onWarning: options.onWarning,
       onCorruption: depth === 0 ? options.onCorruption : undefined,
@@ -178,11 +188,12 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
         });
     }
     if (!options.noBacking) {
+      const { backingFile } = options;
       openOptions.openBacking = (backingName, backingFormat) => {
         const format = depth === 0 ? (options.backingFormat ?? backingFormat) : backingFormat;
         const own = options.openBackingName?.(backingName, { format, readOnly: !(options.writableBacking?.(backingName, depth + 1) ?? false) });
         if (own) return own;
-        return openLayer(resolveNamed(backingName, name, options), options, format, depth + 1, seen).catch((e) => {
+        return openLayer(depth === 0 && backingFile !== undefined ? backingFile : resolveNamed(backingName, name, options), options, format, depth + 1, seen).catch((e) => {
           throw backingError(e, name, backingName);
         });
       };

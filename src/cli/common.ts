@@ -48,6 +48,8 @@ export const openPolicy: {
   secrets?: ReadonlyMap<string, string>;
   /** External data files the user named for images (by the image's name as given): see OpenImageOptions.dataFile. */
   dataFiles?: Map<string, string>;
+  /** resize opens an encrypted image with its key, as QEMU does (which refuses it without one). */
+  keyToResize?: boolean;
   /** Told what an open repaired (OpenOptions.onRepair): a persona that prints it as QEMU does. */
   onRepair?: NodeOpenOptions['onRepair'];
   /** Told the corruption events of an image in use (OpenOptions.onCorruption): a persona prints them as QEMU does. */
@@ -71,7 +73,7 @@ export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpe
   const confine = flags.confine ?? openPolicy.confine ?? false;
   const probeBacking = flags.probeBacking ?? openPolicy.probeBacking ?? true;
   const { openImage } = await import('./open-images.js');
-  const special = openPolicy.openName?.(file);
+  const special = openPolicy.openName?.(file) ?? (await nbdOpener(file));
   const open = special ? (_name: string, o: NodeOpenOptions) => special(o) : openImage;
   const { openName, refuseMalformedBitmaps } = openPolicy;
   return open(file, {
@@ -98,6 +100,19 @@ export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpe
  */
 function tellCorruption(e: CorruptionEvent): void {
   if (!e.fatal) process.stderr.write(`${failureStyle.program}: warning: the image is corrupt: ${e.message} (check -r all repairs it)\n`);
+}
+
+/**
+ * An NBD export named as QEMU's programs name one (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`,
+ * `nbd:unix:PATH`, `nbd:HOST:PORT`): a raw image over the connection, its allocation the server's
+ * block status. Undefined for any other name (the NBD client is loaded only for these).
+ */
+async function nbdOpener(file: string): Promise<((options: NodeOpenOptions) => Promise<BlockDevice>) | undefined> {
+  if (!file.startsWith('nbd')) return undefined;
+  const { nbdTargetOf } = await import('../compat/nbd-store.js');
+  if (!nbdTargetOf(file)) return undefined;
+  const { openNbdImage } = await import('../compat/qemu-img/nbd-device.js');
+  return (options) => openNbdImage(file, {}, options);
 }
 
 /** qemu-img's -o syntax: key=value pairs separated by commas; ",," is a literal comma. */

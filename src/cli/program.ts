@@ -231,6 +231,7 @@ export function buildProgram(argv: string[]): Command {
         .addOption(fmt())
         .addOption(pw())
         .option('--shrink', 'allow making the image smaller')
+        .option('--preallocation <mode>', 'reserve the added range: off, metadata (qcow2), falloc or full')
         .option('-q, --quiet', 'print nothing')
         .argument('<file>')
         .argument('<size>')

@@ -21,6 +21,7 @@ const STRONG: Record<string, readonly string[]> = {
   'null-co': ['size', 'read-zeroes'],
   'null-aio': ['size', 'read-zeroes'],
   raw: ['offset', 'size'],
+  qcow2: [],
 };
 const PROTOCOLS = new Set(['file', 'host_device', 'host_cdrom']);
 const NULL_DRIVERS = new Set(['null-co', 'null-aio']);

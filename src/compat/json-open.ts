@@ -7,6 +7,9 @@
 import { QcowError, type BlockDevice, type NodeOpenOptions } from '../node.js';
 import { isJsonFilename, jsonFilenameOptions } from './json-filename.js';
 import { qemuJsonName } from './json-name.js';
+import { openOverRawWindow, rawWindowOf, refusedAs } from './raw-window.js';
+import { renamed } from './renamed.js';
+import { backingOpenOptions } from './backing-options.js';
 import { NULL_CO, isNullCoFilename, nullCoFileOptions, openNullCo, openNullCoFilename, openOverNullCo } from './null-co.js';
 
 const HOST_PROTOCOLS = ['file', 'host_device', 'host_cdrom'];
@@ -44,8 +47,17 @@ async function openNode(name: string, o: Record<string, string>, options: NodeOp
   if (driver === NULL_CO) return openNullCo(qemuJsonName(name, driver) ?? name, o, !!options.readOnly);
   const nullFile = nullCoFileOptions(o);
   if (nullFile) return openOverNullCo(qemuJsonName(name, 'raw') ?? name, nullFile, driver, !!options.readOnly);
+  // A format over a raw window of a file: the format reads through the window.
+  const fileWindow = o['file.driver'] === 'raw' ? rawWindowOf(o, 'file.') : undefined;
+  if (fileWindow && o['file.file.filename'] !== undefined) {
+    return renamed(await openOverRawWindow(o['file.file.filename'], fileWindow, driver, options).catch(refusedAs(name)), qemuJsonName(name, driver) ?? name);
+  }
   const file = o['file.filename'] ?? o.filename ?? o['file.file.filename'];
   if (file === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'A block device must be specified for "file"');
   const { openImage } = await import('../cli/open-images.js');
-  return openImage(file, { ...options, format: driver === undefined || HOST_PROTOCOLS.includes(driver) ? (driver ? 'raw' : undefined) : driver });
+  // raw's offset and size: a raw view of part of the file, named as QEMU names the node.
+  const window = driver === 'raw' ? rawWindowOf(o) : undefined;
+  if (window) return renamed(await openImage(file, { ...options, format: 'raw', rawWindow: window }).catch(refusedAs(name)), qemuJsonName(name, driver) ?? name);
+  const backing = backingOpenOptions(o);
+  return openImage(file, { ...options, ...backing, backingFormat: backing.backingFormat ?? options.backingFormat, format: driver === undefined || HOST_PROTOCOLS.includes(driver) ? (driver ? 'raw' : undefined) : driver });
 }

@@ -41,8 +41,8 @@ interface Row {
 
 /** Our message when a qcow2 image marked corrupt is opened for writing. */
 export const OPEN_REFUSED = /^the image is marked corrupt and cannot be opened read\/write/;
-/** An image name (a json: one's options, a protocol's filename) that names no node QEMU can open. */
-const NAME_REFUSED = /^(?:A block device must be specified for "file"|The only allowed filename for this driver is '[^']*')$/;
+/** An image name (a json: one's options, a protocol's filename, a raw window off the file) that names no node QEMU can open. */
+const NAME_REFUSED = /^(?:A block device must be specified for "file"|The only allowed filename for this driver is '[^']*'|Offset \(\d+\) cannot be greater than size of the containing file \(\d+\)|The sum of offset \(\d+\) and size \(\d+\) has to be smaller or equal to the {2}actual size of the containing file \(\d+\)|Specified size is not multiple of 512|Block format '[^']*' does not support the option '[^']*'|Block protocol '[^']*' doesn't support the option '[^']*')$/;
 
 /** Whether an error comes from the operating system (an errno code on it or its cause). */
 const hasErrno = (e: QcowError): boolean => [e, e.cause].some((x) => /^E[A-Z]+$/.test(String((x as NodeJS.ErrnoException | undefined)?.code ?? '')));
@@ -201,7 +201,7 @@ const ROWS: Row[] = [
   // failure, not the open's): our words are QEMU's.
   {
     code: 'QCOW_UNSUPPORTED',
-    match: /^(?:compat=0\.10 requires refcount_bits=16|Cannot downgrade an image with .*|Internal snapshots prevent downgrade of image|Can't resize a v2 image which has snapshots)$/,
+    match: /^(?:compat=0\.10 requires refcount_bits=16|Cannot downgrade an image with .*|Internal snapshots prevent downgrade of image|Can't resize a v2 image which has snapshots|Cannot resize fixed-size raw disks|Unsupported preallocation mode: \w+|Image format driver does not support resize)$/,
     text: (e) => e.message,
   },
   // A format name we do not have (QEMU does not list the ones it has).
@@ -246,6 +246,13 @@ const ROWS: Row[] = [
     match: /^Could not open data file '(.*)': (.*)$/,
     text: (_e, c, m) => `Could not open '${c.file}': Could not open '${m![1]}': ${m![2]}`,
   },
+  // A file that is not in the format asked for (-f, backing.driver): QEMU's words.
+  {
+    op: ['open', 'device'],
+    code: 'QCOW_BAD_MAGIC',
+    match: /^(?:not a (qcow2) image|Image not in (qcow) format) \(bad magic\)$/,
+    text: (e, c, m) => `${c.op === 'device' ? '' : `Could not open '${c.file ?? e.file}': `}${m![1] ? `Image is not in ${m![1]} format` : `Image not in ${m![2]} format`}`,
+  },
   { op: ['open', 'device'], code: 'QCOW_UNSUPPORTED', match: /^('data-file' is required for this image) \(/, text: (e, c, m) => (c.op === 'device' ? m![1]! : `Could not open '${c.file ?? e.file}': ${m![1]}`) },
   // Opening: a backing file that is missing.
   {
@@ -256,7 +263,12 @@ const ROWS: Row[] = [
   },
   // The format layer and the file layer below it each name the file.
   { op: 'open', code: 'QCOW_NOT_FOUND', text: (e, c) => `Could not open '${c.file ?? e.file}': Could not open '${c.file ?? e.file}': No such file or directory` },
-  { op: 'open', code: 'QCOW_NEED_PASSWORD', text: (_e, c) => `Could not open '${c.file}': Parameter 'encrypt.key-secret' is required for cipher` },
+  // (The luks format's key option is plain key-secret.)
+  {
+    op: ['open', 'device'],
+    code: 'QCOW_NEED_PASSWORD',
+    text: (e, c) => `${c.op === 'device' ? '' : `Could not open '${c.file}': `}Parameter '${/^LUKS image/.test(e.message) ? '' : 'encrypt.'}key-secret' is required for cipher`,
+  },
   { op: 'open', code: 'QCOW_BAD_PASSWORD', text: (_e, c) => `Could not open '${c.file}': Invalid password, cannot unlock any keyslot` },
   { op: 'open', code: 'QCOW_LOCKED', text: (_e, c) => `Could not open '${c.file}': Failed to get "write" lock\nIs another process using the image [${c.file}]?` },
   { op: 'open', code: 'ANY', text: (e, c) => `Could not open '${c.file ?? e.file}': ${e.message}` },

@@ -9,6 +9,7 @@
  * calls itself raw and places each byte at the same offset of the node (qemu-img map's "offset").
  */
 import { DeviceBase, MemoryStore, QcowError, parseSize, type BlockDevice, type BlockExtent, type ImageDescription } from '../node.js';
+import { qdictBucket } from './qemu-json.js';
 
 export const NULL_CO = 'null-co';
 const DEFAULT_SIZE = 1 << 30;
@@ -44,10 +45,10 @@ class NullCoDevice extends DeviceBase {
   }
   protected async doWrite(): Promise<void> {}
   protected async doBlockStatus(offset: number, length: number): Promise<BlockExtent[]> {
-    const extent: BlockExtent = { offset, length, allocated: this.readZeroes, zero: this.readZeroes, data: false };
-    // raw maps each byte to the same offset of its file; an unallocated run has none.
-    if (this.format === 'raw' && this.readZeroes) extent.hostOffset = offset;
-    return [extent];
+    // Without read-zeroes the bytes are whatever the caller's buffer held: QEMU's map does not
+    // call them zeros. With it, each byte is at its own offset of the node (map's "offset").
+    if (!this.readZeroes) return [{ offset, length, allocated: false, zero: false, data: false, zeroUnknown: true }];
+    return [{ offset, length, allocated: true, zero: true, data: false, hostOffset: offset }];
   }
   async describe(): Promise<ImageDescription> {
     return { format: this.format, virtualSize: this.size, driverInfo: false };
@@ -61,6 +62,7 @@ class NullCoDevice extends DeviceBase {
  * `format` 'raw', a raw image over one.
  */
 export function openNullCo(name: string, options: Record<string, string>, readOnly: boolean, format = NULL_CO): BlockDevice {
+  refuseUnknown(options);
   let size = DEFAULT_SIZE;
   try {
     // A size as QEMU's options take one: with a k, M, G... suffix, a fraction of one too.
@@ -71,6 +73,19 @@ export function openNullCo(name: string, options: Record<string, string>, readOn
   const rz = options['read-zeroes'];
   if (rz !== undefined && !['on', 'off', 'true', 'false'].includes(rz)) throw new QcowError('QCOW_INVALID_ARGUMENT', "Parameter 'read-zeroes' expects 'on' or 'off'");
   return new NullCoDevice(name, size, readOnly, rz === 'on' || rz === 'true', format);
+}
+
+/** null-co's own options, and those every block node takes. */
+const KNOWN = new Set(['driver', 'filename', 'size', 'latency-ns', 'read-zeroes', 'node-name', 'read-only', 'auto-read-only', 'force-share', 'discard', 'detect-zeroes', 'cache.direct', 'cache.no-flush']);
+
+/** QEMU's refusal of an option null-co does not have, naming the first in QEMU's dictionary order. */
+function refuseUnknown(options: Record<string, string>): void {
+  const unknown = Object.keys(options)
+    .map((k, i) => ({ k, i, b: qdictBucket(k) }))
+    .filter(({ k }) => !KNOWN.has(k));
+  if (unknown.length === 0) return;
+  unknown.sort((p, q) => p.b - q.b || q.i - p.i);
+  throw new QcowError('QCOW_INVALID_ARGUMENT', `Block protocol '${NULL_CO}' doesn't support the option '${unknown[0]!.k}'`);
 }
 
 /**

@@ -220,8 +220,12 @@ export interface BlockDevice {
   blockStatus(offset: number, length: number): Promise<BlockExtent[]>;
   /** What the format knows about the image (the material of `qemu-img info`). */
   describe(): Promise<ImageDescription>;
-  /** Change the virtual size. Absent where the format cannot. */
-  resize?(size: number, options?: { shrink?: boolean }): Promise<void>;
+  /**
+   * Change the virtual size. Absent where the format cannot. `shrink` allows making it smaller;
+   * `preallocation` (growing only; qemu-img resize's option) reserves the new range: `metadata`
+   * maps it (qcow2), `falloc` also reserves the file's blocks, `full` also writes them.
+   */
+  resize?(size: number, options?: ResizeOptions): Promise<void>;
   /**
    * Rewrite the backing file name and format recorded in the header (null: no backing file), as
    * `qemu-img rebase` does. Only the header changes: no data is copied and `backing` is not
@@ -382,6 +386,31 @@ export interface OpenOptions {
    * suppress (any after the image was marked, a non-fatal one after an earlier event) are not told.
    */
   onCorruption?: (event: CorruptionEvent) => void;
+  /**
+   * raw: the image is the part of the file from `offset` (default 0), `size` bytes long (default:
+   * to the end of the file), as QEMU's raw `offset` and `size` options. With a size the image
+   * cannot grow or shrink; reads and writes past it are refused like any past the end.
+   */
+  rawWindow?: RawWindow;
+}
+
+/** How {@link BlockDevice.resize} changes the size. */
+export interface ResizeOptions {
+  /** Allow making the image smaller (data past the new end is lost). */
+  shrink?: boolean;
+  /** Reserve the range a growth adds: see BlockDevice.resize. Formats refuse modes they lack. */
+  preallocation?: Preallocation;
+}
+
+/** qemu-img's preallocation modes. */
+export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
+
+/** Part of a file as a raw image: see OpenOptions.rawWindow. */
+export interface RawWindow {
+  /** Where the image starts in the file, in bytes. */
+  offset?: number;
+  /** The image's size in bytes (a multiple of 512); absent: to the end of the file. */
+  size?: number;
 }
 
 /** What a format needs to write a new image ({@link ImageFormat.create}). */

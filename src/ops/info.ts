@@ -97,7 +97,8 @@ export function infoHuman(info: ImageInfoJson): string {
     `file format: ${info.format}`,
     `virtual size: ${formatSize(info['virtual-size'])} (${byteCountText(info['virtual-size'])} bytes)`,
   ];
-  if (info['actual-size'] !== undefined) lines.push(`disk size: ${formatSize(info['actual-size'])}`);
+  // A store that cannot tell (an NBD export, a URL): qemu-img says so.
+  lines.push(`disk size: ${info['actual-size'] !== undefined ? formatSize(info['actual-size']) : 'unavailable'}`);
   if (info.encrypted) lines.push('encrypted: yes');
   if (info['cluster-size'] !== undefined) lines.push(`cluster_size: ${info['cluster-size']}`);
   if (info['backing-filename'] !== undefined) {

@@ -15,6 +15,9 @@ export function mapEntryJson(e: ChainExtent): string {
 export async function mapJson(dev: BlockDevice, start?: number, end?: number): Promise<string> {
   const lines: string[] = [];
   for await (const e of mapChain(dev, start, end)) lines.push(mapEntryJson(e));
+  // An empty range (an image of size 0) is one empty entry: qemu-img prints the run it was
+  // gathering, which never started.
+  if (lines.length === 0) lines.push('{ "start": 0, "length": 0, "depth": 0, "present": false, "zero": false, "data": false}');
   return `[${lines.join(',\n')}]\n`;
 }
 

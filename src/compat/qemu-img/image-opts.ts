@@ -5,18 +5,26 @@
  * - key secrets (`encrypt.key-secret`, `key-secret`, and `backing.…` ones for backing files): each
  *   layer opens with its own password. QEMU shows such an image as `json:{...}`, since the key
  *   secret is one of the options that make up the node's identity.
- * - `backing.driver`: the backing file's format.
+ * - `backing.driver`, `backing.file.filename` (and a raw backing file's `backing.offset` and
+ *   `backing.size`): the backing file QEMU opens in place of the one the image records.
+ * - raw's `offset` and `size`: a raw view of part of the file, shown as QEMU's json:{...} name.
  * - `driver=nbd`: an NBD export (./nbd-device.ts), shown under the option list itself.
  */
 import type { BlockDevice, NodeOpenOptions } from '../../node.js';
 import { passwordsOf } from '../secrets.js';
 import { nbdTargetOfOptions } from '../nbd-store.js';
+import { renamed } from '../renamed.js';
+import { backingOpenOptions } from '../backing-options.js';
+import { openOverRawWindow, rawWindowOf, refusedAs } from '../raw-window.js';
+import { qemuJsonName } from '../json-name.js';
 
 export type SpecialOpen = (options: NodeOpenOptions) => Promise<BlockDevice>;
 
 /** Options that only say which format and which plain file. */
 const PLAIN = new Set(['driver', 'file.filename', 'filename', 'file.driver']);
 const TOP_SECRETS = ['encrypt.key-secret', 'key-secret'];
+/** The backing node's options followed here (./backing-options.ts). */
+const BACKING = ['backing.driver', 'backing.file.filename', 'backing.filename', 'backing.offset', 'backing.size'];
 
 export function parseImageOpts(text: string): Record<string, string> {
   const o: Record<string, string> = {};
@@ -28,11 +36,11 @@ export function parseImageOpts(text: string): Record<string, string> {
 }
 
 /**
- * The operand qcow's command gets for an --image-opts list (pushing `-f FMT` onto `args` when the
- * list names a format), registering in `special` how to open it when a plain open would not do;
+ * The operand qcow's command gets for an --image-opts list (pushing `-f FMT`, or `formatFlag FMT`,
+ * onto `args` when the list names a format), registering in `special` how to open it when a plain open would not do;
  * without `special` (a command that opens the file itself, as check does) just the file.
  */
-export function fromImageOpts(text: string, args: string[], secrets: ReadonlyMap<string, string>, special: Map<string, SpecialOpen> | undefined): string {
+export function fromImageOpts(text: string, args: string[], secrets: ReadonlyMap<string, string>, special: Map<string, SpecialOpen> | undefined, formatFlag = '-f'): string {
   const o = parseImageOpts(text);
   const driver = o.driver;
   if (special && nbdTargetOfOptions(o)) {
@@ -44,10 +52,36 @@ export function fromImageOpts(text: string, args: string[], secrets: ReadonlyMap
   }
   // blkdebug's options stay whole, as the json: name they are (../json-open.ts opens it).
   if (driver === 'blkdebug') return 'json:' + JSON.stringify(o);
-  if (driver && driver !== 'file') args.push('-f', driver);
+  // So do null-co's (a node of its own, ../null-co.ts), unless the command opens files itself.
+  if (driver === 'null-co' && special) {
+    const name = 'json:' + JSON.stringify(o);
+    special.set(name, (options) => import('../json-open.js').then((m) => m.openJsonName(name, options)).catch(refusedAs(text)));
+    return name;
+  }
+  if (driver && driver !== 'file') args.push(formatFlag, driver);
+  // A format over a raw window of a file (file.driver=raw, file.offset, file.size).
+  const fileWindow = o['file.driver'] === 'raw' ? rawWindowOf(o, 'file.') : undefined;
+  const inner = o['file.file.filename'];
+  if (fileWindow && inner !== undefined && special) {
+    const tree = { driver: driver ?? 'raw', file: { driver: 'raw', ...pick(o, ['file.offset', 'file.size'], 'file.'), file: { driver: 'file', filename: inner } } };
+    const name = qemuJsonName('json:' + JSON.stringify(tree)) ?? text;
+    special.set(name, async (options) => renamed(await openOverRawWindow(inner, fileWindow, driver, options).catch(refusedAs(text)), name));
+    return name;
+  }
   const path = o['file.filename'] ?? o.filename;
   if (path === undefined) return text;
-  const wanted = Object.keys(o).filter((k) => !PLAIN.has(k) && (/(^|\.)(encrypt\.)?key-secret$/.test(k) || k === 'backing.driver'));
+  // raw's offset and size: a raw view of part of the file, shown (as QEMU shows it) as json:{...}.
+  const window = driver === 'raw' ? rawWindowOf(o) : undefined;
+  if (window && special) {
+    const tree = { driver, ...pick(o, ['offset', 'size']), file: { driver: o['file.driver'] ?? 'file', filename: path } };
+    const name = qemuJsonName('json:' + JSON.stringify(tree)) ?? text;
+    special.set(name, async (options) => {
+      const { openImage } = await import('../../cli/open-images.js');
+      return renamed(await openImage(path, { ...options, format: 'raw', rawWindow: window }).catch(refusedAs(text)), name);
+    });
+    return name;
+  }
+  const wanted = Object.keys(o).filter((k) => !PLAIN.has(k) && (/(^|\.)(encrypt\.)?key-secret$/.test(k) || BACKING.includes(k)));
   if (wanted.length === 0 || !special) return path;
   const top = TOP_SECRETS.find((k) => o[k] !== undefined);
   const name = top !== undefined ? jsonName(top, o[top]!, driver, path) : path;
@@ -56,7 +90,8 @@ export function fromImageOpts(text: string, args: string[], secrets: ReadonlyMap
     // secrets up.
     const { password, passwordAt } = options.inspectOnly ? { password: undefined, passwordAt: undefined } : passwordsOf(o, secrets);
     const { openImage } = await import('../../cli/open-images.js');
-    const dev = await openImage(path, { ...options, password: password ?? options.password, passwordAt, backingFormat: o['backing.driver'] ?? options.backingFormat });
+    const backing = backingOpenOptions(o);
+    const dev = await openImage(path, { ...options, ...backing, password: password ?? options.password, passwordAt, backingFormat: backing.backingFormat ?? options.backingFormat });
     return top === undefined ? dev : renamed(dev, name);
   });
   return name;
@@ -67,13 +102,9 @@ function jsonName(secretKey: string, id: string, driver: string | undefined, pat
   return `json:${JSON.stringify({ [secretKey]: id, driver: driver ?? 'raw', file: { driver: 'file', filename: path } }).replace(/":/g, '": ').replace(/,"/g, ', "')}`;
 }
 
-/** `dev` under another name (what info prints and errors say); everything else is the device's own. */
-function renamed(dev: BlockDevice, filename: string): BlockDevice {
-  return new Proxy(dev, {
-    get(target, key) {
-      if (key === 'filename') return filename;
-      const v = Reflect.get(target, key, target) as unknown;
-      return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v;
-    },
-  });
+/** The options `keys` of `o` that are there, without `strip` at the start of their names. */
+function pick(o: Record<string, string>, keys: readonly string[], strip = ''): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const k of keys) if (o[k] !== undefined) out[k.slice(strip.length)] = o[k];
+  return out;
 }

@@ -16,6 +16,7 @@ import { isJsonFilename, jsonFilenameOptions } from '../json-filename.js';
 import { nbdTargetOf, nbdTargetOfOptions } from '../nbd-store.js';
 import { fromImageOpts, parseImageOpts, type SpecialOpen } from './image-opts.js';
 import { secretsOf } from './options.js';
+import { backingOptionsRefused } from '../backing-options.js';
 import { contextOf, qemuErrorLines } from '../messages.js';
 import { corruptionLine } from '../corruption-line.js';
 
@@ -163,8 +164,9 @@ function translate(cmd: string, key: string, value: string | undefined): string[
     case 'salvage':
       return ['--salvage'];
     case 'target-is-zero':
-    case 'preallocation':
       return undefined;
+    case 'preallocation':
+      return cmd === 'resize' ? ['--preallocation', v!] : undefined;
     case 'bitmaps':
     case 'skip-broken-bitmaps':
       return [`--${key}`];
@@ -202,8 +204,9 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   const secrets = secretsOf(parsed);
   const special = new Map<string, SpecialOpen>();
   if (imageOpts) {
-    operands = operands.map((x) => {
-      const name = fromImageOpts(x, out, secrets, cmd === 'check' ? undefined : special);
+    operands = operands.map((x, i) => {
+      // compare's second image has its own format option.
+      const name = fromImageOpts(x, out, secrets, cmd === 'check' ? undefined : special, cmd === 'compare' && i === 1 ? '-F' : '-f');
       // qcow2's data-file option: the data file the image is opened with, whatever its header says.
       const o = parseImageOpts(x);
       const dataFile = o['data-file.filename'] ?? o['data-file'];
@@ -212,6 +215,20 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
     });
   }
   for (const x of operands) if (!imageOpts && nbdTargetOf(x)) special.set(x, (o) => import('./nbd-device.js').then((m) => m.openNbdImage(x, {}, o)));
+  // info opens the image without its backing file, so QEMU refuses backing options there.
+  if (cmd === 'info') {
+    operands.forEach((name, i) => {
+      const given = parsed.operands[i]!;
+      let o: Record<string, string> | undefined;
+      try {
+        o = imageOpts ? parseImageOpts(given) : isJsonFilename(given) ? jsonFilenameOptions(given) : undefined;
+      } catch {
+        return; // (a json: name that does not parse fails when it is opened)
+      }
+      const refused = o && backingOptionsRefused(o, o.driver ?? 'raw');
+      if (refused) special.set(name, () => Promise.reject(new QcowError(refused.code, refused.message, { file: given })));
+    });
+  }
   // QEMU's file protocol prefix names a plain file. A relative name left with a colon in its first
   // component would read as a protocol again, so QEMU shows (and resolves backing files from) it
   // as ./NAME: so do we (iotest 126).
@@ -233,6 +250,7 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   // QEMU refuses images whose bitmap directory it cannot load; qcow opens them so they can be
   // repaired, but qemu-img's scripts (and iotests) expect the refusal.
   openPolicy.refuseMalformedBitmaps = true;
+  openPolicy.keyToResize = true;
   openPolicy.openName = (name) => {
     const own = special.get(name);
     if (own) return own;

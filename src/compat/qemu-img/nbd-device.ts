@@ -31,7 +31,8 @@ class NbdDevice extends DeviceBase {
   }
 
   async describe(): Promise<ImageDescription> {
-    return { format: 'raw', virtualSize: this.size };
+    // QEMU's nbd driver has no driver information (so no dirty flag in info).
+    return { format: 'raw', virtualSize: this.size, driverInfo: false };
   }
 
   async flush(): Promise<void> {

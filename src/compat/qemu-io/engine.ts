@@ -194,7 +194,8 @@ export class QemuIo {
       this.request = req;
       return 0;
     } catch (e) {
-      this.report(`can't open${req.name !== undefined ? ` device ${req.name}` : ''}: ${openErrorText(e, req.name)}`);
+      // An option list names the image's file: a failure elsewhere (a backing file) is told apart from it.
+      this.report(`can't open${req.name !== undefined ? ` device ${req.name}` : ''}: ${openErrorText(e, req.name ?? req.options['file.filename'])}`);
       return 1;
     }
   }

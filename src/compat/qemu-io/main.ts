@@ -18,6 +18,8 @@ import { COMPRESS, compressFilter } from './compress-filter.js';
 import { withCopyOnRead } from '../../node.js';
 import { QemuIo, parseOpts, unmapEnabled, type IoOutput, type Opener, type OpenRequest } from './engine.js';
 import { corruptionLine } from '../corruption-line.js';
+import { rawWindowOf, refusedAs } from '../raw-window.js';
+import { backingOpenOptions } from '../backing-options.js';
 
 const LONG: LongOption[] = [
   { name: 'help', hasArg: false, key: 'h' },
@@ -301,12 +303,12 @@ export class NodeOpener implements Opener {
     const { passwordAt } = layers;
     const readOnly = req.readOnly || o['read-only'] === 'on';
     const noBacking = o.backing === 'null' || o.backing === '';
-    const backingFormat = o['backing.driver'];
+    const { backingFormat, backingFile, backingRawWindow } = backingOpenOptions(o);
     const fileDriver = o['file.driver'];
     if (fileDriver !== undefined && !isHostProtocol(fileDriver)) {
       // A nested image: the image's bytes are the guest content of another image.
       const innerName = o['file.file.filename'] ?? name;
-      const inner = await openImage(innerName, { format: fileDriver, readOnly, password });
+      const inner = await openImage(innerName, { format: fileDriver, readOnly, password, rawWindow: fileDriver === 'raw' ? rawWindowOf(o, 'file.') : undefined });
       const { defaultOpener } = await import('../../cli/open-images.js');
       const { openerWith } = await import('./device-store.js');
       try {
@@ -318,12 +320,17 @@ export class NodeOpener implements Opener {
     }
     // A data file given as a blkdebug node (or raw over one): opened through it.
     const dataOpener = o['data-file.driver'] !== undefined ? (await import('../blkdebug/open.js')).dataFileOpener((await import('../../cli/open-images.js')).defaultOpener, o) : undefined;
-    if (!req.snapshot) return checked(await openImage(name, { format, readOnly, password, passwordAt, noBacking, backingFormat, ...QEMU_OPEN_RULES, ...this.driverOptions(o, req.discard), ...(dataOpener ? { opener: dataOpener } : {}) }), o);
+    // raw's offset and size: a raw view of part of the file.
+    const rawWindow = format === 'raw' ? rawWindowOf(o) : undefined;
+    if (!req.snapshot) {
+      const dev = openImage(name, { format, readOnly, password, passwordAt, noBacking, backingFormat, backingFile, backingRawWindow, rawWindow, ...QEMU_OPEN_RULES, ...this.driverOptions(o, req.discard), ...(dataOpener ? { opener: dataOpener } : {}) });
+      return checked(await (rawWindow ? dev.catch(refusedAs(req.name ?? name)) : dev), o);
+    }
     // -s: a temporary qcow2 overlay over the image takes the writes and goes with close().
     const { tmpdir } = await import('node:os');
     const { join, resolve } = await import('node:path');
     const { mkdtemp } = await import('node:fs/promises');
-    const base = await openImage(name, { format, readOnly: true, password, passwordAt, noBacking, backingFormat, ...QEMU_OPEN_RULES });
+    const base = await openImage(name, { format, readOnly: true, password, passwordAt, noBacking, backingFormat, rawWindow, ...QEMU_OPEN_RULES });
     const baseFormat = base.format;
     await base.close();
     const dir = await mkdtemp(join(tmpdir(), 'qemu-io-snapshot-'));

@@ -4,7 +4,8 @@
  * key and an IV from its guest sector number. The virtual size is what follows the payload offset.
  * Without a password an image opens for inspection only (`OpenOptions.inspectOnly`).
  */
-import type { AmendContext, AmendProgressCallback, BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, WriteOptions } from '../../core/block-device.js';
+import type { AmendContext, AmendProgressCallback, BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, ResizeOptions, WriteOptions } from '../../core/block-device.js';
+import { growStore } from '../../storage/preallocate.js';
 import { DeviceBase } from '../../core/device-base.js';
 import { QcowError, invalidArgument } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
@@ -26,7 +27,7 @@ async function readArea(store: ByteStore, offset: number, length: number): Promi
 }
 
 const needPassword = (): never => {
-  throw new QcowError('QCOW_NEED_PASSWORD', 'image is encrypted: a password is required (--password-file)');
+  throw new QcowError('QCOW_NEED_PASSWORD', 'LUKS image is encrypted: a password is required (--password-file)');
 };
 
 export class LuksDevice extends DeviceBase {
@@ -52,7 +53,25 @@ export class LuksDevice extends DeviceBase {
     const header = parseLuksHeader(head, fileSize);
     if (header.payloadOffset > fileSize) throw new QcowError('QCOW_CORRUPT', `LUKS payload offset ${header.payloadOffset} is beyond the end of the file (${fileSize} bytes)`);
     const unlocked = options.password !== undefined ? await unlockLuks(header, (offset, length) => readArea(store, offset, length), options.password) : undefined;
-    return new LuksDevice(store, fileSize - header.payloadOffset, options.readOnly ?? store.readOnly, header, unlocked?.cipher, unlocked?.masterKey);
+    // Whole sectors, as QEMU counts a node's length (a payload cut mid-sector reads as zeros past the file).
+    const size = Math.ceil((fileSize - header.payloadOffset) / SECTOR_SIZE) * SECTOR_SIZE;
+    return new LuksDevice(store, size, options.readOnly ?? store.readOnly, header, unlocked?.cipher, unlocked?.masterKey);
+  }
+
+  /**
+   * The payload ends where the new size says, as QEMU's luks driver resizes: the file is cut or
+   * grown (with the preallocation asked for, done by the file: `full` writes zeros into the file,
+   * which the guest then reads decrypted, as in QEMU). No key is needed: nothing is encrypted.
+   */
+  async resize(size: number, options: ResizeOptions = {}): Promise<void> {
+    this.checkWritable();
+    if (!Number.isSafeInteger(size) || size < 0) throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid size ${size}`);
+    if (size < this.size && !options.shrink) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use the --shrink option to perform a shrink operation.', { file: this.filename });
+    const base = this.header.payloadOffset;
+    const fileEnd = await this.store.size();
+    if (base + size > fileEnd) await growStore(this.store, fileEnd, base + size, options.preallocation);
+    else await this.store.truncate(base + size);
+    this.size = Math.ceil(size / SECTOR_SIZE) * SECTOR_SIZE;
   }
 
   /** Key slots: `state`, `keyslot`, `old-secret`, `new-secret`, `iter-time` (crypto/luks-amend.ts). */

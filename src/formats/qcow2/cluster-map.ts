@@ -609,8 +609,10 @@ export class ClusterMap {
    * the host cluster unless `unmap`), v2 deallocation (reached only when nothing shows through).
    * `hasBacking`: a missing table then does not read as zeros and must be made.
    */
-  async zeroClusters(from: number, to: number, unmap: boolean, isDiscard: boolean, hasBacking: boolean): Promise<void> {
+  async zeroClusters(from: number, to: number, unmap: boolean, isDiscard: boolean, hasBacking: boolean): Promise<Array<[number, number]>> {
     const img = this.image;
+    /** External data-file clusters unmapped (host offset, length): the writer decides whether to discard them there. */
+    const dropped: Array<[number, number]> = [];
     const g = img.geometry;
     const cs = g.clusterSize;
     const v3 = img.header.version === 3;
@@ -636,8 +638,15 @@ export class ClusterMap {
         // discard does): it already reads as zeros, and stays unallocated.
         if (isDiscard && !hasBacking && (d.kind === 'unallocated' || d.kind === 'zero-plain')) continue;
         if (img.external) {
-          // Data-file clusters keep their mapping; the zero flag hides the bytes there.
-          if (d.kind === 'normal' || d.kind === 'zero-alloc') {
+          if (unmap && (d.kind === 'normal' || d.kind === 'zero-alloc')) {
+            // Unmapped, as QEMU's discard does it: a zero entry without a host cluster, and the
+            // data file's range handed to the writer.
+            this.setEntry(table, index, standardL2Entry(0, { zero: !g.extendedL2 }), g.extendedL2 ? ALL_SUBCLUSTERS_ZERO : undefined);
+            const last = dropped[dropped.length - 1];
+            if (last && last[0] + last[1] === d.hostOffset) last[1] += cs;
+            else dropped.push([d.hostOffset, cs]);
+          } else if (d.kind === 'normal' || d.kind === 'zero-alloc') {
+            // Without unmap, data-file clusters keep their mapping; the zero flag hides the bytes there.
             this.setEntry(table, index, standardL2Entry(d.hostOffset, { copied: true, zero: !g.extendedL2 }), g.extendedL2 ? ALL_SUBCLUSTERS_ZERO : undefined);
             if (img.dataFileRaw) await img.dataStore.write(c, new Uint8Array(cs));
           } else {
@@ -668,6 +677,7 @@ export class ClusterMap {
       if (!sameBytes(before, span)) await this.tableChanged(table);
       pos = sliceEnd;
     }
+    return dropped;
   }
 
   /**

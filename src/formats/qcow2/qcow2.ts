@@ -11,7 +11,7 @@
  * read-write), and closes. Imports run one way: device -> writer -> cluster map -> allocator ->
  * metadata cache -> layouts.
  */
-import type { AmendContext, AmendProgressCallback, BlockExtent, ImageDescription, OpenOptions, PlacedRange, PlainExtent, PlainRun, WriteOptions, ZeroOptions } from '../../core/block-device.js';
+import type { AmendContext, AmendProgressCallback, BlockExtent, ImageDescription, OpenOptions, PlacedRange, PlainExtent, PlainRun, ResizeOptions, WriteOptions, ZeroOptions } from '../../core/block-device.js';
 import { DeviceBase } from '../../core/device-base.js';
 import { CorruptionEvent, ImageMarkedCorrupt, QcowError, corrupt, unsupported, withFile } from '../../core/errors.js';
 import type { ByteStore } from '../../storage/types.js';
@@ -435,16 +435,47 @@ export class Qcow2Device extends DeviceBase {
     await writer.writeCompressed(offset, data);
   }
 
-  async resize(size: number, options: { shrink?: boolean } = {}): Promise<void> {
+  async resize(size: number, options: ResizeOptions = {}): Promise<void> {
     const writer = this.requireWriter();
     if (!isExactByteCount(size)) throw new QcowError('QCOW_INVALID_ARGUMENT', `invalid size ${size}`);
+    // QEMU's qcow2 driver takes whole sectors only.
+    if (size % 512 !== 0) throw new QcowError('QCOW_INVALID_ARGUMENT', 'The new size must be a multiple of 512', { file: this.filename });
     const old = this.size;
+    const prealloc = options.preallocation ?? 'off';
+    if (prealloc !== 'off' && this.encryption) throw new QcowError('QCOW_UNSUPPORTED', `Unsupported preallocation mode for an encrypted image: ${prealloc}`, { file: this.filename });
     await writer.resize(size, options.shrink ?? false);
+    if (prealloc !== 'off' && size > old) await this.preallocate(old, size, prealloc);
     // Growing over a backing image that reaches past the old end: the new range reads as zeros,
     // not as the backing image's bytes there, as QEMU makes it (bdrv_co_truncate's zero write).
     // Opened without its backing image (qemu-img resize's way here), its length is unknown: zero.
     const backingReaches = this.backing ? this.backing.size > old : this.image.header.backingFile !== undefined;
     if (size > old && backingReaches) await this.writeZeroes(old, size - old);
+  }
+
+  /**
+   * Map the clusters of [from, to) that a growth added (qemu-img resize --preallocation): each gets
+   * a host cluster, as QEMU's preallocation gives it; `metadata` leaves the bytes to the file (holes,
+   * which read as zeros), `falloc` reserves them, `full` writes zeros. From the first whole
+   * cluster: a partial one at the old end keeps what it had.
+   */
+  private async preallocate(from: number, to: number, mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
+    const cs = this.clusterSize;
+    const start = Math.ceil(from / cs) * cs;
+    const put = async ({ store, hostOffset, length }: PlacedRange) => {
+      if (mode === 'full') {
+        for (let at = 0; at < length; at += 1 << 20) await store.write(hostOffset + at, new Uint8Array(Math.min(1 << 20, length - at)));
+        return;
+      }
+      if (mode === 'falloc' && store.allocate) await store.allocate(hostOffset, length);
+      // The file covers every cluster mapped, as QEMU leaves it.
+      if ((await store.size()) < hostOffset + length) await store.truncate(hostOffset + length);
+    };
+    // In pieces of whole clusters, so a large growth does not map everything in one request.
+    const whole = Math.floor(to / cs) * cs;
+    const piece = Math.max(cs, Math.floor((64 << 20) / cs) * cs);
+    for (let at = start; at < whole; at += piece) await this.requireWriter().writePlaced(at, Math.min(piece, whole - at), put);
+    // A partial last cluster is mapped by writing its zeros.
+    if (whole < to && whole >= start) await this.write(whole, new Uint8Array(to - whole));
   }
 
   async setBacking(name: string | null, format: string | null): Promise<void> {

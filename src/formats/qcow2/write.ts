@@ -37,7 +37,7 @@ import { encodeCompressedDescriptor } from './compressed-descriptor.js';
 import { l1EntryCopied, l1TableOffset } from './l1-entry.js';
 import type { CachedTable } from './metadata-cache.js';
 import { Refcounts, type Allocator } from './alloc.js';
-import { DEFAULT_DISCARD_PASSTHROUGH, type DiscardPassthrough, type FreeReason } from './free-reason.js';
+import { DEFAULT_DISCARD_PASSTHROUGH, passesDiscard, type DiscardPassthrough, type FreeReason } from './free-reason.js';
 import type { ClusterMap } from './cluster-map.js';
 import type { DataIo } from './data-io.js';
 import type { Qcow2Image } from './image.js';
@@ -1036,6 +1036,30 @@ export class Qcow2Writer {
     await this.punchRuns(await this.refcounts.collectFreedBy(reason, step));
   }
 
+  /**
+   * External data-file clusters a discard or an unmapping zero write just unmapped (`runs`, in
+   * the data file), as QEMU passes them on: discarded there when pass-discard-request says so;
+   * a raw data file's zero write always makes them zeros (the file is the guest disk, and must
+   * read as the image does), by a punched hole or, where the file cannot have one, by zeros.
+   */
+  private async discardInDataFile(runs: ReadonlyArray<[number, number]>, isDiscard: boolean): Promise<void> {
+    if (runs.length === 0) return;
+    const mustZero = this.image.dataFileRaw && !isDiscard;
+    if (!mustZero && !passesDiscard({ ...DEFAULT_DISCARD_PASSTHROUGH, ...this.parts.discardPassthrough }, 'request')) return;
+    const store = this.image.dataStore;
+    for (const [offset, length] of runs) {
+      try {
+        if (store.punchHole) {
+          await store.punchHole(offset, length);
+          continue;
+        }
+      } catch (e) {
+        if (!(e instanceof QcowError && e.code === 'QCOW_UNSUPPORTED')) throw e;
+      }
+      if (mustZero) await store.write(offset, new Uint8Array(length));
+    }
+  }
+
   private async punchRuns(runs: ReadonlyArray<[number, number]>): Promise<void> {
     const store = this.image.store;
     if (!store.punchHole || this.external) return;
@@ -1602,7 +1626,7 @@ export class Qcow2Writer {
     if (isDiscard) {
       if (!whole || !canFlag) return;
       await this.beforeMetadataChange();
-      await this.map.zeroClusters(first, last, true, isDiscard, hasBacking);
+      await this.discardInDataFile(await this.map.zeroClusters(first, last, true, isDiscard, hasBacking), true);
       if (this.refcounts.hasPendingFrees) this.unmapFreesPending = true;
       try {
         await this.punchUnreferenced();
@@ -1641,7 +1665,7 @@ export class Qcow2Writer {
       }
       const from = p.s - (p.s % cs);
       await this.beforeMetadataChange();
-      await this.map.zeroClusters(from, p.whole ? p.e : from + cs, options.mayUnmap ?? false, false, hasBacking);
+      await this.discardInDataFile(await this.map.zeroClusters(from, p.whole ? p.e : from + cs, options.mayUnmap ?? false, false, hasBacking), false);
       if (options.mayUnmap && this.refcounts.hasPendingFrees) this.unmapFreesPending = true;
     }
     await this.punchUnreferenced();

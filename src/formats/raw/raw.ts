@@ -1,5 +1,9 @@
-/** Raw images: guest offset = file offset. The file's length is the virtual size. */
-import type { BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, PlacedRange, PlainExtent, PlainRun, WriteOptions, ZeroOptions } from '../../core/block-device.js';
+/**
+ * Raw images: guest offset = file offset. The file's length is the virtual size. Or, with a window
+ * (QEMU's raw `offset` and `size` options), a part of the file: guest offset + the window's start.
+ */
+import type { BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, PlacedRange, PlainExtent, PlainRun, RawWindow, ResizeOptions, WriteOptions, ZeroOptions } from '../../core/block-device.js';
+import { growStore } from '../../storage/preallocate.js';
 import { DeviceBase } from '../../core/device-base.js';
 import { QcowError, unsupported } from '../../core/errors.js';
 import { alignUp } from '../../core/bytes.js';
@@ -9,22 +13,32 @@ export class RawDevice extends DeviceBase {
   readonly format = 'raw';
   readonly clusterSize = 512;
 
-  constructor(store: ByteStore, size: number, readOnly: boolean) {
+  constructor(
+    store: ByteStore,
+    size: number,
+    readOnly: boolean,
+    /** Where the guest disk starts in the file (the window's offset). */
+    private readonly base = 0,
+    /** A window with a size: the disk neither grows nor shrinks (QEMU: "fixed-size raw disks"). */
+    private readonly fixedSize = false,
+    /** Opened with a window (even one over the whole file). */
+    private readonly windowed = false,
+  ) {
     super(store, size, readOnly);
   }
 
   protected async doRead(offset: number, into: Uint8Array): Promise<void> {
-    await this.store.read(offset, into);
+    await this.store.read(this.base + offset, into);
   }
 
   protected async doWrite(offset: number, data: Uint8Array, _options: WriteOptions): Promise<void> {
-    await this.store.write(offset, data);
+    await this.store.write(this.base + offset, data);
   }
 
   /** Every guest byte is the file's byte at the same offset (holes included: they read as zeros). */
   async plainExtents(offset: number, length: number): Promise<PlainExtent[]> {
     this.checkRequest(offset, length);
-    return [{ offset, length, store: this.store, hostOffset: offset }];
+    return [{ offset, length, store: this.store, hostOffset: this.base + offset }];
   }
 
   /**
@@ -34,14 +48,14 @@ export class RawDevice extends DeviceBase {
   plainRunNow(offset: number, length: number): PlainRun | undefined {
     const s = this.store;
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0 || offset + length > this.size) return undefined;
-    if (s.dataRuns && !s.dataKnownNow?.(offset, length)) return undefined;
-    return { store: s, hostOffset: offset };
+    if (s.dataRuns && !s.dataKnownNow?.(this.base + offset, length)) return undefined;
+    return { store: s, hostOffset: this.base + offset };
   }
 
   async writePlaced(offset: number, length: number, put: (range: PlacedRange) => Promise<void>): Promise<void> {
     this.checkWritable();
     this.checkRequest(offset, length);
-    if (length > 0) await put({ offset, length, store: this.store, hostOffset: offset }).catch(this.nameTheImage);
+    if (length > 0) await put({ offset, length, store: this.store, hostOffset: this.base + offset }).catch(this.nameTheImage);
   }
 
   /**
@@ -51,14 +65,14 @@ export class RawDevice extends DeviceBase {
    */
   protected override async doWriteZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
     const call = options.mayUnmap ? this.store.punchHole : this.store.zeroRange;
-    if (call && (await this.tryHostCall(() => call.call(this.store, offset, length)))) return;
+    if (call && (await this.tryHostCall(() => call.call(this.store, this.base + offset, length)))) return;
     await super.doWriteZeroes(offset, length, options);
   }
 
   /** Discard gives the range's host blocks back (it then reads as zeros, as after QEMU's discard on a file). */
   protected override async doDiscard(offset: number, length: number): Promise<void> {
     const punch = this.store.punchHole;
-    if (punch) await this.tryHostCall(() => punch.call(this.store, offset, length));
+    if (punch) await this.tryHostCall(() => punch.call(this.store, this.base + offset, length));
   }
 
   /** Run a sparse-file call; false when the filesystem lacks it (the caller then does without). */
@@ -77,8 +91,11 @@ export class RawDevice extends DeviceBase {
    * present, zero, not data). Without a way to see holes every byte counts as data.
    */
   protected async doBlockStatus(offset: number, length: number): Promise<BlockExtent[]> {
-    if (!this.store.dataRuns) return [{ offset, length, allocated: true, zero: false, data: true, hostOffset: offset }];
-    return (await this.store.dataRuns(offset, length)).map((r) => ({ offset: r.offset, length: r.length, allocated: true, zero: !r.data, data: r.data, hostOffset: r.offset }));
+    const base = this.base;
+    // A window's bytes are its file's, which map names (the device may go by a json:{...} name).
+    const file = this.windowed ? { hostFile: this.store.name } : {};
+    if (!this.store.dataRuns) return [{ offset, length, allocated: true, zero: false, data: true, hostOffset: base + offset, ...file }];
+    return (await this.store.dataRuns(base + offset, length)).map((r) => ({ offset: r.offset - base, length: r.length, allocated: true, zero: !r.data, data: r.data, hostOffset: r.offset, ...file }));
   }
 
   async describe(): Promise<ImageDescription> {
@@ -89,12 +106,15 @@ export class RawDevice extends DeviceBase {
     if (!this.readOnly) await this.store.flush();
   }
 
-  async resize(size: number, options: { shrink?: boolean } = {}): Promise<void> {
+  async resize(size: number, options: ResizeOptions = {}): Promise<void> {
     this.checkWritable();
+    if (this.fixedSize) throw new QcowError('QCOW_UNSUPPORTED', 'Cannot resize fixed-size raw disks', { file: this.filename });
     if (size < this.size && !options.shrink) {
       throw new QcowError('QCOW_INVALID_ARGUMENT', 'Use the --shrink option to perform a shrink operation.', { file: this.filename });
     }
-    await this.store.truncate(size);
+    // The file grows as its driver would grow it with the preallocation asked for.
+    if (size > this.size) await growStore(this.store, this.base + this.size, this.base + size, options.preallocation);
+    else await this.store.truncate(this.base + size);
     this.size = size;
   }
 
@@ -103,12 +123,29 @@ export class RawDevice extends DeviceBase {
   }
 }
 
+/** The part of a file of `fileSize` bytes that `window` names, checked as QEMU's raw driver checks it. */
+function windowIn(fileSize: number, window: RawWindow): { offset: number; size: number } {
+  const offset = window.offset ?? 0;
+  if (!Number.isSafeInteger(offset) || offset < 0) throw new QcowError('QCOW_INVALID_ARGUMENT', `Invalid offset ${offset}`);
+  if (offset > fileSize) throw new QcowError('QCOW_INVALID_ARGUMENT', `Offset (${offset}) cannot be greater than size of the containing file (${fileSize})`);
+  const size = window.size;
+  if (size === undefined) return { offset, size: fileSize - offset };
+  if (!Number.isSafeInteger(size) || size < 0) throw new QcowError('QCOW_INVALID_ARGUMENT', `Invalid size ${size}`);
+  // (QEMU's message has the two spaces.)
+  if (fileSize - offset < size) throw new QcowError('QCOW_INVALID_ARGUMENT', `The sum of offset (${offset}) and size (${size}) has to be smaller or equal to the  actual size of the containing file (${fileSize})`);
+  if (size % 512 !== 0) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Specified size is not multiple of 512');
+  return { offset, size };
+}
+
 /** The raw format: the file is the guest disk, byte for byte. Probing picks it only when no other format matches. */
 export const rawFormat: ImageFormat = {
   name: 'raw',
   probe: () => 1, // the fallback: anything is a raw image, with the least confidence
   async open(store: ByteStore, options: OpenOptions = {}) {
-    return new RawDevice(store, await store.size(), options.readOnly ?? store.readOnly);
+    const readOnly = options.readOnly ?? store.readOnly;
+    if (!options.rawWindow) return new RawDevice(store, await store.size(), readOnly);
+    const { offset, size } = windowIn(await store.size(), options.rawWindow);
+    return new RawDevice(store, size, readOnly, offset, options.rawWindow.size !== undefined, true);
   },
   async create(store: ByteStore, options: CreateOptions) {
     if (options.backingFile) throw unsupported("raw images cannot have a backing file ('backing_file' is not an option of raw)");

@@ -76,3 +76,30 @@ test('raw over null-co opens as in qemu-img and qemu-io: null-co://, json: with 
     assert.equal(got[1], got[0], name);
   }
 });
+
+test('null-co refuses options it does not have, and maps without read-zeroes as not zero, as QEMU', needs('qemu-img', 'qemu-io'), async () => {
+  const same = async (prog: string, ours: string, args: string[]) => {
+    const a = await run(ours, args);
+    const b = await run(prog, args);
+    const strip = (s: string) => s.replace(/\d+ ops;.*\n/g, '');
+    assert.deepEqual({ code: a.code, out: strip(a.stdout), err: a.stderr }, { code: b.code, out: strip(b.stdout), err: b.stderr }, `${prog} ${args.join(' ')}`);
+  };
+  for (const name of [
+    'json:{"driver":"null-co","size":1048576,"bogus":1}',
+    'json:{"driver":"raw","file":{"driver":"null-co","size":1048576,"x":1}}',
+    'json:{"driver":"null-co","size":1048576,"latency-ns":10}',
+  ]) {
+    await same('qemu-img', COMPAT_QEMU_IMG, ['info', name]);
+  }
+  await same('qemu-io', COMPAT_QEMU_IO, ['-c', 'read 0 512', 'json:{"driver":"null-co","size":1048576,"foo":"x","bar":1}']);
+  for (const opts of ['driver=null-co,size=1M,zork=5', 'driver=null-co,size=1M', 'driver=null-co,size=1M,read-zeroes=on']) {
+    await same('qemu-img', COMPAT_QEMU_IMG, ['info', '--image-opts', opts]);
+    await same('qemu-img', COMPAT_QEMU_IMG, ['map', '--output=json', '--image-opts', opts]);
+  }
+  for (const name of ['null-co://', 'json:{"driver":"null-co","size":1048576}', 'json:{"driver":"raw","file":{"driver":"null-co","size":1048576}}', 'json:{"driver":"null-co","size":1048576,"read-zeroes":true}', 'json:{"driver":"raw","file":{"driver":"null-co","size":1048576,"read-zeroes":true}}']) {
+    await same('qemu-img', COMPAT_QEMU_IMG, ['map', '--output=json', name]);
+    await same('qemu-img', COMPAT_QEMU_IMG, ['map', name]);
+    // (qemu-io warns about a probed format, null-co:// included; ours does not: not compared here.)
+    if (name.startsWith('json:')) await same('qemu-io', COMPAT_QEMU_IO, ['-c', 'map', '-c', 'alloc 0 64k', name]);
+  }
+});
