@@ -155,11 +155,10 @@ interface Pass {
    */
   runs: Map<number, number[]>;
   /**
-   * A corruption event was signalled by this check (a refcount lookup met a refcount block at an
-   * unaligned offset, which QEMU's lookup signals): 'fatal' when the check repairs (the image is
-   * open read-write: QEMU marks it corrupt and gives up the driver, so the repair cannot finish).
+   * A corruption event was reported by this check (a refcount lookup met a refcount block at an
+   * unaligned offset, which QEMU's lookup signals; see signalBadBlock).
    */
-  signalled?: 'fatal' | 'non-fatal';
+  signalled?: 'non-fatal';
 }
 
 /** The shortest run worth keeping in {@link Pass.runs} (a fragmented table keeps nothing). */
@@ -660,7 +659,7 @@ async function storedCountText(store: ByteStore, p: Pass, c: number): Promise<st
  * With `fix`, mismatches that can be corrected in place are (raising counts before lowering any),
  * and counted as fixed. Returns the highest cluster in use by either count.
  */
-async function compare(store: ByteStore, p: Pass, fix: RepairMode | null, writeNothing = false): Promise<number> {
+async function compare(store: ByteStore, p: Pass, fix: RepairMode | null): Promise<number> {
   const { res, refs, perBlock, rbits } = p;
   let highest = 0;
   const changes: Array<{ b: number; i: number; value: number; raise: boolean }> = [];
@@ -669,7 +668,7 @@ async function compare(store: ByteStore, p: Pass, fix: RepairMode | null, writeN
     const end = Math.min(p.nb, first + perBlock);
     const block = await storedBlock(store, p, b);
     if (block === 'bad') {
-      await signalBadBlock(store, p, b);
+      signalBadBlock(p, b);
       for (let c = first; c < end; c++) {
         res.checkErrors++;
         res.messages.push(`Can't get refcount for cluster ${c}: Input/output error`);
@@ -708,7 +707,7 @@ async function compare(store: ByteStore, p: Pass, fix: RepairMode | null, writeN
       else res.leaks++;
     }
   }
-  if (changes.length > 0 && !writeNothing) {
+  if (changes.length > 0) {
     // Raise first (no referenced cluster is ever counted free, whatever a crash leaves), then lower.
     for (const raise of [true, false]) {
       const touched = new Set<number>();
@@ -731,26 +730,18 @@ async function compare(store: ByteStore, p: Pass, fix: RepairMode | null, writeN
 
 /**
  * The first lookup of a count in the refcount block at an unaligned offset, table index `b`: a
- * corruption event, as QEMU's lookup signals it (the line QEMU prints, among the check's). A
- * repairing check has the image open read-write: QEMU then marks it corrupt, and so do we.
+ * corruption event, as QEMU's lookup signals it (the line QEMU prints among the check's). Only a
+ * check that repairs nothing reports it. A repairing one rebuilds the refcounts instead (see
+ * refcountPass): QEMU's, with the image open read-write, marks the image corrupt at this point,
+ * gives up its driver and fails the repair part way, leaving the old structure's clusters leaked
+ * and the corrupt bit for a second `check -r all`; ours repairs in one pass and leaves the image
+ * clean (docs/compatibility.md).
  */
-async function signalBadBlock(store: ByteStore, p: Pass, b: number): Promise<void> {
-  if (p.signalled) return;
+function signalBadBlock(p: Pass, b: number): void {
+  if (p.signalled || p.fix) return;
   const off = offsetOf(u32(p.reftable, b * 8), (u32(p.reftable, b * 8 + 4) & 0xfffffe00) >>> 0);
-  const why = `Refblock offset 0x${off.toString(16)} unaligned (reftable index: ${altHex(b)})`;
-  if (p.fix) {
-    p.signalled = 'fatal';
-    p.res.messages.push(`qcow2: Marking image as corrupt: ${why}; further corruption events will be suppressed`);
-    if (p.h.version >= 3) {
-      const bits = new Uint8Array(8);
-      setU64(bits, 0, p.h.incompatibleFeatures | INCOMPAT_CORRUPT);
-      await store.write(INCOMPATIBLE_FEATURES_OFFSET, bits);
-      await store.flush();
-    }
-  } else {
-    p.signalled = 'non-fatal';
-    p.res.messages.push(`qcow2: Image is corrupt: ${why}; further non-fatal corruption events will be suppressed`);
-  }
+  p.signalled = 'non-fatal';
+  p.res.messages.push(`qcow2: Image is corrupt: Refblock offset 0x${off.toString(16)} unaligned (reftable index: ${altHex(b)}); further non-fatal corruption events will be suppressed`);
 }
 
 /**
@@ -1051,17 +1042,14 @@ async function refcountPass(store: ByteStore, fix: RepairMode | null, snap: Snap
   if (p.rebuild && fix === 'all') {
     const old = { corruptions: p.res.corruptions, leaks: p.res.leaks, corruptionsFixed: p.res.corruptionsFixed, leaksFixed: p.res.leaksFixed };
     const messages = [...p.res.messages, 'Rebuilding refcount structure'];
-    const broken = p.signalled === 'fatal';
     await rebuildRefcounts(store, p);
-    // Counted again against the new structure; what the old one used shows as leaks, fixed here
-    // (but not when this check marked the image corrupt: QEMU's driver is gone by then, and the
-    // fixes it makes stay in its cache; the old structure's clusters stay leaked).
+    // Counted again against the new structure; what the old one used shows as leaks, fixed here.
     p = await openPass(store, null, snap);
     await calculate(store, p);
     const saved = { ...p.res };
     p.res.corruptions = 0;
     p.res.leaks = 0;
-    highest = await compare(store, p, 'leaks', broken);
+    highest = await compare(store, p, 'leaks');
     const freshLeaks = p.res.leaks;
     if (p.rebuild) messages.push('ERROR rebuilt refcount structure is still broken');
     // p.res.messages holds the recount's lines, then the leak repair's (saved shares the array).
@@ -1070,8 +1058,6 @@ async function refcountPass(store: ByteStore, fix: RepairMode | null, snap: Snap
     p.res.leaksFixed = old.leaksFixed + Math.max(0, old.leaks - p.res.leaks);
     p.res.leaks += freshLeaks;
     p.fix = fix;
-    // qemu-img checks a repaired image again, which fails on a driver given up (ENOMEDIUM).
-    if (broken) p.res.failed = 'No medium found';
   } else if (fix) {
     if (p.rebuild) {
       // Only -r all rebuilds: qemu's check stops here with EIO, having changed nothing.

@@ -126,22 +126,8 @@ const CASES: Case[] = [
     label: 'a discard that cannot free: the event, the warning, then the partial tail finds the image given up',
     setup: ['write 0 128k'],
     poke: (l) => [[l.header.refcountTableOffset, be64(0x2a00n)]],
-    steps: [
-      ['io', ['-c', 'discard 0 65537']],
-      ['img', ['check', '-q', '-r', 'all', 'a.qcow2']],
-      ['img', ['check', '-r', 'all', 'a.qcow2']],
-    ],
-  },
-  {
-    label: 'a dirty image whose repair at open meets an unaligned refcount block does not open',
-    poke: (l) => [
-      [l.header.refcountTableOffset, be64(0xffff2a00n)],
-      [72, be64(1n)],
-    ],
-    steps: [
-      ['io', ['-c', 'close']],
-      ['img', ['check', '-r', 'all', 'a.qcow2']],
-    ],
+    // What `check -r all` then does differs on purpose: see the test at the end.
+    steps: [['io', ['-c', 'discard 0 65537']]],
   },
   {
     label: 'a shrink that meets a refcount block no block covers fails before the size changes',
@@ -205,6 +191,43 @@ test('corrupt metadata met in use: the same events, failures and leftovers as QE
       const want = await runCase(c, dir, 'qemu-io', 'qemu-img');
       const got = await runCase(c, dir, COMPAT_IO, COMPAT_IMG);
       assert.equal(got, want);
+    });
+  }
+});
+
+/**
+ * Where qcow repairs on purpose and QEMU does not (docs/compatibility.md): a repair that meets a
+ * refcount block at an unaligned offset. QEMU's check, with the image open read-write, marks the
+ * image corrupt there and fails the repair part way ("No medium found"), leaving the old
+ * structure's clusters leaked and the corrupt bit for a second `check -r all`; a dirty image whose
+ * repair at open meets such a block does not open. Ours rebuilds the refcounts in one pass: the
+ * image is clean for qemu-img's check, not marked, and reads as before.
+ */
+test('a repair that meets an unaligned refcount block rebuilds the refcounts in one pass (QEMU fails it)', needs('qemu-img', 'qemu-io'), async (t) => {
+  const cases: Array<{ what: string; dirty: boolean; repair: (dir: string) => Promise<{ code: number | null; stderr: string }> }> = [
+    { what: 'check -r all', dirty: false, repair: (dir) => run(COMPAT_IMG, ['check', '-q', '-r', 'all', 'a.qcow2'], { cwd: dir }) },
+    { what: 'the repair of a dirty image at open', dirty: true, repair: (dir) => run(COMPAT_IO, ['-f', 'qcow2', '-c', 'close', 'a.qcow2'], { cwd: dir }) },
+  ];
+  for (const c of cases) {
+    await t.test(c.what, async () => {
+      const dir = await scratch(t);
+      await qemuImg(['create', '-q', '-f', 'qcow2', 'a.qcow2', '64M'], dir);
+      await qemuIo(['-f', 'qcow2', '-c', 'write -P 0x5c 0 128k', 'a.qcow2'], dir);
+      const fh = await open(join(dir, 'a.qcow2'), 'r+');
+      try {
+        const l = await layoutOf(fh);
+        await fh.write(new Uint8Array(be64(BigInt(l.refblock + 0x200))), 0, 8, l.header.refcountTableOffset);
+        if (c.dirty) await fh.write(new Uint8Array(be64(1n)), 0, 8, 72);
+      } finally {
+        await fh.close();
+      }
+      const r = await c.repair(dir);
+      assert.equal(r.code, 0, r.stderr);
+      const check = await run('qemu-img', ['check', 'a.qcow2'], { cwd: dir });
+      assert.equal(check.code, 0, check.stdout + check.stderr);
+      const info = await run('qemu-img', ['info', 'a.qcow2'], { cwd: dir });
+      assert.match(info.stdout, /corrupt: false/);
+      await qemuIo(['-f', 'qcow2', '-c', 'read -P 0x5c 0 128k', '-c', 'read -P 0 128k 64k', 'a.qcow2'], dir);
     });
   }
 });
