@@ -8,3 +8,8 @@ import { hostAddon } from '#src/host/native.node.js';
 export function needsHoles(): { skip?: string } {
   return hostAddon() ? {} : { skip: 'the host addon is not loaded (QCOW_NO_NATIVE=1 or not built): holes are neither punched nor seen' };
 }
+
+/** Whether holes are punched and seen here (see the top): false in the fallback run. */
+export function holesWork(): boolean {
+  return Boolean(hostAddon());
+}

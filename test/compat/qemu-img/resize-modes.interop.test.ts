@@ -10,6 +10,7 @@ import { copyFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { needs, qemuImg, qemuIo, run, scratch } from '../../support/qemu.js';
+import { holesWork } from '../../support/addon.js';
 import { openImage } from '#src/node.js';
 
 const COMPAT_QEMU_IMG = fileURLToPath(new URL('../../../compat/qemu-img', import.meta.url));
@@ -44,7 +45,9 @@ async function both(dir: string, original: string, steps: string[][], options: {
     const info = (await run('qemu-img', ['info', ...image], { cwd: dir })).stdout.replace(/^disk size: .*\n/m, '');
     let map = (await run('qemu-img', ['map', '--output=json', ...image], { cwd: dir })).stdout;
     if (!options.offsets) map = map.replace(/, "offset": \d+/g, '');
-    results.push({ code, out, size: st.size, blocks: st.blocks, info, map });
+    // Without the host addon qcow cannot fallocate or punch (it writes zeros or nothing), so the
+    // blocks a file occupies are compared only where holes work (test/support/addon.ts).
+    results.push({ code, out, size: st.size, blocks: holesWork() ? st.blocks : 0, info, map });
   }
   return results as [Outcome, Outcome];
 }
@@ -99,7 +102,8 @@ test('resize --preallocation on raw and qcow2 as qemu-img does it, refusals incl
       const what = `${format} --preallocation=${mode}`;
       assert.equal(ours.out, theirs.out, what);
       assert.equal(ours.code, theirs.code, what);
-      assert.equal(ours.map, theirs.map, what);
+      // falloc without the host addon reserves nothing: qemu-img's map then sees holes in ours.
+      if (holesWork() || mode !== 'falloc') assert.equal(ours.map, theirs.map, what);
       assert.equal(ours.info, theirs.info, what);
       if (format === 'raw' || mode === 'off' || mode === 'metadata') {
         assert.equal(ours.size, theirs.size, `${what}: file size`);
