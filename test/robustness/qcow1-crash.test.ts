@@ -31,7 +31,7 @@ test(`qcow v1: a writer killed at random moments leaves an image QEMU opens, wit
   let x = 4242;
   for (let round = 0; round < ROUNDS; round++) {
     x = (x * 1103515245 + 12345) >>> 0;
-    const lines = await crashRound(file, 'qcow', round + 1, 200 + (x % 700));
+    const lines = await crashRound(file, 'qcow', round + 1, { afterLines: 20 + (x % 80), thenMs: (x >>> 8) % 30 });
     // Bytes a write after the last completed flush touched may hold old or new data (or, for a
     // cluster first allocated then, anything that write may have left): they are not checked.
     const { maybe, lastFlush, flushes: f } = applyAnnounced(lines, model);

@@ -19,24 +19,31 @@ export async function readGuest(file: string, format: string): Promise<Uint8Arra
 }
 
 /**
- * Run the writer child on `file` for `ms` milliseconds, SIGKILL it, and return what it announced.
+ * Run the writer child on `file`, SIGKILL it at the chosen moment, and return what it announced.
+ * The moment is counted in the child's own progress, not in time from its start: once it has
+ * announced `kill.afterLines` lines, it is killed `kill.thenMs` milliseconds later (0 kills at once),
+ * so a round exercises as many writes and flushes on a loaded machine as on a quiet one, and
+ * the delay still lands the kill at varying points inside an operation.
  * `cacheBytes`: the writer's metadata cache budget (small ones make it evict and spill tables);
  * `flushOneIn`: it flushes after about one write in this many (default 8); `discardOneIn`: it
  * discards instead of about one write in this many (default 0, never).
  */
-export function crashRound(file: string, format: string, seed: number, ms: number, options: { cacheBytes?: number; flushOneIn?: number; discardOneIn?: number } = {}): Promise<string[]> {
+export function crashRound(file: string, format: string, seed: number, kill: { afterLines: number; thenMs: number }, options: { cacheBytes?: number; flushOneIn?: number; discardOneIn?: number } = {}): Promise<string[]> {
   return new Promise((resolve, reject) => {
     const args = [WRITER, file, format, String(seed), String(options.cacheBytes ?? 0), String(options.flushOneIn ?? 8), String(options.discardOneIn ?? 0)];
     const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
-    // The clock starts at the child's first announcement, not at spawn: Node's start-up takes
-    // 50 ms on a quiet machine and several hundred on a loaded one, and a round killed before it
-    // wrote anything tests nothing.
+    // Counting announcements rather than milliseconds: Node's start-up and the writes themselves
+    // take several times longer on a loaded machine, and a round killed after a handful of writes
+    // tests little (CI once saw 109 writes and no flush in 8 rounds of 150-750 ms each).
     let timer: NodeJS.Timeout | undefined;
+    let seen = 0;
     child.stdout.on('data', (d: Buffer) => {
-      out += d.toString();
-      timer ??= setTimeout(() => child.kill('SIGKILL'), ms);
+      const text = d.toString();
+      out += text;
+      for (let i = text.indexOf('\n'); i !== -1; i = text.indexOf('\n', i + 1)) seen++;
+      if (seen >= kill.afterLines && timer === undefined) timer = setTimeout(() => child.kill('SIGKILL'), kill.thenMs);
     });
     child.stderr.on('data', (d: Buffer) => (err += d.toString()));
     child.on('error', reject);

@@ -19,7 +19,7 @@ test(`a writer killed while recording writes in a bitmap leaves an in-use bitmap
   let writes = 0;
   for (let round = 0; round < ROUNDS; round++) {
     await qemuImg(['bitmap', '--add', '-g', '512', file, 'b']);
-    const lines = await crashRound(file, 'qcow2', round + 1, 200 + ((round * 337) % 500), { cacheBytes: 16 * 1024, flushOneIn: 16 });
+    const lines = await crashRound(file, 'qcow2', round + 1, { afterLines: 20 + ((round * 337) % 80), thenMs: (round * 7) % 30 }, { cacheBytes: 16 * 1024, flushOneIn: 16 });
     writes += lines.length;
     const check = await run('qemu-img', ['check', '--output=json', file]);
     assert.ok(check.code === 0 || check.code === 3, `round ${round}: qemu-img check exit ${check.code}\n${check.stdout}${check.stderr}`);

@@ -32,7 +32,7 @@ for (const { clusterSize, cacheBytes, flushOneIn, discardOneIn } of [
     let x = 12345;
     for (let round = 0; round < ROUNDS; round++) {
       x = (x * 1103515245 + 12345) >>> 0;
-      const lines = await crashRound(file, 'qcow2', round + 1, 150 + (x % 600), { cacheBytes, flushOneIn, discardOneIn });
+      const lines = await crashRound(file, 'qcow2', round + 1, { afterLines: 20 + (x % 80), thenMs: (x >>> 8) % 30 }, { cacheBytes, flushOneIn, discardOneIn });
       const check = await run('qemu-img', ['check', '--output=json', file]);
       assert.ok(check.code === 0 || check.code === 3, `round ${round}: qemu-img check exit ${check.code}\n${check.stdout}${check.stderr}`);
       assert.equal(JSON.parse(check.stdout).corruptions ?? 0, 0);
