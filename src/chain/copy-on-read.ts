@@ -12,8 +12,9 @@
  *   16 MiB, and written back as it is, or as a zero write when it reads as zeros (the image then
  *   keeps a zero flag, not a data cluster).
  * - Copying needs a writable image: opening read-only with copy-on-read is refused.
- * A copy and the guest writes that overlap it never interleave: both run under one lock, so a copy
- * never puts old backing data over a newer write.
+ * A copy and the guest writes that overlap it never interleave: both run under one lock (as do
+ * compressed writes, resizes, snapshot reverts and backing changes), so a copy never puts old
+ * backing data over a newer write.
  */
 import type { BlockDevice, BlockExtent, ImageDescription, WriteOptions, ZeroOptions } from '../core/block-device.js';
 import { firstNonZero } from '../core/bytes.js';
@@ -24,20 +25,13 @@ import { Mutex } from '../core/mutex.js';
 const COPY_PIECE = 16 * 1024 * 1024;
 
 /** The methods a filter passes on to the image unchanged, where the image has them. */
-const PASSED_ON = [
-  'writeCompressed',
-  'resize',
-  'setBacking',
-  'makeEmpty',
-  'createSnapshot',
-  'applySnapshot',
-  'deleteSnapshot',
-  'readVmState',
-  'writeVmState',
-  'persistentBitmaps',
-  'editBitmaps',
-  'amend',
-] as const;
+const PASSED_ON = ['createSnapshot', 'deleteSnapshot', 'readVmState', 'writeVmState', 'persistentBitmaps', 'editBitmaps'] as const;
+
+/**
+ * Those passed on under the filter's lock: each changes what the guest reads (its data, its
+ * size, its backing chain), so a copy must not read the old bytes before it and write them after.
+ */
+const PASSED_ON_LOCKED = ['writeCompressed', 'resize', 'setBacking', 'makeEmpty', 'applySnapshot', 'amend'] as const;
 
 class CopyOnReadDevice implements BlockDevice {
   /** Copies and writes: a copy must not land over a write made while it read the backing data. */
@@ -49,6 +43,10 @@ class CopyOnReadDevice implements BlockDevice {
     for (const m of PASSED_ON) {
       const f = from[m];
       if (typeof f === 'function') self[m] = f.bind(inner);
+    }
+    for (const m of PASSED_ON_LOCKED) {
+      const f = from[m];
+      if (typeof f === 'function') self[m] = (...a: unknown[]) => this.lock.run(async () => f.apply(inner, a));
     }
   }
 
