@@ -78,10 +78,20 @@ class CopyOnReadDevice implements BlockDevice {
   async read(offset: number, into: Uint8Array): Promise<void> {
     if (into.length === 0) return this.inner.read(offset, into);
     const { start, end } = this.clusters(offset, into.length);
-    // Where the image holds all of it already (the common case once copied), a plain read.
+    // Where the image holds all of it already (the common case once copied), a plain read. Not
+    // while a copy of some of it is under way: the image links a copy's clusters before their
+    // data lands, so they look allocated and would read as what the file held there before.
     const extents = await this.inner.blockStatus(start, end - start);
-    if (extents.every((e) => e.allocated)) return this.inner.read(offset, into);
+    if (extents.every((e) => e.allocated) && !this.copyOverlaps(start, end)) return this.inner.read(offset, into);
     return this.lock.run(() => this.copyingRead(offset, into));
+  }
+
+  /** Ranges (whole clusters) a copy is writing into the image now: set before its writes start, cleared once they have landed. */
+  private readonly copying = new Set<{ start: number; end: number }>();
+
+  private copyOverlaps(start: number, end: number): boolean {
+    for (const c of this.copying) if (c.start < end && start < c.end) return true;
+    return false;
   }
 
   private clusters(offset: number, length: number): { start: number; end: number } {
@@ -92,6 +102,16 @@ class CopyOnReadDevice implements BlockDevice {
 
   private async copyingRead(offset: number, into: Uint8Array): Promise<void> {
     const { start, end } = this.clusters(offset, into.length);
+    const range = { start, end };
+    this.copying.add(range);
+    try {
+      await this.copyUnder(offset, into, start, end);
+    } finally {
+      this.copying.delete(range);
+    }
+  }
+
+  private async copyUnder(offset: number, into: Uint8Array, start: number, end: number): Promise<void> {
     const wantEnd = offset + into.length;
     let bounce: Uint8Array | undefined;
     // Asked again under the lock: a write may have allocated some of it meanwhile.

@@ -69,3 +69,50 @@ test('a compressed write made while a copy-on-read reads the backing data is not
   assert.ok(back.every((b) => b === 0x5a), 'the compressed write reads back');
   await dev.close();
 });
+
+/** A memory store whose writes of a whole cluster of `fill` wait, once `hold()` was called, until `release()`. */
+class HeldWrites extends MemoryStore {
+  private gate: Promise<void> | undefined;
+  private open!: () => void;
+  private heldOnce!: () => void;
+  reached!: Promise<void>;
+
+  hold(fill: number): void {
+    this.fill = fill;
+    this.gate = new Promise((r) => (this.open = r));
+    this.reached = new Promise((r) => (this.heldOnce = r));
+  }
+
+  private fill = -1;
+
+  release(): void {
+    this.open();
+  }
+
+  override async write(offset: number, data: Uint8Array): Promise<void> {
+    if (this.gate && data.length >= CLUSTER && data[0] === this.fill) {
+      this.heldOnce();
+      await this.gate;
+    }
+    return super.write(offset, data);
+  }
+}
+
+test('a read of clusters another read is copying waits for the copy: it reads the backing data, not the unwritten cluster', async () => {
+  const base = new MemoryStore(new Uint8Array(SIZE).fill(0xcc), { name: 'base.raw' });
+  const store = new HeldWrites(undefined, { name: 'top.qcow2' });
+  await createQcow2(store, { size: SIZE, backingFile: 'base.raw', backingFormat: 'raw' });
+  const top = await Qcow2Device.open(store, { openBacking: async () => new RawDevice(base, SIZE, true) });
+  await top.write(0, pattern(1)); // the L2 table exists: the copy's clusters are linked before their data lands
+  const dev = withCopyOnRead(top);
+  store.hold(0xcc);
+  const first = dev.read(CLUSTER, new Uint8Array(512));
+  await store.reached; // the copy's data write is held
+  const second = new Uint8Array(512);
+  const reading = dev.read(CLUSTER + 1024, second);
+  for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
+  store.release();
+  await Promise.all([first, reading]);
+  assert.ok(second.every((b) => b === 0xcc), `the second read sees the backing data (got 0x${second[0]!.toString(16)})`);
+  await dev.close();
+});
