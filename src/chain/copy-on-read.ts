@@ -12,8 +12,9 @@
  *   16 MiB, and written back as it is, or as a zero write when it reads as zeros (the image then
  *   keeps a zero flag, not a data cluster).
  * - Copying needs a writable image: opening read-only with copy-on-read is refused.
- * A copy and the guest writes that overlap it never interleave: both run under one lock, so a copy
- * never puts old backing data over a newer write.
+ * A copy and the guest writes that overlap it never interleave: both run under one lock (as do
+ * compressed writes, resizes, snapshot reverts and backing changes), so a copy never puts old
+ * backing data over a newer write.
  */
 import type { BlockDevice, BlockExtent, ImageDescription, WriteOptions, ZeroOptions } from '../core/block-device.js';
 import { firstNonZero } from '../core/bytes.js';
@@ -24,20 +25,13 @@ import { Mutex } from '../core/mutex.js';
 const COPY_PIECE = 16 * 1024 * 1024;
 
 /** The methods a filter passes on to the image unchanged, where the image has them. */
-const PASSED_ON = [
-  'writeCompressed',
-  'resize',
-  'setBacking',
-  'makeEmpty',
-  'createSnapshot',
-  'applySnapshot',
-  'deleteSnapshot',
-  'readVmState',
-  'writeVmState',
-  'persistentBitmaps',
-  'editBitmaps',
-  'amend',
-] as const;
+const PASSED_ON = ['createSnapshot', 'deleteSnapshot', 'readVmState', 'writeVmState', 'persistentBitmaps', 'editBitmaps'] as const;
+
+/**
+ * Those passed on under the filter's lock: each changes what the guest reads (its data, its
+ * size, its backing chain), so a copy must not read the old bytes before it and write them after.
+ */
+const PASSED_ON_LOCKED = ['writeCompressed', 'resize', 'setBacking', 'makeEmpty', 'applySnapshot', 'amend'] as const;
 
 class CopyOnReadDevice implements BlockDevice {
   /** Copies and writes: a copy must not land over a write made while it read the backing data. */
@@ -49,6 +43,10 @@ class CopyOnReadDevice implements BlockDevice {
     for (const m of PASSED_ON) {
       const f = from[m];
       if (typeof f === 'function') self[m] = f.bind(inner);
+    }
+    for (const m of PASSED_ON_LOCKED) {
+      const f = from[m];
+      if (typeof f === 'function') self[m] = (...a: unknown[]) => this.lock.run(async () => f.apply(inner, a));
     }
   }
 
@@ -80,10 +78,20 @@ class CopyOnReadDevice implements BlockDevice {
   async read(offset: number, into: Uint8Array): Promise<void> {
     if (into.length === 0) return this.inner.read(offset, into);
     const { start, end } = this.clusters(offset, into.length);
-    // Where the image holds all of it already (the common case once copied), a plain read.
+    // Where the image holds all of it already (the common case once copied), a plain read. Not
+    // while a copy of some of it is under way: the image links a copy's clusters before their
+    // data lands, so they look allocated and would read as what the file held there before.
     const extents = await this.inner.blockStatus(start, end - start);
-    if (extents.every((e) => e.allocated)) return this.inner.read(offset, into);
+    if (extents.every((e) => e.allocated) && !this.copyOverlaps(start, end)) return this.inner.read(offset, into);
     return this.lock.run(() => this.copyingRead(offset, into));
+  }
+
+  /** Ranges (whole clusters) a copy is writing into the image now: set before its writes start, cleared once they have landed. */
+  private readonly copying = new Set<{ start: number; end: number }>();
+
+  private copyOverlaps(start: number, end: number): boolean {
+    for (const c of this.copying) if (c.start < end && start < c.end) return true;
+    return false;
   }
 
   private clusters(offset: number, length: number): { start: number; end: number } {
@@ -94,6 +102,16 @@ class CopyOnReadDevice implements BlockDevice {
 
   private async copyingRead(offset: number, into: Uint8Array): Promise<void> {
     const { start, end } = this.clusters(offset, into.length);
+    const range = { start, end };
+    this.copying.add(range);
+    try {
+      await this.copyUnder(offset, into, start, end);
+    } finally {
+      this.copying.delete(range);
+    }
+  }
+
+  private async copyUnder(offset: number, into: Uint8Array, start: number, end: number): Promise<void> {
     const wantEnd = offset + into.length;
     let bounce: Uint8Array | undefined;
     // Asked again under the lock: a write may have allocated some of it meanwhile.

@@ -8,20 +8,26 @@
  *   is so reported once per walk over the source.
  * - A read that fails is read again sector by sector; a sector that still fails reads as zeros,
  *   with a warning naming its offset.
- * Everything is asked of each source's top device (where a filter, a blkdebug rule or a failing
- * disk answers), never of a layer below it directly, and sector by sector only where a larger
- * request failed, so an undamaged source costs what it costs without salvaging.
+ * Reads are asked of each source's top device (where a filter, a blkdebug rule or a failing disk
+ * answers); a status below the top's (where it leaves a range to its backing chain) of the layers
+ * below, a failure there salvaged as the top's. Sector by sector only where a larger request
+ * failed, so an undamaged source costs what it costs without salvaging.
  */
 import type { BlockDevice, BlockExtent } from '../core/block-device.js';
 import type { ChainExtent } from './chain-status.js';
 import { ConcatSource } from './concat.js';
+import { CorruptionEvent } from '../core/errors.js';
 
 const SECTOR = 512;
 /** The longest range one block-status query asks about (QEMU's largest request, ~2 GiB). */
 const QUERY_MAX = 2 ** 31 - SECTOR;
 
-/** The words of a failure, as QEMU's strerror gives them for an I/O error. */
+/**
+ * The words of a failure, as QEMU's strerror gives them for an I/O error. A corruption event is
+ * an EIO in QEMU (its own line, "qcow2: Image is corrupt: ...", has told what it is).
+ */
 function reason(e: unknown): string {
+  if (e instanceof CorruptionEvent) return 'Input/output error';
   return e instanceof Error ? e.message : String(e);
 }
 
@@ -56,37 +62,39 @@ export class SalvagingSource extends ConcatSource {
     const { dev, start } = this.topAt(offset);
     const local = offset - start;
     const limit = Math.min(maxLength, dev.size - local);
-    const top = await this.topExtent(dev, local, limit);
-    const out: ChainExtent = top
-      ? await chainExtent(dev, top, local, limit)
-      : { start: offset, length: Math.min(SECTOR, limit), depth: 0, present: true, zero: false, data: true };
-    out.start = offset;
-    out.depth = 0;
-    return out;
-  }
-
-  /** The top device's extent at `local`, or undefined when its status cannot be had (warned). */
-  private async topExtent(dev: BlockDevice, local: number, limit: number): Promise<BlockExtent | undefined> {
-    const c = this.cached;
-    if (c && c.dev === dev && local >= c.from && local < c.to) {
-      const hit = c.extents.find((e) => e.offset <= local && local < e.offset + e.length);
-      if (hit) return clip(hit, local, Math.min(limit, c.to - local));
-    }
+    // The status is the whole chain's (QEMU asks it of the top, above every backing layer): a
+    // failure anywhere in it, the top's or a backing file's, is salvaged the same way.
     let n = Math.min(limit, QUERY_MAX);
+    let out: ChainExtent;
     for (;;) {
       try {
-        const extents = await dev.blockStatus(local, n);
-        this.cached = { dev, from: local, to: local + n, extents };
-        return clip(extents[0]!, local, n);
+        out = await chainExtent(dev, await this.topExtent(dev, local, n), local, n);
+        break;
       } catch (e) {
         if (n <= SECTOR) {
           this.warn(`error while reading block status at offset ${local}: ${reason(e)}`);
-          return undefined;
+          out = { start: offset, length: Math.min(SECTOR, limit), depth: 0, present: true, zero: false, data: true };
+          break;
         }
         // A quarter of the range, in whole sectors, from the same place.
         n = Math.ceil(n / SECTOR / 4) * SECTOR;
       }
     }
+    out.start = offset;
+    out.depth = 0;
+    return out;
+  }
+
+  /** The top device's extent at `local`, at most `limit` long (throws what the query throws). */
+  private async topExtent(dev: BlockDevice, local: number, limit: number): Promise<BlockExtent> {
+    const c = this.cached;
+    if (c && c.dev === dev && local >= c.from && local < c.to) {
+      const hit = c.extents.find((e) => e.offset <= local && local < e.offset + e.length);
+      if (hit) return clip(hit, local, Math.min(limit, c.to - local));
+    }
+    const extents = await dev.blockStatus(local, limit);
+    this.cached = { dev, from: local, to: local + limit, extents };
+    return clip(extents[0]!, local, limit);
   }
 
   /** Guest bytes at `offset`, through each source's top; sectors that cannot be read are zeros (warned). */

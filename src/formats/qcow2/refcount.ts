@@ -186,7 +186,9 @@ export function decodeRefcountTable(buf: Uint8Array, entries: number, clusterSiz
     if ((lo & 0x1ff) !== 0 && !lenient) throw corrupt(`refcount table entry ${i} (0x${hex64(hi, lo)}) has reserved bits set`);
     if (hi > 0x1fffff && !lenient) throw corrupt(`refcount table entry ${i} (0x${hex64(hi, lo)}) is too large`);
     // (Past 2^53 the offset may be rounded: it lies far beyond any file either way.)
-    const n = hi * 2 ** 32 + (lenient ? lo & ~0x1ff : lo);
+    // (`lo - (lo & 0x1ff)`, not `lo & ~0x1ff`: a bitwise result is a signed 32-bit number, and a
+    // block at 2 GiB, 6 GiB, ... would come out 4 GiB too low, over the image's data.)
+    const n = hi * 2 ** 32 + (lenient ? lo - (lo & 0x1ff) : lo);
     if (n % clusterSize !== 0 && !lenient) throw corrupt(`refcount block offset 0x${n.toString(16)} (table entry ${i}) is not cluster aligned`);
     out[i] = n;
   }

@@ -521,8 +521,7 @@ export class Qcow2Writer {
     }
     let placing: Promise<void> | undefined;
     await this.guarded(async () => {
-      // Waited for under the lock: an allocation in flight settles without it.
-      for (let dep = this.dependency(offset, length); dep; dep = this.dependency(offset, length)) await dep;
+      await this.settleDependencies(offset, length);
       if (this.unmapFreesPending) await this.settleFrees();
       const marking = this.bitmaps.mark(offset, length);
       if (marking) await marking;
@@ -701,6 +700,10 @@ export class Qcow2Writer {
 
   writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
     return this.guarded(async () => {
+      // A partial cluster is written as zero bytes, in place where the cluster looks allocated:
+      // one whose allocation is in flight must settle first (see dependency), or the undo of a
+      // failed allocation would unlink it under the zeros.
+      await this.settleDependencies(offset, length);
       if (this.unmapFreesPending && !options.mayUnmap) await this.settleFrees();
       const marking = this.bitmaps.mark(offset, length);
       if (marking) await marking;
@@ -732,6 +735,8 @@ export class Qcow2Writer {
       const results = await compressing;
       return {
         done: this.guarded(async () => {
+          // A cluster that does not shrink is written as a normal one (in place, as write() would).
+          await this.settleDependencies(offset, data.length);
           if (this.unmapFreesPending) await this.settleFrees();
           const marking = this.bitmaps.mark(offset, data.length);
           if (marking) await marking;
@@ -1503,6 +1508,11 @@ export class Qcow2Writer {
       if (settled) return settled;
     }
     return undefined;
+  }
+
+  /** Wait, under the lock, until no cluster of [offset, +length) has its allocation in flight (they settle without it). */
+  private async settleDependencies(offset: number, length: number): Promise<void> {
+    for (let dep = this.dependency(offset, length); dep; dep = this.dependency(offset, length)) await dep;
   }
 
   /**

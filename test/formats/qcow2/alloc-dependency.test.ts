@@ -15,6 +15,8 @@ import { MemoryStore } from '#src/storage/memory.js';
 import { createQcow2 } from '#src/formats/qcow2/create.js';
 import { Qcow2Device } from '#src/formats/qcow2/qcow2.js';
 import { checkQcow2 } from '#src/formats/qcow2/check.js';
+import { RawDevice } from '#src/formats/raw/raw.js';
+import { randomBytes } from 'node:crypto';
 
 const KiB = 1024;
 const POISON = 0xab;
@@ -162,4 +164,49 @@ test('a write into a new cluster of a request that also writes in place (its lat
   assert.ok((await readBack(dev, 60 * KiB, cluster)).every((b) => b === 0));
   await dev.close();
   await assertClean(store);
+});
+
+/** A raw backing image of `size` bytes, every byte `fill`. */
+async function rawBacking(size: number, fill: number): Promise<RawDevice> {
+  const store = new MemoryStore(new Uint8Array(size).fill(fill), { name: 'base.raw' });
+  return new RawDevice(store, size, true);
+}
+
+test('a partial zero write into a cluster whose allocation is in flight waits for it; its failure does not bring the backing data back', async () => {
+  const cluster = 4 * KiB;
+  const store = new HeldStore();
+  await createQcow2(store, { size: 1024 * KiB, backingFile: 'base.raw', backingFormat: 'raw', options: { cluster_size: String(cluster) } });
+  const dev = await Qcow2Device.open(store, { openBacking: () => rawBacking(1024 * KiB, 0xcc) });
+  await dev.write(0, filled(cluster, 1)); // the table exists and is cached
+  // The zero write covers part of a cluster that holds data: qcow2 writes it as zero bytes.
+  await raced(
+    store,
+    () => dev.write(64 * KiB, filled(16 * KiB, POISON)),
+    () => dev.writeZeroes(68 * KiB + 512, 512),
+  );
+  const back = await readBack(dev, 68 * KiB, cluster);
+  assert.ok(back.subarray(512, KiB).every((b) => b === 0), 'the zero write reads back as zeros');
+  assert.ok(back.subarray(0, 512).every((b) => b === 0xcc) && back.subarray(KiB).every((b) => b === 0xcc), 'the rest reads through to the backing file');
+  await dev.close();
+  await assertClean(store);
+});
+
+test('a compressed write whose cluster does not shrink, into a cluster whose allocation is in flight, is not lost', async () => {
+  const cluster = 4 * KiB;
+  const store = await image(cluster);
+  const dev = await Qcow2Device.open(store);
+  await dev.write(0, filled(cluster, 1));
+  // Bytes that do not compress (stored as a normal cluster), none of them POISON.
+  const noise = new Uint8Array(randomBytes(cluster)).map((b) => (b === POISON ? 0 : b));
+  await raced(
+    store,
+    () => dev.write(64 * KiB, filled(16 * KiB, POISON)),
+    () => dev.writeCompressed(68 * KiB, noise),
+  );
+  assert.deepEqual(await readBack(dev, 68 * KiB, cluster), noise, 'the compressed write reads back');
+  await dev.close();
+  await assertClean(store);
+  const again = await Qcow2Device.open(store, { readOnly: true });
+  assert.deepEqual(await readBack(again, 68 * KiB, cluster), noise, 'and is on disk');
+  await again.close();
 });

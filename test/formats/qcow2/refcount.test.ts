@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFile } from 'node:fs/promises';
+import { open, readFile } from 'node:fs/promises';
+import { openImage } from '#src/node.js';
 import { join } from 'node:path';
 import { needs, qemuImg, qemuIo, scratch } from '../../support/qemu.js';
 import { addRefcount, checkRefcountBits, decodeRefcountTable, encodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, refcountText, refcountsZero, setRefcount, setRefcountsToOne, REFCOUNT_WIDTHS } from '#src/formats/qcow2/refcount.js';
@@ -138,4 +139,43 @@ test('refcount table decode: long tables with entries far apart and past 4 GiB, 
   const buf = encodeRefcountTable([...offsets, 0x12345]); // the last is not an entry of the table
   assert.deepEqual(decodeRefcountTable(buf, 1000, 0x10000), offsets);
   assert.deepEqual(decodeRefcountTable(buf, 999, 0x10000), offsets.slice(0, 999));
+});
+
+test('refcount table entries decoded leniently (as an open image reads them) keep offsets whose low word has bit 31 set', () => {
+  // Blocks at 2 GiB, 3 GiB and 6 GiB: the low 32-bit word of each entry is 0x80000000 or more.
+  const offsets = [0x80000000, 0xc0010000, 0x180000000, 0x1fffffff0000];
+  const buf = encodeRefcountTable(offsets);
+  assert.deepEqual(decodeRefcountTable(buf, offsets.length, 0x10000), offsets);
+  assert.deepEqual(decodeRefcountTable(buf, offsets.length, 0x10000, { unalignedLater: true }), offsets);
+  // The reserved bits are dropped, the offset kept.
+  assert.deepEqual(decodeRefcountTable(encodeRefcountTable([0x80000000 + 0x1ff]), 1, 0x10000, { unalignedLater: true }), [0x80000000]);
+});
+
+test('a refcount block the table places at 2 GiB is read and written where it is (qemu-img check stays clean)', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const file = join(dir, 'high-refblock.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', file, '1G']);
+  // Move refcount block 0 (it counts clusters 0 to 32767) to 2 GiB, a sparse hole away, and make
+  // a block 1 at cluster 4 that counts it: header, table, L1 and block 1 are counted by block 0.
+  const cs = 0x10000;
+  const high = 0x80000000;
+  const fh = await open(file, 'r+');
+  try {
+    const block0 = new Uint8Array(cs);
+    for (const c of [0, 1, 3, 4]) setRefcount(block0, c, 16, 1);
+    const block1 = new Uint8Array(cs);
+    setRefcount(block1, 0, 16, 1);
+    await fh.write(block0, 0, cs, high);
+    await fh.write(block1, 0, cs, 4 * cs);
+    await fh.write(encodeRefcountTable([high, 4 * cs]), 0, 16, cs);
+    await fh.write(new Uint8Array(cs), 0, cs, 2 * cs); // the old block 0, now unused
+  } finally {
+    await fh.close();
+  }
+  await qemuImg(['check', file]);
+  const dev = await openImage(file);
+  await dev.write(0, new Uint8Array(cs).fill(0x11));
+  await dev.close();
+  await qemuImg(['check', file]);
+  await qemuIo(['-c', 'read -P 0x11 0 64k', file]);
 });
