@@ -1704,11 +1704,11 @@ export class Qcow2Writer {
   /**
    * Whether a zero write of [s, e), part of one cluster, may zero the whole cluster: the rest of
    * it (up to the image's end) reads as zeros through the whole chain and this layer holds no data
-   * in it (qemu's qcow2_co_pwrite_zeroes test for an unaligned request). Not with extended L2
-   * entries, whose subclusters are not split here.
+   * in it (qemu's qcow2_co_pwrite_zeroes test for an unaligned request). Images with extended L2
+   * entries take zeroSubclusters instead.
    */
   private async partialZeroable(s: number, e: number, canFlag: boolean): Promise<boolean> {
-    if (!canFlag || this.image.geometry.extendedL2) return false;
+    if (!canFlag) return false;
     const c = s - (s % this.cs);
     const ce = Math.min(c + this.cs, this.image.size);
     const here = await this.parts.layerStatus(c, ce - c);
@@ -1742,6 +1742,10 @@ export class Qcow2Writer {
         if (!(await this.zeroSubclusterPart(pos, n, options.mayUnmap ?? false, hasBacking))) {
           if (options.fastOnly) throw unsupported('qcow2: this zero write cannot be done without writing data');
           n = Math.min(n, bounce);
+          // Clusters this request gave up so far (a compressed cluster decompressed by a part
+          // before, one unmapped by this part) are free for the data write, as in QEMU, whose
+          // counts drop at once: the write fills them instead of growing the file.
+          if (this.refcounts.hasPendingFrees) await this.settleFrees();
           await this.writeLocked(pos, new Uint8Array(n));
         }
         pos += n;

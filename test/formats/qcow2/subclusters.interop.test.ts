@@ -39,6 +39,13 @@ const OPS = [
   'write -P 0x42 830k 3k',
   'discard 832k 64k',
   'write -z 2048k 35k',
+  // An unaligned unmapping zero write over three compressed clusters: the head is written as data
+  // (the first is decompressed), the middle one unmapped, the tail refused and written as zeros
+  // into the clusters just given up.
+  'write -c -P 0x61 1088k 64k',
+  'write -c -P 0x62 1152k 64k',
+  'write -c -P 0x63 1216k 64k',
+  'write -z -u 1119k 129k',
   'write -z 1000k 1',
   'write -P 0x51 1001k 1',
 ];
