@@ -170,7 +170,11 @@ export function l2EntryInvalid(d: ClusterDescriptor, extendedL2: boolean): boole
 /** What subcluster `i` (0..31; always 0 without extended L2) of a cluster reads from. */
 export function subclusterKind(d: ClusterDescriptor, i: number, extendedL2: boolean): SubclusterKind {
   if (!extendedL2 || d.kind === 'compressed') return d.kind;
-  if (l2EntryInvalid(d, extendedL2)) throw corrupt(`extended L2 entry: invalid subcluster bitmap 0x${hex(d.zeroBitmap, d.allocBitmap)}`);
+  if (l2EntryInvalid(d, extendedL2)) {
+    const bitmap = hex(d.zeroBitmap, d.allocBitmap);
+    if (d.kind === 'normal') throw corrupt(`extended L2 entry: a subcluster is marked both allocated and zero (bitmap 0x${bitmap})`);
+    throw corrupt(`extended L2 entry: a subcluster is allocated but the cluster has no host offset (bitmap 0x${bitmap})`);
+  }
   const alloc = (d.allocBitmap >>> i) & 1;
   const zero = (d.zeroBitmap >>> i) & 1;
   if (d.kind === 'normal') return alloc ? 'normal' : zero ? 'zero-alloc' : 'unallocated-alloc';
