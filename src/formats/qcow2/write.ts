@@ -1814,6 +1814,10 @@ export class Qcow2Writer {
     const index = this.map.sliceIndex(at);
     const d = this.map.entry(table, index);
     if (d.kind === 'compressed') return false;
+    // A raw external data file must read as the guest does: its bytes are zeroed first, as
+    // QEMU's zeroize does (whole clusters get theirs in zeroClusters).
+    const img = this.image;
+    if (img.external && img.dataFileRaw) await img.dataStore.write(at, new Uint8Array(Math.max(0, Math.min(at + count * g.subclusterSize, img.size) - at)));
     const bits = subclusterRange(Math.floor((at % this.cs) / g.subclusterSize), count);
     const zero = d.zeroBitmap | bits;
     const alloc = d.allocBitmap & ~bits;

@@ -124,3 +124,16 @@ test('extended L2: a zero write over a compressed cluster and a copy-on-write af
   }
   assert.deepEqual(maps[1], maps[0]);
 });
+
+test('extended L2 with a raw external data file: zeroed subclusters are zeroed in the data file too', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  // The data file's name is relative: every program runs in the image's folder.
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on,data_file=d.raw,data_file_raw=on', 'd.qcow2', '1M'], dir);
+  await runOk(COMPAT_QEMU_IO, ['-c', 'write -P 0x55 0 128k', '-c', 'write -z 2k 4k', '-c', 'write -z -u 64k 64k', 'd.qcow2'], { cwd: dir });
+  // The data file alone reads as the guest does.
+  await qemuIo(['-f', 'raw', '-c', 'read -P 0x55 0 2k', '-c', 'read -P 0 2k 4k', '-c', 'read -P 0x55 6k 58k', '-c', 'read -P 0 64k 64k', 'd.raw'], dir);
+  const r = await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', 'd.qcow2', 'd.raw'], { cwd: dir });
+  assert.equal(r.code, 0, r.stdout + r.stderr);
+  const check = await run('qemu-img', ['check', 'd.qcow2'], { cwd: dir });
+  assert.equal(check.code, 0, check.stdout + check.stderr);
+});
