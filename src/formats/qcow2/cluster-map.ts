@@ -28,6 +28,7 @@ import {
   decodeL2Entry,
   l2EntryCopied,
   l2EntryEmpty,
+  l2EntryInvalid,
   readL2Entry,
   setL2Entry,
   standardL2Entry,
@@ -397,6 +398,8 @@ export class ClusterMap {
           pos = end;
           continue;
         }
+        // QEMU's read path signals a contradictory bitmap as a corruption of the image.
+        if (l2EntryInvalid(d, g.extendedL2)) throw this.invalidEntry(table, index, 'read');
         while (pos < clusterEnd) {
           const sub = Math.floor((pos - clusterStart) / g.subclusterSize);
           const subEnd = Math.min(clusterEnd, clusterStart + (sub + 1) * g.subclusterSize);
@@ -580,6 +583,18 @@ export class ClusterMap {
     const l2Offset = t.offset - (t.offset % cs);
     const index = (t.offset - l2Offset) / this.image.geometry.l2EntryBytes + i;
     return new CorruptionEvent(`Cluster allocation offset 0x${host.toString(16)} unaligned (L2 offset: ${altHex(l2Offset)}, L2 index: ${altHex(index)})`);
+  }
+
+  /**
+   * The corruption event of extended entry `i` of slice `t` whose subcluster bitmap contradicts
+   * itself (l2EntryInvalid), in QEMU's words: its read path words it with two spaces before the
+   * parenthesis, its write path with one.
+   */
+  invalidEntry(t: CachedTable, i: number, path: 'read' | 'write'): CorruptionEvent {
+    const cs = this.image.clusterSize;
+    const l2Offset = t.offset - (t.offset % cs);
+    const index = (t.offset - l2Offset) / this.image.geometry.l2EntryBytes + i;
+    return new CorruptionEvent(`Invalid cluster entry found ${path === 'read' ? ' ' : ''}(L2 offset: ${altHex(l2Offset)}, L2 index: ${altHex(index)})`);
   }
 
   /** Entry `i` of a cached table (the caller marks the table dirty with `tableChanged`). */

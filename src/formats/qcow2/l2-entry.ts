@@ -155,15 +155,35 @@ export function contiguousEntriesJs(t: Uint8Array, index: number, max: number, c
   return index + k;
 }
 
+/**
+ * Whether an extended entry's bitmap contradicts itself, which QEMU judges for the whole entry
+ * (any subcluster, not only the one asked for): a cluster with a host offset where some
+ * subcluster is marked both allocated and zero, or one without a host offset where any subcluster
+ * is marked allocated. Compressed entries ignore their bitmap. Always false for standard entries.
+ */
+export function l2EntryInvalid(d: ClusterDescriptor, extendedL2: boolean): boolean {
+  if (!extendedL2 || d.kind === 'compressed') return false;
+  if (d.kind === 'normal') return (d.allocBitmap & d.zeroBitmap) !== 0;
+  return d.allocBitmap !== 0;
+}
+
 /** What subcluster `i` (0..31; always 0 without extended L2) of a cluster reads from. */
 export function subclusterKind(d: ClusterDescriptor, i: number, extendedL2: boolean): SubclusterKind {
   if (!extendedL2 || d.kind === 'compressed') return d.kind;
+  if (l2EntryInvalid(d, extendedL2)) {
+    const bitmap = hex(d.zeroBitmap, d.allocBitmap);
+    if (d.kind === 'normal') throw corrupt(`extended L2 entry: a subcluster is marked both allocated and zero (bitmap 0x${bitmap})`);
+    throw corrupt(`extended L2 entry: a subcluster is allocated but the cluster has no host offset (bitmap 0x${bitmap})`);
+  }
   const alloc = (d.allocBitmap >>> i) & 1;
   const zero = (d.zeroBitmap >>> i) & 1;
-  if (alloc && zero) throw corrupt(`extended L2 entry: subcluster ${i} is marked both allocated and zero`);
   if (d.kind === 'normal') return alloc ? 'normal' : zero ? 'zero-alloc' : 'unallocated-alloc';
-  if (alloc) throw corrupt(`extended L2 entry: subcluster ${i} is allocated but the cluster has no host offset`);
   return zero ? 'zero-plain' : 'unallocated';
+}
+
+/** Bits `first`..`first + n - 1` (subcluster indexes, n >= 1, first + n <= 32) of a 32-bit half. */
+export function subclusterRange(first: number, n: number): number {
+  return n >= 32 ? -1 : ((((1 << n) - 1) << first) | 0);
 }
 
 /**
@@ -191,6 +211,12 @@ export function setL2Entry(table: Uint8Array, index: number, entryBytes: number,
   const dv = new DataView(table.buffer, table.byteOffset + index * entryBytes, entryBytes);
   dv.setBigUint64(0, entry);
   if (bitmap !== undefined && entryBytes === 16) dv.setBigUint64(8, bitmap);
+}
+
+/** Replace the subcluster bitmap of extended entry `index`, keeping the entry's first word. */
+export function setL2Bitmap(table: Uint8Array, index: number, zeroBits: number, allocBits: number): void {
+  setU32(table, index * 16 + 8, zeroBits >>> 0);
+  setU32(table, index * 16 + 12, allocBits >>> 0);
 }
 
 /**

@@ -32,7 +32,20 @@ import { MAX_L1_ENTRIES } from './layout.js';
 import { readHeader } from './read-header.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, hasFeature } from './features.js';
 import { PersistentBitmaps, type BitmapLimits, type BitmapWriteHost } from './bitmaps/persistent.js';
-import { ALL_SUBCLUSTERS, decodeL2Entry, isCopiedNormalEntry, l2EntryBitmap, l2EntryCopied, readL2Entry, setCopiedNormalEntry, standardL2Entry, type ClusterDescriptor } from './l2-entry.js';
+import {
+  ALL_SUBCLUSTERS,
+  decodeL2Entry,
+  isCopiedNormalEntry,
+  l2EntryBitmap,
+  l2EntryCopied,
+  l2EntryInvalid,
+  readL2Entry,
+  setCopiedNormalEntry,
+  setL2Bitmap,
+  standardL2Entry,
+  subclusterRange,
+  type ClusterDescriptor,
+} from './l2-entry.js';
 import { encodeCompressedDescriptor } from './compressed-descriptor.js';
 import { l1EntryCopied, l1TableOffset } from './l1-entry.js';
 import type { CachedTable } from './metadata-cache.js';
@@ -1232,6 +1245,9 @@ export class Qcow2Writer {
       const s = Math.max(start, c);
       const e = Math.min(end, c + cs);
       if (old.hostOffset % cs !== 0 && (old.kind === 'normal' || old.kind === 'zero-alloc')) this.refuseUnaligned(table, index, old, s, e - s === cs);
+      // A contradictory subcluster bitmap anywhere in the request fails it before anything is
+      // written, as QEMU's write path judges every entry a write touches.
+      if (l2EntryInvalid(old, g.extendedL2)) throw this.map.invalidEntry(table, index, 'write');
       const p: Piece = { index, clusterGuest: c, ws: s, we: e, alloc: false, host: 0, old, subMask: 0n };
       const ownHost = old.kind === 'normal' || old.kind === 'zero-alloc';
       if (ownHost && (l2EntryCopied(old) || this.external)) {
@@ -1250,6 +1266,17 @@ export class Qcow2Writer {
         if (g.extendedL2 && (old.kind === 'unallocated' || old.kind === 'zero-plain')) {
           p.ws = s - ((s - c) % g.subclusterSize);
           p.we = Math.min(c + cs, e + ((g.subclusterSize - ((e - c) % g.subclusterSize)) % g.subclusterSize));
+        } else if (g.extendedL2 && old.kind === 'normal') {
+          // A shared cluster with subclusters: the new one takes the written subclusters and the
+          // allocated ones around them (QEMU's calculate_l2_meta copies from the first allocated
+          // subcluster to the last); the rest keep what their bits say, reading through.
+          const alloc = old.allocBitmap >>> 0;
+          const firstSc = Math.floor((s - c) / g.subclusterSize);
+          const lastSc = Math.floor((e - 1 - c) / g.subclusterSize);
+          const lowest = alloc === 0 ? 32 : 31 - Math.clz32(alloc & -alloc);
+          const highest = alloc === 0 ? -1 : 31 - Math.clz32(alloc);
+          p.ws = c + Math.min(firstSc, lowest) * g.subclusterSize;
+          p.we = c + (Math.max(lastSc, highest) + 1) * g.subclusterSize;
         } else {
           p.ws = c;
           p.we = c + cs;
@@ -1354,10 +1381,12 @@ export class Qcow2Writer {
         continue;
       }
       if (g.extendedL2) {
-        let bitmap: bigint;
-        if (!p.alloc) bitmap = (l2EntryBitmap(old) | p.subMask) & ~(p.subMask << 32n);
-        else if (old.kind === 'unallocated' || old.kind === 'zero-plain') bitmap = (l2EntryBitmap(old) & ~(p.subMask << 32n)) | p.subMask;
-        else bitmap = ALL_SUBCLUSTERS;
+        // The written subclusters become allocated and lose their zero bits; the others keep
+        // theirs (a compressed cluster's bitmap means nothing: the new one is allocated whole).
+        const bitmap = old.kind === 'compressed' ? ALL_SUBCLUSTERS : (l2EntryBitmap(old) | p.subMask) & ~(p.subMask << 32n);
+        // Overwriting allocated subclusters in place changes nothing in the entry (QEMU leaves
+        // it as it is, stray flag bits included).
+        if (!p.alloc && bitmap === l2EntryBitmap(old)) continue;
         this.map.setEntry(table, p.index, standardL2Entry(p.host, { copied: true }), bitmap);
       } else {
         setCopiedNormalEntry(table.data, p.index, p.host);
@@ -1652,6 +1681,7 @@ export class Qcow2Writer {
       }
       return;
     }
+    if (this.image.geometry.extendedL2) return this.zeroSubclusters(offset, length, options, hasBacking);
     // The request cluster by cluster, as qemu's block layer splits it: a partial head, the whole
     // clusters, a partial tail. A partial cluster is made zero whole, as qemu does, when the rest
     // of it already reads as zeros and this layer holds no data there; otherwise its part is
@@ -1684,16 +1714,129 @@ export class Qcow2Writer {
   /**
    * Whether a zero write of [s, e), part of one cluster, may zero the whole cluster: the rest of
    * it (up to the image's end) reads as zeros through the whole chain and this layer holds no data
-   * in it (qemu's qcow2_co_pwrite_zeroes test for an unaligned request). Not with extended L2
-   * entries, whose subclusters are not split here.
+   * in it (qemu's qcow2_co_pwrite_zeroes test for an unaligned request). Images with extended L2
+   * entries take zeroSubclusters instead.
    */
   private async partialZeroable(s: number, e: number, canFlag: boolean): Promise<boolean> {
-    if (!canFlag || this.image.geometry.extendedL2) return false;
+    if (!canFlag) return false;
     const c = s - (s % this.cs);
     const ce = Math.min(c + this.cs, this.image.size);
     const here = await this.parts.layerStatus(c, ce - c);
     if (here.some((x) => x.allocated && !x.zero)) return false;
     return (await this.parts.chainReadsZero(c, s - c)) && (await this.parts.chainReadsZero(e, ce - e));
+  }
+
+  /**
+   * A zero write on an image with extended L2 entries, as QEMU 7.2 does it: its block layer cuts
+   * the request at subcluster boundaries (a partial head, the aligned middle, a partial tail) and
+   * offers each part to the driver, which sets zero bits (zeroSubclusterPart); a part the driver
+   * refuses is written as zero bytes instead, through the ordinary write path (copy-on-write
+   * included). Unmapping drops only whole clusters: a partial cluster keeps its host cluster.
+   */
+  private async zeroSubclusters(offset: number, length: number, options: ZeroOptions, hasBacking: boolean): Promise<void> {
+    const a = this.image.geometry.subclusterSize;
+    const end = offset + length;
+    // QEMU's limits: one driver request stays below 2 GiB, one fallback write below 16 MiB.
+    const maxZero = Math.floor(0x7fffffff / a) * a;
+    const bounce = 16 * 1024 * 1024;
+    let head = offset % a;
+    const tail = end % a;
+    try {
+      for (let pos = offset; pos < end; ) {
+        let n = end - pos;
+        if (head) {
+          n = Math.min(n, a - head);
+          head = (head + n) % a;
+        } else if (tail && n > a) n -= tail;
+        n = Math.min(n, maxZero);
+        if (!(await this.zeroSubclusterPart(pos, n, options.mayUnmap ?? false, hasBacking))) {
+          if (options.fastOnly) throw unsupported('qcow2: this zero write cannot be done without writing data');
+          n = Math.min(n, bounce);
+          // Clusters this request gave up so far (a compressed cluster decompressed by a part
+          // before, one unmapped by this part) are free for the data write, as in QEMU, whose
+          // counts drop at once: the write fills them instead of growing the file.
+          if (this.refcounts.hasPendingFrees) await this.settleFrees();
+          await this.writeLocked(pos, new Uint8Array(n));
+        }
+        pos += n;
+      }
+    } finally {
+      if (options.mayUnmap && this.refcounts.hasPendingFrees) this.unmapFreesPending = true;
+    }
+    await this.punchUnreferenced();
+  }
+
+  /**
+   * One part of a zero write (see zeroSubclusters) made zero through the subcluster bitmaps, as
+   * QEMU's qcow2_co_pwrite_zeroes: a part that covers a subcluster only partly zeroes all of it,
+   * and only when the rest already reads as zeros through the whole chain and the subcluster
+   * holds no data here. False when the part must be written as data instead (then the entries
+   * this call changed before it met a compressed cluster stay changed, as in QEMU; the data write
+   * that follows covers them).
+   */
+  private async zeroSubclusterPart(s: number, n: number, unmap: boolean, hasBacking: boolean): Promise<boolean> {
+    const a = this.image.geometry.subclusterSize;
+    const size = this.image.size;
+    const head = s % a;
+    const tail = s + n === size ? 0 : (a - ((s + n) % a)) % a;
+    if (head || tail) {
+      if (!(await this.parts.chainReadsZero(s - head, head)) || !(await this.parts.chainReadsZero(s + n, tail))) return false;
+      s -= head;
+      n = a;
+      const [run] = await this.map.mapRuns(s, 1);
+      const kind = run?.kind ?? 'unallocated';
+      if (kind !== 'unallocated' && kind !== 'unallocated-alloc' && kind !== 'zero-plain' && kind !== 'zero-alloc') return false;
+    }
+    await this.beforeMetadataChange();
+    return this.zeroizeSubclusters(s, n, unmap, hasBacking);
+  }
+
+  /**
+   * [o, o + n), subcluster aligned (but for the image's end), made zero in the tables (QEMU's
+   * qcow2_subcluster_zeroize): the partial clusters at either end get zero bits for their
+   * subclusters (their allocation bits cleared, the host cluster kept), the whole clusters between
+   * become all-zero entries (unmapped when `unmap` or compressed). False, with the changes so far
+   * kept, when a partial cluster is compressed: its subclusters cannot be zeroed alone.
+   */
+  private async zeroizeSubclusters(o: number, n: number, unmap: boolean, hasBacking: boolean): Promise<boolean> {
+    const cs = this.cs;
+    const a = this.image.geometry.subclusterSize;
+    const size = this.image.size;
+    let end = o + n;
+    const head = Math.min(end, Math.ceil(o / cs) * cs) - o;
+    o += head;
+    const tail = end >= size ? 0 : end - Math.max(o, end - (end % cs));
+    end -= tail;
+    if (head && !(await this.zeroSubclusterBits(o - head, Math.ceil(head / a)))) return false;
+    if (end > o) await this.discardInDataFile(await this.map.zeroClusters(o, o + Math.ceil((end - o) / cs) * cs, unmap, false, hasBacking), false);
+    if (tail && !(await this.zeroSubclusterBits(end, Math.ceil(tail / a)))) return false;
+    return true;
+  }
+
+  /**
+   * Subclusters [first, first + count) of the cluster holding guest offset `at` (its first
+   * subcluster) read as zeros: zero bits set, allocation bits cleared, the entry's host cluster
+   * kept (QEMU's zero_l2_subclusters). False for a compressed cluster.
+   */
+  private async zeroSubclusterBits(at: number, count: number): Promise<boolean> {
+    const g = this.image.geometry;
+    const table = (await this.map.l2ForWrite(at))!;
+    const index = this.map.sliceIndex(at);
+    const d = this.map.entry(table, index);
+    if (d.kind === 'compressed') return false;
+    // A raw external data file must read as the guest does: its bytes are zeroed first, as
+    // QEMU's zeroize does (whole clusters get theirs in zeroClusters).
+    const img = this.image;
+    if (img.external && img.dataFileRaw) await img.dataStore.write(at, new Uint8Array(Math.max(0, Math.min(at + count * g.subclusterSize, img.size) - at)));
+    const bits = subclusterRange(Math.floor((at % this.cs) / g.subclusterSize), count);
+    const zero = d.zeroBitmap | bits;
+    const alloc = d.allocBitmap & ~bits;
+    if (zero === d.zeroBitmap && alloc === d.allocBitmap) return true;
+    // Only bits that say "reads zeros" are added and only "allocated" bits removed: the entry
+    // never claims data that is not there, whatever order the table and the data reach the disk.
+    setL2Bitmap(table.data, index, zero, alloc);
+    await this.map.tableChanged(table);
+    return true;
   }
 
   // --- compressed clusters -------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 /** L2 entries decode as qemu 7.2 wrote them (values from docs/notes/qcow2-pitfalls.md §3-5). */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { contiguousEntries, contiguousEntriesJs, readL2Entry, subclusterKind } from '#src/formats/qcow2/l2-entry.js';
+import { contiguousEntries, contiguousEntriesJs, l2EntryInvalid, readL2Entry, subclusterKind, subclusterRange } from '#src/formats/qcow2/l2-entry.js';
 import { hostAddon } from '#src/host/native.node.js';
 import { compressedDescriptor } from '#src/formats/qcow2/compressed-descriptor.js';
 
@@ -136,4 +136,25 @@ test('contiguousEntries: runs end at a gap, a flag change or max; the addon agre
   assert.throws(() => native(t, 3, 4, cs), RangeError);
   assert.throws(() => native(t, 0, 0, cs), RangeError);
   assert.throws(() => native(new Uint16Array(8) as unknown as Uint8Array, 0, 1, cs), TypeError);
+});
+
+test('an extended entry is invalid as a whole: any contradictory subcluster taints every one of them', () => {
+  const ctx = { clusterBits: 16, extendedL2: true, externalDataFile: false };
+  const table = (entry: bigint, bitmap: bigint) => {
+    const t = new Uint8Array(16);
+    const v = new DataView(t.buffer);
+    v.setBigUint64(0, entry);
+    v.setBigUint64(8, bitmap);
+    return t;
+  };
+  // Subcluster 5 allocated and zero: subcluster 0, which alone looks fine, is refused too.
+  const bad = readL2Entry(table(0x8000000000050000n, (1n << 37n) | 0x21n), 0, ctx);
+  assert.equal(l2EntryInvalid(bad, true), true);
+  assert.throws(() => subclusterKind(bad, 0, true), /both allocated and zero/);
+  assert.equal(l2EntryInvalid(readL2Entry(table(0n, 1n << 31n), 0, ctx), true), true);
+  // Zero bits without a host cluster, and a compressed entry's bitmap, are fine.
+  assert.equal(l2EntryInvalid(readL2Entry(table(0n, 0xffffffff00000000n), 0, ctx), true), false);
+  assert.equal(l2EntryInvalid(readL2Entry(table(0x4000000000050000n, 0x180000000n), 0, ctx), true), false);
+  assert.equal(subclusterRange(0, 32), -1);
+  assert.equal(subclusterRange(15, 5) >>> 0, 0xf8000);
 });
