@@ -189,6 +189,10 @@ static napi_value errno_error(napi_env env, int err, const char *syscall) {
     case EACCES: name = "EACCES"; break;
     case ENOMEM: name = "ENOMEM"; break;
     case ENAMETOOLONG: name = "ENAMETOOLONG"; break;
+    /* The peer of a socket or pipe went away: named as Node names them, so callers treat the
+       addon's writes (sendfile, splice) like Node's own and do not report a hang-up as EIO. */
+    case EPIPE: name = "EPIPE"; break;
+    case ECONNRESET: name = "ECONNRESET"; break;
     default: break;
   }
   char msg[160];

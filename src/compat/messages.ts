@@ -112,6 +112,14 @@ const ROWS: Row[] = [
     match: /^Could not (apply|delete) snapshot '(.*)': Can't find snapshot/,
     text: (_e, _c, m) => (m![1] === 'apply' ? `Could not apply snapshot '${m![2]}': Failed to load snapshot: No such file or directory` : `Could not delete snapshot '${m![2]}': snapshot not found`),
   },
+  // snapshot -c/-a/-d on a format without snapshots (raw, qcow v1): qemu-img's words for each,
+  // from its ENOTSUP, the block layer's refusal, and a delete that finds nothing to delete.
+  {
+    code: 'QCOW_UNSUPPORTED',
+    match: /^Could not (create|apply|delete) snapshot '(.*)': Operation not supported \(format \S+ has no snapshots\)$/,
+    text: (_e, _c, m) =>
+      `Could not ${m![1]} snapshot '${m![2]}': ${m![1] === 'create' ? '-95 (Operation not supported)' : m![1] === 'apply' ? 'Block driver does not support snapshots' : 'snapshot not found'}`,
+  },
   // snapshot -c on an image whose snapshot table is full: qemu-img's words for its EFBIG.
   {
     code: 'QCOW_UNSUPPORTED',

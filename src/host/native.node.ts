@@ -34,8 +34,8 @@ export interface HostAddon {
   /**
    * splice(2) [offsetIn, +length) of the file `fdIn` into the pipe `pipe` on libuv's thread pool,
    * looping until `length` bytes are moved or the file ends: resolves with the bytes moved. The
-   * pipe holds the file's page-cache pages, not copies. Rejects with the errno's name as `code`.
-   * Absent before version 9.
+   * pipe holds the file's page-cache pages, not copies. Rejects with the errno's name as `code`
+   * (EPIPE when the pipe's reader has gone). Absent before version 9.
    */
   spliceToPipe?(fdIn: number, offsetIn: number, pipe: number, length: number): Promise<number>;
   /**
@@ -106,7 +106,8 @@ export interface HostAddon {
    * until done or the socket is full, only when every page of the range is in the page cache: the
    * bytes sent (head included; the caller sends the rest), -1 when part of the range is not
    * cached (nothing sent), -2 when the kernel cannot (no cachestat, or sendfile refuses these
-   * descriptors; nothing sent). Absent before version 9.
+   * descriptors; nothing sent). Throws the errno otherwise: EPIPE or ECONNRESET for a peer gone
+   * (named so since round twelve; EIO before). Absent before version 9.
    */
   sendFileCached?(outFd: number, head: Uint8Array, inFd: number, position: number, length: number): number;
   /**

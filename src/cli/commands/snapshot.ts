@@ -35,7 +35,7 @@ export async function run(file: string, flags: Flags): Promise<void> {
   try {
     const [verb, action, arg] =
       flags.create !== undefined ? ['create', dev.createSnapshot, flags.create] : flags.apply !== undefined ? ['apply', dev.applySnapshot, flags.apply] : ['delete', dev.deleteSnapshot, flags.delete!];
-    if (!action) throw new QcowError('QCOW_UNSUPPORTED', `Could not ${verb} snapshot: Operation not supported (format ${dev.format})`);
+    if (!action) throw new QcowError('QCOW_UNSUPPORTED', `Could not ${verb} snapshot '${arg}': Operation not supported (format ${dev.format} has no snapshots)`);
     try {
       await action.call(dev, arg);
     } catch (e) {

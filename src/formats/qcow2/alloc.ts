@@ -129,6 +129,10 @@ export interface Allocator {
   setOverlapGuard?(vet: NonNullable<AllocatorHooks['vet']>): void;
   /** Drop the refcount blocks that count nothing (a shrink; see Refcounts). Optional for fakes. */
   dropUnusedBlocks?(): Promise<void>;
+  /** A new refcount table and blocks at `start` for a large preallocation (see Refcounts). Optional for fakes. */
+  refcountArea?(start: number, additional: number): Promise<number>;
+  /** Data allocations take these counted clusters in order until `n` is 0 (see Refcounts). Optional for fakes. */
+  steerData?(offset: number, n: number): void;
 }
 
 export class Refcounts implements Allocator {
@@ -283,6 +287,10 @@ export class Refcounts implements Allocator {
 
   /** Allocate `n` contiguous free clusters with refcount 1; returns the host offset. */
   allocClustersNow(n: number): number {
+    if (this.steered) {
+      const steered = this.takeSteered(n);
+      if (steered !== -1) return steered;
+    }
     const at = this.allocAtHint(n);
     if (at === -1) return -1; // the caller goes on to allocClusters (which tells the store)
     this.store.debugEvent?.('cluster_alloc');
@@ -291,6 +299,10 @@ export class Refcounts implements Allocator {
   }
 
   async allocClusters(n: number, what?: AllocPurpose): Promise<number> {
+    if (this.steered && what === undefined) {
+      const steered = this.takeSteered(n);
+      if (steered !== -1) return steered;
+    }
     this.store.debugEvent?.('cluster_alloc');
     return this.allocClustersUntold(n, what);
   }
@@ -587,6 +599,93 @@ export class Refcounts implements Allocator {
    */
   private trimCache(keep?: number): void {
     this.blocks.trim(keep);
+  }
+
+  /**
+   * QEMU's room for a large preallocation (qcow2_refcount_area, exact size): a new refcount table,
+   * sized for the clusters below `start` + `additional` and for the refcount structures
+   * themselves, goes to cluster `start`, after the refcount blocks it needs that do not exist yet;
+   * every cluster of this area counts 1. The next write-back writes the blocks, then the table,
+   * then the header, and frees the old table (so its cluster is free for what comes next, as in
+   * QEMU). Nothing may wait to be written on entry, and nothing may be counted at or after
+   * `start`. Returns the first cluster after the area.
+   */
+  async refcountArea(start: number, additional: number): Promise<number> {
+    if (this.dirty || this.pendingFrees.length > 0) throw new Error('refcountArea with refcounts not written back');
+    const cs = this.clusterSize;
+    const perCluster = cs / 8;
+    // The fixed point where the blocks and table clusters cover the clusters and themselves.
+    const clusters = start + additional;
+    let blocks = 0;
+    let tableClusters = 0;
+    for (let n = -1, last = 0; n !== last; ) {
+      last = n;
+      blocks = Math.ceil((clusters + tableClusters + blocks) / this.perBlock);
+      tableClusters = Math.ceil(blocks / perCluster);
+      n = clusters + blocks + tableClusters;
+    }
+    if (tableClusters * cs > MAX_REFTABLE_BYTES) throw new QcowError('QCOW_UNSUPPORTED', 'refcount table would exceed 8 MiB: the image is too large for its cluster size');
+    const entries = tableClusters * perCluster;
+    const table = this.table.slice(0, entries);
+    while (table.length < entries) table.push(0);
+    const first = Math.floor(start / this.perBlock);
+    let missing = 0;
+    for (let b = first; b < blocks; b++) if (table[b] === 0) missing++;
+    const tableAt = start + missing;
+    const end = tableAt + tableClusters;
+    if (!Number.isSafeInteger(end * cs)) throw new QcowError('QCOW_UNSUPPORTED', 'image file would grow beyond 2^53 bytes');
+    this.movedFrom = { offset: this.tableOffset, clusters: this.tableClusters };
+    this.table = table;
+    this.tableOffset = tableAt * cs;
+    this.tableClusters = tableClusters;
+    let blockAt = start;
+    for (let b = first; b < blocks; b++) {
+      let block: Uint8Array;
+      if (table[b] !== 0) block = await this.loadBlock(b);
+      else {
+        block = new Uint8Array(cs);
+        table[b] = blockAt * cs;
+        this.blockClusters?.add(blockAt);
+        blockAt++;
+        this.dirtyBlocks.add(b);
+        this.blocks.set(b, block);
+        this.newBlocks.add(b);
+      }
+      const covered = b * this.perBlock;
+      if (covered >= end) continue;
+      for (let c = Math.max(start, covered); c < Math.min(end, covered + this.perBlock); c++) {
+        if (getRefcount(block, c - covered, this.refcountBits) !== 0) throw corrupt(`cluster 0x${(c * cs).toString(16)} past the last used one has a refcount`);
+        setRefcount(block, c - covered, this.refcountBits, 1);
+      }
+      this.dirtyBlocks.add(b);
+    }
+    this.noteUsed(start, end - start);
+    if (this.freeHint >= start && this.freeHint < end) this.freeHint = end;
+    return end;
+  }
+
+  /**
+   * Hand the clusters [offset, +n clusters), counted already (allocClustersAt), to the data
+   * allocations that follow, in order, instead of searching (QEMU's preallocation links its data
+   * clusters where it counted them); table allocations still search. Ends when they are used up.
+   */
+  steerData(offset: number, n: number): void {
+    this.steered = n > 0 ? { next: offset / this.clusterSize, end: offset / this.clusterSize + n } : undefined;
+  }
+
+  private steered: { next: number; end: number } | undefined;
+
+  /** The next `n` steered clusters' offset; -1 (steering ends) when fewer are left. */
+  private takeSteered(n: number): number {
+    const s = this.steered!;
+    if (s.next + n > s.end) {
+      this.steered = undefined;
+      return -1;
+    }
+    const at = s.next;
+    s.next += n;
+    if (s.next === s.end) this.steered = undefined;
+    return at * this.clusterSize;
   }
 
   /** First cluster index at or above every allocation (used to place new structures at the end). */

@@ -696,6 +696,22 @@ export class ClusterMap {
   }
 
   /**
+   * Empty the entry of the cluster holding `guest` and drop its reference without passing the
+   * free on to the file (a preallocation relinks that cluster elsewhere: QEMU frees the old host
+   * cluster the same way, its blocks kept). The caller holds the writer's lock.
+   */
+  async unlinkCluster(guest: number): Promise<void> {
+    const table = await this.l2ForWrite(guest, false);
+    if (!table) return;
+    const index = this.sliceIndex(guest);
+    const d = this.entry(table, index);
+    if (d.kind === 'unallocated') return;
+    this.setEntry(table, index, 0n, this.image.geometry.extendedL2 ? 0n : undefined);
+    this.release(d, 'never');
+    await this.tableChanged(table);
+  }
+
+  /**
    * Deallocate every cluster of the active image so all of it reads from the backing image again
    * (qemu-img commit empties the overlay this way). Entries become 0, never zero flags, which
    * would hide the backing data; references are dropped through the usual deferred path.

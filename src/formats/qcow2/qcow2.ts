@@ -444,29 +444,62 @@ export class Qcow2Device extends DeviceBase {
     const prealloc = options.preallocation ?? 'off';
     if (prealloc !== 'off' && this.encryption) throw new QcowError('QCOW_UNSUPPORTED', `Unsupported preallocation mode for an encrypted image: ${prealloc}`, { file: this.filename });
     await writer.resize(size, options.shrink ?? false);
-    if (prealloc !== 'off' && size > old) await this.preallocate(old, size, prealloc);
+    // Placed data clusters (falloc, full) hold zeros already, written or reserved, as QEMU's.
+    const placed = prealloc !== 'off' && size > old && (await this.preallocate(old, size, prealloc));
     // Growing over a backing image that reaches past the old end: the new range reads as zeros,
     // not as the backing image's bytes there, as QEMU makes it (bdrv_co_truncate's zero write).
     // Opened without its backing image (qemu-img resize's way here), its length is unknown: zero.
     const backingReaches = this.backing ? this.backing.size > old : this.image.header.backingFile !== undefined;
-    if (size > old && backingReaches) await this.writeZeroes(old, size - old);
+    if (size > old && backingReaches && !placed) await this.writeZeroes(old, size - old);
   }
 
   /**
    * Map the clusters of [from, to) that a growth added (qemu-img resize --preallocation): each gets
    * a host cluster, as QEMU's preallocation gives it; `metadata` leaves the bytes to the file (holes,
-   * which read as zeros), `falloc` reserves them, `full` writes zeros. From the first whole
-   * cluster: a partial one at the old end keeps what it had.
+   * which read as zeros), `falloc` reserves them, `full` writes zeros. A partial cluster at the
+   * old end is mapped too when it has no host cluster, as QEMU maps it. falloc and full place the
+   * data as QEMU does (preallocatePlaced; true is returned then) unless the image has a data file
+   * or extended L2 entries.
    */
-  private async preallocate(from: number, to: number, mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
+  private async preallocate(from: number, to: number, mode: 'metadata' | 'falloc' | 'full'): Promise<boolean> {
     const cs = this.clusterSize;
-    const start = Math.ceil(from / cs) * cs;
-    const put = async ({ store, hostOffset, length }: PlacedRange) => {
+    // Extended L2 entries: QEMU leaves the new subclusters unallocated, which placement does not do.
+    if (mode !== 'metadata' && !this.image.external && !this.image.geometry.extendedL2) {
+      // A partial cluster at the old end moves with what it holds, as QEMU's copy-on-write moves it.
+      const headStart = Math.floor(from / cs) * cs;
+      const head = new Uint8Array(from - headStart);
+      if (head.length > 0) await this.read(headStart, head);
+      const placed = await this.requireWriter().preallocationArea(from, to);
+      if (placed >= 0) {
+        await this.preallocatePlaced(headStart, to, mode, head);
+        return true;
+      }
+    }
+    const headStart = Math.floor(from / cs) * cs;
+    let start = Math.ceil(from / cs) * cs;
+    let head = new Uint8Array(0);
+    if (headStart < from) {
+      // The partial cluster at the old end is mapped too when it has no host cluster yet, its bytes
+      // before the old end written into it (QEMU's copy-on-write of the allocation); one that has
+      // a host cluster keeps it.
+      const [r] = await this.map.mapRuns(headStart, Math.min(cs, to - headStart));
+      if (r && r.hostOffset === undefined && r.kind !== 'compressed') {
+        head = new Uint8Array(from - headStart);
+        await this.read(headStart, head);
+        start = headStart;
+      }
+    }
+    const put = async ({ offset, store, hostOffset, length }: PlacedRange) => {
+      let skip = 0;
+      if (head.length > 0 && offset === headStart) {
+        await store.write(hostOffset, head);
+        skip = head.length;
+      }
       if (mode === 'full') {
-        for (let at = 0; at < length; at += 1 << 20) await store.write(hostOffset + at, new Uint8Array(Math.min(1 << 20, length - at)));
+        for (let at = skip; at < length; at += 1 << 20) await store.write(hostOffset + at, new Uint8Array(Math.min(1 << 20, length - at)));
         return;
       }
-      if (mode === 'falloc' && store.allocate) await store.allocate(hostOffset, length);
+      if (mode === 'falloc' && store.allocate && length > skip) await store.allocate(hostOffset + skip, length - skip);
       // The file covers every cluster mapped, as QEMU leaves it.
       if ((await store.size()) < hostOffset + length) await store.truncate(hostOffset + length);
     };
@@ -474,8 +507,50 @@ export class Qcow2Device extends DeviceBase {
     const whole = Math.floor(to / cs) * cs;
     const piece = Math.max(cs, Math.floor((64 << 20) / cs) * cs);
     for (let at = start; at < whole; at += piece) await this.requireWriter().writePlaced(at, Math.min(piece, whole - at), put);
-    // A partial last cluster is mapped by writing its zeros.
-    if (whole < to && whole >= start) await this.write(whole, new Uint8Array(to - whole));
+    // A partial last cluster is mapped by writing its zeros (after the head, when it is that cluster).
+    if (whole < to && whole >= start) {
+      const last = new Uint8Array(to - whole);
+      if (whole === headStart) last.set(head);
+      await this.write(whole, last);
+    }
+    return false;
+  }
+
+  /**
+   * preallocate's falloc/full as QEMU lays it out (Qcow2Writer.preallocationArea): the clusters
+   * from `headStart` (the one holding the old end) to `to` are linked, in order, to the clusters
+   * counted by preallocationArea; the first gets `head` (its guest bytes before the old end), the rest of
+   * each is reserved (falloc) or written with zeros (full), whole clusters, so the file ends where
+   * QEMU's does.
+   */
+  private async preallocatePlaced(headStart: number, to: number, mode: 'falloc' | 'full', head: Uint8Array): Promise<void> {
+    const cs = this.clusterSize;
+    // The cluster at the old end is unlinked first, so that the placement below allocates it anew;
+    // its blocks stay in the file, as QEMU leaves them.
+    if (head.length > 0) await this.requireWriter().unlinkCluster(headStart);
+    const put = async ({ offset, store, hostOffset, length }: PlacedRange) => {
+      let at = hostOffset;
+      const stop = hostOffset + Math.ceil(length / cs) * cs;
+      if (head.length > 0 && offset === headStart) {
+        await store.write(at, head);
+        at += head.length;
+      }
+      if (mode === 'full') {
+        for (; at < stop; at += Math.min(1 << 20, stop - at)) await store.write(at, new Uint8Array(Math.min(1 << 20, stop - at)));
+        return;
+      }
+      if (store.allocate && stop > at) await store.allocate(at, stop - at);
+      if ((await store.size()) < stop) await store.truncate(stop);
+    };
+    const piece = Math.max(cs, Math.floor((64 << 20) / cs) * cs);
+    const whole = Math.floor(to / cs) * cs;
+    for (let at = headStart; at < whole; at += piece) await this.requireWriter().writePlaced(at, Math.min(piece, whole - at), put);
+    if (whole === to) return;
+    // A partial last cluster (copy offload takes whole ones) is written with its zeros, after
+    // the head when it is also the cluster at the old end; it takes the last counted cluster.
+    const last = new Uint8Array(to - whole);
+    if (whole === headStart) last.set(head);
+    await this.write(whole, last);
   }
 
   async setBacking(name: string | null, format: string | null): Promise<void> {

@@ -733,6 +733,14 @@ export class Qcow2Writer {
     });
   }
 
+  /** Unlink the cluster holding `offset`, its free not passed on to the file (ClusterMap.unlinkCluster). */
+  unlinkCluster(offset: number): Promise<void> {
+    return this.guarded(async () => {
+      await this.beforeMetadataChange();
+      await this.map.unlinkCluster(offset);
+    });
+  }
+
   async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     // Compress before taking the lock: the lock serialises allocation, and compression done under
     // it would run one cluster at a time while the codec pool could do several at once.
@@ -827,6 +835,35 @@ export class Qcow2Writer {
       });
       image.setSize(size);
       if (size !== oldSize) await this.bitmaps.resized(oldSize);
+    });
+  }
+
+  /**
+   * Where a falloc/full preallocation of the guest range [from, to) that a growth added puts its
+   * data, laid out as QEMU's qcow2 truncate does: after the last cluster with a count, a new
+   * refcount table (and the blocks it needs) sized for the data clusters and the L2 tables they
+   * may need, then the data clusters, one per guest cluster from the one holding `from`, counted
+   * at once and handed to the next data allocations in guest order (Allocator.steerData); the old
+   * table is freed. The host offset of the first data cluster, or -1 when the allocator cannot.
+   */
+  preallocationArea(from: number, to: number): Promise<number> {
+    return this.exclusive(async () => {
+      const cs = this.cs;
+      const rc = this.refcounts;
+      if (!rc.refcountArea || !rc.steerData || !rc.allocClustersAt) return -1;
+      const first = Math.floor(from / cs);
+      const n = Math.ceil(to / cs) - first;
+      if (n <= 0) return -1;
+      // As QEMU, room for the L2 tables the range may need, plus one for an unaligned start.
+      const tables = Math.ceil(n / (this.image.geometry.l2Coverage / cs)) + 1;
+      let last = Math.ceil((await this.image.store.size()) / cs) - 1;
+      while (last >= 0 && (await rc.get(last)) === 0) last--;
+      const start = await rc.refcountArea(last + 1, n + tables);
+      // The new table and header on disk, the old table freed, before the data is counted.
+      await this.flushWhollyLocked();
+      if (!(await rc.allocClustersAt(start * cs, n))) throw new Error('the preallocated clusters are not free');
+      rc.steerData(start * cs, n);
+      return start * cs;
     });
   }
 
