@@ -31,18 +31,25 @@ command -v qemu-img >/dev/null || { echo "bench-scaling: qemu-img not found" >&2
 mkdir -p "$dir"
 
 # A memory cgroup to run each command in (v2 if mounted as such, else v1's memory controller).
+# It is made as a child of the cgroup this script runs in, not at the root of the hierarchy: on a
+# host that confines its jobs to a cgroup (a container, a CI runner, a sandbox) moving the runs
+# to the root would take them out of their job's accounting, or fail.
 cg=""
 if [ -n "$limit" ]; then
   if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
-    cg=/sys/fs/cgroup/qcow-scaling.$$
-    mkdir "$cg"
-    echo $((limit * 1048576)) > "$cg/memory.max"
+    cg=/sys/fs/cgroup$(awk -F: '$1 == "0" { print $3 }' /proc/self/cgroup)
+    cg=${cg%/}/qcow-scaling.$$
+    file=memory.max
+  elif [ -d /sys/fs/cgroup/memory ]; then
+    cg=/sys/fs/cgroup/memory$(awk -F: '$2 == "memory" { print $3 }' /proc/self/cgroup)
+    cg=${cg%/}/qcow-scaling.$$
+    file=memory.limit_in_bytes
   else
-    cg=/sys/fs/cgroup/memory/qcow-scaling.$$
-    mkdir "$cg"
-    echo $((limit * 1048576)) > "$cg/memory.limit_in_bytes"
+    echo "bench-scaling: no memory cgroup found (neither v2 nor v1's memory controller)" >&2; exit 2
   fi
+  mkdir "$cg" || { echo "bench-scaling: cannot make the cgroup $cg (root needed)" >&2; exit 2; }
   trap 'rmdir "$cg" 2>/dev/null || true' EXIT
+  echo $((limit * 1048576)) > "$cg/$file" || { echo "bench-scaling: cannot set $cg/$file" >&2; exit 2; }
 fi
 
 evict() { python3 -c 'import os,sys
