@@ -8,11 +8,17 @@
 # (posix_fadvise DONTNEED), so images larger than the limit are read from disk, as on a host
 # whose page cache cannot hold them.
 #
-# Usage: scripts/bench-scaling.sh [--sizes "1 4 16"] [--reps N] [--memory-limit MIB] [--dir DIR]
-# Sizes are GiB; DIR (default /tmp/qcow-scaling) needs about 3x the largest size free.
+# With --sparse "G ..." a G GiB image holding only 1 GiB of data is converted the same way (rows
+# labelled Gs1), to compare with the fully allocated 1 GiB image: the cost should follow the data.
+#
+# Usage: scripts/bench-scaling.sh [--sizes "1 4 16"] [--sparse "16"] [--reps N] [--memory-limit MIB]
+#                                 [--dir DIR]
+# Sizes are GiB (--sizes "" runs none); DIR (default /tmp/qcow-scaling) needs about 3x the largest
+# size free. The work files are kept in DIR for the next run; delete DIR when done.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 sizes="1 4"
+sparse=""
 reps=3
 limit=""
 dir=/tmp/qcow-scaling
@@ -20,6 +26,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --sizes) sizes="$2"; shift 2 ;;
     --reps) reps="$2"; shift 2 ;;
+    --sparse) sparse="$2"; shift 2 ;;
     --memory-limit) limit="$2"; shift 2 ;;
     --dir) dir="$2"; shift 2 ;;
     *) echo "bench-scaling: unknown argument '$1'" >&2; exit 2 ;;
@@ -67,7 +74,26 @@ timed() {
   awk '{ printf "%.2f %.2f %.0f\n", $1, $2 + $3, $4 / 1024 }' <<<"$out"
 }
 
-printf '%-6s %-16s %-9s %8s %8s %8s\n' GiB workload tool wall_s cpu_s rss_MiB
+# Converts IMG (qcow2) to raw and RAW to qcow2, REPS times, both tools taking turns; LABEL names
+# the size in the first column. The 1-minute load average is printed before each round.
+bench() {
+  local label="$1" img="$2" raw="$3" r tool bin
+  for r in $(seq "$reps"); do
+    echo "# $label round $r, load $(cut -d' ' -f1-3 /proc/loadavg)"
+    for tool in qemu-img qcow; do
+      bin=qemu-img; [ "$tool" = qcow ] && bin="$qcow"
+      rm -f "$dir/out.raw" "$dir/out.qcow2"; sync
+      evict "$img"
+      printf '%-8s %-12s %-9s %s\n' "$label" 'qcow2->raw' "$tool" "$(timed "$bin" convert -O raw "$img" "$dir/out.raw" | awk '{printf "%8s %8s %8s", $1, $2, $3}')"
+      rm -f "$dir/out.raw"; sync
+      evict "$raw"
+      printf '%-8s %-12s %-9s %s\n' "$label" 'raw->qcow2' "$tool" "$(timed "$bin" convert -O qcow2 "$raw" "$dir/out.qcow2" | awk '{printf "%8s %8s %8s", $1, $2, $3}')"
+    done
+  done
+  rm -f "$dir/out.raw" "$dir/out.qcow2"
+}
+
+printf '%-8s %-12s %-9s %8s %8s %8s\n' GiB workload tool wall_s cpu_s rss_MiB
 for g in $sizes; do
   raw="$dir/src-$g.raw"; img="$dir/src-$g.qcow2"
   if [ ! -f "$img" ]; then
@@ -75,16 +101,20 @@ for g in $sizes; do
     qemu-img convert -O qcow2 "$raw" "$img"
   fi
   [ -f "$raw" ] || qemu-img convert -O raw "$img" "$raw"
-  for r in $(seq "$reps"); do
-    for tool in qemu-img qcow; do
-      bin=qemu-img; [ "$tool" = qcow ] && bin="$qcow"
-      rm -f "$dir/out.raw" "$dir/out.qcow2"; sync
-      evict "$img"
-      printf '%-6s %-16s %-9s %s\n' "$g" 'qcow2->raw' "$tool" "$(timed "$bin" convert -O raw "$img" "$dir/out.raw" | awk '{printf "%8s %8s %8s", $1, $2, $3}')"
-      rm -f "$dir/out.raw"; sync
-      evict "$raw"
-      printf '%-6s %-16s %-9s %s\n' "$g" 'raw->qcow2' "$tool" "$(timed "$bin" convert -O qcow2 "$raw" "$dir/out.qcow2" | awk '{printf "%8s %8s %8s", $1, $2, $3}')"
+  bench "$g" "$img" "$raw"
+done
+# The sparse image: G GiB virtual holding 1 GiB of random data in 16 extents of 64 MiB spread
+# evenly over the disk, the rest never written (holes in the raw file, unallocated clusters in
+# the qcow2). Its cost should be that of the 1 GiB image, not of a G GiB one.
+for g in $sparse; do
+  raw="$dir/sparse-$g.raw"; img="$dir/sparse-$g.qcow2"
+  if [ ! -f "$img" ] || [ ! -f "$raw" ]; then
+    rm -f "$raw"
+    for i in $(seq 0 15); do
+      dd if=/dev/urandom of="$raw" bs=1M count=64 seek=$((i * g * 64)) conv=notrunc status=none
     done
-  done
-  rm -f "$dir/out.raw" "$dir/out.qcow2"
+    truncate -s "${g}G" "$raw"
+    qemu-img convert -O qcow2 "$raw" "$img"
+  fi
+  bench "${g}s1" "$img" "$raw"
 done
