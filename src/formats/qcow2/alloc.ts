@@ -125,6 +125,8 @@ export interface Allocator {
   readonly cachedBlocks: number;
   /** Whether `cluster` holds a refcount block (the overlap guard asks; a fake may leave it out). */
   isRefcountBlock?(cluster: number): boolean;
+  /** A cluster index above every refcount block (an upper bound; optional, see isRefcountBlock). */
+  refcountBlocksEnd?(): number;
   /** Install the overlap guard (see AllocatorHooks.vet; a fake may leave it out). */
   setOverlapGuard?(vet: NonNullable<AllocatorHooks['vet']>): void;
   /** Drop the refcount blocks that count nothing (a shrink; see Refcounts). Optional for fakes. */
@@ -795,6 +797,16 @@ export class Refcounts implements Allocator {
 
   /** Whether `cluster` holds a refcount block named by the table (the overlap guard's question). */
   isRefcountBlock(cluster: number): boolean {
+    return this.refcountBlockClusters().has(cluster);
+  }
+
+  /** One past the highest cluster a refcount block has held since the set was built (an upper bound). */
+  refcountBlocksEnd(): number {
+    this.refcountBlockClusters();
+    return this.blockClustersEnd;
+  }
+
+  private refcountBlockClusters(): Set<number> {
     let set = this.blockClusters;
     if (!set) {
       set = new Set();
@@ -802,14 +814,23 @@ export class Refcounts implements Allocator {
       // constructor drops the repeats in V8's builtin; a JavaScript loop over every entry was the
       // one function V8 optimised in a convert to qcow2, on the main thread (~11M instructions,
       // ~270 page faults of a 64 KiB convert's fixed cost).
-      for (const off of new Set(this.table)) if (off !== 0) set.add(Math.floor(off / this.clusterSize));
+      let end = 0;
+      for (const off of new Set(this.table)) {
+        if (off === 0) continue;
+        const c = Math.floor(off / this.clusterSize);
+        set.add(c);
+        if (c >= end) end = c + 1;
+      }
       this.blockClusters = set;
+      this.blockClustersEnd = end;
     }
-    return set.has(cluster);
+    return set;
   }
 
   /** Clusters of the refcount blocks, built at the first question and kept up to date by ensureBlock. */
   private blockClusters: Set<number> | undefined;
+  /** One past the highest cluster blockClusters has held (blocks dropped leave it where it was). */
+  private blockClustersEnd = 0;
 
   private isReserved(c: number): boolean {
     for (const [s, e] of this.reserved) if (c >= s && c < e) return true;
@@ -912,7 +933,10 @@ export class Refcounts implements Allocator {
     this.noteUsed(loc, 1);
     if (loc === this.freeHint) this.freeHint = loc + 1;
     this.table[b] = loc * this.clusterSize;
-    this.blockClusters?.add(loc);
+    if (this.blockClusters) {
+      this.blockClusters.add(loc);
+      if (loc >= this.blockClustersEnd) this.blockClustersEnd = loc + 1;
+    }
     // Dirty before it is cached, so the insertion's trim cannot drop it.
     this.dirtyBlocks.add(b);
     this.blocks.set(b, block);

@@ -145,6 +145,7 @@ export class ClusterMap {
       isL2Table: (c) => this.isL2Table(c),
       refcountTable: () => ({ offset: rc.tableOffset, clusters: rc.tableClusters }),
       isRefcountBlock: (c) => rc.isRefcountBlock?.(c) ?? false,
+      singleClustersEnd: () => Math.max(this.l2TablesEnd(), rc.refcountBlocksEnd?.() ?? Infinity),
       snapshots: () => image.snapshots,
       read: (offset, into) => image.store.read(offset, into),
     }, this.overlapCheck);
@@ -163,20 +164,41 @@ export class ClusterMap {
    * (one pass over L1), then kept by setL1Entry; dropped when the whole table is replaced.
    */
   private l2Clusters: Map<number, number> | undefined;
+  /**
+   * One past the highest cluster l2Clusters has held since it was built (an upper bound: a table
+   * dropped from it leaves the bound where it was), so the overlap guard can tell at once that a
+   * range above it holds no L2 table.
+   */
+  private l2ClustersEnd = 0;
 
   /** Whether `cluster` holds an active L2 table (the overlap guard's question). */
   isL2Table(cluster: number): boolean {
+    return this.activeL2Clusters().has(cluster);
+  }
+
+  /** A cluster index above every active L2 table (see l2ClustersEnd). */
+  l2TablesEnd(): number {
+    this.activeL2Clusters();
+    return this.l2ClustersEnd;
+  }
+
+  private activeL2Clusters(): Map<number, number> {
     let m = this.l2Clusters;
     if (!m) {
       m = new Map();
       const cs = this.image.clusterSize;
+      let end = 0;
       for (let i = 0; i < this.entries; i++) {
         const off = l1TableOffset(this.l1Bytes, i);
-        if (off !== 0) m.set(Math.floor(off / cs), (m.get(Math.floor(off / cs)) ?? 0) + 1);
+        if (off === 0) continue;
+        const c = Math.floor(off / cs);
+        m.set(c, (m.get(c) ?? 0) + 1);
+        if (c >= end) end = c + 1;
       }
       this.l2Clusters = m;
+      this.l2ClustersEnd = end;
     }
-    return m.has(cluster);
+    return m;
   }
 
   // --- the L1 table -------------------------------------------------------------------------------
@@ -228,7 +250,11 @@ export class ClusterMap {
       const n = m.get(old) ?? 0;
       if (old !== 0 && n <= 1) m.delete(old);
       else if (old !== 0) m.set(old, n - 1);
-      if (offset !== 0) m.set(Math.floor(offset / cs), (m.get(Math.floor(offset / cs)) ?? 0) + 1);
+      if (offset !== 0) {
+        const c = Math.floor(offset / cs);
+        m.set(c, (m.get(c) ?? 0) + 1);
+        if (c >= this.l2ClustersEnd) this.l2ClustersEnd = c + 1;
+      }
     }
     setL1Entry(this.l1Bytes, i, offset, copied);
     this.l1Dirty.add(i);

@@ -88,6 +88,13 @@ export interface OverlapSources {
   isL2Table(cluster: number): boolean;
   refcountTable(): { offset: number; clusters: number };
   isRefcountBlock(cluster: number): boolean;
+  /**
+   * A cluster index at or above which neither isL2Table nor isRefcountBlock can say true (an upper
+   * bound; optional). Data allocated at the end of a growing image lies above it, and its check
+   * then skips the per-cluster questions: two set lookups per cluster were most of the guard's
+   * cost in a convert into qcow2.
+   */
+  singleClustersEnd?(): number;
   snapshots(): readonly Qcow2Snapshot[];
   /** Read image bytes (a snapshot's L1 table, for the inactive L2 check); past the end reads zeros. */
   read?(offset: number, into: Uint8Array): Promise<unknown>;
@@ -209,7 +216,7 @@ export class MetadataOverlap {
     // Single-cluster structures: one set lookup per cluster of the range (ranks 2 and 4).
     const l2 = (mask & bit('active L2 table')) !== 0;
     const blocks = (mask & bit('refcount block')) !== 0;
-    if ((l2 || blocks) && (best === undefined || RANK[best] > RANK['active L2 table'])) {
+    if ((l2 || blocks) && (best === undefined || RANK[best] > RANK['active L2 table']) && first < (this.src.singleClustersEnd?.() ?? Infinity)) {
       for (let c = first; c < end; c++) {
         if (l2 && this.src.isL2Table(c)) {
           take('active L2 table');

@@ -102,3 +102,25 @@ test('a host run whose last cluster lies past the end of the file is corrupt, no
   );
   await dev.close();
 });
+
+test('the overlap guard still refuses an L2 table made late, above the data, whose count was zeroed', async () => {
+  // 4 KiB clusters: one L2 table maps 2 MiB. The table for 10 MiB is made after the first 2 MiB of
+  // data, so it lies above them; the guard's per-cluster look is skipped only above every table.
+  const store = new MemoryStore(undefined, { name: 'late-l2.qcow2' });
+  await createQcow2(store, { size: SIZE * 4, options: { cluster_size: String(CLUSTER) } });
+  let dev = await Qcow2Device.open(store, {});
+  await dev.write(0, new Uint8Array(2 * MiB).fill(1));
+  await dev.write(10 * MiB, new Uint8Array(CLUSTER).fill(2));
+  await dev.close();
+  const bytes = store.bytes();
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const l1 = Number(view.getBigUint64(40));
+  const lateTable = l1TableOffset(bytes, l1 / 8 + 5);
+  assert.ok(lateTable > 2 * MiB, `the late table lies above the data (${lateTable})`);
+  // Its refcount (16-bit, in the first refcount block) goes to zero by hand.
+  const refTable = Number(view.getBigUint64(48));
+  const block = Number(view.getBigUint64(refTable));
+  view.setUint16(block + (lateTable / CLUSTER) * 2, 0);
+  dev = await Qcow2Device.open(new MemoryStore(bytes, { name: 'late-l2.qcow2' }), {});
+  await assert.rejects(dev.write(20 * MiB, new Uint8Array(CLUSTER).fill(3)), /active L2 table/);
+});

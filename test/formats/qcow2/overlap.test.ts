@@ -179,3 +179,35 @@ test('a snapshot L1 table QEMU refuses refuses every check at the inactive L2 tu
     assert.equal(cached.vet(5 * CS, CS), undefined);
   }
 });
+
+test('above singleClustersEnd the per-cluster questions are skipped; below it they are asked', () => {
+  const { state, src } = sources({ l2: [4, 40], blocks: [2, 30] });
+  let asked = 0;
+  const counting: OverlapSources = {
+    ...src,
+    isL2Table: (c) => (asked++, state.l2.has(c)),
+    isRefcountBlock: (c) => (asked++, state.blocks.has(c)),
+    singleClustersEnd: () => 41,
+  };
+  const o = new MetadataOverlap(counting);
+  // A fresh run at the end of a growing image: no set lookups at all.
+  assert.equal(o.check(41 * CS, 32 * CS), undefined);
+  assert.equal(asked, 0);
+  // Runs that reach below the bound are looked at cluster by cluster, as before.
+  assert.equal(o.check(39 * CS, 4 * CS), 'active L2 table');
+  assert.equal(o.check(30 * CS, CS), 'refcount block');
+  assert.ok(asked > 0);
+});
+
+test('Refcounts.refcountBlocksEnd lies above every refcount block, new ones included', async () => {
+  const cs = 512;
+  const { rc } = await smallImage();
+  assert.equal(rc.refcountBlocksEnd(), 3);
+  // 512-byte clusters of 16-bit counts: one block describes 256 clusters; cluster 300 needs a
+  // second block, which the allocator places in the first free cluster (4).
+  await rc.set(300, 1);
+  const second = rc.blockOffsets()[1]! / cs;
+  assert.equal(rc.isRefcountBlock(second), true);
+  assert.ok(rc.refcountBlocksEnd() > second);
+  for (let c = rc.refcountBlocksEnd(); c < rc.refcountBlocksEnd() + 300; c++) assert.equal(rc.isRefcountBlock(c), false);
+});
