@@ -132,12 +132,17 @@ for config in "${configs[@]}"; do
       done
       FAILED=("${local_failed[@]}")
     fi
-    if [ ${#FAILED[@]} -gt 0 ]; then
+    # A test QEMU's own programs fail twice here says nothing about ours: it is left out of this
+    # configuration, loudly, and the others still run through qcow (CI saw 046 fail twice with
+    # QEMU's programs in compat=0.10 on a machine where it passes alone). More than a few such
+    # failures mean the machine itself is broken, and fail the run.
+    if [ ${#FAILED[@]} -gt 3 ]; then
       echo "iotests $config: QEMU's own programs fail ${FAILED[*]} (an environment problem; see $dir/$config-qemu.log)" >&2
       status=1
       continue
     fi
-    skip=("${NOTRUN[@]}")
+    [ ${#FAILED[@]} -eq 0 ] || echo "iotests $config: QEMU's own programs fail ${FAILED[*]} here, twice; left out of this configuration (see $dir/$config-qemu.log)" >&2
+    skip=("${NOTRUN[@]}" "${FAILED[@]}")
   fi
   tests=("${targets[@]}")
   run_check "$config-qcow" "$root/compat/qemu-img" "$root/compat/qemu-io" "${args[@]}"
@@ -157,7 +162,7 @@ for config in "${configs[@]}"; do
   for t in "${pass[@]}"; do
     case $listed in *" $t "*) ;; *) newly+=("$t") ;; esac
   done
-  echo "iotests $config: $(( ${#pass[@]} )) of $(( ${#pass[@]} + ${#fail[@]} )) pass through qcow${skip:+ (not suitable for this configuration: ${skip[*]})}"
+  echo "iotests $config: $(( ${#pass[@]} )) of $(( ${#pass[@]} + ${#fail[@]} )) pass through qcow${skip:+ (left out: ${skip[*]}, unsuitable for this configuration or failing with QEMU programs too)}"
   echo "  passing: ${pass[*]:-none}"
   echo "  failing: ${fail[*]:-none}"
   [ ${#newly[@]} -eq 0 ] || echo "  passing but not yet in passing.txt: ${newly[*]}"
