@@ -5,7 +5,7 @@
  * `driver=nbd` options (`server.type=unix`, `server.path`, `export`). The image over it is raw,
  * as QEMU's nbd protocol driver gives the export's bytes.
  */
-import { NbdClient, QcowError, type ByteStore, type ListenAddress } from '../node.js';
+import { QcowError, type ByteStore, type ListenAddress, type NbdClient } from '../node.js';
 
 export interface NbdTarget {
   address: ListenAddress;
@@ -59,6 +59,9 @@ export class NbdStore implements ByteStore {
   static async connect(name: string, target: NbdTarget, readOnly: boolean, metaContext?: string): Promise<NbdStore> {
     let client: NbdClient;
     try {
+      // The client (and node:net under it, ~110 page faults) loads only here: the qemu-img persona
+      // imports this module for nbdTargetOf, which every command runs on its file names.
+      const { NbdClient } = await import('../nbd/client.js');
       client = await NbdClient.connect(target.address, { exportName: target.exportName, metaContext });
     } catch (e) {
       const where = 'path' in target.address ? target.address.path : `${target.address.host ?? ''}:${target.address.port}`;
