@@ -46,6 +46,22 @@ test('the addon deflates every cluster to node:zlib\'s bytes, one after the othe
   }
 });
 
+test('a cluster that shrinks is deflated into a buffer of its own; one that does not, into the kept buffer', noNative, () => {
+  const z = native!;
+  const text = new Uint8Array(65536).fill(0x61);
+  const random = randomBytes(65536, 57);
+  const small = deflateRawWith(z, text)!;
+  const big = deflateRawWith(z, random)!;
+  // Every writer stores a cluster that did not shrink as it is and looks only at the length: no
+  // fresh buffer for it. Its bytes are still the stream's until the next call.
+  assert.ok(big.length >= random.length);
+  assert.deepEqual(big, pack(random));
+  assert.notEqual(big.byteLength, big.buffer.byteLength, 'a view of the kept buffer');
+  assert.equal(small.byteLength, small.buffer.byteLength, 'a buffer of its own');
+  deflateRawWith(z, randomBytes(65536, 58));
+  assert.deepEqual(small, pack(text), 'not overwritten by the next call');
+});
+
 test('the addon refuses to deflate into too small a buffer (node:zlib then does it)', noNative, () => {
   const c = randomBytes(65536, 54);
   assert.equal(native!.deflate(c, new Uint8Array(100)), -1);
