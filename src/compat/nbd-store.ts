@@ -61,7 +61,7 @@ export class NbdStore implements ByteStore {
     try {
       // The client (and node:net under it, ~110 page faults) loads only here: the qemu-img persona
       // imports this module for nbdTargetOf, which every command runs on its file names.
-      const { NbdClient } = await import('../nbd/client.js');
+      const { NbdClient } = await import('./nbd-client.js');
       client = await NbdClient.connect(target.address, { exportName: target.exportName, metaContext });
     } catch (e) {
       const where = 'path' in target.address ? target.address.path : `${target.address.host ?? ''}:${target.address.port}`;
