@@ -255,10 +255,6 @@ export class Qcow2Device extends DeviceBase {
   // --- reads ------------------------------------------------------------------------------------------
 
   protected doRead(offset: number, into: Uint8Array): Promise<void> {
-    // A cluster whose allocating write is still in flight has its new entry set already, but not
-    // its data: the read waits for it (Qcow2Writer.dependency), then reads the new data.
-    const dep = this.writePath?.dependency(offset, into.length);
-    if (dep) return dep.then(() => this.doRead(offset, into));
     return this.io.read(offset, into).catch(this.signalCorruption);
   }
 
@@ -354,11 +350,8 @@ export class Qcow2Device extends DeviceBase {
 
   async readVmState(pos: number, into: Uint8Array): Promise<void> {
     this.checkVmStateRange(pos, into.length);
-    // Past the L1 table, and where nothing was written, the area reads as zeros. As doRead, after
-    // any allocation in flight there has landed.
-    const at = this.vmStateOffset + pos;
-    for (let dep = this.writePath?.dependency(at, into.length); dep; dep = this.writePath?.dependency(at, into.length)) await dep;
-    await this.io.read(at, into);
+    // Past the L1 table, and where nothing was written, the area reads as zeros.
+    await this.io.read(this.vmStateOffset + pos, into);
   }
 
   async writeVmState(pos: number, data: Uint8Array): Promise<void> {
@@ -392,10 +385,15 @@ export class Qcow2Device extends DeviceBase {
   /** Copy offload, source side: normal clusters of an unencrypted image are plain bytes of the data file. */
   async plainExtents(offset: number, length: number): Promise<PlainExtent[]> {
     this.checkRequest(offset, length);
-    // As doRead: clusters whose allocation is in flight are not handed out before their data lands.
-    for (let dep = this.writePath?.dependency(offset, length); dep; dep = this.writePath?.dependency(offset, length)) await dep;
     const out: PlainExtent[] = [];
-    for (const r of await this.map.mapRuns(offset, length)) {
+    // As reads (DataIo.read): clusters whose allocation is in flight are not handed out before
+    // their data lands; the check follows the mapping, which may have suspended.
+    let runs = await this.map.mapRuns(offset, length);
+    for (let dep = this.io.allocationInFlight?.(offset, length); dep; dep = this.io.allocationInFlight?.(offset, length)) {
+      await dep;
+      runs = await this.map.mapRuns(offset, length);
+    }
+    for (const r of runs) {
       const plain = r.kind === 'normal' && !this.encryption;
       const last = out[out.length - 1];
       if (plain && last?.store && last.hostOffset! + last.length === r.hostOffset) last.length += r.length;
@@ -413,8 +411,8 @@ export class Qcow2Device extends DeviceBase {
    */
   plainRunNow(offset: number, length: number): PlainRun | undefined {
     if (this.metadataPreallocated !== false || this.unusable || !Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0 || offset + length > this.size) return undefined;
-    // A cluster whose allocation is in flight (see doRead): the asynchronous way waits for it.
-    if (this.writePath?.dependency(offset, length)) return undefined;
+    // A cluster whose allocation is in flight (see DataIo.read): the asynchronous way waits for it.
+    if (this.io.allocationInFlight?.(offset, length)) return undefined;
     let host: number;
     try {
       host = this.map.mappedHostRun(offset, length);

@@ -15,6 +15,7 @@ import { createQcow2 } from '#src/formats/qcow2/create.js';
 import { Qcow2Device } from '#src/formats/qcow2/qcow2.js';
 import { checkQcow2 } from '#src/formats/qcow2/check.js';
 import { RawDevice } from '#src/formats/raw/raw.js';
+import { withCopyOnRead } from '#src/chain/copy-on-read.js';
 
 const KiB = 1024;
 const HELD = 0xab;
@@ -39,6 +40,32 @@ class HeldStore extends MemoryStore {
 
   release(): void {
     this.open();
+  }
+
+  private readGate: Promise<void> | undefined;
+  private openReads!: () => void;
+  private readHeld!: () => void;
+  /** Resolves when the first read held by holdReads() has reached the store. */
+  readReached!: Promise<void>;
+
+  /** Hold every read from now on until releaseReads(). */
+  holdReads(): void {
+    this.readGate = new Promise((r) => (this.openReads = r));
+    this.readReached = new Promise((r) => (this.readHeld = r));
+  }
+
+  releaseReads(): void {
+    this.readGate = undefined;
+    this.openReads();
+  }
+
+  override async read(offset: number, into: Uint8Array): Promise<number> {
+    const gate = this.readGate;
+    if (gate) {
+      this.readHeld();
+      await gate;
+    }
+    return super.read(offset, into);
   }
 
   override async write(offset: number, data: Uint8Array): Promise<void> {
@@ -188,5 +215,45 @@ test('external data file: a read racing the allocation of a discarded cluster do
   assert.ok(allOf(await readBack(dev, 2 * cluster, cluster), 0), 'a discarded cluster reads as zeros');
   const got = await raced(data, () => dev.write(2 * cluster, filled(cluster, HELD)), () => readBack(dev, 2 * cluster, 4 * KiB));
   assert.ok(allOf(got, 0) || allOf(got, HELD), `read ${got[0]}`);
+  await dev.close();
+});
+
+test('a read whose mapping suspends (a table load) while a write links clusters of its range reads old or new data', async () => {
+  const cluster = KiB; // 128 entries a table: guest tables of 128 KiB
+  const { store, dev: first } = await overlay(cluster);
+  await first.write(0, filled(cluster, 1));
+  await first.write(128 * KiB, filled(cluster, 2)); // both tables exist
+  await first.close();
+  const dev = await Qcow2Device.open(store, { openBacking: async () => rawBacking(4096 * KiB, 0xcc) });
+  await readBack(dev, 128 * KiB, cluster); // the second table is cached, the first is not
+  await dev.write(132 * KiB, filled(cluster, 3)); // and the allocator's block too
+  store.holdReads();
+  // A read across both tables: mapping it loads the first table (held) before the second.
+  const reading = readBack(dev, 120 * KiB, 16 * KiB);
+  await store.readReached;
+  // A fresh cluster in the cached table, linked at once, its data held.
+  const writing = dev.write(130 * KiB, filled(cluster, HELD));
+  await store.reached;
+  store.releaseReads();
+  await settle();
+  store.release();
+  await writing;
+  const got = (await reading).subarray(10 * KiB, 11 * KiB);
+  assert.ok(allOf(got, 0xcc) || allOf(got, HELD), `read ${got[0]} where the write was in flight`);
+  await dev.close();
+  await assertClean(store);
+});
+
+test('copy-on-read filter: a plain read racing a guest write allocating its cluster reads old or new data', async () => {
+  const { store, dev: top } = await overlay(64 * KiB);
+  await top.write(0, filled(64 * KiB, 1)); // the table exists and is cached
+  const dev = withCopyOnRead(top);
+  // The filter's lock covers the write, but a read whose clusters all look allocated (the new
+  // entry is set before the data lands) takes the plain path, outside the lock.
+  const got = await raced(store, () => dev.write(128 * KiB, filled(64 * KiB, HELD)), () => {
+    const into = new Uint8Array(4 * KiB);
+    return dev.read(130 * KiB, into).then(() => into);
+  });
+  assert.ok(allOf(got, 0xcc) || allOf(got, HELD), `read ${got[0]}`);
   await dev.close();
 });
