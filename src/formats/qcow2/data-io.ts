@@ -30,6 +30,15 @@ export class DataIo {
   private lastCompressed: { hostOffset: number; data: Uint8Array } | null = null;
   /** Buffers the compressed streams are read into, reused: each fresh one cost page faults. */
   private readonly packed = new BufferReuse(COMPRESSED_READ_KEEP);
+  /**
+   * What a read of [offset, +length) must wait for: the allocating write in flight of one of its
+   * clusters (Qcow2Writer.dependency, set when the image is opened for writing). The writer sets
+   * a new cluster's entry before its data lands; a read mapping the entry then would read the new
+   * host cluster early, a hole (zeros) or, for a reused cluster, the bytes it held for another
+   * guest offset. QEMU's read sees the old mapping until the data has landed; here it waits, then
+   * reads the new data.
+   */
+  allocationInFlight: ((offset: number, length: number) => Promise<void> | undefined) | undefined;
 
   constructor(
     private readonly image: Qcow2Image,
@@ -54,6 +63,9 @@ export class DataIo {
     // general path below in it, it was re-compiled by TurboFan (10-14 ms on the main thread,
     // inlining every step of the general path) within the first few hundred reads of a chain.
     // Not async: the store's promise is handed on (its count of bytes is not looked at).
+    // Checked in the same synchronous step as the mapping below (see allocationInFlight).
+    const dep = this.allocationInFlight?.(offset, into.length);
+    if (dep) return dep.then(() => this.read(offset, into));
     const host = this.map.mappedHostRun(offset, into.length);
     if (host < 0) return this.readRuns(offset, into);
     // QEMU's driver event for a data read (its file node hears it): a property check unless set.
@@ -65,6 +77,9 @@ export class DataIo {
   /** The general path of read(): the range's runs, each filled by its kind. */
   private async readRuns(offset: number, into: Uint8Array): Promise<void> {
     const runs = await this.map.mapRuns(offset, into.length);
+    // The mapping may have suspended (a table load) while a write linked clusters of the range:
+    // checked again now that it is decided, in the same step as the reads start.
+    if (this.allocationInFlight?.(offset, into.length)) return this.read(offset, into);
     // One run (a layer that leaves the range to its backing file): no list of jobs to wait for.
     if (runs.length === 1) return this.readRun(runs[0]!, into);
     const view = (r: GuestRun) => into.subarray(r.offset - offset, r.offset - offset + r.length);

@@ -386,7 +386,14 @@ export class Qcow2Device extends DeviceBase {
   async plainExtents(offset: number, length: number): Promise<PlainExtent[]> {
     this.checkRequest(offset, length);
     const out: PlainExtent[] = [];
-    for (const r of await this.map.mapRuns(offset, length)) {
+    // As reads (DataIo.read): clusters whose allocation is in flight are not handed out before
+    // their data lands; the check follows the mapping, which may have suspended.
+    let runs = await this.map.mapRuns(offset, length);
+    for (let dep = this.io.allocationInFlight?.(offset, length); dep; dep = this.io.allocationInFlight?.(offset, length)) {
+      await dep;
+      runs = await this.map.mapRuns(offset, length);
+    }
+    for (const r of runs) {
       const plain = r.kind === 'normal' && !this.encryption;
       const last = out[out.length - 1];
       if (plain && last?.store && last.hostOffset! + last.length === r.hostOffset) last.length += r.length;
@@ -404,6 +411,8 @@ export class Qcow2Device extends DeviceBase {
    */
   plainRunNow(offset: number, length: number): PlainRun | undefined {
     if (this.metadataPreallocated !== false || this.unusable || !Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0 || offset + length > this.size) return undefined;
+    // A cluster whose allocation is in flight (see DataIo.read): the asynchronous way waits for it.
+    if (this.io.allocationInFlight?.(offset, length)) return undefined;
     let host: number;
     try {
       host = this.map.mappedHostRun(offset, length);

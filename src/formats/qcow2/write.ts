@@ -222,6 +222,8 @@ export class Qcow2Writer {
       (job) => void w.locked(job).catch(() => undefined),
     );
     map.afterTableAlloc = () => w.tableAllocated();
+    // Reads wait for the allocations in flight of the clusters they map (DataIo.allocationInFlight).
+    parts.io.allocationInFlight = (offset, length) => w.dependency(offset, length);
     const bitmapsValid = hasFeature(h.autoclearFeatures, AUTOCLEAR_BITMAPS);
     if (h.bitmaps && !bitmapsValid) {
       // A program without bitmap support wrote the image (it cleared the autoclear bit): the
@@ -1575,11 +1577,15 @@ export class Qcow2Writer {
   /**
    * What a request on [offset, +length) must wait for before it decides anything: the allocation
    * in flight of one of its clusters, if any (QEMU's dependency of a request on an l2meta in
-   * flight). Such a cluster looks allocated (its entry is set), so the request would write into
-   * it in place and be told it succeeded; should the allocating write then fail, its undo would
-   * unlink the cluster under the request's data. After the wait the request starts over.
+   * flight). Such a cluster looks allocated (its entry is set), so a write would write into it in
+   * place and be told it succeeded; should the allocating write then fail, its undo would unlink
+   * the cluster under the request's data. A read (DataIo.read) would read the new host
+   * cluster before the data lands there: a hole (zeros), or, for a cluster freed and reused, the
+   * bytes it held for another guest offset; QEMU's read sees the old mapping until the data has
+   * landed. After the wait the request starts over. Almost always the list is empty: one length
+   * test, the cost every read pays.
    */
-  private dependency(offset: number, length: number): Promise<void> | undefined {
+  dependency(offset: number, length: number): Promise<void> | undefined {
     const allocating = this.allocating;
     if (allocating.length === 0 || length === 0) return undefined;
     const first = Math.floor(offset / this.cs);
