@@ -97,6 +97,20 @@ type WorkItem =
  */
 const DEFAULT_CHUNK = 2 * 1024 * 1024;
 
+/**
+ * The largest data item of a plain copy into a raw target (no compression, backing file, copy
+ * offload or salvaging, and no `chunkSize` given), in a quarter of the lanes (`parallel` x 2 MiB
+ * of buffers, as with DEFAULT_CHUNK: 2 lanes of 8 MiB by default). Each item costs the same
+ * JavaScript whatever its size (the planner's step, the turn, node:fs's wrappers and promise
+ * reactions of its reads and writes: ~250k instructions, callgrind), so 8 MiB items cut that to a
+ * quarter: a 256 MiB qcow2 -> raw convert took 32.3M instructions beyond a 1 MiB one with 2 MiB
+ * items, 14.7M with 8 MiB ones. Round seven's worry about 4 MiB items (the kernel's copies missing
+ * L2) did not show in round thirteen's runs (1 GiB qcow2 -> raw and raw -> qcow2, 5 alternating
+ * runs each, system time no higher); see docs/performance.md. Raw only: where a format places
+ * clusters (qcow2's L2 tables and data), the request size may change the layout.
+ */
+const PLAIN_CHUNK = 8 * 1024 * 1024;
+
 /** Zero runs are handed out in pieces of at most this, so progress moves on huge sparse images. */
 const ZERO_ITEM_MAX = 2 ** 30;
 
@@ -135,15 +149,19 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
   if (options.copyOffload && options.compress) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot enable copy offloading when -c is used');
   if (options.copyOffload && options.sparseSize !== undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot enable copy offloading when -S is used');
   const cluster = Math.max(target.clusterSize, 512);
-  let chunk = options.chunkSize ?? DEFAULT_CHUNK;
-  chunk = Math.max(cluster, chunk - (chunk % cluster));
-  const parallel = options.salvage ? 1 : Math.max(1, Math.min(64, options.parallel ?? 8));
-  // In order unless -W: compressed chunks too, so that their clusters are placed in guest order
-  // (the target compresses several calls' clusters side by side and places them in call order).
-  const ordered = !options.outOfOrder;
   const backing = options.diffAgainstBacking === false ? null : target.backing;
   // A target with a backing file gets only what differs from it: that needs the bytes in hand.
   let offload = !!options.copyOffload && !!target.writePlaced && !backing;
+  // A plain copy into raw takes larger items in fewer lanes (see PLAIN_CHUNK): the same buffer
+  // memory, a quarter of the per-item JavaScript.
+  const plain = options.chunkSize === undefined && target.format === 'raw' && !options.compress && !options.salvage && !backing && !offload;
+  let chunk = options.chunkSize ?? (plain ? PLAIN_CHUNK : DEFAULT_CHUNK);
+  chunk = Math.max(cluster, chunk - (chunk % cluster));
+  const asked = options.salvage ? 1 : Math.max(1, Math.min(64, options.parallel ?? 8));
+  const parallel = plain ? Math.max(1, Math.ceil((asked * DEFAULT_CHUNK) / chunk)) : asked;
+  // In order unless -W: compressed chunks too, so that their clusters are placed in guest order
+  // (the target compresses several calls' clusters side by side and places them in call order).
+  const ordered = !options.outOfOrder;
   const skipZeros = !!options.targetIsZero && !backing && sparse > 0;
   const ctx: WriteContext = {
     target,
