@@ -8,7 +8,8 @@
  *   data spans are read from the layer of a backing chain that holds them, not through the top.
  * - `parallel` workers take items in order; each owns one buffer, reused for every item, so memory
  *   is `parallel x chunkSize` whatever the image size (a 4 TiB sparse disk costs what a small one
- *   does). Reads of later items overlap the write of earlier ones.
+ *   does). Reads of later items overlap the write of earlier ones. A plain copy into raw takes
+ *   items four times larger in a quarter of the workers: the same memory (see PLAIN_CHUNK).
  * - Writes are issued in guest order (as qemu-img without -W), so the target's layout is the same
  *   on every run; with `outOfOrder` (qemu-img -W) they may be issued in any order. Compressed
  *   writes are issued in order too, and the target compresses the clusters of several of them
@@ -45,9 +46,13 @@ export interface ConvertOptions {
    * backing file it knows nothing about.
    */
   diffAgainstBacking?: boolean;
-  /** Work items in flight at once (each holds one buffer of `chunkSize`). Default 8. */
+  /**
+   * Work items in flight at once (each holds one buffer of `chunkSize`). Default 8. A plain copy
+   * into raw without `chunkSize` runs a quarter as many items of four times the size (see
+   * PLAIN_CHUNK): the same buffer memory.
+   */
   parallel?: number;
-  /** Largest work item with data, in bytes. Default 2 MiB (see DEFAULT_CHUNK). */
+  /** Largest work item with data, in bytes. Default 2 MiB (see DEFAULT_CHUNK); 8 MiB for a plain copy into raw. */
   chunkSize?: number;
   /** Let writes complete in any order (qemu-img -W). */
   outOfOrder?: boolean;
@@ -97,6 +102,20 @@ type WorkItem =
  */
 const DEFAULT_CHUNK = 2 * 1024 * 1024;
 
+/**
+ * The largest data item of a plain copy into a raw target (no compression, backing file, copy
+ * offload or salvaging, and no `chunkSize` given), in a quarter of the lanes (`parallel` x 2 MiB
+ * of buffers, as with DEFAULT_CHUNK: 2 lanes of 8 MiB by default). Each item costs the same
+ * JavaScript whatever its size (the planner's step, the turn, node:fs's wrappers and promise
+ * reactions of its reads and writes: ~200k instructions, callgrind), and fewer items cost less:
+ * a 256 MiB qcow2 -> raw convert took 21-26M instructions beyond a 1 MiB one with 8 lanes of
+ * 2 MiB, 16-17M with 2 lanes of 8 MiB. Round seven's worry about larger items (the kernel's copies
+ * missing the 2 MiB L2 cache between read, zero scan and write) did not show in round thirteen's
+ * runs, but those ran under load (see docs/performance.md). Raw only: where a format places
+ * clusters (qcow2's L2 tables and data), the request size may change the layout.
+ */
+const PLAIN_CHUNK = 8 * 1024 * 1024;
+
 /** Zero runs are handed out in pieces of at most this, so progress moves on huge sparse images. */
 const ZERO_ITEM_MAX = 2 ** 30;
 
@@ -135,15 +154,19 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
   if (options.copyOffload && options.compress) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot enable copy offloading when -c is used');
   if (options.copyOffload && options.sparseSize !== undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', 'Cannot enable copy offloading when -S is used');
   const cluster = Math.max(target.clusterSize, 512);
-  let chunk = options.chunkSize ?? DEFAULT_CHUNK;
-  chunk = Math.max(cluster, chunk - (chunk % cluster));
-  const parallel = options.salvage ? 1 : Math.max(1, Math.min(64, options.parallel ?? 8));
-  // In order unless -W: compressed chunks too, so that their clusters are placed in guest order
-  // (the target compresses several calls' clusters side by side and places them in call order).
-  const ordered = !options.outOfOrder;
   const backing = options.diffAgainstBacking === false ? null : target.backing;
   // A target with a backing file gets only what differs from it: that needs the bytes in hand.
   let offload = !!options.copyOffload && !!target.writePlaced && !backing;
+  // A plain copy into raw takes larger items in fewer lanes (see PLAIN_CHUNK): the same buffer
+  // memory, a quarter of the per-item JavaScript.
+  const plain = options.chunkSize === undefined && target.format === 'raw' && !options.compress && !options.salvage && !backing && !offload;
+  let chunk = options.chunkSize ?? (plain ? PLAIN_CHUNK : DEFAULT_CHUNK);
+  chunk = Math.max(cluster, chunk - (chunk % cluster));
+  const asked = options.salvage ? 1 : Math.max(1, Math.min(64, options.parallel ?? 8));
+  const parallel = plain ? Math.max(1, Math.ceil((asked * DEFAULT_CHUNK) / chunk)) : asked;
+  // In order unless -W: compressed chunks too, so that their clusters are placed in guest order
+  // (the target compresses several calls' clusters side by side and places them in call order).
+  const ordered = !options.outOfOrder;
   const skipZeros = !!options.targetIsZero && !backing && sparse > 0;
   const ctx: WriteContext = {
     target,

@@ -80,17 +80,68 @@ test('with a backing file (-B) only clusters that differ from it are written', a
   assert.equal(own, 2 * 65536);
 });
 
-test('plain copies go in items of 2 MiB by default (each stays in the L2 cache between the read, the zero scan and the write), into the same layout', async () => {
-  const bytes = randomBytes(10 * MiB, 11);
-  const src = await memRaw(bytes);
-  const dst = await memRaw(10 * MiB);
+/** Record the [offset, length] of every write `dev` takes. */
+function recordWrites(dev: Awaited<ReturnType<typeof memRaw>>): [number, number][] {
   const writes: [number, number][] = [];
-  const write = dst.write.bind(dst);
-  dst.write = async (off, data, o) => {
+  const write = dev.write.bind(dev);
+  dev.write = async (off, data, o) => {
     writes.push([off, data.length]);
     return write(off, data, o);
   };
+  return writes;
+}
+
+/** Count the reads of `dev` under way at once; the most seen so far in `.max`. */
+function countReads(dev: Awaited<ReturnType<typeof memRaw>>): { max: number } {
+  const seen = { now: 0, max: 0 };
+  const read = dev.read.bind(dev);
+  dev.read = async (off, into) => {
+    seen.max = Math.max(seen.max, ++seen.now);
+    // Let the other lanes start theirs before this one ends.
+    await new Promise((r) => setTimeout(r, 1));
+    try {
+      return await read(off, into);
+    } finally {
+      seen.now--;
+    }
+  };
+  return seen;
+}
+
+test('plain copies into raw go in items of 8 MiB, in lanes holding as much buffer as 2 MiB items would', async () => {
+  const bytes = randomBytes(26 * MiB, 11);
+  const src = await memRaw(bytes);
+  const dst = await memRaw(26 * MiB);
+  const writes = recordWrites(dst);
+  const reads = countReads(src);
   await convert([src], dst, { targetIsZero: true });
+  assert.deepEqual(writes, [
+    [0, 8 * MiB],
+    [8 * MiB, 8 * MiB],
+    [16 * MiB, 8 * MiB],
+    [24 * MiB, 2 * MiB],
+  ]);
+  assert.deepEqual(await readAll(dst), bytes);
+  // 8 lanes of 2 MiB asked (the default): 2 of 8 MiB. -m 16: 4.
+  assert.equal(reads.max, 2);
+  const src16 = await memRaw(bytes);
+  const reads16 = countReads(src16);
+  await convert([src16], await memRaw(26 * MiB), { targetIsZero: true, parallel: 16 });
+  assert.equal(reads16.max, 4);
+  // An item size asked for is kept, in as many lanes as asked.
+  const asked = await memRaw(26 * MiB);
+  const askedWrites = recordWrites(asked);
+  await convert([src], asked, { targetIsZero: true, chunkSize: 2 * MiB });
+  assert.equal(askedWrites.length, 13);
+  assert.deepEqual(await readAll(asked), bytes);
+});
+
+test('plain copies into qcow2 stay in items of 2 MiB (each stays in the L2 cache between the read, the zero scan and the write), into the same layout', async () => {
+  const bytes = randomBytes(10 * MiB, 11);
+  const src = await memRaw(bytes);
+  const a = await memQcow2(10 * MiB);
+  const writes = recordWrites(a);
+  await convert([src], a, { targetIsZero: true });
   assert.deepEqual(writes, [
     [0, 2 * MiB],
     [2 * MiB, 2 * MiB],
@@ -98,11 +149,9 @@ test('plain copies go in items of 2 MiB by default (each stays in the L2 cache b
     [6 * MiB, 2 * MiB],
     [8 * MiB, 2 * MiB],
   ]);
-  assert.deepEqual(await readAll(dst), bytes);
+  assert.deepEqual(await readAll(a), bytes);
   // The same guest content lands at the same host offsets whatever the item size.
-  const a = await memQcow2(10 * MiB);
   const b = await memQcow2(10 * MiB);
-  await convert([src], a, { targetIsZero: true });
   await convert([src], b, { targetIsZero: true, chunkSize: 4 * MiB });
   const layout = async (d: typeof a) => (await d.blockStatus(0, 10 * MiB)).map((e) => [e.offset, e.length, e.hostOffset]);
   assert.deepEqual(await layout(a), await layout(b));
