@@ -278,9 +278,15 @@ const ROWS: Row[] = [
     text: (e, c) => `${c.op === 'device' ? '' : `Could not open '${c.file}': `}Parameter '${/^LUKS image/.test(e.message) ? '' : 'encrypt.'}key-secret' is required for cipher`,
   },
   { op: 'open', code: 'QCOW_BAD_PASSWORD', text: (_e, c) => `Could not open '${c.file}': Invalid password, cannot unlock any keyslot` },
-  { op: 'open', code: 'QCOW_LOCKED', text: (_e, c) => `Could not open '${c.file}': Failed to get "write" lock\nIs another process using the image [${c.file}]?` },
+  // QEMU's lock error names the permission it could not get, and hints at the file on a line of its own.
+  { op: ['open', 'device'], code: 'QCOW_LOCKED', text: (e, c) => `${c.op === 'device' ? '' : `Could not open '${c.file}': `}${lockWhat(e)}\nIs another process using the image [${c.file ?? e.file}]?` },
   { op: 'open', code: 'ANY', text: (e, c) => `Could not open '${c.file ?? e.file}': ${e.message}` },
 ];
+
+/** Which lock a QCOW_LOCKED error could not get (`Failed to get shared "write" lock`). */
+function lockWhat(e: QcowError): string {
+  return /^(Failed to get .* lock)/.exec(e.message)?.[1] ?? 'Failed to get "write" lock';
+}
 
 /** QEMU's text for `e` (without the program prefix). Errors that are not ours keep their message. */
 export function qemuMessage(e: unknown, ctx: MessageContext): string {

@@ -7,8 +7,9 @@
  *   between no longer describe anything sensible afterwards, so the overlay is kept as it is (its
  *   content is still right) rather than emptied: committing deeper implies `drop`.
  * - A base smaller than the overlay grows to the overlay's size (never shrinks).
- * - Ranges a layer above the base marks as zero become zeros in the base; ranges nothing above
- *   the base allocates are left alone (never read).
+ * - Ranges a layer above the base marks as zero become zeros in the base, and so do ranges past
+ *   the end of a shorter image between the overlay and the base; ranges nothing above the base
+ *   allocates are left alone (never read).
  * - Emptying is the format's own operation (`makeEmpty`): a qcow2 overlay has its clusters
  *   deallocated, a qcow v1 overlay its tables cleared and file cut back, as QEMU does.
  */
@@ -81,7 +82,10 @@ export async function commit(top: BlockDevice, options: CommitOptions = {}): Pro
       throwIfAborted(options.signal);
       const e = await status.at(off, total - off);
       const above = e.present && e.depth < baseDepth;
-      if (above && e.zero) {
+      // pastBackingEnd: an image between the overlay and the base ends before this range, so the
+      // overlay reads zeros there whatever the base holds; QEMU counts the range as allocated
+      // (as zeros) in that shorter image, and commits the zeros.
+      if ((above && e.zero) || e.pastBackingEnd) {
         // As qemu-img commit (an active commit: a mirror job with unmap on): the base may drop
         // its clusters there rather than keep them allocated as zeros.
         await base!.writeZeroes(off, e.length, { mayUnmap: true });

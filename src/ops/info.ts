@@ -61,7 +61,8 @@ export async function imageInfo(dev: BlockDevice): Promise<ImageInfoJson> {
   if (d.encrypted) info.encrypted = true;
   if (d.backingFilename !== undefined) {
     info['backing-filename'] = d.backingFilename;
-    if (dev.backing) info['full-backing-filename'] = dev.backing.filename;
+    // A name with the file protocol's prefix ("file:PATH") is its own full name in QEMU.
+    if (dev.backing) info['full-backing-filename'] = d.backingFilename.startsWith('file:') && dev.backing.filename === d.backingFilename.slice(5) ? d.backingFilename : dev.backing.filename;
     if (d.backingFormat !== undefined) info['backing-filename-format'] = d.backingFormat;
   }
   if (d.snapshots?.length) info.snapshots = d.snapshots.map(snapshotJson);

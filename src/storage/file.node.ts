@@ -604,6 +604,9 @@ export const fileOpener: StoreOpener = {
   // As QEMU's path_combine: keep the naming image's folder as it was written ("a/top.qcow2" names
   // "base" as "a/base"), so messages and info show the same paths qemu-img does.
   resolve: (name, relativeTo) => {
+    // A name with QEMU's file protocol prefix ("file:PATH") is that path as written: QEMU does not
+    // combine a name that says its protocol with the naming image's folder.
+    if (name.startsWith('file:')) return name.slice('file:'.length);
     if (isAbsolute(name)) return name;
     const slash = relativeTo.lastIndexOf('/');
     return slash < 0 ? name : relativeTo.slice(0, slash + 1) + name;

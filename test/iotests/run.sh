@@ -8,7 +8,13 @@
 # environment problem, not ours), then with QEMU_IMG_PROG/QEMU_IO_PROG set to compat/qemu-img and
 # compat/qemu-io. It fails when a test listed in passing.txt fails through qcow.
 #
-# Usage: test/iotests/run.sh [--config qcow2|qcow2-v2|qcow]... [--no-baseline] [TEST...]
+# With --vm it runs instead the tests of vm-targets.txt (gate: vm-passing.txt), those that start
+# QEMU itself (qemu-system-x86_64, the VM and block layer: block jobs, snapshots, bitmaps, resize
+# and exports through QMP) or its storage daemon, while our programs create, fill, check, compare
+# and map the images before and after. Their Python half needs the source package's python/ folder
+# too, so that run extracts both into a tree of its own ($QCOW_IOTESTS_DIR/vm).
+#
+# Usage: test/iotests/run.sh [--vm] [--config qcow2|qcow2-v2|qcow]... [--no-baseline] [TEST...]
 #   QCOW_IOTESTS_DIR  where the extracted tests live (default: .cache/iotests in the repo)
 #   QCOW_IOTESTS_JOBS parallel tests per run (default 2)
 set -euo pipefail
@@ -19,21 +25,34 @@ jobs=${QCOW_IOTESTS_JOBS:-2}
 
 configs=()
 baseline=1
+vm=0
 only=()
 while [ $# -gt 0 ]; do
   case $1 in
     --config) configs+=("$2"); shift 2 ;;
     --no-baseline) baseline=0; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --vm) vm=1; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     -*) echo "iotests: unknown option $1" >&2; exit 2 ;;
     *) only+=("$1"); shift ;;
   esac
 done
-[ ${#configs[@]} -gt 0 ] || configs=(qcow2 qcow2-v2 qcow)
+if [ $vm = 1 ]; then
+  [ ${#configs[@]} -gt 0 ] || configs=(qcow2)
+  # A tree of its own: QEMU's testenv.py finds python/ as ../../python from the tests.
+  dir=$dir/vm
+  iot=$dir/tests/qemu-iotests
+  targets_file=$here/vm-targets.txt
+  passing_file=$here/vm-passing.txt
+else
+  [ ${#configs[@]} -gt 0 ] || configs=(qcow2 qcow2-v2 qcow)
+  iot=$dir/qemu-iotests
+  targets_file=$here/targets.txt
+  passing_file=$here/passing.txt
+fi
 
-# --- the tests: Debian's qemu source, tests/qemu-iotests only ---------------------------------
+# --- the tests: Debian's qemu source, tests/qemu-iotests (and python/ for --vm) only -----------
 fetch_tests() {
-  local iot=$dir/qemu-iotests
   [ -x "$iot/check" ] && return 0
   command -v apt-get >/dev/null || { echo "iotests: apt-get is needed to download QEMU's tests" >&2; exit 1; }
   if ! apt-get source --help >/dev/null 2>&1 || ! grep -rqs '^Types:.*deb-src\|^deb-src' /etc/apt/sources.list /etc/apt/sources.list.d/; then
@@ -55,23 +74,54 @@ fetch_tests() {
   local tarball
   tarball=$(ls "$tmp"/qemu_*.orig.tar.* | head -n 1)
   mkdir -p "$dir"
-  tar -xf "$tarball" -C "$tmp" --wildcards '*/tests/qemu-iotests/*'
-  rm -rf "$iot"
-  mv "$tmp"/qemu-*/tests/qemu-iotests "$iot"
+  if [ $vm = 1 ]; then
+    tar -xf "$tarball" -C "$tmp" --wildcards '*/tests/qemu-iotests/*' '*/python/*'
+    rm -rf "$dir/tests" "$dir/python"
+    mkdir -p "$dir/tests"
+    mv "$tmp"/qemu-*/tests/qemu-iotests "$iot"
+    mv "$tmp"/qemu-*/python "$dir/python"
+  else
+    tar -xf "$tarball" -C "$tmp" --wildcards '*/tests/qemu-iotests/*'
+    rm -rf "$iot"
+    mv "$tmp"/qemu-*/tests/qemu-iotests "$iot"
+  fi
   rm -rf "$tmp"
 }
 fetch_tests
-iot=$dir/qemu-iotests
 
-# These tests never start a VM or a storage daemon, but ./check insists that the programs exist.
-stub=$dir/no-vm
-printf '#!/bin/sh\nexit 0\n' > "$stub"
-chmod +x "$stub"
+if [ $vm = 1 ]; then
+  vm_prog=$(command -v qemu-system-x86_64) || { echo "iotests: --vm needs qemu-system-x86_64" >&2; exit 1; }
+  qsd_prog=$(command -v qemu-storage-daemon) || { echo "iotests: --vm needs qemu-storage-daemon" >&2; exit 1; }
+  # The tests start QEMU with -accel qtest (no guest code runs; QMP and the block layer do).
+  # Debian's build has no qtest accelerator ("invalid accelerator qtest"), so QEMU comes through
+  # a launcher that asks for TCG instead: the guest then runs its firmware, which finds nothing to
+  # boot and idles. It has QEMU's basename, which the tests' filters replace by QEMU_PROG.
+  if ! "$vm_prog" -accel help 2>/dev/null | grep -qx qtest; then
+    mkdir -p "$dir/bin"
+    {
+      echo '#!/usr/bin/env bash'
+      echo 'a=()'
+      echo 'while [ $# -gt 0 ]; do'
+      echo '  if [ "$1" = -accel ] && [ "${2-}" = qtest ]; then a+=(-accel tcg); shift 2; continue; fi'
+      echo '  a+=("$1"); shift'
+      echo 'done'
+      echo "exec $vm_prog \"\${a[@]}\""
+    } > "$dir/bin/qemu-system-x86_64"
+    chmod +x "$dir/bin/qemu-system-x86_64"
+    vm_prog=$dir/bin/qemu-system-x86_64
+  fi
+else
+  # These tests never start a VM or a storage daemon, but ./check insists that the programs exist.
+  vm_prog=$dir/no-vm
+  printf '#!/bin/sh\nexit 0\n' > "$vm_prog"
+  chmod +x "$vm_prog"
+  qsd_prog=$vm_prog
+fi
 
-read -r -a targets <<< "$(grep -v '^#' "$here/targets.txt" | tr '\n' ' ')"
+read -r -a targets <<< "$(grep -v '^#' "$targets_file" | tr '\n' ' ')"
 [ ${#only[@]} -gt 0 ] && targets=("${only[@]}")
 
-passing_for() { sed -n "s/^$1:\(.*\)$/\1/p" "$here/passing.txt"; }
+passing_for() { sed -n "s/^$1:\(.*\)$/\1/p" "$passing_file"; }
 
 # run_check LABEL IMG_PROG IO_PROG CHECK_ARGS...
 # Runs the tests of the array `tests` (all targets unless set otherwise). Sets NOTRUN (tests
@@ -81,7 +131,7 @@ run_check() {
   local label=$1 img=$2 io=$3
   shift 3
   local log=$dir/$label.log
-  (cd "$iot" && QEMU_PROG=$stub QSD_PROG=$stub QEMU_IMG_PROG=$img QEMU_IO_PROG=$io \
+  (cd "$iot" && QEMU_PROG=$vm_prog QSD_PROG=$qsd_prog QEMU_IMG_PROG=$img QEMU_IO_PROG=$io \
       QEMU_NBD_PROG=$(command -v qemu-nbd) ./check -j "$jobs" "$@" "${tests[@]}") > "$log" 2>&1 || true
   local t
   NOTRUN=()
@@ -165,14 +215,14 @@ for config in "${configs[@]}"; do
   echo "iotests $config: $(( ${#pass[@]} )) of $(( ${#pass[@]} + ${#fail[@]} )) pass through qcow${skip:+ (left out: ${skip[*]}, unsuitable for this configuration or failing with QEMU programs too)}"
   echo "  passing: ${pass[*]:-none}"
   echo "  failing: ${fail[*]:-none}"
-  [ ${#newly[@]} -eq 0 ] || echo "  passing but not yet in passing.txt: ${newly[*]}"
+  [ ${#newly[@]} -eq 0 ] || echo "  passing but not yet in $(basename "$passing_file"): ${newly[*]}"
   if [ ${#regressions[@]} -gt 0 ]; then
-    echo "  REGRESSIONS (listed in passing.txt): ${regressions[*]} (see $dir/$config-qcow.log and $iot/scratch/*.out.bad)" >&2
+    echo "  REGRESSIONS (listed in $(basename "$passing_file")): ${regressions[*]} (see $dir/$config-qcow.log and $iot/scratch/*.out.bad)" >&2
     status=1
   fi
   total_pass=$((total_pass + ${#pass[@]} - ${#newly[@]}))
   total_fail=$((total_fail + ${#regressions[@]}))
 done
-# The gate: tests of passing.txt that passed, and those that regressed.
+# The gate: tests of passing.txt (vm-passing.txt with --vm) that passed, and those that regressed.
 echo "iotests: $total_pass passed, $total_fail failed"
 exit $status

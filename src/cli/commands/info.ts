@@ -40,7 +40,7 @@ function withFullBackingName(info: ImageInfoJson): ImageInfoJson {
     const placeable = !info.filename.startsWith('json:') || isAbsolute(name) || /^[a-z][a-z0-9+.-]*:/i.test(name);
     if (!placeable) return info;
     const ordered: ImageInfoJson = { ...info };
-    ordered['full-backing-filename'] = defaultOpener.resolve(name, info.filename);
+    ordered['full-backing-filename'] = name.startsWith('file:') ? name : defaultOpener.resolve(name, info.filename);
     return ordered;
   }
   return info;

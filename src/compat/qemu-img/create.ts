@@ -75,7 +75,10 @@ interface Settings {
   password: string | undefined;
 }
 
-async function make(file: string, fmt: string, s: Settings): Promise<void> {
+async function make(file: string, asked: string, s: Settings): Promise<void> {
+  // `-f file`: QEMU's file protocol driver as the format, a plain file of the size given: what raw
+  // creates, with raw's options. The Formatting line names the driver asked for.
+  const fmt = asked === 'file' ? 'raw' : asked;
   const { builtinFormats, createImage, openImage, defaultOpener } = await import('../../cli/open-images.js');
   if (!builtinFormats().names().includes(fmt)) throw new CreateError(`Unknown file format '${fmt}'`);
   const names = createOptionNames(fmt) ?? [];
@@ -132,7 +135,7 @@ async function make(file: string, fmt: string, s: Settings): Promise<void> {
   } else if (backing !== undefined && backingFmt === undefined) throw new CreateError('Backing file specified without backing format');
   if (size === undefined) throw new CreateError('Image creation needs a size parameter');
   values.set('size', String(size));
-  if (!s.quiet) writeOut(formattingLine(file, fmt, values) + '\n');
+  if (!s.quiet) writeOut(formattingLine(file, asked, values) + '\n');
   // QEMU's drivers create images a whole number of 512-byte sectors long (1234 bytes -> 1536); the
   // Formatting line above still shows the size as given (iotest 104).
   size = (size + 511n) & ~511n;

@@ -251,6 +251,11 @@ export class NodeOpener implements Opener {
     const o = json ? { ...jsonFilenameOptions(req.name!), ...req.options } : req.options;
     // null-co nodes are named as QEMU names them (json-name.ts).
     const nullName = (driver: string) => (json ? qemuJsonName(req.name!, driver) : undefined) ?? req.name ?? NULL_CO;
+    // -U (or force-share=on): share every permission with other users of the file, so that a
+    // running VM's write lock does not stop a look at its image. Only for a read-only open: a
+    // writer that lets others write under it could not keep its metadata consistent.
+    const forceShare = req.forceShare || (o['force-share'] !== undefined && isOn(o['force-share']));
+    if (forceShare && !(req.readOnly || o['read-only'] === 'on')) throw new QcowError('QCOW_INVALID_ARGUMENT', 'force-share=on can only be used with read-only images');
     // -f comes before the options' driver, as in QEMU.
     if ((this.format ?? o.driver) === NULL_CO) return openNullCo(nullName(NULL_CO), o, req.readOnly || o['read-only'] === 'on');
     const nullFile = nullCoFileOptions(o);
@@ -287,7 +292,7 @@ export class NodeOpener implements Opener {
       const display = req.name ?? `blkdebug:${node.config ?? ''}:${node['image.filename'] ?? node.image ?? node['x-image'] ?? ''}`;
       const readOnly = req.readOnly || o['read-only'] === 'on';
       const format = o.driver ?? this.format;
-      return checked(await openOverBlkdebug(display, node, { format, readOnly, ...QEMU_OPEN_RULES, ...this.driverOptions(o, req.discard) }), o);
+      return checked(await openOverBlkdebug(display, node, { format, readOnly, forceShare, ...QEMU_OPEN_RULES, ...this.driverOptions(o, req.discard) }), o);
     }
     const name = (json ? undefined : req.name) ?? o['file.filename'] ?? o.filename ?? o.file ?? o['file.file.filename'];
     if (name === undefined) throw new QcowError('QCOW_INVALID_ARGUMENT', "A block device must be specified for \"file\"");
@@ -308,11 +313,11 @@ export class NodeOpener implements Opener {
     if (fileDriver !== undefined && !isHostProtocol(fileDriver)) {
       // A nested image: the image's bytes are the guest content of another image.
       const innerName = o['file.file.filename'] ?? name;
-      const inner = await openImage(innerName, { format: fileDriver, readOnly, password, rawWindow: fileDriver === 'raw' ? rawWindowOf(o, 'file.') : undefined });
+      const inner = await openImage(innerName, { format: fileDriver, readOnly, forceShare, password, rawWindow: fileDriver === 'raw' ? rawWindowOf(o, 'file.') : undefined });
       const { defaultOpener } = await import('../../cli/open-images.js');
       const { openerWith } = await import('./device-store.js');
       try {
-        return checked(await openImage(innerName, { format, readOnly, password, noBacking, backingFormat, ...QEMU_OPEN_RULES, opener: openerWith(defaultOpener, innerName, inner) }), o);
+        return checked(await openImage(innerName, { format, readOnly, forceShare, password, noBacking, backingFormat, ...QEMU_OPEN_RULES, opener: openerWith(defaultOpener, innerName, inner) }), o);
       } catch (e) {
         await inner.close().catch(() => undefined);
         throw e;
@@ -323,14 +328,14 @@ export class NodeOpener implements Opener {
     // raw's offset and size: a raw view of part of the file.
     const rawWindow = format === 'raw' ? rawWindowOf(o) : undefined;
     if (!req.snapshot) {
-      const dev = openImage(name, { format, readOnly, password, passwordAt, noBacking, backingFormat, backingFile, backingRawWindow, rawWindow, ...QEMU_OPEN_RULES, ...this.driverOptions(o, req.discard), ...(dataOpener ? { opener: dataOpener } : {}) });
+      const dev = openImage(name, { format, readOnly, forceShare, password, passwordAt, noBacking, backingFormat, backingFile, backingRawWindow, rawWindow, ...QEMU_OPEN_RULES, ...this.driverOptions(o, req.discard), ...(dataOpener ? { opener: dataOpener } : {}) });
       return checked(await (rawWindow ? dev.catch(refusedAs(req.name ?? name)) : dev), o);
     }
     // -s: a temporary qcow2 overlay over the image takes the writes and goes with close().
     const { tmpdir } = await import('node:os');
     const { join, resolve } = await import('node:path');
     const { mkdtemp } = await import('node:fs/promises');
-    const base = await openImage(name, { format, readOnly: true, password, passwordAt, noBacking, backingFormat, rawWindow, ...QEMU_OPEN_RULES });
+    const base = await openImage(name, { format, readOnly: true, forceShare, password, passwordAt, noBacking, backingFormat, rawWindow, ...QEMU_OPEN_RULES });
     const baseFormat = base.format;
     await base.close();
     const dir = await mkdtemp(join(tmpdir(), 'qemu-io-snapshot-'));
