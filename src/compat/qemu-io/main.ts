@@ -502,10 +502,23 @@ export async function main(argv: string[]): Promise<void> {
   }
 
   let lastError = 0;
+  let running: string | undefined;
   const run = async (line: string) => {
+    running = line;
     const r = await io.command(line);
+    running = undefined;
     if (r < 0) lastError = r;
   };
+  // A command that waits on something nothing will ever settle (a request suspended at a blkdebug
+  // breakpoint that only a later command would resume) leaves Node with an empty event loop: the
+  // process would end silently with status 0. Say so and fail instead.
+  const stuck = () => {
+    if (running === undefined) return;
+    output.err(`${prog}: '${running}' cannot complete: it waits for a request that nothing will resume\n`);
+    output.flush();
+    process.exitCode = 1;
+  };
+  process.once('beforeExit', stuck);
   if (cmds.length > 0) {
     for (const c of cmds) {
       if (io.quit) break;
@@ -527,5 +540,6 @@ export async function main(argv: string[]): Promise<void> {
     output.err(`${prog}: ${e instanceof Error ? e.message : String(e)}\n`);
   }
   output.flush();
+  process.removeListener('beforeExit', stuck);
   process.exitCode = lastError < 0 ? 1 : 0;
 }

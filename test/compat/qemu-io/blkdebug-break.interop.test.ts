@@ -150,3 +150,18 @@ test('open -o file.driver=blkdebug IMG puts blkdebug under the format, where bre
     commands: ['open -o file.driver=blkdebug IMG_PATH', 'break write_aio A', 'aio_write -P 5 0 4k', 'wait_break A', 'resume A', 'aio_flush', 'read -P 5 0 4k'],
   });
 });
+
+test('a read of a cluster whose allocating write is held at a breakpoint fails with one line, not a silent exit 0', needs('qemu-io', 'qemu-img'), async (t) => {
+  // Reads wait for an allocation in flight on their clusters (docs/compatibility.md); here only
+  // the `resume` after the read would release it. QEMU's qemu-io reads the old data instead (its
+  // L2 entry is not yet set at write_aio); ours cannot, and must not end as if all went well.
+  const dir = await scratch(t);
+  const img = join(dir, 'img.qcow2');
+  await qemuImg(['create', '-q', '-f', 'qcow2', img, '1M']);
+  const input = ['break write_aio A', 'aio_write -P 1 0 64k', 'wait_break A', 'read -P 0 0 4k', 'resume A', 'aio_flush'].join('\n') + '\n';
+  const r = await run(COMPAT_QEMU_IO, [`blkdebug::${img}`], { input, timeoutMs: 60_000 });
+  assert.equal(r.code, 1);
+  assert.match(r.stdout, /blkdebug: Suspended request 'A'/);
+  assert.equal(r.stderr, "qemu-io: 'read -P 0 0 4k' cannot complete: it waits for a request that nothing will resume\n");
+  assert.equal((await run('qemu-img', ['check', img])).code, 0);
+});
