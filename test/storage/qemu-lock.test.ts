@@ -13,10 +13,11 @@ import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { hostAddon } from '#src/host/native.node.js';
 import { needs, qcow, QCOW_BIN, qemuImg, run, scratch, sha256 } from '../support/qemu.js';
+import { needsQemuLocks } from '../support/addon.js';
 
 function lockTests(): { skip?: string } {
-  if (process.env.QCOW_NO_NATIVE === '1') return { skip: 'QCOW_NO_NATIVE=1: no QEMU-compatible locks to test' };
-  if (!hostAddon() && process.env.CI !== 'true') return { skip: 'the host addon is not built' };
+  const locks = needsQemuLocks();
+  if (locks.skip) return locks;
   return needs('qemu-img', 'qemu-io', 'qemu-nbd');
 }
 

@@ -13,3 +13,14 @@ export function needsHoles(): { skip?: string } {
 export function holesWork(): boolean {
   return Boolean(hostAddon());
 }
+
+/**
+ * Tests of QEMU's image locks: qcow takes them through the host addon (OFD byte-range locks); the
+ * fallback run (QCOW_NO_NATIVE=1) has none to test. Without the addon outside CI the suite skips
+ * them too; in CI a missing addon is an error the tests should show.
+ */
+export function needsQemuLocks(): { skip?: string } {
+  if (process.env.QCOW_NO_NATIVE === '1') return { skip: 'QCOW_NO_NATIVE=1: no QEMU-compatible locks to test' };
+  if (!hostAddon() && process.env.CI !== 'true') return { skip: 'the host addon is not built' };
+  return {};
+}

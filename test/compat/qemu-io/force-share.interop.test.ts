@@ -13,10 +13,11 @@ import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
 import { maskQemuIoTiming, needs, qemuImg, qemuIo, run, scratch } from '../../support/qemu.js';
+import { needsQemuLocks } from '../../support/addon.js';
 
 const COMPAT_IO = fileURLToPath(new URL('../../../compat/qemu-io', import.meta.url));
 
-test('qemu-io -U reads an image another process holds open for writing, as QEMU does; -U on a writable open is refused', needs('qemu-img', 'qemu-io'), async (t) => {
+test('qemu-io -U reads an image another process holds open for writing, as QEMU does; -U on a writable open is refused', { ...needs('qemu-img', 'qemu-io'), ...needsQemuLocks() }, async (t) => {
   const dir = await scratch(t);
   const img = join(dir, 'a.qcow2');
   await qemuImg(['create', '-q', '-f', 'qcow2', img, '1M'], dir);
