@@ -11,6 +11,7 @@ import { createQcow2 } from '#src/formats/qcow2/create.js';
 import { Qcow2Device } from '#src/formats/qcow2/qcow2.js';
 import { RawDevice } from '#src/formats/raw/raw.js';
 import { withCopyOnRead } from '#src/chain/copy-on-read.js';
+import { Gate } from '../support/gate.js';
 
 const KiB = 1024;
 const SIZE = 1024 * KiB;
@@ -18,25 +19,23 @@ const CLUSTER = 64 * KiB;
 
 /** A memory store whose reads wait, once `hold()` was called, until `release()`. */
 class HeldReads extends MemoryStore {
-  private gate: Promise<void> | undefined;
-  private open!: () => void;
-  private heldOnce!: () => void;
-  reached!: Promise<void>;
+  private gate: Gate | undefined;
+
+  /** Resolves when the first held read has reached the store. */
+  get reached(): Promise<void> {
+    return this.gate!.reached;
+  }
 
   hold(): void {
-    this.gate = new Promise((r) => (this.open = r));
-    this.reached = new Promise((r) => (this.heldOnce = r));
+    this.gate = new Gate();
   }
 
   release(): void {
-    this.open();
+    this.gate!.open();
   }
 
   override async read(offset: number, into: Uint8Array): Promise<number> {
-    if (this.gate) {
-      this.heldOnce();
-      await this.gate;
-    }
+    if (this.gate) await this.gate.pass();
     return super.read(offset, into);
   }
 }
@@ -72,28 +71,25 @@ test('a compressed write made while a copy-on-read reads the backing data is not
 
 /** A memory store whose writes of a whole cluster of `fill` wait, once `hold()` was called, until `release()`. */
 class HeldWrites extends MemoryStore {
-  private gate: Promise<void> | undefined;
-  private open!: () => void;
-  private heldOnce!: () => void;
-  reached!: Promise<void>;
+  private gate: Gate | undefined;
+  private fill = -1;
+
+  /** Resolves when the first held write has reached the store. */
+  get reached(): Promise<void> {
+    return this.gate!.reached;
+  }
 
   hold(fill: number): void {
     this.fill = fill;
-    this.gate = new Promise((r) => (this.open = r));
-    this.reached = new Promise((r) => (this.heldOnce = r));
+    this.gate = new Gate();
   }
 
-  private fill = -1;
-
   release(): void {
-    this.open();
+    this.gate!.open();
   }
 
   override async write(offset: number, data: Uint8Array): Promise<void> {
-    if (this.gate && data.length >= CLUSTER && data[0] === this.fill) {
-      this.heldOnce();
-      await this.gate;
-    }
+    if (this.gate && data.length >= CLUSTER && data[0] === this.fill) await this.gate.pass();
     return super.write(offset, data);
   }
 }

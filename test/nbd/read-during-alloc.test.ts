@@ -12,6 +12,7 @@ import { Qcow2Device } from '#src/formats/qcow2/qcow2.js';
 import { RawDevice } from '#src/formats/raw/raw.js';
 import { serveNbd } from '#src/nbd/serve.js';
 import { NbdClient } from '../support/nbd-client.js';
+import { Gate } from '../support/gate.js';
 
 const KiB = 1024;
 const SIZE = 4096 * KiB;
@@ -20,26 +21,20 @@ const HELD = 0xab;
 
 /** A memory store whose writes carrying HELD wait for `release()`. */
 class HeldStore extends MemoryStore {
-  private gate: Promise<void>;
-  private open!: () => void;
-  private heldOnce!: () => void;
-  readonly reached: Promise<void>;
+  private readonly gate = new Gate();
+  /** Resolves when the first held write has reached the store. */
+  readonly reached = this.gate.reached;
 
   constructor() {
     super(undefined, { name: 'top.qcow2' });
-    this.gate = new Promise((r) => (this.open = r));
-    this.reached = new Promise((r) => (this.heldOnce = r));
   }
 
   release(): void {
-    this.open();
+    this.gate.open();
   }
 
   override async write(offset: number, data: Uint8Array): Promise<void> {
-    if (data.includes(HELD)) {
-      this.heldOnce();
-      await this.gate;
-    }
+    if (data.includes(HELD)) await this.gate.pass();
     return super.write(offset, data);
   }
 }

@@ -17,6 +17,7 @@ import { Qcow2Device } from '#src/formats/qcow2/qcow2.js';
 import { checkQcow2 } from '#src/formats/qcow2/check.js';
 import { RawDevice } from '#src/formats/raw/raw.js';
 import { randomBytes } from 'node:crypto';
+import { Gate } from '../../support/gate.js';
 
 const KiB = 1024;
 const POISON = 0xab;
@@ -24,27 +25,22 @@ const POISON = 0xab;
 /** A memory store whose writes carrying POISON wait for `release()`, then fail with ENOSPC. */
 class HeldStore extends MemoryStore {
   held = 0;
-  private gate: Promise<void> = new Promise(() => undefined);
-  private open!: () => void;
-  private heldOnce!: () => void;
+  private readonly gate = new Gate();
   /** Resolves when the first poisoned write has reached the store. */
-  readonly reached: Promise<void>;
+  readonly reached = this.gate.reached;
 
   constructor() {
     super(undefined, { name: 'held.qcow2' });
-    this.gate = new Promise((r) => (this.open = r));
-    this.reached = new Promise((r) => (this.heldOnce = r));
   }
 
   release(): void {
-    this.open();
+    this.gate.open();
   }
 
   override async write(offset: number, data: Uint8Array): Promise<void> {
     if (data.includes(POISON)) {
       this.held++;
-      this.heldOnce();
-      await this.gate;
+      await this.gate.pass();
       throw Object.assign(new Error('ENOSPC: write failed'), { code: 'ENOSPC' });
     }
     return super.write(offset, data);

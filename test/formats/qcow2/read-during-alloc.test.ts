@@ -16,63 +16,58 @@ import { Qcow2Device } from '#src/formats/qcow2/qcow2.js';
 import { checkQcow2 } from '#src/formats/qcow2/check.js';
 import { RawDevice } from '#src/formats/raw/raw.js';
 import { withCopyOnRead } from '#src/chain/copy-on-read.js';
+import { Gate } from '../../support/gate.js';
 
 const KiB = 1024;
 const HELD = 0xab;
 
-/** A memory store whose writes carrying HELD wait for `release()`. */
+/** A memory store whose writes carrying HELD wait for `release()`, and whose reads can be held. */
 class HeldStore extends MemoryStore {
-  private gate!: Promise<void>;
-  private open!: () => void;
-  private heldOnce!: () => void;
-  /** Resolves when the first held write has reached the store. */
-  reached!: Promise<void>;
+  private gate = new Gate();
+  private readGate: Gate | undefined;
 
   constructor() {
     super(undefined, { name: 'held.qcow2' });
-    this.arm();
   }
 
+  /** Resolves when the first held write has reached the store. */
+  get reached(): Promise<void> {
+    return this.gate.reached;
+  }
+
+  /** A new gate for the next held write. */
   arm(): void {
-    this.gate = new Promise((r) => (this.open = r));
-    this.reached = new Promise((r) => (this.heldOnce = r));
+    this.gate = new Gate();
   }
 
   release(): void {
-    this.open();
+    this.gate.open();
   }
 
-  private readGate: Promise<void> | undefined;
-  private openReads!: () => void;
-  private readHeld!: () => void;
   /** Resolves when the first read held by holdReads() has reached the store. */
-  readReached!: Promise<void>;
+  get readReached(): Promise<void> {
+    return this.readGate!.reached;
+  }
 
   /** Hold every read from now on until releaseReads(). */
   holdReads(): void {
-    this.readGate = new Promise((r) => (this.openReads = r));
-    this.readReached = new Promise((r) => (this.readHeld = r));
+    this.readGate = new Gate();
   }
 
   releaseReads(): void {
+    const gate = this.readGate;
     this.readGate = undefined;
-    this.openReads();
+    gate?.open();
   }
 
   override async read(offset: number, into: Uint8Array): Promise<number> {
     const gate = this.readGate;
-    if (gate) {
-      this.readHeld();
-      await gate;
-    }
+    if (gate) await gate.pass();
     return super.read(offset, into);
   }
 
   override async write(offset: number, data: Uint8Array): Promise<void> {
-    if (data.includes(HELD)) {
-      this.heldOnce();
-      await this.gate;
-    }
+    if (data.includes(HELD)) await this.gate.pass();
     return super.write(offset, data);
   }
 }
