@@ -118,6 +118,17 @@ else
   qsd_prog=$vm_prog
 fi
 
+# QEMU's tests write their images under TEST_DIR (./check's default: scratch/ beside the tests), and
+# some (197, 215: blkdebug configurations) refuse to run when that path holds anything but letters,
+# digits, '-', '_' and '/'. The default tree, .cache/iotests in the repo, has a dot, so such a tree
+# gets a scratch folder of its own under /tmp, named after the tree so that runs of one tree reuse it.
+scratch=$iot/scratch
+case $scratch in
+  *[!-_a-zA-Z0-9/]*)
+    scratch=/tmp/qcow-iotests-$(printf '%s' "$iot" | cksum | cut -d' ' -f1)
+    rm -rf "$scratch" && mkdir -p "$scratch" ;;
+esac
+
 read -r -a targets <<< "$(grep -v '^#' "$targets_file" | tr '\n' ' ')"
 [ ${#only[@]} -gt 0 ] && targets=("${only[@]}")
 
@@ -131,7 +142,7 @@ run_check() {
   local label=$1 img=$2 io=$3
   shift 3
   local log=$dir/$label.log
-  (cd "$iot" && QEMU_PROG=$vm_prog QSD_PROG=$qsd_prog QEMU_IMG_PROG=$img QEMU_IO_PROG=$io \
+  (cd "$iot" && TEST_DIR=$scratch QEMU_PROG=$vm_prog QSD_PROG=$qsd_prog QEMU_IMG_PROG=$img QEMU_IO_PROG=$io \
       QEMU_NBD_PROG=$(command -v qemu-nbd) ./check -j "$jobs" "$@" "${tests[@]}") > "$log" 2>&1 || true
   local t
   NOTRUN=()
@@ -174,7 +185,7 @@ for config in "${configs[@]}"; do
       # by thread CPU time.
       local_failed=()
       for t in "${FAILED[@]}"; do
-        if grep -qs 'Unable to get accurate CPU usage' "$iot/scratch/$t/$t.out.bad" "$iot/scratch/$t.out.bad"; then
+        if grep -qs 'Unable to get accurate CPU usage' "$scratch/$t/$t.out.bad" "$scratch/$t.out.bad"; then
           echo "iotests $config: QEMU's own qemu-img could not time LUKS key derivation in $t (busy CPU); running it through qcow anyway" >&2
         else
           local_failed+=("$t")
@@ -217,7 +228,7 @@ for config in "${configs[@]}"; do
   echo "  failing: ${fail[*]:-none}"
   [ ${#newly[@]} -eq 0 ] || echo "  passing but not yet in $(basename "$passing_file"): ${newly[*]}"
   if [ ${#regressions[@]} -gt 0 ]; then
-    echo "  REGRESSIONS (listed in $(basename "$passing_file")): ${regressions[*]} (see $dir/$config-qcow.log and $iot/scratch/*.out.bad)" >&2
+    echo "  REGRESSIONS (listed in $(basename "$passing_file")): ${regressions[*]} (see $dir/$config-qcow.log and $scratch/*.out.bad)" >&2
     status=1
   fi
   total_pass=$((total_pass + ${#pass[@]} - ${#newly[@]}))
