@@ -86,6 +86,12 @@ export interface OpenImageOptions {
   onRepair?: OpenOptions['onRepair'];
   /** Every image of the chain: see OpenOptions.onWarning. */
   onWarning?: OpenOptions['onWarning'];
+  /**
+   * Told the name of each image opened writable whose format was probed as raw (none given):
+   * block 0 of such an image takes no write that would make it look like another format (see
+   * OpenOptions.probedHeader). QEMU warns here; the programs say so in their own words.
+   */
+  onProbedRaw?: (name: string) => void;
   /** The top image only: see OpenOptions.onCorruption. */
   onCorruption?: OpenOptions['onCorruption'];
   /**
@@ -159,6 +165,7 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
   try {
     const fmt = format !== undefined ? options.formats.get(format) : await probeFormat(store, options, depth);
     if (format === undefined) store.setPermissions?.(permissionsFor({ writable: !readOnly, format: fmt.name, role, forceShare, fixedSize }));
+    const probedRaw = format === undefined && fmt.name === 'raw' && !readOnly;
     const openOptions: OpenOptions = {
       readOnly,
       password: options.passwordAt?.(depth) ?? options.password,
@@ -175,6 +182,7 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
       onWarning: options.onWarning,
       onCorruption: depth === 0 ? options.onCorruption : undefined,
       skipDataFile: options.skipDataFile,
+      probedHeader: probedRaw ? (head) => probedOther(options.formats, head) : undefined,
       openFile: (fileName, o) =>
         options.opener.open(resolveNamed(fileName, name, options), { ...o, permissions: permissionsFor({ writable: !o.readOnly, format: 'raw', role: 'data', forceShare }) }).catch((e) => {
           throw dataFileError(e, name, fileName);
@@ -198,7 +206,9 @@ async function openLayer(name: string, options: OpenImageOptions, format: string
         });
       };
     }
-    return await fmt.open(store, openOptions);
+    const dev = await fmt.open(store, openOptions);
+    if (probedRaw) options.onProbedRaw?.(name);
+    return dev;
   } catch (e) {
     await store.close().catch(() => undefined);
     throw withFile(e, name);
@@ -213,6 +223,12 @@ async function probeFormat(store: ByteStore, options: OpenImageOptions, depth: n
   // taking it for an image would let the guest make us open any file it names.
   if (depth > 0 && fmt.name !== 'raw' && options.rawUnnamedBackingFormats) return options.formats.get('raw');
   return fmt;
+}
+
+/** The format other than raw that a first sector of `head` would be probed as, if any. */
+function probedOther(formats: OpenImageOptions['formats'], head: Uint8Array): string | undefined {
+  const name = formats.probe(head).name;
+  return name === 'raw' ? undefined : name;
 }
 
 /** "a/./b" and "a/x/../b" are "a/b": one image, however the chain spells it. */

@@ -54,6 +54,8 @@ export const openPolicy: {
   onRepair?: NodeOpenOptions['onRepair'];
   /** Told the corruption events of an image in use (OpenOptions.onCorruption): a persona prints them as QEMU does. */
   onCorruption?: NodeOpenOptions['onCorruption'];
+  /** Told each image opened writable whose format was probed as raw (OpenImageOptions.onProbedRaw): a persona warns as QEMU does. */
+  onProbedRaw?: NodeOpenOptions['onProbedRaw'];
 } = {};
 
 /** The password of the secret `id` (openPolicy.secrets); QEMU's error when there is none. */
@@ -89,6 +91,7 @@ export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpe
     // Read-only, every event fails the request that met it, whose error says it all.
     onCorruption: openPolicy.onCorruption ?? (extra.readOnly ? undefined : tellCorruption),
     dataFile: openPolicy.dataFiles?.get(file),
+    onProbedRaw: openPolicy.onProbedRaw ?? tellProbedRaw,
     ...extra,
   });
 }
@@ -100,6 +103,13 @@ export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpe
  */
 function tellCorruption(e: CorruptionEvent): void {
   if (!e.fatal) process.stderr.write(`${failureStyle.program}: warning: the image is corrupt: ${e.message} (check -r all repairs it)\n`);
+}
+
+/** Our own CLI's word when an image to be written was probed as raw: what is restricted, and how to lift it. */
+function tellProbedRaw(name: string): void {
+  process.stderr.write(
+    `${failureStyle.program}: warning: the format of '${name}' was not given and probing guessed raw: writes that would put another format's header into its first 512 bytes are refused (give -f raw to allow them)\n`,
+  );
 }
 
 /**

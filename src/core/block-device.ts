@@ -392,6 +392,14 @@ export interface OpenOptions {
    * cannot grow or shrink; reads and writes past it are refused like any past the end.
    */
   rawWindow?: RawWindow;
+  /**
+   * raw, opened writable after its format was probed (not given): names the format other than raw
+   * that a first sector of these bytes would be probed as, or undefined. A write, zero write or
+   * discard that would leave such bytes in block 0 is refused (EPERM), as QEMU restricts probed
+   * raw images: otherwise a guest could write an image header naming any host file as its backing
+   * file, and the next open without a format would follow it. openImage sets it.
+   */
+  probedHeader?: (head: Uint8Array) => string | undefined;
 }
 
 /** How {@link BlockDevice.resize} changes the size. */

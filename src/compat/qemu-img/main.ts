@@ -18,6 +18,7 @@ import { fromImageOpts, parseImageOpts, type SpecialOpen } from './image-opts.js
 import { secretsOf } from './options.js';
 import { backingOptionsRefused } from '../backing-options.js';
 import { contextOf, qemuErrorLines } from '../messages.js';
+import { probedRawWarning } from '../probed-raw.js';
 import { corruptionLine } from '../corruption-line.js';
 
 const PROGRAM = 'qemu-img';
@@ -264,6 +265,7 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   openPolicy.onRepair = (messages) => process.stderr.write(messages.map((m) => m + '\n').join(''));
   // qcow2's corruption events, in its words, as QEMU prints them while the command runs.
   openPolicy.onCorruption = (e) => process.stderr.write(corruptionLine(e));
+  openPolicy.onProbedRaw = (name) => process.stderr.write(probedRawWarning(name));
   // -p draws as qemu-img draws it: on standard output, terminal or not.
   progressStyle.qemu = true;
   process.exitCode = undefined;

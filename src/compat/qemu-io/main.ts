@@ -18,6 +18,7 @@ import { COMPRESS, compressFilter } from './compress-filter.js';
 import { withCopyOnRead } from '../../node.js';
 import { QemuIo, parseOpts, unmapEnabled, type IoOutput, type Opener, type OpenRequest } from './engine.js';
 import { corruptionLine } from '../corruption-line.js';
+import { probedRawWarning } from '../probed-raw.js';
 import { rawWindowOf, refusedAs } from '../raw-window.js';
 import { backingOpenOptions } from '../backing-options.js';
 
@@ -208,7 +209,7 @@ export class NodeOpener implements Opener {
   ) {}
 
   /** The open options that -o gives beyond the file's name, format and secrets. */
-  private driverOptions(o: Record<string, string>, discard: string | undefined): Pick<NodeOpenOptions, 'lazyRefcounts' | 'overlapCheck' | 'onRepair' | 'onCorruption' | 'onWarning' | 'discardPassthrough' | 'dataFile'> {
+  private driverOptions(o: Record<string, string>, discard: string | undefined): Pick<NodeOpenOptions, 'lazyRefcounts' | 'overlapCheck' | 'onRepair' | 'onCorruption' | 'onWarning' | 'onProbedRaw' | 'discardPassthrough' | 'dataFile'> {
     const lazy = o['lazy-refcounts'];
     // qcow2's data-file: the external data file to use, whatever the header names (or if none).
     const dataFile = o['data-file.filename'] ?? o['data-file'];
@@ -219,6 +220,7 @@ export class NodeOpener implements Opener {
       onRepair: this.onRepair,
       onCorruption: this.onCorruption,
       onWarning: this.onWarning,
+      onProbedRaw: this.onWarning && ((name) => this.onWarning!(probedRawWarning(name).replace(/\n$/, ''))),
       // pass-discard-request defaults to whether the image is opened with unmap (-d).
       discardPassthrough: { request: pass('request') ?? unmapEnabled(discard), snapshot: pass('snapshot'), other: pass('other') },
       dataFile,

@@ -23,6 +23,8 @@ export class RawDevice extends DeviceBase {
     private readonly fixedSize = false,
     /** Opened with a window (even one over the whole file). */
     private readonly windowed = false,
+    /** See OpenOptions.probedHeader: set when the format was probed, not given. */
+    private readonly probedHeader?: (head: Uint8Array) => string | undefined,
   ) {
     super(store, size, readOnly);
   }
@@ -32,7 +34,32 @@ export class RawDevice extends DeviceBase {
   }
 
   protected async doWrite(offset: number, data: Uint8Array, _options: WriteOptions): Promise<void> {
+    if (offset < PROBE_BYTES && this.probedHeader) await this.checkBlockZero(offset, data);
     await this.store.write(this.base + offset, data);
+  }
+
+  /**
+   * Refuse a change that leaves block 0 of a probed raw image looking like another format's header
+   * (see OpenOptions.probedHeader). `data` undefined: the range becomes zeros. QEMU checks data
+   * writes only, whole sectors; zeros are checked too here, since clearing bytes can turn a header
+   * that no probe accepts into one that a probe does (a version field read as 1 once its high
+   * byte is gone), and the sector is read and patched so that writes of any alignment are seen.
+   */
+  private async checkBlockZero(offset: number, data: Uint8Array | undefined, length = data?.length ?? 0): Promise<void> {
+    const head = new Uint8Array(PROBE_BYTES);
+    const have = Math.min(PROBE_BYTES, this.size);
+    if (offset > 0 || length < have) await this.store.read(this.base, head.subarray(0, have));
+    const end = Math.min(PROBE_BYTES, offset + length);
+    if (data) head.set(data.subarray(0, end - offset), offset);
+    else head.fill(0, offset, end);
+    const format = this.probedHeader!(head);
+    if (format !== undefined) {
+      throw new QcowError(
+        'QCOW_READ_ONLY',
+        `refusing to write a ${format} header into block 0 of an image whose format was probed as raw (give the format, raw, to allow it)`,
+        { file: this.filename, errno: 'EPERM' },
+      );
+    }
   }
 
   /** Every guest byte is the file's byte at the same offset (holes included: they read as zeros). */
@@ -55,6 +82,10 @@ export class RawDevice extends DeviceBase {
   async writePlaced(offset: number, length: number, put: (range: PlacedRange) => Promise<void>): Promise<void> {
     this.checkWritable();
     this.checkRequest(offset, length);
+    // Bytes put in place are never seen here, so block 0 of a probed raw image cannot be checked.
+    if (offset < PROBE_BYTES && length > 0 && this.probedHeader) {
+      throw new QcowError('QCOW_READ_ONLY', 'copy offload into block 0 of an image whose format was probed as raw is refused (give the format, raw)', { file: this.filename, errno: 'EPERM' });
+    }
     if (length > 0) await put({ offset, length, store: this.store, hostOffset: this.base + offset }).catch(this.nameTheImage);
   }
 
@@ -64,6 +95,7 @@ export class RawDevice extends DeviceBase {
    * without the call) zeros are written, or a fast-only request is refused.
    */
   protected override async doWriteZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
+    if (offset < PROBE_BYTES && this.probedHeader) await this.checkBlockZero(offset, undefined, length);
     const call = options.mayUnmap ? this.store.punchHole : this.store.zeroRange;
     if (call && (await this.tryHostCall(() => call.call(this.store, this.base + offset, length)))) return;
     await super.doWriteZeroes(offset, length, options);
@@ -72,6 +104,7 @@ export class RawDevice extends DeviceBase {
   /** Discard gives the range's host blocks back (it then reads as zeros, as after QEMU's discard on a file). */
   protected override async doDiscard(offset: number, length: number): Promise<void> {
     const punch = this.store.punchHole;
+    if (punch && offset < PROBE_BYTES && this.probedHeader) await this.checkBlockZero(offset, undefined, length);
     if (punch) await this.tryHostCall(() => punch.call(this.store, this.base + offset, length));
   }
 
@@ -123,6 +156,9 @@ export class RawDevice extends DeviceBase {
   }
 }
 
+/** How much of the first sector format probing looks at (QEMU's BLOCK_PROBE_BUF_SIZE; openImage's probe reads as much). */
+const PROBE_BYTES = 512;
+
 /** The part of a file of `fileSize` bytes that `window` names, checked as QEMU's raw driver checks it. */
 function windowIn(fileSize: number, window: RawWindow): { offset: number; size: number } {
   const offset = window.offset ?? 0;
@@ -143,9 +179,10 @@ export const rawFormat: ImageFormat = {
   probe: () => 1, // the fallback: anything is a raw image, with the least confidence
   async open(store: ByteStore, options: OpenOptions = {}) {
     const readOnly = options.readOnly ?? store.readOnly;
-    if (!options.rawWindow) return new RawDevice(store, await store.size(), readOnly);
+    const guard = readOnly ? undefined : options.probedHeader;
+    if (!options.rawWindow) return new RawDevice(store, await store.size(), readOnly, 0, false, false, guard);
     const { offset, size } = windowIn(await store.size(), options.rawWindow);
-    return new RawDevice(store, size, readOnly, offset, options.rawWindow.size !== undefined, true);
+    return new RawDevice(store, size, readOnly, offset, options.rawWindow.size !== undefined, true, guard);
   },
   async create(store: ByteStore, options: CreateOptions) {
     if (options.backingFile) throw unsupported("raw images cannot have a backing file ('backing_file' is not an option of raw)");
