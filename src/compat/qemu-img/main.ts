@@ -40,7 +40,7 @@ const SPECS: Record<string, { short: string; longs: LongOption[] }> = {
   },
   info: { short: ':f:hU', longs: [...COMMON, long('format', true, 'f'), long('output', true), long('backing-chain', false)] },
   map: { short: ':f:s:l:hU', longs: [...COMMON, long('format', true, 'f'), long('output', true), long('start-offset', true, 's'), long('max-length', true, 'l')] },
-  snapshot: { short: ':la:c:d:f:hqU', longs: COMMON },
+  snapshot: { short: ':la:c:d:hqU', longs: COMMON },
   rebase: { short: ':hf:F:b:upt:T:qU', longs: COMMON },
   resize: { short: ':f:hq', longs: [...COMMON, long('preallocation', true), long('shrink', false)] },
   amend: { short: ':ho:f:t:pq', longs: [...COMMON, long('force', false)] },
