@@ -153,7 +153,7 @@ run_one() {
   # for the clean-up below, then becomes timeout, which signals its whole group when time is up.
   (cd "$iot" && TEST_DIR=$scratch/$t QEMU_PROG=$vm_prog QSD_PROG=$qsd_prog QEMU_IMG_PROG=$img \
       QEMU_IO_PROG=$io QEMU_NBD_PROG=$(command -v qemu-nbd) \
-      setsid -w bash -c 'echo $$ > "$0"; shift; exec timeout -k 10 "$@"' "$group" \
+      setsid -w bash -c 'echo $$ > "$0"; exec timeout -k 10 "$@"' "$group" \
       "$timeout" ./check -j 1 "$@" "$t") > "$log" 2>&1 || rc=$?
   # Whatever of that group outlived ./check (a QEMU the test never shut down) goes now.
   [ ! -s "$group" ] || kill -KILL -- "-$(cat "$group")" 2>/dev/null || true
@@ -199,7 +199,9 @@ run_check() {
   FAILED=()
   for t in "${tests[@]}"; do
     # With one job, ./check writes a test's result on its "started" line (no newline between).
-    if grep -Eq "(^|[[:space:]])$t +pass( |$)" "$log"; then :
+    # A test whose ./check was killed failed, even if it printed its pass before the time was up.
+    if grep -Eq "(^|[[:space:]])$t +timed out " "$log"; then FAILED+=("$t")
+    elif grep -Eq "(^|[[:space:]])$t +pass( |$)" "$log"; then :
     elif grep -Eq "(^|[[:space:]])$t +not run " "$log"; then NOTRUN+=("$t")
     else FAILED+=("$t"); fi
   done
