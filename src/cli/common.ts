@@ -78,9 +78,12 @@ export async function openForCli(file: string, flags: ImageFlags, extra: NodeOpe
   const special = openPolicy.openName?.(file) ?? (await nbdOpener(file));
   const open = special ? (_name: string, o: NodeOpenOptions) => special(o) : openImage;
   const { openName, refuseMalformedBitmaps } = openPolicy;
+  // Backing files named in the persona's own way (QEMU's json:{...}) open as the persona opens
+  // them, and so do the backing files of those: a json:{...} name's image has its own chain.
+  const openBackingName: NodeOpenOptions['openBackingName'] =
+    openName && ((name, o) => openName(name)?.({ ...o, refuseMalformedBitmaps, forceShare: flags.forceShare, openBackingName }));
   return open(file, {
-    // Backing files named in the persona's own way (QEMU's json:{...}) open as the persona opens them.
-    openBackingName: openName && ((name, o) => openName(name)?.({ ...o, refuseMalformedBitmaps, forceShare: flags.forceShare })),
+    openBackingName,
     format: flags.format,
     password: await readPasswordFile(flags.passwordFile),
     confineToFolder: confine,

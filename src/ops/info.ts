@@ -131,8 +131,10 @@ export function snapshotTable(snaps: Record<string, unknown>[]): string {
     const secs = Math.floor(clockNs / 1e9);
     const clock = `${p2(Math.floor(secs / 3600))}:${p2(Math.floor(secs / 60) % 60)}:${p2(secs % 60)}.${String(Math.floor((clockNs % 1e9) / 1e6)).padStart(3, '0')}`;
     const icount = s.icount === undefined ? '' : String(s.icount);
+    // The widths of the header, but a space always follows the ID and the name: a name longer than
+    // its column stays apart from the VM state size, as with qemu-img.
     rows.push(
-      `${String(s.id).padEnd(10)}${String(s.name).padEnd(18)}${formatSize(Number(s['vm-state-size'])).padStart(7)}${dateStr.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}`,
+      `${String(s.id).padEnd(9)} ${String(s.name).padEnd(16)} ${formatSize(Number(s['vm-state-size'])).padStart(8)}${dateStr.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}`,
     );
   }
   return rows.join('\n');

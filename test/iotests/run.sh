@@ -17,11 +17,14 @@
 # Usage: test/iotests/run.sh [--vm] [--config qcow2|qcow2-v2|qcow]... [--no-baseline] [TEST...]
 #   QCOW_IOTESTS_DIR  where the extracted tests live (default: .cache/iotests in the repo)
 #   QCOW_IOTESTS_JOBS parallel tests per run (default 2)
+#   QCOW_IOTESTS_TIMEOUT  --vm only: seconds one test may take before it is killed, with the QEMU
+#                     it started, and counted as failed (default 900)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 dir=${QCOW_IOTESTS_DIR:-$root/.cache/iotests}
 jobs=${QCOW_IOTESTS_JOBS:-2}
+timeout=${QCOW_IOTESTS_TIMEOUT:-900}
 
 configs=()
 baseline=1
@@ -32,7 +35,7 @@ while [ $# -gt 0 ]; do
     --config) configs+=("$2"); shift 2 ;;
     --no-baseline) baseline=0; shift ;;
     --vm) vm=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     -*) echo "iotests: unknown option $1" >&2; exit 2 ;;
     *) only+=("$1"); shift ;;
   esac
@@ -134,6 +137,49 @@ read -r -a targets <<< "$(grep -v '^#' "$targets_file" | tr '\n' ' ')"
 
 passing_for() { sed -n "s/^$1:\(.*\)$/\1/p" "$passing_file"; }
 
+# run_one LOG IMG_PROG IO_PROG TEST CHECK_ARGS...
+# One ./check of one test in a session of its own, with TEST_DIR $scratch/TEST (as ./check -j N
+# gives each test). ./check has no time limit, and a VM test can hang (055 once waited 15 minutes on
+# a request held at a blkdebug breakpoint); after $timeout seconds the whole session (./check, the
+# test, the QEMU and storage daemon it started) gets SIGTERM, then SIGKILL: a QEMU left behind
+# would keep holding its image's lock and fail the tests after it. The log then says so in one line.
+run_one() {
+  local log=$1 img=$2 io=$3 t=$4
+  shift 4
+  mkdir -p "$scratch/$t"
+  local rc=0 group=$scratch/$t.group
+  rm -f "$group"
+  # The new session's first process writes its id (that of the session and of its process group)
+  # for the clean-up below, then becomes timeout, which signals its whole group when time is up.
+  (cd "$iot" && TEST_DIR=$scratch/$t QEMU_PROG=$vm_prog QSD_PROG=$qsd_prog QEMU_IMG_PROG=$img \
+      QEMU_IO_PROG=$io QEMU_NBD_PROG=$(command -v qemu-nbd) \
+      setsid -w bash -c 'echo $$ > "$0"; exec timeout -k 10 "$@"' "$group" \
+      "$timeout" ./check -j 1 "$@" "$t") > "$log" 2>&1 || rc=$?
+  # Whatever of that group outlived ./check (a QEMU the test never shut down) goes now.
+  [ ! -s "$group" ] || kill -KILL -- "-$(cat "$group")" 2>/dev/null || true
+  rm -f "$group"
+  if [ $rc = 124 ] || [ $rc = 137 ]; then
+    echo "$t  timed out after ${timeout}s (killed with the QEMU it started)" >> "$log"
+    echo "iotests: $t timed out after ${timeout}s through $(basename "$(dirname "$img")")/$(basename "$img"); killed with the QEMU it started" >&2
+  fi
+}
+
+# run_check_each LOG IMG_PROG IO_PROG CHECK_ARGS...: run_one for each test of `tests`, $jobs at a
+# time, their logs joined into LOG in the order of `tests`.
+run_check_each() {
+  local log=$1 img=$2 io=$3
+  shift 3
+  local t running=0
+  for t in "${tests[@]}"; do
+    if [ $running -ge "$jobs" ]; then wait -n || true; running=$((running - 1)); fi
+    run_one "$log.$t" "$img" "$io" "$t" "$@" &
+    running=$((running + 1))
+  done
+  wait || true
+  : > "$log"
+  for t in "${tests[@]}"; do cat "$log.$t" >> "$log"; rm -f "$log.$t"; done
+}
+
 # run_check LABEL IMG_PROG IO_PROG CHECK_ARGS...
 # Runs the tests of the array `tests` (all targets unless set otherwise). Sets NOTRUN (tests
 # ./check skipped as not suitable for this configuration) and FAILED (every other test that
@@ -142,14 +188,20 @@ run_check() {
   local label=$1 img=$2 io=$3
   shift 3
   local log=$dir/$label.log
-  (cd "$iot" && TEST_DIR=$scratch QEMU_PROG=$vm_prog QSD_PROG=$qsd_prog QEMU_IMG_PROG=$img QEMU_IO_PROG=$io \
-      QEMU_NBD_PROG=$(command -v qemu-nbd) ./check -j "$jobs" "$@" "${tests[@]}") > "$log" 2>&1 || true
+  if [ $vm = 1 ]; then
+    run_check_each "$log" "$img" "$io" "$@"
+  else
+    (cd "$iot" && TEST_DIR=$scratch QEMU_PROG=$vm_prog QSD_PROG=$qsd_prog QEMU_IMG_PROG=$img QEMU_IO_PROG=$io \
+        QEMU_NBD_PROG=$(command -v qemu-nbd) ./check -j "$jobs" "$@" "${tests[@]}") > "$log" 2>&1 || true
+  fi
   local t
   NOTRUN=()
   FAILED=()
   for t in "${tests[@]}"; do
     # With one job, ./check writes a test's result on its "started" line (no newline between).
-    if grep -Eq "(^|[[:space:]])$t +pass( |$)" "$log"; then :
+    # A test whose ./check was killed failed, even if it printed its pass before the time was up.
+    if grep -Eq "(^|[[:space:]])$t +timed out " "$log"; then FAILED+=("$t")
+    elif grep -Eq "(^|[[:space:]])$t +pass( |$)" "$log"; then :
     elif grep -Eq "(^|[[:space:]])$t +not run " "$log"; then NOTRUN+=("$t")
     else FAILED+=("$t"); fi
   done

@@ -13,7 +13,7 @@ import { CorruptionEvent, ImageMarkedCorrupt, QcowError, UnwrittenMetadata, type
 import { getopt } from './getopt.js';
 import { qemuMessage } from '../messages.js';
 import { breakpointsOf, type Breakpoints } from '../blkdebug/breakpoints.js';
-import { ERRNO_TEXT, hexdump, humanSize, numberError, parseNumber, parsePatternByte, report, type Num } from './text.js';
+import { ERRNO_TEXT, hexdump, nbdErrnoName, humanSize, numberError, parseNumber, parsePatternByte, report, type Num } from './text.js';
 import { splitOptionItems } from '../../cli/option-list.js';
 import { corruptionLine } from '../corruption-line.js';
 
@@ -100,6 +100,10 @@ export function errnoOf(e: unknown): Errno {
   const code = (e as NodeJS.ErrnoException | undefined)?.code;
   if (code && code in ERRNO_TEXT) return code as Errno;
   if (code === 'EOPNOTSUPP') return 'ENOTSUP';
+  // A request an NBD server failed (NbdClient): its error value is the errno, as QEMU reads it
+  // (a server refuses a read of a fleecing snapshot's unbacked part with EINVAL, not EIO).
+  const nbd = (e as { errno?: unknown } | undefined)?.errno;
+  if (code === undefined && typeof nbd === 'number' && nbd > 0) return nbdErrnoName(nbd);
   return 'EIO';
 }
 

@@ -191,8 +191,13 @@ function childOf(o: Record<string, string>, prefix: string): Record<string, stri
  */
 const QEMU_OPEN_RULES = {
   refuseMalformedBitmaps: true,
-  openBackingName: (name: string, o: { format: string | undefined; readOnly: boolean }) => jsonOpenerFor(name)?.({ ...o, refuseMalformedBitmaps: true }),
+  openBackingName: qemuBackingName,
 } as const;
+
+/** A backing file named in QEMU's ways, whose own backing files may be named so too. */
+function qemuBackingName(name: string, o: { format: string | undefined; readOnly: boolean }): Promise<BlockDevice> | undefined {
+  return jsonOpenerFor(name)?.({ ...o, refuseMalformedBitmaps: true, openBackingName: qemuBackingName });
+}
 
 /** Opens images for the engine: -o/--image-opts keys, secrets, -s overlays. */
 export class NodeOpener implements Opener {

@@ -166,4 +166,32 @@ export const ERRNO_TEXT = {
   EBUSY: 'Device or resource busy',
   EFBIG: 'File too large',
   ENOMEDIUM: 'No medium found',
+  ENOMEM: 'Cannot allocate memory',
+  EOVERFLOW: 'Value too large for defined data type',
+  ESHUTDOWN: 'Cannot send after transport endpoint shutdown',
 } as const;
+
+/**
+ * The errno a QEMU client takes an NBD error value for: the protocol's few values are Linux's
+ * numbers, and any other value counts as EINVAL (as QEMU's NBD client counts it).
+ */
+export function nbdErrnoName(value: number): keyof typeof ERRNO_TEXT {
+  switch (value) {
+    case 1:
+      return 'EPERM';
+    case 5:
+      return 'EIO';
+    case 12:
+      return 'ENOMEM';
+    case 28:
+      return 'ENOSPC';
+    case 75:
+      return 'EOVERFLOW';
+    case 95:
+      return 'ENOTSUP';
+    case 108:
+      return 'ESHUTDOWN';
+    default:
+      return 'EINVAL';
+  }
+}
