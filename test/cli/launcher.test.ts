@@ -29,7 +29,7 @@ const caches = (bundle: string) => readdirSync(dir).filter((f) => f === bundle.r
 
 test('every bundle and its code caches carry the same identity comment, and V8 accepts the caches', () => {
   assert.ok(bundles.includes('qcow.bundle.cjs') && bundles.includes('qcow.cmd-info.cjs'), bundles.join(' '));
-  assert.deepEqual(caches('qcow.cmd-convert.cjs').sort(), ['qcow.cmd-convert.cache', 'qcow.cmd-convert.to-raw.cache']);
+  assert.deepEqual(caches('qcow.cmd-convert.cjs').sort(), ['qcow.cmd-convert.cache', 'qcow.cmd-convert.qemu-img.cache', 'qcow.cmd-convert.to-raw.cache']);
   for (const [name, cacheName] of bundles.flatMap((b) => caches(b).map((c) => [b, c] as const))) {
     const source = readFileSync(join(dir, name), 'latin1');
     const cache = readFileSync(join(dir, cacheName));
@@ -74,8 +74,23 @@ test('converts into raw files take the convert cache made of such converts; othe
   assert.equal(pick('convert', '-c', 'a', 'b'), undefined);
   assert.equal(pick('convert', '-pc', 'a', 'b'), undefined);
   assert.equal(pick('convert', '--compress', 'a', 'b'), undefined);
-  assert.equal(pick('--persona=qemu-img', 'convert', '-O', 'raw', 'a', 'b'), undefined);
   assert.equal(pick('info', 'a'), undefined);
+});
+
+test('the qemu-img persona\'s command lines take a cache of the persona\'s runs; the bundle\'s own holds none of its code', () => {
+  const pick = (...args: string[]) => cacheVariantFor(['node', 'qcow', ...args]);
+  assert.equal(pick('--persona=qemu-img', 'convert', '-O', 'raw', 'a', 'b'), 'qemu-img');
+  assert.equal(pick('--persona=qemu-img', 'info', 'a'), 'qemu-img');
+  assert.equal(pick('--persona=qemu-img', '-T', 'x', 'check', 'a'), 'qemu-img');
+  assert.equal(pick('--persona=qemu-io', '-c', 'read 0 64k', 'a'), undefined);
+  for (const name of ['info', 'check', 'convert']) assert.ok(existsSync(join(dir, `qcow.cmd-${name}.qemu-img.cache`)), name);
+  for (const name of ['info', 'check']) {
+    // The persona's own code (its option scanning, messages and output) is in its cache only:
+    // a plain command's cache is the smaller by it.
+    const own = readFileSync(join(dir, `qcow.cmd-${name}.cache`)).length;
+    const persona = readFileSync(join(dir, `qcow.cmd-${name}.qemu-img.cache`)).length;
+    assert.ok(own < persona, `${name}: ${own} ${persona}`);
+  }
 });
 
 test('a command whose bundle leaves out the others still runs them from the whole CLI when asked', async () => {
