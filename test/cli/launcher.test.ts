@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { availableParallelism, tmpdir } from 'node:os';
@@ -311,4 +311,35 @@ test('bin/qcow runs Node with its malloc tunables unless the user set their own,
     env: { ...base, GLIBC_TUNABLES: 'glibc.malloc.trim_threshold=1', QCOW_OWN_GLIBC_TUNABLES: '1' },
   });
   assert.deepEqual(JSON.parse(r.stderr.trim().split('\n').pop()!), [null, null]);
+});
+
+test('compat/qemu-img and compat/qemu-io run bin/qcow in their own shell: one sh, then Node, also through a symlink on PATH', async (t) => {
+  // A second `sh` (exec of bin/qcow) cost each compat command ~64 page faults.
+  const root = join(dir, '..', '..');
+  const links = await mkdtemp(join(tmpdir(), 'qcow-compat-'));
+  t.after(() => rm(links, { recursive: true, force: true }));
+  for (const [name, persona, version] of [
+    ['qemu-img', '--persona=qemu-img', /^qemu-img version /],
+    ['qemu-io', '--persona=qemu-io', /^qemu-io version /],
+  ] as const) {
+    const launcherPath = join(root, 'compat', name);
+    symlinkSync(launcherPath, join(links, name));
+    // `sh -x` traces this shell only: bin/qcow's lines are in it when it runs here, and Node is
+    // what it starts.
+    for (const path of [launcherPath, join(links, name)]) {
+      const r = await run('sh', ['-x', path, '--version']);
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stdout, version);
+      const execs = r.stderr.split('\n').filter((l) => /^\++ exec /.test(l));
+      assert.equal(execs.length, 1, r.stderr);
+      assert.match(execs[0]!, new RegExp(`^\\++ exec node --no-concurrent-recompilation \\S*bin/qcow\\.cjs ${persona} --version$`));
+    }
+    // Found by name on PATH, as users and test suites run it.
+    const r = await run(name, ['--version'], { env: { ...process.env, PATH: `${links}:${process.env.PATH}` } });
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, version);
+  }
+  // A qcow_bin_dir in the environment that names no launcher does not mislead bin/qcow.
+  const own = await run(QCOW_BIN, ['--version'], { env: { ...process.env, qcow_bin_dir: '/nonexistent' } });
+  assert.equal(own.code, 0, own.stderr);
 });
