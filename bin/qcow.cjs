@@ -38,7 +38,9 @@ function bundleFor(argv) {
 }
 
 /**
- * Which of its bundle's code caches a command line takes, beside the bundle's own: 'to-raw' for
+ * Which of its bundle's code caches a command line takes, beside the bundle's own: 'qemu-img' for
+ * the qemu-img persona's command lines (made of the persona's runs only, where the bundle's own
+ * cache holds none of the persona's code: see build-cli.mjs, PERSONA_VARIANT), 'to-raw' for
  * a `convert` into a raw file without -c (-O raw, or no -O: raw is the default). That cache holds
  * what converts from qcow2 (plain and zlib) into raw files ran, 393 KB against the 559 KB of
  * the whole convert cache, whose qcow2 and qcow writers such a convert never runs, and V8 unpacks
@@ -46,9 +48,10 @@ function bundleFor(argv) {
  * ~6M fewer instructions and ~3 ms less CPU (2026-12-06, against the whole cache). Other converts
  * keep the whole cache: compiling the writers from source cost a qcow2 target ~6 ms more than
  * unpacking them. A guess that is wrong costs time only, so anything unclear (a cluster of short
- * options with c or O in it, the qemu-img persona) takes the whole cache. Undefined: the bundle's own.
+ * options with c or O in it) takes the whole cache. Undefined: the bundle's own.
  */
 function cacheVariantFor(argv) {
+  if (argv[2] === '--persona=qemu-img') return 'qemu-img';
   if (argv[2] !== 'convert') return undefined;
   for (let i = 3; i < argv.length; i++) {
     const a = argv[i];

@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { availableParallelism, tmpdir } from 'node:os';
@@ -29,7 +29,7 @@ const caches = (bundle: string) => readdirSync(dir).filter((f) => f === bundle.r
 
 test('every bundle and its code caches carry the same identity comment, and V8 accepts the caches', () => {
   assert.ok(bundles.includes('qcow.bundle.cjs') && bundles.includes('qcow.cmd-info.cjs'), bundles.join(' '));
-  assert.deepEqual(caches('qcow.cmd-convert.cjs').sort(), ['qcow.cmd-convert.cache', 'qcow.cmd-convert.to-raw.cache']);
+  assert.deepEqual(caches('qcow.cmd-convert.cjs').sort(), ['qcow.cmd-convert.cache', 'qcow.cmd-convert.qemu-img.cache', 'qcow.cmd-convert.to-raw.cache']);
   for (const [name, cacheName] of bundles.flatMap((b) => caches(b).map((c) => [b, c] as const))) {
     const source = readFileSync(join(dir, name), 'latin1');
     const cache = readFileSync(join(dir, cacheName));
@@ -74,8 +74,23 @@ test('converts into raw files take the convert cache made of such converts; othe
   assert.equal(pick('convert', '-c', 'a', 'b'), undefined);
   assert.equal(pick('convert', '-pc', 'a', 'b'), undefined);
   assert.equal(pick('convert', '--compress', 'a', 'b'), undefined);
-  assert.equal(pick('--persona=qemu-img', 'convert', '-O', 'raw', 'a', 'b'), undefined);
   assert.equal(pick('info', 'a'), undefined);
+});
+
+test('the qemu-img persona\'s command lines take a cache of the persona\'s runs; the bundle\'s own holds none of its code', () => {
+  const pick = (...args: string[]) => cacheVariantFor(['node', 'qcow', ...args]);
+  assert.equal(pick('--persona=qemu-img', 'convert', '-O', 'raw', 'a', 'b'), 'qemu-img');
+  assert.equal(pick('--persona=qemu-img', 'info', 'a'), 'qemu-img');
+  assert.equal(pick('--persona=qemu-img', '-T', 'x', 'check', 'a'), 'qemu-img');
+  assert.equal(pick('--persona=qemu-io', '-c', 'read 0 64k', 'a'), undefined);
+  for (const name of ['info', 'check', 'convert']) assert.ok(existsSync(join(dir, `qcow.cmd-${name}.qemu-img.cache`)), name);
+  for (const name of ['info', 'check']) {
+    // The persona's own code (its option scanning, messages and output) is in its cache only:
+    // a plain command's cache is the smaller by it.
+    const own = readFileSync(join(dir, `qcow.cmd-${name}.cache`)).length;
+    const persona = readFileSync(join(dir, `qcow.cmd-${name}.qemu-img.cache`)).length;
+    assert.ok(own < persona, `${name}: ${own} ${persona}`);
+  }
 });
 
 test('a command whose bundle leaves out the others still runs them from the whole CLI when asked', async () => {
@@ -296,4 +311,35 @@ test('bin/qcow runs Node with its malloc tunables unless the user set their own,
     env: { ...base, GLIBC_TUNABLES: 'glibc.malloc.trim_threshold=1', QCOW_OWN_GLIBC_TUNABLES: '1' },
   });
   assert.deepEqual(JSON.parse(r.stderr.trim().split('\n').pop()!), [null, null]);
+});
+
+test('compat/qemu-img and compat/qemu-io run bin/qcow in their own shell: one sh, then Node, also through a symlink on PATH', async (t) => {
+  // A second `sh` (exec of bin/qcow) cost each compat command ~64 page faults.
+  const root = join(dir, '..', '..');
+  const links = await mkdtemp(join(tmpdir(), 'qcow-compat-'));
+  t.after(() => rm(links, { recursive: true, force: true }));
+  for (const [name, persona, version] of [
+    ['qemu-img', '--persona=qemu-img', /^qemu-img version /],
+    ['qemu-io', '--persona=qemu-io', /^qemu-io version /],
+  ] as const) {
+    const launcherPath = join(root, 'compat', name);
+    symlinkSync(launcherPath, join(links, name));
+    // `sh -x` traces this shell only: bin/qcow's lines are in it when it runs here, and Node is
+    // what it starts.
+    for (const path of [launcherPath, join(links, name)]) {
+      const r = await run('sh', ['-x', path, '--version']);
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stdout, version);
+      const execs = r.stderr.split('\n').filter((l) => /^\++ exec /.test(l));
+      assert.equal(execs.length, 1, r.stderr);
+      assert.match(execs[0]!, new RegExp(`^\\++ exec node --no-concurrent-recompilation \\S*bin/qcow\\.cjs ${persona} --version$`));
+    }
+    // Found by name on PATH, as users and test suites run it.
+    const r = await run(name, ['--version'], { env: { ...process.env, PATH: `${links}:${process.env.PATH}` } });
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, version);
+  }
+  // A qcow_bin_dir in the environment that names no launcher does not mislead bin/qcow.
+  const own = await run(QCOW_BIN, ['--version'], { env: { ...process.env, qcow_bin_dir: '/nonexistent' } });
+  assert.equal(own.code, 0, own.stderr);
 });

@@ -14,7 +14,7 @@ import { MemoryStore } from '#src/storage/memory.js';
 import type { ByteStore } from '#src/storage/types.js';
 import { checkQcow2 } from '#src/formats/qcow2/check.js';
 import { createSnapshot } from '#src/formats/qcow2/snapshot-write.js';
-import { encodeStoredSnapshotTable, readSnapshotTable, readStoredSnapshotTable } from '#src/formats/qcow2/snapshot-table.js';
+import { encodeStoredSnapshotTable, readSnapshotTable, readStoredSnapshotTable, type StoredSnapshot } from '#src/formats/qcow2/snapshot-table.js';
 import type { Qcow2Device } from '#src/formats/qcow2/qcow2.js';
 
 const be = (b: Uint8Array) => new DataView(b.buffer, b.byteOffset, b.byteLength);
@@ -169,4 +169,52 @@ test('check -r all completes incomplete entries (one cut short, one the count ad
   assert.equal(snaps.length, 3);
   assert.equal(snaps[0]!.name, 's1');
   assert.equal(snaps[2]!.diskSize, 1 << 20);
+});
+
+test('a snapshot table is read in windows that start small and grow, never past the end of the file', async () => {
+  // Every image with a snapshot reads its table when it opens; a table of one entry read into a
+  // 256 KiB window cost each command the zeroed window's pages.
+  const entry = (i: number): StoredSnapshot => ({
+    l1TableOffset: 0x10000n,
+    l1Size: 1,
+    id: new TextEncoder().encode(String(i + 1)),
+    name: new TextEncoder().encode(`snapshot-${i}-${'x'.repeat(i % 50)}`),
+    dateSec: i,
+    dateNsec: 0,
+    vmClockNsec: 0n,
+    vmStateSize: 0n,
+    extraDataSize: 24,
+    unknownExtra: new Uint8Array(0),
+  });
+  const at = 8192;
+  for (const count of [1, 4000]) {
+    const table = encodeStoredSnapshotTable(Array.from({ length: count }, (_, i) => entry(i)), 1 << 20);
+    const bytes = new Uint8Array(at + table.length);
+    bytes.set(table, at);
+    const inner = new MemoryStore(bytes, { readOnly: true });
+    const reads: Array<[number, number]> = [];
+    const store: ByteStore = {
+      name: inner.name,
+      readOnly: true,
+      size: () => inner.size(),
+      read: (o, b) => {
+        reads.push([o, b.length]);
+        return inner.read(o, b);
+      },
+      write: (o, b) => inner.write(o, b),
+      truncate: (n) => inner.truncate(n),
+      close: () => inner.close(),
+      flush: () => inner.flush(),
+    };
+    const got = await readStoredSnapshotTable(store, count, at, bytes.length, { repair: false });
+    assert.deepEqual(
+      got.snapshots.map((s) => new TextDecoder().decode(s.name)),
+      Array.from({ length: count }, (_, i) => new TextDecoder().decode(entry(i).name)),
+    );
+    assert.equal(got.size, table.length);
+    assert.ok(reads[0]![1] <= 4096, `first read ${reads[0]![1]} bytes`);
+    for (const [o, n] of reads) assert.ok(o + n <= bytes.length && n <= 256 * 1024, `read ${n} at ${o}`);
+    if (count === 1) assert.equal(reads.length, 1);
+    else assert.ok(reads.length < 16, `${reads.length} reads`);
+  }
 });
