@@ -174,23 +174,29 @@ static void loop_execute(napi_env env, void *data) {
       continue;
     }
     size_t run = (size_t)-1; /* start of the data run in this piece */
-    for (size_t b = p; b < pe; b += u) {
-      size_t be = b + u < pe ? b + u : pe;
+    for (size_t b = p; b < pe;) {
       while (ee <= b && ei + 1 < job->count) {
         ei++;
         ee += (size_t)job->ext[3 * ei + 2];
       }
-      int known = ei < job->count && job->ext[3 * ei] < 0 && be <= ee;
-      if (!known && !zero_block(job->buf + b, be - b)) {
-        if (run == (size_t)-1) run = b;
-        continue;
+      /* Blocks starting in this extent: those of a data extent are scanned (a word of each, most
+       * of the time) in a loop of their own; those of a zero extent are zeros without a look when
+       * they end inside it. */
+      int zero_ext = ei < job->count && job->ext[3 * ei] < 0;
+      size_t lim = ee < pe && ee > b ? ee : pe;
+      for (; b < lim; b += u) {
+        size_t be = b + u < pe ? b + u : pe;
+        if (!(zero_ext && be <= ee) && !zero_block(job->buf + b, be - b)) {
+          if (run == (size_t)-1) run = b;
+          continue;
+        }
+        if (run != (size_t)-1) {
+          if (!write_at(job, run, b)) return;
+          record(job, 1, run, b);
+          run = (size_t)-1;
+        }
+        if (!zero_target) record(job, 0, b, be);
       }
-      if (run != (size_t)-1) {
-        if (!write_at(job, run, b)) return;
-        record(job, 1, run, b);
-        run = (size_t)-1;
-      }
-      if (!zero_target) record(job, 0, b, be);
     }
     if (run != (size_t)-1) {
       if (!write_at(job, run, pe)) return;

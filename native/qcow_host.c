@@ -14,6 +14,9 @@
  *                                     source ends; a Promise of the bytes copied. Runs on libuv's
  *                                     thread pool: the kernel copies the data (or shares the
  *                                     blocks, on file systems that can), which takes time.
+ *   copyExtents(buf, extents, count, dstFd, dstOffset, length, unit, flags, runs)
+ *                                     The copy loop of one item of a plain convert into a raw
+ *                                     file, on libuv's thread pool: see native/copy_loop.c.
  *   spliceToPipe(fdIn, offIn, pipe, len)
  *                                     splice(2) [offIn, +len) of the file `fdIn` into the pipe
  *                                     `pipe` until `len` bytes are moved or the file ends; a

@@ -181,3 +181,18 @@ test('a write failing mid-copy (EFBIG past the file size limit) is one error lin
   assert.equal(ok.code, 0, ok.stderr);
   assert.ok(Buffer.compare(await readFile(src), await readFile(join(dir, 'whole.raw'))) === 0);
 });
+
+test('an abort stops the loop between items with QCOW_ABORTED', withLoop, async (t) => {
+  const dir = await scratch(t);
+  const srcPath = await mixedRaw(dir);
+  await using src = await openImage(srcPath, { format: 'raw', readOnly: true });
+  await createImage(join(dir, 'a.raw'), { format: 'raw', size: src.size });
+  await using dst = await openImage(join(dir, 'a.raw'), { format: 'raw' });
+  const spy = await spyLoop(dst);
+  const stop = new AbortController();
+  await assert.rejects(
+    convert([src], dst, { targetIsZero: true, signal: stop.signal, onProgress: (done) => done > 0 && stop.abort() }),
+    (e: unknown) => e instanceof Error && (e as { code?: string }).code === 'QCOW_ABORTED',
+  );
+  assert.ok(spy.runs > 0);
+});
