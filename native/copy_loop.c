@@ -186,7 +186,9 @@ static void loop_execute(napi_env env, void *data) {
       size_t lim = ee < pe && ee > b ? ee : pe;
       for (; b < lim; b += u) {
         size_t be = b + u < pe ? b + u : pe;
-        if (!(zero_ext && be <= ee) && !zero_block(job->buf + b, be - b)) {
+        uint64_t head = 0;
+        if (!zero_ext && be - b >= 8) memcpy(&head, job->buf + b, 8);
+        if (head || (!(zero_ext && be <= ee) && !zero_block(job->buf + b, be - b))) {
           if (run == (size_t)-1) run = b;
           continue;
         }
