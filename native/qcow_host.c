@@ -14,6 +14,9 @@
  *                                     source ends; a Promise of the bytes copied. Runs on libuv's
  *                                     thread pool: the kernel copies the data (or shares the
  *                                     blocks, on file systems that can), which takes time.
+ *   copyExtents(buf, extents, count, dstFd, dstOffset, length, unit, flags, runs)
+ *                                     The copy loop of one item of a plain convert into a raw
+ *                                     file, on libuv's thread pool: see native/copy_loop.c.
  *   spliceToPipe(fdIn, offIn, pipe, len)
  *                                     splice(2) [offIn, +len) of the file `fdIn` into the pipe
  *                                     `pipe` until `len` bytes are moved or the file ends; a
@@ -207,6 +210,11 @@ static napi_value errno_error(napi_env env, int err, const char *syscall) {
   CHECK(napi_set_named_property(env, error, "syscall", sys));
   return error;
 }
+
+/* For the other sources of the addon (copy_loop.c). */
+napi_value qcow_errno_error(napi_env env, int err, const char *syscall) { return errno_error(env, err, syscall); }
+/* copy_loop.c: the native copy loop of plain converts into raw (described there). */
+napi_value qcow_copy_extents(napi_env env, napi_callback_info info);
 
 static napi_value throw_errno(napi_env env, int err, const char *syscall) {
   napi_value error = errno_error(env, err, syscall);
@@ -1479,6 +1487,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
     {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
     {"copyFileRange", NULL, copy_file_range_async, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"copyExtents", NULL, qcow_copy_extents, NULL, NULL, NULL, napi_enumerable, NULL},
     {"spliceToPipe", NULL, splice_to_pipe, NULL, NULL, NULL, napi_enumerable, NULL},
     {"writeBehind", NULL, write_behind, NULL, NULL, NULL, napi_enumerable, NULL},
     {"blockRunEnd", NULL, block_run_end, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -11,6 +11,12 @@ export function nativeContiguousEntries(): ContiguousEntries | undefined {
   return undefined;
 }
 
+export type CopyExtents = (buf: Uint8Array, extents: Float64Array, count: number, dstFd: number, dstOffset: number, length: number, unit: number, flags: number, runs: Float64Array) => Promise<number>;
+
+export function nativeCopyExtents(): CopyExtents | undefined {
+  return undefined;
+}
+
 export function hugePageBuffers(): Uint8Array[] | undefined {
   return undefined;
 }

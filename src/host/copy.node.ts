@@ -35,6 +35,13 @@ export function nativeContiguousEntries(): ContiguousEntries | undefined {
   return entries ?? undefined;
 }
 
+export type CopyExtents = NonNullable<HostAddon['copyExtents']>;
+
+/** The addon's copyExtents (ops/native-copy.ts), or undefined without it (or QCOW_NO_NATIVE=1). */
+export function nativeCopyExtents(): CopyExtents | undefined {
+  return hostAddon()?.copyExtents;
+}
+
 const HUGE = 2 * 1024 * 1024;
 const WASM_PAGE = 65536;
 

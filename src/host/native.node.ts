@@ -32,6 +32,16 @@ export interface HostAddon {
    */
   copyFileRange?(fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, length: number): Promise<number>;
   /**
+   * The copy loop of one item of a plain convert into a raw file, on libuv's thread pool
+   * (native/copy_loop.c, ops/native-copy.ts): `count` triples [srcFd or -1 for zeros, srcOffset,
+   * bytes] in `extents` read into `buf`, scanned for zero blocks of `unit` bytes and written at
+   * `dstOffset` of `dstFd` as convert's chunkWrites would (`flags` 1: the target reads as zeros,
+   * 2: -S 0). Resolves with the count of [kind, offset, bytes] records put into `runs` (kind 1
+   * written, 0 zeros left to the caller). Rejects with the errno's name as `code`, `syscall`
+   * and the failing descriptor as `fd`.
+   */
+  copyExtents?(buf: Uint8Array, extents: Float64Array, count: number, dstFd: number, dstOffset: number, length: number, unit: number, flags: number, runs: Float64Array): Promise<number>;
+  /**
    * splice(2) [offsetIn, +length) of the file `fdIn` into the pipe `pipe` on libuv's thread pool,
    * looping until `length` bytes are moved or the file ends: resolves with the bytes moved. The
    * pipe holds the file's page-cache pages, not copies. Rejects with the errno's name as `code`

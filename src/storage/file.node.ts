@@ -103,6 +103,8 @@ export class FileStore implements ByteStore {
   readonly allocate?: (offset: number, length: number) => Promise<void>;
   /** Copy offload to another FileStore, present only where the addon has copy_file_range. */
   readonly copyTo?: (target: ByteStore, from: number, to: number, length: number) => Promise<number>;
+  /** See ByteStore.directFd; present where the addon has the native copy loop. */
+  readonly directFd?: (write: boolean) => number | undefined;
   /** Into a pipe with splice, present only where the addon has it. */
   readonly spliceTo?: (pipe: number, from: number, length: number) => Promise<number>;
   /** See ByteStore.sendCached; present where the addon has sendFileCached (dropped when the kernel cannot). */
@@ -138,6 +140,7 @@ export class FileStore implements ByteStore {
     }
     const copy = addon.copyFileRange;
     if (copy) this.copyTo = (target, from, to, length) => this.copyFileRange(copy, target, from, to, length);
+    if (addon.copyExtents) this.directFd = (write) => (this.closed || (write && (this.readOnly || this.syncEachWrite)) ? undefined : this.fd);
     const splice = addon.spliceToPipe;
     if (splice) this.spliceTo = (pipe, from, length) => this.spliceToPipe(splice, pipe, from, length);
     if (readOnly) return;
@@ -382,6 +385,11 @@ export class FileStore implements ByteStore {
    */
   writeInline(): void {
     this.inlineWrites = true;
+  }
+
+  /** See ByteStore.wroteDirectly: as writeOnce does after a large write. */
+  wroteDirectly(offset: number, length: number): void {
+    if (this.behind && length >= SERIAL_WRITE_MIN) this.behind.wrote(offset, length);
   }
 
   /** A write that moved fewer bytes than asked (the OS wrote nothing more) is an I/O error. */

@@ -50,6 +50,18 @@ export interface ByteStore {
    */
   copyTo?(target: ByteStore, from: number, to: number, length: number): Promise<number>;
   /**
+   * The host file descriptor behind this store, for a native copy loop (ops/native-copy.ts) that
+   * reads it, or writes it when `write` is true, with its own system calls instead of read() and
+   * write(). Undefined where that must not be done: a closed store, and for writing a read-only
+   * store or one whose writes must each be flushed. Absent without the host addon.
+   */
+  directFd?(write: boolean): number | undefined;
+  /**
+   * A native loop wrote [offset, offset + length) through directFd: the bookkeeping write() does
+   * after a write (FileStore's write-behind).
+   */
+  wroteDirectly?(offset: number, length: number): void;
+  /**
    * Move [from, from + length) of this store into the pipe `pipe` (a file descriptor) without the
    * bytes passing through JavaScript (splice: the pipe takes the page cache's pages, the reader's
    * read is the only copy). Resolves with the bytes moved: fewer when the store ends first, or
