@@ -82,17 +82,22 @@ test('convert round-trips every pair of formats: qemu reads the source bytes fro
 
 test('convert to qcow2 lays clusters out in guest order: the file is byte-identical to qemu-img convert', needs('qemu-img'), async (t) => {
   // Several chunks are written at once; their clusters must still be allocated in guest order.
+  // L2 tables and refcount blocks must land where qemu-img puts them too, also where one item
+  // needs several of them (4 KiB clusters, 64-bit counts).
   const dir = await scratch(t);
   const data = new Uint8Array(24 * MiB);
   for (let m = 0; m < 24; m++) if (m % 3 !== 1) data.set(randomBytes(MiB, 100 + m), m * MiB);
   const raw = join(dir, 'src.raw');
   await writeFile(raw, data);
-  for (const opts of [[], ['-o', 'cluster_size=4096'], ['-o', 'compat=0.10']]) {
+  const options = [[], ['-o', 'cluster_size=4096'], ['-o', 'compat=0.10'], ['-o', 'cluster_size=4096,refcount_bits=64'], ['-o', 'cluster_size=2M'], ['-o', 'extended_l2=on'], ['-o', 'preallocation=metadata']];
+  for (const opts of options) {
     const ours = join(dir, 'ours.qcow2');
     const theirs = join(dir, 'theirs.qcow2');
     await qcowOk(['convert', '-f', 'raw', '-O', 'qcow2', ...opts, raw, ours]);
     await qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', ...opts, raw, theirs]);
     assert.ok(Buffer.compare(await readFile(ours), await readFile(theirs)) === 0, `qcow2 ${opts.join(' ')}: files differ`);
+    await qemuImg(['check', '-q', ours]);
+    await qemuImg(['compare', '-q', '-f', 'raw', '-F', 'qcow2', raw, ours]);
   }
 });
 
