@@ -33,6 +33,8 @@
 
 /* qcow_host.c's: the Error for an errno, named as node:fs names them. */
 napi_value qcow_errno_error(napi_env env, int err, const char *syscall);
+/* qcow_host.c's zero scan (blockRunEnd's): 1 when the n bytes at p are all zero. */
+int qcow_all_zero(const unsigned char *p, size_t n);
 
 /* About the size of a core's L2 cache share: a piece is read, scanned and written while there. */
 #define PIECE (1024 * 1024)
@@ -53,28 +55,6 @@ typedef struct {
   int err, err_fd;
   const char *syscall;
 } loop_job;
-
-static int zero_block(const unsigned char *p, size_t n) {
-  size_t i = 0;
-  uint64_t w;
-  /* Data mostly shows in its first bytes. */
-  if (n >= 8) {
-    memcpy(&w, p, 8);
-    if (w) return 0;
-  }
-  for (; i + 64 <= n; i += 64) {
-    uint64_t a[8];
-    memcpy(a, p + i, 64);
-    if ((a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7]) != 0) return 0;
-  }
-  for (; i + 8 <= n; i += 8) {
-    memcpy(&w, p + i, 8);
-    if (w) return 0;
-  }
-  for (; i < n; i++)
-    if (p[i]) return 0;
-  return 1;
-}
 
 static void record(loop_job *job, int kind, size_t from, size_t to) {
   double *last = job->nruns ? job->runs + 3 * (job->nruns - 1) : NULL;
@@ -188,7 +168,7 @@ static void loop_execute(napi_env env, void *data) {
         size_t be = b + u < pe ? b + u : pe;
         uint64_t head = 0;
         if (!zero_ext && be - b >= 8) memcpy(&head, job->buf + b, 8);
-        if (head || (!(zero_ext && be <= ee) && !zero_block(job->buf + b, be - b))) {
+        if (head || (!(zero_ext && be <= ee) && !qcow_all_zero(job->buf + b, be - b))) {
           if (run == (size_t)-1) run = b;
           continue;
         }

@@ -213,6 +213,8 @@ static napi_value errno_error(napi_env env, int err, const char *syscall) {
 
 /* For the other sources of the addon (copy_loop.c). */
 napi_value qcow_errno_error(napi_env env, int err, const char *syscall) { return errno_error(env, err, syscall); }
+static int all_zero(const unsigned char *p, size_t n);
+int qcow_all_zero(const unsigned char *p, size_t n) { return all_zero(p, n); }
 /* copy_loop.c: the native copy loop of plain converts into raw (described there). */
 napi_value qcow_copy_extents(napi_env env, napi_callback_info info);
 
