@@ -53,6 +53,9 @@ export class NativeCopy {
   static async for(target: BlockDevice, sparse: number, targetIsZero: boolean, chunk: number): Promise<NativeCopy | undefined> {
     const copy = nativeCopyExtents();
     if (!copy || target.format !== 'raw' || !target.plainExtents || target.size === 0) return undefined;
+    // A raw image opened by probing checks what is written to its block 0 (RawDevice.restrictsBlockZero),
+    // which writes straight to the descriptor would go around.
+    if ((target as { restrictsBlockZero?: boolean }).restrictsBlockZero) return undefined;
     const [whole] = await target.plainExtents(0, target.size);
     const store = whole?.store;
     const fd = store?.directFd?.(true);

@@ -29,6 +29,15 @@ export class RawDevice extends DeviceBase {
     super(store, size, readOnly);
   }
 
+  /**
+   * Whether block 0 takes only writes that leave no other format's header there (the format was
+   * probed: OpenOptions.probedHeader). Writers that go around doWrite (convert's native copy loop,
+   * copy offload) must not take such a target.
+   */
+  get restrictsBlockZero(): boolean {
+    return this.probedHeader !== undefined;
+  }
+
   protected async doRead(offset: number, into: Uint8Array): Promise<void> {
     await this.store.read(this.base + offset, into);
   }

@@ -12,6 +12,8 @@ import { MemoryStore } from '#src/storage/memory.js';
 import { QcowError } from '#src/core/errors.js';
 import { openImage as openImageWith } from '#src/chain/open.js';
 import { builtinFormats } from '#src/formats/index.js';
+import { convert } from '#src/ops/convert.js';
+import { openImage } from '#src/node-open.js';
 import type { StoreOpener } from '#src/storage/types.js';
 import { NbdClient } from '../../support/nbd-client.js';
 import { serveQcow } from '../../support/serve.js';
@@ -134,4 +136,28 @@ test('qcow io warns in its own words; qcow serve without a format refuses a head
   const info = await qemuImg(['info', '--output=json', '-U', img]);
   assert.equal(JSON.parse(info.stdout).format, 'raw');
   assert.equal((await readFile(img))[0], 0x22);
+});
+
+test('convert into a raw file opened without a format takes the checked path: a header in block 0 is refused', needs('qemu-img'), async (t) => {
+  const dir = await scratch(t);
+  const header = await qcow2Header(dir);
+  // Guest data whose first sector is a qcow2 header, in a raw image opened with its format.
+  const source = join(dir, 'guest.raw');
+  const data = new Uint8Array(4 << 20).fill(0x33);
+  data.set(header, 0);
+  await writeFile(source, data);
+  const target = join(dir, 'target.raw');
+  await writeFile(target, new Uint8Array(0));
+  await truncate(target, 4 << 20);
+  const src = await openImage(source, { format: 'raw', readOnly: true });
+  t.after(() => src.close());
+  const dst = await openImage(target, { onProbedRaw: () => undefined });
+  await assert.rejects(convert([src], dst, { targetIsZero: true }), refused).finally(() => dst.close());
+  const after = await readFile(target);
+  assert.deepEqual([...after.subarray(0, 8)], [0, 0, 0, 0, 0, 0, 0, 0]);
+  // Given as raw, the same convert goes through (the native loop where the addon is).
+  const raw = await openImage(target, { format: 'raw' });
+  await convert([src], raw, { targetIsZero: true });
+  await raw.close();
+  assert.ok((await readFile(target)).equals(Buffer.from(data)));
 });
