@@ -65,6 +65,19 @@ async function spyLoop(target: BlockDevice): Promise<{ runs: number }> {
 }
 
 /**
+ * The mixed raw image opened as a source, a new raw file of its size as the target (watched by
+ * spyLoop), both closed when the test ends.
+ */
+async function mixedIntoNewRaw(t: { after(fn: () => Promise<void>): void }, dir: string, name: string): Promise<{ src: BlockDevice; dst: BlockDevice; spy: { runs: number } }> {
+  const src = await openImage(await mixedRaw(dir), { format: 'raw', readOnly: true });
+  t.after(() => src.close());
+  await createImage(join(dir, name), { format: 'raw', size: src.size });
+  const dst = await openImage(join(dir, name), { format: 'raw' });
+  t.after(() => dst.close());
+  return { src, dst, spy: await spyLoop(dst) };
+}
+
+/**
  * Convert `source` into a new raw file twice: as a plain copy (the native loop) and with the same
  * item size asked for explicitly (`chunkSize`, which keeps convert on the TypeScript loop); `fill`
  * pre-fills the targets for a copy into an existing file (-n). Both files, and how many runs the
@@ -144,12 +157,7 @@ test('the loop is taken only for a raw target whose file it can write', withLoop
 });
 
 test('progress reaches the total through the loop', withLoop, async (t) => {
-  const dir = await scratch(t);
-  const srcPath = await mixedRaw(dir);
-  await using src = await openImage(srcPath, { format: 'raw', readOnly: true });
-  await createImage(join(dir, 'p.raw'), { format: 'raw', size: src.size });
-  await using dst = await openImage(join(dir, 'p.raw'), { format: 'raw' });
-  const spy = await spyLoop(dst);
+  const { src, dst, spy } = await mixedIntoNewRaw(t, await scratch(t), 'p.raw');
   let last: [number, number] = [0, -1];
   await convert([src], dst, { targetIsZero: true, onProgress: (done, total) => (last = [done, total]) });
   assert.ok(spy.runs > 0);
@@ -183,12 +191,7 @@ test('a write failing mid-copy (EFBIG past the file size limit) is one error lin
 });
 
 test('an abort stops the loop between items with QCOW_ABORTED', withLoop, async (t) => {
-  const dir = await scratch(t);
-  const srcPath = await mixedRaw(dir);
-  await using src = await openImage(srcPath, { format: 'raw', readOnly: true });
-  await createImage(join(dir, 'a.raw'), { format: 'raw', size: src.size });
-  await using dst = await openImage(join(dir, 'a.raw'), { format: 'raw' });
-  const spy = await spyLoop(dst);
+  const { src, dst, spy } = await mixedIntoNewRaw(t, await scratch(t), 'a.raw');
   const stop = new AbortController();
   await assert.rejects(
     convert([src], dst, { targetIsZero: true, signal: stop.signal, onProgress: (done) => done > 0 && stop.abort() }),
