@@ -6,7 +6,7 @@
  * sys of the process and every process it waited for, from GNU time's wait4 rusage), because on
  * a 2-core VM shared with other jobs the CPU seconds are the steadier comparison.
  *
- *   npm run bench -- [--reps N] [--scale F] [--only name,name] [--dir DIR] [--keep] [--rest S]
+ *   npm run bench -- [--reps N] [--scale F] [--only name,name] [--dir DIR] [--keep] [--rest S] [--machine-cpu]
  *
  * `--only 0-startup` runs only the start-up table (bench/startup.ts: every short command
  * beside `node -e 0`); `node dist-bench/startup.js` runs it with its own options.
@@ -18,10 +18,18 @@
  * back. On VMs with free page reporting (ours) memory freed a moment ago is still the guest's and
  * cheap to reuse, while memory free for a few seconds has gone back to the host and costs a host
  * fault per page on first touch; back-to-back runs measure the first case only.
+ *
+ * --machine-cpu adds, for each timed run, the busy CPU seconds of the whole machine (/proc/stat,
+ * every CPU) from its start to the end of a `sync` after it. A process's own CPU leaves out the
+ * writeback of what it wrote when the kernel's flusher threads do it, during the run or after the
+ * process ends: qemu-img leaves all of it to them, while qcow's write-behind submits much of it
+ * from its own threads (docs/performance.md, round twelve). Counting the machine charges both
+ * sides for all of it. Only meaningful on an otherwise idle machine: everything else running is
+ * counted too.
  */
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { mkdir, open, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -41,15 +49,17 @@ interface Args {
   keep: boolean;
   /** Seconds to pause before each timed run (see the top); 0 runs back to back. */
   rest: number;
+  /** Also measure the machine's busy CPU over each run and a `sync` after it (see the top). */
+  machineCpu: boolean;
 }
 
 function parseArgs(argv: string[]): Args {
   // node:util's parser: unknown options and missing values are its errors.
   const { values: o } = parseCliArgs({
     args: argv,
-    options: { reps: { type: 'string' }, scale: { type: 'string' }, only: { type: 'string' }, dir: { type: 'string' }, keep: { type: 'boolean' }, rest: { type: 'string' } },
+    options: { reps: { type: 'string' }, scale: { type: 'string' }, only: { type: 'string' }, dir: { type: 'string' }, keep: { type: 'boolean' }, rest: { type: 'string' }, 'machine-cpu': { type: 'boolean' } },
   });
-  const a: Args = { reps: Number(o.reps ?? 3), scale: Number(o.scale ?? 1), dir: o.dir ?? '', keep: o.keep ?? false, rest: Number(o.rest ?? 0) };
+  const a: Args = { reps: Number(o.reps ?? 3), scale: Number(o.scale ?? 1), dir: o.dir ?? '', keep: o.keep ?? false, rest: Number(o.rest ?? 0), machineCpu: o['machine-cpu'] ?? false };
   if (o.only !== undefined) a.only = new Set(o.only.split(','));
   if (!(a.reps >= 1) || !(a.scale > 0) || !(a.rest >= 0)) throw new Error('--reps must be >= 1, --scale > 0 and --rest >= 0');
   // Images are kept between runs (they take a while to make), one set per scale.
@@ -62,6 +72,26 @@ interface Sample {
   /** User + system CPU seconds of the process tree (0 without GNU time). */
   cpu: number;
   rssKiB: number;
+  /** With --machine-cpu: busy CPU seconds of every CPU over the run and a `sync` after it. */
+  machineCpu?: number;
+}
+
+/** Busy time of all CPUs so far, in clock ticks (/proc/stat: all but idle and iowait). */
+function machineBusyTicks(): number {
+  const cpu = readFileSync('/proc/stat', 'latin1').split('\n', 1)[0]!.trim().split(/\s+/).slice(1).map(Number);
+  const [user = 0, nice = 0, system = 0, , , irq = 0, softirq = 0, steal = 0] = cpu;
+  return user + nice + system + irq + softirq + steal;
+}
+
+/** /proc/stat counts in USER_HZ ticks, 100 a second on every Linux architecture Node runs on. */
+const TICKS_PER_SECOND = 100;
+
+/** measure(), also counting the machine's busy CPU until a `sync` after the run has returned. */
+async function measureWithMachine(cmd: string, args: string[], okCodes = [0]): Promise<Sample> {
+  const before = machineBusyTicks();
+  const sample = await measure(cmd, args, okCodes);
+  spawnSync('sync');
+  return { ...sample, machineCpu: (machineBusyTicks() - before) / TICKS_PER_SECOND };
 }
 
 /** Run a command, timing it and reading its peak RSS (GNU time when present, else /proc polling). */
@@ -139,8 +169,8 @@ interface Result {
   name: string;
   description: string;
   bytes: number;
-  ours: { median: number; rssMiB: number; runs: number[]; cpuMedian?: number; cpuRuns?: number[] };
-  theirs: { median: number; rssMiB: number; runs: number[]; cpuMedian?: number; cpuRuns?: number[] };
+  ours: { median: number; rssMiB: number; runs: number[]; cpuMedian?: number; cpuRuns?: number[]; machineCpuMedian?: number };
+  theirs: { median: number; rssMiB: number; runs: number[]; cpuMedian?: number; cpuRuns?: number[]; machineCpuMedian?: number };
   ratio: number;
   /** Median over the rounds of (our CPU seconds / theirs), the two runs of a round side by side. */
   cpuRatio?: number;
@@ -154,6 +184,8 @@ interface Result {
    * 0.5 or 2 s), so the lowest CPU of each side is the steadiest measure of its own cost.
    */
   bestCpuRatio?: number;
+  /** With --machine-cpu: median over the rounds of (our machine CPU seconds / theirs). */
+  machineCpuRatio?: number;
 }
 
 /**
@@ -370,7 +402,7 @@ async function main(): Promise<void> {
           // read part of its 1 GiB source from disk (vmstat: ~90 MB/s in, 3 s instead of 0.4).
           await warm(spec.args.filter((a) => a.startsWith(dir) && !a.startsWith(out(''))));
           if (args.rest > 0) await new Promise((resolve) => setTimeout(resolve, args.rest * 1000));
-          const sample = await measure(spec.cmd, spec.args, spec.okCodes);
+          const sample = await (args.machineCpu ? measureWithMachine : measure)(spec.cmd, spec.args, spec.okCodes);
           (who === 'ours' ? ourRuns : theirRuns).push(sample);
         }
         for (const f of 'abcdefghij') await rm(out(`${w.name.split('-')[0]}${f}`), { force: true });
@@ -396,10 +428,16 @@ async function main(): Promise<void> {
       bestRatio: Math.min(...ourRuns.map((x) => x.seconds)) / Math.min(...theirRuns.map((x) => x.seconds)),
       bestCpuRatio: tc > 0 ? Math.min(...ourRuns.map((x) => x.cpu)) / Math.min(...theirRuns.map((x) => x.cpu)) : undefined,
     };
+    if (args.machineCpu) {
+      res.ours.machineCpuMedian = median(ourRuns.map((x) => x.machineCpu ?? 0));
+      res.theirs.machineCpuMedian = median(theirRuns.map((x) => x.machineCpu ?? 0));
+      res.machineCpuRatio = pairs((x) => x.machineCpu ?? 0);
+    }
     results.push(res);
     const mbps = (sec: number) => `${(w.bytes / MiB / sec).toFixed(0)} MiB/s`;
+    const machine = res.machineCpuRatio === undefined ? '' : `  machine cpu ours ${res.ours.machineCpuMedian!.toFixed(2)}s qemu ${res.theirs.machineCpuMedian!.toFixed(2)}s ratio ${res.machineCpuRatio.toFixed(2)}`;
     console.log(
-      `${w.name.padEnd(30)} ours ${om.toFixed(3)}s cpu ${oc.toFixed(3)}s (${mbps(om)}, ${res.ours.rssMiB.toFixed(0)} MiB RSS)  qemu ${tm.toFixed(3)}s cpu ${tc.toFixed(3)}s (${mbps(tm)}, ${res.theirs.rssMiB.toFixed(0)} MiB RSS)  ratio ${res.ratio.toFixed(2)}${res.cpuRatio === undefined ? '' : ` cpu ${res.cpuRatio.toFixed(2)}`}`,
+      `${w.name.padEnd(30)} ours ${om.toFixed(3)}s cpu ${oc.toFixed(3)}s (${mbps(om)}, ${res.ours.rssMiB.toFixed(0)} MiB RSS)  qemu ${tm.toFixed(3)}s cpu ${tc.toFixed(3)}s (${mbps(tm)}, ${res.theirs.rssMiB.toFixed(0)} MiB RSS)  ratio ${res.ratio.toFixed(2)}${res.cpuRatio === undefined ? '' : ` cpu ${res.cpuRatio.toFixed(2)}`}${machine}`,
     );
   }
   if (want('0-startup')) {
@@ -436,7 +474,7 @@ async function main(): Promise<void> {
   }
   printSummary(results);
   await mkdir('bench-results', { recursive: true });
-  await writeFile('bench-results/latest.json', JSON.stringify({ date: new Date().toISOString(), reps: args.reps, scale: args.scale, rest: args.rest, results }, null, 2) + '\n');
+  await writeFile('bench-results/latest.json', JSON.stringify({ date: new Date().toISOString(), reps: args.reps, scale: args.scale, rest: args.rest, machineCpu: args.machineCpu, results }, null, 2) + '\n');
   console.log('results written to bench-results/latest.json');
   if (!args.keep) {
     for (const f of ['empty-a.qcow2', 'empty-b.qcow2']) await rm(p(f), { force: true });
@@ -474,7 +512,7 @@ function printSummary(results: Result[]): void {
     const t = target(r.name, r.bytes);
     const rssLimit = r.name.startsWith('4-') ? 200 : 300;
     const rss = r.ours.rssMiB > 0 ? `  RSS ${r.ours.rssMiB.toFixed(0)} MiB ${r.ours.rssMiB < rssLimit ? 'ok' : `OVER ${rssLimit}`}` : '';
-    console.log(`${r.name.padEnd(30)} ${r.ratio.toFixed(2).padStart(6)}  best ${r.bestRatio.toFixed(2).padStart(5)}${r.cpuRatio === undefined ? '' : `  cpu ${r.cpuRatio.toFixed(2).padStart(5)}`}${r.bestCpuRatio === undefined ? '' : `  best cpu ${r.bestCpuRatio.toFixed(2).padStart(5)}`}${t === undefined ? '' : verdict(t, r)}${rss}`);
+    console.log(`${r.name.padEnd(30)} ${r.ratio.toFixed(2).padStart(6)}  best ${r.bestRatio.toFixed(2).padStart(5)}${r.cpuRatio === undefined ? '' : `  cpu ${r.cpuRatio.toFixed(2).padStart(5)}`}${r.bestCpuRatio === undefined ? '' : `  best cpu ${r.bestCpuRatio.toFixed(2).padStart(5)}`}${r.machineCpuRatio === undefined ? '' : `  machine cpu ${r.machineCpuRatio.toFixed(2).padStart(5)}`}${t === undefined ? '' : verdict(t, r)}${rss}`);
   }
   const raw = results.find((r) => r.name === '0-raw-copy');
   const w1 = results.find((r) => r.name === '1-qcow2-to-raw');
