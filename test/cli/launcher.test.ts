@@ -12,6 +12,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { Script } from 'node:vm';
 import { hostAddon } from '#src/host/native.node.js';
 import { nativeZlibOf, nativeZstdOf } from '#src/compress/kernels.node.js';
@@ -224,6 +225,54 @@ test('reading an unencrypted image loads neither node:crypto nor node:net, also 
     }
   } finally {
     await rm(dirTmp, { recursive: true, force: true });
+  }
+});
+
+/**
+ * The library's modules (dist/, unbundled) that opening `image` with node-open.ts's openImage
+ * (as the CLI opens images) and reading its description loaded, by path under dist/, as a module
+ * loader hook saw them. The bundles set up a module exactly where this graph first loads it: the
+ * lazy edges are the import() calls, in the library as in the bundle.
+ */
+async function modulesOpeningLoads(work: string, image: string, readOnly: boolean): Promise<string[]> {
+  const list = join(work, `loaded-${Math.random().toString(36).slice(2)}.txt`);
+  const hooks = join(work, 'hooks.mjs');
+  const register = join(work, 'register.mjs');
+  writeFileSync(hooks, "import { appendFileSync } from 'node:fs';\nexport async function load(url, context, next) {\n  appendFileSync(process.env.QCOW_TEST_LOADED, url + '\\n');\n  return next(url, context);\n}\n");
+  writeFileSync(register, `import { register } from 'node:module';\nregister(${JSON.stringify(pathToFileURL(hooks).href)});\n`);
+  writeFileSync(list, '');
+  const dist = pathToFileURL(join(dir, '..')).href + '/';
+  const script = [
+    `const { openImage } = await import(${JSON.stringify(`${dist}node-open.js`)});`,
+    `const dev = await openImage(${JSON.stringify(image)}, { readOnly: ${readOnly} });`,
+    'await dev.describe();',
+    'await dev.close();',
+  ].join('\n');
+  const r = await run(process.execPath, ['--import', pathToFileURL(register).href, '--input-type=module', '-e', script], { env: { ...process.env, QCOW_TEST_LOADED: list } });
+  assert.equal(r.code, 0, r.stderr);
+  return readFileSync(list, 'utf8').split('\n').filter((u) => u.startsWith(dist)).map((u) => u.slice(dist.length));
+}
+
+test('opening a qcow2 image read-only loads neither qcow v1, LUKS nor the qcow2 writer; the images that need them do', async () => {
+  // Every image is probed against every format: qcow v1's device, LUKS's device and crypto, and
+  // the qcow2 writer (the allocator, bitmaps) were set up by every command (~60 page faults, and
+  // ~28 KB of each code cache), for images of those formats, or opened for writing, only.
+  const work = await mkdtemp(join(tmpdir(), 'qcow-formats-'));
+  try {
+    const image = join(work, 'a.qcow2');
+    const v1 = join(work, 'a.qcow');
+    assert.equal((await run(process.execPath, [launcher, 'create', '-q', '-f', 'qcow2', image, '4M'])).code, 0);
+    assert.equal((await run(process.execPath, [launcher, 'create', '-q', '-f', 'qcow', v1, '4M'])).code, 0);
+    const loaded = await modulesOpeningLoads(work, image, true);
+    assert.ok(loaded.includes('formats/qcow2/qcow2.js'), 'the hook saw the qcow2 device load');
+    for (const m of ['formats/qcow1/device.js', 'formats/luks/luks.js', 'crypto/luks.js', 'formats/qcow2/write.js', 'formats/qcow2/alloc.js', 'formats/qcow2/bitmaps/persistent.js']) {
+      assert.ok(!loaded.includes(m), `${m} was loaded`);
+    }
+    assert.ok((await modulesOpeningLoads(work, v1, true)).includes('formats/qcow1/device.js'));
+    const writable = await modulesOpeningLoads(work, image, false);
+    assert.ok(writable.includes('formats/qcow2/write.js') && !writable.includes('formats/qcow1/device.js'));
+  } finally {
+    await rm(work, { recursive: true, force: true });
   }
 });
 

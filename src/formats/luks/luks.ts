@@ -4,7 +4,7 @@
  * key and an IV from its guest sector number. The virtual size is what follows the payload offset.
  * Without a password an image opens for inspection only (`OpenOptions.inspectOnly`).
  */
-import type { AmendContext, AmendProgressCallback, BlockExtent, CreateOptions, ImageDescription, ImageFormat, OpenOptions, ResizeOptions, WriteOptions } from '../../core/block-device.js';
+import type { AmendContext, AmendProgressCallback, BlockExtent, CreateOptions, ImageDescription, OpenOptions, ResizeOptions, WriteOptions } from '../../core/block-device.js';
 import { growStore } from '../../storage/preallocate.js';
 import { DeviceBase } from '../../core/device-base.js';
 import { QcowError, invalidArgument } from '../../core/errors.js';
@@ -12,7 +12,6 @@ import type { ByteStore } from '../../storage/types.js';
 import type { SectorCipher } from '../../crypto/types.js';
 import { SECTOR_SIZE } from '../../crypto/types.js';
 import { createLuks, luksEncryptInfo, parseLuksHeader, unlockLuks, type CreateLuksOptions, type LuksHeader } from '../../crypto/luks.js';
-import { LUKS_MAGIC } from '../../crypto/luks-header.js';
 import { changeLuksSlots, luksSlotChangeOf } from '../../crypto/luks-amend.js';
 
 /** The header is 592 bytes; the first 4 KiB hold it (key material starts at 4 KiB). */
@@ -175,7 +174,7 @@ function luksCreateSettings(o: Record<string, string>): { luks: CreateLuksOption
   return { luks, preallocation };
 }
 
-async function createLuksImage(store: ByteStore, options: CreateOptions): Promise<void> {
+export async function createLuksImage(store: ByteStore, options: CreateOptions): Promise<void> {
   if (options.backingFile) throw invalidArgument("luks images cannot have a backing file ('backing_file' is not an option of luks)");
   const { luks, preallocation } = luksCreateSettings(options.options ?? {});
   if (options.password === undefined) throw invalidArgument("Parameter 'key-secret' is required for cipher");
@@ -197,33 +196,3 @@ async function createLuksImage(store: ByteStore, options: CreateOptions): Promis
   }
   await store.truncate(end);
 }
-
-/** The luks format: a LUKS1 volume in a file (QEMU's `-f luks`). Probed by the LUKS magic. */
-export const luksFormat: ImageFormat = {
-  name: 'luks',
-  probe(head: Uint8Array): number {
-    return head.length >= 8 && LUKS_MAGIC.every((v, i) => head[i] === v) && head[6] === 0 && head[7] === 1 ? 100 : 0;
-  },
-  open(store: ByteStore, options?: OpenOptions) {
-    return LuksDevice.open(store, options);
-  },
-  create: createLuksImage,
-  amendOptions: {
-    state: 'active: add a password to a key slot; inactive: erase key slots',
-    keyslot: 'the key slot to add to or erase (0-7)',
-    'old-secret': 'ID of the secret whose key slots to erase',
-    'new-secret': 'ID of the secret holding the password to add',
-    'iter-time': 'milliseconds of PBKDF2 for the new key slot',
-  },
-  createOptions: {
-    size: 'Virtual disk size',
-    'key-secret': 'ID of the secret that provides the keyslot passphrase (the password comes from --password-file)',
-    'cipher-alg': 'aes-128 or aes-256 (default)',
-    'cipher-mode': 'xts (default) or cbc',
-    'ivgen-alg': 'plain64 (default) or essiv',
-    'ivgen-hash-alg': 'sha256 (the ESSIV hash)',
-    'hash-alg': 'sha256 (default), sha1, sha512',
-    'iter-time': 'milliseconds of PBKDF2 per key slot unlock (default 2000)',
-    preallocation: 'Preallocation mode of the payload (allowed values: off, falloc, full)',
-  },
-};

@@ -16,9 +16,9 @@
  * (leaks), which `qemu-img check` reports as leaks and never as corruption.
  */
 import { CorruptionEvent, QcowError, altHex, corrupt } from '../../core/errors.js';
-import { setU32, setU64 } from '../../core/bytes.js';
+import { firstNonZero, setU32, setU64 } from '../../core/bytes.js';
 import type { ByteStore } from '../../storage/types.js';
-import { addRefcount, decodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, refcountsZero, setRefcount, setRefcountsToOne } from './refcount.js';
+import { addRefcount, decodeRefcountTableInto, entriesPerBlock, getRefcount, maxRefcount, refcountsZero, setRefcount, setRefcountsToOne } from './refcount.js';
 import { MAX_REFCOUNT_TABLE_BYTES } from './layout.js';
 import { Lru } from '../../core/lru.js';
 import { DEFAULT_DISCARD_PASSTHROUGH, passesDiscard, type DiscardPassthrough, type FreeReason } from './free-reason.js';
@@ -120,7 +120,7 @@ export interface Allocator {
   readonly end: number;
   readonly tableOffset: number;
   readonly tableClusters: number;
-  blockOffsets(): readonly number[];
+  blockOffsets(): ArrayLike<number>;
   /** Refcount blocks held in memory (for tests of the cache budget). */
   readonly cachedBlocks: number;
   /** Whether `cluster` holds a refcount block (the overlap guard asks; a fake may leave it out). */
@@ -145,8 +145,8 @@ export class Refcounts implements Allocator {
   readonly perBlock: number;
   tableOffset: number;
   tableClusters: number;
-  /** Block offset per table entry (0 = none). */
-  private table: number[];
+  /** Block offset per table entry (0 = none): a typed array, see decodeRefcountTableInto. */
+  private table: Float64Array;
   /**
    * Cached blocks by table index (core/lru.ts: recency, merged loads). The policy: a dirty block is
    * never evicted, it stays until written (writeBack, or spillDirtyBlocks).
@@ -182,7 +182,7 @@ export class Refcounts implements Allocator {
   private constructor(
     private readonly store: ByteStore,
     p: RefcountsParams,
-    table: number[],
+    table: Float64Array,
     fileSize: number,
   ) {
     this.clusterSize = p.clusterSize;
@@ -202,7 +202,7 @@ export class Refcounts implements Allocator {
     if (bytes > MAX_REFTABLE_BYTES * 4) throw corrupt(`refcount table of ${p.tableClusters} clusters is too large`);
     const buf = new Uint8Array(bytes);
     await store.read(p.tableOffset, buf);
-    const table = decodeRefcountTable(buf, bytes / 8, p.clusterSize, { unalignedLater: true });
+    const table = decodeRefcountTableInto(new Float64Array(bytes / 8), buf, bytes / 8, p.clusterSize, { unalignedLater: true });
     return new Refcounts(store, p, table, await store.size());
   }
 
@@ -216,7 +216,7 @@ export class Refcounts implements Allocator {
   }
 
   /** Offsets of every refcount block (index = table entry). */
-  blockOffsets(): readonly number[] {
+  blockOffsets(): ArrayLike<number> {
     return this.table;
   }
 
@@ -628,8 +628,8 @@ export class Refcounts implements Allocator {
     }
     if (tableClusters * cs > MAX_REFTABLE_BYTES) throw new QcowError('QCOW_UNSUPPORTED', 'refcount table would exceed 8 MiB: the image is too large for its cluster size');
     const entries = tableClusters * perCluster;
-    const table = this.table.slice(0, entries);
-    while (table.length < entries) table.push(0);
+    const table = new Float64Array(entries);
+    table.set(this.table.subarray(0, entries));
     const first = Math.floor(start / this.perBlock);
     let missing = 0;
     for (let b = first; b < blocks; b++) if (table[b] === 0) missing++;
@@ -810,13 +810,16 @@ export class Refcounts implements Allocator {
     let set = this.blockClusters;
     if (!set) {
       set = new Set();
-      // The table is mostly zeros (8192 entries for a 64 KiB cluster image of any size). Set's
-      // constructor drops the repeats in V8's builtin; a JavaScript loop over every entry was the
-      // one function V8 optimised in a convert to qcow2, on the main thread (~11M instructions,
-      // ~270 page faults of a 64 KiB convert's fixed cost).
+      // The table is mostly zeros (8192 entries for a 64 KiB cluster image of any size): the set
+      // entries are found by firstNonZero's word scan over the table's bytes. A JavaScript loop
+      // over every entry was the one function V8 optimised in a convert to qcow2, on the main
+      // thread (~11M instructions, ~270 page faults of a 64 KiB convert's fixed cost), and Set's
+      // constructor over the typed array iterates it entry by entry (~110 page faults).
       let end = 0;
-      for (const off of new Set(this.table)) {
-        if (off === 0) continue;
+      const bytes = new Uint8Array(this.table.buffer, this.table.byteOffset, this.table.byteLength);
+      for (let at = firstNonZero(bytes, 0, bytes.length); at < bytes.length; at = firstNonZero(bytes, at, bytes.length)) {
+        const off = this.table[at >>> 3]!;
+        at = ((at >>> 3) + 1) * 8;
         const c = Math.floor(off / this.clusterSize);
         set.add(c);
         if (c >= end) end = c + 1;
@@ -959,7 +962,9 @@ export class Refcounts implements Allocator {
     while (Math.floor((at + clusters + 2) / this.perBlock) >= clusters * perCluster) clusters++;
     if (clusters * cs > MAX_REFTABLE_BYTES) throw new QcowError('QCOW_UNSUPPORTED', 'refcount table would exceed 8 MiB: the image is too large for its cluster size');
     const old = this.movedFrom ?? { offset: this.tableOffset, clusters: this.tableClusters };
-    this.table = this.table.concat(new Array<number>(clusters * perCluster - this.table.length).fill(0));
+    const grown = new Float64Array(clusters * perCluster);
+    grown.set(this.table);
+    this.table = grown;
     // Claim the table's clusters (ensureBlock may place blocks right after them).
     this.reserved.push([at, at + clusters]);
     try {

@@ -517,7 +517,7 @@ async function changeRefcountWidth(dev: AmendDevice, w: Qcow2Writer, bits: numbe
   // The old structures' counts of the new ones, then the new ones themselves, are on disk first.
   await w.writeRefcounts();
   await dev.store.flush();
-  const old = { tableOffset: rc.tableOffset, tableClusters: rc.tableClusters, blocks: rc.blockOffsets().filter((b) => b !== 0) };
+  const old = { tableOffset: rc.tableOffset, tableClusters: rc.tableClusters, blocks: Array.from(rc.blockOffsets()).filter((b) => b !== 0) };
   await dev.image.writeHeader((h) => {
     h.refcountOrder = Math.log2(bits);
     h.refcountTableOffset = tableAt;

@@ -18,7 +18,9 @@ import { MAX_L1_BYTES, l1EntriesFor, qcow2Geometry } from './layout.js';
 import { setL1Entry } from './l1-entry.js';
 import { setL2Entry, standardL2Entry } from './l2-entry.js';
 import { checkRefcountBits, setRefcount } from './refcount.js';
-import { Refcounts } from './alloc.js';
+// The allocator only when an image is made: this module's options are the format's, which every
+// image open sets up (format.ts).
+import type { Refcounts } from './alloc.js';
 
 export const QCOW2_CREATE_OPTIONS: Record<string, string> = {
   size: 'Virtual disk size',
@@ -212,6 +214,7 @@ export async function createQcow2(store: ByteStore, options: CreateOptions): Pro
   await store.write(0, encodeHeader(h, cs));
   await store.write(cs, table);
   await store.write(2 * cs, block);
+  const { Refcounts } = await import('./alloc.js');
   const rc = await Refcounts.load(store, { clusterSize: cs, refcountBits: s.refcountBits, tableOffset: cs, tableClusters: 1 });
 
   // The L1 table (qemu leaves its last cluster short at the end of the file).

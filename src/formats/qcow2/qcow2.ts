@@ -30,7 +30,10 @@ import type { Qcow2Encryption } from './encryption.js';
 import { Qcow2Image } from './image.js';
 import { ClusterMap, DEFAULT_L2_CACHE_BYTES } from './cluster-map.js';
 import { DataIo } from './data-io.js';
-import { Qcow2Writer } from './write.js';
+// The writer (write.ts, and the allocator, bitmaps and emptying under it) is loaded when an image is
+// opened for writing: a read-only open (info, map, check, compare, a convert's source) set up ~10
+// modules it never ran, and their code was in every command's code cache.
+import type { Qcow2Writer } from './write.js';
 import type { BitmapLimits, PersistentBitmaps } from './bitmaps/persistent.js';
 import { detectMetadataPreallocation, holeRuns } from './prealloc.js';
 
@@ -78,6 +81,7 @@ export class Qcow2Device extends DeviceBase {
     try {
       await dev.init(options);
       if (!readOnly) {
+        const { Qcow2Writer } = await import('./write.js');
         dev.writePath = await Qcow2Writer.attach({
           image: dev.image,
           map: dev.map,

@@ -165,8 +165,17 @@ export function setRefcountsToOne(block: Uint8Array, first: number, n: number, b
  * have the reserved bits clear; anything else is corruption (alignment may be left to the user).
  */
 export function decodeRefcountTable(buf: Uint8Array, entries: number, clusterSize: number, options: { unalignedLater?: boolean } = {}): number[] {
+  return decodeRefcountTableInto(new Array<number>(entries).fill(0), buf, entries, clusterSize, options);
+}
+
+/**
+ * decodeRefcountTable into `out` (zeros, at least `entries` long), which it returns. The allocator
+ * (alloc.ts) decodes into a Float64Array: a zeroed typed array's pages are touched only where an
+ * entry is set, where the array of numbers for one 64 KiB table cluster (8192 entries, nearly all
+ * zero) cost every writable open ~45 page faults (its filling, and V8's stores into a new array).
+ */
+export function decodeRefcountTableInto<T extends { [i: number]: number }>(out: T, buf: Uint8Array, entries: number, clusterSize: number, options: { unalignedLater?: boolean } = {}): T {
   const dv = view(buf);
-  const out = new Array<number>(entries).fill(0);
   // Most entries are zero (tables are sized for growth: one entry per 2 GiB of file with 64 KiB
   // clusters). They are skipped by firstNonZero's word scan, shared with the rest of the library,
   // so this function has no hot loop of its own: its own loop over every entry ran cold on each

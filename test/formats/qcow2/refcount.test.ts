@@ -4,7 +4,7 @@ import { open, readFile } from 'node:fs/promises';
 import { openImage } from '#src/node.js';
 import { join } from 'node:path';
 import { needs, qemuImg, qemuIo, scratch } from '../../support/qemu.js';
-import { addRefcount, checkRefcountBits, decodeRefcountTable, encodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, refcountText, refcountsZero, setRefcount, setRefcountsToOne, REFCOUNT_WIDTHS } from '#src/formats/qcow2/refcount.js';
+import { addRefcount, checkRefcountBits, decodeRefcountTable, decodeRefcountTableInto, encodeRefcountTable, entriesPerBlock, getRefcount, maxRefcount, refcountText, refcountsZero, setRefcount, setRefcountsToOne, REFCOUNT_WIDTHS } from '#src/formats/qcow2/refcount.js';
 
 test('every width round-trips values 0..max at every index of a block', () => {
   for (const bits of REFCOUNT_WIDTHS) {
@@ -139,6 +139,18 @@ test('refcount table decode: long tables with entries far apart and past 4 GiB, 
   const buf = encodeRefcountTable([...offsets, 0x12345]); // the last is not an entry of the table
   assert.deepEqual(decodeRefcountTable(buf, 1000, 0x10000), offsets);
   assert.deepEqual(decodeRefcountTable(buf, 999, 0x10000), offsets.slice(0, 999));
+});
+
+test('refcount table decode into a typed array (the allocator\'s table): the same entries and errors as into an array', () => {
+  const offsets = new Array<number>(1000).fill(0);
+  for (const i of [0, 1, 7, 8, 63, 500, 998]) offsets[i] = (i + 1) * 0x80000000 + 0x10000;
+  const buf = encodeRefcountTable(offsets);
+  const out = new Float64Array(1000);
+  assert.equal(decodeRefcountTableInto(out, buf, 1000, 0x10000), out);
+  assert.deepEqual(Array.from(out), decodeRefcountTable(buf, 1000, 0x10000));
+  assert.throws(() => decodeRefcountTableInto(new Float64Array(1), encodeRefcountTable([0x10200]), 1, 0x10000), /not cluster aligned/);
+  // Leniently (as an open image reads it), a misaligned entry is kept with its reserved bits dropped.
+  assert.deepEqual(Array.from(decodeRefcountTableInto(new Float64Array(1), encodeRefcountTable([0x10201]), 1, 0x10000, { unalignedLater: true })), [0x10200]);
 });
 
 test('refcount table entries decoded leniently (as an open image reads them) keep offsets whose low word has bit 31 set', () => {
