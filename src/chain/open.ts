@@ -307,6 +307,9 @@ export async function createImage(name: string, options: CreateImageOptions): Pr
         // Only its size is wanted: like QEMU (which opens it without I/O), no key is needed for an
         // encrypted backing file, whose password may well differ from the new image's.
         inspectOnly: true,
+        // Nor does it take the backing file from anyone (QEMU's create shares it too): an overlay
+        // may be made over the image a VM is running on, to become that VM's new top.
+        forceShare: true,
       }).catch((e) => {
         throw new QcowError('QCOW_NOT_FOUND', `Could not open backing image '${options.backingFile}': ${(e as Error).message}`, { cause: e });
       });

@@ -142,7 +142,7 @@ export function buildProgram(argv: string[]): Command {
         .option('-s, --strict', 'fail on size or allocation differences')
         .option('-p, --progress', 'show progress')
         .option('-q, --quiet', 'print nothing')
-        .option('-U, --force-share', 'accepted for qemu-img compatibility')
+        .option('-U, --force-share', 'read-only: share the image with a writer such as a running VM (as qemu-img -U)')
         .addOption(pw())
         .option('--second-password-file <file>', 'password of the second image')
         .argument('<a>')
@@ -220,7 +220,7 @@ export function buildProgram(argv: string[]): Command {
         .addOption(out())
         .option('-r, --repair <what>', 'repair leaks, or all problems: leaks | all')
         .option('-q, --quiet', 'print nothing')
-        .option('-U, --force-share', 'accepted for qemu-img compatibility')
+        .option('-U, --force-share', 'read-only: share the image with a writer such as a running VM (as qemu-img -U)')
         .argument('<file>')
         .action(lazy('check'));
     },

@@ -187,6 +187,9 @@ const ROWS: Row[] = [
   { match: /^size 0x[0-9a-f]+ is too large/, text: (e, c) => `Could not open '${c.file ?? e.file}': Image is too big` },
   // A backing chain that comes back to an image it already holds.
   { code: 'QCOW_CORRUPT', match: /loops back/, text: (e, c) => `Backing file '${e.file ?? c.file}' creates an infinite loop.` },
+  // The file to create over is in use: QEMU names the lock and hints at the file on a line of its
+  // own, which ends the message (create prints it after "FILE: ").
+  { op: 'create-file', code: 'QCOW_LOCKED', text: (e, c) => `${lockWhat(e)}\nIs another process using the image [${c.file ?? e.file}]?\n` },
   // The new image's file could not be made (the file protocol names it; our message is the errno's).
   { op: 'create-file', match: /^[^:]*$/, text: (e, c) => (hasErrno(e) ? `Could not create '${c.file ?? e.file}': ${e.message}` : e.message) },
   { op: 'create-file', text: (e) => e.message },

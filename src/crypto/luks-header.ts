@@ -49,6 +49,11 @@ export interface LuksCipherSpec {
   ivGen: LuksIvGen;
   /** The hash named after ':' in the mode string; only ESSIV uses it. */
   ivGenHash: HashAlg | undefined;
+  /**
+   * A hash named after a plain or plain64 IV generator that qcow has no implementation of (md5,
+   * ripemd160): unused, as by QEMU and dm-crypt, and kept only to write the mode string back as it was.
+   */
+  unusedIvGenHash?: string;
 }
 
 export interface LuksHeader extends LuksCipherSpec {
@@ -83,6 +88,21 @@ function hashByName(name: string, what: string): HashAlg {
   return name;
 }
 
+/** Hashes QEMU knows that qcow does not implement: accepted (and unused) after plain and plain64. */
+const UNUSED_IV_HASHES: ReadonlySet<string> = new Set(['md5', 'ripemd160']);
+
+/** The AES variant of a key of `keyBytes` in `mode` (XTS keys hold two AES keys). */
+function cipherFor(mode: LuksCipherMode, keyBytes: number, cipherName: string): LuksCipherAlg {
+  if (cipherName !== 'aes') throw unsupported(`LUKS cipher ${JSON.stringify(cipherName)} is not supported (only aes is)`);
+  const algKeyBytes = mode === 'xts' ? keyBytes / 2 : keyBytes;
+  const cipherAlg = AES_KEY_BYTES[algKeyBytes];
+  // Node's OpenSSL has no AES-192-XTS; QEMU images never use it by default.
+  if (cipherAlg === undefined || (mode === 'xts' && cipherAlg === 'aes-192')) {
+    throw unsupported(`LUKS cipher aes-${mode} with a ${keyBytes}-byte key is not supported`);
+  }
+  return cipherAlg;
+}
+
 /** "<mode>-<ivgen>[:<hash>]", e.g. "xts-plain64" or "cbc-essiv:sha256". */
 function parseCipherMode(spec: string, keyBytes: number, cipherName: string): LuksCipherSpec {
   const dash = spec.indexOf('-');
@@ -94,14 +114,12 @@ function parseCipherMode(spec: string, keyBytes: number, cipherName: string): Lu
   const ivHashName = colon < 0 ? undefined : rest.slice(colon + 1);
   if (mode !== 'xts' && mode !== 'cbc') throw unsupported(`LUKS cipher mode ${JSON.stringify(mode)} is not supported (xts and cbc are)`);
   if (ivName !== 'plain' && ivName !== 'plain64' && ivName !== 'essiv') throw unsupported(`LUKS IV generator ${JSON.stringify(ivName)} is not supported (plain, plain64, essiv are)`);
-  if (cipherName !== 'aes') throw unsupported(`LUKS cipher ${JSON.stringify(cipherName)} is not supported (only aes is)`);
-  const algKeyBytes = mode === 'xts' ? keyBytes / 2 : keyBytes;
-  const cipherAlg = AES_KEY_BYTES[algKeyBytes];
-  // Node's OpenSSL has no AES-192-XTS; QEMU images never use it by default.
-  if (cipherAlg === undefined || (mode === 'xts' && cipherAlg === 'aes-192')) {
-    throw unsupported(`LUKS cipher aes-${mode} with a ${keyBytes}-byte key is not supported`);
+  const cipherAlg = cipherFor(mode, keyBytes, cipherName);
+  // A hash after plain/plain64 is parsed and ignored, as dm-crypt and QEMU do: QEMU's other hash
+  // names are accepted there too (206 makes cbc-plain64:md5), unused.
+  if (ivName !== 'essiv' && ivHashName !== undefined && UNUSED_IV_HASHES.has(ivHashName)) {
+    return { cipherAlg, cipherMode: mode, ivGen: ivName, ivGenHash: undefined, unusedIvGenHash: ivHashName };
   }
-  // A hash after plain/plain64 is parsed and ignored, as dm-crypt and QEMU do.
   const ivGenHash = ivHashName === undefined ? undefined : hashByName(ivHashName, 'IV generator hash');
   if (ivName === 'essiv') {
     if (ivGenHash === undefined) throw corrupt('LUKS header is missing the ESSIV hash specification');
@@ -194,7 +212,8 @@ function cStringLenient(b: Uint8Array): string {
 
 /** The mode string QEMU writes: "<mode>-<ivgen>" or "<mode>-<ivgen>:<hash>". */
 export function cipherModeSpec(spec: LuksCipherSpec): string {
-  return spec.ivGenHash === undefined ? `${spec.cipherMode}-${spec.ivGen}` : `${spec.cipherMode}-${spec.ivGen}:${spec.ivGenHash}`;
+  const hash = spec.ivGenHash ?? spec.unusedIvGenHash;
+  return hash === undefined ? `${spec.cipherMode}-${spec.ivGen}` : `${spec.cipherMode}-${spec.ivGen}:${hash}`;
 }
 
 function putString(b: Uint8Array, off: number, len: number, s: string): void {

@@ -97,10 +97,16 @@ if [ $vm = 1 ]; then
   qsd_prog=$(command -v qemu-storage-daemon) || { echo "iotests: --vm needs qemu-storage-daemon" >&2; exit 1; }
   # The tests start QEMU with -accel qtest (no guest code runs; QMP and the block layer do).
   # Debian's build has no qtest accelerator ("invalid accelerator qtest"), so QEMU comes through
-  # a launcher that asks for TCG instead: the guest then runs its firmware, which finds nothing to
-  # boot and idles. It has QEMU's basename, which the tests' filters replace by QEMU_PROG.
+  # a launcher that asks for TCG instead. Under qtest no guest code runs; under TCG the guest's
+  # firmware (SeaBIOS) would run, and read the boot disk, again each minute as it retries the boot:
+  # such a read reaching a blkdebug breakpoint a test set for its own request was held there, and
+  # the next drain waited for it forever (030 and 055 hung so, with QEMU's programs as with ours).
+  # So the guest gets a firmware of its own: 64 KiB of HLT, which stops the CPU at its first
+  # instruction (interrupts are off at reset) and touches no device, as under qtest. The launcher
+  # has QEMU's basename, which the tests' filters replace by QEMU_PROG.
   if ! "$vm_prog" -accel help 2>/dev/null | grep -qx qtest; then
     mkdir -p "$dir/bin"
+    head -c 65536 /dev/zero | tr '\0' '\364' > "$dir/bin/halt.bin"
     {
       echo '#!/usr/bin/env bash'
       echo 'a=()'
@@ -108,7 +114,7 @@ if [ $vm = 1 ]; then
       echo '  if [ "$1" = -accel ] && [ "${2-}" = qtest ]; then a+=(-accel tcg); shift 2; continue; fi'
       echo '  a+=("$1"); shift'
       echo 'done'
-      echo "exec $vm_prog \"\${a[@]}\""
+      echo "exec $vm_prog -bios $dir/bin/halt.bin \"\${a[@]}\""
     } > "$dir/bin/qemu-system-x86_64"
     chmod +x "$dir/bin/qemu-system-x86_64"
     vm_prog=$dir/bin/qemu-system-x86_64

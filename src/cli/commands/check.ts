@@ -4,13 +4,15 @@
  * to stderr one per line, the summary to stdout (or the JSON object); exit 0 clean, 2 corruptions,
  * 3 leaks only, 1 when the check cannot run, 63 for formats without checks, as qemu-img.
  */
-import { QcowError, FileStore, checkableFormat, checkExitCode, checkHuman, checkImage, checkJson, builtinFormats, type RepairMode } from '../../node.js';
+import { QcowError, FileStore, permissionsFor, checkableFormat, checkExitCode, checkHuman, checkImage, checkJson, builtinFormats, type RepairMode } from '../../node.js';
 import { checkOutputFormat, failureStyle, failureText, openForCli, openPolicy, printJson, writeOut } from '../common.js';
 
 interface Flags {
   format?: string;
   repair?: string;
   output?: string;
+  /** -U: a read-only check shares the image with a writer (a running VM), as qemu-img check -U. */
+  forceShare?: boolean;
 }
 
 export async function run(file: string, flags: Flags): Promise<number> {
@@ -29,7 +31,8 @@ export async function run(file: string, flags: Flags): Promise<number> {
       return 1;
     }
   }
-  const store = await FileStore.open(file, { readOnly: repair === undefined });
+  const writable = repair !== undefined;
+  const store = await FileStore.open(file, { readOnly: !writable, permissions: permissionsFor({ writable, format: 'qcow2', role: 'image', forceShare: flags.forceShare }) });
   try {
     if (flags.format === 'qcow2' && !(await isQcow2(store))) {
       // The QCOW magic with another version (a qcow v1 image) is named by its version, as qemu-img does.
@@ -71,7 +74,8 @@ export async function run(file: string, flags: Flags): Promise<number> {
  * the check's to report.
  */
 async function openRefusal(file: string, format: string | undefined): Promise<QcowError | undefined> {
-  const store = await FileStore.open(file, { readOnly: true });
+  // Only the magic is read here: the check's own open takes (or, with -U, shares) the locks.
+  const store = await FileStore.open(file, { readOnly: true, noLock: true });
   try {
     if (!(await isQcow2(store))) return undefined;
   } finally {

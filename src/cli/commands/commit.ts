@@ -1,6 +1,6 @@
-import { realpathSync } from 'node:fs';
+import { realpathSync, statSync } from 'node:fs';
 import { dirname, isAbsolute, join } from 'node:path';
-import { QcowError, chainOf, commit } from '../../node.js';
+import { FileStore, QcowError, chainOf, commit, permissionsFor } from '../../node.js';
 import { openForCli, withProgress, writeOut } from '../common.js';
 
 interface Flags {
@@ -18,6 +18,7 @@ interface Flags {
  * writable. As qemu-img, -b implies -d: the images between would no longer make sense.
  */
 export async function run(file: string, flags: Flags): Promise<void> {
+  await writerLocksFree(file);
   const depth = await baseDepth(file, flags);
   const drop = !!flags.drop || flags.base !== undefined;
   const top = await openForCli(file, flags, { readOnly: drop, writableBacking: (_name, d) => d === depth });
@@ -28,6 +29,18 @@ export async function run(file: string, flags: Flags): Promise<void> {
     await top.close();
   }
   if (!flags.quiet) writeOut('Image committed.\n');
+}
+
+/**
+ * QEMU's commit opens the top image for writing from the start, so another user of it (a running
+ * VM) makes it fail for the "write" lock it cannot take, before anything is read. Our first open is
+ * read-only (to find the base), whose lock test would name the shared "write" lock instead: the
+ * locks a writer takes are tried first, on a plain file (other names open as they say, later).
+ */
+async function writerLocksFree(file: string): Promise<void> {
+  if (!statSync(file, { throwIfNoEntry: false })?.isFile()) return;
+  const store = await FileStore.open(file, { readOnly: true, permissions: permissionsFor({ writable: true, format: 'qcow2', role: 'image' }) });
+  await store.close();
 }
 
 async function baseDepth(file: string, flags: Flags): Promise<number> {

@@ -9,6 +9,8 @@ interface Flags {
   quiet?: boolean;
   passwordFile?: string;
   secondPasswordFile?: string;
+  /** -U: both images are read sharing them with writers (qemu-img compare -U). */
+  forceShare?: boolean;
 }
 
 /** Exit 0: identical; 1: different; 2: error; 4: an image could not be read (qemu-img's codes). */
@@ -17,8 +19,8 @@ export async function run(a: string, b: string, flags: Flags): Promise<number> {
   let da: BlockDevice | undefined;
   let db: BlockDevice | undefined;
   try {
-    da = await openForCli(a, { format: flags.format, passwordFile: flags.passwordFile }, { readOnly: true });
-    db = await openForCli(b, { format: flags.secondFormat, passwordFile: flags.secondPasswordFile ?? flags.passwordFile }, { readOnly: true });
+    da = await openForCli(a, { format: flags.format, passwordFile: flags.passwordFile, forceShare: flags.forceShare }, { readOnly: true });
+    db = await openForCli(b, { format: flags.secondFormat, passwordFile: flags.secondPasswordFile ?? flags.passwordFile, forceShare: flags.forceShare }, { readOnly: true });
     const bar = progressBar(!!flags.progress && !flags.quiet);
     failed = undefined;
     const r = await compareImages(da, db, { strict: flags.strict, onProgress: bar, onReadFailure: (image, offset) => (failed ??= { image, offset }) });

@@ -120,7 +120,9 @@ async function make(file: string, asked: string, s: Settings): Promise<void> {
     const full = special ? backing : defaultOpener.resolve(backing, file);
     let dev;
     try {
-      const options = { format: backingFmt, readOnly: true, inspectOnly: true, noBacking: true };
+      // As QEMU's create: shared with every user (a VM running on the backing file does not stop
+      // an overlay being made over it; the overlay's size is all that is read).
+      const options = { format: backingFmt, readOnly: true, inspectOnly: true, noBacking: true, forceShare: true };
       dev = await (special ? special(options) : openImage(full, options));
     } catch (e) {
       process.stderr.write(qemuErrorLines(PROGRAM, e, { op: 'create-backing', file, backing: full }));

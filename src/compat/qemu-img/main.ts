@@ -199,6 +199,11 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   const out: string[] = [];
   for (const o of parsed.options) out.push(...(translate(cmd, o.key, o.value) ?? []));
   const imageOpts = parsed.options.some((o) => o.key === 'image-opts');
+  const refusal = forceShareRefusal(cmd, parsed, imageOpts);
+  if (refusal) {
+    process.stderr.write(`${PROGRAM}: ${refusal}\n`);
+    return 1;
+  }
   let operands = parsed.operands;
   // --object secret: the passwords key-secret options name. Operands that a plain open would not
   // do justice to (key secrets, NBD exports) open through their own opener, by name.
@@ -271,4 +276,18 @@ async function delegate(cmd: string, parsed: Parsed, resizeSize: string | undefi
   process.exitCode = undefined;
   await runQcow(argv, style);
   return typeof process.exitCode === 'number' ? process.exitCode : 0;
+}
+
+/**
+ * What qemu-img says before opening anything when -U cannot be honoured: image options that turn
+ * force-share off, or a command that opens its image for writing (bench -w, check -r), which QEMU
+ * refuses to share. Undefined when -U is absent or fine.
+ */
+function forceShareRefusal(cmd: string, parsed: Parsed, imageOpts: boolean): string | undefined {
+  if (!parsed.options.some((o) => o.key === 'U')) return undefined;
+  if (imageOpts && parsed.operands.some((x) => /^(?:off|no|false)$/.test(parseImageOpts(x)['force-share'] ?? ''))) return '--force-share/-U conflicts with image options';
+  const writes = (cmd === 'bench' && parsed.options.some((o) => o.key === 'w')) || (cmd === 'check' && parsed.options.some((o) => o.key === 'r'));
+  const file = parsed.operands[0];
+  if (writes && file !== undefined) return `Could not open '${file}': force-share=on can only be used with read-only images`;
+  return undefined;
 }

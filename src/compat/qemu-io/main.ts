@@ -263,8 +263,9 @@ export class NodeOpener implements Opener {
     // writer that lets others write under it could not keep its metadata consistent.
     const forceShare = req.forceShare || (o['force-share'] !== undefined && isOn(o['force-share']));
     if (forceShare && !(req.readOnly || o['read-only'] === 'on')) throw new QcowError('QCOW_INVALID_ARGUMENT', 'force-share=on can only be used with read-only images');
-    // -f comes before the options' driver, as in QEMU.
-    if ((this.format ?? o.driver) === NULL_CO) return openNullCo(nullName(NULL_CO), o, req.readOnly || o['read-only'] === 'on');
+    // -f comes before the options' driver, as in QEMU; but the open command's own -o driver=null-co
+    // is the node asked for (QEMU's -f names only the image of the command line).
+    if ((this.format ?? o.driver) === NULL_CO || req.options.driver === NULL_CO) return openNullCo(nullName(NULL_CO), o, req.readOnly || o['read-only'] === 'on');
     const nullFile = nullCoFileOptions(o);
     if (nullFile) return openOverNullCo(nullName('raw'), nullFile, this.format ?? o.driver, req.readOnly || o['read-only'] === 'on');
     if (!json && req.name !== undefined && isNullCoFilename(req.name)) return openNullCoFilename(req.name, this.format ?? o.driver, req.readOnly || o['read-only'] === 'on');

@@ -111,3 +111,26 @@ test('amend manages LUKS key slots as qemu-img does, refusals included', needs('
   assert.equal((await amend('sec1', 'encrypt.state=inactive,encrypt.keyslot=4', '--force')).code, 0);
   assert.match(await io('qemu-io', opts('sec1'), 'read 0 4096'), /Invalid password, cannot unlock any keyslot/);
 });
+
+test('a LUKS mode string naming md5 after plain64 (cbc-plain64:md5, as QEMU makes it on request) opens both ways; the name is kept', needs('qemu-img', 'qemu-io'), async (t) => {
+  const dir = await scratch(t);
+  const img = join(dir, 'md5.qcow2');
+  const enc = 'encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain64,encrypt.ivgen-hash-alg=md5,encrypt.hash-alg=sha1,encrypt.iter-time=10';
+  await ok('qemu-img', ['create', '-q', '-f', 'qcow2', ...SECRETS, '-o', enc, img, '4M']);
+  const opts = `driver=qcow2,file.filename=${img},encrypt.key-secret=sec0`;
+  // QEMU writes, we read; we write, QEMU reads.
+  assert.match(await io('qemu-io', opts, 'write -P 0x3c 4096 8192'), /wrote 8192\/8192 bytes at offset 4096/);
+  assert.match(await io(COMPAT_QEMU_IO, opts, 'read -P 0x3c 4096 8192'), /read 8192\/8192 bytes at offset 4096/);
+  assert.match(await io(COMPAT_QEMU_IO, opts, 'write -P 0x7e 65536 4096'), /wrote 4096\/4096 bytes at offset 65536/);
+  assert.match(await io('qemu-io', opts, 'read -P 0x7e 65536 4096'), /read 4096\/4096 bytes at offset 65536/);
+  const norm = (s: string) => s.replace(/uuid: \S+/, 'uuid: U').replace(/iters: \d+/g, 'iters: N').replace(/disk size: .*\n/, '');
+  assert.equal(norm(await ok(COMPAT_QEMU_IMG, ['info', img])), norm(await ok('qemu-img', ['info', img])));
+  // A key slot added by our amend rewrites the header: the mode string stays as QEMU wrote it.
+  const modeAt = async () => (await import('node:fs/promises')).readFile(img).then((b) => b.subarray(b.indexOf('LUKS\xba\xbe', 0, 'latin1') + 40, b.indexOf('LUKS\xba\xbe', 0, 'latin1') + 72).toString('latin1').replace(/\0+$/, ''));
+  assert.equal(await modeAt(), 'cbc-plain64:md5');
+  await ok(COMPAT_QEMU_IMG, ['amend', ...SECRETS, '--image-opts', opts, '-o', 'encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10']);
+  assert.equal(await modeAt(), 'cbc-plain64:md5');
+  assert.match(await io('qemu-io', `driver=qcow2,file.filename=${img},encrypt.key-secret=sec1`, 'read -P 0x3c 4096 8192'), /read 8192\/8192 bytes at offset 4096/);
+  const checked = await run('qemu-img', ['check', ...SECRETS, '--image-opts', opts]);
+  assert.equal(checked.code, 0, checked.stdout + checked.stderr);
+});
