@@ -86,11 +86,24 @@ export class NativeCopy {
       lane.extents[3 * n + 2] = length;
       n++;
     };
+    const take = (store: ByteStore, at: number, length: number): boolean => {
+      const fd = store.directFd?.(false);
+      if (fd === undefined) return false;
+      lane.stores.push(store);
+      push(fd, at, length);
+      return true;
+    };
     for (const s of item.spans) {
       if (s.zero) {
         push(-1, 0, s.length);
         continue;
       }
+      // Most spans are placed from what their layer knows now, without a promise; otherwise what
+      // was pushed for the span is dropped and plainExtents decides.
+      const [mark, stores] = [n, lane.stores.length];
+      if (src.plainRunsNow(s.offset, s.length, s.depth, take)) continue;
+      n = mark;
+      lane.stores.length = stores;
       let covered = 0;
       for (const e of await src.plainExtents(s.offset, s.length, s.depth)) {
         const fd = e.store?.directFd?.(false);

@@ -14,7 +14,7 @@
  * for new tables are written only after a flush (on flush(), close(), or every 32 MiB), so a
  * crash can lose unflushed writes and leak space, never leave an entry pointing at unwritten bytes.
  */
-import type { BlockExtent, ImageDescription, OpenOptions, WriteOptions, ZeroOptions } from '../../core/block-device.js';
+import type { BlockExtent, ImageDescription, OpenOptions, PlainExtent, WriteOptions, ZeroOptions } from '../../core/block-device.js';
 import { DeviceBase } from '../../core/device-base.js';
 import { QcowError, corrupt, invalidArgument, unsupported } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
@@ -63,6 +63,26 @@ interface Batch {
   entries: Map<number, { index: number; value: bigint }[]>;
   /** L2 tables allocated by this batch, by L1 index. */
   newTables: Map<number, { offset: number; table: BigUint64Array }>;
+}
+
+/** Where the low and the high 32 bits of a 64-bit array element are, in 32-bit words (host order). */
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+const LO = LITTLE_ENDIAN ? 0 : 1;
+const HI = 1 - LO;
+
+/**
+ * An L2 table's big-endian bytes as entries, word by word: DataView's getBigUint64 per entry made
+ * a BigInt for each (~200 instructions; 262144 entries per GiB of 4 KiB clusters).
+ */
+function decodeTable(raw: Uint8Array, entries: number): BigUint64Array {
+  const table = new BigUint64Array(entries);
+  const out = new Uint32Array(table.buffer);
+  const dv = view(raw);
+  for (let i = 0; i < entries; i++) {
+    out[2 * i + HI] = dv.getUint32(8 * i);
+    out[2 * i + LO] = dv.getUint32(8 * i + 4);
+  }
+  return table;
 }
 
 export class Qcow1Device extends DeviceBase {
@@ -168,10 +188,7 @@ export class Qcow1Device extends DeviceBase {
       // Bytes past the end of the file read as zeros, as in QEMU (entries there are unallocated).
       const raw = new Uint8Array(this.l2Bytes);
       await this.store.read(off, raw);
-      const dv = view(raw);
-      const table = new BigUint64Array(this.l2Entries);
-      for (let i = 0; i < table.length; i++) table[i] = dv.getBigUint64(8 * i);
-      return table;
+      return decodeTable(raw, this.l2Entries);
     });
   }
 
@@ -229,23 +246,77 @@ export class Qcow1Device extends DeviceBase {
     return raw === 0n ? UNALLOCATED : this.decode(raw, index);
   }
 
-  /** The mapping of a guest range as runs: unallocated runs and host-contiguous normal runs joined. */
+  /**
+   * The mapping of a guest range as runs: unallocated runs and host-contiguous normal runs joined.
+   * Block status, reads and plainExtents all come here, so it reads the tables' entries as 32-bit
+   * halves and steps over a run of normal clusters that follow each other in the file in one
+   * inner loop: a BigInt per entry (reading one out of the table allocates it, and decodeEntry's
+   * arithmetic) and a callback per cluster were most of a 1 GiB qcow -> raw convert's
+   * instructions. Other entries are decoded as before.
+   */
   private async pieces(offset: number, length: number): Promise<Piece[]> {
     const out: Piece[] = [];
     const cs = this.clusterSize;
-    await this.forEachCluster(offset, length, (index, inCluster, n, entry) => {
-      const guest = index * cs + inCluster;
+    const end = offset + length;
+    const unallocated = (guest: number, n: number) => {
       const last = out[out.length - 1];
-      if (entry.kind === 'normal') {
-        const host = entry.hostOffset + inCluster;
-        if (last?.entry.kind === 'normal' && last.host! + last.length === host) last.length += n;
-        else out.push({ guest, length: n, entry, host });
-      } else if (entry.kind === 'unallocated' && last?.entry.kind === 'unallocated') {
-        last.length += n;
-      } else {
-        out.push({ guest, length: n, entry });
+      if (last?.entry.kind === 'unallocated') last.length += n;
+      else out.push({ guest, length: n, entry: UNALLOCATED });
+    };
+    let pos = offset;
+    while (pos < end) {
+      let index = Math.floor(pos / cs);
+      const l1i = Math.floor(index / this.l2Entries);
+      const l2Offset = this.l1Entry(l1i);
+      const tableEnd = Math.min(end, (l1i + 1) * this.l2Entries * cs);
+      if (!l2Offset) {
+        unallocated(pos, tableEnd - pos);
+        pos = tableEnd;
+        continue;
       }
-    }, true);
+      const table = await this.l2Table(l2Offset);
+      const words = new Uint32Array(table.buffer, table.byteOffset, 2 * table.length);
+      while (pos < tableEnd) {
+        const inCluster = pos - index * cs;
+        const k = index % this.l2Entries;
+        const lo = words[2 * k + LO]!;
+        const hi = words[2 * k + HI]!;
+        if (lo === 0 && hi === 0) {
+          unallocated(pos, Math.min(cs - inCluster, tableEnd - pos));
+          pos = Math.min(tableEnd, (index + 1) * cs);
+          index++;
+          continue;
+        }
+        // Below 2^53 (so no compressed flag) and 512-aligned: what decodeEntry makes a normal entry.
+        if (hi < 0x200000 && lo % 512 === 0) {
+          const clusterHost = hi * 2 ** 32 + lo;
+          // The clusters after it that are its neighbours in the file, in the same table.
+          let next = index + 1;
+          let expect = clusterHost + cs;
+          for (let j = k + 1; next * cs < tableEnd && expect <= Number.MAX_SAFE_INTEGER && words[2 * j + HI]! * 2 ** 32 + words[2 * j + LO]! === expect; j++, next++) expect += cs;
+          const runEnd = Math.min(tableEnd, next * cs);
+          const host = clusterHost + inCluster;
+          const last = out[out.length - 1];
+          if (last?.entry.kind === 'normal' && last.host! + last.length === host) last.length += runEnd - pos;
+          else out.push({ guest: pos, length: runEnd - pos, entry: { kind: 'normal', hostOffset: clusterHost }, host });
+          pos = runEnd;
+          index = next;
+          continue;
+        }
+        const entry = this.decode(table[k]!, index);
+        const n = Math.min(cs - inCluster, tableEnd - pos);
+        const last = out[out.length - 1];
+        if (entry.kind === 'normal') {
+          const host = entry.hostOffset + inCluster;
+          if (last?.entry.kind === 'normal' && last.host! + last.length === host) last.length += n;
+          else out.push({ guest: pos, length: n, entry, host });
+        } else {
+          out.push({ guest: pos, length: n, entry });
+        }
+        pos += n;
+        index++;
+      }
+    }
     return out;
   }
 
@@ -590,6 +661,27 @@ export class Qcow1Device extends DeviceBase {
         }
       }
     });
+  }
+
+  /**
+   * Copy offload and the native copy loop, source side: normal clusters of an unencrypted image
+   * are plain bytes of the file (runs contiguous in the file joined, as reads join them). The
+   * in-memory entries of new clusters are set only after their bytes are written (see commit), so
+   * a run handed out here is in the file. Without this, a qcow source took the TypeScript copy
+   * loop of convert: a read per item through this device, a zero scan and a write per run.
+   */
+  async plainExtents(offset: number, length: number): Promise<PlainExtent[]> {
+    this.checkRequest(offset, length);
+    const out: PlainExtent[] = [];
+    if (length === 0) return out;
+    for (const p of await this.pieces(offset, length)) {
+      const plain = p.entry.kind === 'normal' && !this.encrypted;
+      const last = out[out.length - 1];
+      if (plain && last?.store && last.hostOffset! + last.length === p.host) last.length += p.length;
+      else if (!plain && last && !last.store) last.length += p.length;
+      else out.push(plain ? { offset: p.guest, length: p.length, store: this.store, hostOffset: p.host! } : { offset: p.guest, length: p.length });
+    }
+    return out;
   }
 
   /**

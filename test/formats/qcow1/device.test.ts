@@ -336,3 +336,57 @@ test('a read-only image refuses writes', async () => {
   await assert.rejects(ro.write(0, new Uint8Array(1)), isCode('QCOW_READ_ONLY'));
   await assert.rejects(ro.writeCompressed!(0, new Uint8Array(4096)), isCode('QCOW_READ_ONLY'));
 });
+
+test('plainExtents: normal clusters as runs of the file (neighbours joined), compressed and unallocated ones without a store', async () => {
+  const cs = 4096;
+  const { dev, store } = await memImage({ size: 64 * KiB });
+  // Clusters 0-2 written in one go (neighbours in the file), 3 unallocated, 4 compressed, 5 normal
+  // again, the rest unallocated; one byte into cluster 1 makes the runs start mid-cluster.
+  const data = randomBytes(3 * cs, 11);
+  await dev.write(0, data);
+  await dev.writeCompressed!(4 * cs, new Uint8Array(cs).fill(0x55));
+  const five = randomBytes(cs, 12);
+  await dev.write(5 * cs, five);
+  const runs = await dev.plainExtents(1, 64 * KiB - 1);
+  assert.deepEqual(
+    runs.map((r) => [r.offset, r.length, r.store !== undefined]),
+    [
+      [1, 3 * cs - 1, true],
+      [3 * cs, 2 * cs, false],
+      [5 * cs, cs, true],
+      [6 * cs, 64 * KiB - 6 * cs, false],
+    ],
+  );
+  // The runs' bytes in the file are the guest's bytes.
+  const file = store.bytes();
+  assert.deepEqual(file.subarray(runs[0]!.hostOffset!, runs[0]!.hostOffset! + runs[0]!.length), data.subarray(1));
+  assert.deepEqual(file.subarray(runs[2]!.hostOffset!, runs[2]!.hostOffset! + cs), five);
+  assert.deepEqual(await dev.plainExtents(0, 0), []);
+  await assert.rejects(dev.plainExtents(60 * KiB, 8 * KiB), isCode('QCOW_OUT_OF_RANGE'));
+  await dev.close();
+});
+
+test('block status and reads tell entries apart as before the word-wise lookup: misaligned and huge normal entries are corrupt, compressed ones decode', async () => {
+  const { dev, store, reopen } = await memImage({ size: 16 * KiB });
+  await dev.write(0, new Uint8Array(4096).fill(1));
+  await dev.writeCompressed!(4096, new Uint8Array(4096).fill(2));
+  await dev.close();
+  // The L2 table is the first cluster after the header and L1 table: find cluster 0's entry.
+  const bytes = store.bytes();
+  const dv = new DataView(bytes.buffer, bytes.byteOffset);
+  const l1 = Number(dv.getBigUint64(40)); // l1_table_offset
+  const l2 = Number(dv.getBigUint64(l1));
+  assert.equal((await readAll(await reopen())).subarray(4096, 8192).every((b) => b === 2), true);
+  for (const [entry, message] of [
+    [dv.getBigUint64(l2) + 8n, /not a multiple of 512/],
+    [1n << 60n, /too large/],
+  ] as const) {
+    const e = new Uint8Array(8);
+    new DataView(e.buffer).setBigUint64(0, entry);
+    await store.write(l2, e);
+    const again = await reopen();
+    await assert.rejects(again.read(0, new Uint8Array(4096)), message);
+    await assert.rejects(again.blockStatus(0, 4096), message);
+    await again.close();
+  }
+});
