@@ -52,6 +52,17 @@ async function both(dir: string, original: string, steps: string[][], options: {
   return results as [Outcome, Outcome];
 }
 
+/**
+ * The blocks two files occupy, to one file-system block. st_blocks also counts ext4's extent-tree
+ * blocks, and how many extents delayed allocation makes depends on when writeback runs: under load
+ * the same preallocated file took one 4 KiB index block more or less (5128 against 5120 sectors).
+ * What is compared is the space the resize reserved or wrote, which differs by whole clusters.
+ */
+function assertSameBlocks(ours: number, theirs: number, what: string): void {
+  const fsBlockSectors = 8;
+  assert.ok(Math.abs(ours - theirs) <= fsBlockSectors, `${what}: blocks ${ours} against qemu-img's ${theirs}`);
+}
+
 test('LUKS images resize as in qemu-img: grow, shrink, relative sizes, preallocation, refusals', needs('qemu-img', 'qemu-io'), async (t) => {
   const dir = await scratch(t);
   const luks = join(dir, 'orig.luks');
@@ -107,7 +118,7 @@ test('resize --preallocation on raw and qcow2 as qemu-img does it, refusals incl
       if (holesWork() || mode !== 'falloc') assert.equal(ours.map, theirs.map, what);
       assert.equal(ours.info, theirs.info, what);
       assert.equal(ours.size, theirs.size, `${what}: file size`);
-      assert.equal(ours.blocks, theirs.blocks, `${what}: blocks`);
+      assertSameBlocks(ours.blocks, theirs.blocks, what);
       if (format === 'qcow2') assert.equal((await run('qemu-img', ['check', 'x.img'], { cwd: dir })).code, 0, `${what}: check`);
     }
     for (const steps of [
@@ -160,7 +171,7 @@ test('qcow2 resize --preallocation places the new clusters as qemu-img does, the
       if (holesWork() || mode !== 'falloc') assert.equal(ours.map, theirs.map, what);
       assert.equal(ours.size, theirs.size, `${what}: file size`);
       // 512-byte clusters: which 4 KiB file-system blocks get reserved differs by one.
-      if (!opts.join().includes('cluster_size=512')) assert.equal(ours.blocks, theirs.blocks, `${what}: blocks`);
+      if (!opts.join().includes('cluster_size=512')) assertSameBlocks(ours.blocks, theirs.blocks, what);
       assert.equal(ours.info, theirs.info, what);
       assert.equal(ours.code, 0, `${what}: ${ours.out}`);
     }
