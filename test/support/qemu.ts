@@ -7,7 +7,8 @@
  * without those tools, even under CI: every test that needs one is skipped, and everything else
  * must pass without it. `qemu` stands for the QEMU and libnbd tools ({@link QEMU_TOOLS}).
  */
-import { execFile, spawnSync } from 'node:child_process';
+import { execFile, spawn, spawnSync } from 'node:child_process';
+import { once } from 'node:events';
 import { createHash } from 'node:crypto';
 import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -123,6 +124,35 @@ export function maskQemuIoTiming(out: string): string {
 }
 
 export const qemuImg = (args: string[], cwd?: string) => runOk('qemu-img', args, { cwd });
+
+/** A QEMU qemu-io holding an image open for writing (holdWithQemuIo). */
+export interface QemuIoHolder {
+  /** The probe that failed once the locks were held, for tests that check QEMU's own message. */
+  refused: RunResult;
+  /** Ends the holder (quit on its stdin) and waits for it to exit; also done when the test ends. */
+  release(): Promise<void>;
+}
+
+/**
+ * QEMU's qemu-io holding `img` open for writing (waiting on its stdin) until released or the test
+ * ends; returns once its locks are held: when `probe` (by default QEMU's own `qemu-img info`, a
+ * shared read) fails.
+ */
+export async function holdWithQemuIo(t: TestContext, img: string, probe: [string, string[]] = ['qemu-img', ['info', img]]): Promise<QemuIoHolder> {
+  const writer = spawn('qemu-io', ['-f', 'qcow2', img], { stdio: ['pipe', 'ignore', 'ignore'] });
+  const release = async (): Promise<void> => {
+    if (writer.exitCode !== null) return;
+    writer.stdin.end('quit\n');
+    await once(writer, 'exit');
+  };
+  t.after(release);
+  for (let i = 0; ; i++) {
+    const refused = await run(...probe);
+    if (refused.code !== 0) return { refused, release };
+    if (i >= 200) throw new Error(`qemu-io never took the locks of ${img}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
 export const qemuIo = (args: string[], cwd?: string) => runOk('qemu-io', args, { cwd });
 
 /** The CLI's node entry (bin/qcow.cjs, running the bundle of dist/cli), for `node CLI ...`. */

@@ -14,12 +14,10 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { once } from 'node:events';
 import { rm } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
-import { needs, qemuImg, run, scratch } from '../../support/qemu.js';
+import { holdWithQemuIo, needs, qemuImg, run, scratch } from '../../support/qemu.js';
 import { needsQemuLocks } from '../../support/addon.js';
 
 const COMPAT_IMG = fileURLToPath(new URL('../../../compat/qemu-img', import.meta.url));
@@ -31,19 +29,7 @@ test('qemu-img beside a writer: -U reads, commit names the write lock, -U with w
   const img = join(dir, 'top.qcow2');
   await qemuImg(['create', '-q', '-f', 'qcow2', base, '4M'], dir);
   await qemuImg(['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', img], dir);
-  const writer = spawn('qemu-io', ['-f', 'qcow2', img], { stdio: ['pipe', 'ignore', 'ignore'] });
-  t.after(async () => {
-    if (writer.exitCode === null) {
-      writer.stdin.end('quit\n');
-      await once(writer, 'exit');
-    }
-  });
-  for (let i = 0; ; i++) {
-    const probe = await run('qemu-img', ['info', img]);
-    if (probe.code !== 0) break;
-    assert.ok(i < 200, 'the writer never took its lock');
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  const holder = await holdWithQemuIo(t, img);
   const overlay = join(dir, 'overlay.qcow2');
   const cases: string[][] = [
     ['check', img],
@@ -75,8 +61,7 @@ test('qemu-img beside a writer: -U reads, commit names the write lock, -U with w
     assert.deepEqual(await run(COMPAT_IO, args), await run('qemu-io', args), args.join(' '));
   }
   // The overlay ours made over the held image, once the holder is gone: QEMU finds it clean.
-  writer.stdin.end('quit\n');
-  await once(writer, 'exit');
+  await holder.release();
   const made = await run(COMPAT_IMG, ['create', '-q', '-f', 'qcow2', '-b', img, '-F', 'qcow2', overlay]);
   assert.equal(made.code, 0, made.stderr);
   const checked = await run('qemu-img', ['check', overlay]);

@@ -8,11 +8,9 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
-import { maskQemuIoTiming, needs, qemuImg, qemuIo, run, scratch } from '../../support/qemu.js';
+import { holdWithQemuIo, maskQemuIoTiming, needs, qemuImg, qemuIo, run, scratch } from '../../support/qemu.js';
 import { needsQemuLocks } from '../../support/addon.js';
 
 const COMPAT_IO = fileURLToPath(new URL('../../../compat/qemu-io', import.meta.url));
@@ -22,24 +20,10 @@ test('qemu-io -U reads an image another process holds open for writing, as QEMU 
   const img = join(dir, 'a.qcow2');
   await qemuImg(['create', '-q', '-f', 'qcow2', img, '1M'], dir);
   await qemuIo(['-f', 'qcow2', '-c', 'write -P 0x5a 64k 64k', img], dir);
-  // The writer: QEMU's qemu-io with the image open read-write, waiting on its stdin.
-  const writer = spawn('qemu-io', ['-f', 'qcow2', img], { stdio: ['pipe', 'ignore', 'ignore'] });
-  t.after(async () => {
-    if (writer.exitCode === null) {
-      writer.stdin.end('quit\n');
-      await once(writer, 'exit');
-    }
-  });
-  // Wait until its lock is held: a plain read-only open by QEMU's qemu-io fails from then on.
-  for (let i = 0; ; i++) {
-    const probe = await run('qemu-io', ['-f', 'qcow2', '-r', '-c', 'map', img]);
-    if (probe.code !== 0) {
-      assert.match(probe.stderr, /Failed to get shared "write" lock/);
-      break;
-    }
-    assert.ok(i < 200, 'the writer never took its lock');
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  // The writer: QEMU's qemu-io with the image open read-write. Once its lock is held, a plain
+  // read-only open by QEMU's qemu-io fails, on the write lock.
+  const { refused } = await holdWithQemuIo(t, img, ['qemu-io', ['-f', 'qcow2', '-r', '-c', 'map', img]]);
+  assert.match(refused.stderr, /Failed to get shared "write" lock/);
   const cases: string[][] = [
     ['-f', 'qcow2', '-rU', '-c', 'map', '-c', 'read -P 0x5a 64k 64k', img],
     ['-f', 'qcow2', '-U', '-r', '-c', 'map', img],
