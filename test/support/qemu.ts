@@ -135,23 +135,39 @@ export interface QemuIoHolder {
 
 /**
  * QEMU's qemu-io holding `img` open for writing (waiting on its stdin) until released or the test
- * ends; returns once its locks are held: when `probe` (by default QEMU's own `qemu-img info`, a
- * shared read) fails.
+ * ends. Returns once the image is open, which it learns from the answer to a `length` command
+ * (printed only after the open), then runs `probe` (by default QEMU's own `qemu-img info`, a shared
+ * read) once, which must fail on the locks. Probing while qemu-io starts would race it: a probe
+ * holding its own lock at the moment qemu-io opens the image makes qemu-io's open fail.
  */
 export async function holdWithQemuIo(t: TestContext, img: string, probe: [string, string[]] = ['qemu-img', ['info', img]]): Promise<QemuIoHolder> {
-  const writer = spawn('qemu-io', ['-f', 'qcow2', img], { stdio: ['pipe', 'ignore', 'ignore'] });
+  const writer = spawn('qemu-io', ['-f', 'qcow2', img], { stdio: ['pipe', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  writer.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  writer.stderr.on('data', (d: Buffer) => (err += d.toString()));
   const release = async (): Promise<void> => {
-    if (writer.exitCode !== null) return;
+    if (writer.exitCode !== null || writer.signalCode !== null) return;
     writer.stdin.end('quit\n');
     await once(writer, 'exit');
   };
   t.after(release);
-  for (let i = 0; ; i++) {
-    const refused = await run(...probe);
-    if (refused.code !== 0) return { refused, release };
-    if (i >= 200) throw new Error(`qemu-io never took the locks of ${img}`);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
+  writer.stdin.write('length\n');
+  const opened = new Promise<void>((resolve, reject) => {
+    const onData = () => {
+      if (!/\d/.test(out)) return;
+      writer.stdout.off('data', onData);
+      writer.off('exit', onExit);
+      resolve();
+    };
+    const onExit = () => reject(new Error(`qemu-io could not open ${img}: ${err.trim()}`));
+    writer.stdout.on('data', onData);
+    writer.once('exit', onExit);
+  });
+  await opened;
+  const refused = await run(...probe);
+  if (refused.code === 0) throw new Error(`${probe[0]} ${probe[1].join(' ')} succeeded beside qemu-io holding ${img}`);
+  return { refused, release };
 }
 export const qemuIo = (args: string[], cwd?: string) => runOk('qemu-io', args, { cwd });
 
