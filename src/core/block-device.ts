@@ -214,6 +214,12 @@ export interface BlockDevice {
   writePlaced?(offset: number, length: number, put: (range: PlacedRange) => Promise<void>): Promise<void>;
   /** Store whole clusters compressed (cluster-aligned offset; the last cluster may be short). Absent where unsupported. */
   writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
+  /**
+   * The most clusters one writeCompressed call may hold; absent: one (qcow v1 stores one per call,
+   * as QEMU's qcow driver does). A caller with a run of clusters to compress makes as few calls as
+   * this allows: each call costs a device its ordering, locking and promises.
+   */
+  readonly writeCompressedMaxClusters?: number;
   /** Write cached metadata out and make everything written so far durable (fsync). */
   flush(): Promise<void>;
   /** Allocation of [offset, offset+length) in this layer only, in order, covering the whole range. */

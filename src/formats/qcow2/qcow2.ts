@@ -41,6 +41,8 @@ export { DEFAULT_L2_CACHE_BYTES, L2_SLICE_BYTES, type GuestRun } from './cluster
 
 export class Qcow2Device extends DeviceBase {
   readonly format = 'qcow2';
+  /** writeCompressed takes any run of whole clusters (it compresses them together, places them in order). */
+  readonly writeCompressedMaxClusters = Number.MAX_SAFE_INTEGER;
   readonly clusterSize: number;
   /** The image's state; only it changes what it holds (see image.ts). */
   readonly image: Qcow2Image;
