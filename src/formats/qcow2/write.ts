@@ -1590,7 +1590,11 @@ export class Qcow2Writer {
     if (allocating.length === 0 || length === 0) return undefined;
     const first = Math.floor(offset / this.cs);
     const end = Math.floor((offset + length - 1) / this.cs) + 1;
-    for (const r of allocating) if (r.first < end && r.end > first) return r.settled;
+    // Indexed: a for-of made an iterator object per call, and this runs at every request.
+    for (let i = 0; i < allocating.length; i++) {
+      const r = allocating[i]!;
+      if (r.first < end && r.end > first) return r.settled;
+    }
     return undefined;
   }
 
