@@ -640,6 +640,8 @@ function chunkWrites(
  * `startAfter(at)` is where the first range starting after `at` starts (Infinity when none).
  */
 function knownZeroCursor(ranges: [number, number][]): { wholeBlockEnd: (from: number, to: number) => number; startAfter: (at: number) => number } {
+  // No known zeros (an item of data from a raw file, the usual case): one shared pair, no closures per item.
+  if (ranges.length === 0) return NO_KNOWN_ZEROS;
   let i = 0;
   return {
     wholeBlockEnd: (from, to) => {
@@ -654,6 +656,8 @@ function knownZeroCursor(ranges: [number, number][]): { wholeBlockEnd: (from: nu
   };
 }
 
+const NO_KNOWN_ZEROS = { wholeBlockEnd: (): number => -1, startAfter: (): number => Infinity };
+
 /** Start a chunk's writes, all at once and in order; the caller waits for them. */
 function issueWrites(cx: WriteContext, ops: ChunkWrite[]): Promise<void>[] {
   return ops.map((op) => {
@@ -665,6 +669,12 @@ function issueWrites(cx: WriteContext, ops: ChunkWrite[]): Promise<void>[] {
 
 /** Wait for every promise, then throw the first failure (never leave writes running behind a throw). */
 async function settleAll(list: Promise<void>[]): Promise<void> {
+  // Most items are one write (a run of data filling the item) or none: awaited as it is, without
+  // allSettled's result array, its result objects and a reaction per element, at every item.
+  if (list.length <= 1) {
+    if (list.length === 1) await list[0];
+    return;
+  }
   const results = await Promise.allSettled(list);
   const bad = results.find((r) => r.status === 'rejected');
   if (bad) throw (bad as PromiseRejectedResult).reason;

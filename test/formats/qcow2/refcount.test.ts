@@ -41,6 +41,19 @@ test('a run of counts is zero-tested and set to one exactly as entry by entry, a
   }
 });
 
+test('16-bit runs set to one give big-endian 0x0001 in blocks at even and at odd places in memory', () => {
+  // setRefcountsToOne fills 16-bit words where the run is 2-byte aligned in memory, and stores
+  // bytes where it is not (a block viewed at an odd offset of its buffer).
+  for (const shift of [0, 1, 2]) {
+    const block = new Uint8Array(512 + shift).subarray(shift);
+    block.fill(0xee, 0, 4);
+    block.fill(0xee, 24, 28);
+    setRefcountsToOne(block, 2, 10, 16);
+    assert.deepEqual([...block.subarray(0, 28)], [0xee, 0xee, 0xee, 0xee, ...Array.from({ length: 10 }, () => [0, 1]).flat(), 0xee, 0xee, 0xee, 0xee], `shift ${shift}`);
+    for (let i = 2; i < 12; i++) assert.equal(getRefcount(block, i, 16), 1);
+  }
+});
+
 test('sub-byte widths fill a byte from its least significant bits; wider ones are big-endian', () => {
   const expect: Record<number, number[]> = {
     1: [0x3f],
