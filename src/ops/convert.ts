@@ -539,6 +539,24 @@ async function copyStoreRange(store: ByteStore, from: number, r: PlacedRange): P
 type ChunkWrite = { kind: 'data'; offset: number; data: Uint8Array } | { kind: 'compressed'; offset: number; data: Uint8Array } | { kind: 'zero'; offset: number; length: number };
 
 /**
+ * A compressed run's bytes. A compressed write covers whole clusters, the image's last one
+ * whole to the image's end: when the source ends inside the target's last cluster (a raw source
+ * of 100000 bytes, whose target is 100352, the size rounded up to 512 as qemu-img makes it), the
+ * run is padded with the zeros the source reads as beyond its end, as qemu-img's is (QEMU's raw
+ * driver counts the source's size in whole 512-byte sectors).
+ */
+function compressedRunData(cx: WriteContext, dstOff: number, data: Uint8Array, start: number, end: number): Uint8Array {
+  const run = data.subarray(start, end);
+  const endAt = dstOff + end;
+  // Only into the image's last cluster, as QEMU pads only a write that reaches the image's end
+  // (a short source into a larger existing target, `-n`, is refused there and here).
+  if (endAt % cx.cluster === 0 || endAt >= cx.target.size || endAt - (endAt % cx.cluster) + cx.cluster < cx.target.size) return run;
+  const padded = new Uint8Array(cx.target.size - (dstOff + start));
+  padded.set(run);
+  return padded;
+}
+
+/**
  * The writes that put one chunk of guest data at `dstOff`. Compared in blocks (the -S size, or the
  * cluster when compressing): blocks that already read the same in the target are skipped, the
  * rest written in runs as large as possible.
@@ -567,7 +585,7 @@ function chunkWrites(
     const runMax = cx.compressRunClusters * cx.cluster;
     let runStart = -1;
     const endRun = (end: number) => {
-      if (runStart >= 0) ops.push({ kind: 'compressed', offset: dstOff + runStart, data: data.subarray(runStart, end) });
+      if (runStart >= 0) ops.push({ kind: 'compressed', offset: dstOff + runStart, data: compressedRunData(cx, dstOff, data, runStart, end) });
       runStart = -1;
     };
     for (let o = 0; o < data.length; o += cx.cluster) {
