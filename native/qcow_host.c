@@ -17,6 +17,9 @@
  *   copyExtents(buf, extents, count, dstFd, dstOffset, length, unit, flags, runs)
  *                                     The copy loop of one item of a plain convert into a raw
  *                                     file, on libuv's thread pool: see native/copy_loop.c.
+ *   compareExtents(bufA, bufB, extA, countA, extB, countB, length, piece)
+ *                                     The compare loop of one item of qemu-img compare, on
+ *                                     libuv's thread pool: see native/compare_loop.c.
  *   spliceToPipe(fdIn, offIn, pipe, len)
  *                                     splice(2) [offIn, +len) of the file `fdIn` into the pipe
  *                                     `pipe` until `len` bytes are moved or the file ends; a
@@ -217,6 +220,8 @@ static int all_zero(const unsigned char *p, size_t n);
 int qcow_all_zero(const unsigned char *p, size_t n) { return all_zero(p, n); }
 /* copy_loop.c: the native copy loop of plain converts into raw (described there). */
 napi_value qcow_copy_extents(napi_env env, napi_callback_info info);
+/* compare_loop.c: the native compare loop of qemu-img compare (described there). */
+napi_value qcow_compare_extents(napi_env env, napi_callback_info info);
 
 static napi_value throw_errno(napi_env env, int err, const char *syscall) {
   napi_value error = errno_error(env, err, syscall);
@@ -1490,6 +1495,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
     {"copyFileRange", NULL, copy_file_range_async, NULL, NULL, NULL, napi_enumerable, NULL},
     {"copyExtents", NULL, qcow_copy_extents, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"compareExtents", NULL, qcow_compare_extents, NULL, NULL, NULL, napi_enumerable, NULL},
     {"spliceToPipe", NULL, splice_to_pipe, NULL, NULL, NULL, napi_enumerable, NULL},
     {"writeBehind", NULL, write_behind, NULL, NULL, NULL, napi_enumerable, NULL},
     {"blockRunEnd", NULL, block_run_end, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -1515,7 +1521,7 @@ static napi_value init(napi_env env, napi_value exports) {
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   napi_value version;
-  CHECK(napi_create_int32(env, 10, &version));
+  CHECK(napi_create_int32(env, 11, &version));
   CHECK(napi_set_named_property(env, exports, "version", version));
   return exports;
 }
