@@ -1,7 +1,7 @@
 /**
  * qemu-img compare's verdicts, byte for byte, against QEMU's on the same pairs: the first
  * differing byte at the start, at the end, mid-cluster, on each side of the native loop's piece
- * boundaries (256 KiB, 512 KiB, 1 MiB) and of its 64 MiB item, where one side reads zeros from a
+ * boundaries and of its items (up to 64 MiB), where one side reads zeros from a
  * hole, sizes that differ with zeros or data beyond; qcow2 against raw and qcow2 against qcow2;
  * with the host addon's compare loop (ops/native-compare.ts) and without it (QCOW_NO_NATIVE=1).
  * The message ("Content mismatch at offset N!") and the exit code must be QEMU's.
@@ -45,7 +45,9 @@ test('compare finds the first differing byte where qemu-img does, with and witho
   base.fill(0, 4 * MiB, 5 * MiB);
   const a = await both(dir, 'a', base);
   assert.match(await agree(dir, [a.qcow2, a.raw], 'identical'), /Images are identical/);
-  const places = [0, 511, 256 * KiB - 1, 256 * KiB, 512 * KiB - 1, 512 * KiB, MiB - 1, MiB, 3 * MiB + 32 * KiB + 100, 4 * MiB + 777, 5 * MiB - 1, 9 * MiB + 4095, size - 1];
+  // The native loop's pieces grow from 64 KiB to 512 KiB and its first items end at 512 KiB,
+  // 1.5 MiB and 3.5 MiB (compare.ts): both sides of those, the first and last bytes, mid-cluster.
+  const places = [0, 511, 64 * KiB - 1, 64 * KiB, 128 * KiB + 3, 512 * KiB - 1, 512 * KiB, MiB, 1.5 * MiB - 1, 1.5 * MiB, 3 * MiB + 32 * KiB + 100, 3.5 * MiB - 1, 4 * MiB + 777, 5 * MiB - 1, 9 * MiB + 4095, size - 1];
   for (const [i, at] of places.entries()) {
     const changed = base.slice();
     changed[at] = changed[at]! ^ 0x5a || 1;
