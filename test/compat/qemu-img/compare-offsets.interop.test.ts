@@ -45,9 +45,10 @@ test('compare finds the first differing byte where qemu-img does, with and witho
   base.fill(0, 4 * MiB, 5 * MiB);
   const a = await both(dir, 'a', base);
   assert.match(await agree(dir, [a.qcow2, a.raw], 'identical'), /Images are identical/);
-  // The native loop's pieces grow from 64 KiB to 512 KiB and its first items end at 512 KiB,
-  // 1.5 MiB and 3.5 MiB (compare.ts): both sides of those, the first and last bytes, mid-cluster.
-  const places = [0, 511, 64 * KiB - 1, 64 * KiB, 128 * KiB + 3, 512 * KiB - 1, 512 * KiB, MiB, 1.5 * MiB - 1, 1.5 * MiB, 3 * MiB + 32 * KiB + 100, 3.5 * MiB - 1, 4 * MiB + 777, 5 * MiB - 1, 9 * MiB + 4095, size - 1];
+  // The native loop's pieces grow from 64 KiB (ends at 64 KiB, 128 KiB, ...) and its first items
+  // end at 2 MiB and 6 MiB (compare.ts): both sides of those, the first and last bytes, the 4-5
+  // MiB hole, mid-cluster.
+  const places = [0, 511, 64 * KiB - 1, 64 * KiB, 128 * KiB + 3, 512 * KiB - 1, 512 * KiB, MiB, 2 * MiB - 1, 2 * MiB, 3 * MiB + 32 * KiB + 100, 4 * MiB + 777, 5 * MiB - 1, 6 * MiB - 1, 6 * MiB, 9 * MiB + 4095, size - 1];
   for (const [i, at] of places.entries()) {
     const changed = base.slice();
     changed[at] = changed[at]! ^ 0x5a || 1;
