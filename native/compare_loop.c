@@ -22,9 +22,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <node_api.h>
-
-/* qcow_host.c's: the Error for an errno, named as node:fs names them. */
-napi_value qcow_errno_error(napi_env env, int err, const char *syscall);
+#include "pool_job.h"
 
 typedef struct {
   const double *ext;
@@ -35,30 +33,10 @@ typedef struct {
 } side;
 
 typedef struct {
-  napi_async_work work;
-  napi_deferred deferred;
-  napi_ref refs[4];
+  qcow_pool_job base;
   side s[2];
   size_t length, piece;
-  double found;
-  int err, err_fd;
 } cmp_job;
-
-static int read_at(cmp_job *job, int fd, unsigned char *into, size_t n, int64_t at) {
-  size_t done = 0;
-  while (done < n) {
-    ssize_t r = pread(fd, into + done, n - done, (off_t)(at + (int64_t)done));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      job->err = errno, job->err_fd = fd;
-      return 0;
-    }
-    if (r == 0) break; /* the file ends: the rest reads as zeros */
-    done += (size_t)r;
-  }
-  if (done < n) memset(into + done, 0, n - done);
-  return 1;
-}
 
 /* Fill the side's buffer with its bytes [p, pe) of the item. */
 static int fill(cmp_job *job, side *s, size_t p, size_t pe) {
@@ -69,7 +47,7 @@ static int fill(cmp_job *job, side *s, size_t p, size_t pe) {
     size_t end = at + (size_t)e[2];
     size_t a = at > p ? at : p, b = end < pe ? end : pe;
     if (e[0] >= 0) {
-      if (!read_at(job, (int)e[0], s->buf + (a - p), b - a, (int64_t)e[1] + (int64_t)(a - at))) return 0;
+      if (!qcow_pread_full(&job->base, (int)e[0], s->buf + (a - p), b - a, (int64_t)e[1] + (int64_t)(a - at))) return 0;
     } else {
       memset(s->buf + (a - p), 0, b - a);
     }
@@ -91,46 +69,16 @@ static size_t first_difference(const unsigned char *x, const unsigned char *y, s
 static void cmp_execute(napi_env env, void *data) {
   (void)env;
   cmp_job *job = data;
-  job->found = -1;
+  job->base.result = -1;
   for (size_t p = 0; p < job->length; p += job->piece) {
     size_t pe = p + job->piece < job->length ? p + job->piece : job->length;
     if (!fill(job, &job->s[0], p, pe) || !fill(job, &job->s[1], p, pe)) return;
     size_t d = first_difference(job->s[0].buf, job->s[1].buf, pe - p);
     if (d < pe - p) {
-      job->found = (double)(p + d);
+      job->base.result = (double)(p + d);
       return;
     }
   }
-}
-
-static void cmp_complete(napi_env env, napi_status status, void *data) {
-  cmp_job *job = data;
-  napi_value value = NULL;
-  if (status != napi_ok) {
-    napi_value msg;
-    if (napi_create_string_utf8(env, "compareExtents was cancelled", NAPI_AUTO_LENGTH, &msg) == napi_ok) napi_create_error(env, NULL, msg, &value);
-    if (value) napi_reject_deferred(env, job->deferred, value);
-  } else if (job->err) {
-    value = qcow_errno_error(env, job->err, "pread");
-    napi_value fd;
-    if (value && napi_create_int32(env, job->err_fd, &fd) == napi_ok) napi_set_named_property(env, value, "fd", fd);
-    if (value) napi_reject_deferred(env, job->deferred, value);
-  } else if (napi_create_double(env, job->found, &value) == napi_ok) {
-    napi_resolve_deferred(env, job->deferred, value);
-  }
-  for (int i = 0; i < 4; i++)
-    if (job->refs[i]) napi_delete_reference(env, job->refs[i]);
-  napi_delete_async_work(env, job->work);
-  free(job);
-}
-
-static void *typed(napi_env env, napi_value v, napi_typedarray_type want, size_t *length) {
-  bool is = false;
-  napi_typedarray_type type;
-  void *data;
-  if (napi_is_typedarray(env, v, &is) != napi_ok || !is) return NULL;
-  if (napi_get_typedarray_info(env, v, &type, length, &data, NULL, NULL) != napi_ok || type != want) return NULL;
-  return data;
 }
 
 /* Whether `count` triples of `ext` cover exactly `length` bytes, with sane offsets. */
@@ -151,10 +99,10 @@ napi_value qcow_compare_extents(napi_env env, napi_callback_info info) {
   size_t argc = 8;
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
   size_t len_a = 0, len_b = 0, ext_a_len = 0, ext_b_len = 0;
-  void *buf_a = argc == 8 ? typed(env, argv[0], napi_uint8_array, &len_a) : NULL;
-  void *buf_b = buf_a ? typed(env, argv[1], napi_uint8_array, &len_b) : NULL;
-  void *ext_a = buf_b ? typed(env, argv[2], napi_float64_array, &ext_a_len) : NULL;
-  void *ext_b = ext_a ? typed(env, argv[4], napi_float64_array, &ext_b_len) : NULL;
+  void *buf_a = argc == 8 ? qcow_typed(env, argv[0], napi_uint8_array, &len_a) : NULL;
+  void *buf_b = buf_a ? qcow_typed(env, argv[1], napi_uint8_array, &len_b) : NULL;
+  void *ext_a = buf_b ? qcow_typed(env, argv[2], napi_float64_array, &ext_a_len) : NULL;
+  void *ext_b = ext_a ? qcow_typed(env, argv[4], napi_float64_array, &ext_b_len) : NULL;
   double count_a, count_b, length, piece;
   int ok = ext_b != NULL && napi_get_value_double(env, argv[3], &count_a) == napi_ok && napi_get_value_double(env, argv[5], &count_b) == napi_ok &&
            napi_get_value_double(env, argv[6], &length) == napi_ok && napi_get_value_double(env, argv[7], &piece) == napi_ok;
@@ -179,18 +127,6 @@ napi_value qcow_compare_extents(napi_env env, napi_callback_info info) {
   job->s[1] = (side){ext_b, (size_t)count_b, buf_b, 0, 0};
   job->length = (size_t)length;
   job->piece = (size_t)piece;
-  napi_value promise, resource;
-  const int keep[4] = {0, 1, 2, 4};
-  int queued = 1;
-  for (int i = 0; i < 4 && queued; i++) queued = napi_create_reference(env, argv[keep[i]], 1, &job->refs[i]) == napi_ok;
-  if (!queued || napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
-      napi_create_string_utf8(env, "qcow:compareExtents", NAPI_AUTO_LENGTH, &resource) != napi_ok ||
-      napi_create_async_work(env, NULL, resource, cmp_execute, cmp_complete, job, &job->work) != napi_ok ||
-      napi_queue_async_work(env, job->work) != napi_ok) {
-    for (int i = 0; i < 4; i++)
-      if (job->refs[i]) napi_delete_reference(env, job->refs[i]);
-    free(job);
-    return NULL;
-  }
-  return promise;
+  const napi_value keep[4] = {argv[0], argv[1], argv[2], argv[4]};
+  return qcow_pool_queue(env, &job->base, "compareExtents", keep, 4, cmp_execute);
 }

@@ -214,7 +214,7 @@ static napi_value errno_error(napi_env env, int err, const char *syscall) {
   return error;
 }
 
-/* For the other sources of the addon (copy_loop.c). */
+/* For the other sources of the addon (copy_loop.c, compare_loop.c, pool_job.c). */
 napi_value qcow_errno_error(napi_env env, int err, const char *syscall) { return errno_error(env, err, syscall); }
 static int all_zero(const unsigned char *p, size_t n);
 int qcow_all_zero(const unsigned char *p, size_t n) { return all_zero(p, n); }
@@ -222,6 +222,8 @@ int qcow_all_zero(const unsigned char *p, size_t n) { return all_zero(p, n); }
 napi_value qcow_copy_extents(napi_env env, napi_callback_info info);
 /* compare_loop.c: the native compare loop of qemu-img compare (described there). */
 napi_value qcow_compare_extents(napi_env env, napi_callback_info info);
+/* pool_job.c: the rejection of a job libuv cancelled. */
+void qcow_reject_cancelled(napi_env env, napi_deferred deferred, const char *name);
 
 static napi_value throw_errno(napi_env env, int err, const char *syscall) {
   napi_value error = errno_error(env, err, syscall);
@@ -326,11 +328,7 @@ static void pool_complete(napi_env env, napi_status status, void *data) {
   pool_job *job = data;
   napi_value value = NULL;
   if (status != napi_ok) {
-    char text[96];
-    snprintf(text, sizeof text, "%s was cancelled", job->name);
-    napi_value msg;
-    if (napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg) == napi_ok) napi_create_error(env, NULL, msg, &value);
-    if (value) napi_reject_deferred(env, job->deferred, value);
+    qcow_reject_cancelled(env, job->deferred, job->name);
   } else if (job->err) {
     value = errno_error(env, job->err, job->syscall);
     if (value) napi_reject_deferred(env, job->deferred, value);
