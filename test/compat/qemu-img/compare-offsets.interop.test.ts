@@ -1,7 +1,7 @@
 /**
  * qemu-img compare's verdicts, byte for byte, against QEMU's on the same pairs: the first
  * differing byte at the start, at the end, mid-cluster, on each side of the native loop's piece
- * boundaries and of its items (up to 64 MiB), where one side reads zeros from a
+ * boundaries and of its items, where one side reads zeros from a
  * hole, sizes that differ with zeros or data beyond; qcow2 against raw and qcow2 against qcow2;
  * with the host addon's compare loop (ops/native-compare.ts) and without it (QCOW_NO_NATIVE=1).
  * The message ("Content mismatch at offset N!") and the exit code must be QEMU's.
@@ -60,7 +60,9 @@ test('compare finds the first differing byte where qemu-img does, with and witho
   }
 });
 
-test('compare across the native loop\'s 64 MiB item, as qemu-img', needs('qemu-img'), async (t) => {
+// At 64 MiB an item ends: the first block-status window ends there (chain-status.ts), and the
+// items after the first few are up to 64 MiB (native-compare.ts ITEM).
+test('compare across an item boundary at 64 MiB, as qemu-img', needs('qemu-img'), async (t) => {
   const dir = await scratch(t);
   const size = 66 * MiB;
   const base = randomBytes(size, 22);
