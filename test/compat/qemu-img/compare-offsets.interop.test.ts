@@ -1,8 +1,8 @@
 /**
  * qemu-img compare's verdicts, byte for byte, against QEMU's on the same pairs: the first
  * differing byte at the start, at the end, mid-cluster, on each side of the native loop's piece
- * boundaries and of its items, where one side reads zeros from a
- * hole, sizes that differ with zeros or data beyond; qcow2 against raw and qcow2 against qcow2;
+ * and item boundaries, where one side reads zeros from a hole, sizes that differ with zeros or
+ * data beyond; qcow2 against raw and qcow2 against qcow2;
  * with the host addon's compare loop (ops/native-compare.ts) and without it (QCOW_NO_NATIVE=1).
  * The message ("Content mismatch at offset N!") and the exit code must be QEMU's.
  */
