@@ -30,9 +30,8 @@
 #include <string.h>
 #include <unistd.h>
 #include <node_api.h>
+#include "pool_job.h"
 
-/* qcow_host.c's: the Error for an errno, named as node:fs names them. */
-napi_value qcow_errno_error(napi_env env, int err, const char *syscall);
 /* qcow_host.c's zero scan (blockRunEnd's): 1 when the n bytes at p are all zero. */
 int qcow_all_zero(const unsigned char *p, size_t n);
 
@@ -40,9 +39,7 @@ int qcow_all_zero(const unsigned char *p, size_t n);
 #define PIECE (1024 * 1024)
 
 typedef struct {
-  napi_async_work work;
-  napi_deferred deferred;
-  napi_ref refs[3];
+  qcow_pool_job base;
   unsigned char *buf;
   const double *ext;
   size_t count;
@@ -52,8 +49,6 @@ typedef struct {
   int flags;
   double *runs;
   size_t nruns, max_runs;
-  int err, err_fd;
-  const char *syscall;
 } loop_job;
 
 static void record(loop_job *job, int kind, size_t from, size_t to) {
@@ -70,33 +65,17 @@ static void record(loop_job *job, int kind, size_t from, size_t to) {
   r[2] = (double)(to - from);
 }
 
-static int read_at(loop_job *job, int fd, unsigned char *into, size_t n, int64_t at) {
-  size_t done = 0;
-  while (done < n) {
-    ssize_t r = pread(fd, into + done, n - done, (off_t)(at + (int64_t)done));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      job->err = errno, job->err_fd = fd, job->syscall = "pread";
-      return 0;
-    }
-    if (r == 0) break; /* the file ends: the rest reads as zeros */
-    done += (size_t)r;
-  }
-  if (done < n) memset(into + done, 0, n - done);
-  return 1;
-}
-
 static int write_at(loop_job *job, size_t from, size_t to) {
   size_t done = from;
   while (done < to) {
     ssize_t r = pwrite(job->dst, job->buf + done, to - done, (off_t)(job->dst_off + (int64_t)done));
     if (r < 0) {
       if (errno == EINTR) continue;
-      job->err = errno, job->err_fd = job->dst, job->syscall = "pwrite";
+      job->base.err = errno, job->base.err_fd = job->dst, job->base.syscall = "pwrite";
       return 0;
     }
     if (r == 0) {
-      job->err = EIO, job->err_fd = job->dst, job->syscall = "pwrite";
+      job->base.err = EIO, job->base.err_fd = job->dst, job->base.syscall = "pwrite";
       return 0;
     }
     done += (size_t)r;
@@ -115,7 +94,7 @@ static int fill_piece(loop_job *job, size_t p, size_t pe, int sparse) {
     if (end <= p) continue;
     size_t a = s > p ? s : p, b = end < pe ? end : pe;
     if (e[0] >= 0) {
-      if (!read_at(job, (int)e[0], job->buf + a, b - a, (int64_t)e[1] + (int64_t)(a - s))) return 0;
+      if (!qcow_pread_full(&job->base, (int)e[0], job->buf + a, b - a, (int64_t)e[1] + (int64_t)(a - s))) return 0;
       continue;
     }
     if (!sparse) {
@@ -137,9 +116,7 @@ static int fill_piece(loop_job *job, size_t p, size_t pe, int sparse) {
   return 1;
 }
 
-static void loop_execute(napi_env env, void *data) {
-  (void)env;
-  loop_job *job = data;
+static void loop_run(loop_job *job) {
   size_t u = job->unit, len = job->length;
   int sparse = !(job->flags & 2), zero_target = job->flags & 1;
   size_t piece = u >= PIECE ? u : PIECE - PIECE % u;
@@ -187,34 +164,12 @@ static void loop_execute(napi_env env, void *data) {
   }
 }
 
-static void loop_complete(napi_env env, napi_status status, void *data) {
+static void loop_execute(napi_env env, void *data) {
+  (void)env;
   loop_job *job = data;
-  napi_value value = NULL;
-  if (status != napi_ok) {
-    napi_value msg;
-    if (napi_create_string_utf8(env, "copyExtents was cancelled", NAPI_AUTO_LENGTH, &msg) == napi_ok) napi_create_error(env, NULL, msg, &value);
-    if (value) napi_reject_deferred(env, job->deferred, value);
-  } else if (job->err) {
-    value = qcow_errno_error(env, job->err, job->syscall);
-    napi_value fd;
-    if (value && napi_create_int32(env, job->err_fd, &fd) == napi_ok) napi_set_named_property(env, value, "fd", fd);
-    if (value) napi_reject_deferred(env, job->deferred, value);
-  } else if (napi_create_double(env, (double)job->nruns, &value) == napi_ok) {
-    napi_resolve_deferred(env, job->deferred, value);
-  }
-  for (int i = 0; i < 3; i++)
-    if (job->refs[i]) napi_delete_reference(env, job->refs[i]);
-  napi_delete_async_work(env, job->work);
-  free(job);
-}
-
-static void *typed(napi_env env, napi_value v, napi_typedarray_type want, size_t *length) {
-  bool is = false;
-  napi_typedarray_type type;
-  void *data;
-  if (napi_is_typedarray(env, v, &is) != napi_ok || !is) return NULL;
-  if (napi_get_typedarray_info(env, v, &type, length, &data, NULL, NULL) != napi_ok || type != want) return NULL;
-  return data;
+  loop_run(job);
+  /* The Promise's value when nothing failed: the records in `runs`. */
+  job->base.result = (double)job->nruns;
 }
 
 napi_value qcow_copy_extents(napi_env env, napi_callback_info info) {
@@ -224,9 +179,9 @@ napi_value qcow_copy_extents(napi_env env, napi_callback_info info) {
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
   double a[6];
   size_t buf_len = 0, ext_len = 0, runs_len = 0;
-  void *buf = argc == 9 ? typed(env, argv[0], napi_uint8_array, &buf_len) : NULL;
-  void *ext = buf ? typed(env, argv[1], napi_float64_array, &ext_len) : NULL;
-  void *runs = ext ? typed(env, argv[8], napi_float64_array, &runs_len) : NULL;
+  void *buf = argc == 9 ? qcow_typed(env, argv[0], napi_uint8_array, &buf_len) : NULL;
+  void *ext = buf ? qcow_typed(env, argv[1], napi_float64_array, &ext_len) : NULL;
+  void *runs = ext ? qcow_typed(env, argv[8], napi_float64_array, &runs_len) : NULL;
   int ok = runs != NULL;
   for (int i = 0; ok && i < 6; i++) ok = napi_get_value_double(env, argv[2 + i], &a[i]) == napi_ok;
   if (!ok) {
@@ -265,18 +220,6 @@ napi_value qcow_copy_extents(napi_env env, napi_callback_info info) {
   job->flags = (int)a[5];
   job->runs = runs;
   job->max_runs = runs_len / 3;
-  napi_value promise, resource;
-  const int keep[3] = {0, 1, 8};
-  int queued = 1;
-  for (int i = 0; i < 3 && queued; i++) queued = napi_create_reference(env, argv[keep[i]], 1, &job->refs[i]) == napi_ok;
-  if (!queued || napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
-      napi_create_string_utf8(env, "qcow:copyExtents", NAPI_AUTO_LENGTH, &resource) != napi_ok ||
-      napi_create_async_work(env, NULL, resource, loop_execute, loop_complete, job, &job->work) != napi_ok ||
-      napi_queue_async_work(env, job->work) != napi_ok) {
-    for (int i = 0; i < 3; i++)
-      if (job->refs[i]) napi_delete_reference(env, job->refs[i]);
-    free(job);
-    return NULL;
-  }
-  return promise;
+  const napi_value keep[3] = {argv[0], argv[1], argv[8]};
+  return qcow_pool_queue(env, &job->base, "copyExtents", keep, 3, loop_execute);
 }

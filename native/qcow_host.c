@@ -17,6 +17,9 @@
  *   copyExtents(buf, extents, count, dstFd, dstOffset, length, unit, flags, runs)
  *                                     The copy loop of one item of a plain convert into a raw
  *                                     file, on libuv's thread pool: see native/copy_loop.c.
+ *   compareExtents(bufA, bufB, extA, countA, extB, countB, length, piece)
+ *                                     The compare loop of one item of qemu-img compare, on
+ *                                     libuv's thread pool: see native/compare_loop.c.
  *   spliceToPipe(fdIn, offIn, pipe, len)
  *                                     splice(2) [offIn, +len) of the file `fdIn` into the pipe
  *                                     `pipe` until `len` bytes are moved or the file ends; a
@@ -211,12 +214,16 @@ static napi_value errno_error(napi_env env, int err, const char *syscall) {
   return error;
 }
 
-/* For the other sources of the addon (copy_loop.c). */
+/* For the other sources of the addon (copy_loop.c, compare_loop.c, pool_job.c). */
 napi_value qcow_errno_error(napi_env env, int err, const char *syscall) { return errno_error(env, err, syscall); }
 static int all_zero(const unsigned char *p, size_t n);
 int qcow_all_zero(const unsigned char *p, size_t n) { return all_zero(p, n); }
 /* copy_loop.c: the native copy loop of plain converts into raw (described there). */
 napi_value qcow_copy_extents(napi_env env, napi_callback_info info);
+/* compare_loop.c: the native compare loop of qemu-img compare (described there). */
+napi_value qcow_compare_extents(napi_env env, napi_callback_info info);
+/* pool_job.c: the rejection of a job libuv cancelled. */
+void qcow_reject_cancelled(napi_env env, napi_deferred deferred, const char *name);
 
 static napi_value throw_errno(napi_env env, int err, const char *syscall) {
   napi_value error = errno_error(env, err, syscall);
@@ -321,11 +328,7 @@ static void pool_complete(napi_env env, napi_status status, void *data) {
   pool_job *job = data;
   napi_value value = NULL;
   if (status != napi_ok) {
-    char text[96];
-    snprintf(text, sizeof text, "%s was cancelled", job->name);
-    napi_value msg;
-    if (napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg) == napi_ok) napi_create_error(env, NULL, msg, &value);
-    if (value) napi_reject_deferred(env, job->deferred, value);
+    qcow_reject_cancelled(env, job->deferred, job->name);
   } else if (job->err) {
     value = errno_error(env, job->err, job->syscall);
     if (value) napi_reject_deferred(env, job->deferred, value);
@@ -1490,6 +1493,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
     {"copyFileRange", NULL, copy_file_range_async, NULL, NULL, NULL, napi_enumerable, NULL},
     {"copyExtents", NULL, qcow_copy_extents, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"compareExtents", NULL, qcow_compare_extents, NULL, NULL, NULL, napi_enumerable, NULL},
     {"spliceToPipe", NULL, splice_to_pipe, NULL, NULL, NULL, napi_enumerable, NULL},
     {"writeBehind", NULL, write_behind, NULL, NULL, NULL, napi_enumerable, NULL},
     {"blockRunEnd", NULL, block_run_end, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -1515,7 +1519,7 @@ static napi_value init(napi_env env, napi_value exports) {
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   napi_value version;
-  CHECK(napi_create_int32(env, 10, &version));
+  CHECK(napi_create_int32(env, 11, &version));
   CHECK(napi_set_named_property(env, exports, "version", version));
   return exports;
 }

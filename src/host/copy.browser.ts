@@ -17,6 +17,12 @@ export function nativeCopyExtents(): CopyExtents | undefined {
   return undefined;
 }
 
+export type CompareExtents = (bufA: Uint8Array, bufB: Uint8Array, extA: Float64Array, countA: number, extB: Float64Array, countB: number, length: number, piece: number) => Promise<number>;
+
+export function nativeCompareExtents(): CompareExtents | undefined {
+  return undefined;
+}
+
 export function hugePageBuffers(): Uint8Array[] | undefined {
   return undefined;
 }

@@ -42,6 +42,13 @@ export function nativeCopyExtents(): CopyExtents | undefined {
   return hostAddon()?.copyExtents;
 }
 
+export type CompareExtents = NonNullable<HostAddon['compareExtents']>;
+
+/** The addon's compareExtents (ops/native-compare.ts), or undefined without it (or QCOW_NO_NATIVE=1). */
+export function nativeCompareExtents(): CompareExtents | undefined {
+  return hostAddon()?.compareExtents;
+}
+
 const HUGE = 2 * 1024 * 1024;
 const WASM_PAGE = 65536;
 

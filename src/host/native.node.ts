@@ -42,6 +42,14 @@ export interface HostAddon {
    */
   copyExtents?(buf: Uint8Array, extents: Float64Array, count: number, dstFd: number, dstOffset: number, length: number, unit: number, flags: number, runs: Float64Array): Promise<number>;
   /**
+   * The compare loop of one item of `qemu-img compare` on libuv's thread pool (native/
+   * compare_loop.c): both sides' [fd, offset, bytes] extents read piece by piece into `bufA` and
+   * `bufB` and compared there. Resolves with the offset in the item of the first differing byte,
+   * or -1. Rejects with the errno's name as `code`, `syscall` and the failing descriptor as `fd`.
+   * Absent before version 11.
+   */
+  compareExtents?(bufA: Uint8Array, bufB: Uint8Array, extA: Float64Array, countA: number, extB: Float64Array, countB: number, length: number, piece: number): Promise<number>;
+  /**
    * splice(2) [offsetIn, +length) of the file `fdIn` into the pipe `pipe` on libuv's thread pool,
    * looping until `length` bytes are moved or the file ends: resolves with the bytes moved. The
    * pipe holds the file's page-cache pages, not copies. Rejects with the errno's name as `code`
