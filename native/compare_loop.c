@@ -118,11 +118,8 @@ napi_value qcow_compare_extents(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "compareExtents: each side's extents must cover the item's length");
     return NULL;
   }
-  cmp_job *job = calloc(1, sizeof *job);
-  if (!job) {
-    napi_throw_error(env, "ENOMEM", "out of memory");
-    return NULL;
-  }
+  cmp_job *job = qcow_pool_job_alloc(env, sizeof *job);
+  if (!job) return NULL;
   job->s[0] = (side){ext_a, (size_t)count_a, buf_a, 0, 0};
   job->s[1] = (side){ext_b, (size_t)count_b, buf_b, 0, 0};
   job->length = (size_t)length;

@@ -205,11 +205,8 @@ napi_value qcow_copy_extents(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "copyExtents: the extents must cover the item's length");
     return NULL;
   }
-  loop_job *job = calloc(1, sizeof *job);
-  if (!job) {
-    napi_throw_error(env, "ENOMEM", "out of memory");
-    return NULL;
-  }
+  loop_job *job = qcow_pool_job_alloc(env, sizeof *job);
+  if (!job) return NULL;
   job->buf = buf;
   job->ext = ext;
   job->count = (size_t)count;

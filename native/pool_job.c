@@ -82,3 +82,9 @@ napi_value qcow_pool_queue(napi_env env, qcow_pool_job *job, const char *name, c
   }
   return promise;
 }
+
+void *qcow_pool_job_alloc(napi_env env, size_t size) {
+  void *job = calloc(1, size);
+  if (!job) napi_throw_error(env, "ENOMEM", "out of memory");
+  return job;
+}

@@ -34,7 +34,11 @@ void *qcow_typed(napi_env env, napi_value v, napi_typedarray_type want, size_t *
  * failure noted in the job. */
 int qcow_pread_full(qcow_pool_job *job, int fd, unsigned char *into, size_t n, int64_t at);
 
-/* Queue `job` (calloc'ed, zeroed but for the loop's own fields) to run `execute` on the pool,
+/* A loop's job, zeroed (calloc): NULL with a thrown "out of memory" Error (code ENOMEM) when
+ * there is no memory for it. */
+void *qcow_pool_job_alloc(napi_env env, size_t size);
+
+/* Queue `job` (from qcow_pool_job_alloc, zeroed but for the loop's own fields) to run `execute` on the pool,
  * holding `keep` (at most QCOW_POOL_JOB_REFS values) until it settles: the Promise, or NULL
  * (the job freed) when it could not be queued. */
 napi_value qcow_pool_queue(napi_env env, qcow_pool_job *job, const char *name, const napi_value *keep, int nkeep, napi_async_execute_callback execute);
