@@ -40,7 +40,8 @@ static void release(napi_env env, qcow_pool_job *job) {
     if (job->refs[i]) napi_delete_reference(env, job->refs[i]);
 }
 
-void qcow_reject_cancelled(napi_env env, napi_deferred deferred, const char *name) {
+/* Reject `deferred` for a job libuv cancelled: "NAME was cancelled". */
+static void reject_cancelled(napi_env env, napi_deferred deferred, const char *name) {
   char text[96];
   snprintf(text, sizeof text, "%s was cancelled", name);
   napi_value msg, value = NULL;
@@ -52,11 +53,11 @@ static void complete(napi_env env, napi_status status, void *data) {
   qcow_pool_job *job = data;
   napi_value value = NULL;
   if (status != napi_ok) {
-    qcow_reject_cancelled(env, job->deferred, job->name);
+    reject_cancelled(env, job->deferred, job->name);
   } else if (job->err) {
     value = qcow_errno_error(env, job->err, job->syscall);
     napi_value fd;
-    if (value && napi_create_int32(env, job->err_fd, &fd) == napi_ok) napi_set_named_property(env, value, "fd", fd);
+    if (value && job->err_fd >= 0 && napi_create_int32(env, job->err_fd, &fd) == napi_ok) napi_set_named_property(env, value, "fd", fd);
     if (value) napi_reject_deferred(env, job->deferred, value);
   } else if (napi_create_double(env, job->result, &value) == napi_ok) {
     napi_resolve_deferred(env, job->deferred, value);

@@ -1,7 +1,9 @@
 /*
- * What the addon's native loops (copy_loop.c, compare_loop.c) share: a job on libuv's thread pool
+ * The addon's calls that run on libuv's thread pool (the native loops of copy_loop.c and
+ * compare_loop.c; copyFileRange, spliceToPipe and writeBehind in qcow_host.c) share this: a job
  * that settles a Promise, keeps the typed arrays it works on alive until then, and reports a
- * failed system call as node:fs would (an Error with `code`, `syscall` and the descriptor `fd`).
+ * failed system call as node:fs would (an Error with `code`, `syscall` and, when one is known,
+ * the descriptor `fd`).
  */
 #ifndef QCOW_POOL_JOB_H
 #define QCOW_POOL_JOB_H
@@ -11,7 +13,7 @@
 
 #define QCOW_POOL_JOB_REFS 4
 
-/* The first member of each loop's job: qcow_pool_queue's completion frees the whole job. */
+/* The first member of each kind of job: qcow_pool_queue's completion frees the whole job. */
 typedef struct {
   napi_async_work work;
   napi_deferred deferred;
@@ -19,13 +21,10 @@ typedef struct {
   const char *name;
   /* What the Promise resolves with, when no call failed. */
   double result;
-  /* A failed call: its errno, the descriptor and the call's name. */
+  /* A failed call: its errno, the descriptor (-1 when the error names none) and the call's name. */
   int err, err_fd;
   const char *syscall;
 } qcow_pool_job;
-
-/* Reject `deferred` for a job libuv cancelled: "NAME was cancelled". */
-void qcow_reject_cancelled(napi_env env, napi_deferred deferred, const char *name);
 
 /* The data of `v` when it is a typed array of type `want` (its element count into `length`). */
 void *qcow_typed(napi_env env, napi_value v, napi_typedarray_type want, size_t *length);
@@ -34,7 +33,7 @@ void *qcow_typed(napi_env env, napi_value v, napi_typedarray_type want, size_t *
  * failure noted in the job. */
 int qcow_pread_full(qcow_pool_job *job, int fd, unsigned char *into, size_t n, int64_t at);
 
-/* A loop's job, zeroed (calloc): NULL with a thrown "out of memory" Error (code ENOMEM) when
+/* A job, zeroed (calloc): NULL with a thrown "out of memory" Error (code ENOMEM) when
  * there is no memory for it. */
 void *qcow_pool_job_alloc(napi_env env, size_t size);
 

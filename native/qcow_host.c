@@ -164,6 +164,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <node_api.h>
+#include "pool_job.h"
 
 #define CHECK(call)                                                                                \
   do {                                                                                             \
@@ -222,8 +223,6 @@ int qcow_all_zero(const unsigned char *p, size_t n) { return all_zero(p, n); }
 napi_value qcow_copy_extents(napi_env env, napi_callback_info info);
 /* compare_loop.c: the native compare loop of qemu-img compare (described there). */
 napi_value qcow_compare_extents(napi_env env, napi_callback_info info);
-/* pool_job.c: the rejection of a job libuv cancelled. */
-void qcow_reject_cancelled(napi_env env, napi_deferred deferred, const char *name);
 
 static napi_value throw_errno(napi_env env, int err, const char *syscall) {
   napi_value error = errno_error(env, err, syscall);
@@ -309,63 +308,9 @@ static napi_value do_fallocate(napi_env env, napi_callback_info info) {
   return result;
 }
 
-/*
- * A call run on libuv's thread pool and answered with a Promise. Each kind of job starts with this
- * header; `execute` runs on a pool thread and sets `err` (and `syscall`) on failure; `result` is
- * the value a success resolves with (undefined when 0).
- */
-typedef struct {
-  napi_async_work work;
-  napi_deferred deferred;
-  const char *name;
-  int err;
-  const char *syscall;
-  double result;
-  int has_result;
-} pool_job;
-
-static void pool_complete(napi_env env, napi_status status, void *data) {
-  pool_job *job = data;
-  napi_value value = NULL;
-  if (status != napi_ok) {
-    qcow_reject_cancelled(env, job->deferred, job->name);
-  } else if (job->err) {
-    value = errno_error(env, job->err, job->syscall);
-    if (value) napi_reject_deferred(env, job->deferred, value);
-  } else if ((job->has_result ? napi_create_double(env, job->result, &value) : napi_get_undefined(env, &value)) == napi_ok) {
-    napi_resolve_deferred(env, job->deferred, value);
-  }
-  napi_delete_async_work(env, job->work);
-  free(job);
-}
-
-/* Queue `job` (calloc'd, a pool_job first; freed when it completes): its Promise, or NULL with an
- * exception pending. */
-static napi_value queue_pool_job(napi_env env, pool_job *job, const char *name, napi_async_execute_callback execute) {
-  job->name = name;
-  napi_value promise, resource;
-  char full[64];
-  snprintf(full, sizeof full, "qcow:%s", name);
-  if (napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
-      napi_create_string_utf8(env, full, NAPI_AUTO_LENGTH, &resource) != napi_ok ||
-      napi_create_async_work(env, NULL, resource, execute, pool_complete, job, &job->work) != napi_ok ||
-      napi_queue_async_work(env, job->work) != napi_ok) {
-    free(job);
-    return NULL;
-  }
-  return promise;
-}
-
-/* A pool job's memory, or NULL with an exception pending. */
-static void *new_pool_job(napi_env env, size_t size) {
-  void *job = calloc(1, size);
-  if (!job) napi_throw_error(env, "ENOMEM", "out of memory");
-  return job;
-}
-
 /* copy_file_range on the thread pool: the state of one call. */
 typedef struct {
-  pool_job base;
+  qcow_pool_job base;
   int fd_in, fd_out;
   off_t off_in, off_out;
   size_t length;
@@ -375,14 +320,12 @@ typedef struct {
 static void copy_execute(napi_env env, void *data) {
   (void)env;
   copy_job *job = data;
-  job->base.has_result = 1;
   while (job->copied < job->length) {
     /* The kernel copies at most about 2 GiB per call; loop for the rest. */
     ssize_t n = copy_file_range(job->fd_in, &job->off_in, job->fd_out, &job->off_out, job->length - job->copied, 0);
     if (n < 0) {
       if (errno == EINTR) continue;
-      job->base.err = errno;
-      job->base.syscall = "copy_file_range";
+      job->base.err = errno, job->base.err_fd = -1, job->base.syscall = "copy_file_range";
       return;
     }
     if (n == 0) break; /* the source ended: the caller fills the rest */
@@ -398,19 +341,19 @@ static napi_value copy_file_range_async(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "offsets and length must not be negative");
     return NULL;
   }
-  copy_job *job = new_pool_job(env, sizeof *job);
+  copy_job *job = qcow_pool_job_alloc(env, sizeof *job);
   if (!job) return NULL;
   job->fd_in = (int)a[0];
   job->off_in = (off_t)a[1];
   job->fd_out = (int)a[2];
   job->off_out = (off_t)a[3];
   job->length = (size_t)a[4];
-  return queue_pool_job(env, &job->base, "copyFileRange", copy_execute);
+  return qcow_pool_queue(env, &job->base, "copyFileRange", NULL, 0, copy_execute);
 }
 
 /* splice from a file into a pipe on the thread pool: the state of one call. */
 typedef struct {
-  pool_job base;
+  qcow_pool_job base;
   int fd_in, pipe;
   off_t off_in;
   size_t length;
@@ -420,7 +363,6 @@ typedef struct {
 static void splice_execute(napi_env env, void *data) {
   (void)env;
   splice_job *job = data;
-  job->base.has_result = 1;
   while (job->moved < job->length) {
     ssize_t n = splice(job->fd_in, &job->off_in, job->pipe, NULL, job->length - job->moved, SPLICE_F_MORE);
     if (n < 0) {
@@ -433,8 +375,7 @@ static void splice_execute(napi_env env, void *data) {
       /* What was moved is in the pipe already: report it, so the caller goes on from there
          (the next call fails at once and reports the error). */
       if (job->moved > 0) break;
-      job->base.err = errno;
-      job->base.syscall = "splice";
+      job->base.err = errno, job->base.err_fd = -1, job->base.syscall = "splice";
       return;
     }
     if (n == 0) break; /* the file ended: the caller sends the rest */
@@ -450,18 +391,18 @@ static napi_value splice_to_pipe(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "offset and length must not be negative");
     return NULL;
   }
-  splice_job *job = new_pool_job(env, sizeof *job);
+  splice_job *job = qcow_pool_job_alloc(env, sizeof *job);
   if (!job) return NULL;
   job->fd_in = (int)a[0];
   job->off_in = (off_t)a[1];
   job->pipe = (int)a[2];
   job->length = (size_t)a[3];
-  return queue_pool_job(env, &job->base, "spliceToPipe", splice_execute);
+  return qcow_pool_queue(env, &job->base, "spliceToPipe", NULL, 0, splice_execute);
 }
 
 /* sync_file_range + fadvise DONTNEED on the thread pool: the state of one call. */
 typedef struct {
-  pool_job base;
+  qcow_pool_job base;
   int fd;
   off_t offset, length, drop_offset, drop_length;
 } behind_job;
@@ -476,16 +417,14 @@ static void behind_execute(napi_env env, void *data) {
     while (r == -1 && errno == EINTR);
   }
   if (r == -1) {
-    job->base.err = errno;
-    job->base.syscall = "sync_file_range";
+    job->base.err = errno, job->base.err_fd = job->fd, job->base.syscall = "sync_file_range";
     return;
   }
   if (job->drop_length <= 0) return;
   /* posix_fadvise returns the error number instead of setting errno. */
   r = posix_fadvise(job->fd, job->drop_offset, job->drop_length, POSIX_FADV_DONTNEED);
   if (r != 0) {
-    job->base.err = r;
-    job->base.syscall = "posix_fadvise";
+    job->base.err = r, job->base.err_fd = job->fd, job->base.syscall = "posix_fadvise";
   }
 }
 
@@ -496,14 +435,14 @@ static napi_value write_behind(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "offsets and lengths must not be negative");
     return NULL;
   }
-  behind_job *job = new_pool_job(env, sizeof *job);
+  behind_job *job = qcow_pool_job_alloc(env, sizeof *job);
   if (!job) return NULL;
   job->fd = (int)a[0];
   job->offset = (off_t)a[1];
   job->length = (off_t)a[2];
   job->drop_offset = (off_t)a[3];
   job->drop_length = (off_t)a[4];
-  return queue_pool_job(env, &job->base, "writeBehind", behind_execute);
+  return qcow_pool_queue(env, &job->base, "writeBehind", NULL, 0, behind_execute);
 }
 
 /* True when the `n` bytes at `p` are all zeros. Data mostly shows in its first word, so that is

@@ -60,7 +60,8 @@ export interface HostAddon {
    * On libuv's thread pool: sync_file_range(SYNC_FILE_RANGE_WRITE) on [offset, +length) (start
    * writing it back, without waiting; nothing when length is 0), then posix_fadvise(DONTNEED) on [dropOffset, +dropLength)
    * when dropLength > 0 (the pages of that range that are clean by then leave the page cache).
-   * Rejects with the errno's name as `code`. Absent before version 6.
+   * Rejects with the errno's name as `code` and the descriptor as `fd`. Absent
+   * before version 6.
    */
   writeBehind?(fd: number, offset: number, length: number, dropOffset: number, dropLength: number): Promise<void>;
   /**
