@@ -75,6 +75,17 @@ export class FileStore implements ByteStore {
   private closed = false;
   /** False under cache=unsafe (see skipFlushes). */
   private flushes = true;
+  /**
+   * Counts the calls that may have changed the file through this store: writes, truncates, holes,
+   * fallocate, copies into it, its descriptor handed out for writing. flush() skips fdatasync when
+   * none came since the last one (`flushedChanges`), as QEMU does (its flush returns at once when
+   * nothing was written since the previous one), and close() of a file never changed stays off
+   * the I/O pool: `qemu-io -c 'read 0 64k'` opens its image for writing and paid two fdatasync
+   * calls and a pooled close for nothing, and with them the start of the pool's threads.
+   */
+  private changes = 0;
+  /** `changes` when the last flush started. */
+  private flushedChanges = 0;
   private lock: ImageLock | undefined;
   /** Requests of at most this many bytes are served synchronously (see above). */
   private readonly syncMax: number;
@@ -140,13 +151,19 @@ export class FileStore implements ByteStore {
     }
     const copy = addon.copyFileRange;
     if (copy) this.copyTo = (target, from, to, length) => this.copyFileRange(copy, target, from, to, length);
-    if (addon.copyExtents) this.directFd = (write) => (this.closed || (write && (this.readOnly || this.syncEachWrite)) ? undefined : this.fd);
+    if (addon.copyExtents) {
+      this.directFd = (write) => {
+        if (this.closed || (write && (this.readOnly || this.syncEachWrite))) return undefined;
+        if (write) this.changes++;
+        return this.fd;
+      };
+    }
     const splice = addon.spliceToPipe;
     if (splice) this.spliceTo = (pipe, from, length) => this.spliceToPipe(splice, pipe, from, length);
     if (readOnly) return;
-    this.punchHole = (offset, length) => this.sync(() => ((this.knownData = undefined), sparse.punchHole(addon, this.fd, offset, length)));
-    this.zeroRange = (offset, length) => this.sync(() => ((this.knownData = undefined), sparse.zeroRange(addon, this.fd, offset, length)));
-    this.allocate = (offset, length) => this.sync(() => sparse.allocate(addon, this.fd, offset, length));
+    this.punchHole = (offset, length) => this.sync(() => ((this.knownData = undefined), (this.changes++), sparse.punchHole(addon, this.fd, offset, length)));
+    this.zeroRange = (offset, length) => this.sync(() => ((this.knownData = undefined), (this.changes++), sparse.zeroRange(addon, this.fd, offset, length)));
+    this.allocate = (offset, length) => this.sync(() => ((this.changes++), sparse.allocate(addon, this.fd, offset, length)));
   }
 
   /**
@@ -221,7 +238,8 @@ export class FileStore implements ByteStore {
   private copyFileRange(copy: NonNullable<HostAddon['copyFileRange']>, target: ByteStore, from: number, to: number, length: number): Promise<number> {
     if (!(target instanceof FileStore)) return Promise.reject(new QcowError('QCOW_UNSUPPORTED', 'copy offload needs two local files', { file: target.name }));
     if (target.readOnly) return Promise.reject(new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: target.name }));
-    const start = () => copy(this.fd, from, target.fd, to, length);
+    target.changes++;
+    const start = () => copy(this.fd, from, target.fd, to, length).finally(() => target.changes++);
     const copied = target.writeTail.then(start).catch((e: unknown) => {
       const code = (e as NodeJS.ErrnoException).code;
       if (code === 'EXDEV' || code === 'EINVAL' || code === 'ENOSYS' || code === 'EOPNOTSUPP') {
@@ -268,7 +286,10 @@ export class FileStore implements ByteStore {
     const store = new FileStore(path, fd, readOnly, options.syncMax ?? DEFAULT_SYNC_MAX, options.cachedReadsInline ?? false);
     try {
       if (!options.noLock) store.lock = openImageLock(fd, path, options.permissions ?? permissionsFor({ writable: !readOnly, format: 'qcow2', role: 'image' }));
-      if (options.create) ftruncateSync(fd, 0);
+      if (options.create) {
+        store.changes++;
+        ftruncateSync(fd, 0);
+      }
     } catch (e) {
       store.lock?.release();
       closeSync(fd);
@@ -336,6 +357,7 @@ export class FileStore implements ByteStore {
   }
 
   private writeOnce(offset: number, data: Uint8Array): Promise<void> {
+    this.changes++;
     if (data.length <= this.syncMax || this.inlineWrites) {
       try {
         this.whole(data, offset, syncLoop(writeSync, this.fd, data, offset));
@@ -348,7 +370,8 @@ export class FileStore implements ByteStore {
     const start = () => asyncLoop(fsWrite, this.fd, data, offset);
     const serial = data.length >= SERIAL_WRITE_MIN;
     const written = (serial ? this.writeTail.then(start) : start()).then(
-      (n) => this.whole(data, offset, n),
+      // Counted again as it ends: a flush that started while it ran may not hold it.
+      (n) => ((this.changes++), this.whole(data, offset, n)),
       (e: unknown) => Promise.reject(fsError(e, this.name)),
     );
     if (serial) {
@@ -389,6 +412,7 @@ export class FileStore implements ByteStore {
 
   /** See ByteStore.wroteDirectly: as writeOnce does after a large write. */
   wroteDirectly(offset: number, length: number): void {
+    this.changes++;
     if (this.behind && length >= SERIAL_WRITE_MIN) this.behind.wrote(offset, length);
   }
 
@@ -400,6 +424,7 @@ export class FileStore implements ByteStore {
   async truncate(size: number): Promise<void> {
     if (this.readOnly) throw new QcowError('QCOW_READ_ONLY', 'image is opened read-only', { file: this.name });
     this.knownData = undefined;
+    this.changes++;
     const wasEmpty = size > 0 && this.stat().size === 0;
     await new Promise<void>((resolve, reject) => ftruncate(this.fd, size, (e) => (e ? reject(fsError(e, this.name)) : resolve())));
     // QEMU's file protocol allocates the first block of a file it grows from empty (so that later
@@ -428,7 +453,12 @@ export class FileStore implements ByteStore {
   }
 
   async flush(): Promise<void> {
-    if (!this.readOnly && this.flushes) await new Promise<void>((resolve, reject) => fdatasync(this.fd, (e) => (e ? reject(fsError(e, this.name)) : resolve())));
+    if (this.readOnly || !this.flushes || this.changes === this.flushedChanges) return;
+    // Counted at the start: a write that lands while fdatasync runs may miss it, and is flushed by
+    // the next flush. A failed flush counts as none.
+    const upTo = this.changes;
+    await new Promise<void>((resolve, reject) => fdatasync(this.fd, (e) => (e ? reject(fsError(e, this.name)) : resolve())));
+    this.flushedChanges = Math.max(this.flushedChanges, upTo);
   }
 
   async close(): Promise<void> {
@@ -439,9 +469,10 @@ export class FileStore implements ByteStore {
     this.lock?.release();
     try {
       // A file we wrote may make close() wait for the file system (NFS writes back on close): on
-      // the pool. One only read has nothing to write back, and a read-only command (info, map,
-      // check) may not have started the pool at all: starting its threads just to close cost more.
-      if (this.readOnly) closeSync(this.fd);
+      // the pool. One only read (opened read-only, or writable and never changed: see `changes`)
+      // has nothing to write back, and a command that only read may not have started the pool at
+      // all: starting its threads just to close cost more.
+      if (this.readOnly || this.changes === 0) closeSync(this.fd);
       else await new Promise<void>((resolve, reject) => fsClose(this.fd, (e) => (e ? reject(fsError(e, this.name)) : resolve())));
     } catch (e) {
       throw e instanceof QcowError ? e : fsError(e, this.name);

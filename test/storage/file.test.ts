@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, fdatasyncSync, openSync } from 'node:fs';
+import fs, { closeSync, fdatasyncSync, openSync } from 'node:fs';
+import { syncBuiltinESMExports } from 'node:module';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { FileStore } from '#src/storage/file.node.js';
@@ -95,6 +96,69 @@ test('under writeThrough every write, small or large, resolves only after its ow
   } finally {
     await store.close();
   }
+});
+
+/**
+ * Counts fs.fdatasync and fs.close (the pooled calls file.node.ts imports) while `run` runs: the
+ * builtin's ESM exports follow its CommonJS object after syncBuiltinESMExports.
+ */
+async function countPooledCalls(run: () => Promise<void>): Promise<{ fdatasync: number; close: number }> {
+  const counts = { fdatasync: 0, close: 0 };
+  const real = { fdatasync: fs.fdatasync, close: fs.close };
+  fs.fdatasync = ((fd: number, cb: fs.NoParamCallback) => (counts.fdatasync++, real.fdatasync(fd, cb))) as typeof fs.fdatasync;
+  fs.close = ((fd: number, cb?: fs.NoParamCallback) => (counts.close++, real.close(fd, cb))) as typeof fs.close;
+  syncBuiltinESMExports();
+  try {
+    await run();
+  } finally {
+    Object.assign(fs, real);
+    syncBuiltinESMExports();
+  }
+  return counts;
+}
+
+// QEMU flushes only when something was written since the last flush; qemu-io opens its image for
+// writing, and a session that only read paid fdatasync twice and a pooled close (starting the
+// I/O pool's threads) before this.
+test('flush() calls fdatasync only after a change since the last flush, and an unchanged file closes inline', async (t) => {
+  const dir = await scratch(t);
+  const path = join(dir, 'f.bin');
+  await writeFile(path, new Uint8Array(8192).fill(3));
+  const untouched = await countPooledCalls(async () => {
+    const store = await FileStore.open(path);
+    await store.read(0, new Uint8Array(4096));
+    await store.flush();
+    await store.flush();
+    await store.close();
+  });
+  assert.deepEqual(untouched, { fdatasync: 0, close: 0 });
+
+  for (const size of [512, 2 << 20]) {
+    const written = await countPooledCalls(async () => {
+      const store = await FileStore.open(path);
+      await store.write(0, new Uint8Array(size).fill(4));
+      await store.flush();
+      await store.flush(); // nothing new since the last one
+      await store.truncate(size + 4096);
+      await store.flush();
+      await store.close();
+    });
+    assert.deepEqual(written, { fdatasync: 2, close: 1 }, `${size}-byte write`);
+  }
+
+  const created = await countPooledCalls(async () => {
+    const store = await FileStore.open(join(dir, 'new.bin'), { create: true });
+    await store.flush();
+    await store.close();
+  });
+  assert.deepEqual(created, { fdatasync: 1, close: 1 }, 'a file truncated at its creation is a change');
+
+  const readOnly = await countPooledCalls(async () => {
+    const store = await FileStore.open(path, { readOnly: true });
+    await store.flush();
+    await store.close();
+  });
+  assert.deepEqual(readOnly, { fdatasync: 0, close: 0 });
 });
 
 test('a failing write is a QcowError naming the file, on either I/O path (/dev/full: ENOSPC)', { skip: process.platform !== 'linux' }, async () => {
