@@ -118,9 +118,9 @@
  *                                     reports afterwards, -1 when `fd` is no socket. Never throws.
  *   zlibVersion()                     The zlib that node:zlib uses (inside the node binary, or the
  *                                     shared libz Node links), e.g. "1.3.1"; undefined without one.
- *   inflateRaw(src, into, windowBits) Inflate the raw deflate stream in `src` into `into` as
- *                                     node:zlib's inflateRaw with Z_SYNC_FLUSH does (one zlib
- *                                     stream per thread, reset per call): the bytes written, or
+ *   inflateRaw(src, into, windowBits) Inflate the raw deflate stream in `src` into `into`, the
+ *                                     bytes node:zlib's inflateRaw gives (one zlib stream per
+ *                                     thread, reset per call): the bytes written, or
  *                                     into.length + 1 when the stream has more to give than fits.
  *                                     Throws code ZLIB_ERROR with zlib's message on bad data.
  *   deflateRaw(src, out, level, windowBits, memLevel)
@@ -777,7 +777,7 @@ typedef struct {
   unsigned long adler;
   unsigned long reserved;
 } z_stream_abi;
-enum { Z_OK_ = 0, Z_STREAM_END_ = 1, Z_BUF_ERROR_ = -5, Z_SYNC_FLUSH_ = 2, Z_FINISH_ = 4, Z_DEFLATED_ = 8 };
+enum { Z_OK_ = 0, Z_STREAM_END_ = 1, Z_BUF_ERROR_ = -5, Z_FINISH_ = 4, Z_DEFLATED_ = 8 };
 static struct {
   int ok;
   const char *(*version)(void);
@@ -1144,15 +1144,20 @@ static napi_value throw_zlib(napi_env env, z_stream_abi *z, int ret) {
   return NULL;
 }
 
-/* One inflate call as node:zlib's handle makes it (writeSync with Z_SYNC_FLUSH): Z_OK, Z_BUF_ERROR
- * (no progress possible) and Z_STREAM_END are not errors. Returns zlib's result. */
+/* One inflate call: Z_OK, Z_BUF_ERROR (no progress possible) and Z_STREAM_END are not errors.
+ * Returns zlib's result. Z_FINISH where node:zlib's handle passes Z_SYNC_FLUSH: the same bytes
+ * and the same errors, but a stream that ends within the call (every cluster's, as a rule) is not
+ * copied into the sliding window afterwards. With Z_SYNC_FLUSH, zlib copied the last 32 KiB of
+ * each 64 KiB cluster into its window (updatewindow), ~16k instructions a cluster, almost as many
+ * as the inflate itself for text. A stream cut short by a full output keeps its window as before
+ * (zlib keeps it whenever the stream has not ended), so the probe below reads on from there. */
 static int inflate_step(z_stream_abi *z, const unsigned char *in, size_t in_len, unsigned char *out, size_t out_len) {
   static unsigned char none;
   z->next_in = in_len ? in : &none;
   z->avail_in = (unsigned)in_len;
   z->next_out = out_len ? out : &none;
   z->avail_out = (unsigned)out_len;
-  return zlib.inflate(z, Z_SYNC_FLUSH_);
+  return zlib.inflate(z, Z_FINISH_);
 }
 
 static int inflate_failed(int r) { return r != Z_OK_ && r != Z_BUF_ERROR_ && r != Z_STREAM_END_; }

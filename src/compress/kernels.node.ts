@@ -58,7 +58,8 @@ export function zstdDecompressWith(decode: ZstdDecodeInto, data: Uint8Array, out
  * functions the addon finds by name; see native/qcow_host.c), called directly. Loading node:zlib
  * (with node:stream) and making its stream cost a small convert ~4 ms before the first cluster;
  * these calls cost nothing until used. Same library, same parameters, same calls (one state per
- * thread, reset per cluster; Z_SYNC_FLUSH to inflate, Z_FINISH to deflate): the same bytes out.
+ * thread, reset per cluster): the same bytes out. Inflating passes Z_FINISH, not node:zlib's
+ * Z_SYNC_FLUSH: same bytes, without the window copy after each cluster (see native/qcow_host.c).
  */
 export interface NativeZlib {
   /** Inflate into `into`: the bytes written, or into.length + 1 when the stream has more. */
