@@ -138,8 +138,10 @@ export function setRefcount(block: Uint8Array, index: number, bits: number, valu
  */
 export function refcountsZero(block: Uint8Array, first: number, n: number, bits: number): boolean {
   if (bits >= 8) {
-    const from = (first * bits) / 8;
-    const to = ((first + n) * bits) / 8;
+    // Byte offsets inside one refcount block (at most 2 MiB): `| 0` keeps them small integers
+    // for the scan's loop (see Qcow2Writer.freshRun).
+    const from = ((first * bits) / 8) | 0;
+    const to = (((first + n) * bits) / 8) | 0;
     return firstNonZero(block, from, to) === to;
   }
   for (let i = first; i < first + n; i++) if (getRefcount(block, i, bits) !== 0) return false;
