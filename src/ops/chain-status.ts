@@ -36,8 +36,9 @@ export interface ChainExtent {
 
 /**
  * How much of a layer one blockStatus call asks about. The window grows while the answers stay
- * short (a sparse image: 4 TiB in a few calls, not 4096), and falls back to 1 GiB as soon as an
- * answer is long, so the extents held stay few whatever the image.
+ * short (a sparse image: 4 TiB in a few calls, not 4096), falls back to at most 1 GiB as soon as
+ * an answer is not, and shrinks while answers are very long, so the extents held stay few
+ * whatever the image.
  *
  * The first call asks for 64 MiB only: a convert plans its first item from it, and nothing is
  * read or written until that call returns. Asking 1 GiB first meant walking every L2 table of
@@ -48,13 +49,27 @@ const FIRST_WINDOW = 2 ** 26;
 const WINDOW = 2 ** 30;
 const MAX_WINDOW = 2 ** 44;
 const SHORT_ANSWER = 64;
+/**
+ * An answer longer than this shrinks the window (to a quarter, down to MIN_WINDOW): a layer whose
+ * allocation changes every few clusters (4 KiB clusters, a third of them written at random)
+ * answered a 1 GiB window with ~100k extents, held until passed. They outlived the young
+ * generation's collections, which copied and then promoted them: ~360M instructions of
+ * scavenging in a 256 MiB convert of such a chain (callgrind), against objects that die young
+ * when the answers stay a few thousand long.
+ */
+const LONG_ANSWER = 4096;
+const MIN_WINDOW = 2 ** 23;
 
 class LayerCursor {
   private cache: BlockExtent[] = [];
   /** Index of the first cached extent not yet passed: callers move forward, so this only grows. */
   private pos = 0;
   private window = FIRST_WINDOW;
-  constructor(readonly dev: BlockDevice) {}
+  /** The layer's size, read once (every span asks it of every layer it reaches). */
+  readonly size: number;
+  constructor(readonly dev: BlockDevice) {
+    this.size = dev.size;
+  }
 
   /** The cached extent covering `offset`, if the last answer covers it (no await: most calls). */
   peek(offset: number): BlockExtent | undefined {
@@ -64,9 +79,12 @@ class LayerCursor {
   async at(offset: number): Promise<BlockExtent> {
     let hit = this.find(offset);
     if (!hit) {
-      const len = Math.min(this.window, this.dev.size - offset);
+      const len = Math.min(this.window, this.size - offset);
       this.cache = await this.dev.blockStatus(offset, len);
-      this.window = this.cache.length <= SHORT_ANSWER ? Math.min(MAX_WINDOW, this.window * 4) : WINDOW;
+      const n = this.cache.length;
+      if (n <= SHORT_ANSWER) this.window = Math.min(MAX_WINDOW, this.window * 4);
+      else if (n > LONG_ANSWER) this.window = Math.max(MIN_WINDOW, this.window / 4);
+      else this.window = Math.min(this.window, WINDOW);
       this.pos = 0;
       hit = this.find(offset);
       if (!hit) throw new Error(`block status of ${this.dev.filename} did not cover offset ${offset}`);
@@ -75,9 +93,12 @@ class LayerCursor {
   }
 
   private find(offset: number): BlockExtent | undefined {
-    while (this.pos < this.cache.length && this.cache[this.pos]!.offset + this.cache[this.pos]!.length <= offset) this.pos++;
-    const e = this.cache[this.pos];
-    return e && e.offset <= offset ? e : undefined;
+    const cache = this.cache;
+    let pos = this.pos;
+    let e = cache[pos];
+    while (e !== undefined && e.offset + e.length <= offset) e = cache[++pos];
+    this.pos = pos;
+    return e !== undefined && e.offset <= offset ? e : undefined;
   }
 }
 
@@ -99,22 +120,46 @@ export class ChainStatus {
 
   /** The status of the longest run starting at `offset`, at most `maxLength` bytes. */
   async at(offset: number, maxLength: number): Promise<ChainExtent> {
+    const now = this.atNow(offset, maxLength);
+    if (now) return now;
+    // Some layer must be asked first: each, from the top, to the first that decides the range.
+    for (let depth = 0; depth < this.layers.length; depth++) {
+      const layer = this.layers[depth]!;
+      if (offset >= layer.size) break;
+      const e = layer.peek(offset) ?? (await layer.at(offset));
+      if (e.allocated) break;
+    }
+    return this.atNow(offset, maxLength)!;
+  }
+
+  /**
+   * at()'s answer when every layer it needs has its extent cached (most calls: a walk asks each
+   * layer once per window), else undefined. A convert's planner asks this per span: an awaited
+   * at() per span (an async frame, a promise and a resumption of the planner's generator, in code
+   * a short process mostly runs unoptimised) cost more than the status itself.
+   */
+  atNow(offset: number, maxLength: number): ChainExtent | undefined {
     let length = Math.min(maxLength, this.size - offset);
     // Where nothing in the chain decides a range, qemu-img still shows the host offset the
     // deepest layer reported (e.g. an extended-L2 cluster whose subclusters are unallocated).
     let deepest: BlockExtent | undefined;
-    let deepestDev: BlockDevice | undefined;
-    for (let depth = 0; depth < this.layers.length; depth++) {
-      const layer = this.layers[depth]!;
-      if (offset >= layer.dev.size) return { ...absent(offset, length, depth - 1, deepest, deepestDev), pastBackingEnd: true };
+    let deepestLayer: LayerCursor | undefined;
+    const layers = this.layers;
+    for (let depth = 0; depth < layers.length; depth++) {
+      const layer = layers[depth]!;
+      if (offset >= layer.size) {
+        const out = absent(offset, length, depth - 1, deepest, deepestLayer?.dev);
+        out.pastBackingEnd = true;
+        return out;
+      }
       // The backing layer only covers up to its own size.
-      length = Math.min(length, layer.dev.size - offset);
-      // Walking a large image asks this thousands of times, mostly answered from the cursor's
-      // cache: no await then (each costs microseconds in code V8 has not optimised yet).
-      const e = layer.peek(offset) ?? (await layer.at(offset));
-      length = Math.min(length, e.offset + e.length - offset);
+      if (layer.size - offset < length) length = layer.size - offset;
+      const e = layer.peek(offset);
+      if (e === undefined) return undefined;
+      const left = e.offset + e.length - offset;
+      if (left < length) length = left;
       deepest = e;
-      deepestDev = layer.dev;
+      deepestLayer = layer;
       if (e.allocated) {
         const out: ChainExtent = { start: offset, length, depth, present: true, zero: e.zero, data: e.data };
         if (e.hostOffset !== undefined) {
@@ -125,7 +170,7 @@ export class ChainStatus {
         return out;
       }
     }
-    return absent(offset, length, this.layers.length - 1, deepest, deepestDev);
+    return absent(offset, length, layers.length - 1, deepest, deepestLayer?.dev);
   }
 }
 
@@ -155,7 +200,7 @@ export async function* mapChain(top: BlockDevice, start = 0, end = top.size, sig
   let pending: ChainExtent | undefined;
   for (let off = start; off < end; ) {
     signal?.throwIfAborted();
-    const e = await status.at(off, end - off);
+    const e = status.atNow(off, end - off) ?? (await status.at(off, end - off));
     off += e.length;
     if (pending && canMerge(pending, e)) {
       pending.length += e.length;

@@ -40,6 +40,18 @@ export class ConcatSource {
   }
 
   /**
+   * status()'s answer when the layers have it cached (ChainStatus.atNow), else undefined: then
+   * ask status(). Walkers that take a span at a time ask this first, so most spans cost no await.
+   */
+  statusNow(offset: number, maxLength: number): ChainExtent | undefined {
+    const p = this.partAt(offset);
+    const local = offset - p.start;
+    const e = p.status.atNow(local, Math.min(maxLength, p.dev.size - local));
+    if (e !== undefined) e.start = offset;
+    return e;
+  }
+
+  /**
    * Guest bytes at `offset`. With `depth` (a ChainExtent's, for a range whose status said that
    * layer decides it), straight from the layer `depth` below each source's top: the layers above
    * leave the range to it, so it reads the same, without each of them mapping the range and

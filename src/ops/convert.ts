@@ -211,7 +211,7 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
     for (let cell = 0; cell < total; ) {
       throwIfAborted(options.signal);
       const cellEnd = Math.min(total, cell + chunk);
-      const first = await src.status(cell, total - cell);
+      const first = src.statusNow(cell, total - cell) ?? (await src.status(cell, total - cell));
       const firstZero = !first.present || first.zero;
       if (firstZero && cell + first.length >= cellEnd) {
         const end = cell + first.length >= total ? total : cell + Math.floor(first.length / chunk) * chunk;
@@ -236,7 +236,7 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, optio
         if (last && last.zero === zero && (zero || last.depth === e.depth)) last.length += len;
         else item.spans.push({ offset: off, length: len, zero, depth: e.depth });
         off += len;
-        if (off < cellEnd) e = await src.status(off, cellEnd - off);
+        if (off < cellEnd) e = src.statusNow(off, cellEnd - off) ?? (await src.status(off, cellEnd - off));
       }
       yield item;
       cell = cellEnd;

@@ -85,6 +85,11 @@ export class SalvagingSource extends ConcatSource {
     return out;
   }
 
+  /** Salvaging decides each run in status(), which may have to retry: never answered now. */
+  override statusNow(): ChainExtent | undefined {
+    return undefined;
+  }
+
   /** The top device's extent at `local`, at most `limit` long (throws what the query throws). */
   private async topExtent(dev: BlockDevice, local: number, limit: number): Promise<BlockExtent> {
     const c = this.cached;

@@ -404,11 +404,12 @@ export class ClusterMap {
           pos = runEnd;
           continue;
         }
-        const d = readL2Entry(table.data, index, this.image.l2Context, true);
+        // Into the scratch descriptor: no await until it is done with (a compressed run keeps a copy).
+        const d = decodeL2Entry(table.data, index, this.image.l2Context, this.scratchEntry, true);
         if (d.kind !== 'compressed' && d.hostOffset % g.clusterSize !== 0) throw this.unalignedCluster(table, index, d.hostOffset);
         this.checkHostOffset(d, clusterStart);
         if (d.kind === 'compressed') {
-          push({ offset: pos, length: clusterEnd - pos, kind: 'compressed', descriptor: d, clusterStart });
+          push({ offset: pos, length: clusterEnd - pos, kind: 'compressed', descriptor: { ...d }, clusterStart });
           pos = clusterEnd;
           continue;
         }
@@ -418,7 +419,7 @@ export class ClusterMap {
           // alike, so they decode alike; only the last one's offset needs its bounds check.
           const runEnd = contiguousEntries(table.data, index, (tableEnd - clusterStart) / g.clusterSize, g.clusterSize);
           const last = clusterStart + (runEnd - index - 1) * g.clusterSize;
-          if (runEnd - index > 1) this.checkHostOffset({ ...d, hostOffset: d.hostOffset + (last - clusterStart) }, last);
+          if (runEnd - index > 1) this.checkDataOffset(false, d.hostOffset + (last - clusterStart), last);
           const end = Math.min(tableEnd, last + g.clusterSize);
           push({ offset: pos, length: end - pos, kind: 'normal', hostOffset: d.hostOffset + (pos - clusterStart) });
           pos = end;
@@ -442,9 +443,14 @@ export class ClusterMap {
   /** Data clusters must start inside their file (external data files may be shorter: reads past them are zeros). */
   private checkHostOffset(d: ClusterDescriptor, guest: number): void {
     if (d.kind === 'unallocated' || d.kind === 'zero-plain') return;
-    if (this.image.external && d.kind !== 'compressed') return;
-    if (d.hostOffset >= this.image.fileSize) {
-      throw corrupt(`L2 entry for guest offset 0x${guest.toString(16)} points at 0x${d.hostOffset.toString(16)}, beyond the end of the file (${this.image.fileSize} bytes)`);
+    this.checkDataOffset(d.kind === 'compressed', d.hostOffset, guest);
+  }
+
+  /** checkHostOffset of a cluster with a host offset, without a descriptor (the last of a run of normal clusters). */
+  private checkDataOffset(compressed: boolean, hostOffset: number, guest: number): void {
+    if (this.image.external && !compressed) return;
+    if (hostOffset >= this.image.fileSize) {
+      throw corrupt(`L2 entry for guest offset 0x${guest.toString(16)} points at 0x${hostOffset.toString(16)}, beyond the end of the file (${this.image.fileSize} bytes)`);
     }
   }
 
