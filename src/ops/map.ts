@@ -11,10 +11,24 @@ export function mapEntryJson(e: ChainExtent): string {
   return `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}${offset}}`;
 }
 
+const JSON_CHUNK = 512;
+
 /** `qemu-img map --output=json` of `dev`'s chain over [start, end) (the whole image by default): the JSON text, one extent a line. */
 export async function mapJson(dev: BlockDevice, start?: number, end?: number): Promise<string> {
-  const lines: string[] = [];
-  for await (const e of mapChain(dev, start, end)) lines.push(mapEntryJson(e));
+  // Lines are joined into flat chunks as they come: each line is a tree of concatenated strings,
+  // and holding thousands of them to the end had the young-generation collections copy and
+  // promote every one.
+  const chunks: string[] = [];
+  let lines: string[] = [];
+  for await (const e of mapChain(dev, start, end)) {
+    lines.push(mapEntryJson(e));
+    if (lines.length === JSON_CHUNK) {
+      chunks.push(lines.join(',\n'));
+      lines = [];
+    }
+  }
+  if (lines.length > 0) chunks.push(lines.join(',\n'));
+  lines = chunks;
   // An empty range (an image of size 0) is one empty entry: qemu-img prints the run it was
   // gathering, which never started.
   if (lines.length === 0) lines.push('{ "start": 0, "length": 0, "depth": 0, "present": false, "zero": false, "data": false}');

@@ -7,6 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { BlockDevice, BlockExtent } from '#src/core/block-device.js';
 import { ChainStatus, mapChain } from '#src/ops/chain-status.js';
+import { mapEntryJson, mapJson } from '#src/ops/map.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -91,4 +92,21 @@ test('short answers still widen the window (a sparse layer is walked in a few ca
     [4 * 64 * KiB, size - 4 * 64 * KiB, false],
   ]);
   assert.ok(answers.length <= 12, `${answers.length} calls`);
+});
+
+test('mapJson joins its lines in chunks into the same text, one extent a line', async () => {
+  // 8 MiB of 4 KiB clusters alternating between two layers: 2048 extents, four chunks of lines.
+  const cs = 4 * KiB;
+  const size = 8 * MiB;
+  const base = layer('base', size, cs, () => true, null);
+  const top = layer('top', size, cs, (i) => i % 2 === 0, base);
+  const extents = [];
+  for await (const e of mapChain(top)) extents.push(e);
+  assert.equal(extents.length, 2048);
+  const text = await mapJson(top);
+  assert.equal(text, `[${extents.map(mapEntryJson).join(',\n')}]\n`);
+  assert.equal(text.split('\n').length, 2048 + 1);
+  // A range shorter than one chunk, and one ending inside the second chunk.
+  assert.equal(await mapJson(top, 0, 40 * cs), `[${extents.slice(0, 40).map(mapEntryJson).join(',\n')}]\n`);
+  assert.equal(await mapJson(top, 0, 600 * cs), `[${extents.slice(0, 600).map(mapEntryJson).join(',\n')}]\n`);
 });
