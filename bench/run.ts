@@ -6,7 +6,7 @@
  * sys of the process and every process it waited for, from GNU time's wait4 rusage), because on
  * a 2-core VM shared with other jobs the CPU seconds are the steadier comparison.
  *
- *   npm run bench -- [--reps N] [--scale F] [--only name,name] [--dir DIR] [--keep] [--rest S] [--machine-cpu]
+ *   npm run bench -- [--reps N] [--scale F] [--only name,name] [--dir DIR] [--keep] [--rest S] [--warm-pages MIB] [--machine-cpu]
  *
  * `--only 0-startup` runs only the start-up table (bench/startup.ts: every short command
  * beside `node -e 0`); `node dist-bench/startup.js` runs it with its own options.
@@ -18,6 +18,14 @@
  * back. On VMs with free page reporting (ours) memory freed a moment ago is still the guest's and
  * cheap to reuse, while memory free for a few seconds has gone back to the host and costs a host
  * fault per page on first touch; back-to-back runs measure the first case only.
+ *
+ * --warm-pages MIB writes MIB MiB to a file in /dev/shm and removes it just before each timed run
+ * (after --rest), so that every run, ours and theirs, takes pages the guest touched a moment ago:
+ * what a machine without free page reporting always gives. Without it, which side gets host-cold
+ * pages depends on what the run before left in the page cache: qcow's write-behind leaves ~64 MiB,
+ * qemu-img a whole output, whose removal frees warm pages for the next run (round eighteen's
+ * section of docs/performance.md: qemu-img's 1 GiB qcow2 -> raw took 0.77 s of system time with
+ * warm pages and 2.1 s with cold ones). `--rest 5` gives every side cold pages instead.
  *
  * --machine-cpu adds, for each timed run, the busy CPU seconds of the whole machine (/proc/stat,
  * every CPU) from its start to the end of a `sync` after it. A process's own CPU leaves out the
@@ -49,6 +57,8 @@ interface Args {
   keep: boolean;
   /** Seconds to pause before each timed run (see the top); 0 runs back to back. */
   rest: number;
+  /** MiB written to /dev/shm and removed before each timed run, to hand it warm pages (see the top); 0: none. */
+  warmPagesMiB: number;
   /** Also measure the machine's busy CPU over each run and a `sync` after it (see the top). */
   machineCpu: boolean;
 }
@@ -57,11 +67,14 @@ function parseArgs(argv: string[]): Args {
   // node:util's parser: unknown options and missing values are its errors.
   const { values: o } = parseCliArgs({
     args: argv,
-    options: { reps: { type: 'string' }, scale: { type: 'string' }, only: { type: 'string' }, dir: { type: 'string' }, keep: { type: 'boolean' }, rest: { type: 'string' }, 'machine-cpu': { type: 'boolean' } },
+    options: { reps: { type: 'string' }, scale: { type: 'string' }, only: { type: 'string' }, dir: { type: 'string' }, keep: { type: 'boolean' }, rest: { type: 'string' }, 'warm-pages': { type: 'string' }, 'machine-cpu': { type: 'boolean' } },
   });
-  const a: Args = { reps: Number(o.reps ?? 3), scale: Number(o.scale ?? 1), dir: o.dir ?? '', keep: o.keep ?? false, rest: Number(o.rest ?? 0), machineCpu: o['machine-cpu'] ?? false };
+  const a: Args = { reps: Number(o.reps ?? 3), scale: Number(o.scale ?? 1), dir: o.dir ?? '', keep: o.keep ?? false, rest: Number(o.rest ?? 0), warmPagesMiB: Number(o['warm-pages'] ?? 0), machineCpu: o['machine-cpu'] ?? false };
   if (o.only !== undefined) a.only = new Set(o.only.split(','));
-  if (!(a.reps >= 1) || !(a.scale > 0) || !(a.rest >= 0)) throw new Error('--reps must be >= 1, --scale > 0 and --rest >= 0');
+  if (!(a.reps >= 1) || !(a.scale > 0) || !(a.rest >= 0) || !Number.isInteger(a.warmPagesMiB) || a.warmPagesMiB < 0) {
+    throw new Error('--reps must be >= 1, --scale > 0, --rest >= 0 and --warm-pages a whole number of MiB >= 0');
+  }
+  if (a.warmPagesMiB > 0 && !existsSync('/dev/shm')) throw new Error('--warm-pages needs /dev/shm (a tmpfs)');
   // Images are kept between runs (they take a while to make), one set per scale.
   a.dir ||= join(tmpdir(), `qcow-bench-${a.scale}`);
   return a;
@@ -135,6 +148,23 @@ async function warm(files: string[]): Promise<void> {
     } finally {
       await fh.close();
     }
+  }
+}
+
+/**
+ * Hand the next run warm pages (--warm-pages): fill `mib` MiB of tmpfs and free it again. Pages of
+ * a tmpfs file are the file's memory, so writing them touches every one, and unlinking the file
+ * frees them at once; the next run's first allocations get them back before the host can.
+ */
+async function warmPages(mib: number): Promise<void> {
+  const path = join('/dev/shm', `qcow-bench-warm-${process.pid}`);
+  const chunk = Buffer.alloc(4 * MiB, 1);
+  const fh = await open(path, 'w');
+  try {
+    for (let off = 0; off < mib * MiB; off += chunk.length) await fh.write(chunk, 0, Math.min(chunk.length, mib * MiB - off), off);
+  } finally {
+    await fh.close();
+    await rm(path, { force: true });
   }
 }
 
@@ -212,7 +242,7 @@ async function main(): Promise<void> {
   const ours = (...a: string[]) => ({ cmd: CLI, args: a });
   const qimg = (...a: string[]) => ({ cmd: 'qemu-img', args: a });
 
-  console.log(`# qcow bench — ${new Date().toISOString()} — reps ${args.reps}, scale ${args.scale}${args.rest > 0 ? `, ${args.rest} s rest before each run` : ''}`);
+  console.log(`# qcow bench — ${new Date().toISOString()} — reps ${args.reps}, scale ${args.scale}${args.rest > 0 ? `, ${args.rest} s rest before each run` : ''}${args.warmPagesMiB > 0 ? `, ${args.warmPagesMiB} MiB of warm pages before each run` : ''}`);
   console.log('preparing images with qemu-img ...');
   const allocSize = s(GiB);
   const mixedSize = s(512 * MiB);
@@ -402,6 +432,7 @@ async function main(): Promise<void> {
           // read part of its 1 GiB source from disk (vmstat: ~90 MB/s in, 3 s instead of 0.4).
           await warm(spec.args.filter((a) => a.startsWith(dir) && !a.startsWith(out(''))));
           if (args.rest > 0) await new Promise((resolve) => setTimeout(resolve, args.rest * 1000));
+          if (args.warmPagesMiB > 0) await warmPages(args.warmPagesMiB);
           const sample = await (args.machineCpu ? measureWithMachine : measure)(spec.cmd, spec.args, spec.okCodes);
           (who === 'ours' ? ourRuns : theirRuns).push(sample);
         }
@@ -474,7 +505,7 @@ async function main(): Promise<void> {
   }
   printSummary(results);
   await mkdir('bench-results', { recursive: true });
-  await writeFile('bench-results/latest.json', JSON.stringify({ date: new Date().toISOString(), reps: args.reps, scale: args.scale, rest: args.rest, machineCpu: args.machineCpu, results }, null, 2) + '\n');
+  await writeFile('bench-results/latest.json', JSON.stringify({ date: new Date().toISOString(), reps: args.reps, scale: args.scale, rest: args.rest, warmPagesMiB: args.warmPagesMiB, machineCpu: args.machineCpu, results }, null, 2) + '\n');
   console.log('results written to bench-results/latest.json');
   if (!args.keep) {
     for (const f of ['empty-a.qcow2', 'empty-b.qcow2']) await rm(p(f), { force: true });
