@@ -34,6 +34,12 @@
  * pages in use before; with write-behind the output cycles through a window's worth of pages.
  * The writes never wait for these calls, and close() drops the ones still queued: where the disk
  * is slower than we write, pages are not clean yet and stay, as without write-behind.
+ * It is not free: when fresh pages are warm (a quiet VM, or a machine without page reporting), a
+ * 1 GiB raw -> qcow2 convert cost ~0.3 s more CPU with it than without (the writeback it submits,
+ * the pages it frees); under load, without it cost 0.1-1 s more. A 1 GiB qcow2 -> raw copied
+ * with copy_file_range spent ~0.7 s less with it, warm pages and quiet. Round eighteen in
+ * docs/performance.md has the figures; choosing it in the run from what the first window's
+ * writes cost is the open step.
  *
  * Opening, locking, fstat and closing are synchronous calls on a plain descriptor. They are
  * metadata calls the kernel answers at once, and a short command makes ~20 of them: as pool round
